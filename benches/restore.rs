@@ -1,0 +1,157 @@
+//! Restore time (not a test: the figure goes in docs/BENCHMARKS.md).
+//!
+//! `cargo bench --bench restore` fills a fresh PostgreSQL database
+//! (TOLLGATE_TEST_DATABASE_URL) with the ledger of RESTORE_BENCH_ACCOUNTS accounts (default
+//! 100,000), each with two lots (one expiring) and a debit, then times `tollgate restore`'s
+//! library call into an empty redis-server of its own, and checks a sample of balances.
+//! Under `cargo test` it runs a 500-account smoke version.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tollgate::ledger::event::{EventKind, LedgerEvent, LotPiece};
+use tollgate::ledger::Clock;
+use tollgate::settle::Store;
+
+const NEVER_SCORE: i64 = 50 * LotPiece::PRIORITY_UNIT + LotPiece::NEVER;
+
+// A synthetic ledger event: every field is a parameter, on purpose.
+#[allow(clippy::too_many_arguments)]
+fn event(
+    shard: u16,
+    seq: i64,
+    kind: EventKind,
+    account: &str,
+    amount: i64,
+    available: i64,
+    lots: Vec<LotPiece>,
+    extra: &str,
+) -> LedgerEvent {
+    let stream_id = format!("1800000000000-{seq}");
+    LedgerEvent {
+        event_id: format!("{shard}-{stream_id}"),
+        stream_id,
+        kind,
+        account_id: account.to_owned(),
+        wallet: "default".into(),
+        amount,
+        available_after: available,
+        held_after: 0,
+        lots,
+        extra: extra.into(),
+        hold_id: String::new(),
+        charge_id: String::new(),
+        idempotency_key: String::new(),
+        operation: String::new(),
+        metadata: String::new(),
+        created_at_ms: 1_800_000_000_000,
+        version: 1,
+    }
+}
+
+fn piece(id: &str, amount: i64, score: i64) -> LotPiece {
+    LotPiece {
+        lot_id: id.into(),
+        amount,
+        score: Some(score),
+    }
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let accounts: usize = std::env::var("RESTORE_BENCH_ACCOUNTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if full { 100_000 } else { 500 });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let redis = common::RedisServer::start();
+        let config = common::test_config(&redis.url());
+        let ledger = tollgate::server::ledger_from_config(&config, Clock::Redis).expect("ledger");
+        let pg = common::PgDatabase::create().await;
+        let store = Arc::new(Store::connect_lazy(&pg.url, 4).expect("store"));
+        store.migrate().await.expect("migrate");
+
+        let expiring = 10 * LotPiece::PRIORITY_UNIT + 4_000_000_000_000;
+        let started = Instant::now();
+        let mut seq = vec![0i64; usize::from(ledger.shards().count())];
+        let mut batch = Vec::with_capacity(6000);
+        for i in 0..accounts {
+            let account = format!("acct{i:07}");
+            let shard = ledger.shards().of_account(&account);
+            let s = &mut seq[usize::from(shard)];
+            let mut next = || {
+                *s += 1;
+                *s
+            };
+            batch.push(event(
+                shard,
+                next(),
+                EventKind::Grant,
+                &account,
+                100,
+                100,
+                vec![piece("00000001", 100, NEVER_SCORE)],
+                "purchase|pack",
+            ));
+            batch.push(event(
+                shard,
+                next(),
+                EventKind::Grant,
+                &account,
+                50,
+                150,
+                vec![piece("00000002", 50, expiring)],
+                "promo|",
+            ));
+            batch.push(event(
+                shard,
+                next(),
+                EventKind::Debit,
+                &account,
+                20,
+                130,
+                vec![piece("00000002", 20, expiring)],
+                "",
+            ));
+            if batch.len() >= 6000 {
+                store.append(&batch).await.expect("append");
+                batch.clear();
+            }
+        }
+        store.append(&batch).await.expect("append");
+        let filled = started.elapsed();
+
+        let started = Instant::now();
+        let report =
+            tollgate::settle::restore::restore(ledger.clone(), store.clone(), false, |_, _| {})
+                .await
+                .expect("restore");
+        let restore_secs = started.elapsed().as_secs_f64();
+        let wallets: usize = report.shards.iter().map(|s| s.wallets).sum();
+        assert_eq!(wallets, accounts);
+        for i in (0..accounts).step_by((accounts / 20).max(1)) {
+            let b = ledger
+                .balance(&format!("acct{i:07}"), "default")
+                .await
+                .expect("balance");
+            assert_eq!((b[0].available, b[0].used, b[0].granted), (130, 20, 150));
+        }
+        let result = serde_json::json!({
+            "accounts": accounts,
+            "ledger_events": accounts * 3,
+            "store_fill_seconds": (filled.as_secs_f64() * 10.0).round() / 10.0,
+            "restore_seconds": (restore_secs * 10.0).round() / 10.0,
+            "restored_wallets_per_second": (wallets as f64 / restore_secs).round(),
+        });
+        println!("{}", serde_json::to_string_pretty(&result).expect("json"));
+        let _ = std::fs::create_dir_all("target");
+        let _ = std::fs::write("target/bench-restore.json", result.to_string());
+    });
+}

@@ -1,0 +1,135 @@
+{{/* Names and labels. */}}
+{{- define "tollgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tollgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tollgate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "tollgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Selector labels of the serving pods (component "server") or the settler. */}}
+{{- define "tollgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tollgate.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "tollgate.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/*
+tollgate.toml from .Values.config (+ [pricebook]). Written by hand instead of toToml:
+Helm reads YAML numbers as floats, and toToml would write `shards = 16.0`, which
+tollgate's integer settings refuse. Nested maps and lists become inline TOML.
+*/}}
+{{- define "tollgate.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . }}{{ . }}{{ else }}{{ . | toJson }}{{ end }}
+{{- end }}
+
+{{- define "tollgate.tomlValue" -}}
+{{- $v := . -}}
+{{- if kindIs "string" $v -}}
+{{ $v | toJson }}
+{{- else if kindIs "bool" $v -}}
+{{ $v }}
+{{- else if or (kindIs "float64" $v) (kindIs "int" $v) (kindIs "int64" $v) -}}
+{{- if eq (float64 $v) (floor $v) }}{{ int64 $v }}{{ else }}{{ $v }}{{ end }}
+{{- else if kindIs "slice" $v -}}
+[{{ range $i, $e := $v }}{{ if $i }}, {{ end }}{{ include "tollgate.tomlValue" $e }}{{ end }}]
+{{- else if kindIs "map" $v -}}
+{ {{- range $i, $k := keys $v | sortAlpha }}{{ if $i }},{{ end }} {{ include "tollgate.tomlKey" $k }} = {{ include "tollgate.tomlValue" (get $v $k) }}{{ end }} }
+{{- else if kindIs "invalid" $v -}}
+{{- fail "tollgate.toml: null values are not allowed (remove the key instead)" }}
+{{- else -}}
+{{- fail (printf "tollgate.toml: cannot write a %s" (kindOf $v)) }}
+{{- end -}}
+{{- end }}
+
+{{- define "tollgate.toml" -}}
+{{- $config := deepCopy (.Values.config | default dict) }}
+{{- if .Values.pricebook }}
+{{- $_ := set $config "pricebook" .Values.pricebook }}
+{{- end }}
+# Rendered by the tollgate chart from .Values.config and .Values.pricebook.
+{{- range $section := keys $config | sortAlpha }}
+{{- $table := get $config $section }}
+{{- if not (kindIs "map" $table) }}
+{{- fail (printf "config.%s must be a table (a map)" $section) }}
+{{- end }}
+
+[{{ include "tollgate.tomlKey" $section }}]
+{{- range $key := keys $table | sortAlpha }}
+{{ include "tollgate.tomlKey" $key }} = {{ include "tollgate.tomlValue" (get $table $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Environment shared by serve and settle: the Secret's values and the listen ports. */}}
+{{- define "tollgate.env" -}}
+- name: TOLLGATE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.redisUrl }}
+- name: TOLLGATE_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.adminToken }}
+- name: TOLLGATE_SERVICE_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.serviceToken }}
+- name: TOLLGATE_STORE__URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.storeUrl }}
+- name: TOLLGATE_WEBHOOKS__SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.webhookSecret }}
+      optional: true
+{{- /* Sidecar: only Envoy, in the same pod, talks gRPC to tollgate. */}}
+- name: TOLLGATE_SERVER__GRPC_ADDR
+  value: "{{ if eq .Values.mode "sidecar" }}127.0.0.1{{ else }}0.0.0.0{{ end }}:{{ .Values.ports.grpc }}"
+- name: TOLLGATE_SERVER__HTTP_ADDR
+  value: "0.0.0.0:{{ .Values.ports.http }}"
+{{- end }}
+
+{{/* Volumes both Deployments mount: the config, and a writable working directory. */}}
+{{- define "tollgate.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "tollgate.fullname" . }}
+- name: data
+  emptyDir: {}
+{{- end }}
+
+{{- define "tollgate.volumeMounts" -}}
+- name: config
+  mountPath: /etc/tollgate
+  readOnly: true
+- name: data
+  mountPath: /var/lib/tollgate
+{{- end }}

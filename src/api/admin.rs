@@ -1,0 +1,411 @@
+//! tollgate.v1.Admin handlers.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, admin_server::Admin};
+use super::status::{store_to_status, to_status};
+use crate::gateway::identity::KeyStore;
+use crate::ledger::command::{Violations, CREDITS_MAX, DEFAULT_WALLET};
+use crate::ledger::{AdjustInput, GrantInput, Ledger, LedgerError};
+use crate::settle::store::ApiKeyRecord;
+use crate::settle::webhook_store::{
+    Delivery, DeliveryCursor, DeliveryQuery, DELIVERIES_PAGE_MAX, STATUS_DELIVERED, STATUS_FAILED,
+    STATUS_PENDING,
+};
+use crate::settle::Store;
+use crate::webhooks::{Rules, Threshold, WebhookType};
+
+/// Deliveries per page unless asked otherwise.
+pub const DELIVERIES_PAGE_DEFAULT: u32 = 100;
+/// Longest delivery id accepted (ids are "dlv_" + 24 hex digits).
+pub const DELIVERY_ID_LEN_MAX: usize = 64;
+
+pub struct AdminService {
+    ledger: Arc<Ledger>,
+    keys: Arc<KeyStore>,
+    store: Option<Arc<Store>>,
+    webhooks: Option<Arc<Rules>>,
+}
+
+impl AdminService {
+    pub fn new(ledger: Arc<Ledger>, keys: Arc<KeyStore>) -> Self {
+        Self {
+            ledger,
+            keys,
+            store: None,
+            webhooks: None,
+        }
+    }
+
+    /// Keeps an API key (a hash only) in the durable ledger, so `tollgate restore` can
+    /// rebuild it after Redis lost its data.
+    async fn save_key(&self, key: ApiKeyRecord) -> Result<(), Status> {
+        self.store()?.save_api_key(&key).await.map_err(|err| {
+            tracing::warn!(error = %err, "api key not saved in the durable ledger");
+            Status::unavailable(
+                "the key is live in Redis but not yet in the durable ledger: retry the call",
+            )
+        })
+    }
+
+    /// Serves the webhook RPCs from this store, with the configured webhook rules (None
+    /// when webhooks are off).
+    pub fn with_store(mut self, store: Arc<Store>, webhooks: Option<Arc<Rules>>) -> Self {
+        self.store = Some(store);
+        self.webhooks = webhooks;
+        self
+    }
+
+    fn store(&self) -> Result<&Store, Status> {
+        self.store
+            .as_deref()
+            .ok_or_else(|| Status::failed_precondition("no durable store configured"))
+    }
+
+    async fn threshold(
+        &self,
+        account_id: String,
+        wallet: String,
+    ) -> Result<pb::BalanceThreshold, Status> {
+        let own = self
+            .store()?
+            .threshold_override(&account_id, &wallet)
+            .await
+            .map_err(store_to_status)?;
+        let effective = match &self.webhooks {
+            Some(rules) => rules.threshold(&wallet, own),
+            None => own.unwrap_or_default(),
+        };
+        Ok(pb::BalanceThreshold {
+            account_id,
+            wallet,
+            low_balance: effective.low_balance,
+            low_balance_percent: effective.low_balance_percent as i32,
+            account_specific: own.is_some(),
+        })
+    }
+}
+
+fn delivery(d: Delivery) -> pb::WebhookDelivery {
+    pb::WebhookDelivery {
+        delivery_id: d.delivery_id,
+        event_type: d.event_type,
+        account_id: d.account_id,
+        wallet: d.wallet,
+        status: d.status,
+        attempts: d.attempts,
+        created_at_ms: d.created_at_ms,
+        next_attempt_at_ms: d.next_attempt_at_ms,
+        delivered_at_ms: d.delivered_at_ms,
+        last_error: d.last_error,
+        last_status_code: i32::try_from(d.last_status_code).unwrap_or(0),
+        payload: d.payload,
+    }
+}
+
+/// Delivery page tokens: hex of "<ms>/<seq>/<ordinal>/<delivery id>" (opaque to clients).
+pub fn delivery_token(c: &DeliveryCursor) -> String {
+    hex::encode(format!(
+        "{}/{}/{}/{}",
+        c.position.0, c.position.1, c.position.2, c.delivery_id
+    ))
+}
+
+pub fn parse_delivery_token(token: &str) -> Option<DeliveryCursor> {
+    if token.len() > 256 {
+        return None;
+    }
+    let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
+    let mut parts = text.splitn(4, '/');
+    let mut int = || parts.next()?.parse::<i64>().ok();
+    let position = (int()?, int()?, int()?);
+    Some(DeliveryCursor {
+        position,
+        delivery_id: parts.next()?.to_owned(),
+    })
+}
+
+fn invalid(violations: Violations) -> Result<(), Status> {
+    violations
+        .finish()
+        .map_err(|v| to_status(LedgerError::InvalidArgument(v)))
+}
+
+fn wallet_or_default(wallet: String) -> String {
+    if wallet.is_empty() {
+        DEFAULT_WALLET.to_owned()
+    } else {
+        wallet
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn grant(
+        &self,
+        request: Request<pb::GrantRequest>,
+    ) -> Result<Response<pb::GrantResponse>, Status> {
+        let r = request.into_inner();
+        let cmd = GrantInput {
+            account_id: r.account_id,
+            wallet: r.wallet,
+            amount: r.amount,
+            kind: r.kind,
+            priority: r.priority,
+            expires_at_ms: r.expires_at_ms,
+            description: r.description,
+            idempotency_key: r.idempotency_key,
+            metadata: super::metadata(r.metadata),
+        }
+        .into_command()
+        .map_err(|v| to_status(LedgerError::InvalidArgument(v)))?;
+        let out = self.ledger.grant(&cmd).await.map_err(to_status)?;
+        Ok(Response::new(pb::GrantResponse {
+            event_id: out.event_id,
+            lot_id: out.lot_id,
+            available: out.available,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn adjust(
+        &self,
+        request: Request<pb::AdjustRequest>,
+    ) -> Result<Response<pb::AdjustResponse>, Status> {
+        let r = request.into_inner();
+        let cmd = AdjustInput {
+            account_id: r.account_id,
+            wallet: r.wallet,
+            amount: r.amount,
+            priority: r.priority,
+            expires_at_ms: r.expires_at_ms,
+            description: r.description,
+            idempotency_key: r.idempotency_key,
+            metadata: super::metadata(r.metadata),
+        }
+        .into_command()
+        .map_err(|v| to_status(LedgerError::InvalidArgument(v)))?;
+        let out = self.ledger.adjust(&cmd).await.map_err(to_status)?;
+        Ok(Response::new(pb::AdjustResponse {
+            event_id: out.event_id,
+            lot_id: out.lot_id,
+            available: out.available,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let r = request.into_inner();
+        let out = self
+            .keys
+            .create(&r.account_id, &r.name)
+            .await
+            .map_err(to_status)?;
+        self.save_key(ApiKeyRecord {
+            key_id: out.key_id.clone(),
+            account_id: r.account_id.clone(),
+            digest: out.digest_hex.clone(),
+            name: r.name.clone(),
+            created_at_ms: out.created_at_ms,
+            revoked_at_ms: 0,
+        })
+        .await?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            key_id: out.key_id,
+            api_key: out.api_key,
+            account_id: r.account_id,
+            name: r.name,
+            created_at_ms: out.created_at_ms,
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let r = request.into_inner();
+        let out = self.keys.revoke(&r.key_id).await.map_err(to_status)?;
+        self.save_key(ApiKeyRecord {
+            key_id: out.key_id.clone(),
+            account_id: out.account_id.clone(),
+            digest: String::new(),
+            name: String::new(),
+            created_at_ms: 0,
+            revoked_at_ms: out.revoked_at_ms,
+        })
+        .await?;
+        Ok(Response::new(pb::RevokeApiKeyResponse {
+            key_id: out.key_id,
+            account_id: out.account_id,
+            revoked_at_ms: out.revoked_at_ms,
+            already_revoked: out.already_revoked,
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let r = request.into_inner();
+        let keys = self.keys.list(&r.account_id).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            keys: keys
+                .into_iter()
+                .map(|k| pb::ApiKey {
+                    key_id: k.key_id,
+                    name: k.name,
+                    created_at_ms: k.created_at_ms,
+                    revoked_at_ms: k.revoked_at_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        request: Request<pb::ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<pb::ListWebhookDeliveriesResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        if !r.account_id.is_empty() {
+            v.account_id("account_id", &r.account_id);
+        }
+        if ![STATUS_PENDING, STATUS_DELIVERED, STATUS_FAILED, ""].contains(&r.status.as_str()) {
+            v.add("status", "must be pending, delivered or failed");
+        }
+        if !r.event_type.is_empty() && WebhookType::parse(&r.event_type).is_none() {
+            v.add("event_type", "is not a webhook event type");
+        }
+        if !(0..=DELIVERIES_PAGE_MAX as i32).contains(&r.page_size) {
+            v.add("page_size", format!("must be in 0..={DELIVERIES_PAGE_MAX}"));
+        }
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            let after = parse_delivery_token(&r.page_token);
+            if after.is_none() {
+                v.add("page_token", "is not a token this API returned");
+            }
+            after
+        };
+        invalid(v)?;
+        let query = DeliveryQuery {
+            account_id: (!r.account_id.is_empty()).then_some(r.account_id),
+            status: (!r.status.is_empty()).then_some(r.status),
+            event_type: (!r.event_type.is_empty()).then_some(r.event_type),
+            page_size: if r.page_size == 0 {
+                DELIVERIES_PAGE_DEFAULT
+            } else {
+                r.page_size as u32
+            },
+            after,
+        };
+        let page = self
+            .store()?
+            .list_deliveries(&query)
+            .await
+            .map_err(store_to_status)?;
+        Ok(Response::new(pb::ListWebhookDeliveriesResponse {
+            next_page_token: page.next.as_ref().map(delivery_token).unwrap_or_default(),
+            deliveries: page.deliveries.into_iter().map(delivery).collect(),
+        }))
+    }
+
+    async fn retry_webhook_delivery(
+        &self,
+        request: Request<pb::RetryWebhookDeliveryRequest>,
+    ) -> Result<Response<pb::WebhookDelivery>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        if r.delivery_id.is_empty() || r.delivery_id.len() > DELIVERY_ID_LEN_MAX {
+            v.add("delivery_id", "must be a delivery id");
+        }
+        invalid(v)?;
+        let store = self.store()?;
+        let now = crate::settle::store::now_ms();
+        let retried = store
+            .retry_delivery(&r.delivery_id, now)
+            .await
+            .map_err(store_to_status)?;
+        match store
+            .delivery(&r.delivery_id)
+            .await
+            .map_err(store_to_status)?
+        {
+            None => Err(Status::not_found("webhook delivery not found")),
+            Some(d) if !retried && d.status != STATUS_PENDING => {
+                Err(Status::failed_precondition(format!(
+                    "the delivery is {}: only failed deliveries are retried",
+                    d.status
+                )))
+            }
+            Some(d) => Ok(Response::new(delivery(d))),
+        }
+    }
+
+    async fn set_balance_threshold(
+        &self,
+        request: Request<pb::SetBalanceThresholdRequest>,
+    ) -> Result<Response<pb::BalanceThreshold>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.account_id("account_id", &r.account_id);
+        v.wallet("wallet", &r.wallet);
+        if let Some(n) = r.low_balance {
+            if !(0..=CREDITS_MAX).contains(&n) {
+                v.add("low_balance", format!("must be in 0..={CREDITS_MAX}"));
+            }
+        }
+        if let Some(p) = r.low_balance_percent {
+            if !(0..=100).contains(&p) {
+                v.add("low_balance_percent", "must be in 0..=100");
+            }
+        }
+        invalid(v)?;
+        let wallet = wallet_or_default(r.wallet);
+        let threshold =
+            (r.low_balance.is_some() || r.low_balance_percent.is_some()).then(|| Threshold {
+                low_balance: r.low_balance.unwrap_or(0),
+                low_balance_percent: r.low_balance_percent.unwrap_or(0) as u32,
+            });
+        self.store()?
+            .set_threshold(&r.account_id, &wallet, threshold)
+            .await
+            .map_err(store_to_status)?;
+        Ok(Response::new(self.threshold(r.account_id, wallet).await?))
+    }
+
+    async fn get_balance_threshold(
+        &self,
+        request: Request<pb::GetBalanceThresholdRequest>,
+    ) -> Result<Response<pb::BalanceThreshold>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.account_id("account_id", &r.account_id);
+        v.wallet("wallet", &r.wallet);
+        invalid(v)?;
+        let wallet = wallet_or_default(r.wallet);
+        Ok(Response::new(self.threshold(r.account_id, wallet).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_tokens_round_trip() {
+        let c = DeliveryCursor {
+            position: (1_700_000_000_000, 3, 1),
+            delivery_id: "dlv_0123".into(),
+        };
+        assert_eq!(parse_delivery_token(&delivery_token(&c)), Some(c));
+        assert_eq!(parse_delivery_token("zz"), None);
+        assert_eq!(parse_delivery_token(&hex::encode("1/2/x/id")), None);
+    }
+}

@@ -1,0 +1,78 @@
+//! Bearer-token checks for the tollgate.v1 services: Admin needs the admin token,
+//! Metering the service token (the admin token is accepted there too).
+
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+
+/// Compares in time independent of where the first difference is.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token after `Bearer ` in an authorization value.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A tonic interceptor accepting any of its tokens.
+#[derive(Clone)]
+pub struct TokenCheck {
+    tokens: Arc<[String]>,
+}
+
+impl TokenCheck {
+    pub fn new(tokens: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            tokens: tokens.into_iter().filter(|t| !t.is_empty()).collect(),
+        }
+    }
+
+    pub fn check(&self, authorization: Option<&str>) -> Result<(), Status> {
+        let Some(token) = authorization.and_then(bearer) else {
+            return Err(Status::unauthenticated(
+                "missing authorization: Bearer <token>",
+            ));
+        };
+        if self
+            .tokens
+            .iter()
+            .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+        {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("invalid token"))
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let value = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.check(value)?;
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_checked() {
+        let check = TokenCheck::new(["secret".to_owned(), String::new()]);
+        assert!(check.check(Some("Bearer secret")).is_ok());
+        assert!(check.check(Some("bearer secret")).is_ok());
+        assert!(check.check(Some("Bearer other")).is_err());
+        assert!(check.check(Some("Bearer ")).is_err());
+        assert!(check.check(Some("secret")).is_err());
+        assert!(check.check(None).is_err());
+    }
+}

@@ -1,0 +1,422 @@
+//! tollgate.v1.Metering handlers.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, metering_server::Metering};
+use super::status::to_status;
+use crate::ledger::event::{EventKind, LedgerEvent};
+use crate::ledger::{
+    Authorize, Debit, EndHold, FieldViolation, Ledger, LedgerError, OnExpiry, Refund,
+    LOTS_PAGE_DEFAULT as LOTS_PAGE_DEFAULT_U32, LOTS_PAGE_MAX,
+};
+use crate::settle::store::{HistoryQuery, HISTORY_PAGE_MAX};
+use crate::settle::{Store, StoreError};
+
+pub struct MeteringService {
+    ledger: Arc<Ledger>,
+    store: Arc<Store>,
+}
+
+impl MeteringService {
+    pub fn new(ledger: Arc<Ledger>, store: Arc<Store>) -> Self {
+        Self { ledger, store }
+    }
+}
+
+/// History page size unless asked otherwise.
+pub const HISTORY_PAGE_DEFAULT: u32 = 100;
+
+/// History page tokens: hex of "<created_at_ms>/<event_id>" (opaque to clients).
+pub fn history_token(created_at_ms: i64, event_id: &str) -> String {
+    format!("{created_at_ms}/{event_id}")
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn parse_history_token(token: &str) -> Option<(i64, String)> {
+    if !token.len().is_multiple_of(2) || token.len() > 256 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let (at, id) = text.split_once('/')?;
+    Some((at.parse().ok()?, id.to_owned()))
+}
+
+/// The event in user terms.
+pub fn user_kind(e: &LedgerEvent) -> &'static str {
+    match e.kind {
+        EventKind::Grant => "add",
+        EventKind::Adjust if e.amount > 0 => "add",
+        EventKind::Adjust | EventKind::Debit | EventKind::Capture => "consume",
+        EventKind::ExpireHold if e.lots.iter().any(|p| p.amount > 0) => "consume",
+        EventKind::ExpireHold | EventKind::Release => "release",
+        EventKind::Hold => "hold",
+        EventKind::Refund => "refund",
+        EventKind::ExpireLot => "expire",
+    }
+}
+
+pub fn transaction(e: LedgerEvent) -> pb::Transaction {
+    let kind = user_kind(&e).to_owned();
+    pb::Transaction {
+        kind,
+        ledger_kind: e.kind.as_str().to_owned(),
+        metadata: serde_json::from_str(&e.metadata).unwrap_or_default(),
+        lots: e
+            .lots
+            .iter()
+            .map(|p| pb::LotAmount {
+                lot_id: p.lot_id.clone(),
+                amount: p.amount,
+            })
+            .collect(),
+        event_id: e.event_id,
+        idempotency_key: e.idempotency_key,
+        created_at_ms: e.created_at_ms,
+        account_id: e.account_id,
+        wallet: e.wallet,
+        amount: e.amount,
+        balance_after: e.available_after,
+        held_after: e.held_after,
+        operation: e.operation,
+        hold_id: e.hold_id,
+        charge_id: e.charge_id,
+    }
+}
+
+fn store_status(err: StoreError) -> Status {
+    tracing::warn!(error = %err, "store unavailable for history");
+    match err {
+        StoreError::Corrupt(_) => Status::internal("ledger store error"),
+        _ => Status::unavailable("ledger store unavailable"),
+    }
+}
+
+fn invalid(field: &str, description: &str) -> Status {
+    to_status(LedgerError::InvalidArgument(vec![FieldViolation::new(
+        field,
+        description,
+    )]))
+}
+
+/// Page tokens are opaque to clients: "p" and the offset in hex.
+pub fn page_token(offset: u32) -> String {
+    format!("p{offset:x}")
+}
+
+pub fn parse_page_token(token: &str) -> Option<u32> {
+    if token.is_empty() {
+        return Some(0);
+    }
+    u32::from_str_radix(token.strip_prefix('p')?, 16).ok()
+}
+
+#[tonic::async_trait]
+impl Metering for MeteringService {
+    async fn debit(
+        &self,
+        request: Request<pb::DebitRequest>,
+    ) -> Result<Response<pb::DebitResponse>, Status> {
+        let r = request.into_inner();
+        let cmd = Debit {
+            account_id: r.account_id,
+            wallet: r.wallet,
+            amount: r.amount,
+            idempotency_key: r.idempotency_key,
+            operation: r.operation,
+            metadata: super::metadata(r.metadata),
+        }
+        .normalized();
+        let out = self.ledger.debit(&cmd).await.map_err(to_status)?;
+        Ok(Response::new(pb::DebitResponse {
+            charge_id: out.event_id.clone(),
+            event_id: out.event_id,
+            amount: out.amount,
+            available: out.available,
+            held: out.held,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn authorize(
+        &self,
+        request: Request<pb::AuthorizeRequest>,
+    ) -> Result<Response<pb::AuthorizeResponse>, Status> {
+        let r = request.into_inner();
+        let on_expiry = OnExpiry::parse(&r.on_expiry);
+        let cmd = Authorize {
+            account_id: r.account_id,
+            wallet: r.wallet,
+            amount: r.amount,
+            ttl_ms: r.ttl_ms,
+            on_expiry: on_expiry.unwrap_or(OnExpiry::Release),
+            idempotency_key: r.idempotency_key,
+            operation: r.operation,
+            metadata: super::metadata(r.metadata),
+        }
+        .normalized();
+        // Every bad field at once, the policy (parsed here) included.
+        let mut violations = cmd.validate().err().unwrap_or_default();
+        if on_expiry.is_none() {
+            violations.push(FieldViolation::new(
+                "on_expiry",
+                "must be capture or release",
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(to_status(LedgerError::InvalidArgument(violations)));
+        }
+        let out = self.ledger.authorize(&cmd).await.map_err(to_status)?;
+        Ok(Response::new(pb::AuthorizeResponse {
+            hold_id: out.hold_id,
+            event_id: out.event_id,
+            amount: out.amount,
+            expires_at_ms: out.expires_at_ms,
+            available: out.available,
+            held: out.held,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn capture(
+        &self,
+        request: Request<pb::CaptureRequest>,
+    ) -> Result<Response<pb::CaptureResponse>, Status> {
+        let r = request.into_inner();
+        let mut cmd = EndHold::capture(r.hold_id, r.amount, r.idempotency_key);
+        cmd.metadata = super::metadata(r.metadata);
+        let out = self.ledger.end_hold(&cmd).await.map_err(to_status)?;
+        Ok(Response::new(pb::CaptureResponse {
+            charge_id: out.event_id.clone(),
+            event_id: out.event_id,
+            captured: out.captured,
+            released: out.released,
+            available: out.available,
+            held: out.held,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let r = request.into_inner();
+        let mut cmd = EndHold::release(r.hold_id, r.idempotency_key);
+        cmd.metadata = super::metadata(r.metadata);
+        let out = self.ledger.end_hold(&cmd).await.map_err(to_status)?;
+        Ok(Response::new(pb::ReleaseResponse {
+            event_id: out.event_id,
+            released: out.released,
+            available: out.available,
+            held: out.held,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn refund(
+        &self,
+        request: Request<pb::RefundRequest>,
+    ) -> Result<Response<pb::RefundResponse>, Status> {
+        let r = request.into_inner();
+        let cmd = Refund {
+            charge_id: r.charge_id,
+            amount: r.amount,
+            idempotency_key: r.idempotency_key,
+            metadata: super::metadata(r.metadata),
+        };
+        let out = self.ledger.refund(&cmd).await.map_err(to_status)?;
+        Ok(Response::new(pb::RefundResponse {
+            event_id: out.event_id,
+            refunded: out.refunded,
+            refunded_total: out.refunded_total,
+            available: out.available,
+            expired: out.expired,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::GetBalanceResponse>, Status> {
+        let r = request.into_inner();
+        let wallets = self
+            .ledger
+            .balance(&r.account_id, &r.wallet)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetBalanceResponse {
+            account_id: r.account_id,
+            context: "personal".into(),
+            wallets: wallets
+                .into_iter()
+                .map(|w| pb::WalletBalance {
+                    wallet: w.wallet,
+                    available: w.available,
+                    held: w.held,
+                    total_granted: w.granted,
+                    total_used: w.used,
+                    total_expired: w.expired,
+                    total_refunded: w.refunded,
+                    total_adjusted: w.adjusted,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_lots(
+        &self,
+        request: Request<pb::ListLotsRequest>,
+    ) -> Result<Response<pb::ListLotsResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = crate::ledger::command::Violations::default();
+        v.account_id("account_id", &r.account_id);
+        v.wallet("wallet", &r.wallet);
+        let offset = parse_page_token(&r.page_token);
+        if offset.is_none() {
+            v.add("page_token", "is not a token this API returned");
+        }
+        if !(0..=LOTS_PAGE_MAX as i32).contains(&r.page_size) {
+            v.add("page_size", format!("must be in 0..={LOTS_PAGE_MAX}"));
+        }
+        v.finish()
+            .map_err(|e| to_status(LedgerError::InvalidArgument(e)))?;
+        let offset = offset.unwrap_or_default();
+        let page_size = match r.page_size {
+            0 => LOTS_PAGE_DEFAULT_U32,
+            n => n as u32,
+        };
+        let page = self
+            .ledger
+            .lots(&r.account_id, &r.wallet, offset, page_size)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListLotsResponse {
+            next_page_token: page.next_offset.map(page_token).unwrap_or_default(),
+            lots: page
+                .lots
+                .into_iter()
+                .map(|l| pb::Lot {
+                    lot_id: l.lot_id,
+                    wallet: l.wallet,
+                    kind: l.kind,
+                    priority: i32::from(l.priority),
+                    amount: l.amount,
+                    used: l.used,
+                    remaining: l.remaining,
+                    held: l.held,
+                    expires_at_ms: l.expires_at_ms,
+                    created_at_ms: l.created_at_ms,
+                    updated_at_ms: l.updated_at_ms,
+                    description: l.description,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = crate::ledger::command::Violations::default();
+        v.account_id("account_id", &r.account_id);
+        v.wallet("wallet", &r.wallet);
+        let mut kinds = Vec::new();
+        for name in &r.kinds {
+            match EventKind::parse(name) {
+                Some(k) => kinds.push(k),
+                None => v.add("kinds", format!("unknown kind {name:?}")),
+            }
+        }
+        if r.from_ms < 0 {
+            v.add("from_ms", "must not be negative");
+        }
+        if r.to_ms < 0 {
+            v.add("to_ms", "must not be negative");
+        }
+        if !(0..=HISTORY_PAGE_MAX as i32).contains(&r.page_size) {
+            v.add("page_size", format!("must be in 0..={HISTORY_PAGE_MAX}"));
+        }
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            match parse_history_token(&r.page_token) {
+                Some(a) => Some(a),
+                None => {
+                    v.add("page_token", "is not a token this API returned");
+                    None
+                }
+            }
+        };
+        v.finish()
+            .map_err(|e| to_status(LedgerError::InvalidArgument(e)))?;
+        let query = HistoryQuery {
+            account_id: r.account_id,
+            wallet: (!r.wallet.is_empty()).then_some(r.wallet),
+            kinds,
+            from_ms: (r.from_ms > 0).then_some(r.from_ms),
+            to_ms: (r.to_ms > 0).then_some(r.to_ms),
+            page_size: if r.page_size == 0 {
+                HISTORY_PAGE_DEFAULT
+            } else {
+                r.page_size as u32
+            },
+            after,
+        };
+        let page = self.store.history(&query).await.map_err(store_status)?;
+        Ok(Response::new(pb::ListTransactionsResponse {
+            next_page_token: page
+                .next
+                .map(|(at, id)| history_token(at, &id))
+                .unwrap_or_default(),
+            transactions: page.events.into_iter().map(transaction).collect(),
+        }))
+    }
+
+    async fn get_transaction(
+        &self,
+        request: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::Transaction>, Status> {
+        let r = request.into_inner();
+        if r.event_id.is_empty() || r.event_id.len() > 64 {
+            return Err(invalid("event_id", "must be an event id"));
+        }
+        match self.store.event(&r.event_id).await.map_err(store_status)? {
+            Some(e) => Ok(Response::new(transaction(e))),
+            None => Err(Status::not_found(
+                "transaction not found (or not settled yet)",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip() {
+        for offset in [0, 1, 100, u32::MAX] {
+            assert_eq!(parse_page_token(&page_token(offset)), Some(offset));
+        }
+        assert_eq!(parse_page_token(""), Some(0));
+        assert_eq!(parse_page_token("zz"), None);
+        assert_eq!(parse_page_token("p"), None);
+        let t = history_token(1_700_000_000_000, "3-17-0");
+        assert_eq!(
+            parse_history_token(&t),
+            Some((1_700_000_000_000, "3-17-0".into()))
+        );
+        assert_eq!(parse_history_token("zz"), None);
+        assert_eq!(parse_history_token("abc"), None);
+    }
+}

@@ -1,0 +1,225 @@
+//! The one place where ledger errors become gRPC statuses, HTTP status codes with a JSON
+//! body, and gateway denials (with the status and body a gateway sends the client).
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::gateway::Denial;
+use crate::ledger::{LedgerError, Refusal};
+
+/// ErrorInfo domain of tollgate's refusals.
+pub const ERROR_DOMAIN: &str = "tollgate.dev";
+
+pub fn to_status(err: LedgerError) -> Status {
+    match err {
+        LedgerError::InvalidArgument(violations) => {
+            let mut details = ErrorDetails::new();
+            for v in &violations {
+                details.add_bad_request_violation(&v.field, &v.description);
+            }
+            let message = LedgerError::InvalidArgument(violations).to_string();
+            Status::with_error_details(Code::InvalidArgument, message, details)
+        }
+        LedgerError::Refused(refusal) => {
+            let metadata: HashMap<String, String> = refusal
+                .metadata()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            let mut details = ErrorDetails::new();
+            details.set_error_info(refusal.reason(), ERROR_DOMAIN, metadata);
+            Status::with_error_details(Code::FailedPrecondition, refusal.to_string(), details)
+        }
+        LedgerError::NotFound(what) => Status::not_found(format!("{what} not found")),
+        LedgerError::OutboxFull => {
+            let mut details = ErrorDetails::new();
+            details.set_error_info("OUTBOX_FULL", ERROR_DOMAIN, HashMap::new());
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                "outbox full: the settler is behind",
+                details,
+            )
+        }
+        LedgerError::NotInitialized => {
+            let mut details = ErrorDetails::new();
+            details.set_error_info("LEDGER_NOT_INITIALIZED", ERROR_DOMAIN, HashMap::new());
+            Status::with_error_details(
+                Code::Unavailable,
+                "ledger not initialized: Redis lost its data and awaits tollgate restore",
+                details,
+            )
+        }
+        LedgerError::Unavailable(why) => {
+            tracing::warn!(error = %why, "redis unavailable");
+            Status::unavailable("ledger unavailable")
+        }
+        LedgerError::Internal(why) => {
+            tracing::error!(error = %why, "internal ledger error");
+            Status::internal("internal ledger error")
+        }
+    }
+}
+
+/// A ledger error met while charging a gateway check, as a gateway denial. (Redis
+/// unavailability is decided by the operation's fail policy before this.)
+pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
+    match err {
+        LedgerError::Refused(Refusal::InsufficientCredits {
+            required,
+            available,
+        }) => Denial::InsufficientCredits {
+            required,
+            available,
+            operation: operation.to_owned(),
+        },
+        LedgerError::Refused(Refusal::IdempotencyKeyReused) => Denial::RequestIdReused,
+        LedgerError::Refused(Refusal::HoldLimit { .. }) | LedgerError::OutboxFull => Denial::Busy,
+        LedgerError::Unavailable(_) | LedgerError::NotInitialized => Denial::Unavailable,
+        LedgerError::InvalidArgument(violations) => {
+            // The price book and the identity made these fields: a configuration the
+            // ledger refuses (e.g. an account id a key was made for before a rule change).
+            tracing::error!(
+                error = %LedgerError::InvalidArgument(violations),
+                operation,
+                "the ledger refused a gateway charge"
+            );
+            Denial::Internal
+        }
+        other => {
+            tracing::error!(error = %other, operation, "gateway charge failed");
+            Denial::Internal
+        }
+    }
+}
+
+/// How a gateway denial looks to the client: HTTP status, the `x-tollgate-reason` value
+/// and a JSON body `{"error": reason, ...}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenialResponse {
+    pub status: u16,
+    pub reason: &'static str,
+    pub body: String,
+}
+
+pub fn denial_response(denial: &Denial) -> DenialResponse {
+    use serde_json::{json, Value};
+    let (status, reason, fields): (u16, &'static str, Vec<(&str, Value)>) = match denial {
+        Denial::MissingKey => (401, "missing_api_key", vec![]),
+        Denial::UnknownKey => (401, "unknown_api_key", vec![]),
+        Denial::RevokedKey => (403, "revoked_api_key", vec![]),
+        Denial::UntrustedGateway => (403, "untrusted_gateway", vec![]),
+        Denial::BadHeader { header, message } => (
+            400,
+            "bad_header",
+            vec![("header", json!(header)), ("message", json!(message))],
+        ),
+        Denial::NoRoute => (403, "no_route", vec![]),
+        Denial::InsufficientCredits {
+            required,
+            available,
+            operation,
+        } => (
+            402,
+            "insufficient_credits",
+            vec![
+                ("required", json!(required)),
+                ("available", json!(available)),
+                ("operation", json!(operation)),
+            ],
+        ),
+        Denial::Unavailable => (503, "unavailable", vec![]),
+        Denial::RequestIdReused => (409, "request_id_reused", vec![]),
+        Denial::Busy => (429, "busy", vec![]),
+        Denial::Internal => (500, "internal", vec![]),
+    };
+    metrics::counter!(crate::telemetry::metrics::GATEWAY_DENIALS_TOTAL, "reason" => reason)
+        .increment(1);
+    // Written by hand to keep the documented field order ("error" first).
+    let mut body = format!("{{\"error\":\"{reason}\"");
+    for (name, value) in fields {
+        body.push_str(&format!(",\"{name}\":{value}"));
+    }
+    body.push('}');
+    DenialResponse {
+        status,
+        reason,
+        body,
+    }
+}
+
+/// A ledger error on the HTTP side (hold settlement endpoints): status and JSON body.
+pub fn http_error(err: LedgerError) -> (u16, serde_json::Value) {
+    use serde_json::json;
+    match err {
+        LedgerError::InvalidArgument(violations) => (
+            400,
+            json!({
+                "error": "invalid_argument",
+                "fields": violations
+                    .iter()
+                    .map(|v| json!({ "field": v.field, "description": v.description }))
+                    .collect::<Vec<_>>(),
+            }),
+        ),
+        LedgerError::Refused(refusal) => {
+            let mut body = serde_json::Map::new();
+            body.insert("error".into(), refusal.reason().to_ascii_lowercase().into());
+            for (k, v) in refusal.metadata() {
+                body.insert(k.into(), v.into());
+            }
+            (409, serde_json::Value::Object(body))
+        }
+        LedgerError::NotFound(what) => (404, json!({ "error": "not_found", "what": what })),
+        LedgerError::OutboxFull => (429, json!({ "error": "outbox_full" })),
+        LedgerError::NotInitialized => (503, json!({ "error": "ledger_not_initialized" })),
+        LedgerError::Unavailable(why) => {
+            tracing::warn!(error = %why, "redis unavailable");
+            (503, json!({ "error": "unavailable" }))
+        }
+        LedgerError::Internal(why) => {
+            tracing::error!(error = %why, "internal ledger error");
+            (500, json!({ "error": "internal" }))
+        }
+    }
+}
+
+/// Durable-store errors (history, webhook deliveries) as statuses.
+pub fn store_to_status(err: crate::settle::StoreError) -> Status {
+    use crate::settle::StoreError;
+    tracing::warn!(error = %err, "store error");
+    match err {
+        StoreError::Corrupt(_) => Status::internal("ledger store error"),
+        _ => Status::unavailable("ledger store unavailable"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_402_body_is_the_documented_one() {
+        let d = denial_response(&Denial::InsufficientCredits {
+            required: 46,
+            available: 3,
+            operation: "envelope.send".into(),
+        });
+        assert_eq!(d.status, 402);
+        assert_eq!(
+            d.body,
+            r#"{"error":"insufficient_credits","required":46,"available":3,"operation":"envelope.send"}"#
+        );
+        let bad = denial_response(&Denial::BadHeader {
+            header: "x-signers".into(),
+            message: "must be a \"number\"".into(),
+        });
+        let parsed: serde_json::Value = serde_json::from_str(&bad.body).expect("valid JSON");
+        assert_eq!(parsed["header"], "x-signers");
+        assert_eq!(
+            denial_response(&Denial::MissingKey).body,
+            r#"{"error":"missing_api_key"}"#
+        );
+    }
+}

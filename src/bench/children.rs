@@ -1,0 +1,130 @@
+//! The `tollgate serve` child a bench starts when it has no --target: the current
+//! executable with a generated config (a priced bench route, no in-process settler),
+//! killed when dropped — also when the bench is interrupted.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::{BENCH_OPERATION, BENCH_PATH};
+
+pub const ADMIN_TOKEN: &str = "bench-admin-token";
+pub const SERVICE_TOKEN: &str = "bench-service-token";
+/// How long the child gets to answer /readyz.
+pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct BenchServer {
+    pub grpc_addr: String,
+    pub http_addr: String,
+    pub pid: u32,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl BenchServer {
+    pub async fn start(redis_url: &str, redis_connections: usize) -> Result<Self, String> {
+        let port = || crate::dev::free_port().map_err(|e| format!("no free port: {e}"));
+        let grpc_addr = format!("127.0.0.1:{}", port()?);
+        let http_addr = format!("127.0.0.1:{}", port()?);
+        let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let config_path = dir.join("tollgate.toml");
+        // The settler is off: settlement has its own benchmark (cargo bench --bench
+        // settle) and would compete for the same cores here.
+        let config = format!(
+            r#"[server]
+grpc_addr = "{grpc_addr}"
+http_addr = "{http_addr}"
+
+[redis]
+url = "{redis_url}"
+connections = {redis_connections}
+
+[auth]
+admin_token = "{ADMIN_TOKEN}"
+service_token = "{SERVICE_TOKEN}"
+
+[store]
+url = "sqlite://{store}"
+
+[settler]
+enabled = false
+
+[log]
+level = "warn"
+
+[pricebook]
+default = "deny"
+
+[[pricebook.routes]]
+method = "POST"
+path = "{BENCH_PATH}"
+operation = "{BENCH_OPERATION}"
+
+[pricebook.operations."{BENCH_OPERATION}"]
+wallet = "default"
+mode = "debit"
+base = 1
+fail_policy = "fail_closed"
+"#,
+            store = dir.join("ledger.db").display(),
+        );
+        std::fs::write(&config_path, config)
+            .map_err(|e| format!("{}: {e}", config_path.display()))?;
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find tollgate: {e}"))?;
+        let log_path = dir.join("server.log");
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let child = Command::new(exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start tollgate serve: {e}"))?;
+        let pid = child.id().unwrap_or_default();
+        let mut server = Self {
+            grpc_addr,
+            http_addr,
+            pid,
+            child,
+            dir,
+        };
+        server.wait_ready(&log_path).await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&mut self, log_path: &std::path::Path) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + SERVER_START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(log_path).unwrap_or_default();
+                return Err(format!("tollgate serve exited ({status}):\n{log}"));
+            }
+            if super::load::http_get_status(&self.http_addr, "/readyz").await == Some(200) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "tollgate serve was not ready within {} s (log: {})",
+                    SERVER_START_TIMEOUT.as_secs(),
+                    log_path.display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

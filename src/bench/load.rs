@@ -1,0 +1,870 @@
+//! Seeding, the scenario clients and the load drivers.
+//!
+//! Closed loop: each of `concurrency` workers sends its next request when the last one
+//! answered; latency is measured from the send. Open loop (`--rate`): a pacer thread
+//! releases one permit per intended send time (std's sleep is precise to tens of µs,
+//! tokio's timer only to 1 ms), a worker takes a permit, and latency is measured from the
+//! request's *intended* send time, so a stalled server shows as latency instead of as
+//! fewer requests (no coordinated omission).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use super::report::{Phase, RedisStats};
+use super::{
+    BenchArgs, Distribution, Scenario, BENCH_HOST, BENCH_OPERATION, BENCH_PATH, HOT_SHARE,
+    REQUEST_TIMEOUT, SEED_BATCH_ACCOUNTS, SEED_CREDITS, SEED_PIPELINES_IN_FLIGHT,
+};
+use crate::api::pb;
+use crate::gateway::forward_auth::FORWARD_AUTH_PATH;
+use crate::gateway::identity::KeyStore;
+use crate::ledger::{Debit, Grant, Ledger, LedgerError, LotKind, Metadata};
+
+/// Latency histograms: 1 µs to 60 s, 3 significant digits.
+const LATENCY_US_MAX: u64 = 60_000_000;
+/// How often the progress bar, the throughput timeline and the RSS sample are taken.
+const TICK: Duration = Duration::from_millis(250);
+/// The pacer sleeps at most this long between releases.
+const PACER_SLEEP_MAX: Duration = Duration::from_millis(1);
+
+/// The seeded accounts: ids and, for scenarios with API keys, `Bearer <key>` values.
+pub struct Accounts {
+    pub ids: Vec<String>,
+    pub bearer: Vec<String>,
+}
+
+pub fn account_id(i: u32) -> String {
+    format!("bench-{i:07}")
+}
+
+/// Grants every account its credits (idempotent: a re-run against the same Redis
+/// replays) and, with `with_keys`, makes one API key per account; pipelined.
+pub async fn seed(
+    ledger: &Arc<Ledger>,
+    keys: &Arc<KeyStore>,
+    accounts: u32,
+    with_keys: bool,
+) -> Result<Arc<Accounts>, String> {
+    let started = Instant::now();
+    let ids: Vec<String> = (0..accounts).map(account_id).collect();
+    let bar = ProgressBar::new(u64::from(accounts) * if with_keys { 2 } else { 1 });
+    bar.set_style(
+        ProgressStyle::with_template("seeding {wide_bar} {pos}/{len} {per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut bearer = vec![String::new(); if with_keys { ids.len() } else { 0 }];
+    for (n, chunk) in ids.chunks(SEED_BATCH_ACCOUNTS).enumerate() {
+        while tasks.len() >= SEED_PIPELINES_IN_FLIGHT {
+            collect_seed(&mut tasks, &mut bearer, &bar).await?;
+        }
+        let ledger = ledger.clone();
+        let keys = keys.clone();
+        let chunk: Vec<String> = chunk.to_vec();
+        tasks.spawn(async move {
+            let grants: Vec<Grant> = chunk
+                .iter()
+                .map(|id| Grant {
+                    account_id: id.clone(),
+                    wallet: "default".into(),
+                    amount: SEED_CREDITS,
+                    kind: LotKind::Purchase,
+                    priority: crate::ledger::command::PRIORITY_DEFAULT,
+                    expires_at_ms: 0,
+                    description: String::new(),
+                    idempotency_key: "bench-seed".into(),
+                    metadata: Metadata::new(),
+                })
+                .collect();
+            for result in ledger
+                .grant_batch(&grants)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                result.map_err(|e| format!("seeding a grant: {e}"))?;
+            }
+            let mut made = Vec::new();
+            if with_keys {
+                let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                made = keys
+                    .create_batch(&refs, "bench")
+                    .await
+                    .map_err(|e| format!("seeding API keys: {e}"))?
+                    .into_iter()
+                    .map(|k| format!("Bearer {}", k.api_key))
+                    .collect();
+            }
+            Ok::<_, String>((n * SEED_BATCH_ACCOUNTS, chunk.len(), made))
+        });
+    }
+    while !tasks.is_empty() {
+        collect_seed(&mut tasks, &mut bearer, &bar).await?;
+    }
+    bar.finish_and_clear();
+    println!(
+        "seeded {accounts} accounts{} in {:.1} s",
+        if with_keys { " with API keys" } else { "" },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Arc::new(Accounts { ids, bearer }))
+}
+
+type SeedResult = Result<(usize, usize, Vec<String>), String>;
+
+async fn collect_seed(
+    tasks: &mut tokio::task::JoinSet<SeedResult>,
+    bearer: &mut [String],
+    bar: &ProgressBar,
+) -> Result<(), String> {
+    let Some(joined) = tasks.join_next().await else {
+        return Ok(());
+    };
+    let (start, len, made) = joined.map_err(|e| e.to_string())??;
+    bar.inc(len as u64 * if made.is_empty() { 1 } else { 2 });
+    for (i, value) in made.into_iter().enumerate() {
+        bearer[start + i] = value;
+    }
+    Ok(())
+}
+
+/// What a phase runs for and how requests are spread.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub duration: Duration,
+    pub requests: Option<u64>,
+    pub warmup: Duration,
+    pub rate: Option<f64>,
+    pub distribution: Distribution,
+}
+
+impl Plan {
+    pub fn from_args(args: &BenchArgs) -> Self {
+        Self {
+            duration: Duration::from_secs(args.duration_secs),
+            requests: args.requests,
+            warmup: Duration::from_secs(args.warmup_secs),
+            rate: args.rate,
+            distribution: args.distribution,
+        }
+    }
+}
+
+/// Where the scenario clients connect.
+pub struct Target {
+    pub grpc_addr: String,
+    pub http_addr: Option<String>,
+    pub service_token: String,
+}
+
+/// Adds `authorization: Bearer <service token>` to tollgate.v1 calls.
+#[derive(Clone)]
+pub struct ServiceAuth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for ServiceAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type MeteringClient = pb::metering_client::MeteringClient<InterceptedService<Channel, ServiceAuth>>;
+
+/// One worker's connection to what it loads.
+pub enum Client {
+    Check(AuthorizationClient<Channel>),
+    Debit(MeteringClient),
+    Hold(MeteringClient),
+    ForwardAuth(HttpClient),
+    /// The baseline: the ledger's debit script, EVALSHA straight to Redis.
+    Raw(Arc<Ledger>),
+}
+
+pub fn raw_clients(ledger: &Arc<Ledger>, args: &BenchArgs) -> Vec<Client> {
+    (0..args.concurrency)
+        .map(|_| Client::Raw(ledger.clone()))
+        .collect()
+}
+
+pub async fn scenario_clients(
+    scenario: Scenario,
+    target: &Target,
+    args: &BenchArgs,
+) -> Result<Vec<Client>, String> {
+    if scenario == Scenario::ForwardAuth {
+        let addr = target
+            .http_addr
+            .clone()
+            .ok_or("forward-auth needs the HTTP address")?;
+        let mut clients = Vec::with_capacity(args.concurrency);
+        for _ in 0..args.concurrency {
+            clients.push(Client::ForwardAuth(HttpClient::connect(&addr).await?));
+        }
+        return Ok(clients);
+    }
+    let uri = if target.grpc_addr.contains("://") {
+        target.grpc_addr.clone()
+    } else {
+        format!("http://{}", target.grpc_addr)
+    };
+    let mut channels = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        let channel = Endpoint::from_shared(uri.clone())
+            .map_err(|e| format!("bad target {uri}: {e}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {uri}: {e}"))?;
+        channels.push(channel);
+    }
+    let auth = if target.service_token.is_empty() {
+        ServiceAuth(None)
+    } else {
+        ServiceAuth(Some(
+            format!("Bearer {}", target.service_token)
+                .parse()
+                .map_err(|_| "the service token is not a valid header value")?,
+        ))
+    };
+    Ok((0..args.concurrency)
+        .map(|i| {
+            let channel = channels[i % channels.len()].clone();
+            match scenario {
+                Scenario::Check => Client::Check(AuthorizationClient::new(channel)),
+                Scenario::Hold => Client::Hold(
+                    pb::metering_client::MeteringClient::with_interceptor(channel, auth.clone()),
+                ),
+                _ => Client::Debit(pb::metering_client::MeteringClient::with_interceptor(
+                    channel,
+                    auth.clone(),
+                )),
+            }
+        })
+        .collect())
+}
+
+/// An HTTP/1.1 keep-alive connection (forward-auth), reconnected when the server closes it.
+pub struct HttpClient {
+    addr: String,
+    sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
+}
+
+impl HttpClient {
+    async fn connect(addr: &str) -> Result<Self, String> {
+        let mut client = Self {
+            addr: addr.to_owned(),
+            sender: None,
+        };
+        client.reconnect().await?;
+        Ok(client)
+    }
+
+    async fn reconnect(&mut self) -> Result<(), String> {
+        let stream = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| format!("cannot reach {}: {e}", self.addr))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("http handshake: {e}"))?;
+        tokio::spawn(connection);
+        self.sender = Some(sender);
+        Ok(())
+    }
+
+    async fn forward_auth(&mut self, bearer: &str, request_id: &str) -> Result<(), String> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            self.reconnect()
+                .await
+                .map_err(|_| "http:connect".to_owned())?;
+        }
+        let Some(sender) = self.sender.as_mut() else {
+            return Err("http:connect".into());
+        };
+        sender.ready().await.map_err(|_| "http:closed".to_owned())?;
+        let request = hyper::Request::builder()
+            .method("GET")
+            .uri(FORWARD_AUTH_PATH)
+            .header("host", &self.addr)
+            .header("x-forwarded-method", "POST")
+            .header("x-forwarded-uri", BENCH_PATH)
+            .header("x-forwarded-host", BENCH_HOST)
+            .header("authorization", bearer)
+            .header("x-request-id", request_id)
+            .body(Empty::<Bytes>::new())
+            .map_err(|_| "http:request".to_owned())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|_| "http:transport".to_owned())?;
+        let status = response.status().as_u16();
+        let reason = response
+            .headers()
+            .get("x-tollgate-reason")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|_| "http:body".to_owned())?;
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(format!("http:{status}:{}", reason.unwrap_or_default()))
+        }
+    }
+}
+
+/// Status code of a plain `GET path` (readiness), or None when it cannot be had.
+pub async fn http_get_status(addr: &str, path: &str) -> Option<u16> {
+    let io = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), io)
+        .await
+        .ok()
+        .flatten()
+}
+
+impl Client {
+    /// One operation against account `i`; `id` is unique in the run. The error is its kind.
+    async fn call(&mut self, accounts: &Accounts, i: usize, id: &str) -> Result<(), String> {
+        match self {
+            Self::Check(client) => {
+                let mut headers = HashMap::with_capacity(2);
+                headers.insert("authorization".to_owned(), accounts.bearer[i].clone());
+                headers.insert("x-request-id".to_owned(), id.to_owned());
+                let request = CheckRequest {
+                    attributes: Some(AttributeContext {
+                        request: Some(Request {
+                            http: Some(HttpRequest {
+                                method: "POST".into(),
+                                host: BENCH_HOST.into(),
+                                path: BENCH_PATH.into(),
+                                headers,
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                };
+                let answer = client
+                    .check(request)
+                    .await
+                    .map_err(|s| format!("grpc:{:?}", s.code()))?
+                    .into_inner();
+                match answer.status {
+                    Some(status) if status.code == 0 => Ok(()),
+                    Some(status) => Err(format!("denied:{}", status.message)),
+                    None => Err("check:no status".into()),
+                }
+            }
+            Self::Debit(client) => {
+                client
+                    .debit(pb::DebitRequest {
+                        account_id: accounts.ids[i].clone(),
+                        wallet: "default".into(),
+                        amount: 1,
+                        idempotency_key: id.to_owned(),
+                        operation: BENCH_OPERATION.into(),
+                        metadata: Default::default(),
+                    })
+                    .await
+                    .map_err(|s| format!("grpc:{:?}", s.code()))?;
+                Ok(())
+            }
+            Self::Hold(client) => {
+                let hold = client
+                    .authorize(pb::AuthorizeRequest {
+                        account_id: accounts.ids[i].clone(),
+                        wallet: "default".into(),
+                        amount: 1,
+                        ttl_ms: 60_000,
+                        on_expiry: "release".into(),
+                        idempotency_key: id.to_owned(),
+                        operation: BENCH_OPERATION.into(),
+                        metadata: Default::default(),
+                    })
+                    .await
+                    .map_err(|s| format!("authorize:{:?}", s.code()))?
+                    .into_inner();
+                client
+                    .capture(pb::CaptureRequest {
+                        hold_id: hold.hold_id,
+                        amount: None,
+                        idempotency_key: format!("{id}:c"),
+                        metadata: Default::default(),
+                    })
+                    .await
+                    .map_err(|s| format!("capture:{:?}", s.code()))?;
+                Ok(())
+            }
+            Self::ForwardAuth(client) => client.forward_auth(&accounts.bearer[i], id).await,
+            Self::Raw(ledger) => {
+                // The same idempotency key shape and operation as a gateway check.
+                let cmd = Debit {
+                    account_id: accounts.ids[i].clone(),
+                    wallet: "default".into(),
+                    amount: 1,
+                    idempotency_key: crate::gateway::check_idempotency_key(
+                        BENCH_OPERATION,
+                        Some(id),
+                    ),
+                    operation: BENCH_OPERATION.into(),
+                    metadata: Metadata::new(),
+                };
+                let inv = ledger.debit_invocation(&cmd);
+                let value: redis::Value = ledger
+                    .redis()
+                    .call_script(&inv)
+                    .await
+                    .map_err(|e| error_kind(&e))?;
+                Ledger::debit_reply(value).map_err(|e| error_kind(&e))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The kind of a baseline error, as the errors table shows it.
+fn error_kind(err: &LedgerError) -> String {
+    match err {
+        LedgerError::Refused(refusal) => format!("refused:{}", refusal.reason()),
+        LedgerError::Unavailable(_) => "redis:unavailable".into(),
+        LedgerError::NotInitialized => "redis:not_initialized".into(),
+        LedgerError::OutboxFull => "redis:outbox_full".into(),
+        LedgerError::InvalidArgument(_) => "invalid_argument".into(),
+        LedgerError::NotFound(_) => "not_found".into(),
+        LedgerError::Internal(_) => "internal".into(),
+    }
+}
+
+/// Picks accounts by the distribution (xorshift64*: cheap, no dependency, and the load
+/// generator should not spend its CPU on randomness).
+struct Picker {
+    state: u64,
+    accounts: usize,
+    hot: usize,
+    distribution: Distribution,
+}
+
+impl Picker {
+    fn new(seed: u64, accounts: usize, distribution: Distribution) -> Self {
+        Self {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            accounts,
+            hot: (accounts / 100).max(1),
+            distribution,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn pick(&mut self) -> usize {
+        let r = self.next_u64();
+        match self.distribution {
+            Distribution::Uniform => (r % self.accounts as u64) as usize,
+            Distribution::HotKey => {
+                let hot = (r >> 11) as f64 / (1u64 << 53) as f64 <= HOT_SHARE;
+                let n = if hot { self.hot } else { self.accounts };
+                (self.next_u64() % n as u64) as usize
+            }
+        }
+    }
+}
+
+/// Shared state of the workers of one phase.
+struct Shared {
+    accounts: Arc<Accounts>,
+    run_id: u64,
+    start: Instant,
+    end: Option<Instant>,
+    requests: Option<u64>,
+    rate: Option<f64>,
+    permits: Option<Arc<Semaphore>>,
+    seq: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    distribution: Distribution,
+}
+
+struct WorkerResult {
+    client: Client,
+    latency_us: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+    finished: Instant,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds")
+}
+
+async fn worker(mut client: Client, shared: Arc<Shared>, index: usize) -> WorkerResult {
+    let mut latency_us = histogram();
+    let mut errors = BTreeMap::new();
+    let mut picker = Picker::new(
+        shared.run_id ^ (index as u64 + 1),
+        shared.accounts.ids.len(),
+        shared.distribution,
+    );
+    let mut id = String::with_capacity(48);
+    loop {
+        let seq;
+        let intended;
+        if let (Some(permits), Some(rate)) = (&shared.permits, shared.rate) {
+            match permits.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => break, // the pacer closed: the phase is over
+            }
+            seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+            intended = shared.start + Duration::from_secs_f64(seq as f64 / rate);
+        } else {
+            seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+            intended = Instant::now();
+            if shared.end.is_some_and(|end| intended >= end) {
+                break;
+            }
+        }
+        if shared.requests.is_some_and(|n| seq >= n) {
+            break;
+        }
+        let account = picker.pick();
+        id.clear();
+        use std::fmt::Write;
+        let _ = write!(id, "b{:x}-{index}-{seq}", shared.run_id);
+        let outcome =
+            tokio::time::timeout(REQUEST_TIMEOUT, client.call(&shared.accounts, account, &id))
+                .await
+                .unwrap_or_else(|_| Err("timeout".into()));
+        let elapsed = Instant::now().saturating_duration_since(intended);
+        latency_us.saturating_record((elapsed.as_micros() as u64).max(1));
+        match outcome {
+            Ok(()) => {}
+            Err(kind) => {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                *errors.entry(kind).or_insert(0) += 1;
+            }
+        }
+        shared.completed.fetch_add(1, Ordering::Relaxed);
+    }
+    WorkerResult {
+        client,
+        latency_us,
+        errors,
+        finished: Instant::now(),
+    }
+}
+
+/// Runs the warm-up (unmeasured) and then the measured phase.
+pub async fn measure(
+    label: &str,
+    clients: Vec<Client>,
+    plan: &Plan,
+    accounts: &Arc<Accounts>,
+    ledger: &Ledger,
+    server_pid: Option<u32>,
+) -> Result<Phase, String> {
+    let clients = warm_up(label, clients, plan, accounts).await;
+    let (_, phase) = slice(label, clients, plan, accounts, ledger, server_pid).await;
+    Ok(phase)
+}
+
+/// The baseline and the scenario in alternating slices (`rounds` of each, baseline first),
+/// so a neighbour's build that starts halfway through a run weighs on both alike.
+#[allow(clippy::too_many_arguments)]
+pub async fn measure_alternating(
+    labels: (&str, &str),
+    clients: (Vec<Client>, Vec<Client>),
+    plan: &Plan,
+    rounds: u32,
+    accounts: &Arc<Accounts>,
+    ledger: &Ledger,
+    server_pid: Option<u32>,
+) -> Result<(Phase, Phase), String> {
+    let (mut base_clients, mut main_clients) = (
+        warm_up(labels.0, clients.0, plan, accounts).await,
+        warm_up(labels.1, clients.1, plan, accounts).await,
+    );
+    let rounds = rounds.max(1);
+    let slice_plan = Plan {
+        duration: plan.duration / rounds,
+        requests: plan.requests.map(|n| n.div_ceil(u64::from(rounds))),
+        ..plan.clone()
+    };
+    let mut base: Option<Phase> = None;
+    let mut main: Option<Phase> = None;
+    for round in 1..=rounds {
+        let label = format!("{} ({round}/{rounds})", labels.0);
+        let (back, phase) = slice(&label, base_clients, &slice_plan, accounts, ledger, None).await;
+        base_clients = back;
+        base = Some(match base {
+            None => phase,
+            Some(so_far) => so_far.merge(phase),
+        });
+        let label = format!("{} ({round}/{rounds})", labels.1);
+        let (back, phase) = slice(
+            &label,
+            main_clients,
+            &slice_plan,
+            accounts,
+            ledger,
+            server_pid,
+        )
+        .await;
+        main_clients = back;
+        main = Some(match main {
+            None => phase,
+            Some(so_far) => so_far.merge(phase),
+        });
+    }
+    let (mut base, mut main) = (base.ok_or("no rounds")?, main.ok_or("no rounds")?);
+    base.label = labels.0.to_owned();
+    main.label = labels.1.to_owned();
+    Ok((base, main))
+}
+
+async fn warm_up(
+    label: &str,
+    clients: Vec<Client>,
+    plan: &Plan,
+    accounts: &Arc<Accounts>,
+) -> Vec<Client> {
+    if plan.warmup.is_zero() {
+        return clients;
+    }
+    let warmup = Plan {
+        duration: plan.warmup,
+        requests: None,
+        ..plan.clone()
+    };
+    drive(
+        &format!("{label} warm-up"),
+        clients,
+        &warmup,
+        accounts,
+        None,
+    )
+    .await
+    .0
+}
+
+/// One measured run, with Redis's statistics around it.
+async fn slice(
+    label: &str,
+    clients: Vec<Client>,
+    plan: &Plan,
+    accounts: &Arc<Accounts>,
+    ledger: &Ledger,
+    server_pid: Option<u32>,
+) -> (Vec<Client>, Phase) {
+    let before = RedisStats::reset(ledger).await;
+    let (clients, mut phase) = drive(label, clients, plan, accounts, server_pid).await;
+    phase.redis = match before {
+        Some(cpu_before) => RedisStats::read(ledger, cpu_before).await,
+        None => None,
+    };
+    phase.rss_hwm_bytes = server_pid.and_then(|pid| proc_status_bytes(pid, "VmHWM:"));
+    (clients, phase)
+}
+
+async fn drive(
+    label: &str,
+    clients: Vec<Client>,
+    plan: &Plan,
+    accounts: &Arc<Accounts>,
+    server_pid: Option<u32>,
+) -> (Vec<Client>, Phase) {
+    let start = Instant::now();
+    let end = plan.requests.is_none().then_some(start + plan.duration);
+    let permits = plan.rate.map(|_| Arc::new(Semaphore::new(0)));
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let shared = Arc::new(Shared {
+        accounts: accounts.clone(),
+        run_id,
+        start,
+        end,
+        requests: plan.requests,
+        rate: plan.rate,
+        permits: permits.clone(),
+        seq: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        distribution: plan.distribution,
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let pacer = match (&permits, plan.rate) {
+        (Some(permits), Some(rate)) => Some(spawn_pacer(
+            permits.clone(),
+            rate,
+            start,
+            plan.requests,
+            stop.clone(),
+        )),
+        _ => None,
+    };
+    let workers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| tokio::spawn(worker(client, shared.clone(), i)))
+        .collect();
+
+    let bar = match (plan.requests, end) {
+        (Some(n), _) => ProgressBar::new(n),
+        _ => ProgressBar::new(plan.duration.as_secs().max(1)),
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} {wide_bar} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(label.to_owned());
+    let mut timeline = Vec::new();
+    let mut rss_max = None::<u64>;
+    let mut last = (start, 0u64);
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        let done = shared.completed.load(Ordering::Relaxed);
+        let interval = now.duration_since(last.0).as_secs_f64();
+        if interval > 0.0 && now > start {
+            let rps = (done - last.1) as f64 / interval;
+            timeline.push((now.duration_since(start).as_secs_f64(), rps));
+            bar.set_message(format!(
+                "{done} done, {rps:.0}/s, {} errors",
+                shared.failed.load(Ordering::Relaxed)
+            ));
+        }
+        last = (now, done);
+        if let Some(pid) = server_pid {
+            if let Some(rss) = proc_status_bytes(pid, "VmRSS:") {
+                rss_max = Some(rss_max.map_or(rss, |m| m.max(rss)));
+            }
+        }
+        match (plan.requests, end) {
+            (Some(_), _) => bar.set_position(done),
+            (None, Some(_)) => bar.set_position(now.duration_since(start).as_secs()),
+            _ => {}
+        }
+        let time_up = end.is_some_and(|end| now >= end);
+        let all_sent = plan.requests.is_some_and(|n| done >= n);
+        if time_up || all_sent || workers.iter().all(|w| w.is_finished()) {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(permits) = &permits {
+        permits.close();
+    }
+    let mut clients = Vec::with_capacity(workers.len());
+    let mut latency_us = histogram();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut finished = start;
+    for handle in workers {
+        match handle.await {
+            Ok(result) => {
+                clients.push(result.client);
+                let _ = latency_us.add(&result.latency_us);
+                for (kind, n) in result.errors {
+                    *errors.entry(kind).or_insert(0) += n;
+                }
+                finished = finished.max(result.finished);
+            }
+            Err(err) => {
+                *errors.entry(format!("worker:{err}")).or_insert(0) += 1;
+            }
+        }
+    }
+    if let Some(pacer) = pacer {
+        let _ = pacer.join();
+    }
+    bar.finish_and_clear();
+    let completed = shared.completed.load(Ordering::Relaxed);
+    (
+        clients,
+        Phase {
+            label: label.to_owned(),
+            latency_us,
+            completed,
+            errors,
+            elapsed: finished.duration_since(start),
+            timeline,
+            rss_max_bytes: rss_max,
+            rss_hwm_bytes: None,
+            redis: None,
+        },
+    )
+}
+
+/// Releases one permit per intended send time until stopped.
+fn spawn_pacer(
+    permits: Arc<Semaphore>,
+    rate: f64,
+    start: Instant,
+    requests: Option<u64>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let sleep = Duration::from_secs_f64(1.0 / rate).min(PACER_SLEEP_MAX);
+    std::thread::spawn(move || {
+        let mut released = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let mut due = (start.elapsed().as_secs_f64() * rate) as u64 + 1;
+            if let Some(n) = requests {
+                due = due.min(n);
+            }
+            if due > released {
+                // Bounded by the semaphore's limit; a backlog this large means the
+                // server stopped answering, and the phase ends on time anyway.
+                let add = (due - released).min(Semaphore::MAX_PERMITS as u64 / 2) as usize;
+                permits.add_permits(add);
+                released = due;
+            }
+            std::thread::sleep(sleep);
+        }
+    })
+}
+
+/// A `Vm...:` line of /proc/<pid>/status, in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}

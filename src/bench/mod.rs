@@ -1,0 +1,296 @@
+//! `tollgate bench`: the built-in load generator, and the raw-Redis baseline it is
+//! measured against in the same run.
+//!
+//! - `children`: the private redis-server and `tollgate serve` child processes a bench
+//!   starts when it is not given a target (killed when the bench ends, Ctrl-C included)
+//! - `load`: seeding, the scenario clients (ext_authz Check, Debit, Authorize+Capture,
+//!   forward-auth, raw EVALSHA) and the closed- and open-loop drivers
+//! - `report`: percentiles, the printed summary, the JSON result and the SVG plot
+//!
+//! Only ratios to the baseline are meaningful on a shared machine: the baseline runs the
+//! ledger's own debit script (EVALSHA, same arguments as tollgate sends) straight against
+//! the same Redis, with the same concurrency, in slices alternating with the scenario's.
+
+mod children;
+mod load;
+mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::gateway::identity::KeyStore;
+use crate::ledger::{Clock, Ledger, LedgerSettings, RedisPool};
+pub use report::Report;
+
+/// Default name of the route the bench's requests take (priced by the child server).
+pub const BENCH_PATH: &str = "/v1/bench";
+pub const BENCH_HOST: &str = "bench.local";
+pub const BENCH_OPERATION: &str = "bench.call";
+/// Credits each seeded account gets: never runs out during a bench.
+pub const SEED_CREDITS: i64 = 1_000_000_000_000;
+/// Accounts seeded per pipeline, and pipelines in flight while seeding.
+pub const SEED_BATCH_ACCOUNTS: usize = 1_000;
+pub const SEED_PIPELINES_IN_FLIGHT: usize = 4;
+pub const ACCOUNTS_MAX: u32 = 1_000_000;
+pub const CONCURRENCY_MAX: usize = 4_096;
+/// Deadline of one bench request: a request slower than this counts as an error.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Hot-key distribution: this share of requests goes to the hottest 1% of accounts.
+pub const HOT_SHARE: f64 = 0.9;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Envoy ext_authz Check over gRPC (identity, price book, one debit).
+    Check,
+    /// tollgate.v1 Metering/Debit over gRPC.
+    Debit,
+    /// tollgate.v1 Authorize then Capture (one operation = both calls).
+    Hold,
+    /// HTTP forward-auth (Traefik/Kong style headers).
+    ForwardAuth,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Check => "check",
+            Self::Debit => "debit",
+            Self::Hold => "hold",
+            Self::ForwardAuth => "forward-auth",
+        }
+    }
+
+    /// Whether requests carry API keys (seeded along with the accounts).
+    fn needs_keys(self) -> bool {
+        matches!(self, Self::Check | Self::ForwardAuth)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Distribution {
+    /// Every account equally likely.
+    Uniform,
+    /// 90% of requests go to the hottest 1% of accounts (at least one).
+    HotKey,
+}
+
+/// `tollgate bench SCENARIO [--target ADDR] [--redis-url URL] [--concurrency N]
+/// [--duration-secs S] [--accounts N] [--rate RPS] [--baseline] [--json PATH] [--plot PATH]`
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// gRPC address of a running tollgate (host:port). Without it the bench starts its own
+    /// `tollgate serve` child (and a private redis-server without --redis-url).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// HTTP address of the running tollgate, for forward-auth with --target.
+    #[arg(long)]
+    pub target_http: Option<String>,
+    /// Redis the accounts are seeded into and the baseline runs against. Required with
+    /// --target (it must be the target's Redis, with the default shard count).
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Requests in flight at once (closed loop), or most in flight (open loop).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// How long the measured part runs (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Stop after this many requests instead of after --duration-secs.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Unmeasured warm-up before each measured phase.
+    #[arg(long, default_value_t = 1)]
+    pub warmup_secs: u64,
+    /// Accounts seeded (each with a wallet and, for check and forward-auth, an API key).
+    #[arg(long, default_value_t = 1_000)]
+    pub accounts: u32,
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub distribution: Distribution,
+    /// Open loop: send at this fixed rate (requests/s) and measure latency from each
+    /// request's intended send time, so a stall is not hidden (no coordinated omission).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Also drive the ledger's debit script straight against Redis (EVALSHA) with the same
+    /// concurrency, first, and report tollgate ÷ raw.
+    #[arg(long)]
+    pub baseline: bool,
+    /// With --baseline: the measured time is split into this many alternating slices of
+    /// baseline and scenario, so noise from neighbours weighs on both alike.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: u32,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an SVG latency plot here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// gRPC (HTTP/2) connections the load generator spreads its requests over.
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    /// Multiplexed Redis connections of the child server and of the baseline.
+    #[arg(long, default_value_t = crate::ledger::redis_pool::DEFAULT_CONNECTIONS)]
+    pub redis_connections: usize,
+    /// Process id of the --target server, to report its RSS.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Service token for Debit/Authorize/Capture against --target.
+    #[arg(long, env = "TOLLGATE_SERVICE_TOKEN", hide_env_values = true)]
+    pub service_token: Option<String>,
+}
+
+impl BenchArgs {
+    fn validate(&self) -> Result<(), String> {
+        let mut bad = Vec::new();
+        if !(1..=CONCURRENCY_MAX).contains(&self.concurrency) {
+            bad.push(format!("--concurrency must be in 1..={CONCURRENCY_MAX}"));
+        }
+        if !(1..=ACCOUNTS_MAX).contains(&self.accounts) {
+            bad.push(format!("--accounts must be in 1..={ACCOUNTS_MAX}"));
+        }
+        if self.duration_secs == 0 && self.requests.is_none() {
+            bad.push("--duration-secs must be at least 1".into());
+        }
+        if self.requests == Some(0) {
+            bad.push("--requests must be at least 1".into());
+        }
+        if let Some(rate) = self.rate {
+            if !(rate.is_finite() && rate > 0.0) {
+                bad.push("--rate must be a positive number of requests/s".into());
+            }
+        }
+        if !(1..=100).contains(&self.rounds) {
+            bad.push("--rounds must be in 1..=100".into());
+        }
+        if !(1..=64).contains(&self.connections) {
+            bad.push("--connections must be in 1..=64".into());
+        }
+        if !(1..=crate::config::REDIS_CONNECTIONS_MAX).contains(&self.redis_connections) {
+            bad.push(format!(
+                "--redis-connections must be in 1..={}",
+                crate::config::REDIS_CONNECTIONS_MAX
+            ));
+        }
+        if self.target.is_some() {
+            if self.redis_url.is_none() {
+                bad.push("--target needs --redis-url (the target's Redis: the bench seeds accounts there)".into());
+            }
+            if self.scenario == Scenario::ForwardAuth && self.target_http.is_none() {
+                bad.push("forward-auth with --target needs --target-http".into());
+            }
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(bad.join("; "))
+        }
+    }
+}
+
+/// Runs a bench end to end; the children it started are killed when it returns or when
+/// the future is dropped (Ctrl-C).
+pub async fn run(args: BenchArgs) -> Result<Report, String> {
+    args.validate()?;
+    // Kept until the bench returns: dropping it kills the private redis-server.
+    let mut _redis_child = None;
+    let redis_url = match &args.redis_url {
+        Some(url) => url.clone(),
+        None => {
+            let redis = crate::dev::DevRedis::start().await?;
+            let url = redis.url.clone();
+            _redis_child = Some(redis);
+            url
+        }
+    };
+    let server = match &args.target {
+        Some(_) => None,
+        None => Some(children::BenchServer::start(&redis_url, args.redis_connections).await?),
+    };
+    let (grpc_addr, http_addr, server_pid, service_token) = match &server {
+        Some(s) => (
+            s.grpc_addr.clone(),
+            Some(s.http_addr.clone()),
+            Some(s.pid),
+            children::SERVICE_TOKEN.to_owned(),
+        ),
+        None => (
+            args.target.clone().unwrap_or_default(),
+            args.target_http.clone(),
+            args.server_pid,
+            args.service_token.clone().unwrap_or_default(),
+        ),
+    };
+
+    let pool = RedisPool::new(&redis_url, args.redis_connections, REQUEST_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let ledger = Arc::new(Ledger::new(
+        pool.clone(),
+        LedgerSettings::default(),
+        Clock::Redis,
+    ));
+    ledger
+        .load_scripts()
+        .await
+        .map_err(|e| format!("cannot load the ledger scripts into {redis_url}: {e}"))?;
+    let keys = Arc::new(KeyStore::new(
+        pool,
+        ledger.shards().clone(),
+        Duration::from_secs(1),
+        1,
+        crate::gateway::identity::DEFAULT_KEYS_PER_ACCOUNT_MAX,
+    ));
+    keys.load_scripts().await.map_err(|e| e.to_string())?;
+
+    let accounts = load::seed(&ledger, &keys, args.accounts, args.scenario.needs_keys()).await?;
+    let plan = load::Plan::from_args(&args);
+    let target = load::Target {
+        grpc_addr,
+        http_addr,
+        service_token,
+    };
+
+    let clients = load::scenario_clients(args.scenario, &target, &args).await?;
+    let (main, baseline) = if args.baseline {
+        let (baseline, main) = load::measure_alternating(
+            ("baseline (raw EVALSHA debit)", args.scenario.name()),
+            (load::raw_clients(&ledger, &args), clients),
+            &plan,
+            args.rounds,
+            &accounts,
+            &ledger,
+            server_pid,
+        )
+        .await?;
+        (main, Some(baseline))
+    } else {
+        let main = load::measure(
+            args.scenario.name(),
+            clients,
+            &plan,
+            &accounts,
+            &ledger,
+            server_pid,
+        )
+        .await?;
+        (main, None)
+    };
+
+    let report = Report::new(&args, main, baseline, server_pid);
+    print!("{}", report.render());
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+        println!("result written to {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        report.write_svg(path)?;
+        println!("latency plot written to {}", path.display());
+    }
+    drop(server);
+    Ok(report)
+}

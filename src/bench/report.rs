@@ -1,0 +1,593 @@
+//! Bench results: percentiles, the printed summary, the JSON result and the SVG plot
+//! (hand-written: two line charts need no plotting library, and no fonts either — the
+//! viewer renders the text).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use super::BenchArgs;
+use crate::ledger::Ledger;
+
+/// One measured phase (the scenario, or the baseline).
+pub struct Phase {
+    pub label: String,
+    pub latency_us: Histogram<u64>,
+    pub completed: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub elapsed: Duration,
+    /// (seconds since the start, requests/s over the last tick)
+    pub timeline: Vec<(f64, f64)>,
+    pub rss_max_bytes: Option<u64>,
+    pub rss_hwm_bytes: Option<u64>,
+    pub redis: Option<RedisStats>,
+}
+
+impl Phase {
+    pub fn throughput_rps(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.completed as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// This phase followed by `next` (alternating rounds): counts and histograms add up,
+    /// the timeline continues.
+    pub fn merge(mut self, next: Phase) -> Phase {
+        let offset = self.elapsed.as_secs_f64();
+        let _ = self.latency_us.add(&next.latency_us);
+        self.completed += next.completed;
+        for (kind, n) in next.errors {
+            *self.errors.entry(kind).or_insert(0) += n;
+        }
+        self.elapsed += next.elapsed;
+        self.timeline
+            .extend(next.timeline.into_iter().map(|(t, rps)| (t + offset, rps)));
+        self.rss_max_bytes = self.rss_max_bytes.max(next.rss_max_bytes);
+        self.rss_hwm_bytes = self.rss_hwm_bytes.max(next.rss_hwm_bytes);
+        self.redis = match (self.redis, next.redis) {
+            (Some(a), Some(b)) => Some(a.merge(&b)),
+            (a, b) => a.or(b),
+        };
+        self
+    }
+
+    fn ms(&self, quantile: f64) -> f64 {
+        self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    fn latency_json(&self) -> Value {
+        json!({
+            "p50": self.ms(0.50),
+            "p90": self.ms(0.90),
+            "p99": self.ms(0.99),
+            "p999": self.ms(0.999),
+            "max": self.latency_us.max() as f64 / 1000.0,
+            "mean": self.latency_us.mean() / 1000.0,
+        })
+    }
+
+    fn errors_total(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "throughput_rps": round(self.throughput_rps()),
+            "requests": self.completed,
+            "elapsed_secs": self.elapsed.as_secs_f64(),
+            "latency_ms": self.latency_json(),
+            "errors": self.errors,
+            "errors_total": self.errors_total(),
+            "redis": self.redis.as_ref().map(RedisStats::json),
+        })
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "{}", self.label);
+        let _ = writeln!(
+            out,
+            "  throughput   {:>10.0} req/s ({} requests in {:.1} s)",
+            self.throughput_rps(),
+            self.completed,
+            self.elapsed.as_secs_f64()
+        );
+        let _ = writeln!(
+            out,
+            "  latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+            self.ms(0.5),
+            self.ms(0.9),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.latency_us.max() as f64 / 1000.0
+        );
+        if self.errors.is_empty() {
+            let _ = writeln!(out, "  errors       none");
+        } else {
+            let _ = writeln!(out, "  errors       {}", self.errors_total());
+            for (kind, n) in &self.errors {
+                let _ = writeln!(out, "    {kind:<40} {n}");
+            }
+        }
+        if let Some(redis) = &self.redis {
+            let _ = writeln!(
+                out,
+                "  redis        {} EVALSHA, {:.1} µs/call (commandstats), {:.1} µs CPU per call",
+                redis.evalsha_calls, redis.evalsha_usec_per_call, redis.cpu_usec_per_call
+            );
+        }
+    }
+}
+
+/// Redis's own cost, measured the way shared/PERF-NOTES.md says: CONFIG RESETSTAT before
+/// the phase, then `INFO commandstats` and the change of `used_cpu_*` per call.
+pub struct RedisStats {
+    pub evalsha_calls: u64,
+    pub evalsha_usec_per_call: f64,
+    /// Redis process CPU (user + sys) during the phase ÷ EVALSHA calls.
+    pub cpu_usec_per_call: f64,
+}
+
+impl RedisStats {
+    /// Resets the command statistics; returns Redis's CPU seconds so far (None when the
+    /// server refuses CONFIG, e.g. a managed Redis).
+    pub async fn reset(ledger: &Ledger) -> Option<f64> {
+        let _: () = ledger
+            .redis()
+            .query(redis::cmd("CONFIG").arg("RESETSTAT"))
+            .await
+            .ok()?;
+        redis_cpu_secs(ledger).await
+    }
+
+    pub async fn read(ledger: &Ledger, cpu_before_secs: f64) -> Option<Self> {
+        let cpu = redis_cpu_secs(ledger).await? - cpu_before_secs;
+        let info: String = ledger
+            .redis()
+            .query(redis::cmd("INFO").arg("commandstats"))
+            .await
+            .ok()?;
+        let line = info
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .unwrap_or("cmdstat_evalsha:calls=0,usec=0,usec_per_call=0");
+        let field = |name: &str| -> f64 {
+            line.split([':', ','])
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let calls = field("calls");
+        Some(Self {
+            evalsha_calls: calls as u64,
+            evalsha_usec_per_call: field("usec_per_call"),
+            cpu_usec_per_call: if calls > 0.0 { cpu * 1e6 / calls } else { 0.0 },
+        })
+    }
+
+    fn merge(self, other: &Self) -> Self {
+        let calls = self.evalsha_calls + other.evalsha_calls;
+        let weighted = |a: f64, b: f64| {
+            if calls == 0 {
+                0.0
+            } else {
+                (a * self.evalsha_calls as f64 + b * other.evalsha_calls as f64) / calls as f64
+            }
+        };
+        Self {
+            evalsha_calls: calls,
+            evalsha_usec_per_call: weighted(
+                self.evalsha_usec_per_call,
+                other.evalsha_usec_per_call,
+            ),
+            cpu_usec_per_call: weighted(self.cpu_usec_per_call, other.cpu_usec_per_call),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "evalsha_calls": self.evalsha_calls,
+            "evalsha_usec_per_call": self.evalsha_usec_per_call,
+            "cpu_usec_per_call": round1(self.cpu_usec_per_call),
+        })
+    }
+}
+
+async fn redis_cpu_secs(ledger: &Ledger) -> Option<f64> {
+    let info: String = ledger
+        .redis()
+        .query(redis::cmd("INFO").arg("cpu"))
+        .await
+        .ok()?;
+    let get = |name: &str| -> Option<f64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(get("used_cpu_user")? + get("used_cpu_sys")?)
+}
+
+fn round(x: f64) -> f64 {
+    x.round()
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The whole result of a bench run.
+pub struct Report {
+    pub json: Value,
+    main: Phase,
+    baseline: Option<Phase>,
+}
+
+impl Report {
+    pub fn new(
+        args: &BenchArgs,
+        main: Phase,
+        baseline: Option<Phase>,
+        server_pid: Option<u32>,
+    ) -> Self {
+        let mut json = json!({
+            "scenario": args.scenario.name(),
+            "concurrency": args.concurrency,
+            "connections": args.connections,
+            "redis_connections": args.redis_connections,
+            "accounts": args.accounts,
+            "distribution": args.distribution,
+            "rate_rps": args.rate,
+            "duration_secs": args.duration_secs,
+            "warmup_secs": args.warmup_secs,
+            "rounds": if args.baseline { args.rounds } else { 1 },
+            "throughput_rps": round(main.throughput_rps()),
+            "requests": main.completed,
+            "latency_ms": main.latency_json(),
+            "errors": main.errors,
+            "errors_total": main.errors_total(),
+            "server_pid": server_pid,
+            "server_rss_bytes": main.rss_max_bytes,
+            "server_rss_hwm_bytes": main.rss_hwm_bytes,
+            "redis": main.redis.as_ref().map(RedisStats::json),
+            "machine": machine(),
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        if let Some(base) = &baseline {
+            let ratio = if base.throughput_rps() > 0.0 {
+                main.throughput_rps() / base.throughput_rps()
+            } else {
+                0.0
+            };
+            json["baseline_rps"] = json!(round(base.throughput_rps()));
+            json["ratio"] = json!(round3(ratio));
+            json["baseline"] = base.json();
+        }
+        Self {
+            json,
+            main,
+            baseline,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Some(base) = &self.baseline {
+            base.render(&mut out);
+        }
+        self.main.render(&mut out);
+        match (self.main.rss_max_bytes, self.main.rss_hwm_bytes) {
+            (Some(rss), hwm) => {
+                let _ = writeln!(
+                    out,
+                    "  server RSS   {:.1} MB under load (peak {:.1} MB)",
+                    rss as f64 / 1e6,
+                    hwm.unwrap_or(rss) as f64 / 1e6
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "  server RSS   unknown (give --server-pid)");
+            }
+        }
+        if let Some(ratio) = self.json.get("ratio").and_then(Value::as_f64) {
+            let _ = writeln!(
+                out,
+                "ratio tollgate ÷ raw Redis script: {ratio:.3} ({:.0} ÷ {:.0} req/s)",
+                self.main.throughput_rps(),
+                self.baseline.as_ref().map_or(0.0, |b| b.throughput_rps())
+            );
+        }
+        out
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<(), String> {
+        let text = serde_json::to_string_pretty(&self.json).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn write_svg(&self, path: &Path) -> Result<(), String> {
+        let mut phases = vec![&self.main];
+        if let Some(base) = &self.baseline {
+            phases.push(base);
+        }
+        let title = format!(
+            "tollgate bench {} — concurrency {}{}",
+            self.json["scenario"].as_str().unwrap_or(""),
+            self.json["concurrency"],
+            self.json["rate_rps"]
+                .as_f64()
+                .map(|r| format!(", open loop at {r:.0} req/s"))
+                .unwrap_or_default()
+        );
+        std::fs::write(path, svg(&title, &phases)).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// nproc, CPU model and memory of this machine (the figures only mean something with it).
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: Option<u64> = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+    json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "memory_bytes": mem_kib.map(|k| k * 1024),
+    })
+}
+
+const COLORS: [&str; 2] = ["#1f77b4", "#d62728"];
+const WIDTH: f64 = 960.0;
+const HEIGHT: f64 = 400.0;
+
+/// Left: latency by percentile (the HdrHistogram view: x is log-scaled "nines"). Right:
+/// throughput over time.
+fn svg(title: &str, phases: &[&Phase]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        WIDTH / 2.0,
+        escape(title)
+    );
+    // Percentile panel.
+    let nines_max = 4.0; // up to p99.99
+    let curves: Vec<Vec<(f64, f64)>> = phases
+        .iter()
+        .map(|p| {
+            (0..=80)
+                .map(|i| {
+                    let x = nines_max * f64::from(i) / 80.0;
+                    let q = 1.0 - 10f64.powf(-x);
+                    (x, p.ms(q))
+                })
+                .collect()
+        })
+        .collect();
+    let y_max = nice_max(curves.iter().flatten().map(|p| p.1).fold(0.0, f64::max));
+    let ticks = [
+        (0.0, "p0"),
+        (1.0, "p90"),
+        (2.0, "p99"),
+        (3.0, "p99.9"),
+        (4.0, "p99.99"),
+    ];
+    let area = Area::new(60.0, 50.0, 400.0, 300.0, nines_max, y_max);
+    area.frame(&mut s, "percentile", "latency (ms)", &ticks);
+    for (i, curve) in curves.iter().enumerate() {
+        area.line(&mut s, curve, COLORS[i % COLORS.len()]);
+    }
+    // Throughput panel.
+    let t_max = phases
+        .iter()
+        .flat_map(|p| p.timeline.iter().map(|t| t.0))
+        .fold(1.0, f64::max);
+    let rps_max = nice_max(
+        phases
+            .iter()
+            .flat_map(|p| p.timeline.iter().map(|t| t.1))
+            .fold(0.0, f64::max),
+    );
+    let area2 = Area::new(540.0, 50.0, 400.0, 300.0, t_max, rps_max);
+    let time_ticks: Vec<(f64, String)> = (0..=4)
+        .map(|i| {
+            let t = t_max * f64::from(i) / 4.0;
+            (t, format!("{t:.0}s"))
+        })
+        .collect();
+    let time_ticks: Vec<(f64, &str)> = time_ticks.iter().map(|(t, l)| (*t, l.as_str())).collect();
+    area2.frame(&mut s, "time", "requests/s", &time_ticks);
+    for (i, phase) in phases.iter().enumerate() {
+        area2.line(&mut s, &phase.timeline, COLORS[i % COLORS.len()]);
+    }
+    // Legend.
+    for (i, phase) in phases.iter().enumerate() {
+        let y = HEIGHT - 22.0 + 0.0 * i as f64;
+        let x = 60.0 + 440.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x}" y="{}" width="14" height="4" fill="{}"/><text x="{}" y="{y}">{}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms</text>"#,
+            y - 4.0,
+            COLORS[i % COLORS.len()],
+            x + 20.0,
+            escape(&phase.label),
+            phase.throughput_rps(),
+            phase.ms(0.5),
+            phase.ms(0.99)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+struct Area {
+    x: f64,
+    y: f64,
+    w: f64,
+    h: f64,
+    x_max: f64,
+    y_max: f64,
+}
+
+impl Area {
+    fn new(x: f64, y: f64, w: f64, h: f64, x_max: f64, y_max: f64) -> Self {
+        Self {
+            x,
+            y,
+            w,
+            h,
+            x_max: if x_max > 0.0 { x_max } else { 1.0 },
+            y_max: if y_max > 0.0 { y_max } else { 1.0 },
+        }
+    }
+
+    fn px(&self, x: f64, y: f64) -> (f64, f64) {
+        (
+            self.x + self.w * (x / self.x_max).clamp(0.0, 1.0),
+            self.y + self.h * (1.0 - (y / self.y_max).clamp(0.0, 1.0)),
+        )
+    }
+
+    fn frame(&self, s: &mut String, x_label: &str, y_label: &str, x_ticks: &[(f64, &str)]) {
+        let _ = writeln!(
+            s,
+            r##"<rect x="{}" y="{}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
+            self.x, self.y, self.w, self.h
+        );
+        for i in 0..=5 {
+            let v = self.y_max * f64::from(i) / 5.0;
+            let (_, py) = self.px(0.0, v);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{}" y1="{py}" x2="{}" y2="{py}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+                self.x,
+                self.x + self.w,
+                self.x - 4.0,
+                py + 4.0,
+                short(v)
+            );
+        }
+        for (v, label) in x_ticks {
+            let (px, _) = self.px(*v, 0.0);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{px}" y1="{}" x2="{px}" y2="{}" stroke="#ddd"/><text x="{px}" y="{}" text-anchor="middle">{}</text>"##,
+                self.y,
+                self.y + self.h,
+                self.y + self.h + 16.0,
+                escape(label)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text><text x="{}" y="{}" text-anchor="middle" transform="rotate(-90 {} {})">{}</text>"#,
+            self.x + self.w / 2.0,
+            self.y + self.h + 32.0,
+            escape(x_label),
+            self.x - 45.0,
+            self.y + self.h / 2.0,
+            self.x - 45.0,
+            self.y + self.h / 2.0,
+            escape(y_label)
+        );
+    }
+
+    fn line(&self, s: &mut String, points: &[(f64, f64)], color: &str) {
+        if points.is_empty() {
+            return;
+        }
+        let mut d = String::new();
+        for (i, (x, y)) in points.iter().enumerate() {
+            let (px, py) = self.px(*x, *y);
+            let _ = write!(d, "{}{px:.1},{py:.1}", if i == 0 { "M" } else { " L" });
+        }
+        let _ = writeln!(
+            s,
+            r#"<path d="{d}" fill="none" stroke="{color}" stroke-width="2"/>"#
+        );
+    }
+}
+
+/// A round axis maximum at or above `v`.
+fn nice_max(v: f64) -> f64 {
+    if v <= 0.0 {
+        return 1.0;
+    }
+    let magnitude = 10f64.powf(v.log10().floor());
+    for step in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if v <= step * magnitude {
+            return step * magnitude;
+        }
+    }
+    10.0 * magnitude
+}
+
+fn short(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_maxima_are_round() {
+        assert_eq!(nice_max(0.0), 1.0);
+        assert_eq!(nice_max(0.73), 1.0);
+        assert_eq!(nice_max(1.2), 2.0);
+        assert_eq!(nice_max(23_000.0), 25_000.0);
+    }
+
+    #[test]
+    fn svg_is_a_document() {
+        let mut latency_us = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for v in [200, 300, 400, 5_000] {
+            latency_us.record(v).unwrap();
+        }
+        let phase = Phase {
+            label: "check <64>".into(),
+            latency_us,
+            completed: 4,
+            errors: BTreeMap::new(),
+            elapsed: Duration::from_secs(1),
+            timeline: vec![(0.25, 4.0), (0.5, 8.0)],
+            rss_max_bytes: None,
+            rss_hwm_bytes: None,
+            redis: None,
+        };
+        let doc = svg("t", &[&phase]);
+        assert!(doc.starts_with("<svg") && doc.trim_end().ends_with("</svg>"));
+        assert!(doc.contains("check &lt;64&gt;"));
+    }
+}

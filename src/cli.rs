@@ -1,0 +1,158 @@
+//! Command line: `serve`, `bench` and the admin commands for people (which talk to a running
+//! server over gRPC).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::DEFAULT_GRPC_ADDR;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Credit-metering sidecar for API gateways"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC and HTTP servers and the sweeper.
+    Serve(ServeArgs),
+    /// Run a settler alone (outbox → durable store), with /healthz, /readyz, /metrics.
+    Settle(ServeArgs),
+    /// Drain the outbox, then compare the durable ledger with Redis; exits 1 on drift.
+    Reconcile(ReconcileArgs),
+    /// Rebuild Redis's live state from the durable ledger (after Redis lost its data).
+    Restore(RestoreArgs),
+    /// Back-office commands against a running server.
+    Admin(AdminArgs),
+    /// Validate a config file (with the TOLLGATE_ environment) without starting anything;
+    /// exits 1 and lists every bad setting if it is invalid.
+    CheckConfig(CheckConfigArgs),
+    /// Load generator: check, debit, hold or forward-auth, optionally against a raw-Redis
+    /// baseline measured in the same run.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// Config file (TOML); default ./tollgate.toml when it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Durable store: postgres://… or sqlite://PATH.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Write into a Redis that already holds tollgate data: its tollgate keys are deleted
+    /// first (unsettled outbox events with them: run reconcile first).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Durable store: postgres://… or sqlite://PATH.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// How long to wait for the outbox to drain.
+    #[arg(long, default_value_t = 120)]
+    pub drain_timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config file (TOML); default ./tollgate.toml when it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    #[arg(long)]
+    pub grpc_addr: Option<String>,
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// Durable store: postgres://… or sqlite://PATH (default sqlite://tollgate.db).
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Local development: starts a private redis-server and uses dev tokens.
+    #[arg(long)]
+    pub dev: bool,
+    /// If Redis holds no ledger but the store has events (Redis lost its data), run
+    /// `tollgate restore` before serving.
+    #[arg(long)]
+    pub restore: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// gRPC address of the server.
+    #[arg(long, default_value_t = format!("http://{DEFAULT_GRPC_ADDR}"), env = "TOLLGATE_SERVER")]
+    pub server: String,
+    /// Admin token (default: the token `serve --dev` prints).
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Grant credits: adds a lot to a wallet.
+    Grant {
+        account: String,
+        amount: i64,
+        #[arg(long, default_value = "default")]
+        wallet: String,
+        /// purchase | demo | promo | adjustment
+        #[arg(long, default_value = "purchase")]
+        kind: String,
+        /// 0..=100, lower burns first.
+        #[arg(long)]
+        priority: Option<i32>,
+        /// Expiry, ms since the epoch (default: never).
+        #[arg(long, default_value_t = 0)]
+        expires_at: i64,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Default: a fresh key, so a repeated command grants again.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Show an account's balances.
+    Balance {
+        account: String,
+        #[arg(long, default_value = "")]
+        wallet: String,
+    },
+    /// Make an API key for an account (printed once; tollgate keeps only its hash).
+    CreateKey {
+        account: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Revoke an API key by its id (other sidecars stop accepting it within
+    /// gateway.identity_cache_ttl_ms).
+    RevokeKey { key_id: String },
+    /// List an account's API keys (ids and names, never secrets).
+    Keys { account: String },
+    /// Show a wallet's live lots in burn order.
+    Lots {
+        account: String,
+        #[arg(long, default_value = "default")]
+        wallet: String,
+    },
+}

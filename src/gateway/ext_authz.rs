@@ -1,0 +1,145 @@
+//! Envoy ext_authz v3 (`envoy.service.auth.v3.Authorization/Check`): decode the
+//! CheckRequest, decide with [`Gateway::check`], encode the CheckResponse.
+
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+};
+use envoy_types::pb::google::rpc;
+use tonic::{Request, Response, Status};
+
+use super::{Call, Decision, Denial, Gateway, HEADER_REQUEST_ID, UPSTREAM_HEADERS};
+use crate::api::status::denial_response;
+
+/// google.rpc codes of the CheckResponse status (Envoy only tells OK from not OK).
+const RPC_OK: i32 = 0;
+const RPC_PERMISSION_DENIED: i32 = 7;
+const RPC_UNAUTHENTICATED: i32 = 16;
+const RPC_UNAVAILABLE: i32 = 14;
+const RPC_INVALID_ARGUMENT: i32 = 3;
+
+pub struct ExtAuthz {
+    gateway: Arc<Gateway>,
+}
+
+impl ExtAuthz {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let secret = request
+            .metadata()
+            .get(self.gateway.shared_secret_header())
+            .and_then(|v| v.to_str().ok());
+        if !self.gateway.trusts(secret) {
+            return Ok(Response::new(denied(&Denial::UntrustedGateway)));
+        }
+        let request = request.into_inner();
+        let Some(http) = request
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+        else {
+            return Err(Status::invalid_argument(
+                "attributes.request.http is required",
+            ));
+        };
+        let headers = &http.headers;
+        let lookup = |name: &str| headers.get(name).map(String::as_str);
+        let request_id = headers
+            .get(HEADER_REQUEST_ID)
+            .map(String::as_str)
+            .or((!http.id.is_empty()).then_some(http.id.as_str()));
+        let host = if http.host.is_empty() {
+            headers.get(":authority").map_or("", String::as_str)
+        } else {
+            &http.host
+        };
+        let call = Call {
+            method: &http.method,
+            host,
+            path: &http.path,
+            request_id,
+            headers: &lookup,
+        };
+        let decision = self.gateway.check(&call).await;
+        Ok(Response::new(match decision {
+            Decision::Allow(allowed) => {
+                let upstream = allowed.upstream_headers();
+                let headers_to_remove = UPSTREAM_HEADERS
+                    .iter()
+                    .filter(|h| !upstream.iter().any(|(set, _)| set == *h))
+                    .map(|h| (*h).to_owned())
+                    .collect();
+                CheckResponse {
+                    status: Some(rpc::Status {
+                        code: RPC_OK,
+                        ..Default::default()
+                    }),
+                    http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                        headers: upstream.into_iter().map(overwrite).collect(),
+                        headers_to_remove,
+                        response_headers_to_add: allowed
+                            .client_headers()
+                            .into_iter()
+                            .map(overwrite)
+                            .collect(),
+                        ..Default::default()
+                    })),
+                    dynamic_metadata: None,
+                }
+            }
+            Decision::Deny(denial) => denied(&denial),
+        }))
+    }
+}
+
+fn overwrite((key, value): (&str, String)) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value,
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn denied(denial: &Denial) -> CheckResponse {
+    let response = denial_response(denial);
+    let code = match response.status {
+        401 => RPC_UNAUTHENTICATED,
+        400 => RPC_INVALID_ARGUMENT,
+        503 => RPC_UNAVAILABLE,
+        _ => RPC_PERMISSION_DENIED,
+    };
+    CheckResponse {
+        status: Some(rpc::Status {
+            code,
+            message: response.reason.to_owned(),
+            details: Vec::new(),
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(response.status),
+            }),
+            headers: vec![
+                overwrite(("content-type", "application/json".to_owned())),
+                overwrite(("x-tollgate-reason", response.reason.to_owned())),
+            ],
+            body: response.body,
+        })),
+        dynamic_metadata: None,
+    }
+}

@@ -1,0 +1,209 @@
+//! HTTP forward-auth on the HTTP port, for gateways that ask over HTTP before
+//! forwarding: Traefik ForwardAuth and Kong send `X-Forwarded-Method/-Uri/-Host`, nginx
+//! auth_request `X-Original-Method/-URI`. Same decisions and headers as ext_authz.
+//!
+//! nginx's auth_request honours only 2xx, 401 and 403 (anything else becomes a 500), so
+//! `?mode=nginx` (or `x-tollgate-auth-mode: nginx`) answers every other denial with 403
+//! and says the real status and body in `x-tollgate-status` / `x-tollgate-body`, which
+//! examples/nginx.conf turns back into the real answer for the client.
+//!
+//! Also here: `POST /v1/holds/{hold_id}/capture|release`, for upstreams that settle their
+//! holds over HTTP (service token required).
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use axum::Router;
+
+use super::{Call, Decision, Gateway, HEADER_REQUEST_ID};
+use crate::api::auth::TokenCheck;
+use crate::api::status::{denial_response, http_error};
+use crate::ledger::command::IDEMPOTENCY_KEY_LEN_MAX;
+use crate::ledger::{EndHold, LedgerError};
+
+pub const FORWARD_AUTH_PATH: &str = "/v1/forward-auth";
+pub const HEADER_AUTH_MODE: &str = "x-tollgate-auth-mode";
+pub const HEADER_REASON: &str = "x-tollgate-reason";
+pub const HEADER_STATUS: &str = "x-tollgate-status";
+pub const HEADER_BODY: &str = "x-tollgate-body";
+/// Largest body the settlement endpoints read.
+pub const SETTLE_BODY_BYTES_MAX: usize = 4096;
+
+pub struct HttpGateway {
+    gateway: Arc<Gateway>,
+    service_tokens: TokenCheck,
+}
+
+/// The forward-auth and hold settlement routes.
+pub fn router(gateway: Arc<Gateway>, service_tokens: TokenCheck) -> Router {
+    Router::new()
+        .route(FORWARD_AUTH_PATH, any(forward_auth))
+        .route("/v1/holds/{hold_id}/{action}", post(settle_hold))
+        .with_state(Arc::new(HttpGateway {
+            gateway,
+            service_tokens,
+        }))
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn forward_auth(
+    State(state): State<Arc<HttpGateway>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let nginx = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "mode=nginx"))
+        || header(&headers, HEADER_AUTH_MODE) == Some("nginx");
+    let gateway = &state.gateway;
+    if !gateway.trusts(header(&headers, gateway.shared_secret_header())) {
+        return denied(&super::Denial::UntrustedGateway, nginx);
+    }
+    let original_method = header(&headers, "x-forwarded-method")
+        .or_else(|| header(&headers, "x-original-method"))
+        .unwrap_or(method.as_str());
+    let original_uri = header(&headers, "x-forwarded-uri")
+        .or_else(|| header(&headers, "x-original-uri"))
+        .unwrap_or_else(|| uri.path_and_query().map_or("/", |p| p.as_str()));
+    let host = header(&headers, "x-forwarded-host")
+        .or_else(|| header(&headers, "x-original-host"))
+        .or_else(|| header(&headers, "host"))
+        .unwrap_or("");
+    let lookup = |name: &str| header(&headers, name);
+    let call = Call {
+        method: original_method,
+        host,
+        path: original_uri,
+        request_id: header(&headers, HEADER_REQUEST_ID),
+        headers: &lookup,
+    };
+    match gateway.check(&call).await {
+        Decision::Allow(allowed) => {
+            let mut response = StatusCode::OK.into_response();
+            let out = response.headers_mut();
+            for (name, value) in allowed
+                .upstream_headers()
+                .into_iter()
+                .chain(allowed.client_headers())
+            {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    out.insert(HeaderName::from_static(name), value);
+                }
+            }
+            response
+        }
+        Decision::Deny(denial) => denied(&denial, nginx),
+    }
+}
+
+fn denied(denial: &super::Denial, nginx: bool) -> Response {
+    let d = denial_response(denial);
+    let status = if nginx && !matches!(d.status, 401 | 403) {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::from_u16(d.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    };
+    let mut response = Response::new(Body::from(d.body.clone()));
+    *response.status_mut() = status;
+    let out = response.headers_mut();
+    out.insert(
+        HeaderName::from_static("content-type"),
+        HeaderValue::from_static("application/json"),
+    );
+    out.insert(
+        HeaderName::from_static(HEADER_REASON),
+        HeaderValue::from_static(d.reason),
+    );
+    if nginx {
+        out.insert(HeaderName::from_static(HEADER_STATUS), d.status.into());
+        if let Ok(body) = HeaderValue::from_str(&d.body) {
+            out.insert(HeaderName::from_static(HEADER_BODY), body);
+        }
+    }
+    response
+}
+
+fn json_response(status: u16, body: serde_json::Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(body)).into_response()
+}
+
+/// `POST /v1/holds/{hold_id}/capture` (optional JSON body `{"amount": n}`; all of the
+/// hold when absent) or `/release`. The idempotency key is the `idempotency-key` header,
+/// else one per hold and action, so a retried settlement changes nothing.
+async fn settle_hold(
+    State(state): State<Arc<HttpGateway>>,
+    Path((hold_id, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(status) = state
+        .service_tokens
+        .check(header(&headers, "authorization"))
+    {
+        return json_response(
+            401,
+            serde_json::json!({ "error": "unauthenticated", "message": status.message() }),
+        );
+    }
+    let invalid = |field: &str, description: &str| {
+        let (status, body) = http_error(LedgerError::InvalidArgument(vec![
+            crate::ledger::FieldViolation::new(field, description),
+        ]));
+        json_response(status, body)
+    };
+    if body.len() > SETTLE_BODY_BYTES_MAX {
+        return invalid("body", "too large");
+    }
+    let amount = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(serde_json::Value::Object(fields)) => match fields.get("amount") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => match v.as_i64() {
+                    Some(n) => Some(n),
+                    None => return invalid("amount", "must be an integer"),
+                },
+            },
+            _ => return invalid("body", "must be a JSON object"),
+        }
+    };
+    let key = header(&headers, "idempotency-key")
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("http:{action}:{hold_id}"));
+    if key.len() > IDEMPOTENCY_KEY_LEN_MAX {
+        return invalid("idempotency-key", "too long");
+    }
+    let cmd = match action.as_str() {
+        "capture" => EndHold::capture(hold_id, amount, key),
+        "release" if amount.is_none() => EndHold::release(hold_id, key),
+        "release" => return invalid("amount", "a release charges nothing"),
+        _ => return invalid("action", "must be capture or release"),
+    };
+    match state.gateway.ledger().end_hold(&cmd).await {
+        Ok(out) => json_response(
+            200,
+            serde_json::json!({
+                "event_id": out.event_id,
+                "captured": out.captured,
+                "released": out.released,
+                "available": out.available,
+                "held": out.held,
+                "replayed": out.replayed,
+            }),
+        ),
+        Err(err) => {
+            let (status, body) = http_error(err);
+            json_response(status, body)
+        }
+    }
+}

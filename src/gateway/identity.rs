@@ -1,0 +1,469 @@
+//! API keys and the identity they prove: who pays for a request.
+//!
+//! A key is `tg_<key_id>_<secret>`: `key_id` is `k<shard>-<16 hex>`, public (listed,
+//! used to revoke) and routes to the shard of the account the key was made for; the
+//! secret is 256 random bits in hex. Redis stores only the SHA-256 of the whole key, in a
+//! record under the account's shard hash tag, so creating, revoking and listing touch one
+//! Cluster slot. A key is bound to its account for life (the record is never re-pointed).
+//!
+//! Lookups are cached in process, bounded in entries and in time: a revoked key keeps
+//! working on other sidecars for at most `gateway.identity_cache_ttl_ms` (the sidecar that
+//! revokes it forgets it at once).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::Script;
+use sha2::{Digest, Sha256};
+
+use crate::api::auth::constant_time_eq;
+use crate::ledger::command::{Violations, DESCRIPTION_LEN_MAX};
+use crate::ledger::keys::ShardMap;
+use crate::ledger::{FieldViolation, LedgerError, RedisPool, Refusal};
+
+pub const API_KEY_PREFIX: &str = "tg_";
+/// How long a looked-up key (valid, revoked or unknown) is trusted without asking Redis:
+/// the longest a revocation takes to reach every sidecar.
+pub const DEFAULT_IDENTITY_CACHE_TTL: Duration = Duration::from_secs(10);
+/// Keys remembered per process.
+pub const DEFAULT_IDENTITY_CACHE_ENTRIES_MAX: usize = 100_000;
+pub const DEFAULT_KEYS_PER_ACCOUNT_MAX: u32 = 100;
+pub const KEY_NAME_LEN_MAX: usize = 64;
+const KEY_ID_RANDOM_HEX_LEN: usize = 16;
+const SECRET_HEX_LEN: usize = 64;
+
+/// Who a valid key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub account_id: String,
+    pub key_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("unknown api key")]
+    Unknown,
+    #[error("revoked api key")]
+    Revoked,
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// A key as created: the secret is shown once and never stored.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    pub key_id: String,
+    pub api_key: String,
+    /// SHA-256 of the key, hex: what the durable ledger keeps.
+    pub digest_hex: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub key_id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+    /// 0 while the key is active.
+    pub revoked_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedKey {
+    pub key_id: String,
+    pub account_id: String,
+    pub revoked_at_ms: i64,
+    pub already_revoked: bool,
+}
+
+/// The key id of a well-formed key, and its shard. Pure: no Redis.
+pub fn parse_key<'a>(key: &'a str, shards: &ShardMap) -> Option<(&'a str, u16)> {
+    let rest = key.strip_prefix(API_KEY_PREFIX)?;
+    let (key_id, secret) = rest.split_once('_')?;
+    if secret.len() != SECRET_HEX_LEN || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((key_id, shard_of_key_id(key_id, shards)?))
+}
+
+/// The shard of a key id `k<shard>-<16 hex>`.
+pub fn shard_of_key_id(key_id: &str, shards: &ShardMap) -> Option<u16> {
+    let (shard, random) = key_id.strip_prefix('k')?.split_once('-')?;
+    if random.len() != KEY_ID_RANDOM_HEX_LEN || !random.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    // Hold ids have the same shape after their letter: reuse their parser.
+    shards.of_hold_id(&format!("h{shard}-0"))
+}
+
+/// SHA-256 of a whole key. Keys are 256-bit random secrets, so a fast hash is right (no
+/// password stretching needed).
+pub fn key_digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
+}
+
+fn random_hex(bytes: usize) -> Result<String, LedgerError> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf)
+        .map_err(|e| LedgerError::Internal(format!("no randomness for a key: {e}")))?;
+    Ok(hex(&buf))
+}
+
+/// What the cache remembers about a presented key (by its digest).
+#[derive(Debug, Clone)]
+enum Known {
+    Active(Arc<Identity>),
+    Revoked,
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    known: Known,
+    at: Instant,
+}
+
+struct KeyScripts {
+    create: Script,
+    revoke: Script,
+    list: Script,
+}
+
+/// API keys in Redis, with the in-process identity cache.
+pub struct KeyStore {
+    redis: RedisPool,
+    shards: ShardMap,
+    scripts: KeyScripts,
+    cache: quick_cache::sync::Cache<[u8; 32], Cached>,
+    cache_ttl: Duration,
+    keys_per_account_max: String,
+}
+
+impl KeyStore {
+    pub fn new(
+        redis: RedisPool,
+        shards: ShardMap,
+        cache_ttl: Duration,
+        cache_entries_max: usize,
+        keys_per_account_max: u32,
+    ) -> Self {
+        Self {
+            redis,
+            shards,
+            scripts: KeyScripts {
+                create: Script::new(include_str!("lua/key_create.lua")),
+                revoke: Script::new(include_str!("lua/key_revoke.lua")),
+                list: Script::new(include_str!("lua/key_list.lua")),
+            },
+            cache: {
+                // Registered at 0 so the series exist before the first check.
+                metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_HITS_TOTAL)
+                    .increment(0);
+                metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_MISSES_TOTAL)
+                    .increment(0);
+                quick_cache::sync::Cache::new(cache_entries_max.max(1))
+            },
+            cache_ttl,
+            keys_per_account_max: keys_per_account_max.to_string(),
+        }
+    }
+
+    pub async fn load_scripts(&self) -> Result<(), LedgerError> {
+        let s = &self.scripts;
+        self.redis
+            .load_scripts(&[&s.create, &s.revoke, &s.list])
+            .await
+    }
+
+    fn record_key(&self, shard: u16, key_id: &str) -> String {
+        format!("{}:k:{key_id}", self.shards.tag(shard))
+    }
+
+    fn account_keys(&self, shard: u16, account_id: &str) -> String {
+        format!("{}:ks:{account_id}", self.shards.tag(shard))
+    }
+
+    /// Who a presented key belongs to: from the cache when it is fresh, else one HMGET.
+    pub async fn identify(&self, key: &str) -> Result<Arc<Identity>, IdentityError> {
+        let digest = key_digest(key);
+        if let Some(cached) = self.cache.get(&digest) {
+            if cached.at.elapsed() < self.cache_ttl {
+                metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_HITS_TOTAL)
+                    .increment(1);
+                return answer(cached.known);
+            }
+        }
+        metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_MISSES_TOTAL).increment(1);
+        let known = self.lookup(key, &digest).await?;
+        self.cache.insert(
+            digest,
+            Cached {
+                known: known.clone(),
+                at: Instant::now(),
+            },
+        );
+        answer(known)
+    }
+
+    async fn lookup(&self, key: &str, digest: &[u8; 32]) -> Result<Known, IdentityError> {
+        let Some((key_id, shard)) = parse_key(key, &self.shards) else {
+            return Ok(Known::Unknown);
+        };
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.record_key(shard, key_id))
+            .arg("a")
+            .arg("s")
+            .arg("r");
+        let fields: Vec<Option<String>> = self.redis.call_cmd(&cmd).await.map_err(|e| match e {
+            LedgerError::Unavailable(why) => IdentityError::Unavailable(why),
+            other => IdentityError::Internal(other.to_string()),
+        })?;
+        let [account, stored, revoked] = <[Option<String>; 3]>::try_from(fields)
+            .map_err(|_| IdentityError::Internal("HMGET answer shape".into()))?;
+        let (Some(account_id), Some(stored)) = (account, stored) else {
+            return Ok(Known::Unknown);
+        };
+        if !constant_time_eq(hex(digest).as_bytes(), stored.as_bytes()) {
+            return Ok(Known::Unknown);
+        }
+        if revoked.is_some() {
+            return Ok(Known::Revoked);
+        }
+        Ok(Known::Active(Arc::new(Identity {
+            account_id,
+            key_id: key_id.to_owned(),
+        })))
+    }
+
+    /// Makes a key for an account; the secret is in the answer only.
+    pub async fn create(&self, account_id: &str, name: &str) -> Result<CreatedKey, LedgerError> {
+        let (key_id, api_key, record, index, digest) = self.new_key(account_id, name)?;
+        let mut inv = self.scripts.create.prepare_invoke();
+        inv.key(record)
+            .key(index)
+            .arg(account_id)
+            .arg(&digest)
+            .arg(name)
+            .arg(&self.keys_per_account_max)
+            .arg(&key_id);
+        let answer: String = self.redis.call(&inv).await?;
+        created(key_id, api_key, digest, &answer)
+    }
+
+    /// One new key per account, in one pipeline (seeding: `tollgate bench`). Scripts must
+    /// be loaded first ([`KeyStore::load_scripts`]).
+    pub async fn create_batch(
+        &self,
+        account_ids: &[&str],
+        name: &str,
+    ) -> Result<Vec<CreatedKey>, LedgerError> {
+        let mut pipe = redis::pipe();
+        let mut made = Vec::with_capacity(account_ids.len());
+        let mut invocations = Vec::with_capacity(account_ids.len());
+        for account_id in account_ids {
+            let (key_id, api_key, record, index, digest) = self.new_key(account_id, name)?;
+            let mut inv = self.scripts.create.prepare_invoke();
+            inv.key(record)
+                .key(index)
+                .arg(*account_id)
+                .arg(&digest)
+                .arg(name)
+                .arg(&self.keys_per_account_max)
+                .arg(&key_id);
+            invocations.push(inv);
+            made.push((key_id, api_key, digest));
+        }
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let answers: Vec<String> = self.redis.pipeline(&pipe).await?;
+        made.into_iter()
+            .zip(answers)
+            .map(|((key_id, api_key, digest), answer)| created(key_id, api_key, digest, &answer))
+            .collect()
+    }
+
+    /// A fresh key for an account, checked: (key id, key, record key, index key, digest).
+    fn new_key(
+        &self,
+        account_id: &str,
+        name: &str,
+    ) -> Result<(String, String, String, String, String), LedgerError> {
+        let mut v = Violations::default();
+        v.account_id("account_id", account_id);
+        if name.len() > KEY_NAME_LEN_MAX {
+            v.add("name", format!("longer than {KEY_NAME_LEN_MAX} bytes"));
+        } else {
+            v.description("name", name);
+        }
+        const { assert!(KEY_NAME_LEN_MAX <= DESCRIPTION_LEN_MAX) };
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let shard = self.shards.of_account(account_id);
+        let key_id = format!(
+            "k{}-{}",
+            self.shards.number(shard),
+            random_hex(KEY_ID_RANDOM_HEX_LEN / 2)?
+        );
+        let api_key = format!(
+            "{API_KEY_PREFIX}{key_id}_{}",
+            random_hex(SECRET_HEX_LEN / 2)?
+        );
+        debug_assert_eq!(
+            parse_key(&api_key, &self.shards),
+            Some((key_id.as_str(), shard))
+        );
+        let record = self.record_key(shard, &key_id);
+        let index = self.account_keys(shard, account_id);
+        let digest = hex(&key_digest(&api_key));
+        Ok((key_id, api_key, record, index, digest))
+    }
+
+    /// Revokes a key for good; this process forgets it at once, others within the cache
+    /// TTL.
+    pub async fn revoke(&self, key_id: &str) -> Result<RevokedKey, LedgerError> {
+        let shard = shard_of_key_id(key_id, &self.shards).ok_or_else(|| {
+            LedgerError::InvalidArgument(vec![FieldViolation::new(
+                "key_id",
+                "is not a tollgate key id",
+            )])
+        })?;
+        let mut inv = self.scripts.revoke.prepare_invoke();
+        inv.key(self.record_key(shard, key_id));
+        let answer: String = self.redis.call(&inv).await?;
+        let parts: Vec<&str> = answer.splitn(5, '|').collect();
+        match parts.as_slice() {
+            ["NOT_FOUND"] => Err(LedgerError::NotFound("api key")),
+            ["OK", account, revoked_at, already, digest] => {
+                self.forget(digest);
+                Ok(RevokedKey {
+                    key_id: key_id.to_owned(),
+                    account_id: (*account).to_owned(),
+                    revoked_at_ms: revoked_at.parse().unwrap_or_default(),
+                    already_revoked: *already == "1",
+                })
+            }
+            _ => Err(LedgerError::Internal(format!(
+                "unexpected key_revoke answer {answer:?}"
+            ))),
+        }
+    }
+
+    fn forget(&self, digest_hex: &str) {
+        let mut digest = [0u8; 32];
+        if digest_hex.len() != 64 {
+            return;
+        }
+        for (i, byte) in digest.iter_mut().enumerate() {
+            match u8::from_str_radix(&digest_hex[2 * i..2 * i + 2], 16) {
+                Ok(b) => *byte = b,
+                Err(_) => return,
+            }
+        }
+        self.cache.remove(&digest);
+    }
+
+    /// The account's keys (without secrets), oldest first.
+    pub async fn list(&self, account_id: &str) -> Result<Vec<KeyInfo>, LedgerError> {
+        let mut v = Violations::default();
+        v.account_id("account_id", account_id);
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let shard = self.shards.of_account(account_id);
+        let mut inv = self.scripts.list.prepare_invoke();
+        inv.key(self.account_keys(shard, account_id))
+            .arg(self.shards.tag(shard));
+        let rows: Vec<String> = self.redis.call(&inv).await?;
+        let mut keys = rows
+            .iter()
+            .map(|row| {
+                let parts: Vec<&str> = row.splitn(4, '|').collect();
+                match parts.as_slice() {
+                    [key_id, created, revoked, name] => Ok(KeyInfo {
+                        key_id: (*key_id).to_owned(),
+                        name: (*name).to_owned(),
+                        created_at_ms: created.parse().unwrap_or_default(),
+                        revoked_at_ms: revoked.parse().unwrap_or_default(),
+                    }),
+                    _ => Err(LedgerError::Internal(format!("bad key row {row:?}"))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        keys.sort_by(|a, b| (a.created_at_ms, &a.key_id).cmp(&(b.created_at_ms, &b.key_id)));
+        Ok(keys)
+    }
+}
+
+/// A key_create answer: "OK|created_ms" or "KEY_LIMIT|max".
+fn created(
+    key_id: String,
+    api_key: String,
+    digest_hex: String,
+    answer: &str,
+) -> Result<CreatedKey, LedgerError> {
+    let mut parts = answer.split('|');
+    match (parts.next(), parts.next()) {
+        (Some("OK"), Some(created)) => Ok(CreatedKey {
+            key_id,
+            api_key,
+            digest_hex,
+            created_at_ms: created.parse().unwrap_or_default(),
+        }),
+        (Some("KEY_LIMIT"), Some(max)) => Err(LedgerError::Refused(Refusal::KeyLimit {
+            max: max.parse().unwrap_or_default(),
+        })),
+        _ => Err(LedgerError::Internal(format!(
+            "unexpected key_create answer {answer:?}"
+        ))),
+    }
+}
+
+fn answer(known: Known) -> Result<Arc<Identity>, IdentityError> {
+    match known {
+        Known::Active(identity) => Ok(identity),
+        Known::Revoked => Err(IdentityError::Revoked),
+        Known::Unknown => Err(IdentityError::Unknown),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_to_their_shard() {
+        let shards = ShardMap::new(16);
+        let secret = "ab".repeat(32);
+        let key = format!("tg_k7-0123456789abcdef_{secret}");
+        assert_eq!(parse_key(&key, &shards), Some(("k7-0123456789abcdef", 7)));
+        for bad in [
+            format!("tg_k16-0123456789abcdef_{secret}"),
+            format!("tg_k7-0123456789abcde_{secret}"),
+            format!("tg_k7-0123456789abcdef_{}", &secret[1..]),
+            format!("tg_k7-0123456789abcdeg_{secret}"),
+            format!("xx_k7-0123456789abcdef_{secret}"),
+            "tg_".to_owned(),
+            String::new(),
+        ] {
+            assert_eq!(parse_key(&bad, &shards), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn digests_are_sha256() {
+        assert_eq!(
+            hex(&key_digest("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,504 @@
+//! The gateway front door: one check per API request, answered from memory plus ONE
+//! Redis script: identity (cached) → price (in memory) → debit or hold.
+//!
+//! - `pricing`: the price book: routes → operations → price; hold settlement (pure)
+//! - `identity`: API keys (hashed in Redis) and the bounded identity cache
+//! - `ext_authz`: Envoy's `envoy.service.auth.v3.Authorization/Check`
+//! - `forward_auth`: HTTP forward-auth (nginx auth_request, Traefik, Kong) and the HTTP
+//!   hold settlement endpoints
+//! - `access_log`: Envoy's gRPC access-log service, which settles holds by the response
+//!
+//! This module holds the decision flow shared by every front door ([`Gateway::check`]);
+//! how a [`Denial`] looks on the wire is decided in `api::status` only.
+
+pub mod access_log;
+pub mod ext_authz;
+pub mod forward_auth;
+pub mod identity;
+pub mod pricing;
+
+use crate::telemetry::metrics as m;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::api::auth::{bearer, constant_time_eq};
+use crate::api::status;
+use crate::config::{Config, ConfigErrors};
+use crate::ledger::command::IDEMPOTENCY_KEY_LEN_MAX;
+use crate::ledger::{Authorize, Debit, EndHold, EndHoldOutcome, Ledger, LedgerError, Metadata};
+use identity::{IdentityError, KeyStore};
+use pricing::{FailPolicy, HoldPolicy, Mode, Operation, PriceBook, Routed, Settlement};
+
+/// Whole-check deadline unless configured: under Envoy's default 200 ms ext_authz timeout,
+/// so tollgate answers (with the fail policy) before Envoy gives up on it.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(150);
+pub const DEFAULT_SHARED_SECRET_HEADER: &str = "x-tollgate-gateway-secret";
+
+/// Headers tollgate sets on the upstream request.
+pub const HEADER_ACCOUNT: &str = "x-tollgate-account";
+pub const HEADER_OPERATION: &str = "x-tollgate-operation";
+pub const HEADER_CHARGED: &str = "x-tollgate-charged";
+pub const HEADER_HOLD_ID: &str = "x-tollgate-hold-id";
+pub const HEADER_DEGRADED: &str = "x-tollgate-degraded";
+/// Set on the response to the client.
+pub const HEADER_REMAINING: &str = "x-credits-remaining";
+/// Upstream headers tollgate owns: a client's own values are always removed, so a client
+/// can never name a hold (the access log settles by `x-tollgate-hold-id`).
+pub const UPSTREAM_HEADERS: [&str; 5] = [
+    HEADER_ACCOUNT,
+    HEADER_OPERATION,
+    HEADER_CHARGED,
+    HEADER_HOLD_ID,
+    HEADER_DEGRADED,
+];
+pub const HEADER_REQUEST_ID: &str = "x-request-id";
+
+/// The request a gateway asks about.
+pub struct Call<'a> {
+    pub method: &'a str,
+    pub host: &'a str,
+    /// May carry a query string.
+    pub path: &'a str,
+    /// `x-request-id`: the idempotency key of the check, so a retried check is not
+    /// charged twice.
+    pub request_id: Option<&'a str>,
+    /// Looks a lowercase header name up.
+    pub headers: &'a (dyn Fn(&str) -> Option<&'a str> + Sync),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow(Allowed),
+    Deny(Denial),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowed {
+    pub account_id: Option<String>,
+    pub operation: Option<String>,
+    /// Debited, or held (hold mode).
+    pub charged: i64,
+    pub hold_id: Option<String>,
+    /// Available credits in the wallet after the charge.
+    pub remaining: Option<i64>,
+    /// Allowed without a charge because Redis was unavailable (fail_open).
+    pub degraded: bool,
+}
+
+impl Allowed {
+    /// The upstream headers to set, in [`UPSTREAM_HEADERS`] terms.
+    pub fn upstream_headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::with_capacity(UPSTREAM_HEADERS.len());
+        if let Some(a) = &self.account_id {
+            out.push((HEADER_ACCOUNT, a.clone()));
+        }
+        if let Some(op) = &self.operation {
+            out.push((HEADER_OPERATION, op.clone()));
+            out.push((HEADER_CHARGED, self.charged.to_string()));
+        }
+        if let Some(h) = &self.hold_id {
+            out.push((HEADER_HOLD_ID, h.clone()));
+        }
+        if self.degraded {
+            out.push((HEADER_DEGRADED, "1".into()));
+        }
+        out
+    }
+
+    /// The headers to add to the client's response.
+    pub fn client_headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(r) = self.remaining {
+            out.push((HEADER_REMAINING, r.to_string()));
+        }
+        if self.degraded {
+            out.push((HEADER_DEGRADED, "1".into()));
+        }
+        out
+    }
+}
+
+/// Why a request is refused. `api::status::denial_response` says how each looks on the
+/// wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    MissingKey,
+    UnknownKey,
+    RevokedKey,
+    /// The configured gateway shared secret is missing or wrong.
+    UntrustedGateway,
+    BadHeader {
+        header: String,
+        message: String,
+    },
+    /// No route matched and the default is deny, or the route denies.
+    NoRoute,
+    InsufficientCredits {
+        required: i64,
+        available: i64,
+        operation: String,
+    },
+    /// Redis unavailable and the operation is fail_closed.
+    Unavailable,
+    /// The request id was used before for a request priced differently.
+    RequestIdReused,
+    /// A bound was reached (open holds per wallet, outbox): retry later.
+    Busy,
+    Internal,
+}
+
+/// The gateway's shared state: one per process.
+pub struct Gateway {
+    ledger: Arc<Ledger>,
+    keys: Arc<KeyStore>,
+    pricebook: ArcSwap<PriceBook>,
+    api_key_headers: Vec<String>,
+    shared_secret: String,
+    shared_secret_header: String,
+    check_timeout: Duration,
+}
+
+impl Gateway {
+    pub fn new(config: &Config, ledger: Arc<Ledger>) -> Self {
+        let g = &config.gateway;
+        let keys = Arc::new(KeyStore::new(
+            ledger.redis().clone(),
+            ledger.shards().clone(),
+            Duration::from_millis(g.identity_cache_ttl_ms),
+            g.identity_cache_entries_max,
+            g.keys_per_account_max,
+        ));
+        register_operation_series(&config.pricebook);
+        Self {
+            ledger,
+            keys,
+            pricebook: ArcSwap::from_pointee(config.pricebook.clone()),
+            api_key_headers: g.api_key_headers.clone(),
+            shared_secret: g.shared_secret.clone(),
+            shared_secret_header: g.shared_secret_header.clone(),
+            check_timeout: Duration::from_millis(g.check_timeout_ms),
+        }
+    }
+
+    pub fn keys(&self) -> &Arc<KeyStore> {
+        &self.keys
+    }
+
+    pub fn pricebook(&self) -> Arc<PriceBook> {
+        self.pricebook.load_full()
+    }
+
+    /// Swaps in a new price book; checks in flight finish with the one they started with.
+    pub fn set_pricebook(&self, book: PriceBook) {
+        register_operation_series(&book);
+        self.pricebook.store(Arc::new(book));
+    }
+
+    /// Re-reads the `[pricebook]` of a config file; on any error keeps the current one.
+    pub fn reload_pricebook(&self, path: &Path) -> Result<usize, ConfigErrors> {
+        let book = PriceBook::load_file(path)?;
+        let routes = book.routes_len();
+        self.set_pricebook(book);
+        Ok(routes)
+    }
+
+    pub fn shared_secret_header(&self) -> &str {
+        &self.shared_secret_header
+    }
+
+    /// Whether the gateway presented the configured shared secret (always, when none is
+    /// configured).
+    pub fn trusts(&self, presented: Option<&str>) -> bool {
+        self.shared_secret.is_empty()
+            || presented.is_some_and(|p| {
+                constant_time_eq(p.trim().as_bytes(), self.shared_secret.as_bytes())
+            })
+    }
+
+    /// The API key of a request: the first configured header that carries one.
+    fn api_key<'a>(&self, headers: &(dyn Fn(&str) -> Option<&'a str> + Sync)) -> Option<&'a str> {
+        self.api_key_headers.iter().find_map(|name| {
+            let value = headers(name)?;
+            let key = if name == "authorization" {
+                bearer(value)?
+            } else {
+                value.trim()
+            };
+            (!key.is_empty()).then_some(key)
+        })
+    }
+
+    /// Decides one request and counts it: `tollgate_checks_total{decision, operation}` and
+    /// `tollgate_check_duration_seconds`. The operation label comes from the price book
+    /// (bounded by the config), never from the request.
+    pub async fn check(&self, call: &Call<'_>) -> Decision {
+        let started = std::time::Instant::now();
+        let decision = self.decide(call).await;
+        let (label, operation) = match &decision {
+            Decision::Allow(a) => ("allow", a.operation.clone().unwrap_or_default()),
+            Decision::Deny(Denial::InsufficientCredits { operation, .. }) => {
+                ("deny", operation.clone())
+            }
+            Decision::Deny(_) => ("deny", String::new()),
+        };
+        metrics::counter!(m::CHECKS_TOTAL, "decision" => label, "operation" => operation)
+            .increment(1);
+        metrics::histogram!(m::CHECK_SECONDS).record(started.elapsed().as_secs_f64());
+        decision
+    }
+
+    /// Route → key → price → identity → one ledger script.
+    async fn decide(&self, call: &Call<'_>) -> Decision {
+        let book = self.pricebook.load_full();
+        let op = match book.route(call.host, call.method, call.path) {
+            Routed::Deny => return Decision::Deny(Denial::NoRoute),
+            Routed::Free => return Decision::Allow(Allowed::default()),
+            Routed::Operation(op) => op,
+        };
+        let Some(key) = self.api_key(call.headers) else {
+            return Decision::Deny(Denial::MissingKey);
+        };
+        let amount = match op.price(call.headers) {
+            Ok(amount) => amount,
+            Err(bad) => {
+                return Decision::Deny(Denial::BadHeader {
+                    header: bad.header,
+                    message: bad.message,
+                })
+            }
+        };
+        let charge = self.charge(op, amount, key, call.request_id);
+        match tokio::time::timeout(self.check_timeout, charge).await {
+            Ok(decision) => decision,
+            Err(_) => unavailable(op, None),
+        }
+    }
+
+    async fn charge(
+        &self,
+        op: &Operation,
+        amount: i64,
+        key: &str,
+        request_id: Option<&str>,
+    ) -> Decision {
+        let identity = match self.keys.identify(key).await {
+            Ok(identity) => identity,
+            Err(IdentityError::Unknown) => return Decision::Deny(Denial::UnknownKey),
+            Err(IdentityError::Revoked) => return Decision::Deny(Denial::RevokedKey),
+            Err(IdentityError::Unavailable(why)) => {
+                tracing::warn!(error = %why, "identity lookup: redis unavailable");
+                return unavailable(op, None);
+            }
+            Err(IdentityError::Internal(why)) => {
+                tracing::error!(error = %why, "identity lookup failed");
+                return Decision::Deny(Denial::Internal);
+            }
+        };
+        let mut allowed = Allowed {
+            account_id: Some(identity.account_id.clone()),
+            operation: Some(op.name.clone()),
+            ..Allowed::default()
+        };
+        if amount == 0 {
+            return Decision::Allow(allowed);
+        }
+        let idempotency_key = check_idempotency_key(&op.name, request_id);
+        let result = match &op.mode {
+            Mode::Debit => self
+                .ledger
+                .debit(&Debit {
+                    account_id: identity.account_id.clone(),
+                    wallet: op.wallet.clone(),
+                    amount,
+                    idempotency_key,
+                    operation: op.name.clone(),
+                    metadata: Metadata::new(),
+                })
+                .await
+                .map(|out| (out.amount, None, out.available)),
+            Mode::Hold(hold) => self
+                .ledger
+                .authorize(&Authorize {
+                    account_id: identity.account_id.clone(),
+                    wallet: op.wallet.clone(),
+                    amount,
+                    ttl_ms: hold.ttl_ms,
+                    on_expiry: hold.on_expiry,
+                    idempotency_key,
+                    operation: op.name.clone(),
+                    metadata: Metadata::new(),
+                })
+                .await
+                .map(|out| (out.amount, Some(out.hold_id), out.available)),
+        };
+        match result {
+            Ok((charged, hold_id, available)) => {
+                allowed.charged = charged;
+                allowed.hold_id = hold_id;
+                allowed.remaining = Some(available);
+                Decision::Allow(allowed)
+            }
+            Err(LedgerError::Unavailable(why)) => {
+                tracing::warn!(error = %why, operation = %op.name, "charge: redis unavailable");
+                unavailable(op, allowed.account_id)
+            }
+            // Redis lost its data and awaits a restore: as unavailable as a Redis that is down.
+            Err(LedgerError::NotInitialized) => {
+                tracing::warn!(operation = %op.name, "charge: ledger not initialized");
+                unavailable(op, allowed.account_id)
+            }
+            Err(err) => Decision::Deny(status::gateway_denial(err, &op.name)),
+        }
+    }
+
+    /// Ends a hold by the upstream's answer (Envoy's access log): capture on a configured
+    /// status with the units the upstream reported, release otherwise. `operation` picks
+    /// the policy from the current price book (an operation removed since falls back to
+    /// capture-all on 2xx); `held` caps the capture.
+    pub async fn settle(
+        &self,
+        hold_id: &str,
+        operation: Option<&str>,
+        held: Option<i64>,
+        status: u32,
+        units: &(dyn Fn(&str) -> Option<String> + Sync),
+    ) -> Result<EndHoldOutcome, LedgerError> {
+        let book = self.pricebook.load_full();
+        let fallback;
+        let policy = match operation.and_then(|name| book.operation(name)?.hold()) {
+            Some(policy) => policy,
+            None => {
+                fallback = HoldPolicy::fallback();
+                &fallback
+            }
+        };
+        let reported = units(&policy.capture_units_header);
+        let key = format!("gw:settle:{hold_id}");
+        let cmd = match policy.settle(status, reported.as_deref(), held) {
+            Settlement::Capture(amount) => EndHold::capture(hold_id.to_owned(), amount, key),
+            Settlement::Release => EndHold::release(hold_id.to_owned(), key),
+        };
+        self.ledger.end_hold(&cmd).await
+    }
+
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+}
+
+/// Redis is unavailable: the operation's fail policy decides. `account_id` is known when
+/// the identity came from the cache.
+/// Registers the per-operation fail-open series at 0, so dashboards and alerts see every
+/// operation before its first degraded check.
+fn register_operation_series(book: &PriceBook) {
+    for name in book.operation_names() {
+        metrics::counter!(m::FAIL_OPEN_TOTAL, "operation" => name.to_owned()).increment(0);
+    }
+}
+
+fn unavailable(op: &Operation, account_id: Option<String>) -> Decision {
+    match op.fail_policy {
+        FailPolicy::FailClosed => Decision::Deny(Denial::Unavailable),
+        FailPolicy::FailOpen => {
+            // Operation names come from the price book: a bounded label set.
+            metrics::counter!(m::FAIL_OPEN_TOTAL, "operation" => op.name.clone()).increment(1);
+            Decision::Allow(Allowed {
+                account_id,
+                operation: Some(op.name.clone()),
+                degraded: true,
+                ..Allowed::default()
+            })
+        }
+    }
+}
+
+/// The idempotency key of a check: the request id, scoped by operation so two operations
+/// of one request never collide. Request ids that are too long or not printable ASCII are
+/// replaced by their SHA-256; a request without an id gets a random key (charged once per
+/// check, but a retried check is charged again).
+pub fn check_idempotency_key(operation: &str, request_id: Option<&str>) -> String {
+    let prefix_len = "gw::".len() + operation.len();
+    match request_id {
+        Some(id)
+            if !id.is_empty()
+                && prefix_len + id.len() <= IDEMPOTENCY_KEY_LEN_MAX
+                && id.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            format!("gw:{operation}:{id}")
+        }
+        Some(id) if !id.is_empty() => {
+            let digest = identity::key_digest(id);
+            let mut hex = String::with_capacity(40);
+            for b in &digest[..20] {
+                hex.push_str(&format!("{b:02x}"));
+            }
+            format!("gw:{operation}:#{hex}")
+        }
+        _ => {
+            let mut random = [0u8; 16];
+            let nonce = match getrandom::fill(&mut random) {
+                Ok(()) => u128::from_le_bytes(random),
+                Err(_) => std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or_default(),
+            };
+            format!("gw:{operation}:~{nonce:032x}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_are_scoped_and_bounded() {
+        assert_eq!(
+            check_idempotency_key("envelope.send", Some("req-1")),
+            "gw:envelope.send:req-1"
+        );
+        assert_ne!(
+            check_idempotency_key("a", Some("req-1")),
+            check_idempotency_key("b", Some("req-1"))
+        );
+        let long = "x".repeat(500);
+        let k = check_idempotency_key("op", Some(&long));
+        assert!(k.len() <= IDEMPOTENCY_KEY_LEN_MAX, "{k}");
+        assert_eq!(k, check_idempotency_key("op", Some(&long)));
+        let spaced = check_idempotency_key("op", Some("has space"));
+        assert!(spaced.starts_with("gw:op:#"), "{spaced}");
+        assert_ne!(
+            check_idempotency_key("op", None),
+            check_idempotency_key("op", None)
+        );
+    }
+
+    #[test]
+    fn allowed_headers() {
+        let a = Allowed {
+            account_id: Some("acme".into()),
+            operation: Some("ocr.pages".into()),
+            charged: 50,
+            hold_id: Some("h3-9".into()),
+            remaining: Some(40),
+            degraded: false,
+        };
+        assert_eq!(
+            a.upstream_headers(),
+            vec![
+                (HEADER_ACCOUNT, "acme".to_owned()),
+                (HEADER_OPERATION, "ocr.pages".to_owned()),
+                (HEADER_CHARGED, "50".to_owned()),
+                (HEADER_HOLD_ID, "h3-9".to_owned()),
+            ]
+        );
+        assert_eq!(
+            a.client_headers(),
+            vec![(HEADER_REMAINING, "40".to_owned())]
+        );
+    }
+}

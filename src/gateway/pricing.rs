@@ -1,0 +1,1234 @@
+//! The price book: which operation a request is, and what it costs. Pure: parsed and
+//! validated once (every bad setting reported with its path, all at once), then matched
+//! and priced in memory on every check.
+//!
+//! ```toml
+//! [pricebook]
+//! default = "deny"                      # no route matched: "deny", "free" or an operation
+//!
+//! [[pricebook.routes]]
+//! method = "POST"                       # optional: any method
+//! host = "api.example.com"              # optional: any host (case-insensitive, port ignored)
+//! path = "/v1/documents/{id}/ocr"       # exact, `{name}` = one segment; or path_prefix,
+//! operation = "ocr.pages"               # or grpc_method = "pkg.Service/Method"
+//!
+//! [pricebook.operations."ocr.pages"]
+//! mode = "hold"                         # or "debit" (default)
+//! base = 50
+//! hold_ttl_ms = 60000
+//! capture_per_unit = 2
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::config::{table_fields, toml_key, ConfigError, ConfigErrors};
+use crate::ledger::command::{
+    Violations, CREDITS_MAX, DEFAULT_WALLET, HOLD_TTL_MS_MAX, OPERATION_LEN_MAX,
+};
+use crate::ledger::OnExpiry;
+
+/// The request header units are read from unless an operation names another.
+pub const DEFAULT_UNITS_HEADER: &str = "x-tollgate-units";
+/// Units a request declares when its units header is absent, unless configured.
+pub const DEFAULT_UNITS: u64 = 1;
+/// Most units one request may declare, unless configured.
+pub const DEFAULT_UNITS_MAX: u64 = 10_000;
+/// Upper bound of any `units_max`: keeps `per_unit × units` far from overflow.
+pub const UNITS_MAX_LIMIT: u64 = 1_000_000_000;
+/// Routes in one price book: matching is a linear scan, first match wins.
+pub const ROUTES_MAX: usize = 10_000;
+pub const OPERATIONS_MAX: usize = 10_000;
+pub const VARIANTS_MAX: usize = 64;
+/// Longest header value tollgate parses as a number of units.
+const UNITS_DIGITS_MAX: usize = 18;
+
+/// Route targets that are not operations.
+const TARGET_DENY: &str = "deny";
+const TARGET_FREE: &str = "free";
+
+/// A validated price book.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriceBook {
+    routes: Vec<Route>,
+    operations: Vec<Operation>,
+    by_name: HashMap<String, usize>,
+    default: Target,
+}
+
+impl Default for PriceBook {
+    /// No routes; every request is denied: a gateway must be told what to charge.
+    fn default() -> Self {
+        Self {
+            routes: Vec::new(),
+            operations: Vec::new(),
+            by_name: HashMap::new(),
+            default: Target::Deny,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Deny,
+    Free,
+    Operation(usize),
+}
+
+/// What the price book says about a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Routed<'a> {
+    /// No route (and the default is deny), or a route that denies.
+    Deny,
+    /// Allowed without identity or charge.
+    Free,
+    Operation(&'a Operation),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Route {
+    method: Option<String>,
+    host: Option<String>,
+    path: PathPattern,
+    target: Target,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum PathPattern {
+    Exact(String),
+    Prefix(String),
+    /// Literal segments and `{param}` segments (None), matched segment by segment.
+    Segments(Vec<Option<String>>),
+}
+
+impl PathPattern {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(p) => p == path,
+            Self::Prefix(p) => path.starts_with(p.as_str()),
+            Self::Segments(pattern) => {
+                let mut actual = path.split('/');
+                for want in pattern {
+                    match (want, actual.next()) {
+                        (_, None) => return false,
+                        (Some(literal), Some(seg)) if literal == seg => {}
+                        (None, Some(seg)) if !seg.is_empty() => {}
+                        _ => return false,
+                    }
+                }
+                actual.next().is_none()
+            }
+        }
+    }
+}
+
+/// One priced operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Operation {
+    pub name: String,
+    pub wallet: String,
+    pub mode: Mode,
+    pub base: i64,
+    /// `per_unit × units` from a request header.
+    pub units: Option<Units>,
+    /// Surcharges by the value of a request header.
+    pub variants: Option<Variants>,
+    pub fail_policy: FailPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    Debit,
+    Hold(HoldPolicy),
+}
+
+/// How a hold-mode operation holds and settles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldPolicy {
+    pub ttl_ms: i64,
+    pub on_expiry: OnExpiry,
+    /// Captured per unit the upstream reports in `capture_units_header`.
+    pub capture_per_unit: i64,
+    pub capture_units_header: String,
+    /// Upstream statuses that capture; any other releases.
+    pub capture_statuses: Vec<StatusRange>,
+}
+
+/// An HTTP status or a class of them (`"2xx"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl StatusRange {
+    fn parse(text: &str) -> Option<Self> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 3 {
+            return None;
+        }
+        if bytes[1..].eq_ignore_ascii_case(b"xx") && (b'1'..=b'5').contains(&bytes[0]) {
+            let first = u32::from(bytes[0] - b'0') * 100;
+            return Some(Self {
+                first,
+                last: first + 99,
+            });
+        }
+        let code: u32 = text.parse().ok()?;
+        (100..=599).contains(&code).then_some(Self {
+            first: code,
+            last: code,
+        })
+    }
+
+    pub fn contains(&self, status: u32) -> bool {
+        (self.first..=self.last).contains(&status)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Units {
+    pub per_unit: i64,
+    pub header: String,
+    pub default: u64,
+    pub max: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variants {
+    pub header: String,
+    /// A request without the header is refused (else it pays no surcharge).
+    pub required: bool,
+    /// By lowercase header value.
+    pub values: BTreeMap<String, Variant>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    pub flat: i64,
+    pub units: Option<Units>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPolicy {
+    /// Redis unavailable: deny with 503.
+    FailClosed,
+    /// Redis unavailable: allow, uncharged, marked `x-tollgate-degraded: 1`.
+    FailOpen,
+}
+
+/// A request header that makes a request impossible to price.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadHeader {
+    pub header: String,
+    pub message: String,
+}
+
+/// How a hold ends, decided from the upstream's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Capture this much, or (None) everything held.
+    Capture(Option<i64>),
+    Release,
+}
+
+impl HoldPolicy {
+    /// Capture on a configured status with the units the upstream reported (capped at
+    /// what is held; everything held when it reported none), release otherwise.
+    pub fn settle(&self, status: u32, units: Option<&str>, held: Option<i64>) -> Settlement {
+        if !self.capture_statuses.iter().any(|r| r.contains(status)) {
+            return Settlement::Release;
+        }
+        let Some(units) = units.and_then(|u| parse_units(u, UNITS_MAX_LIMIT).ok()) else {
+            return Settlement::Capture(None);
+        };
+        let amount = i64::try_from(units)
+            .ok()
+            .and_then(|u| u.checked_mul(self.capture_per_unit))
+            .unwrap_or(CREDITS_MAX);
+        match held {
+            Some(held) => Settlement::Capture(Some(amount.min(held))),
+            None => Settlement::Capture(Some(amount)),
+        }
+    }
+
+    /// What settles a hold of an operation the price book no longer has: capture all on
+    /// 2xx, release otherwise.
+    pub fn fallback() -> Self {
+        Self {
+            ttl_ms: 1,
+            on_expiry: OnExpiry::Release,
+            capture_per_unit: 1,
+            capture_units_header: DEFAULT_UNITS_HEADER.into(),
+            capture_statuses: vec![StatusRange {
+                first: 200,
+                last: 299,
+            }],
+        }
+    }
+}
+
+/// Units in a header: ASCII digits, at most `max`.
+fn parse_units(text: &str, max: u64) -> Result<u64, String> {
+    let text = text.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("must be a non-negative integer".into());
+    }
+    if text.len() > UNITS_DIGITS_MAX {
+        return Err(format!("must be at most {max}"));
+    }
+    match text.parse::<u64>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!("must be at most {max}")),
+    }
+}
+
+impl Units {
+    fn cost<'h>(&self, headers: &dyn Fn(&str) -> Option<&'h str>) -> Result<i64, BadHeader> {
+        let units = match headers(&self.header) {
+            Some(text) => parse_units(text, self.max).map_err(|message| BadHeader {
+                header: self.header.clone(),
+                message,
+            })?,
+            None => self.default,
+        };
+        // units <= UNITS_MAX_LIMIT and per_unit <= CREDITS_MAX: the product fits an i128.
+        let cost = i128::from(self.per_unit) * i128::from(units);
+        i64::try_from(cost)
+            .ok()
+            .filter(|c| *c <= CREDITS_MAX)
+            .ok_or_else(|| BadHeader {
+                header: self.header.clone(),
+                message: format!("makes the price exceed {CREDITS_MAX} credits"),
+            })
+    }
+}
+
+impl Operation {
+    /// The price of a request: base + per-unit cost + variant surcharge. `headers` looks a
+    /// lowercase header name up.
+    pub fn price<'h>(&self, headers: &dyn Fn(&str) -> Option<&'h str>) -> Result<i64, BadHeader> {
+        let mut total = self.base;
+        if let Some(units) = &self.units {
+            total += units.cost(headers)?;
+        }
+        if let Some(variants) = &self.variants {
+            match headers(&variants.header) {
+                Some(value) => {
+                    let value = value.trim().to_ascii_lowercase();
+                    let Some(variant) = variants.values.get(&value) else {
+                        let known: Vec<&str> = variants.values.keys().map(String::as_str).collect();
+                        return Err(BadHeader {
+                            header: variants.header.clone(),
+                            message: format!(
+                                "unknown value {value:?}; expected one of {}",
+                                known.join(", ")
+                            ),
+                        });
+                    };
+                    total += variant.flat;
+                    if let Some(units) = &variant.units {
+                        total += units.cost(headers)?;
+                    }
+                }
+                None if variants.required => {
+                    return Err(BadHeader {
+                        header: variants.header.clone(),
+                        message: "is required".into(),
+                    })
+                }
+                None => {}
+            }
+        }
+        if total > CREDITS_MAX {
+            return Err(BadHeader {
+                header: self
+                    .units
+                    .as_ref()
+                    .map(|u| u.header.clone())
+                    .unwrap_or_default(),
+                message: format!("makes the price exceed {CREDITS_MAX} credits"),
+            });
+        }
+        Ok(total)
+    }
+
+    pub fn hold(&self) -> Option<&HoldPolicy> {
+        match &self.mode {
+            Mode::Hold(policy) => Some(policy),
+            Mode::Debit => None,
+        }
+    }
+}
+
+impl PriceBook {
+    /// The first route matching the request; the default when none does. `path` may carry
+    /// a query string (ignored).
+    pub fn route(&self, host: &str, method: &str, path: &str) -> Routed<'_> {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let host = strip_port(host);
+        let target = self
+            .routes
+            .iter()
+            .find(|r| {
+                r.method
+                    .as_deref()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(method))
+                    && r.host
+                        .as_deref()
+                        .is_none_or(|h| h.eq_ignore_ascii_case(host))
+                    && r.path.matches(path)
+            })
+            .map_or(self.default, |r| r.target);
+        match target {
+            Target::Deny => Routed::Deny,
+            Target::Free => Routed::Free,
+            Target::Operation(i) => Routed::Operation(&self.operations[i]),
+        }
+    }
+
+    pub fn operation(&self, name: &str) -> Option<&Operation> {
+        self.by_name.get(name).map(|&i| &self.operations[i])
+    }
+
+    pub fn routes_len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Names of the operations (metric labels are bounded by these).
+    pub fn operation_names(&self) -> impl Iterator<Item = &str> {
+        self.operations.iter().map(|o| o.name.as_str())
+    }
+
+    /// Reads the `[pricebook]` table of a config file (for SIGHUP reloads).
+    pub fn load_file(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: path.display().to_string(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Self::from_config_text(&text)
+    }
+
+    /// The price book of a whole config file's text.
+    pub fn from_config_text(text: &str) -> Result<Self, ConfigErrors> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![ConfigError {
+                path: "(file)".into(),
+                message: e.to_string().replace('\n', " "),
+            }])
+        })?;
+        let mut errors = Vec::new();
+        let book = Self::from_toml(table.get("pricebook"), &mut errors);
+        if errors.is_empty() {
+            Ok(book)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Compiles the `[pricebook]` table, appending every problem to `errors` with its
+    /// path. Returns the default book when there are errors.
+    pub fn from_toml(value: Option<&toml::Value>, errors: &mut Vec<ConfigError>) -> Self {
+        let Some(value) = value else {
+            return Self::default();
+        };
+        let before = errors.len();
+        let raw: RawBook = table_fields(value, "pricebook", errors);
+        let mut bad = |path: String, message: String| errors.push(ConfigError { path, message });
+
+        let mut operations = Vec::new();
+        let mut by_name = HashMap::new();
+        if raw.operations.len() > OPERATIONS_MAX {
+            bad(
+                "pricebook.operations".into(),
+                format!("more than {OPERATIONS_MAX} operations"),
+            );
+        }
+        for (name, value) in &raw.operations {
+            let path = format!("pricebook.operations.{}", toml_key(name));
+            let mut local = Vec::new();
+            let op: RawOperation = table_fields(value, &path, &mut local);
+            for e in local {
+                bad(e.path, e.message);
+            }
+            if let Some(op) = compile_operation(name, op, &path, &mut bad) {
+                by_name.insert(name.clone(), operations.len());
+                operations.push(op);
+            }
+        }
+        let target = |name: &str| -> Option<Target> {
+            match name {
+                TARGET_DENY => Some(Target::Deny),
+                TARGET_FREE => Some(Target::Free),
+                _ => raw
+                    .operations
+                    .contains_key(name)
+                    .then(|| by_name.get(name).map(|&i| Target::Operation(i)))
+                    // A broken operation is reported at its own path; route it to deny.
+                    .map(|t| t.unwrap_or(Target::Deny)),
+            }
+        };
+        let default = match target(&raw.default) {
+            Some(t) => t,
+            None => {
+                bad(
+                    "pricebook.default".into(),
+                    format!(
+                        "{:?} is neither \"deny\", \"free\" nor an operation of pricebook.operations",
+                        raw.default
+                    ),
+                );
+                Target::Deny
+            }
+        };
+        if raw.routes.len() > ROUTES_MAX {
+            bad(
+                "pricebook.routes".into(),
+                format!("more than {ROUTES_MAX} routes"),
+            );
+        }
+        let mut routes = Vec::new();
+        for (i, value) in raw.routes.iter().enumerate() {
+            let path = format!("pricebook.routes[{i}]");
+            let mut local = Vec::new();
+            let r: RawRoute = table_fields(value, &path, &mut local);
+            for e in local {
+                bad(e.path, e.message);
+            }
+            let t = match target(&r.operation) {
+                Some(t) => Some(t),
+                None if r.operation.is_empty() => {
+                    bad(format!("{path}.operation"), "is required".into());
+                    None
+                }
+                None => {
+                    bad(
+                        format!("{path}.operation"),
+                        format!(
+                            "{:?} is neither \"deny\", \"free\" nor an operation of pricebook.operations",
+                            r.operation
+                        ),
+                    );
+                    None
+                }
+            };
+            if let Some(route) = compile_route(r, &path, &mut bad) {
+                routes.push(Route {
+                    target: t.unwrap_or(Target::Deny),
+                    ..route
+                });
+            }
+        }
+        if errors.len() > before {
+            return Self::default();
+        }
+        Self {
+            routes,
+            operations,
+            by_name,
+            default,
+        }
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 1]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawBook {
+    /// What a request no route matches gets: "deny", "free" or an operation.
+    default: String,
+    routes: Vec<toml::Value>,
+    operations: BTreeMap<String, toml::Value>,
+}
+
+impl Default for RawBook {
+    fn default() -> Self {
+        Self {
+            default: TARGET_DENY.into(),
+            routes: Vec::new(),
+            operations: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawRoute {
+    /// HTTP method; any when absent.
+    method: Option<String>,
+    /// Host; any when absent.
+    host: Option<String>,
+    /// Exact path; `{name}` matches one non-empty segment.
+    path: Option<String>,
+    path_prefix: Option<String>,
+    /// `package.Service/Method`: matches `POST /package.Service/Method`.
+    grpc_method: Option<String>,
+    /// An operation name, "free" or "deny".
+    operation: String,
+}
+
+fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) -> Option<Route> {
+    let mut ok = true;
+    let mut method = r.method.map(|m| m.to_ascii_uppercase());
+    if let Some(m) = &method {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+            bad(
+                format!("{path}.method"),
+                format!("{m:?} is not an HTTP method"),
+            );
+            ok = false;
+        }
+    }
+    let host = r.host.map(|h| h.to_ascii_lowercase());
+    if let Some(h) = &host {
+        if h.is_empty() || h.contains(['/', ' ']) {
+            bad(format!("{path}.host"), format!("{h:?} is not a host name"));
+            ok = false;
+        }
+    }
+    let given = [&r.path, &r.path_prefix, &r.grpc_method]
+        .iter()
+        .filter(|p| p.is_some())
+        .count();
+    if given != 1 {
+        bad(
+            path.to_owned(),
+            "needs exactly one of path, path_prefix, grpc_method".into(),
+        );
+        return None;
+    }
+    let pattern = if let Some(p) = r.path {
+        if !p.starts_with('/') {
+            bad(format!("{path}.path"), "must start with /".into());
+            ok = false;
+        }
+        if p.contains(['?', '#']) {
+            bad(
+                format!("{path}.path"),
+                "may not hold a query or fragment".into(),
+            );
+            ok = false;
+        }
+        if p.contains('{') || p.contains('}') {
+            let mut segments = Vec::new();
+            for seg in p.split('/') {
+                let is_param = seg.len() > 2
+                    && seg.starts_with('{')
+                    && seg.ends_with('}')
+                    && seg[1..seg.len() - 1]
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if is_param {
+                    segments.push(None);
+                } else if seg.contains(['{', '}']) {
+                    bad(
+                        format!("{path}.path"),
+                        format!("segment {seg:?}: a parameter is a whole segment {{name}}"),
+                    );
+                    ok = false;
+                } else {
+                    segments.push(Some(seg.to_owned()));
+                }
+            }
+            PathPattern::Segments(segments)
+        } else {
+            PathPattern::Exact(p)
+        }
+    } else if let Some(p) = r.path_prefix {
+        if !p.starts_with('/') {
+            bad(format!("{path}.path_prefix"), "must start with /".into());
+            ok = false;
+        }
+        PathPattern::Prefix(p)
+    } else {
+        let g = r.grpc_method.unwrap_or_default();
+        let g = g.trim_start_matches('/');
+        let valid = g.split_once('/').is_some_and(|(service, m)| {
+            !service.is_empty() && !m.is_empty() && !m.contains('/') && !g.contains(' ')
+        });
+        if !valid {
+            bad(
+                format!("{path}.grpc_method"),
+                format!("{g:?} is not package.Service/Method"),
+            );
+            ok = false;
+        }
+        match &method {
+            Some(m) if m != "POST" => {
+                bad(
+                    format!("{path}.method"),
+                    "gRPC calls are POST requests".into(),
+                );
+                ok = false;
+            }
+            _ => method = Some("POST".into()),
+        }
+        PathPattern::Exact(format!("/{g}"))
+    };
+    ok.then_some(Route {
+        method,
+        host,
+        path: pattern,
+        target: Target::Deny,
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawOperation {
+    /// Wallet charged; "default" when absent.
+    wallet: Option<String>,
+    /// "debit" (default) or "hold".
+    mode: Option<String>,
+    /// Credits every request costs.
+    base: i64,
+    /// Credits per unit the request declares in `units_header`.
+    per_unit: i64,
+    units_header: Option<String>,
+    units_default: Option<u64>,
+    units_max: Option<u64>,
+    /// Header whose value picks a surcharge from `variants`.
+    variant_header: Option<String>,
+    variant_required: bool,
+    variants: BTreeMap<String, toml::Value>,
+    /// "fail_closed" (default) or "fail_open".
+    fail_policy: Option<String>,
+    // Hold mode only.
+    hold_ttl_ms: Option<i64>,
+    on_expiry: Option<String>,
+    capture_per_unit: Option<i64>,
+    capture_units_header: Option<String>,
+    capture_statuses: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawVariant {
+    /// Flat surcharge.
+    flat: i64,
+    /// Surcharge per unit of `units_header`.
+    per_unit: i64,
+    units_header: Option<String>,
+    units_default: Option<u64>,
+    units_max: Option<u64>,
+}
+
+fn header_name(
+    value: Option<String>,
+    default: &str,
+    path: String,
+    bad: &mut impl FnMut(String, String),
+) -> String {
+    let name = value
+        .unwrap_or_else(|| default.to_owned())
+        .to_ascii_lowercase();
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !valid {
+        bad(path, format!("{name:?} is not a header name"));
+    }
+    name
+}
+
+fn credits_field(value: i64, path: String, bad: &mut impl FnMut(String, String)) {
+    if !(0..=CREDITS_MAX).contains(&value) {
+        bad(path, format!("must be in 0..={CREDITS_MAX}"));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_units(
+    per_unit: i64,
+    header: Option<String>,
+    default: Option<u64>,
+    max: Option<u64>,
+    path: &str,
+    bad: &mut impl FnMut(String, String),
+) -> Option<Units> {
+    credits_field(per_unit, format!("{path}.per_unit"), bad);
+    let header = header_name(
+        header,
+        DEFAULT_UNITS_HEADER,
+        format!("{path}.units_header"),
+        bad,
+    );
+    let max = max.unwrap_or(DEFAULT_UNITS_MAX);
+    if !(1..=UNITS_MAX_LIMIT).contains(&max) {
+        bad(
+            format!("{path}.units_max"),
+            format!("must be in 1..={UNITS_MAX_LIMIT}"),
+        );
+    }
+    let default = default.unwrap_or(DEFAULT_UNITS);
+    if default > max {
+        bad(
+            format!("{path}.units_default"),
+            format!("must be at most units_max ({max})"),
+        );
+    }
+    (per_unit > 0).then_some(Units {
+        per_unit,
+        header,
+        default,
+        max,
+    })
+}
+
+fn compile_operation(
+    name: &str,
+    op: RawOperation,
+    path: &str,
+    bad: &mut impl FnMut(String, String),
+) -> Option<Operation> {
+    let mut local = Vec::new();
+    let mut note = |p: String, m: String| local.push((p, m));
+    if name == TARGET_DENY || name == TARGET_FREE {
+        note(path.to_owned(), format!("{name:?} is reserved"));
+    }
+    let mut v = Violations::default();
+    v.operation(path, name);
+    if name.is_empty() || name.len() > OPERATION_LEN_MAX {
+        v.add(path, format!("name must be 1..={OPERATION_LEN_MAX} bytes"));
+    }
+    let wallet = op.wallet.unwrap_or_else(|| DEFAULT_WALLET.to_owned());
+    v.wallet(&format!("{path}.wallet"), &wallet);
+    if wallet.is_empty() {
+        v.add(&format!("{path}.wallet"), "may not be empty");
+    }
+    if let Err(violations) = v.finish() {
+        for violation in violations {
+            note(violation.field, violation.description);
+        }
+    }
+    credits_field(op.base, format!("{path}.base"), &mut note);
+    let units = compile_units(
+        op.per_unit,
+        op.units_header,
+        op.units_default,
+        op.units_max,
+        path,
+        &mut note,
+    );
+    let variants = match op.variant_header {
+        Some(header) => {
+            let header = header_name(
+                Some(header),
+                "",
+                format!("{path}.variant_header"),
+                &mut note,
+            );
+            if op.variants.is_empty() {
+                note(
+                    format!("{path}.variants"),
+                    "variant_header needs at least one variant".into(),
+                );
+            }
+            if op.variants.len() > VARIANTS_MAX {
+                note(
+                    format!("{path}.variants"),
+                    format!("more than {VARIANTS_MAX} variants"),
+                );
+            }
+            let mut values = BTreeMap::new();
+            for (value, raw) in &op.variants {
+                let vpath = format!("{path}.variants.{}", toml_key(value));
+                if value.is_empty() || *value != value.to_ascii_lowercase() {
+                    note(
+                        vpath.clone(),
+                        "variant values are lowercase and non-empty".into(),
+                    );
+                }
+                let mut errs = Vec::new();
+                let rv: RawVariant = table_fields(raw, &vpath, &mut errs);
+                for e in errs {
+                    note(e.path, e.message);
+                }
+                credits_field(rv.flat, format!("{vpath}.flat"), &mut note);
+                let units = compile_units(
+                    rv.per_unit,
+                    rv.units_header,
+                    rv.units_default,
+                    rv.units_max,
+                    &vpath,
+                    &mut note,
+                );
+                values.insert(
+                    value.clone(),
+                    Variant {
+                        flat: rv.flat,
+                        units,
+                    },
+                );
+            }
+            Some(Variants {
+                header,
+                required: op.variant_required,
+                values,
+            })
+        }
+        None => {
+            if !op.variants.is_empty() {
+                note(
+                    format!("{path}.variant_header"),
+                    "is required when variants are given".into(),
+                );
+            }
+            if op.variant_required {
+                note(
+                    format!("{path}.variant_required"),
+                    "needs variant_header".into(),
+                );
+            }
+            None
+        }
+    };
+    let fail_policy = match op.fail_policy.as_deref() {
+        None | Some("fail_closed") => FailPolicy::FailClosed,
+        Some("fail_open") => FailPolicy::FailOpen,
+        Some(other) => {
+            note(
+                format!("{path}.fail_policy"),
+                format!("{other:?}: must be fail_closed or fail_open"),
+            );
+            FailPolicy::FailClosed
+        }
+    };
+    let hold_only = [
+        ("hold_ttl_ms", op.hold_ttl_ms.is_some()),
+        ("on_expiry", op.on_expiry.is_some()),
+        ("capture_per_unit", op.capture_per_unit.is_some()),
+        ("capture_units_header", op.capture_units_header.is_some()),
+        ("capture_statuses", op.capture_statuses.is_some()),
+    ];
+    let mode = match op.mode.as_deref() {
+        None | Some("debit") => {
+            for (field, given) in hold_only {
+                if given {
+                    note(format!("{path}.{field}"), "only for mode = \"hold\"".into());
+                }
+            }
+            Mode::Debit
+        }
+        Some("hold") => {
+            let ttl_ms = op.hold_ttl_ms.unwrap_or(0);
+            if !(1..=HOLD_TTL_MS_MAX).contains(&ttl_ms) {
+                note(
+                    format!("{path}.hold_ttl_ms"),
+                    format!("is required for holds, in 1..={HOLD_TTL_MS_MAX}"),
+                );
+            }
+            let on_expiry = match op.on_expiry.as_deref() {
+                None => OnExpiry::Release,
+                Some(s @ ("capture" | "release")) => {
+                    OnExpiry::parse(s).unwrap_or(OnExpiry::Release)
+                }
+                Some(other) => {
+                    note(
+                        format!("{path}.on_expiry"),
+                        format!("{other:?}: must be capture or release"),
+                    );
+                    OnExpiry::Release
+                }
+            };
+            let capture_per_unit = op.capture_per_unit.unwrap_or(1);
+            if !(1..=CREDITS_MAX).contains(&capture_per_unit) {
+                note(
+                    format!("{path}.capture_per_unit"),
+                    format!("must be in 1..={CREDITS_MAX}"),
+                );
+            }
+            let capture_units_header = header_name(
+                op.capture_units_header,
+                DEFAULT_UNITS_HEADER,
+                format!("{path}.capture_units_header"),
+                &mut note,
+            );
+            let statuses = op.capture_statuses.unwrap_or_else(|| vec!["2xx".into()]);
+            if statuses.is_empty() {
+                note(
+                    format!("{path}.capture_statuses"),
+                    "needs at least one status".into(),
+                );
+            }
+            let mut capture_statuses = Vec::new();
+            for (i, s) in statuses.iter().enumerate() {
+                match StatusRange::parse(s) {
+                    Some(r) => capture_statuses.push(r),
+                    None => note(
+                        format!("{path}.capture_statuses[{i}]"),
+                        format!("{s:?} is not a status (200) or a class (2xx)"),
+                    ),
+                }
+            }
+            Mode::Hold(HoldPolicy {
+                ttl_ms,
+                on_expiry,
+                capture_per_unit,
+                capture_units_header,
+                capture_statuses,
+            })
+        }
+        Some(other) => {
+            note(
+                format!("{path}.mode"),
+                format!("{other:?}: must be debit or hold"),
+            );
+            Mode::Debit
+        }
+    };
+    let ok = local.is_empty();
+    for (p, m) in local {
+        bad(p, m);
+    }
+    ok.then(|| Operation {
+        name: name.to_owned(),
+        wallet,
+        mode,
+        base: op.base,
+        units,
+        variants,
+        fail_policy,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ESIGN: &str = include_str!("../../examples/pricebook-esign.toml");
+
+    fn book(text: &str) -> PriceBook {
+        PriceBook::from_config_text(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn headers<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> {
+        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+    }
+
+    fn price(book: &PriceBook, method: &str, path: &str, h: &[(&str, &str)]) -> i64 {
+        match book.route("api.example.com", method, path) {
+            Routed::Operation(op) => op.price(&headers(h)).expect("priced"),
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_esign_table_is_expressible() {
+        let b = book(ESIGN);
+        assert_eq!(price(&b, "POST", "/v1/envelopes", &[]), 1);
+        let electronic = [("x-signature-method", "electronic")];
+        assert_eq!(price(&b, "POST", "/v1/envelopes", &electronic), 11);
+        assert_eq!(
+            price(
+                &b,
+                "POST",
+                "/v1/envelopes",
+                &[("x-signature-method", "DSC")]
+            ),
+            11
+        );
+        let aadhaar = [("x-signature-method", "aadhaar"), ("x-signers", "3")];
+        assert_eq!(price(&b, "POST", "/v1/envelopes", &aadhaar), 1 + 15 * 3);
+        let one = [("x-signature-method", "aadhaar")];
+        assert_eq!(price(&b, "POST", "/v1/envelopes", &one), 16);
+        let Routed::Operation(ocr) = b.route("h", "POST", "/v1/documents/d-17/ocr?lang=en") else {
+            panic!("ocr route");
+        };
+        assert_eq!(ocr.name, "ocr.pages");
+        assert_eq!(ocr.price(&headers(&[])).unwrap(), 50);
+        let hold = ocr.hold().expect("hold mode");
+        assert_eq!(hold.ttl_ms, 60_000);
+        assert_eq!(
+            hold.settle(200, Some("3"), Some(50)),
+            Settlement::Capture(Some(6))
+        );
+        assert_eq!(
+            hold.settle(200, Some("400"), Some(50)),
+            Settlement::Capture(Some(50))
+        );
+        assert_eq!(hold.settle(204, None, Some(50)), Settlement::Capture(None));
+        assert_eq!(hold.settle(502, Some("3"), Some(50)), Settlement::Release);
+        assert_eq!(hold.settle(404, None, Some(50)), Settlement::Release);
+    }
+
+    #[test]
+    fn bad_headers_name_the_header() {
+        let b = book(ESIGN);
+        let Routed::Operation(op) = b.route("h", "POST", "/v1/envelopes") else {
+            panic!()
+        };
+        for (h, header) in [
+            (vec![("x-signature-method", "fax")], "x-signature-method"),
+            (
+                vec![("x-signature-method", "aadhaar"), ("x-signers", "three")],
+                "x-signers",
+            ),
+            (
+                vec![
+                    ("x-signature-method", "aadhaar"),
+                    ("x-signers", "99999999999999999999"),
+                ],
+                "x-signers",
+            ),
+            (
+                vec![("x-signature-method", "aadhaar"), ("x-signers", "-1")],
+                "x-signers",
+            ),
+        ] {
+            let err = op.price(&headers(&h)).unwrap_err();
+            assert_eq!(err.header, header, "{h:?}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn routes_match_in_order_with_params_prefixes_and_grpc() {
+        let b = book(
+            r#"
+            [pricebook]
+            default = "free"
+            [[pricebook.routes]]
+            path = "/health"
+            operation = "deny"
+            [[pricebook.routes]]
+            host = "a.example.com"
+            path_prefix = "/v1/"
+            operation = "a"
+            [[pricebook.routes]]
+            method = "get"
+            path = "/v1/items/{id}"
+            operation = "b"
+            [[pricebook.routes]]
+            grpc_method = "shop.v1.Orders/Place"
+            operation = "b"
+            [pricebook.operations.a]
+            base = 1
+            [pricebook.operations.b]
+            base = 2
+            "#,
+        );
+        let name = |host: &str, method: &str, path: &str| match b.route(host, method, path) {
+            Routed::Operation(op) => op.name.clone(),
+            Routed::Free => "free".into(),
+            Routed::Deny => "deny".into(),
+        };
+        assert_eq!(name("x", "GET", "/health"), "deny");
+        assert_eq!(name("A.example.com:8443", "GET", "/v1/items/7"), "a");
+        assert_eq!(name("b.example.com", "GET", "/v1/items/7"), "b");
+        assert_eq!(name("b.example.com", "POST", "/v1/items/7"), "free");
+        assert_eq!(name("b", "GET", "/v1/items/"), "free");
+        assert_eq!(name("b", "GET", "/v1/items/7/x"), "free");
+        assert_eq!(name("b", "POST", "/shop.v1.Orders/Place"), "b");
+        assert_eq!(name("b", "GET", "/shop.v1.Orders/Place"), "free");
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let err = PriceBook::from_config_text(
+            r#"
+            [pricebook]
+            default = "nothing"
+            colour = 1
+            [[pricebook.routes]]
+            path = "v1/no-slash"
+            operation = "missing.op"
+            [[pricebook.routes]]
+            path = "/a"
+            path_prefix = "/b"
+            operation = "free"
+            [[pricebook.routes]]
+            method = "POST"
+            grpc_method = "NoMethod"
+            operation = "free"
+            [[pricebook.routes]]
+            path = "/x"
+            operations = "typo"
+            [pricebook.operations."envelope.send"]
+            base = -1
+            mode = "later"
+            per_unit = "many"
+            variant_header = "x-signature-method"
+            [pricebook.operations."envelope.send".variants]
+            Aadhaar = { flat = 1, colour = 2 }
+            [pricebook.operations.ocr]
+            mode = "hold"
+            capture_statuses = ["2xx", "teapot"]
+            [pricebook.operations.plain]
+            hold_ttl_ms = 5
+            fail_policy = "maybe"
+            wallet = "Main"
+            "#,
+        )
+        .unwrap_err()
+        .0;
+        let paths: Vec<&str> = errors_paths(&err);
+        for expected in [
+            "pricebook.default",
+            "pricebook.colour",
+            "pricebook.routes[0].path",
+            "pricebook.routes[0].operation",
+            "pricebook.routes[1]",
+            "pricebook.routes[2].grpc_method",
+            "pricebook.routes[3].operations",
+            "pricebook.routes[3].operation",
+            "pricebook.operations.\"envelope.send\".base",
+            "pricebook.operations.\"envelope.send\".mode",
+            "pricebook.operations.\"envelope.send\".per_unit",
+            "pricebook.operations.\"envelope.send\".variants.Aadhaar",
+            "pricebook.operations.\"envelope.send\".variants.Aadhaar.colour",
+            "pricebook.operations.ocr.hold_ttl_ms",
+            "pricebook.operations.ocr.capture_statuses[1]",
+            "pricebook.operations.plain.hold_ttl_ms",
+            "pricebook.operations.plain.fail_policy",
+            "pricebook.operations.plain.wallet",
+        ] {
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {err:#?}"
+            );
+        }
+    }
+
+    fn errors_paths(errors: &[ConfigError]) -> Vec<&str> {
+        errors.iter().map(|e| e.path.as_str()).collect()
+    }
+
+    #[test]
+    fn status_ranges() {
+        let r = StatusRange::parse("2xx").unwrap();
+        assert!(r.contains(200) && r.contains(299) && !r.contains(300));
+        assert_eq!(
+            StatusRange::parse("404"),
+            Some(StatusRange {
+                first: 404,
+                last: 404
+            })
+        );
+        assert_eq!(StatusRange::parse("9xx"), None);
+        assert_eq!(StatusRange::parse("99"), None);
+    }
+
+    #[test]
+    fn ports_are_ignored_in_hosts() {
+        assert_eq!(strip_port("a.example.com:443"), "a.example.com");
+        assert_eq!(strip_port("a.example.com"), "a.example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+}

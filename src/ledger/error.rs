@@ -1,0 +1,147 @@
+//! What a ledger operation can answer besides success.
+
+use super::command::FieldViolation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The request itself is wrong; nothing was changed.
+    #[error("invalid argument: {}", describe(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// A business rule refused the request (recorded under its idempotency key).
+    #[error("refused: {0}")]
+    Refused(Refusal),
+    /// The hold or charge does not exist (or is older than its retention).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The outbox holds as many unsettled events as configured: new charges wait for the
+    /// settler instead of growing Redis without bound.
+    #[error("outbox full: the settler is behind")]
+    OutboxFull,
+    /// Redis answers but holds no ledger (its data was lost): nothing is served from it
+    /// until `tollgate restore` has rebuilt it from the durable ledger.
+    #[error("ledger not initialized: Redis lost its data; run tollgate restore")]
+    NotInitialized,
+    /// Redis did not answer within the deadline, or could not be reached.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// A reply tollgate does not understand: a bug, or scripts of another version.
+    #[error("internal ledger error: {0}")]
+    Internal(String),
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Business refusals, each with what the caller needs to act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("insufficient credits: {required} required, {available} available")]
+    InsufficientCredits { required: i64, available: i64 },
+    #[error("hold already ended ({how})")]
+    HoldEnded { how: HoldEnd, captured: i64 },
+    #[error("demo credits were already granted to this account and wallet")]
+    DemoAlreadyGranted,
+    #[error("idempotency key reused with different parameters")]
+    IdempotencyKeyReused,
+    #[error("refund exceeds what is left of the charge ({refundable} refundable)")]
+    RefundExceedsCharge { refundable: i64 },
+    #[error("wallet holds the most lots allowed ({max})")]
+    LotLimit { max: i64 },
+    #[error("account holds the most wallets allowed ({max})")]
+    WalletLimit { max: i64 },
+    #[error("wallet holds the most open holds allowed ({max})")]
+    HoldLimit { max: i64 },
+    #[error("account holds the most API keys allowed ({max})")]
+    KeyLimit { max: i64 },
+}
+
+impl Refusal {
+    /// The google.rpc.ErrorInfo reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InsufficientCredits { .. } => "INSUFFICIENT_CREDITS",
+            Self::HoldEnded { .. } => "HOLD_ENDED",
+            Self::DemoAlreadyGranted => "DEMO_ALREADY_GRANTED",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            Self::RefundExceedsCharge { .. } => "REFUND_EXCEEDS_CHARGE",
+            Self::LotLimit { .. } => "LOT_LIMIT",
+            Self::WalletLimit { .. } => "WALLET_LIMIT",
+            Self::HoldLimit { .. } => "HOLD_LIMIT",
+            Self::KeyLimit { .. } => "KEY_LIMIT",
+        }
+    }
+
+    /// ErrorInfo metadata: the numbers behind the refusal.
+    pub fn metadata(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Self::InsufficientCredits {
+                required,
+                available,
+            } => vec![
+                ("required", required.to_string()),
+                ("available", available.to_string()),
+            ],
+            Self::HoldEnded { how, captured } => vec![
+                ("ended", how.as_str().to_owned()),
+                ("captured", captured.to_string()),
+            ],
+            Self::RefundExceedsCharge { refundable } => {
+                vec![("refundable", refundable.to_string())]
+            }
+            Self::LotLimit { max }
+            | Self::WalletLimit { max }
+            | Self::HoldLimit { max }
+            | Self::KeyLimit { max } => {
+                vec![("max", max.to_string())]
+            }
+            Self::DemoAlreadyGranted | Self::IdempotencyKeyReused => Vec::new(),
+        }
+    }
+}
+
+/// How a hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldEnd {
+    Captured,
+    Released,
+    Expired,
+}
+
+impl HoldEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Captured => "captured",
+            Self::Released => "released",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+impl std::fmt::Display for HoldEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<redis::RedisError> for LedgerError {
+    fn from(err: redis::RedisError) -> Self {
+        if err.code() == Some("TG_NOT_INITIALIZED") {
+            return Self::NotInitialized;
+        }
+        if err.is_io_error()
+            || err.is_timeout()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_unrecoverable_error()
+        {
+            Self::Unavailable(err.to_string())
+        } else {
+            Self::Internal(err.to_string())
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The ledger event as it sits in a shard's outbox stream (written by lua/lib.lua `emit`).
+//!
+//! Stream fields: `k` kind, `a` account, `w` wallet, `n` amount, `v` available after,
+//! `h` held after, `l` lots, `x` per-kind extra, `hd` hold id, `c` charge id (refunds),
+//! `i` idempotency key, `o` operation, `m` metadata (JSON), `t` server time (ms),
+//! `ver` format version (absent = 1).
+//!
+//! `l` and `x` by kind:
+//!
+//! | kind | `l` | `x` |
+//! | --- | --- | --- |
+//! | grant, adjust (+) | the new lot | `kind|description` of the lot |
+//! | adjust (-), debit | lots drawn from | `|description` (adjust) or empty |
+//! | hold | lots drawn from | on_expiry code (`c`/`r`) and deadline ms |
+//! | capture, release, expire_hold | lots charged | lots the rest went back to |
+//! | refund | new lots of kind `refund` | credits that expired at once |
+//! | expire_lot | the lot and what expired | empty |
+
+use std::collections::HashMap;
+
+use redis::Value;
+
+use super::LedgerError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Grant,
+    Hold,
+    Capture,
+    Release,
+    ExpireHold,
+    Debit,
+    Refund,
+    ExpireLot,
+    Adjust,
+}
+
+impl EventKind {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "grant" => Self::Grant,
+            "hold" => Self::Hold,
+            "capture" => Self::Capture,
+            "release" => Self::Release,
+            "expire_hold" => Self::ExpireHold,
+            "debit" => Self::Debit,
+            "refund" => Self::Refund,
+            "expire_lot" => Self::ExpireLot,
+            "adjust" => Self::Adjust,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grant => "grant",
+            Self::Hold => "hold",
+            Self::Capture => "capture",
+            Self::Release => "release",
+            Self::ExpireHold => "expire_hold",
+            Self::Debit => "debit",
+            Self::Refund => "refund",
+            Self::ExpireLot => "expire_lot",
+            Self::Adjust => "adjust",
+        }
+    }
+}
+
+/// Credits moved out of or into one lot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LotPiece {
+    pub lot_id: String,
+    pub amount: i64,
+    /// Burn score (priority * 2^42 + expiry), when the event carries it.
+    pub score: Option<i64>,
+}
+
+impl LotPiece {
+    pub const PRIORITY_UNIT: i64 = 1 << 42;
+    pub const NEVER: i64 = (1 << 42) - 1;
+
+    pub fn parse_list(text: &str) -> Option<Vec<Self>> {
+        if text.is_empty() {
+            return Some(Vec::new());
+        }
+        text.split(',')
+            .map(|piece| {
+                let mut parts = piece.split(':');
+                let lot_id = parts.next()?.to_owned();
+                let amount = parts.next()?.parse().ok()?;
+                let score = match parts.next() {
+                    Some(s) => Some(s.parse().ok()?),
+                    None => None,
+                };
+                Some(Self {
+                    lot_id,
+                    amount,
+                    score,
+                })
+            })
+            .collect()
+    }
+
+    pub fn priority(&self) -> Option<u8> {
+        self.score
+            .and_then(|s| u8::try_from(s / Self::PRIORITY_UNIT).ok())
+    }
+
+    /// Expiry in ms, 0 = never.
+    pub fn expires_at_ms(&self) -> Option<i64> {
+        self.score.map(|s| match s % Self::PRIORITY_UNIT {
+            Self::NEVER => 0,
+            e => e,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEvent {
+    /// `<shard>-<stream id>`: unique, and the charge id of debits and captures.
+    pub event_id: String,
+    pub stream_id: String,
+    pub kind: EventKind,
+    pub account_id: String,
+    pub wallet: String,
+    pub amount: i64,
+    pub available_after: i64,
+    pub held_after: i64,
+    pub lots: Vec<LotPiece>,
+    pub extra: String,
+    pub hold_id: String,
+    pub charge_id: String,
+    pub idempotency_key: String,
+    pub operation: String,
+    pub metadata: String,
+    pub created_at_ms: i64,
+    /// Event format version (`ver`; absent in the oldest entries: 1).
+    pub version: u32,
+}
+
+/// The newest event format this code reads and writes.
+pub const EVENT_VERSION: u32 = 1;
+
+impl LedgerEvent {
+    /// The shard, from the event id.
+    pub fn shard(&self) -> u16 {
+        self.event_id
+            .split_once('-')
+            .and_then(|(s, _)| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Position in the shard's stream: (ms, sequence).
+    pub fn stream_position(&self) -> (i64, i64) {
+        parse_stream_id(&self.stream_id).unwrap_or((0, 0))
+    }
+
+    /// What this event changes in the wallet's running totals.
+    pub fn deltas(&self) -> Deltas {
+        let charged = || self.lots.iter().map(|p| p.amount).sum::<i64>();
+        let mut d = Deltas::default();
+        match self.kind {
+            EventKind::Grant => d.granted = self.amount,
+            EventKind::Adjust => d.adjusted = self.amount,
+            EventKind::Debit => d.used = self.amount,
+            EventKind::Capture | EventKind::ExpireHold => d.used = charged(),
+            EventKind::ExpireLot => d.expired = self.amount,
+            EventKind::Refund => {
+                d.refunded = self.amount;
+                d.expired = self.extra.parse().unwrap_or(0);
+            }
+            EventKind::Hold | EventKind::Release => {}
+        }
+        d
+    }
+
+    /// Lots credits went back to (capture, release, expire_hold).
+    pub fn returned_lots(&self) -> Vec<LotPiece> {
+        match self.kind {
+            EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
+                LotPiece::parse_list(&self.extra).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Builds an event from one stream entry's fields.
+    pub fn from_fields(
+        shard: u16,
+        stream_id: &str,
+        fields: &HashMap<String, String>,
+    ) -> Result<Self, LedgerError> {
+        let malformed = |what: &str| {
+            LedgerError::Internal(format!("outbox entry {stream_id}: bad or missing {what}"))
+        };
+        let text = |name: &str| fields.get(name).cloned().unwrap_or_default();
+        let int = |name: &str| -> Result<i64, LedgerError> {
+            fields
+                .get(name)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| malformed(name))
+        };
+        Ok(Self {
+            event_id: format!("{shard}-{stream_id}"),
+            stream_id: stream_id.to_owned(),
+            kind: EventKind::parse(&text("k")).ok_or_else(|| malformed("k"))?,
+            account_id: text("a"),
+            wallet: text("w"),
+            amount: int("n")?,
+            available_after: int("v")?,
+            held_after: int("h")?,
+            lots: LotPiece::parse_list(&text("l")).ok_or_else(|| malformed("l"))?,
+            extra: text("x"),
+            hold_id: text("hd"),
+            charge_id: text("c"),
+            idempotency_key: text("i"),
+            operation: text("o"),
+            metadata: text("m"),
+            created_at_ms: int("t")?,
+            version: match fields.get("ver") {
+                None => 1,
+                Some(v) => v
+                    .parse()
+                    .ok()
+                    .filter(|v| (1..=EVENT_VERSION).contains(v))
+                    .ok_or_else(|| malformed("ver (a newer tollgate wrote it?)"))?,
+            },
+        })
+    }
+
+    /// Parses an XRANGE / XREADGROUP entry list: `[[id, [field, value, ...]], ...]`.
+    pub fn from_stream_entries(shard: u16, value: Value) -> Result<Vec<Self>, LedgerError> {
+        let bad = || LedgerError::Internal("unexpected stream reply shape".into());
+        let Value::Array(entries) = value else {
+            return Err(bad());
+        };
+        let text = |v: &Value| match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| bad()),
+            Value::SimpleString(s) => Ok(s.clone()),
+            _ => Err(bad()),
+        };
+        entries
+            .iter()
+            .map(|entry| {
+                let Value::Array(parts) = entry else {
+                    return Err(bad());
+                };
+                let [id, Value::Array(kv)] = parts.as_slice() else {
+                    return Err(bad());
+                };
+                let id = text(id)?;
+                let mut fields = HashMap::with_capacity(kv.len() / 2);
+                for pair in kv.chunks_exact(2) {
+                    fields.insert(text(&pair[0])?, text(&pair[1])?);
+                }
+                Self::from_fields(shard, &id, &fields)
+            })
+            .collect()
+    }
+}
+
+/// Changes to a wallet's running totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deltas {
+    pub granted: i64,
+    pub used: i64,
+    pub expired: i64,
+    pub refunded: i64,
+    pub adjusted: i64,
+}
+
+impl std::ops::AddAssign for Deltas {
+    fn add_assign(&mut self, o: Self) {
+        self.granted += o.granted;
+        self.used += o.used;
+        self.expired += o.expired;
+        self.refunded += o.refunded;
+        self.adjusted += o.adjusted;
+    }
+}
+
+/// `<ms>-<seq>` of a stream entry id.
+pub fn parse_stream_id(id: &str) -> Option<(i64, i64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lot_pieces_round_trip_scores() {
+        let score = 7 * LotPiece::PRIORITY_UNIT + 1_700_000_000_000;
+        let pieces = LotPiece::parse_list(&format!("00000001:5:{score},00000002:3")).unwrap();
+        assert_eq!(pieces[0].priority(), Some(7));
+        assert_eq!(pieces[0].expires_at_ms(), Some(1_700_000_000_000));
+        assert_eq!(pieces[1].score, None);
+        let never = LotPiece::parse_list(&format!(
+            "1:1:{}",
+            50 * LotPiece::PRIORITY_UNIT + LotPiece::NEVER
+        ))
+        .unwrap();
+        assert_eq!(never[0].expires_at_ms(), Some(0));
+        assert!(LotPiece::parse_list("1:x").is_none());
+        assert_eq!(LotPiece::parse_list("").unwrap(), vec![]);
+    }
+}

@@ -1,0 +1,136 @@
+//! Key layout: accounts map to a fixed number of virtual shards, each with its own hash
+//! tag `{tg:<shard>}` and outbox stream, so every key one script touches lives in one
+//! Redis Cluster slot. Hold ids and event ids carry their shard, so a Capture or a Refund
+//! finds its keys without a lookup.
+
+/// Virtual shards unless configured otherwise. Fixed for the life of a deployment:
+/// changing it moves accounts to other shards.
+pub const SHARDS_DEFAULT: u16 = 16;
+/// Upper bound on the shard count (the settler reads one stream per shard).
+pub const SHARDS_MAX: u16 = 1024;
+
+/// FNV-1a, 64 bits: stable across processes, versions and platforms, which shard
+/// placement and idempotency digests need (std's hasher promises neither).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// Precomputed per-shard key names.
+#[derive(Debug, Clone)]
+pub struct ShardMap {
+    tags: Vec<String>,
+    outboxes: Vec<String>,
+    numbers: Vec<String>,
+}
+
+impl ShardMap {
+    pub fn new(shards: u16) -> Self {
+        assert!(
+            (1..=SHARDS_MAX).contains(&shards),
+            "shard count out of range"
+        );
+        let tags: Vec<String> = (0..shards).map(|s| format!("{{tg:{s}}}")).collect();
+        let outboxes = tags.iter().map(|t| format!("{t}:o")).collect();
+        let numbers = (0..shards).map(|s| s.to_string()).collect();
+        Self {
+            tags,
+            outboxes,
+            numbers,
+        }
+    }
+
+    pub fn count(&self) -> u16 {
+        self.tags.len() as u16
+    }
+
+    pub fn of_account(&self, account_id: &str) -> u16 {
+        (fnv1a64(account_id.as_bytes()) % self.tags.len() as u64) as u16
+    }
+
+    pub fn tag(&self, shard: u16) -> &str {
+        &self.tags[usize::from(shard)]
+    }
+
+    pub fn outbox(&self, shard: u16) -> &str {
+        &self.outboxes[usize::from(shard)]
+    }
+
+    /// The shard's epoch marker (see lua/lib.lua `initialized`).
+    pub fn epoch_key(&self, shard: u16) -> String {
+        format!("{}:epoch", self.tag(shard))
+    }
+
+    pub fn number(&self, shard: u16) -> &str {
+        &self.numbers[usize::from(shard)]
+    }
+
+    /// Shard of a hold id `h<shard>-<seq>`, if it is well formed and in range.
+    pub fn of_hold_id(&self, hold_id: &str) -> Option<u16> {
+        let rest = hold_id.strip_prefix('h')?;
+        let (shard, seq) = rest.split_once('-')?;
+        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        self.checked(shard)
+    }
+
+    /// Shard of an event id `<shard>-<ms>-<seq>` (also a charge id).
+    pub fn of_event_id(&self, event_id: &str) -> Option<u16> {
+        let (shard, stream_id) = event_id.split_once('-')?;
+        let (ms, seq) = stream_id.split_once('-')?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return None;
+        }
+        self.checked(shard)
+    }
+
+    fn checked(&self, shard: &str) -> Option<u16> {
+        if shard.is_empty() || shard.len() > 4 || !shard.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let shard: u16 = shard.parse().ok()?;
+        (usize::from(shard) < self.tags.len()).then_some(shard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_matches_reference_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn ids_route_to_their_shard() {
+        let map = ShardMap::new(16);
+        assert_eq!(map.of_hold_id("h3-17"), Some(3));
+        assert_eq!(map.of_hold_id("h16-1"), None);
+        assert_eq!(map.of_hold_id("h3-"), None);
+        assert_eq!(map.of_hold_id("x3-1"), None);
+        assert_eq!(map.of_event_id("15-1732370000000-0"), Some(15));
+        assert_eq!(map.of_event_id("15-1732370000000"), None);
+        assert_eq!(map.of_event_id("a-1-0"), None);
+        assert_eq!(map.tag(3), "{tg:3}");
+        assert_eq!(map.outbox(3), "{tg:3}:o");
+    }
+
+    #[test]
+    fn accounts_spread_over_shards() {
+        let map = ShardMap::new(16);
+        let mut seen = [0u32; 16];
+        for i in 0..1600 {
+            seen[usize::from(map.of_account(&format!("acct-{i}")))] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+}

@@ -1,0 +1,47 @@
+-- authorize: place a hold. ARGV 8 account, 9 wallet, 10 idempotency key, 11 digest,
+-- 12 amount, 13 ttl_ms, 14 on_expiry ("c" capture | "r" release), 15 operation,
+-- 16 metadata, 17 most open holds per wallet.
+-- Answers "OK|event_id|hold_id|amount|expires_at_ms|available|held",
+-- "INSUFFICIENT_CREDITS|required|available" or "HOLD_LIMIT|max".
+if not initialized() then
+  return { 0, 'LEDGER_NOT_INITIALIZED' }
+end
+local ikey = idem_key(ARGV[8], ARGV[10])
+local prior = recall(ikey, ARGV[11])
+if prior then
+  return prior
+end
+local amount = tonumber(ARGV[12])
+local bad = check_credits(amount, false)
+if bad then
+  return bad
+end
+if outbox_full() then
+  return { 0, 'OUTBOX_FULL' }
+end
+local W = open_wallet(ARGV[8], ARGV[9])
+settle_due(W)
+local answer
+if W.r < amount then
+  answer = 'INSUFFICIENT_CREDITS|' .. itos(amount) .. '|' .. itos(W.r)
+elseif redis.call('ZCARD', W.hw) >= tonumber(ARGV[17]) then
+  answer = 'HOLD_LIMIT|' .. ARGV[17]
+else
+  local lots = draw(W, amount, true)
+  if not lots then
+    return redis.error_reply('TG_INVARIANT lots do not cover the available balance')
+  end
+  W.r = redis.call('HINCRBY', W.w, 'r', -amount)
+  W.h = redis.call('HINCRBY', W.w, 'h', amount)
+  local hold_id = 'h' .. SHARD .. '-' .. itos(redis.call('INCR', TAG .. ':seq'))
+  local deadline = NOW + tonumber(ARGV[13])
+  redis.call('HSET', TAG .. ':h:' .. hold_id, 'a', ARGV[8], 'w', ARGV[9], 'n', amount, 'l', lots,
+    'd', deadline, 'e', ARGV[14], 's', 'a', 'o', ARGV[15])
+  redis.call('ZADD', W.hw, deadline, hold_id)
+  schedule(W, deadline)
+  local eid = emit(W, 'hold', amount, lots, ARGV[14] .. itos(deadline), hold_id, '', ARGV[10], ARGV[15], ARGV[16])
+  answer = 'OK|' .. eid .. '|' .. hold_id .. '|' .. itos(amount) .. '|' .. itos(deadline) .. '|'
+    .. itos(W.r) .. '|' .. itos(W.h)
+end
+remember(ikey, ARGV[11], answer)
+return { 0, answer }

@@ -1,0 +1,383 @@
+-- tollgate ledger prelude: prepended to every ledger script when it is loaded.
+--
+-- Shared ARGV layout of every script (the rest is per script, from ARGV[8]):
+--   1 now_ms override (0 = read Redis TIME)   2 shard hash tag, e.g. "{tg:3}"
+--   3 shard number                            4 idempotency window (ms)
+--   5 retention of ended holds (ms)           6 retention of charge records (ms)
+--   7 outbox bound in entries (0 = unbounded)
+-- KEYS[1] is always the shard's outbox stream, so every key the script touches shares
+-- its hash tag (cluster-safe: all other key names are built from ARGV[2], the same tag).
+--
+-- Numbers: Lua numbers are doubles. Every amount is an integer <= 2^53-1, exact in a
+-- double; numbers are turned into strings only with itos() ("%d"), never with "..",
+-- which would print 14 significant digits.
+
+local NEVER = 4398046511103     -- 2^42 - 1: expiry part of the burn score of a lot that never expires
+local PRIO_UNIT = 4398046511104 -- 2^42: burn score = priority * 2^42 + (expires_at_ms or NEVER)
+local MAX_CREDITS = 9007199254740991
+-- Format version of the ledger events this code writes (src/ledger/event.rs reads every
+-- version it knows; an entry without the field is version 1).
+local EVENT_VERSION = 1
+local DRAW_PAGE = 8             -- lots read per ZRANGE while drawing
+local DUE_HOLDS_MAX = 256       -- overdue holds one call ends per wallet; the rest on the next touch
+
+local function itos(n)
+  return string.format('%d', n)
+end
+
+local NOW
+do
+  local forced = tonumber(ARGV[1])
+  if forced and forced > 0 then
+    NOW = forced
+  else
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+end
+local TAG = ARGV[2]
+local SHARD = ARGV[3]
+local WINDOW_MS = ARGV[4]
+local HOLD_RETENTION_MS = ARGV[5]
+local CHARGE_RETENTION_MS = ARGV[6]
+local OUTBOX_MAX = tonumber(ARGV[7])
+local OUTBOX = KEYS[1]
+
+-- The shard's epoch marker is written when the shard is initialized (a fresh deployment or
+-- `tollgate restore`). A Redis that lost its data has none: refuse rather than serve empty
+-- balances as if they were real.
+local function initialized()
+  return redis.call('EXISTS', TAG .. ':epoch') == 1
+end
+
+local function check_credits(n, allow_zero)
+  if not n or n ~= math.floor(n) or n > MAX_CREDITS or n < 0 or (n == 0 and not allow_zero) then
+    return redis.error_reply('TG_BAD_AMOUNT amount out of range')
+  end
+  return nil
+end
+
+-- Whether adding credits keeps the wallet's balance and the given running total within
+-- 2^53-1, where Lua's doubles stay exact.
+local function fits(W, amount, total_field)
+  local total = tonumber(redis.call('HGET', W.w, total_field)) or 0
+  return W.r + W.h + amount <= MAX_CREDITS and total + amount <= MAX_CREDITS
+end
+
+local function outbox_full()
+  return OUTBOX_MAX > 0 and redis.call('XLEN', OUTBOX) >= OUTBOX_MAX
+end
+
+-- Idempotency records (docs/ARCHITECTURE.md, "Idempotency records"): fields of one hash
+-- per shard and time bucket, "{tg:S}:i:<bucket>", a bucket spanning half the window.
+-- Field: 30 hex digits (120 bits) of SHA-1("<account>:<key>") (account ids hold no ':');
+-- value: 16 hex digits of the request digest, then the answer. A record is looked for in
+-- the current bucket and the two before it, so it lives at least the window and less than
+-- 1.5 windows. A hash field costs far less than a key with its own expiry (~130 B instead
+-- of ~210 B per record); the sweeper unlinks dead buckets, and each bucket carries an
+-- expiry a span later as a safety net.
+local IDEM_SPAN_MS = math.max(1, math.floor(tonumber(WINDOW_MS) / 2))
+local IDEM_BUCKETS_LOOKED_AT = 3
+
+-- The bucket of this moment, by Redis's own clock even when NOW is forced (tests): the
+-- window is real time, as a key's expiry would be.
+local function idem_bucket()
+  local t = NOW
+  if tonumber(ARGV[1]) > 0 then
+    local rt = redis.call('TIME')
+    t = tonumber(rt[1]) * 1000 + math.floor(tonumber(rt[2]) / 1000)
+  end
+  return math.floor(t / IDEM_SPAN_MS)
+end
+
+local function idem_key(acct, key)
+  return string.sub(redis.sha1hex(acct .. ':' .. key), 1, 30)
+end
+
+local function recall(field, digest)
+  local b = idem_bucket()
+  for age = 0, IDEM_BUCKETS_LOOKED_AT - 1 do
+    local v = redis.call('HGET', TAG .. ':i:' .. itos(b - age), field)
+    if v then
+      if string.sub(v, 1, 16) ~= digest then
+        return { 0, 'IDEMPOTENCY_KEY_REUSED' }
+      end
+      return { 1, string.sub(v, 17) }
+    end
+  end
+  return nil
+end
+
+local function remember(field, digest, answer)
+  local b = idem_bucket()
+  local bucket = TAG .. ':i:' .. itos(b)
+  redis.call('HSET', bucket, field, digest .. answer)
+  redis.call('PEXPIREAT', bucket, itos((b + IDEM_BUCKETS_LOOKED_AT + 1) * IDEM_SPAN_MS), 'NX')
+end
+
+-- The first bucket no lookup reads any more (the sweeper unlinks it).
+local function idem_dead_bucket()
+  return TAG .. ':i:' .. itos(idem_bucket() - IDEM_BUCKETS_LOOKED_AT)
+end
+
+local function lot_expiry(score)
+  local e = score % PRIO_UNIT
+  if e == NEVER then
+    return 0
+  end
+  return e
+end
+
+local function open_wallet(acct, wallet)
+  local base = acct .. ':' .. wallet
+  local W = {
+    acct = acct,
+    wallet = wallet,
+    member = base,
+    w = TAG .. ':w:' .. base,
+    b = TAG .. ':b:' .. base,
+    x = TAG .. ':x:' .. base,
+    hw = TAG .. ':hw:' .. base,
+  }
+  local v = redis.call('HMGET', W.w, 'r', 'h', 'd')
+  W.r = tonumber(v[1]) or 0
+  W.h = tonumber(v[2]) or 0
+  W.d = tonumber(v[3])
+  return W
+end
+
+-- Appends one ledger event to the shard's outbox; its id is "<shard>-<stream id>".
+-- l: lots debited or credited "id:amount[:score],..."; x: per-kind extra (see ledger/event.rs).
+local function emit(W, kind, amount, l, x, hold, charge, idem, op, meta)
+  local sid = redis.call('XADD', OUTBOX, '*',
+    'k', kind, 'a', W.acct, 'w', W.wallet, 'n', amount, 'v', W.r, 'h', W.h,
+    'l', l, 'x', x, 'hd', hold, 'c', charge, 'i', idem, 'o', op, 'm', meta, 't', NOW,
+    'ver', EVENT_VERSION)
+  return SHARD .. '-' .. sid
+end
+
+local function record_charge(W, eid, amount, lots)
+  local ckey = TAG .. ':c:' .. eid
+  redis.call('HSET', ckey, 'a', W.acct, 'w', W.wallet, 'n', amount, 'f', 0, 'l', lots)
+  redis.call('PEXPIRE', ckey, CHARGE_RETENTION_MS)
+end
+
+-- The account's wallet names: a small hash (listpack-encoded; a Redis 7.0 set of
+-- strings would be a hashtable, twice the memory).
+local function wallet_set_refuses(acct, wallet, max)
+  local key = TAG .. ':ws:' .. acct
+  return redis.call('HEXISTS', key, wallet) == 0 and redis.call('HLEN', key) >= tonumber(max)
+end
+
+local function join_wallet_set(acct, wallet)
+  redis.call('HSET', TAG .. ':ws:' .. acct, wallet, 1)
+end
+
+-- Lower the wallet's next due time (lot expiry or hold deadline) to t if t is sooner.
+local function schedule(W, t)
+  if not W.d or t < W.d then
+    W.d = t
+    redis.call('HSET', W.w, 'd', t)
+    redis.call('ZADD', TAG .. ':due', t, W.member)
+  end
+end
+
+-- Recompute the next due time from the two indexes.
+local function reschedule(W)
+  local nxt
+  local a = redis.call('ZRANGE', W.x, 0, 0, 'WITHSCORES')
+  if a[2] then
+    nxt = tonumber(a[2])
+  end
+  local b = redis.call('ZRANGE', W.hw, 0, 0, 'WITHSCORES')
+  if b[2] and (not nxt or tonumber(b[2]) < nxt) then
+    nxt = tonumber(b[2])
+  end
+  W.d = nxt
+  if nxt then
+    redis.call('HSET', W.w, 'd', nxt)
+    redis.call('ZADD', TAG .. ':due', nxt, W.member)
+  else
+    redis.call('HDEL', W.w, 'd')
+    redis.call('ZREM', TAG .. ':due', W.member)
+  end
+end
+
+-- A lot record lives while it has remaining credits or credits held by an open hold.
+local function maybe_drop(W, id)
+  local v = redis.call('HMGET', W.w, id, id .. ':h')
+  if (tonumber(v[1]) or 0) <= 0 and (tonumber(v[2]) or 0) <= 0 then
+    redis.call('HDEL', W.w, id, id .. ':m', id .. ':u', id .. ':h')
+    redis.call('ZREM', W.b, id)
+    redis.call('ZREM', W.x, id)
+    return true
+  end
+  return false
+end
+
+-- Creates a lot; returns its id and its "id:amount:score" piece.
+local function add_lot(W, amount, kind, prio, exp, desc)
+  local id = string.format('%08d', redis.call('HINCRBY', W.w, 's', 1))
+  local score = prio * PRIO_UNIT + (exp == 0 and NEVER or exp)
+  redis.call('HSET', W.w, id, amount, id .. ':u', NOW,
+    id .. ':m', itos(amount) .. '|' .. itos(prio) .. '|' .. itos(exp) .. '|' .. itos(NOW) .. '|' .. kind .. '|' .. desc)
+  redis.call('ZADD', W.b, score, id)
+  if exp ~= 0 then
+    redis.call('ZADD', W.x, exp, id)
+    schedule(W, exp)
+  end
+  W.r = redis.call('HINCRBY', W.w, 'r', amount)
+  return id, id .. ':' .. itos(amount) .. ':' .. itos(score)
+end
+
+-- Takes amount credits from the lots in burn order. The caller checked W.r >= amount.
+-- for_hold: the credits move into a hold, so the lot records stay while the hold is open.
+-- Updates the lots only; the caller updates the wallet totals.
+local function draw(W, amount, for_hold)
+  local need = amount
+  local pieces = {}
+  local start = 0
+  while need > 0 do
+    local page = redis.call('ZRANGE', W.b, start, start + DRAW_PAGE - 1, 'WITHSCORES')
+    if #page == 0 then
+      return nil
+    end
+    local ids = {}
+    for j = 1, #page, 2 do
+      ids[#ids + 1] = page[j]
+    end
+    local rems = redis.call('HMGET', W.w, unpack(ids))
+    local dropped = 0
+    for j = 1, #ids do
+      local rem = tonumber(rems[j]) or 0
+      if need > 0 and rem > 0 then
+        local id = ids[j]
+        local take = rem < need and rem or need
+        local left = redis.call('HINCRBY', W.w, id, -take)
+        redis.call('HSET', W.w, id .. ':u', NOW)
+        if for_hold then
+          redis.call('HINCRBY', W.w, id .. ':h', take)
+        elseif left == 0 and maybe_drop(W, id) then
+          dropped = dropped + 1
+        end
+        need = need - take
+        pieces[#pieces + 1] = id .. ':' .. itos(take) .. ':' .. page[2 * j]
+      end
+    end
+    -- Dropped lots left the index: the next page starts that much earlier.
+    start = start + DRAW_PAGE - dropped
+  end
+  return table.concat(pieces, ',')
+end
+
+local function expire_lot(W, id)
+  local rem = tonumber(redis.call('HGET', W.w, id)) or 0
+  redis.call('ZREM', W.x, id)
+  redis.call('ZREM', W.b, id)
+  if rem > 0 then
+    redis.call('HSET', W.w, id, 0, id .. ':u', NOW)
+    W.r = redis.call('HINCRBY', W.w, 'r', -rem)
+    redis.call('HINCRBY', W.w, 'xp', rem)
+    emit(W, 'expire_lot', rem, id .. ':' .. itos(rem), '', '', '', '', '', '')
+  end
+  maybe_drop(W, id)
+end
+
+-- Ends an open hold: charges `capture` credits from its lots in the order they were drawn
+-- and returns the rest to their lots. Credits returned to a lot that has expired in the
+-- meantime expire at once (an expire_lot event follows the hold's event).
+-- Lots with credits held stay in the burn index (with remaining 0) until they expire.
+local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, idem, op, meta)
+  local charged, returned, lapsed = {}, {}, {}
+  local left = capture
+  local back_live = 0
+  for piece in string.gmatch(pieces, '[^,]+') do
+    local id, a, score = string.match(piece, '^([^:]+):(%d+):(%d+)$')
+    a = tonumber(a)
+    local c = left < a and left or a
+    left = left - c
+    local back = a - c
+    if c > 0 then
+      charged[#charged + 1] = id .. ':' .. itos(c) .. ':' .. score
+    end
+    local held_left = redis.call('HINCRBY', W.w, id .. ':h', -a)
+    if held_left <= 0 then
+      redis.call('HDEL', W.w, id .. ':h')
+    end
+    redis.call('HSET', W.w, id .. ':u', NOW)
+    if back > 0 then
+      returned[#returned + 1] = id .. ':' .. itos(back) .. ':' .. score
+      -- A lot that left the burn index has expired (settle_due ran first). Asking the
+      -- index rather than comparing expiry with NOW stays right if the clock steps back.
+      if not redis.call('ZSCORE', W.b, id) then
+        lapsed[#lapsed + 1] = id
+        lapsed[#lapsed + 1] = back
+      else
+        redis.call('HINCRBY', W.w, id, back)
+        back_live = back_live + back
+      end
+    end
+    if held_left <= 0 then
+      maybe_drop(W, id)
+    end
+  end
+  local lapsed_total = amount - capture - back_live
+  W.h = redis.call('HINCRBY', W.w, 'h', -amount)
+  if capture > 0 then
+    redis.call('HINCRBY', W.w, 'u', capture)
+  end
+  if back_live > 0 then
+    redis.call('HINCRBY', W.w, 'r', back_live)
+  end
+  if lapsed_total > 0 then
+    redis.call('HINCRBY', W.w, 'xp', lapsed_total)
+  end
+  -- The hold's event shows every returned credit back in its lot; the expire_lot events
+  -- that follow take the lapsed ones out again, so replaying events in order is exact.
+  W.r = W.r + amount - capture
+  redis.call('HSET', hkey, 's', state, 'q', capture)
+  redis.call('PEXPIRE', hkey, HOLD_RETENTION_MS)
+  redis.call('ZREM', W.hw, hold_id)
+  local n = amount
+  if kind == 'capture' then
+    n = capture
+  end
+  local charged_lots = table.concat(charged, ',')
+  local eid = emit(W, kind, n, charged_lots, table.concat(returned, ','), hold_id, '', idem, op, meta)
+  if capture > 0 then
+    record_charge(W, eid, capture, charged_lots)
+  end
+  for j = 1, #lapsed, 2 do
+    W.r = W.r - lapsed[j + 1]
+    emit(W, 'expire_lot', lapsed[j + 1], lapsed[j] .. ':' .. itos(lapsed[j + 1]), '', '', '', '', '', '')
+  end
+  return eid
+end
+
+-- Lazy expiry: ends what is due in this wallet before anything reads its balance.
+local function settle_due(W)
+  if not W.d or W.d > NOW then
+    return
+  end
+  -- Every lot past its expiry (bounded by the wallet's lot cap): the balance must not
+  -- count a single expired credit.
+  local lots = redis.call('ZRANGEBYSCORE', W.x, '-inf', NOW)
+  for j = 1, #lots do
+    expire_lot(W, lots[j])
+  end
+  local holds = redis.call('ZRANGEBYSCORE', W.hw, '-inf', NOW, 'LIMIT', 0, DUE_HOLDS_MAX)
+  for j = 1, #holds do
+    local hold_id = holds[j]
+    local hkey = TAG .. ':h:' .. hold_id
+    local hd = redis.call('HMGET', hkey, 'n', 'l', 'e', 'o')
+    local amount = tonumber(hd[1])
+    local capture = 0
+    if hd[3] == 'c' then
+      capture = amount
+    end
+    end_hold(W, hold_id, hkey, amount, hd[2], capture, 'expire_hold', 'x', '', hd[4] or '', '')
+  end
+  reschedule(W)
+end
+
+-- Per-script body follows.

@@ -1,0 +1,93 @@
+-- refund: return credits a charge (debit or capture) took. ARGV 8 charge id (its event id),
+-- 9 idempotency key, 10 digest, 11 amount, 12 metadata, 13 most lots per wallet.
+-- Credits go back to new lots of kind "refund" that keep the priority and expiry of the
+-- lots the charge drew from; credits whose lot has expired since expire at once, as they
+-- would have had the charge never happened.
+-- Answers "OK|event_id|refunded|refunded_total|available|expired",
+-- "REFUND_EXCEEDS_CHARGE|refundable", "LOT_LIMIT|max" (the new lots would pass the
+-- wallet's lot cap) or "NOT_FOUND|charge".
+if not initialized() then
+  return { 0, 'LEDGER_NOT_INITIALIZED' }
+end
+local charge_id = ARGV[8]
+local ckey = TAG .. ':c:' .. charge_id
+local c = redis.call('HMGET', ckey, 'a', 'w', 'n', 'f', 'l')
+if not c[1] then
+  return { 0, 'NOT_FOUND|charge' }
+end
+local ikey = idem_key(c[1], ARGV[9])
+local prior = recall(ikey, ARGV[10])
+if prior then
+  return prior
+end
+local amount = tonumber(ARGV[11])
+local bad = check_credits(amount, false)
+if bad then
+  return bad
+end
+local W = open_wallet(c[1], c[2])
+settle_due(W)
+local charged = tonumber(c[3])
+local done = tonumber(c[4])
+local answer
+if amount > charged - done then
+  answer = 'REFUND_EXCEEDS_CHARGE|' .. itos(charged - done)
+else
+  -- Walk the charge's lots from the last drawn, past what earlier refunds returned.
+  local pieces = {}
+  for piece in string.gmatch(c[5], '[^,]+') do
+    pieces[#pieces + 1] = piece
+  end
+  local skip, need, expired = done, amount, 0
+  local scores, amounts = {}, {}
+  for k = #pieces, 1, -1 do
+    local _, a, score = string.match(pieces[k], '^([^:]+):(%d+):(%d+)$')
+    a = tonumber(a)
+    local s = skip < a and skip or a
+    skip = skip - s
+    a = a - s
+    local take = need < a and need or a
+    if take > 0 then
+      need = need - take
+      local exp = lot_expiry(tonumber(score))
+      if exp ~= 0 and exp <= NOW then
+        expired = expired + take
+      else
+        local found = false
+        for g = 1, #scores do
+          if scores[g] == score then
+            amounts[g] = amounts[g] + take
+            found = true
+          end
+        end
+        if not found then
+          scores[#scores + 1] = score
+          amounts[#amounts + 1] = take
+        end
+      end
+    end
+  end
+  if not fits(W, amount, 'f') then
+    return { 0, 'BALANCE_LIMIT' }
+  end
+  if #scores > 0 and redis.call('ZCARD', W.b) + #scores > tonumber(ARGV[13]) then
+    answer = 'LOT_LIMIT|' .. ARGV[13]
+    remember(ikey, ARGV[10], answer)
+    return { 0, answer }
+  end
+  local created = {}
+  for g = 1, #scores do
+    local score = tonumber(scores[g])
+    local _, piece = add_lot(W, amounts[g], 'refund', math.floor(score / PRIO_UNIT), lot_expiry(score), 'refund of ' .. charge_id)
+    created[#created + 1] = piece
+  end
+  if expired > 0 then
+    redis.call('HINCRBY', W.w, 'xp', expired)
+  end
+  redis.call('HINCRBY', W.w, 'f', amount)
+  local total = redis.call('HINCRBY', ckey, 'f', amount)
+  local eid = emit(W, 'refund', amount, table.concat(created, ','), itos(expired), '', charge_id, ARGV[9], '', ARGV[12])
+  answer = 'OK|' .. eid .. '|' .. itos(amount) .. '|' .. itos(total) .. '|' .. itos(W.r) .. '|' .. itos(expired)
+end
+remember(ikey, ARGV[10], answer)
+return { 0, answer }

@@ -1,0 +1,687 @@
+//! The ledger: balances, lots, holds, idempotency records and the outbox live in Redis and
+//! change only through the Lua scripts under `lua/`, one atomic script per operation.
+//! This module owns the typed API over those scripts.
+//!
+//! - `command`: requests and their validation (pure)
+//! - `keys`: shard placement and key names
+//! - `reply`: parsing of script answers
+//! - `event`: the outbox event format
+//! - `redis_pool`: connections, deadlines, script loading
+//! - `sweeper`: periodic expiry of lots and holds for idle wallets
+
+pub mod command;
+pub mod error;
+pub mod event;
+pub mod keys;
+pub mod redis_pool;
+mod reply;
+pub mod sweeper;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Script;
+
+pub use command::{
+    Adjust, AdjustInput, Authorize, Debit, EndHold, FieldViolation, Grant, GrantInput, LotKind,
+    Metadata, OnExpiry, Refund,
+};
+pub use error::{HoldEnd, LedgerError, Refusal};
+use redis_pool::ScriptMetrics;
+pub use redis_pool::{RedisPool, ScriptCall};
+
+use command::{digest, encode_metadata};
+use keys::ShardMap;
+
+/// Idempotency records live this long unless configured otherwise.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Ended holds are kept this long, so a late second Capture learns how the hold ended.
+pub const DEFAULT_HOLD_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Charge records (what a debit or capture took from which lot) are kept this long;
+/// refunds of older charges answer NOT_FOUND.
+pub const DEFAULT_CHARGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const DEFAULT_LOTS_PER_WALLET_MAX: u32 = 1000;
+pub const DEFAULT_WALLETS_PER_ACCOUNT_MAX: u32 = 64;
+pub const DEFAULT_HOLDS_PER_WALLET_MAX: u32 = 10_000;
+/// Lots per ListLots page unless asked otherwise, and the most a page may hold.
+pub const LOTS_PAGE_DEFAULT: u32 = 100;
+pub const LOTS_PAGE_MAX: u32 = 1000;
+
+/// Ledger limits and windows, from the `[ledger]` config section.
+#[derive(Debug, Clone)]
+pub struct LedgerSettings {
+    pub shards: u16,
+    pub idempotency_window: Duration,
+    pub hold_retention: Duration,
+    pub charge_retention: Duration,
+    pub lots_per_wallet_max: u32,
+    pub wallets_per_account_max: u32,
+    pub holds_per_wallet_max: u32,
+    /// Unsettled events per shard outbox before Debit and Authorize answer OUTBOX_FULL;
+    /// 0 = no bound.
+    pub outbox_events_max: u64,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        Self {
+            shards: keys::SHARDS_DEFAULT,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
+            hold_retention: DEFAULT_HOLD_RETENTION,
+            charge_retention: DEFAULT_CHARGE_RETENTION,
+            lots_per_wallet_max: DEFAULT_LOTS_PER_WALLET_MAX,
+            wallets_per_account_max: DEFAULT_WALLETS_PER_ACCOUNT_MAX,
+            holds_per_wallet_max: DEFAULT_HOLDS_PER_WALLET_MAX,
+            outbox_events_max: 0,
+        }
+    }
+}
+
+/// Where scripts take the time from. Production reads Redis `TIME`, so every sidecar
+/// agrees on expiry; tests drive a manual clock to make expiry deterministic.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    #[default]
+    Redis,
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    pub fn manual(start_ms: i64) -> (Self, Arc<AtomicI64>) {
+        let now = Arc::new(AtomicI64::new(start_ms));
+        (Self::Manual(now.clone()), now)
+    }
+
+    fn override_ms(&self) -> i64 {
+        match self {
+            Self::Redis => 0,
+            Self::Manual(now) => now.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// A ledger script, hashed once, with its metric handles resolved once.
+struct LedgerScript {
+    script: Script,
+    metrics: ScriptMetrics,
+}
+
+/// The scripts; each is the shared prelude plus its body.
+struct Scripts {
+    debit: LedgerScript,
+    authorize: LedgerScript,
+    end_hold: LedgerScript,
+    refund: LedgerScript,
+    grant: LedgerScript,
+    adjust: LedgerScript,
+    balance: LedgerScript,
+    lots: LedgerScript,
+    sweep: LedgerScript,
+    snapshot: LedgerScript,
+}
+
+/// `ledger_script!("debit", mutates)`: lua/lib.lua + lua/debit.lua, measured as "debit".
+macro_rules! ledger_script {
+    ($name:literal, $mutates:expr) => {
+        LedgerScript {
+            script: Script::new(concat!(
+                include_str!("lua/lib.lua"),
+                include_str!(concat!("lua/", $name, ".lua"))
+            )),
+            metrics: ScriptMetrics::new($name, $mutates),
+        }
+    };
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            debit: ledger_script!("debit", true),
+            authorize: ledger_script!("authorize", true),
+            end_hold: ledger_script!("end_hold", true),
+            refund: ledger_script!("refund", true),
+            grant: ledger_script!("grant", true),
+            adjust: ledger_script!("adjust", true),
+            balance: ledger_script!("balance", false),
+            lots: ledger_script!("lots", false),
+            sweep: ledger_script!("sweep", false),
+            snapshot: ledger_script!("snapshot", false),
+        }
+    }
+
+    fn all(&self) -> [&Script; 10] {
+        [
+            &self.debit.script,
+            &self.authorize.script,
+            &self.end_hold.script,
+            &self.refund.script,
+            &self.grant.script,
+            &self.adjust.script,
+            &self.balance.script,
+            &self.lots.script,
+            &self.sweep.script,
+            &self.snapshot.script,
+        ]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebitOutcome {
+    pub event_id: String,
+    pub amount: i64,
+    pub available: i64,
+    pub held: i64,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldOutcome {
+    pub event_id: String,
+    pub hold_id: String,
+    pub amount: i64,
+    pub expires_at_ms: i64,
+    pub available: i64,
+    pub held: i64,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndHoldOutcome {
+    pub event_id: String,
+    pub captured: i64,
+    pub released: i64,
+    pub available: i64,
+    pub held: i64,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundOutcome {
+    pub event_id: String,
+    pub refunded: i64,
+    pub refunded_total: i64,
+    pub available: i64,
+    pub expired: i64,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantOutcome {
+    pub event_id: String,
+    /// Empty for a negative adjustment.
+    pub lot_id: String,
+    pub available: i64,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalletBalance {
+    pub wallet: String,
+    pub available: i64,
+    pub held: i64,
+    pub granted: i64,
+    pub used: i64,
+    pub expired: i64,
+    pub refunded: i64,
+    pub adjusted: i64,
+}
+
+impl WalletBalance {
+    /// Conservation: what came in equals what is left plus what went out.
+    pub fn is_conserved(&self) -> bool {
+        self.granted + self.adjusted
+            == self.available + self.held + self.used + self.expired - self.refunded
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lot {
+    pub lot_id: String,
+    pub wallet: String,
+    pub kind: String,
+    pub priority: u8,
+    pub amount: i64,
+    pub used: i64,
+    pub remaining: i64,
+    pub held: i64,
+    pub expires_at_ms: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LotsPage {
+    pub lots: Vec<Lot>,
+    /// Offset of the next page, if there is one.
+    pub next_offset: Option<u32>,
+}
+
+/// A new epoch marker value: the time it was written, in ms.
+pub fn new_epoch() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis().to_string())
+        .unwrap_or_default()
+}
+
+/// The typed ledger API. Cheap to share behind an `Arc`.
+pub struct Ledger {
+    redis: RedisPool,
+    scripts: Scripts,
+    shards: ShardMap,
+    settings: LedgerSettings,
+    clock: Clock,
+    // Pre-rendered script arguments shared by every call.
+    window_ms: String,
+    hold_retention_ms: String,
+    charge_retention_ms: String,
+    outbox_max: String,
+    lots_max: String,
+    wallets_max: String,
+    holds_max: String,
+}
+
+impl Ledger {
+    pub fn new(redis: RedisPool, settings: LedgerSettings, clock: Clock) -> Self {
+        let ms = |d: Duration| d.as_millis().to_string();
+        Self {
+            scripts: Scripts::new(),
+            shards: ShardMap::new(settings.shards),
+            window_ms: ms(settings.idempotency_window),
+            hold_retention_ms: ms(settings.hold_retention),
+            charge_retention_ms: ms(settings.charge_retention),
+            outbox_max: settings.outbox_events_max.to_string(),
+            lots_max: settings.lots_per_wallet_max.to_string(),
+            wallets_max: settings.wallets_per_account_max.to_string(),
+            holds_max: settings.holds_per_wallet_max.to_string(),
+            settings,
+            redis,
+            clock,
+        }
+    }
+
+    pub fn settings(&self) -> &LedgerSettings {
+        &self.settings
+    }
+
+    pub fn shards(&self) -> &ShardMap {
+        &self.shards
+    }
+
+    pub fn redis(&self) -> &RedisPool {
+        &self.redis
+    }
+
+    /// Loads every script into Redis (SCRIPT LOAD) so the first calls need no reload.
+    pub async fn load_scripts(&self) -> Result<(), LedgerError> {
+        self.redis.load_scripts(&self.scripts.all()).await
+    }
+
+    /// Whether Redis holds every ledger script (SCRIPT EXISTS); loads the missing ones
+    /// when `load_missing` is set. Returns (scripts present, scripts in all).
+    pub async fn check_scripts(&self, load_missing: bool) -> Result<(usize, usize), LedgerError> {
+        let all = self.scripts.all();
+        let present = self.redis.scripts_exist(&all).await?;
+        let loaded = present.iter().filter(|p| **p).count();
+        if loaded < all.len() && load_missing {
+            self.load_scripts().await?;
+            let again = self.redis.scripts_exist(&all).await?;
+            return Ok((again.iter().filter(|p| **p).count(), all.len()));
+        }
+        Ok((loaded, all.len()))
+    }
+
+    /// A script call with the shared ARGV prefix (see lua/lib.lua) for a shard.
+    fn invocation<'a>(&'a self, script: &'a LedgerScript, shard: u16) -> ScriptCall<'a> {
+        let mut inv = ScriptCall::new(&script.script, &[self.shards.outbox(shard)])
+            .with_metrics(&script.metrics);
+        inv.arg(self.clock.override_ms())
+            .arg(self.shards.tag(shard))
+            .arg(self.shards.number(shard))
+            .arg(&self.window_ms)
+            .arg(&self.hold_retention_ms)
+            .arg(&self.charge_retention_ms)
+            .arg(&self.outbox_max);
+        inv
+    }
+
+    pub async fn debit(&self, cmd: &Debit) -> Result<DebitOutcome, LedgerError> {
+        cmd.validate().map_err(LedgerError::InvalidArgument)?;
+        let inv = self.debit_invocation(cmd);
+        let answer = self.redis.answer(&inv).await?;
+        reply::debit(&answer)
+    }
+
+    /// The EVALSHA of the debit script with exactly the arguments [`Ledger::debit`] sends
+    /// (the command is not validated here). `tollgate bench --baseline` runs it straight
+    /// against Redis, so the baseline and tollgate run the same script.
+    pub fn debit_invocation(&self, cmd: &Debit) -> ScriptCall<'_> {
+        let shard = self.shards.of_account(&cmd.account_id);
+        let metadata = encode_metadata(&cmd.metadata);
+        let amount = cmd.amount.to_string();
+        let digest = digest(&["debit", &cmd.wallet, &amount, &cmd.operation, &metadata]);
+        let mut inv = self.invocation(&self.scripts.debit, shard);
+        inv.arg(&cmd.account_id)
+            .arg(&cmd.wallet)
+            .arg(&cmd.idempotency_key)
+            .arg(&digest)
+            .arg(cmd.amount)
+            .arg(&cmd.operation)
+            .arg(&metadata);
+        inv
+    }
+
+    /// Parses a debit script answer (see [`Ledger::debit_invocation`]).
+    pub fn debit_reply(value: redis::Value) -> Result<DebitOutcome, LedgerError> {
+        reply::debit(&redis_pool::Answer::from_value(value)?)
+    }
+
+    pub async fn authorize(&self, cmd: &Authorize) -> Result<HoldOutcome, LedgerError> {
+        cmd.validate().map_err(LedgerError::InvalidArgument)?;
+        let shard = self.shards.of_account(&cmd.account_id);
+        let metadata = encode_metadata(&cmd.metadata);
+        let amount = cmd.amount.to_string();
+        let ttl = cmd.ttl_ms.to_string();
+        let policy = cmd.on_expiry.code();
+        let digest = digest(&[
+            "authorize",
+            &cmd.wallet,
+            &amount,
+            &ttl,
+            policy,
+            &cmd.operation,
+            &metadata,
+        ]);
+        let mut inv = self.invocation(&self.scripts.authorize, shard);
+        inv.arg(&cmd.account_id)
+            .arg(&cmd.wallet)
+            .arg(&cmd.idempotency_key)
+            .arg(&digest)
+            .arg(cmd.amount)
+            .arg(cmd.ttl_ms)
+            .arg(policy)
+            .arg(&cmd.operation)
+            .arg(&metadata)
+            .arg(&self.holds_max);
+        let answer = self.redis.answer(&inv).await?;
+        reply::hold(&answer)
+    }
+
+    /// Capture or Release, by `cmd.capture`.
+    pub async fn end_hold(&self, cmd: &EndHold) -> Result<EndHoldOutcome, LedgerError> {
+        let shard = self.shards.of_hold_id(&cmd.hold_id);
+        cmd.validate(shard.is_some())
+            .map_err(LedgerError::InvalidArgument)?;
+        let shard = shard.unwrap_or_default();
+        let metadata = encode_metadata(&cmd.metadata);
+        let (mode, amount) = match cmd.capture {
+            Some(amount) => ("capture", amount.unwrap_or(-1)),
+            None => ("release", 0),
+        };
+        let amount_text = amount.to_string();
+        let digest = digest(&[mode, &cmd.hold_id, &amount_text, &metadata]);
+        let mut inv = self.invocation(&self.scripts.end_hold, shard);
+        inv.arg(&cmd.hold_id)
+            .arg(&cmd.idempotency_key)
+            .arg(&digest)
+            .arg(mode)
+            .arg(amount)
+            .arg(&metadata);
+        let answer = self.redis.answer(&inv).await?;
+        reply::end_hold(&answer)
+    }
+
+    pub async fn refund(&self, cmd: &Refund) -> Result<RefundOutcome, LedgerError> {
+        let shard = self.shards.of_event_id(&cmd.charge_id);
+        cmd.validate(shard.is_some())
+            .map_err(LedgerError::InvalidArgument)?;
+        let shard = shard.unwrap_or_default();
+        let metadata = encode_metadata(&cmd.metadata);
+        let amount = cmd.amount.to_string();
+        let digest = digest(&["refund", &cmd.charge_id, &amount, &metadata]);
+        let mut inv = self.invocation(&self.scripts.refund, shard);
+        inv.arg(&cmd.charge_id)
+            .arg(&cmd.idempotency_key)
+            .arg(&digest)
+            .arg(cmd.amount)
+            .arg(&metadata)
+            .arg(&self.lots_max);
+        let answer = self.redis.answer(&inv).await?;
+        reply::refund(&answer)
+    }
+
+    pub async fn grant(&self, cmd: &Grant) -> Result<GrantOutcome, LedgerError> {
+        let inv = self.grant_invocation(cmd);
+        let answer = self.redis.answer(&inv).await?;
+        reply::grant(&answer)
+    }
+
+    /// Many grants in one pipeline (seeding: `tollgate bench`, tests). Scripts must be
+    /// loaded first ([`Ledger::load_scripts`]): a pipelined EVALSHA is not retried.
+    pub async fn grant_batch(
+        &self,
+        cmds: &[Grant],
+    ) -> Result<Vec<Result<GrantOutcome, LedgerError>>, LedgerError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let invocations: Vec<_> = cmds.iter().map(|cmd| self.grant_invocation(cmd)).collect();
+        for inv in &invocations {
+            pipe.add_command(inv.cmd().clone());
+        }
+        let values: Vec<redis::Value> = self.redis.pipeline(&pipe).await?;
+        Ok(values
+            .into_iter()
+            .map(|value| {
+                if let redis::Value::ServerError(err) = value {
+                    return Err(LedgerError::from(redis::RedisError::from(err)));
+                }
+                reply::grant(&redis_pool::Answer::from_value(value)?)
+            })
+            .collect())
+    }
+
+    fn grant_invocation(&self, cmd: &Grant) -> ScriptCall<'_> {
+        let shard = self.shards.of_account(&cmd.account_id);
+        let metadata = encode_metadata(&cmd.metadata);
+        let amount = cmd.amount.to_string();
+        let priority = cmd.priority.to_string();
+        let expires = cmd.expires_at_ms.to_string();
+        let digest = digest(&[
+            "grant",
+            &cmd.wallet,
+            &amount,
+            cmd.kind.as_str(),
+            &priority,
+            &expires,
+            &cmd.description,
+            &metadata,
+        ]);
+        let mut inv = self.invocation(&self.scripts.grant, shard);
+        inv.arg(&cmd.account_id)
+            .arg(&cmd.wallet)
+            .arg(&cmd.idempotency_key)
+            .arg(&digest)
+            .arg(cmd.amount)
+            .arg(cmd.kind.as_str())
+            .arg(cmd.priority)
+            .arg(cmd.expires_at_ms)
+            .arg(&cmd.description)
+            .arg(&metadata)
+            .arg(&self.lots_max)
+            .arg(&self.wallets_max);
+        inv
+    }
+
+    pub async fn adjust(&self, cmd: &Adjust) -> Result<GrantOutcome, LedgerError> {
+        let shard = self.shards.of_account(&cmd.account_id);
+        let metadata = encode_metadata(&cmd.metadata);
+        let amount = cmd.amount.to_string();
+        let priority = cmd.priority.to_string();
+        let expires = cmd.expires_at_ms.to_string();
+        let digest = digest(&[
+            "adjust",
+            &cmd.wallet,
+            &amount,
+            &priority,
+            &expires,
+            &cmd.description,
+            &metadata,
+        ]);
+        let mut inv = self.invocation(&self.scripts.adjust, shard);
+        inv.arg(&cmd.account_id)
+            .arg(&cmd.wallet)
+            .arg(&cmd.idempotency_key)
+            .arg(&digest)
+            .arg(cmd.amount)
+            .arg(&cmd.description)
+            .arg(&metadata)
+            .arg(&self.lots_max)
+            .arg(&self.wallets_max)
+            .arg(cmd.priority)
+            .arg(cmd.expires_at_ms);
+        let answer = self.redis.answer(&inv).await?;
+        reply::grant(&answer)
+    }
+
+    /// Balances of one wallet, or of every wallet of the account when `wallet` is empty.
+    pub async fn balance(
+        &self,
+        account_id: &str,
+        wallet: &str,
+    ) -> Result<Vec<WalletBalance>, LedgerError> {
+        let mut v = command::Violations::default();
+        v.account_id("account_id", account_id);
+        v.wallet("wallet", wallet);
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let shard = self.shards.of_account(account_id);
+        let mut inv = self.invocation(&self.scripts.balance, shard);
+        inv.arg(account_id).arg(wallet);
+        let rows: Vec<String> = self.redis.call_script(&inv).await?;
+        reply::balances(&rows)
+    }
+
+    pub async fn lots(
+        &self,
+        account_id: &str,
+        wallet: &str,
+        offset: u32,
+        page_size: u32,
+    ) -> Result<LotsPage, LedgerError> {
+        let mut v = command::Violations::default();
+        v.account_id("account_id", account_id);
+        v.wallet("wallet", wallet);
+        if !(1..=LOTS_PAGE_MAX).contains(&page_size) {
+            v.add("page_size", format!("must be in 1..={LOTS_PAGE_MAX}"));
+        }
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let wallet = if wallet.is_empty() {
+            command::DEFAULT_WALLET
+        } else {
+            wallet
+        };
+        let shard = self.shards.of_account(account_id);
+        let mut inv = self.invocation(&self.scripts.lots, shard);
+        inv.arg(account_id).arg(wallet).arg(offset).arg(page_size);
+        let rows: Vec<String> = self.redis.call_script(&inv).await?;
+        reply::lots(wallet, offset, &rows)
+    }
+
+    /// Per shard: whether its epoch marker exists (the ledger holds real state).
+    pub async fn initialized_shards(&self) -> Result<Vec<bool>, LedgerError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..self.shards.count() {
+            pipe.cmd("EXISTS").arg(self.shards.epoch_key(shard));
+        }
+        let found: Vec<i64> = self.redis.pipeline(&pipe).await?;
+        Ok(found.into_iter().map(|n| n == 1).collect())
+    }
+
+    /// Marks a shard initialized (SET NX of its epoch marker). Only for a shard whose
+    /// state is known to be complete: a fresh deployment, or after a restore.
+    pub async fn initialize_shard(&self, shard: u16, epoch: &str) -> Result<(), LedgerError> {
+        let _: Option<String> = self
+            .redis
+            .query(
+                redis::cmd("SET")
+                    .arg(self.shards.epoch_key(shard))
+                    .arg(epoch)
+                    .arg("NX"),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Marks every shard initialized (tests, benchmarks, fresh deployments).
+    pub async fn initialize_all(&self) -> Result<(), LedgerError> {
+        let epoch = new_epoch();
+        for shard in 0..self.shards.count() {
+            self.initialize_shard(shard, &epoch).await?;
+        }
+        Ok(())
+    }
+
+    /// A wallet's stored totals and the shard outbox's last entry id, read atomically and
+    /// without ending anything due (reconcile).
+    pub async fn snapshot(
+        &self,
+        account_id: &str,
+        wallet: &str,
+    ) -> Result<(WalletBalance, Option<String>), LedgerError> {
+        let shard = self.shards.of_account(account_id);
+        let mut inv = self.invocation(&self.scripts.snapshot, shard);
+        inv.arg(account_id).arg(wallet);
+        let rows: Vec<String> = self.redis.call_script(&inv).await?;
+        let mut with_name = vec![wallet.to_owned()];
+        with_name.extend(rows.iter().take(7).cloned());
+        let balance = reply::balances(&with_name)?
+            .pop()
+            .ok_or_else(|| LedgerError::Internal("empty snapshot".into()))?;
+        let last = rows.get(7).filter(|id| !id.is_empty()).cloned();
+        Ok((balance, last))
+    }
+
+    /// Every (account, wallet) with a wallet record, found by SCAN (tooling, not the hot
+    /// path).
+    pub async fn wallet_keys(&self) -> Result<Vec<(String, String)>, LedgerError> {
+        let mut out = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .redis
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg("{tg:*}:w:*")
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            for key in keys {
+                // {tg:S}:w:<account>:<wallet>; account ids hold no ':'.
+                if let Some(rest) = key.split_once("}:w:").map(|(_, r)| r) {
+                    if let Some((account, wallet)) = rest.split_once(':') {
+                        out.push((account.to_owned(), wallet.to_owned()));
+                    }
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Ends what is due in up to `wallets_max` wallets of one shard; returns how many
+    /// wallets it visited.
+    pub async fn sweep_shard(&self, shard: u16, wallets_max: u32) -> Result<u32, LedgerError> {
+        let mut inv = self.invocation(&self.scripts.sweep, shard);
+        inv.arg(wallets_max);
+        self.redis.call_script(&inv).await
+    }
+}

@@ -1,0 +1,285 @@
+//! Parsing of script answers ("CODE|field|...") into outcomes and refusals. Every field
+//! is checked: a malformed answer is an internal error, never a silent zero.
+
+use super::redis_pool::Answer;
+use super::{
+    DebitOutcome, EndHoldOutcome, GrantOutcome, HoldEnd, HoldOutcome, LedgerError, Lot, LotsPage,
+    RefundOutcome, Refusal, WalletBalance,
+};
+use crate::ledger::command::FieldViolation;
+
+struct Fields<'a> {
+    parts: std::str::Split<'a, char>,
+    text: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            parts: text.split('|'),
+            text,
+        }
+    }
+
+    fn malformed(&self) -> LedgerError {
+        LedgerError::Internal(format!("malformed script answer {:?}", self.text))
+    }
+
+    fn text(&mut self) -> Result<&'a str, LedgerError> {
+        self.parts.next().ok_or_else(|| self.malformed())
+    }
+
+    fn int(&mut self) -> Result<i64, LedgerError> {
+        let part = self.text()?;
+        part.parse().map_err(|_| self.malformed())
+    }
+}
+
+/// Maps the refusal codes every mutation may answer; returns the fields after "OK".
+fn ok_fields(answer: &Answer) -> Result<Fields<'_>, LedgerError> {
+    let mut f = Fields::new(&answer.text);
+    let code = f.text()?;
+    let refusal = match code {
+        "OK" => return Ok(f),
+        "INSUFFICIENT_CREDITS" => Refusal::InsufficientCredits {
+            required: f.int()?,
+            available: f.int()?,
+        },
+        "HOLD_ENDED" => {
+            let how = match f.text()? {
+                "captured" => HoldEnd::Captured,
+                "released" => HoldEnd::Released,
+                "expired" => HoldEnd::Expired,
+                _ => return Err(f.malformed()),
+            };
+            Refusal::HoldEnded {
+                how,
+                captured: f.int()?,
+            }
+        }
+        "DEMO_ALREADY_GRANTED" => Refusal::DemoAlreadyGranted,
+        "IDEMPOTENCY_KEY_REUSED" => Refusal::IdempotencyKeyReused,
+        "REFUND_EXCEEDS_CHARGE" => Refusal::RefundExceedsCharge {
+            refundable: f.int()?,
+        },
+        "LOT_LIMIT" => Refusal::LotLimit { max: f.int()? },
+        "WALLET_LIMIT" => Refusal::WalletLimit { max: f.int()? },
+        "HOLD_LIMIT" => Refusal::HoldLimit { max: f.int()? },
+        "OUTBOX_FULL" => return Err(LedgerError::OutboxFull),
+        "LEDGER_NOT_INITIALIZED" => return Err(LedgerError::NotInitialized),
+        "NOT_FOUND" => {
+            return Err(LedgerError::NotFound(match f.text()? {
+                "hold" => "hold",
+                "charge" => "charge",
+                _ => return Err(f.malformed()),
+            }))
+        }
+        "AMOUNT_EXCEEDS_HOLD" => {
+            let held = f.int()?;
+            return Err(LedgerError::InvalidArgument(vec![FieldViolation::new(
+                "amount",
+                format!("exceeds the {held} credits held"),
+            )]));
+        }
+        "BALANCE_LIMIT" => {
+            return Err(LedgerError::InvalidArgument(vec![FieldViolation::new(
+                "amount",
+                "would take the balance or its totals past 2^53-1 credits",
+            )]));
+        }
+        "EXPIRES_IN_PAST" => {
+            let now = f.int()?;
+            return Err(LedgerError::InvalidArgument(vec![FieldViolation::new(
+                "expires_at_ms",
+                format!("is not after the server time {now}"),
+            )]));
+        }
+        _ => return Err(f.malformed()),
+    };
+    Err(LedgerError::Refused(refusal))
+}
+
+pub(super) fn debit(answer: &Answer) -> Result<DebitOutcome, LedgerError> {
+    let mut f = ok_fields(answer)?;
+    Ok(DebitOutcome {
+        event_id: f.text()?.to_owned(),
+        amount: f.int()?,
+        available: f.int()?,
+        held: f.int()?,
+        replayed: answer.replayed,
+    })
+}
+
+pub(super) fn hold(answer: &Answer) -> Result<HoldOutcome, LedgerError> {
+    let mut f = ok_fields(answer)?;
+    Ok(HoldOutcome {
+        event_id: f.text()?.to_owned(),
+        hold_id: f.text()?.to_owned(),
+        amount: f.int()?,
+        expires_at_ms: f.int()?,
+        available: f.int()?,
+        held: f.int()?,
+        replayed: answer.replayed,
+    })
+}
+
+pub(super) fn end_hold(answer: &Answer) -> Result<EndHoldOutcome, LedgerError> {
+    let mut f = ok_fields(answer)?;
+    Ok(EndHoldOutcome {
+        event_id: f.text()?.to_owned(),
+        captured: f.int()?,
+        released: f.int()?,
+        available: f.int()?,
+        held: f.int()?,
+        replayed: answer.replayed,
+    })
+}
+
+pub(super) fn refund(answer: &Answer) -> Result<RefundOutcome, LedgerError> {
+    let mut f = ok_fields(answer)?;
+    Ok(RefundOutcome {
+        event_id: f.text()?.to_owned(),
+        refunded: f.int()?,
+        refunded_total: f.int()?,
+        available: f.int()?,
+        expired: f.int()?,
+        replayed: answer.replayed,
+    })
+}
+
+pub(super) fn grant(answer: &Answer) -> Result<GrantOutcome, LedgerError> {
+    let mut f = ok_fields(answer)?;
+    Ok(GrantOutcome {
+        event_id: f.text()?.to_owned(),
+        lot_id: f.text()?.to_owned(),
+        available: f.int()?,
+        replayed: answer.replayed,
+    })
+}
+
+fn int(text: &str) -> Result<i64, LedgerError> {
+    text.parse()
+        .map_err(|_| LedgerError::Internal(format!("not an integer in script reply: {text:?}")))
+}
+
+pub(super) fn balances(rows: &[String]) -> Result<Vec<WalletBalance>, LedgerError> {
+    if !rows.len().is_multiple_of(8) {
+        return Err(LedgerError::Internal("balance reply of odd length".into()));
+    }
+    rows.chunks_exact(8)
+        .map(|row| {
+            Ok(WalletBalance {
+                wallet: row[0].clone(),
+                available: int(&row[1])?,
+                held: int(&row[2])?,
+                granted: int(&row[3])?,
+                used: int(&row[4])?,
+                expired: int(&row[5])?,
+                refunded: int(&row[6])?,
+                adjusted: int(&row[7])?,
+            })
+        })
+        .collect()
+}
+
+pub(super) fn lots(wallet: &str, offset: u32, rows: &[String]) -> Result<LotsPage, LedgerError> {
+    let Some((total, rows)) = rows.split_first() else {
+        return Err(LedgerError::Internal("empty lots reply".into()));
+    };
+    let total = int(total)?;
+    if !rows.len().is_multiple_of(5) {
+        return Err(LedgerError::Internal("lots reply of odd length".into()));
+    }
+    let lots = rows
+        .chunks_exact(5)
+        .map(|row| lot(wallet, row))
+        .collect::<Result<Vec<_>, _>>()?;
+    let end = i64::from(offset) + lots.len() as i64;
+    let next_offset = (end < total && !lots.is_empty()).then_some(end as u32);
+    Ok(LotsPage { lots, next_offset })
+}
+
+/// One lot from `id, remaining, held, meta, updated_at_ms`, where meta is
+/// `amount|priority|expires_at_ms|created_at_ms|kind|description`.
+fn lot(wallet: &str, row: &[String]) -> Result<Lot, LedgerError> {
+    let malformed = || LedgerError::Internal(format!("malformed lot record {row:?}"));
+    let mut meta = row[3].splitn(6, '|');
+    let mut next = || meta.next().ok_or_else(malformed);
+    let amount = int(next()?)?;
+    let priority = u8::try_from(int(next()?)?).map_err(|_| malformed())?;
+    let expires_at_ms = int(next()?)?;
+    let created_at_ms = int(next()?)?;
+    let kind = next()?.to_owned();
+    let description = next()?.to_owned();
+    let remaining = int(&row[1])?;
+    let held = int(&row[2])?;
+    Ok(Lot {
+        lot_id: row[0].clone(),
+        wallet: wallet.to_owned(),
+        kind,
+        priority,
+        amount,
+        used: amount - remaining - held,
+        remaining,
+        held,
+        expires_at_ms,
+        created_at_ms,
+        updated_at_ms: int(&row[4])?,
+        description,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(text: &str) -> Answer {
+        Answer {
+            replayed: false,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn parses_success_and_refusals() {
+        let ok = debit(&answer("OK|3-17-0|5|95|0")).unwrap();
+        assert_eq!(ok.event_id, "3-17-0");
+        assert_eq!((ok.amount, ok.available, ok.held), (5, 95, 0));
+        match debit(&answer("INSUFFICIENT_CREDITS|5|2")) {
+            Err(LedgerError::Refused(Refusal::InsufficientCredits {
+                required: 5,
+                available: 2,
+            })) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            end_hold(&answer("HOLD_ENDED|expired|7")),
+            Err(LedgerError::Refused(Refusal::HoldEnded {
+                how: HoldEnd::Expired,
+                captured: 7
+            }))
+        ));
+        assert!(matches!(
+            debit(&answer("OUTBOX_FULL")),
+            Err(LedgerError::OutboxFull)
+        ));
+        assert!(matches!(
+            debit(&answer("OK|x|notanumber|1|1")),
+            Err(LedgerError::Internal(_))
+        ));
+        assert!(matches!(
+            debit(&answer("WHAT")),
+            Err(LedgerError::Internal(_))
+        ));
+    }
+
+    #[test]
+    fn lot_meta_keeps_pipes_in_description() {
+        let row: Vec<String> = ["00000001", "40", "10", "100|50|0|1000|purchase|a|b", "2000"]
+            .map(String::from)
+            .to_vec();
+        let lot = lot("default", &row).unwrap();
+        assert_eq!(lot.description, "a|b");
+        assert_eq!(lot.used, 50);
+    }
+}

@@ -1,0 +1,432 @@
+//! The `tollgate` binary: a thin shell over the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use tollgate::api::pb;
+use tollgate::cli::{
+    AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, ReconcileArgs, RestoreArgs, ServeArgs,
+};
+use tollgate::config::{Config, Overrides};
+use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
+use tollgate::ledger::Clock;
+use tollgate::{server, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tollgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await.map_err(Exit::message),
+            Command::Settle(args) => settle(args).await.map_err(Exit::message),
+            Command::Reconcile(args) => Err(Exit(reconcile(args).await)),
+            Command::Restore(args) => restore(args).await.map_err(Exit::message),
+            Command::Admin(args) => admin(args).await.map_err(Exit::message),
+            Command::CheckConfig(args) => check_config(args).map_err(Exit::message),
+            // Ctrl-C (or SIGTERM) drops the bench, which kills the children it started.
+            Command::Bench(args) => tokio::select! {
+                result = tollgate::bench::run(args) => result.map(|_| ()).map_err(Exit::message),
+                _ = shutdown_signal() => Err(Exit::message("bench interrupted".into())),
+            },
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Exit(code)) => code,
+    }
+}
+
+/// How a command ends when it does not succeed plainly.
+struct Exit(ExitCode);
+
+impl Exit {
+    fn message(message: String) -> Self {
+        eprintln!("tollgate: {message}");
+        Self(ExitCode::FAILURE)
+    }
+}
+
+/// Loads the config: `--config`, else ./tollgate.toml when present; env; flags.
+fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+    let path = path.map(|p| p.to_path_buf()).or_else(|| {
+        let default = std::path::PathBuf::from("tollgate.toml");
+        default.exists().then_some(default)
+    });
+    let config =
+        Config::load(path.as_deref(), std::env::vars(), overrides).map_err(|e| e.to_string())?;
+    telemetry::init_logs(&config.log);
+    Ok(config)
+}
+
+/// `tollgate check-config`: the config is loaded exactly as `serve` loads it.
+fn check_config(args: CheckConfigArgs) -> Result<(), String> {
+    let path = args.config.or_else(|| {
+        let default = std::path::PathBuf::from("tollgate.toml");
+        default.exists().then_some(default)
+    });
+    Config::load(path.as_deref(), std::env::vars(), &Overrides::default())
+        .map_err(|e| e.to_string())?;
+    println!("config ok");
+    Ok(())
+}
+
+fn serve_overrides(args: &ServeArgs) -> Overrides {
+    Overrides {
+        redis_url: args.redis_url.clone(),
+        grpc_addr: args.grpc_addr.clone(),
+        http_addr: args.http_addr.clone(),
+        store_url: args.store.clone(),
+    }
+}
+
+async fn settle(args: ServeArgs) -> Result<(), String> {
+    let config = load_config(args.config.as_deref(), &serve_overrides(&args))?;
+    let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+    let http = tokio::net::TcpListener::bind(&config.server.http_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.http_addr))?;
+    tracing::info!(http = %config.server.http_addr, store = %config.store.url.split('@').next_back().unwrap_or(""), "settling");
+    server::run_settler(config, ledger, http, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn reconcile(args: ReconcileArgs) -> ExitCode {
+    let overrides = Overrides {
+        redis_url: args.redis_url.clone(),
+        store_url: args.store.clone(),
+        ..Default::default()
+    };
+    let run = async {
+        let config = load_config(args.config.as_deref(), &overrides)?;
+        let ledger =
+            server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+        let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
+        tollgate::settle::reconcile::reconcile(
+            ledger,
+            store,
+            config.settler_settings(),
+            std::time::Duration::from_secs(args.drain_timeout_secs),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    };
+    match run.await {
+        Ok(report) => {
+            print!("{}", report.render());
+            if report.drifts.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(message) => {
+            eprintln!("tollgate: reconcile failed: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn restore(args: RestoreArgs) -> Result<(), String> {
+    let overrides = Overrides {
+        redis_url: args.redis_url.clone(),
+        store_url: args.store.clone(),
+        ..Default::default()
+    };
+    let config = load_config(args.config.as_deref(), &overrides)?;
+    let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+    let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
+    let report = tollgate::settle::restore::restore(ledger, store, args.force, |shard, count| {
+        eprintln!(
+            "shard {:>4}/{count}: {} wallets, {} events, {} open holds",
+            shard.shard + 1,
+            shard.wallets,
+            shard.events,
+            shard.open_holds
+        );
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    print!("{}", report.render());
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let mut config = load_config(args.config.as_deref(), &serve_overrides(&args))?;
+
+    // Kept alive until serve returns; dropping it stops the child redis-server.
+    let mut _dev_redis = None;
+    if args.dev {
+        if args.redis_url.is_none() {
+            let redis = DevRedis::start().await?;
+            config.redis.url = redis.url.clone();
+            _dev_redis = Some(redis);
+        }
+        if args.store.is_none() && config.store.url == tollgate::settle::store::DEFAULT_STORE_URL {
+            // The dev redis-server starts empty each time: pair it with a fresh ledger file
+            // (a store holding events would mark the empty Redis as having lost its data).
+            let path = std::env::temp_dir().join(format!("tollgate-dev-{}.db", std::process::id()));
+            config.store.url = format!("sqlite://{}", path.display());
+        }
+        if config.auth.admin_token.is_empty() {
+            config.auth.admin_token = DEV_ADMIN_TOKEN.into();
+        }
+        if config.auth.service_token.is_empty() {
+            config.auth.service_token = DEV_SERVICE_TOKEN.into();
+        }
+        println!("tollgate dev mode");
+        println!("  redis:         {}", config.redis.url);
+        println!("  store:         {}", config.store.url);
+        println!("  gRPC:          {}", config.server.grpc_addr);
+        println!("  HTTP:          {}", config.server.http_addr);
+        println!("  admin token:   {}", config.auth.admin_token);
+        println!("  service token: {}", config.auth.service_token);
+        println!("  try:           tollgate admin grant alice 100 && tollgate admin balance alice");
+    }
+
+    let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+    if args.restore {
+        server::restore_if_lost(&config, &ledger)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let grpc = tokio::net::TcpListener::bind(&config.server.grpc_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.grpc_addr))?;
+    let http = tokio::net::TcpListener::bind(&config.server.http_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.http_addr))?;
+    tracing::info!(grpc = %config.server.grpc_addr, http = %config.server.http_addr, "serving");
+    server::run(config, ledger, grpc, http, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn admin(args: AdminArgs) -> Result<(), String> {
+    let token = args.token.unwrap_or_else(|| DEV_ADMIN_TOKEN.to_owned());
+    let header: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "the token is not a valid header value".to_owned())?;
+    let channel = Channel::from_shared(args.server.clone())
+        .map_err(|e| format!("bad --server {}: {e}", args.server))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", args.server))?;
+    let with_auth = move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    };
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    match args.command {
+        AdminCommand::Grant {
+            account,
+            amount,
+            wallet,
+            kind,
+            priority,
+            expires_at,
+            description,
+            idempotency_key,
+        } => {
+            let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
+            let out = client
+                .grant(pb::GrantRequest {
+                    account_id: account.clone(),
+                    wallet,
+                    amount,
+                    kind,
+                    priority,
+                    expires_at_ms: expires_at,
+                    description,
+                    idempotency_key: idempotency_key.unwrap_or_else(fresh_key),
+                    metadata: Default::default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "granted {amount} to {account}: lot {} (event {}), available {}{}",
+                out.lot_id,
+                out.event_id,
+                out.available,
+                if out.replayed { " [replayed]" } else { "" }
+            );
+        }
+        AdminCommand::Balance { account, wallet } => {
+            let mut client =
+                pb::metering_client::MeteringClient::with_interceptor(channel, with_auth);
+            let out = client
+                .get_balance(pb::GetBalanceRequest {
+                    account_id: account.clone(),
+                    wallet,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("account {account} ({})", out.context);
+            println!(
+                "{:<16} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+                "wallet", "available", "held", "granted", "used", "expired", "refunded", "adjusted"
+            );
+            for w in out.wallets {
+                println!(
+                    "{:<16} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+                    w.wallet,
+                    w.available,
+                    w.held,
+                    w.total_granted,
+                    w.total_used,
+                    w.total_expired,
+                    w.total_refunded,
+                    w.total_adjusted
+                );
+            }
+        }
+        AdminCommand::CreateKey { account, name } => {
+            let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
+            let out = client
+                .create_api_key(pb::CreateApiKeyRequest {
+                    account_id: account.clone(),
+                    name,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("api key for {account} (shown once; keep it secret):");
+            println!("{}", out.api_key);
+            println!("key id: {}", out.key_id);
+        }
+        AdminCommand::RevokeKey { key_id } => {
+            let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
+            let out = client
+                .revoke_api_key(pb::RevokeApiKeyRequest { key_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "revoked {} of {} at {}{}",
+                out.key_id,
+                out.account_id,
+                out.revoked_at_ms,
+                if out.already_revoked {
+                    " [already revoked]"
+                } else {
+                    ""
+                }
+            );
+        }
+        AdminCommand::Keys { account } => {
+            let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
+            let out = client
+                .list_api_keys(pb::ListApiKeysRequest {
+                    account_id: account,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "{:<22} {:>15} {:>15}  name",
+                "key id", "created_at_ms", "revoked_at_ms"
+            );
+            for k in out.keys {
+                let revoked = if k.revoked_at_ms == 0 {
+                    "-".to_owned()
+                } else {
+                    k.revoked_at_ms.to_string()
+                };
+                println!(
+                    "{:<22} {:>15} {:>15}  {}",
+                    k.key_id, k.created_at_ms, revoked, k.name
+                );
+            }
+        }
+        AdminCommand::Lots { account, wallet } => {
+            let mut client =
+                pb::metering_client::MeteringClient::with_interceptor(channel, with_auth);
+            let mut token = String::new();
+            println!(
+                "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>15}  description",
+                "lot", "kind", "prio", "amount", "used", "remaining", "held", "expires_at_ms"
+            );
+            loop {
+                let out = client
+                    .list_lots(pb::ListLotsRequest {
+                        account_id: account.clone(),
+                        wallet: wallet.clone(),
+                        page_size: 0,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                for l in out.lots {
+                    println!(
+                        "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>15}  {}",
+                        l.lot_id,
+                        l.kind,
+                        l.priority,
+                        l.amount,
+                        l.used,
+                        l.remaining,
+                        l.held,
+                        if l.expires_at_ms == 0 {
+                            "never".to_owned()
+                        } else {
+                            l.expires_at_ms.to_string()
+                        },
+                        l.description
+                    );
+                }
+                if out.next_page_token.is_empty() {
+                    break;
+                }
+                token = out.next_page_token;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A fresh idempotency key for a command typed by a person.
+fn fresh_key() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("cli-{}-{nanos}", std::process::id())
+}

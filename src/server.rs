@@ -1,0 +1,633 @@
+//! `tollgate serve`: wires the ledger and the gateway to the gRPC and HTTP listeners and
+//! the sweeper, reloads the price book on SIGHUP, and drains on shutdown. Tests call
+//! [`run`] with their own listeners and shutdown signal.
+//!
+//! Operability lives here too: `/healthz`, `/readyz` (with a JSON body naming the failed
+//! check), `/metrics`, `grpc.health.v1.Health` (kept in step with readiness by a watcher
+//! task), gRPC reflection, the failed-request log layer, and the webhook dispatcher next
+//! to the settler.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::api::admin::AdminService;
+use crate::api::auth::TokenCheck;
+use crate::api::metering::MeteringService;
+use crate::api::pb::admin_server::AdminServer;
+use crate::api::pb::metering_server::MeteringServer;
+use crate::config::Config;
+use crate::gateway::access_log::AccessLog;
+use crate::gateway::ext_authz::ExtAuthz;
+use crate::gateway::{forward_auth, Gateway};
+use crate::ledger::{sweeper, Clock, Ledger, LedgerError, RedisPool};
+use crate::settle::settler::{Settler, SettlerStatus};
+use crate::settle::{Store, StoreError};
+use crate::telemetry;
+use crate::telemetry::request_log::RequestLogLayer;
+use crate::webhooks::dispatcher::Dispatcher;
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
+
+/// How long shutdown waits for in-flight requests before giving up on them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often the health watcher re-runs the readiness checks for gRPC health.
+pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// The services `grpc.health.v1.Health` reports on ("" = the whole server). The Envoy
+/// service is served by the gateway module; its status follows readiness like the others.
+pub const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    "tollgate.v1.Metering",
+    "tollgate.v1.Admin",
+    "envoy.service.auth.v3.Authorization",
+];
+
+/// Builds the ledger a config describes (connections are made lazily).
+pub fn ledger_from_config(config: &Config, clock: Clock) -> Result<Arc<Ledger>, LedgerError> {
+    // The ledger resolves its metric handles when built: the recorder must exist first.
+    telemetry::metrics::install();
+    let redis = RedisPool::new(
+        &config.redis.url,
+        config.redis.connections,
+        Duration::from_millis(config.redis.call_timeout_ms),
+    )?;
+    Ok(Arc::new(Ledger::new(
+        redis,
+        config.ledger_settings(),
+        clock,
+    )))
+}
+
+/// How often uninitialized shards are looked at again.
+pub const INITIALIZE_RETRY: Duration = Duration::from_secs(1);
+
+/// Marks shards without an epoch marker initialized when that is safe: the store has never
+/// settled an event of the shard, so Redis is new rather than emptied. A shard whose events
+/// are in the store lost its data: it stays uninitialized (charges refused with
+/// LEDGER_NOT_INITIALIZED, not ready) until `tollgate restore`. Returns whether every shard
+/// is initialized.
+pub async fn initialize_new_shards(ledger: &Ledger, store: &Store) -> bool {
+    let Ok(initialized) = ledger.initialized_shards().await else {
+        return false;
+    };
+    if initialized.iter().all(|done| *done) {
+        return true;
+    }
+    if let Err(err) = store.migrate().await {
+        tracing::warn!(error = %err, "cannot reach the store to check a new Redis shard");
+        return false;
+    }
+    let mut all = true;
+    for (shard, done) in initialized.into_iter().enumerate() {
+        if done {
+            continue;
+        }
+        let shard = shard as u16;
+        match store.shard_has_events(shard).await {
+            Ok(false) => {
+                if let Err(err) = ledger
+                    .initialize_shard(shard, &crate::ledger::new_epoch())
+                    .await
+                {
+                    tracing::warn!(shard, error = %err, "cannot initialize shard");
+                    all = false;
+                } else {
+                    tracing::info!(shard, "initialized a new ledger shard");
+                }
+            }
+            Ok(true) => {
+                tracing::error!(shard, "Redis lost this shard's data (the store has its events): charges are refused until `tollgate restore`");
+                all = false;
+            }
+            Err(err) => {
+                tracing::warn!(shard, error = %err, "cannot check the store for a new Redis shard");
+                all = false;
+            }
+        }
+    }
+    all
+}
+
+/// `serve --restore`: when Redis holds no ledger at all and the store has events, Redis
+/// lost its data: rebuild it before serving. A Redis with some tollgate data is left alone
+/// (run `tollgate restore --force` deliberately).
+pub async fn restore_if_lost(config: &Config, ledger: &Arc<Ledger>) -> Result<(), String> {
+    let store = store_from_config(config).map_err(|e| e.to_string())?;
+    let initialized = ledger
+        .initialized_shards()
+        .await
+        .map_err(|e| e.to_string())?;
+    if initialized.iter().any(|i| *i) {
+        return Ok(());
+    }
+    store.migrate().await.map_err(|e| e.to_string())?;
+    let mut lost = false;
+    for shard in 0..ledger.shards().count() {
+        lost |= store
+            .shard_has_events(shard)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    if !lost {
+        return Ok(());
+    }
+    tracing::warn!("Redis holds no ledger but the store has events: restoring");
+    let report = crate::settle::restore::restore(ledger.clone(), store, false, |s, count| {
+        tracing::info!(
+            shard = s.shard,
+            of = count,
+            wallets = s.wallets,
+            events = s.events,
+            "restored shard"
+        );
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!(report = %report.render().trim(), "restore done");
+    Ok(())
+}
+
+/// The durable store a config describes (connections are made lazily).
+pub fn store_from_config(config: &Config) -> Result<Arc<Store>, StoreError> {
+    Ok(Arc::new(Store::connect_lazy(
+        &config.store.url,
+        config.store.connections,
+    )?))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "the admin and service tokens must be configured (auth.admin_token, auth.service_token)"
+    )]
+    MissingTokens,
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// What the HTTP endpoints read.
+#[derive(Clone)]
+struct HttpState {
+    ledger: Arc<Ledger>,
+    settler: Option<Arc<std::sync::Mutex<SettlerStatus>>>,
+    ready_lag_max_ms: u64,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Check (and load) the ledger scripts: `serve` runs them, `settle` does not.
+    check_scripts: bool,
+}
+
+fn http_router(state: HttpState) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+        .layer(RequestLogLayer::http())
+}
+
+/// Starts the webhook dispatcher when webhooks are configured (next to a settler).
+fn spawn_dispatcher(
+    config: &Config,
+    store: &Arc<Store>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let settings = config.webhooks.dispatch_settings()?;
+    let rules = config.webhooks.rules()?;
+    match Dispatcher::new(store.clone(), settings, rules) {
+        Ok(dispatcher) => Some(tokio::spawn(dispatcher.run(stopped))),
+        Err(err) => {
+            tracing::error!(error = %err, "webhook dispatcher not started");
+            None
+        }
+    }
+}
+
+/// Starts the settler task if configured; returns its status handle.
+fn spawn_settler(
+    config: &Config,
+    ledger: &Arc<Ledger>,
+    store: &Arc<Store>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> (
+    Option<Arc<std::sync::Mutex<SettlerStatus>>>,
+    Option<tokio::task::JoinHandle<()>>,
+) {
+    if !config.settler.enabled {
+        return (None, None);
+    }
+    let settler = Settler::new(ledger.clone(), store.clone(), config.settler_settings());
+    let status = settler.status();
+    (Some(status), Some(tokio::spawn(settler.run(stopped))))
+}
+
+/// `tollgate settle`: a settler alone, with /healthz, /readyz and /metrics.
+pub async fn run_settler(
+    config: Config,
+    ledger: Arc<Ledger>,
+    http_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let store = store_from_config(&config)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let settler = Settler::new(ledger.clone(), store.clone(), config.settler_settings());
+    let status = settler.status();
+    let task = tokio::spawn(settler.run(stopped()));
+    let dispatcher = spawn_dispatcher(&config, &store, stopped());
+    let http = axum::serve(
+        http_listener,
+        http_router(HttpState {
+            ledger,
+            settler: Some(status),
+            ready_lag_max_ms: config.settler.ready_lag_max_ms,
+            metrics: telemetry::metrics::install(),
+            check_scripts: false,
+        }),
+    )
+    .with_graceful_shutdown(stopped());
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    http.await?;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+    if let Some(dispatcher) = dispatcher {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, dispatcher).await;
+    }
+    Ok(())
+}
+
+/// Serves until `shutdown` resolves, then drains.
+pub async fn run(
+    config: Config,
+    ledger: Arc<Ledger>,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    if config.auth.admin_token.is_empty() || config.auth.service_token.is_empty() {
+        return Err(ServeError::MissingTokens);
+    }
+    let store = store_from_config(&config)?;
+    // Before anything registers a metric series.
+    let metrics_handle = telemetry::metrics::install();
+    for result in ["ok", "error"] {
+        metrics::counter!(telemetry::metrics::CONFIG_RELOADS_TOTAL, "result" => result)
+            .increment(0);
+    }
+    let gateway = Arc::new(Gateway::new(&config, ledger.clone()));
+    tracing::info!(
+        routes = config.pricebook.routes_len(),
+        reload = config.source.is_some(),
+        "price book loaded"
+    );
+    let loaded = match ledger.load_scripts().await {
+        Ok(()) => gateway.keys().load_scripts().await,
+        Err(err) => Err(err),
+    };
+    if let Err(err) = loaded {
+        // Not fatal: tollgate reports not-ready and reloads scripts on NOSCRIPT.
+        tracing::warn!(error = %err, "could not load scripts into redis yet");
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    // The Admin API writes API keys to the store: have its schema ready when it answers.
+    if let Err(err) = store.migrate().await {
+        tracing::warn!(error = %err, "store not migrated yet (the settler retries)");
+    }
+    // First look before serving (a fresh deployment is ready at once), then keep looking:
+    // Redis may come up later, or lose its data while we run.
+    initialize_new_shards(&ledger, &store).await;
+    let initializer = {
+        let ledger = ledger.clone();
+        let store = store.clone();
+        let stop = stopped();
+        tokio::spawn(async move {
+            let mut stop = std::pin::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(INITIALIZE_RETRY) => {
+                        initialize_new_shards(&ledger, &store).await;
+                    }
+                }
+            }
+        })
+    };
+
+    let admin_check = TokenCheck::new([config.auth.admin_token.clone()]);
+    let service_check = TokenCheck::new([
+        config.auth.service_token.clone(),
+        config.auth.admin_token.clone(),
+    ]);
+    let service_check_http = service_check.clone();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl and older clients still ask v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let grpc = tonic::transport::Server::builder()
+        .layer(RequestLogLayer::grpc())
+        .add_service(MeteringServer::with_interceptor(
+            MeteringService::new(ledger.clone(), store.clone()),
+            service_check,
+        ))
+        .add_service(AdminServer::with_interceptor(
+            AdminService::new(ledger.clone(), gateway.keys().clone())
+                .with_store(store.clone(), config.webhooks.rules()),
+            admin_check,
+        ))
+        // Envoy authenticates by the optional gateway shared secret, checked inside.
+        .add_service(AuthorizationServer::new(ExtAuthz::new(gateway.clone())))
+        .add_service(AccessLogServiceServer::new(AccessLog::new(gateway.clone())))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            stopped(),
+        );
+
+    let (settler_status, settler_task) = spawn_settler(&config, &ledger, &store, stopped());
+    let dispatcher = if config.settler.enabled {
+        spawn_dispatcher(&config, &store, stopped())
+    } else {
+        None
+    };
+    let state = HttpState {
+        ledger: ledger.clone(),
+        settler: settler_status,
+        ready_lag_max_ms: config.settler.ready_lag_max_ms,
+        metrics: metrics_handle,
+        check_scripts: true,
+    };
+    let watcher = tokio::spawn(watch_health(state.clone(), health, stopped()));
+    let http = http_router(state).merge(forward_auth::router(gateway.clone(), service_check_http));
+    let http = axum::serve(http_listener, http).with_graceful_shutdown(stopped());
+
+    if let Some(path) = config.source.clone() {
+        tokio::spawn(reload_on_sighup(gateway.clone(), path, stopped()));
+    }
+
+    let sweep_interval = Duration::from_millis(config.ledger.sweep_interval_ms);
+    let sweeper = tokio::spawn(sweeper::run(ledger.clone(), sweep_interval, stopped()));
+
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    let (grpc, http) = tokio::join!(grpc, http);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, sweeper).await;
+    if let Some(task) = settler_task {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, initializer).await;
+    if let Some(task) = dispatcher {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, watcher).await;
+    grpc?;
+    http?;
+    Ok(())
+}
+
+/// Re-reads the price book from the config file on every SIGHUP. A bad file is reported
+/// (every error with its path) and the current price book stays; checks in flight finish
+/// with the book they started with, so no request is dropped.
+async fn reload_on_sighup(
+    gateway: Arc<Gateway>,
+    path: std::path::PathBuf,
+    stopped: impl Future<Output = ()>,
+) {
+    // Registered (at 0) as soon as reloads are possible, so dashboards see the series.
+    let reloads_ok = metrics::counter!(telemetry::metrics::CONFIG_RELOADS_TOTAL, "result" => "ok");
+    let reloads_failed =
+        metrics::counter!(telemetry::metrics::CONFIG_RELOADS_TOTAL, "result" => "error");
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGHUP: no price book reloads");
+                return;
+            }
+        };
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                got = hangups.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    match gateway.reload_pricebook(&path) {
+                        Ok(routes) => {
+                            reloads_ok.increment(1);
+                            tracing::info!(path = %path.display(), routes, "price book reloaded")
+                        }
+                        Err(errors) => {
+                            reloads_failed.increment(1);
+                            tracing::error!(
+                                path = %path.display(),
+                                "price book not reloaded, keeping the current one: {errors}"
+                            )
+                        }
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (gateway, path);
+        stopped.await;
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// What the readiness checks found.
+struct Readiness {
+    ready: bool,
+    failed: Vec<&'static str>,
+    checks: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Ready when Redis answers within the deadline, holds every ledger script (missing ones
+/// are loaded here: after a Redis restart nothing else would, since a not-ready pod gets no
+/// traffic), and, with a settler in this process, the store takes writes and settlement
+/// lags less than `settler.ready_lag_max_ms`.
+async fn readiness(state: &HttpState) -> Readiness {
+    let mut checks = serde_json::Map::new();
+    let mut failed = Vec::new();
+    let redis_ok = match state.ledger.initialized_shards().await {
+        Ok(shards) => {
+            checks.insert("redis".into(), "ok".into());
+            let missing = shards.iter().filter(|ok| !**ok).count();
+            if missing == 0 {
+                checks.insert("ledger".into(), "ok".into());
+            } else {
+                checks.insert(
+                    "ledger".into(),
+                    format!("{missing} shard(s) not initialized: Redis lost its data; run tollgate restore").into(),
+                );
+                failed.push("ledger");
+            }
+            true
+        }
+        Err(err) => {
+            checks.insert("redis".into(), err.to_string().into());
+            failed.push("redis");
+            false
+        }
+    };
+    if state.check_scripts {
+        if !redis_ok {
+            checks.insert("scripts".into(), "unknown: redis unreachable".into());
+            failed.push("scripts");
+        } else {
+            match state.ledger.check_scripts(true).await {
+                Ok((loaded, total)) if loaded == total => {
+                    checks.insert("scripts".into(), "ok".into());
+                }
+                Ok((loaded, total)) => {
+                    checks.insert(
+                        "scripts".into(),
+                        format!("{loaded} of {total} loaded").into(),
+                    );
+                    failed.push("scripts");
+                }
+                Err(err) => {
+                    checks.insert("scripts".into(), err.to_string().into());
+                    failed.push("scripts");
+                }
+            }
+        }
+    }
+    if let Some(status) = &state.settler {
+        let status = status.lock().map(|s| s.clone()).unwrap_or_default();
+        match &status.store_error {
+            None => {
+                checks.insert("store".into(), "ok".into());
+            }
+            Some(err) => {
+                checks.insert("store".into(), err.clone().into());
+                failed.push("store");
+            }
+        }
+        let lag_ms = status.oldest_unsettled_ms();
+        checks.insert(
+            "outbox".into(),
+            serde_json::json!({
+                "length": status.outbox_len(),
+                "oldest_unsettled_ms": lag_ms,
+                "max_ms": state.ready_lag_max_ms,
+            }),
+        );
+        if lag_ms > state.ready_lag_max_ms {
+            failed.push("outbox_lag");
+        }
+    }
+    Readiness {
+        ready: failed.is_empty(),
+        failed,
+        checks,
+    }
+}
+
+/// The body says which check failed.
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_json::Value>) {
+    let Readiness {
+        ready,
+        failed,
+        checks,
+    } = readiness(&state).await;
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(serde_json::json!({ "ready": ready, "failed": failed, "checks": checks })),
+    )
+}
+
+/// Keeps `grpc.health.v1.Health` in step with readiness until `stopped`, then reports
+/// NOT_SERVING while the server drains.
+async fn watch_health(state: HttpState, health: HealthReporter, stopped: impl Future<Output = ()>) {
+    let ready_gauge = metrics::gauge!(telemetry::metrics::READY);
+    let mut last: Option<bool> = None;
+    tokio::pin!(stopped);
+    loop {
+        let ready = readiness(&state).await.ready;
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for service in HEALTH_SERVICES {
+                health.set_service_status(service, status).await;
+            }
+            ready_gauge.set(if ready { 1.0 } else { 0.0 });
+            last = Some(ready);
+        }
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = tokio::time::sleep(HEALTH_CHECK_INTERVAL) => {}
+        }
+    }
+    for service in HEALTH_SERVICES {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
+    ready_gauge.set(0.0);
+}
+
+async fn metrics_text(State(state): State<HttpState>) -> (StatusCode, String) {
+    match &state.metrics {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,184 @@
+//! `tollgate reconcile`: proves the durable ledger and Redis agree.
+//!
+//! After draining the outboxes, for every wallet (in Redis or in the store):
+//! 1. Redis's totals are read atomically with the shard outbox's last entry id; the store's
+//!    totals are re-derived from the wallet's events up to that entry (so a live system
+//!    can be reconciled: later events are not counted on either side).
+//! 2. The store's running summary is compared with the totals re-derived from all its
+//!    events (the summary is updated incrementally, so this checks the store itself).
+//!
+//! Any difference is a drift; the command prints them and exits non-zero.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::settler::{settled_through, SettleError, Settler, SettlerSettings};
+use super::store::{Store, Totals};
+use crate::ledger::event::parse_stream_id;
+use crate::ledger::Ledger;
+
+/// How long reconcile waits for the outbox to drain (and for a wallet's events to settle).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// Attempts to catch a live wallet at a settled point.
+const SNAPSHOT_ATTEMPTS_MAX: usize = 20;
+
+/// One disagreement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    pub account_id: String,
+    pub wallet: String,
+    /// "redis" (Redis vs ledger events) or "summary" (running summary vs events).
+    pub check: &'static str,
+    pub field: &'static str,
+    pub expected: i64,
+    pub found: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub wallets: usize,
+    pub events: i64,
+    pub drifts: Vec<Drift>,
+}
+
+impl Report {
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "reconciled {} wallets, {} ledger events: {} drift(s)\n",
+            self.wallets,
+            self.events,
+            self.drifts.len()
+        );
+        if !self.drifts.is_empty() {
+            out.push_str(&format!(
+                "{:<24} {:<12} {:<8} {:<10} {:>16} {:>16}\n",
+                "account", "wallet", "check", "field", "expected", "found"
+            ));
+            for d in &self.drifts {
+                out.push_str(&format!(
+                    "{:<24} {:<12} {:<8} {:<10} {:>16} {:>16}\n",
+                    d.account_id, d.wallet, d.check, d.field, d.expected, d.found
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn fields(t: &Totals) -> [(&'static str, i64); 7] {
+    [
+        ("available", t.available),
+        ("held", t.held),
+        ("granted", t.granted),
+        ("used", t.used),
+        ("expired", t.expired),
+        ("refunded", t.refunded),
+        ("adjusted", t.adjusted),
+    ]
+}
+
+fn compare(
+    drifts: &mut Vec<Drift>,
+    account_id: &str,
+    wallet: &str,
+    check: &'static str,
+    expected: &Totals,
+    found: &Totals,
+) {
+    for ((field, e), (_, f)) in fields(expected).into_iter().zip(fields(found)) {
+        if e != f {
+            drifts.push(Drift {
+                account_id: account_id.to_owned(),
+                wallet: wallet.to_owned(),
+                check,
+                field,
+                expected: e,
+                found: f,
+            });
+        }
+    }
+}
+
+/// Drains the outbox, then compares every wallet.
+/// `settings` are the deployment's settler settings (group, claim idle time); reconcile
+/// drains under its own consumer name.
+pub async fn reconcile(
+    ledger: Arc<Ledger>,
+    store: Arc<Store>,
+    settings: SettlerSettings,
+    drain_timeout: Duration,
+) -> Result<Report, SettleError> {
+    let settings = SettlerSettings {
+        consumer: format!("reconcile-{}", std::process::id()),
+        ..settings
+    };
+    let group = settings.group.clone();
+    let mut settler = Settler::new(ledger.clone(), store.clone(), settings);
+    tokio::time::timeout(drain_timeout, settler.drain(drain_timeout))
+        .await
+        .map_err(|_| SettleError::DrainTimeout(drain_timeout))??;
+
+    let mut wallets: BTreeSet<(String, String)> = store
+        .wallets()
+        .await?
+        .into_iter()
+        .map(|s| (s.account_id, s.wallet))
+        .collect();
+    wallets.extend(ledger.wallet_keys().await?);
+
+    let mut report = Report {
+        wallets: wallets.len(),
+        ..Default::default()
+    };
+    for (account_id, wallet) in &wallets {
+        let shard = ledger.shards().of_account(account_id);
+        let stream = ledger.shards().outbox(shard);
+        // Catch the wallet at a point the store has settled through.
+        let mut attempt = 0;
+        let (redis_totals, upto) = loop {
+            let (balance, last_id) = ledger.snapshot(account_id, wallet).await?;
+            let settled = match &last_id {
+                Some(id) => settled_through(&ledger, stream, &group, id).await?,
+                None => true,
+            };
+            attempt += 1;
+            if settled || attempt >= SNAPSHOT_ATTEMPTS_MAX {
+                let totals = Totals {
+                    granted: balance.granted,
+                    used: balance.used,
+                    expired: balance.expired,
+                    refunded: balance.refunded,
+                    adjusted: balance.adjusted,
+                    available: balance.available,
+                    held: balance.held,
+                };
+                break (totals, last_id.as_deref().and_then(parse_stream_id));
+            }
+            tokio::time::timeout(drain_timeout, settler.drain(drain_timeout))
+                .await
+                .map_err(|_| SettleError::DrainTimeout(drain_timeout))??;
+        };
+        let upto_snapshot = store.derive(account_id, wallet, upto).await?;
+        compare(
+            &mut report.drifts,
+            account_id,
+            wallet,
+            "redis",
+            &upto_snapshot.totals,
+            &redis_totals,
+        );
+        // Summary and events read in one snapshot: settlement may go on meanwhile.
+        let all = store.derive(account_id, wallet, None).await?;
+        report.events += all.events;
+        compare(
+            &mut report.drifts,
+            account_id,
+            wallet,
+            "summary",
+            &all.totals,
+            &all.summary.unwrap_or_default(),
+        );
+    }
+    Ok(report)
+}

@@ -1,0 +1,888 @@
+//! `tollgate restore`: rebuilds Redis's live state from the durable ledger after Redis lost
+//! its data. Shard by shard, every wallet's events are replayed in order (the store serves
+//! them grouped by wallet) to rebuild its lots (amount, used, remaining, priority, expiry),
+//! totals, demo marker, open holds (deadline, on_expiry, the lots they hold), recently
+//! ended holds and refundable charges (within their retention), and the idempotency
+//! records of recent debits, holds, grants, positive adjustments and refunds (within the
+//! idempotency window). Then the shard's epoch marker is written and it serves again.
+//! API keys (hashes) come from the store's key table, which the Admin API writes.
+//!
+//! Not restored (stated in the report): refusals (never in the ledger, so a replayed
+//! refused request is evaluated again), idempotency records of captures, releases and
+//! negative adjustments (their request parameters are not all in the events), and events
+//! that never reached the store (the persistence level's loss window).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::Pipeline;
+
+use super::store::{Store, StoreError, WalletPosition};
+use crate::ledger::command::digest;
+use crate::ledger::event::{EventKind, LedgerEvent, LotPiece};
+use crate::ledger::{Ledger, LedgerError};
+
+/// Events read per store query.
+pub const EVENTS_PAGE: u32 = 5000;
+/// Wallets written per Redis pipeline.
+pub const WALLETS_PER_PIPELINE: usize = 200;
+/// Hold, charge and idempotency records written per Redis pipeline.
+pub const RECORDS_PER_PIPELINE: usize = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("Redis already holds tollgate data ({0}); restore writes only into an empty Redis unless told --force")]
+    NotEmpty(String),
+    #[error(transparent)]
+    Redis(#[from] LedgerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("ledger event {0} does not replay: {1}")]
+    Replay(String, String),
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ShardReport {
+    pub shard: u16,
+    pub wallets: usize,
+    pub events: usize,
+    pub open_holds: usize,
+    pub charges: usize,
+    pub idempotency_records: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct RestoreReport {
+    pub shards: Vec<ShardReport>,
+    pub api_keys: usize,
+    pub elapsed: Duration,
+}
+
+impl RestoreReport {
+    pub fn render(&self) -> String {
+        let wallets: usize = self.shards.iter().map(|s| s.wallets).sum();
+        let events: usize = self.shards.iter().map(|s| s.events).sum();
+        let holds: usize = self.shards.iter().map(|s| s.open_holds).sum();
+        let records: usize = self.shards.iter().map(|s| s.idempotency_records).sum();
+        format!(
+            "restored {} shards: {wallets} wallets from {events} ledger events, {holds} open holds, \
+             {records} idempotency records, {} API keys in {:.1} s\n\
+             not restored: refusals (a replayed refused request is evaluated again); idempotency \
+             records of captures, releases and negative adjustments; events that never reached \
+             the store (the persistence level's loss window, see docs/OPERATIONS.md)\n",
+            self.shards.len(),
+            self.api_keys,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Lot {
+    amount: i64,
+    remaining: i64,
+    held: i64,
+    score: i64,
+    kind: String,
+    description: String,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+}
+
+impl Lot {
+    fn expires_at_ms(&self) -> i64 {
+        match self.score % LotPiece::PRIORITY_UNIT {
+            LotPiece::NEVER => 0,
+            e => e,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Hold {
+    account_id: String,
+    wallet: String,
+    amount: i64,
+    lots: String,
+    deadline_ms: i64,
+    policy: String,
+    operation: String,
+    /// 'a' active, 'c' captured, 'r' released, 'x' expired.
+    state: char,
+    captured: i64,
+    ended_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Charge {
+    account_id: String,
+    wallet: String,
+    amount: i64,
+    refunded: i64,
+    lots: String,
+    at_ms: i64,
+}
+
+/// One wallet's state, rebuilt from its events.
+#[derive(Debug, Default)]
+struct Wallet {
+    account_id: String,
+    wallet: String,
+    lots: BTreeMap<String, Lot>,
+    seq: i64,
+    available: i64,
+    held: i64,
+    granted: i64,
+    used: i64,
+    expired: i64,
+    refunded: i64,
+    adjusted: i64,
+    demo: bool,
+    joined: bool,
+    events: usize,
+}
+
+fn pieces_text(pieces: &[LotPiece]) -> String {
+    pieces
+        .iter()
+        .map(|p| match p.score {
+            Some(s) => format!("{}:{}:{s}", p.lot_id, p.amount),
+            None => format!("{}:{}", p.lot_id, p.amount),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An idempotency record: the key's name and value, as lua/lib.lua writes them.
+struct Record {
+    /// `<account>:<key>`: lib.lua names the record by the SHA-1 of it.
+    name: String,
+    value: String,
+    at_ms: i64,
+}
+
+/// Writes one idempotency record as lib.lua `remember` does: a field named by the first 30
+/// hex digits of SHA-1("<account>:<key>") in the shard's bucket hash of the record's time,
+/// with the bucket's safety-net expiry.
+const REMEMBER_LUA: &str = "local f = string.sub(redis.sha1hex(ARGV[1]), 1, 30) \
+    redis.call('HSET', KEYS[1], f, ARGV[2]) \
+    redis.call('PEXPIREAT', KEYS[1], ARGV[3], 'NX') return 1";
+/// Buckets a lookup reads (lib.lua IDEM_BUCKETS_LOOKED_AT).
+const IDEM_BUCKETS_LOOKED_AT: i64 = 3;
+
+struct Replay<'a> {
+    wallet: Wallet,
+    holds: &'a mut HashMap<String, Hold>,
+    charges: &'a mut HashMap<String, Charge>,
+    records: Vec<Record>,
+}
+
+impl Replay<'_> {
+    fn fail(e: &LedgerEvent, why: &str) -> RestoreError {
+        RestoreError::Replay(e.event_id.clone(), why.to_owned())
+    }
+
+    fn create_lots(
+        &mut self,
+        e: &LedgerEvent,
+        kind: &str,
+        description: &str,
+    ) -> Result<(), RestoreError> {
+        for p in &e.lots {
+            let score = p
+                .score
+                .ok_or_else(|| Self::fail(e, "a new lot without its score"))?;
+            if let Ok(n) = p.lot_id.parse::<i64>() {
+                self.wallet.seq = self.wallet.seq.max(n);
+            }
+            self.wallet.lots.insert(
+                p.lot_id.clone(),
+                Lot {
+                    amount: p.amount,
+                    remaining: p.amount,
+                    held: 0,
+                    score,
+                    kind: kind.to_owned(),
+                    description: description.to_owned(),
+                    created_at_ms: e.created_at_ms,
+                    updated_at_ms: e.created_at_ms,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn lot(&mut self, e: &LedgerEvent, id: &str) -> Result<&mut Lot, RestoreError> {
+        self.wallet
+            .lots
+            .get_mut(id)
+            .ok_or_else(|| Self::fail(e, &format!("unknown lot {id}")))
+    }
+
+    fn take(&mut self, e: &LedgerEvent, into_hold: bool) -> Result<(), RestoreError> {
+        for p in &e.lots {
+            let lot = self.lot(e, &p.lot_id)?;
+            lot.remaining -= p.amount;
+            lot.updated_at_ms = e.created_at_ms;
+            if into_hold {
+                lot.held += p.amount;
+            }
+            if lot.remaining < 0 {
+                return Err(Self::fail(e, "a lot went negative"));
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, e: &LedgerEvent, parts: &[&str], answer: String) {
+        if e.idempotency_key.is_empty() {
+            return;
+        }
+        self.records.push(Record {
+            name: format!("{}:{}", e.account_id, e.idempotency_key),
+            value: format!("{}{answer}", digest(parts)),
+            at_ms: e.created_at_ms,
+        });
+    }
+
+    fn apply(&mut self, e: &LedgerEvent) -> Result<(), RestoreError> {
+        let w = &mut self.wallet;
+        w.events += 1;
+        let (kind_text, description) = e.extra.split_once('|').unwrap_or(("", ""));
+        match e.kind {
+            EventKind::Grant => {
+                self.create_lots(e, kind_text, description)?;
+                let w = &mut self.wallet;
+                w.granted += e.amount;
+                w.joined = true;
+                w.demo |= kind_text == "demo";
+                let piece = e
+                    .lots
+                    .first()
+                    .ok_or_else(|| Self::fail(e, "grant without lot"))?;
+                let (priority, expires) = (
+                    piece.priority().unwrap_or_default().to_string(),
+                    piece.expires_at_ms().unwrap_or_default().to_string(),
+                );
+                let answer = format!("OK|{}|{}|{}", e.event_id, piece.lot_id, e.available_after);
+                let amount = e.amount.to_string();
+                self.record(
+                    e,
+                    &[
+                        "grant",
+                        &e.wallet,
+                        &amount,
+                        kind_text,
+                        &priority,
+                        &expires,
+                        description,
+                        &e.metadata,
+                    ],
+                    answer,
+                );
+            }
+            EventKind::Adjust if e.amount > 0 => {
+                self.create_lots(e, "adjustment", description)?;
+                self.wallet.adjusted += e.amount;
+                self.wallet.joined = true;
+                let piece = e
+                    .lots
+                    .first()
+                    .ok_or_else(|| Self::fail(e, "adjust without lot"))?;
+                let (priority, expires) = (
+                    piece.priority().unwrap_or_default().to_string(),
+                    piece.expires_at_ms().unwrap_or_default().to_string(),
+                );
+                let answer = format!("OK|{}|{}|{}", e.event_id, piece.lot_id, e.available_after);
+                let amount = e.amount.to_string();
+                self.record(
+                    e,
+                    &[
+                        "adjust",
+                        &e.wallet,
+                        &amount,
+                        &priority,
+                        &expires,
+                        description,
+                        &e.metadata,
+                    ],
+                    answer,
+                );
+            }
+            EventKind::Adjust => {
+                self.take(e, false)?;
+                self.wallet.adjusted += e.amount;
+            }
+            EventKind::Debit => {
+                self.take(e, false)?;
+                self.wallet.used += e.amount;
+                self.charges.insert(
+                    e.event_id.clone(),
+                    Charge {
+                        account_id: e.account_id.clone(),
+                        wallet: e.wallet.clone(),
+                        amount: e.amount,
+                        refunded: 0,
+                        lots: pieces_text(&e.lots),
+                        at_ms: e.created_at_ms,
+                    },
+                );
+                let answer = format!(
+                    "OK|{}|{}|{}|{}",
+                    e.event_id, e.amount, e.available_after, e.held_after
+                );
+                let amount = e.amount.to_string();
+                self.record(
+                    e,
+                    &["debit", &e.wallet, &amount, &e.operation, &e.metadata],
+                    answer,
+                );
+            }
+            EventKind::Hold => {
+                self.take(e, true)?;
+                self.wallet.held += e.amount;
+                let policy = e.extra.get(..1).unwrap_or("r").to_owned();
+                let deadline: i64 = e
+                    .extra
+                    .get(1..)
+                    .and_then(|d| d.parse().ok())
+                    .ok_or_else(|| Self::fail(e, "hold without deadline"))?;
+                self.holds.insert(
+                    e.hold_id.clone(),
+                    Hold {
+                        account_id: e.account_id.clone(),
+                        wallet: e.wallet.clone(),
+                        amount: e.amount,
+                        lots: pieces_text(&e.lots),
+                        deadline_ms: deadline,
+                        policy: policy.clone(),
+                        operation: e.operation.clone(),
+                        state: 'a',
+                        captured: 0,
+                        ended_at_ms: 0,
+                    },
+                );
+                let answer = format!(
+                    "OK|{}|{}|{}|{deadline}|{}|{}",
+                    e.event_id, e.hold_id, e.amount, e.available_after, e.held_after
+                );
+                let (amount, ttl) = (
+                    e.amount.to_string(),
+                    (deadline - e.created_at_ms).to_string(),
+                );
+                self.record(
+                    e,
+                    &[
+                        "authorize",
+                        &e.wallet,
+                        &amount,
+                        &ttl,
+                        &policy,
+                        &e.operation,
+                        &e.metadata,
+                    ],
+                    answer,
+                );
+            }
+            EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
+                let returned = e.returned_lots();
+                let charged: i64 = e.lots.iter().map(|p| p.amount).sum();
+                for p in e.lots.iter().chain(&returned) {
+                    let lot = self.lot(e, &p.lot_id)?;
+                    lot.held -= p.amount;
+                    lot.updated_at_ms = e.created_at_ms;
+                }
+                for p in &returned {
+                    self.lot(e, &p.lot_id)?.remaining += p.amount;
+                }
+                let hold = self
+                    .holds
+                    .get_mut(&e.hold_id)
+                    .ok_or_else(|| Self::fail(e, "end of an unknown hold"))?;
+                if hold.state != 'a' {
+                    return Err(Self::fail(e, "a hold ended twice"));
+                }
+                hold.state = match e.kind {
+                    EventKind::Capture => 'c',
+                    EventKind::Release => 'r',
+                    _ => 'x',
+                };
+                hold.captured = charged;
+                hold.ended_at_ms = e.created_at_ms;
+                let amount = hold.amount;
+                self.wallet.held -= amount;
+                self.wallet.used += charged;
+                if charged > 0 {
+                    self.charges.insert(
+                        e.event_id.clone(),
+                        Charge {
+                            account_id: e.account_id.clone(),
+                            wallet: e.wallet.clone(),
+                            amount: charged,
+                            refunded: 0,
+                            lots: pieces_text(&e.lots),
+                            at_ms: e.created_at_ms,
+                        },
+                    );
+                }
+            }
+            EventKind::ExpireLot => {
+                for p in &e.lots {
+                    let lot = self.lot(e, &p.lot_id)?;
+                    lot.remaining -= p.amount;
+                    lot.updated_at_ms = e.created_at_ms;
+                }
+                self.wallet.expired += e.amount;
+            }
+            EventKind::Refund => {
+                self.create_lots(e, "refund", &format!("refund of {}", e.charge_id))?;
+                let expired: i64 = e.extra.parse().unwrap_or(0);
+                self.wallet.expired += expired;
+                self.wallet.refunded += e.amount;
+                let total = match self.charges.get_mut(&e.charge_id) {
+                    Some(c) => {
+                        c.refunded += e.amount;
+                        c.refunded
+                    }
+                    None => return Err(Self::fail(e, "refund of an unknown charge")),
+                };
+                let answer = format!(
+                    "OK|{}|{}|{total}|{}|{expired}",
+                    e.event_id, e.amount, e.available_after
+                );
+                let amount = e.amount.to_string();
+                self.record(e, &["refund", &e.charge_id, &amount, &e.metadata], answer);
+            }
+        }
+        let w = &mut self.wallet;
+        w.lots.retain(|_, l| l.remaining > 0 || l.held > 0);
+        w.available = w.lots.values().map(|l| l.remaining).sum();
+        // Pair assertion: the rebuilt balance is the one the script reported.
+        if w.available != e.available_after || w.held != e.held_after {
+            return Err(Self::fail(
+                e,
+                &format!(
+                    "rebuilt available/held {}/{} but the event says {}/{}",
+                    w.available, w.held, e.available_after, e.held_after
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether Redis holds tollgate state: a wallet. (Epoch markers alone are shards that were
+/// initialized empty; restoring them is harmless.)
+async fn redis_holds_data(ledger: &Ledger) -> Result<Option<String>, LedgerError> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = ledger
+            .redis()
+            .query(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("{tg:*}:w:*")
+                    .arg("COUNT")
+                    .arg(10_000),
+            )
+            .await?;
+        if let Some(k) = keys.first() {
+            return Ok(Some(k.clone()));
+        }
+        if next == 0 {
+            return Ok(None);
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every tollgate key (for `--force`).
+async fn wipe(ledger: &Ledger) -> Result<(), LedgerError> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = ledger
+            .redis()
+            .query(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("{tg:*")
+                    .arg("COUNT")
+                    .arg(1000),
+            )
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = ledger
+                .redis()
+                .query(redis::cmd("UNLINK").arg(&keys))
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Adds one wallet's live state to a pipeline.
+fn write_wallet(pipe: &mut Pipeline, tag: &str, w: &Wallet, open_holds: &[(&String, &Hold)]) {
+    let base = format!("{}:{}", w.account_id, w.wallet);
+    let wkey = format!("{tag}:w:{base}");
+    let mut hset = redis::cmd("HSET");
+    hset.arg(&wkey)
+        .arg("r")
+        .arg(w.available)
+        .arg("h")
+        .arg(w.held)
+        .arg("g")
+        .arg(w.granted)
+        .arg("u")
+        .arg(w.used)
+        .arg("xp")
+        .arg(w.expired)
+        .arg("f")
+        .arg(w.refunded)
+        .arg("j")
+        .arg(w.adjusted)
+        .arg("s")
+        .arg(w.seq);
+    if w.demo {
+        hset.arg("demo").arg(1);
+    }
+    let mut due: Option<i64> = None;
+    for (id, lot) in &w.lots {
+        hset.arg(id).arg(lot.remaining);
+        if lot.held > 0 {
+            hset.arg(format!("{id}:h")).arg(lot.held);
+        }
+        hset.arg(format!("{id}:u"))
+            .arg(lot.updated_at_ms)
+            .arg(format!("{id}:m"))
+            .arg(format!(
+                "{}|{}|{}|{}|{}|{}",
+                lot.amount,
+                lot.score / LotPiece::PRIORITY_UNIT,
+                lot.expires_at_ms(),
+                lot.created_at_ms,
+                lot.kind,
+                lot.description
+            ));
+        pipe.cmd("ZADD")
+            .arg(format!("{tag}:b:{base}"))
+            .arg(lot.score)
+            .arg(id)
+            .ignore();
+        let exp = lot.expires_at_ms();
+        if exp != 0 {
+            pipe.cmd("ZADD")
+                .arg(format!("{tag}:x:{base}"))
+                .arg(exp)
+                .arg(id)
+                .ignore();
+            due = Some(due.map_or(exp, |d| d.min(exp)));
+        }
+    }
+    for (hold_id, h) in open_holds {
+        pipe.cmd("ZADD")
+            .arg(format!("{tag}:hw:{base}"))
+            .arg(h.deadline_ms)
+            .arg(*hold_id)
+            .ignore();
+        due = Some(due.map_or(h.deadline_ms, |d| d.min(h.deadline_ms)));
+    }
+    if let Some(due) = due {
+        hset.arg("d").arg(due);
+        pipe.cmd("ZADD")
+            .arg(format!("{tag}:due"))
+            .arg(due)
+            .arg(&base)
+            .ignore();
+    }
+    pipe.add_command(hset).ignore();
+    if w.joined {
+        pipe.cmd("HSET")
+            .arg(format!("{tag}:ws:{}", w.account_id))
+            .arg(&w.wallet)
+            .arg(1)
+            .ignore();
+    }
+}
+
+/// Restores every shard. Refuses a Redis that already holds tollgate data unless `force`
+/// (which first deletes it: unsettled outbox events are lost — reconcile or drain first).
+pub async fn restore(
+    ledger: Arc<Ledger>,
+    store: Arc<Store>,
+    force: bool,
+    mut progress: impl FnMut(&ShardReport, u16),
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    if let Some(found) = redis_holds_data(&ledger).await? {
+        if !force {
+            return Err(RestoreError::NotEmpty(found));
+        }
+        wipe(&ledger).await?;
+    }
+    store.migrate().await?;
+    let settings = ledger.settings().clone();
+    let now = now_ms();
+    let window_ms = settings.idempotency_window.as_millis() as i64;
+    let hold_retention_ms = settings.hold_retention.as_millis() as i64;
+    let charge_retention_ms = settings.charge_retention.as_millis() as i64;
+    let mut report = RestoreReport::default();
+    let count = ledger.shards().count();
+    for shard in 0..count {
+        let tag = ledger.shards().tag(shard).to_owned();
+        let mut shard_report = ShardReport {
+            shard,
+            ..Default::default()
+        };
+        let mut holds: HashMap<String, Hold> = HashMap::new();
+        let mut charges: HashMap<String, Charge> = HashMap::new();
+        let mut records = Vec::new();
+        let mut wallets: Vec<Wallet> = Vec::new();
+        let mut after: Option<WalletPosition> = None;
+        let mut current: Option<Wallet> = None;
+        loop {
+            let page = store
+                .shard_events(shard, after.as_ref(), EVENTS_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            let (ms, seq) = last.stream_position();
+            after = Some(WalletPosition {
+                account_id: last.account_id.clone(),
+                wallet: last.wallet.clone(),
+                stream_ms: ms,
+                stream_seq: seq,
+            });
+            for e in &page {
+                let same = current
+                    .as_ref()
+                    .is_some_and(|w| w.account_id == e.account_id && w.wallet == e.wallet);
+                if !same {
+                    if let Some(done) = current.take() {
+                        wallets.push(done);
+                    }
+                    current = Some(Wallet {
+                        account_id: e.account_id.clone(),
+                        wallet: e.wallet.clone(),
+                        ..Default::default()
+                    });
+                }
+                let mut replay = Replay {
+                    wallet: current.take().unwrap_or_default(),
+                    holds: &mut holds,
+                    charges: &mut charges,
+                    records: Vec::new(),
+                };
+                replay.apply(e)?;
+                records.append(&mut replay.records);
+                current = Some(replay.wallet);
+                shard_report.events += 1;
+            }
+            if page.len() < EVENTS_PAGE as usize {
+                break;
+            }
+        }
+        if let Some(done) = current.take() {
+            wallets.push(done);
+        }
+        shard_report.wallets = wallets.len();
+
+        // Open holds by wallet; ended holds and charges within their retention.
+        let mut open: HashMap<(String, String), Vec<(&String, &Hold)>> = HashMap::new();
+        for (id, h) in &holds {
+            if h.state == 'a' {
+                open.entry((h.account_id.clone(), h.wallet.clone()))
+                    .or_default()
+                    .push((id, h));
+            }
+        }
+        shard_report.open_holds = open.values().map(Vec::len).sum();
+        for chunk in wallets.chunks(WALLETS_PER_PIPELINE) {
+            let mut pipe = redis::pipe();
+            for w in chunk {
+                let key = (w.account_id.clone(), w.wallet.clone());
+                let holds = open.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                write_wallet(&mut pipe, &tag, w, holds);
+            }
+            let _: () = ledger.redis().pipeline(&pipe).await?;
+        }
+        let mut pipe = redis::pipe();
+        let mut queued = 0usize;
+        let mut hold_seq = 0i64;
+        // Sends the pipeline every so often, so a big shard never builds one huge request.
+        async fn flush(
+            ledger: &Ledger,
+            pipe: &mut Pipeline,
+            queued: &mut usize,
+        ) -> Result<(), LedgerError> {
+            if *queued > 0 {
+                let _: () = ledger.redis().pipeline(pipe).await?;
+                *pipe = redis::pipe();
+                *queued = 0;
+            }
+            Ok(())
+        }
+        for (id, h) in &holds {
+            if let Some(seq) = id.rsplit_once('-').and_then(|(_, s)| s.parse::<i64>().ok()) {
+                hold_seq = hold_seq.max(seq);
+            }
+            let ttl = h.ended_at_ms + hold_retention_ms - now;
+            if h.state != 'a' && ttl <= 0 {
+                continue;
+            }
+            let hkey = format!("{tag}:h:{id}");
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(&hkey)
+                .arg("a")
+                .arg(&h.account_id)
+                .arg("w")
+                .arg(&h.wallet)
+                .arg("n")
+                .arg(h.amount)
+                .arg("l")
+                .arg(&h.lots)
+                .arg("d")
+                .arg(h.deadline_ms)
+                .arg("e")
+                .arg(&h.policy)
+                .arg("s")
+                .arg(h.state.to_string())
+                .arg("o")
+                .arg(&h.operation);
+            if h.state != 'a' {
+                cmd.arg("q").arg(h.captured);
+            }
+            pipe.add_command(cmd).ignore();
+            if h.state != 'a' {
+                pipe.cmd("PEXPIRE").arg(&hkey).arg(ttl).ignore();
+            }
+            queued += 1;
+            if queued >= RECORDS_PER_PIPELINE {
+                flush(&ledger, &mut pipe, &mut queued).await?;
+            }
+        }
+        for (id, c) in &charges {
+            let ttl = c.at_ms + charge_retention_ms - now;
+            if ttl <= 0 {
+                continue;
+            }
+            let ckey = format!("{tag}:c:{id}");
+            pipe.cmd("HSET")
+                .arg(&ckey)
+                .arg("a")
+                .arg(&c.account_id)
+                .arg("w")
+                .arg(&c.wallet)
+                .arg("n")
+                .arg(c.amount)
+                .arg("f")
+                .arg(c.refunded)
+                .arg("l")
+                .arg(&c.lots)
+                .ignore();
+            pipe.cmd("PEXPIRE").arg(&ckey).arg(ttl).ignore();
+            shard_report.charges += 1;
+            queued += 1;
+            if queued >= RECORDS_PER_PIPELINE {
+                flush(&ledger, &mut pipe, &mut queued).await?;
+            }
+        }
+        // Idempotency buckets span half the window (lib.lua IDEM_SPAN_MS).
+        let span = (window_ms / 2).max(1);
+        let current = now / span;
+        for r in &records {
+            let bucket = r.at_ms / span;
+            if bucket <= current - IDEM_BUCKETS_LOOKED_AT || r.at_ms + window_ms <= now {
+                continue;
+            }
+            pipe.cmd("EVAL")
+                .arg(REMEMBER_LUA)
+                .arg(1)
+                .arg(format!("{tag}:i:{bucket}"))
+                .arg(&r.name)
+                .arg(&r.value)
+                .arg((bucket + IDEM_BUCKETS_LOOKED_AT + 1) * span)
+                .ignore();
+            shard_report.idempotency_records += 1;
+            queued += 1;
+            if queued >= RECORDS_PER_PIPELINE {
+                flush(&ledger, &mut pipe, &mut queued).await?;
+            }
+        }
+        if hold_seq > 0 {
+            pipe.cmd("SET")
+                .arg(format!("{tag}:seq"))
+                .arg(hold_seq)
+                .ignore();
+            queued += 1;
+        }
+        flush(&ledger, &mut pipe, &mut queued).await?;
+        ledger
+            .initialize_shard(shard, &crate::ledger::new_epoch())
+            .await?;
+        progress(&shard_report, count);
+        report.shards.push(shard_report);
+    }
+    report.api_keys = restore_api_keys(&ledger, &store).await?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// API keys, from the durable ledger's key table (hashes only), as the gateway's
+/// key_create / key_revoke scripts keep them.
+async fn restore_api_keys(ledger: &Ledger, store: &Store) -> Result<usize, RestoreError> {
+    let mut pipe = redis::pipe();
+    let mut restored = 0;
+    for key in store.api_keys().await? {
+        let shard = key
+            .key_id
+            .strip_prefix('k')
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(s, _)| s.parse::<u16>().ok())
+            .filter(|s| *s < ledger.shards().count());
+        let (Some(shard), false) = (shard, key.digest.is_empty()) else {
+            continue;
+        };
+        let tag = ledger.shards().tag(shard);
+        let mut record = redis::cmd("HSET");
+        record
+            .arg(format!("{tag}:k:{}", key.key_id))
+            .arg("a")
+            .arg(&key.account_id)
+            .arg("s")
+            .arg(&key.digest)
+            .arg("n")
+            .arg(&key.name)
+            .arg("c")
+            .arg(key.created_at_ms);
+        if key.revoked_at_ms > 0 {
+            record.arg("r").arg(key.revoked_at_ms);
+        }
+        pipe.add_command(record).ignore();
+        pipe.cmd("HSET")
+            .arg(format!("{tag}:ks:{}", key.account_id))
+            .arg(&key.key_id)
+            .arg(key.created_at_ms)
+            .ignore();
+        restored += 1;
+        if restored % RECORDS_PER_PIPELINE == 0 {
+            let _: () = ledger.redis().pipeline(&pipe).await?;
+            pipe = redis::pipe();
+        }
+    }
+    if restored % RECORDS_PER_PIPELINE != 0 {
+        let _: () = ledger.redis().pipeline(&pipe).await?;
+    }
+    Ok(restored)
+}

@@ -1,0 +1,751 @@
+//! The settler: a Redis Streams consumer group over every shard's outbox. It reads events
+//! in batches, writes each batch to the store in one transaction, acknowledges (`XACK`)
+//! only after the commit, and trims what every consumer group has acknowledged. Batches a
+//! dead settler left pending are taken over with `XAUTOCLAIM` after an idle time. Store
+//! errors are retried with capped exponential backoff and jitter; meanwhile the hot path
+//! keeps working and the outbox grows. Any number of settlers may run at once: the store
+//! deduplicates on the event id.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge};
+use redis::Value;
+
+use super::store::{Store, StoreError};
+use crate::ledger::event::{parse_stream_id, EventKind, LedgerEvent};
+use crate::ledger::{Ledger, LedgerError};
+use crate::telemetry::metrics as m;
+use crate::webhooks::{dispatcher, Rules};
+
+pub const DEFAULT_GROUP: &str = "tollgate-settler";
+/// Events read per shard per round.
+pub const DEFAULT_BATCH_EVENTS_MAX: usize = 2000;
+/// Sleep between rounds when the outboxes are empty.
+pub const DEFAULT_IDLE_WAIT: Duration = Duration::from_millis(50);
+/// A batch pending this long in another consumer is taken over.
+pub const DEFAULT_CLAIM_IDLE: Duration = Duration::from_secs(30);
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often acknowledged entries are trimmed and the lag is measured.
+pub const DEFAULT_TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// Rounds of XAUTOCLAIM paging per shard per claim pass.
+const CLAIM_PAGES_MAX: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct SettlerSettings {
+    pub group: String,
+    pub consumer: String,
+    pub batch_events_max: usize,
+    pub idle_wait: Duration,
+    pub claim_idle: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub trim_interval: Duration,
+    /// Usage-webhook rules: deliveries are derived from each batch's new events in the
+    /// batch's transaction. None = webhooks off.
+    pub webhooks: Option<Arc<Rules>>,
+}
+
+impl Default for SettlerSettings {
+    fn default() -> Self {
+        Self {
+            group: DEFAULT_GROUP.into(),
+            consumer: default_consumer(),
+            batch_events_max: DEFAULT_BATCH_EVENTS_MAX,
+            idle_wait: DEFAULT_IDLE_WAIT,
+            claim_idle: DEFAULT_CLAIM_IDLE,
+            backoff_min: DEFAULT_BACKOFF_MIN,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            trim_interval: DEFAULT_TRIM_INTERVAL,
+            webhooks: None,
+        }
+    }
+}
+
+/// Credit counters fed from newly settled events (each event counted once, by the
+/// settler that wrote it first). Handles are resolved once.
+struct CreditMetrics {
+    /// debit, capture, expire_hold
+    charged: [Counter; 3],
+    /// purchase, demo, promo, adjustment, other
+    granted: [Counter; 5],
+    refunded: Counter,
+    /// expire_lot, refund
+    expired: [Counter; 2],
+    /// up, down
+    adjusted: [Counter; 2],
+    holds_active: Gauge,
+}
+
+const GRANT_KINDS: [&str; 5] = ["purchase", "demo", "promo", "adjustment", "other"];
+
+impl CreditMetrics {
+    fn new() -> Self {
+        Self {
+            charged: ["debit", "capture", "expire_hold"]
+                .map(|e| metrics::counter!(m::CREDITS_CHARGED_TOTAL, "event" => e)),
+            granted: GRANT_KINDS.map(|k| metrics::counter!(m::CREDITS_GRANTED_TOTAL, "kind" => k)),
+            refunded: metrics::counter!(m::CREDITS_REFUNDED_TOTAL),
+            expired: ["expire_lot", "refund"]
+                .map(|e| metrics::counter!(m::CREDITS_EXPIRED_TOTAL, "event" => e)),
+            adjusted: ["up", "down"]
+                .map(|d| metrics::counter!(m::CREDITS_ADJUSTED_TOTAL, "direction" => d)),
+            holds_active: metrics::gauge!(m::HOLDS_ACTIVE),
+        }
+    }
+
+    fn count(&self, e: &LedgerEvent) {
+        let d = e.deltas();
+        if d.used > 0 {
+            let i = match e.kind {
+                EventKind::Debit => 0,
+                EventKind::Capture => 1,
+                _ => 2,
+            };
+            self.charged[i].increment(d.used as u64);
+        }
+        if d.granted > 0 {
+            let kind = e.extra.split('|').next().unwrap_or("");
+            let i = GRANT_KINDS[..4]
+                .iter()
+                .position(|k| *k == kind)
+                .unwrap_or(4);
+            self.granted[i].increment(d.granted as u64);
+        }
+        if d.refunded > 0 {
+            self.refunded.increment(d.refunded as u64);
+        }
+        if d.expired > 0 {
+            let i = usize::from(e.kind == EventKind::Refund);
+            self.expired[i].increment(d.expired as u64);
+        }
+        if d.adjusted > 0 {
+            self.adjusted[0].increment(d.adjusted as u64);
+        } else if d.adjusted < 0 {
+            self.adjusted[1].increment(d.adjusted.unsigned_abs());
+        }
+    }
+}
+
+/// `<host>-<pid>`: unique per process, readable in XINFO CONSUMERS.
+pub fn default_consumer() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "tollgate".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// What readiness and metrics need to know about settlement.
+#[derive(Debug, Clone, Default)]
+pub struct SettlerStatus {
+    /// Per shard: (outbox entries, age in ms of the oldest unsettled event).
+    pub shards: Vec<(u64, u64)>,
+    /// The last store write failed with this error (cleared by the next success).
+    pub store_error: Option<String>,
+    pub settled_total: u64,
+}
+
+impl SettlerStatus {
+    pub fn oldest_unsettled_ms(&self) -> u64 {
+        self.shards.iter().map(|(_, age)| *age).max().unwrap_or(0)
+    }
+
+    pub fn outbox_len(&self) -> u64 {
+        self.shards.iter().map(|(len, _)| *len).sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error(transparent)]
+    Redis(#[from] LedgerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("outbox not drained within {0:?}")]
+    DrainTimeout(Duration),
+}
+
+pub struct Settler {
+    ledger: Arc<Ledger>,
+    store: Arc<Store>,
+    settings: SettlerSettings,
+    status: Arc<Mutex<SettlerStatus>>,
+    /// Per shard: still reading this consumer's own pending entries (after a restart).
+    recovering: Vec<bool>,
+    last_claim: Option<Instant>,
+    last_trim: Option<Instant>,
+    credits: CreditMetrics,
+}
+
+impl Settler {
+    pub fn new(ledger: Arc<Ledger>, store: Arc<Store>, settings: SettlerSettings) -> Self {
+        let shards = usize::from(ledger.shards().count());
+        Self {
+            ledger,
+            store,
+            settings,
+            status: Arc::new(Mutex::new(SettlerStatus {
+                shards: vec![(0, 0); shards],
+                ..Default::default()
+            })),
+            recovering: vec![true; shards],
+            last_claim: None,
+            last_trim: None,
+            credits: CreditMetrics::new(),
+        }
+        .with_error_series()
+    }
+
+    /// Registers the error counters at zero, so dashboards and alerts see the series (and
+    /// `rate()` works) before the first error.
+    fn with_error_series(self) -> Self {
+        for kind in ["unavailable", "query", "corrupt"] {
+            let _ = metrics::counter!(m::STORE_ERRORS_TOTAL, "kind" => kind);
+        }
+        for kind in ["redis", "store"] {
+            let _ = metrics::counter!(m::SETTLER_ROUND_ERRORS_TOTAL, "kind" => kind);
+        }
+        self
+    }
+
+    pub fn status(&self) -> Arc<Mutex<SettlerStatus>> {
+        self.status.clone()
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut SettlerStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// Creates the consumer group on every shard outbox (from the first entry, so events
+    /// written before any settler ran are settled too).
+    pub async fn ensure_groups(&self) -> Result<(), SettleError> {
+        for shard in 0..self.ledger.shards().count() {
+            let result: Result<Value, LedgerError> = self
+                .ledger
+                .redis()
+                .query(
+                    redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(self.ledger.shards().outbox(shard))
+                        .arg(&self.settings.group)
+                        .arg("0")
+                        .arg("MKSTREAM"),
+                )
+                .await;
+            match result {
+                Ok(_) => {}
+                Err(LedgerError::Internal(e)) if e.contains("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until `shutdown` resolves. Redis errors are retried like store errors.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = self.settings.backoff_min;
+        let mut ready = false;
+        loop {
+            let step = async {
+                if !ready {
+                    self.store.migrate().await?;
+                    self.ensure_groups().await?;
+                    ready = true;
+                }
+                self.round().await
+            };
+            let wait = tokio::select! {
+                _ = &mut shutdown => return,
+                result = step => match result {
+                    Ok(0) => {
+                        backoff = self.settings.backoff_min;
+                        self.settings.idle_wait
+                    }
+                    Ok(_) => {
+                        backoff = self.settings.backoff_min;
+                        Duration::ZERO
+                    }
+                    Err(err) => {
+                        let kind = match &err {
+                            SettleError::Store(_) => "store",
+                            _ => "redis",
+                        };
+                        metrics::counter!(m::SETTLER_ROUND_ERRORS_TOTAL, "kind" => kind).increment(1);
+                        tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "settler round failed");
+                        // Redis may have restarted empty (no consumer groups): set up again.
+                        ready = false;
+                        let wait = jitter(backoff);
+                        backoff = (backoff * 2).min(self.settings.backoff_max);
+                        wait
+                    }
+                }
+            };
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+
+    /// One round: claim stale batches if due, read, commit (retrying the same batch until
+    /// the store takes it), acknowledge, trim if due. Returns events settled.
+    pub async fn round(&mut self) -> Result<usize, SettleError> {
+        let mut batch = self.read().await?;
+        if self
+            .last_claim
+            .is_none_or(|t| t.elapsed() >= self.settings.claim_idle / 2)
+        {
+            batch.extend(self.claim().await?);
+            self.last_claim = Some(Instant::now());
+        }
+        let settled = batch.len();
+        if !batch.is_empty() {
+            self.commit(&batch).await?;
+            self.ack(&batch).await?;
+        }
+        if self
+            .last_trim
+            .is_none_or(|t| t.elapsed() >= self.settings.trim_interval)
+        {
+            self.trim_and_measure().await?;
+            // The open-holds count lives in the store; several settlers all converge on it.
+            match self.store.holds_open().await {
+                Ok(n) => self.credits.holds_active.set(n as f64),
+                Err(err) => tracing::debug!(error = %err, "could not read the open-holds count"),
+            }
+            self.last_trim = Some(Instant::now());
+        }
+        Ok(settled)
+    }
+
+    /// Writes the batch, retrying store errors with capped backoff until it succeeds.
+    async fn commit(&self, batch: &[(u16, LedgerEvent)]) -> Result<(), SettleError> {
+        let events: Vec<LedgerEvent> = batch.iter().map(|(_, e)| e.clone()).collect();
+        let mut backoff = self.settings.backoff_min;
+        loop {
+            let started = Instant::now();
+            match self
+                .store
+                .append_batch(&events, self.settings.webhooks.as_deref())
+                .await
+            {
+                Ok(appended) => {
+                    let new = appended.new_events.len() as u64;
+                    // Each new event once, even if the batch carried it twice.
+                    let mut fresh = appended.new_events;
+                    for e in &events {
+                        if fresh.remove(&e.event_id) {
+                            self.credits.count(e);
+                        }
+                    }
+                    if let Some(open) = appended.holds_open {
+                        self.credits.holds_active.set(open as f64);
+                    }
+                    dispatcher::count_created(&appended.deliveries);
+                    metrics::counter!(m::SETTLED_EVENTS_TOTAL).increment(new);
+                    metrics::histogram!(m::SETTLE_BATCH_EVENTS).record(events.len() as f64);
+                    metrics::histogram!(m::SETTLE_BATCH_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                    self.set_status(|s| {
+                        s.store_error = None;
+                        s.settled_total += new;
+                    });
+                    return Ok(());
+                }
+                Err(err) => {
+                    metrics::counter!(m::STORE_ERRORS_TOTAL, "kind" => err.kind()).increment(1);
+                    tracing::warn!(error = %err, events = events.len(), retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying");
+                    self.set_status(|s| s.store_error = Some(err.to_string()));
+                    // Keep the lag gauges and readiness moving while the store is away.
+                    if let Err(err) = self.trim_and_measure().await {
+                        tracing::debug!(error = %err, "could not measure the outbox");
+                    }
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                }
+            }
+        }
+    }
+
+    async fn read(&mut self) -> Result<Vec<(u16, LedgerEvent)>, SettleError> {
+        let shards = self.ledger.shards();
+        let mut pipe = redis::pipe();
+        for shard in 0..shards.count() {
+            let from = if self.recovering[usize::from(shard)] {
+                "0"
+            } else {
+                ">"
+            };
+            pipe.cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&self.settings.group)
+                .arg(&self.settings.consumer)
+                .arg("COUNT")
+                .arg(self.settings.batch_events_max)
+                .arg("STREAMS")
+                .arg(shards.outbox(shard))
+                .arg(from);
+        }
+        let replies: Vec<Value> = self.ledger.redis().pipeline(&pipe).await?;
+        let mut batch = Vec::new();
+        for (shard, reply) in replies.into_iter().enumerate() {
+            let shard = shard as u16;
+            let entries = match reply {
+                Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
+                    Value::Array(mut pair) if pair.len() == 2 => pair.swap_remove(1),
+                    _ => Value::Nil,
+                },
+                _ => Value::Nil,
+            };
+            let events = parse_entries(shard, entries)?;
+            if events.is_empty() {
+                // Own pending entries are all read: from now on, only new ones.
+                self.recovering[usize::from(shard)] = false;
+            }
+            batch.extend(events.into_iter().map(|e| (shard, e)));
+        }
+        Ok(batch)
+    }
+
+    /// Takes over entries other consumers left pending longer than the claim idle time.
+    async fn claim(&self) -> Result<Vec<(u16, LedgerEvent)>, SettleError> {
+        let shards = self.ledger.shards();
+        let mut batch = Vec::new();
+        for shard in 0..shards.count() {
+            let mut cursor = "0-0".to_owned();
+            for _ in 0..CLAIM_PAGES_MAX {
+                let reply: Value = self
+                    .ledger
+                    .redis()
+                    .query(
+                        redis::cmd("XAUTOCLAIM")
+                            .arg(shards.outbox(shard))
+                            .arg(&self.settings.group)
+                            .arg(&self.settings.consumer)
+                            .arg(self.settings.claim_idle.as_millis() as u64)
+                            .arg(&cursor)
+                            .arg("COUNT")
+                            .arg(self.settings.batch_events_max),
+                    )
+                    .await?;
+                let Value::Array(mut parts) = reply else {
+                    break;
+                };
+                if parts.len() < 2 {
+                    break;
+                }
+                let entries = parts.swap_remove(1);
+                let next = text(&parts[0]).unwrap_or_else(|| "0-0".into());
+                let events = parse_entries(shard, entries)?;
+                if !events.is_empty() {
+                    tracing::info!(shard, events = events.len(), "claimed a stale batch");
+                }
+                batch.extend(events.into_iter().map(|e| (shard, e)));
+                if next == "0-0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn ack(&self, batch: &[(u16, LedgerEvent)]) -> Result<(), SettleError> {
+        let shards = self.ledger.shards();
+        let mut per_shard: Vec<Vec<&str>> = vec![Vec::new(); usize::from(shards.count())];
+        for (shard, e) in batch {
+            per_shard[usize::from(*shard)].push(&e.stream_id);
+        }
+        let mut pipe = redis::pipe();
+        for (shard, ids) in per_shard.iter().enumerate() {
+            if !ids.is_empty() {
+                pipe.cmd("XACK")
+                    .arg(shards.outbox(shard as u16))
+                    .arg(&self.settings.group)
+                    .arg(ids)
+                    .ignore();
+            }
+        }
+        let _: () = self.ledger.redis().pipeline(&pipe).await?;
+        Ok(())
+    }
+
+    /// Trims each outbox up to what every consumer group has acknowledged, and measures
+    /// its length and the age of its oldest unsettled event.
+    pub async fn trim_and_measure(&self) -> Result<(), SettleError> {
+        let shards = self.ledger.shards();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let mut measured = Vec::with_capacity(usize::from(shards.count()));
+        for shard in 0..shards.count() {
+            let stream = shards.outbox(shard);
+            let safe = settled_up_to(&self.ledger, stream).await?;
+            if let Some(min_id) = &safe {
+                let _: i64 = self
+                    .ledger
+                    .redis()
+                    .query(redis::cmd("XTRIM").arg(stream).arg("MINID").arg(min_id))
+                    .await?;
+            }
+            let len: u64 = self
+                .ledger
+                .redis()
+                .query(redis::cmd("XLEN").arg(stream))
+                .await?;
+            let first: Value = self
+                .ledger
+                .redis()
+                .query(
+                    redis::cmd("XRANGE")
+                        .arg(stream)
+                        .arg(safe.as_deref().unwrap_or("-"))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1),
+                )
+                .await?;
+            let oldest_ms = first_entry_ms(&first);
+            let age_ms = oldest_ms.map_or(0, |ms| (now_ms - ms).max(0) as u64);
+            let label = shards.number(shard).to_owned();
+            metrics::gauge!(m::OUTBOX_LENGTH, "shard" => label.clone()).set(len as f64);
+            metrics::gauge!(m::OUTBOX_OLDEST_AGE_SECONDS, "shard" => label)
+                .set(age_ms as f64 / 1000.0);
+            measured.push((len, age_ms));
+        }
+        self.set_status(|s| s.shards = measured);
+        Ok(())
+    }
+
+    /// Runs rounds until every shard's group has nothing undelivered or pending.
+    pub async fn drain(&mut self, timeout: Duration) -> Result<(), SettleError> {
+        self.store.migrate().await?;
+        self.ensure_groups().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let settled = self.round().await?;
+            if settled == 0 && self.is_drained().await? {
+                self.trim_and_measure().await?;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(SettleError::DrainTimeout(timeout));
+            }
+            if settled == 0 {
+                // Someone else holds pending entries: wait for them or for the claim.
+                tokio::time::sleep(self.settings.idle_wait).await;
+                self.last_claim = None;
+            }
+        }
+    }
+
+    async fn is_drained(&self) -> Result<bool, SettleError> {
+        for shard in 0..self.ledger.shards().count() {
+            let stream = self.ledger.shards().outbox(shard);
+            let last: Option<String> = last_entry_id(&self.ledger, stream).await?;
+            let Some(last) = last else { continue };
+            if !settled_through(&self.ledger, stream, &self.settings.group, &last).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Entries `[[id, [k, v, ...]], ...]`; entries whose content is gone (`[id, nil]`) are
+/// skipped (they cannot be settled; they were trimmed, which only happens after an ack).
+fn parse_entries(shard: u16, entries: Value) -> Result<Vec<LedgerEvent>, SettleError> {
+    let Value::Array(items) = entries else {
+        return Ok(Vec::new());
+    };
+    let present: Vec<Value> = items
+        .into_iter()
+        .filter(|e| matches!(e, Value::Array(p) if p.len() == 2 && matches!(p[1], Value::Array(_))))
+        .collect();
+    Ok(LedgerEvent::from_stream_entries(
+        shard,
+        Value::Array(present),
+    )?)
+}
+
+fn first_entry_ms(reply: &Value) -> Option<i64> {
+    let Value::Array(entries) = reply else {
+        return None;
+    };
+    let Value::Array(entry) = entries.first()? else {
+        return None;
+    };
+    parse_stream_id(&text(entry.first()?)?).map(|(ms, _)| ms)
+}
+
+/// Parses XINFO GROUPS into (pending, last-delivered-id) per group.
+async fn groups(ledger: &Ledger, stream: &str) -> Result<Vec<(String, u64, String)>, SettleError> {
+    let reply: Value = ledger
+        .redis()
+        .query(redis::cmd("XINFO").arg("GROUPS").arg(stream))
+        .await?;
+    let Value::Array(groups) = reply else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for g in groups {
+        let fields: Vec<Value> = match g {
+            Value::Array(f) => f,
+            Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+            _ => continue,
+        };
+        let mut name = String::new();
+        let mut pending = 0;
+        let mut last = "0-0".to_owned();
+        for pair in fields.chunks_exact(2) {
+            match text(&pair[0]).as_deref() {
+                Some("name") => name = text(&pair[1]).unwrap_or_default(),
+                Some("pending") => {
+                    if let Value::Int(n) = pair[1] {
+                        pending = n.max(0) as u64;
+                    }
+                }
+                Some("last-delivered-id") => last = text(&pair[1]).unwrap_or(last),
+                _ => {}
+            }
+        }
+        out.push((name, pending, last));
+    }
+    Ok(out)
+}
+
+/// The smallest pending id of a group, if any.
+async fn pending_min(
+    ledger: &Ledger,
+    stream: &str,
+    group: &str,
+) -> Result<Option<String>, SettleError> {
+    let reply: Value = ledger
+        .redis()
+        .query(redis::cmd("XPENDING").arg(stream).arg(group))
+        .await?;
+    Ok(match reply {
+        Value::Array(parts) if parts.len() >= 2 => text(&parts[1]),
+        _ => None,
+    })
+}
+
+fn successor(id: &str) -> String {
+    match parse_stream_id(id) {
+        Some((ms, seq)) => format!("{ms}-{}", seq + 1),
+        None => "0-1".into(),
+    }
+}
+
+/// The id below which every consumer group has acknowledged everything: entries under
+/// it are settled and may be trimmed. None when the stream has no group.
+async fn settled_up_to(ledger: &Ledger, stream: &str) -> Result<Option<String>, SettleError> {
+    let mut lowest: Option<(i64, i64, String)> = None;
+    for (name, pending, last_delivered) in groups(ledger, stream).await? {
+        let candidate = if pending > 0 {
+            pending_min(ledger, stream, &name)
+                .await?
+                .unwrap_or_else(|| "0-1".into())
+        } else {
+            successor(&last_delivered)
+        };
+        let position = parse_stream_id(&candidate).unwrap_or((0, 1));
+        if lowest
+            .as_ref()
+            .is_none_or(|(ms, seq, _)| position < (*ms, *seq))
+        {
+            lowest = Some((position.0, position.1, candidate));
+        }
+    }
+    Ok(lowest.map(|(_, _, id)| id))
+}
+
+async fn last_entry_id(ledger: &Ledger, stream: &str) -> Result<Option<String>, SettleError> {
+    let reply: Value = ledger
+        .redis()
+        .query(
+            redis::cmd("XREVRANGE")
+                .arg(stream)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await?;
+    let Value::Array(entries) = reply else {
+        return Ok(None);
+    };
+    Ok(entries.first().and_then(|e| match e {
+        Value::Array(p) => p.first().and_then(text),
+        _ => None,
+    }))
+}
+
+/// Whether the group has delivered and acknowledged every entry up to `id`.
+pub async fn settled_through(
+    ledger: &Ledger,
+    stream: &str,
+    group: &str,
+    id: &str,
+) -> Result<bool, SettleError> {
+    let target = parse_stream_id(id).unwrap_or((0, 0));
+    let Some((_, _, last_delivered)) = groups(ledger, stream)
+        .await?
+        .into_iter()
+        .find(|(name, _, _)| name == group)
+    else {
+        return Ok(false);
+    };
+    if parse_stream_id(&last_delivered).unwrap_or((0, 0)) < target {
+        return Ok(false);
+    }
+    Ok(match pending_min(ledger, stream, group).await? {
+        Some(min) => parse_stream_id(&min).unwrap_or((0, 0)) > target,
+        None => true,
+    })
+}
+
+/// Full jitter between half and all of `d`, so restarted settlers do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let random = RandomState::new().build_hasher().finish();
+    let fraction = 0.5 + (random % 1000) as f64 / 2000.0;
+    d.mul_f64(fraction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn successor_and_jitter() {
+        assert_eq!(successor("5-9"), "5-10");
+        assert_eq!(successor("garbage"), "0-1");
+        for _ in 0..100 {
+            let j = jitter(Duration::from_millis(1000));
+            assert!(j >= Duration::from_millis(500) && j <= Duration::from_millis(1000));
+        }
+    }
+}

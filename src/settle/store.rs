@@ -1,0 +1,1031 @@
+//! The durable ledger: PostgreSQL (production) or SQLite (embedded default), one
+//! implementation written once (`store_impl!`) over both sqlx drivers, since the SQL is the
+//! same text for both (`$n` placeholders, `ON CONFLICT`, `RETURNING`, row values).
+//!
+//! Events are keyed by event id, so a redelivered event is a no-op; a per-wallet running
+//! summary is updated in the same transaction, from the newly inserted events only.
+
+use std::collections::{BTreeMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row};
+
+use crate::ledger::event::{Deltas, EventKind, LedgerEvent, LotPiece};
+use crate::webhooks::rules::{self, Rules, WalletState};
+
+/// Default store: a SQLite file in the working directory.
+pub const DEFAULT_STORE_URL: &str = "sqlite://tollgate.db";
+pub const DEFAULT_POOL_CONNECTIONS: u32 = 4;
+/// How long a query waits for a pooled connection before failing (and being retried).
+pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rows per INSERT statement: 24 parameters a row stays under SQLite's 32,766.
+pub const INSERT_ROWS_MAX: usize = 1000;
+/// Most transactions one ListTransactions page returns.
+pub const HISTORY_PAGE_MAX: u32 = 1000;
+
+/// Schema versions, applied in order at start-up, each in its own transaction.
+/// Each version is applied once, whatever the order versions arrive in.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("schema_v1.sql")),
+    (2, include_str!("schema_v2.sql")),
+    (3, include_str!("schema_v3.sql")),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("bad store url {0:?}: use postgres://… or sqlite://PATH")]
+    BadUrl(String),
+    #[error("store unreachable: {0}")]
+    Unavailable(String),
+    #[error("store query failed: {0}")]
+    Query(String),
+    #[error("store data is malformed: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BadUrl(_) => "bad_url",
+            Self::Unavailable(_) => "unavailable",
+            Self::Query(_) => "query",
+            Self::Corrupt(_) => "corrupt",
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => Self::Unavailable(err.to_string()),
+            other => Self::Query(other.to_string()),
+        }
+    }
+}
+
+/// A wallet's totals as the store knows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub granted: i64,
+    pub used: i64,
+    pub expired: i64,
+    pub refunded: i64,
+    pub adjusted: i64,
+    pub available: i64,
+    pub held: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletSummary {
+    pub account_id: String,
+    pub wallet: String,
+    pub totals: Totals,
+    pub events: i64,
+}
+
+/// A wallet as re-derived from its events, with its running summary from the same snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Derived {
+    pub totals: Totals,
+    pub events: i64,
+    /// The running summary (None when the wallet has no row yet).
+    pub summary: Option<Totals>,
+}
+
+/// An API key as the durable ledger keeps it: its SHA-256, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub key_id: String,
+    pub account_id: String,
+    pub digest: String,
+    pub name: String,
+    pub created_at_ms: i64,
+    /// 0 while active.
+    pub revoked_at_ms: i64,
+}
+
+/// A point in the (account, wallet, stream position) order of `shard_events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletPosition {
+    pub account_id: String,
+    pub wallet: String,
+    pub stream_ms: i64,
+    pub stream_seq: i64,
+}
+
+/// A history query: one account, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    pub account_id: String,
+    pub wallet: Option<String>,
+    pub kinds: Vec<EventKind>,
+    /// Inclusive lower bound on created_at_ms.
+    pub from_ms: Option<i64>,
+    /// Exclusive upper bound on created_at_ms.
+    pub to_ms: Option<i64>,
+    pub page_size: u32,
+    /// Continue after this (created_at_ms, event_id).
+    pub after: Option<(i64, String)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HistoryPage {
+    pub events: Vec<LedgerEvent>,
+    pub next: Option<(i64, String)>,
+}
+
+const EVENT_COLUMNS: &str = "event_id, shard, stream_ms, stream_seq, kind, account_id, wallet, \
+    amount, available_after, held_after, lots, extra, hold_id, charge_id, idempotency_key, \
+    operation, metadata, created_at_ms, version";
+
+const SUMMARY_UPSERT_TAIL: &str = " ON CONFLICT (account_id, wallet) DO UPDATE SET \
+    granted = tollgate_wallets.granted + excluded.granted, \
+    used = tollgate_wallets.used + excluded.used, \
+    expired = tollgate_wallets.expired + excluded.expired, \
+    refunded = tollgate_wallets.refunded + excluded.refunded, \
+    adjusted = tollgate_wallets.adjusted + excluded.adjusted, \
+    events = tollgate_wallets.events + excluded.events, \
+    available = CASE WHEN (excluded.last_stream_ms, excluded.last_stream_seq) > \
+        (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
+        THEN excluded.available ELSE tollgate_wallets.available END, \
+    held = CASE WHEN (excluded.last_stream_ms, excluded.last_stream_seq) > \
+        (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
+        THEN excluded.held ELSE tollgate_wallets.held END, \
+    last_stream_ms = CASE WHEN (excluded.last_stream_ms, excluded.last_stream_seq) > \
+        (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
+        THEN excluded.last_stream_ms ELSE tollgate_wallets.last_stream_ms END, \
+    last_stream_seq = CASE WHEN (excluded.last_stream_ms, excluded.last_stream_seq) > \
+        (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
+        THEN excluded.last_stream_seq ELSE tollgate_wallets.last_stream_seq END, \
+    last_grant = CASE WHEN excluded.last_grant > 0 AND \
+        (excluded.last_stream_ms, excluded.last_stream_seq) > \
+        (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
+        THEN excluded.last_grant ELSE tollgate_wallets.last_grant END, \
+    low_alerted = CASE WHEN excluded.low_alerted >= 0 AND \
+        (excluded.last_stream_ms, excluded.last_stream_seq) > \
+        (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
+        THEN excluded.low_alerted ELSE tollgate_wallets.low_alerted END, \
+    exhausted_alerted = CASE WHEN excluded.exhausted_alerted >= 0 AND \
+        (excluded.last_stream_ms, excluded.last_stream_seq) > \
+        (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
+        THEN excluded.exhausted_alerted ELSE tollgate_wallets.exhausted_alerted END";
+
+/// Per-wallet aggregate of a batch's new events.
+#[derive(Debug, Default)]
+struct WalletBatch {
+    deltas: Deltas,
+    events: i64,
+    last: (i64, i64),
+    available: i64,
+    held: i64,
+    /// Amount of the batch's newest grant (0: none).
+    last_grant: i64,
+    last_grant_at: (i64, i64),
+    /// Alert state after the batch, when webhooks are on.
+    alerts: Option<WalletState>,
+}
+
+impl WalletBatch {
+    /// Alert flags as stored: -1 leaves the stored value alone.
+    fn alert_flags(&self) -> (i64, i64) {
+        match &self.alerts {
+            Some(a) => (i64::from(a.low_alerted), i64::from(a.exhausted_alerted)),
+            None => (-1, -1),
+        }
+    }
+}
+
+/// What a batch write did.
+#[derive(Debug, Clone, Default)]
+pub struct Appended {
+    /// Ids of the events this batch wrote for the first time.
+    pub new_events: HashSet<String>,
+    /// Open holds after the batch, when the batch opened or ended any.
+    pub holds_open: Option<i64>,
+    /// Webhook deliveries created, per `WebhookType` (by discriminant).
+    pub deliveries: [u64; 5],
+}
+
+/// Change in open holds made by events.
+fn holds_delta<'a>(events: impl Iterator<Item = &'a LedgerEvent>) -> i64 {
+    events
+        .map(|e| match e.kind {
+            EventKind::Hold => 1,
+            EventKind::Capture | EventKind::Release | EventKind::ExpireHold => -1,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn aggregate<'a>(
+    events: impl Iterator<Item = &'a LedgerEvent>,
+) -> BTreeMap<(String, String), WalletBatch> {
+    let mut wallets: BTreeMap<(String, String), WalletBatch> = BTreeMap::new();
+    for e in events {
+        let w = wallets
+            .entry((e.account_id.clone(), e.wallet.clone()))
+            .or_default();
+        w.deltas += e.deltas();
+        w.events += 1;
+        let position = e.stream_position();
+        if position >= w.last {
+            w.last = position;
+            w.available = e.available_after;
+            w.held = e.held_after;
+        }
+        if e.kind == EventKind::Grant && position >= w.last_grant_at {
+            w.last_grant_at = position;
+            w.last_grant = e.amount;
+        }
+    }
+    wallets
+}
+
+fn event_from_row<R: Row>(row: &R) -> Result<LedgerEvent, StoreError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let text = |name: &str| -> Result<String, StoreError> {
+        row.try_get::<String, _>(name)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    };
+    let int = |name: &str| -> Result<i64, StoreError> {
+        row.try_get::<i64, _>(name)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    };
+    let event_id = text("event_id")?;
+    let kind_name = text("kind")?;
+    Ok(LedgerEvent {
+        stream_id: format!("{}-{}", int("stream_ms")?, int("stream_seq")?),
+        kind: EventKind::parse(&kind_name)
+            .ok_or_else(|| StoreError::Corrupt(format!("kind {kind_name:?} of {event_id}")))?,
+        account_id: text("account_id")?,
+        wallet: text("wallet")?,
+        amount: int("amount")?,
+        available_after: int("available_after")?,
+        held_after: int("held_after")?,
+        lots: LotPiece::parse_list(&text("lots")?)
+            .ok_or_else(|| StoreError::Corrupt(format!("lots of {event_id}")))?,
+        extra: text("extra")?,
+        hold_id: text("hold_id")?,
+        charge_id: text("charge_id")?,
+        idempotency_key: text("idempotency_key")?,
+        operation: text("operation")?,
+        metadata: text("metadata")?,
+        created_at_ms: int("created_at_ms")?,
+        version: u32::try_from(int("version")?)
+            .map_err(|_| StoreError::Corrupt(format!("version of {event_id}")))?,
+        event_id,
+    })
+}
+
+fn lots_text(lots: &[LotPiece]) -> String {
+    lots.iter()
+        .map(|p| match p.score {
+            Some(score) => format!("{}:{}:{score}", p.lot_id, p.amount),
+            None => format!("{}:{}", p.lot_id, p.amount),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// What a durable ledger store does. PostgreSQL and SQLite implement it with the same
+/// code (`store_impl!` writes the methods once, `ledger_store_trait!` exposes them as
+/// this trait); [`Store`] picks one from the URL.
+#[allow(async_fn_in_trait)]
+pub trait LedgerStore {
+    /// "postgres" or "sqlite".
+    fn kind(&self) -> &'static str;
+    /// Applies the schema migrations that are missing, in order.
+    async fn migrate(&self) -> Result<(), StoreError>;
+    /// Writes a batch in one transaction; returns how many events were new.
+    async fn append(&self, events: &[LedgerEvent]) -> Result<u64, StoreError>;
+    /// One page of an account's events, newest first.
+    async fn history(&self, q: &HistoryQuery) -> Result<HistoryPage, StoreError>;
+    async fn event(&self, event_id: &str) -> Result<Option<LedgerEvent>, StoreError>;
+    /// Every wallet's running summary.
+    async fn wallets(&self) -> Result<Vec<WalletSummary>, StoreError>;
+    /// A wallet's totals re-derived from its events, up to a stream position (inclusive)
+    /// or all of them, and its running summary, read in one snapshot.
+    async fn derive(
+        &self,
+        account_id: &str,
+        wallet: &str,
+        upto: Option<(i64, i64)>,
+    ) -> Result<Derived, StoreError>;
+    async fn ping(&self) -> Result<(), StoreError>;
+    async fn count_events(&self) -> Result<i64, StoreError>;
+    /// One page of a shard's events in (account, wallet, stream position) order, after the
+    /// given (account, wallet, stream_ms, stream_seq): a wallet's events arrive together
+    /// and in the order they happened (restore).
+    async fn shard_events(
+        &self,
+        shard: u16,
+        after: Option<&WalletPosition>,
+        limit: u32,
+    ) -> Result<Vec<LedgerEvent>, StoreError>;
+    /// Records an API key (or its revocation): insert, or update the revocation time.
+    async fn save_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+    /// Every API key (restore).
+    async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Whether any event of this shard was ever settled (a Redis shard without its epoch
+    /// marker then lost data; otherwise it is simply new).
+    async fn shard_has_events(&self, shard: u16) -> Result<bool, StoreError>;
+}
+
+/// Writes the store's methods once for a sqlx driver.
+macro_rules! store_impl {
+    ($store:ident, $db:ty, $kind:literal, $migration_lock:expr, $snapshot:expr) => {
+        impl $store {
+            pub fn kind(&self) -> &'static str {
+                $kind
+            }
+
+            pub async fn migrate(&self) -> Result<(), StoreError> {
+                sqlx::raw_sql(
+                    "CREATE TABLE IF NOT EXISTS tollgate_schema_migrations \
+                     (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+                )
+                .execute(&self.pool)
+                .await?;
+                for (version, sql) in MIGRATIONS {
+                    let mut tx = self.pool.begin().await?;
+                    if let Some(lock) = $migration_lock {
+                        sqlx::raw_sql(lock).execute(&mut *tx).await?;
+                    }
+                    let applied: Option<i64> = sqlx::query_scalar(
+                        "SELECT version FROM tollgate_schema_migrations WHERE version = $1",
+                    )
+                    .bind(*version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if applied.is_some() {
+                        continue;
+                    }
+                    sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+                    sqlx::query(
+                        "INSERT INTO tollgate_schema_migrations (version, applied_at_ms) \
+                         VALUES ($1, $2)",
+                    )
+                    .bind(*version)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    tracing::info!(store = self.kind(), version, "applied schema migration");
+                }
+                Ok(())
+            }
+
+            /// Writes a batch in one transaction: the events (each once), the wallets'
+            /// running summaries and, with webhook `rules`, the deliveries the new events
+            /// make. Only events written for the first time count for anything.
+            pub async fn append_batch(
+                &self,
+                events: &[LedgerEvent],
+                rules: Option<&Rules>,
+            ) -> Result<Appended, StoreError> {
+                if events.is_empty() {
+                    return Ok(Appended::default());
+                }
+                // A fixed order (event id) keeps concurrent settlers' lock orders equal.
+                let mut sorted: Vec<&LedgerEvent> = events.iter().collect();
+                sorted.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+                sorted.dedup_by(|a, b| a.event_id == b.event_id);
+                let settled_at = now_ms();
+                let mut tx = self.pool.begin().await?;
+                let mut inserted = std::collections::HashSet::new();
+                for chunk in sorted.chunks(INSERT_ROWS_MAX) {
+                    let mut qb = QueryBuilder::<$db>::new(format!(
+                        "INSERT INTO tollgate_events ({EVENT_COLUMNS}, d_granted, d_used, \
+                         d_expired, d_refunded, d_adjusted, settled_at_ms) "
+                    ));
+                    qb.push_values(chunk.iter(), |mut b, e| {
+                        let (ms, seq) = e.stream_position();
+                        let d = e.deltas();
+                        b.push_bind(e.event_id.clone())
+                            .push_bind(i64::from(e.shard()))
+                            .push_bind(ms)
+                            .push_bind(seq)
+                            .push_bind(e.kind.as_str())
+                            .push_bind(e.account_id.clone())
+                            .push_bind(e.wallet.clone())
+                            .push_bind(e.amount)
+                            .push_bind(e.available_after)
+                            .push_bind(e.held_after)
+                            .push_bind(lots_text(&e.lots))
+                            .push_bind(e.extra.clone())
+                            .push_bind(e.hold_id.clone())
+                            .push_bind(e.charge_id.clone())
+                            .push_bind(e.idempotency_key.clone())
+                            .push_bind(e.operation.clone())
+                            .push_bind(e.metadata.clone())
+                            .push_bind(e.created_at_ms)
+                            .push_bind(i64::from(e.version))
+                            .push_bind(d.granted)
+                            .push_bind(d.used)
+                            .push_bind(d.expired)
+                            .push_bind(d.refunded)
+                            .push_bind(d.adjusted)
+                            .push_bind(settled_at);
+                    });
+                    qb.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+                    for row in qb.build().fetch_all(&mut *tx).await? {
+                        inserted.insert(row.try_get::<String, _>("event_id")?);
+                    }
+                }
+                let new_events: Vec<&LedgerEvent> = sorted
+                    .iter()
+                    .copied()
+                    .filter(|e| inserted.contains(&e.event_id))
+                    .collect();
+                let mut wallets = aggregate(new_events.iter().copied());
+                let mut deliveries = [0u64; 5];
+                if let Some(rules) = rules.filter(|_| !wallets.is_empty()) {
+                    let keys: Vec<(String, String)> = wallets.keys().cloned().collect();
+                    let priors = self.wallet_states(&mut tx, &keys).await?;
+                    let overrides = self.threshold_overrides(&mut tx, &keys).await?;
+                    let mut per_wallet: BTreeMap<(&str, &str), Vec<&LedgerEvent>> =
+                        BTreeMap::new();
+                    for e in &new_events {
+                        per_wallet
+                            .entry((e.account_id.as_str(), e.wallet.as_str()))
+                            .or_default()
+                            .push(e);
+                    }
+                    let mut made = Vec::new();
+                    for ((account, wallet), mut list) in per_wallet {
+                        list.sort_by_key(|e| e.stream_position());
+                        let key = (account.to_owned(), wallet.to_owned());
+                        let prior = priors.get(&key).copied().unwrap_or_default();
+                        let threshold = rules.threshold(wallet, overrides.get(&key).copied());
+                        let (out, state) = rules::derive(rules, threshold, &prior, &list);
+                        made.extend(out);
+                        if let Some(w) = wallets.get_mut(&key) {
+                            w.alerts = Some(state);
+                        }
+                    }
+                    deliveries = self.insert_deliveries(&mut tx, &made).await?;
+                    if rules.tracks_lots() {
+                        self.track_lots(&mut tx, &new_events).await?;
+                    }
+                }
+                let rows: Vec<_> = wallets.into_iter().collect();
+                for chunk in rows.chunks(INSERT_ROWS_MAX) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "INSERT INTO tollgate_wallets (account_id, wallet, granted, used, \
+                         expired, refunded, adjusted, available, held, last_stream_ms, \
+                         last_stream_seq, events, last_grant, low_alerted, exhausted_alerted) ",
+                    );
+                    qb.push_values(chunk.iter(), |mut b, ((account, wallet), w)| {
+                        let (low, exhausted) = w.alert_flags();
+                        b.push_bind(account.clone())
+                            .push_bind(wallet.clone())
+                            .push_bind(w.deltas.granted)
+                            .push_bind(w.deltas.used)
+                            .push_bind(w.deltas.expired)
+                            .push_bind(w.deltas.refunded)
+                            .push_bind(w.deltas.adjusted)
+                            .push_bind(w.available)
+                            .push_bind(w.held)
+                            .push_bind(w.last.0)
+                            .push_bind(w.last.1)
+                            .push_bind(w.events)
+                            .push_bind(w.last_grant)
+                            .push_bind(low)
+                            .push_bind(exhausted);
+                    });
+                    qb.push(SUMMARY_UPSERT_TAIL);
+                    qb.build().execute(&mut *tx).await?;
+                }
+                let delta = holds_delta(new_events.iter().copied());
+                let holds_open = if delta != 0 {
+                    sqlx::query_scalar::<_, i64>(
+                        "UPDATE tollgate_counters SET value = value + $1 \
+                         WHERE name = 'holds_open' RETURNING value",
+                    )
+                    .bind(delta)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                } else {
+                    None
+                };
+                tx.commit().await?;
+                Ok(Appended {
+                    new_events: inserted,
+                    holds_open,
+                    deliveries,
+                })
+            }
+
+            /// Writes a batch in one transaction; returns how many events were new.
+            pub async fn append(&self, events: &[LedgerEvent]) -> Result<u64, StoreError> {
+                Ok(self.append_batch(events, None).await?.new_events.len() as u64)
+            }
+
+            /// Open holds, as counted from settled events.
+            pub async fn holds_open(&self) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar::<_, i64>(
+                    "SELECT value FROM tollgate_counters WHERE name = 'holds_open'",
+                )
+                .fetch_optional(&self.pool)
+                .await?
+                .unwrap_or(0))
+            }
+
+            pub async fn history(&self, q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+                let page_size = q.page_size.clamp(1, HISTORY_PAGE_MAX);
+                let mut qb = QueryBuilder::<$db>::new(format!(
+                    "SELECT {EVENT_COLUMNS} FROM tollgate_events WHERE account_id = "
+                ));
+                qb.push_bind(q.account_id.clone());
+                if let Some(wallet) = &q.wallet {
+                    qb.push(" AND wallet = ").push_bind(wallet.clone());
+                }
+                if !q.kinds.is_empty() {
+                    qb.push(" AND kind IN (");
+                    let mut kinds = qb.separated(", ");
+                    for kind in &q.kinds {
+                        kinds.push_bind(kind.as_str());
+                    }
+                    qb.push(")");
+                }
+                if let Some(from) = q.from_ms {
+                    qb.push(" AND created_at_ms >= ").push_bind(from);
+                }
+                if let Some(to) = q.to_ms {
+                    qb.push(" AND created_at_ms < ").push_bind(to);
+                }
+                if let Some((at, id)) = &q.after {
+                    qb.push(" AND (created_at_ms < ")
+                        .push_bind(*at)
+                        .push(" OR (created_at_ms = ")
+                        .push_bind(*at)
+                        .push(" AND event_id < ")
+                        .push_bind(id.clone())
+                        .push("))");
+                }
+                qb.push(" ORDER BY created_at_ms DESC, event_id DESC LIMIT ")
+                    .push_bind(i64::from(page_size) + 1);
+                let rows = qb.build().fetch_all(&self.pool).await?;
+                let mut events = rows
+                    .iter()
+                    .map(event_from_row)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let next = if events.len() > page_size as usize {
+                    events.truncate(page_size as usize);
+                    events.last().map(|e| (e.created_at_ms, e.event_id.clone()))
+                } else {
+                    None
+                };
+                Ok(HistoryPage { events, next })
+            }
+
+            pub async fn event(&self, event_id: &str) -> Result<Option<LedgerEvent>, StoreError> {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {EVENT_COLUMNS} FROM tollgate_events WHERE event_id = $1"
+                )))
+                .bind(event_id.to_owned())
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(event_from_row).transpose()
+            }
+
+            pub async fn wallets(&self) -> Result<Vec<WalletSummary>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT account_id, wallet, granted, used, expired, refunded, adjusted, \
+                     available, held, events FROM tollgate_wallets \
+                     ORDER BY account_id, wallet",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(WalletSummary {
+                            account_id: r.try_get("account_id")?,
+                            wallet: r.try_get("wallet")?,
+                            totals: Totals {
+                                granted: r.try_get("granted")?,
+                                used: r.try_get("used")?,
+                                expired: r.try_get("expired")?,
+                                refunded: r.try_get("refunded")?,
+                                adjusted: r.try_get("adjusted")?,
+                                available: r.try_get("available")?,
+                                held: r.try_get("held")?,
+                            },
+                            events: r.try_get("events")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                    .map_err(StoreError::from)
+            }
+
+            pub async fn derive(
+                &self,
+                account_id: &str,
+                wallet: &str,
+                upto: Option<(i64, i64)>,
+            ) -> Result<Derived, StoreError> {
+                let (ms, seq) = upto.unwrap_or((i64::MAX, i64::MAX));
+                let mut tx = self.pool.begin().await?;
+                if let Some(snapshot) = $snapshot {
+                    sqlx::raw_sql(snapshot).execute(&mut *tx).await?;
+                }
+                let sums = sqlx::query(
+                    // SUM of BIGINT is NUMERIC in PostgreSQL: cast back.
+                    "SELECT CAST(COALESCE(SUM(d_granted), 0) AS BIGINT) AS g, \
+                     CAST(COALESCE(SUM(d_used), 0) AS BIGINT) AS u, \
+                     CAST(COALESCE(SUM(d_expired), 0) AS BIGINT) AS x, \
+                     CAST(COALESCE(SUM(d_refunded), 0) AS BIGINT) AS f, \
+                     CAST(COALESCE(SUM(d_adjusted), 0) AS BIGINT) AS j, \
+                     CAST(COUNT(*) AS BIGINT) AS n FROM tollgate_events \
+                     WHERE account_id = $1 AND wallet = $2 AND (stream_ms, stream_seq) <= ($3, $4)",
+                )
+                .bind(account_id.to_owned())
+                .bind(wallet.to_owned())
+                .bind(ms)
+                .bind(seq)
+                .fetch_one(&mut *tx)
+                .await?;
+                let last = sqlx::query(
+                    "SELECT available_after, held_after FROM tollgate_events \
+                     WHERE account_id = $1 AND wallet = $2 AND (stream_ms, stream_seq) <= ($3, $4) \
+                     ORDER BY stream_ms DESC, stream_seq DESC LIMIT 1",
+                )
+                .bind(account_id.to_owned())
+                .bind(wallet.to_owned())
+                .bind(ms)
+                .bind(seq)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let summary = sqlx::query(
+                    "SELECT granted, used, expired, refunded, adjusted, available, held \
+                     FROM tollgate_wallets WHERE account_id = $1 AND wallet = $2",
+                )
+                .bind(account_id.to_owned())
+                .bind(wallet.to_owned())
+                .fetch_optional(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                let summary = match &summary {
+                    Some(r) => Some(Totals {
+                        granted: r.try_get("granted")?,
+                        used: r.try_get("used")?,
+                        expired: r.try_get("expired")?,
+                        refunded: r.try_get("refunded")?,
+                        adjusted: r.try_get("adjusted")?,
+                        available: r.try_get("available")?,
+                        held: r.try_get("held")?,
+                    }),
+                    None => None,
+                };
+                let (available, held) = match &last {
+                    Some(r) => (r.try_get("available_after")?, r.try_get("held_after")?),
+                    None => (0, 0),
+                };
+                let totals = Totals {
+                    granted: sums.try_get("g")?,
+                    used: sums.try_get("u")?,
+                    expired: sums.try_get("x")?,
+                    refunded: sums.try_get("f")?,
+                    adjusted: sums.try_get("j")?,
+                    available,
+                    held,
+                };
+                Ok(Derived {
+                    totals,
+                    events: sums.try_get("n")?,
+                    summary,
+                })
+            }
+
+            pub async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            pub async fn shard_events(
+                &self,
+                shard: u16,
+                after: Option<&WalletPosition>,
+                limit: u32,
+            ) -> Result<Vec<LedgerEvent>, StoreError> {
+                let mut qb = QueryBuilder::<$db>::new(format!(
+                    "SELECT {EVENT_COLUMNS} FROM tollgate_events WHERE shard = "
+                ));
+                qb.push_bind(i64::from(shard));
+                if let Some(p) = after {
+                    qb.push(" AND (account_id, wallet, stream_ms, stream_seq) > (")
+                        .push_bind(p.account_id.clone())
+                        .push(", ")
+                        .push_bind(p.wallet.clone())
+                        .push(", ")
+                        .push_bind(p.stream_ms)
+                        .push(", ")
+                        .push_bind(p.stream_seq)
+                        .push(")");
+                }
+                qb.push(" ORDER BY account_id, wallet, stream_ms, stream_seq LIMIT ")
+                    .push_bind(i64::from(limit));
+                let rows = qb.build().fetch_all(&self.pool).await?;
+                rows.iter().map(event_from_row).collect()
+            }
+
+            pub async fn save_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO tollgate_api_keys (key_id, account_id, digest, name, \
+                     created_at_ms, revoked_at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (key_id) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
+                )
+                .bind(key.key_id.clone())
+                .bind(key.account_id.clone())
+                .bind(key.digest.clone())
+                .bind(key.name.clone())
+                .bind(key.created_at_ms)
+                .bind(key.revoked_at_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            pub async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT key_id, account_id, digest, name, created_at_ms, revoked_at_ms \
+                     FROM tollgate_api_keys ORDER BY key_id",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(ApiKeyRecord {
+                            key_id: r.try_get("key_id")?,
+                            account_id: r.try_get("account_id")?,
+                            digest: r.try_get("digest")?,
+                            name: r.try_get("name")?,
+                            created_at_ms: r.try_get("created_at_ms")?,
+                            revoked_at_ms: r.try_get("revoked_at_ms")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                    .map_err(StoreError::from)
+            }
+
+            pub async fn shard_has_events(&self, shard: u16) -> Result<bool, StoreError> {
+                let found: Option<i64> = sqlx::query_scalar(
+                    "SELECT shard FROM tollgate_events WHERE shard = $1 LIMIT 1",
+                )
+                .bind(i64::from(shard))
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(found.is_some())
+            }
+
+            pub async fn count_events(&self) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tollgate_events")
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+        }
+    };
+}
+
+pub struct PgStore {
+    pub(super) pool: sqlx::PgPool,
+}
+
+pub struct SqliteStore {
+    pub(super) pool: sqlx::SqlitePool,
+}
+
+// PostgreSQL serializes concurrent migrations with an advisory lock; SQLite's write lock
+// already does.
+store_impl!(
+    PgStore,
+    sqlx::Postgres,
+    "postgres",
+    Some("SELECT pg_advisory_xact_lock(7157680)"),
+    // Reads in one transaction see one snapshot only at this level in PostgreSQL (a
+    // SQLite read transaction in WAL mode always does).
+    Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+);
+store_impl!(
+    SqliteStore,
+    sqlx::Sqlite,
+    "sqlite",
+    None::<&'static str>,
+    None::<&'static str>
+);
+
+/// The configured store.
+pub enum Store {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+/// The trait over the two implementations, delegating to their inherent methods.
+macro_rules! ledger_store_trait {
+    ($store:ident) => {
+        impl LedgerStore for $store {
+            fn kind(&self) -> &'static str {
+                $store::kind(self)
+            }
+            async fn migrate(&self) -> Result<(), StoreError> {
+                $store::migrate(self).await
+            }
+            async fn append(&self, events: &[LedgerEvent]) -> Result<u64, StoreError> {
+                $store::append(self, events).await
+            }
+            async fn history(&self, q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+                $store::history(self, q).await
+            }
+            async fn event(&self, event_id: &str) -> Result<Option<LedgerEvent>, StoreError> {
+                $store::event(self, event_id).await
+            }
+            async fn wallets(&self) -> Result<Vec<WalletSummary>, StoreError> {
+                $store::wallets(self).await
+            }
+            async fn derive(
+                &self,
+                account_id: &str,
+                wallet: &str,
+                upto: Option<(i64, i64)>,
+            ) -> Result<Derived, StoreError> {
+                $store::derive(self, account_id, wallet, upto).await
+            }
+            async fn ping(&self) -> Result<(), StoreError> {
+                $store::ping(self).await
+            }
+            async fn count_events(&self) -> Result<i64, StoreError> {
+                $store::count_events(self).await
+            }
+            async fn shard_events(
+                &self,
+                shard: u16,
+                after: Option<&WalletPosition>,
+                limit: u32,
+            ) -> Result<Vec<LedgerEvent>, StoreError> {
+                $store::shard_events(self, shard, after, limit).await
+            }
+            async fn save_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+                $store::save_api_key(self, key).await
+            }
+            async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+                $store::api_keys(self).await
+            }
+            async fn shard_has_events(&self, shard: u16) -> Result<bool, StoreError> {
+                $store::shard_has_events(self, shard).await
+            }
+        }
+    };
+}
+
+ledger_store_trait!(PgStore);
+ledger_store_trait!(SqliteStore);
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Postgres($s) => $call,
+            Store::Sqlite($s) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Checks a store url without connecting (config validation runs outside the async
+    /// runtime, where sqlx cannot build a pool).
+    pub fn check_url(url: &str) -> Result<(), StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            PgConnectOptions::from_str(url)
+                .map(|_| ())
+                .map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))
+        } else if url.strip_prefix("sqlite://").is_some_and(|p| !p.is_empty()) {
+            Ok(())
+        } else {
+            Err(StoreError::BadUrl(url.to_owned()))
+        }
+    }
+
+    /// Connects lazily (tollgate starts while the database is down) and migrates when
+    /// `migrate` is set and the database answers.
+    pub fn connect_lazy(url: &str, connections: u32) -> Result<Self, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url)
+                .map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?;
+            let pool = PgPoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
+                .connect_lazy_with(options);
+            Ok(Self::Postgres(PgStore { pool }))
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(StoreError::BadUrl(url.to_owned()));
+            }
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // Acked outbox entries are gone from Redis: a commit must survive power loss.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(POOL_ACQUIRE_TIMEOUT);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
+                .connect_lazy_with(options);
+            Ok(Self::Sqlite(SqliteStore { pool }))
+        } else {
+            Err(StoreError::BadUrl(url.to_owned()))
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        dispatch!(self, s => s.kind())
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    pub async fn append(&self, events: &[LedgerEvent]) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.append(events).await)
+    }
+
+    pub async fn append_batch(
+        &self,
+        events: &[LedgerEvent],
+        rules: Option<&Rules>,
+    ) -> Result<Appended, StoreError> {
+        dispatch!(self, s => s.append_batch(events, rules).await)
+    }
+
+    pub async fn holds_open(&self) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.holds_open().await)
+    }
+
+    pub async fn history(&self, q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+        dispatch!(self, s => s.history(q).await)
+    }
+
+    pub async fn event(&self, event_id: &str) -> Result<Option<LedgerEvent>, StoreError> {
+        dispatch!(self, s => s.event(event_id).await)
+    }
+
+    pub async fn wallets(&self) -> Result<Vec<WalletSummary>, StoreError> {
+        dispatch!(self, s => s.wallets().await)
+    }
+
+    pub async fn derive(
+        &self,
+        account_id: &str,
+        wallet: &str,
+        upto: Option<(i64, i64)>,
+    ) -> Result<Derived, StoreError> {
+        dispatch!(self, s => s.derive(account_id, wallet, upto).await)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    pub async fn shard_events(
+        &self,
+        shard: u16,
+        after: Option<&WalletPosition>,
+        limit: u32,
+    ) -> Result<Vec<LedgerEvent>, StoreError> {
+        dispatch!(self, s => s.shard_events(shard, after, limit).await)
+    }
+
+    pub async fn save_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.save_api_key(key).await)
+    }
+
+    pub async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        dispatch!(self, s => s.api_keys().await)
+    }
+
+    pub async fn shard_has_events(&self, shard: u16) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.shard_has_events(shard).await)
+    }
+
+    pub async fn count_events(&self) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.count_events().await)
+    }
+}

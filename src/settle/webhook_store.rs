@@ -1,0 +1,701 @@
+//! The durable side of usage webhooks (schema version 2): wallet alert state read inside a
+//! batch's transaction, per-account thresholds, tracked expiring lots, and the deliveries
+//! table the dispatcher works from. Written once for both drivers (`webhook_store_impl!`),
+//! like `store.rs`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sqlx::{QueryBuilder, Row};
+
+use super::store::{PgStore, SqliteStore, Store, StoreError};
+use crate::ledger::event::LedgerEvent;
+use crate::webhooks::rules::{lot_deltas, NewDelivery, Threshold, WalletState, WebhookType};
+
+/// Wallets per `WHERE (..) OR (..)` lookup (two parameters each).
+const LOOKUP_WALLETS_MAX: usize = 500;
+/// Rows per multi-row INSERT (16 parameters a delivery row).
+const INSERT_ROWS_MAX: usize = 1000;
+/// Deliveries per ListWebhookDeliveries page.
+pub const DELIVERIES_PAGE_MAX: u32 = 1000;
+
+pub const STATUS_PENDING: &str = "pending";
+pub const STATUS_DELIVERED: &str = "delivered";
+pub const STATUS_FAILED: &str = "failed";
+
+/// One delivery as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub delivery_id: String,
+    pub account_id: String,
+    pub wallet: String,
+    pub event_type: String,
+    pub payload: String,
+    /// pending | delivered | failed
+    pub status: String,
+    pub attempts: i64,
+    pub created_at_ms: i64,
+    pub next_attempt_at_ms: i64,
+    pub delivered_at_ms: i64,
+    pub last_error: String,
+    /// 0 = no HTTP response.
+    pub last_status_code: i64,
+    /// Order within the account: (stream ms, stream seq, ordinal).
+    pub position: (i64, i64, i64),
+}
+
+/// A ListWebhookDeliveries query: newest first.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    pub account_id: Option<String>,
+    pub status: Option<String>,
+    pub event_type: Option<String>,
+    pub page_size: u32,
+    /// Continue after this delivery (its position and id).
+    pub after: Option<DeliveryCursor>,
+}
+
+/// Where a page of deliveries ends: newest first by position, then id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryCursor {
+    pub position: (i64, i64, i64),
+    pub delivery_id: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryPage {
+    pub deliveries: Vec<Delivery>,
+    pub next: Option<DeliveryCursor>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Delivered {
+        status_code: i64,
+    },
+    /// Try again at `next_attempt_at_ms`, or give up (status "failed") when `give_up`.
+    Failed {
+        status_code: i64,
+        error: String,
+        next_attempt_at_ms: i64,
+        give_up: bool,
+    },
+}
+
+/// A lot that expires soon with credits left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiringLot {
+    pub account_id: String,
+    pub wallet: String,
+    pub lot_id: String,
+    pub expires_at_ms: i64,
+    pub remaining: i64,
+}
+
+const DELIVERY_COLUMNS: &str = "delivery_id, account_id, wallet, event_type, payload, status, \
+    attempts, created_at_ms, next_attempt_at_ms, delivered_at_ms, last_error, last_status_code, \
+    position_ms, position_seq, ordinal";
+
+fn delivery_from_row<R: Row>(r: &R) -> Result<Delivery, sqlx::Error>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    Ok(Delivery {
+        delivery_id: r.try_get("delivery_id")?,
+        account_id: r.try_get("account_id")?,
+        wallet: r.try_get("wallet")?,
+        event_type: r.try_get("event_type")?,
+        payload: r.try_get("payload")?,
+        status: r.try_get("status")?,
+        attempts: r.try_get("attempts")?,
+        created_at_ms: r.try_get("created_at_ms")?,
+        next_attempt_at_ms: r.try_get("next_attempt_at_ms")?,
+        delivered_at_ms: r.try_get("delivered_at_ms")?,
+        last_error: r.try_get("last_error")?,
+        last_status_code: r.try_get("last_status_code")?,
+        position: (
+            r.try_get("position_ms")?,
+            r.try_get("position_seq")?,
+            r.try_get("ordinal")?,
+        ),
+    })
+}
+
+/// Per-lot sums of the credit changes of events in lots that expire.
+fn lot_changes(events: &[&LedgerEvent]) -> BTreeMap<(String, String, String), (i64, i64)> {
+    let mut lots: BTreeMap<(String, String, String), (i64, i64)> = BTreeMap::new();
+    for e in events {
+        for (lot_id, expires, delta) in lot_deltas(e) {
+            let entry = lots
+                .entry((e.account_id.clone(), e.wallet.clone(), lot_id.to_owned()))
+                .or_default();
+            entry.0 = entry.0.max(expires.unwrap_or(0));
+            entry.1 += delta;
+        }
+    }
+    lots
+}
+
+macro_rules! webhook_store_impl {
+    ($store:ident, $db:ty, $lock_rows:expr) => {
+        impl $store {
+            /// Stored alert state of wallets, locked for the batch's transaction.
+            pub(crate) async fn wallet_states(
+                &self,
+                tx: &mut sqlx::Transaction<'_, $db>,
+                keys: &[(String, String)],
+            ) -> Result<HashMap<(String, String), WalletState>, StoreError> {
+                let mut out = HashMap::with_capacity(keys.len());
+                for chunk in keys.chunks(LOOKUP_WALLETS_MAX) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "SELECT account_id, wallet, available, last_stream_ms, last_stream_seq, \
+                         last_grant, low_alerted, exhausted_alerted FROM tollgate_wallets WHERE ",
+                    );
+                    push_wallet_filter(&mut qb, chunk);
+                    qb.push($lock_rows);
+                    for r in qb.build().fetch_all(&mut **tx).await? {
+                        let key = (r.try_get("account_id")?, r.try_get("wallet")?);
+                        let state = WalletState {
+                            available: r.try_get("available")?,
+                            last: (r.try_get("last_stream_ms")?, r.try_get("last_stream_seq")?),
+                            last_grant: r.try_get("last_grant")?,
+                            low_alerted: r.try_get::<i64, _>("low_alerted")? == 1,
+                            exhausted_alerted: r.try_get::<i64, _>("exhausted_alerted")? == 1,
+                        };
+                        out.insert(key, state);
+                    }
+                }
+                Ok(out)
+            }
+
+            /// Thresholds set for these wallets through the Admin API.
+            pub(crate) async fn threshold_overrides(
+                &self,
+                tx: &mut sqlx::Transaction<'_, $db>,
+                keys: &[(String, String)],
+            ) -> Result<HashMap<(String, String), Threshold>, StoreError> {
+                let mut out = HashMap::new();
+                for chunk in keys.chunks(LOOKUP_WALLETS_MAX) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "SELECT account_id, wallet, low_balance, low_balance_percent \
+                         FROM tollgate_balance_thresholds WHERE ",
+                    );
+                    push_wallet_filter(&mut qb, chunk);
+                    for r in qb.build().fetch_all(&mut **tx).await? {
+                        let percent: i64 = r.try_get("low_balance_percent")?;
+                        out.insert(
+                            (r.try_get("account_id")?, r.try_get("wallet")?),
+                            Threshold {
+                                low_balance: r.try_get("low_balance")?,
+                                low_balance_percent: u32::try_from(percent).unwrap_or(0),
+                            },
+                        );
+                    }
+                }
+                Ok(out)
+            }
+
+            /// Records deliveries (a delivery id already present is left alone); returns
+            /// how many were new, per type.
+            pub(crate) async fn insert_deliveries(
+                &self,
+                tx: &mut sqlx::Transaction<'_, $db>,
+                deliveries: &[NewDelivery],
+            ) -> Result<[u64; 5], StoreError> {
+                let mut created = [0u64; 5];
+                let now = super::store::now_ms();
+                for chunk in deliveries.chunks(INSERT_ROWS_MAX) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "INSERT INTO tollgate_webhook_deliveries (delivery_id, account_id, \
+                         wallet, event_type, position_ms, position_seq, ordinal, payload, \
+                         status, attempts, next_attempt_at_ms, lease_until_ms, last_error, \
+                         last_status_code, created_at_ms, delivered_at_ms) ",
+                    );
+                    qb.push_values(chunk.iter(), |mut b, d| {
+                        b.push_bind(d.delivery_id.clone())
+                            .push_bind(d.account_id.clone())
+                            .push_bind(d.wallet.clone())
+                            .push_bind(d.event_type.as_str())
+                            .push_bind(d.position.0)
+                            .push_bind(d.position.1)
+                            .push_bind(d.position.2)
+                            .push_bind(d.payload.clone())
+                            .push_bind(STATUS_PENDING)
+                            .push_bind(0i64)
+                            .push_bind(now)
+                            .push_bind(0i64)
+                            .push_bind("")
+                            .push_bind(0i64)
+                            .push_bind(d.created_at_ms)
+                            .push_bind(0i64);
+                    });
+                    qb.push(" ON CONFLICT (delivery_id) DO NOTHING RETURNING event_type");
+                    for r in qb.build().fetch_all(&mut **tx).await? {
+                        let name: String = r.try_get("event_type")?;
+                        if let Some(t) = WebhookType::parse(&name) {
+                            created[t as usize] += 1;
+                        }
+                    }
+                }
+                Ok(created)
+            }
+
+            /// Keeps the credits left in expiring lots current (for lot.expiring).
+            pub(crate) async fn track_lots(
+                &self,
+                tx: &mut sqlx::Transaction<'_, $db>,
+                events: &[&LedgerEvent],
+            ) -> Result<(), StoreError> {
+                let changes: Vec<_> = lot_changes(events).into_iter().collect();
+                for chunk in changes.chunks(INSERT_ROWS_MAX) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "INSERT INTO tollgate_lots (account_id, wallet, lot_id, expires_at_ms, \
+                         remaining, expiring_notified) ",
+                    );
+                    qb.push_values(chunk.iter(), |mut b, ((account, wallet, lot), (expires, delta))| {
+                        b.push_bind(account.clone())
+                            .push_bind(wallet.clone())
+                            .push_bind(lot.clone())
+                            .push_bind(*expires)
+                            .push_bind(*delta)
+                            .push_bind(0i64);
+                    });
+                    qb.push(
+                        " ON CONFLICT (account_id, wallet, lot_id) DO UPDATE SET \
+                         remaining = tollgate_lots.remaining + excluded.remaining, \
+                         expires_at_ms = CASE WHEN excluded.expires_at_ms > 0 \
+                         THEN excluded.expires_at_ms ELSE tollgate_lots.expires_at_ms END",
+                    );
+                    qb.build().execute(&mut **tx).await?;
+                }
+                Ok(())
+            }
+
+            pub async fn set_threshold(
+                &self,
+                account_id: &str,
+                wallet: &str,
+                threshold: Option<Threshold>,
+            ) -> Result<(), StoreError> {
+                match threshold {
+                    Some(t) => {
+                        sqlx::query(
+                            "INSERT INTO tollgate_balance_thresholds (account_id, wallet, \
+                             low_balance, low_balance_percent, updated_at_ms) \
+                             VALUES ($1, $2, $3, $4, $5) \
+                             ON CONFLICT (account_id, wallet) DO UPDATE SET \
+                             low_balance = excluded.low_balance, \
+                             low_balance_percent = excluded.low_balance_percent, \
+                             updated_at_ms = excluded.updated_at_ms",
+                        )
+                        .bind(account_id.to_owned())
+                        .bind(wallet.to_owned())
+                        .bind(t.low_balance)
+                        .bind(i64::from(t.low_balance_percent))
+                        .bind(super::store::now_ms())
+                        .execute(&self.pool)
+                        .await?;
+                    }
+                    None => {
+                        sqlx::query(
+                            "DELETE FROM tollgate_balance_thresholds \
+                             WHERE account_id = $1 AND wallet = $2",
+                        )
+                        .bind(account_id.to_owned())
+                        .bind(wallet.to_owned())
+                        .execute(&self.pool)
+                        .await?;
+                    }
+                }
+                Ok(())
+            }
+
+            pub async fn threshold_override(
+                &self,
+                account_id: &str,
+                wallet: &str,
+            ) -> Result<Option<Threshold>, StoreError> {
+                let row = sqlx::query(
+                    "SELECT low_balance, low_balance_percent FROM tollgate_balance_thresholds \
+                     WHERE account_id = $1 AND wallet = $2",
+                )
+                .bind(account_id.to_owned())
+                .bind(wallet.to_owned())
+                .fetch_optional(&self.pool)
+                .await?;
+                match row {
+                    None => Ok(None),
+                    Some(r) => {
+                        let percent: i64 = r.try_get("low_balance_percent")?;
+                        Ok(Some(Threshold {
+                            low_balance: r.try_get("low_balance")?,
+                            low_balance_percent: u32::try_from(percent).unwrap_or(0),
+                        }))
+                    }
+                }
+            }
+
+            /// Due deliveries that head their account's queue (the oldest pending one
+            /// of each account), unleased.
+            pub async fn due_deliveries(
+                &self,
+                now_ms: i64,
+                limit: u32,
+            ) -> Result<Vec<Delivery>, StoreError> {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM tollgate_webhook_deliveries d \
+                     WHERE d.status = 'pending' AND d.next_attempt_at_ms <= $1 \
+                     AND d.lease_until_ms <= $1 \
+                     AND NOT EXISTS (SELECT 1 FROM tollgate_webhook_deliveries e \
+                       WHERE e.status = 'pending' AND e.account_id = d.account_id \
+                       AND (e.position_ms, e.position_seq, e.ordinal) \
+                         < (d.position_ms, d.position_seq, d.ordinal)) \
+                     ORDER BY d.next_attempt_at_ms, d.position_ms, d.position_seq, d.ordinal \
+                     LIMIT $2"
+                )))
+                .bind(now_ms)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows
+                    .iter()
+                    .map(delivery_from_row)
+                    .collect::<Result<Vec<_>, _>>()?)
+            }
+
+            /// Takes a delivery for `until_ms` (compare-and-set: false if another
+            /// dispatcher holds it or it is no longer pending).
+            pub async fn lease_delivery(
+                &self,
+                delivery_id: &str,
+                now_ms: i64,
+                until_ms: i64,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE tollgate_webhook_deliveries SET lease_until_ms = $1 \
+                     WHERE delivery_id = $2 AND status = 'pending' AND lease_until_ms <= $3",
+                )
+                .bind(until_ms)
+                .bind(delivery_id.to_owned())
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            /// Records an attempt and releases the lease.
+            pub async fn finish_attempt(
+                &self,
+                delivery_id: &str,
+                now_ms: i64,
+                outcome: &AttemptOutcome,
+            ) -> Result<(), StoreError> {
+                match outcome {
+                    AttemptOutcome::Delivered { status_code } => {
+                        sqlx::query(
+                            "UPDATE tollgate_webhook_deliveries SET status = 'delivered', \
+                             attempts = attempts + 1, delivered_at_ms = $1, lease_until_ms = 0, \
+                             last_status_code = $2, last_error = '' WHERE delivery_id = $3",
+                        )
+                        .bind(now_ms)
+                        .bind(*status_code)
+                        .bind(delivery_id.to_owned())
+                        .execute(&self.pool)
+                        .await?;
+                    }
+                    AttemptOutcome::Failed {
+                        status_code,
+                        error,
+                        next_attempt_at_ms,
+                        give_up,
+                    } => {
+                        sqlx::query(
+                            "UPDATE tollgate_webhook_deliveries SET status = $1, \
+                             attempts = attempts + 1, next_attempt_at_ms = $2, \
+                             lease_until_ms = 0, last_status_code = $3, last_error = $4 \
+                             WHERE delivery_id = $5",
+                        )
+                        .bind(if *give_up { STATUS_FAILED } else { STATUS_PENDING })
+                        .bind(*next_attempt_at_ms)
+                        .bind(*status_code)
+                        .bind(error.clone())
+                        .bind(delivery_id.to_owned())
+                        .execute(&self.pool)
+                        .await?;
+                    }
+                }
+                Ok(())
+            }
+
+            pub async fn list_deliveries(
+                &self,
+                q: &DeliveryQuery,
+            ) -> Result<DeliveryPage, StoreError> {
+                let page_size = q.page_size.clamp(1, DELIVERIES_PAGE_MAX);
+                let mut qb = QueryBuilder::<$db>::new(format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM tollgate_webhook_deliveries WHERE 1 = 1"
+                ));
+                if let Some(account) = &q.account_id {
+                    qb.push(" AND account_id = ").push_bind(account.clone());
+                }
+                if let Some(status) = &q.status {
+                    qb.push(" AND status = ").push_bind(status.clone());
+                }
+                if let Some(t) = &q.event_type {
+                    qb.push(" AND event_type = ").push_bind(t.clone());
+                }
+                if let Some(c) = &q.after {
+                    qb.push(" AND (position_ms, position_seq, ordinal, delivery_id) < (")
+                        .push_bind(c.position.0)
+                        .push(", ")
+                        .push_bind(c.position.1)
+                        .push(", ")
+                        .push_bind(c.position.2)
+                        .push(", ")
+                        .push_bind(c.delivery_id.clone())
+                        .push(")");
+                }
+                qb.push(
+                    " ORDER BY position_ms DESC, position_seq DESC, ordinal DESC, \
+                     delivery_id DESC LIMIT ",
+                )
+                .push_bind(i64::from(page_size) + 1);
+                let rows = qb.build().fetch_all(&self.pool).await?;
+                let mut deliveries = rows
+                    .iter()
+                    .map(delivery_from_row)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let next = if deliveries.len() > page_size as usize {
+                    deliveries.truncate(page_size as usize);
+                    deliveries.last().map(|d| DeliveryCursor {
+                        position: d.position,
+                        delivery_id: d.delivery_id.clone(),
+                    })
+                } else {
+                    None
+                };
+                Ok(DeliveryPage { deliveries, next })
+            }
+
+            pub async fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError> {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM tollgate_webhook_deliveries \
+                     WHERE delivery_id = $1"
+                )))
+                .bind(delivery_id.to_owned())
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.as_ref().map(delivery_from_row).transpose()?)
+            }
+
+            /// Puts a given-up delivery back in its queue. False if it is not "failed".
+            pub async fn retry_delivery(
+                &self,
+                delivery_id: &str,
+                now_ms: i64,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE tollgate_webhook_deliveries SET status = 'pending', \
+                     next_attempt_at_ms = $1, lease_until_ms = 0 \
+                     WHERE delivery_id = $2 AND status = 'failed'",
+                )
+                .bind(now_ms)
+                .bind(delivery_id.to_owned())
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            /// Lots with credits left that expire in (now, until], not yet announced.
+            pub async fn expiring_lots(
+                &self,
+                now_ms: i64,
+                until_ms: i64,
+                limit: u32,
+            ) -> Result<Vec<ExpiringLot>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT account_id, wallet, lot_id, expires_at_ms, remaining \
+                     FROM tollgate_lots WHERE expiring_notified = 0 AND expires_at_ms > $1 \
+                     AND expires_at_ms <= $2 AND remaining > 0 \
+                     ORDER BY expires_at_ms LIMIT $3",
+                )
+                .bind(now_ms)
+                .bind(until_ms)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(ExpiringLot {
+                            account_id: r.try_get("account_id")?,
+                            wallet: r.try_get("wallet")?,
+                            lot_id: r.try_get("lot_id")?,
+                            expires_at_ms: r.try_get("expires_at_ms")?,
+                            remaining: r.try_get("remaining")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                    .map_err(StoreError::from)
+            }
+
+            /// Marks a lot announced and records its lot.expiring delivery, once.
+            pub async fn announce_expiring(
+                &self,
+                lot: &ExpiringLot,
+                delivery: &NewDelivery,
+            ) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let done = sqlx::query(
+                    "UPDATE tollgate_lots SET expiring_notified = 1 WHERE account_id = $1 \
+                     AND wallet = $2 AND lot_id = $3 AND expiring_notified = 0",
+                )
+                .bind(lot.account_id.clone())
+                .bind(lot.wallet.clone())
+                .bind(lot.lot_id.clone())
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() != 1 {
+                    return Ok(false);
+                }
+                self.insert_deliveries(&mut tx, std::slice::from_ref(delivery))
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            /// Forgets tracked lots that expired before `before_ms`.
+            pub async fn prune_lots(&self, before_ms: i64) -> Result<u64, StoreError> {
+                let done = sqlx::query(
+                    "DELETE FROM tollgate_lots WHERE expires_at_ms > 0 AND expires_at_ms < $1",
+                )
+                .bind(before_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            pub async fn pending_deliveries(&self) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar::<_, i64>(
+                    "SELECT COUNT(*) FROM tollgate_webhook_deliveries WHERE status = 'pending'",
+                )
+                .fetch_one(&self.pool)
+                .await?)
+            }
+        }
+    };
+}
+
+fn push_wallet_filter<DB: sqlx::Database>(qb: &mut QueryBuilder<DB>, keys: &[(String, String)])
+where
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for (i, (account, wallet)) in keys.iter().enumerate() {
+        if i > 0 {
+            qb.push(" OR ");
+        }
+        qb.push("(account_id = ")
+            .push_bind(account.clone())
+            .push(" AND wallet = ")
+            .push_bind(wallet.clone())
+            .push(")");
+    }
+}
+
+// PostgreSQL locks the wallet rows a batch reads, so two settlers judging the same
+// wallet's crossing take turns; a SQLite transaction already holds the write lock (the
+// batch's INSERT came first).
+webhook_store_impl!(PgStore, sqlx::Postgres, " FOR UPDATE");
+webhook_store_impl!(SqliteStore, sqlx::Sqlite, "");
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Postgres($s) => $call,
+            Store::Sqlite($s) => $call,
+        }
+    };
+}
+
+impl Store {
+    pub async fn set_threshold(
+        &self,
+        account_id: &str,
+        wallet: &str,
+        threshold: Option<Threshold>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.set_threshold(account_id, wallet, threshold).await)
+    }
+
+    pub async fn threshold_override(
+        &self,
+        account_id: &str,
+        wallet: &str,
+    ) -> Result<Option<Threshold>, StoreError> {
+        dispatch!(self, s => s.threshold_override(account_id, wallet).await)
+    }
+
+    pub async fn due_deliveries(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        dispatch!(self, s => s.due_deliveries(now_ms, limit).await)
+    }
+
+    pub async fn lease_delivery(
+        &self,
+        delivery_id: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.lease_delivery(delivery_id, now_ms, until_ms).await)
+    }
+
+    pub async fn finish_attempt(
+        &self,
+        delivery_id: &str,
+        now_ms: i64,
+        outcome: &AttemptOutcome,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.finish_attempt(delivery_id, now_ms, outcome).await)
+    }
+
+    pub async fn list_deliveries(&self, q: &DeliveryQuery) -> Result<DeliveryPage, StoreError> {
+        dispatch!(self, s => s.list_deliveries(q).await)
+    }
+
+    pub async fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError> {
+        dispatch!(self, s => s.delivery(delivery_id).await)
+    }
+
+    pub async fn retry_delivery(&self, delivery_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.retry_delivery(delivery_id, now_ms).await)
+    }
+
+    pub async fn expiring_lots(
+        &self,
+        now_ms: i64,
+        until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<ExpiringLot>, StoreError> {
+        dispatch!(self, s => s.expiring_lots(now_ms, until_ms, limit).await)
+    }
+
+    pub async fn announce_expiring(
+        &self,
+        lot: &ExpiringLot,
+        delivery: &NewDelivery,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.announce_expiring(lot, delivery).await)
+    }
+
+    pub async fn prune_lots(&self, before_ms: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.prune_lots(before_ms).await)
+    }
+
+    pub async fn pending_deliveries(&self) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.pending_deliveries().await)
+    }
+}

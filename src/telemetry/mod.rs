@@ -1,0 +1,23 @@
+//! Telemetry: logs (tracing: text or JSON, level from config unless RUST_LOG is set;
+//! account ids, keys and tokens are never logged), metrics (`metrics`: every name in one
+//! place, Prometheus exposition) and the failed-request log layer (`request_log`).
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogConfig;
+
+pub fn init_logs(config: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        // sqlx logs PostgreSQL's notices (e.g. "already exists, skipping") at info.
+        .or_else(|_| EnvFilter::try_new(format!("{},sqlx=warn", config.level)))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if config.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub mod metrics;
+pub mod request_log;

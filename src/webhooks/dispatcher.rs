@@ -1,0 +1,314 @@
+//! The dispatcher: POSTs recorded deliveries, at least once and in order per account.
+//!
+//! Each round it takes the due head of every account's queue (the oldest pending delivery;
+//! later ones wait behind it, so one account's webhooks never overtake each other), leases
+//! it with a compare-and-set in the store (several dispatchers can run at once; a lease
+//! that outlives a crashed dispatcher simply expires), POSTs it, and records the attempt.
+//! Failures are retried with capped exponential backoff and jitter until
+//! `attempts_max`, then the delivery is marked "failed" and the account's queue moves on
+//! (Admin RetryWebhookDelivery puts it back). It also announces expiring lots
+//! (`lot.expiring`).
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Histogram};
+use tokio::task::JoinSet;
+
+use super::client::{AttemptError, WebhookClient};
+use super::rules::{expiring_delivery, Rules, WebhookType};
+use super::DispatchSettings;
+use crate::settle::webhook_store::{AttemptOutcome, Delivery};
+use crate::settle::{Store, StoreError};
+use crate::telemetry::metrics as m;
+
+/// A lease outlives an attempt's deadline by this much.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
+/// Expiring lots announced per round.
+pub const EXPIRING_LOTS_PER_ROUND_MAX: u32 = 500;
+/// How often the backlog gauge is measured and old tracked lots are pruned.
+pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
+/// Tracked lots are forgotten this long after they expired.
+pub const LOT_RETENTION_AFTER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+
+const RESULTS: [&str; 3] = ["delivered", "retry", "gave_up"];
+
+/// Metric handles, resolved once.
+struct DispatchMetrics {
+    /// Per type, per result.
+    attempts: Vec<[Counter; 3]>,
+    created: Vec<Counter>,
+    duration: Histogram,
+    pending: Gauge,
+}
+
+impl DispatchMetrics {
+    fn new() -> Self {
+        Self {
+            attempts: WebhookType::ALL
+                .iter()
+                .map(|t| {
+                    RESULTS.map(|result| {
+                        metrics::counter!(
+                            m::WEBHOOK_ATTEMPTS_TOTAL,
+                            "type" => t.as_str(),
+                            "result" => result
+                        )
+                    })
+                })
+                .collect(),
+            created: WebhookType::ALL
+                .iter()
+                .map(|t| metrics::counter!(m::WEBHOOK_EVENTS_TOTAL, "type" => t.as_str()))
+                .collect(),
+            duration: metrics::histogram!(m::WEBHOOK_ATTEMPT_SECONDS),
+            pending: metrics::gauge!(m::WEBHOOK_PENDING),
+        }
+    }
+}
+
+/// Counts deliveries created (by the settler), per type.
+pub fn count_created(created: &[u64; 5]) {
+    for (t, n) in WebhookType::ALL.iter().zip(created) {
+        if *n > 0 {
+            metrics::counter!(m::WEBHOOK_EVENTS_TOTAL, "type" => t.as_str()).increment(*n);
+        }
+    }
+}
+
+pub struct Dispatcher {
+    store: Arc<Store>,
+    client: Arc<WebhookClient>,
+    settings: DispatchSettings,
+    rules: Arc<Rules>,
+    metrics: Arc<DispatchMetrics>,
+    last_housekeeping: Option<Instant>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<Store>,
+        settings: DispatchSettings,
+        rules: Arc<Rules>,
+    ) -> Result<Self, AttemptError> {
+        let client = WebhookClient::new(&settings.url, &settings.secret, settings.timeout)?;
+        Ok(Self {
+            store,
+            client: Arc::new(client),
+            settings,
+            rules,
+            metrics: Arc::new(DispatchMetrics::new()),
+            last_housekeeping: None,
+        })
+    }
+
+    /// Runs until `shutdown` resolves; an attempt in flight is abandoned (its lease
+    /// expires and it is sent again: at least once).
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = self.settings.poll_interval;
+        loop {
+            let wait = tokio::select! {
+                _ = &mut shutdown => return,
+                result = self.round() => match result {
+                    Ok(0) => {
+                        backoff = self.settings.poll_interval;
+                        self.settings.poll_interval
+                    }
+                    Ok(_) => Duration::ZERO,
+                    Err(err) => {
+                        tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "webhook dispatch round failed");
+                        let wait = backoff;
+                        backoff = (backoff * 2).min(self.settings.backoff_max.max(self.settings.poll_interval));
+                        wait
+                    }
+                }
+            };
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+
+    /// One round: announce expiring lots, attempt every due head (up to `concurrency`
+    /// accounts at once). Returns attempts made.
+    pub async fn round(&mut self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        if self.rules.tracks_lots() {
+            self.announce_expiring(now).await?;
+        }
+        if self
+            .last_housekeeping
+            .is_none_or(|t| t.elapsed() >= HOUSEKEEPING_INTERVAL)
+        {
+            self.metrics
+                .pending
+                .set(self.store.pending_deliveries().await? as f64);
+            if self.rules.tracks_lots() {
+                let before = now - LOT_RETENTION_AFTER_EXPIRY.as_millis() as i64;
+                self.store.prune_lots(before).await?;
+            }
+            self.last_housekeeping = Some(Instant::now());
+        }
+        let heads = self
+            .store
+            .due_deliveries(now, self.settings.concurrency as u32)
+            .await?;
+        let lease_until = now + (self.settings.timeout + LEASE_MARGIN).as_millis() as i64;
+        let mut attempts = JoinSet::new();
+        for delivery in heads {
+            if !self
+                .store
+                .lease_delivery(&delivery.delivery_id, now, lease_until)
+                .await?
+            {
+                continue; // another dispatcher took it
+            }
+            attempts.spawn(attempt(
+                self.store.clone(),
+                self.client.clone(),
+                self.settings.clone(),
+                self.metrics.clone(),
+                delivery,
+            ));
+        }
+        let mut made = 0;
+        let mut first_error = None;
+        while let Some(joined) = attempts.join_next().await {
+            made += 1;
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    first_error.get_or_insert(err);
+                }
+                Err(err) => tracing::error!(error = %err, "webhook attempt task failed"),
+            }
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(made),
+        }
+    }
+
+    async fn announce_expiring(&self, now: i64) -> Result<(), StoreError> {
+        let until = now + self.rules.lot_expiring_lead.as_millis() as i64;
+        let lots = self
+            .store
+            .expiring_lots(now, until, EXPIRING_LOTS_PER_ROUND_MAX)
+            .await?;
+        let mut announced = 0u64;
+        for lot in lots {
+            let delivery = expiring_delivery(
+                &lot.account_id,
+                &lot.wallet,
+                &lot.lot_id,
+                lot.expires_at_ms,
+                lot.remaining,
+                now,
+            );
+            if self.store.announce_expiring(&lot, &delivery).await? {
+                announced += 1;
+            }
+        }
+        if announced > 0 {
+            self.metrics.created[WebhookType::LotExpiring as usize].increment(announced);
+        }
+        Ok(())
+    }
+}
+
+/// One attempt of one leased delivery, recorded in the store.
+async fn attempt(
+    store: Arc<Store>,
+    client: Arc<WebhookClient>,
+    settings: DispatchSettings,
+    metrics: Arc<DispatchMetrics>,
+    delivery: Delivery,
+) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let result = client
+        .post(
+            &delivery.delivery_id,
+            &delivery.event_type,
+            &delivery.payload,
+        )
+        .await;
+    metrics.duration.record(started.elapsed().as_secs_f64());
+    let attempt_number = delivery.attempts + 1;
+    let type_index = WebhookType::parse(&delivery.event_type).map(|t| t as usize);
+    let count = |result: usize| {
+        if let Some(i) = type_index {
+            metrics.attempts[i][result].increment(1);
+        }
+    };
+    let now = now_ms();
+    let outcome = match result {
+        Ok(status) => {
+            count(0);
+            AttemptOutcome::Delivered {
+                status_code: i64::from(status),
+            }
+        }
+        Err(err) => {
+            let give_up = attempt_number >= i64::from(settings.attempts_max);
+            count(if give_up { 2 } else { 1 });
+            let wait = backoff(
+                settings.backoff_min,
+                settings.backoff_max,
+                attempt_number as u32,
+            );
+            // No account id, URL or payload in logs: the delivery id finds the row.
+            if give_up {
+                tracing::warn!(delivery_id = %delivery.delivery_id, event = %delivery.event_type, attempts = attempt_number, error = %err, "webhook delivery given up");
+            } else {
+                tracing::info!(delivery_id = %delivery.delivery_id, event = %delivery.event_type, attempts = attempt_number, retry_in_ms = wait.as_millis() as u64, error = %err, "webhook delivery failed; retrying");
+            }
+            AttemptOutcome::Failed {
+                status_code: i64::from(err.status_code()),
+                error: err.to_string(),
+                next_attempt_at_ms: now + wait.as_millis() as i64,
+                give_up,
+            }
+        }
+    };
+    store
+        .finish_attempt(&delivery.delivery_id, now, &outcome)
+        .await
+}
+
+/// Wait before attempt `failed + 1`: `min * 2^(failed-1)`, capped, with jitter between half
+/// and all of it, so receivers coming back are not hit in lockstep.
+pub fn backoff(min: Duration, max: Duration, failed: u32) -> Duration {
+    let exponent = failed.saturating_sub(1).min(30);
+    let base = min.saturating_mul(1u32 << exponent).min(max);
+    let random = RandomState::new().build_hasher().finish();
+    base.mul_f64(0.5 + (random % 1000) as f64 / 2000.0)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        for failed in 1..40 {
+            let b = backoff(min, max, failed);
+            let base = (min * 2u32.pow(failed.saturating_sub(1).min(30))).min(max);
+            assert!(b >= base / 2 && b <= base, "{failed}: {b:?} vs {base:?}");
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Usage webhooks: tell the provider's backend when a customer runs low.
+//!
+//! Driven from SETTLED ledger events, never from the hot path: the settler derives
+//! deliveries from the events a batch newly writes to the store, in the same transaction
+//! (so a delivery is never lost and never created twice), and the dispatcher POSTs them.
+//!
+//! - `rules`: which deliveries a wallet's events make (thresholds, crossings; pure)
+//! - `signature`: the HMAC-SHA256 signature header
+//! - `client`: the HTTP(S) client
+//! - `dispatcher`: delivery in order per account, retries with capped backoff, leases so
+//!   several dispatchers can run at once; at least once
+//!
+//! Events: `balance.low`, `balance.exhausted`, `lot.expiring`, `lot.expired`,
+//! `grant.created`.
+
+pub mod client;
+pub mod dispatcher;
+pub mod rules;
+pub mod signature;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+pub use rules::{Rules, Threshold, WebhookType};
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts before a delivery is given up (status "failed"; Admin RetryWebhookDelivery
+/// sends it again). With the default backoff that is about a day of retrying.
+pub const DEFAULT_ATTEMPTS_MAX: u32 = 30;
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(3600);
+/// How often the dispatcher looks for due deliveries and expiring lots.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Accounts whose deliveries are in flight at once.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+/// `lot.expiring` is sent this long before a lot expires.
+pub const DEFAULT_LOT_EXPIRING_LEAD: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const TIMEOUT_MS_MAX: u64 = 60_000;
+pub const CONCURRENCY_MAX: usize = 1024;
+pub const ATTEMPTS_MAX_LIMIT: u32 = 1000;
+
+/// The `[webhooks]` config section.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Endpoint deliveries are POSTed to (`http://` or `https://`); empty = webhooks off.
+    pub url: String,
+    /// HMAC-SHA256 key of the `x-tollgate-signature` header (required with `url`; set it
+    /// from a secret: `TOLLGATE_WEBHOOKS__SECRET`).
+    pub secret: String,
+    /// Event types to deliver; empty = all.
+    pub events: Vec<String>,
+    /// `balance.low` when available credits fall below this many (0 = no absolute bound).
+    pub low_balance: i64,
+    /// `balance.low` when available credits fall below this percent of the wallet's last
+    /// grant (0 = off). With both set, the higher bound counts.
+    pub low_balance_percent: u32,
+    /// Thresholds per wallet name, overriding the two above (`[webhooks.wallets.esign]`).
+    pub wallets: BTreeMap<String, WalletThresholdConfig>,
+    /// `lot.expiring` is sent this long before a lot with credits left expires.
+    pub lot_expiring_lead_secs: u64,
+    /// Deadline of one delivery attempt.
+    pub timeout_ms: u64,
+    /// Attempts before a delivery is given up.
+    pub attempts_max: u32,
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    pub poll_interval_ms: u64,
+    /// Accounts whose deliveries are in flight at once (each account's go one at a time).
+    pub concurrency: usize,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("secret", &if self.secret.is_empty() { "" } else { "***" })
+            .field("events", &self.events)
+            .field("low_balance", &self.low_balance)
+            .field("low_balance_percent", &self.low_balance_percent)
+            .field("wallets", &self.wallets)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalletThresholdConfig {
+    pub low_balance: i64,
+    pub low_balance_percent: u32,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            secret: String::new(),
+            events: Vec::new(),
+            low_balance: 0,
+            low_balance_percent: 0,
+            wallets: BTreeMap::new(),
+            lot_expiring_lead_secs: DEFAULT_LOT_EXPIRING_LEAD.as_secs(),
+            timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64,
+            attempts_max: DEFAULT_ATTEMPTS_MAX,
+            backoff_min_ms: DEFAULT_BACKOFF_MIN.as_millis() as u64,
+            backoff_max_ms: DEFAULT_BACKOFF_MAX.as_millis() as u64,
+            poll_interval_ms: DEFAULT_POLL_INTERVAL.as_millis() as u64,
+            concurrency: DEFAULT_CONCURRENCY,
+        }
+    }
+}
+
+/// Settings of the dispatcher, from the config.
+#[derive(Clone)]
+pub struct DispatchSettings {
+    pub url: String,
+    pub secret: String,
+    pub timeout: Duration,
+    pub attempts_max: u32,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub poll_interval: Duration,
+    pub concurrency: usize,
+}
+
+impl std::fmt::Debug for DispatchSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatchSettings")
+            .field("url", &self.url)
+            .field("timeout", &self.timeout)
+            .field("attempts_max", &self.attempts_max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookConfig {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    /// The rules the settler applies, when webhooks are on.
+    pub fn rules(&self) -> Option<Arc<Rules>> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut subscribed = [self.events.is_empty(); WebhookType::ALL.len()];
+        for name in &self.events {
+            if let Some(t) = WebhookType::parse(name) {
+                subscribed[t as usize] = true;
+            }
+        }
+        Some(Arc::new(Rules {
+            subscribed,
+            default_threshold: Threshold {
+                low_balance: self.low_balance,
+                low_balance_percent: self.low_balance_percent,
+            },
+            wallet_thresholds: self
+                .wallets
+                .iter()
+                .map(|(name, t)| {
+                    (
+                        name.clone(),
+                        Threshold {
+                            low_balance: t.low_balance,
+                            low_balance_percent: t.low_balance_percent,
+                        },
+                    )
+                })
+                .collect(),
+            lot_expiring_lead: Duration::from_secs(self.lot_expiring_lead_secs),
+        }))
+    }
+
+    pub fn dispatch_settings(&self) -> Option<DispatchSettings> {
+        self.enabled().then(|| DispatchSettings {
+            url: self.url.clone(),
+            secret: self.secret.clone(),
+            timeout: Duration::from_millis(self.timeout_ms),
+            attempts_max: self.attempts_max,
+            backoff_min: Duration::from_millis(self.backoff_min_ms),
+            backoff_max: Duration::from_millis(self.backoff_max_ms),
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            concurrency: self.concurrency,
+        })
+    }
+
+    /// Reports every bad setting with its path.
+    pub fn validate(&self, errors: &mut Vec<ConfigError>) {
+        let mut bad = |path: String, message: String| errors.push(ConfigError { path, message });
+        if self.enabled() {
+            match self.url.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http") | Some("https"))
+                        && uri.host().is_some() => {}
+                _ => bad(
+                    "webhooks.url".into(),
+                    format!("{:?} is not an http:// or https:// url", self.url),
+                ),
+            }
+            if self.secret.is_empty() {
+                bad(
+                    "webhooks.secret".into(),
+                    "must be set when webhooks.url is (TOLLGATE_WEBHOOKS__SECRET)".into(),
+                );
+            }
+        }
+        for name in &self.events {
+            if WebhookType::parse(name).is_none() {
+                bad(
+                    "webhooks.events".into(),
+                    format!(
+                        "unknown event {name:?}: use {}",
+                        WebhookType::ALL.map(|t| t.as_str()).join(", ")
+                    ),
+                );
+            }
+        }
+        let mut threshold = |path: &str, low_balance: i64, percent: u32| {
+            if !(0..=crate::ledger::command::CREDITS_MAX).contains(&low_balance) {
+                bad(
+                    format!("{path}low_balance"),
+                    "must be 0 (off) or a number of credits".into(),
+                );
+            }
+            if percent > 100 {
+                bad(
+                    format!("{path}low_balance_percent"),
+                    "must be in 0..=100".into(),
+                );
+            }
+        };
+        threshold("webhooks.", self.low_balance, self.low_balance_percent);
+        for (name, t) in &self.wallets {
+            threshold(
+                &format!("webhooks.wallets.{name}."),
+                t.low_balance,
+                t.low_balance_percent,
+            );
+        }
+        let mut bad = |path: &str, message: String| {
+            errors.push(ConfigError {
+                path: path.into(),
+                message,
+            })
+        };
+        if !(1..=TIMEOUT_MS_MAX).contains(&self.timeout_ms) {
+            bad(
+                "webhooks.timeout_ms",
+                format!("must be in 1..={TIMEOUT_MS_MAX}"),
+            );
+        }
+        if !(1..=ATTEMPTS_MAX_LIMIT).contains(&self.attempts_max) {
+            bad(
+                "webhooks.attempts_max",
+                format!("must be in 1..={ATTEMPTS_MAX_LIMIT}"),
+            );
+        }
+        if !(1..=CONCURRENCY_MAX).contains(&self.concurrency) {
+            bad(
+                "webhooks.concurrency",
+                format!("must be in 1..={CONCURRENCY_MAX}"),
+            );
+        }
+        for (path, value) in [
+            ("webhooks.backoff_min_ms", self.backoff_min_ms),
+            ("webhooks.poll_interval_ms", self.poll_interval_ms),
+        ] {
+            if value == 0 {
+                bad(path, "must be positive".into());
+            }
+        }
+        if self.backoff_max_ms < self.backoff_min_ms {
+            bad(
+                "webhooks.backoff_max_ms",
+                "must not be less than webhooks.backoff_min_ms".into(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_are_reported_with_paths() {
+        let mut config = WebhookConfig {
+            url: "ftp://x".into(),
+            events: vec!["balance.low".into(), "balance.gone".into()],
+            low_balance: -1,
+            low_balance_percent: 101,
+            timeout_ms: 0,
+            backoff_min_ms: 10,
+            backoff_max_ms: 5,
+            ..WebhookConfig::default()
+        };
+        config.wallets.insert(
+            "esign".into(),
+            WalletThresholdConfig {
+                low_balance: 0,
+                low_balance_percent: 200,
+            },
+        );
+        let mut errors = Vec::new();
+        config.validate(&mut errors);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "webhooks.url",
+                "webhooks.secret",
+                "webhooks.events",
+                "webhooks.low_balance",
+                "webhooks.low_balance_percent",
+                "webhooks.wallets.esign.low_balance_percent",
+                "webhooks.timeout_ms",
+                "webhooks.backoff_max_ms",
+            ]
+        );
+    }
+
+    #[test]
+    fn rules_follow_the_config() {
+        assert!(WebhookConfig::default().rules().is_none());
+        let config = WebhookConfig {
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: "s".into(),
+            events: vec!["balance.low".into()],
+            ..WebhookConfig::default()
+        };
+        let mut errors = Vec::new();
+        config.validate(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let rules = config.rules().unwrap();
+        assert!(rules.subscribed(WebhookType::BalanceLow));
+        assert!(!rules.subscribed(WebhookType::GrantCreated));
+        assert!(!format!("{config:?}").contains("\"s\""));
+    }
+}

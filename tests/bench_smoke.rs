@@ -1,0 +1,85 @@
+//! `tollgate bench` runs for a couple of seconds against a test redis-server (starting its
+//! own `tollgate serve` child) and writes a well-formed result. No timing is asserted:
+//! figures belong in docs/BENCHMARKS.md, not in tests.
+
+mod common;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-bench-smoke-{}-{scenario}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let json_path = dir.join("result.json");
+    let plot_path = dir.join("latency.svg");
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["bench", scenario, "--redis-url", &redis.url()])
+        .args(["--duration-secs", "2", "--warmup-secs", "0"])
+        .args(["--concurrency", "4", "--accounts", "50"])
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--plot")
+        .arg(&plot_path)
+        .args(extra)
+        .output()
+        .expect("run tollgate bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "tollgate bench {scenario} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
+            .expect("well-formed JSON");
+    let svg = std::fs::read_to_string(&plot_path).expect("plot written");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    let _ = std::fs::remove_dir_all(&dir);
+    (json, stdout)
+}
+
+fn assert_result(json: &Value, scenario: &str) {
+    assert_eq!(json["scenario"], scenario);
+    assert_eq!(json["concurrency"], 4);
+    assert!(
+        json["throughput_rps"].as_f64().is_some_and(|r| r > 0.0),
+        "{json}"
+    );
+    for p in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(
+            json["latency_ms"][p].as_f64().is_some_and(|v| v >= 0.0),
+            "latency_ms.{p} in {json}"
+        );
+    }
+    assert!(json["errors"].is_object(), "{json}");
+    assert_eq!(json["errors_total"], 0, "{json}");
+    assert!(
+        json["server_rss_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{json}"
+    );
+}
+
+#[test]
+fn debit_bench_with_baseline_writes_a_result() {
+    let redis = common::RedisServer::start();
+    let (json, stdout) = bench(&redis, "debit", &["--baseline"]);
+    assert_result(&json, "debit");
+    assert!(
+        json["baseline_rps"].as_f64().is_some_and(|r| r > 0.0),
+        "{json}"
+    );
+    assert!(json["ratio"].as_f64().is_some_and(|r| r > 0.0), "{json}");
+    assert!(stdout.contains("ratio tollgate ÷ raw"), "{stdout}");
+}
+
+#[test]
+fn check_bench_writes_a_result() {
+    let redis = common::RedisServer::start();
+    let (json, _) = bench(&redis, "check", &["--rate", "200"]);
+    assert_result(&json, "check");
+    assert!(json.get("ratio").is_none());
+}

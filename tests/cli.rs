@@ -1,0 +1,179 @@
+//! The README quick start, run for real: `tollgate serve --dev` as a child process (it
+//! starts its own redis-server), then `tollgate admin grant` / `balance` / `lots` from
+//! "a second terminal". Also: config errors are reported all at once with their paths.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// A `tollgate serve` child: SIGTERM on drop (so it stops its redis-server), then SIGKILL.
+struct Serve {
+    child: Child,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn admin(grpc_port: u16, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("admin")
+        .arg(format!("--server=http://127.0.0.1:{grpc_port}"))
+        .args(args)
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .output()
+        .expect("run tollgate admin")
+}
+
+#[test]
+fn dev_server_then_admin_grant_and_balance() {
+    let grpc_port = common::free_port();
+    let http_port = common::free_port();
+    let _serve = Serve {
+        child: Command::new(BIN)
+            .args(["serve", "--dev"])
+            .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
+            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .env_remove("TOLLGATE_SERVICE_TOKEN")
+            .env_remove("TOLLGATE_REDIS_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tollgate serve --dev"),
+    };
+    // Wait (generously) until the server answers.
+    let deadline = Instant::now() + common::START_TIMEOUT;
+    let grant = loop {
+        let out = admin(
+            grpc_port,
+            &["grant", "alice", "100", "--description", "pack"],
+        );
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = String::from_utf8_lossy(&grant.stdout);
+    assert!(grant.status.success(), "grant failed: {grant:?}");
+    assert!(text.contains("available 100"), "{text}");
+
+    let out = admin(
+        grpc_port,
+        &[
+            "grant",
+            "alice",
+            "25",
+            "--kind",
+            "promo",
+            "--priority",
+            "10",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    let balance = admin(grpc_port, &["balance", "alice"]);
+    assert!(balance.status.success(), "{balance:?}");
+    let text = String::from_utf8_lossy(&balance.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("default"))
+        .unwrap_or_else(|| panic!("no default wallet row in {text}"));
+    let numbers: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(numbers[1..4], ["125", "0", "125"], "{text}");
+
+    let lots = admin(grpc_port, &["lots", "alice"]);
+    let text = String::from_utf8_lossy(&lots.stdout);
+    let promo = text
+        .lines()
+        .position(|l| l.contains("promo"))
+        .expect("promo lot");
+    let purchase = text
+        .lines()
+        .position(|l| l.contains("purchase"))
+        .expect("purchase lot");
+    assert!(promo < purchase, "priority 10 burns first:\n{text}");
+
+    // Bad input: typed error naming the field, nothing granted.
+    let bad = admin(grpc_port, &["grant", "alice", "0"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("amount"),
+        "{bad:?}"
+    );
+    let again = admin(grpc_port, &["balance", "alice"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("125"));
+
+    // API keys: made (secret printed once), listed (without it), revoked.
+    let made = admin(grpc_port, &["create-key", "alice", "--name", "laptop"]);
+    assert!(made.status.success(), "{made:?}");
+    let text = String::from_utf8_lossy(&made.stdout).to_string();
+    let api_key = text
+        .lines()
+        .find(|l| l.starts_with("tg_"))
+        .unwrap_or_else(|| panic!("no key in {text}"));
+    let key_id = api_key.split('_').nth(1).expect("key id");
+    let listed = admin(grpc_port, &["keys", "alice"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains(key_id) && text.contains("laptop"), "{text}");
+    assert!(!text.contains(api_key), "secrets are never listed: {text}");
+    let revoked = admin(grpc_port, &["revoke-key", key_id]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    assert!(String::from_utf8_lossy(&revoked.stdout).contains("revoked"));
+
+    // A wrong token is refused.
+    let out = Command::new(BIN)
+        .args([
+            "admin",
+            &format!("--server=http://127.0.0.1:{grpc_port}"),
+            "--token",
+            "nope",
+        ])
+        .args(["balance", "alice"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn config_errors_are_reported_together_with_paths() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\ngrpc_addr = \"nope\"\n[ledger]\nshards = 0\nmystery = 1\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for path in ["server.grpc_addr", "ledger.shards", "ledger.mystery"] {
+        assert!(err.contains(path), "{path} missing in: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,526 @@
+//! Test harness: real redis-server processes on free ports and in-process tollgate
+//! servers, each stopped when dropped. No mock stands in for Redis.
+
+#![allow(dead_code)]
+
+pub mod gateways;
+pub mod model;
+pub mod prom;
+pub mod proxy;
+pub mod receiver;
+pub mod workload;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use tollgate::api::pb;
+use tollgate::config::{Config, Overrides};
+use tollgate::ledger::{Clock, Ledger};
+
+/// Generous: a busy 2-core CI machine may be slow to start a process.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const SERVICE_TOKEN: &str = "test-service-token";
+
+/// A redis-server child on a free port; killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra arguments (e.g. persistence settings); retries on port races.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let port = free_port();
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (scripts/test installs it)");
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // exited: probably lost the port race; try another port
+                }
+                if redis_ping(port) {
+                    // Someone else's server may have won the port race: make sure the
+                    // one answering is ours.
+                    if redis_pid(port) == Some(child.id()) {
+                        return Self { port, child };
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(Instant::now() < deadline, "redis-server did not start");
+        }
+    }
+
+    /// Starts a new redis-server on this same port (after `kill`), with an empty dataset.
+    pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// Starts a new redis-server on this same port with extra arguments (e.g. the same
+    /// AOF directory, so it reloads what was persisted).
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.kill();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let mut child = Command::new("redis-server")
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if redis_ping(self.port) && redis_pid(self.port) == Some(child.id()) {
+                    self.child = child;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(Instant::now() < deadline, "redis-server did not restart");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("redis url")
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as with a
+    /// hung Redis.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Undoes [`pause`](Self::pause) (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} redis-server");
+    }
+
+    /// Stops the server (as a crash would): SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// The process id of the redis-server answering on `port`.
+fn redis_pid(port: u16) -> Option<u32> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut con = client.get_connection().ok()?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A fresh SQLite store path under the system temp dir.
+pub fn temp_sqlite_url() -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join("tollgate-tests");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let path = dir.join(format!("{}-{n}-{}.db", std::process::id(), unique()));
+    format!("sqlite://{}", path.display())
+}
+
+fn unique() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % 1_000_000_000
+}
+
+/// Test config pointing at a redis-server, with test tokens, a private SQLite store and
+/// no in-process settler (tests that settle turn it on), so the outbox stays readable.
+pub fn test_config(redis_url: &str) -> Config {
+    let mut config = Config::from_toml("", Vec::new(), &Overrides::default()).expect("defaults");
+    config.redis.url = redis_url.to_owned();
+    config.store.url = temp_sqlite_url();
+    config.settler.enabled = false;
+    config.auth.admin_token = ADMIN_TOKEN.into();
+    config.auth.service_token = SERVICE_TOKEN.into();
+    // Generous deadline: CI is busy; the deadline itself is tested with a stopped Redis.
+    config.redis.call_timeout_ms = 2_000;
+    config.gateway.check_timeout_ms = 5_000;
+    config
+}
+
+/// A ledger over a redis-server, with the given clock, every shard initialized.
+pub fn ledger(redis: &RedisServer, clock: Clock) -> Arc<Ledger> {
+    let ledger =
+        tollgate::server::ledger_from_config(&test_config(&redis.url()), clock).expect("ledger");
+    initialize_blocking(&ledger, &redis.url());
+    ledger
+}
+
+/// Writes every shard's epoch marker (a fresh ledger), over its own connection.
+pub fn initialize_blocking(ledger: &Ledger, redis_url: &str) {
+    let client = redis::Client::open(redis_url).expect("redis url");
+    let mut con = client.get_connection().expect("redis connection");
+    for shard in 0..ledger.shards().count() {
+        let _: Option<String> = redis::cmd("SET")
+            .arg(ledger.shards().epoch_key(shard))
+            .arg("test")
+            .arg("NX")
+            .query(&mut con)
+            .expect("initialize");
+    }
+}
+
+pub type AuthChannel = InterceptedService<Channel, Auth>;
+
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub fn auth(token: Option<&str>) -> Auth {
+    Auth(token.map(|t| format!("Bearer {t}").parse().expect("header")))
+}
+
+/// An in-process tollgate server on free ports; shut down on drop.
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub ledger: Arc<Ledger>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config, clock: Clock) -> Self {
+        let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let grpc_addr = grpc.local_addr().expect("addr");
+        let http_addr = http.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let ledger = ledger.clone();
+            async move {
+                tollgate::server::run(config, ledger, grpc, http, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server");
+            }
+        });
+        // Ready to serve once every shard is initialized (a fresh Redis and store).
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(shards) = ledger.initialized_shards().await {
+                if shards.iter().all(|s| *s) {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                break; // tests of uninitialized ledgers see it themselves
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self {
+            grpc_addr,
+            http_addr,
+            ledger,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match Channel::from_shared(format!("http://{}", self.grpc_addr))
+                .expect("uri")
+                .connect()
+                .await
+            {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("cannot connect: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    pub async fn metering(&self) -> pb::metering_client::MeteringClient<AuthChannel> {
+        self.metering_with(Some(SERVICE_TOKEN)).await
+    }
+
+    pub async fn metering_with(
+        &self,
+        token: Option<&str>,
+    ) -> pb::metering_client::MeteringClient<AuthChannel> {
+        pb::metering_client::MeteringClient::with_interceptor(self.channel().await, auth(token))
+    }
+
+    pub async fn admin(&self) -> pb::admin_client::AdminClient<AuthChannel> {
+        self.admin_with(Some(ADMIN_TOKEN)).await
+    }
+
+    pub async fn admin_with(
+        &self,
+        token: Option<&str>,
+    ) -> pb::admin_client::AdminClient<AuthChannel> {
+        pb::admin_client::AdminClient::with_interceptor(self.channel().await, auth(token))
+    }
+
+    /// Stops the server and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(START_TIMEOUT, task).await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Every event in every shard's outbox, in stream order per shard.
+pub async fn outbox_events(ledger: &Ledger) -> Vec<tollgate::ledger::event::LedgerEvent> {
+    let mut all = Vec::new();
+    for shard in 0..ledger.shards().count() {
+        let value: redis::Value = ledger
+            .redis()
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(ledger.shards().outbox(shard))
+                    .arg("-")
+                    .arg("+"),
+            )
+            .await
+            .expect("xrange");
+        all.extend(
+            tollgate::ledger::event::LedgerEvent::from_stream_entries(shard, value)
+                .expect("events parse"),
+        );
+    }
+    all
+}
+
+/// Number of entries in all outboxes.
+pub async fn outbox_len(ledger: &Ledger) -> usize {
+    let mut n = 0;
+    for shard in 0..ledger.shards().count() {
+        let len: usize = ledger
+            .redis()
+            .query(redis::cmd("XLEN").arg(ledger.shards().outbox(shard)))
+            .await
+            .expect("xlen");
+        n += len;
+    }
+    n
+}
+
+/// A fresh PostgreSQL database for one test (from TOLLGATE_TEST_DATABASE_URL, default
+/// postgres://postgres@127.0.0.1:5432/test); dropped with the value.
+pub struct PgDatabase {
+    pub url: String,
+    name: String,
+    admin_url: String,
+}
+
+pub fn pg_admin_url() -> String {
+    std::env::var("TOLLGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+impl PgDatabase {
+    pub async fn create() -> Self {
+        use sqlx::Connection;
+        let admin_url = pg_admin_url();
+        let name = format!("tollgate_t{}_{}", std::process::id(), unique());
+        let mut con = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("PostgreSQL must run (scripts/test starts it)");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut con)
+            .await
+            .expect("create database");
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_owned())
+            .expect("database url with a path");
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+            admin_url,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs inside async tests: use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                use sqlx::Connection;
+                let mut con = sqlx::PgConnection::connect(&admin_url).await.ok()?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut con)
+                .await
+                .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("http connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    (
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    )
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

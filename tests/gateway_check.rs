@@ -1,0 +1,750 @@
+//! `envoy.service.auth.v3.Authorization/Check` driven directly through a tonic client of
+//! the Envoy types, for the finer cases: every denial reason, replay by request id, bad
+//! headers, API key lifecycle and the identity cache, holds settled through the access-log
+//! service and the HTTP endpoints, forward-auth modes, price book errors.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::data::accesslog::v3::{
+    HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
+    HttpAccessLogEntries, LogEntries,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use tonic::transport::Channel;
+
+use common::gateways::{balance, esign_config, http, seed, wait_balance};
+use tollgate::api::pb;
+use tollgate::config::{Config, ConfigErrors, Overrides};
+use tollgate::ledger::Clock;
+
+/// What a CheckResponse says, flattened.
+#[derive(Debug)]
+struct Answer {
+    /// HTTP status Envoy would send on a denial; 200 when allowed.
+    status: i32,
+    /// Upstream headers (allowed) or response headers (denied).
+    headers: HashMap<String, String>,
+    /// Headers to add to the client's response (allowed).
+    client_headers: HashMap<String, String>,
+    removed: Vec<String>,
+    body: serde_json::Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+fn flatten(response: CheckResponse) -> Answer {
+    let pairs = |options: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption]| {
+        options
+            .iter()
+            .filter_map(|o| o.header.as_ref())
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect::<HashMap<_, _>>()
+    };
+    let code = response.status.as_ref().map_or(-1, |s| s.code);
+    match response.http_response.expect("http_response") {
+        HttpResponse::OkResponse(ok) => {
+            assert_eq!(code, 0);
+            Answer {
+                status: 200,
+                headers: pairs(&ok.headers),
+                client_headers: pairs(&ok.response_headers_to_add),
+                removed: ok.headers_to_remove,
+                body: serde_json::Value::Null,
+            }
+        }
+        HttpResponse::DeniedResponse(denied) => {
+            assert_ne!(code, 0);
+            Answer {
+                status: denied.status.map_or(0, |s| s.code),
+                headers: pairs(&denied.headers),
+                client_headers: HashMap::new(),
+                removed: Vec::new(),
+                body: serde_json::from_str(&denied.body).expect("JSON body"),
+            }
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+struct Checker {
+    client: AuthorizationClient<Channel>,
+}
+
+impl Checker {
+    async fn new(server: &common::TestServer) -> Self {
+        Self {
+            client: AuthorizationClient::new(server.channel().await),
+        }
+    }
+
+    async fn check(&mut self, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let request = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: method.into(),
+                        path: path.into(),
+                        host: "api.example.com".into(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        flatten(
+            self.client
+                .check(request)
+                .await
+                .expect("Check")
+                .into_inner(),
+        )
+    }
+}
+
+async fn events_len(server: &common::TestServer) -> usize {
+    common::outbox_len(&server.ledger).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_denial_reason_and_replay_by_request_id() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "acme", 30).await;
+    let bearer = format!("Bearer {key}");
+
+    // Allowed, with every header; tollgate headers it does not set are removed.
+    let a = c
+        .check(
+            "POST",
+            "/v1/envelopes",
+            &[("authorization", &bearer), ("x-request-id", "r-1")],
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("x-tollgate-account"), Some("acme"));
+    assert_eq!(a.header("x-tollgate-operation"), Some("envelope.send"));
+    assert_eq!(a.header("x-tollgate-charged"), Some("1"));
+    assert_eq!(
+        a.client_headers
+            .get("x-credits-remaining")
+            .map(String::as_str),
+        Some("29")
+    );
+    assert!(
+        a.removed.contains(&"x-tollgate-hold-id".to_owned()),
+        "{a:?}"
+    );
+    assert!(
+        a.removed.contains(&"x-tollgate-degraded".to_owned()),
+        "{a:?}"
+    );
+
+    // Replay by request id: same answer, charged once. The same id for another operation
+    // is another check.
+    let again = c
+        .check(
+            "POST",
+            "/v1/envelopes",
+            &[("authorization", &bearer), ("x-request-id", "r-1")],
+        )
+        .await;
+    assert_eq!(again.status, 200);
+    assert_eq!(
+        again
+            .client_headers
+            .get("x-credits-remaining")
+            .map(String::as_str),
+        Some("29")
+    );
+    assert_eq!(balance(&server, "acme").await, (29, 0, 1));
+    // Same id, different price: refused, nothing charged.
+    let reused = c
+        .check(
+            "POST",
+            "/v1/envelopes",
+            &[
+                ("authorization", &bearer),
+                ("x-request-id", "r-1"),
+                ("x-signature-method", "dsc"),
+            ],
+        )
+        .await;
+    assert_eq!(reused.status, 409, "{reused:?}");
+    assert_eq!(reused.body["error"], "request_id_reused");
+    assert_eq!(balance(&server, "acme").await, (29, 0, 1));
+
+    // The x-api-key header works as well.
+    let a = c
+        .check(
+            "POST",
+            "/v1/envelopes",
+            &[("x-api-key", &key), ("x-request-id", "r-2")],
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(balance(&server, "acme").await, (28, 0, 2));
+
+    // Bad headers: 400 naming the header; nothing charged, no event written.
+    let events = events_len(&server).await;
+    for (headers, named) in [
+        (vec![("x-signature-method", "fax")], "x-signature-method"),
+        (
+            vec![("x-signature-method", "aadhaar"), ("x-signers", "two")],
+            "x-signers",
+        ),
+        (
+            vec![("x-signature-method", "aadhaar"), ("x-signers", "51")],
+            "x-signers",
+        ),
+        (
+            vec![
+                ("x-signature-method", "aadhaar"),
+                ("x-signers", "184467440737095516160"),
+            ],
+            "x-signers",
+        ),
+    ] {
+        let mut all = vec![("authorization", bearer.as_str())];
+        all.extend(headers.iter().copied());
+        let d = c.check("POST", "/v1/envelopes", &all).await;
+        assert_eq!(d.status, 400, "{headers:?}: {d:?}");
+        assert_eq!(d.body["error"], "bad_header");
+        assert_eq!(d.body["header"], named, "{d:?}");
+        assert_eq!(d.header("x-tollgate-reason"), Some("bad_header"));
+    }
+    assert_eq!(
+        events_len(&server).await,
+        events,
+        "bad requests write nothing"
+    );
+    assert_eq!(balance(&server, "acme").await, (28, 0, 2));
+
+    // Missing key, malformed key, well-formed unknown key, wrong secret of a real key id.
+    let d = c.check("POST", "/v1/envelopes", &[]).await;
+    assert_eq!(
+        (d.status, d.body["error"].as_str()),
+        (401, Some("missing_api_key"))
+    );
+    let d = c
+        .check(
+            "POST",
+            "/v1/envelopes",
+            &[("authorization", "Basic YWxhZGRpbjpvcGVu")],
+        )
+        .await;
+    assert_eq!(
+        (d.status, d.body["error"].as_str()),
+        (401, Some("missing_api_key"))
+    );
+    let d = c
+        .check("POST", "/v1/envelopes", &[("x-api-key", "garbage")])
+        .await;
+    assert_eq!(
+        (d.status, d.body["error"].as_str()),
+        (401, Some("unknown_api_key"))
+    );
+    let forged = format!("{}{}", &key[..key.len() - 64], "0".repeat(64));
+    let d = c
+        .check("POST", "/v1/envelopes", &[("x-api-key", &forged)])
+        .await;
+    assert_eq!(
+        (d.status, d.body["error"].as_str()),
+        (401, Some("unknown_api_key"))
+    );
+
+    // Insufficient credits: 402 with the numbers and the operation.
+    let d = c
+        .check(
+            "POST",
+            "/v1/documents/doc-9/ocr",
+            &[("authorization", &bearer), ("x-request-id", "ocr-too-big")],
+        )
+        .await;
+    assert_eq!(d.status, 402, "{d:?}");
+    assert_eq!(
+        d.body,
+        serde_json::json!({
+            "error": "insufficient_credits", "required": 50, "available": 28,
+            "operation": "ocr.pages"
+        })
+    );
+    assert_eq!(d.header("content-type"), Some("application/json"));
+
+    // No route (default deny): 403; a free route needs no key and charges nothing.
+    let d = c
+        .check("DELETE", "/v1/envelopes", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(
+        (d.status, d.body["error"].as_str()),
+        (403, Some("no_route"))
+    );
+    let a = c.check("GET", "/v1/envelopes/7", &[]).await;
+    assert_eq!(a.status, 200);
+    assert!(a.headers.is_empty(), "{a:?}");
+
+    // Revoked key: 403 at once on the sidecar that revoked it.
+    let mut admin = server.admin().await;
+    let listed = admin
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: "acme".into(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .keys;
+    assert_eq!(listed.len(), 1);
+    assert!(key.contains(&listed[0].key_id));
+    assert_eq!(listed[0].revoked_at_ms, 0);
+    let revoked = admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: listed[0].key_id.clone(),
+        })
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!(revoked.account_id, "acme");
+    assert!(!revoked.already_revoked);
+    let d = c
+        .check("POST", "/v1/envelopes", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(
+        (d.status, d.body["error"].as_str()),
+        (403, Some("revoked_api_key"))
+    );
+    assert_eq!(balance(&server, "acme").await, (28, 0, 2));
+    let twice = admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: listed[0].key_id.clone(),
+        })
+        .await
+        .expect("revoke again")
+        .into_inner();
+    assert!(twice.already_revoked);
+    assert_eq!(twice.revoked_at_ms, revoked.revoked_at_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_hashed_bound_to_one_account_and_validated() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let created = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "acme".into(),
+            name: "production".into(),
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert!(created
+        .api_key
+        .starts_with(&format!("tg_{}_", created.key_id)));
+    assert_eq!(created.account_id, "acme");
+    // Redis holds the SHA-256 of the key, never the key or its secret.
+    let mut con = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let secret = &created.api_key[created.api_key.len() - 64..];
+    for k in &keys {
+        assert!(!k.contains(secret));
+        let t: String = redis::cmd("TYPE")
+            .arg(k)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if t == "hash" {
+            let fields: Vec<String> = redis::cmd("HGETALL")
+                .arg(k)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            assert!(
+                fields.iter().all(|f| !f.contains(secret)),
+                "{k}: {fields:?}"
+            );
+        }
+    }
+    let record = keys
+        .iter()
+        .find(|k| k.ends_with(&format!(":k:{}", created.key_id)))
+        .expect("key record");
+    assert!(
+        record.starts_with("{tg:"),
+        "under the account's shard tag: {record}"
+    );
+
+    // Bad requests name their fields; unknown key ids are NOT_FOUND.
+    let status = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "has space".into(),
+            name: "x".repeat(65),
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("account_id") && status.message().contains("name"));
+    let status = admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: "k1-0000000000000000".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let status = admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: "nonsense".into(),
+        })
+        .await
+        .expect_err("malformed");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // Admin RPCs need the admin token.
+    let mut service = server.admin_with(Some(common::SERVICE_TOKEN)).await;
+    let status = service
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: "acme".into(),
+        })
+        .await
+        .expect_err("service token is not admin");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_stops_working_on_other_sidecars_within_the_cache_ttl() {
+    let redis = common::RedisServer::start();
+    // Sidecar B trusts its cache for an hour, C for 200 ms; A revokes.
+    let a = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut config_b = esign_config(&redis.url());
+    config_b.gateway.identity_cache_ttl_ms = 3_600_000;
+    let b = common::TestServer::start(config_b, Clock::Redis).await;
+    let mut config_c = esign_config(&redis.url());
+    config_c.gateway.identity_cache_ttl_ms = 200;
+    let c = common::TestServer::start(config_c, Clock::Redis).await;
+    let key = seed(&a, "acme", 100).await;
+    let headers = [("x-api-key", key.as_str())];
+    for server in [&a, &b, &c] {
+        let r = Checker::new(server)
+            .await
+            .check("POST", "/v1/envelopes", &headers)
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let key_id = key.split('_').nth(1).expect("key id").to_owned();
+    a.admin()
+        .await
+        .revoke_api_key(pb::RevokeApiKeyRequest { key_id })
+        .await
+        .expect("revoke");
+    // A forgets at once; B still trusts its cached identity (the documented delay).
+    let r = Checker::new(&a)
+        .await
+        .check("POST", "/v1/envelopes", &headers)
+        .await;
+    assert_eq!(r.status, 403);
+    let r = Checker::new(&b)
+        .await
+        .check("POST", "/v1/envelopes", &headers)
+        .await;
+    assert_eq!(r.status, 200, "within B's cache TTL");
+    // C asks Redis again once its entry is older than its TTL.
+    let mut checker = Checker::new(&c).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = checker.check("POST", "/v1/envelopes", &headers).await;
+        if r.status == 403 {
+            assert_eq!(r.body["error"], "revoked_api_key");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "C still accepts a revoked key: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_are_settled_by_the_access_log_and_over_http() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "acme", 200).await;
+    let hold = |answer: &Answer| {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.header("x-tollgate-charged"), Some("50"));
+        answer
+            .header("x-tollgate-hold-id")
+            .expect("hold id")
+            .to_owned()
+    };
+    let h1 = hold(&ocr_check(&mut c, &key, "ocr-1").await);
+    let h2 = hold(&ocr_check(&mut c, &key, "ocr-2").await);
+    let h3 = hold(&ocr_check(&mut c, &key, "ocr-3").await);
+    // A replayed check returns the same hold.
+    assert_eq!(hold(&ocr_check(&mut c, &key, "ocr-1").await), h1);
+    assert_eq!(balance(&server, "acme").await, (50, 150, 0));
+
+    // Access log: h1 answered 200 with 4 pages → 8 captured; h2 answered 502 → released;
+    // an entry without a hold is ignored; a duplicate entry changes nothing.
+    let entry = |hold_id: Option<&str>, status: u32, units: Option<&str>| {
+        let mut request_headers = HashMap::new();
+        if let Some(h) = hold_id {
+            request_headers.insert("x-tollgate-hold-id".to_owned(), h.to_owned());
+            request_headers.insert("x-tollgate-operation".to_owned(), "ocr.pages".to_owned());
+            request_headers.insert("x-tollgate-charged".to_owned(), "50".to_owned());
+        }
+        let mut response_headers = HashMap::new();
+        if let Some(u) = units {
+            response_headers.insert("x-tollgate-units".to_owned(), u.to_owned());
+        }
+        HttpAccessLogEntry {
+            request: Some(HttpRequestProperties {
+                request_headers,
+                ..Default::default()
+            }),
+            response: Some(HttpResponseProperties {
+                response_code: Some(UInt32Value { value: status }),
+                response_headers,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    };
+    let message = StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: vec![
+                entry(Some(&h1), 200, Some("4")),
+                entry(Some(&h2), 502, Some("4")),
+                entry(None, 200, Some("4")),
+                entry(Some(&h1), 200, Some("4")),
+            ],
+        })),
+    };
+    let mut logs = AccessLogServiceClient::new(server.channel().await);
+    logs.stream_access_logs(tokio_stream_once(message))
+        .await
+        .expect("stream");
+    wait_balance(&server, "acme", (50 + 42 + 50, 50, 8)).await;
+
+    // Over HTTP: the upstream captures h3 with the amount it decides.
+    let path = format!("/v1/holds/{h3}/capture");
+    let r = http(server.http_addr, "POST", &path, &[], r#"{"amount": 7}"#).await;
+    assert_eq!(r.status, 401, "service token required: {r:?}");
+    let auth = format!("Bearer {}", common::SERVICE_TOKEN);
+    let r = http(
+        server.http_addr,
+        "POST",
+        &path,
+        &[("authorization", &auth)],
+        r#"{"amount": 7}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["captured"], 7);
+    let retry = http(
+        server.http_addr,
+        "POST",
+        &path,
+        &[("authorization", &auth)],
+        r#"{"amount": 7}"#,
+    )
+    .await;
+    assert_eq!(retry.json()["replayed"], true, "{retry:?}");
+    let release = http(
+        server.http_addr,
+        "POST",
+        &format!("/v1/holds/{h3}/release"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(release.status, 409, "{release:?}");
+    assert_eq!(release.json()["error"], "hold_ended");
+    let bad = http(
+        server.http_addr,
+        "POST",
+        &path,
+        &[("authorization", &auth)],
+        r#"{"amount": "seven"}"#,
+    )
+    .await;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(bad.json()["fields"][0]["field"], "amount");
+    assert_eq!(balance(&server, "acme").await, (185, 0, 15));
+}
+
+async fn ocr_check(c: &mut Checker, key: &str, request_id: &str) -> Answer {
+    c.check(
+        "POST",
+        "/v1/documents/d/ocr",
+        &[("x-api-key", key), ("x-request-id", request_id)],
+    )
+    .await
+}
+
+/// A one-message request stream.
+fn tokio_stream_once<T: Send + 'static>(
+    item: T,
+) -> impl tokio_stream::Stream<Item = T> + Send + 'static {
+    tokio_stream::iter(vec![item])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_auth_reads_the_original_request_and_has_an_nginx_mode() {
+    let redis = common::RedisServer::start();
+    let mut config = esign_config(&redis.url());
+    config.gateway.shared_secret = "s3cret".into();
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let key = seed(&server, "acme", 10).await;
+    let addr = server.http_addr;
+    let secret = ("x-tollgate-gateway-secret", "s3cret");
+
+    // Traefik/Kong style.
+    let r = http(
+        addr,
+        "GET",
+        "/v1/forward-auth",
+        &[
+            secret,
+            ("x-forwarded-method", "POST"),
+            ("x-forwarded-uri", "/v1/envelopes?x=1"),
+            ("x-forwarded-host", "api.example.com"),
+            ("x-api-key", &key),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-tollgate-account"), Some("acme"));
+    assert_eq!(r.header("x-credits-remaining"), Some("9"));
+
+    // nginx style, and nginx mode: a 402 becomes 403 with the real answer in headers.
+    let nginx = |uri: &'static str| {
+        [
+            secret,
+            ("x-original-method", "POST"),
+            ("x-original-uri", uri),
+            ("x-api-key", key.as_str()),
+        ]
+    };
+    let r = http(
+        addr,
+        "GET",
+        "/v1/forward-auth",
+        &nginx("/v1/documents/a/ocr"),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 402, "{r:?}");
+    assert_eq!(r.json()["error"], "insufficient_credits");
+    let r = http(
+        addr,
+        "GET",
+        "/v1/forward-auth?mode=nginx",
+        &nginx("/v1/documents/a/ocr"),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.header("x-tollgate-status"), Some("402"));
+    assert_eq!(r.header("x-tollgate-reason"), Some("insufficient_credits"));
+    let body: serde_json::Value =
+        serde_json::from_str(r.header("x-tollgate-body").expect("body header")).unwrap();
+    assert_eq!(body["required"], 50);
+
+    // Without the configured shared secret: refused before anything else.
+    let r = http(
+        addr,
+        "GET",
+        "/v1/forward-auth",
+        &[
+            ("x-forwarded-method", "POST"),
+            ("x-forwarded-uri", "/v1/envelopes"),
+            ("x-api-key", &key),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["error"], "untrusted_gateway");
+    let mut c = Checker::new(&server).await;
+    let d = c
+        .check("POST", "/v1/envelopes", &[("x-api-key", &key)])
+        .await;
+    assert_eq!(
+        (d.status, d.body["error"].as_str()),
+        (403, Some("untrusted_gateway"))
+    );
+    assert_eq!(balance(&server, "acme").await, (9, 0, 1));
+}
+
+#[test]
+fn price_book_errors_are_reported_all_at_once_with_their_paths() {
+    let text = r#"
+        [pricebook]
+        default = "envelope.sent"
+        [[pricebook.routes]]
+        method = "POST"
+        path = "/v1/envelopes/{id"
+        operation = "envelope.send"
+        [[pricebook.routes]]
+        grpc_method = "esign.v1.Envelopes/Send"
+        operation = "nope"
+        [pricebook.operations."envelope.send"]
+        base = "one"
+        variant_header = "x-signature-method"
+        [pricebook.operations."envelope.send".variants]
+        aadhaar = { per_unit = -15, units_header = "x signers" }
+        [pricebook.operations."ocr.pages"]
+        mode = "hold"
+        on_expiry = "later"
+        "#;
+    let ConfigErrors(errors) = Config::from_toml(text, Vec::new(), &Overrides::default())
+        .expect_err("a broken price book");
+    let report: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    for expected in [
+        "pricebook.default: \"envelope.sent\" is neither",
+        "pricebook.routes[0].path: segment \"{id\"",
+        "pricebook.routes[1].operation: \"nope\" is neither",
+        "pricebook.operations.\"envelope.send\".base: invalid type",
+        "pricebook.operations.\"envelope.send\".variants.aadhaar.per_unit: must be in 0..=",
+        "pricebook.operations.\"envelope.send\".variants.aadhaar.units_header: \"x signers\" is not a header name",
+        "pricebook.operations.\"ocr.pages\".hold_ttl_ms: is required for holds",
+        "pricebook.operations.\"ocr.pages\".on_expiry: \"later\": must be capture or release",
+    ] {
+        assert!(
+            report.iter().any(|line| line.starts_with(expected)),
+            "{expected:?} not in\n{}",
+            report.join("\n")
+        );
+    }
+    assert_eq!(report.len(), 8, "exactly these:\n{}", report.join("\n"));
+}

@@ -1,0 +1,186 @@
+//! Envoy end to end (examples/envoy.yaml): ext_authz over gRPC with
+//! failure_mode_allow: false and the gRPC access log both at tollgate, in front of an
+//! upstream served by the test, with the shipped esign price book.
+
+mod common;
+
+use common::gateways::{balance, esign_config, http, seed, start_envoy, wait_balance, Upstream};
+use tollgate::ledger::Clock;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy(server.grpc_addr, upstream.addr).await;
+    let key = seed(&server, "acme", 200).await;
+    let bearer = format!("Bearer {key}");
+
+    // Allowed: reaches the upstream with the tollgate headers, charged once even when the
+    // same request (same x-request-id) comes again.
+    let electronic = [
+        ("authorization", bearer.as_str()),
+        ("x-signature-method", "electronic"),
+        ("x-request-id", "req-electronic-1"),
+        ("x-test-tag", "electronic"),
+    ];
+    let first = http(envoy.addr, "POST", "/v1/envelopes", &electronic, "{}").await;
+    assert_eq!(first.status, 200, "{first:?}\n{}", envoy.log());
+    assert_eq!(
+        first.header("x-credits-remaining"),
+        Some("189"),
+        "{first:?}"
+    );
+    let again = http(envoy.addr, "POST", "/v1/envelopes", &electronic, "{}").await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(
+        again.header("x-credits-remaining"),
+        Some("189"),
+        "replayed: {again:?}"
+    );
+    assert_eq!(balance(&server, "acme").await, (189, 0, 11), "1 + 10, once");
+    let seen = upstream.seen_tagged("electronic");
+    assert_eq!(seen.len(), 2, "both attempts reach the upstream");
+    for s in &seen {
+        assert_eq!(
+            s.headers.get("x-tollgate-account").map(String::as_str),
+            Some("acme")
+        );
+        assert_eq!(
+            s.headers.get("x-tollgate-operation").map(String::as_str),
+            Some("envelope.send")
+        );
+        assert_eq!(
+            s.headers.get("x-tollgate-charged").map(String::as_str),
+            Some("11")
+        );
+        assert_eq!(s.headers.get("x-tollgate-hold-id"), None);
+    }
+
+    // Three Aadhaar signers: 1 + 15 × 3. A client's own tollgate headers never pass.
+    let aadhaar = [
+        ("authorization", bearer.as_str()),
+        ("x-signature-method", "aadhaar"),
+        ("x-signers", "3"),
+        ("x-tollgate-hold-id", "h0-1"),
+        ("x-tollgate-account", "someone-else"),
+        ("x-test-tag", "aadhaar"),
+    ];
+    let r = http(envoy.addr, "POST", "/v1/envelopes", &aadhaar, "{}").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(balance(&server, "acme").await, (189 - 46, 0, 57));
+    let seen = upstream.seen_tagged("aadhaar");
+    assert_eq!(
+        seen[0]
+            .headers
+            .get("x-tollgate-charged")
+            .map(String::as_str),
+        Some("46")
+    );
+    assert_eq!(
+        seen[0]
+            .headers
+            .get("x-tollgate-account")
+            .map(String::as_str),
+        Some("acme")
+    );
+    assert_eq!(
+        seen[0].headers.get("x-tollgate-hold-id"),
+        None,
+        "forged header removed"
+    );
+
+    // Missing key: 401; bad header: 400 naming it; nothing reaches the upstream.
+    let r = http(
+        envoy.addr,
+        "POST",
+        "/v1/envelopes",
+        &[("x-test-tag", "nokey")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.json()["error"], "missing_api_key");
+    let r = http(
+        envoy.addr,
+        "POST",
+        "/v1/envelopes",
+        &[
+            ("x-api-key", key.as_str()),
+            ("x-signature-method", "fax"),
+            ("x-test-tag", "bad"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.json()["header"], "x-signature-method");
+    assert!(upstream.seen_tagged("nokey").is_empty() && upstream.seen_tagged("bad").is_empty());
+
+    // Hold mode: 50 held at the check; a 2xx answer reporting 3 pages captures 2 × 3
+    // through the access-log stream; a 5xx answer releases the hold.
+    let before = balance(&server, "acme").await.0;
+    let ok_pages = [
+        ("authorization", bearer.as_str()),
+        ("x-test-units", "3"),
+        ("x-test-tag", "ocr-ok"),
+    ];
+    let r = http(envoy.addr, "POST", "/v1/documents/d-1/ocr", &ok_pages, "").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.header("x-credits-remaining"),
+        Some((before - 50).to_string().as_str())
+    );
+    let seen = upstream.seen_tagged("ocr-ok");
+    let hold_id = seen[0]
+        .headers
+        .get("x-tollgate-hold-id")
+        .expect("hold id upstream");
+    assert!(hold_id.starts_with('h'), "{hold_id}");
+    assert_eq!(
+        seen[0]
+            .headers
+            .get("x-tollgate-charged")
+            .map(String::as_str),
+        Some("50")
+    );
+    wait_balance(&server, "acme", (before - 6, 0, 57 + 6)).await;
+
+    let failing = [
+        ("authorization", bearer.as_str()),
+        ("x-test-status", "503"),
+        ("x-test-units", "9"),
+        ("x-test-tag", "ocr-fail"),
+    ];
+    let r = http(envoy.addr, "POST", "/v1/documents/d-2/ocr", &failing, "").await;
+    assert_eq!(r.status, 503, "the upstream's own answer: {r:?}");
+    assert_eq!(upstream.seen_tagged("ocr-fail").len(), 1);
+    wait_balance(&server, "acme", (before - 6, 0, 57 + 6)).await;
+    let events = common::outbox_events(&server.ledger).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "release").count(),
+        1,
+        "the failed OCR's hold was released: {kinds:?}"
+    );
+
+    // Empty balance: 402 with the JSON body, and the upstream is not reached.
+    let poor = seed(&server, "poor", 0).await;
+    let r = http(
+        envoy.addr,
+        "POST",
+        "/v1/envelopes",
+        &[("x-api-key", poor.as_str()), ("x-test-tag", "poor")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 402, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let body = r.json();
+    assert_eq!(body["error"], "insufficient_credits");
+    assert_eq!(body["required"], 1);
+    assert_eq!(body["available"], 0);
+    assert_eq!(body["operation"], "envelope.send");
+    assert!(upstream.seen_tagged("poor").is_empty());
+    drop(envoy);
+}

@@ -1,0 +1,116 @@
+//! nginx with examples/nginx.conf (auth_request to /v1/forward-auth?mode=nginx), in front
+//! of an upstream served by the test, with the shipped esign price book.
+
+mod common;
+
+use common::gateways::{balance, esign_config, http, seed, start_nginx, Upstream};
+use tollgate::ledger::Clock;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_meters_charges_once_and_turns_denials_into_real_answers() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let upstream = Upstream::start().await;
+    let nginx = start_nginx(server.http_addr, upstream.addr).await;
+    let key = seed(&server, "acme", 100).await;
+    let bearer = format!("Bearer {key}");
+
+    // Allowed: the upstream gets the tollgate headers (a client's own are replaced), the
+    // client gets x-credits-remaining; charged once, also when retried with the same id.
+    let request = [
+        ("authorization", bearer.as_str()),
+        ("x-signature-method", "dsc"),
+        ("x-request-id", "nginx-req-1"),
+        ("x-tollgate-account", "forged"),
+        ("x-test-tag", "allowed"),
+    ];
+    let r = http(nginx.addr, "POST", "/v1/envelopes", &request, "{}").await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", nginx.log());
+    assert_eq!(r.header("x-credits-remaining"), Some("89"), "{r:?}");
+    let again = http(nginx.addr, "POST", "/v1/envelopes", &request, "{}").await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(balance(&server, "acme").await, (89, 0, 11), "charged once");
+    let seen = upstream.seen_tagged("allowed");
+    assert_eq!(seen.len(), 2);
+    let h = &seen[0].headers;
+    assert_eq!(
+        h.get("x-tollgate-account").map(String::as_str),
+        Some("acme")
+    );
+    assert_eq!(
+        h.get("x-tollgate-operation").map(String::as_str),
+        Some("envelope.send")
+    );
+    assert_eq!(h.get("x-tollgate-charged").map(String::as_str), Some("11"));
+    assert_eq!(
+        h.get("x-request-id").map(String::as_str),
+        Some("nginx-req-1")
+    );
+    assert_eq!(h.get("x-tollgate-hold-id"), None);
+
+    // Without an x-request-id, nginx's own $request_id keys the check: two requests, two
+    // charges.
+    let plain = [("x-api-key", key.as_str()), ("x-test-tag", "plain")];
+    for _ in 0..2 {
+        let r = http(nginx.addr, "POST", "/v1/envelopes", &plain, "").await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(balance(&server, "acme").await, (87, 0, 13));
+
+    // No credits: the client gets 402 with the JSON body (auth_request itself only
+    // honours 401/403; examples/nginx.conf restores the real answer).
+    let poor = seed(&server, "poor", 0).await;
+    let r = http(
+        nginx.addr,
+        "POST",
+        "/v1/envelopes",
+        &[("x-api-key", poor.as_str()), ("x-test-tag", "poor")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 402, "{r:?}\n{}", nginx.log());
+    assert_eq!(r.header("x-tollgate-reason"), Some("insufficient_credits"));
+    let body = r.json();
+    assert_eq!(body["error"], "insufficient_credits");
+    assert_eq!(body["required"], 1);
+    assert_eq!(body["available"], 0);
+    assert_eq!(body["operation"], "envelope.send");
+
+    // No key: 401 (JSON body too); a bad header: 400 naming it.
+    let r = http(
+        nginx.addr,
+        "POST",
+        "/v1/envelopes",
+        &[("x-test-tag", "nokey")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.json()["error"], "missing_api_key");
+    let r = http(
+        nginx.addr,
+        "POST",
+        "/v1/envelopes",
+        &[
+            ("x-api-key", key.as_str()),
+            ("x-signature-method", "aadhaar"),
+            ("x-signers", "lots"),
+            ("x-test-tag", "bad"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.json()["header"], "x-signers");
+    for tag in ["poor", "nokey", "bad"] {
+        assert!(
+            upstream.seen_tagged(tag).is_empty(),
+            "{tag} reached the upstream"
+        );
+    }
+    assert_eq!(
+        balance(&server, "acme").await,
+        (87, 0, 13),
+        "denials charge nothing"
+    );
+}

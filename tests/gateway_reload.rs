@@ -1,0 +1,238 @@
+//! `tollgate serve --config examples/pricebook-esign.toml` as a real process: the shipped
+//! price book loads, SIGHUP reloads it while checks keep flowing (none dropped), a broken
+//! price book on reload is reported with its paths and the current one stays, and a
+//! broken one at start-up stops the server with every error listed.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::gateways::{example, http, replace, try_http, TempDir};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+struct Serve {
+    child: Child,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(config: &Path, redis_url: &str, grpc: u16, http_port: u16, log: &Path) -> Serve {
+    Serve {
+        child: Command::new(BIN)
+            .arg("serve")
+            .arg(format!("--config={}", config.display()))
+            .arg(format!("--redis-url={redis_url}"))
+            .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
+            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+            // A private ledger file: a store shared across runs would mark this fresh
+            // Redis as one that lost its data.
+            .arg(format!("--store={}", common::temp_sqlite_url()))
+            .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+            .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+            .env("TOLLGATE_GATEWAY__CHECK_TIMEOUT_MS", "5000")
+            .env("TOLLGATE_REDIS__CALL_TIMEOUT_MS", "2000")
+            .env("RUST_LOG", "info")
+            // Logs go to stdout.
+            .stdout(std::fs::File::create(log).expect("log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tollgate serve"),
+    }
+}
+
+fn charge(r: &common::gateways::HttpResponse) -> Option<&str> {
+    r.header("x-tollgate-charged")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_price_book_without_dropping_requests() {
+    let redis = common::RedisServer::start();
+    let dir = TempDir::new("reload");
+    let config = dir.0.join("tollgate.toml");
+    let log = dir.0.join("serve.log");
+    let original = example("pricebook-esign.toml");
+    std::fs::write(&config, &original).expect("write config");
+    let (grpc, http_port) = (common::free_port(), common::free_port());
+    let server = serve(&config, &redis.url(), grpc, http_port, &log);
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
+
+    // Seed through the real admin API once the server answers.
+    let deadline = Instant::now() + common::START_TIMEOUT;
+    let channel = loop {
+        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+            .expect("uri")
+            .connect()
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "server did not start: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut admin = tollgate::api::pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        common::auth(Some(common::ADMIN_TOKEN)),
+    );
+    admin
+        .grant(tollgate::api::pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 1_000_000,
+            idempotency_key: "g".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let key = admin
+        .create_api_key(tollgate::api::pb::CreateApiKeyRequest {
+            account_id: "acme".into(),
+            name: "reload".into(),
+        })
+        .await
+        .expect("key")
+        .into_inner()
+        .api_key;
+    let headers = [
+        ("x-forwarded-method", "POST"),
+        ("x-forwarded-uri", "/v1/envelopes"),
+        ("x-api-key", key.as_str()),
+    ];
+    let r = http(http_addr, "GET", "/v1/forward-auth", &headers, "").await;
+    assert_eq!(charge(&r), Some("1"), "{r:?}");
+
+    // Checks keep flowing from another task through the reloads.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        let key = key.clone();
+        async move {
+            let mut answers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let headers = [
+                    ("x-forwarded-method", "POST"),
+                    ("x-forwarded-uri", "/v1/envelopes"),
+                    ("x-api-key", key.as_str()),
+                ];
+                let r = try_http(http_addr, "GET", "/v1/forward-auth", &headers, "").await;
+                answers.push(r.map(|r| r.status).map_err(|e| e.to_string()));
+            }
+            answers
+        }
+    });
+
+    // Envelopes now cost 5: reloaded on SIGHUP.
+    let cheaper = replace(
+        &original,
+        "mode = \"debit\"\nbase = 1\n",
+        "mode = \"debit\"\nbase = 5\n",
+    );
+    std::fs::write(&config, cheaper).expect("rewrite config");
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &server.child.id().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(status.success());
+    };
+    hup();
+    let deadline = Instant::now() + common::START_TIMEOUT;
+    loop {
+        let r = http(http_addr, "GET", "/v1/forward-auth", &headers, "").await;
+        if charge(&r) == Some("5") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reloaded: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A broken price book: reported with its paths, the current one stays.
+    let broken = replace(&original, "base = 1\n", "base = \"one\"\n");
+    let broken = replace(&broken, "hold_ttl_ms = 60000\n", "");
+    std::fs::write(&config, broken).expect("rewrite config");
+    hup();
+    let deadline = Instant::now() + common::START_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("price book not reloaded") {
+            assert!(
+                text.contains("pricebook.operations.\"envelope.send\".base")
+                    && text.contains("pricebook.operations.\"ocr.pages\".hold_ttl_ms"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reload error logged:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = http(http_addr, "GET", "/v1/forward-auth", &headers, "").await;
+    assert_eq!(
+        charge(&r),
+        Some("5"),
+        "the last good price book stays: {r:?}"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let answers = load.await.expect("load task");
+    assert!(!answers.is_empty());
+    let bad: Vec<_> = answers.iter().filter(|a| **a != Ok(200)).collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {} checks failed: {bad:?}",
+        bad.len(),
+        answers.len()
+    );
+    drop(server);
+}
+
+#[test]
+fn a_broken_price_book_stops_start_up_with_every_error() {
+    let dir = TempDir::new("badbook");
+    let config = dir.0.join("tollgate.toml");
+    let broken = replace(
+        &example("pricebook-esign.toml"),
+        "operation = \"ocr.pages\"",
+        "operation = \"ocr.page\"",
+    );
+    let broken = replace(
+        &broken,
+        "capture_statuses = [\"2xx\"]",
+        "capture_statuses = [\"2xy\"]",
+    );
+    std::fs::write(&config, broken).expect("write");
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg(format!("--config={}", config.display()))
+        .env("TOLLGATE_ADMIN_TOKEN", "a")
+        .env("TOLLGATE_SERVICE_TOKEN", "s")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    for path in [
+        "pricebook.routes[1].operation",
+        "pricebook.operations.\"ocr.pages\".capture_statuses[0]",
+    ] {
+        assert!(text.contains(path), "{path} missing:\n{text}");
+    }
+}

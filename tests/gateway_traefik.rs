@@ -1,0 +1,106 @@
+//! Traefik with examples/traefik.yml (ForwardAuth to /v1/forward-auth), in front of an
+//! upstream served by the test, with the shipped esign price book.
+
+mod common;
+
+use common::gateways::{balance, esign_config, http, seed, start_traefik, Upstream};
+use tollgate::ledger::Clock;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traefik_meters_charges_once_and_passes_402_through() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let upstream = Upstream::start().await;
+    let traefik = start_traefik(server.http_addr, upstream.addr).await;
+    let key = seed(&server, "acme", 100).await;
+    let bearer = format!("Bearer {key}");
+
+    // Allowed: the upstream gets the tollgate headers (authResponseHeaders replace a
+    // client's own); charged once for a retry with the same x-request-id.
+    let request = [
+        ("authorization", bearer.as_str()),
+        ("x-signature-method", "aadhaar"),
+        ("x-signers", "2"),
+        ("x-request-id", "traefik-req-1"),
+        ("x-tollgate-hold-id", "h1-1"),
+        ("x-test-tag", "allowed"),
+    ];
+    let r = http(
+        traefik.addr,
+        "POST",
+        "/v1/envelopes?draft=false",
+        &request,
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", traefik.log());
+    let again = http(
+        traefik.addr,
+        "POST",
+        "/v1/envelopes?draft=false",
+        &request,
+        "{}",
+    )
+    .await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(
+        balance(&server, "acme").await,
+        (69, 0, 31),
+        "1 + 15 × 2, once"
+    );
+    let seen = upstream.seen_tagged("allowed");
+    assert_eq!(seen.len(), 2);
+    let h = &seen[0].headers;
+    assert_eq!(
+        h.get("x-tollgate-account").map(String::as_str),
+        Some("acme")
+    );
+    assert_eq!(
+        h.get("x-tollgate-operation").map(String::as_str),
+        Some("envelope.send")
+    );
+    assert_eq!(h.get("x-tollgate-charged").map(String::as_str), Some("31"));
+    assert_eq!(h.get("x-credits-remaining").map(String::as_str), Some("69"));
+    assert_eq!(
+        h.get("x-tollgate-hold-id"),
+        None,
+        "a client's own header is dropped"
+    );
+
+    // No credits: tollgate's 402 and JSON body pass through as they are.
+    let poor = seed(&server, "poor", 0).await;
+    let r = http(
+        traefik.addr,
+        "POST",
+        "/v1/envelopes",
+        &[("x-api-key", poor.as_str()), ("x-test-tag", "poor")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 402, "{r:?}");
+    assert_eq!(r.header("x-tollgate-reason"), Some("insufficient_credits"));
+    let body = r.json();
+    assert_eq!(body["error"], "insufficient_credits");
+    assert_eq!(body["required"], 1);
+    assert_eq!(body["available"], 0);
+    assert_eq!(body["operation"], "envelope.send");
+
+    // No key: 401.
+    let r = http(
+        traefik.addr,
+        "POST",
+        "/v1/envelopes",
+        &[("x-test-tag", "nokey")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.json()["error"], "missing_api_key");
+    for tag in ["poor", "nokey"] {
+        assert!(
+            upstream.seen_tagged(tag).is_empty(),
+            "{tag} reached the upstream"
+        );
+    }
+    assert_eq!(balance(&server, "acme").await, (69, 0, 31));
+}

@@ -1,0 +1,191 @@
+//! Health: `grpc.health.v1.Health` and gRPC reflection answer a tonic client; `/readyz`
+//! turns not-ready when Redis is stopped and ready again when it returns (scripts
+//! reloaded into the new, empty Redis by the readiness check itself), and gRPC health
+//! follows it.
+
+mod common;
+
+use std::time::Duration;
+
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+use tollgate::api::pb;
+use tollgate::ledger::Clock;
+
+/// Generous: the waits only bound polling, nothing is timed.
+const DEADLINE: Duration = Duration::from_secs(60);
+const SERVICES: [&str; 4] = [
+    "",
+    "tollgate.v1.Metering",
+    "tollgate.v1.Admin",
+    "envoy.service.auth.v3.Authorization",
+];
+
+async fn health(server: &common::TestServer, service: &str) -> Option<ServingStatus> {
+    let mut client = HealthClient::new(server.channel().await);
+    let answer = client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    ServingStatus::try_from(answer.status).ok()
+}
+
+async fn wait_health(server: &common::TestServer, want: ServingStatus) {
+    for service in SERVICES {
+        common::eventually(DEADLINE, &format!("{service:?} to be {want:?}"), || async {
+            (health(server, service).await == Some(want)).then_some(())
+        })
+        .await;
+    }
+}
+
+async fn reflect(server: &common::TestServer, request: MessageRequest) -> MessageResponse {
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let requests = tokio_stream::iter(vec![ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    }]);
+    let mut answers = client
+        .server_reflection_info(requests)
+        .await
+        .expect("reflection")
+        .into_inner();
+    answers
+        .message()
+        .await
+        .expect("reflection answer")
+        .and_then(|a| a.message_response)
+        .expect("a response")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_and_reflection_answer() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(common::test_config(&redis.url()), Clock::Redis).await;
+    wait_health(&server, ServingStatus::Serving).await;
+    // No token needed for health and reflection (probes and tools have none).
+    let unknown = HealthClient::new(server.channel().await)
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect_err("unknown service");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(&server, MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("not a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "tollgate.v1.Metering",
+        "tollgate.v1.Admin",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    let MessageResponse::FileDescriptorResponse(files) = reflect(
+        &server,
+        MessageRequest::FileContainingSymbol("tollgate.v1.Admin".into()),
+    )
+    .await
+    else {
+        panic!("no descriptor for tollgate.v1.Admin");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_redis_and_reloads_scripts() {
+    let mut redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.redis.call_timeout_ms = 300;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let ready = || async {
+        let (code, body) = common::http_get(server.http_addr, "/readyz").await;
+        let json: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON body");
+        (code, json)
+    };
+    let (code, body) = ready().await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["checks"]["scripts"], "ok", "{body}");
+    wait_health(&server, ServingStatus::Serving).await;
+
+    // Scripts flushed: readiness notices and loads them again (the /readyz call below,
+    // or the gRPC health watcher, which runs the same checks, if it comes first).
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut con)
+        .expect("flush");
+    let (code, body) = ready().await;
+    assert_eq!(code, 200, "{body}");
+    let (loaded, total) = server.ledger.check_scripts(false).await.expect("exists");
+    assert_eq!(loaded, total, "readiness reloaded every script");
+
+    // Redis stopped: not ready, saying why; gRPC health follows.
+    redis.kill();
+    let body = common::eventually(DEADLINE, "/readyz to fail", || async {
+        let (code, body) = ready().await;
+        (code == 503).then_some(body)
+    })
+    .await;
+    assert_eq!(body["ready"], false);
+    let failed: Vec<&str> = body["failed"]
+        .as_array()
+        .expect("failed list")
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    assert!(failed.contains(&"redis"), "{body}");
+    assert!(failed.contains(&"scripts"), "{body}");
+    wait_health(&server, ServingStatus::NotServing).await;
+    // A call meanwhile fails and is counted by script and kind.
+    let mut metering = server.metering().await;
+    let status = metering
+        .debit(pb::DebitRequest {
+            account_id: "alice".into(),
+            amount: 1,
+            idempotency_key: "down-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("redis is down");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let (_, text) = common::http_get(server.http_addr, "/metrics").await;
+    let errors = common::prom::value(
+        &text,
+        "tollgate_redis_script_errors_total",
+        &[("script", "debit")],
+    );
+    assert!(errors >= 1.0, "{text}");
+
+    // Back (empty: no scripts): ready again, with the scripts loaded by readiness.
+    redis.restart();
+    let body = common::eventually(DEADLINE, "/readyz to recover", || async {
+        let (code, body) = ready().await;
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(body["checks"]["redis"], "ok");
+    assert_eq!(body["checks"]["scripts"], "ok");
+    let (loaded, total) = server.ledger.check_scripts(false).await.expect("exists");
+    assert_eq!(loaded, total);
+    wait_health(&server, ServingStatus::Serving).await;
+    server.stop().await;
+}

@@ -1,0 +1,361 @@
+//! /metrics after a scripted workload: exact counter values, cross-checked against the
+//! ledger's own totals. This binary holds one test only: the Prometheus recorder is global
+//! to the process, so a second test would add to the counts.
+//!
+//! It also writes the scrape to target/metrics-sample.txt, which scripts/check-chart.py
+//! uses to check that every metric the Grafana dashboard queries exists.
+
+mod common;
+
+use std::time::Duration;
+
+use common::prom;
+use tollgate::api::pb;
+use tollgate::ledger::Clock;
+
+/// Generous: nothing here measures time; it only bounds the waits.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+async fn scrape(server: &common::TestServer) -> String {
+    let (code, body) = common::http_get(server.http_addr, "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+fn grant(account: &str, amount: i64, kind: &str, key: &str) -> pb::GrantRequest {
+    pb::GrantRequest {
+        account_id: account.into(),
+        amount,
+        kind: kind.into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+fn debit(account: &str, amount: i64, key: &str) -> pb::DebitRequest {
+    pb::DebitRequest {
+        account_id: account.into(),
+        amount,
+        idempotency_key: key.into(),
+        operation: "test.call".into(),
+        ..Default::default()
+    }
+}
+
+fn authorize(account: &str, amount: i64, key: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        account_id: account.into(),
+        amount,
+        ttl_ms: 600_000,
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+/// A forward-auth check of `POST /v1/envelopes` with an electronic signature; its status.
+async fn forward_auth(addr: std::net::SocketAddr, key: Option<&str>, request_id: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("http");
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET /v1/forward-auth HTTP/1.1\r\nHost: x\r\nX-Forwarded-Method: POST\r\n\
+         X-Forwarded-Uri: /v1/envelopes\r\nX-Forwarded-Host: api.example.com\r\n\
+         x-signature-method: electronic\r\nx-request-id: {request_id}\r\n{auth}\
+         Connection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("read");
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_after_a_scripted_workload() {
+    let redis = common::RedisServer::start();
+    let receiver = common::receiver::Receiver::start().await;
+    // The esign price book, so gateway checks run too.
+    let mut config = common::gateways::esign_config(&redis.url());
+    config.settler.enabled = true;
+    config.settler.idle_wait_ms = 10;
+    config.settler.trim_interval_ms = 100;
+    config.settler.backoff_max_ms = 500;
+    config.webhooks.url = receiver.url();
+    config.webhooks.secret = "metrics-test-secret".into();
+    config.webhooks.poll_interval_ms = 50;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+
+    // The workload: 17 ledger events.
+    admin
+        .grant(grant("alice", 100, "purchase", "g1"))
+        .await
+        .expect("grant");
+    admin
+        .grant(grant("alice", 50, "promo", "g2"))
+        .await
+        .expect("grant");
+    admin
+        .grant(grant("bob", 30, "purchase", "g3"))
+        .await
+        .expect("grant");
+    let mut charges = Vec::new();
+    for i in 1..=5 {
+        let out = metering
+            .debit(debit("alice", 7, &format!("d{i}")))
+            .await
+            .expect("debit")
+            .into_inner();
+        charges.push(out.charge_id);
+    }
+    let replay = metering
+        .debit(debit("alice", 7, "d1"))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert!(replay.replayed);
+    let refused = metering
+        .debit(debit("bob", 40, "b1"))
+        .await
+        .expect_err("insufficient");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    metering.debit(debit("bob", 10, "b2")).await.expect("debit");
+    let h1 = metering
+        .authorize(authorize("alice", 20, "h1"))
+        .await
+        .expect("hold")
+        .into_inner()
+        .hold_id;
+    metering
+        .capture(pb::CaptureRequest {
+            hold_id: h1,
+            amount: Some(12),
+            idempotency_key: "c1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("capture");
+    let h2 = metering
+        .authorize(authorize("alice", 5, "h2"))
+        .await
+        .expect("hold")
+        .into_inner()
+        .hold_id;
+    metering
+        .release(pb::ReleaseRequest {
+            hold_id: h2,
+            idempotency_key: "r1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("release");
+    metering
+        .authorize(authorize("bob", 5, "h3"))
+        .await
+        .expect("hold stays open");
+    metering
+        .refund(pb::RefundRequest {
+            charge_id: charges[1].clone(),
+            amount: 3,
+            idempotency_key: "f1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("refund");
+    admin
+        .adjust(pb::AdjustRequest {
+            account_id: "alice".into(),
+            amount: -2,
+            idempotency_key: "a1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("adjust down");
+    admin
+        .adjust(pb::AdjustRequest {
+            account_id: "bob".into(),
+            amount: 4,
+            idempotency_key: "a2".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("adjust up");
+
+    // Settled (17 events), the open hold counted, the three grant.created delivered.
+    let text = common::eventually(DEADLINE, "settlement and webhook delivery", || async {
+        let text = scrape(&server).await;
+        let settled = prom::value(&text, "tollgate_settled_events_total", &[]);
+        let holds = prom::value(&text, "tollgate_holds_active", &[]);
+        let delivered = prom::value(
+            &text,
+            "tollgate_webhook_attempts_total",
+            &[("result", "delivered")],
+        );
+        let ready = prom::value(&text, "tollgate_ready", &[]);
+        (settled == 17.0 && holds == 1.0 && delivered == 3.0 && ready == 1.0).then_some(text)
+    })
+    .await;
+
+    let v = |name: &str, labels: &[(&str, &str)]| prom::value(&text, name, labels);
+    let calls = |script: &str| {
+        v(
+            "tollgate_redis_script_duration_seconds_count",
+            &[("script", script)],
+        )
+    };
+    // Script calls, exactly: a replay and a refusal are calls too.
+    assert_eq!(calls("debit"), 8.0);
+    assert_eq!(calls("grant"), 3.0);
+    assert_eq!(calls("authorize"), 3.0);
+    assert_eq!(calls("end_hold"), 2.0);
+    assert_eq!(calls("refund"), 1.0);
+    assert_eq!(calls("adjust"), 2.0);
+    assert_eq!(v("tollgate_redis_script_errors_total", &[]), 0.0);
+    assert_eq!(
+        v(
+            "tollgate_ledger_refusals_total",
+            &[("script", "debit"), ("reason", "INSUFFICIENT_CREDITS")]
+        ),
+        1.0
+    );
+    assert_eq!(v("tollgate_ledger_refusals_total", &[]), 1.0);
+    assert_eq!(
+        v("tollgate_ledger_replays_total", &[("script", "debit")]),
+        1.0
+    );
+    assert_eq!(
+        v(
+            "tollgate_grpc_failed_requests_total",
+            &[
+                ("service", "tollgate.v1.Metering"),
+                ("code", "FAILED_PRECONDITION")
+            ]
+        ),
+        1.0
+    );
+
+    // Credits, exactly, and equal to the ledger's own totals.
+    assert_eq!(
+        v("tollgate_credits_charged_total", &[("event", "debit")]),
+        45.0
+    );
+    assert_eq!(
+        v("tollgate_credits_charged_total", &[("event", "capture")]),
+        12.0
+    );
+    assert_eq!(
+        v("tollgate_credits_granted_total", &[("kind", "purchase")]),
+        130.0
+    );
+    assert_eq!(
+        v("tollgate_credits_granted_total", &[("kind", "promo")]),
+        50.0
+    );
+    assert_eq!(v("tollgate_credits_refunded_total", &[]), 3.0);
+    assert_eq!(v("tollgate_credits_expired_total", &[]), 0.0);
+    assert_eq!(
+        v("tollgate_credits_adjusted_total", &[("direction", "up")]),
+        4.0
+    );
+    assert_eq!(
+        v("tollgate_credits_adjusted_total", &[("direction", "down")]),
+        2.0
+    );
+    let mut used = 0;
+    let mut granted = 0;
+    let mut refunded = 0;
+    for account in ["alice", "bob"] {
+        let balance = metering
+            .get_balance(pb::GetBalanceRequest {
+                account_id: account.into(),
+                wallet: String::new(),
+            })
+            .await
+            .expect("balance")
+            .into_inner();
+        for w in balance.wallets {
+            used += w.total_used;
+            granted += w.total_granted;
+            refunded += w.total_refunded;
+        }
+    }
+    assert_eq!(v("tollgate_credits_charged_total", &[]), used as f64);
+    assert_eq!(v("tollgate_credits_granted_total", &[]), granted as f64);
+    assert_eq!(v("tollgate_credits_refunded_total", &[]), refunded as f64);
+
+    // Settlement and webhooks.
+    assert_eq!(v("tollgate_settle_batch_events_sum", &[]), 17.0);
+    assert_eq!(v("tollgate_store_errors_total", &[]), 0.0);
+    assert_eq!(
+        v(
+            "tollgate_webhook_events_total",
+            &[("type", "grant.created")]
+        ),
+        3.0
+    );
+    assert_eq!(v("tollgate_webhook_events_total", &[]), 3.0);
+    assert_eq!(receiver.accepted().len(), 3);
+
+    // Labels are bounded: no account id, key or charge id anywhere in the exposition.
+    for secret in ["alice", "bob", "d1", "g1", "h1", charges[1].as_str()] {
+        assert!(
+            !text.contains(&format!("\"{secret}\"")),
+            "{secret} leaked into /metrics"
+        );
+    }
+
+    // Gateway checks through forward-auth: one allowed (charged 1+10), one without a key.
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "carol".into(),
+            name: "metrics".into(),
+        })
+        .await
+        .expect("key")
+        .into_inner()
+        .api_key;
+    admin
+        .grant(grant("carol", 100, "purchase", "gc"))
+        .await
+        .expect("grant");
+    let allowed = forward_auth(server.http_addr, Some(&key), "m-1").await;
+    assert_eq!(allowed, 200);
+    // The same key again: from the identity cache.
+    assert_eq!(forward_auth(server.http_addr, Some(&key), "m-3").await, 200);
+    let denied = forward_auth(server.http_addr, None, "m-2").await;
+    assert_eq!(denied, 401);
+    let text = scrape(&server).await;
+    let v = |name: &str, labels: &[(&str, &str)]| prom::value(&text, name, labels);
+    assert_eq!(
+        v(
+            "tollgate_checks_total",
+            &[("decision", "allow"), ("operation", "envelope.send")]
+        ),
+        2.0
+    );
+    assert_eq!(v("tollgate_checks_total", &[("decision", "deny")]), 1.0);
+    assert_eq!(
+        v(
+            "tollgate_gateway_denials_total",
+            &[("reason", "missing_api_key")]
+        ),
+        1.0
+    );
+    assert_eq!(v("tollgate_identity_cache_misses_total", &[]), 1.0);
+    assert_eq!(v("tollgate_identity_cache_hits_total", &[]), 1.0);
+    assert_eq!(v("tollgate_fail_open_total", &[]), 0.0);
+    assert_eq!(v("tollgate_config_reloads_total", &[]), 0.0);
+    assert!(text.contains("tollgate_check_duration_seconds_bucket"));
+    assert!(!text.contains(&key), "an API key leaked into /metrics");
+
+    // A sample for scripts/check-chart.py (dashboard queries must name real metrics).
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::create_dir_all(&sample).expect("target dir");
+    std::fs::write(sample.join("metrics-sample.txt"), &text).expect("write the sample");
+    server.stop().await;
+}

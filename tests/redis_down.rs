@@ -1,0 +1,109 @@
+//! Redis unreachable: calls answer UNAVAILABLE within the deadline (never hang), /readyz
+//! says not ready, and everything works again when Redis is back, without a restart.
+
+mod common;
+
+use std::time::Duration;
+
+use tollgate::api::pb;
+use tollgate::ledger::Clock;
+
+/// Far above the configured deadline: the test only proves the call does not hang.
+const HANG_GUARD: Duration = Duration::from_secs(20);
+
+fn debit(key: &str) -> pb::DebitRequest {
+    pb::DebitRequest {
+        account_id: "alice".into(),
+        amount: 1,
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+async fn readyz(server: &common::TestServer) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .expect("http");
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("read");
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_within_deadline_then_recovers() {
+    let mut redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.redis.call_timeout_ms = 300;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "alice".into(),
+            amount: 10,
+            idempotency_key: "g1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    assert_eq!(readyz(&server).await, 200);
+
+    redis.kill();
+    let status = tokio::time::timeout(HANG_GUARD, metering.debit(debit("d1")))
+        .await
+        .expect("the call must not hang")
+        .expect_err("redis is down");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(readyz(&server).await, 503);
+
+    // Back, empty (no persistence): calls succeed again without restarting tollgate
+    // (scripts are reloaded on NOSCRIPT).
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    loop {
+        let granted = admin
+            .grant(pb::GrantRequest {
+                account_id: "alice".into(),
+                amount: 5,
+                idempotency_key: "g2".into(),
+                ..Default::default()
+            })
+            .await;
+        match granted {
+            Ok(out) => {
+                assert_eq!(out.into_inner().available, 5);
+                break;
+            }
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("no recovery: {s:?}"),
+        }
+    }
+    let out = metering
+        .debit(debit("d2"))
+        .await
+        .expect("debit")
+        .into_inner();
+    assert_eq!(out.available, 4);
+    // Every shard (not only alice's) is re-initialized by the background retry, so
+    // readiness returns within a deadline rather than at the same instant.
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    while readyz(&server).await != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready again after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

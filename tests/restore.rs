@@ -1,0 +1,601 @@
+//! Redis loses its data: detection (not ready, LEDGER_NOT_INITIALIZED), `tollgate restore`
+//! from the durable ledger (real PostgreSQL), reconcile agreeing afterwards, restore's
+//! refusals, and a SIGKILL of an AOF `everysec` redis-server under load.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic_types::StatusExt;
+
+use tollgate::api::pb;
+use tollgate::ledger::Clock;
+use tollgate::settle::Store;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+const DEADLINE: Duration = Duration::from_secs(120);
+const ACCOUNTS: usize = 200;
+
+fn account(i: usize) -> String {
+    format!("acct{i:04}")
+}
+
+async fn http_status(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let _ = s
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text).await;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+fn tool(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("TOLLGATE_REDIS_URL")
+        .output()
+        .expect("run tollgate")
+}
+
+async fn seed(server: &common::TestServer, now_ms: i64) {
+    let mut admin = server.admin().await;
+    for i in 0..ACCOUNTS {
+        for (n, (amount, expires, priority)) in [(1_000, 0, 50), (300, now_ms + 3_600_000, 10)]
+            .into_iter()
+            .enumerate()
+        {
+            admin
+                .grant(pb::GrantRequest {
+                    account_id: account(i),
+                    amount,
+                    expires_at_ms: expires,
+                    priority: Some(priority),
+                    kind: if n == 1 { "demo".into() } else { String::new() },
+                    idempotency_key: format!("seed-{n}"),
+                    ..Default::default()
+                })
+                .await
+                .expect("seed grant");
+        }
+    }
+}
+
+/// Mixed load: debits, holds captured or released, refunds. Returns acknowledged debits
+/// (idempotency key, event id), to replay after the restore.
+async fn load(
+    server_grpc: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    task: usize,
+) -> Vec<(pb::DebitRequest, String)> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{server_grpc}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut m = pb::metering_client::MeteringClient::with_interceptor(
+        channel,
+        common::auth(Some(common::SERVICE_TOKEN)),
+    );
+    let mut acked = Vec::new();
+    let mut n = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let acct = account((task * 7919 + n) % ACCOUNTS);
+        let debit = pb::DebitRequest {
+            account_id: acct.clone(),
+            amount: 1 + (n % 3) as i64,
+            idempotency_key: format!("t{task}-d{n}"),
+            operation: "envelope.send".into(),
+            ..Default::default()
+        };
+        let Ok(out) = m.debit(debit.clone()).await else {
+            // Redis is gone or the ledger awaits its restore: wait.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let event_id = out.into_inner().event_id;
+        if n.is_multiple_of(4) {
+            let _ = m
+                .refund(pb::RefundRequest {
+                    charge_id: event_id.clone(),
+                    amount: 1,
+                    idempotency_key: format!("t{task}-r{n}"),
+                    ..Default::default()
+                })
+                .await;
+        }
+        acked.push((debit, event_id));
+        if let Ok(h) = m
+            .authorize(pb::AuthorizeRequest {
+                account_id: acct,
+                amount: 5,
+                ttl_ms: 600_000,
+                idempotency_key: format!("t{task}-h{n}"),
+                ..Default::default()
+            })
+            .await
+        {
+            let hold_id = h.into_inner().hold_id;
+            if n.is_multiple_of(3) {
+                let _ = m
+                    .capture(pb::CaptureRequest {
+                        hold_id,
+                        amount: Some(2),
+                        idempotency_key: format!("t{task}-c{n}"),
+                        ..Default::default()
+                    })
+                    .await;
+            } else if n % 3 == 1 {
+                let _ = m
+                    .release(pb::ReleaseRequest {
+                        hold_id,
+                        idempotency_key: format!("t{task}-rel{n}"),
+                        ..Default::default()
+                    })
+                    .await;
+            } // else: left open, restored as an open hold
+        }
+    }
+    acked
+}
+
+async fn wait_settled(store: &Store, ledger: &tollgate::ledger::Ledger) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let outbox = common::outbox_len(ledger).await;
+        let mut pending = 0;
+        for shard in 0..ledger.shards().count() {
+            let reply: redis::Value = ledger
+                .redis()
+                .query(
+                    redis::cmd("XPENDING")
+                        .arg(ledger.shards().outbox(shard))
+                        .arg("tollgate-settler"),
+                )
+                .await
+                .unwrap_or(redis::Value::Nil);
+            if let redis::Value::Array(parts) = reply {
+                if let Some(redis::Value::Int(n)) = parts.first() {
+                    pending += n;
+                }
+            }
+        }
+        if outbox == 0 && pending == 0 {
+            let _ = store.count_events().await;
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outbox not settled: {outbox} entries"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_loses_its_data_then_restore_rebuilds_it() {
+    let mut redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let mut config = common::test_config(&redis.url());
+    config.store.url = pg.url.clone();
+    config.settler.enabled = true;
+    config.settler.idle_wait_ms = 10;
+    config.settler.trim_interval_ms = 100;
+    config.settler.claim_idle_ms = 500;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    seed(&server, now_ms).await;
+    // API keys: one active, one revoked; both must come back.
+    let mut admin = server.admin().await;
+    let mut keys = Vec::new();
+    for name in ["live", "old"] {
+        keys.push(
+            admin
+                .create_api_key(pb::CreateApiKeyRequest {
+                    account_id: account(7),
+                    name: name.into(),
+                })
+                .await
+                .expect("create key")
+                .into_inner(),
+        );
+    }
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: keys[1].key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    let keys_before = admin
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: account(7),
+        })
+        .await
+        .expect("list keys")
+        .into_inner();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..4)
+        .map(|t| tokio::spawn(load(server.grpc_addr, stop.clone(), t)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Redis loses everything (restart without persistence) under load.
+    redis.restart();
+    let mut metering = server.metering().await;
+    let deadline = Instant::now() + DEADLINE;
+    let refusal = loop {
+        let tried = metering
+            .debit(pb::DebitRequest {
+                account_id: account(1),
+                amount: 1,
+                idempotency_key: "after-loss".into(),
+                ..Default::default()
+            })
+            .await;
+        match tried {
+            Err(s)
+                if s.get_details_error_info()
+                    .is_some_and(|i| i.reason == "LEDGER_NOT_INITIALIZED") =>
+            {
+                break s
+            }
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no LEDGER_NOT_INITIALIZED: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(refusal.code(), tonic::Code::Unavailable);
+    let (code, body) = http_status(server.http_addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("ledger") && body.contains("restore"),
+        "{body}"
+    );
+    let balance = metering
+        .get_balance(pb::GetBalanceRequest {
+            account_id: account(1),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no empty balances served as real");
+    assert_eq!(balance.code(), tonic::Code::Unavailable);
+    // Still refused a while later: nothing re-initializes a shard whose events exist.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(http_status(server.http_addr, "/readyz").await.0, 503);
+    stop.store(true, Ordering::SeqCst);
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.expect("load task"));
+    }
+    assert!(acked.len() > 20, "too little load: {}", acked.len());
+
+    let out = tool(&["restore", "--redis-url", &redis.url(), "--store", &pg.url]);
+    assert!(out.status.success(), "restore failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("restored 16 shards") && text.contains("not restored"),
+        "{text}"
+    );
+
+    // Ready again; Redis matches the ledger wallet by wallet; reconcile agrees.
+    let deadline = Instant::now() + DEADLINE;
+    while http_status(server.http_addr, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready after the restore");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let store = Store::connect_lazy(&pg.url, 2).expect("store");
+    let summaries = store.wallets().await.expect("wallets");
+    assert_eq!(summaries.len(), ACCOUNTS);
+    for s in &summaries {
+        let b = metering
+            .get_balance(pb::GetBalanceRequest {
+                account_id: s.account_id.clone(),
+                wallet: s.wallet.clone(),
+            })
+            .await
+            .expect("balance")
+            .into_inner();
+        let w = &b.wallets[0];
+        assert_eq!(
+            (
+                w.available,
+                w.held,
+                w.total_used,
+                w.total_granted,
+                w.total_refunded
+            ),
+            (
+                s.totals.available,
+                s.totals.held,
+                s.totals.used,
+                s.totals.granted,
+                s.totals.refunded
+            ),
+            "{} differs from the ledger after the restore",
+            s.account_id
+        );
+    }
+    let out = tool(&["reconcile", "--redis-url", &redis.url(), "--store", &pg.url]);
+    assert!(out.status.success(), "reconcile after restore: {out:?}");
+    let keys_after = admin
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: account(7),
+        })
+        .await
+        .expect("list keys")
+        .into_inner();
+    assert_eq!(keys_after, keys_before, "API keys after the restore");
+    assert!(keys_after.keys.iter().any(|k| k.revoked_at_ms > 0));
+
+    // Charges succeed again, a demo grant is still refused, an open hold captures, and a
+    // replay of a settled debit answers from the restored idempotency record.
+    let ok = metering
+        .debit(pb::DebitRequest {
+            account_id: account(2),
+            amount: 1,
+            idempotency_key: "after-restore".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("charges work again");
+    assert!(!ok.into_inner().replayed);
+    let mut admin = server.admin().await;
+    let demo = admin
+        .grant(pb::GrantRequest {
+            account_id: account(2),
+            amount: 5,
+            kind: "demo".into(),
+            idempotency_key: "demo-again".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("demo marker restored");
+    assert_eq!(
+        demo.get_details_error_info().map(|i| i.reason),
+        Some("DEMO_ALREADY_GRANTED".into())
+    );
+    let settled: Vec<_> = {
+        let mut v = Vec::new();
+        for (req, id) in &acked {
+            if store.event(id).await.expect("event").is_some() {
+                v.push((req.clone(), id.clone()));
+            }
+        }
+        v
+    };
+    assert!(!settled.is_empty(), "no settled debit to replay");
+    for (req, id) in settled.iter().take(20) {
+        let again = metering
+            .debit(req.clone())
+            .await
+            .expect("replay")
+            .into_inner();
+        assert!(
+            again.replayed,
+            "replay of {id} after the restore was charged again"
+        );
+        assert_eq!(&again.event_id, id);
+    }
+    let mut captured_one = false;
+    'accounts: for i in 0..ACCOUNTS {
+        let holds = store
+            .history(&tollgate::settle::store::HistoryQuery {
+                account_id: account(i),
+                kinds: vec![tollgate::ledger::event::EventKind::Hold],
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("history");
+        for h in &holds.events {
+            let captured = metering
+                .capture(pb::CaptureRequest {
+                    hold_id: h.hold_id.clone(),
+                    idempotency_key: format!("post-restore-{}", h.hold_id),
+                    ..Default::default()
+                })
+                .await;
+            if let Ok(c) = captured {
+                assert_eq!(c.into_inner().captured, 5);
+                captured_one = true;
+                break 'accounts;
+            }
+        }
+    }
+    assert!(captured_one, "no open hold survived the restore");
+
+    // Restore again: refused, nothing changed.
+    let balance_before = metering
+        .get_balance(pb::GetBalanceRequest {
+            account_id: account(3),
+            ..Default::default()
+        })
+        .await
+        .expect("balance")
+        .into_inner();
+    let again = tool(&["restore", "--redis-url", &redis.url(), "--store", &pg.url]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds tollgate data"),
+        "{again:?}"
+    );
+    let balance_after = metering
+        .get_balance(pb::GetBalanceRequest {
+            account_id: account(3),
+            ..Default::default()
+        })
+        .await
+        .expect("balance")
+        .into_inner();
+    assert_eq!(balance_before, balance_after);
+
+    // --force after draining gives the same state again.
+    let ledger = server.ledger.clone();
+    wait_settled(&store, &ledger).await;
+    server.stop().await;
+    let forced = tool(&[
+        "restore",
+        "--redis-url",
+        &redis.url(),
+        "--store",
+        &pg.url,
+        "--force",
+    ]);
+    assert!(forced.status.success(), "{forced:?}");
+    let out = tool(&["reconcile", "--redis-url", &redis.url(), "--store", &pg.url]);
+    assert!(
+        out.status.success(),
+        "reconcile after a forced restore: {out:?}"
+    );
+}
+
+/// AOF `everysec`: a SIGKILL of redis-server under load loses at most about the last
+/// second of charges; restore plus reconcile then agree with the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aof_everysec_sigkill_loses_about_the_last_second() {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-aof-{}-{}",
+        std::process::id(),
+        common::free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let dir_text = dir.display().to_string();
+    let aof = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--dir",
+        dir_text.as_str(),
+    ];
+    let mut redis = common::RedisServer::start_with(&aof);
+    let pg = common::PgDatabase::create().await;
+    let mut config = common::test_config(&redis.url());
+    config.store.url = pg.url.clone();
+    config.settler.enabled = true;
+    config.settler.idle_wait_ms = 10;
+    config.settler.claim_idle_ms = 500;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "steady".into(),
+            amount: 10_000_000,
+            idempotency_key: "fund".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let acked = Arc::new(AtomicI64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let mut m = server.metering().await;
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let r = m
+                    .debit(pb::DebitRequest {
+                        account_id: "steady".into(),
+                        amount: 1,
+                        idempotency_key: format!("d{n}"),
+                        ..Default::default()
+                    })
+                    .await;
+                if r.is_ok() {
+                    acked.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while acked.load(Ordering::SeqCst) < 500 {
+        assert!(Instant::now() < deadline, "no load");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    let before_kill = acked.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rate =
+        (acked.load(Ordering::SeqCst) - before_kill) as f64 / started.elapsed().as_secs_f64();
+    redis.kill();
+    stop.store(true, Ordering::SeqCst);
+    loader.await.expect("loader");
+    let acknowledged = acked.load(Ordering::SeqCst);
+    redis.restart_with(&aof);
+
+    // What the AOF kept.
+    let mut metering = server.metering().await;
+    let deadline = Instant::now() + DEADLINE;
+    let kept = loop {
+        match metering
+            .get_balance(pb::GetBalanceRequest {
+                account_id: "steady".into(),
+                wallet: "default".into(),
+            })
+            .await
+        {
+            Ok(b) => break b.into_inner().wallets[0].total_used,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "redis did not come back: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let lost = acknowledged - kept;
+    println!(
+        "AOF everysec SIGKILL: {acknowledged} charges acknowledged, {kept} kept, {lost} lost \
+         (load {rate:.0}/s, so about {:.2} s of charges)",
+        lost as f64 / rate.max(1.0)
+    );
+    assert!(lost >= 0, "more charges than acknowledged");
+    assert!(
+        (lost as f64) <= rate * 3.0 + 50.0,
+        "lost {lost} charges at {rate:.0}/s: more than about a second's worth"
+    );
+
+    // The settler drains what the AOF kept; restore rebuilds from the ledger (which may
+    // hold charges Redis lost); reconcile agrees.
+    let store = Store::connect_lazy(&pg.url, 2).expect("store");
+    wait_settled(&store, &server.ledger).await;
+    server.stop().await;
+    let forced = tool(&[
+        "restore",
+        "--redis-url",
+        &redis.url(),
+        "--store",
+        &pg.url,
+        "--force",
+    ]);
+    assert!(forced.status.success(), "{forced:?}");
+    let out = tool(&["reconcile", "--redis-url", &redis.url(), "--store", &pg.url]);
+    assert!(
+        out.status.success(),
+        "reconcile after the AOF restart and restore: {out:?}"
+    );
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}

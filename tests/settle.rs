@@ -1,0 +1,772 @@
+//! Settlement against real redis-server, real PostgreSQL (a fresh database per test) and
+//! SQLite: exactly-once events in both stores, history paging, concurrent and dead
+//! settlers, reconcile, and a database outage through a TCP fault proxy.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate::api::pb;
+use tollgate::ledger::event::{EventKind, LedgerEvent};
+use tollgate::ledger::{Clock, Debit, Grant, Ledger, LotKind, Metadata};
+use tollgate::settle::settler::{Settler, SettlerSettings};
+use tollgate::settle::Store;
+
+const START_MS: i64 = 1_800_000_000_000;
+/// Generous: CI machines are busy; nothing here asserts on timing.
+const DEADLINE: Duration = Duration::from_secs(120);
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// Settler settings with short waits for tests.
+fn fast() -> SettlerSettings {
+    SettlerSettings {
+        claim_idle: Duration::from_millis(300),
+        idle_wait: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(500),
+        ..SettlerSettings::default()
+    }
+}
+
+fn settler(ledger: &Arc<Ledger>, store: &Arc<Store>, group: &str, consumer: &str) -> Settler {
+    Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            group: group.into(),
+            consumer: consumer.into(),
+            ..fast()
+        },
+    )
+}
+
+/// A consumer group that never acknowledges: the outbox keeps every event (trimming
+/// respects every group), so tests can compare the store with the full stream.
+async fn add_observer_group(ledger: &Ledger) {
+    for shard in 0..ledger.shards().count() {
+        let _: redis::Value = ledger
+            .redis()
+            .query(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(ledger.shards().outbox(shard))
+                    .arg("observer")
+                    .arg("0")
+                    .arg("MKSTREAM"),
+            )
+            .await
+            .expect("observer group");
+    }
+}
+
+async fn store(url: &str) -> Arc<Store> {
+    let store = Arc::new(Store::connect_lazy(url, 4).expect("store url"));
+    store.migrate().await.expect("migrate");
+    store
+}
+
+fn pg_target() -> std::net::SocketAddr {
+    let url = common::pg_admin_url();
+    let host_port = url
+        .split_once('@')
+        .map(|(_, rest)| rest)
+        .unwrap_or(&url)
+        .split('/')
+        .next()
+        .expect("host:port");
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    host_port
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("PostgreSQL at an ip:port")
+}
+
+async fn assert_store_matches_outbox(store: &Store, outbox: &[LedgerEvent]) {
+    assert_eq!(
+        store.count_events().await.expect("count") as usize,
+        outbox.len(),
+        "{} store holds another number of events than the outbox",
+        store.kind()
+    );
+    for e in outbox {
+        let stored = store.event(&e.event_id).await.expect("event");
+        assert_eq!(stored.as_ref(), Some(e), "{} event differs", store.kind());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_settles_exactly_once_in_postgres_and_sqlite() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    add_observer_group(&ledger).await;
+    common::workload::every_kind(&ledger, &now, 3, "w").await;
+    let outbox = common::outbox_events(&ledger).await;
+    let kinds: BTreeSet<&str> = outbox.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds.len(), 9, "the workload makes every kind: {kinds:?}");
+
+    let pg = common::PgDatabase::create().await;
+    let pg_store = store(&pg.url).await;
+    let sqlite_store = store(&common::temp_sqlite_url()).await;
+    settler(&ledger, &pg_store, "to-postgres", "a")
+        .drain(DEADLINE)
+        .await
+        .expect("drain to postgres");
+    settler(&ledger, &sqlite_store, "to-sqlite", "a")
+        .drain(DEADLINE)
+        .await
+        .expect("drain to sqlite");
+    for store in [&pg_store, &sqlite_store] {
+        assert_store_matches_outbox(store, &outbox).await;
+        // Redelivery is a no-op.
+        assert_eq!(store.append(&outbox).await.expect("append again"), 0);
+        assert_store_matches_outbox(store, &outbox).await;
+        // The running summary equals the totals re-derived from the events, and Redis.
+        for summary in store.wallets().await.expect("wallets") {
+            let d = store
+                .derive(&summary.account_id, &summary.wallet, None)
+                .await
+                .expect("derive");
+            let (derived, events) = (d.totals, d.events);
+            assert_eq!(d.summary, Some(summary.totals));
+            assert_eq!(summary.totals, derived, "{summary:?}");
+            assert_eq!(summary.events, events);
+            let redis = &ledger
+                .balance(&summary.account_id, &summary.wallet)
+                .await
+                .expect("balance")[0];
+            assert_eq!(
+                (
+                    redis.available,
+                    redis.held,
+                    redis.granted,
+                    redis.used,
+                    redis.expired,
+                    redis.refunded,
+                    redis.adjusted
+                ),
+                (
+                    derived.available,
+                    derived.held,
+                    derived.granted,
+                    derived.used,
+                    derived.expired,
+                    derived.refunded,
+                    derived.adjusted
+                ),
+                "store and redis differ for {}",
+                summary.account_id
+            );
+        }
+    }
+    // The observer group never acknowledged, so nothing was trimmed.
+    assert_eq!(common::outbox_len(&ledger).await, outbox.len());
+    let report =
+        tollgate::settle::reconcile::reconcile(ledger.clone(), pg_store.clone(), fast(), DEADLINE)
+            .await
+            .expect("reconcile");
+    assert!(report.drifts.is_empty(), "{}", report.render());
+    assert_eq!(report.events as usize, outbox.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_entries_are_trimmed_from_the_outbox() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    common::workload::every_kind(&ledger, &now, 1, "t").await;
+    let written = common::outbox_len(&ledger).await;
+    assert!(written > 0);
+    let sqlite_store = store(&common::temp_sqlite_url()).await;
+    settler(&ledger, &sqlite_store, "tollgate-settler", "a")
+        .drain(DEADLINE)
+        .await
+        .expect("drain");
+    assert_eq!(
+        sqlite_store.count_events().await.expect("count") as usize,
+        written
+    );
+    assert_eq!(
+        common::outbox_len(&ledger).await,
+        0,
+        "acknowledged entries stay in Redis"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_through_ten_thousand_events() {
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let mut config = common::test_config(&redis.url());
+    config.store.url = pg.url.clone();
+    config.settler.enabled = true;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let ledger = server.ledger.clone();
+    let grant = Grant {
+        account_id: "busy".into(),
+        wallet: "default".into(),
+        amount: 1_000_000,
+        kind: LotKind::Purchase,
+        priority: 50,
+        expires_at_ms: 0,
+        description: String::new(),
+        idempotency_key: "g".into(),
+        metadata: Metadata::new(),
+    };
+    ledger.grant(&grant).await.expect("grant");
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                for i in (t..9_999).step_by(16) {
+                    let debit = Debit {
+                        account_id: "busy".into(),
+                        wallet: "default".into(),
+                        amount: 1,
+                        idempotency_key: format!("d{i}"),
+                        operation: "op".into(),
+                        metadata: Metadata::new(),
+                    };
+                    ledger.debit(&debit).await.expect("debit");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let store = store(&pg.url).await;
+    let deadline = Instant::now() + DEADLINE;
+    while store.count_events().await.expect("count") < 10_000 {
+        assert!(Instant::now() < deadline, "not settled in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut metering = server.metering().await;
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let page = metering
+            .list_transactions(pb::ListTransactionsRequest {
+                account_id: "busy".into(),
+                page_size: 333,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        assert!(page.transactions.len() <= 333);
+        seen.extend(page.transactions);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 10_000);
+    let ids: BTreeSet<&str> = seen.iter().map(|t| t.event_id.as_str()).collect();
+    assert_eq!(ids.len(), 10_000, "repeats across pages");
+    for pair in seen.windows(2) {
+        assert!(
+            (pair[0].created_at_ms, &pair[0].event_id) > (pair[1].created_at_ms, &pair[1].event_id),
+            "not newest first"
+        );
+    }
+    let grant_tx = seen.last().expect("oldest");
+    assert_eq!(
+        (grant_tx.kind.as_str(), grant_tx.ledger_kind.as_str()),
+        ("add", "grant")
+    );
+    assert_eq!(seen[0].kind, "consume");
+    assert!(seen
+        .iter()
+        .all(|t| !t.idempotency_key.is_empty() && t.created_at_ms > 0));
+
+    // Filters: kinds, wallet, time range; GetTransaction; bad input.
+    let grants = metering
+        .list_transactions(pb::ListTransactionsRequest {
+            account_id: "busy".into(),
+            kinds: vec!["grant".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("kinds")
+        .into_inner();
+    assert_eq!(grants.transactions.len(), 1);
+    let none = metering
+        .list_transactions(pb::ListTransactionsRequest {
+            account_id: "busy".into(),
+            wallet: "other".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("wallet filter")
+        .into_inner();
+    assert!(none.transactions.is_empty());
+    let at = seen[5000].created_at_ms;
+    let ranged = metering
+        .list_transactions(pb::ListTransactionsRequest {
+            account_id: "busy".into(),
+            from_ms: at,
+            to_ms: at + 1,
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    let expected = seen.iter().filter(|t| t.created_at_ms == at).count();
+    assert_eq!(ranged.transactions.len(), expected.min(1000));
+    let one = metering
+        .get_transaction(pb::GetTransactionRequest {
+            event_id: seen[10].event_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(one, seen[10]);
+    let missing = metering
+        .get_transaction(pb::GetTransactionRequest {
+            event_id: "0-1-0".into(),
+        })
+        .await
+        .expect_err("missing");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let bad = metering
+        .list_transactions(pb::ListTransactionsRequest {
+            account_id: "busy".into(),
+            kinds: vec!["gift".into()],
+            page_token: "zz".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    use tonic_types::StatusExt;
+    let fields: Vec<String> = bad
+        .get_details_bad_request()
+        .expect("bad request details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["kinds", "page_token"]);
+
+    // GetBalance and the store agree on total_used.
+    let balance = metering
+        .get_balance(pb::GetBalanceRequest {
+            account_id: "busy".into(),
+            wallet: "default".into(),
+        })
+        .await
+        .expect("balance")
+        .into_inner();
+    let summary = store.wallets().await.expect("wallets");
+    assert_eq!(balance.wallets[0].total_used, summary[0].totals.used);
+    assert_eq!(summary[0].totals.used, 9_999);
+    server.stop().await;
+}
+
+/// Two settlers at once, plus one that died after reading a batch and one that died after
+/// committing but before acknowledging: every event lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_and_dead_settlers_give_exactly_once_rows() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    add_observer_group(&ledger).await;
+    let pg = common::PgDatabase::create().await;
+    let store = store(&pg.url).await;
+
+    // Events exist before any settler: the dead ones take batches of them.
+    common::workload::every_kind(&ledger, &now, 1, "early").await;
+    let first = settler(&ledger, &store, "tollgate-settler", "probe");
+    first.ensure_groups().await.expect("groups");
+    for (consumer, commit) in [("dead-after-read", false), ("dead-after-commit", true)] {
+        let mut taken = Vec::new();
+        for shard in 0..ledger.shards().count() {
+            let reply: redis::Value = ledger
+                .redis()
+                .query(
+                    redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg("tollgate-settler")
+                        .arg(consumer)
+                        .arg("COUNT")
+                        .arg(5)
+                        .arg("STREAMS")
+                        .arg(ledger.shards().outbox(shard))
+                        .arg(">"),
+                )
+                .await
+                .expect("read");
+            if let redis::Value::Array(mut streams) = reply {
+                if let Some(redis::Value::Array(mut pair)) = streams.pop() {
+                    let entries = pair.pop().expect("entries");
+                    taken.extend(LedgerEvent::from_stream_entries(shard, entries).expect("parse"));
+                }
+            }
+        }
+        assert!(!taken.is_empty(), "{consumer} took nothing");
+        if commit {
+            store.append(&taken).await.expect("commit without ack");
+        }
+    }
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runs: Vec<_> = ["one", "two"]
+        .into_iter()
+        .map(|name| {
+            let s = settler(&ledger, &store, "tollgate-settler", name);
+            let mut rx = stopped.clone();
+            tokio::spawn(s.run(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }))
+        })
+        .collect();
+    common::workload::every_kind(&ledger, &now, 3, "late").await;
+    let outbox = common::outbox_events(&ledger).await;
+    let deadline = Instant::now() + DEADLINE;
+    while (store.count_events().await.expect("count") as usize) < outbox.len() {
+        assert!(Instant::now() < deadline, "not settled in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(true);
+    for r in runs {
+        r.await.expect("settler task");
+    }
+    assert_store_matches_outbox(&store, &outbox).await;
+    // Nothing is left pending in the settlers' group: the dead consumers' batches were
+    // claimed and acknowledged.
+    let mut finisher = settler(&ledger, &store, "tollgate-settler", "finisher");
+    finisher.drain(DEADLINE).await.expect("drain");
+    for shard in 0..ledger.shards().count() {
+        let reply: redis::Value = ledger
+            .redis()
+            .query(
+                redis::cmd("XPENDING")
+                    .arg(ledger.shards().outbox(shard))
+                    .arg("tollgate-settler"),
+            )
+            .await
+            .expect("xpending");
+        let redis::Value::Array(parts) = reply else {
+            panic!("xpending shape")
+        };
+        assert_eq!(
+            parts.first(),
+            Some(&redis::Value::Int(0)),
+            "shard {shard} still pending"
+        );
+    }
+    let report =
+        tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE)
+            .await
+            .expect("reconcile");
+    assert!(report.drifts.is_empty(), "{}", report.render());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_command_finds_a_planted_drift() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    common::workload::every_kind(&ledger, &now, 1, "r").await;
+    let pg = common::PgDatabase::create().await;
+    let reconcile = || {
+        Command::new(BIN)
+            .args(["reconcile", "--redis-url", &redis.url(), "--store", &pg.url])
+            .args(["--drain-timeout-secs", "120"])
+            .env_remove("TOLLGATE_REDIS_URL")
+            .output()
+            .expect("run reconcile")
+    };
+    let clean = reconcile();
+    assert!(clean.status.success(), "{clean:?}");
+    assert!(
+        String::from_utf8_lossy(&clean.stdout).contains("0 drift"),
+        "{clean:?}"
+    );
+
+    // Change a balance behind tollgate's back.
+    let shard = ledger.shards().of_account("acme");
+    let key = format!("{}:w:acme:default", ledger.shards().tag(shard));
+    let _: i64 = ledger
+        .redis()
+        .query(redis::cmd("HINCRBY").arg(&key).arg("r").arg(5))
+        .await
+        .expect("plant");
+    let drifted = reconcile();
+    assert_eq!(drifted.status.code(), Some(1), "{drifted:?}");
+    let out = String::from_utf8_lossy(&drifted.stdout);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("acme"))
+        .unwrap_or_else(|| panic!("no drift row for acme in {out}"));
+    assert!(row.contains("available") && row.contains("redis"), "{row}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("acme")).count(),
+        1,
+        "{out}"
+    );
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let proxy = common::proxy::FaultProxy::start(pg_target()).await;
+    let target = pg_target();
+    let via_proxy = pg.url.replace(&target.to_string(), &proxy.addr.to_string());
+    assert_ne!(via_proxy, pg.url, "the store url goes through the proxy");
+    let mut config = common::test_config(&redis.url());
+    config.store.url = via_proxy;
+    config.settler.enabled = true;
+    config.settler.ready_lag_max_ms = 300;
+    config.settler.backoff_max_ms = 300;
+    config.settler.trim_interval_ms = 100;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let ledger = server.ledger.clone();
+    ledger
+        .grant(&Grant {
+            account_id: "steady".into(),
+            wallet: "default".into(),
+            amount: 1_000_000,
+            kind: LotKind::Purchase,
+            priority: 50,
+            expires_at_ms: 0,
+            description: String::new(),
+            idempotency_key: "g".into(),
+            metadata: Metadata::new(),
+        })
+        .await
+        .expect("grant");
+
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = {
+        let ledger = ledger.clone();
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !*stopped.borrow() {
+                i += 1;
+                let debit = Debit {
+                    account_id: "steady".into(),
+                    wallet: "default".into(),
+                    amount: 1,
+                    idempotency_key: format!("d{i}"),
+                    operation: "op".into(),
+                    metadata: Metadata::new(),
+                };
+                ledger.debit(&debit).await.expect("charges keep working");
+                acked.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let store = store(&pg.url).await;
+    let deadline = Instant::now() + DEADLINE;
+    while store.count_events().await.expect("count") < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing settled before the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    proxy.cut();
+    let during = acked.load(Ordering::SeqCst);
+    // Readiness reports the outage (store error and/or lag), the lag gauge rises, and
+    // charges keep succeeding.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (code, body) = common::http_get(server.http_addr, "/readyz").await;
+        let (_, metrics) = common::http_get(server.http_addr, "/metrics").await;
+        let lag = metric(&metrics, "tollgate_outbox_oldest_unsettled_age_seconds");
+        if code == 503 && body.contains("outbox_lag") && lag > 0.3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness never reported the lag: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        acked.load(Ordering::SeqCst) > during,
+        "charges stopped during the outage"
+    );
+    let settled_during = store.count_events().await.expect("count");
+
+    proxy.restore();
+    let _ = stop.send(true);
+    load.await.expect("load");
+    let total = acked.load(Ordering::SeqCst) as i64 + 1;
+    assert!(total > settled_during, "the outage held events back");
+    let deadline = Instant::now() + DEADLINE;
+    while store.count_events().await.expect("count") < total {
+        assert!(Instant::now() < deadline, "the ledger did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.count_events().await.expect("count"), total);
+    let deadline = Instant::now() + DEADLINE;
+    while common::http_get(server.http_addr, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = common::http_get(server.http_addr, "/metrics").await;
+    assert!(
+        metric(&metrics, "tollgate_store_errors_total") >= 1.0,
+        "store errors counted"
+    );
+    server.stop().await;
+    let report =
+        tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE)
+            .await
+            .expect("reconcile");
+    assert!(report.drifts.is_empty(), "{}", report.render());
+    let kinds: HashMap<EventKind, usize> = store
+        .history(&tollgate::settle::store::HistoryQuery {
+            account_id: "steady".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .events
+        .iter()
+        .fold(HashMap::new(), |mut m, e| {
+            *m.entry(e.kind).or_default() += 1;
+            m
+        });
+    assert!(kinds.contains_key(&EventKind::Debit));
+}
+
+/// `tollgate settle` alone: settles what `serve` (here: the ledger API) wrote, reports
+/// ready, and migrations run once however often the store is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settle_command_runs_a_settler_alone() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    common::workload::every_kind(&ledger, &now, 1, "s").await;
+    let written = common::outbox_len(&ledger).await;
+    let pg = common::PgDatabase::create().await;
+    // Migrating twice (two settlers starting together) is harmless.
+    store(&pg.url).await;
+    let store = store(&pg.url).await;
+    let http_port = common::free_port();
+    let mut child = Command::new(BIN)
+        .args(["settle", "--redis-url", &redis.url(), "--store", &pg.url])
+        .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+        .env_remove("TOLLGATE_REDIS_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tollgate settle");
+    let deadline = Instant::now() + DEADLINE;
+    while (store.count_events().await.expect("count") as usize) < written {
+        assert!(Instant::now() < deadline, "tollgate settle did not settle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let ready = tokio::net::TcpStream::connect(addr).await.is_ok()
+            && common::http_get(addr, "/readyz").await.0 == 200;
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tollgate settle never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + DEADLINE;
+    while child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "tollgate settle ignored SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.count_events().await.expect("count") as usize, written);
+}
+
+/// Reconcile against a live system: charges keep flowing while it runs, and it still
+/// finds no drift (each wallet is compared at a point the store has settled through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_works_on_a_live_system() {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let pg = common::PgDatabase::create().await;
+    let store = store(&pg.url).await;
+    for a in common::workload::ACCOUNTS {
+        ledger
+            .grant(&Grant {
+                account_id: a.into(),
+                wallet: "default".into(),
+                amount: 1_000_000,
+                kind: LotKind::Purchase,
+                priority: 50,
+                expires_at_ms: 0,
+                description: String::new(),
+                idempotency_key: "g".into(),
+                metadata: Metadata::new(),
+            })
+            .await
+            .expect("grant");
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let background = settler(&ledger, &store, "tollgate-settler", "live");
+    let mut rx = stopped.clone();
+    let settle_task = tokio::spawn(background.run(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    let load = {
+        let ledger = ledger.clone();
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !*stopped.borrow() {
+                i += 1;
+                let debit = Debit {
+                    account_id: common::workload::ACCOUNTS[i % 4].into(),
+                    wallet: "default".into(),
+                    amount: 1,
+                    idempotency_key: format!("live{i}"),
+                    operation: "op".into(),
+                    metadata: Metadata::new(),
+                };
+                ledger.debit(&debit).await.expect("debit");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            i
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let report =
+            tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE)
+                .await
+                .expect("reconcile");
+        assert!(report.drifts.is_empty(), "{}", report.render());
+        assert_eq!(report.wallets, 4);
+    }
+    let _ = stop.send(true);
+    assert!(load.await.expect("load") > 0);
+    settle_task.await.expect("settler");
+}

@@ -1,0 +1,286 @@
+//! Crash test: the `tollgate serve` binary runs as a child process under concurrent load
+//! and is SIGKILLed at random moments (TOLLGATE_CRASH_KILLS times, default 5), then
+//! restarted. Clients retry with the same idempotency key until they get an answer. In
+//! the end every acknowledged charge is in PostgreSQL exactly once, nothing refused is,
+//! and `tollgate reconcile` exits 0.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::hash::{BuildHasher, Hasher};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tollgate::api::pb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+const DEADLINE: Duration = Duration::from_secs(120);
+const CLIENTS: usize = 8;
+const ACCOUNTS: usize = 5;
+
+fn random_below(n: u64) -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % n
+}
+
+struct Tollgate {
+    child: Option<Child>,
+    config: std::path::PathBuf,
+}
+
+impl Tollgate {
+    fn start(config: &std::path::Path) -> Self {
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env_remove("TOLLGATE_REDIS_URL")
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .env_remove("TOLLGATE_SERVICE_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tollgate");
+        Self {
+            child: Some(child),
+            config: config.to_owned(),
+        }
+    }
+
+    fn sigkill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.sigkill();
+        *self = Self::start(&self.config.clone());
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Event ids of acknowledged debits.
+    acked: BTreeSet<String>,
+    /// Idempotency keys that were refused.
+    refused: HashSet<String>,
+}
+
+async fn client(
+    grpc: String,
+    id: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        n += 1;
+        let key = format!("c{id}-{n}");
+        // Every fifth request goes to an account with no credits: refused.
+        let account = if n.is_multiple_of(5) {
+            "broke".to_owned()
+        } else {
+            format!("acct{}", random_below(ACCOUNTS as u64))
+        };
+        let request = pb::DebitRequest {
+            account_id: account,
+            amount: 1 + random_below(3) as i64,
+            idempotency_key: key.clone(),
+            operation: "crash.test".into(),
+            ..Default::default()
+        };
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let answer = async {
+                let channel = tonic::transport::Channel::from_shared(grpc.clone())
+                    .expect("uri")
+                    .connect_timeout(Duration::from_secs(1))
+                    .timeout(Duration::from_secs(5))
+                    .connect()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let mut metering = pb::metering_client::MeteringClient::with_interceptor(
+                    channel,
+                    common::auth(Some(common::SERVICE_TOKEN)),
+                );
+                metering.debit(request.clone()).await
+            }
+            .await;
+            match answer {
+                Ok(out) => {
+                    seen.lock()
+                        .expect("seen")
+                        .acked
+                        .insert(out.into_inner().event_id);
+                    break;
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    seen.lock().expect("seen").refused.insert(key.clone());
+                    break;
+                }
+                Err(s) => {
+                    // The server is down or restarting: the same key again.
+                    assert!(Instant::now() < deadline, "no answer for {key}: {s:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let kills: usize = std::env::var("TOLLGATE_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let grpc_port = common::free_port();
+    let http_port = common::free_port();
+    let dir = std::env::temp_dir().join(format!("tollgate-crash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ngrpc_addr = \"127.0.0.1:{grpc_port}\"\nhttp_addr = \"127.0.0.1:{http_port}\"\n\
+             [redis]\nurl = \"{}\"\ncall_timeout_ms = 2000\n\
+             [auth]\nadmin_token = \"{}\"\nservice_token = \"{}\"\n\
+             [store]\nurl = \"{}\"\n\
+             [settler]\nconsumer = \"crash\"\nclaim_idle_ms = 1000\nidle_wait_ms = 10\n",
+            redis.url(),
+            common::ADMIN_TOKEN,
+            common::SERVICE_TOKEN,
+            pg.url
+        ),
+    )
+    .expect("config");
+    let mut tollgate = Tollgate::start(&config);
+    let grpc = format!("http://127.0.0.1:{grpc_port}");
+
+    // Fund the accounts (retrying until the server is up).
+    let deadline = Instant::now() + DEADLINE;
+    for a in 0..ACCOUNTS {
+        loop {
+            let granted = async {
+                let channel = tonic::transport::Channel::from_shared(grpc.clone())
+                    .expect("uri")
+                    .connect()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                pb::admin_client::AdminClient::with_interceptor(
+                    channel,
+                    common::auth(Some(common::ADMIN_TOKEN)),
+                )
+                .grant(pb::GrantRequest {
+                    account_id: format!("acct{a}"),
+                    amount: 1_000_000,
+                    idempotency_key: "fund".into(),
+                    ..Default::default()
+                })
+                .await
+            }
+            .await;
+            if granted.is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not start: {granted:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| tokio::spawn(client(grpc.clone(), i, stop.clone(), seen.clone())))
+        .collect();
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(300 + random_below(900))).await;
+        tollgate.restart();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for c in clients {
+        c.await.expect("client");
+    }
+    tollgate.sigkill();
+
+    // Reconcile drains what the killed settlers left and compares.
+    let out = Command::new(BIN)
+        .args(["reconcile", "--config"])
+        .arg(&config)
+        .output()
+        .expect("reconcile");
+    assert!(out.status.success(), "reconcile: {out:?}");
+
+    let seen = std::mem::take(&mut *seen.lock().expect("seen"));
+    assert!(
+        seen.acked.len() > 50,
+        "too little load: {}",
+        seen.acked.len()
+    );
+    assert!(!seen.refused.is_empty());
+    let store = tollgate::settle::Store::connect_lazy(&pg.url, 2).expect("store");
+    for id in &seen.acked {
+        let event = store.event(id).await.expect("query");
+        assert!(
+            event.is_some(),
+            "acknowledged charge {id} missing from the ledger"
+        );
+    }
+    // Exactly once: the store's debits are exactly the acknowledged ones.
+    let mut stored = BTreeSet::new();
+    for a in 0..ACCOUNTS {
+        let mut after = None;
+        loop {
+            let page = store
+                .history(&tollgate::settle::store::HistoryQuery {
+                    account_id: format!("acct{a}"),
+                    kinds: vec![tollgate::ledger::event::EventKind::Debit],
+                    page_size: 1000,
+                    after: after.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("history");
+            for e in page.events {
+                assert!(stored.insert(e.event_id), "duplicate row");
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+    }
+    assert_eq!(
+        stored, seen.acked,
+        "ledger debits differ from acknowledged charges"
+    );
+    let broke = store
+        .history(&tollgate::settle::store::HistoryQuery {
+            account_id: "broke".into(),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("history");
+    assert!(
+        broke.events.is_empty(),
+        "a refused charge reached the ledger"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,331 @@
+//! Usage webhooks end to end, against real redis-server and real PostgreSQL and SQLite:
+//! a receiver started here gets `balance.low` once when the balance crosses the
+//! threshold and `balance.exhausted` once, each with a valid signature; while the receiver
+//! fails, deliveries are retried (and later ones of the account wait), and after it
+//! recovers each delivery id arrives exactly once, in order. Also: thresholds per account
+//! through the Admin API (percent of the last grant), `lot.expiring` / `lot.expired`,
+//! and the deliveries listed through the Admin API.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::receiver::{expected_signature, Receiver};
+use tollgate::api::pb;
+use tollgate::config::Config;
+use tollgate::ledger::Clock;
+
+/// Generous: the waits only bound polling, nothing is timed.
+const DEADLINE: Duration = Duration::from_secs(120);
+const SECRET: &str = "whsec-test-4471";
+
+fn config(redis: &common::RedisServer, store_url: &str, receiver: &Receiver) -> Config {
+    let mut c = common::test_config(&redis.url());
+    c.store.url = store_url.to_owned();
+    c.settler.enabled = true;
+    c.settler.idle_wait_ms = 10;
+    c.settler.trim_interval_ms = 100;
+    c.settler.backoff_max_ms = 500;
+    c.ledger.sweep_interval_ms = 100;
+    c.webhooks.url = receiver.url();
+    c.webhooks.secret = SECRET.into();
+    c.webhooks.low_balance = 20;
+    c.webhooks.poll_interval_ms = 50;
+    c.webhooks.backoff_min_ms = 50;
+    c.webhooks.backoff_max_ms = 400;
+    c
+}
+
+fn debit(account: &str, amount: i64, key: &str) -> pb::DebitRequest {
+    pb::DebitRequest {
+        account_id: account.into(),
+        amount,
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+fn grant(account: &str, amount: i64, key: &str) -> pb::GrantRequest {
+    pb::GrantRequest {
+        account_id: account.into(),
+        amount,
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+/// Every delivery of the account through the Admin API, oldest first. None while the
+/// store is not migrated yet (the settler migrates it when it starts).
+async fn deliveries(
+    server: &common::TestServer,
+    account: &str,
+) -> Option<Vec<pb::WebhookDelivery>> {
+    let mut admin = server.admin().await;
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = match admin
+            .list_webhook_deliveries(pb::ListWebhookDeliveriesRequest {
+                account_id: account.into(),
+                page_size: 2,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(page) => page.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable => return None,
+            Err(s) => panic!("list deliveries: {s:?}"),
+        };
+        all.extend(page.deliveries);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    all.reverse();
+    Some(all)
+}
+
+/// Waits until the account has `count` deliveries and none is pending.
+async fn settled_deliveries(
+    server: &common::TestServer,
+    account: &str,
+    count: usize,
+) -> Vec<pb::WebhookDelivery> {
+    common::eventually(DEADLINE, "deliveries to be delivered", || async {
+        let list = deliveries(server, account).await?;
+        (list.len() == count && list.iter().all(|d| d.status == "delivered")).then_some(list)
+    })
+    .await
+}
+
+fn types_of(received: &[common::receiver::Received], account: &str) -> Vec<String> {
+    received
+        .iter()
+        .filter(|r| r.json()["account_id"] == account)
+        .map(|r| r.event_type.clone())
+        .collect()
+}
+
+fn assert_signed(received: &[common::receiver::Received]) {
+    for r in received {
+        assert_eq!(
+            r.signature,
+            expected_signature(SECRET, &r.timestamp, &r.body),
+            "bad signature on {}",
+            r.delivery_id
+        );
+        let json = r.json();
+        assert_eq!(json["id"], r.delivery_id.as_str());
+        assert_eq!(json["type"], r.event_type.as_str());
+    }
+}
+
+async fn low_and_exhausted_once(store_url: &str) {
+    let redis = common::RedisServer::start();
+    let receiver = Receiver::start().await;
+    let server =
+        common::TestServer::start(config(&redis, store_url, &receiver), Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    admin.grant(grant("alice", 100, "g1")).await.expect("grant");
+    for (i, amount) in [50, 35, 10, 5].into_iter().enumerate() {
+        metering
+            .debit(debit("alice", amount, &format!("d{i}")))
+            .await
+            .expect("debit");
+    }
+    // At zero: refused, and no further webhook for it.
+    metering
+        .debit(debit("alice", 1, "d-refused"))
+        .await
+        .expect_err("exhausted");
+
+    let listed = settled_deliveries(&server, "alice", 3).await;
+    let types: Vec<&str> = listed.iter().map(|d| d.event_type.as_str()).collect();
+    assert_eq!(types, ["grant.created", "balance.low", "balance.exhausted"]);
+    assert!(listed
+        .iter()
+        .all(|d| d.attempts == 1 && d.last_status_code == 200));
+
+    let received = receiver.received();
+    assert_eq!(
+        types_of(&received, "alice"),
+        ["grant.created", "balance.low", "balance.exhausted"],
+        "each once, in order"
+    );
+    assert!(received.iter().all(|r| r.accepted));
+    assert_signed(&received);
+    let low = received[1].json();
+    assert_eq!(low["data"]["available"], 15);
+    assert_eq!(low["data"]["threshold"], 20);
+    assert_eq!(low["wallet"], "default");
+    assert_eq!(received[2].json()["data"]["available"], 0);
+
+    // Percent of the last grant, set for one account through the Admin API.
+    let t = admin
+        .set_balance_threshold(pb::SetBalanceThresholdRequest {
+            account_id: "bob".into(),
+            wallet: String::new(),
+            low_balance: Some(0),
+            low_balance_percent: Some(50),
+        })
+        .await
+        .expect("threshold")
+        .into_inner();
+    assert!(t.account_specific);
+    assert_eq!((t.low_balance, t.low_balance_percent), (0, 50));
+    let bad = admin
+        .set_balance_threshold(pb::SetBalanceThresholdRequest {
+            account_id: "bob".into(),
+            wallet: String::new(),
+            low_balance: Some(-1),
+            low_balance_percent: Some(101),
+        })
+        .await
+        .expect_err("bad threshold");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("low_balance_percent"), "{bad:?}");
+    admin.grant(grant("bob", 200, "g2")).await.expect("grant");
+    metering.debit(debit("bob", 90, "b1")).await.expect("debit");
+    metering.debit(debit("bob", 30, "b2")).await.expect("debit");
+    let bob = settled_deliveries(&server, "bob", 2).await;
+    assert_eq!(bob[1].event_type, "balance.low");
+    let payload: serde_json::Value = serde_json::from_str(&bob[1].payload).expect("payload");
+    assert_eq!(payload["data"]["available"], 80);
+    assert_eq!(payload["data"]["threshold"], 100);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_and_exhausted_once_with_valid_signatures_postgres() {
+    let pg = common::PgDatabase::create().await;
+    low_and_exhausted_once(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_and_exhausted_once_with_valid_signatures_sqlite() {
+    low_and_exhausted_once(&common::temp_sqlite_url()).await;
+}
+
+async fn retried_until_the_receiver_recovers(store_url: &str) {
+    let redis = common::RedisServer::start();
+    let receiver = Receiver::start().await;
+    receiver.set_failing(true);
+    let server =
+        common::TestServer::start(config(&redis, store_url, &receiver), Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    admin.grant(grant("carol", 100, "g1")).await.expect("grant");
+    metering
+        .debit(debit("carol", 85, "d1"))
+        .await
+        .expect("debit");
+    metering
+        .debit(debit("carol", 15, "d2"))
+        .await
+        .expect("debit");
+
+    // The first delivery fails again and again; the later ones wait behind it.
+    let first = common::eventually(DEADLINE, "several failed attempts", || async {
+        let list = deliveries(&server, "carol").await?;
+        let head = list.first()?;
+        (list.len() == 3 && head.attempts >= 3).then(|| head.clone())
+    })
+    .await;
+    assert_eq!(first.event_type, "grant.created");
+    assert_eq!(first.status, "pending");
+    assert_eq!(first.last_status_code, 503);
+    let seen = receiver.received();
+    assert!(
+        seen.iter().all(|r| r.delivery_id == first.delivery_id),
+        "later deliveries of the account must wait: {:?}",
+        seen.iter().map(|r| &r.event_type).collect::<Vec<_>>()
+    );
+
+    receiver.set_failing(false);
+    let listed = settled_deliveries(&server, "carol", 3).await;
+    let received = receiver.received();
+    assert_signed(&received);
+    // Exactly one accepted receipt per delivery id, in the account's order.
+    let mut accepted: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut failed: BTreeMap<&str, i64> = BTreeMap::new();
+    for r in &received {
+        if r.accepted {
+            *accepted.entry(&r.delivery_id).or_default() += 1;
+        } else {
+            *failed.entry(&r.delivery_id).or_default() += 1;
+        }
+    }
+    assert_eq!(accepted.len(), 3);
+    assert!(accepted.values().all(|n| *n == 1), "{accepted:?}");
+    let order: Vec<String> = received
+        .iter()
+        .filter(|r| r.accepted)
+        .map(|r| r.event_type.clone())
+        .collect();
+    assert_eq!(order, ["grant.created", "balance.low", "balance.exhausted"]);
+    // The store counted every attempt.
+    for d in &listed {
+        let failures = failed.get(d.delivery_id.as_str()).copied().unwrap_or(0);
+        assert_eq!(d.attempts, failures + 1, "{d:?}");
+        assert_eq!(d.last_error, "");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_until_the_receiver_recovers_postgres() {
+    let pg = common::PgDatabase::create().await;
+    retried_until_the_receiver_recovers(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_until_the_receiver_recovers_sqlite() {
+    retried_until_the_receiver_recovers(&common::temp_sqlite_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lot_expiring_then_expired() {
+    let redis = common::RedisServer::start();
+    let receiver = Receiver::start().await;
+    let mut c = config(&redis, &common::temp_sqlite_url(), &receiver);
+    c.webhooks.lot_expiring_lead_secs = 3600;
+    c.webhooks.events = vec!["lot.expiring".into(), "lot.expired".into()];
+    let server = common::TestServer::start(c, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    // Expires in 3 s (Redis time is this machine's time); within the 1 h lead at once.
+    let lot = admin
+        .grant(pb::GrantRequest {
+            expires_at_ms: now_ms + 3000,
+            ..grant("dave", 40, "g1")
+        })
+        .await
+        .expect("grant")
+        .into_inner()
+        .lot_id;
+    admin
+        .grant(grant("dave", 10, "g-never"))
+        .await
+        .expect("a lot that never expires: no lot.expiring");
+    let listed = settled_deliveries(&server, "dave", 2).await;
+    let types: Vec<&str> = listed.iter().map(|d| d.event_type.as_str()).collect();
+    assert_eq!(types, ["lot.expiring", "lot.expired"]);
+    let received = receiver.accepted();
+    assert_signed(&received);
+    let expiring = received[0].json();
+    assert_eq!(expiring["data"]["lot_id"], lot.as_str());
+    assert_eq!(expiring["data"]["remaining"], 40);
+    assert_eq!(expiring["data"]["expires_at_ms"], now_ms + 3000);
+    let expired = received[1].json();
+    assert_eq!(expired["data"]["lot_id"], lot.as_str());
+    assert_eq!(expired["data"]["amount"], 40);
+    assert_eq!(received.len(), 2, "each once");
+    server.stop().await;
+}
