@@ -69,6 +69,7 @@ async fn run(url: &str, concurrency: u64, secs: u64, wait_replicas: bool) -> f64
                         idempotency_key: format!("t{t}-{n}"),
                         operation: "bench".into(),
                         metadata: Metadata::new(),
+                        member_id: String::new(),
                     };
                     ledger.debit(&debit).await.expect("debit");
                     if wait_replicas {

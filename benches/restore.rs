@@ -49,6 +49,7 @@ fn event(
         metadata: String::new(),
         created_at_ms: 1_800_000_000_000,
         version: 1,
+        member: String::new(),
     }
 }
 

@@ -172,6 +172,7 @@ async fn lag_under_load(
                         idempotency_key: format!("w{w}-{sent}"),
                         operation: "envelope.send".into(),
                         metadata: Metadata::new(),
+                        member_id: String::new(),
                     };
                     ledger.debit(&debit).await.expect("debit");
                     sent += 1;

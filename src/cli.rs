@@ -132,18 +132,34 @@ pub enum AdminCommand {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
-    /// Show an account's balances.
+    /// Show an account's balances (or an org's, as one member sees them).
     Balance {
         account: String,
         #[arg(long, default_value = "")]
         wallet: String,
+        /// The org member whose view to show (account is then the org).
+        #[arg(long, default_value = "")]
+        member: String,
     },
     /// Make an API key for an account (printed once; tollgate keeps only its hash).
     CreateKey {
+        /// The account; for an org workspace key, the org (or use --org).
         account: String,
         #[arg(long, default_value = "")]
         name: String,
+        /// Make an org workspace key, bound to this org for life.
+        #[arg(long, default_value = "")]
+        org: String,
+        /// The member the org key acts for (their allocation and budget apply).
+        #[arg(long, default_value = "")]
+        member: String,
+        /// The owner or admin making an org key.
+        #[arg(long, default_value = "")]
+        actor: String,
     },
+    /// Organizations: members, allocations, budgets.
+    #[command(subcommand)]
+    Org(OrgCommand),
     /// Revoke an API key by its id (other sidecars stop accepting it within
     /// gateway.identity_cache_ttl_ms).
     RevokeKey { key_id: String },
@@ -154,5 +170,61 @@ pub enum AdminCommand {
         account: String,
         #[arg(long, default_value = "default")]
         wallet: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgCommand {
+    /// Make an account an organization, with its first owner.
+    Create { org: String, owner: String },
+    /// Add a member or change a member's role (owner | admin | member).
+    AddMember {
+        org: String,
+        member: String,
+        #[arg(long, default_value = "member")]
+        role: String,
+        /// The owner or admin making the change.
+        #[arg(long)]
+        actor: String,
+    },
+    /// Remove a member.
+    RemoveMember {
+        org: String,
+        member: String,
+        #[arg(long)]
+        actor: String,
+    },
+    /// List members and roles.
+    Members { org: String },
+    /// Set a member's allocation of an org wallet (or change it with --add).
+    Allocate {
+        org: String,
+        member: String,
+        amount: i64,
+        #[arg(long, default_value = "default")]
+        wallet: String,
+        /// Treat amount as a signed change of the current allocation.
+        #[arg(long)]
+        add: bool,
+        #[arg(long)]
+        actor: String,
+    },
+    /// Set a budget (0 removes it): of an account's wallet, or with --member of an org
+    /// member's spend from an org wallet.
+    Budget {
+        account: String,
+        limit: i64,
+        /// day | month | window
+        #[arg(long, default_value = "day")]
+        period: String,
+        #[arg(long, default_value_t = 0)]
+        window_secs: i64,
+        #[arg(long, default_value = "")]
+        member: String,
+        #[arg(long, default_value = "default")]
+        wallet: String,
+        /// Calendar periods start at midnight of this UTC offset.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        utc_offset_minutes: i32,
     },
 }

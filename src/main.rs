@@ -8,7 +8,8 @@ use tonic::transport::Channel;
 
 use tollgate::api::pb;
 use tollgate::cli::{
-    AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, ReconcileArgs, RestoreArgs, ServeArgs,
+    AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, OrgCommand, ReconcileArgs, RestoreArgs,
+    ServeArgs,
 };
 use tollgate::config::{Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -251,7 +252,6 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
         req.metadata_mut().insert("authorization", header.clone());
         Ok(req)
     };
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     match args.command {
         AdminCommand::Grant {
             account,
@@ -287,18 +287,47 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                 if out.replayed { " [replayed]" } else { "" }
             );
         }
-        AdminCommand::Balance { account, wallet } => {
+        AdminCommand::Balance {
+            account,
+            wallet,
+            member,
+        } => {
             let mut client =
                 pb::metering_client::MeteringClient::with_interceptor(channel, with_auth);
             let out = client
                 .get_balance(pb::GetBalanceRequest {
                     account_id: account.clone(),
                     wallet,
+                    member_id: member,
+                    key_id: String::new(),
                 })
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("account {account} ({})", out.context);
+            if out.role.is_empty() {
+                println!("account {account} ({})", out.context);
+            } else {
+                println!(
+                    "org {account} as {} ({}, {})",
+                    out.member_id, out.role, out.context
+                );
+            }
+            for a in &out.allocations {
+                println!(
+                    "allocation {}: {} allocated, {} used, {} remaining{}",
+                    a.wallet,
+                    a.allocated,
+                    a.used,
+                    a.remaining,
+                    if a.bounded { "" } else { " (unbounded)" }
+                );
+            }
+            for b in &out.budgets {
+                println!(
+                    "budget {} ({}): {} of {} per {} spent, resets at {} ms",
+                    b.wallet, b.scope, b.spent, b.limit, b.period, b.resets_at_ms
+                );
+            }
             println!(
                 "{:<16} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
                 "wallet", "available", "held", "granted", "used", "expired", "refunded", "adjusted"
@@ -317,17 +346,34 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                 );
             }
         }
-        AdminCommand::CreateKey { account, name } => {
+        AdminCommand::CreateKey {
+            account,
+            name,
+            org,
+            member,
+            actor,
+        } => {
             let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
             let out = client
                 .create_api_key(pb::CreateApiKeyRequest {
-                    account_id: account.clone(),
+                    account_id: account,
                     name,
+                    org_id: org,
+                    member_id: member,
+                    actor_id: actor,
                 })
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("api key for {account} (shown once; keep it secret):");
+            println!(
+                "api key for {}{} (shown once; keep it secret):",
+                out.account_id,
+                if out.member_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" as member {}", out.member_id)
+                }
+            );
             println!("{}", out.api_key);
             println!("key id: {}", out.key_id);
         }
@@ -349,6 +395,10 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     ""
                 }
             );
+        }
+        AdminCommand::Org(cmd) => {
+            let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
+            org_command(&mut client, cmd).await?;
         }
         AdminCommand::Keys { account } => {
             let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
@@ -420,6 +470,152 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+async fn org_command<T>(
+    client: &mut pb::admin_client::AdminClient<T>,
+    cmd: OrgCommand,
+) -> Result<(), String>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    match cmd {
+        OrgCommand::Create { org, owner } => {
+            let out = client
+                .create_organization(pb::CreateOrganizationRequest {
+                    org_id: org,
+                    owner_id: owner,
+                    idempotency_key: fresh_key(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "organization {} created, owner {} (event {})",
+                out.org_id, out.owner_id, out.event_id
+            );
+        }
+        OrgCommand::AddMember {
+            org,
+            member,
+            role,
+            actor,
+        } => {
+            let out = client
+                .add_member(pb::AddMemberRequest {
+                    org_id: org,
+                    member_id: member,
+                    role,
+                    actor_id: actor,
+                    idempotency_key: fresh_key(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{} is {} of {}", out.member_id, out.role, out.org_id);
+        }
+        OrgCommand::RemoveMember { org, member, actor } => {
+            let out = client
+                .remove_member(pb::RemoveMemberRequest {
+                    org_id: org,
+                    member_id: member,
+                    actor_id: actor,
+                    idempotency_key: fresh_key(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{} removed from {}", out.member_id, out.org_id);
+        }
+        OrgCommand::Members { org } => {
+            let out = client
+                .list_members(pb::ListMembersRequest { org_id: org })
+                .await
+                .map_err(status)?
+                .into_inner();
+            for m in out.members {
+                println!("{:<32} {}", m.member_id, m.role);
+            }
+        }
+        OrgCommand::Allocate {
+            org,
+            member,
+            amount,
+            wallet,
+            add,
+            actor,
+        } => {
+            let out = if add {
+                client
+                    .add_allocation(pb::AddAllocationRequest {
+                        org_id: org,
+                        member_id: member,
+                        wallet,
+                        delta: amount,
+                        actor_id: actor,
+                        idempotency_key: fresh_key(),
+                    })
+                    .await
+            } else {
+                client
+                    .set_allocation(pb::SetAllocationRequest {
+                        org_id: org,
+                        member_id: member,
+                        wallet,
+                        amount,
+                        actor_id: actor,
+                        idempotency_key: fresh_key(),
+                    })
+                    .await
+            }
+            .map_err(status)?
+            .into_inner();
+            println!(
+                "{} in {} ({}): {} allocated, {} used, {} remaining",
+                out.member_id, out.org_id, out.wallet, out.allocated, out.used, out.remaining
+            );
+        }
+        OrgCommand::Budget {
+            account,
+            limit,
+            period,
+            window_secs,
+            member,
+            wallet,
+            utc_offset_minutes,
+        } => {
+            let out = client
+                .set_budget(pb::SetBudgetRequest {
+                    account_id: account,
+                    member_id: member,
+                    wallet,
+                    limit,
+                    period,
+                    window_secs,
+                    utc_offset_minutes,
+                    idempotency_key: fresh_key(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if out.limit == 0 {
+                println!("budget of {} ({}) removed", out.account_id, out.wallet);
+            } else {
+                println!(
+                    "budget of {} ({}, {}): {} per {}, {} spent so far",
+                    out.account_id, out.wallet, out.scope, out.limit, out.period, out.spent
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn status(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
 }
 
 /// A fresh idempotency key for a command typed by a person.

@@ -353,6 +353,7 @@ async fn api_keys_are_hashed_bound_to_one_account_and_validated() {
         .create_api_key(pb::CreateApiKeyRequest {
             account_id: "acme".into(),
             name: "production".into(),
+            ..Default::default()
         })
         .await
         .expect("create")
@@ -406,6 +407,7 @@ async fn api_keys_are_hashed_bound_to_one_account_and_validated() {
         .create_api_key(pb::CreateApiKeyRequest {
             account_id: "has space".into(),
             name: "x".repeat(65),
+            ..Default::default()
         })
         .await
         .expect_err("invalid");

@@ -176,6 +176,7 @@ async fn fail_closed_503_fail_open_degraded_then_recovery_without_restart() {
                 .create_api_key(tollgate::api::pb::CreateApiKeyRequest {
                     account_id: "fresh".into(),
                     name: "after restart".into(),
+                    ..Default::default()
                 })
                 .await
         })

@@ -108,6 +108,7 @@ async fn sighup_reloads_the_price_book_without_dropping_requests() {
         .create_api_key(tollgate::api::pb::CreateApiKeyRequest {
             account_id: "acme".into(),
             name: "reload".into(),
+            ..Default::default()
         })
         .await
         .expect("key")

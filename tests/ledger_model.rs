@@ -428,6 +428,7 @@ impl Run {
                     idempotency_key: self.key(),
                     operation: "op.debit".into(),
                     metadata: Metadata::new(),
+                    member_id: String::new(),
                 };
                 self.mutate(Sent::Debit(cmd), op).await
             }
@@ -451,6 +452,7 @@ impl Run {
                     idempotency_key: self.key(),
                     operation: "op.hold".into(),
                     metadata: Metadata::new(),
+                    member_id: String::new(),
                 };
                 self.mutate(Sent::Authorize(cmd), op).await
             }
@@ -749,6 +751,7 @@ async fn concurrent_task(
                 idempotency_key: key,
                 operation: String::new(),
                 metadata: Metadata::new(),
+                member_id: String::new(),
             }),
             Op::Authorize {
                 account,
@@ -769,6 +772,7 @@ async fn concurrent_task(
                 idempotency_key: key,
                 operation: String::new(),
                 metadata: Metadata::new(),
+                member_id: String::new(),
             }),
             Op::Capture { hold, percent } if !holds.is_empty() => Sent::End(EndHold::capture(
                 holds[hold % holds.len()].clone(),

@@ -163,6 +163,7 @@ impl Env {
             .get_balance(pb::GetBalanceRequest {
                 account_id: account_id.into(),
                 wallet: wallet.into(),
+                ..Default::default()
             })
             .await
             .map(Response::into_inner)
@@ -803,6 +804,7 @@ async fn get_balance_answers_one_wallet_or_every_wallet() {
                 wallet("default", [95, 0, 100, 0, 0, 0, -5]),
                 wallet("esign", [20, 0, 30, 10, 0, 0, 0]),
             ],
+            ..Default::default()
         }
     );
     let one = env.get_balance(acct, "esign").await.expect("one wallet");
@@ -1578,6 +1580,7 @@ async fn every_bad_field_of_one_request_is_reported() {
             idempotency_key: String::new(),
             operation: "op with space".into(),
             metadata: huge_metadata(),
+            member_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -1746,6 +1749,7 @@ async fn admin_and_metering_need_their_tokens() {
             .get_balance(pb::GetBalanceRequest {
                 account_id: acct.into(),
                 wallet: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -1771,6 +1775,7 @@ async fn admin_and_metering_need_their_tokens() {
         .get_balance(pb::GetBalanceRequest {
             account_id: acct.into(),
             wallet: String::new(),
+            ..Default::default()
         })
         .await
         .expect("balance with the admin token")

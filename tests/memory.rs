@@ -99,6 +99,7 @@ async fn memory_per_account_and_per_idempotency_record() {
                     idempotency_key: format!("gw:envelope.send:0b7c6f1e-3d2a-4c5b-{n:04}-{i:012}"),
                     operation: "envelope.send".into(),
                     metadata: Metadata::new(),
+                    member_id: String::new(),
                 };
                 ledger.debit(&debit).await.expect("debit");
             }

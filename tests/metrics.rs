@@ -274,6 +274,7 @@ async fn counters_after_a_scripted_workload() {
             .get_balance(pb::GetBalanceRequest {
                 account_id: account.into(),
                 wallet: String::new(),
+                ..Default::default()
             })
             .await
             .expect("balance")
@@ -314,6 +315,7 @@ async fn counters_after_a_scripted_workload() {
         .create_api_key(pb::CreateApiKeyRequest {
             account_id: "carol".into(),
             name: "metrics".into(),
+            ..Default::default()
         })
         .await
         .expect("key")

@@ -211,6 +211,7 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
                 .create_api_key(pb::CreateApiKeyRequest {
                     account_id: account(7),
                     name: name.into(),
+                    ..Default::default()
                 })
                 .await
                 .expect("create key")
@@ -313,6 +314,7 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
             .get_balance(pb::GetBalanceRequest {
                 account_id: s.account_id.clone(),
                 wallet: s.wallet.clone(),
+                ..Default::default()
             })
             .await
             .expect("balance")
@@ -555,6 +557,7 @@ async fn aof_everysec_sigkill_loses_about_the_last_second() {
             .get_balance(pb::GetBalanceRequest {
                 account_id: "steady".into(),
                 wallet: "default".into(),
+                ..Default::default()
             })
             .await
         {

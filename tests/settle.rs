@@ -233,6 +233,7 @@ async fn history_pages_through_ten_thousand_events() {
                         idempotency_key: format!("d{i}"),
                         operation: "op".into(),
                         metadata: Metadata::new(),
+                        member_id: String::new(),
                     };
                     ledger.debit(&debit).await.expect("debit");
                 }
@@ -364,6 +365,7 @@ async fn history_pages_through_ten_thousand_events() {
         .get_balance(pb::GetBalanceRequest {
             account_id: "busy".into(),
             wallet: "default".into(),
+            ..Default::default()
         })
         .await
         .expect("balance")
@@ -572,6 +574,7 @@ async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
                     idempotency_key: format!("d{i}"),
                     operation: "op".into(),
                     metadata: Metadata::new(),
+                    member_id: String::new(),
                 };
                 ledger.debit(&debit).await.expect("charges keep working");
                 acked.fetch_add(1, Ordering::SeqCst);
@@ -750,6 +753,7 @@ async fn reconcile_works_on_a_live_system() {
                     idempotency_key: format!("live{i}"),
                     operation: "op".into(),
                     metadata: Metadata::new(),
+                    member_id: String::new(),
                 };
                 ledger.debit(&debit).await.expect("debit");
                 tokio::time::sleep(Duration::from_millis(1)).await;

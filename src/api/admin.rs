@@ -6,8 +6,9 @@ use tonic::{Request, Response, Status};
 
 use super::pb::{self, admin_server::Admin};
 use super::status::{store_to_status, to_status};
-use crate::gateway::identity::KeyStore;
+use crate::gateway::identity::{KeyBinding, KeyStore};
 use crate::ledger::command::{Violations, CREDITS_MAX, DEFAULT_WALLET};
+use crate::ledger::org::{AllocationChange, BudgetPeriod, SetBudget};
 use crate::ledger::{AdjustInput, GrantInput, Ledger, LedgerError};
 use crate::settle::store::ApiKeyRecord;
 use crate::settle::webhook_store::{
@@ -56,6 +57,44 @@ impl AdminService {
         self.store = Some(store);
         self.webhooks = webhooks;
         self
+    }
+
+    async fn allocation(
+        &self,
+        org_id: String,
+        actor_id: String,
+        member_id: String,
+        wallet: String,
+        change: AllocationChange,
+        idempotency_key: String,
+    ) -> Result<Response<pb::Allocation>, Status> {
+        let wallet = if wallet.is_empty() {
+            DEFAULT_WALLET.to_owned()
+        } else {
+            wallet
+        };
+        let out = self
+            .ledger
+            .allocate(
+                &org_id,
+                &actor_id,
+                &member_id,
+                &wallet,
+                change,
+                &idempotency_key,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::Allocation {
+            org_id,
+            member_id,
+            wallet,
+            allocated: out.allocated,
+            used: out.used,
+            remaining: (out.allocated - out.used).max(0),
+            event_id: out.event_id,
+            replayed: out.replayed,
+        }))
     }
 
     fn store(&self) -> Result<&Store, Status> {
@@ -201,26 +240,39 @@ impl Admin for AdminService {
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
         let r = request.into_inner();
+        let binding = KeyBinding {
+            org_id: r.org_id,
+            member_id: r.member_id,
+            actor_id: r.actor_id,
+        };
         let out = self
             .keys
-            .create(&r.account_id, &r.name)
+            .create(&r.account_id, &r.name, &binding)
             .await
             .map_err(to_status)?;
+        // An org workspace key belongs to the org.
+        let account_id = if binding.org_id.is_empty() {
+            r.account_id
+        } else {
+            binding.org_id
+        };
         self.save_key(ApiKeyRecord {
             key_id: out.key_id.clone(),
-            account_id: r.account_id.clone(),
+            account_id: account_id.clone(),
             digest: out.digest_hex.clone(),
             name: r.name.clone(),
             created_at_ms: out.created_at_ms,
             revoked_at_ms: 0,
+            member_id: binding.member_id.clone(),
         })
         .await?;
         Ok(Response::new(pb::CreateApiKeyResponse {
             key_id: out.key_id,
             api_key: out.api_key,
-            account_id: r.account_id,
+            account_id,
             name: r.name,
             created_at_ms: out.created_at_ms,
+            member_id: binding.member_id,
         }))
     }
 
@@ -237,6 +289,7 @@ impl Admin for AdminService {
             name: String::new(),
             created_at_ms: 0,
             revoked_at_ms: out.revoked_at_ms,
+            member_id: String::new(),
         })
         .await?;
         Ok(Response::new(pb::RevokeApiKeyResponse {
@@ -261,6 +314,7 @@ impl Admin for AdminService {
                     name: k.name,
                     created_at_ms: k.created_at_ms,
                     revoked_at_ms: k.revoked_at_ms,
+                    member_id: k.member_id,
                 })
                 .collect(),
         }))
@@ -391,6 +445,173 @@ impl Admin for AdminService {
         invalid(v)?;
         let wallet = wallet_or_default(r.wallet);
         Ok(Response::new(self.threshold(r.account_id, wallet).await?))
+    }
+
+    async fn create_organization(
+        &self,
+        request: Request<pb::CreateOrganizationRequest>,
+    ) -> Result<Response<pb::Organization>, Status> {
+        let r = request.into_inner();
+        let (event, created_at_ms) = self
+            .ledger
+            .create_org(&r.org_id, &r.owner_id, &r.idempotency_key)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::Organization {
+            org_id: r.org_id,
+            owner_id: r.owner_id,
+            created_at_ms,
+            event_id: event.event_id,
+            replayed: event.replayed,
+        }))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MemberChange>, Status> {
+        let r = request.into_inner();
+        let event = self
+            .ledger
+            .add_member(
+                &r.org_id,
+                &r.actor_id,
+                &r.member_id,
+                &r.role,
+                &r.idempotency_key,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::MemberChange {
+            org_id: r.org_id,
+            member_id: r.member_id,
+            role: r.role,
+            event_id: event.event_id,
+            replayed: event.replayed,
+        }))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MemberChange>, Status> {
+        let r = request.into_inner();
+        let event = self
+            .ledger
+            .remove_member(&r.org_id, &r.actor_id, &r.member_id, &r.idempotency_key)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::MemberChange {
+            org_id: r.org_id,
+            member_id: r.member_id,
+            role: "removed".into(),
+            event_id: event.event_id,
+            replayed: event.replayed,
+        }))
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let r = request.into_inner();
+        let members = self.ledger.members(&r.org_id).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListMembersResponse {
+            members: members
+                .into_iter()
+                .map(|(member_id, role)| pb::OrgMember {
+                    member_id,
+                    role: role.as_str().to_owned(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn set_allocation(
+        &self,
+        request: Request<pb::SetAllocationRequest>,
+    ) -> Result<Response<pb::Allocation>, Status> {
+        let r = request.into_inner();
+        self.allocation(
+            r.org_id,
+            r.actor_id,
+            r.member_id,
+            r.wallet,
+            AllocationChange::Set(r.amount),
+            r.idempotency_key,
+        )
+        .await
+    }
+
+    async fn add_allocation(
+        &self,
+        request: Request<pb::AddAllocationRequest>,
+    ) -> Result<Response<pb::Allocation>, Status> {
+        let r = request.into_inner();
+        self.allocation(
+            r.org_id,
+            r.actor_id,
+            r.member_id,
+            r.wallet,
+            AllocationChange::Add(r.delta),
+            r.idempotency_key,
+        )
+        .await
+    }
+
+    async fn set_budget(
+        &self,
+        request: Request<pb::SetBudgetRequest>,
+    ) -> Result<Response<pb::Budget>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let period = BudgetPeriod::parse(&r.period, r.window_secs, &mut v);
+        let cmd = SetBudget {
+            account_id: r.account_id,
+            member_id: r.member_id,
+            wallet: if r.wallet.is_empty() {
+                DEFAULT_WALLET.to_owned()
+            } else {
+                r.wallet
+            },
+            limit: r.limit,
+            period: period.unwrap_or(BudgetPeriod::Day),
+            utc_offset_minutes: r.utc_offset_minutes,
+            idempotency_key: r.idempotency_key,
+        };
+        // Every bad field at once: the period's, then the command's.
+        if let Some(bad) = v.finish().err() {
+            let mut all = bad;
+            if let Err(more) = self.ledger.check_budget(&cmd) {
+                all.extend(more);
+            }
+            return Err(to_status(LedgerError::InvalidArgument(all)));
+        }
+        let event = self.ledger.set_budget(&cmd).await.map_err(to_status)?;
+        let view = self
+            .ledger
+            .view(&cmd.account_id, &cmd.member_id, &cmd.wallet)
+            .await
+            .map_err(to_status)?;
+        let scope = if cmd.member_id.is_empty() {
+            "account"
+        } else {
+            "member"
+        };
+        let state = view.budgets.into_iter().find(|b| b.scope == scope);
+        Ok(Response::new(pb::Budget {
+            account_id: cmd.account_id,
+            member_id: cmd.member_id,
+            wallet: cmd.wallet,
+            limit: cmd.limit,
+            period: cmd.period.name().to_owned(),
+            window_secs: r.window_secs,
+            spent: state.as_ref().map(|b| b.spent).unwrap_or(0),
+            resets_at_ms: state.as_ref().map(|b| b.resets_at_ms).unwrap_or(0),
+            scope: scope.to_owned(),
+            event_id: event.event_id,
+            replayed: event.replayed,
+        }))
     }
 }
 

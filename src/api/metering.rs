@@ -60,6 +60,9 @@ pub fn user_kind(e: &LedgerEvent) -> &'static str {
         EventKind::Hold => "hold",
         EventKind::Refund => "refund",
         EventKind::ExpireLot => "expire",
+        EventKind::Member => "membership",
+        EventKind::Allocate => "allocation",
+        EventKind::Budget => "budget",
     }
 }
 
@@ -132,6 +135,7 @@ impl Metering for MeteringService {
             idempotency_key: r.idempotency_key,
             operation: r.operation,
             metadata: super::metadata(r.metadata),
+            member_id: r.member_id,
         }
         .normalized();
         let out = self.ledger.debit(&cmd).await.map_err(to_status)?;
@@ -160,6 +164,7 @@ impl Metering for MeteringService {
             idempotency_key: r.idempotency_key,
             operation: r.operation,
             metadata: super::metadata(r.metadata),
+            member_id: r.member_id,
         }
         .normalized();
         // Every bad field at once, the policy (parsed here) included.
@@ -248,27 +253,119 @@ impl Metering for MeteringService {
         request: Request<pb::GetBalanceRequest>,
     ) -> Result<Response<pb::GetBalanceResponse>, Status> {
         let r = request.into_inner();
+        // By key id: the key's account, and its member for an org workspace key.
+        let by_key = !r.key_id.is_empty();
+        let (account_id, member_id) = if by_key {
+            if !r.account_id.is_empty() || !r.member_id.is_empty() {
+                return Err(to_status(LedgerError::InvalidArgument(vec![
+                    FieldViolation::new("key_id", "give a key id or an account, not both"),
+                ])));
+            }
+            crate::gateway::identity::key_binding(&self.ledger, &r.key_id)
+                .await
+                .map_err(to_status)?
+        } else {
+            let mut v = crate::ledger::command::Violations::default();
+            v.member_id("member_id", &r.member_id, &r.account_id);
+            v.finish()
+                .map_err(|e| to_status(LedgerError::InvalidArgument(e)))?;
+            (r.account_id, r.member_id)
+        };
         let wallets = self
             .ledger
-            .balance(&r.account_id, &r.wallet)
+            .balance(&account_id, &r.wallet)
             .await
             .map_err(to_status)?;
+        let view = self
+            .ledger
+            .view(&account_id, &member_id, &r.wallet)
+            .await
+            .map_err(to_status)?;
+        let role = match (&view.role, member_id.is_empty()) {
+            (Some(role), false) => Some(*role),
+            (None, false) => {
+                let field = if by_key { "key_id" } else { "member_id" };
+                return Err(to_status(LedgerError::InvalidArgument(vec![
+                    FieldViolation::new(field, "is not a member of the organization"),
+                ])));
+            }
+            (_, true) => None,
+        };
+        let org_key = by_key && self.ledger.members(&account_id).await.is_ok();
+        let context = if role.is_some() || org_key {
+            "organization"
+        } else {
+            "personal"
+        };
+        // A plain member sees what they may spend (their remaining allocation), never
+        // the org's totals.
+        let member_view = role.is_some_and(|r| !r.manages());
+        let wallets = wallets
+            .into_iter()
+            .map(|w| {
+                if member_view {
+                    let remaining = view
+                        .allocations
+                        .iter()
+                        .find(|a| a.wallet == w.wallet)
+                        .map(|a| a.remaining())
+                        .unwrap_or(0);
+                    pb::WalletBalance {
+                        wallet: w.wallet,
+                        available: remaining,
+                        ..pb::WalletBalance::default()
+                    }
+                } else {
+                    pb::WalletBalance {
+                        wallet: w.wallet,
+                        available: w.available,
+                        held: w.held,
+                        total_granted: w.granted,
+                        total_used: w.used,
+                        total_expired: w.expired,
+                        total_refunded: w.refunded,
+                        total_adjusted: w.adjusted,
+                    }
+                }
+            })
+            .collect();
         Ok(Response::new(pb::GetBalanceResponse {
-            account_id: r.account_id,
-            context: "personal".into(),
-            wallets: wallets
-                .into_iter()
-                .map(|w| pb::WalletBalance {
-                    wallet: w.wallet,
-                    available: w.available,
-                    held: w.held,
-                    total_granted: w.granted,
-                    total_used: w.used,
-                    total_expired: w.expired,
-                    total_refunded: w.refunded,
-                    total_adjusted: w.adjusted,
+            context: context.into(),
+            wallets,
+            role: role.map(|r| r.as_str().to_owned()).unwrap_or_default(),
+            allocations: view
+                .allocations
+                .iter()
+                .map(|a| pb::MemberAllocation {
+                    wallet: a.wallet.clone(),
+                    allocated: a.allocated,
+                    used: a.used,
+                    remaining: a.remaining(),
+                    bounded: a.bounded,
                 })
                 .collect(),
+            budgets: view
+                .budgets
+                .into_iter()
+                .map(|b| pb::Budget {
+                    account_id: account_id.clone(),
+                    member_id: if b.scope == "member" {
+                        member_id.clone()
+                    } else {
+                        String::new()
+                    },
+                    wallet: b.wallet,
+                    limit: b.limit,
+                    period: b.period,
+                    window_secs: b.window_ms / 1000,
+                    spent: b.spent,
+                    resets_at_ms: b.resets_at_ms,
+                    scope: b.scope,
+                    ..pb::Budget::default()
+                })
+                .collect(),
+            account_id,
+            member_id,
         }))
     }
 

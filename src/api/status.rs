@@ -30,7 +30,13 @@ pub fn to_status(err: LedgerError) -> Status {
                 .collect();
             let mut details = ErrorDetails::new();
             details.set_error_info(refusal.reason(), ERROR_DOMAIN, metadata);
-            Status::with_error_details(Code::FailedPrecondition, refusal.to_string(), details)
+            // A budget resets with time: retry later, as with a rate limit.
+            let code = match refusal {
+                Refusal::BudgetExceeded { .. } => Code::ResourceExhausted,
+                Refusal::OrgExists => Code::AlreadyExists,
+                _ => Code::FailedPrecondition,
+            };
+            Status::with_error_details(code, refusal.to_string(), details)
         }
         LedgerError::NotFound(what) => Status::not_found(format!("{what} not found")),
         LedgerError::OutboxFull => {
@@ -72,6 +78,26 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
         }) => Denial::InsufficientCredits {
             required,
             available,
+            operation: operation.to_owned(),
+        },
+        LedgerError::Refused(Refusal::AllocationExceeded {
+            required,
+            remaining,
+        }) => Denial::AllocationExceeded {
+            required,
+            remaining,
+            operation: operation.to_owned(),
+        },
+        LedgerError::Refused(Refusal::BudgetExceeded {
+            budget,
+            limit,
+            spent,
+            resets_at_ms,
+        }) => Denial::BudgetExceeded {
+            budget: budget.as_str(),
+            limit,
+            spent,
+            resets_at_ms,
             operation: operation.to_owned(),
         },
         LedgerError::Refused(Refusal::IdempotencyKeyReused) => Denial::RequestIdReused,
@@ -126,6 +152,37 @@ pub fn denial_response(denial: &Denial) -> DenialResponse {
             vec![
                 ("required", json!(required)),
                 ("available", json!(available)),
+                ("operation", json!(operation)),
+            ],
+        ),
+        Denial::AllocationExceeded {
+            required,
+            remaining,
+            operation,
+        } => (
+            402,
+            "allocation_exceeded",
+            vec![
+                ("limit", json!("allocation")),
+                ("required", json!(required)),
+                ("remaining", json!(remaining)),
+                ("operation", json!(operation)),
+            ],
+        ),
+        Denial::BudgetExceeded {
+            budget,
+            limit,
+            spent,
+            resets_at_ms,
+            operation,
+        } => (
+            429,
+            "budget_exceeded",
+            vec![
+                ("budget", json!(budget)),
+                ("limit", json!(limit)),
+                ("spent", json!(spent)),
+                ("resets_at_ms", json!(resets_at_ms)),
                 ("operation", json!(operation)),
             ],
         ),

@@ -392,6 +392,7 @@ impl Client {
                         idempotency_key: id.to_owned(),
                         operation: BENCH_OPERATION.into(),
                         metadata: Default::default(),
+                        member_id: String::new(),
                     })
                     .await
                     .map_err(|s| format!("grpc:{:?}", s.code()))?;
@@ -408,6 +409,7 @@ impl Client {
                         idempotency_key: id.to_owned(),
                         operation: BENCH_OPERATION.into(),
                         metadata: Default::default(),
+                        member_id: String::new(),
                     })
                     .await
                     .map_err(|s| format!("authorize:{:?}", s.code()))?
@@ -436,6 +438,7 @@ impl Client {
                     ),
                     operation: BENCH_OPERATION.into(),
                     metadata: Metadata::new(),
+                    member_id: String::new(),
                 };
                 let inv = ledger.debit_invocation(&cmd);
                 let value: redis::Value = ledger

@@ -37,6 +37,19 @@ const SECRET_HEX_LEN: usize = 64;
 pub struct Identity {
     pub account_id: String,
     pub key_id: String,
+    /// An org workspace key bound to a member: their allocation and budget apply.
+    pub member_id: String,
+}
+
+/// What an org workspace key is bound to, besides its account (the org).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyBinding {
+    /// The organization: the key is checked against it when made (the actor's role, the
+    /// member's membership). Empty for a personal key.
+    pub org_id: String,
+    pub member_id: String,
+    /// The owner or admin who makes an org key.
+    pub actor_id: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +77,7 @@ pub struct CreatedKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
     pub key_id: String,
+    pub member_id: String,
     pub name: String,
     pub created_at_ms: i64,
     /// 0 while the key is active.
@@ -119,6 +133,30 @@ fn random_hex(bytes: usize) -> Result<String, LedgerError> {
     getrandom::fill(&mut buf)
         .map_err(|e| LedgerError::Internal(format!("no randomness for a key: {e}")))?;
     Ok(hex(&buf))
+}
+
+/// The account and member a key id is bound to, read straight from Redis (GetBalance by
+/// key id).
+pub async fn key_binding(
+    ledger: &crate::ledger::Ledger,
+    key_id: &str,
+) -> Result<(String, String), LedgerError> {
+    let shards = ledger.shards();
+    let shard = shard_of_key_id(key_id, shards).ok_or_else(|| {
+        LedgerError::InvalidArgument(vec![FieldViolation::new(
+            "key_id",
+            "is not a tollgate key id",
+        )])
+    })?;
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(format!("{}:k:{key_id}", shards.tag(shard)))
+        .arg("a")
+        .arg("mb");
+    let fields: Vec<Option<String>> = ledger.redis().call_cmd(&cmd).await?;
+    match fields.as_slice() {
+        [Some(account), member] => Ok((account.clone(), member.clone().unwrap_or_default())),
+        _ => Err(LedgerError::NotFound("api key")),
+    }
 }
 
 /// What the cache remembers about a presented key (by its digest).
@@ -225,12 +263,13 @@ impl KeyStore {
         cmd.arg(self.record_key(shard, key_id))
             .arg("a")
             .arg("s")
-            .arg("r");
+            .arg("r")
+            .arg("mb");
         let fields: Vec<Option<String>> = self.redis.call_cmd(&cmd).await.map_err(|e| match e {
             LedgerError::Unavailable(why) => IdentityError::Unavailable(why),
             other => IdentityError::Internal(other.to_string()),
         })?;
-        let [account, stored, revoked] = <[Option<String>; 3]>::try_from(fields)
+        let [account, stored, revoked, member] = <[Option<String>; 4]>::try_from(fields)
             .map_err(|_| IdentityError::Internal("HMGET answer shape".into()))?;
         let (Some(account_id), Some(stored)) = (account, stored) else {
             return Ok(Known::Unknown);
@@ -244,20 +283,45 @@ impl KeyStore {
         Ok(Known::Active(Arc::new(Identity {
             account_id,
             key_id: key_id.to_owned(),
+            member_id: member.unwrap_or_default(),
         })))
     }
 
-    /// Makes a key for an account; the secret is in the answer only.
-    pub async fn create(&self, account_id: &str, name: &str) -> Result<CreatedKey, LedgerError> {
+    /// Makes a key for an account (a personal key) or, with `binding.org_id`, an org
+    /// workspace key; the secret is in the answer only.
+    pub async fn create(
+        &self,
+        account_id: &str,
+        name: &str,
+        binding: &KeyBinding,
+    ) -> Result<CreatedKey, LedgerError> {
+        let account_id = if binding.org_id.is_empty() {
+            account_id
+        } else {
+            let mut v = Violations::default();
+            v.account_id("org_id", &binding.org_id);
+            v.account_id("actor_id", &binding.actor_id);
+            v.member_id("member_id", &binding.member_id, &binding.org_id);
+            if !account_id.is_empty() && account_id != binding.org_id {
+                v.add("account_id", "must be empty or the org_id for an org key");
+            }
+            v.finish().map_err(LedgerError::InvalidArgument)?;
+            &binding.org_id
+        };
         let (key_id, api_key, record, index, digest) = self.new_key(account_id, name)?;
+        let shard = self.shards.of_account(account_id);
         let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(record)
-            .key(index)
-            .arg(account_id)
+        inv.key(record).key(index);
+        if !binding.org_id.is_empty() {
+            inv.key(format!("{}:org:{account_id}", self.shards.tag(shard)));
+        }
+        inv.arg(account_id)
             .arg(&digest)
             .arg(name)
             .arg(&self.keys_per_account_max)
-            .arg(&key_id);
+            .arg(&key_id)
+            .arg(&binding.member_id)
+            .arg(&binding.actor_id);
         let answer: String = self.redis.call(&inv).await?;
         created(key_id, api_key, digest, &answer)
     }
@@ -281,7 +345,9 @@ impl KeyStore {
                 .arg(&digest)
                 .arg(name)
                 .arg(&self.keys_per_account_max)
-                .arg(&key_id);
+                .arg(&key_id)
+                .arg("")
+                .arg("");
             invocations.push(inv);
             made.push((key_id, api_key, digest));
         }
@@ -389,9 +455,18 @@ impl KeyStore {
             .map(|row| {
                 let parts: Vec<&str> = row.splitn(4, '|').collect();
                 match parts.as_slice() {
-                    [key_id, created, revoked, name] => Ok(KeyInfo {
+                    [key_id, created, revoked, rest] => Ok(KeyInfo {
                         key_id: (*key_id).to_owned(),
-                        name: (*name).to_owned(),
+                        member_id: rest
+                            .split_once('|')
+                            .map(|(m, _)| m)
+                            .unwrap_or("")
+                            .to_owned(),
+                        name: rest
+                            .split_once('|')
+                            .map(|(_, n)| n)
+                            .unwrap_or(rest)
+                            .to_owned(),
                         created_at_ms: created.parse().unwrap_or_default(),
                         revoked_at_ms: revoked.parse().unwrap_or_default(),
                     }),
@@ -422,6 +497,12 @@ fn created(
         (Some("KEY_LIMIT"), Some(max)) => Err(LedgerError::Refused(Refusal::KeyLimit {
             max: max.parse().unwrap_or_default(),
         })),
+        (Some("BAD_FIELD"), Some(field)) => {
+            Err(LedgerError::InvalidArgument(vec![FieldViolation::new(
+                field,
+                parts.next().unwrap_or("is not valid"),
+            )]))
+        }
         _ => Err(LedgerError::Internal(format!(
             "unexpected key_create answer {answer:?}"
         ))),

@@ -141,6 +141,20 @@ pub enum Denial {
         available: i64,
         operation: String,
     },
+    /// The org member's allocation does not cover the charge (402).
+    AllocationExceeded {
+        required: i64,
+        remaining: i64,
+        operation: String,
+    },
+    /// A budget would be crossed (429 until it resets).
+    BudgetExceeded {
+        budget: &'static str,
+        limit: i64,
+        spent: i64,
+        resets_at_ms: i64,
+        operation: String,
+    },
     /// Redis unavailable and the operation is fail_closed.
     Unavailable,
     /// The request id was used before for a request priced differently.
@@ -239,9 +253,11 @@ impl Gateway {
         let decision = self.decide(call).await;
         let (label, operation) = match &decision {
             Decision::Allow(a) => ("allow", a.operation.clone().unwrap_or_default()),
-            Decision::Deny(Denial::InsufficientCredits { operation, .. }) => {
-                ("deny", operation.clone())
-            }
+            Decision::Deny(
+                Denial::InsufficientCredits { operation, .. }
+                | Denial::AllocationExceeded { operation, .. }
+                | Denial::BudgetExceeded { operation, .. },
+            ) => ("deny", operation.clone()),
             Decision::Deny(_) => ("deny", String::new()),
         };
         metrics::counter!(m::CHECKS_TOTAL, "decision" => label, "operation" => operation)
@@ -316,9 +332,16 @@ impl Gateway {
                     idempotency_key,
                     operation: op.name.clone(),
                     metadata: Metadata::new(),
+                    member_id: identity.member_id.clone(),
                 })
                 .await
-                .map(|out| (out.amount, None, out.available)),
+                .map(|out| {
+                    (
+                        out.amount,
+                        None,
+                        out.allocation_remaining.unwrap_or(out.available),
+                    )
+                }),
             Mode::Hold(hold) => self
                 .ledger
                 .authorize(&Authorize {
@@ -330,9 +353,13 @@ impl Gateway {
                     idempotency_key,
                     operation: op.name.clone(),
                     metadata: Metadata::new(),
+                    member_id: identity.member_id.clone(),
                 })
                 .await
-                .map(|out| (out.amount, Some(out.hold_id), out.available)),
+                .map(|out| {
+                    let remaining = out.allocation_remaining.unwrap_or(out.available);
+                    (out.amount, Some(out.hold_id), remaining)
+                }),
         };
         match result {
             Ok((charged, hold_id, available)) => {

@@ -71,6 +71,17 @@ impl Violations {
         }
     }
 
+    /// An optional org member: empty, or an account id other than the org's.
+    pub fn member_id(&mut self, field: &str, value: &str, org: &str) {
+        if value.is_empty() {
+            return;
+        }
+        self.account_id(field, value);
+        if value == org {
+            self.add(field, "must not be the organization itself");
+        }
+    }
+
     pub fn wallet(&mut self, field: &str, value: &str) {
         if value.len() > WALLET_LEN_MAX {
             self.add(field, format!("longer than {WALLET_LEN_MAX} bytes"));
@@ -249,6 +260,9 @@ pub struct Debit {
     pub idempotency_key: String,
     pub operation: String,
     pub metadata: Metadata,
+    /// Org workspace: `account_id` is the organization and this member's allocation and
+    /// budget bound the charge. Empty: a personal charge.
+    pub member_id: String,
 }
 
 impl Debit {
@@ -260,6 +274,7 @@ impl Debit {
         v.idempotency_key("idempotency_key", &self.idempotency_key);
         v.operation("operation", &self.operation);
         v.metadata("metadata", &self.metadata);
+        v.member_id("member_id", &self.member_id, &self.account_id);
         v.finish()
     }
 
@@ -279,6 +294,8 @@ pub struct Authorize {
     pub idempotency_key: String,
     pub operation: String,
     pub metadata: Metadata,
+    /// As [`Debit::member_id`].
+    pub member_id: String,
 }
 
 impl Authorize {
@@ -293,6 +310,7 @@ impl Authorize {
         v.idempotency_key("idempotency_key", &self.idempotency_key);
         v.operation("operation", &self.operation);
         v.metadata("metadata", &self.metadata);
+        v.member_id("member_id", &self.member_id, &self.account_id);
         v.finish()
     }
 
@@ -503,6 +521,7 @@ mod tests {
             idempotency_key: "req-1".into(),
             operation: "envelope.send".into(),
             metadata: Metadata::new(),
+            member_id: String::new(),
         }
     }
 
@@ -515,6 +534,7 @@ mod tests {
             idempotency_key: String::new(),
             operation: "op with space".into(),
             metadata: Metadata::new(),
+            member_id: String::new(),
         };
         let fields: Vec<String> = bad
             .validate()

@@ -58,6 +58,41 @@ pub enum Refusal {
     HoldLimit { max: i64 },
     #[error("account holds the most API keys allowed ({max})")]
     KeyLimit { max: i64 },
+    #[error(
+        "the member's allocation does not cover it: {required} required, {remaining} remaining"
+    )]
+    AllocationExceeded { required: i64, remaining: i64 },
+    #[error("the {budget} budget ({limit} per period) would be exceeded: {spent} spent; resets at {resets_at_ms} ms")]
+    BudgetExceeded {
+        budget: BudgetScope,
+        limit: i64,
+        spent: i64,
+        resets_at_ms: i64,
+    },
+    #[error("the organization exists already")]
+    OrgExists,
+}
+
+/// Which budget refused a charge: the account's (on the whole wallet) or the org member's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetScope {
+    Account,
+    Member,
+}
+
+impl BudgetScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Account => "account",
+            Self::Member => "member",
+        }
+    }
+}
+
+impl std::fmt::Display for BudgetScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Refusal {
@@ -73,6 +108,9 @@ impl Refusal {
             Self::WalletLimit { .. } => "WALLET_LIMIT",
             Self::HoldLimit { .. } => "HOLD_LIMIT",
             Self::KeyLimit { .. } => "KEY_LIMIT",
+            Self::AllocationExceeded { .. } => "ALLOCATION_EXCEEDED",
+            Self::BudgetExceeded { .. } => "BUDGET_EXCEEDED",
+            Self::OrgExists => "ORG_EXISTS",
         }
     }
 
@@ -99,7 +137,25 @@ impl Refusal {
             | Self::KeyLimit { max } => {
                 vec![("max", max.to_string())]
             }
-            Self::DemoAlreadyGranted | Self::IdempotencyKeyReused => Vec::new(),
+            Self::AllocationExceeded {
+                required,
+                remaining,
+            } => vec![
+                ("required", required.to_string()),
+                ("remaining", remaining.to_string()),
+            ],
+            Self::BudgetExceeded {
+                budget,
+                limit,
+                spent,
+                resets_at_ms,
+            } => vec![
+                ("budget", budget.as_str().to_owned()),
+                ("limit", limit.to_string()),
+                ("spent", spent.to_string()),
+                ("resets_at_ms", resets_at_ms.to_string()),
+            ],
+            Self::DemoAlreadyGranted | Self::IdempotencyKeyReused | Self::OrgExists => Vec::new(),
         }
     }
 }

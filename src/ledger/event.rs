@@ -3,7 +3,8 @@
 //! Stream fields: `k` kind, `a` account, `w` wallet, `n` amount, `v` available after,
 //! `h` held after, `l` lots, `x` per-kind extra, `hd` hold id, `c` charge id (refunds),
 //! `i` idempotency key, `o` operation, `m` metadata (JSON), `t` server time (ms),
-//! `ver` format version (absent = 1).
+//! `ver` format version (absent = 1), `mb` the org member the event is attributed to
+//! (absent = none).
 //!
 //! `l` and `x` by kind:
 //!
@@ -15,6 +16,9 @@
 //! | capture, release, expire_hold | lots charged | lots the rest went back to |
 //! | refund | new lots of kind `refund` | credits that expired at once |
 //! | expire_lot | the lot and what expired | empty |
+//! | member (no wallet) | empty | the member's new role, or `removed` |
+//! | allocate | empty | change of the allocation (`n` is the new allocation) |
+//! | budget | empty | `period|window_ms|utc_offset_ms` (`n` is the limit, 0 = removed) |
 
 use std::collections::HashMap;
 
@@ -33,6 +37,12 @@ pub enum EventKind {
     Refund,
     ExpireLot,
     Adjust,
+    /// An org member added, changed or removed (no wallet).
+    Member,
+    /// A member's allocation of an org wallet set or changed.
+    Allocate,
+    /// A budget set or removed.
+    Budget,
 }
 
 impl EventKind {
@@ -47,6 +57,9 @@ impl EventKind {
             "refund" => Self::Refund,
             "expire_lot" => Self::ExpireLot,
             "adjust" => Self::Adjust,
+            "member" => Self::Member,
+            "allocate" => Self::Allocate,
+            "budget" => Self::Budget,
             _ => return None,
         })
     }
@@ -62,6 +75,9 @@ impl EventKind {
             Self::Refund => "refund",
             Self::ExpireLot => "expire_lot",
             Self::Adjust => "adjust",
+            Self::Member => "member",
+            Self::Allocate => "allocate",
+            Self::Budget => "budget",
         }
     }
 }
@@ -136,6 +152,8 @@ pub struct LedgerEvent {
     pub created_at_ms: i64,
     /// Event format version (`ver`; absent in the oldest entries: 1).
     pub version: u32,
+    /// The org member the event is attributed to (`mb`); empty outside org workspaces.
+    pub member: String,
 }
 
 /// The newest event format this code reads and writes.
@@ -169,7 +187,11 @@ impl LedgerEvent {
                 d.refunded = self.amount;
                 d.expired = self.extra.parse().unwrap_or(0);
             }
-            EventKind::Hold | EventKind::Release => {}
+            EventKind::Hold
+            | EventKind::Release
+            | EventKind::Member
+            | EventKind::Allocate
+            | EventKind::Budget => {}
         }
         d
     }
@@ -217,6 +239,7 @@ impl LedgerEvent {
             operation: text("o"),
             metadata: text("m"),
             created_at_ms: int("t")?,
+            member: text("mb"),
             version: match fields.get("ver") {
                 None => 1,
                 Some(v) => v

@@ -13,6 +13,7 @@ pub mod command;
 pub mod error;
 pub mod event;
 pub mod keys;
+pub mod org;
 pub mod redis_pool;
 mod reply;
 pub mod sweeper;
@@ -27,7 +28,7 @@ pub use command::{
     Adjust, AdjustInput, Authorize, Debit, EndHold, FieldViolation, Grant, GrantInput, LotKind,
     Metadata, OnExpiry, Refund,
 };
-pub use error::{HoldEnd, LedgerError, Refusal};
+pub use error::{BudgetScope, HoldEnd, LedgerError, Refusal};
 use redis_pool::ScriptMetrics;
 pub use redis_pool::{RedisPool, ScriptCall};
 
@@ -119,6 +120,8 @@ struct Scripts {
     lots: LedgerScript,
     sweep: LedgerScript,
     snapshot: LedgerScript,
+    org: LedgerScript,
+    view: LedgerScript,
 }
 
 /// `ledger_script!("debit", mutates)`: lua/lib.lua + lua/debit.lua, measured as "debit".
@@ -147,10 +150,12 @@ impl Scripts {
             lots: ledger_script!("lots", false),
             sweep: ledger_script!("sweep", false),
             snapshot: ledger_script!("snapshot", false),
+            org: ledger_script!("org", true),
+            view: ledger_script!("view", false),
         }
     }
 
-    fn all(&self) -> [&Script; 10] {
+    fn all(&self) -> [&Script; 12] {
         [
             &self.debit.script,
             &self.authorize.script,
@@ -162,6 +167,8 @@ impl Scripts {
             &self.lots.script,
             &self.sweep.script,
             &self.snapshot.script,
+            &self.org.script,
+            &self.view.script,
         ]
     }
 }
@@ -172,6 +179,9 @@ pub struct DebitOutcome {
     pub amount: i64,
     pub available: i64,
     pub held: i64,
+    /// An org member with an allocation: what they may still spend (the rest of the
+    /// allocation, within the org's balance).
+    pub allocation_remaining: Option<i64>,
     pub replayed: bool,
 }
 
@@ -183,6 +193,8 @@ pub struct HoldOutcome {
     pub expires_at_ms: i64,
     pub available: i64,
     pub held: i64,
+    /// As [`DebitOutcome::allocation_remaining`].
+    pub allocation_remaining: Option<i64>,
     pub replayed: bool,
 }
 
@@ -361,7 +373,20 @@ impl Ledger {
         let shard = self.shards.of_account(&cmd.account_id);
         let metadata = encode_metadata(&cmd.metadata);
         let amount = cmd.amount.to_string();
-        let digest = digest(&["debit", &cmd.wallet, &amount, &cmd.operation, &metadata]);
+        // The member joins the digest only when there is one: records of personal charges
+        // written before organizations existed keep matching.
+        let digest = if cmd.member_id.is_empty() {
+            digest(&["debit", &cmd.wallet, &amount, &cmd.operation, &metadata])
+        } else {
+            digest(&[
+                "debit",
+                &cmd.wallet,
+                &amount,
+                &cmd.operation,
+                &metadata,
+                &cmd.member_id,
+            ])
+        };
         let mut inv = self.invocation(&self.scripts.debit, shard);
         inv.arg(&cmd.account_id)
             .arg(&cmd.wallet)
@@ -369,7 +394,8 @@ impl Ledger {
             .arg(&digest)
             .arg(cmd.amount)
             .arg(&cmd.operation)
-            .arg(&metadata);
+            .arg(&metadata)
+            .arg(&cmd.member_id);
         inv
     }
 
@@ -385,7 +411,7 @@ impl Ledger {
         let amount = cmd.amount.to_string();
         let ttl = cmd.ttl_ms.to_string();
         let policy = cmd.on_expiry.code();
-        let digest = digest(&[
+        let parts = [
             "authorize",
             &cmd.wallet,
             &amount,
@@ -393,7 +419,13 @@ impl Ledger {
             policy,
             &cmd.operation,
             &metadata,
-        ]);
+            &cmd.member_id,
+        ];
+        let digest = digest(if cmd.member_id.is_empty() {
+            &parts[..7]
+        } else {
+            &parts
+        });
         let mut inv = self.invocation(&self.scripts.authorize, shard);
         inv.arg(&cmd.account_id)
             .arg(&cmd.wallet)
@@ -404,7 +436,8 @@ impl Ledger {
             .arg(policy)
             .arg(&cmd.operation)
             .arg(&metadata)
-            .arg(&self.holds_max);
+            .arg(&self.holds_max)
+            .arg(&cmd.member_id);
         let answer = self.redis.answer(&inv).await?;
         reply::hold(&answer)
     }

@@ -1,6 +1,7 @@
 //! Parsing of script answers ("CODE|field|...") into outcomes and refusals. Every field
 //! is checked: a malformed answer is an internal error, never a silent zero.
 
+use super::error::BudgetScope;
 use super::redis_pool::Answer;
 use super::{
     DebitOutcome, EndHoldOutcome, GrantOutcome, HoldEnd, HoldOutcome, LedgerError, Lot, LotsPage,
@@ -8,7 +9,7 @@ use super::{
 };
 use crate::ledger::command::FieldViolation;
 
-struct Fields<'a> {
+pub(super) struct Fields<'a> {
     parts: std::str::Split<'a, char>,
     text: &'a str,
 }
@@ -21,22 +22,30 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn malformed(&self) -> LedgerError {
+    pub(super) fn malformed(&self) -> LedgerError {
         LedgerError::Internal(format!("malformed script answer {:?}", self.text))
     }
 
-    fn text(&mut self) -> Result<&'a str, LedgerError> {
+    pub(super) fn text(&mut self) -> Result<&'a str, LedgerError> {
         self.parts.next().ok_or_else(|| self.malformed())
     }
 
-    fn int(&mut self) -> Result<i64, LedgerError> {
+    /// A trailing field that only some answers carry.
+    pub(super) fn optional_int(&mut self) -> Result<Option<i64>, LedgerError> {
+        match self.parts.next() {
+            None => Ok(None),
+            Some(part) => part.parse().map(Some).map_err(|_| self.malformed()),
+        }
+    }
+
+    pub(super) fn int(&mut self) -> Result<i64, LedgerError> {
         let part = self.text()?;
         part.parse().map_err(|_| self.malformed())
     }
 }
 
 /// Maps the refusal codes every mutation may answer; returns the fields after "OK".
-fn ok_fields(answer: &Answer) -> Result<Fields<'_>, LedgerError> {
+pub(super) fn ok_fields(answer: &Answer) -> Result<Fields<'_>, LedgerError> {
     let mut f = Fields::new(&answer.text);
     let code = f.text()?;
     let refusal = match code {
@@ -65,6 +74,28 @@ fn ok_fields(answer: &Answer) -> Result<Fields<'_>, LedgerError> {
         "LOT_LIMIT" => Refusal::LotLimit { max: f.int()? },
         "WALLET_LIMIT" => Refusal::WalletLimit { max: f.int()? },
         "HOLD_LIMIT" => Refusal::HoldLimit { max: f.int()? },
+        "ALLOCATION_EXCEEDED" => Refusal::AllocationExceeded {
+            required: f.int()?,
+            remaining: f.int()?,
+        },
+        "BUDGET_EXCEEDED" => Refusal::BudgetExceeded {
+            budget: match f.text()? {
+                "account" => BudgetScope::Account,
+                "member" => BudgetScope::Member,
+                _ => return Err(f.malformed()),
+            },
+            limit: f.int()?,
+            spent: f.int()?,
+            resets_at_ms: f.int()?,
+        },
+        "ORG_EXISTS" => Refusal::OrgExists,
+        "BAD_FIELD" => {
+            let field = f.text()?.to_owned();
+            let why = f.text()?.to_owned();
+            return Err(LedgerError::InvalidArgument(vec![FieldViolation::new(
+                field, why,
+            )]));
+        }
         "OUTBOX_FULL" => return Err(LedgerError::OutboxFull),
         "LEDGER_NOT_INITIALIZED" => return Err(LedgerError::NotInitialized),
         "NOT_FOUND" => {
@@ -106,6 +137,7 @@ pub(super) fn debit(answer: &Answer) -> Result<DebitOutcome, LedgerError> {
         amount: f.int()?,
         available: f.int()?,
         held: f.int()?,
+        allocation_remaining: f.optional_int()?,
         replayed: answer.replayed,
     })
 }
@@ -119,6 +151,7 @@ pub(super) fn hold(answer: &Answer) -> Result<HoldOutcome, LedgerError> {
         expires_at_ms: f.int()?,
         available: f.int()?,
         held: f.int()?,
+        allocation_remaining: f.optional_int()?,
         replayed: answer.replayed,
     })
 }

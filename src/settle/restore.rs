@@ -50,6 +50,7 @@ pub struct ShardReport {
     pub open_holds: usize,
     pub charges: usize,
     pub idempotency_records: usize,
+    pub orgs: usize,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +104,7 @@ impl Lot {
 struct Hold {
     account_id: String,
     wallet: String,
+    member: String,
     amount: i64,
     lots: String,
     deadline_ms: i64,
@@ -118,6 +120,7 @@ struct Hold {
 struct Charge {
     account_id: String,
     wallet: String,
+    member: String,
     amount: i64,
     refunded: i64,
     lots: String,
@@ -140,6 +143,8 @@ struct Wallet {
     adjusted: i64,
     demo: bool,
     joined: bool,
+    /// The account has a budget on this wallet (the wallet's "bg" flag).
+    budget: bool,
     events: usize,
 }
 
@@ -176,6 +181,69 @@ struct Replay<'a> {
     holds: &'a mut HashMap<String, Hold>,
     charges: &'a mut HashMap<String, Charge>,
     records: Vec<Record>,
+    orgs: &'a mut OrgState,
+}
+
+/// A budget's definition, from its latest `budget` event.
+#[derive(Debug, Clone)]
+struct BudgetDef {
+    limit: i64,
+    period: String,
+    window_ms: i64,
+    offset_ms: i64,
+}
+
+/// Organizations of one shard, rebuilt from their events.
+#[derive(Debug, Default)]
+struct OrgState {
+    /// org → (created ms, member → role).
+    members: BTreeMap<String, (i64, BTreeMap<String, String>)>,
+    /// (org, wallet, member) → (allocated, used).
+    allocations: BTreeMap<(String, String, String), (i64, i64)>,
+    /// Allocations an `allocate` event set (an allocation of 0 is still a bound).
+    allocated_explicitly: std::collections::BTreeSet<(String, String, String)>,
+    /// (account, wallet, member: "" = the account's own) → budget.
+    budgets: BTreeMap<(String, String, String), BudgetDef>,
+    /// Charges (debits and holds) by (account, wallet, member): (time, amount), to
+    /// rebuild the spend of the budgets' current periods.
+    spends: Vec<(String, String, String, i64, i64)>,
+}
+
+impl OrgState {
+    fn use_allocation(&mut self, e: &LedgerEvent, delta: i64) {
+        if e.member.is_empty() || delta == 0 {
+            return;
+        }
+        self.allocations
+            .entry((e.account_id.clone(), e.wallet.clone(), e.member.clone()))
+            .or_default()
+            .1 += delta;
+    }
+}
+
+/// Start of the calendar period holding `now` (lua/lib.lua `period_bounds`).
+fn period_start(period: &str, offset_ms: i64, now: i64) -> i64 {
+    const DAY_MS: i64 = 86_400_000;
+    let days = (now + offset_ms).div_euclid(DAY_MS);
+    if period == "d" {
+        return days * DAY_MS - offset_ms;
+    }
+    // civil_from_days / days_from_civil (Howard Hinnant's algorithms).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m) = (if m <= 2 { y - 1 } else { y }, m);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe - 719_468) * DAY_MS - offset_ms
 }
 
 impl Replay<'_> {
@@ -246,7 +314,88 @@ impl Replay<'_> {
         });
     }
 
+    /// Organization events: membership, allocations, budgets. Nothing in the wallet moves.
+    fn apply_org(&mut self, e: &LedgerEvent) -> Result<(), RestoreError> {
+        match e.kind {
+            EventKind::Member => {
+                let org = self
+                    .orgs
+                    .members
+                    .entry(e.account_id.clone())
+                    .or_insert_with(|| (e.created_at_ms, BTreeMap::new()));
+                if e.extra == "removed" {
+                    org.1.remove(&e.member);
+                } else {
+                    org.1.insert(e.member.clone(), e.extra.clone());
+                }
+            }
+            EventKind::Allocate => {
+                self.orgs.allocated_explicitly.insert((
+                    e.account_id.clone(),
+                    e.wallet.clone(),
+                    e.member.clone(),
+                ));
+                self.orgs
+                    .allocations
+                    .entry((e.account_id.clone(), e.wallet.clone(), e.member.clone()))
+                    .or_default()
+                    .0 = e.amount;
+            }
+            EventKind::Budget => {
+                self.wallet.joined = true;
+                let key = (e.account_id.clone(), e.wallet.clone(), e.member.clone());
+                if e.amount == 0 {
+                    self.orgs.budgets.remove(&key);
+                } else {
+                    let mut spec = e.extra.split('|');
+                    let mut next = || spec.next().unwrap_or_default().to_owned();
+                    let period = next();
+                    let window_ms = next().parse().unwrap_or(0);
+                    let offset_ms = next().parse().unwrap_or(0);
+                    self.orgs.budgets.insert(
+                        key,
+                        BudgetDef {
+                            limit: e.amount,
+                            period,
+                            window_ms,
+                            offset_ms,
+                        },
+                    );
+                }
+            }
+            _ => return Err(Self::fail(e, "not an organization event")),
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, e: &LedgerEvent) -> Result<(), RestoreError> {
+        if matches!(
+            e.kind,
+            EventKind::Member | EventKind::Allocate | EventKind::Budget
+        ) {
+            self.wallet.events += 1;
+            return self.apply_org(e);
+        }
+        // A member's charges and what comes back of them move their allocation; charges
+        // count in the budgets of their period.
+        match e.kind {
+            EventKind::Debit | EventKind::Hold => {
+                self.orgs.use_allocation(e, e.amount);
+                self.orgs.spends.push((
+                    e.account_id.clone(),
+                    e.wallet.clone(),
+                    e.member.clone(),
+                    e.created_at_ms,
+                    e.amount,
+                ));
+            }
+            EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
+                let returned: i64 = e.returned_lots().iter().map(|p| p.amount).sum();
+                self.orgs.use_allocation(e, -returned);
+            }
+            EventKind::Refund => self.orgs.use_allocation(e, -e.amount),
+            _ => {}
+        }
         let w = &mut self.wallet;
         w.events += 1;
         let (kind_text, description) = e.extra.split_once('|').unwrap_or(("", ""));
@@ -322,6 +471,7 @@ impl Replay<'_> {
                     Charge {
                         account_id: e.account_id.clone(),
                         wallet: e.wallet.clone(),
+                        member: e.member.clone(),
                         amount: e.amount,
                         refunded: 0,
                         lots: pieces_text(&e.lots),
@@ -333,11 +483,15 @@ impl Replay<'_> {
                     e.event_id, e.amount, e.available_after, e.held_after
                 );
                 let amount = e.amount.to_string();
-                self.record(
-                    e,
-                    &["debit", &e.wallet, &amount, &e.operation, &e.metadata],
-                    answer,
-                );
+                // A member's answer carries the allocation left then, which the ledger
+                // does not keep: their replays are evaluated again (see the report).
+                if e.member.is_empty() {
+                    self.record(
+                        e,
+                        &["debit", &e.wallet, &amount, &e.operation, &e.metadata],
+                        answer,
+                    );
+                }
             }
             EventKind::Hold => {
                 self.take(e, true)?;
@@ -353,6 +507,7 @@ impl Replay<'_> {
                     Hold {
                         account_id: e.account_id.clone(),
                         wallet: e.wallet.clone(),
+                        member: e.member.clone(),
                         amount: e.amount,
                         lots: pieces_text(&e.lots),
                         deadline_ms: deadline,
@@ -371,6 +526,9 @@ impl Replay<'_> {
                     e.amount.to_string(),
                     (deadline - e.created_at_ms).to_string(),
                 );
+                if !e.member.is_empty() {
+                    return self.check_pair(e);
+                }
                 self.record(
                     e,
                     &[
@@ -419,6 +577,7 @@ impl Replay<'_> {
                         Charge {
                             account_id: e.account_id.clone(),
                             wallet: e.wallet.clone(),
+                            member: e.member.clone(),
                             amount: charged,
                             refunded: 0,
                             lots: pieces_text(&e.lots),
@@ -435,6 +594,7 @@ impl Replay<'_> {
                 }
                 self.wallet.expired += e.amount;
             }
+            EventKind::Member | EventKind::Allocate | EventKind::Budget => {}
             EventKind::Refund => {
                 self.create_lots(e, "refund", &format!("refund of {}", e.charge_id))?;
                 let expired: i64 = e.extra.parse().unwrap_or(0);
@@ -455,6 +615,10 @@ impl Replay<'_> {
                 self.record(e, &["refund", &e.charge_id, &amount, &e.metadata], answer);
             }
         }
+        self.check_pair(e)
+    }
+
+    fn check_pair(&mut self, e: &LedgerEvent) -> Result<(), RestoreError> {
         let w = &mut self.wallet;
         w.lots.retain(|_, l| l.remaining > 0 || l.held > 0);
         w.available = w.lots.values().map(|l| l.remaining).sum();
@@ -558,6 +722,9 @@ fn write_wallet(pipe: &mut Pipeline, tag: &str, w: &Wallet, open_holds: &[(&Stri
     if w.demo {
         hset.arg("demo").arg(1);
     }
+    if w.budget {
+        hset.arg("bg").arg(1);
+    }
     let mut due: Option<i64> = None;
     for (id, lot) in &w.lots {
         hset.arg(id).arg(lot.remaining);
@@ -617,6 +784,85 @@ fn write_wallet(pipe: &mut Pipeline, tag: &str, w: &Wallet, open_holds: &[(&Stri
     }
 }
 
+/// Writes organizations, allocations and budgets (with the spend of their current
+/// period, rebuilt from the charges: holds count whole, as when they were placed). Returns
+/// the commands queued.
+fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usize {
+    const BUDGET_BUCKETS: i64 = 16;
+    let mut queued = 0;
+    for (org, (created, members)) in &orgs.members {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(format!("{tag}:org:{org}")).arg("c").arg(created);
+        for (member, role) in members {
+            cmd.arg(format!("m:{member}")).arg(role);
+        }
+        pipe.add_command(cmd).ignore();
+        queued += 1;
+    }
+    for ((org, wallet, member), (allocated, used)) in &orgs.allocations {
+        let key = format!("{tag}:al:{org}:{wallet}");
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&key).arg(format!("{member}:u")).arg(used);
+        // Used without an allocation: an owner or admin spending unbounded.
+        if has_allocation_event(orgs, org, wallet, member) {
+            cmd.arg(member).arg(allocated);
+        }
+        pipe.add_command(cmd).ignore();
+        queued += 1;
+    }
+    for ((account, wallet, member), b) in &orgs.budgets {
+        let key = if member.is_empty() {
+            format!("{tag}:bg:{account}:{wallet}")
+        } else {
+            format!("{tag}:bg:{account}:{wallet}:{member}")
+        };
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&key)
+            .arg("l")
+            .arg(b.limit)
+            .arg("p")
+            .arg(&b.period)
+            .arg("ws")
+            .arg(b.window_ms)
+            .arg("z")
+            .arg(b.offset_ms);
+        let spends = orgs.spends.iter().filter(|(a, w, m, _, _)| {
+            a == account && w == wallet && (member.is_empty() || m == member)
+        });
+        if b.period == "w" {
+            let g = ((b.window_ms + BUDGET_BUCKETS - 1) / BUDGET_BUCKETS).max(1);
+            let cur = now / g;
+            let mut buckets: BTreeMap<i64, i64> = BTreeMap::new();
+            for (_, _, _, at, amount) in spends {
+                let idx = at / g;
+                if idx >= cur - BUDGET_BUCKETS {
+                    *buckets.entry(idx).or_default() += amount;
+                }
+            }
+            for (idx, amount) in buckets {
+                cmd.arg(format!("b{idx}")).arg(amount);
+            }
+        } else {
+            let start = period_start(&b.period, b.offset_ms, now);
+            let spent: i64 = spends
+                .filter(|(_, _, _, at, _)| *at >= start)
+                .map(|(_, _, _, _, amount)| amount)
+                .sum();
+            cmd.arg("s").arg(spent).arg("ps").arg(start);
+        }
+        pipe.add_command(cmd).ignore();
+        queued += 1;
+    }
+    queued
+}
+
+/// Whether the allocation map's entry came from an `allocate` event (rather than only from
+/// an unbounded owner's or admin's charges): then the allocation field exists in Redis.
+fn has_allocation_event(orgs: &OrgState, org: &str, wallet: &str, member: &str) -> bool {
+    orgs.allocated_explicitly
+        .contains(&(org.to_owned(), wallet.to_owned(), member.to_owned()))
+}
+
 /// Restores every shard. Refuses a Redis that already holds tollgate data unless `force`
 /// (which first deletes it: unsettled outbox events are lost — reconcile or drain first).
 pub async fn restore(
@@ -649,6 +895,7 @@ pub async fn restore(
         let mut holds: HashMap<String, Hold> = HashMap::new();
         let mut charges: HashMap<String, Charge> = HashMap::new();
         let mut records = Vec::new();
+        let mut orgs = OrgState::default();
         let mut wallets: Vec<Wallet> = Vec::new();
         let mut after: Option<WalletPosition> = None;
         let mut current: Option<Wallet> = None;
@@ -683,6 +930,7 @@ pub async fn restore(
                     holds: &mut holds,
                     charges: &mut charges,
                     records: Vec::new(),
+                    orgs: &mut orgs,
                 };
                 replay.apply(e)?;
                 records.append(&mut replay.records);
@@ -695,6 +943,12 @@ pub async fn restore(
         }
         if let Some(done) = current.take() {
             wallets.push(done);
+        }
+        // Membership events have no wallet.
+        wallets.retain(|w| !w.wallet.is_empty());
+        for w in &mut wallets {
+            let own = (w.account_id.clone(), w.wallet.clone(), String::new());
+            w.budget = orgs.budgets.contains_key(&own);
         }
         shard_report.wallets = wallets.len();
 
@@ -760,6 +1014,11 @@ pub async fn restore(
                 .arg(h.state.to_string())
                 .arg("o")
                 .arg(&h.operation);
+            if !h.member.is_empty() {
+                // Budget references are not rebuilt: releasing a restored hold gives
+                // nothing back to a budget (conservative).
+                cmd.arg("mb").arg(&h.member).arg("bg").arg("");
+            }
             if h.state != 'a' {
                 cmd.arg("q").arg(h.captured);
             }
@@ -791,6 +1050,13 @@ pub async fn restore(
                 .arg("l")
                 .arg(&c.lots)
                 .ignore();
+            if !c.member.is_empty() {
+                pipe.cmd("HSET")
+                    .arg(&ckey)
+                    .arg("mb")
+                    .arg(&c.member)
+                    .ignore();
+            }
             pipe.cmd("PEXPIRE").arg(&ckey).arg(ttl).ignore();
             shard_report.charges += 1;
             queued += 1;
@@ -820,6 +1086,8 @@ pub async fn restore(
                 flush(&ledger, &mut pipe, &mut queued).await?;
             }
         }
+        queued += write_orgs(&mut pipe, &tag, &orgs, now);
+        shard_report.orgs = orgs.members.len();
         if hold_seq > 0 {
             pipe.cmd("SET")
                 .arg(format!("{tag}:seq"))

@@ -32,6 +32,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("schema_v1.sql")),
     (2, include_str!("schema_v2.sql")),
     (3, include_str!("schema_v3.sql")),
+    (4, include_str!("schema_v4.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,8 @@ pub struct Derived {
 pub struct ApiKeyRecord {
     pub key_id: String,
     pub account_id: String,
+    /// The org member an org workspace key acts for ("" = none).
+    pub member_id: String,
     pub digest: String,
     pub name: String,
     pub created_at_ms: i64,
@@ -144,7 +147,7 @@ pub struct HistoryPage {
 
 const EVENT_COLUMNS: &str = "event_id, shard, stream_ms, stream_seq, kind, account_id, wallet, \
     amount, available_after, held_after, lots, extra, hold_id, charge_id, idempotency_key, \
-    operation, metadata, created_at_ms, version";
+    operation, metadata, created_at_ms, version, member";
 
 const SUMMARY_UPSERT_TAIL: &str = " ON CONFLICT (account_id, wallet) DO UPDATE SET \
     granted = tollgate_wallets.granted + excluded.granted, \
@@ -229,7 +232,8 @@ fn aggregate<'a>(
     events: impl Iterator<Item = &'a LedgerEvent>,
 ) -> BTreeMap<(String, String), WalletBatch> {
     let mut wallets: BTreeMap<(String, String), WalletBatch> = BTreeMap::new();
-    for e in events {
+    // Membership events belong to no wallet: no summary row.
+    for e in events.filter(|e| !e.wallet.is_empty()) {
         let w = wallets
             .entry((e.account_id.clone(), e.wallet.clone()))
             .or_default();
@@ -285,6 +289,7 @@ where
         created_at_ms: int("created_at_ms")?,
         version: u32::try_from(int("version")?)
             .map_err(|_| StoreError::Corrupt(format!("version of {event_id}")))?,
+        member: text("member")?,
         event_id,
     })
 }
@@ -439,6 +444,7 @@ macro_rules! store_impl {
                             .push_bind(e.metadata.clone())
                             .push_bind(e.created_at_ms)
                             .push_bind(i64::from(e.version))
+                            .push_bind(e.member.clone())
                             .push_bind(d.granted)
                             .push_bind(d.used)
                             .push_bind(d.expired)
@@ -464,7 +470,7 @@ macro_rules! store_impl {
                     let overrides = self.threshold_overrides(&mut tx, &keys).await?;
                     let mut per_wallet: BTreeMap<(&str, &str), Vec<&LedgerEvent>> =
                         BTreeMap::new();
-                    for e in &new_events {
+                    for e in new_events.iter().filter(|e| !e.wallet.is_empty()) {
                         per_wallet
                             .entry((e.account_id.as_str(), e.wallet.as_str()))
                             .or_default()
@@ -751,7 +757,7 @@ macro_rules! store_impl {
             pub async fn save_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
                 sqlx::query(
                     "INSERT INTO tollgate_api_keys (key_id, account_id, digest, name, \
-                     created_at_ms, revoked_at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                     created_at_ms, revoked_at_ms, member_id) VALUES ($1, $2, $3, $4, $5, $6, $7) \
                      ON CONFLICT (key_id) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
                 )
                 .bind(key.key_id.clone())
@@ -760,6 +766,7 @@ macro_rules! store_impl {
                 .bind(key.name.clone())
                 .bind(key.created_at_ms)
                 .bind(key.revoked_at_ms)
+                .bind(key.member_id.clone())
                 .execute(&self.pool)
                 .await?;
                 Ok(())
@@ -767,8 +774,8 @@ macro_rules! store_impl {
 
             pub async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
                 let rows = sqlx::query(
-                    "SELECT key_id, account_id, digest, name, created_at_ms, revoked_at_ms \
-                     FROM tollgate_api_keys ORDER BY key_id",
+                    "SELECT key_id, account_id, digest, name, created_at_ms, revoked_at_ms, \
+                     member_id FROM tollgate_api_keys ORDER BY key_id",
                 )
                 .fetch_all(&self.pool)
                 .await?;
@@ -781,6 +788,7 @@ macro_rules! store_impl {
                             name: r.try_get("name")?,
                             created_at_ms: r.try_get("created_at_ms")?,
                             revoked_at_ms: r.try_get("revoked_at_ms")?,
+                            member_id: r.try_get("member_id")?,
                         })
                     })
                     .collect::<Result<Vec<_>, sqlx::Error>>()

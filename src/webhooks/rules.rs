@@ -302,6 +302,7 @@ pub fn lot_deltas(e: &LedgerEvent) -> Vec<(&str, Option<i64>, i64)> {
         EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
             return returned(e);
         }
+        EventKind::Member | EventKind::Allocate | EventKind::Budget => Vec::new(),
     };
     pieces
         .into_iter()
@@ -374,6 +375,7 @@ mod tests {
             metadata: String::new(),
             created_at_ms: 1000,
             version: 1,
+            member: String::new(),
         }
     }
 

@@ -552,6 +552,7 @@ pub async fn seed(server: &TestServer, account: &str, credits: i64) -> String {
         .create_api_key(pb::CreateApiKeyRequest {
             account_id: account.into(),
             name: "test".into(),
+            ..Default::default()
         })
         .await
         .expect("create key")

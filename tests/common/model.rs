@@ -1125,6 +1125,8 @@ impl Replayer {
                 }
                 w.expired += e.amount;
             }
+            // Organization events move no credits.
+            EventKind::Member | EventKind::Allocate | EventKind::Budget => {}
             EventKind::Refund => {
                 let charge = self
                     .charges

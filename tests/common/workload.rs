@@ -51,6 +51,7 @@ pub async fn every_kind(ledger: &Ledger, now: &AtomicI64, rounds: usize, tag: &s
                     idempotency_key: key("d"),
                     operation: "envelope.send".into(),
                     metadata: [("doc".to_owned(), format!("{round}"))].into(),
+                    member_id: String::new(),
                 })
                 .await
                 .expect("debit");
@@ -74,6 +75,7 @@ pub async fn every_kind(ledger: &Ledger, now: &AtomicI64, rounds: usize, tag: &s
                 idempotency_key: key(op),
                 operation: "ocr.pages".into(),
                 metadata: Metadata::new(),
+                member_id: String::new(),
             };
             let h1 = ledger
                 .authorize(&hold(50, OnExpiry::Release, "h1"))

@@ -1,8 +1,10 @@
 -- authorize: place a hold. ARGV 8 account, 9 wallet, 10 idempotency key, 11 digest,
 -- 12 amount, 13 ttl_ms, 14 on_expiry ("c" capture | "r" release), 15 operation,
--- 16 metadata, 17 most open holds per wallet.
+-- 16 metadata, 17 most open holds per wallet, 18 org member ("" = none; see debit.lua).
 -- Answers "OK|event_id|hold_id|amount|expires_at_ms|available|held",
--- "INSUFFICIENT_CREDITS|required|available" or "HOLD_LIMIT|max".
+-- "INSUFFICIENT_CREDITS|required|available", "HOLD_LIMIT|max", or as debit.lua for
+-- allocations, budgets and members. A hold counts in the allocation and the budgets at
+-- once; what it does not charge goes back when it ends.
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
@@ -19,10 +21,24 @@ end
 if outbox_full() then
   return { 0, 'OUTBOX_FULL' }
 end
+local member = ARGV[18]
+local remaining
+if member ~= '' then
+  local role = member_role(ARGV[8], member)
+  if not role then
+    return { 0, 'BAD_FIELD|member_id|is not a member of the organization' }
+  end
+  remaining = alloc_remaining(ARGV[8], ARGV[9], member, role)
+end
 local W = open_wallet(ARGV[8], ARGV[9])
 settle_due(W)
+local budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
 local answer
-if W.r < amount then
+if remaining and remaining < amount then
+  answer = 'ALLOCATION_EXCEEDED|' .. itos(amount) .. '|' .. itos(remaining)
+elseif budgets and budgets_refuse(budgets, amount) then
+  answer = budgets_refuse(budgets, amount)
+elseif W.r < amount then
   answer = 'INSUFFICIENT_CREDITS|' .. itos(amount) .. '|' .. itos(W.r)
 elseif redis.call('ZCARD', W.hw) >= tonumber(ARGV[17]) then
   answer = 'HOLD_LIMIT|' .. ARGV[17]
@@ -37,11 +53,20 @@ else
   local deadline = NOW + tonumber(ARGV[13])
   redis.call('HSET', TAG .. ':h:' .. hold_id, 'a', ARGV[8], 'w', ARGV[9], 'n', amount, 'l', lots,
     'd', deadline, 'e', ARGV[14], 's', 'a', 'o', ARGV[15])
+  local refs = budgets and budgets_spend(budgets, amount) or ''
+  if member ~= '' or refs ~= '' then
+    redis.call('HSET', TAG .. ':h:' .. hold_id, 'mb', member, 'bg', refs)
+  end
+  MEMBER = member
+  alloc_use(ARGV[8], ARGV[9], member, amount)
   redis.call('ZADD', W.hw, deadline, hold_id)
   schedule(W, deadline)
   local eid = emit(W, 'hold', amount, lots, ARGV[14] .. itos(deadline), hold_id, '', ARGV[10], ARGV[15], ARGV[16])
   answer = 'OK|' .. eid .. '|' .. hold_id .. '|' .. itos(amount) .. '|' .. itos(deadline) .. '|'
     .. itos(W.r) .. '|' .. itos(W.h)
+  if remaining then
+    answer = answer .. '|' .. itos(math.min(remaining - amount, W.r))
+  end
 end
 remember(ikey, ARGV[11], answer)
 return { 0, answer }

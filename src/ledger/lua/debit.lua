@@ -1,6 +1,8 @@
 -- debit: charge now. ARGV 8 account, 9 wallet, 10 idempotency key, 11 digest,
--- 12 amount, 13 operation, 14 metadata.
--- Answers "OK|event_id|amount|available|held" or "INSUFFICIENT_CREDITS|required|available".
+-- 12 amount, 13 operation, 14 metadata, 15 org member ("" = none; then ARGV 8 is the org).
+-- Answers "OK|event_id|amount|available|held", "INSUFFICIENT_CREDITS|required|available",
+-- "ALLOCATION_EXCEEDED|required|remaining", "BUDGET_EXCEEDED|which|limit|spent|resets_at_ms"
+-- or "BAD_FIELD|field|why" (not a member: nothing recorded).
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
@@ -17,10 +19,24 @@ end
 if outbox_full() then
   return { 0, 'OUTBOX_FULL' }
 end
+local member = ARGV[15]
+local remaining
+if member ~= '' then
+  local role = member_role(ARGV[8], member)
+  if not role then
+    return { 0, 'BAD_FIELD|member_id|is not a member of the organization' }
+  end
+  remaining = alloc_remaining(ARGV[8], ARGV[9], member, role)
+end
 local W = open_wallet(ARGV[8], ARGV[9])
 settle_due(W)
+local budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
 local answer
-if W.r < amount then
+if remaining and remaining < amount then
+  answer = 'ALLOCATION_EXCEEDED|' .. itos(amount) .. '|' .. itos(remaining)
+elseif budgets and budgets_refuse(budgets, amount) then
+  answer = budgets_refuse(budgets, amount)
+elseif W.r < amount then
   answer = 'INSUFFICIENT_CREDITS|' .. itos(amount) .. '|' .. itos(W.r)
 else
   local lots = draw(W, amount, false)
@@ -29,9 +45,18 @@ else
   end
   W.r = redis.call('HINCRBY', W.w, 'r', -amount)
   redis.call('HINCRBY', W.w, 'u', amount)
+  if budgets then
+    budgets_spend(budgets, amount)
+  end
+  MEMBER = member
+  alloc_use(ARGV[8], ARGV[9], member, amount)
   local eid = emit(W, 'debit', amount, lots, '', '', '', ARGV[10], ARGV[13], ARGV[14])
   record_charge(W, eid, amount, lots)
   answer = 'OK|' .. eid .. '|' .. itos(amount) .. '|' .. itos(W.r) .. '|' .. itos(W.h)
+  if remaining then
+    -- A member's spendable: what is left of the allocation, within the org's balance.
+    answer = answer .. '|' .. itos(math.min(remaining - amount, W.r))
+  end
 end
 remember(ikey, ARGV[11], answer)
 return { 0, answer }

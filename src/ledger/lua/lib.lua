@@ -139,27 +139,232 @@ local function open_wallet(acct, wallet)
     x = TAG .. ':x:' .. base,
     hw = TAG .. ':hw:' .. base,
   }
-  local v = redis.call('HMGET', W.w, 'r', 'h', 'd')
+  local v = redis.call('HMGET', W.w, 'r', 'h', 'd', 'bg')
   W.r = tonumber(v[1]) or 0
   W.h = tonumber(v[2]) or 0
   W.d = tonumber(v[3])
+  W.bg = v[4]
   return W
 end
 
 -- Appends one ledger event to the shard's outbox; its id is "<shard>-<stream id>".
 -- l: lots debited or credited "id:amount[:score],..."; x: per-kind extra (see ledger/event.rs).
+-- The organization member an event is attributed to ("" outside an org workspace): set by
+-- the scripts that act for a member, written as the event's `mb` field when not empty.
+local MEMBER = ''
+
 local function emit(W, kind, amount, l, x, hold, charge, idem, op, meta)
-  local sid = redis.call('XADD', OUTBOX, '*',
-    'k', kind, 'a', W.acct, 'w', W.wallet, 'n', amount, 'v', W.r, 'h', W.h,
-    'l', l, 'x', x, 'hd', hold, 'c', charge, 'i', idem, 'o', op, 'm', meta, 't', NOW,
-    'ver', EVENT_VERSION)
+  local sid
+  if MEMBER == '' then
+    sid = redis.call('XADD', OUTBOX, '*',
+      'k', kind, 'a', W.acct, 'w', W.wallet, 'n', amount, 'v', W.r, 'h', W.h,
+      'l', l, 'x', x, 'hd', hold, 'c', charge, 'i', idem, 'o', op, 'm', meta, 't', NOW,
+      'ver', EVENT_VERSION)
+  else
+    sid = redis.call('XADD', OUTBOX, '*',
+      'k', kind, 'a', W.acct, 'w', W.wallet, 'n', amount, 'v', W.r, 'h', W.h,
+      'l', l, 'x', x, 'hd', hold, 'c', charge, 'i', idem, 'o', op, 'm', meta, 't', NOW,
+      'ver', EVENT_VERSION, 'mb', MEMBER)
+  end
   return SHARD .. '-' .. sid
 end
 
 local function record_charge(W, eid, amount, lots)
   local ckey = TAG .. ':c:' .. eid
-  redis.call('HSET', ckey, 'a', W.acct, 'w', W.wallet, 'n', amount, 'f', 0, 'l', lots)
+  if MEMBER == '' then
+    redis.call('HSET', ckey, 'a', W.acct, 'w', W.wallet, 'n', amount, 'f', 0, 'l', lots)
+  else
+    redis.call('HSET', ckey, 'a', W.acct, 'w', W.wallet, 'n', amount, 'f', 0, 'l', lots, 'mb', MEMBER)
+  end
   redis.call('PEXPIRE', ckey, CHARGE_RETENTION_MS)
+end
+
+-- Organizations (docs/ARCHITECTURE.md, "Organizations"). Every key of an org carries the
+-- org's hash tag: "{tg:S}:org:<org>" (field "m:<member>" = role, "c" = created ms),
+-- "{tg:S}:al:<org>:<wallet>" (field <member> = allocated, "<member>:u" = used net of
+-- refunds and returned holds).
+local function org_key(org)
+  return TAG .. ':org:' .. org
+end
+
+local function alloc_key(org, wallet)
+  return TAG .. ':al:' .. org .. ':' .. wallet
+end
+
+local function member_role(org, member)
+  return redis.call('HGET', org_key(org), 'm:' .. member)
+end
+
+-- What a member may still spend from the org wallet: nil when unbounded (an owner or admin
+-- without an allocation), else allocated - used (0 for a plain member without one).
+local function alloc_remaining(org, wallet, member, role)
+  local v = redis.call('HMGET', alloc_key(org, wallet), member, member .. ':u')
+  local allocated = tonumber(v[1])
+  if allocated then
+    return allocated - (tonumber(v[2]) or 0)
+  end
+  if role == 'member' then
+    return 0
+  end
+  return nil
+end
+
+local function alloc_use(org, wallet, member, delta)
+  if member ~= '' and delta ~= 0 then
+    redis.call('HINCRBY', alloc_key(org, wallet), member .. ':u', delta)
+  end
+end
+
+-- Budgets: a spending cap per period on an account's wallet ("{tg:S}:bg:<acct>:<wallet>",
+-- flagged by the wallet's "bg" field) or on an org member's spend from an org wallet
+-- ("{tg:S}:bg:<org>:<wallet>:<member>"). Hash: l limit, p period (d day, m month,
+-- w rolling window), ws window ms, z UTC offset ms of the calendar; calendar periods keep
+-- s spent and ps the period's start; a rolling window keeps "b<index>" buckets of
+-- window/16 and counts the last 17 (a superset of the window: never lets more through).
+local BUDGET_BUCKETS = 16
+local DAY_MS = 86400000
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then
+    y = y - 1
+  end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then
+    y = y + 1
+  end
+  return y, m
+end
+
+-- Start and end (ms) of the calendar period holding NOW.
+local function period_bounds(p, z)
+  local days = math.floor((NOW + z) / DAY_MS)
+  if p == 'd' then
+    return days * DAY_MS - z, (days + 1) * DAY_MS - z
+  end
+  local y, m = civil_from_days(days)
+  local ny, nm = y, m + 1
+  if nm == 13 then
+    ny, nm = y + 1, 1
+  end
+  return days_from_civil(y, m, 1) * DAY_MS - z, days_from_civil(ny, nm, 1) * DAY_MS - z
+end
+
+-- The budget's state now, or nil when there is none.
+local function budget_state(key, name)
+  local v = redis.call('HMGET', key, 'l', 'p', 'ws', 'z', 's', 'ps')
+  if not v[1] then
+    return nil
+  end
+  local B = { key = key, name = name, limit = tonumber(v[1]), p = v[2] }
+  if B.p == 'w' then
+    local g = math.max(1, math.ceil((tonumber(v[3]) or 1) / BUDGET_BUCKETS))
+    local cur = math.floor(NOW / g)
+    B.pid = cur
+    B.spent = 0
+    local oldest
+    local all = redis.call('HGETALL', key)
+    for j = 1, #all, 2 do
+      local f = all[j]
+      if string.sub(f, 1, 1) == 'b' then
+        local idx = tonumber(string.sub(f, 2))
+        local n = tonumber(all[j + 1])
+        if idx < cur - BUDGET_BUCKETS or n <= 0 then
+          redis.call('HDEL', key, f)
+        else
+          B.spent = B.spent + n
+          if not oldest or idx < oldest then
+            oldest = idx
+          end
+        end
+      end
+    end
+    B.resets = oldest and (oldest + BUDGET_BUCKETS + 1) * g or NOW
+  else
+    local s, e = period_bounds(B.p, tonumber(v[4]) or 0)
+    B.pid = s
+    B.spent = tonumber(v[6]) == s and (tonumber(v[5]) or 0) or 0
+    B.resets = e
+  end
+  return B
+end
+
+-- The budgets a charge of acct's wallet (by member, "" = none) is bound by.
+local function budgets_for(W, member)
+  local out = {}
+  if W.bg then
+    local B = budget_state(TAG .. ':bg:' .. W.acct .. ':' .. W.wallet, 'account')
+    if B then
+      out[#out + 1] = B
+    end
+  end
+  if member ~= '' then
+    local B = budget_state(TAG .. ':bg:' .. W.acct .. ':' .. W.wallet .. ':' .. member, 'member')
+    if B then
+      out[#out + 1] = B
+    end
+  end
+  return out
+end
+
+-- The refusal of the first budget the amount would cross, or nil.
+local function budgets_refuse(budgets, amount)
+  for j = 1, #budgets do
+    local B = budgets[j]
+    if B.spent + amount > B.limit then
+      return 'BUDGET_EXCEEDED|' .. B.name .. '|' .. itos(B.limit) .. '|' .. itos(B.spent) .. '|' .. itos(B.resets)
+    end
+  end
+  return nil
+end
+
+-- Counts a charge in every budget; returns "key|period,..." so a hold can give back what
+-- it did not charge (to the same period only).
+local function budgets_spend(budgets, amount)
+  local refs = {}
+  for j = 1, #budgets do
+    local B = budgets[j]
+    if B.p == 'w' then
+      redis.call('HINCRBY', B.key, 'b' .. itos(B.pid), amount)
+    else
+      redis.call('HSET', B.key, 's', B.spent + amount, 'ps', B.pid)
+    end
+    refs[#refs + 1] = B.key .. '|' .. itos(B.pid)
+  end
+  return table.concat(refs, ',')
+end
+
+local function budgets_give_back(refs, amount)
+  if not refs or refs == '' or amount <= 0 then
+    return
+  end
+  for ref in string.gmatch(refs, '[^,]+') do
+    local key, pid = string.match(ref, '^(.*)|(%-?%d+)$')
+    local v = redis.call('HMGET', key, 'p', 'ps', 's', 'b' .. pid)
+    if v[1] == 'w' then
+      local n = tonumber(v[4]) or 0
+      if n > 0 then
+        redis.call('HINCRBY', key, 'b' .. pid, -math.min(n, amount))
+      end
+    elseif v[1] and v[2] == pid then
+      redis.call('HSET', key, 's', math.max(0, (tonumber(v[3]) or 0) - amount))
+    end
+  end
 end
 
 -- The account's wallet names: a small hash (listpack-encoded; a Redis 7.0 set of
@@ -322,6 +527,11 @@ local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, 
     end
   end
   local lapsed_total = amount - capture - back_live
+  -- What the hold did not charge goes back to the member's allocation and the budgets.
+  local org = redis.call('HMGET', hkey, 'mb', 'bg')
+  MEMBER = org[1] or ''
+  alloc_use(W.acct, W.wallet, MEMBER, capture - amount)
+  budgets_give_back(org[2], amount - capture)
   W.h = redis.call('HINCRBY', W.w, 'h', -amount)
   if capture > 0 then
     redis.call('HINCRBY', W.w, 'u', capture)
@@ -347,6 +557,7 @@ local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, 
   if capture > 0 then
     record_charge(W, eid, capture, charged_lots)
   end
+  MEMBER = ''
   for j = 1, #lapsed, 2 do
     W.r = W.r - lapsed[j + 1]
     emit(W, 'expire_lot', lapsed[j + 1], lapsed[j] .. ':' .. itos(lapsed[j + 1]), '', '', '', '', '', '')

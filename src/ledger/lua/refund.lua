@@ -11,7 +11,7 @@ if not initialized() then
 end
 local charge_id = ARGV[8]
 local ckey = TAG .. ':c:' .. charge_id
-local c = redis.call('HMGET', ckey, 'a', 'w', 'n', 'f', 'l')
+local c = redis.call('HMGET', ckey, 'a', 'w', 'n', 'f', 'l', 'mb')
 if not c[1] then
   return { 0, 'NOT_FOUND|charge' }
 end
@@ -86,6 +86,9 @@ else
   end
   redis.call('HINCRBY', W.w, 'f', amount)
   local total = redis.call('HINCRBY', ckey, 'f', amount)
+  -- A refund of a member's charge gives the member's allocation back.
+  MEMBER = c[6] or ''
+  alloc_use(c[1], c[2], MEMBER, -amount)
   local eid = emit(W, 'refund', amount, table.concat(created, ','), itos(expired), '', charge_id, ARGV[9], '', ARGV[12])
   answer = 'OK|' .. eid .. '|' .. itos(amount) .. '|' .. itos(total) .. '|' .. itos(W.r) .. '|' .. itos(expired)
 end

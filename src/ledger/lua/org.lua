@@ -1,0 +1,150 @@
+-- org: organizations, members, allocations and budgets. ARGV 8 operation (create | add |
+-- remove | allocate_set | allocate_add | budget), 9 account (the org; for budget any
+-- account), 10 idempotency key, 11 digest, 12 actor (owner or admin acting), 13 member,
+-- 14 role, 15 wallet, 16 amount (allocation, delta or budget limit; 0 removes a budget),
+-- 17 budget period (d | m | w), 18 window ms, 19 UTC offset ms, 20 most wallets per account.
+-- Answers "OK|event_id|a|b" (create: created_ms; add: role; allocate: allocated|used;
+-- budget: limit), "ORG_EXISTS" or "BAD_FIELD|field|why" (nothing changed or recorded).
+if not initialized() then
+  return { 0, 'LEDGER_NOT_INITIALIZED' }
+end
+local op, org, idem, digest = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local actor, member, role, wallet = ARGV[12], ARGV[13], ARGV[14], ARGV[15]
+local amount = tonumber(ARGV[16])
+local ikey = idem_key(org, idem)
+local prior = recall(ikey, digest)
+if prior then
+  return prior
+end
+local okey = org_key(org)
+local function bad(field, why)
+  return { 0, 'BAD_FIELD|' .. field .. '|' .. why }
+end
+-- Membership events have no wallet: the store keeps no wallet summary for them.
+local NO_WALLET = { acct = org, wallet = '', r = 0, h = 0 }
+
+local function require_admin()
+  if redis.call('EXISTS', okey) == 0 then
+    return bad('org_id', 'is not an organization')
+  end
+  local r = member_role(org, actor)
+  if r ~= 'owner' and r ~= 'admin' then
+    return bad('actor_id', 'must be an owner or admin of the organization')
+  end
+  return nil, r
+end
+
+local answer
+if op == 'create' then
+  if redis.call('EXISTS', okey) == 1 then
+    answer = 'ORG_EXISTS'
+  else
+    redis.call('HSET', okey, 'c', NOW, 'm:' .. member, 'owner')
+    MEMBER = member
+    local eid = emit(NO_WALLET, 'member', 0, '', 'owner', '', '', idem, 'create', '')
+    answer = 'OK|' .. eid .. '|' .. itos(NOW)
+  end
+elseif op == 'add' or op == 'remove' then
+  local refused, actor_role = require_admin()
+  if refused then
+    return refused
+  end
+  local current = member_role(org, member)
+  if op == 'add' then
+    if (role == 'owner' or current == 'owner') and actor_role ~= 'owner' then
+      return bad('actor_id', 'only an owner may add or change an owner')
+    end
+    redis.call('HSET', okey, 'm:' .. member, role)
+  else
+    if not current then
+      return bad('member_id', 'is not a member of the organization')
+    end
+    if current == 'owner' then
+      if actor_role ~= 'owner' then
+        return bad('actor_id', 'only an owner may remove an owner')
+      end
+      local owners = 0
+      local all = redis.call('HGETALL', okey)
+      for j = 2, #all, 2 do
+        if all[j] == 'owner' then
+          owners = owners + 1
+        end
+      end
+      if owners <= 1 then
+        return bad('member_id', 'is the last owner of the organization')
+      end
+    end
+    redis.call('HDEL', okey, 'm:' .. member)
+    role = 'removed'
+  end
+  MEMBER = member
+  local eid = emit(NO_WALLET, 'member', 0, '', role, '', '', idem, op, '')
+  answer = 'OK|' .. eid .. '|' .. role
+elseif op == 'allocate_set' or op == 'allocate_add' then
+  local refused = require_admin()
+  if refused then
+    return refused
+  end
+  if not member_role(org, member) then
+    return bad('member_id', 'is not a member of the organization')
+  end
+  local akey = alloc_key(org, wallet)
+  local v = redis.call('HMGET', akey, member, member .. ':u')
+  local before = tonumber(v[1]) or 0
+  local allocated = amount
+  if op == 'allocate_add' then
+    allocated = before + amount
+    if allocated < 0 then
+      return bad('delta', 'would make the allocation negative (allocated ' .. itos(before) .. ')')
+    end
+  end
+  if allocated > MAX_CREDITS then
+    return bad('amount', 'allocation out of range')
+  end
+  redis.call('HSET', akey, member, allocated)
+  local W = open_wallet(org, wallet)
+  MEMBER = member
+  local eid = emit(W, 'allocate', allocated, '', itos(allocated - before), '', '', idem, op, '')
+  answer = 'OK|' .. eid .. '|' .. itos(allocated) .. '|' .. itos(tonumber(v[2]) or 0)
+elseif op == 'budget' then
+  local bkey = TAG .. ':bg:' .. org .. ':' .. wallet
+  if member ~= '' then
+    if redis.call('EXISTS', okey) == 0 then
+      return bad('account_id', 'is not an organization (member_id names an org member)')
+    end
+    if not member_role(org, member) then
+      return bad('member_id', 'is not a member of the organization')
+    end
+    bkey = bkey .. ':' .. member
+  end
+  local W = open_wallet(org, wallet)
+  if wallet_set_refuses(org, wallet, ARGV[20]) then
+    answer = 'WALLET_LIMIT|' .. ARGV[20]
+    remember(ikey, digest, answer)
+    return { 0, answer }
+  end
+  join_wallet_set(org, wallet)
+  local spec = ARGV[17] .. '|' .. ARGV[18] .. '|' .. ARGV[19]
+  if amount == 0 then
+    redis.call('DEL', bkey)
+    if member == '' then
+      redis.call('HDEL', W.w, 'bg')
+    end
+  else
+    local old = redis.call('HMGET', bkey, 'p', 'ws', 'z')
+    if old[1] and (old[1] ~= ARGV[17] or old[2] ~= ARGV[18] or old[3] ~= ARGV[19]) then
+      redis.call('DEL', bkey)
+    end
+    redis.call('HSET', bkey, 'l', amount, 'p', ARGV[17], 'ws', ARGV[18], 'z', ARGV[19])
+    if member == '' then
+      redis.call('HSET', W.w, 'bg', 1)
+    end
+  end
+  MEMBER = member
+  local eid = emit(W, 'budget', amount, '', spec, '', '', idem, 'budget', '')
+  answer = 'OK|' .. eid .. '|' .. itos(amount)
+else
+  return redis.error_reply('TG_BAD_OPERATION unknown org operation')
+end
+remember(ikey, digest, answer)
+return { 0, answer }

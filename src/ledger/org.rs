@@ -1,0 +1,555 @@
+//! Organizations: members with roles, allocations of org wallets to members, and budgets
+//! (spending caps per period) of accounts and org members. State lives under the org's
+//! hash tag and changes only through `lua/org.lua`; charges check allocations and budgets
+//! inside the debit and authorize scripts (docs/ARCHITECTURE.md, "Organizations").
+
+use super::command::{digest, Violations, CREDITS_MAX};
+use super::redis_pool::Answer;
+use super::reply::ok_fields;
+use super::{Ledger, LedgerError};
+
+/// A member's role in an organization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Owner,
+    Admin,
+    Member,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "owner" => Self::Owner,
+            "admin" => Self::Admin,
+            "member" => Self::Member,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Admin => "admin",
+            Self::Member => "member",
+        }
+    }
+
+    /// Owners and admins see the org's balance and manage members, allocations and keys.
+    pub fn manages(self) -> bool {
+        matches!(self, Self::Owner | Self::Admin)
+    }
+}
+
+/// A budget's period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    /// A calendar day in the budget's UTC offset.
+    Day,
+    /// A calendar month in the budget's UTC offset.
+    Month,
+    /// A rolling window of this many ms (counted in buckets of 1/16 of it, so a charge may
+    /// be refused up to 1/16 of the window early, never let through late).
+    Window(i64),
+}
+
+impl BudgetPeriod {
+    pub const WINDOW_MS_MAX: i64 = 366 * 24 * 3600 * 1000;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Month => "month",
+            Self::Window(_) => "window",
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Self::Day => "d",
+            Self::Month => "m",
+            Self::Window(_) => "w",
+        }
+    }
+
+    fn window_ms(self) -> i64 {
+        match self {
+            Self::Window(ms) => ms,
+            _ => 0,
+        }
+    }
+
+    /// From the API's words: `day`, `month` or `window` (with `window_secs`).
+    pub fn parse(name: &str, window_secs: i64, v: &mut Violations) -> Option<Self> {
+        match name {
+            "day" => Some(Self::Day),
+            "month" => Some(Self::Month),
+            "window" => {
+                if window_secs <= 0 || window_secs.saturating_mul(1000) > Self::WINDOW_MS_MAX {
+                    v.add(
+                        "window_secs",
+                        "must be in 1..=31622400 for a rolling window",
+                    );
+                    None
+                } else {
+                    Some(Self::Window(window_secs * 1000))
+                }
+            }
+            _ => {
+                v.add("period", "must be day, month or window");
+                None
+            }
+        }
+    }
+}
+
+pub const UTC_OFFSET_MINUTES_MAX: i32 = 14 * 60;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetBudget {
+    pub account_id: String,
+    /// Empty: the account's own budget on the wallet (every charge of it); else the org
+    /// member's budget on the org wallet.
+    pub member_id: String,
+    pub wallet: String,
+    /// 0 removes the budget.
+    pub limit: i64,
+    pub period: BudgetPeriod,
+    /// Calendar periods start at midnight of this UTC offset.
+    pub utc_offset_minutes: i32,
+    pub idempotency_key: String,
+}
+
+/// How an allocation changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocationChange {
+    Set(i64),
+    Add(i64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgEvent {
+    pub event_id: String,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationOutcome {
+    pub event_id: String,
+    pub allocated: i64,
+    pub used: i64,
+    pub replayed: bool,
+}
+
+/// A member's allocation of one org wallet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationState {
+    pub wallet: String,
+    pub allocated: i64,
+    pub used: i64,
+    /// False for an owner or admin without an allocation: only the org balance bounds them.
+    pub bounded: bool,
+}
+
+impl AllocationState {
+    pub fn remaining(&self) -> i64 {
+        (self.allocated - self.used).max(0)
+    }
+}
+
+/// A budget and what was spent in its current period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetState {
+    /// "account" or "member".
+    pub scope: String,
+    pub wallet: String,
+    pub limit: i64,
+    pub period: String,
+    pub window_ms: i64,
+    pub spent: i64,
+    pub resets_at_ms: i64,
+}
+
+/// What GetBalance adds to balances: the caller's role, allocations and budgets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountView {
+    /// The member's role; None outside an org (or for a non-member).
+    pub role: Option<Role>,
+    pub allocations: Vec<AllocationState>,
+    pub budgets: Vec<BudgetState>,
+}
+
+/// One org script call's parameters (unused ones empty).
+#[derive(Default)]
+struct OrgCall<'a> {
+    op: &'a str,
+    account: &'a str,
+    idempotency_key: &'a str,
+    actor: &'a str,
+    member: &'a str,
+    role: &'a str,
+    wallet: &'a str,
+    amount: i64,
+    period: &'a str,
+    window_ms: i64,
+    offset_ms: i64,
+}
+
+fn wallet_or_default(wallet: &str) -> &str {
+    if wallet.is_empty() {
+        super::command::DEFAULT_WALLET
+    } else {
+        wallet
+    }
+}
+
+impl Ledger {
+    async fn org_call(&self, c: OrgCall<'_>) -> Result<Answer, LedgerError> {
+        let shard = self.shards.of_account(c.account);
+        let amount = c.amount.to_string();
+        let window = c.window_ms.to_string();
+        let offset = c.offset_ms.to_string();
+        let digest = digest(&[
+            "org", c.op, c.actor, c.member, c.role, c.wallet, &amount, c.period, &window, &offset,
+        ]);
+        let mut inv = self.invocation(&self.scripts.org, shard);
+        inv.arg(c.op)
+            .arg(c.account)
+            .arg(c.idempotency_key)
+            .arg(&digest)
+            .arg(c.actor)
+            .arg(c.member)
+            .arg(c.role)
+            .arg(c.wallet)
+            .arg(&amount)
+            .arg(c.period)
+            .arg(&window)
+            .arg(&offset)
+            .arg(&self.wallets_max);
+        self.redis.answer(&inv).await
+    }
+
+    /// Creates an organization (an account whose wallets its members spend) with its
+    /// first owner. Returns the event and the creation time.
+    pub async fn create_org(
+        &self,
+        org_id: &str,
+        owner_id: &str,
+        idempotency_key: &str,
+    ) -> Result<(OrgEvent, i64), LedgerError> {
+        let mut v = Violations::default();
+        v.account_id("org_id", org_id);
+        v.account_id("owner_id", owner_id);
+        v.member_id("owner_id", owner_id, org_id);
+        v.idempotency_key("idempotency_key", idempotency_key);
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let answer = self
+            .org_call(OrgCall {
+                op: "create",
+                account: org_id,
+                idempotency_key,
+                member: owner_id,
+                ..OrgCall::default()
+            })
+            .await?;
+        let mut f = ok_fields(&answer)?;
+        let event_id = f.text()?.to_owned();
+        let created = f.int()?;
+        Ok((
+            OrgEvent {
+                event_id,
+                replayed: answer.replayed,
+            },
+            created,
+        ))
+    }
+
+    /// Adds a member (or changes a member's role); `actor_id` must be an owner or admin,
+    /// and an owner to touch owners.
+    pub async fn add_member(
+        &self,
+        org_id: &str,
+        actor_id: &str,
+        member_id: &str,
+        role: &str,
+        idempotency_key: &str,
+    ) -> Result<OrgEvent, LedgerError> {
+        let mut v = Violations::default();
+        v.account_id("org_id", org_id);
+        v.account_id("actor_id", actor_id);
+        v.account_id("member_id", member_id);
+        v.member_id("member_id", member_id, org_id);
+        if Role::parse(role).is_none() {
+            v.add("role", "must be owner, admin or member");
+        }
+        v.idempotency_key("idempotency_key", idempotency_key);
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let answer = self
+            .org_call(OrgCall {
+                op: "add",
+                account: org_id,
+                idempotency_key,
+                actor: actor_id,
+                member: member_id,
+                role,
+                ..OrgCall::default()
+            })
+            .await?;
+        let mut f = ok_fields(&answer)?;
+        Ok(OrgEvent {
+            event_id: f.text()?.to_owned(),
+            replayed: answer.replayed,
+        })
+    }
+
+    pub async fn remove_member(
+        &self,
+        org_id: &str,
+        actor_id: &str,
+        member_id: &str,
+        idempotency_key: &str,
+    ) -> Result<OrgEvent, LedgerError> {
+        let mut v = Violations::default();
+        v.account_id("org_id", org_id);
+        v.account_id("actor_id", actor_id);
+        v.account_id("member_id", member_id);
+        v.idempotency_key("idempotency_key", idempotency_key);
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let answer = self
+            .org_call(OrgCall {
+                op: "remove",
+                account: org_id,
+                idempotency_key,
+                actor: actor_id,
+                member: member_id,
+                ..OrgCall::default()
+            })
+            .await?;
+        let mut f = ok_fields(&answer)?;
+        Ok(OrgEvent {
+            event_id: f.text()?.to_owned(),
+            replayed: answer.replayed,
+        })
+    }
+
+    /// Members and roles, sorted by member id. NotFound for an account that is no org.
+    pub async fn members(&self, org_id: &str) -> Result<Vec<(String, Role)>, LedgerError> {
+        let mut v = Violations::default();
+        v.account_id("org_id", org_id);
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let shard = self.shards.of_account(org_id);
+        let key = format!("{}:org:{org_id}", self.shards.tag(shard));
+        let fields: Vec<(String, String)> =
+            self.redis.query(redis::cmd("HGETALL").arg(&key)).await?;
+        if fields.is_empty() {
+            return Err(LedgerError::NotFound("organization"));
+        }
+        let mut out: Vec<(String, Role)> = fields
+            .into_iter()
+            .filter_map(|(field, role)| {
+                Some((field.strip_prefix("m:")?.to_owned(), Role::parse(&role)?))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Sets or changes a member's allocation of an org wallet; `actor_id` must be an owner
+    /// or admin.
+    pub async fn allocate(
+        &self,
+        org_id: &str,
+        actor_id: &str,
+        member_id: &str,
+        wallet: &str,
+        change: AllocationChange,
+        idempotency_key: &str,
+    ) -> Result<AllocationOutcome, LedgerError> {
+        let mut v = Violations::default();
+        v.account_id("org_id", org_id);
+        v.account_id("actor_id", actor_id);
+        v.account_id("member_id", member_id);
+        v.wallet("wallet", wallet);
+        let (op, amount) = match change {
+            AllocationChange::Set(n) => {
+                if !(0..=CREDITS_MAX).contains(&n) {
+                    v.add("amount", format!("must be in 0..={CREDITS_MAX}"));
+                }
+                ("allocate_set", n)
+            }
+            AllocationChange::Add(d) => {
+                if d == 0 || d.abs() > CREDITS_MAX {
+                    v.add(
+                        "delta",
+                        format!("must be non-zero and within ±{CREDITS_MAX}"),
+                    );
+                }
+                ("allocate_add", d)
+            }
+        };
+        v.idempotency_key("idempotency_key", idempotency_key);
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let answer = self
+            .org_call(OrgCall {
+                op,
+                account: org_id,
+                idempotency_key,
+                actor: actor_id,
+                member: member_id,
+                wallet: wallet_or_default(wallet),
+                amount,
+                ..OrgCall::default()
+            })
+            .await?;
+        let mut f = ok_fields(&answer)?;
+        Ok(AllocationOutcome {
+            event_id: f.text()?.to_owned(),
+            allocated: f.int()?,
+            used: f.int()?,
+            replayed: answer.replayed,
+        })
+    }
+
+    /// The command's own field checks (the period is checked when it is parsed).
+    pub fn check_budget(&self, cmd: &SetBudget) -> Result<(), Vec<super::FieldViolation>> {
+        let mut v = Violations::default();
+        v.account_id("account_id", &cmd.account_id);
+        v.member_id("member_id", &cmd.member_id, &cmd.account_id);
+        v.wallet("wallet", &cmd.wallet);
+        if !(0..=CREDITS_MAX).contains(&cmd.limit) {
+            v.add("limit", format!("must be in 0..={CREDITS_MAX} (0 removes)"));
+        }
+        if cmd.utc_offset_minutes.abs() > UTC_OFFSET_MINUTES_MAX {
+            v.add(
+                "utc_offset_minutes",
+                format!("must be within ±{UTC_OFFSET_MINUTES_MAX}"),
+            );
+        }
+        v.idempotency_key("idempotency_key", &cmd.idempotency_key);
+        v.finish()
+    }
+
+    /// Sets (limit > 0) or removes (limit 0) a budget.
+    pub async fn set_budget(&self, cmd: &SetBudget) -> Result<OrgEvent, LedgerError> {
+        self.check_budget(cmd)
+            .map_err(LedgerError::InvalidArgument)?;
+        let answer = self
+            .org_call(OrgCall {
+                op: "budget",
+                account: &cmd.account_id,
+                idempotency_key: &cmd.idempotency_key,
+                member: &cmd.member_id,
+                wallet: wallet_or_default(&cmd.wallet),
+                amount: cmd.limit,
+                period: cmd.period.code(),
+                window_ms: cmd.period.window_ms(),
+                offset_ms: i64::from(cmd.utc_offset_minutes) * 60_000,
+                ..OrgCall::default()
+            })
+            .await?;
+        let mut f = ok_fields(&answer)?;
+        Ok(OrgEvent {
+            event_id: f.text()?.to_owned(),
+            replayed: answer.replayed,
+        })
+    }
+
+    /// The role, allocations and budgets of an account (member empty) or an org member,
+    /// for one wallet or every wallet (empty).
+    pub async fn view(
+        &self,
+        account_id: &str,
+        member_id: &str,
+        wallet: &str,
+    ) -> Result<AccountView, LedgerError> {
+        let shard = self.shards.of_account(account_id);
+        let mut inv = self.invocation(&self.scripts.view, shard);
+        inv.arg(account_id).arg(member_id).arg(wallet);
+        let rows: Vec<String> = self.redis.call_script(&inv).await?;
+        parse_view(&rows)
+    }
+}
+
+fn parse_view(rows: &[String]) -> Result<AccountView, LedgerError> {
+    let bad = |row: &str| LedgerError::Internal(format!("malformed view row {row:?}"));
+    let int = |text: &str, row: &str| text.parse::<i64>().map_err(|_| bad(row));
+    let mut view = AccountView {
+        role: rows.first().and_then(|r| Role::parse(r)),
+        ..AccountView::default()
+    };
+    for row in rows.iter().skip(1) {
+        let parts: Vec<&str> = row.split('|').collect();
+        match parts.as_slice() {
+            ["A", wallet, allocated, used, bounded] => view.allocations.push(AllocationState {
+                wallet: (*wallet).to_owned(),
+                allocated: int(allocated, row)?,
+                used: int(used, row)?,
+                bounded: *bounded == "1",
+            }),
+            ["B", scope, wallet, limit, period, window, spent, resets] => {
+                view.budgets.push(BudgetState {
+                    scope: (*scope).to_owned(),
+                    wallet: (*wallet).to_owned(),
+                    limit: int(limit, row)?,
+                    period: match *period {
+                        "d" => "day",
+                        "m" => "month",
+                        "w" => "window",
+                        _ => return Err(bad(row)),
+                    }
+                    .to_owned(),
+                    window_ms: int(window, row)?,
+                    spent: int(spent, row)?,
+                    resets_at_ms: int(resets, row)?,
+                })
+            }
+            _ => return Err(bad(row)),
+        }
+    }
+    Ok(view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_rows_parse() {
+        let rows: Vec<String> = [
+            "member",
+            "A|default|500|120|1",
+            "B|member|default|100|d|0|40|86400000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let view = parse_view(&rows).unwrap();
+        assert_eq!(view.role, Some(Role::Member));
+        assert_eq!(view.allocations[0].remaining(), 380);
+        assert_eq!(view.budgets[0].period, "day");
+        assert!(parse_view(&["".into(), "A|x".into()]).is_err());
+    }
+
+    #[test]
+    fn periods_parse_with_their_field() {
+        let mut v = Violations::default();
+        assert_eq!(
+            BudgetPeriod::parse("day", 0, &mut v),
+            Some(BudgetPeriod::Day)
+        );
+        assert_eq!(
+            BudgetPeriod::parse("window", 60, &mut v),
+            Some(BudgetPeriod::Window(60_000))
+        );
+        assert!(v.finish().is_ok());
+        let mut v = Violations::default();
+        assert_eq!(BudgetPeriod::parse("window", 0, &mut v), None);
+        assert_eq!(BudgetPeriod::parse("week", 0, &mut v), None);
+        let fields: Vec<String> = v
+            .finish()
+            .unwrap_err()
+            .into_iter()
+            .map(|f| f.field)
+            .collect();
+        assert_eq!(fields, ["window_secs", "period"]);
+    }
+}
