@@ -7,16 +7,19 @@
 //! 2. The store's running summary is compared with the totals re-derived from all its
 //!    events (the summary is updated incrementally, so this checks the store itself).
 //!
+//! 3. Org members' allocations (allocated, and used net of returned holds and refunds)
+//!    re-derived from the store's events are compared with Redis's allocation records.
+//!
 //! Any difference is a drift; the command prints them and exits non-zero.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::settler::{settled_through, SettleError, Settler, SettlerSettings};
-use super::store::{Store, Totals};
-use crate::ledger::event::parse_stream_id;
-use crate::ledger::Ledger;
+use super::store::{Store, Totals, WalletPosition};
+use crate::ledger::event::{parse_stream_id, EventKind};
+use crate::ledger::{Ledger, LedgerError};
 
 /// How long reconcile waits for the outbox to drain (and for a wallet's events to settle).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -28,7 +31,8 @@ const SNAPSHOT_ATTEMPTS_MAX: usize = 20;
 pub struct Drift {
     pub account_id: String,
     pub wallet: String,
-    /// "redis" (Redis vs ledger events) or "summary" (running summary vs events).
+    /// "redis" (Redis vs ledger events), "summary" (running summary vs events) or
+    /// "allocation" (an org member's allocation; account_id is "<org>:<member>").
     pub check: &'static str,
     pub field: &'static str,
     pub expected: i64,
@@ -180,5 +184,143 @@ pub async fn reconcile(
             &all.summary.unwrap_or_default(),
         );
     }
+    compare_allocations(&ledger, &store, &mut settler, drain_timeout, &mut report).await?;
     Ok(report)
+}
+
+/// (org, wallet, member) → (allocated: None without an `allocate` event, used).
+type Allocations = BTreeMap<(String, String, String), (Option<i64>, i64)>;
+
+/// Allocations re-derived from every settled event.
+async fn store_allocations(ledger: &Ledger, store: &Store) -> Result<Allocations, SettleError> {
+    let mut out = Allocations::new();
+    for shard in 0..ledger.shards().count() {
+        let mut after: Option<WalletPosition> = None;
+        loop {
+            let page = store.shard_events(shard, after.as_ref(), 5000).await?;
+            let Some(last) = page.last() else { break };
+            let (ms, seq) = last.stream_position();
+            after = Some(WalletPosition {
+                account_id: last.account_id.clone(),
+                wallet: last.wallet.clone(),
+                stream_ms: ms,
+                stream_seq: seq,
+            });
+            for e in page.iter().filter(|e| !e.member.is_empty()) {
+                let key = (e.account_id.clone(), e.wallet.clone(), e.member.clone());
+                let used = match e.kind {
+                    EventKind::Allocate => {
+                        out.entry(key).or_default().0 = Some(e.amount);
+                        continue;
+                    }
+                    EventKind::Debit | EventKind::Hold => e.amount,
+                    EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
+                        -e.returned_lots().iter().map(|p| p.amount).sum::<i64>()
+                    }
+                    EventKind::Refund => -e.amount,
+                    _ => continue,
+                };
+                out.entry(key).or_default().1 += used;
+            }
+            if page.len() < 5000 {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Allocation records in Redis, found by SCAN.
+async fn redis_allocations(ledger: &Ledger) -> Result<Allocations, LedgerError> {
+    let mut out = Allocations::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = ledger
+            .redis()
+            .query(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("{tg:*}:al:*")
+                    .arg("COUNT")
+                    .arg(1000),
+            )
+            .await?;
+        for key in keys {
+            // {tg:S}:al:<org>:<wallet>
+            let Some((org, wallet)) = key.split_once("}:al:").and_then(|(_, r)| r.split_once(':'))
+            else {
+                continue;
+            };
+            let fields: Vec<(String, String)> = ledger
+                .redis()
+                .query(redis::cmd("HGETALL").arg(&key))
+                .await?;
+            for (field, value) in fields {
+                let n: i64 = value.parse().unwrap_or(i64::MIN);
+                let (member, used) = match field.strip_suffix(":u") {
+                    Some(member) => (member, true),
+                    None => (field.as_str(), false),
+                };
+                let entry = out
+                    .entry((org.to_owned(), wallet.to_owned(), member.to_owned()))
+                    .or_default();
+                if used {
+                    entry.1 = n;
+                } else {
+                    entry.0 = Some(n);
+                }
+            }
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(out)
+}
+
+/// Compares allocations; on a difference drains and looks again (a live system moves
+/// between the two reads), then reports what still differs.
+async fn compare_allocations(
+    ledger: &Ledger,
+    store: &Store,
+    settler: &mut Settler,
+    drain_timeout: Duration,
+    report: &mut Report,
+) -> Result<(), SettleError> {
+    let mut drifts = Vec::new();
+    for _ in 0..SNAPSHOT_ATTEMPTS_MAX.min(5) {
+        let found = redis_allocations(ledger).await?;
+        let expected = store_allocations(ledger, store).await?;
+        drifts.clear();
+        let keys: BTreeSet<_> = found.keys().chain(expected.keys()).cloned().collect();
+        for key in keys {
+            let e = expected.get(&key).copied().unwrap_or_default();
+            let f = found.get(&key).copied().unwrap_or_default();
+            for (field, e, f) in [
+                ("allocated", e.0.unwrap_or(0), f.0.unwrap_or(0)),
+                ("used", e.1, f.1),
+            ] {
+                if e != f {
+                    drifts.push(Drift {
+                        account_id: format!("{}:{}", key.0, key.2),
+                        wallet: key.1.clone(),
+                        check: "allocation",
+                        field,
+                        expected: e,
+                        found: f,
+                    });
+                }
+            }
+        }
+        if drifts.is_empty() {
+            break;
+        }
+        tokio::time::timeout(drain_timeout, settler.drain(drain_timeout))
+            .await
+            .map_err(|_| SettleError::DrainTimeout(drain_timeout))??;
+    }
+    report.drifts.extend(drifts);
+    Ok(())
 }

@@ -191,6 +191,9 @@ struct BudgetDef {
     period: String,
     window_ms: i64,
     offset_ms: i64,
+    /// When the budget began counting: set anew, or with another period (a new limit
+    /// alone keeps the spend, as lua/org.lua does).
+    since_ms: i64,
 }
 
 /// Organizations of one shard, rebuilt from their events.
@@ -352,6 +355,16 @@ impl Replay<'_> {
                     let period = next();
                     let window_ms = next().parse().unwrap_or(0);
                     let offset_ms = next().parse().unwrap_or(0);
+                    let since_ms = match self.orgs.budgets.get(&key) {
+                        Some(old)
+                            if old.period == period
+                                && old.window_ms == window_ms
+                                && old.offset_ms == offset_ms =>
+                        {
+                            old.since_ms
+                        }
+                        _ => e.created_at_ms,
+                    };
                     self.orgs.budgets.insert(
                         key,
                         BudgetDef {
@@ -359,6 +372,7 @@ impl Replay<'_> {
                             period,
                             window_ms,
                             offset_ms,
+                            since_ms,
                         },
                     );
                 }
@@ -826,8 +840,8 @@ fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usiz
             .arg(b.window_ms)
             .arg("z")
             .arg(b.offset_ms);
-        let spends = orgs.spends.iter().filter(|(a, w, m, _, _)| {
-            a == account && w == wallet && (member.is_empty() || m == member)
+        let spends = orgs.spends.iter().filter(|(a, w, m, at, _)| {
+            a == account && w == wallet && (member.is_empty() || m == member) && *at >= b.since_ms
         });
         if b.period == "w" {
             let g = ((b.window_ms + BUDGET_BUCKETS - 1) / BUDGET_BUCKETS).max(1);
@@ -1136,6 +1150,9 @@ async fn restore_api_keys(ledger: &Ledger, store: &Store) -> Result<usize, Resto
             .arg(key.created_at_ms);
         if key.revoked_at_ms > 0 {
             record.arg("r").arg(key.revoked_at_ms);
+        }
+        if !key.member_id.is_empty() {
+            record.arg("mb").arg(&key.member_id);
         }
         pipe.add_command(record).ignore();
         pipe.cmd("HSET")

@@ -1,0 +1,792 @@
+//! Organizations: the SignSecure scenario through the HTTP forward-auth gateway (org
+//! wallet, member allocations, org-bound keys, 402 naming the allocation, 429 naming the
+//! budget, balance context), budgets rolling over with a controllable clock, bad input
+//! that changes nothing, and org state through the settler, reconcile and restore (real
+//! redis-server, real PostgreSQL).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use tonic_types::StatusExt;
+
+use common::gateways::{esign_config, http};
+use tollgate::api::pb;
+use tollgate::ledger::Clock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+const DEADLINE: Duration = Duration::from_secs(120);
+/// 2026-11-23 10:00:00 UTC.
+const START_MS: i64 = 1_795_428_000_000;
+const DAY_MS: i64 = 86_400_000;
+/// An electronic-signature envelope in examples/pricebook-esign.toml: 1 + 10.
+const ENVELOPE: i64 = 11;
+
+fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// The org "acme": owner olivia, members alice and bob, 5,000 credits, alice 500 and bob
+/// 200 allocated; org keys for alice and bob made by olivia. Returns (alice key, bob key,
+/// alice key id).
+async fn signsecure(server: &common::TestServer) -> (String, String, String) {
+    let mut admin = server.admin().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 5_000,
+            idempotency_key: "buy".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("org buys credits");
+    admin
+        .create_organization(pb::CreateOrganizationRequest {
+            org_id: "acme".into(),
+            owner_id: "olivia".into(),
+            idempotency_key: "create".into(),
+        })
+        .await
+        .expect("create org");
+    for member in ["alice", "bob"] {
+        admin
+            .add_member(pb::AddMemberRequest {
+                org_id: "acme".into(),
+                member_id: member.into(),
+                role: "member".into(),
+                actor_id: "olivia".into(),
+                idempotency_key: format!("add-{member}"),
+            })
+            .await
+            .expect("add member");
+    }
+    for (member, amount) in [("alice", 500), ("bob", 200)] {
+        let a = admin
+            .set_allocation(pb::SetAllocationRequest {
+                org_id: "acme".into(),
+                member_id: member.into(),
+                amount,
+                actor_id: "olivia".into(),
+                idempotency_key: format!("alloc-{member}"),
+                ..Default::default()
+            })
+            .await
+            .expect("allocate")
+            .into_inner();
+        assert_eq!((a.allocated, a.used, a.remaining), (amount, 0, amount));
+    }
+    let key = |member: &'static str| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .create_api_key(pb::CreateApiKeyRequest {
+                    org_id: "acme".into(),
+                    member_id: member.into(),
+                    actor_id: "olivia".into(),
+                    name: format!("{member}'s integration"),
+                    ..Default::default()
+                })
+                .await
+                .expect("org key")
+                .into_inner()
+        }
+    };
+    let alice = key("alice").await;
+    let bob = key("bob").await;
+    assert_eq!(alice.account_id, "acme", "an org key belongs to the org");
+    assert_eq!(alice.member_id, "alice");
+    (alice.api_key, bob.api_key, alice.key_id)
+}
+
+async fn send_envelope(server: &common::TestServer, key: &str) -> common::gateways::HttpResponse {
+    http(
+        server.http_addr,
+        "GET",
+        "/v1/forward-auth",
+        &[
+            ("x-forwarded-method", "POST"),
+            ("x-forwarded-uri", "/v1/envelopes"),
+            ("x-forwarded-host", "api.example.com"),
+            ("x-signature-method", "electronic"),
+            ("x-api-key", key),
+        ],
+        "",
+    )
+    .await
+}
+
+async fn view(server: &common::TestServer, member: &str, key_id: &str) -> pb::GetBalanceResponse {
+    let mut metering = server.metering().await;
+    let (account_id, member_id) = if key_id.is_empty() {
+        ("acme".to_owned(), member.to_owned())
+    } else {
+        (String::new(), String::new())
+    };
+    metering
+        .get_balance(pb::GetBalanceRequest {
+            account_id,
+            member_id,
+            key_id: key_id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("balance")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let (alice, bob, alice_key_id) = signsecure(&server).await;
+
+    // Alice sends envelopes until her allocation is spent: 45 × 11 = 495 of 500.
+    let mut sent = 0;
+    let refused = loop {
+        let r = send_envelope(&server, &alice).await;
+        if r.status != 200 {
+            break r;
+        }
+        sent += 1;
+        assert_eq!(r.header("x-tollgate-account"), Some("acme"));
+        // What alice may still spend, not the org's balance.
+        assert_eq!(
+            r.header("x-credits-remaining"),
+            Some((500 - sent * ENVELOPE).to_string().as_str())
+        );
+        assert!(sent <= 500 / ENVELOPE, "spent past the allocation");
+    };
+    assert_eq!(sent, 500 / ENVELOPE);
+    assert_eq!(refused.status, 402, "{refused:?}");
+    let body = refused.json();
+    assert_eq!(body["error"], "allocation_exceeded");
+    assert_eq!(body["limit"], "allocation");
+    assert_eq!(body["required"], ENVELOPE);
+    assert_eq!(body["remaining"], 500 - sent * ENVELOPE);
+
+    // Bob still spends: his allocation is his own.
+    let r = send_envelope(&server, &bob).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-credits-remaining"), Some("189"));
+
+    // A member budget of 15 a day, counted from now: bob's next envelope fits (11), the
+    // one after (22 > 15) is refused with 429.
+    let mut admin = server.admin().await;
+    admin
+        .set_budget(pb::SetBudgetRequest {
+            account_id: "acme".into(),
+            member_id: "bob".into(),
+            limit: 15,
+            period: "day".into(),
+            idempotency_key: "bob-budget".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("budget");
+    assert_eq!(send_envelope(&server, &bob).await.status, 200);
+    let r = send_envelope(&server, &bob).await;
+    assert_eq!(r.status, 429, "{r:?}");
+    let body = r.json();
+    assert_eq!(body["error"], "budget_exceeded");
+    assert_eq!(body["budget"], "member");
+    assert_eq!(body["limit"], 15);
+    assert_eq!(
+        body["spent"], ENVELOPE,
+        "the budget counts from when it was set"
+    );
+    let resets = body["resets_at_ms"].as_i64().expect("resets_at_ms");
+    assert_eq!(resets % DAY_MS, 0, "a UTC day budget resets at midnight");
+
+    // The owner sees the org's balance; each member their own remaining allocation.
+    let spent = sent * ENVELOPE + 2 * ENVELOPE;
+    let owner = view(&server, "olivia", "").await;
+    assert_eq!(owner.context, "organization");
+    assert_eq!(owner.role, "owner");
+    assert_eq!(owner.wallets[0].available, 5_000 - spent);
+    assert_eq!(owner.wallets[0].total_used, spent);
+    let a = view(&server, "alice", "").await;
+    assert_eq!(
+        (a.context.as_str(), a.role.as_str()),
+        ("organization", "member")
+    );
+    assert_eq!(a.wallets[0].available, 500 - sent * ENVELOPE);
+    assert_eq!(
+        a.wallets[0].total_granted, 0,
+        "members do not see org totals"
+    );
+    assert_eq!(a.allocations[0].remaining, 5);
+    let b = view(&server, "bob", "").await;
+    assert_eq!(b.wallets[0].available, 200 - 2 * ENVELOPE);
+    assert_eq!(b.budgets.len(), 1);
+    assert_eq!((b.budgets[0].limit, b.budgets[0].spent), (15, ENVELOPE));
+    // By key: the same member view.
+    let by_key = view(&server, "", &alice_key_id).await;
+    assert_eq!(by_key.context, "organization");
+    assert_eq!(by_key.member_id, "alice");
+    assert_eq!(by_key.wallets[0].available, 5);
+    // A personal account keeps the personal context.
+    let personal = common::gateways::seed(&server, "pat", 10).await;
+    assert_eq!(send_envelope(&server, &personal).await.status, 402);
+    let mut metering = server.metering().await;
+    let p = metering
+        .get_balance(pb::GetBalanceRequest {
+            account_id: "pat".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("personal")
+        .into_inner();
+    assert_eq!(p.context, "personal");
+
+    // A refund of alice's charge gives her allocation back.
+    let history = metering
+        .debit(pb::DebitRequest {
+            account_id: "acme".into(),
+            member_id: "alice".into(),
+            amount: 5,
+            idempotency_key: "last-five".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the last 5 fit")
+        .into_inner();
+    assert_eq!(view(&server, "alice", "").await.allocations[0].remaining, 0);
+    metering
+        .refund(pb::RefundRequest {
+            charge_id: history.charge_id,
+            amount: 5,
+            idempotency_key: "refund".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("refund");
+    assert_eq!(view(&server, "alice", "").await.allocations[0].remaining, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_budget_refuses_the_crossing_charge_and_rolls_over_at_midnight() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let server = common::TestServer::start(common::test_config(&redis.url()), clock).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "dave".into(),
+            amount: 1_000,
+            idempotency_key: "g".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let budget = admin
+        .set_budget(pb::SetBudgetRequest {
+            account_id: "dave".into(),
+            limit: 100,
+            period: "day".into(),
+            idempotency_key: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("budget")
+        .into_inner();
+    assert_eq!((budget.scope.as_str(), budget.spent), ("account", 0));
+    let midnight = (START_MS / DAY_MS + 1) * DAY_MS;
+    assert_eq!(budget.resets_at_ms, midnight);
+    let debit_client = metering.clone();
+    let debit = |key: &str, amount: i64| {
+        let mut metering = debit_client.clone();
+        let key = key.to_owned();
+        async move {
+            metering
+                .debit(pb::DebitRequest {
+                    account_id: "dave".into(),
+                    amount,
+                    idempotency_key: key,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    for i in 0..3 {
+        debit(&format!("d{i}"), 30).await.expect("within budget");
+    }
+    let refused = debit("d3", 30).await.expect_err("crosses 100");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(reason(&refused), "BUDGET_EXCEEDED");
+    let info = refused.get_details_error_info().expect("error info");
+    assert_eq!(info.metadata["spent"], "90");
+    assert_eq!(info.metadata["limit"], "100");
+    assert_eq!(info.metadata["resets_at_ms"], midnight.to_string());
+    // Exactly up to the limit is fine.
+    debit("d4", 10).await.expect("reaches 100");
+    assert!(debit("d5", 1).await.is_err());
+
+    // One ms before midnight: still the same day.
+    now.store(midnight - 1, std::sync::atomic::Ordering::SeqCst);
+    assert!(debit("d6", 1).await.is_err());
+    // The next day: accepted again.
+    now.store(midnight, std::sync::atomic::Ordering::SeqCst);
+    debit("d7", 30).await.expect("a new day");
+    let b = metering
+        .get_balance(pb::GetBalanceRequest {
+            account_id: "dave".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("balance")
+        .into_inner();
+    assert_eq!(b.wallets[0].available, 1_000 - 130);
+    assert_eq!(b.budgets.len(), 1);
+    assert_eq!(b.budgets[0].spent, 30);
+    assert_eq!(b.budgets[0].resets_at_ms, midnight + DAY_MS);
+
+    // A hold counts when placed and gives back what it does not capture.
+    let hold = metering
+        .authorize(pb::AuthorizeRequest {
+            account_id: "dave".into(),
+            amount: 60,
+            ttl_ms: 60_000,
+            idempotency_key: "h".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("hold")
+        .into_inner();
+    assert!(debit("d8", 20).await.is_err(), "30 + 60 held + 20 > 100");
+    metering
+        .capture(pb::CaptureRequest {
+            hold_id: hold.hold_id,
+            amount: Some(10),
+            idempotency_key: "c".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("capture 10");
+    debit("d9", 60).await.expect("30 + 10 + 60 = 100");
+
+    // A rolling window: 50 per 60 s, counted in 60/16 s buckets.
+    admin
+        .set_budget(pb::SetBudgetRequest {
+            account_id: "dave".into(),
+            wallet: "api".into(),
+            limit: 50,
+            period: "window".into(),
+            window_secs: 60,
+            idempotency_key: "w".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("window budget");
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "dave".into(),
+            wallet: "api".into(),
+            amount: 1_000,
+            idempotency_key: "g-api".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant api");
+    let api_client = metering.clone();
+    let on_api = |key: &str, amount: i64| {
+        let mut metering = api_client.clone();
+        let key = key.to_owned();
+        async move {
+            metering
+                .debit(pb::DebitRequest {
+                    account_id: "dave".into(),
+                    wallet: "api".into(),
+                    amount,
+                    idempotency_key: key,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    on_api("w1", 50).await.expect("window");
+    let refused = on_api("w2", 1).await.expect_err("window full");
+    let resets: i64 = refused.get_details_error_info().expect("info").metadata["resets_at_ms"]
+        .parse()
+        .expect("resets");
+    assert!(resets > midnight && resets <= midnight + 65_000, "{resets}");
+    now.store(midnight + 30_000, std::sync::atomic::Ordering::SeqCst);
+    assert!(on_api("w3", 1).await.is_err(), "half a window later");
+    now.store(resets, std::sync::atomic::Ordering::SeqCst);
+    on_api("w4", 50).await.expect("the window rolled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_names_the_field_and_changes_nothing() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    signsecure(&server).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    let outbox = common::outbox_len(&server.ledger).await;
+    let before = (
+        view(&server, "alice", "").await,
+        view(&server, "olivia", "").await,
+    );
+
+    let cases: Vec<(&str, tonic::Status)> = vec![
+        (
+            "member_id",
+            admin
+                .set_allocation(pb::SetAllocationRequest {
+                    org_id: "acme".into(),
+                    member_id: "mallory".into(),
+                    amount: 10,
+                    actor_id: "olivia".into(),
+                    idempotency_key: "x1".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("unknown member"),
+        ),
+        (
+            "amount",
+            admin
+                .set_allocation(pb::SetAllocationRequest {
+                    org_id: "acme".into(),
+                    member_id: "alice".into(),
+                    amount: -5,
+                    actor_id: "olivia".into(),
+                    idempotency_key: "x2".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("negative allocation"),
+        ),
+        (
+            "delta",
+            admin
+                .add_allocation(pb::AddAllocationRequest {
+                    org_id: "acme".into(),
+                    member_id: "alice".into(),
+                    delta: -501,
+                    actor_id: "olivia".into(),
+                    idempotency_key: "x3".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("allocation below zero"),
+        ),
+        (
+            "actor_id",
+            admin
+                .create_api_key(pb::CreateApiKeyRequest {
+                    org_id: "acme".into(),
+                    member_id: "alice".into(),
+                    actor_id: "bob".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a member makes an org key"),
+        ),
+        (
+            "actor_id",
+            admin
+                .set_allocation(pb::SetAllocationRequest {
+                    org_id: "acme".into(),
+                    member_id: "bob".into(),
+                    amount: 1_000,
+                    actor_id: "bob".into(),
+                    idempotency_key: "x4".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a member allocates to themselves"),
+        ),
+        (
+            "member_id",
+            metering
+                .debit(pb::DebitRequest {
+                    account_id: "acme".into(),
+                    member_id: "mallory".into(),
+                    amount: 1,
+                    idempotency_key: "x5".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a stranger charges the org"),
+        ),
+        (
+            "role",
+            admin
+                .add_member(pb::AddMemberRequest {
+                    org_id: "acme".into(),
+                    member_id: "carol".into(),
+                    role: "boss".into(),
+                    actor_id: "olivia".into(),
+                    idempotency_key: "x6".into(),
+                })
+                .await
+                .expect_err("unknown role"),
+        ),
+        (
+            "period",
+            admin
+                .set_budget(pb::SetBudgetRequest {
+                    account_id: "acme".into(),
+                    member_id: "alice".into(),
+                    limit: 10,
+                    period: "fortnight".into(),
+                    idempotency_key: "x7".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("unknown period"),
+        ),
+        (
+            "member_id",
+            admin
+                .remove_member(pb::RemoveMemberRequest {
+                    org_id: "acme".into(),
+                    member_id: "olivia".into(),
+                    actor_id: "olivia".into(),
+                    idempotency_key: "x8".into(),
+                })
+                .await
+                .expect_err("the last owner"),
+        ),
+    ];
+    for (field, status) in &cases {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(bad_fields(status), vec![field.to_string()], "{status:?}");
+    }
+    // Nothing changed: no event, same views, no key made.
+    assert_eq!(common::outbox_len(&server.ledger).await, outbox);
+    let after = (
+        view(&server, "alice", "").await,
+        view(&server, "olivia", "").await,
+    );
+    assert_eq!(before, after);
+    let keys = admin
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: "acme".into(),
+        })
+        .await
+        .expect("keys")
+        .into_inner();
+    assert_eq!(keys.keys.len(), 2, "only the owner's two keys");
+    let members = admin
+        .list_members(pb::ListMembersRequest {
+            org_id: "acme".into(),
+        })
+        .await
+        .expect("members")
+        .into_inner();
+    let names: Vec<_> = members
+        .members
+        .iter()
+        .map(|m| (m.member_id.as_str(), m.role.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [("alice", "member"), ("bob", "member"), ("olivia", "owner")]
+    );
+    // A second CreateOrganization of the same org is refused (replay with the same key
+    // answers the first).
+    let again = admin
+        .create_organization(pb::CreateOrganizationRequest {
+            org_id: "acme".into(),
+            owner_id: "eve".into(),
+            idempotency_key: "other".into(),
+        })
+        .await
+        .expect_err("exists");
+    assert_eq!(again.code(), tonic::Code::AlreadyExists);
+    assert_eq!(reason(&again), "ORG_EXISTS");
+    let replay = admin
+        .create_organization(pb::CreateOrganizationRequest {
+            org_id: "acme".into(),
+            owner_id: "olivia".into(),
+            idempotency_key: "create".into(),
+        })
+        .await
+        .expect("replay")
+        .into_inner();
+    assert!(replay.replayed);
+}
+
+type View = (
+    String,
+    Vec<pb::WalletBalance>,
+    Vec<pb::MemberAllocation>,
+    Vec<pb::Budget>,
+);
+
+async fn views(server: &common::TestServer) -> Vec<View> {
+    let mut out = Vec::new();
+    for member in ["olivia", "alice", "bob"] {
+        let v = view(server, member, "").await;
+        out.push((v.role, v.wallets, v.allocations, v.budgets));
+    }
+    out
+}
+
+fn tool(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("TOLLGATE_REDIS_URL")
+        .output()
+        .expect("run tollgate")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_events_settle_reconcile_and_restore() {
+    let mut redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let mut config = esign_config(&redis.url());
+    config.store.url = pg.url.clone();
+    config.settler.enabled = true;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let (alice, bob, _) = signsecure(&server).await;
+    for _ in 0..3 {
+        assert_eq!(send_envelope(&server, &alice).await.status, 200);
+    }
+    assert_eq!(send_envelope(&server, &bob).await.status, 200);
+    let mut admin = server.admin().await;
+    admin
+        .set_budget(pb::SetBudgetRequest {
+            account_id: "acme".into(),
+            member_id: "bob".into(),
+            limit: 100,
+            period: "month".into(),
+            idempotency_key: "bb".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("budget");
+    assert_eq!(send_envelope(&server, &bob).await.status, 200);
+    admin
+        .add_allocation(pb::AddAllocationRequest {
+            org_id: "acme".into(),
+            member_id: "bob".into(),
+            delta: 50,
+            actor_id: "olivia".into(),
+            idempotency_key: "more".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("more for bob");
+    let mut metering = server.metering().await;
+    let hold = metering
+        .authorize(pb::AuthorizeRequest {
+            account_id: "acme".into(),
+            member_id: "alice".into(),
+            amount: 40,
+            ttl_ms: 600_000,
+            idempotency_key: "open-hold".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("hold")
+        .into_inner();
+    assert!(!hold.hold_id.is_empty());
+    let before = views(&server).await;
+
+    // Every org event reaches PostgreSQL, and reconcile (allocations included) agrees.
+    let reconcile = |redis_url: String| {
+        let pg = pg.url.clone();
+        move || {
+            tool(&[
+                "reconcile",
+                "--redis-url",
+                &redis_url,
+                "--store",
+                &pg,
+                "--drain-timeout-secs",
+                "120",
+            ])
+        }
+    };
+    let run = reconcile(redis.url());
+    let clean = tokio::task::spawn_blocking(run.clone())
+        .await
+        .expect("join");
+    assert!(clean.status.success(), "{clean:?}");
+    let store = tollgate::settle::Store::connect_lazy(&pg.url, 2).expect("store");
+    let q = tollgate::settle::store::HistoryQuery {
+        account_id: "acme".into(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    let history = store.history(&q).await.expect("history");
+    let kinds: Vec<&str> = history.events.iter().map(|e| e.kind.as_str()).collect();
+    for kind in ["member", "allocate", "budget", "debit", "hold"] {
+        assert!(kinds.contains(&kind), "{kind} not settled: {kinds:?}");
+    }
+    assert!(
+        history
+            .events
+            .iter()
+            .filter(|e| e.kind.as_str() == "debit")
+            .all(|e| e.member == "alice" || e.member == "bob"),
+        "every org charge names its member"
+    );
+
+    // A planted allocation drift is found.
+    let shard = server.ledger.shards().of_account("acme");
+    let akey = format!("{}:al:acme:default", server.ledger.shards().tag(shard));
+    let _: i64 = server
+        .ledger
+        .redis()
+        .query(redis::cmd("HINCRBY").arg(&akey).arg("alice:u").arg(-7))
+        .await
+        .expect("plant");
+    let drifted = tokio::task::spawn_blocking(run.clone())
+        .await
+        .expect("join");
+    assert_eq!(drifted.status.code(), Some(1), "{drifted:?}");
+    let out = String::from_utf8_lossy(&drifted.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("acme:alice") && l.contains("allocation") && l.contains("used")),
+        "{out}"
+    );
+    let _: i64 = server
+        .ledger
+        .redis()
+        .query(redis::cmd("HINCRBY").arg(&akey).arg("alice:u").arg(7))
+        .await
+        .expect("undo");
+    server.stop().await;
+
+    // Redis loses everything; restore rebuilds members, allocations, budgets and keys.
+    redis.restart();
+    let restored = tool(&["restore", "--redis-url", &redis.url(), "--store", &pg.url]);
+    assert!(restored.status.success(), "{restored:?}");
+    let mut config = esign_config(&redis.url());
+    config.store.url = pg.url.clone();
+    config.settler.enabled = true;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    assert_eq!(views(&server).await, before);
+    let again = tokio::task::spawn_blocking(reconcile(redis.url()))
+        .await
+        .expect("join");
+    assert!(again.status.success(), "{again:?}");
+    // The org keys work again, bound to the same members and allocations.
+    let r = send_envelope(&server, &alice).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.header("x-credits-remaining"),
+        Some((500 - 4 * ENVELOPE - 40).to_string().as_str())
+    );
+    // Bob's month budget kept its spend: the envelope sent after it was set.
+    let b = view(&server, "bob", "").await;
+    assert_eq!(b.budgets[0].spent, ENVELOPE);
+    let _ = DEADLINE;
+}
