@@ -91,6 +91,7 @@ pub fn transaction(e: LedgerEvent) -> pb::Transaction {
         operation: e.operation,
         hold_id: e.hold_id,
         charge_id: e.charge_id,
+        member_id: e.member,
     }
 }
 
