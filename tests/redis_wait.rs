@@ -38,7 +38,12 @@ fn wallet(redis: &common::RedisServer, ledger: &tollgate::ledger::Ledger) -> Vec
 
 fn replica_of(primary: &common::RedisServer) -> common::RedisServer {
     let port = primary.port.to_string();
-    let replica = common::RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    // A replica stores the RDB of its first sync in its directory: not the crate's.
+    let dir = std::env::temp_dir().join(format!("tollgate-replica-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("replica dir");
+    let dir = dir.display().to_string();
+    let replica =
+        common::RedisServer::start_with(&["--replicaof", "127.0.0.1", &port, "--dir", &dir]);
     // In sync: the replica's link is up and the primary counts it.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

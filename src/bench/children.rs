@@ -35,8 +35,9 @@ impl BenchRedis {
             .iter()
             .map(|a| (*a).to_owned())
             .collect();
-        if !args.is_empty() {
-            // AOF files go to a private directory (not the current one).
+        if durability != Durability::None {
+            // AOF files, and the RDB a replica receives on its first sync, go to a private
+            // directory (not the current one).
             let path = std::env::temp_dir().join(format!(
                 "tollgate-bench-redis-{}-{}",
                 std::process::id(),
@@ -55,7 +56,13 @@ impl BenchRedis {
                 .next()
                 .ok_or("bad redis url")?
                 .to_owned();
-            let replica = DevRedis::start_with(&["--replicaof", "127.0.0.1", &port]).await?;
+            let dir = dir
+                .as_ref()
+                .ok_or("no directory for the replica")?
+                .display()
+                .to_string();
+            let replica =
+                DevRedis::start_with(&["--replicaof", "127.0.0.1", &port, "--dir", &dir]).await?;
             wait_in_sync(&primary.url, &replica.url).await?;
             Some(replica)
         } else {
