@@ -620,3 +620,48 @@ impl Answer {
         Ok(Self { replayed, text })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> WaitState {
+        WaitState {
+            replicas: 2,
+            timeout: Duration::from_millis(100),
+            cmd: redis::cmd("WAIT"),
+            short: Counter::noop(),
+            started: Instant::now(),
+            last_warn_ms: AtomicU64::new(0),
+            unwarned: AtomicU64::new(0),
+            backoff_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn enough_replicas_keep_waiting() {
+        let wait = state();
+        wait.check(&Value::Int(2));
+        wait.check(&Value::Int(3));
+        assert!(!wait.backing_off());
+        assert_eq!(wait.last_warn_ms.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_short_wait_starts_the_back_off_and_warns_once() {
+        for answer in [Value::Int(1), Value::Nil] {
+            let wait = state();
+            wait.check(&answer);
+            assert!(wait.backing_off(), "{answer:?}");
+            let warned = wait.last_warn_ms.load(Ordering::Relaxed);
+            assert!(warned > 0);
+            // A second short wait within the interval is counted, not logged again.
+            wait.check(&answer);
+            assert_eq!(wait.last_warn_ms.load(Ordering::Relaxed), warned);
+            assert_eq!(wait.unwarned.load(Ordering::Relaxed), 1);
+            // The back-off ends.
+            wait.backoff_until_ms.store(1, Ordering::Relaxed);
+            assert!(!wait.backing_off());
+        }
+    }
+}
