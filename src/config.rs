@@ -24,6 +24,9 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const IDEMPOTENCY_WINDOW_SECS_MIN: u64 = 60;
 pub const REDIS_CONNECTIONS_MAX: usize = 64;
 pub const REDIS_CALL_TIMEOUT_MS_MAX: u64 = 10_000;
+/// Most replicas a ledger write may wait for.
+pub const REDIS_WAIT_REPLICAS_MAX: u32 = 16;
+pub const REDIS_WAIT_TIMEOUT_MS_MAX: u64 = 10_000;
 /// Readiness fails when settlement lags more than this (a minute by default).
 pub const DEFAULT_READY_LAG_MAX_MS: u64 = 60_000;
 pub const SETTLER_BATCH_EVENTS_MAX: usize = 50_000;
@@ -80,6 +83,15 @@ pub struct RedisConfig {
     pub connections: usize,
     /// Deadline of one ledger call; past it the call fails with UNAVAILABLE.
     pub call_timeout_ms: u64,
+    /// Synchronous replication: after every ledger write (debit, authorize, capture,
+    /// release, refund, grant, adjust, sweep), `WAIT <wait_replicas> <wait_timeout_ms>`
+    /// in the same round trip, so the reply comes once that many replicas hold the write.
+    /// 0 = off (the default). A WAIT that hears from fewer replicas in time still answers
+    /// (the write is committed on the primary) and counts `tollgate_redis_wait_short_total`.
+    pub wait_replicas: u32,
+    /// How long Redis waits for the replicas (`WAIT`'s timeout); added to
+    /// `call_timeout_ms` for the deadline of a write when `wait_replicas` > 0.
+    pub wait_timeout_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -88,6 +100,8 @@ impl Default for RedisConfig {
             url: DEFAULT_REDIS_URL.into(),
             connections: ledger::redis_pool::DEFAULT_CONNECTIONS,
             call_timeout_ms: ledger::redis_pool::DEFAULT_CALL_TIMEOUT.as_millis() as u64,
+            wait_replicas: 0,
+            wait_timeout_ms: ledger::redis_pool::DEFAULT_WAIT_TIMEOUT.as_millis() as u64,
         }
     }
 }
@@ -396,6 +410,30 @@ impl Config {
                 format!("must be in 1..={REDIS_CALL_TIMEOUT_MS_MAX}"),
             );
         }
+        if self.redis.wait_replicas > REDIS_WAIT_REPLICAS_MAX {
+            bad(
+                "redis.wait_replicas",
+                format!("must be in 0..={REDIS_WAIT_REPLICAS_MAX} (0 = off)"),
+            );
+        }
+        if !(1..=REDIS_WAIT_TIMEOUT_MS_MAX).contains(&self.redis.wait_timeout_ms) {
+            bad(
+                "redis.wait_timeout_ms",
+                format!("must be in 1..={REDIS_WAIT_TIMEOUT_MS_MAX}"),
+            );
+        } else if self.redis.wait_replicas > 0
+            && self.redis.wait_timeout_ms >= self.gateway.check_timeout_ms
+        {
+            // Otherwise a check whose WAIT runs short hits its own deadline after the
+            // charge committed, and the fail policy answers for a charged request.
+            bad(
+                "redis.wait_timeout_ms",
+                format!(
+                    "must be less than gateway.check_timeout_ms ({}) when redis.wait_replicas is set",
+                    self.gateway.check_timeout_ms
+                ),
+            );
+        }
         let l = &self.ledger;
         if !(1..=SHARDS_MAX).contains(&l.shards) {
             bad("ledger.shards", format!("must be in 1..={SHARDS_MAX}"));
@@ -540,6 +578,14 @@ impl Config {
             trim_interval: Duration::from_millis(st.trim_interval_ms),
             webhooks: self.webhooks.rules(),
         }
+    }
+
+    /// The `WAIT` after ledger writes, when `redis.wait_replicas` > 0.
+    pub fn wait_replicas(&self) -> Option<ledger::WaitReplicas> {
+        (self.redis.wait_replicas > 0).then(|| ledger::WaitReplicas {
+            replicas: self.redis.wait_replicas,
+            timeout: Duration::from_millis(self.redis.wait_timeout_ms),
+        })
     }
 
     pub fn ledger_settings(&self) -> LedgerSettings {
@@ -729,7 +775,42 @@ mod tests {
         };
         let c = Config::from_toml("[ledger]\nshards = 8\n", env, &flags).unwrap();
         assert_eq!(c.ledger.shards, 32);
+        assert_eq!(c.wait_replicas(), None);
         assert_eq!(c.auth.admin_token, "a");
         assert_eq!(c.redis.url, "redis://flag:2");
+    }
+
+    #[test]
+    fn wait_replicas_from_the_environment_and_validated() {
+        let env = vec![
+            ("TOLLGATE_REDIS__WAIT_REPLICAS".to_owned(), "1".to_owned()),
+            (
+                "TOLLGATE_REDIS__WAIT_TIMEOUT_MS".to_owned(),
+                "50".to_owned(),
+            ),
+        ];
+        let c = Config::from_toml("", env, &Overrides::default()).unwrap();
+        assert_eq!(
+            c.wait_replicas(),
+            Some(ledger::WaitReplicas {
+                replicas: 1,
+                timeout: Duration::from_millis(50)
+            })
+        );
+        let errors = load("[redis]\nwait_replicas = 99\nwait_timeout_ms = 0\n")
+            .unwrap_err()
+            .0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"redis.wait_replicas"), "{errors:?}");
+        assert!(paths.contains(&"redis.wait_timeout_ms"), "{errors:?}");
+        // The WAIT must end before the gateway check's deadline.
+        let errors = load("[redis]\nwait_replicas = 1\nwait_timeout_ms = 500\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "redis.wait_timeout_ms");
+        assert!(errors[0].message.contains("check_timeout_ms"), "{errors:?}");
+        let negative = load("[redis]\nwait_replicas = -1\n").unwrap_err().0;
+        assert_eq!(negative[0].path, "redis.wait_replicas", "{negative:?}");
     }
 }

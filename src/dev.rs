@@ -26,10 +26,17 @@ pub fn free_port() -> std::io::Result<u16> {
 
 impl DevRedis {
     pub async fn start() -> Result<Self, String> {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra redis-server arguments after the defaults (no persistence), e.g.
+    /// `--appendonly yes --dir …` or `--replicaof 127.0.0.1 <port>`.
+    pub async fn start_with(extra: &[&str]) -> Result<Self, String> {
         let port = free_port().map_err(|e| format!("no free port: {e}"))?;
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -56,10 +56,11 @@ pub const HEALTH_SERVICES: [&str; 4] = [
 pub fn ledger_from_config(config: &Config, clock: Clock) -> Result<Arc<Ledger>, LedgerError> {
     // The ledger resolves its metric handles when built: the recorder must exist first.
     telemetry::metrics::install();
-    let redis = RedisPool::new(
+    let redis = RedisPool::with_wait(
         &config.redis.url,
         config.redis.connections,
         Duration::from_millis(config.redis.call_timeout_ms),
+        config.wait_replicas(),
     )?;
     Ok(Arc::new(Ledger::new(
         redis,

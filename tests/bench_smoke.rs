@@ -83,3 +83,66 @@ fn check_bench_writes_a_result() {
     assert_result(&json, "check");
     assert!(json.get("ratio").is_none());
 }
+
+/// `--durability replica-wait`: the bench starts its own primary and replica, and the
+/// child server waits for the replica after every write (no --redis-url).
+#[test]
+fn debit_bench_at_replica_wait_durability() {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-bench-smoke-{}-replica-wait",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let json_path = dir.join("result.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "bench",
+            "debit",
+            "--durability",
+            "replica-wait",
+            "--baseline",
+        ])
+        .args([
+            "--duration-secs",
+            "2",
+            "--warmup-secs",
+            "0",
+            "--rounds",
+            "2",
+        ])
+        .args(["--concurrency", "4", "--accounts", "50"])
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run tollgate bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "tollgate bench --durability replica-wait failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
+            .expect("well-formed JSON");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(json["durability"], "replica-wait", "{json}");
+    assert_eq!(json["wait_timeout_ms"], 100, "{json}");
+    assert_eq!(json["errors_total"], 0, "{json}");
+    assert!(json["ratio"].as_f64().is_some_and(|r| r > 0.0), "{json}");
+    assert!(
+        stdout.contains("redis durability: replica-wait"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn durability_needs_the_bench_own_redis() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["bench", "debit", "--durability", "aof-always"])
+        .args(["--redis-url", "redis://127.0.0.1:1"])
+        .output()
+        .expect("run tollgate bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--durability"), "{stderr}");
+}

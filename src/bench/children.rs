@@ -8,12 +8,117 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use super::{BENCH_OPERATION, BENCH_PATH};
+use super::{Durability, BENCH_OPERATION, BENCH_PATH};
+use crate::dev::DevRedis;
+use crate::ledger::WaitReplicas;
 
 pub const ADMIN_TOKEN: &str = "bench-admin-token";
 pub const SERVICE_TOKEN: &str = "bench-service-token";
 /// How long the child gets to answer /readyz.
 pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a bench replica gets to finish its first sync.
+pub const REPLICA_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The bench's private redis-server at a durability level (and its replica for
+/// `replica-wait`); killed, and its AOF directory removed, when dropped.
+pub struct BenchRedis {
+    primary: DevRedis,
+    _replica: Option<DevRedis>,
+    dir: Option<PathBuf>,
+}
+
+impl BenchRedis {
+    pub async fn start(durability: Durability) -> Result<Self, String> {
+        let mut dir = None;
+        let mut args: Vec<String> = durability
+            .redis_args()
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        if durability != Durability::None {
+            // AOF files, and the RDB a replica receives on its first sync, go to a private
+            // directory (not the current one).
+            let path = std::env::temp_dir().join(format!(
+                "tollgate-bench-redis-{}-{}",
+                std::process::id(),
+                durability.name()
+            ));
+            std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            args.extend(["--dir".to_owned(), path.display().to_string()]);
+            dir = Some(path);
+        }
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let primary = DevRedis::start_with(&arg_refs).await?;
+        let replica = if durability == Durability::ReplicaWait {
+            let port = primary
+                .url
+                .rsplit(':')
+                .next()
+                .ok_or("bad redis url")?
+                .to_owned();
+            let dir = dir
+                .as_ref()
+                .ok_or("no directory for the replica")?
+                .display()
+                .to_string();
+            let replica =
+                DevRedis::start_with(&["--replicaof", "127.0.0.1", &port, "--dir", &dir]).await?;
+            wait_in_sync(&primary.url, &replica.url).await?;
+            Some(replica)
+        } else {
+            None
+        };
+        Ok(Self {
+            primary,
+            _replica: replica,
+            dir,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.primary.url
+    }
+}
+
+impl Drop for BenchRedis {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Waits until the replica's link is up and the primary counts it.
+async fn wait_in_sync(primary_url: &str, replica_url: &str) -> Result<(), String> {
+    async fn info(url: &str) -> String {
+        let Ok(client) = redis::Client::open(url) else {
+            return String::new();
+        };
+        let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+            return String::new();
+        };
+        redis::cmd("INFO")
+            .arg("replication")
+            .query_async::<String>(&mut con)
+            .await
+            .unwrap_or_default()
+    }
+    let deadline = tokio::time::Instant::now() + REPLICA_SYNC_TIMEOUT;
+    loop {
+        if info(replica_url).await.contains("master_link_status:up")
+            && info(primary_url).await.contains("connected_slaves:1")
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "the bench replica did not sync within {} s",
+                REPLICA_SYNC_TIMEOUT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 pub struct BenchServer {
     pub grpc_addr: String,
@@ -24,7 +129,12 @@ pub struct BenchServer {
 }
 
 impl BenchServer {
-    pub async fn start(redis_url: &str, redis_connections: usize) -> Result<Self, String> {
+    /// `wait`: the child's `redis.wait_replicas` and `redis.wait_timeout_ms` (None = off).
+    pub async fn start(
+        redis_url: &str,
+        redis_connections: usize,
+        wait: Option<WaitReplicas>,
+    ) -> Result<Self, String> {
         let port = || crate::dev::free_port().map_err(|e| format!("no free port: {e}"));
         let grpc_addr = format!("127.0.0.1:{}", port()?);
         let http_addr = format!("127.0.0.1:{}", port()?);
@@ -41,6 +151,8 @@ http_addr = "{http_addr}"
 [redis]
 url = "{redis_url}"
 connections = {redis_connections}
+wait_replicas = {wait_replicas}
+wait_timeout_ms = {wait_timeout_ms}
 
 [auth]
 admin_token = "{ADMIN_TOKEN}"
@@ -70,6 +182,11 @@ base = 1
 fail_policy = "fail_closed"
 "#,
             store = dir.join("ledger.db").display(),
+            wait_replicas = wait.map_or(0, |w| w.replicas),
+            wait_timeout_ms = wait.map_or(
+                crate::ledger::redis_pool::DEFAULT_WAIT_TIMEOUT.as_millis() as u64,
+                |w| w.timeout.as_millis() as u64
+            ),
         );
         std::fs::write(&config_path, config)
             .map_err(|e| format!("{}: {e}", config_path.display()))?;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::gateway::identity::KeyStore;
-use crate::ledger::{Clock, Ledger, LedgerSettings, RedisPool};
+use crate::ledger::{Clock, Ledger, LedgerSettings, RedisPool, WaitReplicas};
 pub use report::Report;
 
 /// Default name of the route the bench's requests take (priced by the child server).
@@ -70,6 +70,51 @@ impl Scenario {
     }
 }
 
+/// The Redis durability level a bench's private redis-server runs at (docs/OPERATIONS.md
+/// says what each can lose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// `--save "" --appendonly no`.
+    None,
+    /// `--appendonly yes --appendfsync everysec`.
+    AofEverysec,
+    /// `--appendonly yes --appendfsync always`.
+    AofAlways,
+    /// No persistence, one replica (`--replicaof`), and tollgate configured with
+    /// `redis.wait_replicas = 1`: every ledger write waits for the replica. The baseline's
+    /// raw EVALSHA is followed by the same WAIT.
+    ReplicaWait,
+}
+
+impl Durability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::AofEverysec => "aof-everysec",
+            Self::AofAlways => "aof-always",
+            Self::ReplicaWait => "replica-wait",
+        }
+    }
+
+    /// redis-server arguments of the primary (after `--save "" --appendonly no`).
+    fn redis_args(self) -> &'static [&'static str] {
+        match self {
+            Self::None | Self::ReplicaWait => &[],
+            Self::AofEverysec => &["--appendonly", "yes", "--appendfsync", "everysec"],
+            Self::AofAlways => &["--appendonly", "yes", "--appendfsync", "always"],
+        }
+    }
+
+    /// The WAIT the child server and the baseline issue after every ledger write.
+    fn wait(self, timeout_ms: u64) -> Option<WaitReplicas> {
+        (self == Self::ReplicaWait).then(|| WaitReplicas {
+            replicas: 1,
+            timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Distribution {
@@ -80,7 +125,8 @@ pub enum Distribution {
 }
 
 /// `tollgate bench SCENARIO [--target ADDR] [--redis-url URL] [--concurrency N]
-/// [--duration-secs S] [--accounts N] [--rate RPS] [--baseline] [--json PATH] [--plot PATH]`
+/// [--duration-secs S] [--accounts N] [--rate RPS] [--baseline] [--durability LEVEL]
+/// [--json PATH] [--plot PATH]`
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     #[arg(value_enum)]
@@ -137,6 +183,14 @@ pub struct BenchArgs {
     /// Multiplexed Redis connections of the child server and of the baseline.
     #[arg(long, default_value_t = crate::ledger::redis_pool::DEFAULT_CONNECTIONS)]
     pub redis_connections: usize,
+    /// Durability level of the private redis-server (not with --redis-url or --target:
+    /// configure those yourself). `replica-wait` also starts a replica and sets
+    /// `redis.wait_replicas = 1` in the child server.
+    #[arg(long, value_enum, default_value = "none")]
+    pub durability: Durability,
+    /// With `--durability replica-wait`: the child's `redis.wait_timeout_ms`.
+    #[arg(long, default_value_t = crate::ledger::redis_pool::DEFAULT_WAIT_TIMEOUT.as_millis() as u64)]
+    pub wait_timeout_ms: u64,
     /// Process id of the --target server, to report its RSS.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -177,6 +231,15 @@ impl BenchArgs {
                 crate::config::REDIS_CONNECTIONS_MAX
             ));
         }
+        if self.durability != Durability::None && self.redis_url.is_some() {
+            bad.push("--durability starts its own redis-server: not with --redis-url (set the persistence of that Redis, and TOLLGATE_REDIS__WAIT_REPLICAS for the server, yourself)".into());
+        }
+        if !(1..=crate::config::REDIS_WAIT_TIMEOUT_MS_MAX).contains(&self.wait_timeout_ms) {
+            bad.push(format!(
+                "--wait-timeout-ms must be in 1..={}",
+                crate::config::REDIS_WAIT_TIMEOUT_MS_MAX
+            ));
+        }
         if self.target.is_some() {
             if self.redis_url.is_none() {
                 bad.push("--target needs --redis-url (the target's Redis: the bench seeds accounts there)".into());
@@ -197,20 +260,21 @@ impl BenchArgs {
 /// the future is dropped (Ctrl-C).
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
     args.validate()?;
-    // Kept until the bench returns: dropping it kills the private redis-server.
+    // Kept until the bench returns: dropping it kills the private redis-server(s).
     let mut _redis_child = None;
     let redis_url = match &args.redis_url {
         Some(url) => url.clone(),
         None => {
-            let redis = crate::dev::DevRedis::start().await?;
-            let url = redis.url.clone();
+            let redis = children::BenchRedis::start(args.durability).await?;
+            let url = redis.url().to_owned();
             _redis_child = Some(redis);
             url
         }
     };
+    let wait = args.durability.wait(args.wait_timeout_ms);
     let server = match &args.target {
         Some(_) => None,
-        None => Some(children::BenchServer::start(&redis_url, args.redis_connections).await?),
+        None => Some(children::BenchServer::start(&redis_url, args.redis_connections, wait).await?),
     };
     let (grpc_addr, http_addr, server_pid, service_token) = match &server {
         Some(s) => (
@@ -227,7 +291,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         ),
     };
 
-    let pool = RedisPool::new(&redis_url, args.redis_connections, REQUEST_TIMEOUT)
+    // With replica-wait the baseline's EVALSHA is followed by the same WAIT, so the ratio
+    // compares tollgate with raw Redis at the same durability level.
+    let pool = RedisPool::with_wait(&redis_url, args.redis_connections, REQUEST_TIMEOUT, wait)
         .map_err(|e| e.to_string())?;
     let ledger = Arc::new(Ledger::new(
         pool.clone(),

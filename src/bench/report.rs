@@ -244,6 +244,8 @@ impl Report {
             "concurrency": args.concurrency,
             "connections": args.connections,
             "redis_connections": args.redis_connections,
+            "durability": args.durability,
+            "wait_timeout_ms": (args.durability == super::Durability::ReplicaWait).then_some(args.wait_timeout_ms),
             "accounts": args.accounts,
             "distribution": args.distribution,
             "rate_rps": args.rate,
@@ -281,6 +283,9 @@ impl Report {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
+        if let Some(level) = self.json["durability"].as_str() {
+            let _ = writeln!(out, "redis durability: {level}");
+        }
         if let Some(base) = &self.baseline {
             base.render(&mut out);
         }

@@ -30,7 +30,7 @@ pub use command::{
 };
 pub use error::{BudgetScope, HoldEnd, LedgerError, Refusal};
 use redis_pool::ScriptMetrics;
-pub use redis_pool::{RedisPool, ScriptCall};
+pub use redis_pool::{RedisPool, ScriptCall, WaitReplicas};
 
 use command::{digest, encode_metadata};
 use keys::ShardMap;
@@ -106,6 +106,8 @@ impl Clock {
 struct LedgerScript {
     script: Script,
     metrics: ScriptMetrics,
+    /// The script can change the ledger: followed by `WAIT` when `redis.wait_replicas` is set.
+    writes: bool,
 }
 
 /// The scripts; each is the shared prelude plus its body.
@@ -124,15 +126,18 @@ struct Scripts {
     view: LedgerScript,
 }
 
-/// `ledger_script!("debit", mutates)`: lua/lib.lua + lua/debit.lua, measured as "debit".
+/// `ledger_script!("debit", mutates, writes)`: lua/lib.lua + lua/debit.lua, measured as
+/// "debit". `mutates`: answers `{replayed, "CODE|..."}`; `writes`: can change the ledger
+/// (the sweeper's script writes without answering that way).
 macro_rules! ledger_script {
-    ($name:literal, $mutates:expr) => {
+    ($name:literal, $mutates:expr, $writes:expr) => {
         LedgerScript {
             script: Script::new(concat!(
                 include_str!("lua/lib.lua"),
                 include_str!(concat!("lua/", $name, ".lua"))
             )),
             metrics: ScriptMetrics::new($name, $mutates),
+            writes: $writes,
         }
     };
 }
@@ -140,18 +145,18 @@ macro_rules! ledger_script {
 impl Scripts {
     fn new() -> Self {
         Self {
-            debit: ledger_script!("debit", true),
-            authorize: ledger_script!("authorize", true),
-            end_hold: ledger_script!("end_hold", true),
-            refund: ledger_script!("refund", true),
-            grant: ledger_script!("grant", true),
-            adjust: ledger_script!("adjust", true),
-            balance: ledger_script!("balance", false),
-            lots: ledger_script!("lots", false),
-            sweep: ledger_script!("sweep", false),
-            snapshot: ledger_script!("snapshot", false),
-            org: ledger_script!("org", true),
-            view: ledger_script!("view", false),
+            debit: ledger_script!("debit", true, true),
+            authorize: ledger_script!("authorize", true, true),
+            end_hold: ledger_script!("end_hold", true, true),
+            refund: ledger_script!("refund", true, true),
+            grant: ledger_script!("grant", true, true),
+            adjust: ledger_script!("adjust", true, true),
+            balance: ledger_script!("balance", false, false),
+            lots: ledger_script!("lots", false, false),
+            sweep: ledger_script!("sweep", false, true),
+            snapshot: ledger_script!("snapshot", false, false),
+            org: ledger_script!("org", true, true),
+            view: ledger_script!("view", false, false),
         }
     }
 
@@ -348,7 +353,8 @@ impl Ledger {
     /// A script call with the shared ARGV prefix (see lua/lib.lua) for a shard.
     fn invocation<'a>(&'a self, script: &'a LedgerScript, shard: u16) -> ScriptCall<'a> {
         let mut inv = ScriptCall::new(&script.script, &[self.shards.outbox(shard)])
-            .with_metrics(&script.metrics);
+            .with_metrics(&script.metrics)
+            .writes(script.writes);
         inv.arg(self.clock.override_ms())
             .arg(self.shards.tag(shard))
             .arg(self.shards.number(shard))
@@ -503,7 +509,16 @@ impl Ledger {
         for inv in &invocations {
             pipe.add_command(inv.cmd().clone());
         }
-        let values: Vec<redis::Value> = self.redis.pipeline(&pipe).await?;
+        // One WAIT after the batch covers every write before it on the connection.
+        if let Some(wait) = self.redis.wait_cmd() {
+            pipe.add_command(wait.clone());
+        }
+        let mut values: Vec<redis::Value> = self.redis.pipeline(&pipe).await?;
+        if self.redis.wait_cmd().is_some() {
+            if let Some(acked) = values.pop() {
+                self.redis.check_wait(&acked);
+            }
+        }
         Ok(values
             .into_iter()
             .map(|value| {

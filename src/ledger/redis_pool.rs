@@ -10,7 +10,7 @@
 //! through handles resolved once per script ([`ScriptMetrics`]): nothing is looked up or
 //! allocated per call for metrics.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Histogram};
@@ -27,22 +27,143 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Deadline to establish a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Deadline of `WAIT` unless configured otherwise (`redis.wait_timeout_ms`).
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_millis(100);
+/// At most one warning about short `WAIT`s per this interval (the metric counts each).
+const WAIT_SHORT_WARN_INTERVAL_MS: u64 = 10_000;
+/// After a short `WAIT`, writes skip WAIT for this long (each counted as short), then try
+/// again. Redis runs a client's commands in order, so a WAIT that blocks for its timeout
+/// holds up every command pipelined behind it on that connection: without the back-off a
+/// dead replica would cap each connection at one write per `wait_timeout_ms`.
+pub const WAIT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Synchronous replication: after every ledger write, `WAIT replicas timeout` on the same
+/// connection, in the same round trip (`redis.wait_replicas`, `redis.wait_timeout_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitReplicas {
+    /// Replicas that must acknowledge the write (at least 1).
+    pub replicas: u32,
+    /// How long Redis waits for them (at least 1 ms: `WAIT n 0` would block forever).
+    pub timeout: Duration,
+}
+
+/// The WAIT command and what tells of a short one, resolved once.
+struct WaitState {
+    replicas: u32,
+    timeout: Duration,
+    cmd: Cmd,
+    short: Counter,
+    started: Instant,
+    /// When (ms since `started`, plus one) the last short-wait warning was logged; 0 = never.
+    last_warn_ms: AtomicU64,
+    /// Short waits since the last warning.
+    unwarned: AtomicU64,
+    /// Until when (ms since `started`) writes skip WAIT after a short one.
+    backoff_until_ms: AtomicU64,
+}
+
+impl WaitState {
+    /// Counts (and now and then logs) a WAIT that heard from fewer replicas than asked.
+    /// The script has committed on the primary: the caller still gets its answer.
+    fn check(&self, acked: &Value) {
+        let heard = match acked {
+            Value::Int(n) => *n,
+            _ => -1,
+        };
+        if heard >= i64::from(self.replicas) {
+            return;
+        }
+        let now = self.now_ms();
+        self.backoff_until_ms
+            .fetch_max(now + WAIT_BACKOFF.as_millis() as u64, Ordering::Relaxed);
+        self.short.increment(1);
+        let unwarned = self.unwarned.fetch_add(1, Ordering::Relaxed) + 1;
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= WAIT_SHORT_WARN_INTERVAL_MS)
+            && self
+                .last_warn_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.unwarned.fetch_sub(unwarned, Ordering::Relaxed);
+            // No account ids: the count and the replica figures only.
+            match acked {
+                Value::Int(n) => tracing::warn!(
+                    acknowledged = *n,
+                    wanted = self.replicas,
+                    timeout_ms = self.timeout.as_millis() as u64,
+                    short_waits = unwarned,
+                    backoff_ms = WAIT_BACKOFF.as_millis() as u64,
+                    "ledger writes committed on the primary but not acknowledged by enough replicas in time (WAIT); writes skip WAIT for the back-off, then try again; see tollgate_redis_wait_short_total"
+                ),
+                other => tracing::warn!(
+                    wanted = self.replicas,
+                    short_waits = unwarned,
+                    answer = ?other,
+                    "WAIT after a ledger write failed; the write is committed on the primary only"
+                ),
+            }
+        }
+    }
+
+    /// Ms since `started`, plus one (0 means "never" in the atomics).
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether writes skip WAIT now (the back-off after a short one).
+    fn backing_off(&self) -> bool {
+        self.now_ms() < self.backoff_until_ms.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Clone)]
 pub struct RedisPool {
     connections: std::sync::Arc<[ConnectionManager]>,
     next: std::sync::Arc<AtomicUsize>,
     call_timeout: Duration,
+    /// Synchronous replication after ledger writes; None = off (the default).
+    wait: Option<std::sync::Arc<WaitState>>,
 }
 
 impl RedisPool {
     /// Creates the connections lazily: tollgate starts (not ready) while Redis is down
     /// and connects when it comes up.
     pub fn new(url: &str, connections: usize, call_timeout: Duration) -> Result<Self, LedgerError> {
+        Self::with_wait(url, connections, call_timeout, None)
+    }
+
+    /// As [`RedisPool::new`], plus `WAIT` after every ledger write when `wait` is set.
+    /// A write's deadline is then `call_timeout` plus the WAIT timeout.
+    pub fn with_wait(
+        url: &str,
+        connections: usize,
+        call_timeout: Duration,
+        wait: Option<WaitReplicas>,
+    ) -> Result<Self, LedgerError> {
+        let wait = wait.filter(|w| w.replicas > 0).map(|w| {
+            let timeout = w.timeout.max(Duration::from_millis(1));
+            let mut cmd = redis::cmd("WAIT");
+            cmd.arg(w.replicas).arg(timeout.as_millis() as u64);
+            std::sync::Arc::new(WaitState {
+                replicas: w.replicas,
+                timeout,
+                cmd,
+                short: metrics::counter!(m::REDIS_WAIT_SHORT_TOTAL),
+                started: Instant::now(),
+                last_warn_ms: AtomicU64::new(0),
+                unwarned: AtomicU64::new(0),
+                backoff_until_ms: AtomicU64::new(0),
+            })
+        });
+        // Present (at 0) on /metrics whether or not WAIT is on, so dashboards find it.
+        metrics::counter!(m::REDIS_WAIT_SHORT_TOTAL).increment(0);
+        let response_timeout = call_timeout + wait.as_ref().map_or(Duration::ZERO, |w| w.timeout);
         let client = redis::Client::open(url)
             .map_err(|e| LedgerError::Unavailable(format!("bad redis url: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(DEFAULT_CONNECT_TIMEOUT))
-            .set_response_timeout(Some(call_timeout))
+            .set_response_timeout(Some(response_timeout))
             // Reconnect attempts happen in the background; callers are bounded by
             // call_timeout either way.
             .set_number_of_retries(2)
@@ -54,7 +175,28 @@ impl RedisPool {
             connections: connections.into(),
             next: Default::default(),
             call_timeout,
+            wait,
         })
+    }
+
+    /// The `WAIT` after ledger writes, if on.
+    pub fn wait_replicas(&self) -> Option<WaitReplicas> {
+        self.wait.as_ref().map(|w| WaitReplicas {
+            replicas: w.replicas,
+            timeout: w.timeout,
+        })
+    }
+
+    /// The WAIT command to append after a batch of ledger writes (pipelines), if on.
+    pub(crate) fn wait_cmd(&self) -> Option<&Cmd> {
+        self.wait.as_ref().map(|w| &w.cmd)
+    }
+
+    /// Counts a short WAIT answer of a pipeline that ended with [`RedisPool::wait_cmd`].
+    pub(crate) fn check_wait(&self, acked: &Value) {
+        if let Some(wait) = &self.wait {
+            wait.check(acked);
+        }
     }
 
     fn connection(&self) -> ConnectionManager {
@@ -83,12 +225,31 @@ impl RedisPool {
         &self,
         call: &ScriptCall<'_>,
     ) -> Result<T, LedgerError> {
+        if call.writes {
+            if let Some(wait) = &self.wait {
+                if !wait.backing_off() {
+                    return self.call_script_and_wait(call, wait).await;
+                }
+                // Back-off after a short WAIT: committed without the replicas' word.
+                let result = self.call_script_once(call).await;
+                if result.is_ok() {
+                    wait.short.increment(1);
+                }
+                return result;
+            }
+        }
+        self.call_script_once(call).await
+    }
+
+    /// The script call alone (no WAIT), reloading the script on NOSCRIPT.
+    async fn call_script_once<T: FromRedisValue>(
+        &self,
+        call: &ScriptCall<'_>,
+    ) -> Result<T, LedgerError> {
         let mut con = self.connection();
         let run = async {
             match call.cmd.query_async::<T>(&mut con).await {
-                Err(err)
-                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
+                Err(err) if is_noscript(&err) => {
                     call.script.load_async(&mut con).await?;
                     call.cmd.query_async::<T>(&mut con).await
                 }
@@ -97,27 +258,52 @@ impl RedisPool {
         };
         let started = Instant::now();
         let result = tokio::time::timeout(self.call_timeout, run).await;
-        if let Some(metrics) = call.metrics {
-            metrics.duration.record(started.elapsed().as_secs_f64());
-        }
-        match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => {
-                if let Some(metrics) = call.metrics {
-                    metrics.error(error_kind(&err));
+        finish(call, self.call_timeout, started, result)
+    }
+
+    /// A ledger write followed by `WAIT n timeout`, pipelined on the same connection (one
+    /// round trip; WAIT covers every write this connection made before it). A WAIT that
+    /// hears from fewer replicas is counted and the script's answer returned all the same:
+    /// the write is committed on the primary, and pretending otherwise would make a
+    /// client retry (or a gateway deny) a charge that happened.
+    async fn call_script_and_wait<T: FromRedisValue>(
+        &self,
+        call: &ScriptCall<'_>,
+        wait: &WaitState,
+    ) -> Result<T, LedgerError> {
+        let mut con = self.connection();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors()
+            .add_command(call.cmd.clone())
+            .add_command(wait.cmd.clone());
+        let run = async {
+            let mut reloaded = false;
+            loop {
+                let values: Vec<Value> = pipe.query_async(&mut con).await?;
+                let [script, acked] = <[Value; 2]>::try_from(values).map_err(|_| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "EVALSHA+WAIT: not two answers",
+                    ))
+                })?;
+                match script.extract_error() {
+                    Err(err) if is_noscript(&err) && !reloaded => {
+                        // The script did not run; WAIT waited for nothing. Load and rerun.
+                        call.script.load_async(&mut con).await?;
+                        reloaded = true;
+                    }
+                    Err(err) => return Err(err),
+                    Ok(value) => {
+                        wait.check(&acked);
+                        return Ok(redis::from_redis_value::<T>(value)?);
+                    }
                 }
-                Err(LedgerError::from(err))
             }
-            Err(_) => {
-                if let Some(metrics) = call.metrics {
-                    metrics.error(ErrorKind::Timeout);
-                }
-                Err(LedgerError::Unavailable(format!(
-                    "no answer within {} ms",
-                    self.call_timeout.as_millis()
-                )))
-            }
-        }
+        };
+        let started = Instant::now();
+        let deadline = self.call_timeout + wait.timeout;
+        let result = tokio::time::timeout(deadline, run).await;
+        finish(call, deadline, started, result)
     }
 
     /// Runs a mutation script, which answers `{replayed, "CODE|field|..."}`.
@@ -218,6 +404,40 @@ pub enum ErrorKind {
     Redis = 2,
     /// An answer tollgate does not understand.
     Reply = 3,
+}
+
+/// Records a script call's metrics and maps its outcome.
+fn finish<T>(
+    call: &ScriptCall<'_>,
+    deadline: Duration,
+    started: Instant,
+    result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+) -> Result<T, LedgerError> {
+    if let Some(metrics) = call.metrics {
+        metrics.duration.record(started.elapsed().as_secs_f64());
+    }
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => {
+            if let Some(metrics) = call.metrics {
+                metrics.error(error_kind(&err));
+            }
+            Err(LedgerError::from(err))
+        }
+        Err(_) => {
+            if let Some(metrics) = call.metrics {
+                metrics.error(ErrorKind::Timeout);
+            }
+            Err(LedgerError::Unavailable(format!(
+                "no answer within {} ms",
+                deadline.as_millis()
+            )))
+        }
+    }
+}
+
+fn is_noscript(err: &redis::RedisError) -> bool {
+    err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 fn error_kind(err: &redis::RedisError) -> ErrorKind {
@@ -330,6 +550,8 @@ pub struct ScriptCall<'a> {
     cmd: Cmd,
     /// The ledger script's metric handles (None for tooling calls).
     metrics: Option<&'a ScriptMetrics>,
+    /// The script writes the ledger: followed by `WAIT` when `redis.wait_replicas` is set.
+    writes: bool,
 }
 
 /// Room for a typical ledger call: its arguments and their bytes.
@@ -347,7 +569,14 @@ impl<'a> ScriptCall<'a> {
             script,
             cmd,
             metrics: None,
+            writes: false,
         }
+    }
+
+    /// Marks the call as a ledger write (see [`RedisPool::with_wait`]).
+    pub fn writes(mut self, writes: bool) -> Self {
+        self.writes = writes;
+        self
     }
 
     /// Records this call's latency, errors and answer in the script's metrics.
@@ -389,5 +618,50 @@ impl Answer {
             _ => return Err(bad()),
         };
         Ok(Self { replayed, text })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> WaitState {
+        WaitState {
+            replicas: 2,
+            timeout: Duration::from_millis(100),
+            cmd: redis::cmd("WAIT"),
+            short: Counter::noop(),
+            started: Instant::now(),
+            last_warn_ms: AtomicU64::new(0),
+            unwarned: AtomicU64::new(0),
+            backoff_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn enough_replicas_keep_waiting() {
+        let wait = state();
+        wait.check(&Value::Int(2));
+        wait.check(&Value::Int(3));
+        assert!(!wait.backing_off());
+        assert_eq!(wait.last_warn_ms.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_short_wait_starts_the_back_off_and_warns_once() {
+        for answer in [Value::Int(1), Value::Nil] {
+            let wait = state();
+            wait.check(&answer);
+            assert!(wait.backing_off(), "{answer:?}");
+            let warned = wait.last_warn_ms.load(Ordering::Relaxed);
+            assert!(warned > 0);
+            // A second short wait within the interval is counted, not logged again.
+            wait.check(&answer);
+            assert_eq!(wait.last_warn_ms.load(Ordering::Relaxed), warned);
+            assert_eq!(wait.unwarned.load(Ordering::Relaxed), 1);
+            // The back-off ends.
+            wait.backoff_until_ms.store(1, Ordering::Relaxed);
+            assert!(!wait.backing_off());
+        }
     }
 }

@@ -18,6 +18,9 @@ pub const REDIS_SCRIPT_ERRORS_TOTAL: &str = "tollgate_redis_script_errors_total"
 pub const LEDGER_REFUSALS_TOTAL: &str = "tollgate_ledger_refusals_total";
 /// Answers replayed from an idempotency record, by `script`.
 pub const LEDGER_REPLAYS_TOTAL: &str = "tollgate_ledger_replays_total";
+/// Ledger writes after which `WAIT` (`redis.wait_replicas`) heard from fewer replicas than
+/// asked within `redis.wait_timeout_ms`: the write is committed on the primary only.
+pub const REDIS_WAIT_SHORT_TOTAL: &str = "tollgate_redis_wait_short_total";
 
 /// Error kinds of a script call: no answer within the deadline; Redis unreachable; Redis
 /// answered with an error (a script error, OOM, …); an answer tollgate does not understand.
@@ -181,6 +184,10 @@ fn describe() {
         "Failed ledger script calls, by script and kind."
     );
     describe_counter!(
+        REDIS_WAIT_SHORT_TOTAL,
+        "Ledger writes acknowledged by fewer replicas than redis.wait_replicas within redis.wait_timeout_ms."
+    );
+    describe_counter!(
         LEDGER_REFUSALS_TOTAL,
         "Business refusals answered by ledger scripts, by script and reason."
     );
@@ -319,6 +326,7 @@ mod tests {
         let mut names = vec![
             REDIS_SCRIPT_SECONDS,
             REDIS_SCRIPT_ERRORS_TOTAL,
+            REDIS_WAIT_SHORT_TOTAL,
             LEDGER_REFUSALS_TOTAL,
             LEDGER_REPLAYS_TOTAL,
             CREDITS_CHARGED_TOTAL,
