@@ -21,7 +21,8 @@ pub const DEFAULT_STORE_URL: &str = "sqlite://tollgate.db";
 pub const DEFAULT_POOL_CONNECTIONS: u32 = 4;
 /// How long a query waits for a pooled connection before failing (and being retried).
 pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Rows per INSERT statement: 24 parameters a row stays under SQLite's 32,766.
+/// Rows per SQLite INSERT statement: 26 parameters a row stays under its limit of 32,766
+/// (PostgreSQL binds one array per column instead).
 pub const INSERT_ROWS_MAX: usize = 1000;
 /// Most transactions one ListTransactions page returns.
 pub const HISTORY_PAGE_MAX: u32 = 1000;
@@ -416,47 +417,7 @@ macro_rules! store_impl {
                 sorted.dedup_by(|a, b| a.event_id == b.event_id);
                 let settled_at = now_ms();
                 let mut tx = self.pool.begin().await?;
-                let mut inserted = std::collections::HashSet::new();
-                for chunk in sorted.chunks(INSERT_ROWS_MAX) {
-                    let mut qb = QueryBuilder::<$db>::new(format!(
-                        "INSERT INTO tollgate_events ({EVENT_COLUMNS}, d_granted, d_used, \
-                         d_expired, d_refunded, d_adjusted, settled_at_ms) "
-                    ));
-                    qb.push_values(chunk.iter(), |mut b, e| {
-                        let (ms, seq) = e.stream_position();
-                        let d = e.deltas();
-                        b.push_bind(e.event_id.clone())
-                            .push_bind(i64::from(e.shard()))
-                            .push_bind(ms)
-                            .push_bind(seq)
-                            .push_bind(e.kind.as_str())
-                            .push_bind(e.account_id.clone())
-                            .push_bind(e.wallet.clone())
-                            .push_bind(e.amount)
-                            .push_bind(e.available_after)
-                            .push_bind(e.held_after)
-                            .push_bind(lots_text(&e.lots))
-                            .push_bind(e.extra.clone())
-                            .push_bind(e.hold_id.clone())
-                            .push_bind(e.charge_id.clone())
-                            .push_bind(e.idempotency_key.clone())
-                            .push_bind(e.operation.clone())
-                            .push_bind(e.metadata.clone())
-                            .push_bind(e.created_at_ms)
-                            .push_bind(i64::from(e.version))
-                            .push_bind(e.member.clone())
-                            .push_bind(d.granted)
-                            .push_bind(d.used)
-                            .push_bind(d.expired)
-                            .push_bind(d.refunded)
-                            .push_bind(d.adjusted)
-                            .push_bind(settled_at);
-                    });
-                    qb.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
-                    for row in qb.build().fetch_all(&mut *tx).await? {
-                        inserted.insert(row.try_get::<String, _>("event_id")?);
-                    }
-                }
+                let inserted = $store::insert_events(&mut tx, &sorted, settled_at).await?;
                 let new_events: Vec<&LedgerEvent> = sorted
                     .iter()
                     .copied()
@@ -494,33 +455,7 @@ macro_rules! store_impl {
                     }
                 }
                 let rows: Vec<_> = wallets.into_iter().collect();
-                for chunk in rows.chunks(INSERT_ROWS_MAX) {
-                    let mut qb = QueryBuilder::<$db>::new(
-                        "INSERT INTO tollgate_wallets (account_id, wallet, granted, used, \
-                         expired, refunded, adjusted, available, held, last_stream_ms, \
-                         last_stream_seq, events, last_grant, low_alerted, exhausted_alerted) ",
-                    );
-                    qb.push_values(chunk.iter(), |mut b, ((account, wallet), w)| {
-                        let (low, exhausted) = w.alert_flags();
-                        b.push_bind(account.clone())
-                            .push_bind(wallet.clone())
-                            .push_bind(w.deltas.granted)
-                            .push_bind(w.deltas.used)
-                            .push_bind(w.deltas.expired)
-                            .push_bind(w.deltas.refunded)
-                            .push_bind(w.deltas.adjusted)
-                            .push_bind(w.available)
-                            .push_bind(w.held)
-                            .push_bind(w.last.0)
-                            .push_bind(w.last.1)
-                            .push_bind(w.events)
-                            .push_bind(w.last_grant)
-                            .push_bind(low)
-                            .push_bind(exhausted);
-                    });
-                    qb.push(SUMMARY_UPSERT_TAIL);
-                    qb.build().execute(&mut *tx).await?;
-                }
+                $store::upsert_wallets(&mut tx, &rows).await?;
                 let delta = holds_delta(new_events.iter().copied());
                 let holds_open = if delta != 0 {
                     sqlx::query_scalar::<_, i64>(
@@ -820,6 +755,256 @@ pub struct PgStore {
 
 pub struct SqliteStore {
     pub(super) pool: sqlx::SqlitePool,
+}
+
+/// Wallet summary rows of a batch, in key order.
+type WalletRows = [((String, String), WalletBatch)];
+
+/// PostgreSQL writes a batch with one statement per table: one array parameter per column,
+/// unpacked by `UNNEST` (a few dozen binds instead of one per value, and one prepared
+/// statement whatever the batch size).
+impl PgStore {
+    async fn insert_events(
+        conn: &mut sqlx::PgConnection,
+        events: &[&LedgerEvent],
+        settled_at: i64,
+    ) -> Result<HashSet<String>, StoreError> {
+        let n = events.len();
+        let mut event_id = Vec::with_capacity(n);
+        let mut shard = Vec::with_capacity(n);
+        let mut stream_ms = Vec::with_capacity(n);
+        let mut stream_seq = Vec::with_capacity(n);
+        let mut kind = Vec::with_capacity(n);
+        let mut account_id = Vec::with_capacity(n);
+        let mut wallet = Vec::with_capacity(n);
+        let mut amount = Vec::with_capacity(n);
+        let mut available_after = Vec::with_capacity(n);
+        let mut held_after = Vec::with_capacity(n);
+        let mut lots = Vec::with_capacity(n);
+        let mut extra = Vec::with_capacity(n);
+        let mut hold_id = Vec::with_capacity(n);
+        let mut charge_id = Vec::with_capacity(n);
+        let mut idempotency_key = Vec::with_capacity(n);
+        let mut operation = Vec::with_capacity(n);
+        let mut metadata = Vec::with_capacity(n);
+        let mut created_at_ms = Vec::with_capacity(n);
+        let mut version = Vec::with_capacity(n);
+        let mut member = Vec::with_capacity(n);
+        let mut d_granted = Vec::with_capacity(n);
+        let mut d_used = Vec::with_capacity(n);
+        let mut d_expired = Vec::with_capacity(n);
+        let mut d_refunded = Vec::with_capacity(n);
+        let mut d_adjusted = Vec::with_capacity(n);
+        for e in events {
+            let (ms, seq) = e.stream_position();
+            let d = e.deltas();
+            event_id.push(e.event_id.as_str());
+            shard.push(i64::from(e.shard()));
+            stream_ms.push(ms);
+            stream_seq.push(seq);
+            kind.push(e.kind.as_str());
+            account_id.push(e.account_id.as_str());
+            wallet.push(e.wallet.as_str());
+            amount.push(e.amount);
+            available_after.push(e.available_after);
+            held_after.push(e.held_after);
+            lots.push(lots_text(&e.lots));
+            extra.push(e.extra.as_str());
+            hold_id.push(e.hold_id.as_str());
+            charge_id.push(e.charge_id.as_str());
+            idempotency_key.push(e.idempotency_key.as_str());
+            operation.push(e.operation.as_str());
+            metadata.push(e.metadata.as_str());
+            created_at_ms.push(e.created_at_ms);
+            version.push(i64::from(e.version));
+            member.push(e.member.as_str());
+            d_granted.push(d.granted);
+            d_used.push(d.used);
+            d_expired.push(d.expired);
+            d_refunded.push(d.refunded);
+            d_adjusted.push(d.adjusted);
+        }
+        let ids: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO tollgate_events (event_id, shard, stream_ms, stream_seq, kind, \
+             account_id, wallet, amount, available_after, held_after, lots, extra, hold_id, \
+             charge_id, idempotency_key, operation, metadata, created_at_ms, version, member, \
+             d_granted, d_used, d_expired, d_refunded, d_adjusted, settled_at_ms) \
+             SELECT u.*, $26 FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
+             $4::bigint[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], \
+             $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], \
+             $16::text[], $17::text[], $18::bigint[], $19::bigint[], $20::text[], \
+             $21::bigint[], $22::bigint[], $23::bigint[], $24::bigint[], $25::bigint[]) AS u \
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        )
+        .bind(event_id)
+        .bind(shard)
+        .bind(stream_ms)
+        .bind(stream_seq)
+        .bind(kind)
+        .bind(account_id)
+        .bind(wallet)
+        .bind(amount)
+        .bind(available_after)
+        .bind(held_after)
+        .bind(lots)
+        .bind(extra)
+        .bind(hold_id)
+        .bind(charge_id)
+        .bind(idempotency_key)
+        .bind(operation)
+        .bind(metadata)
+        .bind(created_at_ms)
+        .bind(version)
+        .bind(member)
+        .bind(d_granted)
+        .bind(d_used)
+        .bind(d_expired)
+        .bind(d_refunded)
+        .bind(d_adjusted)
+        .bind(settled_at)
+        .fetch_all(conn)
+        .await?;
+        Ok(ids.into_iter().collect())
+    }
+
+    async fn upsert_wallets(
+        conn: &mut sqlx::PgConnection,
+        rows: &WalletRows,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let n = rows.len();
+        let mut account = Vec::with_capacity(n);
+        let mut wallet = Vec::with_capacity(n);
+        let mut cols: [Vec<i64>; 13] = std::array::from_fn(|_| Vec::with_capacity(n));
+        for ((a, w), b) in rows {
+            let (low, exhausted) = b.alert_flags();
+            account.push(a.as_str());
+            wallet.push(w.as_str());
+            let values = [
+                b.deltas.granted,
+                b.deltas.used,
+                b.deltas.expired,
+                b.deltas.refunded,
+                b.deltas.adjusted,
+                b.available,
+                b.held,
+                b.last.0,
+                b.last.1,
+                b.events,
+                b.last_grant,
+                low,
+                exhausted,
+            ];
+            for (col, v) in cols.iter_mut().zip(values) {
+                col.push(v);
+            }
+        }
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO tollgate_wallets (account_id, wallet, granted, used, expired, \
+             refunded, adjusted, available, held, last_stream_ms, last_stream_seq, events, \
+             last_grant, low_alerted, exhausted_alerted) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], \
+             $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], \
+             $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], \
+             $15::bigint[]){SUMMARY_UPSERT_TAIL}"
+        )))
+        .bind(account)
+        .bind(wallet);
+        for col in cols {
+            query = query.bind(col);
+        }
+        query.execute(conn).await?;
+        Ok(())
+    }
+}
+
+/// SQLite has no arrays: multi-row VALUES, one bind per value, in chunks that stay under
+/// its parameter limit.
+impl SqliteStore {
+    async fn insert_events(
+        conn: &mut sqlx::SqliteConnection,
+        sorted: &[&LedgerEvent],
+        settled_at: i64,
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut inserted = HashSet::new();
+        for chunk in sorted.chunks(INSERT_ROWS_MAX) {
+            let mut qb = QueryBuilder::<sqlx::Sqlite>::new(format!(
+                "INSERT INTO tollgate_events ({EVENT_COLUMNS}, d_granted, d_used, \
+                 d_expired, d_refunded, d_adjusted, settled_at_ms) "
+            ));
+            qb.push_values(chunk.iter(), |mut b, e| {
+                let (ms, seq) = e.stream_position();
+                let d = e.deltas();
+                b.push_bind(e.event_id.clone())
+                    .push_bind(i64::from(e.shard()))
+                    .push_bind(ms)
+                    .push_bind(seq)
+                    .push_bind(e.kind.as_str())
+                    .push_bind(e.account_id.clone())
+                    .push_bind(e.wallet.clone())
+                    .push_bind(e.amount)
+                    .push_bind(e.available_after)
+                    .push_bind(e.held_after)
+                    .push_bind(lots_text(&e.lots))
+                    .push_bind(e.extra.clone())
+                    .push_bind(e.hold_id.clone())
+                    .push_bind(e.charge_id.clone())
+                    .push_bind(e.idempotency_key.clone())
+                    .push_bind(e.operation.clone())
+                    .push_bind(e.metadata.clone())
+                    .push_bind(e.created_at_ms)
+                    .push_bind(i64::from(e.version))
+                    .push_bind(e.member.clone())
+                    .push_bind(d.granted)
+                    .push_bind(d.used)
+                    .push_bind(d.expired)
+                    .push_bind(d.refunded)
+                    .push_bind(d.adjusted)
+                    .push_bind(settled_at);
+            });
+            qb.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+            for row in qb.build().fetch_all(&mut *conn).await? {
+                inserted.insert(row.try_get::<String, _>("event_id")?);
+            }
+        }
+        Ok(inserted)
+    }
+
+    async fn upsert_wallets(
+        conn: &mut sqlx::SqliteConnection,
+        rows: &WalletRows,
+    ) -> Result<(), StoreError> {
+        for chunk in rows.chunks(INSERT_ROWS_MAX) {
+            let mut qb = QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO tollgate_wallets (account_id, wallet, granted, used, \
+                 expired, refunded, adjusted, available, held, last_stream_ms, \
+                 last_stream_seq, events, last_grant, low_alerted, exhausted_alerted) ",
+            );
+            qb.push_values(chunk.iter(), |mut b, ((account, wallet), w)| {
+                let (low, exhausted) = w.alert_flags();
+                b.push_bind(account.clone())
+                    .push_bind(wallet.clone())
+                    .push_bind(w.deltas.granted)
+                    .push_bind(w.deltas.used)
+                    .push_bind(w.deltas.expired)
+                    .push_bind(w.deltas.refunded)
+                    .push_bind(w.deltas.adjusted)
+                    .push_bind(w.available)
+                    .push_bind(w.held)
+                    .push_bind(w.last.0)
+                    .push_bind(w.last.1)
+                    .push_bind(w.events)
+                    .push_bind(w.last_grant)
+                    .push_bind(low)
+                    .push_bind(exhausted);
+            });
+            qb.push(SUMMARY_UPSERT_TAIL);
+            qb.build().execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
 }
 
 // PostgreSQL serializes concurrent migrations with an advisory lock; SQLite's write lock
