@@ -200,6 +200,8 @@ pub enum OrgCommand {
     Allocate {
         org: String,
         member: String,
+        /// With --add, a signed change (e.g. -50).
+        #[arg(allow_hyphen_values = true)]
         amount: i64,
         #[arg(long, default_value = "default")]
         wallet: String,

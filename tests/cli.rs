@@ -177,3 +177,79 @@ fn config_errors_are_reported_together_with_paths() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tollgate admin org …` and the org flags of `create-key` / `balance`, against a server
+/// in this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_commands() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(
+        common::test_config(&redis.url()),
+        tollgate::ledger::Clock::Redis,
+    )
+    .await;
+    let port = server.grpc_addr.port();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--token", common::ADMIN_TOKEN];
+        all.extend_from_slice(args);
+        let out = admin(port, &all);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["org", "create", "acme", "olivia"]);
+    run(&["org", "add-member", "acme", "alice", "--actor", "olivia"]);
+    run(&["grant", "acme", "1000"]);
+    let allocated = run(&[
+        "org", "allocate", "acme", "alice", "300", "--actor", "olivia",
+    ]);
+    assert!(allocated.contains("300 allocated"), "{allocated}");
+    let more = run(&[
+        "org", "allocate", "acme", "alice", "-50", "--add", "--actor", "olivia",
+    ]);
+    assert!(more.contains("250 allocated"), "{more}");
+    let members = run(&["org", "members", "acme"]);
+    assert!(
+        members.contains("alice") && members.contains("member"),
+        "{members}"
+    );
+    assert!(
+        members.contains("olivia") && members.contains("owner"),
+        "{members}"
+    );
+    let budget = run(&["org", "budget", "acme", "100", "--member", "alice"]);
+    assert!(budget.contains("100 per day"), "{budget}");
+    let key = run(&[
+        "create-key",
+        "acme",
+        "--org",
+        "acme",
+        "--member",
+        "alice",
+        "--actor",
+        "olivia",
+    ]);
+    assert!(key.contains("as member alice"), "{key}");
+    let balance = run(&["balance", "acme", "--member", "alice"]);
+    assert!(balance.contains("organization"), "{balance}");
+    assert!(balance.contains("250 remaining"), "{balance}");
+    assert!(balance.contains("0 of 100 per day"), "{balance}");
+    // A member may not make org keys: the field is named and the command fails.
+    let refused = admin(
+        port,
+        &[
+            "--token",
+            common::ADMIN_TOKEN,
+            "create-key",
+            "acme",
+            "--org",
+            "acme",
+            "--actor",
+            "alice",
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("actor_id"),
+        "{refused:?}"
+    );
+}
