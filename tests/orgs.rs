@@ -272,6 +272,21 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
         .await
         .expect("refund");
     assert_eq!(view(&server, "alice", "").await.allocations[0].remaining, 5);
+
+    // Bob leaves the org: his key still authenticates but charges nothing (403).
+    let mut admin = server.admin().await;
+    admin
+        .remove_member(pb::RemoveMemberRequest {
+            org_id: "acme".into(),
+            member_id: "bob".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "bob-leaves".into(),
+        })
+        .await
+        .expect("remove bob");
+    let r = send_envelope(&server, &bob).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["error"], "not_a_member");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,6 +103,12 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
         LedgerError::Refused(Refusal::IdempotencyKeyReused) => Denial::RequestIdReused,
         LedgerError::Refused(Refusal::HoldLimit { .. }) | LedgerError::OutboxFull => Denial::Busy,
         LedgerError::Unavailable(_) | LedgerError::NotInitialized => Denial::Unavailable,
+        // An org key whose member was removed from the org since.
+        LedgerError::InvalidArgument(violations)
+            if violations.iter().any(|v| v.field == "member_id") =>
+        {
+            Denial::NotAMember
+        }
         LedgerError::InvalidArgument(violations) => {
             // The price book and the identity made these fields: a configuration the
             // ledger refuses (e.g. an account id a key was made for before a rule change).
@@ -186,6 +192,7 @@ pub fn denial_response(denial: &Denial) -> DenialResponse {
                 ("operation", json!(operation)),
             ],
         ),
+        Denial::NotAMember => (403, "not_a_member", vec![]),
         Denial::Unavailable => (503, "unavailable", vec![]),
         Denial::RequestIdReused => (409, "request_id_reused", vec![]),
         Denial::Busy => (429, "busy", vec![]),

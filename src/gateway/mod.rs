@@ -155,6 +155,8 @@ pub enum Denial {
         resets_at_ms: i64,
         operation: String,
     },
+    /// The org key's member is no longer a member of the org (403).
+    NotAMember,
     /// Redis unavailable and the operation is fail_closed.
     Unavailable,
     /// The request id was used before for a request priced differently.
