@@ -196,6 +196,23 @@ impl LedgerEvent {
         d
     }
 
+    /// How this event moves its member's allocation `used` (org workspaces): charges and
+    /// holds count, returned hold credits and refunds give back. None for events that
+    /// do not touch an allocation (no member, or no credits moved).
+    pub fn allocation_delta(&self) -> Option<i64> {
+        if self.member.is_empty() {
+            return None;
+        }
+        match self.kind {
+            EventKind::Debit | EventKind::Hold => Some(self.amount),
+            EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
+                Some(-self.returned_lots().iter().map(|p| p.amount).sum::<i64>())
+            }
+            EventKind::Refund => Some(-self.amount),
+            _ => None,
+        }
+    }
+
     /// Lots credits went back to (capture, release, expire_hold).
     pub fn returned_lots(&self) -> Vec<LotPiece> {
         match self.kind {

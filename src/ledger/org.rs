@@ -252,15 +252,9 @@ impl Ledger {
             })
             .await?;
         let mut f = ok_fields(&answer)?;
-        let event_id = f.text()?.to_owned();
+        let _event_id = f.text()?;
         let created = f.int()?;
-        Ok((
-            OrgEvent {
-                event_id,
-                replayed: answer.replayed,
-            },
-            created,
-        ))
+        Ok((org_event(&answer)?, created))
     }
 
     /// Adds a member (or changes a member's role); `actor_id` must be an owner or admin,
@@ -294,11 +288,7 @@ impl Ledger {
                 ..OrgCall::default()
             })
             .await?;
-        let mut f = ok_fields(&answer)?;
-        Ok(OrgEvent {
-            event_id: f.text()?.to_owned(),
-            replayed: answer.replayed,
-        })
+        org_event(&answer)
     }
 
     pub async fn remove_member(
@@ -324,11 +314,7 @@ impl Ledger {
                 ..OrgCall::default()
             })
             .await?;
-        let mut f = ok_fields(&answer)?;
-        Ok(OrgEvent {
-            event_id: f.text()?.to_owned(),
-            replayed: answer.replayed,
-        })
+        org_event(&answer)
     }
 
     /// Members and roles, sorted by member id. NotFound for an account that is no org.
@@ -446,11 +432,7 @@ impl Ledger {
                 ..OrgCall::default()
             })
             .await?;
-        let mut f = ok_fields(&answer)?;
-        Ok(OrgEvent {
-            event_id: f.text()?.to_owned(),
-            replayed: answer.replayed,
-        })
+        org_event(&answer)
     }
 
     /// The role, allocations and budgets of an account (member empty) or an org member,
@@ -467,6 +449,15 @@ impl Ledger {
         let rows: Vec<String> = self.redis.call_script(&inv).await?;
         parse_view(&rows)
     }
+}
+
+/// An org script's "OK|event_id|…" answer as the event it wrote.
+fn org_event(answer: &Answer) -> Result<OrgEvent, LedgerError> {
+    let mut f = ok_fields(answer)?;
+    Ok(OrgEvent {
+        event_id: f.text()?.to_owned(),
+        replayed: answer.replayed,
+    })
 }
 
 fn parse_view(rows: &[String]) -> Result<AccountView, LedgerError> {

@@ -208,19 +208,11 @@ async fn store_allocations(ledger: &Ledger, store: &Store) -> Result<Allocations
             });
             for e in page.iter().filter(|e| !e.member.is_empty()) {
                 let key = (e.account_id.clone(), e.wallet.clone(), e.member.clone());
-                let used = match e.kind {
-                    EventKind::Allocate => {
-                        out.entry(key).or_default().0 = Some(e.amount);
-                        continue;
-                    }
-                    EventKind::Debit | EventKind::Hold => e.amount,
-                    EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
-                        -e.returned_lots().iter().map(|p| p.amount).sum::<i64>()
-                    }
-                    EventKind::Refund => -e.amount,
-                    _ => continue,
-                };
-                out.entry(key).or_default().1 += used;
+                if e.kind == EventKind::Allocate {
+                    out.entry(key).or_default().0 = Some(e.amount);
+                } else if let Some(used) = e.allocation_delta() {
+                    out.entry(key).or_default().1 += used;
+                }
             }
             if page.len() < 5000 {
                 break;

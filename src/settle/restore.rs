@@ -201,10 +201,9 @@ struct BudgetDef {
 struct OrgState {
     /// org → (created ms, member → role).
     members: BTreeMap<String, (i64, BTreeMap<String, String>)>,
-    /// (org, wallet, member) → (allocated, used).
-    allocations: BTreeMap<(String, String, String), (i64, i64)>,
-    /// Allocations an `allocate` event set (an allocation of 0 is still a bound).
-    allocated_explicitly: std::collections::BTreeSet<(String, String, String)>,
+    /// (org, wallet, member) → (allocated: None without an `allocate` event (an owner or
+    /// admin spending unbounded), used).
+    allocations: BTreeMap<(String, String, String), (Option<i64>, i64)>,
     /// (account, wallet, member: "" = the account's own) → budget.
     budgets: BTreeMap<(String, String, String), BudgetDef>,
     /// Charges (debits and holds) by (account, wallet, member): (time, amount), to
@@ -213,14 +212,13 @@ struct OrgState {
 }
 
 impl OrgState {
-    fn use_allocation(&mut self, e: &LedgerEvent, delta: i64) {
-        if e.member.is_empty() || delta == 0 {
-            return;
+    fn use_allocation(&mut self, e: &LedgerEvent) {
+        if let Some(delta) = e.allocation_delta().filter(|d| *d != 0) {
+            self.allocations
+                .entry((e.account_id.clone(), e.wallet.clone(), e.member.clone()))
+                .or_default()
+                .1 += delta;
         }
-        self.allocations
-            .entry((e.account_id.clone(), e.wallet.clone(), e.member.clone()))
-            .or_default()
-            .1 += delta;
     }
 }
 
@@ -333,16 +331,11 @@ impl Replay<'_> {
                 }
             }
             EventKind::Allocate => {
-                self.orgs.allocated_explicitly.insert((
-                    e.account_id.clone(),
-                    e.wallet.clone(),
-                    e.member.clone(),
-                ));
                 self.orgs
                     .allocations
                     .entry((e.account_id.clone(), e.wallet.clone(), e.member.clone()))
                     .or_default()
-                    .0 = e.amount;
+                    .0 = Some(e.amount);
             }
             EventKind::Budget => {
                 self.wallet.joined = true;
@@ -392,23 +385,15 @@ impl Replay<'_> {
         }
         // A member's charges and what comes back of them move their allocation; charges
         // count in the budgets of their period.
-        match e.kind {
-            EventKind::Debit | EventKind::Hold => {
-                self.orgs.use_allocation(e, e.amount);
-                self.orgs.spends.push((
-                    e.account_id.clone(),
-                    e.wallet.clone(),
-                    e.member.clone(),
-                    e.created_at_ms,
-                    e.amount,
-                ));
-            }
-            EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
-                let returned: i64 = e.returned_lots().iter().map(|p| p.amount).sum();
-                self.orgs.use_allocation(e, -returned);
-            }
-            EventKind::Refund => self.orgs.use_allocation(e, -e.amount),
-            _ => {}
+        self.orgs.use_allocation(e);
+        if matches!(e.kind, EventKind::Debit | EventKind::Hold) {
+            self.orgs.spends.push((
+                e.account_id.clone(),
+                e.wallet.clone(),
+                e.member.clone(),
+                e.created_at_ms,
+                e.amount,
+            ));
         }
         let w = &mut self.wallet;
         w.events += 1;
@@ -817,8 +802,7 @@ fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usiz
         let key = format!("{tag}:al:{org}:{wallet}");
         let mut cmd = redis::cmd("HSET");
         cmd.arg(&key).arg(format!("{member}:u")).arg(used);
-        // Used without an allocation: an owner or admin spending unbounded.
-        if has_allocation_event(orgs, org, wallet, member) {
+        if let Some(allocated) = allocated {
             cmd.arg(member).arg(allocated);
         }
         pipe.add_command(cmd).ignore();
@@ -868,13 +852,6 @@ fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usiz
         queued += 1;
     }
     queued
-}
-
-/// Whether the allocation map's entry came from an `allocate` event (rather than only from
-/// an unbounded owner's or admin's charges): then the allocation field exists in Redis.
-fn has_allocation_event(orgs: &OrgState, org: &str, wallet: &str, member: &str) -> bool {
-    orgs.allocated_explicitly
-        .contains(&(org.to_owned(), wallet.to_owned(), member.to_owned()))
 }
 
 /// Restores every shard. Refuses a Redis that already holds tollgate data unless `force`

@@ -31,11 +31,12 @@ end
 local W = open_wallet(ARGV[8], ARGV[9])
 settle_due(W)
 local budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
+local over_budget = budgets and budgets_refuse(budgets, amount)
 local answer
 if remaining and remaining < amount then
   answer = 'ALLOCATION_EXCEEDED|' .. itos(amount) .. '|' .. itos(remaining)
-elseif budgets and budgets_refuse(budgets, amount) then
-  answer = budgets_refuse(budgets, amount)
+elseif over_budget then
+  answer = over_budget
 elseif W.r < amount then
   answer = 'INSUFFICIENT_CREDITS|' .. itos(amount) .. '|' .. itos(W.r)
 else
