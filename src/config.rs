@@ -23,6 +23,7 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Shortest idempotency window accepted: retries of one request arrive within it.
 pub const IDEMPOTENCY_WINDOW_SECS_MIN: u64 = 60;
 pub const REDIS_CONNECTIONS_MAX: usize = 64;
+pub const WORKER_THREADS_MAX: usize = 256;
 pub const REDIS_CALL_TIMEOUT_MS_MAX: u64 = 10_000;
 /// Most replicas a ledger write may wait for.
 pub const REDIS_WAIT_REPLICAS_MAX: u32 = 16;
@@ -63,6 +64,27 @@ pub struct ServerConfig {
     pub grpc_addr: String,
     /// HTTP listen address (/healthz, /readyz).
     pub http_addr: String,
+    /// Async runtime worker threads; 0 (the default) takes half of the machine's CPUs, at
+    /// least one: the sidecar shares its host with Redis and the gateway.
+    pub worker_threads: usize,
+}
+
+impl ServerConfig {
+    /// The worker threads the runtime gets: the configured count, or half the CPUs.
+    pub fn runtime_workers(&self) -> usize {
+        match self.worker_threads {
+            0 => default_worker_threads(),
+            n => n,
+        }
+    }
+}
+
+/// Half of the CPUs this process may use, at least one.
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() / 2)
+        .unwrap_or(1)
+        .max(1)
 }
 
 impl Default for ServerConfig {
@@ -70,6 +92,7 @@ impl Default for ServerConfig {
         Self {
             grpc_addr: DEFAULT_GRPC_ADDR.into(),
             http_addr: DEFAULT_HTTP_ADDR.into(),
+            worker_threads: 0,
         }
     }
 }
@@ -391,6 +414,12 @@ impl Config {
             if addr.parse::<SocketAddr>().is_err() {
                 bad(path, format!("{addr:?} is not an ip:port address"));
             }
+        }
+        if self.server.worker_threads > WORKER_THREADS_MAX {
+            bad(
+                "server.worker_threads",
+                format!("must be in 0..={WORKER_THREADS_MAX} (0 = half the CPUs)"),
+            );
         }
         if redis::parse_redis_url(&self.redis.url).is_none() {
             bad(
@@ -778,6 +807,20 @@ mod tests {
         assert_eq!(c.wait_replicas(), None);
         assert_eq!(c.auth.admin_token, "a");
         assert_eq!(c.redis.url, "redis://flag:2");
+    }
+
+    #[test]
+    fn worker_threads_default_to_half_the_cpus_and_are_bounded() {
+        let c = load("").unwrap();
+        assert_eq!(c.server.worker_threads, 0);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.server.runtime_workers(), (cpus / 2).max(1));
+        let env = vec![("TOLLGATE_SERVER__WORKER_THREADS".to_owned(), "3".to_owned())];
+        let c = Config::from_toml("", env, &Overrides::default()).unwrap();
+        assert_eq!(c.server.runtime_workers(), 3);
+        let errors = load("[server]\nworker_threads = 1000\n").unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "server.worker_threads");
     }
 
     #[test]

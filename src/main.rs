@@ -18,7 +18,23 @@ use tollgate::{server, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // serve and settle size the runtime from their config, so it is loaded first.
+    let config = match &cli.command {
+        Command::Serve(args) | Command::Settle(args) => {
+            match load_config(args.config.as_deref(), &serve_overrides(args)) {
+                Ok(config) => Some(config),
+                Err(message) => return Exit::message(message).0,
+            }
+        }
+        _ => None,
+    };
+    let workers = match (&cli.command, &config) {
+        (_, Some(config)) => config.server.runtime_workers(),
+        (Command::Bench(args), _) => usize::from(args.threads),
+        _ => tollgate::config::default_worker_threads(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
@@ -29,15 +45,20 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Serve(args) => serve(args).await.map_err(Exit::message),
-            Command::Settle(args) => settle(args).await.map_err(Exit::message),
-            Command::Reconcile(args) => Err(Exit(reconcile(args).await)),
-            Command::Restore(args) => restore(args).await.map_err(Exit::message),
-            Command::Admin(args) => admin(args).await.map_err(Exit::message),
-            Command::CheckConfig(args) => check_config(args).map_err(Exit::message),
+        match (cli.command, config) {
+            (Command::Serve(args), Some(config)) => {
+                serve(args, config).await.map_err(Exit::message)
+            }
+            (Command::Settle(_), Some(config)) => settle(config).await.map_err(Exit::message),
+            (Command::Serve(_) | Command::Settle(_), None) => {
+                Err(Exit::message("no config loaded".into()))
+            }
+            (Command::Reconcile(args), _) => Err(Exit(reconcile(args).await)),
+            (Command::Restore(args), _) => restore(args).await.map_err(Exit::message),
+            (Command::Admin(args), _) => admin(args).await.map_err(Exit::message),
+            (Command::CheckConfig(args), _) => check_config(args).map_err(Exit::message),
             // Ctrl-C (or SIGTERM) drops the bench, which kills the children it started.
-            Command::Bench(args) => tokio::select! {
+            (Command::Bench(args), _) => tokio::select! {
                 result = tollgate::bench::run(args) => result.map(|_| ()).map_err(Exit::message),
                 _ = shutdown_signal() => Err(Exit::message("bench interrupted".into())),
             },
@@ -92,8 +113,7 @@ fn serve_overrides(args: &ServeArgs) -> Overrides {
     }
 }
 
-async fn settle(args: ServeArgs) -> Result<(), String> {
-    let config = load_config(args.config.as_deref(), &serve_overrides(&args))?;
+async fn settle(config: Config) -> Result<(), String> {
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
     let http = tokio::net::TcpListener::bind(&config.server.http_addr)
         .await
@@ -164,9 +184,7 @@ async fn restore(args: RestoreArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> Result<(), String> {
-    let mut config = load_config(args.config.as_deref(), &serve_overrides(&args))?;
-
+async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
     // Kept alive until serve returns; dropping it stops the child redis-server.
     let mut _dev_redis = None;
     if args.dev {

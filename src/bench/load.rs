@@ -7,14 +7,11 @@
 //! request's *intended* send time, so a stalled server shows as latency instead of as
 //! fewer requests (no coordinated omission).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
@@ -25,6 +22,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use super::check_client::CheckClient;
 use super::report::{Phase, RedisStats};
 use super::{
     BenchArgs, Distribution, Scenario, BENCH_HOST, BENCH_OPERATION, BENCH_PATH, HOT_SHARE,
@@ -188,7 +186,7 @@ type MeteringClient = pb::metering_client::MeteringClient<InterceptedService<Cha
 
 /// One worker's connection to what it loads.
 pub enum Client {
-    Check(AuthorizationClient<Channel>),
+    Check(CheckClient),
     Debit(MeteringClient),
     Hold(MeteringClient),
     ForwardAuth(HttpClient),
@@ -218,6 +216,15 @@ pub async fn scenario_clients(
         }
         return Ok(clients);
     }
+    if scenario == Scenario::Check {
+        let mut connections = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections {
+            connections.push(CheckClient::connect(&target.grpc_addr).await?);
+        }
+        return Ok((0..args.concurrency)
+            .map(|i| Client::Check(connections[i % connections.len()].clone()))
+            .collect());
+    }
     let uri = if target.grpc_addr.contains("://") {
         target.grpc_addr.clone()
     } else {
@@ -246,7 +253,6 @@ pub async fn scenario_clients(
         .map(|i| {
             let channel = channels[i % channels.len()].clone();
             match scenario {
-                Scenario::Check => Client::Check(AuthorizationClient::new(channel)),
                 Scenario::Hold => Client::Hold(
                     pb::metering_client::MeteringClient::with_interceptor(channel, auth.clone()),
                 ),
@@ -353,36 +359,7 @@ impl Client {
     /// One operation against account `i`; `id` is unique in the run. The error is its kind.
     async fn call(&mut self, accounts: &Accounts, i: usize, id: &str) -> Result<(), String> {
         match self {
-            Self::Check(client) => {
-                let mut headers = HashMap::with_capacity(2);
-                headers.insert("authorization".to_owned(), accounts.bearer[i].clone());
-                headers.insert("x-request-id".to_owned(), id.to_owned());
-                let request = CheckRequest {
-                    attributes: Some(AttributeContext {
-                        request: Some(Request {
-                            http: Some(HttpRequest {
-                                method: "POST".into(),
-                                host: BENCH_HOST.into(),
-                                path: BENCH_PATH.into(),
-                                headers,
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                };
-                let answer = client
-                    .check(request)
-                    .await
-                    .map_err(|s| format!("grpc:{:?}", s.code()))?
-                    .into_inner();
-                match answer.status {
-                    Some(status) if status.code == 0 => Ok(()),
-                    Some(status) => Err(format!("denied:{}", status.message)),
-                    None => Err("check:no status".into()),
-                }
-            }
+            Self::Check(client) => client.check(&accounts.bearer[i], id).await,
             Self::Debit(client) => {
                 client
                     .debit(pb::DebitRequest {
@@ -831,7 +808,9 @@ async fn drive(
     )
 }
 
-/// Releases one permit per intended send time until stopped.
+/// Releases one permit per intended send time until stopped. Request `n` is due at
+/// `start + n / rate`; the thread sleeps until the next one is due (not a fixed period), so a
+/// permit is released within the OS timer's slack of its send time.
 fn spawn_pacer(
     permits: Arc<Semaphore>,
     rate: f64,
@@ -839,22 +818,28 @@ fn spawn_pacer(
     requests: Option<u64>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
-    let sleep = Duration::from_secs_f64(1.0 / rate).min(PACER_SLEEP_MAX);
     std::thread::spawn(move || {
         let mut released = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let mut due = (start.elapsed().as_secs_f64() * rate) as u64 + 1;
+            if requests.is_some_and(|n| released >= n) {
+                std::thread::sleep(PACER_SLEEP_MAX);
+                continue;
+            }
+            let next = start + Duration::from_secs_f64(released as f64 / rate);
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep((next - now).min(PACER_SLEEP_MAX));
+                continue;
+            }
+            let mut due = (now.duration_since(start).as_secs_f64() * rate) as u64 + 1;
             if let Some(n) = requests {
                 due = due.min(n);
             }
-            if due > released {
-                // Bounded by the semaphore's limit; a backlog this large means the
-                // server stopped answering, and the phase ends on time anyway.
-                let add = (due - released).min(Semaphore::MAX_PERMITS as u64 / 2) as usize;
-                permits.add_permits(add);
-                released = due;
-            }
-            std::thread::sleep(sleep);
+            // Bounded by the semaphore's limit; a backlog this large means the server
+            // stopped answering, and the phase ends on time anyway.
+            let add = (due - released).min(Semaphore::MAX_PERMITS as u64 / 2) as usize;
+            permits.add_permits(add);
+            released = due;
         }
     })
 }

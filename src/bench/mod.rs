@@ -11,6 +11,7 @@
 //! ledger's own debit script (EVALSHA, same arguments as tollgate sends) straight against
 //! the same Redis, with the same concurrency, in slices alternating with the scenario's.
 
+mod check_client;
 mod children;
 mod load;
 mod report;
@@ -180,6 +181,10 @@ pub struct BenchArgs {
     /// gRPC (HTTP/2) connections the load generator spreads its requests over.
     #[arg(long, default_value_t = 2)]
     pub connections: usize,
+    /// Worker threads of the load generator's own runtime (it shares the machine with the
+    /// sidecar and Redis; one keeps its wake-ups on one core).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
     /// Multiplexed Redis connections of the child server and of the baseline.
     #[arg(long, default_value_t = crate::ledger::redis_pool::DEFAULT_CONNECTIONS)]
     pub redis_connections: usize,
