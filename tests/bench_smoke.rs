@@ -9,8 +9,10 @@ use std::process::Command;
 use serde_json::Value;
 
 fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value, String) {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "tollgate-bench-smoke-{}-{scenario}",
+        "tollgate-bench-smoke-{}-{scenario}-{run}",
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -82,6 +84,37 @@ fn check_bench_writes_a_result() {
     let (json, _) = bench(&redis, "check", &["--rate", "200"]);
     assert_result(&json, "check");
     assert!(json.get("ratio").is_none());
+}
+
+/// `--settle-into postgres://…`: the child settles into a fresh database while the bench
+/// samples the outbox lag from its /metrics; the database is dropped afterwards.
+#[test]
+fn check_bench_settling_into_postgres_reports_the_outbox_lag() {
+    let redis = common::RedisServer::start();
+    let admin_url = common::pg_admin_url();
+    let (json, stdout) = bench(&redis, "check", &["--settle-into", &admin_url]);
+    assert_result(&json, "check");
+    let lag = &json["outbox_lag_ms"];
+    assert!(lag["samples"].as_u64().is_some_and(|n| n > 0), "{json}");
+    for p in ["p50", "p99", "max"] {
+        assert!(lag[p].as_u64().is_some(), "outbox_lag_ms.{p} in {json}");
+    }
+    assert!(stdout.contains("outbox lag"), "{stdout}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let left: i64 = rt.block_on(async {
+        use sqlx::Connection;
+        let mut con = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("PostgreSQL must run (scripts/test starts it)");
+        sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE 'tollgate_bench_%'")
+            .fetch_one(&mut con)
+            .await
+            .expect("query")
+    });
+    assert_eq!(left, 0, "the bench database was not dropped");
 }
 
 /// `--durability replica-wait`: the bench starts its own primary and replica, and the

@@ -120,6 +120,74 @@ async fn wait_in_sync(primary_url: &str, replica_url: &str) -> Result<(), String
     }
 }
 
+/// Where the child server settles (`--settle-into`).
+pub enum SettleStore {
+    /// A fresh SQLite file in the bench's directory.
+    Sqlite,
+    /// A fresh PostgreSQL database (its URL).
+    Postgres(String),
+}
+
+/// A PostgreSQL database created for one bench run, dropped with it.
+pub struct BenchDatabase {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl BenchDatabase {
+    /// Creates `tollgate_bench_<pid>` on the server of `admin_url`.
+    pub async fn create(admin_url: &str) -> Result<Self, String> {
+        use sqlx::Connection;
+        let name = format!("tollgate_bench_{}", std::process::id());
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .filter(|(base, _)| base.contains("://") && !base.ends_with('/'))
+            .ok_or("--settle-into needs a postgres://host/database url")?;
+        let mut con = sqlx::PgConnection::connect(admin_url)
+            .await
+            .map_err(|e| format!("cannot reach PostgreSQL for --settle-into: {e}"))?;
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(&mut con)
+                .await
+                .map_err(|e| format!("cannot create the bench database: {e}"))?;
+        }
+        Ok(Self {
+            url: format!("{base}/{name}"),
+            admin_url: admin_url.to_owned(),
+            name,
+        })
+    }
+}
+
+impl Drop for BenchDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the bench's runtime: a thread with its own, waited for.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                use sqlx::Connection;
+                let mut con = sqlx::PgConnection::connect(&admin_url).await.ok()?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut con)
+                .await
+                .ok()
+            })
+        });
+        let _ = dropped.join();
+    }
+}
+
 pub struct BenchServer {
     pub grpc_addr: String,
     pub http_addr: String,
@@ -134,6 +202,7 @@ impl BenchServer {
         redis_url: &str,
         redis_connections: usize,
         wait: Option<WaitReplicas>,
+        settle: Option<&SettleStore>,
     ) -> Result<Self, String> {
         let port = || crate::dev::free_port().map_err(|e| format!("no free port: {e}"));
         let grpc_addr = format!("127.0.0.1:{}", port()?);
@@ -141,8 +210,12 @@ impl BenchServer {
         let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let config_path = dir.join("tollgate.toml");
-        // The settler is off: settlement has its own benchmark (cargo bench --bench
-        // settle) and would compete for the same cores here.
+        // The settler is off unless asked for (--settle-into): it competes for the same
+        // cores, and settlement has its own benchmark (cargo bench --bench settle).
+        let store_url = match settle {
+            Some(SettleStore::Postgres(url)) => url.clone(),
+            _ => format!("sqlite://{}", dir.join("ledger.db").display()),
+        };
         let config = format!(
             r#"[server]
 grpc_addr = "{grpc_addr}"
@@ -159,10 +232,10 @@ admin_token = "{ADMIN_TOKEN}"
 service_token = "{SERVICE_TOKEN}"
 
 [store]
-url = "sqlite://{store}"
+url = "{store_url}"
 
 [settler]
-enabled = false
+enabled = {settle}
 
 [log]
 level = "warn"
@@ -181,7 +254,7 @@ mode = "debit"
 base = 1
 fail_policy = "fail_closed"
 "#,
-            store = dir.join("ledger.db").display(),
+            settle = settle.is_some(),
             wait_replicas = wait.map_or(0, |w| w.replicas),
             wait_timeout_ms = wait.map_or(
                 crate::ledger::redis_pool::DEFAULT_WAIT_TIMEOUT.as_millis() as u64,

@@ -339,6 +339,44 @@ impl HttpClient {
     }
 }
 
+/// The body of a plain `GET path`, or None when it cannot be had.
+async fn http_get_body(addr: &str, path: &str) -> Option<String> {
+    let io = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(2), io)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The age of the oldest unsettled outbox event over all shards, in ms, as the server's
+/// `/metrics` shows it.
+async fn outbox_lag_ms_of(http_addr: &str) -> Option<u64> {
+    let body = http_get_body(http_addr, "/metrics").await?;
+    outbox_lag_ms_in(&body)
+}
+
+fn outbox_lag_ms_in(metrics: &str) -> Option<u64> {
+    let name = crate::telemetry::metrics::OUTBOX_OLDEST_AGE_SECONDS;
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .map(|secs| (secs * 1000.0).round() as u64)
+        .max()
+}
+
 /// Status code of a plain `GET path` (readiness), or None when it cannot be had.
 pub async fn http_get_status(addr: &str, path: &str) -> Option<u16> {
     let io = async {
@@ -564,6 +602,14 @@ async fn worker(mut client: Client, shared: Arc<Shared>, index: usize) -> Worker
     }
 }
 
+/// What the bench watches of the server under load: its RSS (by pid) and, when it settles,
+/// the outbox lag (from its `/metrics`).
+#[derive(Clone, Default)]
+pub struct Probe {
+    pub pid: Option<u32>,
+    pub metrics_addr: Option<String>,
+}
+
 /// Runs the warm-up (unmeasured) and then the measured phase.
 pub async fn measure(
     label: &str,
@@ -571,10 +617,10 @@ pub async fn measure(
     plan: &Plan,
     accounts: &Arc<Accounts>,
     ledger: &Ledger,
-    server_pid: Option<u32>,
+    probe: &Probe,
 ) -> Result<Phase, String> {
     let clients = warm_up(label, clients, plan, accounts).await;
-    let (_, phase) = slice(label, clients, plan, accounts, ledger, server_pid).await;
+    let (_, phase) = slice(label, clients, plan, accounts, ledger, probe).await;
     Ok(phase)
 }
 
@@ -588,7 +634,7 @@ pub async fn measure_alternating(
     rounds: u32,
     accounts: &Arc<Accounts>,
     ledger: &Ledger,
-    server_pid: Option<u32>,
+    probe: &Probe,
 ) -> Result<(Phase, Phase), String> {
     let (mut base_clients, mut main_clients) = (
         warm_up(labels.0, clients.0, plan, accounts).await,
@@ -604,22 +650,22 @@ pub async fn measure_alternating(
     let mut main: Option<Phase> = None;
     for round in 1..=rounds {
         let label = format!("{} ({round}/{rounds})", labels.0);
-        let (back, phase) = slice(&label, base_clients, &slice_plan, accounts, ledger, None).await;
+        let (back, phase) = slice(
+            &label,
+            base_clients,
+            &slice_plan,
+            accounts,
+            ledger,
+            &Probe::default(),
+        )
+        .await;
         base_clients = back;
         base = Some(match base {
             None => phase,
             Some(so_far) => so_far.merge(phase),
         });
         let label = format!("{} ({round}/{rounds})", labels.1);
-        let (back, phase) = slice(
-            &label,
-            main_clients,
-            &slice_plan,
-            accounts,
-            ledger,
-            server_pid,
-        )
-        .await;
+        let (back, phase) = slice(&label, main_clients, &slice_plan, accounts, ledger, probe).await;
         main_clients = back;
         main = Some(match main {
             None => phase,
@@ -651,7 +697,7 @@ async fn warm_up(
         clients,
         &warmup,
         accounts,
-        None,
+        &Probe::default(),
     )
     .await
     .0
@@ -664,15 +710,15 @@ async fn slice(
     plan: &Plan,
     accounts: &Arc<Accounts>,
     ledger: &Ledger,
-    server_pid: Option<u32>,
+    probe: &Probe,
 ) -> (Vec<Client>, Phase) {
     let before = RedisStats::reset(ledger).await;
-    let (clients, mut phase) = drive(label, clients, plan, accounts, server_pid).await;
+    let (clients, mut phase) = drive(label, clients, plan, accounts, probe).await;
     phase.redis = match before {
         Some(cpu_before) => RedisStats::read(ledger, cpu_before).await,
         None => None,
     };
-    phase.rss_hwm_bytes = server_pid.and_then(|pid| proc_status_bytes(pid, "VmHWM:"));
+    phase.rss_hwm_bytes = probe.pid.and_then(|pid| proc_status_bytes(pid, "VmHWM:"));
     (clients, phase)
 }
 
@@ -681,7 +727,7 @@ async fn drive(
     clients: Vec<Client>,
     plan: &Plan,
     accounts: &Arc<Accounts>,
-    server_pid: Option<u32>,
+    probe: &Probe,
 ) -> (Vec<Client>, Phase) {
     let start = Instant::now();
     let end = plan.requests.is_none().then_some(start + plan.duration);
@@ -731,6 +777,7 @@ async fn drive(
     bar.set_prefix(label.to_owned());
     let mut timeline = Vec::new();
     let mut rss_max = None::<u64>;
+    let mut outbox_lag_ms = Vec::new();
     let mut last = (start, 0u64);
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -748,9 +795,14 @@ async fn drive(
             ));
         }
         last = (now, done);
-        if let Some(pid) = server_pid {
+        if let Some(pid) = probe.pid {
             if let Some(rss) = proc_status_bytes(pid, "VmRSS:") {
                 rss_max = Some(rss_max.map_or(rss, |m| m.max(rss)));
+            }
+        }
+        if let Some(addr) = &probe.metrics_addr {
+            if let Some(lag) = outbox_lag_ms_of(addr).await {
+                outbox_lag_ms.push(lag);
             }
         }
         match (plan.requests, end) {
@@ -804,6 +856,7 @@ async fn drive(
             rss_max_bytes: rss_max,
             rss_hwm_bytes: None,
             redis: None,
+            outbox_lag_ms,
         },
     )
 }
@@ -855,4 +908,21 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_lag_is_the_oldest_shard() {
+        let metrics = "# HELP tollgate_outbox_oldest_unsettled_age_seconds x\n\
+            # TYPE tollgate_outbox_oldest_unsettled_age_seconds gauge\n\
+            tollgate_outbox_oldest_unsettled_age_seconds{shard=\"0\"} 0.25\n\
+            tollgate_outbox_oldest_unsettled_age_seconds{shard=\"1\"} 1.5\n\
+            tollgate_outbox_oldest_unsettled_age_seconds_other 99\n\
+            tollgate_outbox_length{shard=\"1\"} 7\n";
+        assert_eq!(outbox_lag_ms_in(metrics), Some(1500));
+        assert_eq!(outbox_lag_ms_in("tollgate_outbox_length 3\n"), None);
+    }
 }

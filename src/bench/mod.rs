@@ -196,6 +196,12 @@ pub struct BenchArgs {
     /// With `--durability replica-wait`: the child's `redis.wait_timeout_ms`.
     #[arg(long, default_value_t = crate::ledger::redis_pool::DEFAULT_WAIT_TIMEOUT.as_millis() as u64)]
     pub wait_timeout_ms: u64,
+    /// Run the child server's settler into a store and report the outbox lag (the age of
+    /// the oldest unsettled event, from the server's /metrics) under the load. `sqlite`: a
+    /// fresh file; `postgres://…/db`: a fresh database created on that server (the URL's
+    /// database is only used to create it) and dropped at the end. Not with --target.
+    #[arg(long)]
+    pub settle_into: Option<String>,
     /// Process id of the --target server, to report its RSS.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -245,6 +251,19 @@ impl BenchArgs {
                 crate::config::REDIS_WAIT_TIMEOUT_MS_MAX
             ));
         }
+        if let Some(url) = &self.settle_into {
+            if self.target.is_some() {
+                bad.push(
+                    "--settle-into configures the bench's own server: not with --target".into(),
+                );
+            }
+            if url != "sqlite"
+                && !url.starts_with("postgres://")
+                && !url.starts_with("postgresql://")
+            {
+                bad.push("--settle-into must be sqlite or a postgres:// url".into());
+            }
+        }
         if self.target.is_some() {
             if self.redis_url.is_none() {
                 bad.push("--target needs --redis-url (the target's Redis: the bench seeds accounts there)".into());
@@ -277,9 +296,29 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         }
     };
     let wait = args.durability.wait(args.wait_timeout_ms);
+    // Kept until the bench returns: dropping it drops the database.
+    let mut _settle_db = None;
+    let settle_store = match args.settle_into.as_deref() {
+        None => None,
+        Some("sqlite") => Some(children::SettleStore::Sqlite),
+        Some(url) => {
+            let db = children::BenchDatabase::create(url).await?;
+            let store = children::SettleStore::Postgres(db.url.clone());
+            _settle_db = Some(db);
+            Some(store)
+        }
+    };
     let server = match &args.target {
         Some(_) => None,
-        None => Some(children::BenchServer::start(&redis_url, args.redis_connections, wait).await?),
+        None => Some(
+            children::BenchServer::start(
+                &redis_url,
+                args.redis_connections,
+                wait,
+                settle_store.as_ref(),
+            )
+            .await?,
+        ),
     };
     let (grpc_addr, http_addr, server_pid, service_token) = match &server {
         Some(s) => (
@@ -326,6 +365,10 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         service_token,
     };
 
+    let probe = load::Probe {
+        pid: server_pid,
+        metrics_addr: settle_store.and(target.http_addr.clone()),
+    };
     let clients = load::scenario_clients(args.scenario, &target, &args).await?;
     let (main, baseline) = if args.baseline {
         let (baseline, main) = load::measure_alternating(
@@ -335,7 +378,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
             args.rounds,
             &accounts,
             &ledger,
-            server_pid,
+            &probe,
         )
         .await?;
         (main, Some(baseline))
@@ -346,7 +389,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
             &plan,
             &accounts,
             &ledger,
-            server_pid,
+            &probe,
         )
         .await?;
         (main, None)

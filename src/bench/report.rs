@@ -25,6 +25,8 @@ pub struct Phase {
     pub rss_max_bytes: Option<u64>,
     pub rss_hwm_bytes: Option<u64>,
     pub redis: Option<RedisStats>,
+    /// Samples (every tick) of the server's outbox lag in ms, when it settles.
+    pub outbox_lag_ms: Vec<u64>,
 }
 
 impl Phase {
@@ -51,6 +53,7 @@ impl Phase {
             .extend(next.timeline.into_iter().map(|(t, rps)| (t + offset, rps)));
         self.rss_max_bytes = self.rss_max_bytes.max(next.rss_max_bytes);
         self.rss_hwm_bytes = self.rss_hwm_bytes.max(next.rss_hwm_bytes);
+        self.outbox_lag_ms.extend(next.outbox_lag_ms);
         self.redis = match (self.redis, next.redis) {
             (Some(a), Some(b)) => Some(a.merge(&b)),
             (a, b) => a.or(b),
@@ -70,6 +73,22 @@ impl Phase {
             "p999": self.ms(0.999),
             "max": self.latency_us.max() as f64 / 1000.0,
             "mean": self.latency_us.mean() / 1000.0,
+        })
+    }
+
+    /// Outbox lag percentiles over the samples (None when the server did not settle).
+    fn outbox_lag_json(&self) -> Value {
+        if self.outbox_lag_ms.is_empty() {
+            return Value::Null;
+        }
+        let mut samples = self.outbox_lag_ms.clone();
+        samples.sort_unstable();
+        let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+        json!({
+            "p50": at(0.5),
+            "p99": at(0.99),
+            "max": at(1.0),
+            "samples": samples.len(),
         })
     }
 
@@ -114,6 +133,13 @@ impl Phase {
             for (kind, n) in &self.errors {
                 let _ = writeln!(out, "    {kind:<40} {n}");
             }
+        }
+        if let Value::Object(lag) = self.outbox_lag_json() {
+            let _ = writeln!(
+                out,
+                "  outbox lag   p50 {} ms  p99 {} ms  max {} ms ({} samples)",
+                lag["p50"], lag["p99"], lag["max"], lag["samples"]
+            );
         }
         if let Some(redis) = &self.redis {
             let _ = writeln!(
@@ -261,6 +287,8 @@ impl Report {
             "server_rss_bytes": main.rss_max_bytes,
             "server_rss_hwm_bytes": main.rss_hwm_bytes,
             "redis": main.redis.as_ref().map(RedisStats::json),
+            "settle_into": args.settle_into.as_deref().map(|url| url.split('@').next_back().unwrap_or("")),
+            "outbox_lag_ms": main.outbox_lag_json(),
             "machine": machine(),
             "version": env!("CARGO_PKG_VERSION"),
         });
@@ -590,6 +618,7 @@ mod tests {
             rss_max_bytes: None,
             rss_hwm_bytes: None,
             redis: None,
+            outbox_lag_ms: Vec::new(),
         };
         let doc = svg("t", &[&phase]);
         assert!(doc.starts_with("<svg") && doc.trim_end().ends_with("</svg>"));

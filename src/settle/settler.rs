@@ -181,6 +181,8 @@ pub struct Settler {
     status: Arc<Mutex<SettlerStatus>>,
     /// Per shard: still reading this consumer's own pending entries (after a restart).
     recovering: Vec<bool>,
+    /// The next batch, read from Redis while the previous one was being written.
+    ahead: Option<Vec<LedgerEvent>>,
     last_claim: Option<Instant>,
     last_trim: Option<Instant>,
     credits: CreditMetrics,
@@ -198,6 +200,7 @@ impl Settler {
                 ..Default::default()
             })),
             recovering: vec![true; shards],
+            ahead: None,
             last_claim: None,
             last_trim: None,
             credits: CreditMetrics::new(),
@@ -303,18 +306,44 @@ impl Settler {
 
     /// One round: claim stale batches if due, read, commit (retrying the same batch until
     /// the store takes it), acknowledge, trim if due. Returns events settled.
+    ///
+    /// While a batch is written to the store, the next one is read from Redis (the two
+    /// use different processes, so they overlap); it is settled by the next round. Not
+    /// while this consumer re-reads its own pending entries after a restart: those reads
+    /// start from the beginning of the pending list, which still holds the batch in flight.
     pub async fn round(&mut self) -> Result<usize, SettleError> {
-        let mut batch = self.read().await?;
+        let mut batch = match self.ahead.take() {
+            Some(batch) => batch,
+            None => self.read().await?,
+        };
         if self
             .last_claim
             .is_none_or(|t| t.elapsed() >= self.settings.claim_idle / 2)
         {
-            batch.extend(self.claim().await?);
+            let claimed = self.claim().await?;
+            if !claimed.is_empty() {
+                // A batch read ahead during a long store outage may be claimed back too.
+                batch.extend(claimed);
+                let mut seen = std::collections::HashSet::new();
+                batch.retain(|e| seen.insert(e.event_id.clone()));
+            }
             self.last_claim = Some(Instant::now());
         }
         let settled = batch.len();
         if !batch.is_empty() {
-            self.commit(&batch).await?;
+            if self.recovering.iter().any(|r| *r) {
+                self.commit(&batch).await?;
+            } else {
+                let mut recovering = std::mem::take(&mut self.recovering);
+                let (committed, next) = tokio::join!(
+                    self.commit(&batch),
+                    read_batch(&self.ledger, &self.settings, &mut recovering)
+                );
+                self.recovering = recovering;
+                committed?;
+                // A failed read-ahead is only retried: the batch in hand is written.
+                self.ahead = next.ok();
+            }
             self.ack(&batch).await?;
         }
         if self
@@ -333,21 +362,20 @@ impl Settler {
     }
 
     /// Writes the batch, retrying store errors with capped backoff until it succeeds.
-    async fn commit(&self, batch: &[(u16, LedgerEvent)]) -> Result<(), SettleError> {
-        let events: Vec<LedgerEvent> = batch.iter().map(|(_, e)| e.clone()).collect();
+    async fn commit(&self, events: &[LedgerEvent]) -> Result<(), SettleError> {
         let mut backoff = self.settings.backoff_min;
         loop {
             let started = Instant::now();
             match self
                 .store
-                .append_batch(&events, self.settings.webhooks.as_deref())
+                .append_batch(events, self.settings.webhooks.as_deref())
                 .await
             {
                 Ok(appended) => {
                     let new = appended.new_events.len() as u64;
                     // Each new event once, even if the batch carried it twice.
                     let mut fresh = appended.new_events;
-                    for e in &events {
+                    for e in events {
                         if fresh.remove(&e.event_id) {
                             self.credits.count(e);
                         }
@@ -381,48 +409,12 @@ impl Settler {
         }
     }
 
-    async fn read(&mut self) -> Result<Vec<(u16, LedgerEvent)>, SettleError> {
-        let shards = self.ledger.shards();
-        let mut pipe = redis::pipe();
-        for shard in 0..shards.count() {
-            let from = if self.recovering[usize::from(shard)] {
-                "0"
-            } else {
-                ">"
-            };
-            pipe.cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(&self.settings.group)
-                .arg(&self.settings.consumer)
-                .arg("COUNT")
-                .arg(self.settings.batch_events_max)
-                .arg("STREAMS")
-                .arg(shards.outbox(shard))
-                .arg(from);
-        }
-        let replies: Vec<Value> = self.ledger.redis().pipeline(&pipe).await?;
-        let mut batch = Vec::new();
-        for (shard, reply) in replies.into_iter().enumerate() {
-            let shard = shard as u16;
-            let entries = match reply {
-                Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
-                    Value::Array(mut pair) if pair.len() == 2 => pair.swap_remove(1),
-                    _ => Value::Nil,
-                },
-                _ => Value::Nil,
-            };
-            let events = parse_entries(shard, entries)?;
-            if events.is_empty() {
-                // Own pending entries are all read: from now on, only new ones.
-                self.recovering[usize::from(shard)] = false;
-            }
-            batch.extend(events.into_iter().map(|e| (shard, e)));
-        }
-        Ok(batch)
+    async fn read(&mut self) -> Result<Vec<LedgerEvent>, SettleError> {
+        read_batch(&self.ledger, &self.settings, &mut self.recovering).await
     }
 
     /// Takes over entries other consumers left pending longer than the claim idle time.
-    async fn claim(&self) -> Result<Vec<(u16, LedgerEvent)>, SettleError> {
+    async fn claim(&self) -> Result<Vec<LedgerEvent>, SettleError> {
         let shards = self.ledger.shards();
         let mut batch = Vec::new();
         for shard in 0..shards.count() {
@@ -454,7 +446,7 @@ impl Settler {
                 if !events.is_empty() {
                     tracing::info!(shard, events = events.len(), "claimed a stale batch");
                 }
-                batch.extend(events.into_iter().map(|e| (shard, e)));
+                batch.extend(events);
                 if next == "0-0" {
                     break;
                 }
@@ -464,11 +456,11 @@ impl Settler {
         Ok(batch)
     }
 
-    async fn ack(&self, batch: &[(u16, LedgerEvent)]) -> Result<(), SettleError> {
+    async fn ack(&self, batch: &[LedgerEvent]) -> Result<(), SettleError> {
         let shards = self.ledger.shards();
         let mut per_shard: Vec<Vec<&str>> = vec![Vec::new(); usize::from(shards.count())];
-        for (shard, e) in batch {
-            per_shard[usize::from(*shard)].push(&e.stream_id);
+        for e in batch {
+            per_shard[usize::from(e.shard())].push(&e.stream_id);
         }
         let mut pipe = redis::pipe();
         for (shard, ids) in per_shard.iter().enumerate() {
@@ -573,6 +565,52 @@ fn text(v: &Value) -> Option<String> {
         Value::SimpleString(s) => Some(s.clone()),
         _ => None,
     }
+}
+
+/// Reads up to a batch per shard: new entries, or this consumer's own pending entries on
+/// the shards still `recovering` (which stop recovering once those are all read).
+async fn read_batch(
+    ledger: &Ledger,
+    settings: &SettlerSettings,
+    recovering: &mut [bool],
+) -> Result<Vec<LedgerEvent>, SettleError> {
+    let shards = ledger.shards();
+    let mut pipe = redis::pipe();
+    for shard in 0..shards.count() {
+        let from = if recovering[usize::from(shard)] {
+            "0"
+        } else {
+            ">"
+        };
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&settings.group)
+            .arg(&settings.consumer)
+            .arg("COUNT")
+            .arg(settings.batch_events_max)
+            .arg("STREAMS")
+            .arg(shards.outbox(shard))
+            .arg(from);
+    }
+    let replies: Vec<Value> = ledger.redis().pipeline(&pipe).await?;
+    let mut batch = Vec::new();
+    for (shard, reply) in replies.into_iter().enumerate() {
+        let shard = shard as u16;
+        let entries = match reply {
+            Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
+                Value::Array(mut pair) if pair.len() == 2 => pair.swap_remove(1),
+                _ => Value::Nil,
+            },
+            _ => Value::Nil,
+        };
+        let events = parse_entries(shard, entries)?;
+        if events.is_empty() {
+            // Own pending entries are all read: from now on, only new ones.
+            recovering[usize::from(shard)] = false;
+        }
+        batch.extend(events);
+    }
+    Ok(batch)
 }
 
 /// Entries `[[id, [k, v, ...]], ...]`; entries whose content is gone (`[id, nil]`) are
