@@ -180,6 +180,10 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("cannot start the settler thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// What the HTTP endpoints read.
@@ -219,22 +223,48 @@ fn spawn_dispatcher(
     }
 }
 
-/// Starts the settler task if configured; returns its status handle.
+/// Starts the settler if configured; returns its status handle and a receiver that
+/// completes when it has stopped.
+///
+/// It runs on its own thread, with its own single-threaded runtime, Redis connections and
+/// store pool: parsing and writing a batch of thousands of events then never holds up the
+/// runtime that answers checks (one thread on a 2-core host), and its large stream replies
+/// never queue in front of a check's script reply on a shared connection.
 fn spawn_settler(
     config: &Config,
-    ledger: &Arc<Ledger>,
-    store: &Arc<Store>,
     stopped: impl Future<Output = ()> + Send + 'static,
-) -> (
-    Option<Arc<std::sync::Mutex<SettlerStatus>>>,
-    Option<tokio::task::JoinHandle<()>>,
-) {
+) -> Result<Option<SettlerThread>, ServeError> {
     if !config.settler.enabled {
-        return (None, None);
+        return Ok(None);
     }
-    let settler = Settler::new(ledger.clone(), store.clone(), config.settler_settings());
+    let ledger = ledger_from_config(config, Clock::Redis)?;
+    let store = store_from_config(config)?;
+    let settler = Settler::new(ledger, store, config.settler_settings());
     let status = settler.status();
-    (Some(status), Some(tokio::spawn(settler.run(stopped))))
+    let (done, stopped_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("tollgate-settler".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(settler.run(stopped)),
+                Err(err) => tracing::error!(error = %err, "settler runtime not started"),
+            }
+            let _ = done.send(());
+        })
+        .map_err(ServeError::Thread)?;
+    Ok(Some(SettlerThread {
+        status,
+        stopped: stopped_rx,
+    }))
+}
+
+/// The in-process settler: its status, and what completes once it has stopped.
+struct SettlerThread {
+    status: Arc<std::sync::Mutex<SettlerStatus>>,
+    stopped: tokio::sync::oneshot::Receiver<()>,
 }
 
 /// `tollgate settle`: a settler alone, with /healthz, /readyz and /metrics.
@@ -380,7 +410,9 @@ pub async fn run(
             stopped(),
         );
 
-    let (settler_status, settler_task) = spawn_settler(&config, &ledger, &store, stopped());
+    let settler = spawn_settler(&config, stopped())?;
+    let settler_status = settler.as_ref().map(|s| s.status.clone());
+    let settler_task = settler.map(|s| s.stopped);
     let dispatcher = if config.settler.enabled {
         spawn_dispatcher(&config, &store, stopped())
     } else {
