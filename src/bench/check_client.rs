@@ -38,6 +38,7 @@ mod field {
 pub struct CheckClient {
     send: h2::client::SendRequest<Bytes>,
     uri: http::Uri,
+    addr: String,
 }
 
 impl CheckClient {
@@ -54,7 +55,11 @@ impl CheckClient {
         let uri = format!("http://{authority}{CHECK_PATH}")
             .parse()
             .map_err(|e| format!("bad target {authority}: {e}"))?;
-        Ok(Self { send, uri })
+        Ok(Self {
+            send,
+            uri,
+            addr: addr.to_owned(),
+        })
     }
 
     /// One check; `Ok` when allowed, else the error's kind for the errors table.
@@ -67,12 +72,20 @@ impl CheckClient {
             .header(http::header::TE, "trailers")
             .body(())
             .map_err(|_| "grpc:request".to_owned())?;
-        let mut send = self
-            .send
-            .clone()
-            .ready()
-            .await
-            .map_err(|_| "grpc:connection".to_owned())?;
+        let mut send = match self.send.clone().ready().await {
+            Ok(send) => send,
+            Err(_) => {
+                // The connection is gone (server restarted): this worker opens its own.
+                *self = Self::connect(&self.addr)
+                    .await
+                    .map_err(|_| "grpc:connect".to_owned())?;
+                self.send
+                    .clone()
+                    .ready()
+                    .await
+                    .map_err(|_| "grpc:connection".to_owned())?
+            }
+        };
         let (response, mut stream) = send
             .send_request(request, false)
             .map_err(|_| "grpc:stream".to_owned())?;
