@@ -24,6 +24,7 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const IDEMPOTENCY_WINDOW_SECS_MIN: u64 = 60;
 pub const REDIS_CONNECTIONS_MAX: usize = 64;
 pub const WORKER_THREADS_MAX: usize = 256;
+pub const SETTLER_LINGER_MS_MAX: u64 = 10_000;
 pub const REDIS_CALL_TIMEOUT_MS_MAX: u64 = 10_000;
 /// Most replicas a ledger write may wait for.
 pub const REDIS_WAIT_REPLICAS_MAX: u32 = 16;
@@ -248,6 +249,9 @@ pub struct SettlerConfig {
     pub backoff_max_ms: u64,
     /// How often settled entries are trimmed and the lag measured.
     pub trim_interval_ms: u64,
+    /// After a small batch, the next read waits this long (from the start of the commit)
+    /// so batches grow: fewer store transactions, this much more lag. 0 = off.
+    pub linger_ms: u64,
     /// /readyz fails when the oldest unsettled event is older than this.
     pub ready_lag_max_ms: u64,
 }
@@ -264,6 +268,7 @@ impl Default for SettlerConfig {
             backoff_min_ms: d.backoff_min.as_millis() as u64,
             backoff_max_ms: d.backoff_max.as_millis() as u64,
             trim_interval_ms: d.trim_interval.as_millis() as u64,
+            linger_ms: d.linger.as_millis() as u64,
             ready_lag_max_ms: DEFAULT_READY_LAG_MAX_MS,
         }
     }
@@ -507,6 +512,12 @@ impl Config {
                 format!("must be in 1..={SETTLER_BATCH_EVENTS_MAX}"),
             );
         }
+        if st.linger_ms > SETTLER_LINGER_MS_MAX {
+            bad(
+                "settler.linger_ms",
+                format!("must be in 0..={SETTLER_LINGER_MS_MAX} (0 = off)"),
+            );
+        }
         for (path, value) in [
             ("settler.idle_wait_ms", st.idle_wait_ms),
             ("settler.claim_idle_ms", st.claim_idle_ms),
@@ -605,6 +616,7 @@ impl Config {
             backoff_min: Duration::from_millis(st.backoff_min_ms),
             backoff_max: Duration::from_millis(st.backoff_max_ms),
             trim_interval: Duration::from_millis(st.trim_interval_ms),
+            linger: Duration::from_millis(st.linger_ms),
             webhooks: self.webhooks.rules(),
         }
     }
@@ -818,6 +830,12 @@ mod tests {
         let env = vec![("TOLLGATE_SERVER__WORKER_THREADS".to_owned(), "3".to_owned())];
         let c = Config::from_toml("", env, &Overrides::default()).unwrap();
         assert_eq!(c.server.runtime_workers(), 3);
+        let errors = load("[server]\nworker_threads = 1000\n[settler]\nlinger_ms = 60000\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[1].path, "settler.linger_ms");
+        assert_eq!(load("").unwrap().settler_settings().linger.as_millis(), 100);
         let errors = load("[server]\nworker_threads = 1000\n").unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].path, "server.worker_threads");

@@ -23,8 +23,8 @@ use crate::ledger::{Ledger, LedgerError};
 
 /// How long reconcile waits for the outbox to drain (and for a wallet's events to settle).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
-/// Attempts to catch a live wallet at a settled point.
-const SNAPSHOT_ATTEMPTS_MAX: usize = 20;
+/// Attempts to see the allocations agree on a live system.
+const ALLOCATION_ATTEMPTS_MAX: usize = 5;
 
 /// One disagreement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,31 +138,26 @@ pub async fn reconcile(
     for (account_id, wallet) in &wallets {
         let shard = ledger.shards().of_account(account_id);
         let stream = ledger.shards().outbox(shard);
-        // Catch the wallet at a point the store has settled through.
-        let mut attempt = 0;
-        let (redis_totals, upto) = loop {
-            let (balance, last_id) = ledger.snapshot(account_id, wallet).await?;
-            let settled = match &last_id {
-                Some(id) => settled_through(&ledger, stream, &group, id).await?,
-                None => true,
-            };
-            attempt += 1;
-            if settled || attempt >= SNAPSHOT_ATTEMPTS_MAX {
-                let totals = Totals {
-                    granted: balance.granted,
-                    used: balance.used,
-                    expired: balance.expired,
-                    refunded: balance.refunded,
-                    adjusted: balance.adjusted,
-                    available: balance.available,
-                    held: balance.held,
-                };
-                break (totals, last_id.as_deref().and_then(parse_stream_id));
+        // Catch the wallet at a point the store has settled through: the snapshot's last
+        // outbox entry. A drain started after the snapshot settles that entry too.
+        let (balance, last_id) = ledger.snapshot(account_id, wallet).await?;
+        if let Some(id) = &last_id {
+            if !settled_through(&ledger, stream, &group, id).await? {
+                tokio::time::timeout(drain_timeout, settler.drain(drain_timeout))
+                    .await
+                    .map_err(|_| SettleError::DrainTimeout(drain_timeout))??;
             }
-            tokio::time::timeout(drain_timeout, settler.drain(drain_timeout))
-                .await
-                .map_err(|_| SettleError::DrainTimeout(drain_timeout))??;
+        }
+        let redis_totals = Totals {
+            granted: balance.granted,
+            used: balance.used,
+            expired: balance.expired,
+            refunded: balance.refunded,
+            adjusted: balance.adjusted,
+            available: balance.available,
+            held: balance.held,
         };
+        let upto = last_id.as_deref().and_then(parse_stream_id);
         let upto_snapshot = store.derive(account_id, wallet, upto).await?;
         compare(
             &mut report.drifts,
@@ -282,7 +277,7 @@ async fn compare_allocations(
     report: &mut Report,
 ) -> Result<(), SettleError> {
     let mut drifts = Vec::new();
-    for _ in 0..SNAPSHOT_ATTEMPTS_MAX.min(5) {
+    for _ in 0..ALLOCATION_ATTEMPTS_MAX {
         let found = redis_allocations(ledger).await?;
         let expected = store_allocations(ledger, store).await?;
         drifts.clear();
