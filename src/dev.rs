@@ -65,3 +65,63 @@ impl DevRedis {
         Ok(Self { url, _child: child })
     }
 }
+
+/// A PostgreSQL database of its own (for a bench run or a test), created next to the
+/// database of an admin URL and dropped (with its connections) when this is dropped.
+pub struct ScratchDatabase {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl ScratchDatabase {
+    /// Creates `name` (replacing a leftover of that name) on the server of `admin_url`.
+    pub async fn create(admin_url: &str, name: &str) -> Result<Self, String> {
+        use sqlx::Connection;
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .filter(|(base, _)| base.contains("://") && !base.ends_with('/'))
+            .ok_or("needs a postgres://host/database url")?;
+        let mut con = sqlx::PgConnection::connect(admin_url)
+            .await
+            .map_err(|e| format!("cannot reach PostgreSQL: {e}"))?;
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(&mut con)
+                .await
+                .map_err(|e| format!("cannot create database {name}: {e}"))?;
+        }
+        Ok(Self {
+            url: format!("{base}/{name}"),
+            admin_url: admin_url.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop may run inside an async runtime: a thread with its own, waited for.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                use sqlx::Connection;
+                let mut con = sqlx::PgConnection::connect(&admin_url).await.ok()?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut con)
+                .await
+                .ok()
+            })
+        });
+        let _ = dropped.join();
+    }
+}

@@ -11,28 +11,56 @@ use tollgate::cli::{
     AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, OrgCommand, ReconcileArgs, RestoreArgs,
     ServeArgs,
 };
-use tollgate::config::{Config, Overrides};
+use tollgate::config::{default_worker_threads, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
 use tollgate::ledger::Clock;
 use tollgate::{server, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // serve and settle size the runtime from their config, so it is loaded first.
-    let config = match &cli.command {
-        Command::Serve(args) | Command::Settle(args) => {
-            match load_config(args.config.as_deref(), &serve_overrides(args)) {
-                Ok(config) => Some(config),
-                Err(message) => return Exit::message(message).0,
+    match cli.command {
+        // serve and settle size their runtime from the config, so it is loaded first.
+        Command::Serve(args) => {
+            match load_config(args.config.as_deref(), &serve_overrides(&args)) {
+                Ok(config) => run_on(config.server.runtime_workers(), async move {
+                    serve(args, config).await.map_err(Exit::message)
+                }),
+                Err(message) => Exit::message(message).0,
             }
         }
-        _ => None,
-    };
-    let workers = match (&cli.command, &config) {
-        (_, Some(config)) => config.server.runtime_workers(),
-        (Command::Bench(args), _) => usize::from(args.threads),
-        _ => tollgate::config::default_worker_threads(),
-    };
+        Command::Settle(args) => match load_config(args.config.as_deref(), &serve_overrides(&args))
+        {
+            Ok(config) => run_on(config.server.runtime_workers(), async move {
+                settle(config).await.map_err(Exit::message)
+            }),
+            Err(message) => Exit::message(message).0,
+        },
+        // Ctrl-C (or SIGTERM) drops the bench, which kills the children it started.
+        Command::Bench(args) => run_on(usize::from(args.threads), async move {
+            tokio::select! {
+                result = tollgate::bench::run(args) => result.map(|_| ()).map_err(Exit::message),
+                _ = shutdown_signal() => Err(Exit::message("bench interrupted".into())),
+            }
+        }),
+        Command::Reconcile(args) => run_on(default_worker_threads(), async move {
+            Err(Exit(reconcile(args).await))
+        }),
+        Command::Restore(args) => run_on(default_worker_threads(), async move {
+            restore(args).await.map_err(Exit::message)
+        }),
+        Command::Admin(args) => run_on(default_worker_threads(), async move {
+            admin(args).await.map_err(Exit::message)
+        }),
+        Command::CheckConfig(args) => check_config(args)
+            .map_or_else(|message| Exit::message(message).0, |()| ExitCode::SUCCESS),
+    }
+}
+
+/// Runs a command on a multi-threaded runtime of `workers` threads.
+fn run_on(
+    workers: usize,
+    command: impl std::future::Future<Output = Result<(), Exit>>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -44,27 +72,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match (cli.command, config) {
-            (Command::Serve(args), Some(config)) => {
-                serve(args, config).await.map_err(Exit::message)
-            }
-            (Command::Settle(_), Some(config)) => settle(config).await.map_err(Exit::message),
-            (Command::Serve(_) | Command::Settle(_), None) => {
-                Err(Exit::message("no config loaded".into()))
-            }
-            (Command::Reconcile(args), _) => Err(Exit(reconcile(args).await)),
-            (Command::Restore(args), _) => restore(args).await.map_err(Exit::message),
-            (Command::Admin(args), _) => admin(args).await.map_err(Exit::message),
-            (Command::CheckConfig(args), _) => check_config(args).map_err(Exit::message),
-            // Ctrl-C (or SIGTERM) drops the bench, which kills the children it started.
-            (Command::Bench(args), _) => tokio::select! {
-                result = tollgate::bench::run(args) => result.map(|_| ()).map_err(Exit::message),
-                _ = shutdown_signal() => Err(Exit::message("bench interrupted".into())),
-            },
-        }
-    });
-    match result {
+    match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Exit(code)) => code,
     }

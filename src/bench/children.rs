@@ -128,66 +128,6 @@ pub enum SettleStore {
     Postgres(String),
 }
 
-/// A PostgreSQL database created for one bench run, dropped with it.
-pub struct BenchDatabase {
-    pub url: String,
-    admin_url: String,
-    name: String,
-}
-
-impl BenchDatabase {
-    /// Creates `tollgate_bench_<pid>` on the server of `admin_url`.
-    pub async fn create(admin_url: &str) -> Result<Self, String> {
-        use sqlx::Connection;
-        let name = format!("tollgate_bench_{}", std::process::id());
-        let (base, _) = admin_url
-            .rsplit_once('/')
-            .filter(|(base, _)| base.contains("://") && !base.ends_with('/'))
-            .ok_or("--settle-into needs a postgres://host/database url")?;
-        let mut con = sqlx::PgConnection::connect(admin_url)
-            .await
-            .map_err(|e| format!("cannot reach PostgreSQL for --settle-into: {e}"))?;
-        for statement in [
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!("CREATE DATABASE {name}"),
-        ] {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                .execute(&mut con)
-                .await
-                .map_err(|e| format!("cannot create the bench database: {e}"))?;
-        }
-        Ok(Self {
-            url: format!("{base}/{name}"),
-            admin_url: admin_url.to_owned(),
-            name,
-        })
-    }
-}
-
-impl Drop for BenchDatabase {
-    fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop runs inside the bench's runtime: a thread with its own, waited for.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                use sqlx::Connection;
-                let mut con = sqlx::PgConnection::connect(&admin_url).await.ok()?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut con)
-                .await
-                .ok()
-            })
-        });
-        let _ = dropped.join();
-    }
-}
-
 pub struct BenchServer {
     pub grpc_addr: String,
     pub http_addr: String,

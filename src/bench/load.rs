@@ -339,17 +339,19 @@ impl HttpClient {
     }
 }
 
-/// The body of a plain `GET path`, or None when it cannot be had.
-async fn http_get_body(addr: &str, path: &str) -> Option<String> {
+/// A plain `GET path`: (status, body), or None when it cannot be had within 2 s.
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let io = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
         let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await.ok()?;
-        response
+        let status = response.get(9..12)?.parse().ok()?;
+        let body = response
             .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
+            .map_or(String::new(), |(_, body)| body.to_owned());
+        Some((status, body))
     };
     tokio::time::timeout(Duration::from_secs(2), io)
         .await
@@ -360,7 +362,7 @@ async fn http_get_body(addr: &str, path: &str) -> Option<String> {
 /// The age of the oldest unsettled outbox event over all shards, in ms, as the server's
 /// `/metrics` shows it.
 async fn outbox_lag_ms_of(http_addr: &str) -> Option<u64> {
-    let body = http_get_body(http_addr, "/metrics").await?;
+    let (_, body) = http_get(http_addr, "/metrics").await?;
     outbox_lag_ms_in(&body)
 }
 
@@ -379,18 +381,7 @@ fn outbox_lag_ms_in(metrics: &str) -> Option<u64> {
 
 /// Status code of a plain `GET path` (readiness), or None when it cannot be had.
 pub async fn http_get_status(addr: &str, path: &str) -> Option<u16> {
-    let io = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.ok()?;
-        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), io)
-        .await
-        .ok()
-        .flatten()
+    http_get(addr, path).await.map(|(status, _)| status)
 }
 
 impl Client {

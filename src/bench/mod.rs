@@ -302,7 +302,10 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         None => None,
         Some("sqlite") => Some(children::SettleStore::Sqlite),
         Some(url) => {
-            let db = children::BenchDatabase::create(url).await?;
+            let name = format!("tollgate_bench_{}", std::process::id());
+            let db = crate::dev::ScratchDatabase::create(url, &name)
+                .await
+                .map_err(|e| format!("--settle-into: {e}"))?;
             let store = children::SettleStore::Postgres(db.url.clone());
             _settle_db = Some(db);
             Some(store)

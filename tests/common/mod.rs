@@ -405,8 +405,7 @@ pub async fn outbox_len(ledger: &Ledger) -> usize {
 /// postgres://postgres@127.0.0.1:5432/test); dropped with the value.
 pub struct PgDatabase {
     pub url: String,
-    name: String,
-    admin_url: String,
+    _db: tollgate::dev::ScratchDatabase,
 }
 
 pub fn pg_admin_url() -> String {
@@ -415,51 +414,16 @@ pub fn pg_admin_url() -> String {
 }
 
 impl PgDatabase {
+    /// A fresh database of this test's own, dropped with it.
     pub async fn create() -> Self {
-        use sqlx::Connection;
-        let admin_url = pg_admin_url();
         let name = format!("tollgate_t{}_{}", std::process::id(), unique());
-        let mut con = sqlx::PgConnection::connect(&admin_url)
+        let db = tollgate::dev::ScratchDatabase::create(&pg_admin_url(), &name)
             .await
-            .expect("PostgreSQL must run (scripts/test starts it)");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut con)
-            .await
-            .expect("create database");
-        let base = admin_url
-            .rsplit_once('/')
-            .map(|(b, _)| b.to_owned())
-            .expect("database url with a path");
+            .unwrap_or_else(|e| panic!("PostgreSQL must run (scripts/test starts it): {e}"));
         Self {
-            url: format!("{base}/{name}"),
-            name,
-            admin_url,
+            url: db.url.clone(),
+            _db: db,
         }
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // Drop runs inside async tests: use a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                use sqlx::Connection;
-                let mut con = sqlx::PgConnection::connect(&admin_url).await.ok()?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut con)
-                .await
-                .ok()
-            })
-        })
-        .join();
     }
 }
 
