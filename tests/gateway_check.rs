@@ -492,6 +492,121 @@ async fn a_revoked_key_stops_working_on_other_sidecars_within_the_cache_ttl() {
     }
 }
 
+/// The commands tollgate sent Redis itself (not those its scripts ran) that name `needle`.
+fn sent_naming<'a>(lines: &'a [String], needle: &str) -> Vec<&'a str> {
+    lines
+        .iter()
+        .filter(|l| !l.contains(" lua] ") && l.contains(needle))
+        .map(String::as_str)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let key = seed(&server, "acme", 10).await;
+    let key_id = key.split('_').nth(1).expect("key id").to_owned();
+    let headers = |key: &str, id: &str| {
+        [
+            ("x-api-key", key.to_owned()),
+            ("x-request-id", id.to_owned()),
+        ]
+    };
+    let check = |key: String, id: &'static str| {
+        let server = &server;
+        async move {
+            let h = headers(&key, id);
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Checker::new(server)
+                .await
+                .check("POST", "/v1/envelopes", &h)
+                .await
+        }
+    };
+
+    // First sight of the key: the debit script reads the key record itself. Redis gets
+    // one EVALSHA naming the key id and no separate lookup of the key record.
+    let monitor = common::Monitor::start(&redis);
+    let first = check(key.clone(), "m-1").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.header("x-tollgate-account"), Some("acme"));
+    assert_eq!(first.header("x-tollgate-charged"), Some("1"));
+    let lines = monitor.lines().await;
+    let sent = sent_naming(&lines, &key_id);
+    assert_eq!(sent.len(), 1, "one call names the key: {sent:#?}");
+    assert!(sent[0].contains("\"EVALSHA\""), "{sent:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" lua] ") && l.contains(&format!(":k:{key_id}"))),
+        "the script read the key record"
+    );
+    assert_eq!(balance(&server, "acme").await, (9, 0, 1));
+
+    // The identity is cached now: the replay of the same request goes by account, and
+    // is answered from the idempotency record the keyed call wrote (charged once).
+    let again = check(key.clone(), "m-1").await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(
+        again
+            .client_headers
+            .get("x-credits-remaining")
+            .map(String::as_str),
+        Some("9")
+    );
+    let lines = monitor.lines().await;
+    assert_eq!(
+        sent_naming(&lines, &key_id).len(),
+        1,
+        "a cache hit sends no key id"
+    );
+    assert_eq!(balance(&server, "acme").await, (9, 0, 1));
+
+    // Another sidecar has not seen the key: its keyed call finds the same record.
+    let other = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let h = headers(&key, "m-1");
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let replayed = Checker::new(&other)
+        .await
+        .check("POST", "/v1/envelopes", &h)
+        .await;
+    assert_eq!(replayed.status, 200, "{replayed:?}");
+    assert_eq!(balance(&server, "acme").await, (9, 0, 1), "charged once");
+
+    // The right key id with another secret is unknown: nothing charged, nothing written.
+    let events = events_len(&server).await;
+    let forged = format!("tg_{key_id}_{}", "0".repeat(64));
+    let denied = check(forged, "m-2").await;
+    assert_eq!(denied.status, 401, "{denied:?}");
+    assert_eq!(denied.body["error"], "unknown_api_key");
+
+    // Revoked: a sidecar that never saw the key learns it from the keyed call.
+    server
+        .admin()
+        .await
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    let fresh = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let h = headers(&key, "m-3");
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let revoked = Checker::new(&fresh)
+        .await
+        .check("POST", "/v1/envelopes", &h)
+        .await;
+    assert_eq!(revoked.status, 403, "{revoked:?}");
+    assert_eq!(revoked.body["error"], "revoked_api_key");
+    assert_eq!(balance(&server, "acme").await, (9, 0, 1));
+    assert_eq!(
+        events_len(&server).await,
+        events,
+        "refused keys write nothing"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_are_settled_by_the_access_log_and_over_http() {
     let redis = common::RedisServer::start();

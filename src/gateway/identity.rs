@@ -159,12 +159,44 @@ pub async fn key_binding(
     }
 }
 
-/// What the cache remembers about a presented key (by its digest).
+/// What is known about a presented key (the cache keeps it by the key's digest).
 #[derive(Debug, Clone)]
-enum Known {
+pub enum Known {
     Active(Arc<Identity>),
     Revoked,
     Unknown,
+}
+
+/// A presented key, as the cache sees it.
+pub enum Presented<'k> {
+    /// A fresh answer from the cache (or a key that is not even well-formed).
+    Known(Result<Arc<Identity>, IdentityError>),
+    /// Redis must be asked.
+    Miss(KeyMiss<'k>),
+}
+
+/// A well-formed key the cache does not know: its id, its shard and its digest.
+#[derive(Debug, Clone)]
+pub struct KeyMiss<'k> {
+    pub key_id: &'k str,
+    pub shard: u16,
+    digest: [u8; 32],
+}
+
+impl KeyMiss<'_> {
+    /// SHA-256 of the presented key, hex: what the key record stores.
+    pub fn digest_hex(&self) -> String {
+        hex(&self.digest)
+    }
+
+    /// The key proved to belong to `account_id` (and `member_id` for an org key).
+    pub fn active(&self, account_id: String, member_id: String) -> Known {
+        Known::Active(Arc::new(Identity {
+            account_id,
+            key_id: self.key_id.to_owned(),
+            member_id,
+        }))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -235,16 +267,47 @@ impl KeyStore {
 
     /// Who a presented key belongs to: from the cache when it is fresh, else one HMGET.
     pub async fn identify(&self, key: &str) -> Result<Arc<Identity>, IdentityError> {
+        match self.presented(key) {
+            Presented::Known(known) => known,
+            Presented::Miss(miss) => self.identify_miss(&miss).await,
+        }
+    }
+
+    /// Asks Redis about a key the cache missed, and remembers the answer.
+    pub async fn identify_miss(&self, miss: &KeyMiss<'_>) -> Result<Arc<Identity>, IdentityError> {
+        let known = self.lookup(miss).await?;
+        self.learn(miss, known)
+    }
+
+    /// What the cache knows about a presented key, or what it takes to ask Redis: the
+    /// gateway resolves a miss inside its debit script (one call per check), anything
+    /// else with [`KeyStore::identify`].
+    pub fn presented<'k>(&self, key: &'k str) -> Presented<'k> {
         let digest = key_digest(key);
         if let Some(cached) = self.cache.get(&digest) {
             if cached.at.elapsed() < self.cache_ttl {
                 metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_HITS_TOTAL)
                     .increment(1);
-                return answer(cached.known);
+                return Presented::Known(answer(cached.known));
             }
         }
         metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_MISSES_TOTAL).increment(1);
-        let known = self.lookup(key, &digest).await?;
+        match parse_key(key, &self.shards) {
+            Some((key_id, shard)) => Presented::Miss(KeyMiss {
+                key_id,
+                shard,
+                digest,
+            }),
+            None => Presented::Known(self.remember(digest, Known::Unknown)),
+        }
+    }
+
+    /// Remembers what Redis said about a missed key; answers the identity it proves.
+    pub fn learn(&self, miss: &KeyMiss<'_>, known: Known) -> Result<Arc<Identity>, IdentityError> {
+        self.remember(miss.digest, known)
+    }
+
+    fn remember(&self, digest: [u8; 32], known: Known) -> Result<Arc<Identity>, IdentityError> {
         self.cache.insert(
             digest,
             Cached {
@@ -255,12 +318,9 @@ impl KeyStore {
         answer(known)
     }
 
-    async fn lookup(&self, key: &str, digest: &[u8; 32]) -> Result<Known, IdentityError> {
-        let Some((key_id, shard)) = parse_key(key, &self.shards) else {
-            return Ok(Known::Unknown);
-        };
+    async fn lookup(&self, miss: &KeyMiss<'_>) -> Result<Known, IdentityError> {
         let mut cmd = redis::cmd("HMGET");
-        cmd.arg(self.record_key(shard, key_id))
+        cmd.arg(self.record_key(miss.shard, miss.key_id))
             .arg("a")
             .arg("s")
             .arg("r")
@@ -274,17 +334,13 @@ impl KeyStore {
         let (Some(account_id), Some(stored)) = (account, stored) else {
             return Ok(Known::Unknown);
         };
-        if !constant_time_eq(hex(digest).as_bytes(), stored.as_bytes()) {
+        if !constant_time_eq(miss.digest_hex().as_bytes(), stored.as_bytes()) {
             return Ok(Known::Unknown);
         }
         if revoked.is_some() {
             return Ok(Known::Revoked);
         }
-        Ok(Known::Active(Arc::new(Identity {
-            account_id,
-            key_id: key_id.to_owned(),
-            member_id: member.unwrap_or_default(),
-        })))
+        Ok(miss.active(account_id, member.unwrap_or_default()))
     }
 
     /// Makes a key for an account (a personal key) or, with `binding.org_id`, an org

@@ -28,8 +28,11 @@ use crate::api::auth::{bearer, constant_time_eq};
 use crate::api::status;
 use crate::config::{Config, ConfigErrors};
 use crate::ledger::command::IDEMPOTENCY_KEY_LEN_MAX;
-use crate::ledger::{Authorize, Debit, EndHold, EndHoldOutcome, Ledger, LedgerError, Metadata};
-use identity::{IdentityError, KeyStore};
+use crate::ledger::{
+    Authorize, Debit, DebitOutcome, EndHold, EndHoldOutcome, KeyRef, KeyedDebit, Ledger,
+    LedgerError, Metadata,
+};
+use identity::{Identity, IdentityError, KeyMiss, KeyStore, Known, Presented};
 use pricing::{FailPolicy, HoldPolicy, Mode, Operation, PriceBook, Routed, Settlement};
 
 /// Whole-check deadline unless configured: under Envoy's default 200 ms ext_authz timeout,
@@ -302,7 +305,15 @@ impl Gateway {
         key: &str,
         request_id: Option<&str>,
     ) -> Decision {
-        let identity = match self.keys.identify(key).await {
+        let identity = match self.keys.presented(key) {
+            Presented::Known(known) => known,
+            // A cache miss on a debit: the debit script resolves the key in the same call.
+            Presented::Miss(miss) if amount > 0 && matches!(op.mode, Mode::Debit) => {
+                return self.debit_by_key(op, amount, &miss, request_id).await;
+            }
+            Presented::Miss(miss) => self.keys.identify_miss(&miss).await,
+        };
+        let identity = match identity {
             Ok(identity) => identity,
             Err(IdentityError::Unknown) => return Decision::Deny(Denial::UnknownKey),
             Err(IdentityError::Revoked) => return Decision::Deny(Denial::RevokedKey),
@@ -315,15 +326,84 @@ impl Gateway {
                 return Decision::Deny(Denial::Internal);
             }
         };
-        let mut allowed = Allowed {
-            account_id: Some(identity.account_id.clone()),
-            operation: Some(op.name.clone()),
-            ..Allowed::default()
-        };
         if amount == 0 {
-            return Decision::Allow(allowed);
+            return Decision::Allow(Allowed {
+                account_id: Some(identity.account_id.clone()),
+                operation: Some(op.name.clone()),
+                ..Allowed::default()
+            });
         }
         let idempotency_key = check_idempotency_key(&op.name, request_id);
+        self.charge_identity(op, amount, &identity, idempotency_key)
+            .await
+    }
+
+    /// A debit whose key the cache did not know: one script call resolves the key and
+    /// charges its account (an org member's key is charged in a second call, with the
+    /// member's digest).
+    async fn debit_by_key(
+        &self,
+        op: &Operation,
+        amount: i64,
+        miss: &KeyMiss<'_>,
+        request_id: Option<&str>,
+    ) -> Decision {
+        let idempotency_key = check_idempotency_key(&op.name, request_id);
+        let cmd = Debit {
+            account_id: String::new(),
+            wallet: op.wallet.clone(),
+            amount,
+            idempotency_key,
+            operation: op.name.clone(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        };
+        let digest_hex = miss.digest_hex();
+        let key = KeyRef {
+            key_id: miss.key_id,
+            shard: miss.shard,
+            digest_hex: &digest_hex,
+        };
+        let (account_id, result) = match self.ledger.debit_by_key(&cmd, &key).await {
+            Ok(KeyedDebit::UnknownKey) => {
+                let _ = self.keys.learn(miss, Known::Unknown);
+                return Decision::Deny(Denial::UnknownKey);
+            }
+            Ok(KeyedDebit::RevokedKey { .. }) => {
+                let _ = self.keys.learn(miss, Known::Revoked);
+                return Decision::Deny(Denial::RevokedKey);
+            }
+            Ok(KeyedDebit::MemberKey {
+                account_id,
+                member_id,
+            }) => {
+                return match self.keys.learn(miss, miss.active(account_id, member_id)) {
+                    Ok(identity) => {
+                        self.charge_identity(op, amount, &identity, cmd.idempotency_key)
+                            .await
+                    }
+                    Err(_) => Decision::Deny(Denial::Internal),
+                };
+            }
+            Ok(KeyedDebit::Charged { account_id, result }) => {
+                let _ = self
+                    .keys
+                    .learn(miss, miss.active(account_id.clone(), String::new()));
+                (Some(account_id), result)
+            }
+            Err(err) => (None, Err(err)),
+        };
+        charged(op, account_id, result.map(debited))
+    }
+
+    /// Charges a known identity by the operation's mode.
+    async fn charge_identity(
+        &self,
+        op: &Operation,
+        amount: i64,
+        identity: &Identity,
+        idempotency_key: String,
+    ) -> Decision {
         let result = match &op.mode {
             Mode::Debit => self
                 .ledger
@@ -337,13 +417,7 @@ impl Gateway {
                     member_id: identity.member_id.clone(),
                 })
                 .await
-                .map(|out| {
-                    (
-                        out.amount,
-                        None,
-                        out.allocation_remaining.unwrap_or(out.available),
-                    )
-                }),
+                .map(debited),
             Mode::Hold(hold) => self
                 .ledger
                 .authorize(&Authorize {
@@ -363,24 +437,7 @@ impl Gateway {
                     (out.amount, Some(out.hold_id), remaining)
                 }),
         };
-        match result {
-            Ok((charged, hold_id, available)) => {
-                allowed.charged = charged;
-                allowed.hold_id = hold_id;
-                allowed.remaining = Some(available);
-                Decision::Allow(allowed)
-            }
-            Err(LedgerError::Unavailable(why)) => {
-                tracing::warn!(error = %why, operation = %op.name, "charge: redis unavailable");
-                unavailable(op, allowed.account_id)
-            }
-            // Redis lost its data and awaits a restore: as unavailable as a Redis that is down.
-            Err(LedgerError::NotInitialized) => {
-                tracing::warn!(operation = %op.name, "charge: ledger not initialized");
-                unavailable(op, allowed.account_id)
-            }
-            Err(err) => Decision::Deny(status::gateway_denial(err, &op.name)),
-        }
+        charged(op, Some(identity.account_id.clone()), result)
     }
 
     /// Ends a hold by the upstream's answer (Envoy's access log): capture on a configured
@@ -418,8 +475,6 @@ impl Gateway {
     }
 }
 
-/// Redis is unavailable: the operation's fail policy decides. `account_id` is known when
-/// the identity came from the cache.
 /// Registers the per-operation fail-open series at 0, so dashboards and alerts see every
 /// operation before its first degraded check.
 fn register_operation_series(book: &PriceBook) {
@@ -428,6 +483,45 @@ fn register_operation_series(book: &PriceBook) {
     }
 }
 
+/// What a debit answers a check: (charged, hold id, what the caller may still spend).
+fn debited(out: DebitOutcome) -> (i64, Option<String>, i64) {
+    (
+        out.amount,
+        None,
+        out.allocation_remaining.unwrap_or(out.available),
+    )
+}
+
+/// The decision on a charge's result: (charged, hold id, remaining) or why not.
+fn charged(
+    op: &Operation,
+    account_id: Option<String>,
+    result: Result<(i64, Option<String>, i64), LedgerError>,
+) -> Decision {
+    match result {
+        Ok((charged, hold_id, remaining)) => Decision::Allow(Allowed {
+            account_id,
+            operation: Some(op.name.clone()),
+            charged,
+            hold_id,
+            remaining: Some(remaining),
+            degraded: false,
+        }),
+        Err(LedgerError::Unavailable(why)) => {
+            tracing::warn!(error = %why, operation = %op.name, "charge: redis unavailable");
+            unavailable(op, account_id)
+        }
+        // Redis lost its data and awaits a restore: as unavailable as a Redis that is down.
+        Err(LedgerError::NotInitialized) => {
+            tracing::warn!(operation = %op.name, "charge: ledger not initialized");
+            unavailable(op, account_id)
+        }
+        Err(err) => Decision::Deny(status::gateway_denial(err, &op.name)),
+    }
+}
+
+/// Redis is unavailable: the operation's fail policy decides. `account_id` is known when
+/// the identity came from the cache.
 fn unavailable(op: &Operation, account_id: Option<String>) -> Decision {
     match op.fail_policy {
         FailPolicy::FailClosed => Decision::Deny(Denial::Unavailable),

@@ -269,13 +269,25 @@ impl Debit {
     pub fn validate(&self) -> Result<(), Vec<FieldViolation>> {
         let mut v = Violations::default();
         v.account_id("account_id", &self.account_id);
+        self.charge_fields(&mut v);
+        v.member_id("member_id", &self.member_id, &self.account_id);
+        v.finish()
+    }
+
+    /// The fields of the charge itself, for a debit whose account an API key decides
+    /// ([`crate::ledger::Ledger::debit_by_key`]).
+    pub fn validate_charge(&self) -> Result<(), Vec<FieldViolation>> {
+        let mut v = Violations::default();
+        self.charge_fields(&mut v);
+        v.finish()
+    }
+
+    fn charge_fields(&self, v: &mut Violations) {
         v.wallet("wallet", &self.wallet);
         v.credits("amount", self.amount);
         v.idempotency_key("idempotency_key", &self.idempotency_key);
         v.operation("operation", &self.operation);
         v.metadata("metadata", &self.metadata);
-        v.member_id("member_id", &self.member_id, &self.account_id);
-        v.finish()
     }
 
     pub fn normalized(mut self) -> Self {

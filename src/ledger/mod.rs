@@ -178,6 +178,36 @@ impl Scripts {
     }
 }
 
+/// An API key as the debit script resolves it ([`Ledger::debit_by_key`]).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    pub key_id: &'a str,
+    /// The shard the key id names: its account's.
+    pub shard: u16,
+    /// SHA-256 of the presented key, hex.
+    pub digest_hex: &'a str,
+}
+
+/// What a debit by API key found and did.
+#[derive(Debug)]
+pub enum KeyedDebit {
+    /// No such key, or the secret does not match: nothing charged.
+    UnknownKey,
+    /// Nothing charged.
+    RevokedKey { account_id: String },
+    /// An org key bound to a member: nothing charged yet (the member's charge has its own
+    /// request digest).
+    MemberKey {
+        account_id: String,
+        member_id: String,
+    },
+    /// A personal key: the debit's answer (made, refused or replayed).
+    Charged {
+        account_id: String,
+        result: Result<DebitOutcome, LedgerError>,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DebitOutcome {
     pub event_id: String,
@@ -376,7 +406,10 @@ impl Ledger {
     /// (the command is not validated here). `tollgate bench --baseline` runs it straight
     /// against Redis, so the baseline and tollgate run the same script.
     pub fn debit_invocation(&self, cmd: &Debit) -> ScriptCall<'_> {
-        let shard = self.shards.of_account(&cmd.account_id);
+        self.debit_call(cmd, self.shards.of_account(&cmd.account_id))
+    }
+
+    fn debit_call(&self, cmd: &Debit, shard: u16) -> ScriptCall<'_> {
         let metadata = encode_metadata(&cmd.metadata);
         let amount = cmd.amount.to_string();
         // The member joins the digest only when there is one: records of personal charges
@@ -403,6 +436,58 @@ impl Ledger {
             .arg(&metadata)
             .arg(&cmd.member_id);
         inv
+    }
+
+    /// A debit by API key, for a gateway whose identity cache missed: the debit script
+    /// resolves the key in the same call (the key record lives in its account's shard).
+    /// `cmd.account_id` and `cmd.member_id` must be empty: the key decides them. An org
+    /// key bound to a member is resolved but not charged ([`KeyedDebit::MemberKey`]): the
+    /// caller charges it with [`Ledger::debit`].
+    pub async fn debit_by_key(
+        &self,
+        cmd: &Debit,
+        key: &KeyRef<'_>,
+    ) -> Result<KeyedDebit, LedgerError> {
+        cmd.validate_charge()
+            .map_err(LedgerError::InvalidArgument)?;
+        if !cmd.account_id.is_empty() || !cmd.member_id.is_empty() {
+            return Err(LedgerError::Internal(
+                "debit by key with an account or member".into(),
+            ));
+        }
+        let mut inv = self.debit_call(cmd, key.shard);
+        inv.arg(key.key_id).arg(key.digest_hex);
+        let mut answer = self.redis.answer(&inv).await?;
+        let mut identity = std::mem::take(&mut answer.identity).into_iter();
+        let (account, member) = (identity.next(), identity.next());
+        let account_id = match (answer.text.as_str(), account) {
+            ("KEY_UNKNOWN", _) => return Ok(KeyedDebit::UnknownKey),
+            (_, None) => {
+                // Refused before the key was read (not initialized): the refusal stands.
+                return Err(reply::debit(&answer).err().unwrap_or_else(|| {
+                    LedgerError::Internal("debit by key answered without the account".into())
+                }));
+            }
+            (_, Some(account_id)) => account_id,
+        };
+        // Key ids name the shard of their account, and shards are fixed for a deployment's
+        // life; a key record found elsewhere would be a corrupt ledger.
+        if self.shards.of_account(&account_id) != key.shard {
+            return Err(LedgerError::Internal(
+                "an api key record is not in its account's shard".into(),
+            ));
+        }
+        Ok(match (answer.text.as_str(), member) {
+            ("KEY_REVOKED", _) => KeyedDebit::RevokedKey { account_id },
+            ("KEY_MEMBER", Some(member_id)) => KeyedDebit::MemberKey {
+                account_id,
+                member_id,
+            },
+            _ => KeyedDebit::Charged {
+                account_id,
+                result: reply::debit(&answer),
+            },
+        })
     }
 
     /// Parses a debit script answer (see [`Ledger::debit_invocation`]).

@@ -530,7 +530,8 @@ impl ScriptMetrics {
             self.replays.increment(1);
         }
         let code = answer.text.split('|').next().unwrap_or("");
-        if code == "OK" || self.refusals.is_empty() {
+        // KEY_*: the debit script by API key resolving the key, not a ledger refusal.
+        if code == "OK" || code.starts_with("KEY_") || self.refusals.is_empty() {
             return;
         }
         let index = ANSWER_CODES
@@ -597,27 +598,38 @@ impl<'a> ScriptCall<'a> {
     }
 }
 
-/// A mutation script's answer: whether it was replayed, and its text.
+/// A mutation script's answer: whether it was replayed, and its text. The debit script
+/// called by API key adds who the key belongs to (`identity`: the account, and the member
+/// of an org key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub replayed: bool,
     pub text: String,
+    pub identity: Vec<String>,
 }
 
 impl Answer {
     pub(crate) fn from_value(value: Value) -> Result<Self, LedgerError> {
         let bad = || LedgerError::Internal("unexpected script reply shape".into());
+        let text = |value: Value| match value {
+            Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| bad()),
+            Value::SimpleString(s) => Ok(s),
+            _ => Err(bad()),
+        };
         let Value::Array(items) = value else {
             return Err(bad());
         };
-        let [flag, text] = <[Value; 2]>::try_from(items).map_err(|_| bad())?;
-        let replayed = matches!(flag, Value::Int(1));
-        let text = match text {
-            Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| bad())?,
-            Value::SimpleString(s) => s,
-            _ => return Err(bad()),
-        };
-        Ok(Self { replayed, text })
+        if !(2..=4).contains(&items.len()) {
+            return Err(bad());
+        }
+        let mut items = items.into_iter();
+        let replayed = matches!(items.next(), Some(Value::Int(1)));
+        let answer = text(items.next().ok_or_else(bad)?)?;
+        Ok(Self {
+            replayed,
+            text: answer,
+            identity: items.map(text).collect::<Result<_, _>>()?,
+        })
     }
 }
 
@@ -635,6 +647,29 @@ mod tests {
             last_warn_ms: AtomicU64::new(0),
             unwarned: AtomicU64::new(0),
             backoff_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn answers_carry_the_identity_a_keyed_debit_found() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let plain = Answer::from_value(Value::Array(vec![Value::Int(1), bulk("OK|1")])).unwrap();
+        assert!(plain.replayed && plain.text == "OK|1" && plain.identity.is_empty());
+        let keyed = Answer::from_value(Value::Array(vec![
+            Value::Int(0),
+            bulk("KEY_MEMBER"),
+            bulk("acme"),
+            bulk("alice"),
+        ]))
+        .unwrap();
+        assert!(!keyed.replayed);
+        assert_eq!(keyed.identity, ["acme", "alice"]);
+        for bad in [
+            vec![Value::Int(0)],
+            vec![Value::Int(0), bulk("a"), bulk("b"), bulk("c"), bulk("d")],
+            vec![Value::Int(0), bulk("OK"), Value::Int(3)],
+        ] {
+            assert!(Answer::from_value(Value::Array(bad)).is_err());
         }
     }
 

@@ -270,6 +270,7 @@ mod tests {
         Answer {
             replayed: false,
             text: text.into(),
+            identity: Vec::new(),
         }
     }
 

@@ -488,3 +488,71 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Redis `MONITOR` on a test server: every command it executes, one line each, as Redis
+/// prints them (`<time> [<db> <client addr>|lua] "CMD" "arg" …`; commands a script runs say
+/// `lua`). The reading thread ends when the monitor is dropped.
+pub struct Monitor {
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+    stream: std::net::TcpStream,
+    port: u16,
+}
+
+impl Monitor {
+    pub fn start(redis: &RedisServer) -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", redis.port)).expect("monitor connect");
+        stream.write_all(b"MONITOR\r\n").expect("MONITOR");
+        let mut reader = BufReader::new(stream.try_clone().expect("monitor stream"));
+        let mut ok = String::new();
+        reader.read_line(&mut ok).expect("MONITOR answer");
+        assert_eq!(ok.trim_end(), "+OK");
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if let Ok(mut lines) = sink.lock() {
+                    lines.push(line);
+                }
+            }
+        });
+        Self {
+            lines,
+            stream,
+            port: redis.port,
+        }
+    }
+
+    /// Every line seen until now: sends a marker through another connection and waits for
+    /// it, so all that Redis executed before is in.
+    pub async fn lines(&self) -> Vec<String> {
+        let marker = format!("monitor-mark-{}", MARKS.fetch_add(1, Ordering::Relaxed));
+        let client =
+            redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).expect("redis url");
+        let mut con = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let _: String = redis::cmd("ECHO")
+            .arg(&marker)
+            .query_async(&mut con)
+            .await
+            .expect("ECHO");
+        eventually(START_TIMEOUT, "the monitor marker", || {
+            let lines = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
+            let seen = lines.iter().any(|l| l.contains(&marker));
+            async move { seen.then_some(lines) }
+        })
+        .await
+    }
+}
+
+static MARKS: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}

@@ -3,12 +3,38 @@
 -- Answers "OK|event_id|amount|available|held", "INSUFFICIENT_CREDITS|required|available",
 -- "ALLOCATION_EXCEEDED|required|remaining", "BUDGET_EXCEEDED|which|limit|spent|resets_at_ms"
 -- or "BAD_FIELD|field|why" (not a member: nothing recorded).
+--
+-- By API key (the gateway, when its identity cache misses): ARGV 8 and 15 are "" and
+-- ARGV 16 is the key id, 17 the SHA-256 of the presented key (hex). The key record
+-- "{tg:S}:k:<key id>" is in the account's shard (the key id names it), so the key is
+-- resolved here and the check stays ONE script call. Answers "KEY_UNKNOWN" (no such
+-- key, or not this secret), {0, "KEY_REVOKED", account}, {0, "KEY_MEMBER", account,
+-- member} (an org key bound to a member: nothing charged, the caller charges with the
+-- member's digest), or any answer above with the account as a third element.
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
-local ikey = idem_key(ARGV[8], ARGV[10])
+local acct = ARGV[8]
+local keyed = ARGV[16] ~= nil
+if keyed then
+  local k = redis.call('HMGET', TAG .. ':k:' .. ARGV[16], 'a', 's', 'r', 'mb')
+  if not k[1] or k[2] ~= ARGV[17] then
+    return { 0, 'KEY_UNKNOWN' }
+  end
+  if k[3] then
+    return { 0, 'KEY_REVOKED', k[1] }
+  end
+  if k[4] then
+    return { 0, 'KEY_MEMBER', k[1], k[4] }
+  end
+  acct = k[1]
+end
+local ikey = idem_key(acct, ARGV[10])
 local prior = recall(ikey, ARGV[11])
 if prior then
+  if keyed then
+    prior[3] = acct
+  end
   return prior
 end
 local amount = tonumber(ARGV[12])
@@ -17,18 +43,18 @@ if bad then
   return bad
 end
 if outbox_full() then
-  return { 0, 'OUTBOX_FULL' }
+  return { 0, 'OUTBOX_FULL', keyed and acct or nil }
 end
 local member = ARGV[15]
 local remaining
 if member ~= '' then
-  local role = member_role(ARGV[8], member)
+  local role = member_role(acct, member)
   if not role then
     return { 0, 'BAD_FIELD|member_id|is not a member of the organization' }
   end
-  remaining = alloc_remaining(ARGV[8], ARGV[9], member, role)
+  remaining = alloc_remaining(acct, ARGV[9], member, role)
 end
-local W = open_wallet(ARGV[8], ARGV[9])
+local W = open_wallet(acct, ARGV[9])
 settle_due(W)
 local budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
 local over_budget = budgets and budgets_refuse(budgets, amount)
@@ -50,7 +76,7 @@ else
     budgets_spend(budgets, amount)
   end
   MEMBER = member
-  alloc_use(ARGV[8], ARGV[9], member, amount)
+  alloc_use(acct, ARGV[9], member, amount)
   local eid = emit(W, 'debit', amount, lots, '', '', '', ARGV[10], ARGV[13], ARGV[14])
   record_charge(W, eid, amount, lots)
   answer = 'OK|' .. eid .. '|' .. itos(amount) .. '|' .. itos(W.r) .. '|' .. itos(W.h)
@@ -60,4 +86,7 @@ else
   end
 end
 remember(ikey, ARGV[11], answer)
+if keyed then
+  return { 0, answer, acct }
+end
 return { 0, answer }
