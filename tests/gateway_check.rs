@@ -563,6 +563,20 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     );
     assert_eq!(balance(&server, "acme").await, (9, 0, 1));
 
+    // A hold route on a cache miss: the authorize script resolves the key the same way.
+    let beta = seed(&server, "beta", 200).await;
+    let beta_id = beta.split('_').nth(1).expect("key id").to_owned();
+    let monitor = common::Monitor::start(&redis);
+    let hold = ocr_check(&mut Checker::new(&server).await, &beta, "ocr-m-1").await;
+    assert_eq!(hold.status, 200, "{hold:?}");
+    assert_eq!(hold.header("x-tollgate-account"), Some("beta"));
+    assert!(hold.header("x-tollgate-hold-id").is_some(), "{hold:?}");
+    let lines = monitor.lines().await;
+    let sent = sent_naming(&lines, &beta_id);
+    assert_eq!(sent.len(), 1, "one call names the key: {sent:#?}");
+    assert!(sent[0].contains("\"EVALSHA\""), "{sent:?}");
+    assert_eq!(balance(&server, "beta").await, (150, 50, 0));
+
     // Another sidecar has not seen the key: its keyed call finds the same record.
     let other = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
     let h = headers(&key, "m-1");

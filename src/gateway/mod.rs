@@ -29,7 +29,7 @@ use crate::api::status;
 use crate::config::{Config, ConfigErrors};
 use crate::ledger::command::IDEMPOTENCY_KEY_LEN_MAX;
 use crate::ledger::{
-    Authorize, Debit, DebitOutcome, EndHold, EndHoldOutcome, KeyRef, KeyedDebit, Ledger,
+    Authorize, Debit, DebitOutcome, EndHold, EndHoldOutcome, HoldOutcome, KeyRef, Keyed, Ledger,
     LedgerError, Metadata,
 };
 use identity::{Identity, IdentityError, KeyMiss, KeyStore, Known, Presented};
@@ -307,9 +307,9 @@ impl Gateway {
     ) -> Decision {
         let identity = match self.keys.presented(key) {
             Presented::Known(known) => known,
-            // A cache miss on a debit: the debit script resolves the key in the same call.
-            Presented::Miss(miss) if amount > 0 && matches!(op.mode, Mode::Debit) => {
-                return self.debit_by_key(op, amount, &miss, request_id).await;
+            // A cache miss on a charge: its script resolves the key in the same call.
+            Presented::Miss(miss) if amount > 0 => {
+                return self.charge_by_key(op, amount, &miss, request_id).await;
             }
             Presented::Miss(miss) => self.keys.identify_miss(&miss).await,
         };
@@ -338,10 +338,10 @@ impl Gateway {
             .await
     }
 
-    /// A debit whose key the cache did not know: one script call resolves the key and
+    /// A charge whose key the cache did not know: one script call resolves the key and
     /// charges its account (an org member's key is charged in a second call, with the
     /// member's digest).
-    async fn debit_by_key(
+    async fn charge_by_key(
         &self,
         op: &Operation,
         amount: i64,
@@ -349,43 +349,70 @@ impl Gateway {
         request_id: Option<&str>,
     ) -> Decision {
         let idempotency_key = check_idempotency_key(&op.name, request_id);
-        let cmd = Debit {
-            account_id: String::new(),
-            wallet: op.wallet.clone(),
-            amount,
-            idempotency_key,
-            operation: op.name.clone(),
-            metadata: Metadata::new(),
-            member_id: String::new(),
-        };
         let digest_hex = miss.digest_hex();
         let key = KeyRef {
             key_id: miss.key_id,
             shard: miss.shard,
             digest_hex: &digest_hex,
         };
-        let (account_id, result) = match self.ledger.debit_by_key(&cmd, &key).await {
-            Ok(KeyedDebit::UnknownKey) => {
+        let keyed = match &op.mode {
+            Mode::Debit => self
+                .ledger
+                .debit_by_key(
+                    &Debit {
+                        account_id: String::new(),
+                        wallet: op.wallet.clone(),
+                        amount,
+                        idempotency_key: idempotency_key.clone(),
+                        operation: op.name.clone(),
+                        metadata: Metadata::new(),
+                        member_id: String::new(),
+                    },
+                    &key,
+                )
+                .await
+                .map(|keyed| keyed.map(debited)),
+            Mode::Hold(hold) => self
+                .ledger
+                .authorize_by_key(
+                    &Authorize {
+                        account_id: String::new(),
+                        wallet: op.wallet.clone(),
+                        amount,
+                        ttl_ms: hold.ttl_ms,
+                        on_expiry: hold.on_expiry,
+                        idempotency_key: idempotency_key.clone(),
+                        operation: op.name.clone(),
+                        metadata: Metadata::new(),
+                        member_id: String::new(),
+                    },
+                    &key,
+                )
+                .await
+                .map(|keyed| keyed.map(held)),
+        };
+        let (account_id, result) = match keyed {
+            Ok(Keyed::UnknownKey) => {
                 let _ = self.keys.learn(miss, Known::Unknown);
                 return Decision::Deny(Denial::UnknownKey);
             }
-            Ok(KeyedDebit::RevokedKey { .. }) => {
+            Ok(Keyed::RevokedKey { .. }) => {
                 let _ = self.keys.learn(miss, Known::Revoked);
                 return Decision::Deny(Denial::RevokedKey);
             }
-            Ok(KeyedDebit::MemberKey {
+            Ok(Keyed::MemberKey {
                 account_id,
                 member_id,
             }) => {
                 return match self.keys.learn(miss, miss.active(account_id, member_id)) {
                     Ok(identity) => {
-                        self.charge_identity(op, amount, &identity, cmd.idempotency_key)
+                        self.charge_identity(op, amount, &identity, idempotency_key)
                             .await
                     }
                     Err(_) => Decision::Deny(Denial::Internal),
                 };
             }
-            Ok(KeyedDebit::Charged { account_id, result }) => {
+            Ok(Keyed::Charged { account_id, result }) => {
                 let _ = self
                     .keys
                     .learn(miss, miss.active(account_id.clone(), String::new()));
@@ -393,7 +420,7 @@ impl Gateway {
             }
             Err(err) => (None, Err(err)),
         };
-        charged(op, account_id, result.map(debited))
+        charged(op, account_id, result)
     }
 
     /// Charges a known identity by the operation's mode.
@@ -432,10 +459,7 @@ impl Gateway {
                     member_id: identity.member_id.clone(),
                 })
                 .await
-                .map(|out| {
-                    let remaining = out.allocation_remaining.unwrap_or(out.available);
-                    (out.amount, Some(out.hold_id), remaining)
-                }),
+                .map(held),
         };
         charged(op, Some(identity.account_id.clone()), result)
     }
@@ -490,6 +514,12 @@ fn debited(out: DebitOutcome) -> (i64, Option<String>, i64) {
         None,
         out.allocation_remaining.unwrap_or(out.available),
     )
+}
+
+/// What a hold answers a check, as [`debited`].
+fn held(out: HoldOutcome) -> (i64, Option<String>, i64) {
+    let remaining = out.allocation_remaining.unwrap_or(out.available);
+    (out.amount, Some(out.hold_id), remaining)
 }
 
 /// The decision on a charge's result: (charged, hold id, remaining) or why not.

@@ -314,6 +314,20 @@ impl Authorize {
     pub fn validate(&self) -> Result<(), Vec<FieldViolation>> {
         let mut v = Violations::default();
         v.account_id("account_id", &self.account_id);
+        self.charge_fields(&mut v);
+        v.member_id("member_id", &self.member_id, &self.account_id);
+        v.finish()
+    }
+
+    /// The fields of the hold itself, for a hold whose account an API key decides
+    /// ([`crate::ledger::Ledger::authorize_by_key`]).
+    pub fn validate_charge(&self) -> Result<(), Vec<FieldViolation>> {
+        let mut v = Violations::default();
+        self.charge_fields(&mut v);
+        v.finish()
+    }
+
+    fn charge_fields(&self, v: &mut Violations) {
         v.wallet("wallet", &self.wallet);
         v.credits("amount", self.amount);
         if !(1..=HOLD_TTL_MS_MAX).contains(&self.ttl_ms) {
@@ -322,8 +336,6 @@ impl Authorize {
         v.idempotency_key("idempotency_key", &self.idempotency_key);
         v.operation("operation", &self.operation);
         v.metadata("metadata", &self.metadata);
-        v.member_id("member_id", &self.member_id, &self.account_id);
-        v.finish()
     }
 
     pub fn normalized(mut self) -> Self {

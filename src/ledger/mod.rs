@@ -188,9 +188,9 @@ pub struct KeyRef<'a> {
     pub digest_hex: &'a str,
 }
 
-/// What a debit by API key found and did.
+/// What a debit or hold by API key found and did.
 #[derive(Debug)]
-pub enum KeyedDebit {
+pub enum Keyed<T> {
     /// No such key, or the secret does not match: nothing charged.
     UnknownKey,
     /// Nothing charged.
@@ -201,11 +201,32 @@ pub enum KeyedDebit {
         account_id: String,
         member_id: String,
     },
-    /// A personal key: the debit's answer (made, refused or replayed).
+    /// A personal key: the charge's answer (made, refused or replayed).
     Charged {
         account_id: String,
-        result: Result<DebitOutcome, LedgerError>,
+        result: Result<T, LedgerError>,
     },
+}
+
+impl<T> Keyed<T> {
+    /// The same finding, with the charge's answer mapped.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Keyed<U> {
+        match self {
+            Keyed::UnknownKey => Keyed::UnknownKey,
+            Keyed::RevokedKey { account_id } => Keyed::RevokedKey { account_id },
+            Keyed::MemberKey {
+                account_id,
+                member_id,
+            } => Keyed::MemberKey {
+                account_id,
+                member_id,
+            },
+            Keyed::Charged { account_id, result } => Keyed::Charged {
+                account_id,
+                result: result.map(f),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -441,13 +462,13 @@ impl Ledger {
     /// A debit by API key, for a gateway whose identity cache missed: the debit script
     /// resolves the key in the same call (the key record lives in its account's shard).
     /// `cmd.account_id` and `cmd.member_id` must be empty: the key decides them. An org
-    /// key bound to a member is resolved but not charged ([`KeyedDebit::MemberKey`]): the
+    /// key bound to a member is resolved but not charged ([`Keyed::MemberKey`]): the
     /// caller charges it with [`Ledger::debit`].
     pub async fn debit_by_key(
         &self,
         cmd: &Debit,
         key: &KeyRef<'_>,
-    ) -> Result<KeyedDebit, LedgerError> {
+    ) -> Result<Keyed<DebitOutcome>, LedgerError> {
         cmd.validate_charge()
             .map_err(LedgerError::InvalidArgument)?;
         if !cmd.account_id.is_empty() || !cmd.member_id.is_empty() {
@@ -457,15 +478,25 @@ impl Ledger {
         }
         let mut inv = self.debit_call(cmd, key.shard);
         inv.arg(key.key_id).arg(key.digest_hex);
-        let mut answer = self.redis.answer(&inv).await?;
+        let answer = self.redis.answer(&inv).await?;
+        self.keyed(answer, key, reply::debit)
+    }
+
+    /// What a script called by API key found (lib.lua `resolve_key`), and its answer.
+    fn keyed<T>(
+        &self,
+        mut answer: redis_pool::Answer,
+        key: &KeyRef<'_>,
+        parse: fn(&redis_pool::Answer) -> Result<T, LedgerError>,
+    ) -> Result<Keyed<T>, LedgerError> {
         let mut identity = std::mem::take(&mut answer.identity).into_iter();
         let (account, member) = (identity.next(), identity.next());
         let account_id = match (answer.text.as_str(), account) {
-            ("KEY_UNKNOWN", _) => return Ok(KeyedDebit::UnknownKey),
+            ("KEY_UNKNOWN", _) => return Ok(Keyed::UnknownKey),
             (_, None) => {
                 // Refused before the key was read (not initialized): the refusal stands.
-                return Err(reply::debit(&answer).err().unwrap_or_else(|| {
-                    LedgerError::Internal("debit by key answered without the account".into())
+                return Err(parse(&answer).err().unwrap_or_else(|| {
+                    LedgerError::Internal("a call by key answered without the account".into())
                 }));
             }
             (_, Some(account_id)) => account_id,
@@ -478,14 +509,14 @@ impl Ledger {
             ));
         }
         Ok(match (answer.text.as_str(), member) {
-            ("KEY_REVOKED", _) => KeyedDebit::RevokedKey { account_id },
-            ("KEY_MEMBER", Some(member_id)) => KeyedDebit::MemberKey {
+            ("KEY_REVOKED", _) => Keyed::RevokedKey { account_id },
+            ("KEY_MEMBER", Some(member_id)) => Keyed::MemberKey {
                 account_id,
                 member_id,
             },
-            _ => KeyedDebit::Charged {
+            _ => Keyed::Charged {
                 account_id,
-                result: reply::debit(&answer),
+                result: parse(&answer),
             },
         })
     }
@@ -497,7 +528,12 @@ impl Ledger {
 
     pub async fn authorize(&self, cmd: &Authorize) -> Result<HoldOutcome, LedgerError> {
         cmd.validate().map_err(LedgerError::InvalidArgument)?;
-        let shard = self.shards.of_account(&cmd.account_id);
+        let inv = self.authorize_call(cmd, self.shards.of_account(&cmd.account_id));
+        let answer = self.redis.answer(&inv).await?;
+        reply::hold(&answer)
+    }
+
+    fn authorize_call(&self, cmd: &Authorize, shard: u16) -> ScriptCall<'_> {
         let metadata = encode_metadata(&cmd.metadata);
         let amount = cmd.amount.to_string();
         let ttl = cmd.ttl_ms.to_string();
@@ -529,8 +565,26 @@ impl Ledger {
             .arg(&metadata)
             .arg(&self.holds_max)
             .arg(&cmd.member_id);
+        inv
+    }
+
+    /// A hold by API key: as [`Ledger::debit_by_key`], for Authorize.
+    pub async fn authorize_by_key(
+        &self,
+        cmd: &Authorize,
+        key: &KeyRef<'_>,
+    ) -> Result<Keyed<HoldOutcome>, LedgerError> {
+        cmd.validate_charge()
+            .map_err(LedgerError::InvalidArgument)?;
+        if !cmd.account_id.is_empty() || !cmd.member_id.is_empty() {
+            return Err(LedgerError::Internal(
+                "hold by key with an account or member".into(),
+            ));
+        }
+        let mut inv = self.authorize_call(cmd, key.shard);
+        inv.arg(key.key_id).arg(key.digest_hex);
         let answer = self.redis.answer(&inv).await?;
-        reply::hold(&answer)
+        self.keyed(answer, key, reply::hold)
     }
 
     /// Capture or Release, by `cmd.capture`.

@@ -5,12 +5,25 @@
 -- "INSUFFICIENT_CREDITS|required|available", "HOLD_LIMIT|max", or as debit.lua for
 -- allocations, budgets and members. A hold counts in the allocation and the budgets at
 -- once; what it does not charge goes back when it ends.
+-- By API key as debit.lua: ARGV 8 and 18 are "", ARGV 19 the key id, 20 the key's SHA-256.
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
-local ikey = idem_key(ARGV[8], ARGV[10])
+local acct = ARGV[8]
+local keyed = ARGV[19] ~= nil
+if keyed then
+  local refused
+  acct, refused = resolve_key(ARGV[19], ARGV[20])
+  if not acct then
+    return refused
+  end
+end
+local ikey = idem_key(acct, ARGV[10])
 local prior = recall(ikey, ARGV[11])
 if prior then
+  if keyed then
+    prior[3] = acct
+  end
   return prior
 end
 local amount = tonumber(ARGV[12])
@@ -19,18 +32,18 @@ if bad then
   return bad
 end
 if outbox_full() then
-  return { 0, 'OUTBOX_FULL' }
+  return { 0, 'OUTBOX_FULL', keyed and acct or nil }
 end
 local member = ARGV[18]
 local remaining
 if member ~= '' then
-  local role = member_role(ARGV[8], member)
+  local role = member_role(acct, member)
   if not role then
     return { 0, 'BAD_FIELD|member_id|is not a member of the organization' }
   end
-  remaining = alloc_remaining(ARGV[8], ARGV[9], member, role)
+  remaining = alloc_remaining(acct, ARGV[9], member, role)
 end
-local W = open_wallet(ARGV[8], ARGV[9])
+local W = open_wallet(acct, ARGV[9])
 settle_due(W)
 local budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
 local over_budget = budgets and budgets_refuse(budgets, amount)
@@ -52,14 +65,14 @@ else
   W.h = redis.call('HINCRBY', W.w, 'h', amount)
   local hold_id = 'h' .. SHARD .. '-' .. itos(redis.call('INCR', TAG .. ':seq'))
   local deadline = NOW + tonumber(ARGV[13])
-  redis.call('HSET', TAG .. ':h:' .. hold_id, 'a', ARGV[8], 'w', ARGV[9], 'n', amount, 'l', lots,
+  redis.call('HSET', TAG .. ':h:' .. hold_id, 'a', acct, 'w', ARGV[9], 'n', amount, 'l', lots,
     'd', deadline, 'e', ARGV[14], 's', 'a', 'o', ARGV[15])
   local refs = budgets and budgets_spend(budgets, amount) or ''
   if member ~= '' or refs ~= '' then
     redis.call('HSET', TAG .. ':h:' .. hold_id, 'mb', member, 'bg', refs)
   end
   MEMBER = member
-  alloc_use(ARGV[8], ARGV[9], member, amount)
+  alloc_use(acct, ARGV[9], member, amount)
   redis.call('ZADD', W.hw, deadline, hold_id)
   schedule(W, deadline)
   local eid = emit(W, 'hold', amount, lots, ARGV[14] .. itos(deadline), hold_id, '', ARGV[10], ARGV[15], ARGV[16])
@@ -70,4 +83,7 @@ else
   end
 end
 remember(ikey, ARGV[11], answer)
+if keyed then
+  return { 0, answer, acct }
+end
 return { 0, answer }

@@ -4,30 +4,20 @@
 -- "ALLOCATION_EXCEEDED|required|remaining", "BUDGET_EXCEEDED|which|limit|spent|resets_at_ms"
 -- or "BAD_FIELD|field|why" (not a member: nothing recorded).
 --
--- By API key (the gateway, when its identity cache misses): ARGV 8 and 15 are "" and
--- ARGV 16 is the key id, 17 the SHA-256 of the presented key (hex). The key record
--- "{tg:S}:k:<key id>" is in the account's shard (the key id names it), so the key is
--- resolved here and the check stays ONE script call. Answers "KEY_UNKNOWN" (no such
--- key, or not this secret), {0, "KEY_REVOKED", account}, {0, "KEY_MEMBER", account,
--- member} (an org key bound to a member: nothing charged, the caller charges with the
--- member's digest), or any answer above with the account as a third element.
+-- By API key (lib.lua `resolve_key`): ARGV 8 and 15 are "", ARGV 16 is the key id and 17
+-- the SHA-256 of the presented key (hex). The KEY_* answers of `resolve_key`, or any
+-- answer above with the key's account as a third element.
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
 local acct = ARGV[8]
 local keyed = ARGV[16] ~= nil
 if keyed then
-  local k = redis.call('HMGET', TAG .. ':k:' .. ARGV[16], 'a', 's', 'r', 'mb')
-  if not k[1] or k[2] ~= ARGV[17] then
-    return { 0, 'KEY_UNKNOWN' }
+  local refused
+  acct, refused = resolve_key(ARGV[16], ARGV[17])
+  if not acct then
+    return refused
   end
-  if k[3] then
-    return { 0, 'KEY_REVOKED', k[1] }
-  end
-  if k[4] then
-    return { 0, 'KEY_MEMBER', k[1], k[4] }
-  end
-  acct = k[1]
 end
 local ikey = idem_key(acct, ARGV[10])
 local prior = recall(ikey, ARGV[11])

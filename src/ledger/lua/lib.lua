@@ -50,6 +50,26 @@ local function initialized()
   return redis.call('EXISTS', TAG .. ':epoch') == 1
 end
 
+-- A debit or hold by API key (the gateway, when its identity cache misses; see debit.lua):
+-- the key record "{tg:S}:k:<key id>" is in its account's shard, so the script resolves
+-- the key itself. Answers the account, or nil and the reply that ends the script:
+-- {0, "KEY_UNKNOWN"} (no such key, or another secret), {0, "KEY_REVOKED", account}, or
+-- {0, "KEY_MEMBER", account, member} (an org key bound to a member: the member is part of
+-- the request digest, so the caller charges again with it).
+local function resolve_key(key_id, digest)
+  local k = redis.call('HMGET', TAG .. ':k:' .. key_id, 'a', 's', 'r', 'mb')
+  if not k[1] or k[2] ~= digest then
+    return nil, { 0, 'KEY_UNKNOWN' }
+  end
+  if k[3] then
+    return nil, { 0, 'KEY_REVOKED', k[1] }
+  end
+  if k[4] then
+    return nil, { 0, 'KEY_MEMBER', k[1], k[4] }
+  end
+  return k[1]
+end
+
 local function check_credits(n, allow_zero)
   if not n or n ~= math.floor(n) or n > MAX_CREDITS or n < 0 or (n == 0 and not allow_zero) then
     return redis.error_reply('TG_BAD_AMOUNT amount out of range')
