@@ -8,6 +8,10 @@
 //!    and reproduce Redis's final state exactly; every acknowledged charge is in the
 //!    outbox exactly once.
 //!
+//! Both send every other Debit and Authorize by API key (`Ledger::debit_by_key`,
+//! `authorize_by_key`: the gateway's path on an identity-cache miss), replays included:
+//! the answers must be the model's all the same.
+//!
 //! Knobs: PROPTEST_CASES (runs per test; default 6 sequential and 3 concurrent, which
 //! with the run lengths below is over 2,000 operations per CI run).
 
@@ -21,9 +25,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 
 use common::model::{Expect, Model, ModelLimits, Outcome, Replayer};
+use tollgate::gateway::identity::{shard_of_key_id, KeyBinding, KeyStore};
 use tollgate::ledger::{
-    Adjust, Authorize, Clock, Debit, EndHold, Grant, Ledger, LedgerSettings, LotKind, Metadata,
-    OnExpiry, RedisPool, Refund,
+    Adjust, Authorize, Clock, Debit, EndHold, Grant, KeyRef, Keyed, Ledger, LedgerSettings,
+    LotKind, Metadata, OnExpiry, RedisPool, Refund,
 };
 
 const START_MS: i64 = 1_800_000_000_000;
@@ -156,23 +161,99 @@ fn new_ledger(redis: &common::RedisServer, clock: Clock) -> Arc<Ledger> {
     Arc::new(Ledger::new(pool, settings(), clock))
 }
 
-async fn flush(ledger: &Ledger) {
+/// An API key of every test account. Every other Debit and Authorize (replays included)
+/// is sent by key, as the gateway does on an identity-cache miss: the scripts resolve the
+/// key themselves, and no answer may differ from the same call by account.
+struct Keys {
+    by_account: HashMap<String, (String, u16, String)>,
+    turn: AtomicI64,
+}
+
+impl Keys {
+    /// The key to send the next charge of `account` by, every other call.
+    fn next(&self, account: &str) -> Option<KeyRef<'_>> {
+        if self.turn.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+            return None;
+        }
+        let (key_id, shard, digest_hex) = self.by_account.get(account)?;
+        Some(KeyRef {
+            key_id,
+            shard: *shard,
+            digest_hex,
+        })
+    }
+}
+
+/// The charge's answer, from a call by key that must have resolved to `account`.
+fn charged<T: std::fmt::Debug>(
+    account: &str,
+    keyed: Result<Keyed<T>, tollgate::ledger::LedgerError>,
+) -> Result<T, tollgate::ledger::LedgerError> {
+    match keyed? {
+        Keyed::Charged { account_id, result } => {
+            assert_eq!(account_id, account, "the key resolved to its account");
+            result
+        }
+        other => panic!("a call by the key of {account}: {other:?}"),
+    }
+}
+
+async fn flush(ledger: &Ledger) -> Arc<Keys> {
     let _: () = ledger
         .redis()
         .query(&redis::cmd("FLUSHALL"))
         .await
         .expect("flushall");
     ledger.initialize_all().await.expect("initialize");
+    let store = KeyStore::new(
+        ledger.redis().clone(),
+        ledger.shards().clone(),
+        std::time::Duration::from_secs(10),
+        10,
+        10,
+    );
+    store.load_scripts().await.expect("key scripts");
+    let mut by_account = HashMap::new();
+    for account in ACCOUNTS {
+        let key = store
+            .create(account, "model", &KeyBinding::default())
+            .await
+            .expect("api key");
+        let shard = shard_of_key_id(&key.key_id, ledger.shards()).expect("key shard");
+        by_account.insert(account.to_owned(), (key.key_id, shard, key.digest_hex));
+    }
+    Arc::new(Keys {
+        by_account,
+        turn: AtomicI64::new(0),
+    })
 }
 
 /// Sends a mutation; returns the comparable outcome.
-async fn send(ledger: &Ledger, sent: &Sent) -> Outcome {
+async fn send(ledger: &Ledger, keys: &Keys, sent: &Sent) -> Outcome {
     use common::model::{debited, ended, granted, held, refunded};
     match sent {
         Sent::Grant(c) => granted(ledger.grant(c).await),
         Sent::Adjust(c) => granted(ledger.adjust(c).await),
-        Sent::Debit(c) => debited(ledger.debit(c).await),
-        Sent::Authorize(c) => held(ledger.authorize(c).await),
+        Sent::Debit(c) => debited(match keys.next(&c.account_id) {
+            Some(key) => {
+                let by_key = Debit {
+                    account_id: String::new(),
+                    ..c.clone()
+                };
+                charged(&c.account_id, ledger.debit_by_key(&by_key, &key).await)
+            }
+            None => ledger.debit(c).await,
+        }),
+        Sent::Authorize(c) => held(match keys.next(&c.account_id) {
+            Some(key) => {
+                let by_key = Authorize {
+                    account_id: String::new(),
+                    ..c.clone()
+                };
+                charged(&c.account_id, ledger.authorize_by_key(&by_key, &key).await)
+            }
+            None => ledger.authorize(c).await,
+        }),
         Sent::End(c) => ended(ledger.end_hold(c).await),
         Sent::Refund(c) => refunded(ledger.refund(c).await),
     }
@@ -314,6 +395,7 @@ fn with_other_amount(sent: &Sent) -> Sent {
 
 struct Run {
     ledger: Arc<Ledger>,
+    keys: Arc<Keys>,
     now: Arc<AtomicI64>,
     model: Model,
     history: Vec<Sent>,
@@ -334,7 +416,7 @@ impl Run {
 
     /// Sends one mutation and checks the answer against the model.
     async fn mutate(&mut self, sent: Sent, op: &Op) -> Result<(), TestCaseError> {
-        let real = send(&self.ledger, &sent).await;
+        let real = send(&self.ledger, &self.keys, &sent).await;
         let now = self.now();
         let (expect, account, params) = predict(&mut self.model, now, &sent, &real);
         match expect {
@@ -665,9 +747,10 @@ fn sequential_runs_match_the_model() {
             runtime.block_on(async {
                 let (clock, now) = Clock::manual(START_MS);
                 let ledger = new_ledger(&redis, clock);
-                flush(&ledger).await;
+                let keys = flush(&ledger).await;
                 let mut run = Run {
                     ledger,
+                    keys,
                     now,
                     model: Model::new(LIMITS),
                     history: Vec::new(),
@@ -695,6 +778,7 @@ struct TaskLog {
 
 async fn concurrent_task(
     ledger: Arc<Ledger>,
+    keys: Arc<Keys>,
     now: Arc<AtomicI64>,
     task: usize,
     ops: Vec<Op>,
@@ -794,7 +878,7 @@ async fn concurrent_task(
             }
             Op::Replay { index } if !sent_log.is_empty() => {
                 let (sent, first) = sent_log[index % sent_log.len()].clone();
-                let again = send(&ledger, &sent).await;
+                let again = send(&ledger, &keys, &sent).await;
                 if first.event_id().is_some() || matches!(first, Outcome::Refused(_)) {
                     log.replays.push((first, again));
                 }
@@ -808,7 +892,7 @@ async fn concurrent_task(
             }
             _ => continue,
         };
-        let out = send(&ledger, &sent).await;
+        let out = send(&ledger, &keys, &sent).await;
         assert!(
             !matches!(out, Outcome::Failed(_)),
             "ledger failure: {out:?}"
@@ -849,7 +933,7 @@ fn concurrent_runs_keep_the_invariants() {
             runtime.block_on(async {
                 let (clock, now) = Clock::manual(START_MS);
                 let ledger = new_ledger(&redis, clock);
-                flush(&ledger).await;
+                let keys = flush(&ledger).await;
                 // Seed every wallet so the tasks contend for real credits.
                 for account in ACCOUNTS {
                     for wallet in WALLETS {
@@ -871,7 +955,13 @@ fn concurrent_runs_keep_the_invariants() {
                     .into_iter()
                     .enumerate()
                     .map(|(i, ops)| {
-                        tokio::spawn(concurrent_task(ledger.clone(), now.clone(), i, ops))
+                        tokio::spawn(concurrent_task(
+                            ledger.clone(),
+                            keys.clone(),
+                            now.clone(),
+                            i,
+                            ops,
+                        ))
                     })
                     .collect();
                 let mut acknowledged = Vec::new();
