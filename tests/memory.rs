@@ -1,5 +1,6 @@
-//! Redis memory per idempotency record and per account, measured on a real
-//! redis-server (the README quotes these figures). Run with `--nocapture` to see them.
+//! Redis memory per idempotency record, per account, per charge record and per unsettled
+//! outbox event, measured on a real redis-server (the README quotes these figures). Run
+//! with `--nocapture` to see them.
 
 mod common;
 
@@ -14,6 +15,11 @@ const ACCOUNT_BYTES_MAX: f64 = 1024.0;
 /// (lua/lib.lua); with a few hundred records per bucket the hashes are hashtable-encoded,
 /// as in production, so the figure is the one at scale.
 const IDEMPOTENCY_RECORD_BYTES_MAX: f64 = 150.0;
+/// Sizing figures for operators (README, "Sizing Redis"): a charge record is a key with
+/// an expiry; an unsettled debit event an outbox stream entry. Budgets ~1.5x the figures
+/// measured on 2026-12-02 (192 B and 175 B), so a layout change that grows them fails.
+const CHARGE_RECORD_BYTES_MAX: f64 = 300.0;
+const OUTBOX_EVENT_BYTES_MAX: f64 = 300.0;
 /// Idempotency records per account in the measurement: 16,000 records spread over 16
 /// shards, far past the 128 fields a listpack-encoded (smaller) hash holds.
 const RECORDS_PER_ACCOUNT: usize = 8;
@@ -114,8 +120,28 @@ async fn memory_per_account_and_per_idempotency_record() {
     let per_record =
         (after_debits - used_memory(&ledger).await) / (ACCOUNTS * RECORDS_PER_ACCOUNT) as f64;
 
+    // What each of those debits keeps besides: its charge record (for refunds, kept
+    // `ledger.charge_retention_secs`) and its outbox entry (until settled and trimmed).
+    let debits = (ACCOUNTS * RECORDS_PER_ACCOUNT) as f64;
+    let before_charges = used_memory(&ledger).await;
+    delete_matching(&ledger, "{tg:*}:c:*").await;
+    let per_charge = (before_charges - used_memory(&ledger).await) / debits;
+    let before_outbox = used_memory(&ledger).await;
+    delete_matching(&ledger, "{tg:*}:o").await;
+    let per_event = (before_outbox - used_memory(&ledger).await) / debits;
+
     println!("redis memory per account (one wallet, two lots): {per_account:.0} B");
     println!("redis memory per idempotency record: {per_record:.0} B");
+    println!("redis memory per charge record: {per_charge:.0} B");
+    println!("redis memory per unsettled outbox event (a debit): {per_event:.0} B");
+    assert!(
+        per_charge > 0.0 && per_charge <= CHARGE_RECORD_BYTES_MAX,
+        "{per_charge}"
+    );
+    assert!(
+        per_event > 0.0 && per_event <= OUTBOX_EVENT_BYTES_MAX,
+        "{per_event}"
+    );
     assert!(
         per_account > 0.0 && per_account <= ACCOUNT_BYTES_MAX,
         "{per_account}"
