@@ -1165,6 +1165,103 @@ async fn refunds_beyond_the_charge_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refunds() {
+    let env = Env::start(Clock::Redis, |_| {}).await;
+    let acct = "acct-cb";
+    env.grant(grant_req(acct, 100, "g1")).await.expect("grant");
+    let d = env.debit(debit_req(acct, 30, "d1")).await.expect("debit");
+    let redis = env.ledger().redis().clone();
+    let tag = env.ledger().shards().tag(env.shard_of(acct)).to_owned();
+    // "<shard>-<ms>-<seq>": the record is a field of the bucket of its hour, and the
+    // bucket expires the charge retention (7 days by default) after the hour ends.
+    let ms: i64 = d
+        .charge_id
+        .split('-')
+        .nth(1)
+        .expect("ms")
+        .parse()
+        .expect("ms");
+    let hour = ms / 3_600_000;
+    let bucket = format!("{tag}:cb:{hour}");
+    let record: Option<String> = redis
+        .query(redis::cmd("HGET").arg(&bucket).arg(&d.charge_id))
+        .await
+        .expect("hget");
+    let record = record.expect("the charge record is in its bucket");
+    assert!(
+        record.starts_with(&format!("{acct}|default|30|0||")),
+        "{record}"
+    );
+    let expires_at: i64 = redis
+        .query(redis::cmd("PEXPIRETIME").arg(&bucket))
+        .await
+        .expect("pexpiretime");
+    assert_eq!(expires_at, (hour + 1) * 3_600_000 + 7 * 86_400_000);
+    let f = env
+        .refund(refund_req(&d.charge_id, 5, "f1"))
+        .await
+        .expect("refund");
+    assert_eq!((f.refunded, f.refunded_total), (5, 5));
+    let record: String = redis
+        .query(redis::cmd("HGET").arg(&bucket).arg(&d.charge_id))
+        .await
+        .expect("hget");
+    assert!(
+        record.starts_with(&format!("{acct}|default|30|5||")),
+        "{record}"
+    );
+
+    // A record in the layout before buckets (one hash per charge, with its own expiry), as
+    // an upgraded deployment still holds: refunds read and update it in place.
+    let d2 = env.debit(debit_req(acct, 20, "d2")).await.expect("debit");
+    let ms2: i64 = d2
+        .charge_id
+        .split('-')
+        .nth(1)
+        .expect("ms")
+        .parse()
+        .expect("ms");
+    let bucket2 = format!("{tag}:cb:{}", ms2 / 3_600_000);
+    let packed: String = redis
+        .query(redis::cmd("HGET").arg(&bucket2).arg(&d2.charge_id))
+        .await
+        .expect("hget");
+    let lots = packed.rsplit('|').next().expect("lots").to_owned();
+    let _: i64 = redis
+        .query(redis::cmd("HDEL").arg(&bucket2).arg(&d2.charge_id))
+        .await
+        .expect("hdel");
+    let legacy = format!("{tag}:c:{}", d2.charge_id);
+    let _: i64 = redis
+        .query(
+            redis::cmd("HSET")
+                .arg(&legacy)
+                .arg(&["a", acct, "w", "default", "n", "20", "f", "0", "l", &lots]),
+        )
+        .await
+        .expect("legacy record");
+    let f = env
+        .refund(refund_req(&d2.charge_id, 15, "f2"))
+        .await
+        .expect("refund of a legacy record");
+    assert_eq!((f.refunded, f.refunded_total), (15, 15));
+    let refunded: String = redis
+        .query(redis::cmd("HGET").arg(&legacy).arg("f"))
+        .await
+        .expect("hget");
+    assert_eq!(refunded, "15");
+    let err = env
+        .refund(refund_req(&d2.charge_id, 6, "f3"))
+        .await
+        .unwrap_err();
+    assert_refused(&err, "REFUND_EXCEEDS_CHARGE", &[("refundable", "5")]);
+    assert_eq!(
+        env.balance(acct, "default").await,
+        wallet("default", [70, 0, 100, 50, 0, 20, 0])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_holds_and_charges_are_not_found() {
     let env = Env::start(Clock::Redis, |_| {}).await;
     let acct = "acct-nf";

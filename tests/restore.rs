@@ -400,6 +400,31 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
         );
         assert_eq!(&again.event_id, id);
     }
+    // Their charge records were rebuilt (in their hourly buckets): they refund, unless the
+    // load refunded them whole already — never NOT_FOUND.
+    let mut refunded = 0;
+    for (n, (_, id)) in settled.iter().take(20).enumerate() {
+        match metering
+            .refund(pb::RefundRequest {
+                charge_id: id.clone(),
+                amount: 1,
+                idempotency_key: format!("refund-after-restore-{n}"),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r.into_inner().refunded, 1);
+                refunded += 1;
+            }
+            Err(status) => assert_ne!(
+                status.code(),
+                tonic::Code::NotFound,
+                "charge {id} not restored: {status:?}"
+            ),
+        }
+    }
+    assert!(refunded > 0, "no restored charge refunded");
     let mut captured_one = false;
     'accounts: for i in 0..ACCOUNTS {
         let holds = store

@@ -42,6 +42,21 @@ pub enum RestoreError {
     Replay(String, String),
 }
 
+/// lib.lua `CHARGE_BUCKET_MS`: charge records are kept in hourly buckets.
+const CHARGE_BUCKET_MS: i64 = 3_600_000;
+
+/// lib.lua `charge_bucket`: the bucket of a charge id (`<shard>-<ms>-<seq>`) and when it
+/// expires (its hour's end plus the retention).
+fn charge_bucket(tag: &str, id: &str, retention_ms: i64) -> Option<(String, i64)> {
+    let mut parts = id.split('-');
+    let (_shard, ms, _seq) = (parts.next()?, parts.next()?, parts.next()?);
+    let hour = ms.parse::<i64>().ok()?.div_euclid(CHARGE_BUCKET_MS);
+    Some((
+        format!("{tag}:cb:{hour}"),
+        (hour + 1) * CHARGE_BUCKET_MS + retention_ms,
+    ))
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct ShardReport {
     pub shard: u16,
@@ -1027,28 +1042,25 @@ pub async fn restore(
             if ttl <= 0 {
                 continue;
             }
-            let ckey = format!("{tag}:c:{id}");
+            let Some((bucket, expires_at_ms)) = charge_bucket(&tag, id, charge_retention_ms) else {
+                return Err(RestoreError::Replay(
+                    id.clone(),
+                    "a charge id without an event time".into(),
+                ));
+            };
             pipe.cmd("HSET")
-                .arg(&ckey)
-                .arg("a")
-                .arg(&c.account_id)
-                .arg("w")
-                .arg(&c.wallet)
-                .arg("n")
-                .arg(c.amount)
-                .arg("f")
-                .arg(c.refunded)
-                .arg("l")
-                .arg(&c.lots)
+                .arg(&bucket)
+                .arg(id)
+                .arg(format!(
+                    "{}|{}|{}|{}|{}|{}",
+                    c.account_id, c.wallet, c.amount, c.refunded, c.member, c.lots
+                ))
                 .ignore();
-            if !c.member.is_empty() {
-                pipe.cmd("HSET")
-                    .arg(&ckey)
-                    .arg("mb")
-                    .arg(&c.member)
-                    .ignore();
-            }
-            pipe.cmd("PEXPIRE").arg(&ckey).arg(ttl).ignore();
+            pipe.cmd("PEXPIREAT")
+                .arg(&bucket)
+                .arg(expires_at_ms)
+                .arg("NX")
+                .ignore();
             shard_report.charges += 1;
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {

@@ -189,14 +189,33 @@ local function emit(W, kind, amount, l, x, hold, charge, idem, op, meta)
   return SHARD .. '-' .. sid
 end
 
-local function record_charge(W, eid, amount, lots)
-  local ckey = TAG .. ':c:' .. eid
-  if MEMBER == '' then
-    redis.call('HSET', ckey, 'a', W.acct, 'w', W.wallet, 'n', amount, 'f', 0, 'l', lots)
-  else
-    redis.call('HSET', ckey, 'a', W.acct, 'w', W.wallet, 'n', amount, 'f', 0, 'l', lots, 'mb', MEMBER)
+-- Charge records (what a debit or capture took, for refunds; docs/ARCHITECTURE.md "Charge
+-- records"): fields of per-shard hashes of one-hour buckets "{tg:S}:cb:<hour>" by the
+-- charge's event time; field = event id, value "account|wallet|amount|refunded|member|
+-- lots" ('|' is in no id, lots are last). A bucket expires charge_retention after its hour
+-- ends: one field per charge instead of a key with its own expiry. Records written before
+-- this layout are hashes "{tg:S}:c:<event id>" (refund.lua reads both).
+local CHARGE_BUCKET_MS = 3600000
+
+-- The bucket of a charge id (its event id "<shard>-<ms>-<seq>") and its hour; nil when the
+-- id has no time.
+local function charge_bucket(id)
+  local ms = tonumber(string.match(id, '^%d+%-(%d+)%-%d+$') or '')
+  if not ms then
+    return nil, nil
   end
-  redis.call('PEXPIRE', ckey, CHARGE_RETENTION_MS)
+  local hour = math.floor(ms / CHARGE_BUCKET_MS)
+  return TAG .. ':cb:' .. itos(hour), hour
+end
+
+local function charge_value(acct, wallet, amount, refunded, member, lots)
+  return acct .. '|' .. wallet .. '|' .. itos(amount) .. '|' .. itos(refunded) .. '|' .. member .. '|' .. lots
+end
+
+local function record_charge(W, eid, amount, lots)
+  local bucket, hour = charge_bucket(eid)
+  redis.call('HSET', bucket, eid, charge_value(W.acct, W.wallet, amount, 0, MEMBER, lots))
+  redis.call('PEXPIREAT', bucket, itos((hour + 1) * CHARGE_BUCKET_MS + tonumber(CHARGE_RETENTION_MS)), 'NX')
 end
 
 -- Organizations (docs/ARCHITECTURE.md, "Organizations"). Every key of an org carries the

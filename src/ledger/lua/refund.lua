@@ -10,8 +10,17 @@ if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
 local charge_id = ARGV[8]
-local ckey = TAG .. ':c:' .. charge_id
-local c = redis.call('HMGET', ckey, 'a', 'w', 'n', 'f', 'l', 'mb')
+-- c: account, wallet, amount, refunded, lots, member (lib.lua "Charge records").
+local bucket = charge_bucket(charge_id)
+local packed = bucket and redis.call('HGET', bucket, charge_id)
+local legacy = TAG .. ':c:' .. charge_id
+local c
+if packed then
+  local a, w, n, f, mb, l = string.match(packed, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  c = { a, w, n, f, l, mb }
+else
+  c = redis.call('HMGET', legacy, 'a', 'w', 'n', 'f', 'l', 'mb')
+end
 if not c[1] then
   return { 0, 'NOT_FOUND|charge' }
 end
@@ -85,7 +94,13 @@ else
     redis.call('HINCRBY', W.w, 'xp', expired)
   end
   redis.call('HINCRBY', W.w, 'f', amount)
-  local total = redis.call('HINCRBY', ckey, 'f', amount)
+  local total
+  if packed then
+    total = tonumber(c[4]) + amount
+    redis.call('HSET', bucket, charge_id, charge_value(c[1], c[2], tonumber(c[3]), total, c[6], c[5]))
+  else
+    total = redis.call('HINCRBY', legacy, 'f', amount)
+  end
   -- A refund of a member's charge gives the member's allocation back.
   MEMBER = c[6] or ''
   alloc_use(c[1], c[2], MEMBER, -amount)
