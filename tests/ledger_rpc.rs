@@ -1172,8 +1172,7 @@ async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refu
     let d = env.debit(debit_req(acct, 30, "d1")).await.expect("debit");
     let redis = env.ledger().redis().clone();
     let tag = env.ledger().shards().tag(env.shard_of(acct)).to_owned();
-    // "<shard>-<ms>-<seq>": the record is a field of the bucket of its hour, and the
-    // bucket expires the charge retention (7 days by default) after the hour ends.
+    // "<shard>-<ms>-<seq>": the record is a field of the bucket of its hour.
     let ms: i64 = d
         .charge_id
         .split('-')
@@ -1196,7 +1195,9 @@ async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refu
         .query(redis::cmd("PEXPIRETIME").arg(&bucket))
         .await
         .expect("pexpiretime");
-    assert_eq!(expires_at, (hour + 1) * 3_600_000 + 7 * 86_400_000);
+    // The sweeper unlinks it once the retention after its hour is over; its own expiry
+    // is the safety net an hour later.
+    assert_eq!(expires_at, (hour + 2) * 3_600_000 + 7 * 86_400_000);
     let f = env
         .refund(refund_req(&d.charge_id, 5, "f1"))
         .await
@@ -1259,6 +1260,52 @@ async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refu
         env.balance(acct, "default").await,
         wallet("default", [70, 0, 100, 50, 0, 20, 0])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_unlinks_record_buckets_past_their_window_and_retention() {
+    // No periodic sweeps after the first: the one below is the only one.
+    let env = Env::start_lazy(Clock::Redis).await;
+    let ledger = env.ledger();
+    let redis = ledger.redis().clone();
+    let shard = 0;
+    let tag = ledger.shards().tag(shard).to_owned();
+    const HOUR_MS: i64 = 3_600_000;
+    let retention_ms = tollgate::ledger::DEFAULT_CHARGE_RETENTION.as_millis() as i64;
+    let span_ms = tollgate::ledger::DEFAULT_IDEMPOTENCY_WINDOW.as_millis() as i64 / 2;
+    // Redis's clock, away from an hour's end (idempotency spans end on hours too), so the
+    // buckets computed here are the sweep's.
+    let now_ms = loop {
+        let t: Vec<String> = redis.query(&redis::cmd("TIME")).await.expect("time");
+        let ms = t[0].parse::<i64>().expect("s") * 1000 + t[1].parse::<i64>().expect("us") / 1000;
+        if ms % HOUR_MS < HOUR_MS - 10_000 {
+            break ms;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    };
+    let idem_dead = format!("{tag}:i:{}", now_ms / span_ms - 3);
+    let idem_live = format!("{tag}:i:{}", now_ms / span_ms - 2);
+    let charge_dead = format!("{tag}:cb:{}", (now_ms - retention_ms) / HOUR_MS - 1);
+    let charge_live = format!("{tag}:cb:{}", (now_ms - retention_ms) / HOUR_MS);
+    for key in [&idem_dead, &idem_live, &charge_dead, &charge_live] {
+        let _: i64 = redis
+            .query(redis::cmd("HSET").arg(key).arg("f").arg("v"))
+            .await
+            .expect("hset");
+    }
+    ledger.sweep_shard(shard, 10).await.expect("sweep");
+    for (key, kept) in [
+        (&idem_dead, false),
+        (&idem_live, true),
+        (&charge_dead, false),
+        (&charge_live, true),
+    ] {
+        let exists: i64 = redis
+            .query(redis::cmd("EXISTS").arg(key))
+            .await
+            .expect("exists");
+        assert_eq!(exists == 1, kept, "{key}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,14 +46,14 @@ pub enum RestoreError {
 const CHARGE_BUCKET_MS: i64 = 3_600_000;
 
 /// lib.lua `charge_bucket`: the bucket of a charge id (`<shard>-<ms>-<seq>`) and when it
-/// expires (its hour's end plus the retention).
+/// expires (as `record_charge`: an hour after the sweeper unlinks it).
 fn charge_bucket(tag: &str, id: &str, retention_ms: i64) -> Option<(String, i64)> {
     let mut parts = id.split('-');
     let (_shard, ms, _seq) = (parts.next()?, parts.next()?, parts.next()?);
     let hour = ms.parse::<i64>().ok()?.div_euclid(CHARGE_BUCKET_MS);
     Some((
         format!("{tag}:cb:{hour}"),
-        (hour + 1) * CHARGE_BUCKET_MS + retention_ms,
+        (hour + 2) * CHARGE_BUCKET_MS + retention_ms,
     ))
 }
 

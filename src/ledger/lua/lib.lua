@@ -99,15 +99,19 @@ end
 local IDEM_SPAN_MS = math.max(1, math.floor(tonumber(WINDOW_MS) / 2))
 local IDEM_BUCKETS_LOOKED_AT = 3
 
--- The bucket of this moment, by Redis's own clock even when NOW is forced (tests): the
--- window is real time, as a key's expiry would be.
-local function idem_bucket()
-  local t = NOW
+-- Redis's own clock, even when NOW is forced (tests): record buckets age in real time,
+-- as a key's expiry would.
+local function real_now()
   if tonumber(ARGV[1]) > 0 then
     local rt = redis.call('TIME')
-    t = tonumber(rt[1]) * 1000 + math.floor(tonumber(rt[2]) / 1000)
+    return tonumber(rt[1]) * 1000 + math.floor(tonumber(rt[2]) / 1000)
   end
-  return math.floor(t / IDEM_SPAN_MS)
+  return NOW
+end
+
+-- The bucket of this moment.
+local function idem_bucket()
+  return math.floor(real_now() / IDEM_SPAN_MS)
 end
 
 local function idem_key(acct, key)
@@ -193,8 +197,10 @@ end
 -- records"): fields of per-shard hashes of one-hour buckets "{tg:S}:cb:<hour>" by the
 -- charge's event time; field = event id, value "account|wallet|amount|refunded|member|
 -- lots" ('|' is in no id, lots are last). A bucket expires charge_retention after its hour
--- ends: one field per charge instead of a key with its own expiry. Records written before
--- this layout are hashes "{tg:S}:c:<event id>" (refund.lua reads both).
+-- ends (the sweeper unlinks it then, off Redis's main thread; its own expiry, an hour
+-- later, is the safety net): one field per charge instead of a key with its own expiry.
+-- Records written before this layout are hashes "{tg:S}:c:<event id>" (refund.lua reads
+-- both).
 local CHARGE_BUCKET_MS = 3600000
 
 -- The bucket of a charge id (its event id "<shard>-<ms>-<seq>") and its hour; nil when the
@@ -215,7 +221,13 @@ end
 local function record_charge(W, eid, amount, lots)
   local bucket, hour = charge_bucket(eid)
   redis.call('HSET', bucket, eid, charge_value(W.acct, W.wallet, amount, 0, MEMBER, lots))
-  redis.call('PEXPIREAT', bucket, itos((hour + 1) * CHARGE_BUCKET_MS + tonumber(CHARGE_RETENTION_MS)), 'NX')
+  redis.call('PEXPIREAT', bucket, itos((hour + 2) * CHARGE_BUCKET_MS + tonumber(CHARGE_RETENTION_MS)), 'NX')
+end
+
+-- The newest bucket whose hour ended a retention ago (the sweeper unlinks it).
+local function charge_dead_bucket()
+  local hour = math.floor((real_now() - tonumber(CHARGE_RETENTION_MS)) / CHARGE_BUCKET_MS) - 1
+  return TAG .. ':cb:' .. itos(hour)
 end
 
 -- Organizations (docs/ARCHITECTURE.md, "Organizations"). Every key of an org carries the

@@ -1,12 +1,13 @@
 -- sweep: end what is due (lot expiry, hold deadlines) in up to ARGV[8] wallets of this
 -- shard, found through the shard's due index, so idle accounts' balances are right too.
--- Also unlinks the shard's idempotency bucket that just went out of the window (UNLINK
--- frees a large hash off Redis's main thread; its own expiry would free it inline).
+-- Also unlinks the shard's idempotency bucket that just went out of the window, and its
+-- charge-record bucket that just passed the retention (UNLINK frees a large hash off
+-- Redis's main thread; its own expiry would free it inline).
 -- Returns the number of wallets visited.
 if not initialized() then
   return 0
 end
-redis.call('UNLINK', idem_dead_bucket())
+redis.call('UNLINK', idem_dead_bucket(), charge_dead_bucket())
 local due = TAG .. ':due'
 local members = redis.call('ZRANGEBYSCORE', due, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[8]))
 for j = 1, #members do
