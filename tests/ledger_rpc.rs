@@ -16,7 +16,7 @@ use tollgate::api::pb;
 use tollgate::config::Config;
 use tollgate::ledger::event::{EventKind, LedgerEvent, LotPiece};
 use tollgate::ledger::keys::ShardMap;
-use tollgate::ledger::{Clock, Ledger};
+use tollgate::ledger::{Clock, Ledger, RedisPool};
 
 type Metering = pb::metering_client::MeteringClient<common::AuthChannel>;
 type Admin = pb::admin_client::AdminClient<common::AuthChannel>;
@@ -1164,6 +1164,14 @@ async fn refunds_beyond_the_charge_are_refused() {
     );
 }
 
+/// A field of a Redis hash, straight from Redis.
+async fn hget(redis: &RedisPool, key: &str, field: &str) -> Option<String> {
+    redis
+        .query(redis::cmd("HGET").arg(key).arg(field))
+        .await
+        .expect("hget")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refunds() {
     let env = Env::start(Clock::Redis, |_| {}).await;
@@ -1182,10 +1190,7 @@ async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refu
         .expect("ms");
     let hour = ms / 3_600_000;
     let bucket = format!("{tag}:cb:{hour}");
-    let record: Option<String> = redis
-        .query(redis::cmd("HGET").arg(&bucket).arg(&d.charge_id))
-        .await
-        .expect("hget");
+    let record = hget(&redis, &bucket, &d.charge_id).await;
     let record = record.expect("the charge record is in its bucket");
     assert!(
         record.starts_with(&format!("{acct}|default|30|0||")),
@@ -1203,10 +1208,7 @@ async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refu
         .await
         .expect("refund");
     assert_eq!((f.refunded, f.refunded_total), (5, 5));
-    let record: String = redis
-        .query(redis::cmd("HGET").arg(&bucket).arg(&d.charge_id))
-        .await
-        .expect("hget");
+    let record = hget(&redis, &bucket, &d.charge_id).await.expect("record");
     assert!(
         record.starts_with(&format!("{acct}|default|30|5||")),
         "{record}"
@@ -1223,10 +1225,7 @@ async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refu
         .parse()
         .expect("ms");
     let bucket2 = format!("{tag}:cb:{}", ms2 / 3_600_000);
-    let packed: String = redis
-        .query(redis::cmd("HGET").arg(&bucket2).arg(&d2.charge_id))
-        .await
-        .expect("hget");
+    let packed = hget(&redis, &bucket2, &d2.charge_id).await.expect("packed");
     let lots = packed.rsplit('|').next().expect("lots").to_owned();
     let _: i64 = redis
         .query(redis::cmd("HDEL").arg(&bucket2).arg(&d2.charge_id))
@@ -1246,10 +1245,7 @@ async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refu
         .await
         .expect("refund of a legacy record");
     assert_eq!((f.refunded, f.refunded_total), (15, 15));
-    let refunded: String = redis
-        .query(redis::cmd("HGET").arg(&legacy).arg("f"))
-        .await
-        .expect("hget");
+    let refunded = hget(&redis, &legacy, "f").await.expect("refunded");
     assert_eq!(refunded, "15");
     let err = env
         .refund(refund_req(&d2.charge_id, 6, "f3"))

@@ -349,45 +349,22 @@ impl Gateway {
         request_id: Option<&str>,
     ) -> Decision {
         let idempotency_key = check_idempotency_key(&op.name, request_id);
+        let mut cmd = ChargeCmd::new(op, amount, String::new(), String::new(), idempotency_key);
         let digest_hex = miss.digest_hex();
         let key = KeyRef {
             key_id: miss.key_id,
             shard: miss.shard,
             digest_hex: &digest_hex,
         };
-        let keyed = match &op.mode {
-            Mode::Debit => self
+        let keyed = match &cmd {
+            ChargeCmd::Debit(c) => self
                 .ledger
-                .debit_by_key(
-                    &Debit {
-                        account_id: String::new(),
-                        wallet: op.wallet.clone(),
-                        amount,
-                        idempotency_key: idempotency_key.clone(),
-                        operation: op.name.clone(),
-                        metadata: Metadata::new(),
-                        member_id: String::new(),
-                    },
-                    &key,
-                )
+                .debit_by_key(c, &key)
                 .await
                 .map(|keyed| keyed.map(debited)),
-            Mode::Hold(hold) => self
+            ChargeCmd::Hold(c) => self
                 .ledger
-                .authorize_by_key(
-                    &Authorize {
-                        account_id: String::new(),
-                        wallet: op.wallet.clone(),
-                        amount,
-                        ttl_ms: hold.ttl_ms,
-                        on_expiry: hold.on_expiry,
-                        idempotency_key: idempotency_key.clone(),
-                        operation: op.name.clone(),
-                        metadata: Metadata::new(),
-                        member_id: String::new(),
-                    },
-                    &key,
-                )
+                .authorize_by_key(c, &key)
                 .await
                 .map(|keyed| keyed.map(held)),
         };
@@ -404,13 +381,11 @@ impl Gateway {
                 account_id,
                 member_id,
             }) => {
-                return match self.keys.learn(miss, miss.active(account_id, member_id)) {
-                    Ok(identity) => {
-                        self.charge_identity(op, amount, &identity, idempotency_key)
-                            .await
-                    }
-                    Err(_) => Decision::Deny(Denial::Internal),
-                };
+                let _ = self
+                    .keys
+                    .learn(miss, miss.active(account_id.clone(), member_id.clone()));
+                cmd.set_identity(account_id.clone(), member_id);
+                (Some(account_id), self.send(&cmd).await)
             }
             Ok(Keyed::Charged { account_id, result }) => {
                 let _ = self
@@ -431,37 +406,22 @@ impl Gateway {
         identity: &Identity,
         idempotency_key: String,
     ) -> Decision {
-        let result = match &op.mode {
-            Mode::Debit => self
-                .ledger
-                .debit(&Debit {
-                    account_id: identity.account_id.clone(),
-                    wallet: op.wallet.clone(),
-                    amount,
-                    idempotency_key,
-                    operation: op.name.clone(),
-                    metadata: Metadata::new(),
-                    member_id: identity.member_id.clone(),
-                })
-                .await
-                .map(debited),
-            Mode::Hold(hold) => self
-                .ledger
-                .authorize(&Authorize {
-                    account_id: identity.account_id.clone(),
-                    wallet: op.wallet.clone(),
-                    amount,
-                    ttl_ms: hold.ttl_ms,
-                    on_expiry: hold.on_expiry,
-                    idempotency_key,
-                    operation: op.name.clone(),
-                    metadata: Metadata::new(),
-                    member_id: identity.member_id.clone(),
-                })
-                .await
-                .map(held),
-        };
-        charged(op, Some(identity.account_id.clone()), result)
+        let cmd = ChargeCmd::new(
+            op,
+            amount,
+            identity.account_id.clone(),
+            identity.member_id.clone(),
+            idempotency_key,
+        );
+        charged(op, Some(identity.account_id.clone()), self.send(&cmd).await)
+    }
+
+    /// Sends a charge by account: (charged, hold id, remaining).
+    async fn send(&self, cmd: &ChargeCmd) -> Result<(i64, Option<String>, i64), LedgerError> {
+        match cmd {
+            ChargeCmd::Debit(c) => self.ledger.debit(c).await.map(debited),
+            ChargeCmd::Hold(c) => self.ledger.authorize(c).await.map(held),
+        }
     }
 
     /// Ends a hold by the upstream's answer (Envoy's access log): capture on a configured
@@ -504,6 +464,55 @@ impl Gateway {
 fn register_operation_series(book: &PriceBook) {
     for name in book.operation_names() {
         metrics::counter!(m::FAIL_OPEN_TOTAL, "operation" => name.to_owned()).increment(0);
+    }
+}
+
+/// The ledger command of a check, by the operation's mode.
+enum ChargeCmd {
+    Debit(Debit),
+    Hold(Authorize),
+}
+
+impl ChargeCmd {
+    /// `account_id` and `member_id` empty: the API key decides them (a call by key).
+    fn new(
+        op: &Operation,
+        amount: i64,
+        account_id: String,
+        member_id: String,
+        idempotency_key: String,
+    ) -> Self {
+        match &op.mode {
+            Mode::Debit => ChargeCmd::Debit(Debit {
+                account_id,
+                wallet: op.wallet.clone(),
+                amount,
+                idempotency_key,
+                operation: op.name.clone(),
+                metadata: Metadata::new(),
+                member_id,
+            }),
+            Mode::Hold(hold) => ChargeCmd::Hold(Authorize {
+                account_id,
+                wallet: op.wallet.clone(),
+                amount,
+                ttl_ms: hold.ttl_ms,
+                on_expiry: hold.on_expiry,
+                idempotency_key,
+                operation: op.name.clone(),
+                metadata: Metadata::new(),
+                member_id,
+            }),
+        }
+    }
+
+    fn set_identity(&mut self, account: String, member: String) {
+        let (account_id, member_id) = match self {
+            ChargeCmd::Debit(c) => (&mut c.account_id, &mut c.member_id),
+            ChargeCmd::Hold(c) => (&mut c.account_id, &mut c.member_id),
+        };
+        *account_id = account;
+        *member_id = member;
     }
 }
 

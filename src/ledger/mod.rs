@@ -471,24 +471,28 @@ impl Ledger {
     ) -> Result<Keyed<DebitOutcome>, LedgerError> {
         cmd.validate_charge()
             .map_err(LedgerError::InvalidArgument)?;
-        if !cmd.account_id.is_empty() || !cmd.member_id.is_empty() {
-            return Err(LedgerError::Internal(
-                "debit by key with an account or member".into(),
-            ));
-        }
-        let mut inv = self.debit_call(cmd, key.shard);
-        inv.arg(key.key_id).arg(key.digest_hex);
-        let answer = self.redis.answer(&inv).await?;
-        self.keyed(answer, key, reply::debit)
+        let by_account = [cmd.account_id.as_str(), cmd.member_id.as_str()];
+        let inv = self.debit_call(cmd, key.shard);
+        self.call_by_key(inv, by_account, key, reply::debit).await
     }
 
-    /// What a script called by API key found (lib.lua `resolve_key`), and its answer.
-    fn keyed<T>(
+    /// Calls a charge script by API key (the key's arguments after the command's; the
+    /// command's account and member, `by_account`, must be empty), and tells what it found
+    /// (lib.lua `resolve_key`) with its answer.
+    async fn call_by_key<T>(
         &self,
-        mut answer: redis_pool::Answer,
+        mut inv: ScriptCall<'_>,
+        by_account: [&str; 2],
         key: &KeyRef<'_>,
         parse: fn(&redis_pool::Answer) -> Result<T, LedgerError>,
     ) -> Result<Keyed<T>, LedgerError> {
+        if by_account.iter().any(|id| !id.is_empty()) {
+            return Err(LedgerError::Internal(
+                "a charge by key with an account or member".into(),
+            ));
+        }
+        inv.arg(key.key_id).arg(key.digest_hex);
+        let mut answer = self.redis.answer(&inv).await?;
         let mut identity = std::mem::take(&mut answer.identity).into_iter();
         let (account, member) = (identity.next(), identity.next());
         let account_id = match (answer.text.as_str(), account) {
@@ -576,15 +580,9 @@ impl Ledger {
     ) -> Result<Keyed<HoldOutcome>, LedgerError> {
         cmd.validate_charge()
             .map_err(LedgerError::InvalidArgument)?;
-        if !cmd.account_id.is_empty() || !cmd.member_id.is_empty() {
-            return Err(LedgerError::Internal(
-                "hold by key with an account or member".into(),
-            ));
-        }
-        let mut inv = self.authorize_call(cmd, key.shard);
-        inv.arg(key.key_id).arg(key.digest_hex);
-        let answer = self.redis.answer(&inv).await?;
-        self.keyed(answer, key, reply::hold)
+        let by_account = [cmd.account_id.as_str(), cmd.member_id.as_str()];
+        let inv = self.authorize_call(cmd, key.shard);
+        self.call_by_key(inv, by_account, key, reply::hold).await
     }
 
     /// Capture or Release, by `cmd.capture`.

@@ -9,14 +9,9 @@
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
-local acct = ARGV[8]
-local keyed = ARGV[19] ~= nil
-if keyed then
-  local refused
-  acct, refused = resolve_key(ARGV[19], ARGV[20])
-  if not acct then
-    return refused
-  end
+local acct, keyed, refused = resolve_key(19)
+if refused then
+  return refused
 end
 local ikey = idem_key(acct, ARGV[10])
 local prior = recall(ikey, ARGV[11])

@@ -10,14 +10,9 @@
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
-local acct = ARGV[8]
-local keyed = ARGV[16] ~= nil
-if keyed then
-  local refused
-  acct, refused = resolve_key(ARGV[16], ARGV[17])
-  if not acct then
-    return refused
-  end
+local acct, keyed, refused = resolve_key(16)
+if refused then
+  return refused
 end
 local ikey = idem_key(acct, ARGV[10])
 local prior = recall(ikey, ARGV[11])

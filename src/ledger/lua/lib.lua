@@ -52,22 +52,28 @@ end
 
 -- A debit or hold by API key (the gateway, when its identity cache misses; see debit.lua):
 -- the key record "{tg:S}:k:<key id>" is in its account's shard, so the script resolves
--- the key itself. Answers the account, or nil and the reply that ends the script:
+-- the key itself. ARGV[at] is the key id (absent: a call by account, ARGV 8), ARGV[at + 1]
+-- the key's SHA-256. Answers the account, whether it came from a key, and nil; or nil,
+-- true and the reply that ends the script:
 -- {0, "KEY_UNKNOWN"} (no such key, or another secret), {0, "KEY_REVOKED", account}, or
 -- {0, "KEY_MEMBER", account, member} (an org key bound to a member: the member is part of
 -- the request digest, so the caller charges again with it).
-local function resolve_key(key_id, digest)
+local function resolve_key(at)
+  local key_id = ARGV[at]
+  if key_id == nil then
+    return ARGV[8], false, nil
+  end
   local k = redis.call('HMGET', TAG .. ':k:' .. key_id, 'a', 's', 'r', 'mb')
-  if not k[1] or k[2] ~= digest then
-    return nil, { 0, 'KEY_UNKNOWN' }
+  if not k[1] or k[2] ~= ARGV[at + 1] then
+    return nil, true, { 0, 'KEY_UNKNOWN' }
   end
   if k[3] then
-    return nil, { 0, 'KEY_REVOKED', k[1] }
+    return nil, true, { 0, 'KEY_REVOKED', k[1] }
   end
   if k[4] then
-    return nil, { 0, 'KEY_MEMBER', k[1], k[4] }
+    return nil, true, { 0, 'KEY_MEMBER', k[1], k[4] }
   end
-  return k[1]
+  return k[1], true, nil
 end
 
 local function check_credits(n, allow_zero)
