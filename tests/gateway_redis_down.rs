@@ -40,6 +40,10 @@ fn config(redis_url: &str) -> Config {
     let test = common::test_config(redis_url);
     config.redis = test.redis;
     config.auth = test.auth;
+    // A private store the settler does not fill: Redis coming back empty is then a new
+    // Redis, not a lost one (that case awaits `tollgate restore`; tests/restore.rs).
+    config.store = test.store;
+    config.settler = test.settler;
     config.redis.call_timeout_ms = 300;
     config.gateway.check_timeout_ms = 500;
     config

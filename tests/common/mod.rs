@@ -264,6 +264,14 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config, clock: Clock) -> Self {
+        let default_store = Config::from_toml("", Vec::new(), &Overrides::default())
+            .expect("defaults")
+            .store
+            .url;
+        assert_ne!(
+            config.store.url, default_store,
+            "a test server needs its own store (common::test_config), not the working directory's"
+        );
         let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
