@@ -774,3 +774,89 @@ async fn reconcile_works_on_a_live_system() {
     assert!(load.await.expect("load") > 0);
     settle_task.await.expect("settler");
 }
+
+/// Pending entries of one consumer in one group, over all shard outboxes.
+async fn pending_of(ledger: &Ledger, group: &str, consumer: &str) -> i64 {
+    let mut total = 0;
+    for shard in 0..ledger.shards().count() {
+        let reply: redis::Value = ledger
+            .redis()
+            .query(
+                redis::cmd("XPENDING")
+                    .arg(ledger.shards().outbox(shard))
+                    .arg(group)
+                    .arg("-")
+                    .arg("+")
+                    .arg(1_000_000)
+                    .arg(consumer),
+            )
+            .await
+            .expect("XPENDING");
+        if let redis::Value::Array(entries) = reply {
+            total += entries.len() as i64;
+        }
+    }
+    total
+}
+
+/// A read whose reply never arrived (the call timed out; Redis ran it later) leaves its
+/// entries pending in this consumer, where no read of new entries finds them: the next
+/// rounds read them back at once instead of waiting for a claim idle time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_a_read_whose_reply_was_lost_settle_on_the_next_rounds() {
+    let mut redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let mut config = common::test_config(&redis.url());
+    config.redis.call_timeout_ms = 300;
+    let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
+    common::initialize_blocking(&ledger, &redis.url());
+    let store = store(&common::temp_sqlite_url()).await;
+    let mut settler = Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            group: "tollgate-settler".into(),
+            consumer: "a".into(),
+            // No other settler's claim brings the entries back within this test.
+            claim_idle: Duration::from_secs(3_600),
+            ..fast()
+        },
+    );
+    settler.ensure_groups().await.expect("groups");
+    // A started settler first reads its own pending entries (none): then only new ones.
+    assert_eq!(settler.round().await.expect("round"), 0);
+    common::workload::every_kind(&ledger, &now, 1, "lost").await;
+    let written = common::outbox_len(&ledger).await;
+    assert!(written > 0);
+
+    // Redis stopped: the round's read waits in Redis's socket, times out, and runs when
+    // Redis continues; its entries are delivered to "a" and the reply is lost.
+    redis.pause();
+    let lost = settler.round().await;
+    redis.resume();
+    assert!(
+        lost.is_err(),
+        "the read must time out while Redis is stopped"
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while pending_of(&ledger, "tollgate-settler", "a").await < written as i64 {
+        assert!(Instant::now() < deadline, "the lost read never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.count_events().await.expect("count"), 0);
+
+    // No new entries arrive; a few rounds (far below the claim idle time) settle them.
+    for _ in 0..10 {
+        if store.count_events().await.expect("count") as usize == written {
+            break;
+        }
+        let _ = settler.round().await;
+    }
+    assert_eq!(
+        store.count_events().await.expect("count") as usize,
+        written,
+        "entries delivered to a lost read stay pending until a claim"
+    );
+    assert_eq!(pending_of(&ledger, "tollgate-settler", "a").await, 0);
+    redis.kill();
+}

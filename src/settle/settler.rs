@@ -187,7 +187,8 @@ pub struct Settler {
     store: Arc<Store>,
     settings: SettlerSettings,
     status: Arc<Mutex<SettlerStatus>>,
-    /// Per shard: still reading this consumer's own pending entries (after a restart).
+    /// Per shard: still reading this consumer's own pending entries (after a restart, or
+    /// after a read or acknowledgement that failed).
     recovering: Vec<bool>,
     /// The next batch, read from Redis while the previous one was being written.
     ahead: Option<Vec<LedgerEvent>>,
@@ -361,7 +362,11 @@ impl Settler {
                 // A failed read-ahead is only retried: the batch in hand is written.
                 self.ahead = next.ok();
             }
-            self.ack(&batch).await?;
+            if let Err(err) = self.ack(&batch).await {
+                // Committed but maybe not acknowledged: still pending in this consumer.
+                self.recovering.fill(true);
+                return Err(err);
+            }
         }
         if self
             .last_trim
@@ -626,7 +631,16 @@ async fn read_batch(
             .arg(shards.outbox(shard))
             .arg(from);
     }
-    let replies: Vec<Value> = ledger.redis().pipeline(&pipe).await?;
+    let replies: Vec<Value> = match ledger.redis().pipeline(&pipe).await {
+        Ok(replies) => replies,
+        Err(err) => {
+            // Redis may have run the reads without the reply reaching us (a call timeout, a
+            // dropped connection): their entries are then pending in this consumer, and no
+            // read of new entries returns them again. Read own pending entries first.
+            recovering.fill(true);
+            return Err(err.into());
+        }
+    };
     let mut batch = Vec::new();
     for (shard, reply) in replies.into_iter().enumerate() {
         let shard = shard as u16;
