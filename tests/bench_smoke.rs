@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::process::Command;
-
 use serde_json::Value;
 
-fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value, String) {
+/// Runs `tollgate bench`; answers its JSON result, its standard output and its process id.
+fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value, String, u32) {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
@@ -18,7 +17,7 @@ fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value,
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json_path = dir.join("result.json");
     let plot_path = dir.join("latency.svg");
-    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let child = common::tollgate()
         .args(["bench", scenario, "--redis-url", &redis.url()])
         .args(["--duration-secs", "2", "--warmup-secs", "0"])
         .args(["--concurrency", "4", "--accounts", "50"])
@@ -27,8 +26,12 @@ fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value,
         .arg("--plot")
         .arg(&plot_path)
         .args(extra)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run tollgate bench");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("tollgate bench output");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -41,7 +44,7 @@ fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value,
     let svg = std::fs::read_to_string(&plot_path).expect("plot written");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     let _ = std::fs::remove_dir_all(&dir);
-    (json, stdout)
+    (json, stdout, pid)
 }
 
 fn assert_result(json: &Value, scenario: &str) {
@@ -68,7 +71,7 @@ fn assert_result(json: &Value, scenario: &str) {
 #[test]
 fn debit_bench_with_baseline_writes_a_result() {
     let redis = common::RedisServer::start();
-    let (json, stdout) = bench(&redis, "debit", &["--baseline"]);
+    let (json, stdout, _) = bench(&redis, "debit", &["--baseline"]);
     assert_result(&json, "debit");
     assert!(
         json["baseline_rps"].as_f64().is_some_and(|r| r > 0.0),
@@ -81,7 +84,7 @@ fn debit_bench_with_baseline_writes_a_result() {
 #[test]
 fn check_bench_writes_a_result() {
     let redis = common::RedisServer::start();
-    let (json, _) = bench(&redis, "check", &["--rate", "200"]);
+    let (json, _, _) = bench(&redis, "check", &["--rate", "200"]);
     assert_result(&json, "check");
     assert!(json.get("ratio").is_none());
 }
@@ -92,7 +95,7 @@ fn check_bench_writes_a_result() {
 fn check_bench_settling_into_postgres_reports_the_outbox_lag() {
     let redis = common::RedisServer::start();
     let admin_url = common::pg_admin_url();
-    let (json, stdout) = bench(&redis, "check", &["--settle-into", &admin_url]);
+    let (json, stdout, pid) = bench(&redis, "check", &["--settle-into", &admin_url]);
     assert_result(&json, "check");
     let lag = &json["outbox_lag_ms"];
     assert!(lag["samples"].as_u64().is_some_and(|n| n > 0), "{json}");
@@ -104,12 +107,16 @@ fn check_bench_settling_into_postgres_reports_the_outbox_lag() {
         .enable_all()
         .build()
         .expect("runtime");
+    // This run's database (named by the bench's process id), not another run's.
+    let name = format!("tollgate_bench_{pid}");
+    assert!(stdout.contains(&name), "{stdout}");
     let left: i64 = rt.block_on(async {
         use sqlx::Connection;
         let mut con = sqlx::PgConnection::connect(&admin_url)
             .await
             .expect("PostgreSQL must run (scripts/test starts it)");
-        sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE 'tollgate_bench_%'")
+        sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+            .bind(&name)
             .fetch_one(&mut con)
             .await
             .expect("query")
@@ -127,7 +134,7 @@ fn debit_bench_at_replica_wait_durability() {
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json_path = dir.join("result.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let output = common::tollgate()
         .args([
             "bench",
             "debit",
@@ -170,7 +177,7 @@ fn debit_bench_at_replica_wait_durability() {
 
 #[test]
 fn durability_needs_the_bench_own_redis() {
-    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let output = common::tollgate()
         .args(["bench", "debit", "--durability", "aof-always"])
         .args(["--redis-url", "redis://127.0.0.1:1"])
         .output()

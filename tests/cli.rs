@@ -7,8 +7,6 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
-
 /// A `tollgate serve` child: SIGTERM on drop (so it stops its redis-server), then SIGKILL.
 struct Serve {
     child: Child,
@@ -32,11 +30,10 @@ impl Drop for Serve {
 }
 
 fn admin(grpc_port: u16, args: &[&str]) -> Output {
-    Command::new(BIN)
+    common::tollgate()
         .arg("admin")
         .arg(format!("--server=http://127.0.0.1:{grpc_port}"))
         .args(args)
-        .env_remove("TOLLGATE_ADMIN_TOKEN")
         .output()
         .expect("run tollgate admin")
 }
@@ -46,13 +43,10 @@ fn dev_server_then_admin_grant_and_balance() {
     let grpc_port = common::free_port();
     let http_port = common::free_port();
     let _serve = Serve {
-        child: Command::new(BIN)
+        child: common::tollgate()
             .args(["serve", "--dev"])
             .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
             .arg(format!("--http-addr=127.0.0.1:{http_port}"))
-            .env_remove("TOLLGATE_ADMIN_TOKEN")
-            .env_remove("TOLLGATE_SERVICE_TOKEN")
-            .env_remove("TOLLGATE_REDIS_URL")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -138,7 +132,7 @@ fn dev_server_then_admin_grant_and_balance() {
     assert!(String::from_utf8_lossy(&revoked.stdout).contains("revoked"));
 
     // A wrong token is refused.
-    let out = Command::new(BIN)
+    let out = common::tollgate()
         .args([
             "admin",
             &format!("--server=http://127.0.0.1:{grpc_port}"),
@@ -165,7 +159,7 @@ fn config_errors_are_reported_together_with_paths() {
         "[server]\ngrpc_addr = \"nope\"\n[ledger]\nshards = 0\nmystery = 1\n",
     )
     .expect("write");
-    let out = Command::new(BIN)
+    let out = common::tollgate()
         .args(["serve", "--config"])
         .arg(&path)
         .output()

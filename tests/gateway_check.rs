@@ -504,7 +504,10 @@ fn sent_naming<'a>(lines: &'a [String], needle: &str) -> Vec<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     let redis = common::RedisServer::start();
-    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut config = esign_config(&redis.url());
+    // Cached until this test drops it, however slowly a busy machine runs the steps.
+    config.gateway.identity_cache_ttl_ms = 3_600_000;
+    let server = common::TestServer::start(config, Clock::Redis).await;
     let key = seed(&server, "acme", 10).await;
     let key_id = key.split('_').nth(1).expect("key id").to_owned();
     let headers = |key: &str, id: &str| {

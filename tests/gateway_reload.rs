@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::gateways::{example, http, replace, try_http, TempDir};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
-
 struct Serve {
     child: Child,
 }
@@ -38,7 +36,7 @@ impl Drop for Serve {
 
 fn serve(config: &Path, redis_url: &str, grpc: u16, http_port: u16, log: &Path) -> Serve {
     Serve {
-        child: Command::new(BIN)
+        child: common::tollgate()
             .arg("serve")
             .arg(format!("--config={}", config.display()))
             .arg(format!("--redis-url={redis_url}"))
@@ -221,7 +219,7 @@ fn a_broken_price_book_stops_start_up_with_every_error() {
         "capture_statuses = [\"2xy\"]",
     );
     std::fs::write(&config, broken).expect("write");
-    let out = Command::new(BIN)
+    let out = common::tollgate()
         .arg("serve")
         .arg(format!("--config={}", config.display()))
         .env("TOLLGATE_ADMIN_TOKEN", "a")

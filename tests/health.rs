@@ -114,7 +114,8 @@ async fn grpc_health_and_reflection_answer() {
 async fn readyz_follows_redis_and_reloads_scripts() {
     let mut redis = common::RedisServer::start();
     let mut config = common::test_config(&redis.url());
-    config.redis.call_timeout_ms = 300;
+    // Short enough to see a stopped Redis fail fast; long enough for a busy machine.
+    config.redis.call_timeout_ms = 1_000;
     let server = common::TestServer::start(config, Clock::Redis).await;
     let ready = || async {
         let (code, body) = common::http_get(server.http_addr, "/readyz").await;

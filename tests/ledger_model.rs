@@ -737,6 +737,7 @@ fn sequential_runs_match_the_model() {
         .expect("runtime");
     let redis = common::RedisServer::start();
     let mut runner = TestRunner::new(ProptestConfig {
+        rng_seed: common::proptest_seed("sequential_runs_match_the_model"),
         cases: cases(6),
         max_shrink_iters: 200,
         ..ProptestConfig::default()
@@ -922,6 +923,7 @@ fn concurrent_runs_keep_the_invariants() {
         .expect("runtime");
     let redis = common::RedisServer::start();
     let mut runner = TestRunner::new(ProptestConfig {
+        rng_seed: common::proptest_seed("concurrent_runs_keep_the_invariants"),
         cases: cases(3),
         // Concurrent runs are not reproducible: shrinking would chase noise.
         max_shrink_iters: 0,

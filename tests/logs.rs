@@ -12,7 +12,6 @@ use tonic::transport::Channel;
 
 use tollgate::api::pb;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 const ACCOUNT: &str = "acct-private-7781";
 const WRONG_TOKEN: &str = "wrong-token-9931";
 
@@ -62,7 +61,7 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
     let grpc_port = common::free_port();
     let http_port = common::free_port();
     let mut serve = Serve(
-        Command::new(BIN)
+        common::tollgate()
             .args(["serve", "--config"])
             .arg(&config)
             .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))

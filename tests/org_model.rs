@@ -1602,6 +1602,7 @@ fn org_charges_respect_allocations_budgets_and_balance() {
         .expect("runtime");
     let redis = common::RedisServer::start();
     let mut runner = TestRunner::new(ProptestConfig {
+        rng_seed: common::proptest_seed("org_charges_respect_allocations_budgets_and_balance"),
         cases: cases(24),
         // The concurrent phase is not reproducible: shrink only a little.
         max_shrink_iters: 50,

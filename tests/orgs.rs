@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use tonic_types::StatusExt;
@@ -15,7 +14,6 @@ use common::gateways::{esign_config, http};
 use tollgate::api::pb;
 use tollgate::ledger::Clock;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 const DEADLINE: Duration = Duration::from_secs(120);
 /// 2026-11-23 10:00:00 UTC.
 const START_MS: i64 = 1_795_428_000_000;
@@ -653,9 +651,8 @@ async fn views(server: &common::TestServer) -> Vec<View> {
 }
 
 fn tool(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
+    common::tollgate()
         .args(args)
-        .env_remove("TOLLGATE_REDIS_URL")
         .output()
         .expect("run tollgate")
 }

@@ -40,7 +40,8 @@ async fn readyz(server: &common::TestServer) -> u16 {
 async fn unavailable_within_deadline_then_recovers() {
     let mut redis = common::RedisServer::start();
     let mut config = common::test_config(&redis.url());
-    config.redis.call_timeout_ms = 300;
+    // Short enough to see a stopped Redis fail fast; long enough for a busy machine.
+    config.redis.call_timeout_ms = 1_000;
     let server = common::TestServer::start(config, Clock::Redis).await;
     let mut admin = server.admin().await;
     let mut metering = server.metering().await;

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +14,6 @@ use tollgate::api::pb;
 use tollgate::ledger::Clock;
 use tollgate::settle::Store;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 const DEADLINE: Duration = Duration::from_secs(120);
 const ACCOUNTS: usize = 200;
 
@@ -44,9 +42,8 @@ async fn http_status(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 }
 
 fn tool(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
+    common::tollgate()
         .args(args)
-        .env_remove("TOLLGATE_REDIS_URL")
         .output()
         .expect("run tollgate")
 }

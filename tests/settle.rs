@@ -19,7 +19,6 @@ use tollgate::settle::Store;
 const START_MS: i64 = 1_800_000_000_000;
 /// Generous: CI machines are busy; nothing here asserts on timing.
 const DEADLINE: Duration = Duration::from_secs(120);
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
 /// Settler settings with short waits for tests.
 fn fast() -> SettlerSettings {
@@ -483,10 +482,9 @@ async fn reconcile_command_finds_a_planted_drift() {
     common::workload::every_kind(&ledger, &now, 1, "r").await;
     let pg = common::PgDatabase::create().await;
     let reconcile = || {
-        Command::new(BIN)
+        common::tollgate()
             .args(["reconcile", "--redis-url", &redis.url(), "--store", &pg.url])
             .args(["--drain-timeout-secs", "120"])
-            .env_remove("TOLLGATE_REDIS_URL")
             .output()
             .expect("run reconcile")
     };
@@ -674,14 +672,15 @@ async fn the_settle_command_runs_a_settler_alone() {
     store(&pg.url).await;
     let store = store(&pg.url).await;
     let http_port = common::free_port();
-    let mut child = Command::new(BIN)
-        .args(["settle", "--redis-url", &redis.url(), "--store", &pg.url])
-        .arg(format!("--http-addr=127.0.0.1:{http_port}"))
-        .env_remove("TOLLGATE_REDIS_URL")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("tollgate settle");
+    let mut child = common::KillOnDrop(
+        common::tollgate()
+            .args(["settle", "--redis-url", &redis.url(), "--store", &pg.url])
+            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tollgate settle"),
+    );
     let deadline = Instant::now() + DEADLINE;
     while (store.count_events().await.expect("count") as usize) < written {
         assert!(Instant::now() < deadline, "tollgate settle did not settle");
@@ -699,10 +698,10 @@ async fn the_settle_command_runs_a_settler_alone() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status();
     let deadline = Instant::now() + DEADLINE;
-    while child.try_wait().expect("wait").is_none() {
+    while child.0.try_wait().expect("wait").is_none() {
         assert!(Instant::now() < deadline, "tollgate settle ignored SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

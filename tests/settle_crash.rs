@@ -8,13 +8,12 @@ mod common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::hash::{BuildHasher, Hasher};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tollgate::api::pb;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 const DEADLINE: Duration = Duration::from_secs(120);
 const CLIENTS: usize = 8;
 const ACCOUNTS: usize = 5;
@@ -33,12 +32,9 @@ struct Tollgate {
 
 impl Tollgate {
     fn start(config: &std::path::Path) -> Self {
-        let child = Command::new(BIN)
+        let child = common::tollgate()
             .args(["serve", "--config"])
             .arg(config)
-            .env_remove("TOLLGATE_REDIS_URL")
-            .env_remove("TOLLGATE_ADMIN_TOKEN")
-            .env_remove("TOLLGATE_SERVICE_TOKEN")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -208,8 +204,22 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| tokio::spawn(client(grpc.clone(), i, stop.clone(), seen.clone())))
         .collect();
-    for _ in 0..kills {
-        tokio::time::sleep(Duration::from_millis(300 + random_below(900))).await;
+    for kill in 0..kills {
+        // Each kill lands under load: the (re)started server has acknowledged charges
+        // first, however slowly a busy machine starts it.
+        let acked = || seen.lock().expect("seen").acked.len();
+        let before = acked();
+        let deadline = Instant::now() + DEADLINE;
+        while acked() < before + 10 {
+            assert!(
+                Instant::now() < deadline,
+                "no charge acknowledged before kill {kill}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let delay = 300 + random_below(900);
+        println!("kill {kill}: {delay} ms after the 10th acknowledged charge");
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         tollgate.restart();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -220,7 +230,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     tollgate.sigkill();
 
     // Reconcile drains what the killed settlers left and compares.
-    let out = Command::new(BIN)
+    let out = common::tollgate()
         .args(["reconcile", "--config"])
         .arg(&config)
         .output()

@@ -300,10 +300,13 @@ async fn lot_expiring_then_expired() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as i64;
-    // Expires in 3 s (Redis time is this machine's time); within the 1 h lead at once.
+    // Expires in 10 s (Redis time is this machine's time); within the 1 h lead at once.
+    // `lot.expiring` needs the grant settled and a dispatcher round before the expiry:
+    // 10 s leaves a busy machine room for both.
+    let expires_at_ms = now_ms + 10_000;
     let lot = admin
         .grant(pb::GrantRequest {
-            expires_at_ms: now_ms + 3000,
+            expires_at_ms,
             ..grant("dave", 40, "g1")
         })
         .await
@@ -322,7 +325,7 @@ async fn lot_expiring_then_expired() {
     let expiring = received[0].json();
     assert_eq!(expiring["data"]["lot_id"], lot.as_str());
     assert_eq!(expiring["data"]["remaining"], 40);
-    assert_eq!(expiring["data"]["expires_at_ms"], now_ms + 3000);
+    assert_eq!(expiring["data"]["expires_at_ms"], expires_at_ms);
     let expired = received[1].json();
     assert_eq!(expired["data"]["lot_id"], lot.as_str());
     assert_eq!(expired["data"]["amount"], 40);

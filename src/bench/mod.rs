@@ -306,6 +306,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
             let db = crate::dev::ScratchDatabase::create(url, &name)
                 .await
                 .map_err(|e| format!("--settle-into: {e}"))?;
+            println!("settling into PostgreSQL database {name} (dropped at the end)");
             let store = children::SettleStore::Postgres(db.url.clone());
             _settle_db = Some(db);
             Some(store)

@@ -181,6 +181,48 @@ pub fn free_port() -> u16 {
 }
 
 /// A fresh SQLite store path under the system temp dir.
+/// The tollgate binary as tests run it: nothing inherited from the `TOLLGATE_*`
+/// environment the tests run in, and Redis and check deadlines a busy CI machine does not
+/// miss (production's 100 ms fails a call on one scheduling stall; the deadlines
+/// themselves are tested in-process, with a stopped Redis).
+pub fn tollgate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TOLLGATE_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("TOLLGATE_REDIS__CALL_TIMEOUT_MS", "2000")
+        .env("TOLLGATE_GATEWAY__CHECK_TIMEOUT_MS", "5000");
+    cmd
+}
+
+/// The seed of a property test's random runs, printed so a failure can be rerun:
+/// `PROPTEST_RNG_SEED=<seed>` (the seed is otherwise new each run).
+pub fn proptest_seed(test: &str) -> proptest::test_runner::RngSeed {
+    let seed = std::env::var("PROPTEST_RNG_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ (u64::from(std::process::id()) << 32)
+        });
+    println!("{test}: proptest seed {seed} (rerun with PROPTEST_RNG_SEED={seed})");
+    proptest::test_runner::RngSeed::Fixed(seed)
+}
+
+/// A child process killed (and reaped) when dropped, also when the test panics.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn temp_sqlite_url() -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join("tollgate-tests");
