@@ -338,7 +338,7 @@ pub async fn run(
         Err(err) => Err(err),
     };
     if let Err(err) = loaded {
-        // Not fatal: tollgate reports not-ready and reloads scripts on NOSCRIPT.
+        // Not fatal: tollgate reports not-ready and loads the library when a call misses it.
         tracing::warn!(error = %err, "could not load scripts into redis yet");
     }
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -529,7 +529,7 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     };
 
     // First sight of the key: the debit script reads the key record itself. Redis gets
-    // one EVALSHA naming the key id and no separate lookup of the key record.
+    // one FCALL naming the key id and no separate lookup of the key record.
     let monitor = common::Monitor::start(&redis);
     let first = check(key.clone(), "m-1").await;
     assert_eq!(first.status, 200, "{first:?}");
@@ -538,7 +538,7 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     let lines = monitor.lines().await;
     let sent = sent_naming(&lines, &key_id);
     assert_eq!(sent.len(), 1, "one call names the key: {sent:#?}");
-    assert!(sent[0].contains("\"EVALSHA\""), "{sent:?}");
+    assert!(sent[0].contains("\"FCALL\""), "{sent:?}");
     assert!(
         lines
             .iter()
@@ -577,7 +577,7 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     let lines = monitor.lines().await;
     let sent = sent_naming(&lines, &beta_id);
     assert_eq!(sent.len(), 1, "one call names the key: {sent:#?}");
-    assert!(sent[0].contains("\"EVALSHA\""), "{sent:?}");
+    assert!(sent[0].contains("\"FCALL\""), "{sent:?}");
     assert_eq!(balance(&server, "beta").await, (150, 50, 0));
 
     // Another sidecar has not seen the key: its keyed call finds the same record.

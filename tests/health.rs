@@ -127,13 +127,18 @@ async fn readyz_follows_redis_and_reloads_scripts() {
     assert_eq!(body["checks"]["scripts"], "ok", "{body}");
     wait_health(&server, ServingStatus::Serving).await;
 
-    // Scripts flushed: readiness notices and loads them again (the /readyz call below,
-    // or the gRPC health watcher, which runs the same checks, if it comes first).
+    // Scripts and functions flushed: readiness notices and loads them again (the /readyz
+    // call below, or the gRPC health watcher, which runs the same checks, if it comes
+    // first).
     let mut con = redis.client().get_connection().expect("redis");
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query(&mut con)
-        .expect("flush");
+    for what in ["SCRIPT", "FUNCTION"] {
+        let _: () = redis::cmd(what)
+            .arg("FLUSH")
+            .query(&mut con)
+            .expect("flush");
+    }
+    let (loaded, _) = server.ledger.check_scripts(false).await.expect("exists");
+    assert_eq!(loaded, 0, "the ledger's functions are gone");
     let (code, body) = ready().await;
     assert_eq!(code, 200, "{body}");
     let (loaded, total) = server.ledger.check_scripts(false).await.expect("exists");

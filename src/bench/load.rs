@@ -190,7 +190,7 @@ pub enum Client {
     Debit(MeteringClient),
     Hold(MeteringClient),
     ForwardAuth(HttpClient),
-    /// The baseline: the ledger's debit script, EVALSHA straight to Redis.
+    /// The baseline: the ledger's debit function, FCALL straight to Redis.
     Raw(Arc<Ledger>),
 }
 

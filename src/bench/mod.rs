@@ -4,11 +4,11 @@
 //! - `children`: the private redis-server and `tollgate serve` child processes a bench
 //!   starts when it is not given a target (killed when the bench ends, Ctrl-C included)
 //! - `load`: seeding, the scenario clients (ext_authz Check, Debit, Authorize+Capture,
-//!   forward-auth, raw EVALSHA) and the closed- and open-loop drivers
+//!   forward-auth, raw FCALL) and the closed- and open-loop drivers
 //! - `report`: percentiles, the printed summary, the JSON result and the SVG plot
 //!
 //! Only ratios to the baseline are meaningful on a shared machine: the baseline runs the
-//! ledger's own debit script (EVALSHA, same arguments as tollgate sends) straight against
+//! ledger's own debit function (FCALL, same arguments as tollgate sends) straight against
 //! the same Redis, with the same concurrency, in slices alternating with the scenario's.
 
 mod check_client;
@@ -84,7 +84,7 @@ pub enum Durability {
     AofAlways,
     /// No persistence, one replica (`--replicaof`), and tollgate configured with
     /// `redis.wait_replicas = 1`: every ledger write waits for the replica. The baseline's
-    /// raw EVALSHA is followed by the same WAIT.
+    /// raw FCALL is followed by the same WAIT.
     ReplicaWait,
 }
 
@@ -164,7 +164,7 @@ pub struct BenchArgs {
     /// request's intended send time, so a stall is not hidden (no coordinated omission).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Also drive the ledger's debit script straight against Redis (EVALSHA) with the same
+    /// Also drive the ledger's debit script straight against Redis (FCALL) with the same
     /// concurrency, first, and report tollgate ÷ raw.
     #[arg(long)]
     pub baseline: bool,
@@ -339,7 +339,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         ),
     };
 
-    // With replica-wait the baseline's EVALSHA is followed by the same WAIT, so the ratio
+    // With replica-wait the baseline's FCALL is followed by the same WAIT, so the ratio
     // compares tollgate with raw Redis at the same durability level.
     let pool = RedisPool::with_wait(&redis_url, args.redis_connections, REQUEST_TIMEOUT, wait)
         .map_err(|e| e.to_string())?;
@@ -376,7 +376,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     let clients = load::scenario_clients(args.scenario, &target, &args).await?;
     let (main, baseline) = if args.baseline {
         let (baseline, main) = load::measure_alternating(
-            ("baseline (raw EVALSHA debit)", args.scenario.name()),
+            ("baseline (raw FCALL debit)", args.scenario.name()),
             (load::raw_clients(&ledger, &args), clients),
             &plan,
             args.rounds,

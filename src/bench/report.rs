@@ -144,8 +144,8 @@ impl Phase {
         if let Some(redis) = &self.redis {
             let _ = writeln!(
                 out,
-                "  redis        {} EVALSHA, {:.1} µs/call (commandstats), {:.1} µs CPU per call",
-                redis.evalsha_calls, redis.evalsha_usec_per_call, redis.cpu_usec_per_call
+                "  redis        {} FCALL, {:.1} µs/call (commandstats), {:.1} µs CPU per call",
+                redis.script_calls, redis.script_usec_per_call, redis.cpu_usec_per_call
             );
         }
     }
@@ -154,9 +154,9 @@ impl Phase {
 /// Redis's own cost, measured the way shared/PERF-NOTES.md says: CONFIG RESETSTAT before
 /// the phase, then `INFO commandstats` and the change of `used_cpu_*` per call.
 pub struct RedisStats {
-    pub evalsha_calls: u64,
-    pub evalsha_usec_per_call: f64,
-    /// Redis process CPU (user + sys) during the phase ÷ EVALSHA calls.
+    pub script_calls: u64,
+    pub script_usec_per_call: f64,
+    /// Redis process CPU (user + sys) during the phase ÷ ledger script calls.
     pub cpu_usec_per_call: f64,
 }
 
@@ -179,47 +179,49 @@ impl RedisStats {
             .query(redis::cmd("INFO").arg("commandstats"))
             .await
             .ok()?;
-        let line = info
+        // Ledger calls are FCALLs; EVALSHA too, for a target running an older tollgate.
+        let (mut calls, mut usec) = (0.0, 0.0);
+        for line in info
             .lines()
-            .find(|l| l.starts_with("cmdstat_evalsha:"))
-            .unwrap_or("cmdstat_evalsha:calls=0,usec=0,usec_per_call=0");
-        let field = |name: &str| -> f64 {
-            line.split([':', ','])
-                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0)
-        };
-        let calls = field("calls");
+            .filter(|l| l.starts_with("cmdstat_fcall:") || l.starts_with("cmdstat_evalsha:"))
+        {
+            let field = |name: &str| -> f64 {
+                line.split([':', ','])
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0)
+            };
+            calls += field("calls");
+            usec += field("usec");
+        }
+        let per_call = |total: f64| if calls > 0.0 { total / calls } else { 0.0 };
         Some(Self {
-            evalsha_calls: calls as u64,
-            evalsha_usec_per_call: field("usec_per_call"),
-            cpu_usec_per_call: if calls > 0.0 { cpu * 1e6 / calls } else { 0.0 },
+            script_calls: calls as u64,
+            script_usec_per_call: per_call(usec),
+            cpu_usec_per_call: per_call(cpu * 1e6),
         })
     }
 
     fn merge(self, other: &Self) -> Self {
-        let calls = self.evalsha_calls + other.evalsha_calls;
+        let calls = self.script_calls + other.script_calls;
         let weighted = |a: f64, b: f64| {
             if calls == 0 {
                 0.0
             } else {
-                (a * self.evalsha_calls as f64 + b * other.evalsha_calls as f64) / calls as f64
+                (a * self.script_calls as f64 + b * other.script_calls as f64) / calls as f64
             }
         };
         Self {
-            evalsha_calls: calls,
-            evalsha_usec_per_call: weighted(
-                self.evalsha_usec_per_call,
-                other.evalsha_usec_per_call,
-            ),
+            script_calls: calls,
+            script_usec_per_call: weighted(self.script_usec_per_call, other.script_usec_per_call),
             cpu_usec_per_call: weighted(self.cpu_usec_per_call, other.cpu_usec_per_call),
         }
     }
 
     fn json(&self) -> Value {
         json!({
-            "evalsha_calls": self.evalsha_calls,
-            "evalsha_usec_per_call": self.evalsha_usec_per_call,
+            "script_calls": self.script_calls,
+            "script_usec_per_call": round1(self.script_usec_per_call),
             "cpu_usec_per_call": round1(self.cpu_usec_per_call),
         })
     }

@@ -13,6 +13,7 @@ pub mod command;
 pub mod error;
 pub mod event;
 pub mod keys;
+pub mod library;
 pub mod org;
 pub mod redis_pool;
 mod reply;
@@ -22,13 +23,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::Script;
-
 pub use command::{
     Adjust, AdjustInput, Authorize, Debit, EndHold, FieldViolation, Grant, GrantInput, LotKind,
     Metadata, OnExpiry, Refund,
 };
 pub use error::{BudgetScope, HoldEnd, LedgerError, Refusal};
+use library::{Library, ScriptSource};
 use redis_pool::ScriptMetrics;
 pub use redis_pool::{RedisPool, ScriptCall, WaitReplicas};
 
@@ -102,16 +102,17 @@ impl Clock {
     }
 }
 
-/// A ledger script, hashed once, with its metric handles resolved once.
+/// A ledger script: the function it is registered as, its metric handles resolved once.
 struct LedgerScript {
-    script: Script,
+    function: String,
     metrics: ScriptMetrics,
     /// The script can change the ledger: followed by `WAIT` when `redis.wait_replicas` is set.
     writes: bool,
 }
 
-/// The scripts; each is the shared prelude plus its body.
+/// The scripts, as functions of one library (lua/lib.lua, then each script's body).
 struct Scripts {
+    library: Library,
     debit: LedgerScript,
     authorize: LedgerScript,
     end_hold: LedgerScript,
@@ -126,55 +127,46 @@ struct Scripts {
     view: LedgerScript,
 }
 
-/// `ledger_script!("debit", mutates, writes)`: lua/lib.lua + lua/debit.lua, measured as
-/// "debit". `mutates`: answers `{replayed, "CODE|..."}`; `writes`: can change the ledger
-/// (the sweeper's script writes without answering that way).
-macro_rules! ledger_script {
-    ($name:literal, $mutates:expr, $writes:expr) => {
-        LedgerScript {
-            script: Script::new(concat!(
-                include_str!("lua/lib.lua"),
-                include_str!(concat!("lua/", $name, ".lua"))
-            )),
-            metrics: ScriptMetrics::new($name, $mutates),
-            writes: $writes,
+/// `ledger_scripts!(("debit", mutates, writes), ...)`: each lua/<name>.lua registered as a
+/// function of the library, measured as "<name>". `mutates`: answers
+/// `{replayed, "CODE|..."}`; `writes`: can change the ledger (the sweeper's script writes
+/// without answering that way).
+macro_rules! ledger_scripts {
+    ($(($name:ident, $mutates:expr, $writes:expr)),* $(,)?) => {{
+        let library = Library::new(
+            include_str!("lua/lib.lua"),
+            &[$(ScriptSource {
+                name: stringify!($name),
+                body: include_str!(concat!("lua/", stringify!($name), ".lua")),
+            }),*],
+        );
+        Scripts {
+            $($name: LedgerScript {
+                function: library.function(stringify!($name)),
+                metrics: ScriptMetrics::new(stringify!($name), $mutates),
+                writes: $writes,
+            },)*
+            library,
         }
-    };
+    }};
 }
 
 impl Scripts {
     fn new() -> Self {
-        Self {
-            debit: ledger_script!("debit", true, true),
-            authorize: ledger_script!("authorize", true, true),
-            end_hold: ledger_script!("end_hold", true, true),
-            refund: ledger_script!("refund", true, true),
-            grant: ledger_script!("grant", true, true),
-            adjust: ledger_script!("adjust", true, true),
-            balance: ledger_script!("balance", false, false),
-            lots: ledger_script!("lots", false, false),
-            sweep: ledger_script!("sweep", false, true),
-            snapshot: ledger_script!("snapshot", false, false),
-            org: ledger_script!("org", true, true),
-            view: ledger_script!("view", false, false),
-        }
-    }
-
-    fn all(&self) -> [&Script; 12] {
-        [
-            &self.debit.script,
-            &self.authorize.script,
-            &self.end_hold.script,
-            &self.refund.script,
-            &self.grant.script,
-            &self.adjust.script,
-            &self.balance.script,
-            &self.lots.script,
-            &self.sweep.script,
-            &self.snapshot.script,
-            &self.org.script,
-            &self.view.script,
-        ]
+        ledger_scripts!(
+            (debit, true, true),
+            (authorize, true, true),
+            (end_hold, true, true),
+            (refund, true, true),
+            (grant, true, true),
+            (adjust, true, true),
+            (balance, false, false),
+            (lots, false, false),
+            (sweep, false, true),
+            (snapshot, false, false),
+            (org, true, true),
+            (view, false, false),
+        )
     }
 }
 
@@ -382,30 +374,39 @@ impl Ledger {
         &self.redis
     }
 
-    /// Loads every script into Redis (SCRIPT LOAD) so the first calls need no reload.
+    /// Loads the ledger's function library into Redis (FUNCTION LOAD REPLACE) so the
+    /// first calls need no reload.
     pub async fn load_scripts(&self) -> Result<(), LedgerError> {
-        self.redis.load_scripts(&self.scripts.all()).await
+        self.redis.load_library(&self.scripts.library).await
     }
 
-    /// Whether Redis holds every ledger script (SCRIPT EXISTS); loads the missing ones
-    /// when `load_missing` is set. Returns (scripts present, scripts in all).
+    /// Whether Redis holds the ledger's function library (FUNCTION LIST); loads it when
+    /// missing and `load_missing` is set. Returns (scripts present, scripts in all).
     pub async fn check_scripts(&self, load_missing: bool) -> Result<(usize, usize), LedgerError> {
-        let all = self.scripts.all();
-        let present = self.redis.scripts_exist(&all).await?;
-        let loaded = present.iter().filter(|p| **p).count();
-        if loaded < all.len() && load_missing {
+        let library = &self.scripts.library;
+        let mut present = self.redis.library_exists(library).await?;
+        if !present && load_missing {
             self.load_scripts().await?;
-            let again = self.redis.scripts_exist(&all).await?;
-            return Ok((again.iter().filter(|p| **p).count(), all.len()));
+            present = self.redis.library_exists(library).await?;
         }
-        Ok((loaded, all.len()))
+        let all = library.functions();
+        Ok((if present { all } else { 0 }, all))
+    }
+
+    /// The ledger's function library (the bench's baseline calls its functions).
+    pub fn library(&self) -> &Library {
+        &self.scripts.library
     }
 
     /// A script call with the shared ARGV prefix (see lua/lib.lua) for a shard.
     fn invocation<'a>(&'a self, script: &'a LedgerScript, shard: u16) -> ScriptCall<'a> {
-        let mut inv = ScriptCall::new(&script.script, &[self.shards.outbox(shard)])
-            .with_metrics(&script.metrics)
-            .writes(script.writes);
+        let mut inv = ScriptCall::new(
+            &self.scripts.library,
+            &script.function,
+            &[self.shards.outbox(shard)],
+        )
+        .with_metrics(&script.metrics)
+        .writes(script.writes);
         inv.arg(self.clock.override_ms())
             .arg(self.shards.tag(shard))
             .arg(self.shards.number(shard))
@@ -423,7 +424,7 @@ impl Ledger {
         reply::debit(&answer)
     }
 
-    /// The EVALSHA of the debit script with exactly the arguments [`Ledger::debit`] sends
+    /// The FCALL of the debit function with exactly the arguments [`Ledger::debit`] sends
     /// (the command is not validated here). `tollgate bench --baseline` runs it straight
     /// against Redis, so the baseline and tollgate run the same script.
     pub fn debit_invocation(&self, cmd: &Debit) -> ScriptCall<'_> {
@@ -635,7 +636,7 @@ impl Ledger {
     }
 
     /// Many grants in one pipeline (seeding: `tollgate bench`, tests). Scripts must be
-    /// loaded first ([`Ledger::load_scripts`]): a pipelined EVALSHA is not retried.
+    /// loaded first ([`Ledger::load_scripts`]): a pipelined FCALL is not retried.
     pub async fn grant_batch(
         &self,
         cmds: &[Grant],

@@ -17,6 +17,7 @@ use metrics::{Counter, Histogram};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, Script, ScriptInvocation, ToRedisArgs, Value};
 
+use super::library::Library;
 use super::LedgerError;
 use crate::telemetry::metrics as m;
 
@@ -219,8 +220,8 @@ impl RedisPool {
         }
     }
 
-    /// Runs a ledger script call within the deadline; loads the script on NOSCRIPT (a
-    /// Redis that restarted) and runs it again.
+    /// Runs a ledger function call within the deadline; loads the library when Redis
+    /// lacks it (a Redis that restarted empty) and runs it again.
     pub async fn call_script<T: FromRedisValue>(
         &self,
         call: &ScriptCall<'_>,
@@ -241,7 +242,7 @@ impl RedisPool {
         self.call_script_once(call).await
     }
 
-    /// The script call alone (no WAIT), reloading the script on NOSCRIPT.
+    /// The script call alone (no WAIT), loading the library when Redis lacks it.
     async fn call_script_once<T: FromRedisValue>(
         &self,
         call: &ScriptCall<'_>,
@@ -249,8 +250,8 @@ impl RedisPool {
         let mut con = self.connection();
         let run = async {
             match call.cmd.query_async::<T>(&mut con).await {
-                Err(err) if is_noscript(&err) => {
-                    call.script.load_async(&mut con).await?;
+                Err(err) if is_missing_function(&err) => {
+                    load(call.library, &mut con).await?;
                     call.cmd.query_async::<T>(&mut con).await
                 }
                 other => other,
@@ -283,13 +284,13 @@ impl RedisPool {
                 let [script, acked] = <[Value; 2]>::try_from(values).map_err(|_| {
                     redis::RedisError::from((
                         redis::ErrorKind::UnexpectedReturnType,
-                        "EVALSHA+WAIT: not two answers",
+                        "FCALL+WAIT: not two answers",
                     ))
                 })?;
                 match script.extract_error() {
-                    Err(err) if is_noscript(&err) && !reloaded => {
+                    Err(err) if is_missing_function(&err) && !reloaded => {
                         // The script did not run; WAIT waited for nothing. Load and rerun.
-                        call.script.load_async(&mut con).await?;
+                        load(call.library, &mut con).await?;
                         reloaded = true;
                     }
                     Err(err) => return Err(err),
@@ -332,6 +333,28 @@ impl RedisPool {
             Ok(result) => result.map_err(LedgerError::from),
             Err(_) => Err(LedgerError::Unavailable("SCRIPT EXISTS timed out".into())),
         }
+    }
+
+    /// Whether Redis holds the function library (FUNCTION LIST LIBRARYNAME), within the
+    /// deadline.
+    pub async fn library_exists(&self, library: &Library) -> Result<bool, LedgerError> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LIST").arg("LIBRARYNAME").arg(library.name());
+        let mut con = self.connection();
+        match tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<Value>>(&mut con)).await
+        {
+            Ok(result) => Ok(!result.map_err(LedgerError::from)?.is_empty()),
+            Err(_) => Err(LedgerError::Unavailable("FUNCTION LIST timed out".into())),
+        }
+    }
+
+    /// Loads the function library (functions are server-wide: once is enough).
+    pub async fn load_library(&self, library: &Library) -> Result<(), LedgerError> {
+        let mut con = self.connection();
+        tokio::time::timeout(self.call_timeout * 10, load(library, &mut con))
+            .await
+            .map_err(|_| LedgerError::Unavailable("FUNCTION LOAD timed out".into()))??;
+        Ok(())
     }
 
     pub async fn load_scripts(&self, scripts: &[&Script]) -> Result<(), LedgerError> {
@@ -436,8 +459,21 @@ fn finish<T>(
     }
 }
 
-fn is_noscript(err: &redis::RedisError) -> bool {
-    err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+/// `FCALL` of a function Redis does not have (a Redis that restarted empty, or a
+/// `FUNCTION FLUSH`): "ERR Function not found".
+fn is_missing_function(err: &redis::RedisError) -> bool {
+    err.detail()
+        .is_some_and(|d| d.starts_with("Function not found"))
+        || err.to_string().contains("Function not found")
+}
+
+/// `FUNCTION LOAD REPLACE` of the library on one connection.
+async fn load(library: &Library, con: &mut ConnectionManager) -> redis::RedisResult<()> {
+    library
+        .load_cmd()
+        .query_async::<Value>(con)
+        .await
+        .map(|_| ())
 }
 
 fn error_kind(err: &redis::RedisError) -> ErrorKind {
@@ -542,12 +578,13 @@ impl ScriptMetrics {
     }
 }
 
-/// A script call packed straight into one command buffer: `EVALSHA <sha> <numkeys> keys...
-/// args...`. (`redis::ScriptInvocation` keeps one `Vec` per argument and copies them all
-/// into a new command on every call: about twenty allocations per ledger call, on the
-/// hot path.)
+/// A ledger function call packed straight into one command buffer: `FCALL <function>
+/// <numkeys> keys... args...` (lib.lua and [`Library`]). One buffer: a command built
+/// argument by argument keeps one `Vec` per argument, about twenty allocations per ledger
+/// call, on the hot path.
 pub struct ScriptCall<'a> {
-    script: &'a Script,
+    /// Loaded again when Redis lacks it.
+    library: &'a Library,
     cmd: Cmd,
     /// The ledger script's metric handles (None for tooling calls).
     metrics: Option<&'a ScriptMetrics>,
@@ -560,14 +597,14 @@ const SCRIPT_CALL_ARGS: usize = 24;
 const SCRIPT_CALL_BYTES: usize = 320;
 
 impl<'a> ScriptCall<'a> {
-    pub fn new(script: &'a Script, keys: &[&str]) -> Self {
+    pub fn new(library: &'a Library, function: &str, keys: &[&str]) -> Self {
         let mut cmd = Cmd::with_capacity(SCRIPT_CALL_ARGS, SCRIPT_CALL_BYTES);
-        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
+        cmd.arg("FCALL").arg(function).arg(keys.len());
         for key in keys {
             cmd.arg(*key);
         }
         Self {
-            script,
+            library,
             cmd,
             metrics: None,
             writes: false,
@@ -592,7 +629,7 @@ impl<'a> ScriptCall<'a> {
         self
     }
 
-    /// The EVALSHA command (for pipelines: the script must be loaded first).
+    /// The FCALL command (for pipelines: the library must be loaded first).
     pub fn cmd(&self) -> &Cmd {
         &self.cmd
     }

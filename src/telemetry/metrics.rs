@@ -10,7 +10,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 // --- ledger (Redis scripts) ---
 
-/// Latency of one ledger script call (EVALSHA, and the reload on NOSCRIPT), by `script`.
+/// Latency of one ledger script call (FCALL, and the library reload when Redis lacks it), by `script`.
 pub const REDIS_SCRIPT_SECONDS: &str = "tollgate_redis_script_duration_seconds";
 /// Failed script calls, by `script` and `kind` (see [`SCRIPT_ERROR_KINDS`]).
 pub const REDIS_SCRIPT_ERRORS_TOTAL: &str = "tollgate_redis_script_errors_total";

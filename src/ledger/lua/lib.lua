@@ -1,4 +1,5 @@
--- tollgate ledger prelude: prepended to every ledger script when it is loaded.
+-- tollgate ledger library: loaded once as a Redis function library (FUNCTION LOAD), with
+-- each script of this directory registered as one function after it (src/ledger/library.rs).
 --
 -- Shared ARGV layout of every script (the rest is per script, from ARGV[8]):
 --   1 now_ms override (0 = read Redis TIME)   2 shard hash tag, e.g. "{tg:3}"
@@ -25,8 +26,18 @@ local function itos(n)
   return string.format('%d', n)
 end
 
-local NOW
-do
+-- Per-call state: this library is loaded once (FUNCTION LOAD) and every ledger function
+-- starts with begin(keys, args), which sets all of it from the call's KEYS and ARGV.
+-- Nothing else at this level changes during a call, so nothing carries over to the next.
+local KEYS, ARGV
+local NOW, TAG, SHARD, WINDOW_MS, HOLD_RETENTION_MS, CHARGE_RETENTION_MS, OUTBOX_MAX, OUTBOX
+local IDEM_SPAN_MS
+-- The organization member an event is attributed to ("" outside an org workspace): set by
+-- the scripts that act for a member, written as the event's `mb` field when not empty.
+local MEMBER
+
+local function begin(keys, args)
+  KEYS, ARGV = keys, args
   local forced = tonumber(ARGV[1])
   if forced and forced > 0 then
     NOW = forced
@@ -34,14 +45,17 @@ do
     local t = redis.call('TIME')
     NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
+  TAG = ARGV[2]
+  SHARD = ARGV[3]
+  WINDOW_MS = ARGV[4]
+  HOLD_RETENTION_MS = ARGV[5]
+  CHARGE_RETENTION_MS = ARGV[6]
+  OUTBOX_MAX = tonumber(ARGV[7])
+  OUTBOX = KEYS[1]
+  -- Idempotency buckets span half the window (see "Idempotency records" below).
+  IDEM_SPAN_MS = math.max(1, math.floor(tonumber(WINDOW_MS) / 2))
+  MEMBER = ''
 end
-local TAG = ARGV[2]
-local SHARD = ARGV[3]
-local WINDOW_MS = ARGV[4]
-local HOLD_RETENTION_MS = ARGV[5]
-local CHARGE_RETENTION_MS = ARGV[6]
-local OUTBOX_MAX = tonumber(ARGV[7])
-local OUTBOX = KEYS[1]
 
 -- The shard's epoch marker is written when the shard is initialized (a fresh deployment or
 -- `tollgate restore`). A Redis that lost its data has none: refuse rather than serve empty
@@ -102,7 +116,6 @@ end
 -- 1.5 windows. A hash field costs far less than a key with its own expiry (~130 B instead
 -- of ~210 B per record); the sweeper unlinks dead buckets, and each bucket carries an
 -- expiry a span later as a safety net.
-local IDEM_SPAN_MS = math.max(1, math.floor(tonumber(WINDOW_MS) / 2))
 local IDEM_BUCKETS_LOOKED_AT = 3
 
 -- Redis's own clock, even when NOW is forced (tests): record buckets age in real time,
@@ -179,9 +192,6 @@ end
 
 -- Appends one ledger event to the shard's outbox; its id is "<shard>-<stream id>".
 -- l: lots debited or credited "id:amount[:score],..."; x: per-kind extra (see ledger/event.rs).
--- The organization member an event is attributed to ("" outside an org workspace): set by
--- the scripts that act for a member, written as the event's `mb` field when not empty.
-local MEMBER = ''
 
 local function emit(W, kind, amount, l, x, hold, charge, idem, op, meta)
   local sid
