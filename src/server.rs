@@ -522,9 +522,9 @@ struct Readiness {
     checks: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Ready when Redis answers within the deadline, holds every ledger script (missing ones
-/// are loaded here: after a Redis restart nothing else would, since a not-ready pod gets no
-/// traffic), and, with a settler in this process, the store takes writes and settlement
+/// Ready when Redis answers within the deadline, every shard is initialized, Redis holds
+/// the ledger's function library (loaded here when missing: after a Redis restart nothing
+/// else would, since a not-ready pod gets no traffic), and, with a settler in this process, the store takes writes and settlement
 /// lags less than `settler.ready_lag_max_ms`.
 async fn readiness(state: &HttpState) -> Readiness {
     let mut checks = serde_json::Map::new();

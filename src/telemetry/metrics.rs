@@ -77,11 +77,11 @@ pub const GRPC_FAILED_REQUESTS_TOTAL: &str = "tollgate_grpc_failed_requests_tota
 /// Whether this process is ready (the /readyz checks, measured by the health watcher).
 pub const READY: &str = "tollgate_ready";
 
-// --- gateway (names reserved here; recorded by the gateway module) ---
+// --- gateway (recorded by the gateway module) ---
 
 /// (gateway) Checks by `decision` (allow, deny) and `operation` (price book names).
 pub const CHECKS_TOTAL: &str = "tollgate_checks_total";
-/// (gateway) Latency of a whole check, by `decision`.
+/// (gateway) Latency of a whole check (no labels).
 pub const CHECK_SECONDS: &str = "tollgate_check_duration_seconds";
 /// (gateway) Denied checks, by `reason`.
 pub const GATEWAY_DENIALS_TOTAL: &str = "tollgate_gateway_denials_total";
