@@ -102,7 +102,8 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
         },
         LedgerError::Refused(Refusal::IdempotencyKeyReused) => Denial::RequestIdReused,
         LedgerError::Refused(Refusal::HoldLimit { .. }) | LedgerError::OutboxFull => Denial::Busy,
-        LedgerError::Unavailable(_) | LedgerError::NotInitialized => Denial::Unavailable,
+        LedgerError::Unavailable(_) => Denial::Unavailable,
+        LedgerError::NotInitialized => Denial::NotInitialized,
         // An org key whose member was removed from the org since.
         LedgerError::InvalidArgument(violations)
             if violations.iter().any(|v| v.field == "member_id") =>
@@ -194,6 +195,7 @@ pub fn denial_response(denial: &Denial) -> DenialResponse {
         ),
         Denial::NotAMember => (403, "not_a_member", vec![]),
         Denial::Unavailable => (503, "unavailable", vec![]),
+        Denial::NotInitialized => (503, "ledger_not_initialized", vec![]),
         Denial::RequestIdReused => (409, "request_id_reused", vec![]),
         Denial::Busy => (429, "busy", vec![]),
         Denial::Internal => (500, "internal", vec![]),

@@ -162,6 +162,9 @@ pub enum Denial {
     NotAMember,
     /// Redis unavailable and the operation is fail_closed.
     Unavailable,
+    /// Redis lost its data and awaits `tollgate restore`: refused whatever the fail policy
+    /// (a fail_open operation would otherwise run free until the restore).
+    NotInitialized,
     /// The request id was used before for a request priced differently.
     RequestIdReused,
     /// A bound was reached (open holds per wallet, outbox): retry later.
@@ -550,10 +553,11 @@ fn charged(
             tracing::warn!(error = %why, operation = %op.name, "charge: redis unavailable");
             unavailable(op, account_id)
         }
-        // Redis lost its data and awaits a restore: as unavailable as a Redis that is down.
+        // Redis lost its data and awaits a restore: a Redis that answers, with balances
+        // that are not real. Refused whatever the fail policy (DESIGN.md, failure policy).
         Err(LedgerError::NotInitialized) => {
-            tracing::warn!(operation = %op.name, "charge: ledger not initialized");
-            unavailable(op, account_id)
+            tracing::warn!(operation = %op.name, "charge: ledger not initialized (run tollgate restore)");
+            Decision::Deny(Denial::NotInitialized)
         }
         Err(err) => Decision::Deny(status::gateway_denial(err, &op.name)),
     }
@@ -636,6 +640,47 @@ mod tests {
         assert_ne!(
             check_idempotency_key("op", None),
             check_idempotency_key("op", None)
+        );
+    }
+
+    #[test]
+    fn a_ledger_that_lost_its_data_refuses_whatever_the_fail_policy() {
+        for fail_policy in [FailPolicy::FailOpen, FailPolicy::FailClosed] {
+            let op = Operation {
+                name: "op".into(),
+                wallet: "default".into(),
+                mode: Mode::Debit,
+                base: 1,
+                units: None,
+                variants: None,
+                fail_policy,
+            };
+            let lost = charged(&op, Some("acme".into()), Err(LedgerError::NotInitialized));
+            assert!(
+                matches!(lost, Decision::Deny(Denial::NotInitialized)),
+                "{fail_policy:?}: {lost:?}"
+            );
+            let down = charged(
+                &op,
+                Some("acme".into()),
+                Err(LedgerError::Unavailable("x".into())),
+            );
+            match fail_policy {
+                FailPolicy::FailOpen => {
+                    assert!(matches!(
+                        down,
+                        Decision::Allow(Allowed { degraded: true, .. })
+                    ))
+                }
+                FailPolicy::FailClosed => {
+                    assert!(matches!(down, Decision::Deny(Denial::Unavailable)))
+                }
+            }
+        }
+        let denial = status::denial_response(&Denial::NotInitialized);
+        assert_eq!(
+            (denial.status, denial.reason),
+            (503, "ledger_not_initialized")
         );
     }
 
