@@ -499,6 +499,17 @@ impl Config {
                 bad(path, "must be positive".into());
             }
         }
+        // A replayed capture or release within the idempotency window must find its hold
+        // to find its answer (the answer is recorded under the hold's account).
+        if l.hold_retention_secs > 0 && l.hold_retention_secs < l.idempotency_window_secs {
+            bad(
+                "ledger.hold_retention_secs",
+                format!(
+                    "must be at least ledger.idempotency_window_secs ({}): a replayed capture or release must find its hold",
+                    l.idempotency_window_secs
+                ),
+            );
+        }
         if let Err(e) = store::Store::check_url(&self.store.url) {
             bad("store.url", e.to_string());
         }
@@ -800,6 +811,21 @@ mod tests {
         }
         let unknown = errors.iter().find(|e| e.path == "redis.timeout").unwrap();
         assert!(unknown.message.contains("unknown field"), "{unknown:?}");
+    }
+
+    #[test]
+    fn holds_are_kept_at_least_the_idempotency_window() {
+        let text = "[ledger]\nidempotency_window_secs = 7200\nhold_retention_secs = 3600\n";
+        let ConfigErrors(errors) =
+            Config::from_toml(text, Vec::new(), &Overrides::default()).unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "ledger.hold_retention_secs"),
+            "{errors:?}"
+        );
+        let text = "[ledger]\nidempotency_window_secs = 7200\nhold_retention_secs = 7200\n";
+        assert!(Config::from_toml(text, Vec::new(), &Overrides::default()).is_ok());
     }
 
     #[test]
