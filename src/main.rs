@@ -205,6 +205,13 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
             // The dev redis-server starts empty each time: pair it with a fresh ledger file
             // (a store holding events would mark the empty Redis as having lost its data).
             let path = std::env::temp_dir().join(format!("tollgate-dev-{}.db", std::process::id()));
+            if _dev_redis.is_some() {
+                // A file left by an earlier process of the same id (ids repeat, e.g. in
+                // containers) belongs to a Redis that is gone.
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
             config.store.url = format!("sqlite://{}", path.display());
         }
         if config.auth.admin_token.is_empty() {
