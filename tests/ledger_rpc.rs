@@ -2171,6 +2171,48 @@ async fn overdue_holds_end_lazily_by_their_policy() {
     assert_eq!((f.refunded, f.available, f.expired), (10, 10, 0));
 }
 
+/// A wallet with more overdue holds than one call ends (lib.lua `DUE_HOLDS_MAX`, 256): a
+/// capture of one the call did not reach still finds it ended by its policy, never
+/// captured past its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_beyond_one_calls_expiry_batch_still_ends_by_its_policy() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "acct-many-holds";
+    env.grant(grant_req(acct, 1_000, "g1"))
+        .await
+        .expect("grant");
+    let mut holds = Vec::new();
+    for i in 0..300 {
+        let hold = env
+            .authorize(pb::AuthorizeRequest {
+                on_expiry: "release".into(),
+                ..hold_req(acct, 1, 5_000, &format!("h{i}"))
+            })
+            .await
+            .expect("hold");
+        holds.push(hold.hold_id);
+    }
+    now.store(T0 + 10_000, SeqCst);
+    // Equal deadlines end in hold-id order: the greatest id is past the first 256.
+    let last = holds.iter().max().expect("holds").clone();
+    let err = env
+        .capture(capture_req(&last, None, "late"))
+        .await
+        .unwrap_err();
+    assert_refused(
+        &err,
+        "HOLD_ENDED",
+        &[("ended", "expired"), ("captured", "0")],
+    );
+    let b = env.balance(acct, "default").await;
+    assert!(conserved(&b), "{b:?}");
+    // Every hold ends by its policy, none captured: all 1,000 credits are available again.
+    env.debit(debit_req(acct, 1_000, "d1"))
+        .await
+        .expect("every hold released");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_ends_due_lots_and_holds_of_idle_wallets() {
     let (clock, now) = Clock::manual(T0);

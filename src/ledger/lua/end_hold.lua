@@ -20,6 +20,13 @@ end
 local W = open_wallet(hd[1], hd[2])
 -- An overdue hold ends by its on_expiry policy here, before this request sees it.
 settle_due(W)
+-- settle_due ends at most DUE_HOLDS_MAX overdue holds a call: this one may be past its
+-- deadline still. End it by its policy too, so no hold is captured or released late.
+local due = redis.call('HMGET', hkey, 's', 'd')
+if due[1] == 'a' and tonumber(due[2]) and tonumber(due[2]) <= NOW then
+  expire_hold(W, hold_id)
+  reschedule(W)
+end
 local h = redis.call('HMGET', hkey, 'n', 'l', 's', 'q', 'o')
 local amount = tonumber(h[1])
 local answer

@@ -633,6 +633,18 @@ local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, 
 end
 
 -- Lazy expiry: ends what is due in this wallet before anything reads its balance.
+-- Ends an overdue hold by its on_expiry policy: capture all of it ("c") or release it.
+local function expire_hold(W, hold_id)
+  local hkey = TAG .. ':h:' .. hold_id
+  local hd = redis.call('HMGET', hkey, 'n', 'l', 'e', 'o')
+  local amount = tonumber(hd[1])
+  local capture = 0
+  if hd[3] == 'c' then
+    capture = amount
+  end
+  end_hold(W, hold_id, hkey, amount, hd[2], capture, 'expire_hold', 'x', '', hd[4] or '', '')
+end
+
 local function settle_due(W)
   if not W.d or W.d > NOW then
     return
@@ -645,15 +657,7 @@ local function settle_due(W)
   end
   local holds = redis.call('ZRANGEBYSCORE', W.hw, '-inf', NOW, 'LIMIT', 0, DUE_HOLDS_MAX)
   for j = 1, #holds do
-    local hold_id = holds[j]
-    local hkey = TAG .. ':h:' .. hold_id
-    local hd = redis.call('HMGET', hkey, 'n', 'l', 'e', 'o')
-    local amount = tonumber(hd[1])
-    local capture = 0
-    if hd[3] == 'c' then
-      capture = amount
-    end
-    end_hold(W, hold_id, hkey, amount, hd[2], capture, 'expire_hold', 'x', '', hd[4] or '', '')
+    expire_hold(W, holds[j])
   end
   reschedule(W)
 end
