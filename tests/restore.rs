@@ -154,23 +154,9 @@ async fn wait_settled(store: &Store, ledger: &tollgate::ledger::Ledger) {
     let deadline = Instant::now() + DEADLINE;
     loop {
         let outbox = common::outbox_len(ledger).await;
-        let mut pending = 0;
-        for shard in 0..ledger.shards().count() {
-            let reply: redis::Value = ledger
-                .redis()
-                .query(
-                    redis::cmd("XPENDING")
-                        .arg(ledger.shards().outbox(shard))
-                        .arg("tollgate-settler"),
-                )
-                .await
-                .unwrap_or(redis::Value::Nil);
-            if let redis::Value::Array(parts) = reply {
-                if let Some(redis::Value::Int(n)) = parts.first() {
-                    pending += n;
-                }
-            }
-        }
+        let pending = common::pending(ledger, "tollgate-settler", None)
+            .await
+            .unwrap_or(0);
         if outbox == 0 && pending == 0 {
             let _ = store.count_events().await;
             return;

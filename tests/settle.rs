@@ -448,25 +448,11 @@ async fn concurrent_and_dead_settlers_give_exactly_once_rows() {
     // claimed and acknowledged.
     let mut finisher = settler(&ledger, &store, "tollgate-settler", "finisher");
     finisher.drain(DEADLINE).await.expect("drain");
-    for shard in 0..ledger.shards().count() {
-        let reply: redis::Value = ledger
-            .redis()
-            .query(
-                redis::cmd("XPENDING")
-                    .arg(ledger.shards().outbox(shard))
-                    .arg("tollgate-settler"),
-            )
-            .await
-            .expect("xpending");
-        let redis::Value::Array(parts) = reply else {
-            panic!("xpending shape")
-        };
-        assert_eq!(
-            parts.first(),
-            Some(&redis::Value::Int(0)),
-            "shard {shard} still pending"
-        );
-    }
+    assert_eq!(
+        common::pending(&ledger, "tollgate-settler", None).await,
+        Some(0),
+        "entries still pending"
+    );
     let report =
         tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE)
             .await
@@ -774,30 +760,6 @@ async fn reconcile_works_on_a_live_system() {
     settle_task.await.expect("settler");
 }
 
-/// Pending entries of one consumer in one group, over all shard outboxes.
-async fn pending_of(ledger: &Ledger, group: &str, consumer: &str) -> i64 {
-    let mut total = 0;
-    for shard in 0..ledger.shards().count() {
-        let reply: redis::Value = ledger
-            .redis()
-            .query(
-                redis::cmd("XPENDING")
-                    .arg(ledger.shards().outbox(shard))
-                    .arg(group)
-                    .arg("-")
-                    .arg("+")
-                    .arg(1_000_000)
-                    .arg(consumer),
-            )
-            .await
-            .expect("XPENDING");
-        if let redis::Value::Array(entries) = reply {
-            total += entries.len() as i64;
-        }
-    }
-    total
-}
-
 /// A read whose reply never arrived (the call timed out; Redis ran it later) leaves its
 /// entries pending in this consumer, where no read of new entries finds them: the next
 /// rounds read them back at once instead of waiting for a claim idle time.
@@ -838,7 +800,11 @@ async fn entries_of_a_read_whose_reply_was_lost_settle_on_the_next_rounds() {
         "the read must time out while Redis is stopped"
     );
     let deadline = Instant::now() + DEADLINE;
-    while pending_of(&ledger, "tollgate-settler", "a").await < written as i64 {
+    while common::pending(&ledger, "tollgate-settler", Some("a"))
+        .await
+        .expect("XPENDING")
+        < written as i64
+    {
         assert!(Instant::now() < deadline, "the lost read never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -856,6 +822,11 @@ async fn entries_of_a_read_whose_reply_was_lost_settle_on_the_next_rounds() {
         written,
         "entries delivered to a lost read stay pending until a claim"
     );
-    assert_eq!(pending_of(&ledger, "tollgate-settler", "a").await, 0);
+    assert_eq!(
+        common::pending(&ledger, "tollgate-settler", Some("a"))
+            .await
+            .expect("XPENDING"),
+        0
+    );
     redis.kill();
 }

@@ -451,6 +451,29 @@ pub async fn outbox_len(ledger: &Ledger) -> usize {
     n
 }
 
+/// Entries pending in a consumer group over every shard outbox (only `consumer`'s, when
+/// given); None when Redis refuses (the group does not exist yet, say).
+pub async fn pending(ledger: &Ledger, group: &str, consumer: Option<&str>) -> Option<i64> {
+    let mut total = 0;
+    for shard in 0..ledger.shards().count() {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(ledger.shards().outbox(shard)).arg(group);
+        if let Some(consumer) = consumer {
+            cmd.arg("-").arg("+").arg(1_000_000).arg(consumer);
+        }
+        let reply: redis::Value = ledger.redis().query(&cmd).await.ok()?;
+        total += match (consumer, reply) {
+            (Some(_), redis::Value::Array(entries)) => entries.len() as i64,
+            (None, redis::Value::Array(summary)) => match summary.first() {
+                Some(redis::Value::Int(n)) => *n,
+                _ => return None,
+            },
+            _ => return None,
+        };
+    }
+    Some(total)
+}
+
 /// A fresh PostgreSQL database for one test (from TOLLGATE_TEST_DATABASE_URL, default
 /// postgres://postgres@127.0.0.1:5432/test); dropped with the value.
 pub struct PgDatabase {
