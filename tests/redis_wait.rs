@@ -202,3 +202,128 @@ async fn a_silent_replica_costs_the_wait_timeout_and_is_counted() {
     replica.resume();
     server.stop().await;
 }
+
+/// Failover (DESIGN.md: "documented loss window, measured in a test"), with
+/// `redis.wait_replicas = 1`: debits are acknowledged while the replica keeps up; then the
+/// replica stalls (SIGSTOP), more debits are sent, and the primary is killed (SIGKILL)
+/// while they wait for it; the replica continues and is promoted. Every acknowledged
+/// debit is on it (its outbox event; the balance counts it): with WAIT, a charge is
+/// acknowledged only once a replica holds it, so the loss window holds no acknowledged
+/// charge while WAIT does not time out (a short WAIT is counted:
+/// `tollgate_redis_wait_short_total`). Without WAIT the debits sent during the stall
+/// would be acknowledged and lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_holds_every_acknowledged_debit() {
+    let _serial = SERIAL.lock().await;
+    let mut primary = common::RedisServer::start();
+    let replica = replica_of(&primary);
+    let mut config = common::test_config(&primary.url());
+    config.redis.wait_replicas = 1;
+    // Far longer than the stall below: no WAIT comes back short in this test.
+    config.redis.wait_timeout_ms = 30_000;
+    config.ledger.sweep_interval_ms = 3_600_000;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    server
+        .admin()
+        .await
+        .grant(pb::GrantRequest {
+            account_id: "alice".into(),
+            amount: 1_000,
+            idempotency_key: "g1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    // Each task debits until a debit fails (the primary is gone) or `limit` are done.
+    let spawn = |phase: &'static str, limit: usize| {
+        let acked = acked.clone();
+        let server = &server;
+        async move {
+            let mut tasks = Vec::new();
+            for t in 0..4 {
+                let mut metering = server.metering().await;
+                let acked = acked.clone();
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..limit {
+                        let key = format!("{phase}-{t}-{i}");
+                        match tokio::time::timeout(HANG_GUARD, metering.debit(debit(&key))).await {
+                            Ok(Ok(out)) => {
+                                acked.lock().expect("acked").push(out.into_inner().event_id)
+                            }
+                            Ok(Err(_)) => return,
+                            Err(_) => panic!("a debit hung"),
+                        }
+                    }
+                }));
+            }
+            tasks
+        }
+    };
+    for task in spawn("before", 25).await {
+        task.await.expect("task");
+    }
+    let before = acked.lock().expect("acked").len();
+    assert_eq!(before, 100);
+
+    replica.pause();
+    let stalled = spawn("stalled", 1_000).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    primary.kill();
+    for task in stalled {
+        task.await.expect("task");
+    }
+    replica.resume();
+
+    let acked = acked.lock().expect("acked").clone();
+    let mut con = replica
+        .client()
+        .get_connection()
+        .expect("replica connection");
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut con)
+        .expect("promote the replica");
+    let mut lost = Vec::new();
+    for event_id in &acked {
+        // "<shard>-<stream id>"
+        let (shard, stream_id) = event_id.split_once('-').expect("event id");
+        let shard: u16 = shard.parse().expect("shard");
+        let found: Vec<redis::Value> = redis::cmd("XRANGE")
+            .arg(server.ledger.shards().outbox(shard))
+            .arg(stream_id)
+            .arg(stream_id)
+            .query(&mut con)
+            .expect("XRANGE");
+        if found.is_empty() {
+            lost.push(event_id.clone());
+        }
+    }
+    println!(
+        "failover with WAIT: {} debits acknowledged ({} while the replica stalled), {} missing on the promoted replica",
+        acked.len(),
+        acked.len() - before,
+        lost.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged debits lost in failover, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let fields: std::collections::HashMap<String, String> =
+        wallet(&replica, &server.ledger).into_iter().collect();
+    let used: i64 = fields["u"].parse().expect("used");
+    let available: i64 = fields["r"].parse().expect("available");
+    assert!(
+        used >= acked.len() as i64,
+        "used {used} < {} acknowledged",
+        acked.len()
+    );
+    assert_eq!(
+        used + available,
+        1_000,
+        "conservation on the promoted replica"
+    );
+}
