@@ -47,8 +47,6 @@ fn serve(config: &Path, redis_url: &str, grpc: u16, http_port: u16, log: &Path) 
             .arg(format!("--store={}", common::temp_sqlite_url()))
             .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
             .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
-            .env("TOLLGATE_GATEWAY__CHECK_TIMEOUT_MS", "5000")
-            .env("TOLLGATE_REDIS__CALL_TIMEOUT_MS", "2000")
             .env("RUST_LOG", "info")
             // Logs go to stdout.
             .stdout(std::fs::File::create(log).expect("log"))
