@@ -193,8 +193,10 @@ struct HttpState {
     settler: Option<Arc<std::sync::Mutex<SettlerStatus>>>,
     ready_lag_max_ms: u64,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Check (and load) the ledger scripts: `serve` runs them, `settle` does not.
-    check_scripts: bool,
+    /// `serve` answers charges: readiness checks (and loads) the ledger scripts, and a
+    /// store error only degrades it (the hot path does not need the store; the lag
+    /// threshold still applies). `settle` only settles: a store error fails it.
+    serving: bool,
 }
 
 fn http_router(state: HttpState) -> axum::Router {
@@ -293,7 +295,7 @@ pub async fn run_settler(
             settler: Some(status),
             ready_lag_max_ms: config.settler.ready_lag_max_ms,
             metrics: telemetry::metrics::install(),
-            check_scripts: false,
+            serving: false,
         }),
     )
     .with_graceful_shutdown(stopped());
@@ -423,7 +425,7 @@ pub async fn run(
         settler: settler_status,
         ready_lag_max_ms: config.settler.ready_lag_max_ms,
         metrics: metrics_handle,
-        check_scripts: true,
+        serving: true,
     };
     let watcher = tokio::spawn(watch_health(state.clone(), health, stopped()));
     let http = http_router(state).merge(forward_auth::router(gateway.clone(), service_check_http));
@@ -519,16 +521,22 @@ async fn healthz() -> &'static str {
 struct Readiness {
     ready: bool,
     failed: Vec<&'static str>,
+    /// Checks that failed without making the process unready.
+    degraded: Vec<&'static str>,
     checks: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Ready when Redis answers within the deadline, every shard is initialized, Redis holds
 /// the ledger's function library (loaded here when missing: after a Redis restart nothing
-/// else would, since a not-ready pod gets no traffic), and, with a settler in this process, the store takes writes and settlement
-/// lags less than `settler.ready_lag_max_ms`.
+/// else would, since a not-ready pod gets no traffic), and, with a settler in this
+/// process, settlement lags less than `settler.ready_lag_max_ms`. A store error fails
+/// `tollgate settle`; a process serving charges is only `degraded` by it: charges never
+/// wait for the store, so a database blip must not take every gateway pod out of traffic
+/// (the lag threshold is the operator's bound on how long that may last).
 async fn readiness(state: &HttpState) -> Readiness {
     let mut checks = serde_json::Map::new();
     let mut failed = Vec::new();
+    let mut degraded = Vec::new();
     let redis_ok = match state.ledger.initialized_shards().await {
         Ok(shards) => {
             checks.insert("redis".into(), "ok".into());
@@ -550,7 +558,7 @@ async fn readiness(state: &HttpState) -> Readiness {
             false
         }
     };
-    if state.check_scripts {
+    if state.serving {
         if !redis_ok {
             checks.insert("scripts".into(), "unknown: redis unreachable".into());
             failed.push("scripts");
@@ -581,7 +589,11 @@ async fn readiness(state: &HttpState) -> Readiness {
             }
             Some(err) => {
                 checks.insert("store".into(), err.clone().into());
-                failed.push("store");
+                if state.serving {
+                    degraded.push("store");
+                } else {
+                    failed.push("store");
+                }
             }
         }
         let lag_ms = status.oldest_unsettled_ms();
@@ -600,6 +612,7 @@ async fn readiness(state: &HttpState) -> Readiness {
     Readiness {
         ready: failed.is_empty(),
         failed,
+        degraded,
         checks,
     }
 }
@@ -609,6 +622,7 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_json:
     let Readiness {
         ready,
         failed,
+        degraded,
         checks,
     } = readiness(&state).await;
     let code = if ready {
@@ -618,7 +632,12 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_json:
     };
     (
         code,
-        Json(serde_json::json!({ "ready": ready, "failed": failed, "checks": checks })),
+        Json(serde_json::json!({
+            "ready": ready,
+            "failed": failed,
+            "degraded": degraded,
+            "checks": checks,
+        })),
     )
 }
 

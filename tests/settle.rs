@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use tollgate::api::pb;
 use tollgate::ledger::event::{EventKind, LedgerEvent};
 use tollgate::ledger::{Clock, Debit, Grant, Ledger, LotKind, Metadata};
@@ -642,6 +643,97 @@ async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
             m
         });
     assert!(kinds.contains_key(&EventKind::Debit));
+}
+
+/// A store outage shorter than the lag threshold leaves a serving pod in traffic: charges
+/// never wait for the store, so `/readyz` stays 200 and names the store under `degraded`
+/// (a database blip must not take every gateway pod out of its load balancer at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_degrades_a_serving_pod_but_keeps_it_ready() {
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let proxy = common::proxy::FaultProxy::start(pg_target()).await;
+    let mut config = common::test_config(&redis.url());
+    config.store.url = pg
+        .url
+        .replace(&pg_target().to_string(), &proxy.addr.to_string());
+    config.settler.enabled = true;
+    config.settler.ready_lag_max_ms = 600_000;
+    config.settler.backoff_max_ms = 300;
+    config.settler.trim_interval_ms = 100;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let ledger = server.ledger.clone();
+    let grant = |key: &str| Grant {
+        account_id: "blip".into(),
+        wallet: "default".into(),
+        amount: 10,
+        kind: LotKind::Purchase,
+        priority: 50,
+        expires_at_ms: 0,
+        description: String::new(),
+        idempotency_key: key.into(),
+        metadata: Metadata::new(),
+    };
+    let readyz = || async {
+        let (code, body) = common::http_get(server.http_addr, "/readyz").await;
+        let json: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON body");
+        (code, json)
+    };
+    ledger.grant(&grant("before")).await.expect("grant");
+    let direct = store(&pg.url).await;
+    let deadline = Instant::now() + DEADLINE;
+    while direct.count_events().await.expect("count") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing settled before the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, body) = readyz().await;
+    assert_eq!((code, &body["degraded"]), (200, &json!([])), "{body}");
+
+    proxy.cut();
+    ledger
+        .grant(&grant("during"))
+        .await
+        .expect("charges and grants do not need the store");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (code, body) = readyz().await;
+        if body["degraded"] == json!(["store"]) {
+            assert_eq!(
+                code, 200,
+                "a store error alone made the pod unready: {body}"
+            );
+            assert_eq!(body["ready"], true, "{body}");
+            assert_ne!(body["checks"]["store"], "ok", "{body}");
+            break;
+        }
+        assert_eq!(
+            code, 200,
+            "a store error alone made the pod unready: {body}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the store error was never reported: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    proxy.restore();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (code, body) = readyz().await;
+        if code == 200 && body["checks"]["store"] == "ok" && body["degraded"] == json!([]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store error never cleared: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await;
 }
 
 /// `tollgate settle` alone: settles what `serve` (here: the ledger API) wrote, reports

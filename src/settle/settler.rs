@@ -276,6 +276,7 @@ impl Settler {
             let step = async {
                 if !ready {
                     self.store.migrate().await?;
+                    self.set_status(|s| s.store_error = None);
                     self.ensure_groups().await?;
                     ready = true;
                 }
@@ -294,7 +295,12 @@ impl Settler {
                     }
                     Err(err) => {
                         let kind = match &err {
-                            SettleError::Store(_) => "store",
+                            SettleError::Store(store) => {
+                                // Readiness shows it (a failed migration, say), not only
+                                // a failed batch write.
+                                self.set_status(|s| s.store_error = Some(store.to_string()));
+                                "store"
+                            }
                             _ => "redis",
                         };
                         metrics::counter!(m::SETTLER_ROUND_ERRORS_TOTAL, "kind" => kind).increment(1);
