@@ -3,8 +3,8 @@
 //! `cargo bench --bench settle` measures, on its own redis-server and a fresh PostgreSQL
 //! database (TOLLGATE_TEST_DATABASE_URL) and SQLite file:
 //! 1. raw Redis: reading the outbox entries with XRANGE (the baseline of this run);
-//! 2. settled events per second draining a pre-filled outbox into PostgreSQL and SQLite,
-//!    with the ratio to the baseline;
+//! 2. settled events per second draining a pre-filled outbox into PostgreSQL (one settler,
+//!    then two of one group, as two pods run) and SQLite, with the ratio to the baseline;
 //! 3. the outbox lag (age of the oldest unsettled event) while debits run at a fixed rate
 //!    with a settler writing to PostgreSQL.
 //!
@@ -133,6 +133,44 @@ async fn drain(ledger: &Arc<Ledger>, store: &Arc<Store>, group: &str, events: us
     events as f64 / secs
 }
 
+/// `drain` with two settlers of one group (two pods, or `tollgate settle` twice): each
+/// reads its share of the entries and writes it in its own transactions, concurrently.
+async fn drain_pair(ledger: &Arc<Ledger>, store: &Arc<Store>, group: &str, events: usize) -> f64 {
+    store.migrate().await.expect("migrate");
+    let settled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = ["bench-a", "bench-b"]
+        .into_iter()
+        .map(|consumer| {
+            let mut settler = Settler::new(
+                ledger.clone(),
+                store.clone(),
+                SettlerSettings {
+                    consumer: consumer.into(),
+                    linger: Duration::ZERO,
+                    ..settings(group)
+                },
+            );
+            let settled = settled.clone();
+            tokio::spawn(async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                while settled.load(SeqCst) < events {
+                    let n = settler.round().await.expect("round");
+                    if settled.fetch_add(n, SeqCst) + n < events && n == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("settler");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(store.count_events().await.expect("count") as usize, events);
+    events as f64 / secs
+}
+
 /// Debits at `rate` per second for `secs` with a settler into `store`; returns the
 /// achieved rate and the lag samples (ms).
 async fn lag_under_load(
@@ -239,16 +277,17 @@ fn main() {
         let pg_store = Arc::new(Store::connect_lazy(&pg.url, 4).expect("pg"));
         let sqlite_store =
             Arc::new(Store::connect_lazy(&common::temp_sqlite_url(), 4).expect("sqlite"));
-        // Both groups exist before either drains: trimming waits for every group.
-        Settler::new(
-            ledger.clone(),
-            sqlite_store.clone(),
-            settings("bench-sqlite"),
-        )
-        .ensure_groups()
-        .await
-        .expect("group");
+        let pg_pair = common::PgDatabase::create().await;
+        let pg_pair_store = Arc::new(Store::connect_lazy(&pg_pair.url, 4).expect("pg"));
+        // Every group exists before any drains: trimming waits for every group.
+        for group in ["bench-sqlite", "bench-pg-pair"] {
+            Settler::new(ledger.clone(), sqlite_store.clone(), settings(group))
+                .ensure_groups()
+                .await
+                .expect("group");
+        }
         let pg_rate = drain(&ledger, &pg_store, "bench-pg", events).await;
+        let pg_pair_rate = drain_pair(&ledger, &pg_pair_store, "bench-pg-pair", events).await;
         let sqlite_rate = drain(&ledger, &sqlite_store, "bench-sqlite", events).await;
         drop(ledger);
         drop(redis);
@@ -264,6 +303,9 @@ fn main() {
             "raw_redis_read_events_per_s": baseline.round(),
             "postgres_settled_events_per_s": pg_rate.round(),
             "postgres_ratio_to_raw_read": (pg_rate / baseline * 1000.0).round() / 1000.0,
+            "postgres_two_settlers_events_per_s": pg_pair_rate.round(),
+            "postgres_two_settlers_ratio_to_raw_read":
+                (pg_pair_rate / baseline * 1000.0).round() / 1000.0,
             "sqlite_settled_events_per_s": sqlite_rate.round(),
             "sqlite_ratio_to_raw_read": (sqlite_rate / baseline * 1000.0).round() / 1000.0,
             "load_target_per_s": rate,

@@ -231,12 +231,12 @@ fn holds_delta<'a>(events: impl Iterator<Item = &'a LedgerEvent>) -> i64 {
 
 fn aggregate<'a>(
     events: impl Iterator<Item = &'a LedgerEvent>,
-) -> BTreeMap<(String, String), WalletBatch> {
-    let mut wallets: BTreeMap<(String, String), WalletBatch> = BTreeMap::new();
+) -> BTreeMap<(&'a str, &'a str), WalletBatch> {
+    let mut wallets: BTreeMap<(&str, &str), WalletBatch> = BTreeMap::new();
     // Membership events belong to no wallet: no summary row.
     for e in events.filter(|e| !e.wallet.is_empty()) {
         let w = wallets
-            .entry((e.account_id.clone(), e.wallet.clone()))
+            .entry((e.account_id.as_str(), e.wallet.as_str()))
             .or_default();
         w.deltas += e.deltas();
         w.events += 1;
@@ -426,7 +426,10 @@ macro_rules! store_impl {
                 let mut wallets = aggregate(new_events.iter().copied());
                 let mut deliveries = [0u64; 5];
                 if let Some(rules) = rules.filter(|_| !wallets.is_empty()) {
-                    let keys: Vec<(String, String)> = wallets.keys().cloned().collect();
+                    let keys: Vec<(String, String)> = wallets
+                        .keys()
+                        .map(|(a, w)| ((*a).to_owned(), (*w).to_owned()))
+                        .collect();
                     let priors = self.wallet_states(&mut tx, &keys).await?;
                     let overrides = self.threshold_overrides(&mut tx, &keys).await?;
                     let mut per_wallet: BTreeMap<(&str, &str), Vec<&LedgerEvent>> =
@@ -445,7 +448,7 @@ macro_rules! store_impl {
                         let threshold = rules.threshold(wallet, overrides.get(&key).copied());
                         let (out, state) = rules::derive(rules, threshold, &prior, &list);
                         made.extend(out);
-                        if let Some(w) = wallets.get_mut(&key) {
+                        if let Some(w) = wallets.get_mut(&(account, wallet)) {
                             w.alerts = Some(state);
                         }
                     }
@@ -758,7 +761,7 @@ pub struct SqliteStore {
 }
 
 /// Wallet summary rows of a batch, in key order.
-type WalletRows = [((String, String), WalletBatch)];
+type WalletRows<'a> = [((&'a str, &'a str), WalletBatch)];
 
 /// PostgreSQL writes a batch with one statement per table: one array parameter per column,
 /// unpacked by `UNNEST` (a few dozen binds instead of one per value, and one prepared
@@ -869,7 +872,7 @@ impl PgStore {
 
     async fn upsert_wallets(
         conn: &mut sqlx::PgConnection,
-        rows: &WalletRows,
+        rows: &WalletRows<'_>,
     ) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
@@ -880,8 +883,8 @@ impl PgStore {
         let mut cols: [Vec<i64>; 13] = std::array::from_fn(|_| Vec::with_capacity(n));
         for ((a, w), b) in rows {
             let (low, exhausted) = b.alert_flags();
-            account.push(a.as_str());
-            wallet.push(w.as_str());
+            account.push(*a);
+            wallet.push(*w);
             let values = [
                 b.deltas.granted,
                 b.deltas.used,
@@ -974,7 +977,7 @@ impl SqliteStore {
 
     async fn upsert_wallets(
         conn: &mut sqlx::SqliteConnection,
-        rows: &WalletRows,
+        rows: &WalletRows<'_>,
     ) -> Result<(), StoreError> {
         for chunk in rows.chunks(INSERT_ROWS_MAX) {
             let mut qb = QueryBuilder::<sqlx::Sqlite>::new(
@@ -984,8 +987,8 @@ impl SqliteStore {
             );
             qb.push_values(chunk.iter(), |mut b, ((account, wallet), w)| {
                 let (low, exhausted) = w.alert_flags();
-                b.push_bind(account.clone())
-                    .push_bind(wallet.clone())
+                b.push_bind(*account)
+                    .push_bind(*wallet)
                     .push_bind(w.deltas.granted)
                     .push_bind(w.deltas.used)
                     .push_bind(w.deltas.expired)
