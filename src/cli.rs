@@ -30,6 +30,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Back-office commands against a running server.
     Admin(AdminArgs),
+    /// Delete the Redis function libraries earlier tollgate versions loaded (after a
+    /// rolling upgrade); this version's library stays.
+    PruneFunctions(PruneFunctionsArgs),
     /// Validate a config file (with the TOLLGATE_ environment) without starting anything;
     /// exits 1 and lists every bad setting if it is invalid.
     CheckConfig(CheckConfigArgs),
@@ -43,6 +46,17 @@ pub struct CheckConfigArgs {
     /// Config file (TOML); default ./tollgate.toml when it exists.
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneFunctionsArgs {
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Only list what would be deleted.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

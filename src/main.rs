@@ -8,8 +8,8 @@ use tonic::transport::Channel;
 
 use tollgate::api::pb;
 use tollgate::cli::{
-    AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, OrgCommand, ReconcileArgs, RestoreArgs,
-    ServeArgs,
+    AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, OrgCommand, PruneFunctionsArgs,
+    ReconcileArgs, RestoreArgs, ServeArgs,
 };
 use tollgate::config::{default_worker_threads, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -47,6 +47,9 @@ fn main() -> ExitCode {
         }),
         Command::Restore(args) => run_on(default_worker_threads(), async move {
             restore(args).await.map_err(Exit::message)
+        }),
+        Command::PruneFunctions(args) => run_on(default_worker_threads(), async move {
+            prune_functions(args).await.map_err(Exit::message)
         }),
         Command::Admin(args) => run_on(default_worker_threads(), async move {
             admin(args).await.map_err(Exit::message)
@@ -166,6 +169,34 @@ async fn reconcile(args: ReconcileArgs) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+async fn prune_functions(args: PruneFunctionsArgs) -> Result<(), String> {
+    let overrides = Overrides {
+        redis_url: args.redis_url.clone(),
+        ..Default::default()
+    };
+    let config = load_config(args.config.as_deref(), &overrides)?;
+    let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+    let pruned = ledger
+        .prune_libraries(args.dry_run)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (verb, done) = if args.dry_run {
+        ("would delete", "to delete")
+    } else {
+        ("deleted", "deleted")
+    };
+    for name in &pruned {
+        println!("{verb} {name}");
+    }
+    println!(
+        "{} earlier librar{} {done}; this version's is {}",
+        pruned.len(),
+        if pruned.len() == 1 { "y" } else { "ies" },
+        ledger.library().name()
+    );
+    Ok(())
 }
 
 async fn restore(args: RestoreArgs) -> Result<(), String> {

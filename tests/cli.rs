@@ -247,3 +247,99 @@ async fn org_commands() {
         "{refused:?}"
     );
 }
+
+/// `tollgate prune-functions` deletes the libraries earlier tollgate versions loaded, keeps
+/// this version's and anything that is not tollgate's; `--dry-run` only lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_functions_deletes_earlier_versions_only() {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, tollgate::ledger::Clock::Redis);
+    ledger
+        .load_scripts()
+        .await
+        .expect("load this version's library");
+    let current = ledger.library().name().to_owned();
+    let mut con = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    for (name, function) in [
+        ("tollgate_00000000000000aa", "tg_00000000000000aa_debit"),
+        ("tollgate_00000000000000bb", "tg_00000000000000bb_debit"),
+        ("billing_tollgate_helpers", "helper"),
+    ] {
+        let code = format!(
+            "#!lua name={name}\nredis.register_function('{function}', function() return 1 end)"
+        );
+        let _: String = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg(code)
+            .query_async(&mut con)
+            .await
+            .expect("load a library");
+    }
+    let before = libraries(&mut con).await;
+    assert_eq!(before.len(), 4, "{before:?}");
+
+    let run = |dry_run: bool| {
+        let mut cmd = common::tollgate();
+        cmd.args(["prune-functions", "--redis-url", &redis.url()]);
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        cmd.output().expect("run tollgate prune-functions")
+    };
+    let listed = run(true);
+    let out = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(
+        out.contains("would delete tollgate_00000000000000aa"),
+        "{out}"
+    );
+    assert!(
+        out.contains("would delete tollgate_00000000000000bb"),
+        "{out}"
+    );
+    assert!(!out.contains("billing_"), "{out}");
+    assert_eq!(
+        libraries(&mut con).await,
+        before,
+        "a dry run deleted something"
+    );
+
+    let pruned = run(false);
+    let out = String::from_utf8_lossy(&pruned.stdout);
+    assert!(pruned.status.success(), "{pruned:?}");
+    assert!(out.contains("2 earlier libraries deleted"), "{out}");
+    let mut expected = vec!["billing_tollgate_helpers".to_owned(), current];
+    expected.sort();
+    assert_eq!(libraries(&mut con).await, expected);
+    // This version's library is whole.
+    let (present, all) = ledger.check_scripts(false).await.expect("check");
+    assert_eq!(present, all);
+}
+
+/// The names of every library in Redis (`FUNCTION LIST`, RESP2: one flat key/value array
+/// per library).
+async fn libraries(con: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let list: Vec<Vec<redis::Value>> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query_async(con)
+        .await
+        .expect("FUNCTION LIST");
+    let mut names: Vec<String> = list
+        .iter()
+        .filter_map(|kv| {
+            let at = kv.iter().position(
+                |v| matches!(v, redis::Value::BulkString(b) if b.as_slice() == b"library_name"),
+            )?;
+            match kv.get(at + 1)? {
+                redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            }
+        })
+        .collect();
+    names.sort();
+    names
+}

@@ -18,6 +18,9 @@ use sha2::{Digest, Sha256};
 /// Hex digits of the code digest in the library and function names.
 const VERSION_DIGITS: usize = 16;
 
+/// Every tollgate library's name starts with this (then the code digest).
+pub const NAME_PREFIX: &str = "tollgate_";
+
 /// A ledger script: its name (the function's suffix) and its file's text.
 pub struct ScriptSource {
     pub name: &'static str,
@@ -44,7 +47,7 @@ impl Library {
             digest.update(s.body.as_bytes());
         }
         let version = &hex::encode(digest.finalize())[..VERSION_DIGITS];
-        let name = format!("tollgate_{version}");
+        let name = format!("{NAME_PREFIX}{version}");
         let function_prefix = format!("tg_{version}_");
         let mut source = String::with_capacity(
             lib.len() + scripts.iter().map(|s| s.body.len() + 160).sum::<usize>() + 64,

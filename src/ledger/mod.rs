@@ -393,6 +393,25 @@ impl Ledger {
         Ok((if present { all } else { 0 }, all))
     }
 
+    /// Deletes the function libraries earlier tollgate versions loaded into Redis (this
+    /// version's stays); returns their names. With `dry_run`, only lists them. Run it once
+    /// a rolling upgrade is over: a process of an older version still running reloads its
+    /// library on its next call ("Function not found"), so an early run costs a reload,
+    /// not an error.
+    pub async fn prune_libraries(&self, dry_run: bool) -> Result<Vec<String>, LedgerError> {
+        let current = self.scripts.library.name();
+        let mut pruned = Vec::new();
+        for name in self.redis.tollgate_libraries().await? {
+            if name == current {
+                continue;
+            }
+            if dry_run || self.redis.delete_library(&name).await? {
+                pruned.push(name);
+            }
+        }
+        Ok(pruned)
+    }
+
     /// The ledger's function library (the bench's baseline calls its functions).
     pub fn library(&self) -> &Library {
         &self.scripts.library

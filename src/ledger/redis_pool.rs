@@ -348,6 +348,60 @@ impl RedisPool {
         }
     }
 
+    /// Names of the tollgate function libraries in Redis (`FUNCTION LIST LIBRARYNAME`):
+    /// this version's and those earlier versions loaded.
+    pub async fn tollgate_libraries(&self) -> Result<Vec<String>, LedgerError> {
+        let mut cmd = redis::cmd("FUNCTION");
+        // LIBRARYNAME takes a glob pattern.
+        cmd.arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg(format!("{}*", super::library::NAME_PREFIX));
+        let mut con = self.connection();
+        let list =
+            match tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<Value>>(&mut con))
+                .await
+            {
+                Ok(result) => result.map_err(LedgerError::from)?,
+                Err(_) => return Err(LedgerError::Unavailable("FUNCTION LIST timed out".into())),
+            };
+        let text = |v: &Value| match v {
+            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        };
+        // Each library is a map (RESP3) or a flat key/value array (RESP2).
+        let mut names: Vec<String> = list
+            .iter()
+            .filter_map(|lib| match lib {
+                Value::Map(kv) => kv
+                    .iter()
+                    .find(|(k, _)| text(k).as_deref() == Some("library_name"))
+                    .and_then(|(_, v)| text(v)),
+                Value::Array(kv) => kv
+                    .chunks_exact(2)
+                    .find(|pair| text(&pair[0]).as_deref() == Some("library_name"))
+                    .and_then(|pair| text(&pair[1])),
+                _ => None,
+            })
+            .filter(|name| name.starts_with(super::library::NAME_PREFIX))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Deletes a function library (`FUNCTION DELETE`); true when it existed.
+    pub async fn delete_library(&self, name: &str) -> Result<bool, LedgerError> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("DELETE").arg(name);
+        let mut con = self.connection();
+        match tokio::time::timeout(self.call_timeout, cmd.query_async::<()>(&mut con)).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(err)) if err.to_string().contains("Library not found") => Ok(false),
+            Ok(Err(err)) => Err(err.into()),
+            Err(_) => Err(LedgerError::Unavailable("FUNCTION DELETE timed out".into())),
+        }
+    }
+
     /// Loads the function library (functions are server-wide: once is enough).
     pub async fn load_library(&self, library: &Library) -> Result<(), LedgerError> {
         let mut con = self.connection();
