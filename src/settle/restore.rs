@@ -85,7 +85,8 @@ impl RestoreReport {
             "restored {} shards: {wallets} wallets from {events} ledger events, {holds} open holds, \
              {records} idempotency records, {} API keys in {:.1} s\n\
              not restored: refusals (a replayed refused request is evaluated again); idempotency \
-             records of captures, releases and negative adjustments; events that never reached \
+             records of captures, releases, negative adjustments, org operations and org \
+             members' debits and holds (retried, they are evaluated again); events that never reached \
              the store (the persistence level's loss window, see docs/OPERATIONS.md)\n",
             self.shards.len(),
             self.api_keys,
