@@ -708,6 +708,67 @@ async fn org_events_settle_reconcile_and_restore() {
         .expect("hold")
         .into_inner();
     assert!(!hold.hold_id.is_empty());
+    // Carol, a member with an allocation, charges and holds with idempotency keys: after
+    // the restore, the same requests must get the same answers, not be charged again.
+    admin
+        .add_member(pb::AddMemberRequest {
+            org_id: "acme".into(),
+            member_id: "carol".into(),
+            role: "member".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "add-carol".into(),
+        })
+        .await
+        .expect("add carol");
+    admin
+        .set_allocation(pb::SetAllocationRequest {
+            org_id: "acme".into(),
+            member_id: "carol".into(),
+            amount: 100,
+            actor_id: "olivia".into(),
+            idempotency_key: "alloc-carol".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("allocate carol");
+    let carol_debit = |key: &str| tollgate::ledger::Debit {
+        account_id: "acme".into(),
+        wallet: "default".into(),
+        amount: 7,
+        idempotency_key: key.into(),
+        operation: "envelope.send".into(),
+        metadata: tollgate::ledger::Metadata::new(),
+        member_id: "carol".into(),
+    };
+    let carol_hold = tollgate::ledger::command::Authorize {
+        account_id: "acme".into(),
+        wallet: "default".into(),
+        amount: 20,
+        ttl_ms: 3_600_000,
+        on_expiry: tollgate::ledger::command::OnExpiry::Release,
+        idempotency_key: "carol-hold".into(),
+        operation: "envelope.send".into(),
+        metadata: tollgate::ledger::Metadata::new(),
+        member_id: "carol".into(),
+    };
+    let debited = server
+        .ledger
+        .debit(&carol_debit("carol-1"))
+        .await
+        .expect("carol's debit");
+    let held = server
+        .ledger
+        .authorize(&carol_hold)
+        .await
+        .expect("carol's hold");
+    // A later charge moves her allocation on: the replays must answer as of their time.
+    server
+        .ledger
+        .debit(&carol_debit("carol-2"))
+        .await
+        .expect("carol's second debit");
+    assert_eq!(debited.allocation_remaining, Some(100 - 7));
+    assert_eq!(held.allocation_remaining, Some(100 - 7 - 20));
     let before = views(&server).await;
 
     // Every org event reaches PostgreSQL, and reconcile (allocations included) agrees.
@@ -746,7 +807,7 @@ async fn org_events_settle_reconcile_and_restore() {
             .events
             .iter()
             .filter(|e| e.kind.as_str() == "debit")
-            .all(|e| e.member == "alice" || e.member == "bob"),
+            .all(|e| ["alice", "bob", "carol"].contains(&e.member.as_str())),
         "every org charge names its member"
     );
 
@@ -786,6 +847,32 @@ async fn org_events_settle_reconcile_and_restore() {
     config.settler.enabled = true;
     let server = common::TestServer::start(config, Clock::Redis).await;
     assert_eq!(views(&server).await, before);
+    // Carol's retries are answered as the first time, and charge nothing again.
+    let replayed = server
+        .ledger
+        .debit(&carol_debit("carol-1"))
+        .await
+        .expect("carol's debit replayed");
+    assert_eq!(
+        replayed,
+        tollgate::ledger::DebitOutcome {
+            replayed: true,
+            ..debited
+        }
+    );
+    let replayed = server
+        .ledger
+        .authorize(&carol_hold)
+        .await
+        .expect("carol's hold replayed");
+    assert_eq!(
+        replayed,
+        tollgate::ledger::HoldOutcome {
+            replayed: true,
+            ..held
+        }
+    );
+    assert_eq!(views(&server).await, before, "a replay charged again");
     let again = tokio::task::spawn_blocking(reconcile(redis.url()))
         .await
         .expect("join");

@@ -3,14 +3,15 @@
 //! them grouped by wallet) to rebuild its lots (amount, used, remaining, priority, expiry),
 //! totals, demo marker, open holds (deadline, on_expiry, the lots they hold), recently
 //! ended holds and refundable charges (within their retention), and the idempotency
-//! records of recent debits, holds, grants, positive adjustments and refunds (within the
+//! records of recent debits, holds (org members' too, with the allocation left at the
+//! time, replayed in stream order), grants, positive adjustments and refunds (within the
 //! idempotency window). Then the shard's epoch marker is written and it serves again.
 //! API keys (hashes) come from the store's key table, which the Admin API writes.
 //!
 //! Not restored (stated in the report): refusals (never in the ledger, so a replayed
-//! refused request is evaluated again), idempotency records of captures, releases and
-//! negative adjustments (their request parameters are not all in the events), and events
-//! that never reached the store (the persistence level's loss window).
+//! refused request is evaluated again), idempotency records of captures, releases,
+//! negative adjustments and org operations (their request parameters are not all in the
+//! events), and events that never reached the store (the persistence level's loss window).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -85,8 +86,8 @@ impl RestoreReport {
             "restored {} shards: {wallets} wallets from {events} ledger events, {holds} open holds, \
              {records} idempotency records, {} API keys in {:.1} s\n\
              not restored: refusals (a replayed refused request is evaluated again); idempotency \
-             records of captures, releases, negative adjustments, org operations and org \
-             members' debits and holds (retried, they are evaluated again); events that never reached \
+             records of captures, releases, negative adjustments and org operations \
+             (retried, they are evaluated again); events that never reached \
              the store (the persistence level's loss window, see docs/OPERATIONS.md)\n",
             self.shards.len(),
             self.api_keys,
@@ -228,6 +229,14 @@ struct OrgState {
 }
 
 impl OrgState {
+    /// What is left of the allocation of the member charging in `e`, once `e` is counted
+    /// (None: the member has no allocation, e.g. an owner spending unbounded).
+    fn allocation_left(&self, e: &LedgerEvent) -> Option<i64> {
+        let key = (e.account_id.clone(), e.wallet.clone(), e.member.clone());
+        let (allocated, used) = self.allocations.get(&key)?;
+        allocated.map(|a| a - used)
+    }
+
     fn use_allocation(&mut self, e: &LedgerEvent) {
         if let Some(delta) = e.allocation_delta().filter(|d| *d != 0) {
             self.allocations
@@ -318,6 +327,20 @@ impl Replay<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A charge's answer as its script gave it: an org member's also carries what was
+    /// left to spend then, the allocation's rest within the org's balance (lua/debit.lua,
+    /// lua/authorize.lua). The replay is in stream order, so the allocation is the one of
+    /// that moment, this charge counted.
+    fn member_answer(&self, e: &LedgerEvent, answer: String) -> String {
+        if e.member.is_empty() {
+            return answer;
+        }
+        match self.orgs.allocation_left(e) {
+            Some(left) => format!("{answer}|{}", left.min(e.available_after)),
+            None => answer,
+        }
     }
 
     fn record(&mut self, e: &LedgerEvent, parts: &[&str], answer: String) {
@@ -498,15 +521,22 @@ impl Replay<'_> {
                     e.event_id, e.amount, e.available_after, e.held_after
                 );
                 let amount = e.amount.to_string();
-                // A member's answer carries the allocation left then, which the ledger
-                // does not keep: their replays are evaluated again (see the report).
-                if e.member.is_empty() {
-                    self.record(
-                        e,
-                        &["debit", &e.wallet, &amount, &e.operation, &e.metadata],
-                        answer,
-                    );
-                }
+                let parts = [
+                    "debit",
+                    &e.wallet,
+                    &amount,
+                    &e.operation,
+                    &e.metadata,
+                    &e.member,
+                ];
+                let answer = self.member_answer(e, answer);
+                // The member joins the digest only when there is one (lua/debit.lua).
+                let parts = if e.member.is_empty() {
+                    &parts[..5]
+                } else {
+                    &parts[..]
+                };
+                self.record(e, parts, answer);
             }
             EventKind::Hold => {
                 self.take(e, true)?;
@@ -541,22 +571,23 @@ impl Replay<'_> {
                     e.amount.to_string(),
                     (deadline - e.created_at_ms).to_string(),
                 );
-                if !e.member.is_empty() {
-                    return self.check_pair(e);
-                }
-                self.record(
-                    e,
-                    &[
-                        "authorize",
-                        &e.wallet,
-                        &amount,
-                        &ttl,
-                        &policy,
-                        &e.operation,
-                        &e.metadata,
-                    ],
-                    answer,
-                );
+                let parts = [
+                    "authorize",
+                    &e.wallet,
+                    &amount,
+                    &ttl,
+                    &policy,
+                    &e.operation,
+                    &e.metadata,
+                    &e.member,
+                ];
+                let answer = self.member_answer(e, answer);
+                let parts = if e.member.is_empty() {
+                    &parts[..7]
+                } else {
+                    &parts[..]
+                };
+                self.record(e, parts, answer);
             }
             EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
                 let returned = e.returned_lots();
