@@ -14,6 +14,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -429,6 +430,13 @@ pub async fn run(
     };
     let watcher = tokio::spawn(watch_health(state.clone(), health, stopped()));
     let http = http_router(state).merge(forward_auth::router(gateway.clone(), service_check_http));
+    // Forward-auth is on the request path of nginx, Traefik and Kong: no Nagle delay on
+    // its answers (the gRPC listener sets the same).
+    let http_listener = http_listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "could not set TCP_NODELAY");
+        }
+    });
     let http = axum::serve(http_listener, http).with_graceful_shutdown(stopped());
 
     if let Some(path) = config.source.clone() {
