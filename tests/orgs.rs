@@ -889,3 +889,79 @@ async fn org_events_settle_reconcile_and_restore() {
     assert_eq!(b.budgets[0].spent, ENVELOPE);
     let _ = DEADLINE;
 }
+
+/// A member's charge counts what an overdue hold gives back when the same call ends it:
+/// the allocation is read after the lazy expiry, not before (else the charge would be
+/// refused ALLOCATION_EXCEEDED with the credits already free, and the answer, which
+/// restore rebuilds from the events in order, would not be the one the events imply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
+    use tollgate::ledger::command::{Authorize, OnExpiry};
+    use tollgate::ledger::org::AllocationChange;
+    use tollgate::ledger::{Debit, Grant, LotKind, Metadata};
+    const T0: i64 = 1_800_000_000_000;
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(T0);
+    let ledger = common::ledger(&redis, clock);
+    ledger.create_org("acme", "olivia", "c").await.expect("org");
+    ledger
+        .grant(&Grant {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 1_000,
+            kind: LotKind::Purchase,
+            priority: 50,
+            expires_at_ms: 0,
+            description: String::new(),
+            idempotency_key: "g".into(),
+            metadata: Metadata::new(),
+        })
+        .await
+        .expect("grant");
+    ledger
+        .add_member("acme", "olivia", "carol", "member", "m")
+        .await
+        .expect("member");
+    ledger
+        .allocate(
+            "acme",
+            "olivia",
+            "carol",
+            "default",
+            AllocationChange::Set(100),
+            "a",
+        )
+        .await
+        .expect("allocate");
+    let held = ledger
+        .authorize(&Authorize {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 60,
+            ttl_ms: 1_000,
+            on_expiry: OnExpiry::Release,
+            idempotency_key: "h".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: "carol".into(),
+        })
+        .await
+        .expect("hold");
+    assert_eq!(held.allocation_remaining, Some(40));
+    // Past the deadline, before any sweep: the debit's own call releases the hold first.
+    now.fetch_add(2_000, std::sync::atomic::Ordering::SeqCst);
+    let debited = ledger
+        .debit(&Debit {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 50,
+            idempotency_key: "d".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: "carol".into(),
+        })
+        .await
+        .expect("the released hold's 60 are carol's again");
+    assert_eq!(debited.allocation_remaining, Some(100 - 50));
+    assert_eq!((debited.available, debited.held), (1_000 - 50, 0));
+}

@@ -31,16 +31,17 @@ if outbox_full() then
   return { 0, 'OUTBOX_FULL', keyed and acct or nil }
 end
 local member = ARGV[15]
-local remaining
+local role
 if member ~= '' then
-  local role = member_role(acct, member)
+  role = member_role(acct, member)
   if not role then
     return { 0, 'BAD_FIELD|member_id|is not a member of the organization' }
   end
-  remaining = alloc_remaining(acct, ARGV[9], member, role)
 end
 local W = open_wallet(acct, ARGV[9])
 settle_due(W)
+-- After settle_due: an overdue hold it just ended gave the member's allocation back.
+local remaining = role and alloc_remaining(acct, ARGV[9], member, role)
 local budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
 local over_budget = budgets and budgets_refuse(budgets, amount)
 local answer
