@@ -57,6 +57,10 @@ pub struct PruneFunctionsArgs {
     /// Only list what would be deleted.
     #[arg(long)]
     pub dry_run: bool,
+    /// Prune even when this version's own library is not in Redis (by default that is
+    /// refused: the others are then probably the ones in use).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

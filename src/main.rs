@@ -179,7 +179,7 @@ async fn prune_functions(args: PruneFunctionsArgs) -> Result<(), String> {
     let config = load_config(args.config.as_deref(), &overrides)?;
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
     let pruned = ledger
-        .prune_libraries(args.dry_run)
+        .prune_libraries(args.dry_run, args.force)
         .await
         .map_err(|e| e.to_string())?;
     let (verb, done) = if args.dry_run {

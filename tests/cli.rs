@@ -254,10 +254,6 @@ async fn org_commands() {
 async fn prune_functions_deletes_earlier_versions_only() {
     let redis = common::RedisServer::start();
     let ledger = common::ledger(&redis, tollgate::ledger::Clock::Redis);
-    ledger
-        .load_scripts()
-        .await
-        .expect("load this version's library");
     let current = ledger.library().name().to_owned();
     let mut con = redis
         .client()
@@ -268,6 +264,7 @@ async fn prune_functions_deletes_earlier_versions_only() {
         ("tollgate_00000000000000aa", "tg_00000000000000aa_debit"),
         ("tollgate_00000000000000bb", "tg_00000000000000bb_debit"),
         ("billing_tollgate_helpers", "helper"),
+        ("tollgate_helpers", "helper2"),
     ] {
         let code = format!(
             "#!lua name={name}\nredis.register_function('{function}', function() return 1 end)"
@@ -279,9 +276,6 @@ async fn prune_functions_deletes_earlier_versions_only() {
             .await
             .expect("load a library");
     }
-    let before = libraries(&mut con).await;
-    assert_eq!(before.len(), 4, "{before:?}");
-
     let run = |dry_run: bool| {
         let mut cmd = common::tollgate();
         cmd.args(["prune-functions", "--redis-url", &redis.url()]);
@@ -290,6 +284,27 @@ async fn prune_functions_deletes_earlier_versions_only() {
         }
         cmd.output().expect("run tollgate prune-functions")
     };
+    // This version's library is not loaded: no process of it runs here, so pruning the
+    // others (probably the ones in use) is refused.
+    let before = libraries(&mut con).await;
+    let refused = run(false);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(&current),
+        "{refused:?}"
+    );
+    assert_eq!(
+        libraries(&mut con).await,
+        before,
+        "a refused prune deleted something"
+    );
+    ledger
+        .load_scripts()
+        .await
+        .expect("load this version's library");
+    let before = libraries(&mut con).await;
+    assert_eq!(before.len(), 5, "{before:?}");
+
     let listed = run(true);
     let out = String::from_utf8_lossy(&listed.stdout);
     assert!(listed.status.success(), "{listed:?}");
@@ -301,7 +316,7 @@ async fn prune_functions_deletes_earlier_versions_only() {
         out.contains("would delete tollgate_00000000000000bb"),
         "{out}"
     );
-    assert!(!out.contains("billing_"), "{out}");
+    assert!(!out.contains("helpers"), "{out}");
     assert_eq!(
         libraries(&mut con).await,
         before,
@@ -312,7 +327,11 @@ async fn prune_functions_deletes_earlier_versions_only() {
     let out = String::from_utf8_lossy(&pruned.stdout);
     assert!(pruned.status.success(), "{pruned:?}");
     assert!(out.contains("2 earlier libraries deleted"), "{out}");
-    let mut expected = vec!["billing_tollgate_helpers".to_owned(), current];
+    let mut expected = vec![
+        "billing_tollgate_helpers".to_owned(),
+        "tollgate_helpers".to_owned(),
+        current,
+    ];
     expected.sort();
     assert_eq!(libraries(&mut con).await, expected);
     // This version's library is whole.

@@ -693,12 +693,14 @@ async fn a_store_outage_degrades_a_serving_pod_but_keeps_it_ready() {
     assert_eq!((code, &body["degraded"]), (200, &json!([])), "{body}");
 
     proxy.cut();
-    ledger
-        .grant(&grant("during"))
-        .await
-        .expect("charges and grants do not need the store");
     let deadline = Instant::now() + DEADLINE;
-    loop {
+    for n in 0.. {
+        // A grant each round: one settled through a connection the cut had not yet closed
+        // would leave nothing for the settler to fail on.
+        ledger
+            .grant(&grant(&format!("during-{n}")))
+            .await
+            .expect("charges and grants do not need the store");
         let (code, body) = readyz().await;
         if body["degraded"] == json!(["store"]) {
             assert_eq!(
@@ -734,6 +736,82 @@ async fn a_store_outage_degrades_a_serving_pod_but_keeps_it_ready() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     server.stop().await;
+}
+
+/// `tollgate settle` only settles: unlike a serving pod, it turns not-ready on a store
+/// error, and ready again once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settle_command_fails_readiness_on_a_store_error() {
+    let redis = common::RedisServer::start();
+    let (clock, _) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    let pg = common::PgDatabase::create().await;
+    let proxy = common::proxy::FaultProxy::start(pg_target()).await;
+    let via_proxy = pg
+        .url
+        .replace(&pg_target().to_string(), &proxy.addr.to_string());
+    let http_port = common::free_port();
+    let _child = common::KillOnDrop(
+        common::tollgate()
+            .args(["settle", "--redis-url", &redis.url(), "--store", &via_proxy])
+            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tollgate settle"),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+    let grants = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Waits for /readyz to answer `code` with `failed`, writing an event each round so the
+    // settler has something to (fail to) write.
+    let wait_for = |code: u16, failed: serde_json::Value| {
+        let ledger = ledger.clone();
+        let grants = grants.clone();
+        async move {
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                let rounds = grants.fetch_add(1, Ordering::SeqCst);
+                ledger
+                    .grant(&Grant {
+                        account_id: "acme".into(),
+                        wallet: "default".into(),
+                        amount: 1,
+                        kind: LotKind::Purchase,
+                        priority: 50,
+                        expires_at_ms: 0,
+                        description: String::new(),
+                        idempotency_key: format!("g{rounds}"),
+                        metadata: Metadata::new(),
+                    })
+                    .await
+                    .expect("grant");
+                let answer = if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    let (got, body) = common::http_get(addr, "/readyz").await;
+                    Some((
+                        got,
+                        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default(),
+                    ))
+                } else {
+                    None
+                };
+                if let Some((got, body)) = &answer {
+                    if *got == code && body["failed"] == failed {
+                        return;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "never {code} {failed}: {answer:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    wait_for(200, json!([])).await;
+    proxy.cut();
+    wait_for(503, json!(["store"])).await;
+    proxy.restore();
+    wait_for(200, json!([])).await;
 }
 
 /// `tollgate settle` alone: settles what `serve` (here: the ledger API) wrote, reports

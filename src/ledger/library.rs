@@ -21,6 +21,17 @@ const VERSION_DIGITS: usize = 16;
 /// Every tollgate library's name starts with this (then the code digest).
 pub const NAME_PREFIX: &str = "tollgate_";
 
+/// Whether `name` is a tollgate library's: the prefix, then exactly the digest's
+/// lowercase hex digits (another application's `tollgate_helpers` is not).
+pub fn is_tollgate_library(name: &str) -> bool {
+    name.strip_prefix(NAME_PREFIX).is_some_and(|version| {
+        version.len() == VERSION_DIGITS
+            && version
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// A ledger script: its name (the function's suffix) and its file's text.
 pub struct ScriptSource {
     pub name: &'static str,
@@ -105,6 +116,22 @@ impl Library {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_digest_named_libraries_are_tollgate_s() {
+        let a = Library::new("-- lib", &[]);
+        assert!(is_tollgate_library(a.name()));
+        assert!(is_tollgate_library("tollgate_0123456789abcdef"));
+        for other in [
+            "tollgate_helpers",
+            "tollgate_0123456789ABCDEF",
+            "tollgate_0123456789abcde",
+            "tollgate_0123456789abcdef0",
+            "my_tollgate_0123456789abcdef",
+        ] {
+            assert!(!is_tollgate_library(other), "{other}");
+        }
+    }
 
     #[test]
     fn names_follow_the_code() {

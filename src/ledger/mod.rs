@@ -398,10 +398,29 @@ impl Ledger {
     /// a rolling upgrade is over: a process of an older version still running reloads its
     /// library on its next call ("Function not found"), so an early run costs a reload,
     /// not an error.
-    pub async fn prune_libraries(&self, dry_run: bool) -> Result<Vec<String>, LedgerError> {
+    ///
+    /// Refused (unless `force`) when this version's library is not in Redis: no process of
+    /// this version runs against it, so the libraries it would delete are probably the
+    /// ones in use (a `tollgate` binary of another version than the deployment's).
+    pub async fn prune_libraries(
+        &self,
+        dry_run: bool,
+        force: bool,
+    ) -> Result<Vec<String>, LedgerError> {
         let current = self.scripts.library.name();
+        let libraries = self.redis.tollgate_libraries().await?;
+        if !force && !libraries.iter().any(|name| name == current) {
+            return Err(LedgerError::InvalidArgument(vec![FieldViolation::new(
+                "version",
+                format!(
+                    "this tollgate's library {current} is not in Redis: no process of this \
+                     version runs there, so the others are probably in use (run the \
+                     deployment's version, or --force)"
+                ),
+            )]));
+        }
         let mut pruned = Vec::new();
-        for name in self.redis.tollgate_libraries().await? {
+        for name in libraries {
             if name == current {
                 continue;
             }

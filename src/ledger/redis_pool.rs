@@ -383,7 +383,7 @@ impl RedisPool {
                     .and_then(|pair| text(&pair[1])),
                 _ => None,
             })
-            .filter(|name| name.starts_with(super::library::NAME_PREFIX))
+            .filter(|name| super::library::is_tollgate_library(name))
             .collect();
         names.sort();
         Ok(names)
@@ -396,7 +396,13 @@ impl RedisPool {
         let mut con = self.connection();
         match tokio::time::timeout(self.call_timeout, cmd.query_async::<()>(&mut con)).await {
             Ok(Ok(())) => Ok(true),
-            Ok(Err(err)) if err.to_string().contains("Library not found") => Ok(false),
+            Ok(Err(err))
+                if err
+                    .detail()
+                    .is_some_and(|d| d.starts_with("Library not found")) =>
+            {
+                Ok(false)
+            }
             Ok(Err(err)) => Err(err.into()),
             Err(_) => Err(LedgerError::Unavailable("FUNCTION DELETE timed out".into())),
         }

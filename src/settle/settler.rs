@@ -157,7 +157,8 @@ pub fn default_consumer() -> String {
 pub struct SettlerStatus {
     /// Per shard: (outbox entries, age in ms of the oldest unsettled event).
     pub shards: Vec<(u64, u64)>,
-    /// The last store write failed with this error (cleared by the next success).
+    /// The last store write or migration failed with this error (cleared by the next
+    /// success).
     pub store_error: Option<String>,
     pub settled_total: u64,
 }
@@ -275,9 +276,11 @@ impl Settler {
         loop {
             let step = async {
                 if !ready {
+                    // Groups first: with them, the lag is measured even while the store
+                    // cannot be migrated.
+                    self.ensure_groups().await?;
                     self.store.migrate().await?;
                     self.set_status(|s| s.store_error = None);
-                    self.ensure_groups().await?;
                     ready = true;
                 }
                 self.round().await
@@ -304,6 +307,14 @@ impl Settler {
                             _ => "redis",
                         };
                         metrics::counter!(m::SETTLER_ROUND_ERRORS_TOTAL, "kind" => kind).increment(1);
+                        if kind == "store" {
+                            // Keep the lag gauges and readiness moving while the store is
+                            // away (as a failing batch write does): the lag bound must hold
+                            // when the store is down from the start, too.
+                            if let Err(err) = self.trim_and_measure().await {
+                                tracing::debug!(error = %err, "could not measure the outbox");
+                            }
+                        }
                         tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "settler round failed");
                         // Redis may have restarted empty (no consumer groups): set up again.
                         ready = false;
