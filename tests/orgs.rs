@@ -898,24 +898,14 @@ async fn org_events_settle_reconcile_and_restore() {
 async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
     use tollgate::ledger::command::{Authorize, OnExpiry};
     use tollgate::ledger::org::AllocationChange;
-    use tollgate::ledger::{Debit, Grant, LotKind, Metadata};
+    use tollgate::ledger::{Debit, Metadata};
     const T0: i64 = 1_800_000_000_000;
     let redis = common::RedisServer::start();
     let (clock, now) = Clock::manual(T0);
     let ledger = common::ledger(&redis, clock);
     ledger.create_org("acme", "olivia", "c").await.expect("org");
     ledger
-        .grant(&Grant {
-            account_id: "acme".into(),
-            wallet: "default".into(),
-            amount: 1_000,
-            kind: LotKind::Purchase,
-            priority: 50,
-            expires_at_ms: 0,
-            description: String::new(),
-            idempotency_key: "g".into(),
-            metadata: Metadata::new(),
-        })
+        .grant(&common::purchase("acme", 1_000, "g"))
         .await
         .expect("grant");
     ledger

@@ -663,17 +663,7 @@ async fn a_store_outage_degrades_a_serving_pod_but_keeps_it_ready() {
     config.settler.trim_interval_ms = 100;
     let server = common::TestServer::start(config, Clock::Redis).await;
     let ledger = server.ledger.clone();
-    let grant = |key: &str| Grant {
-        account_id: "blip".into(),
-        wallet: "default".into(),
-        amount: 10,
-        kind: LotKind::Purchase,
-        priority: 50,
-        expires_at_ms: 0,
-        description: String::new(),
-        idempotency_key: key.into(),
-        metadata: Metadata::new(),
-    };
+    let grant = |key: &str| common::purchase("blip", 10, key);
     let readyz = || async {
         let (code, body) = common::http_get(server.http_addr, "/readyz").await;
         let json: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON body");
@@ -772,17 +762,7 @@ async fn the_settle_command_fails_readiness_on_a_store_error() {
             loop {
                 let rounds = grants.fetch_add(1, Ordering::SeqCst);
                 ledger
-                    .grant(&Grant {
-                        account_id: "acme".into(),
-                        wallet: "default".into(),
-                        amount: 1,
-                        kind: LotKind::Purchase,
-                        priority: 50,
-                        expires_at_ms: 0,
-                        description: String::new(),
-                        idempotency_key: format!("g{rounds}"),
-                        metadata: Metadata::new(),
-                    })
+                    .grant(&common::purchase("acme", 1, &format!("g{rounds}")))
                     .await
                     .expect("grant");
                 let answer = if tokio::net::TcpStream::connect(addr).await.is_ok() {

@@ -264,6 +264,21 @@ pub fn ledger(redis: &RedisServer, clock: Clock) -> Arc<Ledger> {
 }
 
 /// Writes every shard's epoch marker (a fresh ledger), over its own connection.
+/// A purchase of `amount` credits into `account`'s default wallet, never expiring.
+pub fn purchase(account: &str, amount: i64, idempotency_key: &str) -> tollgate::ledger::Grant {
+    tollgate::ledger::Grant {
+        account_id: account.into(),
+        wallet: "default".into(),
+        amount,
+        kind: tollgate::ledger::LotKind::Purchase,
+        priority: 50,
+        expires_at_ms: 0,
+        description: String::new(),
+        idempotency_key: idempotency_key.into(),
+        metadata: tollgate::ledger::Metadata::new(),
+    }
+}
+
 pub fn initialize_blocking(ledger: &Ledger, redis_url: &str) {
     let client = redis::Client::open(redis_url).expect("redis url");
     let mut con = client.get_connection().expect("redis connection");
