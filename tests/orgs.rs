@@ -574,6 +574,19 @@ async fn bad_input_names_the_field_and_changes_nothing() {
                 .await
                 .expect_err("the last owner"),
         ),
+        (
+            "role",
+            admin
+                .add_member(pb::AddMemberRequest {
+                    org_id: "acme".into(),
+                    member_id: "olivia".into(),
+                    role: "admin".into(),
+                    actor_id: "olivia".into(),
+                    idempotency_key: "x9".into(),
+                })
+                .await
+                .expect_err("the last owner demoted: nobody could make an owner again"),
+        ),
     ];
     for (field, status) in &cases {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");

@@ -50,9 +50,23 @@ elseif op == 'add' or op == 'remove' then
     return refused
   end
   local current = member_role(org, member)
+  -- An org always keeps an owner: only an owner can make one.
+  local function last_owner()
+    local owners = 0
+    local all = redis.call('HGETALL', okey)
+    for j = 2, #all, 2 do
+      if all[j] == 'owner' then
+        owners = owners + 1
+      end
+    end
+    return owners <= 1
+  end
   if op == 'add' then
     if (role == 'owner' or current == 'owner') and actor_role ~= 'owner' then
       return bad('actor_id', 'only an owner may add or change an owner')
+    end
+    if current == 'owner' and role ~= 'owner' and last_owner() then
+      return bad('role', 'the last owner of the organization cannot be demoted')
     end
     redis.call('HSET', okey, 'm:' .. member, role)
   else
@@ -63,14 +77,7 @@ elseif op == 'add' or op == 'remove' then
       if actor_role ~= 'owner' then
         return bad('actor_id', 'only an owner may remove an owner')
       end
-      local owners = 0
-      local all = redis.call('HGETALL', okey)
-      for j = 2, #all, 2 do
-        if all[j] == 'owner' then
-          owners = owners + 1
-        end
-      end
-      if owners <= 1 then
+      if last_owner() then
         return bad('member_id', 'is the last owner of the organization')
       end
     end
