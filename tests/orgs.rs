@@ -968,3 +968,87 @@ async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
     assert_eq!(debited.allocation_remaining, Some(100 - 50));
     assert_eq!((debited.available, debited.held), (1_000 - 50, 0));
 }
+
+/// A hold gives back what it did not charge only to the budget it was counted in: not to
+/// one removed and set again since (else its release would lift the new budget past its
+/// limit: 500 held, budget removed and set again, 600 charged, the hold released, 900
+/// more let through under a limit of 1,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_hold_gives_nothing_back_to_a_budget_set_again() {
+    use tollgate::ledger::command::{Authorize, EndHold, OnExpiry};
+    use tollgate::ledger::org::{BudgetPeriod, SetBudget};
+    use tollgate::ledger::{BudgetScope, Debit, LedgerError, Metadata, Refusal};
+    const T0: i64 = 1_800_000_000_000;
+    let redis = common::RedisServer::start();
+    let (clock, _) = Clock::manual(T0);
+    let ledger = common::ledger(&redis, clock);
+    ledger
+        .grant(&common::purchase("solo", 5_000, "g"))
+        .await
+        .expect("grant");
+    let budget = |limit: i64, key: &str| SetBudget {
+        account_id: "solo".into(),
+        member_id: String::new(),
+        wallet: "default".into(),
+        limit,
+        period: BudgetPeriod::Day,
+        utc_offset_minutes: 0,
+        idempotency_key: key.into(),
+    };
+    let debit = |amount: i64, key: &str| Debit {
+        account_id: "solo".into(),
+        wallet: "default".into(),
+        amount,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    };
+    ledger
+        .set_budget(&budget(1_000, "b1"))
+        .await
+        .expect("budget");
+    let held = ledger
+        .authorize(&Authorize {
+            account_id: "solo".into(),
+            wallet: "default".into(),
+            amount: 500,
+            ttl_ms: 3_600_000,
+            on_expiry: OnExpiry::Release,
+            idempotency_key: "h".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("hold");
+    ledger.set_budget(&budget(0, "b2")).await.expect("remove");
+    ledger
+        .set_budget(&budget(1_000, "b3"))
+        .await
+        .expect("set again");
+    ledger
+        .debit(&debit(600, "d1"))
+        .await
+        .expect("600 of the new 1,000");
+    ledger
+        .end_hold(&EndHold {
+            hold_id: held.hold_id,
+            capture: None,
+            idempotency_key: "r".into(),
+            metadata: Metadata::new(),
+        })
+        .await
+        .expect("release");
+    match ledger.debit(&debit(900, "d2")).await {
+        Err(LedgerError::Refused(Refusal::BudgetExceeded {
+            budget,
+            limit,
+            spent,
+            ..
+        })) => {
+            assert_eq!((budget, limit, spent), (BudgetScope::Account, 1_000, 600));
+        }
+        other => panic!("900 more under a budget of 1,000 with 600 spent: {other:?}"),
+    }
+}

@@ -870,7 +870,11 @@ fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usiz
             .arg("ws")
             .arg(b.window_ms)
             .arg("z")
-            .arg(b.offset_ms);
+            .arg(b.offset_ms)
+            // A creation stamp (lua/org.lua), apart from the INCR ones: restored holds
+            // give nothing back to budgets anyway.
+            .arg("c")
+            .arg(format!("r{}", b.since_ms));
         let spends = orgs.spends.iter().filter(|(a, w, m, at, _)| {
             a == account && w == wallet && (member.is_empty() || m == member) && *at >= b.since_ms
         });

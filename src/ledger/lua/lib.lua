@@ -287,7 +287,8 @@ end
 -- ("{tg:S}:bg:<org>:<wallet>:<member>"). Hash: l limit, p period (d day, m month,
 -- w rolling window), ws window ms, z UTC offset ms of the calendar; calendar periods keep
 -- s spent and ps the period's start; a rolling window keeps "b<index>" buckets of
--- window/16 and counts the last 17 (a superset of the window: never lets more through).
+-- window/16 and counts the last 17 (a superset of the window: never lets more through);
+-- c a stamp set when the budget is created (or its period changed).
 local BUDGET_BUCKETS = 16
 local DAY_MS = 86400000
 
@@ -334,11 +335,13 @@ end
 
 -- The budget's state now, or nil when there is none.
 local function budget_state(key, name)
-  local v = redis.call('HMGET', key, 'l', 'p', 'ws', 'z', 's', 'ps')
+  local v = redis.call('HMGET', key, 'l', 'p', 'ws', 'z', 's', 'ps', 'c')
   if not v[1] then
     return nil
   end
-  local B = { key = key, name = name, limit = tonumber(v[1]), p = v[2] }
+  -- c: the budget's creation stamp (lua/org.lua), so a hold gives back only to the budget
+  -- it was counted in, not to one removed and set again since.
+  local B = { key = key, name = name, limit = tonumber(v[1]), p = v[2], c = v[7] or '' }
   if B.p == 'w' then
     local g = math.max(1, math.ceil((tonumber(v[3]) or 1) / BUDGET_BUCKETS))
     local cur = math.floor(NOW / g)
@@ -400,8 +403,8 @@ local function budgets_refuse(budgets, amount)
   return nil
 end
 
--- Counts a charge in every budget; returns "key|period,..." so a hold can give back what
--- it did not charge (to the same period only).
+-- Counts a charge in every budget; returns "key|period|stamp,..." so a hold can give back
+-- what it did not charge (to the same budget and period only).
 local function budgets_spend(budgets, amount)
   local refs = {}
   for j = 1, #budgets do
@@ -411,7 +414,7 @@ local function budgets_spend(budgets, amount)
     else
       redis.call('HSET', B.key, 's', B.spent + amount, 'ps', B.pid)
     end
-    refs[#refs + 1] = B.key .. '|' .. itos(B.pid)
+    refs[#refs + 1] = B.key .. '|' .. itos(B.pid) .. '|' .. B.c
   end
   return table.concat(refs, ',')
 end
@@ -421,8 +424,17 @@ local function budgets_give_back(refs, amount)
     return
   end
   for ref in string.gmatch(refs, '[^,]+') do
-    local key, pid = string.match(ref, '^(.*)|(%-?%d+)$')
-    local v = redis.call('HMGET', key, 'p', 'ps', 's', 'b' .. pid)
+    local key, pid, stamp = string.match(ref, '^(.*)|(%-?%d+)|([^|]*)$')
+    if not key then
+      -- Written before budgets had stamps: "key|period".
+      key, pid = string.match(ref, '^(.*)|(%-?%d+)$')
+    end
+    local v = redis.call('HMGET', key, 'p', 'ps', 's', 'b' .. pid, 'c')
+    if stamp and stamp ~= '' and v[5] ~= stamp then
+      -- The budget the hold was counted in is gone (removed, or set again with another
+      -- period): nothing to give back to the one there now.
+      v[1] = nil
+    end
     if v[1] == 'w' then
       local n = tonumber(v[4]) or 0
       if n > 0 then

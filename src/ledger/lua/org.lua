@@ -139,10 +139,16 @@ elseif op == 'budget' then
     end
   else
     local old = redis.call('HMGET', bkey, 'p', 'ws', 'z')
+    local fresh = not old[1]
     if old[1] and (old[1] ~= ARGV[17] or old[2] ~= ARGV[18] or old[3] ~= ARGV[19]) then
       redis.call('DEL', bkey)
+      fresh = true
     end
     redis.call('HSET', bkey, 'l', amount, 'p', ARGV[17], 'ws', ARGV[18], 'z', ARGV[19])
+    if fresh then
+      -- A new budget: holds counted in an earlier one give nothing back to it.
+      redis.call('HSET', bkey, 'c', itos(redis.call('INCR', TAG .. ':seq')))
+    end
     if member == '' then
       redis.call('HSET', W.w, 'bg', 1)
     end
