@@ -329,18 +329,21 @@ impl Replay<'_> {
         Ok(())
     }
 
-    /// A charge's answer as its script gave it: an org member's also carries what was
-    /// left to spend then, the allocation's rest within the org's balance (lua/debit.lua,
-    /// lua/authorize.lua). The replay is in stream order, so the allocation is the one of
-    /// that moment, this charge counted.
-    fn member_answer(&self, e: &LedgerEvent, answer: String) -> String {
+    /// Records a charge (debit, hold) as its script remembered it. `parts` end with the
+    /// member, which joins the digest only when there is one (`Ledger::debit_call`,
+    /// `authorize_call`); an org member's answer also carries what was left to spend then,
+    /// the allocation's rest within the org's balance (lua/debit.lua, lua/authorize.lua).
+    /// The replay is in stream order, so the allocation is the one of that moment, this
+    /// charge counted.
+    fn record_charge(&mut self, e: &LedgerEvent, parts: &[&str], answer: String) {
         if e.member.is_empty() {
-            return answer;
+            return self.record(e, &parts[..parts.len() - 1], answer);
         }
-        match self.orgs.allocation_left(e) {
+        let answer = match self.orgs.allocation_left(e) {
             Some(left) => format!("{answer}|{}", left.min(e.available_after)),
             None => answer,
-        }
+        };
+        self.record(e, parts, answer);
     }
 
     fn record(&mut self, e: &LedgerEvent, parts: &[&str], answer: String) {
@@ -521,22 +524,18 @@ impl Replay<'_> {
                     e.event_id, e.amount, e.available_after, e.held_after
                 );
                 let amount = e.amount.to_string();
-                let parts = [
-                    "debit",
-                    &e.wallet,
-                    &amount,
-                    &e.operation,
-                    &e.metadata,
-                    &e.member,
-                ];
-                let answer = self.member_answer(e, answer);
-                // The member joins the digest only when there is one (lua/debit.lua).
-                let parts = if e.member.is_empty() {
-                    &parts[..5]
-                } else {
-                    &parts[..]
-                };
-                self.record(e, parts, answer);
+                self.record_charge(
+                    e,
+                    &[
+                        "debit",
+                        &e.wallet,
+                        &amount,
+                        &e.operation,
+                        &e.metadata,
+                        &e.member,
+                    ],
+                    answer,
+                );
             }
             EventKind::Hold => {
                 self.take(e, true)?;
@@ -571,23 +570,20 @@ impl Replay<'_> {
                     e.amount.to_string(),
                     (deadline - e.created_at_ms).to_string(),
                 );
-                let parts = [
-                    "authorize",
-                    &e.wallet,
-                    &amount,
-                    &ttl,
-                    &policy,
-                    &e.operation,
-                    &e.metadata,
-                    &e.member,
-                ];
-                let answer = self.member_answer(e, answer);
-                let parts = if e.member.is_empty() {
-                    &parts[..7]
-                } else {
-                    &parts[..]
-                };
-                self.record(e, parts, answer);
+                self.record_charge(
+                    e,
+                    &[
+                        "authorize",
+                        &e.wallet,
+                        &amount,
+                        &ttl,
+                        &policy,
+                        &e.operation,
+                        &e.metadata,
+                        &e.member,
+                    ],
+                    answer,
+                );
             }
             EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {
                 let returned = e.returned_lots();
