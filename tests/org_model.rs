@@ -128,6 +128,9 @@ struct ModelBudget {
     /// Spent in period `ps` (as Redis keeps it: a stale period reads as 0).
     s: i64,
     ps: Option<i64>,
+    /// Which budget this is: a budget removed and set again is a new one, and a hold
+    /// counted in the old one gives nothing back to it (the scripts' creation stamp).
+    generation: u64,
 }
 
 impl ModelBudget {
@@ -144,8 +147,8 @@ impl ModelBudget {
 struct ModelHold {
     member: String,
     amount: i64,
-    /// Budgets (by key: "" the org's, else the member) and the period it counted in.
-    refs: Vec<(String, i64)>,
+    /// Budgets it counted in: (key: "" the org's, else the member; period; generation).
+    refs: Vec<(String, i64, u64)>,
     /// None while open; else how it ended and what it captured.
     ended: Option<(HoldEnd, i64)>,
 }
@@ -169,6 +172,8 @@ struct Model {
     alloc_used: HashMap<String, i64>,
     /// "" = the org's (account) budget; else the member's.
     budgets: HashMap<String, ModelBudget>,
+    /// Budgets created so far (the next one's generation).
+    budget_generations: u64,
     holds: HashMap<String, ModelHold>,
     charges: HashMap<String, ModelCharge>,
 }
@@ -180,7 +185,7 @@ struct Charged {
     held: i64,
     /// A bounded member's spendable after the charge (min of allocation left, balance).
     remaining: Option<i64>,
-    refs: Vec<(String, i64)>,
+    refs: Vec<(String, i64, u64)>,
 }
 
 impl Model {
@@ -261,7 +266,7 @@ impl Model {
             let b = self.budgets.get_mut(&key).expect("budget");
             b.s = b.spent(now) + amount;
             b.ps = Some(period);
-            refs.push((key, period));
+            refs.push((key, period, b.generation));
         }
         if !member.is_empty() {
             *self.alloc_used.entry(member.to_owned()).or_default() += amount;
@@ -300,9 +305,9 @@ impl Model {
             *self.alloc_used.entry(h.member.clone()).or_default() -= back;
         }
         if back > 0 {
-            for (key, pid) in &h.refs {
+            for (key, pid, generation) in &h.refs {
                 if let Some(b) = self.budgets.get_mut(key) {
-                    if b.ps == Some(*pid) {
+                    if b.ps == Some(*pid) && b.generation == *generation {
                         b.s = (b.s - back).max(0);
                     }
                 }
@@ -867,16 +872,20 @@ impl Run {
                 let got = refused_or_fail(real, |_| Got::Done);
                 if limit == 0 {
                     self.model.budgets.remove(m);
+                } else if let Some(b) = self.model.budgets.get_mut(m) {
+                    b.limit = limit;
                 } else {
-                    self.model
-                        .budgets
-                        .entry(m.into())
-                        .and_modify(|b| b.limit = limit)
-                        .or_insert(ModelBudget {
+                    self.model.budget_generations += 1;
+                    let generation = self.model.budget_generations;
+                    self.model.budgets.insert(
+                        m.into(),
+                        ModelBudget {
                             limit,
                             s: 0,
                             ps: None,
-                        });
+                            generation,
+                        },
+                    );
                 }
                 prop_assert_eq!(got, Got::Done, "{:?}", op);
             }
