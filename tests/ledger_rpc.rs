@@ -1259,6 +1259,114 @@ async fn charge_records_live_in_hourly_buckets_and_the_earlier_layout_still_refu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_retried_after_its_charge_record_expired_gets_its_answer() {
+    let env = Env::start(Clock::Redis, |_| {}).await;
+    let acct = "acct-rf";
+    env.grant(grant_req(acct, 100, "g1")).await.expect("grant");
+    let d = env.debit(debit_req(acct, 30, "d1")).await.expect("debit");
+    let f = env
+        .refund(refund_req(&d.charge_id, 10, "f1"))
+        .await
+        .expect("refund");
+    // The charge's retention ends (the sweeper unlinks its hour's bucket) while the
+    // refund's answer is still within the idempotency window.
+    let redis = env.ledger().redis().clone();
+    let tag = env.ledger().shards().tag(env.shard_of(acct)).to_owned();
+    let ms: i64 = d
+        .charge_id
+        .split('-')
+        .nth(1)
+        .expect("ms")
+        .parse()
+        .expect("ms");
+    let bucket = format!("{tag}:cb:{}", ms / 3_600_000);
+    let unlinked: i64 = redis
+        .query(redis::cmd("UNLINK").arg(&bucket))
+        .await
+        .expect("unlink");
+    assert_eq!(unlinked, 1, "{bucket}");
+    let before = env.snapshot(acct).await;
+
+    let again = env
+        .refund(refund_req(&d.charge_id, 10, "f1"))
+        .await
+        .expect("a retry gets the refund's answer, not NOT_FOUND");
+    assert!(again.replayed && !f.replayed);
+    assert_eq!(
+        again,
+        pb::RefundResponse {
+            replayed: true,
+            ..f
+        }
+    );
+    // The key with other parameters is still a reuse; a new refund finds no charge.
+    let err = env
+        .refund(refund_req(&d.charge_id, 11, "f1"))
+        .await
+        .unwrap_err();
+    assert_refused(&err, "IDEMPOTENCY_KEY_REUSED", &[]);
+    let err = env
+        .refund(refund_req(&d.charge_id, 5, "f2"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(env.snapshot(acct).await, before);
+    assert_eq!(
+        env.balance(acct, "default").await,
+        wallet("default", [80, 0, 100, 30, 0, 10, 0])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_ended_answer_keeps_the_hold_record_while_it_can_be_replayed() {
+    let env = Env::start(Clock::Redis, |_| {}).await;
+    let acct = "acct-hr";
+    env.grant(grant_req(acct, 100, "g1")).await.expect("grant");
+    let h = env
+        .authorize(hold_req(acct, 40, 60_000, "h1"))
+        .await
+        .expect("hold");
+    env.capture(capture_req(&h.hold_id, Some(15), "c1"))
+        .await
+        .expect("capture");
+    // The ended hold's retention is nearly over.
+    let redis = env.ledger().redis().clone();
+    let tag = env.ledger().shards().tag(env.shard_of(acct)).to_owned();
+    let hkey = format!("{tag}:h:{}", h.hold_id);
+    let set: i64 = redis
+        .query(redis::cmd("PEXPIRE").arg(&hkey).arg(60_000))
+        .await
+        .expect("pexpire");
+    assert_eq!(set, 1, "{hkey}");
+    let err = env
+        .release(release_req(&h.hold_id, "r1"))
+        .await
+        .unwrap_err();
+    assert_refused(
+        &err,
+        "HOLD_ENDED",
+        &[("ended", "captured"), ("captured", "15")],
+    );
+    // A retry of that answer may come as late as the idempotency window allows (its
+    // record is found for up to 1.5 windows): the hold record lives that long now.
+    let ttl_ms: i64 = redis
+        .query(redis::cmd("PTTL").arg(&hkey))
+        .await
+        .expect("pttl");
+    let window_ms = tollgate::ledger::DEFAULT_IDEMPOTENCY_WINDOW.as_millis() as i64;
+    assert!(ttl_ms > window_ms * 3 / 2 - 60_000, "{ttl_ms}");
+    let err = env
+        .release(release_req(&h.hold_id, "r1"))
+        .await
+        .unwrap_err();
+    assert_refused(
+        &err,
+        "HOLD_ENDED",
+        &[("ended", "captured"), ("captured", "15")],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_unlinks_record_buckets_past_their_window_and_retention() {
     // No periodic sweeps after the first: the one below is the only one.
     let env = Env::start_lazy(Clock::Redis).await;

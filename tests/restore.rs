@@ -436,6 +436,58 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
     }
     assert!(captured_one, "no open hold survived the restore");
 
+    // A settled refund's retry answers from its restored record even once its charge's
+    // record is gone: the restore rebuilt the refund's `:rf:` pointer too.
+    let mut retried_refund = false;
+    'refunds: for i in 0..ACCOUNTS {
+        let refunds = store
+            .history(&tollgate::settle::store::HistoryQuery {
+                account_id: account(i),
+                kinds: vec![tollgate::ledger::event::EventKind::Refund],
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("history");
+        for r in &refunds.events {
+            if !r.idempotency_key.starts_with('t') {
+                continue;
+            }
+            let ms: i64 = r
+                .charge_id
+                .split('-')
+                .nth(1)
+                .and_then(|ms| ms.parse().ok())
+                .expect("charge id");
+            let tag = server
+                .ledger
+                .shards()
+                .tag(server.ledger.shards().of_account(&r.account_id))
+                .to_owned();
+            let _: i64 = server
+                .ledger
+                .redis()
+                .query(redis::cmd("UNLINK").arg(format!("{tag}:cb:{}", ms / 3_600_000)))
+                .await
+                .expect("unlink");
+            let again = metering
+                .refund(pb::RefundRequest {
+                    charge_id: r.charge_id.clone(),
+                    amount: r.amount,
+                    idempotency_key: r.idempotency_key.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("a refund's retry after the restore")
+                .into_inner();
+            assert!(again.replayed, "{again:?}");
+            assert_eq!(again.event_id, r.event_id);
+            retried_refund = true;
+            break 'refunds;
+        }
+    }
+    assert!(retried_refund, "no settled refund to retry");
+
     // Restore again: refused, nothing changed.
     let balance_before = metering
         .get_balance(pb::GetBalanceRequest {

@@ -5,8 +5,8 @@
 //! ended holds and refundable charges (within their retention), and the idempotency
 //! records of recent debits, holds (org members' too, with the allocation left at the
 //! time, replayed in stream order), grants, positive adjustments and refunds (within the
-//! idempotency window). Then the shard's epoch marker is written and it serves again.
-//! API keys (hashes) come from the store's key table, which the Admin API writes.
+//! idempotency window; a refund's with its `:rf:` pointer). Then the shard's epoch marker
+//! is written and it serves again. API keys (hashes) come from the store's key table, which the Admin API writes.
 //!
 //! Not restored (stated in the report): refusals (never in the ledger, so a replayed
 //! refused request is evaluated again), idempotency records of captures, releases,
@@ -182,6 +182,9 @@ struct Record {
     name: String,
     value: String,
     at_ms: i64,
+    /// A refund's (charge id, account): lib.lua's `:rf:` pointer lets a retry find the
+    /// answer after the charge record expired.
+    refund_of: Option<(String, String)>,
 }
 
 /// Writes one idempotency record as lib.lua `remember` does: a field named by the first 30
@@ -354,6 +357,8 @@ impl Replay<'_> {
             name: format!("{}:{}", e.account_id, e.idempotency_key),
             value: format!("{}{answer}", digest(parts)),
             at_ms: e.created_at_ms,
+            refund_of: (e.kind == EventKind::Refund)
+                .then(|| (e.charge_id.clone(), e.account_id.clone())),
         });
     }
 
@@ -1115,6 +1120,18 @@ pub async fn restore(
                 .arg(&r.value)
                 .arg((bucket + IDEM_BUCKETS_LOOKED_AT + 1) * span)
                 .ignore();
+            if let Some((charge_id, account)) = &r.refund_of {
+                // As refund.lua: the pointer lives as long as the answer can be found.
+                let ttl = r.at_ms + IDEM_BUCKETS_LOOKED_AT * span - now;
+                if ttl > 0 {
+                    pipe.cmd("SET")
+                        .arg(format!("{tag}:rf:{charge_id}"))
+                        .arg(account)
+                        .arg("PX")
+                        .arg(ttl)
+                        .ignore();
+                }
+            }
             shard_report.idempotency_records += 1;
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {

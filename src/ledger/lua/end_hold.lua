@@ -38,6 +38,8 @@ if h[3] ~= 'a' then
     how = 'released'
   end
   answer = 'HOLD_ENDED|' .. how .. '|' .. (h[4] or '0')
+  -- The record must outlive this answer, or a retry of it would find no hold at all.
+  redis.call('PEXPIRE', hkey, itos(idem_life_ms()), 'GT')
 else
   local capture = 0
   if ARGV[11] == 'capture' then

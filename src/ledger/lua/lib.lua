@@ -158,6 +158,11 @@ local function remember(field, digest, answer)
   redis.call('PEXPIREAT', bucket, itos((b + IDEM_BUCKETS_LOOKED_AT + 1) * IDEM_SPAN_MS), 'NX')
 end
 
+-- The longest a record made now can still be found (in real time, as its bucket ages).
+local function idem_life_ms()
+  return IDEM_BUCKETS_LOOKED_AT * IDEM_SPAN_MS
+end
+
 -- The first bucket no lookup reads any more (the sweeper unlinks it).
 local function idem_dead_bucket()
   return TAG .. ':i:' .. itos(idem_bucket() - IDEM_BUCKETS_LOOKED_AT)

@@ -21,7 +21,15 @@ if packed then
 else
   c = redis.call('HMGET', legacy, 'a', 'w', 'n', 'f', 'l', 'mb')
 end
+-- "{tg:S}:rf:<charge id>" = the charge's account, for as long as a refund's answer lives:
+-- a retry finds its answer even when the charge record expired after the refund.
+local rkey = TAG .. ':rf:' .. charge_id
 if not c[1] then
+  local acct = redis.call('GET', rkey)
+  local prior = acct and recall(idem_key(acct, ARGV[9]), ARGV[10])
+  if prior then
+    return prior
+  end
   return { 0, 'NOT_FOUND|charge' }
 end
 local ikey = idem_key(c[1], ARGV[9])
@@ -82,6 +90,7 @@ else
   if #scores > 0 and redis.call('ZCARD', W.b) + #scores > tonumber(ARGV[13]) then
     answer = 'LOT_LIMIT|' .. ARGV[13]
     remember(ikey, ARGV[10], answer)
+    redis.call('SET', rkey, c[1], 'PX', itos(idem_life_ms()))
     return { 0, answer }
   end
   local created = {}
@@ -108,4 +117,5 @@ else
   answer = 'OK|' .. eid .. '|' .. itos(amount) .. '|' .. itos(total) .. '|' .. itos(W.r) .. '|' .. itos(expired)
 end
 remember(ikey, ARGV[10], answer)
+redis.call('SET', rkey, c[1], 'PX', itos(idem_life_ms()))
 return { 0, answer }
