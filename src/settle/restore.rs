@@ -6,7 +6,8 @@
 //! records of recent debits, holds (org members' too, with the allocation left at the
 //! time, replayed in stream order), grants, positive adjustments and refunds (within the
 //! idempotency window; a refund's with its `:rf:` pointer). Then the shard's epoch marker
-//! is written and it serves again. API keys (hashes) come from the store's key table, which the Admin API writes.
+//! is written and it serves again. API keys (hashes) come from the store's key table,
+//! which the Admin API writes.
 //!
 //! Not restored (stated in the report): refusals (never in the ledger, so a replayed
 //! refused request is evaluated again), idempotency records of captures, releases,
