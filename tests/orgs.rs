@@ -982,73 +982,90 @@ async fn a_released_hold_gives_nothing_back_to_a_budget_set_again() {
     let redis = common::RedisServer::start();
     let (clock, _) = Clock::manual(T0);
     let ledger = common::ledger(&redis, clock);
-    ledger
-        .grant(&common::purchase("solo", 5_000, "g"))
-        .await
-        .expect("grant");
-    let budget = |limit: i64, key: &str| SetBudget {
-        account_id: "solo".into(),
-        member_id: String::new(),
-        wallet: "default".into(),
-        limit,
-        period: BudgetPeriod::Day,
-        utc_offset_minutes: 0,
-        idempotency_key: key.into(),
-    };
-    let debit = |amount: i64, key: &str| Debit {
-        account_id: "solo".into(),
-        wallet: "default".into(),
-        amount,
-        idempotency_key: key.into(),
-        operation: "op".into(),
-        metadata: Metadata::new(),
-        member_id: String::new(),
-    };
-    ledger
-        .set_budget(&budget(1_000, "b1"))
-        .await
-        .expect("budget");
-    let held = ledger
-        .authorize(&Authorize {
-            account_id: "solo".into(),
+    // "legacy": the first budget was made before budgets had a creation stamp (an
+    // upgraded deployment's), so the hold's ref carries an empty one.
+    for (acct, unstamped) in [("solo", false), ("legacy", true)] {
+        ledger
+            .grant(&common::purchase(acct, 5_000, "g"))
+            .await
+            .expect("grant");
+        let budget = |limit: i64, key: &str| SetBudget {
+            account_id: acct.into(),
+            member_id: String::new(),
             wallet: "default".into(),
-            amount: 500,
-            ttl_ms: 3_600_000,
-            on_expiry: OnExpiry::Release,
-            idempotency_key: "h".into(),
+            limit,
+            period: BudgetPeriod::Day,
+            utc_offset_minutes: 0,
+            idempotency_key: key.into(),
+        };
+        let debit = |amount: i64, key: &str| Debit {
+            account_id: acct.into(),
+            wallet: "default".into(),
+            amount,
+            idempotency_key: key.into(),
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
-        })
-        .await
-        .expect("hold");
-    ledger.set_budget(&budget(0, "b2")).await.expect("remove");
-    ledger
-        .set_budget(&budget(1_000, "b3"))
-        .await
-        .expect("set again");
-    ledger
-        .debit(&debit(600, "d1"))
-        .await
-        .expect("600 of the new 1,000");
-    ledger
-        .end_hold(&EndHold {
-            hold_id: held.hold_id,
-            capture: None,
-            idempotency_key: "r".into(),
-            metadata: Metadata::new(),
-        })
-        .await
-        .expect("release");
-    match ledger.debit(&debit(900, "d2")).await {
-        Err(LedgerError::Refused(Refusal::BudgetExceeded {
-            budget,
-            limit,
-            spent,
-            ..
-        })) => {
-            assert_eq!((budget, limit, spent), (BudgetScope::Account, 1_000, 600));
+        };
+        ledger
+            .set_budget(&budget(1_000, "b1"))
+            .await
+            .expect("budget");
+        if unstamped {
+            let tag = ledger.shards().tag(ledger.shards().of_account(acct));
+            let removed: i64 = ledger
+                .redis()
+                .query(
+                    redis::cmd("HDEL")
+                        .arg(format!("{tag}:bg:{acct}:default"))
+                        .arg("c"),
+                )
+                .await
+                .expect("hdel");
+            assert_eq!(removed, 1, "the budget's stamp");
         }
-        other => panic!("900 more under a budget of 1,000 with 600 spent: {other:?}"),
+        let held = ledger
+            .authorize(&Authorize {
+                account_id: acct.into(),
+                wallet: "default".into(),
+                amount: 500,
+                ttl_ms: 3_600_000,
+                on_expiry: OnExpiry::Release,
+                idempotency_key: "h".into(),
+                operation: "op".into(),
+                metadata: Metadata::new(),
+                member_id: String::new(),
+            })
+            .await
+            .expect("hold");
+        ledger.set_budget(&budget(0, "b2")).await.expect("remove");
+        ledger
+            .set_budget(&budget(1_000, "b3"))
+            .await
+            .expect("set again");
+        ledger
+            .debit(&debit(600, "d1"))
+            .await
+            .expect("600 of the new 1,000");
+        ledger
+            .end_hold(&EndHold {
+                hold_id: held.hold_id,
+                capture: None,
+                idempotency_key: "r".into(),
+                metadata: Metadata::new(),
+            })
+            .await
+            .expect("release");
+        match ledger.debit(&debit(900, "d2")).await {
+            Err(LedgerError::Refused(Refusal::BudgetExceeded {
+                budget,
+                limit,
+                spent,
+                ..
+            })) => {
+                assert_eq!((budget, limit, spent), (BudgetScope::Account, 1_000, 600));
+            }
+            other => panic!("{acct}: 900 more under a budget of 1,000 with 600 spent: {other:?}"),
+        }
     }
 }

@@ -435,9 +435,11 @@ local function budgets_give_back(refs, amount)
       key, pid = string.match(ref, '^(.*)|(%-?%d+)$')
     end
     local v = redis.call('HMGET', key, 'p', 'ps', 's', 'b' .. pid, 'c')
-    if stamp and stamp ~= '' and v[5] ~= stamp then
+    if (stamp or '') ~= (v[5] or '') then
       -- The budget the hold was counted in is gone (removed, or set again with another
-      -- period): nothing to give back to the one there now.
+      -- period): nothing to give back to the one there now. A ref without a stamp was
+      -- counted in a budget made before stamps: it gives back only to such a budget,
+      -- never to one made since (every new budget has a stamp).
       v[1] = nil
     end
     if v[1] == 'w' then
