@@ -707,7 +707,40 @@ async fn org_events_settle_reconcile_and_restore() {
         })
         .await
         .expect("more for bob");
+    // The org's own budget too; a hold of bob's captured in part gives the rest back to
+    // both budgets, and the restore must rebuild their spend net of it.
+    admin
+        .set_budget(pb::SetBudgetRequest {
+            account_id: "acme".into(),
+            limit: 10_000,
+            period: "month".into(),
+            idempotency_key: "ab".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("org budget");
     let mut metering = server.metering().await;
+    let bob_hold = metering
+        .authorize(pb::AuthorizeRequest {
+            account_id: "acme".into(),
+            member_id: "bob".into(),
+            amount: 30,
+            ttl_ms: 600_000,
+            idempotency_key: "bob-hold".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("bob's hold")
+        .into_inner();
+    metering
+        .capture(pb::CaptureRequest {
+            hold_id: bob_hold.hold_id,
+            amount: Some(5),
+            idempotency_key: "bob-capture".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("bob's capture");
     let hold = metering
         .authorize(pb::AuthorizeRequest {
             account_id: "acme".into(),
@@ -882,7 +915,7 @@ async fn org_events_settle_reconcile_and_restore() {
         replayed,
         tollgate::ledger::HoldOutcome {
             replayed: true,
-            ..held
+            ..held.clone()
         }
     );
     assert_eq!(views(&server).await, before, "a replay charged again");
@@ -897,9 +930,33 @@ async fn org_events_settle_reconcile_and_restore() {
         r.header("x-credits-remaining"),
         Some((500 - 4 * ENVELOPE - 40).to_string().as_str())
     );
-    // Bob's month budget kept its spend: the envelope sent after it was set.
+    // Bob's month budget kept its spend: the envelope sent after it was set and the 5 his
+    // hold captured (the 25 it gave back stay given back).
+    let spent = |v: &pb::GetBalanceResponse, scope: &str| {
+        v.budgets
+            .iter()
+            .find(|b| b.scope == scope)
+            .map(|b| b.spent)
+            .unwrap_or_else(|| panic!("no {scope} budget in {v:?}"))
+    };
     let b = view(&server, "bob", "").await;
-    assert_eq!(b.budgets[0].spent, ENVELOPE);
+    assert_eq!(spent(&b, "member"), ENVELOPE + 5);
+    // Carol's open hold, restored, gives back to the org's budget when released.
+    let org_spent = spent(&view(&server, "olivia", "").await, "account");
+    server
+        .ledger
+        .end_hold(&tollgate::ledger::command::EndHold {
+            hold_id: held.hold_id.clone(),
+            capture: None,
+            idempotency_key: "carol-release".into(),
+            metadata: tollgate::ledger::Metadata::new(),
+        })
+        .await
+        .expect("release carol's restored hold");
+    assert_eq!(
+        spent(&view(&server, "olivia", "").await, "account"),
+        org_spent - 20
+    );
     let _ = DEADLINE;
 }
 

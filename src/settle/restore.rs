@@ -131,6 +131,7 @@ struct Hold {
     /// 'a' active, 'c' captured, 'r' released, 'x' expired.
     state: char,
     captured: i64,
+    at_ms: i64,
     ended_at_ms: i64,
 }
 
@@ -217,6 +218,52 @@ struct BudgetDef {
     since_ms: i64,
 }
 
+/// lib.lua `BUDGET_BUCKETS`: a window budget counts in this many buckets.
+const BUDGET_BUCKETS: i64 = 16;
+
+impl BudgetDef {
+    /// lib.lua's budget key: the account's own, or an org member's.
+    fn key(tag: &str, account: &str, wallet: &str, member: &str) -> String {
+        if member.is_empty() {
+            format!("{tag}:bg:{account}:{wallet}")
+        } else {
+            format!("{tag}:bg:{account}:{wallet}:{member}")
+        }
+    }
+
+    /// Creation stamp of a restored budget (lua/org.lua's are `INCR`s: never alike).
+    fn stamp(&self) -> String {
+        format!("r{}", self.since_ms)
+    }
+
+    /// A window budget's bucket length.
+    fn bucket_ms(&self) -> i64 {
+        ((self.window_ms + BUDGET_BUCKETS - 1) / BUDGET_BUCKETS).max(1)
+    }
+
+    /// The period (calendar start, or window bucket) a charge at `at_ms` counts in, as
+    /// lib.lua `budget_state` names it.
+    fn period_of(&self, at_ms: i64) -> i64 {
+        if self.period == "w" {
+            at_ms.div_euclid(self.bucket_ms())
+        } else {
+            period_start(&self.period, self.offset_ms, at_ms)
+        }
+    }
+}
+
+/// A charge counted in budgets: a debit, or a hold less what its end gave back.
+#[derive(Debug, Clone)]
+struct Spend {
+    account_id: String,
+    wallet: String,
+    member: String,
+    at_ms: i64,
+    amount: i64,
+    /// What the hold's capture, release or expiry gave back (lib.lua `budgets_give_back`).
+    returned: i64,
+}
+
 /// Organizations of one shard, rebuilt from their events.
 #[derive(Debug, Default)]
 struct OrgState {
@@ -227,9 +274,10 @@ struct OrgState {
     allocations: BTreeMap<(String, String, String), (Option<i64>, i64)>,
     /// (account, wallet, member: "" = the account's own) → budget.
     budgets: BTreeMap<(String, String, String), BudgetDef>,
-    /// Charges (debits and holds) by (account, wallet, member): (time, amount), to
-    /// rebuild the spend of the budgets' current periods.
-    spends: Vec<(String, String, String, i64, i64)>,
+    /// Charges (debits and holds), to rebuild the spend of the budgets' current periods.
+    spends: Vec<Spend>,
+    /// Hold id → its entry in `spends`.
+    hold_spends: HashMap<String, usize>,
 }
 
 impl OrgState {
@@ -239,6 +287,56 @@ impl OrgState {
         let key = (e.account_id.clone(), e.wallet.clone(), e.member.clone());
         let (allocated, used) = self.allocations.get(&key)?;
         allocated.map(|a| a - used)
+    }
+
+    /// Counts a debit or a hold in the budgets' spend.
+    fn spend(&mut self, e: &LedgerEvent) {
+        if e.kind == EventKind::Hold {
+            self.hold_spends
+                .insert(e.hold_id.clone(), self.spends.len());
+        }
+        self.spends.push(Spend {
+            account_id: e.account_id.clone(),
+            wallet: e.wallet.clone(),
+            member: e.member.clone(),
+            at_ms: e.created_at_ms,
+            amount: e.amount,
+            returned: 0,
+        });
+    }
+
+    /// An ended hold gives back what it did not charge, as it did to the budgets it was
+    /// counted in: those that have counted since before it (the same budget, whose
+    /// current period is the only one restored).
+    fn give_back(&mut self, hold_id: &str, amount: i64) {
+        if let Some(&i) = self.hold_spends.get(hold_id) {
+            self.spends[i].returned += amount;
+        }
+    }
+
+    /// lib.lua `budgets_spend`'s refs of an open hold: the budgets that counted it when it
+    /// was placed ("key|period|stamp,..."), so its end gives back as it would have.
+    fn hold_refs(&self, tag: &str, h: &Hold) -> String {
+        // The account's own budget first, then the member's (lib.lua `budgets_for`).
+        let scopes: &[&str] = if h.member.is_empty() {
+            &[""]
+        } else {
+            &["", &h.member]
+        };
+        let refs: Vec<String> = scopes
+            .iter()
+            .filter_map(|member| {
+                let key = (h.account_id.clone(), h.wallet.clone(), (*member).to_owned());
+                let b = self.budgets.get(&key).filter(|b| b.since_ms <= h.at_ms)?;
+                Some(format!(
+                    "{}|{}|{}",
+                    BudgetDef::key(tag, &h.account_id, &h.wallet, member),
+                    b.period_of(h.at_ms),
+                    b.stamp()
+                ))
+            })
+            .collect();
+        refs.join(",")
     }
 
     fn use_allocation(&mut self, e: &LedgerEvent) {
@@ -435,13 +533,7 @@ impl Replay<'_> {
         // count in the budgets of their period.
         self.orgs.use_allocation(e);
         if matches!(e.kind, EventKind::Debit | EventKind::Hold) {
-            self.orgs.spends.push((
-                e.account_id.clone(),
-                e.wallet.clone(),
-                e.member.clone(),
-                e.created_at_ms,
-                e.amount,
-            ));
+            self.orgs.spend(e);
         }
         let w = &mut self.wallet;
         w.events += 1;
@@ -565,6 +657,7 @@ impl Replay<'_> {
                         operation: e.operation.clone(),
                         state: 'a',
                         captured: 0,
+                        at_ms: e.created_at_ms,
                         ended_at_ms: 0,
                     },
                 );
@@ -617,6 +710,7 @@ impl Replay<'_> {
                 hold.captured = charged;
                 hold.ended_at_ms = e.created_at_ms;
                 let amount = hold.amount;
+                self.orgs.give_back(&e.hold_id, amount - charged);
                 self.wallet.held -= amount;
                 self.wallet.used += charged;
                 if charged > 0 {
@@ -833,10 +927,9 @@ fn write_wallet(pipe: &mut Pipeline, tag: &str, w: &Wallet, open_holds: &[(&Stri
 }
 
 /// Writes organizations, allocations and budgets (with the spend of their current
-/// period, rebuilt from the charges: holds count whole, as when they were placed). Returns
-/// the commands queued.
+/// period, rebuilt from the charges: a hold counts what it did not give back when it
+/// ended, an open hold counts whole, as when it was placed). Returns the commands queued.
 fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usize {
-    const BUDGET_BUCKETS: i64 = 16;
     let mut queued = 0;
     for (org, (created, members)) in &orgs.members {
         let mut cmd = redis::cmd("HSET");
@@ -858,13 +951,8 @@ fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usiz
         queued += 1;
     }
     for ((account, wallet, member), b) in &orgs.budgets {
-        let key = if member.is_empty() {
-            format!("{tag}:bg:{account}:{wallet}")
-        } else {
-            format!("{tag}:bg:{account}:{wallet}:{member}")
-        };
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(&key)
+        cmd.arg(BudgetDef::key(tag, account, wallet, member))
             .arg("l")
             .arg(b.limit)
             .arg("p")
@@ -873,33 +961,36 @@ fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usiz
             .arg(b.window_ms)
             .arg("z")
             .arg(b.offset_ms)
-            // A creation stamp (lua/org.lua), apart from the INCR ones: restored holds
-            // give nothing back to budgets anyway.
+            // A creation stamp, apart from lua/org.lua's INCR ones; restored open holds
+            // carry it in their refs.
             .arg("c")
-            .arg(format!("r{}", b.since_ms));
-        let spends = orgs.spends.iter().filter(|(a, w, m, at, _)| {
-            a == account && w == wallet && (member.is_empty() || m == member) && *at >= b.since_ms
+            .arg(b.stamp());
+        // Every charge since the budget began counting, less what ended holds gave back.
+        let spends = orgs.spends.iter().filter(|c| {
+            c.account_id == *account
+                && c.wallet == *wallet
+                && (member.is_empty() || c.member == *member)
+                && c.at_ms >= b.since_ms
         });
         if b.period == "w" {
-            let g = ((b.window_ms + BUDGET_BUCKETS - 1) / BUDGET_BUCKETS).max(1);
-            let cur = now / g;
+            let cur = b.period_of(now);
             let mut buckets: BTreeMap<i64, i64> = BTreeMap::new();
-            for (_, _, _, at, amount) in spends {
-                let idx = at / g;
+            for c in spends {
+                let idx = b.period_of(c.at_ms);
                 if idx >= cur - BUDGET_BUCKETS {
-                    *buckets.entry(idx).or_default() += amount;
+                    *buckets.entry(idx).or_default() += c.amount - c.returned;
                 }
             }
-            for (idx, amount) in buckets {
+            for (idx, amount) in buckets.into_iter().filter(|(_, n)| *n > 0) {
                 cmd.arg(format!("b{idx}")).arg(amount);
             }
         } else {
-            let start = period_start(&b.period, b.offset_ms, now);
+            let start = b.period_of(now);
             let spent: i64 = spends
-                .filter(|(_, _, _, at, _)| *at >= start)
-                .map(|(_, _, _, _, amount)| amount)
+                .filter(|c| c.at_ms >= start)
+                .map(|c| c.amount - c.returned)
                 .sum();
-            cmd.arg("s").arg(spent).arg("ps").arg(start);
+            cmd.arg("s").arg(spent.max(0)).arg("ps").arg(start);
         }
         pipe.add_command(cmd).ignore();
         queued += 1;
@@ -1058,10 +1149,14 @@ pub async fn restore(
                 .arg(h.state.to_string())
                 .arg("o")
                 .arg(&h.operation);
-            if !h.member.is_empty() {
-                // Budget references are not rebuilt: releasing a restored hold gives
-                // nothing back to a budget (conservative).
-                cmd.arg("mb").arg(&h.member).arg("bg").arg("");
+            // An open hold's budget refs, so its end gives back as it would have.
+            let refs = if h.state == 'a' {
+                orgs.hold_refs(&tag, h)
+            } else {
+                String::new()
+            };
+            if !h.member.is_empty() || !refs.is_empty() {
+                cmd.arg("mb").arg(&h.member).arg("bg").arg(refs);
             }
             if h.state != 'a' {
                 cmd.arg("q").arg(h.captured);
