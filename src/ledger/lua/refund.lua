@@ -89,32 +89,30 @@ else
   end
   if #scores > 0 and redis.call('ZCARD', W.b) + #scores > tonumber(ARGV[13]) then
     answer = 'LOT_LIMIT|' .. ARGV[13]
-    remember(ikey, ARGV[10], answer)
-    redis.call('SET', rkey, c[1], 'PX', itos(idem_life_ms()))
-    return { 0, answer }
-  end
-  local created = {}
-  for g = 1, #scores do
-    local score = tonumber(scores[g])
-    local _, piece = add_lot(W, amounts[g], 'refund', math.floor(score / PRIO_UNIT), lot_expiry(score), 'refund of ' .. charge_id)
-    created[#created + 1] = piece
-  end
-  if expired > 0 then
-    redis.call('HINCRBY', W.w, 'xp', expired)
-  end
-  redis.call('HINCRBY', W.w, 'f', amount)
-  local total
-  if packed then
-    total = tonumber(c[4]) + amount
-    redis.call('HSET', bucket, charge_id, charge_value(c[1], c[2], tonumber(c[3]), total, c[6], c[5]))
   else
-    total = redis.call('HINCRBY', legacy, 'f', amount)
+    local created = {}
+    for g = 1, #scores do
+      local score = tonumber(scores[g])
+      local _, piece = add_lot(W, amounts[g], 'refund', math.floor(score / PRIO_UNIT), lot_expiry(score), 'refund of ' .. charge_id)
+      created[#created + 1] = piece
+    end
+    if expired > 0 then
+      redis.call('HINCRBY', W.w, 'xp', expired)
+    end
+    redis.call('HINCRBY', W.w, 'f', amount)
+    local total
+    if packed then
+      total = tonumber(c[4]) + amount
+      redis.call('HSET', bucket, charge_id, charge_value(c[1], c[2], tonumber(c[3]), total, c[6], c[5]))
+    else
+      total = redis.call('HINCRBY', legacy, 'f', amount)
+    end
+    -- A refund of a member's charge gives the member's allocation back.
+    MEMBER = c[6] or ''
+    alloc_use(c[1], c[2], MEMBER, -amount)
+    local eid = emit(W, 'refund', amount, table.concat(created, ','), itos(expired), '', charge_id, ARGV[9], '', ARGV[12])
+    answer = 'OK|' .. eid .. '|' .. itos(amount) .. '|' .. itos(total) .. '|' .. itos(W.r) .. '|' .. itos(expired)
   end
-  -- A refund of a member's charge gives the member's allocation back.
-  MEMBER = c[6] or ''
-  alloc_use(c[1], c[2], MEMBER, -amount)
-  local eid = emit(W, 'refund', amount, table.concat(created, ','), itos(expired), '', charge_id, ARGV[9], '', ARGV[12])
-  answer = 'OK|' .. eid .. '|' .. itos(amount) .. '|' .. itos(total) .. '|' .. itos(W.r) .. '|' .. itos(expired)
 end
 remember(ikey, ARGV[10], answer)
 redis.call('SET', rkey, c[1], 'PX', itos(idem_life_ms()))
