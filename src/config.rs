@@ -20,6 +20,9 @@ use crate::settle::store;
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Where fail_open charges wait for Redis, relative to the working directory (beside the
+/// default SQLite store).
+pub const DEFAULT_SPOOL_PATH: &str = "tollgate-spool.jsonl";
 /// Shortest idempotency window accepted: retries of one request arrive within it.
 pub const IDEMPOTENCY_WINDOW_SECS_MIN: u64 = 60;
 pub const REDIS_CONNECTIONS_MAX: usize = 64;
@@ -197,6 +200,10 @@ pub struct GatewayConfig {
     pub identity_cache_entries_max: usize,
     /// CreateApiKey past it: KEY_LIMIT.
     pub keys_per_account_max: u32,
+    /// File where debit charges allowed by `fail_open` while Redis is unavailable wait to
+    /// be applied (relative to the working directory); empty = not recorded (such
+    /// requests are then free).
+    pub spool_path: String,
 }
 
 impl Default for GatewayConfig {
@@ -209,6 +216,7 @@ impl Default for GatewayConfig {
             identity_cache_ttl_ms: identity::DEFAULT_IDENTITY_CACHE_TTL.as_millis() as u64,
             identity_cache_entries_max: identity::DEFAULT_IDENTITY_CACHE_ENTRIES_MAX,
             keys_per_account_max: identity::DEFAULT_KEYS_PER_ACCOUNT_MAX,
+            spool_path: DEFAULT_SPOOL_PATH.into(),
         }
     }
 }

@@ -445,6 +445,7 @@ pub async fn run(
 
     let sweep_interval = Duration::from_millis(config.ledger.sweep_interval_ms);
     let sweeper = tokio::spawn(sweeper::run(ledger.clone(), sweep_interval, stopped()));
+    let replayer = tokio::spawn(replay_spool(gateway.clone(), stopped()));
 
     tokio::spawn(async move {
         shutdown.await;
@@ -454,6 +455,7 @@ pub async fn run(
 
     let (grpc, http) = tokio::join!(grpc, http);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, sweeper).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, replayer).await;
     if let Some(task) = settler_task {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
     }
@@ -465,6 +467,28 @@ pub async fn run(
     grpc?;
     http?;
     Ok(())
+}
+
+/// How often the fail-open spool is looked at (two `stat`s when it is empty).
+const SPOOL_REPLAY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Applies the fail_open charges spooled while Redis was unavailable, a round per
+/// interval: from the start (what a previous process left) and after every outage.
+async fn replay_spool(gateway: Arc<Gateway>, stopped: impl Future<Output = ()>) {
+    tokio::pin!(stopped);
+    let mut tick = tokio::time::interval(SPOOL_REPLAY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        match gateway.replay_spool().await {
+            Ok(0) => {}
+            Ok(charges) => tracing::info!(charges, "applied spooled fail_open charges"),
+            Err(err) => tracing::warn!(error = %err, "cannot read the fail_open spool"),
+        }
+    }
 }
 
 /// Re-reads the price book from the config file on every SIGHUP. A bad file is reported

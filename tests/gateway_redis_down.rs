@@ -1,12 +1,13 @@
 //! Redis stopped mid-test under gateway checks: fail_closed operations answer 503 within
 //! the check deadline, fail_open ones allow with `x-tollgate-degraded: 1`; when Redis
-//! returns, checks succeed again without restarting tollgate.
+//! returns, checks succeed again without restarting tollgate, and the charges fail_open
+//! allowed are applied from the spool, each once.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::gateways::{http, seed, HttpResponse};
+use common::gateways::{balance, http, seed, wait_balance, HttpResponse};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse as CheckAnswer;
@@ -43,6 +44,7 @@ fn config(redis_url: &str) -> Config {
     // A private store the settler does not fill: Redis coming back empty is then a new
     // Redis, not a lost one (that case awaits `tollgate restore`; tests/restore.rs).
     config.store = test.store;
+    config.gateway.spool_path = test.gateway.spool_path;
     config.settler = test.settler;
     // Deadlines a busy machine keeps before the outage; the test only shows that no check
     // outlives them (HANG_GUARD), not how short they are.
@@ -54,20 +56,28 @@ fn config(redis_url: &str) -> Config {
 }
 
 async fn check(server: &common::TestServer, path: &str, key: &str) -> (HttpResponse, Duration) {
+    check_as(server, path, key, None).await
+}
+
+/// A check with an `x-request-id` (the idempotency key of its charge) when given.
+async fn check_as(
+    server: &common::TestServer,
+    path: &str,
+    key: &str,
+    request_id: Option<&str>,
+) -> (HttpResponse, Duration) {
     let started = Instant::now();
+    let mut headers = vec![
+        ("x-forwarded-method", "POST"),
+        ("x-forwarded-uri", path),
+        ("x-api-key", key),
+    ];
+    if let Some(id) = request_id {
+        headers.push(("x-request-id", id));
+    }
     let response = tokio::time::timeout(
         HANG_GUARD,
-        http(
-            server.http_addr,
-            "GET",
-            "/v1/forward-auth",
-            &[
-                ("x-forwarded-method", "POST"),
-                ("x-forwarded-uri", path),
-                ("x-api-key", key),
-            ],
-            "",
-        ),
+        http(server.http_addr, "GET", "/v1/forward-auth", &headers, ""),
     )
     .await
     .expect("the check must not hang");
@@ -204,4 +214,116 @@ async fn fail_closed_503_fail_open_degraded_then_recovery_without_restart() {
     wait_allowed(&server, "/strict", &new_key).await;
     let (r, _) = check(&server, "/strict", &new_key).await;
     assert_eq!(r.header("x-tollgate-account"), Some("fresh"));
+}
+
+/// A counter's value on the server's `/metrics` (0 when absent). The recorder is shared
+/// by the tests of this file, so callers compare with "at least".
+async fn counter(server: &common::TestServer, series: &str) -> f64 {
+    let (_, text) = common::http_get(server.http_addr, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn assert_degraded(server: &common::TestServer, key: &str, request_id: Option<&str>) {
+    let (r, _) = check_as(server, "/lenient", key, request_id).await;
+    assert_eq!(
+        (r.status, r.header("x-tollgate-degraded")),
+        (200, Some("1")),
+        "{r:?}"
+    );
+}
+
+/// DESIGN.md's failure policy: a fail_open check is allowed while Redis is down "and the
+/// charge is recorded locally to be applied when Redis returns". Charges recorded while
+/// Redis was gone are applied by the next tollgate process (the spool outlives a
+/// restart), each once (a retried request id once in all), never beyond the balance;
+/// a charge that reached a hung Redis anyway is not taken again by the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
+    let aof_dir = common::temp_path("aof");
+    std::fs::create_dir_all(&aof_dir).expect("aof dir");
+    let aof_dir = aof_dir.display().to_string();
+    let aof = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        aof_dir.as_str(),
+    ];
+    let mut redis = common::RedisServer::start_with(&aof);
+    let config = config(&redis.url());
+    let spool = std::path::PathBuf::from(&config.gateway.spool_path);
+    let server = common::TestServer::start(config.clone(), Clock::Redis).await;
+    let key = seed(&server, "acme", 100).await;
+    let other_key = seed(&server, "other", 100).await;
+    let poor_key = seed(&server, "poor", 2).await;
+    // Caches acme's and poor's identities (other's key stays unknown to this process).
+    for k in [&key, &poor_key] {
+        let (r, _) = check(&server, "/strict", k).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    // Redis gone: nothing reaches it. Eight charges are allowed and spooled.
+    redis.kill();
+    assert_degraded(&server, &key, Some("r-1")).await;
+    assert_degraded(&server, &key, Some("r-1")).await; // a retry of the same request
+    assert_degraded(&server, &key, None).await;
+    assert_eq!(envoy_check(&server, "/lenient", &key).await, 200);
+    assert_degraded(&server, &other_key, None).await; // by key: resolved on replay
+    for _ in 0..3 {
+        assert_degraded(&server, &poor_key, None).await; // one credit left for three
+    }
+    // The replayer moves the file aside each second and keeps what Redis did not take.
+    let mut replay = spool.clone().into_os_string();
+    replay.push(".replay");
+    let replay = std::path::PathBuf::from(replay);
+    common::eventually(HANG_GUARD, "eight spooled charges", || async {
+        let lines =
+            |p: &std::path::Path| std::fs::read_to_string(p).map_or(0, |t| t.lines().count());
+        (lines(&spool) + lines(&replay) == 8).then_some(())
+    })
+    .await;
+    assert!(counter(&server, "tollgate_spool_written_total").await >= 8.0);
+    server.stop().await;
+
+    // Redis back with its data; a new tollgate process replays what the last one spooled.
+    redis.restart_with(&aof);
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    wait_balance(&server, "acme", (96, 0, 4)).await;
+    wait_balance(&server, "other", (99, 0, 1)).await;
+    wait_balance(&server, "poor", (0, 0, 2)).await;
+    common::eventually(HANG_GUARD, "the spool emptied", || async {
+        (!spool.exists() && !replay.exists()).then_some(())
+    })
+    .await;
+    // Once replayed, each exactly once (the waits above stop at the first match).
+    assert_eq!(balance(&server, "acme").await, (96, 0, 4));
+    assert_eq!(balance(&server, "other").await, (99, 0, 1));
+    assert_eq!(balance(&server, "poor").await, (0, 0, 2));
+    let replayed = |result: &str| format!("tollgate_spool_replayed_total{{result=\"{result}\"}}");
+    assert!(counter(&server, &replayed("charged")).await >= 5.0);
+    assert!(counter(&server, &replayed("duplicate")).await >= 1.0);
+    assert!(counter(&server, &replayed("refused")).await >= 2.0);
+
+    // Redis hung: the charge is sent, times out, is allowed and spooled, then runs when
+    // Redis wakes up. The replay finds it done under the same idempotency key.
+    redis.pause();
+    assert_degraded(&server, &key, Some("r-2")).await;
+    common::eventually(HANG_GUARD, "the hung charge spooled", || async {
+        (spool.exists() || replay.exists()).then_some(())
+    })
+    .await;
+    redis.resume();
+    common::eventually(HANG_GUARD, "the hung charge replayed", || async {
+        (!spool.exists() && !replay.exists()).then_some(())
+    })
+    .await;
+    assert!(counter(&server, &replayed("duplicate")).await >= 2.0);
+    wait_balance(&server, "acme", (95, 0, 5)).await;
+    // Nothing more arrives late.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_balance(&server, "acme", (95, 0, 5)).await;
+    server.stop().await;
 }

@@ -17,6 +17,7 @@ use redis::Script;
 use sha2::{Digest, Sha256};
 
 use crate::api::auth::constant_time_eq;
+use crate::gateway::spool::Payer;
 use crate::ledger::command::{Violations, DESCRIPTION_LEN_MAX};
 use crate::ledger::keys::ShardMap;
 use crate::ledger::{FieldViolation, LedgerError, RedisPool, Refusal};
@@ -299,6 +300,26 @@ impl KeyStore {
                 digest,
             }),
             None => Presented::Known(self.remember(digest, Known::Unknown)),
+        }
+    }
+
+    /// Who a key allowed while Redis was unavailable pays, for the fail-open spool: the
+    /// identity the cache holds for it (however old), else the key's id, shard and digest
+    /// for the ledger to resolve later. `None` for a key known not to be active or not
+    /// well-formed. Counts no cache lookup.
+    pub fn payer(&self, key: &str) -> Option<Payer> {
+        let digest = key_digest(key);
+        match self.cache.get(&digest).map(|c| c.known) {
+            Some(Known::Active(identity)) => Some(Payer::Account {
+                account_id: identity.account_id.clone(),
+                member_id: identity.member_id.clone(),
+            }),
+            Some(Known::Revoked | Known::Unknown) => None,
+            None => parse_key(key, &self.shards).map(|(key_id, shard)| Payer::Key {
+                key_id: key_id.to_owned(),
+                shard,
+                digest: hex(&digest),
+            }),
         }
     }
 

@@ -7,6 +7,8 @@
 //! - `forward_auth`: HTTP forward-auth (nginx auth_request, Traefik, Kong) and the HTTP
 //!   hold settlement endpoints
 //! - `access_log`: Envoy's gRPC access-log service, which settles holds by the response
+//! - `spool`: fail_open charges kept on disk while Redis is unavailable, applied when it
+//!   returns
 //!
 //! This module holds the decision flow shared by every front door ([`Gateway::check`]);
 //! how a [`Denial`] looks on the wire is decided in `api::status` only.
@@ -16,6 +18,7 @@ pub mod ext_authz;
 pub mod forward_auth;
 pub mod identity;
 pub mod pricing;
+pub mod spool;
 
 use crate::telemetry::metrics as m;
 use std::path::Path;
@@ -34,6 +37,7 @@ use crate::ledger::{
 };
 use identity::{Identity, IdentityError, KeyMiss, KeyStore, Known, Presented};
 use pricing::{FailPolicy, HoldPolicy, Mode, Operation, PriceBook, Routed, Settlement};
+use spool::{Payer, Spool, SpooledCharge};
 
 /// Whole-check deadline unless configured: under Envoy's default 200 ms ext_authz timeout,
 /// so tollgate answers (with the fail policy) before Envoy gives up on it.
@@ -87,7 +91,8 @@ pub struct Allowed {
     pub hold_id: Option<String>,
     /// Available credits in the wallet after the charge.
     pub remaining: Option<i64>,
-    /// Allowed without a charge because Redis was unavailable (fail_open).
+    /// Allowed without a charge because Redis was unavailable (fail_open); a debit
+    /// operation's charge is spooled and applied when Redis returns.
     pub degraded: bool,
 }
 
@@ -181,6 +186,32 @@ pub struct Gateway {
     shared_secret: String,
     shared_secret_header: String,
     check_timeout: Duration,
+    /// Where fail_open charges wait for Redis; `None` when `gateway.spool_path` is empty.
+    spool: Option<Arc<Spool>>,
+}
+
+/// What became of a spooled charge sent to the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replayed {
+    Charged,
+    /// Its idempotency key had already charged it (it reached Redis before the outage
+    /// was noticed, or an earlier round applied it).
+    Duplicate,
+    /// The ledger said no (insufficient credits, a key revoked meanwhile, …): dropped.
+    Refused,
+    /// Redis is still unavailable (or awaits a restore): kept for the next round.
+    Retry,
+}
+
+impl Replayed {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Charged => "charged",
+            Self::Duplicate => "duplicate",
+            Self::Refused => "refused",
+            Self::Retry => "retry",
+        }
+    }
 }
 
 impl Gateway {
@@ -194,6 +225,17 @@ impl Gateway {
             g.keys_per_account_max,
         ));
         register_operation_series(&config.pricebook);
+        let spool = if g.spool_path.is_empty() {
+            None
+        } else {
+            match Spool::open(&g.spool_path) {
+                Ok(spool) => Some(Arc::new(spool)),
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot start the fail_open spool: fail_open charges are not recorded");
+                    None
+                }
+            }
+        };
         Self {
             ledger,
             keys,
@@ -202,6 +244,7 @@ impl Gateway {
             shared_secret: g.shared_secret.clone(),
             shared_secret_header: g.shared_secret_header.clone(),
             check_timeout: Duration::from_millis(g.check_timeout_ms),
+            spool,
         }
     }
 
@@ -294,10 +337,132 @@ impl Gateway {
                 })
             }
         };
-        let charge = self.charge(op, amount, key, call.request_id);
-        match tokio::time::timeout(self.check_timeout, charge).await {
+        // Made once: a charge allowed degraded is spooled under the key it was tried with,
+        // so one that reached Redis before its answer was lost is not taken twice.
+        let idempotency_key = check_idempotency_key(&op.name, call.request_id);
+        let charge = self.charge(op, amount, key, &idempotency_key);
+        let decision = match tokio::time::timeout(self.check_timeout, charge).await {
             Ok(decision) => decision,
             Err(_) => unavailable(op, None),
+        };
+        if matches!(&decision, Decision::Allow(a) if a.degraded) {
+            self.spool_charge(op, amount, key, idempotency_key);
+        }
+        decision
+    }
+
+    /// Records a charge allowed without Redis (fail_open), to be applied when Redis
+    /// returns. Hold operations are not recorded: what their upstream finally costs is
+    /// only known from a capture, and no hold exists to capture (docs/ARCHITECTURE.md).
+    fn spool_charge(&self, op: &Operation, amount: i64, key: &str, idempotency_key: String) {
+        let Some(spool) = &self.spool else { return };
+        if amount <= 0 || !matches!(op.mode, Mode::Debit) {
+            return;
+        }
+        let Some(payer) = self.keys.payer(key) else {
+            return;
+        };
+        spool.record(SpooledCharge {
+            payer,
+            wallet: op.wallet.clone(),
+            amount,
+            operation: op.name.clone(),
+            idempotency_key,
+            at_ms: crate::settle::store::now_ms(),
+        });
+    }
+
+    /// One replay round of the fail-open spool: sends every spooled charge to the ledger
+    /// in the order they were allowed, until Redis fails again (the rest waits for the
+    /// next round). Returns how many were applied, found already applied or refused.
+    pub async fn replay_spool(&self) -> std::io::Result<usize> {
+        let Some(spool) = self.spool.clone() else {
+            return Ok(0);
+        };
+        let taken = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.take())
+                .await
+                .map_err(std::io::Error::other)??
+        };
+        let Some(charges) = taken else {
+            return Ok(0);
+        };
+        let mut done = 0;
+        for charge in &charges {
+            let replayed = self.replay_charge(charge).await;
+            if replayed == Replayed::Retry {
+                break;
+            }
+            metrics::counter!(m::SPOOL_REPLAYED_TOTAL, "result" => replayed.label()).increment(1);
+            done += 1;
+        }
+        let left = charges[done..].to_vec();
+        tokio::task::spawn_blocking(move || spool.keep(&left))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(done)
+    }
+
+    /// Sends one spooled charge: the same debit, under the same idempotency key, as the
+    /// check that allowed it.
+    pub async fn replay_charge(&self, charge: &SpooledCharge) -> Replayed {
+        let mut debit = Debit {
+            account_id: String::new(),
+            wallet: charge.wallet.clone(),
+            amount: charge.amount,
+            idempotency_key: charge.idempotency_key.clone(),
+            operation: charge.operation.clone(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        };
+        let result = match &charge.payer {
+            Payer::Account {
+                account_id,
+                member_id,
+            } => {
+                debit.account_id = account_id.clone();
+                debit.member_id = member_id.clone();
+                self.ledger.debit(&debit).await
+            }
+            Payer::Key {
+                key_id,
+                shard,
+                digest,
+            } => {
+                let key = KeyRef {
+                    key_id,
+                    shard: *shard,
+                    digest_hex: digest,
+                };
+                match self.ledger.debit_by_key(&debit, &key).await {
+                    Ok(Keyed::UnknownKey | Keyed::RevokedKey { .. }) => {
+                        tracing::warn!(operation = %charge.operation, "spooled charge dropped: its key is unknown or revoked");
+                        return Replayed::Refused;
+                    }
+                    Ok(Keyed::MemberKey {
+                        account_id,
+                        member_id,
+                    }) => {
+                        debit.account_id = account_id;
+                        debit.member_id = member_id;
+                        self.ledger.debit(&debit).await
+                    }
+                    Ok(Keyed::Charged { result, .. }) => result,
+                    Err(err) => Err(err),
+                }
+            }
+        };
+        match result {
+            Ok(out) if out.replayed => Replayed::Duplicate,
+            Ok(_) => Replayed::Charged,
+            Err(
+                LedgerError::Unavailable(_) | LedgerError::NotInitialized | LedgerError::OutboxFull,
+            ) => Replayed::Retry,
+            Err(err) => {
+                tracing::warn!(operation = %charge.operation, error = %err, "spooled charge refused by the ledger; dropped");
+                Replayed::Refused
+            }
         }
     }
 
@@ -306,13 +471,13 @@ impl Gateway {
         op: &Operation,
         amount: i64,
         key: &str,
-        request_id: Option<&str>,
+        idempotency_key: &str,
     ) -> Decision {
         let identity = match self.keys.presented(key) {
             Presented::Known(known) => known,
             // A cache miss on a charge: its script resolves the key in the same call.
             Presented::Miss(miss) if amount > 0 => {
-                return self.charge_by_key(op, amount, &miss, request_id).await;
+                return self.charge_by_key(op, amount, &miss, idempotency_key).await;
             }
             Presented::Miss(miss) => self.keys.identify_miss(&miss).await,
         };
@@ -336,8 +501,7 @@ impl Gateway {
                 ..Allowed::default()
             });
         }
-        let idempotency_key = check_idempotency_key(&op.name, request_id);
-        self.charge_identity(op, amount, &identity, idempotency_key)
+        self.charge_identity(op, amount, &identity, idempotency_key.to_owned())
             .await
     }
 
@@ -349,10 +513,15 @@ impl Gateway {
         op: &Operation,
         amount: i64,
         miss: &KeyMiss<'_>,
-        request_id: Option<&str>,
+        idempotency_key: &str,
     ) -> Decision {
-        let idempotency_key = check_idempotency_key(&op.name, request_id);
-        let mut cmd = ChargeCmd::new(op, amount, String::new(), String::new(), idempotency_key);
+        let mut cmd = ChargeCmd::new(
+            op,
+            amount,
+            String::new(),
+            String::new(),
+            idempotency_key.to_owned(),
+        );
         let digest_hex = miss.digest_hex();
         let key = KeyRef {
             key_id: miss.key_id,

@@ -94,9 +94,17 @@ pub const IDENTITY_CACHE_MISSES_TOTAL: &str = "tollgate_identity_cache_misses_to
 pub const FAIL_OPEN_TOTAL: &str = "tollgate_fail_open_total";
 /// (gateway) Price book / config reloads, by `result` (ok, error).
 pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
+/// (gateway) fail_open charges written to the local spool.
+pub const SPOOL_WRITTEN_TOTAL: &str = "tollgate_spool_written_total";
+/// (gateway) fail_open charges lost before the ledger saw them: the spool queue was full,
+/// the disk refused the write, or a line was torn by a crash.
+pub const SPOOL_DROPPED_TOTAL: &str = "tollgate_spool_dropped_total";
+/// (gateway) Spooled charges sent to the ledger once Redis returned, by `result`
+/// (charged, duplicate, refused).
+pub const SPOOL_REPLAYED_TOTAL: &str = "tollgate_spool_replayed_total";
 
 /// The gateway's metric names (recorded on the gateway branch; see README).
-pub const GATEWAY_METRICS: [&str; 7] = [
+pub const GATEWAY_METRICS: [&str; 10] = [
     CHECKS_TOTAL,
     CHECK_SECONDS,
     GATEWAY_DENIALS_TOTAL,
@@ -104,6 +112,9 @@ pub const GATEWAY_METRICS: [&str; 7] = [
     IDENTITY_CACHE_MISSES_TOTAL,
     FAIL_OPEN_TOTAL,
     CONFIG_RELOADS_TOTAL,
+    SPOOL_WRITTEN_TOTAL,
+    SPOOL_DROPPED_TOTAL,
+    SPOOL_REPLAYED_TOTAL,
 ];
 
 /// Buckets for the hot path (checks, script calls): sub-millisecond resolution, up to the

@@ -224,12 +224,16 @@ impl Drop for KillOnDrop {
 }
 
 pub fn temp_sqlite_url() -> String {
+    format!("sqlite://{}", temp_path("db").display())
+}
+
+/// A fresh file path under the temp directory, unique to this process and call.
+pub fn temp_path(ext: &str) -> std::path::PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join("tollgate-tests");
     std::fs::create_dir_all(&dir).expect("temp dir");
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let path = dir.join(format!("{}-{n}-{}.db", std::process::id(), unique()));
-    format!("sqlite://{}", path.display())
+    dir.join(format!("{}-{n}-{}.{ext}", std::process::id(), unique()))
 }
 
 fn unique() -> u64 {
@@ -246,6 +250,8 @@ pub fn test_config(redis_url: &str) -> Config {
     let mut config = Config::from_toml("", Vec::new(), &Overrides::default()).expect("defaults");
     config.redis.url = redis_url.to_owned();
     config.store.url = temp_sqlite_url();
+    // A private spool: servers of concurrent tests never replay each other's charges.
+    config.gateway.spool_path = temp_path("spool").display().to_string();
     config.settler.enabled = false;
     config.auth.admin_token = ADMIN_TOKEN.into();
     config.auth.service_token = SERVICE_TOKEN.into();

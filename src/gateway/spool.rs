@@ -1,0 +1,325 @@
+//! The fail-open spool (DESIGN.md, failure policy: a `fail_open` operation is allowed while
+//! Redis is unavailable, "and the charge is recorded locally to be applied when Redis
+//! returns").
+//!
+//! A degraded check hands its charge to [`Spool::record`], which never blocks the check: a
+//! bounded queue feeds one writer thread that appends JSON lines to `gateway.spool_path`
+//! and `fsync`s each batch. The replayer ([`Spool::take`], driven by the server every
+//! second) moves the file aside under the writer's lock, so the writer's next batch starts
+//! a new file, and the gateway sends each charge to the ledger with its original
+//! idempotency key: a charge that reached Redis before the outage was noticed, or that
+//! was replayed before a crash, is not taken twice. What is left when Redis fails again is
+//! written back ([`Spool::keep`]) and tried on the next round, also after a restart.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::telemetry::metrics as m;
+
+/// Charges queued for the writer; past it a degraded check's charge is dropped (and
+/// counted in `tollgate_spool_dropped_total`): the writer cannot keep up with the disk.
+pub const SPOOL_QUEUE_MAX: usize = 65_536;
+
+/// Charges the writer appends per `fsync`.
+const WRITE_BATCH_MAX: usize = 1024;
+
+/// Who pays a spooled charge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "by")]
+pub enum Payer {
+    /// The identity the key had in the cache.
+    Account {
+        account_id: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        member_id: String,
+    },
+    /// A key the cache did not know: the ledger resolves it when the charge is replayed
+    /// (the key's SHA-256, never the key).
+    Key {
+        key_id: String,
+        shard: u16,
+        digest: String,
+    },
+}
+
+/// A charge allowed without Redis, to be applied when it returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpooledCharge {
+    pub payer: Payer,
+    pub wallet: String,
+    pub amount: i64,
+    pub operation: String,
+    pub idempotency_key: String,
+    /// When the check was allowed (server time).
+    pub at_ms: i64,
+}
+
+/// The spool file and its writer thread. Dropping it stops the writer after what is queued.
+pub struct Spool {
+    path: PathBuf,
+    replay_path: PathBuf,
+    queue: SyncSender<SpooledCharge>,
+    /// Held by the writer while it appends, and by [`Spool::take`] while it moves the
+    /// file aside: no batch lands in a file being replayed.
+    file_lock: Arc<Mutex<()>>,
+}
+
+impl Spool {
+    /// Starts the writer thread. Nothing is created on disk until a charge is recorded.
+    pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
+        let path = path.into();
+        let mut replay_path = path.clone().into_os_string();
+        replay_path.push(".replay");
+        let (queue, rx) = mpsc::sync_channel(SPOOL_QUEUE_MAX);
+        let file_lock = Arc::new(Mutex::new(()));
+        let writer = Writer {
+            path: path.clone(),
+            file_lock: file_lock.clone(),
+        };
+        std::thread::Builder::new()
+            .name("tollgate-spool".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Self {
+            path,
+            replay_path: replay_path.into(),
+            queue,
+            file_lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues a charge for the disk; never waits.
+    pub fn record(&self, charge: SpooledCharge) {
+        match self.queue.try_send(charge) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(1);
+            }
+        }
+    }
+
+    /// The charges to replay: those a previous round left, else the spool file's, moved
+    /// aside first. `None` when there is nothing to replay. Lines that do not parse (a
+    /// write cut short by a crash) are skipped and counted as dropped.
+    pub fn take(&self) -> io::Result<Option<Vec<SpooledCharge>>> {
+        if !self.replay_path.exists() {
+            let _guard = self
+                .file_lock
+                .lock()
+                .map_err(|_| io::Error::other("spool writer panicked"))?;
+            match fs::rename(&self.path, &self.replay_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        let file = match File::open(&self.replay_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut charges = Vec::new();
+        for line in BufReader::new(file).lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str(&line) {
+                Ok(charge) => charges.push(charge),
+                Err(err) => {
+                    tracing::warn!(error = %err, "spool: skipping a line that does not parse");
+                    metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(1);
+                }
+            }
+        }
+        Ok(Some(charges))
+    }
+
+    /// Keeps what a replay round could not apply for the next one (written to a temporary
+    /// file, synced, then renamed over the replay file); with nothing left, removes it.
+    pub fn keep(&self, left: &[SpooledCharge]) -> io::Result<()> {
+        if left.is_empty() {
+            return match fs::remove_file(&self.replay_path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        let mut tmp = self.replay_path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let mut file = File::create(&tmp)?;
+        file.write_all(&lines(left)?)?;
+        file.sync_data()?;
+        fs::rename(&tmp, &self.replay_path)
+    }
+}
+
+/// Charges as JSON lines.
+fn lines(charges: &[SpooledCharge]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(charges.len() * 200);
+    for charge in charges {
+        serde_json::to_writer(&mut out, charge)?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+struct Writer {
+    path: PathBuf,
+    file_lock: Arc<Mutex<()>>,
+}
+
+impl Writer {
+    /// Appends what arrives, a batch per `fsync`, until every sender is gone.
+    fn run(self, rx: Receiver<SpooledCharge>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < WRITE_BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(charge) => batch.push(charge),
+                    Err(_) => break,
+                }
+            }
+            match self.append(&batch) {
+                Ok(()) => {
+                    metrics::counter!(m::SPOOL_WRITTEN_TOTAL).increment(batch.len() as u64);
+                }
+                Err(err) => {
+                    tracing::error!(
+                        error = %err,
+                        path = %self.path.display(),
+                        charges = batch.len(),
+                        "spool: cannot write fail_open charges; they are lost"
+                    );
+                    metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(batch.len() as u64);
+                }
+            }
+        }
+    }
+
+    fn append(&self, batch: &[SpooledCharge]) -> io::Result<()> {
+        let data = lines(batch)?;
+        let _guard = self
+            .file_lock
+            .lock()
+            .map_err(|_| io::Error::other("spool lock poisoned"))?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        file.write_all(&data)?;
+        file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn charge(n: i64) -> SpooledCharge {
+        SpooledCharge {
+            payer: if n % 2 == 0 {
+                Payer::Account {
+                    account_id: format!("acct-{n}"),
+                    member_id: String::new(),
+                }
+            } else {
+                Payer::Key {
+                    key_id: format!("k{n}"),
+                    shard: 3,
+                    digest: "ab".repeat(32),
+                }
+            },
+            wallet: "default".into(),
+            amount: n,
+            operation: "op".into(),
+            idempotency_key: format!("gw:op:{n}"),
+            at_ms: 1_700_000_000_000 + n,
+        }
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "tollgate-spool-{name}-{}-{}",
+            std::process::id(),
+            crate::settle::store::now_ms()
+        ))
+    }
+
+    /// Takes until `want` charges came back (the writer is a thread).
+    fn take_all(spool: &Spool, want: usize) -> Vec<SpooledCharge> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut got = Vec::new();
+        while got.len() < want {
+            if let Some(charges) = spool.take().expect("take") {
+                got.extend(charges);
+                spool.keep(&[]).expect("keep");
+            }
+            assert!(Instant::now() < deadline, "only {} of {want}", got.len());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        got
+    }
+
+    #[test]
+    fn recorded_charges_come_back_once_in_order_and_the_files_are_removed() {
+        let path = temp_path("order");
+        let spool = Spool::open(&path).expect("open");
+        assert_eq!(spool.take().expect("empty"), None);
+        for n in 0..10 {
+            spool.record(charge(n));
+        }
+        let first = take_all(&spool, 10);
+        for n in 10..15 {
+            spool.record(charge(n));
+        }
+        let second = take_all(&spool, 5);
+        let all: Vec<_> = first.into_iter().chain(second).collect();
+        assert_eq!(all, (0..15).map(charge).collect::<Vec<_>>());
+        assert_eq!(spool.take().expect("drained"), None);
+        assert!(!path.exists());
+        assert!(!spool.replay_path.exists());
+    }
+
+    #[test]
+    fn what_a_round_keeps_is_replayed_first_and_a_torn_line_is_skipped() {
+        let path = temp_path("keep");
+        let spool = Spool::open(&path).expect("open");
+        for n in 0..4 {
+            spool.record(charge(n));
+        }
+        let taken = take_all_without_removing(&spool, 4);
+        spool.keep(&taken[2..]).expect("keep");
+        // A crash cut the writer's last line short.
+        fs::write(&path, b"{\"payer\":{\"by\":\"acc").expect("torn");
+        assert_eq!(spool.take().expect("kept"), Some(taken[2..].to_vec()));
+        spool.keep(&[]).expect("done");
+        assert_eq!(spool.take().expect("torn"), Some(Vec::new()));
+        spool.keep(&[]).expect("done");
+        assert_eq!(spool.take().expect("empty"), None);
+    }
+
+    fn take_all_without_removing(spool: &Spool, want: usize) -> Vec<SpooledCharge> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // The writer may still be appending: wait until the file holds every line.
+            if fs::read_to_string(spool.path())
+                .map(|s| s.lines().count() == want)
+                .unwrap_or(false)
+            {
+                return spool.take().expect("take").expect("some");
+            }
+            assert!(Instant::now() < deadline, "the writer never wrote {want}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
