@@ -454,6 +454,10 @@ pub async fn run(
     });
 
     let (grpc, http) = tokio::join!(grpc, http);
+    // Checks have drained: what fail_open spooled reaches the disk before the process ends.
+    if !gateway.flush_spool(SHUTDOWN_GRACE).await {
+        tracing::error!("the fail_open spool was not flushed: queued charges are lost");
+    }
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, sweeper).await;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, replayer).await;
     if let Some(task) = settler_task {

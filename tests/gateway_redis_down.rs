@@ -15,6 +15,10 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use tollgate::config::{Config, Overrides};
 use tollgate::ledger::Clock;
 
+/// The tests of this file share one metrics recorder and both make fail_open charges:
+/// they run one at a time, so the spool test's counter differences are its own.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Far above the configured deadline: the test only proves no check hangs.
 const HANG_GUARD: Duration = Duration::from_secs(20);
 
@@ -128,6 +132,7 @@ async fn wait_allowed(server: &common::TestServer, path: &str, key: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_503_fail_open_degraded_then_recovery_without_restart() {
+    let _serial = SERIAL.lock().await;
     let mut redis = common::RedisServer::start();
     let server = common::TestServer::start(config(&redis.url()), Clock::Redis).await;
     let key = seed(&server, "acme", 100).await;
@@ -216,13 +221,28 @@ async fn fail_closed_503_fail_open_degraded_then_recovery_without_restart() {
     assert_eq!(r.header("x-tollgate-account"), Some("fresh"));
 }
 
-/// A counter's value on the server's `/metrics` (0 when absent). The recorder is shared
-/// by the tests of this file, so callers compare with "at least".
+/// A counter's value on the server's `/metrics` (0 when absent).
 async fn counter(server: &common::TestServer, series: &str) -> f64 {
     let (_, text) = common::http_get(server.http_addr, "/metrics").await;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The spool's counters: written, and replayed charged, duplicate, refused.
+async fn spool_counters(server: &common::TestServer) -> [f64; 4] {
+    let replayed = |result: &str| format!("tollgate_spool_replayed_total{{result=\"{result}\"}}");
+    let series = [
+        "tollgate_spool_written_total".to_owned(),
+        replayed("charged"),
+        replayed("duplicate"),
+        replayed("refused"),
+    ];
+    let mut values = [0.0; 4];
+    for (v, s) in values.iter_mut().zip(&series) {
+        *v = counter(server, s).await;
+    }
+    values
 }
 
 async fn assert_degraded(server: &common::TestServer, key: &str, request_id: Option<&str>) {
@@ -241,6 +261,7 @@ async fn assert_degraded(server: &common::TestServer, key: &str, request_id: Opt
 /// a charge that reached a hung Redis anyway is not taken again by the replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
+    let _serial = SERIAL.lock().await;
     let aof_dir = common::temp_path("aof");
     std::fs::create_dir_all(&aof_dir).expect("aof dir");
     let aof_dir = aof_dir.display().to_string();
@@ -259,6 +280,8 @@ async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
     let key = seed(&server, "acme", 100).await;
     let other_key = seed(&server, "other", 100).await;
     let poor_key = seed(&server, "poor", 2).await;
+    let before = spool_counters(&server).await;
+    let since = |now: [f64; 4]| -> [f64; 4] { std::array::from_fn(|i| now[i] - before[i]) };
     // Caches acme's and poor's identities (other's key stays unknown to this process).
     for k in [&key, &poor_key] {
         let (r, _) = check(&server, "/strict", k).await;
@@ -285,7 +308,10 @@ async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
         (lines(&spool) + lines(&replay) == 8).then_some(())
     })
     .await;
-    assert!(counter(&server, "tollgate_spool_written_total").await >= 8.0);
+    common::eventually(HANG_GUARD, "eight written", || async {
+        (since(spool_counters(&server).await)[0] == 8.0).then_some(())
+    })
+    .await;
     server.stop().await;
 
     // Redis back with its data; a new tollgate process replays what the last one spooled.
@@ -302,13 +328,11 @@ async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
     assert_eq!(balance(&server, "acme").await, (96, 0, 4));
     assert_eq!(balance(&server, "other").await, (99, 0, 1));
     assert_eq!(balance(&server, "poor").await, (0, 0, 2));
-    let replayed = |result: &str| format!("tollgate_spool_replayed_total{{result=\"{result}\"}}");
-    assert!(counter(&server, &replayed("charged")).await >= 5.0);
-    assert!(counter(&server, &replayed("duplicate")).await >= 1.0);
-    assert!(counter(&server, &replayed("refused")).await >= 2.0);
+    // written, charged, duplicate (the retried request id), refused (poor's last two).
+    assert_eq!(since(spool_counters(&server).await), [8.0, 5.0, 1.0, 2.0]);
 
-    // Redis hung: the charge is sent, times out, is allowed and spooled, then runs when
-    // Redis wakes up. The replay finds it done under the same idempotency key.
+    // Redis hung: the charge times out and is allowed and spooled; if it was sent, Redis
+    // runs it when it wakes, and the replay finds it done under the same idempotency key.
     redis.pause();
     assert_degraded(&server, &key, Some("r-2")).await;
     common::eventually(HANG_GUARD, "the hung charge spooled", || async {
@@ -320,7 +344,9 @@ async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
         (!spool.exists() && !replay.exists()).then_some(())
     })
     .await;
-    assert!(counter(&server, &replayed("duplicate")).await >= 2.0);
+    let [written, charged, duplicate, refused] = since(spool_counters(&server).await);
+    // Found done by the replay if the hung Redis ran it on waking, else charged by it.
+    assert_eq!((written, charged + duplicate, refused), (9.0, 7.0, 2.0));
     wait_balance(&server, "acme", (95, 0, 5)).await;
     // Nothing more arrives late.
     tokio::time::sleep(Duration::from_millis(1500)).await;

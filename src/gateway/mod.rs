@@ -199,8 +199,12 @@ pub enum Replayed {
     Duplicate,
     /// The ledger said no (insufficient credits, a key revoked meanwhile, …): dropped.
     Refused,
-    /// Redis is still unavailable (or awaits a restore): kept for the next round.
+    /// Redis is still unavailable, or answered with an error of its own (LOADING after a
+    /// restart, READONLY during a failover, …): the round stops, the rest waits.
     Retry,
+    /// This charge's shard cannot take it yet (awaits `tollgate restore`, or its outbox
+    /// is full): kept for the next round; the round goes on with the others.
+    Later,
 }
 
 impl Replayed {
@@ -210,9 +214,28 @@ impl Replayed {
             Self::Duplicate => "duplicate",
             Self::Refused => "refused",
             Self::Retry => "retry",
+            Self::Later => "later",
+        }
+    }
+
+    /// What a replayed debit's answer means for the spooled charge.
+    pub fn of(result: &Result<DebitOutcome, LedgerError>) -> Self {
+        match result {
+            Ok(out) if out.replayed => Self::Duplicate,
+            Ok(_) => Self::Charged,
+            Err(LedgerError::Unavailable(_) | LedgerError::Internal(_)) => Self::Retry,
+            Err(LedgerError::NotInitialized | LedgerError::OutboxFull) => Self::Later,
+            Err(
+                LedgerError::Refused(_)
+                | LedgerError::InvalidArgument(_)
+                | LedgerError::NotFound(_),
+            ) => Self::Refused,
         }
     }
 }
+
+/// Spooled charges applied between two saves of a replay round's progress.
+const REPLAY_SAVE_EVERY: usize = 256;
 
 impl Gateway {
     pub fn new(config: &Config, ledger: Arc<Ledger>) -> Self {
@@ -339,14 +362,26 @@ impl Gateway {
         };
         // Made once: a charge allowed degraded is spooled under the key it was tried with,
         // so one that reached Redis before its answer was lost is not taken twice.
-        let idempotency_key = check_idempotency_key(&op.name, call.request_id);
-        let charge = self.charge(op, amount, key, &idempotency_key);
+        let idempotency_key = if amount > 0 {
+            check_idempotency_key(&op.name, call.request_id)
+        } else {
+            String::new()
+        };
+        // Only a charge that could be spooled keeps a copy of its key.
+        let spooled_key = (self.spool.is_some()
+            && amount > 0
+            && op.fail_policy == FailPolicy::FailOpen
+            && matches!(op.mode, Mode::Debit))
+        .then(|| idempotency_key.clone());
+        let charge = self.charge(op, amount, key, idempotency_key);
         let decision = match tokio::time::timeout(self.check_timeout, charge).await {
             Ok(decision) => decision,
             Err(_) => unavailable(op, None),
         };
-        if matches!(&decision, Decision::Allow(a) if a.degraded) {
-            self.spool_charge(op, amount, key, idempotency_key);
+        if let (Decision::Allow(a), Some(idempotency_key)) = (&decision, spooled_key) {
+            if a.degraded {
+                self.spool_charge(op, amount, key, idempotency_key);
+            }
         }
         decision
     }
@@ -356,9 +391,6 @@ impl Gateway {
     /// only known from a capture, and no hold exists to capture (docs/ARCHITECTURE.md).
     fn spool_charge(&self, op: &Operation, amount: i64, key: &str, idempotency_key: String) {
         let Some(spool) = &self.spool else { return };
-        if amount <= 0 || !matches!(op.mode, Mode::Debit) {
-            return;
-        }
         let Some(payer) = self.keys.payer(key) else {
             return;
         };
@@ -372,9 +404,21 @@ impl Gateway {
         });
     }
 
+    /// Waits (up to `timeout`) until every spooled charge is on disk: at shutdown.
+    pub async fn flush_spool(&self, timeout: Duration) -> bool {
+        let Some(spool) = self.spool.clone() else {
+            return true;
+        };
+        tokio::task::spawn_blocking(move || spool.flush(timeout))
+            .await
+            .unwrap_or(false)
+    }
+
     /// One replay round of the fail-open spool: sends every spooled charge to the ledger
     /// in the order they were allowed, until Redis fails again (the rest waits for the
-    /// next round). Returns how many were applied, found already applied or refused.
+    /// next round); a charge whose shard cannot take it yet waits too. Progress is saved
+    /// every few hundred charges, so a round cut short by a shutdown is not redone whole.
+    /// Returns how many were applied, found already applied or refused.
     pub async fn replay_spool(&self) -> std::io::Result<usize> {
         let Some(spool) = self.spool.clone() else {
             return Ok(0);
@@ -388,19 +432,45 @@ impl Gateway {
         let Some(charges) = taken else {
             return Ok(0);
         };
-        let mut done = 0;
-        for charge in &charges {
-            let replayed = self.replay_charge(charge).await;
-            if replayed == Replayed::Retry {
-                break;
+        let save = |left: Vec<SpooledCharge>| {
+            let spool = spool.clone();
+            async move {
+                tokio::task::spawn_blocking(move || spool.keep(&left))
+                    .await
+                    .map_err(std::io::Error::other)?
             }
-            metrics::counter!(m::SPOOL_REPLAYED_TOTAL, "result" => replayed.label()).increment(1);
-            done += 1;
+        };
+        let mut later = Vec::new();
+        let mut done = 0;
+        let mut unsaved = 0;
+        let mut next = 0;
+        while next < charges.len() {
+            let replayed = self.replay_charge(&charges[next]).await;
+            match replayed {
+                Replayed::Retry => break,
+                Replayed::Later => later.push(charges[next].clone()),
+                _ => {
+                    metrics::counter!(m::SPOOL_REPLAYED_TOTAL, "result" => replayed.label())
+                        .increment(1);
+                    done += 1;
+                    unsaved += 1;
+                }
+            }
+            next += 1;
+            if unsaved >= REPLAY_SAVE_EVERY {
+                save(later.iter().chain(&charges[next..]).cloned().collect()).await?;
+                unsaved = 0;
+            }
         }
-        let left = charges[done..].to_vec();
-        tokio::task::spawn_blocking(move || spool.keep(&left))
-            .await
-            .map_err(std::io::Error::other)??;
+        if next > 0 || charges.is_empty() {
+            save(
+                later
+                    .into_iter()
+                    .chain(charges.into_iter().skip(next))
+                    .collect(),
+            )
+            .await?;
+        }
         Ok(done)
     }
 
@@ -453,17 +523,17 @@ impl Gateway {
                 }
             }
         };
-        match result {
-            Ok(out) if out.replayed => Replayed::Duplicate,
-            Ok(_) => Replayed::Charged,
-            Err(
-                LedgerError::Unavailable(_) | LedgerError::NotInitialized | LedgerError::OutboxFull,
-            ) => Replayed::Retry,
-            Err(err) => {
-                tracing::warn!(operation = %charge.operation, error = %err, "spooled charge refused by the ledger; dropped");
-                Replayed::Refused
+        let replayed = Replayed::of(&result);
+        match (&result, replayed) {
+            (Err(err), Replayed::Refused) => {
+                tracing::warn!(operation = %charge.operation, error = %err, "spooled charge refused by the ledger; dropped")
             }
+            (Err(err), Replayed::Retry | Replayed::Later) => {
+                tracing::debug!(operation = %charge.operation, error = %err, "spooled charge kept for the next round")
+            }
+            _ => {}
         }
+        replayed
     }
 
     async fn charge(
@@ -471,7 +541,7 @@ impl Gateway {
         op: &Operation,
         amount: i64,
         key: &str,
-        idempotency_key: &str,
+        idempotency_key: String,
     ) -> Decision {
         let identity = match self.keys.presented(key) {
             Presented::Known(known) => known,
@@ -501,7 +571,7 @@ impl Gateway {
                 ..Allowed::default()
             });
         }
-        self.charge_identity(op, amount, &identity, idempotency_key.to_owned())
+        self.charge_identity(op, amount, &identity, idempotency_key)
             .await
     }
 
@@ -513,15 +583,9 @@ impl Gateway {
         op: &Operation,
         amount: i64,
         miss: &KeyMiss<'_>,
-        idempotency_key: &str,
+        idempotency_key: String,
     ) -> Decision {
-        let mut cmd = ChargeCmd::new(
-            op,
-            amount,
-            String::new(),
-            String::new(),
-            idempotency_key.to_owned(),
-        );
+        let mut cmd = ChargeCmd::new(op, amount, String::new(), String::new(), idempotency_key);
         let digest_hex = miss.digest_hex();
         let key = KeyRef {
             key_id: miss.key_id,
@@ -789,6 +853,51 @@ pub fn check_idempotency_key(operation: &str, request_id: Option<&str>) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replayed_charge_is_dropped_only_when_the_ledger_refuses_it() {
+        let outcome = |replayed| DebitOutcome {
+            event_id: "0-1-0".into(),
+            amount: 1,
+            available: 0,
+            held: 0,
+            allocation_remaining: None,
+            replayed,
+        };
+        let cases = [
+            (Ok(outcome(false)), Replayed::Charged),
+            (Ok(outcome(true)), Replayed::Duplicate),
+            (
+                Err(LedgerError::Refused(
+                    crate::ledger::Refusal::InsufficientCredits {
+                        required: 2,
+                        available: 1,
+                    },
+                )),
+                Replayed::Refused,
+            ),
+            (Err(LedgerError::NotFound("key")), Replayed::Refused),
+            (
+                Err(LedgerError::InvalidArgument(Vec::new())),
+                Replayed::Refused,
+            ),
+            // Redis's own errors (LOADING right after a restart, READONLY, OOM) arrive as
+            // Internal: never a reason to drop a charge.
+            (
+                Err(LedgerError::Internal("LOADING".into())),
+                Replayed::Retry,
+            ),
+            (
+                Err(LedgerError::Unavailable("timeout".into())),
+                Replayed::Retry,
+            ),
+            (Err(LedgerError::NotInitialized), Replayed::Later),
+            (Err(LedgerError::OutboxFull), Replayed::Later),
+        ];
+        for (result, want) in cases {
+            assert_eq!(Replayed::of(&result), want, "{result:?}");
+        }
+    }
 
     #[test]
     fn idempotency_keys_are_scoped_and_bounded() {

@@ -4,18 +4,23 @@
 //!
 //! A degraded check hands its charge to [`Spool::record`], which never blocks the check: a
 //! bounded queue feeds one writer thread that appends JSON lines to `gateway.spool_path`
-//! and `fsync`s each batch. The replayer ([`Spool::take`], driven by the server every
+//! and `fsync`s each batch (and the directory, when it made the file). A lock file
+//! (`<path>.lock`) keeps a second process off the same spool; a clean shutdown
+//! [flushes](Spool::flush) the queue. The replayer ([`Spool::take`], driven by the server every
 //! second) moves the file aside under the writer's lock, so the writer's next batch starts
 //! a new file, and the gateway sends each charge to the ledger with its original
 //! idempotency key: a charge that reached Redis before the outage was noticed, or that
 //! was replayed before a crash, is not taken twice. What is left when Redis fails again is
 //! written back ([`Spool::keep`]) and tried on the next round, also after a restart.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +32,13 @@ pub const SPOOL_QUEUE_MAX: usize = 65_536;
 
 /// Charges the writer appends per `fsync`.
 const WRITE_BATCH_MAX: usize = 1024;
+
+/// What the writer thread is sent.
+enum Msg {
+    Charge(SpooledCharge),
+    /// Answered once everything sent before it is on disk.
+    Flush(Sender<()>),
+}
 
 /// Who pays a spooled charge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,32 +75,60 @@ pub struct SpooledCharge {
 pub struct Spool {
     path: PathBuf,
     replay_path: PathBuf,
-    queue: SyncSender<SpooledCharge>,
+    queue: Sender<Msg>,
+    /// Charges sent to the writer and not written yet (the queue's bound; an unbounded
+    /// channel costs nothing while empty, a bounded one allocates every slot up front).
+    queued: Arc<AtomicUsize>,
     /// Held by the writer while it appends, and by [`Spool::take`] while it moves the
     /// file aside: no batch lands in a file being replayed.
     file_lock: Arc<Mutex<()>>,
+    /// `<path>.lock`, locked for as long as this process owns the spool.
+    _owner: File,
 }
 
 impl Spool {
-    /// Starts the writer thread. Nothing is created on disk until a charge is recorded.
+    /// Locks the spool for this process and starts the writer thread. Fails when another
+    /// process holds the spool. Nothing else is created until a charge is recorded.
     pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
         let path = path.into();
-        let mut replay_path = path.clone().into_os_string();
-        replay_path.push(".replay");
-        let (queue, rx) = mpsc::sync_channel(SPOOL_QUEUE_MAX);
+        let with = |suffix: &str| {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            PathBuf::from(p)
+        };
+        let owner = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(with(".lock"))?;
+        match owner.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is in use by another process", path.display()),
+                ))
+            }
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
+        let (queue, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let file_lock = Arc::new(Mutex::new(()));
         let writer = Writer {
             path: path.clone(),
             file_lock: file_lock.clone(),
+            queued: queued.clone(),
         };
         std::thread::Builder::new()
             .name("tollgate-spool".into())
             .spawn(move || writer.run(rx))?;
         Ok(Self {
+            replay_path: with(".replay"),
             path,
-            replay_path: replay_path.into(),
             queue,
+            queued,
             file_lock,
+            _owner: owner,
         })
     }
 
@@ -98,12 +138,19 @@ impl Spool {
 
     /// Queues a charge for the disk; never waits.
     pub fn record(&self, charge: SpooledCharge) {
-        match self.queue.try_send(charge) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(1);
-            }
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= SPOOL_QUEUE_MAX
+            || self.queue.send(Msg::Charge(charge)).is_err()
+        {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(1);
         }
+    }
+
+    /// Waits (blocking, up to `timeout`) until every charge recorded before is on disk;
+    /// false if the writer did not answer in time.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (done, wait) = mpsc::channel();
+        self.queue.send(Msg::Flush(done)).is_ok() && wait.recv_timeout(timeout).is_ok()
     }
 
     /// The charges to replay: those a previous round left, else the spool file's, moved
@@ -116,7 +163,7 @@ impl Spool {
                 .lock()
                 .map_err(|_| io::Error::other("spool writer panicked"))?;
             match fs::rename(&self.path, &self.replay_path) {
-                Ok(()) => {}
+                Ok(()) => sync_dir(&self.path)?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             }
@@ -158,7 +205,16 @@ impl Spool {
         let mut file = File::create(&tmp)?;
         file.write_all(&lines(left)?)?;
         file.sync_data()?;
-        fs::rename(&tmp, &self.replay_path)
+        fs::rename(&tmp, &self.replay_path)?;
+        sync_dir(&self.replay_path)
+    }
+}
+
+/// Makes a file's creation or rename in its directory durable.
+fn sync_dir(file: &Path) -> io::Result<()> {
+    match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => File::open(".")?.sync_all(),
     }
 }
 
@@ -175,36 +231,54 @@ fn lines(charges: &[SpooledCharge]) -> io::Result<Vec<u8>> {
 struct Writer {
     path: PathBuf,
     file_lock: Arc<Mutex<()>>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Writer {
     /// Appends what arrives, a batch per `fsync`, until every sender is gone.
-    fn run(self, rx: Receiver<SpooledCharge>) {
+    fn run(self, rx: Receiver<Msg>) {
+        let mut flushes = Vec::new();
         while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while batch.len() < WRITE_BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(charge) => batch.push(charge),
-                    Err(_) => break,
+            let mut batch = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Charge(charge) => batch.push(charge),
+                    Msg::Flush(done) => flushes.push(done),
+                }
+                if batch.len() < WRITE_BATCH_MAX {
+                    next = rx.try_recv().ok();
                 }
             }
-            match self.append(&batch) {
-                Ok(()) => {
-                    metrics::counter!(m::SPOOL_WRITTEN_TOTAL).increment(batch.len() as u64);
-                }
-                Err(err) => {
-                    tracing::error!(
-                        error = %err,
-                        path = %self.path.display(),
-                        charges = batch.len(),
-                        "spool: cannot write fail_open charges; they are lost"
-                    );
-                    metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(batch.len() as u64);
-                }
+            self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+            if !batch.is_empty() {
+                self.write(&batch);
+            }
+            for done in flushes.drain(..) {
+                let _ = done.send(());
             }
         }
     }
 
+    fn write(&self, batch: &[SpooledCharge]) {
+        match self.append(batch) {
+            Ok(()) => {
+                metrics::counter!(m::SPOOL_WRITTEN_TOTAL).increment(batch.len() as u64);
+            }
+            Err(err) => {
+                tracing::error!(
+                    error = %err,
+                    path = %self.path.display(),
+                    charges = batch.len(),
+                    "spool: cannot write fail_open charges; they are lost"
+                );
+                metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(batch.len() as u64);
+            }
+        }
+    }
+
+    /// Appends whole lines or nothing: a line a crash tore is ended first (so the next
+    /// line parses), and a failed write is cut back off.
     fn append(&self, batch: &[SpooledCharge]) -> io::Result<()> {
         let data = lines(batch)?;
         let _guard = self
@@ -213,10 +287,27 @@ impl Writer {
             .map_err(|_| io::Error::other("spool lock poisoned"))?;
         let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)?;
-        file.write_all(&data)?;
-        file.sync_data()
+        let len = file.seek(SeekFrom::End(0))?;
+        let mut last = [b'\n'];
+        if len > 0 {
+            file.read_exact_at(&mut last, len - 1)?;
+        }
+        let written = if last[0] == b'\n' {
+            file.write_all(&data)
+        } else {
+            file.write_all(b"\n").and_then(|()| file.write_all(&data))
+        };
+        if let Err(err) = written.and_then(|()| file.sync_data()) {
+            let _ = file.set_len(len);
+            return Err(err);
+        }
+        if len == 0 {
+            sync_dir(&self.path)?;
+        }
+        Ok(())
     }
 }
 
@@ -299,13 +390,25 @@ mod tests {
         }
         let taken = take_all_without_removing(&spool, 4);
         spool.keep(&taken[2..]).expect("keep");
-        // A crash cut the writer's last line short.
+        // A crash cut the writer's last line short; the next charge still parses.
         fs::write(&path, b"{\"payer\":{\"by\":\"acc").expect("torn");
+        spool.record(charge(7));
+        assert!(spool.flush(Duration::from_secs(30)), "flushed");
         assert_eq!(spool.take().expect("kept"), Some(taken[2..].to_vec()));
         spool.keep(&[]).expect("done");
-        assert_eq!(spool.take().expect("torn"), Some(Vec::new()));
+        assert_eq!(spool.take().expect("torn"), Some(vec![charge(7)]));
         spool.keep(&[]).expect("done");
         assert_eq!(spool.take().expect("empty"), None);
+    }
+
+    #[test]
+    fn a_second_spool_on_the_same_path_is_refused() {
+        let path = temp_path("owner");
+        let first = Spool::open(&path).expect("open");
+        let err = Spool::open(&path).err().expect("the path is taken");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        drop(first);
+        Spool::open(&path).expect("free again");
     }
 
     fn take_all_without_removing(spool: &Spool, want: usize) -> Vec<SpooledCharge> {
