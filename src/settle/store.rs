@@ -805,26 +805,26 @@ impl PgStore {
             let (ms, seq) = e.stream_position();
             let d = e.deltas();
             data.row(26);
-            data.text(&e.event_id);
+            data.text(&e.event_id)?;
             data.int(i64::from(e.shard()));
             data.int(ms);
             data.int(seq);
-            data.text(e.kind.as_str());
-            data.text(&e.account_id);
-            data.text(&e.wallet);
+            data.text(e.kind.as_str())?;
+            data.text(&e.account_id)?;
+            data.text(&e.wallet)?;
             data.int(e.amount);
             data.int(e.available_after);
             data.int(e.held_after);
-            data.text(&lots_text(&e.lots));
-            data.text(&e.extra);
-            data.text(&e.hold_id);
-            data.text(&e.charge_id);
-            data.text(&e.idempotency_key);
-            data.text(&e.operation);
-            data.text(&e.metadata);
+            data.text(&lots_text(&e.lots))?;
+            data.text(&e.extra)?;
+            data.text(&e.hold_id)?;
+            data.text(&e.charge_id)?;
+            data.text(&e.idempotency_key)?;
+            data.text(&e.operation)?;
+            data.text(&e.metadata)?;
             data.int(e.created_at_ms);
             data.int(i64::from(e.version));
-            data.text(&e.member);
+            data.text(&e.member)?;
             data.int(d.granted);
             data.int(d.used);
             data.int(d.expired);
@@ -1023,12 +1023,14 @@ impl CopyBinary {
         self.0.extend_from_slice(&value.to_be_bytes());
     }
 
-    fn text(&mut self, value: &str) {
-        // An event's fields are bounded far below 2 GiB by the ledger's own limits; a
-        // length that did not fit would make PostgreSQL reject the whole COPY.
-        let len = i32::try_from(value.len()).unwrap_or(i32::MAX);
+    /// Fails for a value past a field's 2 GiB (the ledger's own limits keep event fields
+    /// far below it).
+    fn text(&mut self, value: &str) -> Result<(), sqlx::Error> {
+        let len = i32::try_from(value.len())
+            .map_err(|_| sqlx::Error::Encode("a text field longer than 2 GiB".into()))?;
         self.0.extend_from_slice(&len.to_be_bytes());
         self.0.extend_from_slice(value.as_bytes());
+        Ok(())
     }
 
     fn finish(mut self) -> Vec<u8> {
