@@ -531,6 +531,7 @@ pub fn esign_config(redis_url: &str) -> Config {
     config.store = test.store;
     config.settler = test.settler;
     config.gateway.check_timeout_ms = test.gateway.check_timeout_ms;
+    config.gateway.spool_path = test.gateway.spool_path;
     config
 }
 

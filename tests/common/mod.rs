@@ -335,6 +335,11 @@ impl TestServer {
             config.store.url, default_store,
             "a test server needs its own store (common::test_config), not the working directory's"
         );
+        assert_ne!(
+            config.gateway.spool_path,
+            tollgate::config::DEFAULT_SPOOL_PATH,
+            "a test server needs its own fail-open spool (common::test_config)"
+        );
         let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
