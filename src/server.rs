@@ -482,16 +482,31 @@ async fn replay_spool(gateway: Arc<Gateway>, stopped: impl Future<Output = ()>) 
     tokio::pin!(stopped);
     let mut tick = tokio::time::interval(SPOOL_REPLAY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut more = false;
     loop {
-        tokio::select! {
-            _ = &mut stopped => return,
-            _ = tick.tick() => {}
+        if more {
+            // A full chunk went through: the next one right away.
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tokio::task::yield_now() => {}
+            }
+        } else {
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tick.tick() => {}
+            }
         }
-        match gateway.replay_spool().await {
-            Ok(0) => {}
-            Ok(charges) => tracing::info!(charges, "applied spooled fail_open charges"),
-            Err(err) => tracing::warn!(error = %err, "cannot read the fail_open spool"),
-        }
+        more = match gateway.replay_spool().await {
+            Ok((0, more)) => more,
+            Ok((charges, more)) => {
+                tracing::info!(charges, "applied spooled fail_open charges");
+                more
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the fail_open spool");
+                false
+            }
+        };
     }
 }
 

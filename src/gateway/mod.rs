@@ -234,8 +234,8 @@ impl Replayed {
     }
 }
 
-/// Spooled charges applied between two saves of a replay round's progress.
-const REPLAY_SAVE_EVERY: usize = 256;
+/// Spooled charges per replay round (the memory a replay takes, however long the outage).
+pub const REPLAY_CHUNK: usize = 4096;
 
 impl Gateway {
     pub fn new(config: &Config, ledger: Arc<Ledger>) -> Self {
@@ -414,64 +414,51 @@ impl Gateway {
             .unwrap_or(false)
     }
 
-    /// One replay round of the fail-open spool: sends every spooled charge to the ledger
-    /// in the order they were allowed, until Redis fails again (the rest waits for the
-    /// next round); a charge whose shard cannot take it yet waits too. Progress is saved
-    /// every few hundred charges, so a round cut short by a shutdown is not redone whole.
-    /// Returns how many were applied, found already applied or refused.
-    pub async fn replay_spool(&self) -> std::io::Result<usize> {
+    /// One replay round of the fail-open spool: sends up to [`REPLAY_CHUNK`] spooled
+    /// charges to the ledger in the order they were allowed, until Redis fails again (the
+    /// rest waits for the next round). A charge whose shard cannot take it yet is spooled
+    /// again, behind the others. Returns how many were applied, found already applied or
+    /// refused, and whether more are waiting.
+    pub async fn replay_spool(&self) -> std::io::Result<(usize, bool)> {
         let Some(spool) = self.spool.clone() else {
-            return Ok(0);
+            return Ok((0, false));
         };
         let taken = {
             let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.take())
+            tokio::task::spawn_blocking(move || spool.take(REPLAY_CHUNK))
                 .await
                 .map_err(std::io::Error::other)??
         };
-        let Some(charges) = taken else {
-            return Ok(0);
+        let Some(chunk) = taken else {
+            return Ok((0, false));
         };
-        let save = |left: Vec<SpooledCharge>| {
-            let spool = spool.clone();
-            async move {
-                tokio::task::spawn_blocking(move || spool.keep(&left))
-                    .await
-                    .map_err(std::io::Error::other)?
-            }
-        };
-        let mut later = Vec::new();
         let mut done = 0;
-        let mut unsaved = 0;
-        let mut next = 0;
-        while next < charges.len() {
-            let replayed = self.replay_charge(&charges[next]).await;
+        let mut applied = 0;
+        let mut requeued = false;
+        for charge in &chunk.charges {
+            let replayed = self.replay_charge(charge).await;
             match replayed {
                 Replayed::Retry => break,
-                Replayed::Later => later.push(charges[next].clone()),
-                _ => {
-                    metrics::counter!(m::SPOOL_REPLAYED_TOTAL, "result" => replayed.label())
-                        .increment(1);
-                    done += 1;
-                    unsaved += 1;
+                Replayed::Later => {
+                    spool.record(charge.clone());
+                    requeued = true;
                 }
+                _ => done += 1,
             }
-            next += 1;
-            if unsaved >= REPLAY_SAVE_EVERY {
-                save(later.iter().chain(&charges[next..]).cloned().collect()).await?;
-                unsaved = 0;
+            metrics::counter!(m::SPOOL_REPLAYED_TOTAL, "result" => replayed.label()).increment(1);
+            applied += 1;
+        }
+        let more = applied == chunk.charges.len() && !chunk.charges.is_empty();
+        tokio::task::spawn_blocking(move || {
+            // A charge spooled again is on disk before its old line is passed over.
+            if requeued && !spool.flush(Duration::from_secs(10)) {
+                return Err(std::io::Error::other("spool writer did not flush"));
             }
-        }
-        if next > 0 || charges.is_empty() {
-            save(
-                later
-                    .into_iter()
-                    .chain(charges.into_iter().skip(next))
-                    .collect(),
-            )
-            .await?;
-        }
-        Ok(done)
+            spool.commit(&chunk, applied)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok((done, more && done > 0))
     }
 
     /// Sends one spooled charge: the same debit, under the same idempotency key, as the

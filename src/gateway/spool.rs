@@ -10,8 +10,9 @@
 //! second) moves the file aside under the writer's lock, so the writer's next batch starts
 //! a new file, and the gateway sends each charge to the ledger with its original
 //! idempotency key: a charge that reached Redis before the outage was noticed, or that
-//! was replayed before a crash, is not taken twice. What is left when Redis fails again is
-//! written back ([`Spool::keep`]) and tried on the next round, also after a restart.
+//! was replayed before a crash, is not taken twice. The moved-aside file is read forward
+//! in bounded chunks; how far it was applied is saved beside it ([`Spool::commit`]), so
+//! what is left when Redis fails again is tried on the next round, also after a restart.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
@@ -75,6 +76,8 @@ pub struct SpooledCharge {
 pub struct Spool {
     path: PathBuf,
     replay_path: PathBuf,
+    /// How far the replay file has been applied (bytes), while it is not all applied.
+    pos_path: PathBuf,
     queue: Sender<Msg>,
     /// Charges sent to the writer and not written yet (the queue's bound; an unbounded
     /// channel costs nothing while empty, a bounded one allocates every slot up front).
@@ -124,6 +127,7 @@ impl Spool {
             .spawn(move || writer.run(rx))?;
         Ok(Self {
             replay_path: with(".replay"),
+            pos_path: with(".replay.pos"),
             path,
             queue,
             queued,
@@ -153,60 +157,107 @@ impl Spool {
         self.queue.send(Msg::Flush(done)).is_ok() && wait.recv_timeout(timeout).is_ok()
     }
 
-    /// The charges to replay: those a previous round left, else the spool file's, moved
-    /// aside first. `None` when there is nothing to replay. Lines that do not parse (a
-    /// write cut short by a crash) are skipped and counted as dropped.
-    pub fn take(&self) -> io::Result<Option<Vec<SpooledCharge>>> {
+    /// The next charges to replay, at most `max`: from the replay file where the last
+    /// [`commit`](Spool::commit) left it, or else from the spool file, moved aside first.
+    /// `None` when there is nothing to replay. Lines that do not parse (a write a crash
+    /// cut short) are skipped and counted as dropped. Memory stays bounded by `max`,
+    /// however long the outage was.
+    pub fn take(&self, max: usize) -> io::Result<Option<Chunk>> {
         if !self.replay_path.exists() {
             let _guard = self
                 .file_lock
                 .lock()
                 .map_err(|_| io::Error::other("spool writer panicked"))?;
+            // A position left by a crash belongs to a replay file that is gone.
+            remove_if_there(&self.pos_path)?;
             match fs::rename(&self.path, &self.replay_path) {
                 Ok(()) => sync_dir(&self.path)?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             }
         }
-        let file = match File::open(&self.replay_path) {
+        let mut file = match File::open(&self.replay_path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let mut charges = Vec::new();
-        for line in BufReader::new(file).lines() {
-            let line = line?;
+        let start = match fs::read_to_string(&self.pos_path) {
+            Ok(text) => text.trim().parse().unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        file.seek(SeekFrom::Start(start))?;
+        let mut reader = BufReader::new(file);
+        let mut chunk = Chunk {
+            charges: Vec::new(),
+            starts: Vec::new(),
+            start,
+            end: start,
+        };
+        let mut line = String::new();
+        while chunk.charges.len() < max {
+            line.clear();
+            let read = reader.read_line(&mut line)?;
+            if read == 0 {
+                break;
+            }
+            let at = chunk.end;
+            chunk.end += read as u64;
             if line.trim().is_empty() {
                 continue;
             }
             match serde_json::from_str(&line) {
-                Ok(charge) => charges.push(charge),
+                Ok(charge) => {
+                    chunk.charges.push(charge);
+                    chunk.starts.push(at);
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "spool: skipping a line that does not parse");
                     metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(1);
                 }
             }
         }
-        Ok(Some(charges))
+        Ok(Some(chunk))
     }
 
-    /// Keeps what a replay round could not apply for the next one (written to a temporary
-    /// file, synced, then renamed over the replay file); with nothing left, removes it.
-    pub fn keep(&self, left: &[SpooledCharge]) -> io::Result<()> {
-        if left.is_empty() {
-            return match fs::remove_file(&self.replay_path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            };
+    /// Records that the first `applied` charges of `chunk` are done (all of them: the
+    /// whole chunk). The replay file is only read forward: its position is saved beside
+    /// it (temp file, `fsync`, rename), and at its end both are removed.
+    pub fn commit(&self, chunk: &Chunk, applied: usize) -> io::Result<()> {
+        let pos = chunk.starts.get(applied).copied().unwrap_or(chunk.end);
+        if pos >= fs::metadata(&self.replay_path)?.len() {
+            remove_if_there(&self.replay_path)?;
+            return remove_if_there(&self.pos_path);
         }
-        let mut tmp = self.replay_path.clone().into_os_string();
+        if pos == chunk.start {
+            return Ok(());
+        }
+        let mut tmp = self.pos_path.clone().into_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
         let mut file = File::create(&tmp)?;
-        file.write_all(&lines(left)?)?;
+        file.write_all(pos.to_string().as_bytes())?;
         file.sync_data()?;
-        fs::rename(&tmp, &self.replay_path)?;
-        sync_dir(&self.replay_path)
+        fs::rename(&tmp, &self.pos_path)?;
+        sync_dir(&self.pos_path)
+    }
+}
+
+/// Charges read from the replay file by [`Spool::take`].
+#[derive(Debug)]
+pub struct Chunk {
+    pub charges: Vec<SpooledCharge>,
+    /// Where each charge's line starts in the replay file.
+    starts: Vec<u64>,
+    /// Where this chunk started and ended in the replay file.
+    start: u64,
+    end: u64,
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -314,7 +365,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     fn charge(n: i64) -> SpooledCharge {
         SpooledCharge {
@@ -346,59 +397,83 @@ mod tests {
         ))
     }
 
-    /// Takes until `want` charges came back (the writer is a thread).
-    fn take_all(spool: &Spool, want: usize) -> Vec<SpooledCharge> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    fn flush(spool: &Spool) {
+        assert!(
+            spool.flush(Duration::from_secs(30)),
+            "the writer did not flush"
+        );
+    }
+
+    /// Takes and commits chunks of `max` until nothing is left.
+    fn drain(spool: &Spool, max: usize) -> Vec<SpooledCharge> {
         let mut got = Vec::new();
-        while got.len() < want {
-            if let Some(charges) = spool.take().expect("take") {
-                got.extend(charges);
-                spool.keep(&[]).expect("keep");
-            }
-            assert!(Instant::now() < deadline, "only {} of {want}", got.len());
-            std::thread::sleep(Duration::from_millis(10));
+        while let Some(chunk) = spool.take(max).expect("take") {
+            assert!(chunk.charges.len() <= max);
+            spool.commit(&chunk, chunk.charges.len()).expect("commit");
+            got.extend(chunk.charges);
         }
         got
     }
 
     #[test]
-    fn recorded_charges_come_back_once_in_order_and_the_files_are_removed() {
+    fn recorded_charges_come_back_once_in_order_in_bounded_chunks() {
         let path = temp_path("order");
         let spool = Spool::open(&path).expect("open");
-        assert_eq!(spool.take().expect("empty"), None);
+        assert!(spool.take(10).expect("empty").is_none());
         for n in 0..10 {
             spool.record(charge(n));
         }
-        let first = take_all(&spool, 10);
+        flush(&spool);
+        let first = drain(&spool, 3);
         for n in 10..15 {
             spool.record(charge(n));
         }
-        let second = take_all(&spool, 5);
+        flush(&spool);
+        let second = drain(&spool, 100);
         let all: Vec<_> = first.into_iter().chain(second).collect();
         assert_eq!(all, (0..15).map(charge).collect::<Vec<_>>());
-        assert_eq!(spool.take().expect("drained"), None);
         assert!(!path.exists());
         assert!(!spool.replay_path.exists());
+        assert!(!spool.pos_path.exists());
     }
 
     #[test]
-    fn what_a_round_keeps_is_replayed_first_and_a_torn_line_is_skipped() {
-        let path = temp_path("keep");
+    fn a_partly_applied_chunk_resumes_at_its_first_unapplied_charge_after_a_restart() {
+        let path = temp_path("resume");
         let spool = Spool::open(&path).expect("open");
-        for n in 0..4 {
+        for n in 0..6 {
             spool.record(charge(n));
         }
-        let taken = take_all_without_removing(&spool, 4);
-        spool.keep(&taken[2..]).expect("keep");
-        // A crash cut the writer's last line short; the next charge still parses.
-        fs::write(&path, b"{\"payer\":{\"by\":\"acc").expect("torn");
-        spool.record(charge(7));
-        assert!(spool.flush(Duration::from_secs(30)), "flushed");
-        assert_eq!(spool.take().expect("kept"), Some(taken[2..].to_vec()));
-        spool.keep(&[]).expect("done");
-        assert_eq!(spool.take().expect("torn"), Some(vec![charge(7)]));
-        spool.keep(&[]).expect("done");
-        assert_eq!(spool.take().expect("empty"), None);
+        flush(&spool);
+        let chunk = spool.take(4).expect("take").expect("some");
+        assert_eq!(chunk.charges, (0..4).map(charge).collect::<Vec<_>>());
+        spool.commit(&chunk, 2).expect("commit two");
+        // Charges recorded meanwhile go to a new spool file, replayed after this one.
+        spool.record(charge(6));
+        flush(&spool);
+        drop(spool);
+        let spool = Spool::open(&path).expect("reopen");
+        let again = spool.take(1).expect("take").expect("some");
+        assert_eq!(again.charges, vec![charge(2)]);
+        // Nothing applied: the position stays.
+        spool.commit(&again, 0).expect("commit none");
+        assert_eq!(drain(&spool, 10), (2..7).map(charge).collect::<Vec<_>>());
+        assert!(spool.take(10).expect("empty").is_none());
+    }
+
+    #[test]
+    fn a_torn_line_is_skipped_and_the_next_charge_still_parses() {
+        let path = temp_path("torn");
+        let spool = Spool::open(&path).expect("open");
+        spool.record(charge(0));
+        flush(&spool);
+        // A crash cut the writer's next line short.
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        file.write_all(b"{\"payer\":{\"by\":\"acc").expect("torn");
+        drop(file);
+        spool.record(charge(1));
+        flush(&spool);
+        assert_eq!(drain(&spool, 10), vec![charge(0), charge(1)]);
     }
 
     #[test]
@@ -409,20 +484,5 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
         drop(first);
         Spool::open(&path).expect("free again");
-    }
-
-    fn take_all_without_removing(spool: &Spool, want: usize) -> Vec<SpooledCharge> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            // The writer may still be appending: wait until the file holds every line.
-            if fs::read_to_string(spool.path())
-                .map(|s| s.lines().count() == want)
-                .unwrap_or(false)
-            {
-                return spool.take().expect("take").expect("some");
-            }
-            assert!(Instant::now() < deadline, "the writer never wrote {want}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 }

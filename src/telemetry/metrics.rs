@@ -100,7 +100,7 @@ pub const SPOOL_WRITTEN_TOTAL: &str = "tollgate_spool_written_total";
 /// the disk refused the write, or a line was torn by a crash.
 pub const SPOOL_DROPPED_TOTAL: &str = "tollgate_spool_dropped_total";
 /// (gateway) Spooled charges sent to the ledger once Redis returned, by `result`
-/// (charged, duplicate, refused).
+/// (charged, duplicate, refused, later).
 pub const SPOOL_REPLAYED_TOTAL: &str = "tollgate_spool_replayed_total";
 
 /// The gateway's metric names (recorded on the gateway branch; see README).
