@@ -394,7 +394,7 @@ impl Gateway {
         let Some(payer) = self.keys.payer(key) else {
             return;
         };
-        spool.record(SpooledCharge {
+        let _recorded = spool.record(SpooledCharge {
             payer,
             wallet: op.wallet.clone(),
             amount,
@@ -439,10 +439,10 @@ impl Gateway {
             let replayed = self.replay_charge(charge).await;
             match replayed {
                 Replayed::Retry => break,
-                Replayed::Later => {
-                    spool.record(charge.clone());
-                    requeued = true;
-                }
+                // Spooled again behind the others; a full queue ends the round instead
+                // (its line is then still ahead of the saved position).
+                Replayed::Later if !spool.record(charge.clone()) => break,
+                Replayed::Later => requeued = true,
                 _ => done += 1,
             }
             metrics::counter!(m::SPOOL_REPLAYED_TOTAL, "result" => replayed.label()).increment(1);

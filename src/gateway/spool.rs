@@ -37,8 +37,9 @@ const WRITE_BATCH_MAX: usize = 1024;
 /// What the writer thread is sent.
 enum Msg {
     Charge(SpooledCharge),
-    /// Answered once everything sent before it is on disk.
-    Flush(Sender<()>),
+    /// Answered once everything sent before it was written: true if every write since
+    /// the last flush reached the disk.
+    Flush(Sender<bool>),
 }
 
 /// Who pays a spooled charge.
@@ -140,21 +141,24 @@ impl Spool {
         &self.path
     }
 
-    /// Queues a charge for the disk; never waits.
-    pub fn record(&self, charge: SpooledCharge) {
+    /// Queues a charge for the disk; never waits. False (and counted as dropped) when
+    /// the queue is full.
+    pub fn record(&self, charge: SpooledCharge) -> bool {
         if self.queued.fetch_add(1, Ordering::Relaxed) >= SPOOL_QUEUE_MAX
             || self.queue.send(Msg::Charge(charge)).is_err()
         {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(1);
+            return false;
         }
+        true
     }
 
-    /// Waits (blocking, up to `timeout`) until every charge recorded before is on disk;
-    /// false if the writer did not answer in time.
+    /// Waits (blocking, up to `timeout`) until every charge recorded before is written;
+    /// false if the writer did not answer in time or a write since the last flush failed.
     pub fn flush(&self, timeout: Duration) -> bool {
         let (done, wait) = mpsc::channel();
-        self.queue.send(Msg::Flush(done)).is_ok() && wait.recv_timeout(timeout).is_ok()
+        self.queue.send(Msg::Flush(done)).is_ok() && wait.recv_timeout(timeout).unwrap_or(false)
     }
 
     /// The next charges to replay, at most `max`: from the replay file where the last
@@ -191,30 +195,29 @@ impl Spool {
         let mut chunk = Chunk {
             charges: Vec::new(),
             starts: Vec::new(),
+            bad: Vec::new(),
             start,
             end: start,
         };
-        let mut line = String::new();
+        // Bytes, not text: a line that is not even UTF-8 is one bad line, not an error.
+        let mut line = Vec::new();
         while chunk.charges.len() < max {
             line.clear();
-            let read = reader.read_line(&mut line)?;
+            let read = reader.read_until(b'\n', &mut line)?;
             if read == 0 {
                 break;
             }
             let at = chunk.end;
             chunk.end += read as u64;
-            if line.trim().is_empty() {
+            if line.trim_ascii().is_empty() {
                 continue;
             }
-            match serde_json::from_str(&line) {
+            match serde_json::from_slice(&line) {
                 Ok(charge) => {
                     chunk.charges.push(charge);
                     chunk.starts.push(at);
                 }
-                Err(err) => {
-                    tracing::warn!(error = %err, "spool: skipping a line that does not parse");
-                    metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(1);
-                }
+                Err(_) => chunk.bad.push(at),
             }
         }
         Ok(Some(chunk))
@@ -225,6 +228,12 @@ impl Spool {
     /// it (temp file, `fsync`, rename), and at its end both are removed.
     pub fn commit(&self, chunk: &Chunk, applied: usize) -> io::Result<()> {
         let pos = chunk.starts.get(applied).copied().unwrap_or(chunk.end);
+        // Counted once: when passed over for good.
+        let bad = chunk.bad.iter().filter(|&&at| at < pos).count();
+        if bad > 0 {
+            tracing::warn!(lines = bad, "spool: skipped lines that do not parse");
+            metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(bad as u64);
+        }
         if pos >= fs::metadata(&self.replay_path)?.len() {
             remove_if_there(&self.replay_path)?;
             return remove_if_there(&self.pos_path);
@@ -249,6 +258,8 @@ pub struct Chunk {
     pub charges: Vec<SpooledCharge>,
     /// Where each charge's line starts in the replay file.
     starts: Vec<u64>,
+    /// Where each line that did not parse starts.
+    bad: Vec<u64>,
     /// Where this chunk started and ended in the replay file.
     start: u64,
     end: u64,
@@ -289,6 +300,7 @@ impl Writer {
     /// Appends what arrives, a batch per `fsync`, until every sender is gone.
     fn run(self, rx: Receiver<Msg>) {
         let mut flushes = Vec::new();
+        let mut all_written = true;
         while let Ok(first) = rx.recv() {
             let mut batch = Vec::new();
             let mut next = Some(first);
@@ -303,18 +315,20 @@ impl Writer {
             }
             self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             if !batch.is_empty() {
-                self.write(&batch);
+                all_written &= self.write(&batch);
             }
             for done in flushes.drain(..) {
-                let _ = done.send(());
+                let _ = done.send(all_written);
+                all_written = true;
             }
         }
     }
 
-    fn write(&self, batch: &[SpooledCharge]) {
+    fn write(&self, batch: &[SpooledCharge]) -> bool {
         match self.append(batch) {
             Ok(()) => {
                 metrics::counter!(m::SPOOL_WRITTEN_TOTAL).increment(batch.len() as u64);
+                true
             }
             Err(err) => {
                 tracing::error!(
@@ -324,6 +338,7 @@ impl Writer {
                     "spool: cannot write fail_open charges; they are lost"
                 );
                 metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(batch.len() as u64);
+                false
             }
         }
     }
@@ -473,7 +488,15 @@ mod tests {
         drop(file);
         spool.record(charge(1));
         flush(&spool);
-        assert_eq!(drain(&spool, 10), vec![charge(0), charge(1)]);
+        // Bytes that are not even UTF-8 (a tail that never reached the disk) are one bad
+        // line, not an error that would stop every later round.
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        file.write_all(b"\xff\xfe\x00\n").expect("junk");
+        drop(file);
+        spool.record(charge(2));
+        flush(&spool);
+        assert_eq!(drain(&spool, 10), vec![charge(0), charge(1), charge(2)]);
+        assert!(spool.take(10).expect("empty").is_none());
     }
 
     #[test]
