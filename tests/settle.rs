@@ -221,6 +221,167 @@ async fn a_batch_overlapping_settled_events_writes_only_the_new_ones() {
     }
 }
 
+/// The outbox's events that parse, entry by entry (unreadable ones left out).
+async fn readable_outbox_events(ledger: &Ledger) -> Vec<LedgerEvent> {
+    let mut all = Vec::new();
+    for shard in 0..ledger.shards().count() {
+        let value: redis::Value = ledger
+            .redis()
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(ledger.shards().outbox(shard))
+                    .arg("-")
+                    .arg("+"),
+            )
+            .await
+            .expect("xrange");
+        let redis::Value::Array(entries) = value else {
+            panic!("xrange reply {value:?}");
+        };
+        all.extend(
+            entries
+                .iter()
+                .filter_map(|e| LedgerEvent::from_stream_entry(shard, e).ok()),
+        );
+    }
+    all
+}
+
+/// Adds an outbox entry: an event of this format with its amount `n` and version `ver`.
+async fn plant_entry(ledger: &Ledger, shard: u16, n: &str, ver: &str) -> String {
+    ledger
+        .redis()
+        .query(
+            redis::cmd("XADD")
+                .arg(ledger.shards().outbox(shard))
+                .arg("*")
+                .arg(&[
+                    "k", "debit", "n", n, "v", "0", "h", "0", "l", "", "t", "1", "a", "acct-x",
+                    "w", "default", "ver", ver,
+                ]),
+        )
+        .await
+        .expect("xadd")
+}
+
+/// A corrupt entry: its amount is not a number.
+async fn plant_unreadable(ledger: &Ledger, shard: u16) -> String {
+    plant_entry(ledger, shard, "five", "1").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_outbox_entry_is_set_aside_and_everything_else_settles() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    assert!(ledger.shards().count() >= 2);
+    common::workload::every_kind(&ledger, &now, 1, "u").await;
+    // Shard 0: an unreadable entry among new ones, found by a read. Shard 1: one left
+    // pending, with every entry before it, by a consumer that died; found by the claim.
+    let read_bad = plant_unreadable(&ledger, 0).await;
+    let claimed_bad = plant_unreadable(&ledger, 1).await;
+    common::workload::every_kind(&ledger, &now, 1, "v").await;
+    let readable = readable_outbox_events(&ledger).await;
+    assert!(readable.len() > 10, "{}", readable.len());
+    let sqlite_store = store(&common::temp_sqlite_url()).await;
+    let mut settler = settler(&ledger, &sqlite_store, "tollgate-settler", "a");
+    settler.ensure_groups().await.expect("groups");
+    let _: redis::Value = ledger
+        .redis()
+        .query(
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("tollgate-settler")
+                .arg("dead")
+                .arg("STREAMS")
+                .arg(ledger.shards().outbox(1))
+                .arg(">"),
+        )
+        .await
+        .expect("dead consumer reads");
+
+    settler.drain(DEADLINE).await.expect("drain");
+
+    assert_store_matches_outbox(&sqlite_store, &readable).await;
+    for (shard, id) in [(0, &read_bad), (1, &claimed_bad)] {
+        let outbox = ledger.shards().outbox(shard);
+        let dead: Vec<(String, HashMap<String, String>)> = ledger
+            .redis()
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(format!("{outbox}:dead"))
+                    .arg("-")
+                    .arg("+"),
+            )
+            .await
+            .expect("dead letters");
+        assert_eq!(dead.len(), 1, "shard {shard}: {dead:?}");
+        let fields = &dead[0].1;
+        assert_eq!(fields.get("id"), Some(id), "shard {shard}");
+        assert_eq!(fields.get("n").map(String::as_str), Some("five"));
+        assert_eq!(fields.get("a").map(String::as_str), Some("acct-x"));
+        assert!(
+            fields
+                .get("error")
+                .is_some_and(|e| e.contains("bad or missing n")),
+            "{fields:?}"
+        );
+        let pending: Vec<redis::Value> = ledger
+            .redis()
+            .query(redis::cmd("XPENDING").arg(outbox).arg("tollgate-settler"))
+            .await
+            .expect("xpending");
+        assert_eq!(
+            pending.first(),
+            Some(&redis::Value::Int(0)),
+            "shard {shard}"
+        );
+    }
+    assert_eq!(
+        common::outbox_len(&ledger).await,
+        0,
+        "the outboxes are trimmed past the unreadable entries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_of_a_newer_format_is_left_for_a_newer_settler() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    common::workload::every_kind(&ledger, &now, 1, "w").await;
+    let newer = plant_entry(&ledger, 0, "5", "99").await;
+    let sqlite_store = store(&common::temp_sqlite_url()).await;
+    let mut settler = settler(&ledger, &sqlite_store, "tollgate-settler", "a");
+    let refused = settler.drain(Duration::from_secs(5)).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("ver")),
+        "{refused:?}"
+    );
+    // Not set aside, not acknowledged: still in the outbox for a settler that reads it.
+    let outbox = ledger.shards().outbox(0);
+    let dead: usize = ledger
+        .redis()
+        .query(redis::cmd("XLEN").arg(format!("{outbox}:dead")))
+        .await
+        .expect("xlen");
+    assert_eq!(dead, 0);
+    let still: Vec<(String, HashMap<String, String>)> = ledger
+        .redis()
+        .query(redis::cmd("XRANGE").arg(outbox).arg(&newer).arg(&newer))
+        .await
+        .expect("xrange");
+    assert_eq!(still.len(), 1);
+    let pending: Vec<redis::Value> = ledger
+        .redis()
+        .query(redis::cmd("XPENDING").arg(outbox).arg("tollgate-settler"))
+        .await
+        .expect("xpending");
+    assert_ne!(pending.first(), Some(&redis::Value::Int(0)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_entries_are_trimmed_from_the_outbox() {
     let redis = common::RedisServer::start();
@@ -229,6 +390,7 @@ async fn settled_entries_are_trimmed_from_the_outbox() {
     common::workload::every_kind(&ledger, &now, 1, "t").await;
     let written = common::outbox_len(&ledger).await;
     assert!(written > 0);
+    let events = common::outbox_events(&ledger).await;
     let sqlite_store = store(&common::temp_sqlite_url()).await;
     settler(&ledger, &sqlite_store, "tollgate-settler", "a")
         .drain(DEADLINE)
@@ -243,6 +405,18 @@ async fn settled_entries_are_trimmed_from_the_outbox() {
         0,
         "acknowledged entries stay in Redis"
     );
+    // A wallet's snapshot (reconcile) still names its shard's last event: an empty outbox
+    // is not "no position", or reconcile would count events written after the snapshot.
+    let last = events.last().expect("events");
+    let (_, position) = ledger
+        .snapshot(&last.account_id, &last.wallet)
+        .await
+        .expect("snapshot");
+    let shard_last = events
+        .iter()
+        .rfind(|e| e.shard() == last.shard())
+        .expect("shard's last event");
+    assert_eq!(position.as_deref(), Some(shard_last.stream_id.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

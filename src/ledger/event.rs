@@ -272,40 +272,49 @@ impl LedgerEvent {
     /// its buffers into the events instead was measured slower (the allocator then
     /// consolidates the holes the rest of the reply leaves between them).
     pub fn from_stream_entries(shard: u16, value: Value) -> Result<Vec<Self>, LedgerError> {
-        let bad = || LedgerError::Internal("unexpected stream reply shape".into());
-        let text = |v: &Value| match v {
-            Value::BulkString(b) => std::str::from_utf8(b).map(str::to_owned).map_err(|_| bad()),
-            Value::SimpleString(s) => Ok(s.clone()),
-            _ => Err(bad()),
-        };
         let Value::Array(entries) = &value else {
-            return Err(bad());
+            return Err(reply_shape());
         };
-        let mut events = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let Value::Array(parts) = entry else {
-                return Err(bad());
-            };
-            let [id, Value::Array(kv)] = parts.as_slice() else {
-                return Err(bad());
-            };
-            let mut fields = EntryFields::default();
-            for pair in kv.chunks_exact(2) {
-                let slot = match &pair[0] {
-                    Value::BulkString(b) => fields.slot(b),
-                    Value::SimpleString(s) => fields.slot(s.as_bytes()),
-                    _ => return Err(bad()),
-                };
-                // Fields this version does not know are skipped (a newer writer's
-                // additions within the same format version).
-                if let Some(slot) = slot {
-                    *slot = Some(text(&pair[1])?);
-                }
-            }
-            events.push(Self::from_fields(shard, text(id)?, fields)?);
-        }
-        Ok(events)
+        entries
+            .iter()
+            .map(|entry| Self::from_stream_entry(shard, entry))
+            .collect()
     }
+
+    /// Parses one XRANGE / XREADGROUP entry, `[id, [field, value, ...]]`.
+    pub fn from_stream_entry(shard: u16, entry: &Value) -> Result<Self, LedgerError> {
+        let text = |v: &Value| match v {
+            Value::BulkString(b) => std::str::from_utf8(b)
+                .map(str::to_owned)
+                .map_err(|_| reply_shape()),
+            Value::SimpleString(s) => Ok(s.clone()),
+            _ => Err(reply_shape()),
+        };
+        let Value::Array(parts) = entry else {
+            return Err(reply_shape());
+        };
+        let [id, Value::Array(kv)] = parts.as_slice() else {
+            return Err(reply_shape());
+        };
+        let mut fields = EntryFields::default();
+        for pair in kv.chunks_exact(2) {
+            let slot = match &pair[0] {
+                Value::BulkString(b) => fields.slot(b),
+                Value::SimpleString(s) => fields.slot(s.as_bytes()),
+                _ => return Err(reply_shape()),
+            };
+            // Fields this version does not know are skipped (a newer writer's
+            // additions within the same format version).
+            if let Some(slot) = slot {
+                *slot = Some(text(&pair[1])?);
+            }
+        }
+        Self::from_fields(shard, text(id)?, fields)
+    }
+}
+
+fn reply_shape() -> LedgerError {
+    LedgerError::Internal("unexpected stream reply shape".into())
 }
 
 /// One outbox entry's fields, by name (module docs).

@@ -159,12 +159,15 @@ impl RedisPool {
         });
         // Present (at 0) on /metrics whether or not WAIT is on, so dashboards find it.
         metrics::counter!(m::REDIS_WAIT_SHORT_TOTAL).increment(0);
-        let response_timeout = call_timeout + wait.as_ref().map_or(Duration::ZERO, |w| w.timeout);
         let client = redis::Client::open(url)
             .map_err(|e| LedgerError::Unavailable(format!("bad redis url: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(DEFAULT_CONNECT_TIMEOUT))
-            .set_response_timeout(Some(response_timeout))
+            // No connection-level response timeout: every call of the pool has its own
+            // deadline (call_timeout; ten times that for bulk pipelines, which a
+            // connection-wide call_timeout cut short), and a second timer per call cost
+            // a timer-wheel insert and, on an idle runtime, an eventfd wake-up.
+            .set_response_timeout(None)
             // Reconnect attempts happen in the background; callers are bounded by
             // call_timeout either way.
             .set_number_of_retries(2)

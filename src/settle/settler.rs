@@ -15,7 +15,7 @@ use metrics::{Counter, Gauge};
 use redis::Value;
 
 use super::store::{Store, StoreError};
-use crate::ledger::event::{parse_stream_id, EventKind, LedgerEvent};
+use crate::ledger::event::{parse_stream_id, EventKind, LedgerEvent, EVENT_VERSION};
 use crate::ledger::{Ledger, LedgerError};
 use crate::telemetry::metrics as m;
 use crate::webhooks::{dispatcher, Rules};
@@ -36,6 +36,8 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub const DEFAULT_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 /// Rounds of XAUTOCLAIM paging per shard per claim pass.
 const CLAIM_PAGES_MAX: usize = 16;
+/// Entries each outbox's dead-letter stream keeps (about: `XADD MAXLEN ~`).
+const DEAD_LETTERS_MAX: u64 = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct SettlerSettings {
@@ -349,7 +351,15 @@ impl Settler {
             .last_claim
             .is_none_or(|t| t.elapsed() >= self.settings.claim_idle / 2)
         {
-            let claimed = self.claim().await?;
+            let claimed = match self.claim().await {
+                Ok(claimed) => claimed,
+                Err(err) => {
+                    // The batch in hand (and what the claim took over before it failed)
+                    // is pending in this consumer: read own pending entries first.
+                    self.recovering.fill(true);
+                    return Err(err);
+                }
+            };
             if !claimed.is_empty() {
                 // A batch read ahead during a long store outage may be claimed back too.
                 batch.extend(claimed);
@@ -456,6 +466,7 @@ impl Settler {
     async fn claim(&self) -> Result<Vec<LedgerEvent>, SettleError> {
         let shards = self.ledger.shards();
         let mut batch = Vec::new();
+        let mut unreadable = Vec::new();
         for shard in 0..shards.count() {
             let mut cursor = "0-0".to_owned();
             for _ in 0..CLAIM_PAGES_MAX {
@@ -481,7 +492,7 @@ impl Settler {
                 }
                 let entries = parts.swap_remove(1);
                 let next = text(&parts[0]).unwrap_or_else(|| "0-0".into());
-                let events = parse_entries(shard, entries)?;
+                let (events, _) = parse_entries(shard, entries, &mut unreadable)?;
                 if !events.is_empty() {
                     tracing::info!(shard, events = events.len(), "claimed a stale batch");
                 }
@@ -492,6 +503,7 @@ impl Settler {
                 cursor = next;
             }
         }
+        set_aside(&self.ledger, &self.settings.group, &unreadable).await?;
         Ok(batch)
     }
 
@@ -659,6 +671,7 @@ async fn read_batch(
         }
     };
     let mut batch = Vec::new();
+    let mut unreadable = Vec::new();
     for (shard, reply) in replies.into_iter().enumerate() {
         let shard = shard as u16;
         let entries = match reply {
@@ -668,30 +681,144 @@ async fn read_batch(
             },
             _ => Value::Nil,
         };
-        let events = parse_entries(shard, entries)?;
-        if events.is_empty() {
+        let (events, read) = match parse_entries(shard, entries, &mut unreadable) {
+            Ok(parsed) => parsed,
+            Err(err) => {
+                // What this read delivered is pending in this consumer: read it again.
+                recovering.fill(true);
+                return Err(err);
+            }
+        };
+        if read == 0 {
             // Own pending entries are all read: from now on, only new ones.
             recovering[usize::from(shard)] = false;
         }
         batch.extend(events);
     }
+    if let Err(err) = set_aside(ledger, &settings.group, &unreadable).await {
+        recovering.fill(true);
+        return Err(err);
+    }
     Ok(batch)
 }
 
-/// Entries `[[id, [k, v, ...]], ...]`; entries whose content is gone (`[id, nil]`) are
-/// skipped (they cannot be settled; they were trimmed, which only happens after an ack).
-fn parse_entries(shard: u16, entries: Value) -> Result<Vec<LedgerEvent>, SettleError> {
+/// An outbox entry the settler cannot read: a corrupt field, or the format of a newer
+/// tollgate (a rollback after an upgrade).
+struct Unreadable {
+    shard: u16,
+    id: String,
+    fields: Vec<Vec<u8>>,
+    why: String,
+}
+
+/// Moves unreadable entries out of the way: each is copied to its outbox's dead-letter
+/// stream (`<outbox>:dead`, with its id and why) and acknowledged, so one bad entry
+/// neither stops its batch, nor every later round, nor the trimming of its outbox
+/// (which would end in OUTBOX_FULL). The event is then missing from the store, which
+/// `tollgate reconcile` reports as a drift of its wallet; docs/OPERATIONS.md says how to
+/// look at the dead letters.
+async fn set_aside(
+    ledger: &Ledger,
+    group: &str,
+    unreadable: &[Unreadable],
+) -> Result<(), SettleError> {
+    if unreadable.is_empty() {
+        return Ok(());
+    }
+    let shards = ledger.shards();
+    let mut pipe = redis::pipe();
+    for u in unreadable {
+        let outbox = shards.outbox(u.shard);
+        let add = pipe
+            .cmd("XADD")
+            .arg(format!("{outbox}:dead"))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(DEAD_LETTERS_MAX)
+            .arg("*")
+            .arg("id")
+            .arg(&u.id)
+            .arg("error")
+            .arg(&u.why);
+        for field in &u.fields {
+            add.arg(field.as_slice());
+        }
+        add.ignore();
+        pipe.cmd("XACK").arg(outbox).arg(group).arg(&u.id).ignore();
+    }
+    let _: () = ledger.redis().pipeline(&pipe).await?;
+    for u in unreadable {
+        metrics::counter!(m::SETTLE_DEAD_LETTERS_TOTAL, "shard" => u.shard.to_string())
+            .increment(1);
+        tracing::error!(
+            shard = u.shard,
+            entry = %u.id,
+            error = %u.why,
+            "an outbox entry the settler cannot read was moved to the dead-letter stream"
+        );
+    }
+    Ok(())
+}
+
+/// Entries `[[id, [k, v, ...]], ...]`: the events, and how many entries were read. Entries
+/// whose content is gone (`[id, nil]`) are skipped (they cannot be settled; they were
+/// trimmed, which only happens after an ack); entries that do not parse go to
+/// `unreadable` (see [`set_aside`]).
+///
+/// An entry of a newer event format than this version knows fails the whole read
+/// instead, unacknowledged: a newer settler can read it, so it must not be set aside
+/// (docs/OPERATIONS.md, "Upgrades": settlers are upgraded first).
+fn parse_entries(
+    shard: u16,
+    entries: Value,
+    unreadable: &mut Vec<Unreadable>,
+) -> Result<(Vec<LedgerEvent>, usize), SettleError> {
     let Value::Array(items) = entries else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     };
-    let present: Vec<Value> = items
-        .into_iter()
-        .filter(|e| matches!(e, Value::Array(p) if p.len() == 2 && matches!(p[1], Value::Array(_))))
-        .collect();
-    Ok(LedgerEvent::from_stream_entries(
-        shard,
-        Value::Array(present),
-    )?)
+    let read = items.len();
+    let mut events = Vec::with_capacity(items.len());
+    for entry in &items {
+        let Value::Array(parts) = entry else {
+            continue;
+        };
+        let [id, Value::Array(kv)] = parts.as_slice() else {
+            continue;
+        };
+        match LedgerEvent::from_stream_entry(shard, entry) {
+            Ok(event) => events.push(event),
+            Err(err) if newer_format(kv) => return Err(err.into()),
+            Err(err) => match text(id) {
+                Some(id) => unreadable.push(Unreadable {
+                    shard,
+                    id,
+                    fields: kv.iter().map(raw_bytes).collect(),
+                    why: err.to_string(),
+                }),
+                // Not an entry id: nothing to acknowledge it by (Redis never sends this).
+                None => tracing::error!(shard, "an outbox entry without an id was skipped"),
+            },
+        }
+    }
+    Ok((events, read))
+}
+
+/// Whether an entry's fields say a newer event format than this version reads.
+fn newer_format(fields: &[Value]) -> bool {
+    fields.chunks_exact(2).any(|pair| {
+        text(&pair[0]).as_deref() == Some("ver")
+            && text(&pair[1])
+                .and_then(|v| v.parse::<u32>().ok())
+                .is_some_and(|v| v > EVENT_VERSION)
+    })
+}
+
+fn raw_bytes(v: &Value) -> Vec<u8> {
+    match v {
+        Value::BulkString(b) => b.clone(),
+        Value::SimpleString(s) => s.as_bytes().to_vec(),
+        other => format!("{other:?}").into_bytes(),
+    }
 }
 
 fn first_entry_ms(reply: &Value) -> Option<i64> {

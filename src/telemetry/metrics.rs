@@ -54,6 +54,8 @@ pub const SETTLE_BATCH_SECONDS: &str = "tollgate_settle_batch_duration_seconds";
 pub const STORE_ERRORS_TOTAL: &str = "tollgate_store_errors_total";
 /// Failed settler rounds, by `kind` (redis, store).
 pub const SETTLER_ROUND_ERRORS_TOTAL: &str = "tollgate_settler_round_errors_total";
+/// Outbox entries the settler could not read, moved to the dead-letter stream, by `shard`.
+pub const SETTLE_DEAD_LETTERS_TOTAL: &str = "tollgate_settle_dead_letters_total";
 /// Entries in a shard's outbox stream (settled entries are trimmed), by `shard`.
 pub const OUTBOX_LENGTH: &str = "tollgate_outbox_length";
 /// Age of the oldest unsettled event of a shard, by `shard`.
@@ -239,6 +241,10 @@ fn describe() {
     );
     describe_counter!(STORE_ERRORS_TOTAL, "Failed store writes, by kind.");
     describe_counter!(
+        SETTLE_DEAD_LETTERS_TOTAL,
+        "Outbox entries the settler could not read, moved to <outbox>:dead and acknowledged, by shard."
+    );
+    describe_counter!(
         SETTLER_ROUND_ERRORS_TOTAL,
         "Failed settler rounds, by kind."
     );
@@ -351,6 +357,7 @@ mod tests {
             SETTLE_BATCH_SECONDS,
             STORE_ERRORS_TOTAL,
             SETTLER_ROUND_ERRORS_TOTAL,
+            SETTLE_DEAD_LETTERS_TOTAL,
             OUTBOX_LENGTH,
             OUTBOX_OLDEST_AGE_SECONDS,
             WEBHOOK_EVENTS_TOTAL,

@@ -1,5 +1,6 @@
 -- snapshot: a wallet's totals exactly as stored, with the id of the shard outbox's last
--- entry, read atomically (reconcile compares the durable ledger up to that entry).
+-- entry (trimmed or not), read atomically (reconcile compares the durable ledger up to
+-- that entry).
 -- No lazy expiry here: the snapshot must not write. ARGV 8 account, 9 wallet.
 -- Returns { available, held, granted, used, expired, refunded, adjusted, last_entry_id }.
 local v = redis.call('HMGET', TAG .. ':w:' .. ARGV[8] .. ':' .. ARGV[9], 'r', 'h', 'g', 'u', 'xp', 'f', 'j')
@@ -7,6 +8,21 @@ local out = {}
 for k = 1, 7 do
   out[k] = v[k] or '0'
 end
-local last = redis.call('XREVRANGE', OUTBOX, '+', '-', 'COUNT', 1)
-out[8] = last[1] and last[1][1] or ''
+-- The id of the last entry ever added, not of the last one still there: settled entries
+-- are trimmed, and an empty outbox must not read as "no position" (reconcile would then
+-- count events that were written after this snapshot). "" when nothing was ever added.
+local last = ''
+if redis.call('EXISTS', OUTBOX) == 1 then
+  local info = redis.call('XINFO', 'STREAM', OUTBOX)
+  for j = 1, #info, 2 do
+    if info[j] == 'last-generated-id' then
+      last = info[j + 1]
+      break
+    end
+  end
+end
+if last == '0-0' then
+  last = ''
+end
+out[8] = last
 return out
