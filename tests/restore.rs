@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -282,6 +283,53 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
         text.contains("restored 16 shards") && text.contains("not restored"),
         "{text}"
     );
+    // Each outbox's next id comes after the shard's newest settled event, whatever the
+    // restored Redis's clock says.
+    let store = Store::connect_lazy(&pg.url, 2).expect("store");
+    for shard in 0..server.ledger.shards().count() {
+        let mut newest = (0i64, 0i64);
+        let mut after = None;
+        loop {
+            let page = store
+                .shard_events(shard, after.as_ref(), 1000)
+                .await
+                .expect("shard events");
+            newest = page
+                .iter()
+                .map(|e| e.stream_position())
+                .fold(newest, std::cmp::max);
+            let Some(last) = page.last() else { break };
+            let (stream_ms, stream_seq) = last.stream_position();
+            after = Some(tollgate::settle::store::WalletPosition {
+                account_id: last.account_id.clone(),
+                wallet: last.wallet.clone(),
+                stream_ms,
+                stream_seq,
+            });
+        }
+        if newest == (0, 0) {
+            continue;
+        }
+        let info: HashMap<String, redis::Value> = server
+            .ledger
+            .redis()
+            .query(
+                redis::cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(server.ledger.shards().outbox(shard)),
+            )
+            .await
+            .expect("xinfo");
+        let last_id = match info.get("last-generated-id") {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            other => panic!("last-generated-id {other:?}"),
+        };
+        let position = tollgate::ledger::event::parse_stream_id(&last_id).expect("stream id");
+        assert!(
+            position >= newest,
+            "shard {shard}: outbox at {last_id}, newest event {newest:?}"
+        );
+    }
 
     // Ready again; Redis matches the ledger wallet by wallet; reconcile agrees.
     let deadline = Instant::now() + DEADLINE;
@@ -289,7 +337,6 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
         assert!(Instant::now() < deadline, "never ready after the restore");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let store = Store::connect_lazy(&pg.url, 2).expect("store");
     let summaries = store.wallets().await.expect("wallets");
     assert_eq!(summaries.len(), ACCOUNTS);
     for s in &summaries {

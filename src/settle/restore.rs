@@ -49,6 +49,9 @@ const CHARGE_BUCKET_MS: i64 = 3_600_000;
 
 /// lib.lua `charge_bucket`: the bucket of a charge id (`<shard>-<ms>-<seq>`) and when it
 /// expires (as `record_charge`: an hour after the sweeper unlinks it).
+/// A consumer group that only exists during a restore, to create an empty outbox.
+const RESTORE_GROUP: &str = "tollgate-restore";
+
 fn charge_bucket(tag: &str, id: &str, retention_ms: i64) -> Option<(String, i64)> {
     let mut parts = id.split('-');
     let (_shard, ms, _seq) = (parts.next()?, parts.next()?, parts.next()?);
@@ -1034,6 +1037,8 @@ pub async fn restore(
         let mut wallets: Vec<Wallet> = Vec::new();
         let mut after: Option<WalletPosition> = None;
         let mut current: Option<Wallet> = None;
+        // The shard's newest event: new outbox ids must come after it.
+        let mut newest = (0i64, 0i64);
         loop {
             let page = store
                 .shard_events(shard, after.as_ref(), EVENTS_PAGE)
@@ -1047,6 +1052,7 @@ pub async fn restore(
                 stream_seq: seq,
             });
             for e in &page {
+                newest = newest.max(e.stream_position());
                 let same = current
                     .as_ref()
                     .is_some_and(|w| w.account_id == e.account_id && w.wallet == e.wallet);
@@ -1242,6 +1248,30 @@ pub async fn restore(
                 .arg(hold_seq)
                 .ignore();
             queued += 1;
+        }
+        if newest > (0, 0) {
+            // The outbox's ids are the events' ids: a Redis whose clock is behind the old
+            // one's would otherwise give a new charge the id of a settled event, which the
+            // store then skips as already written. An empty stream that remembers the
+            // newest id (made by a throwaway group, then XSETID) keeps new ids above it.
+            let outbox = ledger.shards().outbox(shard);
+            pipe.cmd("XGROUP")
+                .arg("CREATE")
+                .arg(outbox)
+                .arg(RESTORE_GROUP)
+                .arg("$")
+                .arg("MKSTREAM")
+                .ignore();
+            pipe.cmd("XGROUP")
+                .arg("DESTROY")
+                .arg(outbox)
+                .arg(RESTORE_GROUP)
+                .ignore();
+            pipe.cmd("XSETID")
+                .arg(outbox)
+                .arg(format!("{}-{}", newest.0, newest.1))
+                .ignore();
+            queued += 3;
         }
         flush(&ledger, &mut pipe, &mut queued).await?;
         ledger
