@@ -225,19 +225,7 @@ async fn a_batch_overlapping_settled_events_writes_only_the_new_ones() {
 async fn readable_outbox_events(ledger: &Ledger) -> Vec<LedgerEvent> {
     let mut all = Vec::new();
     for shard in 0..ledger.shards().count() {
-        let value: redis::Value = ledger
-            .redis()
-            .query(
-                redis::cmd("XRANGE")
-                    .arg(ledger.shards().outbox(shard))
-                    .arg("-")
-                    .arg("+"),
-            )
-            .await
-            .expect("xrange");
-        let redis::Value::Array(entries) = value else {
-            panic!("xrange reply {value:?}");
-        };
+        let entries = common::outbox_entries(ledger, shard).await;
         all.extend(
             entries
                 .iter()

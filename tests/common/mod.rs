@@ -445,22 +445,32 @@ impl Drop for TestServer {
 pub async fn outbox_events(ledger: &Ledger) -> Vec<tollgate::ledger::event::LedgerEvent> {
     let mut all = Vec::new();
     for shard in 0..ledger.shards().count() {
-        let value: redis::Value = ledger
-            .redis()
-            .query(
-                redis::cmd("XRANGE")
-                    .arg(ledger.shards().outbox(shard))
-                    .arg("-")
-                    .arg("+"),
-            )
-            .await
-            .expect("xrange");
-        all.extend(
-            tollgate::ledger::event::LedgerEvent::from_stream_entries(shard, value)
-                .expect("events parse"),
-        );
+        for entry in outbox_entries(ledger, shard).await {
+            all.push(
+                tollgate::ledger::event::LedgerEvent::from_stream_entry(shard, &entry)
+                    .expect("events parse"),
+            );
+        }
     }
     all
+}
+
+/// A shard outbox's entries as Redis returns them (`[id, [field, value, ...]]` each).
+pub async fn outbox_entries(ledger: &Ledger, shard: u16) -> Vec<redis::Value> {
+    let value: redis::Value = ledger
+        .redis()
+        .query(
+            redis::cmd("XRANGE")
+                .arg(ledger.shards().outbox(shard))
+                .arg("-")
+                .arg("+"),
+        )
+        .await
+        .expect("xrange");
+    match value {
+        redis::Value::Array(entries) => entries,
+        other => panic!("xrange reply {other:?}"),
+    }
 }
 
 /// Number of entries in all outboxes.
