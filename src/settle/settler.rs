@@ -205,6 +205,11 @@ pub struct Settler {
 impl Settler {
     pub fn new(ledger: Arc<Ledger>, store: Arc<Store>, settings: SettlerSettings) -> Self {
         let shards = usize::from(ledger.shards().count());
+        // At 0 from the start, so an alert on its increase sees the first dead letter.
+        for shard in 0..shards {
+            metrics::counter!(m::SETTLE_DEAD_LETTERS_TOTAL, "shard" => shard.to_string())
+                .increment(0);
+        }
         Self {
             ledger,
             store,
