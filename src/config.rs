@@ -204,6 +204,11 @@ pub struct GatewayConfig {
     /// be applied (relative to the working directory); empty = not recorded (such
     /// requests are then free).
     pub spool_path: String,
+    /// Whether a check's request id (`x-request-id`) is its idempotency key, so a repeat
+    /// answers the first decision and is charged once. Off by default: a client that can
+    /// choose the id would get every later request with the same id free. Turn it on only
+    /// where the gateway stamps the id itself and a client cannot set it.
+    pub request_id_replay: bool,
 }
 
 impl Default for GatewayConfig {
@@ -217,6 +222,7 @@ impl Default for GatewayConfig {
             identity_cache_entries_max: identity::DEFAULT_IDENTITY_CACHE_ENTRIES_MAX,
             keys_per_account_max: identity::DEFAULT_KEYS_PER_ACCOUNT_MAX,
             spool_path: DEFAULT_SPOOL_PATH.into(),
+            request_id_replay: false,
         }
     }
 }

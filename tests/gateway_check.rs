@@ -125,10 +125,40 @@ async fn events_len(server: &common::TestServer) -> usize {
     common::outbox_len(&server.ledger).await
 }
 
+/// Without `gateway.request_id_replay` (the default) a request id a client can choose
+/// buys nothing: every check with it is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_request_id_is_charged_again_by_default() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "acme", 30).await;
+    let bearer = format!("Bearer {key}");
+    for remaining in ["29", "28", "27"] {
+        let a = c
+            .check(
+                "POST",
+                "/v1/envelopes",
+                &[("authorization", &bearer), ("x-request-id", "same-id")],
+            )
+            .await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(
+            a.client_headers
+                .get("x-credits-remaining")
+                .map(String::as_str),
+            Some(remaining)
+        );
+    }
+    assert_eq!(balance(&server, "acme").await, (27, 0, 3));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_denial_reason_and_replay_by_request_id() {
     let redis = common::RedisServer::start();
-    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut config = esign_config(&redis.url());
+    config.gateway.request_id_replay = true;
+    let server = common::TestServer::start(config, Clock::Redis).await;
     let mut c = Checker::new(&server).await;
     let key = seed(&server, "acme", 30).await;
     let bearer = format!("Bearer {key}");
@@ -507,6 +537,7 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     let mut config = esign_config(&redis.url());
     // Cached until this test drops it, however slowly a busy machine runs the steps.
     config.gateway.identity_cache_ttl_ms = 3_600_000;
+    config.gateway.request_id_replay = true;
     let server = common::TestServer::start(config, Clock::Redis).await;
     let key = seed(&server, "acme", 10).await;
     let key_id = key.split('_').nth(1).expect("key id").to_owned();
@@ -581,7 +612,9 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     assert_eq!(balance(&server, "beta").await, (150, 50, 0));
 
     // Another sidecar has not seen the key: its keyed call finds the same record.
-    let other = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut other_config = esign_config(&redis.url());
+    other_config.gateway.request_id_replay = true;
+    let other = common::TestServer::start(other_config, Clock::Redis).await;
     let h = headers(&key, "m-1");
     let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let replayed = Checker::new(&other)
@@ -627,7 +660,9 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_are_settled_by_the_access_log_and_over_http() {
     let redis = common::RedisServer::start();
-    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut config = esign_config(&redis.url());
+    config.gateway.request_id_replay = true;
+    let server = common::TestServer::start(config, Clock::Redis).await;
     let mut c = Checker::new(&server).await;
     let key = seed(&server, "acme", 200).await;
     let hold = |answer: &Answer| {

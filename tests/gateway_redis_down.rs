@@ -274,7 +274,9 @@ async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
         aof_dir.as_str(),
     ];
     let mut redis = common::RedisServer::start_with(&aof);
-    let config = config(&redis.url());
+    let mut config = config(&redis.url());
+    // "A retry of the same request" below is one charge.
+    config.gateway.request_id_replay = true;
     let spool = std::path::PathBuf::from(&config.gateway.spool_path);
     let server = common::TestServer::start(config.clone(), Clock::Redis).await;
     let key = seed(&server, "acme", 100).await;

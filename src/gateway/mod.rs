@@ -188,6 +188,8 @@ pub struct Gateway {
     check_timeout: Duration,
     /// Where fail_open charges wait for Redis; `None` when `gateway.spool_path` is empty.
     spool: Option<Arc<Spool>>,
+    /// `gateway.request_id_replay`: the request id is the check's idempotency key.
+    request_id_replay: bool,
 }
 
 /// What became of a spooled charge sent to the ledger.
@@ -273,6 +275,7 @@ impl Gateway {
             shared_secret_header: g.shared_secret_header.clone(),
             check_timeout: Duration::from_millis(g.check_timeout_ms),
             spool,
+            request_id_replay: g.request_id_replay,
         }
     }
 
@@ -368,7 +371,10 @@ impl Gateway {
         // Made once: a charge allowed degraded is spooled under the key it was tried with,
         // so one that reached Redis before its answer was lost is not taken twice.
         let idempotency_key = if amount > 0 {
-            check_idempotency_key(&op.name, call.request_id)
+            // Without request_id_replay every check is a charge of its own: a repeated id
+            // may come from a client, not from a retry of the gateway.
+            let request_id = call.request_id.filter(|_| self.request_id_replay);
+            check_idempotency_key(&op.name, request_id)
         } else {
             String::new()
         };
