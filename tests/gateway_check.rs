@@ -815,6 +815,30 @@ async fn forward_auth_reads_the_original_request_and_has_an_nginx_mode() {
     assert_eq!(r.header("x-tollgate-account"), Some("acme"));
     assert_eq!(r.header("x-credits-remaining"), Some("9"));
 
+    // A client's x-original-* passed on by Traefik, or x-forwarded-* passed on by nginx,
+    // disagreeing with what the proxy set: refused, naming the header, nothing charged.
+    for (header, value) in [("x-original-method", "GET"), ("x-original-uri", "/v1/")] {
+        let r = http(
+            addr,
+            "GET",
+            "/v1/forward-auth",
+            &[
+                secret,
+                ("x-forwarded-method", "POST"),
+                ("x-forwarded-uri", "/v1/envelopes"),
+                (header, value),
+                ("x-api-key", &key),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 400, "{r:?}");
+        assert_eq!(r.json()["error"], "bad_header", "{r:?}");
+        let named = r.json()["header"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(named, header.replace("original", "forwarded"), "{r:?}");
+    }
+    assert_eq!(balance(&server, "acme").await, (9, 0, 1));
+
     // nginx style, and nginx mode: a 402 becomes 403 with the real answer in headers.
     let nginx = |uri: &'static str| {
         [

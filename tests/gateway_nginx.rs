@@ -60,6 +60,17 @@ async fn nginx_meters_charges_once_and_turns_denials_into_real_answers() {
     }
     assert_eq!(balance(&server, "acme").await, (87, 0, 13));
 
+    // A client's own x-forwarded-* cannot price the request as a free one: nginx drops
+    // them, tollgate sees the real POST, which needs a key.
+    let disguised = [
+        ("x-forwarded-method", "GET"),
+        ("x-forwarded-uri", "/v1/"),
+        ("x-test-tag", "disguised"),
+    ];
+    let r = http(nginx.addr, "POST", "/v1/envelopes", &disguised, "").await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(upstream.seen_tagged("disguised").is_empty());
+
     // No credits: the client gets 402 with the JSON body (auth_request itself only
     // honours 401/403; examples/nginx.conf restores the real answer).
     let poor = seed(&server, "poor", 0).await;

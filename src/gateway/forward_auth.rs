@@ -53,6 +53,19 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The value of `forwarded` or `original`, whichever is present; `Err(forwarded)` when
+/// both are and they differ.
+fn one_of<'a>(
+    headers: &'a HeaderMap,
+    forwarded: &'static str,
+    original: &'static str,
+) -> Result<Option<&'a str>, &'static str> {
+    match (header(headers, forwarded), header(headers, original)) {
+        (Some(f), Some(o)) if f != o => Err(forwarded),
+        (f, o) => Ok(f.or(o)),
+    }
+}
+
 async fn forward_auth(
     State(state): State<Arc<HttpGateway>>,
     method: Method,
@@ -67,12 +80,27 @@ async fn forward_auth(
     if !gateway.trusts(header(&headers, gateway.shared_secret_header())) {
         return denied(&super::Denial::UntrustedGateway, nginx);
     }
-    let original_method = header(&headers, "x-forwarded-method")
-        .or_else(|| header(&headers, "x-original-method"))
-        .unwrap_or(method.as_str());
-    let original_uri = header(&headers, "x-forwarded-uri")
-        .or_else(|| header(&headers, "x-original-uri"))
-        .unwrap_or_else(|| uri.path_and_query().map_or("/", |p| p.as_str()));
+    // Traefik and Kong send x-forwarded-*, nginx (examples/nginx.conf) x-original-*; each
+    // proxy overwrites its own but passes the other family on from the client. So both
+    // present and different means a client is trying to price one request as another.
+    let (original_method, original_uri) = match (
+        one_of(&headers, "x-forwarded-method", "x-original-method"),
+        one_of(&headers, "x-forwarded-uri", "x-original-uri"),
+    ) {
+        (Ok(m), Ok(u)) => (
+            m.unwrap_or(method.as_str()),
+            u.unwrap_or_else(|| uri.path_and_query().map_or("/", |p| p.as_str())),
+        ),
+        (Err(header), _) | (_, Err(header)) => {
+            let bad = super::Denial::BadHeader {
+                header: header.into(),
+                message: "disagrees with its x-original-* counterpart: the proxy must send \
+                          one family and drop the client's"
+                    .into(),
+            };
+            return denied(&bad, nginx);
+        }
+    };
     let host = header(&headers, "x-forwarded-host")
         .or_else(|| header(&headers, "x-original-host"))
         .or_else(|| header(&headers, "host"))
