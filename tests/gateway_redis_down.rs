@@ -355,3 +355,39 @@ async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
     wait_balance(&server, "acme", (95, 0, 5)).await;
     server.stop().await;
 }
+
+/// A Redis that answers but refuses the call (here a replica after a failover: READONLY;
+/// likewise LOADING, BUSY, OOM, …) follows the failure policy like a Redis that is down:
+/// 503 for fail_closed, allowed and spooled for fail_open — not a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_writes_follows_the_failure_policy() {
+    let _serial = SERIAL.lock().await;
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(config(&redis.url()), Clock::Redis).await;
+    let key = seed(&server, "acme", 100).await;
+    for path in ["/strict", "/lenient"] {
+        let (r, _) = check(&server, path, &key).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let mut con = redis.client().get_connection().expect("redis");
+    // A replica of a primary that is not there: it keeps its data and refuses writes.
+    let nowhere = common::free_port().to_string();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(&nowhere)
+        .query(&mut con)
+        .expect("replicaof");
+    let (r, _) = check(&server, "/strict", &key).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_degraded(&server, &key, None).await;
+
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut con)
+        .expect("replicaof no one");
+    let (r, _) = check(&server, "/strict", &key).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // Two charges before, one after, and the spooled one once applied.
+    wait_balance(&server, "acme", (96, 0, 4)).await;
+}

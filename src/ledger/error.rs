@@ -184,12 +184,30 @@ impl std::fmt::Display for HoldEnd {
     }
 }
 
+/// Server errors of a Redis that cannot take the call now (loading its data, a replica
+/// after a failover, a script stuck busy, out of memory, writes stopped): the failure
+/// policy applies, as when Redis is down. None of them ran the call.
+const UNAVAILABLE_CODES: [&str; 9] = [
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "BUSY",
+    "OOM",
+    "MISCONF",
+    "NOREPLICAS",
+];
+
 impl From<redis::RedisError> for LedgerError {
     fn from(err: redis::RedisError) -> Self {
         if err.code() == Some("TG_NOT_INITIALIZED") {
             return Self::NotInitialized;
         }
-        if err.is_io_error()
+        if err
+            .code()
+            .is_some_and(|code| UNAVAILABLE_CODES.contains(&code))
+            || err.is_io_error()
             || err.is_timeout()
             || err.is_connection_dropped()
             || err.is_connection_refusal()
