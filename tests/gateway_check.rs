@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::data::accesslog::v3::{
-    HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
+    AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
 };
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
@@ -39,6 +39,8 @@ struct Answer {
     client_headers: HashMap<String, String>,
     removed: Vec<String>,
     body: serde_json::Value,
+    /// The dynamic metadata of the answer (Envoy copies it into the access log).
+    metadata: Option<envoy_types::pb::google::protobuf::Struct>,
 }
 
 impl Answer {
@@ -56,6 +58,7 @@ fn flatten(response: CheckResponse) -> Answer {
             .collect::<HashMap<_, _>>()
     };
     let code = response.status.as_ref().map_or(-1, |s| s.code);
+    let metadata = response.dynamic_metadata;
     match response.http_response.expect("http_response") {
         HttpResponse::OkResponse(ok) => {
             assert_eq!(code, 0);
@@ -65,6 +68,7 @@ fn flatten(response: CheckResponse) -> Answer {
                 client_headers: pairs(&ok.response_headers_to_add),
                 removed: ok.headers_to_remove,
                 body: serde_json::Value::Null,
+                metadata,
             }
         }
         HttpResponse::DeniedResponse(denied) => {
@@ -75,6 +79,7 @@ fn flatten(response: CheckResponse) -> Answer {
                 client_headers: HashMap::new(),
                 removed: Vec::new(),
                 body: serde_json::from_str(&denied.body).expect("JSON body"),
+                metadata,
             }
         }
         other => panic!("unexpected {other:?}"),
@@ -668,32 +673,47 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     let hold = |answer: &Answer| {
         assert_eq!(answer.status, 200, "{answer:?}");
         assert_eq!(answer.header("x-tollgate-charged"), Some("50"));
-        answer
-            .header("x-tollgate-hold-id")
-            .expect("hold id")
-            .to_owned()
+        (
+            answer
+                .header("x-tollgate-hold-id")
+                .expect("hold id")
+                .to_owned(),
+            answer.metadata.clone().expect("hold metadata"),
+        )
     };
-    let h1 = hold(&ocr_check(&mut c, &key, "ocr-1").await);
-    let h2 = hold(&ocr_check(&mut c, &key, "ocr-2").await);
-    let h3 = hold(&ocr_check(&mut c, &key, "ocr-3").await);
+    let (h1, m1) = hold(&ocr_check(&mut c, &key, "ocr-1").await);
+    let (_, m2) = hold(&ocr_check(&mut c, &key, "ocr-2").await);
+    let (h3, _) = hold(&ocr_check(&mut c, &key, "ocr-3").await);
     // A replayed check returns the same hold.
-    assert_eq!(hold(&ocr_check(&mut c, &key, "ocr-1").await), h1);
+    assert_eq!(hold(&ocr_check(&mut c, &key, "ocr-1").await).0, h1);
     assert_eq!(balance(&server, "acme").await, (50, 150, 0));
 
     // Access log: h1 answered 200 with 4 pages → 8 captured; h2 answered 502 → released;
-    // an entry without a hold is ignored; a duplicate entry changes nothing.
-    let entry = |hold_id: Option<&str>, status: u32, units: Option<&str>| {
+    // an entry without a hold is ignored; a duplicate entry changes nothing. The hold is
+    // named by the Check answer's dynamic metadata, as Envoy logs it: an entry whose only
+    // hold id is a request header (a client's own, on a request that was denied) is
+    // ignored, so h3 stays held.
+    let entry = |metadata: Option<&envoy_types::pb::google::protobuf::Struct>,
+                 status: u32,
+                 units: Option<&str>| {
         let mut request_headers = HashMap::new();
-        if let Some(h) = hold_id {
-            request_headers.insert("x-tollgate-hold-id".to_owned(), h.to_owned());
-            request_headers.insert("x-tollgate-operation".to_owned(), "ocr.pages".to_owned());
-            request_headers.insert("x-tollgate-charged".to_owned(), "50".to_owned());
-        }
+        request_headers.insert("x-tollgate-hold-id".to_owned(), h3.clone());
         let mut response_headers = HashMap::new();
         if let Some(u) = units {
             response_headers.insert("x-tollgate-units".to_owned(), u.to_owned());
         }
+        let common_properties = metadata.map(|m| AccessLogCommon {
+            metadata: Some(envoy_types::pb::envoy::config::core::v3::Metadata {
+                filter_metadata: HashMap::from([(
+                    "envoy.filters.http.ext_authz".to_owned(),
+                    m.clone(),
+                )]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         HttpAccessLogEntry {
+            common_properties,
             request: Some(HttpRequestProperties {
                 request_headers,
                 ..Default::default()
@@ -710,10 +730,10 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
         identifier: None,
         log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
             log_entry: vec![
-                entry(Some(&h1), 200, Some("4")),
-                entry(Some(&h2), 502, Some("4")),
-                entry(None, 200, Some("4")),
-                entry(Some(&h1), 200, Some("4")),
+                entry(Some(&m1), 200, Some("4")),
+                entry(Some(&m2), 502, Some("4")),
+                entry(None, 503, Some("4")),
+                entry(Some(&m1), 200, Some("4")),
             ],
         })),
     };

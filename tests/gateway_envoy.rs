@@ -167,6 +167,27 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
         "the failed OCR's hold was released: {kinds:?}"
     );
 
+    // A client cannot settle someone's hold by naming it: a request Envoy denies (no key)
+    // is logged with the client's own x-tollgate-hold-id, and the log names holds only by
+    // the Check answer's metadata. The hold stays held; a later request's capture, in the
+    // same log stream after it, shows the forged entry was read.
+    let open = open_hold(&server, &bearer).await;
+    let forged = [
+        ("x-tollgate-hold-id", open.as_str()),
+        ("x-tollgate-operation", "ocr.pages"),
+        ("x-test-tag", "forged"),
+    ];
+    let r = http(envoy.addr, "POST", "/v1/documents/d-4/ocr", &forged, "").await;
+    assert_eq!(r.status, 401, "{r:?}");
+    let later = [
+        ("authorization", bearer.as_str()),
+        ("x-test-units", "3"),
+        ("x-test-tag", "ocr-later"),
+    ];
+    let r = http(envoy.addr, "POST", "/v1/documents/d-5/ocr", &later, "").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    wait_balance(&server, "acme", (before - 62, 50, 57 + 12)).await;
+
     // Empty balance: 402 with the JSON body, and the upstream is not reached.
     let poor = seed(&server, "poor", 0).await;
     let r = http(
@@ -186,4 +207,41 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
     assert_eq!(body["operation"], "envelope.send");
     assert!(upstream.seen_tagged("poor").is_empty());
     drop(envoy);
+}
+
+/// A hold taken by a Check straight to tollgate (not through Envoy): its id.
+async fn open_hold(server: &common::TestServer, bearer: &str) -> String {
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    let request = CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "POST".into(),
+                    path: "/v1/documents/d-3/ocr".into(),
+                    host: "api.example.com".into(),
+                    headers: [("authorization".to_owned(), bearer.to_owned())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let answer = AuthorizationClient::new(server.channel().await)
+        .check(request)
+        .await
+        .expect("check")
+        .into_inner();
+    let Some(HttpResponse::OkResponse(ok)) = answer.http_response else {
+        panic!("not allowed: {answer:?}");
+    };
+    ok.headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key == "x-tollgate-hold-id")
+        .map(|h| h.value.clone())
+        .expect("a hold")
 }

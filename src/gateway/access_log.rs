@@ -1,12 +1,17 @@
 //! Envoy's gRPC access-log service (`envoy.service.accesslog.v3.AccessLogService/
 //! StreamAccessLogs`): charge after the response. For each HTTP log entry of a request
-//! that took a hold (its logged request headers carry `x-tollgate-hold-id`), the hold is
-//! captured or released by the response status and the units the upstream reported.
+//! that took a hold, the hold is captured or released by the response status and the
+//! units the upstream reported.
 //!
-//! Envoy must log the headers tollgate reads (examples/envoy.yaml does):
-//! `additional_request_headers_to_log: [x-tollgate-hold-id, x-tollgate-operation,
-//! x-tollgate-charged]` and `additional_response_headers_to_log: [x-tollgate-units]`
-//! (or whatever `capture_units_header` the operations use).
+//! The hold is named by the **dynamic metadata** the Check answer set (namespace
+//! `envoy.filters.http.ext_authz`, which Envoy copies into every log entry), never by a
+//! request header: a request Envoy logs without passing it through ext_authz's Allow (a
+//! denied one, one that failed before the filter) still carries the client's own
+//! `x-tollgate-hold-id`, and a client could release anyone's hold by naming it.
+//!
+//! Envoy must log the response header with the units (examples/envoy.yaml does):
+//! `additional_response_headers_to_log: [x-tollgate-units]` (or whatever
+//! `capture_units_header` the operations use).
 //!
 //! The stream is lossy by design (Envoy drops entries it cannot send); a hold whose entry
 //! is lost follows its `on_expiry` policy at its deadline.
@@ -22,7 +27,9 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Gateway, HEADER_CHARGED, HEADER_HOLD_ID, HEADER_OPERATION};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+
+use super::{Allowed, Gateway};
 use crate::ledger::{LedgerError, Refusal};
 
 pub struct AccessLog {
@@ -46,25 +53,51 @@ pub struct HoldToSettle<'a> {
     pub response_headers: &'a HashMap<String, String>,
 }
 
-/// The hold a log entry settles, if the request took one.
+/// Where Envoy files the dynamic metadata of an ext_authz Check answer.
+pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+const META_HOLD_ID: &str = "tollgate_hold_id";
+const META_OPERATION: &str = "tollgate_operation";
+const META_HELD: &str = "tollgate_held";
+
+/// The dynamic metadata of an allowed check that took a hold (else `None`): what its log
+/// entry will name the hold by.
+pub fn hold_metadata(allowed: &Allowed) -> Option<Struct> {
+    let hold_id = allowed.hold_id.as_ref()?;
+    let text = |s: String| Value {
+        kind: Some(Kind::StringValue(s)),
+    };
+    let mut fields = HashMap::from([
+        (META_HOLD_ID.to_owned(), text(hold_id.clone())),
+        (META_HELD.to_owned(), text(allowed.charged.to_string())),
+    ]);
+    if let Some(op) = &allowed.operation {
+        fields.insert(META_OPERATION.to_owned(), text(op.clone()));
+    }
+    Some(Struct { fields })
+}
+
+/// The hold a log entry settles, if the request took one (by the Check answer's dynamic
+/// metadata; module docs).
 pub fn hold_to_settle(entry: &HttpAccessLogEntry) -> Option<HoldToSettle<'_>> {
-    let request = entry.request.as_ref()?;
-    let hold_id = request
-        .request_headers
-        .get(HEADER_HOLD_ID)
-        .filter(|h| !h.is_empty())?;
+    let fields = &entry
+        .common_properties
+        .as_ref()?
+        .metadata
+        .as_ref()?
+        .filter_metadata
+        .get(EXT_AUTHZ_NAMESPACE)?
+        .fields;
+    let text = |name: &str| match fields.get(name).and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.as_str()),
+        _ => None,
+    };
+    let hold_id = text(META_HOLD_ID)?;
     static EMPTY: std::sync::OnceLock<HashMap<String, String>> = std::sync::OnceLock::new();
     let response = entry.response.as_ref();
     Some(HoldToSettle {
         hold_id,
-        operation: request
-            .request_headers
-            .get(HEADER_OPERATION)
-            .map(String::as_str),
-        held: request
-            .request_headers
-            .get(HEADER_CHARGED)
-            .and_then(|c| c.parse().ok()),
+        operation: text(META_OPERATION),
+        held: text(META_HELD).and_then(|c| c.parse().ok()),
         status: response
             .and_then(|r| r.response_code.as_ref())
             .map_or(0, |c| c.value),
@@ -137,11 +170,11 @@ impl AccessLog {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::data::accesslog::v3::{
-        HttpRequestProperties, HttpResponseProperties,
+        AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
     };
 
     #[test]
-    fn entries_without_a_hold_are_ignored() {
+    fn a_hold_is_named_by_the_check_metadata_never_by_a_request_header() {
         let mut entry = HttpAccessLogEntry {
             request: Some(HttpRequestProperties::default()),
             response: Some(HttpResponseProperties {
@@ -151,15 +184,32 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(hold_to_settle(&entry), None);
+        // A client's own header (a request denied, or failed before ext_authz) is ignored.
         let request = entry.request.as_mut().unwrap();
         request
             .request_headers
-            .insert(HEADER_HOLD_ID.into(), "h3-7".into());
-        request
-            .request_headers
-            .insert(HEADER_CHARGED.into(), "50".into());
+            .insert(super::super::HEADER_HOLD_ID.into(), "h3-7".into());
+        assert_eq!(hold_to_settle(&entry), None);
+        // An allowed check without a hold sets no metadata.
+        assert_eq!(hold_metadata(&Allowed::default()), None);
+        let allowed = Allowed {
+            hold_id: Some("h3-8".into()),
+            charged: 50,
+            ..Allowed::default()
+        };
+        let metadata = envoy_types::pb::envoy::config::core::v3::Metadata {
+            filter_metadata: HashMap::from([(
+                EXT_AUTHZ_NAMESPACE.to_owned(),
+                hold_metadata(&allowed).expect("metadata"),
+            )]),
+            ..Default::default()
+        };
+        entry.common_properties = Some(AccessLogCommon {
+            metadata: Some(metadata),
+            ..Default::default()
+        });
         let hold = hold_to_settle(&entry).expect("a hold");
-        assert_eq!(hold.hold_id, "h3-7");
+        assert_eq!(hold.hold_id, "h3-8");
         assert_eq!(hold.held, Some(50));
         assert_eq!(hold.status, 200);
         assert_eq!(hold.operation, None);

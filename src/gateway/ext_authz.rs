@@ -96,7 +96,9 @@ impl Authorization for ExtAuthz {
                             .collect(),
                         ..Default::default()
                     })),
-                    dynamic_metadata: None,
+                    // The access log names the hold by this, not by a header a client
+                    // could send (access_log.rs).
+                    dynamic_metadata: super::access_log::hold_metadata(&allowed),
                 }
             }
             Decision::Deny(denial) => denied(&denial),
