@@ -788,6 +788,27 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     assert_eq!(bad.status, 400, "{bad:?}");
     assert_eq!(bad.json()["fields"][0]["field"], "amount");
     assert_eq!(balance(&server, "acme").await, (185, 0, 15));
+
+    // A hold whose operation the price book no longer has (renamed by a reload while it
+    // was open): 2xx captures everything held, whatever units the upstream reported.
+    let (h4, _) = hold(&ocr_check(&mut c, &key, "ocr-4").await);
+    let renamed = tollgate::gateway::access_log::hold_metadata(&tollgate::gateway::Allowed {
+        hold_id: Some(h4),
+        operation: Some("ocr.pages.v0".into()),
+        charged: 50,
+        ..Default::default()
+    })
+    .expect("metadata");
+    let message = StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: vec![entry(Some(&renamed), 200, Some("3"))],
+        })),
+    };
+    logs.stream_access_logs(tokio_stream_once(message))
+        .await
+        .expect("stream");
+    wait_balance(&server, "acme", (135, 0, 65)).await;
 }
 
 async fn ocr_check(c: &mut Checker, key: &str, request_id: &str) -> Answer {

@@ -672,14 +672,15 @@ impl Gateway {
     ) -> Result<EndHoldOutcome, LedgerError> {
         let book = self.pricebook.load_full();
         let fallback;
-        let policy = match operation.and_then(|name| book.operation(name)?.hold()) {
-            Some(policy) => policy,
+        let (policy, reported) = match operation.and_then(|name| book.operation(name)?.hold()) {
+            Some(policy) => (policy, units(&policy.capture_units_header)),
             None => {
+                // The operation's units header and rate are gone with it: the units the
+                // upstream reported cannot be priced, so 2xx captures everything held.
                 fallback = HoldPolicy::fallback();
-                &fallback
+                (&fallback, None)
             }
         };
-        let reported = units(&policy.capture_units_header);
         let key = format!("gw:settle:{hold_id}");
         let cmd = match policy.settle(status, reported.as_deref(), held) {
             Settlement::Capture(amount) => EndHold::capture(hold_id.to_owned(), amount, key),
