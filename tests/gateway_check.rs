@@ -878,6 +878,26 @@ async fn forward_auth_reads_the_original_request_and_has_an_nginx_mode() {
         let named = r.json()["header"].as_str().unwrap_or_default().to_owned();
         assert_eq!(named, header.replace("original", "forwarded"), "{r:?}");
     }
+    // A pricing header sent twice is read as both values, a bad header: not priced by the
+    // first while the upstream may read the last.
+    let r = http(
+        addr,
+        "GET",
+        "/v1/forward-auth",
+        &[
+            secret,
+            ("x-forwarded-method", "POST"),
+            ("x-forwarded-uri", "/v1/envelopes"),
+            ("x-api-key", &key),
+            ("x-signature-method", "aadhaar"),
+            ("x-signers", "1"),
+            ("x-signers", "50"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.json()["header"], "x-signers", "{r:?}");
     assert_eq!(balance(&server, "acme").await, (9, 0, 1));
 
     // nginx style, and nginx mode: a 402 becomes 403 with the real answer in headers.

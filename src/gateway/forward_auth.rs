@@ -105,7 +105,25 @@ async fn forward_auth(
         .or_else(|| header(&headers, "x-original-host"))
         .or_else(|| header(&headers, "host"))
         .unwrap_or("");
-    let lookup = |name: &str| header(&headers, name);
+    // A header sent more than once is read as its values joined by commas (as Envoy hands
+    // them to ext_authz), so `x-signers: 1` then `x-signers: 50` is a bad header, not a
+    // price for 1 with an upstream that may read 50.
+    let repeated: Vec<(&str, String)> = headers
+        .keys()
+        .filter(|name| headers.get_all(*name).iter().nth(1).is_some())
+        .map(|name| {
+            let values: Vec<&str> = headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap_or(""))
+                .collect();
+            (name.as_str(), values.join(","))
+        })
+        .collect();
+    let lookup = |name: &str| match repeated.iter().find(|(n, _)| *n == name) {
+        Some((_, joined)) => Some(joined.as_str()),
+        None => header(&headers, name),
+    };
     let call = Call {
         method: original_method,
         host,
