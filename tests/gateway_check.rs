@@ -23,7 +23,7 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, 
 use envoy_types::pb::google::protobuf::UInt32Value;
 use tonic::transport::Channel;
 
-use common::gateways::{balance, esign_config, http, seed, wait_balance};
+use common::gateways::{balance, esign_config, esign_replay_config, http, seed, wait_balance};
 use tollgate::api::pb;
 use tollgate::config::{Config, ConfigErrors, Overrides};
 use tollgate::ledger::Clock;
@@ -161,9 +161,7 @@ async fn a_repeated_request_id_is_charged_again_by_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_denial_reason_and_replay_by_request_id() {
     let redis = common::RedisServer::start();
-    let mut config = esign_config(&redis.url());
-    config.gateway.request_id_replay = true;
-    let server = common::TestServer::start(config, Clock::Redis).await;
+    let server = common::TestServer::start(esign_replay_config(&redis.url()), Clock::Redis).await;
     let mut c = Checker::new(&server).await;
     let key = seed(&server, "acme", 30).await;
     let bearer = format!("Bearer {key}");
@@ -617,9 +615,7 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     assert_eq!(balance(&server, "beta").await, (150, 50, 0));
 
     // Another sidecar has not seen the key: its keyed call finds the same record.
-    let mut other_config = esign_config(&redis.url());
-    other_config.gateway.request_id_replay = true;
-    let other = common::TestServer::start(other_config, Clock::Redis).await;
+    let other = common::TestServer::start(esign_replay_config(&redis.url()), Clock::Redis).await;
     let h = headers(&key, "m-1");
     let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let replayed = Checker::new(&other)
@@ -665,9 +661,7 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_are_settled_by_the_access_log_and_over_http() {
     let redis = common::RedisServer::start();
-    let mut config = esign_config(&redis.url());
-    config.gateway.request_id_replay = true;
-    let server = common::TestServer::start(config, Clock::Redis).await;
+    let server = common::TestServer::start(esign_replay_config(&redis.url()), Clock::Redis).await;
     let mut c = Checker::new(&server).await;
     let key = seed(&server, "acme", 200).await;
     let hold = |answer: &Answer| {

@@ -4,16 +4,16 @@
 
 mod common;
 
-use common::gateways::{balance, esign_config, http, seed, start_envoy, wait_balance, Upstream};
+use common::gateways::{
+    balance, esign_replay_config, http, seed, start_envoy, wait_balance, Upstream,
+};
 use tollgate::ledger::Clock;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
     let redis = common::RedisServer::start();
     // The replay of a request id through the proxy (the default charges every check).
-    let mut config = esign_config(&redis.url());
-    config.gateway.request_id_replay = true;
-    let server = common::TestServer::start(config, Clock::Redis).await;
+    let server = common::TestServer::start(esign_replay_config(&redis.url()), Clock::Redis).await;
     let upstream = Upstream::start().await;
     let envoy = start_envoy(server.grpc_addr, upstream.addr).await;
     let key = seed(&server, "acme", 200).await;

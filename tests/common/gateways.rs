@@ -518,6 +518,14 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 }
 
 /// The shipped esign price book, pointed at a test redis-server.
+/// [`esign_config`] with `gateway.request_id_replay` on: a repeated `x-request-id` is
+/// charged once.
+pub fn esign_replay_config(redis_url: &str) -> Config {
+    let mut config = esign_config(redis_url);
+    config.gateway.request_id_replay = true;
+    config
+}
+
 pub fn esign_config(redis_url: &str) -> Config {
     let mut config = Config::from_toml(
         &example("pricebook-esign.toml"),
