@@ -813,10 +813,10 @@ fn unavailable(op: &Operation, account_id: Option<String>) -> Decision {
     }
 }
 
-/// The idempotency key of a check: the request id, scoped by operation so two operations
-/// of one request never collide. Request ids that are too long or not printable ASCII are
-/// replaced by their SHA-256; a request without an id gets a random key (charged once per
-/// check, but a retried check is charged again).
+/// The idempotency key of a check: the request id (with `gateway.request_id_replay`),
+/// scoped by operation so two operations of one request never collide. Request ids that
+/// are too long or not printable ASCII are replaced by their SHA-256; otherwise a key of
+/// its own (charged once per check, and a retried check is charged again).
 pub fn check_idempotency_key(operation: &str, request_id: Option<&str>) -> String {
     let prefix_len = "gw::".len() + operation.len();
     match request_id {
@@ -836,15 +836,22 @@ pub fn check_idempotency_key(operation: &str, request_id: Option<&str>) -> Strin
             format!("gw:{operation}:#{hex}")
         }
         _ => {
-            let mut random = [0u8; 16];
-            let nonce = match getrandom::fill(&mut random) {
-                Ok(()) => u128::from_le_bytes(random),
-                Err(_) => std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or_default(),
-            };
-            format!("gw:{operation}:~{nonce:032x}")
+            // Unique without a syscall per check (every check without request_id_replay
+            // takes this path): 64 random bits drawn once per process, then a counter.
+            static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let process = *PROCESS.get_or_init(|| {
+                let mut random = [0u8; 8];
+                match getrandom::fill(&mut random) {
+                    Ok(()) => u64::from_le_bytes(random),
+                    Err(_) => std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or_default(),
+                }
+            });
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("gw:{operation}:~{process:016x}{n:x}")
         }
     }
 }
