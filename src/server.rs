@@ -381,6 +381,13 @@ pub async fn run(
         config.auth.admin_token.clone(),
     ]);
     let service_check_http = service_check.clone();
+    let access_log = AccessLog::new(
+        gateway.clone(),
+        service_check.clone(),
+        grpc_listener
+            .local_addr()
+            .is_ok_and(|a| a.ip().is_loopback()),
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
@@ -402,9 +409,10 @@ pub async fn run(
                 .with_store(store.clone(), config.webhooks.rules()),
             admin_check,
         ))
-        // Envoy authenticates by the optional gateway shared secret, checked inside.
+        // Envoy authenticates by the optional gateway shared secret, checked inside; the
+        // access log (it settles holds) also by the service token (access_log.rs).
         .add_service(AuthorizationServer::new(ExtAuthz::new(gateway.clone())))
-        .add_service(AccessLogServiceServer::new(AccessLog::new(gateway.clone())))
+        .add_service(AccessLogServiceServer::new(access_log))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -805,6 +805,60 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     wait_balance(&server, "acme", (135, 0, 65)).await;
 }
 
+/// The access log settles holds, so on a gRPC port other hosts can reach it takes a
+/// stream only with the service token (or the gateway shared secret, when set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_needs_the_service_token_on_a_reachable_port() {
+    let redis = common::RedisServer::start();
+    let server =
+        common::TestServer::start_on_all_interfaces(esign_config(&redis.url()), Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "acme", 100).await;
+    let answer = ocr_check(&mut c, &key, "ocr-1").await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let metadata = answer.metadata.expect("hold metadata");
+    assert_eq!(balance(&server, "acme").await, (50, 50, 0));
+    let release = || StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: vec![HttpAccessLogEntry {
+                common_properties: Some(AccessLogCommon {
+                    metadata: Some(envoy_types::pb::envoy::config::core::v3::Metadata {
+                        filter_metadata: HashMap::from([(
+                            "envoy.filters.http.ext_authz".to_owned(),
+                            metadata.clone(),
+                        )]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                response: Some(HttpResponseProperties {
+                    response_code: Some(UInt32Value { value: 500 }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+        })),
+    };
+    let mut logs = AccessLogServiceClient::new(server.channel().await);
+    let refused = logs
+        .stream_access_logs(tokio_stream_once(release()))
+        .await
+        .expect_err("no token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert_eq!(balance(&server, "acme").await, (50, 50, 0), "still held");
+
+    let mut request = tonic::Request::new(tokio_stream_once(release()));
+    let bearer = format!("Bearer {}", common::SERVICE_TOKEN);
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.parse().expect("metadata value"));
+    logs.stream_access_logs(request)
+        .await
+        .expect("with the token");
+    wait_balance(&server, "acme", (100, 0, 0)).await;
+}
+
 async fn ocr_check(c: &mut Checker, key: &str, request_id: &str) -> Answer {
     c.check(
         "POST",

@@ -30,15 +30,39 @@ use tonic::{Request, Response, Status, Streaming};
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 
 use super::{Allowed, Gateway};
+use crate::api::auth::TokenCheck;
 use crate::ledger::{LedgerError, Refusal};
 
 pub struct AccessLog {
     gateway: Arc<Gateway>,
+    service_tokens: TokenCheck,
+    /// tollgate's gRPC port listens on loopback only (the chart's sidecar mode): every
+    /// caller is on this host.
+    local_only: bool,
 }
 
 impl AccessLog {
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+    pub fn new(gateway: Arc<Gateway>, service_tokens: TokenCheck, local_only: bool) -> Self {
+        Self {
+            gateway,
+            service_tokens,
+            local_only,
+        }
+    }
+
+    /// Who may stream log entries, which capture and release holds: with
+    /// `gateway.shared_secret` set, whoever presents it; without, a caller with the
+    /// service token (`authorization: Bearer`), or anyone when the port is loopback-only.
+    /// It used to be anyone whenever no shared secret was set, so any client that could
+    /// reach the port could settle any hold.
+    fn authorized<T>(&self, request: &Request<T>) -> bool {
+        let text = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        if self.gateway.has_shared_secret() {
+            return self
+                .gateway
+                .trusts(text(self.gateway.shared_secret_header()));
+        }
+        self.local_only || self.service_tokens.check(text("authorization")).is_ok()
     }
 }
 
@@ -112,12 +136,10 @@ impl AccessLogService for AccessLog {
         &self,
         request: Request<Streaming<StreamAccessLogsMessage>>,
     ) -> Result<Response<StreamAccessLogsResponse>, Status> {
-        let secret = request
-            .metadata()
-            .get(self.gateway.shared_secret_header())
-            .and_then(|v| v.to_str().ok());
-        if !self.gateway.trusts(secret) {
-            return Err(Status::permission_denied("untrusted gateway"));
+        if !self.authorized(&request) {
+            return Err(Status::unauthenticated(
+                "the access log needs the gateway shared secret or the service token",
+            ));
         }
         let mut stream = request.into_inner();
         while let Some(message) = stream.message().await? {

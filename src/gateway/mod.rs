@@ -307,6 +307,11 @@ impl Gateway {
 
     /// Whether the gateway presented the configured shared secret (always, when none is
     /// configured).
+    /// Whether `gateway.shared_secret` is set.
+    pub fn has_shared_secret(&self) -> bool {
+        !self.shared_secret.is_empty()
+    }
+
     pub fn trusts(&self, presented: Option<&str>) -> bool {
         self.shared_secret.is_empty()
             || presented.is_some_and(|p| {

@@ -327,6 +327,16 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config, clock: Clock) -> Self {
+        Self::start_bound(config, clock, "127.0.0.1:0").await
+    }
+
+    /// As [`TestServer::start`], with the gRPC port on every interface (as in a
+    /// Kubernetes pod behind a Service) instead of loopback only.
+    pub async fn start_on_all_interfaces(config: Config, clock: Clock) -> Self {
+        Self::start_bound(config, clock, "0.0.0.0:0").await
+    }
+
+    async fn start_bound(config: Config, clock: Clock, grpc_bind: &str) -> Self {
         let default_store = Config::from_toml("", Vec::new(), &Overrides::default())
             .expect("defaults")
             .store
@@ -341,13 +351,14 @@ impl TestServer {
             "a test server needs its own fail-open spool (common::test_config)"
         );
         let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let grpc = tokio::net::TcpListener::bind(grpc_bind)
             .await
             .expect("bind");
         let http = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let grpc_addr = grpc.local_addr().expect("addr");
+        // Clients connect over loopback whatever the port listens on.
+        let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc.local_addr().expect("addr").port()));
         let http_addr = http.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn({
