@@ -587,6 +587,33 @@ async fn bad_input_names_the_field_and_changes_nothing() {
                 .await
                 .expect_err("the last owner demoted: nobody could make an owner again"),
         ),
+        (
+            "utc_offset_minutes",
+            admin
+                .set_budget(pb::SetBudgetRequest {
+                    account_id: "acme".into(),
+                    member_id: "alice".into(),
+                    limit: 10,
+                    period: "month".into(),
+                    utc_offset_minutes: i32::MIN,
+                    idempotency_key: "x10".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("an offset with no absolute value"),
+        ),
+        (
+            "member_id",
+            admin
+                .create_api_key(pb::CreateApiKeyRequest {
+                    account_id: "acme".into(),
+                    name: "personal".into(),
+                    member_id: "mallory:x|y".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a member on a personal key"),
+        ),
     ];
     for (field, status) in &cases {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");

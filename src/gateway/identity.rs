@@ -373,6 +373,18 @@ impl KeyStore {
         binding: &KeyBinding,
     ) -> Result<CreatedKey, LedgerError> {
         let account_id = if binding.org_id.is_empty() {
+            // A member or actor means nothing without the org: it would be stored on a
+            // personal key unchecked (and break the key's listing and every check by it).
+            let mut v = Violations::default();
+            for (field, value) in [
+                ("member_id", &binding.member_id),
+                ("actor_id", &binding.actor_id),
+            ] {
+                if !value.is_empty() {
+                    v.add(field, "must be empty without org_id");
+                }
+            }
+            v.finish().map_err(LedgerError::InvalidArgument)?;
             account_id
         } else {
             let mut v = Violations::default();

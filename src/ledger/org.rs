@@ -363,7 +363,7 @@ impl Ledger {
                 ("allocate_set", n)
             }
             AllocationChange::Add(d) => {
-                if d == 0 || d.abs() > CREDITS_MAX {
+                if d == 0 || !(-CREDITS_MAX..=CREDITS_MAX).contains(&d) {
                     v.add(
                         "delta",
                         format!("must be non-zero and within ±{CREDITS_MAX}"),
@@ -404,7 +404,8 @@ impl Ledger {
         if !(0..=CREDITS_MAX).contains(&cmd.limit) {
             v.add("limit", format!("must be in 0..={CREDITS_MAX} (0 removes)"));
         }
-        if cmd.utc_offset_minutes.abs() > UTC_OFFSET_MINUTES_MAX {
+        // Not `abs()`: i32::MIN has none (it wraps to itself in release builds).
+        if !(-UTC_OFFSET_MINUTES_MAX..=UTC_OFFSET_MINUTES_MAX).contains(&cmd.utc_offset_minutes) {
             v.add(
                 "utc_offset_minutes",
                 format!("must be within ±{UTC_OFFSET_MINUTES_MAX}"),
