@@ -43,11 +43,16 @@ impl AdminService {
     /// Keeps an API key (a hash only) in the durable ledger, so `tollgate restore` can
     /// rebuild it after Redis lost its data.
     async fn save_key(&self, key: ApiKeyRecord) -> Result<(), Status> {
+        let revoked = key.revoked_at_ms > 0;
         self.store()?.save_api_key(&key).await.map_err(|err| {
             tracing::warn!(error = %err, "api key not saved in the durable ledger");
-            Status::unavailable(
-                "the key is live in Redis but not yet in the durable ledger: retry the call",
-            )
+            Status::unavailable(if revoked {
+                // Revoked in Redis already; until the ledger has it too, a restore after
+                // a Redis loss would bring the key back.
+                "the key is revoked in Redis but not yet in the durable ledger: retry the call"
+            } else {
+                "the key is live in Redis but not yet in the durable ledger: retry the call"
+            })
         })
     }
 
