@@ -137,6 +137,12 @@ impl AccessLogService for AccessLog {
         request: Request<Streaming<StreamAccessLogsMessage>>,
     ) -> Result<Response<StreamAccessLogsResponse>, Status> {
         if !self.authorized(&request) {
+            // Envoy does not say it was refused: holds would then all end by their
+            // on_expiry policy. No caller details: the address is not logged either.
+            tracing::warn!(
+                "an access-log stream was refused: Envoy needs the gateway shared secret, or \
+                 the service token as initial_metadata (docs/envoy.yaml)"
+            );
             return Err(Status::unauthenticated(
                 "the access log needs the gateway shared secret or the service token",
             ));

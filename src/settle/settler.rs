@@ -731,7 +731,10 @@ async fn set_aside(
         return Ok(());
     }
     let shards = ledger.shards();
+    // Copied first, acknowledged only once every copy is in: a refused XADD (Redis out of
+    // memory) must not leave an acknowledged entry that is nowhere else.
     let mut pipe = redis::pipe();
+    let mut acks = redis::pipe();
     for u in unreadable {
         let outbox = shards.outbox(u.shard);
         let add = pipe
@@ -749,9 +752,10 @@ async fn set_aside(
             add.arg(field.as_slice());
         }
         add.ignore();
-        pipe.cmd("XACK").arg(outbox).arg(group).arg(&u.id).ignore();
+        acks.cmd("XACK").arg(outbox).arg(group).arg(&u.id).ignore();
     }
     let _: () = ledger.redis().pipeline(&pipe).await?;
+    let _: () = ledger.redis().pipeline(&acks).await?;
     for u in unreadable {
         metrics::counter!(m::SETTLE_DEAD_LETTERS_TOTAL, "shard" => u.shard.to_string())
             .increment(1);
@@ -781,7 +785,12 @@ fn parse_entries(
     let Value::Array(items) = entries else {
         return Ok((Vec::new(), 0));
     };
-    let read = items.len();
+    // Entries whose content is gone do not count: a shard whose pending list holds only
+    // those has nothing left to recover.
+    let read = items
+        .iter()
+        .filter(|e| matches!(e, Value::Array(p) if p.len() == 2 && matches!(p[1], Value::Array(_))))
+        .count();
     let mut events = Vec::with_capacity(items.len());
     for entry in &items {
         let Value::Array(parts) = entry else {
@@ -955,7 +964,22 @@ pub async fn settled_through(
         return Ok(false);
     };
     if parse_stream_id(&last_delivered).unwrap_or((0, 0)) < target {
-        return Ok(false);
+        // Not delivered that far; but there may be nothing to deliver in between (the
+        // stream's id was moved past its entries: `tollgate restore`'s XSETID).
+        let between: Vec<Value> = ledger
+            .redis()
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(stream)
+                    .arg(format!("({last_delivered}"))
+                    .arg(id)
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        if !between.is_empty() {
+            return Ok(false);
+        }
     }
     Ok(match pending_min(ledger, stream, group).await? {
         Some(min) => parse_stream_id(&min).unwrap_or((0, 0)) > target,
