@@ -47,6 +47,13 @@ impl Answer {
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
     }
+
+    /// `x-credits-remaining` on the client's response.
+    fn remaining(&self) -> Option<&str> {
+        self.client_headers
+            .get("x-credits-remaining")
+            .map(String::as_str)
+    }
 }
 
 fn flatten(response: CheckResponse) -> Answer {
@@ -148,12 +155,7 @@ async fn a_repeated_request_id_is_charged_again_by_default() {
             )
             .await;
         assert_eq!(a.status, 200, "{a:?}");
-        assert_eq!(
-            a.client_headers
-                .get("x-credits-remaining")
-                .map(String::as_str),
-            Some(remaining)
-        );
+        assert_eq!(a.remaining(), Some(remaining));
     }
     assert_eq!(balance(&server, "acme").await, (27, 0, 3));
 }
@@ -178,12 +180,7 @@ async fn every_denial_reason_and_replay_by_request_id() {
     assert_eq!(a.header("x-tollgate-account"), Some("acme"));
     assert_eq!(a.header("x-tollgate-operation"), Some("envelope.send"));
     assert_eq!(a.header("x-tollgate-charged"), Some("1"));
-    assert_eq!(
-        a.client_headers
-            .get("x-credits-remaining")
-            .map(String::as_str),
-        Some("29")
-    );
+    assert_eq!(a.remaining(), Some("29"));
     assert!(
         a.removed.contains(&"x-tollgate-hold-id".to_owned()),
         "{a:?}"
@@ -203,13 +200,7 @@ async fn every_denial_reason_and_replay_by_request_id() {
         )
         .await;
     assert_eq!(again.status, 200);
-    assert_eq!(
-        again
-            .client_headers
-            .get("x-credits-remaining")
-            .map(String::as_str),
-        Some("29")
-    );
+    assert_eq!(again.remaining(), Some("29"));
     assert_eq!(balance(&server, "acme").await, (29, 0, 1));
     // Same id, different price: refused, nothing charged.
     let reused = c
@@ -585,13 +576,7 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     // is answered from the idempotency record the keyed call wrote (charged once).
     let again = check(key.clone(), "m-1").await;
     assert_eq!(again.status, 200, "{again:?}");
-    assert_eq!(
-        again
-            .client_headers
-            .get("x-credits-remaining")
-            .map(String::as_str),
-        Some("9")
-    );
+    assert_eq!(again.remaining(), Some("9"));
     let lines = monitor.lines().await;
     assert_eq!(
         sent_naming(&lines, &key_id).len(),

@@ -25,9 +25,8 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
 use envoy_types::pb::envoy::service::accesslog::v3::{
     StreamAccessLogsMessage, StreamAccessLogsResponse,
 };
-use tonic::{Request, Response, Status, Streaming};
-
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{Allowed, Gateway};
 use crate::api::auth::TokenCheck;

@@ -281,6 +281,24 @@ impl LedgerEvent {
             .collect()
     }
 
+    /// Whether an entry's fields (`[field, value, ...]`) carry a format version above
+    /// [`EVENT_VERSION`]: a newer tollgate wrote it, and a newer settler can read it.
+    pub fn written_by_newer_version(fields: &[Value]) -> bool {
+        fn text(v: &Value) -> Option<&str> {
+            match v {
+                Value::BulkString(b) => std::str::from_utf8(b).ok(),
+                Value::SimpleString(s) => Some(s.as_str()),
+                _ => None,
+            }
+        }
+        fields.chunks_exact(2).any(|pair| {
+            text(&pair[0]) == Some("ver")
+                && text(&pair[1])
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .is_some_and(|v| v > EVENT_VERSION)
+        })
+    }
+
     /// Parses one XRANGE / XREADGROUP entry, `[id, [field, value, ...]]`.
     pub fn from_stream_entry(shard: u16, entry: &Value) -> Result<Self, LedgerError> {
         let text = |v: &Value| match v {

@@ -15,7 +15,7 @@ use metrics::{Counter, Gauge};
 use redis::Value;
 
 use super::store::{Store, StoreError};
-use crate::ledger::event::{parse_stream_id, EventKind, LedgerEvent, EVENT_VERSION};
+use crate::ledger::event::{parse_stream_id, EventKind, LedgerEvent};
 use crate::ledger::{Ledger, LedgerError};
 use crate::telemetry::metrics as m;
 use crate::webhooks::{dispatcher, Rules};
@@ -785,12 +785,9 @@ fn parse_entries(
     let Value::Array(items) = entries else {
         return Ok((Vec::new(), 0));
     };
-    // Entries whose content is gone do not count: a shard whose pending list holds only
-    // those has nothing left to recover.
-    let read = items
-        .iter()
-        .filter(|e| matches!(e, Value::Array(p) if p.len() == 2 && matches!(p[1], Value::Array(_))))
-        .count();
+    // Entries whose content is gone do not count as read: a shard whose pending list
+    // holds only those has nothing left to recover.
+    let mut read = 0;
     let mut events = Vec::with_capacity(items.len());
     for entry in &items {
         let Value::Array(parts) = entry else {
@@ -799,9 +796,10 @@ fn parse_entries(
         let [id, Value::Array(kv)] = parts.as_slice() else {
             continue;
         };
+        read += 1;
         match LedgerEvent::from_stream_entry(shard, entry) {
             Ok(event) => events.push(event),
-            Err(err) if newer_format(kv) => return Err(err.into()),
+            Err(err) if LedgerEvent::written_by_newer_version(kv) => return Err(err.into()),
             Err(err) => match text(id) {
                 Some(id) => unreadable.push(Unreadable {
                     shard,
@@ -815,16 +813,6 @@ fn parse_entries(
         }
     }
     Ok((events, read))
-}
-
-/// Whether an entry's fields say a newer event format than this version reads.
-fn newer_format(fields: &[Value]) -> bool {
-    fields.chunks_exact(2).any(|pair| {
-        text(&pair[0]).as_deref() == Some("ver")
-            && text(&pair[1])
-                .and_then(|v| v.parse::<u32>().ok())
-                .is_some_and(|v| v > EVENT_VERSION)
-    })
 }
 
 fn raw_bytes(v: &Value) -> Vec<u8> {
