@@ -120,43 +120,61 @@ pub async fn initialize_new_shards(ledger: &Ledger, store: &Store) -> bool {
     all
 }
 
-/// `serve --restore`: when Redis holds no ledger at all and the store has events, Redis
-/// lost its data: rebuild it before serving. A Redis with some tollgate data is left alone
-/// (run `tollgate restore --force` deliberately).
+/// `serve --restore`: rebuilds the shards Redis lost (no epoch marker, events in the store)
+/// before serving; see [`restore_lost_shards`].
 pub async fn restore_if_lost(config: &Config, ledger: &Arc<Ledger>) -> Result<(), String> {
     let store = store_from_config(config).map_err(|e| e.to_string())?;
+    restore_lost_shards(ledger, store).await
+}
+
+/// Restores the shards that lost their data: no epoch marker, and events in the store. A
+/// shard that serves is left alone, whether it kept its data or was marked new by a running
+/// sidecar since. When another restore is running (its lease is held), this one serves
+/// meanwhile: the shards being restored refuse charges until that restore is done.
+pub async fn restore_lost_shards(ledger: &Arc<Ledger>, store: Arc<Store>) -> Result<(), String> {
     let initialized = ledger
         .initialized_shards()
         .await
         .map_err(|e| e.to_string())?;
-    if initialized.iter().any(|i| *i) {
+    if initialized.iter().all(|i| *i) {
         return Ok(());
     }
     store.migrate().await.map_err(|e| e.to_string())?;
     let mut lost = false;
-    for shard in 0..ledger.shards().count() {
-        lost |= store
-            .shard_has_events(shard)
-            .await
-            .map_err(|e| e.to_string())?;
+    for (shard, done) in initialized.iter().enumerate() {
+        if !done {
+            lost |= store
+                .shard_has_events(shard as u16)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
     }
     if !lost {
         return Ok(());
     }
-    tracing::warn!("Redis holds no ledger but the store has events: restoring");
-    let report = crate::settle::restore::restore(ledger.clone(), store, false, |s, count| {
+    tracing::warn!("Redis lost shards whose events are in the store: restoring them");
+    let restored = crate::settle::restore::restore(ledger.clone(), store, false, |s, count| {
         tracing::info!(
             shard = s.shard,
             of = count,
             wallets = s.wallets,
             events = s.events,
+            skipped = s.skipped,
             "restored shard"
         );
     })
-    .await
-    .map_err(|e| e.to_string())?;
-    tracing::info!(report = %report.render().trim(), "restore done");
-    Ok(())
+    .await;
+    match restored {
+        Ok(report) => {
+            tracing::info!(report = %report.render().trim(), "restore done");
+            Ok(())
+        }
+        Err(err @ crate::settle::restore::RestoreError::Busy(..)) => {
+            tracing::warn!(error = %err, "serving while another restore runs");
+            Ok(())
+        }
+        Err(err) => Err(err.to_string()),
+    }
 }
 
 /// The durable store a config describes (connections are made lazily).

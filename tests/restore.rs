@@ -709,3 +709,174 @@ async fn aof_everysec_sigkill_loses_about_the_last_second() {
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What a wallet has available, or the error's text (a shard awaiting restore refuses).
+async fn available(ledger: &tollgate::ledger::Ledger, account_id: &str) -> Result<i64, String> {
+    ledger
+        .balance(account_id, "default")
+        .await
+        .map(|rows| rows.iter().map(|w| w.available).sum())
+        .map_err(|e| e.to_string())
+}
+
+/// Restores never write over a shard that serves. After Redis lost its data a running
+/// sidecar marks the shards the store has no events of as new, and charges land there; a
+/// `serve --restore` then rebuilds the lost shards and leaves the serving ones (and their
+/// charges) alone. One restore runs at a time: while another holds the lease, `tollgate
+/// restore` is refused and `serve --restore` serves without restoring; the lease is held
+/// during a restore and freed after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_never_write_over_a_shard_that_serves() {
+    use tollgate::settle::restore::{lease_key, restore, RestoreError};
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = Arc::new(Store::connect_lazy(&pg.url, 4).expect("store"));
+    store.migrate().await.expect("migrate");
+    let shards = ledger.shards().clone();
+    // `lost` has events in the store; `fresh` is in a shard the store knows nothing of.
+    let lost = account(1);
+    let fresh = (2..)
+        .map(account)
+        .find(|a| shards.of_account(a) != shards.of_account(&lost))
+        .expect("an account in another shard");
+    ledger
+        .grant(&common::purchase(&lost, 1000, "g-lost"))
+        .await
+        .expect("grant");
+    let mut settler = Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            consumer: "restore-test".into(),
+            ..SettlerSettings::default()
+        },
+    );
+    settler.drain(DEADLINE).await.expect("settled");
+
+    // Redis loses everything; a running sidecar marks the shards without stored events
+    // new (the real start-up path), and a grant lands on one of them.
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    assert!(
+        !tollgate::server::initialize_new_shards(&ledger, &store).await,
+        "the lost shard must stay uninitialized"
+    );
+    ledger
+        .grant(&common::purchase(&fresh, 300, "g-fresh"))
+        .await
+        .expect("a grant on a serving shard");
+    assert!(available(&ledger, &lost)
+        .await
+        .is_err_and(|e| e.contains("NOT_INITIALIZED") || e.contains("not initialized")));
+
+    // Another restore holds the lease: refused, and `serve --restore` serves without it.
+    let key = lease_key(&ledger);
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("someone-else")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut con)
+        .expect("set lease");
+    match restore(ledger.clone(), store.clone(), false, |_, _| {}).await {
+        Err(RestoreError::Busy(k, ms)) => assert!(k == key && ms > 0, "{k} {ms}"),
+        other => panic!("restore under another's lease: {other:?}"),
+    }
+    tollgate::server::restore_lost_shards(&ledger, store.clone())
+        .await
+        .expect("serve --restore while another restore runs");
+    assert!(available(&ledger, &lost).await.is_err(), "nothing restored");
+    let _: () = redis::cmd("DEL").arg(&key).query(&mut con).expect("del");
+
+    // Now `serve --restore` restores the lost shard only, holding the lease meanwhile.
+    let report = {
+        let mut lease_seen = Vec::new();
+        let mut probe = redis.client().get_connection().expect("redis");
+        let report = restore(ledger.clone(), store.clone(), false, |s, _| {
+            let held: i64 = redis::cmd("EXISTS")
+                .arg(&key)
+                .query(&mut probe)
+                .unwrap_or(0);
+            lease_seen.push((s.shard, s.skipped, held));
+        })
+        .await
+        .expect("restore");
+        assert!(
+            lease_seen.iter().all(|(_, _, held)| *held == 1),
+            "{lease_seen:?}"
+        );
+        let restored: Vec<u16> = lease_seen
+            .iter()
+            .filter(|(_, skipped, _)| !skipped)
+            .map(|(s, _, _)| *s)
+            .collect();
+        assert_eq!(restored, vec![shards.of_account(&lost)], "{lease_seen:?}");
+        report
+    };
+    assert!(
+        report.render().contains("left 15 shards alone"),
+        "{}",
+        report.render()
+    );
+    let lease_left: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query(&mut con)
+        .expect("exists");
+    assert_eq!(lease_left, 0, "the lease is freed");
+    assert_eq!(available(&ledger, &lost).await, Ok(1000));
+    assert_eq!(
+        available(&ledger, &fresh).await,
+        Ok(300),
+        "the serving shard kept its grant"
+    );
+
+    // A charge after the restore, not settled; then one other shard (no wallets) loses its
+    // marker. A restore rebuilds that shard only: the charge stays.
+    ledger
+        .debit(&tollgate::ledger::Debit {
+            account_id: lost.clone(),
+            wallet: "default".into(),
+            amount: 400,
+            idempotency_key: "d-after".into(),
+            operation: "op".into(),
+            metadata: Default::default(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit");
+    let other = (0..shards.count())
+        .find(|s| *s != shards.of_account(&lost) && *s != shards.of_account(&fresh))
+        .expect("a third shard");
+    let _: () = redis::cmd("DEL")
+        .arg(shards.epoch_key(other))
+        .query(&mut con)
+        .expect("del epoch");
+    let again = restore(ledger.clone(), store.clone(), false, |_, _| {})
+        .await
+        .expect("restore of one shard");
+    let rebuilt: Vec<u16> = again
+        .shards
+        .iter()
+        .filter(|s| !s.skipped)
+        .map(|s| s.shard)
+        .collect();
+    assert_eq!(rebuilt, vec![other]);
+    assert_eq!(
+        available(&ledger, &lost).await,
+        Ok(600),
+        "the charge since stays"
+    );
+
+    // Every shard serves now: a second restore is refused and changes nothing.
+    match restore(ledger.clone(), store.clone(), false, |_, _| {}).await {
+        Err(RestoreError::NotEmpty(_)) => {}
+        other => panic!("restore with every shard serving: {other:?}"),
+    }
+    tollgate::server::restore_lost_shards(&ledger, store.clone())
+        .await
+        .expect("serve --restore with nothing lost");
+    assert_eq!(available(&ledger, &fresh).await, Ok(300));
+}

@@ -822,6 +822,15 @@ impl Ledger {
         Ok(found.into_iter().map(|n| n == 1).collect())
     }
 
+    /// Whether one shard has its epoch marker.
+    pub async fn shard_initialized(&self, shard: u16) -> Result<bool, LedgerError> {
+        let found: i64 = self
+            .redis
+            .query(redis::cmd("EXISTS").arg(self.shards.epoch_key(shard)))
+            .await?;
+        Ok(found == 1)
+    }
+
     /// Marks a shard initialized (SET NX of its epoch marker). Only for a shard whose
     /// state is known to be complete: a fresh deployment, or after a restore.
     pub async fn initialize_shard(&self, shard: u16, epoch: &str) -> Result<(), LedgerError> {

@@ -42,6 +42,131 @@ pub enum RestoreError {
     Store(#[from] StoreError),
     #[error("ledger event {0} does not replay: {1}")]
     Replay(String, String),
+    #[error("another restore is running (it holds {0} for {1} ms more); wait for it to finish")]
+    Busy(String, i64),
+    #[error(
+        "this restore lost its lease ({0}) to another one; it stopped before writing shard {1}"
+    )]
+    LeaseLost(String, u16),
+}
+
+/// How long the restore lease lasts without renewal: a restore that dies frees it by then.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+/// How often a running restore renews its lease.
+const LEASE_RENEW_EVERY: Duration = Duration::from_secs(5);
+/// Extends the lease if this restore still holds it: 1, else 0.
+const LEASE_RENEW_LUA: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+/// Frees the lease if this restore still holds it.
+const LEASE_RELEASE_LUA: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+    return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// The one restore allowed at a time: two restores writing the same shard would let the
+/// slower one overwrite a shard that already serves (charges made there since would be
+/// undone). `SET NX` with a TTL, renewed in the background while the restore runs; the
+/// restore checks it still holds it before each shard it writes.
+struct Lease {
+    key: String,
+    token: String,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    async fn acquire(ledger: &Ledger) -> Result<Self, RestoreError> {
+        let key = lease_key(ledger);
+        let token = crate::ledger::new_epoch();
+        let ttl_ms = LEASE_TTL.as_millis() as i64;
+        let taken: Option<String> = ledger
+            .redis()
+            .query(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms),
+            )
+            .await?;
+        if taken.is_none() {
+            let left: i64 = ledger.redis().query(redis::cmd("PTTL").arg(&key)).await?;
+            return Err(RestoreError::Busy(key, left.max(0)));
+        }
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renewer = {
+            let (redis, key, token, lost) = (
+                ledger.redis().clone(),
+                key.clone(),
+                token.clone(),
+                lost.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LEASE_RENEW_EVERY).await;
+                    let renewed: Result<i64, _> = redis
+                        .query(
+                            redis::cmd("EVAL")
+                                .arg(LEASE_RENEW_LUA)
+                                .arg(1)
+                                .arg(&key)
+                                .arg(&token)
+                                .arg(ttl_ms),
+                        )
+                        .await;
+                    match renewed {
+                        Ok(1) => {}
+                        Ok(_) => {
+                            lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                            return;
+                        }
+                        // Redis unreachable: the restore's own writes fail too; keep trying.
+                        Err(err) => tracing::warn!(error = %err, "cannot renew the restore lease"),
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            key,
+            token,
+            lost,
+            renewer,
+        })
+    }
+
+    fn check(&self, shard: u16) -> Result<(), RestoreError> {
+        if self.lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(RestoreError::LeaseLost(self.key.clone(), shard));
+        }
+        Ok(())
+    }
+
+    async fn release(self, ledger: &Ledger) -> Result<(), RestoreError> {
+        self.renewer.abort();
+        let _: i64 = ledger
+            .redis()
+            .query(
+                redis::cmd("EVAL")
+                    .arg(LEASE_RELEASE_LUA)
+                    .arg(1)
+                    .arg(&self.key)
+                    .arg(&self.token),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // A restore that failed stops renewing; the lease lapses within LEASE_TTL.
+        self.renewer.abort();
+    }
+}
+
+/// The restore lease's key: in shard 0's hash slot, outside every shard's data
+/// (`wipe` leaves it alone).
+pub fn lease_key(ledger: &Ledger) -> String {
+    format!("{}:restore-lease", ledger.shards().tag(0))
 }
 
 /// lib.lua `CHARGE_BUCKET_MS`: charge records are kept in hourly buckets.
@@ -71,6 +196,8 @@ pub struct ShardReport {
     pub charges: usize,
     pub idempotency_records: usize,
     pub orgs: usize,
+    /// The shard already served (its epoch marker was there): left as it is.
+    pub skipped: bool,
 }
 
 #[derive(Debug, Default)]
@@ -86,14 +213,20 @@ impl RestoreReport {
         let events: usize = self.shards.iter().map(|s| s.events).sum();
         let holds: usize = self.shards.iter().map(|s| s.open_holds).sum();
         let records: usize = self.shards.iter().map(|s| s.idempotency_records).sum();
+        let skipped = self.shards.iter().filter(|s| s.skipped).count();
+        let left_alone = if skipped > 0 {
+            format!("left {skipped} shards alone (they already served)\n")
+        } else {
+            String::new()
+        };
         format!(
-            "restored {} shards: {wallets} wallets from {events} ledger events, {holds} open holds, \
+            "{left_alone}restored {} shards: {wallets} wallets from {events} ledger events, {holds} open holds, \
              {records} idempotency records, {} API keys in {:.1} s\n\
              not restored: refusals (a replayed refused request is evaluated again); idempotency \
              records of captures, releases, negative adjustments and org operations \
              (retried, they are evaluated again); events that never reached \
              the store (the persistence level's loss window, see docs/OPERATIONS.md)\n",
-            self.shards.len(),
+            self.shards.len() - skipped,
             self.api_keys,
             self.elapsed.as_secs_f64()
         )
@@ -783,7 +916,12 @@ impl Replay<'_> {
 
 /// Whether Redis holds tollgate state: a wallet. (Epoch markers alone are shards that were
 /// initialized empty; restoring them is harmless.)
-async fn redis_holds_data(ledger: &Ledger) -> Result<Option<String>, LedgerError> {
+/// A wallet key in a shard that does not serve yet (`serving[shard]` false): data of
+/// unknown origin that a restore would write over.
+async fn redis_holds_data(
+    ledger: &Ledger,
+    serving: &[bool],
+) -> Result<Option<String>, LedgerError> {
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = ledger
@@ -797,8 +935,11 @@ async fn redis_holds_data(ledger: &Ledger) -> Result<Option<String>, LedgerError
                     .arg(10_000),
             )
             .await?;
-        if let Some(k) = keys.first() {
-            return Ok(Some(k.clone()));
+        let unserved = keys.into_iter().find(|k| {
+            shard_of_key(k).is_none_or(|s| !serving.get(usize::from(s)).copied().unwrap_or(false))
+        });
+        if let Some(k) = unserved {
+            return Ok(Some(k));
         }
         if next == 0 {
             return Ok(None);
@@ -807,8 +948,14 @@ async fn redis_holds_data(ledger: &Ledger) -> Result<Option<String>, LedgerError
     }
 }
 
-/// Deletes every tollgate key (for `--force`).
+/// The shard of a key `{tg:<shard>}:...`.
+fn shard_of_key(key: &str) -> Option<u16> {
+    key.strip_prefix("{tg:")?.split_once('}')?.0.parse().ok()
+}
+
+/// Deletes every tollgate key but the restore lease (for `--force`).
 async fn wipe(ledger: &Ledger) -> Result<(), LedgerError> {
+    let lease = lease_key(ledger);
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = ledger
@@ -822,6 +969,7 @@ async fn wipe(ledger: &Ledger) -> Result<(), LedgerError> {
                     .arg(1000),
             )
             .await?;
+        let keys: Vec<String> = keys.into_iter().filter(|k| *k != lease).collect();
         if !keys.is_empty() {
             let _: i64 = ledger
                 .redis()
@@ -1001,20 +1149,42 @@ fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usiz
     queued
 }
 
-/// Restores every shard. Refuses a Redis that already holds tollgate data unless `force`
-/// (which first deletes it: unsettled outbox events are lost — reconcile or drain first).
+/// Restores every shard that does not serve (has no epoch marker), under the restore
+/// lease (one restore at a time). A shard that serves is left alone, even one that starts
+/// serving while the restore runs (a new shard marked by `serve`). Refuses when every shard
+/// serves, or when a shard that does not holds wallet data, unless `force` (which first
+/// deletes every tollgate key: unsettled outbox events are lost — reconcile or drain first).
 pub async fn restore(
     ledger: Arc<Ledger>,
     store: Arc<Store>,
     force: bool,
+    progress: impl FnMut(&ShardReport, u16),
+) -> Result<RestoreReport, RestoreError> {
+    let lease = Lease::acquire(&ledger).await?;
+    let result = restore_under(&ledger, store, force, progress, &lease).await;
+    let released = lease.release(&ledger).await;
+    let report = result?;
+    released?;
+    Ok(report)
+}
+
+async fn restore_under(
+    ledger: &Arc<Ledger>,
+    store: Arc<Store>,
+    force: bool,
     mut progress: impl FnMut(&ShardReport, u16),
+    lease: &Lease,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    if let Some(found) = redis_holds_data(&ledger).await? {
-        if !force {
-            return Err(RestoreError::NotEmpty(found));
-        }
-        wipe(&ledger).await?;
+    if force {
+        wipe(ledger).await?;
+    }
+    let serving = ledger.initialized_shards().await?;
+    if serving.iter().all(|s| *s) {
+        return Err(RestoreError::NotEmpty("every shard serves".into()));
+    }
+    if let Some(found) = redis_holds_data(ledger, &serving).await? {
+        return Err(RestoreError::NotEmpty(found));
     }
     store.migrate().await?;
     let settings = ledger.settings().clone();
@@ -1030,6 +1200,13 @@ pub async fn restore(
             shard,
             ..Default::default()
         };
+        lease.check(shard)?;
+        if serving[usize::from(shard)] || ledger.shard_initialized(shard).await? {
+            shard_report.skipped = true;
+            progress(&shard_report, count);
+            report.shards.push(shard_report);
+            continue;
+        }
         let mut holds: HashMap<String, Hold> = HashMap::new();
         let mut charges: HashMap<String, Charge> = HashMap::new();
         let mut records = Vec::new();
@@ -1103,6 +1280,18 @@ pub async fn restore(
             }
         }
         shard_report.open_holds = open.values().map(Vec::len).sum();
+        // Reading the shard took a while: look again before writing over it.
+        lease.check(shard)?;
+        if ledger.shard_initialized(shard).await? {
+            shard_report = ShardReport {
+                shard,
+                skipped: true,
+                ..Default::default()
+            };
+            progress(&shard_report, count);
+            report.shards.push(shard_report);
+            continue;
+        }
         for chunk in wallets.chunks(WALLETS_PER_PIPELINE) {
             let mut pipe = redis::pipe();
             for w in chunk {
@@ -1173,7 +1362,7 @@ pub async fn restore(
             }
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {
-                flush(&ledger, &mut pipe, &mut queued).await?;
+                flush(ledger, &mut pipe, &mut queued).await?;
             }
         }
         for (id, c) in &charges {
@@ -1203,7 +1392,7 @@ pub async fn restore(
             shard_report.charges += 1;
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {
-                flush(&ledger, &mut pipe, &mut queued).await?;
+                flush(ledger, &mut pipe, &mut queued).await?;
             }
         }
         // Idempotency buckets span half the window (lib.lua IDEM_SPAN_MS).
@@ -1237,7 +1426,7 @@ pub async fn restore(
             shard_report.idempotency_records += 1;
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {
-                flush(&ledger, &mut pipe, &mut queued).await?;
+                flush(ledger, &mut pipe, &mut queued).await?;
             }
         }
         queued += write_orgs(&mut pipe, &tag, &orgs, now);
@@ -1273,14 +1462,14 @@ pub async fn restore(
                 .ignore();
             queued += 3;
         }
-        flush(&ledger, &mut pipe, &mut queued).await?;
+        flush(ledger, &mut pipe, &mut queued).await?;
         ledger
             .initialize_shard(shard, &crate::ledger::new_epoch())
             .await?;
         progress(&shard_report, count);
         report.shards.push(shard_report);
     }
-    report.api_keys = restore_api_keys(&ledger, &store).await?;
+    report.api_keys = restore_api_keys(ledger, &store).await?;
     report.elapsed = started.elapsed();
     Ok(report)
 }
