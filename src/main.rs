@@ -209,13 +209,17 @@ async fn restore(args: RestoreArgs) -> Result<(), String> {
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
     let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
     let report = tollgate::settle::restore::restore(ledger, store, args.force, |shard, count| {
-        eprintln!(
-            "shard {:>4}/{count}: {} wallets, {} events, {} open holds",
-            shard.shard + 1,
-            shard.wallets,
-            shard.events,
-            shard.open_holds
-        );
+        if shard.skipped {
+            eprintln!("shard {:>4}/{count}: serves, left alone", shard.shard + 1);
+        } else {
+            eprintln!(
+                "shard {:>4}/{count}: {} wallets, {} events, {} open holds",
+                shard.shard + 1,
+                shard.wallets,
+                shard.events,
+                shard.open_holds
+            );
+        }
     })
     .await
     .map_err(|e| e.to_string())?;
