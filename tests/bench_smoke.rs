@@ -73,6 +73,7 @@ fn debit_bench_with_baseline_writes_a_result() {
     let redis = common::RedisServer::start();
     let (json, stdout, _) = bench(&redis, "debit", &["--baseline"]);
     assert_result(&json, "debit");
+    assert!(json["send_delay_ms"].is_null(), "closed loop: {json}");
     assert!(
         json["baseline_rps"].as_f64().is_some_and(|r| r > 0.0),
         "{json}"
@@ -84,9 +85,23 @@ fn debit_bench_with_baseline_writes_a_result() {
 #[test]
 fn check_bench_writes_a_result() {
     let redis = common::RedisServer::start();
-    let (json, _, _) = bench(&redis, "check", &["--rate", "200"]);
+    let (json, stdout, _) = bench(&redis, "check", &["--rate", "200"]);
     assert_result(&json, "check");
     assert!(json.get("ratio").is_none());
+    // Open loop: the latency split into the time to the actual send and from it.
+    for split in ["service_latency_ms", "send_delay_ms"] {
+        for p in ["p50", "p99", "max"] {
+            assert!(
+                json[split][p].as_f64().is_some_and(|v| v >= 0.0),
+                "{split}.{p} in {json}"
+            );
+        }
+    }
+    assert!(
+        json["service_latency_ms"]["max"].as_f64() <= json["latency_ms"]["max"].as_f64(),
+        "{json}"
+    );
+    assert!(stdout.contains("send delay"), "{stdout}");
 }
 
 /// `--settle-into postgres://…`: the child settles into a fresh database while the bench

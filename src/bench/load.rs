@@ -529,6 +529,8 @@ struct Shared {
 struct WorkerResult {
     client: Client,
     latency_us: Histogram<u64>,
+    service_us: Histogram<u64>,
+    send_delay_us: Histogram<u64>,
     errors: BTreeMap<String, u64>,
     finished: Instant,
 }
@@ -539,6 +541,8 @@ fn histogram() -> Histogram<u64> {
 
 async fn worker(mut client: Client, shared: Arc<Shared>, index: usize) -> WorkerResult {
     let mut latency_us = histogram();
+    let mut service_us = histogram();
+    let mut send_delay_us = histogram();
     let mut errors = BTreeMap::new();
     let mut picker = Picker::new(
         shared.run_id ^ (index as u64 + 1),
@@ -570,12 +574,20 @@ async fn worker(mut client: Client, shared: Arc<Shared>, index: usize) -> Worker
         id.clear();
         use std::fmt::Write;
         let _ = write!(id, "b{:x}-{index}-{seq}", shared.run_id);
+        let sent = Instant::now();
         let outcome =
             tokio::time::timeout(REQUEST_TIMEOUT, client.call(&shared.accounts, account, &id))
                 .await
                 .unwrap_or_else(|_| Err("timeout".into()));
-        let elapsed = Instant::now().saturating_duration_since(intended);
+        let done = Instant::now();
+        let elapsed = done.saturating_duration_since(intended);
         latency_us.saturating_record((elapsed.as_micros() as u64).max(1));
+        if shared.rate.is_some() {
+            let service = done.saturating_duration_since(sent);
+            service_us.saturating_record((service.as_micros() as u64).max(1));
+            let late = sent.saturating_duration_since(intended);
+            send_delay_us.saturating_record((late.as_micros() as u64).max(1));
+        }
         match outcome {
             Ok(()) => {}
             Err(kind) => {
@@ -588,6 +600,8 @@ async fn worker(mut client: Client, shared: Arc<Shared>, index: usize) -> Worker
     WorkerResult {
         client,
         latency_us,
+        service_us,
+        send_delay_us,
         errors,
         finished: Instant::now(),
     }
@@ -813,6 +827,8 @@ async fn drive(
     }
     let mut clients = Vec::with_capacity(workers.len());
     let mut latency_us = histogram();
+    let mut service_us = histogram();
+    let mut send_delay_us = histogram();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut finished = start;
     for handle in workers {
@@ -820,6 +836,8 @@ async fn drive(
             Ok(result) => {
                 clients.push(result.client);
                 let _ = latency_us.add(&result.latency_us);
+                let _ = service_us.add(&result.service_us);
+                let _ = send_delay_us.add(&result.send_delay_us);
                 for (kind, n) in result.errors {
                     *errors.entry(kind).or_insert(0) += n;
                 }
@@ -840,6 +858,8 @@ async fn drive(
         Phase {
             label: label.to_owned(),
             latency_us,
+            service_us,
+            send_delay_us,
             completed,
             errors,
             elapsed: finished.duration_since(start),

@@ -16,7 +16,13 @@ use crate::ledger::Ledger;
 /// One measured phase (the scenario, or the baseline).
 pub struct Phase {
     pub label: String,
+    /// From the intended send time (open loop) or the send (closed loop) to the answer.
     pub latency_us: Histogram<u64>,
+    /// Open loop only (empty otherwise): from the actual send to the answer (the service
+    /// time), and from the intended send time to the actual send (how late the load
+    /// generator itself was: its pacer's wake-ups and a free worker).
+    pub service_us: Histogram<u64>,
+    pub send_delay_us: Histogram<u64>,
     pub completed: u64,
     pub errors: BTreeMap<String, u64>,
     pub elapsed: Duration,
@@ -44,6 +50,8 @@ impl Phase {
     pub fn merge(mut self, next: Phase) -> Phase {
         let offset = self.elapsed.as_secs_f64();
         let _ = self.latency_us.add(&next.latency_us);
+        let _ = self.service_us.add(&next.service_us);
+        let _ = self.send_delay_us.add(&next.send_delay_us);
         self.completed += next.completed;
         for (kind, n) in next.errors {
             *self.errors.entry(kind).or_insert(0) += n;
@@ -61,19 +69,17 @@ impl Phase {
         self
     }
 
-    fn ms(&self, quantile: f64) -> f64 {
-        self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
+    fn latency_json(&self) -> Value {
+        percentiles_json(&self.latency_us)
     }
 
-    fn latency_json(&self) -> Value {
-        json!({
-            "p50": self.ms(0.50),
-            "p90": self.ms(0.90),
-            "p99": self.ms(0.99),
-            "p999": self.ms(0.999),
-            "max": self.latency_us.max() as f64 / 1000.0,
-            "mean": self.latency_us.mean() / 1000.0,
-        })
+    /// The open loop's split of the latency (null in a closed loop).
+    fn open_loop_json(&self, h: &Histogram<u64>) -> Value {
+        if h.is_empty() {
+            Value::Null
+        } else {
+            percentiles_json(h)
+        }
     }
 
     /// Outbox lag percentiles over the samples (None when the server did not settle).
@@ -102,6 +108,8 @@ impl Phase {
             "requests": self.completed,
             "elapsed_secs": self.elapsed.as_secs_f64(),
             "latency_ms": self.latency_json(),
+            "service_latency_ms": self.open_loop_json(&self.service_us),
+            "send_delay_ms": self.open_loop_json(&self.send_delay_us),
             "errors": self.errors,
             "errors_total": self.errors_total(),
             "redis": self.redis.as_ref().map(RedisStats::json),
@@ -117,15 +125,15 @@ impl Phase {
             self.completed,
             self.elapsed.as_secs_f64()
         );
-        let _ = writeln!(
-            out,
-            "  latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-            self.ms(0.5),
-            self.ms(0.9),
-            self.ms(0.99),
-            self.ms(0.999),
-            self.latency_us.max() as f64 / 1000.0
-        );
+        let _ = writeln!(out, "  latency ms   {}", percentiles_line(&self.latency_us));
+        if !self.service_us.is_empty() {
+            let _ = writeln!(out, "   from send   {}", percentiles_line(&self.service_us));
+            let _ = writeln!(
+                out,
+                "   send delay  {}",
+                percentiles_line(&self.send_delay_us)
+            );
+        }
         if self.errors.is_empty() {
             let _ = writeln!(out, "  errors       none");
         } else {
@@ -253,6 +261,32 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+fn ms(h: &Histogram<u64>, quantile: f64) -> f64 {
+    h.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+fn percentiles_json(h: &Histogram<u64>) -> Value {
+    json!({
+        "p50": ms(h, 0.50),
+        "p90": ms(h, 0.90),
+        "p99": ms(h, 0.99),
+        "p999": ms(h, 0.999),
+        "max": h.max() as f64 / 1000.0,
+        "mean": h.mean() / 1000.0,
+    })
+}
+
+fn percentiles_line(h: &Histogram<u64>) -> String {
+    format!(
+        "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+        ms(h, 0.5),
+        ms(h, 0.9),
+        ms(h, 0.99),
+        ms(h, 0.999),
+        h.max() as f64 / 1000.0
+    )
+}
+
 /// The whole result of a bench run.
 pub struct Report {
     pub json: Value,
@@ -283,6 +317,8 @@ impl Report {
             "throughput_rps": round(main.throughput_rps()),
             "requests": main.completed,
             "latency_ms": main.latency_json(),
+            "service_latency_ms": main.open_loop_json(&main.service_us),
+            "send_delay_ms": main.open_loop_json(&main.send_delay_us),
             "errors": main.errors,
             "errors_total": main.errors_total(),
             "server_pid": server_pid,
@@ -413,7 +449,7 @@ fn svg(title: &str, phases: &[&Phase]) -> String {
                 .map(|i| {
                     let x = nines_max * f64::from(i) / 80.0;
                     let q = 1.0 - 10f64.powf(-x);
-                    (x, p.ms(q))
+                    (x, ms(&p.latency_us, q))
                 })
                 .collect()
         })
@@ -466,8 +502,8 @@ fn svg(title: &str, phases: &[&Phase]) -> String {
             x + 20.0,
             escape(&phase.label),
             phase.throughput_rps(),
-            phase.ms(0.5),
-            phase.ms(0.99)
+            ms(&phase.latency_us, 0.5),
+            ms(&phase.latency_us, 0.99)
         );
     }
     s.push_str("</svg>\n");
@@ -612,6 +648,8 @@ mod tests {
         }
         let phase = Phase {
             label: "check <64>".into(),
+            service_us: latency_us.clone(),
+            send_delay_us: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
             latency_us,
             completed: 4,
             errors: BTreeMap::new(),
