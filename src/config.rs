@@ -59,6 +59,9 @@ pub struct Config {
     /// The file this config was read from: SIGHUP reloads its price book.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// The command-line settings it was read with (a reload applies them again).
+    #[serde(skip)]
+    pub overrides: Overrides,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -325,7 +328,7 @@ impl std::fmt::Display for ConfigError {
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 /// Settings given on the command line, applied last.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Overrides {
     pub redis_url: Option<String>,
     pub grpc_addr: Option<String>,
@@ -352,6 +355,52 @@ impl Config {
         let mut config = Self::from_toml(&text, env, overrides)?;
         config.source = path.map(Path::to_path_buf);
         Ok(config)
+    }
+
+    /// The config file read again as at start-up (the environment and the command-line
+    /// settings applied, every section checked), for a SIGHUP reload. Refuses a file
+    /// without a `[pricebook]` table (a truncated or half-written file would otherwise
+    /// install a book that denies every request); an empty `[pricebook]` says that.
+    pub fn reread(
+        &self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        let Some(path) = &self.source else {
+            return Err(ConfigErrors(vec![ConfigError {
+                path: "(file)".into(),
+                message: "no config file to read again".into(),
+            }]));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: path.display().to_string(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        let has_pricebook = text
+            .parse::<toml::Table>()
+            .is_ok_and(|t| t.contains_key("pricebook"));
+        let mut config = Self::from_toml(&text, env, &self.overrides)?;
+        if !has_pricebook {
+            return Err(ConfigErrors(vec![ConfigError {
+                path: "pricebook".into(),
+                message: "missing from the file (write an empty [pricebook] to deny every \
+                          request on purpose)"
+                    .into(),
+            }]));
+        }
+        config.source = self.source.clone();
+        Ok(config)
+    }
+
+    /// Whether `other` differs in a setting a reload does not apply (anything but the
+    /// price book).
+    pub fn differs_beyond_pricebook(&self, other: &Self) -> bool {
+        let strip = |c: &Self| Self {
+            pricebook: PriceBook::default(),
+            ..c.clone()
+        };
+        strip(self) != strip(other)
     }
 
     pub fn from_toml(
@@ -389,6 +438,7 @@ impl Config {
             log: section(&table, "log", &mut errors),
             webhooks: section(&table, "webhooks", &mut errors),
             source: None,
+            overrides: overrides.clone(),
         };
         for (name, _) in table.iter() {
             if ![

@@ -306,6 +306,7 @@ pub async fn run_settler(
     let settler = Settler::new(ledger.clone(), store.clone(), config.settler_settings());
     let status = settler.status();
     let task = tokio::spawn(settler.run(stopped()));
+    tokio::spawn(reload_on_sighup(None, config.clone(), stopped()));
     let dispatcher = spawn_dispatcher(&config, &store, stopped());
     let http = axum::serve(
         http_listener,
@@ -465,9 +466,11 @@ pub async fn run(
     });
     let http = axum::serve(http_listener, http).with_graceful_shutdown(stopped());
 
-    if let Some(path) = config.source.clone() {
-        tokio::spawn(reload_on_sighup(gateway.clone(), path, stopped()));
-    }
+    tokio::spawn(reload_on_sighup(
+        Some(gateway.clone()),
+        config.clone(),
+        stopped(),
+    ));
 
     let sweep_interval = Duration::from_millis(config.ledger.sweep_interval_ms);
     let sweeper = tokio::spawn(sweeper::run(ledger.clone(), sweep_interval, stopped()));
@@ -536,12 +539,16 @@ async fn replay_spool(gateway: Arc<Gateway>, stopped: impl Future<Output = ()>) 
     }
 }
 
-/// Re-reads the price book from the config file on every SIGHUP. A bad file is reported
-/// (every error with its path) and the current price book stays; checks in flight finish
-/// with the book they started with, so no request is dropped.
+/// Re-reads the config file on every SIGHUP, as at start-up (the environment and the
+/// command-line settings applied again, every section checked), and swaps in its price
+/// book. A bad file is reported (every error with its path) and the current price book
+/// stays; checks in flight finish with the book they started with, so no request is
+/// dropped. Other settings take effect on a restart (a reload that changes them says so).
+/// Without a config file (or a gateway: `tollgate settle`) a SIGHUP is logged and ignored
+/// rather than ending the process.
 async fn reload_on_sighup(
-    gateway: Arc<Gateway>,
-    path: std::path::PathBuf,
+    gateway: Option<Arc<Gateway>>,
+    config: Config,
     stopped: impl Future<Output = ()>,
 ) {
     // Registered (at 0) as soon as reloads are possible, so dashboards see the series.
@@ -566,10 +573,23 @@ async fn reload_on_sighup(
                     if got.is_none() {
                         return;
                     }
-                    match gateway.reload_pricebook(&path) {
-                        Ok(routes) => {
+                    let (Some(gateway), Some(path)) = (&gateway, &config.source) else {
+                        tracing::info!("SIGHUP: no config file or price book here, nothing to reload");
+                        continue;
+                    };
+                    match config.reread(std::env::vars()) {
+                        Ok(new) => {
                             reloads_ok.increment(1);
-                            tracing::info!(path = %path.display(), routes, "price book reloaded")
+                            let before = gateway.pricebook().routes_len();
+                            let routes = new.pricebook.routes_len();
+                            if config.differs_beyond_pricebook(&new) {
+                                tracing::warn!(
+                                    path = %path.display(),
+                                    "settings outside [pricebook] changed in the file: they take effect on a restart"
+                                );
+                            }
+                            gateway.set_pricebook(new.pricebook);
+                            tracing::info!(path = %path.display(), routes_before = before, routes, "price book reloaded");
                         }
                         Err(errors) => {
                             reloads_failed.increment(1);
@@ -585,7 +605,7 @@ async fn reload_on_sighup(
     }
     #[cfg(not(unix))]
     {
-        let _ = (gateway, path);
+        let _ = (gateway, config);
         stopped.await;
     }
 }

@@ -48,6 +48,8 @@ fn serve(config: &Path, redis_url: &str, grpc: u16, http_port: u16, log: &Path) 
             .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
             .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
             .env("RUST_LOG", "info")
+            // The file's `default = "deny"` is overridden: a reload keeps the override.
+            .env("TOLLGATE_PRICEBOOK__DEFAULT", "free")
             // Logs go to stdout.
             .stdout(std::fs::File::create(log).expect("log"))
             .stderr(Stdio::null())
@@ -117,6 +119,13 @@ async fn sighup_reloads_the_price_book_without_dropping_requests() {
     ];
     let r = http(http_addr, "GET", "/v1/forward-auth", &headers, "").await;
     assert_eq!(charge(&r), Some("1"), "{r:?}");
+    let unrouted = [
+        ("x-forwarded-method", "DELETE"),
+        ("x-forwarded-uri", "/not-priced"),
+        ("x-api-key", key.as_str()),
+    ];
+    let r = http(http_addr, "GET", "/v1/forward-auth", &unrouted, "").await;
+    assert_eq!(r.status, 200, "the environment's default = free: {r:?}");
 
     // Checks keep flowing from another task through the reloads.
     let stop = Arc::new(AtomicBool::new(false));
@@ -188,6 +197,44 @@ async fn sighup_reloads_the_price_book_without_dropping_requests() {
         Some("5"),
         "the last good price book stays: {r:?}"
     );
+    let r = http(http_addr, "GET", "/v1/forward-auth", &unrouted, "").await;
+    assert_eq!(
+        r.status, 200,
+        "the reload kept the environment's default: {r:?}"
+    );
+
+    // Files a reload must refuse although their [pricebook] alone would compile: a typo in
+    // the section's name (no [pricebook] left: a book that denies everything), a bad
+    // setting in another section, and an empty (truncated) file.
+    let refusals = |text: &str| text.matches("price book not reloaded").count();
+    for (file, says) in [
+        (
+            replace(&original, "[pricebook]\n", "[pricebok]\n"),
+            "pricebok: unknown section",
+        ),
+        (format!("[ledger]\nshards = 0\n{original}"), "ledger.shards"),
+        (String::new(), "pricebook: missing from the file"),
+    ] {
+        let before = refusals(&std::fs::read_to_string(&log).unwrap_or_default());
+        std::fs::write(&config, file).expect("rewrite config");
+        hup();
+        let deadline = Instant::now() + common::START_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if refusals(&text) > before {
+                assert!(text.contains(says), "{says}:\n{text}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no reload error logged:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let r = http(http_addr, "GET", "/v1/forward-auth", &headers, "").await;
+        assert_eq!(
+            charge(&r),
+            Some("5"),
+            "refused ({says}), the book stays: {r:?}"
+        );
+    }
 
     stop.store(true, Ordering::Relaxed);
     let answers = load.await.expect("load task");
@@ -200,6 +247,60 @@ async fn sighup_reloads_the_price_book_without_dropping_requests() {
         answers.len()
     );
     drop(server);
+}
+
+/// A SIGHUP to a server without a config file (settings from the environment) is
+/// logged and ignored: it must not end the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_a_config_file_does_not_stop_the_server() {
+    let redis = common::RedisServer::start();
+    let dir = TempDir::new("reload-none");
+    let log = dir.0.join("serve.log");
+    let (grpc, http_port) = (common::free_port(), common::free_port());
+    let mut server = Serve {
+        child: common::tollgate()
+            .arg("serve")
+            .arg(format!("--redis-url={}", redis.url()))
+            .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
+            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+            .arg(format!("--store={}", common::temp_sqlite_url()))
+            .current_dir(&dir.0)
+            .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+            .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tollgate serve"),
+    };
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
+    common::eventually(common::START_TIMEOUT, "the server answers", || async move {
+        try_http(http_addr, "GET", "/healthz", &[], "")
+            .await
+            .is_ok_and(|r| r.status == 200)
+            .then_some(())
+    })
+    .await;
+    let status = Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    common::eventually(common::START_TIMEOUT, "the SIGHUP is logged", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("nothing to reload")
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        matches!(server.child.try_wait(), Ok(None)),
+        "the server ended on SIGHUP"
+    );
+    assert_eq!(common::http_get(http_addr, "/healthz").await.0, 200);
 }
 
 #[test]

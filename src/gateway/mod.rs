@@ -21,7 +21,6 @@ pub mod pricing;
 pub mod spool;
 
 use crate::telemetry::metrics as m;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +28,7 @@ use arc_swap::ArcSwap;
 
 use crate::api::auth::{bearer, constant_time_eq};
 use crate::api::status;
-use crate::config::{Config, ConfigErrors};
+use crate::config::Config;
 use crate::ledger::command::IDEMPOTENCY_KEY_LEN_MAX;
 use crate::ledger::{
     Authorize, Debit, DebitOutcome, EndHold, EndHoldOutcome, HoldOutcome, KeyRef, Keyed, Ledger,
@@ -291,14 +290,6 @@ impl Gateway {
     pub fn set_pricebook(&self, book: PriceBook) {
         register_operation_series(&book);
         self.pricebook.store(Arc::new(book));
-    }
-
-    /// Re-reads the `[pricebook]` of a config file; on any error keeps the current one.
-    pub fn reload_pricebook(&self, path: &Path) -> Result<usize, ConfigErrors> {
-        let book = PriceBook::load_file(path)?;
-        let routes = book.routes_len();
-        self.set_pricebook(book);
-        Ok(routes)
     }
 
     pub fn shared_secret_header(&self) -> &str {

@@ -20,7 +20,6 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 
 use serde::Deserialize;
 
@@ -400,17 +399,6 @@ impl PriceBook {
     /// Names of the operations (metric labels are bounded by these).
     pub fn operation_names(&self) -> impl Iterator<Item = &str> {
         self.operations.iter().map(|o| o.name.as_str())
-    }
-
-    /// Reads the `[pricebook]` table of a config file (for SIGHUP reloads).
-    pub fn load_file(path: &Path) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                path: path.display().to_string(),
-                message: format!("cannot read: {e}"),
-            }])
-        })?;
-        Self::from_config_text(&text)
     }
 
     /// The price book of a whole config file's text.
