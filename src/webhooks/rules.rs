@@ -207,8 +207,19 @@ pub fn derive(
         if e.kind == EventKind::Grant {
             state.last_grant = e.amount;
         }
-        let before = state.available;
         let after = e.available_after;
+        // The balance before the first event settled for a wallet: the store has nothing
+        // before it. When the wallet's first batch settles after a newer one (several
+        // settlers), that is not 0: the events that take credits say it themselves.
+        let before = if state.last == (0, 0) {
+            match e.kind {
+                EventKind::Debit | EventKind::Hold | EventKind::ExpireLot => after + e.amount,
+                EventKind::Adjust if e.amount < 0 => after - e.amount,
+                _ => state.available,
+            }
+        } else {
+            state.available
+        };
         let threshold_credits = threshold.credits(state.last_grant);
         let credits_added = matches!(e.kind, EventKind::Grant | EventKind::Refund)
             || (e.kind == EventKind::Adjust && e.amount > 0);
@@ -426,6 +437,28 @@ mod tests {
         assert_ne!(out[1].delivery_id, out2[1].delivery_id);
         let again = derive(&rules, t, &WalletState::default(), &refs_of(&events[..3])).0;
         assert_eq!(out[1].delivery_id, again[1].delivery_id);
+    }
+
+    /// Several settlers: a new wallet's newer batch (the debit) settles before its first
+    /// one (the grant). The debit still makes `balance.low`, once.
+    #[test]
+    fn a_new_wallet_settled_out_of_order_still_alerts() {
+        let rules = rules();
+        let t = rules.threshold("default", None);
+        let grant = event(1, EventKind::Grant, 100, 100);
+        let debit = event(2, EventKind::Debit, 95, 5);
+        let (newer, state) = derive(&rules, t, &WalletState::default(), &[&debit]);
+        assert_eq!(types(&newer), ["balance.low"]);
+        let (older, _) = derive(&rules, t, &state, &[&grant]);
+        assert_eq!(types(&older), ["grant.created"]);
+        // In order: the same deliveries, with the same ids.
+        let (in_order, _) = derive(&rules, t, &WalletState::default(), &[&grant, &debit]);
+        assert_eq!(types(&in_order), ["grant.created", "balance.low"]);
+        assert_eq!(in_order[1].delivery_id, newer[0].delivery_id);
+        // A first batch that empties the wallet: exhausted too.
+        let empty = event(2, EventKind::Hold, 100, 0);
+        let (out, _) = derive(&rules, t, &WalletState::default(), &[&empty]);
+        assert_eq!(types(&out), ["balance.low", "balance.exhausted"]);
     }
 
     #[test]
