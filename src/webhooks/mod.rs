@@ -200,7 +200,8 @@ impl WebhookConfig {
                         && uri.host().is_some() => {}
                 _ => bad(
                     "webhooks.url".into(),
-                    format!("{:?} is not an http:// or https:// url", self.url),
+                    // Not echoed: a webhook URL may carry a token.
+                    "is not an http:// or https:// url".into(),
                 ),
             }
             if self.secret.is_empty() {
