@@ -173,6 +173,14 @@ pub async fn restore_lost_shards(ledger: &Arc<Ledger>, store: Arc<Store>) -> Res
             tracing::warn!(error = %err, "serving while another restore runs");
             Ok(())
         }
+        // Every shard serves by now (another restore finished first), or a shard that
+        // does not serve holds data of unknown origin (a restore that died partway):
+        // serve the shards that do serve; the others refuse charges, not ready, until
+        // `tollgate restore` (with `--force` for the second case) is run by hand.
+        Err(err @ crate::settle::restore::RestoreError::NotEmpty(..)) => {
+            tracing::error!(error = %err, "not restored: serving the shards that are initialized");
+            Ok(())
+        }
         Err(err) => Err(err.to_string()),
     }
 }
@@ -566,6 +574,10 @@ async fn reload_on_sighup(
             }
         };
         tokio::pin!(stopped);
+        // What the file said at start-up, to tell whether a reload changes settings it
+        // does not apply (the running config may differ from the file: `--dev` fills in
+        // its own Redis, store and tokens).
+        let at_start = config.reread(std::env::vars()).ok();
         loop {
             tokio::select! {
                 _ = &mut stopped => return,
@@ -582,7 +594,7 @@ async fn reload_on_sighup(
                             reloads_ok.increment(1);
                             let before = gateway.pricebook().routes_len();
                             let routes = new.pricebook.routes_len();
-                            if config.differs_beyond_pricebook(&new) {
+                            if at_start.as_ref().is_some_and(|s| s.differs_beyond_pricebook(&new)) {
                                 tracing::warn!(
                                     path = %path.display(),
                                     "settings outside [pricebook] changed in the file: they take effect on a restart"

@@ -879,4 +879,20 @@ async fn restores_never_write_over_a_shard_that_serves() {
         .await
         .expect("serve --restore with nothing lost");
     assert_eq!(available(&ledger, &fresh).await, Ok(300));
+
+    // A restore that died partway: a shard with wallets written but no marker. Restore
+    // refuses it (data of unknown origin), and `serve --restore` serves the other shards
+    // instead of failing to start.
+    let _: () = redis::cmd("DEL")
+        .arg(shards.epoch_key(shards.of_account(&lost)))
+        .query(&mut con)
+        .expect("del epoch");
+    match restore(ledger.clone(), store.clone(), false, |_, _| {}).await {
+        Err(RestoreError::NotEmpty(found)) => assert!(found.contains(":w:"), "{found}"),
+        other => panic!("restore over a half-written shard: {other:?}"),
+    }
+    tollgate::server::restore_lost_shards(&ledger, store.clone())
+        .await
+        .expect("serve --restore after a restore died partway");
+    assert_eq!(available(&ledger, &fresh).await, Ok(300));
 }

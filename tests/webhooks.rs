@@ -332,3 +332,82 @@ async fn lot_expiring_then_expired() {
     assert_eq!(received.len(), 2, "each once");
     server.stop().await;
 }
+
+/// Two settlers (PostgreSQL) committing batches of the same brand-new wallet at once: the
+/// second waits for the first's row instead of judging the wallet from an empty state, so
+/// `balance.low` is not made twice. The first batch is held open by hand here (its row
+/// inserted, `low_alerted` set, not committed) while the second is settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_settlers_judge_a_new_wallet_in_turn() {
+    use sqlx::Connection;
+    use tollgate::webhooks::rules::{Rules, Threshold};
+
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let pg = common::PgDatabase::create().await;
+    let store =
+        std::sync::Arc::new(tollgate::settle::Store::connect_lazy(&pg.url, 4).expect("store"));
+    store.migrate().await.expect("migrate");
+    let ledger_api = |amount: i64, key: &str| tollgate::ledger::Debit {
+        account_id: "acme".into(),
+        wallet: "default".into(),
+        amount,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: Default::default(),
+        member_id: String::new(),
+    };
+    ledger
+        .grant(&common::purchase("acme", 100, "g"))
+        .await
+        .expect("grant");
+    ledger.debit(&ledger_api(90, "d1")).await.expect("debit");
+    ledger.debit(&ledger_api(2, "d2")).await.expect("debit");
+    let events = common::outbox_events(&ledger).await;
+    assert_eq!(events.len(), 3);
+    let (first, second) = (&events[1], events[2].clone());
+    let rules = Rules {
+        subscribed: [true; 5],
+        default_threshold: Threshold {
+            low_balance: 20,
+            low_balance_percent: 0,
+        },
+        wallet_thresholds: BTreeMap::new(),
+        lot_expiring_lead: Duration::from_secs(60),
+    };
+
+    // Settler A's batch (the grant and the debit to 10, which alerted): in its
+    // transaction, not committed yet.
+    let mut a = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+    let (ms, seq) = first.stream_position();
+    sqlx::query("BEGIN").execute(&mut a).await.expect("begin");
+    sqlx::query(
+        "INSERT INTO tollgate_wallets (account_id, wallet, granted, used, expired, refunded, \
+         adjusted, available, held, last_stream_ms, last_stream_seq, events, last_grant, \
+         low_alerted, exhausted_alerted) \
+         VALUES ('acme', 'default', 100, 90, 0, 0, 0, 10, 0, $1, $2, 2, 100, 1, 0)",
+    )
+    .bind(ms)
+    .bind(seq)
+    .execute(&mut a)
+    .await
+    .expect("A's row");
+
+    // Settler B's batch (the debit to 8) meanwhile: it waits for A.
+    let b = tokio::spawn({
+        let store = store.clone();
+        async move { store.append_batch(&[second], Some(&rules)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("COMMIT").execute(&mut a).await.expect("commit");
+    tokio::time::timeout(DEADLINE, b)
+        .await
+        .expect("B settles once A committed")
+        .expect("task")
+        .expect("append");
+    assert_eq!(
+        store.pending_deliveries().await.expect("deliveries"),
+        0,
+        "A already alerted: B must not alert again"
+    );
+}

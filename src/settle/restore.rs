@@ -69,6 +69,9 @@ struct Lease {
     key: String,
     token: String,
     lost: Arc<std::sync::atomic::AtomicBool>,
+    /// When the lease was last known held (taken or renewed), in ms since `since`.
+    held_at_ms: Arc<std::sync::atomic::AtomicU64>,
+    since: Instant,
     renewer: tokio::task::JoinHandle<()>,
 }
 
@@ -93,16 +96,20 @@ impl Lease {
             return Err(RestoreError::Busy(key, left.max(0)));
         }
         let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let since = Instant::now();
+        let held_at_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let renewer = {
-            let (redis, key, token, lost) = (
+            let (redis, key, token, lost, held_at_ms) = (
                 ledger.redis().clone(),
                 key.clone(),
                 token.clone(),
                 lost.clone(),
+                held_at_ms.clone(),
             );
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(LEASE_RENEW_EVERY).await;
+                    let asked = since.elapsed().as_millis() as u64;
                     let renewed: Result<i64, _> = redis
                         .query(
                             redis::cmd("EVAL")
@@ -114,7 +121,7 @@ impl Lease {
                         )
                         .await;
                     match renewed {
-                        Ok(1) => {}
+                        Ok(1) => held_at_ms.store(asked, std::sync::atomic::Ordering::SeqCst),
                         Ok(_) => {
                             lost.store(true, std::sync::atomic::Ordering::SeqCst);
                             return;
@@ -129,12 +136,19 @@ impl Lease {
             key,
             token,
             lost,
+            held_at_ms,
+            since,
             renewer,
         })
     }
 
+    /// Fails when the lease was taken over, or when it may have lapsed: no renewal got
+    /// through for most of its TTL (Redis unreachable, or this process stalled).
     fn check(&self, shard: u16) -> Result<(), RestoreError> {
-        if self.lost.load(std::sync::atomic::Ordering::SeqCst) {
+        let held_at = self.held_at_ms.load(std::sync::atomic::Ordering::SeqCst);
+        let unsure = self.since.elapsed().as_millis() as u64
+            > held_at + (LEASE_TTL - LEASE_RENEW_EVERY).as_millis() as u64;
+        if self.lost.load(std::sync::atomic::Ordering::SeqCst) || unsure {
             return Err(RestoreError::LeaseLost(self.key.clone(), shard));
         }
         Ok(())
@@ -1162,10 +1176,11 @@ pub async fn restore(
 ) -> Result<RestoreReport, RestoreError> {
     let lease = Lease::acquire(&ledger).await?;
     let result = restore_under(&ledger, store, force, progress, &lease).await;
-    let released = lease.release(&ledger).await;
-    let report = result?;
-    released?;
-    Ok(report)
+    if let Err(err) = lease.release(&ledger).await {
+        // It lapses by itself within LEASE_TTL.
+        tracing::warn!(error = %err, "cannot free the restore lease");
+    }
+    result
 }
 
 async fn restore_under(
@@ -1293,6 +1308,7 @@ async fn restore_under(
             continue;
         }
         for chunk in wallets.chunks(WALLETS_PER_PIPELINE) {
+            lease.check(shard)?;
             let mut pipe = redis::pipe();
             for w in chunk {
                 let key = (w.account_id.clone(), w.wallet.clone());
@@ -1362,6 +1378,7 @@ async fn restore_under(
             }
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {
+                lease.check(shard)?;
                 flush(ledger, &mut pipe, &mut queued).await?;
             }
         }
@@ -1392,6 +1409,7 @@ async fn restore_under(
             shard_report.charges += 1;
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {
+                lease.check(shard)?;
                 flush(ledger, &mut pipe, &mut queued).await?;
             }
         }
@@ -1426,6 +1444,7 @@ async fn restore_under(
             shard_report.idempotency_records += 1;
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {
+                lease.check(shard)?;
                 flush(ledger, &mut pipe, &mut queued).await?;
             }
         }
@@ -1462,6 +1481,7 @@ async fn restore_under(
                 .ignore();
             queued += 3;
         }
+        lease.check(shard)?;
         flush(ledger, &mut pipe, &mut queued).await?;
         ledger
             .initialize_shard(shard, &crate::ledger::new_epoch())

@@ -139,7 +139,7 @@ fn lot_changes(events: &[&LedgerEvent]) -> BTreeMap<(String, String, String), (i
 }
 
 macro_rules! webhook_store_impl {
-    ($store:ident, $db:ty, $lock_rows:expr) => {
+    ($store:ident, $db:ty, $lock_rows:expr, $claim_new_wallets:expr) => {
         impl $store {
             /// Stored alert state of wallets, locked for the batch's transaction.
             pub(crate) async fn wallet_states(
@@ -148,6 +148,45 @@ macro_rules! webhook_store_impl {
                 keys: &[(String, String)],
             ) -> Result<HashMap<(String, String), WalletState>, StoreError> {
                 let mut out = HashMap::with_capacity(keys.len());
+                Self::read_states(tx, keys, &mut out).await?;
+                let new: Vec<(String, String)> = keys
+                    .iter()
+                    .filter(|k| !out.contains_key(*k))
+                    .cloned()
+                    .collect();
+                if $claim_new_wallets && !new.is_empty() {
+                    // A wallet without a row has nothing to lock, and another settler's
+                    // uncommitted batch may be judging the same new wallet: both would
+                    // start from an empty state and both alert. An empty row claims it
+                    // (waiting for that batch to commit when it inserted the row first;
+                    // in key order, as every batch does, so two cannot wait on each
+                    // other), then the rows are read again, locked. The batch's own
+                    // summary upsert fills the row before it commits.
+                    for chunk in new.chunks(INSERT_ROWS_MAX) {
+                        let mut qb = QueryBuilder::<$db>::new(
+                            "INSERT INTO tollgate_wallets (account_id, wallet, granted, used, \
+                             expired, refunded, adjusted, available, held, last_stream_ms, \
+                             last_stream_seq, events) ",
+                        );
+                        qb.push_values(chunk, |mut b, (account, wallet)| {
+                            b.push_bind(account.clone()).push_bind(wallet.clone());
+                            for _ in 0..10 {
+                                b.push_bind(0i64);
+                            }
+                        });
+                        qb.push(" ON CONFLICT (account_id, wallet) DO NOTHING");
+                        qb.build().execute(&mut **tx).await?;
+                    }
+                    Self::read_states(tx, &new, &mut out).await?;
+                }
+                Ok(out)
+            }
+
+            async fn read_states(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                keys: &[(String, String)],
+                out: &mut HashMap<(String, String), WalletState>,
+            ) -> Result<(), StoreError> {
                 for chunk in keys.chunks(LOOKUP_WALLETS_MAX) {
                     let mut qb = QueryBuilder::<$db>::new(
                         "SELECT account_id, wallet, available, last_stream_ms, last_stream_seq, \
@@ -167,7 +206,7 @@ macro_rules! webhook_store_impl {
                         out.insert(key, state);
                     }
                 }
-                Ok(out)
+                Ok(())
             }
 
             /// Thresholds set for these wallets through the Admin API.
@@ -603,11 +642,11 @@ where
     }
 }
 
-// PostgreSQL locks the wallet rows a batch reads, so two settlers judging the same
-// wallet's crossing take turns; a SQLite transaction already holds the write lock (the
-// batch's INSERT came first).
-webhook_store_impl!(PgStore, sqlx::Postgres, " FOR UPDATE");
-webhook_store_impl!(SqliteStore, sqlx::Sqlite, "");
+// PostgreSQL locks the wallet rows a batch reads (and claims the new ones), so two
+// settlers judging the same wallet's crossing take turns; a SQLite transaction already
+// holds the write lock (the batch's INSERT came first).
+webhook_store_impl!(PgStore, sqlx::Postgres, " FOR UPDATE", true);
+webhook_store_impl!(SqliteStore, sqlx::Sqlite, "", false);
 
 macro_rules! dispatch {
     ($self:ident, $s:ident => $call:expr) => {
