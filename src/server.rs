@@ -577,7 +577,9 @@ async fn reload_on_sighup(
         // What the file said at start-up, to tell whether a reload changes settings it
         // does not apply (the running config may differ from the file: `--dev` fills in
         // its own Redis, store and tokens).
-        let at_start = config.reread(std::env::vars()).ok();
+        let at_start = gateway
+            .as_ref()
+            .and_then(|_| config.reread(std::env::vars()).ok());
         loop {
             tokio::select! {
                 _ = &mut stopped => return,

@@ -177,6 +177,13 @@ impl Drop for Lease {
     }
 }
 
+/// Whether a shard serves by now (its epoch marker was written since the restore began),
+/// after making sure the restore still holds its lease.
+async fn serves_now(ledger: &Ledger, lease: &Lease, shard: u16) -> Result<bool, RestoreError> {
+    lease.check(shard)?;
+    Ok(ledger.shard_initialized(shard).await?)
+}
+
 /// The restore lease's key: in shard 0's hash slot, outside every shard's data
 /// (`wipe` leaves it alone).
 pub fn lease_key(ledger: &Ledger) -> String {
@@ -212,6 +219,16 @@ pub struct ShardReport {
     pub orgs: usize,
     /// The shard already served (its epoch marker was there): left as it is.
     pub skipped: bool,
+}
+
+impl ShardReport {
+    fn left_alone(shard: u16) -> Self {
+        Self {
+            shard,
+            skipped: true,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -1215,11 +1232,10 @@ async fn restore_under(
             shard,
             ..Default::default()
         };
-        lease.check(shard)?;
-        if serving[usize::from(shard)] || ledger.shard_initialized(shard).await? {
-            shard_report.skipped = true;
-            progress(&shard_report, count);
-            report.shards.push(shard_report);
+        if serving[usize::from(shard)] || serves_now(ledger, lease, shard).await? {
+            let left = ShardReport::left_alone(shard);
+            progress(&left, count);
+            report.shards.push(left);
             continue;
         }
         let mut holds: HashMap<String, Hold> = HashMap::new();
@@ -1296,15 +1312,10 @@ async fn restore_under(
         }
         shard_report.open_holds = open.values().map(Vec::len).sum();
         // Reading the shard took a while: look again before writing over it.
-        lease.check(shard)?;
-        if ledger.shard_initialized(shard).await? {
-            shard_report = ShardReport {
-                shard,
-                skipped: true,
-                ..Default::default()
-            };
-            progress(&shard_report, count);
-            report.shards.push(shard_report);
+        if serves_now(ledger, lease, shard).await? {
+            let left = ShardReport::left_alone(shard);
+            progress(&left, count);
+            report.shards.push(left);
             continue;
         }
         for chunk in wallets.chunks(WALLETS_PER_PIPELINE) {
@@ -1323,10 +1334,13 @@ async fn restore_under(
         // Sends the pipeline every so often, so a big shard never builds one huge request.
         async fn flush(
             ledger: &Ledger,
+            lease: &Lease,
+            shard: u16,
             pipe: &mut Pipeline,
             queued: &mut usize,
-        ) -> Result<(), LedgerError> {
+        ) -> Result<(), RestoreError> {
             if *queued > 0 {
+                lease.check(shard)?;
                 let _: () = ledger.redis().pipeline(pipe).await?;
                 *pipe = redis::pipe();
                 *queued = 0;
@@ -1378,8 +1392,7 @@ async fn restore_under(
             }
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {
-                lease.check(shard)?;
-                flush(ledger, &mut pipe, &mut queued).await?;
+                flush(ledger, lease, shard, &mut pipe, &mut queued).await?;
             }
         }
         for (id, c) in &charges {
@@ -1409,8 +1422,7 @@ async fn restore_under(
             shard_report.charges += 1;
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {
-                lease.check(shard)?;
-                flush(ledger, &mut pipe, &mut queued).await?;
+                flush(ledger, lease, shard, &mut pipe, &mut queued).await?;
             }
         }
         // Idempotency buckets span half the window (lib.lua IDEM_SPAN_MS).
@@ -1444,8 +1456,7 @@ async fn restore_under(
             shard_report.idempotency_records += 1;
             queued += 1;
             if queued >= RECORDS_PER_PIPELINE {
-                lease.check(shard)?;
-                flush(ledger, &mut pipe, &mut queued).await?;
+                flush(ledger, lease, shard, &mut pipe, &mut queued).await?;
             }
         }
         queued += write_orgs(&mut pipe, &tag, &orgs, now);
@@ -1481,8 +1492,7 @@ async fn restore_under(
                 .ignore();
             queued += 3;
         }
-        lease.check(shard)?;
-        flush(ledger, &mut pipe, &mut queued).await?;
+        flush(ledger, lease, shard, &mut pipe, &mut queued).await?;
         ledger
             .initialize_shard(shard, &crate::ledger::new_epoch())
             .await?;
