@@ -344,12 +344,7 @@ impl Config {
         overrides: &Overrides,
     ) -> Result<Self, ConfigErrors> {
         let text = match path {
-            Some(path) => std::fs::read_to_string(path).map_err(|e| {
-                ConfigErrors(vec![ConfigError {
-                    path: path.display().to_string(),
-                    message: format!("cannot read: {e}"),
-                }])
-            })?,
+            Some(path) => read_file(path)?,
             None => String::new(),
         };
         let mut config = Self::from_toml(&text, env, overrides)?;
@@ -371,12 +366,7 @@ impl Config {
                 message: "no config file to read again".into(),
             }]));
         };
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                path: path.display().to_string(),
-                message: format!("cannot read: {e}"),
-            }])
-        })?;
+        let text = read_file(path)?;
         let has_pricebook = text
             .parse::<toml::Table>()
             .is_ok_and(|t| t.contains_key("pricebook"));
@@ -799,6 +789,15 @@ fn set_value(table: &mut toml::Table, section: &str, key: &str, value: toml::Val
     if let Some(t) = entry.as_table_mut() {
         t.insert(key.to_owned(), value);
     }
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        }])
+    })
 }
 
 fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) {
