@@ -40,7 +40,7 @@ struct Env {
     m: Metering,
     a: Admin,
     server: TestServer,
-    _redis: RedisServer,
+    redis: RedisServer,
 }
 
 impl Env {
@@ -109,7 +109,7 @@ impl Env {
             m,
             a,
             server,
-            _redis: redis,
+            redis,
         }
     }
 
@@ -2140,6 +2140,121 @@ async fn credits_burn_by_priority_then_expiry_then_age() {
         .find(|e| e.event_id == h.event_id)
         .expect("hold event");
     assert_eq!(e.lots, vec![p(4, 10), p(3, 10), p(5, 5)]);
+}
+
+/// The wallet hash caches the head of its burn index, so that a charge the head covers
+/// reads one key. A lot that comes in ahead of the cached head, even from a writer that
+/// does not keep the cache (an older tollgate during a rolling upgrade), and a head
+/// that ran out must both send the draw back to the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_burn_head_is_drawn_only_while_it_is_the_head() {
+    let (clock, _now) = Clock::manual(T0);
+    let env = &Env::start(clock, |_| {}).await;
+    let acct = "acct-head";
+    let drawn = |event_id: String| async move {
+        let events = env.events(acct).await;
+        let e = events
+            .iter()
+            .find(|e| e.event_id == event_id)
+            .expect("debit event");
+        e.lots.clone()
+    };
+    env.grant(grant_req(acct, 10, "g1")).await.expect("grant 1");
+    let d = env.debit(debit_req(acct, 3, "d1")).await.expect("debit 1");
+    assert_eq!(drawn(d.event_id).await, vec![piece(1, 3, 50, 0)]);
+
+    // A lot behind the head leaves it where it is; one ahead of it moves it.
+    env.grant(pb::GrantRequest {
+        priority: Some(90),
+        ..grant_req(acct, 10, "g2")
+    })
+    .await
+    .expect("grant 2");
+    let d = env.debit(debit_req(acct, 3, "d2")).await.expect("debit 2");
+    assert_eq!(drawn(d.event_id).await, vec![piece(1, 3, 50, 0)]);
+    env.grant(pb::GrantRequest {
+        priority: Some(10),
+        ..grant_req(acct, 10, "g3")
+    })
+    .await
+    .expect("grant 3");
+    let d = env.debit(debit_req(acct, 3, "d3")).await.expect("debit 3");
+    assert_eq!(drawn(d.event_id).await, vec![piece(3, 3, 10, 0)]);
+
+    // Lot 4, ahead again, written as a writer that does not know the cache writes it.
+    let shards = env.ledger().shards();
+    let shard = shards.of_account(acct);
+    let base = format!("{}:{{}}:{acct}:default", shards.tag(shard));
+    let mut con = env
+        .redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let cached: String = redis::cmd("HGET")
+        .arg(base.replace("{}", "w"))
+        .arg("hd")
+        .query_async(&mut con)
+        .await
+        .expect("cached head");
+    assert_eq!(cached, format!("3:{}:{}", lot_id(3), score(10, 0)));
+    let id = lot_id(4);
+    redis::pipe()
+        .atomic()
+        .cmd("ZADD")
+        .arg(base.replace("{}", "b"))
+        .arg(score(5, 0))
+        .arg(&id)
+        .cmd("HSET")
+        .arg(base.replace("{}", "w"))
+        .arg("s")
+        .arg(4)
+        .arg(&id)
+        .arg(10)
+        .arg(format!("{id}:u"))
+        .arg(T0)
+        .arg(format!("{id}:m"))
+        .arg(format!("10|5|0|{T0}|purchase|"))
+        .cmd("HINCRBY")
+        .arg(base.replace("{}", "w"))
+        .arg("r")
+        .arg(10)
+        .cmd("HINCRBY")
+        .arg(base.replace("{}", "w"))
+        .arg("g")
+        .arg(10)
+        .query_async::<()>(&mut con)
+        .await
+        .expect("an unseen lot");
+    let d = env.debit(debit_req(acct, 3, "d4")).await.expect("debit 4");
+    assert_eq!(drawn(d.event_id).await, vec![piece(4, 3, 5, 0)]);
+
+    // Heads that run out leave the index; each next draw finds the next head.
+    let d = env.debit(debit_req(acct, 7, "d5")).await.expect("debit 5");
+    assert_eq!(drawn(d.event_id).await, vec![piece(4, 7, 5, 0)]);
+    let d = env.debit(debit_req(acct, 7, "d6")).await.expect("debit 6");
+    assert_eq!(drawn(d.event_id).await, vec![piece(3, 7, 10, 0)]);
+    let d = env.debit(debit_req(acct, 2, "d7")).await.expect("debit 7");
+    assert_eq!(drawn(d.event_id).await, vec![piece(1, 2, 50, 0)]);
+    let cached: String = redis::cmd("HGET")
+        .arg(base.replace("{}", "w"))
+        .arg("hd")
+        .query_async(&mut con)
+        .await
+        .expect("cached head");
+    assert_eq!(
+        cached,
+        format!("4:{}:{}", lot_id(1), score(50, 0)),
+        "a draw that read the index caches its head again"
+    );
+    assert_eq!(
+        env.lots(acct, "default")
+            .await
+            .into_iter()
+            .map(|l| (l.lot_id, l.remaining))
+            .collect::<Vec<_>>(),
+        vec![(lot_id(1), 2), (lot_id(2), 10)]
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -187,11 +187,13 @@ local function open_wallet(acct, wallet)
     x = TAG .. ':x:' .. base,
     hw = TAG .. ':hw:' .. base,
   }
-  local v = redis.call('HMGET', W.w, 'r', 'h', 'd', 'bg')
+  local v = redis.call('HMGET', W.w, 'r', 'h', 'd', 'bg', 's', 'hd')
   W.r = tonumber(v[1]) or 0
   W.h = tonumber(v[2]) or 0
   W.d = tonumber(v[3])
   W.bg = v[4]
+  W.seq = v[5]
+  W.hd = v[6]
   return W
 end
 
@@ -508,11 +510,18 @@ end
 
 -- Creates a lot; returns its id and its "id:amount:score" piece.
 local function add_lot(W, amount, kind, prio, exp, desc)
-  local id = string.format('%08d', redis.call('HINCRBY', W.w, 's', 1))
+  local seq = redis.call('HINCRBY', W.w, 's', 1)
+  W.seq = itos(seq)
+  local id = string.format('%08d', seq)
   local score = prio * PRIO_UNIT + (exp == 0 and NEVER or exp)
-  redis.call('HSET', W.w, id, amount, id .. ':u', NOW,
-    id .. ':m', itos(amount) .. '|' .. itos(prio) .. '|' .. itos(exp) .. '|' .. itos(NOW) .. '|' .. kind .. '|' .. desc)
   redis.call('ZADD', W.b, score, id)
+  -- The head of the burn index, cached for draw with the new sequence: a new wallet's
+  -- first charge then reads one key.
+  local head = redis.call('ZRANGE', W.b, 0, 0, 'WITHSCORES')
+  W.hd = W.seq .. ':' .. head[1] .. ':' .. head[2]
+  redis.call('HSET', W.w, id, amount, id .. ':u', NOW,
+    id .. ':m', itos(amount) .. '|' .. itos(prio) .. '|' .. itos(exp) .. '|' .. itos(NOW) .. '|' .. kind .. '|' .. desc,
+    'hd', W.hd)
   if exp ~= 0 then
     redis.call('ZADD', W.x, exp, id)
     schedule(W, exp)
@@ -521,10 +530,35 @@ local function add_lot(W, amount, kind, prio, exp, desc)
   return id, id .. ':' .. itos(amount) .. ':' .. itos(score)
 end
 
+-- Takes `take` credits from lot `id` (draw); answers whether the lot record was dropped.
+local function take_from(W, id, take, for_hold)
+  local left = redis.call('HINCRBY', W.w, id, -take)
+  redis.call('HSET', W.w, id .. ':u', NOW)
+  if for_hold then
+    redis.call('HINCRBY', W.w, id .. ':h', take)
+    return false
+  end
+  return left == 0 and maybe_drop(W, id)
+end
+
 -- Takes amount credits from the lots in burn order. The caller checked W.r >= amount.
 -- for_hold: the credits move into a hold, so the lot records stay while the hold is open.
 -- Updates the lots only; the caller updates the wallet totals.
 local function draw(W, amount, for_hold)
+  -- The wallet hash caches the head of the burn index, the lot drawn first: field 'hd'
+  -- = "<lot sequence>:<id>:<score>", so that a draw this lot covers alone reads one key,
+  -- not two. The index gains a lot only by add_lot, which moves the sequence on (a
+  -- cached head from before no longer matches), and loses one only when it has nothing
+  -- left (maybe_drop, expire_lot). So a head that matches the sequence and covers the
+  -- amount is the first lot with credits left: the loop below would take exactly it.
+  -- No other writer has to know of the cache (an older tollgate in a rolling upgrade).
+  if amount > 0 and W.hd then
+    local seq, id, score = string.match(W.hd, '^(%d+):([^:]+):(%d+)$')
+    if seq == W.seq and (tonumber(redis.call('HGET', W.w, id)) or 0) >= amount then
+      take_from(W, id, amount, for_hold)
+      return id .. ':' .. itos(amount) .. ':' .. score
+    end
+  end
   local need = amount
   local pieces = {}
   local start = 0
@@ -532,6 +566,13 @@ local function draw(W, amount, for_hold)
     local page = redis.call('ZRANGE', W.b, start, start + DRAW_PAGE - 1, 'WITHSCORES')
     if #page == 0 then
       return nil
+    end
+    if start == 0 and W.seq then
+      local head = W.seq .. ':' .. page[1] .. ':' .. page[2]
+      if head ~= W.hd then
+        W.hd = head
+        redis.call('HSET', W.w, 'hd', head)
+      end
     end
     local ids = {}
     for j = 1, #page, 2 do
@@ -544,11 +585,7 @@ local function draw(W, amount, for_hold)
       if need > 0 and rem > 0 then
         local id = ids[j]
         local take = rem < need and rem or need
-        local left = redis.call('HINCRBY', W.w, id, -take)
-        redis.call('HSET', W.w, id .. ':u', NOW)
-        if for_hold then
-          redis.call('HINCRBY', W.w, id .. ':h', take)
-        elseif left == 0 and maybe_drop(W, id) then
+        if take_from(W, id, take, for_hold) then
           dropped = dropped + 1
         end
         need = need - take
