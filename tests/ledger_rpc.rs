@@ -2094,15 +2094,7 @@ async fn credits_burn_by_priority_then_expiry_then_age() {
     ];
     for (i, (amount, drawn, left)) in steps.into_iter().enumerate() {
         let drawn: Vec<LotPiece> = drawn.into_iter().map(|(n, a)| p(n, a)).collect();
-        let d = env
-            .debit(debit_req(acct, amount, &format!("d{i}")))
-            .await
-            .expect("debit");
-        let events = env.events(acct).await;
-        let e = events
-            .iter()
-            .find(|e| e.event_id == d.event_id)
-            .expect("debit event");
+        let e = debit_event(&env, acct, amount, &format!("d{i}")).await;
         assert_eq!(e.kind, EventKind::Debit);
         assert_eq!(e.lots, drawn, "debit {i}");
         assert_eq!(
@@ -2142,71 +2134,103 @@ async fn credits_burn_by_priority_then_expiry_then_age() {
     assert_eq!(e.lots, vec![p(4, 10), p(3, 10), p(5, 5)]);
 }
 
+/// Debits `amount` from `acct` and answers the debit's ledger event.
+async fn debit_event(env: &Env, acct: &str, amount: i64, key: &str) -> LedgerEvent {
+    let d = env
+        .debit(debit_req(acct, amount, key))
+        .await
+        .expect("debit");
+    env.events(acct)
+        .await
+        .into_iter()
+        .find(|e| e.event_id == d.event_id)
+        .expect("debit event")
+}
+
+/// One step of a burn-order scenario: a grant of 10 credits at a priority, or a debit and
+/// the one lot piece it must draw.
+enum BurnStep {
+    Grant(i32),
+    Debit(i64, LotPiece),
+}
+
+/// Runs `steps` on `acct` in order; keys are `<prefix><step>`.
+async fn burn_steps(env: &Env, acct: &str, prefix: &str, steps: &[BurnStep]) {
+    for (i, step) in steps.iter().enumerate() {
+        let key = format!("{prefix}{i}");
+        match step {
+            BurnStep::Grant(priority) => {
+                env.grant(pb::GrantRequest {
+                    priority: Some(*priority),
+                    ..grant_req(acct, 10, &key)
+                })
+                .await
+                .expect("grant");
+            }
+            BurnStep::Debit(amount, drawn) => {
+                let e = debit_event(env, acct, *amount, &key).await;
+                assert_eq!(e.lots, std::slice::from_ref(drawn), "step {key}");
+            }
+        }
+    }
+}
+
 /// The wallet hash caches the head of its burn index, so that a charge the head covers
 /// reads one key. A lot that comes in ahead of the cached head, even from a writer that
 /// does not keep the cache (an older tollgate during a rolling upgrade), and a head
 /// that ran out must both send the draw back to the index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_burn_head_is_drawn_only_while_it_is_the_head() {
+    use BurnStep::{Debit, Grant};
     let (clock, _now) = Clock::manual(T0);
-    let env = &Env::start(clock, |_| {}).await;
+    let env = Env::start(clock, |_| {}).await;
     let acct = "acct-head";
-    let drawn = |event_id: String| async move {
-        let events = env.events(acct).await;
-        let e = events
-            .iter()
-            .find(|e| e.event_id == event_id)
-            .expect("debit event");
-        e.lots.clone()
-    };
-    env.grant(grant_req(acct, 10, "g1")).await.expect("grant 1");
-    let d = env.debit(debit_req(acct, 3, "d1")).await.expect("debit 1");
-    assert_eq!(drawn(d.event_id).await, vec![piece(1, 3, 50, 0)]);
-
-    // A lot behind the head leaves it where it is; one ahead of it moves it.
-    env.grant(pb::GrantRequest {
-        priority: Some(90),
-        ..grant_req(acct, 10, "g2")
-    })
-    .await
-    .expect("grant 2");
-    let d = env.debit(debit_req(acct, 3, "d2")).await.expect("debit 2");
-    assert_eq!(drawn(d.event_id).await, vec![piece(1, 3, 50, 0)]);
-    env.grant(pb::GrantRequest {
-        priority: Some(10),
-        ..grant_req(acct, 10, "g3")
-    })
-    .await
-    .expect("grant 3");
-    let d = env.debit(debit_req(acct, 3, "d3")).await.expect("debit 3");
-    assert_eq!(drawn(d.event_id).await, vec![piece(3, 3, 10, 0)]);
-
-    // Lot 4, ahead again, written as a writer that does not know the cache writes it.
     let shards = env.ledger().shards();
-    let shard = shards.of_account(acct);
-    let base = format!("{}:{{}}:{acct}:default", shards.tag(shard));
+    let wallet = format!("{}:w:{acct}:default", shards.tag(shards.of_account(acct)));
     let mut con = env
         .redis
         .client()
         .get_multiplexed_async_connection()
         .await
         .expect("redis connection");
-    let cached: String = redis::cmd("HGET")
-        .arg(base.replace("{}", "w"))
-        .arg("hd")
-        .query_async(&mut con)
-        .await
-        .expect("cached head");
-    assert_eq!(cached, format!("3:{}:{}", lot_id(3), score(10, 0)));
+    let head_con = con.clone();
+    let cached_head = || {
+        let (mut con, wallet) = (head_con.clone(), wallet.clone());
+        async move {
+            redis::cmd("HGET")
+                .arg(&wallet)
+                .arg("hd")
+                .query_async::<String>(&mut con)
+                .await
+                .expect("cached head")
+        }
+    };
+
+    // A lot behind the head leaves it where it is; one ahead of it moves it.
+    let steps = [
+        Grant(50),
+        Debit(3, piece(1, 3, 50, 0)),
+        Grant(90),
+        Debit(3, piece(1, 3, 50, 0)),
+        Grant(10),
+        Debit(3, piece(3, 3, 10, 0)),
+    ];
+    burn_steps(&env, acct, "a", &steps).await;
+    assert_eq!(
+        cached_head().await,
+        format!("3:{}:{}", lot_id(3), score(10, 0))
+    );
+
+    // Lot 4, ahead again, written as a writer that does not know the cache writes it.
     let id = lot_id(4);
     redis::pipe()
         .atomic()
         .cmd("ZADD")
-        .arg(base.replace("{}", "b"))
+        .arg(wallet.replacen(":w:", ":b:", 1))
         .arg(score(5, 0))
         .arg(&id)
         .cmd("HSET")
-        .arg(base.replace("{}", "w"))
+        .arg(&wallet)
         .arg("s")
         .arg(4)
         .arg(&id)
@@ -2216,34 +2240,27 @@ async fn a_cached_burn_head_is_drawn_only_while_it_is_the_head() {
         .arg(format!("{id}:m"))
         .arg(format!("10|5|0|{T0}|purchase|"))
         .cmd("HINCRBY")
-        .arg(base.replace("{}", "w"))
+        .arg(&wallet)
         .arg("r")
         .arg(10)
         .cmd("HINCRBY")
-        .arg(base.replace("{}", "w"))
+        .arg(&wallet)
         .arg("g")
         .arg(10)
         .query_async::<()>(&mut con)
         .await
         .expect("an unseen lot");
-    let d = env.debit(debit_req(acct, 3, "d4")).await.expect("debit 4");
-    assert_eq!(drawn(d.event_id).await, vec![piece(4, 3, 5, 0)]);
 
-    // Heads that run out leave the index; each next draw finds the next head.
-    let d = env.debit(debit_req(acct, 7, "d5")).await.expect("debit 5");
-    assert_eq!(drawn(d.event_id).await, vec![piece(4, 7, 5, 0)]);
-    let d = env.debit(debit_req(acct, 7, "d6")).await.expect("debit 6");
-    assert_eq!(drawn(d.event_id).await, vec![piece(3, 7, 10, 0)]);
-    let d = env.debit(debit_req(acct, 2, "d7")).await.expect("debit 7");
-    assert_eq!(drawn(d.event_id).await, vec![piece(1, 2, 50, 0)]);
-    let cached: String = redis::cmd("HGET")
-        .arg(base.replace("{}", "w"))
-        .arg("hd")
-        .query_async(&mut con)
-        .await
-        .expect("cached head");
+    // It is drawn first; heads that run out hand over in burn order.
+    let steps = [
+        Debit(3, piece(4, 3, 5, 0)),
+        Debit(7, piece(4, 7, 5, 0)),
+        Debit(7, piece(3, 7, 10, 0)),
+        Debit(2, piece(1, 2, 50, 0)),
+    ];
+    burn_steps(&env, acct, "b", &steps).await;
     assert_eq!(
-        cached,
+        cached_head().await,
         format!("4:{}:{}", lot_id(1), score(50, 0)),
         "a draw that read the index caches its head again"
     );
@@ -2310,6 +2327,47 @@ async fn a_lot_expires_lazily_on_the_next_touch() {
         &[("required", "51"), ("available", "50")],
     );
     assert_eq!(env.outbox_len().await, len);
+}
+
+/// An overdue hold whose record is gone (deleted by hand) does not make its wallet fail:
+/// its id leaves the deadline index and its credits stay held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overdue_hold_without_its_record_leaves_its_wallet_working() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "acct-lost-hold";
+    env.grant(grant_req(acct, 100, "g1")).await.expect("grant");
+    let hold = env
+        .authorize(hold_req(acct, 40, 5_000, "h1"))
+        .await
+        .expect("hold");
+    let shards = env.ledger().shards();
+    let tag = shards.tag(shards.of_account(acct));
+    let mut con = env
+        .redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(format!("{tag}:h:{}", hold.hold_id))
+        .query_async(&mut con)
+        .await
+        .expect("DEL");
+    assert_eq!(deleted, 1, "the hold record is where the test looks");
+
+    now.store(T0 + 10_000, SeqCst);
+    let d = env.debit(debit_req(acct, 10, "d1")).await.expect("debit");
+    assert_eq!((d.available, d.held), (50, 40));
+    let in_index: Option<f64> = redis::cmd("ZSCORE")
+        .arg(format!("{tag}:hw:{acct}:default"))
+        .arg(&hold.hold_id)
+        .query_async(&mut con)
+        .await
+        .expect("ZSCORE");
+    assert_eq!(in_index, None);
+    let d = env.debit(debit_req(acct, 10, "d2")).await.expect("debit");
+    assert_eq!((d.available, d.held), (40, 40));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -386,7 +386,7 @@ impl Admin for AdminService {
         }
         invalid(v)?;
         let store = self.store()?;
-        let now = crate::settle::store::now_ms();
+        let now = crate::ledger::wall_clock_ms();
         let retried = store
             .retry_delivery(&r.delivery_id, now)
             .await

@@ -407,7 +407,7 @@ impl Gateway {
             amount,
             operation: op.name.clone(),
             idempotency_key,
-            at_ms: crate::settle::store::now_ms(),
+            at_ms: crate::ledger::wall_clock_ms(),
         });
     }
 

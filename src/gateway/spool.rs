@@ -408,7 +408,7 @@ mod tests {
         std::env::temp_dir().join(format!(
             "tollgate-spool-{name}-{}-{}",
             std::process::id(),
-            crate::settle::store::now_ms()
+            crate::ledger::wall_clock_ms()
         ))
     }
 

@@ -320,9 +320,16 @@ pub struct LotsPage {
 
 /// A new epoch marker value: the time it was written, in ms.
 pub fn new_epoch() -> String {
+    wall_clock_ms().to_string()
+}
+
+/// This process's wall clock, in ms since the epoch (0 before 1970): for what the process
+/// itself stamps (settled_at, webhook attempts, spool entries, outbox ages). Ledger times
+/// come from Redis (`Clock`), so that every sidecar agrees on them.
+pub fn wall_clock_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis().to_string())
+        .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
 }
 

@@ -1014,13 +1014,6 @@ async fn wipe(ledger: &Ledger) -> Result<(), LedgerError> {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 /// Adds one wallet's live state to a pipeline.
 fn write_wallet(pipe: &mut Pipeline, tag: &str, w: &Wallet, open_holds: &[(&String, &Hold)]) {
     let base = format!("{}:{}", w.account_id, w.wallet);
@@ -1220,7 +1213,7 @@ async fn restore_under(
     }
     store.migrate().await?;
     let settings = ledger.settings().clone();
-    let now = now_ms();
+    let now = crate::ledger::wall_clock_ms();
     let window_ms = settings.idempotency_window.as_millis() as i64;
     let hold_retention_ms = settings.hold_retention.as_millis() as i64;
     let charge_retention_ms = settings.charge_retention.as_millis() as i64;

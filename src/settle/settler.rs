@@ -536,10 +536,7 @@ impl Settler {
     /// its length and the age of its oldest unsettled event.
     pub async fn trim_and_measure(&self) -> Result<(), SettleError> {
         let shards = self.ledger.shards();
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
+        let now_ms = crate::ledger::wall_clock_ms();
         let mut measured = Vec::with_capacity(usize::from(shards.count()));
         for shard in 0..shards.count() {
             let stream = shards.outbox(shard);

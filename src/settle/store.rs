@@ -305,13 +305,6 @@ fn lots_text(lots: &[LotPiece]) -> String {
         .join(",")
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 /// What a durable ledger store does. PostgreSQL and SQLite implement it with the same
 /// code (`store_impl!` writes the methods once, `ledger_store_trait!` exposes them as
 /// this trait); [`Store`] picks one from the URL.
@@ -391,7 +384,7 @@ macro_rules! store_impl {
                          VALUES ($1, $2)",
                     )
                     .bind(*version)
-                    .bind(now_ms())
+                    .bind(crate::ledger::wall_clock_ms())
                     .execute(&mut *tx)
                     .await?;
                     tx.commit().await?;
@@ -415,7 +408,7 @@ macro_rules! store_impl {
                 let mut sorted: Vec<&LedgerEvent> = events.iter().collect();
                 sorted.sort_by(|a, b| a.event_id.cmp(&b.event_id));
                 sorted.dedup_by(|a, b| a.event_id == b.event_id);
-                let settled_at = now_ms();
+                let settled_at = crate::ledger::wall_clock_ms();
                 let mut tx = self.pool.begin().await?;
                 let inserted = $store::insert_events(&mut tx, &sorted, settled_at).await?;
                 let new_events: Vec<&LedgerEvent> = sorted

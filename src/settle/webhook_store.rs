@@ -244,7 +244,7 @@ macro_rules! webhook_store_impl {
                 deliveries: &[NewDelivery],
             ) -> Result<[u64; 5], StoreError> {
                 let mut created = [0u64; 5];
-                let now = super::store::now_ms();
+                let now = crate::ledger::wall_clock_ms();
                 for chunk in deliveries.chunks(INSERT_ROWS_MAX) {
                     let mut qb = QueryBuilder::<$db>::new(
                         "INSERT INTO tollgate_webhook_deliveries (delivery_id, account_id, \
@@ -333,7 +333,7 @@ macro_rules! webhook_store_impl {
                         .bind(wallet.to_owned())
                         .bind(t.low_balance)
                         .bind(i64::from(t.low_balance_percent))
-                        .bind(super::store::now_ms())
+                        .bind(crate::ledger::wall_clock_ms())
                         .execute(&self.pool)
                         .await?;
                     }

@@ -138,7 +138,7 @@ impl Dispatcher {
     /// One round: announce expiring lots, attempt every due head (up to `concurrency`
     /// accounts at once). Returns attempts made.
     pub async fn round(&mut self) -> Result<usize, StoreError> {
-        let now = now_ms();
+        let now = crate::ledger::wall_clock_ms();
         if self.rules.tracks_lots() {
             self.announce_expiring(now).await?;
         }
@@ -246,7 +246,7 @@ async fn attempt(
             metrics.attempts[i][result].increment(1);
         }
     };
-    let now = now_ms();
+    let now = crate::ledger::wall_clock_ms();
     let outcome = match result {
         Ok(status) => {
             count(0);
@@ -288,13 +288,6 @@ pub fn backoff(min: Duration, max: Duration, failed: u32) -> Duration {
     let base = min.saturating_mul(1u32 << exponent).min(max);
     let random = RandomState::new().build_hasher().finish();
     base.mul_f64(0.5 + (random % 1000) as f64 / 2000.0)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -694,6 +694,14 @@ local function expire_hold(W, hold_id)
   local hkey = TAG .. ':h:' .. hold_id
   local hd = redis.call('HMGET', hkey, 'n', 'l', 'e', 'o')
   local amount = tonumber(hd[1])
+  if not amount then
+    -- The record is gone (deleted by hand, say) while its id waits in the deadline index:
+    -- what the hold took is not known here, so its credits stay held rather than every
+    -- later call on the wallet failing. Redis's log names the hold (never the account).
+    redis.log(redis.LOG_WARNING, 'tollgate: overdue hold ' .. hold_id .. ' has no record; left out of the deadline index')
+    redis.call('ZREM', W.hw, hold_id)
+    return
+  end
   local capture = 0
   if hd[3] == 'c' then
     capture = amount
