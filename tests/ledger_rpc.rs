@@ -121,6 +121,23 @@ impl Env {
         self.ledger().shards().of_account(account_id)
     }
 
+    /// The hash tag of an account's shard, e.g. `{tg:3}`.
+    fn tag_of(&self, account_id: &str) -> String {
+        self.ledger()
+            .shards()
+            .tag(self.shard_of(account_id))
+            .to_owned()
+    }
+
+    /// A connection straight to the test's redis-server.
+    async fn redis_con(&self) -> redis::aio::MultiplexedConnection {
+        self.redis
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+
     async fn grant(&self, req: pb::GrantRequest) -> Result<pb::GrantResponse, Status> {
         self.a.clone().grant(req).await.map(Response::into_inner)
     }
@@ -2185,14 +2202,8 @@ async fn a_cached_burn_head_is_drawn_only_while_it_is_the_head() {
     let (clock, _now) = Clock::manual(T0);
     let env = Env::start(clock, |_| {}).await;
     let acct = "acct-head";
-    let shards = env.ledger().shards();
-    let wallet = format!("{}:w:{acct}:default", shards.tag(shards.of_account(acct)));
-    let mut con = env
-        .redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis connection");
+    let wallet = format!("{}:w:{acct}:default", env.tag_of(acct));
+    let mut con = env.redis_con().await;
     let head_con = con.clone();
     let cached_head = || {
         let (mut con, wallet) = (head_con.clone(), wallet.clone());
@@ -2335,20 +2346,11 @@ async fn a_lot_expires_lazily_on_the_next_touch() {
 async fn an_overdue_hold_without_its_record_leaves_its_wallet_working() {
     let (clock, now) = Clock::manual(T0);
     let env = Env::start_lazy(clock).await;
-    let acct = "acct-lost-hold";
-    env.grant(grant_req(acct, 100, "g1")).await.expect("grant");
-    let hold = env
-        .authorize(hold_req(acct, 40, 5_000, "h1"))
-        .await
-        .expect("hold");
-    let shards = env.ledger().shards();
-    let tag = shards.tag(shards.of_account(acct));
-    let mut con = env
-        .redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis connection");
+    let (acct, mut con) = ("acct-lost-hold", env.redis_con().await);
+    let tag = env.tag_of(acct);
+    env.grant(grant_req(acct, 100, "g")).await.expect("grant");
+    let hold = env.authorize(hold_req(acct, 40, 5_000, "h")).await;
+    let hold = hold.expect("hold");
     let deleted: i64 = redis::cmd("DEL")
         .arg(format!("{tag}:h:{}", hold.hold_id))
         .query_async(&mut con)
