@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tollgate::api::pb;
 use tollgate::ledger::event::{EventKind, LedgerEvent};
-use tollgate::ledger::{Clock, Debit, Grant, Ledger, LotKind, Metadata};
+use tollgate::ledger::{Authorize, Clock, Debit, Ledger, Metadata, OnExpiry};
+use tollgate::settle::reconcile::Drift;
 use tollgate::settle::settler::{Settler, SettlerSettings};
 use tollgate::settle::Store;
 
@@ -396,10 +397,11 @@ async fn settled_entries_are_trimmed_from_the_outbox() {
     // A wallet's snapshot (reconcile) still names its shard's last event: an empty outbox
     // is not "no position", or reconcile would count events written after the snapshot.
     let last = events.last().expect("events");
-    let (_, position) = ledger
+    let position = ledger
         .snapshot(&last.account_id, &last.wallet)
         .await
-        .expect("snapshot");
+        .expect("snapshot")
+        .last_entry_id;
     let shard_last = events
         .iter()
         .rfind(|e| e.shard() == last.shard())
@@ -416,17 +418,7 @@ async fn history_pages_through_ten_thousand_events() {
     config.settler.enabled = true;
     let server = common::TestServer::start(config, Clock::Redis).await;
     let ledger = server.ledger.clone();
-    let grant = Grant {
-        account_id: "busy".into(),
-        wallet: "default".into(),
-        amount: 1_000_000,
-        kind: LotKind::Purchase,
-        priority: 50,
-        expires_at_ms: 0,
-        description: String::new(),
-        idempotency_key: "g".into(),
-        metadata: Metadata::new(),
-    };
+    let grant = common::purchase("busy", 1_000_000, "g");
     ledger.grant(&grant).await.expect("grant");
     let tasks: Vec<_> = (0..16)
         .map(|t| {
@@ -668,6 +660,74 @@ async fn concurrent_and_dead_settlers_give_exactly_once_rows() {
     assert!(report.drifts.is_empty(), "{}", report.render());
 }
 
+/// A hold whose record was deleted from Redis by hand: once overdue it leaves the
+/// deadline index and its credits stay held (lib.lua `expire_hold`), so the balances
+/// still agree with the durable ledger; reconcile reports it by the count of open holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reports_a_hold_redis_lost() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    let pg = common::PgDatabase::create().await;
+    let store = store(&pg.url).await;
+    ledger
+        .grant(&common::purchase("acme", 100, "g"))
+        .await
+        .expect("grant");
+    let authorize = |key: &str| Authorize {
+        account_id: "acme".into(),
+        wallet: "default".into(),
+        amount: 30,
+        ttl_ms: 5_000,
+        on_expiry: OnExpiry::Release,
+        idempotency_key: key.into(),
+        operation: "ocr.pages".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    };
+    let lost = ledger.authorize(&authorize("h1")).await.expect("hold 1");
+    ledger.authorize(&authorize("h2")).await.expect("hold 2");
+    let reconcile =
+        || tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE);
+    let clean = reconcile().await.expect("reconcile");
+    assert!(clean.drifts.is_empty(), "{}", clean.render());
+
+    let shard = ledger.shards().of_account("acme");
+    let record = format!("{}:h:{}", ledger.shards().tag(shard), lost.hold_id);
+    let deleted: i64 = ledger
+        .redis()
+        .query(redis::cmd("DEL").arg(&record))
+        .await
+        .expect("DEL");
+    assert_eq!(deleted, 1, "the hold record is where the test looks");
+    // Both holds overdue; the next charge ends the one with its record by its policy.
+    now.store(START_MS + 10_000, Ordering::SeqCst);
+    let debit = ledger
+        .debit(&Debit {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 10,
+            idempotency_key: "d".into(),
+            operation: "ocr.pages".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("the wallet still works");
+    assert_eq!((debit.available, debit.held), (60, 30));
+
+    let report = reconcile().await.expect("reconcile");
+    let open_holds = Drift {
+        account_id: "acme".into(),
+        wallet: "default".into(),
+        check: "redis",
+        field: "open_holds",
+        expected: 1,
+        found: 0,
+    };
+    assert_eq!(report.drifts, [open_holds], "{}", report.render());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_command_finds_a_planted_drift() {
     let redis = common::RedisServer::start();
@@ -736,17 +796,7 @@ async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
     let server = common::TestServer::start(config, Clock::Redis).await;
     let ledger = server.ledger.clone();
     ledger
-        .grant(&Grant {
-            account_id: "steady".into(),
-            wallet: "default".into(),
-            amount: 1_000_000,
-            kind: LotKind::Purchase,
-            priority: 50,
-            expires_at_ms: 0,
-            description: String::new(),
-            idempotency_key: "g".into(),
-            metadata: Metadata::new(),
-        })
+        .grant(&common::purchase("steady", 1_000_000, "g"))
         .await
         .expect("grant");
 
@@ -1061,17 +1111,7 @@ async fn reconcile_works_on_a_live_system() {
     let store = store(&pg.url).await;
     for a in common::workload::ACCOUNTS {
         ledger
-            .grant(&Grant {
-                account_id: a.into(),
-                wallet: "default".into(),
-                amount: 1_000_000,
-                kind: LotKind::Purchase,
-                priority: 50,
-                expires_at_ms: 0,
-                description: String::new(),
-                idempotency_key: "g".into(),
-                metadata: Metadata::new(),
-            })
+            .grant(&common::purchase(a, 1_000_000, "g"))
             .await
             .expect("grant");
     }

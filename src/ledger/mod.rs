@@ -318,6 +318,16 @@ pub struct LotsPage {
     pub next_offset: Option<u32>,
 }
 
+/// A wallet as [`Ledger::snapshot`] reads it, in one atomic script.
+#[derive(Debug, Clone)]
+pub struct WalletSnapshot {
+    pub balance: WalletBalance,
+    /// Holds in the wallet's deadline index: the holds Redis has open.
+    pub open_holds: i64,
+    /// The id of the shard outbox's last entry ever added (None: nothing was added).
+    pub last_entry_id: Option<String>,
+}
+
 /// A new epoch marker value: the time it was written, in ms.
 pub fn new_epoch() -> String {
     wall_clock_ms().to_string()
@@ -868,7 +878,7 @@ impl Ledger {
         &self,
         account_id: &str,
         wallet: &str,
-    ) -> Result<(WalletBalance, Option<String>), LedgerError> {
+    ) -> Result<WalletSnapshot, LedgerError> {
         let shard = self.shards.of_account(account_id);
         let mut inv = self.invocation(&self.scripts.snapshot, shard);
         inv.arg(account_id).arg(wallet);
@@ -878,8 +888,16 @@ impl Ledger {
         let balance = reply::balances(&with_name)?
             .pop()
             .ok_or_else(|| LedgerError::Internal("empty snapshot".into()))?;
-        let last = rows.get(7).filter(|id| !id.is_empty()).cloned();
-        Ok((balance, last))
+        let last_entry_id = rows.get(7).filter(|id| !id.is_empty()).cloned();
+        let open_holds = rows
+            .get(8)
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| LedgerError::Internal("snapshot without open holds".into()))?;
+        Ok(WalletSnapshot {
+            balance,
+            open_holds,
+            last_entry_id,
+        })
     }
 
     /// Every (account, wallet) with a wallet record, found by SCAN (tooling, not the hot

@@ -98,6 +98,8 @@ pub struct WalletSummary {
 pub struct Derived {
     pub totals: Totals,
     pub events: i64,
+    /// Holds opened and not ended by these events.
+    pub open_holds: i64,
     /// The running summary (None when the wallet has no row yet).
     pub summary: Option<Totals>,
 }
@@ -592,6 +594,9 @@ macro_rules! store_impl {
                      CAST(COALESCE(SUM(d_expired), 0) AS BIGINT) AS x, \
                      CAST(COALESCE(SUM(d_refunded), 0) AS BIGINT) AS f, \
                      CAST(COALESCE(SUM(d_adjusted), 0) AS BIGINT) AS j, \
+                     CAST(COALESCE(SUM(CASE WHEN kind = 'hold' THEN 1 \
+                       WHEN kind IN ('capture', 'release', 'expire_hold') THEN -1 \
+                       ELSE 0 END), 0) AS BIGINT) AS h, \
                      CAST(COUNT(*) AS BIGINT) AS n FROM tollgate_events \
                      WHERE account_id = $1 AND wallet = $2 AND (stream_ms, stream_seq) <= ($3, $4)",
                 )
@@ -649,6 +654,7 @@ macro_rules! store_impl {
                 Ok(Derived {
                     totals,
                     events: sums.try_get("n")?,
+                    open_holds: sums.try_get("h")?,
                     summary,
                 })
             }

@@ -2,8 +2,10 @@
 -- entry (trimmed or not), read atomically (reconcile compares the durable ledger up to
 -- that entry).
 -- No lazy expiry here: the snapshot must not write. ARGV 8 account, 9 wallet.
--- Returns { available, held, granted, used, expired, refunded, adjusted, last_entry_id }.
-local v = redis.call('HMGET', TAG .. ':w:' .. ARGV[8] .. ':' .. ARGV[9], 'r', 'h', 'g', 'u', 'xp', 'f', 'j')
+-- Returns { available, held, granted, used, expired, refunded, adjusted, last_entry_id,
+-- open holds (ids in the wallet's deadline index) }.
+local base = ARGV[8] .. ':' .. ARGV[9]
+local v = redis.call('HMGET', TAG .. ':w:' .. base, 'r', 'h', 'g', 'u', 'xp', 'f', 'j')
 local out = {}
 for k = 1, 7 do
   out[k] = v[k] or '0'
@@ -25,4 +27,5 @@ if last == '0-0' then
   last = ''
 end
 out[8] = last
+out[9] = tostring(redis.call('ZCARD', TAG .. ':hw:' .. base))
 return out
