@@ -139,33 +139,20 @@ fn check_bench_settling_into_postgres_reports_the_outbox_lag() {
     assert_eq!(left, 0, "the bench database was not dropped");
 }
 
-/// `--durability replica-wait`: the bench starts its own primary and replica, and the
-/// child server waits for the replica after every write (no --redis-url).
-#[test]
-fn debit_bench_at_replica_wait_durability() {
+/// Runs `tollgate bench` with redis-servers of its own (no --redis-url), 2 s in 2 rounds at
+/// concurrency 4 over 50 accounts; answers its JSON result and its standard output.
+fn bench_on_its_own(name: &str, args: &[&str]) -> (Value, String) {
     let dir = std::env::temp_dir().join(format!(
-        "tollgate-bench-smoke-{}-replica-wait",
+        "tollgate-bench-smoke-{}-{name}",
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json_path = dir.join("result.json");
     let output = common::tollgate()
-        .args([
-            "bench",
-            "debit",
-            "--durability",
-            "replica-wait",
-            "--baseline",
-        ])
-        .args([
-            "--duration-secs",
-            "2",
-            "--warmup-secs",
-            "0",
-            "--rounds",
-            "2",
-        ])
-        .args(["--concurrency", "4", "--accounts", "50"])
+        .arg("bench")
+        .args(args)
+        .args(["--duration-secs", "2", "--warmup-secs", "0"])
+        .args(["--rounds", "2", "--concurrency", "4", "--accounts", "50"])
         .arg("--json")
         .arg(&json_path)
         .output()
@@ -173,13 +160,24 @@ fn debit_bench_at_replica_wait_durability() {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "tollgate bench --durability replica-wait failed:\n{stdout}\n{}",
+        "tollgate bench {args:?} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
             .expect("well-formed JSON");
     let _ = std::fs::remove_dir_all(&dir);
+    (json, stdout)
+}
+
+/// `--durability replica-wait`: the bench starts its own primary and replica, and the
+/// child server waits for the replica after every write (no --redis-url).
+#[test]
+fn debit_bench_at_replica_wait_durability() {
+    let (json, stdout) = bench_on_its_own(
+        "replica-wait",
+        &["debit", "--durability", "replica-wait", "--baseline"],
+    );
     assert_eq!(json["durability"], "replica-wait", "{json}");
     assert_eq!(json["wait_timeout_ms"], 100, "{json}");
     assert_eq!(json["errors_total"], 0, "{json}");
@@ -188,6 +186,69 @@ fn debit_bench_at_replica_wait_durability() {
         stdout.contains("redis durability: replica-wait"),
         "{stdout}"
     );
+}
+
+/// `--versus-accounts`: a second stack (its own redis-server and server child) seeded with
+/// another number of accounts, measured in slices alternating with the main one; the
+/// ratio of their throughputs, and the raw function's own, come from the same run.
+#[test]
+fn check_bench_versus_another_number_of_accounts() {
+    let (json, stdout) = bench_on_its_own(
+        "versus",
+        &["check", "--versus-accounts", "10", "--baseline"],
+    );
+    assert_result(&json, "check");
+    let versus = &json["versus"];
+    assert_eq!(versus["accounts"], 10, "{json}");
+    assert_eq!(versus["errors_total"], 0, "{json}");
+    assert!(versus["baseline"].is_object(), "{json}");
+    // Each stack has a server of its own.
+    let pids = (json["server_pid"].as_u64(), versus["server_pid"].as_u64());
+    assert!(
+        matches!(pids, (Some(a), Some(b)) if a != b),
+        "server pids {pids:?}"
+    );
+    let rps = |v: &Value| v["throughput_rps"].as_f64().filter(|r| *r > 0.0);
+    let (main_rps, versus_rps) = (rps(&json), rps(versus));
+    let (Some(main_rps), Some(versus_rps)) = (main_rps, versus_rps) else {
+        panic!("throughputs in {json}");
+    };
+    let ratio = json["accounts_ratio"].as_f64().expect("accounts_ratio");
+    assert!((ratio - main_rps / versus_rps).abs() < 0.01, "{json}");
+    let base_ratio = json["baseline_accounts_ratio"].as_f64();
+    assert!(base_ratio.is_some_and(|r| r > 0.0), "{json}");
+    // Both sides of each stack were measured in 2 slices of about a second each.
+    for phase in [&json["baseline"], versus, &versus["baseline"]] {
+        assert!(
+            phase["elapsed_secs"].as_f64().is_some_and(|s| s >= 1.5),
+            "{phase}"
+        );
+    }
+    for side in [&json, versus] {
+        assert!(
+            side["server_cpu_usec_per_request"]
+                .as_f64()
+                .is_some_and(|us| us > 0.0),
+            "{side}"
+        );
+    }
+    assert!(
+        stdout.contains("throughput with 50 accounts ÷ with 10:"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("the raw function's own:"), "{stdout}");
+}
+
+#[test]
+fn versus_accounts_needs_the_bench_own_stacks() {
+    let output = common::tollgate()
+        .args(["bench", "check", "--versus-accounts", "10"])
+        .args(["--redis-url", "redis://127.0.0.1:1"])
+        .output()
+        .expect("run tollgate bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--versus-accounts"), "{stderr}");
 }
 
 #[test]

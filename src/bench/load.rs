@@ -629,58 +629,64 @@ pub async fn measure(
     Ok(phase)
 }
 
-/// The baseline and the scenario in alternating slices (`rounds` of each, baseline first),
-/// so a neighbour's build that starts halfway through a run weighs on both alike.
-#[allow(clippy::too_many_arguments)]
+/// One side of an alternating measurement: one kind of client against one stack (its
+/// Redis, and the accounts seeded there).
+pub struct Side<'a> {
+    pub label: String,
+    pub clients: Vec<Client>,
+    pub accounts: Arc<Accounts>,
+    pub ledger: &'a Ledger,
+    pub probe: Probe,
+}
+
+/// The sides in alternating slices (`rounds` slices of each, in the order given), so a
+/// neighbour's build that starts halfway through a run weighs on all of them alike.
+/// Answers one phase per side, in the same order.
 pub async fn measure_alternating(
-    labels: (&str, &str),
-    clients: (Vec<Client>, Vec<Client>),
+    mut sides: Vec<Side<'_>>,
     plan: &Plan,
     rounds: u32,
-    accounts: &Arc<Accounts>,
-    ledger: &Ledger,
-    probe: &Probe,
-) -> Result<(Phase, Phase), String> {
-    let (mut base_clients, mut main_clients) = (
-        warm_up(labels.0, clients.0, plan, accounts).await,
-        warm_up(labels.1, clients.1, plan, accounts).await,
-    );
+) -> Result<Vec<Phase>, String> {
+    for side in &mut sides {
+        let clients = std::mem::take(&mut side.clients);
+        side.clients = warm_up(&side.label, clients, plan, &side.accounts).await;
+    }
     let rounds = rounds.max(1);
     let slice_plan = Plan {
         duration: plan.duration / rounds,
         requests: plan.requests.map(|n| n.div_ceil(u64::from(rounds))),
         ..plan.clone()
     };
-    let mut base: Option<Phase> = None;
-    let mut main: Option<Phase> = None;
+    let mut phases: Vec<Option<Phase>> = sides.iter().map(|_| None).collect();
     for round in 1..=rounds {
-        let label = format!("{} ({round}/{rounds})", labels.0);
-        let (back, phase) = slice(
-            &label,
-            base_clients,
-            &slice_plan,
-            accounts,
-            ledger,
-            &Probe::default(),
-        )
-        .await;
-        base_clients = back;
-        base = Some(match base {
-            None => phase,
-            Some(so_far) => so_far.merge(phase),
-        });
-        let label = format!("{} ({round}/{rounds})", labels.1);
-        let (back, phase) = slice(&label, main_clients, &slice_plan, accounts, ledger, probe).await;
-        main_clients = back;
-        main = Some(match main {
-            None => phase,
-            Some(so_far) => so_far.merge(phase),
-        });
+        for (side, so_far) in sides.iter_mut().zip(&mut phases) {
+            let label = format!("{} ({round}/{rounds})", side.label);
+            let clients = std::mem::take(&mut side.clients);
+            let (back, phase) = slice(
+                &label,
+                clients,
+                &slice_plan,
+                &side.accounts,
+                side.ledger,
+                &side.probe,
+            )
+            .await;
+            side.clients = back;
+            *so_far = Some(match so_far.take() {
+                None => phase,
+                Some(before) => before.merge(phase),
+            });
+        }
     }
-    let (mut base, mut main) = (base.ok_or("no rounds")?, main.ok_or("no rounds")?);
-    base.label = labels.0.to_owned();
-    main.label = labels.1.to_owned();
-    Ok((base, main))
+    sides
+        .iter()
+        .zip(phases)
+        .map(|(side, phase)| {
+            let mut phase = phase.ok_or("no rounds")?;
+            phase.label.clone_from(&side.label);
+            Ok(phase)
+        })
+        .collect()
 }
 
 async fn warm_up(
@@ -718,11 +724,16 @@ async fn slice(
     probe: &Probe,
 ) -> (Vec<Client>, Phase) {
     let before = RedisStats::reset(ledger).await;
+    let server_before = probe.pid.and_then(proc_cpu_secs);
+    let bench_before = proc_cpu_secs(std::process::id());
     let (clients, mut phase) = drive(label, clients, plan, accounts, probe).await;
     phase.redis = match before {
         Some(cpu_before) => RedisStats::read(ledger, cpu_before).await,
         None => None,
     };
+    let spent = |before: Option<f64>, pid: Option<u32>| Some(proc_cpu_secs(pid?)? - before?);
+    phase.server_cpu_secs = spent(server_before, probe.pid);
+    phase.bench_cpu_secs = spent(bench_before, Some(std::process::id()));
     phase.rss_hwm_bytes = probe.pid.and_then(|pid| proc_status_bytes(pid, "VmHWM:"));
     (clients, phase)
 }
@@ -867,6 +878,8 @@ async fn drive(
             rss_max_bytes: rss_max,
             rss_hwm_bytes: None,
             redis: None,
+            server_cpu_secs: None,
+            bench_cpu_secs: None,
             outbox_lag_ms,
         },
     )
@@ -921,9 +934,34 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time (user + system, all threads) a process has used so far, in seconds, from
+/// /proc/<pid>/stat. Its clock ticks are USER_HZ, 100 per second on every Linux
+/// architecture tollgate builds for.
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its ')'.
+    let mut after = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    let utime: u64 = after.nth(11)?.parse().ok()?;
+    let stime: u64 = after.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_has_used_some_cpu() {
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let secs = proc_cpu_secs(std::process::id()).expect("/proc/self/stat");
+        assert!(secs > 0.0, "{secs}");
+        assert_eq!(proc_cpu_secs(u32::MAX), None);
+    }
 
     #[test]
     fn outbox_lag_is_the_oldest_shard() {

@@ -24,7 +24,7 @@ use clap::{Args, ValueEnum};
 
 use crate::gateway::identity::KeyStore;
 use crate::ledger::{Clock, Ledger, LedgerSettings, RedisPool, WaitReplicas};
-pub use report::Report;
+pub use report::{Phase, Report};
 
 /// Default name of the route the bench's requests take (priced by the child server).
 pub const BENCH_PATH: &str = "/v1/bench";
@@ -172,6 +172,13 @@ pub struct BenchArgs {
     /// baseline and scenario, so noise from neighbours weighs on both alike.
     #[arg(long, default_value_t = 4)]
     pub rounds: u32,
+    /// Also run the scenario against a second stack of its own (a private redis-server and
+    /// a `tollgate serve` child) seeded with this many accounts, in slices alternating with
+    /// the main stack's, and report throughput with --accounts ÷ with this many. Both
+    /// figures then come from the same minutes of a noisy machine (with --baseline, each
+    /// stack's raw function is measured too).
+    #[arg(long)]
+    pub versus_accounts: Option<u32>,
     /// Write the result as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -264,6 +271,14 @@ impl BenchArgs {
                 bad.push("--settle-into must be sqlite or a postgres:// url".into());
             }
         }
+        if let Some(n) = self.versus_accounts {
+            if !(1..=ACCOUNTS_MAX).contains(&n) {
+                bad.push(format!("--versus-accounts must be in 1..={ACCOUNTS_MAX}"));
+            }
+            if self.target.is_some() || self.redis_url.is_some() || self.settle_into.is_some() {
+                bad.push("--versus-accounts starts two stacks of its own: not with --target, --redis-url or --settle-into".into());
+            }
+        }
         if self.target.is_some() {
             if self.redis_url.is_none() {
                 bad.push("--target needs --redis-url (the target's Redis: the bench seeds accounts there)".into());
@@ -284,122 +299,74 @@ impl BenchArgs {
 /// the future is dropped (Ctrl-C).
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
     args.validate()?;
-    // Kept until the bench returns: dropping it kills the private redis-server(s).
-    let mut _redis_child = None;
-    let redis_url = match &args.redis_url {
-        Some(url) => url.clone(),
-        None => {
-            let redis = children::BenchRedis::start(args.durability).await?;
-            let url = redis.url().to_owned();
-            _redis_child = Some(redis);
-            url
-        }
-    };
-    let wait = args.durability.wait(args.wait_timeout_ms);
-    // Kept until the bench returns: dropping it drops the database.
-    let mut _settle_db = None;
-    let settle_store = match args.settle_into.as_deref() {
+    let stack = Stack::start(&args, args.accounts).await?;
+    let versus = match args.versus_accounts {
+        Some(n) => Some(Stack::start(&args, n).await?),
         None => None,
-        Some("sqlite") => Some(children::SettleStore::Sqlite),
-        Some(url) => {
-            let name = format!("tollgate_bench_{}", std::process::id());
-            let db = crate::dev::ScratchDatabase::create(url, &name)
-                .await
-                .map_err(|e| format!("--settle-into: {e}"))?;
-            println!("settling into PostgreSQL database {name} (dropped at the end)");
-            let store = children::SettleStore::Postgres(db.url.clone());
-            _settle_db = Some(db);
-            Some(store)
-        }
     };
-    let server = match &args.target {
-        Some(_) => None,
-        None => Some(
-            children::BenchServer::start(
-                &redis_url,
-                args.redis_connections,
-                wait,
-                settle_store.as_ref(),
-            )
-            .await?,
-        ),
-    };
-    let (grpc_addr, http_addr, server_pid, service_token) = match &server {
-        Some(s) => (
-            s.grpc_addr.clone(),
-            Some(s.http_addr.clone()),
-            Some(s.pid),
-            children::SERVICE_TOKEN.to_owned(),
-        ),
-        None => (
-            args.target.clone().unwrap_or_default(),
-            args.target_http.clone(),
-            args.server_pid,
-            args.service_token.clone().unwrap_or_default(),
-        ),
-    };
-
-    // With replica-wait the baseline's FCALL is followed by the same WAIT, so the ratio
-    // compares tollgate with raw Redis at the same durability level.
-    let pool = RedisPool::with_wait(&redis_url, args.redis_connections, REQUEST_TIMEOUT, wait)
-        .map_err(|e| e.to_string())?;
-    let ledger = Arc::new(Ledger::new(
-        pool.clone(),
-        LedgerSettings::default(),
-        Clock::Redis,
-    ));
-    ledger
-        .load_scripts()
-        .await
-        .map_err(|e| format!("cannot load the ledger scripts into {redis_url}: {e}"))?;
-    let keys = Arc::new(KeyStore::new(
-        pool,
-        ledger.shards().clone(),
-        Duration::from_secs(1),
-        1,
-        crate::gateway::identity::DEFAULT_KEYS_PER_ACCOUNT_MAX,
-    ));
-    keys.load_scripts().await.map_err(|e| e.to_string())?;
-
-    let accounts = load::seed(&ledger, &keys, args.accounts, args.scenario.needs_keys()).await?;
     let plan = load::Plan::from_args(&args);
-    let target = load::Target {
-        grpc_addr,
-        http_addr,
-        service_token,
-    };
-
-    let probe = load::Probe {
-        pid: server_pid,
-        metrics_addr: settle_store.and(target.http_addr.clone()),
-    };
-    let clients = load::scenario_clients(args.scenario, &target, &args).await?;
-    let (main, baseline) = if args.baseline {
-        let (baseline, main) = load::measure_alternating(
-            ("baseline (raw FCALL debit)", args.scenario.name()),
-            (load::raw_clients(&ledger, &args), clients),
-            &plan,
-            args.rounds,
-            &accounts,
-            &ledger,
-            &probe,
-        )
-        .await?;
-        (main, Some(baseline))
-    } else {
+    let stacks: Vec<&Stack> = std::iter::once(&stack).chain(versus.as_ref()).collect();
+    let mut sides = Vec::new();
+    for s in &stacks {
+        let of = if versus.is_some() {
+            format!(", {} accounts", s.accounts_seeded)
+        } else {
+            String::new()
+        };
+        if args.baseline {
+            sides.push(load::Side {
+                label: format!("baseline (raw FCALL debit){of}"),
+                clients: load::raw_clients(&s.ledger, &args),
+                accounts: s.accounts.clone(),
+                ledger: &s.ledger,
+                probe: load::Probe::default(),
+            });
+        }
+        sides.push(load::Side {
+            label: format!("{}{of}", args.scenario.name()),
+            clients: load::scenario_clients(args.scenario, &s.target, &args).await?,
+            accounts: s.accounts.clone(),
+            ledger: &s.ledger,
+            probe: s.probe.clone(),
+        });
+    }
+    let mut phases = if sides.len() == 1 {
+        let side = sides.remove(0);
         let main = load::measure(
-            args.scenario.name(),
-            clients,
+            &side.label,
+            side.clients,
             &plan,
-            &accounts,
-            &ledger,
-            &probe,
+            &side.accounts,
+            side.ledger,
+            &side.probe,
         )
         .await?;
-        (main, None)
+        vec![main]
+    } else {
+        load::measure_alternating(sides, &plan, args.rounds).await?
+    }
+    .into_iter();
+    // Per stack, in the order the sides were made: the baseline (with --baseline), then
+    // the scenario.
+    let mut next_pair = || -> Result<(Phase, Option<Phase>), String> {
+        let base = if args.baseline { phases.next() } else { None };
+        Ok((phases.next().ok_or("a phase is missing")?, base))
+    };
+    let (main, baseline) = next_pair()?;
+    let versus_report = match &versus {
+        Some(other) => {
+            let (main, baseline) = next_pair()?;
+            Some(report::Versus {
+                accounts: other.accounts_seeded,
+                server_pid: other.server_pid,
+                main,
+                baseline,
+            })
+        }
+        None => None,
     };
 
-    let report = Report::new(&args, main, baseline, server_pid);
+    let report = Report::new(&args, main, baseline, versus_report, stack.server_pid);
     print!("{}", report.render());
     if let Some(path) = &args.json {
         report.write_json(path)?;
@@ -409,6 +376,123 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         report.write_svg(path)?;
         println!("latency plot written to {}", path.display());
     }
-    drop(server);
+    drop(versus);
+    drop(stack);
     Ok(report)
+}
+
+/// What one measured side runs against: a Redis (private unless --redis-url), the server
+/// (a `tollgate serve` child unless --target), and the accounts seeded there. Dropping it
+/// kills the children and drops a --settle-into database.
+struct Stack {
+    accounts_seeded: u32,
+    ledger: Arc<Ledger>,
+    accounts: Arc<load::Accounts>,
+    target: load::Target,
+    probe: load::Probe,
+    server_pid: Option<u32>,
+    // Dropped in this order: the server before its Redis and its store.
+    _server: Option<children::BenchServer>,
+    _settle_db: Option<crate::dev::ScratchDatabase>,
+    _redis: Option<children::BenchRedis>,
+}
+
+impl Stack {
+    async fn start(args: &BenchArgs, accounts_seeded: u32) -> Result<Self, String> {
+        let mut redis_child = None;
+        let redis_url = match &args.redis_url {
+            Some(url) => url.clone(),
+            None => {
+                let redis = children::BenchRedis::start(args.durability).await?;
+                let url = redis.url().to_owned();
+                redis_child = Some(redis);
+                url
+            }
+        };
+        let wait = args.durability.wait(args.wait_timeout_ms);
+        let mut settle_db = None;
+        let settle_store = match args.settle_into.as_deref() {
+            None => None,
+            Some("sqlite") => Some(children::SettleStore::Sqlite),
+            Some(url) => {
+                let name = format!("tollgate_bench_{}", std::process::id());
+                let db = crate::dev::ScratchDatabase::create(url, &name)
+                    .await
+                    .map_err(|e| format!("--settle-into: {e}"))?;
+                println!("settling into PostgreSQL database {name} (dropped at the end)");
+                let store = children::SettleStore::Postgres(db.url.clone());
+                settle_db = Some(db);
+                Some(store)
+            }
+        };
+        let server = match &args.target {
+            Some(_) => None,
+            None => Some(
+                children::BenchServer::start(
+                    &redis_url,
+                    args.redis_connections,
+                    wait,
+                    settle_store.as_ref(),
+                )
+                .await?,
+            ),
+        };
+        let (target, server_pid) = match &server {
+            Some(s) => (
+                load::Target {
+                    grpc_addr: s.grpc_addr.clone(),
+                    http_addr: Some(s.http_addr.clone()),
+                    service_token: children::SERVICE_TOKEN.to_owned(),
+                },
+                Some(s.pid),
+            ),
+            None => (
+                load::Target {
+                    grpc_addr: args.target.clone().unwrap_or_default(),
+                    http_addr: args.target_http.clone(),
+                    service_token: args.service_token.clone().unwrap_or_default(),
+                },
+                args.server_pid,
+            ),
+        };
+
+        // With replica-wait the baseline's FCALL is followed by the same WAIT, so the
+        // ratio compares tollgate with raw Redis at the same durability level.
+        let pool = RedisPool::with_wait(&redis_url, args.redis_connections, REQUEST_TIMEOUT, wait)
+            .map_err(|e| e.to_string())?;
+        let ledger = Arc::new(Ledger::new(
+            pool.clone(),
+            LedgerSettings::default(),
+            Clock::Redis,
+        ));
+        ledger
+            .load_scripts()
+            .await
+            .map_err(|e| format!("cannot load the ledger scripts into {redis_url}: {e}"))?;
+        let keys = Arc::new(KeyStore::new(
+            pool,
+            ledger.shards().clone(),
+            Duration::from_secs(1),
+            1,
+            crate::gateway::identity::DEFAULT_KEYS_PER_ACCOUNT_MAX,
+        ));
+        keys.load_scripts().await.map_err(|e| e.to_string())?;
+        let accounts =
+            load::seed(&ledger, &keys, accounts_seeded, args.scenario.needs_keys()).await?;
+        let probe = load::Probe {
+            pid: server_pid,
+            metrics_addr: settle_store.and(target.http_addr.clone()),
+        };
+        Ok(Self {
+            accounts_seeded,
+            ledger,
+            accounts,
+            target,
+            probe,
+            server_pid,
+            _server: server,
+            _settle_db: settle_db,
+            _redis: redis_child,
+        })
+    }
 }

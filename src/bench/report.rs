@@ -31,6 +31,10 @@ pub struct Phase {
     pub rss_max_bytes: Option<u64>,
     pub rss_hwm_bytes: Option<u64>,
     pub redis: Option<RedisStats>,
+    /// CPU seconds the server (when its pid is known) and the load generator itself used
+    /// during the phase.
+    pub server_cpu_secs: Option<f64>,
+    pub bench_cpu_secs: Option<f64>,
     /// Samples (every tick) of the server's outbox lag in ms, when it settles.
     pub outbox_lag_ms: Vec<u64>,
 }
@@ -62,6 +66,9 @@ impl Phase {
         self.rss_max_bytes = self.rss_max_bytes.max(next.rss_max_bytes);
         self.rss_hwm_bytes = self.rss_hwm_bytes.max(next.rss_hwm_bytes);
         self.outbox_lag_ms.extend(next.outbox_lag_ms);
+        let add = |a: Option<f64>, b: Option<f64>| Some(a? + b?);
+        self.server_cpu_secs = add(self.server_cpu_secs, next.server_cpu_secs);
+        self.bench_cpu_secs = add(self.bench_cpu_secs, next.bench_cpu_secs);
         self.redis = match (self.redis, next.redis) {
             (Some(a), Some(b)) => Some(a.merge(&b)),
             (a, b) => a.or(b),
@@ -98,6 +105,12 @@ impl Phase {
         })
     }
 
+    /// CPU µs per completed request.
+    fn cpu_usec_per_request(&self, secs: Option<f64>) -> Option<f64> {
+        (self.completed > 0).then_some(())?;
+        Some(round1(secs? * 1e6 / self.completed as f64))
+    }
+
     fn errors_total(&self) -> u64 {
         self.errors.values().sum()
     }
@@ -113,6 +126,8 @@ impl Phase {
             "errors": self.errors,
             "errors_total": self.errors_total(),
             "redis": self.redis.as_ref().map(RedisStats::json),
+            "server_cpu_usec_per_request": self.cpu_usec_per_request(self.server_cpu_secs),
+            "bench_cpu_usec_per_request": self.cpu_usec_per_request(self.bench_cpu_secs),
         })
     }
 
@@ -154,6 +169,14 @@ impl Phase {
                 out,
                 "  redis        {} FCALL, {:.1} µs/call (commandstats), {:.1} µs CPU per call",
                 redis.script_calls, redis.script_usec_per_call, redis.cpu_usec_per_call
+            );
+        }
+        let server = self.cpu_usec_per_request(self.server_cpu_secs);
+        if let Some(bench) = self.cpu_usec_per_request(self.bench_cpu_secs) {
+            let server = server.map_or(String::new(), |s| format!("server {s:.1} µs, "));
+            let _ = writeln!(
+                out,
+                "  cpu          {server}load generator {bench:.1} µs per request"
             );
         }
     }
@@ -287,11 +310,30 @@ fn percentiles_line(h: &Histogram<u64>) -> String {
     )
 }
 
+/// The same scenario against a second stack seeded with another number of accounts
+/// (`--versus-accounts`), measured in slices alternating with the main stack's.
+pub struct Versus {
+    pub accounts: u32,
+    pub server_pid: Option<u32>,
+    pub main: Phase,
+    pub baseline: Option<Phase>,
+}
+
+/// `a ÷ b` by throughput (0 when `b` did nothing).
+fn throughput_ratio(a: &Phase, b: &Phase) -> f64 {
+    if b.throughput_rps() > 0.0 {
+        a.throughput_rps() / b.throughput_rps()
+    } else {
+        0.0
+    }
+}
+
 /// The whole result of a bench run.
 pub struct Report {
     pub json: Value,
     main: Phase,
     baseline: Option<Phase>,
+    versus: Option<Versus>,
 }
 
 impl Report {
@@ -299,6 +341,7 @@ impl Report {
         args: &BenchArgs,
         main: Phase,
         baseline: Option<Phase>,
+        versus: Option<Versus>,
         server_pid: Option<u32>,
     ) -> Self {
         let mut json = json!({
@@ -313,7 +356,7 @@ impl Report {
             "rate_rps": args.rate,
             "duration_secs": args.duration_secs,
             "warmup_secs": args.warmup_secs,
-            "rounds": if args.baseline { args.rounds } else { 1 },
+            "rounds": if args.baseline || versus.is_some() { args.rounds } else { 1 },
             "throughput_rps": round(main.throughput_rps()),
             "requests": main.completed,
             "latency_ms": main.latency_json(),
@@ -325,25 +368,39 @@ impl Report {
             "server_rss_bytes": main.rss_max_bytes,
             "server_rss_hwm_bytes": main.rss_hwm_bytes,
             "redis": main.redis.as_ref().map(RedisStats::json),
+            "server_cpu_usec_per_request": main.cpu_usec_per_request(main.server_cpu_secs),
+            "bench_cpu_usec_per_request": main.cpu_usec_per_request(main.bench_cpu_secs),
             "settle_into": args.settle_into.as_deref().map(|url| url.split('@').next_back().unwrap_or("")),
             "outbox_lag_ms": main.outbox_lag_json(),
             "machine": machine(),
             "version": env!("CARGO_PKG_VERSION"),
         });
         if let Some(base) = &baseline {
-            let ratio = if base.throughput_rps() > 0.0 {
-                main.throughput_rps() / base.throughput_rps()
-            } else {
-                0.0
-            };
             json["baseline_rps"] = json!(round(base.throughput_rps()));
-            json["ratio"] = json!(round3(ratio));
+            json["ratio"] = json!(round3(throughput_ratio(&main, base)));
             json["baseline"] = base.json();
+        }
+        if let Some(versus) = &versus {
+            let mut other = versus.main.json();
+            other["accounts"] = json!(versus.accounts);
+            other["server_pid"] = json!(versus.server_pid);
+            other["server_rss_bytes"] = json!(versus.main.rss_max_bytes);
+            if let Some(base) = &versus.baseline {
+                other["baseline_rps"] = json!(round(base.throughput_rps()));
+                other["ratio"] = json!(round3(throughput_ratio(&versus.main, base)));
+                other["baseline"] = base.json();
+            }
+            json["versus"] = other;
+            json["accounts_ratio"] = json!(round3(throughput_ratio(&main, &versus.main)));
+            if let (Some(a), Some(b)) = (&baseline, &versus.baseline) {
+                json["baseline_accounts_ratio"] = json!(round3(throughput_ratio(a, b)));
+            }
         }
         Self {
             json,
             main,
             baseline,
+            versus,
         }
     }
 
@@ -369,13 +426,50 @@ impl Report {
                 let _ = writeln!(out, "  server RSS   unknown (give --server-pid)");
             }
         }
-        if let Some(ratio) = self.json.get("ratio").and_then(Value::as_f64) {
+        if let Some(versus) = &self.versus {
+            if let Some(base) = &versus.baseline {
+                base.render(&mut out);
+            }
+            versus.main.render(&mut out);
+        }
+        if let Some(base) = &self.baseline {
             let _ = writeln!(
                 out,
-                "ratio tollgate ÷ raw Redis script: {ratio:.3} ({:.0} ÷ {:.0} req/s)",
+                "ratio tollgate ÷ raw Redis script: {:.3} ({:.0} ÷ {:.0} req/s)",
+                throughput_ratio(&self.main, base),
                 self.main.throughput_rps(),
-                self.baseline.as_ref().map_or(0.0, |b| b.throughput_rps())
+                base.throughput_rps()
             );
+        }
+        if let Some(versus) = &self.versus {
+            if let Some(base) = &versus.baseline {
+                let _ = writeln!(
+                    out,
+                    "ratio tollgate ÷ raw Redis script with {} accounts: {:.3} ({:.0} ÷ {:.0} req/s)",
+                    versus.accounts,
+                    throughput_ratio(&versus.main, base),
+                    versus.main.throughput_rps(),
+                    base.throughput_rps()
+                );
+            }
+            let _ = writeln!(
+                out,
+                "throughput with {} accounts ÷ with {}: {:.3} ({:.0} ÷ {:.0} req/s)",
+                self.json["accounts"],
+                versus.accounts,
+                throughput_ratio(&self.main, &versus.main),
+                self.main.throughput_rps(),
+                versus.main.throughput_rps()
+            );
+            if let (Some(a), Some(b)) = (&self.baseline, &versus.baseline) {
+                let _ = writeln!(
+                    out,
+                    "  the raw function's own: {:.3} ({:.0} ÷ {:.0} req/s)",
+                    throughput_ratio(a, b),
+                    a.throughput_rps(),
+                    b.throughput_rps()
+                );
+            }
         }
         out
     }
@@ -387,8 +481,10 @@ impl Report {
 
     pub fn write_svg(&self, path: &Path) -> Result<(), String> {
         let mut phases = vec![&self.main];
-        if let Some(base) = &self.baseline {
-            phases.push(base);
+        phases.extend(&self.baseline);
+        if let Some(versus) = &self.versus {
+            phases.push(&versus.main);
+            phases.extend(&versus.baseline);
         }
         let title = format!(
             "tollgate bench {} — concurrency {}{}",
@@ -422,7 +518,7 @@ fn machine() -> Value {
     })
 }
 
-const COLORS: [&str; 2] = ["#1f77b4", "#d62728"];
+const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"];
 const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 400.0;
 
@@ -658,8 +754,15 @@ mod tests {
             rss_max_bytes: None,
             rss_hwm_bytes: None,
             redis: None,
+            server_cpu_secs: Some(0.002),
+            bench_cpu_secs: None,
             outbox_lag_ms: Vec::new(),
         };
+        assert_eq!(
+            phase.cpu_usec_per_request(phase.server_cpu_secs),
+            Some(500.0)
+        );
+        assert_eq!(phase.cpu_usec_per_request(phase.bench_cpu_secs), None);
         let doc = svg("t", &[&phase]);
         assert!(doc.starts_with("<svg") && doc.trim_end().ends_with("</svg>"));
         assert!(doc.contains("check &lt;64&gt;"));
