@@ -2372,6 +2372,75 @@ async fn an_overdue_hold_without_its_record_leaves_its_wallet_working() {
     assert_eq!((d.available, d.held), (40, 40));
 }
 
+/// A charge drawn across more lots than one page of the burn index (8) takes them in
+/// order, whole lots first, and leaves the rest of the last one it touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draw_across_pages_of_lots_takes_them_in_order() {
+    let env = Env::start(Clock::Redis, |_| {}).await;
+    let acct = "acct-many-lots";
+    for i in 0..20 {
+        env.grant(grant_req(acct, 5, &format!("g{i}")))
+            .await
+            .expect("grant");
+    }
+    let d = env.debit(debit_req(acct, 77, "d1")).await.expect("debit");
+    assert_eq!(d.available, 23);
+    let left: Vec<(String, i64)> = env
+        .lots(acct, "default")
+        .await
+        .into_iter()
+        .filter(|l| l.remaining > 0)
+        .map(|l| (l.lot_id, l.remaining))
+        .collect();
+    let want: Vec<(String, i64)> = std::iter::once(("00000016".to_owned(), 3))
+        .chain((17..=20).map(|i| (format!("{i:08}"), 5)))
+        .collect();
+    assert_eq!(left, want);
+    let pieces = env.events(acct).await.pop().expect("the debit event").lots;
+    assert_eq!(pieces.len(), 16, "{pieces:?}");
+}
+
+/// A wallet whose available total says more than its lots hold (a hand edit, a bad
+/// restore) fails a charge its lots cannot cover with an internal error, and the failed
+/// call leaves every lot as it was: Redis does not undo a function's writes on an error,
+/// so the draw writes nothing until it knows the lots cover the amount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draw_the_lots_cannot_cover_changes_no_lot() {
+    let env = Env::start(Clock::Redis, |_| {}).await;
+    let (acct, mut con) = ("acct-short-lots", env.redis_con().await);
+    let w = format!("{}:w:{acct}:default", env.tag_of(acct));
+    env.grant(grant_req(acct, 60, "g1")).await.expect("grant");
+    env.grant(grant_req(acct, 40, "g2")).await.expect("grant");
+    // The two lots' remainders and the wallet's available total.
+    async fn lots(con: &mut redis::aio::MultiplexedConnection, w: &str) -> Vec<Option<i64>> {
+        redis::cmd("HMGET")
+            .arg(w)
+            .arg(&["00000001", "00000002", "r"][..])
+            .query_async(con)
+            .await
+            .expect("HMGET")
+    }
+    let before = lots(&mut con, &w).await;
+    assert_eq!(before, [Some(60), Some(40), Some(100)]);
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(&w)
+        .arg("r")
+        .arg(50)
+        .query_async(&mut con)
+        .await
+        .expect("HINCRBY");
+    let events = env.events(acct).await.len();
+
+    let err = env.debit(debit_req(acct, 120, "d1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    assert_eq!(lots(&mut con, &w).await, [Some(60), Some(40), Some(150)]);
+    assert_eq!(env.events(acct).await.len(), events);
+    // Amounts the lots do cover are still drawn, first lot first.
+    let d = env.debit(debit_req(acct, 70, "d2")).await.expect("debit");
+    assert_eq!(d.available, 80);
+    assert_eq!(lots(&mut con, &w).await, [None, Some(30), Some(80)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overdue_holds_end_lazily_by_their_policy() {
     let (clock, now) = Clock::manual(T0);

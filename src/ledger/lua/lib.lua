@@ -559,8 +559,12 @@ local function draw(W, amount, for_hold)
       return id .. ':' .. itos(amount) .. ':' .. score
     end
   end
+  -- What to take from which lot is worked out first and written only once it covers the
+  -- amount: lots that fall short (a wallet whose total says more than its lots hold,
+  -- which the caller reports as TG_INVARIANT) leave every lot as it was — Redis does not
+  -- undo a function's writes when it ends in an error.
   local need = amount
-  local pieces = {}
+  local plan = {}
   local start = 0
   while need > 0 do
     local page = redis.call('ZRANGE', W.b, start, start + DRAW_PAGE - 1, 'WITHSCORES')
@@ -579,21 +583,20 @@ local function draw(W, amount, for_hold)
       ids[#ids + 1] = page[j]
     end
     local rems = redis.call('HMGET', W.w, unpack(ids))
-    local dropped = 0
     for j = 1, #ids do
       local rem = tonumber(rems[j]) or 0
       if need > 0 and rem > 0 then
-        local id = ids[j]
         local take = rem < need and rem or need
-        if take_from(W, id, take, for_hold) then
-          dropped = dropped + 1
-        end
         need = need - take
-        pieces[#pieces + 1] = id .. ':' .. itos(take) .. ':' .. page[2 * j]
+        plan[#plan + 1] = { ids[j], take, page[2 * j] }
       end
     end
-    -- Dropped lots left the index: the next page starts that much earlier.
-    start = start + DRAW_PAGE - dropped
+    start = start + DRAW_PAGE
+  end
+  local pieces = {}
+  for i, p in ipairs(plan) do
+    take_from(W, p[1], p[2], for_hold)
+    pieces[i] = p[1] .. ':' .. itos(p[2]) .. ':' .. p[3]
   end
   return table.concat(pieces, ',')
 end
