@@ -340,7 +340,6 @@ async fn lot_expiring_then_expired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_settlers_judge_a_new_wallet_in_turn() {
     use sqlx::Connection;
-    use tollgate::webhooks::rules::{Rules, Threshold};
 
     let redis = common::RedisServer::start();
     let ledger = common::ledger(&redis, Clock::Redis);
@@ -366,15 +365,7 @@ async fn two_settlers_judge_a_new_wallet_in_turn() {
     let events = common::outbox_events(&ledger).await;
     assert_eq!(events.len(), 3);
     let (first, second) = (&events[1], events[2].clone());
-    let rules = Rules {
-        subscribed: [true; 5],
-        default_threshold: Threshold {
-            low_balance: 20,
-            low_balance_percent: 0,
-        },
-        wallet_thresholds: BTreeMap::new(),
-        lot_expiring_lead: Duration::from_secs(60),
-    };
+    let rules = low_below_20();
 
     // Settler A's batch (the grant and the debit to 10, which alerted): in its
     // transaction, not committed yet.
@@ -410,4 +401,104 @@ async fn two_settlers_judge_a_new_wallet_in_turn() {
         0,
         "A already alerted: B must not alert again"
     );
+}
+
+/// Every webhook subscribed; `balance.low` below 20 credits.
+fn low_below_20() -> tollgate::webhooks::rules::Rules {
+    use tollgate::webhooks::rules::{Rules, Threshold};
+    Rules {
+        subscribed: [true; 5],
+        default_threshold: Threshold {
+            low_balance: 20,
+            low_balance_percent: 0,
+        },
+        wallet_thresholds: BTreeMap::new(),
+        lot_expiring_lead: Duration::from_secs(60),
+    }
+}
+
+/// A dispatcher whose attempt outlived its lease (a stalled process) finishes after
+/// another dispatcher leased the delivery again and delivered it: the late answer is not
+/// recorded, so it cannot put the delivered webhook back to pending.
+async fn a_late_attempt_does_not_overwrite_a_newer_one(store_url: &str) {
+    use tollgate::settle::webhook_store::AttemptOutcome;
+
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = tollgate::settle::Store::connect_lazy(store_url, 2).expect("store");
+    store.migrate().await.expect("migrate");
+    ledger
+        .grant(&common::purchase("acme", 100, "g"))
+        .await
+        .expect("grant");
+    ledger
+        .debit(&tollgate::ledger::Debit {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 90,
+            idempotency_key: "d1".into(),
+            operation: "op".into(),
+            metadata: Default::default(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit");
+    let events = common::outbox_events(&ledger).await;
+    store
+        .append_batch(&events, Some(&low_below_20()))
+        .await
+        .expect("settle");
+    let now = tollgate::ledger::wall_clock_ms();
+    let due = store.due_deliveries(now, 10).await.expect("due");
+    let [delivery] = due.as_slice() else {
+        panic!("one balance.low delivery: {due:?}");
+    };
+    let id = &delivery.delivery_id;
+
+    // Dispatcher A leases it for a second and stalls; B leases it once that has passed.
+    let (lease_a, lease_b) = (now + 1_000, now + 3_000);
+    assert!(store.lease_delivery(id, now, lease_a).await.expect("lease"));
+    assert!(!store
+        .lease_delivery(id, now + 500, lease_b)
+        .await
+        .expect("lease"));
+    assert!(store
+        .lease_delivery(id, now + 1_500, lease_b)
+        .await
+        .expect("lease"));
+    let delivered = AttemptOutcome::Delivered { status_code: 204 };
+    assert!(store
+        .finish_attempt(id, lease_b, now + 1_600, &delivered)
+        .await
+        .expect("finish"));
+    let late = AttemptOutcome::Failed {
+        status_code: 0,
+        error: "timed out".into(),
+        next_attempt_at_ms: now + 5_000,
+        give_up: false,
+    };
+    assert!(!store
+        .finish_attempt(id, lease_a, now + 2_000, &late)
+        .await
+        .expect("finish"));
+    let row = store
+        .delivery(id)
+        .await
+        .expect("read")
+        .expect("the delivery");
+    assert_eq!(
+        (row.status.as_str(), row.attempts, row.last_status_code),
+        ("delivered", 1, 204)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_attempt_does_not_overwrite_a_newer_one_postgres() {
+    let pg = common::PgDatabase::create().await;
+    a_late_attempt_does_not_overwrite_a_newer_one(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_attempt_does_not_overwrite_a_newer_one_sqlite() {
+    a_late_attempt_does_not_overwrite_a_newer_one(&common::temp_sqlite_url()).await;
 }

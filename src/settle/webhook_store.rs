@@ -424,25 +424,32 @@ macro_rules! webhook_store_impl {
                 Ok(done.rows_affected() == 1)
             }
 
-            /// Records an attempt and releases the lease.
+            /// Records an attempt and releases the lease, if the lease is still the one
+            /// the attempt was made under (`lease_until_ms`, as `lease_delivery` set it):
+            /// false when it is not — the attempt outlived its lease and another
+            /// dispatcher took the delivery — and then nothing is written, so a late
+            /// answer cannot overwrite what the newer attempt recorded.
             pub async fn finish_attempt(
                 &self,
                 delivery_id: &str,
+                lease_until_ms: i64,
                 now_ms: i64,
                 outcome: &AttemptOutcome,
-            ) -> Result<(), StoreError> {
-                match outcome {
+            ) -> Result<bool, StoreError> {
+                let done = match outcome {
                     AttemptOutcome::Delivered { status_code } => {
                         sqlx::query(
                             "UPDATE tollgate_webhook_deliveries SET status = 'delivered', \
                              attempts = attempts + 1, delivered_at_ms = $1, lease_until_ms = 0, \
-                             last_status_code = $2, last_error = '' WHERE delivery_id = $3",
+                             last_status_code = $2, last_error = '' \
+                             WHERE delivery_id = $3 AND lease_until_ms = $4",
                         )
                         .bind(now_ms)
                         .bind(*status_code)
                         .bind(delivery_id.to_owned())
+                        .bind(lease_until_ms)
                         .execute(&self.pool)
-                        .await?;
+                        .await?
                     }
                     AttemptOutcome::Failed {
                         status_code,
@@ -454,18 +461,19 @@ macro_rules! webhook_store_impl {
                             "UPDATE tollgate_webhook_deliveries SET status = $1, \
                              attempts = attempts + 1, next_attempt_at_ms = $2, \
                              lease_until_ms = 0, last_status_code = $3, last_error = $4 \
-                             WHERE delivery_id = $5",
+                             WHERE delivery_id = $5 AND lease_until_ms = $6",
                         )
                         .bind(if *give_up { STATUS_FAILED } else { STATUS_PENDING })
                         .bind(*next_attempt_at_ms)
                         .bind(*status_code)
                         .bind(error.clone())
                         .bind(delivery_id.to_owned())
+                        .bind(lease_until_ms)
                         .execute(&self.pool)
-                        .await?;
+                        .await?
                     }
-                }
-                Ok(())
+                };
+                Ok(done.rows_affected() == 1)
             }
 
             pub async fn list_deliveries(
@@ -695,10 +703,11 @@ impl Store {
     pub async fn finish_attempt(
         &self,
         delivery_id: &str,
+        lease_until_ms: i64,
         now_ms: i64,
         outcome: &AttemptOutcome,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.finish_attempt(delivery_id, now_ms, outcome).await)
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.finish_attempt(delivery_id, lease_until_ms, now_ms, outcome).await)
     }
 
     pub async fn list_deliveries(&self, q: &DeliveryQuery) -> Result<DeliveryPage, StoreError> {

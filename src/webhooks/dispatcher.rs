@@ -175,6 +175,7 @@ impl Dispatcher {
                 self.settings.clone(),
                 self.metrics.clone(),
                 delivery,
+                lease_until,
             ));
         }
         let mut made = 0;
@@ -222,13 +223,15 @@ impl Dispatcher {
     }
 }
 
-/// One attempt of one leased delivery, recorded in the store.
+/// One attempt of one delivery leased until `lease_until`, recorded in the store unless
+/// the lease has passed to another dispatcher in the meantime.
 async fn attempt(
     store: Arc<Store>,
     client: Arc<WebhookClient>,
     settings: DispatchSettings,
     metrics: Arc<DispatchMetrics>,
     delivery: Delivery,
+    lease_until: i64,
 ) -> Result<(), StoreError> {
     let started = Instant::now();
     let result = client
@@ -276,9 +279,16 @@ async fn attempt(
             }
         }
     };
-    store
-        .finish_attempt(&delivery.delivery_id, now, &outcome)
-        .await
+    let recorded = store
+        .finish_attempt(&delivery.delivery_id, lease_until, now, &outcome)
+        .await?;
+    if !recorded {
+        // The attempt outlived its lease (a stalled process): another dispatcher has taken
+        // the delivery, and its record stands. The receiver may see it twice (webhooks
+        // are at least once; the delivery id lets it tell).
+        tracing::warn!(delivery_id = %delivery.delivery_id, event = %delivery.event_type, "webhook attempt finished after its lease passed to another dispatcher; its result is not recorded");
+    }
+    Ok(())
 }
 
 /// Wait before attempt `failed + 1`: `min * 2^(failed-1)`, capped, with jitter between half
