@@ -37,7 +37,6 @@ const SECRET_HEX_LEN: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub account_id: String,
-    pub key_id: String,
     /// An org workspace key bound to a member: their allocation and budget apply.
     pub member_id: String,
 }
@@ -109,8 +108,7 @@ pub fn shard_of_key_id(key_id: &str, shards: &ShardMap) -> Option<u16> {
     if random.len() != KEY_ID_RANDOM_HEX_LEN || !random.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    // Hold ids have the same shape after their letter: reuse their parser.
-    shards.of_hold_id(&format!("h{shard}-0"))
+    shards.checked(shard)
 }
 
 /// SHA-256 of a whole key. Keys are 256-bit random secrets, so a fast hash is right (no
@@ -194,7 +192,6 @@ impl KeyMiss<'_> {
     pub fn active(&self, account_id: String, member_id: String) -> Known {
         Known::Active(Arc::new(Identity {
             account_id,
-            key_id: self.key_id.to_owned(),
             member_id,
         }))
     }
@@ -618,6 +615,10 @@ mod tests {
         assert_eq!(parse_key(&key, &shards), Some(("k7-0123456789abcdef", 7)));
         for bad in [
             format!("tg_k16-0123456789abcdef_{secret}"),
+            format!("tg_k-0123456789abcdef_{secret}"),
+            format!("tg_kx-0123456789abcdef_{secret}"),
+            format!("tg_k00007-0123456789abcdef_{secret}"),
+            format!("tg_7-0123456789abcdef_{secret}"),
             format!("tg_k7-0123456789abcde_{secret}"),
             format!("tg_k7-0123456789abcdef_{}", &secret[1..]),
             format!("tg_k7-0123456789abcdeg_{secret}"),

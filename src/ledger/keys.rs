@@ -90,7 +90,8 @@ impl ShardMap {
         self.checked(shard)
     }
 
-    fn checked(&self, shard: &str) -> Option<u16> {
+    /// A shard number as ids write it (decimal, at most 4 digits), if it is in range.
+    pub fn checked(&self, shard: &str) -> Option<u16> {
         if shard.is_empty() || shard.len() > 4 || !shard.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
