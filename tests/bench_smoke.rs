@@ -239,26 +239,25 @@ fn check_bench_versus_another_number_of_accounts() {
     assert!(stdout.contains("the raw function's own:"), "{stdout}");
 }
 
-#[test]
-fn versus_accounts_needs_the_bench_own_stacks() {
+/// `tollgate bench ARGS --redis-url …` is refused before it starts, naming `flag`.
+fn refused_with_a_redis_url(args: &[&str], flag: &str) {
     let output = common::tollgate()
-        .args(["bench", "check", "--versus-accounts", "10"])
+        .arg("bench")
+        .args(args)
         .args(["--redis-url", "redis://127.0.0.1:1"])
         .output()
         .expect("run tollgate bench");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--versus-accounts"), "{stderr}");
+    assert!(stderr.contains(flag), "{stderr}");
+}
+
+#[test]
+fn versus_accounts_needs_the_bench_own_stacks() {
+    refused_with_a_redis_url(&["check", "--versus-accounts", "10"], "--versus-accounts");
 }
 
 #[test]
 fn durability_needs_the_bench_own_redis() {
-    let output = common::tollgate()
-        .args(["bench", "debit", "--durability", "aof-always"])
-        .args(["--redis-url", "redis://127.0.0.1:1"])
-        .output()
-        .expect("run tollgate bench");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--durability"), "{stderr}");
+    refused_with_a_redis_url(&["debit", "--durability", "aof-always"], "--durability");
 }

@@ -405,16 +405,7 @@ async fn two_settlers_judge_a_new_wallet_in_turn() {
 
 /// Every webhook subscribed; `balance.low` below 20 credits.
 fn low_below_20() -> tollgate::webhooks::rules::Rules {
-    use tollgate::webhooks::rules::{Rules, Threshold};
-    Rules {
-        subscribed: [true; 5],
-        default_threshold: Threshold {
-            low_balance: 20,
-            low_balance_percent: 0,
-        },
-        wallet_thresholds: BTreeMap::new(),
-        lot_expiring_lead: Duration::from_secs(60),
-    }
+    tollgate::webhooks::rules::Rules::every_type_below(20)
 }
 
 /// A dispatcher whose attempt outlived its lease (a stalled process) finishes after

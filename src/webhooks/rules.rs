@@ -78,6 +78,20 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// Every webhook type delivered, one low-balance line of `low_balance` credits for
+    /// every wallet, `lot.expiring` a minute ahead.
+    pub fn every_type_below(low_balance: i64) -> Self {
+        Self {
+            subscribed: [true; 5],
+            default_threshold: Threshold {
+                low_balance,
+                low_balance_percent: 0,
+            },
+            wallet_thresholds: BTreeMap::new(),
+            lot_expiring_lead: Duration::from_secs(60),
+        }
+    }
+
     pub fn subscribed(&self, t: WebhookType) -> bool {
         self.subscribed[t as usize]
     }
@@ -352,15 +366,7 @@ mod tests {
     use super::*;
 
     fn rules() -> Rules {
-        Rules {
-            subscribed: [true; 5],
-            default_threshold: Threshold {
-                low_balance: 20,
-                low_balance_percent: 0,
-            },
-            wallet_thresholds: BTreeMap::new(),
-            lot_expiring_lead: Duration::from_secs(60),
-        }
+        Rules::every_type_below(20)
     }
 
     fn event(seq: i64, kind: EventKind, amount: i64, available: i64) -> LedgerEvent {
