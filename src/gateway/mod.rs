@@ -189,6 +189,45 @@ pub struct Gateway {
     spool: Option<Arc<Spool>>,
     /// `gateway.request_id_replay`: the request id is the check's idempotency key.
     request_id_replay: bool,
+    metrics: CheckMetrics,
+}
+
+/// The handles a check counts itself with, resolved once (the recorder is installed before
+/// the gateway is built): a check then adds to an atomic instead of building a labelled
+/// key and looking it up in the recorder's registry.
+struct CheckMetrics {
+    seconds: metrics::Histogram,
+    /// `tollgate_checks_total` of [allow, deny] by operation name (bounded by the price
+    /// books loaded so far), each resolved when first counted.
+    checks: std::sync::RwLock<[std::collections::HashMap<String, metrics::Counter>; 2]>,
+}
+
+impl CheckMetrics {
+    fn new() -> Self {
+        Self {
+            seconds: metrics::histogram!(m::CHECK_SECONDS),
+            checks: Default::default(),
+        }
+    }
+
+    fn count(&self, allowed: bool, operation: &str) {
+        let at = usize::from(!allowed);
+        // A poisoned lock only means a panic elsewhere mid-insert: the maps are still whole.
+        if let Some(counter) =
+            self.checks.read().unwrap_or_else(|e| e.into_inner())[at].get(operation)
+        {
+            counter.increment(1);
+            return;
+        }
+        let decision = if allowed { "allow" } else { "deny" };
+        let mut checks = self.checks.write().unwrap_or_else(|e| e.into_inner());
+        checks[at]
+            .entry(operation.to_owned())
+            .or_insert_with(|| {
+                metrics::counter!(m::CHECKS_TOTAL, "decision" => decision, "operation" => operation.to_owned())
+            })
+            .increment(1);
+    }
 }
 
 /// What became of a spooled charge sent to the ledger.
@@ -275,6 +314,7 @@ impl Gateway {
             check_timeout: Duration::from_millis(g.check_timeout_ms),
             spool,
             request_id_replay: g.request_id_replay,
+            metrics: CheckMetrics::new(),
         }
     }
 
@@ -329,18 +369,17 @@ impl Gateway {
     pub async fn check(&self, call: &Call<'_>) -> Decision {
         let started = std::time::Instant::now();
         let decision = self.decide(call).await;
-        let (label, operation) = match &decision {
-            Decision::Allow(a) => ("allow", a.operation.clone().unwrap_or_default()),
+        let (allowed, operation) = match &decision {
+            Decision::Allow(a) => (true, a.operation.as_deref().unwrap_or_default()),
             Decision::Deny(
                 Denial::InsufficientCredits { operation, .. }
                 | Denial::AllocationExceeded { operation, .. }
                 | Denial::BudgetExceeded { operation, .. },
-            ) => ("deny", operation.clone()),
-            Decision::Deny(_) => ("deny", String::new()),
+            ) => (false, operation.as_str()),
+            Decision::Deny(_) => (false, ""),
         };
-        metrics::counter!(m::CHECKS_TOTAL, "decision" => label, "operation" => operation)
-            .increment(1);
-        metrics::histogram!(m::CHECK_SECONDS).record(started.elapsed().as_secs_f64());
+        self.metrics.count(allowed, operation);
+        self.metrics.seconds.record(started.elapsed().as_secs_f64());
         decision
     }
 
