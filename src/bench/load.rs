@@ -615,20 +615,6 @@ pub struct Probe {
     pub metrics_addr: Option<String>,
 }
 
-/// Runs the warm-up (unmeasured) and then the measured phase.
-pub async fn measure(
-    label: &str,
-    clients: Vec<Client>,
-    plan: &Plan,
-    accounts: &Arc<Accounts>,
-    ledger: &Ledger,
-    probe: &Probe,
-) -> Result<Phase, String> {
-    let clients = warm_up(label, clients, plan, accounts).await;
-    let (_, phase) = slice(label, clients, plan, accounts, ledger, probe).await;
-    Ok(phase)
-}
-
 /// One side of an alternating measurement: one kind of client against one stack (its
 /// Redis, and the accounts seeded there).
 pub struct Side<'a> {
@@ -639,9 +625,10 @@ pub struct Side<'a> {
     pub probe: Probe,
 }
 
-/// The sides in alternating slices (`rounds` slices of each, in the order given), so a
-/// neighbour's build that starts halfway through a run weighs on all of them alike.
-/// Answers one phase per side, in the same order.
+/// Warms each side up (unmeasured), then measures the sides in alternating slices
+/// (`rounds` slices of each, in the order given), so a neighbour's build that starts
+/// halfway through a run weighs on all of them alike. Answers one phase per side, in the
+/// same order.
 pub async fn measure_alternating(
     mut sides: Vec<Side<'_>>,
     plan: &Plan,

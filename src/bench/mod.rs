@@ -24,7 +24,8 @@ use clap::{Args, ValueEnum};
 
 use crate::gateway::identity::KeyStore;
 use crate::ledger::{Clock, Ledger, LedgerSettings, RedisPool, WaitReplicas};
-pub use report::{Phase, Report};
+use report::Phase;
+pub use report::Report;
 
 /// Default name of the route the bench's requests take (priced by the child server).
 pub const BENCH_PATH: &str = "/v1/bench";
@@ -330,22 +331,11 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
             probe: s.probe.clone(),
         });
     }
-    let mut phases = if sides.len() == 1 {
-        let side = sides.remove(0);
-        let main = load::measure(
-            &side.label,
-            side.clients,
-            &plan,
-            &side.accounts,
-            side.ledger,
-            &side.probe,
-        )
-        .await?;
-        vec![main]
-    } else {
-        load::measure_alternating(sides, &plan, args.rounds).await?
-    }
-    .into_iter();
+    // One side (no baseline, no second stack) is measured in one piece.
+    let rounds = if sides.len() == 1 { 1 } else { args.rounds };
+    let mut phases = load::measure_alternating(sides, &plan, rounds)
+        .await?
+        .into_iter();
     // Per stack, in the order the sides were made: the baseline (with --baseline), then
     // the scenario.
     let mut next_pair = || -> Result<(Phase, Option<Phase>), String> {

@@ -328,6 +328,15 @@ fn throughput_ratio(a: &Phase, b: &Phase) -> f64 {
     }
 }
 
+/// `baseline_rps`, `ratio` (scenario ÷ raw function) and the baseline's own figures.
+fn add_baseline(json: &mut Value, main: &Phase, baseline: Option<&Phase>) {
+    if let Some(base) = baseline {
+        json["baseline_rps"] = json!(round(base.throughput_rps()));
+        json["ratio"] = json!(round3(throughput_ratio(main, base)));
+        json["baseline"] = base.json();
+    }
+}
+
 /// The whole result of a bench run.
 pub struct Report {
     pub json: Value,
@@ -375,21 +384,13 @@ impl Report {
             "machine": machine(),
             "version": env!("CARGO_PKG_VERSION"),
         });
-        if let Some(base) = &baseline {
-            json["baseline_rps"] = json!(round(base.throughput_rps()));
-            json["ratio"] = json!(round3(throughput_ratio(&main, base)));
-            json["baseline"] = base.json();
-        }
+        add_baseline(&mut json, &main, baseline.as_ref());
         if let Some(versus) = &versus {
             let mut other = versus.main.json();
             other["accounts"] = json!(versus.accounts);
             other["server_pid"] = json!(versus.server_pid);
             other["server_rss_bytes"] = json!(versus.main.rss_max_bytes);
-            if let Some(base) = &versus.baseline {
-                other["baseline_rps"] = json!(round(base.throughput_rps()));
-                other["ratio"] = json!(round3(throughput_ratio(&versus.main, base)));
-                other["baseline"] = base.json();
-            }
+            add_baseline(&mut other, &versus.main, versus.baseline.as_ref());
             json["versus"] = other;
             json["accounts_ratio"] = json!(round3(throughput_ratio(&main, &versus.main)));
             if let (Some(a), Some(b)) = (&baseline, &versus.baseline) {

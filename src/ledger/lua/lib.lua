@@ -530,15 +530,15 @@ local function add_lot(W, amount, kind, prio, exp, desc)
   return id, id .. ':' .. itos(amount) .. ':' .. itos(score)
 end
 
--- Takes `take` credits from lot `id` (draw); answers whether the lot record was dropped.
+-- Takes `take` credits from lot `id` (draw); a lot left with nothing is dropped.
 local function take_from(W, id, take, for_hold)
   local left = redis.call('HINCRBY', W.w, id, -take)
   redis.call('HSET', W.w, id .. ':u', NOW)
   if for_hold then
     redis.call('HINCRBY', W.w, id .. ':h', take)
-    return false
+  elseif left == 0 then
+    maybe_drop(W, id)
   end
-  return left == 0 and maybe_drop(W, id)
 end
 
 -- Takes amount credits from the lots in burn order. The caller checked W.r >= amount.
