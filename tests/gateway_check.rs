@@ -475,7 +475,8 @@ async fn a_revoked_key_stops_working_on_other_sidecars_within_the_cache_ttl() {
     let c = common::TestServer::start(config_c, Clock::Redis).await;
     let key = seed(&a, "acme", 100).await;
     let headers = [("x-api-key", key.as_str())];
-    for server in [&a, &b, &c] {
+    // Twice each: a key enters the identity cache on its second miss.
+    for server in [&a, &b, &c, &a, &b, &c] {
         let r = Checker::new(server)
             .await
             .check("POST", "/v1/envelopes", &headers)
@@ -572,15 +573,26 @@ async fn a_check_the_identity_cache_misses_is_still_one_script_call() {
     );
     assert_eq!(balance(&server, "acme").await, (9, 0, 1));
 
-    // The identity is cached now: the replay of the same request goes by account, and
-    // is answered from the idempotency record the keyed call wrote (charged once).
+    // The replay of the same request is the key's second miss: by key again, answered
+    // from the idempotency record the first call wrote (charged once), and the key
+    // enters the identity cache.
     let again = check(key.clone(), "m-1").await;
     assert_eq!(again.status, 200, "{again:?}");
     assert_eq!(again.remaining(), Some("9"));
     let lines = monitor.lines().await;
     assert_eq!(
         sent_naming(&lines, &key_id).len(),
-        1,
+        2,
+        "a miss sends the key id"
+    );
+    // Cached now: the next replay goes by account, answered from the same record.
+    let third = check(key.clone(), "m-1").await;
+    assert_eq!(third.status, 200, "{third:?}");
+    assert_eq!(third.remaining(), Some("9"));
+    let lines = monitor.lines().await;
+    assert_eq!(
+        sent_naming(&lines, &key_id).len(),
+        2,
         "a cache hit sends no key id"
     );
     assert_eq!(balance(&server, "acme").await, (9, 0, 1));

@@ -327,8 +327,10 @@ async fn counters_after_a_scripted_workload() {
         .expect("grant");
     let allowed = forward_auth(server.http_addr, Some(&key), "m-1").await;
     assert_eq!(allowed, 200);
-    // The same key again: from the identity cache.
+    // The same key again: a second miss lets it into the identity cache, the third use
+    // is answered from there.
     assert_eq!(forward_auth(server.http_addr, Some(&key), "m-3").await, 200);
+    assert_eq!(forward_auth(server.http_addr, Some(&key), "m-4").await, 200);
     let denied = forward_auth(server.http_addr, None, "m-2").await;
     assert_eq!(denied, 401);
     let text = scrape(&server).await;
@@ -338,7 +340,7 @@ async fn counters_after_a_scripted_workload() {
             "tollgate_checks_total",
             &[("decision", "allow"), ("operation", "envelope.send")]
         ),
-        2.0
+        3.0
     );
     assert_eq!(v("tollgate_checks_total", &[("decision", "deny")]), 1.0);
     assert_eq!(
@@ -348,7 +350,7 @@ async fn counters_after_a_scripted_workload() {
         ),
         1.0
     );
-    assert_eq!(v("tollgate_identity_cache_misses_total", &[]), 1.0);
+    assert_eq!(v("tollgate_identity_cache_misses_total", &[]), 2.0);
     assert_eq!(v("tollgate_identity_cache_hits_total", &[]), 1.0);
     assert_eq!(v("tollgate_fail_open_total", &[]), 0.0);
     assert_eq!(v("tollgate_config_reloads_total", &[]), 0.0);

@@ -8,8 +8,11 @@
 //!
 //! Lookups are cached in process, bounded in entries and in time: a revoked key keeps
 //! working on other sidecars for at most `gateway.identity_cache_ttl_ms` (the sidecar that
-//! revokes it forgets it at once).
+//! revokes it forgets it at once). A key enters the cache on its second miss within a TTL
+//! ([`Doorkeeper`]), so keys used once in a while — a million keys used evenly, or a flood
+//! of made-up ones — neither churn the cache nor push out the keys in steady use.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -203,6 +206,73 @@ struct Cached {
     at: Instant,
 }
 
+/// Which keys missed the cache lately (TinyLFU's doorkeeper): a bit array that two bits
+/// of a key's digest (SHA-256, so already uniform) mark, cleared once per cache TTL. An
+/// answer is remembered only for a key marked before: an entry lives at most a TTL, so a
+/// key that does not come back within one would only have cost an insertion, an eviction
+/// and the allocations of both. A key in steady use pays one more miss per clearing.
+struct Doorkeeper {
+    words: Box<[AtomicU64]>,
+    /// The number of bits minus one (a power of two).
+    mask: u64,
+    started: Instant,
+    /// When the bits were last cleared, in ms since `started`.
+    cleared_ms: AtomicU64,
+    period_ms: u64,
+}
+
+impl Doorkeeper {
+    /// Sixteen bits per cache entry: with two bits per key, a key that was not marked
+    /// passes for one that was about 1% of the time when the cache is full.
+    fn new(entries_max: usize, period: Duration, now: Instant) -> Self {
+        let bits = entries_max
+            .saturating_mul(16)
+            .clamp(1 << 12, 1 << 26)
+            .next_power_of_two();
+        Self {
+            words: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(),
+            mask: bits as u64 - 1,
+            started: now,
+            cleared_ms: AtomicU64::new(0),
+            period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1),
+        }
+    }
+
+    /// Whether the key was marked since the last clearing; marks it.
+    fn seen_before(&self, digest: &[u8; 32], now: Instant) -> bool {
+        self.clear_if_due(now);
+        let mut seen = true;
+        for half in digest.chunks_exact(8).take(2) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(half);
+            let n = u64::from_le_bytes(bytes) & self.mask;
+            let bit = 1u64 << (n & 63);
+            let word = &self.words[(n >> 6) as usize];
+            seen &= word.fetch_or(bit, Ordering::Relaxed) & bit != 0;
+        }
+        seen
+    }
+
+    fn clear_if_due(&self, now: Instant) {
+        let now_ms = u64::try_from(now.saturating_duration_since(self.started).as_millis())
+            .unwrap_or(u64::MAX);
+        let cleared = self.cleared_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(cleared) < self.period_ms {
+            return;
+        }
+        // One caller clears; a mark set meanwhile may be lost, which costs one more miss.
+        if self
+            .cleared_ms
+            .compare_exchange(cleared, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            for word in self.words.iter() {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 struct KeyScripts {
     create: Script,
     revoke: Script,
@@ -215,6 +285,7 @@ pub struct KeyStore {
     shards: ShardMap,
     scripts: KeyScripts,
     cache: quick_cache::sync::Cache<[u8; 32], Cached>,
+    doorkeeper: Doorkeeper,
     cache_ttl: Duration,
     keys_per_account_max: String,
 }
@@ -243,6 +314,7 @@ impl KeyStore {
                     .increment(0);
                 quick_cache::sync::Cache::new(cache_entries_max.max(1))
             },
+            doorkeeper: Doorkeeper::new(cache_entries_max, cache_ttl, Instant::now()),
             cache_ttl,
             keys_per_account_max: keys_per_account_max.to_string(),
         }
@@ -274,7 +346,8 @@ impl KeyStore {
     /// Asks Redis about a key the cache missed, and remembers the answer.
     pub async fn identify_miss(&self, miss: &KeyMiss<'_>) -> Result<Arc<Identity>, IdentityError> {
         let known = self.lookup(miss).await?;
-        self.learn(miss, known)
+        self.learn(miss, || known.clone());
+        answer(known)
     }
 
     /// What the cache knows about a presented key, or what it takes to ask Redis: the
@@ -296,7 +369,10 @@ impl KeyStore {
                 shard,
                 digest,
             }),
-            None => Presented::Known(self.remember(digest, Known::Unknown)),
+            None => {
+                self.remember(digest, || Known::Unknown);
+                Presented::Known(Err(IdentityError::Unknown))
+            }
         }
     }
 
@@ -320,20 +396,24 @@ impl KeyStore {
         }
     }
 
-    /// Remembers what Redis said about a missed key; answers the identity it proves.
-    pub fn learn(&self, miss: &KeyMiss<'_>, known: Known) -> Result<Arc<Identity>, IdentityError> {
+    /// Remembers what Redis said about a missed key (`known`, made only if it is kept).
+    pub fn learn(&self, miss: &KeyMiss<'_>, known: impl FnOnce() -> Known) {
         self.remember(miss.digest, known)
     }
 
-    fn remember(&self, digest: [u8; 32], known: Known) -> Result<Arc<Identity>, IdentityError> {
-        self.cache.insert(
-            digest,
-            Cached {
-                known: known.clone(),
-                at: Instant::now(),
-            },
-        );
-        answer(known)
+    /// Caches an answer for a key that missed before within the doorkeeper's period; for a
+    /// key seen the first time, `known` is not even made.
+    fn remember(&self, digest: [u8; 32], known: impl FnOnce() -> Known) {
+        let now = Instant::now();
+        if self.doorkeeper.seen_before(&digest, now) {
+            self.cache.insert(
+                digest,
+                Cached {
+                    known: known(),
+                    at: now,
+                },
+            );
+        }
     }
 
     async fn lookup(&self, miss: &KeyMiss<'_>) -> Result<Known, IdentityError> {
@@ -628,6 +708,39 @@ mod tests {
         ] {
             assert_eq!(parse_key(&bad, &shards), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_doorkeeper_lets_a_key_in_on_its_second_miss_within_a_period() {
+        let start = Instant::now();
+        let period = Duration::from_secs(10);
+        let door = Doorkeeper::new(1_000, period, start);
+        let (a, b) = (key_digest("a"), key_digest("b"));
+        assert!(!door.seen_before(&a, start));
+        assert!(door.seen_before(&a, start + Duration::from_secs(1)));
+        assert!(!door.seen_before(&b, start + Duration::from_secs(2)));
+        assert!(door.seen_before(&a, start + Duration::from_secs(9)));
+        // A period on, every mark is gone.
+        assert!(!door.seen_before(&a, start + period + Duration::from_secs(1)));
+        assert!(!door.seen_before(&b, start + period + Duration::from_secs(2)));
+        assert!(door.seen_before(&b, start + period + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn a_full_doorkeeper_rarely_takes_a_new_key_for_a_known_one() {
+        let now = Instant::now();
+        let entries = 10_000;
+        let door = Doorkeeper::new(entries, Duration::from_secs(10), now);
+        for i in 0..entries {
+            door.seen_before(&key_digest(&format!("known-{i}")), now);
+        }
+        let taken = (0..entries)
+            .filter(|i| door.seen_before(&key_digest(&format!("new-{i}")), now))
+            .count();
+        assert!(
+            taken * 100 < entries * 2,
+            "{taken} of {entries} new keys taken"
+        );
     }
 
     #[test]

@@ -639,27 +639,25 @@ impl Gateway {
         };
         let (account_id, result) = match keyed {
             Ok(Keyed::UnknownKey) => {
-                let _ = self.keys.learn(miss, Known::Unknown);
+                self.keys.learn(miss, || Known::Unknown);
                 return Decision::Deny(Denial::UnknownKey);
             }
             Ok(Keyed::RevokedKey { .. }) => {
-                let _ = self.keys.learn(miss, Known::Revoked);
+                self.keys.learn(miss, || Known::Revoked);
                 return Decision::Deny(Denial::RevokedKey);
             }
             Ok(Keyed::MemberKey {
                 account_id,
                 member_id,
             }) => {
-                let _ = self
-                    .keys
-                    .learn(miss, miss.active(account_id.clone(), member_id.clone()));
+                self.keys
+                    .learn(miss, || miss.active(account_id.clone(), member_id.clone()));
                 cmd.set_identity(account_id.clone(), member_id);
                 (Some(account_id), self.send(&cmd).await)
             }
             Ok(Keyed::Charged { account_id, result }) => {
-                let _ = self
-                    .keys
-                    .learn(miss, miss.active(account_id.clone(), String::new()));
+                self.keys
+                    .learn(miss, || miss.active(account_id.clone(), String::new()));
                 (Some(account_id), result)
             }
             Err(err) => (None, Err(err)),
