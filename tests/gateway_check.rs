@@ -26,6 +26,8 @@ use tonic::transport::Channel;
 use common::gateways::{balance, esign_config, esign_replay_config, http, seed, wait_balance};
 use tollgate::api::pb;
 use tollgate::config::{Config, ConfigErrors, Overrides};
+use tollgate::gateway::identity::{IdentityError, KeyBinding, KeyStore};
+use tollgate::gateway::spool::Payer;
 use tollgate::ledger::Clock;
 
 /// What a CheckResponse says, flattened.
@@ -465,23 +467,25 @@ async fn api_keys_are_hashed_bound_to_one_account_and_validated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_stops_working_on_other_sidecars_within_the_cache_ttl() {
     let redis = common::RedisServer::start();
-    // Sidecar B trusts its cache for an hour, C for 200 ms; A revokes.
+    // Sidecar B trusts its cache for an hour, C for 2 s; A revokes.
     let a = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
     let mut config_b = esign_config(&redis.url());
     config_b.gateway.identity_cache_ttl_ms = 3_600_000;
     let b = common::TestServer::start(config_b, Clock::Redis).await;
     let mut config_c = esign_config(&redis.url());
-    config_c.gateway.identity_cache_ttl_ms = 200;
+    config_c.gateway.identity_cache_ttl_ms = 2_000;
     let c = common::TestServer::start(config_c, Clock::Redis).await;
     let key = seed(&a, "acme", 100).await;
     let headers = [("x-api-key", key.as_str())];
     // Twice each: a key enters the identity cache on its second miss.
+    let mut c_cached = Instant::now();
     for server in [&a, &b, &c, &a, &b, &c] {
         let r = Checker::new(server)
             .await
             .check("POST", "/v1/envelopes", &headers)
             .await;
         assert_eq!(r.status, 200, "{r:?}");
+        c_cached = Instant::now();
     }
     let key_id = key.split('_').nth(1).expect("key id").to_owned();
     a.admin()
@@ -500,6 +504,14 @@ async fn a_revoked_key_stops_working_on_other_sidecars_within_the_cache_ttl() {
         .check("POST", "/v1/envelopes", &headers)
         .await;
     assert_eq!(r.status, 200, "within B's cache TTL");
+    // So does C, unless this machine was too slow to ask within its 2 s.
+    let r = Checker::new(&c)
+        .await
+        .check("POST", "/v1/envelopes", &headers)
+        .await;
+    if c_cached.elapsed() < Duration::from_millis(1_500) {
+        assert_eq!(r.status, 200, "within C's cache TTL");
+    }
     // C asks Redis again once its entry is older than its TTL.
     let mut checker = Checker::new(&c).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -515,6 +527,51 @@ async fn a_revoked_key_stops_working_on_other_sidecars_within_the_cache_ttl() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// An expired answer in the identity cache is replaced by the next one from Redis even
+/// when the doorkeeper would not let the key in (it forgot the key's first miss): the
+/// fail-open spool reads cached answers however old, and must not bill the account of a
+/// key revoked since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cached_identity_is_replaced_by_the_next_answer() {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = |ttl_ms| {
+        KeyStore::new(
+            ledger.redis().clone(),
+            ledger.shards().clone(),
+            Duration::from_millis(ttl_ms),
+            100,
+            10,
+        )
+    };
+    let sidecar = store(300);
+    let admin = store(300);
+    admin.load_scripts().await.expect("key scripts");
+    let key = admin
+        .create("acme", "k", &KeyBinding::default())
+        .await
+        .expect("key");
+    for _ in 0..2 {
+        let identity = sidecar.identify(&key.api_key).await.expect("valid key");
+        assert_eq!(identity.account_id, "acme");
+    }
+    assert!(
+        matches!(sidecar.payer(&key.api_key), Some(Payer::Account { .. })),
+        "cached after its second miss"
+    );
+    admin.revoke(&key.key_id).await.expect("revoke");
+    // Past the TTL (300 ms) and the doorkeeper's period (at least 1 s).
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(matches!(
+        sidecar.identify(&key.api_key).await,
+        Err(IdentityError::Revoked)
+    ));
+    assert!(
+        sidecar.payer(&key.api_key).is_none(),
+        "a revoked key's stale identity would still pay"
+    );
 }
 
 /// The commands tollgate sent Redis itself (not those its scripts ran) that name `needle`.

@@ -183,6 +183,9 @@ pub struct KeyMiss<'k> {
     pub key_id: &'k str,
     pub shard: u16,
     digest: [u8; 32],
+    /// The cache holds an expired answer for the key: the new one replaces it whatever the
+    /// doorkeeper says (the fail-open spool reads answers however old).
+    stale: bool,
 }
 
 impl KeyMiss<'_> {
@@ -206,11 +209,17 @@ struct Cached {
     at: Instant,
 }
 
+/// The doorkeeper is cleared at most this often, whatever the cache TTL: clearing takes
+/// the request that finds it due a moment, and a longer period only lets more keys in.
+const DOORKEEPER_PERIOD_MIN_MS: u64 = 1_000;
+
 /// Which keys missed the cache lately (TinyLFU's doorkeeper): a bit array that two bits
-/// of a key's digest (SHA-256, so already uniform) mark, cleared once per cache TTL. An
-/// answer is remembered only for a key marked before: an entry lives at most a TTL, so a
-/// key that does not come back within one would only have cost an insertion, an eviction
-/// and the allocations of both. A key in steady use pays one more miss per clearing.
+/// of a key's digest (SHA-256, so already uniform) mark, cleared once per cache TTL (at
+/// most once a second). An answer is remembered only for a key marked before: an entry
+/// lives at most a TTL, so a key that does not come back within one would only have cost
+/// an insertion, an eviction and the allocations of both. A key in steady use misses
+/// twice instead of once when it first comes (three times when a clearing falls
+/// between); then its expired entry lets the next answer in ([`KeyMiss`]'s `stale`).
 struct Doorkeeper {
     words: Box<[AtomicU64]>,
     /// The number of bits minus one (a power of two).
@@ -222,24 +231,28 @@ struct Doorkeeper {
 }
 
 impl Doorkeeper {
-    /// Sixteen bits per cache entry: with two bits per key, a key that was not marked
-    /// passes for one that was about 1% of the time when the cache is full.
+    /// At least 16 bits per cache entry (2^21 for the default 100,000), at most 2^24 (2 MiB,
+    /// cleared in well under a millisecond). With n keys marked since the last clearing
+    /// out of m bits, an unmarked key passes for a marked one with probability
+    /// (1 - e^(-2n/m))^2: 0.8% for n = 100,000 at the default size, 3% for 200,000.
     fn new(entries_max: usize, period: Duration, now: Instant) -> Self {
         let bits = entries_max
             .saturating_mul(16)
-            .clamp(1 << 12, 1 << 26)
+            .clamp(1 << 12, 1 << 24)
             .next_power_of_two();
         Self {
             words: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(),
             mask: bits as u64 - 1,
             started: now,
             cleared_ms: AtomicU64::new(0),
-            period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1),
+            period_ms: u64::try_from(period.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(DOORKEEPER_PERIOD_MIN_MS),
         }
     }
 
-    /// Whether the key was marked since the last clearing; marks it.
-    fn seen_before(&self, digest: &[u8; 32], now: Instant) -> bool {
+    /// Marks the key; answers whether it was marked already since the last clearing.
+    fn mark(&self, digest: &[u8; 32], now: Instant) -> bool {
         self.clear_if_due(now);
         let mut seen = true;
         for half in digest.chunks_exact(8).take(2) {
@@ -353,27 +366,28 @@ impl KeyStore {
     /// What the cache knows about a presented key, or what it takes to ask Redis: the
     /// gateway resolves a miss inside its debit script (one call per check), anything
     /// else with [`KeyStore::identify`].
+    /// A key that is not even well-formed is unknown without a lookup (and is not cached:
+    /// a flood of made-up keys costs no Redis call and no cache entry).
     pub fn presented<'k>(&self, key: &'k str) -> Presented<'k> {
+        let Some((key_id, shard)) = parse_key(key, &self.shards) else {
+            return Presented::Known(Err(IdentityError::Unknown));
+        };
         let digest = key_digest(key);
-        if let Some(cached) = self.cache.get(&digest) {
+        let cached = self.cache.get(&digest);
+        if let Some(cached) = &cached {
             if cached.at.elapsed() < self.cache_ttl {
                 metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_HITS_TOTAL)
                     .increment(1);
-                return Presented::Known(answer(cached.known));
+                return Presented::Known(answer(cached.known.clone()));
             }
         }
         metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_MISSES_TOTAL).increment(1);
-        match parse_key(key, &self.shards) {
-            Some((key_id, shard)) => Presented::Miss(KeyMiss {
-                key_id,
-                shard,
-                digest,
-            }),
-            None => {
-                self.remember(digest, || Known::Unknown);
-                Presented::Known(Err(IdentityError::Unknown))
-            }
-        }
+        Presented::Miss(KeyMiss {
+            key_id,
+            shard,
+            digest,
+            stale: cached.is_some(),
+        })
     }
 
     /// Who a key allowed while Redis was unavailable pays, for the fail-open spool: the
@@ -396,18 +410,13 @@ impl KeyStore {
         }
     }
 
-    /// Remembers what Redis said about a missed key (`known`, made only if it is kept).
+    /// Remembers what Redis said about a missed key (`known`, made only if it is kept):
+    /// when the cache holds an older answer for it, or the doorkeeper saw it miss before.
     pub fn learn(&self, miss: &KeyMiss<'_>, known: impl FnOnce() -> Known) {
-        self.remember(miss.digest, known)
-    }
-
-    /// Caches an answer for a key that missed before within the doorkeeper's period; for a
-    /// key seen the first time, `known` is not even made.
-    fn remember(&self, digest: [u8; 32], known: impl FnOnce() -> Known) {
         let now = Instant::now();
-        if self.doorkeeper.seen_before(&digest, now) {
+        if miss.stale || self.doorkeeper.mark(&miss.digest, now) {
             self.cache.insert(
-                digest,
+                miss.digest,
                 Cached {
                     known: known(),
                     at: now,
@@ -716,14 +725,24 @@ mod tests {
         let period = Duration::from_secs(10);
         let door = Doorkeeper::new(1_000, period, start);
         let (a, b) = (key_digest("a"), key_digest("b"));
-        assert!(!door.seen_before(&a, start));
-        assert!(door.seen_before(&a, start + Duration::from_secs(1)));
-        assert!(!door.seen_before(&b, start + Duration::from_secs(2)));
-        assert!(door.seen_before(&a, start + Duration::from_secs(9)));
+        assert!(!door.mark(&a, start));
+        assert!(door.mark(&a, start + Duration::from_secs(1)));
+        assert!(!door.mark(&b, start + Duration::from_secs(2)));
+        assert!(door.mark(&a, start + Duration::from_secs(9)));
         // A period on, every mark is gone.
-        assert!(!door.seen_before(&a, start + period + Duration::from_secs(1)));
-        assert!(!door.seen_before(&b, start + period + Duration::from_secs(2)));
-        assert!(door.seen_before(&b, start + period + Duration::from_secs(3)));
+        assert!(!door.mark(&a, start + period + Duration::from_secs(1)));
+        assert!(!door.mark(&b, start + period + Duration::from_secs(2)));
+        assert!(door.mark(&b, start + period + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn the_doorkeeper_is_cleared_at_most_once_a_second() {
+        let start = Instant::now();
+        let door = Doorkeeper::new(1_000, Duration::from_millis(1), start);
+        let a = key_digest("a");
+        assert!(!door.mark(&a, start));
+        assert!(door.mark(&a, start + Duration::from_millis(900)));
+        assert!(!door.mark(&a, start + Duration::from_millis(1_001)));
     }
 
     #[test]
@@ -732,10 +751,10 @@ mod tests {
         let entries = 10_000;
         let door = Doorkeeper::new(entries, Duration::from_secs(10), now);
         for i in 0..entries {
-            door.seen_before(&key_digest(&format!("known-{i}")), now);
+            door.mark(&key_digest(&format!("known-{i}")), now);
         }
         let taken = (0..entries)
-            .filter(|i| door.seen_before(&key_digest(&format!("new-{i}")), now))
+            .filter(|i| door.mark(&key_digest(&format!("new-{i}")), now))
             .count();
         assert!(
             taken * 100 < entries * 2,
