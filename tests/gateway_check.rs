@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 use common::gateways::{balance, esign_config, esign_replay_config, http, seed, wait_balance};
 use tollgate::api::pb;
 use tollgate::config::{Config, ConfigErrors, Overrides};
-use tollgate::gateway::identity::{IdentityError, KeyBinding, KeyStore};
+use tollgate::gateway::identity::{IdentityError, KeyBinding, KeyStore, Presented};
 use tollgate::gateway::spool::Payer;
 use tollgate::ledger::Clock;
 
@@ -572,6 +572,42 @@ async fn a_stale_cached_identity_is_replaced_by_the_next_answer() {
         sidecar.payer(&key.api_key).is_none(),
         "a revoked key's stale identity would still pay"
     );
+}
+
+/// A lookup that read a key from Redis before this sidecar revoked it answers after the
+/// revocation: its "valid" must not enter the cache the revocation just emptied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_from_before_a_revocation_is_not_cached_after_it() {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let sidecar = KeyStore::new(
+        ledger.redis().clone(),
+        ledger.shards().clone(),
+        Duration::from_secs(3_600),
+        100,
+        10,
+    );
+    sidecar.load_scripts().await.expect("key scripts");
+    let key = sidecar
+        .create("acme", "k", &KeyBinding::default())
+        .await
+        .expect("key");
+    // A first miss: the doorkeeper lets the key in from the next answer on.
+    sidecar.identify(&key.api_key).await.expect("valid key");
+    let Presented::Miss(miss) = sidecar.presented(&key.api_key) else {
+        panic!("not cached after one miss");
+    };
+    // The lookup read "valid"; meanwhile this sidecar revokes the key; then it answers.
+    sidecar.revoke(&key.key_id).await.expect("revoke");
+    sidecar.learn(&miss, || miss.active("acme".into(), String::new()));
+    assert!(
+        matches!(sidecar.presented(&key.api_key), Presented::Miss(_)),
+        "a revoked key cached as valid"
+    );
+    assert!(matches!(
+        sidecar.identify(&key.api_key).await,
+        Err(IdentityError::Revoked)
+    ));
 }
 
 /// The commands tollgate sent Redis itself (not those its scripts ran) that name `needle`.

@@ -186,6 +186,8 @@ pub struct KeyMiss<'k> {
     /// The cache holds an expired answer for the key: the new one replaces it whatever the
     /// doorkeeper says (the fail-open spool reads answers however old).
     stale: bool,
+    /// This process's revocations before the lookup ([`KeyStore::learn`]).
+    revocations: u64,
 }
 
 impl KeyMiss<'_> {
@@ -299,6 +301,9 @@ pub struct KeyStore {
     scripts: KeyScripts,
     cache: quick_cache::sync::Cache<[u8; 32], Cached>,
     doorkeeper: Doorkeeper,
+    /// Keys this process revoked: an answer read from Redis before a revocation must not
+    /// enter the cache after the revocation dropped the key from it.
+    revocations: AtomicU64,
     cache_ttl: Duration,
     keys_per_account_max: String,
 }
@@ -328,6 +333,7 @@ impl KeyStore {
                 quick_cache::sync::Cache::new(cache_entries_max.max(1))
             },
             doorkeeper: Doorkeeper::new(cache_entries_max, cache_ttl, Instant::now()),
+            revocations: AtomicU64::new(0),
             cache_ttl,
             keys_per_account_max: keys_per_account_max.to_string(),
         }
@@ -387,6 +393,7 @@ impl KeyStore {
             shard,
             digest,
             stale: cached.is_some(),
+            revocations: self.revocations.load(Ordering::SeqCst),
         })
     }
 
@@ -412,6 +419,9 @@ impl KeyStore {
 
     /// Remembers what Redis said about a missed key (`known`, made only if it is kept):
     /// when the cache holds an older answer for it, or the doorkeeper saw it miss before.
+    /// Not if this process revoked a key since the lookup began: the answer may predate
+    /// the revocation. (Inserted, then checked: a revocation whose removal ran before the
+    /// insertion counted itself before removing.)
     pub fn learn(&self, miss: &KeyMiss<'_>, known: impl FnOnce() -> Known) {
         let now = Instant::now();
         if miss.stale || self.doorkeeper.mark(&miss.digest, now) {
@@ -422,6 +432,9 @@ impl KeyStore {
                     at: now,
                 },
             );
+            if self.revocations.load(Ordering::SeqCst) != miss.revocations {
+                self.cache.remove(&miss.digest);
+            }
         }
     }
 
@@ -587,6 +600,7 @@ impl KeyStore {
         match parts.as_slice() {
             ["NOT_FOUND"] => Err(LedgerError::NotFound("api key")),
             ["OK", account, revoked_at, already, digest] => {
+                self.revocations.fetch_add(1, Ordering::SeqCst);
                 self.forget(digest);
                 Ok(RevokedKey {
                     key_id: key_id.to_owned(),
