@@ -59,16 +59,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a command on a multi-threaded runtime of `workers` threads.
+/// Runs a command on a runtime of `workers` threads: with one, a current-thread runtime
+/// (the command's own future and every task on the one thread; a multi-threaded runtime
+/// of one worker would still run the command's future on the main thread and hand work
+/// between the two: 12% more sidecar CPU per check, docs/BENCHMARKS.md twelfth session).
 fn run_on(
     workers: usize,
     command: impl std::future::Future<Output = Result<(), Exit>>,
 ) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tollgate: cannot start the runtime: {e}");

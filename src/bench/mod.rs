@@ -190,7 +190,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub connections: usize,
     /// Worker threads of the load generator's own runtime (it shares the machine with the
-    /// sidecar and Redis; one keeps its wake-ups on one core).
+    /// sidecar and Redis; one, a current-thread runtime, keeps its wake-ups on one core).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
     /// Multiplexed Redis connections of the child server and of the baseline.
