@@ -9,8 +9,8 @@
 //! Lookups are cached in process, bounded in entries and in time: a revoked key keeps
 //! working on other sidecars for at most `gateway.identity_cache_ttl_ms` (the sidecar that
 //! revokes it forgets it at once). A key enters the cache on its second miss within a TTL
-//! ([`Doorkeeper`]), so keys used once in a while — a million keys used evenly, or a flood
-//! of made-up ones — neither churn the cache nor push out the keys in steady use.
+//! ([`Doorkeeper`]), so keys used less often than that (a million keys used evenly) do not
+//! churn the cache; a key that is not well-formed never enters it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -372,6 +372,7 @@ impl KeyStore {
     /// What the cache knows about a presented key, or what it takes to ask Redis: the
     /// gateway resolves a miss inside its debit script (one call per check), anything
     /// else with [`KeyStore::identify`].
+    ///
     /// A key that is not even well-formed is unknown without a lookup (and is not cached:
     /// a flood of made-up keys costs no Redis call and no cache entry).
     pub fn presented<'k>(&self, key: &'k str) -> Presented<'k> {
