@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use tollgate::ledger::event::{EventKind, LedgerEvent, LotPiece};
 use tollgate::ledger::Clock;
+use tollgate::settle::restore::RestoreMode;
 use tollgate::settle::Store;
 
 const NEVER_SCORE: i64 = 50 * LotPiece::PRIORITY_UNIT + LotPiece::NEVER;
@@ -130,10 +131,14 @@ fn main() {
         let filled = started.elapsed();
 
         let started = Instant::now();
-        let report =
-            tollgate::settle::restore::restore(ledger.clone(), store.clone(), false, |_, _| {})
-                .await
-                .expect("restore");
+        let report = tollgate::settle::restore::restore(
+            ledger.clone(),
+            store.clone(),
+            RestoreMode::Lost,
+            |_, _| {},
+        )
+        .await
+        .expect("restore");
         let restore_secs = started.elapsed().as_secs_f64();
         let wallets: usize = report.shards.iter().map(|s| s.wallets).sum();
         assert_eq!(wallets, accounts);

@@ -72,10 +72,16 @@ pub struct RestoreArgs {
     /// Durable store: postgres://… or sqlite://PATH.
     #[arg(long)]
     pub store: Option<String>,
-    /// Write into a Redis that already holds tollgate data: its tollgate keys are deleted
-    /// first (unsettled outbox events with them: run reconcile first).
-    #[arg(long)]
+    /// Also restore shards that do not serve but hold data (left by a restore that died
+    /// partway): what they hold is deleted first, unsettled outbox entries with it. Shards
+    /// that serve are never touched.
+    #[arg(long, conflicts_with = "rebuild_serving")]
     pub force: bool,
+    /// Rebuild every shard from the store, serving ones too (Redis came back behind the
+    /// store). Refused unless the settler has settled every outbox entry; stop the
+    /// sidecars first.
+    #[arg(long)]
+    pub rebuild_serving: bool,
 }
 
 #[derive(Debug, Args)]

@@ -14,6 +14,7 @@ use tollgate::cli::{
 use tollgate::config::{default_worker_threads, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
 use tollgate::ledger::Clock;
+use tollgate::settle::restore::RestoreMode;
 use tollgate::{server, telemetry};
 
 fn main() -> ExitCode {
@@ -214,7 +215,16 @@ async fn restore(args: RestoreArgs) -> Result<(), String> {
     let config = load_config(args.config.as_deref(), &overrides)?;
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
     let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
-    let report = tollgate::settle::restore::restore(ledger, store, args.force, |shard, count| {
+    let mode = if args.rebuild_serving {
+        RestoreMode::RebuildServing {
+            group: tollgate::settle::settler::DEFAULT_GROUP.into(),
+        }
+    } else if args.force {
+        RestoreMode::Force
+    } else {
+        RestoreMode::Lost
+    };
+    let report = tollgate::settle::restore::restore(ledger, store, mode, |shard, count| {
         if shard.skipped {
             eprintln!("shard {:>4}/{count}: serves, left alone", shard.shard + 1);
         } else {
@@ -272,6 +282,7 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
     }
 
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+    let early_hangups = ignore_hangups_until_serving();
     if args.restore {
         server::restore_if_lost(&config, &ledger)
             .await
@@ -284,9 +295,35 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.http_addr))?;
     tracing::info!(grpc = %config.server.grpc_addr, http = %config.server.http_addr, "serving");
+    if let Some(task) = early_hangups {
+        task.abort();
+    }
     server::run(config, ledger, grpc, http, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// SIGHUP ends a process by default, and `server::run` listens for it (price book reloads)
+/// only once it serves: before that (`--restore` can take minutes) one is logged and
+/// ignored instead. Once registered, the handler stays for the life of the process.
+fn ignore_hangups_until_serving() -> Option<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangups) => {
+                return Some(tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        tracing::warn!(
+                            "SIGHUP before serving: ignored (nothing is reloaded); send it again once serving"
+                        );
+                    }
+                }));
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot listen for SIGHUP before serving"),
+        }
+    }
+    None
 }
 
 async fn shutdown_signal() {

@@ -32,6 +32,7 @@ use crate::gateway::access_log::AccessLog;
 use crate::gateway::ext_authz::ExtAuthz;
 use crate::gateway::{forward_auth, Gateway};
 use crate::ledger::{sweeper, Clock, Ledger, LedgerError, RedisPool};
+use crate::settle::restore::RestoreMode;
 use crate::settle::settler::{Settler, SettlerStatus};
 use crate::settle::{Store, StoreError};
 use crate::telemetry;
@@ -153,17 +154,18 @@ pub async fn restore_lost_shards(ledger: &Arc<Ledger>, store: Arc<Store>) -> Res
         return Ok(());
     }
     tracing::warn!("Redis lost shards whose events are in the store: restoring them");
-    let restored = crate::settle::restore::restore(ledger.clone(), store, false, |s, count| {
-        tracing::info!(
-            shard = s.shard,
-            of = count,
-            wallets = s.wallets,
-            events = s.events,
-            skipped = s.skipped,
-            "restored shard"
-        );
-    })
-    .await;
+    let restored =
+        crate::settle::restore::restore(ledger.clone(), store, RestoreMode::Lost, |s, count| {
+            tracing::info!(
+                shard = s.shard,
+                of = count,
+                wallets = s.wallets,
+                events = s.events,
+                skipped = s.skipped,
+                "restored shard"
+            );
+        })
+        .await;
     match restored {
         Ok(report) => {
             tracing::info!(report = %report.render().trim(), "restore done");
@@ -176,7 +178,8 @@ pub async fn restore_lost_shards(ledger: &Arc<Ledger>, store: Arc<Store>) -> Res
         // Every shard serves by now (another restore finished first), or a shard that
         // does not serve holds data of unknown origin (a restore that died partway):
         // serve the shards that do serve; the others refuse charges, not ready, until
-        // `tollgate restore` (with `--force` for the second case) is run by hand.
+        // `tollgate restore` (with `--force` for the second case: it rewrites only shards
+        // that do not serve) is run by hand.
         Err(err @ crate::settle::restore::RestoreError::NotEmpty(..)) => {
             tracing::error!(error = %err, "not restored: serving the shards that are initialized");
             Ok(())

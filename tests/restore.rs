@@ -560,7 +560,7 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
         .into_inner();
     assert_eq!(balance_before, balance_after);
 
-    // --force after draining gives the same state again.
+    // --rebuild-serving after draining gives the same state again.
     let ledger = server.ledger.clone();
     wait_settled(&store, &ledger).await;
     server.stop().await;
@@ -570,7 +570,7 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
         &redis.url(),
         "--store",
         &pg.url,
-        "--force",
+        "--rebuild-serving",
     ]);
     assert!(forced.status.success(), "{forced:?}");
     let out = tool(&["reconcile", "--redis-url", &redis.url(), "--store", &pg.url]);
@@ -698,7 +698,7 @@ async fn aof_everysec_sigkill_loses_about_the_last_second() {
         &redis.url(),
         "--store",
         &pg.url,
-        "--force",
+        "--rebuild-serving",
     ]);
     assert!(forced.status.success(), "{forced:?}");
     let out = tool(&["reconcile", "--redis-url", &redis.url(), "--store", &pg.url]);
@@ -727,7 +727,9 @@ async fn available(ledger: &tollgate::ledger::Ledger, account_id: &str) -> Resul
 /// during a restore and freed after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_never_write_over_a_shard_that_serves() {
-    use tollgate::settle::restore::{lease_key, restore, RestoreError};
+    use tollgate::settle::restore::{
+        dead_letters_key, lease_key, restore, RestoreError, RestoreMode,
+    };
     use tollgate::settle::settler::{Settler, SettlerSettings};
 
     let redis = common::RedisServer::start();
@@ -781,7 +783,7 @@ async fn restores_never_write_over_a_shard_that_serves() {
         .arg(60_000)
         .query(&mut con)
         .expect("set lease");
-    match restore(ledger.clone(), store.clone(), false, |_, _| {}).await {
+    match restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {}).await {
         Err(RestoreError::Busy(k, ms)) => assert!(k == key && ms > 0, "{k} {ms}"),
         other => panic!("restore under another's lease: {other:?}"),
     }
@@ -795,7 +797,7 @@ async fn restores_never_write_over_a_shard_that_serves() {
     let report = {
         let mut lease_seen = Vec::new();
         let mut probe = redis.client().get_connection().expect("redis");
-        let report = restore(ledger.clone(), store.clone(), false, |s, _| {
+        let report = restore(ledger.clone(), store.clone(), RestoreMode::Lost, |s, _| {
             let held: i64 = redis::cmd("EXISTS")
                 .arg(&key)
                 .query(&mut probe)
@@ -854,7 +856,7 @@ async fn restores_never_write_over_a_shard_that_serves() {
         .arg(shards.epoch_key(other))
         .query(&mut con)
         .expect("del epoch");
-    let again = restore(ledger.clone(), store.clone(), false, |_, _| {})
+    let again = restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
         .await
         .expect("restore of one shard");
     let rebuilt: Vec<u16> = again
@@ -871,7 +873,7 @@ async fn restores_never_write_over_a_shard_that_serves() {
     );
 
     // Every shard serves now: a second restore is refused and changes nothing.
-    match restore(ledger.clone(), store.clone(), false, |_, _| {}).await {
+    match restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {}).await {
         Err(RestoreError::NotEmpty(_)) => {}
         other => panic!("restore with every shard serving: {other:?}"),
     }
@@ -887,7 +889,7 @@ async fn restores_never_write_over_a_shard_that_serves() {
         .arg(shards.epoch_key(shards.of_account(&lost)))
         .query(&mut con)
         .expect("del epoch");
-    match restore(ledger.clone(), store.clone(), false, |_, _| {}).await {
+    match restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {}).await {
         Err(RestoreError::NotEmpty(found)) => assert!(found.contains(":w:"), "{found}"),
         other => panic!("restore over a half-written shard: {other:?}"),
     }
@@ -895,4 +897,207 @@ async fn restores_never_write_over_a_shard_that_serves() {
         .await
         .expect("serve --restore after a restore died partway");
     assert_eq!(available(&ledger, &fresh).await, Ok(300));
+
+    // `--force` rewrites that shard from the store (drained first: what it held goes) and
+    // leaves the serving shards alone, a charge not yet settled included, and every
+    // dead-letter stream (the only copy of what the settler set aside).
+    settler.drain(DEADLINE).await.expect("settled");
+    ledger
+        .grant(&common::purchase(&fresh, 50, "g-fresh-2"))
+        .await
+        .expect("an unsettled grant on a serving shard");
+    let (lost_shard, fresh_shard) = (shards.of_account(&lost), shards.of_account(&fresh));
+    for shard in [lost_shard, fresh_shard] {
+        let _: String = redis::cmd("XADD")
+            .arg(dead_letters_key(shards.outbox(shard)))
+            .arg("*")
+            .arg("id")
+            .arg("1-1")
+            .arg("error")
+            .arg("unreadable")
+            .query(&mut con)
+            .expect("xadd dead letter");
+    }
+    let newest = |con: &mut redis::Connection, shard: u16| -> Vec<(String, redis::Value)> {
+        redis::cmd("XREVRANGE")
+            .arg(shards.outbox(shard))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(con)
+            .expect("xrevrange")
+    };
+    let epoch = |con: &mut redis::Connection, shard: u16| -> Option<String> {
+        redis::cmd("GET")
+            .arg(shards.epoch_key(shard))
+            .query(con)
+            .expect("get epoch")
+    };
+    let fresh_newest = newest(&mut con, fresh_shard);
+    let fresh_epoch = epoch(&mut con, fresh_shard);
+    assert!(fresh_epoch.is_some());
+    let forced = restore(ledger.clone(), store.clone(), RestoreMode::Force, |_, _| {})
+        .await
+        .expect("restore --force");
+    let rebuilt: Vec<u16> = forced
+        .shards
+        .iter()
+        .filter(|s| !s.skipped)
+        .map(|s| s.shard)
+        .collect();
+    assert_eq!(rebuilt, vec![lost_shard]);
+    assert_eq!(available(&ledger, &lost).await, Ok(600));
+    assert_eq!(
+        available(&ledger, &fresh).await,
+        Ok(350),
+        "the unsettled grant stays"
+    );
+    assert_eq!(newest(&mut con, fresh_shard), fresh_newest);
+    assert_eq!(epoch(&mut con, fresh_shard), fresh_epoch);
+    let dead_letters = |con: &mut redis::Connection| -> Vec<i64> {
+        [lost_shard, fresh_shard]
+            .iter()
+            .map(|s| {
+                redis::cmd("XLEN")
+                    .arg(dead_letters_key(shards.outbox(*s)))
+                    .query(con)
+                    .expect("xlen")
+            })
+            .collect()
+    };
+    assert_eq!(dead_letters(&mut con), vec![1, 1]);
+
+    // `--rebuild-serving` rewrites every shard, but only once everything is settled.
+    let group = tollgate::settle::settler::DEFAULT_GROUP.to_owned();
+    match restore(
+        ledger.clone(),
+        store.clone(),
+        RestoreMode::RebuildServing {
+            group: group.clone(),
+        },
+        |_, _| {},
+    )
+    .await
+    {
+        Err(RestoreError::Unsettled(why)) => {
+            assert!(why.contains(shards.outbox(fresh_shard)), "{why}")
+        }
+        other => panic!("a rebuild with an unsettled grant: {other:?}"),
+    }
+    assert_eq!(available(&ledger, &fresh).await, Ok(350));
+    settler.drain(DEADLINE).await.expect("settled");
+    let everything = restore(
+        ledger.clone(),
+        store.clone(),
+        RestoreMode::RebuildServing { group },
+        |_, _| {},
+    )
+    .await
+    .expect("restore --rebuild-serving");
+    assert!(everything.shards.iter().all(|s| !s.skipped));
+    assert_eq!(available(&ledger, &lost).await, Ok(600));
+    assert_eq!(available(&ledger, &fresh).await, Ok(350));
+    assert_ne!(epoch(&mut con, fresh_shard), fresh_epoch, "rebuilt");
+    assert_eq!(dead_letters(&mut con), vec![1, 1]);
+}
+
+/// A SIGHUP before `serve --restore` serves (here while its restore waits for the store's
+/// migration lock, which the test holds) is logged and ignored; its default action would
+/// end the process. Once the lock is free the restore runs and the server serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_during_serve_restore_is_ignored() {
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
+    store.migrate().await.expect("migrate");
+    ledger
+        .grant(&common::purchase("hup", 700, "g-hup"))
+        .await
+        .expect("grant");
+    Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            consumer: "hup-test".into(),
+            ..SettlerSettings::default()
+        },
+    )
+    .drain(DEADLINE)
+    .await
+    .expect("settled");
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+
+    // The migration lock (src/settle/store.rs), held until the end of this transaction.
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("pg");
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(7157680)")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+
+    let log = common::temp_path("log");
+    let http_port = common::free_port();
+    let mut server = common::KillOnDrop(
+        common::tollgate()
+            .arg("serve")
+            .arg("--restore")
+            .arg(format!("--redis-url={}", redis.url()))
+            .arg(format!("--store={}", pg.url))
+            .arg(format!("--grpc-addr=127.0.0.1:{}", common::free_port()))
+            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+            .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+            .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tollgate serve --restore"),
+    );
+    common::eventually(
+        common::START_TIMEOUT,
+        "serve --restore waits for the lock",
+        || {
+            let pool = pool.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks \
+                     WHERE locktype = 'advisory' AND objid = 7157680 AND NOT granted",
+                )
+                .fetch_one(&pool)
+                .await
+                .expect("pg_locks");
+                (waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let pid = server.0.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    common::eventually(common::START_TIMEOUT, "the SIGHUP is logged", || {
+        let ended = server.0.try_wait().expect("try_wait");
+        assert!(
+            ended.is_none(),
+            "serve --restore ended on SIGHUP: {ended:?}"
+        );
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("SIGHUP before serving").then_some(()) }
+    })
+    .await;
+    lock.rollback().await.expect("unlock");
+
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
+    common::eventually(DEADLINE, "restored and serving", || async move {
+        (http_status(http_addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(available(&ledger, "hup").await, Ok(700));
 }

@@ -34,8 +34,10 @@ pub const RECORDS_PER_PIPELINE: usize = 2000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("Redis already holds tollgate data ({0}); restore writes only into an empty Redis unless told --force")]
+    #[error("Redis already holds tollgate data ({0}); restore writes only into shards that do not serve and hold no wallets (--force deletes what those hold; --rebuild-serving rebuilds every shard)")]
     NotEmpty(String),
+    #[error("{0}: settle it first (`tollgate reconcile` drains the outbox, then reports)")]
+    Unsettled(String),
     #[error(transparent)]
     Redis(#[from] LedgerError),
     #[error(transparent)]
@@ -984,9 +986,28 @@ fn shard_of_key(key: &str) -> Option<u16> {
     key.strip_prefix("{tg:")?.split_once('}')?.0.parse().ok()
 }
 
-/// Deletes every tollgate key but the restore lease (for `--force`).
-async fn wipe(ledger: &Ledger) -> Result<(), LedgerError> {
+/// What `wipe` deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wipe {
+    /// The keys of shards without an epoch marker.
+    Unserved,
+    Everything,
+}
+
+/// Deletes a shard's keys (KEYS[2..]) only while it has no epoch marker (KEYS[1]): checked
+/// in the same atomic step, so a shard that starts serving meanwhile (a new shard marked
+/// by `serve`, then charged) keeps what it was given.
+const WIPE_UNSERVED_LUA: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
+    for i = 2, #KEYS do redis.call('UNLINK', KEYS[i]) end return #KEYS - 1";
+
+/// Deletes tollgate's keys (`--force`: those of the shards that do not serve;
+/// `--rebuild-serving`: all), never the restore lease nor a dead-letter stream.
+async fn wipe(ledger: &Ledger, scope: Wipe) -> Result<(), LedgerError> {
     let lease = lease_key(ledger);
+    let shards = ledger.shards();
+    let dead: Vec<String> = (0..shards.count())
+        .map(|s| dead_letters_key(shards.outbox(s)))
+        .collect();
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = ledger
@@ -1000,18 +1021,76 @@ async fn wipe(ledger: &Ledger) -> Result<(), LedgerError> {
                     .arg(1000),
             )
             .await?;
-        let keys: Vec<String> = keys.into_iter().filter(|k| *k != lease).collect();
-        if !keys.is_empty() {
-            let _: i64 = ledger
-                .redis()
-                .query(redis::cmd("UNLINK").arg(&keys))
-                .await?;
+        let keys: Vec<String> = keys
+            .into_iter()
+            .filter(|k| *k != lease && !dead.contains(k))
+            .collect();
+        if scope == Wipe::Everything {
+            if !keys.is_empty() {
+                let _: i64 = ledger
+                    .redis()
+                    .query(redis::cmd("UNLINK").arg(&keys))
+                    .await?;
+            }
+        } else {
+            let mut by_shard: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+            for key in keys {
+                if let Some(shard) = shard_of_key(&key).filter(|s| *s < shards.count()) {
+                    by_shard.entry(shard).or_default().push(key);
+                }
+            }
+            for (shard, keys) in by_shard {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(WIPE_UNSERVED_LUA)
+                    .arg(keys.len() + 1)
+                    .arg(shards.epoch_key(shard))
+                    .arg(&keys);
+                let _: i64 = ledger.redis().query(&cmd).await?;
+            }
         }
         if next == 0 {
             return Ok(());
         }
         cursor = next;
     }
+}
+
+/// The stream the settler sets unreadable entries of `outbox` aside in.
+pub fn dead_letters_key(outbox: &str) -> String {
+    format!("{outbox}:dead")
+}
+
+/// Refuses unless `group` has settled every entry of every shard's outbox.
+async fn all_settled(ledger: &Ledger, group: &str) -> Result<(), RestoreError> {
+    let shards = ledger.shards();
+    for shard in 0..shards.count() {
+        let stream = shards.outbox(shard);
+        let newest: Vec<(String, redis::Value)> = ledger
+            .redis()
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        let Some((last, _)) = newest.first() else {
+            continue;
+        };
+        let settled = crate::settle::settler::settled_through(ledger, stream, group, last)
+            .await
+            .map_err(|e| {
+                RestoreError::Unsettled(format!("cannot tell what {stream} settled: {e}"))
+            })?;
+        if !settled {
+            return Err(RestoreError::Unsettled(format!(
+                "settler group {group:?} has not settled {stream} through its newest entry {last}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Adds one wallet's live state to a pipeline.
@@ -1173,19 +1252,36 @@ fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usiz
     queued
 }
 
+/// Which shards a restore may write over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Only shards that do not serve and hold no wallets (Redis lost them).
+    Lost,
+    /// `--force`: also shards that do not serve but hold data (a restore that died partway
+    /// left them half-written). What they hold is deleted first, unsettled outbox entries
+    /// with it. A shard that serves is never touched.
+    Force,
+    /// `--rebuild-serving`: every shard, serving ones too (Redis came back behind the
+    /// store, e.g. from an AOF that missed its last second). Refused unless the settler
+    /// `group` has settled every outbox entry of every shard; the sidecars must be
+    /// stopped (a charge made during the rebuild is lost).
+    RebuildServing { group: String },
+}
+
 /// Restores every shard that does not serve (has no epoch marker), under the restore
 /// lease (one restore at a time). A shard that serves is left alone, even one that starts
-/// serving while the restore runs (a new shard marked by `serve`). Refuses when every shard
-/// serves, or when a shard that does not holds wallet data, unless `force` (which first
-/// deletes every tollgate key: unsettled outbox events are lost — reconcile or drain first).
+/// serving while the restore runs (a new shard marked by `serve`), unless `mode` is
+/// `RebuildServing`. Refuses when every shard serves, or when a shard that does not holds
+/// wallet data (unless `Force`). Dead-letter streams (`<outbox>:dead`, the only copy of
+/// the entries the settler set aside) are never deleted.
 pub async fn restore(
     ledger: Arc<Ledger>,
     store: Arc<Store>,
-    force: bool,
+    mode: RestoreMode,
     progress: impl FnMut(&ShardReport, u16),
 ) -> Result<RestoreReport, RestoreError> {
     let lease = Lease::acquire(&ledger).await?;
-    let result = restore_under(&ledger, store, force, progress, &lease).await;
+    let result = restore_under(&ledger, store, &mode, progress, &lease).await;
     if let Err(err) = lease.release(&ledger).await {
         // It lapses by itself within LEASE_TTL.
         tracing::warn!(error = %err, "cannot free the restore lease");
@@ -1196,13 +1292,18 @@ pub async fn restore(
 async fn restore_under(
     ledger: &Arc<Ledger>,
     store: Arc<Store>,
-    force: bool,
+    mode: &RestoreMode,
     mut progress: impl FnMut(&ShardReport, u16),
     lease: &Lease,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    if force {
-        wipe(ledger).await?;
+    match mode {
+        RestoreMode::Lost => {}
+        RestoreMode::Force => wipe(ledger, Wipe::Unserved).await?,
+        RestoreMode::RebuildServing { group } => {
+            all_settled(ledger, group).await?;
+            wipe(ledger, Wipe::Everything).await?;
+        }
     }
     let serving = ledger.initialized_shards().await?;
     if serving.iter().all(|s| *s) {

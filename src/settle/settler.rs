@@ -736,7 +736,7 @@ async fn set_aside(
         let outbox = shards.outbox(u.shard);
         let add = pipe
             .cmd("XADD")
-            .arg(format!("{outbox}:dead"))
+            .arg(super::restore::dead_letters_key(outbox))
             .arg("MAXLEN")
             .arg("~")
             .arg(DEAD_LETTERS_MAX)
