@@ -28,6 +28,9 @@ pub enum Command {
     Reconcile(ReconcileArgs),
     /// Rebuild Redis's live state from the durable ledger (after Redis lost its data).
     Restore(RestoreArgs),
+    /// Outbox entries the settler could not read and set aside: list them, replay one into
+    /// the store (with fields corrected by hand), or drop one.
+    DeadLetters(DeadLettersArgs),
     /// Back-office commands against a running server.
     Admin(AdminArgs),
     /// Delete the Redis function libraries earlier tollgate versions loaded (after a
@@ -61,6 +64,47 @@ pub struct PruneFunctionsArgs {
     /// refused: the others are then probably the ones in use).
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeadLettersArgs {
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[arg(long, global = true)]
+    pub redis_url: Option<String>,
+    /// Durable store: postgres://… or sqlite://PATH (replay).
+    #[arg(long, global = true)]
+    pub store: Option<String>,
+    #[command(subcommand)]
+    pub command: DeadLettersCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Every dead letter, one line each: shard, dead-letter id, outbox entry id, why, fields.
+    List,
+    /// Write one into the store as the event it was, under its original event id, then
+    /// delete it (Redis applied it already; reconcile shows the drift it closes).
+    Replay {
+        shard: u16,
+        /// Its id in the dead-letter stream (the `dead` column of `list`).
+        dead_id: String,
+        /// Replace (or add) a field before replaying, e.g. `--set n=5`; repeatable.
+        #[arg(long = "set", value_name = "FIELD=VALUE", value_parser = field_value)]
+        set: Vec<(String, String)>,
+        /// Only show the event it would write.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete one without replaying it.
+    Drop { shard: u16, dead_id: String },
+}
+
+fn field_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not FIELD=VALUE")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -8,8 +8,8 @@ use tonic::transport::Channel;
 
 use tollgate::api::pb;
 use tollgate::cli::{
-    AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, OrgCommand, PruneFunctionsArgs,
-    ReconcileArgs, RestoreArgs, ServeArgs,
+    AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, DeadLettersArgs, DeadLettersCommand,
+    OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
 };
 use tollgate::config::{default_worker_threads, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -48,6 +48,9 @@ fn main() -> ExitCode {
         }),
         Command::Restore(args) => run_on(default_worker_threads(), async move {
             restore(args).await.map_err(Exit::message)
+        }),
+        Command::DeadLetters(args) => run_on(default_worker_threads(), async move {
+            dead_letters(args).await.map_err(Exit::message)
         }),
         Command::PruneFunctions(args) => run_on(default_worker_threads(), async move {
             prune_functions(args).await.map_err(Exit::message)
@@ -203,6 +206,72 @@ async fn prune_functions(args: PruneFunctionsArgs) -> Result<(), String> {
         if pruned.len() == 1 { "y" } else { "ies" },
         ledger.library().name()
     );
+    Ok(())
+}
+
+async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
+    use tollgate::settle::dead_letters;
+    let overrides = Overrides {
+        redis_url: args.redis_url.clone(),
+        store_url: args.store.clone(),
+        ..Default::default()
+    };
+    let config = load_config(args.config.as_deref(), &overrides)?;
+    let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+    match args.command {
+        DeadLettersCommand::List => {
+            let letters = dead_letters::list(&ledger)
+                .await
+                .map_err(|e| e.to_string())?;
+            for letter in &letters {
+                println!("{}", letter.render());
+            }
+            eprintln!("{} dead letter(s)", letters.len());
+        }
+        DeadLettersCommand::Replay {
+            shard,
+            dead_id,
+            set,
+            dry_run,
+        } => {
+            let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
+            store.migrate().await.map_err(|e| e.to_string())?;
+            let webhooks = config.webhooks.rules();
+            let replayed = dead_letters::replay(
+                &ledger,
+                &store,
+                webhooks.as_deref(),
+                shard,
+                &dead_id,
+                &set,
+                dry_run,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let e = &replayed.event;
+            let what = format!(
+                "event {} ({} of {} on {}/{})",
+                e.event_id,
+                e.kind.as_str(),
+                e.amount,
+                e.account_id,
+                e.wallet
+            );
+            if dry_run {
+                println!("would write {what}");
+            } else if replayed.written {
+                println!("wrote {what}; dead letter {dead_id} deleted");
+            } else {
+                println!("the store already held {what}; dead letter {dead_id} deleted");
+            }
+        }
+        DeadLettersCommand::Drop { shard, dead_id } => {
+            dead_letters::drop_letter(&ledger, shard, &dead_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("dead letter {dead_id} deleted");
+        }
+    }
     Ok(())
 }
 

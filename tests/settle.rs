@@ -1227,3 +1227,136 @@ async fn entries_of_a_read_whose_reply_was_lost_settle_on_the_next_rounds() {
     );
     redis.kill();
 }
+
+/// A dead letter replayed. A real debit whose outbox entry got corrupted (its amount not
+/// a number) is set aside by the settler, so the store lacks it and reconcile reports its
+/// wallet. `tollgate dead-letters list` shows it; a replay whose correction still does
+/// not read is refused and changes nothing, as does `--dry-run`; `replay --set n=30`
+/// writes it under its entry's event id and deletes it; reconcile then agrees, and a
+/// second replay finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_with_its_amount_corrected_closes_the_drift() {
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let pg_store = store(&pg.url).await;
+    let mut settler = settler(&ledger, &pg_store, "tollgate-settler", "a");
+    ledger
+        .grant(&common::purchase("dl", 100, "g-dl"))
+        .await
+        .expect("grant");
+    settler.drain(DEADLINE).await.expect("drain");
+    ledger
+        .debit(&Debit {
+            account_id: "dl".into(),
+            wallet: "default".into(),
+            amount: 30,
+            idempotency_key: "d-dl".into(),
+            operation: "op".into(),
+            metadata: Metadata::default(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit");
+    // The debit's entry, corrupted: deleted, then added again with its amount spoilt.
+    let shard = ledger.shards().of_account("dl");
+    let outbox = ledger.shards().outbox(shard).to_owned();
+    let newest: Vec<(String, HashMap<String, String>)> = ledger
+        .redis()
+        .query(
+            redis::cmd("XREVRANGE")
+                .arg(&outbox)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await
+        .expect("xrevrange");
+    let (original, mut fields) = newest.into_iter().next().expect("the debit's entry");
+    assert_eq!(fields.get("n").map(String::as_str), Some("30"));
+    fields.insert("n".into(), "thirty".into());
+    let _: i64 = ledger
+        .redis()
+        .query(redis::cmd("XDEL").arg(&outbox).arg(&original))
+        .await
+        .expect("xdel");
+    let mut add = redis::cmd("XADD");
+    add.arg(&outbox).arg("*");
+    for (k, v) in &fields {
+        add.arg(k).arg(v);
+    }
+    let entry: String = ledger.redis().query(&add).await.expect("xadd");
+    settler.drain(DEADLINE).await.expect("drain");
+    let reconcile = || {
+        tollgate::settle::reconcile::reconcile(ledger.clone(), pg_store.clone(), fast(), DEADLINE)
+    };
+    let report = reconcile().await.expect("reconcile");
+    assert!(!report.drifts.is_empty(), "the store lacks the debit");
+
+    let run = |args: &[&str]| {
+        common::tollgate()
+            .arg("dead-letters")
+            .args(["--redis-url", &redis.url(), "--store", &pg.url])
+            .args(args)
+            .output()
+            .expect("run tollgate dead-letters")
+    };
+    let listed = run(&["list"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let stdout = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(lines[0].contains(&format!("entry {entry} ")), "{stdout}");
+    assert!(lines[0].contains("n=\"thirty\""), "{stdout}");
+    assert!(lines[0].contains("bad or missing n"), "{stdout}");
+    let dead_id = lines[0]
+        .split_whitespace()
+        .skip_while(|w| *w != "dead")
+        .nth(1)
+        .expect("dead id")
+        .to_owned();
+    let shard_arg = shard.to_string();
+    let dead_len = || async {
+        let n: i64 = ledger
+            .redis()
+            .query(redis::cmd("XLEN").arg(format!("{outbox}:dead")))
+            .await
+            .expect("xlen");
+        n
+    };
+    let events_before = pg_store.count_events().await.expect("count");
+
+    let still_bad = run(&["replay", &shard_arg, &dead_id, "--set", "n=3O"]);
+    assert!(!still_bad.status.success(), "{still_bad:?}");
+    assert!(
+        String::from_utf8_lossy(&still_bad.stderr).contains("still does not read"),
+        "{still_bad:?}"
+    );
+    let dry = run(&["replay", &shard_arg, &dead_id, "--set", "n=30", "--dry-run"]);
+    assert!(dry.status.success(), "{dry:?}");
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("would write"),
+        "{dry:?}"
+    );
+    assert_eq!(dead_len().await, 1);
+    assert_eq!(pg_store.count_events().await.expect("count"), events_before);
+
+    let replayed = run(&["replay", &shard_arg, &dead_id, "--set", "n=30"]);
+    assert!(replayed.status.success(), "{replayed:?}");
+    assert!(
+        String::from_utf8_lossy(&replayed.stdout).contains(&format!(
+            "wrote event {shard}-{entry} (debit of 30 on dl/default)"
+        )),
+        "{replayed:?}"
+    );
+    assert_eq!(dead_len().await, 0);
+    let report = reconcile().await.expect("reconcile");
+    assert!(report.drifts.is_empty(), "{}", report.render());
+    let again = run(&["replay", &shard_arg, &dead_id, "--set", "n=30"]);
+    assert!(!again.status.success(), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("no dead letter"),
+        "{again:?}"
+    );
+}

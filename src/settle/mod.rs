@@ -7,7 +7,9 @@
 //! - `reconcile`: compares the store with Redis's live state
 //! - `restore`: rebuilds Redis's live state from the store after Redis lost its data
 //! - `webhook_store`: usage-webhook state and deliveries in the same store (schema v2)
+//! - `dead_letters`: the outbox entries the settler set aside: list, replay, drop
 
+pub mod dead_letters;
 pub mod reconcile;
 pub mod restore;
 pub mod settler;

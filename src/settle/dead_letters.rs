@@ -1,0 +1,213 @@
+//! Dead letters: outbox entries the settler could not read, set aside in `<outbox>:dead`
+//! (settler.rs `set_aside`) as the fields `id` (the outbox entry's id), `error` (why), then
+//! the entry's own fields. Redis applied each of them; the store lacks it, which
+//! `tollgate reconcile` reports as a drift of its wallet, and a later restore would
+//! rebuild Redis without it. `tollgate dead-letters list` shows them; `replay` writes one
+//! into the store under its original event id, with fields corrected by hand
+//! (`--set n=5`), then deletes it; `drop` deletes one.
+
+use redis::Value;
+
+use super::restore::dead_letters_key;
+use super::store::{Store, StoreError};
+use crate::ledger::event::LedgerEvent;
+use crate::ledger::{Ledger, LedgerError};
+use crate::webhooks::rules::Rules;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("shard {0} does not exist (the ledger has {1})")]
+    NoSuchShard(u16, u16),
+    #[error("no dead letter {1} in shard {0}")]
+    NotFound(u16, String),
+    #[error("dead letter {0} is not one the settler wrote (it has no `id` and `error` first)")]
+    Malformed(String),
+    #[error("dead letter {0} still does not read as a ledger event: {1}")]
+    Unreadable(String, String),
+    #[error(transparent)]
+    Redis(#[from] LedgerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One set-aside entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub shard: u16,
+    /// Its id in the dead-letter stream (what `replay` and `drop` take).
+    pub dead_id: String,
+    /// Its id in the outbox: the event id is "<shard>-<entry_id>".
+    pub entry_id: String,
+    pub error: String,
+    /// The entry's fields as the settler found them.
+    pub fields: Vec<(String, String)>,
+}
+
+impl DeadLetter {
+    /// One line: where it is, why it was set aside, its fields.
+    pub fn render(&self) -> String {
+        let fields: Vec<String> = self
+            .fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
+        format!(
+            "shard {} dead {} entry {} error {:?} fields {}",
+            self.shard,
+            self.dead_id,
+            self.entry_id,
+            self.error,
+            fields.join(" ")
+        )
+    }
+
+    /// The outbox entry it was, with `set` applied (a field replaced, or added).
+    fn corrected(&self, set: &[(String, String)]) -> Value {
+        let mut fields = self.fields.clone();
+        for (key, value) in set {
+            match fields.iter_mut().find(|(k, _)| k == key) {
+                Some(field) => field.1 = value.clone(),
+                None => fields.push((key.clone(), value.clone())),
+            }
+        }
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        Value::Array(vec![
+            bulk(&self.entry_id),
+            Value::Array(
+                fields
+                    .iter()
+                    .flat_map(|(k, v)| [bulk(k), bulk(v)])
+                    .collect(),
+            ),
+        ])
+    }
+}
+
+/// What `replay` did.
+#[derive(Debug)]
+pub struct Replayed {
+    pub event: LedgerEvent,
+    /// False when the store already held an event of this id (nothing was written).
+    pub written: bool,
+}
+
+/// Every dead letter, shard by shard, oldest first.
+pub async fn list(ledger: &Ledger) -> Result<Vec<DeadLetter>, DeadLetterError> {
+    let mut out = Vec::new();
+    for shard in 0..ledger.shards().count() {
+        out.extend(read(ledger, shard, "-", "+").await?);
+    }
+    Ok(out)
+}
+
+/// Writes one dead letter into the store as the event it was (with `set` applied), under
+/// its original event id, then deletes it. With `dry_run` it only parses it. An event
+/// already in the store is not written again (event ids are unique), and the dead letter
+/// is deleted all the same. Redis is not written to: it applied the event long ago.
+pub async fn replay(
+    ledger: &Ledger,
+    store: &Store,
+    webhooks: Option<&Rules>,
+    shard: u16,
+    dead_id: &str,
+    set: &[(String, String)],
+    dry_run: bool,
+) -> Result<Replayed, DeadLetterError> {
+    let letter = one(ledger, shard, dead_id).await?;
+    let event = LedgerEvent::from_stream_entry(shard, &letter.corrected(set))
+        .map_err(|e| DeadLetterError::Unreadable(dead_id.to_owned(), e.to_string()))?;
+    if dry_run {
+        return Ok(Replayed {
+            event,
+            written: false,
+        });
+    }
+    let appended = store
+        .append_batch(std::slice::from_ref(&event), webhooks)
+        .await?;
+    let written = appended.new_events.contains(&event.event_id);
+    delete(ledger, shard, dead_id).await?;
+    Ok(Replayed { event, written })
+}
+
+/// Deletes one dead letter without replaying it.
+pub async fn drop_letter(
+    ledger: &Ledger,
+    shard: u16,
+    dead_id: &str,
+) -> Result<(), DeadLetterError> {
+    one(ledger, shard, dead_id).await?;
+    delete(ledger, shard, dead_id).await
+}
+
+async fn one(ledger: &Ledger, shard: u16, dead_id: &str) -> Result<DeadLetter, DeadLetterError> {
+    let count = ledger.shards().count();
+    if shard >= count {
+        return Err(DeadLetterError::NoSuchShard(shard, count));
+    }
+    read(ledger, shard, dead_id, dead_id)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| DeadLetterError::NotFound(shard, dead_id.to_owned()))
+}
+
+async fn delete(ledger: &Ledger, shard: u16, dead_id: &str) -> Result<(), DeadLetterError> {
+    let key = dead_letters_key(ledger.shards().outbox(shard));
+    let _: i64 = ledger
+        .redis()
+        .query(redis::cmd("XDEL").arg(key).arg(dead_id))
+        .await?;
+    Ok(())
+}
+
+async fn read(
+    ledger: &Ledger,
+    shard: u16,
+    from: &str,
+    to: &str,
+) -> Result<Vec<DeadLetter>, DeadLetterError> {
+    let key = dead_letters_key(ledger.shards().outbox(shard));
+    let reply: Value = ledger
+        .redis()
+        .query(redis::cmd("XRANGE").arg(key).arg(from).arg(to))
+        .await?;
+    let Value::Array(entries) = reply else {
+        return Ok(Vec::new());
+    };
+    entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Value::Array(parts) => match parts.as_slice() {
+                [id, Value::Array(kv)] => Some((text(id), kv)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .map(|(dead_id, kv)| {
+            let mut pairs = kv.chunks_exact(2).map(|p| (text(&p[0]), text(&p[1])));
+            match (pairs.next(), pairs.next()) {
+                (Some((k1, entry_id)), Some((k2, error))) if k1 == "id" && k2 == "error" => {
+                    Ok(DeadLetter {
+                        shard,
+                        dead_id,
+                        entry_id,
+                        error,
+                        fields: pairs.collect(),
+                    })
+                }
+                _ => Err(DeadLetterError::Malformed(dead_id)),
+            }
+        })
+        .collect()
+}
+
+/// A reply element as text (bytes that are not UTF-8 are shown replaced: such a field
+/// is what `--set` is for).
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        other => format!("{other:?}"),
+    }
+}
