@@ -313,6 +313,7 @@ async fn restore(args: RestoreArgs) -> Result<(), String> {
 }
 
 async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
+    let early_hangups = ignore_hangups_until_serving();
     // Kept alive until serve returns; dropping it stops the child redis-server.
     let mut _dev_redis = None;
     if args.dev {
@@ -351,7 +352,6 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
     }
 
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
-    let early_hangups = ignore_hangups_until_serving();
     if args.restore {
         server::restore_if_lost(&config, &ledger)
             .await
@@ -373,8 +373,9 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
 }
 
 /// SIGHUP ends a process by default, and `server::run` listens for it (price book reloads)
-/// only once it serves: before that (`--restore` can take minutes) one is logged and
-/// ignored instead. Once registered, the handler stays for the life of the process.
+/// from its first line: before that (starting a dev Redis, `--restore`, which can take
+/// minutes) one is logged and ignored instead. Once registered, the handler stays for the
+/// life of the process.
 fn ignore_hangups_until_serving() -> Option<tokio::task::JoinHandle<()>> {
     #[cfg(unix)]
     {

@@ -180,7 +180,10 @@ pub async fn restore_lost_shards(ledger: &Arc<Ledger>, store: Arc<Store>) -> Res
         // serve the shards that do serve; the others refuse charges, not ready, until
         // `tollgate restore` (with `--force` for the second case: it rewrites only shards
         // that do not serve) is run by hand.
-        Err(err @ crate::settle::restore::RestoreError::NotEmpty(..)) => {
+        Err(
+            err @ (crate::settle::restore::RestoreError::NotEmpty(..)
+            | crate::settle::restore::RestoreError::DeadLetters(..)),
+        ) => {
             tracing::error!(error = %err, "not restored: serving the shards that are initialized");
             Ok(())
         }
@@ -306,6 +309,7 @@ pub async fn run_settler(
     http_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let hangups = listen_for_hangups();
     let store = store_from_config(&config)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -317,7 +321,7 @@ pub async fn run_settler(
     let settler = Settler::new(ledger.clone(), store.clone(), config.settler_settings());
     let status = settler.status();
     let task = tokio::spawn(settler.run(stopped()));
-    tokio::spawn(reload_on_sighup(None, config.clone(), stopped()));
+    tokio::spawn(reload_on_sighup(None, config.clone(), hangups, stopped()));
     let dispatcher = spawn_dispatcher(&config, &store, stopped());
     let http = axum::serve(
         http_listener,
@@ -350,6 +354,7 @@ pub async fn run(
     http_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let hangups = listen_for_hangups();
     if config.auth.admin_token.is_empty() || config.auth.service_token.is_empty() {
         return Err(ServeError::MissingTokens);
     }
@@ -480,6 +485,7 @@ pub async fn run(
     tokio::spawn(reload_on_sighup(
         Some(gateway.clone()),
         config.clone(),
+        hangups,
         stopped(),
     ));
 
@@ -550,6 +556,21 @@ async fn replay_spool(gateway: Arc<Gateway>, stopped: impl Future<Output = ()>) 
     }
 }
 
+/// SIGHUP, listened for from the first line of `run` and `run_settler`: one that arrives
+/// while they start (loading scripts, migrating the store) waits for the reloader instead
+/// of being lost.
+#[cfg(unix)]
+type Hangups = std::io::Result<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+fn listen_for_hangups() -> Hangups {
+    #[cfg(unix)]
+    {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    }
+}
+
 /// Re-reads the config file on every SIGHUP, as at start-up (the environment and the
 /// command-line settings applied again, every section checked), and swaps in its price
 /// book. A bad file is reported (every error with its path) and the current price book
@@ -560,6 +581,7 @@ async fn replay_spool(gateway: Arc<Gateway>, stopped: impl Future<Output = ()>) 
 async fn reload_on_sighup(
     gateway: Option<Arc<Gateway>>,
     config: Config,
+    hangups: Hangups,
     stopped: impl Future<Output = ()>,
 ) {
     // Registered (at 0) as soon as reloads are possible, so dashboards see the series.
@@ -568,8 +590,7 @@ async fn reload_on_sighup(
         metrics::counter!(telemetry::metrics::CONFIG_RELOADS_TOTAL, "result" => "error");
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hangups = match signal(SignalKind::hangup()) {
+        let mut hangups = match hangups {
             Ok(s) => s,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot listen for SIGHUP: no price book reloads");
@@ -622,7 +643,7 @@ async fn reload_on_sighup(
     }
     #[cfg(not(unix))]
     {
-        let _ = (gateway, config);
+        let _ = (gateway, config, hangups);
         stopped.await;
     }
 }

@@ -899,16 +899,18 @@ async fn restores_never_write_over_a_shard_that_serves() {
     assert_eq!(available(&ledger, &fresh).await, Ok(300));
 
     // `--force` rewrites that shard from the store (drained first: what it held goes) and
-    // leaves the serving shards alone, a charge not yet settled included, and every
-    // dead-letter stream (the only copy of what the settler set aside).
+    // leaves the serving shards alone, a charge not yet settled included. Not while the
+    // shard has dead letters (their events are in Redis but not in the store): those are
+    // replayed or dropped first, and the dead-letter streams themselves stay.
     settler.drain(DEADLINE).await.expect("settled");
     ledger
         .grant(&common::purchase(&fresh, 50, "g-fresh-2"))
         .await
         .expect("an unsettled grant on a serving shard");
     let (lost_shard, fresh_shard) = (shards.of_account(&lost), shards.of_account(&fresh));
+    let mut dead_ids = Vec::new();
     for shard in [lost_shard, fresh_shard] {
-        let _: String = redis::cmd("XADD")
+        let id: String = redis::cmd("XADD")
             .arg(dead_letters_key(shards.outbox(shard)))
             .arg("*")
             .arg("id")
@@ -917,6 +919,7 @@ async fn restores_never_write_over_a_shard_that_serves() {
             .arg("unreadable")
             .query(&mut con)
             .expect("xadd dead letter");
+        dead_ids.push(id);
     }
     let newest = |con: &mut redis::Connection, shard: u16| -> Vec<(String, redis::Value)> {
         redis::cmd("XREVRANGE")
@@ -934,9 +937,30 @@ async fn restores_never_write_over_a_shard_that_serves() {
             .query(con)
             .expect("get epoch")
     };
+    let dead_streams = |con: &mut redis::Connection| -> Vec<(i64, i64)> {
+        [lost_shard, fresh_shard]
+            .iter()
+            .map(|s| {
+                let key = dead_letters_key(shards.outbox(*s));
+                let exists: i64 = redis::cmd("EXISTS").arg(&key).query(con).expect("exists");
+                let len: i64 = redis::cmd("XLEN").arg(&key).query(con).expect("xlen");
+                (exists, len)
+            })
+            .collect()
+    };
     let fresh_newest = newest(&mut con, fresh_shard);
     let fresh_epoch = epoch(&mut con, fresh_shard);
     assert!(fresh_epoch.is_some());
+    match restore(ledger.clone(), store.clone(), RestoreMode::Force, |_, _| {}).await {
+        Err(RestoreError::DeadLetters(why)) => {
+            assert!(why.contains(&format!("shard {lost_shard}: 1")), "{why}")
+        }
+        other => panic!("--force over a shard with dead letters: {other:?}"),
+    }
+    assert!(available(&ledger, &lost).await.is_err(), "nothing restored");
+    tollgate::settle::dead_letters::drop_letter(&ledger, lost_shard, &dead_ids[0])
+        .await
+        .expect("drop the dead letter");
     let forced = restore(ledger.clone(), store.clone(), RestoreMode::Force, |_, _| {})
         .await
         .expect("restore --force");
@@ -955,31 +979,31 @@ async fn restores_never_write_over_a_shard_that_serves() {
     );
     assert_eq!(newest(&mut con, fresh_shard), fresh_newest);
     assert_eq!(epoch(&mut con, fresh_shard), fresh_epoch);
-    let dead_letters = |con: &mut redis::Connection| -> Vec<i64> {
-        [lost_shard, fresh_shard]
-            .iter()
-            .map(|s| {
-                redis::cmd("XLEN")
-                    .arg(dead_letters_key(shards.outbox(*s)))
-                    .query(con)
-                    .expect("xlen")
-            })
-            .collect()
-    };
-    assert_eq!(dead_letters(&mut con), vec![1, 1]);
+    assert_eq!(dead_streams(&mut con), vec![(1, 0), (1, 1)]);
 
-    // `--rebuild-serving` rewrites every shard, but only once everything is settled.
+    // `--rebuild-serving` rewrites every shard, but only once nothing is set aside and
+    // everything is settled.
     let group = tollgate::settle::settler::DEFAULT_GROUP.to_owned();
-    match restore(
-        ledger.clone(),
-        store.clone(),
-        RestoreMode::RebuildServing {
-            group: group.clone(),
-        },
-        |_, _| {},
-    )
-    .await
-    {
+    let rebuild = || {
+        restore(
+            ledger.clone(),
+            store.clone(),
+            RestoreMode::RebuildServing {
+                group: group.clone(),
+            },
+            |_, _| {},
+        )
+    };
+    match rebuild().await {
+        Err(RestoreError::DeadLetters(why)) => {
+            assert!(why.contains(&format!("shard {fresh_shard}: 1")), "{why}")
+        }
+        other => panic!("a rebuild with a dead letter: {other:?}"),
+    }
+    tollgate::settle::dead_letters::drop_letter(&ledger, fresh_shard, &dead_ids[1])
+        .await
+        .expect("drop the dead letter");
+    match rebuild().await {
         Err(RestoreError::Unsettled(why)) => {
             assert!(why.contains(shards.outbox(fresh_shard)), "{why}")
         }
@@ -987,19 +1011,12 @@ async fn restores_never_write_over_a_shard_that_serves() {
     }
     assert_eq!(available(&ledger, &fresh).await, Ok(350));
     settler.drain(DEADLINE).await.expect("settled");
-    let everything = restore(
-        ledger.clone(),
-        store.clone(),
-        RestoreMode::RebuildServing { group },
-        |_, _| {},
-    )
-    .await
-    .expect("restore --rebuild-serving");
+    let everything = rebuild().await.expect("restore --rebuild-serving");
     assert!(everything.shards.iter().all(|s| !s.skipped));
     assert_eq!(available(&ledger, &lost).await, Ok(600));
     assert_eq!(available(&ledger, &fresh).await, Ok(350));
     assert_ne!(epoch(&mut con, fresh_shard), fresh_epoch, "rebuilt");
-    assert_eq!(dead_letters(&mut con), vec![1, 1]);
+    assert_eq!(dead_streams(&mut con), vec![(1, 0), (1, 0)]);
 }
 
 /// A SIGHUP before `serve --restore` serves (here while its restore waits for the store's

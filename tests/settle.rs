@@ -1342,6 +1342,71 @@ async fn a_dead_letter_replayed_with_its_amount_corrected_closes_the_drift() {
     assert_eq!(dead_len().await, 1);
     assert_eq!(pg_store.count_events().await.expect("count"), events_before);
 
+    // Refused, changing nothing: a field no entry has, an account of another shard, a
+    // partial id; a dead letter not in the settler's shape, or with bytes that are not
+    // UTF-8 in a field not given again (both listed, and droppable).
+    let other = (0..)
+        .map(|i| format!("other{i}"))
+        .find(|a| ledger.shards().of_account(a) != shard)
+        .expect("an account of another shard");
+    let elsewhere = format!("a={other}");
+    let malformed: String = ledger
+        .redis()
+        .query(
+            redis::cmd("XADD")
+                .arg(format!("{outbox}:dead"))
+                .arg("*")
+                .arg("k")
+                .arg("debit"),
+        )
+        .await
+        .expect("xadd");
+    let not_utf8: String = ledger
+        .redis()
+        .query(
+            redis::cmd("XADD")
+                .arg(format!("{outbox}:dead"))
+                .arg("*")
+                .arg(&["id", "1-1", "error", "x", "k", "debit", "n", "1", "m"])
+                .arg(&b"\xff\xfe"[..]),
+        )
+        .await
+        .expect("xadd");
+    let listed = run(&["list"]);
+    let stdout = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert!(
+        stdout.contains(&format!("dead {malformed} malformed")),
+        "{stdout}"
+    );
+    for (args, why) in [
+        (
+            vec![dead_id.as_str(), "--set", "n=30", "--set", "nope=1"],
+            "not a field",
+        ),
+        (
+            vec![dead_id.as_str(), "--set", "n=30", "--set", &elsewhere],
+            "whose shard is",
+        ),
+        (vec!["5", "--set", "n=30"], "not a stream entry id"),
+        (vec![malformed.as_str()], "drop it"),
+        (vec![not_utf8.as_str()], "field m"),
+    ] {
+        let refused = run(&[&["replay", shard_arg.as_str()], args.as_slice()].concat());
+        assert!(!refused.status.success(), "{args:?}: {refused:?}");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains(why),
+            "{args:?}: {refused:?}"
+        );
+    }
+    assert_eq!(dead_len().await, 3);
+    assert_eq!(pg_store.count_events().await.expect("count"), events_before);
+    for id in [&malformed, &not_utf8] {
+        let dropped = run(&["drop", &shard_arg, id]);
+        assert!(dropped.status.success(), "{dropped:?}");
+    }
+    assert_eq!(dead_len().await, 1);
+
     let replayed = run(&["replay", &shard_arg, &dead_id, "--set", "n=30"]);
     assert!(replayed.status.success(), "{replayed:?}");
     assert!(

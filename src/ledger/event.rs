@@ -281,6 +281,11 @@ impl LedgerEvent {
             .collect()
     }
 
+    /// Whether `name` is a field of an outbox entry this version reads.
+    pub fn is_entry_field(name: &str) -> bool {
+        EntryFields::default().slot(name.as_bytes()).is_some()
+    }
+
     /// Whether an entry's fields (`[field, value, ...]`) carry a format version above
     /// [`EVENT_VERSION`]: a newer tollgate wrote it, and a newer settler can read it.
     pub fn written_by_newer_version(fields: &[Value]) -> bool {

@@ -20,10 +20,24 @@ pub enum DeadLetterError {
     NoSuchShard(u16, u16),
     #[error("no dead letter {1} in shard {0}")]
     NotFound(u16, String),
-    #[error("dead letter {0} is not one the settler wrote (it has no `id` and `error` first)")]
+    #[error("{0:?} is not a stream entry id (MS-SEQ)")]
+    BadId(String),
+    #[error(
+        "dead letter {0} is not one the settler wrote (it has no `id` and `error` first): drop it"
+    )]
     Malformed(String),
     #[error("dead letter {0} still does not read as a ledger event: {1}")]
     Unreadable(String, String),
+    #[error("{0:?} is not a field of an outbox entry")]
+    UnknownField(String),
+    #[error("field {0} of dead letter {1} is not UTF-8: give its value with --set {0}=…")]
+    NotUtf8(String, String),
+    #[error("the event is account {0:?}'s, whose shard is {1}, not {2}")]
+    WrongShard(String, u16, u16),
+    #[error(
+        "the store holds another event under id {0} ({1}); the dead letter is left where it is"
+    )]
+    Conflict(String, String),
     #[error(transparent)]
     Redis(#[from] LedgerError),
     #[error(transparent)]
@@ -41,6 +55,11 @@ pub struct DeadLetter {
     pub error: String,
     /// The entry's fields as the settler found them.
     pub fields: Vec<(String, String)>,
+    /// Fields whose bytes are not UTF-8 (shown with U+FFFD in `fields`).
+    pub not_utf8: Vec<String>,
+    /// Not in the shape the settler writes (`id`, `error`, then the fields): `fields` holds
+    /// every pair; it can only be dropped.
+    pub malformed: bool,
 }
 
 impl DeadLetter {
@@ -51,6 +70,14 @@ impl DeadLetter {
             .iter()
             .map(|(k, v)| format!("{k}={v:?}"))
             .collect();
+        if self.malformed {
+            return format!(
+                "shard {} dead {} malformed (not written by the settler) fields {}",
+                self.shard,
+                self.dead_id,
+                fields.join(" ")
+            );
+        }
         format!(
             "shard {} dead {} entry {} error {:?} fields {}",
             self.shard,
@@ -113,9 +140,26 @@ pub async fn replay(
     set: &[(String, String)],
     dry_run: bool,
 ) -> Result<Replayed, DeadLetterError> {
+    if let Some((field, _)) = set.iter().find(|(k, _)| !LedgerEvent::is_entry_field(k)) {
+        return Err(DeadLetterError::UnknownField(field.clone()));
+    }
     let letter = one(ledger, shard, dead_id).await?;
+    if letter.malformed {
+        return Err(DeadLetterError::Malformed(letter.dead_id));
+    }
+    if let Some(field) = letter
+        .not_utf8
+        .iter()
+        .find(|f| !set.iter().any(|(k, _)| k == *f))
+    {
+        return Err(DeadLetterError::NotUtf8(field.clone(), letter.dead_id));
+    }
     let event = LedgerEvent::from_stream_entry(shard, &letter.corrected(set))
-        .map_err(|e| DeadLetterError::Unreadable(dead_id.to_owned(), e.to_string()))?;
+        .map_err(|e| DeadLetterError::Unreadable(letter.dead_id.clone(), e.to_string()))?;
+    let home = ledger.shards().of_account(&event.account_id);
+    if home != shard {
+        return Err(DeadLetterError::WrongShard(event.account_id, home, shard));
+    }
     if dry_run {
         return Ok(Replayed {
             event,
@@ -126,24 +170,53 @@ pub async fn replay(
         .append_batch(std::slice::from_ref(&event), webhooks)
         .await?;
     let written = appended.new_events.contains(&event.event_id);
-    delete(ledger, shard, dead_id).await?;
+    if !written {
+        // Written by an earlier replay whose deletion failed, or another event holds the
+        // id: the dead letter goes only in the first case.
+        let held = store.event(&event.event_id).await?;
+        if !held.as_ref().is_some_and(|h| same_effect(h, &event)) {
+            let what = held.map_or_else(
+                || "gone again".to_owned(),
+                |h| format!("{} of {}", h.kind.as_str(), h.amount),
+            );
+            return Err(DeadLetterError::Conflict(event.event_id, what));
+        }
+    }
+    delete(ledger, shard, &letter.dead_id).await?;
     Ok(Replayed { event, written })
 }
 
-/// Deletes one dead letter without replaying it.
+/// Whether two events with one id change the same wallet in the same way.
+fn same_effect(a: &LedgerEvent, b: &LedgerEvent) -> bool {
+    a.kind == b.kind
+        && a.account_id == b.account_id
+        && a.wallet == b.wallet
+        && a.amount == b.amount
+        && a.available_after == b.available_after
+        && a.held_after == b.held_after
+}
+
+/// Deletes one dead letter without replaying it (a malformed one too).
 pub async fn drop_letter(
     ledger: &Ledger,
     shard: u16,
     dead_id: &str,
 ) -> Result<(), DeadLetterError> {
-    one(ledger, shard, dead_id).await?;
-    delete(ledger, shard, dead_id).await
+    let letter = one(ledger, shard, dead_id).await?;
+    delete(ledger, shard, &letter.dead_id).await
 }
 
 async fn one(ledger: &Ledger, shard: u16, dead_id: &str) -> Result<DeadLetter, DeadLetterError> {
     let count = ledger.shards().count();
     if shard >= count {
         return Err(DeadLetterError::NoSuchShard(shard, count));
+    }
+    // A whole id: XRANGE reads "5" as every id of millisecond 5.
+    let whole = dead_id
+        .split_once('-')
+        .is_some_and(|(ms, seq)| ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok());
+    if !whole {
+        return Err(DeadLetterError::BadId(dead_id.to_owned()));
     }
     read(ledger, shard, dead_id, dead_id)
         .await?
@@ -179,35 +252,55 @@ async fn read(
         .iter()
         .filter_map(|entry| match entry {
             Value::Array(parts) => match parts.as_slice() {
-                [id, Value::Array(kv)] => Some((text(id), kv)),
+                [id, Value::Array(kv)] => Some((text(id).0, kv)),
                 _ => None,
             },
             _ => None,
         })
         .map(|(dead_id, kv)| {
-            let mut pairs = kv.chunks_exact(2).map(|p| (text(&p[0]), text(&p[1])));
-            match (pairs.next(), pairs.next()) {
-                (Some((k1, entry_id)), Some((k2, error))) if k1 == "id" && k2 == "error" => {
-                    Ok(DeadLetter {
-                        shard,
-                        dead_id,
-                        entry_id,
-                        error,
-                        fields: pairs.collect(),
-                    })
-                }
-                _ => Err(DeadLetterError::Malformed(dead_id)),
-            }
+            let mut not_utf8 = Vec::new();
+            let mut pairs: Vec<(String, String)> = kv
+                .chunks_exact(2)
+                .map(|p| {
+                    let (k, _) = text(&p[0]);
+                    let (v, exact) = text(&p[1]);
+                    if !exact {
+                        not_utf8.push(k.clone());
+                    }
+                    (k, v)
+                })
+                .collect();
+            let settlers = pairs.len() >= 2 && pairs[0].0 == "id" && pairs[1].0 == "error";
+            let (entry_id, error) = if settlers {
+                let mut head = pairs.drain(..2);
+                let id = head.next().map(|p| p.1).unwrap_or_default();
+                let error = head.next().map(|p| p.1).unwrap_or_default();
+                (id, error)
+            } else {
+                (String::new(), String::new())
+            };
+            Ok(DeadLetter {
+                shard,
+                dead_id,
+                entry_id,
+                error,
+                fields: pairs,
+                not_utf8,
+                malformed: !settlers,
+            })
         })
         .collect()
 }
 
-/// A reply element as text (bytes that are not UTF-8 are shown replaced: such a field
-/// is what `--set` is for).
-fn text(v: &Value) -> String {
+/// A reply element as text, and whether it was exactly that (bytes that are not UTF-8 are
+/// shown replaced: such a field is what `--set` is for).
+fn text(v: &Value) -> (String, bool) {
     match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        other => format!("{other:?}"),
+        Value::BulkString(b) => match std::str::from_utf8(b) {
+            Ok(s) => (s.to_owned(), true),
+            Err(_) => (String::from_utf8_lossy(b).into_owned(), false),
+        },
+        Value::SimpleString(s) => (s.clone(), true),
+        other => (format!("{other:?}"), false),
     }
 }

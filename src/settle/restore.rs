@@ -38,6 +38,8 @@ pub enum RestoreError {
     NotEmpty(String),
     #[error("{0}: settle it first (`tollgate reconcile` drains the outbox, then reports)")]
     Unsettled(String),
+    #[error("{0}: replay or drop them first (`tollgate dead-letters`); Redis applied those events and the store lacks them, so a rebuild would not match either")]
+    DeadLetters(String),
     #[error(transparent)]
     Redis(#[from] LedgerError),
     #[error(transparent)]
@@ -994,9 +996,10 @@ enum Wipe {
     Everything,
 }
 
-/// Deletes a shard's keys (KEYS[2..]) only while it has no epoch marker (KEYS[1]): checked
-/// in the same atomic step, so a shard that starts serving meanwhile (a new shard marked
-/// by `serve`, then charged) keeps what it was given.
+/// Deletes a shard's keys (KEYS[2..]) only while it has no epoch marker (KEYS[1]), checked
+/// in the same atomic step: a shard that starts serving meanwhile (a new shard marked by
+/// `serve`, then charged) keeps what it was given from then on. (One call per shard per
+/// `SCAN` page: a shard marked between two pages keeps the rest of its keys too.)
 const WIPE_UNSERVED_LUA: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
     for i = 2, #KEYS do redis.call('UNLINK', KEYS[i]) end return #KEYS - 1";
 
@@ -1005,9 +1008,8 @@ const WIPE_UNSERVED_LUA: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then retu
 async fn wipe(ledger: &Ledger, scope: Wipe) -> Result<(), LedgerError> {
     let lease = lease_key(ledger);
     let shards = ledger.shards();
-    let dead: Vec<String> = (0..shards.count())
-        .map(|s| dead_letters_key(shards.outbox(s)))
-        .collect();
+    // A snapshot to skip the shards that serve already; the script checks again.
+    let serving = ledger.initialized_shards().await?;
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = ledger
@@ -1023,7 +1025,7 @@ async fn wipe(ledger: &Ledger, scope: Wipe) -> Result<(), LedgerError> {
             .await?;
         let keys: Vec<String> = keys
             .into_iter()
-            .filter(|k| *k != lease && !dead.contains(k))
+            .filter(|k| *k != lease && !is_dead_letters_key(k))
             .collect();
         if scope == Wipe::Everything {
             if !keys.is_empty() {
@@ -1035,7 +1037,9 @@ async fn wipe(ledger: &Ledger, scope: Wipe) -> Result<(), LedgerError> {
         } else {
             let mut by_shard: BTreeMap<u16, Vec<String>> = BTreeMap::new();
             for key in keys {
-                if let Some(shard) = shard_of_key(&key).filter(|s| *s < shards.count()) {
+                if let Some(shard) =
+                    shard_of_key(&key).filter(|s| *s < shards.count() && !serving[usize::from(*s)])
+                {
                     by_shard.entry(shard).or_default().push(key);
                 }
             }
@@ -1058,6 +1062,44 @@ async fn wipe(ledger: &Ledger, scope: Wipe) -> Result<(), LedgerError> {
 /// The stream the settler sets unreadable entries of `outbox` aside in.
 pub fn dead_letters_key(outbox: &str) -> String {
     format!("{outbox}:dead")
+}
+
+/// Refuses while a shard about to be rebuilt has dead letters: their events changed its
+/// balances in Redis but are not in the store, so the rebuilt wallets would disagree with
+/// the events after them (the replay's pair assertion) or silently lose them.
+async fn no_dead_letters(ledger: &Ledger, shards: &[u16]) -> Result<(), RestoreError> {
+    if shards.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for shard in shards {
+        pipe.cmd("XLEN")
+            .arg(dead_letters_key(ledger.shards().outbox(*shard)));
+    }
+    let lens: Vec<i64> = ledger.redis().pipeline(&pipe).await?;
+    let found: Vec<String> = shards
+        .iter()
+        .zip(lens)
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| format!("shard {s}: {n}"))
+        .collect();
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(RestoreError::DeadLetters(format!(
+            "dead letters in shards to rebuild ({})",
+            found.join(", ")
+        )))
+    }
+}
+
+/// Whether `key` is a dead-letter stream ("{tg:<n>}:o:dead", any shard number).
+fn is_dead_letters_key(key: &str) -> bool {
+    key.strip_suffix(":dead")
+        .and_then(|outbox| outbox.strip_suffix(":o"))
+        .and_then(|tag| tag.strip_prefix("{tg:"))
+        .and_then(|n| n.strip_suffix('}'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Refuses unless `group` has settled every entry of every shard's outbox.
@@ -1297,6 +1339,18 @@ async fn restore_under(
     lease: &Lease,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
+    // The store first: nothing is deleted while it cannot be read.
+    store.migrate().await?;
+    let rebuilt: Vec<u16> = match mode {
+        RestoreMode::RebuildServing { .. } => (0..ledger.shards().count()).collect(),
+        _ => {
+            let serving = ledger.initialized_shards().await?;
+            (0..ledger.shards().count())
+                .filter(|s| !serving[usize::from(*s)])
+                .collect()
+        }
+    };
+    no_dead_letters(ledger, &rebuilt).await?;
     match mode {
         RestoreMode::Lost => {}
         RestoreMode::Force => wipe(ledger, Wipe::Unserved).await?,
@@ -1312,7 +1366,6 @@ async fn restore_under(
     if let Some(found) = redis_holds_data(ledger, &serving).await? {
         return Err(RestoreError::NotEmpty(found));
     }
-    store.migrate().await?;
     let settings = ledger.settings().clone();
     let now = crate::ledger::wall_clock_ms();
     let window_ms = settings.idempotency_window.as_millis() as i64;
@@ -1647,4 +1700,20 @@ async fn restore_api_keys(ledger: &Ledger, store: &Store) -> Result<usize, Resto
         let _: () = ledger.redis().pipeline(&pipe).await?;
     }
     Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_streams_are_told_by_name_in_any_shard() {
+        assert!(is_dead_letters_key("{tg:0}:o:dead"));
+        assert!(is_dead_letters_key("{tg:4095}:o:dead"));
+        assert!(!is_dead_letters_key("{tg:3}:o"));
+        assert!(!is_dead_letters_key("{tg:3}:w:acct:dead"));
+        assert!(!is_dead_letters_key("{tg:}:o:dead"));
+        assert!(!is_dead_letters_key("{tg:x}:o:dead"));
+        assert!(!is_dead_letters_key("tg:3:o:dead"));
+    }
 }
