@@ -160,7 +160,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub dev: bool,
     /// If Redis holds no ledger but the store has events (Redis lost its data), run
-    /// `tollgate restore` before serving.
+    /// `tollgate restore` before serving, and again in the background whenever Redis loses
+    /// shards while serving (`server.restore = true`).
     #[arg(long)]
     pub restore: bool,
 }

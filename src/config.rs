@@ -74,6 +74,10 @@ pub struct ServerConfig {
     /// Async runtime worker threads; 0 (the default) takes half of the machine's CPUs, at
     /// least one: the sidecar shares its host with Redis and the gateway.
     pub worker_threads: usize,
+    /// Rebuild from the durable store the shards Redis lost (no epoch marker, events in
+    /// the store): before serving, and in the background whenever Redis loses them while
+    /// this process serves (docs/OPERATIONS.md). `serve --restore` sets it.
+    pub restore: bool,
 }
 
 impl ServerConfig {
@@ -100,6 +104,7 @@ impl Default for ServerConfig {
             grpc_addr: DEFAULT_GRPC_ADDR.into(),
             http_addr: DEFAULT_HTTP_ADDR.into(),
             worker_threads: 0,
+            restore: false,
         }
     }
 }

@@ -353,6 +353,9 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
 
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
     if args.restore {
+        config.server.restore = true;
+    }
+    if config.server.restore {
         server::restore_if_lost(&config, &ledger)
             .await
             .map_err(|e| e.to_string())?;

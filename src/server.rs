@@ -125,20 +125,62 @@ pub async fn initialize_new_shards(ledger: &Ledger, store: &Store) -> bool {
 /// before serving; see [`restore_lost_shards`].
 pub async fn restore_if_lost(config: &Config, ledger: &Arc<Ledger>) -> Result<(), String> {
     let store = store_from_config(config).map_err(|e| e.to_string())?;
-    restore_lost_shards(ledger, store).await
+    restore_lost_shards(ledger, store).await.map(|_| ())
+}
+
+/// What [`restore_lost_shards`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostShards {
+    /// Every shard serves, or the shards that do not have no events in the store.
+    NoneLost,
+    Restored,
+    /// Another restore holds the lease.
+    Busy,
+    /// Refused: a shard that does not serve holds data of unknown origin, or dead letters.
+    Refused,
+}
+
+/// `server.restore`: how often a serving process looks for shards Redis lost meanwhile.
+pub const RESTORE_RETRY: Duration = Duration::from_secs(5);
+/// ... and after a refusal or a failure, which a person has to act on.
+pub const RESTORE_RETRY_REFUSED: Duration = Duration::from_secs(60);
+
+/// `server.restore`: while serving, looks every [`RESTORE_RETRY`] for shards Redis lost
+/// (it restarted empty, or lost them while running) and restores them in the background;
+/// the other shards keep serving. One restore runs at a time across sidecars (the lease).
+async fn keep_restoring(ledger: Arc<Ledger>, store: Arc<Store>, stop: impl Future<Output = ()>) {
+    let mut stop = std::pin::pin!(stop);
+    let mut wait = RESTORE_RETRY;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = match restore_lost_shards(&ledger, store.clone()).await {
+            Ok(LostShards::Refused) => RESTORE_RETRY_REFUSED,
+            Ok(_) => RESTORE_RETRY,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not restore the shards Redis lost; trying again later");
+                RESTORE_RETRY_REFUSED
+            }
+        };
+    }
 }
 
 /// Restores the shards that lost their data: no epoch marker, and events in the store. A
 /// shard that serves is left alone, whether it kept its data or was marked new by a running
 /// sidecar since. When another restore is running (its lease is held), this one serves
 /// meanwhile: the shards being restored refuse charges until that restore is done.
-pub async fn restore_lost_shards(ledger: &Arc<Ledger>, store: Arc<Store>) -> Result<(), String> {
+pub async fn restore_lost_shards(
+    ledger: &Arc<Ledger>,
+    store: Arc<Store>,
+) -> Result<LostShards, String> {
     let initialized = ledger
         .initialized_shards()
         .await
         .map_err(|e| e.to_string())?;
     if initialized.iter().all(|i| *i) {
-        return Ok(());
+        return Ok(LostShards::NoneLost);
     }
     store.migrate().await.map_err(|e| e.to_string())?;
     let mut lost = false;
@@ -151,7 +193,7 @@ pub async fn restore_lost_shards(ledger: &Arc<Ledger>, store: Arc<Store>) -> Res
         }
     }
     if !lost {
-        return Ok(());
+        return Ok(LostShards::NoneLost);
     }
     tracing::warn!("Redis lost shards whose events are in the store: restoring them");
     let restored =
@@ -169,11 +211,11 @@ pub async fn restore_lost_shards(ledger: &Arc<Ledger>, store: Arc<Store>) -> Res
     match restored {
         Ok(report) => {
             tracing::info!(report = %report.render().trim(), "restore done");
-            Ok(())
+            Ok(LostShards::Restored)
         }
         Err(err @ crate::settle::restore::RestoreError::Busy(..)) => {
             tracing::warn!(error = %err, "serving while another restore runs");
-            Ok(())
+            Ok(LostShards::Busy)
         }
         // Every shard serves by now (another restore finished first), or a shard that
         // does not serve holds data of unknown origin (a restore that died partway):
@@ -185,7 +227,7 @@ pub async fn restore_lost_shards(ledger: &Arc<Ledger>, store: Arc<Store>) -> Res
             | crate::settle::restore::RestoreError::DeadLetters(..)),
         ) => {
             tracing::error!(error = %err, "not restored: serving the shards that are initialized");
-            Ok(())
+            Ok(LostShards::Refused)
         }
         Err(err) => Err(err.to_string()),
     }
@@ -393,6 +435,9 @@ pub async fn run(
     // First look before serving (a fresh deployment is ready at once), then keep looking:
     // Redis may come up later, or lose its data while we run.
     initialize_new_shards(&ledger, &store).await;
+    if config.server.restore {
+        tokio::spawn(keep_restoring(ledger.clone(), store.clone(), stopped()));
+    }
     let initializer = {
         let ledger = ledger.clone();
         let store = store.clone();

@@ -1118,3 +1118,34 @@ async fn a_sighup_during_serve_restore_is_ignored() {
     .await;
     assert_eq!(available(&ledger, "hup").await, Ok(700));
 }
+
+/// `server.restore`: a serving process rebuilds by itself, in the background, the shards
+/// Redis lost while it serves; nobody runs `tollgate restore`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_process_restores_the_shards_redis_loses() {
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let mut config = common::test_config(&redis.url());
+    config.store.url = pg.url.clone();
+    config.settler.enabled = true;
+    config.settler.idle_wait_ms = 10;
+    config.server.restore = true;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    server
+        .ledger
+        .grant(&common::purchase("bg", 500, "g-bg"))
+        .await
+        .expect("grant");
+    let store = Store::connect_lazy(&pg.url, 2).expect("store");
+    wait_settled(&store, &server.ledger).await;
+
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    let ledger = server.ledger.clone();
+    common::eventually(DEADLINE, "the lost shard restored while serving", || {
+        let ledger = ledger.clone();
+        async move { (available(&ledger, "bg").await == Ok(500)).then_some(()) }
+    })
+    .await;
+    server.stop().await;
+}
