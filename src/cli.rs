@@ -116,8 +116,8 @@ pub struct RestoreArgs {
     /// Durable store: postgres://… or sqlite://PATH.
     #[arg(long)]
     pub store: Option<String>,
-    /// Also restore shards that do not serve but hold data (left by a restore that died
-    /// partway): what they hold is deleted first, unsettled outbox entries with it. Shards
+    /// Also restore shards that do not serve but hold data of unknown origin (what a restore
+    /// that died partway left is redone without it): what they hold is deleted first, unsettled outbox entries with it. Shards
     /// that serve are never touched.
     #[arg(long, conflicts_with = "rebuild_serving")]
     pub force: bool,

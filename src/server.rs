@@ -218,7 +218,8 @@ pub async fn restore_lost_shards(
             Ok(LostShards::Busy)
         }
         // Every shard serves by now (another restore finished first), or a shard that
-        // does not serve holds data of unknown origin (a restore that died partway):
+        // does not serve holds data of unknown origin (not a dead restore's: those are
+        // redone), or dead letters:
         // serve the shards that do serve; the others refuse charges, not ready, until
         // `tollgate restore` (with `--force` for the second case: it rewrites only shards
         // that do not serve) is run by hand.

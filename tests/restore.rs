@@ -1149,3 +1149,85 @@ async fn a_serving_process_restores_the_shards_redis_loses() {
     .await;
     server.stop().await;
 }
+
+/// A restore that died partway leaves its marker in the shard it was writing. The next
+/// restore (the plain one `serve --restore` runs) then deletes that shard's half-written
+/// state and rebuilds it, where a shard holding data of unknown origin (no marker) is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_a_dead_restore_half_wrote_is_rebuilt_by_the_next() {
+    use tollgate::settle::restore::{restore, restoring_key, RestoreError, RestoreMode};
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
+    store.migrate().await.expect("migrate");
+    ledger
+        .grant(&common::purchase("half", 1000, "g-half"))
+        .await
+        .expect("grant");
+    Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            consumer: "half-test".into(),
+            ..SettlerSettings::default()
+        },
+    )
+    .drain(DEADLINE)
+    .await
+    .expect("settled");
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    assert_eq!(available(&ledger, "half").await, Ok(1000));
+
+    // Half-written: no epoch marker, a wallet that says something else.
+    let shard = ledger.shards().of_account("half");
+    let wallet_key = format!("{}:w:half:default", ledger.shards().tag(shard));
+    let half_write = |con: &mut redis::Connection, marker: bool| {
+        let _: () = redis::cmd("DEL")
+            .arg(ledger.shards().epoch_key(shard))
+            .query(con)
+            .expect("del epoch");
+        let _: () = redis::cmd("HSET")
+            .arg(&wallet_key)
+            .arg("r")
+            .arg(7)
+            .query(con)
+            .expect("hset");
+        if marker {
+            let _: () = redis::cmd("SET")
+                .arg(restoring_key(&ledger, shard))
+                .arg("a-restore-that-died")
+                .query(con)
+                .expect("set marker");
+        }
+    };
+    half_write(&mut con, false);
+    match restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {}).await {
+        Err(RestoreError::NotEmpty(found)) => assert!(found.contains(":w:"), "{found}"),
+        other => panic!("a half-written shard without a marker: {other:?}"),
+    }
+    half_write(&mut con, true);
+    let report = restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("the next restore redoes the shard");
+    let rebuilt: Vec<u16> = report
+        .shards
+        .iter()
+        .filter(|s| !s.skipped)
+        .map(|s| s.shard)
+        .collect();
+    assert_eq!(rebuilt, vec![shard]);
+    assert_eq!(available(&ledger, "half").await, Ok(1000));
+    let marker: i64 = redis::cmd("EXISTS")
+        .arg(restoring_key(&ledger, shard))
+        .query(&mut con)
+        .expect("exists");
+    assert_eq!(marker, 0, "the marker goes with the shard's epoch");
+}

@@ -188,6 +188,15 @@ async fn serves_now(ledger: &Ledger, lease: &Lease, shard: u16) -> Result<bool, 
     Ok(ledger.shard_initialized(shard).await?)
 }
 
+/// A shard's "a restore is writing it" marker: set (to the lease's token) before the
+/// restore's first write into the shard, deleted once its epoch marker is written. Found
+/// by a later restore in a shard that does not serve, it says the shard's contents were
+/// left by a restore that died partway (nothing else writes a shard without an epoch
+/// marker), so that restore deletes them and rebuilds the shard instead of refusing.
+pub fn restoring_key(ledger: &Ledger, shard: u16) -> String {
+    format!("{}:restoring", ledger.shards().tag(shard))
+}
+
 /// The restore lease's key: in shard 0's hash slot, outside every shard's data
 /// (`wipe` leaves it alone).
 pub fn lease_key(ledger: &Ledger) -> String {
@@ -989,10 +998,10 @@ fn shard_of_key(key: &str) -> Option<u16> {
 }
 
 /// What `wipe` deletes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Wipe {
-    /// The keys of shards without an epoch marker.
-    Unserved,
+    /// The keys of the shards marked here that have no epoch marker.
+    Unserved(Vec<bool>),
     Everything,
 }
 
@@ -1027,19 +1036,13 @@ async fn wipe(ledger: &Ledger, scope: Wipe) -> Result<(), LedgerError> {
             .into_iter()
             .filter(|k| *k != lease && !is_dead_letters_key(k))
             .collect();
-        if scope == Wipe::Everything {
-            if !keys.is_empty() {
-                let _: i64 = ledger
-                    .redis()
-                    .query(redis::cmd("UNLINK").arg(&keys))
-                    .await?;
-            }
-        } else {
+        if let Wipe::Unserved(chosen) = &scope {
             let mut by_shard: BTreeMap<u16, Vec<String>> = BTreeMap::new();
             for key in keys {
-                if let Some(shard) =
-                    shard_of_key(&key).filter(|s| *s < shards.count() && !serving[usize::from(*s)])
-                {
+                if let Some(shard) = shard_of_key(&key).filter(|s| {
+                    let s = usize::from(*s);
+                    chosen.get(s).copied().unwrap_or(false) && !serving[s]
+                }) {
                     by_shard.entry(shard).or_default().push(key);
                 }
             }
@@ -1051,6 +1054,11 @@ async fn wipe(ledger: &Ledger, scope: Wipe) -> Result<(), LedgerError> {
                     .arg(&keys);
                 let _: i64 = ledger.redis().query(&cmd).await?;
             }
+        } else if !keys.is_empty() {
+            let _: i64 = ledger
+                .redis()
+                .query(redis::cmd("UNLINK").arg(&keys))
+                .await?;
         }
         if next == 0 {
             return Ok(());
@@ -1297,11 +1305,13 @@ fn write_orgs(pipe: &mut Pipeline, tag: &str, orgs: &OrgState, now: i64) -> usiz
 /// Which shards a restore may write over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RestoreMode {
-    /// Only shards that do not serve and hold no wallets (Redis lost them).
+    /// Only shards that do not serve and hold no wallets (Redis lost them), or only what
+    /// a restore that died left in them.
     Lost,
-    /// `--force`: also shards that do not serve but hold data (a restore that died partway
-    /// left them half-written). What they hold is deleted first, unsettled outbox entries
-    /// with it. A shard that serves is never touched.
+    /// `--force`: also shards that do not serve but hold data of unknown origin (a dead
+    /// restore's half-written shards are redone in every mode: `restoring_key`). What they
+    /// hold is deleted first, unsettled outbox entries with it. A shard that serves is
+    /// never touched.
     Force,
     /// `--rebuild-serving`: every shard, serving ones too (Redis came back behind the
     /// store, e.g. from an AOF that missed its last second). Refused unless the settler
@@ -1351,9 +1361,30 @@ async fn restore_under(
         }
     };
     no_dead_letters(ledger, &rebuilt).await?;
+    let count = ledger.shards().count();
     match mode {
-        RestoreMode::Lost => {}
-        RestoreMode::Force => wipe(ledger, Wipe::Unserved).await?,
+        RestoreMode::Lost if rebuilt.is_empty() => {}
+        RestoreMode::Lost => {
+            // Holding the lease, any marker is a dead restore's: its shards are redone.
+            let mut pipe = redis::pipe();
+            for shard in &rebuilt {
+                pipe.cmd("EXISTS").arg(restoring_key(ledger, *shard));
+            }
+            let marked: Vec<i64> = ledger.redis().pipeline(&pipe).await?;
+            let mut redo = vec![false; usize::from(count)];
+            for (shard, _) in rebuilt.iter().zip(marked).filter(|(_, m)| *m == 1) {
+                redo[usize::from(*shard)] = true;
+            }
+            if redo.iter().any(|r| *r) {
+                let shards: Vec<usize> = (0..redo.len()).filter(|s| redo[*s]).collect();
+                tracing::warn!(
+                    ?shards,
+                    "shards a restore that died left half-written: rebuilt from the start"
+                );
+                wipe(ledger, Wipe::Unserved(redo)).await?;
+            }
+        }
+        RestoreMode::Force => wipe(ledger, Wipe::Unserved(vec![true; usize::from(count)])).await?,
         RestoreMode::RebuildServing { group } => {
             all_settled(ledger, group).await?;
             wipe(ledger, Wipe::Everything).await?;
@@ -1465,6 +1496,14 @@ async fn restore_under(
             report.shards.push(left);
             continue;
         }
+        let _: () = ledger
+            .redis()
+            .query(
+                redis::cmd("SET")
+                    .arg(restoring_key(ledger, shard))
+                    .arg(&lease.token),
+            )
+            .await?;
         for chunk in wallets.chunks(WALLETS_PER_PIPELINE) {
             lease.check(shard)?;
             let mut pipe = redis::pipe();
@@ -1642,6 +1681,10 @@ async fn restore_under(
         flush(ledger, lease, shard, &mut pipe, &mut queued).await?;
         ledger
             .initialize_shard(shard, &crate::ledger::new_epoch())
+            .await?;
+        let _: i64 = ledger
+            .redis()
+            .query(redis::cmd("DEL").arg(restoring_key(ledger, shard)))
             .await?;
         progress(&shard_report, count);
         report.shards.push(shard_report);
