@@ -882,8 +882,8 @@ async fn restores_never_write_over_a_shard_that_serves() {
         .expect("serve --restore with nothing lost");
     assert_eq!(available(&ledger, &fresh).await, Ok(300));
 
-    // A restore that died partway: a shard with wallets written but no marker. Restore
-    // refuses it (data of unknown origin), and `serve --restore` serves the other shards
+    // A shard with wallets but neither an epoch marker nor a restore's marker: data of
+    // unknown origin. Restore refuses it, and `serve --restore` serves the other shards
     // instead of failing to start.
     let _: () = redis::cmd("DEL")
         .arg(shards.epoch_key(shards.of_account(&lost)))
