@@ -146,15 +146,12 @@ async fn settle(config: Config) -> Result<(), String> {
 }
 
 async fn reconcile(args: ReconcileArgs) -> ExitCode {
-    let overrides = Overrides {
-        redis_url: args.redis_url.clone(),
-        store_url: args.store.clone(),
-        ..Default::default()
-    };
     let run = async {
-        let config = load_config(args.config.as_deref(), &overrides)?;
-        let ledger =
-            server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+        let (config, ledger) = tool_ledger(
+            args.config.as_deref(),
+            args.redis_url.clone(),
+            args.store.clone(),
+        )?;
         let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
         tollgate::settle::reconcile::reconcile(
             ledger,
@@ -209,15 +206,29 @@ async fn prune_functions(args: PruneFunctionsArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
-    use tollgate::settle::dead_letters;
+/// A command's config (file, environment, `--redis-url` and `--store`) and its ledger.
+fn tool_ledger(
+    path: Option<&std::path::Path>,
+    redis_url: Option<String>,
+    store_url: Option<String>,
+) -> Result<(Config, std::sync::Arc<tollgate::ledger::Ledger>), String> {
     let overrides = Overrides {
-        redis_url: args.redis_url.clone(),
-        store_url: args.store.clone(),
+        redis_url,
+        store_url,
         ..Default::default()
     };
-    let config = load_config(args.config.as_deref(), &overrides)?;
+    let config = load_config(path, &overrides)?;
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+    Ok((config, ledger))
+}
+
+async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
+    use tollgate::settle::dead_letters;
+    let (config, ledger) = tool_ledger(
+        args.config.as_deref(),
+        args.redis_url.clone(),
+        args.store.clone(),
+    )?;
     match args.command {
         DeadLettersCommand::List => {
             let letters = dead_letters::list(&ledger)
@@ -276,13 +287,11 @@ async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
 }
 
 async fn restore(args: RestoreArgs) -> Result<(), String> {
-    let overrides = Overrides {
-        redis_url: args.redis_url.clone(),
-        store_url: args.store.clone(),
-        ..Default::default()
-    };
-    let config = load_config(args.config.as_deref(), &overrides)?;
-    let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
+    let (config, ledger) = tool_ledger(
+        args.config.as_deref(),
+        args.redis_url.clone(),
+        args.store.clone(),
+    )?;
     let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
     let mode = if args.rebuild_serving {
         RestoreMode::RebuildServing {

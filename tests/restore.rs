@@ -710,6 +710,44 @@ async fn aof_everysec_sigkill_loses_about_the_last_second() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `account` granted `amount`, settled into a fresh PostgreSQL database; then Redis loses
+/// everything.
+async fn settled_then_lost(
+    account: &str,
+    amount: i64,
+) -> (
+    common::RedisServer,
+    common::PgDatabase,
+    Arc<tollgate::ledger::Ledger>,
+    Arc<Store>,
+) {
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
+    store.migrate().await.expect("migrate");
+    ledger
+        .grant(&common::purchase(account, amount, &format!("g-{account}")))
+        .await
+        .expect("grant");
+    Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            consumer: format!("{account}-test"),
+            ..SettlerSettings::default()
+        },
+    )
+    .drain(DEADLINE)
+    .await
+    .expect("settled");
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    (redis, pg, ledger, store)
+}
+
 /// What a wallet has available, or the error's text (a shard awaiting restore refuses).
 async fn available(ledger: &tollgate::ledger::Ledger, account_id: &str) -> Result<i64, String> {
     ledger
@@ -1024,30 +1062,7 @@ async fn restores_never_write_over_a_shard_that_serves() {
 /// end the process. Once the lock is free the restore runs and the server serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_during_serve_restore_is_ignored() {
-    use tollgate::settle::settler::{Settler, SettlerSettings};
-
-    let redis = common::RedisServer::start();
-    let pg = common::PgDatabase::create().await;
-    let ledger = common::ledger(&redis, Clock::Redis);
-    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
-    store.migrate().await.expect("migrate");
-    ledger
-        .grant(&common::purchase("hup", 700, "g-hup"))
-        .await
-        .expect("grant");
-    Settler::new(
-        ledger.clone(),
-        store.clone(),
-        SettlerSettings {
-            consumer: "hup-test".into(),
-            ..SettlerSettings::default()
-        },
-    )
-    .drain(DEADLINE)
-    .await
-    .expect("settled");
-    let mut con = redis.client().get_connection().expect("redis");
-    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    let (redis, pg, ledger, _store) = settled_then_lost("hup", 700).await;
 
     // The migration lock (src/settle/store.rs), held until the end of this transaction.
     let pool = sqlx::PgPool::connect(&pg.url).await.expect("pg");
@@ -1157,30 +1172,9 @@ async fn a_serving_process_restores_the_shards_redis_loses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_a_dead_restore_half_wrote_is_rebuilt_by_the_next() {
     use tollgate::settle::restore::{restore, restoring_key, RestoreError, RestoreMode};
-    use tollgate::settle::settler::{Settler, SettlerSettings};
 
-    let redis = common::RedisServer::start();
-    let pg = common::PgDatabase::create().await;
-    let ledger = common::ledger(&redis, Clock::Redis);
-    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
-    store.migrate().await.expect("migrate");
-    ledger
-        .grant(&common::purchase("half", 1000, "g-half"))
-        .await
-        .expect("grant");
-    Settler::new(
-        ledger.clone(),
-        store.clone(),
-        SettlerSettings {
-            consumer: "half-test".into(),
-            ..SettlerSettings::default()
-        },
-    )
-    .drain(DEADLINE)
-    .await
-    .expect("settled");
+    let (redis, _pg, ledger, store) = settled_then_lost("half", 1000).await;
     let mut con = redis.client().get_connection().expect("redis");
-    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
     restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
         .await
         .expect("restore");

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use redis::Pipeline;
 
+use super::settler::{last_entry_id, settled_through, SettleError};
 use super::store::{Store, StoreError, WalletPosition};
 use crate::ledger::command::digest;
 use crate::ledger::event::{EventKind, LedgerEvent, LotPiece};
@@ -1115,25 +1116,15 @@ async fn all_settled(ledger: &Ledger, group: &str) -> Result<(), RestoreError> {
     let shards = ledger.shards();
     for shard in 0..shards.count() {
         let stream = shards.outbox(shard);
-        let newest: Vec<(String, redis::Value)> = ledger
-            .redis()
-            .query(
-                redis::cmd("XREVRANGE")
-                    .arg(stream)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1),
-            )
-            .await?;
-        let Some((last, _)) = newest.first() else {
+        let cannot_tell = |e: SettleError| {
+            RestoreError::Unsettled(format!("cannot tell what {stream} settled: {e}"))
+        };
+        let Some(last) = last_entry_id(ledger, stream).await.map_err(cannot_tell)? else {
             continue;
         };
-        let settled = crate::settle::settler::settled_through(ledger, stream, group, last)
+        let settled = settled_through(ledger, stream, group, &last)
             .await
-            .map_err(|e| {
-                RestoreError::Unsettled(format!("cannot tell what {stream} settled: {e}"))
-            })?;
+            .map_err(cannot_tell)?;
         if !settled {
             return Err(RestoreError::Unsettled(format!(
                 "settler group {group:?} has not settled {stream} through its newest entry {last}"

@@ -912,7 +912,11 @@ async fn settled_up_to(ledger: &Ledger, stream: &str) -> Result<Option<String>, 
     Ok(lowest.map(|(_, _, id)| id))
 }
 
-async fn last_entry_id(ledger: &Ledger, stream: &str) -> Result<Option<String>, SettleError> {
+/// The id of a stream's newest entry (None: empty or missing).
+pub(crate) async fn last_entry_id(
+    ledger: &Ledger,
+    stream: &str,
+) -> Result<Option<String>, SettleError> {
     let reply: Value = ledger
         .redis()
         .query(
