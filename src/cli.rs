@@ -225,6 +225,10 @@ pub enum AdminCommand {
         /// The owner or admin making an org key.
         #[arg(long, default_value = "")]
         actor: String,
+        /// A retry with the same key answers the key the first call made (its secret is
+        /// shown only once, by the first call).
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
     },
     /// Organizations: members, allocations, budgets.
     #[command(subcommand)]

@@ -545,6 +545,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
             org,
             member,
             actor,
+            idempotency_key,
         } => {
             let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
             let out = client
@@ -554,10 +555,19 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     org_id: org,
                     member_id: member,
                     actor_id: actor,
+                    idempotency_key,
                 })
                 .await
                 .map_err(status)?
                 .into_inner();
+            if out.replayed {
+                println!(
+                    "key {} was made for {} by an earlier call with this idempotency key; its \
+                     secret was shown then only (revoke it and create another if it is lost)",
+                    out.key_id, out.account_id
+                );
+                return Ok(());
+            }
             println!(
                 "api key for {}{} (shown once; keep it secret):",
                 out.account_id,

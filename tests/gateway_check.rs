@@ -464,6 +464,72 @@ async fn api_keys_are_hashed_bound_to_one_account_and_validated() {
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
 }
 
+/// CreateApiKey with an idempotency key: a retry makes no second key; it answers the first
+/// one (`replayed`, without its secret). The same idempotency key with another name, or a
+/// bad one, is INVALID_ARGUMENT naming the field, and makes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_key_creation_makes_one_key() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let create = |name: &str, idempotency_key: &str| pb::CreateApiKeyRequest {
+        account_id: "retry".into(),
+        name: name.into(),
+        idempotency_key: idempotency_key.into(),
+        ..Default::default()
+    };
+    let first = admin
+        .create_api_key(create("ci", "create-1"))
+        .await
+        .expect("create")
+        .into_inner();
+    assert!(!first.replayed);
+    assert!(first.api_key.starts_with("tg_"));
+    let again = admin
+        .create_api_key(create("ci", "create-1"))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.key_id, first.key_id);
+    assert_eq!(again.created_at_ms, first.created_at_ms);
+    assert_eq!(again.api_key, "", "the secret is in the first answer only");
+    let listed = |admin: &mut pb::admin_client::AdminClient<common::AuthChannel>| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list_api_keys(pb::ListApiKeysRequest {
+                    account_id: "retry".into(),
+                })
+                .await
+                .expect("list")
+                .into_inner()
+                .keys
+                .len()
+        }
+    };
+    assert_eq!(listed(&mut admin).await, 1);
+    for (request, field) in [
+        (create("other", "create-1"), "idempotency_key"),
+        (create("ci", "has space"), "idempotency_key"),
+    ] {
+        let status = admin.create_api_key(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains(field), "{status:?}");
+    }
+    assert_eq!(listed(&mut admin).await, 1);
+    // Another idempotency key, or none, makes another key.
+    for key in ["create-2", ""] {
+        let made = admin
+            .create_api_key(create("ci", key))
+            .await
+            .expect("create")
+            .into_inner();
+        assert!(!made.replayed && made.key_id != first.key_id);
+    }
+    assert_eq!(listed(&mut admin).await, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_stops_working_on_other_sidecars_within_the_cache_ttl() {
     let redis = common::RedisServer::start();
@@ -550,7 +616,7 @@ async fn a_stale_cached_identity_is_replaced_by_the_next_answer() {
     let admin = store(300);
     admin.load_scripts().await.expect("key scripts");
     let key = admin
-        .create("acme", "k", &KeyBinding::default())
+        .create("acme", "k", &KeyBinding::default(), "")
         .await
         .expect("key");
     for _ in 0..2 {
@@ -589,7 +655,7 @@ async fn an_answer_from_before_a_revocation_is_not_cached_after_it() {
     );
     sidecar.load_scripts().await.expect("key scripts");
     let key = sidecar
-        .create("acme", "k", &KeyBinding::default())
+        .create("acme", "k", &KeyBinding::default(), "")
         .await
         .expect("key");
     // A first miss: the doorkeeper lets the key in from the next answer on.

@@ -216,7 +216,7 @@ async fn flush(ledger: &Ledger) -> Arc<Keys> {
     let mut by_account = HashMap::new();
     for account in ACCOUNTS {
         let key = store
-            .create(account, "model", &KeyBinding::default())
+            .create(account, "model", &KeyBinding::default(), "")
             .await
             .expect("api key");
         let shard = shard_of_key_id(&key.key_id, ledger.shards()).expect("key shard");

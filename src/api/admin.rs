@@ -252,10 +252,11 @@ impl Admin for AdminService {
         };
         let out = self
             .keys
-            .create(&r.account_id, &r.name, &binding)
+            .create(&r.account_id, &r.name, &binding, &r.idempotency_key)
             .await
             .map_err(to_status)?;
-        // An org workspace key belongs to the org.
+        // An org workspace key belongs to the org. (A replay saves the key again: the first
+        // call may have failed after making it, before the store had it.)
         let account_id = if binding.org_id.is_empty() {
             r.account_id
         } else {
@@ -278,6 +279,7 @@ impl Admin for AdminService {
             name: r.name,
             created_at_ms: out.created_at_ms,
             member_id: binding.member_id,
+            replayed: out.replayed,
         }))
     }
 

@@ -75,6 +75,9 @@ pub struct CreatedKey {
     /// SHA-256 of the key, hex: what the durable ledger keeps.
     pub digest_hex: String,
     pub created_at_ms: i64,
+    /// A repeat of an earlier creation (same idempotency key): the key it made, whose
+    /// secret (`api_key`, empty here) was only in that first answer.
+    pub replayed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,6 +309,8 @@ pub struct KeyStore {
     revocations: AtomicU64,
     cache_ttl: Duration,
     keys_per_account_max: String,
+    /// How long a key creation's idempotency record lives (ms, as a script argument).
+    idempotency_window_ms: String,
 }
 
 impl KeyStore {
@@ -336,7 +341,16 @@ impl KeyStore {
             revocations: AtomicU64::new(0),
             cache_ttl,
             keys_per_account_max: keys_per_account_max.to_string(),
+            idempotency_window_ms: crate::ledger::DEFAULT_IDEMPOTENCY_WINDOW
+                .as_millis()
+                .to_string(),
         }
+    }
+
+    /// How long a retry of a key creation (same idempotency key) finds the first one.
+    pub fn with_idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency_window_ms = window.as_millis().max(1).to_string();
+        self
     }
 
     pub async fn load_scripts(&self) -> Result<(), LedgerError> {
@@ -466,12 +480,21 @@ impl KeyStore {
 
     /// Makes a key for an account (a personal key) or, with `binding.org_id`, an org
     /// workspace key; the secret is in the answer only.
+    /// With an `idempotency_key`, a repeat within the idempotency window answers the key
+    /// the first call made (`replayed`, without its secret, which only the first answer
+    /// held) instead of making another; the same key with other parameters is refused.
     pub async fn create(
         &self,
         account_id: &str,
         name: &str,
         binding: &KeyBinding,
+        idempotency_key: &str,
     ) -> Result<CreatedKey, LedgerError> {
+        if !idempotency_key.is_empty() {
+            let mut v = Violations::default();
+            v.idempotency_key("idempotency_key", idempotency_key);
+            v.finish().map_err(LedgerError::InvalidArgument)?;
+        }
         let account_id = if binding.org_id.is_empty() {
             // A member or actor means nothing without the org: it would be stored on a
             // personal key unchecked (and break the key's listing and every check by it).
@@ -504,13 +527,29 @@ impl KeyStore {
         if !binding.org_id.is_empty() {
             inv.key(format!("{}:org:{account_id}", self.shards.tag(shard)));
         }
+        let (record_id, request) = if idempotency_key.is_empty() {
+            (String::new(), String::new())
+        } else {
+            let record = Sha256::digest(format!("{account_id}:{idempotency_key}").as_bytes());
+            let request = Sha256::digest(
+                format!(
+                    "{name}\u{1f}{}\u{1f}{}",
+                    binding.member_id, binding.actor_id
+                )
+                .as_bytes(),
+            );
+            (hex(&record[..15]), hex(&request[..8]))
+        };
         inv.arg(account_id)
             .arg(&digest)
             .arg(name)
             .arg(&self.keys_per_account_max)
             .arg(&key_id)
             .arg(&binding.member_id)
-            .arg(&binding.actor_id);
+            .arg(&binding.actor_id)
+            .arg(&record_id)
+            .arg(&request)
+            .arg(&self.idempotency_window_ms);
         let answer: String = self.redis.call(&inv).await?;
         created(key_id, api_key, digest, &answer)
     }
@@ -536,7 +575,10 @@ impl KeyStore {
                 .arg(&self.keys_per_account_max)
                 .arg(&key_id)
                 .arg("")
-                .arg("");
+                .arg("")
+                .arg("")
+                .arg("")
+                .arg("0");
             invocations.push(inv);
             made.push((key_id, api_key, digest));
         }
@@ -683,6 +725,17 @@ fn created(
             api_key,
             digest_hex,
             created_at_ms: created.parse().unwrap_or_default(),
+            replayed: false,
+        }),
+        (Some("REPLAY"), Some(first)) => Ok(CreatedKey {
+            key_id: first.to_owned(),
+            api_key: String::new(),
+            created_at_ms: parts
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_default(),
+            digest_hex: parts.next().unwrap_or_default().to_owned(),
+            replayed: true,
         }),
         (Some("KEY_LIMIT"), Some(max)) => Err(LedgerError::Refused(Refusal::KeyLimit {
             max: max.parse().unwrap_or_default(),

@@ -280,13 +280,16 @@ pub const REPLAY_CHUNK: usize = 4096;
 impl Gateway {
     pub fn new(config: &Config, ledger: Arc<Ledger>) -> Self {
         let g = &config.gateway;
-        let keys = Arc::new(KeyStore::new(
-            ledger.redis().clone(),
-            ledger.shards().clone(),
-            Duration::from_millis(g.identity_cache_ttl_ms),
-            g.identity_cache_entries_max,
-            g.keys_per_account_max,
-        ));
+        let keys = Arc::new(
+            KeyStore::new(
+                ledger.redis().clone(),
+                ledger.shards().clone(),
+                Duration::from_millis(g.identity_cache_ttl_ms),
+                g.identity_cache_entries_max,
+                g.keys_per_account_max,
+            )
+            .with_idempotency_window(ledger.settings().idempotency_window),
+        );
         register_operation_series(&config.pricebook);
         let spool = if g.spool_path.is_empty() {
             None

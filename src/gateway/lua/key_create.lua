@@ -2,10 +2,28 @@
 -- KEYS[2] the account's key index "{tg:S}:ks:<account>" (same hash tag), and for an org
 -- workspace key KEYS[3] the org record "{tg:S}:org:<org>".
 -- ARGV 1 account, 2 SHA-256 of the whole key (hex), 3 name, 4 most keys per account,
--- 5 key id, 6 member the key acts for ("" = none), 7 actor (org keys: owner or admin).
--- Answers "OK|created_ms", "KEY_LIMIT|max", "EXISTS" or "BAD_FIELD|field|why".
+-- 5 key id, 6 member the key acts for ("" = none), 7 actor (org keys: owner or admin),
+-- 8 idempotency record id ("" = none: 30 hex of SHA-256("<account>:<idempotency key>")),
+-- 9 digest of the request's parameters, 10 idempotency window (ms).
+-- Answers "OK|created_ms", "REPLAY|key_id|created_ms|key digest" (the key an earlier call
+-- with this idempotency key made), "KEY_LIMIT|max", "EXISTS" or "BAD_FIELD|field|why".
 -- The record holds: a account, s digest, n name, c created ms, r revoked ms (once),
--- mb member (org keys bound to a member).
+-- mb member (org keys bound to a member). The idempotency record
+-- "{tg:S}:ki:<id>" = "<request digest>|<key id>|<created ms>", for the window.
+local ikey
+if ARGV[8] ~= '' then
+  local tag = string.match(KEYS[1], '^{[^}]*}')
+  ikey = tag .. ':ki:' .. ARGV[8]
+  local prior = redis.call('GET', ikey)
+  if prior then
+    local digest, key_id, created = string.match(prior, '^([^|]*)|([^|]*)|(.*)$')
+    if digest ~= ARGV[9] then
+      return 'BAD_FIELD|idempotency_key|was used with other parameters'
+    end
+    local key_digest = redis.call('HGET', tag .. ':k:' .. key_id, 's') or ''
+    return 'REPLAY|' .. key_id .. '|' .. created .. '|' .. key_digest
+  end
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 'EXISTS'
 end
@@ -31,4 +49,7 @@ if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'mb', ARGV[6])
 end
 redis.call('HSET', KEYS[2], ARGV[5], now)
+if ikey then
+  redis.call('SET', ikey, ARGV[9] .. '|' .. ARGV[5] .. '|' .. now, 'PX', ARGV[10])
+end
 return 'OK|' .. now
