@@ -470,7 +470,9 @@ async fn api_keys_are_hashed_bound_to_one_account_and_validated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_key_creation_makes_one_key() {
     let redis = common::RedisServer::start();
-    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let config = esign_config(&redis.url());
+    let store = tollgate::settle::Store::connect_lazy(&config.store.url, 1).expect("store");
+    let server = common::TestServer::start(config, Clock::Redis).await;
     let mut admin = server.admin().await;
     let create = |name: &str, idempotency_key: &str| pb::CreateApiKeyRequest {
         account_id: "retry".into(),
@@ -528,6 +530,28 @@ async fn a_retried_key_creation_makes_one_key() {
         assert!(!made.replayed && made.key_id != first.key_id);
     }
     assert_eq!(listed(&mut admin).await, 3);
+
+    // A retry after the key was revoked still answers it, and leaves it revoked in the
+    // durable ledger too (which a restore reads).
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: first.key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    let late = admin
+        .create_api_key(create("ci", "create-1"))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(late.replayed && late.key_id == first.key_id);
+    let stored = store.api_keys().await.expect("api keys");
+    let kept = stored
+        .iter()
+        .find(|k| k.key_id == first.key_id)
+        .expect("stored");
+    assert!(kept.revoked_at_ms > 0, "{kept:?}");
+    assert!(!kept.digest.is_empty(), "{kept:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

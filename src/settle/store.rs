@@ -695,7 +695,9 @@ macro_rules! store_impl {
                 sqlx::query(
                     "INSERT INTO tollgate_api_keys (key_id, account_id, digest, name, \
                      created_at_ms, revoked_at_ms, member_id) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                     ON CONFLICT (key_id) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
+                     ON CONFLICT (key_id) DO UPDATE SET revoked_at_ms = CASE \
+                     WHEN excluded.revoked_at_ms > 0 THEN excluded.revoked_at_ms \
+                     ELSE tollgate_api_keys.revoked_at_ms END",
                 )
                 .bind(key.key_id.clone())
                 .bind(key.account_id.clone())
