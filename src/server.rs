@@ -214,8 +214,17 @@ pub async fn restore_lost_shards(
             Ok(LostShards::Restored)
         }
         Err(err @ crate::settle::restore::RestoreError::Busy(..)) => {
-            tracing::warn!(error = %err, "serving while another restore runs");
+            tracing::info!(error = %err, "serving while another restore runs");
             Ok(LostShards::Busy)
+        }
+        // Another restore finished first.
+        Err(crate::settle::restore::RestoreError::NotEmpty(_))
+            if ledger
+                .initialized_shards()
+                .await
+                .is_ok_and(|s| s.iter().all(|i| *i)) =>
+        {
+            Ok(LostShards::NoneLost)
         }
         // Every shard serves by now (another restore finished first), or a shard that
         // does not serve holds data of unknown origin (not a dead restore's: those are
@@ -437,7 +446,10 @@ pub async fn run(
     // Redis may come up later, or lose its data while we run.
     initialize_new_shards(&ledger, &store).await;
     if config.server.restore {
-        tokio::spawn(keep_restoring(ledger.clone(), store.clone(), stopped()));
+        // Its own Redis connections: a restore's pipelines (thousands of commands) must
+        // not queue the checks behind them on the shared ones.
+        let restorer = ledger_from_config(&config, Clock::Redis)?;
+        tokio::spawn(keep_restoring(restorer, store.clone(), stopped()));
     }
     let initializer = {
         let ledger = ledger.clone();

@@ -1175,13 +1175,42 @@ async fn a_shard_a_dead_restore_half_wrote_is_rebuilt_by_the_next() {
 
     let (redis, _pg, ledger, store) = settled_then_lost("half", 1000).await;
     let mut con = redis.client().get_connection().expect("redis");
+    let shard = ledger.shards().of_account("half");
+    let marked = |con: &mut redis::Connection| -> Option<String> {
+        redis::cmd("GET")
+            .arg(restoring_key(&ledger, shard))
+            .query(con)
+            .expect("get marker")
+    };
+    // A restore that fails partway: a string where it writes the wallet's burn index
+    // makes its pipeline fail after the wallet itself was written. It leaves its marker.
+    let burn_index = format!("{}:b:half:default", ledger.shards().tag(shard));
+    let _: () = redis::cmd("SET")
+        .arg(&burn_index)
+        .arg("in the way")
+        .query(&mut con)
+        .expect("set");
+    let failed = restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {}).await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(
+        marked(&mut con).is_some(),
+        "a restore marks the shard it writes"
+    );
+    assert!(available(&ledger, "half").await.is_err(), "not serving");
+    let _: () = redis::cmd("DEL")
+        .arg(&burn_index)
+        .query(&mut con)
+        .expect("del");
     restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
         .await
-        .expect("restore");
+        .expect("the next restore redoes the shard");
     assert_eq!(available(&ledger, "half").await, Ok(1000));
+    assert_eq!(
+        marked(&mut con),
+        None,
+        "the marker goes with the epoch's writing"
+    );
 
-    // Half-written: no epoch marker, a wallet that says something else.
-    let shard = ledger.shards().of_account("half");
     let wallet_key = format!("{}:w:half:default", ledger.shards().tag(shard));
     let half_write = |con: &mut redis::Connection, marker: bool| {
         let _: () = redis::cmd("DEL")

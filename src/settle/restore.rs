@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use redis::Pipeline;
 
 use super::settler::{last_entry_id, settled_through, SettleError};
-use super::store::{Store, StoreError, WalletPosition};
+use super::store::{ApiKeyRecord, Store, StoreError, WalletPosition};
 use crate::ledger::command::digest;
 use crate::ledger::event::{EventKind, LedgerEvent, LotPiece};
 use crate::ledger::{Ledger, LedgerError};
@@ -188,6 +188,26 @@ async fn serves_now(ledger: &Ledger, lease: &Lease, shard: u16) -> Result<bool, 
     lease.check(shard)?;
     Ok(ledger.shard_initialized(shard).await?)
 }
+
+/// The shard of a key id `k<shard>-<hex>`, when it is one of `count`.
+fn key_shard(key_id: &str, count: u16) -> Option<u16> {
+    key_id
+        .strip_prefix('k')
+        .and_then(|rest| rest.split_once('-'))
+        .and_then(|(s, _)| s.parse::<u16>().ok())
+        .filter(|s| *s < count)
+}
+
+/// How many replayed events a restore handles between two yields to the runtime.
+const YIELD_EVERY_EVENTS: usize = 1024;
+
+/// The last step of a shard's restore (KEYS[1] its "restoring" marker, KEYS[2] its epoch
+/// marker; ARGV[1] the lease token, ARGV[2] the epoch value): the epoch marker is written
+/// (`SET NX`) and the restoring marker deleted only while that marker is still this
+/// restore's. A restore that lost its lease, and whose shard another restore has taken
+/// over (deleted and marked as its own), cannot mark it serving half-written.
+const FINISH_SHARD_LUA: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end \
+    redis.call('SET', KEYS[2], ARGV[2], 'NX') redis.call('DEL', KEYS[1]) return 1";
 
 /// A shard's "a restore is writing it" marker: set (to the lease's token) before the
 /// restore's first write into the shard, deleted once its epoch marker is written. Found
@@ -1395,6 +1415,13 @@ async fn restore_under(
     let charge_retention_ms = settings.charge_retention.as_millis() as i64;
     let mut report = RestoreReport::default();
     let count = ledger.shards().count();
+    // API keys by shard: each shard gets its own before it serves again.
+    let mut api_keys: BTreeMap<u16, Vec<ApiKeyRecord>> = BTreeMap::new();
+    for key in store.api_keys().await? {
+        if let Some(shard) = key_shard(&key.key_id, count).filter(|_| !key.digest.is_empty()) {
+            api_keys.entry(shard).or_default().push(key);
+        }
+    }
     for shard in 0..count {
         let tag = ledger.shards().tag(shard).to_owned();
         let mut shard_report = ShardReport {
@@ -1454,6 +1481,11 @@ async fn restore_under(
                 records.append(&mut replay.records);
                 current = Some(replay.wallet);
                 shard_report.events += 1;
+                // A restore in a serving process (`server.restore`) shares its runtime
+                // with the checks: a long replay must not hold them up.
+                if shard_report.events.is_multiple_of(YIELD_EVERY_EVENTS) {
+                    tokio::task::yield_now().await;
+                }
             }
             if page.len() < EVENTS_PAGE as usize {
                 break;
@@ -1670,34 +1702,41 @@ async fn restore_under(
             queued += 3;
         }
         flush(ledger, lease, shard, &mut pipe, &mut queued).await?;
-        ledger
-            .initialize_shard(shard, &crate::ledger::new_epoch())
-            .await?;
-        let _: i64 = ledger
+        report.api_keys +=
+            write_api_keys(ledger, api_keys.remove(&shard).unwrap_or_default()).await?;
+        let finished: i64 = ledger
             .redis()
-            .query(redis::cmd("DEL").arg(restoring_key(ledger, shard)))
+            .query(
+                redis::cmd("EVAL")
+                    .arg(FINISH_SHARD_LUA)
+                    .arg(2)
+                    .arg(restoring_key(ledger, shard))
+                    .arg(ledger.shards().epoch_key(shard))
+                    .arg(&lease.token)
+                    .arg(crate::ledger::new_epoch()),
+            )
             .await?;
+        if finished != 1 {
+            return Err(RestoreError::LeaseLost(lease.key.clone(), shard));
+        }
         progress(&shard_report, count);
         report.shards.push(shard_report);
     }
-    report.api_keys = restore_api_keys(ledger, &store).await?;
+    // The shards left alone get the keys the store knows too (fields set again).
+    for (_, keys) in api_keys {
+        report.api_keys += write_api_keys(ledger, keys).await?;
+    }
     report.elapsed = started.elapsed();
     Ok(report)
 }
 
 /// API keys, from the durable ledger's key table (hashes only), as the gateway's
 /// key_create / key_revoke scripts keep them.
-async fn restore_api_keys(ledger: &Ledger, store: &Store) -> Result<usize, RestoreError> {
+async fn write_api_keys(ledger: &Ledger, keys: Vec<ApiKeyRecord>) -> Result<usize, RestoreError> {
     let mut pipe = redis::pipe();
     let mut restored = 0;
-    for key in store.api_keys().await? {
-        let shard = key
-            .key_id
-            .strip_prefix('k')
-            .and_then(|rest| rest.split_once('-'))
-            .and_then(|(s, _)| s.parse::<u16>().ok())
-            .filter(|s| *s < ledger.shards().count());
-        let (Some(shard), false) = (shard, key.digest.is_empty()) else {
+    for key in keys {
+        let Some(shard) = key_shard(&key.key_id, ledger.shards().count()) else {
             continue;
         };
         let tag = ledger.shards().tag(shard);
