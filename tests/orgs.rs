@@ -287,6 +287,69 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
     assert_eq!(r.json()["error"], "not_a_member");
 }
 
+/// An org key made with an idempotency key: a retry answers the same key; once its actor
+/// is no longer an owner or admin, even a retry is refused (who may make an org key is
+/// checked first, as a revoked API key is refused before a repeat's answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_org_key_creation_is_checked_against_the_actor_first() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    signsecure(&server).await;
+    let mut admin = server.admin().await;
+    admin
+        .add_member(pb::AddMemberRequest {
+            org_id: "acme".into(),
+            member_id: "adam".into(),
+            role: "admin".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "add-adam".into(),
+        })
+        .await
+        .expect("add admin");
+    let request = || pb::CreateApiKeyRequest {
+        org_id: "acme".into(),
+        member_id: "alice".into(),
+        actor_id: "adam".into(),
+        name: "made by adam".into(),
+        idempotency_key: "adam-makes".into(),
+        ..Default::default()
+    };
+    let first = admin
+        .create_api_key(request())
+        .await
+        .expect("org key")
+        .into_inner();
+    let again = admin
+        .create_api_key(request())
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(!first.replayed && again.replayed);
+    assert_eq!(
+        (
+            again.key_id.as_str(),
+            again.account_id.as_str(),
+            again.member_id.as_str()
+        ),
+        (first.key_id.as_str(), "acme", "alice")
+    );
+    admin
+        .remove_member(pb::RemoveMemberRequest {
+            org_id: "acme".into(),
+            member_id: "adam".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "adam-leaves".into(),
+        })
+        .await
+        .expect("remove adam");
+    let status = admin
+        .create_api_key(request())
+        .await
+        .expect_err("adam is no longer an admin");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("actor_id"), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_day_budget_refuses_the_crossing_charge_and_rolls_over_at_midnight() {
     let redis = common::RedisServer::start();

@@ -10,6 +10,20 @@
 -- The record holds: a account, s digest, n name, c created ms, r revoked ms (once),
 -- mb member (org keys bound to a member). The idempotency record
 -- "{tg:S}:ki:<id>" = "<request digest>|<key id>|<created ms>", for the window.
+-- Who may make an org key is checked first, a repeat included (as a revoked API key is
+-- refused before a repeat's answer is looked up).
+if KEYS[3] then
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    return 'BAD_FIELD|org_id|is not an organization'
+  end
+  local role = redis.call('HGET', KEYS[3], 'm:' .. ARGV[7])
+  if role ~= 'owner' and role ~= 'admin' then
+    return 'BAD_FIELD|actor_id|must be an owner or admin of the organization'
+  end
+  if ARGV[6] ~= '' and not redis.call('HGET', KEYS[3], 'm:' .. ARGV[6]) then
+    return 'BAD_FIELD|member_id|is not a member of the organization'
+  end
+end
 local ikey
 if ARGV[8] ~= '' then
   local tag = string.match(KEYS[1], '^{[^}]*}')
@@ -26,18 +40,6 @@ if ARGV[8] ~= '' then
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 'EXISTS'
-end
-if KEYS[3] then
-  if redis.call('EXISTS', KEYS[3]) == 0 then
-    return 'BAD_FIELD|org_id|is not an organization'
-  end
-  local role = redis.call('HGET', KEYS[3], 'm:' .. ARGV[7])
-  if role ~= 'owner' and role ~= 'admin' then
-    return 'BAD_FIELD|actor_id|must be an owner or admin of the organization'
-  end
-  if ARGV[6] ~= '' and not redis.call('HGET', KEYS[3], 'm:' .. ARGV[6]) then
-    return 'BAD_FIELD|member_id|is not a member of the organization'
-  end
 end
 if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then
   return 'KEY_LIMIT|' .. ARGV[4]
