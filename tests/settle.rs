@@ -726,6 +726,18 @@ async fn reconcile_reports_a_hold_redis_lost() {
         found: 0,
     };
     assert_eq!(report.drifts, [open_holds], "{}", report.render());
+    // It names the hold (the other one ended by its policy and is not listed).
+    let named = tollgate::settle::reconcile::LostHold {
+        account_id: "acme".into(),
+        wallet: "default".into(),
+        hold_id: lost.hold_id.clone(),
+    };
+    assert_eq!(report.lost_holds, [named], "{}", report.render());
+    assert!(
+        report.render().contains(&lost.hold_id),
+        "{}",
+        report.render()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

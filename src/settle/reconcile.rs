@@ -26,6 +26,15 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Attempts to see the allocations agree on a live system.
 const ALLOCATION_ATTEMPTS_MAX: usize = 5;
 
+/// A hold the ledger has open that Redis no longer has (its record was deleted: the
+/// credits stay held, lib.lua `expire_hold`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostHold {
+    pub account_id: String,
+    pub wallet: String,
+    pub hold_id: String,
+}
+
 /// One disagreement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drift {
@@ -44,6 +53,8 @@ pub struct Report {
     pub wallets: usize,
     pub events: i64,
     pub drifts: Vec<Drift>,
+    /// The holds behind an `open_holds` drift.
+    pub lost_holds: Vec<LostHold>,
 }
 
 impl Report {
@@ -63,6 +74,17 @@ impl Report {
                 out.push_str(&format!(
                     "{:<24} {:<12} {:<8} {:<10} {:>16} {:>16}\n",
                     d.account_id, d.wallet, d.check, d.field, d.expected, d.found
+                ));
+            }
+        }
+        if !self.lost_holds.is_empty() {
+            out.push_str(
+                "holds open in the ledger that Redis no longer has (their credits stay held):\n",
+            );
+            for h in &self.lost_holds {
+                out.push_str(&format!(
+                    "{:<24} {:<12} {}\n",
+                    h.account_id, h.wallet, h.hold_id
                 ));
             }
         }
@@ -179,6 +201,28 @@ pub async fn reconcile(
                 expected: upto_snapshot.open_holds,
                 found: snapshot.open_holds,
             });
+            // Name them: open in the ledger, gone from Redis's deadline index.
+            let in_redis: Vec<String> = ledger
+                .redis()
+                .query(
+                    redis::cmd("ZRANGE")
+                        .arg(format!(
+                            "{}:hw:{account_id}:{wallet}",
+                            ledger.shards().tag(shard)
+                        ))
+                        .arg(0)
+                        .arg(-1),
+                )
+                .await?;
+            for hold_id in store.open_hold_ids(account_id, wallet, upto).await? {
+                if !in_redis.contains(&hold_id) {
+                    report.lost_holds.push(LostHold {
+                        account_id: account_id.clone(),
+                        wallet: wallet.clone(),
+                        hold_id,
+                    });
+                }
+            }
         }
         // Summary and events read in one snapshot: settlement may go on meanwhile.
         let all = store.derive(account_id, wallet, None).await?;

@@ -664,6 +664,30 @@ macro_rules! store_impl {
                 Ok(())
             }
 
+            /// The ids of a wallet's holds the events up to `upto` leave open.
+            pub async fn open_hold_ids(
+                &self,
+                account_id: &str,
+                wallet: &str,
+                upto: Option<(i64, i64)>,
+            ) -> Result<Vec<String>, StoreError> {
+                let (ms, seq) = upto.unwrap_or((i64::MAX, i64::MAX));
+                Ok(sqlx::query_scalar(
+                    "SELECT hold_id FROM tollgate_events \
+                     WHERE account_id = $1 AND wallet = $2 AND hold_id <> '' \
+                     AND (stream_ms, stream_seq) <= ($3, $4) \
+                     GROUP BY hold_id HAVING SUM(CASE WHEN kind = 'hold' THEN 1 \
+                       WHEN kind IN ('capture', 'release', 'expire_hold') THEN -1 \
+                       ELSE 0 END) > 0 ORDER BY hold_id",
+                )
+                .bind(account_id.to_owned())
+                .bind(wallet.to_owned())
+                .bind(ms)
+                .bind(seq)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             pub async fn shard_events(
                 &self,
                 shard: u16,
@@ -1336,6 +1360,15 @@ impl Store {
 
     pub async fn shard_has_events(&self, shard: u16) -> Result<bool, StoreError> {
         dispatch!(self, s => s.shard_has_events(shard).await)
+    }
+
+    pub async fn open_hold_ids(
+        &self,
+        account_id: &str,
+        wallet: &str,
+        upto: Option<(i64, i64)>,
+    ) -> Result<Vec<String>, StoreError> {
+        dispatch!(self, s => s.open_hold_ids(account_id, wallet, upto).await)
     }
 
     pub async fn count_events(&self) -> Result<i64, StoreError> {
