@@ -28,6 +28,10 @@ pub enum Command {
     Reconcile(ReconcileArgs),
     /// Rebuild Redis's live state from the durable ledger (after Redis lost its data).
     Restore(RestoreArgs),
+    /// End a hold the ledger has open whose record Redis lost (reconcile names them): its
+    /// record is written again from its hold event, then it is released (or ended by its
+    /// on_expiry policy once past its deadline).
+    EndLostHold(EndLostHoldArgs),
     /// Outbox entries the settler could not read and set aside: list them, replay one into
     /// the store (with fields corrected by hand), or drop one.
     DeadLetters(DeadLettersArgs),
@@ -130,6 +134,23 @@ pub struct RestoreArgs {
 
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Durable store: postgres://… or sqlite://PATH.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// How long to wait for the outbox to drain.
+    #[arg(long, default_value_t = 120)]
+    pub drain_timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct EndLostHoldArgs {
+    pub account: String,
+    pub wallet: String,
+    pub hold_id: String,
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[arg(long)]

@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 use tollgate::api::pb;
 use tollgate::cli::{
     AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, DeadLettersArgs, DeadLettersCommand,
-    OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
+    EndLostHoldArgs, OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
 };
 use tollgate::config::{default_worker_threads, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -48,6 +48,9 @@ fn main() -> ExitCode {
         }),
         Command::Restore(args) => run_on(default_worker_threads(), async move {
             restore(args).await.map_err(Exit::message)
+        }),
+        Command::EndLostHold(args) => run_on(default_worker_threads(), async move {
+            end_lost_hold(args).await.map_err(Exit::message)
         }),
         Command::DeadLetters(args) => run_on(default_worker_threads(), async move {
             dead_letters(args).await.map_err(Exit::message)
@@ -220,6 +223,38 @@ fn tool_ledger(
     let config = load_config(path, &overrides)?;
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
     Ok((config, ledger))
+}
+
+async fn end_lost_hold(args: EndLostHoldArgs) -> Result<(), String> {
+    use tollgate::settle::reconcile::LostHoldEnd;
+    let (config, ledger) = tool_ledger(
+        args.config.as_deref(),
+        args.redis_url.clone(),
+        args.store.clone(),
+    )?;
+    let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
+    let ended = tollgate::settle::reconcile::end_lost_hold(
+        ledger,
+        store,
+        config.settler_settings(),
+        std::time::Duration::from_secs(args.drain_timeout_secs),
+        &args.account,
+        &args.wallet,
+        &args.hold_id,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    match ended {
+        LostHoldEnd::Released { amount } => {
+            println!("hold {} released: {amount} credits available again", args.hold_id)
+        }
+        LostHoldEnd::ByPolicy { how, captured } => println!(
+            "hold {} was past its deadline and ended by its on_expiry policy: {} ({captured} captured)",
+            args.hold_id,
+            how.as_str()
+        ),
+    }
+    Ok(())
 }
 
 async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {

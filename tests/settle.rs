@@ -738,6 +738,36 @@ async fn reconcile_reports_a_hold_redis_lost() {
         "{}",
         report.render()
     );
+
+    // `tollgate end-lost-hold` ends it: past its deadline, by its policy (release). The
+    // credits come back, reconcile is clean, and a second run is refused.
+    use tollgate::ledger::error::HoldEnd;
+    use tollgate::settle::reconcile::{end_lost_hold, LostHoldEnd, LostHoldError};
+    let end = || {
+        end_lost_hold(
+            ledger.clone(),
+            store.clone(),
+            fast(),
+            DEADLINE,
+            "acme",
+            "default",
+            &lost.hold_id,
+        )
+    };
+    let ended = end().await.expect("end the lost hold");
+    assert_eq!(
+        ended,
+        LostHoldEnd::ByPolicy {
+            how: HoldEnd::Expired,
+            captured: 0
+        }
+    );
+    let balance = ledger.balance("acme", "default").await.expect("balance");
+    assert_eq!((balance[0].available, balance[0].held), (90, 0));
+    let report = reconcile().await.expect("reconcile");
+    assert!(report.drifts.is_empty(), "{}", report.render());
+    assert!(report.lost_holds.is_empty());
+    assert!(matches!(end().await, Err(LostHoldError::Refused(_))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

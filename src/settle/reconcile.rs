@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::settler::{settled_through, SettleError, Settler, SettlerSettings};
-use super::store::{Store, Totals, WalletPosition};
+use super::store::{Store, StoreError, Totals, WalletPosition};
+use crate::ledger::error::{HoldEnd, Refusal};
 use crate::ledger::event::{parse_stream_id, EventKind};
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{EndHold, Ledger, LedgerError};
 
 /// How long reconcile waits for the outbox to drain (and for a wallet's events to settle).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -367,4 +368,165 @@ async fn compare_allocations(
     }
     report.drifts.extend(drifts);
     Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LostHoldError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Settle(#[from] SettleError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// How `end_lost_hold` ended the hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LostHoldEnd {
+    /// Released now: its credits are available again.
+    Released { amount: i64 },
+    /// Past its deadline: ended by its `on_expiry` policy, as it would have been.
+    ByPolicy { how: HoldEnd, captured: i64 },
+}
+
+/// Writes a lost hold's record again (KEYS[1]) only if there is none, as an open hold
+/// (ARGV: account, wallet, amount, lots held, deadline, on_expiry, operation).
+const REWRITE_HOLD_LUA: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
+    redis.call('HSET', KEYS[1], 'a', ARGV[1], 'w', ARGV[2], 'n', ARGV[3], 'l', ARGV[4], \
+    'd', ARGV[5], 'e', ARGV[6], 's', 'a', 'o', ARGV[7]) return 1";
+
+/// `tollgate end-lost-hold`: ends a hold the durable ledger has open and Redis lost the
+/// record of (reconcile names them). Its credits are still held in Redis (lib.lua
+/// `expire_hold`), and nothing could end it: this writes its record again from its hold
+/// event, then ends it through the ledger as a caller would, so the end is an ordinary
+/// event (release, or by its `on_expiry` policy once past its deadline) and the ledger
+/// and Redis agree again. Refused unless, with everything settled, the ledger has it open,
+/// Redis has neither its record nor its deadline entry, and both hold the same credits for
+/// the wallet; and for a member's hold or a wallet with budgets (their refs are not
+/// rebuilt here).
+pub async fn end_lost_hold(
+    ledger: Arc<Ledger>,
+    store: Arc<Store>,
+    settings: SettlerSettings,
+    drain_timeout: Duration,
+    account_id: &str,
+    wallet: &str,
+    hold_id: &str,
+) -> Result<LostHoldEnd, LostHoldError> {
+    let refused = |why: String| Err(LostHoldError::Refused(why));
+    let Some(shard) = ledger.shards().of_hold_id(hold_id) else {
+        return refused(format!("{hold_id:?} is not a hold id of this deployment"));
+    };
+    if shard != ledger.shards().of_account(account_id) {
+        return refused(format!(
+            "hold {hold_id} is not in account {account_id}'s shard"
+        ));
+    }
+    let settings = SettlerSettings {
+        consumer: format!("end-lost-hold-{}", std::process::id()),
+        ..settings
+    };
+    let group = settings.group.clone();
+    let mut settler = Settler::new(ledger.clone(), store.clone(), settings);
+    let snapshot = loop {
+        tokio::time::timeout(drain_timeout, settler.drain(drain_timeout))
+            .await
+            .map_err(|_| SettleError::DrainTimeout(drain_timeout))??;
+        let snapshot = ledger.snapshot(account_id, wallet).await?;
+        let stream = ledger.shards().outbox(shard);
+        match &snapshot.last_entry_id {
+            Some(id) if !settled_through(&ledger, stream, &group, id).await? => continue,
+            _ => break snapshot,
+        }
+    };
+    let upto = snapshot.last_entry_id.as_deref().and_then(parse_stream_id);
+    if !store
+        .open_hold_ids(account_id, wallet, upto)
+        .await?
+        .iter()
+        .any(|h| h == hold_id)
+    {
+        return refused(format!(
+            "the ledger has no open hold {hold_id} in {account_id}/{wallet}"
+        ));
+    }
+    let derived = store.derive(account_id, wallet, upto).await?;
+    if derived.totals.held != snapshot.balance.held {
+        return refused(format!(
+            "Redis holds {} credits in {account_id}/{wallet}, the ledger {}: run tollgate reconcile",
+            snapshot.balance.held, derived.totals.held
+        ));
+    }
+    let tag = ledger.shards().tag(shard);
+    let record = format!("{tag}:h:{hold_id}");
+    let (exists, due, budgets): (i64, Option<String>, Option<String>) = ledger
+        .redis()
+        .pipeline(
+            redis::pipe()
+                .cmd("EXISTS")
+                .arg(&record)
+                .cmd("ZSCORE")
+                .arg(format!("{tag}:hw:{account_id}:{wallet}"))
+                .arg(hold_id)
+                .cmd("HGET")
+                .arg(format!("{tag}:w:{account_id}:{wallet}"))
+                .arg("bg"),
+        )
+        .await?;
+    if exists == 1 {
+        return refused(format!(
+            "Redis still has hold {hold_id}'s record: end it as any hold"
+        ));
+    }
+    if due.is_some() {
+        return refused(format!(
+            "hold {hold_id} is still in Redis's deadline index, which drops it at its deadline: \
+             run this once reconcile names it"
+        ));
+    }
+    let Some(event) = store.hold_event(account_id, wallet, hold_id).await? else {
+        return refused(format!("the ledger has no hold event for {hold_id}"));
+    };
+    if !event.member.is_empty() || budgets.is_some_and(|b| !b.is_empty()) {
+        return refused(format!(
+            "hold {hold_id} counts against a member's allocation or a budget, which this does not rebuild"
+        ));
+    }
+    let policy = event.extra.get(..1).unwrap_or("r").to_owned();
+    let Some(deadline) = event.extra.get(1..).and_then(|d| d.parse::<i64>().ok()) else {
+        return refused(format!("the hold event of {hold_id} has no deadline"));
+    };
+    let written: i64 = ledger
+        .redis()
+        .query(
+            redis::cmd("EVAL")
+                .arg(REWRITE_HOLD_LUA)
+                .arg(1)
+                .arg(&record)
+                .arg(account_id)
+                .arg(wallet)
+                .arg(event.amount)
+                .arg(super::restore::pieces_text(&event.lots))
+                .arg(deadline)
+                .arg(&policy)
+                .arg(&event.operation),
+        )
+        .await?;
+    if written != 1 {
+        return refused(format!(
+            "hold {hold_id}'s record appeared meanwhile: end it as any hold"
+        ));
+    }
+    let end = EndHold::release(hold_id.to_owned(), format!("end-lost-hold-{hold_id}"));
+    match ledger.end_hold(&end).await {
+        Ok(outcome) => Ok(LostHoldEnd::Released {
+            amount: outcome.released,
+        }),
+        Err(LedgerError::Refused(Refusal::HoldEnded { how, captured })) => {
+            Ok(LostHoldEnd::ByPolicy { how, captured })
+        }
+        Err(err) => Err(err.into()),
+    }
 }

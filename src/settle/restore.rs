@@ -368,7 +368,7 @@ struct Wallet {
     events: usize,
 }
 
-fn pieces_text(pieces: &[LotPiece]) -> String {
+pub(crate) fn pieces_text(pieces: &[LotPiece]) -> String {
     pieces
         .iter()
         .map(|p| match p.score {

@@ -547,6 +547,25 @@ macro_rules! store_impl {
                 row.as_ref().map(event_from_row).transpose()
             }
 
+            /// The event that opened a hold of a wallet.
+            pub async fn hold_event(
+                &self,
+                account_id: &str,
+                wallet: &str,
+                hold_id: &str,
+            ) -> Result<Option<LedgerEvent>, StoreError> {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {EVENT_COLUMNS} FROM tollgate_events WHERE account_id = $1 \
+                     AND wallet = $2 AND hold_id = $3 AND kind = 'hold' LIMIT 1"
+                )))
+                .bind(account_id.to_owned())
+                .bind(wallet.to_owned())
+                .bind(hold_id.to_owned())
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(event_from_row).transpose()
+            }
+
             pub async fn wallets(&self) -> Result<Vec<WalletSummary>, StoreError> {
                 let rows = sqlx::query(
                     "SELECT account_id, wallet, granted, used, expired, refunded, adjusted, \
@@ -1322,6 +1341,15 @@ impl Store {
 
     pub async fn event(&self, event_id: &str) -> Result<Option<LedgerEvent>, StoreError> {
         dispatch!(self, s => s.event(event_id).await)
+    }
+
+    pub async fn hold_event(
+        &self,
+        account_id: &str,
+        wallet: &str,
+        hold_id: &str,
+    ) -> Result<Option<LedgerEvent>, StoreError> {
+        dispatch!(self, s => s.hold_event(account_id, wallet, hold_id).await)
     }
 
     pub async fn wallets(&self) -> Result<Vec<WalletSummary>, StoreError> {
