@@ -767,7 +767,99 @@ async fn reconcile_reports_a_hold_redis_lost() {
     let report = reconcile().await.expect("reconcile");
     assert!(report.drifts.is_empty(), "{}", report.render());
     assert!(report.lost_holds.is_empty());
-    assert!(matches!(end().await, Err(LostHoldError::Refused(_))));
+    match end().await {
+        Err(LostHoldError::Refused(why)) => assert!(why.contains("no open hold"), "{why}"),
+        other => panic!("a second end-lost-hold: {other:?}"),
+    }
+}
+
+/// `end-lost-hold` refuses a hold that did end in Redis but whose end the ledger lacks
+/// (here its capture event deleted from the store, its record gone from Redis after its
+/// retention): ending it again would charge twice. The credits the ledger's open holds
+/// hold (from their hold events) differ from what Redis holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_lost_hold_refuses_a_hold_redis_ended() {
+    use tollgate::ledger::EndHold;
+    use tollgate::settle::reconcile::{end_lost_hold, LostHoldError};
+
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let pg = common::PgDatabase::create().await;
+    let store = store(&pg.url).await;
+    ledger
+        .grant(&common::purchase("ended", 100, "g"))
+        .await
+        .expect("grant");
+    let hold = ledger
+        .authorize(&Authorize {
+            account_id: "ended".into(),
+            wallet: "default".into(),
+            amount: 30,
+            ttl_ms: 60_000,
+            on_expiry: OnExpiry::Capture,
+            idempotency_key: "h".into(),
+            operation: "ocr.pages".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("hold");
+    ledger
+        .end_hold(&EndHold::capture(hold.hold_id.clone(), None, "c".into()))
+        .await
+        .expect("capture");
+    ledger
+        .debit(&Debit {
+            account_id: "ended".into(),
+            wallet: "default".into(),
+            amount: 5,
+            idempotency_key: "d".into(),
+            operation: "ocr.pages".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit");
+    settler(&ledger, &store, "tollgate-settler", "a")
+        .drain(DEADLINE)
+        .await
+        .expect("drain");
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("pg");
+    let gone = sqlx::query("DELETE FROM tollgate_events WHERE hold_id = $1 AND kind = 'capture'")
+        .bind(&hold.hold_id)
+        .execute(&pool)
+        .await
+        .expect("delete")
+        .rows_affected();
+    assert_eq!(gone, 1);
+    let shard = ledger.shards().of_account("ended");
+    let _: i64 = ledger
+        .redis()
+        .query(redis::cmd("DEL").arg(format!("{}:h:{}", ledger.shards().tag(shard), hold.hold_id)))
+        .await
+        .expect("del");
+    match end_lost_hold(
+        ledger.clone(),
+        store.clone(),
+        fast(),
+        DEADLINE,
+        "ended",
+        "default",
+        &hold.hold_id,
+    )
+    .await
+    {
+        Err(LostHoldError::Refused(why)) => {
+            assert!(why.contains("missing from the ledger"), "{why}")
+        }
+        other => panic!("ending a hold Redis ended: {other:?}"),
+    }
+    let balance = ledger.balance("ended", "default").await.expect("balance");
+    assert_eq!(
+        (balance[0].available, balance[0].held),
+        (65, 0),
+        "nothing charged again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

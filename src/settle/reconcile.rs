@@ -216,7 +216,15 @@ pub async fn reconcile(
                 )
                 .await?;
             for hold_id in store.open_hold_ids(account_id, wallet, upto).await? {
-                if !in_redis.contains(&hold_id) {
+                // One that ended since the snapshot has its record still (ended state).
+                let record: i64 = ledger
+                    .redis()
+                    .query(
+                        redis::cmd("EXISTS")
+                            .arg(format!("{}:h:{hold_id}", ledger.shards().tag(shard))),
+                    )
+                    .await?;
+                if record == 0 && !in_redis.contains(&hold_id) {
                     report.lost_holds.push(LostHold {
                         account_id: account_id.clone(),
                         wallet: wallet.clone(),
@@ -392,10 +400,21 @@ pub enum LostHoldEnd {
 }
 
 /// Writes a lost hold's record again (KEYS[1]) only if there is none, as an open hold
-/// (ARGV: account, wallet, amount, lots held, deadline, on_expiry, operation).
+/// (ARGV: account, wallet, amount, lots held, deadline, on_expiry, operation, hold id,
+/// the wallet's due-index member), and puts it back in the wallet's deadline index
+/// (KEYS[2]) and due time (KEYS[3] the wallet, KEYS[4] the shard's due index, as lib.lua
+/// `schedule`): should ending it fail, lazy expiry ends it by its policy.
 const REWRITE_HOLD_LUA: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
     redis.call('HSET', KEYS[1], 'a', ARGV[1], 'w', ARGV[2], 'n', ARGV[3], 'l', ARGV[4], \
-    'd', ARGV[5], 'e', ARGV[6], 's', 'a', 'o', ARGV[7]) return 1";
+    'd', ARGV[5], 'e', ARGV[6], 's', 'a', 'o', ARGV[7]) \
+    redis.call('ZADD', KEYS[2], ARGV[5], ARGV[8]) \
+    local d = tonumber(redis.call('HGET', KEYS[3], 'd')) \
+    if not d or tonumber(ARGV[5]) < d then \
+      redis.call('HSET', KEYS[3], 'd', ARGV[5]) redis.call('ZADD', KEYS[4], ARGV[5], ARGV[9]) \
+    end return 1";
+
+/// How many times `end_lost_hold` drains before it gives up on a shard that keeps moving.
+const END_LOST_HOLD_DRAINS_MAX: usize = 5;
 
 /// `tollgate end-lost-hold`: ends a hold the durable ledger has open and Redis lost the
 /// record of (reconcile names them). Its credits are still held in Redis (lib.lua
@@ -430,33 +449,55 @@ pub async fn end_lost_hold(
     };
     let group = settings.group.clone();
     let mut settler = Settler::new(ledger.clone(), store.clone(), settings);
-    let snapshot = loop {
+    // The outbox is settled through the snapshot's last entry: the store then knows all
+    // Redis knew at the snapshot.
+    let mut snapshot = None;
+    for _ in 0..END_LOST_HOLD_DRAINS_MAX {
+        let taken = ledger.snapshot(account_id, wallet).await?;
         tokio::time::timeout(drain_timeout, settler.drain(drain_timeout))
             .await
             .map_err(|_| SettleError::DrainTimeout(drain_timeout))??;
-        let snapshot = ledger.snapshot(account_id, wallet).await?;
         let stream = ledger.shards().outbox(shard);
-        match &snapshot.last_entry_id {
-            Some(id) if !settled_through(&ledger, stream, &group, id).await? => continue,
-            _ => break snapshot,
+        let settled = match &taken.last_entry_id {
+            Some(id) => settled_through(&ledger, stream, &group, id).await?,
+            None => true,
+        };
+        if settled {
+            snapshot = Some(taken);
+            break;
         }
+    }
+    let Some(snapshot) = snapshot else {
+        return refused(format!(
+            "the outbox of shard {shard} did not settle through a snapshot after \
+             {END_LOST_HOLD_DRAINS_MAX} drains: is a settler running? try again"
+        ));
     };
+    // An event set aside is in Redis but not in the store: it may be this hold's end.
+    if let Err(err) = super::restore::no_dead_letters(&ledger, &[shard]).await {
+        return refused(err.to_string());
+    }
     let upto = snapshot.last_entry_id.as_deref().and_then(parse_stream_id);
-    if !store
-        .open_hold_ids(account_id, wallet, upto)
-        .await?
-        .iter()
-        .any(|h| h == hold_id)
-    {
+    let open = store.open_hold_ids(account_id, wallet, upto).await?;
+    if !open.iter().any(|h| h == hold_id) {
         return refused(format!(
             "the ledger has no open hold {hold_id} in {account_id}/{wallet}"
         ));
     }
-    let derived = store.derive(account_id, wallet, upto).await?;
-    if derived.totals.held != snapshot.balance.held {
+    // The credits the ledger's open holds hold, from their own hold events (not from the
+    // balance the last event reported, which is Redis's figure), must be what Redis
+    // holds: else a hold that did end in Redis (its end event lost) would end twice.
+    let mut open_amount = 0;
+    for id in &open {
+        if let Some(e) = store.hold_event(account_id, wallet, id).await? {
+            open_amount += e.amount;
+        }
+    }
+    if open_amount != snapshot.balance.held {
         return refused(format!(
-            "Redis holds {} credits in {account_id}/{wallet}, the ledger {}: run tollgate reconcile",
-            snapshot.balance.held, derived.totals.held
+            "the ledger's open holds in {account_id}/{wallet} hold {open_amount} credits, \
+             Redis {}: an end Redis made is missing from the ledger",
+            snapshot.balance.held
         ));
     }
     let tag = ledger.shards().tag(shard);
@@ -503,15 +544,20 @@ pub async fn end_lost_hold(
         .query(
             redis::cmd("EVAL")
                 .arg(REWRITE_HOLD_LUA)
-                .arg(1)
+                .arg(4)
                 .arg(&record)
+                .arg(format!("{tag}:hw:{account_id}:{wallet}"))
+                .arg(format!("{tag}:w:{account_id}:{wallet}"))
+                .arg(format!("{tag}:due"))
                 .arg(account_id)
                 .arg(wallet)
                 .arg(event.amount)
                 .arg(super::restore::pieces_text(&event.lots))
                 .arg(deadline)
                 .arg(&policy)
-                .arg(&event.operation),
+                .arg(&event.operation)
+                .arg(hold_id)
+                .arg(format!("{account_id}:{wallet}")),
         )
         .await?;
     if written != 1 {

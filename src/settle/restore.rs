@@ -1096,7 +1096,7 @@ pub fn dead_letters_key(outbox: &str) -> String {
 /// Refuses while a shard about to be rebuilt has dead letters: their events changed its
 /// balances in Redis but are not in the store, so the rebuilt wallets would disagree with
 /// the events after them (the replay's pair assertion) or silently lose them.
-async fn no_dead_letters(ledger: &Ledger, shards: &[u16]) -> Result<(), RestoreError> {
+pub(crate) async fn no_dead_letters(ledger: &Ledger, shards: &[u16]) -> Result<(), RestoreError> {
     if shards.is_empty() {
         return Ok(());
     }
