@@ -72,13 +72,8 @@ pub struct PruneFunctionsArgs {
 
 #[derive(Debug, Args)]
 pub struct DeadLettersArgs {
-    #[arg(long, global = true)]
-    pub config: Option<PathBuf>,
-    #[arg(long, global = true)]
-    pub redis_url: Option<String>,
-    /// Durable store: postgres://… or sqlite://PATH (replay).
-    #[arg(long, global = true)]
-    pub store: Option<String>,
+    #[command(flatten)]
+    pub target: ToolTarget,
     #[command(subcommand)]
     pub command: DeadLettersCommand,
 }
@@ -113,13 +108,8 @@ fn field_value(s: &str) -> Result<(String, String), String> {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub redis_url: Option<String>,
-    /// Durable store: postgres://… or sqlite://PATH.
-    #[arg(long)]
-    pub store: Option<String>,
+    #[command(flatten)]
+    pub target: ToolTarget,
     /// Also restore shards that do not serve but hold data of unknown origin (what a restore
     /// that died partway left is redone without it): what they hold is deleted first, unsettled outbox entries with it. Shards
     /// that serve are never touched.
@@ -134,16 +124,24 @@ pub struct RestoreArgs {
 
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub redis_url: Option<String>,
-    /// Durable store: postgres://… or sqlite://PATH.
-    #[arg(long)]
-    pub store: Option<String>,
+    #[command(flatten)]
+    pub target: ToolTarget,
     /// How long to wait for the outbox to drain.
     #[arg(long, default_value_t = 120)]
     pub drain_timeout_secs: u64,
+}
+
+/// Where an operator's command works: the deployment's config, Redis and durable store.
+#[derive(Debug, Args)]
+pub struct ToolTarget {
+    /// Config file (TOML); default ./tollgate.toml when it exists.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[arg(long, global = true)]
+    pub redis_url: Option<String>,
+    /// Durable store: postgres://… or sqlite://PATH.
+    #[arg(long, global = true)]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -151,13 +149,8 @@ pub struct EndLostHoldArgs {
     pub account: String,
     pub wallet: String,
     pub hold_id: String,
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub redis_url: Option<String>,
-    /// Durable store: postgres://… or sqlite://PATH.
-    #[arg(long)]
-    pub store: Option<String>,
+    #[command(flatten)]
+    pub target: ToolTarget,
     /// How long to wait for the outbox to drain.
     #[arg(long, default_value_t = 120)]
     pub drain_timeout_secs: u64,

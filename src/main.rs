@@ -10,6 +10,7 @@ use tollgate::api::pb;
 use tollgate::cli::{
     AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, DeadLettersArgs, DeadLettersCommand,
     EndLostHoldArgs, OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
+    ToolTarget,
 };
 use tollgate::config::{default_worker_threads, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -150,11 +151,7 @@ async fn settle(config: Config) -> Result<(), String> {
 
 async fn reconcile(args: ReconcileArgs) -> ExitCode {
     let run = async {
-        let (config, ledger) = tool_ledger(
-            args.config.as_deref(),
-            args.redis_url.clone(),
-            args.store.clone(),
-        )?;
+        let (config, ledger) = tool_ledger(&args.target)?;
         let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
         tollgate::settle::reconcile::reconcile(
             ledger,
@@ -211,27 +208,21 @@ async fn prune_functions(args: PruneFunctionsArgs) -> Result<(), String> {
 
 /// A command's config (file, environment, `--redis-url` and `--store`) and its ledger.
 fn tool_ledger(
-    path: Option<&std::path::Path>,
-    redis_url: Option<String>,
-    store_url: Option<String>,
+    target: &ToolTarget,
 ) -> Result<(Config, std::sync::Arc<tollgate::ledger::Ledger>), String> {
     let overrides = Overrides {
-        redis_url,
-        store_url,
+        redis_url: target.redis_url.clone(),
+        store_url: target.store.clone(),
         ..Default::default()
     };
-    let config = load_config(path, &overrides)?;
+    let config = load_config(target.config.as_deref(), &overrides)?;
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
     Ok((config, ledger))
 }
 
 async fn end_lost_hold(args: EndLostHoldArgs) -> Result<(), String> {
     use tollgate::settle::reconcile::LostHoldEnd;
-    let (config, ledger) = tool_ledger(
-        args.config.as_deref(),
-        args.redis_url.clone(),
-        args.store.clone(),
-    )?;
+    let (config, ledger) = tool_ledger(&args.target)?;
     let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
     let ended = tollgate::settle::reconcile::end_lost_hold(
         ledger,
@@ -259,11 +250,7 @@ async fn end_lost_hold(args: EndLostHoldArgs) -> Result<(), String> {
 
 async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
     use tollgate::settle::dead_letters;
-    let (config, ledger) = tool_ledger(
-        args.config.as_deref(),
-        args.redis_url.clone(),
-        args.store.clone(),
-    )?;
+    let (config, ledger) = tool_ledger(&args.target)?;
     match args.command {
         DeadLettersCommand::List => {
             let letters = dead_letters::list(&ledger)
@@ -322,11 +309,7 @@ async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
 }
 
 async fn restore(args: RestoreArgs) -> Result<(), String> {
-    let (config, ledger) = tool_ledger(
-        args.config.as_deref(),
-        args.redis_url.clone(),
-        args.store.clone(),
-    )?;
+    let (config, ledger) = tool_ledger(&args.target)?;
     let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
     let mode = if args.rebuild_serving {
         RestoreMode::RebuildServing {
