@@ -535,8 +535,7 @@ pub async fn end_lost_hold(
             "hold {hold_id} counts against a member's allocation or a budget, which this does not rebuild"
         ));
     }
-    let policy = event.extra.get(..1).unwrap_or("r").to_owned();
-    let Some(deadline) = event.extra.get(1..).and_then(|d| d.parse::<i64>().ok()) else {
+    let Some((policy, deadline)) = super::restore::hold_terms(&event) else {
         return refused(format!("the hold event of {hold_id} has no deadline"));
     };
     let written: i64 = ledger

@@ -22,6 +22,7 @@ use redis::Pipeline;
 
 use super::settler::{last_entry_id, settled_through, SettleError};
 use super::store::{ApiKeyRecord, Store, StoreError, WalletPosition};
+use crate::gateway::identity::shard_of_key_id;
 use crate::ledger::command::digest;
 use crate::ledger::event::{EventKind, LedgerEvent, LotPiece};
 use crate::ledger::{Ledger, LedgerError};
@@ -189,13 +190,11 @@ async fn serves_now(ledger: &Ledger, lease: &Lease, shard: u16) -> Result<bool, 
     Ok(ledger.shard_initialized(shard).await?)
 }
 
-/// The shard of a key id `k<shard>-<hex>`, when it is one of `count`.
-fn key_shard(key_id: &str, count: u16) -> Option<u16> {
-    key_id
-        .strip_prefix('k')
-        .and_then(|rest| rest.split_once('-'))
-        .and_then(|(s, _)| s.parse::<u16>().ok())
-        .filter(|s| *s < count)
+/// A hold event's `on_expiry` policy and deadline (its `extra`: "<policy><deadline ms>").
+pub(crate) fn hold_terms(e: &LedgerEvent) -> Option<(String, i64)> {
+    let policy = e.extra.get(..1).unwrap_or("r").to_owned();
+    let deadline = e.extra.get(1..)?.parse().ok()?;
+    Some((policy, deadline))
 }
 
 /// How many replayed events a restore handles between two yields to the runtime.
@@ -839,12 +838,8 @@ impl Replay<'_> {
             EventKind::Hold => {
                 self.take(e, true)?;
                 self.wallet.held += e.amount;
-                let policy = e.extra.get(..1).unwrap_or("r").to_owned();
-                let deadline: i64 = e
-                    .extra
-                    .get(1..)
-                    .and_then(|d| d.parse().ok())
-                    .ok_or_else(|| Self::fail(e, "hold without deadline"))?;
+                let (policy, deadline) =
+                    hold_terms(e).ok_or_else(|| Self::fail(e, "hold without deadline"))?;
                 self.holds.insert(
                     e.hold_id.clone(),
                     Hold {
@@ -1418,7 +1413,9 @@ async fn restore_under(
     // API keys by shard: each shard gets its own before it serves again.
     let mut api_keys: BTreeMap<u16, Vec<ApiKeyRecord>> = BTreeMap::new();
     for key in store.api_keys().await? {
-        if let Some(shard) = key_shard(&key.key_id, count).filter(|_| !key.digest.is_empty()) {
+        if let Some(shard) =
+            shard_of_key_id(&key.key_id, ledger.shards()).filter(|_| !key.digest.is_empty())
+        {
             api_keys.entry(shard).or_default().push(key);
         }
     }
@@ -1736,7 +1733,7 @@ async fn write_api_keys(ledger: &Ledger, keys: Vec<ApiKeyRecord>) -> Result<usiz
     let mut pipe = redis::pipe();
     let mut restored = 0;
     for key in keys {
-        let Some(shard) = key_shard(&key.key_id, ledger.shards().count()) else {
+        let Some(shard) = shard_of_key_id(&key.key_id, ledger.shards()) else {
             continue;
         };
         let tag = ledger.shards().tag(shard);
