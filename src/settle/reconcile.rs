@@ -502,6 +502,10 @@ pub async fn end_lost_hold(
     }
     let tag = ledger.shards().tag(shard);
     let record = format!("{tag}:h:{hold_id}");
+    let (deadlines, wallet_key) = (
+        format!("{tag}:hw:{account_id}:{wallet}"),
+        format!("{tag}:w:{account_id}:{wallet}"),
+    );
     let (exists, due, budgets): (i64, Option<String>, Option<String>) = ledger
         .redis()
         .pipeline(
@@ -509,10 +513,10 @@ pub async fn end_lost_hold(
                 .cmd("EXISTS")
                 .arg(&record)
                 .cmd("ZSCORE")
-                .arg(format!("{tag}:hw:{account_id}:{wallet}"))
+                .arg(&deadlines)
                 .arg(hold_id)
                 .cmd("HGET")
-                .arg(format!("{tag}:w:{account_id}:{wallet}"))
+                .arg(&wallet_key)
                 .arg("bg"),
         )
         .await?;
@@ -545,8 +549,8 @@ pub async fn end_lost_hold(
                 .arg(REWRITE_HOLD_LUA)
                 .arg(4)
                 .arg(&record)
-                .arg(format!("{tag}:hw:{account_id}:{wallet}"))
-                .arg(format!("{tag}:w:{account_id}:{wallet}"))
+                .arg(&deadlines)
+                .arg(&wallet_key)
                 .arg(format!("{tag}:due"))
                 .arg(account_id)
                 .arg(wallet)
