@@ -31,38 +31,66 @@ impl DevRedis {
 
     /// Starts with extra redis-server arguments after the defaults (no persistence), e.g.
     /// `--appendonly yes --dir …` or `--replicaof 127.0.0.1 <port>`.
+    ///
+    /// The port is free when picked but nobody holds it until redis-server binds it, so
+    /// another process may take it first. Then this child exits (and is started again on
+    /// another port), or, worse, someone else's Redis answers on it: the one answering
+    /// must report this child's process id.
     pub async fn start_with(extra: &[&str]) -> Result<Self, String> {
-        let port = free_port().map_err(|e| format!("no free port: {e}"))?;
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                format!("cannot start redis-server ({e}); install it (scripts/dev does)")
-            })?;
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
-        let deadline = tokio::time::Instant::now() + REDIS_START_TIMEOUT;
-        loop {
-            if let Ok(mut con) = client.get_multiplexed_async_connection().await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut con)
-                    .await
-                    .is_ok()
-                {
-                    break;
-                }
+        const ATTEMPTS: usize = 5;
+        let mut last_error = String::new();
+        for _ in 0..ATTEMPTS {
+            let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| {
+                    format!("cannot start redis-server ({e}); install it (scripts/dev does)")
+                })?;
+            let url = format!("redis://127.0.0.1:{port}");
+            match wait_until_ours(&mut child, &url).await {
+                Ok(()) => return Ok(Self { url, _child: child }),
+                Err(e) => last_error = e,
             }
-            if tokio::time::Instant::now() > deadline {
-                return Err("redis-server did not answer PING in time".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = child.kill().await;
         }
-        Ok(Self { url, _child: child })
+        Err(last_error)
+    }
+}
+
+/// Waits until the redis-server `child` answers on `url` as itself.
+async fn wait_until_ours(child: &mut Child, url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + REDIS_START_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("redis-server exited at start ({status})"));
+        }
+        if let Ok(mut con) = client.get_multiplexed_async_connection().await {
+            if let Ok(info) = redis::cmd("INFO")
+                .arg("server")
+                .query_async::<String>(&mut con)
+                .await
+            {
+                let pid = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("process_id:"))
+                    .and_then(|v| v.trim().parse::<u32>().ok());
+                if pid.is_some() && pid == child.id() {
+                    return Ok(());
+                }
+                return Err(format!("another Redis answers on {url}"));
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err("redis-server did not answer PING in time".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -38,32 +38,47 @@ fn admin(grpc_port: u16, args: &[&str]) -> Output {
         .expect("run tollgate admin")
 }
 
+/// `tollgate serve --dev` on free ports, answering: its first grant's output and its gRPC
+/// port. A port picked free may be taken before the server binds it (tests run in
+/// parallel): the server then exits, and starts again on other ports.
+fn serve_dev_and_grant(grant: &[&str]) -> (Serve, u16, Output) {
+    let deadline = Instant::now() + common::START_TIMEOUT;
+    loop {
+        let grpc_port = common::free_port();
+        let http_port = common::free_port();
+        let mut serve = Serve {
+            child: common::tollgate()
+                .args(["serve", "--dev"])
+                .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
+                .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start tollgate serve --dev"),
+        };
+        // Wait (generously) until the server answers.
+        loop {
+            let exited = matches!(serve.child.try_wait(), Ok(Some(_)));
+            let out = admin(grpc_port, grant);
+            if out.status.success() && !exited {
+                return (serve, grpc_port, out);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve --dev never answered: {out:?}"
+            );
+            if exited {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 #[test]
 fn dev_server_then_admin_grant_and_balance() {
-    let grpc_port = common::free_port();
-    let http_port = common::free_port();
-    let _serve = Serve {
-        child: common::tollgate()
-            .args(["serve", "--dev"])
-            .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
-            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tollgate serve --dev"),
-    };
-    // Wait (generously) until the server answers.
-    let deadline = Instant::now() + common::START_TIMEOUT;
-    let grant = loop {
-        let out = admin(
-            grpc_port,
-            &["grant", "alice", "100", "--description", "pack"],
-        );
-        if out.status.success() || Instant::now() > deadline {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (_serve, grpc_port, grant) =
+        serve_dev_and_grant(&["grant", "alice", "100", "--description", "pack"]);
     let text = String::from_utf8_lossy(&grant.stdout);
     assert!(grant.status.success(), "grant failed: {grant:?}");
     assert!(text.contains("available 100"), "{text}");

@@ -1346,10 +1346,19 @@ async fn a_hold_ended_answer_keeps_the_hold_record_while_it_can_be_replayed() {
     env.capture(capture_req(&h.hold_id, Some(15), "c1"))
         .await
         .expect("capture");
-    // The ended hold's retention is nearly over.
     let redis = env.ledger().redis().clone();
     let tag = env.ledger().shards().tag(env.shard_of(acct)).to_owned();
     let hkey = format!("{tag}:h:{}", h.hold_id);
+    let window_ms = tollgate::ledger::DEFAULT_IDEMPOTENCY_WINDOW.as_millis() as i64;
+    // The capture's own answer is found through the hold record (its idempotency record
+    // is keyed by the hold's account) for up to 1.5 windows: the record lives that long,
+    // not just the hold retention (by default one window).
+    let ttl_ms: i64 = redis
+        .query(redis::cmd("PTTL").arg(&hkey))
+        .await
+        .expect("pttl");
+    assert!(ttl_ms > window_ms * 3 / 2 - 60_000, "{ttl_ms}");
+    // The ended hold's retention is nearly over.
     let set: i64 = redis
         .query(redis::cmd("PEXPIRE").arg(&hkey).arg(60_000))
         .await
@@ -1370,7 +1379,6 @@ async fn a_hold_ended_answer_keeps_the_hold_record_while_it_can_be_replayed() {
         .query(redis::cmd("PTTL").arg(&hkey))
         .await
         .expect("pttl");
-    let window_ms = tollgate::ledger::DEFAULT_IDEMPOTENCY_WINDOW.as_millis() as i64;
     assert!(ttl_ms > window_ms * 3 / 2 - 60_000, "{ttl_ms}");
     let err = env
         .release(release_req(&h.hold_id, "r1"))

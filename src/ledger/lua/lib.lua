@@ -672,7 +672,14 @@ local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, 
   -- that follow take the lapsed ones out again, so replaying events in order is exact.
   W.r = W.r + amount - capture
   redis.call('HSET', hkey, 's', state, 'q', capture)
-  redis.call('PEXPIRE', hkey, HOLD_RETENTION_MS)
+  -- A capture's or release's own answer is found through this record (its idempotency
+  -- record is keyed by the hold's account): it lives as long as that answer can be
+  -- replayed (1.5 windows), even with a shorter retention.
+  local keep_ms = tonumber(HOLD_RETENTION_MS)
+  if idem ~= '' then
+    keep_ms = math.max(keep_ms, idem_life_ms())
+  end
+  redis.call('PEXPIRE', hkey, itos(keep_ms))
   redis.call('ZREM', W.hw, hold_id)
   local n = amount
   if kind == 'capture' then
