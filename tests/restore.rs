@@ -1254,3 +1254,137 @@ async fn a_shard_a_dead_restore_half_wrote_is_rebuilt_by_the_next() {
         .expect("exists");
     assert_eq!(marker, 0, "the marker goes with the shard's epoch");
 }
+
+/// A batch a settler read from a Redis that then lost its data, written after a restore
+/// read the store, would put a charge in the store the rebuilt Redis never had: every
+/// later event of the wallet then disagrees with it, reconcile reports a drift, and the
+/// next restore cannot replay the shard. The restore raises the shard's fence in the
+/// store first, so the late batch is refused; the ledger stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_read_from_the_lost_redis_cannot_land_after_the_restore() {
+    use tollgate::ledger::{Debit, Metadata};
+    use tollgate::settle::restore::{restore, RestoreMode};
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
+    let debit = |key: &str, amount: i64| Debit {
+        account_id: "fenced".into(),
+        wallet: "default".into(),
+        amount,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    };
+    let settings = |consumer: &str| SettlerSettings {
+        consumer: consumer.into(),
+        claim_idle: Duration::from_millis(300),
+        idle_wait: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(300),
+        ..SettlerSettings::default()
+    };
+    let mut redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    // The settler reaches PostgreSQL through a proxy the test can cut.
+    let host = pg
+        .url
+        .split_once("://")
+        .map(|(_, rest)| rest.split_once('@').map_or(rest, |(_, r)| r))
+        .and_then(|rest| rest.split('/').next())
+        .expect("a host:port in the test database url")
+        .to_owned();
+    let pg_addr = std::net::ToSocketAddrs::to_socket_addrs(host.as_str())
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .expect("the test database's address");
+    let proxy = common::proxy::FaultProxy::start(pg_addr).await;
+    let via_proxy = pg.url.replacen(&host, &proxy.addr.to_string(), 1);
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
+    store.migrate().await.expect("migrate");
+    let settler_store = Arc::new(Store::connect_lazy(&via_proxy, 2).expect("store"));
+
+    ledger
+        .grant(&common::purchase("fenced", 100, "g"))
+        .await
+        .expect("grant");
+    let settler = Settler::new(ledger.clone(), settler_store, settings("s1"));
+    let status = settler.status();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(settler.run(async move {
+        let _ = stopped.await;
+    }));
+    let deadline = Instant::now() + DEADLINE;
+    while store.count_events().await.expect("count") < 1 {
+        assert!(Instant::now() < deadline, "the grant was never settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The settler's way to the database breaks while it holds a debit it read.
+    proxy.cut();
+    ledger.debit(&debit("d1", 30)).await.expect("debit");
+    let deadline = Instant::now() + DEADLINE;
+    while status.lock().expect("status").store_error.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the debit's batch never failed to commit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Redis loses its data; the operator restores it from the store the settler cannot
+    // reach: the debit is not there.
+    redis.restart();
+    reconnected(&ledger).await;
+    let report = restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    assert!(report.shards.iter().any(|s| s.wallets > 0), "{report:?}");
+    assert_eq!(available(&ledger, "fenced").await, Ok(100));
+
+    // The settler reaches the database again: its batch from the lost Redis is refused.
+    proxy.restore();
+    let deadline = Instant::now() + DEADLINE;
+    while status.lock().expect("status").store_error.is_some() {
+        assert!(Instant::now() < deadline, "the settler never wrote again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.count_events().await.expect("count"), 1);
+
+    // The rebuilt Redis goes on, and its own events settle.
+    ledger.debit(&debit("d2", 10)).await.expect("debit");
+    let deadline = Instant::now() + DEADLINE;
+    while store.count_events().await.expect("count") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the rebuilt shard's debit never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    let _ = task.await;
+    let reconciled = tollgate::settle::reconcile::reconcile(
+        ledger.clone(),
+        store.clone(),
+        settings("reconcile"),
+        DEADLINE,
+    )
+    .await
+    .expect("reconcile");
+    assert!(reconciled.drifts.is_empty(), "{}", reconciled.render());
+
+    // A later loss is restored from a ledger that still replays.
+    redis.restart();
+    reconnected(&ledger).await;
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("a second restore");
+    assert_eq!(available(&ledger, "fenced").await, Ok(90));
+}
+
+/// Waits until the ledger's connections reach the restarted redis-server.
+async fn reconnected(ledger: &tollgate::ledger::Ledger) {
+    let deadline = Instant::now() + DEADLINE;
+    while ledger.initialized_shards().await.is_err() {
+        assert!(Instant::now() < deadline, "never reconnected to Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -387,7 +387,7 @@ async fn two_settlers_judge_a_new_wallet_in_turn() {
     // Settler B's batch (the debit to 8) meanwhile: it waits for A.
     let b = tokio::spawn({
         let store = store.clone();
-        async move { store.append_batch(&[second], Some(&rules)).await }
+        async move { store.append_batch(&[second], None, Some(&rules)).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     sqlx::query("COMMIT").execute(&mut a).await.expect("commit");
@@ -436,7 +436,7 @@ async fn a_late_attempt_does_not_overwrite_a_newer_one(store_url: &str) {
         .expect("debit");
     let events = common::outbox_events(&ledger).await;
     store
-        .append_batch(&events, Some(&low_below_20()))
+        .append_batch(&events, None, Some(&low_below_20()))
         .await
         .expect("settle");
     let now = tollgate::ledger::wall_clock_ms();

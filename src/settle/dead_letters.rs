@@ -166,8 +166,10 @@ pub async fn replay(
             written: false,
         });
     }
+    // No fence check: a dead letter is in this Redis's dead-letter stream (a Redis that
+    // loses its data loses its dead letters too), so it belongs to the shard as it serves.
     let appended = store
-        .append_batch(std::slice::from_ref(&event), webhooks)
+        .append_batch(std::slice::from_ref(&event), None, webhooks)
         .await?;
     let written = appended.new_events.contains(&event.event_id);
     if !written {

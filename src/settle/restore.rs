@@ -1431,6 +1431,19 @@ async fn restore_under(
             report.shards.push(left);
             continue;
         }
+        // The store's fence first: a settler that read events from the Redis that lost
+        // this shard can no longer write them once the events below are read (they would
+        // be charges the rebuilt shard never had). The rebuilt shard gets the fence as its
+        // epoch marker. Only a shard with events: `serve` marks new shards (no events)
+        // itself, and a fence above its marker would refuse all their events.
+        let epoch = if store.shard_has_events(shard).await? {
+            store
+                .raise_fence(shard, crate::ledger::wall_clock_ms())
+                .await?
+                .to_string()
+        } else {
+            crate::ledger::new_epoch()
+        };
         let mut holds: HashMap<String, Hold> = HashMap::new();
         let mut charges: HashMap<String, Charge> = HashMap::new();
         let mut records = Vec::new();
@@ -1710,7 +1723,7 @@ async fn restore_under(
                     .arg(restoring_key(ledger, shard))
                     .arg(ledger.shards().epoch_key(shard))
                     .arg(&lease.token)
-                    .arg(crate::ledger::new_epoch()),
+                    .arg(&epoch),
             )
             .await?;
         if finished != 1 {

@@ -7,6 +7,7 @@
 //! deduplicates on the event id.
 
 use std::collections::hash_map::RandomState;
+use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -194,7 +195,7 @@ pub struct Settler {
     /// after a read or acknowledgement that failed).
     recovering: Vec<bool>,
     /// The next batch, read from Redis while the previous one was being written.
-    ahead: Option<Vec<LedgerEvent>>,
+    ahead: Option<Batch>,
     /// Read ahead (off while draining).
     pipelined: bool,
     last_claim: Option<Instant>,
@@ -210,6 +211,7 @@ impl Settler {
             metrics::counter!(m::SETTLE_DEAD_LETTERS_TOTAL, "shard" => shard.to_string())
                 .increment(0);
         }
+        metrics::counter!(m::SETTLE_FENCED_EVENTS_TOTAL).increment(0);
         Self {
             ledger,
             store,
@@ -365,18 +367,14 @@ impl Settler {
                     return Err(err);
                 }
             };
-            if !claimed.is_empty() {
-                // A batch read ahead during a long store outage may be claimed back too.
-                batch.extend(claimed);
-                let mut seen = std::collections::HashSet::new();
-                batch.retain(|e| seen.insert(e.event_id.clone()));
-            }
+            // A batch read ahead during a long store outage may be claimed back too.
+            batch.merge(claimed);
             self.last_claim = Some(Instant::now());
         }
-        let settled = batch.len();
-        if !batch.is_empty() {
-            if !self.pipelined || self.recovering.iter().any(|r| *r) {
-                self.commit(&batch).await?;
+        let mut settled = batch.events.len();
+        if !batch.events.is_empty() {
+            let fenced = if !self.pipelined || self.recovering.iter().any(|r| *r) {
+                self.commit(&batch).await?
             } else {
                 let mut recovering = std::mem::take(&mut self.recovering);
                 // Less than one shard's worth: no backlog, so let the next batch grow.
@@ -390,11 +388,26 @@ impl Settler {
                     read_batch(&self.ledger, &self.settings, &mut recovering).await
                 });
                 self.recovering = recovering;
-                committed?;
                 // A failed read-ahead is only retried: the batch in hand is written.
                 self.ahead = next.ok();
+                committed?
+            };
+            if !fenced.is_empty() {
+                // Not acknowledged: if they are in this Redis after all (its epoch marker
+                // was read before a restore finished), reading own pending entries again
+                // gives them with the epoch they belong to.
+                settled -= fenced.len();
+                let fenced: HashSet<&str> = fenced.iter().map(String::as_str).collect();
+                for e in &batch.events {
+                    if fenced.contains(e.event_id.as_str()) {
+                        self.recovering[usize::from(e.shard())] = true;
+                    }
+                }
+                batch
+                    .events
+                    .retain(|e| !fenced.contains(e.event_id.as_str()));
             }
-            if let Err(err) = self.ack(&batch).await {
+            if let Err(err) = self.ack(&batch.events).await {
                 // Committed but maybe not acknowledged: still pending in this consumer.
                 self.recovering.fill(true);
                 return Err(err);
@@ -416,16 +429,33 @@ impl Settler {
     }
 
     /// Writes the batch, retrying store errors with capped backoff until it succeeds.
-    async fn commit(&self, events: &[LedgerEvent]) -> Result<(), SettleError> {
+    /// Returns the ids of the events the store's shard fences refused: read from a Redis
+    /// that lost its data, whose shard a restore has rebuilt since without them.
+    async fn commit(&self, batch: &Batch) -> Result<Vec<String>, SettleError> {
+        let events = &batch.events;
         let mut backoff = self.settings.backoff_min;
         loop {
             let started = Instant::now();
             match self
                 .store
-                .append_batch(events, self.settings.webhooks.as_deref())
+                .append_batch(
+                    events,
+                    Some(&batch.epochs),
+                    self.settings.webhooks.as_deref(),
+                )
                 .await
             {
                 Ok(appended) => {
+                    if !appended.fenced.is_empty() {
+                        metrics::counter!(m::SETTLE_FENCED_EVENTS_TOTAL)
+                            .increment(appended.fenced.len() as u64);
+                        tracing::error!(
+                            events = appended.fenced.len(),
+                            "events read from a Redis that lost its data were not settled: \
+                             a restore rebuilt their shard without them (the charges are lost \
+                             with that Redis; docs/OPERATIONS.md, \"Restore\")"
+                        );
+                    }
                     let new = appended.new_events.len() as u64;
                     // Each new event once, even if the batch carried it twice.
                     let mut fresh = appended.new_events;
@@ -446,7 +476,7 @@ impl Settler {
                         s.store_error = None;
                         s.settled_total += new;
                     });
-                    return Ok(());
+                    return Ok(appended.fenced);
                 }
                 Err(err) => {
                     metrics::counter!(m::STORE_ERRORS_TOTAL, "kind" => err.kind()).increment(1);
@@ -463,13 +493,15 @@ impl Settler {
         }
     }
 
-    async fn read(&mut self) -> Result<Vec<LedgerEvent>, SettleError> {
+    async fn read(&mut self) -> Result<Batch, SettleError> {
         read_batch(&self.ledger, &self.settings, &mut self.recovering).await
     }
 
     /// Takes over entries other consumers left pending longer than the claim idle time.
-    async fn claim(&self) -> Result<Vec<LedgerEvent>, SettleError> {
+    async fn claim(&self) -> Result<Batch, SettleError> {
         let shards = self.ledger.shards();
+        // Read before the entries, so an entry is never taken for a newer Redis's.
+        let epochs = epoch_markers(&self.ledger).await?;
         let mut batch = Vec::new();
         let mut unreadable = Vec::new();
         for shard in 0..shards.count() {
@@ -509,10 +541,16 @@ impl Settler {
             }
         }
         set_aside(&self.ledger, &self.settings.group, &unreadable).await?;
-        Ok(batch)
+        Ok(Batch {
+            events: batch,
+            epochs,
+        })
     }
 
     async fn ack(&self, batch: &[LedgerEvent]) -> Result<(), SettleError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let shards = self.ledger.shards();
         let mut per_shard: Vec<Vec<&str>> = vec![Vec::new(); usize::from(shards.count())];
         for e in batch {
@@ -643,9 +681,12 @@ async fn read_batch(
     ledger: &Ledger,
     settings: &SettlerSettings,
     recovering: &mut [bool],
-) -> Result<Vec<LedgerEvent>, SettleError> {
+) -> Result<Batch, SettleError> {
     let shards = ledger.shards();
     let mut pipe = redis::pipe();
+    // The shards' epoch markers first, on the same connection: the entries below come from
+    // the Redis that answered these.
+    epoch_markers_cmd(ledger, &mut pipe);
     for shard in 0..shards.count() {
         let from = if recovering[usize::from(shard)] {
             "0"
@@ -672,9 +713,11 @@ async fn read_batch(
             return Err(err.into());
         }
     };
+    let mut replies = replies.into_iter();
+    let epochs = replies.next().map(parse_epochs).unwrap_or_default();
     let mut batch = Vec::new();
     let mut unreadable = Vec::new();
-    for (shard, reply) in replies.into_iter().enumerate() {
+    for (shard, reply) in replies.enumerate() {
         let shard = shard as u16;
         let entries = match reply {
             Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
@@ -701,7 +744,76 @@ async fn read_batch(
         recovering.fill(true);
         return Err(err);
     }
-    Ok(batch)
+    Ok(Batch {
+        events: batch,
+        epochs,
+    })
+}
+
+/// Events read from the outboxes, with the shards' epoch markers read before them.
+#[derive(Default)]
+struct Batch {
+    events: Vec<LedgerEvent>,
+    /// Per shard: the epoch marker of the Redis the events were read from.
+    epochs: Vec<Option<i64>>,
+}
+
+impl Batch {
+    /// Adds another read's events (each event once). A shard read from two Redis
+    /// incarnations (one lost in between) keeps the older epoch, so the store's fence
+    /// refuses its events rather than take the older Redis's for the newer one's; the
+    /// newer one's are then read again. (A shard without a marker in one read keeps the
+    /// other's.)
+    fn merge(&mut self, other: Batch) {
+        if other.events.is_empty() {
+            return;
+        }
+        let mut seen: HashSet<String> = self.events.iter().map(|e| e.event_id.clone()).collect();
+        self.events.extend(
+            other
+                .events
+                .into_iter()
+                .filter(|e| seen.insert(e.event_id.clone())),
+        );
+        for (mine, theirs) in self.epochs.iter_mut().zip(other.epochs) {
+            *mine = match (*mine, theirs) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+}
+
+/// `MGET` of every shard's epoch marker, added to a pipeline.
+fn epoch_markers_cmd(ledger: &Ledger, pipe: &mut redis::Pipeline) {
+    let shards = ledger.shards();
+    pipe.cmd("MGET");
+    for shard in 0..shards.count() {
+        pipe.arg(shards.epoch_key(shard));
+    }
+}
+
+/// Every shard's epoch marker, as the settler compares it with the store's fences.
+async fn epoch_markers(ledger: &Ledger) -> Result<Vec<Option<i64>>, SettleError> {
+    let mut pipe = redis::pipe();
+    epoch_markers_cmd(ledger, &mut pipe);
+    let replies: Vec<Value> = ledger.redis().pipeline(&pipe).await?;
+    Ok(replies
+        .into_iter()
+        .next()
+        .map(parse_epochs)
+        .unwrap_or_default())
+}
+
+/// An `MGET` reply of epoch markers (ms; anything else counts as none).
+fn parse_epochs(reply: Value) -> Vec<Option<i64>> {
+    match reply {
+        Value::Array(values) => values
+            .iter()
+            .map(|v| text(v).and_then(|t| t.parse().ok()))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// An outbox entry the settler cannot read: a corrupt field, or the format of a newer

@@ -34,11 +34,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("schema_v2.sql")),
     (3, include_str!("schema_v3.sql")),
     (4, include_str!("schema_v4.sql")),
+    (5, include_str!("schema_v5.sql")),
 ];
+
+/// What a store url that is neither kind is told (the url itself is never repeated: it
+/// may carry a password).
+const BAD_URL: &str = "use postgres://… or sqlite://PATH";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("bad store url {0:?}: use postgres://… or sqlite://PATH")]
+    #[error("bad store url: {0}")]
     BadUrl(String),
     #[error("store unreachable: {0}")]
     Unavailable(String),
@@ -218,7 +223,14 @@ pub struct Appended {
     pub holds_open: Option<i64>,
     /// Webhook deliveries created, per `WebhookType` (by discriminant).
     pub deliveries: [u64; 5],
+    /// Ids of the batch's events refused by their shard's fence: read from a Redis
+    /// incarnation older than the one a restore rebuilt (schema_v5.sql). Not written.
+    pub fenced: Vec<String>,
 }
+
+/// Per shard (by index), the epoch marker of the Redis a batch's events of that shard were
+/// read from, read before them (None: the shard had none).
+pub type ShardEpochs = [Option<i64>];
 
 /// Change in open holds made by events.
 fn holds_delta<'a>(events: impl Iterator<Item = &'a LedgerEvent>) -> i64 {
@@ -398,9 +410,14 @@ macro_rules! store_impl {
             /// Writes a batch in one transaction: the events (each once), the wallets'
             /// running summaries and, with webhook `rules`, the deliveries the new events
             /// make. Only events written for the first time count for anything.
+            ///
+            /// With `epochs` (what a settler read), an event whose shard's fence is newer
+            /// than the Redis it was read from is refused (`Appended::fenced`): the shard
+            /// was restored since, without it.
             pub async fn append_batch(
                 &self,
                 events: &[LedgerEvent],
+                epochs: Option<&ShardEpochs>,
                 rules: Option<&Rules>,
             ) -> Result<Appended, StoreError> {
                 if events.is_empty() {
@@ -412,6 +429,33 @@ macro_rules! store_impl {
                 sorted.dedup_by(|a, b| a.event_id == b.event_id);
                 let settled_at = crate::ledger::wall_clock_ms();
                 let mut tx = self.pool.begin().await?;
+                let mut fenced = Vec::new();
+                if let Some(epochs) = epochs {
+                    let shards: std::collections::BTreeSet<u16> =
+                        sorted.iter().map(|e| e.shard()).collect();
+                    let fences = self.fences(&mut tx, &shards).await?;
+                    sorted.retain(|e| {
+                        let shard = e.shard();
+                        let read_from = epochs.get(usize::from(shard)).copied().flatten();
+                        // No marker where the events were read (deleted by hand, or
+                        // evicted): they are that Redis's own, since scripts write
+                        // nothing to a shard without one.
+                        let stale = fences
+                            .get(&shard)
+                            .is_some_and(|fence| read_from.is_some_and(|epoch| epoch < *fence));
+                        if stale {
+                            fenced.push(e.event_id.clone());
+                        }
+                        !stale
+                    });
+                    if sorted.is_empty() {
+                        tx.commit().await?;
+                        return Ok(Appended {
+                            fenced,
+                            ..Appended::default()
+                        });
+                    }
+                }
                 let inserted = $store::insert_events(&mut tx, &sorted, settled_at).await?;
                 let new_events: Vec<&LedgerEvent> = sorted
                     .iter()
@@ -471,12 +515,69 @@ macro_rules! store_impl {
                     new_events: inserted,
                     holds_open,
                     deliveries,
+                    fenced,
                 })
+            }
+
+            /// The fences (above 0) of `shards`, locked against a restore raising them
+            /// until this transaction ends: each shard's row is made first if missing (in
+            /// shard order, so concurrent settlers wait rather than deadlock), then read
+            /// `FOR SHARE` in PostgreSQL (settlers do not block each other); SQLite has one
+            /// writer at a time, and a transaction whose reads a restore's write has since
+            /// made stale fails to write (and is retried).
+            async fn fences(
+                &self,
+                tx: &mut sqlx::Transaction<'_, $db>,
+                shards: &std::collections::BTreeSet<u16>,
+            ) -> Result<BTreeMap<u16, i64>, StoreError> {
+                if shards.is_empty() {
+                    return Ok(BTreeMap::new());
+                }
+                let mut insert = QueryBuilder::<$db>::new(
+                    "INSERT INTO tollgate_shard_fences (shard, epoch) ",
+                );
+                insert.push_values(shards, |mut row, shard| {
+                    row.push_bind(i64::from(*shard)).push_bind(0i64);
+                });
+                insert.push(" ON CONFLICT (shard) DO NOTHING");
+                insert.build().execute(&mut **tx).await?;
+                let mut select = QueryBuilder::<$db>::new(
+                    "SELECT shard, epoch FROM tollgate_shard_fences WHERE epoch > 0 AND shard IN (",
+                );
+                let mut list = select.separated(", ");
+                for shard in shards {
+                    list.push_bind(i64::from(*shard));
+                }
+                select.push(")");
+                if $kind == "postgres" {
+                    select.push(" FOR SHARE");
+                }
+                let rows: Vec<(i64, i64)> = select.build_query_as().fetch_all(&mut **tx).await?;
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|(shard, epoch)| Some((u16::try_from(shard).ok()?, epoch)))
+                    .collect())
+            }
+
+            /// Raises a shard's fence to at least `at_least` (ms) and returns it: events read
+            /// from a Redis whose epoch marker of the shard is older are refused from now on.
+            /// Waits for the batches being written that read the fence before.
+            pub async fn raise_fence(&self, shard: u16, at_least: i64) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar(
+                    "INSERT INTO tollgate_shard_fences (shard, epoch) VALUES ($1, $2) \
+                     ON CONFLICT (shard) DO UPDATE SET epoch = CASE \
+                     WHEN excluded.epoch > tollgate_shard_fences.epoch THEN excluded.epoch \
+                     ELSE tollgate_shard_fences.epoch END RETURNING epoch",
+                )
+                .bind(i64::from(shard))
+                .bind(at_least)
+                .fetch_one(&self.pool)
+                .await?)
             }
 
             /// Writes a batch in one transaction; returns how many events were new.
             pub async fn append(&self, events: &[LedgerEvent]) -> Result<u64, StoreError> {
-                Ok(self.append_batch(events, None).await?.new_events.len() as u64)
+                Ok(self.append_batch(events, None, None).await?.new_events.len() as u64)
             }
 
             /// Open holds, as counted from settled events.
@@ -1271,11 +1372,11 @@ impl Store {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             PgConnectOptions::from_str(url)
                 .map(|_| ())
-                .map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))
+                .map_err(|e| StoreError::BadUrl(format!("not a valid postgres:// url ({e})")))
         } else if url.strip_prefix("sqlite://").is_some_and(|p| !p.is_empty()) {
             Ok(())
         } else {
-            Err(StoreError::BadUrl(url.to_owned()))
+            Err(StoreError::BadUrl(BAD_URL.into()))
         }
     }
 
@@ -1284,7 +1385,7 @@ impl Store {
     pub fn connect_lazy(url: &str, connections: u32) -> Result<Self, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)
-                .map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?;
+                .map_err(|e| StoreError::BadUrl(format!("not a valid postgres:// url ({e})")))?;
             let pool = PgPoolOptions::new()
                 .max_connections(connections)
                 .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
@@ -1292,7 +1393,7 @@ impl Store {
             Ok(Self::Postgres(PgStore { pool }))
         } else if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err(StoreError::BadUrl(url.to_owned()));
+                return Err(StoreError::BadUrl(BAD_URL.into()));
             }
             let options = SqliteConnectOptions::new()
                 .filename(path)
@@ -1307,7 +1408,7 @@ impl Store {
                 .connect_lazy_with(options);
             Ok(Self::Sqlite(SqliteStore { pool }))
         } else {
-            Err(StoreError::BadUrl(url.to_owned()))
+            Err(StoreError::BadUrl(BAD_URL.into()))
         }
     }
 
@@ -1326,9 +1427,14 @@ impl Store {
     pub async fn append_batch(
         &self,
         events: &[LedgerEvent],
+        epochs: Option<&ShardEpochs>,
         rules: Option<&Rules>,
     ) -> Result<Appended, StoreError> {
-        dispatch!(self, s => s.append_batch(events, rules).await)
+        dispatch!(self, s => s.append_batch(events, epochs, rules).await)
+    }
+
+    pub async fn raise_fence(&self, shard: u16, at_least: i64) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.raise_fence(shard, at_least).await)
     }
 
     pub async fn holds_open(&self) -> Result<i64, StoreError> {

@@ -56,6 +56,9 @@ pub const STORE_ERRORS_TOTAL: &str = "tollgate_store_errors_total";
 pub const SETTLER_ROUND_ERRORS_TOTAL: &str = "tollgate_settler_round_errors_total";
 /// Outbox entries the settler could not read, moved to the dead-letter stream, by `shard`.
 pub const SETTLE_DEAD_LETTERS_TOTAL: &str = "tollgate_settle_dead_letters_total";
+/// Events read from a Redis that lost its data, refused by the store because a restore
+/// rebuilt their shard since (schema_v5.sql, the shard fences).
+pub const SETTLE_FENCED_EVENTS_TOTAL: &str = "tollgate_settle_fenced_events_total";
 /// Entries in a shard's outbox stream (settled entries are trimmed), by `shard`.
 pub const OUTBOX_LENGTH: &str = "tollgate_outbox_length";
 /// Age of the oldest unsettled event of a shard, by `shard`.
@@ -245,6 +248,10 @@ fn describe() {
         "Outbox entries the settler could not read, moved to <outbox>:dead and acknowledged, by shard."
     );
     describe_counter!(
+        SETTLE_FENCED_EVENTS_TOTAL,
+        "Events read from a Redis that lost its data, not settled because a restore rebuilt their shard without them."
+    );
+    describe_counter!(
         SETTLER_ROUND_ERRORS_TOTAL,
         "Failed settler rounds, by kind."
     );
@@ -358,6 +365,7 @@ mod tests {
             STORE_ERRORS_TOTAL,
             SETTLER_ROUND_ERRORS_TOTAL,
             SETTLE_DEAD_LETTERS_TOTAL,
+            SETTLE_FENCED_EVENTS_TOTAL,
             OUTBOX_LENGTH,
             OUTBOX_OLDEST_AGE_SECONDS,
             WEBHOOK_EVENTS_TOTAL,

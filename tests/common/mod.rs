@@ -288,10 +288,13 @@ pub fn purchase(account: &str, amount: i64, idempotency_key: &str) -> tollgate::
 pub fn initialize_blocking(ledger: &Ledger, redis_url: &str) {
     let client = redis::Client::open(redis_url).expect("redis url");
     let mut con = client.get_connection().expect("redis connection");
+    // As `serve` writes it: the time in ms (the settler compares it with the store's
+    // shard fences, which a restore raises).
+    let epoch = tollgate::ledger::new_epoch();
     for shard in 0..ledger.shards().count() {
         let _: Option<String> = redis::cmd("SET")
             .arg(ledger.shards().epoch_key(shard))
-            .arg("test")
+            .arg(&epoch)
             .arg("NX")
             .query(&mut con)
             .expect("initialize");
