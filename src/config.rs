@@ -4,6 +4,9 @@
 //!
 //! Environment overrides: `TOLLGATE_<SECTION>__<KEY>` (e.g. `TOLLGATE_LEDGER__SHARDS=32`),
 //! plus the shortcuts `TOLLGATE_REDIS_URL`, `TOLLGATE_ADMIN_TOKEN`, `TOLLGATE_SERVICE_TOKEN`.
+//! A string setting takes the value as written (as clap reads the same variables: a token
+//! `0x5eed` stays `0x5eed`); any other setting reads it as a TOML number, boolean or array.
+//! Error messages name the setting and what is wrong, never its value: any may be a secret.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -403,12 +406,9 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Self, ConfigErrors> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigErrors(vec![ConfigError {
-                path: "(file)".into(),
-                message: e.to_string().replace('\n', " "),
-            }])
-        })?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigErrors(vec![file_error(text, &e)]))?;
         apply_env(&mut table, env);
         let mut set = |section: &str, key: &str, value: &Option<String>| {
             if let Some(v) = value {
@@ -436,20 +436,7 @@ impl Config {
             overrides: overrides.clone(),
         };
         for (name, _) in table.iter() {
-            if ![
-                "server",
-                "redis",
-                "auth",
-                "ledger",
-                "store",
-                "settler",
-                "gateway",
-                "pricebook",
-                "log",
-                "webhooks",
-            ]
-            .contains(&name.as_str())
-            {
+            if name != "pricebook" && !SECTIONS.iter().any(|(section, _)| section == name) {
                 errors.push(ConfigError {
                     path: name.clone(),
                     message: "unknown section".into(),
@@ -486,10 +473,7 @@ impl Config {
             );
         }
         if redis::parse_redis_url(&self.redis.url).is_none() {
-            bad(
-                "redis.url",
-                format!("{:?} is not a redis:// url", self.redis.url),
-            );
+            bad("redis.url", redis_url_problem(&self.redis.url));
         }
         if !(1..=REDIS_CONNECTIONS_MAX).contains(&self.redis.connections) {
             bad(
@@ -570,7 +554,7 @@ impl Config {
             );
         }
         if let Err(e) = store::Store::check_url(&self.store.url) {
-            bad("store.url", e.to_string());
+            bad("store.url", store_url_problem(&self.store.url, &e));
         }
         if self.store.connections == 0 {
             bad("store.connections", "must be positive".into());
@@ -714,6 +698,46 @@ impl Config {
     }
 }
 
+/// What is wrong with a Redis URL that does not parse, without the URL: it may carry a
+/// password.
+fn redis_url_problem(url: &str) -> String {
+    // The schemes redis::parse_redis_url takes.
+    const SCHEMES: [&str; 7] = [
+        "redis",
+        "rediss",
+        "unix",
+        "redis+unix",
+        "valkey",
+        "valkeys",
+        "valkey+unix",
+    ];
+    match url.split_once("://") {
+        None => "is not a url (redis://[user:password@]host:port[/db])".into(),
+        Some((scheme, _)) if !SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) => {
+            "is not a redis:// url (its scheme must be redis, rediss or unix)".into()
+        }
+        Some(_) => "does not parse as a url: check the host and port (reserved characters \
+                    in the password must be percent-encoded)"
+            .into(),
+    }
+}
+
+/// What is wrong with a store URL, without the URL: it may carry a password. The store's
+/// error quotes the URL; only the reason after it (the PostgreSQL driver's) is kept.
+fn store_url_problem(url: &str, e: &store::StoreError) -> String {
+    let reason = match e {
+        store::StoreError::BadUrl(detail) => detail
+            .strip_prefix(url)
+            .and_then(|rest| rest.strip_prefix(": "))
+            .filter(|reason| !reason.is_empty()),
+        _ => None,
+    };
+    match reason {
+        Some(reason) => format!("does not parse as a postgres:// url: {reason}"),
+        None => "must be postgres://… or sqlite://PATH".into(),
+    }
+}
+
 /// Lowercase HTTP header name (gRPC metadata and Envoy's header maps are lowercase).
 fn is_header_name(name: &str) -> bool {
     !name.is_empty()
@@ -721,6 +745,30 @@ fn is_header_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
 }
+
+/// Whether the setting `key` of the section type `T` takes `raw` as a string. `T` itself
+/// is asked, so the answer follows the struct: a `String` field takes any string, a number
+/// or a list none.
+fn takes_str<T: DeserializeOwned>(key: &str, raw: &str) -> bool {
+    let mut single = toml::Table::new();
+    single.insert(key.to_owned(), toml::Value::String(raw.to_owned()));
+    T::deserialize(single).is_ok()
+}
+
+/// The sections of [`Config`] read with [`section`], each with [`takes_str`] of its type
+/// (`pricebook` has its own format). A section missing here is refused as unknown.
+type TakesStr = fn(&str, &str) -> bool;
+const SECTIONS: [(&str, TakesStr); 9] = [
+    ("server", takes_str::<ServerConfig>),
+    ("redis", takes_str::<RedisConfig>),
+    ("auth", takes_str::<AuthConfig>),
+    ("ledger", takes_str::<LedgerConfig>),
+    ("store", takes_str::<StoreConfig>),
+    ("settler", takes_str::<SettlerConfig>),
+    ("gateway", takes_str::<GatewayConfig>),
+    ("log", takes_str::<LogConfig>),
+    ("webhooks", takes_str::<crate::webhooks::WebhookConfig>),
+];
 
 /// Deserializes one section key by key, so each bad key is reported with its own path,
 /// then the whole section (which then succeeds).
@@ -760,17 +808,67 @@ pub(crate) fn table_fields<T: DeserializeOwned + Default>(
             }
             Err(e) => errors.push(ConfigError {
                 path: format!("{path}.{}", toml_key(key)),
-                message: e.to_string().trim().replace('\n', " "),
+                message: without_value(&e.to_string()),
             }),
         }
     }
     T::deserialize(good).unwrap_or_else(|e| {
         errors.push(ConfigError {
             path: path.into(),
-            message: e.to_string().trim().replace('\n', " "),
+            message: without_value(&e.to_string()),
         });
         T::default()
     })
+}
+
+/// A deserialization error on one line, without the value it quotes: any setting may hold
+/// a secret. serde's `invalid type: integer `84629173`, expected a string` becomes
+/// `invalid type: integer, expected a string` (what was given is named by its kind, what
+/// was expected and where are kept); so do `invalid value: …` and `unknown variant …`.
+fn without_value(message: &str) -> String {
+    let message = message.trim().replace('\n', " ");
+    for prefix in ["invalid type: ", "invalid value: ", "unknown variant "] {
+        let Some(rest) = message.strip_prefix(prefix) else {
+            continue;
+        };
+        // The value may hold ", expected " (a string, quoted with escapes); what serde
+        // expected never does, so the last one ends the value.
+        let (given, expected) = rest
+            .rfind(", expected ")
+            .map_or((rest, ""), |at| rest.split_at(at));
+        // serde's kinds: integer `1`, floating point `inf`, boolean `true`, string "s".
+        let kind = given.split(['`', '"']).next().unwrap_or_default();
+        let mut without = format!("{prefix}{kind}");
+        without.truncate(without.trim_end().len());
+        without.push_str(expected);
+        return without;
+    }
+    message
+}
+
+/// A TOML syntax error in the config file, at its line and column but without the line
+/// (toml's own message quotes it, and it may hold a secret).
+fn file_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().replace('\n', " ");
+    let message = match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    };
+    ConfigError {
+        path: "(file)".into(),
+        message,
+    }
 }
 
 /// A key as TOML writes it in a dotted path: bare when it can be, quoted otherwise
@@ -819,13 +917,22 @@ fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, Str
                 None => continue,
             },
         };
-        // A value that reads as a TOML number or boolean is one; anything else is a string.
-        let value = format!("v = {raw}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .filter(|v| !v.is_table() && !v.is_array())
-            .unwrap_or(toml::Value::String(raw));
+        // A string setting takes the value as written, as clap reads the same variables
+        // (TOLLGATE_ADMIN_TOKEN=0x5eed is that token, not 24301). Any other reads it as a
+        // TOML number, boolean or array; anything else stays a string, for the type error.
+        let takes_string = SECTIONS
+            .iter()
+            .any(|(name, takes_str)| *name == section && takes_str(&key, &raw));
+        let value = if takes_string {
+            toml::Value::String(raw)
+        } else {
+            format!("v = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .filter(|v| !v.is_table())
+                .unwrap_or(toml::Value::String(raw))
+        };
         set_value(table, &section, &key, value);
     }
 }
@@ -967,5 +1074,193 @@ mod tests {
         assert!(errors[0].message.contains("check_timeout_ms"), "{errors:?}");
         let negative = load("[redis]\nwait_replicas = -1\n").unwrap_err().0;
         assert_eq!(negative[0].path, "redis.wait_replicas", "{negative:?}");
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn load_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        Config::from_toml(text, env(vars), &Overrides::default())
+    }
+
+    #[test]
+    fn string_settings_from_the_environment_are_taken_as_written() {
+        // What clap reads from the same variables, and what the Helm chart passes.
+        for token in [
+            "84629173",
+            "0x5eed",
+            "inf",
+            "nan",
+            "-0",
+            "1e3",
+            "true",
+            "'quoted'",
+            "\"quoted\"",
+            "[1]",
+            "{ a = 1 }",
+            "1979-05-27",
+        ] {
+            let c = load_env(
+                "",
+                &[
+                    ("TOLLGATE_ADMIN_TOKEN", token),
+                    ("TOLLGATE_SERVICE_TOKEN", token),
+                    ("TOLLGATE_AUTH__ADMIN_TOKEN", token),
+                    ("TOLLGATE_WEBHOOKS__URL", "https://hooks.example.com/usage"),
+                    ("TOLLGATE_WEBHOOKS__SECRET", token),
+                    ("TOLLGATE_SETTLER__CONSUMER", token),
+                ],
+            )
+            .unwrap_or_else(|e| panic!("{token:?}: {e}"));
+            assert_eq!(c.auth.admin_token, token);
+            assert_eq!(c.auth.service_token, token);
+            assert_eq!(c.webhooks.secret, token);
+            assert_eq!(c.settler.consumer, token);
+        }
+        // A StatefulSet ordinal as the settler's consumer name.
+        let c = load_env("", &[("TOLLGATE_SETTLER__CONSUMER", "0")]).unwrap();
+        assert_eq!(c.settler_settings().consumer, "0");
+        let c = load_env("", &[("TOLLGATE_GATEWAY__SHARED_SECRET", "12345")]).unwrap();
+        assert_eq!(c.gateway.shared_secret, "12345");
+    }
+
+    #[test]
+    fn other_settings_from_the_environment_read_as_toml() {
+        let c = load_env(
+            "",
+            &[
+                ("TOLLGATE_LEDGER__SHARDS", "32"),
+                ("TOLLGATE_SETTLER__ENABLED", "false"),
+                ("TOLLGATE_SERVER__RESTORE", "true"),
+                ("TOLLGATE_GATEWAY__API_KEY_HEADERS", r#"["x-api-key"]"#),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.ledger.shards, 32);
+        assert!(!c.settler.enabled);
+        assert!(c.server.restore);
+        assert_eq!(c.gateway.api_key_headers, ["x-api-key"]);
+    }
+
+    #[test]
+    fn a_bad_setting_is_reported_with_its_type_never_its_value() {
+        let errors = load_env("", &[("TOLLGATE_SERVER__WORKER_THREADS", "abc")])
+            .unwrap_err()
+            .0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "server.worker_threads");
+        assert!(errors[0].message.contains("usize"), "{errors:?}");
+        assert!(!errors[0].message.contains("abc"), "{errors:?}");
+        // Any setting may hold a secret, from the file too.
+        let errors = load_env(
+            "[auth]\nadmin_token = 84629173\n[gateway]\napi_key_headers = [\"a\", 7405]\n",
+            &[("TOLLGATE_LEDGER__SHARDS", "70000")],
+        )
+        .unwrap_err();
+        let report = errors.to_string();
+        for (path, expected) in [
+            ("auth.admin_token", "string"),
+            ("gateway.api_key_headers", "string"),
+            ("ledger.shards", "u16"),
+        ] {
+            let e = errors.0.iter().find(|e| e.path == path);
+            assert!(
+                e.is_some_and(|e| e.message.contains(expected)),
+                "{path}: {report}"
+            );
+        }
+        for value in ["84629173", "7405", "70000"] {
+            assert!(!report.contains(value), "{value} in {report}");
+        }
+        // Nor a line of a file that is not TOML.
+        let errors = load("[auth]\nadmin_token = abc123secret\n").unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "(file)");
+        assert!(
+            errors[0].message.starts_with("line 2, column 15: "),
+            "{errors:?}"
+        );
+        assert!(!errors[0].message.contains("abc123secret"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_bad_url_is_reported_without_its_password() {
+        for url in [
+            "redis://:hunter2@host:notaport",
+            "redis://user:hunter2@[::1",
+            "http://:hunter2@host:6379",
+            "hunter2",
+        ] {
+            let errors = load_env("", &[("TOLLGATE_REDIS_URL", url)]).unwrap_err();
+            assert_eq!(errors.0.len(), 1, "{errors}");
+            assert_eq!(errors.0[0].path, "redis.url");
+            assert!(!errors.to_string().contains("hunter2"), "{errors}");
+        }
+        for url in [
+            "postgres://app:hunter2@db:notaport/tollgate",
+            "postgres://app:hunter2@db:5432/tollgate?sslmode=sometimes",
+            "mysql://app:hunter2@db/tollgate",
+            "hunter2",
+        ] {
+            let errors = load_env("", &[("TOLLGATE_STORE__URL", url)]).unwrap_err();
+            assert_eq!(errors.0.len(), 1, "{errors}");
+            assert_eq!(errors.0[0].path, "store.url");
+            assert!(!errors.to_string().contains("hunter2"), "{errors}");
+        }
+    }
+
+    #[test]
+    fn every_string_setting_takes_the_environment_as_written() {
+        // Every setting whose type is a string, and a few that are not.
+        let strings = [
+            "server.grpc_addr",
+            "server.http_addr",
+            "redis.url",
+            "auth.admin_token",
+            "auth.service_token",
+            "store.url",
+            "settler.consumer",
+            "gateway.shared_secret",
+            "gateway.shared_secret_header",
+            "gateway.spool_path",
+            "log.level",
+            "log.format",
+            "webhooks.url",
+            "webhooks.secret",
+        ];
+        let others = [
+            "server.worker_threads",
+            "server.restore",
+            "redis.connections",
+            "ledger.shards",
+            "settler.enabled",
+            "gateway.api_key_headers",
+            "webhooks.events",
+            "webhooks.low_balance",
+            "pricebook.default",
+            "nosuch.thing",
+        ];
+        let var = |path: &str| format!("TOLLGATE_{}", path.replace('.', "__").to_uppercase());
+        let mut table = toml::Table::new();
+        apply_env(
+            &mut table,
+            strings
+                .iter()
+                .chain(&others)
+                .map(|path| (var(path), "7".to_owned())),
+        );
+        let value = |path: &str| {
+            let (section, key) = path.split_once('.').unwrap_or_default();
+            table.get(section).and_then(|s| s.get(key)).cloned()
+        };
+        for path in strings {
+            assert_eq!(value(path), Some(toml::Value::String("7".into())), "{path}");
+        }
+        for path in others {
+            assert_eq!(value(path), Some(toml::Value::Integer(7)), "{path}");
+        }
     }
 }
