@@ -287,6 +287,100 @@ async fn retried_until_the_receiver_recovers_sqlite() {
     retried_until_the_receiver_recovers(&common::temp_sqlite_url()).await;
 }
 
+/// Receipts of one delivery id so far.
+fn receipts_of(receiver: &Receiver, delivery_id: &str) -> usize {
+    receiver
+        .received()
+        .iter()
+        .filter(|r| r.delivery_id == delivery_id)
+        .count()
+}
+
+/// Waits until the account has one delivery and it is `status`.
+async fn only_delivery(
+    server: &common::TestServer,
+    account: &str,
+    status: &str,
+) -> pb::WebhookDelivery {
+    common::eventually(
+        DEADLINE,
+        &format!("the delivery to be {status}"),
+        || async {
+            let list = deliveries(server, account).await?;
+            let [d] = list.as_slice() else { return None };
+            (d.status == status).then(|| d.clone())
+        },
+    )
+    .await
+}
+
+/// Admin RetryWebhookDelivery gives a given-up delivery a new round: up to `attempts_max`
+/// more attempts with backoff (not one), while `attempts` keeps counting them all.
+async fn a_manual_retry_gets_a_new_round_of_attempts(store_url: &str) {
+    const ATTEMPTS_MAX: i64 = 3;
+    let redis = common::RedisServer::start();
+    let receiver = Receiver::start().await;
+    receiver.set_failing(true);
+    let mut c = config(&redis, store_url, &receiver);
+    c.webhooks.attempts_max = ATTEMPTS_MAX as u32;
+    let server = common::TestServer::start(c, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    admin.grant(grant("erin", 100, "g1")).await.expect("grant");
+
+    let given_up = only_delivery(&server, "erin", "failed").await;
+    assert_eq!(given_up.event_type, "grant.created");
+    assert_eq!(given_up.attempts, ATTEMPTS_MAX);
+    assert_eq!(given_up.last_status_code, 503);
+    let id = given_up.delivery_id.clone();
+    assert_eq!(receipts_of(&receiver, &id), ATTEMPTS_MAX as usize);
+
+    let retried = admin
+        .retry_webhook_delivery(pb::RetryWebhookDeliveryRequest {
+            delivery_id: id.clone(),
+        })
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(retried.status, "pending");
+    assert_eq!(retried.attempts, ATTEMPTS_MAX, "the total is kept");
+    assert_eq!(retried.delivered_at_ms, 0);
+
+    // The receiver still fails: a whole new round, then given up again.
+    let again = only_delivery(&server, "erin", "failed").await;
+    assert_eq!(
+        receipts_of(&receiver, &id),
+        2 * ATTEMPTS_MAX as usize,
+        "a manual retry gets attempts_max more attempts"
+    );
+    assert_eq!(again.attempts, 2 * ATTEMPTS_MAX, "{again:?}");
+    assert_eq!(again.delivered_at_ms, 0, "{again:?}");
+
+    // Once the receiver is back, a further retry delivers it.
+    receiver.set_failing(false);
+    admin
+        .retry_webhook_delivery(pb::RetryWebhookDeliveryRequest {
+            delivery_id: id.clone(),
+        })
+        .await
+        .expect("retry");
+    let delivered = only_delivery(&server, "erin", "delivered").await;
+    assert_eq!(delivered.attempts, 2 * ATTEMPTS_MAX + 1);
+    assert!(delivered.delivered_at_ms > 0, "{delivered:?}");
+    assert_eq!(receiver.accepted().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_retry_gets_a_new_round_of_attempts_postgres() {
+    let pg = common::PgDatabase::create().await;
+    a_manual_retry_gets_a_new_round_of_attempts(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_retry_gets_a_new_round_of_attempts_sqlite() {
+    a_manual_retry_gets_a_new_round_of_attempts(&common::temp_sqlite_url()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lot_expiring_then_expired() {
     let redis = common::RedisServer::start();

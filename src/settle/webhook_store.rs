@@ -32,15 +32,28 @@ pub struct Delivery {
     pub payload: String,
     /// pending | delivered | failed
     pub status: String,
+    /// Every attempt made, across manual retries.
     pub attempts: i64,
+    /// Attempts made before the current round: 0, or `attempts` as it was when Admin
+    /// RetryWebhookDelivery last put the delivery back. A round gives up after
+    /// `attempts_max` attempts of its own.
+    pub round_start_attempts: i64,
     pub created_at_ms: i64,
     pub next_attempt_at_ms: i64,
+    /// 0 until delivered.
     pub delivered_at_ms: i64,
     pub last_error: String,
     /// 0 = no HTTP response.
     pub last_status_code: i64,
     /// Order within the account: (stream ms, stream seq, ordinal).
     pub position: (i64, i64, i64),
+}
+
+impl Delivery {
+    /// Attempts made in the current round (since the last manual retry).
+    pub fn round_attempts(&self) -> i64 {
+        self.attempts - self.round_start_attempts
+    }
 }
 
 /// A ListWebhookDeliveries query: newest first.
@@ -96,12 +109,17 @@ const DELIVERY_COLUMNS: &str = "delivery_id, account_id, wallet, event_type, pay
     attempts, created_at_ms, next_attempt_at_ms, delivered_at_ms, last_error, last_status_code, \
     position_ms, position_seq, ordinal";
 
+// Where a retry round starts, without a column of its own: `delivered_at_ms` is a time
+// (> 0) once delivered and unused before, so an undelivered row keeps the negated
+// `round_start_attempts` there (0 until a manual retry). Only a failed delivery is retried,
+// and delivering it overwrites the column with the time.
 fn delivery_from_row<R: Row>(r: &R) -> Result<Delivery, sqlx::Error>
 where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
+    let delivered_at_ms: i64 = r.try_get("delivered_at_ms")?;
     Ok(Delivery {
         delivery_id: r.try_get("delivery_id")?,
         account_id: r.try_get("account_id")?,
@@ -110,9 +128,10 @@ where
         payload: r.try_get("payload")?,
         status: r.try_get("status")?,
         attempts: r.try_get("attempts")?,
+        round_start_attempts: (-delivered_at_ms).max(0),
         created_at_ms: r.try_get("created_at_ms")?,
         next_attempt_at_ms: r.try_get("next_attempt_at_ms")?,
-        delivered_at_ms: r.try_get("delivered_at_ms")?,
+        delivered_at_ms: delivered_at_ms.max(0),
         last_error: r.try_get("last_error")?,
         last_status_code: r.try_get("last_status_code")?,
         position: (
@@ -537,7 +556,9 @@ macro_rules! webhook_store_impl {
                 Ok(row.as_ref().map(delivery_from_row).transpose()?)
             }
 
-            /// Puts a given-up delivery back in its queue. False if it is not "failed".
+            /// Puts a given-up delivery back in its queue for a new round of attempts
+            /// (`attempts` keeps counting; the round starts at its current value, stored
+            /// as `delivered_at_ms = -attempts`). False if it is not "failed".
             pub async fn retry_delivery(
                 &self,
                 delivery_id: &str,
@@ -545,7 +566,7 @@ macro_rules! webhook_store_impl {
             ) -> Result<bool, StoreError> {
                 let done = sqlx::query(
                     "UPDATE tollgate_webhook_deliveries SET status = 'pending', \
-                     next_attempt_at_ms = $1, lease_until_ms = 0 \
+                     next_attempt_at_ms = $1, lease_until_ms = 0, delivered_at_ms = -attempts \
                      WHERE delivery_id = $2 AND status = 'failed'",
                 )
                 .bind(now_ms)

@@ -6,8 +6,9 @@
 //! that outlives a crashed dispatcher simply expires), POSTs it, and records the attempt.
 //! Failures are retried with capped exponential backoff and jitter until
 //! `attempts_max`, then the delivery is marked "failed" and the account's queue moves on
-//! (Admin RetryWebhookDelivery puts it back). It also announces expiring lots
-//! (`lot.expiring`).
+//! (Admin RetryWebhookDelivery puts it back for a new round: up to `attempts_max` more
+//! attempts, the backoff starting over; `attempts` keeps the total). It also announces
+//! expiring lots (`lot.expiring`).
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -242,7 +243,10 @@ async fn attempt(
         )
         .await;
     metrics.duration.record(started.elapsed().as_secs_f64());
+    // Attempts count across manual retries; `attempts_max` and the backoff apply to the
+    // round (Admin RetryWebhookDelivery starts a new one).
     let attempt_number = delivery.attempts + 1;
+    let round_attempt = delivery.round_attempts() + 1;
     let type_index = WebhookType::parse(&delivery.event_type).map(|t| t as usize);
     let count = |result: usize| {
         if let Some(i) = type_index {
@@ -258,18 +262,18 @@ async fn attempt(
             }
         }
         Err(err) => {
-            let give_up = attempt_number >= i64::from(settings.attempts_max);
+            let give_up = round_attempt >= i64::from(settings.attempts_max);
             count(if give_up { 2 } else { 1 });
             let wait = backoff(
                 settings.backoff_min,
                 settings.backoff_max,
-                attempt_number as u32,
+                u32::try_from(round_attempt).unwrap_or(u32::MAX),
             );
             // No account id, URL or payload in logs: the delivery id finds the row.
             if give_up {
-                tracing::warn!(delivery_id = %delivery.delivery_id, event = %delivery.event_type, attempts = attempt_number, error = %err, "webhook delivery given up");
+                tracing::warn!(delivery_id = %delivery.delivery_id, event = %delivery.event_type, attempts = attempt_number, round_attempt, error = %err, "webhook delivery given up");
             } else {
-                tracing::info!(delivery_id = %delivery.delivery_id, event = %delivery.event_type, attempts = attempt_number, retry_in_ms = wait.as_millis() as u64, error = %err, "webhook delivery failed; retrying");
+                tracing::info!(delivery_id = %delivery.delivery_id, event = %delivery.event_type, attempts = attempt_number, round_attempt, retry_in_ms = wait.as_millis() as u64, error = %err, "webhook delivery failed; retrying");
             }
             AttemptOutcome::Failed {
                 status_code: i64::from(err.status_code()),
