@@ -284,13 +284,14 @@ struct HttpState {
     serving: bool,
 }
 
+/// The probe and metrics routes. The request log layer goes on last, around every route
+/// merged in (a layer only wraps the routes added before it).
 fn http_router(state: HttpState) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(state)
-        .layer(RequestLogLayer::http())
 }
 
 /// Starts the webhook dispatcher when webhooks are configured (next to a settler).
@@ -383,7 +384,8 @@ pub async fn run_settler(
             ready_lag_max_ms: config.settler.ready_lag_max_ms,
             metrics: telemetry::metrics::install(),
             serving: false,
-        }),
+        })
+        .layer(RequestLogLayer::http()),
     )
     .with_graceful_shutdown(stopped());
     tokio::spawn(async move {
@@ -530,7 +532,9 @@ pub async fn run(
         serving: true,
     };
     let watcher = tokio::spawn(watch_health(state.clone(), health, stopped()));
-    let http = http_router(state).merge(forward_auth::router(gateway.clone(), service_check_http));
+    let http = http_router(state)
+        .merge(forward_auth::router(gateway.clone(), service_check_http))
+        .layer(RequestLogLayer::http());
     // Forward-auth is on the request path of nginx, Traefik and Kong: no Nagle delay on
     // its answers (the gRPC listener sets the same).
     let http_listener = http_listener.tap_io(|tcp| {

@@ -162,6 +162,23 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
     )
     .await;
     assert_eq!(code, 200);
+    // HTTP hold settlement without a token: one line. A forward-auth denial is an answer
+    // (as an ext_authz Check's denial is a gRPC OK): none.
+    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+    let status = raw_http(
+        http_addr,
+        "POST /v1/holds/h0-1/capture HTTP/1.1\r\nHost: x\r\nx-request-id: req-http-hold-4\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 401);
+    let status = raw_http(
+        http_addr,
+        "GET /v1/forward-auth HTTP/1.1\r\nHost: x\r\nx-request-id: req-denied-5\r\n\
+         Connection: close\r\n\r\n",
+    )
+    .await;
+    assert!((400..500).contains(&status), "{status}");
 
     serve.stop();
     let stdout = std::fs::read_to_string(&out_path).expect("stdout");
@@ -202,13 +219,19 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
         "INVALID_ARGUMENT",
         "/tollgate.v1.Metering/Debit",
     );
+    let http = with_id("req-http-hold-4");
+    assert_eq!(http.len(), 1, "one line for the HTTP failure:\n{stdout}");
+    assert_eq!(http[0]["fields"]["protocol"], "http");
+    assert_eq!(http[0]["fields"]["status"], 401);
+    assert_eq!(http[0]["fields"]["path"], "/v1/holds/h0-1/capture");
     assert!(!output.contains("req-ok-3"), "a success was logged");
+    assert!(!output.contains("req-denied-5"), "a denial was logged");
     assert_eq!(
         lines
             .iter()
             .filter(|l| l["fields"]["message"] == "request failed")
             .count(),
-        3,
+        4,
         "{stdout}"
     );
     for secret in [
@@ -223,4 +246,19 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends one raw HTTP/1.1 request; returns the answer's status.
+async fn raw_http(addr: std::net::SocketAddr, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("http connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("read");
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code")
 }

@@ -1,6 +1,8 @@
 //! One log line per failed request, with its request id: a tower layer around the gRPC
 //! server (a status other than OK) and the HTTP router (a 4xx/5xx answer, except the
-//! probe and metrics endpoints, which orchestrators poll all the time).
+//! probe and metrics endpoints, which orchestrators poll all the time, and forward-auth's
+//! denials below 500: those are its answers, as an ext_authz Check's denial is a gRPC OK,
+//! counted by the gateway's metrics; a gateway logs them itself).
 //!
 //! The request id is the `x-request-id` header (Envoy and most gateways stamp one); a
 //! failed request without one gets a generated id, returned in the response's
@@ -124,9 +126,14 @@ where
             Protocol::Grpc => tonic::Status::from_header_map(response.headers())
                 .filter(|s| s.code() != tonic::Code::Ok)
                 .map(Failure::Grpc),
-            Protocol::Http => (response.status().as_u16() >= 400
-                && !QUIET_PATHS.contains(&this.uri.path()))
-            .then(|| Failure::Http(response.status().as_u16())),
+            Protocol::Http => {
+                let status = response.status().as_u16();
+                let path = this.uri.path();
+                let denial =
+                    status < 500 && path == crate::gateway::forward_auth::FORWARD_AUTH_PATH;
+                (status >= 400 && !QUIET_PATHS.contains(&path) && !denial)
+                    .then_some(Failure::Http(status))
+            }
         };
         if let Some(failure) = failure {
             let request_id = match this.request_id.as_ref().and_then(valid_request_id) {
