@@ -107,19 +107,14 @@ pub struct ExpiringLot {
 
 const DELIVERY_COLUMNS: &str = "delivery_id, account_id, wallet, event_type, payload, status, \
     attempts, created_at_ms, next_attempt_at_ms, delivered_at_ms, last_error, last_status_code, \
-    position_ms, position_seq, ordinal";
+    position_ms, position_seq, ordinal, round_start_attempts";
 
-// Where a retry round starts, without a column of its own: `delivered_at_ms` is a time
-// (> 0) once delivered and unused before, so an undelivered row keeps the negated
-// `round_start_attempts` there (0 until a manual retry). Only a failed delivery is retried,
-// and delivering it overwrites the column with the time.
 fn delivery_from_row<R: Row>(r: &R) -> Result<Delivery, sqlx::Error>
 where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> &'r str: sqlx::ColumnIndex<R>,
 {
-    let delivered_at_ms: i64 = r.try_get("delivered_at_ms")?;
     Ok(Delivery {
         delivery_id: r.try_get("delivery_id")?,
         account_id: r.try_get("account_id")?,
@@ -128,10 +123,10 @@ where
         payload: r.try_get("payload")?,
         status: r.try_get("status")?,
         attempts: r.try_get("attempts")?,
-        round_start_attempts: (-delivered_at_ms).max(0),
+        round_start_attempts: r.try_get("round_start_attempts")?,
         created_at_ms: r.try_get("created_at_ms")?,
         next_attempt_at_ms: r.try_get("next_attempt_at_ms")?,
-        delivered_at_ms: delivered_at_ms.max(0),
+        delivered_at_ms: r.try_get("delivered_at_ms")?,
         last_error: r.try_get("last_error")?,
         last_status_code: r.try_get("last_status_code")?,
         position: (
@@ -557,8 +552,8 @@ macro_rules! webhook_store_impl {
             }
 
             /// Puts a given-up delivery back in its queue for a new round of attempts
-            /// (`attempts` keeps counting; the round starts at its current value, stored
-            /// as `delivered_at_ms = -attempts`). False if it is not "failed".
+            /// (`attempts` keeps counting; the round starts at its current value,
+            /// `round_start_attempts`). False if it is not "failed".
             pub async fn retry_delivery(
                 &self,
                 delivery_id: &str,
@@ -566,7 +561,7 @@ macro_rules! webhook_store_impl {
             ) -> Result<bool, StoreError> {
                 let done = sqlx::query(
                     "UPDATE tollgate_webhook_deliveries SET status = 'pending', \
-                     next_attempt_at_ms = $1, lease_until_ms = 0, delivered_at_ms = -attempts \
+                     next_attempt_at_ms = $1, lease_until_ms = 0, round_start_attempts = attempts \
                      WHERE delivery_id = $2 AND status = 'failed'",
                 )
                 .bind(now_ms)
