@@ -677,11 +677,69 @@ async fn bad_input_names_the_field_and_changes_nothing() {
                 .await
                 .expect_err("a member on a personal key"),
         ),
+        (
+            "window_secs",
+            admin
+                .set_budget(pb::SetBudgetRequest {
+                    account_id: "acme".into(),
+                    limit: 10,
+                    period: "day".into(),
+                    window_secs: -5,
+                    idempotency_key: "x11".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a window on a day budget"),
+        ),
+        (
+            "window_secs",
+            admin
+                .set_budget(pb::SetBudgetRequest {
+                    account_id: "acme".into(),
+                    member_id: "alice".into(),
+                    limit: 10,
+                    period: "month".into(),
+                    window_secs: 60,
+                    idempotency_key: "x12".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a window on a month budget"),
+        ),
+        (
+            "account_id",
+            admin
+                .create_api_key(pb::CreateApiKeyRequest {
+                    account_id: "acme".into(),
+                    name: "x".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a personal key on the org's account: no actor check"),
+        ),
     ];
     for (field, status) in &cases {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert_eq!(bad_fields(status), vec![field.to_string()], "{status:?}");
     }
+    // Every bad field of a CreateApiKey at once.
+    let status = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "bad id!".into(),
+            name: "a\u{7}".into(),
+            idempotency_key: "has space".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("three bad fields");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let mut fields = bad_fields(&status);
+    fields.sort();
+    assert_eq!(
+        fields,
+        ["account_id", "idempotency_key", "name"],
+        "{status:?}"
+    );
     // Nothing changed: no event, same views, no key made.
     assert_eq!(common::outbox_len(&server.ledger).await, outbox);
     let after = (
@@ -735,6 +793,204 @@ async fn bad_input_names_the_field_and_changes_nothing() {
         .expect("replay")
         .into_inner();
     assert!(replay.replayed);
+}
+
+async fn key_count(server: &common::TestServer, account_id: &str) -> usize {
+    server
+        .admin()
+        .await
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: account_id.into(),
+        })
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys
+        .len()
+}
+
+/// A personal key is never made on an org's account (it would charge the org wallet with
+/// no actor, member or allocation check), and an account with live personal keys is not
+/// made an org (they would turn into such keys); both checked in the script that writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_personal_key_never_charges_an_org_wallet() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    signsecure(&server).await;
+    let mut admin = server.admin().await;
+    admin
+        .add_member(pb::AddMemberRequest {
+            org_id: "acme".into(),
+            member_id: "mallory".into(),
+            role: "member".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "add-mallory".into(),
+        })
+        .await
+        .expect("add mallory");
+    let outbox = common::outbox_len(&server.ledger).await;
+    let before = view(&server, "olivia", "").await;
+
+    // The org path checks the actor; the personal path to the same account is refused,
+    // a retry with an idempotency key included.
+    let status = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            org_id: "acme".into(),
+            actor_id: "mallory".into(),
+            name: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("mallory is a plain member");
+    assert_eq!(bad_fields(&status), ["actor_id"], "{status:?}");
+    for idempotency_key in ["", "k1", "k1"] {
+        let status = admin
+            .create_api_key(pb::CreateApiKeyRequest {
+                account_id: "acme".into(),
+                name: "x".into(),
+                idempotency_key: idempotency_key.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a personal key on an org account");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(bad_fields(&status), ["account_id"], "{status:?}");
+        assert!(
+            status.message().contains("org_id") && status.message().contains("actor_id"),
+            "{status:?}"
+        );
+    }
+    assert_eq!(key_count(&server, "acme").await, 2, "no key made");
+    assert_eq!(common::outbox_len(&server.ledger).await, outbox);
+    assert_eq!(view(&server, "olivia", "").await, before);
+
+    // The reverse: initech has a personal key, then is to become an org.
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "initech".into(),
+            amount: 100,
+            idempotency_key: "buy".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let personal = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "initech".into(),
+            name: "laptop".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("personal key")
+        .into_inner();
+    let r = send_envelope(&server, &personal.api_key).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-tollgate-account"), Some("initech"));
+    let outbox = common::outbox_len(&server.ledger).await;
+    let make_org = || pb::CreateOrganizationRequest {
+        org_id: "initech".into(),
+        owner_id: "ian".into(),
+        idempotency_key: "make-org".into(),
+    };
+    for _ in 0..2 {
+        let status = admin
+            .create_organization(make_org())
+            .await
+            .expect_err("initech has a live personal key");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(bad_fields(&status), ["org_id"], "{status:?}");
+        assert!(status.message().contains(&personal.key_id), "{status:?}");
+    }
+    assert_eq!(common::outbox_len(&server.ledger).await, outbox);
+    let members = admin
+        .list_members(pb::ListMembersRequest {
+            org_id: "initech".into(),
+        })
+        .await
+        .expect_err("no org made");
+    assert_eq!(members.code(), tonic::Code::NotFound, "{members:?}");
+    // The key still charges only initech's own wallet, as before.
+    let r = send_envelope(&server, &personal.api_key).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-credits-remaining"), Some("78"));
+
+    // Revoked, the key no longer counts: the same request now makes the org, and the key
+    // stays refused at the gateway.
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: personal.key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    let org = admin
+        .create_organization(make_org())
+        .await
+        .expect("no live key left")
+        .into_inner();
+    assert!(!org.replayed);
+    assert_eq!(send_envelope(&server, &personal.api_key).await.status, 403);
+    let status = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "initech".into(),
+            name: "laptop 2".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("initech is an org now");
+    assert_eq!(bad_fields(&status), ["account_id"], "{status:?}");
+    assert_eq!(
+        key_count(&server, "initech").await,
+        1,
+        "only the revoked key"
+    );
+}
+
+/// CreateOrganization and a personal CreateApiKey racing on one account: exactly one
+/// wins, never an org with a live personal key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_org_and_a_personal_key_racing_on_one_account_never_both_happen() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let admin = server.admin().await;
+    let mut races = Vec::new();
+    for i in 0..32 {
+        let account = format!("race-{i}");
+        let (mut a, mut b) = (admin.clone(), admin.clone());
+        let org = pb::CreateOrganizationRequest {
+            org_id: account.clone(),
+            owner_id: "owner".into(),
+            idempotency_key: "org".into(),
+        };
+        let key = pb::CreateApiKeyRequest {
+            account_id: account.clone(),
+            name: "k".into(),
+            ..Default::default()
+        };
+        races.push(tokio::spawn(async move {
+            let (org, key) = tokio::join!(a.create_organization(org), b.create_api_key(key));
+            (account, org, key)
+        }));
+    }
+    let (mut orgs, mut keys) = (0, 0);
+    for race in races {
+        let (account, org, key) = race.await.expect("race");
+        match (&org, &key) {
+            (Ok(_), Err(refused)) => {
+                assert_eq!(
+                    bad_fields(refused),
+                    ["account_id"],
+                    "{account}: {refused:?}"
+                );
+                orgs += 1;
+            }
+            (Err(refused), Ok(_)) => {
+                assert_eq!(bad_fields(refused), ["org_id"], "{account}: {refused:?}");
+                keys += 1;
+            }
+            _ => panic!("{account}: {org:?} and {key:?}"),
+        }
+    }
+    assert_eq!(orgs + keys, 32);
 }
 
 type View = (

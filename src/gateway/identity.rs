@@ -368,6 +368,11 @@ impl KeyStore {
         format!("{}:ks:{account_id}", self.shards.tag(shard))
     }
 
+    /// The account's organization record (lua/org.lua): present iff the account is an org.
+    fn org_record(&self, shard: u16, account_id: &str) -> String {
+        format!("{}:org:{account_id}", self.shards.tag(shard))
+    }
+
     /// Who a presented key belongs to: from the cache when it is fresh, else one HMGET.
     pub async fn identify(&self, key: &str) -> Result<Arc<Identity>, IdentityError> {
         match self.presented(key) {
@@ -478,8 +483,9 @@ impl KeyStore {
         Ok(miss.active(account_id, member.unwrap_or_default()))
     }
 
-    /// Makes a key for an account (a personal key) or, with `binding.org_id`, an org
-    /// workspace key; the secret is in the answer only.
+    /// Makes a key for an account (a personal key; refused, atomically in the script, for
+    /// an account that is an organization) or, with `binding.org_id`, an org workspace key
+    /// (only by an owner or admin); the secret is in the answer only.
     /// With an `idempotency_key`, a repeat within the idempotency window answers the key
     /// the first call made (`replayed`, without its secret, which only the first answer
     /// held) instead of making another; the same key with other parameters is refused.
@@ -490,15 +496,15 @@ impl KeyStore {
         binding: &KeyBinding,
         idempotency_key: &str,
     ) -> Result<CreatedKey, LedgerError> {
+        // Every bad field at once.
+        let mut v = Violations::default();
         if !idempotency_key.is_empty() {
-            let mut v = Violations::default();
             v.idempotency_key("idempotency_key", idempotency_key);
-            v.finish().map_err(LedgerError::InvalidArgument)?;
         }
         let account_id = if binding.org_id.is_empty() {
             // A member or actor means nothing without the org: it would be stored on a
             // personal key unchecked (and break the key's listing and every check by it).
-            let mut v = Violations::default();
+            v.account_id("account_id", account_id);
             for (field, value) in [
                 ("member_id", &binding.member_id),
                 ("actor_id", &binding.actor_id),
@@ -507,26 +513,26 @@ impl KeyStore {
                     v.add(field, "must be empty without org_id");
                 }
             }
-            v.finish().map_err(LedgerError::InvalidArgument)?;
             account_id
         } else {
-            let mut v = Violations::default();
             v.account_id("org_id", &binding.org_id);
             v.account_id("actor_id", &binding.actor_id);
             v.member_id("member_id", &binding.member_id, &binding.org_id);
             if !account_id.is_empty() && account_id != binding.org_id {
                 v.add("account_id", "must be empty or the org_id for an org key");
             }
-            v.finish().map_err(LedgerError::InvalidArgument)?;
             &binding.org_id
         };
+        check_key_name(&mut v, name);
+        v.finish().map_err(LedgerError::InvalidArgument)?;
         let (key_id, api_key, record, index, digest) = self.new_key(account_id, name)?;
         let shard = self.shards.of_account(account_id);
         let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(record).key(index);
-        if !binding.org_id.is_empty() {
-            inv.key(format!("{}:org:{account_id}", self.shards.tag(shard)));
-        }
+        // The org record goes with a personal key too: the script refuses one for an
+        // account that is an organization.
+        inv.key(record)
+            .key(index)
+            .key(self.org_record(shard, account_id));
         let (record_id, request) = if idempotency_key.is_empty() {
             (String::new(), String::new())
         } else {
@@ -566,9 +572,11 @@ impl KeyStore {
         let mut invocations = Vec::with_capacity(account_ids.len());
         for account_id in account_ids {
             let (key_id, api_key, record, index, digest) = self.new_key(account_id, name)?;
+            let shard = self.shards.of_account(account_id);
             let mut inv = self.scripts.create.prepare_invoke();
             inv.key(record)
                 .key(index)
+                .key(self.org_record(shard, account_id))
                 .arg(*account_id)
                 .arg(&digest)
                 .arg(name)
@@ -600,12 +608,7 @@ impl KeyStore {
     ) -> Result<(String, String, String, String, String), LedgerError> {
         let mut v = Violations::default();
         v.account_id("account_id", account_id);
-        if name.len() > KEY_NAME_LEN_MAX {
-            v.add("name", format!("longer than {KEY_NAME_LEN_MAX} bytes"));
-        } else {
-            v.description("name", name);
-        }
-        const { assert!(KEY_NAME_LEN_MAX <= DESCRIPTION_LEN_MAX) };
+        check_key_name(&mut v, name);
         v.finish().map_err(LedgerError::InvalidArgument)?;
         let shard = self.shards.of_account(account_id);
         let key_id = format!(
@@ -709,6 +712,15 @@ impl KeyStore {
         keys.sort_by(|a, b| (a.created_at_ms, &a.key_id).cmp(&(b.created_at_ms, &b.key_id)));
         Ok(keys)
     }
+}
+
+fn check_key_name(v: &mut Violations, name: &str) {
+    if name.len() > KEY_NAME_LEN_MAX {
+        v.add("name", format!("longer than {KEY_NAME_LEN_MAX} bytes"));
+    } else {
+        v.description("name", name);
+    }
+    const { assert!(KEY_NAME_LEN_MAX <= DESCRIPTION_LEN_MAX) };
 }
 
 /// A key_create answer: "OK|created_ms" or "KEY_LIMIT|max".

@@ -78,9 +78,17 @@ impl BudgetPeriod {
         }
     }
 
-    /// From the API's words: `day`, `month` or `window` (with `window_secs`).
+    /// From the API's words: `day`, `month` (with `window_secs` 0) or `window` (with
+    /// `window_secs`).
     pub fn parse(name: &str, window_secs: i64, v: &mut Violations) -> Option<Self> {
         match name {
+            "day" | "month" if window_secs != 0 => {
+                v.add(
+                    "window_secs",
+                    format!("must be 0 for period {name} (only a rolling window has one)"),
+                );
+                None
+            }
             "day" => Some(Self::Day),
             "month" => Some(Self::Month),
             "window" => {
@@ -536,12 +544,18 @@ mod tests {
         let mut v = Violations::default();
         assert_eq!(BudgetPeriod::parse("window", 0, &mut v), None);
         assert_eq!(BudgetPeriod::parse("week", 0, &mut v), None);
+        // A calendar period has no window: a window_secs with one is a mistake, not ignored.
+        assert_eq!(BudgetPeriod::parse("day", -5, &mut v), None);
+        assert_eq!(BudgetPeriod::parse("month", 60, &mut v), None);
         let fields: Vec<String> = v
             .finish()
             .unwrap_err()
             .into_iter()
             .map(|f| f.field)
             .collect();
-        assert_eq!(fields, ["window_secs", "period"]);
+        assert_eq!(
+            fields,
+            ["window_secs", "period", "window_secs", "window_secs"]
+        );
     }
 }

@@ -1,18 +1,23 @@
 -- key_create: store a new API key's record. KEYS[1] the key record "{tg:S}:k:<key_id>",
--- KEYS[2] the account's key index "{tg:S}:ks:<account>" (same hash tag), and for an org
--- workspace key KEYS[3] the org record "{tg:S}:org:<org>".
+-- KEYS[2] the account's key index "{tg:S}:ks:<account>", KEYS[3] the account's org record
+-- "{tg:S}:org:<account>" (same hash tag; it exists iff the account is an organization).
 -- ARGV 1 account, 2 SHA-256 of the whole key (hex), 3 name, 4 most keys per account,
--- 5 key id, 6 member the key acts for ("" = none), 7 actor (org keys: owner or admin),
--- 8 idempotency record id ("" = none: 30 hex of SHA-256("<account>:<idempotency key>")),
--- 9 digest of the request's parameters, 10 idempotency window (ms).
+-- 5 key id, 6 member the key acts for ("" = none), 7 actor (an org workspace key's owner or
+-- admin; "" = a personal key), 8 idempotency record id ("" = none: 30 hex of
+-- SHA-256("<account>:<idempotency key>")), 9 digest of the request's parameters,
+-- 10 idempotency window (ms).
 -- Answers "OK|created_ms", "REPLAY|key_id|created_ms|key digest" (the key an earlier call
 -- with this idempotency key made), "KEY_LIMIT|max", "EXISTS" or "BAD_FIELD|field|why".
 -- The record holds: a account, s digest, n name, c created ms, r revoked ms (once),
 -- mb member (org keys bound to a member). The idempotency record
 -- "{tg:S}:ki:<id>" = "<request digest>|<key id>|<created ms>", for the window.
--- Who may make an org key is checked first, a repeat included (as a revoked API key is
--- refused before a repeat's answer is looked up).
-if KEYS[3] then
+-- Who may make the key is checked first, a repeat included (as a revoked API key is
+-- refused before a repeat's answer is looked up): an org key needs an owner or admin of
+-- the org; a personal key needs an account that is not an organization (a member-less
+-- key on an org account charges the org wallet with no member checks, so only the org
+-- path, with its actor check, makes one). lua/org.lua's create refuses, in turn, an
+-- account with live keys, so a live member-less key on an org was always made this way.
+if ARGV[7] ~= '' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
     return 'BAD_FIELD|org_id|is not an organization'
   end
@@ -23,6 +28,8 @@ if KEYS[3] then
   if ARGV[6] ~= '' and not redis.call('HGET', KEYS[3], 'm:' .. ARGV[6]) then
     return 'BAD_FIELD|member_id|is not a member of the organization'
   end
+elseif redis.call('EXISTS', KEYS[3]) == 1 then
+  return 'BAD_FIELD|account_id|is an organization: make its keys with org_id and actor_id (an owner or admin of it)'
 end
 local ikey
 if ARGV[8] ~= '' then

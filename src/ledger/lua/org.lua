@@ -39,6 +39,20 @@ if op == 'create' then
   if redis.call('EXISTS', okey) == 1 then
     answer = 'ORG_EXISTS'
   else
+    -- A live personal key would charge the org wallet with no member checks (a check
+    -- resolves a member-less key to its account): refused until they are revoked. Before
+    -- the account is an org, every key in its index "{tg:S}:ks:<org>"
+    -- (gateway/lua/key_create.lua) is personal. Bounded by the keys-per-account cap
+    -- (gateway.keys_per_account_max), stopping at the first live key. Not recorded, so a
+    -- retry with the same idempotency key after the revocation makes the org.
+    local ids = redis.call('HKEYS', TAG .. ':ks:' .. org)
+    for i = 1, #ids do
+      local k = redis.call('HMGET', TAG .. ':k:' .. ids[i], 'a', 'r')
+      if k[1] and not k[2] then
+        return bad('org_id', 'has live personal API keys (' .. ids[i] .. '): revoke them '
+          .. '(RevokeApiKey) before making the account an organization')
+      end
+    end
     redis.call('HSET', okey, 'c', NOW, 'm:' .. member, 'owner')
     MEMBER = member
     local eid = emit(NO_WALLET, 'member', 0, '', 'owner', '', '', idem, 'create', '')
