@@ -664,6 +664,60 @@ async fn a_stale_cached_identity_is_replaced_by_the_next_answer() {
     );
 }
 
+/// A key of a shard Redis lost (no epoch marker: its key records are gone too) is not
+/// an unknown key: the lookup says the ledger is not initialized (503 at the gateway,
+/// as every charge then), and nothing is cached, so once a restore brings the key record
+/// back the key works at once (it was cached as unknown for a TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_a_lost_shard_is_not_taken_for_an_unknown_one() {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let sidecar = KeyStore::new(
+        ledger.redis().clone(),
+        ledger.shards().clone(),
+        Duration::from_secs(3_600),
+        100,
+        10,
+    );
+    sidecar.load_scripts().await.expect("key scripts");
+    let key = sidecar
+        .create("acme", "k", &KeyBinding::default(), "")
+        .await
+        .expect("key");
+    let shard = ledger.shards().of_account("acme");
+    let record = format!("{}:k:{}", ledger.shards().tag(shard), key.key_id);
+    let mut con = redis.client().get_connection().expect("redis");
+    let saved: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(&record)
+        .query(&mut con)
+        .expect("key record");
+    // Redis loses the shard: its key record and its epoch marker.
+    let _: () = redis::cmd("DEL")
+        .arg(&record)
+        .arg(ledger.shards().epoch_key(shard))
+        .query(&mut con)
+        .expect("del");
+    for _ in 0..3 {
+        assert!(
+            matches!(
+                sidecar.identify(&key.api_key).await,
+                Err(IdentityError::NotInitialized)
+            ),
+            "a lost shard's key taken for an unknown one"
+        );
+    }
+    // A restore brings both back: the key is known at once.
+    let mut hset = redis::cmd("HSET");
+    hset.arg(&record);
+    for (field, value) in &saved {
+        hset.arg(field).arg(value);
+    }
+    let _: () = hset.query(&mut con).expect("hset");
+    common::initialize_blocking(&ledger, &redis.url());
+    let identity = sidecar.identify(&key.api_key).await.expect("valid key");
+    assert_eq!(identity.account_id, "acme");
+}
+
 /// A lookup that read a key from Redis before this sidecar revoked it answers after the
 /// revocation: its "valid" must not enter the cache the revocation just emptied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,6 +63,10 @@ pub enum IdentityError {
     Revoked,
     #[error("redis unavailable: {0}")]
     Unavailable(String),
+    /// The key's shard has no epoch marker: Redis lost its data (until `tollgate
+    /// restore`), so a missing key record says nothing about the key.
+    #[error("ledger not initialized")]
+    NotInitialized,
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -458,17 +462,27 @@ impl KeyStore {
         }
     }
 
+    /// The key's record, and whether its shard serves (its epoch marker), in one round
+    /// trip: a shard Redis lost has no key records, and its keys must not be taken (and
+    /// cached) for unknown ones.
     async fn lookup(&self, miss: &KeyMiss<'_>) -> Result<Known, IdentityError> {
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(self.record_key(miss.shard, miss.key_id))
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(self.record_key(miss.shard, miss.key_id))
             .arg("a")
             .arg("s")
             .arg("r")
-            .arg("mb");
-        let fields: Vec<Option<String>> = self.redis.call_cmd(&cmd).await.map_err(|e| match e {
-            LedgerError::Unavailable(why) => IdentityError::Unavailable(why),
-            other => IdentityError::Internal(other.to_string()),
-        })?;
+            .arg("mb")
+            .cmd("EXISTS")
+            .arg(self.shards.epoch_key(miss.shard));
+        let (fields, serving): (Vec<Option<String>>, bool) =
+            self.redis.call_pipeline(&pipe).await.map_err(|e| match e {
+                LedgerError::Unavailable(why) => IdentityError::Unavailable(why),
+                other => IdentityError::Internal(other.to_string()),
+            })?;
+        if !serving {
+            return Err(IdentityError::NotInitialized);
+        }
         let [account, stored, revoked, member] = <[Option<String>; 4]>::try_from(fields)
             .map_err(|_| IdentityError::Internal("HMGET answer shape".into()))?;
         let (Some(account_id), Some(stored)) = (account, stored) else {

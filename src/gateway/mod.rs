@@ -591,6 +591,7 @@ impl Gateway {
             Ok(identity) => identity,
             Err(IdentityError::Unknown) => return Decision::Deny(Denial::UnknownKey),
             Err(IdentityError::Revoked) => return Decision::Deny(Denial::RevokedKey),
+            Err(IdentityError::NotInitialized) => return Decision::Deny(Denial::NotInitialized),
             Err(IdentityError::Unavailable(why)) => {
                 tracing::warn!(error = %why, "identity lookup: redis unavailable");
                 return unavailable(op, None);

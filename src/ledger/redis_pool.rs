@@ -455,6 +455,21 @@ impl RedisPool {
         }
     }
 
+    /// A pipeline of plain commands within the call deadline (identity lookups).
+    pub async fn call_pipeline<T: FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, LedgerError> {
+        let mut con = self.connection();
+        match tokio::time::timeout(self.call_timeout, pipe.query_async::<T>(&mut con)).await {
+            Ok(result) => result.map_err(LedgerError::from),
+            Err(_) => Err(LedgerError::Unavailable(format!(
+                "no answer within {} ms",
+                self.call_timeout.as_millis()
+            ))),
+        }
+    }
+
     /// A plain command within the deadline (admin and test tooling; not the hot path).
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, LedgerError> {
         let mut con = self.connection();
