@@ -1291,6 +1291,161 @@ async fn reconcile_works_on_a_live_system() {
     settle_task.await.expect("settler");
 }
 
+/// A member's charge of 1 credit from the org "acme"'s default wallet.
+fn member_debit(member: &str, idempotency_key: String) -> Debit {
+    Debit {
+        account_id: "acme".into(),
+        wallet: "default".into(),
+        amount: 1,
+        idempotency_key,
+        operation: "op".into(),
+        metadata: Metadata::new(),
+        member_id: member.into(),
+    }
+}
+
+/// Reconcile against a live org: a member's charges and holds keep flowing while it runs,
+/// and the allocations still agree (each org wallet's allocation record is compared at a
+/// point the store has settled through, as wallets are); an allocation changed by hand in
+/// Redis meanwhile is still a drift, with exactly its figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_finds_no_allocation_drift_on_a_live_org_but_finds_a_real_one() {
+    use tollgate::ledger::org::AllocationChange;
+
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let pg = common::PgDatabase::create().await;
+    let store = store(&pg.url).await;
+    ledger
+        .grant(&common::purchase("acme", 100_000_000, "g"))
+        .await
+        .expect("grant");
+    ledger
+        .create_org("acme", "olivia", "create")
+        .await
+        .expect("create org");
+    for member in ["bob", "carol"] {
+        ledger
+            .add_member("acme", "olivia", member, "member", &format!("add-{member}"))
+            .await
+            .expect("add member");
+    }
+    for (member, amount) in [("bob", 1_000_000), ("carol", 1_000)] {
+        ledger
+            .allocate(
+                "acme",
+                "olivia",
+                member,
+                "",
+                AllocationChange::Set(amount),
+                &format!("alloc-{member}"),
+            )
+            .await
+            .expect("allocate");
+    }
+    // Carol spends 3 before the load, nothing during it.
+    for i in 0..3 {
+        ledger
+            .debit(&member_debit("carol", format!("carol{i}")))
+            .await
+            .expect("carol's debit");
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let background = settler(&ledger, &store, "tollgate-settler", "live");
+    let mut rx = stopped.clone();
+    let settle_task = tokio::spawn(background.run(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    // Bob charges all along; every tenth round he also holds 5 and releases it (the
+    // allocation's used goes up, then back down).
+    let load = {
+        let ledger = ledger.clone();
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !*stopped.borrow() {
+                i += 1;
+                ledger
+                    .debit(&member_debit("bob", format!("bob{i}")))
+                    .await
+                    .expect("bob's debit");
+                if i.is_multiple_of(10) {
+                    let held = ledger
+                        .authorize(&Authorize {
+                            account_id: "acme".into(),
+                            wallet: "default".into(),
+                            amount: 5,
+                            ttl_ms: 600_000,
+                            on_expiry: OnExpiry::Release,
+                            idempotency_key: format!("bob-hold{i}"),
+                            operation: "op".into(),
+                            metadata: Metadata::new(),
+                            member_id: "bob".into(),
+                        })
+                        .await
+                        .expect("bob's hold");
+                    ledger
+                        .end_hold(&tollgate::ledger::EndHold::release(
+                            held.hold_id,
+                            format!("bob-release{i}"),
+                        ))
+                        .await
+                        .expect("bob's release");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            i
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let report =
+            tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE)
+                .await
+                .expect("reconcile");
+        assert!(report.drifts.is_empty(), "{}", report.render());
+    }
+
+    // A real drift, planted while bob keeps charging: bob's allocation lowered by hand
+    // (his charges do not change it) and carol's used raised (she charges no more).
+    let shard = ledger.shards().of_account("acme");
+    let akey = format!("{}:al:acme:default", ledger.shards().tag(shard));
+    let _: i64 = ledger
+        .redis()
+        .query(redis::cmd("HSET").arg(&akey).arg("bob").arg(999_000))
+        .await
+        .expect("plant bob's");
+    let _: i64 = ledger
+        .redis()
+        .query(redis::cmd("HINCRBY").arg(&akey).arg("carol:u").arg(5))
+        .await
+        .expect("plant carol's");
+    let report =
+        tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE)
+            .await
+            .expect("reconcile");
+    let drift = |member: &str, field, expected, found| Drift {
+        account_id: format!("acme:{member}"),
+        wallet: "default".into(),
+        check: "allocation",
+        field,
+        expected,
+        found,
+    };
+    assert_eq!(
+        report.drifts,
+        vec![
+            drift("bob", "allocated", 1_000_000, 999_000),
+            drift("carol", "used", 3, 8),
+        ],
+        "{}",
+        report.render()
+    );
+    let _ = stop.send(true);
+    assert!(load.await.expect("load") > 0);
+    settle_task.await.expect("settler");
+}
+
 /// A read whose reply never arrived (the call timed out; Redis ran it later) leaves its
 /// entries pending in this consumer, where no read of new entries finds them: the next
 /// rounds read them back at once instead of waiting for a claim idle time.

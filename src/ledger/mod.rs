@@ -900,6 +900,31 @@ impl Ledger {
         })
     }
 
+    /// An org wallet's allocation record (field `<member>` = allocated, `<member>:u` =
+    /// used; empty when there is none) and the shard outbox's last entry id (None: nothing
+    /// was added), read atomically by the snapshot script (reconcile).
+    pub async fn allocation_snapshot(
+        &self,
+        org_id: &str,
+        wallet: &str,
+    ) -> Result<(Vec<(String, String)>, Option<String>), LedgerError> {
+        let shard = self.shards.of_account(org_id);
+        let mut inv = self.invocation(&self.scripts.snapshot, shard);
+        inv.arg(org_id).arg(wallet);
+        let rows: Vec<String> = self.redis.call_script(&inv).await?;
+        let Some(fields) = rows.get(9..).filter(|f| f.len().is_multiple_of(2)) else {
+            return Err(LedgerError::Internal(
+                "snapshot without its allocation record".into(),
+            ));
+        };
+        let last_entry_id = rows.get(7).filter(|id| !id.is_empty()).cloned();
+        let fields = fields
+            .chunks_exact(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect();
+        Ok((fields, last_entry_id))
+    }
+
     /// Every (account, wallet) with a wallet record, found by SCAN (tooling, not the hot
     /// path).
     pub async fn wallet_keys(&self) -> Result<Vec<(String, String)>, LedgerError> {

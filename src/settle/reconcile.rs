@@ -7,8 +7,10 @@
 //! 2. The store's running summary is compared with the totals re-derived from all its
 //!    events (the summary is updated incrementally, so this checks the store itself).
 //!
-//! 3. Org members' allocations (allocated, and used net of returned holds and refunds)
-//!    re-derived from the store's events are compared with Redis's allocation records.
+//! 3. Org members' allocations (allocated, and used net of returned holds and refunds):
+//!    each org wallet's allocation record is read atomically with the shard outbox's last
+//!    entry id (the same snapshot script), and compared with the allocations re-derived
+//!    from the wallet's events up to that entry, as for totals.
 //!
 //! Any difference is a drift; the command prints them and exits non-zero.
 
@@ -19,13 +21,11 @@ use std::time::Duration;
 use super::settler::{settled_through, SettleError, Settler, SettlerSettings};
 use super::store::{Store, StoreError, Totals, WalletPosition};
 use crate::ledger::error::{HoldEnd, Refusal};
-use crate::ledger::event::{parse_stream_id, EventKind};
+use crate::ledger::event::{parse_stream_id, EventKind, LedgerEvent};
 use crate::ledger::{EndHold, Ledger, LedgerError};
 
 /// How long reconcile waits for the outbox to drain (and for a wallet's events to settle).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
-/// Attempts to see the allocations agree on a live system.
-const ALLOCATION_ATTEMPTS_MAX: usize = 5;
 
 /// A hold the ledger has open that Redis no longer has (its record was deleted: the
 /// credits stay held, lib.lua `expire_hold`).
@@ -245,20 +245,57 @@ pub async fn reconcile(
             &all.summary.unwrap_or_default(),
         );
     }
-    compare_allocations(&ledger, &store, &mut settler, drain_timeout, &mut report).await?;
+    compare_allocations(
+        &ledger,
+        &store,
+        &mut settler,
+        &group,
+        drain_timeout,
+        &mut report,
+    )
+    .await?;
     Ok(report)
 }
 
-/// (org, wallet, member) → (allocated: None without an `allocate` event, used).
-type Allocations = BTreeMap<(String, String, String), (Option<i64>, i64)>;
+/// member → (allocated: None without an `allocate` event, used).
+type Members = BTreeMap<String, (Option<i64>, i64)>;
+/// (org, wallet) → its members' allocations.
+type Allocations = BTreeMap<(String, String), Members>;
 
-/// Allocations re-derived from every settled event.
-async fn store_allocations(ledger: &Ledger, store: &Store) -> Result<Allocations, SettleError> {
+/// Counts one settled event in its member's allocation.
+fn count_allocation(members: &mut Members, e: &LedgerEvent) {
+    if e.member.is_empty() {
+        return;
+    }
+    if e.kind == EventKind::Allocate {
+        members.entry(e.member.clone()).or_default().0 = Some(e.amount);
+    } else if let Some(used) = e.allocation_delta() {
+        members.entry(e.member.clone()).or_default().1 += used;
+    }
+}
+
+/// Whether an event is at or before a snapshot's position (None: the outbox never had an
+/// entry, so every settled event counts, as for wallets).
+fn within(e: &LedgerEvent, upto: Option<(i64, i64)>) -> bool {
+    upto.is_none_or(|upto| e.stream_position() <= upto)
+}
+
+const EVENTS_PAGE: u32 = 5000;
+
+/// Allocations re-derived from every settled event; the events of an org wallet in
+/// `upto` only up to its snapshot's position.
+async fn store_allocations(
+    ledger: &Ledger,
+    store: &Store,
+    upto: &BTreeMap<(String, String), Option<(i64, i64)>>,
+) -> Result<Allocations, SettleError> {
     let mut out = Allocations::new();
     for shard in 0..ledger.shards().count() {
         let mut after: Option<WalletPosition> = None;
         loop {
-            let page = store.shard_events(shard, after.as_ref(), 5000).await?;
+            let page = store
+                .shard_events(shard, after.as_ref(), EVENTS_PAGE)
+                .await?;
             let Some(last) = page.last() else { break };
             let (ms, seq) = last.stream_position();
             after = Some(WalletPosition {
@@ -268,24 +305,96 @@ async fn store_allocations(ledger: &Ledger, store: &Store) -> Result<Allocations
                 stream_seq: seq,
             });
             for e in page.iter().filter(|e| !e.member.is_empty()) {
-                let key = (e.account_id.clone(), e.wallet.clone(), e.member.clone());
-                if e.kind == EventKind::Allocate {
-                    out.entry(key).or_default().0 = Some(e.amount);
-                } else if let Some(used) = e.allocation_delta() {
-                    out.entry(key).or_default().1 += used;
+                let key = (e.account_id.clone(), e.wallet.clone());
+                if upto.get(&key).is_some_and(|&upto| !within(e, upto)) {
+                    continue;
                 }
+                count_allocation(out.entry(key).or_default(), e);
             }
-            if page.len() < 5000 {
+            if page.len() < EVENTS_PAGE as usize {
                 break;
             }
         }
     }
+    // Org wallets whose events move no allocation (budgets only) have none.
+    out.retain(|_, members| !members.is_empty());
     Ok(out)
 }
 
-/// Allocation records in Redis, found by SCAN.
-async fn redis_allocations(ledger: &Ledger) -> Result<Allocations, LedgerError> {
-    let mut out = Allocations::new();
+/// One org wallet's allocations re-derived from its settled events up to `upto`.
+async fn store_wallet_allocations(
+    ledger: &Ledger,
+    store: &Store,
+    org: &str,
+    wallet: &str,
+    upto: Option<(i64, i64)>,
+) -> Result<Members, SettleError> {
+    let shard = ledger.shards().of_account(org);
+    let mut members = Members::new();
+    // Events are in (account, wallet, stream position) order: start before the wallet's
+    // first one, stop at the first of another wallet or past `upto`.
+    let mut after = WalletPosition {
+        account_id: org.to_owned(),
+        wallet: wallet.to_owned(),
+        stream_ms: i64::MIN,
+        stream_seq: i64::MIN,
+    };
+    loop {
+        let page = store.shard_events(shard, Some(&after), EVENTS_PAGE).await?;
+        let full = page.len() == EVENTS_PAGE as usize;
+        for e in &page {
+            if e.account_id != org || e.wallet != wallet || !within(e, upto) {
+                return Ok(members);
+            }
+            count_allocation(&mut members, e);
+        }
+        let Some(last) = page.last() else { break };
+        let (ms, seq) = last.stream_position();
+        after.stream_ms = ms;
+        after.stream_seq = seq;
+        if !full {
+            break;
+        }
+    }
+    Ok(members)
+}
+
+/// Redis's allocation record of one org wallet, read atomically with its shard outbox's
+/// last entry id.
+struct RedisAllocation {
+    members: Members,
+    last_entry_id: Option<String>,
+}
+
+impl RedisAllocation {
+    fn upto(&self) -> Option<(i64, i64)> {
+        self.last_entry_id.as_deref().and_then(parse_stream_id)
+    }
+}
+
+async fn redis_allocation(
+    ledger: &Ledger,
+    org: &str,
+    wallet: &str,
+) -> Result<RedisAllocation, LedgerError> {
+    let (fields, last_entry_id) = ledger.allocation_snapshot(org, wallet).await?;
+    let mut members = Members::new();
+    for (field, value) in fields {
+        let n: i64 = value.parse().unwrap_or(i64::MIN);
+        match field.strip_suffix(":u") {
+            Some(member) => members.entry(member.to_owned()).or_default().1 = n,
+            None => members.entry(field).or_default().0 = Some(n),
+        }
+    }
+    Ok(RedisAllocation {
+        members,
+        last_entry_id,
+    })
+}
+
+/// The org wallets with an allocation record in Redis, found by SCAN.
+async fn redis_allocation_keys(ledger: &Ledger) -> Result<BTreeSet<(String, String)>, LedgerError> {
+    let mut out = BTreeSet::new();
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = ledger
@@ -300,29 +409,11 @@ async fn redis_allocations(ledger: &Ledger) -> Result<Allocations, LedgerError> 
             )
             .await?;
         for key in keys {
-            // {tg:S}:al:<org>:<wallet>
-            let Some((org, wallet)) = key.split_once("}:al:").and_then(|(_, r)| r.split_once(':'))
-            else {
-                continue;
-            };
-            let fields: Vec<(String, String)> = ledger
-                .redis()
-                .query(redis::cmd("HGETALL").arg(&key))
-                .await?;
-            for (field, value) in fields {
-                let n: i64 = value.parse().unwrap_or(i64::MIN);
-                let (member, used) = match field.strip_suffix(":u") {
-                    Some(member) => (member, true),
-                    None => (field.as_str(), false),
-                };
-                let entry = out
-                    .entry((org.to_owned(), wallet.to_owned(), member.to_owned()))
-                    .or_default();
-                if used {
-                    entry.1 = n;
-                } else {
-                    entry.0 = Some(n);
-                }
+            // {tg:S}:al:<org>:<wallet>; account ids hold no ':'.
+            if let Some((org, wallet)) =
+                key.split_once("}:al:").and_then(|(_, r)| r.split_once(':'))
+            {
+                out.insert((org.to_owned(), wallet.to_owned()));
             }
         }
         if next == 0 {
@@ -333,48 +424,106 @@ async fn redis_allocations(ledger: &Ledger) -> Result<Allocations, LedgerError> 
     Ok(out)
 }
 
-/// Compares allocations; on a difference drains and looks again (a live system moves
-/// between the two reads), then reports what still differs.
+/// The differences between an org wallet's allocations re-derived from the store and
+/// Redis's record.
+fn allocation_drifts(org: &str, wallet: &str, expected: &Members, found: &Members) -> Vec<Drift> {
+    let mut drifts = Vec::new();
+    let members: BTreeSet<&String> = expected.keys().chain(found.keys()).collect();
+    for member in members {
+        let e = expected.get(member).copied().unwrap_or_default();
+        let f = found.get(member).copied().unwrap_or_default();
+        for (field, e, f) in [
+            ("allocated", e.0.unwrap_or(0), f.0.unwrap_or(0)),
+            ("used", e.1, f.1),
+        ] {
+            if e != f {
+                drifts.push(Drift {
+                    account_id: format!("{org}:{member}"),
+                    wallet: wallet.to_owned(),
+                    check: "allocation",
+                    field,
+                    expected: e,
+                    found: f,
+                });
+            }
+        }
+    }
+    drifts
+}
+
+/// Drains the outbox unless the group has settled through `last_entry_id` (a drain
+/// started after the snapshot settles its entry too).
+async fn settle_through(
+    ledger: &Ledger,
+    settler: &mut Settler,
+    group: &str,
+    drain_timeout: Duration,
+    snapshots: &[(&str, Option<&str>)],
+) -> Result<(), SettleError> {
+    for (org, last_entry_id) in snapshots {
+        let Some(id) = last_entry_id else { continue };
+        let stream = ledger.shards().outbox(ledger.shards().of_account(org));
+        if !settled_through(ledger, stream, group, id).await? {
+            return tokio::time::timeout(drain_timeout, settler.drain(drain_timeout))
+                .await
+                .map_err(|_| SettleError::DrainTimeout(drain_timeout))?;
+        }
+    }
+    Ok(())
+}
+
+/// Compares allocations as wallets are: each org wallet's allocation record is read with
+/// its shard outbox's last entry id (one script), the settler is made to settle through
+/// it, and the store side counts the wallet's events up to it only, so member charges
+/// that keep flowing are on neither side. An org wallet that differs (or that the store
+/// has and the SCAN did not find: made meanwhile) is looked at once more on its own.
 async fn compare_allocations(
     ledger: &Ledger,
     store: &Store,
     settler: &mut Settler,
+    group: &str,
     drain_timeout: Duration,
     report: &mut Report,
 ) -> Result<(), SettleError> {
-    let mut drifts = Vec::new();
-    for _ in 0..ALLOCATION_ATTEMPTS_MAX {
-        let found = redis_allocations(ledger).await?;
-        let expected = store_allocations(ledger, store).await?;
-        drifts.clear();
-        let keys: BTreeSet<_> = found.keys().chain(expected.keys()).cloned().collect();
-        for key in keys {
-            let e = expected.get(&key).copied().unwrap_or_default();
-            let f = found.get(&key).copied().unwrap_or_default();
-            for (field, e, f) in [
-                ("allocated", e.0.unwrap_or(0), f.0.unwrap_or(0)),
-                ("used", e.1, f.1),
-            ] {
-                if e != f {
-                    drifts.push(Drift {
-                        account_id: format!("{}:{}", key.0, key.2),
-                        wallet: key.1.clone(),
-                        check: "allocation",
-                        field,
-                        expected: e,
-                        found: f,
-                    });
-                }
-            }
-        }
-        if drifts.is_empty() {
-            break;
-        }
-        tokio::time::timeout(drain_timeout, settler.drain(drain_timeout))
-            .await
-            .map_err(|_| SettleError::DrainTimeout(drain_timeout))??;
+    let mut found = BTreeMap::new();
+    for (org, wallet) in redis_allocation_keys(ledger).await? {
+        let snapshot = redis_allocation(ledger, &org, &wallet).await?;
+        found.insert((org, wallet), snapshot);
     }
-    report.drifts.extend(drifts);
+    let positions: Vec<(&str, Option<&str>)> = found
+        .iter()
+        .map(|((org, _), s)| (org.as_str(), s.last_entry_id.as_deref()))
+        .collect();
+    settle_through(ledger, settler, group, drain_timeout, &positions).await?;
+    let upto = found.iter().map(|(k, s)| (k.clone(), s.upto())).collect();
+    let expected = store_allocations(ledger, store, &upto).await?;
+
+    let none = Members::new();
+    let wallets: BTreeSet<&(String, String)> = found.keys().chain(expected.keys()).collect();
+    for key @ (org, wallet) in wallets {
+        let redis_members = found.get(key).map_or(&none, |s| &s.members);
+        let store_members = expected.get(key).unwrap_or(&none);
+        if allocation_drifts(org, wallet, store_members, redis_members).is_empty() {
+            continue;
+        }
+        let again = redis_allocation(ledger, org, wallet).await?;
+        settle_through(
+            ledger,
+            settler,
+            group,
+            drain_timeout,
+            &[(org.as_str(), again.last_entry_id.as_deref())],
+        )
+        .await?;
+        let store_members =
+            store_wallet_allocations(ledger, store, org, wallet, again.upto()).await?;
+        report.drifts.extend(allocation_drifts(
+            org,
+            wallet,
+            &store_members,
+            &again.members,
+        ));
+    }
     Ok(())
 }
 
