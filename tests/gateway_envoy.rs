@@ -1,6 +1,9 @@
 //! Envoy end to end (examples/envoy.yaml): ext_authz over gRPC with
 //! failure_mode_allow: false and the gRPC access log both at tollgate, in front of an
-//! upstream served by the test, with the shipped esign price book.
+//! upstream served by the test, with the shipped esign price book. Hold settlement by
+//! the response's grpc-status uses the upstream's trailers-only gRPC answer over HTTP/1.1
+//! (the test upstream speaks HTTP/1.1 only; a gRPC error in the trailers is covered by
+//! access_log.rs's unit tests).
 
 mod common;
 
@@ -167,6 +170,44 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
         "the failed OCR's hold was released: {kinds:?}"
     );
 
+    // A gRPC call's outcome is its grpc-status, not its HTTP status: a failed call comes
+    // over HTTP 200 (here a trailers-only answer, grpc-status in the headers) and its hold
+    // is released, not captured in full; grpc-status 0 captures by the units reported.
+    let grpc_failing = [
+        ("authorization", bearer.as_str()),
+        ("x-test-grpc-status", "13"),
+        ("x-test-units", "9"),
+        ("x-test-tag", "ocr-grpc-fail"),
+    ];
+    let r = http(
+        envoy.addr,
+        "POST",
+        "/v1/documents/d-6/ocr",
+        &grpc_failing,
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("grpc-status"), Some("13"), "{r:?}");
+    assert_eq!(upstream.seen_tagged("ocr-grpc-fail").len(), 1);
+    let grpc_ok = [
+        ("authorization", bearer.as_str()),
+        ("x-test-grpc-status", "0"),
+        ("x-test-units", "2"),
+        ("x-test-tag", "ocr-grpc-ok"),
+    ];
+    let r = http(envoy.addr, "POST", "/v1/documents/d-7/ocr", &grpc_ok, "").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("grpc-status"), Some("0"), "{r:?}");
+    wait_balance(&server, "acme", (before - 10, 0, 57 + 10)).await;
+    let events = common::outbox_events(&server.ledger).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "release").count(),
+        2,
+        "the failed gRPC call's hold was released: {kinds:?}"
+    );
+
     // A client cannot settle someone's hold by naming it: a request Envoy denies (no key)
     // is logged with the client's own x-tollgate-hold-id, and the log names holds only by
     // the Check answer's metadata. The hold stays held; a later request's capture, in the
@@ -186,7 +227,7 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
     ];
     let r = http(envoy.addr, "POST", "/v1/documents/d-5/ocr", &later, "").await;
     assert_eq!(r.status, 200, "{r:?}");
-    wait_balance(&server, "acme", (before - 62, 50, 57 + 12)).await;
+    wait_balance(&server, "acme", (before - 66, 50, 57 + 16)).await;
 
     // Empty balance: 402 with the JSON body, and the upstream is not reached.
     let poor = seed(&server, "poor", 0).await;

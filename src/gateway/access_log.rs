@@ -13,6 +13,14 @@
 //! `additional_response_headers_to_log: [x-tollgate-units]` (or whatever
 //! `capture_units_header` the operations use).
 //!
+//! A gRPC call's outcome is its `grpc-status`, not its HTTP status: a failed call (say
+//! grpc-status 13) comes over HTTP 200, which `capture_statuses = ["2xx"]` would capture
+//! in full. Envoy must log `grpc-status` as a response trailer (where a call that sent a
+//! message puts it) and as a response header (where a trailers-only answer, and Envoy's own
+//! gRPC error answers, put it): `additional_response_trailers_to_log: [grpc-status]` and
+//! `grpc-status` in `additional_response_headers_to_log`. A logged grpc-status other than
+//! 0 releases the hold whatever the HTTP status; without one the HTTP status decides.
+//!
 //! The stream is lossy by design (Envoy drops entries it cannot send); a hold whose entry
 //! is lost follows its `on_expiry` policy at its deadline.
 
@@ -71,9 +79,25 @@ pub struct HoldToSettle<'a> {
     pub hold_id: &'a str,
     pub operation: Option<&'a str>,
     pub held: Option<i64>,
-    /// 0 when Envoy answered without a status (e.g. the client went away): releases.
-    pub status: u32,
+    /// The HTTP status Envoy logged; 0 when Envoy answered without one (e.g. the client
+    /// went away).
+    pub http_status: u32,
+    /// The answer's `grpc-status`, from its trailers, else its headers (a trailers-only
+    /// answer); `None` for an answer that is not gRPC (or Envoy not logging it).
+    pub grpc_status: Option<&'a str>,
     pub response_headers: &'a HashMap<String, String>,
+}
+
+impl HoldToSettle<'_> {
+    /// The status the hold is settled by: the HTTP status, except 0 for a gRPC call that
+    /// failed (a grpc-status other than 0, or one that is not a number), as for no status
+    /// at all. No `capture_statuses` names 0 (they are 100..=599), so both release.
+    pub fn status(&self) -> u32 {
+        match self.grpc_status {
+            Some(code) if code.trim() != "0" => 0,
+            _ => self.http_status,
+        }
+    }
 }
 
 /// Where Envoy files the dynamic metadata of an ext_authz Check answer.
@@ -81,6 +105,8 @@ pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 const META_HOLD_ID: &str = "tollgate_hold_id";
 const META_OPERATION: &str = "tollgate_operation";
 const META_HELD: &str = "tollgate_held";
+/// The gRPC status of an answer: a trailer, or a header of a trailers-only answer.
+pub const GRPC_STATUS: &str = "grpc-status";
 
 /// The dynamic metadata of an allowed check that took a hold (else `None`): what its log
 /// entry will name the hold by.
@@ -121,9 +147,15 @@ pub fn hold_to_settle(entry: &HttpAccessLogEntry) -> Option<HoldToSettle<'_>> {
         hold_id,
         operation: text(META_OPERATION),
         held: text(META_HELD).and_then(|c| c.parse().ok()),
-        status: response
+        http_status: response
             .and_then(|r| r.response_code.as_ref())
             .map_or(0, |c| c.value),
+        grpc_status: response.and_then(|r| {
+            r.response_trailers
+                .get(GRPC_STATUS)
+                .or_else(|| r.response_headers.get(GRPC_STATUS))
+                .map(String::as_str)
+        }),
         response_headers: response
             .map_or_else(|| EMPTY.get_or_init(HashMap::new), |r| &r.response_headers),
     })
@@ -169,12 +201,19 @@ impl AccessLog {
         let units = |name: &str| headers.get(name).cloned();
         let result = self
             .gateway
-            .settle(hold.hold_id, hold.operation, hold.held, hold.status, &units)
+            .settle(
+                hold.hold_id,
+                hold.operation,
+                hold.held,
+                hold.status(),
+                &units,
+            )
             .await;
         match result {
             Ok(out) => tracing::debug!(
                 hold_id = hold.hold_id,
-                status = hold.status,
+                status = hold.http_status,
+                grpc_status = hold.grpc_status,
                 captured = out.captured,
                 released = out.released,
                 replayed = out.replayed,
@@ -196,6 +235,7 @@ impl AccessLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::pricing::{HoldPolicy, Settlement};
     use envoy_types::pb::envoy::data::accesslog::v3::{
         AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
     };
@@ -238,7 +278,107 @@ mod tests {
         let hold = hold_to_settle(&entry).expect("a hold");
         assert_eq!(hold.hold_id, "h3-8");
         assert_eq!(hold.held, Some(50));
-        assert_eq!(hold.status, 200);
+        assert_eq!(hold.http_status, 200);
+        assert_eq!(hold.grpc_status, None);
+        assert_eq!(hold.status(), 200);
         assert_eq!(hold.operation, None);
+    }
+
+    /// A log entry of a request that took a hold of 50, answered with this HTTP status,
+    /// response headers and trailers.
+    fn held_entry(
+        status: Option<u32>,
+        headers: &[(&str, &str)],
+        trailers: &[(&str, &str)],
+    ) -> HttpAccessLogEntry {
+        let allowed = Allowed {
+            hold_id: Some("h3-9".into()),
+            charged: 50,
+            ..Allowed::default()
+        };
+        let map = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        HttpAccessLogEntry {
+            common_properties: Some(AccessLogCommon {
+                metadata: Some(envoy_types::pb::envoy::config::core::v3::Metadata {
+                    filter_metadata: HashMap::from([(
+                        EXT_AUTHZ_NAMESPACE.to_owned(),
+                        hold_metadata(&allowed).expect("metadata"),
+                    )]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            response: Some(HttpResponseProperties {
+                response_code: status
+                    .map(|value| envoy_types::pb::google::protobuf::UInt32Value { value }),
+                response_headers: map(headers),
+                response_trailers: map(trailers),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// What the entry settles the hold by, under `capture_statuses = ["2xx"]` and the
+    /// units header the entry logged.
+    fn decision(entry: &HttpAccessLogEntry) -> Settlement {
+        let hold = hold_to_settle(entry).expect("a hold");
+        let policy = HoldPolicy::fallback();
+        let units = hold
+            .response_headers
+            .get(&policy.capture_units_header)
+            .map(String::as_str);
+        policy.settle(hold.status(), units, hold.held)
+    }
+
+    #[test]
+    fn a_failed_grpc_call_releases_its_hold_though_its_http_status_is_200() {
+        // A gRPC error in the trailers (the call had begun answering) over HTTP 200.
+        let entry = held_entry(
+            Some(200),
+            &[("x-tollgate-units", "3")],
+            &[("grpc-status", "13")],
+        );
+        assert_eq!(
+            hold_to_settle(&entry).expect("a hold").grpc_status,
+            Some("13")
+        );
+        assert_eq!(decision(&entry), Settlement::Release);
+        // A trailers-only answer (or Envoy's own gRPC error answer): grpc-status in the
+        // headers.
+        let entry = held_entry(Some(200), &[("grpc-status", "14")], &[]);
+        assert_eq!(decision(&entry), Settlement::Release);
+        // Not a number: not a success either.
+        let entry = held_entry(Some(200), &[], &[("grpc-status", "oops")]);
+        assert_eq!(decision(&entry), Settlement::Release);
+        // The trailer is the call's last word when both are logged.
+        let entry = held_entry(Some(200), &[("grpc-status", "0")], &[("grpc-status", "2")]);
+        assert_eq!(decision(&entry), Settlement::Release);
+
+        // grpc-status 0 succeeded: captured by the units reported, or in full.
+        let entry = held_entry(
+            Some(200),
+            &[("x-tollgate-units", "3")],
+            &[("grpc-status", "0")],
+        );
+        assert_eq!(decision(&entry), Settlement::Capture(Some(3)));
+        let entry = held_entry(Some(200), &[("grpc-status", "0")], &[]);
+        assert_eq!(decision(&entry), Settlement::Capture(None));
+        // ...but never on an HTTP status that releases.
+        let entry = held_entry(Some(503), &[], &[("grpc-status", "0")]);
+        assert_eq!(decision(&entry), Settlement::Release);
+
+        // Not gRPC: the HTTP status alone decides; no status at all releases.
+        let entry = held_entry(Some(200), &[], &[]);
+        assert_eq!(decision(&entry), Settlement::Capture(None));
+        let entry = held_entry(Some(502), &[], &[]);
+        assert_eq!(decision(&entry), Settlement::Release);
+        let entry = held_entry(None, &[], &[]);
+        assert_eq!(decision(&entry), Settlement::Release);
     }
 }

@@ -341,7 +341,9 @@ pub struct Seen {
 }
 
 /// An upstream API served by the test. It answers 200 "ok", or the status in the
-/// request's `x-test-status`, with `x-tollgate-units` copied from `x-test-units`.
+/// request's `x-test-status`, with `x-tollgate-units` copied from `x-test-units`. With
+/// `x-test-grpc-status` it answers as a gRPC server's trailers-only answer does: HTTP 200,
+/// `content-type: application/grpc` and that `grpc-status` header, no body.
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -402,6 +404,7 @@ async fn upstream_handler(
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
     let units = get("x-test-units").map(str::to_owned);
+    let grpc_status = get("x-test-grpc-status").and_then(|s| HeaderValue::from_str(s).ok());
     seen.lock().expect("lock").push(Seen {
         method: method.to_string(),
         path: uri.to_string(),
@@ -410,7 +413,19 @@ async fn upstream_handler(
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
     });
-    let mut response = (status, "ok").into_response();
+    let mut response = match grpc_status {
+        Some(code) => {
+            let mut r = StatusCode::OK.into_response();
+            let h = r.headers_mut();
+            h.insert(
+                HeaderName::from_static("content-type"),
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert(HeaderName::from_static("grpc-status"), code);
+            r
+        }
+        None => (status, "ok").into_response(),
+    };
     if let Some(units) = units.and_then(|u| HeaderValue::from_str(&u).ok()) {
         response
             .headers_mut()
