@@ -554,7 +554,7 @@ impl Config {
             );
         }
         if let Err(e) = store::Store::check_url(&self.store.url) {
-            bad("store.url", store_url_problem(&self.store.url, &e));
+            bad("store.url", e.to_string());
         }
         if self.store.connections == 0 {
             bad("store.connections", "must be positive".into());
@@ -719,22 +719,6 @@ fn redis_url_problem(url: &str) -> String {
         Some(_) => "does not parse as a url: check the host and port (reserved characters \
                     in the password must be percent-encoded)"
             .into(),
-    }
-}
-
-/// What is wrong with a store URL, without the URL: it may carry a password. The store's
-/// error quotes the URL; only the reason after it (the PostgreSQL driver's) is kept.
-fn store_url_problem(url: &str, e: &store::StoreError) -> String {
-    let reason = match e {
-        store::StoreError::BadUrl(detail) => detail
-            .strip_prefix(url)
-            .and_then(|rest| rest.strip_prefix(": "))
-            .filter(|reason| !reason.is_empty()),
-        _ => None,
-    };
-    match reason {
-        Some(reason) => format!("does not parse as a postgres:// url: {reason}"),
-        None => "must be postgres://… or sqlite://PATH".into(),
     }
 }
 
