@@ -624,13 +624,7 @@ async fn concurrent_and_dead_settlers_give_exactly_once_rows() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let runs: Vec<_> = ["one", "two"]
         .into_iter()
-        .map(|name| {
-            let s = settler(&ledger, &store, "tollgate-settler", name);
-            let mut rx = stopped.clone();
-            tokio::spawn(s.run(async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }))
-        })
+        .map(|name| run_until(settler(&ledger, &store, "tollgate-settler", name), &stopped))
         .collect();
     common::workload::every_kind(&ledger, &now, 3, "late").await;
     let outbox = common::outbox_events(&ledger).await;
@@ -1250,11 +1244,10 @@ async fn reconcile_works_on_a_live_system() {
             .expect("grant");
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let background = settler(&ledger, &store, "tollgate-settler", "live");
-    let mut rx = stopped.clone();
-    let settle_task = tokio::spawn(background.run(async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }));
+    let settle_task = run_until(
+        settler(&ledger, &store, "tollgate-settler", "live"),
+        &stopped,
+    );
     let load = {
         let ledger = ledger.clone();
         let stopped = stopped.clone();
@@ -1351,11 +1344,10 @@ async fn reconcile_finds_no_allocation_drift_on_a_live_org_but_finds_a_real_one(
             .expect("carol's debit");
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let background = settler(&ledger, &store, "tollgate-settler", "live");
-    let mut rx = stopped.clone();
-    let settle_task = tokio::spawn(background.run(async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }));
+    let settle_task = run_until(
+        settler(&ledger, &store, "tollgate-settler", "live"),
+        &stopped,
+    );
     // Bob charges all along; every tenth round he also holds 5 and releases it (the
     // allocation's used goes up, then back down).
     let load = {
@@ -1713,4 +1705,15 @@ async fn a_dead_letter_replayed_with_its_amount_corrected_closes_the_drift() {
         String::from_utf8_lossy(&again.stderr).contains("no dead letter"),
         "{again:?}"
     );
+}
+
+/// Runs a settler in the background until `stopped` turns true.
+fn run_until(
+    settler: Settler,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let mut rx = stopped.clone();
+    tokio::spawn(settler.run(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }))
 }
