@@ -11,7 +11,9 @@
 //!
 //! Envoy must log the response header with the units (examples/envoy.yaml does):
 //! `additional_response_headers_to_log: [x-tollgate-units]` (or whatever
-//! `capture_units_header` the operations use).
+//! `capture_units_header` the operations use), and the trailer of that name too where the
+//! upstream is gRPC: a gRPC server knows the units when the call ends and sends them as
+//! trailing metadata. A logged trailer is read before the header.
 //!
 //! A gRPC call's outcome is its `grpc-status`, not its HTTP status: a failed call (say
 //! grpc-status 13) comes over HTTP 200, which `capture_statuses = ["2xx"]` would capture
@@ -86,9 +88,19 @@ pub struct HoldToSettle<'a> {
     /// answer); `None` for an answer that is not gRPC (or Envoy not logging it).
     pub grpc_status: Option<&'a str>,
     pub response_headers: &'a HashMap<String, String>,
+    pub response_trailers: &'a HashMap<String, String>,
 }
 
 impl HoldToSettle<'_> {
+    /// The units the upstream reported under `name`: a trailer (a gRPC server's trailing
+    /// metadata, the call's last word), else a header.
+    pub fn units(&self, name: &str) -> Option<&str> {
+        self.response_trailers
+            .get(name)
+            .or_else(|| self.response_headers.get(name))
+            .map(String::as_str)
+    }
+
     /// The status the hold is settled by: the HTTP status, except 0 for a gRPC call that
     /// failed (a grpc-status other than 0, or one that is not a number), as for no status
     /// at all. No `capture_statuses` names 0 (they are 100..=599), so both release.
@@ -158,6 +170,8 @@ pub fn hold_to_settle(entry: &HttpAccessLogEntry) -> Option<HoldToSettle<'_>> {
         }),
         response_headers: response
             .map_or_else(|| EMPTY.get_or_init(HashMap::new), |r| &r.response_headers),
+        response_trailers: response
+            .map_or_else(|| EMPTY.get_or_init(HashMap::new), |r| &r.response_trailers),
     })
 }
 
@@ -197,8 +211,7 @@ impl AccessLogService for AccessLog {
 
 impl AccessLog {
     async fn settle(&self, hold: &HoldToSettle<'_>) {
-        let headers = hold.response_headers;
-        let units = |name: &str| headers.get(name).cloned();
+        let units = |name: &str| hold.units(name).map(str::to_owned);
         let result = self
             .gateway
             .settle(
@@ -329,11 +342,11 @@ mod tests {
     fn decision(entry: &HttpAccessLogEntry) -> Settlement {
         let hold = hold_to_settle(entry).expect("a hold");
         let policy = HoldPolicy::fallback();
-        let units = hold
-            .response_headers
-            .get(&policy.capture_units_header)
-            .map(String::as_str);
-        policy.settle(hold.status(), units, hold.held)
+        policy.settle(
+            hold.status(),
+            hold.units(&policy.capture_units_header),
+            hold.held,
+        )
     }
 
     #[test]
@@ -369,6 +382,20 @@ mod tests {
         assert_eq!(decision(&entry), Settlement::Capture(Some(3)));
         let entry = held_entry(Some(200), &[("grpc-status", "0")], &[]);
         assert_eq!(decision(&entry), Settlement::Capture(None));
+        // A gRPC server reports its units as trailing metadata; the trailer wins over a
+        // header of the same name.
+        let entry = held_entry(
+            Some(200),
+            &[],
+            &[("grpc-status", "0"), ("x-tollgate-units", "4")],
+        );
+        assert_eq!(decision(&entry), Settlement::Capture(Some(4)));
+        let entry = held_entry(
+            Some(200),
+            &[("x-tollgate-units", "9")],
+            &[("grpc-status", "0"), ("x-tollgate-units", "2")],
+        );
+        assert_eq!(decision(&entry), Settlement::Capture(Some(2)));
         // ...but never on an HTTP status that releases.
         let entry = held_entry(Some(503), &[], &[("grpc-status", "0")]);
         assert_eq!(decision(&entry), Settlement::Release);
