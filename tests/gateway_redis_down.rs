@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse as CheckAnswer;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use tollgate::api::pb;
 use tollgate::config::{Config, Overrides};
 use tollgate::ledger::Clock;
 
@@ -355,6 +356,109 @@ async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
     // Nothing more arrives late.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     wait_balance(&server, "acme", (95, 0, 5)).await;
+    server.stop().await;
+}
+
+/// The key id in an API key (`<prefix><key id>_<secret>`), for RevokeApiKey.
+async fn key_id(server: &common::TestServer, account: &str) -> String {
+    let listed = server
+        .admin()
+        .await
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: account.into(),
+        })
+        .await
+        .expect("list keys")
+        .into_inner()
+        .keys;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    listed[0].key_id.clone()
+}
+
+/// Revokes through `server`, retrying while its Redis connection comes back.
+async fn revoke(server: &common::TestServer, key_id: &str) {
+    common::eventually(HANG_GUARD, "the key revoked", || async {
+        let mut admin = server.admin().await;
+        admin
+            .revoke_api_key(pb::RevokeApiKeyRequest {
+                key_id: key_id.to_owned(),
+            })
+            .await
+            .ok()
+    })
+    .await;
+}
+
+/// A spooled charge is the key owner's only if the key was good when fail_open allowed
+/// the call. A sidecar whose identity cache has not heard of a revocation another sidecar
+/// made still allows and spools the key's calls while Redis is down: the replay drops
+/// them. A key revoked after its spooled call pays for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_charge_of_a_key_revoked_before_the_call_is_dropped() {
+    let _serial = SERIAL.lock().await;
+    let aof_dir = common::temp_path("aof");
+    std::fs::create_dir_all(&aof_dir).expect("aof dir");
+    let aof_dir = aof_dir.display().to_string();
+    let aof = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        aof_dir.as_str(),
+    ];
+    let mut redis = common::RedisServer::start_with(&aof);
+    let config = config(&redis.url());
+    let spool = std::path::PathBuf::from(&config.gateway.spool_path);
+    let server = common::TestServer::start(config.clone(), Clock::Redis).await;
+    // Another sidecar on the same Redis and store, with a spool of its own.
+    let mut other_config = config.clone();
+    other_config.gateway.spool_path = common::test_config(&redis.url()).gateway.spool_path;
+    let other = common::TestServer::start(other_config, Clock::Redis).await;
+    let gone = seed(&server, "gone", 100).await;
+    let late = seed(&server, "late", 100).await;
+    let before = spool_counters(&server).await;
+    let since = |now: [f64; 4]| -> [f64; 4] { std::array::from_fn(|i| now[i] - before[i]) };
+    // This sidecar caches both identities (for an hour; a key enters the cache on its
+    // second miss).
+    for k in [&gone, &late, &gone, &late, &gone, &late] {
+        let (r, _) = check(&server, "/strict", k).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let (gone_before, late_before) = (
+        balance(&server, "gone").await,
+        balance(&server, "late").await,
+    );
+    // The other sidecar revokes gone's key: this one's cache still says it is good.
+    revoke(&other, &key_id(&other, "gone").await).await;
+    let late_id = key_id(&other, "late").await;
+
+    redis.kill();
+    assert_degraded(&server, &gone, None).await;
+    assert_degraded(&server, &late, None).await;
+    common::eventually(HANG_GUARD, "two written", || async {
+        (since(spool_counters(&server).await)[0] == 2.0).then_some(())
+    })
+    .await;
+    server.stop().await;
+
+    // Redis back; late's key is revoked after its call, before the replay.
+    redis.restart_with(&aof);
+    revoke(&other, &late_id).await;
+    other.stop().await;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let mut replay = spool.clone().into_os_string();
+    replay.push(".replay");
+    let replay = std::path::PathBuf::from(replay);
+    common::eventually(HANG_GUARD, "the spool emptied", || async {
+        (!spool.exists() && !replay.exists()).then_some(())
+    })
+    .await;
+    let (available, held, used) = late_before;
+    wait_balance(&server, "late", (available - 1, held, used + 1)).await;
+    assert_eq!(balance(&server, "gone").await, gone_before);
+    // written, charged (late's), duplicate, refused (gone's).
+    assert_eq!(since(spool_counters(&server).await), [2.0, 1.0, 0.0, 1.0]);
     server.stop().await;
 }
 

@@ -422,23 +422,20 @@ impl KeyStore {
     }
 
     /// Who a key allowed while Redis was unavailable pays, for the fail-open spool: the
-    /// identity the cache holds for it (however old), else the key's id, shard and digest
-    /// for the ledger to resolve later. `None` for a key known not to be active or not
-    /// well-formed. Counts no cache lookup.
+    /// key's id, shard and digest, for the ledger to resolve when the charge is replayed.
+    /// Not the identity the cache holds: that may be older than a revocation another
+    /// sidecar made, and the replay drops the charge of a key revoked before the call.
+    /// `None` for a key known not to be active or not well-formed. Counts no cache lookup.
     pub fn payer(&self, key: &str) -> Option<Payer> {
         let digest = key_digest(key);
-        match self.cache.get(&digest).map(|c| c.known) {
-            Some(Known::Active(identity)) => Some(Payer::Account {
-                account_id: identity.account_id.clone(),
-                member_id: identity.member_id.clone(),
-            }),
-            Some(Known::Revoked | Known::Unknown) => None,
-            None => parse_key(key, &self.shards).map(|(key_id, shard)| Payer::Key {
-                key_id: key_id.to_owned(),
-                shard,
-                digest: hex(&digest),
-            }),
+        if let Some(Known::Revoked | Known::Unknown) = self.cache.get(&digest).map(|c| c.known) {
+            return None;
         }
+        parse_key(key, &self.shards).map(|(key_id, shard)| Payer::Key {
+            key_id: key_id.to_owned(),
+            shard,
+            digest: hex(&digest),
+        })
     }
 
     /// Remembers what Redis said about a missed key (`known`, made only if it is kept):

@@ -542,14 +542,30 @@ impl Gateway {
                     digest_hex: digest,
                 };
                 match self.ledger.debit_by_key(&debit, &key).await {
-                    Ok(Keyed::UnknownKey | Keyed::RevokedKey { .. }) => {
-                        tracing::warn!(operation = %charge.operation, "spooled charge dropped: its key is unknown or revoked");
+                    Ok(Keyed::UnknownKey) => {
+                        tracing::warn!(operation = %charge.operation, "spooled charge dropped: its key is unknown");
                         return Replayed::Refused;
                     }
-                    Ok(Keyed::MemberKey {
-                        account_id,
-                        member_id,
-                    }) => {
+                    // Revoked before the call was allowed (a sidecar whose cache had not
+                    // heard of it yet): not the owner's charge.
+                    Ok(Keyed::RevokedKey { revoked_at_ms, .. })
+                        if revoked_at_ms <= charge.at_ms =>
+                    {
+                        tracing::warn!(operation = %charge.operation, "spooled charge dropped: its key was revoked before the call");
+                        return Replayed::Refused;
+                    }
+                    // Revoked since: the call was made while the key was good.
+                    Ok(
+                        Keyed::RevokedKey {
+                            account_id,
+                            member_id,
+                            ..
+                        }
+                        | Keyed::MemberKey {
+                            account_id,
+                            member_id,
+                        },
+                    ) => {
                         debit.account_id = account_id;
                         debit.member_id = member_id;
                         self.ledger.debit(&debit).await

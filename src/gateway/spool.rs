@@ -46,7 +46,8 @@ enum Msg {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "by")]
 pub enum Payer {
-    /// The identity the key had in the cache.
+    /// The identity the key had in the cache: what older spools name; still replayed as
+    /// such, no longer written (the replay could not tell a key revoked before the call).
     Account {
         account_id: String,
         #[serde(default, skip_serializing_if = "String::is_empty")]

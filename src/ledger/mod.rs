@@ -186,7 +186,13 @@ pub enum Keyed<T> {
     /// No such key, or the secret does not match: nothing charged.
     UnknownKey,
     /// Nothing charged.
-    RevokedKey { account_id: String },
+    RevokedKey {
+        account_id: String,
+        /// The member an org key was bound to; empty for a personal key.
+        member_id: String,
+        /// When the key was revoked (server time).
+        revoked_at_ms: i64,
+    },
     /// An org key bound to a member: nothing charged yet (the member's charge has its own
     /// request digest).
     MemberKey {
@@ -205,7 +211,15 @@ impl<T> Keyed<T> {
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Keyed<U> {
         match self {
             Keyed::UnknownKey => Keyed::UnknownKey,
-            Keyed::RevokedKey { account_id } => Keyed::RevokedKey { account_id },
+            Keyed::RevokedKey {
+                account_id,
+                member_id,
+                revoked_at_ms,
+            } => Keyed::RevokedKey {
+                account_id,
+                member_id,
+                revoked_at_ms,
+            },
             Keyed::MemberKey {
                 account_id,
                 member_id,
@@ -550,7 +564,7 @@ impl Ledger {
         inv.arg(key.key_id).arg(key.digest_hex);
         let mut answer = self.redis.answer(&inv).await?;
         let mut identity = std::mem::take(&mut answer.identity).into_iter();
-        let (account, member) = (identity.next(), identity.next());
+        let (account, member, revoked) = (identity.next(), identity.next(), identity.next());
         let account_id = match (answer.text.as_str(), account) {
             ("KEY_UNKNOWN", _) => return Ok(Keyed::UnknownKey),
             (_, None) => {
@@ -569,7 +583,13 @@ impl Ledger {
             ));
         }
         Ok(match (answer.text.as_str(), member) {
-            ("KEY_REVOKED", _) => Keyed::RevokedKey { account_id },
+            ("KEY_REVOKED", member) => Keyed::RevokedKey {
+                account_id,
+                member_id: member.unwrap_or_default(),
+                revoked_at_ms: revoked.and_then(|r| r.parse().ok()).ok_or_else(|| {
+                    LedgerError::Internal("a revoked key answered without its time".into())
+                })?,
+            },
             ("KEY_MEMBER", Some(member_id)) => Keyed::MemberKey {
                 account_id,
                 member_id,

@@ -715,7 +715,7 @@ impl<'a> ScriptCall<'a> {
 
 /// A mutation script's answer: whether it was replayed, and its text. The debit script
 /// called by API key adds who the key belongs to (`identity`: the account, and the member
-/// of an org key).
+/// of an org key; a revoked key's answer adds its member or "" and when it was revoked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub replayed: bool,
@@ -734,7 +734,7 @@ impl Answer {
         let Value::Array(items) = value else {
             return Err(bad());
         };
-        if !(2..=4).contains(&items.len()) {
+        if !(2..=5).contains(&items.len()) {
             return Err(bad());
         }
         let mut items = items.into_iter();
@@ -779,9 +779,25 @@ mod tests {
         .unwrap();
         assert!(!keyed.replayed);
         assert_eq!(keyed.identity, ["acme", "alice"]);
+        let revoked = Answer::from_value(Value::Array(vec![
+            Value::Int(0),
+            bulk("KEY_REVOKED"),
+            bulk("acme"),
+            bulk(""),
+            bulk("1796506072169"),
+        ]))
+        .unwrap();
+        assert_eq!(revoked.identity, ["acme", "", "1796506072169"]);
         for bad in [
             vec![Value::Int(0)],
-            vec![Value::Int(0), bulk("a"), bulk("b"), bulk("c"), bulk("d")],
+            vec![
+                Value::Int(0),
+                bulk("a"),
+                bulk("b"),
+                bulk("c"),
+                bulk("d"),
+                bulk("e"),
+            ],
             vec![Value::Int(0), bulk("OK"), Value::Int(3)],
         ] {
             assert!(Answer::from_value(Value::Array(bad)).is_err());

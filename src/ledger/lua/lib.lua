@@ -69,7 +69,9 @@ end
 -- the key itself. ARGV[at] is the key id (absent: a call by account, ARGV 8), ARGV[at + 1]
 -- the key's SHA-256. Answers the account, whether it came from a key, and nil; or nil,
 -- true and the reply that ends the script:
--- {0, "KEY_UNKNOWN"} (no such key, or another secret), {0, "KEY_REVOKED", account}, or
+-- {0, "KEY_UNKNOWN"} (no such key, or another secret), {0, "KEY_REVOKED", account,
+-- member or "", revoked_ms} (when it was revoked: the fail-open spool's replay charges a
+-- call the key made before), or
 -- {0, "KEY_MEMBER", account, member} (an org key bound to a member: the member is part of
 -- the request digest, so the caller charges again with it).
 local function resolve_key(at)
@@ -82,7 +84,7 @@ local function resolve_key(at)
     return nil, true, { 0, 'KEY_UNKNOWN' }
   end
   if k[3] then
-    return nil, true, { 0, 'KEY_REVOKED', k[1] }
+    return nil, true, { 0, 'KEY_REVOKED', k[1], k[4] or '', k[3] }
   end
   if k[4] then
     return nil, true, { 0, 'KEY_MEMBER', k[1], k[4] }

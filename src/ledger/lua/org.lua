@@ -49,8 +49,8 @@ if op == 'create' then
     for i = 1, #ids do
       local k = redis.call('HMGET', TAG .. ':k:' .. ids[i], 'a', 'r')
       if k[1] and not k[2] then
-        return bad('org_id', 'has live personal API keys (' .. ids[i] .. '): revoke them '
-          .. '(RevokeApiKey) before making the account an organization')
+        return bad('org_id', 'has live personal API keys: revoke them (ListApiKeys, '
+          .. 'RevokeApiKey) before making the account an organization')
       end
     end
     redis.call('HSET', okey, 'c', NOW, 'm:' .. member, 'owner')
@@ -120,7 +120,7 @@ elseif op == 'allocate_set' or op == 'allocate_add' then
     end
   end
   if allocated > MAX_CREDITS then
-    return bad('amount', 'allocation out of range')
+    return bad(op == 'allocate_add' and 'delta' or 'amount', 'allocation out of range')
   end
   redis.call('HSET', akey, member, allocated)
   local W = open_wallet(org, wallet)
