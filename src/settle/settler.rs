@@ -37,8 +37,6 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub const DEFAULT_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 /// Rounds of XAUTOCLAIM paging per shard per claim pass.
 const CLAIM_PAGES_MAX: usize = 16;
-/// Entries each outbox's dead-letter stream keeps (about: `XADD MAXLEN ~`).
-const DEAD_LETTERS_MAX: u64 = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct SettlerSettings {
@@ -849,9 +847,8 @@ async fn set_aside(
         let add = pipe
             .cmd("XADD")
             .arg(super::restore::dead_letters_key(outbox))
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(DEAD_LETTERS_MAX)
+            // Never trimmed: a dead letter is the only copy of an event Redis applied and
+            // the store never took. `tollgate dead-letters drop` removes one by hand.
             .arg("*")
             .arg("id")
             .arg(&u.id)

@@ -704,8 +704,14 @@ end
 -- Ends an overdue hold by its on_expiry policy: capture all of it ("c") or release it.
 local function expire_hold(W, hold_id)
   local hkey = TAG .. ':h:' .. hold_id
-  local hd = redis.call('HMGET', hkey, 'n', 'l', 'e', 'o')
+  local hd = redis.call('HMGET', hkey, 'n', 'l', 'e', 'o', 's')
   local amount = tonumber(hd[1])
+  if amount and hd[5] and hd[5] ~= 'a' then
+    -- Already ended (a record written by hand, say, whose id was left in the index):
+    -- ending it again would give its credits back twice.
+    redis.call('ZREM', W.hw, hold_id)
+    return
+  end
   if not amount then
     -- The record is gone (deleted by hand, say) while its id waits in the deadline index:
     -- what the hold took is not known here, so its credits stay held rather than every
