@@ -294,6 +294,24 @@ fn http_router(state: HttpState) -> axum::Router {
         .with_state(state)
 }
 
+/// A path no route serves: a JSON answer like every other error of the HTTP API.
+async fn no_route() -> axum::response::Response {
+    json_error(axum::http::StatusCode::NOT_FOUND, "not_found")
+}
+
+/// A route asked with a method it does not take.
+async fn method_not_allowed() -> axum::response::Response {
+    json_error(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+}
+
+fn json_error(status: axum::http::StatusCode, error: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (status, axum::Json(serde_json::json!({ "error": error }))).into_response()
+}
+
 /// Starts the webhook dispatcher when webhooks are configured (next to a settler).
 fn spawn_dispatcher(
     config: &Config,
@@ -534,6 +552,8 @@ pub async fn run(
     let watcher = tokio::spawn(watch_health(state.clone(), health, stopped()));
     let http = http_router(state)
         .merge(forward_auth::router(gateway.clone(), service_check_http))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(RequestLogLayer::http());
     // Forward-auth is on the request path of nginx, Traefik and Kong: no Nagle delay on
     // its answers (the gRPC listener sets the same).

@@ -110,6 +110,24 @@ async fn grpc_health_and_reflection_answer() {
     server.stop().await;
 }
 
+/// Every HTTP error is JSON, also for a path no route serves and a method a route does
+/// not take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_answer_json() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(common::test_config(&redis.url()), Clock::Redis).await;
+    let (code, body) = common::http_get(server.http_addr, "/v1/nothing-here").await;
+    assert_eq!(code, 404, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(json["error"], "not_found", "{body}");
+    // The hold settlement routes take POST only.
+    let (code, body) = common::http_get(server.http_addr, "/v1/holds/h1-1/capture").await;
+    assert_eq!(code, 405, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(json["error"], "method_not_allowed", "{body}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_redis_and_reloads_scripts() {
     let mut redis = common::RedisServer::start();
