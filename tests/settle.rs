@@ -222,6 +222,112 @@ async fn a_batch_overlapping_settled_events_writes_only_the_new_ones() {
     }
 }
 
+/// A restore raising a shard's fence for the first time (the row a settler made at 0)
+/// waits for a batch write in flight, which read its events from the old Redis: PostgreSQL
+/// locks only the rows a `FOR SHARE` returns, so the batch must read the 0 row too, or the
+/// restore would read the shard's events without that batch and it would land after.
+/// The batch is held mid-transaction by a lock on its wallet's summary row, taken by the
+/// test after the batch's fences; the fence must not move while it is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_fence_raise_waits_for_a_batch_in_flight() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    ledger
+        .grant(&common::purchase("inflight", 100, "g"))
+        .await
+        .expect("grant");
+    now.store(START_MS + 1, Ordering::SeqCst);
+    ledger
+        .debit(&Debit {
+            account_id: "inflight".into(),
+            wallet: "default".into(),
+            amount: 30,
+            idempotency_key: "d".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit");
+    let outbox = common::outbox_events(&ledger).await;
+    assert_eq!(outbox.len(), 2, "{outbox:?}");
+    let shard = outbox[0].shard();
+    // The Redis the events were read from: epoch 1 ms, older than any fence a restore sets.
+    let epochs = vec![Some(1i64); usize::from(ledger.shards().count())];
+
+    let pg = common::PgDatabase::create().await;
+    let store = store(&pg.url).await;
+    // The first batch makes the shard's fence row, at 0 (never restored).
+    let first = store
+        .append_batch(&outbox[..1], Some(&epochs), None)
+        .await
+        .expect("first batch");
+    assert!(first.fenced.is_empty(), "{first:?}");
+
+    // The wallet's summary row, locked: the next batch stops at its summary upsert, after
+    // it took its fences.
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("pg");
+    let mut blocker = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM tollgate_wallets WHERE account_id = 'inflight' FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .expect("lock the summary row");
+    let batch = {
+        let (store, events, epochs) = (store.clone(), outbox[1..].to_vec(), epochs.clone());
+        tokio::spawn(async move { store.append_batch(&events, Some(&epochs), None).await })
+    };
+    let waiting_on_locks = |pool: sqlx::PgPool, n: i64| async move {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("pg_stat_activity");
+        (waiting >= n).then_some(())
+    };
+    common::eventually(DEADLINE, "the batch waits for the summary row", || {
+        waiting_on_locks(pool.clone(), 1)
+    })
+    .await;
+
+    // A restore raises the fence meanwhile: it must wait for the batch.
+    let raise = {
+        let store = store.clone();
+        tokio::spawn(async move { store.raise_fence(shard, START_MS + 10_000).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !raise.is_finished(),
+        "the fence moved while a batch that read the old Redis was being written: {:?}",
+        raise.await
+    );
+    assert!(!batch.is_finished(), "the batch did not wait for the row");
+
+    // The batch ends: it was written (it took the fence before the raise), then the raise
+    // goes through, and a batch read from the old Redis after it is refused.
+    blocker.commit().await.expect("commit");
+    let written = tokio::time::timeout(DEADLINE, batch)
+        .await
+        .expect("the batch ends")
+        .expect("join")
+        .expect("batch");
+    assert!(written.fenced.is_empty(), "{written:?}");
+    assert_eq!(written.new_events.len(), 1, "{written:?}");
+    let fence = tokio::time::timeout(DEADLINE, raise)
+        .await
+        .expect("the raise ends")
+        .expect("join")
+        .expect("raise");
+    assert_eq!(fence, START_MS + 10_000);
+    let late = store
+        .append_batch(&outbox[1..], Some(&epochs), None)
+        .await
+        .expect("late batch");
+    assert_eq!(late.fenced, vec![outbox[1].event_id.clone()]);
+}
+
 /// The outbox's events that parse, entry by entry (unreadable ones left out).
 async fn readable_outbox_events(ledger: &Ledger) -> Vec<LedgerEvent> {
     let mut all = Vec::new();

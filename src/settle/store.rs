@@ -524,7 +524,10 @@ macro_rules! store_impl {
             /// shard order, so concurrent settlers wait rather than deadlock), then read
             /// `FOR SHARE` in PostgreSQL (settlers do not block each other); SQLite has one
             /// writer at a time, and a transaction whose reads a restore's write has since
-            /// made stale fails to write (and is retried).
+            /// made stale fails to write (and is retried). Every row is locked, a fence of
+            /// 0 too (left out only here, in Rust): PostgreSQL locks only the rows a
+            /// `FOR SHARE` returns, and a shard's first restore raises a row still at 0, so
+            /// it would not wait for a batch in flight that read the old Redis.
             async fn fences(
                 &self,
                 tx: &mut sqlx::Transaction<'_, $db>,
@@ -542,7 +545,7 @@ macro_rules! store_impl {
                 insert.push(" ON CONFLICT (shard) DO NOTHING");
                 insert.build().execute(&mut **tx).await?;
                 let mut select = QueryBuilder::<$db>::new(
-                    "SELECT shard, epoch FROM tollgate_shard_fences WHERE epoch > 0 AND shard IN (",
+                    "SELECT shard, epoch FROM tollgate_shard_fences WHERE shard IN (",
                 );
                 let mut list = select.separated(", ");
                 for shard in shards {
@@ -555,6 +558,7 @@ macro_rules! store_impl {
                 let rows: Vec<(i64, i64)> = select.build_query_as().fetch_all(&mut **tx).await?;
                 Ok(rows
                     .into_iter()
+                    .filter(|(_, epoch)| *epoch > 0)
                     .filter_map(|(shard, epoch)| Some((u16::try_from(shard).ok()?, epoch)))
                     .collect())
             }
