@@ -1380,6 +1380,112 @@ async fn a_batch_read_from_the_lost_redis_cannot_land_after_the_restore() {
     assert_eq!(available(&ledger, "fenced").await, Ok(90));
 }
 
+/// Holds opened in the loss window (applied by the lost Redis, never settled) had their
+/// ids handed to their callers. The restore moves each shard's hold id sequence
+/// `HOLD_SEQ_GAP` past the highest settled one, so no new hold gets one of those ids, and
+/// a late capture of a lost hold finds no hold instead of ending another caller's. One
+/// account's shard has settled holds, the other's only a grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_never_hands_out_a_lost_hold_id_again() {
+    use tollgate::ledger::{Authorize, EndHold, LedgerError, Metadata, OnExpiry};
+    use tollgate::settle::restore::{restore, RestoreMode, HOLD_SEQ_GAP};
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
+    store.migrate().await.expect("migrate");
+    let held = "ids-held";
+    let shard = ledger.shards().of_account(held);
+    let quiet = (0..)
+        .map(|i| format!("ids-quiet{i}"))
+        .find(|a| ledger.shards().of_account(a) != shard)
+        .expect("an account in another shard");
+    let authorize = |account: &str, key: &str| Authorize {
+        account_id: account.into(),
+        wallet: "default".into(),
+        amount: 10,
+        ttl_ms: 600_000,
+        on_expiry: OnExpiry::Release,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    };
+    let seq = |hold_id: &str| -> i64 {
+        hold_id
+            .rsplit_once('-')
+            .and_then(|(_, s)| s.parse().ok())
+            .expect("a hold id h<shard>-<seq>")
+    };
+    for account in [held, quiet.as_str()] {
+        ledger
+            .grant(&common::purchase(account, 1000, "g"))
+            .await
+            .expect("grant");
+    }
+    let mut settled_max = 0;
+    for key in ["h1", "h2"] {
+        let hold = ledger.authorize(&authorize(held, key)).await.expect("hold");
+        settled_max = settled_max.max(seq(&hold.hold_id));
+    }
+    let mut settler = Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            consumer: "ids-test".into(),
+            ..SettlerSettings::default()
+        },
+    );
+    settler.drain(DEADLINE).await.expect("settled");
+    // The loss window: holds Redis applied and the store never got.
+    let mut lost = Vec::new();
+    for account in [held, quiet.as_str()] {
+        let hold = ledger
+            .authorize(&authorize(account, "lost"))
+            .await
+            .expect("lost hold");
+        lost.push(hold.hold_id);
+    }
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    let mut fresh = Vec::new();
+    for account in [held, quiet.as_str()] {
+        let hold = ledger
+            .authorize(&authorize(account, "after"))
+            .await
+            .expect("hold after the restore");
+        assert!(
+            !lost.contains(&hold.hold_id),
+            "{} issued again",
+            hold.hold_id
+        );
+        fresh.push(hold.hold_id);
+    }
+    assert!(
+        seq(&fresh[0]) > settled_max + HOLD_SEQ_GAP,
+        "{fresh:?} settled max {settled_max}"
+    );
+    assert!(seq(&fresh[1]) > HOLD_SEQ_GAP, "{fresh:?}");
+    // A late capture of a lost hold finds none.
+    for hold_id in lost {
+        let late = ledger
+            .end_hold(&EndHold::capture(hold_id.clone(), None, "late".into()))
+            .await;
+        assert!(
+            matches!(late, Err(LedgerError::NotFound(_))),
+            "{hold_id}: {late:?}"
+        );
+    }
+    assert_eq!(available(&ledger, held).await, Ok(1000 - 2 * 10 - 10));
+    assert_eq!(available(&ledger, &quiet).await, Ok(1000 - 10));
+}
+
 /// Waits until the ledger's connections reach the restarted redis-server.
 async fn reconnected(ledger: &tollgate::ledger::Ledger) {
     let deadline = Instant::now() + DEADLINE;

@@ -223,6 +223,14 @@ pub fn lease_key(ledger: &Ledger) -> String {
     format!("{}:restore-lease", ledger.shards().tag(0))
 }
 
+/// How far past the highest settled hold sequence a restore moves a shard's hold id
+/// sequence (`{tg:S}:seq`). The lost Redis handed out the ids of the holds of its loss
+/// window (applied there, never settled) to their callers; issued again, a late Capture or
+/// Release of one would end another caller's hold. No shard opens 10^9 holds in a loss
+/// window (seconds to minutes at most), and ids stay far below 2^53, where Lua's doubles
+/// stop being exact, for over 9 million restores.
+pub const HOLD_SEQ_GAP: i64 = 1_000_000_000;
+
 /// lib.lua `CHARGE_BUCKET_MS`: charge records are kept in hourly buckets.
 const CHARGE_BUCKET_MS: i64 = 3_600_000;
 
@@ -1680,13 +1688,12 @@ async fn restore_under(
         }
         queued += write_orgs(&mut pipe, &tag, &orgs, now);
         shard_report.orgs = orgs.members.len();
-        if hold_seq > 0 {
-            pipe.cmd("SET")
-                .arg(format!("{tag}:seq"))
-                .arg(hold_seq)
-                .ignore();
-            queued += 1;
-        }
+        // Past every hold id the lost Redis may have handed out (see HOLD_SEQ_GAP).
+        pipe.cmd("SET")
+            .arg(format!("{tag}:seq"))
+            .arg(hold_seq + HOLD_SEQ_GAP)
+            .ignore();
+        queued += 1;
         if newest > (0, 0) {
             // The outbox's ids are the events' ids: a Redis whose clock is behind the old
             // one's would otherwise give a new charge the id of a settled event, which the
