@@ -1486,6 +1486,119 @@ async fn a_restore_never_hands_out_a_lost_hold_id_again() {
     assert_eq!(available(&ledger, &quiet).await, Ok(1000 - 10));
 }
 
+/// What a restore rebuilds lives as long as in the Redis it replaces: an idempotency
+/// record between one and 1.5 windows old (live Redis still finds it: lookups read the
+/// current bucket and the two before it) still answers a retry, and a hold ended by a
+/// capture, whose answer can be replayed that long, is still found after
+/// `hold_retention` (here the window) has passed, so a retry is told the hold ended
+/// instead of `NOT_FOUND`. The charges are made 1.1 to 1.4 windows before the restore
+/// (the test clock); the window is chosen so that the restore and the retries fall in
+/// the middle of an idempotency bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_keeps_records_as_long_as_live_redis_does() {
+    use tollgate::ledger::{Authorize, Debit, EndHold, LedgerError, Metadata, OnExpiry, Refusal};
+    use tollgate::settle::restore::{restore, RestoreMode};
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
+    let now = tollgate::ledger::wall_clock_ms();
+    // A window whose buckets (half of it) put now between 20% and 80% of one: the
+    // records below are in the oldest bucket a lookup reads for minutes.
+    let window_secs = (600..1800)
+        .find(|w: &i64| {
+            let span = w * 500;
+            let into = (now % span) as f64 / span as f64;
+            (0.2..0.8).contains(&into)
+        })
+        .expect("a window");
+    let span = window_secs * 500;
+    let then = (now / span - 2) * span;
+    assert!(now - then > 2 * span, "older than one window");
+
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let mut config = common::test_config(&redis.url());
+    config.ledger.idempotency_window_secs = window_secs as u64;
+    config.ledger.hold_retention_secs = window_secs as u64;
+    let (clock, _) = Clock::manual(then);
+    let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
+    common::initialize_blocking(&ledger, &redis.url());
+    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
+    store.migrate().await.expect("migrate");
+
+    let debit = Debit {
+        account_id: "lives".into(),
+        wallet: "default".into(),
+        amount: 30,
+        idempotency_key: "d".into(),
+        operation: "op".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    };
+    ledger
+        .grant(&common::purchase("lives", 1000, "g"))
+        .await
+        .expect("grant");
+    ledger.debit(&debit).await.expect("debit");
+    let hold = ledger
+        .authorize(&Authorize {
+            account_id: "lives".into(),
+            wallet: "default".into(),
+            amount: 50,
+            ttl_ms: 60_000,
+            on_expiry: OnExpiry::Release,
+            idempotency_key: "h".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("hold");
+    ledger
+        .end_hold(&EndHold::capture(
+            hold.hold_id.clone(),
+            Some(20),
+            "c".into(),
+        ))
+        .await
+        .expect("capture");
+    let mut settler = Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            consumer: "lives-test".into(),
+            ..SettlerSettings::default()
+        },
+    );
+    settler.drain(DEADLINE).await.expect("settled");
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    assert_eq!(available(&ledger, "lives").await, Ok(1000 - 30 - 20));
+    let again = ledger.debit(&debit).await.expect("debit retried");
+    assert!(again.replayed, "the retry was charged again: {again:?}");
+    assert_eq!(available(&ledger, "lives").await, Ok(1000 - 30 - 20));
+    let late = ledger
+        .end_hold(&EndHold::capture(
+            hold.hold_id.clone(),
+            Some(20),
+            "c2".into(),
+        ))
+        .await;
+    assert!(
+        matches!(
+            late,
+            Err(LedgerError::Refused(Refusal::HoldEnded {
+                captured: 20,
+                ..
+            }))
+        ),
+        "{late:?}"
+    );
+}
+
 /// Waits until the ledger's connections reach the restarted redis-server.
 async fn reconnected(ledger: &tollgate::ledger::Ledger) {
     let deadline = Instant::now() + DEADLINE;

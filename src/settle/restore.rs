@@ -4,8 +4,9 @@
 //! totals, demo marker, open holds (deadline, on_expiry, the lots they hold), recently
 //! ended holds and refundable charges (within their retention), and the idempotency
 //! records of recent debits, holds (org members' too, with the allocation left at the
-//! time, replayed in stream order), grants, positive adjustments and refunds (within the
-//! idempotency window; a refund's with its `:rf:` pointer). Then the shard's epoch marker
+//! time, replayed in stream order), grants, positive adjustments and refunds (as long as
+//! live Redis would still find them, up to 1.5 idempotency windows; a refund's with its
+//! `:rf:` pointer), each kept as long as lib.lua keeps it. Then the shard's epoch marker
 //! is written and it serves again. API keys (hashes) come from the store's key table,
 //! which the Admin API writes.
 //!
@@ -341,6 +342,9 @@ struct Hold {
     captured: i64,
     at_ms: i64,
     ended_at_ms: i64,
+    /// Ended by a capture or release with an idempotency key: lib.lua `end_hold` keeps
+    /// the record as long as that answer can be replayed, past `hold_retention` if need be.
+    ended_by_request: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -863,6 +867,7 @@ impl Replay<'_> {
                         captured: 0,
                         at_ms: e.created_at_ms,
                         ended_at_ms: 0,
+                        ended_by_request: false,
                     },
                 );
                 let answer = format!(
@@ -913,6 +918,8 @@ impl Replay<'_> {
                 };
                 hold.captured = charged;
                 hold.ended_at_ms = e.created_at_ms;
+                hold.ended_by_request =
+                    e.kind != EventKind::ExpireHold && !e.idempotency_key.is_empty();
                 let amount = hold.amount;
                 self.orgs.give_back(&e.hold_id, amount - charged);
                 self.wallet.held -= amount;
@@ -1416,6 +1423,10 @@ async fn restore_under(
     let window_ms = settings.idempotency_window.as_millis() as i64;
     let hold_retention_ms = settings.hold_retention.as_millis() as i64;
     let charge_retention_ms = settings.charge_retention.as_millis() as i64;
+    // Idempotency buckets span half the window (lib.lua IDEM_SPAN_MS); a record is found
+    // for IDEM_BUCKETS_LOOKED_AT spans at most (lib.lua idem_life_ms).
+    let span = (window_ms / 2).max(1);
+    let idem_life_ms = IDEM_BUCKETS_LOOKED_AT * span;
     let mut report = RestoreReport::default();
     let count = ledger.shards().count();
     // API keys by shard: each shard gets its own before it serves again.
@@ -1578,7 +1589,14 @@ async fn restore_under(
             if let Some(seq) = id.rsplit_once('-').and_then(|(_, s)| s.parse::<i64>().ok()) {
                 hold_seq = hold_seq.max(seq);
             }
-            let ttl = h.ended_at_ms + hold_retention_ms - now;
+            // As lib.lua `end_hold`: an answer a capture or release gave is found through
+            // its hold, so the record lives as long as that answer can be replayed.
+            let keep_ms = if h.ended_by_request {
+                hold_retention_ms.max(idem_life_ms)
+            } else {
+                hold_retention_ms
+            };
+            let ttl = h.ended_at_ms + keep_ms - now;
             if h.state != 'a' && ttl <= 0 {
                 continue;
             }
@@ -1652,12 +1670,13 @@ async fn restore_under(
                 flush(ledger, lease, shard, &mut pipe, &mut queued).await?;
             }
         }
-        // Idempotency buckets span half the window (lib.lua IDEM_SPAN_MS).
-        let span = (window_ms / 2).max(1);
         let current = now / span;
         for r in &records {
+            // Every record a lookup in live Redis would still find (the current bucket
+            // and the two before it: up to 1.5 windows old), not only those within the
+            // guaranteed window.
             let bucket = r.at_ms / span;
-            if bucket <= current - IDEM_BUCKETS_LOOKED_AT || r.at_ms + window_ms <= now {
+            if bucket <= current - IDEM_BUCKETS_LOOKED_AT {
                 continue;
             }
             pipe.cmd("EVAL")
