@@ -328,6 +328,186 @@ async fn a_first_fence_raise_waits_for_a_batch_in_flight() {
     assert_eq!(late.fenced, vec![outbox[1].event_id.clone()]);
 }
 
+/// Runs SQL on a test database (PostgreSQL or SQLite, by url) outside the store.
+async fn run_sql(url: &str, sql: String) {
+    if url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(url).await.expect("pg");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .expect("pg sql");
+        pool.close().await;
+    } else {
+        let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
+            .expect("sqlite url")
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options)
+            .await
+            .expect("sqlite");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .expect("sqlite sql");
+        pool.close().await;
+    }
+}
+
+/// The text of every row of a query's first column, on a test database.
+async fn query_text(url: &str, sql: &'static str) -> Vec<String> {
+    if url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(url).await.expect("pg");
+        let rows = sqlx::query_scalar(sql).fetch_all(&pool).await.expect(sql);
+        pool.close().await;
+        rows
+    } else {
+        let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite");
+        let rows = sqlx::query_scalar(sql).fetch_all(&pool).await.expect(sql);
+        pool.close().await;
+        rows
+    }
+}
+
+/// A database an older build migrated to version 5: schema_v5.sql as that build shipped
+/// it (shard fences only, no `round_start_attempts`; the line was added to the file
+/// later), with webhook deliveries as that build wrote them (a retry round's start kept
+/// as a negated `delivered_at_ms`). Version 6 adds the column, moves the round starts into
+/// it and indexes events by shard, in PostgreSQL and SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
+    let redis = common::RedisServer::start();
+    let (clock, _) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    ledger
+        .grant(&common::purchase("old", 100, "g"))
+        .await
+        .expect("grant");
+    let outbox = common::outbox_events(&ledger).await;
+    let shard = outbox[0].shard();
+    let pg = common::PgDatabase::create().await;
+    for url in [pg.url.clone(), common::temp_sqlite_url()] {
+        let mut old = String::from(
+            "CREATE TABLE tollgate_schema_migrations \
+             (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL);\n",
+        );
+        for sql in [
+            include_str!("../src/settle/schema_v1.sql"),
+            include_str!("../src/settle/schema_v2.sql"),
+            include_str!("../src/settle/schema_v3.sql"),
+            include_str!("../src/settle/schema_v4.sql"),
+            "CREATE TABLE IF NOT EXISTS tollgate_shard_fences (\
+             shard BIGINT PRIMARY KEY, epoch BIGINT NOT NULL);",
+        ] {
+            old.push_str(sql);
+            old.push('\n');
+        }
+        old.push_str(
+            "INSERT INTO tollgate_schema_migrations (version, applied_at_ms) \
+             VALUES (1, 1), (2, 1), (3, 1), (4, 1), (5, 1);\n\
+             INSERT INTO tollgate_webhook_deliveries (delivery_id, account_id, wallet, \
+             event_type, position_ms, position_seq, ordinal, payload, status, attempts, \
+             next_attempt_at_ms, lease_until_ms, last_error, last_status_code, \
+             created_at_ms, delivered_at_ms) VALUES \
+             ('retried', 'old', 'default', 'balance.low', 1, 0, 0, '{}', 'pending', 3, 5, 0, '', 500, 1, -3), \
+             ('failed-again', 'old', 'default', 'balance.low', 1, 0, 1, '{}', 'failed', 6, 5, 0, '', 500, 1, -3), \
+             ('delivered', 'old', 'default', 'balance.low', 1, 0, 2, '{}', 'delivered', 2, 5, 0, '', 200, 1, 1234);\n",
+        );
+        run_sql(&url, old).await;
+
+        let store = store(&url).await;
+        let kind = store.kind();
+        let delivery = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .delivery(id)
+                    .await
+                    .expect("read a delivery")
+                    .expect("the delivery")
+            }
+        };
+        let retried = delivery("retried").await;
+        assert_eq!(
+            (retried.round_start_attempts, retried.delivered_at_ms),
+            (3, 0),
+            "{kind} {retried:?}"
+        );
+        assert_eq!(retried.round_attempts(), 0, "{kind}");
+        let failed = delivery("failed-again").await;
+        assert_eq!(
+            (failed.round_start_attempts, failed.delivered_at_ms),
+            (3, 0),
+            "{kind} {failed:?}"
+        );
+        let delivered = delivery("delivered").await;
+        assert_eq!(
+            (delivered.round_start_attempts, delivered.delivered_at_ms),
+            (0, 1234),
+            "{kind} {delivered:?}"
+        );
+        assert!(store
+            .retry_delivery("failed-again", START_MS)
+            .await
+            .expect("retry"));
+        assert_eq!(
+            delivery("failed-again").await.round_start_attempts,
+            6,
+            "{kind}"
+        );
+        assert_eq!(
+            query_text(
+                &url,
+                "SELECT CAST(MAX(version) AS TEXT) FROM tollgate_schema_migrations"
+            )
+            .await,
+            vec!["6".to_owned()],
+            "{kind}"
+        );
+        // The shard index, which restore's reads use.
+        let index = query_text(
+            &url,
+            if kind == "postgres" {
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'tollgate_events_shard'"
+            } else {
+                "SELECT sql FROM sqlite_master WHERE name = 'tollgate_events_shard'"
+            },
+        )
+        .await;
+        assert!(
+            index.len() == 1
+                && index[0].contains("(shard, account_id, wallet, stream_ms, stream_seq)"),
+            "{kind} {index:?}"
+        );
+        if kind == "sqlite" {
+            let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+            let plan: Vec<String> = sqlx::query(
+                "EXPLAIN QUERY PLAN SELECT event_id FROM tollgate_events WHERE shard = 3 \
+                 ORDER BY account_id, wallet, stream_ms, stream_seq LIMIT 5000",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("plan")
+            .iter()
+            .map(|r| sqlx::Row::get::<String, _>(r, "detail"))
+            .collect();
+            pool.close().await;
+            assert!(
+                plan.iter().any(|d| d.contains("tollgate_events_shard"))
+                    && !plan.iter().any(|d| d.contains("TEMP B-TREE")),
+                "a scan and sort: {plan:?}"
+            );
+        }
+        // Events settle and read back by shard; migrating again changes nothing.
+        assert_eq!(store.append(&outbox).await.expect("append"), 1, "{kind}");
+        let read = store
+            .shard_events(shard, None, 10)
+            .await
+            .expect("shard events");
+        assert_eq!(read, outbox, "{kind}");
+        assert!(store.shard_has_events(shard).await.expect("has"), "{kind}");
+        store.migrate().await.expect("migrate again");
+    }
+}
+
 /// The outbox's events that parse, entry by entry (unreadable ones left out).
 async fn readable_outbox_events(ledger: &Ledger) -> Vec<LedgerEvent> {
     let mut all = Vec::new();

@@ -35,7 +35,20 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("schema_v3.sql")),
     (4, include_str!("schema_v4.sql")),
     (5, include_str!("schema_v5.sql")),
+    (6, include_str!("schema_v6.sql")),
 ];
+
+/// Columns a migration adds where they are missing, before its SQL runs: (version,
+/// table, column, definition). schema_v5.sql gained `round_start_attempts` after a build
+/// had shipped it without, so a database that build migrated is at version 5 without the
+/// column; version 6 adds it there. SQLite has no `ADD COLUMN IF NOT EXISTS`, so the
+/// runner looks first.
+const MISSING_COLUMNS: &[(i64, &str, &str, &str)] = &[(
+    6,
+    "tollgate_webhook_deliveries",
+    "round_start_attempts",
+    "BIGINT NOT NULL DEFAULT 0",
+)];
 
 /// What a store url that is neither kind is told (the url itself is never repeated: it
 /// may carry a password).
@@ -365,7 +378,7 @@ pub trait LedgerStore {
 
 /// Writes the store's methods once for a sqlx driver.
 macro_rules! store_impl {
-    ($store:ident, $db:ty, $kind:literal, $migration_lock:expr, $snapshot:expr) => {
+    ($store:ident, $db:ty, $kind:literal, $migration_lock:expr, $snapshot:expr, $has_column:expr) => {
         impl $store {
             pub fn kind(&self) -> &'static str {
                 $kind
@@ -391,6 +404,22 @@ macro_rules! store_impl {
                     .await?;
                     if applied.is_some() {
                         continue;
+                    }
+                    for (_, table, column, definition) in
+                        MISSING_COLUMNS.iter().filter(|m| m.0 == *version)
+                    {
+                        let found: i64 = sqlx::query_scalar($has_column)
+                            .bind(*table)
+                            .bind(*column)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        if found == 0 {
+                            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+                            )))
+                            .execute(&mut *tx)
+                            .await?;
+                        }
                     }
                     sqlx::raw_sql(*sql).execute(&mut *tx).await?;
                     sqlx::query(
@@ -1284,14 +1313,19 @@ store_impl!(
     Some("SELECT pg_advisory_xact_lock(7157680)"),
     // Reads in one transaction see one snapshot only at this level in PostgreSQL (a
     // SQLite read transaction in WAL mode always does).
-    Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+    // Whether a table of the schema in use has a column ($1 table, $2 column).
+    "SELECT CAST(COUNT(*) AS BIGINT) FROM information_schema.columns \
+     WHERE table_schema = current_schema() AND CAST(table_name AS TEXT) = $1 \
+     AND CAST(column_name AS TEXT) = $2"
 );
 store_impl!(
     SqliteStore,
     sqlx::Sqlite,
     "sqlite",
     None::<&'static str>,
-    None::<&'static str>
+    None::<&'static str>,
+    "SELECT COUNT(*) FROM pragma_table_info($1) WHERE name = $2"
 );
 
 /// The configured store.
