@@ -477,6 +477,20 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
                 && index[0].contains("(shard, account_id, wallet, stream_ms, stream_seq)"),
             "{kind} {index:?}"
         );
+        // The lots index the webhook dispatcher's pruning uses.
+        let lots_index = query_text(
+            &url,
+            if kind == "postgres" {
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'tollgate_lots_expires'"
+            } else {
+                "SELECT sql FROM sqlite_master WHERE name = 'tollgate_lots_expires'"
+            },
+        )
+        .await;
+        assert!(
+            lots_index.len() == 1 && lots_index[0].contains("(expires_at_ms)"),
+            "{kind} {lots_index:?}"
+        );
         if kind == "sqlite" {
             let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
             let plan: Vec<String> = sqlx::query(

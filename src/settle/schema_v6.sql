@@ -6,6 +6,11 @@
 -- whole table and a sort.
 CREATE INDEX IF NOT EXISTS tollgate_events_shard
     ON tollgate_events (shard, account_id, wallet, stream_ms, stream_seq);
+-- The webhook dispatcher forgets expired tracked lots every few seconds
+-- (webhook_store.rs prune_lots, by expires_at_ms): the only index on it covered lots not
+-- yet announced, so each round scanned the whole table.
+CREATE INDEX IF NOT EXISTS tollgate_lots_expires
+    ON tollgate_lots (expires_at_ms);
 -- schema_v5.sql gained `round_start_attempts` after a build had shipped it without: a
 -- database that build migrated is at version 5 without the column, which the migration
 -- runner adds before this script where it is missing (store.rs MISSING_COLUMNS; SQLite
