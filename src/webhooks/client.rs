@@ -91,27 +91,30 @@ impl WebhookClient {
             .header(HEADER_SIGNATURE, signature)
             .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
             .map_err(|e| AttemptError::Transport(e.to_string()))?;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| AttemptError::Transport(error_chain(&e)))?;
-            let status = response.status();
-            // Drain a bounded body so the connection can serve the next delivery.
-            let _ = Limited::new(response.into_body(), RESPONSE_BODY_BYTES_MAX)
-                .collect()
-                .await;
-            Ok(status)
+        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await
+        {
+            Err(_) => return Err(AttemptError::Timeout(self.timeout.as_millis() as u64)),
+            Ok(Err(e)) => return Err(AttemptError::Transport(error_chain(&e))),
+            Ok(Ok(response)) => response,
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Err(AttemptError::Timeout(self.timeout.as_millis() as u64)),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(status)) if status.is_success() => Ok(status.as_u16()),
-            Ok(Ok(status)) => Err(AttemptError::Status(status.as_u16())),
+        // The status is the answer: a 2xx whose body is slow to come was still received
+        // (sending it again would be a duplicate). The body is drained, bounded in size and
+        // time, so the connection can serve the next delivery; one not drained in time is
+        // dropped with its connection.
+        let status = response.status();
+        let drain = Limited::new(response.into_body(), RESPONSE_BODY_BYTES_MAX).collect();
+        let _ = tokio::time::timeout(self.timeout.min(BODY_DRAIN_MAX), drain).await;
+        if status.is_success() {
+            Ok(status.as_u16())
+        } else {
+            Err(AttemptError::Status(status.as_u16()))
         }
     }
 }
+
+/// The longest a response body is drained after its status came (within the lease
+/// margin the dispatcher adds to the timeout).
+const BODY_DRAIN_MAX: Duration = Duration::from_secs(1);
 
 /// An error and its causes on one line (hyper's top-level message alone says little).
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -123,4 +126,40 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A receiver that answers 200 at once and then never finishes its body: the
+    /// delivery was received, whatever the body does after.
+    #[tokio::test]
+    async fn a_2xx_with_a_stalled_body_is_a_success() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = vec![0u8; 64 * 1024];
+            let _ = socket.read(&mut request).await;
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf")
+                .await
+                .expect("write");
+            // Holds the connection open, the body unfinished, past the client's timeout.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let client = WebhookClient::new(
+            &format!("http://{addr}/hook"),
+            "secret",
+            Duration::from_millis(1_500),
+        )
+        .expect("client");
+        let answer = client.post("d-1", "balance.low", "{}").await;
+        server.abort();
+        assert_eq!(answer.expect("a 2xx is a success"), 200);
+    }
 }

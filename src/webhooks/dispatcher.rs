@@ -114,15 +114,14 @@ impl Dispatcher {
             let wait = tokio::select! {
                 _ = &mut shutdown => return,
                 result = self.round() => match result {
-                    Ok(0) => {
+                    Ok(made) => {
                         backoff = self.settings.poll_interval;
-                        self.settings.poll_interval
+                        if made == 0 { self.settings.poll_interval } else { Duration::ZERO }
                     }
-                    Ok(_) => Duration::ZERO,
                     Err(err) => {
                         tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "webhook dispatch round failed");
                         let wait = backoff;
-                        backoff = (backoff * 2).min(self.settings.backoff_max.max(self.settings.poll_interval));
+                        backoff = next_round_backoff(backoff, self.settings.poll_interval);
                         wait
                     }
                 }
@@ -160,9 +159,13 @@ impl Dispatcher {
             .store
             .due_deliveries(now, self.settings.concurrency as u32)
             .await?;
-        let lease_until = now + (self.settings.timeout + LEASE_MARGIN).as_millis() as i64;
         let mut attempts = JoinSet::new();
         for delivery in heads {
+            // The lease runs from now, just before the POST: the round's earlier store work
+            // (announcements, housekeeping, other leases) must not eat its margin, or a
+            // second dispatcher could send the delivery while this one still is.
+            let now = crate::ledger::wall_clock_ms();
+            let lease_until = now + (self.settings.timeout + LEASE_MARGIN).as_millis() as i64;
             if !self
                 .store
                 .lease_delivery(&delivery.delivery_id, now, lease_until)
@@ -304,9 +307,33 @@ pub fn backoff(min: Duration, max: Duration, failed: u32) -> Duration {
     base.mul_f64(0.5 + (random % 1000) as f64 / 2000.0)
 }
 
+/// The longest the dispatcher waits after a round its store failed: store outages are
+/// retried like the settler's (`settler::DEFAULT_BACKOFF_MAX`), not on the deliveries' own
+/// retry schedule (`webhooks.backoff_max_ms`, an hour by default), which would leave
+/// webhooks silent that long after the store is back.
+pub const STORE_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// The wait after the next failed round, from this one's.
+fn next_round_backoff(backoff: Duration, poll_interval: Duration) -> Duration {
+    (backoff * 2).min(STORE_BACKOFF_MAX.max(poll_interval))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_store_is_retried_within_seconds() {
+        let poll = Duration::from_millis(500);
+        let mut wait = poll;
+        for _ in 0..40 {
+            wait = next_round_backoff(wait, poll);
+        }
+        assert_eq!(wait, STORE_BACKOFF_MAX);
+        // A poll interval above the cap is the cap.
+        let slow = Duration::from_secs(30);
+        assert_eq!(next_round_backoff(slow, slow), slow);
+    }
 
     #[test]
     fn backoff_is_capped_and_jittered() {
