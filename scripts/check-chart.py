@@ -394,6 +394,7 @@ def check_config(checks, text, label, binary, values, files):
         f.write(text)
     # The chart sets these from the Secret and the ports; the rest comes from the file.
     env = {"PATH": os.environ.get("PATH", ""), "TOLLGATE_WEBHOOKS__SECRET": "from-the-secret",
+           "TOLLGATE_ADMIN_TOKEN": "from-the-secret", "TOLLGATE_SERVICE_TOKEN": "from-the-secret",
            "TOLLGATE_SERVER__GRPC_ADDR": "0.0.0.0:50051",
            "TOLLGATE_SERVER__HTTP_ADDR": "0.0.0.0:8080"}
     result = run([binary, "check-config", "--config", path], env=env)

@@ -40,8 +40,9 @@ pub enum Command {
     /// Delete the Redis function libraries earlier tollgate versions loaded (after a
     /// rolling upgrade); this version's library stays.
     PruneFunctions(PruneFunctionsArgs),
-    /// Validate a config file (with the TOLLGATE_ environment) without starting anything;
-    /// exits 1 and lists every bad setting if it is invalid.
+    /// Validate a config file (with the TOLLGATE_ environment) as `serve` would, tokens
+    /// included, without starting anything; exits 1 and lists every bad setting if it is
+    /// invalid.
     CheckConfig(CheckConfigArgs),
     /// Load generator: check, debit, hold or forward-auth, optionally against a raw-Redis
     /// baseline measured in the same run.

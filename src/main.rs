@@ -117,14 +117,18 @@ fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<
     Ok(config)
 }
 
-/// `tollgate check-config`: the config is loaded exactly as `serve` loads it.
+/// `tollgate check-config`: the config is loaded exactly as `serve` loads it, and held
+/// to what `serve` then requires (the tokens).
 fn check_config(args: CheckConfigArgs) -> Result<(), String> {
     let path = args.config.or_else(|| {
         let default = std::path::PathBuf::from("tollgate.toml");
         default.exists().then_some(default)
     });
-    Config::load(path.as_deref(), std::env::vars(), &Overrides::default())
+    let config = Config::load(path.as_deref(), std::env::vars(), &Overrides::default())
         .map_err(|e| e.to_string())?;
+    if config.auth.admin_token.is_empty() || config.auth.service_token.is_empty() {
+        return Err(tollgate::server::ServeError::MissingTokens.to_string());
+    }
     println!("config ok");
     Ok(())
 }

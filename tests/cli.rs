@@ -187,6 +187,42 @@ fn config_errors_are_reported_together_with_paths() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `check-config` holds a config to what `serve` requires: a config without the tokens
+/// is refused (serve would not start), and accepted once the environment gives them.
+#[test]
+fn check_config_requires_what_serve_requires() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("tollgate.toml");
+    std::fs::write(&path, "[ledger]\nshards = 16\n").expect("write");
+    let run = |tokens: &[(&str, &str)]| {
+        common::tollgate()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .env_remove("TOLLGATE_SERVICE_TOKEN")
+            .envs(tokens.iter().copied())
+            .output()
+            .expect("run")
+    };
+    let out = run(&[]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("auth.admin_token"),
+        "{out:?}"
+    );
+    let out = run(&[
+        ("TOLLGATE_ADMIN_TOKEN", "admin-secret"),
+        ("TOLLGATE_SERVICE_TOKEN", "service-secret"),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("config ok"),
+        "{out:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `tollgate admin org …` and the org flags of `create-key` / `balance`, against a server
 /// in this process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
