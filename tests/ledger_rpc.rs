@@ -1839,6 +1839,34 @@ async fn bad_fields_are_named_and_change_nothing() {
     assert!(!g.replayed);
 }
 
+/// An unknown `kinds` entry is named by its field and the kinds allowed, never echoed:
+/// error messages are logged, and a client's values do not belong in logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_transaction_kind_is_named_without_its_value() {
+    let env = Env::start(Clock::Redis, |_| {}).await;
+    let secret = "acct-private-4412";
+    let err = env
+        .m
+        .clone()
+        .list_transactions(pb::ListTransactionsRequest {
+            account_id: "acct-k".into(),
+            kinds: vec!["debit".into(), secret.into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown kind");
+    assert_invalid(&err, &["kinds"]);
+    let details = err.get_details_bad_request().expect("BadRequest");
+    let description = &details.field_violations[0].description;
+    assert!(
+        !err.message().contains(secret) && !description.contains(secret),
+        "the value is echoed: {err:?}"
+    );
+    for kind in EventKind::ALL {
+        assert!(description.contains(kind.as_str()), "{description}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_field_of_one_request_is_reported() {
     let env = Env::start(Clock::Redis, |_| {}).await;

@@ -110,6 +110,12 @@ fn invalid(field: &str, description: &str) -> Status {
     )]))
 }
 
+/// What a `kinds` entry may be: one of the ledger's event kinds.
+fn kinds_description() -> String {
+    let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+    format!("each must be one of {}", names.join(", "))
+}
+
 /// Page tokens are opaque to clients: "p" and the offset in hex.
 pub fn page_token(offset: u32) -> String {
     format!("p{offset:x}")
@@ -429,11 +435,16 @@ impl Metering for MeteringService {
         v.account_id("account_id", &r.account_id);
         v.wallet("wallet", &r.wallet);
         let mut kinds = Vec::new();
+        let mut unknown = false;
         for name in &r.kinds {
             match EventKind::parse(name) {
                 Some(k) => kinds.push(k),
-                None => v.add("kinds", format!("unknown kind {name:?}")),
+                None => unknown = true,
             }
+        }
+        if unknown {
+            // The field and what it takes, never the value: error messages are logged.
+            v.add("kinds", kinds_description());
         }
         if r.from_ms < 0 {
             v.add("from_ms", "must not be negative");

@@ -44,6 +44,22 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind (`ListTransactions` names them when a `kinds` entry is unknown).
+    pub const ALL: [Self; 12] = [
+        Self::Grant,
+        Self::Hold,
+        Self::Capture,
+        Self::Release,
+        Self::ExpireHold,
+        Self::Debit,
+        Self::Refund,
+        Self::ExpireLot,
+        Self::Adjust,
+        Self::Member,
+        Self::Allocate,
+        Self::Budget,
+    ];
+
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "grant" => Self::Grant,
