@@ -1038,6 +1038,127 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     wait_balance(&server, "acme", (135, 0, 65)).await;
 }
 
+/// A settlement request (path, headers, body) and the fields its 400 must name.
+type SettleCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str, &'a [&'a str]);
+
+/// The HTTP hold settlement names every bad field (the header as `idempotency-key`)
+/// before anything reaches Redis, and changes nothing: an overlong hold id is not taken
+/// for an unknown hold nor blamed on the key derived from it, and a key header that is
+/// present but not a valid key is refused rather than replaced by the derived key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_hold_settlement_names_the_bad_field_and_changes_nothing() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "acme", 200).await;
+    let answer = ocr_check(&mut c, &key, "ocr-1").await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let hold = answer
+        .header("x-tollgate-hold-id")
+        .expect("hold id")
+        .to_owned();
+    assert_eq!(balance(&server, "acme").await, (150, 50, 0));
+    let events = events_len(&server).await;
+
+    let auth = format!("Bearer {}", common::SERVICE_TOKEN);
+    let fields = |r: &common::gateways::HttpResponse| -> Vec<String> {
+        assert_eq!(r.status, 400, "{r:?}");
+        assert_eq!(r.json()["error"], "invalid_argument", "{r:?}");
+        let mut names: Vec<String> = r.json()["fields"]
+            .as_array()
+            .unwrap_or_else(|| panic!("fields in {r:?}"))
+            .iter()
+            .map(|f| f["field"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let capture = format!("/v1/holds/{hold}/capture");
+    let long_digits = format!("/v1/holds/h0-{}/capture", "9".repeat(200));
+    let seventeen = format!("/v1/holds/h0-{}/release", "1".repeat(17));
+    let long_key = "k".repeat(129);
+    let cases: [SettleCase; 9] = [
+        // No idempotency-key header: the bad hold id is named, not the derived key.
+        (&long_digits, vec![], "", &["hold_id"]),
+        (&seventeen, vec![], "", &["hold_id"]),
+        ("/v1/holds/h99-1/capture", vec![], "", &["hold_id"]),
+        // A header that is present is the key, or a bad field named as the header.
+        (
+            &capture,
+            vec![("idempotency-key", "")],
+            "",
+            &["idempotency-key"],
+        ),
+        (
+            &capture,
+            vec![("idempotency-key", "   ")],
+            "",
+            &["idempotency-key"],
+        ),
+        (
+            &capture,
+            vec![("idempotency-key", "a b")],
+            "",
+            &["idempotency-key"],
+        ),
+        (
+            &capture,
+            vec![("idempotency-key", "clé-1")],
+            "",
+            &["idempotency-key"],
+        ),
+        (
+            &capture,
+            vec![("idempotency-key", &long_key)],
+            "",
+            &["idempotency-key"],
+        ),
+        // Every bad field at once.
+        (
+            &long_digits,
+            vec![("idempotency-key", "clé-2")],
+            r#"{"amount": "seven"}"#,
+            &["amount", "hold_id", "idempotency-key"],
+        ),
+    ];
+    for (path, headers, body, want) in cases {
+        let mut headers = headers;
+        headers.push(("authorization", &auth));
+        let r = http(server.http_addr, "POST", path, &headers, body).await;
+        assert_eq!(fields(&r), want.to_vec(), "{path} {headers:?}");
+    }
+    let r = http(
+        server.http_addr,
+        "POST",
+        &format!("/v1/holds/{hold}/release"),
+        &[("authorization", &auth), ("idempotency-key", "r-1")],
+        r#"{"amount": 3}"#,
+    )
+    .await;
+    assert_eq!(fields(&r), ["amount"]);
+    assert_eq!(balance(&server, "acme").await, (150, 50, 0), "still held");
+    assert_eq!(events_len(&server).await, events, "no ledger event");
+
+    // The hold is still open, and none of the refused keys was remembered.
+    let r = http(
+        server.http_addr,
+        "POST",
+        &capture,
+        &[("authorization", &auth), ("idempotency-key", "r-1")],
+        r#"{"amount": 5}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        (
+            r.json()["captured"].as_i64(),
+            r.json()["replayed"].as_bool()
+        ),
+        (Some(5), Some(false))
+    );
+    assert_eq!(balance(&server, "acme").await, (195, 0, 5));
+}
+
 /// The access log settles holds, so on a gRPC port other hosts can reach it takes a
 /// stream only with the service token (or the gateway shared secret, when set).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1766,8 +1766,15 @@ async fn bad_fields_are_named_and_change_nothing() {
         assert_invalid(&err, &[field]);
     }
 
-    // Capture and Release
+    // Capture and Release. Ids are bounded (numbers Lua reads exactly, at most 2^53 - 1):
+    // an overlong one is a bad field, not a NOT_FOUND after a trip to Redis.
+    let huge_hold = format!("h0-{}", "9".repeat(1 << 20));
+    let long_hold = format!("h0-{}", "1".repeat(17));
+    let unsafe_hold = format!("h0-{}", 1_i64 << 53);
     for (req, field) in [
+        (capture_req(&huge_hold, None, "x5"), "hold_id"),
+        (capture_req(&long_hold, None, "x5"), "hold_id"),
+        (capture_req(&unsafe_hold, None, "x5"), "hold_id"),
         (capture_req(&h.hold_id, Some(31), "x5"), "amount"),
         (capture_req(&h.hold_id, Some(-1), "x5"), "amount"),
         (capture_req("garbage", None, "x5"), "hold_id"),
@@ -1786,6 +1793,7 @@ async fn bad_fields_are_named_and_change_nothing() {
         assert_invalid(&err, &[field]);
     }
     for (req, field) in [
+        (release_req(&huge_hold, "x6"), "hold_id"),
         (release_req("garbage", "x6"), "hold_id"),
         (release_req(&h.hold_id, ""), "idempotency_key"),
     ] {
@@ -1794,7 +1802,13 @@ async fn bad_fields_are_named_and_change_nothing() {
     }
 
     // Refund
+    let huge_charge = format!("0-{}-0", "9".repeat(1 << 20));
+    let long_charge = format!("0-1-{}", "1".repeat(17));
+    let unsafe_charge = format!("0-{}-0", 1_i64 << 53);
     for (req, field) in [
+        (refund_req(&huge_charge, 1, "x7"), "charge_id"),
+        (refund_req(&long_charge, 1, "x7"), "charge_id"),
+        (refund_req(&unsafe_charge, 1, "x7"), "charge_id"),
         (refund_req("garbage", 1, "x7"), "charge_id"),
         (refund_req("", 1, "x7"), "charge_id"),
         (refund_req(&d.charge_id, 0, "x7"), "amount"),

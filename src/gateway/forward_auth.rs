@@ -22,7 +22,7 @@ use axum::Router;
 use super::{Call, Decision, Gateway, HEADER_REQUEST_ID};
 use crate::api::auth::TokenCheck;
 use crate::api::status::{denial_response, http_error};
-use crate::ledger::command::IDEMPOTENCY_KEY_LEN_MAX;
+use crate::ledger::command::Violations;
 use crate::ledger::{EndHold, LedgerError};
 
 pub const FORWARD_AUTH_PATH: &str = "/v1/forward-auth";
@@ -184,7 +184,8 @@ fn json_response(status: u16, body: serde_json::Value) -> Response {
 
 /// `POST /v1/holds/{hold_id}/capture` (optional JSON body `{"amount": n}`; all of the
 /// hold when absent) or `/release`. The idempotency key is the `idempotency-key` header,
-/// else one per hold and action, so a retried settlement changes nothing.
+/// else one per hold and action, so a retried settlement changes nothing. Every bad field
+/// is named at once (the header as `idempotency-key`), before anything reaches Redis.
 async fn settle_hold(
     State(state): State<Arc<HttpGateway>>,
     Path((hold_id, action)): Path<(String, String)>,
@@ -200,40 +201,63 @@ async fn settle_hold(
             serde_json::json!({ "error": "unauthenticated", "message": status.message() }),
         );
     }
-    let invalid = |field: &str, description: &str| {
-        let (status, body) = http_error(LedgerError::InvalidArgument(vec![
-            crate::ledger::FieldViolation::new(field, description),
-        ]));
-        json_response(status, body)
-    };
-    if body.len() > SETTLE_BODY_BYTES_MAX {
-        return invalid("body", "too large");
+    let mut v = Violations::default();
+    if hold_id.is_empty() {
+        v.add("hold_id", "is required");
+    } else if state
+        .gateway
+        .ledger()
+        .shards()
+        .of_hold_id(&hold_id)
+        .is_none()
+    {
+        v.add("hold_id", "is not a tollgate hold id");
     }
-    let amount = if body.iter().all(u8::is_ascii_whitespace) {
+    let capture = match action.as_str() {
+        "capture" => true,
+        "release" => false,
+        _ => {
+            v.add("action", "must be capture or release");
+            false
+        }
+    };
+    let amount = if body.len() > SETTLE_BODY_BYTES_MAX {
+        v.add("body", format!("larger than {SETTLE_BODY_BYTES_MAX} bytes"));
+        None
+    } else if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
         match serde_json::from_slice::<serde_json::Value>(&body) {
             Ok(serde_json::Value::Object(fields)) => match fields.get("amount") {
                 None | Some(serde_json::Value::Null) => None,
-                Some(v) => match v.as_i64() {
-                    Some(n) => Some(n),
-                    None => return invalid("amount", "must be an integer"),
-                },
+                Some(value) => {
+                    let amount = value.as_i64();
+                    if amount.is_none() {
+                        v.add("amount", "must be an integer");
+                    }
+                    amount
+                }
             },
-            _ => return invalid("body", "must be a JSON object"),
+            _ => {
+                v.add("body", "must be a JSON object");
+                None
+            }
         }
     };
-    let key = header(&headers, "idempotency-key")
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("http:{action}:{hold_id}"));
-    if key.len() > IDEMPOTENCY_KEY_LEN_MAX {
-        return invalid("idempotency-key", "too long");
+    if action == "release" && amount.is_some() {
+        v.add("amount", "a release charges nothing");
     }
-    let cmd = match action.as_str() {
-        "capture" => EndHold::capture(hold_id, amount, key),
-        "release" if amount.is_none() => EndHold::release(hold_id, key),
-        "release" => return invalid("amount", "a release charges nothing"),
-        _ => return invalid("action", "must be capture or release"),
+    let key = idempotency_key(&headers, &mut v);
+    if let Err(violations) = v.finish() {
+        let (status, body) = http_error(LedgerError::InvalidArgument(violations));
+        return json_response(status, body);
+    }
+    // Absent: one key per hold and action (both checked above, so it fits the key limit).
+    let key = key.unwrap_or_else(|| format!("http:{action}:{hold_id}"));
+    let cmd = if capture {
+        EndHold::capture(hold_id, amount, key)
+    } else {
+        EndHold::release(hold_id, key)
     };
     match state.gateway.ledger().end_hold(&cmd).await {
         Ok(out) => json_response(
@@ -252,4 +276,22 @@ async fn settle_hold(
             json_response(status, body)
         }
     }
+}
+
+/// The `idempotency-key` header of a settlement: `None` when absent; when present it must
+/// be a valid idempotency key, sent once (a violation naming the header otherwise).
+fn idempotency_key(headers: &HeaderMap, v: &mut Violations) -> Option<String> {
+    const NAME: &str = "idempotency-key";
+    let mut values = headers.get_all(NAME).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        v.add(NAME, "is sent more than once");
+        return Some(String::new());
+    }
+    match value.to_str() {
+        Ok("") => v.add(NAME, "must not be empty"),
+        Ok(text) => v.idempotency_key(NAME, text),
+        Err(_) => v.add(NAME, "may hold only printable ASCII without spaces"),
+    }
+    Some(value.to_str().unwrap_or_default().to_owned())
 }

@@ -20,6 +20,19 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     hash
 }
 
+/// Largest number in an id (a hold's sequence, an event id's milliseconds and sequence):
+/// Lua reads them as doubles, exact up to 2^53 - 1 (16 digits at most).
+pub const ID_NUMBER_MAX: u64 = (1 << 53) - 1;
+
+/// Whether `text` is a decimal number an id may carry: 1 to 16 digits, at most
+/// [`ID_NUMBER_MAX`]. Bounds the length of every id that reaches Redis.
+fn id_number(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 16
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && text.parse::<u64>().is_ok_and(|n| n <= ID_NUMBER_MAX)
+}
+
 /// Precomputed per-shard key names.
 #[derive(Debug, Clone)]
 pub struct ShardMap {
@@ -69,22 +82,23 @@ impl ShardMap {
         &self.numbers[usize::from(shard)]
     }
 
-    /// Shard of a hold id `h<shard>-<seq>`, if it is well formed and in range.
+    /// Shard of a hold id `h<shard>-<seq>`, if it is well formed (`seq` at most
+    /// [`ID_NUMBER_MAX`]) and its shard in range.
     pub fn of_hold_id(&self, hold_id: &str) -> Option<u16> {
         let rest = hold_id.strip_prefix('h')?;
         let (shard, seq) = rest.split_once('-')?;
-        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        if !id_number(seq) {
             return None;
         }
         self.checked(shard)
     }
 
-    /// Shard of an event id `<shard>-<ms>-<seq>` (also a charge id).
+    /// Shard of an event id `<shard>-<ms>-<seq>` (also a charge id), if it is well formed
+    /// (`ms` and `seq` at most [`ID_NUMBER_MAX`]) and its shard in range.
     pub fn of_event_id(&self, event_id: &str) -> Option<u16> {
         let (shard, stream_id) = event_id.split_once('-')?;
         let (ms, seq) = stream_id.split_once('-')?;
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-        if !digits(ms) || !digits(seq) {
+        if !id_number(ms) || !id_number(seq) {
             return None;
         }
         self.checked(shard)
@@ -121,6 +135,21 @@ mod tests {
         assert_eq!(map.of_event_id("15-1732370000000-0"), Some(15));
         assert_eq!(map.of_event_id("15-1732370000000"), None);
         assert_eq!(map.of_event_id("a-1-0"), None);
+        // Numbers Lua reads exactly, so ids stay short.
+        assert_eq!(map.of_hold_id("h3-9007199254740991"), Some(3));
+        assert_eq!(map.of_hold_id("h3-9007199254740992"), None);
+        assert_eq!(map.of_hold_id("h3-00000000000000001"), None);
+        assert_eq!(map.of_hold_id(&format!("h3-{}", "9".repeat(1 << 20))), None);
+        assert_eq!(
+            map.of_event_id("3-9007199254740991-9007199254740991"),
+            Some(3)
+        );
+        assert_eq!(map.of_event_id("3-9007199254740992-0"), None);
+        assert_eq!(map.of_event_id("3-1-9007199254740992"), None);
+        assert_eq!(
+            map.of_event_id(&format!("3-1-{}", "1".repeat(1 << 20))),
+            None
+        );
         assert_eq!(map.tag(3), "{tg:3}");
         assert_eq!(map.outbox(3), "{tg:3}:o");
     }
