@@ -1362,6 +1362,128 @@ async fn forward_auth_reads_the_original_request_and_has_an_nginx_mode() {
     assert_eq!(balance(&server, "acme").await, (9, 0, 1));
 }
 
+/// A proxy header that is present decides, whatever bytes it holds: nginx copies the raw
+/// request line into x-original-uri, so a client's `POST /v1/documents/é/ocr` arrives as
+/// UTF-8. It used to be taken for a missing header and the check priced tollgate's own
+/// request (`/v1/forward-auth`): 403 no_route here, or free under a free default or
+/// catch-all. Bytes above ASCII are percent-encoded and routed; control characters, a
+/// method or host that is not ASCII are a 400 naming the header; other headers that are
+/// not ASCII are read as they are (a bad units header, not the default units).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_auth_prices_the_original_request_whatever_bytes_it_holds() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let key = seed(&server, "acme", 500).await;
+    let addr = server.http_addr;
+    let nginx_headers = |uri: &'static str| {
+        vec![
+            ("x-original-method", "POST"),
+            ("x-original-uri", uri),
+            ("x-api-key", key.as_str()),
+        ]
+    };
+
+    // Raw UTF-8 in the URI: routed as its percent-encoded form, charged (a hold) as the
+    // `/v1/documents/{id}/ocr` route says, by nginx (both modes) and Traefik headers.
+    let traefik = vec![
+        ("x-forwarded-method", "POST"),
+        ("x-forwarded-uri", "/v1/documents/ü/ocr?lang=de"),
+        ("x-api-key", key.as_str()),
+    ];
+    for (path, headers) in [
+        ("/v1/forward-auth", nginx_headers("/v1/documents/é/ocr")),
+        (
+            "/v1/forward-auth?mode=nginx",
+            nginx_headers("/v1/documents/é/ocr"),
+        ),
+        ("/v1/forward-auth", traefik),
+    ] {
+        let r = http(addr, "GET", path, &headers, "").await;
+        assert_eq!(r.status, 200, "{path} {headers:?}: {r:?}");
+        assert_eq!(r.header("x-tollgate-operation"), Some("ocr.pages"), "{r:?}");
+        assert_eq!(r.header("x-tollgate-charged"), Some("50"), "{r:?}");
+        assert!(r.header("x-tollgate-hold-id").is_some(), "{r:?}");
+    }
+    assert_eq!(balance(&server, "acme").await, (350, 150, 0));
+    let events = events_len(&server).await;
+
+    // Present but unusable: 400 bad_header naming the header (in nginx mode 403 with the
+    // real status and body in headers), nothing charged. Each of these used to be allowed:
+    // the method fell back to this GET (a free `GET /v1/` route), the host to `host`, the
+    // tab went into the route, the units header counted as absent (1 signer), the variant
+    // header too (no surcharge).
+    let cases: [(Vec<(&str, &str)>, &str); 6] = [
+        (
+            vec![
+                ("x-original-method", "PÖST"),
+                ("x-original-uri", "/v1/envelopes"),
+            ],
+            "x-original-method",
+        ),
+        (
+            vec![
+                ("x-forwarded-method", "POST"),
+                ("x-forwarded-uri", "/v1/envelopes"),
+                ("x-forwarded-host", "ápi.example.com"),
+            ],
+            "x-forwarded-host",
+        ),
+        (
+            vec![
+                ("x-original-method", "POST"),
+                ("x-original-uri", "/v1/documents/a\tb/ocr"),
+            ],
+            "x-original-uri",
+        ),
+        (
+            vec![
+                ("x-forwarded-method", "POST"),
+                ("x-forwarded-uri", "/v1/documents/a\tb/ocr"),
+            ],
+            "x-forwarded-uri",
+        ),
+        (
+            vec![
+                ("x-original-method", "POST"),
+                ("x-original-uri", "/v1/envelopes"),
+                ("x-signature-method", "aadhaar"),
+                ("x-signers", "5é"),
+            ],
+            "x-signers",
+        ),
+        (
+            vec![
+                ("x-original-method", "POST"),
+                ("x-original-uri", "/v1/envelopes"),
+                ("x-signature-method", "dsç"),
+            ],
+            "x-signature-method",
+        ),
+    ];
+    for (headers, named) in cases {
+        let mut headers = headers;
+        headers.push(("x-api-key", key.as_str()));
+        let r = http(addr, "GET", "/v1/forward-auth", &headers, "").await;
+        assert_eq!(r.status, 400, "{headers:?}: {r:?}");
+        assert_eq!(r.json()["error"], "bad_header", "{r:?}");
+        assert_eq!(r.json()["header"], named, "{r:?}");
+        let r = http(addr, "GET", "/v1/forward-auth?mode=nginx", &headers, "").await;
+        assert_eq!(r.status, 403, "{headers:?}: {r:?}");
+        assert_eq!(r.header("x-tollgate-status"), Some("400"), "{r:?}");
+        assert_eq!(r.header("x-tollgate-reason"), Some("bad_header"), "{r:?}");
+        let body: serde_json::Value =
+            serde_json::from_str(r.header("x-tollgate-body").expect("body header"))
+                .expect("JSON body header");
+        assert_eq!(body["header"], named, "{r:?}");
+    }
+    assert_eq!(
+        balance(&server, "acme").await,
+        (350, 150, 0),
+        "nothing charged"
+    );
+    assert_eq!(events_len(&server).await, events, "no ledger event");
+}
+
 #[test]
 fn price_book_errors_are_reported_all_at_once_with_their_paths() {
     let text = r#"

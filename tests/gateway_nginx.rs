@@ -125,4 +125,27 @@ async fn nginx_meters_charges_once_and_turns_denials_into_real_answers() {
         (87, 0, 13),
         "denials charge nothing"
     );
+
+    // A URI with raw UTF-8 (nginx copies the request line into X-Original-URI as it is)
+    // is priced as itself, a hold on `/v1/documents/{id}/ocr`, not as tollgate's own
+    // `/v1/forward-auth` (which no route matches: 403).
+    let r = http(
+        nginx.addr,
+        "POST",
+        "/v1/documents/é/ocr",
+        &[("x-api-key", key.as_str()), ("x-test-tag", "utf8")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", nginx.log());
+    assert_eq!(r.header("x-credits-remaining"), Some("37"), "{r:?}");
+    assert_eq!(balance(&server, "acme").await, (37, 50, 13));
+    let seen = upstream.seen_tagged("utf8");
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    assert_eq!(
+        h.get("x-tollgate-operation").map(String::as_str),
+        Some("ocr.pages")
+    );
+    assert!(h.contains_key("x-tollgate-hold-id"), "{h:?}");
 }

@@ -10,6 +10,7 @@
 //! Also here: `POST /v1/holds/{hold_id}/capture|release`, for upstreams that settle their
 //! holds over HTTP (service token required).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -53,17 +54,111 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The value of `forwarded` or `original`, whichever is present; `Err(forwarded)` when
-/// both are and they differ.
+type Denied = Box<super::Denial>;
+
+fn bad_header(header: &str, message: &str) -> Denied {
+    Box::new(super::Denial::BadHeader {
+        header: header.into(),
+        message: message.into(),
+    })
+}
+
+/// The raw value of `forwarded` or `original`, whichever is present, with its name; a bad
+/// header when both are and they differ. A header that is present decides, whatever it
+/// holds: only an absent one lets the caller fall back to tollgate's own request.
 fn one_of<'a>(
     headers: &'a HeaderMap,
     forwarded: &'static str,
     original: &'static str,
-) -> Result<Option<&'a str>, &'static str> {
-    match (header(headers, forwarded), header(headers, original)) {
-        (Some(f), Some(o)) if f != o => Err(forwarded),
-        (f, o) => Ok(f.or(o)),
+) -> Result<Option<(&'static str, &'a [u8])>, Denied> {
+    let raw = |name| headers.get(name).map(HeaderValue::as_bytes);
+    match (raw(forwarded), raw(original)) {
+        (Some(f), Some(o)) if f != o => Err(bad_header(
+            forwarded,
+            "disagrees with its x-original-* counterpart: the proxy must send one family \
+             and drop the client's",
+        )),
+        (Some(f), _) => Ok(Some((forwarded, f))),
+        (None, Some(o)) => Ok(Some((original, o))),
+        (None, None) => Ok(None),
     }
+}
+
+/// The original request's method (`name` is the header it came in): a token of printable
+/// ASCII.
+fn original_method<'a>(name: &str, raw: &'a [u8]) -> Result<&'a str, Denied> {
+    match std::str::from_utf8(raw) {
+        Ok(method) if !method.is_empty() && raw.iter().all(u8::is_ascii_graphic) => Ok(method),
+        _ => Err(bad_header(name, "must be an HTTP method (printable ASCII)")),
+    }
+}
+
+/// The original request's URI as routes see it. nginx copies the raw request line, so a
+/// client's `/v1/documents/é/ocr` arrives as UTF-8 bytes: bytes above ASCII are
+/// percent-encoded, as a client that encodes its URI would send them (routes match the
+/// encoded form; `{param}` segments match it too). Control characters are refused.
+fn original_uri<'a>(name: &str, raw: &'a [u8]) -> Result<Cow<'a, str>, Denied> {
+    if raw.iter().any(u8::is_ascii_control) {
+        return Err(bad_header(name, "holds a control character"));
+    }
+    if let Some(ascii) = raw
+        .is_ascii()
+        .then(|| std::str::from_utf8(raw).ok())
+        .flatten()
+    {
+        return Ok(Cow::Borrowed(ascii));
+    }
+    let mut encoded = String::with_capacity(raw.len() * 3);
+    for &byte in raw {
+        if byte.is_ascii() {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push('%');
+            encoded.push(char::from(HEX[usize::from(byte >> 4)]));
+            encoded.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
+    Ok(Cow::Owned(encoded))
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// The original request's host: the first of `x-forwarded-host`, `x-original-host` and
+/// `host` that is present, which must be printable ASCII (a host name or address).
+fn original_host(headers: &HeaderMap) -> Result<&str, Denied> {
+    for name in ["x-forwarded-host", "x-original-host", "host"] {
+        if let Some(value) = headers.get(name) {
+            let raw = value.as_bytes();
+            return match std::str::from_utf8(raw) {
+                Ok(host) if raw.iter().all(u8::is_ascii_graphic) => Ok(host),
+                _ => Err(bad_header(name, "must be a host name (printable ASCII)")),
+            };
+        }
+    }
+    Ok("")
+}
+
+/// The values of a header that is sent more than once or is not plain ASCII, as the
+/// price book reads them: joined by commas (as Envoy hands repeated headers to
+/// ext_authz), bytes that are not UTF-8 replaced. Such a header is present, so it is a
+/// bad header (units, variants) or an unknown key, never taken for a missing one.
+fn unusual_headers(headers: &HeaderMap) -> Vec<(&str, String)> {
+    headers
+        .keys()
+        .filter(|name| {
+            let mut values = headers.get_all(*name).iter();
+            let first = values.next();
+            values.next().is_some() || first.is_some_and(|v| v.to_str().is_err())
+        })
+        .map(|name| {
+            let values: Vec<Cow<'_, str>> = headers
+                .get_all(name)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                .collect();
+            (name.as_str(), values.join(","))
+        })
+        .collect()
 }
 
 async fn forward_auth(
@@ -80,54 +175,23 @@ async fn forward_auth(
     if !gateway.trusts(header(&headers, gateway.shared_secret_header())) {
         return denied(&super::Denial::UntrustedGateway, nginx);
     }
-    // Traefik and Kong send x-forwarded-*, nginx (examples/nginx.conf) x-original-*; each
-    // proxy overwrites its own but passes the other family on from the client. So both
-    // present and different means a client is trying to price one request as another.
-    let (original_method, original_uri) = match (
-        one_of(&headers, "x-forwarded-method", "x-original-method"),
-        one_of(&headers, "x-forwarded-uri", "x-original-uri"),
-    ) {
-        (Ok(m), Ok(u)) => (
-            m.unwrap_or(method.as_str()),
-            u.unwrap_or_else(|| uri.path_and_query().map_or("/", |p| p.as_str())),
-        ),
-        (Err(header), _) | (_, Err(header)) => {
-            let bad = super::Denial::BadHeader {
-                header: header.into(),
-                message: "disagrees with its x-original-* counterpart: the proxy must send \
-                          one family and drop the client's"
-                    .into(),
-            };
-            return denied(&bad, nginx);
-        }
+    let original = original_request(&headers, &method, &uri);
+    let (original_method, original_uri, host) = match original {
+        Ok(original) => original,
+        Err(bad) => return denied(&bad, nginx),
     };
-    let host = header(&headers, "x-forwarded-host")
-        .or_else(|| header(&headers, "x-original-host"))
-        .or_else(|| header(&headers, "host"))
-        .unwrap_or("");
-    // A header sent more than once is read as its values joined by commas (as Envoy hands
-    // them to ext_authz), so `x-signers: 1` then `x-signers: 50` is a bad header, not a
-    // price for 1 with an upstream that may read 50.
-    let repeated: Vec<(&str, String)> = headers
-        .keys()
-        .filter(|name| headers.get_all(*name).iter().nth(1).is_some())
-        .map(|name| {
-            let values: Vec<&str> = headers
-                .get_all(name)
-                .iter()
-                .map(|v| v.to_str().unwrap_or(""))
-                .collect();
-            (name.as_str(), values.join(","))
-        })
-        .collect();
-    let lookup = |name: &str| match repeated.iter().find(|(n, _)| *n == name) {
+    // A header sent more than once is read as its values joined by commas, so
+    // `x-signers: 1` then `x-signers: 50` is a bad header, not a price for 1 with an
+    // upstream that may read 50; one that is not ASCII is read as it is, not as absent.
+    let unusual = unusual_headers(&headers);
+    let lookup = |name: &str| match unusual.iter().find(|(n, _)| *n == name) {
         Some((_, joined)) => Some(joined.as_str()),
         None => header(&headers, name),
     };
     let call = Call {
         method: original_method,
         host,
-        path: original_uri,
+        path: &original_uri,
         request_id: header(&headers, HEADER_REQUEST_ID),
         headers: &lookup,
     };
@@ -150,6 +214,28 @@ async fn forward_auth(
     }
 }
 
+/// (method, URI, host) of the request the proxy asks about. Traefik and Kong send
+/// x-forwarded-*, nginx (examples/nginx.conf) x-original-*; each proxy overwrites its own
+/// but passes the other family on from the client, so both present and different means a
+/// client is trying to price one request as another. A header that is present decides
+/// (a bad value is a 400 naming it); only an absent one falls back to tollgate's own
+/// request, which would otherwise price `/v1/forward-auth` instead of the client's.
+fn original_request<'a>(
+    headers: &'a HeaderMap,
+    method: &'a Method,
+    uri: &'a Uri,
+) -> Result<(&'a str, Cow<'a, str>, &'a str), Denied> {
+    let original_method = match one_of(headers, "x-forwarded-method", "x-original-method")? {
+        Some((name, raw)) => original_method(name, raw)?,
+        None => method.as_str(),
+    };
+    let original_uri = match one_of(headers, "x-forwarded-uri", "x-original-uri")? {
+        Some((name, raw)) => original_uri(name, raw)?,
+        None => Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
+    };
+    Ok((original_method, original_uri, original_host(headers)?))
+}
+
 fn denied(denial: &super::Denial, nginx: bool) -> Response {
     let d = denial_response(denial);
     let status = if nginx && !matches!(d.status, 401 | 403) {
@@ -170,11 +256,31 @@ fn denied(denial: &super::Denial, nginx: bool) -> Response {
     );
     if nginx {
         out.insert(HeaderName::from_static(HEADER_STATUS), d.status.into());
-        if let Ok(body) = HeaderValue::from_str(&d.body) {
+        if let Ok(body) = HeaderValue::from_str(&ascii_json(&d.body)) {
             out.insert(HeaderName::from_static(HEADER_BODY), body);
         }
     }
     response
+}
+
+/// JSON text with every character above ASCII written as a `\uXXXX` escape (the same
+/// JSON), so it fits a header value: a denial may quote a client's non-ASCII header.
+fn ascii_json(json: &str) -> Cow<'_, str> {
+    if json.is_ascii() {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn json_response(status: u16, body: serde_json::Value) -> Response {
@@ -294,4 +400,38 @@ fn idempotency_key(headers: &HeaderMap, v: &mut Violations) -> Option<String> {
         Err(_) => v.add(NAME, "may hold only printable ASCII without spaces"),
     }
     Some(value.to_str().unwrap_or_default().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_uris_are_percent_encoded_above_ascii_and_refuse_control_characters() {
+        let uri = |raw: &[u8]| original_uri("x-original-uri", raw).map(Cow::into_owned);
+        assert_eq!(uri(b"/v1/a?b=c").ok().as_deref(), Some("/v1/a?b=c"));
+        assert_eq!(
+            uri("/v1/documents/é/ocr".as_bytes()).ok().as_deref(),
+            Some("/v1/documents/%C3%A9/ocr")
+        );
+        // Not UTF-8 at all: still each byte encoded.
+        assert_eq!(uri(b"/v1/\xff").ok().as_deref(), Some("/v1/%FF"));
+        for bad in [&b"/v1/a\tb"[..], b"/v1/\x7f", b"/v1/\x01"] {
+            assert!(
+                matches!(*uri(bad).unwrap_err(), crate::gateway::Denial::BadHeader { ref header, .. } if header == "x-original-uri"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nginx_body_headers_escape_what_is_not_ascii() {
+        let json = r#"{"message":"unknown value \"dsç\" 😀"}"#;
+        let escaped = ascii_json(json);
+        assert!(escaped.is_ascii(), "{escaped}");
+        let a: serde_json::Value = serde_json::from_str(json).expect("json");
+        let b: serde_json::Value = serde_json::from_str(&escaped).expect("escaped json");
+        assert_eq!(a, b);
+        assert!(HeaderValue::from_str(&escaped).is_ok());
+    }
 }
