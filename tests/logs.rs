@@ -49,43 +49,86 @@ fn with_request_id<T>(message: T, id: &str) -> tonic::Request<T> {
     request
 }
 
+/// `tollgate serve` with JSON logs at INFO, its stdout and stderr in files.
+struct Running {
+    serve: Serve,
+    dir: std::path::PathBuf,
+    channel: Channel,
+    http_addr: std::net::SocketAddr,
+    out_path: std::path::PathBuf,
+    err_path: std::path::PathBuf,
+}
+
+impl Running {
+    async fn start(name: &str, config_text: &str, redis: &common::RedisServer) -> Self {
+        let dir = std::env::temp_dir().join(format!("tollgate-logs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = dir.join("config.toml");
+        std::fs::write(&config, config_text).expect("config");
+        let out_path = dir.join("stdout.log");
+        let err_path = dir.join("stderr.log");
+        let grpc_port = common::free_port();
+        let http_port = common::free_port();
+        let serve = Serve(
+            common::tollgate()
+                .args(["serve", "--config"])
+                .arg(&config)
+                .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
+                .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+                .env("TOLLGATE_REDIS_URL", redis.url())
+                .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+                .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+                .env("TOLLGATE_STORE__URL", common::temp_sqlite_url())
+                .env("TOLLGATE_LOG__FORMAT", "json")
+                .env("TOLLGATE_LOG__LEVEL", "info")
+                .env_remove("RUST_LOG")
+                .stdout(Stdio::from(std::fs::File::create(&out_path).expect("out")))
+                .stderr(Stdio::from(std::fs::File::create(&err_path).expect("err")))
+                .spawn()
+                .expect("start tollgate serve"),
+        );
+        let channel = common::eventually(common::START_TIMEOUT, "the gRPC port", || async {
+            Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+                .expect("uri")
+                .connect()
+                .await
+                .ok()
+        })
+        .await;
+        Self {
+            serve,
+            dir,
+            channel,
+            http_addr: format!("127.0.0.1:{http_port}").parse().expect("addr"),
+            out_path,
+            err_path,
+        }
+    }
+
+    /// Stops the server; its (stdout, stdout + stderr).
+    fn stop(&mut self) -> (String, String) {
+        self.serve.stop();
+        let stdout = std::fs::read_to_string(&self.out_path).expect("stdout");
+        let stderr = std::fs::read_to_string(&self.err_path).expect("stderr");
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let output = format!("{stdout}{stderr}");
+        (stdout, output)
+    }
+}
+
+/// stdout's lines, each a JSON object.
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
     let redis = common::RedisServer::start();
-    let dir = std::env::temp_dir().join(format!("tollgate-logs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("empty.toml");
-    std::fs::write(&config, "").expect("config");
-    let out_path = dir.join("stdout.log");
-    let err_path = dir.join("stderr.log");
-    let grpc_port = common::free_port();
-    let http_port = common::free_port();
-    let mut serve = Serve(
-        common::tollgate()
-            .args(["serve", "--config"])
-            .arg(&config)
-            .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
-            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
-            .env("TOLLGATE_REDIS_URL", redis.url())
-            .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
-            .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
-            .env("TOLLGATE_STORE__URL", common::temp_sqlite_url())
-            .env("TOLLGATE_LOG__FORMAT", "json")
-            .env("TOLLGATE_LOG__LEVEL", "info")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::from(std::fs::File::create(&out_path).expect("out")))
-            .stderr(Stdio::from(std::fs::File::create(&err_path).expect("err")))
-            .spawn()
-            .expect("start tollgate serve"),
-    );
-    let channel = common::eventually(common::START_TIMEOUT, "the gRPC port", || async {
-        Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
-            .expect("uri")
-            .connect()
-            .await
-            .ok()
-    })
-    .await;
+    let mut running = Running::start("failed", "", &redis).await;
+    let channel = running.channel.clone();
     let mut metering = pb::metering_client::MeteringClient::with_interceptor(
         channel.clone(),
         common::auth(Some(common::SERVICE_TOKEN)),
@@ -156,15 +199,11 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
         .expect("a generated request id in the answer")
         .to_owned();
     // HTTP: a probe is never logged.
-    let (code, _) = common::http_get(
-        format!("127.0.0.1:{http_port}").parse().expect("addr"),
-        "/healthz",
-    )
-    .await;
+    let (code, _) = common::http_get(running.http_addr, "/healthz").await;
     assert_eq!(code, 200);
     // HTTP hold settlement without a token: one line. A forward-auth denial is an answer
     // (as an ext_authz Check's denial is a gRPC OK): none.
-    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+    let http_addr = running.http_addr;
     let status = raw_http(
         http_addr,
         "POST /v1/holds/h0-1/capture HTTP/1.1\r\nHost: x\r\nx-request-id: req-http-hold-4\r\n\
@@ -180,14 +219,8 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
     .await;
     assert!((400..500).contains(&status), "{status}");
 
-    serve.stop();
-    let stdout = std::fs::read_to_string(&out_path).expect("stdout");
-    let stderr = std::fs::read_to_string(&err_path).expect("stderr");
-    let output = format!("{stdout}{stderr}");
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
+    let (stdout, output) = running.stop();
+    let lines = json_lines(&stdout);
     let with_id = |id: &str| -> Vec<&serde_json::Value> {
         lines
             .iter()
@@ -245,7 +278,96 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
             "{secret} appears in the logs:\n{output}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Forward-auth's 5xx answers are logged, its 4xx denials are not, whatever the wire
+/// status: nginx mode answers a 503 `unavailable` as 403 (auth_request honours no other
+/// denial), and the log decided by that 403 and skipped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_auth_5xx_answers_are_logged_also_in_nginx_mode() {
+    let mut redis = common::RedisServer::start();
+    let config = r#"
+[pricebook]
+default = "deny"
+
+[[pricebook.routes]]
+method = "POST"
+path = "/v1/charged"
+operation = "charged"
+
+[pricebook.operations.charged]
+mode = "debit"
+base = 1
+fail_policy = "fail_closed"
+"#;
+    let mut running = Running::start("nginx5xx", config, &redis).await;
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        running.channel.clone(),
+        common::auth(Some(common::ADMIN_TOKEN)),
+    );
+    admin
+        .grant(pb::GrantRequest {
+            account_id: ACCOUNT.into(),
+            amount: 10,
+            idempotency_key: "g1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let api_key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: ACCOUNT.into(),
+            name: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create key")
+        .into_inner()
+        .api_key;
+    let check = |mode: &str, request_id: &str| {
+        format!(
+            "GET /v1/forward-auth{mode} HTTP/1.1\r\nHost: x\r\nx-request-id: {request_id}\r\n\
+             x-original-method: POST\r\nx-original-uri: /v1/charged\r\n\
+             x-api-key: {api_key}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // A denial (no route) in nginx mode: 403, not logged.
+    let status = raw_http(
+        running.http_addr,
+        &check("?mode=nginx", "req-denied-1").replace("/v1/charged", "/v1/free"),
+    )
+    .await;
+    assert_eq!(status, 403);
+    // Redis gone, the operation fail_closed: 503 (nginx mode: 403 saying 503). Both are
+    // logged as the 503 they are.
+    redis.kill();
+    let status = raw_http(running.http_addr, &check("", "req-plain-503")).await;
+    assert_eq!(status, 503);
+    let status = raw_http(running.http_addr, &check("?mode=nginx", "req-nginx-503")).await;
+    assert_eq!(status, 403);
+
+    let (stdout, output) = running.stop();
+    let lines = json_lines(&stdout);
+    for id in ["req-plain-503", "req-nginx-503"] {
+        let found: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| l["fields"]["request_id"] == id)
+            .collect();
+        assert_eq!(found.len(), 1, "one line for {id}:\n{stdout}");
+        let fields = &found[0]["fields"];
+        assert_eq!(fields["message"], "request failed", "{fields}");
+        assert_eq!(fields["protocol"], "http", "{fields}");
+        assert_eq!(fields["path"], "/v1/forward-auth", "{fields}");
+        assert_eq!(fields["status"], 503, "{fields}");
+        assert_eq!(found[0]["level"], "WARN", "{fields}");
+    }
+    assert!(!output.contains("req-denied-1"), "a denial was logged");
+    for secret in [ACCOUNT, api_key.as_str(), common::ADMIN_TOKEN] {
+        assert!(
+            !output.contains(secret),
+            "{secret} appears in the logs:\n{output}"
+        );
+    }
 }
 
 /// Sends one raw HTTP/1.1 request; returns the answer's status.

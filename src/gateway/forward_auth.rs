@@ -25,6 +25,7 @@ use crate::api::auth::TokenCheck;
 use crate::api::status::{denial_response, http_error};
 use crate::ledger::command::Violations;
 use crate::ledger::{EndHold, LedgerError};
+use crate::telemetry::request_log::RealStatus;
 
 pub const FORWARD_AUTH_PATH: &str = "/v1/forward-auth";
 pub const HEADER_AUTH_MODE: &str = "x-tollgate-auth-mode";
@@ -245,6 +246,8 @@ fn denied(denial: &super::Denial, nginx: bool) -> Response {
     };
     let mut response = Response::new(Body::from(d.body.clone()));
     *response.status_mut() = status;
+    // The request log decides by the real status (a 5xx is logged, a 4xx denial is not).
+    response.extensions_mut().insert(RealStatus(d.status));
     let out = response.headers_mut();
     out.insert(
         HeaderName::from_static("content-type"),

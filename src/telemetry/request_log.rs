@@ -2,7 +2,9 @@
 //! server (a status other than OK) and the HTTP router (a 4xx/5xx answer, except the
 //! probe and metrics endpoints, which orchestrators poll all the time, and forward-auth's
 //! denials below 500: those are its answers, as an ext_authz Check's denial is a gRPC OK,
-//! counted by the gateway's metrics; a gateway logs them itself).
+//! counted by the gateway's metrics; a gateway logs them itself). An answer whose wire
+//! status is not its real one (forward-auth's nginx mode: 403 for any other denial)
+//! carries a [`RealStatus`], which decides and is logged.
 //!
 //! The request id is the `x-request-id` header (Envoy and most gateways stamp one); a
 //! failed request without one gets a generated id, returned in the response's
@@ -27,6 +29,13 @@ pub const HEADER_REQUEST_ID: &str = "x-request-id";
 pub const REQUEST_ID_LEN_MAX: usize = 128;
 /// HTTP paths whose failures are not logged: probes and scrapes.
 pub const QUIET_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// A response extension: the status an answer stands for when the one on the wire differs.
+/// Forward-auth's nginx mode answers 403 for every denial but 401 and 403 (nginx's
+/// auth_request honours no other), with the real status in a header; this layer decides
+/// and logs by the real one, so a 503 `unavailable` is logged as the 5xx it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RealStatus(pub u16);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -127,7 +136,10 @@ where
                 .filter(|s| s.code() != tonic::Code::Ok)
                 .map(Failure::Grpc),
             Protocol::Http => {
-                let status = response.status().as_u16();
+                let status = response
+                    .extensions()
+                    .get::<RealStatus>()
+                    .map_or(response.status().as_u16(), |real| real.0);
                 let path = this.uri.path();
                 let denial =
                     status < 500 && path == crate::gateway::forward_auth::FORWARD_AUTH_PATH;
