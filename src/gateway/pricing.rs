@@ -367,7 +367,9 @@ impl PriceBook {
     /// a query string (ignored).
     pub fn route(&self, host: &str, method: &str, path: &str) -> Routed<'_> {
         let path = path.split(['?', '#']).next().unwrap_or(path);
-        let host = strip_port(host);
+        // `api.example.com.` is the same host (a client could pick that form to miss a
+        // host route).
+        let host = strip_port(host).trim_end_matches('.');
         let target = self
             .routes
             .iter()
@@ -583,10 +585,20 @@ fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) 
             ok = false;
         }
     }
-    let host = r.host.map(|h| h.to_ascii_lowercase());
+    // Matched against the request's host without its port and a final dot, so written
+    // the same way: a port here would make a route that never matches.
+    let host = r
+        .host
+        .map(|h| h.to_ascii_lowercase().trim_end_matches('.').to_owned());
     if let Some(h) = &host {
         if h.is_empty() || h.contains(['/', ' ']) {
             bad(format!("{path}.host"), format!("{h:?} is not a host name"));
+            ok = false;
+        } else if strip_port(h) != h {
+            bad(
+                format!("{path}.host"),
+                "has a port: a request's port is ignored, name the host alone".to_owned(),
+            );
             ok = false;
         }
     }
@@ -916,6 +928,16 @@ fn compile_operation(
             Mode::Debit
         }
         Some("hold") => {
+            // A request priced at 0 is allowed without a ledger call: no hold, so nothing
+            // the upstream reports could ever be captured.
+            if op.base < 1 {
+                note(
+                    format!("{path}.base"),
+                    "must be at least 1 for a hold: the price is the most a capture takes, \
+                     and a request priced at 0 places no hold"
+                        .into(),
+                );
+            }
             let ttl_ms = op.hold_ttl_ms.unwrap_or(0);
             if !(1..=HOLD_TTL_MS_MAX).contains(&ttl_ms) {
                 note(
@@ -1182,6 +1204,7 @@ mod tests {
             "pricebook.operations.\"envelope.send\".variants.Aadhaar",
             "pricebook.operations.\"envelope.send\".variants.Aadhaar.colour",
             "pricebook.operations.ocr.hold_ttl_ms",
+            "pricebook.operations.ocr.base",
             "pricebook.operations.ocr.capture_statuses[1]",
             "pricebook.operations.plain.hold_ttl_ms",
             "pricebook.operations.plain.fail_policy",
@@ -1218,5 +1241,48 @@ mod tests {
         assert_eq!(strip_port("a.example.com:443"), "a.example.com");
         assert_eq!(strip_port("a.example.com"), "a.example.com");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn a_route_host_is_written_as_requests_are_matched() {
+        let book = |host: &str| {
+            PriceBook::from_config_text(&format!(
+                r#"
+                [pricebook]
+                default = "deny"
+                [[pricebook.routes]]
+                host = "{host}"
+                path_prefix = "/"
+                operation = "call"
+                [pricebook.operations.call]
+                base = 2
+                "#
+            ))
+        };
+        // A port would never match (requests' ports are ignored): refused, naming it.
+        let errors = book("api.example.com:8443").expect_err("a host with a port");
+        assert!(
+            errors
+                .0
+                .iter()
+                .any(|e| e.path == "pricebook.routes[0].host"),
+            "{errors:?}"
+        );
+        // A final dot is the same host, in the book and in the request.
+        let b = book("API.example.com.").unwrap_or_else(|e| panic!("{e}"));
+        for host in [
+            "api.example.com",
+            "api.example.com.",
+            "api.example.com.:443",
+        ] {
+            assert!(
+                matches!(b.route(host, "GET", "/x"), Routed::Operation(_)),
+                "{host}"
+            );
+        }
+        assert!(matches!(
+            b.route("other.example.com", "GET", "/x"),
+            Routed::Deny
+        ));
     }
 }

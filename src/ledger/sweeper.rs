@@ -28,9 +28,16 @@ pub async fn sweep_round(ledger: &Ledger) -> u64 {
                         break;
                     }
                 }
-                Err(err) => {
+                // Redis gone: the other shards would fail too.
+                Err(err @ super::LedgerError::Unavailable(_)) => {
                     tracing::warn!(shard, error = %err, "sweep failed; retrying next round");
                     return visited;
+                }
+                // This shard's trouble (a script error on one wallet, say) must not keep
+                // every later shard unswept.
+                Err(err) => {
+                    tracing::warn!(shard, error = %err, "sweep of a shard failed; the others go on");
+                    break;
                 }
             }
         }
