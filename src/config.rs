@@ -94,6 +94,20 @@ impl ServerConfig {
 }
 
 /// Half of the CPUs this process may use, at least one.
+/// A Redis or store URL as logs and dev output may show it: scheme, host, port and path,
+/// without user, password or query (where `?password=` may be).
+pub fn url_for_logs(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(not a URL)".into();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}{path}")
+}
+
 pub fn default_worker_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get() / 2)
@@ -927,6 +941,26 @@ mod tests {
 
     fn load(text: &str) -> Result<Config, ConfigErrors> {
         Config::from_toml(text, Vec::new(), &Overrides::default())
+    }
+
+    #[test]
+    fn urls_are_logged_without_credentials() {
+        for (url, shown) in [
+            (
+                "postgres://u:pw@db:5432/ledger?sslmode=require",
+                "postgres://db:5432/ledger",
+            ),
+            (
+                "postgres://db/ledger?password=pw&user=u",
+                "postgres://db/ledger",
+            ),
+            ("redis://:pw@cache:6379/0", "redis://cache:6379/0"),
+            ("rediss://user:p@ss@cache", "rediss://cache"),
+            ("sqlite://tollgate.db", "sqlite://tollgate.db"),
+            ("nonsense pw", "(not a URL)"),
+        ] {
+            assert_eq!(url_for_logs(url), shown, "{url}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tollgate::cli::{
     EndLostHoldArgs, OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
     ToolTarget,
 };
-use tollgate::config::{default_worker_threads, Config, Overrides};
+use tollgate::config::{default_worker_threads, url_for_logs, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
 use tollgate::ledger::Clock;
 use tollgate::settle::restore::RestoreMode;
@@ -147,7 +147,7 @@ async fn settle(config: Config) -> Result<(), String> {
     let http = tokio::net::TcpListener::bind(&config.server.http_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.http_addr))?;
-    tracing::info!(http = %config.server.http_addr, store = %config.store.url.split('@').next_back().unwrap_or(""), "settling");
+    tracing::info!(http = %config.server.http_addr, store = %url_for_logs(&config.store.url), "settling");
     server::run_settler(config, ledger, http, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
@@ -372,13 +372,27 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
         if config.auth.service_token.is_empty() {
             config.auth.service_token = DEV_SERVICE_TOKEN.into();
         }
+        // The dev tokens are shown; tokens a config or the environment gave are not.
+        let shown = |token: &str, dev: &str| {
+            if token == dev {
+                token.to_owned()
+            } else {
+                "(as configured)".to_owned()
+            }
+        };
         println!("tollgate dev mode");
-        println!("  redis:         {}", config.redis.url);
-        println!("  store:         {}", config.store.url);
+        println!("  redis:         {}", url_for_logs(&config.redis.url));
+        println!("  store:         {}", url_for_logs(&config.store.url));
         println!("  gRPC:          {}", config.server.grpc_addr);
         println!("  HTTP:          {}", config.server.http_addr);
-        println!("  admin token:   {}", config.auth.admin_token);
-        println!("  service token: {}", config.auth.service_token);
+        println!(
+            "  admin token:   {}",
+            shown(&config.auth.admin_token, DEV_ADMIN_TOKEN)
+        );
+        println!(
+            "  service token: {}",
+            shown(&config.auth.service_token, DEV_SERVICE_TOKEN)
+        );
         println!("  try:           tollgate admin grant alice 100 && tollgate admin balance alice");
     }
 
