@@ -10,6 +10,7 @@ mod common;
 use common::gateways::{
     balance, esign_replay_config, http, seed, start_envoy, wait_balance, Upstream,
 };
+use tollgate::api::pb;
 use tollgate::ledger::Clock;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,6 +63,15 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
         );
         assert_eq!(s.headers.get("x-tollgate-hold-id"), None);
     }
+    // The charge's id, the same for the replay: what a Refund takes.
+    let charge_ids: Vec<_> = seen
+        .iter()
+        .map(|s| s.headers.get("x-tollgate-charge-id").cloned())
+        .collect();
+    assert!(
+        charge_ids[0].as_deref().is_some_and(|id| !id.is_empty()) && charge_ids[0] == charge_ids[1],
+        "{charge_ids:?}"
+    );
 
     // Three Aadhaar signers: 1 + 15 × 3. A client's own tollgate headers never pass.
     let aadhaar = [
@@ -70,6 +80,7 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
         ("x-signers", "3"),
         ("x-tollgate-hold-id", "h0-1"),
         ("x-tollgate-account", "someone-else"),
+        ("x-tollgate-charge-id", "forged"),
         ("x-test-tag", "aadhaar"),
     ];
     let r = http(envoy.addr, "POST", "/v1/envelopes", &aadhaar, "{}").await;
@@ -95,6 +106,28 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
         None,
         "forged header removed"
     );
+    // The upstream's work failed: it refunds the charge it was told of.
+    let charge_id = seen[0]
+        .headers
+        .get("x-tollgate-charge-id")
+        .cloned()
+        .expect("a charge id");
+    assert_ne!(charge_id, "forged");
+    let refund = server
+        .metering()
+        .await
+        .refund(pb::RefundRequest {
+            charge_id,
+            amount: 46,
+            idempotency_key: "aadhaar-failed".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("refund by the upstream's charge id")
+        .into_inner();
+    assert_eq!(refund.refunded, 46);
+    // Refunded credits are available again; used counts what was charged.
+    assert_eq!(balance(&server, "acme").await, (189, 0, 57));
 
     // Missing key: 401; bad header: 400 naming it; nothing reaches the upstream.
     let r = http(

@@ -43,6 +43,12 @@ async fn nginx_meters_charges_once_and_turns_denials_into_real_answers() {
         Some("envelope.send")
     );
     assert_eq!(h.get("x-tollgate-charged").map(String::as_str), Some("11"));
+    // The debit's id, passed on for a refund (the example config copies it upstream).
+    assert!(
+        h.get("x-tollgate-charge-id")
+            .is_some_and(|id| !id.is_empty()),
+        "{h:?}"
+    );
     assert_eq!(
         h.get("x-request-id").map(String::as_str),
         Some("nginx-req-1")

@@ -61,6 +61,12 @@ async fn traefik_meters_charges_once_and_passes_402_through() {
         Some("envelope.send")
     );
     assert_eq!(h.get("x-tollgate-charged").map(String::as_str), Some("31"));
+    // The debit's id, passed on for a refund (the example config copies it upstream).
+    assert!(
+        h.get("x-tollgate-charge-id")
+            .is_some_and(|id| !id.is_empty()),
+        "{h:?}"
+    );
     assert_eq!(h.get("x-credits-remaining").map(String::as_str), Some("69"));
     assert_eq!(
         h.get("x-tollgate-hold-id"),

@@ -48,16 +48,20 @@ pub const HEADER_ACCOUNT: &str = "x-tollgate-account";
 pub const HEADER_OPERATION: &str = "x-tollgate-operation";
 pub const HEADER_CHARGED: &str = "x-tollgate-charged";
 pub const HEADER_HOLD_ID: &str = "x-tollgate-hold-id";
+/// A debit's charge id (its event id): what `Metering/Refund` takes, so an upstream whose
+/// work failed can give the credits back.
+pub const HEADER_CHARGE_ID: &str = "x-tollgate-charge-id";
 pub const HEADER_DEGRADED: &str = "x-tollgate-degraded";
 /// Set on the response to the client.
 pub const HEADER_REMAINING: &str = "x-credits-remaining";
 /// Upstream headers tollgate owns: a client's own values are always removed, so a client
 /// can never name a hold (the access log settles by `x-tollgate-hold-id`).
-pub const UPSTREAM_HEADERS: [&str; 5] = [
+pub const UPSTREAM_HEADERS: [&str; 6] = [
     HEADER_ACCOUNT,
     HEADER_OPERATION,
     HEADER_CHARGED,
     HEADER_HOLD_ID,
+    HEADER_CHARGE_ID,
     HEADER_DEGRADED,
 ];
 pub const HEADER_REQUEST_ID: &str = "x-request-id";
@@ -88,6 +92,8 @@ pub struct Allowed {
     /// Debited, or held (hold mode).
     pub charged: i64,
     pub hold_id: Option<String>,
+    /// A debit's charge id (its event id; a replayed check's is the first one's).
+    pub charge_id: Option<String>,
     /// Available credits in the wallet after the charge.
     pub remaining: Option<i64>,
     /// Allowed without a charge because Redis was unavailable (fail_open); a debit
@@ -108,6 +114,9 @@ impl Allowed {
         }
         if let Some(h) = &self.hold_id {
             out.push((HEADER_HOLD_ID, h.clone()));
+        }
+        if let Some(c) = &self.charge_id {
+            out.push((HEADER_CHARGE_ID, c.clone()));
         }
         if self.degraded {
             out.push((HEADER_DEGRADED, "1".into()));
@@ -703,8 +712,8 @@ impl Gateway {
         charged(op, Some(identity.account_id.clone()), self.send(&cmd).await)
     }
 
-    /// Sends a charge by account: (charged, hold id, remaining).
-    async fn send(&self, cmd: &ChargeCmd) -> Result<(i64, Option<String>, i64), LedgerError> {
+    /// Sends a charge by account.
+    async fn send(&self, cmd: &ChargeCmd) -> Result<Took, LedgerError> {
         match cmd {
             ChargeCmd::Debit(c) => self.ledger.debit(c).await.map(debited),
             ChargeCmd::Hold(c) => self.ledger.authorize(c).await.map(held),
@@ -805,33 +814,47 @@ impl ChargeCmd {
 }
 
 /// What a debit answers a check: (charged, hold id, what the caller may still spend).
-fn debited(out: DebitOutcome) -> (i64, Option<String>, i64) {
-    (
-        out.amount,
-        None,
-        out.allocation_remaining.unwrap_or(out.available),
-    )
+fn debited(out: DebitOutcome) -> Took {
+    Took {
+        amount: out.amount,
+        hold_id: None,
+        remaining: out.allocation_remaining.unwrap_or(out.available),
+        charge_id: Some(out.event_id),
+    }
 }
 
 /// What a hold answers a check, as [`debited`].
-fn held(out: HoldOutcome) -> (i64, Option<String>, i64) {
-    let remaining = out.allocation_remaining.unwrap_or(out.available);
-    (out.amount, Some(out.hold_id), remaining)
+fn held(out: HoldOutcome) -> Took {
+    Took {
+        amount: out.amount,
+        remaining: out.allocation_remaining.unwrap_or(out.available),
+        hold_id: Some(out.hold_id),
+        charge_id: None,
+    }
 }
 
-/// The decision on a charge's result: (charged, hold id, remaining) or why not.
+/// What a charge took: the amount, the hold or the charge it made, and what is left.
+struct Took {
+    amount: i64,
+    hold_id: Option<String>,
+    charge_id: Option<String>,
+    remaining: i64,
+}
+
+/// The decision on a charge's result: what it took, or why not.
 fn charged(
     op: &Operation,
     account_id: Option<String>,
-    result: Result<(i64, Option<String>, i64), LedgerError>,
+    result: Result<Took, LedgerError>,
 ) -> Decision {
     match result {
-        Ok((charged, hold_id, remaining)) => Decision::Allow(Allowed {
+        Ok(took) => Decision::Allow(Allowed {
             account_id,
             operation: Some(op.name.clone()),
-            charged,
-            hold_id,
-            remaining: Some(remaining),
+            charged: took.amount,
+            hold_id: took.hold_id,
+            charge_id: took.charge_id,
+            remaining: Some(took.remaining),
             degraded: false,
         }),
         Err(LedgerError::Unavailable(why)) => {
