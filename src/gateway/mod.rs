@@ -1051,6 +1051,7 @@ mod tests {
             operation: Some("ocr.pages".into()),
             charged: 50,
             hold_id: Some("h3-9".into()),
+            charge_id: None,
             remaining: Some(40),
             degraded: false,
         };
@@ -1063,6 +1064,14 @@ mod tests {
                 (HEADER_HOLD_ID, "h3-9".to_owned()),
             ]
         );
+        let debit = Allowed {
+            hold_id: None,
+            charge_id: Some("1796506072169-0".into()),
+            ..a
+        };
+        assert!(debit
+            .upstream_headers()
+            .contains(&(HEADER_CHARGE_ID, "1796506072169-0".to_owned())));
         assert_eq!(
             a.client_headers(),
             vec![(HEADER_REMAINING, "40".to_owned())]
