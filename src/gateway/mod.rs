@@ -1067,7 +1067,7 @@ mod tests {
         let debit = Allowed {
             hold_id: None,
             charge_id: Some("1796506072169-0".into()),
-            ..a
+            ..a.clone()
         };
         assert!(debit
             .upstream_headers()
