@@ -23,7 +23,7 @@ pub enum Command {
     /// Run the gRPC and HTTP servers and the sweeper.
     Serve(ServeArgs),
     /// Run a settler alone (outbox → durable store), with /healthz, /readyz, /metrics.
-    Settle(ServeArgs),
+    Settle(SettleArgs),
     /// Drain the outbox, then compare the durable ledger with Redis; exits 1 on drift.
     Reconcile(ReconcileArgs),
     /// Rebuild Redis's live state from the durable ledger (after Redis lost its data).
@@ -179,6 +179,23 @@ pub struct ServeArgs {
     /// shards while serving (`server.restore = true`).
     #[arg(long)]
     pub restore: bool,
+}
+
+/// `tollgate settle`: what a settler alone uses (no gRPC listener, no dev mode, no
+/// restore: those are `serve`'s).
+#[derive(Debug, Args)]
+pub struct SettleArgs {
+    /// Config file (TOML); default ./tollgate.toml when it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// /healthz, /readyz and /metrics.
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// Durable store: postgres://… or sqlite://PATH (default sqlite://tollgate.db).
+    #[arg(long)]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Args)]

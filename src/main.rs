@@ -10,7 +10,7 @@ use tollgate::api::pb;
 use tollgate::cli::{
     AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, DeadLettersArgs, DeadLettersCommand,
     EndLostHoldArgs, OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
-    ToolTarget,
+    SettleArgs, ToolTarget,
 };
 use tollgate::config::{default_worker_threads, url_for_logs, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -30,13 +30,14 @@ fn main() -> ExitCode {
                 Err(message) => Exit::message(message).0,
             }
         }
-        Command::Settle(args) => match load_config(args.config.as_deref(), &serve_overrides(&args))
-        {
-            Ok(config) => run_on(config.server.runtime_workers(), async move {
-                settle(config).await.map_err(Exit::message)
-            }),
-            Err(message) => Exit::message(message).0,
-        },
+        Command::Settle(args) => {
+            match load_config(args.config.as_deref(), &settle_overrides(&args)) {
+                Ok(config) => run_on(config.server.runtime_workers(), async move {
+                    settle(config).await.map_err(Exit::message)
+                }),
+                Err(message) => Exit::message(message).0,
+            }
+        }
         // Ctrl-C (or SIGTERM) drops the bench, which kills the children it started.
         Command::Bench(args) => run_on(usize::from(args.threads), async move {
             tokio::select! {
@@ -139,6 +140,15 @@ fn serve_overrides(args: &ServeArgs) -> Overrides {
         grpc_addr: args.grpc_addr.clone(),
         http_addr: args.http_addr.clone(),
         store_url: args.store.clone(),
+    }
+}
+
+fn settle_overrides(args: &SettleArgs) -> Overrides {
+    Overrides {
+        redis_url: args.redis_url.clone(),
+        http_addr: args.http_addr.clone(),
+        store_url: args.store.clone(),
+        ..Overrides::default()
     }
 }
 

@@ -240,7 +240,16 @@ impl HoldPolicy {
         if !self.capture_statuses.iter().any(|r| r.contains(status)) {
             return Settlement::Release;
         }
-        let Some(units) = units.and_then(|u| parse_units(u, UNITS_MAX_LIMIT).ok()) else {
+        let Some(units) = units else {
+            return Settlement::Capture(None);
+        };
+        let Ok(units) = parse_units(units, UNITS_MAX_LIMIT) else {
+            // The upstream's mistake ("2.5", "3 pages"): the hold is its ceiling, taken
+            // whole, and said so (the header's name only: nothing the client sent).
+            tracing::warn!(
+                header = %self.capture_units_header,
+                "the upstream reported units that are not a whole number: capturing the whole hold"
+            );
             return Settlement::Capture(None);
         };
         let amount = i64::try_from(units)
