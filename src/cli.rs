@@ -96,8 +96,15 @@ pub enum DeadLettersCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Delete one without replaying it.
-    Drop { shard: u16, dead_id: String },
+    /// Delete one without replaying it: the only copy of an event Redis applied, so only
+    /// with --force.
+    Drop {
+        shard: u16,
+        dead_id: String,
+        /// Yes, delete it for good (the store will never have that event).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn field_value(s: &str) -> Result<(String, String), String> {

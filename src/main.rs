@@ -282,7 +282,10 @@ async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
             dry_run,
         } => {
             let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
-            store.migrate().await.map_err(|e| e.to_string())?;
+            // A dry run changes nothing, the store's schema included.
+            if !dry_run {
+                store.migrate().await.map_err(|e| e.to_string())?;
+            }
             let webhooks = config.webhooks.rules();
             let replayed = dead_letters::replay(
                 &ledger,
@@ -312,7 +315,17 @@ async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
                 println!("the store already held {what}; dead letter {dead_id} deleted");
             }
         }
-        DeadLettersCommand::Drop { shard, dead_id } => {
+        DeadLettersCommand::Drop {
+            shard,
+            dead_id,
+            force,
+        } => {
+            if !force {
+                return Err(format!(
+                    "dead letter {dead_id} is the only copy of an event Redis applied: \
+                     replay it, or pass --force to delete it for good"
+                ));
+            }
             dead_letters::drop_letter(&ledger, shard, &dead_id)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -1982,8 +1982,16 @@ async fn a_dead_letter_replayed_with_its_amount_corrected_closes_the_drift() {
     }
     assert_eq!(dead_len().await, 3);
     assert_eq!(pg_store.count_events().await.expect("count"), events_before);
+    // The only copy of an applied event: not deleted without --force.
+    let kept = run(&["drop", &shard_arg, &malformed]);
+    assert!(!kept.status.success(), "{kept:?}");
+    assert!(
+        String::from_utf8_lossy(&kept.stderr).contains("--force"),
+        "{kept:?}"
+    );
+    assert_eq!(dead_len().await, 3);
     for id in [&malformed, &not_utf8] {
-        let dropped = run(&["drop", &shard_arg, id]);
+        let dropped = run(&["drop", &shard_arg, id, "--force"]);
         assert!(dropped.status.success(), "{dropped:?}");
     }
     assert_eq!(dead_len().await, 1);
