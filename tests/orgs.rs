@@ -246,6 +246,16 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
         .expect("personal")
         .into_inner();
     assert_eq!(p.context, "personal");
+    // The org's own account, asked without a member, is an organization.
+    let org = metering
+        .get_balance(pb::GetBalanceRequest {
+            account_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the org's account")
+        .into_inner();
+    assert_eq!(org.context, "organization");
 
     // A refund of alice's charge gives her allocation back.
     let history = metering

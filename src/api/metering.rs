@@ -298,8 +298,9 @@ impl Metering for MeteringService {
             }
             (_, true) => None,
         };
-        let org_key = by_key && self.ledger.members(&account_id).await.is_ok();
-        let context = if role.is_some() || org_key {
+        // An org's own account (asked without a member, or by a member-less key) is an
+        // organization too.
+        let context = if role.is_some() || self.ledger.members(&account_id).await.is_ok() {
             "organization"
         } else {
             "personal"
