@@ -822,8 +822,15 @@ async fn readiness(state: &HttpState) -> Readiness {
                 "max_ms": state.ready_lag_max_ms,
             }),
         );
+        // Like a store error: a serving pod stays ready (DESIGN.md: a store outage leaves
+        // the hot path unaffected; the outbox bound, not readiness, decides when charges
+        // stop), or every pod would leave its load balancer at once.
         if lag_ms > state.ready_lag_max_ms {
-            failed.push("outbox_lag");
+            if state.serving {
+                degraded.push("outbox_lag");
+            } else {
+                failed.push("outbox_lag");
+            }
         }
     }
     Readiness {
