@@ -36,23 +36,58 @@ ensure_postgres() {
   if ! command -v pg_ctlcluster >/dev/null 2>&1; then
     apt_install postgresql
   fi
-  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
-    local version
+  local version=""
+  if [ -d /etc/postgresql ]; then
     version=$(ls /etc/postgresql | sort -V | tail -n 1)
-    local hba="/etc/postgresql/$version/main/pg_hba.conf"
-    if ! grep -q "^host all all 127.0.0.1/32 trust" "$hba" 2>/dev/null; then
-      # A fresh Debian install asks for passwords on TCP; tests connect as postgres
-      # without one, as on the machines this project runs on.
-      $SUDO sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  fi
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    if [ -z "$version" ]; then
+      echo "PostgreSQL is not running and no Debian cluster is configured (/etc/postgresql)" >&2
+      exit 1
     fi
+    trust_local_tcp "$version"
     echo "== starting PostgreSQL $version"
     $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start
-    for _ in $(seq 1 60); do
-      pg_isready -q -h 127.0.0.1 -p 5432 && break
-      sleep 0.5
-    done
+    wait_for "PostgreSQL to accept connections" pg_isready -q -h 127.0.0.1 -p 5432
   fi
-  if ! psql -h 127.0.0.1 -U postgres -d test -c 'select 1' >/dev/null 2>&1; then
-    psql -h 127.0.0.1 -U postgres -c 'create database test' >/dev/null
+  # Installing the package may have started a server that asks for passwords on TCP: the
+  # tests connect as postgres without one, as on the machines this project runs on.
+  if ! pg_login postgres; then
+    if [ -z "$version" ]; then
+      echo "PostgreSQL refuses postgres@127.0.0.1 without a password (trust it in pg_hba.conf)" >&2
+      exit 1
+    fi
+    trust_local_tcp "$version"
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+    wait_for "PostgreSQL to trust 127.0.0.1" pg_login postgres
   fi
+  if ! pg_login test; then
+    psql -w -h 127.0.0.1 -U postgres -d postgres -c 'create database test' >/dev/null
+  fi
+}
+
+# pg_login DB: whether postgres@127.0.0.1 gets into DB without a password.
+pg_login() {
+  psql -w -h 127.0.0.1 -U postgres -d "$1" -c 'select 1' >/dev/null 2>&1
+}
+
+# trust_local_tcp VERSION: puts "host all all 127.0.0.1/32 trust" first in the cluster's
+# pg_hba.conf (once).
+trust_local_tcp() {
+  local hba="/etc/postgresql/$1/main/pg_hba.conf"
+  if ! $SUDO grep -q "^host all all 127.0.0.1/32 trust" "$hba" 2>/dev/null; then
+    $SUDO sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  fi
+}
+
+# wait_for WHAT COMMAND...: retries COMMAND for up to 30 s.
+wait_for() {
+  local what="$1"
+  shift
+  for _ in $(seq 1 60); do
+    "$@" && return 0
+    sleep 0.5
+  done
+  echo "timed out waiting for $what" >&2
+  exit 1
 }
