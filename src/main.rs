@@ -495,8 +495,11 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
     let header: MetadataValue<_> = format!("Bearer {token}")
         .parse()
         .map_err(|_| "the token is not a valid header value".to_owned())?;
+    // Bounded: a back-office command must not hang on a server that does not answer.
     let channel = Channel::from_shared(args.server.clone())
         .map_err(|e| format!("bad --server {}: {e}", args.server))?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(60))
         .connect()
         .await
         .map_err(|e| format!("cannot reach {}: {e}", args.server))?;

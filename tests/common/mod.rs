@@ -193,7 +193,13 @@ pub fn tollgate() -> Command {
         }
     }
     cmd.env("TOLLGATE_REDIS__CALL_TIMEOUT_MS", "2000")
-        .env("TOLLGATE_GATEWAY__CHECK_TIMEOUT_MS", "5000");
+        .env("TOLLGATE_GATEWAY__CHECK_TIMEOUT_MS", "5000")
+        // A spool of its own: concurrent processes would contend for one file's lock (the
+        // losers running without a spool) and replay each other's charges.
+        .env(
+            "TOLLGATE_GATEWAY__SPOOL_PATH",
+            temp_path("spool").display().to_string(),
+        );
     cmd
 }
 
