@@ -459,6 +459,15 @@ def check_chart(checks, binary, exposed):
                           f"{label}: PrometheusRule {'on' if rule_on else 'off'}")
             check_prometheus_rule(checks, docs, label, exposed)
             check_variant(checks, docs, label, merged, binary, files)
+    # A secret given in values is refused, not rendered into the ConfigMap.
+    for section, key in [("auth", "admin_token"), ("store", "url"), ("webhooks", "secret")]:
+        what = f"config.{section}.{key} in values is refused"
+        try:
+            chart.render({"config": {section: {key: "s3cret"}}}, name="tg", namespace="billing",
+                         is_install=True)
+            checks.fail(what, "it rendered")
+        except Exception as e:
+            checks.expect("is a secret" in str(e), what, str(e))
 
 
 def merge(base, override):

@@ -65,6 +65,13 @@ tollgate's integer settings refuse. Nested maps and lists become inline TOML.
 
 {{- define "tollgate.toml" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
+{{- /* These come from the Secret: given in values they would render into the ConfigMap. */}}
+{{- range $pair := list (list "auth" "admin_token") (list "auth" "service_token") (list "redis" "url") (list "store" "url") (list "webhooks" "secret") }}
+{{- $table := get $config (index $pair 0) }}
+{{- if and (kindIs "map" $table) (hasKey $table (index $pair 1)) }}
+{{- fail (printf "config.%s.%s is a secret: put it in the Secret %s (existingSecret.keys), not in values, which render into a ConfigMap" (index $pair 0) (index $pair 1) $.Values.existingSecret.name) }}
+{{- end }}
+{{- end }}
 {{- if .Values.pricebook }}
 {{- $_ := set $config "pricebook" .Values.pricebook }}
 {{- end }}
