@@ -257,6 +257,18 @@ async fn assert_degraded(server: &common::TestServer, key: &str, request_id: Opt
     );
 }
 
+/// redis-server arguments for a Redis that keeps its data across a restart (every write
+/// in its append-only file before it answers), in a directory of its own.
+fn aof_args() -> Vec<String> {
+    let dir = common::temp_path("aof");
+    std::fs::create_dir_all(&dir).expect("aof dir");
+    ["--appendonly", "yes", "--appendfsync", "always", "--dir"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([dir.display().to_string()])
+        .collect()
+}
+
 /// DESIGN.md's failure policy: a fail_open check is allowed while Redis is down "and the
 /// charge is recorded locally to be applied when Redis returns". Charges recorded while
 /// Redis was gone are applied by the next tollgate process (the spool outlives a
@@ -265,17 +277,8 @@ async fn assert_degraded(server: &common::TestServer, key: &str, request_id: Opt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
     let _serial = SERIAL.lock().await;
-    let aof_dir = common::temp_path("aof");
-    std::fs::create_dir_all(&aof_dir).expect("aof dir");
-    let aof_dir = aof_dir.display().to_string();
-    let aof = [
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--dir",
-        aof_dir.as_str(),
-    ];
+    let aof = aof_args();
+    let aof: Vec<&str> = aof.iter().map(String::as_str).collect();
     let mut redis = common::RedisServer::start_with(&aof);
     let mut config = config(&redis.url());
     // "A retry of the same request" below is one charge.
@@ -396,17 +399,8 @@ async fn revoke(server: &common::TestServer, key_id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spooled_charge_of_a_key_revoked_before_the_call_is_dropped() {
     let _serial = SERIAL.lock().await;
-    let aof_dir = common::temp_path("aof");
-    std::fs::create_dir_all(&aof_dir).expect("aof dir");
-    let aof_dir = aof_dir.display().to_string();
-    let aof = [
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--dir",
-        aof_dir.as_str(),
-    ];
+    let aof = aof_args();
+    let aof: Vec<&str> = aof.iter().map(String::as_str).collect();
     let mut redis = common::RedisServer::start_with(&aof);
     let config = config(&redis.url());
     let spool = std::path::PathBuf::from(&config.gateway.spool_path);
