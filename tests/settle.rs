@@ -1207,6 +1207,55 @@ fn metric(text: &str, name: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// An API key made while the store is down is answered with its secret (shown once: a
+/// retry would replay without it) and saved in the store once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_made_while_the_store_is_down_is_answered_and_saved_later() {
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let proxy = common::proxy::FaultProxy::start(pg_target()).await;
+    let target = pg_target();
+    let via_proxy = pg.url.replace(&target.to_string(), &proxy.addr.to_string());
+    let mut config = common::test_config(&redis.url());
+    config.store.url = via_proxy;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+
+    proxy.cut();
+    let made = tokio::time::timeout(
+        DEADLINE,
+        server
+            .admin()
+            .await
+            .create_api_key(pb::CreateApiKeyRequest {
+                account_id: "acme".into(),
+                name: "ci".into(),
+                idempotency_key: "k-1".into(),
+                ..Default::default()
+            }),
+    )
+    .await
+    .expect("the call ends")
+    .expect("made, though the store is down")
+    .into_inner();
+    assert!(!made.api_key.is_empty(), "the secret is in the answer");
+
+    proxy.restore();
+    let store = store(&pg.url).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let keys = store.api_keys().await.expect("keys");
+        if keys
+            .iter()
+            .any(|k| k.key_id == made.key_id && k.account_id == "acme")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the key never reached the store");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
     let redis = common::RedisServer::start();

@@ -1,6 +1,7 @@
 //! tollgate.v1.Admin handlers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -17,6 +18,10 @@ use crate::settle::webhook_store::{
 };
 use crate::settle::Store;
 use crate::webhooks::{Rules, Threshold, WebhookType};
+
+/// Background attempts at saving a key the store refused (about ten minutes with the
+/// capped backoff).
+const KEY_SAVE_RETRIES: u32 = 25;
 
 /// Deliveries per page unless asked otherwise.
 pub const DELIVERIES_PAGE_DEFAULT: u32 = 100;
@@ -43,6 +48,7 @@ impl AdminService {
     /// Keeps an API key (a hash only) in the durable ledger, so `tollgate restore` can
     /// rebuild it after Redis lost its data.
     async fn save_key(&self, key: ApiKeyRecord) -> Result<(), Status> {
+        // (CreateApiKey answers anyway and saves later: `save_key_later`.)
         let revoked = key.revoked_at_ms > 0;
         self.store()?.save_api_key(&key).await.map_err(|err| {
             tracing::warn!(error = %err, "api key not saved in the durable ledger");
@@ -54,6 +60,32 @@ impl AdminService {
                 "the key is live in Redis but not yet in the durable ledger: retry the call"
             })
         })
+    }
+
+    /// Retries saving a key the store refused, with capped backoff, for about ten
+    /// minutes; until it lands, a restore after a Redis loss would not bring it back.
+    fn save_key_later(&self, key: ApiKeyRecord) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(500);
+            for _ in 0..KEY_SAVE_RETRIES {
+                tokio::time::sleep(wait).await;
+                match store.save_api_key(&key).await {
+                    Ok(()) => {
+                        tracing::info!("api key saved in the durable ledger on a retry");
+                        return;
+                    }
+                    Err(err) => tracing::warn!(error = %err, "api key still not saved"),
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            tracing::error!(
+                "api key never saved in the durable ledger: a restore after a Redis loss \
+                 would not bring it back (revoke it and make another)"
+            );
+        });
     }
 
     /// Serves the webhook RPCs from this store, with the configured webhook rules (None
@@ -262,7 +294,7 @@ impl Admin for AdminService {
         } else {
             binding.org_id
         };
-        self.save_key(ApiKeyRecord {
+        let record = ApiKeyRecord {
             key_id: out.key_id.clone(),
             account_id: account_id.clone(),
             digest: out.digest_hex.clone(),
@@ -270,8 +302,12 @@ impl Admin for AdminService {
             created_at_ms: out.created_at_ms,
             revoked_at_ms: 0,
             member_id: binding.member_id.clone(),
-        })
-        .await?;
+        };
+        if self.save_key(record.clone()).await.is_err() {
+            // The key is live in Redis and its secret is in this answer only (a retry
+            // replays without it): answer, and keep saving it in the background.
+            self.save_key_later(record);
+        }
         Ok(Response::new(pb::CreateApiKeyResponse {
             key_id: out.key_id,
             api_key: out.api_key,
