@@ -93,21 +93,20 @@ impl ServerConfig {
     }
 }
 
-/// Half of the CPUs this process may use, at least one.
 /// A Redis or store URL as logs and dev output may show it: scheme, host, port and path,
-/// without user, password or query (where `?password=` may be).
+/// without user, password or query (where `?password=` may be). The query goes first (an
+/// `@` is legal in it); then everything up to the last `@`, so a password holding an
+/// unescaped `/` or `@` is not shown either.
 pub fn url_for_logs(url: &str) -> String {
     let url = url.split(['?', '#']).next().unwrap_or_default();
     let Some((scheme, rest)) = url.split_once("://") else {
         return "(not a URL)".into();
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    format!("{scheme}://{host}{path}")
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{rest}")
 }
 
+/// Half of the CPUs this process may use, at least one.
 pub fn default_worker_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get() / 2)
@@ -956,6 +955,8 @@ mod tests {
             ),
             ("redis://:pw@cache:6379/0", "redis://cache:6379/0"),
             ("rediss://user:p@ss@cache", "rediss://cache"),
+            ("postgres://u:pa/ss@db/x", "postgres://db/x"),
+            ("postgres://db/x?password=p@ss", "postgres://db/x"),
             ("sqlite://tollgate.db", "sqlite://tollgate.db"),
             ("nonsense pw", "(not a URL)"),
         ] {

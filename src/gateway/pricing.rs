@@ -937,16 +937,6 @@ fn compile_operation(
             Mode::Debit
         }
         Some("hold") => {
-            // A request priced at 0 is allowed without a ledger call: no hold, so nothing
-            // the upstream reports could ever be captured.
-            if op.base < 1 {
-                note(
-                    format!("{path}.base"),
-                    "must be at least 1 for a hold: the price is the most a capture takes, \
-                     and a request priced at 0 places no hold"
-                        .into(),
-                );
-            }
             let ttl_ms = op.hold_ttl_ms.unwrap_or(0);
             if !(1..=HOLD_TTL_MS_MAX).contains(&ttl_ms) {
                 note(
@@ -1213,7 +1203,6 @@ mod tests {
             "pricebook.operations.\"envelope.send\".variants.Aadhaar",
             "pricebook.operations.\"envelope.send\".variants.Aadhaar.colour",
             "pricebook.operations.ocr.hold_ttl_ms",
-            "pricebook.operations.ocr.base",
             "pricebook.operations.ocr.capture_statuses[1]",
             "pricebook.operations.plain.hold_ttl_ms",
             "pricebook.operations.plain.fail_policy",

@@ -23,7 +23,7 @@ pub enum DeadLetterError {
     #[error("{0:?} is not a stream entry id (MS-SEQ)")]
     BadId(String),
     #[error(
-        "dead letter {0} is not one the settler wrote (it has no `id` and `error` first): drop it"
+        "dead letter {0} is not one the settler wrote (it has no `id` and `error` first): drop it (--force)"
     )]
     Malformed(String),
     #[error("dead letter {0} still does not read as a ledger event: {1}")]

@@ -43,6 +43,12 @@ pub const DEFAULT_LOT_EXPIRING_LEAD: Duration = Duration::from_secs(7 * 24 * 360
 pub const TIMEOUT_MS_MAX: u64 = 60_000;
 pub const CONCURRENCY_MAX: usize = 1024;
 pub const ATTEMPTS_MAX_LIMIT: u32 = 1000;
+/// A week: the longest wait between two attempts.
+pub const BACKOFF_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+/// An hour.
+pub const POLL_INTERVAL_MS_MAX: u64 = 3600 * 1000;
+/// A year ahead at most for `lot.expiring`.
+pub const LOT_EXPIRING_LEAD_SECS_MAX: u64 = 365 * 24 * 3600;
 
 /// The `[webhooks]` config section.
 #[derive(Clone, Deserialize, PartialEq)]
@@ -269,12 +275,32 @@ impl WebhookConfig {
                 format!("must be in 1..={CONCURRENCY_MAX}"),
             );
         }
-        for (path, value) in [
-            ("webhooks.backoff_min_ms", self.backoff_min_ms),
-            ("webhooks.poll_interval_ms", self.poll_interval_ms),
+        // Bounded above too: a huge value would overflow the millisecond times made from
+        // it (a backoff into the past retries at once; a lead that wraps never announces).
+        for (path, value, max) in [
+            (
+                "webhooks.backoff_min_ms",
+                self.backoff_min_ms,
+                BACKOFF_MS_MAX,
+            ),
+            (
+                "webhooks.backoff_max_ms",
+                self.backoff_max_ms,
+                BACKOFF_MS_MAX,
+            ),
+            (
+                "webhooks.poll_interval_ms",
+                self.poll_interval_ms,
+                POLL_INTERVAL_MS_MAX,
+            ),
+            (
+                "webhooks.lot_expiring_lead_secs",
+                self.lot_expiring_lead_secs,
+                LOT_EXPIRING_LEAD_SECS_MAX,
+            ),
         ] {
-            if value == 0 {
-                bad(path, "must be positive".into());
+            if !(1..=max).contains(&value) {
+                bad(path, format!("must be in 1..={max}"));
             }
         }
         if self.backoff_max_ms < self.backoff_min_ms {
@@ -300,6 +326,8 @@ mod tests {
             timeout_ms: 0,
             backoff_min_ms: 10,
             backoff_max_ms: 5,
+            poll_interval_ms: u64::MAX,
+            lot_expiring_lead_secs: 0,
             ..WebhookConfig::default()
         };
         config.wallets.insert(
@@ -322,6 +350,8 @@ mod tests {
                 "webhooks.low_balance_percent",
                 "webhooks.wallets.esign.low_balance_percent",
                 "webhooks.timeout_ms",
+                "webhooks.poll_interval_ms",
+                "webhooks.lot_expiring_lead_secs",
                 "webhooks.backoff_max_ms",
             ]
         );
