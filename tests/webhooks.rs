@@ -505,9 +505,16 @@ fn low_below_20() -> tollgate::webhooks::rules::Rules {
 /// A dispatcher whose attempt outlived its lease (a stalled process) finishes after
 /// another dispatcher leased the delivery again and delivered it: the late answer is not
 /// recorded, so it cannot put the delivered webhook back to pending.
-async fn a_late_attempt_does_not_overwrite_a_newer_one(store_url: &str) {
-    use tollgate::settle::webhook_store::AttemptOutcome;
-
+/// A store (at `store_url`) holding one pending `balance.low` delivery, settled from a
+/// real ledger; its Redis (kept alive by the caller), the delivery and the time it was due.
+async fn one_low_balance_delivery(
+    store_url: &str,
+) -> (
+    common::RedisServer,
+    tollgate::settle::Store,
+    tollgate::settle::webhook_store::Delivery,
+    i64,
+) {
     let redis = common::RedisServer::start();
     let ledger = common::ledger(&redis, Clock::Redis);
     let store = tollgate::settle::Store::connect_lazy(store_url, 2).expect("store");
@@ -538,6 +545,13 @@ async fn a_late_attempt_does_not_overwrite_a_newer_one(store_url: &str) {
     let [delivery] = due.as_slice() else {
         panic!("one balance.low delivery: {due:?}");
     };
+    (redis, store, delivery.clone(), now)
+}
+
+async fn a_late_attempt_does_not_overwrite_a_newer_one(store_url: &str) {
+    use tollgate::settle::webhook_store::AttemptOutcome;
+
+    let (_redis, store, delivery, now) = one_low_balance_delivery(store_url).await;
     let id = &delivery.delivery_id;
 
     // Dispatcher A leases it for a second and stalls; B leases it once that has passed.
@@ -586,4 +600,51 @@ async fn a_late_attempt_does_not_overwrite_a_newer_one_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_attempt_does_not_overwrite_a_newer_one_sqlite() {
     a_late_attempt_does_not_overwrite_a_newer_one(&common::temp_sqlite_url()).await;
+}
+
+/// Ended deliveries are deleted once older than the retention; a pending one stays
+/// whatever its age (its account's queue waits on it).
+async fn ended_deliveries_are_pruned_pending_ones_kept(store_url: &str) {
+    use tollgate::settle::webhook_store::AttemptOutcome;
+
+    let (_redis, store, delivery, now) = one_low_balance_delivery(store_url).await;
+    let id = &delivery.delivery_id;
+    let later = now + 60_000;
+    assert_eq!(store.prune_deliveries(later, 100).await.expect("prune"), 0);
+    assert!(
+        store.delivery(id).await.expect("read").is_some(),
+        "pending kept"
+    );
+
+    assert!(store
+        .lease_delivery(id, now, now + 10_000)
+        .await
+        .expect("lease"));
+    let delivered = AttemptOutcome::Delivered { status_code: 200 };
+    assert!(store
+        .finish_attempt(id, now + 10_000, now + 1, &delivered)
+        .await
+        .expect("finish"));
+    // Younger than the cutoff's event time: kept.
+    assert_eq!(
+        store
+            .prune_deliveries(delivery.position.0, 100)
+            .await
+            .expect("prune"),
+        0
+    );
+    assert!(store.delivery(id).await.expect("read").is_some());
+    assert_eq!(store.prune_deliveries(later, 100).await.expect("prune"), 1);
+    assert!(store.delivery(id).await.expect("read").is_none(), "deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_deliveries_are_pruned_pending_ones_kept_postgres() {
+    let pg = common::PgDatabase::create().await;
+    ended_deliveries_are_pruned_pending_ones_kept(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_deliveries_are_pruned_pending_ones_kept_sqlite() {
+    ended_deliveries_are_pruned_pending_ones_kept(&common::temp_sqlite_url()).await;
 }

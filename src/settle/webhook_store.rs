@@ -628,6 +628,26 @@ macro_rules! webhook_store_impl {
                 Ok(true)
             }
 
+            /// Deletes up to `limit` delivered or failed deliveries whose event is older
+            /// than `before_ms` (pending ones stay until they end); returns how many.
+            pub async fn prune_deliveries(
+                &self,
+                before_ms: i64,
+                limit: i64,
+            ) -> Result<u64, StoreError> {
+                let done = sqlx::query(
+                    "DELETE FROM tollgate_webhook_deliveries WHERE delivery_id IN \
+                     (SELECT delivery_id FROM tollgate_webhook_deliveries \
+                      WHERE position_ms < $1 AND status <> 'pending' \
+                      ORDER BY position_ms LIMIT $2)",
+                )
+                .bind(before_ms)
+                .bind(limit)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
             /// Forgets tracked lots that expired before `before_ms`.
             pub async fn prune_lots(&self, before_ms: i64) -> Result<u64, StoreError> {
                 let done = sqlx::query(
@@ -757,6 +777,10 @@ impl Store {
 
     pub async fn prune_lots(&self, before_ms: i64) -> Result<u64, StoreError> {
         dispatch!(self, s => s.prune_lots(before_ms).await)
+    }
+
+    pub async fn prune_deliveries(&self, before_ms: i64, limit: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.prune_deliveries(before_ms, limit).await)
     }
 
     pub async fn pending_deliveries(&self) -> Result<i64, StoreError> {

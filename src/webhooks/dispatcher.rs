@@ -33,6 +33,8 @@ pub const EXPIRING_LOTS_PER_ROUND_MAX: u32 = 500;
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
 /// Tracked lots are forgotten this long after they expired.
 pub const LOT_RETENTION_AFTER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+/// Ended deliveries deleted per housekeeping round (every few seconds): bounded work.
+pub const DELIVERIES_PRUNED_PER_ROUND_MAX: i64 = 1000;
 
 const RESULTS: [&str; 3] = ["delivered", "retry", "gave_up"];
 
@@ -152,6 +154,12 @@ impl Dispatcher {
             if self.rules.tracks_lots() {
                 let before = now - LOT_RETENTION_AFTER_EXPIRY.as_millis() as i64;
                 self.store.prune_lots(before).await?;
+            }
+            if let Some(retention) = self.settings.delivery_retention {
+                let before = now - retention.as_millis() as i64;
+                self.store
+                    .prune_deliveries(before, DELIVERIES_PRUNED_PER_ROUND_MAX)
+                    .await?;
             }
             self.last_housekeeping = Some(Instant::now());
         }

@@ -49,6 +49,9 @@ pub const BACKOFF_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 pub const POLL_INTERVAL_MS_MAX: u64 = 3600 * 1000;
 /// A year ahead at most for `lot.expiring`.
 pub const LOT_EXPIRING_LEAD_SECS_MAX: u64 = 365 * 24 * 3600;
+pub const DEFAULT_DELIVERY_RETENTION_DAYS: u64 = 30;
+/// Ten years.
+pub const DELIVERY_RETENTION_DAYS_MAX: u64 = 3650;
 
 /// The `[webhooks]` config section.
 #[derive(Clone, Deserialize, PartialEq)]
@@ -79,13 +82,17 @@ pub struct WebhookConfig {
     pub poll_interval_ms: u64,
     /// Accounts whose deliveries are in flight at once (each account's go one at a time).
     pub concurrency: usize,
+    /// Delivered and failed deliveries are deleted this many days after their event
+    /// (0 = kept for ever); pending ones are kept until they end.
+    pub delivery_retention_days: u64,
 }
 
 impl std::fmt::Debug for WebhookConfig {
     /// Never prints the secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookConfig")
-            .field("url", &self.url)
+            // Neither: a webhook URL may carry a token too.
+            .field("url", &if self.url.is_empty() { "" } else { "***" })
             .field("secret", &if self.secret.is_empty() { "" } else { "***" })
             .field("events", &self.events)
             .field("low_balance", &self.low_balance)
@@ -118,6 +125,7 @@ impl Default for WebhookConfig {
             backoff_max_ms: DEFAULT_BACKOFF_MAX.as_millis() as u64,
             poll_interval_ms: DEFAULT_POLL_INTERVAL.as_millis() as u64,
             concurrency: DEFAULT_CONCURRENCY,
+            delivery_retention_days: DEFAULT_DELIVERY_RETENTION_DAYS,
         }
     }
 }
@@ -133,12 +141,13 @@ pub struct DispatchSettings {
     pub backoff_max: Duration,
     pub poll_interval: Duration,
     pub concurrency: usize,
+    /// How long ended deliveries are kept (None: for ever).
+    pub delivery_retention: Option<Duration>,
 }
 
 impl std::fmt::Debug for DispatchSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DispatchSettings")
-            .field("url", &self.url)
             .field("timeout", &self.timeout)
             .field("attempts_max", &self.attempts_max)
             .finish_non_exhaustive()
@@ -194,6 +203,8 @@ impl WebhookConfig {
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             concurrency: self.concurrency,
+            delivery_retention: (self.delivery_retention_days > 0)
+                .then(|| Duration::from_secs(self.delivery_retention_days * 24 * 3600)),
         })
     }
 
@@ -302,6 +313,12 @@ impl WebhookConfig {
             if !(1..=max).contains(&value) {
                 bad(path, format!("must be in 1..={max}"));
             }
+        }
+        if self.delivery_retention_days > DELIVERY_RETENTION_DAYS_MAX {
+            bad(
+                "webhooks.delivery_retention_days",
+                format!("must be in 0..={DELIVERY_RETENTION_DAYS_MAX} (0 keeps them)"),
+            );
         }
         if self.backoff_max_ms < self.backoff_min_ms {
             bad(
