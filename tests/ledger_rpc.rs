@@ -2728,14 +2728,18 @@ async fn held_credits_survive_their_lot_expiring() {
         .await
         .expect("capture after the lot expired");
     assert_eq!(
-        (ca.captured, ca.released, ca.available, ca.held),
-        (30, 0, 30, 90)
+        (ca.captured, ca.released, ca.available, ca.held, ca.expired),
+        (30, 0, 30, 90, 0)
     );
     let rb = env
         .release(release_req(&hb.hold_id, "rb"))
         .await
         .expect("release");
-    assert_eq!((rb.released, rb.available, rb.held), (30, 30, 60));
+    // All of it went back to lot 1, which had expired: nothing more is available.
+    assert_eq!(
+        (rb.released, rb.expired, rb.available, rb.held),
+        (30, 30, 30, 60)
+    );
     // Lot 1's 40 go back and expire; lot 2's 20 go back and stay.
     let cc = env
         .capture(capture_req(&hc.hold_id, Some(20), "cc"))
@@ -2745,6 +2749,8 @@ async fn held_credits_survive_their_lot_expiring() {
         (cc.captured, cc.released, cc.available, cc.held),
         (20, 40, 50, 0)
     );
+    // Lot 1's share expired at once, lot 2's is available again.
+    assert_eq!(cc.expired, 40 - (50 - 30));
 
     let b = env.balance(acct, "default").await;
     assert_eq!(b, wallet("default", [50, 0, 150, 50, 50, 0, 0]));

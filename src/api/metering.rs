@@ -213,6 +213,7 @@ impl Metering for MeteringService {
             available: out.available,
             held: out.held,
             replayed: out.replayed,
+            expired: out.expired,
         }))
     }
 
@@ -230,6 +231,7 @@ impl Metering for MeteringService {
             available: out.available,
             held: out.held,
             replayed: out.replayed,
+            expired: out.expired,
         }))
     }
 

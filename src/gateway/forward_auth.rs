@@ -375,6 +375,7 @@ async fn settle_hold(
                 "event_id": out.event_id,
                 "captured": out.captured,
                 "released": out.released,
+                "expired": out.expired,
                 "available": out.available,
                 "held": out.held,
                 "replayed": out.replayed,

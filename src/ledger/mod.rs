@@ -264,9 +264,12 @@ pub struct HoldOutcome {
 pub struct EndHoldOutcome {
     pub event_id: String,
     pub captured: i64,
+    /// Given back by the hold, `expired` included.
     pub released: i64,
     pub available: i64,
     pub held: i64,
+    /// Part of `released` that expired at once: its lot had expired while held.
+    pub expired: i64,
     pub replayed: bool,
 }
 

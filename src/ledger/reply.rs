@@ -164,6 +164,8 @@ pub(super) fn end_hold(answer: &Answer) -> Result<EndHoldOutcome, LedgerError> {
         released: f.int()?,
         available: f.int()?,
         held: f.int()?,
+        // Absent from answers recorded before it was added (replayed from the record).
+        expired: f.optional_int()?.unwrap_or(0),
         replayed: answer.replayed,
     })
 }

@@ -56,8 +56,8 @@ else
     end
   end
   local state = ARGV[11] == 'capture' and 'c' or 'r'
-  local eid = end_hold(W, hold_id, hkey, amount, h[2], capture, ARGV[11], state, ARGV[9], h[5] or '', ARGV[13])
-  answer = 'OK|' .. eid .. '|' .. itos(capture) .. '|' .. itos(amount - capture) .. '|' .. itos(W.r) .. '|' .. itos(W.h)
+  local eid, lapsed = end_hold(W, hold_id, hkey, amount, h[2], capture, ARGV[11], state, ARGV[9], h[5] or '', ARGV[13])
+  answer = 'OK|' .. eid .. '|' .. itos(capture) .. '|' .. itos(amount - capture) .. '|' .. itos(W.r) .. '|' .. itos(W.h) .. '|' .. itos(lapsed)
 end
 remember(ikey, ARGV[10], answer)
 return { 0, answer }

@@ -697,7 +697,8 @@ local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, 
     W.r = W.r - lapsed[j + 1]
     emit(W, 'expire_lot', lapsed[j + 1], lapsed[j] .. ':' .. itos(lapsed[j + 1]), '', '', '', '', '', '')
   end
-  return eid
+  -- And how many of the credits given back expired at once (their lot had expired).
+  return eid, lapsed_total
 end
 
 -- Lazy expiry: ends what is due in this wallet before anything reads its balance.
