@@ -502,9 +502,6 @@ fn low_below_20() -> tollgate::webhooks::rules::Rules {
     tollgate::webhooks::rules::Rules::every_type_below(20)
 }
 
-/// A dispatcher whose attempt outlived its lease (a stalled process) finishes after
-/// another dispatcher leased the delivery again and delivered it: the late answer is not
-/// recorded, so it cannot put the delivered webhook back to pending.
 /// A store (at `store_url`) holding one pending `balance.low` delivery, settled from a
 /// real ledger; its Redis (kept alive by the caller), the delivery and the time it was due.
 async fn one_low_balance_delivery(
@@ -548,6 +545,9 @@ async fn one_low_balance_delivery(
     (redis, store, delivery.clone(), now)
 }
 
+/// A dispatcher whose attempt outlived its lease (a stalled process) finishes after
+/// another dispatcher leased the delivery again and delivered it: the late answer is not
+/// recorded, so it cannot put the delivered webhook back to pending.
 async fn a_late_attempt_does_not_overwrite_a_newer_one(store_url: &str) {
     use tollgate::settle::webhook_store::AttemptOutcome;
 
@@ -647,4 +647,66 @@ async fn ended_deliveries_are_pruned_pending_ones_kept_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_deliveries_are_pruned_pending_ones_kept_sqlite() {
     ended_deliveries_are_pruned_pending_ones_kept(&common::temp_sqlite_url()).await;
+}
+
+/// The wallet's last grant (what `low_balance_percent` is a percent of) is the newest
+/// grant, also when a batch mixes an older grant (a claimed batch of a dead settler) with
+/// events newer than what the store has: the batch as a whole is newer, its grant is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_grant_settled_late_does_not_replace_the_last_grant() {
+    use sqlx::Connection;
+
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let pg = common::PgDatabase::create().await;
+    let store = tollgate::settle::Store::connect_lazy(&pg.url, 2).expect("store");
+    store.migrate().await.expect("migrate");
+    ledger
+        .grant(&common::purchase("acme", 100, "g1"))
+        .await
+        .expect("grant");
+    ledger
+        .grant(&common::purchase("acme", 1_000, "g2"))
+        .await
+        .expect("grant");
+    ledger
+        .debit(&tollgate::ledger::Debit {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 100,
+            idempotency_key: "d1".into(),
+            operation: "op".into(),
+            metadata: Default::default(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit");
+    let events = common::outbox_events(&ledger).await;
+    let [g1, g2, d1] = events.as_slice() else {
+        panic!("three events: {events:?}");
+    };
+    let rules = tollgate::webhooks::WebhookConfig {
+        url: "http://127.0.0.1:9/hook".into(),
+        secret: "s".into(),
+        low_balance_percent: 10,
+        ..Default::default()
+    }
+    .rules()
+    .expect("rules");
+    store
+        .append_batch(std::slice::from_ref(g2), None, Some(&rules))
+        .await
+        .expect("the newer grant");
+    store
+        .append_batch(&[g1.clone(), d1.clone()], None, Some(&rules))
+        .await
+        .expect("the older grant with a newer debit");
+    let mut con = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+    let last_grant: i64 = sqlx::query_scalar(
+        "SELECT last_grant FROM tollgate_wallets WHERE account_id = 'acme' AND wallet = 'default'",
+    )
+    .fetch_one(&mut con)
+    .await
+    .expect("the wallet");
+    assert_eq!(last_grant, 1_000);
 }

@@ -218,6 +218,16 @@ struct WalletBatch {
 }
 
 impl WalletBatch {
+    /// The last grant to store. With webhooks on, the rules' (they start from the stored
+    /// one and pass over events older than the wallet's newest settled one): the batch's
+    /// own newest grant may be such an event (a claimed older batch mixed with newer
+    /// ones), and it would replace a newer grant, since the batch as a whole is newer.
+    fn grant_to_store(&self) -> i64 {
+        self.alerts
+            .as_ref()
+            .map_or(self.last_grant, |a| a.last_grant)
+    }
+
     /// Alert flags as stored: -1 leaves the stored value alone.
     fn alert_flags(&self) -> (i64, i64) {
         match &self.alerts {
@@ -1151,7 +1161,7 @@ impl PgStore {
                 b.last.0,
                 b.last.1,
                 b.events,
-                b.last_grant,
+                b.grant_to_store(),
                 low,
                 exhausted,
             ];
@@ -1293,7 +1303,7 @@ impl SqliteStore {
                     .push_bind(w.last.0)
                     .push_bind(w.last.1)
                     .push_bind(w.events)
-                    .push_bind(w.last_grant)
+                    .push_bind(w.grant_to_store())
                     .push_bind(low)
                     .push_bind(exhausted);
             });
