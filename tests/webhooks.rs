@@ -46,6 +46,19 @@ fn debit(account: &str, amount: i64, key: &str) -> pb::DebitRequest {
     }
 }
 
+/// A debit of the default wallet straight on the ledger.
+fn ledger_debit(account: &str, amount: i64, key: &str) -> tollgate::ledger::Debit {
+    tollgate::ledger::Debit {
+        account_id: account.into(),
+        wallet: "default".into(),
+        amount,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: Default::default(),
+        member_id: String::new(),
+    }
+}
+
 fn grant(account: &str, amount: i64, key: &str) -> pb::GrantRequest {
     pb::GrantRequest {
         account_id: account.into(),
@@ -441,15 +454,7 @@ async fn two_settlers_judge_a_new_wallet_in_turn() {
     let store =
         std::sync::Arc::new(tollgate::settle::Store::connect_lazy(&pg.url, 4).expect("store"));
     store.migrate().await.expect("migrate");
-    let ledger_api = |amount: i64, key: &str| tollgate::ledger::Debit {
-        account_id: "acme".into(),
-        wallet: "default".into(),
-        amount,
-        idempotency_key: key.into(),
-        operation: "op".into(),
-        metadata: Default::default(),
-        member_id: String::new(),
-    };
+    let ledger_api = |amount: i64, key: &str| ledger_debit("acme", amount, key);
     ledger
         .grant(&common::purchase("acme", 100, "g"))
         .await
@@ -521,15 +526,7 @@ async fn one_low_balance_delivery(
         .await
         .expect("grant");
     ledger
-        .debit(&tollgate::ledger::Debit {
-            account_id: "acme".into(),
-            wallet: "default".into(),
-            amount: 90,
-            idempotency_key: "d1".into(),
-            operation: "op".into(),
-            metadata: Default::default(),
-            member_id: String::new(),
-        })
+        .debit(&ledger_debit("acme", 90, "d1"))
         .await
         .expect("debit");
     let events = common::outbox_events(&ledger).await;
@@ -670,15 +667,7 @@ async fn an_older_grant_settled_late_does_not_replace_the_last_grant() {
         .await
         .expect("grant");
     ledger
-        .debit(&tollgate::ledger::Debit {
-            account_id: "acme".into(),
-            wallet: "default".into(),
-            amount: 100,
-            idempotency_key: "d1".into(),
-            operation: "op".into(),
-            metadata: Default::default(),
-            member_id: String::new(),
-        })
+        .debit(&ledger_debit("acme", 100, "d1"))
         .await
         .expect("debit");
     let events = common::outbox_events(&ledger).await;
