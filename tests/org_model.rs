@@ -393,6 +393,7 @@ impl Model {
             .collect();
         AccountView {
             role,
+            is_org: true,
             allocations,
             budgets,
         }

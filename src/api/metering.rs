@@ -302,13 +302,11 @@ impl Metering for MeteringService {
         };
         // An org's own account (asked without a member, or by a member-less key) is an
         // organization too.
-        let is_org = role.is_some()
-            || match self.ledger.members(&account_id).await {
-                Ok(_) => true,
-                Err(LedgerError::NotFound(_) | LedgerError::InvalidArgument(_)) => false,
-                Err(err) => return Err(to_status(err)),
-            };
-        let context = if is_org { "organization" } else { "personal" };
+        let context = if role.is_some() || view.is_org {
+            "organization"
+        } else {
+            "personal"
+        };
         // A plain member sees what they may spend (their remaining allocation), never
         // the org's totals.
         let member_view = role.is_some_and(|r| !r.manages());

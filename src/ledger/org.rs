@@ -182,6 +182,8 @@ pub struct BudgetState {
 pub struct AccountView {
     /// The member's role; None outside an org (or for a non-member).
     pub role: Option<Role>,
+    /// The account is an organization.
+    pub is_org: bool,
     pub allocations: Vec<AllocationState>,
     pub budgets: Vec<BudgetState>,
 }
@@ -479,6 +481,7 @@ fn parse_view(rows: &[String]) -> Result<AccountView, LedgerError> {
     for row in rows.iter().skip(1) {
         let parts: Vec<&str> = row.split('|').collect();
         match parts.as_slice() {
+            ["O"] => view.is_org = true,
             ["A", wallet, allocated, used, bounded] => view.allocations.push(AllocationState {
                 wallet: (*wallet).to_owned(),
                 allocated: int(allocated, row)?,

@@ -1,7 +1,8 @@
 -- view: what an account (or an org member) sees besides balances. ARGV 8 account (or
 -- org), 9 member ("" = the account itself), 10 wallet ("" = every wallet of the account).
--- Returns rows: first the member's role ("" outside an org or for a non-member), then
--- "A|wallet|allocated|used|bounded(0/1)" per wallet (members only) and
+-- Returns rows: first the member's role ("" outside an org or for a non-member), then "O"
+-- when the account is an organization, "A|wallet|allocated|used|bounded(0/1)" per wallet
+-- (members only) and
 -- "B|which|wallet|limit|period|window_ms|spent|resets_at_ms" per budget that applies.
 if not initialized() then
   return redis.error_reply('TG_NOT_INITIALIZED ledger not initialized')
@@ -19,6 +20,9 @@ if member ~= '' then
   role = member_role(acct, member) or ''
 end
 local out = { role }
+if redis.call('EXISTS', org_key(acct)) == 1 then
+  out[#out + 1] = 'O'
+end
 for j = 1, #wallets do
   local wallet = wallets[j]
   if role ~= '' then
