@@ -296,20 +296,12 @@ fn http_router(state: HttpState) -> axum::Router {
 
 /// A path no route serves: a JSON answer like every other error of the HTTP API.
 async fn no_route() -> axum::response::Response {
-    json_error(axum::http::StatusCode::NOT_FOUND, "not_found")
+    forward_auth::json_response(404, serde_json::json!({ "error": "not_found" }))
 }
 
 /// A route asked with a method it does not take.
 async fn method_not_allowed() -> axum::response::Response {
-    json_error(
-        axum::http::StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-    )
-}
-
-fn json_error(status: axum::http::StatusCode, error: &str) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    (status, axum::Json(serde_json::json!({ "error": error }))).into_response()
+    forward_auth::json_response(405, serde_json::json!({ "error": "method_not_allowed" }))
 }
 
 /// Starts the webhook dispatcher when webhooks are configured (next to a settler).

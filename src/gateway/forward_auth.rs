@@ -286,7 +286,8 @@ fn ascii_json(json: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-fn json_response(status: u16, body: serde_json::Value) -> Response {
+/// A JSON answer of the HTTP port (also its 404 and 405: server.rs).
+pub(crate) fn json_response(status: u16, body: serde_json::Value) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, axum::Json(body)).into_response()
 }
