@@ -386,16 +386,22 @@ pub async fn run_settler(
     let task = tokio::spawn(settler.run(stopped()));
     tokio::spawn(reload_on_sighup(None, config.clone(), hangups, stopped()));
     let dispatcher = spawn_dispatcher(&config, &store, stopped());
+    let state = HttpState {
+        ledger,
+        settler: Some(status),
+        ready_lag_max_ms: config.settler.ready_lag_max_ms,
+        metrics: telemetry::metrics::install(),
+        serving: false,
+    };
+    // `tollgate_ready` is what the chart's not-ready alert and dashboard read, for
+    // settler pods as for serving ones.
+    let watcher = tokio::spawn(watch_health(state.clone(), None, stopped()));
     let http = axum::serve(
         http_listener,
-        http_router(HttpState {
-            ledger,
-            settler: Some(status),
-            ready_lag_max_ms: config.settler.ready_lag_max_ms,
-            metrics: telemetry::metrics::install(),
-            serving: false,
-        })
-        .layer(RequestLogLayer::http()),
+        http_router(state)
+            .fallback(no_route)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(RequestLogLayer::http()),
     )
     .with_graceful_shutdown(stopped());
     tokio::spawn(async move {
@@ -404,6 +410,7 @@ pub async fn run_settler(
     });
     http.await?;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, watcher).await;
     if let Some(dispatcher) = dispatcher {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, dispatcher).await;
     }
@@ -541,7 +548,7 @@ pub async fn run(
         metrics: metrics_handle,
         serving: true,
     };
-    let watcher = tokio::spawn(watch_health(state.clone(), health, stopped()));
+    let watcher = tokio::spawn(watch_health(state.clone(), Some(health), stopped()));
     let http = http_router(state)
         .merge(forward_auth::router(gateway.clone(), service_check_http))
         .fallback(no_route)
@@ -814,7 +821,7 @@ async fn readiness(state: &HttpState) -> Readiness {
                 "max_ms": state.ready_lag_max_ms,
             }),
         );
-        // Like a store error: a serving pod stays ready (DESIGN.md: a store outage leaves
+        // Like a store error: a serving pod stays ready (docs/DESIGN.md: a store outage leaves
         // the hot path unaffected; the outbox bound, not readiness, decides when charges
         // stop), or every pod would leave its load balancer at once.
         if lag_ms > state.ready_lag_max_ms {
@@ -859,7 +866,13 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_json:
 
 /// Keeps `grpc.health.v1.Health` in step with readiness until `stopped`, then reports
 /// NOT_SERVING while the server drains.
-async fn watch_health(state: HttpState, health: HealthReporter, stopped: impl Future<Output = ()>) {
+/// Keeps the gRPC health service (when there is one) and the `tollgate_ready` gauge in step
+/// with `/readyz`.
+async fn watch_health(
+    state: HttpState,
+    health: Option<HealthReporter>,
+    stopped: impl Future<Output = ()>,
+) {
     let ready_gauge = metrics::gauge!(telemetry::metrics::READY);
     let mut last: Option<bool> = None;
     tokio::pin!(stopped);
@@ -871,8 +884,10 @@ async fn watch_health(state: HttpState, health: HealthReporter, stopped: impl Fu
             } else {
                 ServingStatus::NotServing
             };
-            for service in HEALTH_SERVICES {
-                health.set_service_status(service, status).await;
+            if let Some(health) = &health {
+                for service in HEALTH_SERVICES {
+                    health.set_service_status(service, status).await;
+                }
             }
             ready_gauge.set(if ready { 1.0 } else { 0.0 });
             last = Some(ready);
@@ -882,10 +897,12 @@ async fn watch_health(state: HttpState, health: HealthReporter, stopped: impl Fu
             _ = tokio::time::sleep(HEALTH_CHECK_INTERVAL) => {}
         }
     }
-    for service in HEALTH_SERVICES {
-        health
-            .set_service_status(service, ServingStatus::NotServing)
-            .await;
+    if let Some(health) = &health {
+        for service in HEALTH_SERVICES {
+            health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
     }
     ready_gauge.set(0.0);
 }

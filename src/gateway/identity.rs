@@ -667,7 +667,8 @@ impl KeyStore {
                 })
             }
             _ => Err(LedgerError::Internal(format!(
-                "unexpected key_revoke answer {answer:?}"
+                "unexpected key_revoke answer ({})",
+                crate::ledger::reply::shape(&answer)
             ))),
         }
     }
@@ -716,7 +717,10 @@ impl KeyStore {
                         created_at_ms: created.parse().unwrap_or_default(),
                         revoked_at_ms: revoked.parse().unwrap_or_default(),
                     }),
-                    _ => Err(LedgerError::Internal(format!("bad key row {row:?}"))),
+                    _ => Err(LedgerError::Internal(format!(
+                        "bad key row ({})",
+                        crate::ledger::reply::shape(row)
+                    ))),
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -770,7 +774,8 @@ fn created(
             )]))
         }
         _ => Err(LedgerError::Internal(format!(
-            "unexpected key_create answer {answer:?}"
+            "unexpected key_create answer ({})",
+            crate::ledger::reply::shape(answer)
         ))),
     }
 }

@@ -16,7 +16,7 @@ pub mod keys;
 pub mod library;
 pub mod org;
 pub mod redis_pool;
-mod reply;
+pub(crate) mod reply;
 pub mod sweeper;
 
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -472,7 +472,12 @@ fn org_event(answer: &Answer) -> Result<OrgEvent, LedgerError> {
 }
 
 fn parse_view(rows: &[String]) -> Result<AccountView, LedgerError> {
-    let bad = |row: &str| LedgerError::Internal(format!("malformed view row {row:?}"));
+    let bad = |row: &str| {
+        LedgerError::Internal(format!(
+            "malformed view row ({})",
+            crate::ledger::reply::shape(row)
+        ))
+    };
     let int = |text: &str, row: &str| text.parse::<i64>().map_err(|_| bad(row));
     let mut view = AccountView {
         role: rows.first().and_then(|r| Role::parse(r)),

@@ -23,7 +23,7 @@ impl<'a> Fields<'a> {
     }
 
     pub(super) fn malformed(&self) -> LedgerError {
-        LedgerError::Internal(format!("malformed script answer {:?}", self.text))
+        LedgerError::Internal(format!("malformed script answer ({})", shape(self.text)))
     }
 
     pub(super) fn text(&mut self) -> Result<&'a str, LedgerError> {
@@ -42,6 +42,27 @@ impl<'a> Fields<'a> {
         let part = self.text()?;
         part.parse().map_err(|_| self.malformed())
     }
+}
+
+/// What a malformed answer or row looks like, for an error that is logged: its code (the
+/// first field, when it is one), how many `|`-separated fields and bytes it has — never its
+/// text, which may carry an account id, a member id or a description.
+pub(crate) fn shape(text: &str) -> String {
+    let mut parts = text.split('|');
+    let first = parts.next().unwrap_or_default();
+    let code = if !first.is_empty()
+        && first.len() <= 32
+        && first.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+    {
+        first
+    } else {
+        "?"
+    };
+    format!(
+        "code {code}, {} fields, {} bytes",
+        1 + parts.count(),
+        text.len()
+    )
 }
 
 /// Maps the refusal codes every mutation may answer; returns the fields after "OK".
@@ -237,7 +258,8 @@ pub(super) fn lots(wallet: &str, offset: u32, rows: &[String]) -> Result<LotsPag
 /// One lot from `id, remaining, held, meta, updated_at_ms`, where meta is
 /// `amount|priority|expires_at_ms|created_at_ms|kind|description`.
 fn lot(wallet: &str, row: &[String]) -> Result<Lot, LedgerError> {
-    let malformed = || LedgerError::Internal(format!("malformed lot record {row:?}"));
+    let malformed =
+        || LedgerError::Internal(format!("malformed lot record ({})", shape(&row.join("|"))));
     let mut meta = row[3].splitn(6, '|');
     let mut next = || meta.next().ok_or_else(malformed);
     let amount = int(next()?)?;
@@ -274,6 +296,19 @@ mod tests {
             text: text.into(),
             identity: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_malformed_answer_is_described_without_its_text() {
+        // A keyed debit answer carries the account; an error that is logged must not.
+        match debit(&answer("OK|3-17-0|5|95|x|acct-secret-42")) {
+            Err(LedgerError::Internal(why)) => {
+                assert!(!why.contains("acct-secret-42"), "{why}");
+                assert!(why.contains("code OK, 6 fields"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(shape("acct-1|2"), "code ?, 2 fields, 8 bytes");
     }
 
     #[test]

@@ -1010,11 +1010,16 @@ async fn redis_holds_data(
                     .arg(10_000),
             )
             .await?;
-        let unserved = keys.into_iter().find(|k| {
-            shard_of_key(k).is_none_or(|s| !serving.get(usize::from(s)).copied().unwrap_or(false))
+        // Named by shard only: the key itself carries an account id, and this text is logged.
+        let unserved = keys.into_iter().find_map(|k| match shard_of_key(&k) {
+            None => Some("a wallet key outside every shard".to_owned()),
+            Some(s) if !serving.get(usize::from(s)).copied().unwrap_or(false) => {
+                Some(format!("a wallet in shard {s}, which does not serve"))
+            }
+            Some(_) => None,
         });
-        if let Some(k) = unserved {
-            return Ok(Some(k));
+        if unserved.is_some() {
+            return Ok(unserved);
         }
         if next == 0 {
             return Ok(None);
