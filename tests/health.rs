@@ -128,6 +128,43 @@ async fn unknown_paths_and_methods_answer_json() {
     server.stop().await;
 }
 
+/// `tollgate settle` (a settler pod) exports `tollgate_ready` as a serving pod does (the
+/// chart's not-ready alert reads it) and answers unknown paths and methods with JSON too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settle_command_exports_readiness_and_answers_json() {
+    let redis = common::RedisServer::start();
+    // Initializes the shards, as the serving pods do; a settler alone never does.
+    let _ledger = common::ledger(&redis, Clock::Redis);
+    let pg = common::PgDatabase::create().await;
+    let http_port = common::free_port();
+    let _child = common::KillOnDrop(
+        common::tollgate()
+            .args(["settle", "--redis-url", &redis.url(), "--store", &pg.url])
+            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tollgate settle"),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+    common::eventually(
+        DEADLINE,
+        "tollgate settle reports ready in its metrics",
+        || async {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return None;
+            }
+            let (code, text) = common::http_get(addr, "/metrics").await;
+            (code == 200 && common::prom::value(&text, "tollgate_ready", &[]) == 1.0).then_some(())
+        },
+    )
+    .await;
+    let (code, body) = common::http_get(addr, "/v1/nothing-here").await;
+    assert_eq!(code, 404, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(json["error"], "not_found", "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_redis_and_reloads_scripts() {
     let mut redis = common::RedisServer::start();
