@@ -2,7 +2,12 @@
 # packages, so both work on a fresh machine.
 
 SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+if [ "$(id -u)" -ne 0 ]; then
+  if ! command -v sudo >/dev/null 2>&1; then
+    echo "not root and no sudo: run as root, or install sudo, to let this script install packages" >&2
+  fi
+  SUDO="sudo"
+fi
 APT_UPDATED=""
 
 apt_install() {
@@ -25,10 +30,13 @@ need_rust() {
     if [ -x "$HOME/.cargo/bin/cargo" ]; then
       export PATH="$HOME/.cargo/bin:$PATH"
     else
-      echo "cargo is missing: install the Rust toolchain (rustup) first" >&2
+      echo "cargo is missing: install a Rust toolchain of rust-version (Cargo.toml) or newer" \
+        "with rustup first (Debian's packaged one is too old)" >&2
       exit 1
     fi
   fi
+  # Linking, the bundled SQLite and ring need a C compiler.
+  need cc build-essential
 }
 
 # Makes sure PostgreSQL answers on 127.0.0.1:5432 with trust auth and a database "test".

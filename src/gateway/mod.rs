@@ -862,7 +862,7 @@ fn charged(
             unavailable(op, account_id)
         }
         // Redis lost its data and awaits a restore: a Redis that answers, with balances
-        // that are not real. Refused whatever the fail policy (DESIGN.md, failure policy).
+        // that are not real. Refused whatever the fail policy (docs/DESIGN.md, failure policy).
         Err(LedgerError::NotInitialized) => {
             tracing::warn!(operation = %op.name, "charge: ledger not initialized (run tollgate restore)");
             Decision::Deny(Denial::NotInitialized)

