@@ -20,7 +20,9 @@ use tollgate::ledger::Clock;
 /// they run one at a time, so the spool test's counter differences are its own.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Far above the configured deadline: the test only proves no check hangs.
+/// Far above the configured deadlines: proves no check hangs (how soon a check answers
+/// is bounded against the Redis call deadline in
+/// `a_hung_redis_is_answered_at_the_check_deadline_not_the_call_deadline`).
 const HANG_GUARD: Duration = Duration::from_secs(20);
 
 const PRICEBOOK: &str = r#"
@@ -51,8 +53,9 @@ fn config(redis_url: &str) -> Config {
     config.store = test.store;
     config.gateway.spool_path = test.gateway.spool_path;
     config.settler = test.settler;
-    // Deadlines a busy machine keeps before the outage; the test only shows that no check
-    // outlives them (HANG_GUARD), not how short they are.
+    // Deadlines a busy machine keeps before the outage; the tests using them only show
+    // that no check hangs (HANG_GUARD): the check deadline itself is bounded by
+    // `a_hung_redis_is_answered_at_the_check_deadline_not_the_call_deadline`.
     config.redis.call_timeout_ms = 1_000;
     config.gateway.check_timeout_ms = 2_000;
     // The identity stays cached through the outage, however slowly the checks run.
@@ -222,6 +225,66 @@ async fn fail_closed_503_fail_open_degraded_then_recovery_without_restart() {
     wait_allowed(&server, "/strict", &new_key).await;
     let (r, _) = check(&server, "/strict", &new_key).await;
     assert_eq!(r.header("x-tollgate-account"), Some("fresh"));
+}
+
+/// DESIGN.md: a check never hangs past its deadline. With Redis hung (SIGSTOP: the
+/// connection stays open, nothing answers) and a Redis call deadline far longer than the
+/// check's, the answer comes from the check deadline: fail_closed 503, fail_open allowed
+/// degraded, for a known key and for one the sidecar has not cached, all long before the
+/// Redis call could have given up. Bounded against the call deadline, not the clock: a
+/// busy machine may be seconds late, never the call deadline late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_answered_at_the_check_deadline_not_the_call_deadline() {
+    const CHECK_DEADLINE: Duration = Duration::from_secs(1);
+    // The longest a Redis call may be given (config.rs: REDIS_CALL_TIMEOUT_MS_MAX).
+    const CALL_DEADLINE: Duration = Duration::from_secs(10);
+    // Well before the call deadline: a check answered past it was not cut at its own.
+    const WELL_BEFORE_THE_CALL_DEADLINE: Duration = Duration::from_secs(7);
+    let _serial = SERIAL.lock().await;
+    let redis = common::RedisServer::start();
+    let mut config = config(&redis.url());
+    config.redis.call_timeout_ms = CALL_DEADLINE.as_millis() as u64;
+    config.gateway.check_timeout_ms = CHECK_DEADLINE.as_millis() as u64;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let key = seed(&server, "acme", 100).await;
+    let fresh_key = seed(&server, "other", 100).await;
+    // Caches acme's identity (a key enters the cache on its second miss; a check a busy
+    // machine took past the 1 s deadline is tried again).
+    for _ in 0..2 {
+        wait_allowed(&server, "/strict", &key).await;
+    }
+
+    redis.pause();
+    for (path, key, status, degraded) in [
+        ("/strict", &key, 503, None),
+        ("/strict", &fresh_key, 503, None),
+        ("/lenient", &key, 200, Some("1")),
+        ("/lenient", &fresh_key, 200, Some("1")),
+    ] {
+        let (r, took) = check(&server, path, key).await;
+        println!("{path} with Redis hung answered {} in {took:?} (check deadline {CHECK_DEADLINE:?}, Redis call deadline {CALL_DEADLINE:?})", r.status);
+        assert_eq!(
+            (r.status, r.header("x-tollgate-degraded")),
+            (status, degraded),
+            "{path}: {r:?}"
+        );
+        assert!(
+            took < WELL_BEFORE_THE_CALL_DEADLINE,
+            "{path} answered in {took:?}: not at the {CHECK_DEADLINE:?} check deadline \
+             but at the {CALL_DEADLINE:?} Redis call deadline"
+        );
+    }
+    let started = Instant::now();
+    let code = envoy_check(&server, "/strict", &key).await;
+    let took = started.elapsed();
+    assert_eq!(code, 503);
+    assert!(
+        took < WELL_BEFORE_THE_CALL_DEADLINE,
+        "Envoy's Check answered in {took:?}"
+    );
+    redis.resume();
+    wait_allowed(&server, "/strict", &key).await;
+    server.stop().await;
 }
 
 /// A counter's value on the server's `/metrics` (0 when absent).

@@ -8,7 +8,8 @@ use std::time::Duration;
 use tollgate::api::pb;
 use tollgate::ledger::Clock;
 
-/// Far above the configured deadline: the test only proves the call does not hang.
+/// Far above the configured deadline: proves a call does not hang (how soon it answers is
+/// bounded in `a_hung_redis_is_given_up_on_at_the_call_deadline`).
 const HANG_GUARD: Duration = Duration::from_secs(20);
 
 fn debit(key: &str) -> pb::DebitRequest {
@@ -34,6 +35,84 @@ async fn readyz(server: &common::TestServer) -> u16 {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status code")
+}
+
+/// A hung Redis (SIGSTOP: the connection stays open, nothing answers) is given up on at
+/// the call deadline: UNAVAILABLE, long before HANG_GUARD, and readiness says so; resumed,
+/// calls succeed again. Bounded generously (a busy machine may be seconds late), against
+/// a hang, not against the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_given_up_on_at_the_call_deadline() {
+    const CALL_DEADLINE: Duration = Duration::from_secs(1);
+    const WELL_PAST_THE_DEADLINE: Duration = Duration::from_secs(8);
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.redis.call_timeout_ms = CALL_DEADLINE.as_millis() as u64;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "alice".into(),
+            amount: 10,
+            idempotency_key: "g1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+
+    redis.pause();
+    let started = std::time::Instant::now();
+    let status = tokio::time::timeout(HANG_GUARD, metering.debit(debit("d1")))
+        .await
+        .expect("the call must not hang")
+        .expect_err("redis is hung");
+    let took = started.elapsed();
+    println!(
+        "debit with Redis hung: {:?} after {took:?} (call deadline {CALL_DEADLINE:?})",
+        status.code()
+    );
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        took < WELL_PAST_THE_DEADLINE,
+        "the debit answered after {took:?}, not at its {CALL_DEADLINE:?} deadline"
+    );
+    let ready = tokio::time::timeout(HANG_GUARD, readyz(&server))
+        .await
+        .expect("readiness must not hang");
+    assert_eq!(ready, 503);
+
+    redis.resume();
+    // d1 may have run once Redis woke up (its answer was lost): a retry of it replays,
+    // a new debit is charged once.
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    loop {
+        match metering.debit(debit("d2")).await {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no recovery after the resume: {s:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("no recovery: {s:?}"),
+        }
+    }
+    metering.debit(debit("d1")).await.expect("d1 again");
+    let balance = metering
+        .get_balance(pb::GetBalanceRequest {
+            account_id: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("balance")
+        .into_inner();
+    assert_eq!(
+        balance.wallets[0].available, 8,
+        "d1 and d2 each charged once"
+    );
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,7 +184,8 @@ pub fn free_port() -> u16 {
 /// The tollgate binary as tests run it: nothing inherited from the `TOLLGATE_*`
 /// environment the tests run in, and Redis and check deadlines a busy CI machine does not
 /// miss (production's 100 ms fails a call on one scheduling stall; the deadlines
-/// themselves are tested in-process, with a stopped Redis).
+/// themselves are tested in-process with a hung Redis: tests/redis_down.rs and
+/// tests/gateway_redis_down.rs, `a_hung_redis_…`).
 pub fn tollgate() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
     for (name, _) in std::env::vars_os() {
@@ -261,7 +262,8 @@ pub fn test_config(redis_url: &str) -> Config {
     config.settler.enabled = false;
     config.auth.admin_token = ADMIN_TOKEN.into();
     config.auth.service_token = SERVICE_TOKEN.into();
-    // Generous deadline: CI is busy; the deadline itself is tested with a stopped Redis.
+    // Generous deadlines: CI is busy; the deadlines themselves are tested with a hung
+    // Redis (tests/redis_down.rs, tests/gateway_redis_down.rs).
     config.redis.call_timeout_ms = 2_000;
     config.gateway.check_timeout_ms = 5_000;
     config
