@@ -42,7 +42,13 @@ fn wallet(redis: &common::RedisServer, ledger: &tollgate::ledger::Ledger) -> Vec
 }
 
 fn replica_of(primary: &common::RedisServer) -> common::RedisServer {
-    let port = primary.port.to_string();
+    replica_through(primary, primary.port)
+}
+
+/// A replica of `primary` that reaches it at `port` on loopback (the primary's own, or a
+/// proxy's in front of it), in sync.
+fn replica_through(primary: &common::RedisServer, port: u16) -> common::RedisServer {
+    let port = port.to_string();
     // A replica stores the RDB of its first sync in its directory: not the crate's.
     let dir = std::env::temp_dir().join(format!("tollgate-replica-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("replica dir");
@@ -205,18 +211,20 @@ async fn a_silent_replica_costs_the_wait_timeout_and_is_counted() {
 
 /// Failover (DESIGN.md: "documented loss window, measured in a test"), with
 /// `redis.wait_replicas = 1`: debits are acknowledged while the replica keeps up; then the
-/// replica stalls (SIGSTOP), more debits are sent, and the primary is killed (SIGKILL)
-/// while they wait for it; the replica continues and is promoted. Every acknowledged
-/// debit is on it (its outbox event; the balance counts it): with WAIT, a charge is
-/// acknowledged only once a replica holds it, so the loss window holds no acknowledged
-/// charge while WAIT does not time out (a short WAIT is counted:
-/// `tollgate_redis_wait_short_total`). Without WAIT the debits sent during the stall
-/// would be acknowledged and lost.
+/// replication link is cut (the replica replicates through a fault proxy: what the primary
+/// writes after the cut never reaches it), more debits are sent, and the primary is killed
+/// (SIGKILL) while they wait for the replica; the replica is promoted. No debit is
+/// acknowledged after the cut, and every acknowledged debit is on the promoted replica
+/// (its outbox event; the balance counts it): with WAIT, a charge is acknowledged only
+/// once a replica holds it, so the loss window holds no acknowledged charge while WAIT
+/// does not time out (a short WAIT is counted: `tollgate_redis_wait_short_total`).
+/// Without WAIT the debits sent after the cut would be acknowledged and lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promoted_replica_holds_every_acknowledged_debit() {
     let _serial = SERIAL.lock().await;
     let mut primary = common::RedisServer::start();
-    let replica = replica_of(&primary);
+    let link = common::proxy::FaultProxy::start(([127, 0, 0, 1], primary.port).into()).await;
+    let replica = replica_through(&primary, link.addr.port());
     let mut config = common::test_config(&primary.url());
     config.redis.wait_replicas = 1;
     // Far longer than the stall below: no WAIT comes back short in this test.
@@ -266,16 +274,20 @@ async fn a_promoted_replica_holds_every_acknowledged_debit() {
     let before = acked.lock().expect("acked").len();
     assert_eq!(before, 100);
 
-    replica.pause();
+    link.cut();
     let stalled = spawn("stalled", 1_000).await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     primary.kill();
     for task in stalled {
         task.await.expect("task");
     }
-    replica.resume();
 
     let acked = acked.lock().expect("acked").clone();
+    assert_eq!(
+        acked.len(),
+        before,
+        "debits were acknowledged while no replica could hold them"
+    );
     let mut con = replica
         .client()
         .get_connection()
@@ -301,7 +313,7 @@ async fn a_promoted_replica_holds_every_acknowledged_debit() {
         }
     }
     println!(
-        "failover with WAIT: {} debits acknowledged ({} while the replica stalled), {} missing on the promoted replica",
+        "failover with WAIT: {} debits acknowledged ({} after the replication link was cut), {} missing on the promoted replica",
         acked.len(),
         acked.len() - before,
         lost.len()
