@@ -483,12 +483,38 @@ async fn two_settlers_judge_a_new_wallet_in_turn() {
     .await
     .expect("A's row");
 
-    // Settler B's batch (the debit to 8) meanwhile: it waits for A.
+    // Settler B's batch (the debit to 8) meanwhile: it waits for A, until PostgreSQL
+    // shows it waiting for a lock (A's row), and does not end before A commits.
     let b = tokio::spawn({
         let store = store.clone();
         async move { store.append_batch(&[second], None, Some(&rules)).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut watcher = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .expect("pg_stat_activity");
+        if waiting >= 1 {
+            break;
+        }
+        if b.is_finished() {
+            panic!(
+                "B settled without waiting for A's uncommitted row: {:?}",
+                b.await
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never waited for A's row lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!b.is_finished(), "B ended while A's row was locked");
     sqlx::query("COMMIT").execute(&mut a).await.expect("commit");
     tokio::time::timeout(DEADLINE, b)
         .await
