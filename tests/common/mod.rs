@@ -27,6 +27,9 @@ use tollgate::ledger::{Clock, Ledger};
 
 /// Generous: a busy 2-core CI machine may be slow to start a process.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a test server may take to stop: its shutdown waits up to
+/// `tollgate::server::SHUTDOWN_GRACE` for each of its background tasks in turn.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const SERVICE_TOKEN: &str = "test-service-token";
 
@@ -333,7 +336,7 @@ pub struct TestServer {
     pub http_addr: SocketAddr,
     pub ledger: Arc<Ledger>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
 
 impl TestServer {
@@ -372,27 +375,33 @@ impl TestServer {
         let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc.local_addr().expect("addr").port()));
         let http_addr = http.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn({
+        let mut task = tokio::spawn({
             let ledger = ledger.clone();
             async move {
                 tollgate::server::run(config, ledger, grpc, http, async {
                     let _ = stopped.await;
                 })
                 .await
-                .expect("server");
+                .map_err(|e| e.to_string())
             }
         });
-        // Ready to serve once every shard is initialized (a fresh Redis and store).
+        // Ready to serve once every shard is initialized (every test server starts on a
+        // fresh Redis and store, or a Redis that kept its data); a server that ended or
+        // never got there fails the test here, with the reason.
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Ok(shards) = ledger.initialized_shards().await {
-                if shards.iter().all(|s| *s) {
-                    break;
-                }
+            if task.is_finished() {
+                let ended = (&mut task).await;
+                panic!("the test server ended during start-up: {}", ended_how(ended));
             }
-            if Instant::now() > deadline {
-                break; // tests of uninitialized ledgers see it themselves
-            }
+            let shards = match ledger.initialized_shards().await {
+                Ok(shards) if shards.iter().all(|s| *s) => break,
+                other => other,
+            };
+            assert!(
+                Instant::now() < deadline,
+                "the test server's ledger was not initialized within {START_TIMEOUT:?}: {shards:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Self {
@@ -441,14 +450,37 @@ impl TestServer {
         pb::admin_client::AdminClient::with_interceptor(self.channel().await, auth(token))
     }
 
-    /// Stops the server and waits for it to drain.
+    /// Stops the server and waits for it to drain; fails the test if it does not stop
+    /// within [`STOP_TIMEOUT`] or ended with an error or a panic.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(START_TIMEOUT, task).await;
+            match tokio::time::timeout(STOP_TIMEOUT, task).await {
+                Err(_) => panic!("the test server did not stop within {STOP_TIMEOUT:?}"),
+                Ok(Ok(Ok(()))) => {}
+                Ok(ended) => panic!("the test server failed: {}", ended_how(ended)),
+            }
         }
+    }
+}
+
+/// How a test server's task ended, for a failure message.
+fn ended_how(ended: Result<Result<(), String>, tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(Ok(())) => "it returned".into(),
+        Ok(Err(e)) => format!("it returned an error: {e}"),
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(not a string)".into());
+            format!("it panicked: {message}")
+        }
+        Err(e) => format!("{e}"),
     }
 }
 
@@ -457,7 +489,19 @@ impl Drop for TestServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
+        if let Some(mut task) = self.task.take() {
+            // A server that already ended by itself (an error or a panic while the test
+            // ran) fails the test, unless it is failing already.
+            if task.is_finished() && !std::thread::panicking() {
+                use std::future::Future;
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                if let std::task::Poll::Ready(ended) = std::pin::Pin::new(&mut task).poll(&mut cx)
+                {
+                    if !matches!(ended, Ok(Ok(()))) {
+                        panic!("the test server failed: {}", ended_how(ended));
+                    }
+                }
+            }
             task.abort();
         }
     }
