@@ -29,6 +29,9 @@ impl Drop for Serve {
     }
 }
 
+/// Far longer than a refused config takes to be reported, even on a busy machine.
+const SERVE_REFUSES_WITHIN: Duration = Duration::from_secs(60);
+
 fn admin(grpc_port: u16, args: &[&str]) -> Output {
     common::tollgate()
         .arg("admin")
@@ -40,19 +43,22 @@ fn admin(grpc_port: u16, args: &[&str]) -> Output {
 
 /// `tollgate serve --dev` on free ports, answering: its first grant's output and its gRPC
 /// port. A port picked free may be taken before the server binds it (tests run in
-/// parallel): the server then exits, and starts again on other ports.
+/// parallel): the server then exits, and starts again on other ports. Its stderr goes to a
+/// file, shown if it never answers.
 fn serve_dev_and_grant(grant: &[&str]) -> (Serve, u16, Output) {
     let deadline = Instant::now() + common::START_TIMEOUT;
+    let mut exits = Vec::new();
     loop {
         let grpc_port = common::free_port();
         let http_port = common::free_port();
+        let stderr = common::temp_path("stderr");
         let mut serve = Serve {
             child: common::tollgate()
                 .args(["serve", "--dev"])
                 .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
                 .arg(format!("--http-addr=127.0.0.1:{http_port}"))
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(&stderr).expect("stderr file"))
                 .spawn()
                 .expect("start tollgate serve --dev"),
         };
@@ -63,9 +69,14 @@ fn serve_dev_and_grant(grant: &[&str]) -> (Serve, u16, Output) {
             if out.status.success() && !exited {
                 return (serve, grpc_port, out);
             }
+            if exited {
+                exits.push(common::read_lossy(&stderr));
+            }
             assert!(
                 Instant::now() < deadline,
-                "serve --dev never answered: {out:?}"
+                "serve --dev never answered: {out:?}\nits stderr:\n{}\nearlier tries that exited:\n{}",
+                common::read_lossy(&stderr),
+                exits.join("\n")
             );
             if exited {
                 break;
@@ -174,12 +185,19 @@ fn config_errors_are_reported_together_with_paths() {
         "[server]\ngrpc_addr = \"nope\"\n[ledger]\nshards = 0\nmystery = 1\n",
     )
     .expect("write");
-    let out = common::tollgate()
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
+    // Nothing of the machine's defaults: were the config taken, the server would fail to
+    // reach this Redis rather than use one on the default port, and `output_within` ends
+    // it (the file's own bad `server.grpc_addr` is left to be reported).
+    let out = common::output_within(
+        common::tollgate()
+            .args(["serve", "--config"])
+            .arg(&path)
+            .args(["--redis-url", "redis://127.0.0.1:1"])
+            .arg(format!("--store={}", common::temp_sqlite_url()))
+            .arg(format!("--http-addr=127.0.0.1:{}", common::free_port())),
+        SERVE_REFUSES_WITHIN,
+    );
+    assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     for path in ["server.grpc_addr", "ledger.shards", "ledger.mystery"] {
         assert!(err.contains(path), "{path} missing in: {err}");

@@ -6,38 +6,69 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::gateways::{example, http, replace, try_http, TempDir};
 
-struct Serve {
-    child: Child,
+/// A `tollgate serve` child: SIGTERM on drop, then SIGKILL.
+struct Serve(common::Listening);
+
+impl Serve {
+    fn pid(&self) -> String {
+        self.0.child.0.id().to_string()
+    }
 }
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.pid()]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = self.0.child.0.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // KillOnDrop does the rest.
     }
 }
 
-fn serve(config: &Path, redis_url: &str, grpc: u16, http_port: u16, log: &Path) -> Serve {
-    Serve {
-        child: common::tollgate()
-            .arg("serve")
+/// Whether a `tollgate serve` answers on these ports: /healthz on HTTP, gRPC accepting.
+async fn answers(grpc: u16, http_port: u16) -> bool {
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
+    try_http(http_addr, "GET", "/healthz", &[], "")
+        .await
+        .is_ok_and(|r| r.status == 200)
+        && tokio::net::TcpStream::connect(("127.0.0.1", grpc))
+            .await
+            .is_ok()
+}
+
+/// `tollgate serve` built by `make` for its (gRPC, HTTP) ports, picked free and picked
+/// again if another process took one first; answering. Its logs (stdout) go to `log`.
+async fn serve_on_free_ports(log: &Path, make: impl Fn(u16, u16) -> Command) -> (Serve, u16, u16) {
+    let listening = common::spawn_listening(
+        2,
+        common::START_TIMEOUT,
+        |ports| {
+            let mut cmd = make(ports[0], ports[1]);
+            cmd.stdout(std::fs::File::create(log).expect("log"));
+            cmd
+        },
+        |ports| answers(ports[0], ports[1]),
+    )
+    .await;
+    let (grpc, http_port) = (listening.ports[0], listening.ports[1]);
+    (Serve(listening), grpc, http_port)
+}
+
+async fn serve(config: &Path, redis_url: &str, log: &Path) -> (Serve, u16, u16) {
+    serve_on_free_ports(log, |grpc, http_port| {
+        let mut cmd = common::tollgate();
+        cmd.arg("serve")
             .arg(format!("--config={}", config.display()))
             .arg(format!("--redis-url={redis_url}"))
             .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
@@ -49,13 +80,11 @@ fn serve(config: &Path, redis_url: &str, grpc: u16, http_port: u16, log: &Path) 
             .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
             .env("RUST_LOG", "info")
             // The file's `default = "deny"` is overridden: a reload keeps the override.
-            .env("TOLLGATE_PRICEBOOK__DEFAULT", "free")
-            // Logs go to stdout.
-            .stdout(std::fs::File::create(log).expect("log"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tollgate serve"),
-    }
+            .env("TOLLGATE_PRICEBOOK__DEFAULT", "free");
+        // Logs go to stdout.
+        cmd
+    })
+    .await
 }
 
 fn charge(r: &common::gateways::HttpResponse) -> Option<&str> {
@@ -70,25 +99,15 @@ async fn sighup_reloads_the_price_book_without_dropping_requests() {
     let log = dir.0.join("serve.log");
     let original = example("pricebook-esign.toml");
     std::fs::write(&config, &original).expect("write config");
-    let (grpc, http_port) = (common::free_port(), common::free_port());
-    let server = serve(&config, &redis.url(), grpc, http_port, &log);
+    let (server, grpc, http_port) = serve(&config, &redis.url(), &log).await;
     let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
 
-    // Seed through the real admin API once the server answers.
-    let deadline = Instant::now() + common::START_TIMEOUT;
-    let channel = loop {
-        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
-            .expect("uri")
-            .connect()
-            .await
-        {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "server did not start: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    // Seed through the real admin API.
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
     let mut admin = tollgate::api::pb::admin_client::AdminClient::with_interceptor(
         channel,
         common::auth(Some(common::ADMIN_TOKEN)),
@@ -156,7 +175,7 @@ async fn sighup_reloads_the_price_book_without_dropping_requests() {
     std::fs::write(&config, cheaper).expect("rewrite config");
     let hup = || {
         let status = Command::new("kill")
-            .args(["-HUP", &server.child.id().to_string()])
+            .args(["-HUP", &server.pid()])
             .status()
             .expect("kill -HUP");
         assert!(status.success());
@@ -243,10 +262,9 @@ async fn sighup_without_a_config_file_does_not_stop_the_server() {
     let redis = common::RedisServer::start();
     let dir = TempDir::new("reload-none");
     let log = dir.0.join("serve.log");
-    let (grpc, http_port) = (common::free_port(), common::free_port());
-    let mut server = Serve {
-        child: common::tollgate()
-            .arg("serve")
+    let (mut server, _, http_port) = serve_on_free_ports(&log, |grpc, http_port| {
+        let mut cmd = common::tollgate();
+        cmd.arg("serve")
             .arg(format!("--redis-url={}", redis.url()))
             .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
             .arg(format!("--http-addr=127.0.0.1:{http_port}"))
@@ -254,12 +272,10 @@ async fn sighup_without_a_config_file_does_not_stop_the_server() {
             .current_dir(&dir.0)
             .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
             .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
-            .env("RUST_LOG", "info")
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tollgate serve"),
-    };
+            .env("RUST_LOG", "info");
+        cmd
+    })
+    .await;
     let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
     common::eventually(common::START_TIMEOUT, "the server answers", || async move {
         try_http(http_addr, "GET", "/healthz", &[], "")
@@ -269,7 +285,7 @@ async fn sighup_without_a_config_file_does_not_stop_the_server() {
     })
     .await;
     let status = Command::new("kill")
-        .args(["-HUP", &server.child.id().to_string()])
+        .args(["-HUP", &server.pid()])
         .status()
         .expect("kill -HUP");
     assert!(status.success());
@@ -283,10 +299,7 @@ async fn sighup_without_a_config_file_does_not_stop_the_server() {
         }
     })
     .await;
-    assert!(
-        matches!(server.child.try_wait(), Ok(None)),
-        "the server ended on SIGHUP"
-    );
+    server.0.assert_running("the server ended on SIGHUP");
     assert_eq!(common::http_get(http_addr, "/healthz").await.0, 200);
 }
 
@@ -305,14 +318,22 @@ fn a_broken_price_book_stops_start_up_with_every_error() {
         "capture_statuses = [\"2xy\"]",
     );
     std::fs::write(&config, broken).expect("write");
-    let out = common::tollgate()
-        .arg("serve")
-        .arg(format!("--config={}", config.display()))
-        .env("TOLLGATE_ADMIN_TOKEN", "a")
-        .env("TOLLGATE_SERVICE_TOKEN", "s")
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
+    // Nothing of the machine's defaults (a Redis that is not there, a private store, free
+    // ports): were the book taken, the server would not answer, and `output_within` ends
+    // it instead of the test hanging.
+    let out = common::output_within(
+        common::tollgate()
+            .arg("serve")
+            .arg(format!("--config={}", config.display()))
+            .arg("--redis-url=redis://127.0.0.1:1")
+            .arg(format!("--store={}", common::temp_sqlite_url()))
+            .arg(format!("--grpc-addr=127.0.0.1:{}", common::free_port()))
+            .arg(format!("--http-addr=127.0.0.1:{}", common::free_port()))
+            .env("TOLLGATE_ADMIN_TOKEN", "a")
+            .env("TOLLGATE_SERVICE_TOKEN", "s"),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stderr);
     for path in [
         "pricebook.routes[1].operation",

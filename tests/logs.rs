@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
@@ -16,22 +16,26 @@ const ACCOUNT: &str = "acct-private-7781";
 const WRONG_TOKEN: &str = "wrong-token-9931";
 
 /// SIGTERM on drop, then SIGKILL.
-struct Serve(Child);
+struct Serve(common::KillOnDrop);
 
 impl Serve {
     fn stop(&mut self) {
+        let child = &mut self.0 .0;
+        if let Ok(Some(_)) = child.try_wait() {
+            return; // stopped already (its pid may be another process's by now)
+        }
         let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
+            .args(["-TERM", &child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
+            if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -66,35 +70,47 @@ impl Running {
         let config = dir.join("config.toml");
         std::fs::write(&config, config_text).expect("config");
         let out_path = dir.join("stdout.log");
-        let err_path = dir.join("stderr.log");
-        let grpc_port = common::free_port();
-        let http_port = common::free_port();
-        let serve = Serve(
-            common::tollgate()
-                .args(["serve", "--config"])
-                .arg(&config)
-                .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
-                .arg(format!("--http-addr=127.0.0.1:{http_port}"))
-                .env("TOLLGATE_REDIS_URL", redis.url())
-                .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
-                .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
-                .env("TOLLGATE_STORE__URL", common::temp_sqlite_url())
-                .env("TOLLGATE_LOG__FORMAT", "json")
-                .env("TOLLGATE_LOG__LEVEL", "info")
-                .env_remove("RUST_LOG")
-                .stdout(Stdio::from(std::fs::File::create(&out_path).expect("out")))
-                .stderr(Stdio::from(std::fs::File::create(&err_path).expect("err")))
-                .spawn()
-                .expect("start tollgate serve"),
-        );
-        let channel = common::eventually(common::START_TIMEOUT, "the gRPC port", || async {
-            Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
-                .expect("uri")
-                .connect()
-                .await
-                .ok()
-        })
+        // On ports picked free (again if another process took one first); stderr in a file.
+        let listening = common::spawn_listening(
+            2,
+            common::START_TIMEOUT,
+            |ports| {
+                let mut cmd = common::tollgate();
+                cmd.args(["serve", "--config"])
+                    .arg(&config)
+                    .arg(format!("--grpc-addr=127.0.0.1:{}", ports[0]))
+                    .arg(format!("--http-addr=127.0.0.1:{}", ports[1]))
+                    .env("TOLLGATE_REDIS_URL", redis.url())
+                    .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+                    .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+                    .env("TOLLGATE_STORE__URL", common::temp_sqlite_url())
+                    .env("TOLLGATE_LOG__FORMAT", "json")
+                    .env("TOLLGATE_LOG__LEVEL", "info")
+                    .env_remove("RUST_LOG")
+                    .stdout(Stdio::from(std::fs::File::create(&out_path).expect("out")));
+                cmd
+            },
+            |ports| async move {
+                Channel::from_shared(format!("http://127.0.0.1:{}", ports[0]))
+                    .expect("uri")
+                    .connect()
+                    .await
+                    .is_ok()
+            },
+        )
         .await;
+        let common::Listening {
+            child,
+            ports,
+            stderr_path: err_path,
+        } = listening;
+        let (grpc_port, http_port) = (ports[0], ports[1]);
+        let serve = Serve(child);
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
         Self {
             serve,
             dir,
@@ -111,6 +127,7 @@ impl Running {
         let stdout = std::fs::read_to_string(&self.out_path).expect("stdout");
         let stderr = std::fs::read_to_string(&self.err_path).expect("stderr");
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.err_path);
         let output = format!("{stdout}{stderr}");
         (stdout, output)
     }

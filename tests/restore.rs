@@ -1076,20 +1076,27 @@ async fn a_sighup_during_serve_restore_is_ignored() {
         .expect("lock");
 
     let log = common::temp_path("log");
-    let http_port = common::free_port();
-    let mut server = common::KillOnDrop(
-        common::tollgate()
-            .arg("serve")
+    let stderr = common::temp_path("stderr");
+    let serve_restore = |grpc_port: u16, http_port: u16| {
+        let mut cmd = common::tollgate();
+        cmd.arg("serve")
             .arg("--restore")
             .arg(format!("--redis-url={}", redis.url()))
             .arg(format!("--store={}", pg.url))
-            .arg(format!("--grpc-addr=127.0.0.1:{}", common::free_port()))
+            .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
             .arg(format!("--http-addr=127.0.0.1:{http_port}"))
             .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
             .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
             .env("RUST_LOG", "info")
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log"));
+        cmd
+    };
+    // Its ports are bound only after the restore: picked free now, they may be taken by
+    // then (see below).
+    let http_port = common::free_port();
+    let mut server = common::KillOnDrop(
+        serve_restore(common::free_port(), http_port)
+            .stderr(std::fs::File::create(&stderr).expect("stderr"))
             .spawn()
             .expect("start tollgate serve --restore"),
     );
@@ -1129,11 +1136,43 @@ async fn a_sighup_during_serve_restore_is_ignored() {
     .await;
     lock.rollback().await.expect("unlock");
 
+    // Restored and serving; if another process took a port meanwhile, the restore is done
+    // and the child ended unable to listen: serving again on ports picked anew.
     let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
-    common::eventually(DEADLINE, "restored and serving", || async move {
-        (http_status(http_addr, "/readyz").await.0 == 200).then_some(())
-    })
-    .await;
+    let deadline = Instant::now() + DEADLINE;
+    let mut _again = None;
+    loop {
+        let ready = http_status(http_addr, "/readyz").await.0 == 200;
+        if let Some(status) = server.0.try_wait().expect("try_wait") {
+            let text = common::read_lossy(&stderr);
+            assert!(
+                text.contains("cannot listen"),
+                "serve --restore ended ({status}); its stderr:\n{text}"
+            );
+            _again = Some(
+                common::spawn_listening(
+                    2,
+                    DEADLINE,
+                    |ports| serve_restore(ports[0], ports[1]),
+                    |ports| async move {
+                        let http_addr = ([127, 0, 0, 1], ports[1]).into();
+                        http_status(http_addr, "/readyz").await.0 == 200
+                    },
+                )
+                .await,
+            );
+            break;
+        }
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve --restore never restored and served; its stderr:\n{}",
+            common::read_lossy(&stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(available(&ledger, "hup").await, Ok(700));
 }
 

@@ -1472,6 +1472,28 @@ async fn a_store_outage_degrades_a_serving_pod_but_keeps_it_ready() {
     server.stop().await;
 }
 
+/// `tollgate settle` over `redis_url` and `store_url`, its HTTP port picked free (again
+/// if another process took it first), accepting connections.
+async fn settle_command(redis_url: &str, store_url: &str) -> common::Listening {
+    common::spawn_listening(
+        1,
+        DEADLINE,
+        |ports| {
+            let mut cmd = common::tollgate();
+            cmd.args(["settle", "--redis-url", redis_url, "--store", store_url])
+                .arg(format!("--http-addr=127.0.0.1:{}", ports[0]))
+                .stdout(std::process::Stdio::null());
+            cmd
+        },
+        |ports| async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", ports[0]))
+                .await
+                .is_ok()
+        },
+    )
+    .await
+}
+
 /// `tollgate settle` only settles: unlike a serving pod, it turns not-ready on a store
 /// error, and ready again once the store is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1484,23 +1506,15 @@ async fn the_settle_command_fails_readiness_on_a_store_error() {
     let via_proxy = pg
         .url
         .replace(&pg_target().to_string(), &proxy.addr.to_string());
-    let http_port = common::free_port();
-    let _child = common::KillOnDrop(
-        common::tollgate()
-            .args(["settle", "--redis-url", &redis.url(), "--store", &via_proxy])
-            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("tollgate settle"),
-    );
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+    let child = std::sync::Mutex::new(settle_command(&redis.url(), &via_proxy).await);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], child.lock().expect("child").ports[0]).into();
     let grants = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Waits for /readyz to answer `code` with `failed`, writing an event each round so the
     // settler has something to (fail to) write.
     let wait_for = |code: u16, failed: serde_json::Value| {
         let ledger = ledger.clone();
         let grants = grants.clone();
+        let child = &child;
         async move {
             let deadline = Instant::now() + DEADLINE;
             loop {
@@ -1523,10 +1537,15 @@ async fn the_settle_command_fails_readiness_on_a_store_error() {
                         return;
                     }
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "never {code} {failed}: {answer:?}"
-                );
+                {
+                    let mut child = child.lock().expect("child");
+                    child.assert_running(&format!("waiting for {code} {failed}"));
+                    assert!(
+                        Instant::now() < deadline,
+                        "never {code} {failed}: {answer:?}; its stderr:\n{}",
+                        child.stderr()
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -1551,22 +1570,18 @@ async fn the_settle_command_runs_a_settler_alone() {
     // Migrating twice (two settlers starting together) is harmless.
     store(&pg.url).await;
     let store = store(&pg.url).await;
-    let http_port = common::free_port();
-    let mut child = common::KillOnDrop(
-        common::tollgate()
-            .args(["settle", "--redis-url", &redis.url(), "--store", &pg.url])
-            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("tollgate settle"),
-    );
+    let mut child = settle_command(&redis.url(), &pg.url).await;
     let deadline = Instant::now() + DEADLINE;
     while (store.count_events().await.expect("count") as usize) < written {
-        assert!(Instant::now() < deadline, "tollgate settle did not settle");
+        child.assert_running("settling");
+        assert!(
+            Instant::now() < deadline,
+            "tollgate settle did not settle; its stderr:\n{}",
+            child.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], child.ports[0]).into();
     let deadline = Instant::now() + DEADLINE;
     loop {
         let ready = tokio::net::TcpStream::connect(addr).await.is_ok()
@@ -1574,14 +1589,18 @@ async fn the_settle_command_runs_a_settler_alone() {
         if ready {
             break;
         }
-        assert!(Instant::now() < deadline, "tollgate settle never ready");
+        assert!(
+            Instant::now() < deadline,
+            "tollgate settle never ready; its stderr:\n{}",
+            child.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
+        .args(["-TERM", &child.child.0.id().to_string()])
         .status();
     let deadline = Instant::now() + DEADLINE;
-    while child.0.try_wait().expect("wait").is_none() {
+    while child.child.0.try_wait().expect("wait").is_none() {
         assert!(Instant::now() < deadline, "tollgate settle ignored SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -28,20 +28,28 @@ fn random_below(n: u64) -> u64 {
 struct Tollgate {
     child: Option<Child>,
     config: std::path::PathBuf,
+    /// Every run's stderr, one after the other.
+    stderr: std::path::PathBuf,
 }
 
 impl Tollgate {
-    fn start(config: &std::path::Path) -> Self {
+    fn start(config: &std::path::Path, stderr: &std::path::Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(stderr)
+            .expect("stderr file");
         let child = common::tollgate()
             .args(["serve", "--config"])
             .arg(config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start tollgate");
         Self {
             child: Some(child),
             config: config.to_owned(),
+            stderr: stderr.to_owned(),
         }
     }
 
@@ -54,7 +62,19 @@ impl Tollgate {
 
     fn restart(&mut self) {
         self.sigkill();
-        *self = Self::start(&self.config.clone());
+        *self = Self::start(&self.config.clone(), &self.stderr.clone());
+    }
+
+    /// How the running child ended, if it did (not by this test's SIGKILL).
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().expect("try_wait")
+    }
+
+    /// The end of what the runs wrote to stderr, for a failure message.
+    fn stderr_tail(&self) -> String {
+        let text = common::read_lossy(&self.stderr);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 }
 
@@ -62,6 +82,45 @@ impl Drop for Tollgate {
     fn drop(&mut self) {
         self.sigkill();
     }
+}
+
+/// The config of the tollgate under test, on these ports.
+fn write_config(path: &std::path::Path, grpc_port: u16, http_port: u16, redis: &str, pg: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[server]\ngrpc_addr = \"127.0.0.1:{grpc_port}\"\nhttp_addr = \"127.0.0.1:{http_port}\"\n\
+             [redis]\nurl = \"{redis}\"\ncall_timeout_ms = 2000\n\
+             [auth]\nadmin_token = \"{}\"\nservice_token = \"{}\"\n\
+             [store]\nurl = \"{pg}\"\n\
+             [settler]\nconsumer = \"crash\"\nclaim_idle_ms = 1000\nidle_wait_ms = 10\n",
+            common::ADMIN_TOKEN,
+            common::SERVICE_TOKEN,
+        ),
+    )
+    .expect("config");
+}
+
+/// Grants `account` its credits through the server at `grpc` (the same grant whatever
+/// the attempt: one idempotency key).
+async fn fund(grpc: &str, account: String) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Channel::from_shared(grpc.to_owned())
+        .expect("uri")
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        common::auth(Some(common::ADMIN_TOKEN)),
+    )
+    .grant(pb::GrantRequest {
+        account_id: account,
+        amount: 1_000_000,
+        idempotency_key: "fund".into(),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
 }
 
 #[derive(Default)]
@@ -142,62 +201,47 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .unwrap_or(5);
     let redis = common::RedisServer::start();
     let pg = common::PgDatabase::create().await;
-    let grpc_port = common::free_port();
-    let http_port = common::free_port();
     let dir = std::env::temp_dir().join(format!("tollgate-crash-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\ngrpc_addr = \"127.0.0.1:{grpc_port}\"\nhttp_addr = \"127.0.0.1:{http_port}\"\n\
-             [redis]\nurl = \"{}\"\ncall_timeout_ms = 2000\n\
-             [auth]\nadmin_token = \"{}\"\nservice_token = \"{}\"\n\
-             [store]\nurl = \"{}\"\n\
-             [settler]\nconsumer = \"crash\"\nclaim_idle_ms = 1000\nidle_wait_ms = 10\n",
-            redis.url(),
-            common::ADMIN_TOKEN,
-            common::SERVICE_TOKEN,
-            pg.url
-        ),
-    )
-    .expect("config");
-    let mut tollgate = Tollgate::start(&config);
-    let grpc = format!("http://127.0.0.1:{grpc_port}");
+    let stderr = dir.join("stderr.log");
 
-    // Fund the accounts (retrying until the server is up).
+    // Started on ports picked free (again if another process took one before it bound
+    // them: it then exits), answering: the accounts funded through it. Its restarts keep
+    // these ports.
     let deadline = Instant::now() + DEADLINE;
-    for a in 0..ACCOUNTS {
-        loop {
-            let granted = async {
-                let channel = tonic::transport::Channel::from_shared(grpc.clone())
-                    .expect("uri")
-                    .connect()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                pb::admin_client::AdminClient::with_interceptor(
-                    channel,
-                    common::auth(Some(common::ADMIN_TOKEN)),
-                )
-                .grant(pb::GrantRequest {
-                    account_id: format!("acct{a}"),
-                    amount: 1_000_000,
-                    idempotency_key: "fund".into(),
-                    ..Default::default()
-                })
-                .await
+    let (mut tollgate, grpc) = 'started: loop {
+        let _ = std::fs::remove_file(&stderr);
+        let (grpc_port, http_port) = (common::free_port(), common::free_port());
+        write_config(&config, grpc_port, http_port, &redis.url(), &pg.url);
+        let mut tollgate = Tollgate::start(&config, &stderr);
+        let grpc = format!("http://127.0.0.1:{grpc_port}");
+        let mut funded = 0;
+        while funded < ACCOUNTS {
+            let granted = fund(&grpc, format!("acct{funded}")).await;
+            // Looked at after the answer: a port another process took answers for it.
+            if let Some(status) = tollgate.exited() {
+                // Only a port taken meanwhile is tried again ("cannot listen on …").
+                let stderr = tollgate.stderr_tail();
+                assert!(
+                    stderr.contains("cannot listen on") && Instant::now() < deadline,
+                    "server did not start: it exited ({status}); its stderr:\n{stderr}"
+                );
+                continue 'started;
             }
-            .await;
             if granted.is_ok() {
-                break;
+                funded += 1;
+                continue;
             }
             assert!(
                 Instant::now() < deadline,
-                "server did not start: {granted:?}"
+                "server did not start: {granted:?}; its stderr:\n{}",
+                tollgate.stderr_tail()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
+        break (tollgate, grpc);
+    };
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -213,7 +257,9 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         while acked() < before + 10 {
             assert!(
                 Instant::now() < deadline,
-                "no charge acknowledged before kill {kill}"
+                "no charge acknowledged before kill {kill} (server ended: {:?}); its stderr:\n{}",
+                tollgate.exited(),
+                tollgate.stderr_tail()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -235,7 +281,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .arg(&config)
         .output()
         .expect("reconcile");
-    assert!(out.status.success(), "reconcile: {out:?}");
+    assert!(
+        out.status.success(),
+        "reconcile: {out:?}; the server's stderr:\n{}",
+        tollgate.stderr_tail()
+    );
 
     let seen = std::mem::take(&mut *seen.lock().expect("seen"));
     assert!(

@@ -233,6 +233,144 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Runs `cmd` to its end within `timeout`, its stdout and stderr captured in files (a pipe
+/// nobody reads could stall it), and returns its output. Past the deadline it is killed
+/// and the test fails with what it printed: a command that should end (a refused config,
+/// say) and serves instead never hangs the test.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    let (out_path, err_path) = (temp_path("stdout"), temp_path("stderr"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {timeout:?} (killed); stdout:\n{}\nstderr:\n{}",
+                read_lossy(&out_path),
+                read_lossy(&err_path)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = std::process::Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    };
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    output
+}
+
+/// A file's text, empty when it cannot be read.
+pub fn read_lossy(path: &std::path::Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// A child process listening on ports it was given, picked free: see [`spawn_listening`].
+pub struct Listening {
+    pub child: KillOnDrop,
+    pub ports: Vec<u16>,
+    /// Where the child's stderr goes.
+    pub stderr_path: std::path::PathBuf,
+}
+
+impl Listening {
+    /// What the child wrote to stderr until now.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr_path)
+    }
+
+    /// Fails the test if the child has exited, with its status and stderr.
+    pub fn assert_running(&mut self, what: &str) {
+        if let Some(status) = self.child.0.try_wait().expect("try_wait") {
+            panic!(
+                "{what}: the child exited ({status}); stderr:\n{}",
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// Starts the tollgate child `make` builds for `ports` ports picked free, its stderr in a
+/// file, and waits (up to `timeout`) until `ready` says it answers on them while it still
+/// runs. A port picked free may be taken by another process before the child binds it:
+/// the child then exits ("cannot listen on …"), and is started again on other ports. Fails
+/// the test with the child's stderr when it exits otherwise or never answers.
+pub async fn spawn_listening<Make, Ready, Fut>(
+    ports: usize,
+    timeout: Duration,
+    make: Make,
+    ready: Ready,
+) -> Listening
+where
+    Make: Fn(&[u16]) -> Command,
+    Ready: Fn(Vec<u16>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut exits = Vec::new();
+    loop {
+        let mut picked: Vec<u16> = Vec::new();
+        while picked.len() < ports {
+            let port = free_port();
+            if !picked.contains(&port) {
+                picked.push(port);
+            }
+        }
+        let stderr_path = temp_path("stderr");
+        let mut cmd = make(&picked);
+        let child = cmd
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut listening = Listening {
+            child: KillOnDrop(child),
+            ports: picked,
+            stderr_path,
+        };
+        loop {
+            let up = ready(listening.ports.clone()).await;
+            // Looked at after the answer: a port another process took answers for it
+            // while this child fails to bind it and exits.
+            if let Some(status) = listening.child.0.try_wait().expect("try_wait") {
+                let stderr = listening.stderr();
+                // tollgate's words when a port is taken (src/main.rs); any other end fails.
+                assert!(
+                    stderr.contains("cannot listen on"),
+                    "{cmd:?} exited ({status}); its stderr:\n{stderr}"
+                );
+                exits.push(format!("{status}: {}", stderr.trim_end()));
+                break;
+            }
+            if up {
+                return listening;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{cmd:?} never answered on ports {:?} within {timeout:?}; its stderr:\n{}",
+                listening.ports,
+                listening.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{cmd:?} never answered within {timeout:?}; it exited each time:\n{}",
+            exits.join("\n")
+        );
+    }
+}
+
 pub fn temp_sqlite_url() -> String {
     format!("sqlite://{}", temp_path("db").display())
 }
@@ -392,7 +530,10 @@ impl TestServer {
         loop {
             if task.is_finished() {
                 let ended = (&mut task).await;
-                panic!("the test server ended during start-up: {}", ended_how(ended));
+                panic!(
+                    "the test server ended during start-up: {}",
+                    ended_how(ended)
+                );
             }
             let shards = match ledger.initialized_shards().await {
                 Ok(shards) if shards.iter().all(|s| *s) => break,
@@ -495,8 +636,7 @@ impl Drop for TestServer {
             if task.is_finished() && !std::thread::panicking() {
                 use std::future::Future;
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                if let std::task::Poll::Ready(ended) = std::pin::Pin::new(&mut task).poll(&mut cx)
-                {
+                if let std::task::Poll::Ready(ended) = std::pin::Pin::new(&mut task).poll(&mut cx) {
                     if !matches!(ended, Ok(Ok(()))) {
                         panic!("the test server failed: {}", ended_how(ended));
                     }
