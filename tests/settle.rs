@@ -297,7 +297,22 @@ async fn a_first_fence_raise_waits_for_a_batch_in_flight() {
         let store = store.clone();
         tokio::spawn(async move { store.raise_fence(shard, START_MS + 10_000).await })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Until PostgreSQL shows it waiting for a lock too (the batch and the raise: two),
+    // the raise must not end.
+    let deadline = Instant::now() + DEADLINE;
+    while waiting_on_locks(pool.clone(), 2).await.is_none() {
+        if raise.is_finished() {
+            panic!(
+                "the fence moved while a batch that read the old Redis was being written: {:?}",
+                raise.await
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the raise never waited for a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         !raise.is_finished(),
         "the fence moved while a batch that read the old Redis was being written: {:?}",
