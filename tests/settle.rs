@@ -1641,9 +1641,12 @@ async fn reconcile_works_on_a_live_system() {
         settler(&ledger, &store, "tollgate-settler", "live"),
         &stopped,
     );
+    // Debits made until now, shared with the load.
+    let charged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = {
         let ledger = ledger.clone();
         let stopped = stopped.clone();
+        let charged = charged.clone();
         tokio::spawn(async move {
             let mut i = 0usize;
             while !*stopped.borrow() {
@@ -1658,23 +1661,51 @@ async fn reconcile_works_on_a_live_system() {
                     member_id: String::new(),
                 };
                 ledger.debit(&debit).await.expect("debit");
+                charged.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             i
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for _ in 0..3 {
+    let overlapped = live_reconciles(&charged, || async {
         let report =
             tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE)
                 .await
                 .expect("reconcile");
         assert!(report.drifts.is_empty(), "{}", report.render());
         assert_eq!(report.wallets, 4);
-    }
+    })
+    .await;
+    println!("{overlapped} reconciles ran, each with debits landing during it");
     let _ = stop.send(true);
     assert!(load.await.expect("load") > 0);
     settle_task.await.expect("settler");
+}
+
+/// Reconciles that each had charges landing while it ran (`charged` counts them): runs
+/// `reconcile` (which checks its report) until three of them did, at most twenty times
+/// (one that ran between two charges proves nothing and does not count). Returns how many
+/// ran.
+async fn live_reconciles<F, Fut>(charged: &std::sync::atomic::AtomicUsize, reconcile: F) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (mut ran, mut overlapped) = (0, 0);
+    while overlapped < 3 {
+        assert!(
+            ran < 20,
+            "only {overlapped} of {ran} reconciles had charges landing while they ran"
+        );
+        let before = charged.load(Ordering::SeqCst);
+        reconcile().await;
+        ran += 1;
+        if charged.load(Ordering::SeqCst) > before {
+            overlapped += 1;
+        }
+    }
+    ran
 }
 
 /// A member's charge of 1 credit from the org "acme"'s default wallet.
@@ -1743,9 +1774,11 @@ async fn reconcile_finds_no_allocation_drift_on_a_live_org_but_finds_a_real_one(
     );
     // Bob charges all along; every tenth round he also holds 5 and releases it (the
     // allocation's used goes up, then back down).
+    let charged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = {
         let ledger = ledger.clone();
         let stopped = stopped.clone();
+        let charged = charged.clone();
         tokio::spawn(async move {
             let mut i = 0usize;
             while !*stopped.borrow() {
@@ -1754,6 +1787,7 @@ async fn reconcile_finds_no_allocation_drift_on_a_live_org_but_finds_a_real_one(
                     .debit(&member_debit("bob", format!("bob{i}")))
                     .await
                     .expect("bob's debit");
+                charged.fetch_add(1, Ordering::SeqCst);
                 if i.is_multiple_of(10) {
                     let held = ledger
                         .authorize(&Authorize {
@@ -1783,13 +1817,14 @@ async fn reconcile_finds_no_allocation_drift_on_a_live_org_but_finds_a_real_one(
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for _ in 0..3 {
+    live_reconciles(&charged, || async {
         let report =
             tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE)
                 .await
                 .expect("reconcile");
         assert!(report.drifts.is_empty(), "{}", report.render());
-    }
+    })
+    .await;
 
     // A real drift, planted while bob keeps charging: bob's allocation lowered by hand
     // (his charges do not change it) and carol's used raised (she charges no more).
@@ -1805,10 +1840,13 @@ async fn reconcile_finds_no_allocation_drift_on_a_live_org_but_finds_a_real_one(
         .query(redis::cmd("HINCRBY").arg(&akey).arg("carol:u").arg(5))
         .await
         .expect("plant carol's");
+    let before = charged.load(Ordering::SeqCst);
     let report =
         tollgate::settle::reconcile::reconcile(ledger.clone(), store.clone(), fast(), DEADLINE)
             .await
             .expect("reconcile");
+    let during = charged.load(Ordering::SeqCst) - before;
+    println!("{during} debits landed during the reconcile that found the planted drift");
     let drift = |member: &str, field, expected, found| Drift {
         account_id: format!("acme:{member}"),
         wallet: "default".into(),
