@@ -72,13 +72,17 @@ async fn seed(server: &common::TestServer, now_ms: i64) {
     }
 }
 
-/// Mixed load: debits, holds captured or released, refunds. Returns acknowledged debits
-/// (idempotency key, event id), to replay after the restore.
-async fn load(
-    server_grpc: std::net::SocketAddr,
-    stop: Arc<AtomicBool>,
-    task: usize,
-) -> Vec<(pb::DebitRequest, String)> {
+/// What [`load`] did that the restore must bring back.
+#[derive(Default)]
+struct Loaded {
+    /// Acknowledged debits (request, event id), to replay after the restore.
+    acked: Vec<(pb::DebitRequest, String)>,
+    /// Holds acknowledged and left open (never captured nor released).
+    open_holds: Vec<String>,
+}
+
+/// Mixed load: debits, holds captured, released or left open, refunds.
+async fn load(server_grpc: std::net::SocketAddr, stop: Arc<AtomicBool>, task: usize) -> Loaded {
     let channel = tonic::transport::Channel::from_shared(format!("http://{server_grpc}"))
         .expect("uri")
         .connect()
@@ -88,7 +92,7 @@ async fn load(
         channel,
         common::auth(Some(common::SERVICE_TOKEN)),
     );
-    let mut acked = Vec::new();
+    let mut loaded = Loaded::default();
     let mut n = 0usize;
     while !stop.load(Ordering::SeqCst) {
         n += 1;
@@ -116,7 +120,7 @@ async fn load(
                 })
                 .await;
         }
-        acked.push((debit, event_id));
+        loaded.acked.push((debit, event_id));
         if let Ok(h) = m
             .authorize(pb::AuthorizeRequest {
                 account_id: acct,
@@ -145,10 +149,13 @@ async fn load(
                         ..Default::default()
                     })
                     .await;
-            } // else: left open, restored as an open hold
+            } else {
+                // Left open: restored as an open hold once settled.
+                loaded.open_holds.push(hold_id);
+            }
         }
     }
-    acked
+    loaded
 }
 
 async fn wait_settled(store: &Store, ledger: &tollgate::ledger::Ledger) {
@@ -271,8 +278,11 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
     assert_eq!(http_status(server.http_addr, "/readyz").await.0, 503);
     stop.store(true, Ordering::SeqCst);
     let mut acked = Vec::new();
+    let mut open_holds = std::collections::BTreeSet::new();
     for t in tasks {
-        acked.extend(t.await.expect("load task"));
+        let loaded = t.await.expect("load task");
+        acked.extend(loaded.acked);
+        open_holds.extend(loaded.open_holds);
     }
     assert!(acked.len() > 20, "too little load: {}", acked.len());
 
@@ -455,33 +465,55 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
         }
     }
     assert!(refunded > 0, "no restored charge refunded");
-    let mut captured_one = false;
-    'accounts: for i in 0..ACCOUNTS {
-        let holds = store
-            .history(&tollgate::settle::store::HistoryQuery {
-                account_id: account(i),
-                kinds: vec![tollgate::ledger::event::EventKind::Hold],
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await
-            .expect("history");
-        for h in &holds.events {
-            let captured = metering
-                .capture(pb::CaptureRequest {
-                    hold_id: h.hold_id.clone(),
-                    idempotency_key: format!("post-restore-{}", h.hold_id),
+    // Every hold the load left open whose authorization was settled before Redis lost
+    // its data is restored open: each captures whole (not NOT_FOUND, not HOLD_ENDED).
+    let mut settled_open = Vec::new();
+    for i in 0..ACCOUNTS {
+        let mut after = None;
+        loop {
+            let page = store
+                .history(&tollgate::settle::store::HistoryQuery {
+                    account_id: account(i),
+                    kinds: vec![tollgate::ledger::event::EventKind::Hold],
+                    page_size: 1000,
+                    after: after.clone(),
                     ..Default::default()
                 })
-                .await;
-            if let Ok(c) = captured {
-                assert_eq!(c.into_inner().captured, 5);
-                captured_one = true;
-                break 'accounts;
+                .await
+                .expect("history");
+            settled_open.extend(
+                page.events
+                    .iter()
+                    .filter(|h| open_holds.contains(&h.hold_id))
+                    .map(|h| h.hold_id.clone()),
+            );
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
             }
         }
     }
-    assert!(captured_one, "no open hold survived the restore");
+    assert!(
+        !settled_open.is_empty(),
+        "no hold left open was settled before the loss ({} left open)",
+        open_holds.len()
+    );
+    for hold_id in &settled_open {
+        let captured = metering
+            .capture(pb::CaptureRequest {
+                hold_id: hold_id.clone(),
+                idempotency_key: format!("post-restore-{hold_id}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("open hold {hold_id} not restored open: {s:?}"));
+        assert_eq!(captured.into_inner().captured, 5, "hold {hold_id}");
+    }
+    println!(
+        "{} holds left open by the load, {} of them settled before the loss, each captured after the restore",
+        open_holds.len(),
+        settled_open.len()
+    );
 
     // A settled refund's retry answers from its restored record even once its charge's
     // record is gone: the restore rebuilt the refund's `:rf:` pointer too.
