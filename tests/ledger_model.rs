@@ -4,9 +4,16 @@
 //!    reused keys included, a manual clock driving lot and hold expiry, sweeps) against
 //!    the in-memory model, which predicts every answer; full state compared after each run.
 //! 2. `concurrent_runs_keep_the_invariants`: 16 tasks run random operations at once on
-//!    shared accounts; the outbox events, replayed in order, must pass every invariant
-//!    and reproduce Redis's final state exactly; every acknowledged charge is in the
-//!    outbox exactly once.
+//!    shared accounts, and share their holds, charges and requests: any task captures,
+//!    releases or refunds any task's hold or charge, and replays any task's request.
+//!    Some requests go twice at once with the same idempotency key (one fresh answer,
+//!    one identical replay); some Capture/Release pairs race on one hold (one ends it,
+//!    the other is told how it ended) and some Refund pairs on one charge (never both).
+//!    The outbox events, replayed in order, must pass every invariant and reproduce
+//!    Redis's final state exactly; every acknowledged charge is in the outbox exactly
+//!    once; every hold ended once, by the answer that said so, and every HoldEnded and
+//!    RefundExceedsCharge refusal names what really happened; each wallet's totals are
+//!    what the fresh answers add up to. Coverage counts (printed) must all be non-zero.
 //!
 //! Both send every other Debit and Authorize by API key (`Ledger::debit_by_key`,
 //! `authorize_by_key`: the gateway's path on an identity-cache miss), replays included:
@@ -17,9 +24,9 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
@@ -27,8 +34,8 @@ use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner}
 use common::model::{Expect, Model, ModelLimits, Outcome, Replayer};
 use tollgate::gateway::identity::{shard_of_key_id, KeyBinding, KeyStore};
 use tollgate::ledger::{
-    Adjust, Authorize, Clock, Debit, EndHold, Grant, KeyRef, Keyed, Ledger, LedgerSettings,
-    LotKind, Metadata, OnExpiry, RedisPool, Refund,
+    Adjust, Authorize, Clock, Debit, EndHold, Grant, HoldEnd, KeyRef, Keyed, Ledger,
+    LedgerSettings, LotKind, Metadata, OnExpiry, RedisPool, Refund, Refusal,
 };
 
 const START_MS: i64 = 1_800_000_000_000;
@@ -768,29 +775,417 @@ fn sequential_runs_match_the_model() {
         .expect("model and ledger agree");
 }
 
-/// What one concurrent task saw.
-#[derive(Default)]
-struct TaskLog {
-    /// Event ids of acknowledged mutations (first answers).
-    acknowledged: Vec<String>,
-    /// (first answer, replayed answer) pairs.
-    replays: Vec<(Outcome, Outcome)>,
+/// How a concurrent step sends its request.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Once,
+    /// The same request (same idempotency key) twice at once, `tokio::join!`: the scripts
+    /// run one after the other, so one answer is fresh and the other its replay (or the
+    /// same refusal twice). Replays of an earlier request are sent twice at once too.
+    Twin,
+    /// For Capture/Release/Refund: two requests with different keys at once on the same
+    /// hold (one captures, the other releases) or the same charge (amounts summing past
+    /// it, so both can never succeed). Other operations are sent once.
+    Rival,
 }
 
-async fn concurrent_task(
+fn mode_strategy() -> impl Strategy<Value = Mode> {
+    prop_oneof![5 => Just(Mode::Once), 2 => Just(Mode::Twin), 2 => Just(Mode::Rival)]
+}
+
+#[derive(Debug, Clone)]
+struct HoldInfo {
+    amount: i64,
+    account: String,
+    wallet: String,
+    /// The task that placed it.
+    task: usize,
+}
+
+#[derive(Debug, Clone)]
+struct ChargeInfo {
+    amount: i64,
+    account: String,
+    wallet: String,
+}
+
+/// What the tasks were told was done to one wallet (fresh answers only): what Redis's
+/// totals must come to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    granted: i64,
+    adjusted: i64,
+    used: i64,
+    refunded: i64,
+}
+
+/// What all concurrent tasks share: every hold and charge (any task may end or refund any
+/// of them), every request with its first answer (any task may replay it), and what the
+/// answers said, checked against the outbox once the tasks are done.
+#[derive(Default)]
+struct Shared {
+    hold_ids: Vec<String>,
+    holds: HashMap<String, HoldInfo>,
+    charge_ids: Vec<String>,
+    charges: HashMap<String, ChargeInfo>,
+    sent: Vec<(Sent, Outcome)>,
+    /// Event ids of fresh (not replayed) answers.
+    acknowledged: Vec<String>,
+    /// (hold id, event id) of every fresh Capture/Release answer.
+    ended: Vec<(String, String)>,
+    /// (hold id, how, captured) of every HoldEnded refusal.
+    ended_refusals: Vec<(String, HoldEnd, i64)>,
+    /// (charge id, amount, refunded_total) of every fresh refund.
+    refunds: Vec<(String, i64, i64)>,
+    /// (charge id, amount asked, refundable) of every RefundExceedsCharge refusal.
+    refund_refusals: Vec<(String, i64, i64)>,
+    totals: BTreeMap<(String, String), Totals>,
+}
+
+type SharedRef = Arc<Mutex<Shared>>;
+
+fn lock(shared: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().expect("shared state")
+}
+
+/// What the concurrent cases reached, summed over all cases: each must happen at least
+/// once, or the generator no longer reaches the contention the test is for.
+#[derive(Debug, Clone, Copy)]
+enum Seen {
+    TwinFreshAndReplay,
+    TwinSameRefusal,
+    TwinReplay,
+    EndRivalsSplit,
+    EndedByAnotherTask,
+    EndedRefusal,
+    ExpiredRefusal,
+    RefundRivalsSplit,
+    Replay,
+    ReuseRefused,
+}
+
+const SEEN: [&str; 10] = [
+    "twin requests answered once fresh, once replayed",
+    "twin requests refused alike",
+    "replays sent twice at once",
+    "rival ends of a hold: one ended it, the other was told how",
+    "holds ended by another task than the one that placed them",
+    "HoldEnded refusals",
+    "HoldEnded refusals naming an expiry",
+    "rival refunds of a charge: one refunded, the other refused",
+    "replays of any task's request",
+    "reused keys refused",
+];
+
+#[derive(Default)]
+struct Coverage([AtomicUsize; SEEN.len()]);
+
+impl Coverage {
+    fn add(&self, seen: Seen) {
+        self.0[seen as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts; panics naming any that never happened.
+    fn check(&self) -> String {
+        let counts: Vec<usize> = self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let report = SEEN
+            .iter()
+            .zip(&counts)
+            .map(|(what, n)| format!("{n} {what}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        for (what, n) in SEEN.iter().zip(&counts) {
+            assert!(
+                *n > 0,
+                "the concurrent cases never reached: {what} ({report})"
+            );
+        }
+        report
+    }
+}
+
+/// What a Capture (Some) or Release (None) of a hold of `amount` captures.
+fn capture_of(capture: Option<Option<i64>>, amount: i64) -> i64 {
+    match capture {
+        None => 0,
+        Some(None) => amount,
+        Some(Some(a)) => a,
+    }
+}
+
+/// An index into a list of `len` holds or charges: every other pick among the newest
+/// four (likely still open, and likely picked by other tasks at the same time).
+fn recent_or_any(pick: usize, len: usize) -> usize {
+    if pick.is_multiple_of(2) {
+        len - 1 - (pick / 2) % len.min(4)
+    } else {
+        (pick / 2) % len
+    }
+}
+
+/// Whether the first answer to a request is stored under its key (so a replay returns it).
+fn remembered(first: &Outcome) -> bool {
+    first.event_id().is_some() || matches!(first, Outcome::Refused(_))
+}
+
+/// Checks a fresh answer against its request and records it in `shared`.
+fn take_fresh(
+    shared: &SharedRef,
+    coverage: &Coverage,
+    task: usize,
+    sent: &Sent,
+    out: &Outcome,
+) -> Result<(), String> {
+    if matches!(out, Outcome::Failed(_)) || out.replayed() {
+        return Err(format!("{sent:?} with a fresh key: {out:?}"));
+    }
+    let mut sh = lock(shared);
+    let sh = &mut *sh;
+    if let Some(id) = out.event_id() {
+        sh.acknowledged.push(id.to_owned());
+    }
+    match (sent, out) {
+        (Sent::Grant(c), Outcome::Granted { .. }) => {
+            sh.totals
+                .entry((c.account_id.clone(), c.wallet.clone()))
+                .or_default()
+                .granted += c.amount;
+        }
+        (Sent::Adjust(c), Outcome::Granted { .. }) => {
+            sh.totals
+                .entry((c.account_id.clone(), c.wallet.clone()))
+                .or_default()
+                .adjusted += c.amount;
+        }
+        (
+            Sent::Debit(c),
+            Outcome::Debited {
+                event_id, amount, ..
+            },
+        ) => {
+            if *amount != c.amount {
+                return Err(format!("{c:?}: {out:?}"));
+            }
+            sh.totals
+                .entry((c.account_id.clone(), c.wallet.clone()))
+                .or_default()
+                .used += c.amount;
+            sh.charge_ids.push(event_id.clone());
+            sh.charges.insert(
+                event_id.clone(),
+                ChargeInfo {
+                    amount: c.amount,
+                    account: c.account_id.clone(),
+                    wallet: c.wallet.clone(),
+                },
+            );
+        }
+        (
+            Sent::Authorize(c),
+            Outcome::Held {
+                hold_id, amount, ..
+            },
+        ) => {
+            if *amount != c.amount {
+                return Err(format!("{c:?}: {out:?}"));
+            }
+            sh.hold_ids.push(hold_id.clone());
+            sh.holds.insert(
+                hold_id.clone(),
+                HoldInfo {
+                    amount: c.amount,
+                    account: c.account_id.clone(),
+                    wallet: c.wallet.clone(),
+                    task,
+                },
+            );
+        }
+        (
+            Sent::End(c),
+            Outcome::Ended {
+                event_id,
+                captured,
+                released,
+                ..
+            },
+        ) => {
+            let hold = sh.holds[&c.hold_id].clone();
+            let want = capture_of(c.capture, hold.amount);
+            if (*captured, *released) != (want, hold.amount - want) {
+                return Err(format!("{c:?} of a hold of {}: {out:?}", hold.amount));
+            }
+            if hold.task != task {
+                coverage.add(Seen::EndedByAnotherTask);
+            }
+            sh.totals
+                .entry((hold.account.clone(), hold.wallet.clone()))
+                .or_default()
+                .used += want;
+            sh.ended.push((c.hold_id.clone(), event_id.clone()));
+            if want > 0 {
+                sh.charge_ids.push(event_id.clone());
+                sh.charges.insert(
+                    event_id.clone(),
+                    ChargeInfo {
+                        amount: want,
+                        account: hold.account,
+                        wallet: hold.wallet,
+                    },
+                );
+            }
+        }
+        (Sent::End(c), Outcome::Refused(Refusal::HoldEnded { how, captured })) => {
+            coverage.add(Seen::EndedRefusal);
+            if *how == HoldEnd::Expired {
+                coverage.add(Seen::ExpiredRefusal);
+            }
+            sh.ended_refusals.push((c.hold_id.clone(), *how, *captured));
+        }
+        (Sent::End(c), Outcome::Invalid(field)) => {
+            let amount = sh.holds[&c.hold_id].amount;
+            if field != "amount" || capture_of(c.capture, amount) <= amount {
+                return Err(format!("{c:?} of a hold of {amount}: {out:?}"));
+            }
+        }
+        (Sent::End(c), _) => return Err(format!("{c:?}: {out:?}")),
+        (
+            Sent::Refund(c),
+            Outcome::Refunded {
+                refunded,
+                refunded_total,
+                ..
+            },
+        ) => {
+            if *refunded != c.amount {
+                return Err(format!("{c:?}: {out:?}"));
+            }
+            let charge = sh.charges[&c.charge_id].clone();
+            sh.totals
+                .entry((charge.account, charge.wallet))
+                .or_default()
+                .refunded += c.amount;
+            sh.refunds
+                .push((c.charge_id.clone(), c.amount, *refunded_total));
+        }
+        (Sent::Refund(c), Outcome::Refused(Refusal::RefundExceedsCharge { refundable })) => {
+            if *refundable >= c.amount {
+                return Err(format!("{c:?}: {out:?}"));
+            }
+            sh.refund_refusals
+                .push((c.charge_id.clone(), c.amount, *refundable));
+        }
+        (Sent::Refund(_), Outcome::Refused(Refusal::LotLimit { .. })) => {}
+        (Sent::Refund(c), _) => return Err(format!("{c:?}: {out:?}")),
+        _ => {}
+    }
+    sh.sent.push((sent.clone(), out.clone()));
+    Ok(())
+}
+
+/// Sends a request twice at once with the same key; checks one answer is fresh and the
+/// other its replay (or both the same refusal) and records the fresh one.
+async fn send_twin(ctx: &TaskCtx, task: usize, sent: &Sent) -> Result<(), String> {
+    let (a, b) = tokio::join!(
+        send(&ctx.ledger, &ctx.keys, sent),
+        send(&ctx.ledger, &ctx.keys, sent)
+    );
+    if a.event_id().is_some() || b.event_id().is_some() {
+        let (first, again) = if a.replayed() { (b, a) } else { (a, b) };
+        if first.replayed() || again != first.with_replayed() {
+            return Err(format!(
+                "{sent:?} twice at once: {first:?} and {again:?} (want one fresh answer and its replay)"
+            ));
+        }
+        ctx.coverage.add(Seen::TwinFreshAndReplay);
+        take_fresh(&ctx.shared, &ctx.coverage, task, sent, &first)
+    } else {
+        if a != b {
+            return Err(format!("{sent:?} twice at once: {a:?} and {b:?}"));
+        }
+        if matches!(a, Outcome::Refused(_)) {
+            ctx.coverage.add(Seen::TwinSameRefusal);
+        }
+        take_fresh(&ctx.shared, &ctx.coverage, task, sent, &a)
+    }
+}
+
+/// Sends two different requests at once on one hold or charge (`rival` ends the hold the
+/// other way, or refunds so much that both refunds cannot fit); checks the pair.
+async fn send_rivals(ctx: &TaskCtx, task: usize, sent: &Sent, rival: &Sent) -> Result<(), String> {
+    let (a, b) = tokio::join!(
+        send(&ctx.ledger, &ctx.keys, sent),
+        send(&ctx.ledger, &ctx.keys, rival)
+    );
+    let pair = || format!("{sent:?} -> {a:?} and at once {rival:?} -> {b:?}");
+    match (sent, rival) {
+        (Sent::End(x), Sent::End(y)) => {
+            let ended = |o: &Outcome| matches!(o, Outcome::Ended { .. });
+            match (&a, &b) {
+                (Outcome::Ended { .. }, Outcome::Ended { .. }) => {
+                    return Err(format!("a hold ended twice: {}", pair()))
+                }
+                (winner, Outcome::Refused(Refusal::HoldEnded { how, captured }))
+                | (Outcome::Refused(Refusal::HoldEnded { how, captured }), winner)
+                    if ended(winner) =>
+                {
+                    let end = if ended(&a) { x } else { y };
+                    let want_how = if end.capture.is_some() {
+                        HoldEnd::Captured
+                    } else {
+                        HoldEnd::Released
+                    };
+                    let Outcome::Ended { captured: c, .. } = winner else {
+                        unreachable!()
+                    };
+                    if (*how, *captured) != (want_how, *c) {
+                        return Err(format!("the refusal names another end: {}", pair()));
+                    }
+                    ctx.coverage.add(Seen::EndRivalsSplit);
+                }
+                (
+                    Outcome::Refused(Refusal::HoldEnded { .. }),
+                    Outcome::Refused(Refusal::HoldEnded { .. }),
+                ) if a != b => return Err(format!("two ends named: {}", pair())),
+                // Both refused alike (the hold had ended already), or one asked to
+                // capture more than the hold (checked by take_fresh).
+                _ => {}
+            }
+        }
+        (Sent::Refund(_), Sent::Refund(_)) => {
+            let refunded = |o: &Outcome| matches!(o, Outcome::Refunded { .. });
+            let over =
+                |o: &Outcome| matches!(o, Outcome::Refused(Refusal::RefundExceedsCharge { .. }));
+            if refunded(&a) && refunded(&b) {
+                return Err(format!("refunded past the charge: {}", pair()));
+            }
+            if (refunded(&a) && over(&b)) || (over(&a) && refunded(&b)) {
+                ctx.coverage.add(Seen::RefundRivalsSplit);
+            }
+        }
+        _ => unreachable!("rivals are ends or refunds"),
+    }
+    take_fresh(&ctx.shared, &ctx.coverage, task, sent, &a)?;
+    take_fresh(&ctx.shared, &ctx.coverage, task, rival, &b)
+}
+
+/// What every concurrent task works with.
+struct TaskCtx {
     ledger: Arc<Ledger>,
     keys: Arc<Keys>,
     now: Arc<AtomicI64>,
+    shared: SharedRef,
+    coverage: Arc<Coverage>,
+}
+
+async fn concurrent_task(
+    ctx: Arc<TaskCtx>,
     task: usize,
-    ops: Vec<Op>,
-) -> TaskLog {
-    let mut log = TaskLog::default();
-    let mut sent_log: Vec<(Sent, Outcome)> = Vec::new();
-    let mut holds: Vec<String> = Vec::new();
-    let mut charges: Vec<String> = Vec::new();
-    for (i, op) in ops.into_iter().enumerate() {
+    ops: Vec<(Op, Mode)>,
+) -> Result<(), String> {
+    let ledger = &ctx.ledger;
+    for (i, (op, mode)) in ops.into_iter().enumerate() {
         let key = format!("t{task}-{i}");
-        let at = now.load(Ordering::SeqCst);
+        let at = ctx.now.load(Ordering::SeqCst);
         let sent = match op {
             Op::Grant {
                 account,
@@ -859,29 +1254,132 @@ async fn concurrent_task(
                 metadata: Metadata::new(),
                 member_id: String::new(),
             }),
-            Op::Capture { hold, percent } if !holds.is_empty() => Sent::End(EndHold::capture(
-                holds[hold % holds.len()].clone(),
-                percent.map(|p| p.min(100) / 10),
-                key,
-            )),
-            Op::Release { hold } if !holds.is_empty() => {
-                Sent::End(EndHold::release(holds[hold % holds.len()].clone(), key))
+            Op::Capture { hold, .. } | Op::Release { hold } => {
+                // Any task's hold: ends race with other tasks' ends and with expiry.
+                let picked = {
+                    let sh = lock(&ctx.shared);
+                    (!sh.hold_ids.is_empty()).then(|| {
+                        let id = sh.hold_ids[recent_or_any(hold, sh.hold_ids.len())].clone();
+                        let amount = sh.holds[&id].amount;
+                        (id, amount)
+                    })
+                };
+                let Some((hold_id, amount)) = picked else {
+                    continue;
+                };
+                let end = match op {
+                    Op::Capture { percent, .. } => {
+                        EndHold::capture(hold_id.clone(), percent.map(|p| amount * p / 100), key)
+                    }
+                    _ => EndHold::release(hold_id.clone(), key),
+                };
+                if let Mode::Rival = mode {
+                    let other_key = format!("t{task}-{i}r");
+                    let other = if end.capture.is_some() {
+                        EndHold::release(hold_id, other_key)
+                    } else {
+                        EndHold::capture(hold_id, None, other_key)
+                    };
+                    send_rivals(&ctx, task, &Sent::End(end), &Sent::End(other)).await?;
+                    continue;
+                }
+                Sent::End(end)
             }
-            Op::Refund { charge, amount } if !charges.is_empty() => Sent::Refund(Refund {
-                charge_id: charges[charge % charges.len()].clone(),
-                amount: amount % 5 + 1,
-                idempotency_key: key,
-                metadata: Metadata::new(),
-            }),
+            Op::Refund { charge, amount } => {
+                let picked = {
+                    let sh = lock(&ctx.shared);
+                    (!sh.charge_ids.is_empty()).then(|| {
+                        let id = sh.charge_ids[recent_or_any(charge, sh.charge_ids.len())].clone();
+                        let charged = sh.charges[&id].amount;
+                        (id, charged)
+                    })
+                };
+                let Some((charge_id, charged)) = picked else {
+                    continue;
+                };
+                let refund = |amount: i64, idempotency_key: String| Refund {
+                    charge_id: charge_id.clone(),
+                    amount,
+                    idempotency_key,
+                    metadata: Metadata::new(),
+                };
+                if let Mode::Rival = mode {
+                    // a + b = charged + 1: never both.
+                    let a = amount % charged + 1;
+                    let b = charged - a + 1;
+                    let (x, y) = (refund(a, key), refund(b, format!("t{task}-{i}r")));
+                    send_rivals(&ctx, task, &Sent::Refund(x), &Sent::Refund(y)).await?;
+                    continue;
+                }
+                Sent::Refund(refund(amount % 5 + 1, key))
+            }
             Op::Advance { ms } => {
-                now.fetch_add(ms / 4, Ordering::SeqCst);
+                ctx.now.fetch_add(ms / 4, Ordering::SeqCst);
                 continue;
             }
-            Op::Replay { index } if !sent_log.is_empty() => {
-                let (sent, first) = sent_log[index % sent_log.len()].clone();
-                let again = send(&ledger, &keys, &sent).await;
-                if first.event_id().is_some() || matches!(first, Outcome::Refused(_)) {
-                    log.replays.push((first, again));
+            Op::Replay { index } => {
+                // Any task's request, after its first answer came back.
+                let picked = {
+                    let sh = lock(&ctx.shared);
+                    (!sh.sent.is_empty()).then(|| sh.sent[index % sh.sent.len()].clone())
+                };
+                let Some((sent, first)) = picked else {
+                    continue;
+                };
+                if !remembered(&first) {
+                    continue;
+                }
+                let want = first.with_replayed();
+                let answers = if let Mode::Twin = mode {
+                    let (a, b) = tokio::join!(
+                        send(ledger, &ctx.keys, &sent),
+                        send(ledger, &ctx.keys, &sent)
+                    );
+                    ctx.coverage.add(Seen::TwinReplay);
+                    vec![a, b]
+                } else {
+                    vec![send(ledger, &ctx.keys, &sent).await]
+                };
+                for again in answers {
+                    if again != want {
+                        return Err(format!(
+                            "replay of {sent:?}: {again:?}, first answered {first:?}"
+                        ));
+                    }
+                    ctx.coverage.add(Seen::Replay);
+                }
+                continue;
+            }
+            Op::Reuse { index } => {
+                let picked = {
+                    let sh = lock(&ctx.shared);
+                    (!sh.sent.is_empty()).then(|| sh.sent[index % sh.sent.len()].clone())
+                };
+                let Some((sent, first)) = picked else {
+                    continue;
+                };
+                if !remembered(&first) {
+                    continue;
+                }
+                let other = with_other_amount(&sent);
+                let got = send(ledger, &ctx.keys, &other).await;
+                if got != Outcome::Refused(Refusal::IdempotencyKeyReused) {
+                    return Err(format!(
+                        "{other:?} reuses the key of {sent:?} (first answered {first:?}): {got:?}"
+                    ));
+                }
+                ctx.coverage.add(Seen::ReuseRefused);
+                continue;
+            }
+            Op::Balance { account } => {
+                let balance = ledger
+                    .balance(ACCOUNTS[account], "")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for b in &balance {
+                    if b.available < 0 || b.held < 0 || !b.is_conserved() {
+                        return Err(format!("balance of {}: {b:?}", ACCOUNTS[account]));
+                    }
                 }
                 continue;
             }
@@ -891,27 +1389,120 @@ async fn concurrent_task(
                 }
                 continue;
             }
+        };
+        if let Mode::Twin = mode {
+            send_twin(&ctx, task, &sent).await?;
+        } else {
+            let out = send(ledger, &ctx.keys, &sent).await;
+            take_fresh(&ctx.shared, &ctx.coverage, task, &sent, &out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks what the tasks were told against the outbox and Redis: every hold ended once,
+/// by the answer that said it ended it, and every HoldEnded refusal names that end;
+/// each charge's refunds add up one after the other and every RefundExceedsCharge names
+/// what was refundable at some moment; each wallet's totals are what the fresh answers
+/// (and the expiries in the outbox) add up to, so no replay changed anything.
+async fn check_told(ledger: &Ledger, sh: &Shared) -> Result<(), TestCaseError> {
+    use tollgate::ledger::event::EventKind;
+    let events = common::outbox_events(ledger).await;
+    let mut totals = sh.totals.clone();
+    let mut ends: HashMap<&str, (&str, HoldEnd, i64)> = HashMap::new();
+    for e in &events {
+        let how = match e.kind {
+            EventKind::Capture => HoldEnd::Captured,
+            EventKind::Release => HoldEnd::Released,
+            EventKind::ExpireHold => HoldEnd::Expired,
             _ => continue,
         };
-        let out = send(&ledger, &keys, &sent).await;
-        assert!(
-            !matches!(out, Outcome::Failed(_)),
-            "ledger failure: {out:?}"
+        let captured: i64 = e.lots.iter().map(|p| p.amount).sum();
+        if how == HoldEnd::Expired {
+            totals
+                .entry((e.account_id.clone(), e.wallet.clone()))
+                .or_default()
+                .used += captured;
+        }
+        prop_assert!(
+            ends.insert(&e.hold_id, (&e.event_id, how, captured))
+                .is_none(),
+            "hold {} ended twice",
+            e.hold_id
         );
-        if let Some(id) = out.event_id() {
-            log.acknowledged.push(id.to_owned());
-        }
-        match &out {
-            Outcome::Held { hold_id, .. } => holds.push(hold_id.clone()),
-            Outcome::Debited { event_id, .. } => charges.push(event_id.clone()),
-            Outcome::Ended {
-                event_id, captured, ..
-            } if *captured > 0 => charges.push(event_id.clone()),
-            _ => {}
-        }
-        sent_log.push((sent, out));
     }
-    log
+    for (hold, event_id) in &sh.ended {
+        prop_assert_eq!(
+            ends.get(hold.as_str()).map(|e| e.0),
+            Some(event_id.as_str()),
+            "the answer that ended hold {} is not its end in the outbox",
+            hold
+        );
+    }
+    for (hold, how, captured) in &sh.ended_refusals {
+        prop_assert_eq!(
+            ends.get(hold.as_str()).map(|e| (e.1, e.2)),
+            Some((*how, *captured)),
+            "a HoldEnded refusal of hold {} names another end",
+            hold
+        );
+    }
+    let mut refunds: HashMap<&str, Vec<(i64, i64)>> = HashMap::new();
+    for (charge, amount, total) in &sh.refunds {
+        refunds
+            .entry(charge.as_str())
+            .or_default()
+            .push((*total, *amount));
+    }
+    let mut refundable: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (charge, info) in &sh.charges {
+        let mut list = refunds.remove(charge.as_str()).unwrap_or_default();
+        list.sort();
+        let mut done = 0;
+        let mut left = vec![info.amount];
+        for (total, amount) in list {
+            prop_assert_eq!(
+                total,
+                done + amount,
+                "refunds of {} do not add up one after the other",
+                charge
+            );
+            done = total;
+            left.push(info.amount - done);
+        }
+        prop_assert!(done <= info.amount, "{charge} refunded past the charge");
+        refundable.insert(charge.as_str(), left);
+    }
+    for (charge, asked, left) in &sh.refund_refusals {
+        prop_assert!(
+            refundable[charge.as_str()].contains(left),
+            "refusal of a refund of {} of {}: {} refundable, never so",
+            asked,
+            charge,
+            left
+        );
+    }
+    for account in ACCOUNTS {
+        let balance = ledger.balance(account, "").await.expect("balance");
+        for b in &balance {
+            let told = totals
+                .remove(&(account.to_owned(), b.wallet.clone()))
+                .unwrap_or_default();
+            prop_assert_eq!(
+                (b.granted, b.adjusted, b.used, b.refunded),
+                (told.granted, told.adjusted, told.used, told.refunded),
+                "totals of {}/{}: redis's, then what the answers added up to",
+                account,
+                b.wallet
+            );
+        }
+    }
+    prop_assert!(
+        totals.values().all(|t| *t == Totals::default()),
+        "answers changed wallets redis does not list: {:?}",
+        totals
+    );
+    Ok(())
 }
 
 #[test]
@@ -929,13 +1520,18 @@ fn concurrent_runs_keep_the_invariants() {
         max_shrink_iters: 0,
         ..ProptestConfig::default()
     });
-    let strategy = prop::collection::vec(prop::collection::vec(op_strategy(), 40..60), 16);
+    let coverage = Arc::new(Coverage::default());
+    let strategy = prop::collection::vec(
+        prop::collection::vec((op_strategy(), mode_strategy()), 40..60),
+        16,
+    );
     runner
         .run(&strategy, |tasks| {
             runtime.block_on(async {
                 let (clock, now) = Clock::manual(START_MS);
                 let ledger = new_ledger(&redis, clock);
                 let keys = flush(&ledger).await;
+                let shared = SharedRef::default();
                 // Seed every wallet so the tasks contend for real credits.
                 for account in ACCOUNTS {
                     for wallet in WALLETS {
@@ -951,32 +1547,28 @@ fn concurrent_runs_keep_the_invariants() {
                             metadata: Metadata::new(),
                         };
                         ledger.grant(&g).await.expect("seed");
+                        lock(&shared)
+                            .totals
+                            .entry((account.into(), wallet.into()))
+                            .or_default()
+                            .granted += g.amount;
                     }
                 }
+                let ctx = Arc::new(TaskCtx {
+                    ledger: ledger.clone(),
+                    keys,
+                    now: now.clone(),
+                    shared: shared.clone(),
+                    coverage: coverage.clone(),
+                });
                 let handles: Vec<_> = tasks
                     .into_iter()
                     .enumerate()
-                    .map(|(i, ops)| {
-                        tokio::spawn(concurrent_task(
-                            ledger.clone(),
-                            keys.clone(),
-                            now.clone(),
-                            i,
-                            ops,
-                        ))
-                    })
+                    .map(|(i, ops)| tokio::spawn(concurrent_task(ctx.clone(), i, ops)))
                     .collect();
-                let mut acknowledged = Vec::new();
-                let mut replays = Vec::new();
                 for h in handles {
-                    let log = h.await.expect("task");
-                    acknowledged.extend(log.acknowledged);
-                    replays.extend(log.replays);
-                }
-                for (first, again) in &replays {
-                    match first {
-                        Outcome::Refused(_) => prop_assert_eq!(again, first),
-                        _ => prop_assert_eq!(again, &first.with_replayed()),
+                    if let Err(e) = h.await.expect("task") {
+                        prop_assert!(false, "concurrent task: {}", e);
                     }
                 }
                 // Settle everything due, then replay the outbox against Redis's state.
@@ -990,15 +1582,17 @@ fn concurrent_runs_keep_the_invariants() {
                     0,
                     "holds past their deadline left open"
                 );
+                let sh = std::mem::take(&mut *lock(&shared));
+                check_told(&ledger, &sh).await?;
                 let events = common::outbox_events(&ledger).await;
                 let mut seen: HashMap<&str, usize> = HashMap::new();
                 for e in &events {
                     *seen.entry(e.event_id.as_str()).or_default() += 1;
                 }
-                let acked: HashSet<&str> = acknowledged.iter().map(String::as_str).collect();
+                let acked: HashSet<&str> = sh.acknowledged.iter().map(String::as_str).collect();
                 prop_assert_eq!(
                     acked.len(),
-                    acknowledged.len(),
+                    sh.acknowledged.len(),
                     "an event id was acknowledged twice"
                 );
                 for id in &acked {
@@ -1024,4 +1618,5 @@ fn concurrent_runs_keep_the_invariants() {
             })
         })
         .expect("invariants hold under concurrency");
+    println!("concurrent_runs_keep_the_invariants: {}", coverage.check());
 }
