@@ -1616,12 +1616,16 @@ impl TaskCtx {
             }
             tally::add(&tally::CON_TWIN_REPLAYED, 1);
             self.take_fresh(task, sent, &first)
-        } else {
+        } else if a.remembered() && b.remembered() {
             if a != b {
                 return Err(format!("{sent:?} twice at once: {a:?} and {b:?}"));
             }
             tally::add(&tally::CON_TWIN_REFUSED, 1);
             self.take_fresh(task, sent, &a)
+        } else {
+            // Bad input is not recorded under its key: each ran afresh.
+            self.take_fresh(task, sent, &a)?;
+            self.take_fresh(task, sent, &b)
         }
     }
 
