@@ -2,8 +2,9 @@
 //! executable with a generated config (a priced bench route, no in-process settler),
 //! killed when dropped — also when the bench is interrupted.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -18,12 +19,73 @@ pub const SERVICE_TOKEN: &str = "bench-service-token";
 pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a bench replica gets to finish its first sync.
 pub const REPLICA_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a killed child gets to be gone before its directory is removed anyway.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+/// Lines of the child server's log an error quotes (the log is removed with its directory).
+const LOG_TAIL_LINES: usize = 40;
+
+/// A fresh directory of this process's own under the temp directory, named
+/// `tollgate-bench-{what}-{pid}-{n}`: every call gets another one (the two stacks of
+/// `--versus-accounts` never share one), and one left behind by an earlier process with
+/// the same id is not reused.
+pub fn private_dir(what: &str) -> Result<PathBuf, String> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("tollgate-bench-{what}-{}-{n}", std::process::id()));
+        match std::fs::create_dir(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet), from
+/// /proc/<pid>/stat; true where there is no /proc.
+fn exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // The state follows the command name, which may hold spaces: look after its ')'.
+    stat.rfind(')')
+        .and_then(|i| stat.get(i + 1..))
+        .and_then(|rest| rest.split_whitespace().next())
+        .is_some_and(|state| state == "Z" || state == "X")
+}
+
+/// Waits (blocking, at most [`EXIT_WAIT`]) until every process of `pids` has exited.
+fn wait_exited(pids: &[u32]) {
+    let deadline = std::time::Instant::now() + EXIT_WAIT;
+    while !pids.iter().all(|&pid| exited(pid)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The last [`LOG_TAIL_LINES`] lines of a log file (empty when it cannot be read).
+fn log_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+    let mut tail = String::new();
+    if from > 0 {
+        tail.push_str(&format!("[{from} earlier lines left out]\n"));
+    }
+    tail.push_str(&lines[from..].join("\n"));
+    tail
+}
 
 /// The bench's private redis-server at a durability level (and its replica for
-/// `replica-wait`); killed, and its AOF directory removed, when dropped.
+/// `replica-wait`); killed, and then its AOF directory removed, when dropped.
 pub struct BenchRedis {
-    primary: DevRedis,
-    _replica: Option<DevRedis>,
+    url: String,
+    /// Always Some until dropped (taken in `drop` to kill the servers before the directory
+    /// goes).
+    primary: Option<DevRedis>,
+    replica: Option<DevRedis>,
+    /// Process ids of the primary and the replica (to wait for their exit).
+    pids: Vec<u32>,
     dir: Option<PathBuf>,
 }
 
@@ -37,55 +99,79 @@ impl BenchRedis {
             .collect();
         if durability != Durability::None {
             // AOF files, and the RDB a replica receives on its first sync, go to a private
-            // directory (not the current one).
-            let path = std::env::temp_dir().join(format!(
-                "tollgate-bench-redis-{}-{}",
-                std::process::id(),
-                durability.name()
-            ));
-            std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            // directory (not the current one), one per stack.
+            let path = private_dir(&format!("redis-{}", durability.name()))?;
             args.extend(["--dir".to_owned(), path.display().to_string()]);
             dir = Some(path);
         }
+        let mut this = Self {
+            url: String::new(),
+            primary: None,
+            replica: None,
+            pids: Vec::new(),
+            dir,
+        };
+        // From here on a failure drops `this`: what was started is killed, the directory
+        // removed.
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let primary = DevRedis::start_with(&arg_refs).await?;
-        let replica = if durability == Durability::ReplicaWait {
-            let port = primary
+        this.url = primary.url.clone();
+        this.pids.extend(redis_pid(&primary.url).await);
+        this.primary = Some(primary);
+        if durability == Durability::ReplicaWait {
+            let port = this
                 .url
                 .rsplit(':')
                 .next()
                 .ok_or("bad redis url")?
                 .to_owned();
-            let dir = dir
+            let dir = this
+                .dir
                 .as_ref()
                 .ok_or("no directory for the replica")?
                 .display()
                 .to_string();
             let replica =
                 DevRedis::start_with(&["--replicaof", "127.0.0.1", &port, "--dir", &dir]).await?;
-            wait_in_sync(&primary.url, &replica.url).await?;
-            Some(replica)
-        } else {
-            None
-        };
-        Ok(Self {
-            primary,
-            _replica: replica,
-            dir,
-        })
+            this.pids.extend(redis_pid(&replica.url).await);
+            let replica_url = replica.url.clone();
+            this.replica = Some(replica);
+            wait_in_sync(&this.url, &replica_url).await?;
+        }
+        Ok(this)
     }
 
     pub fn url(&self) -> &str {
-        &self.primary.url
+        &self.url
     }
 }
 
 impl Drop for BenchRedis {
+    /// Kills the replica and the primary (a `DevRedis` is killed when dropped), waits until
+    /// they have exited, and only then removes their directory: a live redis-server could
+    /// still write into it.
     fn drop(&mut self) {
+        drop(self.replica.take());
+        drop(self.primary.take());
         if let Some(dir) = &self.dir {
+            wait_exited(&self.pids);
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// The process id a redis-server reports (`INFO server`), None when it cannot be had.
+async fn redis_pid(url: &str) -> Option<u32> {
+    let client = redis::Client::open(url).ok()?;
+    let mut con = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut con)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Waits until the replica's link is up and the primary counts it.
@@ -147,9 +233,9 @@ impl BenchServer {
         let port = || crate::dev::free_port().map_err(|e| format!("no free port: {e}"));
         let grpc_addr = format!("127.0.0.1:{}", port()?);
         let http_addr = format!("127.0.0.1:{}", port()?);
-        let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dir = private_dir("server")?;
         let config_path = dir.join("tollgate.toml");
+        let log_path = dir.join("server.log");
         // The settler is off unless asked for (--settle-into): it competes for the same
         // cores, and settlement has its own benchmark (cargo bench --bench settle).
         let store_url = match settle {
@@ -201,23 +287,32 @@ fail_policy = "fail_closed"
                 |w| w.timeout.as_millis() as u64
             ),
         );
-        std::fs::write(&config_path, config)
-            .map_err(|e| format!("{}: {e}", config_path.display()))?;
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find tollgate: {e}"))?;
-        let log_path = dir.join("server.log");
-        let log =
-            std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let child = Command::new(exe)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start tollgate serve: {e}"))?;
+        let spawned = (|| {
+            std::fs::write(&config_path, config)
+                .map_err(|e| format!("{}: {e}", config_path.display()))?;
+            let exe = std::env::current_exe().map_err(|e| format!("cannot find tollgate: {e}"))?;
+            let log = std::fs::File::create(&log_path)
+                .map_err(|e| format!("{}: {e}", log_path.display()))?;
+            let mut command = Command::new(exe);
+            command
+                .arg("serve")
+                .arg("--config")
+                .arg(&config_path)
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("cannot start tollgate serve: {e}"))
+        })();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let pid = child.id().unwrap_or_default();
         let mut server = Self {
             grpc_addr,
@@ -230,21 +325,24 @@ fail_policy = "fail_closed"
         Ok(server)
     }
 
-    async fn wait_ready(&mut self, log_path: &std::path::Path) -> Result<(), String> {
+    async fn wait_ready(&mut self, log_path: &Path) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + SERVER_START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                let log = std::fs::read_to_string(log_path).unwrap_or_default();
-                return Err(format!("tollgate serve exited ({status}):\n{log}"));
+                return Err(format!(
+                    "tollgate serve exited ({status}); its log:\n{}",
+                    log_tail(log_path)
+                ));
             }
             if super::load::http_get_status(&self.http_addr, "/readyz").await == Some(200) {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
+                // The log goes with the directory when the server is dropped: quote it.
                 return Err(format!(
-                    "tollgate serve was not ready within {} s (log: {})",
+                    "tollgate serve was not ready within {} s; its log:\n{}",
                     SERVER_START_TIMEOUT.as_secs(),
-                    log_path.display()
+                    log_tail(log_path)
                 ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -253,8 +351,68 @@ fail_policy = "fail_closed"
 }
 
 impl Drop for BenchServer {
+    /// Kills the server and reaps it, and only then removes its directory (its config,
+    /// log and SQLite store): a live server could still write into it.
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        let deadline = std::time::Instant::now() + EXIT_WAIT;
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_private_dir_is_another() {
+        let a = private_dir("test").expect("a");
+        let b = private_dir("test").expect("b");
+        assert_ne!(a, b);
+        assert!(a.is_dir() && b.is_dir());
+        for dir in [a, b] {
+            std::fs::remove_dir_all(dir).expect("remove");
+        }
+    }
+
+    #[test]
+    fn the_log_tail_is_its_last_lines() {
+        let dir = private_dir("test-log").expect("dir");
+        let path = dir.join("server.log");
+        let log: String = (1..=100).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&path, log).expect("write");
+        let tail = log_tail(&path);
+        assert!(
+            tail.starts_with("[60 earlier lines left out]\nline 61\n"),
+            "{tail}"
+        );
+        assert!(tail.ends_with("line 100"), "{tail}");
+        assert_eq!(log_tail(&dir.join("missing.log")), "");
+        std::fs::remove_dir_all(dir).expect("remove");
+    }
+
+    /// Dropping a bench redis-server with a directory (AOF) kills it and waits for its exit
+    /// before the directory goes.
+    #[tokio::test]
+    async fn a_dropped_redis_has_exited_and_its_directory_is_gone() {
+        let redis = BenchRedis::start(Durability::AofEverysec)
+            .await
+            .expect("redis-server must be installed");
+        let dir = redis.dir.clone().expect("an AOF directory");
+        let pids = redis.pids.clone();
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        assert!(dir.is_dir() && !exited(pids[0]));
+        drop(redis);
+        assert!(exited(pids[0]), "redis-server {} still runs", pids[0]);
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
+
+    #[test]
+    fn a_running_process_has_not_exited() {
+        assert!(!exited(std::process::id()));
+        assert!(exited(u32::MAX));
     }
 }
