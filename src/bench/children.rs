@@ -260,6 +260,9 @@ service_token = "{SERVICE_TOKEN}"
 [store]
 url = "{store_url}"
 
+[gateway]
+spool_path = "{spool_path}"
+
 [settler]
 enabled = {settle}
 
@@ -281,6 +284,10 @@ base = 1
 fail_policy = "fail_closed"
 "#,
             settle = settle.is_some(),
+            // Its own fail-open spool (the price book is fail_closed, but the file is
+            // opened and locked at start): not one in the current directory shared with
+            // the other stack's server.
+            spool_path = dir.join("spool.jsonl").display(),
             wait_replicas = wait.map_or(0, |w| w.replicas),
             wait_timeout_ms = wait.map_or(
                 crate::ledger::redis_pool::DEFAULT_WAIT_TIMEOUT.as_millis() as u64,
@@ -294,6 +301,14 @@ fail_policy = "fail_closed"
             let log = std::fs::File::create(&log_path)
                 .map_err(|e| format!("{}: {e}", log_path.display()))?;
             let mut command = Command::new(exe);
+            // The generated config is the whole configuration: TOLLGATE_* variables of the
+            // bench's environment (a service token, a Redis URL, a shard count…) would
+            // override it, and RUST_LOG its log level.
+            for (name, _) in std::env::vars_os() {
+                if name.to_string_lossy().starts_with("TOLLGATE_") {
+                    command.env_remove(name);
+                }
+            }
             command
                 .arg("serve")
                 .arg("--config")
