@@ -213,8 +213,10 @@ pub struct BenchArgs {
     /// Process id of the --target server, to report its RSS.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Service token for Debit/Authorize/Capture against --target.
-    #[arg(long, env = "TOLLGATE_SERVICE_TOKEN", hide_env_values = true)]
+    /// Service token for Debit/Authorize/Capture against --target (default: the
+    /// TOLLGATE_SERVICE_TOKEN environment variable). Without --target the bench's own
+    /// server has a token of its own, and the variable is ignored.
+    #[arg(long)]
     pub service_token: Option<String>,
 }
 
@@ -278,6 +280,21 @@ impl BenchArgs {
             }
             if self.target.is_some() || self.redis_url.is_some() || self.settle_into.is_some() {
                 bad.push("--versus-accounts starts two stacks of its own: not with --target, --redis-url or --settle-into".into());
+            }
+        }
+        if self.target.is_none() {
+            // Only meaningful against a running server: silently ignoring them would
+            // measure something else than asked for.
+            for (flag, given) in [
+                ("--target-http", self.target_http.is_some()),
+                ("--server-pid", self.server_pid.is_some()),
+                ("--service-token", self.service_token.is_some()),
+            ] {
+                if given {
+                    bad.push(format!(
+                        "{flag} is for the server given with --target: not without it"
+                    ));
+                }
             }
         }
         if self.target.is_some() {
@@ -440,7 +457,11 @@ impl Stack {
                 load::Target {
                     grpc_addr: args.target.clone().unwrap_or_default(),
                     http_addr: args.target_http.clone(),
-                    service_token: args.service_token.clone().unwrap_or_default(),
+                    service_token: args
+                        .service_token
+                        .clone()
+                        .or_else(|| std::env::var("TOLLGATE_SERVICE_TOKEN").ok())
+                        .unwrap_or_default(),
                 },
                 args.server_pid,
             ),
@@ -484,5 +505,46 @@ impl Stack {
             _settle_db: settle_db,
             _redis: redis_child,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn validated(args: &[&str]) -> Result<(), String> {
+        let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.bench.validate()
+    }
+
+    #[test]
+    fn target_flags_are_refused_without_a_target() {
+        for (flag, value) in [
+            ("--target-http", "127.0.0.1:8080"),
+            ("--server-pid", "1"),
+            ("--service-token", "t"),
+        ] {
+            let err = validated(&["debit", flag, value]).expect_err(flag);
+            assert!(err.contains(flag) && err.contains("--target"), "{err}");
+            validated(&[
+                "debit",
+                "--target",
+                "127.0.0.1:50051",
+                "--redis-url",
+                "redis://127.0.0.1:6379",
+                flag,
+                value,
+            ])
+            .expect(flag);
+        }
+        validated(&["debit"]).expect("no target flags");
     }
 }
