@@ -521,6 +521,7 @@ struct Shared {
     rate: Option<f64>,
     permits: Option<Arc<Semaphore>>,
     seq: AtomicU64,
+    /// Answered requests (successes and errors), and errors among them.
     completed: AtomicU64,
     failed: AtomicU64,
     distribution: Distribution,
@@ -532,6 +533,9 @@ struct WorkerResult {
     service_us: Histogram<u64>,
     send_delay_us: Histogram<u64>,
     errors: BTreeMap<String, u64>,
+    /// Successes answered by the phase's end (all of them when it has no end): what its
+    /// throughput counts.
+    succeeded: u64,
     finished: Instant,
 }
 
@@ -544,6 +548,7 @@ async fn worker(mut client: Client, shared: Arc<Shared>, index: usize) -> Worker
     let mut service_us = histogram();
     let mut send_delay_us = histogram();
     let mut errors = BTreeMap::new();
+    let mut succeeded = 0u64;
     let mut picker = Picker::new(
         shared.run_id ^ (index as u64 + 1),
         shared.accounts.ids.len(),
@@ -589,7 +594,10 @@ async fn worker(mut client: Client, shared: Arc<Shared>, index: usize) -> Worker
             send_delay_us.saturating_record((late.as_micros() as u64).max(1));
         }
         match outcome {
-            Ok(()) => {}
+            // A request still out when the phase ended does not count: throughput is what
+            // was answered within the measured time (one stuck request would otherwise
+            // stretch that time up to REQUEST_TIMEOUT).
+            Ok(()) => succeeded += u64::from(shared.end.is_none_or(|end| done <= end)),
             Err(kind) => {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
                 *errors.entry(kind).or_insert(0) += 1;
@@ -603,6 +611,7 @@ async fn worker(mut client: Client, shared: Arc<Shared>, index: usize) -> Worker
         service_us,
         send_delay_us,
         errors,
+        succeeded,
         finished: Instant::now(),
     }
 }
@@ -787,17 +796,17 @@ async fn drive(
     loop {
         ticks.tick().await;
         let now = Instant::now();
+        let failed = shared.failed.load(Ordering::Relaxed);
         let done = shared.completed.load(Ordering::Relaxed);
+        // The timeline, like the throughput, counts successes only.
+        let ok = done.saturating_sub(failed);
         let interval = now.duration_since(last.0).as_secs_f64();
         if interval > 0.0 && now > start {
-            let rps = (done - last.1) as f64 / interval;
+            let rps = ok.saturating_sub(last.1) as f64 / interval;
             timeline.push((now.duration_since(start).as_secs_f64(), rps));
-            bar.set_message(format!(
-                "{done} done, {rps:.0}/s, {} errors",
-                shared.failed.load(Ordering::Relaxed)
-            ));
+            bar.set_message(format!("{done} done, {rps:.0}/s ok, {failed} errors"));
         }
-        last = (now, done);
+        last = (now, ok);
         if let Some(pid) = probe.pid {
             if let Some(rss) = proc_status_bytes(pid, "VmRSS:") {
                 rss_max = Some(rss_max.map_or(rss, |m| m.max(rss)));
@@ -828,6 +837,7 @@ async fn drive(
     let mut service_us = histogram();
     let mut send_delay_us = histogram();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut succeeded = 0u64;
     let mut finished = start;
     for handle in workers {
         match handle.await {
@@ -839,6 +849,7 @@ async fn drive(
                 for (kind, n) in result.errors {
                     *errors.entry(kind).or_insert(0) += n;
                 }
+                succeeded += result.succeeded;
                 finished = finished.max(result.finished);
             }
             Err(err) => {
@@ -851,6 +862,12 @@ async fn drive(
     }
     bar.finish_and_clear();
     let completed = shared.completed.load(Ordering::Relaxed);
+    // The measured time: up to the phase's end (requests answered after it are in the
+    // latencies, not in the throughput), or, for --requests, until the last answer.
+    let elapsed = match end {
+        Some(end) => end.duration_since(start),
+        None => finished.duration_since(start),
+    };
     (
         clients,
         Phase {
@@ -859,8 +876,9 @@ async fn drive(
             service_us,
             send_delay_us,
             completed,
+            succeeded,
             errors,
-            elapsed: finished.duration_since(start),
+            elapsed,
             timeline,
             rss_max_bytes: rss_max,
             rss_hwm_bytes: None,

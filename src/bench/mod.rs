@@ -385,6 +385,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     }
     drop(versus);
     drop(stack);
+    // After the result is written: a side with too many errors fails the run.
+    report.check()?;
     Ok(report)
 }
 

@@ -13,6 +13,11 @@ use serde_json::{json, Value};
 use super::BenchArgs;
 use crate::ledger::Ledger;
 
+/// The share of a measured side's requests that may fail: past it the bench ends with an
+/// error naming the side (after writing its result), as its throughput, and any ratio made
+/// of it, measure a misconfiguration more than the server.
+pub const ERROR_SHARE_MAX: f64 = 0.01;
+
 /// One measured phase (the scenario, or the baseline).
 pub struct Phase {
     pub label: String,
@@ -23,8 +28,13 @@ pub struct Phase {
     /// generator itself was: its pacer's wake-ups and a free worker).
     pub service_us: Histogram<u64>,
     pub send_delay_us: Histogram<u64>,
+    /// Requests answered, successes and errors (all of them in the latencies).
     pub completed: u64,
+    /// Successes answered within the measured time: what the throughput counts.
+    pub succeeded: u64,
     pub errors: BTreeMap<String, u64>,
+    /// The measured time: the phase's duration (a request answered after it is not in the
+    /// throughput), or with --requests until the last answer.
     pub elapsed: Duration,
     /// (seconds since the start, requests/s over the last tick)
     pub timeline: Vec<(f64, f64)>,
@@ -40,10 +50,12 @@ pub struct Phase {
 }
 
 impl Phase {
+    /// Successful requests per second: an error (refused, timed out, unreachable) is not
+    /// throughput.
     pub fn throughput_rps(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {
-            self.completed as f64 / secs
+            self.succeeded as f64 / secs
         } else {
             0.0
         }
@@ -57,6 +69,7 @@ impl Phase {
         let _ = self.service_us.add(&next.service_us);
         let _ = self.send_delay_us.add(&next.send_delay_us);
         self.completed += next.completed;
+        self.succeeded += next.succeeded;
         for (kind, n) in next.errors {
             *self.errors.entry(kind).or_insert(0) += n;
         }
@@ -115,10 +128,47 @@ impl Phase {
         self.errors.values().sum()
     }
 
+    /// Why this phase's figures cannot be trusted: more than [`ERROR_SHARE_MAX`] of its
+    /// requests failed, or none succeeded.
+    fn failure(&self) -> Option<String> {
+        let errors = self.errors_total();
+        // Errors of a worker that panicked are not among the answered requests.
+        let requests = self.completed.max(errors);
+        if requests == 0 {
+            return Some(format!("{}: no request was answered", self.label));
+        }
+        let share = errors as f64 / requests as f64;
+        if share > ERROR_SHARE_MAX {
+            let mut kinds: Vec<(&String, &u64)> = self.errors.iter().collect();
+            kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let kinds: Vec<String> = kinds
+                .iter()
+                .take(3)
+                .map(|(kind, n)| format!("{kind} {n}"))
+                .collect();
+            return Some(format!(
+                "{}: {errors} of {requests} requests failed ({:.1}%, more than {}%; {}{})",
+                self.label,
+                share * 100.0,
+                ERROR_SHARE_MAX * 100.0,
+                kinds.join(", "),
+                if self.errors.len() > 3 { ", …" } else { "" }
+            ));
+        }
+        if self.succeeded == 0 {
+            return Some(format!(
+                "{}: no request succeeded within the measured time",
+                self.label
+            ));
+        }
+        None
+    }
+
     fn json(&self) -> Value {
         json!({
             "throughput_rps": round(self.throughput_rps()),
             "requests": self.completed,
+            "succeeded": self.succeeded,
             "elapsed_secs": self.elapsed.as_secs_f64(),
             "latency_ms": self.latency_json(),
             "service_latency_ms": self.open_loop_json(&self.service_us),
@@ -135,8 +185,9 @@ impl Phase {
         let _ = writeln!(out, "{}", self.label);
         let _ = writeln!(
             out,
-            "  throughput   {:>10.0} req/s ({} requests in {:.1} s)",
+            "  throughput   {:>10.0} req/s ({} successful of {} requests in {:.1} s)",
             self.throughput_rps(),
+            self.succeeded,
             self.completed,
             self.elapsed.as_secs_f64()
         );
@@ -368,6 +419,8 @@ impl Report {
             "rounds": if args.baseline || versus.is_some() { args.rounds } else { 1 },
             "throughput_rps": round(main.throughput_rps()),
             "requests": main.completed,
+            "succeeded": main.succeeded,
+            "elapsed_secs": main.elapsed.as_secs_f64(),
             "latency_ms": main.latency_json(),
             "service_latency_ms": main.open_loop_json(&main.service_us),
             "send_delay_ms": main.open_loop_json(&main.send_delay_us),
@@ -473,6 +526,28 @@ impl Report {
             }
         }
         out
+    }
+
+    /// Err naming every measured side whose figures cannot be trusted (too many errors):
+    /// the bench then exits non-zero, so a misconfigured run does not end with a confident
+    /// ratio.
+    pub fn check(&self) -> Result<(), String> {
+        let mut phases = Vec::new();
+        phases.extend(&self.baseline);
+        phases.push(&self.main);
+        if let Some(versus) = &self.versus {
+            phases.extend(&versus.baseline);
+            phases.push(&versus.main);
+        }
+        let failures: Vec<String> = phases.iter().filter_map(|p| p.failure()).collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the figures of this run are not to be trusted (result written all the same): {}",
+                failures.join("; ")
+            ))
+        }
     }
 
     pub fn write_json(&self, path: &Path) -> Result<(), String> {
@@ -728,13 +803,90 @@ fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn args(args: &[&str]) -> BenchArgs {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .expect("bench arguments")
+            .bench
+    }
+
+    /// A phase of 1 s: `ok` successes at `latency_us`, and `errors` of kind "timeout".
+    fn phase(label: &str, ok: u64, errors: u64, latency_us: u64) -> Phase {
+        let mut h = Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        h.record_n(latency_us, ok + errors).expect("record");
+        let empty = Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        Phase {
+            label: label.into(),
+            latency_us: h,
+            service_us: empty.clone(),
+            send_delay_us: empty,
+            completed: ok + errors,
+            succeeded: ok,
+            errors: if errors > 0 {
+                BTreeMap::from([("timeout".to_owned(), errors)])
+            } else {
+                BTreeMap::new()
+            },
+            elapsed: Duration::from_secs(1),
+            timeline: Vec::new(),
+            rss_max_bytes: None,
+            rss_hwm_bytes: None,
+            redis: None,
+            server_cpu_secs: None,
+            bench_cpu_secs: None,
+            outbox_lag_ms: Vec::new(),
+        }
+    }
 
     #[test]
-    fn axis_maxima_are_round() {
-        assert_eq!(nice_max(0.0), 1.0);
-        assert_eq!(nice_max(0.73), 1.0);
-        assert_eq!(nice_max(1.2), 2.0);
-        assert_eq!(nice_max(23_000.0), 25_000.0);
+    fn errors_are_not_throughput() {
+        let p = phase("debit", 900, 100, 500);
+        assert_eq!(p.throughput_rps(), 900.0);
+        let json = p.json();
+        assert_eq!(json["throughput_rps"], 900.0);
+        assert_eq!(json["requests"], 1000);
+        assert_eq!(json["succeeded"], 900);
+        assert_eq!(json["errors_total"], 100);
+    }
+
+    #[test]
+    fn a_side_with_more_than_one_percent_errors_fails_the_run() {
+        let a = args(&["debit", "--baseline"]);
+        // 1% exactly is tolerated.
+        let report = Report::new(
+            &a,
+            phase("debit", 990, 10, 500),
+            Some(phase("baseline (raw FCALL debit)", 1000, 0, 100)),
+            None,
+            None,
+        );
+        report.check().expect("1% of errors");
+        assert_eq!(report.json["ratio"], 0.99);
+        let report = Report::new(
+            &a,
+            phase("debit", 1000, 0, 500),
+            Some(phase("baseline (raw FCALL debit)", 980, 20, 100)),
+            None,
+            None,
+        );
+        let err = report.check().expect_err("2% of errors");
+        assert!(
+            err.contains("baseline (raw FCALL debit): 20 of 1000 requests failed (2.0%")
+                && err.contains("timeout 20")
+                && !err.contains("debit: "),
+            "{err}"
+        );
+        // A side that answered nothing fails too.
+        let report = Report::new(&a, phase("debit", 0, 0, 1), None, None, None);
+        let err = report.check().expect_err("nothing answered");
+        assert!(err.contains("debit: no request was answered"), "{err}");
     }
 
     #[test]
@@ -749,6 +901,7 @@ mod tests {
             send_delay_us: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
             latency_us,
             completed: 4,
+            succeeded: 4,
             errors: BTreeMap::new(),
             elapsed: Duration::from_secs(1),
             timeline: vec![(0.25, 4.0), (0.5, 8.0)],
