@@ -767,7 +767,11 @@ async fn drive(
             permits.clone(),
             rate,
             start,
-            plan.requests,
+            // The requests due before the end (a run of --duration-secs), or --requests.
+            Some(
+                plan.requests
+                    .unwrap_or_else(|| (plan.duration.as_secs_f64() * rate).ceil() as u64),
+            ),
             stop.clone(),
         )),
         _ => None,
@@ -829,6 +833,10 @@ async fn drive(
         }
     }
     stop.store(true, Ordering::Relaxed);
+    // The pacer first, so that what it released is final; then the workers waiting for a
+    // permit stop.
+    let released = pacer.map(|pacer| pacer.join().unwrap_or_default());
+    let stopped = Instant::now();
     if let Some(permits) = &permits {
         permits.close();
     }
@@ -857,9 +865,21 @@ async fn drive(
             }
         }
     }
-    if let Some(pacer) = pacer {
-        let _ = pacer.join();
-    }
+    // Open loop: requests that were due but not sent when the phase stopped (all workers
+    // busy: the slowest part of the run). Each is recorded with the latency it had reached
+    // by then, from its intended send time: a lower bound.
+    let unsent = match (released, plan.rate) {
+        (Some(released), Some(rate)) => {
+            let sent = shared.seq.load(Ordering::Relaxed).min(released);
+            for seq in sent..released {
+                let intended = start + Duration::from_secs_f64(seq as f64 / rate);
+                let waited = stopped.saturating_duration_since(intended);
+                latency_us.saturating_record((waited.as_micros() as u64).max(1));
+            }
+            Some(released - sent)
+        }
+        _ => None,
+    };
     bar.finish_and_clear();
     let completed = shared.completed.load(Ordering::Relaxed);
     // The measured time: up to the phase's end (requests answered after it are in the
@@ -877,6 +897,7 @@ async fn drive(
             send_delay_us,
             completed,
             succeeded,
+            unsent,
             errors,
             elapsed,
             timeline,
@@ -890,16 +911,17 @@ async fn drive(
     )
 }
 
-/// Releases one permit per intended send time until stopped. Request `n` is due at
-/// `start + n / rate`; the thread sleeps until the next one is due (not a fixed period), so a
-/// permit is released within the OS timer's slack of its send time.
+/// Releases one permit per intended send time until stopped, at most `requests`; answers
+/// how many it released. Request `n` is due at `start + n / rate`; the thread sleeps until
+/// the next one is due (not a fixed period), so a permit is released within the OS timer's
+/// slack of its send time.
 fn spawn_pacer(
     permits: Arc<Semaphore>,
     rate: f64,
     start: Instant,
     requests: Option<u64>,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
+) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut released = 0u64;
         while !stop.load(Ordering::Relaxed) {
@@ -923,6 +945,7 @@ fn spawn_pacer(
             permits.add_permits(add);
             released = due;
         }
+        released
     })
 }
 

@@ -32,6 +32,10 @@ pub struct Phase {
     pub completed: u64,
     /// Successes answered within the measured time: what the throughput counts.
     pub succeeded: u64,
+    /// Open loop only (None otherwise): requests due but not sent when the phase ended
+    /// (every worker busy). They are in the latencies, from their intended send time to
+    /// the end: a lower bound.
+    pub unsent: Option<u64>,
     pub errors: BTreeMap<String, u64>,
     /// The measured time: the phase's duration (a request answered after it is not in the
     /// throughput), or with --requests until the last answer.
@@ -70,6 +74,10 @@ impl Phase {
         let _ = self.send_delay_us.add(&next.send_delay_us);
         self.completed += next.completed;
         self.succeeded += next.succeeded;
+        self.unsent = match (self.unsent, next.unsent) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
         for (kind, n) in next.errors {
             *self.errors.entry(kind).or_insert(0) += n;
         }
@@ -169,6 +177,7 @@ impl Phase {
             "throughput_rps": round(self.throughput_rps()),
             "requests": self.completed,
             "succeeded": self.succeeded,
+            "unsent": self.unsent,
             "elapsed_secs": self.elapsed.as_secs_f64(),
             "latency_ms": self.latency_json(),
             "service_latency_ms": self.open_loop_json(&self.service_us),
@@ -198,6 +207,12 @@ impl Phase {
                 out,
                 "   send delay  {}",
                 percentiles_line(&self.send_delay_us)
+            );
+        }
+        if let Some(unsent) = self.unsent {
+            let _ = writeln!(
+                out,
+                "  unsent       {unsent} (due but not sent by the end; in the latencies up to the end, a lower bound)"
             );
         }
         if self.errors.is_empty() {
@@ -420,6 +435,7 @@ impl Report {
             "throughput_rps": round(main.throughput_rps()),
             "requests": main.completed,
             "succeeded": main.succeeded,
+            "unsent": main.unsent,
             "elapsed_secs": main.elapsed.as_secs_f64(),
             "latency_ms": main.latency_json(),
             "service_latency_ms": main.open_loop_json(&main.service_us),
@@ -829,6 +845,7 @@ mod tests {
             send_delay_us: empty,
             completed: ok + errors,
             succeeded: ok,
+            unsent: None,
             errors: if errors > 0 {
                 BTreeMap::from([("timeout".to_owned(), errors)])
             } else {
@@ -890,6 +907,29 @@ mod tests {
     }
 
     #[test]
+    fn unsent_requests_add_up_and_are_reported() {
+        let mut a = phase("check (1/2)", 10, 0, 100);
+        a.unsent = Some(3);
+        let mut b = phase("check (2/2)", 10, 0, 100);
+        b.unsent = Some(4);
+        let merged = a.merge(b);
+        assert_eq!(merged.unsent, Some(7));
+        assert_eq!(merged.json()["unsent"], 7);
+        let mut text = String::new();
+        merged.render(&mut text);
+        assert!(text.contains("unsent       7 "), "{text}");
+        assert!(phase("check", 1, 0, 1).json()["unsent"].is_null());
+    }
+
+    #[test]
+    fn axis_maxima_are_round() {
+        assert_eq!(nice_max(0.0), 1.0);
+        assert_eq!(nice_max(0.73), 1.0);
+        assert_eq!(nice_max(1.2), 2.0);
+        assert_eq!(nice_max(23_000.0), 25_000.0);
+    }
+
+    #[test]
     fn svg_is_a_document() {
         let mut latency_us = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
         for v in [200, 300, 400, 5_000] {
@@ -902,6 +942,7 @@ mod tests {
             latency_us,
             completed: 4,
             succeeded: 4,
+            unsent: Some(0),
             errors: BTreeMap::new(),
             elapsed: Duration::from_secs(1),
             timeline: vec![(0.25, 4.0), (0.5, 8.0)],
