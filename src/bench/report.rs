@@ -394,11 +394,55 @@ fn throughput_ratio(a: &Phase, b: &Phase) -> f64 {
     }
 }
 
-/// `baseline_rps`, `ratio` (scenario ÷ raw function) and the baseline's own figures.
-fn add_baseline(json: &mut Value, main: &Phase, baseline: Option<&Phase>) {
+/// `a ÷ b` of a latency quantile (0 when `b`'s is 0).
+fn latency_ratio(a: &Phase, b: &Phase, quantile: f64) -> f64 {
+    let (a, b) = (ms(&a.latency_us, quantile), ms(&b.latency_us, quantile));
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// Open loop: `a`'s p50 and p99 next to `b`'s (`other` names b's), and their ratio.
+fn latency_comparison_json(a: &Phase, b: &Phase, other: &str) -> Value {
+    let mut json = json!({});
+    for (name, quantile) in [("p50", 0.5), ("p99", 0.99)] {
+        json[name] = json!({
+            "ms": ms(&a.latency_us, quantile),
+            format!("{other}_ms"): ms(&b.latency_us, quantile),
+            "ratio": round3(latency_ratio(a, b, quantile)),
+        });
+    }
+    json
+}
+
+/// Open loop: "p50 A vs B ms (×r), p99 C vs D ms (×r)".
+fn latency_comparison_line(a: &Phase, b: &Phase) -> String {
+    let quantile = |name: &str, q: f64| {
+        format!(
+            "{name} {:.3} vs {:.3} ms (×{:.2})",
+            ms(&a.latency_us, q),
+            ms(&b.latency_us, q),
+            latency_ratio(a, b, q)
+        )
+    };
+    format!("{}, {}", quantile("p50", 0.5), quantile("p99", 0.99))
+}
+
+/// `baseline_rps`, `ratio` (scenario ÷ raw function, by throughput) and the baseline's own
+/// figures. In an open loop both sides are sent at the same rate, so their throughputs
+/// match by construction: `ratio` is then null, and `latency_vs_baseline` compares their
+/// latencies instead.
+fn add_baseline(json: &mut Value, main: &Phase, baseline: Option<&Phase>, open_loop: bool) {
     if let Some(base) = baseline {
         json["baseline_rps"] = json!(round(base.throughput_rps()));
-        json["ratio"] = json!(round3(throughput_ratio(main, base)));
+        if open_loop {
+            json["ratio"] = Value::Null;
+            json["latency_vs_baseline"] = latency_comparison_json(main, base, "baseline");
+        } else {
+            json["ratio"] = json!(round3(throughput_ratio(main, base)));
+        }
         json["baseline"] = base.json();
     }
 }
@@ -406,6 +450,8 @@ fn add_baseline(json: &mut Value, main: &Phase, baseline: Option<&Phase>) {
 /// The whole result of a bench run.
 pub struct Report {
     pub json: Value,
+    /// `--rate`: both sides ran at one rate, so only latencies compare.
+    open_loop: bool,
     main: Phase,
     baseline: Option<Phase>,
     versus: Option<Versus>,
@@ -453,21 +499,39 @@ impl Report {
             "machine": machine(),
             "version": env!("CARGO_PKG_VERSION"),
         });
-        add_baseline(&mut json, &main, baseline.as_ref());
+        let open_loop = args.rate.is_some();
+        add_baseline(&mut json, &main, baseline.as_ref(), open_loop);
         if let Some(versus) = &versus {
             let mut other = versus.main.json();
             other["accounts"] = json!(versus.accounts);
             other["server_pid"] = json!(versus.server_pid);
             other["server_rss_bytes"] = json!(versus.main.rss_max_bytes);
-            add_baseline(&mut other, &versus.main, versus.baseline.as_ref());
+            add_baseline(
+                &mut other,
+                &versus.main,
+                versus.baseline.as_ref(),
+                open_loop,
+            );
             json["versus"] = other;
-            json["accounts_ratio"] = json!(round3(throughput_ratio(&main, &versus.main)));
+            // Open loop: both stacks ran at one rate; their latencies compare instead.
+            let ratio = |a: &Phase, b: &Phase| {
+                if open_loop {
+                    Value::Null
+                } else {
+                    json!(round3(throughput_ratio(a, b)))
+                }
+            };
+            json["accounts_ratio"] = ratio(&main, &versus.main);
+            if open_loop {
+                json["latency_vs_versus"] = latency_comparison_json(&main, &versus.main, "versus");
+            }
             if let (Some(a), Some(b)) = (&baseline, &versus.baseline) {
-                json["baseline_accounts_ratio"] = json!(round3(throughput_ratio(a, b)));
+                json["baseline_accounts_ratio"] = ratio(a, b);
             }
         }
         Self {
             json,
+            open_loop,
             main,
             baseline,
             versus,
@@ -501,6 +565,10 @@ impl Report {
                 base.render(&mut out);
             }
             versus.main.render(&mut out);
+        }
+        if self.open_loop {
+            self.render_open_loop_comparisons(&mut out);
+            return out;
         }
         if let Some(base) = &self.baseline {
             let _ = writeln!(
@@ -542,6 +610,50 @@ impl Report {
             }
         }
         out
+    }
+
+    /// Open loop: every side was sent at the same rate, so a throughput ratio would be 1 by
+    /// construction; the latencies are compared instead.
+    fn render_open_loop_comparisons(&self, out: &mut String) {
+        if self.baseline.is_none() && self.versus.is_none() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "open loop at {} req/s: every side was sent at that rate, so no throughput ratio; latencies compared:",
+            self.json["rate_rps"]
+        );
+        if let Some(base) = &self.baseline {
+            let _ = writeln!(
+                out,
+                "latency tollgate vs raw Redis script: {}",
+                latency_comparison_line(&self.main, base)
+            );
+        }
+        if let Some(versus) = &self.versus {
+            if let Some(base) = &versus.baseline {
+                let _ = writeln!(
+                    out,
+                    "latency tollgate vs raw Redis script with {} accounts: {}",
+                    versus.accounts,
+                    latency_comparison_line(&versus.main, base)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "latency with {} accounts vs with {}: {}",
+                self.json["accounts"],
+                versus.accounts,
+                latency_comparison_line(&self.main, &versus.main)
+            );
+            if let (Some(a), Some(b)) = (&self.baseline, &versus.baseline) {
+                let _ = writeln!(
+                    out,
+                    "  the raw function's own: {}",
+                    latency_comparison_line(a, b)
+                );
+            }
+        }
     }
 
     /// Err naming every measured side whose figures cannot be trusted (too many errors):
@@ -904,6 +1016,42 @@ mod tests {
         let report = Report::new(&a, phase("debit", 0, 0, 1), None, None, None);
         let err = report.check().expect_err("nothing answered");
         assert!(err.contains("debit: no request was answered"), "{err}");
+    }
+
+    #[test]
+    fn open_loop_compares_latencies_not_throughputs() {
+        let report = Report::new(
+            &args(&["check", "--rate", "1000", "--baseline"]),
+            phase("check", 1000, 0, 2_000),
+            Some(phase("baseline (raw FCALL debit)", 1000, 0, 500)),
+            None,
+            None,
+        );
+        assert!(report.json["ratio"].is_null(), "{}", report.json);
+        assert_eq!(report.json["baseline_rps"], 1000.0);
+        let p99 = &report.json["latency_vs_baseline"]["p99"];
+        assert_eq!(p99["ms"], 2.0, "{p99}");
+        assert_eq!(p99["baseline_ms"], 0.5, "{p99}");
+        assert!((p99["ratio"].as_f64().expect("ratio") - 4.0).abs() < 0.01);
+        let text = report.render();
+        assert!(!text.contains("ratio tollgate ÷ raw"), "{text}");
+        assert!(
+            text.contains("latency tollgate vs raw Redis script: p50 2.000 vs 0.500 ms (×4.00)"),
+            "{text}"
+        );
+        // Closed loop: the throughput ratio.
+        let report = Report::new(
+            &args(&["check", "--baseline"]),
+            phase("check", 800, 0, 2_000),
+            Some(phase("baseline (raw FCALL debit)", 1000, 0, 500)),
+            None,
+            None,
+        );
+        assert_eq!(report.json["ratio"], 0.8);
+        assert!(report.json.get("latency_vs_baseline").is_none());
+        assert!(report
+            .render()
+            .contains("ratio tollgate ÷ raw Redis script: 0.800"));
     }
 
     #[test]
