@@ -4,10 +4,22 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
 
 /// Runs `tollgate bench`; answers its JSON result, its standard output and its process id.
 fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value, String, u32) {
+    bench_with_env(redis, scenario, extra, &[])
+}
+
+/// [`bench`] with these variables in the bench's environment.
+fn bench_with_env(
+    redis: &common::RedisServer,
+    scenario: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Value, String, u32) {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
@@ -26,6 +38,7 @@ fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value,
         .arg("--plot")
         .arg(&plot_path)
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -44,7 +57,78 @@ fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value,
     let svg = std::fs::read_to_string(&plot_path).expect("plot written");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     let _ = std::fs::remove_dir_all(&dir);
+    assert_left_nothing(&json, pid);
     (json, stdout, pid)
+}
+
+/// Whether process `pid` runs (not gone, not a zombie), from /proc.
+fn running(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 1..))
+            .and_then(|rest| rest.split_whitespace().next());
+        !matches!(state, Some("Z" | "X"))
+    })
+}
+
+/// The processes whose working directory is one of the private directories of bench
+/// process `bench_pid` (redis-server runs in its --dir).
+fn processes_in_dirs_of(bench_pid: u32) -> Vec<String> {
+    let marker = format!("-{bench_pid}-");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            let cwd = cwd.to_string_lossy().into_owned();
+            (cwd.contains("tollgate-bench-") && cwd.contains(&marker))
+                .then(|| format!("{}: {cwd}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+/// After the bench process `bench_pid` exited: its server children (pids in the JSON) no
+/// longer run, no process runs in its private directories, and those are removed.
+fn assert_left_nothing(json: &Value, bench_pid: u32) {
+    let pids: Vec<u64> = [&json["server_pid"], &json["versus"]["server_pid"]]
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (pids.iter().any(|&p| running(p)) || !processes_in_dirs_of(bench_pid).is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids {
+        assert!(!running(pid), "the bench's server {pid} still runs");
+    }
+    let left = processes_in_dirs_of(bench_pid);
+    assert!(left.is_empty(), "left running: {left:?}");
+    let marker = format!("-{bench_pid}-");
+    let dirs: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir")
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.starts_with("tollgate-bench-") && name.contains(&marker))
+        .collect();
+    assert!(dirs.is_empty(), "left behind: {dirs:?}");
+}
+
+/// 0 < p50 ≤ p90 ≤ p99 ≤ p99.9 ≤ max.
+fn assert_percentiles(latency: &Value) {
+    let ms: Vec<f64> = ["p50", "p90", "p99", "p999", "max"]
+        .iter()
+        .map(|p| {
+            latency[p]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{p} in {latency}"))
+        })
+        .collect();
+    assert!(ms[0] > 0.0, "{latency}");
+    assert!(ms.windows(2).all(|w| w[0] <= w[1]), "{latency}");
 }
 
 fn assert_result(json: &Value, scenario: &str) {
@@ -54,40 +138,113 @@ fn assert_result(json: &Value, scenario: &str) {
         json["throughput_rps"].as_f64().is_some_and(|r| r > 0.0),
         "{json}"
     );
-    for p in ["p50", "p90", "p99", "p999", "max"] {
-        assert!(
-            json["latency_ms"][p].as_f64().is_some_and(|v| v >= 0.0),
-            "latency_ms.{p} in {json}"
-        );
-    }
+    assert_percentiles(&json["latency_ms"]);
     assert!(json["errors"].is_object(), "{json}");
     assert_eq!(json["errors_total"], 0, "{json}");
+    // Successes answered after the measured time are not in the throughput.
+    let (ok, answered) = (json["succeeded"].as_u64(), json["requests"].as_u64());
+    assert!(
+        matches!((ok, answered), (Some(ok), Some(n)) if 0 < ok && ok <= n),
+        "{json}"
+    );
     assert!(
         json["server_rss_bytes"].as_u64().is_some_and(|b| b > 0),
         "{json}"
     );
 }
 
+/// The closed loop's throughput is over the measured time only (not the drain after it):
+/// `elapsed_secs` is the duration asked for, to the microsecond.
+fn assert_measured_for(phase: &Value, secs: f64) {
+    let elapsed = phase["elapsed_secs"].as_f64().expect("elapsed_secs");
+    assert!(
+        (elapsed - secs).abs() < 1e-6,
+        "elapsed {elapsed} in {phase}"
+    );
+}
+
+/// `--baseline` (closed loop): the raw side ran cleanly and `ratio` is the throughputs'.
+fn assert_baseline(json: &Value) {
+    let base = &json["baseline"];
+    assert_eq!(base["errors_total"], 0, "{json}");
+    assert_percentiles(&base["latency_ms"]);
+    let rps = json["throughput_rps"].as_f64().expect("throughput_rps");
+    let base_rps = json["baseline_rps"].as_f64().expect("baseline_rps");
+    assert!(rps > 0.0 && base_rps > 0.0, "{json}");
+    assert_eq!(base["throughput_rps"].as_f64(), Some(base_rps), "{json}");
+    let ratio = json["ratio"].as_f64().expect("ratio");
+    assert!((ratio - rps / base_rps).abs() < 0.002, "{json}");
+}
+
+/// The bench's own server takes its whole configuration from the bench: TOLLGATE_*
+/// variables of the bench's environment (here a wrong service token and another shard
+/// count) do not reach it.
 #[test]
 fn debit_bench_with_baseline_writes_a_result() {
     let redis = common::RedisServer::start();
-    let (json, stdout, _) = bench(&redis, "debit", &["--baseline"]);
+    let (json, stdout, _) = bench_with_env(
+        &redis,
+        "debit",
+        &["--baseline"],
+        &[
+            ("TOLLGATE_SERVICE_TOKEN", "wrong"),
+            ("TOLLGATE_LEDGER__SHARDS", "32"),
+        ],
+    );
     assert_result(&json, "debit");
     assert!(json["send_delay_ms"].is_null(), "closed loop: {json}");
-    assert!(
-        json["baseline_rps"].as_f64().is_some_and(|r| r > 0.0),
-        "{json}"
-    );
-    assert!(json["ratio"].as_f64().is_some_and(|r| r > 0.0), "{json}");
+    assert!(json["unsent"].is_null(), "closed loop: {json}");
+    assert_baseline(&json);
+    // 2 s in 4 rounds of each side.
+    assert_measured_for(&json, 2.0);
+    assert_measured_for(&json["baseline"], 2.0);
     assert!(stdout.contains("ratio tollgate ÷ raw"), "{stdout}");
 }
 
 #[test]
+fn hold_bench_writes_a_result() {
+    let redis = common::RedisServer::start();
+    let (json, _, _) = bench(&redis, "hold", &[]);
+    assert_result(&json, "hold");
+    assert_measured_for(&json, 2.0);
+}
+
+#[test]
+fn forward_auth_bench_writes_a_result() {
+    let redis = common::RedisServer::start();
+    let (json, _, _) = bench(&redis, "forward-auth", &[]);
+    assert_result(&json, "forward-auth");
+    assert_measured_for(&json, 2.0);
+}
+
+/// Open loop with --baseline: both sides are sent at one rate, so there is no throughput
+/// ratio (null); their latencies are compared instead.
+#[test]
 fn check_bench_writes_a_result() {
     let redis = common::RedisServer::start();
-    let (json, stdout, _) = bench(&redis, "check", &["--rate", "200"]);
+    let (json, stdout, _) = bench(&redis, "check", &["--rate", "200", "--baseline"]);
     assert_result(&json, "check");
-    assert!(json.get("ratio").is_none());
+    assert!(json["ratio"].is_null(), "{json}");
+    assert_eq!(json["baseline"]["errors_total"], 0, "{json}");
+    assert_percentiles(&json["baseline"]["latency_ms"]);
+    for p in ["p50", "p99"] {
+        let compared = &json["latency_vs_baseline"][p];
+        assert_eq!(compared["ms"], json["latency_ms"][p], "{json}");
+        assert_eq!(
+            compared["baseline_ms"], json["baseline"]["latency_ms"][p],
+            "{json}"
+        );
+        assert!(
+            compared["ratio"].as_f64().is_some_and(|r| r > 0.0),
+            "{json}"
+        );
+    }
+    assert!(json["unsent"].as_u64().is_some(), "{json}");
+    assert!(!stdout.contains("ratio tollgate ÷ raw"), "{stdout}");
+    assert!(
+        stdout.contains("latency tollgate vs raw Redis script: p50"),
+        "{stdout}"
+    );
     // Open loop: the latency split into the time to the actual send and from it.
     for split in ["service_latency_ms", "send_delay_ms"] {
         for p in ["p50", "p99", "max"] {
@@ -102,6 +259,81 @@ fn check_bench_writes_a_result() {
         "{json}"
     );
     assert!(stdout.contains("send delay"), "{stdout}");
+}
+
+/// Open loop faster than the workers can go: the requests due but not sent when the run
+/// ends are counted (`unsent`), not dropped from the result.
+#[test]
+fn open_loop_counts_the_requests_it_could_not_send() {
+    let redis = common::RedisServer::start();
+    let (json, stdout, _) = bench(&redis, "debit", &["--rate", "20000"]);
+    let sent = json["requests"].as_u64().expect("requests");
+    let unsent = json["unsent"].as_u64().expect("unsent");
+    assert!(sent > 0 && unsent > 0, "{json}");
+    // Every request due within the 2 s was either sent or counted as unsent (the pacer
+    // may not have released the last few before the run stopped).
+    assert!(
+        (36_000..=40_000).contains(&(sent + unsent)),
+        "{sent} sent + {unsent} unsent"
+    );
+    // The unsent waited about as long as the run (their latency is up to the end).
+    assert!(
+        json["latency_ms"]["max"]
+            .as_f64()
+            .is_some_and(|ms| ms > 500.0),
+        "{json}"
+    );
+    assert!(
+        stdout.contains(&format!("unsent       {unsent} ")),
+        "{stdout}"
+    );
+}
+
+/// A run whose requests fail (here Debit with a wrong service token against a running
+/// server) writes its result and then fails, naming the side, instead of ending with a
+/// confident throughput.
+#[test]
+fn a_bench_whose_requests_fail_fails() {
+    let redis = common::RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = rt.block_on(common::TestServer::start(
+        common::test_config(&redis.url()),
+        tollgate::ledger::Clock::Redis,
+    ));
+    let json_path = common::temp_path("json");
+    let output = common::tollgate()
+        .args(["bench", "debit", "--redis-url", &redis.url()])
+        .args(["--target", &server.grpc_addr.to_string()])
+        .args(["--service-token", "wrong"])
+        .args(["--duration-secs", "1", "--warmup-secs", "0"])
+        .args(["--concurrency", "2", "--accounts", "10"])
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run tollgate bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("debit: ") && stderr.contains("requests failed"),
+        "{stderr}"
+    );
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
+            .expect("well-formed JSON");
+    let _ = std::fs::remove_file(&json_path);
+    assert_eq!(json["throughput_rps"], 0.0, "{json}");
+    assert_eq!(json["succeeded"], 0, "{json}");
+    assert!(
+        json["errors"]["grpc:Unauthenticated"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{json}"
+    );
+    drop(server);
 }
 
 /// `--settle-into postgres://…`: the child settles into a fresh database while the bench
@@ -148,15 +380,19 @@ fn bench_on_its_own(name: &str, args: &[&str]) -> (Value, String) {
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json_path = dir.join("result.json");
-    let output = common::tollgate()
+    let child = common::tollgate()
         .arg("bench")
         .args(args)
         .args(["--duration-secs", "2", "--warmup-secs", "0"])
         .args(["--rounds", "2", "--concurrency", "4", "--accounts", "50"])
         .arg("--json")
         .arg(&json_path)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run tollgate bench");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("tollgate bench output");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -167,6 +403,7 @@ fn bench_on_its_own(name: &str, args: &[&str]) -> (Value, String) {
         serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json written"))
             .expect("well-formed JSON");
     let _ = std::fs::remove_dir_all(&dir);
+    assert_left_nothing(&json, pid);
     (json, stdout)
 }
 
@@ -181,7 +418,7 @@ fn debit_bench_at_replica_wait_durability() {
     assert_eq!(json["durability"], "replica-wait", "{json}");
     assert_eq!(json["wait_timeout_ms"], 100, "{json}");
     assert_eq!(json["errors_total"], 0, "{json}");
-    assert!(json["ratio"].as_f64().is_some_and(|r| r > 0.0), "{json}");
+    assert_baseline(&json);
     assert!(
         stdout.contains("redis durability: replica-wait"),
         "{stdout}"
@@ -217,12 +454,11 @@ fn check_bench_versus_another_number_of_accounts() {
     assert!((ratio - main_rps / versus_rps).abs() < 0.01, "{json}");
     let base_ratio = json["baseline_accounts_ratio"].as_f64();
     assert!(base_ratio.is_some_and(|r| r > 0.0), "{json}");
-    // Both sides of each stack were measured in 2 slices of about a second each.
-    for phase in [&json["baseline"], versus, &versus["baseline"]] {
-        assert!(
-            phase["elapsed_secs"].as_f64().is_some_and(|s| s >= 1.5),
-            "{phase}"
-        );
+    assert_baseline(&json);
+    assert_baseline(versus);
+    // Both sides of each stack were measured in 2 slices of a second each.
+    for phase in [&json, &json["baseline"], versus, &versus["baseline"]] {
+        assert_measured_for(phase, 2.0);
     }
     for side in [&json, versus] {
         assert!(
