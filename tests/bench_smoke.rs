@@ -33,6 +33,10 @@ fn bench_with_env(
         .args(["bench", scenario, "--redis-url", &redis.url()])
         .args(["--duration-secs", "2", "--warmup-secs", "0"])
         .args(["--concurrency", "4", "--accounts", "50"])
+        // The child's Redis call and check deadlines as generous as every test server's
+        // (tests/common): a busy CI machine must not turn into errors here.
+        .args(["--server-set", "redis.call_timeout_ms=2000"])
+        .args(["--server-set", "gateway.check_timeout_ms=5000"])
         .arg("--json")
         .arg(&json_path)
         .arg("--plot")

@@ -223,12 +223,14 @@ pub struct BenchServer {
 }
 
 impl BenchServer {
-    /// `wait`: the child's `redis.wait_replicas` and `redis.wait_timeout_ms` (None = off).
+    /// `wait`: the child's `redis.wait_replicas` and `redis.wait_timeout_ms` (None = off);
+    /// `overrides`: `TOLLGATE_*` variables set on the child (`--server-set`).
     pub async fn start(
         redis_url: &str,
         redis_connections: usize,
         wait: Option<WaitReplicas>,
         settle: Option<&SettleStore>,
+        overrides: &[(String, String)],
     ) -> Result<Self, String> {
         let port = || crate::dev::free_port().map_err(|e| format!("no free port: {e}"));
         let grpc_addr = format!("127.0.0.1:{}", port()?);
@@ -309,6 +311,7 @@ fail_policy = "fail_closed"
                     command.env_remove(name);
                 }
             }
+            command.envs(overrides.iter().map(|(k, v)| (k, v)));
             command
                 .arg("serve")
                 .arg("--config")

@@ -218,6 +218,35 @@ pub struct BenchArgs {
     /// server has a token of its own, and the variable is ignored.
     #[arg(long)]
     pub service_token: Option<String>,
+    /// A setting of the bench's own server, by its tollgate.toml key (repeatable):
+    /// `--server-set redis.call_timeout_ms=2000`. The child gets it as its `TOLLGATE_`
+    /// environment override; the bench's own `TOLLGATE_*` variables never reach the child.
+    #[arg(long = "server-set", value_name = "KEY=VALUE")]
+    pub server_set: Vec<String>,
+}
+
+/// `--server-set KEY=VALUE` as the child's environment override: `redis.call_timeout_ms`
+/// becomes `TOLLGATE_REDIS__CALL_TIMEOUT_MS`.
+fn server_override(setting: &str) -> Result<(String, String), String> {
+    let (key, value) = setting
+        .split_once('=')
+        .ok_or_else(|| format!("--server-set {setting:?}: expected KEY=VALUE"))?;
+    let well_formed = !key.is_empty()
+        && key.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        });
+    if !well_formed {
+        return Err(format!(
+            "--server-set {setting:?}: the key must be a tollgate.toml key such as redis.call_timeout_ms"
+        ));
+    }
+    Ok((
+        format!("TOLLGATE_{}", key.to_ascii_uppercase().replace('.', "__")),
+        value.to_owned(),
+    ))
 }
 
 impl BenchArgs {
@@ -281,6 +310,14 @@ impl BenchArgs {
             if self.target.is_some() || self.redis_url.is_some() || self.settle_into.is_some() {
                 bad.push("--versus-accounts starts two stacks of its own: not with --target, --redis-url or --settle-into".into());
             }
+        }
+        for setting in &self.server_set {
+            if let Err(e) = server_override(setting) {
+                bad.push(e);
+            }
+        }
+        if self.target.is_some() && !self.server_set.is_empty() {
+            bad.push("--server-set configures the bench's own server: not with --target".into());
         }
         if self.target.is_none() {
             // Only meaningful against a running server: silently ignoring them would
@@ -442,6 +479,11 @@ impl Stack {
                     args.redis_connections,
                     wait,
                     settle_store.as_ref(),
+                    &args
+                        .server_set
+                        .iter()
+                        .map(|s| server_override(s))
+                        .collect::<Result<Vec<_>, _>>()?,
                 )
                 .await?,
             ),
@@ -548,5 +590,39 @@ mod tests {
             .expect(flag);
         }
         validated(&["debit"]).expect("no target flags");
+    }
+
+    #[test]
+    fn server_settings_become_the_childs_environment_overrides() {
+        assert_eq!(
+            server_override("redis.call_timeout_ms=2000"),
+            Ok(("TOLLGATE_REDIS__CALL_TIMEOUT_MS".into(), "2000".into()))
+        );
+        assert_eq!(
+            server_override("log.level=info=x"),
+            Ok(("TOLLGATE_LOG__LEVEL".into(), "info=x".into()))
+        );
+        for bad in [
+            "redis.call_timeout_ms",
+            "=1",
+            "Redis.url=x",
+            "redis..url=x",
+            "a b=1",
+        ] {
+            let err = validated(&["debit", "--server-set", bad]).expect_err(bad);
+            assert!(err.contains("--server-set"), "{err}");
+        }
+        let err = validated(&[
+            "debit",
+            "--target",
+            "127.0.0.1:50051",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--server-set",
+            "redis.call_timeout_ms=2000",
+        ])
+        .expect_err("with --target");
+        assert!(err.contains("--server-set"), "{err}");
+        validated(&["debit", "--server-set", "redis.call_timeout_ms=2000"]).expect("valid");
     }
 }
