@@ -1497,3 +1497,86 @@ async fn a_released_hold_gives_nothing_back_to_a_budget_set_again() {
         }
     }
 }
+
+/// An org with a member "carol" (role `member`) and 1,000 credits, on a manual clock.
+async fn carol_org(redis: &common::RedisServer) -> std::sync::Arc<tollgate::ledger::Ledger> {
+    let (clock, _) = Clock::manual(1_800_000_000_000);
+    let ledger = common::ledger(redis, clock);
+    ledger.create_org("acme", "olivia", "c").await.expect("org");
+    ledger
+        .grant(&common::purchase("acme", 1_000, "g"))
+        .await
+        .expect("grant");
+    ledger
+        .add_member("acme", "olivia", "carol", "member", "m")
+        .await
+        .expect("member");
+    ledger
+}
+
+fn carol_debit(amount: i64, key: &str) -> tollgate::ledger::Debit {
+    tollgate::ledger::Debit {
+        account_id: "acme".into(),
+        wallet: "default".into(),
+        amount,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: tollgate::ledger::Metadata::new(),
+        member_id: "carol".into(),
+    }
+}
+
+fn carol_hold(amount: i64, key: &str) -> tollgate::ledger::command::Authorize {
+    tollgate::ledger::command::Authorize {
+        account_id: "acme".into(),
+        wallet: "default".into(),
+        amount,
+        ttl_ms: 3_600_000,
+        on_expiry: tollgate::ledger::command::OnExpiry::Release,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: tollgate::ledger::Metadata::new(),
+        member_id: "carol".into(),
+    }
+}
+
+/// An allocation lowered below what the member already used leaves nothing to spend:
+/// ALLOCATION_EXCEEDED says `remaining` 0, never a negative amount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_lowered_below_its_use_reports_nothing_remaining() {
+    use tollgate::ledger::org::AllocationChange;
+    use tollgate::ledger::{LedgerError, Refusal};
+    let redis = common::RedisServer::start();
+    let ledger = carol_org(&redis).await;
+    let allocate = |amount: i64, key: &'static str| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .allocate(
+                    "acme",
+                    "olivia",
+                    "carol",
+                    "default",
+                    AllocationChange::Set(amount),
+                    key,
+                )
+                .await
+                .expect("allocate")
+        }
+    };
+    allocate(100, "a1").await;
+    ledger.debit(&carol_debit(80, "d1")).await.expect("80 of 100");
+    let lowered = allocate(50, "a2").await;
+    assert_eq!((lowered.allocated, lowered.used), (50, 80));
+    let refused = |r: Result<(), LedgerError>| match r {
+        Err(LedgerError::Refused(Refusal::AllocationExceeded {
+            required,
+            remaining,
+        })) => (required, remaining),
+        other => panic!("not ALLOCATION_EXCEEDED: {other:?}"),
+    };
+    let debit = ledger.debit(&carol_debit(10, "d2")).await.map(|_| ());
+    assert_eq!(refused(debit), (10, 0), "a debit");
+    let hold = ledger.authorize(&carol_hold(10, "h1")).await.map(|_| ());
+    assert_eq!(refused(hold), (10, 0), "a hold");
+}

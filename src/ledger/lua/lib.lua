@@ -272,12 +272,14 @@ local function member_role(org, member)
 end
 
 -- What a member may still spend from the org wallet: nil when unbounded (an owner or admin
--- without an allocation), else allocated - used (0 for a plain member without one).
+-- without an allocation), else allocated - used, never below 0 (an allocation lowered
+-- under what the member already used leaves nothing, not a debt); 0 for a plain member
+-- without one.
 local function alloc_remaining(org, wallet, member, role)
   local v = redis.call('HMGET', alloc_key(org, wallet), member, member .. ':u')
   local allocated = tonumber(v[1])
   if allocated then
-    return allocated - (tonumber(v[2]) or 0)
+    return math.max(0, allocated - (tonumber(v[2]) or 0))
   end
   if role == 'member' then
     return 0
