@@ -1580,3 +1580,46 @@ async fn an_allocation_lowered_below_its_use_reports_nothing_remaining() {
     let hold = ledger.authorize(&carol_hold(10, "h1")).await.map(|_| ());
     assert_eq!(refused(hold), (10, 0), "a hold");
 }
+
+/// ListMembers after Redis lost its data answers LEDGER_NOT_INITIALIZED, as every other
+/// read does, not NOT_FOUND (the org is in the durable ledger, waiting for a restore).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_members_after_redis_lost_its_data_is_not_initialized() {
+    use tollgate::ledger::org::Role;
+    use tollgate::ledger::LedgerError;
+    let redis = common::RedisServer::start();
+    let ledger = carol_org(&redis).await;
+    assert_eq!(
+        ledger.members("acme").await.expect("members"),
+        [
+            ("carol".to_owned(), Role::Member),
+            ("olivia".to_owned(), Role::Owner)
+        ]
+    );
+    assert!(
+        matches!(
+            ledger.members("nobody").await,
+            Err(LedgerError::NotFound("organization"))
+        ),
+        "an account that is no org"
+    );
+    let _: String = ledger
+        .redis()
+        .query(&redis::cmd("FLUSHALL"))
+        .await
+        .expect("Redis loses its data");
+    for org in ["acme", "nobody"] {
+        match ledger.members(org).await {
+            Err(LedgerError::NotInitialized) => {}
+            other => panic!("{org}: {other:?}"),
+        }
+        // As the script-based reads answer.
+        assert!(
+            matches!(
+                ledger.view(org, "carol", "").await,
+                Err(LedgerError::NotInitialized)
+            ),
+            "view of {org}"
+        );
+    }
+}

@@ -327,15 +327,28 @@ impl Ledger {
         org_event(&answer)
     }
 
-    /// Members and roles, sorted by member id. NotFound for an account that is no org.
+    /// Members and roles, sorted by member id. NotFound for an account that is no org;
+    /// NotInitialized when the shard has no epoch marker (a Redis that lost its data: the
+    /// org may well exist in the durable ledger), as every script-based read answers.
     pub async fn members(&self, org_id: &str) -> Result<Vec<(String, Role)>, LedgerError> {
         let mut v = Violations::default();
         v.account_id("org_id", org_id);
         v.finish().map_err(LedgerError::InvalidArgument)?;
         let shard = self.shards.of_account(org_id);
         let key = format!("{}:org:{org_id}", self.shards.tag(shard));
-        let fields: Vec<(String, String)> =
-            self.redis.query(redis::cmd("HGETALL").arg(&key)).await?;
+        // One transaction (both keys carry the shard's hash tag): the marker and the org
+        // record are read at the same moment.
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("EXISTS")
+            .arg(self.shards.epoch_key(shard))
+            .cmd("HGETALL")
+            .arg(&key);
+        let (initialized, fields): (i64, Vec<(String, String)>) =
+            self.redis.pipeline(&pipe).await?;
+        if initialized != 1 {
+            return Err(LedgerError::NotInitialized);
+        }
         if fields.is_empty() {
             return Err(LedgerError::NotFound("organization"));
         }
