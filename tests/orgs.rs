@@ -1623,3 +1623,71 @@ async fn list_members_after_redis_lost_its_data_is_not_initialized() {
         );
     }
 }
+
+/// A rolling window has no calendar, so a UTC offset is refused for it, naming the field
+/// (else a different offset would count as a new definition and wipe the window's spend);
+/// the refusal changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_budget_refuses_a_utc_offset_and_keeps_its_spend() {
+    use tollgate::ledger::org::{BudgetPeriod, SetBudget};
+    use tollgate::ledger::LedgerError;
+    let redis = common::RedisServer::start();
+    let ledger = carol_org(&redis).await;
+    let budget = |member: &str, limit: i64, offset: i32, key: &str| SetBudget {
+        account_id: "acme".into(),
+        member_id: member.into(),
+        wallet: "default".into(),
+        limit,
+        period: BudgetPeriod::Window(3_600_000),
+        utc_offset_minutes: offset,
+        idempotency_key: key.into(),
+    };
+    for member in ["", "olivia"] {
+        ledger
+            .set_budget(&budget(member, 500, 0, &format!("b-{member}")))
+            .await
+            .expect("window budget");
+    }
+    ledger
+        .debit(&tollgate::ledger::Debit {
+            member_id: "olivia".into(),
+            ..carol_debit(30, "d")
+        })
+        .await
+        .expect("30 counted in both budgets");
+    let spent = || async {
+        let view = ledger.view("acme", "olivia", "default").await.expect("view");
+        view.budgets
+            .iter()
+            .map(|b| (b.scope.clone(), b.limit, b.spent))
+            .collect::<Vec<_>>()
+    };
+    let before = spent().await;
+    assert_eq!(
+        before,
+        [("account".into(), 500, 30), ("member".into(), 500, 30)]
+    );
+    for member in ["", "olivia"] {
+        for offset in [60, -60] {
+            match ledger
+                .set_budget(&budget(member, 400, offset, &format!("z-{member}-{offset}")))
+                .await
+            {
+                Err(LedgerError::InvalidArgument(v)) => {
+                    let fields: Vec<&str> = v.iter().map(|f| f.field.as_str()).collect();
+                    assert_eq!(fields, ["utc_offset_minutes"], "{member:?} {offset}");
+                }
+                other => panic!("{member:?} {offset}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(spent().await, before, "a refusal changed the budgets");
+    // A calendar period still takes an offset.
+    ledger
+        .set_budget(&SetBudget {
+            period: BudgetPeriod::Day,
+            ..budget("", 500, 60, "day")
+        })
+        .await
+        .expect("a day budget at UTC+1");
+}

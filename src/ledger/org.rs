@@ -122,7 +122,7 @@ pub struct SetBudget {
     /// 0 removes the budget.
     pub limit: i64,
     pub period: BudgetPeriod,
-    /// Calendar periods start at midnight of this UTC offset.
+    /// Calendar periods start at midnight of this UTC offset (0 for a rolling window).
     pub utc_offset_minutes: i32,
     pub idempotency_key: String,
 }
@@ -432,6 +432,13 @@ impl Ledger {
             v.add(
                 "utc_offset_minutes",
                 format!("must be within ±{UTC_OFFSET_MINUTES_MAX}"),
+            );
+        } else if matches!(cmd.period, BudgetPeriod::Window(_)) && cmd.utc_offset_minutes != 0 {
+            // A rolling window has no calendar: the offset would play no part in it, yet a
+            // different one would count as a new definition and wipe the window's spend.
+            v.add(
+                "utc_offset_minutes",
+                "must be 0 for period window (only day and month start at a UTC offset)",
             );
         }
         v.idempotency_key("idempotency_key", &cmd.idempotency_key);
