@@ -1691,3 +1691,68 @@ async fn a_window_budget_refuses_a_utc_offset_and_keeps_its_spend() {
         .await
         .expect("a day budget at UTC+1");
 }
+
+/// An allocation on a new org wallet counts against the per-account wallet cap and joins
+/// the org's wallet set, as a budget does: past the cap it is refused WALLET_LIMIT, and
+/// within it GetBalance shows the wallet and the member's allocation of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_on_a_new_wallet_is_within_the_wallet_cap_and_shown() {
+    use tollgate::ledger::org::AllocationChange;
+    use tollgate::ledger::{LedgerError, Refusal};
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.ledger.wallets_per_account_max = 2;
+    let (clock, _) = Clock::manual(1_800_000_000_000);
+    let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
+    common::initialize_blocking(&ledger, &redis.url());
+    ledger.create_org("acme", "olivia", "c").await.expect("org");
+    ledger
+        .grant(&common::purchase("acme", 1_000, "g"))
+        .await
+        .expect("grant: the org's first wallet");
+    ledger
+        .add_member("acme", "olivia", "carol", "member", "m")
+        .await
+        .expect("member");
+    let allocate = |wallet: &'static str, change: AllocationChange, key: &'static str| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .allocate("acme", "olivia", "carol", wallet, change, key)
+                .await
+        }
+    };
+    allocate("esign", AllocationChange::Set(70), "a1")
+        .await
+        .expect("the org's second wallet");
+    let view = ledger.view("acme", "carol", "").await.expect("view");
+    let allocations: Vec<(&str, i64)> = view
+        .allocations
+        .iter()
+        .map(|a| (a.wallet.as_str(), a.allocated))
+        .collect();
+    assert_eq!(allocations, [("default", 0), ("esign", 70)]);
+    let wallets: Vec<String> = ledger
+        .balance("acme", "")
+        .await
+        .expect("balance")
+        .into_iter()
+        .map(|w| w.wallet)
+        .collect();
+    assert_eq!(wallets, ["default", "esign"]);
+    for (change, key) in [
+        (AllocationChange::Set(5), "a2"),
+        (AllocationChange::Add(5), "a3"),
+    ] {
+        match allocate("third", change, key).await {
+            Err(LedgerError::Refused(Refusal::WalletLimit { max: 2 })) => {}
+            other => panic!("a third wallet past a cap of 2: {other:?}"),
+        }
+    }
+    let view = ledger.view("acme", "carol", "third").await.expect("view");
+    assert_eq!(view.allocations[0].allocated, 0, "the refusal changed nothing");
+    // A wallet already in the set takes any allocation.
+    allocate("esign", AllocationChange::Add(30), "a4")
+        .await
+        .expect("esign again");
+}

@@ -689,6 +689,9 @@ impl Replay<'_> {
                 }
             }
             EventKind::Allocate => {
+                // An allocated wallet is in the org's wallet set (lua/org.lua), as a
+                // budgeted one is.
+                self.wallet.joined = true;
                 self.orgs
                     .allocations
                     .entry((e.account_id.clone(), e.wallet.clone(), e.member.clone()))

@@ -4,7 +4,9 @@
 -- 14 role, 15 wallet, 16 amount (allocation, delta or budget limit; 0 removes a budget),
 -- 17 budget period (d | m | w), 18 window ms, 19 UTC offset ms, 20 most wallets per account.
 -- Answers "OK|event_id|a|b" (create: created_ms; add: role; allocate: allocated|used;
--- budget: limit), "ORG_EXISTS" or "BAD_FIELD|field|why" (nothing changed or recorded).
+-- budget: limit), "ORG_EXISTS" or "BAD_FIELD|field|why" (nothing changed or recorded),
+-- or "WALLET_LIMIT|max" (allocate, budget: a new wallet past the per-account cap;
+-- recorded, nothing changed).
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
@@ -122,6 +124,14 @@ elseif op == 'allocate_set' or op == 'allocate_add' then
   if allocated > MAX_CREDITS then
     return bad(op == 'allocate_add' and 'delta' or 'amount', 'allocation out of range')
   end
+  -- An allocated wallet is one of the org's wallets, as a budgeted one is: within the
+  -- per-account cap, and in the wallet set that GetBalance (view.lua, balance.lua) walks.
+  if wallet_set_refuses(org, wallet, ARGV[20]) then
+    answer = 'WALLET_LIMIT|' .. ARGV[20]
+    remember(ikey, digest, answer)
+    return { 0, answer }
+  end
+  join_wallet_set(org, wallet)
   redis.call('HSET', akey, member, allocated)
   local W = open_wallet(org, wallet)
   MEMBER = member
