@@ -1565,7 +1565,10 @@ async fn an_allocation_lowered_below_its_use_reports_nothing_remaining() {
         }
     };
     allocate(100, "a1").await;
-    ledger.debit(&carol_debit(80, "d1")).await.expect("80 of 100");
+    ledger
+        .debit(&carol_debit(80, "d1"))
+        .await
+        .expect("80 of 100");
     let lowered = allocate(50, "a2").await;
     assert_eq!((lowered.allocated, lowered.used), (50, 80));
     let refused = |r: Result<(), LedgerError>| match r {
@@ -1656,7 +1659,10 @@ async fn a_window_budget_refuses_a_utc_offset_and_keeps_its_spend() {
         .await
         .expect("30 counted in both budgets");
     let spent = || async {
-        let view = ledger.view("acme", "olivia", "default").await.expect("view");
+        let view = ledger
+            .view("acme", "olivia", "default")
+            .await
+            .expect("view");
         view.budgets
             .iter()
             .map(|b| (b.scope.clone(), b.limit, b.spent))
@@ -1670,7 +1676,12 @@ async fn a_window_budget_refuses_a_utc_offset_and_keeps_its_spend() {
     for member in ["", "olivia"] {
         for offset in [60, -60] {
             match ledger
-                .set_budget(&budget(member, 400, offset, &format!("z-{member}-{offset}")))
+                .set_budget(&budget(
+                    member,
+                    400,
+                    offset,
+                    &format!("z-{member}-{offset}"),
+                ))
                 .await
             {
                 Err(LedgerError::InvalidArgument(v)) => {
@@ -1750,7 +1761,10 @@ async fn an_allocation_on_a_new_wallet_is_within_the_wallet_cap_and_shown() {
         }
     }
     let view = ledger.view("acme", "carol", "third").await.expect("view");
-    assert_eq!(view.allocations[0].allocated, 0, "the refusal changed nothing");
+    assert_eq!(
+        view.allocations[0].allocated, 0,
+        "the refusal changed nothing"
+    );
     // A wallet already in the set takes any allocation.
     allocate("esign", AllocationChange::Add(30), "a4")
         .await
