@@ -1770,3 +1770,311 @@ async fn an_allocation_on_a_new_wallet_is_within_the_wallet_cap_and_shown() {
         .await
         .expect("esign again");
 }
+
+/// Carol's allocations and budgets, as GetBalance shows them to her (none when she is no
+/// member): (wallet, allocated, used, bounded) and (scope, wallet, limit).
+async fn carol_state(
+    ledger: &tollgate::ledger::Ledger,
+    member: &str,
+) -> (Vec<(String, i64, i64, bool)>, Vec<(String, String, i64)>) {
+    let view = ledger.view("acme", member, "").await.expect("view");
+    (
+        view.allocations
+            .into_iter()
+            .map(|a| (a.wallet, a.allocated, a.used, a.bounded))
+            .collect(),
+        view.budgets
+            .into_iter()
+            .map(|b| (b.scope, b.wallet, b.limit))
+            .collect(),
+    )
+}
+
+/// A member who leaves leaves no allocation or budget behind, in any org wallet: re-added,
+/// they have neither (a plain member can spend nothing again until an allocation is set;
+/// an admin is bounded by the org balance only), so re-adding no longer hands the old
+/// allocation straight back. What they used stays, and their hold open across the
+/// removal still gives back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_leaves_no_allocation_or_budget_behind() {
+    use tollgate::ledger::org::{AllocationChange, BudgetPeriod, SetBudget};
+    use tollgate::ledger::{EndHold, LedgerError, Metadata, Refusal};
+    let redis = common::RedisServer::start();
+    let ledger = carol_org(&redis).await;
+    let allocate = |member: &'static str, wallet: &'static str, amount: i64, key: String| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .allocate(
+                    "acme",
+                    "olivia",
+                    member,
+                    wallet,
+                    AllocationChange::Set(amount),
+                    &key,
+                )
+                .await
+                .expect("allocate")
+        }
+    };
+    allocate("carol", "default", 100, "a1".into()).await;
+    allocate("carol", "esign", 40, "a2".into()).await;
+    for wallet in ["default", "esign"] {
+        ledger
+            .set_budget(&SetBudget {
+                account_id: "acme".into(),
+                member_id: "carol".into(),
+                wallet: wallet.into(),
+                limit: 80,
+                period: BudgetPeriod::Day,
+                utc_offset_minutes: 0,
+                idempotency_key: format!("b-{wallet}"),
+            })
+            .await
+            .expect("carol's budget");
+    }
+    ledger.debit(&carol_debit(30, "d1")).await.expect("debit");
+    let held = ledger.authorize(&carol_hold(20, "h1")).await.expect("hold");
+    assert_eq!(
+        carol_state(&ledger, "carol").await,
+        (
+            vec![
+                ("default".into(), 100, 50, true),
+                ("esign".into(), 40, 0, true)
+            ],
+            vec![
+                ("member".into(), "default".into(), 80),
+                ("member".into(), "esign".into(), 80)
+            ]
+        )
+    );
+
+    ledger
+        .remove_member("acme", "olivia", "carol", "leave")
+        .await
+        .expect("carol leaves");
+    ledger
+        .add_member("acme", "olivia", "carol", "member", "back")
+        .await
+        .expect("carol is back");
+    assert_eq!(
+        carol_state(&ledger, "carol").await,
+        (
+            vec![
+                ("default".into(), 0, 50, true),
+                ("esign".into(), 0, 0, true)
+            ],
+            vec![]
+        ),
+        "the old allocations and budgets stayed behind"
+    );
+    match ledger.debit(&carol_debit(1, "d2")).await {
+        Err(LedgerError::Refused(Refusal::AllocationExceeded {
+            required: 1,
+            remaining: 0,
+        })) => {}
+        other => panic!("the old allocation handed back: {other:?}"),
+    }
+    // A new allocation counts what she used; her hold from before the removal still
+    // gives back to it when it ends.
+    let set = allocate("carol", "default", 60, "a3".into()).await;
+    assert_eq!((set.allocated, set.used), (60, 50));
+    ledger
+        .end_hold(&EndHold {
+            hold_id: held.hold_id,
+            capture: None,
+            idempotency_key: "r".into(),
+            metadata: Metadata::new(),
+        })
+        .await
+        .expect("release");
+    let debited = ledger.debit(&carol_debit(30, "d3")).await.expect("60 - 30");
+    assert_eq!(debited.allocation_remaining, Some(0));
+
+    // Back as an admin: no allocation, so only the org balance bounds her.
+    ledger
+        .remove_member("acme", "olivia", "carol", "leave-2")
+        .await
+        .expect("carol leaves again");
+    ledger
+        .add_member("acme", "olivia", "carol", "admin", "back-2")
+        .await
+        .expect("carol is back as an admin");
+    let (allocations, budgets) = carol_state(&ledger, "carol").await;
+    assert!(
+        allocations.iter().all(|a| a.1 == 0 && !a.3),
+        "{allocations:?}"
+    );
+    assert!(budgets.is_empty(), "{budgets:?}");
+    let debited = ledger
+        .debit(&carol_debit(200, "d4"))
+        .await
+        .expect("unbounded");
+    assert_eq!(debited.allocation_remaining, None);
+}
+
+/// A member's removal settles, reconciles and restores: the events that drop their
+/// allocations and budgets are rebuilt as they were (an admin re-added is unbounded
+/// again, not bounded by an allocation of 0), and reconcile finds no drift before or
+/// after the restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_removal_settles_reconciles_and_restores() {
+    use tollgate::ledger::org::{AllocationChange, BudgetPeriod, SetBudget};
+    let mut redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let config = |redis: &common::RedisServer| {
+        let mut config = common::test_config(&redis.url());
+        config.store.url = pg.url.clone();
+        config.settler.enabled = true;
+        config
+    };
+    let server = common::TestServer::start(config(&redis), Clock::Redis).await;
+    let ledger = server.ledger.clone();
+    ledger.create_org("acme", "olivia", "c").await.expect("org");
+    ledger
+        .grant(&common::purchase("acme", 1_000, "g"))
+        .await
+        .expect("grant");
+    for (member, role) in [("carol", "member"), ("dave", "admin")] {
+        ledger
+            .add_member("acme", "olivia", member, role, &format!("add-{member}"))
+            .await
+            .expect("member");
+        for (wallet, amount) in [("default", 100), ("esign", 40)] {
+            ledger
+                .allocate(
+                    "acme",
+                    "olivia",
+                    member,
+                    wallet,
+                    AllocationChange::Set(amount),
+                    &format!("a-{member}-{wallet}"),
+                )
+                .await
+                .expect("allocate");
+        }
+        ledger
+            .set_budget(&SetBudget {
+                account_id: "acme".into(),
+                member_id: member.into(),
+                wallet: "esign".into(),
+                limit: 80,
+                period: BudgetPeriod::Month,
+                utc_offset_minutes: 0,
+                idempotency_key: format!("b-{member}"),
+            })
+            .await
+            .expect("budget");
+        ledger
+            .debit(&tollgate::ledger::Debit {
+                member_id: member.into(),
+                ..carol_debit(30, &format!("d-{member}"))
+            })
+            .await
+            .expect("debit");
+    }
+    let held = ledger.authorize(&carol_hold(20, "h")).await.expect("hold");
+    for (member, role) in [("carol", "member"), ("dave", "admin")] {
+        ledger
+            .remove_member("acme", "olivia", member, &format!("leave-{member}"))
+            .await
+            .expect("leave");
+        ledger
+            .add_member("acme", "olivia", member, role, &format!("back-{member}"))
+            .await
+            .expect("back");
+    }
+    ledger
+        .allocate(
+            "acme",
+            "olivia",
+            "carol",
+            "default",
+            AllocationChange::Set(70),
+            "a-again",
+        )
+        .await
+        .expect("a new allocation");
+    // A wallet with an allocation and nothing else: restore puts it in the org's wallet
+    // set too.
+    ledger
+        .allocate(
+            "acme",
+            "olivia",
+            "carol",
+            "sms",
+            AllocationChange::Set(15),
+            "a-sms",
+        )
+        .await
+        .expect("an allocation on a third wallet");
+    // Carol's hold from before her removal ends after it.
+    ledger
+        .end_hold(&tollgate::ledger::EndHold {
+            hold_id: held.hold_id,
+            capture: Some(Some(5)),
+            idempotency_key: "capture".into(),
+            metadata: tollgate::ledger::Metadata::new(),
+        })
+        .await
+        .expect("capture");
+    let states = |ledger: std::sync::Arc<tollgate::ledger::Ledger>| async move {
+        let mut out = Vec::new();
+        for member in ["carol", "dave"] {
+            out.push(carol_state(&ledger, member).await);
+        }
+        out
+    };
+    let before = states(ledger.clone()).await;
+    assert_eq!(
+        before,
+        [
+            (
+                vec![
+                    ("default".into(), 70, 35, true),
+                    ("esign".into(), 0, 0, true),
+                    ("sms".into(), 15, 0, true)
+                ],
+                vec![]
+            ),
+            (
+                vec![
+                    ("default".into(), 0, 30, false),
+                    ("esign".into(), 0, 0, false),
+                    ("sms".into(), 0, 0, false)
+                ],
+                vec![]
+            ),
+        ]
+    );
+    let reconcile = |redis_url: String| {
+        let pg = pg.url.clone();
+        move || {
+            tool(&[
+                "reconcile",
+                "--redis-url",
+                &redis_url,
+                "--store",
+                &pg,
+                "--drain-timeout-secs",
+                "120",
+            ])
+        }
+    };
+    let clean = tokio::task::spawn_blocking(reconcile(redis.url()))
+        .await
+        .expect("join");
+    assert!(clean.status.success(), "{clean:?}");
+    server.stop().await;
+
+    redis.restart();
+    let restored = tool(&["restore", "--redis-url", &redis.url(), "--store", &pg.url]);
+    assert!(restored.status.success(), "{restored:?}");
+    let server = common::TestServer::start(config(&redis), Clock::Redis).await;
+    assert_eq!(states(server.ledger.clone()).await, before);
+    let again = tokio::task::spawn_blocking(reconcile(redis.url()))
+        .await
+        .expect("join");
+    assert!(again.status.success(), "{again:?}");
+    server.stop().await;
+}

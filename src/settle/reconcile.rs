@@ -262,13 +262,22 @@ type Members = BTreeMap<String, (Option<i64>, i64)>;
 /// (org, wallet) → its members' allocations.
 type Allocations = BTreeMap<(String, String), Members>;
 
+/// The operation of the `allocate` event lua/org.lua writes for each allocation of a
+/// member who leaves: the allocation is gone (None again, as before any), `used` stays.
+pub(crate) const ALLOCATION_REMOVED: &str = "remove";
+
+/// The allocation an `allocate` event leaves (None: the member's removal took it).
+pub(crate) fn allocated_after(e: &LedgerEvent) -> Option<i64> {
+    (e.operation != ALLOCATION_REMOVED).then_some(e.amount)
+}
+
 /// Counts one settled event in its member's allocation.
 fn count_allocation(members: &mut Members, e: &LedgerEvent) {
     if e.member.is_empty() {
         return;
     }
     if e.kind == EventKind::Allocate {
-        members.entry(e.member.clone()).or_default().0 = Some(e.amount);
+        members.entry(e.member.clone()).or_default().0 = allocated_after(e);
     } else if let Some(used) = e.allocation_delta() {
         members.entry(e.member.clone()).or_default().1 += used;
     }

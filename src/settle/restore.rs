@@ -696,7 +696,7 @@ impl Replay<'_> {
                     .allocations
                     .entry((e.account_id.clone(), e.wallet.clone(), e.member.clone()))
                     .or_default()
-                    .0 = Some(e.amount);
+                    .0 = super::reconcile::allocated_after(e);
             }
             EventKind::Budget => {
                 self.wallet.joined = true;

@@ -102,6 +102,37 @@ elseif op == 'add' or op == 'remove' then
   end
   MEMBER = member
   local eid = emit(NO_WALLET, 'member', 0, '', role, '', '', idem, op, '')
+  if op == 'remove' then
+    -- A member who leaves leaves no allocation or budget behind: in each org wallet (the
+    -- wallet set, bounded by the per-account wallet cap; allocations and budgets join
+    -- it) their allocation and their budget go, each with its event (operation
+    -- "remove"), so the settler, reconcile and restore drop them too. Re-added, the
+    -- member has neither until an owner or admin sets them again. What they used
+    -- (`<member>:u`) stays: their open holds and refundable charges still give back to
+    -- it, and resetting it would let those give-backs lift a later allocation
+    -- (docs/ARCHITECTURE.md, "Organizations").
+    local wallets = redis.call('HKEYS', TAG .. ':ws:' .. org)
+    table.sort(wallets)
+    for j = 1, #wallets do
+      local wallet = wallets[j]
+      local akey = alloc_key(org, wallet)
+      local allocated = redis.call('HGET', akey, member)
+      local bkey = TAG .. ':bg:' .. org .. ':' .. wallet .. ':' .. member
+      local b = redis.call('HMGET', bkey, 'l', 'p', 'ws', 'z')
+      if allocated or b[1] then
+        local W = open_wallet(org, wallet)
+        if allocated then
+          redis.call('HDEL', akey, member)
+          emit(W, 'allocate', 0, '', itos(-tonumber(allocated)), '', '', idem, 'remove', '')
+        end
+        if b[1] then
+          redis.call('DEL', bkey)
+          emit(W, 'budget', 0, '', (b[2] or '') .. '|' .. (b[3] or '0') .. '|' .. (b[4] or '0'),
+            '', '', idem, 'remove', '')
+        end
+      end
+    end
+  end
   answer = 'OK|' .. eid .. '|' .. role
 elseif op == 'allocate_set' or op == 'allocate_add' then
   local refused = require_admin()
