@@ -278,7 +278,7 @@ impl Model {
             return None;
         }
         if let Some(a) = self.allocated.get(member) {
-            return Some(a - self.used_of(member));
+            return Some((a - self.used_of(member)).max(0));
         }
         match self.roles.get(member) {
             Some(Role::Member) => Some(0),
