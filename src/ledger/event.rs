@@ -17,7 +17,7 @@
 //! | refund | new lots of kind `refund` | credits that expired at once |
 //! | expire_lot | the lot and what expired | empty |
 //! | member (no wallet) | empty | the member's new role, or `removed` |
-//! | allocate | empty | change of the allocation (`n` is the new allocation) |
+//! | allocate | empty | change of the allocation (`n` is the new allocation; with operation `remove`, written by RemoveMember, the allocation is gone, not 0) |
 //! | budget | empty | `period|window_ms|utc_offset_ms` (`n` is the limit, 0 = removed) |
 
 use redis::Value;
