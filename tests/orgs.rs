@@ -1034,6 +1034,24 @@ async fn views(server: &common::TestServer) -> Vec<View> {
     out
 }
 
+/// `tollgate reconcile` of this Redis against this store, as a job for `spawn_blocking`.
+fn reconcile_job(
+    redis_url: String,
+    store_url: String,
+) -> impl FnOnce() -> std::process::Output + Clone + Send + 'static {
+    move || {
+        tool(&[
+            "reconcile",
+            "--redis-url",
+            &redis_url,
+            "--store",
+            &store_url,
+            "--drain-timeout-secs",
+            "120",
+        ])
+    }
+}
+
 fn tool(args: &[&str]) -> std::process::Output {
     common::tollgate()
         .args(args)
@@ -1189,20 +1207,7 @@ async fn org_events_settle_reconcile_and_restore() {
     let before = views(&server).await;
 
     // Every org event reaches PostgreSQL, and reconcile (allocations included) agrees.
-    let reconcile = |redis_url: String| {
-        let pg = pg.url.clone();
-        move || {
-            tool(&[
-                "reconcile",
-                "--redis-url",
-                &redis_url,
-                "--store",
-                &pg,
-                "--drain-timeout-secs",
-                "120",
-            ])
-        }
-    };
+    let reconcile = |redis_url: String| reconcile_job(redis_url, pg.url.clone());
     let run = reconcile(redis.url());
     let clean = tokio::task::spawn_blocking(run.clone())
         .await
@@ -2047,20 +2052,7 @@ async fn a_members_removal_settles_reconciles_and_restores() {
             ),
         ]
     );
-    let reconcile = |redis_url: String| {
-        let pg = pg.url.clone();
-        move || {
-            tool(&[
-                "reconcile",
-                "--redis-url",
-                &redis_url,
-                "--store",
-                &pg,
-                "--drain-timeout-secs",
-                "120",
-            ])
-        }
-    };
+    let reconcile = |redis_url: String| reconcile_job(redis_url, pg.url.clone());
     let clean = tokio::task::spawn_blocking(reconcile(redis.url()))
         .await
         .expect("join");
