@@ -864,10 +864,9 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_json:
     )
 }
 
-/// Keeps `grpc.health.v1.Health` in step with readiness until `stopped`, then reports
-/// NOT_SERVING while the server drains.
-/// Keeps the gRPC health service (when there is one) and the `tollgate_ready` gauge in step
-/// with `/readyz`.
+/// Keeps the gRPC health service (`serve`; `settle` has none) and the `tollgate_ready`
+/// gauge in step with `/readyz` until `stopped`, then reports NOT_SERVING and 0 while the
+/// server drains.
 async fn watch_health(
     state: HttpState,
     health: Option<HealthReporter>,

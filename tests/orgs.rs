@@ -1698,6 +1698,29 @@ async fn a_window_budget_refuses_a_utc_offset_and_keeps_its_spend() {
         }
     }
     assert_eq!(spent().await, before, "a refusal changed the budgets");
+    // A window budget stored with an offset before offsets were refused for windows keeps
+    // its spend when it is set again with offset 0 (the only one accepted now).
+    let shard = ledger.shards().of_account("acme");
+    let member_budget = format!("{}:bg:acme:default:olivia", ledger.shards().tag(shard));
+    let _: i64 = ledger
+        .redis()
+        .query(
+            redis::cmd("HSET")
+                .arg(&member_budget)
+                .arg("z")
+                .arg(3_600_000),
+        )
+        .await
+        .expect("plant an older budget's offset");
+    ledger
+        .set_budget(&budget("olivia", 400, 0, "again"))
+        .await
+        .expect("the same window, offset 0");
+    assert_eq!(
+        spent().await,
+        [("account".into(), 500, 30), ("member".into(), 400, 30)],
+        "the window's spend was wiped"
+    );
     // A calendar period still takes an offset.
     ledger
         .set_budget(&SetBudget {
@@ -1774,6 +1797,19 @@ async fn an_allocation_on_a_new_wallet_is_within_the_wallet_cap_and_shown() {
     allocate("esign", AllocationChange::Add(30), "a4")
         .await
         .expect("esign again");
+    // A wallet allocated before allocations joined the wallet set (planted here: an
+    // allocation record outside the set, at the cap) can still be changed and cleared.
+    let shard = ledger.shards().of_account("acme");
+    let legacy = format!("{}:al:acme:legacy", ledger.shards().tag(shard));
+    let _: i64 = ledger
+        .redis()
+        .query(redis::cmd("HSET").arg(&legacy).arg("carol").arg(40))
+        .await
+        .expect("plant an older allocation");
+    let cleared = allocate("legacy", AllocationChange::Set(0), "a5")
+        .await
+        .expect("an older allocation past the cap is cleared");
+    assert_eq!(cleared.allocated, 0);
 }
 
 /// Carol's allocations and budgets, as GetBalance shows them to her (none when she is no

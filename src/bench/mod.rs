@@ -243,6 +243,23 @@ fn server_override(setting: &str) -> Result<(String, String), String> {
             "--server-set {setting:?}: the key must be a tollgate.toml key such as redis.call_timeout_ms"
         ));
     }
+    // What the bench sets itself, or mirrors on the baseline side and in its seeding: a
+    // different value would measure two different setups against each other.
+    const OWN: [&str; 8] = [
+        "server.",
+        "redis.url",
+        "redis.connections",
+        "redis.wait_",
+        "auth.",
+        "store.",
+        "ledger.",
+        "pricebook",
+    ];
+    if let Some(own) = OWN.iter().find(|own| key.starts_with(*own)) {
+        return Err(format!(
+            "--server-set {setting:?}: {own}… is the bench's own (its flags set it for both sides)"
+        ));
+    }
     Ok((
         format!("TOLLGATE_{}", key.to_ascii_uppercase().replace('.', "__")),
         value.to_owned(),
@@ -608,6 +625,10 @@ mod tests {
             "Redis.url=x",
             "redis..url=x",
             "a b=1",
+            "redis.url=redis://elsewhere",
+            "redis.connections=32",
+            "ledger.shards=32",
+            "auth.service_token=x",
         ] {
             let err = validated(&["debit", "--server-set", bad]).expect_err(bad);
             assert!(err.contains("--server-set"), "{err}");

@@ -713,7 +713,8 @@ impl Replay<'_> {
                         Some(old)
                             if old.period == period
                                 && old.window_ms == window_ms
-                                && old.offset_ms == offset_ms =>
+                                // A rolling window's offset is no part of it (org.lua).
+                                && (period == "w" || old.offset_ms == offset_ms) =>
                         {
                             old.since_ms
                         }

@@ -157,7 +157,9 @@ elseif op == 'allocate_set' or op == 'allocate_add' then
   end
   -- An allocated wallet is one of the org's wallets, as a budgeted one is: within the
   -- per-account cap, and in the wallet set that GetBalance (view.lua, balance.lua) walks.
-  if wallet_set_refuses(org, wallet, ARGV[20]) then
+  -- A wallet allocated before allocations joined the set is let in past the cap, so that
+  -- its allocations can still be changed and cleared.
+  if redis.call('EXISTS', akey) == 0 and wallet_set_refuses(org, wallet, ARGV[20]) then
     answer = 'WALLET_LIMIT|' .. ARGV[20]
     remember(ikey, digest, answer)
     return { 0, answer }
@@ -195,7 +197,10 @@ elseif op == 'budget' then
   else
     local old = redis.call('HMGET', bkey, 'p', 'ws', 'z')
     local fresh = not old[1]
-    if old[1] and (old[1] ~= ARGV[17] or old[2] ~= ARGV[18] or old[3] ~= ARGV[19]) then
+    -- A rolling window has no calendar: its offset (non-zero only in budgets set before it
+    -- was refused) is no part of its definition.
+    local offset_changed = ARGV[17] ~= 'w' and old[3] ~= ARGV[19]
+    if old[1] and (old[1] ~= ARGV[17] or old[2] ~= ARGV[18] or offset_changed) then
       redis.call('DEL', bkey)
       fresh = true
     end
