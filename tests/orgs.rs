@@ -1345,19 +1345,8 @@ async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
     use tollgate::ledger::command::{Authorize, OnExpiry};
     use tollgate::ledger::org::AllocationChange;
     use tollgate::ledger::{Debit, Metadata};
-    const T0: i64 = 1_800_000_000_000;
     let redis = common::RedisServer::start();
-    let (clock, now) = Clock::manual(T0);
-    let ledger = common::ledger(&redis, clock);
-    ledger.create_org("acme", "olivia", "c").await.expect("org");
-    ledger
-        .grant(&common::purchase("acme", 1_000, "g"))
-        .await
-        .expect("grant");
-    ledger
-        .add_member("acme", "olivia", "carol", "member", "m")
-        .await
-        .expect("member");
+    let (ledger, now) = carol_org_clocked(&redis).await;
     ledger
         .allocate(
             "acme",
@@ -1505,7 +1494,17 @@ async fn a_released_hold_gives_nothing_back_to_a_budget_set_again() {
 
 /// An org with a member "carol" (role `member`) and 1,000 credits, on a manual clock.
 async fn carol_org(redis: &common::RedisServer) -> std::sync::Arc<tollgate::ledger::Ledger> {
-    let (clock, _) = Clock::manual(1_800_000_000_000);
+    carol_org_clocked(redis).await.0
+}
+
+/// [`carol_org`], and the hand of its clock (starting at 1,800,000,000,000 ms).
+async fn carol_org_clocked(
+    redis: &common::RedisServer,
+) -> (
+    std::sync::Arc<tollgate::ledger::Ledger>,
+    std::sync::Arc<std::sync::atomic::AtomicI64>,
+) {
+    let (clock, now) = Clock::manual(1_800_000_000_000);
     let ledger = common::ledger(redis, clock);
     ledger.create_org("acme", "olivia", "c").await.expect("org");
     ledger
@@ -1516,7 +1515,7 @@ async fn carol_org(redis: &common::RedisServer) -> std::sync::Arc<tollgate::ledg
         .add_member("acme", "olivia", "carol", "member", "m")
         .await
         .expect("member");
-    ledger
+    (ledger, now)
 }
 
 fn carol_debit(amount: i64, key: &str) -> tollgate::ledger::Debit {

@@ -37,20 +37,21 @@ async fn readyz(server: &common::TestServer) -> u16 {
         .expect("status code")
 }
 
-/// A hung Redis (SIGSTOP: the connection stays open, nothing answers) is given up on at
-/// the call deadline: UNAVAILABLE, long before HANG_GUARD, and readiness says so; resumed,
-/// calls succeed again. Bounded generously (a busy machine may be seconds late), against
-/// a hang, not against the clock.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_redis_is_given_up_on_at_the_call_deadline() {
-    const CALL_DEADLINE: Duration = Duration::from_secs(1);
-    const WELL_PAST_THE_DEADLINE: Duration = Duration::from_secs(8);
-    let redis = common::RedisServer::start();
+/// A server whose Redis calls have this deadline, with alice granted 10 credits; its admin
+/// and metering clients.
+async fn alice_with_10(
+    redis: &common::RedisServer,
+    call_deadline: Duration,
+) -> (
+    common::TestServer,
+    pb::admin_client::AdminClient<common::AuthChannel>,
+    pb::metering_client::MeteringClient<common::AuthChannel>,
+) {
     let mut config = common::test_config(&redis.url());
-    config.redis.call_timeout_ms = CALL_DEADLINE.as_millis() as u64;
+    config.redis.call_timeout_ms = call_deadline.as_millis() as u64;
     let server = common::TestServer::start(config, Clock::Redis).await;
     let mut admin = server.admin().await;
-    let mut metering = server.metering().await;
+    let metering = server.metering().await;
     admin
         .grant(pb::GrantRequest {
             account_id: "alice".into(),
@@ -60,6 +61,19 @@ async fn a_hung_redis_is_given_up_on_at_the_call_deadline() {
         })
         .await
         .expect("grant");
+    (server, admin, metering)
+}
+
+/// A hung Redis (SIGSTOP: the connection stays open, nothing answers) is given up on at
+/// the call deadline: UNAVAILABLE, long before HANG_GUARD, and readiness says so; resumed,
+/// calls succeed again. Bounded generously (a busy machine may be seconds late), against
+/// a hang, not against the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_given_up_on_at_the_call_deadline() {
+    const CALL_DEADLINE: Duration = Duration::from_secs(1);
+    const WELL_PAST_THE_DEADLINE: Duration = Duration::from_secs(8);
+    let redis = common::RedisServer::start();
+    let (server, _admin, mut metering) = alice_with_10(&redis, CALL_DEADLINE).await;
 
     redis.pause();
     let started = std::time::Instant::now();
@@ -118,21 +132,8 @@ async fn a_hung_redis_is_given_up_on_at_the_call_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_within_deadline_then_recovers() {
     let mut redis = common::RedisServer::start();
-    let mut config = common::test_config(&redis.url());
     // Short enough to see a stopped Redis fail fast; long enough for a busy machine.
-    config.redis.call_timeout_ms = 1_000;
-    let server = common::TestServer::start(config, Clock::Redis).await;
-    let mut admin = server.admin().await;
-    let mut metering = server.metering().await;
-    admin
-        .grant(pb::GrantRequest {
-            account_id: "alice".into(),
-            amount: 10,
-            idempotency_key: "g1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("grant");
+    let (server, mut admin, mut metering) = alice_with_10(&redis, Duration::from_secs(1)).await;
     assert_eq!(readyz(&server).await, 200);
 
     redis.kill();
