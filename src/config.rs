@@ -422,7 +422,7 @@ impl Config {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e| ConfigErrors(vec![file_error(text, &e)]))?;
-        apply_env(&mut table, env);
+        let from_env = apply_env(&mut table, env);
         let mut set = |section: &str, key: &str, value: &Option<String>| {
             if let Some(v) = value {
                 set_value(&mut table, section, key, toml::Value::String(v.clone()));
@@ -457,6 +457,7 @@ impl Config {
             }
         }
         config.validate(&mut errors);
+        name_variables(&mut errors, &from_env);
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -900,7 +901,35 @@ fn read_file(path: &Path) -> Result<String, ConfigErrors> {
     })
 }
 
-fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) {
+/// Points each error about a setting the environment set at its variable: the file may
+/// hold another value, and a user would look there first. A list (or other non-string
+/// value) is read as TOML, which the message says when the variable was not.
+fn name_variables(errors: &mut [ConfigError], from_env: &[(String, String)]) {
+    for e in errors {
+        let var = from_env
+            .iter()
+            .find(|(path, _)| {
+                *path == e.path || path.split_once('.').is_some_and(|(s, _)| s == e.path)
+            })
+            .map(|(_, var)| var);
+        if let Some(var) = var {
+            e.message.push_str(&format!(" (set by {var}"));
+            if e.message.contains("expected a sequence") {
+                e.message
+                    .push_str("; a list is written as TOML there: [\"a\", \"b\"]");
+            }
+            e.message.push(')');
+        }
+    }
+}
+
+/// Applies the `TOLLGATE_` variables of `env` to `table`; answers (`section.key`,
+/// variable) for each one applied.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    let mut applied = Vec::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix("TOLLGATE_") else {
             continue;
@@ -931,7 +960,9 @@ fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, Str
                 .unwrap_or(toml::Value::String(raw))
         };
         set_value(table, &section, &key, value);
+        applied.push((format!("{section}.{key}"), name));
     }
+    applied
 }
 
 #[cfg(test)]
@@ -1162,6 +1193,48 @@ mod tests {
         assert!(!c.settler.enabled);
         assert!(c.server.restore);
         assert_eq!(c.gateway.api_key_headers, ["x-api-key"]);
+    }
+
+    #[test]
+    fn a_bad_setting_from_the_environment_names_its_variable() {
+        let report = |file: &str, env: &[(&str, &str)]| match load_env(file, env) {
+            Ok(_) => panic!("{env:?} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        let r = report("", &[("TOLLGATE_LEDGR__SHARDS", "32")]);
+        assert!(
+            r.contains("ledgr: unknown section (set by TOLLGATE_LEDGR__SHARDS)"),
+            "{r}"
+        );
+        // The file's own value is fine; the variable's is not, and the message says so.
+        let r = report(
+            "[ledger]\nshards = 4\n",
+            &[("TOLLGATE_LEDGER__SHARDS", "abc")],
+        );
+        assert!(
+            r.contains("ledger.shards: ") && r.contains("(set by TOLLGATE_LEDGER__SHARDS)"),
+            "{r}"
+        );
+        let r = report("", &[("TOLLGATE_GATEWAY__API_KEY_HEADERS", "x-key")]);
+        assert!(
+            r.contains(
+                "(set by TOLLGATE_GATEWAY__API_KEY_HEADERS; a list is written as TOML there"
+            ),
+            "{r}"
+        );
+        assert!(!r.contains("x-key"), "{r}");
+        // An error of the file's own is not blamed on a variable of another setting.
+        let r = report(
+            "[ledger]\nshards = \"x\"\n",
+            &[
+                ("TOLLGATE_LEDGER__SHARDZ_UNUSED", "1"),
+                ("TOLLGATE_SERVER__WORKER_THREADS", "1"),
+            ],
+        );
+        assert!(
+            r.contains("ledger.shards: ") && !r.contains("set by TOLLGATE_SERVER"),
+            "{r}"
+        );
     }
 
     #[test]

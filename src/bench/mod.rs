@@ -371,6 +371,13 @@ impl BenchArgs {
 /// the future is dropped (Ctrl-C).
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
     args.validate()?;
+    if cfg!(debug_assertions) {
+        // The child server is this executable: a debug build measures the debug build.
+        eprintln!(
+            "warning: this tollgate is a debug build; its figures (and the ratio to raw Redis) \
+             say little about a release build: cargo build --release"
+        );
+    }
     let stack = Stack::start(&args, args.accounts).await?;
     let versus = match args.versus_accounts {
         Some(n) => Some(Stack::start(&args, n).await?),
