@@ -404,14 +404,33 @@ impl Config {
         Ok(config)
     }
 
-    /// Whether `other` differs in a setting a reload does not apply (anything but the
-    /// price book).
-    pub fn differs_beyond_pricebook(&self, other: &Self) -> bool {
+    /// The sections in which `other` differs in a setting a reload does not apply
+    /// (anything but the price book); names only, since a value may be a secret.
+    pub fn sections_changed_beyond_pricebook(&self, other: &Self) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name: &'static str, same: bool| {
+            if !same {
+                changed.push(name);
+            }
+        };
+        check("server", self.server == other.server);
+        check("redis", self.redis == other.redis);
+        check("auth", self.auth == other.auth);
+        check("ledger", self.ledger == other.ledger);
+        check("store", self.store == other.store);
+        check("settler", self.settler == other.settler);
+        check("gateway", self.gateway == other.gateway);
+        check("log", self.log == other.log);
+        check("webhooks", self.webhooks == other.webhooks);
+        // A section added to Config and not above still counts, unnamed.
         let strip = |c: &Self| Self {
             pricebook: PriceBook::default(),
             ..c.clone()
         };
-        strip(self) != strip(other)
+        if changed.is_empty() && strip(self) != strip(other) {
+            changed.push("(other)");
+        }
+        changed
     }
 
     pub fn from_toml(
@@ -1193,6 +1212,21 @@ mod tests {
         assert!(!c.settler.enabled);
         assert!(c.server.restore);
         assert_eq!(c.gateway.api_key_headers, ["x-api-key"]);
+    }
+
+    #[test]
+    fn a_reload_names_the_sections_it_cannot_apply() {
+        let at_start = load("[ledger]\nshards = 4\n").expect("valid");
+        let book_only = load("[ledger]\nshards = 4\n[pricebook]\n").expect("valid");
+        assert_eq!(
+            at_start.sections_changed_beyond_pricebook(&book_only),
+            Vec::<&str>::new()
+        );
+        let more = load("[ledger]\nshards = 8\n[log]\nlevel = \"debug\"\n").expect("valid");
+        assert_eq!(
+            at_start.sections_changed_beyond_pricebook(&more),
+            ["ledger", "log"]
+        );
     }
 
     #[test]

@@ -416,7 +416,9 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
             "  service token: {}",
             shown(&config.auth.service_token, DEV_SERVICE_TOKEN)
         );
-        println!("  try:           tollgate admin grant alice 100 && tollgate admin balance alice");
+        // As this process was started (scripts/dev runs target/debug/tollgate).
+        let me = std::env::args().next().unwrap_or_else(|| "tollgate".into());
+        println!("  try:           {me} admin grant alice 100 && {me} admin balance alice");
     }
 
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
@@ -587,6 +589,9 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                 "{:<16} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
                 "wallet", "available", "held", "granted", "used", "expired", "refunded", "adjusted"
             );
+            if out.wallets.is_empty() {
+                println!("(no wallet: nothing was ever granted to this account)");
+            }
             for w in out.wallets {
                 println!(
                     "{:<16} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
@@ -675,8 +680,8 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             println!(
-                "{:<22} {:>15} {:>15}  name",
-                "key id", "created_at_ms", "revoked_at_ms"
+                "{:<22} {:>15} {:>15} {:<16}  name",
+                "key id", "created_at_ms", "revoked_at_ms", "member"
             );
             for k in out.keys {
                 let revoked = if k.revoked_at_ms == 0 {
@@ -684,9 +689,14 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                 } else {
                     k.revoked_at_ms.to_string()
                 };
+                let member = if k.member_id.is_empty() {
+                    "-"
+                } else {
+                    &k.member_id
+                };
                 println!(
-                    "{:<22} {:>15} {:>15}  {}",
-                    k.key_id, k.created_at_ms, revoked, k.name
+                    "{:<22} {:>15} {:>15} {:<16}  {}",
+                    k.key_id, k.created_at_ms, revoked, member, k.name
                 );
             }
         }
@@ -879,8 +889,19 @@ where
     Ok(())
 }
 
+/// A refusal as a person reads it: the code, the message (without repeating the code),
+/// and where to look when the call never reached the ledger.
 fn status(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+    let message = s.message();
+    let message = message
+        .strip_prefix("invalid argument: ")
+        .unwrap_or(message);
+    let hint = match s.code() {
+        tonic::Code::Unauthenticated => " (the admin token: --token or TOLLGATE_ADMIN_TOKEN)",
+        tonic::Code::Unavailable => " (is tollgate serving at --server or TOLLGATE_SERVER?)",
+        _ => "",
+    };
+    format!("{:?}: {message}{hint}", s.code())
 }
 
 /// A fresh idempotency key for a command typed by a person.

@@ -439,7 +439,7 @@ pub async fn run(
     let gateway = Arc::new(Gateway::new(&config, ledger.clone()));
     tracing::info!(
         routes = config.pricebook.routes_len(),
-        reload = config.source.is_some(),
+        reloadable_on_sighup = config.source.is_some(),
         "price book loaded"
     );
     let loaded = match ledger.load_scripts().await {
@@ -701,9 +701,14 @@ async fn reload_on_sighup(
                             reloads_ok.increment(1);
                             let before = gateway.pricebook().routes_len();
                             let routes = new.pricebook.routes_len();
-                            if at_start.as_ref().is_some_and(|s| s.differs_beyond_pricebook(&new)) {
+                            let changed = at_start
+                                .as_ref()
+                                .map(|s| s.sections_changed_beyond_pricebook(&new))
+                                .unwrap_or_default();
+                            if !changed.is_empty() {
                                 tracing::warn!(
                                     path = %path.display(),
+                                    sections = %changed.join(","),
                                     "settings outside [pricebook] changed in the file: they take effect on a restart"
                                 );
                             }

@@ -133,9 +133,18 @@ fn dev_server_then_admin_grant_and_balance() {
     // Bad input: typed error naming the field, nothing granted.
     let bad = admin(grpc_port, &["grant", "alice", "0"]);
     assert!(!bad.status.success());
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(said.contains("InvalidArgument: amount"), "{bad:?}");
     assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("amount"),
-        "{bad:?}"
+        !said.contains("invalid argument"),
+        "the code said twice: {said}"
+    );
+    // An account nothing was granted to says so, instead of an empty table.
+    let nobody = admin(grpc_port, &["balance", "nobody"]);
+    assert!(nobody.status.success(), "{nobody:?}");
+    assert!(
+        String::from_utf8_lossy(&nobody.stdout).contains("(no wallet"),
+        "{nobody:?}"
     );
     let again = admin(grpc_port, &["balance", "alice"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("125"));
@@ -152,6 +161,18 @@ fn dev_server_then_admin_grant_and_balance() {
     let listed = admin(grpc_port, &["keys", "alice"]);
     let text = String::from_utf8_lossy(&listed.stdout);
     assert!(text.contains(key_id) && text.contains("laptop"), "{text}");
+    // A personal key has no member ("-" in the member column).
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with(key_id))
+        .unwrap_or_else(|| panic!("no row for {key_id} in {text}"))
+        .split_whitespace()
+        .collect();
+    assert!(
+        text.lines().next().is_some_and(|h| h.contains("member")),
+        "{text}"
+    );
+    assert_eq!(row[3..], ["-", "laptop"], "{text}");
     assert!(!text.contains(api_key), "secrets are never listed: {text}");
     let revoked = admin(grpc_port, &["revoke-key", key_id]);
     assert!(revoked.status.success(), "{revoked:?}");
@@ -169,10 +190,9 @@ fn dev_server_then_admin_grant_and_balance() {
         .output()
         .expect("run");
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),
-        "{out:?}"
-    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("Unauthenticated"), "{out:?}");
+    assert!(said.contains("--token or TOLLGATE_ADMIN_TOKEN"), "{out:?}");
 }
 
 #[test]

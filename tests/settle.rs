@@ -854,6 +854,16 @@ async fn history_pages_through_ten_thousand_events() {
         .await
         .expect_err("missing");
     assert_eq!(missing.code(), tonic::Code::NotFound);
+    for nonsense in ["nonsense", "1-2", "1-2-3-4", "1--3", "a-1-0", ""] {
+        let bad = metering
+            .get_transaction(pb::GetTransactionRequest {
+                event_id: nonsense.into(),
+            })
+            .await
+            .expect_err("not an event id");
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{nonsense}");
+        assert!(bad.message().contains("event_id"), "{nonsense}: {bad:?}");
+    }
     let bad = metering
         .list_transactions(pb::ListTransactionsRequest {
             account_id: "busy".into(),

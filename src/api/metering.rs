@@ -499,8 +499,17 @@ impl Metering for MeteringService {
         request: Request<pb::GetTransactionRequest>,
     ) -> Result<Response<pb::Transaction>, Status> {
         let r = request.into_inner();
-        if r.event_id.is_empty() || r.event_id.len() > 64 {
-            return Err(invalid("event_id", "must be an event id"));
+        // `<shard>-<ms>-<seq>`, as every event id (and charge id) is written.
+        let shaped = r.event_id.len() <= 64
+            && r.event_id.split('-').count() == 3
+            && r.event_id
+                .split('-')
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !shaped {
+            return Err(invalid(
+                "event_id",
+                "must be an event id: <shard>-<ms>-<seq>",
+            ));
         }
         match self.store.event(&r.event_id).await.map_err(store_status)? {
             Some(e) => Ok(Response::new(transaction(e))),

@@ -11,7 +11,10 @@ pub fn init_logs(config: &LogConfig) {
         // sqlx logs PostgreSQL's notices (e.g. "already exists, skipping") at info.
         .or_else(|_| EnvFilter::try_new(format!("{},sqlx=warn", config.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a terminal: a log written to a file or a pipe stays plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let _ = if config.format == "json" {
         builder.json().try_init()
     } else {
