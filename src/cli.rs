@@ -54,6 +54,9 @@ pub struct CheckConfigArgs {
     /// Config file (TOML); default ./tollgate.toml when it exists.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Check it as `serve --dev` would run it: the dev tokens stand in for missing ones.
+    #[arg(long)]
+    pub dev: bool,
 }
 
 #[derive(Debug, Args)]

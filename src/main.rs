@@ -127,10 +127,18 @@ fn check_config(args: CheckConfigArgs) -> Result<(), String> {
     });
     let config = Config::load(path.as_deref(), std::env::vars(), &Overrides::default())
         .map_err(|e| e.to_string())?;
-    if config.auth.admin_token.is_empty() || config.auth.service_token.is_empty() {
-        return Err(tollgate::server::ServeError::MissingTokens.to_string());
+    let tokens = !config.auth.admin_token.is_empty() && !config.auth.service_token.is_empty();
+    if !tokens && !args.dev {
+        return Err(format!(
+            "{} (or check it with --dev, as `serve --dev` would run it)",
+            tollgate::server::ServeError::MissingTokens
+        ));
     }
-    println!("config ok");
+    println!(
+        "config ok: {} price book route(s){}",
+        config.pricebook.routes_len(),
+        if tokens { "" } else { ", dev tokens" }
+    );
     Ok(())
 }
 

@@ -258,6 +258,25 @@ fn check_config_requires_what_serve_requires() {
         String::from_utf8_lossy(&out.stdout).contains("config ok"),
         "{out:?}"
     );
+    // The shipped dev price book: refused as a production config, fine for `serve --dev`.
+    let esign = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pricebook-esign.toml");
+    let check = |dev: bool| {
+        common::tollgate()
+            .args(["check-config", "--config", esign])
+            .args(dev.then_some("--dev"))
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .env_remove("TOLLGATE_SERVICE_TOKEN")
+            .output()
+            .expect("run")
+    };
+    let out = check(false);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"), "{out:?}");
+    let out = check(true);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("config ok") && said.contains("dev tokens"), "{out:?}");
+    assert!(!said.contains(": 0 price book"), "the book was read: {out:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
