@@ -51,6 +51,7 @@ fn event(
         created_at_ms: 1_800_000_000_000,
         version: 1,
         member: String::new(),
+        actor: String::new(),
     }
 }
 

@@ -2105,3 +2105,268 @@ async fn a_members_removal_settles_reconciles_and_restores() {
     assert!(again.status.success(), "{again:?}");
     server.stop().await;
 }
+
+/// Org operations keep their idempotency records across a restore, in PostgreSQL and in
+/// SQLite: each retry with its key is answered as the first time (an AddAllocation is not
+/// added twice), and the same key with another request, another actor's included, gets
+/// IDEMPOTENCY_KEY_REUSED as live Redis gives it. An operation settled before its event
+/// named the actor (no `actor` in the store) restores all the same, without a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_operations_replay_after_a_restore() {
+    use tollgate::ledger::org::{AllocationChange, BudgetPeriod, SetBudget};
+    use tollgate::settle::restore::{restore, RestoreMode};
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+    use tollgate::settle::Store;
+
+    let pg = common::PgDatabase::create().await;
+    for url in [pg.url.clone(), common::temp_sqlite_url()] {
+        let redis = common::RedisServer::start();
+        let ledger = common::ledger(&redis, Clock::Redis);
+        let store = std::sync::Arc::new(Store::connect_lazy(&url, 2).expect("store"));
+        store.migrate().await.expect("migrate");
+        let kind = store.kind();
+        let ledger = &ledger;
+        let allocate = |actor: &'static str, member: &'static str, change, key: &'static str| {
+            ledger.allocate("acme", actor, member, "default", change, key)
+        };
+        let budget = |limit: i64| SetBudget {
+            account_id: "acme".into(),
+            member_id: "carol".into(),
+            wallet: String::new(),
+            limit,
+            period: BudgetPeriod::Day,
+            utc_offset_minutes: 60,
+            idempotency_key: "budget".into(),
+        };
+
+        ledger
+            .grant(&common::purchase("acme", 1_000, "g"))
+            .await
+            .expect("grant");
+        let created = ledger.create_org("acme", "olivia", "c").await.expect("org");
+        let mut added = Vec::new();
+        for (member, role) in [("carol", "member"), ("adam", "admin"), ("dave", "member")] {
+            added.push(
+                ledger
+                    .add_member("acme", "olivia", member, role, &format!("add-{member}"))
+                    .await
+                    .expect("add"),
+            );
+        }
+        let set = allocate("olivia", "carol", AllocationChange::Set(100), "set")
+            .await
+            .expect("set");
+        ledger.debit(&carol_debit(30, "d")).await.expect("debit");
+        let more = allocate("olivia", "carol", AllocationChange::Add(50), "more")
+            .await
+            .expect("add");
+        assert_eq!((more.allocated, more.used), (150, 30), "{kind}");
+        // Made by the admin: the actor is theirs.
+        let dave = allocate("adam", "dave", AllocationChange::Add(20), "dave-more")
+            .await
+            .expect("dave's");
+        let budgeted = ledger.set_budget(&budget(80)).await.expect("budget");
+        let removed = ledger
+            .remove_member("acme", "olivia", "dave", "rm-dave")
+            .await
+            .expect("remove");
+        // An allocation whose event will lose its actor, as one settled before it was
+        // stored.
+        ledger
+            .add_member("acme", "olivia", "erin", "member", "add-erin")
+            .await
+            .expect("erin");
+        allocate("olivia", "erin", AllocationChange::Add(10), "erin-more")
+            .await
+            .expect("erin's");
+        // The conflicts live Redis answers: another delta, another actor, another limit.
+        let conflicts = || async {
+            vec![
+                format!(
+                    "{:?}",
+                    allocate("olivia", "carol", AllocationChange::Add(60), "more").await
+                ),
+                format!(
+                    "{:?}",
+                    allocate("adam", "carol", AllocationChange::Add(50), "more").await
+                ),
+                format!(
+                    "{:?}",
+                    allocate("olivia", "carol", AllocationChange::Set(101), "set").await
+                ),
+                format!("{:?}", ledger.set_budget(&budget(81)).await),
+                format!(
+                    "{:?}",
+                    ledger
+                        .add_member("acme", "olivia", "carol", "admin", "add-carol")
+                        .await
+                ),
+                format!(
+                    "{:?}",
+                    ledger
+                        .remove_member("acme", "adam", "dave", "rm-dave")
+                        .await
+                ),
+            ]
+        };
+        let live = conflicts().await;
+        for answer in &live {
+            assert!(answer.contains("IdempotencyKeyReused"), "{kind}: {answer}");
+        }
+        let before = carol_state(ledger, "carol").await;
+        assert_eq!(before.0, [("default".into(), 150, 30, true)], "{kind}");
+
+        Settler::new(
+            ledger.clone(),
+            store.clone(),
+            SettlerSettings {
+                consumer: "orgidem-test".into(),
+                ..SettlerSettings::default()
+            },
+        )
+        .drain(DEADLINE)
+        .await
+        .expect("settled");
+        let settled = store
+            .history(&tollgate::settle::store::HistoryQuery {
+                account_id: "acme".into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("history");
+        let actor_of = |key: &str| -> Vec<&str> {
+            settled
+                .events
+                .iter()
+                .filter(|e| e.idempotency_key == key)
+                .map(|e| e.actor.as_str())
+                .collect()
+        };
+        assert_eq!(actor_of("more"), ["olivia"], "{kind}");
+        assert_eq!(actor_of("dave-more"), ["adam"], "{kind}");
+        // RemoveMember's own event and the one that drops dave's allocation.
+        assert_eq!(actor_of("rm-dave"), ["olivia", "olivia"], "{kind}");
+        assert_eq!(actor_of("c"), [""], "{kind}");
+        assert_eq!(actor_of("budget"), [""], "{kind}");
+        forget_actor(&url, "erin-more").await;
+        let mut con = redis.client().get_connection().expect("redis");
+        let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+
+        restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+            .await
+            .expect("restore");
+        assert_eq!(carol_state(ledger, "carol").await, before, "{kind}");
+        // Every retry is answered as the first time and changes nothing.
+        let again = ledger.create_org("acme", "olivia", "c").await;
+        assert_eq!(
+            again.expect("create again"),
+            (
+                tollgate::ledger::org::OrgEvent {
+                    replayed: true,
+                    ..created.0.clone()
+                },
+                created.1
+            ),
+            "{kind}"
+        );
+        for ((member, role), first) in [("carol", "member"), ("adam", "admin"), ("dave", "member")]
+            .into_iter()
+            .zip(&added)
+        {
+            let again = ledger
+                .add_member("acme", "olivia", member, role, &format!("add-{member}"))
+                .await
+                .expect("add again");
+            assert!(
+                again.replayed && again.event_id == first.event_id,
+                "{kind} {again:?}"
+            );
+        }
+        let again = allocate("olivia", "carol", AllocationChange::Set(100), "set")
+            .await
+            .expect("set again");
+        assert_eq!(
+            again,
+            tollgate::ledger::org::AllocationOutcome {
+                replayed: true,
+                ..set
+            },
+            "{kind}"
+        );
+        let again = allocate("olivia", "carol", AllocationChange::Add(50), "more")
+            .await
+            .expect("add again");
+        assert_eq!(
+            again,
+            tollgate::ledger::org::AllocationOutcome {
+                replayed: true,
+                ..more
+            },
+            "{kind}"
+        );
+        let again = allocate("adam", "dave", AllocationChange::Add(20), "dave-more")
+            .await
+            .expect("dave's again");
+        assert_eq!(
+            again,
+            tollgate::ledger::org::AllocationOutcome {
+                replayed: true,
+                ..dave
+            },
+            "{kind}"
+        );
+        let again = ledger.set_budget(&budget(80)).await.expect("budget again");
+        assert!(
+            again.replayed && again.event_id == budgeted.event_id,
+            "{kind} {again:?}"
+        );
+        let again = ledger
+            .remove_member("acme", "olivia", "dave", "rm-dave")
+            .await
+            .expect("remove again");
+        assert!(
+            again.replayed && again.event_id == removed.event_id,
+            "{kind} {again:?}"
+        );
+        assert_eq!(
+            carol_state(ledger, "carol").await,
+            before,
+            "{kind}: a retry changed the allocation"
+        );
+        // Another request with a used key is refused as live Redis refused it.
+        assert_eq!(conflicts().await, live, "{kind}");
+        assert_eq!(carol_state(ledger, "carol").await, before, "{kind}");
+        // Without its actor, the record cannot be rebuilt: the retry is evaluated again.
+        let erin = allocate("olivia", "erin", AllocationChange::Add(10), "erin-more")
+            .await
+            .expect("erin's again");
+        assert!(!erin.replayed, "{kind} {erin:?}");
+        drop(redis);
+    }
+}
+
+/// Blanks the actor of the events of one idempotency key in a store, as events settled
+/// before they carried it are.
+async fn forget_actor(url: &str, key: &str) {
+    let sql = "UPDATE tollgate_events SET actor = '' WHERE idempotency_key = $1";
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite");
+        let done = sqlx::query(sql)
+            .bind(key)
+            .execute(&pool)
+            .await
+            .expect("update");
+        assert!(done.rows_affected() > 0);
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.expect("postgres");
+        let done = sqlx::query(sql)
+            .bind(key)
+            .execute(&pool)
+            .await
+            .expect("update");
+        assert!(done.rows_affected() > 0);
+        pool.close().await;
+    }
+}

@@ -4,7 +4,10 @@
 //! `h` held after, `l` lots, `x` per-kind extra, `hd` hold id, `c` charge id (refunds),
 //! `i` idempotency key, `o` operation, `m` metadata (JSON), `t` server time (ms),
 //! `ver` format version (absent = 1), `mb` the org member the event is attributed to
-//! (absent = none).
+//! (absent = none), `ac` the owner or admin who made an org operation (AddMember,
+//! RemoveMember, SetAllocation, AddAllocation; absent = none, and in events written
+//! before it was added). New fields join within a format version: a reader skips those it
+//! does not know.
 //!
 //! `l` and `x` by kind:
 //!
@@ -168,6 +171,10 @@ pub struct LedgerEvent {
     pub version: u32,
     /// The org member the event is attributed to (`mb`); empty outside org workspaces.
     pub member: String,
+    /// The owner or admin who made the org operation (`ac`): part of its request digest,
+    /// so restore can re-derive its idempotency record. Empty for other events, and for
+    /// org events written before the field was added.
+    pub actor: String,
 }
 
 /// The newest event format this code reads and writes.
@@ -278,6 +285,7 @@ impl LedgerEvent {
             operation: f.operation.unwrap_or_default(),
             metadata: f.metadata.unwrap_or_default(),
             member: f.member.unwrap_or_default(),
+            actor: f.actor.unwrap_or_default(),
             stream_id,
         })
     }
@@ -375,6 +383,7 @@ struct EntryFields {
     created_at_ms: Option<String>,
     version: Option<String>,
     member: Option<String>,
+    actor: Option<String>,
 }
 
 impl EntryFields {
@@ -396,6 +405,7 @@ impl EntryFields {
             b"t" => &mut self.created_at_ms,
             b"ver" => &mut self.version,
             b"mb" => &mut self.member,
+            b"ac" => &mut self.actor,
             _ => return None,
         })
     }

@@ -4,16 +4,19 @@
 //! totals, demo marker, open holds (deadline, on_expiry, the lots they hold), recently
 //! ended holds and refundable charges (within their retention), and the idempotency
 //! records of recent debits, holds (org members' too, with the allocation left at the
-//! time, replayed in stream order), grants, positive adjustments and refunds (as long as
-//! live Redis would still find them, up to 1.5 idempotency windows; a refund's with its
-//! `:rf:` pointer), each kept as long as lib.lua keeps it. Then the shard's epoch marker
-//! is written and it serves again. API keys (hashes) come from the store's key table,
-//! which the Admin API writes.
+//! time, replayed in stream order), grants, positive adjustments, refunds and org
+//! operations (CreateOrganization, AddMember, RemoveMember, SetAllocation, AddAllocation,
+//! SetBudget: `Replay::record_org`) (as long as live Redis would still find them, up to
+//! 1.5 idempotency windows; a refund's with its `:rf:` pointer), each kept as long as
+//! lib.lua keeps it. Then the shard's epoch marker is written and it serves again. API
+//! keys (hashes) come from the store's key table, which the Admin API writes.
 //!
 //! Not restored (stated in the report): refusals (never in the ledger, so a replayed
 //! refused request is evaluated again), idempotency records of captures, releases,
-//! negative adjustments and org operations (their request parameters are not all in the
-//! events), and events that never reached the store (the persistence level's loss window).
+//! negative adjustments (their request parameters are not all in the events) and of org
+//! operations by an owner or admin whose events do not name that actor (settled before
+//! events carried it: the actor is part of the request digest), and events that never
+//! reached the store (the persistence level's loss window).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -296,8 +299,9 @@ impl RestoreReport {
             "{left_alone}restored {} shards: {wallets} wallets from {events} ledger events, {holds} open holds, \
              {records} idempotency records, {} API keys in {:.1} s\n\
              not restored: refusals (a replayed refused request is evaluated again); idempotency \
-             records of captures, releases, negative adjustments and org operations \
-             (retried, they are evaluated again); events that never reached \
+             records of captures, releases, negative adjustments and of org operations whose \
+             events do not name their actor (settled before events carried it) (retried, they \
+             are evaluated again); events that never reached \
              the store (the persistence level's loss window, see docs/OPERATIONS.md)\n",
             self.shards.len() - skipped,
             self.api_keys,
@@ -673,6 +677,91 @@ impl Replay<'_> {
         });
     }
 
+    /// Records an org operation as lua/org.lua remembered it: the request digest of
+    /// `Ledger::org_call` ("org", operation, actor, member, role, wallet, amount, period,
+    /// window ms, UTC offset ms; the parameters an operation does not take are "" or "0"),
+    /// all in the event: the actor in its `ac` field. An operation by an owner or admin
+    /// whose event does not name them (settled before events carried the actor) gets no
+    /// record: its digest cannot be rebuilt, and a record with another digest would answer
+    /// the very retry it is for IDEMPOTENCY_KEY_REUSED. Only the event that answered
+    /// (a RemoveMember's `member` event, not the `allocate` and `budget` events of operation
+    /// `remove` that follow it with the same key) is recorded.
+    fn record_org(&mut self, e: &LedgerEvent, used_before: i64) {
+        let op = e.operation.as_str();
+        let by_actor = matches!(op, "add" | "remove" | "allocate_set" | "allocate_add");
+        if by_actor && e.actor.is_empty() {
+            return;
+        }
+        // Period, window ms and UTC offset ms of an operation that sets no budget.
+        const NO_BUDGET: [&str; 3] = ["", "0", "0"];
+        let (role, amount, spec, answer) = match (e.kind, op) {
+            (EventKind::Member, "create") => (
+                "",
+                "0".to_owned(),
+                NO_BUDGET,
+                format!("OK|{}|{}", e.event_id, e.created_at_ms),
+            ),
+            (EventKind::Member, "add") => (
+                e.extra.as_str(),
+                "0".to_owned(),
+                NO_BUDGET,
+                format!("OK|{}|{}", e.event_id, e.extra),
+            ),
+            (EventKind::Member, "remove") => (
+                "",
+                "0".to_owned(),
+                NO_BUDGET,
+                format!("OK|{}|removed", e.event_id),
+            ),
+            (EventKind::Allocate, "allocate_set" | "allocate_add") => {
+                // A set's amount is the new allocation; an add's, the change (`x`).
+                let amount = if op == "allocate_set" {
+                    e.amount
+                } else {
+                    match e.extra.parse::<i64>() {
+                        Ok(delta) => delta,
+                        Err(_) => return,
+                    }
+                };
+                (
+                    "",
+                    amount.to_string(),
+                    NO_BUDGET,
+                    format!("OK|{}|{}|{used_before}", e.event_id, e.amount),
+                )
+            }
+            (EventKind::Budget, "budget") => {
+                let mut parts = e.extra.split('|');
+                let (Some(period), Some(window), Some(offset), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return;
+                };
+                (
+                    "",
+                    e.amount.to_string(),
+                    [period, window, offset],
+                    format!("OK|{}|{}", e.event_id, e.amount),
+                )
+            }
+            _ => return,
+        };
+        let [period, window, offset] = spec;
+        let parts = [
+            "org",
+            op,
+            e.actor.as_str(),
+            e.member.as_str(),
+            role,
+            e.wallet.as_str(),
+            amount.as_str(),
+            period,
+            window,
+            offset,
+        ];
+        self.record(e, &parts, answer);
+    }
+
     /// Organization events: membership, allocations, budgets. Nothing in the wallet moves.
     fn apply_org(&mut self, e: &LedgerEvent) -> Result<(), RestoreError> {
         match e.kind {
@@ -687,19 +776,25 @@ impl Replay<'_> {
                 } else {
                     org.1.insert(e.member.clone(), e.extra.clone());
                 }
+                self.record_org(e, 0);
             }
             EventKind::Allocate => {
                 // An allocated wallet is in the org's wallet set (lua/org.lua), as a
                 // budgeted one is.
                 self.wallet.joined = true;
-                self.orgs
+                let allocation = self
+                    .orgs
                     .allocations
                     .entry((e.account_id.clone(), e.wallet.clone(), e.member.clone()))
-                    .or_default()
-                    .0 = super::reconcile::allocated_after(e);
+                    .or_default();
+                allocation.0 = super::reconcile::allocated_after(e);
+                // The answer says what the member had used when the allocation changed.
+                let used_before = allocation.1;
+                self.record_org(e, used_before);
             }
             EventKind::Budget => {
                 self.wallet.joined = true;
+                self.record_org(e, 0);
                 let key = (e.account_id.clone(), e.wallet.clone(), e.member.clone());
                 if e.amount == 0 {
                     self.orgs.budgets.remove(&key);

@@ -21,7 +21,7 @@ pub const DEFAULT_STORE_URL: &str = "sqlite://tollgate.db";
 pub const DEFAULT_POOL_CONNECTIONS: u32 = 4;
 /// How long a query waits for a pooled connection before failing (and being retried).
 pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Rows per SQLite INSERT statement: 26 parameters a row stays under its limit of 32,766
+/// Rows per SQLite INSERT statement: 27 parameters a row stays under its limit of 32,766
 /// (PostgreSQL binds one array per column instead).
 pub const INSERT_ROWS_MAX: usize = 1000;
 /// Most transactions one ListTransactions page returns.
@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("schema_v4.sql")),
     (5, include_str!("schema_v5.sql")),
     (6, include_str!("schema_v6.sql")),
+    (7, include_str!("schema_v7.sql")),
 ];
 
 /// Columns a migration adds where they are missing, before its SQL runs: (version,
@@ -168,7 +169,7 @@ pub struct HistoryPage {
 
 const EVENT_COLUMNS: &str = "event_id, shard, stream_ms, stream_seq, kind, account_id, wallet, \
     amount, available_after, held_after, lots, extra, hold_id, charge_id, idempotency_key, \
-    operation, metadata, created_at_ms, version, member";
+    operation, metadata, created_at_ms, version, member, actor";
 
 const SUMMARY_UPSERT_TAIL: &str = " ON CONFLICT (account_id, wallet) DO UPDATE SET \
     granted = tollgate_wallets.granted + excluded.granted, \
@@ -328,6 +329,7 @@ where
         version: u32::try_from(int("version")?)
             .map_err(|_| StoreError::Corrupt(format!("version of {event_id}")))?,
         member: text("member")?,
+        actor: text("actor")?,
         event_id,
     })
 }
@@ -992,7 +994,7 @@ impl PgStore {
         for e in events {
             let (ms, seq) = e.stream_position();
             let d = e.deltas();
-            data.row(26);
+            data.row(27);
             data.text(&e.event_id)?;
             data.int(i64::from(e.shard()));
             data.int(ms);
@@ -1013,6 +1015,7 @@ impl PgStore {
             data.int(e.created_at_ms);
             data.int(i64::from(e.version));
             data.text(&e.member)?;
+            data.text(&e.actor)?;
             data.int(d.granted);
             data.int(d.used);
             data.int(d.expired);
@@ -1058,6 +1061,7 @@ impl PgStore {
         let mut created_at_ms = Vec::with_capacity(n);
         let mut version = Vec::with_capacity(n);
         let mut member = Vec::with_capacity(n);
+        let mut actor = Vec::with_capacity(n);
         let mut d_granted = Vec::with_capacity(n);
         let mut d_used = Vec::with_capacity(n);
         let mut d_expired = Vec::with_capacity(n);
@@ -1086,6 +1090,7 @@ impl PgStore {
             created_at_ms.push(e.created_at_ms);
             version.push(i64::from(e.version));
             member.push(e.member.as_str());
+            actor.push(e.actor.as_str());
             d_granted.push(d.granted);
             d_used.push(d.used);
             d_expired.push(d.expired);
@@ -1096,12 +1101,13 @@ impl PgStore {
             "INSERT INTO tollgate_events (event_id, shard, stream_ms, stream_seq, kind, \
              account_id, wallet, amount, available_after, held_after, lots, extra, hold_id, \
              charge_id, idempotency_key, operation, metadata, created_at_ms, version, member, \
-             d_granted, d_used, d_expired, d_refunded, d_adjusted, settled_at_ms) \
-             SELECT u.*, $26 FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
+             actor, d_granted, d_used, d_expired, d_refunded, d_adjusted, settled_at_ms) \
+             SELECT u.*, $27 FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
              $4::bigint[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], \
              $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], \
              $16::text[], $17::text[], $18::bigint[], $19::bigint[], $20::text[], \
-             $21::bigint[], $22::bigint[], $23::bigint[], $24::bigint[], $25::bigint[]) AS u \
+             $21::text[], $22::bigint[], $23::bigint[], $24::bigint[], $25::bigint[], \
+             $26::bigint[]) AS u \
              ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
         )
         .bind(event_id)
@@ -1124,6 +1130,7 @@ impl PgStore {
         .bind(created_at_ms)
         .bind(version)
         .bind(member)
+        .bind(actor)
         .bind(d_granted)
         .bind(d_used)
         .bind(d_expired)
@@ -1264,6 +1271,7 @@ impl SqliteStore {
                     .push_bind(e.created_at_ms)
                     .push_bind(i64::from(e.version))
                     .push_bind(e.member.clone())
+                    .push_bind(e.actor.clone())
                     .push_bind(d.granted)
                     .push_bind(d.used)
                     .push_bind(d.expired)

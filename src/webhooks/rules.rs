@@ -393,6 +393,7 @@ mod tests {
             created_at_ms: 1000,
             version: 1,
             member: String::new(),
+            actor: String::new(),
         }
     }
 

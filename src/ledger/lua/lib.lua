@@ -35,6 +35,10 @@ local IDEM_SPAN_MS
 -- The organization member an event is attributed to ("" outside an org workspace): set by
 -- the scripts that act for a member, written as the event's `mb` field when not empty.
 local MEMBER
+-- The owner or admin acting in an org operation ("" elsewhere): set by org.lua, written as
+-- the event's `ac` field when not empty. It is part of the operation's request digest, so
+-- `tollgate restore` needs it to re-derive the operation's idempotency record.
+local ACTOR
 
 local function begin(keys, args)
   KEYS, ARGV = keys, args
@@ -55,6 +59,7 @@ local function begin(keys, args)
   -- Idempotency buckets span half the window (see "Idempotency records" below).
   IDEM_SPAN_MS = math.max(1, math.floor(tonumber(WINDOW_MS) / 2))
   MEMBER = ''
+  ACTOR = ''
 end
 
 -- The shard's epoch marker is written when the shard is initialized (a fresh deployment or
@@ -204,16 +209,23 @@ end
 
 local function emit(W, kind, amount, l, x, hold, charge, idem, op, meta)
   local sid
-  if MEMBER == '' then
+  if MEMBER == '' and ACTOR == '' then
     sid = redis.call('XADD', OUTBOX, '*',
       'k', kind, 'a', W.acct, 'w', W.wallet, 'n', amount, 'v', W.r, 'h', W.h,
       'l', l, 'x', x, 'hd', hold, 'c', charge, 'i', idem, 'o', op, 'm', meta, 't', NOW,
       'ver', EVENT_VERSION)
-  else
+  elseif ACTOR == '' then
     sid = redis.call('XADD', OUTBOX, '*',
       'k', kind, 'a', W.acct, 'w', W.wallet, 'n', amount, 'v', W.r, 'h', W.h,
       'l', l, 'x', x, 'hd', hold, 'c', charge, 'i', idem, 'o', op, 'm', meta, 't', NOW,
       'ver', EVENT_VERSION, 'mb', MEMBER)
+  else
+    -- An org operation by an owner or admin (every one names its member too; an empty
+    -- `mb` reads as none).
+    sid = redis.call('XADD', OUTBOX, '*',
+      'k', kind, 'a', W.acct, 'w', W.wallet, 'n', amount, 'v', W.r, 'h', W.h,
+      'l', l, 'x', x, 'hd', hold, 'c', charge, 'i', idem, 'o', op, 'm', meta, 't', NOW,
+      'ver', EVENT_VERSION, 'mb', MEMBER, 'ac', ACTOR)
   end
   return SHARD .. '-' .. sid
 end

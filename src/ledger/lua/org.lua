@@ -1,8 +1,9 @@
 -- org: organizations, members, allocations and budgets. ARGV 8 operation (create | add |
 -- remove | allocate_set | allocate_add | budget), 9 account (the org; for budget any
--- account), 10 idempotency key, 11 digest, 12 actor (owner or admin acting), 13 member,
--- 14 role, 15 wallet, 16 amount (allocation, delta or budget limit; 0 removes a budget),
--- 17 budget period (d | m | w), 18 window ms, 19 UTC offset ms, 20 most wallets per account.
+-- account), 10 idempotency key, 11 digest, 12 actor (owner or admin acting; "" for create
+-- and budget), 13 member, 14 role, 15 wallet, 16 amount (allocation, delta or budget
+-- limit; 0 removes a budget), 17 budget period (d | m | w), 18 window ms, 19 UTC offset
+-- ms, 20 most wallets per account.
 -- Answers "OK|event_id|a|b" (create: created_ms; add: role; allocate: allocated|used;
 -- budget: limit), "ORG_EXISTS" or "BAD_FIELD|field|why" (nothing changed or recorded),
 -- or "WALLET_LIMIT|max" (allocate, budget: a new wallet past the per-account cap;
@@ -18,6 +19,9 @@ local prior = recall(ikey, digest)
 if prior then
   return prior
 end
+-- The actor is in the request digest: every event of the operation carries it (`ac`), so
+-- that `tollgate restore` can re-derive the operation's idempotency record.
+ACTOR = actor
 local okey = org_key(org)
 local function bad(field, why)
   return { 0, 'BAD_FIELD|' .. field .. '|' .. why }
