@@ -161,6 +161,109 @@ async fn a_repeated_request_id_is_charged_again_by_default() {
     assert_eq!(balance(&server, "acme").await, (27, 0, 3));
 }
 
+/// Sets a day budget on an account's default wallet.
+async fn day_budget(server: &common::TestServer, account: &str, limit: i64) {
+    server
+        .admin()
+        .await
+        .set_budget(pb::SetBudgetRequest {
+            account_id: account.into(),
+            limit,
+            period: "day".into(),
+            idempotency_key: format!("budget-{account}"),
+            ..Default::default()
+        })
+        .await
+        .expect("budget");
+}
+
+/// `x-credits-remaining` is what the caller may still spend: the wallet's balance within
+/// its budget's headroom (limit - spent today), on ext_authz and forward-auth alike,
+/// after a hold as after a debit — not a balance the budget will refuse to let them use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remaining_header_is_the_budget_headroom_when_the_budget_is_tighter() {
+    let redis = common::RedisServer::start();
+    // 2026-11-23 10:00 UTC, still: the day budget never rolls over mid-test.
+    let (clock, _now) = Clock::manual(1_795_428_000_000);
+    let server = common::TestServer::start(esign_config(&redis.url()), clock).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "tight", 1_000).await;
+    day_budget(&server, "tight", 60).await;
+    // An envelope through forward-auth: 1 credit, 11 with an electronic signature.
+    let addr = server.http_addr;
+    let forward_auth = |key: String, electronic: bool| async move {
+        let mut headers = vec![
+            ("x-forwarded-method", "POST"),
+            ("x-forwarded-uri", "/v1/envelopes"),
+            ("x-forwarded-host", "api.example.com"),
+            ("x-api-key", key.as_str()),
+        ];
+        if electronic {
+            headers.push(("x-signature-method", "electronic"));
+        }
+        http(addr, "GET", "/v1/forward-auth", &headers, "").await
+    };
+
+    // An OCR hold of 50: 10 of the budget left, though the wallet has 950.
+    let a = ocr_check(&mut c, &key, "ocr-1").await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("x-tollgate-charged"), Some("50"));
+    assert_eq!(a.remaining(), Some("10"));
+    // Envelopes of 1 (no signature): one less each time, on either gateway.
+    let a = c
+        .check("POST", "/v1/envelopes", &[("x-api-key", &key)])
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.remaining(), Some("9"));
+    let r = forward_auth(key.clone(), false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-credits-remaining"), Some("8"));
+    assert_eq!(balance(&server, "tight").await, (948, 50, 2));
+    // An electronic envelope (11) would cross the 8 the header announced: refused by both.
+    let a = c
+        .check(
+            "POST",
+            "/v1/envelopes",
+            &[("x-api-key", &key), ("x-signature-method", "electronic")],
+        )
+        .await;
+    assert_eq!(a.status, 429, "{a:?}");
+    assert_eq!(a.body["error"], "budget_exceeded");
+    assert_eq!(a.body["spent"], 52);
+    let r = forward_auth(key.clone(), true).await;
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.json()["error"], "budget_exceeded");
+    // Up to exactly what it said: 8 envelopes of 1, the last leaving 0.
+    for left in (0..8).rev() {
+        let r = forward_auth(key.clone(), false).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            r.header("x-credits-remaining"),
+            Some(left.to_string().as_str())
+        );
+    }
+    let a = c
+        .check("POST", "/v1/envelopes", &[("x-api-key", &key)])
+        .await;
+    assert_eq!(a.status, 429, "{a:?}");
+    assert_eq!(balance(&server, "tight").await, (940, 50, 10));
+
+    // A budget looser than the balance changes nothing: the header is the balance.
+    let roomy = seed(&server, "roomy", 30).await;
+    day_budget(&server, "roomy", 1_000).await;
+    let a = c
+        .check("POST", "/v1/envelopes", &[("x-api-key", &roomy)])
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.remaining(), Some("29"));
+    let r = forward_auth(roomy.clone(), true).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-credits-remaining"), Some("18"));
+    let a = ocr_check(&mut c, &roomy, "ocr-roomy").await;
+    assert_eq!(a.status, 402, "{a:?}");
+    assert_eq!(a.body["error"], "insufficient_credits");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_denial_reason_and_replay_by_request_id() {
     let redis = common::RedisServer::start();

@@ -606,6 +606,8 @@ async fn debit_authorize_capture_release_and_refund_succeed() {
             available: 900,
             held: 0,
             replayed: false,
+            // No allocation or budget: what the wallet has.
+            spendable: 900,
         }
     );
 

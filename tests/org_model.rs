@@ -262,7 +262,8 @@ struct Model {
 struct Charged {
     available: i64,
     held: i64,
-    /// A bounded member's spendable after the charge (min of allocation left, balance).
+    /// What the caller may spend after the charge when an allocation or a budget bounds
+    /// them: min(allocation left, every budget's headroom, balance), never below 0.
     remaining: Option<i64>,
     refs: Vec<(String, i64, u64)>,
 }
@@ -338,13 +339,15 @@ impl Model {
         hold: bool,
     ) -> Result<Charged, Refusal> {
         self.check(now, member, amount)?;
-        let remaining = self.remaining(member);
+        let mut spendable = self.remaining(member).map(|r| r - amount);
         let mut refs = Vec::new();
         let period = day_start(now);
         for (key, _) in self.budgets_for(member) {
             let b = self.budgets.get_mut(&key).expect("budget");
             b.s = b.spent(now) + amount;
             b.ps = Some(period);
+            let headroom = b.limit - b.s;
+            spendable = Some(spendable.map_or(headroom, |s| s.min(headroom)));
             refs.push((key, period, b.generation));
         }
         if !member.is_empty() {
@@ -359,7 +362,7 @@ impl Model {
         Ok(Charged {
             available: self.available,
             held: self.held,
-            remaining: remaining.map(|r| (r - amount).min(self.available)),
+            remaining: spendable.map(|s| s.min(self.available).max(0)),
             refs,
         })
     }
@@ -893,14 +896,14 @@ impl Raw {
                 amount: d.amount,
                 available: d.available,
                 held: d.held,
-                remaining: d.allocation_remaining,
+                remaining: d.spendable,
             },
             Raw::Held(h) => Got::Held {
                 amount: h.amount,
                 expires_at_ms: h.expires_at_ms,
                 available: h.available,
                 held: h.held,
-                remaining: h.allocation_remaining,
+                remaining: h.spendable,
             },
             Raw::Ended(e) => {
                 assert_eq!(e.expired, 0, "no lot expires here: {e:?}");

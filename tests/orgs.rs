@@ -192,7 +192,10 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
         })
         .await
         .expect("budget");
-    assert_eq!(send_envelope(&server, &bob).await.status, 200);
+    // What bob may still spend is the budget's 4 left, not the 167 of his allocation.
+    let r = send_envelope(&server, &bob).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-credits-remaining"), Some("4"));
     let r = send_envelope(&server, &bob).await;
     assert_eq!(r.status, 429, "{r:?}");
     let body = r.json();
@@ -405,8 +408,16 @@ async fn a_day_budget_refuses_the_crossing_charge_and_rolls_over_at_midnight() {
                 .await
         }
     };
-    for i in 0..3 {
-        debit(&format!("d{i}"), 30).await.expect("within budget");
+    // What dave may still spend: the budget's headroom, not the wallet's 1,000 - 30n.
+    for (i, spendable) in [70, 40, 10].into_iter().enumerate() {
+        let d = debit(&format!("d{i}"), 30)
+            .await
+            .expect("within budget")
+            .into_inner();
+        assert_eq!(
+            (d.available, d.spendable),
+            (1_000 - 30 * (i as i64 + 1), spendable)
+        );
     }
     let refused = debit("d3", 30).await.expect_err("crosses 100");
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
@@ -416,7 +427,8 @@ async fn a_day_budget_refuses_the_crossing_charge_and_rolls_over_at_midnight() {
     assert_eq!(info.metadata["limit"], "100");
     assert_eq!(info.metadata["resets_at_ms"], midnight.to_string());
     // Exactly up to the limit is fine.
-    debit("d4", 10).await.expect("reaches 100");
+    let d = debit("d4", 10).await.expect("reaches 100").into_inner();
+    assert_eq!((d.available, d.spendable), (1_000 - 100, 0));
     assert!(debit("d5", 1).await.is_err());
 
     // One ms before midnight: still the same day.
@@ -450,6 +462,7 @@ async fn a_day_budget_refuses_the_crossing_charge_and_rolls_over_at_midnight() {
         .await
         .expect("hold")
         .into_inner();
+    assert_eq!((hold.available, hold.spendable), (1_000 - 190, 10));
     assert!(debit("d8", 20).await.is_err(), "30 + 60 held + 20 > 100");
     metering
         .capture(pb::CaptureRequest {
@@ -501,7 +514,8 @@ async fn a_day_budget_refuses_the_crossing_charge_and_rolls_over_at_midnight() {
                 .await
         }
     };
-    on_api("w1", 50).await.expect("window");
+    let w = on_api("w1", 50).await.expect("window").into_inner();
+    assert_eq!((w.available, w.spendable), (950, 0));
     let refused = on_api("w2", 1).await.expect_err("window full");
     let resets: i64 = refused.get_details_error_info().expect("info").metadata["resets_at_ms"]
         .parse()
@@ -1123,7 +1137,7 @@ async fn org_events_settle_reconcile_and_restore() {
         .into_inner();
     metering
         .capture(pb::CaptureRequest {
-            hold_id: bob_hold.hold_id,
+            hold_id: bob_hold.hold_id.clone(),
             amount: Some(5),
             idempotency_key: "bob-capture".into(),
             ..Default::default()
@@ -1202,8 +1216,69 @@ async fn org_events_settle_reconcile_and_restore() {
         .debit(&carol_debit("carol-2"))
         .await
         .expect("carol's second debit");
-    assert_eq!(debited.allocation_remaining, Some(100 - 7));
-    assert_eq!(held.allocation_remaining, Some(100 - 7 - 20));
+    assert_eq!(debited.spendable, Some(100 - 7));
+    assert_eq!(held.spendable, Some(100 - 7 - 20));
+    // Bob's hold was bounded by his month budget (11 + 30 of 100), not his allocation.
+    assert_eq!(bob_hold.spendable, 100 - ENVELOPE - 30);
+    // Dave, a personal account with a month budget of 100: his answers carry the
+    // budget's headroom, which restore must re-derive (a capture gives 15 back).
+    let dave_debit = |amount: i64, key: &str| tollgate::ledger::Debit {
+        account_id: "dave".into(),
+        wallet: "default".into(),
+        amount,
+        idempotency_key: key.into(),
+        operation: "envelope.send".into(),
+        metadata: tollgate::ledger::Metadata::new(),
+        member_id: String::new(),
+    };
+    let dave_hold = tollgate::ledger::command::Authorize {
+        account_id: "dave".into(),
+        member_id: String::new(),
+        idempotency_key: "dave-hold".into(),
+        ..carol_hold.clone()
+    };
+    server
+        .ledger
+        .grant(&common::purchase("dave", 1_000, "dave-buy"))
+        .await
+        .expect("dave buys");
+    admin
+        .set_budget(pb::SetBudgetRequest {
+            account_id: "dave".into(),
+            limit: 100,
+            period: "month".into(),
+            idempotency_key: "dave-budget".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("dave's budget");
+    let d1 = server
+        .ledger
+        .debit(&dave_debit(30, "dave-1"))
+        .await
+        .expect("dave's debit");
+    assert_eq!(d1.spendable, Some(100 - 30));
+    let h = server
+        .ledger
+        .authorize(&dave_hold)
+        .await
+        .expect("dave's hold");
+    assert_eq!(h.spendable, Some(100 - 30 - 20));
+    server
+        .ledger
+        .end_hold(&tollgate::ledger::command::EndHold::capture(
+            h.hold_id.clone(),
+            Some(5),
+            "dave-capture".into(),
+        ))
+        .await
+        .expect("dave's capture");
+    let d2 = server
+        .ledger
+        .debit(&dave_debit(10, "dave-2"))
+        .await
+        .expect("dave's second debit");
+    assert_eq!(d2.spendable, Some(100 - 30 - 5 - 10));
     let before = views(&server).await;
 
     // Every org event reaches PostgreSQL, and reconcile (allocations included) agrees.
@@ -1295,6 +1370,54 @@ async fn org_events_settle_reconcile_and_restore() {
         }
     );
     assert_eq!(views(&server).await, before, "a replay charged again");
+    // Bob's and dave's too, with the budget headroom of their time.
+    let again = server
+        .metering()
+        .await
+        .authorize(pb::AuthorizeRequest {
+            account_id: "acme".into(),
+            member_id: "bob".into(),
+            amount: 30,
+            ttl_ms: 600_000,
+            idempotency_key: "bob-hold".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("bob's hold replayed")
+        .into_inner();
+    assert_eq!(
+        again,
+        pb::AuthorizeResponse {
+            replayed: true,
+            ..bob_hold.clone()
+        }
+    );
+    for (key, amount, first) in [("dave-1", 30, d1), ("dave-2", 10, d2)] {
+        let again = server
+            .ledger
+            .debit(&dave_debit(amount, key))
+            .await
+            .expect("dave's debit replayed");
+        assert_eq!(
+            again,
+            tollgate::ledger::DebitOutcome {
+                replayed: true,
+                ..first
+            }
+        );
+    }
+    let again = server
+        .ledger
+        .authorize(&dave_hold)
+        .await
+        .expect("dave's hold replayed");
+    assert_eq!(
+        again,
+        tollgate::ledger::HoldOutcome {
+            replayed: true,
+            ..h
+        }
+    );
     let again = tokio::task::spawn_blocking(reconcile(redis.url()))
         .await
         .expect("join");
@@ -1372,7 +1495,7 @@ async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
         })
         .await
         .expect("hold");
-    assert_eq!(held.allocation_remaining, Some(40));
+    assert_eq!(held.spendable, Some(40));
     // Past the deadline, before any sweep: the debit's own call releases the hold first.
     now.fetch_add(2_000, std::sync::atomic::Ordering::SeqCst);
     let debited = ledger
@@ -1387,7 +1510,7 @@ async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
         })
         .await
         .expect("the released hold's 60 are carol's again");
-    assert_eq!(debited.allocation_remaining, Some(100 - 50));
+    assert_eq!(debited.spendable, Some(100 - 50));
     assert_eq!((debited.available, debited.held), (1_000 - 50, 0));
 }
 
@@ -1929,7 +2052,7 @@ async fn a_removed_member_leaves_no_allocation_or_budget_behind() {
         .await
         .expect("release");
     let debited = ledger.debit(&carol_debit(30, "d3")).await.expect("60 - 30");
-    assert_eq!(debited.allocation_remaining, Some(0));
+    assert_eq!(debited.spendable, Some(0));
 
     // Back as an admin: no allocation, so only the org balance bounds her.
     ledger
@@ -1950,7 +2073,7 @@ async fn a_removed_member_leaves_no_allocation_or_budget_behind() {
         .debit(&carol_debit(200, "d4"))
         .await
         .expect("unbounded");
-    assert_eq!(debited.allocation_remaining, None);
+    assert_eq!(debited.spendable, None);
 }
 
 /// A member's removal settles, reconciles and restores: the events that drop their

@@ -147,6 +147,7 @@ impl Metering for MeteringService {
         .normalized();
         let out = self.ledger.debit(&cmd).await.map_err(to_status)?;
         Ok(Response::new(pb::DebitResponse {
+            spendable: out.remaining(),
             charge_id: out.event_id.clone(),
             event_id: out.event_id,
             amount: out.amount,
@@ -187,6 +188,7 @@ impl Metering for MeteringService {
         }
         let out = self.ledger.authorize(&cmd).await.map_err(to_status)?;
         Ok(Response::new(pb::AuthorizeResponse {
+            spendable: out.remaining(),
             hold_id: out.hold_id,
             event_id: out.event_id,
             amount: out.amount,

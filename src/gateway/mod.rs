@@ -94,7 +94,9 @@ pub struct Allowed {
     pub hold_id: Option<String>,
     /// A debit's charge id (its event id; a replayed check's is the first one's).
     pub charge_id: Option<String>,
-    /// Available credits in the wallet after the charge.
+    /// What the caller may still spend after the charge (`x-credits-remaining`): the
+    /// wallet's available credits, within the org member's allocation left and every
+    /// applicable budget's headroom ([`DebitOutcome::remaining`]).
     pub remaining: Option<i64>,
     /// Allowed without a charge because Redis was unavailable (fail_open); a debit
     /// operation's charge is spooled and applied when Redis returns.
@@ -818,7 +820,7 @@ fn debited(out: DebitOutcome) -> Took {
     Took {
         amount: out.amount,
         hold_id: None,
-        remaining: out.allocation_remaining.unwrap_or(out.available),
+        remaining: out.remaining(),
         charge_id: Some(out.event_id),
     }
 }
@@ -827,7 +829,7 @@ fn debited(out: DebitOutcome) -> Took {
 fn held(out: HoldOutcome) -> Took {
     Took {
         amount: out.amount,
-        remaining: out.allocation_remaining.unwrap_or(out.available),
+        remaining: out.remaining(),
         hold_id: Some(out.hold_id),
         charge_id: None,
     }
@@ -943,7 +945,7 @@ mod tests {
             amount: 1,
             available: 0,
             held: 0,
-            allocation_remaining: None,
+            spendable: None,
             replayed,
         };
         let cases = [

@@ -241,10 +241,22 @@ pub struct DebitOutcome {
     pub amount: i64,
     pub available: i64,
     pub held: i64,
-    /// An org member with an allocation: what they may still spend (the rest of the
-    /// allocation, within the org's balance).
-    pub allocation_remaining: Option<i64>,
+    /// What the caller may still spend after this charge, when more than the wallet's
+    /// balance bounds it: min(available, the org member's allocation left, every
+    /// applicable budget's headroom — limit − spent in its current period), never below 0.
+    /// None when only `available` bounds the caller (no allocation, no budget), and in an
+    /// answer recorded, and now replayed, by a tollgate from before budgets were counted
+    /// here (then it covers the allocation only, or is None). See [`Self::remaining`].
+    pub spendable: Option<i64>,
     pub replayed: bool,
+}
+
+impl DebitOutcome {
+    /// What the caller may still spend: [`Self::spendable`], else `available`. The
+    /// gateway's `x-credits-remaining` and the API's `spendable`.
+    pub fn remaining(&self) -> i64 {
+        self.spendable.unwrap_or(self.available)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,9 +267,17 @@ pub struct HoldOutcome {
     pub expires_at_ms: i64,
     pub available: i64,
     pub held: i64,
-    /// As [`DebitOutcome::allocation_remaining`].
-    pub allocation_remaining: Option<i64>,
+    /// As [`DebitOutcome::spendable`]: the hold counts in the allocation and the budgets
+    /// at once.
+    pub spendable: Option<i64>,
     pub replayed: bool,
+}
+
+impl HoldOutcome {
+    /// As [`DebitOutcome::remaining`].
+    pub fn remaining(&self) -> i64 {
+        self.spendable.unwrap_or(self.available)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

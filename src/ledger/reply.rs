@@ -158,7 +158,8 @@ pub(super) fn debit(answer: &Answer) -> Result<DebitOutcome, LedgerError> {
         amount: f.int()?,
         available: f.int()?,
         held: f.int()?,
-        allocation_remaining: f.optional_int()?,
+        // Only when an allocation or a budget bounds the caller (debit.lua).
+        spendable: f.optional_int()?,
         replayed: answer.replayed,
     })
 }
@@ -172,7 +173,8 @@ pub(super) fn hold(answer: &Answer) -> Result<HoldOutcome, LedgerError> {
         expires_at_ms: f.int()?,
         available: f.int()?,
         held: f.int()?,
-        allocation_remaining: f.optional_int()?,
+        // Only when an allocation or a budget bounds the caller (debit.lua).
+        spendable: f.optional_int()?,
         replayed: answer.replayed,
     })
 }
@@ -316,6 +318,10 @@ mod tests {
         let ok = debit(&answer("OK|3-17-0|5|95|0")).unwrap();
         assert_eq!(ok.event_id, "3-17-0");
         assert_eq!((ok.amount, ok.available, ok.held), (5, 95, 0));
+        assert_eq!((ok.spendable, ok.remaining()), (None, 95));
+        // Bound by an allocation or a budget: what is left of it, within the balance.
+        let bound = debit(&answer("OK|3-17-0|5|95|0|10")).unwrap();
+        assert_eq!((bound.spendable, bound.remaining()), (Some(10), 10));
         match debit(&answer("INSUFFICIENT_CREDITS|5|2")) {
             Err(LedgerError::Refused(Refusal::InsufficientCredits {
                 required: 5,

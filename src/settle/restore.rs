@@ -3,13 +3,14 @@
 //! them grouped by wallet) to rebuild its lots (amount, used, remaining, priority, expiry),
 //! totals, demo marker, open holds (deadline, on_expiry, the lots they hold), recently
 //! ended holds and refundable charges (within their retention), and the idempotency
-//! records of recent debits, holds (org members' too, with the allocation left at the
-//! time, replayed in stream order), grants, positive adjustments, refunds and org
-//! operations (CreateOrganization, AddMember, RemoveMember, SetAllocation, AddAllocation,
-//! SetBudget: `Replay::record_org`) (as long as live Redis would still find them, up to
-//! 1.5 idempotency windows; a refund's with its `:rf:` pointer), each kept as long as
-//! lib.lua keeps it. Then the shard's epoch marker is written and it serves again. API
-//! keys (hashes) come from the store's key table, which the Admin API writes.
+//! records of recent debits, holds (with what was left to spend then when an allocation
+//! or a budget bounded the charge, replayed in stream order), grants, positive
+//! adjustments, refunds and org operations (CreateOrganization, AddMember, RemoveMember,
+//! SetAllocation, AddAllocation, SetBudget: `Replay::record_org`) (as long as live Redis
+//! would still find them, up to 1.5 idempotency windows; a refund's with its `:rf:`
+//! pointer), each kept as long as lib.lua keeps it. Then the shard's epoch marker is
+//! written and it serves again. API keys (hashes) come from the store's key table, which
+//! the Admin API writes.
 //!
 //! Not restored (stated in the report): refusals (never in the ledger, so a replayed
 //! refused request is evaluated again), idempotency records of captures, releases,
@@ -468,6 +469,34 @@ impl BudgetDef {
     }
 }
 
+impl RunningSpend {
+    /// Moves to the period holding `now` (lib.lua `budget_state`: a new calendar period
+    /// starts from nothing, a window drops buckets it no longer counts; a budget set anew
+    /// starts from nothing); answers that period (start, or window bucket).
+    fn roll(&mut self, b: &BudgetDef, now: i64) -> i64 {
+        if self.since_ms != b.since_ms {
+            *self = RunningSpend {
+                since_ms: b.since_ms,
+                ..Default::default()
+            };
+        }
+        let period = b.period_of(now);
+        if b.period == "w" {
+            self.buckets
+                .retain(|idx, n| *idx >= period - BUDGET_BUCKETS && *n > 0);
+        } else if self.period != period {
+            self.period = period;
+            self.spent = 0;
+        }
+        period
+    }
+
+    /// What is spent in the current period (after [`Self::roll`]).
+    fn total(&self) -> i64 {
+        self.spent + self.buckets.values().sum::<i64>()
+    }
+}
+
 /// A charge counted in budgets: a debit, or a hold less what its end gave back.
 #[derive(Debug, Clone)]
 struct Spend {
@@ -494,6 +523,25 @@ struct OrgState {
     spends: Vec<Spend>,
     /// Hold id → its entry in `spends`.
     hold_spends: HashMap<String, usize>,
+    /// Each budget's spend as lib.lua's `budget_state` reads it at this point of the replay
+    /// (stream order), for the answers' spendable figure (lua/debit.lua).
+    running: HashMap<BudgetKey, RunningSpend>,
+    /// Hold id → the budgets (and their periods) it counted in, as lib.lua's refs.
+    hold_budgets: HashMap<String, Vec<(BudgetKey, i64, i64)>>,
+}
+
+/// (account, wallet, member: "" = the account's own).
+type BudgetKey = (String, String, String);
+
+/// A budget's spend at one point of the replay: `since_ms` names the budget it belongs to
+/// (a budget set anew starts from nothing); a calendar budget's period start and spend,
+/// a window budget's buckets.
+#[derive(Debug, Default)]
+struct RunningSpend {
+    since_ms: i64,
+    period: i64,
+    spent: i64,
+    buckets: BTreeMap<i64, i64>,
 }
 
 impl OrgState {
@@ -505,11 +553,38 @@ impl OrgState {
         allocated.map(|a| a - used)
     }
 
-    /// Counts a debit or a hold in the budgets' spend.
-    fn spend(&mut self, e: &LedgerEvent) {
+    /// Counts a debit or a hold in the budgets' spend. Answers the tightest headroom it
+    /// leaves in the budgets that bound it (limit - spent, this charge counted; lib.lua
+    /// `spendable_after`), None when no budget does.
+    fn spend(&mut self, e: &LedgerEvent) -> Option<i64> {
+        let mut headroom: Option<i64> = None;
+        let mut counted = Vec::new();
+        // The account's own budget, then the member's (lib.lua `budgets_for`).
+        let scopes: &[&str] = if e.member.is_empty() {
+            &[""]
+        } else {
+            &["", &e.member]
+        };
+        for member in scopes {
+            let key = (e.account_id.clone(), e.wallet.clone(), (*member).to_owned());
+            let Some(b) = self.budgets.get(&key) else {
+                continue;
+            };
+            let run = self.running.entry(key.clone()).or_default();
+            let period = run.roll(b, e.created_at_ms);
+            if b.period == "w" {
+                *run.buckets.entry(period).or_default() += e.amount;
+            } else {
+                run.spent += e.amount;
+            }
+            let left = b.limit - run.total();
+            headroom = Some(headroom.map_or(left, |h| h.min(left)));
+            counted.push((key, b.since_ms, period));
+        }
         if e.kind == EventKind::Hold {
             self.hold_spends
                 .insert(e.hold_id.clone(), self.spends.len());
+            self.hold_budgets.insert(e.hold_id.clone(), counted);
         }
         self.spends.push(Spend {
             account_id: e.account_id.clone(),
@@ -519,6 +594,7 @@ impl OrgState {
             amount: e.amount,
             returned: 0,
         });
+        headroom
     }
 
     /// An ended hold gives back what it did not charge, as it did to the budgets it was
@@ -527,6 +603,23 @@ impl OrgState {
     fn give_back(&mut self, hold_id: &str, amount: i64) {
         if let Some(&i) = self.hold_spends.get(hold_id) {
             self.spends[i].returned += amount;
+        }
+        // And to the running spend, as lib.lua `budgets_give_back`: only to the same budget
+        // (not one set anew since), in the period the hold counted in.
+        for (key, since_ms, period) in self.hold_budgets.remove(hold_id).unwrap_or_default() {
+            let (Some(b), Some(run)) = (self.budgets.get(&key), self.running.get_mut(&key)) else {
+                continue;
+            };
+            if amount <= 0 || b.since_ms != since_ms || run.since_ms != since_ms {
+                continue;
+            }
+            if b.period == "w" {
+                if let Some(n) = run.buckets.get_mut(&period).filter(|n| **n > 0) {
+                    *n -= amount.min(*n);
+                }
+            } else if run.period == period {
+                run.spent = (run.spent - amount).max(0);
+            }
         }
     }
 
@@ -649,16 +742,29 @@ impl Replay<'_> {
 
     /// Records a charge (debit, hold) as its script remembered it. `parts` end with the
     /// member, which joins the digest only when there is one (`Ledger::debit_call`,
-    /// `authorize_call`); an org member's answer also carries what was left to spend then,
-    /// the allocation's rest within the org's balance (lua/debit.lua, lua/authorize.lua).
-    /// The replay is in stream order, so the allocation is the one of that moment, this
-    /// charge counted.
-    fn record_charge(&mut self, e: &LedgerEvent, parts: &[&str], answer: String) {
-        if e.member.is_empty() {
-            return self.record(e, &parts[..parts.len() - 1], answer);
-        }
-        let answer = match self.orgs.allocation_left(e) {
-            Some(left) => format!("{answer}|{}", left.min(e.available_after)),
+    /// `authorize_call`). When an allocation or a budget bounds the charge, the answer also
+    /// carries what was left to spend then: the tightest of the member's allocation left
+    /// and the budgets' headroom (`budget_left`, from [`OrgState::spend`]), within the
+    /// balance, never below 0 (lua/debit.lua, lua/authorize.lua). The replay is in stream
+    /// order, so the allocation and budgets are those of that moment, this charge counted.
+    fn record_charge(
+        &mut self,
+        e: &LedgerEvent,
+        parts: &[&str],
+        answer: String,
+        budget_left: Option<i64>,
+    ) {
+        let (parts, allocation_left) = if e.member.is_empty() {
+            (&parts[..parts.len() - 1], None)
+        } else {
+            (parts, self.orgs.allocation_left(e))
+        };
+        let spendable = match (allocation_left, budget_left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let answer = match spendable {
+            Some(left) => format!("{answer}|{}", left.min(e.available_after).max(0)),
             None => answer,
         };
         self.record(e, parts, answer);
@@ -843,9 +949,11 @@ impl Replay<'_> {
         // A member's charges and what comes back of them move their allocation; charges
         // count in the budgets of their period.
         self.orgs.use_allocation(e);
-        if matches!(e.kind, EventKind::Debit | EventKind::Hold) {
-            self.orgs.spend(e);
-        }
+        let budget_left = if matches!(e.kind, EventKind::Debit | EventKind::Hold) {
+            self.orgs.spend(e)
+        } else {
+            None
+        };
         let w = &mut self.wallet;
         w.events += 1;
         let (kind_text, description) = e.extra.split_once('|').unwrap_or(("", ""));
@@ -944,6 +1052,7 @@ impl Replay<'_> {
                         &e.member,
                     ],
                     answer,
+                    budget_left,
                 );
             }
             EventKind::Hold => {
@@ -990,6 +1099,7 @@ impl Replay<'_> {
                         &e.member,
                     ],
                     answer,
+                    budget_left,
                 );
             }
             EventKind::Capture | EventKind::Release | EventKind::ExpireHold => {

@@ -1,10 +1,10 @@
 -- authorize: place a hold. ARGV 8 account, 9 wallet, 10 idempotency key, 11 digest,
 -- 12 amount, 13 ttl_ms, 14 on_expiry ("c" capture | "r" release), 15 operation,
 -- 16 metadata, 17 most open holds per wallet, 18 org member ("" = none; see debit.lua).
--- Answers "OK|event_id|hold_id|amount|expires_at_ms|available|held",
--- "INSUFFICIENT_CREDITS|required|available", "HOLD_LIMIT|max", or as debit.lua for
--- allocations, budgets and members. A hold counts in the allocation and the budgets at
--- once; what it does not charge goes back when it ends.
+-- Answers "OK|event_id|hold_id|amount|expires_at_ms|available|held[|spendable]" (spendable
+-- as in debit.lua), "INSUFFICIENT_CREDITS|required|available", "HOLD_LIMIT|max", or as
+-- debit.lua for allocations, budgets and members. A hold counts in the allocation and the
+-- budgets at once; what it does not charge goes back when it ends.
 -- By API key as debit.lua: ARGV 8 and 18 are "", ARGV 19 the key id, 20 the key's SHA-256.
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
@@ -74,8 +74,9 @@ else
   local eid = emit(W, 'hold', amount, lots, ARGV[14] .. itos(deadline), hold_id, '', ARGV[10], ARGV[15], ARGV[16])
   answer = 'OK|' .. eid .. '|' .. hold_id .. '|' .. itos(amount) .. '|' .. itos(deadline) .. '|'
     .. itos(W.r) .. '|' .. itos(W.h)
-  if remaining then
-    answer = answer .. '|' .. itos(math.min(remaining - amount, W.r))
+  local spendable = spendable_after(budgets, amount, remaining and remaining - amount)
+  if spendable then
+    answer = answer .. '|' .. itos(math.max(0, math.min(spendable, W.r)))
   end
 end
 remember(ikey, ARGV[11], answer)

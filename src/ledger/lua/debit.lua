@@ -1,6 +1,8 @@
 -- debit: charge now. ARGV 8 account, 9 wallet, 10 idempotency key, 11 digest,
 -- 12 amount, 13 operation, 14 metadata, 15 org member ("" = none; then ARGV 8 is the org).
--- Answers "OK|event_id|amount|available|held", "INSUFFICIENT_CREDITS|required|available",
+-- Answers "OK|event_id|amount|available|held[|spendable]" (spendable: what the caller may
+-- still spend, when an allocation or a budget bounds it more than the balance may),
+-- "INSUFFICIENT_CREDITS|required|available",
 -- "ALLOCATION_EXCEEDED|required|remaining", "BUDGET_EXCEEDED|which|limit|spent|resets_at_ms"
 -- or "BAD_FIELD|field|why" (not a member: nothing recorded).
 --
@@ -66,9 +68,11 @@ else
   local eid = emit(W, 'debit', amount, lots, '', '', '', ARGV[10], ARGV[13], ARGV[14])
   record_charge(W, eid, amount, lots)
   answer = 'OK|' .. eid .. '|' .. itos(amount) .. '|' .. itos(W.r) .. '|' .. itos(W.h)
-  if remaining then
-    -- A member's spendable: what is left of the allocation, within the org's balance.
-    answer = answer .. '|' .. itos(math.min(remaining - amount, W.r))
+  -- What the caller may still spend (lib.lua spendable_after): only when an allocation or
+  -- a budget bounds it, so a plain wallet's answer (and idempotency record) stays as short.
+  local spendable = spendable_after(budgets, amount, remaining and remaining - amount)
+  if spendable then
+    answer = answer .. '|' .. itos(math.max(0, math.min(spendable, W.r)))
   end
 end
 remember(ikey, ARGV[11], answer)

@@ -442,6 +442,23 @@ local function budgets_spend(budgets, amount)
   return table.concat(refs, ',')
 end
 
+-- What the caller may still spend after a charge of `amount`: the tightest of `bound` (the
+-- member's allocation left after it, nil = none) and every budget's headroom after it
+-- (limit - spent - amount; the charge is counted in each, see budgets_spend). nil when
+-- neither bounds it: only the balance does. Reads nothing (budget_state read the budgets).
+local function spendable_after(budgets, amount, bound)
+  if budgets then
+    for j = 1, #budgets do
+      local B = budgets[j]
+      local left = B.limit - B.spent - amount
+      if not bound or left < bound then
+        bound = left
+      end
+    end
+  end
+  return bound
+end
+
 local function budgets_give_back(refs, amount)
   if not refs or refs == '' or amount <= 0 then
     return
