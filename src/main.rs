@@ -174,7 +174,7 @@ async fn settle(config: Config) -> Result<(), String> {
 async fn reconcile(args: ReconcileArgs) -> ExitCode {
     let run = async {
         let (config, ledger) = tool_ledger(&args.target)?;
-        let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
+        let store = tool_store(&config).await?;
         tollgate::settle::reconcile::reconcile(
             ledger,
             store,
@@ -242,10 +242,29 @@ fn tool_ledger(
     Ok((config, ledger))
 }
 
+/// The store an operator tool reads and writes: one that `serve` or `settle` made. A
+/// store that does not exist, or holds no tollgate schema, is refused before anything is
+/// read from Redis, and nothing is created (a tool that drained the outbox into a new
+/// store would leave the events acknowledged in Redis and missing from the real one).
+async fn tool_store(config: &Config) -> Result<std::sync::Arc<tollgate::settle::Store>, String> {
+    use tollgate::settle::StoreError;
+    let url = url_for_logs(&config.store.url);
+    server::existing_store_from_config(config)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotInitialized(why) => format!(
+                "the store {url} is not a tollgate store ({why}); this command creates no \
+                 store and writes into none but the one `serve` and `settle` use: pass it \
+                 with --store URL (or store.url in the config, TOLLGATE_STORE__URL)"
+            ),
+            other => format!("the store {url}: {other}"),
+        })
+}
+
 async fn end_lost_hold(args: EndLostHoldArgs) -> Result<(), String> {
     use tollgate::settle::reconcile::LostHoldEnd;
     let (config, ledger) = tool_ledger(&args.target)?;
-    let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
+    let store = tool_store(&config).await?;
     let ended = tollgate::settle::reconcile::end_lost_hold(
         ledger,
         store,
@@ -289,7 +308,7 @@ async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
             set,
             dry_run,
         } => {
-            let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
+            let store = tool_store(&config).await?;
             // A dry run changes nothing, the store's schema included.
             if !dry_run {
                 store.migrate().await.map_err(|e| e.to_string())?;
@@ -345,7 +364,9 @@ async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
 
 async fn restore(args: RestoreArgs) -> Result<(), String> {
     let (config, ledger) = tool_ledger(&args.target)?;
-    let store = server::store_from_config(&config).map_err(|e| e.to_string())?;
+    // A store that does not exist is refused, not read as an empty ledger: restoring
+    // from it would mark every lost shard serving, empty.
+    let store = tool_store(&config).await?;
     let mode = if args.rebuild_serving {
         RestoreMode::RebuildServing {
             group: tollgate::settle::settler::DEFAULT_GROUP.into(),

@@ -251,6 +251,14 @@ pub fn store_from_config(config: &Config) -> Result<Arc<Store>, StoreError> {
     )?))
 }
 
+/// The store of an operator tool (`reconcile`, `end-lost-hold`, `restore`, `dead-letters
+/// replay`): one `serve` or `settle` made, never created here (`Store::open_existing`).
+pub async fn existing_store_from_config(config: &Config) -> Result<Arc<Store>, StoreError> {
+    Ok(Arc::new(
+        Store::open_existing(&config.store.url, config.store.connections).await?,
+    ))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(

@@ -1189,6 +1189,8 @@ async fn reconcile_command_finds_a_planted_drift() {
     let ledger = common::ledger(&redis, clock);
     common::workload::every_kind(&ledger, &now, 1, "r").await;
     let pg = common::PgDatabase::create().await;
+    // The store `serve` or `settle` made: reconcile creates none (tests/toolstore.rs).
+    store(&pg.url).await;
     let reconcile = || {
         common::tollgate()
             .args(["reconcile", "--redis-url", &redis.url(), "--store", &pg.url])

@@ -65,6 +65,10 @@ pub enum StoreError {
     Query(String),
     #[error("store data is malformed: {0}")]
     Corrupt(String),
+    /// Only from `Store::open_existing`: what the operator tools are refused (they never
+    /// create a store).
+    #[error("no tollgate ledger there: {0}")]
+    NotInitialized(&'static str),
 }
 
 impl StoreError {
@@ -75,6 +79,7 @@ impl StoreError {
             Self::Unavailable(_) => "unavailable",
             Self::Query(_) => "query",
             Self::Corrupt(_) => "corrupt",
+            Self::NotInitialized(_) => "not_initialized",
         }
     }
 }
@@ -1436,9 +1441,84 @@ impl Store {
         }
     }
 
-    /// Connects lazily (tollgate starts while the database is down) and migrates when
-    /// `migrate` is set and the database answers.
+    /// Connects lazily (tollgate starts while the database is down); a SQLite file is
+    /// created at the first connection when missing (what `serve` and `settle` use: they
+    /// migrate the store at start-up).
     pub fn connect_lazy(url: &str, connections: u32) -> Result<Self, StoreError> {
+        Self::connect(url, connections, true)
+    }
+
+    /// Opens a store that `serve` or `settle` made, for the operator tools (`reconcile`,
+    /// `end-lost-hold`, `restore`, `dead-letters replay`), and creates nothing: refused
+    /// (`NotInitialized`) when the SQLite file does not exist, or when the database (in
+    /// PostgreSQL, the schema in use: `current_schema()`, where `migrate` writes) has no
+    /// tollgate schema (`tollgate_schema_migrations` with a version applied). Otherwise a
+    /// tool would migrate a mistyped store and settle Redis's outbox into it: the events
+    /// acknowledged in Redis, and missing from the store that `serve` and `settle` use.
+    /// A store it accepts may still be migrated by the tool (an older schema version).
+    pub async fn open_existing(url: &str, connections: u32) -> Result<Self, StoreError> {
+        let store = Self::connect(url, connections, false)?;
+        let found: i64 = match &store {
+            Self::Postgres(s) => {
+                let tables: i64 = sqlx::query_scalar(
+                    "SELECT CAST(COUNT(*) AS BIGINT) FROM information_schema.tables \
+                     WHERE table_schema = current_schema() \
+                     AND CAST(table_name AS TEXT) = 'tollgate_schema_migrations'",
+                )
+                .fetch_one(&s.pool)
+                .await?;
+                if tables == 0 {
+                    0
+                } else {
+                    sqlx::query_scalar(
+                        "SELECT CAST(COUNT(*) AS BIGINT) FROM tollgate_schema_migrations",
+                    )
+                    .fetch_one(&s.pool)
+                    .await?
+                }
+            }
+            Self::Sqlite(_) => {
+                use sqlx::{ConnectOptions, Connection};
+                let path = url.strip_prefix("sqlite://").unwrap_or_default();
+                if !std::path::Path::new(path).exists() {
+                    return Err(StoreError::NotInitialized("the file does not exist"));
+                }
+                // One connection of its own, without the pool's journal mode: looking
+                // writes nothing, not even to a file that is no tollgate store.
+                let mut con = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(false)
+                    .busy_timeout(POOL_ACQUIRE_TIMEOUT)
+                    .connect()
+                    .await?;
+                let looked = async {
+                    let tables: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM sqlite_master \
+                         WHERE type = 'table' AND name = 'tollgate_schema_migrations'",
+                    )
+                    .fetch_one(&mut con)
+                    .await?;
+                    if tables == 0 {
+                        return Ok(0);
+                    }
+                    sqlx::query_scalar("SELECT COUNT(*) FROM tollgate_schema_migrations")
+                        .fetch_one(&mut con)
+                        .await
+                }
+                .await;
+                let _ = con.close().await;
+                looked?
+            }
+        };
+        if found == 0 {
+            return Err(StoreError::NotInitialized(
+                "it has no tollgate schema (no tollgate_schema_migrations table with a version applied)",
+            ));
+        }
+        Ok(store)
+    }
+
+    fn connect(url: &str, connections: u32, create: bool) -> Result<Self, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)
                 .map_err(|e| StoreError::BadUrl(format!("not a valid postgres:// url ({e})")))?;
@@ -1453,7 +1533,7 @@ impl Store {
             }
             let options = SqliteConnectOptions::new()
                 .filename(path)
-                .create_if_missing(true)
+                .create_if_missing(create)
                 .journal_mode(SqliteJournalMode::Wal)
                 // Acked outbox entries are gone from Redis: a commit must survive power loss.
                 .synchronous(SqliteSynchronous::Full)
