@@ -399,6 +399,8 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
     let early_hangups = ignore_hangups_until_serving();
     // Kept alive until serve returns; dropping it stops the child redis-server.
     let mut _dev_redis = None;
+    // The dev ledger file of the private redis-server: removed on a clean exit.
+    let mut dev_store = None;
     if args.dev {
         if args.redis_url.is_none() {
             let redis = DevRedis::start().await?;
@@ -411,10 +413,10 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
             let path = std::env::temp_dir().join(format!("tollgate-dev-{}.db", std::process::id()));
             if _dev_redis.is_some() {
                 // A file left by an earlier process of the same id (ids repeat, e.g. in
-                // containers) belongs to a Redis that is gone.
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-                }
+                // containers, or one killed before its clean exit) belongs to a Redis that
+                // is gone.
+                remove_sqlite_files(&path);
+                dev_store = Some(path.clone());
             }
             config.store.url = format!("sqlite://{}", path.display());
         }
@@ -471,7 +473,20 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
     }
     server::run(config, ledger, grpc, http, shutdown_signal())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    // The private redis-server stops with this process, and its ledger is worth nothing
+    // without it (the next `serve --dev` starts both afresh).
+    if let Some(path) = dev_store {
+        remove_sqlite_files(&path);
+    }
+    Ok(())
+}
+
+/// Removes a SQLite file and its WAL and shared-memory files, where they exist.
+fn remove_sqlite_files(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
 }
 
 /// SIGHUP ends a process by default, and `server::run` listens for it (price book reloads)

@@ -12,8 +12,28 @@ struct Serve {
     child: Child,
 }
 
+impl Serve {
+    /// SIGTERM, then its exit status (None if it has not exited within 20 s).
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -44,8 +64,8 @@ fn admin(grpc_port: u16, args: &[&str]) -> Output {
 /// `tollgate serve --dev` on free ports, answering: its first grant's output and its gRPC
 /// port. A port picked free may be taken before the server binds it (tests run in
 /// parallel): the server then exits, and starts again on other ports. Its stderr goes to a
-/// file, shown if it never answers.
-fn serve_dev_and_grant(grant: &[&str]) -> (Serve, u16, Output) {
+/// file, shown if it never answers. `tmpdir` is its temp directory (`TMPDIR`).
+fn serve_dev_and_grant(grant: &[&str], tmpdir: &std::path::Path) -> (Serve, u16, Output) {
     let deadline = Instant::now() + common::START_TIMEOUT;
     let mut exits = Vec::new();
     loop {
@@ -55,6 +75,7 @@ fn serve_dev_and_grant(grant: &[&str]) -> (Serve, u16, Output) {
         let mut serve = Serve {
             child: common::tollgate()
                 .args(["serve", "--dev"])
+                .env("TMPDIR", tmpdir)
                 .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
                 .arg(format!("--http-addr=127.0.0.1:{http_port}"))
                 .stdout(Stdio::null())
@@ -88,8 +109,10 @@ fn serve_dev_and_grant(grant: &[&str]) -> (Serve, u16, Output) {
 
 #[test]
 fn dev_server_then_admin_grant_and_balance() {
-    let (_serve, grpc_port, grant) =
-        serve_dev_and_grant(&["grant", "alice", "100", "--description", "pack"]);
+    let tmpdir = common::temp_path("tmp");
+    std::fs::create_dir_all(&tmpdir).expect("temp dir");
+    let (mut serve, grpc_port, grant) =
+        serve_dev_and_grant(&["grant", "alice", "100", "--description", "pack"], &tmpdir);
     let text = String::from_utf8_lossy(&grant.stdout);
     assert!(grant.status.success(), "grant failed: {grant:?}");
     assert!(text.contains("available 100"), "{text}");
@@ -193,6 +216,28 @@ fn dev_server_then_admin_grant_and_balance() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("Unauthenticated"), "{out:?}");
     assert!(said.contains("--token or TOLLGATE_ADMIN_TOKEN"), "{out:?}");
+
+    // The dev ledger lives in the temp directory, named after the process, and goes with
+    // it on a clean exit (its private redis-server's data goes too).
+    let dev_files = || -> Vec<String> {
+        std::fs::read_dir(&tmpdir)
+            .expect("temp dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("tollgate-dev-"))
+            .collect()
+    };
+    let ledger_file = format!("tollgate-dev-{}.db", serve.child.id());
+    assert!(dev_files().contains(&ledger_file), "{:?}", dev_files());
+    let stopped = serve.stop();
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "a clean exit: {stopped:?}"
+    );
+    assert_eq!(
+        dev_files(),
+        Vec::<String>::new(),
+        "the dev ledger is removed"
+    );
 }
 
 #[test]
