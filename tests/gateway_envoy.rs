@@ -8,7 +8,8 @@
 mod common;
 
 use common::gateways::{
-    balance, esign_replay_config, http, seed, start_envoy, wait_balance, Upstream,
+    assert_no_forged_alias, balance, esign_replay_config, http, seed, start_envoy, wait_balance,
+    Upstream, FORGED_ALIASES,
 };
 use tollgate::api::pb;
 use tollgate::ledger::Clock;
@@ -74,7 +75,7 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
     );
 
     // Three Aadhaar signers: 1 + 15 × 3. A client's own tollgate headers never pass.
-    let aadhaar = [
+    let mut aadhaar = vec![
         ("authorization", bearer.as_str()),
         ("x-signature-method", "aadhaar"),
         ("x-signers", "3"),
@@ -83,6 +84,7 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
         ("x-tollgate-charge-id", "forged"),
         ("x-test-tag", "aadhaar"),
     ];
+    aadhaar.extend(FORGED_ALIASES);
     let r = http(envoy.addr, "POST", "/v1/envelopes", &aadhaar, "{}").await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(balance(&server, "acme").await, (189 - 46, 0, 57));
@@ -106,6 +108,7 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
         None,
         "forged header removed"
     );
+    assert_no_forged_alias(&seen[0]);
     // The upstream's work failed: it refunds the charge it was told of.
     let charge_id = seen[0]
         .headers

@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::gateways::{balance, esign_replay_config, http, seed, start_nginx, Upstream};
+use common::gateways::{
+    assert_no_forged_alias, balance, esign_replay_config, http, seed, start_nginx, Upstream,
+    FORGED_ALIASES,
+};
 use tollgate::ledger::Clock;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,13 +21,14 @@ async fn nginx_meters_charges_once_and_turns_denials_into_real_answers() {
 
     // Allowed: the upstream gets the tollgate headers (a client's own are replaced), the
     // client gets x-credits-remaining; charged once, also when retried with the same id.
-    let request = [
+    let mut request = vec![
         ("authorization", bearer.as_str()),
         ("x-signature-method", "dsc"),
         ("x-request-id", "nginx-req-1"),
         ("x-tollgate-account", "forged"),
         ("x-test-tag", "allowed"),
     ];
+    request.extend(FORGED_ALIASES);
     let r = http(nginx.addr, "POST", "/v1/envelopes", &request, "{}").await;
     assert_eq!(r.status, 200, "{r:?}\n{}", nginx.log());
     assert_eq!(r.header("x-credits-remaining"), Some("89"), "{r:?}");
@@ -54,6 +58,9 @@ async fn nginx_meters_charges_once_and_turns_denials_into_real_answers() {
         Some("nginx-req-1")
     );
     assert_eq!(h.get("x-tollgate-hold-id"), None);
+    for s in &seen {
+        assert_no_forged_alias(s);
+    }
 
     // Without an x-request-id, nginx's own $request_id keys the check: two requests, two
     // charges.

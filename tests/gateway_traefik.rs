@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::gateways::{balance, esign_replay_config, http, seed, start_traefik, Upstream};
+use common::gateways::{
+    assert_no_forged_alias, balance, esign_replay_config, http, seed, start_traefik, Upstream,
+    FORGED_ALIASES,
+};
 use tollgate::ledger::Clock;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,8 +20,9 @@ async fn traefik_meters_charges_once_and_passes_402_through() {
     let bearer = format!("Bearer {key}");
 
     // Allowed: the upstream gets the tollgate headers (authResponseHeaders replace a
-    // client's own); charged once for a retry with the same x-request-id.
-    let request = [
+    // client's own, and aliasHeadersStrategy drops their underscore spellings); charged
+    // once for a retry with the same x-request-id.
+    let mut request = vec![
         ("authorization", bearer.as_str()),
         ("x-signature-method", "aadhaar"),
         ("x-signers", "2"),
@@ -26,6 +30,7 @@ async fn traefik_meters_charges_once_and_passes_402_through() {
         ("x-tollgate-hold-id", "h1-1"),
         ("x-test-tag", "allowed"),
     ];
+    request.extend(FORGED_ALIASES);
     let r = http(
         traefik.addr,
         "POST",
@@ -73,6 +78,9 @@ async fn traefik_meters_charges_once_and_passes_402_through() {
         None,
         "a client's own header is dropped"
     );
+    for s in &seen {
+        assert_no_forged_alias(s);
+    }
 
     // No credits: tollgate's 402 and JSON body pass through as they are.
     let poor = seed(&server, "poor", 0).await;

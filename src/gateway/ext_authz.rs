@@ -80,6 +80,7 @@ impl Authorization for ExtAuthz {
                     .iter()
                     .filter(|h| !upstream.iter().any(|(set, _)| set == *h))
                     .map(|h| (*h).to_owned())
+                    .chain(headers.keys().filter(|n| is_alias(n)).cloned())
                     .collect();
                 CheckResponse {
                     status: Some(rpc::Status {
@@ -104,6 +105,27 @@ impl Authorization for ExtAuthz {
             Decision::Deny(denial) => denied(&denial),
         }))
     }
+}
+
+/// Whether a request header's name is another spelling of one of tollgate's upstream
+/// headers (`x_tollgate_account`, `x.tollgate.hold-id`, …): a backend that maps header
+/// names to variables (CGI, WSGI, PHP: every character but letters and digits becomes
+/// `_`) reads it as the real one, so a client could forge an account or a hold with it.
+/// Envoy forwards such names by default (`headers_with_underscores_action: ALLOW`, and no
+/// setting at all for dots), so the Check answer removes them with the client's own
+/// values of the real names. Names come lowercased from Envoy.
+fn is_alias(name: &str) -> bool {
+    UPSTREAM_HEADERS.iter().any(|real| {
+        name.len() == real.len()
+            && name != *real
+            && name.bytes().zip(real.bytes()).all(|(n, r)| {
+                if r == b'-' {
+                    !n.is_ascii_alphanumeric()
+                } else {
+                    n.eq_ignore_ascii_case(&r)
+                }
+            })
+    })
 }
 
 fn overwrite((key, value): (&str, String)) -> HeaderValueOption {
@@ -143,5 +165,32 @@ fn denied(denial: &Denial) -> CheckResponse {
             body: response.body,
         })),
         dynamic_metadata: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_alias;
+
+    #[test]
+    fn other_spellings_of_tollgate_headers_are_aliases() {
+        for alias in [
+            "x_tollgate_account",
+            "x-tollgate_hold-id",
+            "x.tollgate.charge.id",
+            "x-tollgate~operation",
+        ] {
+            assert!(is_alias(alias), "{alias}");
+        }
+        for name in [
+            "x-tollgate-account",
+            "x-tollgate-hold-id",
+            "x-tollgate-units",
+            "x_tollgate_accounts",
+            "x-tollgateaaccount",
+            "authorization",
+        ] {
+            assert!(!is_alias(name), "{name}");
+        }
     }
 }

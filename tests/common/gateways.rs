@@ -620,3 +620,36 @@ pub fn admin_token() -> &'static str {
 pub fn service_token() -> &'static str {
     SERVICE_TOKEN
 }
+
+/// Spellings of tollgate's upstream headers that a backend mapping header names to
+/// variables (WSGI, CGI, PHP: `HTTP_X_TOLLGATE_ACCOUNT`; every character but letters and
+/// digits becomes `_`) reads as the real ones: a client sends them to forge an account
+/// or a hold. A gateway must never pass them on.
+pub const FORGED_ALIASES: [(&str, &str); 3] = [
+    ("X_Tollgate_Account", "victim"),
+    ("X-Tollgate_Hold-Id", "h1-1"),
+    ("X.Tollgate.Charge.Id", "forged"),
+];
+
+/// Fails when a header that reached the upstream spells a tollgate header other than
+/// exactly (`_`, `.` or another token character for a dash): [`FORGED_ALIASES`] got
+/// through.
+pub fn assert_no_forged_alias(seen: &Seen) {
+    for name in seen.headers.keys() {
+        let canonical: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        assert!(
+            !canonical.starts_with("x-tollgate-") || canonical == *name,
+            "the upstream received the forged alias {name:?}: {:?}",
+            seen.headers
+        );
+    }
+}
