@@ -58,6 +58,7 @@ struct Running {
     serve: Serve,
     dir: std::path::PathBuf,
     channel: Channel,
+    grpc_addr: std::net::SocketAddr,
     http_addr: std::net::SocketAddr,
     out_path: std::path::PathBuf,
     err_path: std::path::PathBuf,
@@ -115,6 +116,7 @@ impl Running {
             serve,
             dir,
             channel,
+            grpc_addr: format!("127.0.0.1:{grpc_port}").parse().expect("addr"),
             http_addr: format!("127.0.0.1:{http_port}").parse().expect("addr"),
             out_path,
             err_path,
@@ -400,4 +402,163 @@ async fn raw_http(addr: std::net::SocketAddr, request: &str) -> u16 {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("a status code")
+}
+
+/// An Envoy that goes away (a restart, a shutdown) breaks its access-log stream off
+/// mid-stream: that is the stream's end, not a server failure. The entries it sent are
+/// settled; no `request failed` line, no `tollgate_grpc_failed_requests_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_log_stream_that_breaks_off_is_its_end_not_a_failure() {
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::envoy::data::accesslog::v3::{
+        AccessLogCommon, HttpAccessLogEntry, HttpResponseProperties,
+    };
+    use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
+    use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
+        HttpAccessLogEntries, LogEntries,
+    };
+    use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
+    use envoy_types::pb::google::protobuf::UInt32Value;
+
+    let redis = common::RedisServer::start();
+    let mut running = Running::start("accesslog", "", &redis).await;
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        running.channel.clone(),
+        common::auth(Some(common::ADMIN_TOKEN)),
+    );
+    let mut metering = pb::metering_client::MeteringClient::with_interceptor(
+        running.channel.clone(),
+        common::auth(Some(common::SERVICE_TOKEN)),
+    );
+    admin
+        .grant(pb::GrantRequest {
+            account_id: ACCOUNT.into(),
+            amount: 10,
+            idempotency_key: "g1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let hold = metering
+        .authorize(pb::AuthorizeRequest {
+            account_id: ACCOUNT.into(),
+            amount: 4,
+            ttl_ms: 3_600_000,
+            idempotency_key: "a1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("authorize")
+        .into_inner()
+        .hold_id;
+
+    // "Envoy": a stream through a TCP proxy, one entry that captures the hold (a 200
+    // without an operation captures all of it), the stream left open.
+    let proxy = common::proxy::FaultProxy::start(running.grpc_addr).await;
+    let channel = Channel::from_shared(format!("http://{}", proxy.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let metadata = tollgate::gateway::access_log::hold_metadata(&tollgate::gateway::Allowed {
+        hold_id: Some(hold),
+        charged: 4,
+        ..Default::default()
+    })
+    .expect("metadata");
+    let entry = HttpAccessLogEntry {
+        common_properties: Some(AccessLogCommon {
+            metadata: Some(Metadata {
+                filter_metadata: std::collections::HashMap::from([(
+                    tollgate::gateway::access_log::EXT_AUTHZ_NAMESPACE.to_owned(),
+                    metadata,
+                )]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        response: Some(HttpResponseProperties {
+            response_code: Some(UInt32Value { value: 200 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (send, receive) = tokio::sync::mpsc::channel(1);
+    send.send(StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: vec![entry],
+        })),
+    })
+    .await
+    .expect("queue the entry");
+    let stream = tokio::spawn(async move {
+        AccessLogServiceClient::new(channel)
+            .stream_access_logs(tokio_stream::wrappers::ReceiverStream::new(receive))
+            .await
+    });
+    let held = || {
+        let mut metering = metering.clone();
+        async move {
+            let wallets = metering
+                .get_balance(pb::GetBalanceRequest {
+                    account_id: ACCOUNT.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("balance")
+                .into_inner()
+                .wallets;
+            wallets.first().map(|w| (w.available, w.held, w.total_used))
+        }
+    };
+    common::eventually(
+        Duration::from_secs(30),
+        "the entry to capture the hold",
+        || async { (held().await == Some((6, 0, 4))).then_some(()) },
+    )
+    .await;
+
+    // Envoy goes away: the connection is cut under the open stream.
+    proxy.cut();
+    let out_path = running.out_path.clone();
+    // The server's word on the stream's end: the line it logs now, or (before this was
+    // fixed) the failed request's line naming the method.
+    let lines = common::eventually(
+        Duration::from_secs(30),
+        "a log line about the broken stream",
+        || {
+            let out_path = out_path.clone();
+            async move {
+                let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+                (stdout.contains("broke off") || stdout.contains("StreamAccessLogs"))
+                    .then_some(stdout)
+            }
+        },
+    )
+    .await;
+    drop(send);
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream).await;
+    let (_, metrics) = common::http_get(running.http_addr, "/metrics").await;
+    assert_eq!(
+        common::prom::value(&metrics, "tollgate_grpc_failed_requests_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+    let (stdout, output) = running.stop();
+    let broke_off: Vec<serde_json::Value> = json_lines(&stdout)
+        .into_iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("broke off"))
+        })
+        .collect();
+    assert_eq!(broke_off.len(), 1, "{lines}");
+    assert_eq!(broke_off[0]["level"], "INFO", "{lines}");
+    assert!(
+        !stdout.contains("request failed"),
+        "the broken stream was logged as a failure:\n{stdout}"
+    );
+    assert!(!output.contains(ACCOUNT), "the account id was logged");
 }

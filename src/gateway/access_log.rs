@@ -193,7 +193,22 @@ impl AccessLogService for AccessLog {
             ));
         }
         let mut stream = request.into_inner();
-        while let Some(message) = stream.message().await? {
+        loop {
+            let message = match stream.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(status) if broke_off(&status) => {
+                    // Envoy went away (a restart, a shutdown, a lost connection): the
+                    // stream's end, not a failure. What it sent before was settled.
+                    tracing::info!(
+                        detail = status.message(),
+                        "an access-log stream broke off (Envoy went away); the entries \
+                         received were settled"
+                    );
+                    break;
+                }
+                Err(status) => return Err(status),
+            };
             let Some(LogEntries::HttpLogs(logs)) = message.log_entries else {
                 continue;
             };
@@ -207,6 +222,18 @@ impl AccessLogService for AccessLog {
         }
         Ok(Response::new(StreamAccessLogsResponse {}))
     }
+}
+
+/// Whether a stream's error is its connection breaking off (the peer went away, or the
+/// transport failed under it) rather than a bad message: tonic gives a transport error
+/// (hyper's, h2's, an I/O error) as the status's source, and a message it could not
+/// decode as a status of its own without one.
+fn broke_off(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || matches!(
+            status.code(),
+            tonic::Code::Cancelled | tonic::Code::Unavailable
+        )
 }
 
 impl AccessLog {
