@@ -1088,6 +1088,12 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     .await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["captured"], 7);
+    // The capture's charge id (its event id), which a later refund takes.
+    let charge_id = r.json()["charge_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no charge_id: {r:?}"))
+        .to_owned();
+    assert_eq!(r.json()["event_id"], charge_id.as_str());
     let retry = http(
         server.http_addr,
         "POST",
@@ -1097,6 +1103,7 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     )
     .await;
     assert_eq!(retry.json()["replayed"], true, "{retry:?}");
+    assert_eq!(retry.json()["charge_id"], charge_id.as_str(), "{retry:?}");
     let release = http(
         server.http_addr,
         "POST",
@@ -1106,7 +1113,12 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     )
     .await;
     assert_eq!(release.status, 409, "{release:?}");
-    assert_eq!(release.json()["error"], "hold_ended");
+    // Numbers as numbers, as in the success body.
+    assert_eq!(
+        release.json(),
+        serde_json::json!({ "error": "hold_ended", "ended": "captured", "captured": 7 }),
+        "{release:?}"
+    );
     let bad = http(
         server.http_addr,
         "POST",
@@ -1118,6 +1130,21 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     assert_eq!(bad.status, 400, "{bad:?}");
     assert_eq!(bad.json()["fields"][0]["field"], "amount");
     assert_eq!(balance(&server, "acme").await, (185, 0, 15));
+    // The upstream's work failed after all: it refunds the capture by its charge id.
+    let refund = server
+        .metering()
+        .await
+        .refund(pb::RefundRequest {
+            charge_id,
+            amount: 7,
+            idempotency_key: "h3-failed".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("refund by the HTTP capture's charge id")
+        .into_inner();
+    assert_eq!(refund.refunded, 7);
+    assert_eq!(balance(&server, "acme").await, (192, 0, 15));
 
     // A hold whose operation the price book no longer has (renamed by a reload while it
     // was open): 2xx captures everything held, whatever units the upstream reported.
@@ -1138,7 +1165,7 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     logs.stream_access_logs(tokio_stream_once(message))
         .await
         .expect("stream");
-    wait_balance(&server, "acme", (135, 0, 65)).await;
+    wait_balance(&server, "acme", (142, 0, 65)).await;
 }
 
 /// A settlement request (path, headers, body) and the fields its 400 must name.

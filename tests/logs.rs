@@ -230,6 +230,17 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
     )
     .await;
     assert_eq!(status, 401);
+    // A bad settlement: its line says which field, never the value.
+    let auth = format!("authorization: Bearer {}", common::SERVICE_TOKEN);
+    let status = raw_http(
+        http_addr,
+        &format!(
+            "POST /v1/holds/h0-1/capture HTTP/1.1\r\nHost: x\r\nx-request-id: req-http-hold-6\r\n\
+             {auth}\r\nContent-Length: 25\r\nConnection: close\r\n\r\n{{\"amount\": \"sevensecret\"}}"
+        ),
+    )
+    .await;
+    assert_eq!(status, 400);
     let status = raw_http(
         http_addr,
         "GET /v1/forward-auth HTTP/1.1\r\nHost: x\r\nx-request-id: req-denied-5\r\n\
@@ -276,6 +287,15 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
     assert_eq!(http[0]["fields"]["protocol"], "http");
     assert_eq!(http[0]["fields"]["status"], 401);
     assert_eq!(http[0]["fields"]["path"], "/v1/holds/h0-1/capture");
+    assert_eq!(http[0]["fields"]["detail"], "unauthenticated", "{stdout}");
+    let bad = with_id("req-http-hold-6");
+    assert_eq!(bad.len(), 1, "one line for the bad settlement:\n{stdout}");
+    assert_eq!(bad[0]["fields"]["status"], 400);
+    assert_eq!(
+        bad[0]["fields"]["detail"], "invalid_argument: amount must be an integer",
+        "{stdout}"
+    );
+    assert!(!stdout.contains("sevensecret"), "a value was logged");
     assert!(!output.contains("req-ok-3"), "a success was logged");
     assert!(!output.contains("req-denied-5"), "a denial was logged");
     assert_eq!(
@@ -283,7 +303,7 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
             .iter()
             .filter(|l| l["fields"]["message"] == "request failed")
             .count(),
-        4,
+        5,
         "{stdout}"
     );
     for secret in [

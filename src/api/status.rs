@@ -232,8 +232,11 @@ pub fn http_error(err: LedgerError) -> (u16, serde_json::Value) {
         LedgerError::Refused(refusal) => {
             let mut body = serde_json::Map::new();
             body.insert("error".into(), refusal.reason().to_ascii_lowercase().into());
+            // ErrorInfo metadata is text; in JSON the numbers are numbers, as in the
+            // success body (the text values, `ended` and `budget`, are words).
             for (k, v) in refusal.metadata() {
-                body.insert(k.into(), v.into());
+                let value = v.parse::<i64>().map_or_else(|_| v.into(), Into::into);
+                body.insert(k.into(), value);
             }
             (409, serde_json::Value::Object(body))
         }
@@ -286,6 +289,19 @@ mod tests {
         assert_eq!(
             denial_response(&Denial::MissingKey).body,
             r#"{"error":"missing_api_key"}"#
+        );
+    }
+
+    #[test]
+    fn the_http_409_body_gives_numbers_as_numbers() {
+        let (status, body) = http_error(LedgerError::Refused(Refusal::HoldEnded {
+            how: crate::ledger::HoldEnd::Captured,
+            captured: 6,
+        }));
+        assert_eq!(status, 409);
+        assert_eq!(
+            body,
+            serde_json::json!({ "error": "hold_ended", "ended": "captured", "captured": 6 })
         );
     }
 }

@@ -25,7 +25,7 @@ use crate::api::auth::TokenCheck;
 use crate::api::status::{denial_response, http_error};
 use crate::ledger::command::Violations;
 use crate::ledger::{EndHold, LedgerError};
-use crate::telemetry::request_log::RealStatus;
+use crate::telemetry::request_log::{FailureDetail, RealStatus};
 
 pub const FORWARD_AUTH_PATH: &str = "/v1/forward-auth";
 pub const HEADER_AUTH_MODE: &str = "x-tollgate-auth-mode";
@@ -306,7 +306,7 @@ async fn settle_hold(
         .service_tokens
         .check(header(&headers, "authorization"))
     {
-        return json_response(
+        return failed(
             401,
             serde_json::json!({ "error": "unauthenticated", "message": status.message() }),
         );
@@ -360,7 +360,7 @@ async fn settle_hold(
     let key = idempotency_key(&headers, &mut v);
     if let Err(violations) = v.finish() {
         let (status, body) = http_error(LedgerError::InvalidArgument(violations));
-        return json_response(status, body);
+        return failed(status, body);
     }
     // Absent: one key per hold and action (both checked above, so it fits the key limit).
     let key = key.unwrap_or_else(|| format!("http:{action}:{hold_id}"));
@@ -370,9 +370,8 @@ async fn settle_hold(
         EndHold::release(hold_id, key)
     };
     match state.gateway.ledger().end_hold(&cmd).await {
-        Ok(out) => json_response(
-            200,
-            serde_json::json!({
+        Ok(out) => {
+            let mut body = serde_json::json!({
                 "event_id": out.event_id,
                 "captured": out.captured,
                 "released": out.released,
@@ -380,13 +379,42 @@ async fn settle_hold(
                 "available": out.available,
                 "held": out.held,
                 "replayed": out.replayed,
-            }),
-        ),
+            });
+            // A capture's event is the charge: its id is what Refund takes (as gRPC
+            // CaptureResponse.charge_id).
+            if capture {
+                body["charge_id"] = out.event_id.into();
+            }
+            json_response(200, body)
+        }
         Err(err) => {
             let (status, body) = http_error(err);
-            json_response(status, body)
+            failed(status, body)
         }
     }
+}
+
+/// A failed settlement's answer, carrying what it says for the request log's line: the
+/// `error`, and for a 400 each field it names with what is wrong (never a value, an
+/// account or a key).
+fn failed(status: u16, body: serde_json::Value) -> Response {
+    let mut detail = body["error"].as_str().unwrap_or("error").to_owned();
+    if let Some(fields) = body["fields"].as_array() {
+        let named: Vec<String> = fields
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {}",
+                    f["field"].as_str().unwrap_or_default(),
+                    f["description"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        detail = format!("{detail}: {}", named.join("; "));
+    }
+    let mut response = json_response(status, body);
+    response.extensions_mut().insert(FailureDetail(detail));
+    response
 }
 
 /// The `idempotency-key` header of a settlement: `None` when absent; when present it must

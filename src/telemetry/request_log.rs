@@ -37,6 +37,12 @@ pub const QUIET_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RealStatus(pub u16);
 
+/// A response extension: what a failed HTTP answer says (its `error`, and the fields a
+/// 400 names with what is wrong with them, never their values), logged as the line's
+/// `detail`, as a gRPC line carries its status message. The HTTP hold settlement sets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureDetail(pub String);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Grpc,
@@ -143,8 +149,10 @@ where
                 let path = this.uri.path();
                 let denial =
                     status < 500 && path == crate::gateway::forward_auth::FORWARD_AUTH_PATH;
-                (status >= 400 && !QUIET_PATHS.contains(&path) && !denial)
-                    .then_some(Failure::Http(status))
+                (status >= 400 && !QUIET_PATHS.contains(&path) && !denial).then(|| {
+                    let detail = response.extensions_mut().remove::<FailureDetail>();
+                    Failure::Http(status, detail.map(|d| d.0))
+                })
             }
         };
         if let Some(failure) = failure {
@@ -172,7 +180,7 @@ where
 
 enum Failure {
     Grpc(tonic::Status),
-    Http(u16),
+    Http(u16, Option<String>),
 }
 
 fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str, latency_ms: f64) {
@@ -207,8 +215,9 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
                 );
             }
         }
-        Failure::Http(status) => {
+        Failure::Http(status, detail) => {
             let method = method.as_str();
+            let detail = detail.as_deref();
             if *status >= 500 {
                 tracing::warn!(
                     request_id,
@@ -216,6 +225,7 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
                     method,
                     path,
                     status,
+                    detail,
                     latency_ms,
                     "request failed"
                 );
@@ -226,6 +236,7 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
                     method,
                     path,
                     status,
+                    detail,
                     latency_ms,
                     "request failed"
                 );
