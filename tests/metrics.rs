@@ -54,15 +54,30 @@ fn authorize(account: &str, amount: i64, key: &str) -> pb::AuthorizeRequest {
 
 /// A forward-auth check of `POST /v1/envelopes` with an electronic signature; its status.
 async fn forward_auth(addr: std::net::SocketAddr, key: Option<&str>, request_id: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("http");
     let auth = key
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
+    forward_auth_of(
+        addr,
+        "POST",
+        "/v1/envelopes",
+        &format!("x-signature-method: electronic\r\nx-request-id: {request_id}\r\n{auth}"),
+    )
+    .await
+}
+
+/// A forward-auth check of `method uri` with extra header lines; its status.
+async fn forward_auth_of(
+    addr: std::net::SocketAddr,
+    method: &str,
+    uri: &str,
+    headers: &str,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("http");
     let request = format!(
-        "GET /v1/forward-auth HTTP/1.1\r\nHost: x\r\nX-Forwarded-Method: POST\r\n\
-         X-Forwarded-Uri: /v1/envelopes\r\nX-Forwarded-Host: api.example.com\r\n\
-         x-signature-method: electronic\r\nx-request-id: {request_id}\r\n{auth}\
+        "GET /v1/forward-auth HTTP/1.1\r\nHost: x\r\nX-Forwarded-Method: {method}\r\n\
+         X-Forwarded-Uri: {uri}\r\nX-Forwarded-Host: api.example.com\r\n{headers}\
          Connection: close\r\n\r\n"
     );
     s.write_all(request.as_bytes()).await.expect("write");
@@ -343,6 +358,16 @@ async fn counters_after_a_scripted_workload() {
         3.0
     );
     assert_eq!(v("tollgate_checks_total", &[("decision", "deny")]), 1.0);
+    // Every check is labelled with the price-book target it was routed to, whatever
+    // the decision: the 401 above on a priced route too.
+    assert_eq!(
+        v(
+            "tollgate_checks_total",
+            &[("decision", "deny"), ("operation", "envelope.send")]
+        ),
+        1.0,
+        "{text}"
+    );
     assert_eq!(
         v(
             "tollgate_gateway_denials_total",
@@ -356,6 +381,46 @@ async fn counters_after_a_scripted_workload() {
     assert_eq!(v("tollgate_config_reloads_total", &[]), 0.0);
     assert!(text.contains("tollgate_check_duration_seconds_bucket"));
     assert!(!text.contains(&key), "an API key leaked into /metrics");
+
+    // A 400 (bad units header) on a priced route, a free route, a request no route
+    // matches: each under its price-book target, never a label of the request's own.
+    let bad_units = format!(
+        "x-signature-method: aadhaar\r\nx-signers: many\r\nAuthorization: Bearer {key}\r\n"
+    );
+    assert_eq!(
+        forward_auth_of(server.http_addr, "POST", "/v1/envelopes", &bad_units).await,
+        400
+    );
+    assert_eq!(
+        forward_auth_of(server.http_addr, "GET", "/v1/status-of-something", "").await,
+        200
+    );
+    assert_eq!(
+        forward_auth_of(server.http_addr, "GET", "/elsewhere/unrouted", "").await,
+        403
+    );
+    let text = scrape(&server).await;
+    let v = |name: &str, labels: &[(&str, &str)]| prom::value(&text, name, labels);
+    let checks = |decision: &str, operation: &str| {
+        v(
+            "tollgate_checks_total",
+            &[("decision", decision), ("operation", operation)],
+        )
+    };
+    assert_eq!(checks("deny", "envelope.send"), 2.0, "{text}");
+    assert_eq!(checks("allow", "free"), 1.0, "{text}");
+    assert_eq!(checks("deny", "deny"), 1.0, "{text}");
+    assert_eq!(checks("allow", ""), 0.0, "{text}");
+    assert_eq!(checks("deny", ""), 0.0, "{text}");
+    for sample in prom::parse(&text) {
+        if sample.name == "tollgate_checks_total" {
+            let op = sample.labels.get("operation").map(String::as_str);
+            assert!(
+                matches!(op, Some("envelope.send" | "free" | "deny")),
+                "{sample:?}"
+            );
+        }
+    }
 
     // A sample for scripts/check-chart.py (dashboard queries must name real metrics).
     let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");

@@ -378,29 +378,29 @@ impl Gateway {
     }
 
     /// Decides one request and counts it: `tollgate_checks_total{decision, operation}` and
-    /// `tollgate_check_duration_seconds`. The operation label comes from the price book
-    /// (bounded by the config), never from the request.
+    /// `tollgate_check_duration_seconds`. The operation label is the price-book target the
+    /// request was routed to, whatever the decision (a 401 or 400 on a priced route
+    /// included): an operation's name, or `free` / `deny` (reserved, so no operation has
+    /// them). It comes from the price book (bounded by the config), never from the request.
     pub async fn check(&self, call: &Call<'_>) -> Decision {
         let started = std::time::Instant::now();
-        let decision = self.decide(call).await;
-        let (allowed, operation) = match &decision {
-            Decision::Allow(a) => (true, a.operation.as_deref().unwrap_or_default()),
-            Decision::Deny(
-                Denial::InsufficientCredits { operation, .. }
-                | Denial::AllocationExceeded { operation, .. }
-                | Denial::BudgetExceeded { operation, .. },
-            ) => (false, operation.as_str()),
-            Decision::Deny(_) => (false, ""),
+        let book = self.pricebook.load_full();
+        let routed = book.route(call.host, call.method, call.path);
+        let operation = match &routed {
+            Routed::Operation(op) => op.name.as_str(),
+            Routed::Free => "free",
+            Routed::Deny => "deny",
         };
-        self.metrics.count(allowed, operation);
+        let decision = self.decide(call, routed).await;
+        self.metrics
+            .count(matches!(decision, Decision::Allow(_)), operation);
         self.metrics.seconds.record(started.elapsed().as_secs_f64());
         decision
     }
 
-    /// Route → key → price → identity → one ledger script.
-    async fn decide(&self, call: &Call<'_>) -> Decision {
-        let book = self.pricebook.load_full();
-        let op = match book.route(call.host, call.method, call.path) {
+    /// Route (done by [`Gateway::check`]) → key → price → identity → one ledger script.
+    async fn decide(&self, call: &Call<'_>, routed: Routed<'_>) -> Decision {
+        let op = match routed {
             Routed::Deny => return Decision::Deny(Denial::NoRoute),
             Routed::Free => return Decision::Allow(Allowed::default()),
             Routed::Operation(op) => op,
