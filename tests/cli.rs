@@ -316,12 +316,21 @@ fn check_config_requires_what_serve_requires() {
     };
     let out = check(false);
     assert!(!out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--dev"),
+        "{out:?}"
+    );
     let out = check(true);
     assert!(out.status.success(), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("config ok") && said.contains("dev tokens"), "{out:?}");
-    assert!(!said.contains(": 0 price book"), "the book was read: {out:?}");
+    assert!(
+        said.contains("config ok") && said.contains("dev tokens"),
+        "{out:?}"
+    );
+    assert!(
+        !said.contains(": 0 price book"),
+        "the book was read: {out:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
