@@ -2406,39 +2406,29 @@ async fn org_operations_replay_after_a_restore() {
                 "{kind} {again:?}"
             );
         }
-        let again = allocate("olivia", "carol", AllocationChange::Set(100), "set")
-            .await
-            .expect("set again");
-        assert_eq!(
-            again,
-            tollgate::ledger::org::AllocationOutcome {
-                replayed: true,
-                ..set
-            },
-            "{kind}"
-        );
-        let again = allocate("olivia", "carol", AllocationChange::Add(50), "more")
-            .await
-            .expect("add again");
-        assert_eq!(
-            again,
-            tollgate::ledger::org::AllocationOutcome {
-                replayed: true,
-                ..more
-            },
-            "{kind}"
-        );
-        let again = allocate("adam", "dave", AllocationChange::Add(20), "dave-more")
-            .await
-            .expect("dave's again");
-        assert_eq!(
-            again,
-            tollgate::ledger::org::AllocationOutcome {
-                replayed: true,
-                ..dave
-            },
-            "{kind}"
-        );
+        for (actor, member, change, key, first) in [
+            ("olivia", "carol", AllocationChange::Set(100), "set", &set),
+            ("olivia", "carol", AllocationChange::Add(50), "more", &more),
+            (
+                "adam",
+                "dave",
+                AllocationChange::Add(20),
+                "dave-more",
+                &dave,
+            ),
+        ] {
+            let again = allocate(actor, member, change, key)
+                .await
+                .expect("allocate again");
+            assert_eq!(
+                again,
+                tollgate::ledger::org::AllocationOutcome {
+                    replayed: true,
+                    ..first.clone()
+                },
+                "{kind} {key}"
+            );
+        }
         let again = ledger.set_budget(&budget(80)).await.expect("budget again");
         assert!(
             again.replayed && again.event_id == budgeted.event_id,
