@@ -111,7 +111,18 @@ async fn traefik_meters_charges_once_and_passes_402_through() {
     .await;
     assert_eq!(r.status, 401, "{r:?}");
     assert_eq!(r.json()["error"], "missing_api_key");
-    for tag in ["poor", "nokey"] {
+
+    // A client's own x-forwarded-* cannot price the request as a free one: the entry point
+    // trusts no client's X-Forwarded-* (forwardedHeaders.insecure off, the default), and
+    // ForwardAuth sends the real method and URI. (With both trusted, this is a 200.)
+    let disguised = [
+        ("x-forwarded-method", "GET"),
+        ("x-forwarded-uri", "/v1/"),
+        ("x-test-tag", "disguised"),
+    ];
+    let r = http(traefik.addr, "POST", "/v1/envelopes", &disguised, "").await;
+    assert_eq!(r.status, 401, "{r:?}");
+    for tag in ["poor", "nokey", "disguised"] {
         assert!(
             upstream.seen_tagged(tag).is_empty(),
             "{tag} reached the upstream"
