@@ -158,6 +158,9 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
         }
         sent += 1;
         assert_eq!(r.header("x-tollgate-account"), Some("acme"));
+        // The upstream learns which member called (the key's first use resolves it in the
+        // charge script, later ones from the identity cache).
+        assert_eq!(r.header("x-tollgate-member"), Some("alice"));
         // What alice may still spend, not the org's balance.
         assert_eq!(
             r.header("x-credits-remaining"),
@@ -177,6 +180,7 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
     let r = send_envelope(&server, &bob).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("x-credits-remaining"), Some("189"));
+    assert_eq!(r.header("x-tollgate-member"), Some("bob"));
 
     // A member budget of 15 a day, counted from now: bob's next envelope fits (11), the
     // one after (22 > 15) is refused with 429.
@@ -924,6 +928,11 @@ async fn a_personal_key_never_charges_an_org_wallet() {
     let r = send_envelope(&server, &personal.api_key).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("x-tollgate-account"), Some("initech"));
+    assert_eq!(
+        r.header("x-tollgate-member"),
+        None,
+        "a personal key has no member"
+    );
     let outbox = common::outbox_len(&server.ledger).await;
     let make_org = || pb::CreateOrganizationRequest {
         org_id: "initech".into(),

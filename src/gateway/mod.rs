@@ -45,6 +45,8 @@ pub const DEFAULT_SHARED_SECRET_HEADER: &str = "x-tollgate-gateway-secret";
 
 /// Headers tollgate sets on the upstream request.
 pub const HEADER_ACCOUNT: &str = "x-tollgate-account";
+/// The org member an org workspace key is bound to (absent for a personal key).
+pub const HEADER_MEMBER: &str = "x-tollgate-member";
 pub const HEADER_OPERATION: &str = "x-tollgate-operation";
 pub const HEADER_CHARGED: &str = "x-tollgate-charged";
 pub const HEADER_HOLD_ID: &str = "x-tollgate-hold-id";
@@ -56,8 +58,9 @@ pub const HEADER_DEGRADED: &str = "x-tollgate-degraded";
 pub const HEADER_REMAINING: &str = "x-credits-remaining";
 /// Upstream headers tollgate owns: a client's own values are always removed, so a client
 /// can never name a hold (the access log settles by `x-tollgate-hold-id`).
-pub const UPSTREAM_HEADERS: [&str; 6] = [
+pub const UPSTREAM_HEADERS: [&str; 7] = [
     HEADER_ACCOUNT,
+    HEADER_MEMBER,
     HEADER_OPERATION,
     HEADER_CHARGED,
     HEADER_HOLD_ID,
@@ -88,6 +91,8 @@ pub enum Decision {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Allowed {
     pub account_id: Option<String>,
+    /// The org member the key is bound to, when it is an org workspace key.
+    pub member_id: Option<String>,
     pub operation: Option<String>,
     /// Debited, or held (hold mode).
     pub charged: i64,
@@ -109,6 +114,9 @@ impl Allowed {
         let mut out = Vec::with_capacity(UPSTREAM_HEADERS.len());
         if let Some(a) = &self.account_id {
             out.push((HEADER_ACCOUNT, a.clone()));
+        }
+        if let Some(m) = &self.member_id {
+            out.push((HEADER_MEMBER, m.clone()));
         }
         if let Some(op) = &self.operation {
             out.push((HEADER_OPERATION, op.clone()));
@@ -436,7 +444,7 @@ impl Gateway {
         let charge = self.charge(op, amount, key, idempotency_key);
         let decision = match tokio::time::timeout(self.check_timeout, charge).await {
             Ok(decision) => decision,
-            Err(_) => unavailable(op, None),
+            Err(_) => unavailable(op, None, None),
         };
         if let (Decision::Allow(a), Some(idempotency_key)) = (&decision, spooled_key) {
             if a.degraded {
@@ -621,7 +629,7 @@ impl Gateway {
             Err(IdentityError::NotInitialized) => return Decision::Deny(Denial::NotInitialized),
             Err(IdentityError::Unavailable(why)) => {
                 tracing::warn!(error = %why, "identity lookup: redis unavailable");
-                return unavailable(op, None);
+                return unavailable(op, None, None);
             }
             Err(IdentityError::Internal(why)) => {
                 tracing::error!(error = %why, "identity lookup failed");
@@ -631,6 +639,7 @@ impl Gateway {
         if amount == 0 {
             return Decision::Allow(Allowed {
                 account_id: Some(identity.account_id.clone()),
+                member_id: member(&identity.member_id),
                 operation: Some(op.name.clone()),
                 ..Allowed::default()
             });
@@ -668,7 +677,7 @@ impl Gateway {
                 .await
                 .map(|keyed| keyed.map(held)),
         };
-        let (account_id, result) = match keyed {
+        let (account_id, member_id, result) = match keyed {
             Ok(Keyed::UnknownKey) => {
                 self.keys.learn(miss, || Known::Unknown);
                 return Decision::Deny(Denial::UnknownKey);
@@ -683,17 +692,17 @@ impl Gateway {
             }) => {
                 self.keys
                     .learn(miss, || miss.active(account_id.clone(), member_id.clone()));
-                cmd.set_identity(account_id.clone(), member_id);
-                (Some(account_id), self.send(&cmd).await)
+                cmd.set_identity(account_id.clone(), member_id.clone());
+                (Some(account_id), member_id, self.send(&cmd).await)
             }
             Ok(Keyed::Charged { account_id, result }) => {
                 self.keys
                     .learn(miss, || miss.active(account_id.clone(), String::new()));
-                (Some(account_id), result)
+                (Some(account_id), String::new(), result)
             }
-            Err(err) => (None, Err(err)),
+            Err(err) => (None, String::new(), Err(err)),
         };
-        charged(op, account_id, result)
+        charged(op, account_id, &member_id, result)
     }
 
     /// Charges a known identity by the operation's mode.
@@ -711,7 +720,12 @@ impl Gateway {
             identity.member_id.clone(),
             idempotency_key,
         );
-        charged(op, Some(identity.account_id.clone()), self.send(&cmd).await)
+        charged(
+            op,
+            Some(identity.account_id.clone()),
+            &identity.member_id,
+            self.send(&cmd).await,
+        )
     }
 
     /// Sends a charge by account.
@@ -815,6 +829,11 @@ impl ChargeCmd {
     }
 }
 
+/// An org member's id as a header value: none for a personal key.
+fn member(member_id: &str) -> Option<String> {
+    (!member_id.is_empty()).then(|| member_id.to_owned())
+}
+
 /// What a debit answers a check: (charged, hold id, what the caller may still spend).
 fn debited(out: DebitOutcome) -> Took {
     Took {
@@ -847,11 +866,13 @@ struct Took {
 fn charged(
     op: &Operation,
     account_id: Option<String>,
+    member_id: &str,
     result: Result<Took, LedgerError>,
 ) -> Decision {
     match result {
         Ok(took) => Decision::Allow(Allowed {
             account_id,
+            member_id: member(member_id),
             operation: Some(op.name.clone()),
             charged: took.amount,
             hold_id: took.hold_id,
@@ -861,7 +882,7 @@ fn charged(
         }),
         Err(LedgerError::Unavailable(why)) => {
             tracing::warn!(error = %why, operation = %op.name, "charge: redis unavailable");
-            unavailable(op, account_id)
+            unavailable(op, account_id, member(member_id))
         }
         // Redis lost its data and awaits a restore: a Redis that answers, with balances
         // that are not real. Refused whatever the fail policy (docs/DESIGN.md, failure policy).
@@ -875,7 +896,7 @@ fn charged(
 
 /// Redis is unavailable: the operation's fail policy decides. `account_id` is known when
 /// the identity came from the cache.
-fn unavailable(op: &Operation, account_id: Option<String>) -> Decision {
+fn unavailable(op: &Operation, account_id: Option<String>, member_id: Option<String>) -> Decision {
     match op.fail_policy {
         FailPolicy::FailClosed => Decision::Deny(Denial::Unavailable),
         FailPolicy::FailOpen => {
@@ -883,6 +904,7 @@ fn unavailable(op: &Operation, account_id: Option<String>) -> Decision {
             metrics::counter!(m::FAIL_OPEN_TOTAL, "operation" => op.name.clone()).increment(1);
             Decision::Allow(Allowed {
                 account_id,
+                member_id,
                 operation: Some(op.name.clone()),
                 degraded: true,
                 ..Allowed::default()
@@ -1017,7 +1039,12 @@ mod tests {
                 variants: None,
                 fail_policy,
             };
-            let lost = charged(&op, Some("acme".into()), Err(LedgerError::NotInitialized));
+            let lost = charged(
+                &op,
+                Some("acme".into()),
+                "",
+                Err(LedgerError::NotInitialized),
+            );
             assert!(
                 matches!(lost, Decision::Deny(Denial::NotInitialized)),
                 "{fail_policy:?}: {lost:?}"
@@ -1025,14 +1052,18 @@ mod tests {
             let down = charged(
                 &op,
                 Some("acme".into()),
+                "alice",
                 Err(LedgerError::Unavailable("x".into())),
             );
             match fail_policy {
                 FailPolicy::FailOpen => {
-                    assert!(matches!(
-                        down,
-                        Decision::Allow(Allowed { degraded: true, .. })
-                    ))
+                    assert!(
+                        matches!(
+                            &down,
+                            Decision::Allow(Allowed { degraded: true, member_id: Some(m), .. }) if m == "alice"
+                        ),
+                        "{down:?}"
+                    )
                 }
                 FailPolicy::FailClosed => {
                     assert!(matches!(down, Decision::Deny(Denial::Unavailable)))
@@ -1050,6 +1081,7 @@ mod tests {
     fn allowed_headers() {
         let a = Allowed {
             account_id: Some("acme".into()),
+            member_id: None,
             operation: Some("ocr.pages".into()),
             charged: 50,
             hold_id: Some("h3-9".into()),
@@ -1074,6 +1106,17 @@ mod tests {
         assert!(debit
             .upstream_headers()
             .contains(&(HEADER_CHARGE_ID, "1796506072169-0".to_owned())));
+        let member = Allowed {
+            member_id: Some("alice".into()),
+            ..a.clone()
+        };
+        assert_eq!(
+            member.upstream_headers()[..2],
+            [
+                (HEADER_ACCOUNT, "acme".to_owned()),
+                (HEADER_MEMBER, "alice".to_owned())
+            ]
+        );
         assert_eq!(
             a.client_headers(),
             vec![(HEADER_REMAINING, "40".to_owned())]
