@@ -22,8 +22,12 @@ use super::library::Library;
 use super::LedgerError;
 use crate::telemetry::metrics as m;
 
-/// Multiplexed connections per process unless configured otherwise.
-pub const DEFAULT_CONNECTIONS: usize = 2;
+/// Multiplexed connections per process unless configured otherwise. One: every
+/// concurrent script of the runtime goes out in one write and Redis answers the batch in
+/// one, the fewest wake-ups on both sides. On the sixteenth session's 2-core host one
+/// connection gave `check` 0.78–0.84 of the raw function, two 0.61–0.69
+/// (docs/BENCHMARKS.md); a multi-threaded runtime on a bigger host may want more.
+pub const DEFAULT_CONNECTIONS: usize = 1;
 /// Deadline of one Redis call: well under Envoy's default 200 ms ext_authz timeout.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Deadline to establish a connection.
