@@ -352,7 +352,16 @@ def check_variant(checks, docs, label, values, binary, files):
     checks.expect(bool(by_kind(docs, "HorizontalPodAutoscaler")) == hpa_on
                   and (("replicas" in server[0]["spec"]) != hpa_on),
                   f"{label}: HPA {'on' if hpa_on else 'off'}")
-    checks.expect(len(by_kind(docs, "PodDisruptionBudget")) == 1, f"{label}: PodDisruptionBudget")
+    # A PDB no eviction can satisfy (minAvailable ≥ replicas) would block node drains.
+    pdb = values.get("podDisruptionBudget", {})
+    replicas = (values["autoscaling"]["minReplicas"] if hpa_on else values.get("replicaCount", 1))
+    min_available = pdb.get("minAvailable")
+    pdb_expected = pdb.get("enabled", False) and (
+        pdb.get("maxUnavailable") is not None or isinstance(min_available, str)
+        or replicas > int(min_available or 0))
+    checks.expect(len(by_kind(docs, "PodDisruptionBudget")) == int(pdb_expected),
+                  f"{label}: PodDisruptionBudget {'present' if pdb_expected else 'absent'} "
+                  f"({replicas} replica(s), minAvailable {min_available})")
     sm_on = values.get("serviceMonitor", {}).get("enabled", False)
     checks.expect(bool([d for d in docs if d.get("kind") == "ServiceMonitor"]) == sm_on,
                   f"{label}: ServiceMonitor {'on' if sm_on else 'off'}")
