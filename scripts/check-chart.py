@@ -437,6 +437,13 @@ def check_chart(checks, binary, exposed):
                   "ci/ has sidecar and settler variants", str(names))
     chart = helm.Chart.load(CHART)
     defaults = chart.values
+    # The sidecar's Envoy image is the release the configs are validated with here.
+    version = run([envoy_binary(), "--version"])
+    found = re.search(r"/(\d+\.\d+\.\d+)/", version.stdout + version.stderr)
+    tag = defaults["envoy"]["image"]["tag"]
+    checks.expect(found is not None and tag == f"v{found.group(1)}",
+                  f"chart's Envoy image tag {tag} is the validating Envoy's release",
+                  (version.stdout + version.stderr).strip())
     with tempfile.TemporaryDirectory() as files:
         for label, path, values in variants:
             lint = helm.lint(CHART, values or None, strict=True, namespace="billing",

