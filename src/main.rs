@@ -648,6 +648,10 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     w.total_refunded,
                     w.total_adjusted
                 );
+                // Only when an allocation, a budget or the org's balance is tighter.
+                if w.spendable != w.available {
+                    println!("{:<16} {:>12} spendable now", "", w.spendable);
+                }
             }
         }
         AdminCommand::CreateKey {

@@ -389,6 +389,13 @@ async fn org_commands() {
     assert!(balance.contains("organization"), "{balance}");
     assert!(balance.contains("250 remaining"), "{balance}");
     assert!(balance.contains("0 of 100 per day"), "{balance}");
+    // The budget's 100 is tighter than the 250 of the allocation shown as available.
+    assert!(balance.contains("100 spendable now"), "{balance}");
+    let owner = run(&["balance", "acme", "--member", "olivia"]);
+    assert!(
+        !owner.contains("spendable"),
+        "nothing bounds the owner: {owner}"
+    );
     // A member may not make org keys: the field is named and the command fails.
     let refused = admin(
         port,

@@ -363,7 +363,8 @@ fn bare(n: u32, amount: i64) -> LotPiece {
     }
 }
 
-/// A wallet balance: [available, held, granted, used, expired, refunded, adjusted].
+/// A wallet balance: [available, held, granted, used, expired, refunded, adjusted], of an
+/// account without budgets (spendable = available).
 fn wallet(name: &str, totals: [i64; 7]) -> pb::WalletBalance {
     let [available, held, granted, used, expired, refunded, adjusted] = totals;
     pb::WalletBalance {
@@ -375,6 +376,7 @@ fn wallet(name: &str, totals: [i64; 7]) -> pb::WalletBalance {
         total_expired: expired,
         total_refunded: refunded,
         total_adjusted: adjusted,
+        spendable: available,
     }
 }
 

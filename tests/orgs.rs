@@ -531,6 +531,166 @@ async fn a_day_budget_refuses_the_crossing_charge_and_rolls_over_at_midnight() {
     on_api("w4", 50).await.expect("the window rolled");
 }
 
+/// GetBalance's `spendable`: what the caller may spend now, the tightest of the balance,
+/// the member's allocation left and every budget binding them on the wallet (the member's
+/// and the account-wide one), as a charge's own `spendable` reports right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_balance_says_what_the_caller_may_spend_now() {
+    let redis = common::RedisServer::start();
+    // A manual clock: a day budget must not roll over at a real midnight mid-test.
+    let (clock, _now) = Clock::manual(START_MS);
+    let server = common::TestServer::start(common::test_config(&redis.url()), clock).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 1_000,
+            idempotency_key: "buy".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    admin
+        .create_organization(pb::CreateOrganizationRequest {
+            org_id: "acme".into(),
+            owner_id: "olivia".into(),
+            idempotency_key: "create".into(),
+        })
+        .await
+        .expect("org");
+    admin
+        .add_member(pb::AddMemberRequest {
+            org_id: "acme".into(),
+            member_id: "carol".into(),
+            role: "member".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "add".into(),
+        })
+        .await
+        .expect("member");
+    admin
+        .set_allocation(pb::SetAllocationRequest {
+            org_id: "acme".into(),
+            member_id: "carol".into(),
+            amount: 500,
+            actor_id: "olivia".into(),
+            idempotency_key: "alloc".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("allocate");
+    let budget = |account: &str, member: &str, limit: i64, key: &str| pb::SetBudgetRequest {
+        account_id: account.into(),
+        member_id: member.into(),
+        limit,
+        period: "day".into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    admin
+        .set_budget(budget("acme", "carol", 100, "carol-day"))
+        .await
+        .expect("member budget");
+    let debit_client = metering.clone();
+    let debit = |account: &str, member: &str, amount: i64, key: &str| {
+        let mut metering = debit_client.clone();
+        let request = pb::DebitRequest {
+            account_id: account.into(),
+            member_id: member.into(),
+            amount,
+            idempotency_key: key.into(),
+            ..Default::default()
+        };
+        async move { metering.debit(request).await.expect("debit").into_inner() }
+    };
+    let wallet = |v: pb::GetBalanceResponse| {
+        assert_eq!(v.wallets.len(), 1, "{v:?}");
+        let w = &v.wallets[0];
+        (w.available, w.spendable)
+    };
+
+    // Carol's available is her allocation left (500); the day budget's 100 is tighter.
+    assert_eq!(wallet(view(&server, "carol", "").await), (500, 100));
+    // A debit lowers both; GetBalance then says what the Debit said.
+    let d = debit("acme", "carol", 30, "d1").await;
+    assert_eq!(d.spendable, 70);
+    assert_eq!(wallet(view(&server, "carol", "").await), (470, d.spendable));
+    // A hold counts in the budget at once, as in its answer.
+    let hold = metering
+        .authorize(pb::AuthorizeRequest {
+            account_id: "acme".into(),
+            member_id: "carol".into(),
+            amount: 20,
+            ttl_ms: 3_600_000,
+            idempotency_key: "h1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("hold")
+        .into_inner();
+    assert_eq!(hold.spendable, 50);
+    assert_eq!(
+        wallet(view(&server, "carol", "").await),
+        (450, hold.spendable)
+    );
+
+    // An account-wide budget binds every caller of the wallet, carol and the owner too;
+    // it counts from when it is set.
+    admin
+        .set_budget(budget("acme", "", 40, "acme-day"))
+        .await
+        .expect("account budget");
+    assert_eq!(wallet(view(&server, "carol", "").await), (450, 40));
+    let d = debit("acme", "carol", 10, "d2").await;
+    assert_eq!(d.spendable, 30);
+    assert_eq!(wallet(view(&server, "carol", "").await), (440, d.spendable));
+    // The owner sees the org's balance (1,000 - 40 used - 20 held), bound by that budget
+    // only (no allocation, no budget of their own).
+    assert_eq!(wallet(view(&server, "olivia", "").await), (940, 30));
+    let d = debit("acme", "olivia", 25, "d3").await;
+    assert_eq!(d.spendable, 5);
+    assert_eq!(wallet(view(&server, "olivia", "").await), (915, 5));
+    assert_eq!(wallet(view(&server, "carol", "").await), (440, 5));
+
+    // A personal account: spendable is what it has, until a budget caps it.
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "pat".into(),
+            amount: 100,
+            idempotency_key: "pat-buys".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant pat");
+    let d = debit("pat", "", 10, "p1").await;
+    let personal_client = metering.clone();
+    let personal = || {
+        let request = pb::GetBalanceRequest {
+            account_id: "pat".into(),
+            ..Default::default()
+        };
+        let mut metering = personal_client.clone();
+        async move {
+            metering
+                .get_balance(request)
+                .await
+                .expect("personal balance")
+                .into_inner()
+        }
+    };
+    assert_eq!(wallet(personal().await), (90, 90));
+    assert_eq!(d.spendable, 90);
+    admin
+        .set_budget(budget("pat", "", 25, "pat-day"))
+        .await
+        .expect("personal budget");
+    assert_eq!(wallet(personal().await), (90, 25));
+    let d = debit("pat", "", 5, "p2").await;
+    assert_eq!(wallet(personal().await), (85, d.spendable));
+    assert_eq!(d.spendable, 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_names_the_field_and_changes_nothing() {
     let redis = common::RedisServer::start();

@@ -315,6 +315,8 @@ impl Metering for MeteringService {
         let wallets = wallets
             .into_iter()
             .map(|w| {
+                // From the view already read: no other Redis call.
+                let spendable = view.spendable(&w.wallet, w.available);
                 if member_view {
                     let remaining = view
                         .allocations
@@ -325,6 +327,7 @@ impl Metering for MeteringService {
                     pb::WalletBalance {
                         wallet: w.wallet,
                         available: remaining,
+                        spendable,
                         ..pb::WalletBalance::default()
                     }
                 } else {
@@ -337,6 +340,7 @@ impl Metering for MeteringService {
                         total_expired: w.expired,
                         total_refunded: w.refunded,
                         total_adjusted: w.adjusted,
+                        spendable,
                     }
                 }
             })

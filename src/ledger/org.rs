@@ -188,6 +188,32 @@ pub struct AccountView {
     pub budgets: Vec<BudgetState>,
 }
 
+impl AccountView {
+    /// What the caller may spend now from `wallet`, whose balance is `available`: the
+    /// tightest of the balance, the member's allocation left (when it bounds them) and
+    /// every budget's headroom (limit − spent in its current period), never below 0. The
+    /// figure a charge's answer reports after it (lib.lua `spendable_after`: the gateway's
+    /// `x-credits-remaining`, DebitResponse.spendable), before any charge. Reads only
+    /// what the view script read: the same allocation and budgets the charge scripts
+    /// check (lib.lua `alloc_remaining`, `budgets_for`).
+    pub fn spendable(&self, wallet: &str, available: i64) -> i64 {
+        let allocation_left = self
+            .allocations
+            .iter()
+            .filter(|a| a.wallet == wallet && a.bounded)
+            .map(AllocationState::remaining);
+        let headroom = self
+            .budgets
+            .iter()
+            .filter(|b| b.wallet == wallet)
+            .map(|b| b.limit - b.spent);
+        allocation_left
+            .chain(headroom)
+            .fold(available, i64::min)
+            .max(0)
+    }
+}
+
 /// One org script call's parameters (unused ones empty).
 #[derive(Default)]
 struct OrgCall<'a> {
@@ -555,6 +581,62 @@ mod tests {
         assert_eq!(view.allocations[0].remaining(), 380);
         assert_eq!(view.budgets[0].period, "day");
         assert!(parse_view(&["".into(), "A|x".into()]).is_err());
+    }
+
+    #[test]
+    fn spendable_is_the_tightest_bound_of_the_wallet() {
+        let budget = |scope: &str, wallet: &str, limit, spent| BudgetState {
+            scope: scope.into(),
+            wallet: wallet.into(),
+            limit,
+            period: "day".into(),
+            window_ms: 0,
+            spent,
+            resets_at_ms: 0,
+        };
+        let allocation = |wallet: &str, allocated, used, bounded| AllocationState {
+            wallet: wallet.into(),
+            allocated,
+            used,
+            bounded,
+        };
+        // Nothing bounds a personal account but its balance.
+        assert_eq!(AccountView::default().spendable("default", 70), 70);
+        let member = AccountView {
+            role: Some(Role::Member),
+            is_org: true,
+            allocations: vec![
+                allocation("default", 500, 120, true),
+                allocation("esign", 100, 0, true),
+            ],
+            budgets: vec![
+                budget("member", "default", 100, 40),
+                budget("account", "default", 1_000, 930),
+                budget("member", "esign", 10, 0),
+            ],
+        };
+        // Allocation left 380, member budget 60, account budget 70, balance 5,000.
+        assert_eq!(member.spendable("default", 5_000), 60);
+        // The balance when it is the tightest; each wallet only its own bounds.
+        assert_eq!(member.spendable("default", 25), 25);
+        assert_eq!(member.spendable("esign", 5_000), 10);
+        // An owner without an allocation is not bounded by its (empty) record.
+        let owner = AccountView {
+            role: Some(Role::Owner),
+            is_org: true,
+            allocations: vec![allocation("default", 0, 0, false)],
+            budgets: vec![],
+        };
+        assert_eq!(owner.spendable("default", 5_000), 5_000);
+        // A budget overspent (lowered below its spend) or an allocation used past a
+        // lowered amount leaves nothing, never a negative amount.
+        let over = AccountView {
+            allocations: vec![allocation("default", 50, 80, true)],
+            budgets: vec![budget("account", "default", 10, 30)],
+            ..AccountView::default()
+        };
+        assert_eq!(over.spendable("default", 5_000), 0);
+        assert_eq!(AccountView::default().spendable("default", -3), 0);
     }
 
     #[test]
