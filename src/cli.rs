@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::DEFAULT_GRPC_ADDR;
+use crate::config::{DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -174,9 +174,11 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub redis_url: Option<String>,
-    #[arg(long)]
+    // The defaults are the config's, not clap's (a clap default would override the
+    // file and the environment): shown in the help text only.
+    #[arg(long, value_name = "ADDR", help = listen_help("gRPC", "grpc_addr", DEFAULT_GRPC_ADDR))]
     pub grpc_addr: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_name = "ADDR", help = listen_help("HTTP (forward-auth, /healthz, /readyz, /metrics)", "http_addr", DEFAULT_HTTP_ADDR))]
     pub http_addr: Option<String>,
     /// Durable store: postgres://… or sqlite://PATH (default sqlite://tollgate.db).
     #[arg(long)]
@@ -191,6 +193,15 @@ pub struct ServeArgs {
     pub restore: bool,
 }
 
+/// Help for a listen-address flag: what it overrides, and the built-in default.
+fn listen_help(what: &str, setting: &str, default: &str) -> String {
+    format!(
+        "{what} listen address; overrides server.{setting} (config file, TOLLGATE_SERVER__{}) \
+         [default: {default}]",
+        setting.to_uppercase()
+    )
+}
+
 /// `tollgate settle`: what a settler alone uses (no gRPC listener, no dev mode, no
 /// restore: those are `serve`'s).
 #[derive(Debug, Args)]
@@ -200,8 +211,7 @@ pub struct SettleArgs {
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub redis_url: Option<String>,
-    /// /healthz, /readyz and /metrics.
-    #[arg(long)]
+    #[arg(long, value_name = "ADDR", help = listen_help("HTTP (/healthz, /readyz, /metrics)", "http_addr", DEFAULT_HTTP_ADDR))]
     pub http_addr: Option<String>,
     /// Durable store: postgres://… or sqlite://PATH (default sqlite://tollgate.db).
     #[arg(long)]
@@ -235,11 +245,14 @@ pub enum AdminCommand {
         #[arg(long)]
         priority: Option<i32>,
         /// Expiry, ms since the epoch (default: never).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         expires_at: i64,
         #[arg(long, default_value = "")]
         description: String,
-        /// Default: a fresh key, so a repeated command grants again.
+        /// Makes the command safe to re-run (e.g. after a timeout): the same key with the
+        /// same arguments answers the first grant again, marked replayed, and grants
+        /// nothing (for ledger.idempotency_window_secs, default 24 h). Default: a fresh
+        /// key, so a repeated command grants again.
         #[arg(long)]
         idempotency_key: Option<String>,
     },
@@ -286,7 +299,61 @@ pub enum AdminCommand {
         #[arg(long, default_value = "default")]
         wallet: String,
     },
+    /// Correct a balance: a positive amount adds a lot of kind adjustment, a negative one
+    /// takes credits in burn order (refused if more than available).
+    Adjust {
+        account: String,
+        /// Signed, non-zero (e.g. -50).
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+        #[arg(long, default_value = "default")]
+        wallet: String,
+        /// A positive adjustment's lot: 0..=100, lower burns first.
+        #[arg(long)]
+        priority: Option<i32>,
+        /// A positive adjustment's lot: expiry, ms since the epoch (default: never).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        expires_at: i64,
+        /// Why (kept on the ledger event).
+        #[arg(long, default_value = "")]
+        description: String,
+        /// As for grant: the same key with the same arguments answers the first
+        /// adjustment again and changes nothing. Default: a fresh key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Refund a charge: returns up to what a debit or capture took (minus earlier refunds)
+    /// to a new lot of kind refund.
+    Refund {
+        /// The charge: the event id of its debit or capture (their `charge_id`).
+        charge_id: String,
+        amount: i64,
+        /// As for grant: the same key with the same arguments answers the first refund
+        /// again and refunds nothing. Default: a fresh key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
 }
+
+/// How `admin grant` and `adjust` name the request fields they send, so that a refusal
+/// (the server's `google.rpc.BadRequest`) names what the operator typed: `--expires-at`,
+/// not `expires_at_ms`. Positionals as clap names them.
+pub const GRANT_FIELDS: &[(&str, &str)] = &[
+    ("account_id", "<ACCOUNT>"),
+    ("amount", "<AMOUNT>"),
+    ("wallet", "--wallet"),
+    ("kind", "--kind"),
+    ("priority", "--priority"),
+    ("expires_at_ms", "--expires-at"),
+    ("description", "--description"),
+    ("idempotency_key", "--idempotency-key"),
+];
+/// As [`GRANT_FIELDS`], for `admin refund`.
+pub const REFUND_FIELDS: &[(&str, &str)] = &[
+    ("charge_id", "<CHARGE_ID>"),
+    ("amount", "<AMOUNT>"),
+    ("idempotency_key", "--idempotency-key"),
+];
 
 #[derive(Debug, Subcommand)]
 pub enum OrgCommand {

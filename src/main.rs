@@ -10,7 +10,7 @@ use tollgate::api::pb;
 use tollgate::cli::{
     AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, DeadLettersArgs, DeadLettersCommand,
     EndLostHoldArgs, OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
-    SettleArgs, ToolTarget,
+    SettleArgs, ToolTarget, GRANT_FIELDS, REFUND_FIELDS,
 };
 use tollgate::config::{default_worker_threads, url_for_logs, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -578,15 +578,13 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     metadata: Default::default(),
                 })
                 .await
-                .map_err(status)?
+                .map_err(status_naming(GRANT_FIELDS))?
                 .into_inner();
-            println!(
-                "granted {amount} to {account}: lot {} (event {}), available {}{}",
-                out.lot_id,
-                out.event_id,
-                out.available,
-                if out.replayed { " [replayed]" } else { "" }
+            let done = format!(
+                "granted {amount} to {account}: lot {} (event {}), available {}",
+                out.lot_id, out.event_id, out.available
             );
+            println!("{}", replayed_or(out.replayed, done));
         }
         AdminCommand::Balance {
             account,
@@ -791,8 +789,90 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                 token = out.next_page_token;
             }
         }
+        AdminCommand::Adjust {
+            account,
+            amount,
+            wallet,
+            priority,
+            expires_at,
+            description,
+            idempotency_key,
+        } => {
+            let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
+            let out = client
+                .adjust(pb::AdjustRequest {
+                    account_id: account.clone(),
+                    wallet: wallet.clone(),
+                    amount,
+                    description,
+                    idempotency_key: idempotency_key.unwrap_or_else(fresh_key),
+                    priority,
+                    expires_at_ms: expires_at,
+                    metadata: Default::default(),
+                })
+                .await
+                .map_err(status_naming(GRANT_FIELDS))?
+                .into_inner();
+            // A negative adjustment makes no lot.
+            let lot = if out.lot_id.is_empty() {
+                String::new()
+            } else {
+                format!("lot {}, ", out.lot_id)
+            };
+            let done = format!(
+                "adjusted {account} ({wallet}) by {amount:+}: {lot}event {}, available {}",
+                out.event_id, out.available
+            );
+            println!("{}", replayed_or(out.replayed, done));
+        }
+        AdminCommand::Refund {
+            charge_id,
+            amount,
+            idempotency_key,
+        } => {
+            let mut client =
+                pb::metering_client::MeteringClient::with_interceptor(channel, with_auth);
+            let out = client
+                .refund(pb::RefundRequest {
+                    charge_id: charge_id.clone(),
+                    amount,
+                    idempotency_key: idempotency_key.unwrap_or_else(fresh_key),
+                    metadata: Default::default(),
+                })
+                .await
+                .map_err(status_naming(REFUND_FIELDS))?
+                .into_inner();
+            let expired = if out.expired > 0 {
+                format!(
+                    "; {} of it expired at once (the lot it came from has expired)",
+                    out.expired
+                )
+            } else {
+                String::new()
+            };
+            let done = format!(
+                "refunded {} of charge {charge_id} (event {}; {} of the charge refunded so far), \
+                 available {}{expired}",
+                out.refunded, out.event_id, out.refunded_total, out.available
+            );
+            println!("{}", replayed_or(out.replayed, done));
+        }
     }
     Ok(())
+}
+
+/// A money command's answer as a person reads it. A replayed answer is the one an earlier
+/// call with the same idempotency key got, verbatim (its balance is as of then): said so,
+/// since nothing changed now.
+fn replayed_or(replayed: bool, done: String) -> String {
+    if replayed {
+        format!(
+            "replayed (an earlier call with this idempotency key got this answer; nothing \
+             changed now): {done}"
+        )
+    } else {
+        done
+    }
 }
 
 async fn org_command<T>(
@@ -950,6 +1030,37 @@ fn status(s: tonic::Status) -> String {
         _ => "",
     };
     format!("{:?}: {message}{hint}", s.code())
+}
+
+/// As [`status`], for a command whose arguments are not named as the request's fields:
+/// each bad field of an `INVALID_ARGUMENT` (its `google.rpc.BadRequest`) is named as the
+/// command line names it (`fields`: request field → argument), e.g. `--expires-at` for
+/// `expires_at_ms`. Fields the command does not set keep their names.
+fn status_naming(
+    fields: &'static [(&'static str, &'static str)],
+) -> impl Fn(tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    move |s| {
+        let violations = match s.get_details_bad_request() {
+            Some(bad) if s.code() == tonic::Code::InvalidArgument => bad.field_violations,
+            _ => return status(s),
+        };
+        if violations.is_empty() {
+            return status(s);
+        }
+        let named = violations
+            .iter()
+            .map(|v| {
+                let field = fields
+                    .iter()
+                    .find(|(sent, _)| *sent == v.field)
+                    .map_or(v.field.as_str(), |(_, argument)| argument);
+                format!("{field}: {}", v.description)
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        format!("{:?}: {named}", s.code())
+    }
 }
 
 /// A fresh idempotency key for a command typed by a person.

@@ -1,6 +1,8 @@
 //! The README quick start, run for real: `tollgate serve --dev` as a child process (it
 //! starts its own redis-server), then `tollgate admin grant` / `balance` / `lots` from
-//! "a second terminal". Also: config errors are reported all at once with their paths.
+//! "a second terminal". Also: config errors are reported all at once with their paths;
+//! the money commands (`grant --idempotency-key`, `adjust`, `refund`) against a server in
+//! this process, their bad arguments named as typed; `serve --help`'s defaults.
 
 mod common;
 
@@ -153,11 +155,11 @@ fn dev_server_then_admin_grant_and_balance() {
         .expect("purchase lot");
     assert!(promo < purchase, "priority 10 burns first:\n{text}");
 
-    // Bad input: typed error naming the field, nothing granted.
+    // Bad input: typed error naming the argument (as clap names it), nothing granted.
     let bad = admin(grpc_port, &["grant", "alice", "0"]);
     assert!(!bad.status.success());
     let said = String::from_utf8_lossy(&bad.stderr);
-    assert!(said.contains("InvalidArgument: amount"), "{bad:?}");
+    assert!(said.contains("InvalidArgument: <AMOUNT>"), "{bad:?}");
     assert!(
         !said.contains("invalid argument"),
         "the code said twice: {said}"
@@ -530,4 +532,241 @@ async fn libraries(con: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The default wallet's (available, refunded, adjusted) of an account, read from the
+/// ledger (not from `admin balance`'s printing).
+async fn wallet(server: &common::TestServer, account: &str) -> (i64, i64, i64) {
+    let wallets = server
+        .ledger
+        .balance(account, "default")
+        .await
+        .expect("balance");
+    wallets
+        .first()
+        .map_or((0, 0, 0), |w| (w.available, w.refunded, w.adjusted))
+}
+
+/// `tollgate admin …` with the test server's admin token.
+fn admin_with_token(server: &common::TestServer, args: &[&str]) -> Output {
+    let mut all = vec!["--token", common::ADMIN_TOKEN];
+    all.extend_from_slice(args);
+    admin(server.grpc_addr.port(), &all)
+}
+
+async fn test_server(redis: &common::RedisServer) -> common::TestServer {
+    common::TestServer::start(
+        common::test_config(&redis.url()),
+        tollgate::ledger::Clock::Redis,
+    )
+    .await
+}
+
+/// `admin grant --idempotency-key`: re-running the same command (as after a timeout)
+/// replays the first answer, says so, and grants once; without a key, each run grants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_with_an_idempotency_key_grants_once() {
+    let redis = common::RedisServer::start();
+    let server = test_server(&redis).await;
+    let grant = ["grant", "alice", "100", "--idempotency-key", "order-42"];
+    let first = admin_with_token(&server, &grant);
+    assert!(first.status.success(), "{first:?}");
+    let first_text = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(
+        first_text.starts_with("granted 100 to alice"),
+        "{first_text}"
+    );
+    assert!(!first_text.contains("replayed"), "{first_text}");
+    let again = admin_with_token(&server, &grant);
+    assert!(again.status.success(), "{again:?}");
+    let again_text = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(again_text.starts_with("replayed"), "{again_text}");
+    // The first answer, verbatim (same lot, same event).
+    let lot_and_event = |text: &str| {
+        text.split_once("lot ")
+            .map(|(_, rest)| rest.trim().to_owned())
+            .unwrap_or_else(|| panic!("no lot in {text}"))
+    };
+    assert_eq!(lot_and_event(&again_text), lot_and_event(&first_text));
+    assert_eq!(wallet(&server, "alice").await.0, 100, "granted once");
+    // The same key with other arguments is refused, and grants nothing.
+    let other = admin_with_token(
+        &server,
+        &["grant", "alice", "5", "--idempotency-key", "order-42"],
+    );
+    assert!(!other.status.success(), "{other:?}");
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("idempotency key reused"),
+        "{other:?}"
+    );
+    assert_eq!(wallet(&server, "alice").await.0, 100);
+
+    // Without a key, each run is a new grant.
+    for _ in 0..2 {
+        let out = admin_with_token(&server, &["grant", "bob", "100"]);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("replayed"),
+            "{out:?}"
+        );
+    }
+    assert_eq!(wallet(&server, "bob").await.0, 200, "granted twice");
+}
+
+/// `admin adjust` and `admin refund` move credits as the API does, replay under an
+/// idempotency key, and a bad argument is refused naming the argument, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjust_and_refund_commands() {
+    let redis = common::RedisServer::start();
+    let server = test_server(&redis).await;
+    let run = |args: &[&str]| {
+        let out = admin_with_token(&server, args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let refused = |args: &[&str]| {
+        let out = admin_with_token(&server, args);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    run(&["grant", "alice", "100"]);
+
+    // Down, then up (a lot of kind adjustment), each once under its key.
+    let down = run(&["adjust", "alice", "-30", "--idempotency-key", "fix-1"]);
+    assert!(
+        down.starts_with("adjusted alice (default) by -30"),
+        "{down}"
+    );
+    assert!(down.contains("available 70"), "{down}");
+    let replayed = run(&["adjust", "alice", "-30", "--idempotency-key", "fix-1"]);
+    assert!(replayed.starts_with("replayed"), "{replayed}");
+    assert_eq!(wallet(&server, "alice").await, (70, 0, -30));
+    let up = run(&["adjust", "alice", "5", "--description", "goodwill"]);
+    assert!(up.contains("by +5: lot "), "{up}");
+    assert_eq!(wallet(&server, "alice").await, (75, 0, -25));
+    let lots = run(&["lots", "alice"]);
+    assert!(
+        lots.lines()
+            .any(|l| l.contains("adjustment") && l.contains("goodwill")),
+        "{lots}"
+    );
+
+    // Bad input: named as the command line names it; nothing changed.
+    let said = refused(&["adjust", "alice", "0"]);
+    assert!(
+        said.contains("InvalidArgument: <AMOUNT>: must be non-zero"),
+        "{said}"
+    );
+    let said = refused(&["adjust", "alice", "-500"]);
+    assert!(said.contains("insufficient credits"), "{said}");
+    let said = refused(&["adjust", "alice", "5", "--priority", "101", "--wallet", "A"]);
+    assert!(
+        said.contains("--priority: ") && said.contains("--wallet: "),
+        "every bad argument, by its flag: {said}"
+    );
+    assert_eq!(wallet(&server, "alice").await, (75, 0, -25));
+
+    // A charge, refunded in part, once under its key.
+    let debit = server
+        .ledger
+        .debit(&tollgate::ledger::Debit {
+            account_id: "alice".into(),
+            wallet: "default".into(),
+            amount: 20,
+            idempotency_key: "call-1".into(),
+            operation: "envelope.send".into(),
+            metadata: tollgate::ledger::Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit");
+    let charge = debit.event_id.as_str();
+    assert_eq!(wallet(&server, "alice").await, (55, 0, -25));
+    let refund = ["refund", charge, "15", "--idempotency-key", "rma-7"];
+    let refunded = run(&refund);
+    assert!(
+        refunded.starts_with(&format!("refunded 15 of charge {charge}")),
+        "{refunded}"
+    );
+    assert!(
+        refunded.contains("15 of the charge refunded so far"),
+        "{refunded}"
+    );
+    let replayed = run(&refund);
+    assert!(replayed.starts_with("replayed"), "{replayed}");
+    assert_eq!(wallet(&server, "alice").await, (70, 15, -25));
+
+    // Bad input: named, nothing refunded.
+    let said = refused(&["refund", charge, "0"]);
+    assert!(said.contains("InvalidArgument: <AMOUNT>: "), "{said}");
+    let said = refused(&["refund", "not-a-charge", "5"]);
+    assert!(said.contains("InvalidArgument: <CHARGE_ID>: "), "{said}");
+    let said = refused(&["refund", charge, "5", "--idempotency-key", "has space"]);
+    assert!(said.contains("--idempotency-key: "), "{said}");
+    let said = refused(&["refund", charge, "6"]);
+    assert!(said.contains("5 refundable"), "{said}");
+    assert_eq!(wallet(&server, "alice").await, (70, 15, -25));
+}
+
+/// A bad `--expires-at` (in the past, or out of range) is refused naming `--expires-at`,
+/// not the request's `expires_at_ms`, and grants nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_expires_at_is_named_as_the_flag() {
+    let redis = common::RedisServer::start();
+    let server = test_server(&redis).await;
+    for (command, expires_at) in [
+        ("grant", "--expires-at=1000"),
+        ("grant", "--expires-at=-5"),
+        ("grant", "--expires-at=99999999999999"),
+        ("adjust", "--expires-at=1000"),
+    ] {
+        let out = admin_with_token(&server, &[command, "alice", "10", expires_at]);
+        assert!(!out.status.success(), "{expires_at}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("InvalidArgument: --expires-at: "),
+            "{command} {expires_at}: {said}"
+        );
+        assert!(
+            !said.contains("expires_at_ms"),
+            "{command} {expires_at}: {said}"
+        );
+    }
+    // A negative value also parses as a separate argument.
+    let out = admin_with_token(&server, &["grant", "alice", "10", "--expires-at", "-5"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--expires-at: "),
+        "{out:?}"
+    );
+    assert_eq!(wallet(&server, "alice").await, (0, 0, 0), "nothing granted");
+}
+
+/// `serve --help` (and `settle --help`) show the listen addresses used when neither the
+/// flag, the config file nor the environment gives one.
+#[test]
+fn serve_help_shows_the_default_listen_addresses() {
+    let help = |command: &str| {
+        let out = common::tollgate()
+            .args([command, "--help"])
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let serve = help("serve");
+    for default in [
+        tollgate::config::DEFAULT_GRPC_ADDR,
+        tollgate::config::DEFAULT_HTTP_ADDR,
+    ] {
+        assert!(serve.contains(&format!("[default: {default}]")), "{serve}");
+    }
+    assert!(serve.contains("TOLLGATE_SERVER__GRPC_ADDR"), "{serve}");
+    let settle = help("settle");
+    assert!(
+        settle.contains(&format!(
+            "[default: {}]",
+            tollgate::config::DEFAULT_HTTP_ADDR
+        )),
+        "{settle}"
+    );
 }
