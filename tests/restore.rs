@@ -1125,9 +1125,9 @@ async fn a_sighup_during_serve_restore_is_ignored() {
     };
     // Its ports are bound only after the restore: picked free now, they may be taken by
     // then (see below).
-    let http_port = common::free_port();
+    let (grpc_port, http_port) = (common::free_port(), common::free_port());
     let mut server = common::KillOnDrop(
-        serve_restore(common::free_port(), http_port)
+        serve_restore(grpc_port, http_port)
             .stderr(std::fs::File::create(&stderr).expect("stderr"))
             .spawn()
             .expect("start tollgate serve --restore"),
@@ -1168,17 +1168,19 @@ async fn a_sighup_during_serve_restore_is_ignored() {
     .await;
     lock.rollback().await.expect("unlock");
 
-    // Restored and serving; if another process took a port meanwhile, the restore is done
-    // and the child ended unable to listen: serving again on ports picked anew.
+    // Restored and serving (the answer its own: it listens on both ports first); if
+    // another process took a port meanwhile, the restore is done and the child ended
+    // unable to listen: serving again on ports picked anew.
     let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
     let deadline = Instant::now() + DEADLINE;
     let mut _again = None;
     loop {
-        let ready = http_status(http_addr, "/readyz").await.0 == 200;
+        let ready = common::listens_on(server.0.id(), &[grpc_port, http_port])
+            && http_status(http_addr, "/readyz").await.0 == 200;
         if let Some(status) = server.0.try_wait().expect("try_wait") {
             let text = common::read_lossy(&stderr);
             assert!(
-                text.contains("cannot listen"),
+                text.contains(common::PORT_TAKEN),
                 "serve --restore ended ({status}); its stderr:\n{text}"
             );
             _again = Some(

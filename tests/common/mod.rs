@@ -153,7 +153,8 @@ impl Drop for RedisServer {
     }
 }
 
-fn redis_ping(port: u16) -> bool {
+/// Whether a redis-server answers `PING` on `port`.
+pub fn redis_ping(port: u16) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -167,7 +168,7 @@ fn redis_ping(port: u16) -> bool {
 }
 
 /// The process id of the redis-server answering on `port`.
-fn redis_pid(port: u16) -> Option<u32> {
+pub fn redis_pid(port: u16) -> Option<u32> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
     let mut con = client.get_connection().ok()?;
     let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
@@ -301,11 +302,92 @@ impl Listening {
     }
 }
 
-/// Starts the tollgate child `make` builds for `ports` ports picked free, its stderr in a
-/// file, and waits (up to `timeout`) until `ready` says it answers on them while it still
-/// runs. A port picked free may be taken by another process before the child binds it:
-/// the child then exits ("cannot listen on …"), and is started again on other ports. Fails
-/// the test with the child's stderr when it exits otherwise or never answers.
+/// Who listens on TCP ports, as seen from one process: see [`listeners`].
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Ports a socket of this process listens on.
+    pub own: std::collections::BTreeSet<u16>,
+    /// Ports a socket of another process listens on (in this process's network namespace).
+    pub others: std::collections::BTreeSet<u16>,
+}
+
+/// The TCP ports process `pid` listens on and those other processes listen on, from /proc
+/// (Linux): the LISTEN rows of /proc/<pid>/net/tcp and tcp6, each its own when its
+/// socket's inode is one of /proc/<pid>/fd's. The table is read before the descriptors: a
+/// socket the process opens in between is then not in the table yet, rather than in the
+/// table and taken for another process's. `None` while its descriptors cannot be read
+/// (it has exited).
+pub fn listeners(pid: u32) -> Option<Listeners> {
+    // LISTEN rows: (local port, socket inode).
+    let mut rows = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue; // no IPv6 here
+        };
+        // `sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode …`
+        for fields in text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        {
+            let (Some(local), Some(&"0A"), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue; // a socket that is not listening (0A is LISTEN)
+            };
+            let port = local
+                .rsplit_once(':')
+                .and_then(|(_, port)| u16::from_str_radix(port, 16).ok());
+            if let (Some(port), Ok(inode)) = (port, inode.parse::<u64>()) {
+                rows.push((port, inode));
+            }
+        }
+    }
+    let mut inodes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        let inode = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok());
+        inodes.extend(inode);
+    }
+    let mut listeners = Listeners::default();
+    for (port, inode) in rows {
+        if inodes.contains(&inode) {
+            listeners.own.insert(port);
+        } else {
+            listeners.others.insert(port);
+        }
+    }
+    Some(listeners)
+}
+
+/// Whether process `pid` itself listens on every one of `ports` (see [`listeners`]). Once
+/// it does, a connection to one of them reaches it and no other process: a listening
+/// address has one owner (tollgate does not set `SO_REUSEPORT`).
+pub fn listens_on(pid: u32, ports: &[u16]) -> bool {
+    listeners(pid).is_some_and(|l| ports.iter().all(|p| l.own.contains(p)))
+}
+
+/// The OS's words for a port already taken (`EADDRINUSE`), in tollgate's "cannot listen on
+/// <addr>: …" (src/main.rs) as in redis-server's log.
+pub const PORT_TAKEN: &str = "Address already in use";
+
+/// Starts the child `make` builds for `ports` ports picked free, its stderr in a file, and
+/// waits (up to `timeout`) until it is this child that listens on every one of them and
+/// `ready` says it answers there.
+///
+/// A port picked free may be taken by another process before the child binds it, and
+/// that process may answer `ready`'s probe. So a probe counts only once /proc shows the
+/// child's own sockets listening on every port ([`listens_on`]): from then on nothing else
+/// can listen there, and whatever answers is the child. When another process listens on
+/// a picked port, the child can never bind it: it is killed and started again on other
+/// ports, as it is when it exits saying the port was taken ([`PORT_TAKEN`]), whether or not
+/// it ever got to say so. Any other exit, or no answer by the deadline, fails the test
+/// with the child's stderr. Every child started is killed when dropped (the last one with
+/// the returned [`Listening`]). Linux only (/proc), as the tests' hosts are.
 pub async fn spawn_listening<Make, Ready, Fut>(
     ports: usize,
     timeout: Duration,
@@ -317,39 +399,71 @@ where
     Ready: Fn(Vec<u16>) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    let mut exits = Vec::new();
-    loop {
-        let mut picked: Vec<u16> = Vec::new();
-        while picked.len() < ports {
-            let port = free_port();
-            if !picked.contains(&port) {
-                picked.push(port);
+    spawn_listening_picking(
+        || {
+            let mut picked: Vec<u16> = Vec::new();
+            while picked.len() < ports {
+                let port = free_port();
+                if !picked.contains(&port) {
+                    picked.push(port);
+                }
             }
-        }
+            picked
+        },
+        timeout,
+        make,
+        ready,
+    )
+    .await
+}
+
+/// [`spawn_listening`] on the ports `pick` gives each start: a test can hand it a port
+/// another process holds, as a lost race would.
+pub async fn spawn_listening_picking<Pick, Make, Ready, Fut>(
+    mut pick: Pick,
+    timeout: Duration,
+    make: Make,
+    ready: Ready,
+) -> Listening
+where
+    Pick: FnMut() -> Vec<u16>,
+    Make: Fn(&[u16]) -> Command,
+    Ready: Fn(Vec<u16>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    // Why each earlier child was given up, for the failure message.
+    let mut lost = Vec::new();
+    loop {
+        let picked = pick();
         let stderr_path = temp_path("stderr");
         let mut cmd = make(&picked);
         let child = cmd
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let pid = child.id();
         let mut listening = Listening {
             child: KillOnDrop(child),
             ports: picked,
             stderr_path,
         };
         loop {
-            let up = ready(listening.ports.clone()).await;
-            // Looked at after the answer: a port another process took answers for it
-            // while this child fails to bind it and exits.
+            let seen = listeners(pid).unwrap_or_default();
+            if let Some(taken) = listening.ports.iter().find(|p| seen.others.contains(p)) {
+                lost.push(format!("another process listens on port {taken}"));
+                break; // dropping `listening` kills the child
+            }
+            // Its own sockets first, then the probe: whatever answers is this child.
+            let owned = listening.ports.iter().all(|p| seen.own.contains(p));
+            let up = owned && ready(listening.ports.clone()).await;
             if let Some(status) = listening.child.0.try_wait().expect("try_wait") {
                 let stderr = listening.stderr();
-                // tollgate's words when a port is taken (src/main.rs); any other end fails.
                 assert!(
-                    stderr.contains("cannot listen on"),
+                    stderr.contains(PORT_TAKEN),
                     "{cmd:?} exited ({status}); its stderr:\n{stderr}"
                 );
-                exits.push(format!("{status}: {}", stderr.trim_end()));
+                lost.push(format!("{status}: {}", stderr.trim_end()));
                 break;
             }
             if up {
@@ -357,16 +471,18 @@ where
             }
             assert!(
                 Instant::now() < deadline,
-                "{cmd:?} never answered on ports {:?} within {timeout:?}; its stderr:\n{}",
+                "{cmd:?} never listened and answered on ports {:?} within {timeout:?} \
+                 (listening itself on {:?}); its stderr:\n{}",
                 listening.ports,
+                seen.own,
                 listening.stderr()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(
             Instant::now() < deadline,
-            "{cmd:?} never answered within {timeout:?}; it exited each time:\n{}",
-            exits.join("\n")
+            "{cmd:?} never listened and answered within {timeout:?}; each start lost a port:\n{}",
+            lost.join("\n")
         );
     }
 }
