@@ -13,29 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::gateways::{example, http, replace, try_http, TempDir};
 
-/// A `tollgate serve` child: SIGTERM on drop, then SIGKILL.
-struct Serve(common::Listening);
-
-impl Serve {
-    fn pid(&self) -> String {
-        self.0.child.0.id().to_string()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.pid()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.child.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // KillOnDrop does the rest.
-    }
-}
-
 /// Whether a `tollgate serve` answers on these ports: /healthz on HTTP, gRPC accepting.
 async fn answers(grpc: u16, http_port: u16) -> bool {
     let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
@@ -48,8 +25,12 @@ async fn answers(grpc: u16, http_port: u16) -> bool {
 }
 
 /// `tollgate serve` built by `make` for its (gRPC, HTTP) ports, picked free and picked
-/// again if another process took one first; answering. Its logs (stdout) go to `log`.
-async fn serve_on_free_ports(log: &Path, make: impl Fn(u16, u16) -> Command) -> (Serve, u16, u16) {
+/// again if another process took one first; answering; SIGTERM on drop. Its logs
+/// (stdout) go to `log`.
+async fn serve_on_free_ports(
+    log: &Path,
+    make: impl Fn(u16, u16) -> Command,
+) -> (common::Terminating, u16, u16) {
     let listening = common::spawn_listening(
         2,
         common::START_TIMEOUT,
@@ -62,10 +43,10 @@ async fn serve_on_free_ports(log: &Path, make: impl Fn(u16, u16) -> Command) -> 
     )
     .await;
     let (grpc, http_port) = (listening.ports[0], listening.ports[1]);
-    (Serve(listening), grpc, http_port)
+    (common::Terminating(listening), grpc, http_port)
 }
 
-async fn serve(config: &Path, redis_url: &str, log: &Path) -> (Serve, u16, u16) {
+async fn serve(config: &Path, redis_url: &str, log: &Path) -> (common::Terminating, u16, u16) {
     serve_on_free_ports(log, |grpc, http_port| {
         let mut cmd = common::tollgate();
         cmd.arg("serve")
@@ -173,13 +154,7 @@ async fn sighup_reloads_the_price_book_without_dropping_requests() {
         "mode = \"debit\"\nbase = 5\n",
     );
     std::fs::write(&config, cheaper).expect("rewrite config");
-    let hup = || {
-        let status = Command::new("kill")
-            .args(["-HUP", &server.pid()])
-            .status()
-            .expect("kill -HUP");
-        assert!(status.success());
-    };
+    let hup = || server.0.signal("-HUP");
     hup();
     let deadline = Instant::now() + common::START_TIMEOUT;
     loop {
@@ -284,11 +259,7 @@ async fn sighup_without_a_config_file_does_not_stop_the_server() {
             .then_some(())
     })
     .await;
-    let status = Command::new("kill")
-        .args(["-HUP", &server.pid()])
-        .status()
-        .expect("kill -HUP");
-    assert!(status.success());
+    server.0.signal("-HUP");
     common::eventually(common::START_TIMEOUT, "the SIGHUP is logged", || {
         let log = log.clone();
         async move {

@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use tonic::transport::Channel;
 
@@ -14,36 +14,6 @@ use tollgate::api::pb;
 
 const ACCOUNT: &str = "acct-private-7781";
 const WRONG_TOKEN: &str = "wrong-token-9931";
-
-/// SIGTERM on drop, then SIGKILL.
-struct Serve(common::KillOnDrop);
-
-impl Serve {
-    fn stop(&mut self) {
-        let child = &mut self.0 .0;
-        if let Ok(Some(_)) = child.try_wait() {
-            return; // stopped already (its pid may be another process's by now)
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn with_request_id<T>(message: T, id: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -53,15 +23,33 @@ fn with_request_id<T>(message: T, id: &str) -> tonic::Request<T> {
     request
 }
 
-/// `tollgate serve` with JSON logs at INFO, its stdout and stderr in files.
+/// A grant of `amount` to [`ACCOUNT`].
+fn grant(amount: i64, idempotency_key: &str) -> pb::GrantRequest {
+    pb::GrantRequest {
+        account_id: ACCOUNT.into(),
+        amount,
+        idempotency_key: idempotency_key.into(),
+        ..Default::default()
+    }
+}
+
+/// The lines carrying request id `id`.
+fn with_id<'a>(lines: &'a [serde_json::Value], id: &str) -> Vec<&'a serde_json::Value> {
+    lines
+        .iter()
+        .filter(|l| l["fields"]["request_id"] == id)
+        .collect()
+}
+
+/// `tollgate serve` with JSON logs at INFO, its stdout and stderr in files; SIGTERM on
+/// drop.
 struct Running {
-    serve: Serve,
+    serve: common::Terminating,
     dir: std::path::PathBuf,
     channel: Channel,
     grpc_addr: std::net::SocketAddr,
     http_addr: std::net::SocketAddr,
     out_path: std::path::PathBuf,
-    err_path: std::path::PathBuf,
 }
 
 impl Running {
@@ -100,13 +88,8 @@ impl Running {
             },
         )
         .await;
-        let common::Listening {
-            child,
-            ports,
-            stderr_path: err_path,
-        } = listening;
-        let (grpc_port, http_port) = (ports[0], ports[1]);
-        let serve = Serve(child);
+        let (grpc_port, http_port) = (listening.ports[0], listening.ports[1]);
+        let serve = common::Terminating(listening);
         let channel = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
             .expect("uri")
             .connect()
@@ -119,17 +102,32 @@ impl Running {
             grpc_addr: format!("127.0.0.1:{grpc_port}").parse().expect("addr"),
             http_addr: format!("127.0.0.1:{http_port}").parse().expect("addr"),
             out_path,
-            err_path,
         }
+    }
+
+    /// An admin client with the admin token.
+    fn admin(&self) -> pb::admin_client::AdminClient<common::AuthChannel> {
+        pb::admin_client::AdminClient::with_interceptor(
+            self.channel.clone(),
+            common::auth(Some(common::ADMIN_TOKEN)),
+        )
+    }
+
+    /// A metering client with the service token.
+    fn metering(&self) -> pb::metering_client::MeteringClient<common::AuthChannel> {
+        pb::metering_client::MeteringClient::with_interceptor(
+            self.channel.clone(),
+            common::auth(Some(common::SERVICE_TOKEN)),
+        )
     }
 
     /// Stops the server; its (stdout, stdout + stderr).
     fn stop(&mut self) -> (String, String) {
-        self.serve.stop();
+        self.serve.0.terminate();
         let stdout = std::fs::read_to_string(&self.out_path).expect("stdout");
-        let stderr = std::fs::read_to_string(&self.err_path).expect("stderr");
+        let stderr = std::fs::read_to_string(&self.serve.0.stderr_path).expect("stderr");
         let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = std::fs::remove_file(&self.err_path);
+        let _ = std::fs::remove_file(&self.serve.0.stderr_path);
         let output = format!("{stdout}{stderr}");
         (stdout, output)
     }
@@ -147,29 +145,16 @@ fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
 async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
     let redis = common::RedisServer::start();
     let mut running = Running::start("failed", "", &redis).await;
-    let channel = running.channel.clone();
-    let mut metering = pb::metering_client::MeteringClient::with_interceptor(
-        channel.clone(),
-        common::auth(Some(common::SERVICE_TOKEN)),
+    let mut metering = running.metering();
+    let mut admin = running.admin();
+    let mut intruder = pb::admin_client::AdminClient::with_interceptor(
+        running.channel.clone(),
+        common::auth(Some(WRONG_TOKEN)),
     );
-    let mut admin = pb::admin_client::AdminClient::with_interceptor(
-        channel.clone(),
-        common::auth(Some(common::ADMIN_TOKEN)),
-    );
-    let mut intruder =
-        pb::admin_client::AdminClient::with_interceptor(channel, common::auth(Some(WRONG_TOKEN)));
 
     // Succeeds: no line.
     admin
-        .grant(with_request_id(
-            pb::GrantRequest {
-                account_id: ACCOUNT.into(),
-                amount: 3,
-                idempotency_key: "g1".into(),
-                ..Default::default()
-            },
-            "req-ok-3",
-        ))
+        .grant(with_request_id(grant(3, "g1"), "req-ok-3"))
         .await
         .expect("grant");
     // Refused: one line with the caller's id.
@@ -188,15 +173,7 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     // Wrong token: one line, the token nowhere.
     let denied = intruder
-        .grant(with_request_id(
-            pb::GrantRequest {
-                account_id: ACCOUNT.into(),
-                amount: 1,
-                idempotency_key: "g2".into(),
-                ..Default::default()
-            },
-            "req-badtoken-2",
-        ))
+        .grant(with_request_id(grant(1, "g2"), "req-badtoken-2"))
         .await
         .expect_err("bad token");
     assert_eq!(denied.code(), tonic::Code::Unauthenticated);
@@ -251,14 +228,8 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
 
     let (stdout, output) = running.stop();
     let lines = json_lines(&stdout);
-    let with_id = |id: &str| -> Vec<&serde_json::Value> {
-        lines
-            .iter()
-            .filter(|l| l["fields"]["request_id"] == id)
-            .collect()
-    };
     let one = |id: &str, code: &str, path: &str| {
-        let found = with_id(id);
+        let found = with_id(&lines, id);
         assert_eq!(found.len(), 1, "one line for {id}:\n{stdout}");
         let fields = &found[0]["fields"];
         assert_eq!(fields["message"], "request failed");
@@ -282,13 +253,13 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
         "INVALID_ARGUMENT",
         "/tollgate.v1.Metering/Debit",
     );
-    let http = with_id("req-http-hold-4");
+    let http = with_id(&lines, "req-http-hold-4");
     assert_eq!(http.len(), 1, "one line for the HTTP failure:\n{stdout}");
     assert_eq!(http[0]["fields"]["protocol"], "http");
     assert_eq!(http[0]["fields"]["status"], 401);
     assert_eq!(http[0]["fields"]["path"], "/v1/holds/h0-1/capture");
     assert_eq!(http[0]["fields"]["detail"], "unauthenticated", "{stdout}");
-    let bad = with_id("req-http-hold-6");
+    let bad = with_id(&lines, "req-http-hold-6");
     assert_eq!(bad.len(), 1, "one line for the bad settlement:\n{stdout}");
     assert_eq!(bad[0]["fields"]["status"], 400);
     assert_eq!(
@@ -340,19 +311,8 @@ base = 1
 fail_policy = "fail_closed"
 "#;
     let mut running = Running::start("nginx5xx", config, &redis).await;
-    let mut admin = pb::admin_client::AdminClient::with_interceptor(
-        running.channel.clone(),
-        common::auth(Some(common::ADMIN_TOKEN)),
-    );
-    admin
-        .grant(pb::GrantRequest {
-            account_id: ACCOUNT.into(),
-            amount: 10,
-            idempotency_key: "g1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("grant");
+    let mut admin = running.admin();
+    admin.grant(grant(10, "g1")).await.expect("grant");
     let api_key = admin
         .create_api_key(pb::CreateApiKeyRequest {
             account_id: ACCOUNT.into(),
@@ -388,10 +348,7 @@ fail_policy = "fail_closed"
     let (stdout, output) = running.stop();
     let lines = json_lines(&stdout);
     for id in ["req-plain-503", "req-nginx-503"] {
-        let found: Vec<&serde_json::Value> = lines
-            .iter()
-            .filter(|l| l["fields"]["request_id"] == id)
-            .collect();
+        let found = with_id(&lines, id);
         assert_eq!(found.len(), 1, "one line for {id}:\n{stdout}");
         let fields = &found[0]["fields"];
         assert_eq!(fields["message"], "request failed", "{fields}");
@@ -442,23 +399,8 @@ async fn an_access_log_stream_that_breaks_off_is_its_end_not_a_failure() {
 
     let redis = common::RedisServer::start();
     let mut running = Running::start("accesslog", "", &redis).await;
-    let mut admin = pb::admin_client::AdminClient::with_interceptor(
-        running.channel.clone(),
-        common::auth(Some(common::ADMIN_TOKEN)),
-    );
-    let mut metering = pb::metering_client::MeteringClient::with_interceptor(
-        running.channel.clone(),
-        common::auth(Some(common::SERVICE_TOKEN)),
-    );
-    admin
-        .grant(pb::GrantRequest {
-            account_id: ACCOUNT.into(),
-            amount: 10,
-            idempotency_key: "g1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("grant");
+    let mut metering = running.metering();
+    running.admin().grant(grant(10, "g1")).await.expect("grant");
     let hold = metering
         .authorize(pb::AuthorizeRequest {
             account_id: ACCOUNT.into(),

@@ -300,6 +300,51 @@ impl Listening {
             );
         }
     }
+
+    /// Sends the child `signal` (`-HUP`, `-TERM`, …), failing the test if it cannot.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {}", self.child.0.id());
+    }
+
+    /// Stops the child as a pod is stopped: SIGTERM, then SIGKILL if it has not ended
+    /// within [`TERM_GRACE`]. A child that ended already is left alone (its pid may be
+    /// another process's by now).
+    pub fn terminate(&mut self) {
+        let child = &mut self.child.0;
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + TERM_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// How long a child stopped with SIGTERM may take to end before it is killed: generous,
+/// its shutdown drains what it serves.
+pub const TERM_GRACE: Duration = Duration::from_secs(30);
+
+/// A [`Listening`] child stopped with SIGTERM when dropped ([`Listening::terminate`]),
+/// also when the test panics, so that it ends as in production (drains, flushes its logs).
+pub struct Terminating(pub Listening);
+
+impl Drop for Terminating {
+    fn drop(&mut self) {
+        self.0.terminate();
+    }
 }
 
 /// Who listens on TCP ports, as seen from one process: see [`listeners`].
