@@ -130,7 +130,9 @@ impl Default for ServerConfig {
 pub struct RedisConfig {
     /// `redis://host:port/db`.
     pub url: String,
-    /// Multiplexed connections per process.
+    /// Multiplexed connections per process; 0 (the default) lets tollgate choose: one per
+    /// runtime thread, and at least 8 with `wait_replicas` > 0, since a `WAIT` holds its
+    /// connection for a replica round trip (`Config::redis_connections`).
     pub connections: usize,
     /// Deadline of one ledger call; past it the call fails with UNAVAILABLE.
     pub call_timeout_ms: u64,
@@ -149,7 +151,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: DEFAULT_REDIS_URL.into(),
-            connections: ledger::redis_pool::DEFAULT_CONNECTIONS,
+            connections: 0,
             call_timeout_ms: ledger::redis_pool::DEFAULT_CALL_TIMEOUT.as_millis() as u64,
             wait_replicas: 0,
             wait_timeout_ms: ledger::redis_pool::DEFAULT_WAIT_TIMEOUT.as_millis() as u64,
@@ -508,10 +510,10 @@ impl Config {
         if redis::parse_redis_url(&self.redis.url).is_none() {
             bad("redis.url", redis_url_problem(&self.redis.url));
         }
-        if !(1..=REDIS_CONNECTIONS_MAX).contains(&self.redis.connections) {
+        if self.redis.connections > REDIS_CONNECTIONS_MAX {
             bad(
                 "redis.connections",
-                format!("must be in 1..={REDIS_CONNECTIONS_MAX}"),
+                format!("must be in 0..={REDIS_CONNECTIONS_MAX} (0 = chosen by tollgate)"),
             );
         }
         if !(1..=REDIS_CALL_TIMEOUT_MS_MAX).contains(&self.redis.call_timeout_ms) {
@@ -709,6 +711,18 @@ impl Config {
     }
 
     /// The `WAIT` after ledger writes, when `redis.wait_replicas` > 0.
+    /// The Redis connections a process opens: `redis.connections`, or when 0
+    /// [`ledger::redis_pool::auto_connections`] of the runtime threads and `WAIT`.
+    pub fn redis_connections(&self) -> usize {
+        match self.redis.connections {
+            0 => ledger::redis_pool::auto_connections(
+                self.server.runtime_workers(),
+                self.redis.wait_replicas,
+            ),
+            n => n,
+        }
+    }
+
     pub fn wait_replicas(&self) -> Option<ledger::WaitReplicas> {
         (self.redis.wait_replicas > 0).then(|| ledger::WaitReplicas {
             replicas: self.redis.wait_replicas,
@@ -1089,6 +1103,29 @@ mod tests {
         assert_eq!(c.wait_replicas(), None);
         assert_eq!(c.auth.admin_token, "a");
         assert_eq!(c.redis.url, "redis://flag:2");
+    }
+
+    #[test]
+    fn redis_connections_follow_the_runtime_threads_and_wait() {
+        let c = load("").unwrap();
+        assert_eq!(c.redis.connections, 0);
+        assert_eq!(c.redis_connections(), c.server.runtime_workers());
+        // One runtime thread: one connection (docs/BENCHMARKS.md, sixteenth session).
+        let c = load("[server]\nworker_threads = 1\n").unwrap();
+        assert_eq!(c.redis_connections(), 1);
+        let c = load("[server]\nworker_threads = 4\n").unwrap();
+        assert_eq!(c.redis_connections(), 4);
+        // A WAIT holds its connection for a replica round trip: never one for everything.
+        let c = load("[server]\nworker_threads = 1\n[redis]\nwait_replicas = 1\n").unwrap();
+        assert_eq!(c.redis_connections(), 8);
+        let c = load("[server]\nworker_threads = 12\n[redis]\nwait_replicas = 1\n").unwrap();
+        assert_eq!(c.redis_connections(), 12);
+        // Set: as set.
+        let c = load("[redis]\nconnections = 3\nwait_replicas = 1\n").unwrap();
+        assert_eq!(c.redis_connections(), 3);
+        let errors = load("[redis]\nconnections = 65\n").unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "redis.connections");
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub fn ledger_from_config(config: &Config, clock: Clock) -> Result<Arc<Ledger>, 
     telemetry::metrics::install();
     let redis = RedisPool::with_wait(
         &config.redis.url,
-        config.redis.connections,
+        config.redis_connections(),
         Duration::from_millis(config.redis.call_timeout_ms),
         config.wait_replicas(),
     )?;

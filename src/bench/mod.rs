@@ -193,9 +193,11 @@ pub struct BenchArgs {
     /// sidecar and Redis; one, a current-thread runtime, keeps its wake-ups on one core).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
-    /// Multiplexed Redis connections of the child server and of the baseline.
-    #[arg(long, default_value_t = crate::ledger::redis_pool::DEFAULT_CONNECTIONS)]
-    pub redis_connections: usize,
+    /// Multiplexed Redis connections of the child server and of the baseline (default:
+    /// what the server chooses by itself, `redis.connections = 0`: one per runtime thread,
+    /// at least 8 with `--durability replica-wait`).
+    #[arg(long)]
+    pub redis_connections: Option<usize>,
     /// Durability level of the private redis-server (not with --redis-url or --target:
     /// configure those yourself). `replica-wait` also starts a replica and sets
     /// `redis.wait_replicas = 1` in the child server.
@@ -267,6 +269,19 @@ fn server_override(setting: &str) -> Result<(String, String), String> {
 }
 
 impl BenchArgs {
+    /// `--redis-connections`, or what the child server chooses by itself (its runtime
+    /// threads are the default: `server.worker_threads` is the bench's own).
+    pub fn redis_connections(&self) -> usize {
+        self.redis_connections.unwrap_or_else(|| {
+            crate::ledger::redis_pool::auto_connections(
+                crate::config::default_worker_threads(),
+                self.durability
+                    .wait(self.wait_timeout_ms)
+                    .map_or(0, |w| w.replicas),
+            )
+        })
+    }
+
     fn validate(&self) -> Result<(), String> {
         let mut bad = Vec::new();
         if !(1..=CONCURRENCY_MAX).contains(&self.concurrency) {
@@ -292,7 +307,10 @@ impl BenchArgs {
         if !(1..=64).contains(&self.connections) {
             bad.push("--connections must be in 1..=64".into());
         }
-        if !(1..=crate::config::REDIS_CONNECTIONS_MAX).contains(&self.redis_connections) {
+        if self
+            .redis_connections
+            .is_some_and(|n| !(1..=crate::config::REDIS_CONNECTIONS_MAX).contains(&n))
+        {
             bad.push(format!(
                 "--redis-connections must be in 1..={}",
                 crate::config::REDIS_CONNECTIONS_MAX
@@ -500,7 +518,7 @@ impl Stack {
             None => Some(
                 children::BenchServer::start(
                     &redis_url,
-                    args.redis_connections,
+                    args.redis_connections(),
                     wait,
                     settle_store.as_ref(),
                     &args
@@ -537,8 +555,9 @@ impl Stack {
 
         // With replica-wait the baseline's FCALL is followed by the same WAIT, so the
         // ratio compares tollgate with raw Redis at the same durability level.
-        let pool = RedisPool::with_wait(&redis_url, args.redis_connections, REQUEST_TIMEOUT, wait)
-            .map_err(|e| e.to_string())?;
+        let pool =
+            RedisPool::with_wait(&redis_url, args.redis_connections(), REQUEST_TIMEOUT, wait)
+                .map_err(|e| e.to_string())?;
         let ledger = Arc::new(Ledger::new(
             pool.clone(),
             LedgerSettings::default(),

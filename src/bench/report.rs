@@ -469,7 +469,7 @@ impl Report {
             "scenario": args.scenario.name(),
             "concurrency": args.concurrency,
             "connections": args.connections,
-            "redis_connections": args.redis_connections,
+            "redis_connections": args.redis_connections(),
             "durability": args.durability,
             "wait_timeout_ms": (args.durability == super::Durability::ReplicaWait).then_some(args.wait_timeout_ms),
             "accounts": args.accounts,

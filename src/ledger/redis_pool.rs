@@ -22,12 +22,28 @@ use super::library::Library;
 use super::LedgerError;
 use crate::telemetry::metrics as m;
 
-/// Multiplexed connections per process unless configured otherwise. One: every
-/// concurrent script of the runtime goes out in one write and Redis answers the batch in
-/// one, the fewest wake-ups on both sides. On the sixteenth session's 2-core host one
-/// connection gave `check` 0.78–0.84 of the raw function, two 0.61–0.69
-/// (docs/BENCHMARKS.md); a multi-threaded runtime on a bigger host may want more.
+/// Multiplexed connections of a process on one runtime thread without `WAIT`. One:
+/// every concurrent script of the runtime goes out in one write and Redis answers the
+/// batch in one, the fewest wake-ups on both sides. On the sixteenth session's 2-core host
+/// one connection gave `check` 0.78–0.84 of the raw function, two 0.61–0.69
+/// (docs/BENCHMARKS.md). [`auto_connections`] gives more where one would queue calls.
 pub const DEFAULT_CONNECTIONS: usize = 1;
+/// The fewest connections with `WAIT` on: each write's `WAIT` holds its connection for a
+/// replica round trip (Redis runs a blocked client's next command only after it), so the
+/// calls of one connection go at most one such round trip at a time.
+pub const WAIT_CONNECTIONS_MIN: usize = 8;
+
+/// `redis.connections = 0` (the default): one per runtime thread (each thread's
+/// concurrent calls pipelined on its own), and at least [`WAIT_CONNECTIONS_MIN`] when
+/// writes wait for replicas.
+pub fn auto_connections(runtime_threads: usize, wait_replicas: u32) -> usize {
+    let per_thread = runtime_threads.max(DEFAULT_CONNECTIONS);
+    if wait_replicas > 0 {
+        per_thread.max(WAIT_CONNECTIONS_MIN)
+    } else {
+        per_thread
+    }
+}
 /// Deadline of one Redis call: well under Envoy's default 200 ms ext_authz timeout.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Deadline to establish a connection.
