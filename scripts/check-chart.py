@@ -352,16 +352,21 @@ def check_variant(checks, docs, label, values, binary, files):
     checks.expect(bool(by_kind(docs, "HorizontalPodAutoscaler")) == hpa_on
                   and (("replicas" in server[0]["spec"]) != hpa_on),
                   f"{label}: HPA {'on' if hpa_on else 'off'}")
-    # A PDB no eviction can satisfy (minAvailable ≥ replicas) would block node drains.
-    pdb = values.get("podDisruptionBudget", {})
-    replicas = (values["autoscaling"]["minReplicas"] if hpa_on else values.get("replicaCount", 1))
-    min_available = pdb.get("minAvailable")
-    pdb_expected = pdb.get("enabled", False) and (
-        pdb.get("maxUnavailable") is not None or isinstance(min_available, str)
-        or replicas > int(min_available or 0))
-    checks.expect(len(by_kind(docs, "PodDisruptionBudget")) == int(pdb_expected),
-                  f"{label}: PodDisruptionBudget {'present' if pdb_expected else 'absent'} "
-                  f"({replicas} replica(s), minAvailable {min_available})")
+    # The PDB must let a node drain evict a pod at the replica count rendered
+    # (minAvailable ≥ replicas would refuse every eviction for good).
+    pdbs = by_kind(docs, "PodDisruptionBudget")
+    replicas = server[0]["spec"].get("replicas", values["autoscaling"]["minReplicas"])
+    if checks.expect(len(pdbs) == 1, f"{label}: PodDisruptionBudget"):
+        spec = pdbs[0]["spec"]
+        allows = (isinstance(spec.get("maxUnavailable"), str) or spec.get("maxUnavailable", 0) >= 1
+                  if "maxUnavailable" in spec
+                  else isinstance(spec.get("minAvailable"), str) or spec.get("minAvailable", 0) < replicas)
+        checks.expect(allows, f"{label}: PodDisruptionBudget lets a drain evict one of {replicas} pods",
+                      json.dumps(spec))
+        if label == "single-replica-values":
+            checks.expect({k: v for k, v in spec.items() if k != "selector"} == {"maxUnavailable": 1},
+                          f"{label}: one replica gets maxUnavailable 1, not minAvailable 1",
+                          json.dumps(spec))
     sm_on = values.get("serviceMonitor", {}).get("enabled", False)
     checks.expect(bool([d for d in docs if d.get("kind") == "ServiceMonitor"]) == sm_on,
                   f"{label}: ServiceMonitor {'on' if sm_on else 'off'}")
