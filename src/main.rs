@@ -798,6 +798,24 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
             description,
             idempotency_key,
         } => {
+            // Only a positive adjustment makes a lot: a lot's settings on a negative one
+            // would be ignored, and the caller would think they took effect.
+            if amount < 0 {
+                let given: Vec<&str> = [
+                    priority.is_some().then_some("--priority"),
+                    (expires_at != 0).then_some("--expires-at"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                if !given.is_empty() {
+                    return Err(format!(
+                        "InvalidArgument: {}: only for a positive adjustment (a negative one \
+                         takes credits and makes no lot)",
+                        given.join(", ")
+                    ));
+                }
+            }
             let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
             let out = client
                 .adjust(pb::AdjustRequest {

@@ -664,6 +664,20 @@ async fn adjust_and_refund_commands() {
         said.contains("--priority: ") && said.contains("--wallet: "),
         "every bad argument, by its flag: {said}"
     );
+    // A lot's settings on a negative adjustment (which makes no lot) are refused, not ignored.
+    let said = refused(&[
+        "adjust",
+        "alice",
+        "-5",
+        "--priority",
+        "3",
+        "--expires-at",
+        "-1",
+    ]);
+    assert!(
+        said.contains("InvalidArgument: --priority, --expires-at: only for a positive adjustment"),
+        "{said}"
+    );
     assert_eq!(wallet(&server, "alice").await, (75, 0, -25));
 
     // A charge, refunded in part, once under its key.
