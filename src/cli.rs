@@ -355,10 +355,42 @@ pub const REFUND_FIELDS: &[(&str, &str)] = &[
     ("idempotency_key", "--idempotency-key"),
 ];
 
+/// As [`GRANT_FIELDS`], for `admin org create`, `add-member`, `remove-member` and
+/// `allocate` (whose amount is the request's `amount`, or its `delta` with --add).
+pub const ORG_FIELDS: &[(&str, &str)] = &[
+    ("org_id", "<ORG>"),
+    ("owner_id", "<OWNER>"),
+    ("member_id", "<MEMBER>"),
+    ("actor_id", "--actor"),
+    ("role", "--role"),
+    ("wallet", "--wallet"),
+    ("amount", "<AMOUNT>"),
+    ("delta", "<AMOUNT>"),
+    ("idempotency_key", "--idempotency-key"),
+];
+/// As [`GRANT_FIELDS`], for `admin org budget`.
+pub const BUDGET_FIELDS: &[(&str, &str)] = &[
+    ("account_id", "<ACCOUNT>"),
+    ("member_id", "--member"),
+    ("wallet", "--wallet"),
+    ("limit", "<LIMIT>"),
+    ("period", "--period"),
+    ("window_secs", "--window-secs"),
+    ("utc_offset_minutes", "--utc-offset-minutes"),
+    ("idempotency_key", "--idempotency-key"),
+];
+
 #[derive(Debug, Subcommand)]
 pub enum OrgCommand {
     /// Make an account an organization, with its first owner.
-    Create { org: String, owner: String },
+    Create {
+        org: String,
+        owner: String,
+        /// As for grant: the same key with the same arguments answers the first create
+        /// again (instead of refusing: the organization exists). Default: a fresh key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
     /// Add a member or change a member's role (owner | admin | member).
     AddMember {
         org: String,
@@ -368,6 +400,11 @@ pub enum OrgCommand {
         /// The owner or admin making the change.
         #[arg(long)]
         actor: String,
+        /// As for grant: the same key with the same arguments answers the first change
+        /// again and changes nothing (a role changed since is not changed back). Default:
+        /// a fresh key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Remove a member.
     RemoveMember {
@@ -375,6 +412,10 @@ pub enum OrgCommand {
         member: String,
         #[arg(long)]
         actor: String,
+        /// As for grant: the same key with the same arguments answers the first removal
+        /// again (instead of refusing: no longer a member). Default: a fresh key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// List members and roles.
     Members { org: String },
@@ -392,6 +433,10 @@ pub enum OrgCommand {
         add: bool,
         #[arg(long)]
         actor: String,
+        /// As for grant: the same key with the same arguments answers the first allocation
+        /// again and changes nothing. Default: a fresh key, so a repeated --add adds again.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Set a budget (0 removes it): of an account's wallet, or with --member of an org
     /// member's spend from an org wallet.
@@ -410,5 +455,9 @@ pub enum OrgCommand {
         /// Calendar periods start at midnight of this UTC offset.
         #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
         utc_offset_minutes: i32,
+        /// As for grant: the same key with the same arguments answers the first call again
+        /// and changes nothing. Default: a fresh key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
 }

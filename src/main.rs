@@ -10,7 +10,7 @@ use tollgate::api::pb;
 use tollgate::cli::{
     AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, DeadLettersArgs, DeadLettersCommand,
     EndLostHoldArgs, OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
-    SettleArgs, ToolTarget, GRANT_FIELDS, REFUND_FIELDS,
+    SettleArgs, ToolTarget, BUDGET_FIELDS, GRANT_FIELDS, ORG_FIELDS, REFUND_FIELDS,
 };
 use tollgate::config::{default_worker_threads, url_for_logs, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -879,9 +879,9 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// A money command's answer as a person reads it. A replayed answer is the one an earlier
-/// call with the same idempotency key got, verbatim (its balance is as of then): said so,
-/// since nothing changed now.
+/// A money or org command's answer as a person reads it. A replayed answer is the one an
+/// earlier call with the same idempotency key got, verbatim (its balance is as of then):
+/// said so, since nothing changed now.
 fn replayed_or(replayed: bool, done: String) -> String {
     if replayed {
         format!(
@@ -904,26 +904,32 @@ where
     <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
 {
     match cmd {
-        OrgCommand::Create { org, owner } => {
+        OrgCommand::Create {
+            org,
+            owner,
+            idempotency_key,
+        } => {
             let out = client
                 .create_organization(pb::CreateOrganizationRequest {
                     org_id: org,
                     owner_id: owner,
-                    idempotency_key: fresh_key(),
+                    idempotency_key: idempotency_key.unwrap_or_else(fresh_key),
                 })
                 .await
-                .map_err(status)?
+                .map_err(status_naming(ORG_FIELDS))?
                 .into_inner();
-            println!(
+            let done = format!(
                 "organization {} created, owner {} (event {})",
                 out.org_id, out.owner_id, out.event_id
             );
+            println!("{}", replayed_or(out.replayed, done));
         }
         OrgCommand::AddMember {
             org,
             member,
             role,
             actor,
+            idempotency_key,
         } => {
             let out = client
                 .add_member(pb::AddMemberRequest {
@@ -931,25 +937,38 @@ where
                     member_id: member,
                     role,
                     actor_id: actor,
-                    idempotency_key: fresh_key(),
+                    idempotency_key: idempotency_key.unwrap_or_else(fresh_key),
                 })
                 .await
-                .map_err(status)?
+                .map_err(status_naming(ORG_FIELDS))?
                 .into_inner();
-            println!("{} is {} of {}", out.member_id, out.role, out.org_id);
+            let done = format!(
+                "{} is {} of {} (event {})",
+                out.member_id, out.role, out.org_id, out.event_id
+            );
+            println!("{}", replayed_or(out.replayed, done));
         }
-        OrgCommand::RemoveMember { org, member, actor } => {
+        OrgCommand::RemoveMember {
+            org,
+            member,
+            actor,
+            idempotency_key,
+        } => {
             let out = client
                 .remove_member(pb::RemoveMemberRequest {
                     org_id: org,
                     member_id: member,
                     actor_id: actor,
-                    idempotency_key: fresh_key(),
+                    idempotency_key: idempotency_key.unwrap_or_else(fresh_key),
                 })
                 .await
-                .map_err(status)?
+                .map_err(status_naming(ORG_FIELDS))?
                 .into_inner();
-            println!("{} removed from {}", out.member_id, out.org_id);
+            let done = format!(
+                "{} removed from {} (event {})",
+                out.member_id, out.org_id, out.event_id
+            );
+            println!("{}", replayed_or(out.replayed, done));
         }
         OrgCommand::Members { org } => {
             let out = client
@@ -968,7 +987,9 @@ where
             wallet,
             add,
             actor,
+            idempotency_key,
         } => {
+            let idempotency_key = idempotency_key.unwrap_or_else(fresh_key);
             let out = if add {
                 client
                     .add_allocation(pb::AddAllocationRequest {
@@ -977,7 +998,7 @@ where
                         wallet,
                         delta: amount,
                         actor_id: actor,
-                        idempotency_key: fresh_key(),
+                        idempotency_key,
                     })
                     .await
             } else {
@@ -988,16 +1009,23 @@ where
                         wallet,
                         amount,
                         actor_id: actor,
-                        idempotency_key: fresh_key(),
+                        idempotency_key,
                     })
                     .await
             }
-            .map_err(status)?
+            .map_err(status_naming(ORG_FIELDS))?
             .into_inner();
-            println!(
-                "{} in {} ({}): {} allocated, {} used, {} remaining",
-                out.member_id, out.org_id, out.wallet, out.allocated, out.used, out.remaining
+            let done = format!(
+                "{} in {} ({}): {} allocated, {} used, {} remaining (event {})",
+                out.member_id,
+                out.org_id,
+                out.wallet,
+                out.allocated,
+                out.used,
+                out.remaining,
+                out.event_id
             );
+            println!("{}", replayed_or(out.replayed, done));
         }
         OrgCommand::Budget {
             account,
@@ -1007,6 +1035,7 @@ where
             member,
             wallet,
             utc_offset_minutes,
+            idempotency_key,
         } => {
             let out = client
                 .set_budget(pb::SetBudgetRequest {
@@ -1017,19 +1046,29 @@ where
                     period,
                     window_secs,
                     utc_offset_minutes,
-                    idempotency_key: fresh_key(),
+                    idempotency_key: idempotency_key.unwrap_or_else(fresh_key),
                 })
                 .await
-                .map_err(status)?
+                .map_err(status_naming(BUDGET_FIELDS))?
                 .into_inner();
-            if out.limit == 0 {
-                println!("budget of {} ({}) removed", out.account_id, out.wallet);
+            let done = if out.limit == 0 {
+                format!(
+                    "budget of {} ({}) removed (event {})",
+                    out.account_id, out.wallet, out.event_id
+                )
             } else {
-                println!(
-                    "budget of {} ({}, {}): {} per {}, {} spent so far",
-                    out.account_id, out.wallet, out.scope, out.limit, out.period, out.spent
-                );
-            }
+                format!(
+                    "budget of {} ({}, {}): {} per {}, {} spent so far (event {})",
+                    out.account_id,
+                    out.wallet,
+                    out.scope,
+                    out.limit,
+                    out.period,
+                    out.spent,
+                    out.event_id
+                )
+            };
+            println!("{}", replayed_or(out.replayed, done));
         }
     }
     Ok(())

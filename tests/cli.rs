@@ -1,8 +1,9 @@
 //! The README quick start, run for real: `tollgate serve --dev` as a child process (it
 //! starts its own redis-server), then `tollgate admin grant` / `balance` / `lots` from
 //! "a second terminal". Also: config errors are reported all at once with their paths;
-//! the money commands (`grant --idempotency-key`, `adjust`, `refund`) against a server in
-//! this process, their bad arguments named as typed; `serve --help`'s defaults.
+//! the money commands (`grant --idempotency-key`, `adjust`, `refund`) and the `admin org`
+//! commands' `--idempotency-key` against a server in this process, their bad arguments
+//! named as typed; `serve --help`'s defaults.
 
 mod common;
 
@@ -416,6 +417,189 @@ async fn org_commands() {
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("actor_id"),
         "{refused:?}"
+    );
+}
+
+/// A member's allocation of an org's default wallet, read from the ledger.
+async fn allocated(server: &common::TestServer, org: &str, member: &str) -> i64 {
+    server
+        .ledger
+        .view(org, member, "default")
+        .await
+        .expect("view")
+        .allocations
+        .iter()
+        .find(|a| a.wallet == "default")
+        .map_or(0, |a| a.allocated)
+}
+
+/// `admin org allocate --add --idempotency-key`: re-running the same command (as after a
+/// timeout) replays the first answer, says so, and adds once; without a key, each run adds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_allocate_with_an_idempotency_key_adds_once() {
+    let redis = common::RedisServer::start();
+    let server = test_server(&redis).await;
+    let run = |args: &[&str]| {
+        let out = admin_with_token(&server, args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let refused = |args: &[&str]| {
+        let out = admin_with_token(&server, args);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    run(&["org", "create", "acme", "olivia"]);
+    run(&["org", "add-member", "acme", "alice", "--actor", "olivia"]);
+    run(&["org", "add-member", "acme", "bob", "--actor", "olivia"]);
+
+    let add = [
+        "org",
+        "allocate",
+        "acme",
+        "alice",
+        "100",
+        "--add",
+        "--actor",
+        "olivia",
+        "--idempotency-key",
+        "alloc-1",
+    ];
+    let first = run(&add);
+    assert!(
+        first.starts_with("alice in acme (default): 100 allocated"),
+        "{first}"
+    );
+    assert!(!first.contains("replayed"), "{first}");
+    let again = run(&add);
+    assert!(again.starts_with("replayed"), "{again}");
+    // The first answer, verbatim (same allocation, same event).
+    let answer = |text: &str| {
+        text.split_once("alice in acme")
+            .map(|(_, rest)| rest.trim().to_owned())
+            .unwrap_or_else(|| panic!("no allocation in {text}"))
+    };
+    assert_eq!(answer(&again), answer(&first));
+    assert_eq!(allocated(&server, "acme", "alice").await, 100, "added once");
+    // The same key with other arguments is refused, and changes nothing.
+    let mut other = add;
+    other[4] = "5";
+    let said = refused(&other);
+    assert!(said.contains("idempotency key reused"), "{said}");
+    assert_eq!(allocated(&server, "acme", "alice").await, 100);
+
+    // Without a key, each run adds.
+    for _ in 0..2 {
+        let out = run(&[
+            "org", "allocate", "acme", "bob", "100", "--add", "--actor", "olivia",
+        ]);
+        assert!(!out.contains("replayed"), "{out}");
+    }
+    assert_eq!(allocated(&server, "acme", "bob").await, 200, "added twice");
+
+    // Bad input: named as the command line names it; nothing changed.
+    let said = refused(&[
+        "org", "allocate", "acme", "alice", "0", "--add", "--actor", "olivia",
+    ]);
+    assert!(said.contains("InvalidArgument: <AMOUNT>: "), "{said}");
+    let said = refused(&[
+        "org", "allocate", "acme", "alice", "5", "--add", "--actor", "bob",
+    ]);
+    assert!(said.contains("InvalidArgument: --actor: "), "{said}");
+    assert!(!said.contains("actor_id"), "{said}");
+    assert_eq!(allocated(&server, "acme", "alice").await, 100);
+}
+
+/// `admin org create` and `remove-member` under an idempotency key: a re-run replays the
+/// first answer and says so; without a key, the re-run is a second call, refused (the org
+/// exists; the member is gone). A bad budget argument is named as its flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_create_and_remove_member_with_an_idempotency_key_replay() {
+    let redis = common::RedisServer::start();
+    let server = test_server(&redis).await;
+    let run = |args: &[&str]| {
+        let out = admin_with_token(&server, args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let refused = |args: &[&str]| {
+        let out = admin_with_token(&server, args);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let create = [
+        "org",
+        "create",
+        "acme",
+        "olivia",
+        "--idempotency-key",
+        "org-1",
+    ];
+    let first = run(&create);
+    assert!(
+        first.starts_with("organization acme created, owner olivia (event "),
+        "{first}"
+    );
+    let again = run(&create);
+    assert_eq!(
+        again,
+        format!(
+            "replayed (an earlier call with this idempotency key got this answer; nothing \
+             changed now): {first}"
+        )
+    );
+    run(&["org", "create", "globex", "olivia"]);
+    let said = refused(&["org", "create", "globex", "olivia"]);
+    assert!(said.contains("AlreadyExists: "), "{said}");
+
+    run(&["org", "add-member", "acme", "alice", "--actor", "olivia"]);
+    let remove = [
+        "org",
+        "remove-member",
+        "acme",
+        "alice",
+        "--actor",
+        "olivia",
+        "--idempotency-key",
+        "rm-1",
+    ];
+    let first = run(&remove);
+    assert!(
+        first.starts_with("alice removed from acme (event "),
+        "{first}"
+    );
+    let again = run(&remove);
+    assert!(again.starts_with("replayed"), "{again}");
+    assert!(again.ends_with(&first), "{again}");
+    // Re-added since: the replay of the earlier removal does not remove them again.
+    run(&["org", "add-member", "acme", "alice", "--actor", "olivia"]);
+    let again = run(&remove);
+    assert!(again.starts_with("replayed"), "{again}");
+    let members = server.ledger.members("acme").await.expect("members");
+    assert!(
+        members.iter().any(|(m, _)| m == "alice"),
+        "still a member: {members:?}"
+    );
+    // Without a key the re-run is a second removal: refused, the argument named as typed.
+    run(&["org", "remove-member", "acme", "alice", "--actor", "olivia"]);
+    let said = refused(&["org", "remove-member", "acme", "alice", "--actor", "olivia"]);
+    assert!(
+        said.contains("InvalidArgument: <MEMBER>: is not a member"),
+        "{said}"
+    );
+
+    let said = refused(&[
+        "org",
+        "budget",
+        "acme",
+        "100",
+        "--utc-offset-minutes",
+        "100000",
+    ]);
+    assert!(
+        said.contains("InvalidArgument: --utc-offset-minutes: "),
+        "{said}"
     );
 }
 
