@@ -122,11 +122,28 @@ async fn traefik_meters_charges_once_and_passes_402_through() {
     ];
     let r = http(traefik.addr, "POST", "/v1/envelopes", &disguised, "").await;
     assert_eq!(r.status, 401, "{r:?}");
-    for tag in ["poor", "nokey", "disguised"] {
+    // An ambiguous encoded character in the path is refused before it is priced: a
+    // backend decoding %2F itself would serve another route than the one charged.
+    let encoded = [
+        ("authorization", bearer.as_str()),
+        ("x-test-tag", "encoded"),
+    ];
+    let r = http(traefik.addr, "POST", "/v1/envelopes%2Fbulk", &encoded, "").await;
+    assert_eq!(r.status, 400, "{r:?}");
+    for tag in ["poor", "nokey", "disguised", "encoded"] {
         assert!(
             upstream.seen_tagged(tag).is_empty(),
             "{tag} reached the upstream"
         );
     }
     assert_eq!(balance(&server, "acme").await, (69, 0, 31));
+    // The example is clean: Traefik has nothing to warn about in it (an unbounded
+    // ForwardAuth response body, say).
+    let log = traefik.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        // Its console format, coloured even into a file: "…Z \x1b[33mWRN\x1b[0m …".
+        .filter(|l| l.contains("WRN"))
+        .collect();
+    assert!(warnings.is_empty(), "Traefik warned: {warnings:#?}");
 }
