@@ -30,6 +30,13 @@
 //!    consistent numbers; every HoldEnded refusal must name how the model ended the hold,
 //!    and every RefundExceedsCharge what was refundable at some moment.
 //!
+//! Wherever the state is compared, every actor's GetBalance `spendable` (what the API
+//! computes from the balance and the view) must equal the model's own min(balance,
+//! allocation left, every budget's headroom), and be the real bound: the model allows a
+//! charge of exactly it and refuses one credit more, and a real debit of one credit more is
+//! refused as the model says (a refusal changes nothing). In the sequential phase some
+//! steps debit exactly what GetBalance says is spendable: accepted, leaving nothing.
+//!
 //! Balances never go negative and conservation (granted + adjusted == available + held +
 //! used + expired - refunded) holds throughout.
 //!
@@ -82,6 +89,8 @@ mod tally {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     pub static SEQ_ACCEPTED: AtomicUsize = AtomicUsize::new(0);
+    /// Debits of exactly what GetBalance said was spendable (more than 0), accepted.
+    pub static SEQ_SPENT_ALL: AtomicUsize = AtomicUsize::new(0);
     /// Replays in the sequential phase (first answer again, state unchanged).
     pub static SEQ_REPLAYS: AtomicUsize = AtomicUsize::new(0);
     /// Holds the model ended by expiry (the ledger agreed, or the state checks failed).
@@ -139,6 +148,7 @@ mod tally {
         let r = |row: usize, col: usize| n(&REFUSED[row][col]);
         vec![
             ("sequential charges accepted", n(&SEQ_ACCEPTED)),
+            ("debits of all that was spendable", n(&SEQ_SPENT_ALL)),
             ("sequential allocation refusals", r(0, 0)),
             ("sequential org budget refusals", r(1, 0)),
             ("sequential member budget refusals", r(2, 0)),
@@ -297,6 +307,23 @@ impl Model {
             out.push((member.to_owned(), BudgetScope::Member));
         }
         out
+    }
+
+    /// What `member` may spend now, from the model's own state: the tightest of the
+    /// balance, the allocation left (when one bounds them) and the headroom (limit − spent
+    /// today) of every budget a charge by them counts in, never below 0. GetBalance's
+    /// `spendable` must say exactly this; `check` allows exactly this much and refuses one
+    /// credit more.
+    fn spendable(&self, now: i64, member: &str) -> i64 {
+        let mut bound = self.available;
+        if let Some(left) = self.remaining(member) {
+            bound = bound.min(left);
+        }
+        for (key, _) in self.budgets_for(member) {
+            let b = &self.budgets[&key];
+            bound = bound.min(b.limit - b.spent(now));
+        }
+        bound.max(0)
     }
 
     /// Whether `member` may charge `amount` now; the refusal the scripts give if not.
@@ -532,6 +559,11 @@ enum Op {
         charge: usize,
         amount: i64,
     },
+    /// A debit of exactly what GetBalance says the actor may spend (nothing when that is
+    /// 0): always accepted, leaving nothing to spend.
+    SpendAll {
+        actor: usize,
+    },
     /// The owner sets or changes a member's allocation.
     Allocate {
         member: usize,
@@ -584,6 +616,7 @@ fn charge_op(short_holds: bool) -> impl Strategy<Value = Op> {
 fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
         16 => charge_op(true),
+        1 => (0..ACTORS.len()).prop_map(|actor| Op::SpendAll { actor }),
         2 => (0..MEMBERS.len(), any::<bool>(), -100i64..300).prop_map(|(member, set, amount)| {
             let amount = if set { amount.max(0) } else if amount == 0 { 1 } else { amount };
             Op::Allocate { member, set, amount }
@@ -1039,34 +1072,31 @@ impl Run {
         let key = self.key();
         match op.clone() {
             Op::Debit { actor, amount } => {
+                self.debit(ACTORS[actor], amount, key, op).await?;
+            }
+            Op::SpendAll { actor } => {
                 let member = ACTORS[actor];
-                let raw = self.send(Sent::Debit(debit_cmd(member, amount, key))).await;
+                // GetBalance ends overdue holds first (the model too).
                 self.model.settle(now);
-                let expect = match self.model.charge(now, member, amount, false) {
-                    Ok(c) => {
-                        if let Raw::Debited(d) = &raw {
-                            self.model.charges.insert(
-                                d.event_id.clone(),
-                                ModelCharge {
-                                    member: member.into(),
-                                    amount,
-                                    refunded: 0,
-                                },
-                            );
-                            self.charge_ids.push(d.event_id.clone());
-                        }
-                        Got::Debited {
-                            amount,
-                            available: c.available,
-                            held: c.held,
-                            remaining: c.remaining,
-                        }
-                    }
-                    Err(r) => Got::Refused(r),
-                };
-                tally_seq(&expect);
-                prop_assert_eq!(raw.got(), expect, "{:?}", op);
-                prop_assert!(!raw.replayed(), "{:?}: {:?}", op, raw);
+                let spendable = get_balance_spendable(&self.ledger, member).await;
+                prop_assert_eq!(
+                    spendable,
+                    self.model.spendable(now, member),
+                    "{:?}: GetBalance's spendable of {:?}",
+                    op,
+                    member
+                );
+                if spendable > 0 {
+                    let raw = self.debit(member, spendable, key, op).await?;
+                    let Raw::Debited(d) = raw else {
+                        return Err(TestCaseError::fail(format!(
+                            "{op:?}: a debit of exactly spendable ({spendable}) by {member:?}: {raw:?}"
+                        )));
+                    };
+                    // Nothing left: the bound that gave `spendable` is used up.
+                    prop_assert_eq!(d.spendable.unwrap_or(d.available), 0, "{:?}: {:?}", op, d);
+                    tally::add(&tally::SEQ_SPENT_ALL, 1);
+                }
             }
             Op::Authorize {
                 actor,
@@ -1263,6 +1293,45 @@ impl Run {
         Ok(())
     }
 
+    /// A debit by `member` (sent, then predicted by the model): its answer.
+    async fn debit(
+        &mut self,
+        member: &str,
+        amount: i64,
+        key: String,
+        op: &Op,
+    ) -> Result<Raw, TestCaseError> {
+        let now = self.now();
+        let raw = self.send(Sent::Debit(debit_cmd(member, amount, key))).await;
+        self.model.settle(now);
+        let expect = match self.model.charge(now, member, amount, false) {
+            Ok(c) => {
+                if let Raw::Debited(d) = &raw {
+                    self.model.charges.insert(
+                        d.event_id.clone(),
+                        ModelCharge {
+                            member: member.into(),
+                            amount,
+                            refunded: 0,
+                        },
+                    );
+                    self.charge_ids.push(d.event_id.clone());
+                }
+                Got::Debited {
+                    amount,
+                    available: c.available,
+                    held: c.held,
+                    remaining: c.remaining,
+                }
+            }
+            Err(r) => Got::Refused(r),
+        };
+        tally_seq(&expect);
+        prop_assert_eq!(raw.got(), expect, "{:?}", op);
+        prop_assert!(!raw.replayed(), "{:?}: {:?}", op, raw);
+        Ok(raw)
+    }
+
     async fn end(
         &mut self,
         hold_id: &str,
@@ -1325,8 +1394,23 @@ fn tally_seq(expect: &Got) {
     }
 }
 
+/// GetBalance's `spendable` of the org wallet for `actor`, from the same two reads the API
+/// makes (src/api/metering.rs `get_balance`: the balance, which ends overdue holds, then
+/// the view) and the same figure it computes from them.
+async fn get_balance_spendable(ledger: &Ledger, actor: &str) -> i64 {
+    let balance = ledger.balance(ORG, WALLET).await.expect("balance");
+    let view = ledger.view(ORG, actor, WALLET).await.expect("view");
+    view.spendable(WALLET, balance[0].available)
+}
+
+/// Idempotency keys of the probes of compare_state (fresh ones: a probe is never replayed).
+static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The balance and every actor's view against the model. GetBalance ends overdue holds
-/// (the model too, first); the view does not.
+/// (the model too, first); the view does not. And every actor's GetBalance `spendable`
+/// against the model's, as the real bound: the model allows a charge of exactly it and
+/// refuses one credit more, and the ledger refuses that one as the model says (a refusal
+/// changes nothing, so the model stays as it is).
 async fn compare_state(
     ledger: &Ledger,
     model: &mut Model,
@@ -1346,6 +1430,40 @@ async fn compare_state(
             &view,
             &model.view(now, actor),
             "view of {:?} {}",
+            actor,
+            when
+        );
+        // What GetBalance computes from these two reads (src/api/metering.rs).
+        let spendable = view.spendable(WALLET, b.available);
+        prop_assert_eq!(
+            spendable,
+            model.spendable(now, actor),
+            "GetBalance's spendable of {:?} {}",
+            actor,
+            when
+        );
+        if spendable > 0 {
+            prop_assert_eq!(
+                model.check(now, actor, spendable),
+                Ok(()),
+                "{:?} may not spend all of spendable ({}) {}",
+                actor,
+                spendable,
+                when
+            );
+        }
+        let over = model.check(now, actor, spendable + 1);
+        prop_assert!(
+            over.is_err(),
+            "{actor:?} may spend past spendable ({spendable}) {when}"
+        );
+        let probe = format!("probe{}", PROBES.fetch_add(1, Ordering::Relaxed));
+        let raw = send(ledger, &Sent::Debit(debit_cmd(actor, spendable + 1, probe))).await;
+        prop_assert_eq!(
+            raw.got(),
+            Got::Refused(over.unwrap_err()),
+            "a debit of spendable ({}) + 1 by {:?} {}",
+            spendable,
             actor,
             when
         );

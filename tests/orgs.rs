@@ -691,6 +691,219 @@ async fn get_balance_says_what_the_caller_may_spend_now() {
     assert_eq!(d.spendable, 20);
 }
 
+/// A debit of acme's default wallet by `member`.
+async fn acme_debit(
+    server: &common::TestServer,
+    member: &str,
+    amount: i64,
+    key: &str,
+) -> Result<pb::DebitResponse, tonic::Status> {
+    let mut metering = server.metering().await;
+    metering
+        .debit(pb::DebitRequest {
+            account_id: "acme".into(),
+            member_id: member.into(),
+            amount,
+            idempotency_key: key.into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// GetBalance's `spendable` of acme's only wallet for `member`.
+async fn acme_spendable(server: &common::TestServer, member: &str) -> i64 {
+    let v = view(server, member, "").await;
+    assert_eq!(v.wallets.len(), 1, "{v:?}");
+    v.wallets[0].spendable
+}
+
+/// The strongest check of GetBalance's `spendable` for `member` (which must be `want`):
+/// it is the real bound. A debit of one credit more is refused by `refused_by` (the
+/// scope of the budget that refuses it, else the refusal's reason); a debit of exactly
+/// it goes through and reports nothing left, as GetBalance then says too.
+async fn spend_all_that_is_spendable(
+    server: &common::TestServer,
+    member: &str,
+    want: i64,
+    refused_by: &str,
+    key: &str,
+) {
+    let spendable = acme_spendable(server, member).await;
+    assert_eq!(spendable, want, "{key}: {member}'s spendable");
+    let over = acme_debit(server, member, spendable + 1, &format!("{key}-over"))
+        .await
+        .expect_err("a debit of one credit more than spendable");
+    let info = over.get_details_error_info().expect("error info");
+    let by = info.metadata.get("budget").unwrap_or(&info.reason);
+    assert_eq!(by, refused_by, "{key}: {over:?}");
+    if spendable == 0 {
+        return;
+    }
+    let d = acme_debit(server, member, spendable, key)
+        .await
+        .unwrap_or_else(|e| panic!("{key}: a debit of exactly spendable ({spendable}): {e:?}"));
+    assert_eq!(
+        d.spendable, 0,
+        "{key}: nothing left after spending all of it"
+    );
+    assert_eq!(acme_spendable(server, member).await, d.spendable, "{key}");
+}
+
+/// The `resets_at_ms` of the budget of `scope` that binds `member` in GetBalance.
+async fn acme_resets(server: &common::TestServer, member: &str, scope: &str) -> i64 {
+    let v = view(server, member, "").await;
+    let b = v
+        .budgets
+        .iter()
+        .find(|b| b.scope == scope)
+        .unwrap_or_else(|| panic!("no {scope} budget binds {member}: {v:?}"));
+    b.resets_at_ms
+}
+
+/// GetBalance's `spendable` is the real bound as a rolling window slides and a calendar
+/// month resets (manual clock, moved to the exact ms): before and after each, it is what
+/// the next Debit reports, one credit more is refused and exactly it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_balance_spendable_is_the_real_bound_as_windows_slide_and_months_reset() {
+    use std::sync::atomic::Ordering::SeqCst;
+    /// A 60 s window counts in buckets of 60/16 s.
+    const BUCKET: i64 = 60_000 / 16;
+    assert_eq!(
+        START_MS % BUCKET,
+        0,
+        "the test starts on a bucket's first ms"
+    );
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let server = common::TestServer::start(common::test_config(&redis.url()), clock).await;
+    let mut admin = server.admin().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 5_000,
+            idempotency_key: "buy".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    admin
+        .create_organization(pb::CreateOrganizationRequest {
+            org_id: "acme".into(),
+            owner_id: "olivia".into(),
+            idempotency_key: "create".into(),
+        })
+        .await
+        .expect("org");
+    admin
+        .add_member(pb::AddMemberRequest {
+            org_id: "acme".into(),
+            member_id: "carol".into(),
+            role: "member".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "add".into(),
+        })
+        .await
+        .expect("member");
+    let allocate = |amount: i64, key: &str| pb::SetAllocationRequest {
+        org_id: "acme".into(),
+        member_id: "carol".into(),
+        amount,
+        actor_id: "olivia".into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    admin
+        .set_allocation(allocate(1_000, "alloc"))
+        .await
+        .expect("allocate");
+    // Carol: 100 per rolling minute. Every caller of the wallet: 250 per calendar month
+    // of UTC+1.
+    admin
+        .set_budget(pb::SetBudgetRequest {
+            account_id: "acme".into(),
+            member_id: "carol".into(),
+            limit: 100,
+            period: "window".into(),
+            window_secs: 60,
+            idempotency_key: "carol-window".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("window budget");
+    admin
+        .set_budget(pb::SetBudgetRequest {
+            account_id: "acme".into(),
+            limit: 250,
+            period: "month".into(),
+            utc_offset_minutes: 60,
+            idempotency_key: "acme-month".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("month budget");
+    // 2026-12-01 00:00 at UTC+1: 2026-11-30 23:00 UTC.
+    let month_end = ((START_MS / DAY_MS + 1) + 7) * DAY_MS - 3_600_000;
+    assert_eq!(acme_resets(&server, "carol", "account").await, month_end);
+    let at = |ms: i64| now.store(ms, SeqCst);
+
+    // The window is the tightest bound (100 of a balance of 5,000, an allocation of 1,000
+    // and a month's 250).
+    assert_eq!(acme_spendable(&server, "carol").await, 100);
+    let d = acme_debit(&server, "carol", 30, "w1").await.expect("debit");
+    assert_eq!(d.spendable, 70);
+    assert_eq!(acme_spendable(&server, "carol").await, d.spendable);
+    // 20 s later (bucket 5 of the window): the other 70, not one more.
+    at(START_MS + 20_000);
+    spend_all_that_is_spendable(&server, "carol", 70, "member", "w2").await;
+
+    // The first bucket (30) leaves the window 17 buckets after it began: not a ms before.
+    let slide = acme_resets(&server, "carol", "member").await;
+    assert_eq!(slide, START_MS + 17 * BUCKET);
+    at(slide - 1);
+    spend_all_that_is_spendable(&server, "carol", 0, "member", "w3").await;
+    at(slide);
+    spend_all_that_is_spendable(&server, "carol", 30, "member", "w4").await;
+    // Then the second (70, bucket 5).
+    let slide = acme_resets(&server, "carol", "member").await;
+    assert_eq!(slide, START_MS + (5 + 17) * BUCKET);
+    at(slide - 1);
+    spend_all_that_is_spendable(&server, "carol", 0, "member", "w5").await;
+    at(slide);
+    spend_all_that_is_spendable(&server, "carol", 70, "member", "w6").await;
+
+    // Ten minutes on the window is empty (100), but the month has 250 - 200 left: the
+    // month is the bound, for carol and for the owner (no allocation, no budget of
+    // their own).
+    at(START_MS + 600_000);
+    spend_all_that_is_spendable(&server, "olivia", 50, "account", "m1").await;
+    spend_all_that_is_spendable(&server, "carol", 0, "account", "m2").await;
+
+    // Carol's allocation lowered to 250 (200 used): 50 left.
+    admin
+        .set_allocation(allocate(250, "alloc-250"))
+        .await
+        .expect("lower the allocation");
+    // The last ms of the month: nothing for anyone.
+    at(month_end - 1);
+    spend_all_that_is_spendable(&server, "carol", 0, "account", "m3").await;
+    spend_all_that_is_spendable(&server, "olivia", 0, "account", "m4").await;
+    // The next month: 250 again. Carol is bound by what her allocation has left.
+    at(month_end);
+    assert_eq!(
+        acme_resets(&server, "carol", "account").await,
+        month_end + 31 * DAY_MS
+    );
+    assert_eq!(acme_spendable(&server, "carol").await, 50);
+    let d = acme_debit(&server, "carol", 20, "m5").await.expect("debit");
+    assert_eq!(d.spendable, 30);
+    assert_eq!(acme_spendable(&server, "carol").await, d.spendable);
+    spend_all_that_is_spendable(&server, "carol", 30, "ALLOCATION_EXCEEDED", "m6").await;
+    // The owner: the month's 250 - 50.
+    spend_all_that_is_spendable(&server, "olivia", 200, "account", "m7").await;
+    spend_all_that_is_spendable(&server, "carol", 0, "ALLOCATION_EXCEEDED", "m8").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_names_the_field_and_changes_nothing() {
     let redis = common::RedisServer::start();
