@@ -253,6 +253,23 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
         .expect("personal")
         .into_inner();
     assert_eq!(p.context, "personal");
+    // A member of a personal account: the account is what is wrong, not the member; and
+    // a stranger of an org is the member.
+    for (account, member, field) in [
+        ("pat", "alice", "account_id"),
+        ("acme", "mallory", "member_id"),
+    ] {
+        let refused = metering
+            .get_balance(pb::GetBalanceRequest {
+                account_id: account.into(),
+                member_id: member.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("not an org member");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert_eq!(bad_fields(&refused), vec![field.to_owned()], "{refused:?}");
+    }
     // The org's own account, asked without a member, is an organization.
     let org = metering
         .get_balance(pb::GetBalanceRequest {

@@ -295,9 +295,17 @@ impl Metering for MeteringService {
         let role = match (&view.role, member_id.is_empty()) {
             (Some(role), false) => Some(*role),
             (None, false) => {
-                let field = if by_key { "key_id" } else { "member_id" };
+                // An account that is no organization has no members: name the account.
+                let (field, why) = match (by_key, view.is_org) {
+                    (true, _) => ("key_id", "is not a member of the organization"),
+                    (false, true) => ("member_id", "is not a member of the organization"),
+                    (false, false) => (
+                        "account_id",
+                        "is not an organization (member_id names an org member)",
+                    ),
+                };
                 return Err(to_status(LedgerError::InvalidArgument(vec![
-                    FieldViolation::new(field, "is not a member of the organization"),
+                    FieldViolation::new(field, why),
                 ])));
             }
             (_, true) => None,
