@@ -110,6 +110,16 @@ pub enum DeadLettersCommand {
     },
 }
 
+/// An optional value that, when given, must say something (`--idempotency-key ''` is a
+/// mistake, not "no key").
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".to_owned())
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
 fn field_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -220,7 +230,8 @@ pub struct SettleArgs {
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
-    /// gRPC address of the server.
+    /// gRPC address of the server: http://HOST:PORT or https://HOST:PORT; a bare
+    /// HOST:PORT (as `serve` prints its gRPC address) means http://HOST:PORT.
     #[arg(long, default_value_t = format!("http://{DEFAULT_GRPC_ADDR}"), env = "TOLLGATE_SERVER")]
     pub server: String,
     /// Admin token (default: the token `serve --dev` prints).
@@ -253,7 +264,7 @@ pub enum AdminCommand {
         /// same arguments answers the first grant again, marked replayed, and grants
         /// nothing (for ledger.idempotency_window_secs, default 24 h). Default: a fresh
         /// key, so a repeated command grants again.
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         idempotency_key: Option<String>,
     },
     /// Show an account's balances (or an org's, as one member sees them).
@@ -281,9 +292,10 @@ pub enum AdminCommand {
         #[arg(long, default_value = "")]
         actor: String,
         /// A retry with the same key answers the key the first call made (its secret is
-        /// shown only once, by the first call).
-        #[arg(long, default_value = "")]
-        idempotency_key: String,
+        /// shown only once, by the first call). Default: none, so a repeated command makes
+        /// another key.
+        #[arg(long, value_parser = non_empty)]
+        idempotency_key: Option<String>,
     },
     /// Organizations: members, allocations, budgets.
     #[command(subcommand)]
@@ -319,7 +331,7 @@ pub enum AdminCommand {
         description: String,
         /// As for grant: the same key with the same arguments answers the first
         /// adjustment again and changes nothing. Default: a fresh key.
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         idempotency_key: Option<String>,
     },
     /// Refund a charge: returns up to what a debit or capture took (minus earlier refunds)
@@ -330,7 +342,7 @@ pub enum AdminCommand {
         amount: i64,
         /// As for grant: the same key with the same arguments answers the first refund
         /// again and refunds nothing. Default: a fresh key.
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         idempotency_key: Option<String>,
     },
 }
@@ -368,6 +380,21 @@ pub const ORG_FIELDS: &[(&str, &str)] = &[
     ("delta", "<AMOUNT>"),
     ("idempotency_key", "--idempotency-key"),
 ];
+/// As [`GRANT_FIELDS`], for `admin balance`.
+pub const BALANCE_FIELDS: &[(&str, &str)] = &[
+    ("account_id", "<ACCOUNT>"),
+    ("wallet", "--wallet"),
+    ("member_id", "--member"),
+];
+/// As [`GRANT_FIELDS`], for `admin create-key`.
+pub const CREATE_KEY_FIELDS: &[(&str, &str)] = &[
+    ("account_id", "<ACCOUNT>"),
+    ("name", "--name"),
+    ("org_id", "--org"),
+    ("member_id", "--member"),
+    ("actor_id", "--actor"),
+    ("idempotency_key", "--idempotency-key"),
+];
 /// As [`GRANT_FIELDS`], for `admin org budget`.
 pub const BUDGET_FIELDS: &[(&str, &str)] = &[
     ("account_id", "<ACCOUNT>"),
@@ -388,7 +415,7 @@ pub enum OrgCommand {
         owner: String,
         /// As for grant: the same key with the same arguments answers the first create
         /// again (instead of refusing: the organization exists). Default: a fresh key.
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         idempotency_key: Option<String>,
     },
     /// Add a member or change a member's role (owner | admin | member).
@@ -403,7 +430,7 @@ pub enum OrgCommand {
         /// As for grant: the same key with the same arguments answers the first change
         /// again and changes nothing (a role changed since is not changed back). Default:
         /// a fresh key.
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         idempotency_key: Option<String>,
     },
     /// Remove a member.
@@ -414,7 +441,7 @@ pub enum OrgCommand {
         actor: String,
         /// As for grant: the same key with the same arguments answers the first removal
         /// again (instead of refusing: no longer a member). Default: a fresh key.
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         idempotency_key: Option<String>,
     },
     /// List members and roles.
@@ -435,7 +462,7 @@ pub enum OrgCommand {
         actor: String,
         /// As for grant: the same key with the same arguments answers the first allocation
         /// again and changes nothing. Default: a fresh key, so a repeated --add adds again.
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         idempotency_key: Option<String>,
     },
     /// Set a budget (0 removes it): of an account's wallet, or with --member of an org
@@ -457,7 +484,7 @@ pub enum OrgCommand {
         utc_offset_minutes: i32,
         /// As for grant: the same key with the same arguments answers the first call again
         /// and changes nothing. Default: a fresh key.
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         idempotency_key: Option<String>,
     },
 }

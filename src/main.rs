@@ -10,7 +10,8 @@ use tollgate::api::pb;
 use tollgate::cli::{
     AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, DeadLettersArgs, DeadLettersCommand,
     EndLostHoldArgs, OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
-    SettleArgs, ToolTarget, BUDGET_FIELDS, GRANT_FIELDS, ORG_FIELDS, REFUND_FIELDS,
+    SettleArgs, ToolTarget, BALANCE_FIELDS, BUDGET_FIELDS, CREATE_KEY_FIELDS, GRANT_FIELDS,
+    ORG_FIELDS, REFUND_FIELDS,
 };
 use tollgate::config::{default_worker_threads, url_for_logs, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -542,13 +543,14 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
         .parse()
         .map_err(|_| "the token is not a valid header value".to_owned())?;
     // Bounded: a back-office command must not hang on a server that does not answer.
-    let channel = Channel::from_shared(args.server.clone())
+    let server = server_url(&args.server);
+    let channel = Channel::from_shared(server.clone())
         .map_err(|e| format!("bad --server {}: {e}", args.server))?
         .connect_timeout(std::time::Duration::from_secs(10))
         .timeout(std::time::Duration::from_secs(60))
         .connect()
         .await
-        .map_err(|e| format!("cannot reach {}: {e}", args.server))?;
+        .map_err(|e| format!("cannot reach {server}: {e}"))?;
     let with_auth = move |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", header.clone());
         Ok(req)
@@ -601,7 +603,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     key_id: String::new(),
                 })
                 .await
-                .map_err(status)?
+                .map_err(status_naming(BALANCE_FIELDS))?
                 .into_inner();
             if out.role.is_empty() {
                 println!("account {account} ({})", out.context);
@@ -668,10 +670,10 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     org_id: org,
                     member_id: member,
                     actor_id: actor,
-                    idempotency_key,
+                    idempotency_key: idempotency_key.unwrap_or_default(),
                 })
                 .await
-                .map_err(status)?
+                .map_err(status_naming(CREATE_KEY_FIELDS))?
                 .into_inner();
             if out.replayed {
                 println!(
@@ -1051,19 +1053,23 @@ where
                 .await
                 .map_err(status_naming(BUDGET_FIELDS))?
                 .into_inner();
-            let done = if out.limit == 0 {
-                format!(
-                    "budget of {} ({}) removed (event {})",
-                    out.account_id, out.wallet, out.event_id
-                )
+            // Whose budget: an org member's, or the account's own (every charge of the wallet).
+            let whose = if out.member_id.is_empty() {
+                format!("account budget of {} ({})", out.account_id, out.wallet)
             } else {
                 format!(
-                    "budget of {} ({}, {}): {} per {}, {} spent so far (event {})",
-                    out.account_id,
-                    out.wallet,
-                    out.scope,
+                    "member budget of {} in {} ({})",
+                    out.member_id, out.account_id, out.wallet
+                )
+            };
+            // The answer does not say whether there was a budget to remove.
+            let done = if out.limit == 0 {
+                format!("{whose} removed (event {})", out.event_id)
+            } else {
+                format!(
+                    "{whose}: {} per {}, {} spent so far (event {})",
                     out.limit,
-                    out.period,
+                    budget_period(&out.period, out.window_secs, utc_offset_minutes),
                     out.spent,
                     out.event_id
                 )
@@ -1072,6 +1078,34 @@ where
         }
     }
     Ok(())
+}
+
+/// `--server` as a URL: a bare HOST:PORT (as `serve` prints its gRPC address, and as
+/// `server.grpc_addr` is written) is taken as http://HOST:PORT.
+fn server_url(server: &str) -> String {
+    if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    }
+}
+
+/// A budget's period as a person reads it: `day`, `month`, `day (UTC+01:00)` when its
+/// calendar is not UTC's, `3600 s window` for a rolling window.
+fn budget_period(period: &str, window_secs: i64, utc_offset_minutes: i32) -> String {
+    if period == "window" {
+        return format!("{window_secs} s window");
+    }
+    if utc_offset_minutes == 0 {
+        return period.to_owned();
+    }
+    let sign = if utc_offset_minutes < 0 { '-' } else { '+' };
+    let minutes = utc_offset_minutes.unsigned_abs();
+    format!(
+        "{period} (UTC{sign}{:02}:{:02})",
+        minutes / 60,
+        minutes % 60
+    )
 }
 
 /// A refusal as a person reads it: the code, the message (without repeating the code),
@@ -1105,17 +1139,20 @@ fn status_naming(
         if violations.is_empty() {
             return status(s);
         }
-        let named = violations
-            .iter()
-            .map(|v| {
-                let field = fields
-                    .iter()
-                    .find(|(sent, _)| *sent == v.field)
-                    .map_or(v.field.as_str(), |(_, argument)| argument);
-                format!("{field}: {}", v.description)
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+        let mut named: Vec<String> = Vec::with_capacity(violations.len());
+        for v in &violations {
+            let field = fields
+                .iter()
+                .find(|(sent, _)| *sent == v.field)
+                .map_or(v.field.as_str(), |(_, argument)| argument);
+            // Two request fields may be one argument (e.g. both sides of a pair refused
+            // alike): say it once.
+            let part = format!("{field}: {}", v.description);
+            if !named.contains(&part) {
+                named.push(part);
+            }
+        }
+        let named = named.join("; ");
         format!("{:?}: {named}", s.code())
     }
 }
