@@ -1030,6 +1030,34 @@ async fn bad_input_names_the_field_and_changes_nothing() {
                 .await
                 .expect_err("a stranger charges the org"),
         ),
+        // A member on an account that is no organization: the account is what is wrong.
+        (
+            "account_id",
+            metering
+                .debit(pb::DebitRequest {
+                    account_id: "solo".into(),
+                    member_id: "alice".into(),
+                    amount: 1,
+                    idempotency_key: "x5b".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a member charges a personal account"),
+        ),
+        (
+            "account_id",
+            metering
+                .authorize(pb::AuthorizeRequest {
+                    account_id: "solo".into(),
+                    member_id: "alice".into(),
+                    amount: 1,
+                    ttl_ms: 60_000,
+                    idempotency_key: "x5c".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a member holds on a personal account"),
+        ),
         (
             "role",
             admin

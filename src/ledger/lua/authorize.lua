@@ -34,7 +34,7 @@ local role
 if member ~= '' then
   role = member_role(acct, member)
   if not role then
-    return { 0, 'BAD_FIELD|member_id|is not a member of the organization' }
+    return not_a_member_reply(acct)
   end
 end
 local W = open_wallet(acct, ARGV[9])

@@ -283,6 +283,15 @@ local function member_role(org, member)
   return redis.call('HGET', org_key(org), 'm:' .. member)
 end
 
+-- Why a charge naming a member has no role: the account is no organization at all, or the
+-- member is not in it (looked up only on this refusal).
+local function not_a_member_reply(org)
+  if redis.call('EXISTS', org_key(org)) == 0 then
+    return { 0, 'BAD_FIELD|account_id|is not an organization (member_id names an org member)' }
+  end
+  return { 0, 'BAD_FIELD|member_id|is not a member of the organization' }
+end
+
 -- What a member may still spend from the org wallet: nil when unbounded (an owner or admin
 -- without an allocation), else allocated - used, never below 0 (an allocation lowered
 -- under what the member already used leaves nothing, not a debt); 0 for a plain member
