@@ -438,16 +438,8 @@ async fn allocated(server: &common::TestServer, org: &str, member: &str) -> i64 
 async fn org_allocate_with_an_idempotency_key_adds_once() {
     let redis = common::RedisServer::start();
     let server = test_server(&redis).await;
-    let run = |args: &[&str]| {
-        let out = admin_with_token(&server, args);
-        assert!(out.status.success(), "{args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let refused = |args: &[&str]| {
-        let out = admin_with_token(&server, args);
-        assert!(!out.status.success(), "{args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let run = |args: &[&str]| admin_ok(&server, args);
+    let refused = |args: &[&str]| admin_refused(&server, args);
     run(&["org", "create", "acme", "olivia"]);
     run(&["org", "add-member", "acme", "alice", "--actor", "olivia"]);
     run(&["org", "add-member", "acme", "bob", "--actor", "olivia"]);
@@ -516,16 +508,8 @@ async fn org_allocate_with_an_idempotency_key_adds_once() {
 async fn org_create_and_remove_member_with_an_idempotency_key_replay() {
     let redis = common::RedisServer::start();
     let server = test_server(&redis).await;
-    let run = |args: &[&str]| {
-        let out = admin_with_token(&server, args);
-        assert!(out.status.success(), "{args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let refused = |args: &[&str]| {
-        let out = admin_with_token(&server, args);
-        assert!(!out.status.success(), "{args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let run = |args: &[&str]| admin_ok(&server, args);
+    let refused = |args: &[&str]| admin_refused(&server, args);
 
     let create = [
         "org",
@@ -737,6 +721,20 @@ fn admin_with_token(server: &common::TestServer, args: &[&str]) -> Output {
     admin(server.grpc_addr.port(), &all)
 }
 
+/// `admin` with the admin token, which must succeed: its standard output.
+fn admin_ok(server: &common::TestServer, args: &[&str]) -> String {
+    let out = admin_with_token(server, args);
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `admin` with the admin token, which must fail: its standard error.
+fn admin_refused(server: &common::TestServer, args: &[&str]) -> String {
+    let out = admin_with_token(server, args);
+    assert!(!out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 async fn test_server(redis: &common::RedisServer) -> common::TestServer {
     common::TestServer::start(
         common::test_config(&redis.url()),
@@ -802,16 +800,8 @@ async fn grant_with_an_idempotency_key_grants_once() {
 async fn adjust_and_refund_commands() {
     let redis = common::RedisServer::start();
     let server = test_server(&redis).await;
-    let run = |args: &[&str]| {
-        let out = admin_with_token(&server, args);
-        assert!(out.status.success(), "{args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let refused = |args: &[&str]| {
-        let out = admin_with_token(&server, args);
-        assert!(!out.status.success(), "{args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let run = |args: &[&str]| admin_ok(&server, args);
+    let refused = |args: &[&str]| admin_refused(&server, args);
     run(&["grant", "alice", "100"]);
 
     // Down, then up (a lot of kind adjustment), each once under its key.
@@ -974,11 +964,7 @@ fn serve_help_shows_the_default_listen_addresses() {
 async fn org_budget_says_whose_budget_and_its_period() {
     let redis = common::RedisServer::start();
     let server = test_server(&redis).await;
-    let run = |args: &[&str]| {
-        let out = admin_with_token(&server, args);
-        assert!(out.status.success(), "{args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = |args: &[&str]| admin_ok(&server, args);
     run(&["org", "create", "globex", "olivia"]);
     run(&["org", "add-member", "globex", "alice", "--actor", "olivia"]);
 
@@ -1042,11 +1028,7 @@ async fn org_budget_says_whose_budget_and_its_period() {
 async fn balance_and_create_key_name_bad_arguments_as_typed() {
     let redis = common::RedisServer::start();
     let server = test_server(&redis).await;
-    let refused = |args: &[&str]| {
-        let out = admin_with_token(&server, args);
-        assert!(!out.status.success(), "{args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let refused = |args: &[&str]| admin_refused(&server, args);
     for (args, named, field) in [
         (&["balance", "bad/x"][..], "<ACCOUNT>", "account_id"),
         (

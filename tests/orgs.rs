@@ -548,21 +548,13 @@ async fn a_day_budget_refuses_the_crossing_charge_and_rolls_over_at_midnight() {
     on_api("w4", 50).await.expect("the window rolled");
 }
 
-/// GetBalance's `spendable`: what the caller may spend now, the tightest of the balance,
-/// the member's allocation left and every budget binding them on the wallet (the member's
-/// and the account-wide one), as a charge's own `spendable` reports right after it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_balance_says_what_the_caller_may_spend_now() {
-    let redis = common::RedisServer::start();
-    // A manual clock: a day budget must not roll over at a real midnight mid-test.
-    let (clock, _now) = Clock::manual(START_MS);
-    let server = common::TestServer::start(common::test_config(&redis.url()), clock).await;
+/// The org "acme" (owner olivia, member carol) holding `credits`.
+async fn acme_with_carol(server: &common::TestServer, credits: i64) {
     let mut admin = server.admin().await;
-    let mut metering = server.metering().await;
     admin
         .grant(pb::GrantRequest {
             account_id: "acme".into(),
-            amount: 1_000,
+            amount: credits,
             idempotency_key: "buy".into(),
             ..Default::default()
         })
@@ -586,6 +578,20 @@ async fn get_balance_says_what_the_caller_may_spend_now() {
         })
         .await
         .expect("member");
+}
+
+/// GetBalance's `spendable`: what the caller may spend now, the tightest of the balance,
+/// the member's allocation left and every budget binding them on the wallet (the member's
+/// and the account-wide one), as a charge's own `spendable` reports right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_balance_says_what_the_caller_may_spend_now() {
+    let redis = common::RedisServer::start();
+    // A manual clock: a day budget must not roll over at a real midnight mid-test.
+    let (clock, _now) = Clock::manual(START_MS);
+    let server = common::TestServer::start(common::test_config(&redis.url()), clock).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    acme_with_carol(&server, 1_000).await;
     admin
         .set_allocation(pb::SetAllocationRequest {
             org_id: "acme".into(),
@@ -795,33 +801,7 @@ async fn get_balance_spendable_is_the_real_bound_as_windows_slide_and_months_res
     let (clock, now) = Clock::manual(START_MS);
     let server = common::TestServer::start(common::test_config(&redis.url()), clock).await;
     let mut admin = server.admin().await;
-    admin
-        .grant(pb::GrantRequest {
-            account_id: "acme".into(),
-            amount: 5_000,
-            idempotency_key: "buy".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("grant");
-    admin
-        .create_organization(pb::CreateOrganizationRequest {
-            org_id: "acme".into(),
-            owner_id: "olivia".into(),
-            idempotency_key: "create".into(),
-        })
-        .await
-        .expect("org");
-    admin
-        .add_member(pb::AddMemberRequest {
-            org_id: "acme".into(),
-            member_id: "carol".into(),
-            role: "member".into(),
-            actor_id: "olivia".into(),
-            idempotency_key: "add".into(),
-        })
-        .await
-        .expect("member");
+    acme_with_carol(&server, 5_000).await;
     let allocate = |amount: i64, key: &str| pb::SetAllocationRequest {
         org_id: "acme".into(),
         member_id: "carol".into(),
