@@ -17,6 +17,8 @@ pub const ADMIN_TOKEN: &str = "bench-admin-token";
 pub const SERVICE_TOKEN: &str = "bench-service-token";
 /// How long the child gets to answer /readyz.
 pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many times a bench server is started on fresh ports when one was taken.
+const SERVER_START_ATTEMPTS: usize = 5;
 /// How long a bench replica gets to finish its first sync.
 pub const REPLICA_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a killed child gets to be gone before its directory is removed anyway.
@@ -225,6 +227,11 @@ pub struct BenchServer {
 impl BenchServer {
     /// `wait`: the child's `redis.wait_replicas` and `redis.wait_timeout_ms` (None = off);
     /// `overrides`: `TOLLGATE_*` variables set on the child (`--server-set`).
+    ///
+    /// Its ports are free when picked but nobody holds them until the child binds them, so
+    /// another process (a parallel test's server, an outgoing connection's local port) may
+    /// take one first: then the child exits at start and is started again on other ports,
+    /// at most [`SERVER_START_ATTEMPTS`] times.
     pub async fn start(
         redis_url: &str,
         redis_connections: usize,
@@ -232,6 +239,23 @@ impl BenchServer {
         settle: Option<&SettleStore>,
         overrides: &[(String, String)],
     ) -> Result<Self, String> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(redis_url, redis_connections, wait, settle, overrides).await {
+                Err(StartError::PortTaken(_)) if attempt < SERVER_START_ATTEMPTS => attempt += 1,
+                Err(StartError::PortTaken(e) | StartError::Other(e)) => return Err(e),
+                Ok(server) => return Ok(server),
+            }
+        }
+    }
+
+    async fn start_once(
+        redis_url: &str,
+        redis_connections: usize,
+        wait: Option<WaitReplicas>,
+        settle: Option<&SettleStore>,
+        overrides: &[(String, String)],
+    ) -> Result<Self, StartError> {
         let port = || crate::dev::free_port().map_err(|e| format!("no free port: {e}"));
         let grpc_addr = format!("127.0.0.1:{}", port()?);
         let http_addr = format!("127.0.0.1:{}", port()?);
@@ -328,7 +352,7 @@ fail_policy = "fail_closed"
             Ok(child) => child,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
+                return Err(e.into());
             }
         };
         let pid = child.id().unwrap_or_default();
@@ -343,29 +367,52 @@ fail_policy = "fail_closed"
         Ok(server)
     }
 
-    async fn wait_ready(&mut self, log_path: &Path) -> Result<(), String> {
+    async fn wait_ready(&mut self, log_path: &Path) -> Result<(), StartError> {
         let deadline = tokio::time::Instant::now() + SERVER_START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "tollgate serve exited ({status}); its log:\n{}",
-                    log_tail(log_path)
-                ));
+                let log = log_tail(log_path);
+                let message = format!("tollgate serve exited ({status}); its log:\n{log}");
+                return Err(if a_port_was_taken(&log) {
+                    StartError::PortTaken(message)
+                } else {
+                    StartError::Other(message)
+                });
             }
             if super::load::http_get_status(&self.http_addr, "/readyz").await == Some(200) {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
                 // The log goes with the directory when the server is dropped: quote it.
-                return Err(format!(
+                return Err(StartError::Other(format!(
                     "tollgate serve was not ready within {} s; its log:\n{}",
                     SERVER_START_TIMEOUT.as_secs(),
                     log_tail(log_path)
-                ));
+                )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Why a bench server did not start.
+enum StartError {
+    /// One of its ports was taken between being picked and being bound: worth another try.
+    PortTaken(String),
+    Other(String),
+}
+
+impl From<String> for StartError {
+    fn from(message: String) -> Self {
+        Self::Other(message)
+    }
+}
+
+/// Whether a server's log says it could not bind a port because someone holds it (what
+/// `tollgate serve` prints: "cannot listen on ADDR: Address already in use (os error 98)").
+fn a_port_was_taken(log: &str) -> bool {
+    log.lines()
+        .any(|line| line.contains("cannot listen on") && line.contains("Address already in use"))
 }
 
 impl Drop for BenchServer {
@@ -426,6 +473,23 @@ mod tests {
         drop(redis);
         assert!(exited(pids[0]), "redis-server {} still runs", pids[0]);
         assert!(!dir.exists(), "{} is left", dir.display());
+    }
+
+    /// The message the retry looks for is the one `tollgate serve` prints when a port is
+    /// held (bound here for real), and no other start failure is mistaken for it.
+    #[test]
+    fn a_taken_port_is_told_from_other_start_failures() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = held.local_addr().expect("addr");
+        let err = std::net::TcpListener::bind(addr).expect_err("the port is held");
+        let log = format!("warning: something else\ntollgate: cannot listen on {addr}: {err}\n");
+        assert!(a_port_was_taken(&log), "{log}");
+        assert!(!a_port_was_taken(
+            "tollgate: cannot listen on 127.0.0.1:1: Permission denied (os error 13)"
+        ));
+        assert!(!a_port_was_taken(
+            "tollgate: redis: Address already in use (os error 98)"
+        ));
     }
 
     #[test]
