@@ -153,29 +153,29 @@ async fn the_settle_command_exports_readiness_and_answers_json() {
     // Initializes the shards, as the serving pods do; a settler alone never does.
     let _ledger = common::ledger(&redis, Clock::Redis);
     let pg = common::PgDatabase::create().await;
-    let http_port = common::free_port();
-    let _child = common::KillOnDrop(
-        common::tollgate()
-            .args(["settle", "--redis-url", &redis.url(), "--store", &pg.url])
-            .arg(format!("--http-addr=127.0.0.1:{http_port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("tollgate settle"),
-    );
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
-    common::eventually(
+    // On a port picked free (again if another process took it first): the probe below
+    // counts only once the settler itself listens there.
+    let listening = common::spawn_listening(
+        1,
         DEADLINE,
-        "tollgate settle reports ready in its metrics",
-        || async {
-            if tokio::net::TcpStream::connect(addr).await.is_err() {
-                return None;
-            }
+        |ports| {
+            let mut cmd = common::tollgate();
+            cmd.args(["settle", "--redis-url", &redis.url(), "--store", &pg.url])
+                .arg(format!("--http-addr=127.0.0.1:{}", ports[0]))
+                .stdout(std::process::Stdio::null());
+            cmd
+        },
+        |ports| async move {
+            let addr: std::net::SocketAddr =
+                format!("127.0.0.1:{}", ports[0]).parse().expect("addr");
             let (code, text) = common::http_get(addr, "/metrics").await;
-            (code == 200 && common::prom::value(&text, "tollgate_ready", &[]) == 1.0).then_some(())
+            code == 200 && common::prom::value(&text, "tollgate_ready", &[]) == 1.0
         },
     )
     .await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", listening.ports[0])
+        .parse()
+        .expect("addr");
     let (code, body) = common::http_get(addr, "/v1/nothing-here").await;
     assert_eq!(code, 404, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");

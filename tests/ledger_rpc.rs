@@ -1764,6 +1764,22 @@ async fn bad_fields_are_named_and_change_nothing() {
             },
             "expires_at_ms",
         ),
+        // A negative adjustment makes no lot: a lot's settings on it are refused, not
+        // ignored.
+        (
+            pb::AdjustRequest {
+                priority: Some(0),
+                ..adjust_req(acct, -5, "x4")
+            },
+            "priority",
+        ),
+        (
+            pb::AdjustRequest {
+                expires_at_ms: T0 + 60_000,
+                ..adjust_req(acct, -5, "x4")
+            },
+            "expires_at_ms",
+        ),
         (adjust_req(acct, 5, ""), "idempotency_key"),
     ] {
         let err = env.adjust(req).await.unwrap_err();

@@ -514,8 +514,21 @@ impl AdjustInput {
                 format!("must be non-zero and in -{CREDITS_MAX}..={CREDITS_MAX}"),
             );
         }
-        v.priority("priority", self.priority);
-        v.expires_at_ms("expires_at_ms", self.expires_at_ms);
+        if self.amount < 0 {
+            // A negative adjustment takes credits from the lots there are and makes none:
+            // a lot's settings would be ignored, and the caller would think they took effect.
+            const NO_LOT: &str =
+                "only for a positive adjustment (a negative one takes credits and makes no lot)";
+            if self.priority.is_some() {
+                v.add("priority", NO_LOT);
+            }
+            if self.expires_at_ms != 0 {
+                v.add("expires_at_ms", NO_LOT);
+            }
+        } else {
+            v.priority("priority", self.priority);
+            v.expires_at_ms("expires_at_ms", self.expires_at_ms);
+        }
         v.description("description", &self.description);
         v.idempotency_key("idempotency_key", &self.idempotency_key);
         v.metadata("metadata", &self.metadata);
