@@ -1039,6 +1039,17 @@ where
             utc_offset_minutes,
             idempotency_key,
         } => {
+            // Whose budget: an org member's, or the account's own (every charge of the wallet).
+            let shown_wallet = if wallet.is_empty() {
+                "default"
+            } else {
+                &wallet
+            };
+            let whose = if member.is_empty() {
+                format!("account budget of {account} ({shown_wallet})")
+            } else {
+                format!("member budget of {member} in {account} ({shown_wallet})")
+            };
             let out = client
                 .set_budget(pb::SetBudgetRequest {
                     account_id: account,
@@ -1051,18 +1062,15 @@ where
                     idempotency_key: idempotency_key.unwrap_or_else(fresh_key),
                 })
                 .await
-                .map_err(status_naming(BUDGET_FIELDS))?
+                .map_err(|s| {
+                    // Removing a budget that is not there: say which one was looked for.
+                    if s.code() == tonic::Code::NotFound && limit == 0 {
+                        format!("NotFound: there is no {whose} to remove")
+                    } else {
+                        status_naming(BUDGET_FIELDS)(s)
+                    }
+                })?
                 .into_inner();
-            // Whose budget: an org member's, or the account's own (every charge of the wallet).
-            let whose = if out.member_id.is_empty() {
-                format!("account budget of {} ({})", out.account_id, out.wallet)
-            } else {
-                format!(
-                    "member budget of {} in {} ({})",
-                    out.member_id, out.account_id, out.wallet
-                )
-            };
-            // The answer does not say whether there was a budget to remove.
             let done = if out.limit == 0 {
                 format!("{whose} removed (event {})", out.event_id)
             } else {

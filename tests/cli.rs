@@ -1020,6 +1020,23 @@ async fn org_budget_says_whose_budget_and_its_period() {
         said.starts_with("account budget of globex (default) removed (event "),
         "{said}"
     );
+    // Removed already: refused, naming the budget looked for.
+    let said = admin_refused(
+        &server,
+        &["org", "budget", "globex", "0", "--member", "alice"],
+    );
+    assert!(
+        said.contains("NotFound: there is no member budget of alice in globex (default) to remove"),
+        "{said}"
+    );
+    let said = admin_refused(
+        &server,
+        &["org", "budget", "globex", "0", "--wallet", "esign"],
+    );
+    assert!(
+        said.contains("NotFound: there is no account budget of globex (esign) to remove"),
+        "{said}"
+    );
 }
 
 /// `admin balance` and `admin create-key` name a bad argument as typed (`--member`,

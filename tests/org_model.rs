@@ -798,6 +798,8 @@ enum Got {
     Done,
     Refused(Refusal),
     Invalid,
+    /// Removing a budget that is not there.
+    NotFound,
 }
 
 fn debit_cmd(member: &str, amount: i64, key: String) -> Debit {
@@ -910,6 +912,7 @@ enum Raw {
     Granted(GrantOutcome),
     Refused(Refusal),
     Invalid,
+    NotFound(&'static str),
 }
 
 impl Raw {
@@ -918,6 +921,7 @@ impl Raw {
             Ok(v) => ok(v),
             Err(LedgerError::Refused(refusal)) => Raw::Refused(refusal),
             Err(LedgerError::InvalidArgument(_)) => Raw::Invalid,
+            Err(LedgerError::NotFound(what)) => Raw::NotFound(what),
             Err(e) => panic!("ledger failure: {e}"),
         }
     }
@@ -965,6 +969,10 @@ impl Raw {
             },
             Raw::Refused(r) => Got::Refused(r.clone()),
             Raw::Invalid => Got::Invalid,
+            Raw::NotFound(what) => {
+                assert_eq!(*what, "budget", "only a budget is looked for here");
+                Got::NotFound
+            }
         }
     }
 
@@ -977,7 +985,7 @@ impl Raw {
             Raw::Allocated(o) => o.replayed,
             Raw::Done(o) => o.replayed,
             Raw::Granted(o) => o.replayed,
-            Raw::Refused(_) | Raw::Invalid => false,
+            Raw::Refused(_) | Raw::Invalid | Raw::NotFound(_) => false,
         }
     }
 
@@ -992,18 +1000,19 @@ impl Raw {
             Raw::Allocated(o) => o.replayed = true,
             Raw::Done(o) => o.replayed = true,
             Raw::Granted(o) => o.replayed = true,
-            Raw::Refused(_) | Raw::Invalid => {}
+            Raw::Refused(_) | Raw::Invalid | Raw::NotFound(_) => {}
         }
         r
     }
 
     fn accepted(&self) -> bool {
-        !matches!(self, Raw::Refused(_) | Raw::Invalid)
+        !matches!(self, Raw::Refused(_) | Raw::Invalid | Raw::NotFound(_))
     }
 
-    /// Whether its key keeps it, so a replay returns it: every answer but bad input.
+    /// Whether its key keeps it, so a replay returns it: every answer but bad input and
+    /// a budget not there to remove (which record nothing).
     fn remembered(&self) -> bool {
-        !matches!(self, Raw::Invalid)
+        !matches!(self, Raw::Invalid | Raw::NotFound(_))
     }
 }
 
@@ -1208,24 +1217,32 @@ impl Run {
                         idempotency_key: key,
                     }))
                     .await;
-                if limit == 0 {
-                    self.model.budgets.remove(m);
-                } else if let Some(b) = self.model.budgets.get_mut(m) {
-                    b.limit = limit;
+                let want = if limit == 0 {
+                    // A budget not there to remove is refused, and nothing changes.
+                    if self.model.budgets.remove(m).is_some() {
+                        Got::Done
+                    } else {
+                        Got::NotFound
+                    }
                 } else {
-                    self.model.budget_generations += 1;
-                    let generation = self.model.budget_generations;
-                    self.model.budgets.insert(
-                        m.into(),
-                        ModelBudget {
-                            limit,
-                            s: 0,
-                            ps: None,
-                            generation,
-                        },
-                    );
-                }
-                prop_assert_eq!(raw.got(), Got::Done, "{:?}", op);
+                    if let Some(b) = self.model.budgets.get_mut(m) {
+                        b.limit = limit;
+                    } else {
+                        self.model.budget_generations += 1;
+                        let generation = self.model.budget_generations;
+                        self.model.budgets.insert(
+                            m.into(),
+                            ModelBudget {
+                                limit,
+                                s: 0,
+                                ps: None,
+                                generation,
+                            },
+                        );
+                    }
+                    Got::Done
+                };
+                prop_assert_eq!(raw.got(), want, "{:?}", op);
             }
             Op::Role { member, admin } => {
                 let m = MEMBERS[member];

@@ -2890,3 +2890,73 @@ async fn forget_actor(url: &str, key: &str) {
         pool.close().await;
     }
 }
+
+/// Removing a budget that is not there (the account's or a member's) is NOT_FOUND and
+/// changes nothing: no event, no wallet joins the account's set, nothing is kept under the
+/// key (the same request removes the budget once one is set). A budget there is removed
+/// once, and removing it again is NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_budget_that_is_not_there_is_not_found_and_records_nothing() {
+    use tollgate::ledger::org::{BudgetPeriod, SetBudget};
+    use tollgate::ledger::LedgerError;
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    ledger.create_org("acme", "olivia", "c").await.expect("org");
+    ledger
+        .add_member("acme", "olivia", "alice", "member", "m")
+        .await
+        .expect("member");
+    let budget = |member: &str, wallet: &str, limit: i64, key: &str| SetBudget {
+        account_id: "acme".into(),
+        member_id: member.into(),
+        wallet: wallet.into(),
+        limit,
+        period: BudgetPeriod::Day,
+        utc_offset_minutes: 0,
+        idempotency_key: key.into(),
+    };
+    let events = common::outbox_len(&ledger).await;
+    let wallets = ledger.balance("acme", "").await.expect("balance").len();
+    for (member, wallet) in [("", "default"), ("alice", "default"), ("", "esign")] {
+        let err = ledger
+            .set_budget(&budget(member, wallet, 0, "rm"))
+            .await
+            .expect_err("nothing to remove");
+        assert!(
+            matches!(err, LedgerError::NotFound("budget")),
+            "{member}/{wallet}: {err:?}"
+        );
+    }
+    assert_eq!(common::outbox_len(&ledger).await, events, "no event");
+    assert_eq!(
+        ledger.balance("acme", "").await.expect("balance").len(),
+        wallets,
+        "no wallet made for it"
+    );
+
+    ledger
+        .set_budget(&budget("alice", "default", 100, "set"))
+        .await
+        .expect("set");
+    // The key "rm" kept nothing: the same request now removes the budget there is.
+    let removed = ledger
+        .set_budget(&budget("alice", "default", 0, "rm"))
+        .await
+        .expect("remove");
+    assert!(!removed.replayed);
+    let again = ledger
+        .set_budget(&budget("alice", "default", 0, "rm"))
+        .await
+        .expect("a replay of the removal");
+    assert!(again.replayed);
+    let err = ledger
+        .set_budget(&budget("alice", "default", 0, "rm-2"))
+        .await
+        .expect_err("removed already");
+    assert!(matches!(err, LedgerError::NotFound("budget")), "{err:?}");
+    assert_eq!(
+        common::outbox_len(&ledger).await,
+        events + 2,
+        "set, removed"
+    );
+}

@@ -123,6 +123,7 @@ pub(super) fn ok_fields(answer: &Answer) -> Result<Fields<'_>, LedgerError> {
             return Err(LedgerError::NotFound(match f.text()? {
                 "hold" => "hold",
                 "charge" => "charge",
+                "budget" => "budget",
                 _ => return Err(f.malformed()),
             }))
         }

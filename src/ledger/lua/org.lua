@@ -5,7 +5,8 @@
 -- limit; 0 removes a budget), 17 budget period (d | m | w), 18 window ms, 19 UTC offset
 -- ms, 20 most wallets per account.
 -- Answers "OK|event_id|a|b" (create: created_ms; add: role; allocate: allocated|used;
--- budget: limit), "ORG_EXISTS" or "BAD_FIELD|field|why" (nothing changed or recorded),
+-- budget: limit), "ORG_EXISTS", "BAD_FIELD|field|why" or "NOT_FOUND|budget" (budget
+-- with limit 0 and no budget to remove) (nothing changed or recorded),
 -- or "WALLET_LIMIT|max" (allocate, budget: a new wallet past the per-account cap;
 -- recorded, nothing changed).
 if not initialized() then
@@ -184,6 +185,11 @@ elseif op == 'budget' then
       return bad('member_id', 'is not a member of the organization')
     end
     bkey = bkey .. ':' .. member
+  end
+  if amount == 0 and redis.call('EXISTS', bkey) == 0 then
+    -- No budget to remove: nothing changes and nothing is recorded (no event, no wallet,
+    -- no idempotency record: a retry after one is set removes it).
+    return { 0, 'NOT_FOUND|budget' }
   end
   local W = open_wallet(org, wallet)
   if wallet_set_refuses(org, wallet, ARGV[20]) then
