@@ -235,6 +235,10 @@ pub struct GatewayConfig {
     /// choose the id would get every later request with the same id free. Turn it on only
     /// where the gateway stamps the id itself and a client cannot set it.
     pub request_id_replay: bool,
+    /// Whether a request path may hold an encoded slash or backslash (`%2F`, `%5C`; kept
+    /// as such and matched literally). Off by default: an upstream that decodes them
+    /// would serve another path than the one priced (`gateway::pricing::normal_path`).
+    pub allow_encoded_slashes: bool,
 }
 
 impl Default for GatewayConfig {
@@ -249,6 +253,7 @@ impl Default for GatewayConfig {
             keys_per_account_max: identity::DEFAULT_KEYS_PER_ACCOUNT_MAX,
             spool_path: DEFAULT_SPOOL_PATH.into(),
             request_id_replay: false,
+            allow_encoded_slashes: false,
         }
     }
 }

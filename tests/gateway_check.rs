@@ -1614,6 +1614,81 @@ async fn forward_auth_prices_the_original_request_whatever_bytes_it_holds() {
     assert_eq!(events_len(&server).await, events, "no ledger event");
 }
 
+/// A path with more than one reading (a dot segment, `//`, an encoded slash or backslash,
+/// a backslash, a malformed encoding) is refused before it is routed: 400 `bad_path`
+/// naming the path, by Check and by forward-auth, charging nothing. Otherwise the route
+/// priced and the resource an upstream that resolves or decodes it serves could differ
+/// (`/v1/documents/../envelopes/ocr` is priced by the OCR route, id `..`). Percent-encoded
+/// unreserved characters are read decoded: `/v1/%65nvelopes` is `/v1/envelopes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_with_two_readings_is_refused_before_it_is_routed() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "acme", 100).await;
+    let events = events_len(&server).await;
+    for path in [
+        "/v1/documents/../envelopes/ocr",
+        "/v1/documents/%2e%2E/envelopes/ocr",
+        "/v1/documents/./ocr",
+        "/v1//envelopes",
+        "/v1/documents/a%2Fb/ocr",
+        "/v1/documents/a%5cb/ocr",
+        "/v1\\envelopes",
+        "/v1/%zz",
+    ] {
+        let d = c.check("POST", path, &[("x-api-key", &key)]).await;
+        assert_eq!(
+            (d.status, d.body["error"].as_str(), d.body["field"].as_str()),
+            (400, Some("bad_path"), Some("path")),
+            "{path}: {d:?}"
+        );
+        assert_eq!(d.header("x-tollgate-reason"), Some("bad_path"), "{d:?}");
+        let r = http(
+            server.http_addr,
+            "GET",
+            "/v1/forward-auth",
+            &[
+                ("x-forwarded-method", "POST"),
+                ("x-forwarded-uri", path),
+                ("x-api-key", &key),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 400, "{path}: {r:?}");
+        assert_eq!(r.json()["error"], "bad_path", "{path}: {r:?}");
+    }
+    assert_eq!(events_len(&server).await, events, "nothing recorded");
+    assert_eq!(balance(&server, "acme").await, (100, 0, 0));
+
+    let a = c
+        .check("POST", "/v1/%65nvelopes", &[("x-api-key", &key)])
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("x-tollgate-operation"), Some("envelope.send"));
+    assert_eq!(balance(&server, "acme").await, (99, 0, 1));
+
+    // gateway.allow_encoded_slashes: kept, as one segment: the OCR route's id.
+    let mut config = esign_config(&redis.url());
+    config.gateway.allow_encoded_slashes = true;
+    let lenient = common::TestServer::start(config, Clock::Redis).await;
+    let mut c = Checker::new(&lenient).await;
+    let a = c
+        .check("POST", "/v1/documents/a%2fb/ocr", &[("x-api-key", &key)])
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("x-tollgate-operation"), Some("ocr.pages"), "{a:?}");
+    let d = c
+        .check(
+            "POST",
+            "/v1/documents/../envelopes/ocr",
+            &[("x-api-key", &key)],
+        )
+        .await;
+    assert_eq!(d.status, 400, "{d:?}");
+}
+
 #[test]
 fn price_book_errors_are_reported_all_at_once_with_their_paths() {
     let text = r#"

@@ -283,6 +283,44 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
     assert_eq!(body["available"], 0);
     assert_eq!(body["operation"], "envelope.send");
     assert!(upstream.seen_tagged("poor").is_empty());
+
+    // One reading of the path (the example's normalize_path and merge_slashes): Envoy
+    // resolves ".." and merges "//" before tollgate sees the path, and forwards it so:
+    // priced as, and served as, /v1/envelopes. An encoded slash is left as sent and
+    // refused by tollgate (400 bad_path), and the upstream is not reached.
+    let charged = balance(&server, "acme").await;
+    for (path, tag) in [
+        ("/v1/documents/../envelopes", "dots"),
+        ("/v1//envelopes", "slashes"),
+    ] {
+        let headers = [("authorization", bearer.as_str()), ("x-test-tag", tag)];
+        let r = http(envoy.addr, "POST", path, &headers, "").await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        let seen = upstream.seen_tagged(tag);
+        assert_eq!(seen.len(), 1, "{path}");
+        assert_eq!(seen[0].path, "/v1/envelopes", "{path}");
+        assert_eq!(
+            seen[0]
+                .headers
+                .get("x-tollgate-operation")
+                .map(String::as_str),
+            Some("envelope.send"),
+            "{path}"
+        );
+    }
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("x-test-tag", "encoded"),
+    ];
+    let r = http(envoy.addr, "POST", "/v1/documents/a%2Fb/ocr", &headers, "").await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.json()["error"], "bad_path", "{r:?}");
+    assert!(upstream.seen_tagged("encoded").is_empty());
+    assert_eq!(
+        balance(&server, "acme").await,
+        (charged.0 - 2, charged.1, charged.2 + 2),
+        "two envelopes, no OCR hold"
+    );
     drop(envoy);
 }
 

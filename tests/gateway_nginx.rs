@@ -161,4 +161,20 @@ async fn nginx_meters_charges_once_and_turns_denials_into_real_answers() {
         Some("ocr.pages")
     );
     assert!(h.contains_key("x-tollgate-hold-id"), "{h:?}");
+
+    // A dot segment: nginx matches its location by the resolved path but passes the
+    // request line as sent, to tollgate (X-Original-URI) and to the API (proxy_pass
+    // without a URI), which might resolve it otherwise: refused, 400 bad_path.
+    let r = http(
+        nginx.addr,
+        "POST",
+        "/v1/documents/../envelopes/ocr",
+        &[("x-api-key", key.as_str()), ("x-test-tag", "dots")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}\n{}", nginx.log());
+    assert_eq!(r.json()["error"], "bad_path", "{r:?}");
+    assert!(upstream.seen_tagged("dots").is_empty());
+    assert_eq!(balance(&server, "acme").await, (37, 50, 13));
 }

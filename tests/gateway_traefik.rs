@@ -130,13 +130,35 @@ async fn traefik_meters_charges_once_and_passes_402_through() {
     ];
     let r = http(traefik.addr, "POST", "/v1/envelopes%2Fbulk", &encoded, "").await;
     assert_eq!(r.status, 400, "{r:?}");
+    // A dot segment: Traefik resolves it (its entry point's sanitizePath) before the
+    // ForwardAuth request and the forward: one path, priced and served as /v1/envelopes.
+    let dots = [("authorization", bearer.as_str()), ("x-test-tag", "dots")];
+    let r = http(
+        traefik.addr,
+        "POST",
+        "/v1/documents/../envelopes",
+        &dots,
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = upstream.seen_tagged("dots");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/envelopes");
+    assert_eq!(
+        seen[0]
+            .headers
+            .get("x-tollgate-operation")
+            .map(String::as_str),
+        Some("envelope.send")
+    );
     for tag in ["poor", "nokey", "disguised", "encoded"] {
         assert!(
             upstream.seen_tagged(tag).is_empty(),
             "{tag} reached the upstream"
         );
     }
-    assert_eq!(balance(&server, "acme").await, (69, 0, 31));
+    assert_eq!(balance(&server, "acme").await, (68, 0, 32));
     // The example is clean: Traefik has nothing to warn about in it (an unbounded
     // ForwardAuth response body, say).
     let log = traefik.log();

@@ -148,6 +148,11 @@ pub fn denial_response(denial: &Denial) -> DenialResponse {
             "bad_header",
             vec![("header", json!(header)), ("message", json!(message))],
         ),
+        Denial::BadPath { message } => (
+            400,
+            "bad_path",
+            vec![("field", json!("path")), ("message", json!(message))],
+        ),
         Denial::NoRoute => (403, "no_route", vec![]),
         Denial::InsufficientCredits {
             required,

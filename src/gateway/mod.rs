@@ -160,6 +160,11 @@ pub enum Denial {
         header: String,
         message: String,
     },
+    /// The request path has no one normal form the route and the upstream agree on
+    /// (`pricing::normal_path`): a dot segment, `//`, an encoded slash… (400).
+    BadPath {
+        message: &'static str,
+    },
     /// No route matched and the default is deny, or the route denies.
     NoRoute,
     InsufficientCredits {
@@ -208,6 +213,8 @@ pub struct Gateway {
     spool: Option<Arc<Spool>>,
     /// `gateway.request_id_replay`: the request id is the check's idempotency key.
     request_id_replay: bool,
+    /// `gateway.allow_encoded_slashes`: `%2F` and `%5C` in a path are kept, not refused.
+    encoded_slashes: bool,
     metrics: CheckMetrics,
 }
 
@@ -336,6 +343,7 @@ impl Gateway {
             check_timeout: Duration::from_millis(g.check_timeout_ms),
             spool,
             request_id_replay: g.request_id_replay,
+            encoded_slashes: g.allow_encoded_slashes,
             metrics: CheckMetrics::new(),
         }
     }
@@ -393,13 +401,19 @@ impl Gateway {
     pub async fn check(&self, call: &Call<'_>) -> Decision {
         let started = std::time::Instant::now();
         let book = self.pricebook.load_full();
-        let routed = book.route(call.host, call.method, call.path);
-        let operation = match &routed {
-            Routed::Operation(op) => op.name.as_str(),
-            Routed::Free => "free",
-            Routed::Deny => "deny",
+        let (operation, decision) = match pricing::normal_path(call.path, self.encoded_slashes) {
+            Ok(path) => {
+                let routed = book.route(call.host, call.method, &path);
+                let operation = match &routed {
+                    Routed::Operation(op) => op.name.as_str(),
+                    Routed::Free => "free",
+                    Routed::Deny => "deny",
+                };
+                (operation, self.decide(call, routed).await)
+            }
+            // Refused before routing: no route priced it.
+            Err(pricing::BadPath(message)) => ("deny", Decision::Deny(Denial::BadPath { message })),
         };
-        let decision = self.decide(call, routed).await;
         self.metrics
             .count(matches!(decision, Decision::Allow(_)), operation);
         self.metrics.seconds.record(started.elapsed().as_secs_f64());

@@ -19,6 +19,7 @@
 //! capture_per_unit = 2
 //! ```
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
@@ -371,6 +372,92 @@ impl Operation {
     }
 }
 
+/// Why a request path is refused before it is routed (a 400 `bad_path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadPath(pub &'static str);
+
+/// The request path the price book matches (its query and fragment left out), in one
+/// normal form, or why it has none.
+///
+/// The route tollgate prices and the resource the upstream serves must be one reading of
+/// the path. An upstream that resolves `..`, merges `//`, decodes `%2F` or takes `\` for
+/// `/` would otherwise serve `/public/../v1/documents` (priced by a free `/public/` prefix)
+/// as `/v1/documents`. So a path with a dot segment (`.`, `..`, also percent-encoded), an
+/// empty segment inside it (`//`; a trailing `/` is fine), a backslash, an encoded slash or
+/// backslash (`%2F`, `%5C`; kept, as `%2F`/`%5C`, with `encoded_slashes`) or a malformed
+/// percent-encoding is refused. Percent-encoded unreserved characters (RFC 3986: letters,
+/// digits, `-._~`) are decoded and other encodings' hex is upper-cased, so `/v1/%64ocs`
+/// is `/v1/docs` and `%c3%a9` is `%C3%A9`. A path without `%` is not copied.
+pub fn normal_path(path: &str, encoded_slashes: bool) -> Result<Cow<'_, str>, BadPath> {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    if path.contains('\\') {
+        return Err(BadPath("has a backslash"));
+    }
+    let normal = if path.contains('%') {
+        Cow::Owned(decode_unreserved(path, encoded_slashes)?)
+    } else {
+        Cow::Borrowed(path)
+    };
+    let mut segments = normal.split('/').enumerate().peekable();
+    while let Some((i, segment)) = segments.next() {
+        if segment == "." || segment == ".." {
+            return Err(BadPath("has a dot segment (. or ..)"));
+        }
+        if segment.is_empty() && i > 0 && segments.peek().is_some() {
+            return Err(BadPath("has an empty segment (//)"));
+        }
+    }
+    Ok(normal)
+}
+
+/// `path` with percent-encoded unreserved characters decoded and every other encoding's
+/// hex upper-cased ([`normal_path`]).
+fn decode_unreserved(path: &str, encoded_slashes: bool) -> Result<String, BadPath> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let digit = |at: usize| bytes.get(at).and_then(|b| char::from(*b).to_digit(16));
+        let (Some(hi), Some(lo)) = (digit(i + 1), digit(i + 2)) else {
+            return Err(BadPath("has a malformed percent-encoding"));
+        };
+        // Two hex digits: at most 0xff.
+        let byte = (hi * 16 + lo) as u8;
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte);
+        } else if matches!(byte, b'/' | b'\\') && !encoded_slashes {
+            return Err(BadPath("has an encoded slash or backslash (%2F, %5C)"));
+        } else {
+            out.extend([
+                b'%',
+                HEX[usize::from(byte >> 4)],
+                HEX[usize::from(byte & 0xf)],
+            ]);
+        }
+        i += 3;
+    }
+    // Only whole `%XX` triplets (ASCII) were replaced, by ASCII: still UTF-8.
+    String::from_utf8(out).map_err(|_| BadPath("has a malformed percent-encoding"))
+}
+
+/// Why a route's path could never match a request path ([`normal_path`]): one in another
+/// form (`/v1/%64ocs` for `/v1/docs`), or one that is refused.
+fn not_normal(p: &str) -> Option<String> {
+    match normal_path(p, true) {
+        Err(BadPath(why)) => Some(format!("{why}: no request path like it is routed")),
+        Ok(normal) if normal != p => Some(format!(
+            "{p:?} is matched in its normal form: write it as {normal:?}"
+        )),
+        Ok(_) => None,
+    }
+}
+
 impl PriceBook {
     /// The first route matching the request; the default when none does. `path` may carry
     /// a query string (ignored).
@@ -633,6 +720,9 @@ fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) 
                 "may not hold a query or fragment".into(),
             );
             ok = false;
+        } else if let Some(why) = not_normal(&p) {
+            bad(format!("{path}.path"), why);
+            ok = false;
         }
         if p.contains('{') || p.contains('}') {
             let mut segments = Vec::new();
@@ -662,6 +752,9 @@ fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) 
     } else if let Some(p) = r.path_prefix {
         if !p.starts_with('/') {
             bad(format!("{path}.path_prefix"), "must start with /".into());
+            ok = false;
+        } else if let Some(why) = not_normal(&p) {
+            bad(format!("{path}.path_prefix"), why);
             ok = false;
         }
         PathPattern::Prefix(p)
@@ -1076,6 +1169,79 @@ mod tests {
         assert_eq!(hold.settle(204, None, Some(50)), Settlement::Capture(None));
         assert_eq!(hold.settle(502, Some("3"), Some(50)), Settlement::Release);
         assert_eq!(hold.settle(404, None, Some(50)), Settlement::Release);
+    }
+
+    /// One normal form for every reading of a path, or a refusal naming why; a path already
+    /// normal is not copied.
+    #[test]
+    fn request_paths_are_matched_in_one_normal_form() {
+        for (path, normal) in [
+            ("/v1/envelopes", "/v1/envelopes"),
+            ("/v1/envelopes/", "/v1/envelopes/"),
+            ("/v1/envelopes?next=/../x//y", "/v1/envelopes"),
+            ("/v1/%65nvelopes", "/v1/envelopes"),
+            ("/v1/a%2Db%5Fc%7Ed%2e", "/v1/a-b_c~d."),
+            ("/v1/caf%c3%a9", "/v1/caf%C3%A9"),
+            ("/v1/a%20b", "/v1/a%20b"),
+            ("/v1/...", "/v1/..."),
+            ("/v1/.well-known", "/v1/.well-known"),
+            ("/", "/"),
+            ("", ""),
+        ] {
+            assert_eq!(normal_path(path, false).as_deref(), Ok(normal), "{path}");
+        }
+        assert!(matches!(
+            normal_path("/v1/envelopes", false),
+            Ok(Cow::Borrowed(_))
+        ));
+        for (path, why) in [
+            ("/public/../v1/envelopes", "dot segment"),
+            ("/v1/./envelopes", "dot segment"),
+            ("/v1/envelopes/..", "dot segment"),
+            ("/v1/%2e%2E/envelopes", "dot segment"),
+            ("/v1/.%2e", "dot segment"),
+            ("/v1//envelopes", "empty segment"),
+            ("//v1/envelopes", "empty segment"),
+            ("/v1/a%2Fb", "encoded slash"),
+            ("/v1/a%2fb", "encoded slash"),
+            ("/v1/a%5Cb", "encoded slash"),
+            ("/v1\\envelopes", "backslash"),
+            ("/v1/%zz", "malformed"),
+            ("/v1/%4", "malformed"),
+            ("/v1/%", "malformed"),
+        ] {
+            let err = normal_path(path, false).expect_err(path);
+            assert!(err.0.contains(why), "{path}: {err:?}");
+        }
+        // With encoded slashes allowed they are kept (upper-cased), never decoded.
+        assert_eq!(
+            normal_path("/v1/documents/a%2fb%5c/ocr", true).as_deref(),
+            Ok("/v1/documents/a%2Fb%5C/ocr")
+        );
+        assert!(normal_path("/v1/%2e%2e/x", true).is_err());
+    }
+
+    /// A route is written in the normal form a request path is matched in.
+    #[test]
+    fn a_route_path_not_in_normal_form_is_refused_with_its_normal_form() {
+        let route = |field: &str, path: &str| {
+            format!("[pricebook]\n[[pricebook.routes]]\n{field} = {path:?}\noperation = \"free\"\n")
+        };
+        for (field, path, said) in [
+            ("path", "/v1/%65nvelopes", "write it as \"/v1/envelopes\""),
+            ("path", "/v1/../envelopes", "dot segment"),
+            ("path_prefix", "/v1//", "empty segment"),
+            ("path_prefix", "/v1/%7e", "write it as \"/v1/~\""),
+        ] {
+            let err = PriceBook::from_config_text(&route(field, path)).expect_err(path);
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("pricebook.routes[0].{field}")) && text.contains(said),
+                "{path}: {text}"
+            );
+        }
+        let b = book(&route("path_prefix", "/v1/a%2Fb/"));
+        assert_eq!(b.route("h", "GET", "/v1/a%2Fb/c"), Routed::Free);
     }
 
     #[test]
