@@ -488,3 +488,57 @@ pub enum OrgCommand {
         idempotency_key: Option<String>,
     },
 }
+
+/// A time in ms since the epoch as a person reads it: `2026-12-07T00:00:00Z` (UTC; the ms
+/// shown only when not whole seconds). Outside years 0..=9999, the ms as they are.
+pub fn utc_time(ms: i64) -> String {
+    const DAY_MS: i64 = 86_400_000;
+    let (days, ms_of_day) = (ms.div_euclid(DAY_MS), ms.rem_euclid(DAY_MS));
+    // Days since 1970-01-01 to a civil date (H. Hinnant's days_from_civil, inverted).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    if !(0..=9999).contains(&year) {
+        return format!("{ms} ms");
+    }
+    let (h, m, s, milli) = (
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1_000 % 60,
+        ms_of_day % 1_000,
+    );
+    let fraction = if milli == 0 {
+        String::new()
+    } else {
+        format!(".{milli:03}")
+    };
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}{fraction}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_time;
+
+    #[test]
+    fn times_are_shown_as_utc_dates() {
+        for (ms, shown) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (-1, "1969-12-31T23:59:59.999Z"),
+            (951_782_400_000, "2000-02-29T00:00:00Z"),
+            (1_800_000_000_000, "2027-01-15T08:00:00Z"),
+            (1_796_601_600_123, "2026-12-07T00:00:00.123Z"),
+            (4_107_542_400_000, "2100-03-01T00:00:00Z"),
+            (253_402_300_799_999, "9999-12-31T23:59:59.999Z"),
+        ] {
+            assert_eq!(utc_time(ms), shown, "{ms}");
+        }
+        assert_eq!(utc_time(253_402_300_800_000), "253402300800000 ms");
+        assert_eq!(utc_time(i64::MIN), format!("{} ms", i64::MIN));
+    }
+}

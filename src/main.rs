@@ -567,6 +567,11 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
             idempotency_key,
         } => {
             let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
+            let shown_wallet = if wallet.is_empty() {
+                "default".to_owned()
+            } else {
+                wallet.clone()
+            };
             let out = client
                 .grant(pb::GrantRequest {
                     account_id: account.clone(),
@@ -583,7 +588,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                 .map_err(status_naming(GRANT_FIELDS))?
                 .into_inner();
             let done = format!(
-                "granted {amount} to {account}: lot {} (event {}), available {}",
+                "granted {amount} to {account} ({shown_wallet}): lot {} (event {}), available {}",
                 out.lot_id, out.event_id, out.available
             );
             println!("{}", replayed_or(out.replayed, done));
@@ -625,8 +630,13 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
             }
             for b in &out.budgets {
                 println!(
-                    "budget {} ({}): {} of {} per {} spent, resets at {} ms",
-                    b.wallet, b.scope, b.spent, b.limit, b.period, b.resets_at_ms
+                    "budget {} ({}): {} of {} per {} spent, resets at {}",
+                    b.wallet,
+                    b.scope,
+                    b.spent,
+                    b.limit,
+                    b.period,
+                    tollgate::cli::utc_time(b.resets_at_ms)
                 );
             }
             println!(

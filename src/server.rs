@@ -495,7 +495,10 @@ pub async fn run(
         })
     };
 
-    let admin_check = TokenCheck::new([config.auth.admin_token.clone()]);
+    let admin_check = TokenCheck::new([config.auth.admin_token.clone()]).refusing(
+        [config.auth.service_token.clone()],
+        "the service token may not call Admin: it needs the admin token",
+    );
     let service_check = TokenCheck::new([
         config.auth.service_token.clone(),
         config.auth.admin_token.clone(),

@@ -754,7 +754,7 @@ async fn grant_with_an_idempotency_key_grants_once() {
     assert!(first.status.success(), "{first:?}");
     let first_text = String::from_utf8_lossy(&first.stdout).into_owned();
     assert!(
-        first_text.starts_with("granted 100 to alice"),
+        first_text.starts_with("granted 100 to alice (default): lot "),
         "{first_text}"
     );
     assert!(!first_text.contains("replayed"), "{first_text}");
@@ -1009,6 +1009,19 @@ async fn org_budget_says_whose_budget_and_its_period() {
         "-330",
     ]);
     assert!(said.contains(": 30 per day (UTC-05:30), "), "{said}");
+
+    // The balance shows when each budget resets, as a UTC time: the account's month
+    // at midnight UTC+01:00, the member's day at midnight UTC-05:30.
+    let said = run(&["balance", "globex", "--member", "alice"]);
+    let resets = |scope: &str| {
+        said.lines()
+            .find(|l| l.starts_with("budget default (") && l.contains(scope))
+            .and_then(|l| l.split_once("resets at "))
+            .map(|(_, at)| at.to_owned())
+            .unwrap_or_else(|| panic!("no {scope} budget in {said}"))
+    };
+    assert!(resets("account").ends_with("T23:00:00Z"), "{said}");
+    assert!(resets("member").ends_with("T05:30:00Z"), "{said}");
 
     let said = run(&["org", "budget", "globex", "0", "--member", "alice"]);
     assert!(

@@ -2046,7 +2046,13 @@ async fn bad_fields_checked_apart_are_reported_with_the_others() {
 async fn admin_and_metering_need_their_tokens() {
     let env = Env::start(Clock::Redis, |_| {}).await;
     let acct = "acct-auth";
-    for token in [None, Some("wrong-token"), Some(common::SERVICE_TOKEN)] {
+    // The service token is known, but not enough for Admin: PERMISSION_DENIED saying so,
+    // not "invalid token".
+    for (token, code) in [
+        (None, Code::Unauthenticated),
+        (Some("wrong-token"), Code::Unauthenticated),
+        (Some(common::SERVICE_TOKEN), Code::PermissionDenied),
+    ] {
         let err = env
             .server
             .admin_with(token)
@@ -2054,11 +2060,10 @@ async fn admin_and_metering_need_their_tokens() {
             .grant(grant_req(acct, 10, "g1"))
             .await
             .unwrap_err();
-        assert_eq!(
-            err.code(),
-            Code::Unauthenticated,
-            "token {token:?}: {err:?}"
-        );
+        assert_eq!(err.code(), code, "token {token:?}: {err:?}");
+        if code == Code::PermissionDenied {
+            assert!(err.message().contains("needs the admin token"), "{err:?}");
+        }
         let err = env
             .server
             .admin_with(token)
@@ -2066,11 +2071,7 @@ async fn admin_and_metering_need_their_tokens() {
             .adjust(adjust_req(acct, 10, "a1"))
             .await
             .unwrap_err();
-        assert_eq!(
-            err.code(),
-            Code::Unauthenticated,
-            "token {token:?}: {err:?}"
-        );
+        assert_eq!(err.code(), code, "token {token:?}: {err:?}");
     }
     for token in [None, Some("wrong-token")] {
         let mut m = env.server.metering_with(token).await;

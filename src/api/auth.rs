@@ -23,13 +23,31 @@ pub fn bearer(value: &str) -> Option<&str> {
 #[derive(Clone)]
 pub struct TokenCheck {
     tokens: Arc<[String]>,
+    /// Tokens of another service: known, but not enough here ([`TokenCheck::refusing`]).
+    others: Arc<[String]>,
+    others_message: &'static str,
 }
 
 impl TokenCheck {
     pub fn new(tokens: impl IntoIterator<Item = String>) -> Self {
         Self {
-            tokens: tokens.into_iter().filter(|t| !t.is_empty()).collect(),
+            tokens: nonempty(tokens),
+            others: Arc::from([]),
+            others_message: "",
         }
+    }
+
+    /// Refuses these tokens (valid for another service) with PERMISSION_DENIED and
+    /// `message`, which says which token is needed: "invalid token" would send the caller
+    /// looking for a typo in a token that is right, for another service.
+    pub fn refusing(
+        mut self,
+        tokens: impl IntoIterator<Item = String>,
+        message: &'static str,
+    ) -> Self {
+        self.others = nonempty(tokens);
+        self.others_message = message;
+        self
     }
 
     pub fn check(&self, authorization: Option<&str>) -> Result<(), Status> {
@@ -44,10 +62,20 @@ impl TokenCheck {
             .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
         {
             Ok(())
+        } else if self
+            .others
+            .iter()
+            .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+        {
+            Err(Status::permission_denied(self.others_message))
         } else {
             Err(Status::unauthenticated("invalid token"))
         }
     }
+}
+
+fn nonempty(tokens: impl IntoIterator<Item = String>) -> Arc<[String]> {
+    tokens.into_iter().filter(|t| !t.is_empty()).collect()
 }
 
 impl tonic::service::Interceptor for TokenCheck {
@@ -74,5 +102,19 @@ mod tests {
         assert!(check.check(Some("Bearer ")).is_err());
         assert!(check.check(Some("secret")).is_err());
         assert!(check.check(None).is_err());
+    }
+
+    #[test]
+    fn another_service_token_is_told_apart_from_a_wrong_one() {
+        let check = TokenCheck::new(["admin".to_owned()])
+            .refusing(["service".to_owned(), String::new()], "use the admin token");
+        assert!(check.check(Some("Bearer admin")).is_ok());
+        let refused = check.check(Some("Bearer service")).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert_eq!(refused.message(), "use the admin token");
+        for wrong in [Some("Bearer servic"), Some("Bearer "), None] {
+            let refused = check.check(wrong).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+        }
     }
 }
