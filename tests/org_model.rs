@@ -1009,10 +1009,9 @@ impl Raw {
         !matches!(self, Raw::Refused(_) | Raw::Invalid | Raw::NotFound(_))
     }
 
-    /// Whether its key keeps it, so a replay returns it: every answer but bad input and
-    /// a budget not there to remove (which record nothing).
+    /// Whether its key keeps it, so a replay returns it: every answer but bad input.
     fn remembered(&self) -> bool {
-        !matches!(self, Raw::Invalid | Raw::NotFound(_))
+        !matches!(self, Raw::Invalid)
     }
 }
 

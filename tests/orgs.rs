@@ -2892,9 +2892,10 @@ async fn forget_actor(url: &str, key: &str) {
 }
 
 /// Removing a budget that is not there (the account's or a member's) is NOT_FOUND and
-/// changes nothing: no event, no wallet joins the account's set, nothing is kept under the
-/// key (the same request removes the budget once one is set). A budget there is removed
-/// once, and removing it again is NOT_FOUND.
+/// changes nothing: no event, no wallet joins the account's set. The answer is kept under
+/// the key: a retry of the same request (its answer lost) answers NOT_FOUND again, and does
+/// not remove a budget someone set meanwhile. A budget there is removed once, and removing
+/// it again is NOT_FOUND.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_budget_that_is_not_there_is_not_found_and_records_nothing() {
     use tollgate::ledger::org::{BudgetPeriod, SetBudget};
@@ -2938,14 +2939,20 @@ async fn removing_a_budget_that_is_not_there_is_not_found_and_records_nothing() 
         .set_budget(&budget("alice", "default", 100, "set"))
         .await
         .expect("set");
-    // The key "rm" kept nothing: the same request now removes the budget there is.
-    let removed = ledger
+    // The key "rm" kept its answer: a retry does not remove the budget set since.
+    let err = ledger
         .set_budget(&budget("alice", "default", 0, "rm"))
+        .await
+        .expect_err("the first answer again");
+    assert!(matches!(err, LedgerError::NotFound("budget")), "{err:?}");
+    assert_eq!(common::outbox_len(&ledger).await, events + 1, "set only");
+    let removed = ledger
+        .set_budget(&budget("alice", "default", 0, "rm-1"))
         .await
         .expect("remove");
     assert!(!removed.replayed);
     let again = ledger
-        .set_budget(&budget("alice", "default", 0, "rm"))
+        .set_budget(&budget("alice", "default", 0, "rm-1"))
         .await
         .expect("a replay of the removal");
     assert!(again.replayed);

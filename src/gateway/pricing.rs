@@ -376,31 +376,39 @@ impl Operation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadPath(pub &'static str);
 
-/// The request path the price book matches (its query and fragment left out), in one
-/// normal form, or why it has none.
+/// The request path the price book matches (its query left out), in one normal form, or
+/// why it has none.
 ///
 /// The route tollgate prices and the resource the upstream serves must be one reading of
-/// the path. An upstream that resolves `..`, merges `//`, decodes `%2F` or takes `\` for
-/// `/` would otherwise serve `/public/../v1/documents` (priced by a free `/public/` prefix)
-/// as `/v1/documents`. So a path with a dot segment (`.`, `..`, also percent-encoded), an
-/// empty segment inside it (`//`; a trailing `/` is fine), a backslash, an encoded slash or
-/// backslash (`%2F`, `%5C`; kept, as `%2F`/`%5C`, with `encoded_slashes`) or a malformed
-/// percent-encoding is refused. Percent-encoded unreserved characters (RFC 3986: letters,
-/// digits, `-._~`) are decoded and other encodings' hex is upper-cased, so `/v1/%64ocs`
-/// is `/v1/docs` and `%c3%a9` is `%C3%A9`. A path without `%` is not copied.
+/// the path. An upstream that resolves `..` (also `..;`, as Java servers strip `;`
+/// parameters first), merges `//`, decodes `%2F` or takes `\` for `/` would otherwise
+/// serve `/public/../v1/documents` (priced by a free `/public/` prefix) as
+/// `/v1/documents`. So a path with a dot segment (`.`, `..`, also percent-encoded or
+/// followed by `;…`), an empty segment inside it (`//`; a trailing `/` is fine), a
+/// backslash, a `#`, an encoded slash or backslash (`%2F`, `%5C`; kept, as `%2F`/`%5C`,
+/// with `encoded_slashes`) or a malformed percent-encoding is refused. What upstreams
+/// read alike is made one: escapes of unreserved characters and of the reserved ones a
+/// path may hold as they are (`:@!$&'()*+,;=`) are decoded, bytes above ASCII are
+/// encoded, and every escape left is upper-cased, so `/v1/%64ocs` is `/v1/docs`,
+/// `/v1/reports%3Aexport` is `/v1/reports:export` and `/v1/café` is `/v1/caf%C3%A9`. A
+/// plain ASCII path without `%` is not copied.
 pub fn normal_path(path: &str, encoded_slashes: bool) -> Result<Cow<'_, str>, BadPath> {
-    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let path = path.split('?').next().unwrap_or(path);
+    if path.contains('#') {
+        return Err(BadPath("has a # (a fragment is never sent)"));
+    }
     if path.contains('\\') {
         return Err(BadPath("has a backslash"));
     }
-    let normal = if path.contains('%') {
-        Cow::Owned(decode_unreserved(path, encoded_slashes)?)
+    let normal = if path.bytes().any(|b| b == b'%' || !b.is_ascii()) {
+        Cow::Owned(normalize_escapes(path, encoded_slashes)?)
     } else {
         Cow::Borrowed(path)
     };
     let mut segments = normal.split('/').enumerate().peekable();
     while let Some((i, segment)) = segments.next() {
-        if segment == "." || segment == ".." {
+        let name = segment.split(';').next().unwrap_or(segment);
+        if name == "." || name == ".." {
             return Err(BadPath("has a dot segment (. or ..)"));
         }
         if segment.is_empty() && i > 0 && segments.peek().is_some() {
@@ -410,16 +418,28 @@ pub fn normal_path(path: &str, encoded_slashes: bool) -> Result<Cow<'_, str>, Ba
     Ok(normal)
 }
 
-/// `path` with percent-encoded unreserved characters decoded and every other encoding's
-/// hex upper-cased ([`normal_path`]).
-fn decode_unreserved(path: &str, encoded_slashes: bool) -> Result<String, BadPath> {
+/// `path` with the escapes [`normal_path`] decodes decoded, bytes above ASCII encoded and
+/// every other escape upper-cased: plain ASCII.
+fn normalize_escapes(path: &str, encoded_slashes: bool) -> Result<String, BadPath> {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let encode = |out: &mut String, byte: u8| {
+        out.extend([
+            '%',
+            char::from(HEX[usize::from(byte >> 4)]),
+            char::from(HEX[usize::from(byte & 0xf)]),
+        ]);
+    };
     let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut out = String::with_capacity(bytes.len() + 8);
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] != b'%' {
-            out.push(bytes[i]);
+        let byte = bytes[i];
+        if byte != b'%' {
+            if byte.is_ascii() {
+                out.push(char::from(byte));
+            } else {
+                encode(&mut out, byte);
+            }
             i += 1;
             continue;
         }
@@ -428,22 +448,18 @@ fn decode_unreserved(path: &str, encoded_slashes: bool) -> Result<String, BadPat
             return Err(BadPath("has a malformed percent-encoding"));
         };
         // Two hex digits: at most 0xff.
-        let byte = (hi * 16 + lo) as u8;
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(byte);
-        } else if matches!(byte, b'/' | b'\\') && !encoded_slashes {
+        let decoded = (hi * 16 + lo) as u8;
+        let plain = decoded.is_ascii_alphanumeric() || b"-._~:@!$&'()*+,;=".contains(&decoded);
+        if plain {
+            out.push(char::from(decoded));
+        } else if matches!(decoded, b'/' | b'\\') && !encoded_slashes {
             return Err(BadPath("has an encoded slash or backslash (%2F, %5C)"));
         } else {
-            out.extend([
-                b'%',
-                HEX[usize::from(byte >> 4)],
-                HEX[usize::from(byte & 0xf)],
-            ]);
+            encode(&mut out, decoded);
         }
         i += 3;
     }
-    // Only whole `%XX` triplets (ASCII) were replaced, by ASCII: still UTF-8.
-    String::from_utf8(out).map_err(|_| BadPath("has a malformed percent-encoding"))
+    Ok(out)
 }
 
 /// Why a route's path could never match a request path ([`normal_path`]): one in another
@@ -1182,6 +1198,12 @@ mod tests {
             ("/v1/%65nvelopes", "/v1/envelopes"),
             ("/v1/a%2Db%5Fc%7Ed%2e", "/v1/a-b_c~d."),
             ("/v1/caf%c3%a9", "/v1/caf%C3%A9"),
+            ("/v1/caf\u{e9}", "/v1/caf%C3%A9"),
+            ("/v1/reports%3aexport", "/v1/reports:export"),
+            ("/v1/%40me%2B1%3Bv%3D2", "/v1/@me+1;v=2"),
+            ("/v1/a%3fb%23c%25d", "/v1/a%3Fb%23c%25d"),
+            ("/v1/a;v=1", "/v1/a;v=1"),
+            ("/v1/..a", "/v1/..a"),
             ("/v1/a%20b", "/v1/a%20b"),
             ("/v1/...", "/v1/..."),
             ("/v1/.well-known", "/v1/.well-known"),
@@ -1200,6 +1222,10 @@ mod tests {
             ("/v1/envelopes/..", "dot segment"),
             ("/v1/%2e%2E/envelopes", "dot segment"),
             ("/v1/.%2e", "dot segment"),
+            ("/public/..;/v1/envelopes", "dot segment"),
+            ("/v1/.;x=1/envelopes", "dot segment"),
+            ("/v1/..%3B/envelopes", "dot segment"),
+            ("/v1/free#/../../v1/envelopes", "#"),
             ("/v1//envelopes", "empty segment"),
             ("//v1/envelopes", "empty segment"),
             ("/v1/a%2Fb", "encoded slash"),
@@ -1232,6 +1258,7 @@ mod tests {
             ("path", "/v1/../envelopes", "dot segment"),
             ("path_prefix", "/v1//", "empty segment"),
             ("path_prefix", "/v1/%7e", "write it as \"/v1/~\""),
+            ("path", "/v1/caf\u{e9}", "write it as \"/v1/caf%C3%A9\""),
         ] {
             let err = PriceBook::from_config_text(&route(field, path)).expect_err(path);
             let text = err.to_string();

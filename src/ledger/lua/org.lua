@@ -5,8 +5,9 @@
 -- limit; 0 removes a budget), 17 budget period (d | m | w), 18 window ms, 19 UTC offset
 -- ms, 20 most wallets per account.
 -- Answers "OK|event_id|a|b" (create: created_ms; add: role; allocate: allocated|used;
--- budget: limit), "ORG_EXISTS", "BAD_FIELD|field|why" or "NOT_FOUND|budget" (budget
--- with limit 0 and no budget to remove) (nothing changed or recorded),
+-- budget: limit), "ORG_EXISTS" or "BAD_FIELD|field|why" (nothing changed or recorded),
+-- "NOT_FOUND|budget" (budget with limit 0 and no budget to remove: recorded under the
+-- key, nothing changed),
 -- or "WALLET_LIMIT|max" (allocate, budget: a new wallet past the per-account cap;
 -- recorded, nothing changed).
 if not initialized() then
@@ -187,9 +188,12 @@ elseif op == 'budget' then
     bkey = bkey .. ':' .. member
   end
   if amount == 0 and redis.call('EXISTS', bkey) == 0 then
-    -- No budget to remove: nothing changes and nothing is recorded (no event, no wallet,
-    -- no idempotency record: a retry after one is set removes it).
-    return { 0, 'NOT_FOUND|budget' }
+    -- No budget to remove: nothing changes (no event, no wallet). The answer is kept
+    -- under the key, so that a retry (its first answer lost) cannot remove a budget set
+    -- since by someone else.
+    answer = 'NOT_FOUND|budget'
+    remember(ikey, digest, answer)
+    return { 0, answer }
   end
   local W = open_wallet(org, wallet)
   if wallet_set_refuses(org, wallet, ARGV[20]) then
