@@ -486,12 +486,15 @@ impl PriceBook {
             .routes
             .iter()
             .find(|r| {
-                r.method
+                r.method.as_deref().is_none_or(|m| {
+                    // Most servers answer HEAD by running the GET handler (and dropping
+                    // the body): the work of a GET, priced as one.
+                    m.eq_ignore_ascii_case(method)
+                        || (m.eq_ignore_ascii_case("GET") && method.eq_ignore_ascii_case("HEAD"))
+                }) && r
+                    .host
                     .as_deref()
-                    .is_none_or(|m| m.eq_ignore_ascii_case(method))
-                    && r.host
-                        .as_deref()
-                        .is_none_or(|h| h.eq_ignore_ascii_case(host))
+                    .is_none_or(|h| h.eq_ignore_ascii_case(host))
                     && r.path.matches(path)
             })
             .map_or(self.default, |r| r.target);
@@ -1339,6 +1342,39 @@ mod tests {
         assert_eq!(name("b", "GET", "/v1/items/7/x"), "free");
         assert_eq!(name("b", "POST", "/shop.v1.Orders/Place"), "b");
         assert_eq!(name("b", "GET", "/shop.v1.Orders/Place"), "free");
+        // HEAD runs the GET handler on most servers: a GET route prices it.
+        assert_eq!(name("b.example.com", "HEAD", "/v1/items/7"), "b");
+        assert_eq!(name("b.example.com", "head", "/v1/items/7"), "b");
+        assert_eq!(name("b.example.com", "OPTIONS", "/v1/items/7"), "free");
+    }
+
+    /// A HEAD route before the GET route prices HEAD apart; after it, it never matches.
+    #[test]
+    fn a_head_route_before_the_get_route_prices_head_apart() {
+        let b = book(
+            r#"
+            [pricebook]
+            default = "deny"
+            [[pricebook.routes]]
+            method = "HEAD"
+            path = "/v1/reports"
+            operation = "free"
+            [[pricebook.routes]]
+            method = "GET"
+            path_prefix = "/v1/"
+            operation = "read"
+            [pricebook.operations.read]
+            base = 3
+            "#,
+        );
+        assert_eq!(b.route("h", "HEAD", "/v1/reports"), Routed::Free);
+        assert!(
+            matches!(b.route("h", "HEAD", "/v1/other"), Routed::Operation(op) if op.name == "read")
+        );
+        assert!(
+            matches!(b.route("h", "GET", "/v1/reports"), Routed::Operation(op) if op.name == "read")
+        );
+        assert_eq!(b.route("h", "POST", "/v1/reports"), Routed::Deny);
     }
 
     #[test]
