@@ -24,6 +24,79 @@ pub fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// Who listens on TCP ports, as seen from one process: see [`listeners`].
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Ports a socket of this process listens on.
+    pub own: std::collections::BTreeSet<u16>,
+    /// Ports a socket of another process listens on (in this process's network namespace).
+    pub others: std::collections::BTreeSet<u16>,
+}
+
+/// The TCP ports process `pid` listens on and those other processes listen on, from /proc
+/// (Linux): the LISTEN rows of /proc/<pid>/net/tcp and tcp6, each its own when its
+/// socket's inode is one of /proc/<pid>/fd's. The table is read before the descriptors: a
+/// socket the process opens in between is then not in the table yet, rather than in the
+/// table and taken for another process's. `None` while its descriptors cannot be read
+/// (it has exited, or there is no /proc).
+pub fn listeners(pid: u32) -> Option<Listeners> {
+    // LISTEN rows: (local port, socket inode).
+    let mut rows = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue; // no IPv6 here
+        };
+        // `sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode …`
+        for fields in text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        {
+            let (Some(local), Some(&"0A"), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue; // a socket that is not listening (0A is LISTEN)
+            };
+            let port = local
+                .rsplit_once(':')
+                .and_then(|(_, port)| u16::from_str_radix(port, 16).ok());
+            if let (Some(port), Ok(inode)) = (port, inode.parse::<u64>()) {
+                rows.push((port, inode));
+            }
+        }
+    }
+    let mut inodes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        let inode = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok());
+        inodes.extend(inode);
+    }
+    let mut listeners = Listeners::default();
+    for (port, inode) in rows {
+        if inodes.contains(&inode) {
+            listeners.own.insert(port);
+        } else {
+            listeners.others.insert(port);
+        }
+    }
+    Some(listeners)
+}
+
+/// Whether process `pid` itself listens on every one of `ports` (see [`listeners`]). Once
+/// it does, a connection to one of them reaches it and no other process: a listening
+/// address has one owner (tollgate does not set `SO_REUSEPORT`).
+pub fn listens_on(pid: u32, ports: &[u16]) -> bool {
+    listeners(pid).is_some_and(|l| ports.iter().all(|p| l.own.contains(p)))
+}
+
+/// The OS's words for a port already taken (`EADDRINUSE`), in tollgate's "cannot listen on
+/// <addr>: …" (src/main.rs) as in redis-server's log.
+pub const PORT_TAKEN: &str = "Address already in use";
+
 impl DevRedis {
     pub async fn start() -> Result<Self, String> {
         Self::start_with(&[]).await

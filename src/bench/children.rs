@@ -230,8 +230,9 @@ impl BenchServer {
     ///
     /// Its ports are free when picked but nobody holds them until the child binds them, so
     /// another process (a parallel test's server, an outgoing connection's local port) may
-    /// take one first: then the child exits at start and is started again on other ports,
-    /// at most [`SERVER_START_ATTEMPTS`] times.
+    /// take one first: then the child exits at start, or is found waiting while another
+    /// process listens there (and may answer /readyz: see [`wait_ready`]), and is killed and
+    /// started again on other ports, at most [`SERVER_START_ATTEMPTS`] times.
     pub async fn start(
         redis_url: &str,
         redis_connections: usize,
@@ -257,8 +258,9 @@ impl BenchServer {
         overrides: &[(String, String)],
     ) -> Result<Self, StartError> {
         let port = || crate::dev::free_port().map_err(|e| format!("no free port: {e}"));
-        let grpc_addr = format!("127.0.0.1:{}", port()?);
-        let http_addr = format!("127.0.0.1:{}", port()?);
+        let ports = [port()?, port()?];
+        let grpc_addr = format!("127.0.0.1:{}", ports[0]);
+        let http_addr = format!("127.0.0.1:{}", ports[1]);
         let dir = private_dir("server")?;
         let config_path = dir.join("tollgate.toml");
         let log_path = dir.join("server.log");
@@ -363,39 +365,74 @@ fail_policy = "fail_closed"
             child,
             dir,
         };
-        server.wait_ready(&log_path).await?;
+        // On an error `server` is dropped: the child is killed and reaped.
+        wait_ready(&mut server.child, ports, &log_path).await?;
         Ok(server)
     }
+}
 
-    async fn wait_ready(&mut self, log_path: &Path) -> Result<(), StartError> {
-        let deadline = tokio::time::Instant::now() + SERVER_START_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let log = log_tail(log_path);
-                let message = format!("tollgate serve exited ({status}); its log:\n{log}");
-                return Err(if a_port_was_taken(&log) {
-                    StartError::PortTaken(message)
-                } else {
-                    StartError::Other(message)
-                });
-            }
-            if super::load::http_get_status(&self.http_addr, "/readyz").await == Some(200) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                // The log goes with the directory when the server is dropped: quote it.
-                return Err(StartError::Other(format!(
-                    "tollgate serve was not ready within {} s; its log:\n{}",
-                    SERVER_START_TIMEOUT.as_secs(),
-                    log_tail(log_path)
+/// Waits (at most [`SERVER_START_TIMEOUT`]) until the `tollgate serve` child, its log in
+/// `log_path`, answers 200 on `GET /readyz` at 127.0.0.1:`http_port` as itself, the
+/// ports being `[grpc_port, http_port]`, picked free.
+///
+/// Another process may take a picked port before the child binds it, and may answer the
+/// probe (a parallel test's tollgate server, say). So the probe counts only once /proc
+/// shows the child's own sockets listening on both ports ([`crate::dev::listens_on`]):
+/// from then on nothing else can listen there, and whatever answers is the child. When
+/// another process listens on a picked port, the child can never bind it: that is
+/// [`StartError::PortTaken`], as is the child exiting because a port was taken
+/// ([`a_port_was_taken`]); the caller kills the child and starts another on fresh ports.
+/// Where this process's /proc cannot be read (not Linux), the probe alone counts.
+async fn wait_ready(child: &mut Child, ports: [u16; 2], log_path: &Path) -> Result<(), StartError> {
+    let [_, http_port] = ports;
+    let http_addr = format!("127.0.0.1:{http_port}");
+    let pid = child.id().unwrap_or_default();
+    let proc_readable = crate::dev::listeners(std::process::id()).is_some();
+    let deadline = tokio::time::Instant::now() + SERVER_START_TIMEOUT;
+    loop {
+        let owned = if proc_readable {
+            let seen = crate::dev::listeners(pid).unwrap_or_default();
+            if let Some(taken) = ports.iter().find(|p| seen.others.contains(p)) {
+                return Err(StartError::PortTaken(format!(
+                    "another process listens on port {taken}, picked for tollgate serve"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            ports.iter().all(|p| seen.own.contains(p))
+        } else {
+            true
+        };
+        // Its own sockets first, then the probe: whatever answers is this child.
+        let up = owned && super::load::http_get_status(&http_addr, "/readyz").await == Some(200);
+        // An exit after the probe: the answer may have come from another process that
+        // took a port the child has just let go of.
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = log_tail(log_path);
+            let message = format!("tollgate serve exited ({status}); its log:\n{log}");
+            return Err(if a_port_was_taken(&log) {
+                StartError::PortTaken(message)
+            } else {
+                StartError::Other(message)
+            });
         }
+        if up {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            // The log goes with the directory when the server is dropped: quote it.
+            return Err(StartError::Other(format!(
+                "tollgate serve was not ready within {} s (listening itself on ports {:?} \
+                 of {ports:?}); its log:\n{}",
+                SERVER_START_TIMEOUT.as_secs(),
+                crate::dev::listeners(pid).unwrap_or_default().own,
+                log_tail(log_path)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Why a bench server did not start.
+#[derive(Debug)]
 enum StartError {
     /// One of its ports was taken between being picked and being bound: worth another try.
     PortTaken(String),
@@ -409,10 +446,11 @@ impl From<String> for StartError {
 }
 
 /// Whether a server's log says it could not bind a port because someone holds it (what
-/// `tollgate serve` prints: "cannot listen on ADDR: Address already in use (os error 98)").
+/// `tollgate serve` prints: "cannot listen on ADDR: Address already in use (os error 98)",
+/// [`crate::dev::PORT_TAKEN`]).
 fn a_port_was_taken(log: &str) -> bool {
     log.lines()
-        .any(|line| line.contains("cannot listen on") && line.contains("Address already in use"))
+        .any(|line| line.contains("cannot listen on") && line.contains(crate::dev::PORT_TAKEN))
 }
 
 impl Drop for BenchServer {
@@ -482,6 +520,8 @@ mod tests {
         let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = held.local_addr().expect("addr");
         let err = std::net::TcpListener::bind(addr).expect_err("the port is held");
+        // The words looked for are the OS's own for a held port.
+        assert!(err.to_string().contains(crate::dev::PORT_TAKEN), "{err}");
         let log = format!("warning: something else\ntollgate: cannot listen on {addr}: {err}\n");
         assert!(a_port_was_taken(&log), "{log}");
         assert!(!a_port_was_taken(
@@ -490,6 +530,135 @@ mod tests {
         assert!(!a_port_was_taken(
             "tollgate: redis: Address already in use (os error 98)"
         ));
+    }
+
+    /// A listener of this test process (not of the child: another process, as far as the
+    /// child is concerned) answering every request `200 OK`, as a tollgate server's /readyz
+    /// would; from a thread of its own. Returns the listener's port.
+    fn answer_200(listener: std::net::TcpListener) -> u16 {
+        use std::io::{Read, Write};
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                );
+            }
+        });
+        port
+    }
+
+    /// A `sleep` child standing in for a `tollgate serve` that has not bound its ports (yet,
+    /// or ever: one was taken); its stdin and stdout as given, killed when dropped.
+    fn sleeper(stdin: Stdio, stdout: Stdio) -> Child {
+        Command::new("sleep")
+            .arg("600")
+            .stdin(stdin)
+            .stdout(stdout)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("sleep")
+    }
+
+    /// The hole the readiness wait had: another process took the HTTP port picked for the
+    /// child and answers /readyz 200 there, while the child has not found out yet that it
+    /// cannot bind it (`sleep` stands in for it and never binds). That answer is not the
+    /// child's: the start is given up as a taken port (to be retried on fresh ports), not
+    /// taken for a ready bench server.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_readyz_answered_by_another_process_is_a_taken_port() {
+        let http_port = answer_200(std::net::TcpListener::bind("127.0.0.1:0").expect("bind"));
+        let grpc_port = crate::dev::free_port().expect("a free port");
+        let http_addr = format!("127.0.0.1:{http_port}");
+        // The probe alone would take it for a ready server.
+        assert_eq!(
+            super::super::load::http_get_status(&http_addr, "/readyz").await,
+            Some(200)
+        );
+        let dir = private_dir("test-taken").expect("dir");
+        let log_path = dir.join("server.log");
+        std::fs::write(&log_path, "").expect("log");
+        let mut child = sleeper(Stdio::null(), Stdio::null());
+        let pid = child.id().expect("pid");
+        let ready = wait_ready(&mut child, [grpc_port, http_port], &log_path).await;
+        assert!(
+            matches!(&ready, Err(StartError::PortTaken(e)) if e.contains(&http_port.to_string())),
+            "{ready:?}"
+        );
+        assert!(!crate::dev::listens_on(pid, &[http_port]));
+        drop(child);
+        std::fs::remove_dir_all(dir).expect("remove");
+    }
+
+    /// A child whose own sockets listen on both ports (the test's listeners handed to it as
+    /// its stdin and stdout) and answers /readyz 200 is ready.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_child_listening_itself_and_answering_is_ready() {
+        let grpc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let grpc_port = grpc.local_addr().expect("addr").port();
+        let its_http = std::os::fd::OwnedFd::from(http.try_clone().expect("clone"));
+        let mut child = sleeper(
+            Stdio::from(std::os::fd::OwnedFd::from(grpc)),
+            Stdio::from(its_http),
+        );
+        let http_port = answer_200(http);
+        let pid = child.id().expect("pid");
+        assert!(crate::dev::listens_on(pid, &[grpc_port, http_port]));
+        let dir = private_dir("test-ready").expect("dir");
+        let log_path = dir.join("server.log");
+        std::fs::write(&log_path, "").expect("log");
+        let ready = wait_ready(&mut child, [grpc_port, http_port], &log_path).await;
+        assert!(ready.is_ok(), "{ready:?}");
+        drop(child);
+        std::fs::remove_dir_all(dir).expect("remove");
+    }
+
+    /// A child that exits at start is a taken port when its log says it could not bind
+    /// one (the message a held port really gives), any other failure otherwise.
+    #[tokio::test]
+    async fn an_exit_at_start_is_a_taken_port_only_when_its_log_says_so() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = held.local_addr().expect("addr");
+        let err = std::net::TcpListener::bind(addr).expect_err("the port is held");
+        let ports = [
+            crate::dev::free_port().expect("a free port"),
+            crate::dev::free_port().expect("a free port"),
+        ];
+        let dir = private_dir("test-exit").expect("dir");
+        for (line, taken) in [
+            (format!("tollgate: cannot listen on {addr}: {err}"), true),
+            ("tollgate: cannot reach Redis".to_owned(), false),
+        ] {
+            let log_path = dir.join("server.log");
+            let log = std::fs::File::create(&log_path).expect("log");
+            let mut child = Command::new("sh")
+                .args(["-c", "echo \"$1\" >&2; exit 1", "sh", &line])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .kill_on_drop(true)
+                .spawn()
+                .expect("sh");
+            let ready = wait_ready(&mut child, ports, &log_path).await;
+            match (&ready, taken) {
+                (Err(StartError::PortTaken(e)), true) | (Err(StartError::Other(e)), false) => {
+                    assert!(e.contains(&line), "{e}");
+                }
+                _ => panic!("{line}: {ready:?}"),
+            }
+        }
+        std::fs::remove_dir_all(dir).expect("remove");
     }
 
     #[test]
