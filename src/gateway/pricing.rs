@@ -380,18 +380,18 @@ pub struct BadPath(pub &'static str);
 /// why it has none.
 ///
 /// The route tollgate prices and the resource the upstream serves must be one reading of
-/// the path. An upstream that resolves `..` (also `..;`, as Java servers strip `;`
-/// parameters first), merges `//`, decodes `%2F` or takes `\` for `/` would otherwise
-/// serve `/public/../v1/documents` (priced by a free `/public/` prefix) as
-/// `/v1/documents`. So a path with a dot segment (`.`, `..`, also percent-encoded or
-/// followed by `;…`), an empty segment inside it (`//`; a trailing `/` is fine), a
-/// backslash, a `#`, an encoded slash or backslash (`%2F`, `%5C`; kept, as `%2F`/`%5C`,
-/// with `encoded_slashes`) or a malformed percent-encoding is refused. What upstreams
-/// read alike is made one: escapes of unreserved characters and of the reserved ones a
-/// path may hold as they are (`:@!$&'()*+,;=`) are decoded, bytes above ASCII are
-/// encoded, and every escape left is upper-cased, so `/v1/%64ocs` is `/v1/docs`,
-/// `/v1/reports%3Aexport` is `/v1/reports:export` and `/v1/café` is `/v1/caf%C3%A9`. A
-/// plain ASCII path without `%` is not copied.
+/// the path. An upstream that resolves `..`, merges `//`, decodes `%2F`, takes `\` for
+/// `/` or strips `;` parameters (Tomcat, Jetty, Spring) would otherwise serve
+/// `/public/../v1/documents` (priced by a free `/public/` prefix) as `/v1/documents`, or
+/// `/v1/envelopes;x` (no route) as `/v1/envelopes`. So a path with a dot segment (`.`,
+/// `..`, also percent-encoded), an empty segment inside it (`//`; a trailing `/` is fine),
+/// a `;` (also `%3B`), a backslash, a `#`, an encoded slash or backslash (`%2F`, `%5C`;
+/// kept, as `%2F`/`%5C`, with `encoded_slashes`) or a malformed percent-encoding is
+/// refused. What upstreams read alike is made one: escapes of unreserved characters and
+/// of the reserved ones a path may hold as they are (`:@!$&'()*+,=`) are decoded, bytes
+/// above ASCII are encoded, and every escape left is upper-cased, so `/v1/%64ocs` is
+/// `/v1/docs`, `/v1/reports%3Aexport` is `/v1/reports:export` and `/v1/café` is
+/// `/v1/caf%C3%A9`. A plain ASCII path without `%` is not copied.
 pub fn normal_path(path: &str, encoded_slashes: bool) -> Result<Cow<'_, str>, BadPath> {
     let path = path.split('?').next().unwrap_or(path);
     if path.contains('#') {
@@ -400,6 +400,11 @@ pub fn normal_path(path: &str, encoded_slashes: bool) -> Result<Cow<'_, str>, Ba
     if path.contains('\\') {
         return Err(BadPath("has a backslash"));
     }
+    if path.contains(';') {
+        return Err(BadPath(
+            "has a ; (servers read path parameters differently)",
+        ));
+    }
     let normal = if path.bytes().any(|b| b == b'%' || !b.is_ascii()) {
         Cow::Owned(normalize_escapes(path, encoded_slashes)?)
     } else {
@@ -407,8 +412,7 @@ pub fn normal_path(path: &str, encoded_slashes: bool) -> Result<Cow<'_, str>, Ba
     };
     let mut segments = normal.split('/').enumerate().peekable();
     while let Some((i, segment)) = segments.next() {
-        let name = segment.split(';').next().unwrap_or(segment);
-        if name == "." || name == ".." {
+        if segment == "." || segment == ".." {
             return Err(BadPath("has a dot segment (. or ..)"));
         }
         if segment.is_empty() && i > 0 && segments.peek().is_some() {
@@ -449,9 +453,13 @@ fn normalize_escapes(path: &str, encoded_slashes: bool) -> Result<String, BadPat
         };
         // Two hex digits: at most 0xff.
         let decoded = (hi * 16 + lo) as u8;
-        let plain = decoded.is_ascii_alphanumeric() || b"-._~:@!$&'()*+,;=".contains(&decoded);
+        let plain = decoded.is_ascii_alphanumeric() || b"-._~:@!$&'()*+,=".contains(&decoded);
         if plain {
             out.push(char::from(decoded));
+        } else if decoded == b';' {
+            return Err(BadPath(
+                "has a ; (servers read path parameters differently)",
+            ));
         } else if matches!(decoded, b'/' | b'\\') && !encoded_slashes {
             return Err(BadPath("has an encoded slash or backslash (%2F, %5C)"));
         } else {
@@ -1203,9 +1211,8 @@ mod tests {
             ("/v1/caf%c3%a9", "/v1/caf%C3%A9"),
             ("/v1/caf\u{e9}", "/v1/caf%C3%A9"),
             ("/v1/reports%3aexport", "/v1/reports:export"),
-            ("/v1/%40me%2B1%3Bv%3D2", "/v1/@me+1;v=2"),
+            ("/v1/%40me%2B1%3Dv", "/v1/@me+1=v"),
             ("/v1/a%3fb%23c%25d", "/v1/a%3Fb%23c%25d"),
-            ("/v1/a;v=1", "/v1/a;v=1"),
             ("/v1/..a", "/v1/..a"),
             ("/v1/a%20b", "/v1/a%20b"),
             ("/v1/...", "/v1/..."),
@@ -1225,9 +1232,9 @@ mod tests {
             ("/v1/envelopes/..", "dot segment"),
             ("/v1/%2e%2E/envelopes", "dot segment"),
             ("/v1/.%2e", "dot segment"),
-            ("/public/..;/v1/envelopes", "dot segment"),
-            ("/v1/.;x=1/envelopes", "dot segment"),
-            ("/v1/..%3B/envelopes", "dot segment"),
+            ("/public/..;/v1/envelopes", "; "),
+            ("/v1/envelopes;x=1", "; "),
+            ("/v1/..%3B/envelopes", "; "),
             ("/v1/free#/../../v1/envelopes", "#"),
             ("/v1//envelopes", "empty segment"),
             ("//v1/envelopes", "empty segment"),
@@ -1248,6 +1255,113 @@ mod tests {
             Ok("/v1/documents/a%2Fb%5C/ocr")
         );
         assert!(normal_path("/v1/%2e%2e/x", true).is_err());
+    }
+
+    /// How a lenient upstream reads a path: everything percent-decoded, `\\` taken for
+    /// `/`, `;` parameters stripped, `.` and empty segments dropped, `..` resolved. The
+    /// segments it serves.
+    fn lenient_reading(path: &str) -> Vec<Vec<u8>> {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let mut segments: Vec<Vec<u8>> = Vec::new();
+        for segment in percent_decoded(path.as_bytes()).split(|b| *b == b'/' || *b == b'\\') {
+            let name = segment.split(|b| *b == b';').next().unwrap_or(segment);
+            match name {
+                b"" | b"." => {}
+                b".." => {
+                    segments.pop();
+                }
+                _ => segments.push(name.to_vec()),
+            }
+        }
+        segments
+    }
+
+    fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match (
+                bytes[i],
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                (b'%', Some(hi), Some(lo)) => {
+                    out.push((hi * 16 + lo) as u8);
+                    i += 3;
+                }
+                (b, _, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2_000))]
+        /// No split view: a path tollgate accepts is routed on the very segments a lenient
+        /// upstream serves, in a form that is its own normal form (idempotent), plain
+        /// ASCII, with only upper-case escapes of what must stay encoded.
+        #[test]
+        fn an_accepted_path_is_routed_as_a_lenient_upstream_reads_it(
+            pieces in proptest::collection::vec(
+                proptest::prop_oneof![
+                    // What a path is mostly made of…
+                    6 => proptest::sample::select(vec![
+                        "/", "/", "/", "v1", "a", "B", "%41", "%7e", "~", "%3a", ":", "%25",
+                        "%3F", "%23", "\u{e9}", "%c3%a9", "%20", "-", "_", "%2D", "?q=/../x",
+                        "...", ".a", "%2e%2E%2e",
+                    ]),
+                    // …and what makes it ambiguous or malformed.
+                    1 => proptest::sample::select(vec![
+                        ".", "..", "%2e", "%2E", "%2F", "%2f", "%5C", "\\", ";", "%3B",
+                        ";x=1", "#", "?", "%", "%4", "%zz",
+                    ]),
+                ],
+                0..12,
+            ),
+            lenient_slashes in proptest::bool::ANY,
+        ) {
+            let path: String = pieces.concat();
+            let Ok(normal) = normal_path(&path, lenient_slashes) else {
+                return Ok(());
+            };
+            proptest::prop_assert!(normal.is_ascii(), "{path:?} -> {normal:?}");
+            let again = normal_path(&normal, lenient_slashes);
+            proptest::prop_assert_eq!(
+                again.as_deref(),
+                Ok(normal.as_ref()),
+                "not idempotent: {:?}",
+                path
+            );
+            let bytes = normal.as_bytes();
+            for (i, b) in bytes.iter().enumerate() {
+                proptest::prop_assert!(!matches!(b, b'\\' | b'#' | b';' | b'?'), "{path:?} -> {normal:?}");
+                if *b == b'%' {
+                    let escape = &normal[i + 1..i + 3];
+                    let byte = u8::from_str_radix(escape, 16).expect("two hex digits");
+                    proptest::prop_assert!(escape == escape.to_ascii_uppercase(), "{normal:?}");
+                    proptest::prop_assert!(
+                        !byte.is_ascii_alphanumeric() && !b"-._~:@!$&'()*+,=".contains(&byte),
+                        "{normal:?} keeps an escape of {:?}", char::from(byte)
+                    );
+                }
+            }
+            if !lenient_slashes {
+                // The segments routes match, less the empty ones before a leading and
+                // after a trailing `/` (a trailing `/` is the price book's to tell apart).
+                let inner = normal.strip_prefix('/').unwrap_or(&normal);
+                let inner = inner.strip_suffix('/').unwrap_or(inner);
+                let routed: Vec<Vec<u8>> = if inner.is_empty() {
+                    Vec::new()
+                } else {
+                    inner.split('/').map(|s| percent_decoded(s.as_bytes())).collect()
+                };
+                proptest::prop_assert_eq!(routed, lenient_reading(&path), "{:?} -> {:?}", path, normal);
+            }
+        }
     }
 
     /// A route is written in the normal form a request path is matched in.
