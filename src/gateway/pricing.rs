@@ -104,12 +104,16 @@ enum PathPattern {
 }
 
 impl PathPattern {
+    /// An exact path or a pattern matches with or without one trailing `/` (both stored
+    /// without): most frameworks serve `/v1/envelopes/` as `/v1/envelopes` (Express by
+    /// default, Spring before 6), so under a free default the slash would be a way around
+    /// the route's price. A prefix is a prefix of the path as it is.
     fn matches(&self, path: &str) -> bool {
         match self {
-            Self::Exact(p) => p == path,
+            Self::Exact(p) => p == without_trailing_slash(path),
             Self::Prefix(p) => path.starts_with(p.as_str()),
             Self::Segments(pattern) => {
-                let mut actual = path.split('/');
+                let mut actual = without_trailing_slash(path).split('/');
                 for want in pattern {
                     match (want, actual.next()) {
                         (_, None) => return false,
@@ -121,6 +125,14 @@ impl PathPattern {
                 actual.next().is_none()
             }
         }
+    }
+}
+
+/// `path` without one trailing `/`, but `/` itself as it is.
+fn without_trailing_slash(path: &str) -> &str {
+    match path.strip_suffix('/') {
+        Some(rest) if !rest.is_empty() => rest,
+        _ => path,
     }
 }
 
@@ -751,6 +763,8 @@ fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) 
             bad(format!("{path}.path"), why);
             ok = false;
         }
+        // A trailing `/` is no part of an exact path or a pattern (see `PathPattern`).
+        let p = without_trailing_slash(&p).to_owned();
         if p.contains('{') || p.contains('}') {
             let mut segments = Vec::new();
             for seg in p.split('/') {
@@ -1386,6 +1400,11 @@ mod tests {
         }
         let b = book(&route("path_prefix", "/v1/a%2Fb/"));
         assert_eq!(b.route("h", "GET", "/v1/a%2Fb/c"), Routed::Free);
+        // Written with a trailing slash: it matches with or without one, as requests do.
+        let b = book(&route("path", "/v1/items/{id}/"));
+        assert_eq!(b.route("h", "GET", "/v1/items/7"), Routed::Free);
+        assert_eq!(b.route("h", "GET", "/v1/items/7/"), Routed::Free);
+        assert_eq!(b.route("h", "GET", "/v1/items/"), Routed::Deny);
     }
 
     #[test]
@@ -1453,6 +1472,9 @@ mod tests {
         assert_eq!(name("b.example.com", "GET", "/v1/items/7"), "b");
         assert_eq!(name("b.example.com", "POST", "/v1/items/7"), "free");
         assert_eq!(name("b", "GET", "/v1/items/"), "free");
+        // One trailing slash is no part of an exact path or a pattern.
+        assert_eq!(name("b.example.com", "GET", "/v1/items/7/"), "b");
+        assert_eq!(name("x", "GET", "/health/"), "deny");
         assert_eq!(name("b", "GET", "/v1/items/7/x"), "free");
         assert_eq!(name("b", "POST", "/shop.v1.Orders/Place"), "b");
         assert_eq!(name("b", "GET", "/shop.v1.Orders/Place"), "free");
