@@ -2918,9 +2918,13 @@ async fn removing_a_budget_that_is_not_there_is_not_found_and_records_nothing() 
     };
     let events = common::outbox_len(&ledger).await;
     let wallets = ledger.balance("acme", "").await.expect("balance").len();
-    for (member, wallet) in [("", "default"), ("alice", "default"), ("", "esign")] {
+    for (member, wallet, key) in [
+        ("", "default", "rm-0"),
+        ("alice", "default", "rm"),
+        ("", "esign", "rm-2"),
+    ] {
         let err = ledger
-            .set_budget(&budget(member, wallet, 0, "rm"))
+            .set_budget(&budget(member, wallet, 0, key))
             .await
             .expect_err("nothing to remove");
         assert!(
@@ -2957,7 +2961,7 @@ async fn removing_a_budget_that_is_not_there_is_not_found_and_records_nothing() 
         .expect("a replay of the removal");
     assert!(again.replayed);
     let err = ledger
-        .set_budget(&budget("alice", "default", 0, "rm-2"))
+        .set_budget(&budget("alice", "default", 0, "rm-3"))
         .await
         .expect_err("removed already");
     assert!(matches!(err, LedgerError::NotFound("budget")), "{err:?}");
