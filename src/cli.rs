@@ -246,6 +246,8 @@ pub enum AdminCommand {
     /// Grant credits: adds a lot to a wallet.
     Grant {
         account: String,
+        // A negative number is an amount (refused by the server, by name), not a flag.
+        #[arg(allow_negative_numbers = true)]
         amount: i64,
         #[arg(long, default_value = "default")]
         wallet: String,
@@ -253,7 +255,7 @@ pub enum AdminCommand {
         #[arg(long, default_value = "purchase")]
         kind: String,
         /// 0..=100, lower burns first.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         priority: Option<i32>,
         /// Expiry, ms since the epoch (default: never).
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -321,7 +323,7 @@ pub enum AdminCommand {
         #[arg(long, default_value = "default")]
         wallet: String,
         /// A positive adjustment's lot: 0..=100, lower burns first.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         priority: Option<i32>,
         /// A positive adjustment's lot: expiry, ms since the epoch (default: never).
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -339,6 +341,7 @@ pub enum AdminCommand {
     Refund {
         /// The charge: the event id of its debit or capture (their `charge_id`).
         charge_id: String,
+        #[arg(allow_negative_numbers = true)]
         amount: i64,
         /// As for grant: the same key with the same arguments answers the first refund
         /// again and refunds nothing. Default: a fresh key.
@@ -469,6 +472,7 @@ pub enum OrgCommand {
     /// member's spend from an org wallet.
     Budget {
         account: String,
+        #[arg(allow_negative_numbers = true)]
         limit: i64,
         /// day | month | window
         #[arg(long, default_value = "day")]

@@ -892,6 +892,14 @@ async fn adjust_and_refund_commands() {
     assert!(said.contains("--idempotency-key: "), "{said}");
     let said = refused(&["refund", charge, "6"]);
     assert!(said.contains("5 refundable"), "{said}");
+    // A negative number is taken as the amount (refused by the server, by name), not as
+    // an unknown flag.
+    let said = refused(&["refund", charge, "-5"]);
+    assert!(said.contains("InvalidArgument: <AMOUNT>: "), "{said}");
+    let said = refused(&["grant", "alice", "-5"]);
+    assert!(said.contains("InvalidArgument: <AMOUNT>: "), "{said}");
+    let said = refused(&["grant", "alice", "5", "--priority", "-1"]);
+    assert!(said.contains("InvalidArgument: --priority: "), "{said}");
     assert_eq!(wallet(&server, "alice").await, (70, 15, -25));
 }
 
@@ -1033,6 +1041,8 @@ async fn org_budget_says_whose_budget_and_its_period() {
         said.starts_with("account budget of globex (default) removed (event "),
         "{said}"
     );
+    let said = admin_refused(&server, &["org", "budget", "globex", "-5"]);
+    assert!(said.contains("InvalidArgument: <LIMIT>: "), "{said}");
     // Removed already: refused, naming the budget looked for.
     let said = admin_refused(
         &server,
