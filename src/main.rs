@@ -984,9 +984,17 @@ where
         }
         OrgCommand::Members { org } => {
             let out = client
-                .list_members(pb::ListMembersRequest { org_id: org })
+                .list_members(pb::ListMembersRequest {
+                    org_id: org.clone(),
+                })
                 .await
-                .map_err(status)?
+                .map_err(|s| {
+                    if s.code() == tonic::Code::NotFound {
+                        format!("NotFound: {org} is not an organization (<ORG>)")
+                    } else {
+                        status_naming(ORG_FIELDS)(s)
+                    }
+                })?
                 .into_inner();
             for m in out.members {
                 println!("{:<32} {}", m.member_id, m.role);

@@ -375,6 +375,11 @@ async fn org_commands() {
         members.contains("olivia") && members.contains("owner"),
         "{members}"
     );
+    let said = admin_refused(&server, &["org", "members", "acmee"]);
+    assert!(
+        said.contains("NotFound: acmee is not an organization (<ORG>)"),
+        "{said}"
+    );
     let budget = run(&["org", "budget", "acme", "100", "--member", "alice"]);
     assert!(budget.contains("100 per day"), "{budget}");
     let key = run(&[
