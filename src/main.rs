@@ -619,14 +619,18 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                 );
             }
             for a in &out.allocations {
-                println!(
-                    "allocation {}: {} allocated, {} used, {} remaining{}",
-                    a.wallet,
-                    a.allocated,
-                    a.used,
-                    a.remaining,
-                    if a.bounded { "" } else { " (unbounded)" }
-                );
+                if a.bounded {
+                    println!(
+                        "allocation {}: {} allocated, {} used, {} remaining",
+                        a.wallet, a.allocated, a.used, a.remaining
+                    );
+                } else {
+                    // An owner or admin without an allocation spends the org's balance.
+                    println!(
+                        "allocation {}: none (spends the org's balance), {} used",
+                        a.wallet, a.used
+                    );
+                }
             }
             for b in &out.budgets {
                 println!(

@@ -404,6 +404,10 @@ async fn org_commands() {
         !owner.contains("spendable"),
         "nothing bounds the owner: {owner}"
     );
+    assert!(
+        owner.contains("allocation default: none (spends the org's balance), 0 used"),
+        "an owner has no allocation, not an allocation of 0: {owner}"
+    );
     // A member may not make org keys: the field is named and the command fails.
     let refused = admin(
         port,
