@@ -93,6 +93,11 @@ struct Route {
     host: Option<String>,
     path: PathPattern,
     target: Target,
+    /// Whether one trailing `/` is no part of the path ([`PathPattern::matches`]): for
+    /// `path` and `path_prefix` routes that charge or deny; never for a free route (it
+    /// would make free what a later route charges) nor a gRPC method (no gRPC server
+    /// serves `/pkg.Service/Method/`).
+    fold_slash: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,16 +109,32 @@ enum PathPattern {
 }
 
 impl PathPattern {
-    /// An exact path or a pattern matches with or without one trailing `/` (both stored
-    /// without): most frameworks serve `/v1/envelopes/` as `/v1/envelopes` (Express by
-    /// default, Spring before 6), so under a free default the slash would be a way around
-    /// the route's price. A prefix is a prefix of the path as it is.
-    fn matches(&self, path: &str) -> bool {
+    /// With `fold_slash`, one trailing `/` is no part of an exact path or a pattern (of
+    /// the route's or the request's), and a prefix ending in `/` also matches the path
+    /// without it: most frameworks serve `/v1/envelopes/` as `/v1/envelopes` (Express by
+    /// default, Spring before 6) and `/v1/reports` under a `/v1/reports/` router, so under
+    /// a free default the slash would be a way around the route's price.
+    fn matches(&self, path: &str, fold_slash: bool) -> bool {
         match self {
-            Self::Exact(p) => p == without_trailing_slash(path),
-            Self::Prefix(p) => path.starts_with(p.as_str()),
+            Self::Exact(p) if fold_slash => {
+                without_trailing_slash(p) == without_trailing_slash(path)
+            }
+            Self::Exact(p) => p == path,
+            Self::Prefix(p) => {
+                path.starts_with(p.as_str())
+                    || (fold_slash && p.len() > 1 && p.strip_suffix('/') == Some(path))
+            }
             Self::Segments(pattern) => {
-                let mut actual = without_trailing_slash(path).split('/');
+                let (pattern, path) = if fold_slash {
+                    let trimmed = match pattern.split_last() {
+                        Some((Some(last), rest)) if last.is_empty() && !rest.is_empty() => rest,
+                        _ => pattern.as_slice(),
+                    };
+                    (trimmed, without_trailing_slash(path))
+                } else {
+                    (pattern.as_slice(), path)
+                };
+                let mut actual = path.split('/');
                 for want in pattern {
                     match (want, actual.next()) {
                         (_, None) => return false,
@@ -515,7 +536,7 @@ impl PriceBook {
                     .host
                     .as_deref()
                     .is_none_or(|h| h.eq_ignore_ascii_case(host))
-                    && r.path.matches(path)
+                    && r.path.matches(path, r.fold_slash)
             })
             .map_or(self.default, |r| r.target);
         match target {
@@ -642,8 +663,10 @@ impl PriceBook {
                 }
             };
             if let Some(route) = compile_route(r, &path, &mut bad) {
+                let target = t.unwrap_or(Target::Deny);
                 routes.push(Route {
-                    target: t.unwrap_or(Target::Deny),
+                    target,
+                    fold_slash: route.fold_slash && target != Target::Free,
                     ..route
                 });
             }
@@ -748,6 +771,7 @@ fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) 
         );
         return None;
     }
+    let grpc = r.path.is_none() && r.path_prefix.is_none();
     let pattern = if let Some(p) = r.path {
         if !p.starts_with('/') {
             bad(format!("{path}.path"), "must start with /".into());
@@ -763,8 +787,6 @@ fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) 
             bad(format!("{path}.path"), why);
             ok = false;
         }
-        // A trailing `/` is no part of an exact path or a pattern (see `PathPattern`).
-        let p = without_trailing_slash(&p).to_owned();
         if p.contains('{') || p.contains('}') {
             let mut segments = Vec::new();
             for seg in p.split('/') {
@@ -827,6 +849,7 @@ fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) 
     ok.then_some(Route {
         method,
         host,
+        fold_slash: !grpc,
         path: pattern,
         target: Target::Deny,
     })
@@ -1400,11 +1423,6 @@ mod tests {
         }
         let b = book(&route("path_prefix", "/v1/a%2Fb/"));
         assert_eq!(b.route("h", "GET", "/v1/a%2Fb/c"), Routed::Free);
-        // Written with a trailing slash: it matches with or without one, as requests do.
-        let b = book(&route("path", "/v1/items/{id}/"));
-        assert_eq!(b.route("h", "GET", "/v1/items/7"), Routed::Free);
-        assert_eq!(b.route("h", "GET", "/v1/items/7/"), Routed::Free);
-        assert_eq!(b.route("h", "GET", "/v1/items/"), Routed::Deny);
     }
 
     #[test]
@@ -1482,6 +1500,66 @@ mod tests {
         assert_eq!(name("b.example.com", "HEAD", "/v1/items/7"), "b");
         assert_eq!(name("b.example.com", "head", "/v1/items/7"), "b");
         assert_eq!(name("b.example.com", "OPTIONS", "/v1/items/7"), "free");
+    }
+
+    /// One trailing slash is no part of a route that charges or denies (written with one
+    /// or not), and a prefix ending in one also matches the path without it; a free route
+    /// and a gRPC method match as written.
+    #[test]
+    fn one_trailing_slash_is_no_part_of_a_charged_or_denied_route() {
+        let b = book(
+            r#"
+            [pricebook]
+            default = "free"
+            [[pricebook.routes]]
+            method = "GET"
+            path = "/v1/envelopes"
+            operation = "free"
+            [[pricebook.routes]]
+            method = "GET"
+            path_prefix = "/v1/envelopes/"
+            operation = "read"
+            [[pricebook.routes]]
+            path = "/v1/items/{id}/"
+            operation = "read"
+            [[pricebook.routes]]
+            path = "/v1/closed"
+            operation = "deny"
+            [[pricebook.routes]]
+            path_prefix = "/v1/reports/"
+            operation = "read"
+            [[pricebook.routes]]
+            grpc_method = "shop.v1.Orders/Place"
+            operation = "read"
+            [pricebook.operations.read]
+            base = 1
+            "#,
+        );
+        let name = |method: &str, path: &str| match b.route("h", method, path) {
+            Routed::Operation(op) => op.name.clone(),
+            Routed::Free => "free".into(),
+            Routed::Deny => "deny".into(),
+        };
+        for (method, path, routed) in [
+            // The free exact route does not widen: the slash goes on to the charged prefix.
+            ("GET", "/v1/envelopes", "free"),
+            ("GET", "/v1/envelopes/", "read"),
+            ("GET", "/v1/envelopes/7", "read"),
+            ("GET", "/v1/items/7", "read"),
+            ("GET", "/v1/items/7/", "read"),
+            ("GET", "/v1/items/", "free"),
+            ("GET", "/v1/closed", "deny"),
+            ("GET", "/v1/closed/", "deny"),
+            ("GET", "/v1/reports", "read"),
+            ("GET", "/v1/reports/", "read"),
+            ("GET", "/v1/reports/x", "read"),
+            ("GET", "/v1/reportsx", "free"),
+            ("POST", "/shop.v1.Orders/Place", "read"),
+            ("POST", "/shop.v1.Orders/Place/", "free"),
+            ("GET", "/", "free"),
+        ] {
+            assert_eq!(name(method, path), routed, "{method} {path}");
+        }
     }
 
     /// A HEAD route before the GET route prices HEAD apart; after it, it never matches.
