@@ -11,7 +11,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use tollgate::gateway::pricing::{normal_path, PriceBook, Routed};
+use tollgate::gateway::pricing::{normal_path, PriceBook};
 
 /// Paths as clients send them: plain ones (no `%`: nothing copied), an escaped one, and
 /// one refused.
@@ -30,15 +30,13 @@ fn main() {
         .unwrap_or_else(|e| panic!("the example price book: {e}"));
 
     // What each path routes to, checked once (also under `cargo test`).
-    let name = |routed: Routed<'_>| match routed {
-        Routed::Operation(op) => op.name.clone(),
-        Routed::Free => "free".into(),
-        Routed::Deny => "deny".into(),
-    };
     let routed: Vec<String> = PATHS
         .iter()
         .map(|(method, path)| match normal_path(path, false) {
-            Ok(normal) => name(book.route("api.example.com", method, &normal)),
+            Ok(normal) => book
+                .route("api.example.com", method, &normal)
+                .name()
+                .to_owned(),
             Err(bad) => format!("bad_path: {}", bad.0),
         })
         .collect();

@@ -404,12 +404,7 @@ impl Gateway {
         let (operation, decision) = match pricing::normal_path(call.path, self.encoded_slashes) {
             Ok(path) => {
                 let routed = book.route(call.host, call.method, &path);
-                let operation = match &routed {
-                    Routed::Operation(op) => op.name.as_str(),
-                    Routed::Free => "free",
-                    Routed::Deny => "deny",
-                };
-                (operation, self.decide(call, routed).await)
+                (routed.name(), self.decide(call, routed).await)
             }
             // Refused before routing: no route priced it.
             Err(pricing::BadPath(message)) => ("deny", Decision::Deny(Denial::BadPath { message })),

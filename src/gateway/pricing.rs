@@ -87,6 +87,18 @@ pub enum Routed<'a> {
     Operation(&'a Operation),
 }
 
+impl<'a> Routed<'a> {
+    /// The price-book target's name: the operation's, or `free` / `deny` (reserved: no
+    /// operation has them). The `operation` label of the check metrics.
+    pub fn name(&self) -> &'a str {
+        match self {
+            Routed::Operation(op) => &op.name,
+            Routed::Free => TARGET_FREE,
+            Routed::Deny => TARGET_DENY,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 struct Route {
     method: Option<String>,
@@ -1480,11 +1492,8 @@ mod tests {
             base = 2
             "#,
         );
-        let name = |host: &str, method: &str, path: &str| match b.route(host, method, path) {
-            Routed::Operation(op) => op.name.clone(),
-            Routed::Free => "free".into(),
-            Routed::Deny => "deny".into(),
-        };
+        let name =
+            |host: &str, method: &str, path: &str| b.route(host, method, path).name().to_owned();
         assert_eq!(name("x", "GET", "/health"), "deny");
         assert_eq!(name("A.example.com:8443", "GET", "/v1/items/7"), "a");
         assert_eq!(name("b.example.com", "GET", "/v1/items/7"), "b");
@@ -1535,11 +1544,7 @@ mod tests {
             base = 1
             "#,
         );
-        let name = |method: &str, path: &str| match b.route("h", method, path) {
-            Routed::Operation(op) => op.name.clone(),
-            Routed::Free => "free".into(),
-            Routed::Deny => "deny".into(),
-        };
+        let name = |method: &str, path: &str| b.route("h", method, path).name().to_owned();
         for (method, path, routed) in [
             // The free exact route does not widen: the slash goes on to the charged prefix.
             ("GET", "/v1/envelopes", "free"),
