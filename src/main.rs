@@ -15,6 +15,7 @@ use tollgate::cli::{
 };
 use tollgate::config::{default_worker_threads, url_for_logs, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
+use tollgate::ledger::command::wallet_str_or_default;
 use tollgate::ledger::Clock;
 use tollgate::settle::restore::RestoreMode;
 use tollgate::{server, telemetry};
@@ -567,11 +568,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
             idempotency_key,
         } => {
             let mut client = pb::admin_client::AdminClient::with_interceptor(channel, with_auth);
-            let shown_wallet = if wallet.is_empty() {
-                "default".to_owned()
-            } else {
-                wallet.clone()
-            };
+            let shown_wallet = wallet_str_or_default(&wallet).to_owned();
             let out = client
                 .grant(pb::GrantRequest {
                     account_id: account.clone(),
@@ -1062,11 +1059,7 @@ where
             idempotency_key,
         } => {
             // Whose budget: an org member's, or the account's own (every charge of the wallet).
-            let shown_wallet = if wallet.is_empty() {
-                "default"
-            } else {
-                &wallet
-            };
+            let shown_wallet = wallet_str_or_default(&wallet);
             let whose = if member.is_empty() {
                 format!("account budget of {account} ({shown_wallet})")
             } else {

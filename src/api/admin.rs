@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use super::pb::{self, admin_server::Admin};
 use super::status::{store_to_status, to_status};
 use crate::gateway::identity::{KeyBinding, KeyStore};
-use crate::ledger::command::{Violations, CREDITS_MAX, DEFAULT_WALLET};
+use crate::ledger::command::{wallet_or_default, Violations, CREDITS_MAX};
 use crate::ledger::org::{AllocationChange, BudgetPeriod, SetBudget};
 use crate::ledger::{AdjustInput, GrantInput, Ledger, LedgerError};
 use crate::settle::store::ApiKeyRecord;
@@ -105,11 +105,7 @@ impl AdminService {
         change: AllocationChange,
         idempotency_key: String,
     ) -> Result<Response<pb::Allocation>, Status> {
-        let wallet = if wallet.is_empty() {
-            DEFAULT_WALLET.to_owned()
-        } else {
-            wallet
-        };
+        let wallet = wallet_or_default(wallet);
         let out = self
             .ledger
             .allocate(
@@ -207,14 +203,6 @@ fn invalid(violations: Violations) -> Result<(), Status> {
     violations
         .finish()
         .map_err(|v| to_status(LedgerError::InvalidArgument(v)))
-}
-
-fn wallet_or_default(wallet: String) -> String {
-    if wallet.is_empty() {
-        DEFAULT_WALLET.to_owned()
-    } else {
-        wallet
-    }
 }
 
 #[tonic::async_trait]
@@ -612,11 +600,7 @@ impl Admin for AdminService {
         let cmd = SetBudget {
             account_id: r.account_id,
             member_id: r.member_id,
-            wallet: if r.wallet.is_empty() {
-                DEFAULT_WALLET.to_owned()
-            } else {
-                r.wallet
-            },
+            wallet: wallet_or_default(r.wallet),
             limit: r.limit,
             period: period.unwrap_or(BudgetPeriod::Day),
             utc_offset_minutes: r.utc_offset_minutes,

@@ -170,9 +170,19 @@ pub fn encode_metadata(metadata: &Metadata) -> String {
     serde_json::to_string(metadata).unwrap_or_default()
 }
 
-fn wallet_or_default(wallet: String) -> String {
+/// A wallet field as the ledger reads it: empty means the default wallet.
+pub fn wallet_or_default(wallet: String) -> String {
     if wallet.is_empty() {
         DEFAULT_WALLET.to_owned()
+    } else {
+        wallet
+    }
+}
+
+/// [`wallet_or_default`], borrowed.
+pub fn wallet_str_or_default(wallet: &str) -> &str {
+    if wallet.is_empty() {
+        DEFAULT_WALLET
     } else {
         wallet
     }

@@ -3,7 +3,7 @@
 //! hash tag and changes only through `lua/org.lua`; charges check allocations and budgets
 //! inside the debit and authorize scripts (docs/ARCHITECTURE.md, "Organizations").
 
-use super::command::{digest, Violations, CREDITS_MAX};
+use super::command::{digest, wallet_str_or_default, Violations, CREDITS_MAX};
 use super::redis_pool::Answer;
 use super::reply::ok_fields;
 use super::{Ledger, LedgerError};
@@ -230,14 +230,6 @@ struct OrgCall<'a> {
     offset_ms: i64,
 }
 
-fn wallet_or_default(wallet: &str) -> &str {
-    if wallet.is_empty() {
-        super::command::DEFAULT_WALLET
-    } else {
-        wallet
-    }
-}
-
 impl Ledger {
     async fn org_call(&self, c: OrgCall<'_>) -> Result<Answer, LedgerError> {
         let shard = self.shards.of_account(c.account);
@@ -430,7 +422,7 @@ impl Ledger {
                 idempotency_key,
                 actor: actor_id,
                 member: member_id,
-                wallet: wallet_or_default(wallet),
+                wallet: wallet_str_or_default(wallet),
                 amount,
                 ..OrgCall::default()
             })
@@ -481,7 +473,7 @@ impl Ledger {
                 account: &cmd.account_id,
                 idempotency_key: &cmd.idempotency_key,
                 member: &cmd.member_id,
-                wallet: wallet_or_default(&cmd.wallet),
+                wallet: wallet_str_or_default(&cmd.wallet),
                 amount: cmd.limit,
                 period: cmd.period.code(),
                 window_ms: cmd.period.window_ms(),
