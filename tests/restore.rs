@@ -1655,6 +1655,23 @@ async fn a_restore_keeps_records_as_long_as_live_redis_does() {
     restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
         .await
         .expect("restore");
+    // The restored shard numbers its buckets by the span the records were written with,
+    // so a sidecar with another window (the first to look after the restore) switches
+    // from it and still finds them.
+    let shard = ledger.shards().of_account("lives");
+    let stored: Option<String> = redis::cmd("GET")
+        .arg(ledger.shards().idem_span_key(shard))
+        .query(&mut con)
+        .expect("get span");
+    assert_eq!(stored, Some(span.to_string()));
+    let mut longer = config.clone();
+    longer.ledger.idempotency_window_secs = 2 * window_secs as u64;
+    let other = tollgate::server::ledger_from_config(&longer, Clock::Redis).expect("ledger");
+    let again = other
+        .debit(&debit)
+        .await
+        .expect("debit retried, other window");
+    assert!(again.replayed, "the retry was charged again: {again:?}");
     assert_eq!(available(&ledger, "lives").await, Ok(1000 - 30 - 20));
     let again = ledger.debit(&debit).await.expect("debit retried");
     assert!(again.replayed, "the retry was charged again: {again:?}");

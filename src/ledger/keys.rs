@@ -78,6 +78,13 @@ impl ShardMap {
         format!("{}:epoch", self.tag(shard))
     }
 
+    /// The span (ms) that numbers the shard's idempotency buckets, "<span>" or "<span>
+    /// <previous span> <until ms>" (see lua/lib.lua `idem_numbering`). `initialized` reads
+    /// it with the epoch marker; `tollgate restore` writes the span its records use.
+    pub fn idem_span_key(&self, shard: u16) -> String {
+        format!("{}:i:span", self.tag(shard))
+    }
+
     pub fn number(&self, shard: u16) -> &str {
         &self.numbers[usize::from(shard)]
     }
@@ -152,6 +159,8 @@ mod tests {
         );
         assert_eq!(map.tag(3), "{tg:3}");
         assert_eq!(map.outbox(3), "{tg:3}:o");
+        assert_eq!(map.epoch_key(3), "{tg:3}:epoch");
+        assert_eq!(map.idem_span_key(3), "{tg:3}:i:span");
     }
 
     #[test]

@@ -1638,7 +1638,8 @@ async fn restore_under(
     let hold_retention_ms = settings.hold_retention.as_millis() as i64;
     let charge_retention_ms = settings.charge_retention.as_millis() as i64;
     // Idempotency buckets span half the window (lib.lua IDEM_SPAN_MS); a record is found
-    // for IDEM_BUCKETS_LOOKED_AT spans at most (lib.lua idem_life_ms).
+    // for IDEM_BUCKETS_LOOKED_AT spans at most (lib.lua idem_life_ms). Each restored shard
+    // stores this span as its numbering (below), whatever the one it had before the loss.
     let span = (window_ms / 2).max(1);
     let idem_life_ms = IDEM_BUCKETS_LOOKED_AT * span;
     let mut report = RestoreReport::default();
@@ -1921,6 +1922,14 @@ async fn restore_under(
         }
         queued += write_orgs(&mut pipe, &tag, &orgs, now);
         shard_report.orgs = orgs.members.len();
+        // The numbering the records above were written in: the scripts look for them in
+        // it, and a sidecar with another window switches from it keeping it findable
+        // (lib.lua `idem_numbering`). Before the epoch marker, as everything else.
+        pipe.cmd("SET")
+            .arg(ledger.shards().idem_span_key(shard))
+            .arg(span)
+            .ignore();
+        queued += 1;
         // Past every hold id the lost Redis may have handed out (see HOLD_SEQ_GAP).
         pipe.cmd("SET")
             .arg(format!("{tag}:seq"))

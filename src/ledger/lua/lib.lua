@@ -32,6 +32,10 @@ end
 local KEYS, ARGV
 local NOW, TAG, SHARD, WINDOW_MS, HOLD_RETENTION_MS, CHARGE_RETENTION_MS, OUTBOX_MAX, OUTBOX
 local IDEM_SPAN_MS
+-- The shard's stored idempotency numbering ("{tg:S}:i:span", see "Idempotency records"
+-- below): its raw value as initialized() read it (false: no such key; nil: not read in
+-- this call), and whether this call has parsed it yet.
+local IDEM_SPAN_RAW, IDEM_NUMBERING_READ
 -- The organization member an event is attributed to ("" outside an org workspace): set by
 -- the scripts that act for a member, written as the event's `mb` field when not empty.
 local MEMBER
@@ -58,15 +62,20 @@ local function begin(keys, args)
   OUTBOX = KEYS[1]
   -- Idempotency buckets span half the window (see "Idempotency records" below).
   IDEM_SPAN_MS = math.max(1, math.floor(tonumber(WINDOW_MS) / 2))
+  IDEM_SPAN_RAW = nil
+  IDEM_NUMBERING_READ = false
   MEMBER = ''
   ACTOR = ''
 end
 
 -- The shard's epoch marker is written when the shard is initialized (a fresh deployment or
 -- `tollgate restore`). A Redis that lost its data has none: refuse rather than serve empty
--- balances as if they were real.
+-- balances as if they were real. The same MGET reads the shard's idempotency numbering
+-- (same hash tag), so finding a record costs no extra call for it.
 local function initialized()
-  return redis.call('EXISTS', TAG .. ':epoch') == 1
+  local v = redis.call('MGET', TAG .. ':epoch', TAG .. ':i:span')
+  IDEM_SPAN_RAW = v[2]
+  return v[1] ~= false
 end
 
 -- A debit or hold by API key (the gateway, when its identity cache misses; see debit.lua):
@@ -135,6 +144,70 @@ local function real_now()
   return NOW
 end
 
+-- The numbering of the buckets: bucket = floor(real time / span). The span follows the
+-- caller's window, which an operator may change (a restart, or a rolling change with old
+-- and new windows side by side), and a record must stay findable across the change. So
+-- the shard stores the span in use, "{tg:S}:i:span" = "<span>" or "<span> <previous span>
+-- <until>": the records of the previous numbering are still looked for until real time
+-- <until> (ms). A caller whose span differs switches the numbering to its own and keeps
+-- the one it replaces as the previous one, until every record made under it has died.
+-- Two numberings are covered at once; a third (a window changed twice within one record
+-- life) loses the oldest one's records.
+-- IDEM_PREV_SPAN: the previous span while its buckets may still exist (nil otherwise);
+-- IDEM_PREV_UNTIL: until when its records are looked for.
+local IDEM_PREV_SPAN, IDEM_PREV_UNTIL
+
+-- Reads (once per call) and, when needed, writes the shard's numbering. Only scripts that
+-- write call it (through recall, remember, idem_dead_bucket).
+local function idem_numbering()
+  if IDEM_NUMBERING_READ then
+    return
+  end
+  IDEM_NUMBERING_READ = true
+  IDEM_PREV_SPAN, IDEM_PREV_UNTIL = nil, nil
+  local key = TAG .. ':i:span'
+  local raw = IDEM_SPAN_RAW
+  if raw == nil then
+    -- initialized() was not called first (every script calls it; kept safe anyway).
+    raw = redis.call('GET', key)
+  end
+  local span, prev, untl
+  if raw then
+    span, prev, untl = string.match(raw, '^(%d+) (%d+) (%d+)$')
+    if not span then
+      span = string.match(raw, '^(%d+)$')
+    end
+    span, prev, untl = tonumber(span), tonumber(prev), tonumber(untl)
+    if span and span < 1 then
+      span = nil
+    end
+    if not span then
+      redis.log(redis.LOG_WARNING, 'tollgate: ' .. key .. ' holds no span; set to this window\'s')
+    end
+  end
+  if not span then
+    -- A shard that never stored it: a new one, or one written by a tollgate that did not
+    -- store it, and so used the numbering of its window (this one's, unless the window
+    -- changed in the same upgrade).
+    redis.call('SET', key, itos(IDEM_SPAN_MS))
+    return
+  end
+  local now = real_now()
+  if span ~= IDEM_SPAN_MS then
+    -- The window changed: this caller's numbering becomes the current one; the one in use
+    -- until now is looked for as long as a record made under it can live.
+    IDEM_PREV_SPAN = span
+    IDEM_PREV_UNTIL = now + IDEM_BUCKETS_LOOKED_AT * span
+    redis.call('SET', key, itos(IDEM_SPAN_MS) .. ' ' .. itos(span) .. ' ' .. itos(IDEM_PREV_UNTIL))
+    return
+  end
+  -- The previous numbering's buckets exist up to one of its spans after its records die
+  -- (their expiry): until then remember() and the sweeper mind them (see there).
+  if prev and prev >= 1 and untl and now < untl + prev then
+    IDEM_PREV_SPAN, IDEM_PREV_UNTIL = prev, untl
+  end
+end
+
 -- The bucket of this moment.
 local function idem_bucket()
   return math.floor(real_now() / IDEM_SPAN_MS)
@@ -144,8 +217,9 @@ local function idem_key(acct, key)
   return string.sub(redis.sha1hex(acct .. ':' .. key), 1, 30)
 end
 
-local function recall(field, digest)
-  local b = idem_bucket()
+-- recall's answer from bucket b and the IDEM_BUCKETS_LOOKED_AT - 1 before it (of one
+-- numbering), or nil.
+local function recall_in(field, digest, b)
   for age = 0, IDEM_BUCKETS_LOOKED_AT - 1 do
     local v = redis.call('HGET', TAG .. ':i:' .. itos(b - age), field)
     if v then
@@ -158,20 +232,44 @@ local function recall(field, digest)
   return nil
 end
 
+local function recall(field, digest)
+  idem_numbering()
+  local now = real_now()
+  local found = recall_in(field, digest, math.floor(now / IDEM_SPAN_MS))
+  if not found and IDEM_PREV_SPAN and now < IDEM_PREV_UNTIL then
+    found = recall_in(field, digest, math.floor(now / IDEM_PREV_SPAN))
+  end
+  return found
+end
+
 local function remember(field, digest, answer)
+  idem_numbering()
   local b = idem_bucket()
   local bucket = TAG .. ':i:' .. itos(b)
+  local expires = itos((b + IDEM_BUCKETS_LOOKED_AT + 1) * IDEM_SPAN_MS)
   redis.call('HSET', bucket, field, digest .. answer)
-  redis.call('PEXPIREAT', bucket, itos((b + IDEM_BUCKETS_LOOKED_AT + 1) * IDEM_SPAN_MS), 'NX')
+  redis.call('PEXPIREAT', bucket, expires, 'NX')
+  if IDEM_PREV_SPAN then
+    -- Bucket numbers of the two numberings can meet (spans close to each other): a
+    -- bucket the other numbering made first must not keep its shorter expiry.
+    redis.call('PEXPIREAT', bucket, expires, 'GT')
+  end
 end
 
 -- The longest a record made now can still be found (in real time, as its bucket ages).
+-- Records are always made in the numbering of the caller's own window.
 local function idem_life_ms()
   return IDEM_BUCKETS_LOOKED_AT * IDEM_SPAN_MS
 end
 
--- The first bucket no lookup reads any more (the sweeper unlinks it).
+-- The first bucket no lookup reads any more (the sweeper unlinks it), or nil while a
+-- previous numbering's buckets may exist: a number of one numbering can name a live
+-- bucket of the other, so then buckets go by their own expiry only.
 local function idem_dead_bucket()
+  idem_numbering()
+  if IDEM_PREV_SPAN then
+    return nil
+  end
   return TAG .. ':i:' .. itos(idem_bucket() - IDEM_BUCKETS_LOOKED_AT)
 end
 
