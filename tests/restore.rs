@@ -1459,6 +1459,100 @@ async fn a_batch_read_from_the_lost_redis_cannot_land_after_the_restore() {
     assert_eq!(available(&ledger, "fenced").await, Ok(90));
 }
 
+/// A shard marked new by a sidecar whose clock is an hour ahead of the host that later
+/// restores it: the restore's fence, and the rebuilt shard's epoch marker (the same
+/// value), must rise above the marker the shard's events were settled under, or a late
+/// batch read from the lost Redis (a debit the restore never saw) would still be taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_fences_a_shard_marked_by_a_sidecar_whose_clock_is_ahead() {
+    use tollgate::ledger::{Debit, Metadata};
+    use tollgate::settle::restore::{restore, RestoreMode};
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
+    let mut redis = common::RedisServer::start();
+    let client = redis.client();
+    let mut con = client.get_connection().expect("redis");
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let shards = ledger.shards().count();
+    // The sidecar that marked the shards new had a clock an hour ahead of this host's.
+    let ahead = tollgate::ledger::wall_clock_ms() + 3_600_000;
+    for shard in 0..shards {
+        let _: () = redis::cmd("SET")
+            .arg(ledger.shards().epoch_key(shard))
+            .arg(ahead)
+            .query(&mut con)
+            .expect("marker");
+    }
+    ledger
+        .grant(&common::purchase("ahead", 100, "g"))
+        .await
+        .expect("grant");
+    let pg = common::PgDatabase::create().await;
+    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
+    store.migrate().await.expect("migrate");
+    let mut settler = Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            consumer: "s1".into(),
+            ..SettlerSettings::default()
+        },
+    );
+    settler.drain(DEADLINE).await.expect("settled");
+    // A debit a settler read but could not write before Redis lost its data.
+    ledger
+        .debit(&Debit {
+            account_id: "ahead".into(),
+            wallet: "default".into(),
+            amount: 30,
+            idempotency_key: "lost".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit");
+    let lost: Vec<_> = common::outbox_events(&ledger)
+        .await
+        .into_iter()
+        .filter(|e| e.kind.as_str() == "debit")
+        .collect();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    let shard = lost[0].shard();
+
+    redis.restart();
+    reconnected(&ledger).await;
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    assert_eq!(available(&ledger, "ahead").await, Ok(100));
+    let mut con = client.get_connection().expect("redis");
+    let marker: i64 = redis::cmd("GET")
+        .arg(ledger.shards().epoch_key(shard))
+        .query(&mut con)
+        .expect("the rebuilt shard's marker");
+    assert!(
+        marker > ahead,
+        "the rebuilt shard's marker {marker} is not above the lost one's {ahead}"
+    );
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("pg");
+    let fence: i64 = sqlx::query_scalar("SELECT epoch FROM tollgate_shard_fences WHERE shard = $1")
+        .bind(i64::from(shard))
+        .fetch_one(&pool)
+        .await
+        .expect("fence");
+    assert_eq!(fence, marker, "the marker is the fence");
+
+    // The late batch, read under the lost Redis's marker, is refused.
+    let epochs = vec![Some(ahead); usize::from(shards)];
+    let late = store
+        .append_batch(&lost, Some(&epochs), None)
+        .await
+        .expect("late batch");
+    assert_eq!(late.fenced, vec![lost[0].event_id.clone()], "{late:?}");
+    assert_eq!(store.count_events().await.expect("count"), 1);
+}
+
 /// Holds opened in the loss window (applied by the lost Redis, never settled) had their
 /// ids handed to their callers. The restore moves each shard's hold id sequence
 /// `HOLD_SEQ_GAP` past the highest settled one, so no new hold gets one of those ids, and

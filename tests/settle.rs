@@ -343,6 +343,132 @@ async fn a_first_fence_raise_waits_for_a_batch_in_flight() {
     assert_eq!(late.fenced, vec![outbox[1].event_id.clone()]);
 }
 
+/// A grant and three debits of one account (one shard), at distinct times.
+async fn four_events(ledger: &Ledger, now: &std::sync::atomic::AtomicI64) -> Vec<LedgerEvent> {
+    ledger
+        .grant(&common::purchase("skewed", 100, "g"))
+        .await
+        .expect("grant");
+    for (n, key) in ["d1", "d2", "d3"].into_iter().enumerate() {
+        now.store(START_MS + 1 + n as i64, Ordering::SeqCst);
+        ledger
+            .debit(&Debit {
+                account_id: "skewed".into(),
+                wallet: "default".into(),
+                amount: 10,
+                idempotency_key: key.into(),
+                operation: "op".into(),
+                metadata: Metadata::new(),
+                member_id: String::new(),
+            })
+            .await
+            .expect("debit");
+    }
+    let outbox = common::outbox_events(ledger).await;
+    assert_eq!(outbox.len(), 4, "{outbox:?}");
+    outbox
+}
+
+/// Restore fences strictly increase, whatever the restoring hosts' clocks: a second
+/// restore of a shard from a host whose clock is behind the first's must still fence the
+/// incarnation the first one made (whose marker is the first fence), so a late batch read
+/// from it is refused. In PostgreSQL and SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_restore_from_a_host_behind_the_first_still_fences_the_first_incarnation() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    let outbox = four_events(&ledger, &now).await;
+    let shard = outbox[0].shard();
+    let marker = |epoch: i64| vec![Some(epoch); usize::from(ledger.shards().count())];
+    let pg = common::PgDatabase::create().await;
+    for url in [pg.url.clone(), common::temp_sqlite_url()] {
+        let store = store(&url).await;
+        let kind = store.kind();
+        let appended = store
+            .append_batch(&outbox[..1], Some(&marker(1)), None)
+            .await
+            .expect("batch");
+        assert!(appended.fenced.is_empty(), "{kind} {appended:?}");
+        // The first restore's host reads START_MS + 5 s; the shard it rebuilt has that as
+        // its marker, and settles an event.
+        let first = store
+            .raise_fence(shard, START_MS + 5_000)
+            .await
+            .expect("first raise");
+        assert_eq!(first, START_MS + 5_000, "{kind}");
+        let appended = store
+            .append_batch(&outbox[1..2], Some(&marker(first)), None)
+            .await
+            .expect("batch");
+        assert!(appended.fenced.is_empty(), "{kind} {appended:?}");
+        // That Redis is lost too; the second restore's host is 4 s behind the first's.
+        let second = store
+            .raise_fence(shard, START_MS + 1_000)
+            .await
+            .expect("second raise");
+        assert!(
+            second > first,
+            "{kind}: the second fence {second} is not above the first {first}"
+        );
+        let late = store
+            .append_batch(&outbox[2..3], Some(&marker(first)), None)
+            .await
+            .expect("late batch");
+        assert_eq!(
+            late.fenced,
+            vec![outbox[2].event_id.clone()],
+            "{kind}: a late batch of the first restore's incarnation was taken"
+        );
+        // The incarnation the second restore made (its marker is the fence) settles.
+        let appended = store
+            .append_batch(&outbox[2..], Some(&marker(second)), None)
+            .await
+            .expect("batch");
+        assert!(appended.fenced.is_empty(), "{kind} {appended:?}");
+        assert_eq!(store.count_events().await.expect("count"), 4, "{kind}");
+    }
+}
+
+/// A shard marked new by a sidecar whose clock is an hour ahead of the host that later
+/// restores it: the restore's fence must rise above the marker its settled events were
+/// read under, or a late batch of that lost incarnation would be taken. In PostgreSQL
+/// and SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_fences_a_shard_marked_by_a_clock_ahead_of_its_own() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    let outbox = four_events(&ledger, &now).await;
+    let shard = outbox[0].shard();
+    let ahead = vec![Some(START_MS + 3_600_000); usize::from(ledger.shards().count())];
+    let pg = common::PgDatabase::create().await;
+    for url in [pg.url.clone(), common::temp_sqlite_url()] {
+        let store = store(&url).await;
+        let kind = store.kind();
+        let appended = store
+            .append_batch(&outbox[..3], Some(&ahead), None)
+            .await
+            .expect("batch");
+        assert!(appended.fenced.is_empty(), "{kind} {appended:?}");
+        let fence = store.raise_fence(shard, START_MS).await.expect("raise");
+        assert!(
+            fence > START_MS + 3_600_000,
+            "{kind}: the fence {fence} is not above the settled events' marker"
+        );
+        let late = store
+            .append_batch(&outbox[3..], Some(&ahead), None)
+            .await
+            .expect("late batch");
+        assert_eq!(
+            late.fenced,
+            vec![outbox[3].event_id.clone()],
+            "{kind}: a late batch of the lost incarnation was taken"
+        );
+        assert_eq!(store.count_events().await.expect("count"), 3, "{kind}");
+    }
+}
+
 /// Runs SQL on a test database (PostgreSQL or SQLite, by url) outside the store.
 async fn run_sql(url: &str, sql: String) {
     if url.starts_with("postgres") {
@@ -387,7 +513,8 @@ async fn query_text(url: &str, sql: &'static str) -> Vec<String> {
 /// later), with webhook deliveries as that build wrote them (a retry round's start kept
 /// as a negated `delivered_at_ms`). Version 6 adds the column, moves the round starts into
 /// it and indexes events by shard, in PostgreSQL and SQLite; the later versions follow
-/// (7: the events' `actor` column, which the events read back carry).
+/// (7: the events' `actor` column, which the events read back carry; 8: the events'
+/// `redis_epoch`, 0 for an event written without the markers a settler read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
     let redis = common::RedisServer::start();
@@ -475,7 +602,7 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
                 "SELECT CAST(MAX(version) AS TEXT) FROM tollgate_schema_migrations"
             )
             .await,
-            vec!["7".to_owned()],
+            vec!["8".to_owned()],
             "{kind}"
         );
         // The shard index, which restore's reads use.
@@ -534,6 +661,15 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
             .expect("shard events");
         assert_eq!(read, outbox, "{kind}");
         assert!(store.shard_has_events(shard).await.expect("has"), "{kind}");
+        assert_eq!(
+            query_text(
+                &url,
+                "SELECT CAST(redis_epoch AS TEXT) FROM tollgate_events"
+            )
+            .await,
+            vec!["0".to_owned()],
+            "{kind}"
+        );
         store.migrate().await.expect("migrate again");
     }
 }

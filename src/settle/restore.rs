@@ -1667,9 +1667,12 @@ async fn restore_under(
         }
         // The store's fence first: a settler that read events from the Redis that lost
         // this shard can no longer write them once the events below are read (they would
-        // be charges the rebuilt shard never had). The rebuilt shard gets the fence as its
-        // epoch marker. Only a shard with events: `serve` marks new shards (no events)
-        // itself, and a fence above its marker would refuse all their events.
+        // be charges the rebuilt shard never had). The store makes it strictly newer than
+        // the previous fence and than every marker settled events were read under, and at
+        // least this host's clock, so hosts whose clocks differ do not matter; the rebuilt
+        // shard gets the fence as its epoch marker, the same value. Only a shard with
+        // events: `serve` marks new shards (no events) itself, and a fence above its
+        // marker would refuse all their events.
         let epoch = if store.shard_has_events(shard).await? {
             store
                 .raise_fence(shard, crate::ledger::wall_clock_ms())

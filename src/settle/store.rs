@@ -21,7 +21,7 @@ pub const DEFAULT_STORE_URL: &str = "sqlite://tollgate.db";
 pub const DEFAULT_POOL_CONNECTIONS: u32 = 4;
 /// How long a query waits for a pooled connection before failing (and being retried).
 pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Rows per SQLite INSERT statement: 27 parameters a row stays under its limit of 32,766
+/// Rows per SQLite INSERT statement: 28 parameters a row stays under its limit of 32,766
 /// (PostgreSQL binds one array per column instead).
 pub const INSERT_ROWS_MAX: usize = 1000;
 /// Most transactions one ListTransactions page returns.
@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("schema_v5.sql")),
     (6, include_str!("schema_v6.sql")),
     (7, include_str!("schema_v7.sql")),
+    (8, include_str!("schema_v8.sql")),
 ];
 
 /// Columns a migration adds where they are missing, before its SQL runs: (version,
@@ -339,6 +340,14 @@ where
     })
 }
 
+/// The epoch marker of the Redis an event was read from, as the store keeps it (0: none
+/// given, or the shard had no marker there).
+fn read_epoch(epochs: Option<&ShardEpochs>, e: &LedgerEvent) -> i64 {
+    epochs
+        .and_then(|epochs| epochs.get(usize::from(e.shard())).copied().flatten())
+        .unwrap_or(0)
+}
+
 fn lots_text(lots: &[LotPiece]) -> String {
     lots.iter()
         .map(|p| match p.score {
@@ -502,7 +511,8 @@ macro_rules! store_impl {
                         });
                     }
                 }
-                let inserted = $store::insert_events(&mut tx, &sorted, settled_at).await?;
+                let inserted =
+                    $store::insert_events(&mut tx, &sorted, epochs, settled_at).await?;
                 let new_events: Vec<&LedgerEvent> = sorted
                     .iter()
                     .copied()
@@ -609,20 +619,53 @@ macro_rules! store_impl {
                     .collect())
             }
 
-            /// Raises a shard's fence to at least `at_least` (ms) and returns it: events read
-            /// from a Redis whose epoch marker of the shard is older are refused from now on.
-            /// Waits for the batches being written that read the fence before.
-            pub async fn raise_fence(&self, shard: u16, at_least: i64) -> Result<i64, StoreError> {
-                Ok(sqlx::query_scalar(
-                    "INSERT INTO tollgate_shard_fences (shard, epoch) VALUES ($1, $2) \
-                     ON CONFLICT (shard) DO UPDATE SET epoch = CASE \
-                     WHEN excluded.epoch > tollgate_shard_fences.epoch THEN excluded.epoch \
-                     ELSE tollgate_shard_fences.epoch END RETURNING epoch",
+            /// Raises a shard's fence for a restore and returns it: events read from a
+            /// Redis whose epoch marker of the shard is older are refused from now on, and
+            /// the restore gives the rebuilt shard that value as its marker. The new fence
+            /// is strictly above the previous one and above the marker of every Redis an
+            /// already settled event of the shard was read from, and at least `now` (the
+            /// restoring host's clock, ms): with clocks that differ between hosts, `now`
+            /// alone could leave the fence at (or below) a lost incarnation's marker, and
+            /// a late batch of it would be taken. In one transaction, which waits for the
+            /// batches being written that read the fence before (they hold its row
+            /// `FOR SHARE` in PostgreSQL; SQLite has one writer, taken by the first
+            /// statement), so their events count.
+            pub async fn raise_fence(&self, shard: u16, now: i64) -> Result<i64, StoreError> {
+                let shard = i64::from(shard);
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO tollgate_shard_fences (shard, epoch) VALUES ($1, 0) \
+                     ON CONFLICT (shard) DO NOTHING",
                 )
-                .bind(i64::from(shard))
-                .bind(at_least)
-                .fetch_one(&self.pool)
-                .await?)
+                .bind(shard)
+                .execute(&mut *tx)
+                .await?;
+                let lock = if $kind == "postgres" {
+                    "SELECT epoch FROM tollgate_shard_fences WHERE shard = $1 FOR UPDATE"
+                } else {
+                    "SELECT epoch FROM tollgate_shard_fences WHERE shard = $1"
+                };
+                let previous: i64 = sqlx::query_scalar(lock)
+                    .bind(shard)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                // A statement of its own, after the lock: it sees the batches it waited for.
+                let settled: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(MAX(redis_epoch), 0) FROM tollgate_events WHERE shard = $1",
+                )
+                .bind(shard)
+                .fetch_one(&mut *tx)
+                .await?;
+                let fence = now
+                    .max(previous.saturating_add(1))
+                    .max(settled.saturating_add(1));
+                sqlx::query("UPDATE tollgate_shard_fences SET epoch = $2 WHERE shard = $1")
+                    .bind(shard)
+                    .bind(fence)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(fence)
             }
 
             /// Writes a batch in one transaction; returns how many events were new.
@@ -972,18 +1015,19 @@ impl PgStore {
     async fn insert_events(
         conn: &mut sqlx::PgConnection,
         events: &[&LedgerEvent],
+        epochs: Option<&ShardEpochs>,
         settled_at: i64,
     ) -> Result<HashSet<String>, StoreError> {
         sqlx::raw_sql("SAVEPOINT tollgate_copy")
             .execute(&mut *conn)
             .await?;
-        match Self::copy_events(conn, events, settled_at).await {
+        match Self::copy_events(conn, events, epochs, settled_at).await {
             Ok(()) => Ok(events.iter().map(|e| e.event_id.clone()).collect()),
             Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
                 sqlx::raw_sql("ROLLBACK TO SAVEPOINT tollgate_copy")
                     .execute(&mut *conn)
                     .await?;
-                Self::insert_new_events(conn, events, settled_at).await
+                Self::insert_new_events(conn, events, epochs, settled_at).await
             }
             Err(e) => Err(e.into()),
         }
@@ -993,13 +1037,14 @@ impl PgStore {
     async fn copy_events(
         conn: &mut sqlx::PgConnection,
         events: &[&LedgerEvent],
+        epochs: Option<&ShardEpochs>,
         settled_at: i64,
     ) -> Result<(), sqlx::Error> {
         let mut data = CopyBinary::with_capacity(events.len() * 320);
         for e in events {
             let (ms, seq) = e.stream_position();
             let d = e.deltas();
-            data.row(27);
+            data.row(28);
             data.text(&e.event_id)?;
             data.int(i64::from(e.shard()));
             data.int(ms);
@@ -1027,11 +1072,12 @@ impl PgStore {
             data.int(d.refunded);
             data.int(d.adjusted);
             data.int(settled_at);
+            data.int(read_epoch(epochs, e));
         }
         let mut copy = conn
             .copy_in_raw(&format!(
                 "COPY tollgate_events ({EVENT_COLUMNS}, d_granted, d_used, d_expired, \
-                 d_refunded, d_adjusted, settled_at_ms) FROM STDIN (FORMAT binary)"
+                 d_refunded, d_adjusted, settled_at_ms, redis_epoch) FROM STDIN (FORMAT binary)"
             ))
             .await?;
         copy.send(data.finish()).await?;
@@ -1043,6 +1089,7 @@ impl PgStore {
     async fn insert_new_events(
         conn: &mut sqlx::PgConnection,
         events: &[&LedgerEvent],
+        epochs: Option<&ShardEpochs>,
         settled_at: i64,
     ) -> Result<HashSet<String>, StoreError> {
         let n = events.len();
@@ -1072,6 +1119,7 @@ impl PgStore {
         let mut d_expired = Vec::with_capacity(n);
         let mut d_refunded = Vec::with_capacity(n);
         let mut d_adjusted = Vec::with_capacity(n);
+        let mut redis_epoch = Vec::with_capacity(n);
         for e in events {
             let (ms, seq) = e.stream_position();
             let d = e.deltas();
@@ -1101,18 +1149,20 @@ impl PgStore {
             d_expired.push(d.expired);
             d_refunded.push(d.refunded);
             d_adjusted.push(d.adjusted);
+            redis_epoch.push(read_epoch(epochs, e));
         }
         let ids: Vec<String> = sqlx::query_scalar(
             "INSERT INTO tollgate_events (event_id, shard, stream_ms, stream_seq, kind, \
              account_id, wallet, amount, available_after, held_after, lots, extra, hold_id, \
              charge_id, idempotency_key, operation, metadata, created_at_ms, version, member, \
-             actor, d_granted, d_used, d_expired, d_refunded, d_adjusted, settled_at_ms) \
-             SELECT u.*, $27 FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
+             actor, d_granted, d_used, d_expired, d_refunded, d_adjusted, redis_epoch, \
+             settled_at_ms) \
+             SELECT u.*, $28 FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], \
              $4::bigint[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], \
              $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], \
              $16::text[], $17::text[], $18::bigint[], $19::bigint[], $20::text[], \
              $21::text[], $22::bigint[], $23::bigint[], $24::bigint[], $25::bigint[], \
-             $26::bigint[]) AS u \
+             $26::bigint[], $27::bigint[]) AS u \
              ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
         )
         .bind(event_id)
@@ -1141,6 +1191,7 @@ impl PgStore {
         .bind(d_expired)
         .bind(d_refunded)
         .bind(d_adjusted)
+        .bind(redis_epoch)
         .bind(settled_at)
         .fetch_all(conn)
         .await?;
@@ -1245,13 +1296,14 @@ impl SqliteStore {
     async fn insert_events(
         conn: &mut sqlx::SqliteConnection,
         sorted: &[&LedgerEvent],
+        epochs: Option<&ShardEpochs>,
         settled_at: i64,
     ) -> Result<HashSet<String>, StoreError> {
         let mut inserted = HashSet::new();
         for chunk in sorted.chunks(INSERT_ROWS_MAX) {
             let mut qb = QueryBuilder::<sqlx::Sqlite>::new(format!(
                 "INSERT INTO tollgate_events ({EVENT_COLUMNS}, d_granted, d_used, \
-                 d_expired, d_refunded, d_adjusted, settled_at_ms) "
+                 d_expired, d_refunded, d_adjusted, settled_at_ms, redis_epoch) "
             ));
             qb.push_values(chunk.iter(), |mut b, e| {
                 let (ms, seq) = e.stream_position();
@@ -1282,7 +1334,8 @@ impl SqliteStore {
                     .push_bind(d.expired)
                     .push_bind(d.refunded)
                     .push_bind(d.adjusted)
-                    .push_bind(settled_at);
+                    .push_bind(settled_at)
+                    .push_bind(read_epoch(epochs, e));
             });
             qb.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
             for row in qb.build().fetch_all(&mut *conn).await? {
@@ -1569,8 +1622,8 @@ impl Store {
         dispatch!(self, s => s.append_batch(events, epochs, rules).await)
     }
 
-    pub async fn raise_fence(&self, shard: u16, at_least: i64) -> Result<i64, StoreError> {
-        dispatch!(self, s => s.raise_fence(shard, at_least).await)
+    pub async fn raise_fence(&self, shard: u16, now: i64) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.raise_fence(shard, now).await)
     }
 
     pub async fn holds_open(&self) -> Result<i64, StoreError> {
