@@ -1355,6 +1355,16 @@ mod tests {
     }
 
     #[test]
+    fn an_in_memory_sqlite_store_is_a_store_url_error() {
+        for url in ["sqlite://:memory:", "sqlite://ledger.db?mode=memory"] {
+            let errors = load_env("", &[("TOLLGATE_STORE__URL", url)]).unwrap_err();
+            assert_eq!(errors.0.len(), 1, "{errors}");
+            assert_eq!(errors.0[0].path, "store.url");
+            assert!(errors.0[0].message.contains("in-memory"), "{errors}");
+        }
+    }
+
+    #[test]
     fn a_bad_url_is_reported_without_its_password() {
         for url in [
             "redis://:hunter2@host:notaport",

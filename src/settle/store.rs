@@ -1479,6 +1479,26 @@ macro_rules! dispatch {
     };
 }
 
+/// Refuses an in-memory SQLite database (`sqlite://:memory:`, `file::memory:`, or
+/// `mode=memory`): each connection of the pool would open a private database of its own,
+/// so a batch committed on one is missing on the next, and all of it is gone at exit,
+/// while the outbox entries it held are acknowledged and trimmed in Redis.
+fn sqlite_file(path: &str) -> Result<(), StoreError> {
+    let lower = path.to_ascii_lowercase();
+    let (name, query) = lower.split_once('?').unwrap_or((lower.as_str(), ""));
+    let in_memory = name == ":memory:"
+        || name.starts_with("file::memory:")
+        || query.split('&').any(|pair| pair == "mode=memory");
+    if in_memory {
+        return Err(StoreError::BadUrl(
+            "an in-memory SQLite database is private to each pooled connection and gone at \
+             exit (events acknowledged in Redis would be lost): use sqlite://PATH to a file"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Store {
     /// Checks a store url without connecting (config validation runs outside the async
     /// runtime, where sqlx cannot build a pool).
@@ -1487,8 +1507,8 @@ impl Store {
             PgConnectOptions::from_str(url)
                 .map(|_| ())
                 .map_err(|e| StoreError::BadUrl(format!("not a valid postgres:// url ({e})")))
-        } else if url.strip_prefix("sqlite://").is_some_and(|p| !p.is_empty()) {
-            Ok(())
+        } else if let Some(path) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) {
+            sqlite_file(path)
         } else {
             Err(StoreError::BadUrl(BAD_URL.into()))
         }
@@ -1584,6 +1604,7 @@ impl Store {
             if path.is_empty() {
                 return Err(StoreError::BadUrl(BAD_URL.into()));
             }
+            sqlite_file(path)?;
             let options = SqliteConnectOptions::new()
                 .filename(path)
                 .create_if_missing(create)
@@ -1696,5 +1717,43 @@ impl Store {
 
     pub async fn count_events(&self) -> Result<i64, StoreError> {
         dispatch!(self, s => s.count_events().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_in_memory_sqlite_store_is_refused() {
+        for url in [
+            "sqlite://:memory:",
+            "sqlite://:MEMORY:",
+            "sqlite://:memory:?cache=shared",
+            "sqlite://file::memory:",
+            "sqlite://file::memory:?cache=shared",
+            "sqlite://ledger.db?mode=memory",
+            "sqlite://file:ledger?cache=shared&mode=memory",
+        ] {
+            let err = Store::check_url(url).expect_err(url);
+            assert!(
+                matches!(&err, StoreError::BadUrl(why) if why.contains("in-memory")),
+                "{url}: {err}"
+            );
+            let err = Store::connect_lazy(url, 1).err();
+            assert!(
+                matches!(&err, Some(StoreError::BadUrl(why)) if why.contains("in-memory")),
+                "{url}: {err:?}"
+            );
+        }
+        for url in [
+            "sqlite://tollgate.db",
+            "sqlite:///var/lib/tollgate/ledger.db",
+            "sqlite://memory.db",
+            "sqlite://./:memory:.db",
+            "sqlite://ledger.db?mode=rwc",
+        ] {
+            assert!(Store::check_url(url).is_ok(), "{url}");
+        }
     }
 }
