@@ -469,6 +469,41 @@ async fn a_restore_fences_a_shard_marked_by_a_clock_ahead_of_its_own() {
     }
 }
 
+/// A Redis url with `protocol=resp3`: XREADGROUP then answers a map (stream name to
+/// entries) instead of RESP2's array of pairs. The settler must read it: otherwise every
+/// batch it read is dropped, its entries left pending in this consumer (back only through
+/// XAUTOCLAIM, which this settler's hour of claim idle keeps away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settler_over_resp3_settles_every_event() {
+    let redis = common::RedisServer::start();
+    let url = format!("{}?protocol=resp3", redis.url());
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = tollgate::server::ledger_from_config(&common::test_config(&url), clock)
+        .expect("ledger over RESP3");
+    common::initialize_blocking(&ledger, &url);
+    add_observer_group(&ledger).await;
+    common::workload::every_kind(&ledger, &now, 2, "r3").await;
+    let outbox = common::outbox_events(&ledger).await;
+    assert!(!outbox.is_empty());
+
+    let store = store(&common::temp_sqlite_url()).await;
+    let mut settler = Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            group: "resp3".into(),
+            consumer: "a".into(),
+            claim_idle: Duration::from_secs(3600),
+            ..fast()
+        },
+    );
+    settler
+        .drain(Duration::from_secs(30))
+        .await
+        .expect("drained over RESP3");
+    assert_store_matches_outbox(&store, &outbox).await;
+}
+
 /// Runs SQL on a test database (PostgreSQL or SQLite, by url) outside the store.
 async fn run_sql(url: &str, sql: String) {
     if url.starts_with("postgres") {

@@ -717,11 +717,14 @@ async fn read_batch(
     let mut unreadable = Vec::new();
     for (shard, reply) in replies.enumerate() {
         let shard = shard as u16;
+        // One stream was read: RESP2 answers `[[name, entries]]`, RESP3 (a url with
+        // `protocol=resp3`) a map `{name: entries}`; nil when there was nothing.
         let entries = match reply {
             Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
                 Value::Array(mut pair) if pair.len() == 2 => pair.swap_remove(1),
                 _ => Value::Nil,
             },
+            Value::Map(mut streams) if !streams.is_empty() => streams.swap_remove(0).1,
             _ => Value::Nil,
         };
         let (events, read) = match parse_entries(shard, entries, &mut unreadable) {
