@@ -172,10 +172,21 @@ macro_rules! webhook_store_impl {
                     // A wallet without a row has nothing to lock, and another settler's
                     // uncommitted batch may be judging the same new wallet: both would
                     // start from an empty state and both alert. An empty row claims it
-                    // (waiting for that batch to commit when it inserted the row first;
-                    // in key order, as every batch does, so two cannot wait on each
-                    // other), then the rows are read again, locked. The batch's own
-                    // summary upsert fills the row before it commits.
+                    // (waiting for that batch to commit when it inserted the row first),
+                    // then the rows are read again, locked. The batch's own summary
+                    // upsert fills the row before it commits.
+                    //
+                    // The claims go in key order, but a batch locks the rows it found
+                    // (above) before the ones it claims, so two batches' lock orders can
+                    // cross when a third commits between their reads, and PostgreSQL
+                    // then finds a deadlock: U finds neither wallet x nor y (x < y) and
+                    // inserts x; V, which had inserted y, commits; T finds y, locks it,
+                    // and waits for U's x; U's insert of y does nothing (V's row is
+                    // there) and its locked read of y waits for T. PostgreSQL aborts one
+                    // of the two (after deadlock_timeout, 1 s by default): its whole
+                    // transaction rolls back and `Settler::commit` writes the batch again
+                    // (a store error, logged and counted, retried with backoff). A delay,
+                    // nothing written wrong.
                     for chunk in new.chunks(INSERT_ROWS_MAX) {
                         let mut qb = QueryBuilder::<$db>::new(
                             "INSERT INTO tollgate_wallets (account_id, wallet, granted, used, \
