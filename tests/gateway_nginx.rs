@@ -4,8 +4,8 @@
 mod common;
 
 use common::gateways::{
-    assert_no_forged_alias, balance, esign_replay_config, http, seed, start_nginx, Upstream,
-    FORGED_ALIASES,
+    assert_no_forged_alias, balance, esign_config, esign_replay_config, http, seed, start_nginx,
+    Upstream, FORGED_ALIASES,
 };
 use tollgate::ledger::Clock;
 
@@ -177,4 +177,61 @@ async fn nginx_meters_charges_once_and_turns_denials_into_real_answers() {
     assert_eq!(r.json()["error"], "bad_path", "{r:?}");
     assert!(upstream.seen_tagged("dots").is_empty());
     assert_eq!(balance(&server, "acme").await, (37, 50, 13));
+}
+
+/// tollgate down: the auth subrequest gets nginx's 502, which auth_request turns into a
+/// 500. examples/nginx.conf catches that 500 too (`error_page 401 403 500`), so the
+/// client gets the JSON 503 `unavailable` instead of nginx's HTML 500 page, and the
+/// request is still refused (fail-closed), a free route included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_answers_json_503_and_refuses_when_tollgate_is_down() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let upstream = Upstream::start().await;
+    let nginx = start_nginx(server.http_addr, upstream.addr).await;
+    let key = seed(&server, "acme", 100).await;
+    // Up: allowed (the proxy works).
+    let r = http(
+        nginx.addr,
+        "POST",
+        "/v1/envelopes",
+        &[("x-api-key", key.as_str()), ("x-test-tag", "up")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", nginx.log());
+    assert_eq!(upstream.seen_tagged("up").len(), 1);
+
+    // Stopped: its HTTP port no longer listens.
+    let http_addr = server.http_addr;
+    server.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(http_addr).await.is_err(),
+        "tollgate's HTTP port still listens"
+    );
+    for (method, path, tag) in [
+        ("POST", "/v1/envelopes", "down-charged"),
+        ("GET", "/v1/envelopes", "down-free"),
+    ] {
+        let r = http(
+            nginx.addr,
+            method,
+            path,
+            &[("x-api-key", key.as_str()), ("x-test-tag", tag)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 503, "{method} {path}: {r:?}\n{}", nginx.log());
+        assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
+        assert_eq!(r.header("x-tollgate-reason"), Some("unavailable"), "{r:?}");
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"error": "unavailable"}),
+            "{r:?}"
+        );
+        assert!(
+            upstream.seen_tagged(tag).is_empty(),
+            "{method} {path} reached the upstream without tollgate"
+        );
+    }
 }
