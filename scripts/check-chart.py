@@ -330,6 +330,16 @@ def check_variant(checks, docs, label, values, binary, files):
     secret_env = {e["name"] for e in tg.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
     checks.expect(needed <= secret_env, f"{label}: tokens and URLs from the Secret",
                   f"missing {needed - secret_env}")
+    # Secrets a deployment may go without: optional keys of the same Secret, never values.
+    keys = values["existingSecret"]["keys"]
+    optional = {"TOLLGATE_WEBHOOKS__SECRET": keys.get("webhookSecret"),
+                "TOLLGATE_GATEWAY__SHARED_SECRET": keys.get("gatewaySharedSecret")}
+    refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}) for e in tg.get("env", [])}
+    wrong = {name: refs.get(name) for name, key in optional.items()
+             if refs.get(name) != {"name": values["existingSecret"]["name"], "key": key,
+                                   "optional": True}}
+    checks.expect(not wrong, f"{label}: {', '.join(sorted(optional))} from optional Secret keys",
+                  json.dumps(wrong))
     checks.expect(
         tg.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz"
         and tg.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz",
@@ -408,6 +418,7 @@ def check_config(checks, text, label, binary, values, files):
         f.write(text)
     # The chart sets these from the Secret and the ports; the rest comes from the file.
     env = {"PATH": os.environ.get("PATH", ""), "TOLLGATE_WEBHOOKS__SECRET": "from-the-secret",
+           "TOLLGATE_GATEWAY__SHARED_SECRET": "from-the-secret",
            "TOLLGATE_ADMIN_TOKEN": "from-the-secret", "TOLLGATE_SERVICE_TOKEN": "from-the-secret",
            "TOLLGATE_SERVER__GRPC_ADDR": "0.0.0.0:50051",
            "TOLLGATE_SERVER__HTTP_ADDR": "0.0.0.0:8080"}
@@ -481,7 +492,8 @@ def check_chart(checks, binary, exposed):
             check_prometheus_rule(checks, docs, label, exposed)
             check_variant(checks, docs, label, merged, binary, files)
     # A secret given in values is refused, not rendered into the ConfigMap.
-    for section, key in [("auth", "admin_token"), ("store", "url"), ("webhooks", "secret")]:
+    for section, key in [("auth", "admin_token"), ("store", "url"), ("webhooks", "secret"),
+                         ("gateway", "shared_secret")]:
         what = f"config.{section}.{key} in values is refused"
         try:
             chart.render({"config": {section: {key: "s3cret"}}}, name="tg", namespace="billing",

@@ -66,7 +66,7 @@ tollgate's integer settings refuse. Nested maps and lists become inline TOML.
 {{- define "tollgate.toml" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- /* These come from the Secret: given in values they would render into the ConfigMap. */}}
-{{- range $pair := list (list "auth" "admin_token") (list "auth" "service_token") (list "redis" "url") (list "store" "url") (list "webhooks" "secret") }}
+{{- range $pair := list (list "auth" "admin_token") (list "auth" "service_token") (list "redis" "url") (list "store" "url") (list "webhooks" "secret") (list "gateway" "shared_secret") }}
 {{- $table := get $config (index $pair 0) }}
 {{- if and (kindIs "map" $table) (hasKey $table (index $pair 1)) }}
 {{- fail (printf "config.%s.%s is a secret: put it in the Secret %s (existingSecret.keys), not in values, which render into a ConfigMap" (index $pair 0) (index $pair 1) $.Values.existingSecret.name) }}
@@ -116,6 +116,12 @@ tollgate's integer settings refuse. Nested maps and lists become inline TOML.
     secretKeyRef:
       name: {{ .Values.existingSecret.name }}
       key: {{ .Values.existingSecret.keys.webhookSecret }}
+      optional: true
+- name: TOLLGATE_GATEWAY__SHARED_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.gatewaySharedSecret }}
       optional: true
 {{- /* Sidecar: only Envoy, in the same pod, talks gRPC to tollgate. */}}
 - name: TOLLGATE_SERVER__GRPC_ADDR
