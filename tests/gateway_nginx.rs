@@ -4,8 +4,8 @@
 mod common;
 
 use common::gateways::{
-    assert_no_forged_alias, balance, esign_config, esign_replay_config, http, seed, start_nginx,
-    Upstream, FORGED_ALIASES,
+    assert_no_forged_alias, balance, esign_config, esign_config_from, esign_replay_config, example,
+    http, raw_http, replace, seed, start_nginx, Upstream, FORGED_ALIASES,
 };
 use tollgate::ledger::Clock;
 
@@ -234,4 +234,75 @@ async fn nginx_answers_json_503_and_refuses_when_tollgate_is_down() {
             "{method} {path} reached the upstream without tollgate"
         );
     }
+}
+
+/// The host tollgate prices is the one nginx serves, never one a client names. The price
+/// book makes `POST /v1/envelopes` free on `partner.example` only. nginx passes `$host`
+/// as `X-Original-Host` (next to `X-Original-URI`), replacing a client's own; tollgate
+/// reads the host from the URI's family only. An HTTP/1.0 request without Host (empty
+/// `$host`, so no X-Original-Host) with a client's `X-Original-Host: partner.example`
+/// used to be priced under that host (nginx dropped its empty `X-Forwarded-Host` and
+/// tollgate fell through to the client's header): free. Now its host is empty: charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_prices_the_host_it_serves_not_one_the_client_names() {
+    let redis = common::RedisServer::start();
+    let book = replace(
+        &example("pricebook-esign.toml"),
+        "[[pricebook.routes]]\nmethod = \"POST\"\npath = \"/v1/envelopes\"\n",
+        "[[pricebook.routes]]\nhost = \"partner.example\"\nmethod = \"POST\"\n\
+         path = \"/v1/envelopes\"\noperation = \"free\"\n\n\
+         [[pricebook.routes]]\nmethod = \"POST\"\npath = \"/v1/envelopes\"\n",
+    );
+    let server =
+        common::TestServer::start(esign_config_from(&redis.url(), &book), Clock::Redis).await;
+    let upstream = Upstream::start().await;
+    let nginx = start_nginx(server.http_addr, upstream.addr).await;
+    let key = seed(&server, "acme", 100).await;
+
+    // The host nginx serves (the client's Host) is priced: free on partner.example.
+    let r = raw_http(
+        nginx.addr,
+        &format!(
+            "POST /v1/envelopes HTTP/1.1\r\nHost: partner.example\r\nx-api-key: {key}\r\n\
+             x-test-tag: partner\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", nginx.log());
+    assert_eq!(upstream.seen_tagged("partner").len(), 1);
+    assert_eq!(
+        balance(&server, "acme").await,
+        (100, 0, 0),
+        "free on its host"
+    );
+
+    // A client naming partner.example in proxy headers is charged: with its own Host, and
+    // with none at all (HTTP/1.0).
+    let named = "x-original-host: partner.example\r\nx-forwarded-host: partner.example\r\n";
+    for (tag, request_line) in [
+        ("named-1.1", "HTTP/1.1\r\nHost: api.example.com"),
+        ("named-1.0", "HTTP/1.0"),
+    ] {
+        let r = raw_http(
+            nginx.addr,
+            &format!(
+                "POST /v1/envelopes {request_line}\r\n{named}x-api-key: {key}\r\n\
+                 x-test-tag: {tag}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{tag}: {r:?}\n{}", nginx.log());
+        let seen = upstream.seen_tagged(tag);
+        assert_eq!(seen.len(), 1, "{tag}");
+        let h = &seen[0].headers;
+        assert_eq!(
+            (
+                h.get("x-tollgate-operation").map(String::as_str),
+                h.get("x-tollgate-charged").map(String::as_str)
+            ),
+            (Some("envelope.send"), Some("1")),
+            "{tag}: priced under the client's host: {h:?}"
+        );
+    }
+    assert_eq!(balance(&server, "acme").await, (98, 0, 2));
 }

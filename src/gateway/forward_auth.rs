@@ -1,6 +1,7 @@
 //! HTTP forward-auth on the HTTP port, for gateways that ask over HTTP before
 //! forwarding: Traefik ForwardAuth and Kong send `X-Forwarded-Method/-Uri/-Host`, nginx
-//! auth_request `X-Original-Method/-URI`. Same decisions and headers as ext_authz.
+//! auth_request (examples/nginx.conf) `X-Original-Method/-URI/-Host`. Same decisions and
+//! headers as ext_authz.
 //!
 //! nginx's auth_request honours only 2xx, 401 and 403 (anything else becomes a 500), so
 //! `?mode=nginx` (or `x-tollgate-auth-mode: nginx`) answers every other denial with 403
@@ -124,19 +125,33 @@ fn original_uri<'a>(name: &str, raw: &'a [u8]) -> Result<Cow<'a, str>, Denied> {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-/// The original request's host: the first of `x-forwarded-host`, `x-original-host` and
-/// `host` that is present, which must be printable ASCII (a host name or address).
-fn original_host(headers: &HeaderMap) -> Result<&str, Denied> {
-    for name in ["x-forwarded-host", "x-original-host", "host"] {
-        if let Some(value) = headers.get(name) {
-            let raw = value.as_bytes();
-            return match std::str::from_utf8(raw) {
-                Ok(host) if raw.iter().all(u8::is_ascii_graphic) => Ok(host),
-                _ => Err(bad_header(name, "must be a host name (printable ASCII)")),
-            };
-        }
+/// The header that holds the original request's host, given the header its URI came in
+/// (`None`: the forward-auth request is the original one, e.g. Envoy's HTTP ext_authz).
+/// The host comes from the URI's family only: the proxy sets one family and passes the
+/// other on from the client, so `x-original-host` next to Traefik's `x-forwarded-uri`, or
+/// the auth request's own `host` next to nginx's `x-original-uri`, says nothing about
+/// the request (nginx sends its upstream's name there).
+fn host_header(uri_header: Option<&str>) -> &'static str {
+    match uri_header {
+        Some("x-forwarded-uri") => "x-forwarded-host",
+        Some(_) => "x-original-host",
+        None => "host",
     }
-    Ok("")
+}
+
+/// The original request's host from `name` ([`host_header`]), which must be printable
+/// ASCII (a host name or address); empty when absent (a proxy drops the header when the
+/// client sent no host, e.g. HTTP/1.0 without `Host`), never another header's: an empty
+/// host matches only routes without a `host`.
+fn original_host<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, Denied> {
+    let Some(value) = headers.get(name) else {
+        return Ok("");
+    };
+    let raw = value.as_bytes();
+    match std::str::from_utf8(raw) {
+        Ok(host) if raw.iter().all(u8::is_ascii_graphic) => Ok(host),
+        _ => Err(bad_header(name, "must be a host name (printable ASCII)")),
+    }
 }
 
 /// The values of a header that is sent more than once or is not plain ASCII, as the
@@ -220,7 +235,11 @@ async fn forward_auth(
 /// but passes the other family on from the client, so both present and different means a
 /// client is trying to price one request as another. A header that is present decides
 /// (a bad value is a 400 naming it); only an absent one falls back to tollgate's own
-/// request, which would otherwise price `/v1/forward-auth` instead of the client's.
+/// request, which would otherwise price `/v1/forward-auth` instead of the client's. The
+/// host is read from the family the URI came from, and is empty when that family has
+/// none: it used to be the first of `x-forwarded-host`, `x-original-host` and `host`, so
+/// behind nginx an HTTP/1.0 request without `Host` (nginx then drops its own header)
+/// was priced under the client's `x-original-host`, or nginx's upstream name.
 fn original_request<'a>(
     headers: &'a HeaderMap,
     method: &'a Method,
@@ -230,11 +249,13 @@ fn original_request<'a>(
         Some((name, raw)) => original_method(name, raw)?,
         None => method.as_str(),
     };
-    let original_uri = match one_of(headers, "x-forwarded-uri", "x-original-uri")? {
+    let uri_header = one_of(headers, "x-forwarded-uri", "x-original-uri")?;
+    let original_uri = match uri_header {
         Some((name, raw)) => original_uri(name, raw)?,
         None => Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
     };
-    Ok((original_method, original_uri, original_host(headers)?))
+    let host = original_host(headers, host_header(uri_header.map(|(name, _)| name)))?;
+    Ok((original_method, original_uri, host))
 }
 
 fn denied(denial: &super::Denial, nginx: bool) -> Response {
@@ -455,6 +476,111 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// (method, URI, host) forward-auth reads from these headers, or the header a 400
+    /// names.
+    fn read(headers: &[(&'static str, &str)]) -> Result<(String, String, String), String> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, HeaderValue::from_str(value).expect("value"));
+        }
+        let method = Method::GET;
+        let uri = Uri::from_static("/v1/forward-auth?mode=nginx");
+        match original_request(&map, &method, &uri) {
+            Ok((m, u, h)) => Ok((m.to_owned(), u.into_owned(), h.to_owned())),
+            Err(denial) => match *denial {
+                crate::gateway::Denial::BadHeader { header, .. } => Err(header),
+                other => panic!("{other:?}"),
+            },
+        }
+    }
+
+    fn host(headers: &[(&'static str, &str)]) -> String {
+        read(headers).expect("read").2
+    }
+
+    #[test]
+    fn the_host_comes_from_the_uris_family_and_is_empty_when_it_has_none() {
+        // nginx (examples/nginx.conf): x-original-*. Its host, whatever a client added of
+        // the other family; nginx's upstream name in `host` is never the request's host.
+        let nginx = [
+            ("x-original-method", "POST"),
+            ("x-original-uri", "/v1/envelopes"),
+            ("host", "tollgate"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut h = nginx.to_vec();
+            h.extend_from_slice(extra);
+            h
+        };
+        assert_eq!(
+            read(&with(&[("x-original-host", "api.example.com")])),
+            Ok((
+                "POST".to_owned(),
+                "/v1/envelopes".to_owned(),
+                "api.example.com".to_owned()
+            ))
+        );
+        assert_eq!(
+            host(&with(&[
+                ("x-original-host", "api.example.com"),
+                ("x-forwarded-host", "other.example"),
+            ])),
+            "api.example.com"
+        );
+        // The client sent no host (HTTP/1.0 without Host: nginx's $host is empty and an
+        // empty proxy_set_header is not sent): empty, not the client's x-forwarded-host,
+        // nor nginx's `Host: tollgate`.
+        assert_eq!(host(&nginx), "");
+        assert_eq!(host(&with(&[("x-forwarded-host", "other.example")])), "");
+
+        // Traefik and Kong: x-forwarded-*. A client's x-original-host, passed on by
+        // Traefik, is never read, also when Traefik sends no X-Forwarded-Host (a request
+        // without Host).
+        let traefik = [
+            ("x-forwarded-method", "POST"),
+            ("x-forwarded-uri", "/v1/envelopes"),
+            ("host", "tollgate:8080"),
+            ("x-original-host", "other.example"),
+        ];
+        assert_eq!(host(&traefik), "");
+        let mut with_host = traefik.to_vec();
+        with_host.push(("x-forwarded-host", "api.example.com"));
+        assert_eq!(host(&with_host), "api.example.com");
+        // The URI decides the family (a method header alone does not).
+        assert_eq!(
+            host(&[
+                ("x-original-method", "POST"),
+                ("x-forwarded-uri", "/v1/envelopes"),
+                ("x-original-host", "other.example"),
+            ]),
+            ""
+        );
+
+        // No URI header: the forward-auth request is the original one (Envoy's HTTP
+        // ext_authz), its own Host included; the proxy families' hosts are not read.
+        assert_eq!(
+            read(&[
+                ("host", "api.example.com"),
+                ("x-forwarded-host", "other.example"),
+                ("x-original-host", "other.example"),
+            ]),
+            Ok((
+                "GET".to_owned(),
+                "/v1/forward-auth?mode=nginx".to_owned(),
+                "api.example.com".to_owned()
+            ))
+        );
+
+        // A host that is not printable ASCII is a 400 naming the header read; one of the
+        // other family is not read at all.
+        let mut bad = nginx.to_vec();
+        bad.push(("x-original-host", "api example"));
+        assert_eq!(read(&bad), Err("x-original-host".to_owned()));
+        let mut other = nginx.to_vec();
+        other.push(("x-forwarded-host", "api example"));
+        assert_eq!(host(&other), "");
     }
 
     #[test]

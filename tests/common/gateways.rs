@@ -474,7 +474,6 @@ pub async fn try_http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<HttpResponse> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: api.example.com\r\n");
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
@@ -483,7 +482,21 @@ pub async fn try_http(
         "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     ));
-    stream.write_all(request.as_bytes()).await?;
+    try_raw_http(addr, request.as_bytes()).await
+}
+
+/// A request written as given (e.g. HTTP/1.0 without a Host header), read to the end of
+/// the connection; panics past [`REQUEST_TIMEOUT`].
+pub async fn raw_http(addr: SocketAddr, request: &str) -> HttpResponse {
+    tokio::time::timeout(REQUEST_TIMEOUT, try_raw_http(addr, request.as_bytes()))
+        .await
+        .unwrap_or_else(|_| panic!("{request:?} via {addr}: no answer in {REQUEST_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("{request:?} via {addr}: {e}"))
+}
+
+async fn try_raw_http(addr: SocketAddr, request: &[u8]) -> std::io::Result<HttpResponse> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(request).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
@@ -542,12 +555,13 @@ pub fn esign_replay_config(redis_url: &str) -> Config {
 }
 
 pub fn esign_config(redis_url: &str) -> Config {
-    let mut config = Config::from_toml(
-        &example("pricebook-esign.toml"),
-        Vec::new(),
-        &Overrides::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    esign_config_from(redis_url, &example("pricebook-esign.toml"))
+}
+
+/// [`esign_config`] from an edited copy of examples/pricebook-esign.toml.
+pub fn esign_config_from(redis_url: &str, toml: &str) -> Config {
+    let mut config = Config::from_toml(toml, Vec::new(), &Overrides::default())
+        .unwrap_or_else(|e| panic!("{e}"));
     let test = super::test_config(redis_url);
     config.redis = test.redis;
     config.auth = test.auth;
