@@ -125,29 +125,35 @@ fn original_uri<'a>(name: &str, raw: &'a [u8]) -> Result<Cow<'a, str>, Denied> {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-/// The header that holds the original request's host, given the header its URI came in
-/// (`None`: the forward-auth request is the original one, e.g. Envoy's HTTP ext_authz).
-/// The host comes from the URI's family only: the proxy sets one family and passes the
-/// other on from the client, so `x-original-host` next to Traefik's `x-forwarded-uri`, or
-/// the auth request's own `host` next to nginx's `x-original-uri`, says nothing about
-/// the request (nginx sends its upstream's name there).
-fn host_header(uri_header: Option<&str>) -> &'static str {
-    match uri_header {
-        Some("x-forwarded-uri") => "x-forwarded-host",
-        Some(_) => "x-original-host",
-        None => "host",
-    }
-}
-
-/// The original request's host from `name` ([`host_header`]), which must be printable
-/// ASCII (a host name or address); empty when absent (a proxy drops the header when the
-/// client sent no host, e.g. HTTP/1.0 without `Host`), never another header's: an empty
-/// host matches only routes without a `host`.
-fn original_host<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, Denied> {
-    let Some(value) = headers.get(name) else {
-        return Ok("");
+/// The original request's host, given the header its URI came in (`None`: the
+/// forward-auth request is the original one, e.g. Envoy's HTTP ext_authz, and its own
+/// `host` is the request's). Never the auth request's own `host` otherwise (nginx sends
+/// its upstream's name there), and empty when the proxy sent none (it drops the header
+/// when the client sent no host, e.g. HTTP/1.0 without `Host`): an empty host matches
+/// only routes without a `host`.
+///
+/// - URI in `x-forwarded-uri` (Traefik, Kong): `x-forwarded-host` only. Traefik passes a
+///   client's `x-original-host` on, and drops its own header for a request without host.
+/// - URI in `x-original-uri` (nginx): `x-original-host` or `x-forwarded-host`, and a bad
+///   header when both are present and differ. examples/nginx.conf sets the first to
+///   `$host` and clears the second; a config from before it set only the second, and
+///   passed a client's `x-original-host` on: with it, a client naming another host than
+///   the one nginx served is refused, never priced under its choice.
+fn original_host<'a>(headers: &'a HeaderMap, uri_header: Option<&str>) -> Result<&'a str, Denied> {
+    let (name, raw) = match uri_header {
+        Some("x-forwarded-uri") => match headers.get("x-forwarded-host") {
+            Some(value) => ("x-forwarded-host", value.as_bytes()),
+            None => return Ok(""),
+        },
+        Some(_) => match one_of(headers, "x-forwarded-host", "x-original-host")? {
+            Some(found) => found,
+            None => return Ok(""),
+        },
+        None => match headers.get("host") {
+            Some(value) => ("host", value.as_bytes()),
+            None => return Ok(""),
+        },
     };
-    let raw = value.as_bytes();
     match std::str::from_utf8(raw) {
         Ok(host) if raw.iter().all(u8::is_ascii_graphic) => Ok(host),
         _ => Err(bad_header(name, "must be a host name (printable ASCII)")),
@@ -236,10 +242,10 @@ async fn forward_auth(
 /// client is trying to price one request as another. A header that is present decides
 /// (a bad value is a 400 naming it); only an absent one falls back to tollgate's own
 /// request, which would otherwise price `/v1/forward-auth` instead of the client's. The
-/// host is read from the family the URI came from, and is empty when that family has
-/// none: it used to be the first of `x-forwarded-host`, `x-original-host` and `host`, so
-/// behind nginx an HTTP/1.0 request without `Host` (nginx then drops its own header)
-/// was priced under the client's `x-original-host`, or nginx's upstream name.
+/// host follows the URI's header ([`original_host`]): it used to be the first of
+/// `x-forwarded-host`, `x-original-host` and `host`, so behind nginx an HTTP/1.0 request
+/// without `Host` (nginx then drops its own header) was priced under the client's
+/// `x-original-host`, or nginx's upstream name.
 fn original_request<'a>(
     headers: &'a HeaderMap,
     method: &'a Method,
@@ -254,7 +260,7 @@ fn original_request<'a>(
         Some((name, raw)) => original_uri(name, raw)?,
         None => Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
     };
-    let host = original_host(headers, host_header(uri_header.map(|(name, _)| name)))?;
+    let host = original_host(headers, uri_header.map(|(name, _)| name))?;
     Ok((original_method, original_uri, host))
 }
 
@@ -522,18 +528,23 @@ mod tests {
                 "api.example.com".to_owned()
             ))
         );
+        // Two hosts: refused, never priced under either (the nginx.conf of before
+        // 2026-12-06 set x-forwarded-host and passed a client's x-original-host on).
         assert_eq!(
-            host(&with(&[
-                ("x-original-host", "api.example.com"),
-                ("x-forwarded-host", "other.example"),
+            read(&with(&[
+                ("x-original-host", "other.example"),
+                ("x-forwarded-host", "api.example.com"),
             ])),
+            Err("x-forwarded-host".to_owned())
+        );
+        // That older config alone (its x-forwarded-host, no x-original-host): its host.
+        assert_eq!(
+            host(&with(&[("x-forwarded-host", "api.example.com")])),
             "api.example.com"
         );
         // The client sent no host (HTTP/1.0 without Host: nginx's $host is empty and an
-        // empty proxy_set_header is not sent): empty, not the client's x-forwarded-host,
-        // nor nginx's `Host: tollgate`.
+        // empty proxy_set_header is not sent): empty, not nginx's `Host: tollgate`.
         assert_eq!(host(&nginx), "");
-        assert_eq!(host(&with(&[("x-forwarded-host", "other.example")])), "");
 
         // Traefik and Kong: x-forwarded-*. A client's x-original-host, passed on by
         // Traefik, is never read, also when Traefik sends no X-Forwarded-Host (a request
@@ -573,14 +584,18 @@ mod tests {
             ))
         );
 
-        // A host that is not printable ASCII is a 400 naming the header read; one of the
-        // other family is not read at all.
+        // A host that is not printable ASCII is a 400 naming the header read; beside
+        // Traefik's x-forwarded-uri, a client's x-original-host is not read at all.
         let mut bad = nginx.to_vec();
         bad.push(("x-original-host", "api example"));
         assert_eq!(read(&bad), Err("x-original-host".to_owned()));
         let mut other = nginx.to_vec();
         other.push(("x-forwarded-host", "api example"));
-        assert_eq!(host(&other), "");
+        assert_eq!(read(&other), Err("x-forwarded-host".to_owned()));
+        let mut ignored = traefik.to_vec();
+        ignored.retain(|(name, _)| *name != "x-original-host");
+        ignored.push(("x-original-host", "api example"));
+        assert_eq!(host(&ignored), "");
     }
 
     #[test]
