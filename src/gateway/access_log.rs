@@ -23,13 +23,24 @@
 //! `grpc-status` in `additional_response_headers_to_log`. A logged grpc-status other than
 //! 0 releases the hold whatever the HTTP status; without one the HTTP status decides.
 //!
+//! Not every logged status is the API's answer. When Envoy ends a request itself after the
+//! API may have received it (the client went away: status 0; the route timeout: Envoy's
+//! 504; the upstream connection reset or closed: 503; an idle or duration timeout), the
+//! API may well have done the work (many frameworks finish a handler whose client left),
+//! and releasing the hold on that status made every paid call free to a client that hangs
+//! up right after sending. Envoy's `response_flags` say which it was ([`delivery`]): such
+//! an entry captures if its status captures and otherwise leaves the hold open, to the
+//! API's own settlement (it has `x-tollgate-hold-id`) or its `on_expiry` policy, counted
+//! in `tollgate_access_log_holds_left_open_total{reason}`; an entry whose flags show the
+//! API never got the request (no upstream connection, no route, …) releases it.
+//!
 //! The stream is lossy by design (Envoy drops entries it cannot send); a hold whose entry
 //! is lost follows its `on_expiry` policy at its deadline.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
+use envoy_types::pb::envoy::data::accesslog::v3::{HttpAccessLogEntry, ResponseFlags};
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogService;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
 use envoy_types::pb::envoy::service::accesslog::v3::{
@@ -38,9 +49,11 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::pricing::Settlement;
 use super::{Allowed, Gateway};
 use crate::api::auth::TokenCheck;
 use crate::ledger::{LedgerError, Refusal};
+use crate::telemetry::metrics as m;
 
 pub struct AccessLog {
     gateway: Arc<Gateway>,
@@ -52,6 +65,10 @@ pub struct AccessLog {
 
 impl AccessLog {
     pub fn new(gateway: Arc<Gateway>, service_tokens: TokenCheck, local_only: bool) -> Self {
+        // At 0 from the start, so alerts on their increase see the first one.
+        for reason in LEFT_OPEN_REASONS {
+            metrics::counter!(m::ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL, "reason" => reason).increment(0);
+        }
         Self {
             gateway,
             service_tokens,
@@ -89,6 +106,8 @@ pub struct HoldToSettle<'a> {
     pub grpc_status: Option<&'a str>,
     pub response_headers: &'a HashMap<String, String>,
     pub response_trailers: &'a HashMap<String, String>,
+    /// Whether the status is the API's answer, by Envoy's response flags.
+    pub delivery: Delivery,
 }
 
 impl HoldToSettle<'_> {
@@ -109,6 +128,157 @@ impl HoldToSettle<'_> {
             Some(code) if code.trim() != "0" => 0,
             _ => self.http_status,
         }
+    }
+}
+
+/// Whether a logged status is the API's answer, read from the entry's `response_flags`
+/// (envoy.data.accesslog.v3.ResponseFlags), `response_code_details` and
+/// `upstream_request_attempt_count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The status settles the hold: the API's own answer, or one Envoy gave with no sign
+    /// that the API was reached and cut off.
+    Answered,
+    /// Envoy ended the request itself after the API may have received it: the status is
+    /// not the API's verdict. A status that captures still captures (a 2xx is the API's:
+    /// the client left mid-body, say); any other leaves the hold open (the API's own
+    /// settlement, else `on_expiry`). The reason is Envoy's flag (`DC`, `UT`, …),
+    /// `no_response` or `retried`: a label of
+    /// `tollgate_access_log_holds_left_open_total`.
+    Interrupted(&'static str),
+    /// Envoy answered itself and the API never got the request (its flag): released
+    /// whatever the status.
+    NotDelivered(&'static str),
+}
+
+impl Delivery {
+    /// How the hold ends, given what its status settles by the operation's policy; an
+    /// error leaves it open, for that reason.
+    pub fn settle(self, by_status: Settlement) -> Result<Settlement, &'static str> {
+        match (self, by_status) {
+            (Delivery::NotDelivered(_), _) => Ok(Settlement::Release),
+            (Delivery::Interrupted(reason), Settlement::Release) => Err(reason),
+            (_, settlement) => Ok(settlement),
+        }
+    }
+}
+
+/// One of Envoy's response flags: its short name (as in `%RESPONSE_FLAGS%`) and whether
+/// an entry's flags have it.
+type Flag = (&'static str, fn(&ResponseFlags) -> bool);
+
+/// Flags of a request Envoy ended after the API may have received it (all of it, or its
+/// headers and part of its body, which many frameworks act on): the status is Envoy's,
+/// not the API's, so it must not release the hold. The client went away or reset the
+/// stream (DC, DR), or sent a malformed body midway (DPE); the route timeout fired (UT,
+/// Envoy's 504; the API is still working); the upstream reset or closed the stream, or
+/// answered garbage (UR, UC, UPE); Envoy reset it (LR), on an idle, duration or
+/// max-stream-duration timeout (SI, DT, UMSDR) or under memory pressure (OM, which can
+/// also refuse a request before forwarding: taken as the worse case); retries ran out
+/// (URX: an earlier attempt may have reached the API).
+const INTERRUPTED: [Flag; 13] = [
+    ("DC", |f| f.downstream_connection_termination),
+    ("DR", |f| f.downstream_remote_reset),
+    ("DPE", |f| f.downstream_protocol_error),
+    ("UT", |f| f.upstream_request_timeout),
+    ("UR", |f| f.upstream_remote_reset),
+    ("UC", |f| f.upstream_connection_termination),
+    ("UPE", |f| f.upstream_protocol_error),
+    ("LR", |f| f.local_reset),
+    ("SI", |f| f.stream_idle_timeout),
+    ("DT", |f| f.duration_timeout),
+    ("UMSDR", |f| f.upstream_max_stream_duration_reached),
+    ("OM", |f| f.overload_manager),
+    ("URX", |f| f.upstream_retry_limit_exceeded),
+];
+
+/// Flags of a request Envoy answered itself before the API could get it: no connection to
+/// the upstream (UF, and DF: its name did not resolve), no healthy or no such upstream
+/// (UH, NC), the circuit breaker (UO), no route (NR), this Envoy failing its health check
+/// (LH), rate limiting (RL, RLSE), an authorization refusal (UAEX: tollgate's own, or
+/// another ext_authz's), an injected fault (FI), strictly checked x-envoy-* headers (IH),
+/// a filter without its configuration (NFCF). Release, as by their 4xx/5xx. They prove
+/// it for the last attempt only: with more than one attempt (a route's retry_policy) the
+/// hold is left open instead (`retried`). Neither list: DI (a delay, then proxied) and
+/// RFCF (served from a cache): their status decides.
+const NOT_DELIVERED: [Flag; 13] = [
+    ("UF", |f| f.upstream_connection_failure),
+    ("DF", |f| f.dns_resolution_failure),
+    ("UH", |f| f.no_healthy_upstream),
+    ("NC", |f| f.no_cluster_found),
+    ("UO", |f| f.upstream_overflow),
+    ("NR", |f| f.no_route_found),
+    ("LH", |f| f.failed_local_healthcheck),
+    ("RL", |f| f.rate_limited),
+    ("RLSE", |f| f.rate_limit_service_error),
+    ("UAEX", |f| f.unauthorized_details.is_some()),
+    ("FI", |f| f.fault_injected),
+    ("IH", |f| f.invalid_envoy_request_headers),
+    ("NFCF", |f| f.no_filter_config_found),
+];
+
+/// No response at all (status 0) and no flag saying why.
+const NO_RESPONSE: &str = "no_response";
+/// A not-delivered flag on a request Envoy sent more than once.
+const RETRIED: &str = "retried";
+
+/// Every `reason` of `tollgate_access_log_holds_left_open_total`.
+pub const LEFT_OPEN_REASONS: [&str; 15] = [
+    "DC",
+    "DR",
+    "DPE",
+    "UT",
+    "UR",
+    "UC",
+    "UPE",
+    "LR",
+    "SI",
+    "DT",
+    "UMSDR",
+    "OM",
+    "URX",
+    NO_RESPONSE,
+    RETRIED,
+];
+
+/// Envoy's `response_code_details` of a status the upstream sent.
+const VIA_UPSTREAM: &str = "via_upstream";
+
+/// Whether an entry's status is the API's answer. In order: a status Envoy marks as the
+/// upstream's (`via_upstream`, and not 0) is the API's verdict, whatever came after it (the client
+/// leaving mid-body); then an interrupting flag; then no response at all (status 0, which
+/// Envoy never answers with: the client is gone); then a not-delivered flag (one attempt
+/// only); else the status decides.
+pub fn delivery(entry: &HttpAccessLogEntry) -> Delivery {
+    let response = entry.response.as_ref();
+    let status = response
+        .and_then(|r| r.response_code.as_ref())
+        .map_or(0, |c| c.value);
+    if status != 0 && response.is_some_and(|r| r.response_code_details == VIA_UPSTREAM) {
+        return Delivery::Answered;
+    }
+    let common = entry.common_properties.as_ref();
+    let flags = common
+        .and_then(|c| c.response_flags.as_ref())
+        .copied()
+        .unwrap_or_default();
+    let has = |list: &[Flag]| {
+        list.iter()
+            .find(|(_, set)| set(&flags))
+            .map(|(name, _)| *name)
+    };
+    if let Some(name) = has(&INTERRUPTED) {
+        return Delivery::Interrupted(name);
+    }
+    if status == 0 {
+        return Delivery::Interrupted(NO_RESPONSE);
+    }
+    match has(&NOT_DELIVERED) {
+        Some(_) if common.is_some_and(|c| c.upstream_request_attempt_count > 1) => {
+            Delivery::Interrupted(RETRIED)
+        }
+        Some(name) => Delivery::NotDelivered(name),
+        None => Delivery::Answered,
     }
 }
 
@@ -172,6 +342,7 @@ pub fn hold_to_settle(entry: &HttpAccessLogEntry) -> Option<HoldToSettle<'_>> {
             .map_or_else(|| EMPTY.get_or_init(HashMap::new), |r| &r.response_headers),
         response_trailers: response
             .map_or_else(|| EMPTY.get_or_init(HashMap::new), |r| &r.response_trailers),
+        delivery: delivery(entry),
     })
 }
 
@@ -239,17 +410,25 @@ fn broke_off(status: &Status) -> bool {
 impl AccessLog {
     async fn settle(&self, hold: &HoldToSettle<'_>) {
         let units = |name: &str| hold.units(name).map(str::to_owned);
-        let result = self
+        let by_status = self
             .gateway
-            .settle(
-                hold.hold_id,
-                hold.operation,
-                hold.held,
-                hold.status(),
-                &units,
-            )
-            .await;
-        match result {
+            .settlement(hold.operation, hold.held, hold.status(), &units);
+        let settlement = match hold.delivery.settle(by_status) {
+            Ok(settlement) => settlement,
+            Err(reason) => {
+                metrics::counter!(m::ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL, "reason" => reason)
+                    .increment(1);
+                tracing::debug!(
+                    hold_id = hold.hold_id,
+                    status = hold.http_status,
+                    reason,
+                    "hold left open: Envoy ended the request after the API may have received it; \
+                 the API's own settlement or the hold's on_expiry decides"
+                );
+                return;
+            }
+        };
+        match self.gateway.end_hold(hold.hold_id, settlement).await {
             Ok(out) => tracing::debug!(
                 hold_id = hold.hold_id,
                 status = hold.http_status,
@@ -364,16 +543,152 @@ mod tests {
         }
     }
 
-    /// What the entry settles the hold by, under `capture_statuses = ["2xx"]` and the
-    /// units header the entry logged.
-    fn decision(entry: &HttpAccessLogEntry) -> Settlement {
+    /// What the entry does to the hold, under `capture_statuses = ["2xx"]` and the units
+    /// header the entry logged: how it ends it, or (an error) why it leaves it open.
+    fn decision(entry: &HttpAccessLogEntry) -> Result<Settlement, &'static str> {
         let hold = hold_to_settle(entry).expect("a hold");
         let policy = HoldPolicy::fallback();
-        policy.settle(
+        hold.delivery.settle(policy.settle(
             hold.status(),
             hold.units(&policy.capture_units_header),
             hold.held,
-        )
+        ))
+    }
+
+    /// `held_entry` as Envoy logged it: these response flags, `response_code_details` and
+    /// upstream attempts.
+    fn flagged(
+        mut entry: HttpAccessLogEntry,
+        flags: ResponseFlags,
+        details: &str,
+        attempts: u32,
+    ) -> HttpAccessLogEntry {
+        let common = entry.common_properties.as_mut().expect("common");
+        common.response_flags = Some(flags);
+        common.upstream_request_attempt_count = attempts;
+        entry
+            .response
+            .as_mut()
+            .expect("response")
+            .response_code_details = details.into();
+        entry
+    }
+
+    /// Envoy's response flags with those `set` sets.
+    fn with(set: fn(&mut ResponseFlags)) -> ResponseFlags {
+        let mut flags = ResponseFlags::default();
+        set(&mut flags);
+        flags
+    }
+
+    #[test]
+    fn envoy_ending_a_request_the_api_may_have_received_leaves_its_hold_open() {
+        use envoy_types::pb::envoy::data::accesslog::v3::response_flags::Unauthorized;
+        let none = ResponseFlags::default();
+        // The API answered: its status decides.
+        let entry = flagged(held_entry(Some(200), &[], &[]), none, VIA_UPSTREAM, 1);
+        assert_eq!(decision(&entry), Ok(Settlement::Capture(None)));
+        let entry = flagged(held_entry(Some(500), &[], &[]), none, VIA_UPSTREAM, 1);
+        assert_eq!(decision(&entry), Ok(Settlement::Release));
+
+        // The client closed the connection before the answer (no status at all): the API
+        // may be doing the work; no release.
+        let dc = with(|f| f.downstream_connection_termination = true);
+        let gone = "downstream_remote_disconnect";
+        let entry = flagged(held_entry(None, &[], &[]), dc, gone, 1);
+        assert_eq!(
+            hold_to_settle(&entry).expect("a hold").delivery,
+            Delivery::Interrupted("DC")
+        );
+        assert_eq!(decision(&entry), Err("DC"));
+        // No status is nobody's answer, whatever the details say.
+        let entry = flagged(held_entry(None, &[], &[]), dc, VIA_UPSTREAM, 1);
+        assert_eq!(decision(&entry), Err("DC"));
+        // ...nor on a status Envoy made up: the route timeout's 504, a reset's 503, the
+        // stream idle timeout's 408, a gRPC call's local reply (grpc-status 14 over 200).
+        let uf = with(|f| f.upstream_connection_failure = true);
+        for (status, grpc, flags, reason) in [
+            (504, None, with(|f| f.upstream_request_timeout = true), "UT"),
+            (
+                503,
+                None,
+                with(|f| f.upstream_connection_termination = true),
+                "UC",
+            ),
+            (503, None, with(|f| f.upstream_remote_reset = true), "UR"),
+            (408, None, with(|f| f.stream_idle_timeout = true), "SI"),
+            (408, None, with(|f| f.duration_timeout = true), "DT"),
+            (0, None, with(|f| f.downstream_remote_reset = true), "DR"),
+            (
+                200,
+                Some("14"),
+                with(|f| f.upstream_request_timeout = true),
+                "UT",
+            ),
+            // Retries ran out: an earlier attempt may have reached the API, whatever the
+            // last one says.
+            (
+                503,
+                None,
+                with(|f| {
+                    f.upstream_connection_failure = true;
+                    f.upstream_retry_limit_exceeded = true;
+                }),
+                "URX",
+            ),
+        ] {
+            let headers: Vec<_> = grpc.map(|g| ("grpc-status", g)).into_iter().collect();
+            let entry = flagged(held_entry(Some(status), &headers, &[]), flags, "local", 1);
+            assert_eq!(decision(&entry), Err(reason), "{status} {reason}");
+        }
+        let entry = flagged(held_entry(Some(503), &[], &[]), uf, "local", 2);
+        assert_eq!(decision(&entry), Err("retried"));
+        // No status and no flag (an entry logged before the response): not an answer.
+        let entry = held_entry(None, &[], &[]);
+        assert_eq!(decision(&entry), Err("no_response"));
+
+        // A status that captures still captures: the API answered 2xx and the client
+        // left mid-body (Envoy may then say so instead of via_upstream).
+        let units = [("x-tollgate-units", "3")];
+        let entry = flagged(held_entry(Some(200), &units, &[]), dc, gone, 1);
+        assert_eq!(decision(&entry), Ok(Settlement::Capture(Some(3))));
+        // The API's own error answer, then the client left: the API's verdict releases.
+        let entry = flagged(held_entry(Some(500), &[], &[]), dc, VIA_UPSTREAM, 1);
+        assert_eq!(decision(&entry), Ok(Settlement::Release));
+
+        // The API never got the request: released, whatever capture_statuses says.
+        let uaex = with(|f| f.unauthorized_details = Some(Unauthorized { reason: 1 }));
+        for (status, flags, reason) in [
+            (503, uf, "UF"),
+            (503, with(|f| f.no_healthy_upstream = true), "UH"),
+            (503, with(|f| f.upstream_overflow = true), "UO"),
+            (404, with(|f| f.no_route_found = true), "NR"),
+            (429, with(|f| f.rate_limited = true), "RL"),
+            (403, uaex, "UAEX"),
+            (200, with(|f| f.fault_injected = true), "FI"),
+        ] {
+            let entry = flagged(held_entry(Some(status), &[], &[]), flags, "local", 1);
+            assert_eq!(
+                hold_to_settle(&entry).expect("a hold").delivery,
+                Delivery::NotDelivered(reason)
+            );
+            assert_eq!(decision(&entry), Ok(Settlement::Release), "{reason}");
+        }
+        // One attempt, or none (Envoy answered before the router tried), proves it.
+        let entry = flagged(held_entry(Some(503), &[], &[]), uf, "local", 0);
+        assert_eq!(decision(&entry), Ok(Settlement::Release));
+
+        // A delay injected, then proxied: the status decides.
+        let di = with(|f| f.delay_injected = true);
+        let entry = flagged(held_entry(Some(200), &[], &[]), di, VIA_UPSTREAM, 1);
+        assert_eq!(decision(&entry), Ok(Settlement::Capture(None)));
+
+        // Every reason is a label registered at zero.
+        for (name, _) in INTERRUPTED {
+            assert!(LEFT_OPEN_REASONS.contains(&name), "{name}");
+        }
+        assert!(LEFT_OPEN_REASONS.contains(&NO_RESPONSE) && LEFT_OPEN_REASONS.contains(&RETRIED));
+        assert_eq!(LEFT_OPEN_REASONS.len(), INTERRUPTED.len() + 2);
     }
 
     #[test]
@@ -388,17 +703,17 @@ mod tests {
             hold_to_settle(&entry).expect("a hold").grpc_status,
             Some("13")
         );
-        assert_eq!(decision(&entry), Settlement::Release);
+        assert_eq!(decision(&entry), Ok(Settlement::Release));
         // A trailers-only answer (or Envoy's own gRPC error answer): grpc-status in the
         // headers.
         let entry = held_entry(Some(200), &[("grpc-status", "14")], &[]);
-        assert_eq!(decision(&entry), Settlement::Release);
+        assert_eq!(decision(&entry), Ok(Settlement::Release));
         // Not a number: not a success either.
         let entry = held_entry(Some(200), &[], &[("grpc-status", "oops")]);
-        assert_eq!(decision(&entry), Settlement::Release);
+        assert_eq!(decision(&entry), Ok(Settlement::Release));
         // The trailer is the call's last word when both are logged.
         let entry = held_entry(Some(200), &[("grpc-status", "0")], &[("grpc-status", "2")]);
-        assert_eq!(decision(&entry), Settlement::Release);
+        assert_eq!(decision(&entry), Ok(Settlement::Release));
 
         // grpc-status 0 succeeded: captured by the units reported, or in full.
         let entry = held_entry(
@@ -406,9 +721,9 @@ mod tests {
             &[("x-tollgate-units", "3")],
             &[("grpc-status", "0")],
         );
-        assert_eq!(decision(&entry), Settlement::Capture(Some(3)));
+        assert_eq!(decision(&entry), Ok(Settlement::Capture(Some(3))));
         let entry = held_entry(Some(200), &[("grpc-status", "0")], &[]);
-        assert_eq!(decision(&entry), Settlement::Capture(None));
+        assert_eq!(decision(&entry), Ok(Settlement::Capture(None)));
         // A gRPC server reports its units as trailing metadata; the trailer wins over a
         // header of the same name.
         let entry = held_entry(
@@ -416,23 +731,21 @@ mod tests {
             &[],
             &[("grpc-status", "0"), ("x-tollgate-units", "4")],
         );
-        assert_eq!(decision(&entry), Settlement::Capture(Some(4)));
+        assert_eq!(decision(&entry), Ok(Settlement::Capture(Some(4))));
         let entry = held_entry(
             Some(200),
             &[("x-tollgate-units", "9")],
             &[("grpc-status", "0"), ("x-tollgate-units", "2")],
         );
-        assert_eq!(decision(&entry), Settlement::Capture(Some(2)));
+        assert_eq!(decision(&entry), Ok(Settlement::Capture(Some(2))));
         // ...but never on an HTTP status that releases.
         let entry = held_entry(Some(503), &[], &[("grpc-status", "0")]);
-        assert_eq!(decision(&entry), Settlement::Release);
+        assert_eq!(decision(&entry), Ok(Settlement::Release));
 
-        // Not gRPC: the HTTP status alone decides; no status at all releases.
+        // Not gRPC: the HTTP status alone decides.
         let entry = held_entry(Some(200), &[], &[]);
-        assert_eq!(decision(&entry), Settlement::Capture(None));
+        assert_eq!(decision(&entry), Ok(Settlement::Capture(None)));
         let entry = held_entry(Some(502), &[], &[]);
-        assert_eq!(decision(&entry), Settlement::Release);
-        let entry = held_entry(None, &[], &[]);
-        assert_eq!(decision(&entry), Settlement::Release);
+        assert_eq!(decision(&entry), Ok(Settlement::Release));
     }
 }

@@ -745,31 +745,39 @@ impl Gateway {
         }
     }
 
-    /// Ends a hold by the upstream's answer (Envoy's access log): capture on a configured
-    /// status with the units the upstream reported, release otherwise. `operation` picks
-    /// the policy from the current price book (an operation removed since falls back to
-    /// capture-all on 2xx); `held` caps the capture.
-    pub async fn settle(
+    /// What the upstream's answer (Envoy's access log) makes of a hold: capture on a
+    /// configured status with the units the upstream reported, release otherwise.
+    /// `operation` picks the policy from the current price book (an operation removed since
+    /// falls back to capture-all on 2xx); `held` caps the capture. Whether the logged
+    /// status is the API's answer at all is the access log's to judge first
+    /// (`access_log::Delivery`).
+    pub fn settlement(
         &self,
-        hold_id: &str,
         operation: Option<&str>,
         held: Option<i64>,
         status: u32,
-        units: &(dyn Fn(&str) -> Option<String> + Sync),
-    ) -> Result<EndHoldOutcome, LedgerError> {
+        units: &dyn Fn(&str) -> Option<String>,
+    ) -> Settlement {
         let book = self.pricebook.load_full();
-        let fallback;
-        let (policy, reported) = match operation.and_then(|name| book.operation(name)?.hold()) {
-            Some(policy) => (policy, units(&policy.capture_units_header)),
-            None => {
-                // The operation's units header and rate are gone with it: the units the
-                // upstream reported cannot be priced, so 2xx captures everything held.
-                fallback = HoldPolicy::fallback();
-                (&fallback, None)
+        match operation.and_then(|name| book.operation(name)?.hold()) {
+            Some(policy) => {
+                policy.settle(status, units(&policy.capture_units_header).as_deref(), held)
             }
-        };
+            // The operation's units header and rate are gone with it: the units the
+            // upstream reported cannot be priced, so 2xx captures everything held.
+            None => HoldPolicy::fallback().settle(status, None, held),
+        }
+    }
+
+    /// Ends a hold as `settlement` says, under the hold's own idempotency key
+    /// (`gw:settle:<hold_id>`): a duplicate log entry is a replay.
+    pub async fn end_hold(
+        &self,
+        hold_id: &str,
+        settlement: Settlement,
+    ) -> Result<EndHoldOutcome, LedgerError> {
         let key = format!("gw:settle:{hold_id}");
-        let cmd = match policy.settle(status, reported.as_deref(), held) {
+        let cmd = match settlement {
             Settlement::Capture(amount) => EndHold::capture(hold_id.to_owned(), amount, key),
             Settlement::Release => EndHold::release(hold_id.to_owned(), key),
         };

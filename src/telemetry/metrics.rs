@@ -107,9 +107,13 @@ pub const SPOOL_DROPPED_TOTAL: &str = "tollgate_spool_dropped_total";
 /// (gateway) Spooled charges sent to the ledger once Redis returned, by `result`
 /// (charged, duplicate, refused, later).
 pub const SPOOL_REPLAYED_TOTAL: &str = "tollgate_spool_replayed_total";
+/// (gateway) Envoy access-log entries that left their hold open, by `reason`: Envoy ended
+/// the request after the API may have received it (its response flag: DC, UT, UC, …), so
+/// its status is not the API's answer (gateway::access_log::LEFT_OPEN_REASONS).
+pub const ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL: &str = "tollgate_access_log_holds_left_open_total";
 
 /// The gateway's metric names (recorded on the gateway branch; see README).
-pub const GATEWAY_METRICS: [&str; 10] = [
+pub const GATEWAY_METRICS: [&str; 11] = [
     CHECKS_TOTAL,
     CHECK_SECONDS,
     GATEWAY_DENIALS_TOTAL,
@@ -120,6 +124,7 @@ pub const GATEWAY_METRICS: [&str; 10] = [
     SPOOL_WRITTEN_TOTAL,
     SPOOL_DROPPED_TOTAL,
     SPOOL_REPLAYED_TOTAL,
+    ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL,
 ];
 
 /// Buckets for the hot path (checks, script calls): sub-millisecond resolution, up to the
