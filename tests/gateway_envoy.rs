@@ -8,8 +8,9 @@
 mod common;
 
 use common::gateways::{
-    assert_no_forged_alias, balance, esign_replay_config, http, seed, start_envoy, wait_balance,
-    Upstream, FORGED_ALIASES,
+    assert_no_forged_alias, balance, esign_config_from, esign_replay_config, example, http,
+    replace, seed, start_envoy, start_envoy_with_route_timeout, wait_balance, Upstream,
+    FORGED_ALIASES, REQUEST_TIMEOUT,
 };
 use tollgate::api::pb;
 use tollgate::ledger::Clock;
@@ -322,6 +323,113 @@ async fn envoy_meters_charges_once_denies_and_settles_holds_by_the_response() {
         "two envelopes, no OCR hold"
     );
     drop(envoy);
+}
+
+/// A client that hangs up once the API has its request, and a request Envoy's route
+/// timeout ends while the API still works on it: Envoy logs status 0 (flag DC) and its
+/// own 504 (UT), neither of them the API's answer, and the holds stay open for the API's
+/// own settlement or their on_expiry policy. Releasing them on those statuses made every
+/// paid call free to a client that closes the connection right after sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_ending_a_request_the_api_received_leaves_its_hold_open() {
+    let redis = common::RedisServer::start();
+    // Holds that outlive the slowest run of this test on a busy machine: an expiry would
+    // end them for another reason.
+    let pricebook = replace(
+        &example("pricebook-esign.toml"),
+        "hold_ttl_ms = 60000",
+        "hold_ttl_ms = 600000",
+    );
+    let server =
+        common::TestServer::start(esign_config_from(&redis.url(), &pricebook), Clock::Redis).await;
+    let upstream = Upstream::start().await;
+    // A route timeout the test can wait out; every other request answers at once.
+    let envoy = start_envoy_with_route_timeout(server.grpc_addr, upstream.addr, "5s").await;
+    let key = seed(&server, "acme", 200).await;
+    let bearer = format!("Bearer {key}");
+
+    // The client sends a paid OCR request and closes the connection once the API has it
+    // (the API is still working: it never answers).
+    let gone = [
+        ("authorization", bearer.as_str()),
+        ("x-test-hang", "1"),
+        ("x-test-tag", "ocr-gone"),
+    ];
+    let client = send_only(envoy.addr, "/v1/documents/d-1/ocr", &gone).await;
+    common::eventually(REQUEST_TIMEOUT, "the API to get the request", || async {
+        (!upstream.seen_tagged("ocr-gone").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        balance(&server, "acme").await,
+        (150, 50, 0),
+        "held at the check"
+    );
+    drop(client);
+
+    // Envoy's route timeout: its own 504 while the API works on.
+    let slow = [
+        ("authorization", bearer.as_str()),
+        ("x-test-hang", "1"),
+        ("x-test-tag", "ocr-slow"),
+    ];
+    let r = http(envoy.addr, "POST", "/v1/documents/d-2/ocr", &slow, "").await;
+    assert_eq!(r.status, 504, "Envoy's route timeout: {r:?}");
+    assert_eq!(upstream.seen_tagged("ocr-slow").len(), 1);
+
+    // A later request in the same log stream: its capture (2 × 3 pages) shows the two
+    // entries before it were read. Both holds are still held.
+    let later = [
+        ("authorization", bearer.as_str()),
+        ("x-test-units", "3"),
+        ("x-test-tag", "ocr-later"),
+    ];
+    let r = http(envoy.addr, "POST", "/v1/documents/d-3/ocr", &later, "").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    wait_balance(&server, "acme", (200 - 100 - 6, 100, 6)).await;
+    let events = common::outbox_events(&server.ledger).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(!kinds.contains(&"release"), "no hold released: {kinds:?}");
+
+    // Counted by the reason Envoy gave, no account in the labels.
+    let (code, text) = common::http_get(server.http_addr, "/metrics").await;
+    assert_eq!(code, 200, "{text}");
+    for reason in ["DC", "UT"] {
+        let left_open = common::prom::value(
+            &text,
+            "tollgate_access_log_holds_left_open_total",
+            &[("reason", reason)],
+        );
+        assert!(left_open >= 1.0, "{reason}: {left_open}\n{text}");
+    }
+    assert!(
+        !text.contains("acme"),
+        "no account id in the metrics: {text}"
+    );
+    drop(envoy);
+}
+
+/// Sends `POST path` with these headers and an empty body, reads nothing: the open
+/// connection, for the caller to close.
+async fn send_only(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to Envoy");
+    let mut request = format!("POST {path} HTTP/1.1\r\nHost: api.example.com\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("Content-Length: 0\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    stream
 }
 
 /// A hold taken by a Check straight to tollgate (not through Envoy): its id.

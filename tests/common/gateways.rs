@@ -204,8 +204,33 @@ async fn start(
 
 /// Envoy from examples/envoy.yaml: ext_authz and the access log at tollgate's gRPC port.
 pub async fn start_envoy(tollgate_grpc: SocketAddr, upstream: SocketAddr) -> GatewayProcess {
+    start_envoy_from(tollgate_grpc, upstream, example("envoy.yaml")).await
+}
+
+/// As [`start_envoy`], with the example's route timeout (the API's time to answer)
+/// replaced by `timeout` (`"5s"`).
+pub async fn start_envoy_with_route_timeout(
+    tollgate_grpc: SocketAddr,
+    upstream: SocketAddr,
+    timeout: &str,
+) -> GatewayProcess {
+    let template = replace(
+        &example("envoy.yaml"),
+        &format!("timeout: {ENVOY_ROUTE_TIMEOUT}"),
+        &format!("timeout: {timeout}"),
+    );
+    start_envoy_from(tollgate_grpc, upstream, template).await
+}
+
+/// The route timeout examples/envoy.yaml sets.
+pub const ENVOY_ROUTE_TIMEOUT: &str = "30s";
+
+async fn start_envoy_from(
+    tollgate_grpc: SocketAddr,
+    upstream: SocketAddr,
+    template: String,
+) -> GatewayProcess {
     let binary = tool_binary(Tool::Envoy);
-    let template = example("envoy.yaml");
     start("envoy", "envoy", move |dir, port| {
         let mut config = replace(
             &template,
@@ -343,7 +368,8 @@ pub struct Seen {
 /// An upstream API served by the test. It answers 200 "ok", or the status in the
 /// request's `x-test-status`, with `x-tollgate-units` copied from `x-test-units`. With
 /// `x-test-grpc-status` it answers as a gRPC server's trailers-only answer does: HTTP 200,
-/// `content-type: application/grpc` and that `grpc-status` header, no body.
+/// `content-type: application/grpc` and that `grpc-status` header, no body. With
+/// `x-test-hang` it records the request and never answers (work still in progress).
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -413,6 +439,9 @@ async fn upstream_handler(
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
     });
+    if get("x-test-hang").is_some() {
+        std::future::pending::<()>().await;
+    }
     let mut response = match grpc_status {
         Some(code) => {
             let mut r = StatusCode::OK.into_response();
