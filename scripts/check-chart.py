@@ -419,9 +419,16 @@ def check_config(checks, text, label, binary, values, files):
     # The chart sets these from the Secret and the ports; the rest comes from the file.
     env = {"PATH": os.environ.get("PATH", ""), "TOLLGATE_WEBHOOKS__SECRET": "from-the-secret",
            "TOLLGATE_GATEWAY__SHARED_SECRET": "from-the-secret",
-           "TOLLGATE_ADMIN_TOKEN": "from-the-secret", "TOLLGATE_SERVICE_TOKEN": "from-the-secret",
+           "TOLLGATE_ADMIN_TOKEN": "admin-from-the-secret",
+           "TOLLGATE_SERVICE_TOKEN": "service-from-the-secret",
            "TOLLGATE_SERVER__GRPC_ADDR": "0.0.0.0:50051",
-           "TOLLGATE_SERVER__HTTP_ADDR": "0.0.0.0:8080"}
+           "TOLLGATE_SERVER__HTTP_ADDR": "0.0.0.0:8080",
+           # Kubernetes' service links for the chart's own services (enableServiceLinks):
+           # not settings, never refused as misspelled ones.
+           "TOLLGATE_SERVICE_HOST": "10.0.0.8", "TOLLGATE_PORT": "tcp://10.0.0.8:8080",
+           "TOLLGATE_SETTLER_SERVICE_HOST": "10.0.0.7",
+           "TOLLGATE_SETTLER_PORT": "tcp://10.0.0.7:9090",
+           "TOLLGATE_SETTLER_PORT_9090_TCP_ADDR": "10.0.0.7"}
     result = run([binary, "check-config", "--config", path], env=env)
     output = result.stdout + result.stderr
     gateway_built = os.path.isdir(os.path.join(ROOT, "src", "gateway"))

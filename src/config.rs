@@ -28,6 +28,8 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_SPOOL_PATH: &str = "tollgate-spool.jsonl";
 /// Shortest idempotency window accepted: retries of one request arrive within it.
 pub const IDEMPOTENCY_WINDOW_SECS_MIN: u64 = 60;
+/// The longest idempotency window, hold and charge retention (10 years).
+pub const RETENTION_SECS_MAX: u64 = 10 * 365 * 86_400;
 pub const REDIS_CONNECTIONS_MAX: usize = 64;
 pub const WORKER_THREADS_MAX: usize = 256;
 pub const SETTLER_LINGER_MS_MAX: u64 = 10_000;
@@ -448,7 +450,7 @@ impl Config {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e| ConfigErrors(vec![file_error(text, &e)]))?;
-        let from_env = apply_env(&mut table, env);
+        let (from_env, misspelled) = apply_env(&mut table, env);
         let mut set = |section: &str, key: &str, value: &Option<String>| {
             if let Some(v) = value {
                 set_value(&mut table, section, key, toml::Value::String(v.clone()));
@@ -459,7 +461,7 @@ impl Config {
         set("server", "http_addr", &overrides.http_addr);
         set("store", "url", &overrides.store_url);
 
-        let mut errors = Vec::new();
+        let mut errors = misspelled;
         let config = Config {
             server: section(&table, "server", &mut errors),
             redis: section(&table, "redis", &mut errors),
@@ -551,7 +553,45 @@ impl Config {
                 ),
             );
         }
+        // A token a client can present: gRPC metadata and HTTP header values are visible
+        // ASCII and spaces, and a presented token is trimmed (auth::bearer), so one that
+        // ends in a newline (a Kubernetes Secret made with --from-file) would refuse every
+        // call with "invalid token".
+        for (path, token) in [
+            ("auth.admin_token", &self.auth.admin_token),
+            ("auth.service_token", &self.auth.service_token),
+        ] {
+            if !token.bytes().all(|b| (b' '..=b'~').contains(&b)) || token.trim() != token {
+                bad(
+                    path,
+                    "may hold only printable ASCII, without leading or trailing spaces (a trailing newline?)"
+                        .into(),
+                );
+            }
+        }
+        // The admin token passes Metering too; a service token equal to it would pass
+        // Admin, which refuses service tokens.
+        if !self.auth.admin_token.is_empty() && self.auth.admin_token == self.auth.service_token {
+            bad(
+                "auth.service_token",
+                "must differ from auth.admin_token (a service token must not pass Admin)".into(),
+            );
+        }
         let l = &self.ledger;
+        // Beyond this, a time in ms no longer fits Redis's Lua integer formatting: a
+        // retention meant as "forever" would make every record expire at once.
+        for (path, value) in [
+            ("ledger.idempotency_window_secs", l.idempotency_window_secs),
+            ("ledger.hold_retention_secs", l.hold_retention_secs),
+            ("ledger.charge_retention_secs", l.charge_retention_secs),
+        ] {
+            if value > RETENTION_SECS_MAX {
+                bad(
+                    path,
+                    format!("must be at most {RETENTION_SECS_MAX} (10 years)"),
+                );
+            }
+        }
         if !(1..=SHARDS_MAX).contains(&l.shards) {
             bad("ledger.shards", format!("must be in 1..={SHARDS_MAX}"));
         }
@@ -961,13 +1001,29 @@ fn name_variables(errors: &mut [ConfigError], from_env: &[(String, String)]) {
     }
 }
 
+/// Whether a variable name (after `TOLLGATE_`, lowercase) is one Kubernetes sets for a
+/// service in the namespace (`enableServiceLinks`): the chart's `tollgate-settler`
+/// service gives every pod `TOLLGATE_SETTLER_SERVICE_HOST`, `TOLLGATE_SETTLER_PORT`,
+/// `TOLLGATE_SETTLER_PORT_9090_TCP_ADDR`, …
+fn is_service_link(name: &str) -> bool {
+    name.ends_with("_service_host")
+        || name.contains("_service_port")
+        || name.ends_with("_port")
+        || name
+            .split("_port_")
+            .skip(1)
+            .any(|after| after.bytes().next().is_some_and(|b| b.is_ascii_digit()))
+}
+
 /// Applies the `TOLLGATE_` variables of `env` to `table`; answers (`section.key`,
-/// variable) for each one applied.
+/// variable) for each one applied, and an error for each variable that misspells a
+/// setting's.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Vec<(String, String)> {
+) -> (Vec<(String, String)>, Vec<ConfigError>) {
     let mut applied = Vec::new();
+    let mut misspelled = Vec::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix("TOLLGATE_") else {
             continue;
@@ -978,7 +1034,34 @@ fn apply_env(
             "SERVICE_TOKEN" => ("auth".to_owned(), "service_token".to_owned()),
             _ => match rest.split_once("__") {
                 Some((s, k)) => (s.to_ascii_lowercase(), k.to_ascii_lowercase()),
-                None => continue,
+                None => {
+                    // TOLLGATE_STORE_URL, TOLLGATE_LEDGER_SHARDS: a setting's name with one
+                    // underscore, which would otherwise be ignored without a word (the
+                    // ledger written to ./tollgate.db, another shard count than the other
+                    // sidecars'). Other TOLLGATE_ names (TOLLGATE_SERVER, the scripts'
+                    // own, Kubernetes' service links) are not settings and stay ignored.
+                    let lower = rest.to_ascii_lowercase();
+                    if is_service_link(&lower) {
+                        continue;
+                    }
+                    if let Some((section, key)) = SECTIONS.iter().find_map(|(section, _)| {
+                        lower
+                            .strip_prefix(section)
+                            .and_then(|k| k.strip_prefix('_'))
+                            .filter(|k| !k.is_empty())
+                            .map(|k| (*section, k))
+                    }) {
+                        misspelled.push(ConfigError {
+                            path: name.clone(),
+                            message: format!(
+                                "is not a setting: a setting's variable has two underscores after its section, as TOLLGATE_{}__{}",
+                                section.to_ascii_uppercase(),
+                                key.to_ascii_uppercase()
+                            ),
+                        });
+                    }
+                    continue;
+                }
             },
         };
         // A string setting takes the value as written, as clap reads the same variables
@@ -1000,7 +1083,7 @@ fn apply_env(
         set_value(table, &section, &key, value);
         applied.push((format!("{section}.{key}"), name));
     }
-    applied
+    (applied, misspelled)
 }
 
 #[cfg(test)]
@@ -1214,11 +1297,13 @@ mod tests {
             "{ a = 1 }",
             "1979-05-27",
         ] {
+            // The service token must differ from the admin token.
+            let service = format!("s{token}");
             let c = load_env(
                 "",
                 &[
                     ("TOLLGATE_ADMIN_TOKEN", token),
-                    ("TOLLGATE_SERVICE_TOKEN", token),
+                    ("TOLLGATE_SERVICE_TOKEN", &service),
                     ("TOLLGATE_AUTH__ADMIN_TOKEN", token),
                     ("TOLLGATE_WEBHOOKS__URL", "https://hooks.example.com/usage"),
                     ("TOLLGATE_WEBHOOKS__SECRET", token),
@@ -1227,7 +1312,7 @@ mod tests {
             )
             .unwrap_or_else(|e| panic!("{token:?}: {e}"));
             assert_eq!(c.auth.admin_token, token);
-            assert_eq!(c.auth.service_token, token);
+            assert_eq!(c.auth.service_token, service);
             assert_eq!(c.webhooks.secret, token);
             assert_eq!(c.settler.consumer, token);
         }
@@ -1423,7 +1508,7 @@ mod tests {
         ];
         let var = |path: &str| format!("TOLLGATE_{}", path.replace('.', "__").to_uppercase());
         let mut table = toml::Table::new();
-        apply_env(
+        let _ = apply_env(
             &mut table,
             strings
                 .iter()
@@ -1440,5 +1525,101 @@ mod tests {
         for path in others {
             assert_eq!(value(path), Some(toml::Value::Integer(7)), "{path}");
         }
+    }
+
+    #[test]
+    fn tokens_no_client_can_present_or_that_pass_admin_as_a_service_are_refused() {
+        let paths = |text: &str| -> Vec<String> {
+            load(text).map_or_else(
+                |e| e.0.into_iter().map(|e| e.path).collect(),
+                |_| Vec::new(),
+            )
+        };
+        // A Secret made with --from-file ends in a newline.
+        assert_eq!(
+            paths("[auth]\nadmin_token = \"secret\\n\"\n"),
+            ["auth.admin_token"]
+        );
+        assert_eq!(
+            paths("[auth]\nservice_token = \" secret\"\n"),
+            ["auth.service_token"]
+        );
+        assert_eq!(
+            paths("[auth]\nservice_token = \"s\\u00e9cret\"\n"),
+            ["auth.service_token"]
+        );
+        assert_eq!(
+            paths("[auth]\nadmin_token = \"same\"\nservice_token = \"same\"\n"),
+            ["auth.service_token"]
+        );
+        // Inner spaces reach the server as sent (bearer() trims only the ends).
+        assert!(paths("[auth]\nadmin_token = \"a b\"\nservice_token = \"c\"\n").is_empty());
+        assert!(paths("").is_empty());
+    }
+
+    #[test]
+    fn retentions_beyond_ten_years_are_refused() {
+        for path in [
+            "idempotency_window_secs",
+            "hold_retention_secs",
+            "charge_retention_secs",
+        ] {
+            let text = format!("[ledger]\n{path} = 9223372036854775807\n");
+            let errors = load(&text).unwrap_err().0;
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.path == format!("ledger.{path}") && e.message.contains("at most")),
+                "{path}: {errors:?}"
+            );
+        }
+        let ten_years = format!(
+            "[ledger]\nidempotency_window_secs = {RETENTION_SECS_MAX}\nhold_retention_secs = {RETENTION_SECS_MAX}\ncharge_retention_secs = {RETENTION_SECS_MAX}\n"
+        );
+        load(&ten_years).unwrap_or_else(|e| panic!("{e:?}"));
+    }
+
+    #[test]
+    fn a_variable_misspelling_a_setting_is_refused_by_name() {
+        let errors = load_env(
+            "",
+            &[
+                ("TOLLGATE_STORE_URL", "postgres://db/ledger"),
+                ("TOLLGATE_LEDGER_SHARDS", "32"),
+            ],
+        )
+        .unwrap_err()
+        .0;
+        let named: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(named.len(), 2, "{named:?}");
+        assert!(named[0].0 == "TOLLGATE_STORE_URL" && named[0].1.contains("TOLLGATE_STORE__URL"));
+        assert!(
+            named[1].0 == "TOLLGATE_LEDGER_SHARDS"
+                && named[1].1.contains("TOLLGATE_LEDGER__SHARDS")
+        );
+        // Not settings: the CLI's, the shortcuts, the scripts', Kubernetes' service links
+        // (the chart's tollgate-settler service).
+        let c = load_env(
+            "",
+            &[
+                ("TOLLGATE_SERVER", "http://127.0.0.1:50051"),
+                ("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6390"),
+                (
+                    "TOLLGATE_TEST_DATABASE_URL",
+                    "postgres://postgres@127.0.0.1/test",
+                ),
+                ("TOLLGATE_SETTLER_SERVICE_HOST", "10.0.0.7"),
+                ("TOLLGATE_SETTLER_SERVICE_PORT", "9090"),
+                ("TOLLGATE_SETTLER_SERVICE_PORT_METRICS", "9090"),
+                ("TOLLGATE_SETTLER_PORT", "tcp://10.0.0.7:9090"),
+                ("TOLLGATE_SETTLER_PORT_9090_TCP_ADDR", "10.0.0.7"),
+                ("TOLLGATE_PORT_8080_TCP", "tcp://10.0.0.8:8080"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c.redis.url, "redis://127.0.0.1:6390");
     }
 }

@@ -640,6 +640,18 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     tollgate::cli::utc_time(b.resets_at_ms)
                 );
             }
+            // A plain member is shown what they may spend, never the org's totals: the
+            // answer leaves those at 0, which a full table would print as the org's.
+            let member_view =
+                tollgate::ledger::org::Role::parse(&out.role).is_some_and(|role| !role.manages());
+            if member_view {
+                println!("{:<16} {:>12} {:>12}", "wallet", "available", "spendable");
+                for w in &out.wallets {
+                    println!("{:<16} {:>12} {:>12}", w.wallet, w.available, w.spendable);
+                }
+                println!("(a member's view: the org's own totals are shown to owners and admins)");
+                return Ok(());
+            }
             println!(
                 "{:<16} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
                 "wallet", "available", "held", "granted", "used", "expired", "refunded", "adjusted"
