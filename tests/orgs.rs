@@ -1157,6 +1157,31 @@ async fn bad_input_names_the_field_and_changes_nothing() {
                 .await
                 .expect_err("a personal key on the org's account: no actor check"),
         ),
+        // A malformed owner or member is named once, not once per rule it is checked by.
+        (
+            "owner_id",
+            admin
+                .create_organization(pb::CreateOrganizationRequest {
+                    org_id: "globex".into(),
+                    owner_id: "bad id!".into(),
+                    idempotency_key: "x13".into(),
+                })
+                .await
+                .expect_err("a malformed owner"),
+        ),
+        (
+            "member_id",
+            admin
+                .add_member(pb::AddMemberRequest {
+                    org_id: "acme".into(),
+                    member_id: "bad id!".into(),
+                    role: "member".into(),
+                    actor_id: "olivia".into(),
+                    idempotency_key: "x14".into(),
+                })
+                .await
+                .expect_err("a malformed member"),
+        ),
     ];
     for (field, status) in &cases {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");

@@ -266,8 +266,11 @@ impl Ledger {
     ) -> Result<(OrgEvent, i64), LedgerError> {
         let mut v = Violations::default();
         v.account_id("org_id", org_id);
+        // Required, so not member_id's (which would name a bad one twice).
         v.account_id("owner_id", owner_id);
-        v.member_id("owner_id", owner_id, org_id);
+        if !owner_id.is_empty() && owner_id == org_id {
+            v.add("owner_id", "must not be the organization itself");
+        }
         v.idempotency_key("idempotency_key", idempotency_key);
         v.finish().map_err(LedgerError::InvalidArgument)?;
         let answer = self
@@ -299,7 +302,9 @@ impl Ledger {
         v.account_id("org_id", org_id);
         v.account_id("actor_id", actor_id);
         v.account_id("member_id", member_id);
-        v.member_id("member_id", member_id, org_id);
+        if !member_id.is_empty() && member_id == org_id {
+            v.add("member_id", "must not be the organization itself");
+        }
         if Role::parse(role).is_none() {
             v.add("role", "must be owner, admin or member");
         }
