@@ -1152,6 +1152,11 @@ fn status(s: tonic::Status) -> String {
         .unwrap_or(message);
     let hint = match s.code() {
         tonic::Code::Unauthenticated => " (the admin token: --token or TOLLGATE_ADMIN_TOKEN)",
+        // The server's own answers (api/status.rs): it is up, its Redis is not.
+        tonic::Code::Unavailable if message == "ledger unavailable" => {
+            " (tollgate answered: its Redis is not answering)"
+        }
+        tonic::Code::Unavailable if message.starts_with("ledger not initialized") => "",
         tonic::Code::Unavailable => " (is tollgate serving at --server or TOLLGATE_SERVER?)",
         _ => "",
     };
@@ -1199,4 +1204,25 @@ fn fresh_key() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     format!("cli-{}-{nanos}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status;
+
+    #[test]
+    fn unavailable_says_whether_the_server_or_its_redis_did_not_answer() {
+        let unreachable = status(tonic::Status::unavailable("tcp connect error"));
+        assert!(unreachable.contains("is tollgate serving"), "{unreachable}");
+        let redis_down = status(tonic::Status::unavailable("ledger unavailable"));
+        assert!(!redis_down.contains("is tollgate serving"), "{redis_down}");
+        assert!(
+            redis_down.contains("its Redis is not answering"),
+            "{redis_down}"
+        );
+        let lost = status(tonic::Status::unavailable(
+            "ledger not initialized: Redis lost its data and awaits tollgate restore",
+        ));
+        assert!(!lost.contains("is tollgate serving"), "{lost}");
+    }
 }
