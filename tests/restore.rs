@@ -1797,3 +1797,196 @@ async fn reconnected(ledger: &tollgate::ledger::Ledger) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// API keys of a shard Redis lost answer LEDGER_NOT_INITIALIZED until the restore, as
+/// its charges do, and write nothing (in Redis or the store): its org records are gone
+/// too, so a personal CreateApiKey on an org's account would pass the "is this account an
+/// organization" check and make an org-wide key no owner or admin made, which the restore
+/// would then rebuild with the org; ListApiKeys would answer an empty list as if real,
+/// RevokeApiKey of a leaked key NOT_FOUND (and the key would come back live with the
+/// restore), GetBalance by key id NOT_FOUND. After the restore the org has exactly the
+/// key it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_of_a_lost_shard_are_refused_until_the_restore() {
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    let store_url = config.store.url.clone();
+    config.settler.enabled = true;
+    config.settler.idle_wait_ms = 10;
+    config.settler.trim_interval_ms = 100;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    // globex: an org (owner olivia, member mallory) with one org-wide key olivia made.
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "globex".into(),
+            amount: 100,
+            idempotency_key: "buy".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    admin
+        .create_organization(pb::CreateOrganizationRequest {
+            org_id: "globex".into(),
+            owner_id: "olivia".into(),
+            idempotency_key: "create".into(),
+        })
+        .await
+        .expect("create org");
+    admin
+        .add_member(pb::AddMemberRequest {
+            org_id: "globex".into(),
+            member_id: "mallory".into(),
+            role: "member".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "add-mallory".into(),
+        })
+        .await
+        .expect("add member");
+    let org_key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            org_id: "globex".into(),
+            actor_id: "olivia".into(),
+            name: "ci".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("org key")
+        .into_inner();
+    let store = Arc::new(Store::connect_lazy(&store_url, 2).expect("store"));
+    wait_settled(&store, &server.ledger).await;
+    let stored_keys = store.api_keys().await.expect("stored keys");
+    assert_eq!(stored_keys.len(), 1, "{stored_keys:?}");
+
+    // Redis loses its data. The store has the shard's events: it stays lost (serve marks
+    // only new shards) until the restore.
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    let shard = server.ledger.shards().of_account("globex");
+    let mut metering = server.metering().await;
+    let personal = |idempotency_key: &str| pb::CreateApiKeyRequest {
+        account_id: "globex".into(),
+        name: "mine".into(),
+        idempotency_key: idempotency_key.into(),
+        ..Default::default()
+    };
+    let answers: Vec<(&str, Result<(), tonic::Status>)> = vec![
+        (
+            "a personal CreateApiKey on the org's account",
+            admin.create_api_key(personal("")).await.map(|_| ()),
+        ),
+        (
+            "the same with an idempotency key",
+            admin.create_api_key(personal("mine-1")).await.map(|_| ()),
+        ),
+        (
+            "an org CreateApiKey by the owner",
+            admin
+                .create_api_key(pb::CreateApiKeyRequest {
+                    org_id: "globex".into(),
+                    actor_id: "olivia".into(),
+                    member_id: "mallory".into(),
+                    name: "mallory's".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "RevokeApiKey",
+            admin
+                .revoke_api_key(pb::RevokeApiKeyRequest {
+                    key_id: org_key.key_id.clone(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "ListApiKeys",
+            admin
+                .list_api_keys(pb::ListApiKeysRequest {
+                    account_id: "globex".into(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "GetBalance by key id",
+            metering
+                .get_balance(pb::GetBalanceRequest {
+                    key_id: org_key.key_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+    ];
+    let wrong: Vec<String> = answers
+        .iter()
+        .filter(|(_, answer)| {
+            !answer.as_ref().is_err_and(|s| {
+                s.code() == tonic::Code::Unavailable
+                    && s.get_details_error_info()
+                        .is_some_and(|i| i.reason == "LEDGER_NOT_INITIALIZED")
+            })
+        })
+        .map(|(what, answer)| format!("{what}: {answer:?}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "not refused with LEDGER_NOT_INITIALIZED:\n{}",
+        wrong.join("\n")
+    );
+    // Nothing written: no key record, key index or idempotency record in the shard, and
+    // nothing new (or revoked) in the store.
+    let tag = server.ledger.shards().tag(shard).to_owned();
+    for pattern in [
+        format!("{tag}:k:*"),
+        format!("{tag}:ks:*"),
+        format!("{tag}:ki:*"),
+    ] {
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query(&mut con)
+            .expect("keys");
+        assert!(found.is_empty(), "{pattern}: {found:?}");
+    }
+    assert_eq!(store.api_keys().await.expect("stored keys"), stored_keys);
+
+    // The restore brings back the org with the one key it had, live.
+    restore(
+        server.ledger.clone(),
+        store.clone(),
+        RestoreMode::Lost,
+        |_, _| {},
+    )
+    .await
+    .expect("restore");
+    let keys = admin
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: "globex".into(),
+        })
+        .await
+        .expect("list keys")
+        .into_inner()
+        .keys;
+    assert_eq!(
+        keys.iter()
+            .map(|k| (k.key_id.as_str(), k.revoked_at_ms))
+            .collect::<Vec<_>>(),
+        [(org_key.key_id.as_str(), 0)]
+    );
+    let balance = metering
+        .get_balance(pb::GetBalanceRequest {
+            key_id: org_key.key_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("balance by key id")
+        .into_inner();
+    assert_eq!(balance.account_id, "globex");
+    server.stop().await;
+}

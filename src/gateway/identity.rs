@@ -145,7 +145,8 @@ fn random_hex(bytes: usize) -> Result<String, LedgerError> {
 }
 
 /// The account and member a key id is bound to, read straight from Redis (GetBalance by
-/// key id).
+/// key id). NotInitialized when the key's shard has no epoch marker (Redis lost its data:
+/// the key may well exist in the durable ledger), not NotFound.
 pub async fn key_binding(
     ledger: &crate::ledger::Ledger,
     key_id: &str,
@@ -157,11 +158,21 @@ pub async fn key_binding(
             "is not a tollgate key id",
         )])
     })?;
-    let mut cmd = redis::cmd("HMGET");
-    cmd.arg(format!("{}:k:{key_id}", shards.tag(shard)))
+    // One transaction (both keys carry the shard's hash tag): the marker and the record
+    // are read at the same moment.
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("EXISTS")
+        .arg(shards.epoch_key(shard))
+        .cmd("HMGET")
+        .arg(format!("{}:k:{key_id}", shards.tag(shard)))
         .arg("a")
         .arg("mb");
-    let fields: Vec<Option<String>> = ledger.redis().call_cmd(&cmd).await?;
+    let (initialized, fields): (i64, Vec<Option<String>>) =
+        ledger.redis().call_pipeline(&pipe).await?;
+    if initialized != 1 {
+        return Err(LedgerError::NotInitialized);
+    }
     match fields.as_slice() {
         [Some(account), member] => Ok((account.clone(), member.clone().unwrap_or_default())),
         _ => Err(LedgerError::NotFound("api key")),
@@ -500,6 +511,8 @@ impl KeyStore {
     /// With an `idempotency_key`, a repeat within the idempotency window answers the key
     /// the first call made (`replayed`, without its secret, which only the first answer
     /// held) instead of making another; the same key with other parameters is refused.
+    /// NotInitialized, with nothing written, when the account's shard has no epoch marker
+    /// (Redis lost its data: its org record is gone too, until `tollgate restore`).
     pub async fn create(
         &self,
         account_id: &str,
@@ -540,10 +553,12 @@ impl KeyStore {
         let shard = self.shards.of_account(account_id);
         let mut inv = self.scripts.create.prepare_invoke();
         // The org record goes with a personal key too: the script refuses one for an
-        // account that is an organization.
+        // account that is an organization. The shard's epoch marker: a shard Redis lost
+        // has no org record either, so the script refuses it first.
         inv.key(record)
             .key(index)
-            .key(self.org_record(shard, account_id));
+            .key(self.org_record(shard, account_id))
+            .key(self.shards.epoch_key(shard));
         let (record_id, request) = if idempotency_key.is_empty() {
             (String::new(), String::new())
         } else {
@@ -588,6 +603,7 @@ impl KeyStore {
             inv.key(record)
                 .key(index)
                 .key(self.org_record(shard, account_id))
+                .key(self.shards.epoch_key(shard))
                 .arg(*account_id)
                 .arg(&digest)
                 .arg(name)
@@ -642,7 +658,8 @@ impl KeyStore {
     }
 
     /// Revokes a key for good; this process forgets it at once, others within the cache
-    /// TTL.
+    /// TTL. NotInitialized when the key's shard has no epoch marker (not NotFound: the key
+    /// comes back with `tollgate restore`).
     pub async fn revoke(&self, key_id: &str) -> Result<RevokedKey, LedgerError> {
         let shard = shard_of_key_id(key_id, &self.shards).ok_or_else(|| {
             LedgerError::InvalidArgument(vec![FieldViolation::new(
@@ -651,7 +668,8 @@ impl KeyStore {
             )])
         })?;
         let mut inv = self.scripts.revoke.prepare_invoke();
-        inv.key(self.record_key(shard, key_id));
+        inv.key(self.record_key(shard, key_id))
+            .key(self.shards.epoch_key(shard));
         let answer: String = self.redis.call(&inv).await?;
         let parts: Vec<&str> = answer.splitn(5, '|').collect();
         match parts.as_slice() {
@@ -687,7 +705,8 @@ impl KeyStore {
         self.cache.remove(&digest);
     }
 
-    /// The account's keys (without secrets), oldest first.
+    /// The account's keys (without secrets), oldest first. NotInitialized when the
+    /// account's shard has no epoch marker (not an empty list).
     pub async fn list(&self, account_id: &str) -> Result<Vec<KeyInfo>, LedgerError> {
         let mut v = Violations::default();
         v.account_id("account_id", account_id);
@@ -695,6 +714,7 @@ impl KeyStore {
         let shard = self.shards.of_account(account_id);
         let mut inv = self.scripts.list.prepare_invoke();
         inv.key(self.account_keys(shard, account_id))
+            .key(self.shards.epoch_key(shard))
             .arg(self.shards.tag(shard));
         let rows: Vec<String> = self.redis.call(&inv).await?;
         let mut keys = rows

@@ -1,6 +1,7 @@
 -- key_create: store a new API key's record. KEYS[1] the key record "{tg:S}:k:<key_id>",
 -- KEYS[2] the account's key index "{tg:S}:ks:<account>", KEYS[3] the account's org record
--- "{tg:S}:org:<account>" (same hash tag; it exists iff the account is an organization).
+-- "{tg:S}:org:<account>" (same hash tag; it exists iff the account is an organization),
+-- KEYS[4] the shard's epoch marker "{tg:S}:epoch" (same hash tag).
 -- ARGV 1 account, 2 SHA-256 of the whole key (hex), 3 name, 4 most keys per account,
 -- 5 key id, 6 member the key acts for ("" = none), 7 actor (an org workspace key's owner or
 -- admin; "" = a personal key), 8 idempotency record id ("" = none: 30 hex of
@@ -11,12 +12,18 @@
 -- The record holds: a account, s digest, n name, c created ms, r revoked ms (once),
 -- mb member (org keys bound to a member). The idempotency record
 -- "{tg:S}:ki:<id>" = "<request digest>|<key id>|<created ms>", for the window.
+-- A shard without its epoch marker (Redis lost its data, until `tollgate restore`) is
+-- refused first (TG_NOT_INITIALIZED, as the ledger scripts): its org records are gone too,
+-- so the organization check below would pass for an org and make an org-wide key.
 -- Who may make the key is checked first, a repeat included (as a revoked API key is
 -- refused before a repeat's answer is looked up): an org key needs an owner or admin of
 -- the org; a personal key needs an account that is not an organization (a member-less
 -- key on an org account charges the org wallet with no member checks, so only the org
 -- path, with its actor check, makes one). lua/org.lua's create refuses, in turn, an
 -- account with live keys, so a live member-less key on an org was always made this way.
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  return redis.error_reply('TG_NOT_INITIALIZED ledger not initialized')
+end
 if ARGV[7] ~= '' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
     return 'BAD_FIELD|org_id|is not an organization'

@@ -1,6 +1,11 @@
--- key_list: an account's API keys. KEYS[1] the account's key index; ARGV[1] its shard's
--- hash tag (every record read carries it: same slot). Bounded by the keys-per-account cap.
+-- key_list: an account's API keys. KEYS[1] the account's key index, KEYS[2] its shard's
+-- epoch marker; ARGV[1] its shard's hash tag (every record read carries it: same slot).
+-- Bounded by the keys-per-account cap. A shard without its epoch marker (Redis lost its
+-- data) is refused (TG_NOT_INITIALIZED) rather than listed empty.
 -- Answers rows "key_id|created_ms|revoked_ms (0 = active)|member|name".
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.error_reply('TG_NOT_INITIALIZED ledger not initialized')
+end
 local ids = redis.call('HKEYS', KEYS[1])
 local rows = {}
 for i = 1, #ids do

@@ -1,6 +1,11 @@
--- key_revoke: mark an API key revoked, for good. KEYS[1] the key record.
+-- key_revoke: mark an API key revoked, for good. KEYS[1] the key record, KEYS[2] its
+-- shard's epoch marker (same hash tag): a shard Redis lost has no key records, so a key
+-- is refused (TG_NOT_INITIALIZED) rather than answered NOT_FOUND.
 -- Answers "NOT_FOUND" or "OK|account|revoked_ms|already(0/1)|digest" (the digest lets
 -- the revoking process drop the key from its identity cache at once).
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.error_reply('TG_NOT_INITIALIZED ledger not initialized')
+end
 local v = redis.call('HMGET', KEYS[1], 'a', 's', 'r')
 if not v[1] then
   return 'NOT_FOUND'
