@@ -231,6 +231,12 @@ async fn counters_after_a_scripted_workload() {
     assert_eq!(calls("refund"), 1.0);
     assert_eq!(calls("adjust"), 2.0);
     assert_eq!(v("tollgate_redis_script_errors_total", &[]), 0.0);
+    // Registered at zero; a healthy Redis's connection is never replaced.
+    assert!(prom::has(
+        &text,
+        "tollgate_redis_connections_replaced_total"
+    ));
+    assert_eq!(v("tollgate_redis_connections_replaced_total", &[]), 0.0);
     assert_eq!(
         v(
             "tollgate_ledger_refusals_total",

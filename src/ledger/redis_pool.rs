@@ -10,13 +10,27 @@
 //! Ledger script calls are measured here (latency, errors by kind, refusals, replays)
 //! through handles resolved once per script ([`ScriptMetrics`]): nothing is looked up or
 //! allocated per call for metrics.
+//!
+//! A connection that stops answering without being closed (Redis's host crashed or lost
+//! power, a network partition, a failover that moved the name to another address) is
+//! replaced by a watchdog: redis-rs's `ConnectionManager` reconnects only when a request
+//! fails or the socket closes, and a call cut at its deadline does neither, so without it
+//! every call would time out until the kernel gave up on the socket (~15 minutes). See
+//! [`WATCHDOG_TIMEOUTS`]. TCP keepalive and `TCP_USER_TIMEOUT` ([`tcp_settings`]) let the
+//! kernel close such a socket sooner as well.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use metrics::{Counter, Histogram};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, FromRedisValue, Script, ScriptInvocation, ToRedisArgs, Value};
+use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+use redis::{
+    Cmd, FromRedisValue, IntoConnectionInfo, Script, ScriptInvocation, ToRedisArgs, Value,
+};
+use tokio::time::error::Elapsed;
 
 use super::library::Library;
 use super::LedgerError;
@@ -58,6 +72,35 @@ const WAIT_SHORT_WARN_INTERVAL_MS: u64 = 10_000;
 /// holds up every command pipelined behind it on that connection: without the back-off a
 /// dead replica would cap each connection at one write per `wait_timeout_ms`.
 pub const WAIT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The watchdog suspects a connection after this many calls in a row ended at their
+/// deadline with no answer in between (any answer, an error too, ends the run)…
+pub const WATCHDOG_TIMEOUTS: u32 = 3;
+/// …and at least this long since the first of them. Three calls and a second: a single
+/// slow call (a bulk pipeline, a call queued behind one) or a stall of Redis shorter than
+/// a second (a fork for a snapshot) never gets a connection probed.
+pub const WATCHDOG_SILENCE: Duration = Duration::from_secs(1);
+/// The probe of a suspected connection: PING on it and on a freshly connected one, each
+/// within this (or the call deadline when longer). Only when the fresh connection answers
+/// and the old one does not is the old one replaced: a Redis that is merely slow answers
+/// both, a stopped or unreachable one neither, so neither churns connections.
+pub const WATCHDOG_PROBE: Duration = Duration::from_secs(1);
+/// At most one probe per connection per this interval: while Redis is unreachable, each
+/// probe is one new connection (its manager retries twice at most within the probe).
+pub const WATCHDOG_RETRY: Duration = Duration::from_secs(5);
+
+/// TCP keepalive on Redis sockets: the first probe after this long idle…
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// …then one every this long (Linux)…
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// …and the socket is closed after this many unanswered probes (Linux).
+pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// `TCP_USER_TIMEOUT` on Redis sockets (Linux): the kernel closes a socket whose sent data
+/// has gone unacknowledged this long (a partition, a dead host), and the connection then
+/// reconnects by itself. Redis's kernel acknowledges data even while Redis itself is
+/// stopped or busy, so a slow Redis does not trip it; lost packets are retransmitted well
+/// within it.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Synchronous replication: after every ledger write, `WAIT replicas timeout` on the same
 /// connection, in the same round trip (`redis.wait_replicas`, `redis.wait_timeout_ms`).
@@ -139,13 +182,166 @@ impl WaitState {
     }
 }
 
+/// One connection of the pool, and what its watchdog knows of it.
+struct Slot {
+    con: ArcSwap<ConnectionManager>,
+    /// Calls in a row that ended at their deadline with no answer in between.
+    timeouts: AtomicU32,
+    /// When (ms since `Connections::started`, plus one) the first of them ended; 0 = none.
+    silent_since_ms: AtomicU64,
+    /// When the last probe started (same clock); 0 = never.
+    probed_ms: AtomicU64,
+    /// A probe is running.
+    probing: AtomicBool,
+}
+
+/// The pool's connections and what a replacement is made from.
+struct Connections {
+    slots: Box<[Slot]>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Each probe's PING deadline ([`WATCHDOG_PROBE`], or the call deadline if longer).
+    probe_timeout: Duration,
+    started: Instant,
+    replaced: Counter,
+    /// Replacements made by this pool (the metric counts those of every pool).
+    replaced_here: AtomicU64,
+}
+
+impl Connections {
+    /// Ms since `started`, plus one (0 means "never" in the atomics).
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// A call on slot `i` got an answer (or an error) before its deadline: the connection
+    /// is alive.
+    fn answered(&self, i: usize) {
+        let slot = &self.slots[i];
+        // Read first: the hot path only reads the shared line.
+        if slot.timeouts.load(Ordering::Relaxed) != 0 {
+            slot.timeouts.store(0, Ordering::Relaxed);
+            slot.silent_since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A call on slot `i` ended at its deadline: probes the connection when it has been
+    /// silent long enough (see [`WATCHDOG_TIMEOUTS`]). Never waits: the probe runs in
+    /// its own task.
+    fn timed_out(self: &Arc<Self>, i: usize) {
+        let slot = &self.slots[i];
+        let now = self.now_ms();
+        let _ = slot
+            .silent_since_ms
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        let timeouts = slot.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        let since = slot.silent_since_ms.load(Ordering::Relaxed);
+        if timeouts < WATCHDOG_TIMEOUTS
+            || since == 0
+            || now.saturating_sub(since) < WATCHDOG_SILENCE.as_millis() as u64
+        {
+            return;
+        }
+        let probed = slot.probed_ms.load(Ordering::Relaxed);
+        if probed != 0 && now.saturating_sub(probed) < WATCHDOG_RETRY.as_millis() as u64 {
+            return;
+        }
+        if slot.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        slot.probed_ms.store(now, Ordering::Relaxed);
+        let silent_ms = now.saturating_sub(since);
+        tokio::spawn(Arc::clone(self).probe(i, timeouts, silent_ms));
+    }
+
+    /// PINGs the suspected connection of slot `i` and a fresh one at the same time; swaps
+    /// the fresh one in when it answers and the old one does not. The old one is dropped
+    /// once the calls still holding it end (they are bounded by their deadlines).
+    async fn probe(self: Arc<Self>, i: usize, timeouts: u32, silent_ms: u64) {
+        let slot = &self.slots[i];
+        let old = slot.con.load_full();
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                let (old_ok, fresh_ok) = tokio::join!(
+                    ping(&old, self.probe_timeout),
+                    ping(&fresh, self.probe_timeout)
+                );
+                if old_ok {
+                    // Slow, not dead: keep it (and its pipelined calls).
+                    tracing::debug!(
+                        connection = i,
+                        timeouts,
+                        "a Redis connection whose calls timed out answered a PING: kept"
+                    );
+                    self.answered(i);
+                } else if fresh_ok {
+                    slot.con.store(Arc::new(fresh));
+                    slot.timeouts.store(0, Ordering::Relaxed);
+                    slot.silent_since_ms.store(0, Ordering::Relaxed);
+                    self.replaced.increment(1);
+                    self.replaced_here.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        connection = i,
+                        timeouts,
+                        silent_ms,
+                        "a Redis connection stopped answering while a new one answers: replaced (Redis moved, or the old socket is dead without having been closed); see tollgate_redis_connections_replaced_total"
+                    );
+                } else {
+                    tracing::debug!(
+                        connection = i,
+                        timeouts,
+                        "a new Redis connection does not answer either: Redis is unreachable or stalled; the connection is kept"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot make a Redis connection to replace a silent one");
+            }
+        }
+        slot.probing.store(false, Ordering::Release);
+    }
+}
+
+/// PING on `con` within `deadline`: whether it answered.
+async fn ping(con: &ConnectionManager, deadline: Duration) -> bool {
+    let mut con = con.clone();
+    let cmd = redis::cmd("PING");
+    matches!(
+        tokio::time::timeout(deadline, cmd.query_async::<Value>(&mut con)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// TCP settings of Redis sockets: keepalive and (Linux) `TCP_USER_TIMEOUT` on top of
+/// `base` (what the URL gave), so the kernel closes a socket whose peer vanished (see
+/// [`TCP_USER_TIMEOUT`]).
+pub fn tcp_settings(base: TcpSettings) -> TcpSettings {
+    let keepalive = TcpKeepalive::new().with_time(TCP_KEEPALIVE_IDLE);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let keepalive = keepalive
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_RETRIES);
+    let settings = base.set_keepalive(keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let settings = settings.set_user_timeout(TCP_USER_TIMEOUT);
+    settings
+}
+
+/// A client for `url` whose sockets get [`tcp_settings`].
+fn client(url: &str) -> Result<redis::Client, LedgerError> {
+    let bad = |e: redis::RedisError| LedgerError::Unavailable(format!("bad redis url: {e}"));
+    let info = url.into_connection_info().map_err(bad)?;
+    let tcp = tcp_settings(info.tcp_settings().clone());
+    redis::Client::open(info.set_tcp_settings(tcp)).map_err(bad)
+}
+
 #[derive(Clone)]
 pub struct RedisPool {
-    connections: std::sync::Arc<[ConnectionManager]>,
-    next: std::sync::Arc<AtomicUsize>,
+    connections: Arc<Connections>,
+    next: Arc<AtomicUsize>,
     call_timeout: Duration,
     /// Synchronous replication after ledger writes; None = off (the default).
-    wait: Option<std::sync::Arc<WaitState>>,
+    wait: Option<Arc<WaitState>>,
 }
 
 impl RedisPool {
@@ -180,8 +376,9 @@ impl RedisPool {
         });
         // Present (at 0) on /metrics whether or not WAIT is on, so dashboards find it.
         metrics::counter!(m::REDIS_WAIT_SHORT_TOTAL).increment(0);
-        let client = redis::Client::open(url)
-            .map_err(|e| LedgerError::Unavailable(format!("bad redis url: {e}")))?;
+        let replaced = metrics::counter!(m::REDIS_CONNECTIONS_REPLACED_TOTAL);
+        replaced.increment(0);
+        let client = client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(DEFAULT_CONNECT_TIMEOUT))
             // No connection-level response timeout: every call of the pool has its own
@@ -193,15 +390,39 @@ impl RedisPool {
             // call_timeout either way.
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let connections = (0..connections.max(1))
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let slots = (0..connections.max(1))
+            .map(|_| {
+                Ok(Slot {
+                    con: ArcSwap::from_pointee(ConnectionManager::new_lazy_with_config(
+                        client.clone(),
+                        config.clone(),
+                    )?),
+                    timeouts: AtomicU32::new(0),
+                    silent_since_ms: AtomicU64::new(0),
+                    probed_ms: AtomicU64::new(0),
+                    probing: AtomicBool::new(false),
+                })
+            })
+            .collect::<Result<Vec<_>, redis::RedisError>>()?;
         Ok(Self {
-            connections: connections.into(),
+            connections: Arc::new(Connections {
+                slots: slots.into(),
+                client,
+                config,
+                probe_timeout: WATCHDOG_PROBE.max(call_timeout),
+                started: Instant::now(),
+                replaced,
+                replaced_here: AtomicU64::new(0),
+            }),
             next: Default::default(),
             call_timeout,
             wait,
         })
+    }
+
+    /// Connections this pool's watchdog replaced (see [`WATCHDOG_TIMEOUTS`]).
+    pub fn connections_replaced(&self) -> u64 {
+        self.connections.replaced_here.load(Ordering::Relaxed)
     }
 
     /// The `WAIT` after ledger writes, if on.
@@ -224,9 +445,19 @@ impl RedisPool {
         }
     }
 
-    fn connection(&self) -> ConnectionManager {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        self.connections[i].clone()
+    /// The next connection round-robin, and its slot (for [`RedisPool::watch`]).
+    fn connection(&self) -> (usize, ConnectionManager) {
+        let slots = &self.connections.slots;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % slots.len();
+        (i, (**slots[i].con.load()).clone())
+    }
+
+    /// Tells the watchdog how a call bounded by a deadline on slot `i` ended.
+    fn watch<T>(&self, i: usize, result: &Result<T, Elapsed>) {
+        match result {
+            Ok(_) => self.connections.answered(i),
+            Err(_) => self.connections.timed_out(i),
+        }
     }
 
     /// Runs a script within the deadline; reloads it on NOSCRIPT.
@@ -234,8 +465,10 @@ impl RedisPool {
         &self,
         inv: &ScriptInvocation<'_>,
     ) -> Result<T, LedgerError> {
-        let mut con = self.connection();
-        match tokio::time::timeout(self.call_timeout, inv.invoke_async(&mut con)).await {
+        let (slot, mut con) = self.connection();
+        let result = tokio::time::timeout(self.call_timeout, inv.invoke_async(&mut con)).await;
+        self.watch(slot, &result);
+        match result {
             Ok(result) => result.map_err(LedgerError::from),
             Err(_) => Err(LedgerError::Unavailable(format!(
                 "no answer within {} ms",
@@ -271,7 +504,7 @@ impl RedisPool {
         &self,
         call: &ScriptCall<'_>,
     ) -> Result<T, LedgerError> {
-        let mut con = self.connection();
+        let (slot, mut con) = self.connection();
         let run = async {
             match call.cmd.query_async::<T>(&mut con).await {
                 Err(err) if is_missing_function(&err) => {
@@ -283,6 +516,7 @@ impl RedisPool {
         };
         let started = Instant::now();
         let result = tokio::time::timeout(self.call_timeout, run).await;
+        self.watch(slot, &result);
         finish(call, self.call_timeout, started, result)
     }
 
@@ -296,7 +530,7 @@ impl RedisPool {
         call: &ScriptCall<'_>,
         wait: &WaitState,
     ) -> Result<T, LedgerError> {
-        let mut con = self.connection();
+        let (slot, mut con) = self.connection();
         let mut pipe = redis::pipe();
         pipe.ignore_errors()
             .add_command(call.cmd.clone())
@@ -328,6 +562,7 @@ impl RedisPool {
         let started = Instant::now();
         let deadline = self.call_timeout + wait.timeout;
         let result = tokio::time::timeout(deadline, run).await;
+        self.watch(slot, &result);
         finish(call, deadline, started, result)
     }
 
@@ -351,9 +586,11 @@ impl RedisPool {
         for script in scripts {
             cmd.arg(script.get_hash());
         }
-        let mut con = self.connection();
-        match tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<bool>>(&mut con)).await
-        {
+        let (slot, mut con) = self.connection();
+        let result =
+            tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<bool>>(&mut con)).await;
+        self.watch(slot, &result);
+        match result {
             Ok(result) => result.map_err(LedgerError::from),
             Err(_) => Err(LedgerError::Unavailable("SCRIPT EXISTS timed out".into())),
         }
@@ -364,9 +601,11 @@ impl RedisPool {
     pub async fn library_exists(&self, library: &Library) -> Result<bool, LedgerError> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LIST").arg("LIBRARYNAME").arg(library.name());
-        let mut con = self.connection();
-        match tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<Value>>(&mut con)).await
-        {
+        let (slot, mut con) = self.connection();
+        let result =
+            tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<Value>>(&mut con)).await;
+        self.watch(slot, &result);
+        match result {
             Ok(result) => Ok(!result.map_err(LedgerError::from)?.is_empty()),
             Err(_) => Err(LedgerError::Unavailable("FUNCTION LIST timed out".into())),
         }
@@ -380,14 +619,14 @@ impl RedisPool {
         cmd.arg("LIST")
             .arg("LIBRARYNAME")
             .arg(format!("{}*", super::library::NAME_PREFIX));
-        let mut con = self.connection();
-        let list =
-            match tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<Value>>(&mut con))
-                .await
-            {
-                Ok(result) => result.map_err(LedgerError::from)?,
-                Err(_) => return Err(LedgerError::Unavailable("FUNCTION LIST timed out".into())),
-            };
+        let (slot, mut con) = self.connection();
+        let result =
+            tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<Value>>(&mut con)).await;
+        self.watch(slot, &result);
+        let list = match result {
+            Ok(result) => result.map_err(LedgerError::from)?,
+            Err(_) => return Err(LedgerError::Unavailable("FUNCTION LIST timed out".into())),
+        };
         let text = |v: &Value| match v {
             Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
             Value::SimpleString(s) => Some(s.clone()),
@@ -417,8 +656,10 @@ impl RedisPool {
     pub async fn delete_library(&self, name: &str) -> Result<bool, LedgerError> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("DELETE").arg(name);
-        let mut con = self.connection();
-        match tokio::time::timeout(self.call_timeout, cmd.query_async::<()>(&mut con)).await {
+        let (slot, mut con) = self.connection();
+        let result = tokio::time::timeout(self.call_timeout, cmd.query_async::<()>(&mut con)).await;
+        self.watch(slot, &result);
+        match result {
             Ok(Ok(())) => Ok(true),
             Ok(Err(err))
                 if err
@@ -434,20 +675,21 @@ impl RedisPool {
 
     /// Loads the function library (functions are server-wide: once is enough).
     pub async fn load_library(&self, library: &Library) -> Result<(), LedgerError> {
-        let mut con = self.connection();
-        tokio::time::timeout(self.call_timeout * 10, load(library, &mut con))
-            .await
-            .map_err(|_| LedgerError::Unavailable("FUNCTION LOAD timed out".into()))??;
+        let (slot, mut con) = self.connection();
+        let result = tokio::time::timeout(self.call_timeout * 10, load(library, &mut con)).await;
+        self.watch(slot, &result);
+        result.map_err(|_| LedgerError::Unavailable("FUNCTION LOAD timed out".into()))??;
         Ok(())
     }
 
     pub async fn load_scripts(&self, scripts: &[&Script]) -> Result<(), LedgerError> {
-        for con in self.connections.iter() {
-            let mut con = con.clone();
+        for (i, slot) in self.connections.slots.iter().enumerate() {
+            let mut con = (**slot.con.load()).clone();
             for script in scripts {
-                tokio::time::timeout(self.call_timeout * 10, script.load_async(&mut con))
-                    .await
-                    .map_err(|_| LedgerError::Unavailable("SCRIPT LOAD timed out".into()))??;
+                let result =
+                    tokio::time::timeout(self.call_timeout * 10, script.load_async(&mut con)).await;
+                self.watch(i, &result);
+                result.map_err(|_| LedgerError::Unavailable("SCRIPT LOAD timed out".into()))??;
             }
         }
         Ok(())
@@ -455,10 +697,12 @@ impl RedisPool {
 
     /// PING within the deadline.
     pub async fn ping(&self) -> Result<(), LedgerError> {
-        let mut con = self.connection();
+        let (slot, mut con) = self.connection();
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut con);
-        match tokio::time::timeout(self.call_timeout, ping).await {
+        let result = tokio::time::timeout(self.call_timeout, ping).await;
+        self.watch(slot, &result);
+        match result {
             Ok(result) => result.map(|_| ()).map_err(LedgerError::from),
             Err(_) => Err(LedgerError::Unavailable("PING timed out".into())),
         }
@@ -466,8 +710,10 @@ impl RedisPool {
 
     /// A plain command within the call deadline (identity lookups on a cache miss).
     pub async fn call_cmd<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, LedgerError> {
-        let mut con = self.connection();
-        match tokio::time::timeout(self.call_timeout, cmd.query_async::<T>(&mut con)).await {
+        let (slot, mut con) = self.connection();
+        let result = tokio::time::timeout(self.call_timeout, cmd.query_async::<T>(&mut con)).await;
+        self.watch(slot, &result);
+        match result {
             Ok(result) => result.map_err(LedgerError::from),
             Err(_) => Err(LedgerError::Unavailable(format!(
                 "no answer within {} ms",
@@ -481,8 +727,10 @@ impl RedisPool {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, LedgerError> {
-        let mut con = self.connection();
-        match tokio::time::timeout(self.call_timeout, pipe.query_async::<T>(&mut con)).await {
+        let (slot, mut con) = self.connection();
+        let result = tokio::time::timeout(self.call_timeout, pipe.query_async::<T>(&mut con)).await;
+        self.watch(slot, &result);
+        match result {
             Ok(result) => result.map_err(LedgerError::from),
             Err(_) => Err(LedgerError::Unavailable(format!(
                 "no answer within {} ms",
@@ -493,8 +741,11 @@ impl RedisPool {
 
     /// A plain command within the deadline (admin and test tooling; not the hot path).
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, LedgerError> {
-        let mut con = self.connection();
-        match tokio::time::timeout(self.call_timeout * 10, cmd.query_async::<T>(&mut con)).await {
+        let (slot, mut con) = self.connection();
+        let result =
+            tokio::time::timeout(self.call_timeout * 10, cmd.query_async::<T>(&mut con)).await;
+        self.watch(slot, &result);
+        match result {
             Ok(result) => result.map_err(LedgerError::from),
             Err(_) => Err(LedgerError::Unavailable("command timed out".into())),
         }
@@ -507,8 +758,11 @@ impl RedisPool {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, LedgerError> {
-        let mut con = self.connection();
-        match tokio::time::timeout(self.call_timeout * 10, pipe.query_async::<T>(&mut con)).await {
+        let (slot, mut con) = self.connection();
+        let result =
+            tokio::time::timeout(self.call_timeout * 10, pipe.query_async::<T>(&mut con)).await;
+        self.watch(slot, &result);
+        match result {
             Ok(result) => result.map_err(LedgerError::from),
             Err(_) => Err(LedgerError::Unavailable("pipeline timed out".into())),
         }
@@ -823,6 +1077,44 @@ mod tests {
         ] {
             assert!(Answer::from_value(Value::Array(bad)).is_err());
         }
+    }
+
+    /// The watchdog's trigger: three timeouts in a row and a second of silence, then at
+    /// most one probe per WATCHDOG_RETRY; any answer ends the run. (The probe itself, and
+    /// the replacement, run against real Redis in tests/redis_black_hole.rs.)
+    #[tokio::test]
+    async fn the_watchdog_probes_after_three_timeouts_and_a_second_of_silence() {
+        // Nothing listens there: a probe finds both connections silent and keeps the old.
+        let pool = RedisPool::new("redis://127.0.0.1:1", 1, DEFAULT_CALL_TIMEOUT).unwrap();
+        let c = &pool.connections;
+        let slot = &c.slots[0];
+        let probed = || slot.probed_ms.load(Ordering::Relaxed) != 0;
+        let silence = || tokio::time::sleep(WATCHDOG_SILENCE + Duration::from_millis(20));
+        c.timed_out(0);
+        silence().await;
+        c.timed_out(0);
+        assert!(!probed(), "two timeouts are not enough, however far apart");
+        c.answered(0);
+        assert_eq!(slot.timeouts.load(Ordering::Relaxed), 0);
+        assert_eq!(slot.silent_since_ms.load(Ordering::Relaxed), 0);
+        for _ in 0..3 {
+            c.timed_out(0);
+        }
+        assert!(!probed(), "three timeouts within a second are not enough");
+        // Silent for a second since the first of them: the next timeout probes.
+        silence().await;
+        c.timed_out(0);
+        assert!(probed());
+        let first = slot.probed_ms.load(Ordering::Relaxed);
+        // The probe ends (nothing answers: the connection is kept, nothing replaced).
+        while slot.probing.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(pool.connections_replaced(), 0);
+        // Within WATCHDOG_RETRY of the last probe, no other one.
+        c.timed_out(0);
+        assert_eq!(slot.probed_ms.load(Ordering::Relaxed), first);
+        assert!(!slot.probing.load(Ordering::Acquire));
     }
 
     #[test]

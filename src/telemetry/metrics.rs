@@ -21,6 +21,9 @@ pub const LEDGER_REPLAYS_TOTAL: &str = "tollgate_ledger_replays_total";
 /// Ledger writes after which `WAIT` (`redis.wait_replicas`) heard from fewer replicas than
 /// asked within `redis.wait_timeout_ms`: the write is committed on the primary only.
 pub const REDIS_WAIT_SHORT_TOTAL: &str = "tollgate_redis_wait_short_total";
+/// Redis connections the pool's watchdog replaced: calls on them kept ending at their
+/// deadline while a freshly made connection answered (ledger::redis_pool, the watchdog).
+pub const REDIS_CONNECTIONS_REPLACED_TOTAL: &str = "tollgate_redis_connections_replaced_total";
 
 /// Error kinds of a script call: no answer within the deadline; Redis unreachable; Redis
 /// answered with an error (a script error, OOM, …); an answer tollgate does not understand.
@@ -207,6 +210,10 @@ fn describe() {
     describe_counter!(
         REDIS_WAIT_SHORT_TOTAL,
         "Ledger writes acknowledged by fewer replicas than redis.wait_replicas within redis.wait_timeout_ms."
+    );
+    describe_counter!(
+        REDIS_CONNECTIONS_REPLACED_TOTAL,
+        "Redis connections replaced because they stopped answering while a new connection answered."
     );
     describe_counter!(
         LEDGER_REFUSALS_TOTAL,

@@ -59,3 +59,89 @@ impl Drop for FaultProxy {
         self.task.abort();
     }
 }
+
+/// A TCP proxy that can "black-hole" its connections: [`BlackHoleProxy::black_hole`] stops
+/// forwarding on every connection open at the time and stops reading from either side,
+/// yet keeps both sockets open (no FIN, no RST), as when a host vanishes or a network
+/// partition drops its packets; connections made afterwards are forwarded normally (the
+/// service answers again at the same address, or a failover moved the name). Everything
+/// is aborted and closed on drop.
+pub struct BlackHoleProxy {
+    pub addr: SocketAddr,
+    /// Bumped by each black hole; a connection forwards while it equals the value it was
+    /// accepted under.
+    generation: watch::Sender<u64>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHoleProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let (generation, generation_rx) = watch::channel(0u64);
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks = Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let accept = tokio::spawn({
+            let accepted = accepted.clone();
+            let tasks = tasks.clone();
+            async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut rx = generation_rx.clone();
+                    let mine = *rx.borrow_and_update();
+                    let task = tokio::spawn(async move {
+                        let Ok(mut upstream) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                                return;
+                            }
+                            _ = rx.wait_for(|g| *g != mine) => {}
+                        }
+                        // Black-holed: hold both sockets open, read nothing, until aborted.
+                        std::future::pending::<()>().await;
+                        drop((client, upstream));
+                    });
+                    tasks.lock().unwrap().push(task.abort_handle());
+                }
+            }
+        });
+        Self {
+            addr,
+            generation,
+            accepted,
+            tasks,
+            accept,
+        }
+    }
+
+    /// The proxy's address as a Redis URL.
+    pub fn redis_url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// Every connection open now stops forwarding (see the type's doc); new ones forward.
+    pub fn black_hole(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for BlackHoleProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
