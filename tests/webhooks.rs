@@ -579,13 +579,16 @@ async fn a_late_attempt_does_not_overwrite_a_newer_one(store_url: &str) {
 
     // Dispatcher A leases it for a second and stalls; B leases it once that has passed.
     let (lease_a, lease_b) = (now + 1_000, now + 3_000);
-    assert!(store.lease_delivery(id, now, lease_a).await.expect("lease"));
+    assert!(store
+        .lease_delivery(id, 0, now, lease_a)
+        .await
+        .expect("lease"));
     assert!(!store
-        .lease_delivery(id, now + 500, lease_b)
+        .lease_delivery(id, 0, now + 500, lease_b)
         .await
         .expect("lease"));
     assert!(store
-        .lease_delivery(id, now + 1_500, lease_b)
+        .lease_delivery(id, 0, now + 1_500, lease_b)
         .await
         .expect("lease"));
     let delivered = AttemptOutcome::Delivered { status_code: 204 };
@@ -625,6 +628,78 @@ async fn a_late_attempt_does_not_overwrite_a_newer_one_sqlite() {
     a_late_attempt_does_not_overwrite_a_newer_one(&common::temp_sqlite_url()).await;
 }
 
+/// Two dispatchers (every serving pod runs one) read the same due delivery in their
+/// rounds; B leases it first, its POST fails fast and the failure sets the next attempt in
+/// the future. A, leasing from the list it read before, must not get the delivery: its
+/// POST would skip the retry backoff. Nor when the backoff has passed but an attempt was
+/// made since A read it (its copy is stale: the next round reads it again).
+async fn a_lease_from_an_earlier_read_respects_the_retry_backoff(store_url: &str) {
+    use tollgate::settle::webhook_store::AttemptOutcome;
+
+    let (_redis, store, delivery, now) = one_low_balance_delivery(store_url).await;
+    let id = &delivery.delivery_id;
+    // What A and B both read in their rounds.
+    let seen = delivery.attempts;
+    assert_eq!(seen, 0);
+
+    // B leases, POSTs, fails fast: next attempt in a minute.
+    let lease_b = now + 10_000;
+    assert!(store
+        .lease_delivery(id, seen, now, lease_b)
+        .await
+        .expect("lease"));
+    let failed = |next_attempt_at_ms| AttemptOutcome::Failed {
+        status_code: 503,
+        error: "503 Service Unavailable".into(),
+        next_attempt_at_ms,
+        give_up: false,
+    };
+    assert!(store
+        .finish_attempt(id, lease_b, now + 5, &failed(now + 60_000))
+        .await
+        .expect("finish"));
+    // A, a moment later, with the copy it read before B's attempt.
+    assert!(
+        !store
+            .lease_delivery(id, seen, now + 10, now + 10_010)
+            .await
+            .expect("lease"),
+        "a dispatcher leased a delivery whose next attempt is a minute away"
+    );
+    let row = store.delivery(id).await.expect("read").expect("delivery");
+    assert_eq!(
+        (row.attempts, row.next_attempt_at_ms),
+        (1, now + 60_000),
+        "untouched by the refused lease"
+    );
+
+    // Past the backoff, a copy read before that attempt is still refused; a fresh one
+    // (the next round's read) gets it.
+    let due = now + 60_000;
+    assert!(
+        !store
+            .lease_delivery(id, seen, due, due + 10_000)
+            .await
+            .expect("lease"),
+        "a lease with a stale attempt count was granted"
+    );
+    assert!(store
+        .lease_delivery(id, row.attempts, due, due + 10_000)
+        .await
+        .expect("lease"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_from_an_earlier_read_respects_the_retry_backoff_postgres() {
+    let pg = common::PgDatabase::create().await;
+    a_lease_from_an_earlier_read_respects_the_retry_backoff(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_from_an_earlier_read_respects_the_retry_backoff_sqlite() {
+    a_lease_from_an_earlier_read_respects_the_retry_backoff(&common::temp_sqlite_url()).await;
+}
+
 /// Ended deliveries are deleted once older than the retention; a pending one stays
 /// whatever its age (its account's queue waits on it).
 async fn ended_deliveries_are_pruned_pending_ones_kept(store_url: &str) {
@@ -640,7 +715,7 @@ async fn ended_deliveries_are_pruned_pending_ones_kept(store_url: &str) {
     );
 
     assert!(store
-        .lease_delivery(id, now, now + 10_000)
+        .lease_delivery(id, 0, now, now + 10_000)
         .await
         .expect("lease"));
     let delivered = AttemptOutcome::Delivered { status_code: 200 };

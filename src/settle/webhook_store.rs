@@ -429,21 +429,29 @@ macro_rules! webhook_store_impl {
                     .collect::<Result<Vec<_>, _>>()?)
             }
 
-            /// Takes a delivery for `until_ms` (compare-and-set: false if another
-            /// dispatcher holds it or it is no longer pending).
+            /// Takes a delivery for `until_ms`, as it was read with `seen_attempts`
+            /// attempts (compare-and-set: false if another dispatcher holds it, it is no
+            /// longer pending, it is not due yet, or an attempt was made since it was
+            /// read). The last two keep a dispatcher leasing from a list read earlier
+            /// in its round from skipping the retry backoff: another dispatcher may have
+            /// leased it, failed and released it with `next_attempt_at_ms` in the future
+            /// meanwhile, and only those two columns tell.
             pub async fn lease_delivery(
                 &self,
                 delivery_id: &str,
+                seen_attempts: i64,
                 now_ms: i64,
                 until_ms: i64,
             ) -> Result<bool, StoreError> {
                 let done = sqlx::query(
                     "UPDATE tollgate_webhook_deliveries SET lease_until_ms = $1 \
-                     WHERE delivery_id = $2 AND status = 'pending' AND lease_until_ms <= $3",
+                     WHERE delivery_id = $2 AND status = 'pending' AND lease_until_ms <= $3 \
+                     AND next_attempt_at_ms <= $3 AND attempts = $4",
                 )
                 .bind(until_ms)
                 .bind(delivery_id.to_owned())
                 .bind(now_ms)
+                .bind(seen_attempts)
                 .execute(&self.pool)
                 .await?;
                 Ok(done.rows_affected() == 1)
@@ -741,10 +749,11 @@ impl Store {
     pub async fn lease_delivery(
         &self,
         delivery_id: &str,
+        seen_attempts: i64,
         now_ms: i64,
         until_ms: i64,
     ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.lease_delivery(delivery_id, now_ms, until_ms).await)
+        dispatch!(self, s => s.lease_delivery(delivery_id, seen_attempts, now_ms, until_ms).await)
     }
 
     pub async fn finish_attempt(

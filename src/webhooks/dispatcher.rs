@@ -176,10 +176,12 @@ impl Dispatcher {
             let lease_until = now + (self.settings.timeout + LEASE_MARGIN).as_millis() as i64;
             if !self
                 .store
-                .lease_delivery(&delivery.delivery_id, now, lease_until)
+                .lease_delivery(&delivery.delivery_id, delivery.attempts, now, lease_until)
                 .await?
             {
-                continue; // another dispatcher took it
+                // Another dispatcher took it, or attempted it since `heads` was read (then
+                // its backoff decides the next attempt).
+                continue;
             }
             attempts.spawn(attempt(
                 self.store.clone(),
