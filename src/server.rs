@@ -283,13 +283,91 @@ pub enum ServeError {
 #[derive(Clone)]
 struct HttpState {
     ledger: Arc<Ledger>,
-    settler: Option<Arc<std::sync::Mutex<SettlerStatus>>>,
-    ready_lag_max_ms: u64,
+    settlement: Settlement,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// `serve` answers charges: readiness checks (and loads) the ledger scripts, and a
     /// store error only degrades it (the hot path does not need the store; the lag
     /// threshold still applies). `settle` only settles: a store error fails it.
     serving: bool,
+}
+
+/// What readiness and `/metrics` read about settlement in this process.
+#[derive(Clone, Default)]
+struct Settlement {
+    /// The settler's status, when one runs here.
+    settler: Option<Arc<std::sync::Mutex<SettlerStatus>>>,
+    /// Whether a webhook dispatcher runs here.
+    webhooks: bool,
+    /// `settler.ready_lag_max_ms`: the lag bound, and how old the settler's last outbox
+    /// measurement may be before readiness says the settler is stuck.
+    ready_lag_max_ms: u64,
+    tasks: Tasks,
+}
+
+/// The background tasks readiness depends on (the settler, the webhook dispatcher),
+/// which run until shutdown: each one that ended before it (a panic, an early return) is
+/// named here with how it ended, and fails readiness from then on.
+#[derive(Clone, Default)]
+struct Tasks(Arc<std::sync::Mutex<Vec<(&'static str, String)>>>);
+
+impl Tasks {
+    /// How `name` ended, if it ended before shutdown.
+    fn ended(&self, name: &str) -> Option<String> {
+        let ended = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        ended
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, how)| how.clone())
+    }
+
+    /// Waits for `task` (the task itself, or what completes when it ends): if it ends
+    /// before `stopping` turns true, logs it and records it, which fails readiness. The
+    /// handle completes when the task has ended: shutdown joins it.
+    fn supervise(
+        &self,
+        name: &'static str,
+        task: impl Future<Output = Result<(), String>> + Send + 'static,
+        stopping: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let tasks = self.clone();
+        tokio::spawn(async move {
+            let ended = task.await;
+            if *stopping.borrow() {
+                return;
+            }
+            let how = match ended {
+                Ok(()) => "returned".to_owned(),
+                Err(how) => how,
+            };
+            tracing::error!(
+                task = name,
+                how = %how,
+                "a background task ended before shutdown: the process reports not ready \
+                 until it is restarted"
+            );
+            tasks
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((name, how));
+        })
+    }
+}
+
+/// How a spawned task ended, for [`Tasks::supervise`]: its panic message.
+async fn joined(task: tokio::task::JoinHandle<()>) -> Result<(), String> {
+    task.await.map_err(|err| {
+        if !err.is_panic() {
+            return "cancelled".to_owned();
+        }
+        let panic = err.into_panic();
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("panicked: {message}")
+    })
 }
 
 /// The probe and metrics routes. The request log layer goes on last, around every route
@@ -383,21 +461,32 @@ pub async fn run_settler(
     let hangups = listen_for_hangups();
     let store = store_from_config(&config)?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stopping = stop_rx.clone();
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    let tasks = Tasks::default();
     let settler = Settler::new(ledger.clone(), store.clone(), config.settler_settings());
     let status = settler.status();
-    let task = tokio::spawn(settler.run(stopped()));
+    let task = tasks.supervise(
+        "settler",
+        joined(tokio::spawn(settler.run(stopped()))),
+        stopping.clone(),
+    );
     tokio::spawn(reload_on_sighup(None, config.clone(), hangups, stopped()));
-    let dispatcher = spawn_dispatcher(&config, &store, stopped());
+    let dispatcher = spawn_dispatcher(&config, &store, stopped())
+        .map(|d| tasks.supervise("webhooks", joined(d), stopping.clone()));
     let state = HttpState {
         ledger,
-        settler: Some(status),
-        ready_lag_max_ms: config.settler.ready_lag_max_ms,
+        settlement: Settlement {
+            settler: Some(status),
+            webhooks: dispatcher.is_some(),
+            ready_lag_max_ms: config.settler.ready_lag_max_ms,
+            tasks,
+        },
         metrics: telemetry::metrics::install(),
         serving: false,
     };
@@ -459,6 +548,7 @@ pub async fn run(
         tracing::warn!(error = %err, "could not load scripts into redis yet");
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stopping = stop_rx.clone();
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -544,18 +634,32 @@ pub async fn run(
             stopped(),
         );
 
+    let tasks = Tasks::default();
     let settler = spawn_settler(&config, stopped())?;
     let settler_status = settler.as_ref().map(|s| s.status.clone());
-    let settler_task = settler.map(|s| s.stopped);
+    let settler_task = settler.map(|s| {
+        // The thread drops `stopped`'s sender unsent when the settler panics.
+        let ended = async move {
+            s.stopped
+                .await
+                .map_err(|_| "panicked (its thread ended)".to_owned())
+        };
+        tasks.supervise("settler", ended, stopping.clone())
+    });
     let dispatcher = if config.settler.enabled {
         spawn_dispatcher(&config, &store, stopped())
+            .map(|d| tasks.supervise("webhooks", joined(d), stopping.clone()))
     } else {
         None
     };
     let state = HttpState {
         ledger: ledger.clone(),
-        settler: settler_status,
-        ready_lag_max_ms: config.settler.ready_lag_max_ms,
+        settlement: Settlement {
+            settler: settler_status,
+            webhooks: dispatcher.is_some(),
+            ready_lag_max_ms: config.settler.ready_lag_max_ms,
+            tasks,
+        },
         metrics: metrics_handle,
         serving: true,
     };
@@ -761,14 +865,17 @@ struct Readiness {
 /// Ready when Redis answers within the deadline, every shard is initialized, Redis holds
 /// the ledger's function library (loaded here when missing: after a Redis restart nothing
 /// else would, since a not-ready pod gets no traffic), and, with a settler in this
-/// process, settlement lags less than `settler.ready_lag_max_ms`. A store error fails
-/// `tollgate settle`; a process serving charges is only `degraded` by it: charges never
-/// wait for the store, so a database blip must not take every gateway pod out of traffic
-/// (the lag threshold is the operator's bound on how long that may last).
+/// process, settlement lags less than `settler.ready_lag_max_ms`, the settler measured the
+/// outboxes within that time, and neither it nor the webhook dispatcher has ended. A store
+/// error, the lag or a stuck settler fails `tollgate settle`; a process serving charges
+/// is only `degraded` by them: charges never wait for the store, so a database blip must
+/// not take every gateway pod out of traffic (the lag threshold is the operator's bound
+/// on how long that may last). A settler or dispatcher that ended fails both
+/// ([`Settlement::check`]).
 async fn readiness(state: &HttpState) -> Readiness {
     let mut checks = serde_json::Map::new();
     let mut failed = Vec::new();
-    let mut degraded = Vec::new();
+    let degraded = Vec::new();
     let redis_ok = match state.ledger.initialized_shards().await {
         Ok(shards) => {
             checks.insert("redis".into(), "ok".into());
@@ -813,46 +920,119 @@ async fn readiness(state: &HttpState) -> Readiness {
             }
         }
     }
-    if let Some(status) = &state.settler {
-        let status = status.lock().map(|s| s.clone()).unwrap_or_default();
-        match &status.store_error {
-            None => {
-                checks.insert("store".into(), "ok".into());
-            }
-            Some(err) => {
-                checks.insert("store".into(), err.clone().into());
-                if state.serving {
-                    degraded.push("store");
-                } else {
-                    failed.push("store");
-                }
-            }
-        }
-        let lag_ms = status.oldest_unsettled_ms();
-        checks.insert(
-            "outbox".into(),
-            serde_json::json!({
-                "length": status.outbox_len(),
-                "oldest_unsettled_ms": lag_ms,
-                "max_ms": state.ready_lag_max_ms,
-            }),
-        );
-        // Like a store error: a serving pod stays ready (docs/DESIGN.md: a store outage leaves
-        // the hot path unaffected; the outbox bound, not readiness, decides when charges
-        // stop), or every pod would leave its load balancer at once.
-        if lag_ms > state.ready_lag_max_ms {
-            if state.serving {
-                degraded.push("outbox_lag");
-            } else {
-                failed.push("outbox_lag");
-            }
-        }
-    }
-    Readiness {
-        ready: failed.is_empty(),
+    let mut readiness = Readiness {
+        ready: false,
         failed,
         degraded,
         checks,
+    };
+    state.settlement.check(
+        state.serving,
+        crate::ledger::wall_clock_ms(),
+        &mut readiness,
+    );
+    readiness.ready = readiness.failed.is_empty();
+    readiness
+}
+
+impl Settlement {
+    /// The readiness checks about settlement at `now_ms`: the store, the outbox lag, the
+    /// settler still measuring, and the settler and the dispatcher still running.
+    ///
+    /// The lag and the measurement's age are computed here, from the times the settler
+    /// recorded: a settler that stopped measuring (its task died, a store query hangs)
+    /// used to leave its last small age in place, so readiness stayed green and the lag
+    /// gauge froze.
+    fn check(&self, serving: bool, now_ms: i64, r: &mut Readiness) {
+        // Like a store error, the lag and a stuck settler leave a serving pod ready
+        // (docs/DESIGN.md: a store outage leaves the hot path unaffected; the outbox bound,
+        // not readiness, decides when charges stop), or every pod would leave its load
+        // balancer at once. `tollgate settle` only settles: they fail it.
+        let soft = |r: &mut Readiness, name: &'static str| {
+            if serving {
+                r.degraded.push(name);
+            } else {
+                r.failed.push(name);
+            }
+        };
+        if let Some(status) = &self.settler {
+            let status = status.lock().map(|s| s.clone()).unwrap_or_default();
+            match &status.store_error {
+                None => {
+                    r.checks.insert("store".into(), "ok".into());
+                }
+                Some(err) => {
+                    r.checks.insert("store".into(), err.clone().into());
+                    soft(r, "store");
+                }
+            }
+            let lag_ms = status.lag_ms(now_ms);
+            let measured_ago_ms = status.measured_ago_ms(now_ms);
+            r.checks.insert(
+                "outbox".into(),
+                serde_json::json!({
+                    "length": status.outbox_len(),
+                    "oldest_unsettled_ms": lag_ms,
+                    "max_ms": self.ready_lag_max_ms,
+                    "measured_ms_ago": measured_ago_ms,
+                }),
+            );
+            if lag_ms > self.ready_lag_max_ms {
+                soft(r, "outbox_lag");
+            }
+            if let Some(how) = self.tasks.ended("settler") {
+                r.checks.insert(
+                    "settler".into(),
+                    format!("the settler stopped ({how}): nothing settles in this process until it restarts").into(),
+                );
+                r.failed.push("settler");
+            } else if measured_ago_ms > self.ready_lag_max_ms {
+                // Nothing vouches for the lag any more: events written since the last
+                // measurement are not counted in it.
+                r.checks.insert(
+                    "settler".into(),
+                    format!(
+                        "stuck: no outbox measurement for {measured_ago_ms} ms (settler.ready_lag_max_ms \
+                         is {}); a store or Redis call that does not return?",
+                        self.ready_lag_max_ms
+                    )
+                    .into(),
+                );
+                soft(r, "settler");
+            } else {
+                r.checks.insert("settler".into(), "ok".into());
+            }
+        }
+        if self.webhooks {
+            if let Some(how) = self.tasks.ended("webhooks") {
+                r.checks.insert(
+                    "webhooks".into(),
+                    format!("the webhook dispatcher stopped ({how}): no webhooks are sent from this process until it restarts").into(),
+                );
+                r.failed.push("webhooks");
+            } else {
+                r.checks.insert("webhooks".into(), "ok".into());
+            }
+        }
+    }
+
+    /// Sets the settlement gauges that are ages from the settler's recorded times, as of
+    /// `now_ms` (on every scrape: they keep moving when the settler stops measuring).
+    fn set_age_gauges(&self, ledger: &Ledger, now_ms: i64) {
+        let Some(status) = &self.settler else {
+            return;
+        };
+        let status = status.lock().map(|s| s.clone()).unwrap_or_default();
+        let shards = ledger.shards();
+        for shard in 0..shards.count() {
+            metrics::gauge!(
+                telemetry::metrics::OUTBOX_OLDEST_AGE_SECONDS,
+                "shard" => shards.number(shard).to_owned()
+            )
+            .set(status.shard_lag_ms(usize::from(shard), now_ms) as f64 / 1000.0);
+        }
+        metrics::gauge!(telemetry::metrics::SETTLER_MEASURED_AGE_SECONDS)
+            .set(status.measured_ago_ms(now_ms) as f64 / 1000.0);
     }
 }
 
@@ -924,10 +1104,135 @@ async fn watch_health(
 
 async fn metrics_text(State(state): State<HttpState>) -> (StatusCode, String) {
     match &state.metrics {
-        Some(handle) => (StatusCode::OK, handle.render()),
+        Some(handle) => {
+            state
+                .settlement
+                .set_age_gauges(&state.ledger, crate::ledger::wall_clock_ms());
+            (StatusCode::OK, handle.render())
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "metrics recorder not installed\n".into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settle::settler::OutboxMeasure;
+
+    fn readiness_of(settlement: &Settlement, serving: bool, now_ms: i64) -> Readiness {
+        let mut r = Readiness {
+            ready: false,
+            failed: Vec::new(),
+            degraded: Vec::new(),
+            checks: serde_json::Map::new(),
+        };
+        settlement.check(serving, now_ms, &mut r);
+        r.ready = r.failed.is_empty();
+        r
+    }
+
+    /// A settler that measured at `measured_at_ms`, one shard's oldest unsettled event
+    /// written at `oldest`.
+    fn settlement(measured_at_ms: i64, oldest: Option<i64>) -> Settlement {
+        Settlement {
+            settler: Some(Arc::new(std::sync::Mutex::new(SettlerStatus {
+                shards: vec![
+                    OutboxMeasure {
+                        len: 1,
+                        oldest_unsettled_at_ms: oldest,
+                    },
+                    OutboxMeasure::default(),
+                ],
+                measured_at_ms,
+                ..Default::default()
+            }))),
+            webhooks: true,
+            ready_lag_max_ms: 60_000,
+            tasks: Tasks::default(),
+        }
+    }
+
+    #[test]
+    fn a_settler_that_stopped_measuring_is_reported_stuck() {
+        // Measured an empty outbox a moment ago: all well.
+        let s = settlement(1_000_000, None);
+        let r = readiness_of(&s, true, 1_000_500);
+        assert!(r.ready && r.degraded.is_empty(), "{:?}", r.checks);
+        assert_eq!(r.checks["settler"], "ok");
+        assert_eq!(r.checks["outbox"]["measured_ms_ago"], 500);
+
+        // No measurement since, past the bound: the last one (an empty outbox, lag 0)
+        // vouches for nothing. A serving pod is degraded, `tollgate settle` not ready.
+        let later = 1_000_000 + 60_001;
+        let r = readiness_of(&s, true, later);
+        assert!(r.ready, "{:?}", r.checks);
+        assert_eq!(r.degraded, ["settler"]);
+        assert!(
+            r.checks["settler"].as_str().unwrap().starts_with("stuck"),
+            "{:?}",
+            r.checks
+        );
+        let r = readiness_of(&s, false, later);
+        assert!(!r.ready);
+        assert_eq!(r.failed, ["settler"]);
+    }
+
+    #[test]
+    fn the_lag_keeps_growing_without_a_measurement() {
+        // An event unsettled at the last measurement, 1 s old then.
+        let s = settlement(1_000_000, Some(999_000));
+        let r = readiness_of(&s, false, 1_000_000);
+        assert!(r.ready, "{:?}", r.checks);
+        assert_eq!(r.checks["outbox"]["oldest_unsettled_ms"], 1_000);
+        // Read later, its age has grown with the time, past the bound.
+        let r = readiness_of(&s, false, 1_000_000 + 59_500);
+        assert_eq!(r.checks["outbox"]["oldest_unsettled_ms"], 60_500);
+        assert_eq!(r.failed, ["outbox_lag"]);
+        let r = readiness_of(&s, true, 1_000_000 + 59_500);
+        assert_eq!(
+            (r.ready, r.degraded.as_slice()),
+            (true, &["outbox_lag"][..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_settler_or_dispatcher_that_ends_before_shutdown_fails_readiness() {
+        let s = settlement(1_000_000, None);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // The dispatcher panics; the settler returns early.
+        let dispatcher = tokio::spawn(async { panic!("boom") });
+        s.tasks
+            .supervise("webhooks", joined(dispatcher), stop_rx.clone())
+            .await
+            .expect("supervisor");
+        let r = readiness_of(&s, true, 1_000_001);
+        assert_eq!(r.failed, ["webhooks"], "{:?}", r.checks);
+        assert!(
+            r.checks["webhooks"]
+                .as_str()
+                .unwrap()
+                .contains("panicked: boom"),
+            "{:?}",
+            r.checks
+        );
+        s.tasks
+            .supervise("settler", async { Ok(()) }, stop_rx.clone())
+            .await
+            .expect("supervisor");
+        let r = readiness_of(&s, true, 1_000_001);
+        assert!(!r.ready);
+        assert_eq!(r.failed, ["settler", "webhooks"], "{:?}", r.checks);
+
+        // Ending once shutdown has begun is what tasks do: nothing recorded.
+        let s = settlement(1_000_000, None);
+        stop_tx.send(true).expect("stop");
+        s.tasks
+            .supervise("settler", async { Ok(()) }, stop_rx)
+            .await
+            .expect("supervisor");
+        assert!(readiness_of(&s, false, 1_000_001).ready);
     }
 }

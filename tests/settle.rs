@@ -1671,6 +1671,100 @@ async fn a_store_outage_degrades_a_serving_pod_but_keeps_it_ready() {
     server.stop().await;
 }
 
+/// A settler stuck without an error (here: its batch insert waits on a table lock, as a
+/// store query that never returns would) stops measuring the outboxes. Its last
+/// measurement, an age taken in the past, used to stand for ever: `/readyz` stayed green
+/// with the lag it had seen last. Readiness now says the settler is stuck once the
+/// measurement is older than `settler.ready_lag_max_ms` (a serving pod: degraded, still
+/// ready), and all is well again once the store answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settler_stuck_on_a_store_query_that_never_returns_is_reported() {
+    use sqlx::Connection;
+
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let mut config = common::test_config(&redis.url());
+    config.store.url = pg.url.clone();
+    config.settler.enabled = true;
+    config.settler.trim_interval_ms = 100;
+    config.settler.backoff_max_ms = 300;
+    // The bound on the measurement's age: short, long enough for a busy machine's rounds.
+    config.settler.ready_lag_max_ms = 5_000;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let ledger = server.ledger.clone();
+    let readyz = || async {
+        let (code, body) = common::http_get(server.http_addr, "/readyz").await;
+        let json: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON body");
+        (code, json)
+    };
+    ledger
+        .grant(&common::purchase("stuck", 10, "before"))
+        .await
+        .expect("grant");
+    let direct = store(&pg.url).await;
+    common::eventually(DEADLINE, "the first grant to settle", || async {
+        (direct.count_events().await.expect("count") >= 1).then_some(())
+    })
+    .await;
+    common::eventually(DEADLINE, "a green /readyz with the settler ok", || async {
+        let (code, body) = readyz().await;
+        (code == 200 && body["degraded"] == json!([]) && body["checks"]["settler"] == "ok")
+            .then_some(())
+    })
+    .await;
+
+    // Every write to the events table waits on this lock, without an error.
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+    let mut lock = locker.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE tollgate_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    ledger
+        .grant(&common::purchase("stuck", 10, "during"))
+        .await
+        .expect("charges do not need the store");
+    // The grant's event may have been measured unsettled before the insert blocked: its
+    // lag then grows past the bound too (first, as it is older than the measurement).
+    let deadline = Instant::now() + DEADLINE;
+    let body = loop {
+        let (code, body) = readyz().await;
+        assert_eq!(
+            code, 200,
+            "a stuck settler made a serving pod unready: {body}"
+        );
+        let degraded = body["degraded"].clone();
+        if degraded == json!(["settler"]) || degraded == json!(["outbox_lag", "settler"]) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never reported the stuck settler: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body["ready"], true, "{body}");
+    let why = body["checks"]["settler"].as_str().unwrap_or_default();
+    assert!(why.starts_with("stuck"), "{body}");
+    assert!(
+        body["checks"]["outbox"]["measured_ms_ago"].as_u64() > Some(5_000),
+        "{body}"
+    );
+
+    lock.rollback().await.expect("unlock");
+    common::eventually(DEADLINE, "the settler to recover", || async {
+        let (code, body) = readyz().await;
+        (code == 200 && body["degraded"] == json!([]) && body["checks"]["settler"] == "ok")
+            .then_some(())
+    })
+    .await;
+    common::eventually(DEADLINE, "the grant made while stuck to settle", || async {
+        (direct.count_events().await.expect("count") >= 2).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
 /// `tollgate settle` over `redis_url` and `store_url`, its HTTP port picked free (again
 /// if another process took it first), accepting connections.
 async fn settle_command(redis_url: &str, store_url: &str) -> common::Listening {

@@ -153,11 +153,30 @@ pub fn default_consumer() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// One shard's outbox as the settler last measured it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxMeasure {
+    /// Entries in the stream.
+    pub len: u64,
+    /// When the oldest event not yet settled was written (ms, its stream id's time);
+    /// `None` when every event was settled.
+    pub oldest_unsettled_at_ms: Option<i64>,
+}
+
 /// What readiness and metrics need to know about settlement.
+///
+/// Times, not ages: an age measured in the past stays small for ever when the settler
+/// stops measuring (its task died, a store query hangs), so readiness and the lag gauge
+/// compute ages when they are read ([`SettlerStatus::lag_ms`]), and
+/// [`SettlerStatus::measured_ago_ms`] tells how old the measurement itself is.
 #[derive(Debug, Clone, Default)]
 pub struct SettlerStatus {
-    /// Per shard: (outbox entries, age in ms of the oldest unsettled event).
-    pub shards: Vec<(u64, u64)>,
+    /// Per shard, at the last measurement.
+    pub shards: Vec<OutboxMeasure>,
+    /// When the outboxes were last measured (wall clock, ms); when the settler was made,
+    /// before its first measurement. The settler measures every `trim_interval`, and
+    /// while the store fails, every retry.
+    pub measured_at_ms: i64,
     /// The last store write or migration failed with this error (cleared by the next
     /// success).
     pub store_error: Option<String>,
@@ -165,12 +184,31 @@ pub struct SettlerStatus {
 }
 
 impl SettlerStatus {
-    pub fn oldest_unsettled_ms(&self) -> u64 {
-        self.shards.iter().map(|(_, age)| *age).max().unwrap_or(0)
+    /// A shard's settlement lag at `now_ms`: the age of the oldest event that was
+    /// unsettled at the last measurement (it may have settled since: an upper bound
+    /// until the next measurement), 0 when none was.
+    pub fn shard_lag_ms(&self, shard: usize, now_ms: i64) -> u64 {
+        self.shards
+            .get(shard)
+            .and_then(|m| m.oldest_unsettled_at_ms)
+            .map_or(0, |at| (now_ms - at).max(0) as u64)
+    }
+
+    /// The largest [`SettlerStatus::shard_lag_ms`].
+    pub fn lag_ms(&self, now_ms: i64) -> u64 {
+        (0..self.shards.len())
+            .map(|shard| self.shard_lag_ms(shard, now_ms))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// How long ago the outboxes were last measured.
+    pub fn measured_ago_ms(&self, now_ms: i64) -> u64 {
+        (now_ms - self.measured_at_ms).max(0) as u64
     }
 
     pub fn outbox_len(&self) -> u64 {
-        self.shards.iter().map(|(len, _)| *len).sum()
+        self.shards.iter().map(|m| m.len).sum()
     }
 }
 
@@ -215,7 +253,8 @@ impl Settler {
             store,
             settings,
             status: Arc::new(Mutex::new(SettlerStatus {
-                shards: vec![(0, 0); shards],
+                shards: vec![OutboxMeasure::default(); shards],
+                measured_at_ms: crate::ledger::wall_clock_ms(),
                 ..Default::default()
             })),
             recovering: vec![true; shards],
@@ -605,11 +644,19 @@ impl Settler {
             let age_ms = oldest_ms.map_or(0, |ms| (now_ms - ms).max(0) as u64);
             let label = shards.number(shard).to_owned();
             metrics::gauge!(m::OUTBOX_LENGTH, "shard" => label.clone()).set(len as f64);
+            // Set again from the status on every scrape (server.rs), so it keeps growing
+            // when measurements stop.
             metrics::gauge!(m::OUTBOX_OLDEST_AGE_SECONDS, "shard" => label)
                 .set(age_ms as f64 / 1000.0);
-            measured.push((len, age_ms));
+            measured.push(OutboxMeasure {
+                len,
+                oldest_unsettled_at_ms: oldest_ms,
+            });
         }
-        self.set_status(|s| s.shards = measured);
+        self.set_status(|s| {
+            s.shards = measured;
+            s.measured_at_ms = now_ms;
+        });
         Ok(())
     }
 
@@ -1098,6 +1145,39 @@ fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_is_computed_when_read_from_the_measured_times() {
+        let status = SettlerStatus {
+            shards: vec![
+                OutboxMeasure {
+                    len: 3,
+                    oldest_unsettled_at_ms: Some(10_000),
+                },
+                OutboxMeasure {
+                    len: 0,
+                    oldest_unsettled_at_ms: None,
+                },
+                OutboxMeasure {
+                    len: 1,
+                    oldest_unsettled_at_ms: Some(10_500),
+                },
+            ],
+            measured_at_ms: 10_600,
+            ..Default::default()
+        };
+        // At the measurement, and later without another one: the age keeps growing.
+        assert_eq!(status.lag_ms(10_600), 600);
+        assert_eq!(status.lag_ms(70_000), 60_000);
+        assert_eq!(status.shard_lag_ms(1, 70_000), 0);
+        assert_eq!(status.shard_lag_ms(2, 70_000), 59_500);
+        assert_eq!(status.shard_lag_ms(9, 70_000), 0);
+        assert_eq!(status.measured_ago_ms(70_000), 59_400);
+        // A clock that went back reads as no age, not a huge one.
+        assert_eq!(status.lag_ms(9_000), 0);
+        assert_eq!(status.measured_ago_ms(9_000), 0);
+        assert_eq!(status.outbox_len(), 4);
+    }
 
     #[test]
     fn successor_and_jitter() {

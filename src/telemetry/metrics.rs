@@ -66,6 +66,9 @@ pub const SETTLE_FENCED_EVENTS_TOTAL: &str = "tollgate_settle_fenced_events_tota
 pub const OUTBOX_LENGTH: &str = "tollgate_outbox_length";
 /// Age of the oldest unsettled event of a shard, by `shard`.
 pub const OUTBOX_OLDEST_AGE_SECONDS: &str = "tollgate_outbox_oldest_unsettled_age_seconds";
+/// How long ago this process's settler last measured the outboxes (it does every
+/// `settler.trim_interval_ms`; a stuck settler stops).
+pub const SETTLER_MEASURED_AGE_SECONDS: &str = "tollgate_settler_last_measurement_age_seconds";
 
 // --- usage webhooks ---
 
@@ -271,7 +274,12 @@ fn describe() {
     describe_gauge!(
         OUTBOX_OLDEST_AGE_SECONDS,
         Unit::Seconds,
-        "Age of the oldest unsettled event of a shard."
+        "Age of the oldest unsettled event of a shard (as of the settler's last measurement, aged since)."
+    );
+    describe_gauge!(
+        SETTLER_MEASURED_AGE_SECONDS,
+        Unit::Seconds,
+        "Time since this process's settler last measured the outboxes (grows when it is stuck)."
     );
     describe_counter!(
         WEBHOOK_EVENTS_TOTAL,
@@ -380,6 +388,7 @@ mod tests {
             SETTLE_FENCED_EVENTS_TOTAL,
             OUTBOX_LENGTH,
             OUTBOX_OLDEST_AGE_SECONDS,
+            SETTLER_MEASURED_AGE_SECONDS,
             WEBHOOK_EVENTS_TOTAL,
             WEBHOOK_ATTEMPTS_TOTAL,
             WEBHOOK_ATTEMPT_SECONDS,
