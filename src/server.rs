@@ -41,7 +41,10 @@ use crate::webhooks::dispatcher::Dispatcher;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 
-/// How long shutdown waits for in-flight requests before giving up on them.
+/// How long shutdown waits for the listeners to drain (in-flight requests, open streams)
+/// before closing what is still open; and then, once more, for the fail_open spool flush
+/// and the background tasks together ([`drained`]). At most twice this from the signal to
+/// the exit: the chart's `terminationGracePeriodSeconds` (30) leaves room.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often the health watcher re-runs the readiness checks for gRPC health.
 pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -505,11 +508,12 @@ pub async fn run_settler(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    http.await?;
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, watcher).await;
-    if let Some(dispatcher) = dispatcher {
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, dispatcher).await;
+    let http = drained(http, stopped()).await;
+    let mut tasks = vec![task, watcher];
+    tasks.extend(dispatcher);
+    join_until(tokio::time::Instant::now() + SHUTDOWN_GRACE, tasks).await;
+    if let Some(http) = http {
+        http?;
     }
     Ok(())
 }
@@ -600,7 +604,9 @@ pub async fn run(
         grpc_listener
             .local_addr()
             .is_ok_and(|a| a.ip().is_loopback()),
-    );
+    )
+    // Envoy's stream stays open as long as Envoy runs: it ends on shutdown instead.
+    .stopping(stopping.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
@@ -695,24 +701,65 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
-    let (grpc, http) = tokio::join!(grpc, http);
-    // Checks have drained: what fail_open spooled reaches the disk before the process ends.
+    let servers = drained(async { tokio::join!(grpc, http) }, stopped()).await;
+    // Checks have drained (or the grace ran out): what fail_open spooled reaches the disk
+    // before the process ends, and the tasks stop, within one more grace together.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     if !gateway.flush_spool(SHUTDOWN_GRACE).await {
         tracing::error!("the fail_open spool was not flushed: queued charges are lost");
     }
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, sweeper).await;
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, replayer).await;
-    if let Some(task) = settler_task {
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+    let mut tasks = vec![sweeper, replayer, initializer, watcher];
+    tasks.extend(settler_task);
+    tasks.extend(dispatcher);
+    join_until(deadline, tasks).await;
+    if let Some((grpc, http)) = servers {
+        grpc?;
+        http?;
     }
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, initializer).await;
-    if let Some(task) = dispatcher {
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
-    }
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, watcher).await;
-    grpc?;
-    http?;
     Ok(())
+}
+
+/// Waits for the listeners' graceful drain (`servers`), at most [`SHUTDOWN_GRACE`] once
+/// `stopped` has completed; `None` when the grace ran out, and what is still open is cut
+/// when the process exits.
+///
+/// A graceful drain waits for every connection to close, and a stream open on one ends
+/// only when its client ends it (GOAWAY does not): an Envoy that outlived the pod kept
+/// its access-log stream open, and tollgate waited until SIGKILL, so the fail_open spool
+/// was never flushed nor the settler and dispatcher joined. The access-log handler ends
+/// its streams itself on shutdown; this bounds the rest (a gRPC health `Watch`, a
+/// client's own stream, a slow request).
+async fn drained<T>(
+    servers: impl std::future::IntoFuture<Output = T>,
+    stopped: impl Future<Output = ()>,
+) -> Option<T> {
+    let grace = async {
+        stopped.await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        biased;
+        done = servers.into_future() => Some(done),
+        () = grace => {
+            tracing::warn!(
+                grace_ms = SHUTDOWN_GRACE.as_millis() as u64,
+                "connections still open after the shutdown grace: closing them"
+            );
+            None
+        }
+    }
+}
+
+/// Joins background tasks that end at the stop signal, giving up on them at `deadline`.
+async fn join_until(deadline: tokio::time::Instant, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    let all = async {
+        for task in tasks {
+            let _ = task.await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, all).await.is_err() {
+        tracing::warn!("background tasks still running after the shutdown grace: leaving them");
+    }
 }
 
 /// How often the fail-open spool is looked at (two `stat`s when it is empty).

@@ -36,6 +36,11 @@
 //!
 //! The stream is lossy by design (Envoy drops entries it cannot send); a hold whose entry
 //! is lost follows its `on_expiry` policy at its deadline.
+//!
+//! Envoy keeps one stream open for as long as it runs, and a server's graceful shutdown
+//! (GOAWAY) does not end a stream already open: on shutdown ([`AccessLog::stopping`]) the
+//! handler settles the entries it has received and ends the stream itself, with OK, so
+//! Envoy opens its next one to another tollgate and this one's drain is not held up.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +66,8 @@ pub struct AccessLog {
     /// tollgate's gRPC port listens on loopback only (the chart's sidecar mode): every
     /// caller is on this host.
     local_only: bool,
+    /// Turns true when the process shuts down: open streams end then.
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl AccessLog {
@@ -73,7 +80,14 @@ impl AccessLog {
             gateway,
             service_tokens,
             local_only,
+            stopping: None,
         }
+    }
+
+    /// Ends every open stream (with OK) once `stopping` turns true: see the module docs.
+    pub fn stopping(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// Who may stream log entries, which capture and release holds: with
@@ -364,8 +378,21 @@ impl AccessLogService for AccessLog {
             ));
         }
         let mut stream = request.into_inner();
+        let mut stopping = self.stopping.clone();
         loop {
-            let message = match stream.message().await {
+            // What has arrived first: the stream ends only when nothing is waiting.
+            let next = tokio::select! {
+                biased;
+                next = stream.message() => next,
+                () = shutting_down(&mut stopping) => {
+                    tracing::info!(
+                        "shutting down: ending an access-log stream (Envoy opens its next \
+                         one to another tollgate)"
+                    );
+                    break;
+                }
+            };
+            let message = match next {
                 Ok(Some(message)) => message,
                 Ok(None) => break,
                 Err(status) if broke_off(&status) => {
@@ -393,6 +420,17 @@ impl AccessLogService for AccessLog {
         }
         Ok(Response::new(StreamAccessLogsResponse {}))
     }
+}
+
+/// Completes once `stopping` turns true; never without one (or once its sender is gone
+/// without having said so).
+async fn shutting_down(stopping: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(rx) = stopping {
+        if rx.wait_for(|stop| *stop).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Whether a stream's error is its connection breaking off (the peer went away, or the
