@@ -1032,7 +1032,9 @@ impl Settlement {
                     "settler".into(),
                     format!("the settler stopped ({how}): nothing settles in this process until it restarts").into(),
                 );
-                r.failed.push("settler");
+                // Soft as well: one bug that ends every pod's settler must not take every
+                // gateway pod out of its load balancer; the outbox bound decides.
+                soft(r, "settler");
             } else if measured_ago_ms > self.ready_lag_max_ms {
                 // Nothing vouches for the lag any more: events written since the last
                 // measurement are not counted in it.
@@ -1056,7 +1058,7 @@ impl Settlement {
                     "webhooks".into(),
                     format!("the webhook dispatcher stopped ({how}): no webhooks are sent from this process until it restarts").into(),
                 );
-                r.failed.push("webhooks");
+                soft(r, "webhooks");
             } else {
                 r.checks.insert("webhooks".into(), "ok".into());
             }
@@ -1246,7 +1248,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_settler_or_dispatcher_that_ends_before_shutdown_fails_readiness() {
+    async fn a_settler_or_dispatcher_that_ends_before_shutdown_degrades_serve_and_fails_settle() {
         let s = settlement(1_000_000, None);
         let (stop_tx, stop_rx) = watch::channel(false);
         // The dispatcher panics; the settler returns early.
@@ -1255,8 +1257,17 @@ mod tests {
             .supervise("webhooks", joined(dispatcher), stop_rx.clone())
             .await
             .expect("supervisor");
+        // Serving: degraded, still ready (the hot path does not need them).
         let r = readiness_of(&s, true, 1_000_001);
-        assert_eq!(r.failed, ["webhooks"], "{:?}", r.checks);
+        assert!(r.ready && r.failed.is_empty(), "{:?}", r.checks);
+        assert_eq!(r.degraded, ["webhooks"], "{:?}", r.checks);
+        // `tollgate settle`: not ready.
+        assert_eq!(
+            readiness_of(&s, false, 1_000_001).failed,
+            ["webhooks"],
+            "{:?}",
+            r.checks
+        );
         assert!(
             r.checks["webhooks"]
                 .as_str()
@@ -1270,6 +1281,9 @@ mod tests {
             .await
             .expect("supervisor");
         let r = readiness_of(&s, true, 1_000_001);
+        assert!(r.ready);
+        assert_eq!(r.degraded, ["settler", "webhooks"], "{:?}", r.checks);
+        let r = readiness_of(&s, false, 1_000_001);
         assert!(!r.ready);
         assert_eq!(r.failed, ["settler", "webhooks"], "{:?}", r.checks);
 
