@@ -335,6 +335,12 @@ def check_variant(checks, docs, label, values, binary, files):
     optional = {"TOLLGATE_WEBHOOKS__SECRET": keys.get("webhookSecret"),
                 "TOLLGATE_GATEWAY__SHARED_SECRET": keys.get("gatewaySharedSecret")}
     refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}) for e in tg.get("env", [])}
+    if values.get("mode") == "sidecar":
+        # The pod's own Envoy sends no shared secret: the key, if the Secret has it, would
+        # refuse every check, so the sidecar never reads it.
+        checks.expect("TOLLGATE_GATEWAY__SHARED_SECRET" not in refs,
+                      f"{label}: sidecar mode reads no gateway shared secret")
+        del optional["TOLLGATE_GATEWAY__SHARED_SECRET"]
     wrong = {name: refs.get(name) for name, key in optional.items()
              if refs.get(name) != {"name": values["existingSecret"]["name"], "key": key,
                                    "optional": True}}

@@ -117,12 +117,16 @@ tollgate's integer settings refuse. Nested maps and lists become inline TOML.
       name: {{ .Values.existingSecret.name }}
       key: {{ .Values.existingSecret.keys.webhookSecret }}
       optional: true
+{{- /* Not in sidecar mode: the pod's own Envoy sends no shared secret, so a Secret holding
+the key would refuse every check. */}}
+{{- if ne .Values.mode "sidecar" }}
 - name: TOLLGATE_GATEWAY__SHARED_SECRET
   valueFrom:
     secretKeyRef:
       name: {{ .Values.existingSecret.name }}
       key: {{ .Values.existingSecret.keys.gatewaySharedSecret }}
       optional: true
+{{- end }}
 {{- /* Sidecar: only Envoy, in the same pod, talks gRPC to tollgate. */}}
 - name: TOLLGATE_SERVER__GRPC_ADDR
   value: "{{ if eq .Values.mode "sidecar" }}127.0.0.1{{ else }}0.0.0.0{{ end }}:{{ .Values.ports.grpc }}"
