@@ -669,6 +669,17 @@ impl Config {
                 "must not be less than settler.backoff_min_ms".into(),
             );
         }
+        // The settler measures the outboxes this often, and readiness calls a measurement
+        // older than ready_lag_max_ms a stuck settler: a longer interval would flap.
+        if st.trim_interval_ms > 0 && st.trim_interval_ms.saturating_mul(2) > st.ready_lag_max_ms {
+            bad(
+                "settler.trim_interval_ms",
+                format!(
+                    "must be at most half of settler.ready_lag_max_ms ({}): a measurement older than that reads as a stuck settler",
+                    st.ready_lag_max_ms
+                ),
+            );
+        }
         let g = &self.gateway;
         if g.api_key_headers.is_empty() {
             bad(
@@ -1621,5 +1632,16 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(c.redis.url, "redis://127.0.0.1:6390");
+    }
+
+    #[test]
+    fn a_trim_interval_the_stuck_check_would_flap_on_is_refused() {
+        let errors = load("[settler]\ntrim_interval_ms = 40000\nready_lag_max_ms = 60000\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "settler.trim_interval_ms");
+        load("[settler]\ntrim_interval_ms = 30000\nready_lag_max_ms = 60000\n")
+            .unwrap_or_else(|e| panic!("{e:?}"));
     }
 }

@@ -324,7 +324,8 @@ impl Tasks {
     }
 
     /// Waits for `task` (the task itself, or what completes when it ends): if it ends
-    /// before `stopping` turns true, logs it and records it, which fails readiness. The
+    /// before `stopping` turns true, logs it and records it (readiness reports it, and
+    /// `tollgate_background_task_ended{task}` turns 1). The
     /// handle completes when the task has ended: shutdown joins it.
     fn supervise(
         &self,
@@ -333,6 +334,8 @@ impl Tasks {
         stopping: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         let tasks = self.clone();
+        // At 0 from the start, so an alert on it sees the change.
+        metrics::gauge!(telemetry::metrics::BACKGROUND_TASK_ENDED, "task" => name).set(0.0);
         tokio::spawn(async move {
             let ended = task.await;
             if *stopping.borrow() {
@@ -345,9 +348,10 @@ impl Tasks {
             tracing::error!(
                 task = name,
                 how = %how,
-                "a background task ended before shutdown: the process reports not ready \
-                 until it is restarted"
+                "a background task ended before shutdown: the process reports it (serve: \
+                 degraded; settle: not ready) until it is restarted"
             );
+            metrics::gauge!(telemetry::metrics::BACKGROUND_TASK_ENDED, "task" => name).set(1.0);
             tasks
                 .0
                 .lock()

@@ -69,6 +69,9 @@ pub const OUTBOX_OLDEST_AGE_SECONDS: &str = "tollgate_outbox_oldest_unsettled_ag
 /// How long ago this process's settler last measured the outboxes (it does every
 /// `settler.trim_interval_ms`; a stuck settler stops).
 pub const SETTLER_MEASURED_AGE_SECONDS: &str = "tollgate_settler_last_measurement_age_seconds";
+/// 1 once a background task of this process (`task`: settler, webhooks) ended before
+/// shutdown (a panic, an early return), else 0; until the process restarts.
+pub const BACKGROUND_TASK_ENDED: &str = "tollgate_background_task_ended";
 
 // --- usage webhooks ---
 
@@ -281,6 +284,10 @@ fn describe() {
         Unit::Seconds,
         "Time since this process's settler last measured the outboxes (grows when it is stuck)."
     );
+    describe_gauge!(
+        BACKGROUND_TASK_ENDED,
+        "1 once a background task (settler, webhooks) ended before shutdown, until the process restarts."
+    );
     describe_counter!(
         WEBHOOK_EVENTS_TOTAL,
         "Webhook deliveries created from settled events, by type."
@@ -389,6 +396,7 @@ mod tests {
             OUTBOX_LENGTH,
             OUTBOX_OLDEST_AGE_SECONDS,
             SETTLER_MEASURED_AGE_SECONDS,
+            BACKGROUND_TASK_ENDED,
             WEBHOOK_EVENTS_TOTAL,
             WEBHOOK_ATTEMPTS_TOTAL,
             WEBHOOK_ATTEMPT_SECONDS,
