@@ -427,7 +427,81 @@ async fn a_second_restore_from_a_host_behind_the_first_still_fences_the_first_in
             .expect("batch");
         assert!(appended.fenced.is_empty(), "{kind} {appended:?}");
         assert_eq!(store.count_events().await.expect("count"), 4, "{kind}");
+        // Each marker a batch was settled under, once; not the fenced batch's again.
+        assert_eq!(
+            shard_epochs(&url).await,
+            vec![(shard, 1), (shard, first), (shard, second)],
+            "{kind}"
+        );
     }
+}
+
+/// A batch whose transaction fails after it wrote its marker row (here: its wallet
+/// summary upsert) is rolled back with it; the store must not take the marker as
+/// recorded, so the batch retried records it, and a restore's fence rises above it. In
+/// PostgreSQL and SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_retried_after_a_failed_transaction_records_its_marker() {
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    let outbox = four_events(&ledger, &now).await;
+    let shard = outbox[0].shard();
+    let ahead = vec![Some(START_MS + 3_600_000); usize::from(ledger.shards().count())];
+    let pg = common::PgDatabase::create().await;
+    for url in [pg.url.clone(), common::temp_sqlite_url()] {
+        let store = store(&url).await;
+        let kind = store.kind();
+        let (fail, unfail) = if kind == "postgres" {
+            (
+                "CREATE FUNCTION tollgate_test_fail() RETURNS trigger AS \
+                 $$ BEGIN RAISE EXCEPTION 'injected'; END $$ LANGUAGE plpgsql; \
+                 CREATE TRIGGER tollgate_test_fail BEFORE INSERT ON tollgate_wallets \
+                 FOR EACH ROW EXECUTE FUNCTION tollgate_test_fail();",
+                "DROP TRIGGER tollgate_test_fail ON tollgate_wallets;",
+            )
+        } else {
+            (
+                "CREATE TRIGGER tollgate_test_fail BEFORE INSERT ON tollgate_wallets \
+                 BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+                "DROP TRIGGER tollgate_test_fail;",
+            )
+        };
+        run_sql(&url, fail.to_owned()).await;
+        let failed = store.append_batch(&outbox, Some(&ahead), None).await;
+        assert!(failed.is_err(), "{kind}: the batch was written: {failed:?}");
+        assert_eq!(shard_epochs(&url).await, vec![], "{kind}");
+        run_sql(&url, unfail.to_owned()).await;
+
+        let appended = store
+            .append_batch(&outbox, Some(&ahead), None)
+            .await
+            .expect("retried batch");
+        assert_eq!(appended.new_events.len(), 4, "{kind} {appended:?}");
+        assert_eq!(
+            shard_epochs(&url).await,
+            vec![(shard, START_MS + 3_600_000)],
+            "{kind}: the retried batch did not record its marker"
+        );
+        let fence = store.raise_fence(shard, START_MS).await.expect("raise");
+        assert!(fence > START_MS + 3_600_000, "{kind}: fence {fence}");
+    }
+}
+
+/// The (shard, marker) rows of `tollgate_shard_epochs`, in order.
+async fn shard_epochs(url: &str) -> Vec<(u16, i64)> {
+    query_text(
+        url,
+        "SELECT CAST(shard AS TEXT) || ':' || CAST(epoch AS TEXT) FROM tollgate_shard_epochs \
+         ORDER BY shard, epoch",
+    )
+    .await
+    .iter()
+    .map(|row| {
+        let (shard, epoch) = row.split_once(':').expect("shard:epoch");
+        (shard.parse().expect("shard"), epoch.parse().expect("epoch"))
+    })
+    .collect()
 }
 
 /// A shard marked new by a sidecar whose clock is an hour ahead of the host that later
@@ -451,6 +525,12 @@ async fn a_restore_fences_a_shard_marked_by_a_clock_ahead_of_its_own() {
             .await
             .expect("batch");
         assert!(appended.fenced.is_empty(), "{kind} {appended:?}");
+        // The batch recorded the marker it was read under, which the restore reads.
+        assert_eq!(
+            shard_epochs(&url).await,
+            vec![(shard, START_MS + 3_600_000)],
+            "{kind}"
+        );
         let fence = store.raise_fence(shard, START_MS).await.expect("raise");
         assert!(
             fence > START_MS + 3_600_000,
@@ -705,6 +785,8 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
             vec!["0".to_owned()],
             "{kind}"
         );
+        // The markers table is there, and an event written without markers adds none.
+        assert_eq!(shard_epochs(&url).await, vec![], "{kind}");
         store.migrate().await.expect("migrate again");
     }
 }

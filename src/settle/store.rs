@@ -485,6 +485,7 @@ macro_rules! store_impl {
                 let settled_at = crate::ledger::wall_clock_ms();
                 let mut tx = self.pool.begin().await?;
                 let mut fenced = Vec::new();
+                let mut recorded = std::collections::BTreeSet::new();
                 if let Some(epochs) = epochs {
                     let shards: std::collections::BTreeSet<u16> =
                         sorted.iter().map(|e| e.shard()).collect();
@@ -510,6 +511,7 @@ macro_rules! store_impl {
                             ..Appended::default()
                         });
                     }
+                    recorded = self.record_epochs(&mut tx, &sorted, epochs).await?;
                 }
                 let inserted =
                     $store::insert_events(&mut tx, &sorted, epochs, settled_at).await?;
@@ -567,6 +569,9 @@ macro_rules! store_impl {
                     None
                 };
                 tx.commit().await?;
+                // Only once they are committed: a batch whose commit failed is retried
+                // and must record its markers again.
+                self.remember_epochs(recorded);
                 Ok(Appended {
                     new_events: inserted,
                     holds_open,
@@ -619,6 +624,70 @@ macro_rules! store_impl {
                     .collect())
             }
 
+            /// Records in `tollgate_shard_epochs` the markers (above 0) the batch's
+            /// `events` (those its fences let through, new or already settled) were read
+            /// under, for `raise_fence`; returns the ones written, for `remember_epochs` once the
+            /// transaction has committed. A marker this store object has already
+            /// committed is not written again: a Redis incarnation's first batch of a
+            /// shard writes one row, every later batch nothing.
+            ///
+            /// After `fences`, so a restore's `raise_fence` (which holds the fence row
+            /// `FOR UPDATE` while it reads this table) waits for the batch and sees its
+            /// rows. Two settlers writing the same new (shard, marker) at once: in
+            /// PostgreSQL the second's `ON CONFLICT DO NOTHING` waits for the first's
+            /// transaction to end (then does nothing, or writes the row if the first
+            /// rolled back). No deadlock: for the first to wait in turn for the second,
+            /// it would need a lock the second holds, and while the second waits here it
+            /// holds only its fence rows (`FOR SHARE` does not conflict with `FOR SHARE`;
+            /// a fence row the second made, the first would have waited for in `fences`,
+            /// before writing any marker row, so it could not be holding the one the
+            /// second waits for) and the marker rows it wrote before in this statement,
+            /// which both write in (shard, marker) order, so they cannot each hold a
+            /// marker row the other waits for. The first's later writes (events,
+            /// summaries, counters) touch nothing the second has written yet. A restore's `FOR UPDATE` waits for both and holds nothing they need.
+            /// SQLite has one writer at a time (taken by the insert in `fences`).
+            async fn record_epochs(
+                &self,
+                tx: &mut sqlx::Transaction<'_, $db>,
+                events: &[&LedgerEvent],
+                epochs: &ShardEpochs,
+            ) -> Result<std::collections::BTreeSet<(u16, i64)>, StoreError> {
+                let new: std::collections::BTreeSet<(u16, i64)> = {
+                    let seen = self
+                        .seen_epochs
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    events
+                        .iter()
+                        .map(|e| (e.shard(), read_epoch(Some(epochs), e)))
+                        .filter(|key| key.1 > 0 && !seen.contains(key))
+                        .collect()
+                };
+                if new.is_empty() {
+                    return Ok(new);
+                }
+                let mut insert = QueryBuilder::<$db>::new(
+                    "INSERT INTO tollgate_shard_epochs (shard, epoch) ",
+                );
+                insert.push_values(&new, |mut row, (shard, epoch)| {
+                    row.push_bind(i64::from(*shard)).push_bind(*epoch);
+                });
+                insert.push(" ON CONFLICT (shard, epoch) DO NOTHING");
+                insert.build().execute(&mut **tx).await?;
+                Ok(new)
+            }
+
+            /// Notes markers `record_epochs` wrote in a transaction that has committed.
+            fn remember_epochs(&self, recorded: std::collections::BTreeSet<(u16, i64)>) {
+                if recorded.is_empty() {
+                    return;
+                }
+                self.seen_epochs
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend(recorded);
+            }
+
             /// Raises a shard's fence for a restore and returns it: events read from a
             /// Redis whose epoch marker of the shard is older are refused from now on, and
             /// the restore gives the rebuilt shard that value as its marker. The new fence
@@ -650,8 +719,11 @@ macro_rules! store_impl {
                     .fetch_one(&mut *tx)
                     .await?;
                 // A statement of its own, after the lock: it sees the batches it waited for.
+                // The markers batches recorded (record_epochs), a primary-key range read:
+                // the same as MAX(redis_epoch) over the shard's events, which would scan
+                // them (no index) while every settler batch of the shard waits.
                 let settled: i64 = sqlx::query_scalar(
-                    "SELECT COALESCE(MAX(redis_epoch), 0) FROM tollgate_events WHERE shard = $1",
+                    "SELECT COALESCE(MAX(epoch), 0) FROM tollgate_shard_epochs WHERE shard = $1",
                 )
                 .bind(shard)
                 .fetch_one(&mut *tx)
@@ -992,10 +1064,16 @@ macro_rules! store_impl {
 
 pub struct PgStore {
     pub(super) pool: sqlx::PgPool,
+    /// (shard, marker) pairs this object's batches have committed to
+    /// `tollgate_shard_epochs` (`record_epochs`): a few, one per shard and Redis
+    /// incarnation settled from.
+    seen_epochs: std::sync::Mutex<HashSet<(u16, i64)>>,
 }
 
 pub struct SqliteStore {
     pub(super) pool: sqlx::SqlitePool,
+    /// As `PgStore::seen_epochs`.
+    seen_epochs: std::sync::Mutex<HashSet<(u16, i64)>>,
 }
 
 /// Wallet summary rows of a batch, in key order.
@@ -1599,7 +1677,10 @@ impl Store {
                 .max_connections(connections)
                 .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
                 .connect_lazy_with(options);
-            Ok(Self::Postgres(PgStore { pool }))
+            Ok(Self::Postgres(PgStore {
+                pool,
+                seen_epochs: Default::default(),
+            }))
         } else if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
                 return Err(StoreError::BadUrl(BAD_URL.into()));
@@ -1616,7 +1697,10 @@ impl Store {
                 .max_connections(connections)
                 .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
                 .connect_lazy_with(options);
-            Ok(Self::Sqlite(SqliteStore { pool }))
+            Ok(Self::Sqlite(SqliteStore {
+                pool,
+                seen_epochs: Default::default(),
+            }))
         } else {
             Err(StoreError::BadUrl(BAD_URL.into()))
         }
