@@ -268,8 +268,12 @@ pub enum Replayed {
     /// Redis is still unavailable, or answered with an error of its own (LOADING after a
     /// restart, READONLY during a failover, …): the round stops, the rest waits.
     Retry,
-    /// This charge's shard cannot take it yet (awaits `tollgate restore`, or its outbox
-    /// is full): kept for the next round; the round goes on with the others.
+    /// This charge cannot be applied yet: its shard awaits `tollgate restore` or its
+    /// outbox is full, or the ledger answered with an error that is not Redis being
+    /// unavailable (a script error, a reply it could not read). Kept for the next round,
+    /// behind the others; the round goes on with them. An error that stopped the round
+    /// would stop it at the same charge every round, and every charge behind it would wait
+    /// for ever (and outlive its idempotency window).
     Later,
 }
 
@@ -289,8 +293,10 @@ impl Replayed {
         match result {
             Ok(out) if out.replayed => Self::Duplicate,
             Ok(_) => Self::Charged,
-            Err(LedgerError::Unavailable(_) | LedgerError::Internal(_)) => Self::Retry,
-            Err(LedgerError::NotInitialized | LedgerError::OutboxFull) => Self::Later,
+            Err(LedgerError::Unavailable(_)) => Self::Retry,
+            Err(
+                LedgerError::NotInitialized | LedgerError::OutboxFull | LedgerError::Internal(_),
+            ) => Self::Later,
             Err(
                 LedgerError::Refused(_)
                 | LedgerError::InvalidArgument(_)
@@ -607,6 +613,9 @@ impl Gateway {
         match (&result, replayed) {
             (Err(err), Replayed::Refused) => {
                 tracing::warn!(operation = %charge.operation, error = %err, "spooled charge refused by the ledger; dropped")
+            }
+            (Err(err @ LedgerError::Internal(_)), Replayed::Later) => {
+                tracing::warn!(operation = %charge.operation, error = %err, "spooled charge failed with an internal error; kept for the next round, behind the others")
             }
             (Err(err), Replayed::Retry | Replayed::Later) => {
                 tracing::debug!(operation = %charge.operation, error = %err, "spooled charge kept for the next round")
@@ -1004,11 +1013,11 @@ mod tests {
                 Err(LedgerError::InvalidArgument(Vec::new())),
                 Replayed::Refused,
             ),
-            // Redis's own errors (LOADING right after a restart, READONLY, OOM) arrive as
-            // Internal: never a reason to drop a charge.
+            // An error of the ledger's own (a script error, an unreadable reply): never a
+            // reason to drop a charge, nor to hold up the ones behind it every round.
             (
-                Err(LedgerError::Internal("LOADING".into())),
-                Replayed::Retry,
+                Err(LedgerError::Internal("TG_INVARIANT".into())),
+                Replayed::Later,
             ),
             (
                 Err(LedgerError::Unavailable("timeout".into())),

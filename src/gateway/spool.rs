@@ -318,8 +318,13 @@ impl Writer {
             if !batch.is_empty() {
                 all_written &= self.write(&batch);
             }
-            for done in flushes.drain(..) {
-                let _ = done.send(all_written);
+            // Every flush of this batch gets the same answer: a failed write is reported
+            // to each of them (two flushes at once — shutdown's and the replayer's — used
+            // to tell the second that everything was written).
+            if !flushes.is_empty() {
+                for done in flushes.drain(..) {
+                    let _ = done.send(all_written);
+                }
                 all_written = true;
             }
         }
@@ -403,6 +408,32 @@ mod tests {
             idempotency_key: format!("gw:op:{n}"),
             at_ms: 1_700_000_000_000 + n,
         }
+    }
+
+    #[test]
+    fn every_flush_of_a_batch_hears_of_a_failed_write() {
+        // A directory that does not exist: the append fails.
+        let path = temp_path("no-such-dir").join("spool.jsonl");
+        let writer = Writer {
+            path,
+            file_lock: Arc::new(Mutex::new(())),
+            queued: Arc::new(AtomicUsize::new(1)),
+        };
+        let (tx, rx) = mpsc::channel();
+        let (first_tx, first) = mpsc::channel();
+        let (second_tx, second) = mpsc::channel();
+        tx.send(Msg::Charge(charge(1))).expect("send");
+        tx.send(Msg::Flush(first_tx)).expect("send");
+        tx.send(Msg::Flush(second_tx)).expect("send");
+        drop(tx);
+        // Everything is queued before it runs: one batch, two flushes.
+        writer.run(rx);
+        assert_eq!(first.recv(), Ok(false));
+        assert_eq!(
+            second.recv(),
+            Ok(false),
+            "the second flush was told all was written"
+        );
     }
 
     fn temp_path(name: &str) -> PathBuf {
