@@ -258,22 +258,8 @@ async fn a_settler_whose_connection_went_silent_settles_again() {
     while settler.ensure_groups().await.is_err() {
         assert!(Instant::now() < deadline, "no consumer groups");
     }
-    // A group that never acknowledges: the outbox keeps every event (trimming respects
-    // every group), so the store can be compared with the whole stream.
-    for shard in 0..writer.shards().count() {
-        let _: redis::Value = writer
-            .redis()
-            .query(
-                redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(writer.shards().outbox(shard))
-                    .arg("observer")
-                    .arg("0")
-                    .arg("MKSTREAM"),
-            )
-            .await
-            .expect("observer group");
-    }
+    // The store is compared with the whole stream.
+    common::add_observer_group(&writer).await;
     common::workload::every_kind(&writer, &now, 1, "before").await;
     let written = common::outbox_len(&writer).await;
     assert!(written > 0);

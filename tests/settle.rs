@@ -44,25 +44,6 @@ fn settler(ledger: &Arc<Ledger>, store: &Arc<Store>, group: &str, consumer: &str
     )
 }
 
-/// A consumer group that never acknowledges: the outbox keeps every event (trimming
-/// respects every group), so tests can compare the store with the full stream.
-async fn add_observer_group(ledger: &Ledger) {
-    for shard in 0..ledger.shards().count() {
-        let _: redis::Value = ledger
-            .redis()
-            .query(
-                redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(ledger.shards().outbox(shard))
-                    .arg("observer")
-                    .arg("0")
-                    .arg("MKSTREAM"),
-            )
-            .await
-            .expect("observer group");
-    }
-}
-
 async fn store(url: &str) -> Arc<Store> {
     let store = Arc::new(Store::connect_lazy(url, 4).expect("store url"));
     store.migrate().await.expect("migrate");
@@ -107,7 +88,7 @@ async fn every_event_settles_exactly_once_in_postgres_and_sqlite() {
     let redis = common::RedisServer::start();
     let (clock, now) = Clock::manual(START_MS);
     let ledger = common::ledger(&redis, clock);
-    add_observer_group(&ledger).await;
+    common::add_observer_group(&ledger).await;
     common::workload::every_kind(&ledger, &now, 3, "w").await;
     let outbox = common::outbox_events(&ledger).await;
     let kinds: BTreeSet<&str> = outbox.iter().map(|e| e.kind.as_str()).collect();
@@ -561,7 +542,7 @@ async fn a_settler_over_resp3_settles_every_event() {
     let ledger = tollgate::server::ledger_from_config(&common::test_config(&url), clock)
         .expect("ledger over RESP3");
     common::initialize_blocking(&ledger, &url);
-    add_observer_group(&ledger).await;
+    common::add_observer_group(&ledger).await;
     common::workload::every_kind(&ledger, &now, 2, "r3").await;
     let outbox = common::outbox_events(&ledger).await;
     assert!(!outbox.is_empty());
@@ -1161,7 +1142,7 @@ async fn concurrent_and_dead_settlers_give_exactly_once_rows() {
     let redis = common::RedisServer::start();
     let (clock, now) = Clock::manual(START_MS);
     let ledger = common::ledger(&redis, clock);
-    add_observer_group(&ledger).await;
+    common::add_observer_group(&ledger).await;
     let pg = common::PgDatabase::create().await;
     let store = store(&pg.url).await;
 

@@ -772,6 +772,25 @@ pub async fn outbox_entries(ledger: &Ledger, shard: u16) -> Vec<redis::Value> {
     }
 }
 
+/// A consumer group that never acknowledges: the outbox keeps every event (trimming
+/// respects every group), so tests can compare the store with the full stream.
+pub async fn add_observer_group(ledger: &Ledger) {
+    for shard in 0..ledger.shards().count() {
+        let _: redis::Value = ledger
+            .redis()
+            .query(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(ledger.shards().outbox(shard))
+                    .arg("observer")
+                    .arg("0")
+                    .arg("MKSTREAM"),
+            )
+            .await
+            .expect("observer group");
+    }
+}
+
 /// Number of entries in all outboxes.
 pub async fn outbox_len(ledger: &Ledger) -> usize {
     let mut n = 0;
