@@ -2909,6 +2909,43 @@ async fn refunds_follow_the_expiry_of_the_charged_lot() {
     assert_eq!(refunds[2].charge_id, c2.charge_id);
 }
 
+/// A refund whose credits all go to expired lots leaves the balance where it is, so the
+/// balance limit does not refuse it even when the balance is near 2^53-1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_into_expired_lots_is_not_refused_by_the_balance_limit() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "acct-rmax";
+    env.grant(pb::GrantRequest {
+        expires_at_ms: T0 + 100,
+        ..grant_req(acct, 10, "g1")
+    })
+    .await
+    .expect("grant expiring");
+    env.grant(grant_req(acct, MAX_CREDITS - 20, "g2"))
+        .await
+        .expect("grant never");
+    let charge = env.debit(debit_req(acct, 10, "d1")).await.expect("debit");
+    env.adjust(adjust_req(acct, 15, "a1"))
+        .await
+        .expect("adjust");
+    assert_eq!(
+        env.balance(acct, "default").await.available,
+        MAX_CREDITS - 5
+    );
+
+    now.store(T0 + 200, SeqCst);
+    let f = env
+        .refund(refund_req(&charge.charge_id, 10, "f1"))
+        .await
+        .expect("a refund into an expired lot changes no balance");
+    assert_eq!(
+        (f.refunded, f.available, f.expired),
+        (10, MAX_CREDITS - 5, 10)
+    );
+    assert!(conserved(&env.balance(acct, "default").await));
+}
+
 // ---------------------------------------------------------------------------------------
 // 7. Idempotent replays
 // ---------------------------------------------------------------------------------------

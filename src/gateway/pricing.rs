@@ -364,9 +364,18 @@ impl Operation {
     /// The price of a request: base + per-unit cost + variant surcharge. `headers` looks a
     /// lowercase header name up.
     pub fn price<'h>(&self, headers: &dyn Fn(&str) -> Option<&'h str>) -> Result<i64, BadHeader> {
+        // Each part is at most CREDITS_MAX, so every partial sum fits an i64; a sum past
+        // the limit names the header whose part took it there.
+        let exceeds = |header: &str| BadHeader {
+            header: header.to_owned(),
+            message: format!("makes the price exceed {CREDITS_MAX} credits"),
+        };
         let mut total = self.base;
         if let Some(units) = &self.units {
             total += units.cost(headers)?;
+            if total > CREDITS_MAX {
+                return Err(exceeds(&units.header));
+            }
         }
         if let Some(variants) = &self.variants {
             match headers(&variants.header) {
@@ -383,8 +392,14 @@ impl Operation {
                         });
                     };
                     total += variant.flat;
+                    if total > CREDITS_MAX {
+                        return Err(exceeds(&variants.header));
+                    }
                     if let Some(units) = &variant.units {
                         total += units.cost(headers)?;
+                        if total > CREDITS_MAX {
+                            return Err(exceeds(&units.header));
+                        }
                     }
                 }
                 None if variants.required => {
@@ -395,16 +410,6 @@ impl Operation {
                 }
                 None => {}
             }
-        }
-        if total > CREDITS_MAX {
-            return Err(BadHeader {
-                header: self
-                    .units
-                    .as_ref()
-                    .map(|u| u.header.clone())
-                    .unwrap_or_default(),
-                message: format!("makes the price exceed {CREDITS_MAX} credits"),
-            });
         }
         Ok(total)
     }
@@ -1040,6 +1045,13 @@ fn compile_operation(
                     note(e.path, e.message);
                 }
                 credits_field(rv.flat, format!("{vpath}.flat"), &mut note);
+                let in_range = |n: i64| (0..=CREDITS_MAX).contains(&n);
+                if in_range(rv.flat) && in_range(op.base) && rv.flat + op.base > CREDITS_MAX {
+                    note(
+                        format!("{vpath}.flat"),
+                        format!("base + flat must be at most {CREDITS_MAX}: every request with this variant would be refused"),
+                    );
+                }
                 let units = compile_units(
                     rv.per_unit,
                     rv.units_header,
@@ -1206,6 +1218,63 @@ mod tests {
             Routed::Operation(op) => op.price(&headers(h)).expect("priced"),
             other => panic!("{path}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_price_past_the_limit_names_the_header_that_took_it_there() {
+        let max = CREDITS_MAX;
+        let b = book(&format!(
+            r#"
+            [pricebook]
+            default = "send"
+            [pricebook.operations.send]
+            base = {base}
+            per_unit = 1
+            units_header = "x-pages"
+            units_max = 1000
+            variant_header = "x-sig"
+            [pricebook.operations.send.variants]
+            qes = {{ flat = 2 }}
+            aes = {{ flat = 0, per_unit = {half}, units_header = "x-signers", units_max = 10 }}
+            "#,
+            base = max - 3,
+            half = max / 2,
+        ));
+        let Routed::Operation(op) = b.route("h", "POST", "/x") else {
+            panic!("not priced")
+        };
+        let blame = |h: &[(&str, &str)]| op.price(&headers(h)).expect_err("past the limit").header;
+        // The pages fit; the variant's flat surcharge takes the sum past the limit.
+        assert_eq!(blame(&[("x-pages", "2"), ("x-sig", "qes")]), "x-sig");
+        // No pages; the variant's own units do it.
+        assert_eq!(blame(&[("x-sig", "aes"), ("x-signers", "1")]), "x-signers");
+        // The pages alone do it.
+        assert_eq!(blame(&[("x-pages", "4")]), "x-pages");
+        assert_eq!(op.price(&headers(&[("x-pages", "3")])), Ok(max));
+    }
+
+    #[test]
+    fn a_variant_whose_flat_surcharge_passes_the_limit_is_refused() {
+        let err = PriceBook::from_config_text(&format!(
+            r#"
+            [pricebook]
+            default = "send"
+            [pricebook.operations.send]
+            base = {max}
+            variant_header = "x-sig"
+            [pricebook.operations.send.variants]
+            qes = {{ flat = 1 }}
+            ses = {{ flat = 0 }}
+            "#,
+            max = CREDITS_MAX,
+        ))
+        .expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("pricebook.operations.send.variants.qes.flat"),
+            "{text}"
+        );
+        assert!(!text.contains("variants.ses"), "{text}");
     }
 
     #[test]

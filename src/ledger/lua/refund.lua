@@ -84,7 +84,9 @@ else
       end
     end
   end
-  if not fits(W, amount, 'f') then
+  -- Credits whose lot has expired go straight to expired, not back into the balance.
+  if W.r + W.h + amount - expired > MAX_CREDITS
+    or (tonumber(redis.call('HGET', W.w, 'f')) or 0) + amount > MAX_CREDITS then
     return { 0, 'BALANCE_LIMIT' }
   end
   if #scores > 0 and redis.call('ZCARD', W.b) + #scores > tonumber(ARGV[13]) then
