@@ -298,10 +298,13 @@ impl HoldPolicy {
             );
             return Settlement::Capture(None);
         };
+        // Never past what a hold can hold, so a capture without the held amount is not
+        // refused as a bad amount (and the hold left to its on_expiry).
         let amount = i64::try_from(units)
             .ok()
             .and_then(|u| u.checked_mul(self.capture_per_unit))
-            .unwrap_or(CREDITS_MAX);
+            .unwrap_or(CREDITS_MAX)
+            .min(CREDITS_MAX);
         match held {
             Some(held) => Settlement::Capture(Some(amount.min(held))),
             None => Settlement::Capture(Some(amount)),
@@ -1312,6 +1315,15 @@ mod tests {
             Settlement::Capture(Some(50))
         );
         assert_eq!(hold.settle(204, None, Some(50)), Settlement::Capture(None));
+        // Without the held amount (metadata of another version) still a valid amount.
+        let dear = HoldPolicy {
+            capture_per_unit: 100_000_000,
+            ..HoldPolicy::fallback()
+        };
+        assert_eq!(
+            dear.settle(200, Some("1000000000"), None),
+            Settlement::Capture(Some(CREDITS_MAX))
+        );
         assert_eq!(hold.settle(502, Some("3"), Some(50)), Settlement::Release);
         assert_eq!(hold.settle(404, None, Some(50)), Settlement::Release);
     }
