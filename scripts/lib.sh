@@ -44,8 +44,13 @@ ensure_postgres() {
   if ! command -v pg_ctlcluster >/dev/null 2>&1; then
     apt_install postgresql
   fi
+  # The cluster configured on port 5432 (with several versions installed, the newest may
+  # be another one); else the newest.
   local version=""
-  if [ -d /etc/postgresql ]; then
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    version=$(pg_lsclusters -h 2>/dev/null | awk '$2 == "main" && $3 == 5432 { print $1; exit }')
+  fi
+  if [ -z "$version" ] && [ -d /etc/postgresql ]; then
     version=$(ls /etc/postgresql | sort -V | tail -n 1)
   fi
   if ! pg_isready -q -h 127.0.0.1 -p 5432; then

@@ -766,7 +766,6 @@ impl Config {
         }
     }
 
-    /// The `WAIT` after ledger writes, when `redis.wait_replicas` > 0.
     /// The Redis connections a process opens: `redis.connections`, or when 0
     /// [`ledger::redis_pool::auto_connections`] of the runtime threads and `WAIT`.
     pub fn redis_connections(&self) -> usize {
@@ -779,6 +778,7 @@ impl Config {
         }
     }
 
+    /// The `WAIT` after ledger writes, when `redis.wait_replicas` > 0.
     pub fn wait_replicas(&self) -> Option<ledger::WaitReplicas> {
         (self.redis.wait_replicas > 0).then(|| ledger::WaitReplicas {
             replicas: self.redis.wait_replicas,

@@ -451,7 +451,12 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
         );
         // As this process was started (scripts/dev runs target/debug/tollgate).
         let me = std::env::args().next().unwrap_or_else(|| "tollgate".into());
-        println!("  try:           {me} admin grant alice 100 && {me} admin balance alice");
+        let admin = if config.server.grpc_addr == tollgate::config::DEFAULT_GRPC_ADDR {
+            format!("{me} admin")
+        } else {
+            format!("{me} admin --server {}", config.server.grpc_addr)
+        };
+        println!("  try:           {admin} grant alice 100 && {admin} balance alice");
     }
 
     let ledger = server::ledger_from_config(&config, Clock::Redis).map_err(|e| e.to_string())?;
