@@ -12,7 +12,9 @@ never skips a check because a tool is missing: it installs the tools instead.
    fails, except the ServiceMonitor and PrometheusRule CRDs, checked structurally here); what each variant
    must contain (probes, Secret env, settler, sidecar Envoy, PDB, HPA, ServiceMonitor,
    PrometheusRule (structure, and every metric its alerts query in the /metrics sample),
-   dashboard label); the rendered tollgate.toml parsed as TOML and accepted by
+   dashboard label); the alerts docs/OPERATIONS.md, the chart's README and values.yaml
+   list are the rendered ones, and every metric the docs say to alert on has an alert;
+   the rendered tollgate.toml parsed as TOML and accepted by
    `tollgate check-config`; the sidecar's Envoy config passes `envoy --mode validate`.
 3. Dashboard: docs/grafana-dashboard.json parses, equals the chart's copy, and every
    metric it queries exists in a real /metrics scrape (metrics-sample.txt in the target
@@ -237,8 +239,10 @@ def env_names(container):
 
 
 def check_prometheus_rule(checks, docs, label, exposed):
-    """Structure of the PrometheusRule, and every metric its alerts query in /metrics."""
+    """Structure of the PrometheusRule, and every metric its alerts query in /metrics;
+    answers the rendered rules by alert name."""
     rules = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    rendered = {}
     for pr in rules:
         problems = []
         if pr.get("apiVersion") != "monitoring.coreos.com/v1":
@@ -257,6 +261,7 @@ def check_prometheus_rule(checks, docs, label, exposed):
                 problems.append(f"group fields {set(g)}")
             for r in g.get("rules", []):
                 alerts.append(r.get("alert"))
+                rendered[r.get("alert")] = r
                 if set(r) - {"alert", "expr", "for", "labels", "annotations"}:
                     problems.append(f"{r.get('alert')}: unexpected fields {set(r)}")
                 if not r.get("alert") or not isinstance(r.get("expr"), str) or not r["expr"].strip():
@@ -281,6 +286,60 @@ def check_prometheus_rule(checks, docs, label, exposed):
             checks.expect(not missing and queried,
                           f"{label}: every metric the alerts query is in /metrics ({len(queried)} names)",
                           "missing: " + ", ".join(missing))
+    return rendered
+
+
+def check_alert_docs(checks, rules):
+    """The alerts the docs list are the rendered ones: docs/OPERATIONS.md's "Alerts" table
+    (names and severities), the PrometheusRule row of helm/tollgate/README.md and the
+    comment above prometheusRule in values.yaml (names); and every metric the docs say to
+    alert on ("alert on `rate(tollgate_…`") is queried by one of them."""
+    if not checks.expect(bool(rules), "a ci/ variant renders the PrometheusRule"):
+        return
+    rendered = {name: r.get("labels", {}).get("severity") for name, r in rules.items()}
+    text = open(os.path.join(ROOT, "docs", "OPERATIONS.md")).read()
+    section = re.search(r"(?ms)^## Alerts\n(.*?)(?=^## |\Z)", text)
+    table = dict(re.findall(r"(?m)^\| `(Tollgate\w+)` \((\w+)\) \|",
+                            section.group(1) if section else ""))
+    checks.expect(table == rendered,
+                  f"docs/OPERATIONS.md's Alerts table lists the rendered alerts ({len(rendered)}),"
+                  " with their severities", alert_diff(table, rendered))
+    readme = open(os.path.join(CHART, "README.md")).read()
+    row = re.search(r"(?m)^\| PrometheusRule \|.*$", readme)
+    named = set(re.findall(r"`(Tollgate\w+)`", row.group(0) if row else ""))
+    checks.expect(named == set(rendered),
+                  "helm/tollgate/README.md's PrometheusRule row names the rendered alerts",
+                  alert_diff(dict.fromkeys(named), dict.fromkeys(rendered)))
+    values = open(os.path.join(CHART, "values.yaml")).read()
+    comment = re.search(r"(?m)((?:^#.*\n)+)^prometheusRule:", values)
+    named = set(re.findall(r"\b(Tollgate[A-Z]\w+)", comment.group(1) if comment else ""))
+    checks.expect(named == set(rendered),
+                  "values.yaml's comment on prometheusRule names the rendered alerts",
+                  alert_diff(dict.fromkeys(named), dict.fromkeys(rendered)))
+    queried = set()
+    for r in rules.values():
+        queried |= metric_names_in(r.get("expr", ""))
+    paths = ([os.path.join(ROOT, "README.md"), os.path.join(CHART, "README.md"),
+              os.path.join(CHART, "values.yaml")]
+             + [os.path.join(ROOT, "docs", n) for n in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                if n.endswith((".md", ".json"))])
+    advised = {}
+    for path in paths:
+        for said in re.findall(r"[Aa]lert on\s+`?([^`\s]+)", open(path).read()):
+            for metric in metric_names_in(said):
+                advised.setdefault(metric, set()).add(os.path.relpath(path, ROOT))
+    unalerted = sorted(set(advised) - queried)
+    checks.expect(not unalerted,
+                  f"every metric the docs say to alert on has a chart alert ({len(advised)} named)",
+                  "\n".join(f"{m} (in {', '.join(sorted(advised[m]))})" for m in unalerted))
+
+
+def alert_diff(documented, rendered):
+    lines = [f"not documented: {n}" for n in sorted(set(rendered) - set(documented))]
+    lines += [f"documented, not rendered: {n}" for n in sorted(set(documented) - set(rendered))]
+    lines += [f"{n}: documented {documented[n]!r}, rendered {rendered[n]!r}"
+              for n in sorted(set(documented) & set(rendered)) if documented[n] != rendered[n]]
+    return "\n".join(lines)
 
 
 def check_service_monitor(checks, docs, label):
@@ -478,6 +537,7 @@ def check_chart(checks, binary, exposed):
     checks.expect(found is not None and tag == f"v{found.group(1)}",
                   f"chart's Envoy image tag {tag} is the validating Envoy's release",
                   (version.stdout + version.stderr).strip())
+    alerts = {}
     with tempfile.TemporaryDirectory() as files:
         for label, path, values in variants:
             lint = helm.lint(CHART, values or None, strict=True, namespace="billing",
@@ -507,8 +567,9 @@ def check_chart(checks, binary, exposed):
             rule_on = merged.get("prometheusRule", {}).get("enabled", False)
             checks.expect(bool(by_kind(docs, "PrometheusRule")) == rule_on,
                           f"{label}: PrometheusRule {'on' if rule_on else 'off'}")
-            check_prometheus_rule(checks, docs, label, exposed)
+            alerts.update(check_prometheus_rule(checks, docs, label, exposed))
             check_variant(checks, docs, label, merged, binary, files)
+    check_alert_docs(checks, alerts)
     # A secret given in values is refused, not rendered into the ConfigMap.
     for section, key in [("auth", "admin_token"), ("store", "url"), ("webhooks", "secret"),
                          ("gateway", "shared_secret")]:
