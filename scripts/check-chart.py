@@ -14,6 +14,9 @@ never skips a check because a tool is missing: it installs the tools instead.
    PrometheusRule (structure, and every metric its alerts query in the /metrics sample),
    dashboard label); the alerts docs/OPERATIONS.md, the chart's README and values.yaml
    list are the rendered ones, and every metric the docs say to alert on has an alert;
+   the ServiceMonitor reaches every Deployment's pods through a Service with its port;
+   in sidecar mode tollgate's HTTP port is on no LoadBalancer or NodePort Service, nor on
+   the api one;
    the rendered tollgate.toml parsed as TOML and accepted by
    `tollgate check-config`; the sidecar's Envoy config passes `envoy --mode validate`.
 3. Dashboard: docs/grafana-dashboard.json parses, equals the chart's copy, and every
@@ -376,6 +379,55 @@ def check_service_monitor(checks, docs, label):
                     problems.append(f"{key} {e[key]!r} is not a duration")
         checks.expect(not problems, f"{label}: ServiceMonitor (structural check)",
                       "\n".join(problems))
+        # Each Deployment's pods (serving, settler) are scraped through a selected Service
+        # that has the endpoint's port and sends it to a port of those pods.
+        unscraped = []
+        for d in by_kind(docs, "Deployment"):
+            template = d["spec"]["template"]
+            pod_labels = template["metadata"].get("labels", {})
+            pod_ports = {p.get(k) for c in template["spec"]["containers"]
+                         for p in c.get("ports", []) for k in ("name", "containerPort")}
+            for e in endpoints:
+                if not any(
+                    s["spec"].get("selector")
+                    and all(pod_labels.get(k) == v for k, v in s["spec"]["selector"].items())
+                    and any(p.get("name") == e.get("port")
+                            and p.get("targetPort", p.get("port")) in pod_ports
+                            for p in s["spec"]["ports"])
+                    for s in selected
+                ):
+                    unscraped.append(f"{d['metadata']['name']}: no selected Service has port "
+                                     f"{e.get('port')!r} to its pods")
+        checks.expect(not unscraped,
+                      f"{label}: ServiceMonitor selects a Service with the metrics port for "
+                      "every Deployment", "\n".join(unscraped))
+
+
+def check_services(checks, docs, label, values):
+    """Sidecar mode: tollgate's HTTP port (/metrics, forward-auth without the gateway
+    secret, the hold endpoints) is on no Service that may be reachable from outside: none
+    of type LoadBalancer or NodePort, and not on the Service of Envoy's `api` port, whose
+    type is service.type."""
+    if values.get("mode") != "sidecar":
+        return
+    http = {"http", values["ports"]["http"]}
+    problems = []
+    for svc in by_kind(docs, "Service"):
+        spec, name = svc["spec"], svc["metadata"]["name"]
+        ports = spec.get("ports", [])
+        exposed = [p.get("name") or p.get("port") for p in ports
+                   if p.get("name") == "http" or p.get("targetPort", p.get("port")) in http]
+        if not exposed:
+            continue
+        kind = spec.get("type", "ClusterIP")
+        if kind in ("LoadBalancer", "NodePort"):
+            problems.append(f"Service {name} (type {kind}) exposes tollgate's HTTP port {exposed}")
+        if any(p.get("targetPort") == "api" for p in ports):
+            problems.append(f"Service {name} exposes tollgate's HTTP port {exposed} next to "
+                            f"Envoy's api (service.type: {values['service']['type']})")
+    checks.expect(not problems,
+                  f"{label}: sidecar: tollgate's HTTP port on no LoadBalancer or NodePort "
+                  "Service, nor on the api Service", "\n".join(problems))
 
 
 def check_variant(checks, docs, label, values, binary, files):
@@ -498,7 +550,11 @@ def check_config(checks, text, label, binary, values, files):
            "TOLLGATE_SERVICE_HOST": "10.0.0.8", "TOLLGATE_PORT": "tcp://10.0.0.8:8080",
            "TOLLGATE_SETTLER_SERVICE_HOST": "10.0.0.7",
            "TOLLGATE_SETTLER_PORT": "tcp://10.0.0.7:9090",
-           "TOLLGATE_SETTLER_PORT_9090_TCP_ADDR": "10.0.0.7"}
+           "TOLLGATE_SETTLER_PORT_9090_TCP_ADDR": "10.0.0.7",
+           "TOLLGATE_HTTP_SERVICE_HOST": "10.0.0.6",
+           "TOLLGATE_HTTP_SERVICE_PORT_HTTP": "8080",
+           "TOLLGATE_HTTP_PORT": "tcp://10.0.0.6:8080",
+           "TOLLGATE_HTTP_PORT_8080_TCP_ADDR": "10.0.0.6"}
     result = run([binary, "check-config", "--config", path], env=env)
     output = result.stdout + result.stderr
     gateway_built = os.path.isdir(os.path.join(ROOT, "src", "gateway"))
@@ -564,6 +620,7 @@ def check_chart(checks, binary, exposed):
             kubernetes_validate(checks, docs, label)
             check_service_monitor(checks, docs, label)
             merged = merge(defaults, values)
+            check_services(checks, docs, label, merged)
             rule_on = merged.get("prometheusRule", {}).get("enabled", False)
             checks.expect(bool(by_kind(docs, "PrometheusRule")) == rule_on,
                           f"{label}: PrometheusRule {'on' if rule_on else 'off'}")
