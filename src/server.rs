@@ -28,7 +28,7 @@ use crate::api::metering::MeteringService;
 use crate::api::pb::admin_server::AdminServer;
 use crate::api::pb::metering_server::MeteringServer;
 use crate::config::Config;
-use crate::gateway::access_log::AccessLog;
+use crate::gateway::access_log::{self, AccessLog};
 use crate::gateway::ext_authz::ExtAuthz;
 use crate::gateway::{forward_auth, Gateway};
 use crate::ledger::{sweeper, Clock, Ledger, LedgerError, RedisPool};
@@ -602,12 +602,16 @@ pub async fn run(
         config.auth.admin_token.clone(),
     ]);
     let service_check_http = service_check.clone();
+    // Settlements from the access log that met a transient ledger error are retried by
+    // a task of their own, off the streams (gateway::access_log::retry).
+    let (settle_retries, settle_retrier) = access_log::retry::queue(gateway.clone());
     let access_log = AccessLog::new(
         gateway.clone(),
         service_check.clone(),
         grpc_listener
             .local_addr()
             .is_ok_and(|a| a.ip().is_loopback()),
+        settle_retries,
     )
     // Envoy's stream stays open as long as Envoy runs: it ends on shutdown instead.
     .stopping(stopping.clone());
@@ -698,6 +702,7 @@ pub async fn run(
     let sweep_interval = Duration::from_millis(config.ledger.sweep_interval_ms);
     let sweeper = tokio::spawn(sweeper::run(ledger.clone(), sweep_interval, stopped()));
     let replayer = tokio::spawn(replay_spool(gateway.clone(), stopped()));
+    let settle_retrier = tokio::spawn(settle_retrier.run(stopped()));
 
     tokio::spawn(async move {
         shutdown.await;
@@ -712,7 +717,9 @@ pub async fn run(
     if !gateway.flush_spool(SHUTDOWN_GRACE).await {
         tracing::error!("the fail_open spool was not flushed: queued charges are lost");
     }
-    let mut tasks = vec![sweeper, replayer, initializer, watcher];
+    // The retrier ends within its own grace (access_log::retry::RETRY_SHUTDOWN_GRACE),
+    // well before this deadline.
+    let mut tasks = vec![sweeper, replayer, initializer, watcher, settle_retrier];
     tasks.extend(settler_task);
     tasks.extend(dispatcher);
     join_until(deadline, tasks).await;

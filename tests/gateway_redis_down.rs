@@ -1,13 +1,18 @@
 //! Redis stopped mid-test under gateway checks: fail_closed operations answer 503 within
 //! the check deadline, fail_open ones allow with `x-tollgate-degraded: 1`; when Redis
 //! returns, checks succeed again without restarting tollgate, and the charges fail_open
-//! allowed are applied from the spool, each once.
+//! allowed are applied from the spool, each once. Envoy's access-log entries that meet
+//! the outage settle their holds when Redis returns, not by `on_expiry`.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::gateways::{balance, http, seed, wait_balance, HttpResponse};
+use common::gateways::{
+    access_log_entry, access_log_message, balance, esign_config, http, ocr_hold, seed,
+    wait_balance, HttpResponse,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse as CheckAnswer;
@@ -553,4 +558,97 @@ async fn a_redis_that_refuses_writes_follows_the_failure_policy() {
     assert_eq!(r.status, 200, "{r:?}");
     // Two charges before, one after, and the spooled one once applied.
     wait_balance(&server, "acme", (96, 0, 4)).await;
+}
+
+/// The state of the hold the Check answer's `metadata` names, read from Redis as it is:
+/// `a` while open (src/ledger/lua/authorize.lua).
+fn hold_state(
+    server: &common::TestServer,
+    con: &mut redis::Connection,
+    metadata: &envoy_types::pb::google::protobuf::Struct,
+) -> String {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(Kind::StringValue(hold_id)) = metadata
+        .fields
+        .get("tollgate_hold_id")
+        .and_then(|v| v.kind.as_ref())
+    else {
+        panic!("no hold id in {metadata:?}");
+    };
+    let shards = server.ledger.shards();
+    let shard = shards.of_hold_id(hold_id).expect("a hold id");
+    redis::cmd("HGET")
+        .arg(format!("{}:h:{hold_id}", shards.tag(shard)))
+        .arg("s")
+        .query(con)
+        .expect("hget")
+}
+
+/// Envoy's access-log entries arrive while Redis refuses writes (a replica after a
+/// failover: READONLY; likewise a call timeout, a reconnect, LOADING): the capture and the
+/// release they ask for are retried off the stream (which is answered at once) and
+/// applied when Redis takes writes again, long before the holds' deadline (60 s,
+/// `on_expiry = "release"`). They used to be dropped with a warning: the call the API
+/// answered 200 was then free at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_settlements_that_meet_a_redis_outage_are_retried_when_it_returns() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let key = seed(&server, "acme", 200).await;
+    // ocr.pages: hold 50 for 60 s; capture 2 per page on 2xx, release otherwise.
+    let answered = ocr_hold(server.channel().await, &key, "ocr-1").await;
+    let failed = ocr_hold(server.channel().await, &key, "ocr-2").await;
+    assert_eq!(balance(&server, "acme").await, (100, 100, 0));
+
+    let mut con = redis.client().get_connection().expect("redis");
+    let nowhere = common::free_port().to_string();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(&nowhere)
+        .query(&mut con)
+        .expect("replicaof");
+    let message = access_log_message(vec![
+        access_log_entry(&answered, 200, "4"),
+        access_log_entry(&failed, 502, "0"),
+    ]);
+    let mut logs = AccessLogServiceClient::new(server.channel().await);
+    tokio::time::timeout(
+        HANG_GUARD,
+        logs.stream_access_logs(tokio_stream::iter(vec![message])),
+    )
+    .await
+    .expect("the stream is answered while Redis refuses writes")
+    .expect("stream");
+    // Both settlements met READONLY: the holds are still open (read from the replica as
+    // it is; the ledger's own reads write too: they expire what is due).
+    for metadata in [&answered, &failed] {
+        assert_eq!(hold_state(&server, &mut con, metadata), "a");
+    }
+    // A few retries meet it too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for metadata in [&answered, &failed] {
+        assert_eq!(hold_state(&server, &mut con, metadata), "a");
+    }
+
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut con)
+        .expect("replicaof no one");
+    // 4 pages × 2 captured, the failed call's hold released: within wait_balance's 30 s,
+    // half the holds' 60 s ttl.
+    wait_balance(&server, "acme", (192, 0, 8)).await;
+    let (_, text) = common::http_get(server.http_addr, "/metrics").await;
+    let retries = |result: &str| {
+        common::prom::value(
+            &text,
+            "tollgate_access_log_retries_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(retries("settled"), 2.0, "{text}");
+    for result in ["hold_ended", "failed", "gave_up", "queue_full", "shutdown"] {
+        assert_eq!(retries(result), 0.0, "{result}\n{text}");
+    }
+    server.stop().await;
 }

@@ -386,6 +386,19 @@ async fn counters_after_a_scripted_workload() {
     assert_eq!(v("tollgate_identity_cache_hits_total", &[]), 1.0);
     assert_eq!(v("tollgate_fail_open_total", &[]), 0.0);
     assert_eq!(v("tollgate_config_reloads_total", &[]), 0.0);
+    // Access-log retries: every result present from the start (the chart's alert on the
+    // lost ones sees the first), none counted (no access log here).
+    for result in [
+        "settled",
+        "hold_ended",
+        "failed",
+        "gave_up",
+        "queue_full",
+        "shutdown",
+    ] {
+        let series = format!("tollgate_access_log_retries_total{{result=\"{result}\"}} 0");
+        assert!(text.contains(&series), "{series}\n{text}");
+    }
     assert!(text.contains("tollgate_check_duration_seconds_bucket"));
     assert!(!text.contains(&key), "an API key leaked into /metrics");
 

@@ -6,7 +6,8 @@
 //! never ran. The access-log handler now ends its streams itself on shutdown (with OK, so
 //! Envoy opens its next one elsewhere), and the drain of whatever else stays open (here a
 //! `grpc.health.v1.Health/Watch`, which only its client ends) is bounded by
-//! `SHUTDOWN_GRACE`.
+//! `SHUTDOWN_GRACE`. Access-log settlements waiting for a retry (Redis unavailable) do not
+//! hold it up either: they are dropped, with a WARN, after a grace of their own.
 
 mod common;
 
@@ -21,23 +22,36 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use tollgate::api::pb;
+use tollgate::gateway::access_log::retry::RETRY_SHUTDOWN_GRACE;
 use tollgate::server::SHUTDOWN_GRACE;
 
 /// `tollgate serve` on free (gRPC, HTTP) ports, answering on both, its logs (stdout) in
 /// `log`; killed on drop.
 async fn serve(redis_url: &str, log: &std::path::Path) -> common::Listening {
+    serve_with(redis_url, log, &[]).await
+}
+
+/// [`serve`] with these extra arguments.
+async fn serve_with(redis_url: &str, log: &std::path::Path, args: &[&str]) -> common::Listening {
     common::spawn_listening(
         2,
         common::START_TIMEOUT,
         |ports| {
             let mut cmd = common::tollgate();
             cmd.arg("serve")
+                .args(args)
                 .arg(format!("--redis-url={redis_url}"))
                 .arg(format!("--grpc-addr=127.0.0.1:{}", ports[0]))
                 .arg(format!("--http-addr=127.0.0.1:{}", ports[1]))
                 .arg(format!("--store={}", common::temp_sqlite_url()))
                 .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
                 .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+                // A private fail-open spool: this file's servers run side by side.
+                .env(
+                    "TOLLGATE_GATEWAY__SPOOL_PATH",
+                    common::temp_path("spool").display().to_string(),
+                )
                 .env("RUST_LOG", "info")
                 .stdout(std::fs::File::create(log).expect("log file"));
             cmd
@@ -162,5 +176,110 @@ async fn sigterm_ends_open_streams_and_the_process_within_the_grace() {
         "{logs}"
     );
     drop(watch);
+    let _ = std::fs::remove_file(&log);
+}
+
+/// Waits (generously) for the process to end after SIGTERM at `signalled`, within
+/// `grace` plus a margin for a busy machine; returns its logs, having checked it exited 0.
+async fn ended_within(
+    server: &mut common::Listening,
+    log: &std::path::Path,
+    signalled: Instant,
+    grace: Duration,
+) -> String {
+    let deadline = signalled + grace + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.child.0.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tollgate serve still running {:?} after SIGTERM; stderr:\n{}",
+            signalled.elapsed(),
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let logs = common::read_lossy(log);
+    assert!(
+        status.success(),
+        "exit {status}; stderr:\n{}\nlogs:\n{logs}",
+        server.stderr()
+    );
+    logs
+}
+
+/// An access-log settlement that met a Redis refusing writes waits for a retry when
+/// SIGTERM comes: the retries go on for `RETRY_SHUTDOWN_GRACE` at most (Redis still
+/// refuses), then the settlement is dropped with a WARN (its hold follows `on_expiry`),
+/// and the process exits before the grace of its task joins runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_waiting_for_a_retry_do_not_hold_up_shutdown() {
+    let redis = common::RedisServer::start();
+    let log = common::temp_path("log");
+    let pricebook = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join("pricebook-esign.toml");
+    let config = format!("--config={}", pricebook.display());
+    let mut server = serve_with(&redis.url(), &log, &[&config]).await;
+    let grpc = server.ports[0];
+
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        channel(grpc).await,
+        common::auth(Some(common::ADMIN_TOKEN)),
+    );
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 100,
+            idempotency_key: "g1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "acme".into(),
+            name: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .into_inner()
+        .api_key;
+    let hold = common::gateways::ocr_hold(channel(grpc).await, &key, "ocr-1").await;
+
+    // A replica of a primary that is not there: READONLY to every write, until the end.
+    let mut con = redis.client().get_connection().expect("redis");
+    let nowhere = common::free_port().to_string();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(&nowhere)
+        .query(&mut con)
+        .expect("replicaof");
+    let mut logs = AccessLogServiceClient::new(channel(grpc).await);
+    let message = common::gateways::access_log_message(vec![common::gateways::access_log_entry(
+        &hold, 200, "3",
+    )]);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        logs.stream_access_logs(tokio_stream::iter(vec![message])),
+    )
+    .await
+    .expect("the stream is answered")
+    .expect("stream");
+
+    let signalled = Instant::now();
+    server.signal("-TERM");
+    let logs = ended_within(&mut server, &log, signalled, RETRY_SHUTDOWN_GRACE).await;
+    assert!(
+        logs.contains("access-log settlements still waiting for the ledger were dropped"),
+        "{logs}"
+    );
+    assert!(logs.contains("result=\"shutdown\""), "{logs}");
+    assert!(
+        !logs.contains("background tasks still running after the shutdown grace"),
+        "{logs}"
+    );
     let _ = std::fs::remove_file(&log);
 }

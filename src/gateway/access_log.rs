@@ -35,12 +35,16 @@
 //! API never got the request (no upstream connection, no route, …) releases it.
 //!
 //! The stream is lossy by design (Envoy drops entries it cannot send); a hold whose entry
-//! is lost follows its `on_expiry` policy at its deadline.
+//! is lost follows its `on_expiry` policy at its deadline. An entry whose settlement meets
+//! a transient ledger error (Redis unavailable, a shard awaiting restore) is not lost: it
+//! is retried off the stream, for up to 30 s ([`retry`]).
 //!
 //! Envoy keeps one stream open for as long as it runs, and a server's graceful shutdown
 //! (GOAWAY) does not end a stream already open: on shutdown ([`AccessLog::stopping`]) the
 //! handler settles the entries it has received and ends the stream itself, with OK, so
 //! Envoy opens its next one to another tollgate and this one's drain is not held up.
+
+pub mod retry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,8 +61,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::pricing::Settlement;
 use super::{Allowed, Gateway};
 use crate::api::auth::TokenCheck;
-use crate::ledger::{LedgerError, Refusal};
 use crate::telemetry::metrics as m;
+use retry::{Answer, Retries};
 
 pub struct AccessLog {
     gateway: Arc<Gateway>,
@@ -68,10 +72,18 @@ pub struct AccessLog {
     local_only: bool,
     /// Turns true when the process shuts down: open streams end then.
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Where settlements that met a transient ledger error go (its `Retrier` runs as a
+    /// task of the server).
+    retries: Retries,
 }
 
 impl AccessLog {
-    pub fn new(gateway: Arc<Gateway>, service_tokens: TokenCheck, local_only: bool) -> Self {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        service_tokens: TokenCheck,
+        local_only: bool,
+        retries: Retries,
+    ) -> Self {
         // At 0 from the start, so alerts on their increase see the first one.
         for reason in LEFT_OPEN_REASONS {
             metrics::counter!(m::ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL, "reason" => reason).increment(0);
@@ -81,6 +93,7 @@ impl AccessLog {
             service_tokens,
             local_only,
             stopping: None,
+            retries,
         }
     }
 
@@ -466,8 +479,18 @@ impl AccessLog {
                 return;
             }
         };
-        match self.gateway.end_hold(hold.hold_id, settlement).await {
-            Ok(out) => tracing::debug!(
+        if self.retries.failing() {
+            // The last settlement met a transient error: this one goes straight to the
+            // retries, so a Redis that answers nothing (each call waiting for its
+            // deadline) does not slow the reading of the stream.
+            self.retries.push(hold.hold_id, settlement, false);
+            return;
+        }
+        let result = self.gateway.end_hold(hold.hold_id, settlement).await;
+        let answer = retry::judge(&result);
+        self.retries.answered(answer);
+        match (answer, result) {
+            (_, Ok(out)) => tracing::debug!(
                 hold_id = hold.hold_id,
                 status = hold.http_status,
                 grpc_status = hold.grpc_status,
@@ -477,10 +500,16 @@ impl AccessLog {
                 "hold settled from the access log"
             ),
             // Settled already (by the upstream, or an earlier copy of this entry).
-            Err(LedgerError::Refused(
-                Refusal::HoldEnded { .. } | Refusal::IdempotencyKeyReused,
-            )) => {}
-            Err(err) => tracing::warn!(
+            (Answer::HoldEnded, _) => {}
+            (Answer::Transient, Err(err)) => {
+                tracing::debug!(
+                    hold_id = hold.hold_id,
+                    error = %err,
+                    "could not settle a hold from the access log yet; retrying it off the stream"
+                );
+                self.retries.push(hold.hold_id, settlement, true);
+            }
+            (_, Err(err)) => tracing::warn!(
                 hold_id = hold.hold_id,
                 error = %err,
                 "could not settle a hold from the access log; it follows its on_expiry policy"

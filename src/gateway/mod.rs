@@ -7,6 +7,8 @@
 //! - `forward_auth`: HTTP forward-auth (nginx auth_request, Traefik, Kong) and the HTTP
 //!   hold settlement endpoints
 //! - `access_log`: Envoy's gRPC access-log service, which settles holds by the response
+//!   (`access_log::retry`: settlements that met a transient ledger error, retried off
+//!   the stream)
 //! - `spool`: fail_open charges kept on disk while Redis is unavailable, applied when it
 //!   returns
 //!

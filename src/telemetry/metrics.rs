@@ -120,9 +120,14 @@ pub const SPOOL_REPLAYED_TOTAL: &str = "tollgate_spool_replayed_total";
 /// the request after the API may have received it (its response flag: DC, UT, UC, …), so
 /// its status is not the API's answer (gateway::access_log::LEFT_OPEN_REASONS).
 pub const ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL: &str = "tollgate_access_log_holds_left_open_total";
+/// (gateway) Envoy access-log settlements handed over to be retried off the stream: they
+/// met a transient ledger error (Redis unavailable, a shard awaiting restore), or came
+/// while the last one had. Each counted once, by how it ended: `result` settled,
+/// hold_ended, failed, gave_up, queue_full, shutdown (gateway::access_log::retry::Ended).
+pub const ACCESS_LOG_RETRIES_TOTAL: &str = "tollgate_access_log_retries_total";
 
 /// The gateway's metric names (recorded on the gateway branch; see README).
-pub const GATEWAY_METRICS: [&str; 11] = [
+pub const GATEWAY_METRICS: [&str; 12] = [
     CHECKS_TOTAL,
     CHECK_SECONDS,
     GATEWAY_DENIALS_TOTAL,
@@ -134,6 +139,7 @@ pub const GATEWAY_METRICS: [&str; 11] = [
     SPOOL_DROPPED_TOTAL,
     SPOOL_REPLAYED_TOTAL,
     ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL,
+    ACCESS_LOG_RETRIES_TOTAL,
 ];
 
 /// Buckets for the hot path (checks, script calls): sub-millisecond resolution, up to the

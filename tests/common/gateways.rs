@@ -16,6 +16,18 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use envoy_types::pb::envoy::data::accesslog::v3::{
+    AccessLogCommon, HttpAccessLogEntry, HttpResponseProperties,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
+    HttpAccessLogEntries, LogEntries,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse as CheckAnswer;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use envoy_types::pb::google::protobuf::Struct;
 use tollgate::api::pb;
 use tollgate::config::{Config, Overrides};
 
@@ -694,5 +706,76 @@ pub fn assert_no_forged_alias(seen: &Seen) {
             "the upstream received the forged alias {name:?}: {:?}",
             seen.headers
         );
+    }
+}
+
+/// Takes a hold through Envoy's Check on `channel` (a tollgate's gRPC port): `POST
+/// /v1/documents/d/ocr` with `key`, which examples/pricebook-esign.toml prices as
+/// `ocr.pages` (hold 50 for 60 s, `on_expiry = "release"`; 2 per page on 2xx, released
+/// otherwise). Returns the answer's dynamic metadata, which Envoy copies into the
+/// request's access-log entry.
+pub async fn ocr_hold(channel: tonic::transport::Channel, key: &str, request_id: &str) -> Struct {
+    let mut client = AuthorizationClient::new(channel);
+    let headers = [("x-api-key", key), ("x-request-id", request_id)]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    let request = CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "POST".into(),
+                    path: "/v1/documents/d/ocr".into(),
+                    host: "api.example.com".into(),
+                    headers: headers.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT, client.check(request))
+        .await
+        .expect("the check must not hang")
+        .expect("Check")
+        .into_inner();
+    assert!(
+        matches!(answer.http_response, Some(CheckAnswer::OkResponse(_))),
+        "{answer:?}"
+    );
+    answer.dynamic_metadata.expect("hold metadata")
+}
+
+/// Envoy's access-log entry of a request whose Check answer set `metadata`, answered by
+/// the upstream with `status` and `units` in `x-tollgate-units`.
+pub fn access_log_entry(metadata: &Struct, status: u32, units: &str) -> HttpAccessLogEntry {
+    HttpAccessLogEntry {
+        common_properties: Some(AccessLogCommon {
+            metadata: Some(envoy_types::pb::envoy::config::core::v3::Metadata {
+                filter_metadata: [(
+                    tollgate::gateway::access_log::EXT_AUTHZ_NAMESPACE.to_owned(),
+                    metadata.clone(),
+                )]
+                .into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        response: Some(HttpResponseProperties {
+            response_code: Some(envoy_types::pb::google::protobuf::UInt32Value { value: status }),
+            response_code_details: "via_upstream".into(),
+            response_headers: [("x-tollgate-units".to_owned(), units.to_owned())].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One message of Envoy's access-log stream carrying `entries`.
+pub fn access_log_message(entries: Vec<HttpAccessLogEntry>) -> StreamAccessLogsMessage {
+    StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: entries,
+        })),
     }
 }
