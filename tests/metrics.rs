@@ -103,6 +103,10 @@ async fn counters_after_a_scripted_workload() {
     config.webhooks.url = receiver.url();
     config.webhooks.secret = "metrics-test-secret".into();
     config.webhooks.poll_interval_ms = 50;
+    // The identity cache's counts below are exact: an entry, and the doorkeeper's memory
+    // of a key's first miss (cleared once per TTL from the server's start), must outlast
+    // the checks however slowly a busy machine runs them.
+    config.gateway.identity_cache_ttl_ms = 3_600_000;
     let server = common::TestServer::start(config, Clock::Redis).await;
     let mut admin = server.admin().await;
     let mut metering = server.metering().await;
