@@ -394,6 +394,12 @@ async fn a_manual_retry_gets_a_new_round_of_attempts_sqlite() {
     a_manual_retry_gets_a_new_round_of_attempts(&common::temp_sqlite_url()).await;
 }
 
+/// `lot.expiring` for a lot within the lead of its expiry, then `lot.expired` once it
+/// expired; none for a lot that never expires. The ledger runs on a clock of the test's
+/// (set to this machine's time), the dispatcher on this machine's: the lot expires for
+/// the ledger only when the test moves its clock past the expiry, after `lot.expiring`
+/// was delivered, which the dispatcher sends while the expiry is ahead of its own clock
+/// (half an hour: however slowly the grant is settled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lot_expiring_then_expired() {
     let redis = common::RedisServer::start();
@@ -401,16 +407,15 @@ async fn lot_expiring_then_expired() {
     let mut c = config(&redis, &common::temp_sqlite_url(), &receiver);
     c.webhooks.lot_expiring_lead_secs = 3600;
     c.webhooks.events = vec!["lot.expiring".into(), "lot.expired".into()];
-    let server = common::TestServer::start(c, Clock::Redis).await;
-    let mut admin = server.admin().await;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as i64;
-    // Expires in 10 s (Redis time is this machine's time); within the 1 h lead at once.
-    // `lot.expiring` needs the grant settled and a dispatcher round before the expiry:
-    // 10 s leaves a busy machine room for both.
-    let expires_at_ms = now_ms + 10_000;
+    let (clock, ledger_now) = Clock::manual(now_ms);
+    let server = common::TestServer::start(c, clock).await;
+    let mut admin = server.admin().await;
+    // Expires in 30 min: within the 1 h lead at once.
+    let expires_at_ms = now_ms + 1_800_000;
     let lot = admin
         .grant(pb::GrantRequest {
             expires_at_ms,
@@ -424,16 +429,22 @@ async fn lot_expiring_then_expired() {
         .grant(grant("dave", 10, "g-never"))
         .await
         .expect("a lot that never expires: no lot.expiring");
+    let listed = settled_deliveries(&server, "dave", 1).await;
+    assert_eq!(listed[0].event_type, "lot.expiring", "{listed:?}");
+    // The ledger's clock past the expiry: the sweeper expires the lot.
+    ledger_now.store(expires_at_ms + 1_000, std::sync::atomic::Ordering::SeqCst);
     let listed = settled_deliveries(&server, "dave", 2).await;
     let types: Vec<&str> = listed.iter().map(|d| d.event_type.as_str()).collect();
     assert_eq!(types, ["lot.expiring", "lot.expired"]);
     let received = receiver.accepted();
     assert_signed(&received);
     let expiring = received[0].json();
+    assert_eq!(expiring["type"], "lot.expiring");
     assert_eq!(expiring["data"]["lot_id"], lot.as_str());
     assert_eq!(expiring["data"]["remaining"], 40);
     assert_eq!(expiring["data"]["expires_at_ms"], expires_at_ms);
     let expired = received[1].json();
+    assert_eq!(expired["type"], "lot.expired");
     assert_eq!(expired["data"]["lot_id"], lot.as_str());
     assert_eq!(expired["data"]["amount"], 40);
     assert_eq!(received.len(), 2, "each once");
