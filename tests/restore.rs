@@ -1137,10 +1137,14 @@ async fn a_sighup_during_serve_restore_is_ignored() {
         "serve --restore waits for the lock",
         || {
             let pool = pool.clone();
+            // In this test's database (`pool`'s): other tests' stores take the same lock
+            // in theirs.
             async move {
                 let waiting: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM pg_locks \
-                     WHERE locktype = 'advisory' AND objid = 7157680 AND NOT granted",
+                     WHERE locktype = 'advisory' AND objid = 7157680 AND NOT granted \
+                     AND database = (SELECT oid FROM pg_database \
+                     WHERE datname = current_database())",
                 )
                 .fetch_one(&pool)
                 .await
