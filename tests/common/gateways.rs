@@ -31,7 +31,7 @@ use envoy_types::pb::google::protobuf::Struct;
 use tollgate::api::pb;
 use tollgate::config::{Config, Overrides};
 
-use super::{free_port, TestServer, ADMIN_TOKEN, SERVICE_TOKEN, START_TIMEOUT};
+use super::{free_port, listeners, TestServer, ADMIN_TOKEN, SERVICE_TOKEN, START_TIMEOUT};
 
 /// Generous: checks go through a real gateway on a busy 2-core machine.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -142,16 +142,33 @@ impl GatewayProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until a free route goes through the gateway to the upstream.
+    /// Waits until the gateway itself listens on its port and a free route goes through it
+    /// to the upstream. The port was picked free, but another process (another test's
+    /// gateway) may take it first: an answer counts only once /proc shows the child's own
+    /// socket listening there ([`listeners`]; then nobody else can), and another process
+    /// listening there gives the start up at once, for another port.
     async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
+        let port = self.addr.port();
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("{} exited: {status}\n{}", self.name, self.log()));
             }
-            if let Ok(r) = try_http(self.addr, "GET", "/v1/ready", &[], "").await {
-                if r.status == 200 {
-                    return Ok(());
+            let seen = listeners(self.child.id()).unwrap_or_default();
+            if seen.others.contains(&port) {
+                return Err(format!(
+                    "another process listens on {}'s port {port}\n{}",
+                    self.name,
+                    self.log()
+                ));
+            }
+            if seen.own.contains(&port) {
+                // Each probe bounded: the deadline is checked between probes only.
+                let probe = try_http(self.addr, "GET", "/v1/ready", &[], "");
+                if let Ok(Ok(r)) = tokio::time::timeout(REQUEST_TIMEOUT, probe).await {
+                    if r.status == 200 {
+                        return Ok(());
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -266,6 +283,13 @@ async fn start_envoy_from(
         );
         // A busy CI machine: give tollgate time (the deadline is tested apart).
         config = replace(&config, "timeout: 0.2s", "timeout: 10s");
+        // No SO_REUSEPORT (Envoy's default on Linux): another test's Envoy given the same
+        // port must fail to bind it rather than share its connections.
+        config = replace(
+            &config,
+            "  listeners:\n  - name: api\n",
+            "  listeners:\n  - name: api\n    enable_reuse_port: false\n",
+        );
         let path = dir.0.join("envoy.yaml");
         std::fs::write(&path, config).expect("write envoy.yaml");
         let mut command = Command::new(&binary);
