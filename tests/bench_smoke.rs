@@ -29,26 +29,23 @@ fn bench_with_env(
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json_path = dir.join("result.json");
     let plot_path = dir.join("latency.svg");
-    let child = common::tollgate()
-        .args(["bench", scenario, "--redis-url", &redis.url()])
-        .args(["--duration-secs", "2", "--warmup-secs", "0"])
-        .args(["--concurrency", "4", "--accounts", "50"])
-        // The child's Redis call and check deadlines as generous as every test server's
-        // (tests/common): a busy CI machine must not turn into errors here.
-        .args(["--server-set", "redis.call_timeout_ms=2000"])
-        .args(["--server-set", "gateway.check_timeout_ms=5000"])
-        .arg("--json")
-        .arg(&json_path)
-        .arg("--plot")
-        .arg(&plot_path)
-        .args(extra)
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run tollgate bench");
-    let pid = child.id();
-    let output = child.wait_with_output().expect("tollgate bench output");
+    let (output, pid) = common::output_and_pid_within(
+        common::tollgate()
+            .args(["bench", scenario, "--redis-url", &redis.url()])
+            .args(["--duration-secs", "2", "--warmup-secs", "0"])
+            .args(["--concurrency", "4", "--accounts", "50"])
+            // The child's Redis call and check deadlines as generous as every test server's
+            // (tests/common): a busy CI machine must not turn into errors here.
+            .args(["--server-set", "redis.call_timeout_ms=2000"])
+            .args(["--server-set", "gateway.check_timeout_ms=5000"])
+            .arg("--json")
+            .arg(&json_path)
+            .arg("--plot")
+            .arg(&plot_path)
+            .args(extra)
+            .envs(env.iter().copied()),
+        common::COMMAND_TIMEOUT,
+    );
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -309,16 +306,17 @@ fn a_bench_whose_requests_fail_fails() {
         tollgate::ledger::Clock::Redis,
     ));
     let json_path = common::temp_path("json");
-    let output = common::tollgate()
-        .args(["bench", "debit", "--redis-url", &redis.url()])
-        .args(["--target", &server.grpc_addr.to_string()])
-        .args(["--service-token", "wrong"])
-        .args(["--duration-secs", "1", "--warmup-secs", "0"])
-        .args(["--concurrency", "2", "--accounts", "10"])
-        .arg("--json")
-        .arg(&json_path)
-        .output()
-        .expect("run tollgate bench");
+    let output = common::output_within(
+        common::tollgate()
+            .args(["bench", "debit", "--redis-url", &redis.url()])
+            .args(["--target", &server.grpc_addr.to_string()])
+            .args(["--service-token", "wrong"])
+            .args(["--duration-secs", "1", "--warmup-secs", "0"])
+            .args(["--concurrency", "2", "--accounts", "10"])
+            .arg("--json")
+            .arg(&json_path),
+        common::COMMAND_TIMEOUT,
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(
@@ -384,19 +382,16 @@ fn bench_on_its_own(name: &str, args: &[&str]) -> (Value, String) {
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json_path = dir.join("result.json");
-    let child = common::tollgate()
-        .arg("bench")
-        .args(args)
-        .args(["--duration-secs", "2", "--warmup-secs", "0"])
-        .args(["--rounds", "2", "--concurrency", "4", "--accounts", "50"])
-        .arg("--json")
-        .arg(&json_path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run tollgate bench");
-    let pid = child.id();
-    let output = child.wait_with_output().expect("tollgate bench output");
+    let (output, pid) = common::output_and_pid_within(
+        common::tollgate()
+            .arg("bench")
+            .args(args)
+            .args(["--duration-secs", "2", "--warmup-secs", "0"])
+            .args(["--rounds", "2", "--concurrency", "4", "--accounts", "50"])
+            .arg("--json")
+            .arg(&json_path),
+        common::COMMAND_TIMEOUT,
+    );
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -481,12 +476,13 @@ fn check_bench_versus_another_number_of_accounts() {
 
 /// `tollgate bench ARGS --redis-url …` is refused before it starts, naming `flag`.
 fn refused_with_a_redis_url(args: &[&str], flag: &str) {
-    let output = common::tollgate()
-        .arg("bench")
-        .args(args)
-        .args(["--redis-url", "redis://127.0.0.1:1"])
-        .output()
-        .expect("run tollgate bench");
+    let output = common::output_within(
+        common::tollgate()
+            .arg("bench")
+            .args(args)
+            .args(["--redis-url", "redis://127.0.0.1:1"]),
+        common::COMMAND_TIMEOUT,
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(flag), "{stderr}");

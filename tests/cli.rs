@@ -56,12 +56,13 @@ impl Drop for Serve {
 const SERVE_REFUSES_WITHIN: Duration = Duration::from_secs(60);
 
 fn admin(grpc_port: u16, args: &[&str]) -> Output {
-    common::tollgate()
-        .arg("admin")
-        .arg(format!("--server=http://127.0.0.1:{grpc_port}"))
-        .args(args)
-        .output()
-        .expect("run tollgate admin")
+    common::output_within(
+        common::tollgate()
+            .arg("admin")
+            .arg(format!("--server=http://127.0.0.1:{grpc_port}"))
+            .args(args),
+        common::COMMAND_TIMEOUT,
+    )
 }
 
 /// `tollgate serve --dev` on free ports, answering: its first grant's output and its gRPC
@@ -205,16 +206,17 @@ fn dev_server_then_admin_grant_and_balance() {
     assert!(String::from_utf8_lossy(&revoked.stdout).contains("revoked"));
 
     // A wrong token is refused.
-    let out = common::tollgate()
-        .args([
-            "admin",
-            &format!("--server=http://127.0.0.1:{grpc_port}"),
-            "--token",
-            "nope",
-        ])
-        .args(["balance", "alice"])
-        .output()
-        .expect("run");
+    let out = common::output_within(
+        common::tollgate()
+            .args([
+                "admin",
+                &format!("--server=http://127.0.0.1:{grpc_port}"),
+                "--token",
+                "nope",
+            ])
+            .args(["balance", "alice"]),
+        common::COMMAND_TIMEOUT,
+    );
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("Unauthenticated"), "{out:?}");
@@ -282,14 +284,15 @@ fn check_config_requires_what_serve_requires() {
     let path = dir.join("tollgate.toml");
     std::fs::write(&path, "[ledger]\nshards = 16\n").expect("write");
     let run = |tokens: &[(&str, &str)]| {
-        common::tollgate()
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env_remove("TOLLGATE_ADMIN_TOKEN")
-            .env_remove("TOLLGATE_SERVICE_TOKEN")
-            .envs(tokens.iter().copied())
-            .output()
-            .expect("run")
+        common::output_within(
+            common::tollgate()
+                .args(["check-config", "--config"])
+                .arg(&path)
+                .env_remove("TOLLGATE_ADMIN_TOKEN")
+                .env_remove("TOLLGATE_SERVICE_TOKEN")
+                .envs(tokens.iter().copied()),
+            common::COMMAND_TIMEOUT,
+        )
     };
     let out = run(&[]);
     assert!(!out.status.success(), "{out:?}");
@@ -309,13 +312,14 @@ fn check_config_requires_what_serve_requires() {
     // The shipped dev price book: refused as a production config, fine for `serve --dev`.
     let esign = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pricebook-esign.toml");
     let check = |dev: bool| {
-        common::tollgate()
-            .args(["check-config", "--config", esign])
-            .args(dev.then_some("--dev"))
-            .env_remove("TOLLGATE_ADMIN_TOKEN")
-            .env_remove("TOLLGATE_SERVICE_TOKEN")
-            .output()
-            .expect("run")
+        common::output_within(
+            common::tollgate()
+                .args(["check-config", "--config", esign])
+                .args(dev.then_some("--dev"))
+                .env_remove("TOLLGATE_ADMIN_TOKEN")
+                .env_remove("TOLLGATE_SERVICE_TOKEN"),
+            common::COMMAND_TIMEOUT,
+        )
     };
     let out = check(false);
     assert!(!out.status.success(), "{out:?}");
@@ -638,7 +642,7 @@ async fn prune_functions_deletes_earlier_versions_only() {
         if dry_run {
             cmd.arg("--dry-run");
         }
-        cmd.output().expect("run tollgate prune-functions")
+        common::output_within(&mut cmd, common::COMMAND_TIMEOUT)
     };
     // This version's library is not loaded: no process of it runs here, so pruning the
     // others (probably the ones in use) is refused.
@@ -959,10 +963,10 @@ async fn a_bad_expires_at_is_named_as_the_flag() {
 #[test]
 fn serve_help_shows_the_default_listen_addresses() {
     let help = |command: &str| {
-        let out = common::tollgate()
-            .args([command, "--help"])
-            .output()
-            .expect("run");
+        let out = common::output_within(
+            common::tollgate().args([command, "--help"]),
+            common::COMMAND_TIMEOUT,
+        );
         assert!(out.status.success(), "{out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
@@ -1126,21 +1130,22 @@ async fn balance_and_create_key_name_bad_arguments_as_typed() {
 async fn admin_server_without_a_scheme_is_http() {
     let redis = common::RedisServer::start();
     let server = test_server(&redis).await;
-    let out = common::tollgate()
-        .args(["admin", "--server"])
-        .arg(format!("127.0.0.1:{}", server.grpc_addr.port()))
-        .args(["--token", common::ADMIN_TOKEN, "balance", "alice"])
-        .output()
-        .expect("run tollgate admin");
+    let out = common::output_within(
+        common::tollgate()
+            .args(["admin", "--server"])
+            .arg(format!("127.0.0.1:{}", server.grpc_addr.port()))
+            .args(["--token", common::ADMIN_TOKEN, "balance", "alice"]),
+        common::COMMAND_TIMEOUT,
+    );
     assert!(out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stdout).starts_with("account alice"),
         "{out:?}"
     );
-    let help = common::tollgate()
-        .args(["admin", "--help"])
-        .output()
-        .expect("run tollgate admin --help");
+    let help = common::output_within(
+        common::tollgate().args(["admin", "--help"]),
+        common::COMMAND_TIMEOUT,
+    );
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("a bare HOST:PORT"), "{help}");
 }

@@ -22,7 +22,14 @@ fn account(i: usize) -> String {
     format!("acct{i:04}")
 }
 
+/// Status 0, and what went wrong, when nothing answers within `common::HTTP_TIMEOUT`.
 async fn http_status(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    tokio::time::timeout(common::HTTP_TIMEOUT, http_status_unbounded(addr, path))
+        .await
+        .unwrap_or_else(|_| (0, format!("no answer within {:?}", common::HTTP_TIMEOUT)))
+}
+
+async fn http_status_unbounded(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return (0, String::new());
@@ -43,10 +50,7 @@ async fn http_status(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 }
 
 fn tool(args: &[&str]) -> std::process::Output {
-    common::tollgate()
-        .args(args)
-        .output()
-        .expect("run tollgate")
+    common::output_within(common::tollgate().args(args), common::COMMAND_TIMEOUT)
 }
 
 async fn seed(server: &common::TestServer, now_ms: i64) {
@@ -296,10 +300,16 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
     // Each outbox's next id comes after the shard's newest settled event, whatever the
     // restored Redis's clock says.
     let store = Store::connect_lazy(&pg.url, 2).expect("store");
+    // A page cap, so that page positions that never end fail instead of looping: every
+    // event the store holds now, in pages of 1000, and a couple more.
+    let pages_max = store.count_events().await.expect("count") as usize / 1000 + 3;
     for shard in 0..server.ledger.shards().count() {
         let mut newest = (0i64, 0i64);
         let mut after = None;
+        let mut pages = 0;
         loop {
+            pages += 1;
+            assert!(pages <= pages_max, "shard {shard}: event pages never end");
             let page = store
                 .shard_events(shard, after.as_ref(), 1000)
                 .await
@@ -468,9 +478,18 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
     // Every hold the load left open whose authorization was settled before Redis lost
     // its data is restored open: each captures whole (not NOT_FOUND, not HOLD_ENDED).
     let mut settled_open = Vec::new();
+    // A page cap: every event the store holds now, in pages of 1000, and a couple more.
+    let pages_max = store.count_events().await.expect("count") as usize / 1000 + 3;
     for i in 0..ACCOUNTS {
         let mut after = None;
+        let mut pages = 0;
         loop {
+            pages += 1;
+            assert!(
+                pages <= pages_max,
+                "{}: history pages never end",
+                account(i)
+            );
             let page = store
                 .history(&tollgate::settle::store::HistoryQuery {
                     account_id: account(i),

@@ -1002,7 +1002,14 @@ async fn history_pages_through_ten_thousand_events() {
     let mut metering = server.metering().await;
     let mut token = String::new();
     let mut seen = Vec::new();
+    let mut pages = 0;
     loop {
+        pages += 1;
+        // 10,000 in pages of 333, and one more (an empty last page).
+        assert!(
+            pages <= 10_000usize.div_ceil(333) + 1,
+            "page tokens never end"
+        );
         let page = metering
             .list_transactions(pb::ListTransactionsRequest {
                 account_id: "busy".into(),
@@ -1426,11 +1433,12 @@ async fn reconcile_command_finds_a_planted_drift() {
     // The store `serve` or `settle` made: reconcile creates none (tests/toolstore.rs).
     store(&pg.url).await;
     let reconcile = || {
-        common::tollgate()
-            .args(["reconcile", "--redis-url", &redis.url(), "--store", &pg.url])
-            .args(["--drain-timeout-secs", "120"])
-            .output()
-            .expect("run reconcile")
+        common::output_within(
+            common::tollgate()
+                .args(["reconcile", "--redis-url", &redis.url(), "--store", &pg.url])
+                .args(["--drain-timeout-secs", "120"]),
+            common::COMMAND_TIMEOUT,
+        )
     };
     let clean = reconcile();
     assert!(clean.status.success(), "{clean:?}");
@@ -2348,12 +2356,13 @@ async fn a_dead_letter_replayed_with_its_amount_corrected_closes_the_drift() {
     assert!(!report.drifts.is_empty(), "the store lacks the debit");
 
     let run = |args: &[&str]| {
-        common::tollgate()
-            .arg("dead-letters")
-            .args(["--redis-url", &redis.url(), "--store", &pg.url])
-            .args(args)
-            .output()
-            .expect("run tollgate dead-letters")
+        common::output_within(
+            common::tollgate()
+                .arg("dead-letters")
+                .args(["--redis-url", &redis.url(), "--store", &pg.url])
+                .args(args),
+            common::COMMAND_TIMEOUT,
+        )
     };
     let listed = run(&["list"]);
     assert!(listed.status.success(), "{listed:?}");

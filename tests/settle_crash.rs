@@ -276,11 +276,12 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     tollgate.sigkill();
 
     // Reconcile drains what the killed settlers left and compares.
-    let out = common::tollgate()
-        .args(["reconcile", "--config"])
-        .arg(&config)
-        .output()
-        .expect("reconcile");
+    let out = common::output_within(
+        common::tollgate()
+            .args(["reconcile", "--config"])
+            .arg(&config),
+        common::COMMAND_TIMEOUT,
+    );
     assert!(
         out.status.success(),
         "reconcile: {out:?}; the server's stderr:\n{}",
@@ -304,9 +305,14 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     }
     // Exactly once: the store's debits are exactly the acknowledged ones.
     let mut stored = BTreeSet::new();
+    // A page cap: every event the store holds, in pages of 1000, and a couple more.
+    let pages_max = store.count_events().await.expect("count") as usize / 1000 + 3;
     for a in 0..ACCOUNTS {
         let mut after = None;
+        let mut pages = 0;
         loop {
+            pages += 1;
+            assert!(pages <= pages_max, "acct{a}: history pages never end");
             let page = store
                 .history(&tollgate::settle::store::HistoryQuery {
                     account_id: format!("acct{a}"),

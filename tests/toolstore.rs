@@ -83,11 +83,10 @@ fn tools(redis_url: &str, store: Option<&str>, shard: u16, dead_id: &str) -> Vec
 }
 
 fn run(dir: &Path, args: &[String]) -> Output {
-    common::tollgate()
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run tollgate")
+    common::output_within(
+        common::tollgate().current_dir(dir).args(args),
+        common::COMMAND_TIMEOUT,
+    )
 }
 
 /// Refused: a non-zero exit whose message names the store and says to pass `--store`.

@@ -77,7 +77,11 @@ async fn deliveries(
     let mut admin = server.admin().await;
     let mut all = Vec::new();
     let mut token = String::new();
+    let mut pages = 0;
     loop {
+        pages += 1;
+        // Far more than any test here makes (a few deliveries per account, 2 a page).
+        assert!(pages <= 100, "delivery page tokens never end");
         let page = match admin
             .list_webhook_deliveries(pb::ListWebhookDeliveriesRequest {
                 account_id: account.into(),

@@ -234,11 +234,23 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// How long a tollgate command a test runs to its end (`admin`, `restore`, `reconcile`,
+/// `bench`, …) may take before [`output_within`] kills it and fails the test: minutes, far
+/// more than any of them needs on a busy machine (`reconcile --drain-timeout-secs 120`
+/// included), so only a command that hangs reaches it.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Runs `cmd` to its end within `timeout`, its stdout and stderr captured in files (a pipe
 /// nobody reads could stall it), and returns its output. Past the deadline it is killed
 /// and the test fails with what it printed: a command that should end (a refused config,
 /// say) and serves instead never hangs the test.
 pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    output_and_pid_within(cmd, timeout).0
+}
+
+/// [`output_within`], with the process id the command ran as (to look for what it may
+/// have left running).
+pub fn output_and_pid_within(cmd: &mut Command, timeout: Duration) -> (std::process::Output, u32) {
     let (out_path, err_path) = (temp_path("stdout"), temp_path("stderr"));
     let mut child = cmd
         .stdin(Stdio::null())
@@ -246,6 +258,7 @@ pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Outp
         .stderr(std::fs::File::create(&err_path).expect("stderr file"))
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let pid = child.id();
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -269,7 +282,7 @@ pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Outp
     };
     let _ = std::fs::remove_file(&out_path);
     let _ = std::fs::remove_file(&err_path);
-    output
+    (output, pid)
 }
 
 /// A file's text, empty when it cannot be read.
@@ -854,8 +867,18 @@ impl PgDatabase {
     }
 }
 
-/// A plain HTTP/1.1 GET: (status, body).
+/// How long [`http_get`] waits for a whole answer before it fails the test: generous, a
+/// test server answers in milliseconds when not stalled.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A plain HTTP/1.1 GET: (status, body). Fails the test past [`HTTP_TIMEOUT`].
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    tokio::time::timeout(HTTP_TIMEOUT, http_get_unbounded(addr, path))
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} via {addr}: no answer within {HTTP_TIMEOUT:?}"))
+}
+
+async fn http_get_unbounded(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
@@ -900,7 +923,12 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+/// How long an attempt of [`eventually`] begun before its deadline may run past it.
+const EVENTUALLY_ATTEMPT_GRACE: Duration = Duration::from_secs(10);
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`. An attempt that
+/// never ends (a call that hangs) fails the test too: each runs at most until the deadline
+/// or [`EVENTUALLY_ATTEMPT_GRACE`] from its start, whichever is later.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -908,8 +936,13 @@ where
 {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = f().await {
-            return v;
+        let bound = deadline
+            .saturating_duration_since(Instant::now())
+            .max(EVENTUALLY_ATTEMPT_GRACE);
+        match tokio::time::timeout(bound, f()).await {
+            Ok(Some(v)) => return v,
+            Ok(None) => {}
+            Err(_) => panic!("timed out waiting for {what}: an attempt ran for {bound:?}"),
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
