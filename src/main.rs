@@ -756,23 +756,30 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             println!(
-                "{:<22} {:>15} {:>15} {:<16}  name",
-                "key id", "created_at_ms", "revoked_at_ms", "member"
+                "{:<22} {:>15} {:>15} {:<16} {:<16}  name",
+                "key id", "created_at_ms", "revoked_at_ms", "member", "made by"
             );
+            let or_dash = |text: &str| {
+                if text.is_empty() {
+                    "-".to_owned()
+                } else {
+                    text.to_owned()
+                }
+            };
             for k in out.keys {
                 let revoked = if k.revoked_at_ms == 0 {
                     "-".to_owned()
                 } else {
                     k.revoked_at_ms.to_string()
                 };
-                let member = if k.member_id.is_empty() {
-                    "-"
-                } else {
-                    &k.member_id
-                };
                 println!(
-                    "{:<22} {:>15} {:>15} {:<16}  {}",
-                    k.key_id, k.created_at_ms, revoked, member, k.name
+                    "{:<22} {:>15} {:>15} {:<16} {:<16}  {}",
+                    k.key_id,
+                    k.created_at_ms,
+                    revoked,
+                    or_dash(&k.member_id),
+                    or_dash(&k.created_by),
+                    k.name
                 );
             }
         }
@@ -923,6 +930,18 @@ fn replayed_or(replayed: bool, done: String) -> String {
     }
 }
 
+/// The org-wide keys a member's removal or demotion revoked, as a clause ("" for none).
+fn keys_revoked(key_ids: &[String]) -> String {
+    if key_ids.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; revoked the org-wide keys they made: {}",
+            key_ids.join(", ")
+        )
+    }
+}
+
 async fn org_command<T>(
     client: &mut pb::admin_client::AdminClient<T>,
     cmd: OrgCommand,
@@ -973,8 +992,12 @@ where
                 .map_err(status_naming(ORG_FIELDS))?
                 .into_inner();
             let done = format!(
-                "{} is {} of {} (event {})",
-                out.member_id, out.role, out.org_id, out.event_id
+                "{} is {} of {} (event {}){}",
+                out.member_id,
+                out.role,
+                out.org_id,
+                out.event_id,
+                keys_revoked(&out.revoked_key_ids)
             );
             println!("{}", replayed_or(out.replayed, done));
         }
@@ -995,8 +1018,11 @@ where
                 .map_err(status_naming(ORG_FIELDS))?
                 .into_inner();
             let done = format!(
-                "{} removed from {} (event {})",
-                out.member_id, out.org_id, out.event_id
+                "{} removed from {} (event {}){}",
+                out.member_id,
+                out.org_id,
+                out.event_id,
+                keys_revoked(&out.revoked_key_ids)
             );
             println!("{}", replayed_or(out.replayed, done));
         }

@@ -199,7 +199,8 @@ fn dev_server_then_admin_grant_and_balance() {
         text.lines().next().is_some_and(|h| h.contains("member")),
         "{text}"
     );
-    assert_eq!(row[3..], ["-", "laptop"], "{text}");
+    // Nor a maker (an owner or admin makes org keys only).
+    assert_eq!(row[3..], ["-", "-", "laptop"], "{text}");
     assert!(!text.contains(api_key), "secrets are never listed: {text}");
     let revoked = admin(grpc_port, &["revoke-key", key_id]);
     assert!(revoked.status.success(), "{revoked:?}");
@@ -592,6 +593,52 @@ async fn org_create_and_remove_member_with_an_idempotency_key_replay() {
     assert!(
         said.contains("InvalidArgument: <MEMBER>: is not a member"),
         "{said}"
+    );
+
+    // An admin's org-wide key is listed with its maker, and goes when they leave.
+    run(&[
+        "org",
+        "add-member",
+        "acme",
+        "carol",
+        "--role",
+        "admin",
+        "--actor",
+        "olivia",
+    ]);
+    let made = run(&[
+        "create-key",
+        "acme",
+        "--org",
+        "acme",
+        "--actor",
+        "carol",
+        "--name",
+        "ci",
+    ]);
+    let key_id = made
+        .lines()
+        .find(|l| l.starts_with("tg_"))
+        .and_then(|k| k.split('_').nth(1))
+        .unwrap_or_else(|| panic!("no key in {made}"))
+        .to_owned();
+    let keys = run(&["keys", "acme"]);
+    assert!(
+        keys.lines().next().is_some_and(|h| h.contains("made by")),
+        "{keys}"
+    );
+    let row: Vec<&str> = keys
+        .lines()
+        .find(|l| l.starts_with(&key_id))
+        .unwrap_or_else(|| panic!("no row for {key_id} in {keys}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[2..], ["-", "-", "carol", "ci"], "{keys}");
+    let out = run(&["org", "remove-member", "acme", "carol", "--actor", "olivia"]);
+    assert!(
+        out.trim_end()
+            .ends_with(&format!("; revoked the org-wide keys they made: {key_id}")),
+        "{out}"
     );
 
     let said = refused(&[

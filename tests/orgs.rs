@@ -2996,3 +2996,429 @@ async fn removing_a_budget_that_is_not_there_is_not_found_and_records_nothing() 
         "set, removed"
     );
 }
+
+/// An org key made through the Admin API by `actor` (bound to `member`, or org-wide).
+async fn org_key(
+    server: &common::TestServer,
+    actor: &str,
+    member: &str,
+) -> pb::CreateApiKeyResponse {
+    server
+        .admin()
+        .await
+        .create_api_key(pb::CreateApiKeyRequest {
+            org_id: "acme".into(),
+            member_id: member.into(),
+            actor_id: actor.into(),
+            name: format!(
+                "{actor}'s key for {}",
+                if member.is_empty() { "acme" } else { member }
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{actor} makes a key: {s:?}"))
+        .into_inner()
+}
+
+/// acme (1,000 credits): owner olivia, admins bob and dave, member alice (100 allocated);
+/// bob's allocation is 10.
+async fn acme_with_admins(server: &common::TestServer) {
+    let mut admin = server.admin().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 1_000,
+            idempotency_key: "buy".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    admin
+        .create_organization(pb::CreateOrganizationRequest {
+            org_id: "acme".into(),
+            owner_id: "olivia".into(),
+            idempotency_key: "create".into(),
+        })
+        .await
+        .expect("org");
+    for (member, role) in [("bob", "admin"), ("dave", "admin"), ("alice", "member")] {
+        admin
+            .add_member(pb::AddMemberRequest {
+                org_id: "acme".into(),
+                member_id: member.into(),
+                role: role.into(),
+                actor_id: "olivia".into(),
+                idempotency_key: format!("add-{member}"),
+            })
+            .await
+            .expect("add");
+    }
+    for (member, amount) in [("bob", 10), ("alice", 100)] {
+        admin
+            .set_allocation(pb::SetAllocationRequest {
+                org_id: "acme".into(),
+                member_id: member.into(),
+                amount,
+                actor_id: "olivia".into(),
+                idempotency_key: format!("alloc-{member}"),
+                ..Default::default()
+            })
+            .await
+            .expect("allocate");
+    }
+}
+
+/// acme's keys, by key id.
+async fn acme_keys(server: &common::TestServer) -> Vec<pb::ApiKey> {
+    let mut keys = server
+        .admin()
+        .await
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: "acme".into(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .keys;
+    keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+    keys
+}
+
+/// The reviewer's sequence: bob, an admin held to an allocation of 10, makes an org-wide
+/// key (bounded only by the org balance); removed from the org, bob's key must not spend
+/// the org's credits. RemoveMember revokes the org-wide keys the member made, and a
+/// demotion to plain member does the same (dave); an owner's org-wide key and a key bob
+/// made for alice (bounded by her allocation) stay. The key records name their maker,
+/// ListApiKeys shows it, and the store keeps both the maker and the revocation, so a
+/// restore brings neither the keys back to life nor loses the maker — even when a
+/// revocation never reached the store (restore revokes a live org-wide key whose maker is
+/// no longer an owner or admin in the restored org).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after_a_restore() {
+    let mut redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let config = |redis: &common::RedisServer| {
+        let mut config = esign_config(&redis.url());
+        config.store.url = pg.url.clone();
+        config.settler.enabled = true;
+        config
+    };
+    let server = common::TestServer::start(config(&redis), Clock::Redis).await;
+    acme_with_admins(&server).await;
+    let mut metering = server.metering().await;
+    let over = metering
+        .debit(pb::DebitRequest {
+            account_id: "acme".into(),
+            member_id: "bob".into(),
+            amount: 50,
+            idempotency_key: "bob-50".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bob's allocation is 10");
+    assert_eq!(reason(&over), "ALLOCATION_EXCEEDED", "{over:?}");
+
+    let bob_wide = org_key(&server, "bob", "").await;
+    let bob_for_alice = org_key(&server, "bob", "alice").await;
+    let dave_wide = org_key(&server, "dave", "").await;
+    let olivia_wide = org_key(&server, "olivia", "").await;
+    for key in [&bob_wide, &bob_for_alice, &dave_wide, &olivia_wide] {
+        let r = send_envelope(&server, &key.api_key).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    let mut admin = server.admin().await;
+    let remove = pb::RemoveMemberRequest {
+        org_id: "acme".into(),
+        member_id: "bob".into(),
+        actor_id: "olivia".into(),
+        idempotency_key: "bob-leaves".into(),
+    };
+    let removed = admin
+        .remove_member(remove.clone())
+        .await
+        .expect("remove bob")
+        .into_inner();
+    assert_eq!(
+        removed.revoked_key_ids,
+        std::slice::from_ref(&bob_wide.key_id)
+    );
+    let demoted = admin
+        .add_member(pb::AddMemberRequest {
+            org_id: "acme".into(),
+            member_id: "dave".into(),
+            role: "member".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "dave-demoted".into(),
+        })
+        .await
+        .expect("demote dave")
+        .into_inner();
+    assert_eq!(
+        demoted.revoked_key_ids,
+        std::slice::from_ref(&dave_wide.key_id)
+    );
+    let refused = |r: common::gateways::HttpResponse| {
+        assert_eq!(r.status, 403, "{r:?}");
+        assert_eq!(r.json()["error"], "revoked_api_key", "{r:?}");
+    };
+    // The org balance is out of reach of both (bob's key would have spent 500 of it).
+    refused(send_envelope(&server, &bob_wide.api_key).await);
+    refused(send_envelope(&server, &dave_wide.api_key).await);
+    assert_eq!(
+        send_envelope(&server, &olivia_wide.api_key).await.status,
+        200
+    );
+    let r = send_envelope(&server, &bob_for_alice.api_key).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-tollgate-member"), Some("alice"));
+    // A retry of the removal (its answer lost) answers the same, keys included.
+    let again = admin
+        .remove_member(remove.clone())
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.revoked_key_ids, removed.revoked_key_ids);
+    refused(send_envelope(&server, &bob_wide.api_key).await);
+
+    let before = acme_keys(&server).await;
+    let revoked: Vec<&str> = before
+        .iter()
+        .filter(|k| k.revoked_at_ms > 0)
+        .map(|k| k.key_id.as_str())
+        .collect();
+    let mut expected = vec![bob_wide.key_id.as_str(), dave_wide.key_id.as_str()];
+    expected.sort();
+    assert_eq!(revoked, expected, "{before:?}");
+    // Every key names its maker.
+    for (key, maker) in [
+        (&bob_wide, "bob"),
+        (&bob_for_alice, "bob"),
+        (&dave_wide, "dave"),
+        (&olivia_wide, "olivia"),
+    ] {
+        let listed = before
+            .iter()
+            .find(|k| k.key_id == key.key_id)
+            .expect("listed");
+        assert_eq!(listed.created_by, maker, "{listed:?}");
+    }
+
+    // The store has the revocations. One of them is taken out again (a save that never
+    // landed): the restore must not bring dave's key back to life.
+    let store = tollgate::settle::Store::connect_lazy(&pg.url, 1).expect("store");
+    let stored = store.api_keys().await.expect("keys");
+    for id in &expected {
+        let k = stored.iter().find(|k| &k.key_id == id).expect("stored");
+        assert!(k.revoked_at_ms > 0, "{k:?}");
+        assert!(!k.digest.is_empty() && !k.name.is_empty(), "{k:?}");
+    }
+    let k = stored
+        .iter()
+        .find(|k| k.key_id == bob_wide.key_id)
+        .expect("stored");
+    assert_eq!(k.created_by, "bob", "{k:?}");
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("postgres");
+    sqlx::query("UPDATE tollgate_api_keys SET revoked_at_ms = 0 WHERE key_id = $1")
+        .bind(&dave_wide.key_id)
+        .execute(&pool)
+        .await
+        .expect("update");
+    pool.close().await;
+
+    let clean = tokio::task::spawn_blocking(reconcile_job(redis.url(), pg.url.clone()))
+        .await
+        .expect("join");
+    assert!(clean.status.success(), "{clean:?}");
+    server.stop().await;
+    redis.restart();
+    let restored = tool(&["restore", "--redis-url", &redis.url(), "--store", &pg.url]);
+    assert!(restored.status.success(), "{restored:?}");
+    let server = common::TestServer::start(config(&redis), Clock::Redis).await;
+    assert_eq!(acme_keys(&server).await, before, "the keys as they were");
+    refused(send_envelope(&server, &bob_wide.api_key).await);
+    refused(send_envelope(&server, &dave_wide.api_key).await);
+    assert_eq!(
+        send_envelope(&server, &olivia_wide.api_key).await.status,
+        200
+    );
+    assert_eq!(
+        send_envelope(&server, &bob_for_alice.api_key).await.status,
+        200
+    );
+    let stored = store.api_keys().await.expect("keys");
+    let dave = stored
+        .iter()
+        .find(|k| k.key_id == dave_wide.key_id)
+        .expect("stored");
+    assert!(
+        dave.revoked_at_ms > 0,
+        "the restore saved the revocation: {dave:?}"
+    );
+    server.stop().await;
+}
+
+/// An admin cannot act on an owner: no allocation of an owner's (setting it to 0 would
+/// freeze them) and no key bound to an owner, as AddMember refuses an admin touching an
+/// owner. The refusal names `actor_id` and changes nothing; an owner may do both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_cannot_act_on_an_owner_through_allocations_or_keys() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    acme_with_admins(&server).await;
+    let mut admin = server.admin().await;
+    admin
+        .add_member(pb::AddMemberRequest {
+            org_id: "acme".into(),
+            member_id: "owen".into(),
+            role: "owner".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "add-owen".into(),
+        })
+        .await
+        .expect("a second owner");
+    let set = |actor: &str, member: &str, amount: i64, key: &str| pb::SetAllocationRequest {
+        org_id: "acme".into(),
+        member_id: member.into(),
+        amount,
+        actor_id: actor.into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let add = |actor: &str, member: &str, key: &str| pb::AddAllocationRequest {
+        org_id: "acme".into(),
+        member_id: member.into(),
+        delta: 5,
+        actor_id: actor.into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let key = |actor: &str, member: &str| pb::CreateApiKeyRequest {
+        org_id: "acme".into(),
+        member_id: member.into(),
+        actor_id: actor.into(),
+        name: "for an owner".into(),
+        ..Default::default()
+    };
+    let keys_before = key_count(&server, "acme").await;
+    for owner in ["olivia", "owen"] {
+        for refused in [
+            admin
+                .set_allocation(set("bob", owner, 0, &format!("freeze-{owner}")))
+                .await,
+            admin
+                .add_allocation(add("bob", owner, &format!("bump-{owner}")))
+                .await,
+        ] {
+            let refused = refused.expect_err("an admin on an owner");
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+            assert_eq!(bad_fields(&refused), ["actor_id"], "{refused:?}");
+        }
+        let refused = admin
+            .create_api_key(key("bob", owner))
+            .await
+            .expect_err("an admin's key bound to an owner");
+        assert_eq!(bad_fields(&refused), ["actor_id"], "{refused:?}");
+        // Nothing changed: the owner has no allocation (unbounded) and no key.
+        let v = view(&server, owner, "").await;
+        assert!(v.allocations.iter().all(|a| !a.bounded), "{v:?}");
+    }
+    assert_eq!(key_count(&server, "acme").await, keys_before);
+    // The owner spends, unfrozen.
+    let mut metering = server.metering().await;
+    metering
+        .debit(pb::DebitRequest {
+            account_id: "acme".into(),
+            member_id: "olivia".into(),
+            amount: 50,
+            idempotency_key: "olivia-50".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the owner is not frozen");
+    // An admin still acts on members and admins; an owner on owners.
+    admin
+        .set_allocation(set("bob", "alice", 30, "bob-alice"))
+        .await
+        .expect("an admin on a member");
+    admin
+        .set_allocation(set("bob", "dave", 30, "bob-dave"))
+        .await
+        .expect("an admin on an admin");
+    admin
+        .set_allocation(set("olivia", "owen", 30, "olivia-owen"))
+        .await
+        .expect("an owner on an owner");
+    admin
+        .add_allocation(add("owen", "olivia", "owen-olivia"))
+        .await
+        .expect("an owner on an owner");
+    admin
+        .create_api_key(key("olivia", "owen"))
+        .await
+        .expect("an owner's key for an owner");
+    admin
+        .create_api_key(key("bob", "alice"))
+        .await
+        .expect("an admin's key for a member");
+}
+
+/// GetBalance by key id refuses a revoked key (FAILED_PRECONDITION, reason KEY_REVOKED, as
+/// the gateway refuses it with 403 `revoked_api_key`), a personal one and an org one alike;
+/// an unknown key id stays NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_balance_by_a_revoked_key_id_is_refused() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    acme_with_admins(&server).await;
+    let personal = common::gateways::seed(&server, "pat", 10).await;
+    let personal_id = personal.split('_').nth(1).expect("key id").to_owned();
+    let org = org_key(&server, "olivia", "alice").await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    for key_id in [&personal_id, &org.key_id] {
+        metering
+            .get_balance(pb::GetBalanceRequest {
+                key_id: key_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a live key's balance");
+        let revoked = admin
+            .revoke_api_key(pb::RevokeApiKeyRequest {
+                key_id: key_id.clone(),
+            })
+            .await
+            .expect("revoke")
+            .into_inner();
+        let refused = metering
+            .get_balance(pb::GetBalanceRequest {
+                key_id: key_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a revoked key");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert_eq!(reason(&refused), "KEY_REVOKED", "{refused:?}");
+        let info = refused.get_details_error_info().expect("error info");
+        assert_eq!(
+            info.metadata.get("revoked_at_ms"),
+            Some(&revoked.revoked_at_ms.to_string()),
+            "{refused:?}"
+        );
+    }
+    let unknown = metering
+        .get_balance(pb::GetBalanceRequest {
+            key_id: "k0-0123456789abcdef".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("an unknown key");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+}

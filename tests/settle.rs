@@ -698,7 +698,7 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
                 "SELECT CAST(MAX(version) AS TEXT) FROM tollgate_schema_migrations"
             )
             .await,
-            vec!["8".to_owned()],
+            vec!["9".to_owned()],
             "{kind}"
         );
         // The shard index, which restore's reads use.

@@ -9,7 +9,7 @@ use super::pb::{self, admin_server::Admin};
 use super::status::{store_to_status, to_status};
 use crate::gateway::identity::{KeyBinding, KeyStore};
 use crate::ledger::command::{wallet_or_default, Violations, CREDITS_MAX};
-use crate::ledger::org::{AllocationChange, BudgetPeriod, SetBudget};
+use crate::ledger::org::{AllocationChange, BudgetPeriod, OrgEvent, SetBudget};
 use crate::ledger::{AdjustInput, GrantInput, Ledger, LedgerError};
 use crate::settle::store::ApiKeyRecord;
 use crate::settle::webhook_store::{
@@ -60,6 +60,63 @@ impl AdminService {
                 "the key is live in Redis but not yet in the durable ledger: retry the call"
             })
         })
+    }
+
+    /// The org-wide keys a member's removal or demotion revoked (`lua/org.lua`, in the
+    /// same call): dropped from this process's identity cache at once and saved in the
+    /// durable ledger, as RevokeApiKey does with one key, so a restore after a Redis loss
+    /// does not bring them back. A save the store refuses is UNAVAILABLE: the change is
+    /// made in Redis, and a retry with the same idempotency key replays it, keys included,
+    /// and saves them again. Answers their ids. (Should no retry come, `tollgate restore`
+    /// still revokes a live org-wide key whose maker no longer manages the org.)
+    async fn save_revoked_org_keys(
+        &self,
+        org_id: &str,
+        member_id: &str,
+        event: &OrgEvent,
+    ) -> Result<Vec<String>, Status> {
+        if event.revoked_keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.keys
+            .forget_revoked(event.revoked_keys.iter().map(|k| k.digest_hex.as_str()));
+        let store = match self.store() {
+            Ok(store) => store,
+            // No durable ledger to keep them in (nothing to restore from either).
+            Err(_) => {
+                return Ok(event
+                    .revoked_keys
+                    .iter()
+                    .map(|k| k.key_id.clone())
+                    .collect())
+            }
+        };
+        for key in &event.revoked_keys {
+            let record = ApiKeyRecord {
+                key_id: key.key_id.clone(),
+                account_id: org_id.to_owned(),
+                member_id: String::new(),
+                digest: key.digest_hex.clone(),
+                // The key's own record (saved when it was made) has these.
+                name: String::new(),
+                created_at_ms: 0,
+                revoked_at_ms: key.revoked_at_ms,
+                created_by: member_id.to_owned(),
+            };
+            store.save_api_key(&record).await.map_err(|err| {
+                tracing::warn!(error = %err, "revoked org key not saved in the durable ledger");
+                Status::unavailable(
+                    "the change is made and the org-wide keys the member made are revoked in \
+                     Redis, but not yet in the durable ledger: retry the call with the same \
+                     idempotency key",
+                )
+            })?;
+        }
+        Ok(event
+            .revoked_keys
+            .iter()
+            .map(|k| k.key_id.clone())
+            .collect())
     }
 
     /// Retries saving a key the store refused, with capped backoff, for about ten
@@ -290,6 +347,7 @@ impl Admin for AdminService {
             created_at_ms: out.created_at_ms,
             revoked_at_ms: 0,
             member_id: binding.member_id.clone(),
+            created_by: binding.actor_id.clone(),
         };
         if self.save_key(record.clone()).await.is_err() {
             // The key is live in Redis and its secret is in this answer only (a retry
@@ -321,6 +379,7 @@ impl Admin for AdminService {
             created_at_ms: 0,
             revoked_at_ms: out.revoked_at_ms,
             member_id: String::new(),
+            created_by: String::new(),
         })
         .await?;
         Ok(Response::new(pb::RevokeApiKeyResponse {
@@ -346,6 +405,7 @@ impl Admin for AdminService {
                     created_at_ms: k.created_at_ms,
                     revoked_at_ms: k.revoked_at_ms,
                     member_id: k.member_id,
+                    created_by: k.created_by,
                 })
                 .collect(),
         }))
@@ -513,12 +573,16 @@ impl Admin for AdminService {
             )
             .await
             .map_err(to_status)?;
+        let revoked_key_ids = self
+            .save_revoked_org_keys(&r.org_id, &r.member_id, &event)
+            .await?;
         Ok(Response::new(pb::MemberChange {
             org_id: r.org_id,
             member_id: r.member_id,
             role: r.role,
             event_id: event.event_id,
             replayed: event.replayed,
+            revoked_key_ids,
         }))
     }
 
@@ -532,12 +596,16 @@ impl Admin for AdminService {
             .remove_member(&r.org_id, &r.actor_id, &r.member_id, &r.idempotency_key)
             .await
             .map_err(to_status)?;
+        let revoked_key_ids = self
+            .save_revoked_org_keys(&r.org_id, &r.member_id, &event)
+            .await?;
         Ok(Response::new(pb::MemberChange {
             org_id: r.org_id,
             member_id: r.member_id,
             role: "removed".into(),
             event_id: event.event_id,
             replayed: event.replayed,
+            revoked_key_ids,
         }))
     }
 

@@ -318,7 +318,8 @@ impl Metering for MeteringService {
             "personal"
         };
         // A plain member sees what they may spend (their remaining allocation), never
-        // the org's totals.
+        // the wallet's totals (the budgets that bind them, the account's included, are
+        // shown with their spend: docs/ARCHITECTURE.md, "Balance context").
         let member_view = role.is_some_and(|r| !r.manages());
         let wallets = wallets
             .into_iter()

@@ -101,6 +101,7 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
             operation: operation.to_owned(),
         },
         LedgerError::Refused(Refusal::IdempotencyKeyReused) => Denial::RequestIdReused,
+        LedgerError::Refused(Refusal::KeyRevoked { .. }) => Denial::RevokedKey,
         LedgerError::Refused(Refusal::HoldLimit { .. }) | LedgerError::OutboxFull => Denial::Busy,
         LedgerError::Unavailable(_) => Denial::Unavailable,
         LedgerError::NotInitialized => Denial::NotInitialized,

@@ -88,6 +88,9 @@ pub struct CreatedKey {
 pub struct KeyInfo {
     pub key_id: String,
     pub member_id: String,
+    /// The owner or admin who made an org key ("" for a personal key, or an org key made
+    /// before keys named their maker).
+    pub created_by: String,
     pub name: String,
     pub created_at_ms: i64,
     /// 0 while the key is active.
@@ -146,7 +149,8 @@ fn random_hex(bytes: usize) -> Result<String, LedgerError> {
 
 /// The account and member a key id is bound to, read straight from Redis (GetBalance by
 /// key id). NotInitialized when the key's shard has no epoch marker (Redis lost its data:
-/// the key may well exist in the durable ledger), not NotFound.
+/// the key may well exist in the durable ledger), not NotFound. A revoked key is refused
+/// (`KeyRevoked`, with when), as the gateway refuses it: it answers for no one any more.
 pub async fn key_binding(
     ledger: &crate::ledger::Ledger,
     key_id: &str,
@@ -167,14 +171,20 @@ pub async fn key_binding(
         .cmd("HMGET")
         .arg(format!("{}:k:{key_id}", shards.tag(shard)))
         .arg("a")
-        .arg("mb");
+        .arg("mb")
+        .arg("r");
     let (initialized, fields): (i64, Vec<Option<String>>) =
         ledger.redis().call_pipeline(&pipe).await?;
     if initialized != 1 {
         return Err(LedgerError::NotInitialized);
     }
     match fields.as_slice() {
-        [Some(account), member] => Ok((account.clone(), member.clone().unwrap_or_default())),
+        [Some(_), _, Some(revoked)] => Err(LedgerError::Refused(Refusal::KeyRevoked {
+            revoked_at_ms: revoked.parse().map_err(|_| {
+                LedgerError::Internal(format!("key {key_id}: malformed revocation time"))
+            })?,
+        })),
+        [Some(account), member, None] => Ok((account.clone(), member.clone().unwrap_or_default())),
         _ => Err(LedgerError::NotFound("api key")),
     }
 }
@@ -691,6 +701,16 @@ impl KeyStore {
         }
     }
 
+    /// Drops keys revoked elsewhere than [`KeyStore::revoke`] (a member's removal or
+    /// demotion revokes the org-wide keys they made, in lua/org.lua) from this process's
+    /// cache at once, as `revoke` does; other processes forget them within the cache TTL.
+    pub fn forget_revoked<'d>(&self, digests_hex: impl IntoIterator<Item = &'d str>) {
+        self.revocations.fetch_add(1, Ordering::SeqCst);
+        for digest in digests_hex {
+            self.forget(digest);
+        }
+    }
+
     fn forget(&self, digest_hex: &str) {
         let mut digest = [0u8; 32];
         if digest_hex.len() != 64 {
@@ -720,20 +740,14 @@ impl KeyStore {
         let mut keys = rows
             .iter()
             .map(|row| {
-                let parts: Vec<&str> = row.splitn(4, '|').collect();
+                // The name is last: it may hold '|'.
+                let parts: Vec<&str> = row.splitn(6, '|').collect();
                 match parts.as_slice() {
-                    [key_id, created, revoked, rest] => Ok(KeyInfo {
+                    [key_id, created, revoked, member, maker, name] => Ok(KeyInfo {
                         key_id: (*key_id).to_owned(),
-                        member_id: rest
-                            .split_once('|')
-                            .map(|(m, _)| m)
-                            .unwrap_or("")
-                            .to_owned(),
-                        name: rest
-                            .split_once('|')
-                            .map(|(_, n)| n)
-                            .unwrap_or(rest)
-                            .to_owned(),
+                        member_id: (*member).to_owned(),
+                        created_by: (*maker).to_owned(),
+                        name: (*name).to_owned(),
                         created_at_ms: created.parse().unwrap_or_default(),
                         revoked_at_ms: revoked.parse().unwrap_or_default(),
                     }),

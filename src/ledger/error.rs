@@ -7,7 +7,8 @@ pub enum LedgerError {
     /// The request itself is wrong; nothing was changed.
     #[error("invalid argument: {}", describe(.0))]
     InvalidArgument(Vec<FieldViolation>),
-    /// A business rule refused the request (recorded under its idempotency key).
+    /// A business rule refused the request (a mutation's refusal is recorded under its
+    /// idempotency key).
     #[error("refused: {0}")]
     Refused(Refusal),
     /// The hold or charge does not exist (or is older than its retention).
@@ -71,6 +72,10 @@ pub enum Refusal {
     },
     #[error("the organization exists already")]
     OrgExists,
+    /// An API key revoked at `revoked_at_ms` (GetBalance by key id: a revoked key answers
+    /// for no one, as the gateway refuses it).
+    #[error("the api key was revoked at {revoked_at_ms} ms")]
+    KeyRevoked { revoked_at_ms: i64 },
 }
 
 /// Which budget refused a charge: the account's (on the whole wallet) or the org member's.
@@ -111,6 +116,7 @@ impl Refusal {
             Self::AllocationExceeded { .. } => "ALLOCATION_EXCEEDED",
             Self::BudgetExceeded { .. } => "BUDGET_EXCEEDED",
             Self::OrgExists => "ORG_EXISTS",
+            Self::KeyRevoked { .. } => "KEY_REVOKED",
         }
     }
 
@@ -155,6 +161,9 @@ impl Refusal {
                 ("spent", spent.to_string()),
                 ("resets_at_ms", resets_at_ms.to_string()),
             ],
+            Self::KeyRevoked { revoked_at_ms } => {
+                vec![("revoked_at_ms", revoked_at_ms.to_string())]
+            }
             Self::DemoAlreadyGranted | Self::IdempotencyKeyReused | Self::OrgExists => Vec::new(),
         }
     }

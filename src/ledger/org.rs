@@ -138,6 +138,21 @@ pub enum AllocationChange {
 pub struct OrgEvent {
     pub event_id: String,
     pub replayed: bool,
+    /// The org-wide keys a member's removal or demotion to plain member revoked (the
+    /// member made them); empty for every other operation. A replay names them again,
+    /// except one whose record `tollgate restore` re-derived (the event does not list them).
+    pub revoked_keys: Vec<RevokedOrgKey>,
+}
+
+/// An org-wide key revoked because its maker left the org or became a plain member
+/// (lua/org.lua): what the Admin API needs to save the revocation in the durable ledger
+/// and drop the key from its identity cache, as RevokeApiKey does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedOrgKey {
+    pub key_id: String,
+    /// SHA-256 of the key (hex), as the key record keeps it.
+    pub digest_hex: String,
+    pub revoked_at_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,7 +304,8 @@ impl Ledger {
     }
 
     /// Adds a member (or changes a member's role); `actor_id` must be an owner or admin,
-    /// and an owner to touch owners.
+    /// and an owner to touch owners. An owner or admin made a plain member loses the
+    /// org-wide keys they made (`revoked_keys`: revoked in Redis, in the same call).
     pub async fn add_member(
         &self,
         org_id: &str,
@@ -321,9 +337,11 @@ impl Ledger {
                 ..OrgCall::default()
             })
             .await?;
-        org_event(&answer)
+        member_change(&answer)
     }
 
+    /// Removes a member: their allocations and member budgets go, and the org-wide keys
+    /// they made are revoked (`revoked_keys`), in the same call.
     pub async fn remove_member(
         &self,
         org_id: &str,
@@ -347,7 +365,7 @@ impl Ledger {
                 ..OrgCall::default()
             })
             .await?;
-        org_event(&answer)
+        member_change(&answer)
     }
 
     /// Members and roles, sorted by member id. NotFound for an account that is no org;
@@ -511,6 +529,34 @@ fn org_event(answer: &Answer) -> Result<OrgEvent, LedgerError> {
     Ok(OrgEvent {
         event_id: f.text()?.to_owned(),
         replayed: answer.replayed,
+        revoked_keys: Vec::new(),
+    })
+}
+
+/// An add or remove answer: "OK|event_id|role", then "|revoked_ms|key_id:digest|…" when
+/// the change revoked org-wide keys the member made.
+fn member_change(answer: &Answer) -> Result<OrgEvent, LedgerError> {
+    let mut f = ok_fields(answer)?;
+    let event_id = f.text()?.to_owned();
+    let _role = f.text()?;
+    let mut revoked_keys = Vec::new();
+    if let Some(revoked_at_ms) = f.optional_int()? {
+        while let Some(pair) = f.optional_text() {
+            let (key_id, digest_hex) = pair.split_once(':').ok_or_else(|| f.malformed())?;
+            revoked_keys.push(RevokedOrgKey {
+                key_id: key_id.to_owned(),
+                digest_hex: digest_hex.to_owned(),
+                revoked_at_ms,
+            });
+        }
+        if revoked_keys.is_empty() {
+            return Err(f.malformed());
+        }
+    }
+    Ok(OrgEvent {
+        event_id,
+        replayed: answer.replayed,
+        revoked_keys,
     })
 }
 
@@ -562,6 +608,34 @@ fn parse_view(rows: &[String]) -> Result<AccountView, LedgerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_changes_name_the_keys_they_revoked() {
+        let answer = |text: &str| Answer {
+            replayed: false,
+            text: text.into(),
+            identity: Vec::new(),
+        };
+        let plain = member_change(&answer("OK|3-1-0|removed")).unwrap();
+        assert_eq!(plain.event_id, "3-1-0");
+        assert!(plain.revoked_keys.is_empty());
+        let revoked = member_change(&answer("OK|3-1-0|member|1700|k3-00aa:d1|k3-00bb:d2")).unwrap();
+        assert_eq!(
+            revoked.revoked_keys,
+            [("k3-00aa", "d1"), ("k3-00bb", "d2")].map(|(id, digest)| RevokedOrgKey {
+                key_id: id.into(),
+                digest_hex: digest.into(),
+                revoked_at_ms: 1700,
+            })
+        );
+        for bad in [
+            "OK|3-1-0|removed|1700",
+            "OK|3-1-0|removed|1700|k3-00aa",
+            "OK|3-1-0|removed|x|k:d",
+        ] {
+            assert!(member_change(&answer(bad)).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn view_rows_parse() {

@@ -38,6 +38,11 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// The next field, if any (a list that ends the answer).
+    pub(super) fn optional_text(&mut self) -> Option<&'a str> {
+        self.parts.next()
+    }
+
     pub(super) fn int(&mut self) -> Result<i64, LedgerError> {
         let part = self.text()?;
         part.parse().map_err(|_| self.malformed())

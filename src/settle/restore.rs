@@ -10,7 +10,8 @@
 //! would still find them, up to 1.5 idempotency windows; a refund's with its `:rf:`
 //! pointer), each kept as long as lib.lua keeps it. Then the shard's epoch marker is
 //! written and it serves again. API keys (hashes) come from the store's key table, which
-//! the Admin API writes.
+//! the Admin API writes; a live org-wide key whose maker no longer manages the restored
+//! org is revoked (`revoked_by_role_loss`), in the store too.
 //!
 //! Not restored (stated in the report): refusals (never in the ledger, so a replayed
 //! refused request is evaluated again), idempotency records of captures, releases,
@@ -263,6 +264,9 @@ pub struct ShardReport {
     pub charges: usize,
     pub idempotency_records: usize,
     pub orgs: usize,
+    /// Org-wide keys revoked because their maker no longer manages the org, whose
+    /// revocation the store lacked (`revoked_by_role_loss`).
+    pub api_keys_revoked: usize,
     /// The shard already served (its epoch marker was there): left as it is.
     pub skipped: bool,
 }
@@ -291,6 +295,15 @@ impl RestoreReport {
         let holds: usize = self.shards.iter().map(|s| s.open_holds).sum();
         let records: usize = self.shards.iter().map(|s| s.idempotency_records).sum();
         let skipped = self.shards.iter().filter(|s| s.skipped).count();
+        let keys_revoked: usize = self.shards.iter().map(|s| s.api_keys_revoked).sum();
+        let keys_revoked = if keys_revoked > 0 {
+            format!(
+                " ({keys_revoked} of them revoked now: org-wide keys whose maker left the org \
+                 or became a plain member, a revocation the store lacked)"
+            )
+        } else {
+            String::new()
+        };
         let left_alone = if skipped > 0 {
             format!("left {skipped} shards alone (they already served)\n")
         } else {
@@ -298,7 +311,7 @@ impl RestoreReport {
         };
         format!(
             "{left_alone}restored {} shards: {wallets} wallets from {events} ledger events, {holds} open holds, \
-             {records} idempotency records, {} API keys in {:.1} s\n\
+             {records} idempotency records, {} API keys{keys_revoked} in {:.1} s\n\
              not restored: refusals (a replayed refused request is evaluated again); idempotency \
              records of captures, releases, negative adjustments and of org operations whose \
              events do not name their actor (settled before events carried it) (retried, they \
@@ -514,6 +527,9 @@ struct Spend {
 struct OrgState {
     /// org → (created ms, member → role).
     members: BTreeMap<String, (i64, BTreeMap<String, String>)>,
+    /// (org, member) → when an owner or admin last left the org or became a plain member:
+    /// when lua/org.lua revoked the org-wide keys they made (`revoked_by_role_loss`).
+    lost_key_right_ms: BTreeMap<(String, String), i64>,
     /// (org, wallet, member) → (allocated: None without an `allocate` event (an owner or
     /// admin spending unbounded), used).
     allocations: BTreeMap<(String, String, String), (Option<i64>, i64)>,
@@ -877,10 +893,19 @@ impl Replay<'_> {
                     .members
                     .entry(e.account_id.clone())
                     .or_insert_with(|| (e.created_at_ms, BTreeMap::new()));
+                let managed = org
+                    .1
+                    .get(&e.member)
+                    .is_some_and(|role| role == "owner" || role == "admin");
                 if e.extra == "removed" {
                     org.1.remove(&e.member);
                 } else {
                     org.1.insert(e.member.clone(), e.extra.clone());
+                }
+                if managed && (e.extra == "removed" || e.extra == "member") {
+                    self.orgs
+                        .lost_key_right_ms
+                        .insert((e.account_id.clone(), e.member.clone()), e.created_at_ms);
                 }
                 self.record_org(e, 0);
             }
@@ -1964,8 +1989,14 @@ async fn restore_under(
             queued += 3;
         }
         flush(ledger, lease, shard, &mut pipe, &mut queued).await?;
-        report.api_keys +=
-            write_api_keys(ledger, api_keys.remove(&shard).unwrap_or_default()).await?;
+        let mut keys = api_keys.remove(&shard).unwrap_or_default();
+        for key in revoked_by_role_loss(&mut keys, &orgs, now) {
+            // The store did not have the revocation (the Admin API's save of it never
+            // landed): it gets it now, so the next restore agrees.
+            store.save_api_key(key).await?;
+            shard_report.api_keys_revoked += 1;
+        }
+        report.api_keys += write_api_keys(ledger, keys).await?;
         let finished: i64 = ledger
             .redis()
             .query(
@@ -1990,6 +2021,43 @@ async fn restore_under(
     }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Revokes, among a shard's keys from the store, each live org-wide key (no member) whose
+/// maker is no owner or admin of the restored org, or was made before its maker last left
+/// the org or became a plain member (and was made an owner or admin again since):
+/// lua/org.lua revoked it then, and the Admin API saves that revocation in the store after
+/// the call; a save that never landed must not bring the key back to life with the
+/// restore. The revocation time is that of the event that took the maker's role (the
+/// script's; key creation times and event times are both Redis server time), or now when
+/// the events show none. Keys made before keys named their maker (`created_by` "") and
+/// orgs without events in the store are left as they are. Answers the keys it revoked.
+fn revoked_by_role_loss<'k>(
+    keys: &'k mut [ApiKeyRecord],
+    orgs: &OrgState,
+    now: i64,
+) -> Vec<&'k ApiKeyRecord> {
+    let mut revoked = Vec::new();
+    for key in keys.iter_mut() {
+        if key.revoked_at_ms > 0 || !key.member_id.is_empty() || key.created_by.is_empty() {
+            continue;
+        }
+        let Some((_, members)) = orgs.members.get(&key.account_id) else {
+            continue;
+        };
+        let manages = members
+            .get(&key.created_by)
+            .is_some_and(|role| role == "owner" || role == "admin");
+        let lost_ms = orgs
+            .lost_key_right_ms
+            .get(&(key.account_id.clone(), key.created_by.clone()))
+            .copied();
+        if !manages || lost_ms.is_some_and(|lost| key.created_at_ms <= lost) {
+            key.revoked_at_ms = lost_ms.unwrap_or(now);
+            revoked.push(&*key);
+        }
+    }
+    revoked
 }
 
 /// API keys, from the durable ledger's key table (hashes only), as the gateway's
@@ -2019,6 +2087,9 @@ async fn write_api_keys(ledger: &Ledger, keys: Vec<ApiKeyRecord>) -> Result<usiz
         if !key.member_id.is_empty() {
             record.arg("mb").arg(&key.member_id);
         }
+        if !key.created_by.is_empty() {
+            record.arg("by").arg(&key.created_by);
+        }
         pipe.add_command(record).ignore();
         pipe.cmd("HSET")
             .arg(format!("{tag}:ks:{}", key.account_id))
@@ -2040,6 +2111,74 @@ async fn write_api_keys(ledger: &Ledger, keys: Vec<ApiKeyRecord>) -> Result<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn org_wide_keys_of_makers_who_lost_the_role_are_revoked() {
+        let key =
+            |id: &str, account: &str, member: &str, by: &str, created, revoked| ApiKeyRecord {
+                key_id: id.into(),
+                account_id: account.into(),
+                member_id: member.into(),
+                digest: "d".into(),
+                name: String::new(),
+                created_at_ms: created,
+                revoked_at_ms: revoked,
+                created_by: by.into(),
+            };
+        let mut orgs = OrgState::default();
+        let roles = [("olivia", "owner"), ("bob", "member"), ("erin", "admin")];
+        orgs.members.insert(
+            "acme".into(),
+            (
+                1,
+                roles
+                    .iter()
+                    .map(|(m, r)| (m.to_string(), r.to_string()))
+                    .collect(),
+            ),
+        );
+        // Bob was demoted at 50; erin removed at 40 and made an admin again since.
+        for (member, at) in [("bob", 50), ("erin", 40), ("dave", 30)] {
+            orgs.lost_key_right_ms
+                .insert(("acme".into(), member.into()), at);
+        }
+        let mut keys = vec![
+            key("bob-wide", "acme", "", "bob", 10, 0),
+            key("bob-for-alice", "acme", "alice", "bob", 10, 0),
+            key("erin-before", "acme", "", "erin", 20, 0),
+            key("erin-after", "acme", "", "erin", 60, 0),
+            key("olivia-wide", "acme", "", "olivia", 10, 0),
+            key("dave-revoked", "acme", "", "dave", 10, 35),
+            key("mallory-never", "acme", "", "mallory", 10, 0),
+            key("legacy", "acme", "", "", 10, 0),
+            key("elsewhere", "globex", "", "bob", 10, 0),
+        ];
+        let revoked: Vec<(String, i64)> = revoked_by_role_loss(&mut keys, &orgs, 999)
+            .into_iter()
+            .map(|k| (k.key_id.clone(), k.revoked_at_ms))
+            .collect();
+        assert_eq!(
+            revoked,
+            [
+                ("bob-wide".to_owned(), 50),
+                ("erin-before".to_owned(), 40),
+                ("mallory-never".to_owned(), 999),
+            ]
+        );
+        // The revoked ones changed in place (they are written to Redis so); the rest kept.
+        let revoked_at = |id: &str| keys.iter().find(|k| k.key_id == id).unwrap().revoked_at_ms;
+        assert_eq!(revoked_at("bob-wide"), 50);
+        assert_eq!(revoked_at("dave-revoked"), 35);
+        for kept in [
+            "bob-for-alice",
+            "erin-after",
+            "olivia-wide",
+            "legacy",
+            "elsewhere",
+        ] {
+            assert_eq!(revoked_at(kept), 0, "{kept}");
+        }
+    }
 
     #[test]
     fn dead_letter_streams_are_told_by_name_in_any_shard() {

@@ -38,6 +38,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("schema_v6.sql")),
     (7, include_str!("schema_v7.sql")),
     (8, include_str!("schema_v8.sql")),
+    (9, include_str!("schema_v9.sql")),
 ];
 
 /// Columns a migration adds where they are missing, before its SQL runs: (version,
@@ -141,6 +142,9 @@ pub struct ApiKeyRecord {
     pub created_at_ms: i64,
     /// 0 while active.
     pub revoked_at_ms: i64,
+    /// The owner or admin who made an org key ("" for a personal key, or a key saved
+    /// before schema v9).
+    pub created_by: String,
 }
 
 /// A point in the (account, wallet, stream position) order of `shard_events`.
@@ -1001,12 +1005,27 @@ macro_rules! store_impl {
             }
 
             pub async fn save_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+                // A revocation is kept once saved. A key's other fields never change, so a
+                // later record fills in what an earlier, partial one lacked (a revocation
+                // saved before the key's own record, which a CreateApiKey whose store write
+                // failed saves later).
                 sqlx::query(
                     "INSERT INTO tollgate_api_keys (key_id, account_id, digest, name, \
-                     created_at_ms, revoked_at_ms, member_id) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     created_at_ms, revoked_at_ms, member_id, created_by) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                      ON CONFLICT (key_id) DO UPDATE SET revoked_at_ms = CASE \
                      WHEN excluded.revoked_at_ms > 0 THEN excluded.revoked_at_ms \
-                     ELSE tollgate_api_keys.revoked_at_ms END",
+                     ELSE tollgate_api_keys.revoked_at_ms END, \
+                     digest = CASE WHEN tollgate_api_keys.digest = '' \
+                     THEN excluded.digest ELSE tollgate_api_keys.digest END, \
+                     name = CASE WHEN tollgate_api_keys.name = '' \
+                     THEN excluded.name ELSE tollgate_api_keys.name END, \
+                     created_at_ms = CASE WHEN tollgate_api_keys.created_at_ms = 0 \
+                     THEN excluded.created_at_ms ELSE tollgate_api_keys.created_at_ms END, \
+                     member_id = CASE WHEN tollgate_api_keys.member_id = '' \
+                     THEN excluded.member_id ELSE tollgate_api_keys.member_id END, \
+                     created_by = CASE WHEN tollgate_api_keys.created_by = '' \
+                     THEN excluded.created_by ELSE tollgate_api_keys.created_by END",
                 )
                 .bind(key.key_id.clone())
                 .bind(key.account_id.clone())
@@ -1015,6 +1034,7 @@ macro_rules! store_impl {
                 .bind(key.created_at_ms)
                 .bind(key.revoked_at_ms)
                 .bind(key.member_id.clone())
+                .bind(key.created_by.clone())
                 .execute(&self.pool)
                 .await?;
                 Ok(())
@@ -1023,7 +1043,7 @@ macro_rules! store_impl {
             pub async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
                 let rows = sqlx::query(
                     "SELECT key_id, account_id, digest, name, created_at_ms, revoked_at_ms, \
-                     member_id FROM tollgate_api_keys ORDER BY key_id",
+                     member_id, created_by FROM tollgate_api_keys ORDER BY key_id",
                 )
                 .fetch_all(&self.pool)
                 .await?;
@@ -1037,6 +1057,7 @@ macro_rules! store_impl {
                             created_at_ms: r.try_get("created_at_ms")?,
                             revoked_at_ms: r.try_get("revoked_at_ms")?,
                             member_id: r.try_get("member_id")?,
+                            created_by: r.try_get("created_by")?,
                         })
                     })
                     .collect::<Result<Vec<_>, sqlx::Error>>()

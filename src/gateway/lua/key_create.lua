@@ -10,7 +10,9 @@
 -- Answers "OK|created_ms", "REPLAY|key_id|created_ms|key digest" (the key an earlier call
 -- with this idempotency key made), "KEY_LIMIT|max", "EXISTS" or "BAD_FIELD|field|why".
 -- The record holds: a account, s digest, n name, c created ms, r revoked ms (once),
--- mb member (org keys bound to a member). The idempotency record
+-- mb member (org keys bound to a member), by the owner or admin who made an org key (a
+-- member-less one is revoked when they leave the org or become a plain member:
+-- lua/org.lua). The idempotency record
 -- "{tg:S}:ki:<id>" = "<request digest>|<key id>|<created ms>", for the window.
 -- A shard without its epoch marker (Redis lost its data, until `tollgate restore`) is
 -- refused first (TG_NOT_INITIALIZED, as the ledger scripts): its org records are gone too,
@@ -32,8 +34,15 @@ if ARGV[7] ~= '' then
   if role ~= 'owner' and role ~= 'admin' then
     return 'BAD_FIELD|actor_id|must be an owner or admin of the organization'
   end
-  if ARGV[6] ~= '' and not redis.call('HGET', KEYS[3], 'm:' .. ARGV[6]) then
-    return 'BAD_FIELD|member_id|is not a member of the organization'
+  if ARGV[6] ~= '' then
+    local bound = redis.call('HGET', KEYS[3], 'm:' .. ARGV[6])
+    if not bound then
+      return 'BAD_FIELD|member_id|is not a member of the organization'
+    end
+    -- Only an owner acts on an owner (as lua/org.lua's add and allocations).
+    if bound == 'owner' and role ~= 'owner' then
+      return 'BAD_FIELD|actor_id|only an owner may make a key bound to an owner'
+    end
   end
 elseif redis.call('EXISTS', KEYS[3]) == 1 then
   return 'BAD_FIELD|account_id|is an organization: make its keys with org_id and actor_id (an owner or admin of it)'
@@ -63,6 +72,9 @@ local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]
 redis.call('HSET', KEYS[1], 'a', ARGV[1], 's', ARGV[2], 'n', ARGV[3], 'c', now)
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'mb', ARGV[6])
+end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'by', ARGV[7])
 end
 redis.call('HSET', KEYS[2], ARGV[5], now)
 if ikey then

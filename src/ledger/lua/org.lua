@@ -5,7 +5,9 @@
 -- limit; 0 removes a budget), 17 budget period (d | m | w), 18 window ms, 19 UTC offset
 -- ms, 20 most wallets per account.
 -- Answers "OK|event_id|a|b" (create: created_ms; add: role; allocate: allocated|used;
--- budget: limit), "ORG_EXISTS" or "BAD_FIELD|field|why" (nothing changed or recorded),
+-- budget: limit; add and remove: the role, then "|revoked_ms|key_id:digest|..." when the
+-- change revoked the org-wide keys the member made, see below), "ORG_EXISTS" or
+-- "BAD_FIELD|field|why" (nothing changed or recorded),
 -- "NOT_FOUND|budget" (budget with limit 0 and no budget to remove: recorded under the
 -- key, nothing changed),
 -- or "WALLET_LIMIT|max" (allocate, budget: a new wallet past the per-account cap;
@@ -40,6 +42,34 @@ local function require_admin()
     return bad('actor_id', 'must be an owner or admin of the organization')
   end
   return nil, r
+end
+
+-- A member who leaves, or loses the right to make org-wide keys (an owner or admin made a
+-- plain member), takes the org-wide keys they made with them: a key without a member (`mb`)
+-- charges the org balance with no allocation or member budget, so a removed admin's key
+-- would go on spending it all. Each live one (`by` = the member, no `mb`, no `r`) is
+-- revoked as key_revoke.lua does, in this same call; the answer's suffix names them
+-- ("|revoked_ms|key_id:digest|..."; '' when none) so the Admin API saves each revocation
+-- in the durable ledger and drops it from its identity cache, as RevokeApiKey does. Keys
+-- bound to a member act for that member (their allocation bounds them) and stay; keys
+-- made before keys named their maker have no `by` and stay too (docs/ARCHITECTURE.md,
+-- "Organizations"). Bounded by the account's key index (gateway.keys_per_account_max).
+local function revoke_org_wide_keys_made_by(maker)
+  local ids = redis.call('HKEYS', TAG .. ':ks:' .. org)
+  table.sort(ids)
+  local revoked = ''
+  for i = 1, #ids do
+    local key = TAG .. ':k:' .. ids[i]
+    local k = redis.call('HMGET', key, 'by', 'mb', 'r', 's')
+    if k[1] == maker and not k[2] and not k[3] then
+      redis.call('HSET', key, 'r', itos(NOW))
+      revoked = revoked .. '|' .. ids[i] .. ':' .. (k[4] or '')
+    end
+  end
+  if revoked == '' then
+    return ''
+  end
+  return '|' .. itos(NOW) .. revoked
 end
 
 local answer
@@ -108,6 +138,10 @@ elseif op == 'add' or op == 'remove' then
   end
   MEMBER = member
   local eid = emit(NO_WALLET, 'member', 0, '', role, '', '', idem, op, '')
+  local revoked = ''
+  if op == 'remove' or (role == 'member' and (current == 'owner' or current == 'admin')) then
+    revoked = revoke_org_wide_keys_made_by(member)
+  end
   if op == 'remove' then
     -- A member who leaves leaves no allocation or budget behind: in each org wallet (the
     -- wallet set, bounded by the per-account wallet cap; allocations and budgets join
@@ -139,14 +173,20 @@ elseif op == 'add' or op == 'remove' then
       end
     end
   end
-  answer = 'OK|' .. eid .. '|' .. role
+  answer = 'OK|' .. eid .. '|' .. role .. revoked
 elseif op == 'allocate_set' or op == 'allocate_add' then
-  local refused = require_admin()
+  local refused, actor_role = require_admin()
   if refused then
     return refused
   end
-  if not member_role(org, member) then
+  local target = member_role(org, member)
+  if not target then
     return bad('member_id', 'is not a member of the organization')
+  end
+  -- An admin setting an owner's allocation (to 0, say) would freeze the owner: only an
+  -- owner acts on an owner, as in add.
+  if target == 'owner' and actor_role ~= 'owner' then
+    return bad('actor_id', "only an owner may change an owner's allocation")
   end
   local akey = alloc_key(org, wallet)
   local v = redis.call('HMGET', akey, member, member .. ':u')
