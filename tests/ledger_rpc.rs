@@ -2636,6 +2636,119 @@ async fn a_hold_beyond_one_calls_expiry_batch_still_ends_by_its_policy() {
         .expect("every hold released");
 }
 
+/// Places `n` release-on-expiry holds of 1 credit each, due at `T0 + 5 s`.
+async fn overdue_release_holds(env: &Env, acct: &str, n: usize) {
+    for i in 0..n {
+        env.authorize(pb::AuthorizeRequest {
+            on_expiry: "release".into(),
+            ..hold_req(acct, 1, 5_000, &format!("h{i}"))
+        })
+        .await
+        .expect("hold");
+    }
+}
+
+/// More overdue holds than one call's batch (lib.lua `DUE_HOLDS_MAX`, 256): a hold past
+/// its deadline is not active, so a charge their credits decide is decided with them
+/// ended (never refused, and the refusal recorded, while some still count as held), and
+/// GetBalance shows them ended too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charges_and_balances_see_every_overdue_hold_past_one_batch_ended() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    for acct in [
+        "backlog-debit",
+        "backlog-hold",
+        "backlog-adjust",
+        "backlog-balance",
+    ] {
+        env.grant(grant_req(acct, 1_000, "g1"))
+            .await
+            .expect("grant");
+        overdue_release_holds(&env, acct, 300).await;
+    }
+    now.store(T0 + 10_000, SeqCst);
+
+    let d = env
+        .debit(debit_req("backlog-debit", 1_000, "d1"))
+        .await
+        .expect("every overdue hold released first");
+    assert_eq!((d.available, d.held), (0, 0));
+    let again = env
+        .debit(debit_req("backlog-debit", 1_000, "d1"))
+        .await
+        .expect("replay");
+    assert!(again.replayed);
+    assert_eq!(again.charge_id, d.charge_id);
+    let events = env.events("backlog-debit").await;
+    let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == EventKind::ExpireHold)
+            .count(),
+        300
+    );
+    assert_eq!(kinds.last(), Some(&EventKind::Debit), "the holds end first");
+    let b = env.balance("backlog-debit", "default").await;
+    assert_eq!(b, wallet("default", [0, 0, 1_000, 1_000, 0, 0, 0]));
+
+    let h = env
+        .authorize(hold_req("backlog-hold", 1_000, 60_000, "big"))
+        .await
+        .expect("every overdue hold released first");
+    assert_eq!((h.available, h.held), (0, 1_000));
+
+    let a = env
+        .adjust(adjust_req("backlog-adjust", -1_000, "a1"))
+        .await
+        .expect("every overdue hold released first");
+    assert_eq!(a.available, 0);
+
+    assert_eq!(
+        env.balance("backlog-balance", "default").await,
+        wallet("default", [1_000, 0, 1_000, 0, 0, 0, 0])
+    );
+}
+
+/// Past the most overdue holds one call ends (lib.lua `DUE_HOLDS_CALL_MAX`, 512), a
+/// charge they would refuse is not decided: UNAVAILABLE with EXPIRY_BACKLOG, nothing
+/// recorded, the holds it reached ended; the retry, with the rest ended, is decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_that_overdue_holds_past_the_calls_bound_decide_is_retried_not_refused() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "backlog-past-bound";
+    env.grant(grant_req(acct, 600, "g1")).await.expect("grant");
+    overdue_release_holds(&env, acct, 600).await;
+    now.store(T0 + 10_000, SeqCst);
+
+    let err = env
+        .debit(debit_req(acct, 600, "d1"))
+        .await
+        .expect_err("more overdue holds than one call ends");
+    assert_refusal(&err, Code::Unavailable, "EXPIRY_BACKLOG", &[]);
+    let ended = |events: &[LedgerEvent]| {
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::ExpireHold)
+            .count()
+    };
+    let events = env.events(acct).await;
+    assert_eq!(ended(&events), 512);
+    assert!(events.iter().all(|e| e.kind != EventKind::Debit));
+
+    let d = env
+        .debit(debit_req(acct, 600, "d1"))
+        .await
+        .expect("the retry ends the rest and decides");
+    assert!(!d.replayed, "nothing was recorded the first time");
+    assert_eq!((d.available, d.held), (0, 0));
+    assert_eq!(ended(&env.events(acct).await), 600);
+    let b = env.balance(acct, "default").await;
+    assert_eq!(b, wallet("default", [0, 0, 600, 600, 0, 0, 0]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_ends_due_lots_and_holds_of_idle_wallets() {
     let (clock, now) = Clock::manual(T0);

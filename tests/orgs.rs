@@ -1946,6 +1946,47 @@ async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
     assert_eq!((debited.available, debited.held), (1_000 - 50, 0));
 }
 
+/// As above with more of the member's holds overdue than one call's batch ends (lib.lua
+/// `DUE_HOLDS_MAX`, 256): the charge is decided with all of them ended, never refused
+/// ALLOCATION_EXCEEDED (and the refusal recorded) while some still count in the
+/// allocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_charge_sees_the_allocation_overdue_holds_past_one_batch_gave_back() {
+    use tollgate::ledger::org::AllocationChange;
+    let redis = common::RedisServer::start();
+    let (ledger, now) = carol_org_clocked(&redis).await;
+    ledger
+        .allocate(
+            "acme",
+            "olivia",
+            "carol",
+            "default",
+            AllocationChange::Set(300),
+            "a",
+        )
+        .await
+        .expect("allocate");
+    for i in 0..300 {
+        ledger
+            .authorize(&tollgate::ledger::command::Authorize {
+                ttl_ms: 1_000,
+                ..carol_hold(1, &format!("h{i}"))
+            })
+            .await
+            .expect("hold");
+    }
+    now.fetch_add(2_000, std::sync::atomic::Ordering::SeqCst);
+    let debited = ledger
+        .debit(&carol_debit(300, "d"))
+        .await
+        .expect("every overdue hold gave carol's allocation back first");
+    assert_eq!(debited.spendable, Some(0));
+    assert_eq!((debited.available, debited.held), (1_000 - 300, 0));
+    let again = ledger.debit(&carol_debit(300, "d")).await.expect("replay");
+    assert!(again.replayed);
+    assert_eq!(again.event_id, debited.event_id);
+}
+
 /// A hold gives back what it did not charge only to the budget it was counted in: not to
 /// one removed and set again since (else its release would lift the new budget past its
 /// limit: 500 held, budget removed and set again, 600 charged, the hold released, 900

@@ -48,6 +48,15 @@ pub fn to_status(err: LedgerError) -> Status {
                 details,
             )
         }
+        LedgerError::ExpiryBacklog => {
+            let mut details = ErrorDetails::new();
+            details.set_error_info("EXPIRY_BACKLOG", ERROR_DOMAIN, HashMap::new());
+            Status::with_error_details(
+                Code::Unavailable,
+                "too many holds past their deadline to end in one call: retry",
+                details,
+            )
+        }
         LedgerError::NotInitialized => {
             let mut details = ErrorDetails::new();
             details.set_error_info("LEDGER_NOT_INITIALIZED", ERROR_DOMAIN, HashMap::new());
@@ -102,7 +111,9 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
         },
         LedgerError::Refused(Refusal::IdempotencyKeyReused) => Denial::RequestIdReused,
         LedgerError::Refused(Refusal::KeyRevoked { .. }) => Denial::RevokedKey,
-        LedgerError::Refused(Refusal::HoldLimit { .. }) | LedgerError::OutboxFull => Denial::Busy,
+        LedgerError::Refused(Refusal::HoldLimit { .. })
+        | LedgerError::OutboxFull
+        | LedgerError::ExpiryBacklog => Denial::Busy,
         LedgerError::Unavailable(_) => Denial::Unavailable,
         LedgerError::NotInitialized => Denial::NotInitialized,
         // An org key whose member was removed from the org since.
@@ -248,6 +259,7 @@ pub fn http_error(err: LedgerError) -> (u16, serde_json::Value) {
         }
         LedgerError::NotFound(what) => (404, json!({ "error": "not_found", "what": what })),
         LedgerError::OutboxFull => (429, json!({ "error": "outbox_full" })),
+        LedgerError::ExpiryBacklog => (503, json!({ "error": "expiry_backlog" })),
         LedgerError::NotInitialized => (503, json!({ "error": "ledger_not_initialized" })),
         LedgerError::Unavailable(why) => {
             tracing::warn!(error = %why, "redis unavailable");

@@ -466,6 +466,7 @@ fn error_kind(err: &LedgerError) -> String {
         LedgerError::Unavailable(_) => "redis:unavailable".into(),
         LedgerError::NotInitialized => "redis:not_initialized".into(),
         LedgerError::OutboxFull => "redis:outbox_full".into(),
+        LedgerError::ExpiryBacklog => "redis:expiry_backlog".into(),
         LedgerError::InvalidArgument(_) => "invalid_argument".into(),
         LedgerError::NotFound(_) => "not_found".into(),
         LedgerError::Internal(_) => "internal".into(),

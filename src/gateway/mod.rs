@@ -197,7 +197,8 @@ pub enum Denial {
     NotInitialized,
     /// The request id was used before for a request priced differently.
     RequestIdReused,
-    /// A bound was reached (open holds per wallet, outbox): retry later.
+    /// A bound was reached (open holds per wallet, outbox, overdue holds one call ends):
+    /// retry later.
     Busy,
     Internal,
 }
@@ -297,7 +298,10 @@ impl Replayed {
             Ok(_) => Self::Charged,
             Err(LedgerError::Unavailable(_)) => Self::Retry,
             Err(
-                LedgerError::NotInitialized | LedgerError::OutboxFull | LedgerError::Internal(_),
+                LedgerError::NotInitialized
+                | LedgerError::OutboxFull
+                | LedgerError::ExpiryBacklog
+                | LedgerError::Internal(_),
             ) => Self::Later,
             Err(
                 LedgerError::Refused(_)
@@ -1027,6 +1031,7 @@ mod tests {
             ),
             (Err(LedgerError::NotInitialized), Replayed::Later),
             (Err(LedgerError::OutboxFull), Replayed::Later),
+            (Err(LedgerError::ExpiryBacklog), Replayed::Later),
         ];
         for (result, want) in cases {
             assert_eq!(Replayed::of(&result), want, "{result:?}");

@@ -18,6 +18,11 @@ pub enum LedgerError {
     /// settler instead of growing Redis without bound.
     #[error("outbox full: the settler is behind")]
     OutboxFull,
+    /// The wallet has more holds past their deadline than one call ends, and they decide
+    /// the request (it would be refused while they still count as held): nothing was
+    /// decided or recorded. A retry goes on ending them (so does the sweeper).
+    #[error("too many holds past their deadline to end in one call: retry")]
+    ExpiryBacklog,
     /// Redis answers but holds no ledger (its data was lost): nothing is served from it
     /// until `tollgate restore` has rebuilt it from the durable ledger.
     #[error("ledger not initialized: Redis lost its data; run tollgate restore")]

@@ -850,7 +850,7 @@ fn error_kind(err: &redis::RedisError) -> ErrorKind {
 
 /// Answer codes other than OK that mutation scripts give (refusals and typed errors); a
 /// code outside this list counts as "other".
-pub const ANSWER_CODES: [&str; 13] = [
+pub const ANSWER_CODES: [&str; 14] = [
     "INSUFFICIENT_CREDITS",
     "HOLD_ENDED",
     "DEMO_ALREADY_GRANTED",
@@ -860,6 +860,7 @@ pub const ANSWER_CODES: [&str; 13] = [
     "WALLET_LIMIT",
     "HOLD_LIMIT",
     "OUTBOX_FULL",
+    "EXPIRY_BACKLOG",
     "NOT_FOUND",
     "AMOUNT_EXCEEDS_HOLD",
     "BALANCE_LIMIT",

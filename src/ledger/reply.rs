@@ -123,6 +123,7 @@ pub(super) fn ok_fields(answer: &Answer) -> Result<Fields<'_>, LedgerError> {
             )]));
         }
         "OUTBOX_FULL" => return Err(LedgerError::OutboxFull),
+        "EXPIRY_BACKLOG" => return Err(LedgerError::ExpiryBacklog),
         "LEDGER_NOT_INITIALIZED" => return Err(LedgerError::NotInitialized),
         "NOT_FOUND" => {
             return Err(LedgerError::NotFound(match f.text()? {
@@ -345,6 +346,10 @@ mod tests {
         assert!(matches!(
             debit(&answer("OUTBOX_FULL")),
             Err(LedgerError::OutboxFull)
+        ));
+        assert!(matches!(
+            debit(&answer("EXPIRY_BACKLOG")),
+            Err(LedgerError::ExpiryBacklog)
         ));
         assert!(matches!(
             debit(&answer("OK|x|notanumber|1|1")),

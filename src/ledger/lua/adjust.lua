@@ -4,7 +4,8 @@
 -- A positive adjustment adds a lot of kind "adjustment"; a negative one draws from the
 -- lots in burn order and never drives the available balance below zero.
 -- Answers "OK|event_id|lot_id|available", "INSUFFICIENT_CREDITS|required|available",
--- "EXPIRES_IN_PAST|now_ms", "LOT_LIMIT|max" or "WALLET_LIMIT|max".
+-- "EXPIRES_IN_PAST|now_ms", "LOT_LIMIT|max", "WALLET_LIMIT|max" or "EXPIRY_BACKLOG"
+-- (debit.lua; nothing recorded).
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
@@ -27,21 +28,31 @@ settle_due(W)
 if amount > 0 and not fits(W, amount, 'j') then
   return { 0, 'BALANCE_LIMIT' }
 end
-local answer
-if amount > 0 then
-  if redis.call('ZCARD', W.b) >= tonumber(ARGV[15]) then
-    answer = 'LOT_LIMIT|' .. ARGV[15]
-  elseif wallet_set_refuses(ARGV[8], ARGV[9], ARGV[16]) then
-    answer = 'WALLET_LIMIT|' .. ARGV[16]
-  else
-    join_wallet_set(ARGV[8], ARGV[9])
-    local id, piece = add_lot(W, amount, 'adjustment', tonumber(ARGV[17]), exp, ARGV[13])
-    redis.call('HINCRBY', W.w, 'j', amount)
-    local eid = emit(W, 'adjust', amount, piece, 'adjustment|' .. ARGV[13], '', '', ARGV[10], '', ARGV[14])
-    answer = 'OK|' .. eid .. '|' .. id .. '|' .. itos(W.r)
+-- The lot cap counts lots that overdue holds hold whole, the balance leaves out what
+-- they hold (lib.lua decide).
+local answer = decide(W, function()
+  if amount > 0 then
+    if redis.call('ZCARD', W.b) >= tonumber(ARGV[15]) then
+      return 'LOT_LIMIT|' .. ARGV[15], true
+    elseif wallet_set_refuses(ARGV[8], ARGV[9], ARGV[16]) then
+      return 'WALLET_LIMIT|' .. ARGV[16], false
+    end
+  elseif W.r < -amount then
+    return 'INSUFFICIENT_CREDITS|' .. itos(-amount) .. '|' .. itos(W.r), true
   end
-elseif W.r < -amount then
-  answer = 'INSUFFICIENT_CREDITS|' .. itos(-amount) .. '|' .. itos(W.r)
+  return nil, false
+end)
+if answer == EXPIRY_BACKLOG then
+  return { 0, answer }
+end
+if answer then
+  -- A refusal: recorded below.
+elseif amount > 0 then
+  join_wallet_set(ARGV[8], ARGV[9])
+  local id, piece = add_lot(W, amount, 'adjustment', tonumber(ARGV[17]), exp, ARGV[13])
+  redis.call('HINCRBY', W.w, 'j', amount)
+  local eid = emit(W, 'adjust', amount, piece, 'adjustment|' .. ARGV[13], '', '', ARGV[10], '', ARGV[14])
+  answer = 'OK|' .. eid .. '|' .. id .. '|' .. itos(W.r)
 else
   local lots = draw(W, -amount, false)
   if not lots then

@@ -3,7 +3,7 @@
 -- 16 metadata, 17 most open holds per wallet, 18 org member ("" = none; see debit.lua).
 -- Answers "OK|event_id|hold_id|amount|expires_at_ms|available|held[|spendable]" (spendable
 -- as in debit.lua), "INSUFFICIENT_CREDITS|required|available", "HOLD_LIMIT|max", or as
--- debit.lua for allocations, budgets and members. A hold counts in the allocation and the
+-- debit.lua for allocations, budgets, members and EXPIRY_BACKLOG. A hold counts in the allocation and the
 -- budgets at once; what it does not charge goes back when it ends.
 -- By API key as debit.lua: ARGV 8 and 18 are "", ARGV 19 the key id, 20 the key's SHA-256.
 if not initialized() then
@@ -39,20 +39,22 @@ if member ~= '' then
 end
 local W = open_wallet(acct, ARGV[9])
 settle_due(W)
--- After settle_due: an overdue hold it just ended gave the member's allocation back.
-local remaining = role and alloc_remaining(acct, ARGV[9], member, role)
-local budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
-local over_budget = budgets and budgets_refuse(budgets, amount)
-local answer
-if remaining and remaining < amount then
-  answer = 'ALLOCATION_EXCEEDED|' .. itos(amount) .. '|' .. itos(remaining)
-elseif over_budget then
-  answer = over_budget
-elseif W.r < amount then
-  answer = 'INSUFFICIENT_CREDITS|' .. itos(amount) .. '|' .. itos(W.r)
-elseif redis.call('ZCARD', W.hw) >= tonumber(ARGV[17]) then
-  answer = 'HOLD_LIMIT|' .. ARGV[17]
-else
+local remaining, budgets, answer
+repeat
+  -- After settle_due: an overdue hold it just ended gave the member's allocation back.
+  remaining = role and alloc_remaining(acct, ARGV[9], member, role)
+  budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
+  answer = charge_refusal(W, amount, remaining, budgets)
+  if not answer and redis.call('ZCARD', W.hw) >= tonumber(ARGV[17]) then
+    answer = 'HOLD_LIMIT|' .. ARGV[17]
+  end
+  -- A refusal with overdue holds left past settle_due's batch (lib.lua settle_more):
+  -- end more of them and decide again.
+until not answer or not settle_more(W)
+if answer and holds_overdue(W) then
+  return { 0, EXPIRY_BACKLOG, keyed and acct or nil }
+end
+if not answer then
   local lots = draw(W, amount, true)
   if not lots then
     return redis.error_reply('TG_INVARIANT lots do not cover the available balance')

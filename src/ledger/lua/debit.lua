@@ -4,7 +4,8 @@
 -- still spend, when an allocation or a budget bounds it more than the balance may),
 -- "INSUFFICIENT_CREDITS|required|available",
 -- "ALLOCATION_EXCEEDED|required|remaining", "BUDGET_EXCEEDED|which|limit|spent|resets_at_ms"
--- or "BAD_FIELD|field|why" (not a member: nothing recorded).
+-- or "BAD_FIELD|field|why" (not a member: nothing recorded); "EXPIRY_BACKLOG" (nothing
+-- recorded) for a refusal while more overdue holds are left than one call ends.
 --
 -- By API key (lib.lua `resolve_key`): ARGV 8 and 15 are "", ARGV 16 is the key id and 17
 -- the SHA-256 of the presented key (hex). The KEY_* answers of `resolve_key`, or any
@@ -42,18 +43,19 @@ if member ~= '' then
 end
 local W = open_wallet(acct, ARGV[9])
 settle_due(W)
--- After settle_due: an overdue hold it just ended gave the member's allocation back.
-local remaining = role and alloc_remaining(acct, ARGV[9], member, role)
-local budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
-local over_budget = budgets and budgets_refuse(budgets, amount)
-local answer
-if remaining and remaining < amount then
-  answer = 'ALLOCATION_EXCEEDED|' .. itos(amount) .. '|' .. itos(remaining)
-elseif over_budget then
-  answer = over_budget
-elseif W.r < amount then
-  answer = 'INSUFFICIENT_CREDITS|' .. itos(amount) .. '|' .. itos(W.r)
-else
+local remaining, budgets, answer
+repeat
+  -- After settle_due: an overdue hold it just ended gave the member's allocation back.
+  remaining = role and alloc_remaining(acct, ARGV[9], member, role)
+  budgets = (W.bg or member ~= '') and budgets_for(W, member) or nil
+  answer = charge_refusal(W, amount, remaining, budgets)
+  -- A refusal with overdue holds left past settle_due's batch (lib.lua settle_more):
+  -- end more of them and decide again.
+until not answer or not settle_more(W)
+if answer and holds_overdue(W) then
+  return { 0, EXPIRY_BACKLOG, keyed and acct or nil }
+end
+if not answer then
   local lots = draw(W, amount, false)
   if not lots then
     return redis.error_reply('TG_INVARIANT lots do not cover the available balance')

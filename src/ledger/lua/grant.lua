@@ -2,7 +2,8 @@
 -- 13 kind, 14 priority, 15 expires_at_ms (0 = never), 16 description, 17 metadata,
 -- 18 most lots per wallet, 19 most wallets per account.
 -- Answers "OK|event_id|lot_id|available", "EXPIRES_IN_PAST|now_ms",
--- "DEMO_ALREADY_GRANTED", "LOT_LIMIT|max", "WALLET_LIMIT|max" or "BALANCE_LIMIT".
+-- "DEMO_ALREADY_GRANTED", "LOT_LIMIT|max", "WALLET_LIMIT|max", "BALANCE_LIMIT" or
+-- "EXPIRY_BACKLOG" (debit.lua; nothing recorded).
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
@@ -26,14 +27,21 @@ settle_due(W)
 if not fits(W, amount, 'g') then
   return { 0, 'BALANCE_LIMIT' }
 end
-local answer
-if kind == 'demo' and redis.call('HEXISTS', W.w, 'demo') == 1 then
-  answer = 'DEMO_ALREADY_GRANTED'
-elseif redis.call('ZCARD', W.b) >= tonumber(ARGV[18]) then
-  answer = 'LOT_LIMIT|' .. ARGV[18]
-elseif wallet_set_refuses(ARGV[8], ARGV[9], ARGV[19]) then
-  answer = 'WALLET_LIMIT|' .. ARGV[19]
-else
+-- The lot cap counts lots that overdue holds hold whole (lib.lua decide).
+local answer = decide(W, function()
+  if kind == 'demo' and redis.call('HEXISTS', W.w, 'demo') == 1 then
+    return 'DEMO_ALREADY_GRANTED', false
+  elseif redis.call('ZCARD', W.b) >= tonumber(ARGV[18]) then
+    return 'LOT_LIMIT|' .. ARGV[18], true
+  elseif wallet_set_refuses(ARGV[8], ARGV[9], ARGV[19]) then
+    return 'WALLET_LIMIT|' .. ARGV[19], false
+  end
+  return nil, false
+end)
+if answer == EXPIRY_BACKLOG then
+  return { 0, answer }
+end
+if not answer then
   join_wallet_set(ARGV[8], ARGV[9])
   if kind == 'demo' then
     redis.call('HSET', W.w, 'demo', 1)

@@ -5,7 +5,7 @@
 -- would have had the charge never happened.
 -- Answers "OK|event_id|refunded|refunded_total|available|expired",
 -- "REFUND_EXCEEDS_CHARGE|refundable", "LOT_LIMIT|max" (the new lots would pass the
--- wallet's lot cap) or "NOT_FOUND|charge".
+-- wallet's lot cap), "NOT_FOUND|charge" or "EXPIRY_BACKLOG" (debit.lua; nothing recorded).
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
@@ -89,9 +89,17 @@ else
     or (tonumber(redis.call('HGET', W.w, 'f')) or 0) + amount > MAX_CREDITS then
     return { 0, 'BALANCE_LIMIT' }
   end
-  if #scores > 0 and redis.call('ZCARD', W.b) + #scores > tonumber(ARGV[13]) then
-    answer = 'LOT_LIMIT|' .. ARGV[13]
-  else
+  -- The lot cap counts lots that overdue holds hold whole (lib.lua decide).
+  answer = decide(W, function()
+    if #scores > 0 and redis.call('ZCARD', W.b) + #scores > tonumber(ARGV[13]) then
+      return 'LOT_LIMIT|' .. ARGV[13], true
+    end
+    return nil, false
+  end)
+  if answer == EXPIRY_BACKLOG then
+    return { 0, answer }
+  end
+  if not answer then
     local created = {}
     for g = 1, #scores do
       local score = tonumber(scores[g])
