@@ -261,7 +261,7 @@ async fn change_and_back(other_secs: u64) {
         switched.starts_with(&format!("{} {w1_span} ", other_secs * 500)),
         "{by}: switched, the previous numbering kept: {switched}"
     );
-    other.sweep_shard(shard, 100).await.expect("sweep");
+    common::sweep_once(&other, shard).await;
     retried(&other, account, &made_first, &by).await;
     let made_other = make(&other, account, "w2").await;
 
@@ -271,7 +271,7 @@ async fn change_and_back(other_secs: u64) {
             let by = format!("{by}, turn {turn} of the {name} sidecar");
             retried(ledger, account, &made_first, &by).await;
             retried(ledger, account, &made_other, &by).await;
-            ledger.sweep_shard(shard, 100).await.expect("sweep");
+            common::sweep_once(ledger, shard).await;
         }
     }
 
@@ -279,7 +279,7 @@ async fn change_and_back(other_secs: u64) {
     let by = format!("back to {W1} s after {other_secs} s");
     retried(&first, account, &made_first, &by).await;
     retried(&first, account, &made_other, &by).await;
-    first.sweep_shard(shard, 100).await.expect("sweep");
+    common::sweep_once(&first, shard).await;
     retried(&first, account, &made_other, &by).await;
     let switched = stored_span(&first, account).await.unwrap_or_default();
     assert!(
@@ -389,7 +389,7 @@ async fn a_slightly_shorter_window_sweeps_no_live_bucket_of_the_old_one() {
     age_bucket(&first, tag, b1, b2 - 3, s1).await;
     retried(&first, account, &made, "the old window, records a span old").await;
     retried(&other, account, &made, "the shorter window").await;
-    other.sweep_shard(shard, 100).await.expect("sweep");
+    common::sweep_once(&other, shard).await;
     let exists: i64 = other
         .redis()
         .query(redis::cmd("EXISTS").arg(format!("{tag}:i:{}", b2 - 3)))

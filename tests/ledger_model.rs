@@ -610,9 +610,7 @@ impl Run {
                 Ok(())
             }
             Op::Sweep => {
-                for shard in 0..self.ledger.shards().count() {
-                    self.ledger.sweep_shard(shard, 1000).await.expect("sweep");
-                }
+                common::sweep_all(&self.ledger).await;
                 self.model.sweep(now);
                 Ok(())
             }
@@ -1442,7 +1440,7 @@ async fn concurrent_task(
             }
             Op::Sweep => {
                 for shard in 0..ledger.shards().count() {
-                    ledger.sweep_shard(shard, 100).await.expect("sweep");
+                    common::sweep_once(ledger, shard).await;
                 }
                 continue;
             }
@@ -1631,9 +1629,7 @@ fn concurrent_runs_keep_the_invariants() {
                 }
                 // Settle everything due, then replay the outbox against Redis's state.
                 now.fetch_add(100_000, Ordering::SeqCst);
-                for shard in 0..ledger.shards().count() {
-                    ledger.sweep_shard(shard, 1000).await.expect("sweep");
-                }
+                common::sweep_all(&ledger).await;
                 let replayer = check_outbox_replay(&ledger).await;
                 prop_assert_eq!(
                     replayer.open_holds(),

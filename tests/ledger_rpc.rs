@@ -1426,7 +1426,7 @@ async fn the_sweeper_unlinks_record_buckets_past_their_window_and_retention() {
             .await
             .expect("hset");
     }
-    ledger.sweep_shard(shard, 10).await.expect("sweep");
+    common::sweep_once(ledger, shard).await;
     for (key, kept) in [
         (&idem_dead, false),
         (&idem_live, true),
@@ -2820,6 +2820,94 @@ async fn the_sweeper_ends_due_lots_and_holds_of_idle_wallets() {
         len,
         "already settled by the sweeper"
     );
+}
+
+/// One sweep call ends at most its work bound (lots expired plus holds ended, over every
+/// wallet it visits: Redis runs nothing else meanwhile), and says while more is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_call_is_bounded_by_its_work_and_says_when_more_is_due() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "sweep-bounded";
+    let shard = env.shard_of(acct);
+    let other = (0..)
+        .map(|i| format!("sweep-bounded-{i}"))
+        .find(|a| env.shard_of(a) == shard)
+        .expect("an account of the same shard");
+    for i in 0..3 {
+        // Drawn after the lot below (a greater priority number burns later), so the
+        // holds leave them whole.
+        env.grant(pb::GrantRequest {
+            expires_at_ms: T0 + 5_000,
+            priority: Some(90),
+            ..grant_req(acct, 10, &format!("x{i}"))
+        })
+        .await
+        .expect("grant expiring");
+    }
+    env.grant(grant_req(acct, 1_000, "g")).await.expect("grant");
+    overdue_release_holds(&env, acct, 300).await;
+    env.grant(grant_req(&other, 10, "g")).await.expect("grant");
+    overdue_release_holds(&env, &other, 5).await;
+    now.store(T0 + 10_000, SeqCst);
+
+    let mut outcomes = Vec::new();
+    loop {
+        let out = env
+            .ledger()
+            .sweep_shard(shard, 128, 100)
+            .await
+            .expect("sweep");
+        outcomes.push(out);
+        if !out.more {
+            break;
+        }
+        assert!(outcomes.len() < 10, "{outcomes:?}");
+    }
+    let ended: Vec<u32> = outcomes.iter().map(|o| o.ended).collect();
+    assert_eq!(ended, [100, 100, 100, 8], "{outcomes:?}");
+    let events = env.events(acct).await;
+    let count = |kind| events.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(
+        (count(EventKind::ExpireLot), count(EventKind::ExpireHold)),
+        (3, 300)
+    );
+    let len = env.outbox_len().await;
+    assert_eq!(
+        env.balance(acct, "default").await,
+        wallet("default", [1_000, 0, 1_030, 0, 30, 0, 0])
+    );
+    assert_eq!(
+        env.balance(&other, "default").await,
+        wallet("default", [10, 0, 10, 0, 0, 0, 0])
+    );
+    assert_eq!(env.outbox_len().await, len, "all settled by the sweep");
+}
+
+/// A round keeps calling a shard while it says more is due, shard after shard in turn:
+/// backlogs bigger than one call, in two shards, end in one round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sweeper_round_ends_backlogs_past_one_call_in_every_shard() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let first = "sweep-round-a";
+    let second = (0..)
+        .map(|i| format!("sweep-round-{i}"))
+        .find(|a| env.shard_of(a) != env.shard_of(first))
+        .expect("an account of another shard");
+    for acct in [first, second.as_str()] {
+        env.grant(grant_req(acct, 1_000, "g")).await.expect("grant");
+        overdue_release_holds(&env, acct, 300).await;
+    }
+    now.store(T0 + 10_000, SeqCst);
+
+    tollgate::ledger::sweeper::sweep_round(env.ledger()).await;
+    let ended = outbox_events(env.ledger())
+        .await
+        .into_iter()
+        .filter(|e| e.kind == EventKind::ExpireHold)
+        .count();
+    assert_eq!(ended, 600);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

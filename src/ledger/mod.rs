@@ -348,6 +348,17 @@ pub struct Lot {
     pub description: String,
 }
 
+/// What one sweep call did ([`Ledger::sweep_shard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepOutcome {
+    /// Wallets visited.
+    pub wallets: u32,
+    /// Lots expired plus holds ended.
+    pub ended: u32,
+    /// The shard still has due wallets: the call stopped at one of its bounds.
+    pub more: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LotsPage {
     pub lots: Vec<Lot>,
@@ -1003,11 +1014,22 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Ends what is due in up to `wallets_max` wallets of one shard; returns how many
-    /// wallets it visited.
-    pub async fn sweep_shard(&self, shard: u16, wallets_max: u32) -> Result<u32, LedgerError> {
+    /// One sweep call: ends what is due in up to `wallets_max` wallets of one shard, at
+    /// most `work_max` lots expired and holds ended in all (lua/sweep.lua). The sweeper
+    /// ([`sweeper::sweep_round`]) calls again while the outcome says more is due.
+    pub async fn sweep_shard(
+        &self,
+        shard: u16,
+        wallets_max: u32,
+        work_max: u32,
+    ) -> Result<SweepOutcome, LedgerError> {
         let mut inv = self.invocation(&self.scripts.sweep, shard);
-        inv.arg(wallets_max);
-        self.redis.call_script(&inv).await
+        inv.arg(wallets_max).arg(work_max);
+        let (wallets, ended, more): (u32, u32, u8) = self.redis.call_script(&inv).await?;
+        Ok(SweepOutcome {
+            wallets,
+            ended,
+            more: more == 1,
+        })
     }
 }

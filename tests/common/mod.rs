@@ -753,6 +753,27 @@ impl Drop for TestServer {
     }
 }
 
+/// One sweep call on a shard with the sweeper's bounds.
+pub async fn sweep_once(ledger: &Ledger, shard: u16) -> tollgate::ledger::SweepOutcome {
+    use tollgate::ledger::sweeper::{SWEEP_WALLETS_PER_CALL_MAX, SWEEP_WORK_PER_CALL_MAX};
+    ledger
+        .sweep_shard(shard, SWEEP_WALLETS_PER_CALL_MAX, SWEEP_WORK_PER_CALL_MAX)
+        .await
+        .expect("sweep")
+}
+
+/// Sweeps every shard until nothing in it is due (each call is bounded, so as many calls
+/// as that takes).
+pub async fn sweep_all(ledger: &Ledger) {
+    for shard in 0..ledger.shards().count() {
+        let mut calls = 0;
+        while sweep_once(ledger, shard).await.more {
+            calls += 1;
+            assert!(calls < 100_000, "shard {shard} is never done");
+        }
+    }
+}
+
 /// Every event in every shard's outbox, in stream order per shard.
 pub async fn outbox_events(ledger: &Ledger) -> Vec<tollgate::ledger::event::LedgerEvent> {
     let mut all = Vec::new();

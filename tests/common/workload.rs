@@ -133,9 +133,7 @@ pub async fn every_kind(ledger: &Ledger, now: &AtomicI64, rounds: usize, tag: &s
         }
         // Past every hold deadline and the short lots' expiry: the sweeper's work.
         now.fetch_add(6_000, Ordering::SeqCst);
-        for shard in 0..ledger.shards().count() {
-            ledger.sweep_shard(shard, 1000).await.expect("sweep");
-        }
+        super::sweep_all(ledger).await;
     }
     acked
 }

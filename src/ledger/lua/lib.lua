@@ -887,18 +887,34 @@ local function end_overdue_holds(W, max)
   return #holds
 end
 
-local function settle_due(W)
+-- Ends what is due in the wallet. On a request (work_max nil): every lot past its expiry
+-- (bounded by the wallet's lot cap: the balance must not count a single expired credit),
+-- then up to DUE_HOLDS_MAX overdue holds. The sweeper (sweep.lua), which decides nothing
+-- from the balance, passes work_max: at most that many lots expired and holds ended in
+-- all, the rest left due. Answers how many it expired and ended.
+local function settle_due(W, work_max)
   if not W.d or W.d > NOW then
-    return
+    return 0
   end
-  -- Every lot past its expiry (bounded by the wallet's lot cap): the balance must not
-  -- count a single expired credit.
-  local lots = redis.call('ZRANGEBYSCORE', W.x, '-inf', NOW)
+  local lots
+  if work_max then
+    lots = redis.call('ZRANGEBYSCORE', W.x, '-inf', NOW, 'LIMIT', 0, work_max)
+  else
+    lots = redis.call('ZRANGEBYSCORE', W.x, '-inf', NOW)
+  end
   for j = 1, #lots do
     expire_lot(W, lots[j])
   end
-  end_overdue_holds(W, DUE_HOLDS_MAX)
+  local holds_max = DUE_HOLDS_MAX
+  if work_max then
+    holds_max = math.min(holds_max, work_max - #lots)
+  end
+  local ended = 0
+  if holds_max > 0 then
+    ended = end_overdue_holds(W, holds_max)
+  end
   reschedule(W)
+  return #lots + ended
 end
 
 -- Whether overdue holds are left after settle_due (a backlog: it stopped at
