@@ -803,8 +803,14 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     .map_err(status)?
                     .into_inner();
                 for l in out.lots {
+                    // An expired lot is listed while open holds hold credits of it.
+                    let expired = if l.expired {
+                        format!(" (expired: {} credits)", l.expired_credits)
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>15}  {}",
+                        "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>15}  {}{expired}",
                         l.lot_id,
                         l.kind,
                         l.priority,

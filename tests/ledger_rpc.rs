@@ -401,6 +401,8 @@ fn lot(
         used,
         remaining,
         held,
+        expired: false,
+        expired_credits: 0,
         expires_at_ms,
         created_at_ms,
         updated_at_ms,
@@ -2908,6 +2910,111 @@ async fn one_sweeper_round_ends_backlogs_past_one_call_in_every_shard() {
         .filter(|e| e.kind == EventKind::ExpireHold)
         .count();
     assert_eq!(ended, 600);
+}
+
+/// A lot that expires while open holds hold its credits stays listed (after the live
+/// lots), marked expired with what is still held, what was used and what expired, until
+/// the last of those holds ends: GetBalance counts its held credits, so ListLots shows
+/// where they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lot_that_expires_while_held_stays_listed_as_expired_until_its_holds_end() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "acct-expired-held";
+    let expiry = T0 + 5_000;
+    env.grant(pb::GrantRequest {
+        expires_at_ms: expiry,
+        ..grant_req(acct, 100, "g1")
+    })
+    .await
+    .expect("grant expiring");
+    env.grant(grant_req(acct, 100, "g2"))
+        .await
+        .expect("grant never");
+    // Lot 1 burns first (it expires): 10 used, then 50 held by two holds, 40 left.
+    env.debit(debit_req(acct, 10, "d1")).await.expect("debit");
+    let h1 = env
+        .authorize(hold_req(acct, 30, 3_600_000, "h1"))
+        .await
+        .expect("hold 1");
+    let h2 = env
+        .authorize(hold_req(acct, 20, 3_600_000, "h2"))
+        .await
+        .expect("hold 2");
+
+    now.store(T0 + 6_000, SeqCst);
+    let live = lot(2, "purchase", 50, [100, 0, 100, 0], [0, T0, T0], "");
+    let expired = |credits: [i64; 4], expired_credits: i64, updated_at_ms: i64| pb::Lot {
+        expired: true,
+        expired_credits,
+        ..lot(1, "purchase", 50, credits, [expiry, T0, updated_at_ms], "")
+    };
+    // Its 40 left expired; the 50 held are still where the holds took them.
+    assert_eq!(
+        env.lots(acct, "default").await,
+        vec![live.clone(), expired([100, 10, 0, 50], 40, T0 + 6_000)]
+    );
+    assert_eq!(
+        env.balance(acct, "default").await,
+        wallet("default", [100, 50, 200, 10, 40, 0, 0])
+    );
+    // Paged one at a time: the expired lot comes after the live ones.
+    let first = env.list_lots(lots_req(acct, 1, "")).await.expect("page 1");
+    assert_eq!(first.lots, vec![live.clone()]);
+    let second = env
+        .list_lots(lots_req(acct, 1, &first.next_page_token))
+        .await
+        .expect("page 2");
+    assert_eq!(second.lots, vec![expired([100, 10, 0, 50], 40, T0 + 6_000)]);
+    assert!(second.next_page_token.is_empty(), "{second:?}");
+
+    // A capture still charges it; what hold 1 gives back to it expires at once.
+    let c = env
+        .capture(capture_req(&h1.hold_id, Some(10), "c1"))
+        .await
+        .expect("capture");
+    assert_eq!((c.captured, c.expired), (10, 20));
+    assert_eq!(
+        env.lots(acct, "default").await,
+        vec![live.clone(), expired([100, 20, 0, 20], 60, T0 + 6_000)]
+    );
+    // The last hold on it ends: it is gone.
+    env.release(release_req(&h2.hold_id, "r2"))
+        .await
+        .expect("release");
+    assert_eq!(env.lots(acct, "default").await, vec![live]);
+    let b = env.balance(acct, "default").await;
+    assert_eq!(b, wallet("default", [100, 0, 200, 20, 80, 0, 0]));
+    assert!(conserved(&b));
+}
+
+/// An entry of the expired-held index whose lot record is gone (dropped by a tollgate
+/// from before the index, during a rolling upgrade) is not listed, and leaves the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_lots_passes_over_an_expired_lot_whose_record_is_gone() {
+    let (clock, _now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "acct-stale-expired";
+    env.grant(grant_req(acct, 100, "g1")).await.expect("grant");
+    let index = format!("{}:xh:{acct}:default", env.tag_of(acct));
+    let mut con = env.redis_con().await;
+    let _: i64 = redis::cmd("ZADD")
+        .arg(&index)
+        .arg(T0)
+        .arg(lot_id(9))
+        .query_async(&mut con)
+        .await
+        .expect("ZADD");
+    assert_eq!(
+        env.lots(acct, "default").await,
+        vec![lot(1, "purchase", 50, [100, 0, 100, 0], [0, T0, T0], "")]
+    );
+    let left: i64 = redis::cmd("ZCARD")
+        .arg(&index)
+        .query_async(&mut con)
+        .await
+        .expect("ZCARD");
+    assert_eq!(left, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

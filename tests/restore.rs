@@ -2013,3 +2013,102 @@ async fn api_keys_of_a_lost_shard_are_refused_until_the_restore() {
     assert_eq!(balance.account_id, "globex");
     server.stop().await;
 }
+
+/// A lot that expired while open holds held credits of it is listed as expired (ListLots)
+/// until they end: `tollgate restore` rebuilds it so, with what of it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_lists_an_expired_lot_that_holds_still_hold_as_before() {
+    use tollgate::ledger::command::{Authorize, EndHold, OnExpiry};
+    use tollgate::ledger::{Debit, Grant, Metadata};
+    use tollgate::settle::restore::{restore, RestoreMode};
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
+    const T0: i64 = 1_800_000_000_000;
+    let account = "held-expired";
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let (clock, now) = Clock::manual(T0);
+    let ledger = common::ledger(&redis, clock);
+    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
+    store.migrate().await.expect("migrate");
+    ledger
+        .grant(&Grant {
+            expires_at_ms: T0 + 5_000,
+            ..common::purchase(account, 100, "g1")
+        })
+        .await
+        .expect("grant expiring");
+    ledger
+        .grant(&common::purchase(account, 100, "g2"))
+        .await
+        .expect("grant");
+    ledger
+        .debit(&Debit {
+            account_id: account.into(),
+            wallet: "default".into(),
+            amount: 10,
+            idempotency_key: "d".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit");
+    let mut holds = Vec::new();
+    for (amount, key) in [(30, "h1"), (20, "h2")] {
+        let hold = ledger
+            .authorize(&Authorize {
+                account_id: account.into(),
+                wallet: "default".into(),
+                amount,
+                ttl_ms: 3_600_000,
+                on_expiry: OnExpiry::Release,
+                idempotency_key: key.into(),
+                operation: "op".into(),
+                metadata: Metadata::new(),
+                member_id: String::new(),
+            })
+            .await
+            .expect("hold");
+        holds.push(hold.hold_id);
+    }
+    now.store(T0 + 6_000, Ordering::SeqCst);
+    ledger
+        .end_hold(&EndHold::capture(holds[0].clone(), Some(10), "c1".into()))
+        .await
+        .expect("capture");
+    let before = ledger
+        .lots(account, "default", 0, 100)
+        .await
+        .expect("lots")
+        .lots;
+    assert_eq!(before.len(), 2, "{before:#?}");
+    assert!(before[1].expired, "{before:#?}");
+    assert_eq!(
+        (before[1].used, before[1].held, before[1].expired_credits),
+        (20, 20, 60)
+    );
+
+    Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            consumer: format!("{account}-test"),
+            ..SettlerSettings::default()
+        },
+    )
+    .drain(DEADLINE)
+    .await
+    .expect("settled");
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    let after = ledger
+        .lots(account, "default", 0, 100)
+        .await
+        .expect("lots")
+        .lots;
+    assert_eq!(after, before);
+}

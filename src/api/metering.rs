@@ -435,6 +435,8 @@ impl Metering for MeteringService {
                     used: l.used,
                     remaining: l.remaining,
                     held: l.held,
+                    expired: l.expired,
+                    expired_credits: l.expired_credits,
                     expires_at_ms: l.expires_at_ms,
                     created_at_ms: l.created_at_ms,
                     updated_at_ms: l.updated_at_ms,

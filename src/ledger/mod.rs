@@ -342,6 +342,11 @@ pub struct Lot {
     pub used: i64,
     pub remaining: i64,
     pub held: i64,
+    /// The lot has expired: it is listed while open holds still hold credits of it.
+    pub expired: bool,
+    /// Credits of the lot that expired unused (0 for a live lot). `amount` is `used +
+    /// remaining + held + expired_credits`.
+    pub expired_credits: i64,
     pub expires_at_ms: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,

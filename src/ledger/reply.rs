@@ -252,11 +252,11 @@ pub(super) fn lots(wallet: &str, offset: u32, rows: &[String]) -> Result<LotsPag
         return Err(LedgerError::Internal("empty lots reply".into()));
     };
     let total = int(total)?;
-    if !rows.len().is_multiple_of(5) {
+    if !rows.len().is_multiple_of(6) {
         return Err(LedgerError::Internal("lots reply of odd length".into()));
     }
     let lots = rows
-        .chunks_exact(5)
+        .chunks_exact(6)
         .map(|row| lot(wallet, row))
         .collect::<Result<Vec<_>, _>>()?;
     let end = i64::from(offset) + lots.len() as i64;
@@ -264,8 +264,9 @@ pub(super) fn lots(wallet: &str, offset: u32, rows: &[String]) -> Result<LotsPag
     Ok(LotsPage { lots, next_offset })
 }
 
-/// One lot from `id, remaining, held, meta, updated_at_ms`, where meta is
-/// `amount|priority|expires_at_ms|created_at_ms|kind|description`.
+/// One lot from `id, remaining, held, meta, updated_at_ms, expired`, where meta is
+/// `amount|priority|expires_at_ms|created_at_ms|kind|description` and expired is empty
+/// for a live lot, else the credits of it that expired.
 fn lot(wallet: &str, row: &[String]) -> Result<Lot, LedgerError> {
     let malformed =
         || LedgerError::Internal(format!("malformed lot record ({})", shape(&row.join("|"))));
@@ -279,15 +280,21 @@ fn lot(wallet: &str, row: &[String]) -> Result<Lot, LedgerError> {
     let description = next()?.to_owned();
     let remaining = int(&row[1])?;
     let held = int(&row[2])?;
+    let (expired, expired_credits) = match row[5].as_str() {
+        "" => (false, 0),
+        n => (true, int(n)?),
+    };
     Ok(Lot {
         lot_id: row[0].clone(),
         wallet: wallet.to_owned(),
         kind,
         priority,
         amount,
-        used: amount - remaining - held,
+        used: amount - remaining - held - expired_credits,
         remaining,
         held,
+        expired,
+        expired_credits,
         expires_at_ms,
         created_at_ms,
         updated_at_ms: int(&row[4])?,
@@ -363,11 +370,32 @@ mod tests {
 
     #[test]
     fn lot_meta_keeps_pipes_in_description() {
-        let row: Vec<String> = ["00000001", "40", "10", "100|50|0|1000|purchase|a|b", "2000"]
-            .map(String::from)
-            .to_vec();
+        let row: Vec<String> = [
+            "00000001",
+            "40",
+            "10",
+            "100|50|0|1000|purchase|a|b",
+            "2000",
+            "",
+        ]
+        .map(String::from)
+        .to_vec();
         let lot = lot("default", &row).unwrap();
         assert_eq!(lot.description, "a|b");
         assert_eq!(lot.used, 50);
+        assert!(!lot.expired);
+    }
+
+    #[test]
+    fn an_expired_lot_counts_its_expired_credits_apart_from_used() {
+        let row: Vec<String> = ["00000001", "0", "20", "100|50|900|100|promo|", "1000", "60"]
+            .map(String::from)
+            .to_vec();
+        let lot = lot("default", &row).unwrap();
+        assert!(lot.expired);
+        assert_eq!(
+            (lot.used, lot.remaining, lot.held, lot.expired_credits),
+            (20, 0, 20, 60)
+        );
     }
 }

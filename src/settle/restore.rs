@@ -329,6 +329,9 @@ struct Lot {
     amount: i64,
     remaining: i64,
     held: i64,
+    /// Credits of it that expired (expire_lot events): listed by ListLots while open
+    /// holds still hold credits of the expired lot (lib.lua `expire_lot`, "<id>:x").
+    expired: i64,
     score: i64,
     kind: String,
     description: String,
@@ -723,6 +726,7 @@ impl Replay<'_> {
                     amount: p.amount,
                     remaining: p.amount,
                     held: 0,
+                    expired: 0,
                     score,
                     kind: kind.to_owned(),
                     description: description.to_owned(),
@@ -1177,6 +1181,7 @@ impl Replay<'_> {
                 for p in &e.lots {
                     let lot = self.lot(e, &p.lot_id)?;
                     lot.remaining -= p.amount;
+                    lot.expired += p.amount;
                     lot.updated_at_ms = e.created_at_ms;
                 }
                 self.wallet.expired += e.amount;
@@ -1436,6 +1441,12 @@ fn write_wallet(pipe: &mut Pipeline, tag: &str, w: &Wallet, open_holds: &[(&Stri
         hset.arg(id).arg(lot.remaining);
         if lot.held > 0 {
             hset.arg(format!("{id}:h")).arg(lot.held);
+            // An expired lot open holds still hold: written back into the burn and
+            // expiry indexes like a live one, the next touch expires it again (nothing
+            // left to expire) into the expired-held index, where ListLots shows these.
+            if lot.expired > 0 {
+                hset.arg(format!("{id}:x")).arg(lot.expired);
+            }
         }
         hset.arg(format!("{id}:u"))
             .arg(lot.updated_at_ms)

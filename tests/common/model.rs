@@ -998,11 +998,21 @@ impl Model {
         }
     }
 
-    /// Listed lots of a wallet in burn order: (lot id, lot).
+    /// A wallet's lots as ListLots shows them: (lot id, lot). The listed ones in burn
+    /// order, then the expired ones that open holds still hold credits of (their record
+    /// lives on), by expiry.
     pub fn lots(&mut self, account: &str, wallet: &str) -> Vec<(String, ModelLot)> {
         let w = self.wallet(account, wallet);
+        let mut expired: Vec<(i64, String)> = w
+            .lots
+            .iter()
+            .filter(|(_, l)| !l.listed)
+            .map(|(id, l)| (l.expires_at_ms, id.clone()))
+            .collect();
+        expired.sort();
         w.burn_order()
             .into_iter()
+            .chain(expired.into_iter().map(|(_, id)| id))
             .map(|id| (id.clone(), w.lots[&id].clone()))
             .collect()
     }

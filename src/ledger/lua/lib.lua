@@ -647,13 +647,24 @@ local function reschedule(W)
   end
 end
 
+-- The wallet's expired-held index "{tg:S}:xh:<acct>:<wallet>": lots that expired while
+-- open holds held credits of them, by expiry (ListLots lists them after the live lots).
+-- Named only where needed, not in open_wallet: the hot path never touches it.
+local function expired_held_key(W)
+  return TAG .. ':xh:' .. W.member
+end
+
 -- A lot record lives while it has remaining credits or credits held by an open hold.
 local function maybe_drop(W, id)
   local v = redis.call('HMGET', W.w, id, id .. ':h')
   if (tonumber(v[1]) or 0) <= 0 and (tonumber(v[2]) or 0) <= 0 then
-    redis.call('HDEL', W.w, id, id .. ':m', id .. ':u', id .. ':h')
-    redis.call('ZREM', W.b, id)
-    redis.call('ZREM', W.x, id)
+    redis.call('HDEL', W.w, id, id .. ':m', id .. ':u', id .. ':h', id .. ':x')
+    if redis.call('ZREM', W.b, id) == 1 then
+      redis.call('ZREM', W.x, id)
+    else
+      -- Not in the burn index: it expired while held (expire_lot).
+      redis.call('ZREM', expired_held_key(W), id)
+    end
     return true
   end
   return false
@@ -752,23 +763,38 @@ local function draw(W, amount, for_hold)
   return table.concat(pieces, ',')
 end
 
-local function expire_lot(W, id)
-  local rem = tonumber(redis.call('HGET', W.w, id)) or 0
+-- Expires lot `id` (its expiry `exp`, ms): what is left of it expires now. A lot whose
+-- credits open holds still hold keeps its record, moved from the burn index to the
+-- expired-held index with its expired credits ("<id>:x"), until the last of those holds
+-- ends (maybe_drop); credits they give back to it expire at once (end_hold).
+local function expire_lot(W, id, exp)
+  local v = redis.call('HMGET', W.w, id, id .. ':h')
+  local rem = tonumber(v[1]) or 0
+  local held = (tonumber(v[2]) or 0) > 0
   redis.call('ZREM', W.x, id)
   redis.call('ZREM', W.b, id)
   if rem > 0 then
-    redis.call('HSET', W.w, id, 0, id .. ':u', NOW)
+    if held then
+      redis.call('HSET', W.w, id, 0, id .. ':u', NOW, id .. ':x', rem)
+    else
+      redis.call('HSET', W.w, id, 0, id .. ':u', NOW)
+    end
     W.r = redis.call('HINCRBY', W.w, 'r', -rem)
     redis.call('HINCRBY', W.w, 'xp', rem)
     emit(W, 'expire_lot', rem, id .. ':' .. itos(rem), '', '', '', '', '', '')
   end
-  maybe_drop(W, id)
+  if held then
+    redis.call('ZADD', expired_held_key(W), exp, id)
+  else
+    redis.call('HDEL', W.w, id, id .. ':m', id .. ':u', id .. ':h', id .. ':x')
+  end
 end
 
 -- Ends an open hold: charges `capture` credits from its lots in the order they were drawn
 -- and returns the rest to their lots. Credits returned to a lot that has expired in the
 -- meantime expire at once (an expire_lot event follows the hold's event).
--- Lots with credits held stay in the burn index (with remaining 0) until they expire.
+-- Lots with credits held stay in the burn index (with remaining 0) until they expire,
+-- then in the expired-held index (expire_lot) until their last hold ends.
 local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, idem, op, meta)
   local charged, returned, lapsed = {}, {}, {}
   local left = capture
@@ -794,6 +820,10 @@ local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, 
       if not redis.call('ZSCORE', W.b, id) then
         lapsed[#lapsed + 1] = id
         lapsed[#lapsed + 1] = back
+        if held_left > 0 then
+          -- Still listed as expired (other holds hold it): its expired credits grow.
+          redis.call('HINCRBY', W.w, id .. ':x', back)
+        end
       else
         redis.call('HINCRBY', W.w, id, back)
         back_live = back_live + back
@@ -898,23 +928,24 @@ local function settle_due(W, work_max)
   end
   local lots
   if work_max then
-    lots = redis.call('ZRANGEBYSCORE', W.x, '-inf', NOW, 'LIMIT', 0, work_max)
+    lots = redis.call('ZRANGEBYSCORE', W.x, '-inf', NOW, 'WITHSCORES', 'LIMIT', 0, work_max)
   else
-    lots = redis.call('ZRANGEBYSCORE', W.x, '-inf', NOW)
+    lots = redis.call('ZRANGEBYSCORE', W.x, '-inf', NOW, 'WITHSCORES')
   end
-  for j = 1, #lots do
-    expire_lot(W, lots[j])
+  for j = 1, #lots, 2 do
+    expire_lot(W, lots[j], lots[j + 1])
   end
+  local expired = #lots / 2
   local holds_max = DUE_HOLDS_MAX
   if work_max then
-    holds_max = math.min(holds_max, work_max - #lots)
+    holds_max = math.min(holds_max, work_max - expired)
   end
   local ended = 0
   if holds_max > 0 then
     ended = end_overdue_holds(W, holds_max)
   end
   reschedule(W)
-  return #lots + ended
+  return expired + ended
 end
 
 -- Whether overdue holds are left after settle_due (a backlog: it stopped at
