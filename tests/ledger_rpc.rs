@@ -1903,6 +1903,82 @@ async fn an_unknown_transaction_kind_is_named_without_its_value() {
     }
 }
 
+/// A `kinds` list that repeats a kind is answered as if each kind were named once. The
+/// store binds one parameter per entry: 40,000 × "grant" (the reviewer sent 100,000) made
+/// SQLite fail with "too many SQL variables", answered UNAVAILABLE and logged as a store
+/// outage. Called in process: the gRPC port's message bound (64 KiB) no longer lets a list
+/// this long in, which is no reason for the handler to depend on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_transaction_kinds_are_answered_once_each() {
+    use pb::metering_server::Metering as _;
+
+    let mut store_url = String::new();
+    let env = Env::start(Clock::Redis, |c| {
+        c.settler.enabled = true;
+        store_url = c.store.url.clone();
+    })
+    .await;
+    env.grant(grant_req("acct-dup", 10, "g1"))
+        .await
+        .expect("grant");
+    env.debit(debit_req("acct-dup", 3, "d1"))
+        .await
+        .expect("debit");
+    let store = tollgate::server::store_from_config(&Config {
+        store: tollgate::config::StoreConfig {
+            url: store_url,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .expect("store");
+    let metering = tollgate::api::metering::MeteringService::new(env.server.ledger.clone(), store);
+    let list = |kinds: Vec<String>| {
+        let metering = &metering;
+        async move {
+            metering
+                .list_transactions(tonic::Request::new(pb::ListTransactionsRequest {
+                    account_id: "acct-dup".into(),
+                    kinds,
+                    ..Default::default()
+                }))
+                .await
+                .map(|r| {
+                    let mut kinds: Vec<String> = r
+                        .into_inner()
+                        .transactions
+                        .into_iter()
+                        .map(|t| t.ledger_kind)
+                        .collect();
+                    kinds.sort();
+                    kinds
+                })
+        }
+    };
+    // Both events settled.
+    let deadline = Instant::now() + POLL_DEADLINE;
+    while list(Vec::new()).await.expect("list").len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the grant and the debit never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grants = vec!["grant".to_owned(); 40_000];
+    assert_eq!(
+        list(grants.clone()).await.expect("repeated kinds"),
+        ["grant"]
+    );
+    let mixed = grants
+        .into_iter()
+        .chain(std::iter::repeat_n("debit".to_owned(), 40_000))
+        .collect();
+    assert_eq!(
+        list(mixed).await.expect("repeated kinds"),
+        ["debit", "grant"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_field_of_one_request_is_reported() {
     let env = Env::start(Clock::Redis, |_| {}).await;

@@ -454,11 +454,15 @@ impl Metering for MeteringService {
         let mut v = crate::ledger::command::Violations::default();
         v.account_id("account_id", &r.account_id);
         v.wallet("wallet", &r.wallet);
+        // Each kind once: the store binds one parameter per kind, and a list repeating
+        // "grant" 100,000 times made SQLite fail ("too many SQL variables"), answered
+        // UNAVAILABLE and logged as a store outage. At most EventKind::ALL.len() now.
         let mut kinds = Vec::new();
         let mut unknown = false;
         for name in &r.kinds {
             match EventKind::parse(name) {
-                Some(k) => kinds.push(k),
+                Some(k) if !kinds.contains(&k) => kinds.push(k),
+                Some(_) => {}
                 None => unknown = true,
             }
         }
