@@ -46,7 +46,8 @@ use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::A
 /// and the background tasks together ([`drained`]). At most twice this from the signal to
 /// the exit: the chart's `terminationGracePeriodSeconds` (30) leaves room.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// How often the health watcher re-runs the readiness checks for gRPC health.
+/// How often the health watcher re-runs the readiness checks: gRPC health, the
+/// `tollgate_ready` gauge and `/readyz` follow its rounds.
 pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// The services `grpc.health.v1.Health` reports on ("" = the whole server). The Envoy
 /// service is served by the gateway module; its status follows readiness like the others.
@@ -292,6 +293,8 @@ struct HttpState {
     /// store error only degrades it (the hot path does not need the store; the lag
     /// threshold still applies). `settle` only settles: a store error fails it.
     serving: bool,
+    /// The readiness checks that ask Redis, as the health watcher last ran them.
+    last_checks: LastChecks,
 }
 
 /// What readiness and `/metrics` read about settlement in this process.
@@ -496,6 +499,7 @@ pub async fn run_settler(
         },
         metrics: telemetry::metrics::install(),
         serving: false,
+        last_checks: LastChecks::default(),
     };
     // `tollgate_ready` is what the chart's not-ready alert and dashboard read, for
     // settler pods as for serving ones.
@@ -676,6 +680,7 @@ pub async fn run(
         },
         metrics: metrics_handle,
         serving: true,
+        last_checks: LastChecks::default(),
     };
     let watcher = tokio::spawn(watch_health(state.clone(), Some(health), stopped()));
     let http = http_router(state)
@@ -920,20 +925,75 @@ struct Readiness {
     checks: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Ready when Redis answers within the deadline, every shard is initialized, Redis holds
-/// the ledger's function library (loaded here when missing: after a Redis restart nothing
-/// else would, since a not-ready pod gets no traffic), and, with a settler in this
-/// process, settlement lags less than `settler.ready_lag_max_ms`, the settler measured the
-/// outboxes within that time, and neither it nor the webhook dispatcher has ended. A store
-/// error, the lag or a stuck settler fails `tollgate settle`; a process serving charges
-/// is only `degraded` by them: charges never wait for the store, so a database blip must
-/// not take every gateway pod out of traffic (the lag threshold is the operator's bound
-/// on how long that may last). A settler or dispatcher that ended fails both
-/// ([`Settlement::check`]).
-async fn readiness(state: &HttpState) -> Readiness {
+/// How old the health watcher's last checks may be before `/readyz` stops vouching for
+/// them (five of its rounds): a watcher that stopped (a panic) must not leave a pod ready.
+pub const READINESS_STALE_AFTER: Duration = Duration::from_secs(10);
+
+/// The readiness checks that ask Redis, with when they ran.
+#[derive(Clone)]
+struct LedgerChecks {
+    at: tokio::time::Instant,
+    failed: Vec<&'static str>,
+    checks: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The health watcher's latest [`LedgerChecks`], which `/readyz` answers from: a probe
+/// costs Redis nothing (it used to cost an `EXISTS` per shard and a `FUNCTION LIST`, for
+/// anyone who asked, as often as they asked).
+#[derive(Clone)]
+struct LastChecks(Arc<watch::Sender<Option<LedgerChecks>>>);
+
+impl Default for LastChecks {
+    fn default() -> Self {
+        Self(Arc::new(watch::Sender::new(None)))
+    }
+}
+
+impl LastChecks {
+    fn store(&self, checks: LedgerChecks) {
+        self.0.send_replace(Some(checks));
+    }
+
+    /// The latest checks; until the watcher's first round is done (at start-up), waits
+    /// for it. Checks older than [`READINESS_STALE_AFTER`], or none by then, are a failed
+    /// `readiness` check.
+    async fn latest(&self) -> LedgerChecks {
+        let mut latest = self.0.subscribe();
+        let found = tokio::time::timeout(READINESS_STALE_AFTER, latest.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|found| found.ok().and_then(|checks| checks.clone()));
+        let Some(mut checks) = found else {
+            let mut checks = serde_json::Map::new();
+            checks.insert("readiness".into(), "not checked yet".into());
+            return LedgerChecks {
+                at: tokio::time::Instant::now(),
+                failed: vec!["readiness"],
+                checks,
+            };
+        };
+        let age = checks.at.elapsed();
+        if age > READINESS_STALE_AFTER {
+            checks.failed.push("readiness");
+            checks.checks.insert(
+                "readiness".into(),
+                format!(
+                    "these checks are {} ms old: the health watcher has stopped",
+                    age.as_millis()
+                )
+                .into(),
+            );
+        }
+        checks
+    }
+}
+
+/// The checks that ask Redis: it answers within the deadline, every shard is initialized,
+/// and (`serve`) Redis holds the ledger's function library, loaded here when missing:
+/// after a Redis restart nothing else would, since a not-ready pod gets no traffic.
+async fn ledger_checks(state: &HttpState) -> LedgerChecks {
     let mut checks = serde_json::Map::new();
     let mut failed = Vec::new();
-    let degraded = Vec::new();
     let redis_ok = match state.ledger.initialized_shards().await {
         Ok(shards) => {
             checks.insert("redis".into(), "ok".into());
@@ -978,11 +1038,28 @@ async fn readiness(state: &HttpState) -> Readiness {
             }
         }
     }
+    LedgerChecks {
+        at: tokio::time::Instant::now(),
+        failed,
+        checks,
+    }
+}
+
+/// Ready when the [`ledger_checks`] pass and, with a settler in this process, settlement
+/// lags less than `settler.ready_lag_max_ms`, the settler measured the outboxes within
+/// that time, and neither it nor the webhook dispatcher has ended. A store error, the lag
+/// or a stuck settler fails `tollgate settle`; a process serving charges is only
+/// `degraded` by them: charges never wait for the store, so a database blip must not take
+/// every gateway pod out of traffic (the lag threshold is the operator's bound on how long
+/// that may last). A settler or dispatcher that ended fails both
+/// ([`Settlement::check`]). The settlement checks read this process's memory only, and
+/// are computed now.
+fn readiness(state: &HttpState, ledger: LedgerChecks) -> Readiness {
     let mut readiness = Readiness {
         ready: false,
-        failed,
-        degraded,
-        checks,
+        failed: ledger.failed,
+        degraded: Vec::new(),
+        checks: ledger.checks,
     };
     state.settlement.check(
         state.serving,
@@ -1096,14 +1173,16 @@ impl Settlement {
     }
 }
 
-/// The body says which check failed.
+/// The body says which check failed. The Redis checks are the health watcher's latest
+/// (at most [`HEALTH_CHECK_INTERVAL`] old, plus a round's own time), the settlement
+/// checks are computed now.
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_json::Value>) {
     let Readiness {
         ready,
         failed,
         degraded,
         checks,
-    } = readiness(&state).await;
+    } = readiness(&state, state.last_checks.latest().await);
     let code = if ready {
         StatusCode::OK
     } else {
@@ -1120,9 +1199,10 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_json:
     )
 }
 
-/// Keeps the gRPC health service (`serve`; `settle` has none) and the `tollgate_ready`
-/// gauge in step with `/readyz` until `stopped`, then reports NOT_SERVING and 0 while the
-/// server drains.
+/// Runs the readiness checks every [`HEALTH_CHECK_INTERVAL`] until `stopped`: keeps the
+/// Redis ones for `/readyz`, and the gRPC health service (`serve`; `settle` has none) and
+/// the `tollgate_ready` gauge in step; then reports NOT_SERVING and 0 while the server
+/// drains.
 async fn watch_health(
     state: HttpState,
     health: Option<HealthReporter>,
@@ -1132,7 +1212,9 @@ async fn watch_health(
     let mut last: Option<bool> = None;
     tokio::pin!(stopped);
     loop {
-        let ready = readiness(&state).await.ready;
+        let checks = ledger_checks(&state).await;
+        state.last_checks.store(checks.clone());
+        let ready = readiness(&state, checks).ready;
         if last != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving

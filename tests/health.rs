@@ -199,9 +199,8 @@ async fn readyz_follows_redis_and_reloads_scripts() {
     assert_eq!(body["checks"]["scripts"], "ok", "{body}");
     wait_health(&server, ServingStatus::Serving).await;
 
-    // Scripts and functions flushed: readiness notices and loads them again (the /readyz
-    // call below, or the gRPC health watcher, which runs the same checks, if it comes
-    // first).
+    // Scripts and functions flushed: readiness (the health watcher's checks, which
+    // `/readyz` answers from) notices and loads them again.
     // The watcher may reload them between the flush and the look that follows it (it
     // checks every HEALTH_CHECK_INTERVAL): flush again until they are seen gone.
     let mut con = redis.client().get_connection().expect("redis");
@@ -220,10 +219,15 @@ async fn readyz_follows_redis_and_reloads_scripts() {
         }
         assert!(flushes < 20, "the ledger's functions never seen gone");
     }
+    // The health watcher's next round (every HEALTH_CHECK_INTERVAL) loads them again;
+    // `/readyz` answers from its rounds.
+    common::eventually(DEADLINE, "readiness to reload the scripts", || async {
+        let (loaded, total) = server.ledger.check_scripts(false).await.expect("exists");
+        (loaded == total).then_some(())
+    })
+    .await;
     let (code, body) = ready().await;
     assert_eq!(code, 200, "{body}");
-    let (loaded, total) = server.ledger.check_scripts(false).await.expect("exists");
-    assert_eq!(loaded, total, "readiness reloaded every script");
 
     // Redis stopped: not ready, saying why; gRPC health follows.
     redis.kill();
@@ -274,5 +278,63 @@ async fn readyz_follows_redis_and_reloads_scripts() {
     let (loaded, total) = server.ledger.check_scripts(false).await.expect("exists");
     assert_eq!(loaded, total);
     wait_health(&server, ServingStatus::Serving).await;
+    server.stop().await;
+}
+
+/// The commands `INFO commandstats` has counted, by name (`exists`, `function|list`).
+fn command_calls(redis: &common::RedisServer) -> std::collections::HashMap<String, u64> {
+    let mut con = redis.client().get_connection().expect("redis");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut con)
+        .expect("INFO commandstats");
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `/readyz` answers from the health watcher's latest round: a flood of probes (it is
+/// unauthenticated) costs Redis nothing. It used to run an `EXISTS` per shard and a
+/// `FUNCTION LIST` for every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_asks_redis_nothing_per_request() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(common::test_config(&redis.url()), Clock::Redis).await;
+    common::eventually(DEADLINE, "ready", || async {
+        (common::http_get(server.http_addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    let requests = 200;
+    let before = command_calls(&redis);
+    let started = std::time::Instant::now();
+    for _ in 0..requests {
+        let (code, body) = common::http_get(server.http_addr, "/readyz").await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let elapsed = started.elapsed();
+    let after = command_calls(&redis);
+    let calls =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+    // What the background tasks send meanwhile, rounded up: the health watcher a round
+    // every HEALTH_CHECK_INTERVAL (an EXISTS per shard and a FUNCTION LIST), the shard
+    // initializer an EXISTS per shard every INITIALIZE_RETRY.
+    let rounds = |every: Duration| (elapsed.as_secs_f64() / every.as_secs_f64()).ceil() as u64 + 2;
+    let watcher = rounds(tollgate::server::HEALTH_CHECK_INTERVAL);
+    let initializer = rounds(tollgate::server::INITIALIZE_RETRY);
+    let shards = u64::from(server.ledger.shards().count());
+    assert!(
+        calls("function|list") <= watcher,
+        "{} FUNCTION LIST for {requests} /readyz in {elapsed:?}",
+        calls("function|list")
+    );
+    assert!(
+        calls("exists") <= shards * (watcher + initializer),
+        "{} EXISTS for {requests} /readyz in {elapsed:?} ({shards} shards)",
+        calls("exists")
+    );
     server.stop().await;
 }

@@ -21,6 +21,26 @@ fn debit(key: &str) -> pb::DebitRequest {
     }
 }
 
+/// Polls `/readyz` (each answer within HANG_GUARD: readiness never hangs) until it
+/// answers `want`: it answers from the health watcher's latest round, which notices a
+/// change within HEALTH_CHECK_INTERVAL plus a round's own time.
+async fn wait_readyz(server: &common::TestServer, want: u16) {
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    loop {
+        let code = tokio::time::timeout(HANG_GUARD, readyz(server))
+            .await
+            .expect("readiness must not hang");
+        if code == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz still {code}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn readyz(server: &common::TestServer) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(server.http_addr)
@@ -91,10 +111,7 @@ async fn a_hung_redis_is_given_up_on_at_the_call_deadline() {
         took < WELL_PAST_THE_DEADLINE,
         "the debit answered after {took:?}, not at its {CALL_DEADLINE:?} deadline"
     );
-    let ready = tokio::time::timeout(HANG_GUARD, readyz(&server))
-        .await
-        .expect("readiness must not hang");
-    assert_eq!(ready, 503);
+    wait_readyz(&server, 503).await;
 
     redis.resume();
     // d1 may have run once Redis woke up (its answer was lost): a retry of it replays,
@@ -142,7 +159,7 @@ async fn unavailable_within_deadline_then_recovers() {
         .expect("the call must not hang")
         .expect_err("redis is down");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert_eq!(readyz(&server).await, 503);
+    wait_readyz(&server, 503).await;
 
     // Back, empty (no persistence): calls succeed again without restarting tollgate
     // (scripts are reloaded on NOSCRIPT).
@@ -179,12 +196,5 @@ async fn unavailable_within_deadline_then_recovers() {
     assert_eq!(out.available, 4);
     // Every shard (not only alice's) is re-initialized by the background retry, so
     // readiness returns within a deadline rather than at the same instant.
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    while readyz(&server).await != 200 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not ready again after Redis came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_readyz(&server, 200).await;
 }

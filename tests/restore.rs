@@ -263,7 +263,15 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
         }
     };
     assert_eq!(refusal.code(), tonic::Code::Unavailable);
-    let (code, body) = http_status(server.http_addr, "/readyz").await;
+    // `/readyz` answers from the health watcher's latest round (every 2 s).
+    let deadline = Instant::now() + DEADLINE;
+    let (code, body) = loop {
+        let (code, body) = http_status(server.http_addr, "/readyz").await;
+        if code == 503 || Instant::now() > deadline {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(code, 503, "{body}");
     assert!(
         body.contains("ledger") && body.contains("restore"),
