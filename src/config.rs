@@ -19,6 +19,7 @@ use crate::gateway::{self, identity, pricing::PriceBook};
 use crate::ledger::{self, keys::SHARDS_MAX, LedgerSettings};
 use crate::settle::settler::{default_consumer, SettlerSettings};
 use crate::settle::store;
+use crate::transport;
 
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
@@ -44,6 +45,11 @@ pub const CHECK_TIMEOUT_MS_MAX: u64 = 10_000;
 pub const IDENTITY_CACHE_TTL_MS_MAX: u64 = 3_600_000;
 pub const IDENTITY_CACHE_ENTRIES_MAX: usize = 10_000_000;
 pub const KEYS_PER_ACCOUNT_MAX: u32 = 10_000;
+pub const HTTP_CONNECTIONS_MAX: usize = 65_536;
+pub const HTTP_HEADER_BYTES_MAX: usize = 1024 * 1024;
+/// Twice Envoy's largest `max_request_headers_kb` (8 MiB).
+pub const GRPC_CHECK_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+pub const GRPC_CHECK_MESSAGE_BYTES_MIN: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -83,9 +89,27 @@ pub struct ServerConfig {
     /// the store): before serving, and in the background whenever Redis loses them while
     /// this process serves (docs/OPERATIONS.md). `serve --restore` sets it.
     pub restore: bool,
+    /// HTTP connections open at once; past it, a new connection waits (in the listen
+    /// backlog) until one closes.
+    pub http_connections_max: usize,
+    /// Largest request head (request line and headers) the HTTP port reads: a larger one
+    /// is answered 431. At least the largest your gateway forwards.
+    pub http_header_bytes_max: usize,
+    /// Largest Envoy ext_authz CheckRequest the gRPC port reads (it carries the client
+    /// request's headers): a larger Check fails (OUT_OF_RANGE) and Envoy applies its
+    /// `status_on_error`. At least twice Envoy's `max_request_headers_kb`.
+    pub grpc_check_message_bytes_max: usize,
 }
 
 impl ServerConfig {
+    /// The HTTP port's bounds.
+    pub fn http_limits(&self) -> transport::HttpLimits {
+        transport::HttpLimits {
+            connections_max: self.http_connections_max,
+            header_bytes_max: self.http_header_bytes_max,
+        }
+    }
+
     /// The worker threads the runtime gets: the configured count, or half the CPUs.
     pub fn runtime_workers(&self) -> usize {
         match self.worker_threads {
@@ -123,6 +147,9 @@ impl Default for ServerConfig {
             http_addr: DEFAULT_HTTP_ADDR.into(),
             worker_threads: 0,
             restore: false,
+            http_connections_max: transport::DEFAULT_HTTP_CONNECTIONS_MAX,
+            http_header_bytes_max: transport::DEFAULT_HTTP_HEADER_BYTES_MAX,
+            grpc_check_message_bytes_max: transport::DEFAULT_GRPC_CHECK_MESSAGE_BYTES_MAX,
         }
     }
 }
@@ -512,6 +539,33 @@ impl Config {
             bad(
                 "server.worker_threads",
                 format!("must be in 0..={WORKER_THREADS_MAX} (0 = half the CPUs)"),
+            );
+        }
+        if !(1..=HTTP_CONNECTIONS_MAX).contains(&self.server.http_connections_max) {
+            bad(
+                "server.http_connections_max",
+                format!("must be in 1..={HTTP_CONNECTIONS_MAX}"),
+            );
+        }
+        if !(transport::HTTP_HEADER_BYTES_MIN..=HTTP_HEADER_BYTES_MAX)
+            .contains(&self.server.http_header_bytes_max)
+        {
+            bad(
+                "server.http_header_bytes_max",
+                format!(
+                    "must be in {}..={HTTP_HEADER_BYTES_MAX}",
+                    transport::HTTP_HEADER_BYTES_MIN
+                ),
+            );
+        }
+        if !(GRPC_CHECK_MESSAGE_BYTES_MIN..=GRPC_CHECK_MESSAGE_BYTES_MAX)
+            .contains(&self.server.grpc_check_message_bytes_max)
+        {
+            bad(
+                "server.grpc_check_message_bytes_max",
+                format!(
+                    "must be in {GRPC_CHECK_MESSAGE_BYTES_MIN}..={GRPC_CHECK_MESSAGE_BYTES_MAX}"
+                ),
             );
         }
         if redis::parse_redis_url(&self.redis.url).is_none() {
@@ -1225,6 +1279,56 @@ mod tests {
         let errors = load("[redis]\nconnections = 65\n").unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].path, "redis.connections");
+    }
+
+    #[test]
+    fn listener_limits_have_defaults_env_overrides_and_bounds() {
+        let c = load("").unwrap();
+        assert_eq!(c.server.http_limits(), transport::HttpLimits::default());
+        assert_eq!(
+            c.server.grpc_check_message_bytes_max,
+            transport::DEFAULT_GRPC_CHECK_MESSAGE_BYTES_MAX
+        );
+        let env = vec![
+            (
+                "TOLLGATE_SERVER__HTTP_CONNECTIONS_MAX".to_owned(),
+                "4".to_owned(),
+            ),
+            (
+                "TOLLGATE_SERVER__GRPC_CHECK_MESSAGE_BYTES_MAX".to_owned(),
+                "1048576".to_owned(),
+            ),
+        ];
+        let c = Config::from_toml(
+            "[server]\nhttp_header_bytes_max = 8192\n",
+            env,
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.server.http_limits(),
+            transport::HttpLimits {
+                connections_max: 4,
+                header_bytes_max: 8192,
+            }
+        );
+        assert_eq!(c.server.grpc_check_message_bytes_max, 1 << 20);
+        let errors = load(
+            "[server]\nhttp_connections_max = 0\nhttp_header_bytes_max = 4096\n\
+             grpc_check_message_bytes_max = 100000000\n",
+        )
+        .unwrap_err()
+        .0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.http_connections_max",
+                "server.http_header_bytes_max",
+                "server.grpc_check_message_bytes_max"
+            ],
+            "{errors:?}"
+        );
     }
 
     #[test]

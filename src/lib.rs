@@ -13,6 +13,9 @@
 //! - [`config`] — the typed configuration (file, `TOLLGATE_` environment, flags),
 //!   validated once with every bad setting reported.
 //! - [`server`] — `tollgate serve` wiring: listeners, health endpoints, graceful drain.
+//! - [`transport`] — how the ports take connections: the gRPC server's stream cap,
+//!   keepalives, message sizes and unary deadline; the HTTP/1.1 server loop with its
+//!   header timeout, buffer bound and connection cap.
 //! - [`settle`] — the settler (outbox → durable store, exactly once), the PostgreSQL /
 //!   SQLite store, reconcile.
 //! - [`webhooks`] — usage webhooks derived from settled events: rules, signatures,
@@ -32,4 +35,5 @@ pub mod ledger;
 pub mod server;
 pub mod settle;
 pub mod telemetry;
+pub mod transport;
 pub mod webhooks;

@@ -11,14 +11,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -37,6 +36,7 @@ use crate::settle::settler::{Settler, SettlerStatus};
 use crate::settle::{Store, StoreError};
 use crate::telemetry;
 use crate::telemetry::request_log::RequestLogLayer;
+use crate::transport::{self, Deadline};
 use crate::webhooks::dispatcher::Dispatcher;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
@@ -387,6 +387,8 @@ fn http_router(state: HttpState) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        // They read no body: none for an extractor added later either.
+        .layer(DefaultBodyLimit::max(0))
         .with_state(state)
 }
 
@@ -504,14 +506,15 @@ pub async fn run_settler(
     // `tollgate_ready` is what the chart's not-ready alert and dashboard read, for
     // settler pods as for serving ones.
     let watcher = tokio::spawn(watch_health(state.clone(), None, stopped()));
-    let http = axum::serve(
+    let http = transport::serve_http(
         http_listener,
         http_router(state)
             .fallback(no_route)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(RequestLogLayer::http()),
-    )
-    .with_graceful_shutdown(stopped());
+        config.server.http_limits(),
+        stopped(),
+    );
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -629,28 +632,47 @@ pub async fn run(
         .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let grpc = tonic::transport::Server::builder()
+    // Bounds: transport.rs and docs/ARCHITECTURE.md ("Listener limits"). Metering and
+    // Admin check their token before reading a message; unary services get a deadline,
+    // the streams (access log, health Watch, reflection) none.
+    let grpc = transport::grpc_server()
         .layer(RequestLogLayer::grpc())
-        .add_service(MeteringServer::with_interceptor(
-            MeteringService::new(ledger.clone(), store.clone()),
+        .add_service(InterceptedService::new(
+            Deadline::new(
+                MeteringServer::new(MeteringService::new(ledger.clone(), store.clone()))
+                    .max_decoding_message_size(transport::API_MESSAGE_BYTES_MAX),
+                transport::GRPC_UNARY_TIMEOUT,
+            ),
             service_check,
         ))
-        .add_service(AdminServer::with_interceptor(
-            AdminService::new(ledger.clone(), gateway.keys().clone())
-                .with_store(store.clone(), config.webhooks.rules()),
+        .add_service(InterceptedService::new(
+            Deadline::new(
+                AdminServer::new(
+                    AdminService::new(ledger.clone(), gateway.keys().clone())
+                        .with_store(store.clone(), config.webhooks.rules()),
+                )
+                .max_decoding_message_size(transport::API_MESSAGE_BYTES_MAX),
+                transport::GRPC_UNARY_TIMEOUT,
+            ),
             admin_check,
         ))
         // Envoy authenticates by the optional gateway shared secret, checked inside; the
         // access log (it settles holds) also by the service token (access_log.rs).
-        .add_service(AuthorizationServer::new(ExtAuthz::new(gateway.clone())))
-        .add_service(AccessLogServiceServer::new(access_log))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            stopped(),
-        );
+        .add_service(Deadline::new(
+            AuthorizationServer::new(ExtAuthz::new(gateway.clone()))
+                .max_decoding_message_size(config.server.grpc_check_message_bytes_max),
+            transport::GRPC_UNARY_TIMEOUT,
+        ))
+        .add_service(
+            AccessLogServiceServer::new(access_log)
+                .max_decoding_message_size(transport::ACCESS_LOG_MESSAGE_BYTES_MAX),
+        )
+        .add_service(health_service.max_decoding_message_size(transport::PROBE_MESSAGE_BYTES_MAX))
+        .add_service(reflection.max_decoding_message_size(transport::PROBE_MESSAGE_BYTES_MAX))
+        .add_service(
+            reflection_v1alpha.max_decoding_message_size(transport::PROBE_MESSAGE_BYTES_MAX),
+        )
+        .serve_with_incoming_shutdown(transport::grpc_incoming(grpc_listener), stopped());
 
     let tasks = Tasks::default();
     let settler = spawn_settler(&config, stopped())?;
@@ -688,14 +710,7 @@ pub async fn run(
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(RequestLogLayer::http());
-    // Forward-auth is on the request path of nginx, Traefik and Kong: no Nagle delay on
-    // its answers (the gRPC listener sets the same).
-    let http_listener = http_listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "could not set TCP_NODELAY");
-        }
-    });
-    let http = axum::serve(http_listener, http).with_graceful_shutdown(stopped());
+    let http = transport::serve_http(http_listener, http, config.server.http_limits(), stopped());
 
     tokio::spawn(reload_on_sighup(
         Some(gateway.clone()),

@@ -1789,8 +1789,9 @@ async fn bad_fields_are_named_and_change_nothing() {
     }
 
     // Capture and Release. Ids are bounded (numbers Lua reads exactly, at most 2^53 - 1):
-    // an overlong one is a bad field, not a NOT_FOUND after a trip to Redis.
-    let huge_hold = format!("h0-{}", "9".repeat(1 << 20));
+    // an overlong one is a bad field, not a NOT_FOUND after a trip to Redis. (32 KiB: a
+    // request past 64 KiB is refused by the port before it is read, OUT_OF_RANGE.)
+    let huge_hold = format!("h0-{}", "9".repeat(1 << 15));
     let long_hold = format!("h0-{}", "1".repeat(17));
     let unsafe_hold = format!("h0-{}", 1_i64 << 53);
     for (req, field) in [
@@ -1824,7 +1825,7 @@ async fn bad_fields_are_named_and_change_nothing() {
     }
 
     // Refund
-    let huge_charge = format!("0-{}-0", "9".repeat(1 << 20));
+    let huge_charge = format!("0-{}-0", "9".repeat(1 << 15));
     let long_charge = format!("0-1-{}", "1".repeat(17));
     let unsafe_charge = format!("0-{}-0", 1_i64 << 53);
     for (req, field) in [

@@ -13,9 +13,10 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
@@ -33,8 +34,14 @@ pub const HEADER_AUTH_MODE: &str = "x-tollgate-auth-mode";
 pub const HEADER_REASON: &str = "x-tollgate-reason";
 pub const HEADER_STATUS: &str = "x-tollgate-status";
 pub const HEADER_BODY: &str = "x-tollgate-body";
-/// Largest body the settlement endpoints read.
+/// Largest body the settlement endpoints read: a larger declared `content-length` is
+/// answered 413 before a byte of it is read, and a body that turns out larger (chunked)
+/// when the bound is reached.
 pub const SETTLE_BODY_BYTES_MAX: usize = 4096;
+/// How long a settlement's body may take to arrive once its headers have (hyper's header
+/// read timeout does not cover the body): 408 past it, so a client that declares 4 KiB
+/// and sends it a byte a minute does not hold its connection for good.
+pub const SETTLE_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct HttpGateway {
     gateway: Arc<Gateway>,
@@ -45,7 +52,14 @@ pub struct HttpGateway {
 pub fn router(gateway: Arc<Gateway>, service_tokens: TokenCheck) -> Router {
     Router::new()
         .route(FORWARD_AUTH_PATH, any(forward_auth))
-        .route("/v1/holds/{hold_id}/{action}", post(settle_hold))
+        // The settlement reads its body itself, within SETTLE_BODY_BYTES_MAX; the default
+        // limit says the same to any extractor added later (axum's default is 2 MiB).
+        // Forward-auth reads no body and gets no layer: it would cost every check an
+        // allocation (the limit travels in the request's extensions).
+        .route(
+            "/v1/holds/{hold_id}/{action}",
+            post(settle_hold).layer(DefaultBodyLimit::max(SETTLE_BODY_BYTES_MAX)),
+        )
         .with_state(Arc::new(HttpGateway {
             gateway,
             service_tokens,
@@ -323,11 +337,15 @@ pub(crate) fn json_response(status: u16, body: serde_json::Value) -> Response {
 /// hold when absent) or `/release`. The idempotency key is the `idempotency-key` header,
 /// else one per hold and action, so a retried settlement changes nothing. Every bad field
 /// is named at once (the header as `idempotency-key`), before anything reaches Redis.
+///
+/// The token is checked before the body is read, and the body is read only up to
+/// [`SETTLE_BODY_BYTES_MAX`] (a larger `content-length` is refused without reading it):
+/// it used to be read whole, up to axum's 2 MiB default, by anyone.
 async fn settle_hold(
     State(state): State<Arc<HttpGateway>>,
     Path((hold_id, action)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if let Err(status) = state
         .service_tokens
@@ -338,6 +356,10 @@ async fn settle_hold(
             serde_json::json!({ "error": "unauthenticated", "message": status.message() }),
         );
     }
+    let body = match read_settle_body(&headers, body).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
     let mut v = Violations::default();
     if hold_id.is_empty() {
         v.add("hold_id", "is required");
@@ -358,10 +380,7 @@ async fn settle_hold(
             false
         }
     };
-    let amount = if body.len() > SETTLE_BODY_BYTES_MAX {
-        v.add("body", format!("larger than {SETTLE_BODY_BYTES_MAX} bytes"));
-        None
-    } else if body.iter().all(u8::is_ascii_whitespace) {
+    let amount = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
         match serde_json::from_slice::<serde_json::Value>(&body) {
@@ -418,6 +437,57 @@ async fn settle_hold(
             let (status, body) = http_error(err);
             failed(status, body)
         }
+    }
+}
+
+/// A settlement's body, at most [`SETTLE_BODY_BYTES_MAX`] bytes within
+/// [`SETTLE_BODY_READ_TIMEOUT`]; else the answer: 413 (declared larger, or found larger),
+/// 408 (too slow), 400 (the client broke off).
+async fn read_settle_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let too_large = || {
+        failed(
+            413,
+            serde_json::json!({
+                "error": "payload_too_large",
+                "fields": [{
+                    "field": "body",
+                    "description": format!("larger than {SETTLE_BODY_BYTES_MAX} bytes"),
+                }],
+            }),
+        )
+    };
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > SETTLE_BODY_BYTES_MAX as u64) {
+        return Err(too_large());
+    }
+    let read = axum::body::to_bytes(body, SETTLE_BODY_BYTES_MAX);
+    match tokio::time::timeout(SETTLE_BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(err))
+            if std::error::Error::source(&err)
+                .is_some_and(|e| e.is::<http_body_util::LengthLimitError>()) =>
+        {
+            Err(too_large())
+        }
+        Ok(Err(_)) => Err(failed(
+            400,
+            serde_json::json!({ "error": "invalid_argument", "fields": [{
+                "field": "body", "description": "could not be read (the client broke off)",
+            }]}),
+        )),
+        Err(_) => Err(failed(
+            408,
+            serde_json::json!({
+                "error": "request_timeout",
+                "message": format!(
+                    "the body did not arrive within {} s",
+                    SETTLE_BODY_READ_TIMEOUT.as_secs()
+                ),
+            }),
+        )),
     }
 }
 
