@@ -402,14 +402,19 @@ async fn a_stalled_unary_call_is_ended_and_the_streams_beside_it_are_not() {
     );
     drop(body);
 
-    // The streams beside it outlived the unary deadline: the watch is open and quiet, and
-    // the access-log stream takes another message and ends OK when its client ends it.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), watch.message())
-            .await
-            .is_err(),
-        "the health Watch ended"
-    );
+    // The streams beside it outlived the unary deadline: the watch is still open (it may
+    // have sent status changes meanwhile: a busy machine can move readiness; it must not
+    // have ended), and the access-log stream takes another message and ends OK when its
+    // client ends it.
+    for changes in 0.. {
+        assert!(changes < 100, "the health Watch never went quiet");
+        match tokio::time::timeout(Duration::from_millis(500), watch.message()).await {
+            Err(_) => break,
+            Ok(Ok(Some(change))) => eprintln!("health status change: {change:?}"),
+            Ok(Ok(None)) => panic!("the health Watch ended"),
+            Ok(Err(status)) => panic!("the health Watch ended: {status:?}"),
+        }
+    }
     assert!(!access_log.is_finished(), "the access-log stream ended");
     logs_tx.send(message()).await.expect("another message");
     drop(logs_tx);
