@@ -46,6 +46,7 @@ pub const IDENTITY_CACHE_TTL_MS_MAX: u64 = 3_600_000;
 pub const IDENTITY_CACHE_ENTRIES_MAX: usize = 10_000_000;
 pub const KEYS_PER_ACCOUNT_MAX: u32 = 10_000;
 pub const HTTP_CONNECTIONS_MAX: usize = 65_536;
+pub const GRPC_CONNECTIONS_MAX: usize = 65_536;
 pub const HTTP_HEADER_BYTES_MAX: usize = 1024 * 1024;
 /// Twice Envoy's largest `max_request_headers_kb` (8 MiB).
 pub const GRPC_CHECK_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -99,6 +100,9 @@ pub struct ServerConfig {
     /// request's headers): a larger Check fails (OUT_OF_RANGE) and Envoy applies its
     /// `status_on_error`. At least twice Envoy's `max_request_headers_kb`.
     pub grpc_check_message_bytes_max: usize,
+    /// gRPC connections open at once; past it, a new connection waits (in the listen
+    /// backlog) until one closes.
+    pub grpc_connections_max: usize,
 }
 
 impl ServerConfig {
@@ -150,6 +154,7 @@ impl Default for ServerConfig {
             http_connections_max: transport::DEFAULT_HTTP_CONNECTIONS_MAX,
             http_header_bytes_max: transport::DEFAULT_HTTP_HEADER_BYTES_MAX,
             grpc_check_message_bytes_max: transport::DEFAULT_GRPC_CHECK_MESSAGE_BYTES_MAX,
+            grpc_connections_max: transport::DEFAULT_GRPC_CONNECTIONS_MAX,
         }
     }
 }
@@ -545,6 +550,12 @@ impl Config {
             bad(
                 "server.http_connections_max",
                 format!("must be in 1..={HTTP_CONNECTIONS_MAX}"),
+            );
+        }
+        if !(1..=GRPC_CONNECTIONS_MAX).contains(&self.server.grpc_connections_max) {
+            bad(
+                "server.grpc_connections_max",
+                format!("must be in 1..={GRPC_CONNECTIONS_MAX}"),
             );
         }
         if !(transport::HTTP_HEADER_BYTES_MIN..=HTTP_HEADER_BYTES_MAX)
@@ -1298,6 +1309,10 @@ mod tests {
                 "TOLLGATE_SERVER__GRPC_CHECK_MESSAGE_BYTES_MAX".to_owned(),
                 "1048576".to_owned(),
             ),
+            (
+                "TOLLGATE_SERVER__GRPC_CONNECTIONS_MAX".to_owned(),
+                "8".to_owned(),
+            ),
         ];
         let c = Config::from_toml(
             "[server]\nhttp_header_bytes_max = 8192\n",
@@ -1313,9 +1328,10 @@ mod tests {
             }
         );
         assert_eq!(c.server.grpc_check_message_bytes_max, 1 << 20);
+        assert_eq!(c.server.grpc_connections_max, 8);
         let errors = load(
             "[server]\nhttp_connections_max = 0\nhttp_header_bytes_max = 4096\n\
-             grpc_check_message_bytes_max = 100000000\n",
+             grpc_check_message_bytes_max = 100000000\ngrpc_connections_max = 0\n",
         )
         .unwrap_err()
         .0;
@@ -1324,6 +1340,7 @@ mod tests {
             paths,
             [
                 "server.http_connections_max",
+                "server.grpc_connections_max",
                 "server.http_header_bytes_max",
                 "server.grpc_check_message_bytes_max"
             ],

@@ -672,7 +672,10 @@ pub async fn run(
         .add_service(
             reflection_v1alpha.max_decoding_message_size(transport::PROBE_MESSAGE_BYTES_MAX),
         )
-        .serve_with_incoming_shutdown(transport::grpc_incoming(grpc_listener), stopped());
+        .serve_with_incoming_shutdown(
+            transport::grpc_incoming(grpc_listener, config.server.grpc_connections_max),
+            stopped(),
+        );
 
     let tasks = Tasks::default();
     let settler = spawn_settler(&config, stopped())?;

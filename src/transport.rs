@@ -17,9 +17,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Connected, TcpIncoming};
 
 /// SETTINGS_MAX_CONCURRENT_STREAMS of the gRPC port (tonic's default is no limit). Envoy's
 /// connection pool opens another connection once one is at the limit its peer advertised,
@@ -76,13 +76,135 @@ pub fn grpc_server() -> tonic::transport::Server {
 }
 
 /// The gRPC listener's accepted connections: no Nagle delay (Envoy's Check is on the
-/// request path), TCP keepalive.
-pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
+/// request path), TCP keepalive, and at most `connections_max` open at once
+/// ([`LimitedIncoming`]).
+pub fn grpc_incoming(listener: TcpListener, connections_max: usize) -> LimitedIncoming {
+    let tcp = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(GRPC_TCP_KEEPALIVE_IDLE))
         .with_keepalive_interval(Some(GRPC_TCP_KEEPALIVE_INTERVAL))
-        .with_keepalive_retries(Some(GRPC_TCP_KEEPALIVE_RETRIES))
+        .with_keepalive_retries(Some(GRPC_TCP_KEEPALIVE_RETRIES));
+    LimitedIncoming::new(tcp, connections_max)
+}
+
+type Acquiring =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
+
+/// Accepted connections, at most `connections_max` open at once: each holds a permit
+/// until it closes, and no connection is accepted while none is left, so a client past
+/// the cap waits in the kernel's listen backlog (as on the HTTP port) rather than being
+/// refused. Every connection is bounded on its own (streams, message sizes, the unary
+/// deadline); this bounds how many there are. Dropped with the server: the listening
+/// socket closes with it.
+pub struct LimitedIncoming {
+    inner: TcpIncoming,
+    permits: Arc<Semaphore>,
+    /// The permit the next accepted connection takes.
+    permit: Option<OwnedSemaphorePermit>,
+    /// Waiting for a permit (all taken).
+    acquiring: Option<Acquiring>,
+}
+
+impl LimitedIncoming {
+    pub fn new(inner: TcpIncoming, connections_max: usize) -> Self {
+        Self {
+            inner,
+            permits: Arc::new(Semaphore::new(connections_max)),
+            permit: None,
+            acquiring: None,
+        }
+    }
+
+    fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.permit.is_none() {
+            if let Some(acquiring) = self.acquiring.as_mut() {
+                // The semaphore is never closed.
+                if let Ok(permit) = ready!(acquiring.as_mut().poll(cx)) {
+                    self.permit = Some(permit);
+                }
+                self.acquiring = None;
+            } else if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                self.permit = Some(permit);
+            } else {
+                self.acquiring = Some(Box::pin(self.permits.clone().acquire_owned()));
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+impl futures_core::Stream for LimitedIncoming {
+    type Item = std::io::Result<Permitted<tokio::net::TcpStream>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        ready!(this.poll_permit(cx));
+        let accepted = ready!(Pin::new(&mut this.inner).poll_next(cx));
+        Poll::Ready(accepted.map(|accepted| {
+            accepted.map(|io| Permitted {
+                io,
+                _permit: this.permit.take(),
+            })
+        }))
+    }
+}
+
+pin_project! {
+    /// A connection holding its place under the listener's connection cap until it is
+    /// dropped.
+    pub struct Permitted<IO> {
+        #[pin]
+        io: IO,
+        _permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<IO: tokio::io::AsyncRead> tokio::io::AsyncRead for Permitted<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Permitted<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl<IO: Connected> Connected for Permitted<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
 }
 
 /// A unary gRPC service whose calls answer DEADLINE_EXCEEDED once `timeout` has passed
@@ -197,6 +319,9 @@ fn caller_deadline_within(headers: &HeaderMap, bound: Duration) -> bool {
 /// this is also how long a kept-alive connection may stay idle: nginx's and Go's (Traefik)
 /// pools drop a connection the server closed, and retry a request that met the close.
 pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of `server.grpc_connections_max`: far above what gateways open (Envoy keeps
+/// one or a few HTTP/2 connections a worker to a cluster), each bounded on its own.
+pub const DEFAULT_GRPC_CONNECTIONS_MAX: usize = 1024;
 /// Default of `server.http_connections_max`.
 pub const DEFAULT_HTTP_CONNECTIONS_MAX: usize = 1024;
 /// Default of `server.http_header_bytes_max`: nginx reads a client's headers into at most

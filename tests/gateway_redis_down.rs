@@ -537,23 +537,13 @@ async fn a_redis_that_refuses_writes_follows_the_failure_policy() {
         let (r, _) = check(&server, path, &key).await;
         assert_eq!(r.status, 200, "{r:?}");
     }
-    let mut con = redis.client().get_connection().expect("redis");
-    // A replica of a primary that is not there: it keeps its data and refuses writes.
-    let nowhere = common::free_port().to_string();
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(&nowhere)
-        .query(&mut con)
-        .expect("replicaof");
+    // It keeps its data and refuses writes.
+    redis.read_only();
     let (r, _) = check(&server, "/strict", &key).await;
     assert_eq!(r.status, 503, "{r:?}");
     assert_degraded(&server, &key, None).await;
 
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query(&mut con)
-        .expect("replicaof no one");
+    redis.writable();
     let (r, _) = check(&server, "/strict", &key).await;
     assert_eq!(r.status, 200, "{r:?}");
     // Two charges before, one after, and the spooled one once applied.
@@ -601,12 +591,7 @@ async fn access_log_settlements_that_meet_a_redis_outage_are_retried_when_it_ret
     assert_eq!(balance(&server, "acme").await, (100, 100, 0));
 
     let mut con = redis.client().get_connection().expect("redis");
-    let nowhere = common::free_port().to_string();
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(&nowhere)
-        .query(&mut con)
-        .expect("replicaof");
+    redis.read_only();
     let message = access_log_message(vec![
         access_log_entry(&answered, 200, "4"),
         access_log_entry(&failed, 502, "0"),
@@ -630,11 +615,7 @@ async fn access_log_settlements_that_meet_a_redis_outage_are_retried_when_it_ret
         assert_eq!(hold_state(&server, &mut con, metadata), "a");
     }
 
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query(&mut con)
-        .expect("replicaof no one");
+    redis.writable();
     // 4 pages × 2 captured, the failed call's hold released: within wait_balance's 30 s,
     // half the holds' 60 s ttl.
     wait_balance(&server, "acme", (192, 0, 8)).await;

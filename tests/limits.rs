@@ -6,7 +6,8 @@
 //!   waits for a free one; a hold settlement is refused before its body is read when the
 //!   caller has no token or declares a body past 4 KiB.
 //! - gRPC port: a Check larger than `server.grpc_check_message_bytes_max` is refused by
-//!   its declared length; SETTINGS advertise the stream cap; a unary call that stalls is
+//!   its declared length; SETTINGS advertise the stream cap; past
+//!   `server.grpc_connections_max` a connection waits for a free one; a unary call that stalls is
 //!   ended at its deadline while the access-log stream and a health `Watch` on the same
 //!   connection stay open.
 //!
@@ -326,6 +327,48 @@ async fn the_grpc_port_advertises_its_stream_cap() {
         client.current_max_send_streams(),
         tollgate::transport::GRPC_STREAMS_PER_CONNECTION_MAX as usize
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_connection_past_the_cap_waits_for_a_free_one() {
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.server.grpc_connections_max = 2;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    // Two connections that never say a word hold both permits.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(TcpStream::connect(server.grpc_addr).await.expect("connect"));
+    }
+    // Give the server time to take them (it accepts while it has permits).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tcp = TcpStream::connect(server.grpc_addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::post("/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (answer, mut body) = client.send_request(request, false).expect("send");
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .expect("an empty HealthCheckRequest");
+    tokio::pin!(answer);
+    let early = tokio::time::timeout(Duration::from_secs(1), answer.as_mut()).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served while two held every permit: {early:?}"
+    );
+    // One held connection goes: the third is served.
+    drop(held.pop());
+    let answer = tokio::time::timeout(CLOSE_DEADLINE, answer)
+        .await
+        .expect("answered once a permit was free")
+        .expect("a response");
+    assert_eq!(answer.status(), 200);
+    drop(held);
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,36 +39,15 @@ fn reason(status: &tonic::Status) -> String {
 /// 200 allocated; org keys for alice and bob made by olivia. Returns (alice key, bob key,
 /// alice key id).
 async fn signsecure(server: &common::TestServer) -> (String, String, String) {
+    common::org_with_members(
+        server,
+        "acme",
+        "olivia",
+        5_000,
+        &[("alice", "member"), ("bob", "member")],
+    )
+    .await;
     let mut admin = server.admin().await;
-    admin
-        .grant(pb::GrantRequest {
-            account_id: "acme".into(),
-            amount: 5_000,
-            idempotency_key: "buy".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("org buys credits");
-    admin
-        .create_organization(pb::CreateOrganizationRequest {
-            org_id: "acme".into(),
-            owner_id: "olivia".into(),
-            idempotency_key: "create".into(),
-        })
-        .await
-        .expect("create org");
-    for member in ["alice", "bob"] {
-        admin
-            .add_member(pb::AddMemberRequest {
-                org_id: "acme".into(),
-                member_id: member.into(),
-                role: "member".into(),
-                actor_id: "olivia".into(),
-                idempotency_key: format!("add-{member}"),
-            })
-            .await
-            .expect("add member");
-    }
     for (member, amount) in [("alice", 500), ("bob", 200)] {
         let a = admin
             .set_allocation(pb::SetAllocationRequest {
@@ -550,34 +529,7 @@ async fn a_day_budget_refuses_the_crossing_charge_and_rolls_over_at_midnight() {
 
 /// The org "acme" (owner olivia, member carol) holding `credits`.
 async fn acme_with_carol(server: &common::TestServer, credits: i64) {
-    let mut admin = server.admin().await;
-    admin
-        .grant(pb::GrantRequest {
-            account_id: "acme".into(),
-            amount: credits,
-            idempotency_key: "buy".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("grant");
-    admin
-        .create_organization(pb::CreateOrganizationRequest {
-            org_id: "acme".into(),
-            owner_id: "olivia".into(),
-            idempotency_key: "create".into(),
-        })
-        .await
-        .expect("org");
-    admin
-        .add_member(pb::AddMemberRequest {
-            org_id: "acme".into(),
-            member_id: "carol".into(),
-            role: "member".into(),
-            actor_id: "olivia".into(),
-            idempotency_key: "add".into(),
-        })
-        .await
-        .expect("member");
+    common::org_with_members(server, "acme", "olivia", credits, &[("carol", "member")]).await;
 }
 
 /// GetBalance's `spendable`: what the caller may spend now, the tightest of the balance,
@@ -3065,36 +3017,15 @@ async fn org_key(
 /// acme (1,000 credits): owner olivia, admins bob and dave, member alice (100 allocated);
 /// bob's allocation is 10.
 async fn acme_with_admins(server: &common::TestServer) {
+    common::org_with_members(
+        server,
+        "acme",
+        "olivia",
+        1_000,
+        &[("bob", "admin"), ("dave", "admin"), ("alice", "member")],
+    )
+    .await;
     let mut admin = server.admin().await;
-    admin
-        .grant(pb::GrantRequest {
-            account_id: "acme".into(),
-            amount: 1_000,
-            idempotency_key: "buy".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("grant");
-    admin
-        .create_organization(pb::CreateOrganizationRequest {
-            org_id: "acme".into(),
-            owner_id: "olivia".into(),
-            idempotency_key: "create".into(),
-        })
-        .await
-        .expect("org");
-    for (member, role) in [("bob", "admin"), ("dave", "admin"), ("alice", "member")] {
-        admin
-            .add_member(pb::AddMemberRequest {
-                org_id: "acme".into(),
-                member_id: member.into(),
-                role: role.into(),
-                actor_id: "olivia".into(),
-                idempotency_key: format!("add-{member}"),
-            })
-            .await
-            .expect("add");
-    }
     for (member, amount) in [("bob", 10), ("alice", 100)] {
         admin
             .set_allocation(pb::SetAllocationRequest {

@@ -288,15 +288,11 @@ async fn a_promoted_replica_holds_every_acknowledged_debit() {
         before,
         "debits were acknowledged while no replica could hold them"
     );
+    replica.writable();
     let mut con = replica
         .client()
         .get_connection()
         .expect("replica connection");
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query(&mut con)
-        .expect("promote the replica");
     let mut lost = Vec::new();
     for event_id in &acked {
         // "<shard>-<stream id>"

@@ -780,8 +780,6 @@ async fn settled_then_lost(
     Arc<tollgate::ledger::Ledger>,
     Arc<Store>,
 ) {
-    use tollgate::settle::settler::{Settler, SettlerSettings};
-
     let redis = common::RedisServer::start();
     let pg = common::PgDatabase::create().await;
     let ledger = common::ledger(&redis, Clock::Redis);
@@ -791,6 +789,20 @@ async fn settled_then_lost(
         .grant(&common::purchase(account, amount, &format!("g-{account}")))
         .await
         .expect("grant");
+    settle_then_lose_redis(&redis, &ledger, &store, account).await;
+    (redis, pg, ledger, store)
+}
+
+/// Settles everything into the store (a settler named after `account`), then Redis loses
+/// everything.
+async fn settle_then_lose_redis(
+    redis: &common::RedisServer,
+    ledger: &Arc<tollgate::ledger::Ledger>,
+    store: &Arc<Store>,
+    account: &str,
+) {
+    use tollgate::settle::settler::{Settler, SettlerSettings};
+
     Settler::new(
         ledger.clone(),
         store.clone(),
@@ -804,7 +816,6 @@ async fn settled_then_lost(
     .expect("settled");
     let mut con = redis.client().get_connection().expect("redis");
     let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
-    (redis, pg, ledger, store)
 }
 
 /// What a wallet has available, or the error's text (a shard awaiting restore refuses).
@@ -1850,33 +1861,7 @@ async fn api_keys_of_a_lost_shard_are_refused_until_the_restore() {
     let server = common::TestServer::start(config, Clock::Redis).await;
     let mut admin = server.admin().await;
     // globex: an org (owner olivia, member mallory) with one org-wide key olivia made.
-    admin
-        .grant(pb::GrantRequest {
-            account_id: "globex".into(),
-            amount: 100,
-            idempotency_key: "buy".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("grant");
-    admin
-        .create_organization(pb::CreateOrganizationRequest {
-            org_id: "globex".into(),
-            owner_id: "olivia".into(),
-            idempotency_key: "create".into(),
-        })
-        .await
-        .expect("create org");
-    admin
-        .add_member(pb::AddMemberRequest {
-            org_id: "globex".into(),
-            member_id: "mallory".into(),
-            role: "member".into(),
-            actor_id: "olivia".into(),
-            idempotency_key: "add-mallory".into(),
-        })
-        .await
-        .expect("add member");
+    common::org_with_members(&server, "globex", "olivia", 100, &[("mallory", "member")]).await;
     let org_key = admin
         .create_api_key(pb::CreateApiKeyRequest {
             org_id: "globex".into(),
@@ -2029,7 +2014,6 @@ async fn a_restore_lists_an_expired_lot_that_holds_still_hold_as_before() {
     use tollgate::ledger::command::{Authorize, EndHold, OnExpiry};
     use tollgate::ledger::{Debit, Grant, Metadata};
     use tollgate::settle::restore::{restore, RestoreMode};
-    use tollgate::settle::settler::{Settler, SettlerSettings};
 
     const T0: i64 = 1_800_000_000_000;
     let account = "held-expired";
@@ -2097,19 +2081,7 @@ async fn a_restore_lists_an_expired_lot_that_holds_still_hold_as_before() {
         (20, 20, 60)
     );
 
-    Settler::new(
-        ledger.clone(),
-        store.clone(),
-        SettlerSettings {
-            consumer: format!("{account}-test"),
-            ..SettlerSettings::default()
-        },
-    )
-    .drain(DEADLINE)
-    .await
-    .expect("settled");
-    let mut con = redis.client().get_connection().expect("redis");
-    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    settle_then_lose_redis(&redis, &ledger, &store, account).await;
     restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
         .await
         .expect("restore");

@@ -249,14 +249,8 @@ async fn settlements_waiting_for_a_retry_do_not_hold_up_shutdown() {
         .api_key;
     let hold = common::gateways::ocr_hold(channel(grpc).await, &key, "ocr-1").await;
 
-    // A replica of a primary that is not there: READONLY to every write, until the end.
-    let mut con = redis.client().get_connection().expect("redis");
-    let nowhere = common::free_port().to_string();
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(&nowhere)
-        .query(&mut con)
-        .expect("replicaof");
+    // READONLY to every write, until the end.
+    redis.read_only();
     let mut logs = AccessLogServiceClient::new(channel(grpc).await);
     let message = common::gateways::access_log_message(vec![common::gateways::access_log_entry(
         &hold, 200, "3",

@@ -121,6 +121,26 @@ impl RedisServer {
         redis::Client::open(self.url()).expect("redis url")
     }
 
+    /// Makes the server a replica of a primary that is not there: it keeps its data and
+    /// answers every write READONLY, until [`writable`](Self::writable).
+    pub fn read_only(&self) {
+        let nowhere = free_port().to_string();
+        self.replicaof(&["127.0.0.1", &nowhere]);
+    }
+
+    /// Undoes [`read_only`](Self::read_only): the replica is promoted (`REPLICAOF NO ONE`).
+    pub fn writable(&self) {
+        self.replicaof(&["NO", "ONE"]);
+    }
+
+    fn replicaof(&self, args: &[&str]) {
+        let mut con = self.client().get_connection().expect("redis");
+        let _: () = redis::cmd("REPLICAOF")
+            .arg(args)
+            .query(&mut con)
+            .unwrap_or_else(|e| panic!("REPLICAOF {args:?}: {e}"));
+    }
+
     /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as with a
     /// hung Redis.
     pub fn pause(&self) {
@@ -750,6 +770,48 @@ impl Drop for TestServer {
             }
             task.abort();
         }
+    }
+}
+
+/// Sets up an organization through the admin API: `org` is granted `credits` (idempotency
+/// key "buy"), created with `owner` ("create"), and each `(member, role)` is added by the
+/// owner ("add-<member>").
+pub async fn org_with_members(
+    server: &TestServer,
+    org: &str,
+    owner: &str,
+    credits: i64,
+    members: &[(&str, &str)],
+) {
+    let mut admin = server.admin().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: org.into(),
+            amount: credits,
+            idempotency_key: "buy".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the org buys credits");
+    admin
+        .create_organization(pb::CreateOrganizationRequest {
+            org_id: org.into(),
+            owner_id: owner.into(),
+            idempotency_key: "create".into(),
+        })
+        .await
+        .expect("create the org");
+    for (member, role) in members {
+        admin
+            .add_member(pb::AddMemberRequest {
+                org_id: org.into(),
+                member_id: (*member).into(),
+                role: (*role).into(),
+                actor_id: owner.into(),
+                idempotency_key: format!("add-{member}"),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("add {member}: {s:?}"));
     }
 }
 
