@@ -455,6 +455,66 @@ async fn lot_expiring_then_expired() {
     server.stop().await;
 }
 
+async fn lot_rows(db: &mut sqlx::SqliteConnection, lot: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tollgate_lots WHERE lot_id = ?")
+        .bind(lot)
+        .fetch_one(db)
+        .await
+        .expect("count")
+}
+
+/// A lot whose tracking row is gone (pruned, or granted before lot webhooks were on) and
+/// then expires: its `expire_lot` names it without an expiry, which makes a row of
+/// unknown expiry and negative credits. The dispatcher's housekeeping forgets it instead
+/// of keeping it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lot_expired_without_its_tracking_row_leaves_no_row_behind() {
+    use sqlx::Connection;
+
+    let redis = common::RedisServer::start();
+    let receiver = Receiver::start().await;
+    let store_url = common::temp_sqlite_url();
+    let mut c = config(&redis, &store_url, &receiver);
+    c.webhooks.lot_expiring_lead_secs = 3600;
+    c.webhooks.events = vec!["lot.expiring".into(), "lot.expired".into()];
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let (clock, ledger_now) = Clock::manual(now_ms);
+    let server = common::TestServer::start(c, clock).await;
+    let mut admin = server.admin().await;
+    let expires_at_ms = now_ms + 1_800_000;
+    let lot = admin
+        .grant(pb::GrantRequest {
+            expires_at_ms,
+            ..grant("erin", 40, "g1")
+        })
+        .await
+        .expect("grant")
+        .into_inner()
+        .lot_id;
+    settled_deliveries(&server, "erin", 1).await;
+    let mut db = sqlx::SqliteConnection::connect(&store_url)
+        .await
+        .expect("store");
+    assert_eq!(lot_rows(&mut db, &lot).await, 1, "the lot is tracked");
+    sqlx::query("DELETE FROM tollgate_lots")
+        .execute(&mut db)
+        .await
+        .expect("forget the lot");
+    ledger_now.store(expires_at_ms + 1_000, std::sync::atomic::Ordering::SeqCst);
+    settled_deliveries(&server, "erin", 2).await;
+    common::eventually(DEADLINE, "the untracked lot's row to be pruned", || async {
+        let mut db = sqlx::SqliteConnection::connect(&store_url)
+            .await
+            .expect("store");
+        (lot_rows(&mut db, &lot).await == 0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
 /// Two settlers (PostgreSQL) committing batches of the same brand-new wallet at once: the
 /// second waits for the first's row instead of judging the wallet from an empty state, so
 /// `balance.low` is not made twice. The first batch is held open by hand here (its row

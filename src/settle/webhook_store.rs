@@ -667,11 +667,12 @@ macro_rules! webhook_store_impl {
                 Ok(done.rows_affected())
             }
 
-            /// Forgets tracked lots that expired before `before_ms`.
+            /// Forgets tracked lots that expired before `before_ms`, and rows of unknown
+            /// expiry (0): an `expire_lot` names its lot without the expiry, so when the
+            /// lot's row was already gone (pruned, or the lot granted before lot webhooks
+            /// were on) it makes a row that can never be announced and would stay for good.
             pub async fn prune_lots(&self, before_ms: i64) -> Result<u64, StoreError> {
-                let done = sqlx::query(
-                    "DELETE FROM tollgate_lots WHERE expires_at_ms > 0 AND expires_at_ms < $1",
-                )
+                let done = sqlx::query("DELETE FROM tollgate_lots WHERE expires_at_ms < $1")
                 .bind(before_ms)
                 .execute(&self.pool)
                 .await?;

@@ -213,6 +213,18 @@ impl WebhookConfig {
         let mut bad = |path: String, message: String| errors.push(ConfigError { path, message });
         if self.enabled() {
             match self.url.parse::<http::Uri>() {
+                // The client sends no credentials of a URL's user part (hyper drops it),
+                // so a receiver that relies on them would get every delivery
+                // unauthenticated: refused rather than silently ignored.
+                Ok(uri) if uri.authority().is_some_and(|a| a.as_str().contains('@')) => {
+                    bad(
+                        "webhooks.url".into(),
+                        // Not echoed: the user part holds a password.
+                        "must not carry credentials (user:password@): deliveries are signed \
+                         with webhooks.secret; put a token in the path or query instead"
+                            .into(),
+                    )
+                }
                 Ok(uri)
                     if matches!(uri.scheme_str(), Some("http") | Some("https"))
                         && uri.host().is_some() => {}
@@ -226,6 +238,14 @@ impl WebhookConfig {
                 bad(
                     "webhooks.secret".into(),
                     "must be set when webhooks.url is (TOLLGATE_WEBHOOKS__SECRET)".into(),
+                );
+            } else if self.secret.trim() != self.secret {
+                // A Kubernetes Secret made with --from-file keeps the file's newline: the
+                // HMAC key would then differ from the secret the receiver was given, and
+                // every delivery would fail its signature check until it gave up.
+                bad(
+                    "webhooks.secret".into(),
+                    "must not begin or end with whitespace (a trailing newline?)".into(),
                 );
             }
         }
@@ -372,6 +392,33 @@ mod tests {
                 "webhooks.backoff_max_ms",
             ]
         );
+    }
+
+    #[test]
+    fn credentials_in_the_url_and_a_padded_secret_are_refused_without_echoing_them() {
+        let config = WebhookConfig {
+            url: "https://user:pa55word@billing.example.com/hook".into(),
+            secret: "s3cret\n".into(),
+            ..WebhookConfig::default()
+        };
+        let mut errors = Vec::new();
+        config.validate(&mut errors);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["webhooks.url", "webhooks.secret"], "{errors:?}");
+        let shown = format!("{errors:?}");
+        assert!(
+            !shown.contains("pa55word") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        // A token in the path or query is fine.
+        let config = WebhookConfig {
+            url: "https://billing.example.com/hook/t0ken?key=a@b".into(),
+            secret: "s3cret".into(),
+            ..WebhookConfig::default()
+        };
+        let mut errors = Vec::new();
+        config.validate(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
     }
 
     #[test]
