@@ -100,16 +100,32 @@ pub async fn initialize_new_shards(ledger: &Ledger, store: &Store) -> bool {
             continue;
         }
         let shard = shard as u16;
+        // Claimed in Redis before the store is asked, and marked only while the claim is
+        // still there (Ledger::mark_new_shard): what the store said is about this Redis.
+        let token = match ledger.claim_new_shard(shard).await {
+            Ok(token) => token,
+            Err(err) => {
+                tracing::warn!(shard, error = %err, "cannot claim a new shard");
+                all = false;
+                continue;
+            }
+        };
         match store.shard_has_events(shard).await {
             Ok(false) => {
-                if let Err(err) = ledger
-                    .initialize_shard(shard, &crate::ledger::new_epoch())
+                match ledger
+                    .mark_new_shard(shard, &crate::ledger::new_epoch(), &token)
                     .await
                 {
-                    tracing::warn!(shard, error = %err, "cannot initialize shard");
-                    all = false;
-                } else {
-                    tracing::info!(shard, "initialized a new ledger shard");
+                    Ok(true) => tracing::info!(shard, "initialized a new ledger shard"),
+                    // Another process marked it meanwhile, or Redis changed under the
+                    // claim: the next look decides.
+                    Ok(false) => {
+                        all = ledger.shard_initialized(shard).await.unwrap_or(false) && all;
+                    }
+                    Err(err) => {
+                        tracing::warn!(shard, error = %err, "cannot initialize shard");
+                        all = false;
+                    }
                 }
             }
             Ok(true) => {

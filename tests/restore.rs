@@ -818,6 +818,38 @@ async fn settle_then_lose_redis(
     let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
 }
 
+/// A sidecar marks a shard new only for the Redis it claimed it in before asking the
+/// store: a mark that arrives after Redis lost its data (a process paused between the
+/// store's answer and its write) marks nothing, where a plain `SET NX` of the epoch
+/// marker would have declared the emptied shard new, serving it from zero balances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_new_shard_mark_after_redis_lost_its_data_marks_nothing() {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    let stale = ledger.claim_new_shard(0).await.expect("claim");
+    // Meanwhile another sidecar marks the shard, charges are made and settled, and Redis
+    // loses everything again: the claim is gone with the rest.
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    assert!(!ledger
+        .mark_new_shard(0, &tollgate::ledger::new_epoch(), &stale)
+        .await
+        .expect("mark"));
+    assert!(!ledger.shard_initialized(0).await.expect("look"));
+    // A claim of this Redis marks it, once.
+    let token = ledger.claim_new_shard(0).await.expect("claim");
+    assert!(ledger
+        .mark_new_shard(0, &tollgate::ledger::new_epoch(), &token)
+        .await
+        .expect("mark"));
+    assert!(ledger.shard_initialized(0).await.expect("look"));
+    assert!(!ledger
+        .mark_new_shard(0, &tollgate::ledger::new_epoch(), &token)
+        .await
+        .expect("a second mark with the same claim"));
+}
+
 /// What a wallet has available, or the error's text (a shard awaiting restore refuses).
 async fn available(ledger: &tollgate::ledger::Ledger, account_id: &str) -> Result<i64, String> {
     ledger

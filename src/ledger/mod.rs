@@ -382,6 +382,11 @@ pub struct WalletSnapshot {
 }
 
 /// A new epoch marker value: the time it was written, in ms.
+/// How long a new shard's claim ([`Ledger::claim_new_shard`]) waits for its mark: far
+/// longer than the store's answer takes; a mark later than that marks nothing, and the
+/// next round tries again.
+pub const NEW_SHARD_CLAIM_TTL_MS: u64 = 60_000;
+
 pub fn new_epoch() -> String {
     wall_clock_ms().to_string()
 }
@@ -920,6 +925,62 @@ impl Ledger {
             )
             .await?;
         Ok(())
+    }
+
+    /// The first step of marking a new shard ([`Ledger::mark_new_shard`]): leaves a
+    /// random token in the shard (for a minute) and returns it. The caller then makes
+    /// sure the store has no events of the shard, and marks it with the token.
+    pub async fn claim_new_shard(&self, shard: u16) -> Result<String, LedgerError> {
+        let mut random = [0u8; 16];
+        getrandom::fill(&mut random)
+            .map_err(|e| LedgerError::Internal(format!("no randomness for a shard claim: {e}")))?;
+        let token = hex::encode(random);
+        let _: () = self
+            .redis
+            .query(
+                redis::cmd("SET")
+                    .arg(self.new_shard_claim_key(shard))
+                    .arg(&token)
+                    .arg("PX")
+                    .arg(NEW_SHARD_CLAIM_TTL_MS),
+            )
+            .await?;
+        Ok(token)
+    }
+
+    /// Marks a new shard initialized (its epoch marker, SET NX) only if the token of
+    /// [`Ledger::claim_new_shard`] is still there: the Redis that was looked at before the
+    /// store was asked is the one marked. A mark that arrives late (a process paused
+    /// between the store's answer and its write, a proxy holding the write) after Redis
+    /// lost its data meanwhile finds no token and marks nothing, instead of declaring an
+    /// emptied shard new and serving it from zero balances. Answers whether it marked.
+    pub async fn mark_new_shard(
+        &self,
+        shard: u16,
+        epoch: &str,
+        token: &str,
+    ) -> Result<bool, LedgerError> {
+        const MARK: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end \
+            redis.call('DEL', KEYS[1]) \
+            if redis.call('SET', KEYS[2], ARGV[2], 'NX') then return 1 end \
+            return 0";
+        let marked: i64 = self
+            .redis
+            .query(
+                redis::cmd("EVAL")
+                    .arg(MARK)
+                    .arg(2)
+                    .arg(self.new_shard_claim_key(shard))
+                    .arg(self.shards.epoch_key(shard))
+                    .arg(token)
+                    .arg(epoch),
+            )
+            .await?;
+        Ok(marked == 1)
+    }
+
+    fn new_shard_claim_key(&self, shard: u16) -> String {
+        format!("{}:new-shard-claim", self.shards.tag(shard))
     }
 
     /// Marks every shard initialized (tests, benchmarks, fresh deployments).
