@@ -41,40 +41,6 @@ fn wallet(redis: &common::RedisServer, ledger: &tollgate::ledger::Ledger) -> Vec
     fields
 }
 
-fn replica_of(primary: &common::RedisServer) -> common::RedisServer {
-    replica_through(primary, primary.port)
-}
-
-/// A replica of `primary` that reaches it at `port` on loopback (the primary's own, or a
-/// proxy's in front of it), in sync.
-fn replica_through(primary: &common::RedisServer, port: u16) -> common::RedisServer {
-    let port = port.to_string();
-    // A replica stores the RDB of its first sync in its directory: not the crate's.
-    let dir = std::env::temp_dir().join(format!("tollgate-replica-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("replica dir");
-    let dir = dir.display().to_string();
-    let replica =
-        common::RedisServer::start_with(&["--replicaof", "127.0.0.1", &port, "--dir", &dir]);
-    // In sync: the replica's link is up and the primary counts it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let info = |r: &common::RedisServer| -> String {
-            r.client()
-                .get_connection()
-                .ok()
-                .and_then(|mut c| redis::cmd("INFO").arg("replication").query(&mut c).ok())
-                .unwrap_or_default()
-        };
-        if info(&replica).contains("master_link_status:up")
-            && info(primary).contains("connected_slaves:1")
-        {
-            return replica;
-        }
-        assert!(Instant::now() < deadline, "the replica never synced");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 async fn short_waits(server: &common::TestServer) -> f64 {
     let (code, body) = common::http_get(server.http_addr, "/metrics").await;
     assert_eq!(code, 200);
@@ -85,7 +51,7 @@ async fn short_waits(server: &common::TestServer) -> f64 {
 async fn writes_wait_for_the_replica() {
     let _serial = SERIAL.lock().await;
     let primary = common::RedisServer::start();
-    let replica = replica_of(&primary);
+    let replica = common::replica_of(&primary);
 
     let mut config = common::test_config(&primary.url());
     config.redis.wait_replicas = 1;
@@ -163,7 +129,7 @@ async fn writes_wait_for_the_replica() {
 async fn a_silent_replica_costs_the_wait_timeout_and_is_counted() {
     let _serial = SERIAL.lock().await;
     let primary = common::RedisServer::start();
-    let replica = replica_of(&primary);
+    let replica = common::replica_of(&primary);
 
     let mut config = common::test_config(&primary.url());
     config.redis.wait_replicas = 1;
@@ -224,7 +190,7 @@ async fn a_promoted_replica_holds_every_acknowledged_debit() {
     let _serial = SERIAL.lock().await;
     let mut primary = common::RedisServer::start();
     let link = common::proxy::FaultProxy::start(([127, 0, 0, 1], primary.port).into()).await;
-    let replica = replica_through(&primary, link.addr.port());
+    let replica = common::replica_through(&primary, link.addr.port());
     let mut config = common::test_config(&primary.url());
     config.redis.wait_replicas = 1;
     // Far longer than the stall below: no WAIT comes back short in this test.

@@ -1733,6 +1733,130 @@ async fn a_restore_never_hands_out_a_lost_hold_id_again() {
     assert_eq!(available(&ledger, &quiet).await, Ok(1000 - 10));
 }
 
+/// Redis's real time in ms (TIME).
+fn redis_ms(redis: &common::RedisServer) -> i64 {
+    let mut con = redis.client().get_connection().expect("redis");
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query(&mut con).expect("TIME");
+    secs * 1000 + micros / 1000
+}
+
+/// A Redis that rolls back without losing its epoch marker (here a replica promoted
+/// after missing the primary's last writes; a restart from an everysec AOF or an RDB
+/// snapshot is the same) has an older hold id sequence than the ids it handed out. It
+/// must still never give a new hold the id of a lost one: a late capture of alice's lost
+/// hold would otherwise capture bob's new hold of the same id. The sequence is floored
+/// by Redis's clock (lib.lua `next_seq`), and the promoted replica comes back later in
+/// time than the lost holds were opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_redis_never_hands_out_a_lost_hold_id_again() {
+    use tollgate::ledger::{Authorize, EndHold, LedgerError, Metadata, OnExpiry};
+
+    let primary = common::RedisServer::start();
+    let replica = common::replica_of(&primary);
+    let before = common::ledger(&primary, Clock::Redis);
+    let alice = "rollback-alice";
+    let shard = before.shards().of_account(alice);
+    // Both in one shard: they share its hold id sequence.
+    let bob = (0..)
+        .map(|i| format!("rollback-bob{i}"))
+        .find(|a| before.shards().of_account(a) == shard)
+        .expect("an account in alice's shard");
+    let authorize = |account: &str, key: &str| Authorize {
+        account_id: account.into(),
+        wallet: "default".into(),
+        amount: 10,
+        ttl_ms: 600_000,
+        on_expiry: OnExpiry::Release,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    };
+    for account in [alice, bob.as_str()] {
+        before
+            .grant(&common::purchase(account, 1000, "g"))
+            .await
+            .expect("grant");
+    }
+    let kept = before
+        .authorize(&authorize(alice, "kept"))
+        .await
+        .expect("hold");
+    {
+        let mut con = primary.client().get_connection().expect("redis");
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(60_000)
+            .query(&mut con)
+            .expect("WAIT");
+        assert_eq!(acked, 1, "the replica has everything so far");
+    }
+    // The failover: the replica is promoted, so the primary's next writes are lost.
+    replica.writable();
+    let mut lost = Vec::new();
+    for key in ["lost1", "lost2", "lost3"] {
+        let hold = before
+            .authorize(&authorize(alice, key))
+            .await
+            .expect("a hold the promoted replica never gets");
+        lost.push(hold.hold_id);
+    }
+    // As any real failover: the promoted Redis serves later than the lost writes were made
+    // (both servers read this host's clock).
+    let lost_at = redis_ms(&primary);
+    common::eventually(
+        DEADLINE,
+        "the replica's clock passes the lost holds",
+        || async { (redis_ms(&replica) > lost_at).then_some(()) },
+    )
+    .await;
+
+    let after = common::ledger(&replica, Clock::Redis);
+    let mut fresh = Vec::new();
+    for key in ["new1", "new2", "new3"] {
+        let hold = after
+            .authorize(&authorize(&bob, key))
+            .await
+            .expect("a hold after the rollback");
+        assert!(
+            !lost.contains(&hold.hold_id) && hold.hold_id != kept.hold_id,
+            "{} handed out again (lost {lost:?})",
+            hold.hold_id
+        );
+        fresh.push(hold.hold_id);
+    }
+    // alice's backend captures and releases its lost holds late: no hold has their ids.
+    for (i, hold_id) in lost.iter().enumerate() {
+        let late = after
+            .end_hold(&EndHold::capture(hold_id.clone(), None, format!("late{i}")))
+            .await;
+        assert!(
+            matches!(late, Err(LedgerError::NotFound(_))),
+            "{hold_id}: {late:?}"
+        );
+        let late = after
+            .end_hold(&EndHold::release(
+                hold_id.clone(),
+                format!("late-release{i}"),
+            ))
+            .await;
+        assert!(
+            matches!(late, Err(LedgerError::NotFound(_))),
+            "{hold_id}: {late:?}"
+        );
+    }
+    // bob's holds are still open and he was charged nothing; alice has only her kept hold.
+    assert_eq!(available(&after, &bob).await, Ok(1000 - 3 * 10));
+    assert_eq!(available(&after, alice).await, Ok(1000 - 10));
+    for (i, hold_id) in fresh.iter().enumerate() {
+        let released = after
+            .end_hold(&EndHold::release(hold_id.clone(), format!("end{i}")))
+            .await;
+        assert!(released.is_ok(), "{hold_id}: {released:?}");
+    }
+    assert_eq!(available(&after, &bob).await, Ok(1000));
+}
+
 /// What a restore rebuilds lives as long as in the Redis it replaces: an idempotency
 /// record between one and 1.5 windows old (live Redis still finds it: lookups read the
 /// current bucket and the two before it) still answers a retry, and a hold ended by a

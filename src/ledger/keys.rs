@@ -143,6 +143,9 @@ mod tests {
         assert_eq!(map.of_event_id("15-1732370000000"), None);
         assert_eq!(map.of_event_id("a-1-0"), None);
         // Numbers Lua reads exactly, so ids stay short.
+        // Hold numbers are floored by Redis's clock, ms x 1000 (lib.lua `next_seq`): 16
+        // digits now, and under 2^53 until the year 2255.
+        assert_eq!(map.of_hold_id("h3-1796568904123000"), Some(3));
         assert_eq!(map.of_hold_id("h3-9007199254740991"), Some(3));
         assert_eq!(map.of_hold_id("h3-9007199254740992"), None);
         assert_eq!(map.of_hold_id("h3-00000000000000001"), None);

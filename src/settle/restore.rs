@@ -232,9 +232,13 @@ pub fn lease_key(ledger: &Ledger) -> String {
 /// How far past the highest settled hold sequence a restore moves a shard's hold id
 /// sequence (`{tg:S}:seq`). The lost Redis handed out the ids of the holds of its loss
 /// window (applied there, never settled) to their callers; issued again, a late Capture or
-/// Release of one would end another caller's hold. No shard opens 10^9 holds in a loss
-/// window (seconds to minutes at most), and ids stay far below 2^53, where Lua's doubles
-/// stop being exact, for over 9 million restores.
+/// Release of one would end another caller's hold. The scripts also floor the sequence by
+/// Redis's clock (ms x 1000, lib.lua `next_seq`), so a lost hold's number is about the time
+/// it was opened in microseconds, and the new Redis's floor is above it unless that
+/// Redis's clock is behind the lost one's by more than the outage took. The gap covers such
+/// a clock too for the holds opened up to ~16 minutes (10^9 numbers) after the newest
+/// settled one. A restore moves ids those ~16 minutes of the floor ahead, so they stay below
+/// 2^53, where Lua's doubles stop being exact, until about the year 2255.
 pub const HOLD_SEQ_GAP: i64 = 1_000_000_000;
 
 /// lib.lua `CHARGE_BUCKET_MS`: charge records are kept in hourly buckets.

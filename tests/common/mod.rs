@@ -173,6 +173,40 @@ impl Drop for RedisServer {
     }
 }
 
+/// A replica of `primary`, in sync.
+pub fn replica_of(primary: &RedisServer) -> RedisServer {
+    replica_through(primary, primary.port)
+}
+
+/// A replica of `primary` that reaches it at `port` on loopback (the primary's own, or a
+/// proxy's in front of it), in sync.
+pub fn replica_through(primary: &RedisServer, port: u16) -> RedisServer {
+    let port = port.to_string();
+    // A replica stores the RDB of its first sync in its directory: not the crate's.
+    let dir = std::env::temp_dir().join(format!("tollgate-replica-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("replica dir");
+    let dir = dir.display().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port, "--dir", &dir]);
+    // In sync: the replica's link is up and the primary counts it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = |r: &RedisServer| -> String {
+            r.client()
+                .get_connection()
+                .ok()
+                .and_then(|mut c| redis::cmd("INFO").arg("replication").query(&mut c).ok())
+                .unwrap_or_default()
+        };
+        if info(&replica).contains("master_link_status:up")
+            && info(primary).contains("connected_slaves:1")
+        {
+            return replica;
+        }
+        assert!(Instant::now() < deadline, "the replica never synced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Whether a redis-server answers `PING` on `port`.
 pub fn redis_ping(port: u16) -> bool {
     use std::io::{Read, Write};

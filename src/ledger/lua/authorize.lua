@@ -61,7 +61,7 @@ if not answer then
   end
   W.r = redis.call('HINCRBY', W.w, 'r', -amount)
   W.h = redis.call('HINCRBY', W.w, 'h', amount)
-  local hold_id = 'h' .. SHARD .. '-' .. itos(redis.call('INCR', TAG .. ':seq'))
+  local hold_id = 'h' .. SHARD .. '-' .. itos(next_seq())
   local deadline = NOW + tonumber(ARGV[13])
   redis.call('HSET', TAG .. ':h:' .. hold_id, 'a', acct, 'w', ARGV[9], 'n', amount, 'l', lots,
     'd', deadline, 'e', ARGV[14], 's', 'a', 'o', ARGV[15])

@@ -155,6 +155,27 @@ local function real_now()
   return NOW
 end
 
+-- The next number of the shard's sequence "{tg:S}:seq" (hold ids "h<shard>-<n>", budget
+-- stamps), never below Redis's real time in ms x 1000. A hold is found by its id alone
+-- (Capture, Release, HTTP settlement, the access log), so an id must never be handed out
+-- twice. A Redis that rolls back with its epoch marker (a replica promoted before it got
+-- the last writes, a restart from an everysec AOF or an RDB snapshot) would otherwise count
+-- again from its older value and give a new hold the id of a lost one, whose late capture
+-- would then end the new hold. It comes back later in time, so the floor puts its new ids
+-- above all the lost ones, as long as a shard opens fewer than 1000 holds a ms and its
+-- clock is not behind the lost one's by more than the failover took. Ids stay below 2^53
+-- (exact in Lua's doubles) until the year 2255.
+local function next_seq()
+  local key = TAG .. ':seq'
+  local n = redis.call('INCR', key)
+  local floor = real_now() * 1000
+  if n < floor then
+    redis.call('SET', key, itos(floor))
+    return floor
+  end
+  return n
+end
+
 -- The numbering of the buckets: bucket = floor(real time / span). The span follows the
 -- caller's window, which an operator may change (a restart, or a rolling change with old
 -- and new windows side by side), and a record must stay findable across the change. So

@@ -261,7 +261,7 @@ elseif op == 'budget' then
     redis.call('HSET', bkey, 'l', amount, 'p', ARGV[17], 'ws', ARGV[18], 'z', ARGV[19])
     if fresh then
       -- A new budget: holds counted in an earlier one give nothing back to it.
-      redis.call('HSET', bkey, 'c', itos(redis.call('INCR', TAG .. ':seq')))
+      redis.call('HSET', bkey, 'c', itos(next_seq()))
     end
     if member == '' then
       redis.call('HSET', W.w, 'bg', 1)
