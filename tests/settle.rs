@@ -2506,3 +2506,329 @@ fn run_until(
         let _ = rx.wait_for(|s| *s).await;
     }))
 }
+
+/// The newest outbox entry of a shard, written again (a new entry id) with `field` set to
+/// `value`: an event Redis applied whose entry now carries what the test needs. Returns
+/// the new entry id.
+async fn rewrite_newest_entry(ledger: &Ledger, shard: u16, field: &str, value: &str) -> String {
+    let outbox = ledger.shards().outbox(shard).to_owned();
+    let newest: Vec<(String, Vec<(String, String)>)> = ledger
+        .redis()
+        .query(
+            redis::cmd("XREVRANGE")
+                .arg(&outbox)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await
+        .expect("xrevrange");
+    let (original, mut fields) = newest.into_iter().next().expect("an entry");
+    fields
+        .iter_mut()
+        .find(|(k, _)| k == field)
+        .expect("the field")
+        .1 = value.to_owned();
+    let _: i64 = ledger
+        .redis()
+        .query(redis::cmd("XDEL").arg(&outbox).arg(&original))
+        .await
+        .expect("xdel");
+    let mut add = redis::cmd("XADD");
+    add.arg(&outbox).arg("*");
+    for (k, v) in &fields {
+        add.arg(k).arg(v);
+    }
+    ledger.redis().query(&add).await.expect("xadd")
+}
+
+/// Every shard's dead letters, counted.
+async fn dead_letters_len(ledger: &Ledger) -> i64 {
+    let mut total = 0;
+    for shard in 0..ledger.shards().count() {
+        let n: i64 = ledger
+            .redis()
+            .query(redis::cmd("XLEN").arg(format!("{}:dead", ledger.shards().outbox(shard))))
+            .await
+            .expect("xlen");
+        total += n;
+    }
+    total
+}
+
+/// An event the store refuses for its data (here a NUL byte, which PostgreSQL text never
+/// holds, in an entry that reads fine; in production a character a LATIN1 database
+/// lacks) used to stop settlement on every shard for good: its batch was retried for
+/// ever. Now the batch is written in halves down to that event, which is set aside: every
+/// other event of every shard settles and the outboxes are trimmed. `dead-letters list`
+/// shows it with the store's error, a replay the store still refuses changes nothing,
+/// one with the field corrected writes it, and reconcile then agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_store_refuses_is_set_aside_and_everything_else_settles() {
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    common::workload::every_kind(&ledger, &now, 1, "a").await;
+    ledger
+        .grant(&common::purchase("refused", 100, "g-refused"))
+        .await
+        .expect("grant");
+    let shard = ledger.shards().of_account("refused");
+    let entry = rewrite_newest_entry(&ledger, shard, "i", "g-\0refused").await;
+    common::workload::every_kind(&ledger, &now, 1, "b").await;
+    let (refused, rest): (Vec<LedgerEvent>, Vec<LedgerEvent>) = readable_outbox_events(&ledger)
+        .await
+        .into_iter()
+        .partition(|e| e.stream_id == entry && e.shard() == shard);
+    assert_eq!(refused.len(), 1);
+    assert!(rest.len() > 20, "{}", rest.len());
+    let pg_store = store(&pg.url).await;
+    let mut settler = settler(&ledger, &pg_store, "tollgate-settler", "a");
+
+    tokio::time::timeout(DEADLINE, settler.drain(DEADLINE))
+        .await
+        .expect("one refused event stops nothing: drained in time")
+        .expect("drain");
+
+    assert_store_matches_outbox(&pg_store, &rest).await;
+    assert_eq!(dead_letters_len(&ledger).await, 1);
+    assert_eq!(
+        common::outbox_len(&ledger).await,
+        0,
+        "the outboxes are trimmed past the refused event"
+    );
+    let reconcile = || {
+        tollgate::settle::reconcile::reconcile(ledger.clone(), pg_store.clone(), fast(), DEADLINE)
+    };
+    let report = reconcile().await.expect("reconcile");
+    assert!(
+        !report.drifts.is_empty() && report.drifts.iter().all(|d| d.account_id == "refused"),
+        "only the set-aside event's wallet drifts: {}",
+        report.render()
+    );
+
+    let run = |args: &[&str]| {
+        common::output_within(
+            common::tollgate()
+                .arg("dead-letters")
+                .args(["--redis-url", &redis.url(), "--store", &pg.url])
+                .args(args),
+            common::COMMAND_TIMEOUT,
+        )
+    };
+    let listed = run(&["list"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let stdout = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(lines[0].contains(&format!("entry {entry} ")), "{stdout}");
+    assert!(lines[0].contains("refused by the store"), "{stdout}");
+    let dead_id = lines[0]
+        .split_whitespace()
+        .skip_while(|w| *w != "dead")
+        .nth(1)
+        .expect("dead id")
+        .to_owned();
+    let shard_arg = shard.to_string();
+    let events_before = pg_store.count_events().await.expect("count");
+
+    let still_refused = run(&["replay", &shard_arg, &dead_id]);
+    assert!(!still_refused.status.success(), "{still_refused:?}");
+    assert_eq!(dead_letters_len(&ledger).await, 1);
+    assert_eq!(pg_store.count_events().await.expect("count"), events_before);
+
+    let replayed = run(&["replay", &shard_arg, &dead_id, "--set", "i=g-refused"]);
+    assert!(replayed.status.success(), "{replayed:?}");
+    assert_eq!(dead_letters_len(&ledger).await, 0);
+    assert_eq!(
+        pg_store.count_events().await.expect("count"),
+        events_before + 1
+    );
+    let report = reconcile().await.expect("reconcile");
+    assert!(report.drifts.is_empty(), "{}", report.render());
+}
+
+/// A store that refuses every row (a constraint added by hand) is a schema problem, not
+/// a bad event: the settler sets aside at most `SET_ASIDE_WITHOUT_A_WRITE_MAX` events in
+/// a row, then retries like an unreachable store (reported, the outbox kept), and settles
+/// the rest once the store takes rows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refusing_every_row_sets_aside_only_a_few_events() {
+    use tollgate::settle::settler::SET_ASIDE_WITHOUT_A_WRITE_MAX;
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    common::workload::every_kind(&ledger, &now, 1, "a").await;
+    let total = readable_outbox_events(&ledger).await.len();
+    assert!(total > SET_ASIDE_WITHOUT_A_WRITE_MAX + 5, "{total}");
+    let pg_store = store(&pg.url).await;
+    run_sql(
+        &pg.url,
+        "ALTER TABLE tollgate_events ADD CONSTRAINT refuse_all CHECK (event_id = '')".into(),
+    )
+    .await;
+    let settler = settler(&ledger, &pg_store, "tollgate-settler", "a");
+    let status = settler.status();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(settler.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let store_error = status.lock().expect("status").store_error.clone();
+        if dead_letters_len(&ledger).await == SET_ASIDE_WITHOUT_A_WRITE_MAX as i64
+            && store_error.is_some_and(|e| e.contains("refused"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never stopped setting aside");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Retrying now: no more set aside (a slow machine only makes fewer), nothing written.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        dead_letters_len(&ledger).await,
+        SET_ASIDE_WITHOUT_A_WRITE_MAX as i64
+    );
+    assert_eq!(pg_store.count_events().await.expect("count"), 0);
+
+    run_sql(
+        &pg.url,
+        "ALTER TABLE tollgate_events DROP CONSTRAINT refuse_all".into(),
+    )
+    .await;
+    let deadline = Instant::now() + DEADLINE;
+    while pg_store.count_events().await.expect("count") as usize
+        != total - SET_ASIDE_WITHOUT_A_WRITE_MAX
+    {
+        assert!(Instant::now() < deadline, "the rest never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    task.await.expect("settler task");
+}
+
+/// A fresh PostgreSQL database created LATIN1, as `createdb -E LATIN1 -T template0
+/// --locale=C` makes it.
+async fn latin1_database() -> common::PgDatabase {
+    let pg = common::PgDatabase::create().await;
+    let name = pg.url.rsplit('/').next().expect("database name").to_owned();
+    // Made again under its own name: dropped with `pg` all the same.
+    run_sql(
+        &common::pg_admin_url(),
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    )
+    .await;
+    run_sql(
+        &common::pg_admin_url(),
+        format!(
+            "CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 \
+             LC_COLLATE 'C' LC_CTYPE 'C'"
+        ),
+    )
+    .await;
+    pg
+}
+
+/// A database that is not UTF8 cannot hold every event (a grant described "caf🙂" is
+/// refused by a LATIN1 one), so migrating it is refused with an error that says why and
+/// what to do, before anything is created in it; the operator tools' open refuses it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_not_created_utf8_is_refused() {
+    let pg = latin1_database().await;
+    assert_eq!(
+        query_text(
+            &pg.url,
+            "SELECT CAST(current_setting('server_encoding') AS TEXT)"
+        )
+        .await,
+        vec!["LATIN1".to_owned()]
+    );
+    let store = Store::connect_lazy(&pg.url, 2).expect("store url");
+    let err = store.migrate().await.expect_err("refused");
+    assert_eq!(err.kind(), "unsupported", "{err}");
+    let why = err.to_string();
+    assert!(why.contains("LATIN1") && why.contains("UTF8"), "{why}");
+    assert_eq!(
+        query_text(
+            &pg.url,
+            "SELECT CAST(table_name AS TEXT) FROM information_schema.tables \
+             WHERE CAST(table_name AS TEXT) LIKE 'tollgate%'"
+        )
+        .await,
+        Vec::<String>::new(),
+        "nothing created"
+    );
+    let opened = Store::open_existing(&pg.url, 2).await;
+    assert!(
+        opened.as_ref().is_err_and(|e| e.kind() == "unsupported"),
+        "{:?}",
+        opened.err()
+    );
+}
+
+/// Several processes starting at once on a fresh database all migrate it at the first
+/// try: the migrations table is created under the migration lock (it used to be created
+/// before it, and concurrent `CREATE TABLE IF NOT EXISTS` failed on PostgreSQL's catalog
+/// index, pg_type_typname_nsp_index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_migrations_all_succeed() {
+    for _ in 0..4 {
+        let pg = common::PgDatabase::create().await;
+        let mut starts = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let store = Store::connect_lazy(&pg.url, 2).expect("store url");
+            starts.spawn(async move { store.migrate().await });
+        }
+        while let Some(migrated) = starts.join_next().await {
+            migrated.expect("task").expect("migrated at the first try");
+        }
+    }
+}
+
+/// A settler whose store is unreachable from start-up fails to migrate, round after
+/// round: that is counted in `tollgate_store_errors_total` (what `TollgateStoreErrors`
+/// watches), not only in the round errors; and every kind the counter can carry is
+/// exported at 0 from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_unreachable_from_start_up_counts_store_errors() {
+    let redis = common::RedisServer::start();
+    // Nothing listens on port 1: every connection is refused.
+    let mut child = settle_command(&redis.url(), "postgres://tollgate@127.0.0.1:1/tollgate").await;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], child.ports[0]).into();
+    let (_, first) = common::http_get(addr, "/metrics").await;
+    for kind in [
+        "unavailable",
+        "query",
+        "refused",
+        "corrupt",
+        "unsupported",
+        "bad_url",
+        "not_initialized",
+    ] {
+        let series = format!("tollgate_store_errors_total{{kind=\"{kind}\"}}");
+        assert!(first.contains(&series), "{series} missing:\n{first}");
+    }
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (_, metrics) = common::http_get(addr, "/metrics").await;
+        if metric(
+            &metrics,
+            "tollgate_store_errors_total{kind=\"unavailable\"}",
+        ) >= 1.0
+        {
+            break;
+        }
+        child.assert_running("waiting for a store error");
+        assert!(
+            Instant::now() < deadline,
+            "no store error counted:\n{metrics}\nits stderr:\n{}",
+            child.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

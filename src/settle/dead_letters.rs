@@ -1,6 +1,9 @@
-//! Dead letters: outbox entries the settler could not read, set aside in `<outbox>:dead`
-//! (settler.rs `set_aside`) as the fields `id` (the outbox entry's id), `error` (why), then
-//! the entry's own fields. Redis applied each of them; the store lacks it, which
+//! Dead letters: outbox entries the settler could not read, or whose event the store
+//! refused (a NUL byte, a value out of range, a constraint: settler.rs `commit`), set aside
+//! in `<outbox>:dead` (settler.rs `set_aside`) as the fields `id` (the outbox entry's id),
+//! `error` (why: "refused by the store: …" for the second kind), then the entry's own
+//! fields. A refused one reads fine: `replay` writes it as it is once the store takes it,
+//! or corrected by `--set`; until then the store's error is returned and it stays. Redis applied each of them; the store lacks it, which
 //! `tollgate reconcile` reports as a drift of its wallet, and a later restore would
 //! rebuild Redis without it. `tollgate dead-letters list` shows them; `replay` writes one
 //! into the store under its original event id, with fields corrected by hand

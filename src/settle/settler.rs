@@ -9,13 +9,14 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge};
 use redis::Value;
 
-use super::store::{Store, StoreError};
+use super::store::{Store, StoreError, STORE_ERROR_KINDS};
 use crate::ledger::event::{parse_stream_id, EventKind, LedgerEvent};
 use crate::ledger::{Ledger, LedgerError};
 use crate::telemetry::metrics as m;
@@ -37,6 +38,11 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub const DEFAULT_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 /// Rounds of XAUTOCLAIM paging per shard per claim pass.
 const CLAIM_PAGES_MAX: usize = 16;
+/// Events the store refused that are set aside one after another without any write the
+/// store took in between; past it, a refused write is retried like an unreachable store.
+/// A refusal of every row (a constraint added by hand, say) is then a stopped settler
+/// and an alert, not the whole outbox moved to the dead letters.
+pub const SET_ASIDE_WITHOUT_A_WRITE_MAX: usize = 10;
 
 #[derive(Debug, Clone)]
 pub struct SettlerSettings {
@@ -237,6 +243,18 @@ pub struct Settler {
     last_claim: Option<Instant>,
     last_trim: Option<Instant>,
     credits: CreditMetrics,
+    /// Refused events set aside since the store last took a write (see
+    /// [`SET_ASIDE_WITHOUT_A_WRITE_MAX`]).
+    set_aside_in_a_row: AtomicUsize,
+}
+
+/// What a commit did besides writing events.
+#[derive(Debug, Default)]
+struct Committed {
+    /// Ids of the events the shards' fences refused (not written, not acknowledged).
+    fenced: Vec<String>,
+    /// Ids of the events the store refused, moved to the dead letters (acknowledged).
+    set_aside: Vec<String>,
 }
 
 impl Settler {
@@ -263,6 +281,7 @@ impl Settler {
             last_claim: None,
             last_trim: None,
             credits: CreditMetrics::new(),
+            set_aside_in_a_row: AtomicUsize::new(0),
         }
         .with_error_series()
     }
@@ -270,7 +289,7 @@ impl Settler {
     /// Registers the error counters at zero, so dashboards and alerts see the series (and
     /// `rate()` works) before the first error.
     fn with_error_series(self) -> Self {
-        for kind in ["unavailable", "query", "corrupt"] {
+        for kind in STORE_ERROR_KINDS {
             let _ = metrics::counter!(m::STORE_ERRORS_TOTAL, "kind" => kind);
         }
         for kind in ["redis", "store"] {
@@ -325,7 +344,7 @@ impl Settler {
                     // Groups first: with them, the lag is measured even while the store
                     // cannot be migrated.
                     self.ensure_groups().await?;
-                    self.store.migrate().await?;
+                    self.migrate().await?;
                     self.set_status(|s| s.store_error = None);
                     ready = true;
                 }
@@ -410,25 +429,26 @@ impl Settler {
         }
         let mut settled = batch.events.len();
         if !batch.events.is_empty() {
-            let fenced = if !self.pipelined || self.recovering.iter().any(|r| *r) {
-                self.commit(&batch).await?
-            } else {
-                let mut recovering = std::mem::take(&mut self.recovering);
-                // Less than one shard's worth: no backlog, so let the next batch grow.
-                let linger = if settled < self.settings.batch_events_max {
-                    self.settings.linger
+            let Committed { fenced, set_aside } =
+                if !self.pipelined || self.recovering.iter().any(|r| *r) {
+                    self.commit(&batch).await?
                 } else {
-                    Duration::ZERO
+                    let mut recovering = std::mem::take(&mut self.recovering);
+                    // Less than one shard's worth: no backlog, so let the next batch grow.
+                    let linger = if settled < self.settings.batch_events_max {
+                        self.settings.linger
+                    } else {
+                        Duration::ZERO
+                    };
+                    let (committed, next) = tokio::join!(self.commit(&batch), async {
+                        tokio::time::sleep(linger).await;
+                        read_batch(&self.ledger, &self.settings, &mut recovering).await
+                    });
+                    self.recovering = recovering;
+                    // A failed read-ahead is only retried: the batch in hand is written.
+                    self.ahead = next.ok();
+                    committed?
                 };
-                let (committed, next) = tokio::join!(self.commit(&batch), async {
-                    tokio::time::sleep(linger).await;
-                    read_batch(&self.ledger, &self.settings, &mut recovering).await
-                });
-                self.recovering = recovering;
-                // A failed read-ahead is only retried: the batch in hand is written.
-                self.ahead = next.ok();
-                committed?
-            };
             if !fenced.is_empty() {
                 // Not acknowledged: if they are in this Redis after all (its epoch marker
                 // was read before a restore finished), reading own pending entries again
@@ -443,6 +463,14 @@ impl Settler {
                 batch
                     .events
                     .retain(|e| !fenced.contains(e.event_id.as_str()));
+            }
+            if !set_aside.is_empty() {
+                // Acknowledged already, by the set-aside.
+                settled -= set_aside.len();
+                let set_aside: HashSet<&str> = set_aside.iter().map(String::as_str).collect();
+                batch
+                    .events
+                    .retain(|e| !set_aside.contains(e.event_id.as_str()));
             }
             if let Err(err) = self.ack(&batch.events).await {
                 // Committed but maybe not acknowledged: still pending in this consumer.
@@ -465,24 +493,60 @@ impl Settler {
         Ok(settled)
     }
 
-    /// Writes the batch, retrying store errors with capped backoff until it succeeds.
-    /// Returns the ids of the events the store's shard fences refused: read from a Redis
-    /// that lost its data, whose shard a restore has rebuilt since without them.
-    async fn commit(&self, batch: &Batch) -> Result<Vec<String>, SettleError> {
-        let events = &batch.events;
+    /// Writes the batch. Returns the ids of the events the store's shard fences refused
+    /// (read from a Redis that lost its data, whose shard a restore has rebuilt since
+    /// without them) and of those the store refused and that were set aside.
+    ///
+    /// The whole batch first. A part the store refuses for its data
+    /// ([`StoreError::Refused`]: the same rows fail the same way every time) is split in
+    /// halves, each written alone, down to the events it refuses alone: those go to the
+    /// dead letters ([`set_aside`]), so one such event no longer stops every shard's
+    /// settlement for good. Any other store error is retried with capped backoff until
+    /// the store takes the part.
+    async fn commit(&self, batch: &Batch) -> Result<Committed, SettleError> {
+        let mut done = Committed::default();
+        // Parts still to write, the next one last: in the batch's order.
+        let mut parts: Vec<&[LedgerEvent]> = vec![&batch.events];
+        while let Some(part) = parts.pop() {
+            match self.write(part, &batch.epochs).await {
+                Ok(fenced) => done.fenced.extend(fenced),
+                Err(_) if part.len() > 1 => {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    parts.push(second);
+                    parts.push(first);
+                }
+                Err(err) => {
+                    for e in part {
+                        set_aside_refused(&self.ledger, &self.settings.group, e, &err).await?;
+                        done.set_aside.push(e.event_id.clone());
+                    }
+                    self.set_aside_in_a_row
+                        .fetch_add(part.len(), Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Writes a part of a batch, retrying store errors with capped backoff until it
+    /// succeeds; returns the fenced event ids. Only a refusal of the data
+    /// ([`StoreError::Refused`]) is returned, and only while fewer than
+    /// [`SET_ASIDE_WITHOUT_A_WRITE_MAX`] refused events were set aside in a row.
+    async fn write(
+        &self,
+        events: &[LedgerEvent],
+        epochs: &[Option<i64>],
+    ) -> Result<Vec<String>, StoreError> {
         let mut backoff = self.settings.backoff_min;
         loop {
             let started = Instant::now();
             match self
                 .store
-                .append_batch(
-                    events,
-                    Some(&batch.epochs),
-                    self.settings.webhooks.as_deref(),
-                )
+                .append_batch(events, Some(epochs), self.settings.webhooks.as_deref())
                 .await
             {
                 Ok(appended) => {
+                    self.set_aside_in_a_row.store(0, Ordering::Relaxed);
                     if !appended.fenced.is_empty() {
                         metrics::counter!(m::SETTLE_FENCED_EVENTS_TOTAL)
                             .increment(appended.fenced.len() as u64);
@@ -517,6 +581,13 @@ impl Settler {
                 }
                 Err(err) => {
                     metrics::counter!(m::STORE_ERRORS_TOTAL, "kind" => err.kind()).increment(1);
+                    let isolate = matches!(err, StoreError::Refused(_))
+                        && self.set_aside_in_a_row.load(Ordering::Relaxed)
+                            < SET_ASIDE_WITHOUT_A_WRITE_MAX;
+                    if isolate {
+                        tracing::warn!(error = %err, events = events.len(), "the store refused a batch's data; writing it in halves to find the events it refuses");
+                        return Err(err);
+                    }
                     tracing::warn!(error = %err, events = events.len(), retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying");
                     self.set_status(|s| s.store_error = Some(err.to_string()));
                     // Keep the lag gauges and readiness moving while the store is away.
@@ -528,6 +599,16 @@ impl Settler {
                 }
             }
         }
+    }
+
+    /// Migrates the store; a failure is counted in `tollgate_store_errors_total` like a
+    /// failed batch write, so `TollgateStoreErrors` fires for a store unreachable from
+    /// start-up too (not only in the round errors).
+    async fn migrate(&self) -> Result<(), SettleError> {
+        self.store.migrate().await.map_err(|err| {
+            metrics::counter!(m::STORE_ERRORS_TOTAL, "kind" => err.kind()).increment(1);
+            SettleError::Store(err)
+        })
     }
 
     async fn read(&mut self) -> Result<Batch, SettleError> {
@@ -675,7 +756,7 @@ impl Settler {
     }
 
     async fn drain_now(&mut self, timeout: Duration) -> Result<(), SettleError> {
-        self.store.migrate().await?;
+        self.migrate().await?;
         self.ensure_groups().await?;
         let deadline = Instant::now() + timeout;
         let mut targets = Vec::new();
@@ -865,12 +946,63 @@ fn parse_epochs(reply: Value) -> Vec<Option<i64>> {
 }
 
 /// An outbox entry the settler cannot read: a corrupt field, or the format of a newer
-/// tollgate (a rollback after an upgrade).
+/// tollgate (a rollback after an upgrade); or one the store refused
+/// ([`set_aside_refused`]).
 struct Unreadable {
     shard: u16,
     id: String,
     fields: Vec<Vec<u8>>,
     why: String,
+    /// Read fine, refused by the store.
+    refused: bool,
+}
+
+/// Sets aside an event the store refused on its own (see `Settler::commit`): its outbox
+/// entry, read again as Redis holds it (still there: it is pending, so not trimmed), goes
+/// to the dead letters like an unreadable one, with the store's error as its `error`.
+async fn set_aside_refused(
+    ledger: &Ledger,
+    group: &str,
+    event: &LedgerEvent,
+    err: &StoreError,
+) -> Result<(), SettleError> {
+    let outbox = ledger.shards().outbox(event.shard());
+    let reply: Value = ledger
+        .redis()
+        .query(
+            redis::cmd("XRANGE")
+                .arg(outbox)
+                .arg(&event.stream_id)
+                .arg(&event.stream_id),
+        )
+        .await?;
+    let fields = match reply {
+        Value::Array(entries) => entries.into_iter().find_map(|entry| match entry {
+            Value::Array(mut parts) if parts.len() == 2 => match parts.swap_remove(1) {
+                Value::Array(kv) => Some(kv.iter().map(raw_bytes).collect::<Vec<_>>()),
+                _ => None,
+            },
+            _ => None,
+        }),
+        _ => None,
+    };
+    // Gone from the outbox (a Redis that lost its data since the read): nothing to copy,
+    // so it is not acknowledged either; the round fails and re-reads its pending entries.
+    let Some(fields) = fields else {
+        return Err(SettleError::Redis(LedgerError::Internal(format!(
+            "outbox entry {} of shard {} is gone; not set aside",
+            event.stream_id,
+            event.shard()
+        ))));
+    };
+    let unreadable = Unreadable {
+        shard: event.shard(),
+        id: event.stream_id.clone(),
+        fields,
+        why: format!("refused by the store: {err}"),
+        refused: true,
+    };
+    set_aside(ledger, group, std::slice::from_ref(&unreadable)).await
 }
 
 /// Moves unreadable entries out of the way: each is copied to its outbox's dead-letter
@@ -915,12 +1047,21 @@ async fn set_aside(
     for u in unreadable {
         metrics::counter!(m::SETTLE_DEAD_LETTERS_TOTAL, "shard" => u.shard.to_string())
             .increment(1);
-        tracing::error!(
-            shard = u.shard,
-            entry = %u.id,
-            error = %u.why,
-            "an outbox entry the settler cannot read was moved to the dead-letter stream"
-        );
+        if u.refused {
+            tracing::error!(
+                shard = u.shard,
+                entry = %u.id,
+                error = %u.why,
+                "an event the store refuses was moved to the dead-letter stream; the rest settles"
+            );
+        } else {
+            tracing::error!(
+                shard = u.shard,
+                entry = %u.id,
+                error = %u.why,
+                "an outbox entry the settler cannot read was moved to the dead-letter stream"
+            );
+        }
     }
     Ok(())
 }
@@ -962,6 +1103,7 @@ fn parse_entries(
                     id,
                     fields: kv.iter().map(raw_bytes).collect(),
                     why: err.to_string(),
+                    refused: false,
                 }),
                 // Not an entry id: nothing to acknowledge it by (Redis never sends this).
                 None => tracing::error!(shard, "an outbox entry without an id was skipped"),

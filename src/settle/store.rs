@@ -65,6 +65,16 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store query failed: {0}")]
     Query(String),
+    /// The store refused the data itself (SQLSTATE classes 22 and 23 in PostgreSQL: a
+    /// character the database encoding lacks, a NUL byte, a value out of range, a
+    /// constraint): writing the same rows again fails the same way, so the settler sets
+    /// the offending event aside instead of retrying it for ever.
+    #[error("store refused the data: {0}")]
+    Refused(String),
+    /// The database cannot hold a tollgate ledger as it is (a PostgreSQL database whose
+    /// encoding is not UTF8): migrating it is refused.
+    #[error("unsupported store: {0}")]
+    Unsupported(String),
     #[error("store data is malformed: {0}")]
     Corrupt(String),
     /// Only from `Store::open_existing`: what the operator tools are refused (they never
@@ -80,6 +90,8 @@ impl StoreError {
             Self::BadUrl(_) => "bad_url",
             Self::Unavailable(_) => "unavailable",
             Self::Query(_) => "query",
+            Self::Refused(_) => "refused",
+            Self::Unsupported(_) => "unsupported",
             Self::Corrupt(_) => "corrupt",
             Self::NotInitialized(_) => "not_initialized",
         }
@@ -94,9 +106,41 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_) => Self::Unavailable(err.to_string()),
+            sqlx::Error::Database(db) if refuses_data(db.as_ref()) => Self::Refused(db.to_string()),
             other => Self::Query(other.to_string()),
         }
     }
+}
+
+/// Every kind [`StoreError::kind`] gives, for metrics registered at 0.
+pub const STORE_ERROR_KINDS: [&str; 7] = [
+    "unavailable",
+    "query",
+    "refused",
+    "corrupt",
+    "unsupported",
+    "bad_url",
+    "not_initialized",
+];
+
+/// Whether a database error is about the rows written, not the connection or the moment:
+/// the same write fails the same way every time. PostgreSQL: SQLSTATE class 22 (data
+/// exception: untranslatable character, NUL byte, value out of range) and 23 (integrity
+/// constraint). SQLite: a constraint (19), a value too big (18) or of the wrong type (20),
+/// by the primary result code. A deadlock, a serialization failure, a lock timeout or a
+/// busy database are not: retried as before.
+fn refuses_data(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        let code = pg.code();
+        return code.starts_with("22") || code.starts_with("23");
+    }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        return db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 18..=20));
+    }
+    false
 }
 
 /// A wallet's totals as the store knows them.
@@ -415,12 +459,21 @@ macro_rules! store_impl {
             }
 
             pub async fn migrate(&self) -> Result<(), StoreError> {
+                self.check_database().await?;
+                // Under the migration lock: concurrent first starts would otherwise race
+                // on creating the table (PostgreSQL's `IF NOT EXISTS` is no lock: the
+                // loser fails on the catalog's unique index, pg_type_typname_nsp_index).
+                let mut tx = self.pool.begin().await?;
+                if let Some(lock) = $migration_lock {
+                    sqlx::raw_sql(lock).execute(&mut *tx).await?;
+                }
                 sqlx::raw_sql(
                     "CREATE TABLE IF NOT EXISTS tollgate_schema_migrations \
                      (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
                 )
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                tx.commit().await?;
                 for (version, sql) in MIGRATIONS {
                     let mut tx = self.pool.begin().await?;
                     if let Some(lock) = $migration_lock {
@@ -1111,6 +1164,23 @@ type WalletRows<'a> = [((&'a str, &'a str), WalletBatch)];
 /// which events were new. The common batch costs PostgreSQL a fifth less than that insert
 /// (docs/BENCHMARKS.md, seventh session).
 impl PgStore {
+    /// Refuses a database whose encoding is not UTF8. Event text is any Unicode (a grant's
+    /// description "café 🙂"); a LATIN1 or SQL_ASCII database refuses, or mangles, what
+    /// its encoding lacks, and a refused row used to stop settlement on every shard.
+    async fn check_database(&self) -> Result<(), StoreError> {
+        let encoding: String = sqlx::query_scalar("SHOW server_encoding")
+            .fetch_one(&self.pool)
+            .await?;
+        if !encoding.eq_ignore_ascii_case("UTF8") {
+            return Err(StoreError::Unsupported(format!(
+                "the database's encoding is {encoding}, not UTF8: events carry any Unicode \
+                 text; create the database with UTF8 (CREATE DATABASE … ENCODING 'UTF8' \
+                 TEMPLATE template0; docs/OPERATIONS.md)"
+            )));
+        }
+        Ok(())
+    }
+
     async fn insert_events(
         conn: &mut sqlx::PgConnection,
         events: &[&LedgerEvent],
@@ -1392,6 +1462,11 @@ impl CopyBinary {
 /// SQLite has no arrays: multi-row VALUES, one bind per value, in chunks that stay under
 /// its parameter limit.
 impl SqliteStore {
+    /// Nothing to check: SQLite keeps text as the UTF-8 it is given.
+    async fn check_database(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn insert_events(
         conn: &mut sqlx::SqliteConnection,
         sorted: &[&LedgerEvent],
@@ -1639,6 +1714,7 @@ impl Store {
                 )
                 .fetch_one(&s.pool)
                 .await?;
+                s.check_database().await?;
                 if tables == 0 {
                     0
                 } else {

@@ -53,11 +53,13 @@ pub const SETTLED_EVENTS_TOTAL: &str = "tollgate_settled_events_total";
 pub const SETTLE_BATCH_EVENTS: &str = "tollgate_settle_batch_events";
 /// Time to write one batch to the store.
 pub const SETTLE_BATCH_SECONDS: &str = "tollgate_settle_batch_duration_seconds";
-/// Failed store writes, by `kind` (unavailable, query, corrupt).
+/// Failed store writes and migrations, by `kind` (`StoreError::kind`; every kind is
+/// registered at 0 by the settler: `store::STORE_ERROR_KINDS`).
 pub const STORE_ERRORS_TOTAL: &str = "tollgate_store_errors_total";
 /// Failed settler rounds, by `kind` (redis, store).
 pub const SETTLER_ROUND_ERRORS_TOTAL: &str = "tollgate_settler_round_errors_total";
-/// Outbox entries the settler could not read, moved to the dead-letter stream, by `shard`.
+/// Outbox entries the settler could not read, or whose event the store refused, moved to
+/// the dead-letter stream, by `shard`.
 pub const SETTLE_DEAD_LETTERS_TOTAL: &str = "tollgate_settle_dead_letters_total";
 /// Events read from a Redis that lost its data, refused by the store because a restore
 /// rebuilt their shard since (schema_v5.sql, the shard fences).
@@ -266,10 +268,13 @@ fn describe() {
         Unit::Seconds,
         "Time to write one batch to the durable store."
     );
-    describe_counter!(STORE_ERRORS_TOTAL, "Failed store writes, by kind.");
+    describe_counter!(
+        STORE_ERRORS_TOTAL,
+        "Failed store writes and migrations, by kind."
+    );
     describe_counter!(
         SETTLE_DEAD_LETTERS_TOTAL,
-        "Outbox entries the settler could not read, moved to <outbox>:dead and acknowledged, by shard."
+        "Outbox entries the settler could not read, or whose event the store refused, moved to <outbox>:dead and acknowledged, by shard."
     );
     describe_counter!(
         SETTLE_FENCED_EVENTS_TOTAL,
