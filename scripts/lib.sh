@@ -75,7 +75,8 @@ ensure_postgres() {
     wait_for "PostgreSQL to trust 127.0.0.1" pg_login postgres
   fi
   if ! pg_login test; then
-    psql -w -h 127.0.0.1 -U postgres -d postgres -c 'create database test' >/dev/null
+    psql -w -h 127.0.0.1 -U postgres -d postgres \
+      -c "create database test template template0 encoding 'UTF8'" >/dev/null
   fi
 }
 

@@ -188,7 +188,9 @@ impl ScratchDatabase {
             .map_err(|e| format!("cannot reach PostgreSQL: {e}"))?;
         for statement in [
             format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!("CREATE DATABASE {name}"),
+            // UTF8 whatever the cluster's default (a cluster made under the C locale is
+            // SQL_ASCII): the store refuses any other encoding.
+            format!("CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8'"),
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
                 .execute(&mut con)
