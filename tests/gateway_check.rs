@@ -1247,7 +1247,8 @@ async fn the_http_hold_settlement_names_the_bad_field_and_changes_nothing() {
     let long_digits = format!("/v1/holds/h0-{}/capture", "9".repeat(200));
     let seventeen = format!("/v1/holds/h0-{}/release", "1".repeat(17));
     let long_key = "k".repeat(129);
-    let cases: [SettleCase; 9] = [
+    let release = format!("/v1/holds/{hold}/release");
+    let cases: [SettleCase; 14] = [
         // No idempotency-key header: the bad hold id is named, not the derived key.
         (&long_digits, vec![], "", &["hold_id"]),
         (&seventeen, vec![], "", &["hold_id"]),
@@ -1290,6 +1291,23 @@ async fn the_http_hold_settlement_names_the_bad_field_and_changes_nothing() {
             r#"{"amount": "seven"}"#,
             &["amount", "hold_id", "idempotency-key"],
         ),
+        // The body holds `amount` alone, once: a misspelled field was ignored (so the
+        // capture took the whole hold) and a repeated one taken at its last value.
+        (&capture, vec![], r#"{"amout": 3}"#, &["amout"]),
+        (
+            &capture,
+            vec![],
+            r#"{"amount": 3, "amount": 50}"#,
+            &["amount"],
+        ),
+        (
+            &capture,
+            vec![],
+            r#"{"amount": 3, "montant é": 3}"#,
+            &["body"],
+        ),
+        (&release, vec![], r#"{"reason": "done"}"#, &["reason"]),
+        (&capture, vec![], "[3]", &["body"]),
     ];
     for (path, headers, body, want) in cases {
         let mut headers = headers;
@@ -1306,6 +1324,29 @@ async fn the_http_hold_settlement_names_the_bad_field_and_changes_nothing() {
     )
     .await;
     assert_eq!(fields(&r), ["amount"]);
+    // A path segment that is not UTF-8 once decoded: the token is checked first, then
+    // a JSON 400 names the segment (axum's own answer was a text/plain 400 to anyone).
+    let r = http(server.http_addr, "POST", "/v1/holds/%FF/capture", &[], "").await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.json()["error"], "unauthenticated", "{r:?}");
+    let r = http(
+        server.http_addr,
+        "POST",
+        "/v1/holds/%FF/capture",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(fields(&r), ["hold_id"]);
+    let r = http(
+        server.http_addr,
+        "POST",
+        &format!("/v1/holds/{hold}/%FF"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(fields(&r), ["action"]);
     assert_eq!(balance(&server, "acme").await, (150, 50, 0), "still held");
     assert_eq!(events_len(&server).await, events, "no ledger event");
 

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::path::ErrorKind as PathErrorKind;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +27,7 @@ use axum::Router;
 use super::{Call, Decision, Gateway, HEADER_REQUEST_ID};
 use crate::api::auth::TokenCheck;
 use crate::api::status::{denial_response, http_error};
-use crate::ledger::command::Violations;
+use crate::ledger::command::{FieldViolation, Violations};
 use crate::ledger::{EndHold, LedgerError};
 use crate::telemetry::request_log::{FailureDetail, RealStatus};
 
@@ -343,7 +345,7 @@ pub(crate) fn json_response(status: u16, body: serde_json::Value) -> Response {
 /// it used to be read whole, up to axum's 2 MiB default, by anyone.
 async fn settle_hold(
     State(state): State<Arc<HttpGateway>>,
-    Path((hold_id, action)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -356,6 +358,29 @@ async fn settle_hold(
             serde_json::json!({ "error": "unauthenticated", "message": status.message() }),
         );
     }
+    // The path is taken as a result so that the token is checked first and a segment
+    // that is not UTF-8 once decoded (`/v1/holds/%FF/capture`) is a JSON 400 naming it,
+    // not axum's text/plain answer to anyone.
+    let (hold_id, action) = match path {
+        Ok(Path(segments)) => segments,
+        Err(rejection) => {
+            let field = match &rejection {
+                PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+                    PathErrorKind::InvalidUtf8InPathParam { key } if key == "action" => "action",
+                    _ => "hold_id",
+                },
+                _ => "hold_id",
+            };
+            let description = if field == "action" {
+                "must be capture or release"
+            } else {
+                "is not a tollgate hold id"
+            };
+            let violation = FieldViolation::new(field, description);
+            let (status, body) = http_error(LedgerError::InvalidArgument(vec![violation]));
+            return failed(status, body);
+        }
+    };
     let body = match read_settle_body(&headers, body).await {
         Ok(body) => body,
         Err(refused) => return refused,
@@ -380,26 +405,7 @@ async fn settle_hold(
             false
         }
     };
-    let amount = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(serde_json::Value::Object(fields)) => match fields.get("amount") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(value) => {
-                    let amount = value.as_i64();
-                    if amount.is_none() {
-                        v.add("amount", "must be an integer");
-                    }
-                    amount
-                }
-            },
-            _ => {
-                v.add("body", "must be a JSON object");
-                None
-            }
-        }
-    };
+    let amount = settle_amount(&body, &mut v);
     if action == "release" && amount.is_some() {
         v.add("amount", "a release charges nothing");
     }
@@ -437,6 +443,76 @@ async fn settle_hold(
             let (status, body) = http_error(err);
             failed(status, body)
         }
+    }
+}
+
+/// The `amount` a settlement's body gives: `None` for an empty body, `{}` or
+/// `{"amount": null}` (a capture takes all of the hold). The body must be a JSON object
+/// whose only field is `amount`, given at most once: a misspelled field (`{"amout": 3}`)
+/// used to be ignored, so the capture took the whole hold, and a repeated `amount` was
+/// taken at its last value; both charge what the client did not mean, so both are refused.
+/// An unknown field is named as sent when it is a short printable name, else as `body`.
+fn settle_amount(body: &[u8], v: &mut Violations) -> Option<i64> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    let Ok(BodyFields(fields)) = serde_json::from_slice::<BodyFields>(body) else {
+        v.add("body", "must be a JSON object");
+        return None;
+    };
+    let mut amount = None;
+    let mut seen = false;
+    for (name, value) in fields {
+        if name != "amount" {
+            let printable =
+                !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_graphic());
+            if printable {
+                v.add(&name, "is not a field of a settlement (only amount is)");
+            } else {
+                v.add("body", "has a field other than amount");
+            }
+            continue;
+        }
+        if seen {
+            v.add("amount", "is given more than once");
+            continue;
+        }
+        seen = true;
+        match value {
+            serde_json::Value::Null => {}
+            value => match value.as_i64() {
+                Some(n) => amount = Some(n),
+                None => v.add("amount", "must be an integer"),
+            },
+        }
+    }
+    amount
+}
+
+/// A JSON object's fields in the order sent, repeats kept (`serde_json::Value` keeps only
+/// the last of a repeated field, which is how a repeated `amount` went unnoticed).
+struct BodyFields(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for BodyFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = BodyFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<BodyFields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(field) = map.next_entry::<String, serde_json::Value>()? {
+                    fields.push(field);
+                }
+                Ok(BodyFields(fields))
+            }
+        }
+        d.deserialize_map(Fields)
     }
 }
 
