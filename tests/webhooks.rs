@@ -398,6 +398,73 @@ async fn a_manual_retry_gets_a_new_round_of_attempts_sqlite() {
     a_manual_retry_gets_a_new_round_of_attempts(&common::temp_sqlite_url()).await;
 }
 
+/// The fields an INVALID_ARGUMENT names in its BadRequest (any other answer fails).
+#[track_caller]
+fn bad_fields(answer: Result<impl std::fmt::Debug, tonic::Status>) -> Vec<String> {
+    use tonic_types::StatusExt;
+    let status = answer.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let details = status
+        .get_details_bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest in {status:?}"));
+    details
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+/// A forged page token or delivery id holding a NUL byte is a bad argument naming its
+/// field: it used to reach PostgreSQL, which refuses NUL in text, and be answered
+/// UNAVAILABLE (and logged as a store outage). Only the ids' shapes are taken now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_page_tokens_and_delivery_ids_are_bad_arguments_postgres() {
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let mut c = common::test_config(&redis.url());
+    c.store.url = pg.url.clone();
+    let server = common::TestServer::start(c, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+
+    let forged_event = hex::encode("1700000000000/3-17-0\0");
+    let answer = metering
+        .list_transactions(pb::ListTransactionsRequest {
+            account_id: "acct-n".into(),
+            page_token: forged_event,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(bad_fields(answer), ["page_token"]);
+
+    let forged_delivery = hex::encode("1/2/3/dlv_\0");
+    let answer = admin
+        .list_webhook_deliveries(pb::ListWebhookDeliveriesRequest {
+            page_token: forged_delivery,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(bad_fields(answer), ["page_token"]);
+
+    for id in ["dlv_\0", "dlv_0123456789abcdef0123456\0", "x"] {
+        let answer = admin
+            .retry_webhook_delivery(pb::RetryWebhookDeliveryRequest {
+                delivery_id: id.into(),
+            })
+            .await;
+        assert_eq!(bad_fields(answer), ["delivery_id"], "{id:?}");
+    }
+    // A well-formed id the store does not hold is still NOT_FOUND: the store answers.
+    let answer = admin
+        .retry_webhook_delivery(pb::RetryWebhookDeliveryRequest {
+            delivery_id: "dlv_0123456789abcdef01234567".into(),
+        })
+        .await;
+    let status = answer.expect_err("no such delivery");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    server.stop().await;
+}
+
 /// `lot.expiring` for a lot within the lead of its expiry, then `lot.expired` once it
 /// expired; none for a lot that never expires. The ledger runs on a clock of the test's
 /// (set to this machine's time), the dispatcher on this machine's: the lot expires for

@@ -25,8 +25,6 @@ const KEY_SAVE_RETRIES: u32 = 25;
 
 /// Deliveries per page unless asked otherwise.
 pub const DELIVERIES_PAGE_DEFAULT: u32 = 100;
-/// Longest delivery id accepted (ids are "dlv_" + 24 hex digits).
-pub const DELIVERY_ID_LEN_MAX: usize = 64;
 
 pub struct AdminService {
     ledger: Arc<Ledger>,
@@ -250,9 +248,13 @@ pub fn parse_delivery_token(token: &str) -> Option<DeliveryCursor> {
     let mut parts = text.splitn(4, '/');
     let mut int = || parts.next()?.parse::<i64>().ok();
     let position = (int()?, int()?, int()?);
+    let delivery_id = parts.next()?;
+    if !crate::webhooks::rules::is_delivery_id(delivery_id) {
+        return None;
+    }
     Some(DeliveryCursor {
         position,
-        delivery_id: parts.next()?.to_owned(),
+        delivery_id: delivery_id.to_owned(),
     })
 }
 
@@ -467,8 +469,11 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::WebhookDelivery>, Status> {
         let r = request.into_inner();
         let mut v = Violations::default();
-        if r.delivery_id.is_empty() || r.delivery_id.len() > DELIVERY_ID_LEN_MAX {
-            v.add("delivery_id", "must be a delivery id");
+        if !crate::webhooks::rules::is_delivery_id(&r.delivery_id) {
+            v.add(
+                "delivery_id",
+                "must be a delivery id (dlv_ and 24 hex digits)",
+            );
         }
         invalid(v)?;
         let store = self.store()?;
@@ -718,9 +723,20 @@ mod tests {
     fn delivery_tokens_round_trip() {
         let c = DeliveryCursor {
             position: (1_700_000_000_000, 3, 1),
-            delivery_id: "dlv_0123".into(),
+            delivery_id: "dlv_0123456789abcdef01234567".into(),
         };
         assert_eq!(parse_delivery_token(&delivery_token(&c)), Some(c));
+        // Only a delivery id's shape is taken: a NUL byte reached the store.
+        for id in [
+            "dlv_0123",
+            "dlv_0123456789abcdef0123456\0",
+            "dlv_0123456789ABCDEF01234567",
+        ] {
+            assert_eq!(
+                parse_delivery_token(&hex::encode(format!("1/2/3/{id}"))),
+                None
+            );
+        }
         assert_eq!(parse_delivery_token("zz"), None);
         assert_eq!(parse_delivery_token(&hex::encode("1/2/x/id")), None);
     }

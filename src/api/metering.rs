@@ -46,6 +46,10 @@ pub fn parse_history_token(token: &str) -> Option<(i64, String)> {
         .collect();
     let text = String::from_utf8(bytes?).ok()?;
     let (at, id) = text.split_once('/')?;
+    // Only an event id goes to the store: a forged token's NUL byte was a store error.
+    if !crate::ledger::keys::ShardMap::is_event_id(id) {
+        return None;
+    }
     Some((at.parse().ok()?, id.to_owned()))
 }
 
@@ -560,5 +564,9 @@ mod tests {
         );
         assert_eq!(parse_history_token("zz"), None);
         assert_eq!(parse_history_token("abc"), None);
+        // Only an event id's shape is taken: a NUL byte reached the store.
+        for id in ["3-17-0\0", "3-17", "x-17-0", "3-17-0-1", ""] {
+            assert_eq!(parse_history_token(&history_token(1, id)), None, "{id:?}");
+        }
     }
 }

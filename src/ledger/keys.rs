@@ -100,6 +100,23 @@ impl ShardMap {
         self.checked(shard)
     }
 
+    /// Whether `event_id` has the shape of an event id, `<shard>-<ms>-<seq>`, whatever
+    /// this deployment's shard count: what a page token may carry to the store (a forged
+    /// one holding a NUL byte was answered UNAVAILABLE, PostgreSQL refusing it as text).
+    pub fn is_event_id(event_id: &str) -> bool {
+        let Some((shard, stream_id)) = event_id.split_once('-') else {
+            return false;
+        };
+        let Some((ms, seq)) = stream_id.split_once('-') else {
+            return false;
+        };
+        !shard.is_empty()
+            && shard.len() <= 4
+            && shard.bytes().all(|b| b.is_ascii_digit())
+            && id_number(ms)
+            && id_number(seq)
+    }
+
     /// Shard of an event id `<shard>-<ms>-<seq>` (also a charge id), if it is well formed
     /// (`ms` and `seq` at most [`ID_NUMBER_MAX`]) and its shard in range.
     pub fn of_event_id(&self, event_id: &str) -> Option<u16> {

@@ -142,6 +142,18 @@ pub fn delivery_id(source: &str) -> String {
     format!("dlv_{}", hex::encode(&digest[..12]))
 }
 
+/// Whether `text` has the shape of a [`delivery_id`]: `dlv_` and 24 lowercase hex digits.
+/// Nothing else is looked up: a forged id holding a NUL byte was a store error (PostgreSQL
+/// refuses it as text) answered UNAVAILABLE instead of a bad argument.
+pub fn is_delivery_id(text: &str) -> bool {
+    text.strip_prefix("dlv_").is_some_and(|digits| {
+        digits.len() == 24
+            && digits
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 fn delivery(e: &LedgerEvent, t: WebhookType, ordinal: i64, data: serde_json::Value) -> NewDelivery {
     let id = delivery_id(&format!("{}/{}", e.event_id, t.as_str()));
     let (ms, seq) = e.stream_position();
