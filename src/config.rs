@@ -1091,6 +1091,33 @@ fn is_service_link(name: &str) -> bool {
             .any(|after| after.bytes().next().is_some_and(|b| b.is_ascii_digit()))
 }
 
+/// The process environment as the config reads it: each `TOLLGATE_` variable, or an error
+/// naming each one whose value is not UTF-8 (never the value: it may be a token). Other
+/// variables, and names that are not UTF-8, are not looked at. `std::env::vars()`, used
+/// before, panics on any variable that is not Unicode and prints its value, so one odd
+/// unrelated variable stopped every command and could print a secret.
+pub fn env_vars() -> Result<Vec<(String, String)>, ConfigErrors> {
+    let mut vars = Vec::new();
+    let mut errors = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with("TOLLGATE_")) else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => vars.push((name.to_owned(), value)),
+            Err(_) => errors.push(ConfigError {
+                path: name.to_owned(),
+                message: "is not UTF-8 (the value is not shown: it may be a secret)".into(),
+            }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(vars)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
 /// Applies the `TOLLGATE_` variables of `env` to `table`; answers (`section.key`,
 /// variable) for each one applied, and an error for each variable that misspells a
 /// setting's.

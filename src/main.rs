@@ -114,8 +114,8 @@ fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<
         let default = std::path::PathBuf::from("tollgate.toml");
         default.exists().then_some(default)
     });
-    let config =
-        Config::load(path.as_deref(), std::env::vars(), overrides).map_err(|e| e.to_string())?;
+    let env = tollgate::config::env_vars().map_err(|e| e.to_string())?;
+    let config = Config::load(path.as_deref(), env, overrides).map_err(|e| e.to_string())?;
     telemetry::init_logs(&config.log);
     Ok(config)
 }
@@ -127,8 +127,9 @@ fn check_config(args: CheckConfigArgs) -> Result<(), String> {
         let default = std::path::PathBuf::from("tollgate.toml");
         default.exists().then_some(default)
     });
-    let config = Config::load(path.as_deref(), std::env::vars(), &Overrides::default())
-        .map_err(|e| e.to_string())?;
+    let env = tollgate::config::env_vars().map_err(|e| e.to_string())?;
+    let config =
+        Config::load(path.as_deref(), env, &Overrides::default()).map_err(|e| e.to_string())?;
     let tokens = !config.auth.admin_token.is_empty() && !config.auth.service_token.is_empty();
     if !tokens && !args.dev {
         return Err(format!(

@@ -896,7 +896,8 @@ async fn reload_on_sighup(
         // its own Redis, store and tokens).
         let at_start = gateway
             .as_ref()
-            .and_then(|_| config.reread(std::env::vars()).ok());
+            .and_then(|_| crate::config::env_vars().ok())
+            .and_then(|env| config.reread(env).ok());
         loop {
             tokio::select! {
                 _ = &mut stopped => return,
@@ -908,7 +909,7 @@ async fn reload_on_sighup(
                         tracing::info!("SIGHUP: no config file or price book here, nothing to reload");
                         continue;
                     };
-                    match config.reread(std::env::vars()) {
+                    match crate::config::env_vars().and_then(|env| config.reread(env)) {
                         Ok(new) => {
                             reloads_ok.increment(1);
                             let before = gateway.pricebook().routes_len();

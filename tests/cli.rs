@@ -276,6 +276,51 @@ fn config_errors_are_reported_together_with_paths() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A variable whose value is not UTF-8 does not stop a command: an unrelated one is not
+/// looked at, a `TOLLGATE_` one is a config error naming the variable, never its value
+/// (it may be a token). `std::env::vars()` panicked on either and printed the value.
+#[test]
+fn a_variable_that_is_not_utf8_is_named_not_printed() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    // A directory of its own, without a tollgate.toml for check-config to pick up.
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-env-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let run = |name: &str, value: &[u8]| {
+        common::output_within(
+            common::tollgate()
+                .args(["check-config"])
+                .current_dir(&dir)
+                .env("TOLLGATE_ADMIN_TOKEN", "admin-secret")
+                .env("TOLLGATE_SERVICE_TOKEN", "service-secret")
+                .env(name, OsStr::from_bytes(value)),
+            common::COMMAND_TIMEOUT,
+        )
+    };
+    let out = run("UNRELATED", b"x\xffy");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("config ok"),
+        "{out:?}"
+    );
+    let out = run("TOLLGATE_ADMIN_TOKEN", b"sekr1t-\xff-tail");
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a config error, not a panic: {out:?}"
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("TOLLGATE_ADMIN_TOKEN") && said.contains("not UTF-8"),
+        "{out:?}"
+    );
+    assert!(
+        !said.contains("sekr1t") && !said.contains("tail") && !said.contains("\\xff"),
+        "the value is printed: {said}"
+    );
+}
+
 /// `check-config` holds a config to what `serve` requires: a config without the tokens
 /// is refused (serve would not start), and accepted once the environment gives them.
 #[test]
