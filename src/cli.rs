@@ -398,6 +398,12 @@ pub const CREATE_KEY_FIELDS: &[(&str, &str)] = &[
     ("actor_id", "--actor"),
     ("idempotency_key", "--idempotency-key"),
 ];
+/// As [`GRANT_FIELDS`], for `admin lots`.
+pub const LOTS_FIELDS: &[(&str, &str)] = &[("account_id", "<ACCOUNT>"), ("wallet", "--wallet")];
+/// As [`GRANT_FIELDS`], for `admin keys`.
+pub const KEYS_FIELDS: &[(&str, &str)] = &[("account_id", "<ACCOUNT>")];
+/// As [`GRANT_FIELDS`], for `admin revoke-key`.
+pub const REVOKE_KEY_FIELDS: &[(&str, &str)] = &[("key_id", "<KEY_ID>")];
 /// As [`GRANT_FIELDS`], for `admin org budget`.
 pub const BUDGET_FIELDS: &[(&str, &str)] = &[
     ("account_id", "<ACCOUNT>"),

@@ -11,7 +11,7 @@ use tollgate::cli::{
     AdminArgs, AdminCommand, CheckConfigArgs, Cli, Command, DeadLettersArgs, DeadLettersCommand,
     EndLostHoldArgs, OrgCommand, PruneFunctionsArgs, ReconcileArgs, RestoreArgs, ServeArgs,
     SettleArgs, ToolTarget, BALANCE_FIELDS, BUDGET_FIELDS, CREATE_KEY_FIELDS, GRANT_FIELDS,
-    ORG_FIELDS, REFUND_FIELDS,
+    KEYS_FIELDS, LOTS_FIELDS, ORG_FIELDS, REFUND_FIELDS, REVOKE_KEY_FIELDS,
 };
 use tollgate::config::{default_worker_threads, url_for_logs, Config, Overrides};
 use tollgate::dev::{DevRedis, DEV_ADMIN_TOKEN, DEV_SERVICE_TOKEN};
@@ -729,7 +729,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
             let out = client
                 .revoke_api_key(pb::RevokeApiKeyRequest { key_id })
                 .await
-                .map_err(status)?
+                .map_err(status_naming(REVOKE_KEY_FIELDS))?
                 .into_inner();
             println!(
                 "revoked {} of {} at {}{}",
@@ -754,7 +754,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     account_id: account,
                 })
                 .await
-                .map_err(status)?
+                .map_err(status_naming(KEYS_FIELDS))?
                 .into_inner();
             println!(
                 "{:<22} {:>15} {:>15} {:<16} {:<16}  name",
@@ -788,10 +788,8 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
             let mut client =
                 pb::metering_client::MeteringClient::with_interceptor(channel, with_auth);
             let mut token = String::new();
-            println!(
-                "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>15}  description",
-                "lot", "kind", "prio", "amount", "used", "remaining", "held", "expires_at_ms"
-            );
+            // The header follows the first page, so a refusal is not printed under it.
+            let mut header = true;
             loop {
                 let out = client
                     .list_lots(pb::ListLotsRequest {
@@ -801,8 +799,21 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                         page_token: token,
                     })
                     .await
-                    .map_err(status)?
+                    .map_err(status_naming(LOTS_FIELDS))?
                     .into_inner();
+                if std::mem::take(&mut header) {
+                    println!(
+                        "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>15}  description",
+                        "lot",
+                        "kind",
+                        "prio",
+                        "amount",
+                        "used",
+                        "remaining",
+                        "held",
+                        "expires_at_ms"
+                    );
+                }
                 for l in out.lots {
                     // An expired lot is listed while open holds hold credits of it.
                     let expired = if l.expired {

@@ -1176,8 +1176,9 @@ async fn org_budget_says_whose_budget_and_its_period() {
     );
 }
 
-/// `admin balance` and `admin create-key` name a bad argument as typed (`--member`,
-/// `--wallet`, `<ACCOUNT>`, `--org`), not as the request's field (`member_id`, …).
+/// `admin balance`, `create-key`, `lots`, `keys` and `revoke-key` name a bad argument as
+/// typed (`--member`, `--wallet`, `<ACCOUNT>`, `--org`, `<KEY_ID>`), not as the request's
+/// field (`member_id`, …); `lots` prints its table's header only over a first page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balance_and_create_key_name_bad_arguments_as_typed() {
     let redis = common::RedisServer::start();
@@ -1206,6 +1207,14 @@ async fn balance_and_create_key_name_bad_arguments_as_typed() {
             "--actor",
             "actor_id",
         ),
+        (&["lots", "a b"], "<ACCOUNT>", "account_id"),
+        (
+            &["lots", "alice", "--wallet", "BAD/W"],
+            "--wallet",
+            "wallet",
+        ),
+        (&["keys", "a b"], "<ACCOUNT>", "account_id"),
+        (&["revoke-key", "nope"], "<KEY_ID>", "key_id"),
     ] {
         let said = refused(args);
         assert!(
@@ -1214,6 +1223,13 @@ async fn balance_and_create_key_name_bad_arguments_as_typed() {
         );
         assert!(!said.contains(&format!(" {field}:")), "{args:?}: {said}");
     }
+    let out = admin_with_token(&server, &["lots", "alice", "--wallet", "BAD/W"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "no header over a refusal"
+    );
 }
 
 /// `--server HOST:PORT` without a scheme (as `serve` prints its gRPC address) is
