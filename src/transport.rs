@@ -211,6 +211,10 @@ impl<IO: Connected> Connected for Permitted<IO> {
 /// since their headers arrived, whatever they were doing (reading the message, or the
 /// work): the call's future is dropped, as when the client gives up.
 ///
+/// It also answers a request message that does not decode as INVALID_ARGUMENT (see
+/// [`decode_failure_as_invalid_argument`]): it wraps exactly the unary services (Metering,
+/// Admin, ext_authz), inside the request log, which then counts and logs the real code.
+///
 /// A call whose `grpc-timeout` is no longer than `timeout` gets no second timer: tonic
 /// already ends it at that deadline (Envoy sends its ext_authz `timeout` so, 200 ms in
 /// the examples), so the Check of a gateway pays for one timer, as before.
@@ -271,7 +275,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(answer) = this.inner.poll(cx) {
-            return Poll::Ready(answer);
+            return Poll::Ready(answer.map(decode_failure_as_invalid_argument));
         }
         let Some(sleep) = this.sleep.as_pin_mut() else {
             return Poll::Pending;
@@ -282,6 +286,65 @@ where
         )
         .into_http()))
     }
+}
+
+/// What tonic's message starts with when a request message does not decode (prost's
+/// `DecodeError`).
+const DECODE_FAILURE: &str = "failed to decode Protobuf message: ";
+
+/// tonic answers a request message that does not decode (a string field that is not
+/// UTF-8, a wrong wire type) with INTERNAL, "failed to decode Protobuf message:
+/// DebitRequest.account_id: invalid string value", which the request log counted and
+/// logged as a server fault. It is the caller's message that is bad: INVALID_ARGUMENT,
+/// with a BadRequest naming the field by its path (`account_id`; `attributes.request` for a
+/// nested one) when the message names one. prost's text names types, fields and what is
+/// wrong, never a value. A unary call's status is in the headers (trailers-only).
+fn decode_failure_as_invalid_argument(
+    response: Response<tonic::body::Body>,
+) -> Response<tonic::body::Body> {
+    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    if status.code() != tonic::Code::Internal {
+        return response;
+    }
+    let Some(detail) = status.message().strip_prefix(DECODE_FAILURE) else {
+        return response;
+    };
+    // "Inner.field: Outer.field: description": prost lists the innermost message first.
+    let mut path = Vec::new();
+    let mut rest = detail;
+    while let Some((segment, after)) = rest.split_once(": ") {
+        let Some((_, field)) = segment
+            .rsplit_once('.')
+            .filter(|_| !segment.contains(' ') && !segment.is_empty())
+        else {
+            break;
+        };
+        path.push(field);
+        rest = after;
+    }
+    path.reverse();
+    let description = format!("could not be decoded: {rest}");
+    let replaced = if path.is_empty() {
+        tonic::Status::invalid_argument(format!("the request message {description}"))
+    } else {
+        crate::api::status::to_status(crate::ledger::LedgerError::InvalidArgument(vec![
+            crate::ledger::command::FieldViolation::new(path.join("."), description),
+        ]))
+    };
+    let (mut parts, _) = response.into_parts();
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        parts.headers.remove(name);
+    }
+    let mut answer = replaced.into_http::<tonic::body::Body>();
+    for (name, value) in parts.headers.iter() {
+        answer
+            .headers_mut()
+            .entry(name)
+            .or_insert_with(|| value.clone());
+    }
+    answer
 }
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -446,6 +509,46 @@ fn is_connection_error(err: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The field a decode failure names, by its path; `None` for no field.
+    fn decode_field(message: &str) -> (tonic::Code, Option<String>) {
+        use tonic_types::StatusExt;
+        let answer =
+            decode_failure_as_invalid_argument(tonic::Status::internal(message).into_http());
+        let status = tonic::Status::from_header_map(answer.headers()).expect("a status");
+        let field = status
+            .get_details_bad_request()
+            .and_then(|b| b.field_violations.into_iter().next())
+            .map(|v| v.field);
+        (status.code(), field)
+    }
+
+    #[test]
+    fn decode_failures_name_the_field_by_its_path() {
+        let invalid = tonic::Code::InvalidArgument;
+        assert_eq!(
+            decode_field(
+                "failed to decode Protobuf message: DebitRequest.account_id: invalid string value"
+            ),
+            (invalid, Some("account_id".into()))
+        );
+        assert_eq!(
+            decode_field(
+                "failed to decode Protobuf message: HttpRequest.path: Request.http: \
+                 AttributeContext.request: CheckRequest.attributes: invalid string value"
+            ),
+            (invalid, Some("attributes.request.http.path".into()))
+        );
+        assert_eq!(
+            decode_field("failed to decode Protobuf message: invalid wire type: Varint (expected LengthDelimited)"),
+            (invalid, None)
+        );
+        // Any other INTERNAL is left as it is.
+        assert_eq!(
+            decode_field("the ledger broke"),
+            (tonic::Code::Internal, None)
+        );
+    }
 
     fn within(value: &str, bound_ms: u64) -> bool {
         let mut headers = HeaderMap::new();

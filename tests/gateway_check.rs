@@ -1209,6 +1209,51 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
 }
 
 /// A settlement request (path, headers, body) and the fields its 400 must name.
+/// A Check whose message does not decode (a path that is not UTF-8) is INVALID_ARGUMENT
+/// naming the field by its path: tonic answered INTERNAL, logged as a server fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_does_not_decode_is_an_invalid_argument() {
+    use prost::Message;
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let marker = "/v1/ocr-MARKER";
+    let request = CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "POST".into(),
+                    path: marker.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    // The encoded request with the path's bytes made not UTF-8 (the same length), sent as
+    // field 1 (CheckRequest.attributes) holding those bytes.
+    let mut attributes = request.attributes.expect("attributes").encode_to_vec();
+    let at = attributes
+        .windows(marker.len())
+        .position(|w| w == marker.as_bytes())
+        .expect("the path in the encoding");
+    attributes[at + marker.len() - 2] = 0xff;
+    let status = common::raw_unary_error(
+        &server,
+        "/envoy.service.auth.v3.Authorization/Check",
+        common::RawField1 { field1: attributes },
+    )
+    .await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let fields: Vec<String> = tonic_types::StatusExt::get_details_bad_request(&status)
+        .expect("BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["attributes.request.http.path"], "{status:?}");
+}
+
 type SettleCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str, &'a [&'a str]);
 
 /// The HTTP hold settlement names every bad field (the header as `idempotency-key`)

@@ -1876,6 +1876,27 @@ async fn bad_fields_are_named_and_change_nothing() {
     assert!(!g.replayed);
 }
 
+/// A request message that does not decode (a string field that is not UTF-8) is
+/// INVALID_ARGUMENT naming the field: tonic answered INTERNAL, which was logged as a
+/// server fault and counted `code="INTERNAL"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_does_not_decode_is_an_invalid_argument() {
+    let env = Env::start(Clock::Redis, |_| {}).await;
+    let bad = common::RawField1 {
+        field1: b"acct-\xff".to_vec(),
+    };
+    let status = common::raw_unary_error(&env.server, "/tollgate.v1.Metering/Debit", bad).await;
+    assert_eq!(bad_fields(&status), ["account_id"]);
+    assert!(status.message().contains("account_id"), "{status:?}");
+    let status = common::raw_unary_error(
+        &env.server,
+        "/tollgate.v1.Admin/Grant",
+        common::RawField1 { field1: vec![0xc3] },
+    )
+    .await;
+    assert_eq!(bad_fields(&status), ["account_id"]);
+}
+
 /// An unknown `kinds` entry is named by its field and the kinds allowed, never echoed:
 /// error messages are logged, and a client's values do not belong in logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,6 +111,16 @@ async fn counters_after_a_scripted_workload() {
     let mut admin = server.admin().await;
     let mut metering = server.metering().await;
 
+    // A message that does not decode (account_id not UTF-8): the caller's fault, counted
+    // as INVALID_ARGUMENT (tonic's own answer, INTERNAL, was counted as a server fault).
+    let status = common::raw_unary_error(
+        &server,
+        "/tollgate.v1.Metering/Debit",
+        common::RawField1 { field1: vec![0xff] },
+    )
+    .await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
     // The workload: 17 ledger events.
     admin
         .grant(grant("alice", 100, "purchase", "g1"))
@@ -263,6 +273,23 @@ async fn counters_after_a_scripted_workload() {
             ]
         ),
         1.0
+    );
+    assert_eq!(
+        v(
+            "tollgate_grpc_failed_requests_total",
+            &[
+                ("service", "tollgate.v1.Metering"),
+                ("code", "INVALID_ARGUMENT")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(
+            "tollgate_grpc_failed_requests_total",
+            &[("code", "INTERNAL")]
+        ),
+        0.0
     );
 
     // Credits, exactly, and equal to the ledger's own totals.

@@ -628,6 +628,35 @@ pub fn auth(token: Option<&str>) -> Auth {
     Auth(token.map(|t| format!("Bearer {t}").parse().expect("header")))
 }
 
+/// A protobuf message that is field 1 as raw bytes: a string or an embedded message of the
+/// test's making (one that is not UTF-8, say), which the generated types cannot hold.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RawField1 {
+    #[prost(bytes = "vec", tag = "1")]
+    pub field1: Vec<u8>,
+}
+
+/// A unary gRPC call of `path` (`/tollgate.v1.Metering/Debit`) sending `message` with the
+/// admin token (which Metering takes too); the status it fails with (the test fails if it
+/// succeeds).
+pub async fn raw_unary_error(
+    server: &TestServer,
+    path: &'static str,
+    message: RawField1,
+) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.expect("ready");
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().expect("header"),
+    );
+    let codec = tonic_prost::ProstCodec::<RawField1, RawField1>::default();
+    grpc.unary(request, http::uri::PathAndQuery::from_static(path), codec)
+        .await
+        .expect_err("a message that does not decode")
+}
+
 /// An in-process tollgate server on free ports; shut down on drop.
 pub struct TestServer {
     pub grpc_addr: SocketAddr,
