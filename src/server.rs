@@ -968,7 +968,10 @@ pub const READINESS_STALE_AFTER: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 struct LedgerChecks {
     at: tokio::time::Instant,
+    /// Whether Redis answered (`tollgate_redis_up`).
+    redis_up: bool,
     failed: Vec<&'static str>,
+    degraded: Vec<&'static str>,
     checks: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -1003,7 +1006,9 @@ impl LastChecks {
             checks.insert("readiness".into(), "not checked yet".into());
             return LedgerChecks {
                 at: tokio::time::Instant::now(),
+                redis_up: false,
                 failed: vec!["readiness"],
+                degraded: Vec::new(),
                 checks,
             };
         };
@@ -1026,10 +1031,20 @@ impl LastChecks {
 /// The checks that ask Redis: it answers within the deadline, every shard is initialized,
 /// and (`serve`) Redis holds the ledger's function library, loaded here when missing:
 /// after a Redis restart nothing else would, since a not-ready pod gets no traffic.
+///
+/// A Redis that cannot be reached (or does not answer in time) fails `tollgate settle`,
+/// which has nothing else to do, but only degrades `serve`: checks then follow each
+/// operation's fail policy (DESIGN.md), and free and `fail_open` routes keep working only
+/// if the pod stays in its load balancer. With every pod sharing one Redis, failing
+/// readiness on it would take every pod out at once (in sidecar mode, the API with it).
+/// `tollgate_redis_up` and its alert say Redis is gone instead. A Redis that answers but
+/// lost its data (a shard awaits restore), or that will not take the library, fails both:
+/// this pod can serve nothing priced from it, and another pod may well be fine.
 async fn ledger_checks(state: &HttpState) -> LedgerChecks {
     let mut checks = serde_json::Map::new();
     let mut failed = Vec::new();
-    let redis_ok = match state.ledger.initialized_shards().await {
+    let mut degraded = Vec::new();
+    let redis_up = match state.ledger.initialized_shards().await {
         Ok(shards) => {
             checks.insert("redis".into(), "ok".into());
             let missing = shards.iter().filter(|ok| !**ok).count();
@@ -1044,6 +1059,16 @@ async fn ledger_checks(state: &HttpState) -> LedgerChecks {
             }
             true
         }
+        Err(err @ LedgerError::Unavailable(_)) => {
+            checks.insert("redis".into(), err.to_string().into());
+            if state.serving {
+                degraded.push("redis");
+            } else {
+                failed.push("redis");
+            }
+            false
+        }
+        // It answered, with something the ledger does not understand.
         Err(err) => {
             checks.insert("redis".into(), err.to_string().into());
             failed.push("redis");
@@ -1051,9 +1076,13 @@ async fn ledger_checks(state: &HttpState) -> LedgerChecks {
         }
     };
     if state.serving {
-        if !redis_ok {
+        if !redis_up {
             checks.insert("scripts".into(), "unknown: redis unreachable".into());
-            failed.push("scripts");
+            if failed.contains(&"redis") {
+                failed.push("scripts");
+            } else {
+                degraded.push("scripts");
+            }
         } else {
             match state.ledger.check_scripts(true).await {
                 Ok((loaded, total)) if loaded == total => {
@@ -1066,6 +1095,12 @@ async fn ledger_checks(state: &HttpState) -> LedgerChecks {
                     );
                     failed.push("scripts");
                 }
+                // Gone since the look above, or too slow to answer: as when unreachable.
+                Err(err @ LedgerError::Unavailable(_)) => {
+                    checks.insert("scripts".into(), err.to_string().into());
+                    degraded.push("scripts");
+                }
+                // Redis refused the library (a script error, out of memory, …).
                 Err(err) => {
                     checks.insert("scripts".into(), err.to_string().into());
                     failed.push("scripts");
@@ -1075,12 +1110,15 @@ async fn ledger_checks(state: &HttpState) -> LedgerChecks {
     }
     LedgerChecks {
         at: tokio::time::Instant::now(),
+        redis_up,
         failed,
+        degraded,
         checks,
     }
 }
 
-/// Ready when the [`ledger_checks`] pass and, with a settler in this process, settlement
+/// Ready when the [`ledger_checks`] pass (a serving pod's unreachable Redis only degrades
+/// it) and, with a settler in this process, settlement
 /// lags less than `settler.ready_lag_max_ms`, the settler measured the outboxes within
 /// that time, and neither it nor the webhook dispatcher has ended. A store error, the lag
 /// or a stuck settler fails `tollgate settle`; a process serving charges is only
@@ -1093,7 +1131,7 @@ fn readiness(state: &HttpState, ledger: LedgerChecks) -> Readiness {
     let mut readiness = Readiness {
         ready: false,
         failed: ledger.failed,
-        degraded: Vec::new(),
+        degraded: ledger.degraded,
         checks: ledger.checks,
     };
     state.settlement.check(
@@ -1236,7 +1274,7 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_json:
 
 /// Runs the readiness checks every [`HEALTH_CHECK_INTERVAL`] until `stopped`: keeps the
 /// Redis ones for `/readyz`, and the gRPC health service (`serve`; `settle` has none) and
-/// the `tollgate_ready` gauge in step; then reports NOT_SERVING and 0 while the server
+/// the `tollgate_ready` and `tollgate_redis_up` gauges in step; then reports NOT_SERVING and 0 while the server
 /// drains.
 async fn watch_health(
     state: HttpState,
@@ -1244,10 +1282,12 @@ async fn watch_health(
     stopped: impl Future<Output = ()>,
 ) {
     let ready_gauge = metrics::gauge!(telemetry::metrics::READY);
+    let redis_up_gauge = metrics::gauge!(telemetry::metrics::REDIS_UP);
     let mut last: Option<bool> = None;
     tokio::pin!(stopped);
     loop {
         let checks = ledger_checks(&state).await;
+        redis_up_gauge.set(if checks.redis_up { 1.0 } else { 0.0 });
         state.last_checks.store(checks.clone());
         let ready = readiness(&state, checks).ready;
         if last != Some(ready) {

@@ -227,7 +227,9 @@ async fn counters_after_a_scripted_workload() {
             &[("result", "delivered")],
         );
         let ready = prom::value(&text, "tollgate_ready", &[]);
-        (settled == 17.0 && holds == 1.0 && delivered == 3.0 && ready == 1.0).then_some(text)
+        let redis_up = prom::value(&text, "tollgate_redis_up", &[]);
+        (settled == 17.0 && holds == 1.0 && delivered == 3.0 && ready == 1.0 && redis_up == 1.0)
+            .then_some(text)
     })
     .await;
 

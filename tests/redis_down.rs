@@ -1,5 +1,6 @@
 //! Redis unreachable: calls answer UNAVAILABLE within the deadline (never hang), /readyz
-//! says not ready, and everything works again when Redis is back, without a restart.
+//! lists Redis as degraded (the pod stays ready: its free and fail_open routes still
+//! work), and everything works again when Redis is back, without a restart.
 
 mod common;
 
@@ -22,26 +23,32 @@ fn debit(key: &str) -> pb::DebitRequest {
 }
 
 /// Polls `/readyz` (each answer within HANG_GUARD: readiness never hangs) until it
-/// answers `want`: it answers from the health watcher's latest round, which notices a
-/// change within HEALTH_CHECK_INTERVAL plus a round's own time.
-async fn wait_readyz(server: &common::TestServer, want: u16) {
+/// answers `want`, with Redis listed as degraded or not: it answers from the health
+/// watcher's latest round, which notices a change within HEALTH_CHECK_INTERVAL plus a
+/// round's own time.
+async fn wait_readyz(server: &common::TestServer, want: u16, redis_degraded: bool) {
     let deadline = tokio::time::Instant::now() + HANG_GUARD;
     loop {
-        let code = tokio::time::timeout(HANG_GUARD, readyz(server))
+        let (code, body) = tokio::time::timeout(HANG_GUARD, readyz(server))
             .await
             .expect("readiness must not hang");
-        if code == want {
+        let json: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON body");
+        let degraded = json["degraded"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|c| c == "redis"));
+        if code == want && degraded == redis_degraded {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "/readyz still {code}, not {want}"
+            "/readyz still {code} {body}, not {want} with redis degraded: {redis_degraded}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-async fn readyz(server: &common::TestServer) -> u16 {
+/// `/readyz`'s status and body, over a connection of its own.
+async fn readyz(server: &common::TestServer) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(server.http_addr)
         .await
@@ -51,10 +58,16 @@ async fn readyz(server: &common::TestServer) -> u16 {
         .expect("write");
     let mut text = String::new();
     s.read_to_string(&mut text).await.expect("read");
-    text.split_whitespace()
+    let code = text
+        .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .expect("status code")
+        .expect("status code");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (code, body)
 }
 
 /// A server whose Redis calls have this deadline, with alice granted 10 credits; its admin
@@ -111,7 +124,7 @@ async fn a_hung_redis_is_given_up_on_at_the_call_deadline() {
         took < WELL_PAST_THE_DEADLINE,
         "the debit answered after {took:?}, not at its {CALL_DEADLINE:?} deadline"
     );
-    wait_readyz(&server, 503).await;
+    wait_readyz(&server, 200, true).await;
 
     redis.resume();
     // d1 may have run once Redis woke up (its answer was lost): a retry of it replays,
@@ -151,7 +164,7 @@ async fn unavailable_within_deadline_then_recovers() {
     let mut redis = common::RedisServer::start();
     // Short enough to see a stopped Redis fail fast; long enough for a busy machine.
     let (server, mut admin, mut metering) = alice_with_10(&redis, Duration::from_secs(1)).await;
-    assert_eq!(readyz(&server).await, 200);
+    wait_readyz(&server, 200, false).await;
 
     redis.kill();
     let status = tokio::time::timeout(HANG_GUARD, metering.debit(debit("d1")))
@@ -159,7 +172,7 @@ async fn unavailable_within_deadline_then_recovers() {
         .expect("the call must not hang")
         .expect_err("redis is down");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    wait_readyz(&server, 503).await;
+    wait_readyz(&server, 200, true).await;
 
     // Back, empty (no persistence): calls succeed again without restarting tollgate
     // (scripts are reloaded on NOSCRIPT).
@@ -196,5 +209,5 @@ async fn unavailable_within_deadline_then_recovers() {
     assert_eq!(out.available, 4);
     // Every shard (not only alice's) is re-initialized by the background retry, so
     // readiness returns within a deadline rather than at the same instant.
-    wait_readyz(&server, 200).await;
+    wait_readyz(&server, 200, false).await;
 }

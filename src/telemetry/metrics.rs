@@ -90,8 +90,13 @@ pub const WEBHOOK_PENDING: &str = "tollgate_webhook_pending_deliveries";
 
 /// gRPC requests answered with a status other than OK, by `service` and `code`.
 pub const GRPC_FAILED_REQUESTS_TOTAL: &str = "tollgate_grpc_failed_requests_total";
-/// Whether this process is ready (the /readyz checks, measured by the health watcher).
+/// Whether this process is ready (the /readyz checks, measured by the health watcher):
+/// `/readyz` answers 200. A serving process stays ready while Redis is unreachable (it
+/// lists it as degraded), so [`REDIS_UP`] is what says Redis is gone.
 pub const READY: &str = "tollgate_ready";
+/// Whether Redis answered the health watcher's last round (every 2 s), 1 or 0: a Redis
+/// outage leaves a serving pod ready, and is alerted on from this.
+pub const REDIS_UP: &str = "tollgate_redis_up";
 
 // --- gateway (recorded by the gateway module) ---
 
@@ -318,6 +323,10 @@ fn describe() {
         "gRPC requests answered with a status other than OK, by service and code."
     );
     describe_gauge!(READY, "1 when this process is ready, else 0.");
+    describe_gauge!(
+        REDIS_UP,
+        "1 when Redis answered the last readiness round, else 0."
+    );
 }
 
 /// A bounded `service` label for a gRPC path `/package.Service/Method`: the services
@@ -414,6 +423,7 @@ mod tests {
             WEBHOOK_PENDING,
             GRPC_FAILED_REQUESTS_TOTAL,
             READY,
+            REDIS_UP,
         ];
         names.extend(GATEWAY_METRICS);
         let count = names.len();
