@@ -465,9 +465,17 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
         config.server.restore = true;
     }
     if config.server.restore {
-        server::restore_if_lost(&config, &ledger)
-            .await
-            .map_err(|e| e.to_string())?;
+        // A look that fails (Redis or the store unreachable, a restore cut short) is not
+        // fatal: a pod rescheduled during a Redis outage would otherwise crash in a loop
+        // until it ended. It serves instead, and the background restore (`server.restore`,
+        // every few seconds) restores once Redis is back; a lost shard refuses charges
+        // meanwhile (LEDGER_NOT_INITIALIZED), so nothing is served from it unrestored.
+        if let Err(err) = server::restore_if_lost(&config, &ledger).await {
+            tracing::warn!(
+                error = %err,
+                "could not look for shards Redis lost before serving; serving, and trying again in the background"
+            );
+        }
     }
     let grpc = tokio::net::TcpListener::bind(&config.server.grpc_addr)
         .await

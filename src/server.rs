@@ -142,7 +142,8 @@ pub async fn initialize_new_shards(ledger: &Ledger, store: &Store) -> bool {
 }
 
 /// `serve --restore`: rebuilds the shards Redis lost (no epoch marker, events in the store)
-/// before serving; see [`restore_lost_shards`].
+/// before serving; see [`restore_lost_shards`]. A failed look is the caller's to log: `serve`
+/// serves anyway, and its background restore looks again.
 pub async fn restore_if_lost(config: &Config, ledger: &Arc<Ledger>) -> Result<(), String> {
     let store = store_from_config(config).map_err(|e| e.to_string())?;
     restore_lost_shards(ledger, store).await.map(|_| ())
@@ -179,6 +180,13 @@ async fn keep_restoring(ledger: Arc<Ledger>, store: Arc<Store>, stop: impl Futur
         wait = match restore_lost_shards(&ledger, store.clone()).await {
             Ok(LostShards::Refused) => RESTORE_RETRY_REFUSED,
             Ok(_) => RESTORE_RETRY,
+            // Redis unreachable is no one's to act on: look again as soon as usual, so that
+            // a Redis back from an outage (a pod started during it) is restored at once
+            // rather than up to a minute later, its lost shards refusing charges meanwhile.
+            Err(err) if ledger.initialized_shards().await.is_err() => {
+                tracing::warn!(error = %err, "could not look for shards Redis lost: Redis unreachable; trying again");
+                RESTORE_RETRY
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "could not restore the shards Redis lost; trying again later");
                 RESTORE_RETRY_REFUSED

@@ -1284,6 +1284,98 @@ async fn a_sighup_during_serve_restore_is_ignored() {
     assert_eq!(available(&ledger, "hup").await, Ok(700));
 }
 
+/// `serve --restore` started while Redis is down (a pod rescheduled during a Redis
+/// outage) serves: it used to exit at once ("redis unavailable"), so the pod crashed in
+/// a loop for as long as the outage lasted. It answers `/healthz`, is ready with Redis
+/// listed as degraded, and once Redis is back (empty: its data lost) the background
+/// restore rebuilds the lost shard at its next look (every 5 s; after a look that met
+/// Redis down it used to wait a minute, the shard refusing charges meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_restore_started_while_redis_is_down_serves_and_restores_once_it_is_back() {
+    let (mut redis, pg, ledger, _store) = settled_then_lost("late", 400).await;
+    redis.kill();
+    let redis_url = redis.url();
+    let log = common::temp_path("log");
+    let mut server = common::spawn_listening(
+        2,
+        DEADLINE,
+        |ports| {
+            let mut cmd = common::tollgate();
+            cmd.arg("serve")
+                .arg("--restore")
+                .arg(format!("--redis-url={redis_url}"))
+                .arg(format!("--store={}", pg.url))
+                .arg(format!("--grpc-addr=127.0.0.1:{}", ports[0]))
+                .arg(format!("--http-addr=127.0.0.1:{}", ports[1]))
+                .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+                .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+                .env("RUST_LOG", "info")
+                .stdout(std::fs::File::create(&log).expect("log"));
+            cmd
+        },
+        |ports| async move {
+            let http_addr = ([127, 0, 0, 1], ports[1]).into();
+            http_status(http_addr, "/healthz").await.0 == 200
+        },
+    )
+    .await;
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], server.ports[1]).into();
+    // The readiness body's `degraded` list.
+    let degraded = |text: &str| -> Vec<String> {
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|json| serde_json::from_value(json["degraded"].clone()).ok())
+            .unwrap_or_default()
+    };
+    let (code, body) = http_status(http_addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(degraded(&body).iter().any(|d| d == "redis"), "{body}");
+    let (_, metrics) = http_status(http_addr, "/metrics").await;
+    assert!(
+        common::prom::has(&metrics, "tollgate_redis_up"),
+        "{metrics}"
+    );
+    assert_eq!(
+        common::prom::value(&metrics, "tollgate_redis_up", &[]),
+        0.0,
+        "{metrics}"
+    );
+    server.assert_running("serving while Redis is down");
+    // The background restore has looked once, and met Redis down (the look before
+    // serving logs "before serving").
+    common::eventually(DEADLINE, "a background look failing", || {
+        let text = common::read_lossy(&log);
+        async move {
+            text.lines()
+                .any(|l| l.contains("trying again") && !l.contains("before serving"))
+                .then_some(())
+        }
+    })
+    .await;
+
+    redis.restart();
+    // Far less than the minute it used to wait; far more than its 5 s.
+    common::eventually(
+        Duration::from_secs(40),
+        "the lost shard restored",
+        || async { (available(&ledger, "late").await == Ok(400)).then_some(()) },
+    )
+    .await;
+    common::eventually(DEADLINE, "ready with nothing degraded", || async {
+        let (code, body) = http_status(http_addr, "/readyz").await;
+        (code == 200 && degraded(&body).is_empty()).then_some(())
+    })
+    .await;
+    let (_, metrics) = http_status(http_addr, "/metrics").await;
+    assert_eq!(
+        common::prom::value(&metrics, "tollgate_redis_up", &[]),
+        1.0,
+        "{metrics}"
+    );
+    server.assert_running("after the restore");
+}
+
 /// `server.restore`: a serving process rebuilds by itself, in the background, the shards
 /// Redis lost while it serves; nobody runs `tollgate restore`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
