@@ -430,6 +430,57 @@ async fn fail_open_charges_are_spooled_and_applied_once_when_redis_returns() {
     server.stop().await;
 }
 
+/// A spooled charge the replay cannot apply yet (here its shard's outbox is full:
+/// OUTBOX_FULL) is spooled again behind the others, round after round:
+/// `tollgate_spool_written_total` counts fail_open charges, each once (it used to count
+/// every re-spool as a new write), and none of them is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_spooled_again_is_counted_as_written_once() {
+    let _serial = SERIAL.lock().await;
+    let aof = aof_args();
+    let aof: Vec<&str> = aof.iter().map(String::as_str).collect();
+    let mut redis = common::RedisServer::start_with(&aof);
+    let mut config = config(&redis.url());
+    // The seed's grant fills its shard's outbox (no settler here): a debit there answers
+    // OUTBOX_FULL, which the replay keeps for later.
+    config.ledger.outbox_events_max = 1;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let key = seed(&server, "full", 100).await;
+    let counters = || async {
+        [
+            counter(&server, "tollgate_spool_written_total").await,
+            counter(&server, "tollgate_spool_replayed_total{result=\"later\"}").await,
+            counter(&server, "tollgate_spool_dropped_total").await,
+        ]
+    };
+    let before = counters().await;
+
+    // Redis gone: two charges allowed and spooled.
+    redis.kill();
+    assert_degraded(&server, &key, None).await;
+    assert_degraded(&server, &key, None).await;
+    // Back with its data (the full outbox too): each replay round (every second) finds
+    // them refused for now and spools them again.
+    redis.restart_with(&aof);
+    let [written, later, dropped] = common::eventually(
+        HANG_GUARD * 3,
+        "three replay rounds spooling both charges again",
+        || async {
+            let now = counters().await;
+            let since: [f64; 3] = std::array::from_fn(|i| now[i] - before[i]);
+            (since[1] >= 6.0).then_some(since)
+        },
+    )
+    .await;
+    assert_eq!(
+        (written, dropped),
+        (2.0, 0.0),
+        "two fail_open charges written once each ({later} re-spooled)"
+    );
+    assert_eq!(balance(&server, "full").await, (100, 0, 0));
+    server.stop().await;
+}
+
 /// The key id in an API key (`<prefix><key id>_<secret>`), for RevokeApiKey.
 async fn key_id(server: &common::TestServer, account: &str) -> String {
     let listed = server

@@ -530,7 +530,7 @@ impl Gateway {
                 Replayed::Retry => break,
                 // Spooled again behind the others; a full queue ends the round instead
                 // (its line is then still ahead of the saved position).
-                Replayed::Later if !spool.record(charge.clone()) => break,
+                Replayed::Later if !spool.requeue(charge.clone()) => break,
                 Replayed::Later => requeued = true,
                 _ => done += 1,
             }

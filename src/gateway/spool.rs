@@ -36,7 +36,10 @@ const WRITE_BATCH_MAX: usize = 1024;
 
 /// What the writer thread is sent.
 enum Msg {
-    Charge(SpooledCharge),
+    /// A charge, and whether it is written for the first time (a degraded check's): one
+    /// the replay [requeued](Spool::requeue) is already counted as written, and is still
+    /// in the replay file should its write fail.
+    Charge(SpooledCharge, bool),
     /// Answered once everything sent before it was written: true if every write since
     /// the last flush reached the disk.
     Flush(Sender<bool>),
@@ -142,14 +145,30 @@ impl Spool {
         &self.path
     }
 
-    /// Queues a charge for the disk; never waits. False (and counted as dropped) when
-    /// the queue is full.
+    /// Queues a degraded check's charge for the disk; never waits. False (and counted as
+    /// dropped) when the queue is full.
     pub fn record(&self, charge: SpooledCharge) -> bool {
+        if !self.send(charge, true) {
+            metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(1);
+            return false;
+        }
+        true
+    }
+
+    /// Queues again, behind the others, a charge the replay could not apply yet; never
+    /// waits. Counted neither as written (it was, when first recorded:
+    /// `tollgate_spool_written_total` counts fail_open charges, not lines) nor, when the
+    /// queue is full, as dropped: its line in the replay file is then not passed over (the
+    /// replay stops short of it).
+    pub fn requeue(&self, charge: SpooledCharge) -> bool {
+        self.send(charge, false)
+    }
+
+    fn send(&self, charge: SpooledCharge, first: bool) -> bool {
         if self.queued.fetch_add(1, Ordering::Relaxed) >= SPOOL_QUEUE_MAX
-            || self.queue.send(Msg::Charge(charge)).is_err()
+            || self.queue.send(Msg::Charge(charge, first)).is_err()
         {
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(1);
             return false;
         }
         true
@@ -304,10 +323,15 @@ impl Writer {
         let mut all_written = true;
         while let Ok(first) = rx.recv() {
             let mut batch = Vec::new();
+            // How many of the batch are written for the first time.
+            let mut new = 0;
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
-                    Msg::Charge(charge) => batch.push(charge),
+                    Msg::Charge(charge, first) => {
+                        batch.push(charge);
+                        new += usize::from(first);
+                    }
                     Msg::Flush(done) => flushes.push(done),
                 }
                 if batch.len() < WRITE_BATCH_MAX {
@@ -316,7 +340,7 @@ impl Writer {
             }
             self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             if !batch.is_empty() {
-                all_written &= self.write(&batch);
+                all_written &= self.write(&batch, new);
             }
             // Every flush of this batch gets the same answer: a failed write is reported
             // to each of them (two flushes at once — shutdown's and the replayer's — used
@@ -330,20 +354,24 @@ impl Writer {
         }
     }
 
-    fn write(&self, batch: &[SpooledCharge]) -> bool {
+    /// Appends `batch`, of which `new` are written for the first time: only those are
+    /// counted, as written or as lost. A requeued charge whose write fails is not lost:
+    /// the replay, told by its flush, does not pass over its line in the replay file.
+    fn write(&self, batch: &[SpooledCharge], new: usize) -> bool {
         match self.append(batch) {
             Ok(()) => {
-                metrics::counter!(m::SPOOL_WRITTEN_TOTAL).increment(batch.len() as u64);
+                metrics::counter!(m::SPOOL_WRITTEN_TOTAL).increment(new as u64);
                 true
             }
             Err(err) => {
                 tracing::error!(
                     error = %err,
                     path = %self.path.display(),
-                    charges = batch.len(),
-                    "spool: cannot write fail_open charges; they are lost"
+                    charges = new,
+                    requeued = batch.len() - new,
+                    "spool: cannot write fail_open charges; the new ones are lost"
                 );
-                metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(batch.len() as u64);
+                metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(new as u64);
                 false
             }
         }
@@ -422,7 +450,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let (first_tx, first) = mpsc::channel();
         let (second_tx, second) = mpsc::channel();
-        tx.send(Msg::Charge(charge(1))).expect("send");
+        tx.send(Msg::Charge(charge(1), true)).expect("send");
         tx.send(Msg::Flush(first_tx)).expect("send");
         tx.send(Msg::Flush(second_tx)).expect("send");
         drop(tx);

@@ -115,7 +115,8 @@ pub const IDENTITY_CACHE_MISSES_TOTAL: &str = "tollgate_identity_cache_misses_to
 pub const FAIL_OPEN_TOTAL: &str = "tollgate_fail_open_total";
 /// (gateway) Price book / config reloads, by `result` (ok, error).
 pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
-/// (gateway) fail_open charges written to the local spool.
+/// (gateway) fail_open charges written to the local spool, each once (a charge the replay
+/// spools again, behind the others, is not counted again).
 pub const SPOOL_WRITTEN_TOTAL: &str = "tollgate_spool_written_total";
 /// (gateway) fail_open charges lost before the ledger saw them: the spool queue was full,
 /// the disk refused the write, or a line was torn by a crash.
