@@ -302,14 +302,8 @@ async fn a_check_past_its_bound_is_refused_and_an_envoy_sized_one_is_not() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_grpc_port_advertises_its_stream_cap() {
-    let (_redis, server) = server().await;
-    let tcp = TcpStream::connect(server.grpc_addr).await.expect("connect");
-    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
-    // One call answered: the server's SETTINGS came before it.
-    let mut client = client.ready().await.expect("ready");
+/// Sends a gRPC health Check (an empty request) on a raw HTTP/2 connection; its answer.
+fn health_check(client: &mut h2::client::SendRequest<bytes::Bytes>) -> h2::client::ResponseFuture {
     let request = http::Request::post("/grpc.health.v1.Health/Check")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -318,6 +312,18 @@ async fn the_grpc_port_advertises_its_stream_cap() {
     let (answer, mut body) = client.send_request(request, false).expect("send");
     body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
         .expect("an empty HealthCheckRequest");
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_port_advertises_its_stream_cap() {
+    let (_redis, server) = server().await;
+    let tcp = TcpStream::connect(server.grpc_addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    // One call answered: the server's SETTINGS came before it.
+    let mut client = client.ready().await.expect("ready");
+    let answer = health_check(&mut client);
     let answer = tokio::time::timeout(CLOSE_DEADLINE, answer)
         .await
         .expect("answered")
@@ -346,14 +352,7 @@ async fn a_grpc_connection_past_the_cap_waits_for_a_free_one() {
     let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
     tokio::spawn(connection);
     let mut client = client.ready().await.expect("ready");
-    let request = http::Request::post("/grpc.health.v1.Health/Check")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("request");
-    let (answer, mut body) = client.send_request(request, false).expect("send");
-    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
-        .expect("an empty HealthCheckRequest");
+    let answer = health_check(&mut client);
     tokio::pin!(answer);
     let early = tokio::time::timeout(Duration::from_secs(1), answer.as_mut()).await;
     assert!(

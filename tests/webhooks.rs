@@ -465,17 +465,21 @@ async fn forged_page_tokens_and_delivery_ids_are_bad_arguments_postgres() {
     server.stop().await;
 }
 
-/// `lot.expiring` for a lot within the lead of its expiry, then `lot.expired` once it
-/// expired; none for a lot that never expires. The ledger runs on a clock of the test's
-/// (set to this machine's time), the dispatcher on this machine's: the lot expires for
-/// the ledger only when the test moves its clock past the expiry, after `lot.expiring`
-/// was delivered, which the dispatcher sends while the expiry is ahead of its own clock
-/// (half an hour: however slowly the grant is settled).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lot_expiring_then_expired() {
+/// A server with lot webhooks (a 1 h lead) on `store_url`, its ledger on a clock of the
+/// test's set to this machine's time: (redis, receiver, server, the ledger's clock, its
+/// time at the start).
+async fn lot_webhook_server(
+    store_url: &str,
+) -> (
+    common::RedisServer,
+    Receiver,
+    common::TestServer,
+    std::sync::Arc<std::sync::atomic::AtomicI64>,
+    i64,
+) {
     let redis = common::RedisServer::start();
     let receiver = Receiver::start().await;
-    let mut c = config(&redis, &common::temp_sqlite_url(), &receiver);
+    let mut c = config(&redis, store_url, &receiver);
     c.webhooks.lot_expiring_lead_secs = 3600;
     c.webhooks.events = vec!["lot.expiring".into(), "lot.expired".into()];
     let now_ms = std::time::SystemTime::now()
@@ -484,6 +488,19 @@ async fn lot_expiring_then_expired() {
         .as_millis() as i64;
     let (clock, ledger_now) = Clock::manual(now_ms);
     let server = common::TestServer::start(c, clock).await;
+    (redis, receiver, server, ledger_now, now_ms)
+}
+
+/// `lot.expiring` for a lot within the lead of its expiry, then `lot.expired` once it
+/// expired; none for a lot that never expires. The ledger runs on a clock of the test's
+/// (set to this machine's time), the dispatcher on this machine's: the lot expires for
+/// the ledger only when the test moves its clock past the expiry, after `lot.expiring`
+/// was delivered, which the dispatcher sends while the expiry is ahead of its own clock
+/// (half an hour: however slowly the grant is settled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lot_expiring_then_expired() {
+    let store_url = common::temp_sqlite_url();
+    let (_redis, receiver, server, ledger_now, now_ms) = lot_webhook_server(&store_url).await;
     let mut admin = server.admin().await;
     // Expires in 30 min: within the 1 h lead at once.
     let expires_at_ms = now_ms + 1_800_000;
@@ -538,18 +555,8 @@ async fn lot_rows(db: &mut sqlx::SqliteConnection, lot: &str) -> i64 {
 async fn a_lot_expired_without_its_tracking_row_leaves_no_row_behind() {
     use sqlx::Connection;
 
-    let redis = common::RedisServer::start();
-    let receiver = Receiver::start().await;
     let store_url = common::temp_sqlite_url();
-    let mut c = config(&redis, &store_url, &receiver);
-    c.webhooks.lot_expiring_lead_secs = 3600;
-    c.webhooks.events = vec!["lot.expiring".into(), "lot.expired".into()];
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64;
-    let (clock, ledger_now) = Clock::manual(now_ms);
-    let server = common::TestServer::start(c, clock).await;
+    let (_redis, _receiver, server, ledger_now, now_ms) = lot_webhook_server(&store_url).await;
     let mut admin = server.admin().await;
     let expires_at_ms = now_ms + 1_800_000;
     let lot = admin
