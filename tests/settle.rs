@@ -2355,29 +2355,10 @@ async fn a_dead_letter_replayed_with_its_amount_corrected_closes_the_drift() {
     let report = reconcile().await.expect("reconcile");
     assert!(!report.drifts.is_empty(), "the store lacks the debit");
 
-    let run = |args: &[&str]| {
-        common::output_within(
-            common::tollgate()
-                .arg("dead-letters")
-                .args(["--redis-url", &redis.url(), "--store", &pg.url])
-                .args(args),
-            common::COMMAND_TIMEOUT,
-        )
-    };
-    let listed = run(&["list"]);
-    assert!(listed.status.success(), "{listed:?}");
-    let stdout = String::from_utf8_lossy(&listed.stdout).into_owned();
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "{stdout}");
-    assert!(lines[0].contains(&format!("entry {entry} ")), "{stdout}");
-    assert!(lines[0].contains("n=\"thirty\""), "{stdout}");
-    assert!(lines[0].contains("bad or missing n"), "{stdout}");
-    let dead_id = lines[0]
-        .split_whitespace()
-        .skip_while(|w| *w != "dead")
-        .nth(1)
-        .expect("dead id")
-        .to_owned();
+    let run = |args: &[&str]| dead_letters(&redis, &pg, args);
+    let (line, dead_id) = the_one_dead_letter(&run(&["list"]), &entry);
+    assert!(line.contains("n=\"thirty\""), "{line}");
+    assert!(line.contains("bad or missing n"), "{line}");
     let shard_arg = shard.to_string();
     let dead_len = || async {
         let n: i64 = ledger
@@ -2497,6 +2478,38 @@ async fn a_dead_letter_replayed_with_its_amount_corrected_closes_the_drift() {
 }
 
 /// Runs a settler in the background until `stopped` turns true.
+/// `tollgate dead-letters ARGS` against this test's Redis and store.
+fn dead_letters(
+    redis: &common::RedisServer,
+    pg: &common::PgDatabase,
+    args: &[&str],
+) -> std::process::Output {
+    common::output_within(
+        common::tollgate()
+            .arg("dead-letters")
+            .args(["--redis-url", &redis.url(), "--store", &pg.url])
+            .args(args),
+        common::COMMAND_TIMEOUT,
+    )
+}
+
+/// A `dead-letters list` that lists one entry, outbox entry `entry`: its line and its id
+/// in the dead letters.
+fn the_one_dead_letter(listed: &std::process::Output, entry: &str) -> (String, String) {
+    assert!(listed.status.success(), "{listed:?}");
+    let stdout = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(lines[0].contains(&format!("entry {entry} ")), "{stdout}");
+    let dead_id = lines[0]
+        .split_whitespace()
+        .skip_while(|w| *w != "dead")
+        .nth(1)
+        .expect("dead id")
+        .to_owned();
+    (lines[0].to_owned(), dead_id)
+}
+
 fn run_until(
     settler: Settler,
     stopped: &tokio::sync::watch::Receiver<bool>,
@@ -2609,28 +2622,9 @@ async fn an_event_the_store_refuses_is_set_aside_and_everything_else_settles() {
         report.render()
     );
 
-    let run = |args: &[&str]| {
-        common::output_within(
-            common::tollgate()
-                .arg("dead-letters")
-                .args(["--redis-url", &redis.url(), "--store", &pg.url])
-                .args(args),
-            common::COMMAND_TIMEOUT,
-        )
-    };
-    let listed = run(&["list"]);
-    assert!(listed.status.success(), "{listed:?}");
-    let stdout = String::from_utf8_lossy(&listed.stdout).into_owned();
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "{stdout}");
-    assert!(lines[0].contains(&format!("entry {entry} ")), "{stdout}");
-    assert!(lines[0].contains("refused by the store"), "{stdout}");
-    let dead_id = lines[0]
-        .split_whitespace()
-        .skip_while(|w| *w != "dead")
-        .nth(1)
-        .expect("dead id")
-        .to_owned();
+    let run = |args: &[&str]| dead_letters(&redis, &pg, args);
+    let (line, dead_id) = the_one_dead_letter(&run(&["list"]), &entry);
+    assert!(line.contains("refused by the store"), "{line}");
     let shard_arg = shard.to_string();
     let events_before = pg_store.count_events().await.expect("count");
 
