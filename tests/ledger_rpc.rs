@@ -1925,6 +1925,25 @@ async fn an_unknown_transaction_kind_is_named_without_its_value() {
     }
 }
 
+/// A history window that ends before it starts is named (`to_ms`), not answered with an
+/// empty page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_window_that_ends_before_it_starts_is_refused() {
+    let env = Env::start(Clock::Redis, |_| {}).await;
+    let err = env
+        .m
+        .clone()
+        .list_transactions(pb::ListTransactionsRequest {
+            account_id: "acct-w".into(),
+            from_ms: 1_800_000_000_000,
+            to_ms: 1_700_000_000_000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a window that ends before it starts");
+    assert_invalid(&err, &["to_ms"]);
+}
+
 /// A `kinds` list that repeats a kind is answered as if each kind were named once. The
 /// store binds one parameter per entry: 40,000 × "grant" (the reviewer sent 100,000) made
 /// SQLite fail with "too many SQL variables", answered UNAVAILABLE and logged as a store

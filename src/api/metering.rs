@@ -480,6 +480,11 @@ impl Metering for MeteringService {
         if r.to_ms < 0 {
             v.add("to_ms", "must not be negative");
         }
+        // A window that ends before it starts matches nothing: a mistake (the two
+        // swapped), not a question, so it is named rather than answered with no page.
+        if r.from_ms > 0 && r.to_ms > 0 && r.to_ms < r.from_ms {
+            v.add("to_ms", "must not be before from_ms");
+        }
         if !(0..=HISTORY_PAGE_MAX as i32).contains(&r.page_size) {
             v.add("page_size", format!("must be in 0..={HISTORY_PAGE_MAX}"));
         }
