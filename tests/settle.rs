@@ -2795,15 +2795,7 @@ async fn a_store_unreachable_from_start_up_counts_store_errors() {
     let mut child = settle_command(&redis.url(), "postgres://tollgate@127.0.0.1:1/tollgate").await;
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], child.ports[0]).into();
     let (_, first) = common::http_get(addr, "/metrics").await;
-    for kind in [
-        "unavailable",
-        "query",
-        "refused",
-        "corrupt",
-        "unsupported",
-        "bad_url",
-        "not_initialized",
-    ] {
+    for kind in tollgate::settle::store::STORE_ERROR_KINDS {
         let series = format!("tollgate_store_errors_total{{kind=\"{kind}\"}}");
         assert!(first.contains(&series), "{series} missing:\n{first}");
     }
