@@ -71,8 +71,8 @@ pub enum IdentityError {
     Internal(String),
 }
 
-/// A key as created: the secret is shown once and never stored.
-#[derive(Debug, Clone)]
+/// A key as created: the secret is shown once and never stored (nor printed by `Debug`).
+#[derive(Clone)]
 pub struct CreatedKey {
     pub key_id: String,
     pub api_key: String,
@@ -82,6 +82,18 @@ pub struct CreatedKey {
     /// A repeat of an earlier creation (same idempotency key): the key it made, whose
     /// secret (`api_key`, empty here) was only in that first answer.
     pub replayed: bool,
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("key_id", &self.key_id)
+            .field("api_key", &"<redacted>")
+            .field("digest_hex", &self.digest_hex)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("replayed", &self.replayed)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -847,6 +859,20 @@ mod tests {
         ] {
             assert_eq!(parse_key(&bad, &shards), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_created_key_debug_prints_no_secret() {
+        let key = CreatedKey {
+            key_id: "k7-0123456789abcdef".into(),
+            api_key: format!("tg_k7-0123456789abcdef_{}", "ab".repeat(32)),
+            digest_hex: "00".repeat(32),
+            created_at_ms: 1,
+            replayed: false,
+        };
+        let printed = format!("{key:?}");
+        assert!(printed.contains("k7-0123456789abcdef"), "{printed}");
+        assert!(!printed.contains(&"ab".repeat(32)), "{printed}");
     }
 
     #[test]
