@@ -213,6 +213,14 @@ const UNAVAILABLE_CODES: [&str; 9] = [
     "NOREPLICAS",
 ];
 
+impl LedgerError {
+    /// A script call that passed its deadline (`redis.call_timeout_ms`): it may have been
+    /// sent, and Redis may still run it. Not a refused connection, where nothing was sent.
+    pub fn is_deadline(&self) -> bool {
+        matches!(self, Self::Unavailable(why) if why.starts_with(super::redis_pool::DEADLINE_PASSED))
+    }
+}
+
 impl From<redis::RedisError> for LedgerError {
     fn from(err: redis::RedisError) -> Self {
         if err.code() == Some("TG_NOT_INITIALIZED") {

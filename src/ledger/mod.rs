@@ -117,6 +117,7 @@ struct Scripts {
     authorize: LedgerScript,
     end_hold: LedgerScript,
     refund: LedgerScript,
+    void: LedgerScript,
     grant: LedgerScript,
     adjust: LedgerScript,
     balance: LedgerScript,
@@ -158,6 +159,7 @@ impl Scripts {
             (authorize, true, true),
             (end_hold, true, true),
             (refund, true, true),
+            (void, true, true),
             (grant, true, true),
             (adjust, true, true),
             (balance, false, false),
@@ -168,6 +170,83 @@ impl Scripts {
             (view, false, false),
         )
     }
+}
+
+/// The request digest of a debit (its idempotency record's): the member joins it only when
+/// there is one, so records of personal charges written before organizations existed keep
+/// matching.
+fn debit_digest(cmd: &Debit, metadata: &str) -> String {
+    let amount = cmd.amount.to_string();
+    if cmd.member_id.is_empty() {
+        digest(&["debit", &cmd.wallet, &amount, &cmd.operation, metadata])
+    } else {
+        digest(&[
+            "debit",
+            &cmd.wallet,
+            &amount,
+            &cmd.operation,
+            metadata,
+            &cmd.member_id,
+        ])
+    }
+}
+
+/// The request digest of a hold, as [`debit_digest`].
+fn authorize_digest(cmd: &Authorize, metadata: &str) -> String {
+    let amount = cmd.amount.to_string();
+    let ttl = cmd.ttl_ms.to_string();
+    let parts = [
+        "authorize",
+        &cmd.wallet,
+        &amount,
+        &ttl,
+        cmd.on_expiry.code(),
+        &cmd.operation,
+        metadata,
+        &cmd.member_id,
+    ];
+    digest(if cmd.member_id.is_empty() {
+        &parts[..7]
+    } else {
+        &parts
+    })
+}
+
+/// A charge a void undoes ([`Ledger::void`]): the debit or hold exactly as it was sent.
+#[derive(Debug, Clone, Copy)]
+pub enum ChargeRef<'a> {
+    Debit(&'a Debit),
+    Hold(&'a Authorize),
+}
+
+/// What a void did ([`Ledger::void`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Voided {
+    /// The debit was refunded in full (what was left of it) by a refund event of
+    /// operation "void"; its idempotency record is gone.
+    Debit {
+        refund_event_id: String,
+        charge_id: String,
+        refunded: i64,
+        available: i64,
+    },
+    /// The hold was released; its idempotency record is gone.
+    Hold {
+        hold_id: String,
+        release_event_id: String,
+        released: i64,
+    },
+    /// Nothing to undo: no such charge ran (or it was refused), or it is no longer there
+    /// to undo (a hold that ended, a charge refunded or past its retention). The reason,
+    /// as lua/void.lua names it.
+    Nothing(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidOutcome {
+    pub voided: Voided,
+    /// The answer of an earlier call with the same void key.
+    pub replayed: bool,
 }
 
 /// An API key as the debit script resolves it ([`Ledger::debit_by_key`]).
@@ -546,21 +625,7 @@ impl Ledger {
 
     fn debit_call(&self, cmd: &Debit, shard: u16) -> ScriptCall<'_> {
         let metadata = encode_metadata(&cmd.metadata);
-        let amount = cmd.amount.to_string();
-        // The member joins the digest only when there is one: records of personal charges
-        // written before organizations existed keep matching.
-        let digest = if cmd.member_id.is_empty() {
-            digest(&["debit", &cmd.wallet, &amount, &cmd.operation, &metadata])
-        } else {
-            digest(&[
-                "debit",
-                &cmd.wallet,
-                &amount,
-                &cmd.operation,
-                &metadata,
-                &cmd.member_id,
-            ])
-        };
+        let digest = debit_digest(cmd, &metadata);
         let mut inv = self.invocation(&self.scripts.debit, shard);
         inv.arg(&cmd.account_id)
             .arg(&cmd.wallet)
@@ -659,24 +724,8 @@ impl Ledger {
 
     fn authorize_call(&self, cmd: &Authorize, shard: u16) -> ScriptCall<'_> {
         let metadata = encode_metadata(&cmd.metadata);
-        let amount = cmd.amount.to_string();
-        let ttl = cmd.ttl_ms.to_string();
         let policy = cmd.on_expiry.code();
-        let parts = [
-            "authorize",
-            &cmd.wallet,
-            &amount,
-            &ttl,
-            policy,
-            &cmd.operation,
-            &metadata,
-            &cmd.member_id,
-        ];
-        let digest = digest(if cmd.member_id.is_empty() {
-            &parts[..7]
-        } else {
-            &parts
-        });
+        let digest = authorize_digest(cmd, &metadata);
         let mut inv = self.invocation(&self.scripts.authorize, shard);
         inv.arg(&cmd.account_id)
             .arg(&cmd.wallet)
@@ -746,6 +795,83 @@ impl Ledger {
             .arg(&self.lots_max);
         let answer = self.redis.answer(&inv).await?;
         reply::refund(&answer)
+    }
+
+    /// Undoes a gateway charge whose answer was lost (lua/void.lua): `charge` is the debit
+    /// or hold exactly as it was sent (by account, or by `key` with an empty account and
+    /// member), `void_key` the void's own idempotency key (a retried void replays its
+    /// answer; a new key for every charge voided). A debit it finds is refunded in full, an
+    /// open hold released, and the charge's idempotency record forgotten, so a retry of
+    /// the request is charged again; otherwise nothing changes.
+    pub async fn void(
+        &self,
+        charge: ChargeRef<'_>,
+        key: Option<&KeyRef<'_>>,
+        void_key: &str,
+        metadata: &Metadata,
+    ) -> Result<VoidOutcome, LedgerError> {
+        let (account_id, member_id, idempotency_key, digest_hex) = match charge {
+            ChargeRef::Debit(c) => {
+                if key.is_some() {
+                    c.validate_charge()
+                } else {
+                    c.validate()
+                }
+                .map_err(LedgerError::InvalidArgument)?;
+                let metadata = encode_metadata(&c.metadata);
+                (
+                    &c.account_id,
+                    &c.member_id,
+                    &c.idempotency_key,
+                    debit_digest(c, &metadata),
+                )
+            }
+            ChargeRef::Hold(c) => {
+                if key.is_some() {
+                    c.validate_charge()
+                } else {
+                    c.validate()
+                }
+                .map_err(LedgerError::InvalidArgument)?;
+                let metadata = encode_metadata(&c.metadata);
+                (
+                    &c.account_id,
+                    &c.member_id,
+                    &c.idempotency_key,
+                    authorize_digest(c, &metadata),
+                )
+            }
+        };
+        let mut v = command::Violations::default();
+        v.idempotency_key("void_key", void_key);
+        v.metadata("metadata", metadata);
+        v.finish().map_err(LedgerError::InvalidArgument)?;
+        let shard = match key {
+            Some(key) => {
+                if !account_id.is_empty() || !member_id.is_empty() {
+                    return Err(LedgerError::Internal(
+                        "a void by key with an account or member".into(),
+                    ));
+                }
+                key.shard
+            }
+            None => self.shards.of_account(account_id),
+        };
+        let metadata = encode_metadata(metadata);
+        let void_digest = digest(&["void", idempotency_key, &digest_hex, &metadata]);
+        let mut inv = self.invocation(&self.scripts.void, shard);
+        inv.arg(account_id)
+            .arg(idempotency_key)
+            .arg(&digest_hex)
+            .arg(void_key)
+            .arg(&void_digest)
+            .arg(&metadata)
+            .arg(&self.lots_max);
+        if let Some(key) = key {
+            inv.arg(key.key_id).arg(key.digest_hex);
+        }
+        let answer = self.redis.answer(&inv).await?;
+        reply::void(&answer)
     }
 
     pub async fn grant(&self, cmd: &Grant) -> Result<GrantOutcome, LedgerError> {

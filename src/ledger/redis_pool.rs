@@ -58,6 +58,10 @@ pub fn auto_connections(runtime_threads: usize, wait_replicas: u32) -> usize {
         per_thread
     }
 }
+/// How the error of a script call that passed its deadline begins: the call may have
+/// been sent, and may still run ([`LedgerError::is_deadline`]).
+pub const DEADLINE_PASSED: &str = "no answer within";
+
 /// Deadline of one Redis call: well under Envoy's default 200 ms ext_authz timeout.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Deadline to establish a connection.
@@ -471,7 +475,7 @@ impl RedisPool {
         match result {
             Ok(result) => result.map_err(LedgerError::from),
             Err(_) => Err(LedgerError::Unavailable(format!(
-                "no answer within {} ms",
+                "{DEADLINE_PASSED} {} ms",
                 self.call_timeout.as_millis()
             ))),
         }
@@ -805,7 +809,7 @@ fn finish<T>(
                 metrics.error(ErrorKind::Timeout);
             }
             Err(LedgerError::Unavailable(format!(
-                "no answer within {} ms",
+                "{DEADLINE_PASSED} {} ms",
                 deadline.as_millis()
             )))
         }

@@ -5,7 +5,7 @@ use super::error::BudgetScope;
 use super::redis_pool::Answer;
 use super::{
     DebitOutcome, EndHoldOutcome, GrantOutcome, HoldEnd, HoldOutcome, LedgerError, Lot, LotsPage,
-    RefundOutcome, Refusal, WalletBalance,
+    RefundOutcome, Refusal, VoidOutcome, Voided, WalletBalance,
 };
 use crate::ledger::command::FieldViolation;
 
@@ -208,6 +208,29 @@ pub(super) fn refund(answer: &Answer) -> Result<RefundOutcome, LedgerError> {
         refunded_total: f.int()?,
         available: f.int()?,
         expired: f.int()?,
+        replayed: answer.replayed,
+    })
+}
+
+pub(super) fn void(answer: &Answer) -> Result<VoidOutcome, LedgerError> {
+    let mut f = ok_fields(answer)?;
+    let voided = match f.text()? {
+        "VOIDED_DEBIT" => Voided::Debit {
+            refund_event_id: f.text()?.to_owned(),
+            charge_id: f.text()?.to_owned(),
+            refunded: f.int()?,
+            available: f.int()?,
+        },
+        "RELEASED_HOLD" => Voided::Hold {
+            hold_id: f.text()?.to_owned(),
+            release_event_id: f.text()?.to_owned(),
+            released: f.int()?,
+        },
+        "NONE" => Voided::Nothing(f.text()?.to_owned()),
+        _ => return Err(f.malformed()),
+    };
+    Ok(VoidOutcome {
+        voided,
         replayed: answer.replayed,
     })
 }

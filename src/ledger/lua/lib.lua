@@ -1027,4 +1027,130 @@ local function decide(W, refusal)
   return answer
 end
 
+-- The charge record of a charge id (its event id; "Charge records" above), as refund.lua
+-- and void.lua read it: C.c = { account, wallet, amount, refunded, lots, member } (C.c[1]
+-- nil: no such record), and where it lives: the packed field of its bucket, or a hash
+-- "{tg:S}:c:<event id>" written before that layout.
+local function find_charge(charge_id)
+  local bucket = charge_bucket(charge_id)
+  local packed = bucket and redis.call('HGET', bucket, charge_id)
+  local C = { id = charge_id, bucket = bucket, packed = packed, legacy = TAG .. ':c:' .. charge_id }
+  if packed then
+    local a, w, n, f, mb, l = string.match(packed, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+    C.c = { a, w, n, f, l, mb }
+  else
+    C.c = redis.call('HMGET', C.legacy, 'a', 'w', 'n', 'f', 'l', 'mb')
+  end
+  return C
+end
+
+-- Gives back `amount` credits of charge C (find_charge, which found it): to new lots of
+-- kind "refund" that keep the priority and expiry of the lots the charge drew from,
+-- walking them from the last drawn, past what earlier refunds returned; credits whose lot
+-- has expired since expire at once, as they would have had the charge never happened.
+-- The refund event carries `idem`, `op` and `meta`. Answers the answer and whether it
+-- is to be recorded: "OK|event_id|refunded|refunded_total|available|expired",
+-- "REFUND_EXCEEDS_CHARGE|refundable" or "LOT_LIMIT|max" (recorded); "BALANCE_LIMIT" or
+-- EXPIRY_BACKLOG (nothing done, nothing recorded).
+local function refund_charge(C, amount, lots_max, idem, op, meta)
+  local c = C.c
+  local W = open_wallet(c[1], c[2])
+  settle_due(W)
+  local charged = tonumber(c[3])
+  local done = tonumber(c[4])
+  if amount > charged - done then
+    return 'REFUND_EXCEEDS_CHARGE|' .. itos(charged - done), true
+  end
+  local pieces = {}
+  for piece in string.gmatch(c[5], '[^,]+') do
+    pieces[#pieces + 1] = piece
+  end
+  local skip, need, expired = done, amount, 0
+  local scores, amounts = {}, {}
+  for k = #pieces, 1, -1 do
+    local _, a, score = string.match(pieces[k], '^([^:]+):(%d+):(%d+)$')
+    a = tonumber(a)
+    local s = skip < a and skip or a
+    skip = skip - s
+    a = a - s
+    local take = need < a and need or a
+    if take > 0 then
+      need = need - take
+      local exp = lot_expiry(tonumber(score))
+      if exp ~= 0 and exp <= NOW then
+        expired = expired + take
+      else
+        local found = false
+        for g = 1, #scores do
+          if scores[g] == score then
+            amounts[g] = amounts[g] + take
+            found = true
+          end
+        end
+        if not found then
+          scores[#scores + 1] = score
+          amounts[#amounts + 1] = take
+        end
+      end
+    end
+  end
+  -- Credits whose lot has expired go straight to expired, not back into the balance.
+  if W.r + W.h + amount - expired > MAX_CREDITS
+    or (tonumber(redis.call('HGET', W.w, 'f')) or 0) + amount > MAX_CREDITS then
+    return 'BALANCE_LIMIT', false
+  end
+  -- The lot cap counts lots that overdue holds hold whole (decide).
+  local answer = decide(W, function()
+    if #scores > 0 and redis.call('ZCARD', W.b) + #scores > tonumber(lots_max) then
+      return 'LOT_LIMIT|' .. lots_max, true
+    end
+    return nil, false
+  end)
+  if answer == EXPIRY_BACKLOG then
+    return answer, false
+  end
+  if answer then
+    return answer, true
+  end
+  local created = {}
+  for g = 1, #scores do
+    local score = tonumber(scores[g])
+    local _, piece = add_lot(W, amounts[g], 'refund', math.floor(score / PRIO_UNIT), lot_expiry(score), 'refund of ' .. C.id)
+    created[#created + 1] = piece
+  end
+  if expired > 0 then
+    redis.call('HINCRBY', W.w, 'xp', expired)
+  end
+  redis.call('HINCRBY', W.w, 'f', amount)
+  local total
+  if C.packed then
+    total = done + amount
+    redis.call('HSET', C.bucket, C.id, charge_value(c[1], c[2], charged, total, c[6], c[5]))
+  else
+    total = redis.call('HINCRBY', C.legacy, 'f', amount)
+  end
+  -- A refund of a member's charge gives the member's allocation back.
+  MEMBER = c[6] or ''
+  alloc_use(c[1], c[2], MEMBER, -amount)
+  local eid = emit(W, 'refund', amount, table.concat(created, ','), itos(expired), '', C.id, idem, op, meta)
+  return 'OK|' .. eid .. '|' .. itos(amount) .. '|' .. itos(total) .. '|' .. itos(W.r) .. '|' .. itos(expired), true
+end
+
+-- Deletes the idempotency record of `field` wherever recall would find it (the buckets it
+-- reads, of both numberings): a later request with the key runs afresh (void.lua).
+local function forget(field)
+  idem_numbering()
+  local now = real_now()
+  local spans = { IDEM_SPAN_MS }
+  if IDEM_PREV_SPAN and now < IDEM_PREV_UNTIL then
+    spans[2] = IDEM_PREV_SPAN
+  end
+  for _, span in ipairs(spans) do
+    local b = math.floor(now / span)
+    for age = 0, IDEM_BUCKETS_LOOKED_AT - 1 do
+      redis.call('HDEL', TAG .. ':i:' .. itos(b - age), field)
+    end
+  end
+end
+
 -- Per-script body follows.
