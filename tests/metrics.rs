@@ -432,6 +432,14 @@ async fn counters_after_a_scripted_workload() {
         let series = format!("tollgate_access_log_retries_total{{result=\"{result}\"}} 0");
         assert!(text.contains(&series), "{series}\n{text}");
     }
+    // Voids of late fail_closed charges: every outcome present from the start, none
+    // counted (no check met a deadline).
+    for outcome in [
+        "refunded", "released", "nothing", "failed", "gave_up", "dropped",
+    ] {
+        let series = format!("tollgate_gateway_voids_total{{outcome=\"{outcome}\"}} 0");
+        assert!(text.contains(&series), "{series}\n{text}");
+    }
     assert!(text.contains("tollgate_check_duration_seconds_bucket"));
     assert!(!text.contains(&key), "an API key leaked into /metrics");
 

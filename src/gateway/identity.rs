@@ -459,6 +459,13 @@ impl KeyStore {
     /// Not the identity the cache holds: that may be older than a revocation another
     /// sidecar made, and the replay drops the charge of a key revoked before the call.
     /// `None` for a key known not to be active or not well-formed. Counts no cache lookup.
+    /// The key id, its shard and the key's SHA-256 (hex), as a charge by key sends them
+    /// (a void of such a charge: gateway::void); None for a key of no shard.
+    pub fn key_parts(&self, key: &str) -> Option<(String, u16, String)> {
+        let (key_id, shard) = parse_key(key, &self.shards)?;
+        Some((key_id.to_owned(), shard, hex(&key_digest(key))))
+    }
+
     pub fn payer(&self, key: &str) -> Option<Payer> {
         let digest = key_digest(key);
         if let Some(Known::Revoked | Known::Unknown) = self.cache.get(&digest).map(|c| c.known) {

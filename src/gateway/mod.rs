@@ -21,8 +21,10 @@ pub mod forward_auth;
 pub mod identity;
 pub mod pricing;
 pub mod spool;
+pub mod void;
 
 use crate::telemetry::metrics as m;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +41,7 @@ use crate::ledger::{
 use identity::{Identity, IdentityError, KeyMiss, KeyStore, Known, Presented};
 use pricing::{FailPolicy, HoldPolicy, Mode, Operation, PriceBook, Routed, Settlement};
 use spool::{Payer, Spool, SpooledCharge};
+use void::{OwnedKey, VoidCharge, VoidTarget, Voids};
 
 /// Whole-check deadline unless configured: under Envoy's default 200 ms ext_authz timeout,
 /// so tollgate answers (with the fail policy) before Envoy gives up on it.
@@ -219,6 +222,8 @@ pub struct Gateway {
     /// `gateway.allow_encoded_slashes`: `%2F` and `%5C` in a path are kept, not refused.
     encoded_slashes: bool,
     metrics: CheckMetrics,
+    /// Voids of fail_closed charges answered `unavailable` that may still run (`void`).
+    voids: Voids,
 }
 
 /// The handles a check counts itself with, resolved once (the recorder is installed before
@@ -357,6 +362,7 @@ impl Gateway {
             request_id_replay: g.request_id_replay,
             encoded_slashes: g.allow_encoded_slashes,
             metrics: CheckMetrics::new(),
+            voids: Voids::new(),
         }
     }
 
@@ -462,17 +468,48 @@ impl Gateway {
             && op.fail_policy == FailPolicy::FailOpen
             && matches!(op.mode, Mode::Debit))
         .then(|| idempotency_key.clone());
-        let charge = self.charge(op, amount, key, idempotency_key);
+        let mut cmd = ChargeCmd::new(op, amount, String::new(), String::new(), idempotency_key);
+        let sent = Sent::default();
+        let charge = self.charge(op, amount, key, &mut cmd, &sent);
         let decision = match tokio::time::timeout(self.check_timeout, charge).await {
             Ok(decision) => decision,
+            // The charge is dropped where it was: `sent` says whether a call was on its way.
             Err(_) => unavailable(op, None, None),
         };
+        if matches!(decision, Decision::Deny(Denial::Unavailable)) {
+            self.void_late_charge(key, cmd, &sent);
+        }
         if let (Decision::Allow(a), Some(idempotency_key)) = (&decision, spooled_key) {
             if a.degraded {
                 self.spool_charge(op, amount, key, idempotency_key);
             }
         }
         decision
+    }
+
+    /// A fail_closed check denied `unavailable` whose charge passed its deadline after it
+    /// may have been sent: that charge may still run, so a void undoes it if it does
+    /// (`void`). Started before the denial is answered. fail_open debits are never voided
+    /// (they were allowed; the spool replays them under the same key).
+    fn void_late_charge(&self, key: &str, cmd: ChargeCmd, sent: &Sent) {
+        let key = match sent.take() {
+            Sent::NOTHING => return,
+            Sent::BY_KEY => match self.keys.key_parts(key) {
+                Some((key_id, shard, digest_hex)) => Some(OwnedKey {
+                    key_id,
+                    shard,
+                    digest_hex,
+                }),
+                None => return,
+            },
+            _ => None,
+        };
+        let charge = match cmd {
+            ChargeCmd::Debit(c) => VoidCharge::Debit(c),
+            ChargeCmd::Hold(c) => VoidCharge::Hold(c),
+        };
+        self.voids
+            .spawn(self.ledger.clone(), VoidTarget { charge, key });
     }
 
     /// Records a charge allowed without Redis (fail_open), to be applied when Redis
@@ -631,18 +668,21 @@ impl Gateway {
         replayed
     }
 
+    /// `cmd`: the charge, without its account (set here when it is sent by account);
+    /// `sent`: what it sent, for a void ([`Gateway::void_late_charge`]).
     async fn charge(
         &self,
         op: &Operation,
         amount: i64,
         key: &str,
-        idempotency_key: String,
+        cmd: &mut ChargeCmd,
+        sent: &Sent,
     ) -> Decision {
         let identity = match self.keys.presented(key) {
             Presented::Known(known) => known,
             // A cache miss on a charge: its script resolves the key in the same call.
             Presented::Miss(miss) if amount > 0 => {
-                return self.charge_by_key(op, amount, &miss, idempotency_key).await;
+                return self.charge_by_key(op, &miss, cmd, sent).await;
             }
             Presented::Miss(miss) => self.keys.identify_miss(&miss).await,
         };
@@ -668,8 +708,7 @@ impl Gateway {
                 ..Allowed::default()
             });
         }
-        self.charge_identity(op, amount, &identity, idempotency_key)
-            .await
+        self.charge_identity(op, &identity, cmd, sent).await
     }
 
     /// A charge whose key the cache did not know: one script call resolves the key and
@@ -678,18 +717,18 @@ impl Gateway {
     async fn charge_by_key(
         &self,
         op: &Operation,
-        amount: i64,
         miss: &KeyMiss<'_>,
-        idempotency_key: String,
+        cmd: &mut ChargeCmd,
+        sent: &Sent,
     ) -> Decision {
-        let mut cmd = ChargeCmd::new(op, amount, String::new(), String::new(), idempotency_key);
         let digest_hex = miss.digest_hex();
         let key = KeyRef {
             key_id: miss.key_id,
             shard: miss.shard,
             digest_hex: &digest_hex,
         };
-        let keyed = match &cmd {
+        sent.sending(Sent::BY_KEY);
+        let keyed = match &*cmd {
             ChargeCmd::Debit(c) => self
                 .ledger
                 .debit_by_key(c, &key)
@@ -701,6 +740,7 @@ impl Gateway {
                 .await
                 .map(|keyed| keyed.map(held)),
         };
+        sent.answered(&keyed);
         let (account_id, member_id, result) = match keyed {
             Ok(Keyed::UnknownKey) => {
                 self.keys.learn(miss, || Known::Unknown);
@@ -717,7 +757,7 @@ impl Gateway {
                 self.keys
                     .learn(miss, || miss.active(account_id.clone(), member_id.clone()));
                 cmd.set_identity(account_id.clone(), member_id.clone());
-                (Some(account_id), member_id, self.send(&cmd).await)
+                (Some(account_id), member_id, self.send(cmd, sent).await)
             }
             Ok(Keyed::Charged { account_id, result }) => {
                 self.keys
@@ -733,31 +773,28 @@ impl Gateway {
     async fn charge_identity(
         &self,
         op: &Operation,
-        amount: i64,
         identity: &Identity,
-        idempotency_key: String,
+        cmd: &mut ChargeCmd,
+        sent: &Sent,
     ) -> Decision {
-        let cmd = ChargeCmd::new(
-            op,
-            amount,
-            identity.account_id.clone(),
-            identity.member_id.clone(),
-            idempotency_key,
-        );
+        cmd.set_identity(identity.account_id.clone(), identity.member_id.clone());
         charged(
             op,
             Some(identity.account_id.clone()),
             &identity.member_id,
-            self.send(&cmd).await,
+            self.send(cmd, sent).await,
         )
     }
 
     /// Sends a charge by account.
-    async fn send(&self, cmd: &ChargeCmd) -> Result<Took, LedgerError> {
-        match cmd {
+    async fn send(&self, cmd: &ChargeCmd, sent: &Sent) -> Result<Took, LedgerError> {
+        sent.sending(Sent::BY_ACCOUNT);
+        let result = match cmd {
             ChargeCmd::Debit(c) => self.ledger.debit(c).await.map(debited),
             ChargeCmd::Hold(c) => self.ledger.authorize(c).await.map(held),
-        }
+        };
+        sent.answered(&result);
+        result
     }
 
     /// What the upstream's answer (Envoy's access log) makes of a hold: capture on a
@@ -809,6 +846,36 @@ impl Gateway {
 fn register_operation_series(book: &PriceBook) {
     for name in book.operation_names() {
         metrics::counter!(m::FAIL_OPEN_TOTAL, "operation" => name.to_owned()).increment(0);
+    }
+}
+
+/// What a check's charge sent and has no answer for (a call in flight, or one that passed
+/// its deadline): a void's cue ([`Gateway::void_late_charge`]). Atomic only so that the
+/// check's future stays `Send`; one check uses it.
+#[derive(Default)]
+struct Sent(AtomicU8);
+
+impl Sent {
+    const NOTHING: u8 = 0;
+    /// By API key (the cache missed): the command has no account.
+    const BY_KEY: u8 = 1;
+    /// By account: the command names the account (and member).
+    const BY_ACCOUNT: u8 = 2;
+
+    fn sending(&self, how: u8) {
+        self.0.store(how, Ordering::Relaxed);
+    }
+
+    /// The call answered, or failed without running (a refused connection, an error
+    /// answer): nothing of it is left to run. A call that passed its deadline may still.
+    fn answered<T>(&self, result: &Result<T, LedgerError>) {
+        if !matches!(result, Err(err) if err.is_deadline()) {
+            self.0.store(Self::NOTHING, Ordering::Relaxed);
+        }
+    }
+
+    fn take(&self) -> u8 {
+        self.0.swap(Self::NOTHING, Ordering::Relaxed)
     }
 }
 

@@ -133,9 +133,13 @@ pub const ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL: &str = "tollgate_access_log_holds_le
 /// while the last one had. Each counted once, by how it ended: `result` settled,
 /// hold_ended, failed, gave_up, queue_full, shutdown (gateway::access_log::retry::Ended).
 pub const ACCESS_LOG_RETRIES_TOTAL: &str = "tollgate_access_log_retries_total";
+/// (gateway) Voids of `fail_closed` charges whose check was answered `unavailable` after
+/// its deadline while the charge may still run late, each counted once by `outcome`:
+/// refunded, released, nothing, failed, gave_up, dropped (gateway::void::VoidEnd).
+pub const GATEWAY_VOIDS_TOTAL: &str = "tollgate_gateway_voids_total";
 
 /// The gateway's metric names (recorded on the gateway branch; see README).
-pub const GATEWAY_METRICS: [&str; 12] = [
+pub const GATEWAY_METRICS: [&str; 13] = [
     CHECKS_TOTAL,
     CHECK_SECONDS,
     GATEWAY_DENIALS_TOTAL,
@@ -148,6 +152,7 @@ pub const GATEWAY_METRICS: [&str; 12] = [
     SPOOL_REPLAYED_TOTAL,
     ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL,
     ACCESS_LOG_RETRIES_TOTAL,
+    GATEWAY_VOIDS_TOTAL,
 ];
 
 /// Buckets for the hot path (checks, script calls): sub-millisecond resolution, up to the

@@ -1,0 +1,434 @@
+//! Voids (gateway::void, lua/void.lua): a fail_closed check whose charge passes its
+//! deadline is answered 503 `unavailable`, but the charge was already on the wire and Redis
+//! runs it late. The gateway voids it: the debit is refunded in full (a refund event of
+//! operation `void`), the hold released, and the request's idempotency record forgotten,
+//! so a retry with the same request id is charged again rather than allowed from the
+//! record of a charge that was refunded.
+//!
+//! The charge is made late with `CLIENT PAUSE <ms> WRITE` on the test's redis-server: the
+//! FCALL waits until the pause ends, past the call deadline, and then runs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::gateways::{http, seed, HttpResponse};
+use common::RedisServer;
+use tollgate::config::{Config, Overrides};
+use tollgate::ledger::event::{EventKind, LedgerEvent};
+use tollgate::ledger::{Authorize, ChargeRef, Clock, Debit, KeyRef, Metadata, OnExpiry, Voided};
+
+/// How long Redis holds writes: well past the call and check deadlines below.
+const PAUSE_MS: u64 = 1_500;
+/// Generous for a busy 2-core machine: a void runs once the pause ends.
+const VOID_DEADLINE: Duration = Duration::from_secs(30);
+
+const PRICEBOOK: &str = r#"
+[pricebook]
+default = "deny"
+[[pricebook.routes]]
+path = "/strict"
+operation = "strict"
+[[pricebook.routes]]
+path = "/held"
+operation = "held"
+[pricebook.operations.strict]
+base = 3
+fail_policy = "fail_closed"
+[pricebook.operations.held]
+mode = "hold"
+base = 7
+hold_ttl_ms = 600000
+on_expiry = "capture"
+fail_policy = "fail_closed"
+"#;
+
+fn config(redis_url: &str, request_id_replay: bool) -> Config {
+    let mut config =
+        Config::from_toml(PRICEBOOK, Vec::new(), &Overrides::default()).expect("config");
+    let test = common::test_config(redis_url);
+    config.redis = test.redis;
+    config.auth = test.auth;
+    config.store = test.store;
+    config.settler = test.settler;
+    config.gateway.spool_path = test.gateway.spool_path;
+    // Deadlines well inside the pause, and long enough for an unpaused call on a busy
+    // machine.
+    config.redis.call_timeout_ms = 500;
+    config.gateway.check_timeout_ms = 700;
+    config.gateway.identity_cache_ttl_ms = 3_600_000;
+    config.gateway.request_id_replay = request_id_replay;
+    config
+}
+
+async fn check(
+    server: &common::TestServer,
+    path: &str,
+    key: &str,
+    request_id: Option<&str>,
+) -> HttpResponse {
+    let mut headers = vec![
+        ("x-forwarded-method", "POST"),
+        ("x-forwarded-uri", path),
+        ("x-api-key", key),
+    ];
+    if let Some(id) = request_id {
+        headers.push(("x-request-id", id));
+    }
+    http(server.http_addr, "GET", "/v1/forward-auth", &headers, "").await
+}
+
+/// Holds every write (FCALL included) on the test's Redis for `PAUSE_MS`.
+fn pause_writes(redis: &RedisServer) {
+    let mut con = redis.client().get_connection().expect("redis connection");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(PAUSE_MS)
+        .arg("WRITE")
+        .query(&mut con)
+        .expect("CLIENT PAUSE");
+}
+
+/// (available, held) of the account's default wallet.
+async fn wallet(server: &common::TestServer, account: &str) -> (i64, i64) {
+    let wallets = server
+        .ledger
+        .balance(account, "default")
+        .await
+        .expect("balance");
+    wallets.first().map_or((0, 0), |w| (w.available, w.held))
+}
+
+/// Polls the outbox (reads, which the pause does not hold) until the account has an
+/// event of `kind` from a void, then expects the wallet back to `want`: the late charge ran,
+/// and its void.
+async fn wait_void(server: &common::TestServer, account: &str, kind: EventKind, want: (i64, i64)) {
+    let deadline = Instant::now() + VOID_DEADLINE;
+    loop {
+        let events = events_of(server, account).await;
+        if events
+            .iter()
+            .any(|e| e.kind == kind && e.metadata.contains("void"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{account}: the late charge was not voided: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(wallet(server, account).await, want, "{account}");
+}
+
+async fn events_of(server: &common::TestServer, account: &str) -> Vec<LedgerEvent> {
+    common::outbox_events(&server.ledger)
+        .await
+        .into_iter()
+        .filter(|e| e.account_id == account)
+        .collect()
+}
+
+/// The account's late debit and its void: a debit of `amount`, then a refund of all of it
+/// naming the debit, of operation "void".
+async fn assert_debit_voided(server: &common::TestServer, account: &str, amount: i64) {
+    let events = events_of(server, account).await;
+    let debits: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Debit)
+        .collect();
+    let voids: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Refund && e.operation == "void")
+        .collect();
+    let late = debits.last().expect("the late debit is in the ledger");
+    assert_eq!(late.amount, amount);
+    assert_eq!(voids.len(), 1, "one void refund: {events:#?}");
+    assert_eq!(voids[0].charge_id, late.event_id);
+    assert_eq!(voids[0].amount, amount);
+    assert!(
+        voids[0].metadata.contains("void"),
+        "{:?}",
+        voids[0].metadata
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_debit_of_a_cached_identity_is_voided() {
+    let redis = RedisServer::start();
+    let server = common::TestServer::start(config(&redis.url(), false), Clock::Redis).await;
+    let key = seed(&server, "void-cached", 100).await;
+    // Two checks cache the identity (the cache admits a key on its second miss): the
+    // late one is a charge by account.
+    for _ in 0..2 {
+        assert_eq!(check(&server, "/strict", &key, None).await.status, 200);
+    }
+    assert_eq!(wallet(&server, "void-cached").await, (94, 0));
+
+    pause_writes(&redis);
+    let denied = check(&server, "/strict", &key, None).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+
+    wait_void(&server, "void-cached", EventKind::Refund, (94, 0)).await;
+    assert_debit_voided(&server, "void-cached", 3).await;
+    // The refunded debit stays refunded: nothing else moves.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(wallet(&server, "void-cached").await, (94, 0));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_debit_by_api_key_is_voided() {
+    let redis = RedisServer::start();
+    let server = common::TestServer::start(config(&redis.url(), false), Clock::Redis).await;
+    let key = seed(&server, "void-keyed", 100).await;
+    // No check before: the identity cache misses, and the debit script resolves the key
+    // (charge_by_key).
+    pause_writes(&redis);
+    let denied = check(&server, "/strict", &key, None).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+
+    wait_void(&server, "void-keyed", EventKind::Refund, (100, 0)).await;
+    assert_debit_voided(&server, "void-keyed", 3).await;
+    server.stop().await;
+}
+
+/// The whole check's deadline (`gateway.check_timeout_ms`) passes first: the charge's
+/// future is dropped mid-call, and what it had sent is voided all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_debit_cut_off_by_the_check_deadline_is_voided() {
+    let redis = RedisServer::start();
+    let mut config = config(&redis.url(), false);
+    config.redis.call_timeout_ms = 1_200;
+    config.gateway.check_timeout_ms = 500;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let key = seed(&server, "void-cut", 100).await;
+    pause_writes(&redis);
+    let denied = check(&server, "/strict", &key, None).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+
+    wait_void(&server, "void-cut", EventKind::Refund, (100, 0)).await;
+    assert_debit_voided(&server, "void-cut", 3).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_hold_is_released() {
+    let redis = RedisServer::start();
+    let server = common::TestServer::start(config(&redis.url(), false), Clock::Redis).await;
+    let key = seed(&server, "void-held", 100).await;
+    pause_writes(&redis);
+    let denied = check(&server, "/held", &key, None).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+
+    // Nothing held: the hold (on_expiry capture) would otherwise be charged in full at its
+    // deadline.
+    wait_void(&server, "void-held", EventKind::Release, (100, 0)).await;
+    let events = events_of(&server, "void-held").await;
+    let hold = events
+        .iter()
+        .find(|e| e.kind == EventKind::Hold)
+        .expect("the late hold is in the ledger");
+    let release = events
+        .iter()
+        .find(|e| e.kind == EventKind::Release)
+        .expect("the hold was released");
+    assert_eq!(hold.amount, 7);
+    assert_eq!(release.hold_id, hold.hold_id);
+    assert_eq!(release.amount, 7);
+    assert!(release.metadata.contains("void"), "{:?}", release.metadata);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voided_request_retried_with_its_request_id_is_charged_again() {
+    let redis = RedisServer::start();
+    let server = common::TestServer::start(config(&redis.url(), true), Clock::Redis).await;
+    let key = seed(&server, "void-retry", 100).await;
+    assert_eq!(check(&server, "/strict", &key, None).await.status, 200);
+
+    pause_writes(&redis);
+    let denied = check(&server, "/strict", &key, Some("req-void-1")).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+    wait_void(&server, "void-retry", EventKind::Refund, (97, 0)).await;
+    assert_debit_voided(&server, "void-retry", 3).await;
+    let voided = events_of(&server, "void-retry")
+        .await
+        .into_iter()
+        .rfind(|e| e.kind == EventKind::Debit)
+        .expect("the voided debit")
+        .event_id;
+
+    // The client retries the request: charged afresh, not allowed from the voided record.
+    let retried = check(&server, "/strict", &key, Some("req-void-1")).await;
+    assert_eq!(retried.status, 200, "{retried:?}");
+    let charge_id = retried
+        .header("x-tollgate-charge-id")
+        .expect("a charge id")
+        .to_owned();
+    assert_ne!(charge_id, voided, "the retry replayed the voided charge");
+    assert_eq!(wallet(&server, "void-retry").await, (94, 0));
+    // And it stays charged once: a second retry replays it.
+    let again = check(&server, "/strict", &key, Some("req-void-1")).await;
+    assert_eq!(
+        again.header("x-tollgate-charge-id"),
+        Some(charge_id.as_str())
+    );
+    assert_eq!(wallet(&server, "void-retry").await, (94, 0));
+    server.stop().await;
+}
+
+fn debit(account: &str, key: &str, amount: i64) -> Debit {
+    Debit {
+        account_id: account.into(),
+        wallet: "default".into(),
+        amount,
+        idempotency_key: key.into(),
+        operation: "strict".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    }
+}
+
+fn void_metadata() -> Metadata {
+    [("tollgate".to_owned(), "void".to_owned())].into()
+}
+
+/// lua/void.lua by itself: a void refunds a debit once however often it runs, answers
+/// the same to a retry under its own key, changes nothing when there is no charge (or
+/// another request's), and lets the request be charged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_refunds_once_and_only_its_own_charge() {
+    let redis = RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    ledger
+        .grant(&common::purchase("void-lua", 50, "g1"))
+        .await
+        .expect("grant");
+    let meta = void_metadata();
+
+    // No charge ran under the key: nothing to undo.
+    let none = debit("void-lua", "req-1", 5);
+    let out = ledger
+        .void(ChargeRef::Debit(&none), None, "void-0", &meta)
+        .await
+        .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("no_charge".into()));
+
+    let charged = ledger.debit(&none).await.expect("debit");
+    assert_eq!(charged.available, 45);
+    // Another request under the same key (another amount): not this void's charge.
+    let other = debit("void-lua", "req-1", 6);
+    let out = ledger
+        .void(ChargeRef::Debit(&other), None, "void-1", &meta)
+        .await
+        .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("other_request".into()));
+
+    let out = ledger
+        .void(ChargeRef::Debit(&none), None, "void-2", &meta)
+        .await
+        .expect("void");
+    let Voided::Debit {
+        charge_id,
+        refunded,
+        available,
+        ..
+    } = &out.voided
+    else {
+        panic!("{out:?}");
+    };
+    assert_eq!(
+        (charge_id.as_str(), *refunded, *available),
+        (charged.event_id.as_str(), 5, 50)
+    );
+    assert!(!out.replayed);
+    // The same void again replays its answer; another void finds nothing left.
+    let again = ledger
+        .void(ChargeRef::Debit(&none), None, "void-2", &meta)
+        .await
+        .expect("void");
+    assert_eq!(again.voided, out.voided);
+    assert!(again.replayed);
+    let later = ledger
+        .void(ChargeRef::Debit(&none), None, "void-3", &meta)
+        .await
+        .expect("void");
+    assert_eq!(later.voided, Voided::Nothing("no_charge".into()));
+    let b = &ledger
+        .balance("void-lua", "default")
+        .await
+        .expect("balance")[0];
+    assert_eq!((b.available, b.used, b.refunded), (50, 5, 5));
+    assert!(b.is_conserved(), "{b:?}");
+    let refunds = common::outbox_events(&ledger)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Refund)
+        .count();
+    assert_eq!(refunds, 1, "refunded once");
+
+    // The request runs afresh: charged, not replayed from the voided record.
+    let retried = ledger.debit(&none).await.expect("debit");
+    assert!(!retried.replayed);
+    assert_ne!(retried.event_id, charged.event_id);
+    assert_eq!(retried.available, 45);
+    // The first void's retry (its own key) still replays, and never touches the new charge.
+    let replay = ledger
+        .void(ChargeRef::Debit(&none), None, "void-2", &meta)
+        .await
+        .expect("void");
+    assert!(replay.replayed);
+    assert_eq!(
+        ledger.balance("void-lua", "default").await.expect("b")[0].available,
+        45
+    );
+
+    // A hold: released once; a refused charge: nothing.
+    let hold = Authorize {
+        account_id: "void-lua".into(),
+        wallet: "default".into(),
+        amount: 10,
+        ttl_ms: 60_000,
+        on_expiry: OnExpiry::Capture,
+        idempotency_key: "req-h".into(),
+        operation: "held".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    };
+    let held = ledger.authorize(&hold).await.expect("hold");
+    let out = ledger
+        .void(ChargeRef::Hold(&hold), None, "void-h", &meta)
+        .await
+        .expect("void");
+    assert!(
+        matches!(&out.voided, Voided::Hold { hold_id, released: 10, .. } if *hold_id == held.hold_id),
+        "{out:?}"
+    );
+    let out = ledger
+        .void(ChargeRef::Hold(&hold), None, "void-h2", &meta)
+        .await
+        .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("no_charge".into()));
+    let b = &ledger.balance("void-lua", "default").await.expect("b")[0];
+    assert_eq!((b.available, b.held), (45, 0));
+    let too_much = debit("void-lua", "req-big", 1_000);
+    assert!(ledger.debit(&too_much).await.is_err());
+    let out = ledger
+        .void(ChargeRef::Debit(&too_much), None, "void-big", &meta)
+        .await
+        .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("refused".into()));
+    // By an unknown API key: nothing.
+    let by_key = debit("", "req-k", 5);
+    let key = KeyRef {
+        key_id: "k0-0000000000000000",
+        shard: 0,
+        digest_hex: "00",
+    };
+    let out = ledger
+        .void(ChargeRef::Debit(&by_key), Some(&key), "void-k", &meta)
+        .await
+        .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("unknown_key".into()));
+}
