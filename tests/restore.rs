@@ -2340,3 +2340,73 @@ async fn a_restore_lists_an_expired_lot_that_holds_still_hold_as_before() {
         .lots;
     assert_eq!(after, before);
 }
+
+/// A void (lua/void.lua) forgets the idempotency record of the charge it undid, so a retry
+/// of the request is charged again; a restore does not bring that record back from the
+/// charge's event: after it, the voided debit's and hold's retries are charged afresh,
+/// while a debit nobody voided still replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_does_not_bring_back_the_record_of_a_voided_charge() {
+    use tollgate::ledger::{Authorize, ChargeRef, Debit, Metadata, OnExpiry, Voided};
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    let (redis, _pg, ledger, store) = settled_then_lost("voided", 1000).await;
+    let debit = |key: &str| Debit {
+        account_id: "voided".into(),
+        wallet: "default".into(),
+        amount: 30,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    };
+    let hold = Authorize {
+        account_id: "voided".into(),
+        wallet: "default".into(),
+        amount: 50,
+        ttl_ms: 600_000,
+        on_expiry: OnExpiry::Release,
+        idempotency_key: "h".into(),
+        operation: "op".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+    };
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    let meta: Metadata = [("tollgate".to_owned(), "void".to_owned())].into();
+    ledger.debit(&debit("kept")).await.expect("debit");
+    let voided = ledger.debit(&debit("voided")).await.expect("debit");
+    ledger.authorize(&hold).await.expect("hold");
+    let out = ledger
+        .void(ChargeRef::Debit(&debit("voided")), None, "v1", &meta)
+        .await
+        .expect("void");
+    assert!(matches!(out.voided, Voided::Debit { .. }), "{out:?}");
+    let out = ledger
+        .void(ChargeRef::Hold(&hold), None, "v2", &meta)
+        .await
+        .expect("void");
+    assert!(matches!(out.voided, Voided::Hold { .. }), "{out:?}");
+    assert_eq!(available(&ledger, "voided").await, Ok(1000 - 30));
+
+    settle_then_lose_redis(&redis, &ledger, &store, "voided-2").await;
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    assert_eq!(available(&ledger, "voided").await, Ok(1000 - 30));
+    let kept = ledger.debit(&debit("kept")).await.expect("debit");
+    assert!(kept.replayed, "{kept:?}");
+    let retried = ledger.debit(&debit("voided")).await.expect("debit");
+    assert!(
+        !retried.replayed,
+        "the voided debit's record came back: {retried:?}"
+    );
+    assert_ne!(retried.event_id, voided.event_id);
+    let held = ledger.authorize(&hold).await.expect("hold");
+    assert!(
+        !held.replayed,
+        "the voided hold's record came back: {held:?}"
+    );
+    assert_eq!(available(&ledger, "voided").await, Ok(1000 - 30 - 30 - 50));
+}

@@ -8,7 +8,8 @@
 //! adjustments, refunds and org operations (CreateOrganization, AddMember, RemoveMember,
 //! SetAllocation, AddAllocation, SetBudget: `Replay::record_org`) (as long as live Redis
 //! would still find them, up to 1.5 idempotency windows; a refund's with its `:rf:`
-//! pointer), each kept as long as lib.lua keeps it. Then the shard's epoch marker is
+//! pointer), each kept as long as lib.lua keeps it; not those of charges a void undid
+//! (lua/void.lua forgot them, so a retry of the request is charged again). Then the shard's epoch marker is
 //! written and it serves again. API keys (hashes) come from the store's key table, which
 //! the Admin API writes; a live org-wide key whose maker no longer manages the restored
 //! org is revoked (`revoked_by_role_loss`), in the store too.
@@ -439,7 +440,8 @@ struct Replay<'a> {
     wallet: Wallet,
     holds: &'a mut HashMap<String, Hold>,
     charges: &'a mut HashMap<String, Charge>,
-    records: Vec<Record>,
+    /// The shard's records so far (a void's event drops its charge's: `forget_record_of`).
+    records: &'a mut Vec<Record>,
     orgs: &'a mut OrgState,
 }
 
@@ -1163,6 +1165,11 @@ impl Replay<'_> {
                 hold.ended_by_request =
                     e.kind != EventKind::ExpireHold && !e.idempotency_key.is_empty();
                 let amount = hold.amount;
+                if e.kind == EventKind::Release && e.idempotency_key.is_empty() {
+                    // A void's release (lua/void.lua; every Release request has a key): it
+                    // forgot the hold's idempotency record, so a retry holds again.
+                    self.forget_record_of(&e.account_id, &e.hold_id);
+                }
                 self.orgs.give_back(&e.hold_id, amount - charged);
                 self.wallet.held -= amount;
                 self.wallet.used += charged;
@@ -1209,9 +1216,38 @@ impl Replay<'_> {
                 );
                 let amount = e.amount.to_string();
                 self.record(e, &["refund", &e.charge_id, &amount, &e.metadata], answer);
+                if e.operation == "void" {
+                    // A void's refund (lua/void.lua; a Refund request has no operation): it
+                    // forgot the debit's idempotency record, so a retry is charged again.
+                    self.forget_record_of(&e.account_id, &e.charge_id);
+                }
             }
         }
         self.check_pair(e)
+    }
+
+    /// Drops the idempotency record of `account`'s charge whose answer names `charge`
+    /// (a debit's event id, or a hold's id), as the void that undid it forgot it. Looked
+    /// for from the newest record back: the charge is of the wallet being replayed, whose
+    /// records are the last ones.
+    fn forget_record_of(&mut self, account: &str, charge: &str) {
+        let prefix = format!("{account}:");
+        let of_debit = format!("OK|{charge}|");
+        let of_hold = format!("{charge}|");
+        let found = self.records.iter().rposition(|r| {
+            // The value is the request digest (16 hex digits), then the answer.
+            let answer = r.value.get(16..).unwrap_or_default();
+            r.name.starts_with(&prefix)
+                && (answer.starts_with(&of_debit)
+                    || (answer.starts_with("OK|")
+                        && answer
+                            .splitn(3, '|')
+                            .nth(2)
+                            .is_some_and(|rest| rest.starts_with(&of_hold))))
+        });
+        if let Some(at) = found {
+            self.records.remove(at);
+        }
     }
 
     fn check_pair(&mut self, e: &LedgerEvent) -> Result<(), RestoreError> {
@@ -1761,11 +1797,10 @@ async fn restore_under(
                     wallet: current.take().unwrap_or_default(),
                     holds: &mut holds,
                     charges: &mut charges,
-                    records: Vec::new(),
+                    records: &mut records,
                     orgs: &mut orgs,
                 };
                 replay.apply(e)?;
-                records.append(&mut replay.records);
                 current = Some(replay.wallet);
                 shard_report.events += 1;
                 // A restore in a serving process (`server.restore`) shares its runtime
