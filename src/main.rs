@@ -178,6 +178,7 @@ async fn reconcile(args: ReconcileArgs) -> ExitCode {
     let run = async {
         let (config, ledger) = tool_ledger(&args.target)?;
         let store = tool_store(&config).await?;
+        tool_shard_count(&ledger, &store).await?;
         tollgate::settle::reconcile::reconcile(
             ledger,
             store,
@@ -245,6 +246,17 @@ fn tool_ledger(
     Ok((config, ledger))
 }
 
+/// Refuses an operator tool configured with another shard count than the deployment's
+/// (`ledger.shards`): it would look for accounts in other shards than theirs.
+async fn tool_shard_count(
+    ledger: &tollgate::ledger::Ledger,
+    store: &tollgate::settle::Store,
+) -> Result<(), String> {
+    tollgate::settle::shard_count::check(ledger, store)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// The store an operator tool reads and writes: one that `serve` or `settle` made. A
 /// store that does not exist, or holds no tollgate schema, is refused before anything is
 /// read from Redis, and nothing is created (a tool that drained the outbox into a new
@@ -268,6 +280,7 @@ async fn end_lost_hold(args: EndLostHoldArgs) -> Result<(), String> {
     use tollgate::settle::reconcile::LostHoldEnd;
     let (config, ledger) = tool_ledger(&args.target)?;
     let store = tool_store(&config).await?;
+    tool_shard_count(&ledger, &store).await?;
     let ended = tollgate::settle::reconcile::end_lost_hold(
         ledger,
         store,
@@ -315,6 +328,7 @@ async fn dead_letters(args: DeadLettersArgs) -> Result<(), String> {
             // A dry run changes nothing, the store's schema included.
             if !dry_run {
                 store.migrate().await.map_err(|e| e.to_string())?;
+                tool_shard_count(&ledger, &store).await?;
             }
             let webhooks = config.webhooks.rules();
             let replayed = dead_letters::replay(
@@ -370,6 +384,7 @@ async fn restore(args: RestoreArgs) -> Result<(), String> {
     // A store that does not exist is refused, not read as an empty ledger: restoring
     // from it would mark every lost shard serving, empty.
     let store = tool_store(&config).await?;
+    tool_shard_count(&ledger, &store).await?;
     let mode = if args.rebuild_serving {
         RestoreMode::RebuildServing {
             group: tollgate::settle::settler::DEFAULT_GROUP.into(),

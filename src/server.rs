@@ -33,6 +33,7 @@ use crate::gateway::{forward_auth, Gateway};
 use crate::ledger::{sweeper, Clock, Ledger, LedgerError, RedisPool};
 use crate::settle::restore::RestoreMode;
 use crate::settle::settler::{Settler, SettlerStatus};
+use crate::settle::shard_count::{self, ShardCountError};
 use crate::settle::{Store, StoreError};
 use crate::telemetry;
 use crate::telemetry::request_log::RequestLogLayer;
@@ -77,6 +78,44 @@ pub fn ledger_from_config(config: &Config, clock: Clock) -> Result<Arc<Ledger>, 
 
 /// How often uninitialized shards are looked at again.
 pub const INITIALIZE_RETRY: Duration = Duration::from_secs(1);
+
+/// The start-up check of the shard count (`settle::shard_count`): `Ok(true)` when it
+/// matches (and is persisted), `Ok(false)` when Redis or the store did not answer (the
+/// process starts, and [`verify_shard_count`] asks again), an error when it differs: the
+/// process refuses to start.
+pub async fn shard_count_at_start(ledger: &Ledger, store: &Store) -> Result<bool, ShardCountError> {
+    match shard_count::check(ledger, store).await {
+        Ok(()) => Ok(true),
+        Err(err) if err.is_transient() => {
+            tracing::warn!(error = %err, "shard count not checked yet: no shard is marked new until it is; checking again");
+            Ok(false)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Asks again every [`INITIALIZE_RETRY`] until Redis and the store answer: `Ok` when the
+/// count matches (or on shutdown), the error when it differs (the process then stops).
+pub async fn verify_shard_count(
+    ledger: &Ledger,
+    store: &Store,
+    stop: impl Future<Output = ()>,
+) -> Result<(), ShardCountError> {
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tokio::time::sleep(INITIALIZE_RETRY) => {}
+        }
+        match shard_count::check(ledger, store).await {
+            Ok(()) => return Ok(()),
+            Err(err) if err.is_transient() => {
+                tracing::debug!(error = %err, "shard count not checked yet");
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
 
 /// Marks shards without an epoch marker initialized when that is safe: the store has never
 /// settled an event of the shard, so Redis is new rather than emptied. A shard whose events
@@ -210,7 +249,11 @@ pub async fn restore_lost_shards(
     if initialized.iter().all(|i| *i) {
         return Ok(LostShards::NoneLost);
     }
-    store.migrate().await.map_err(|e| e.to_string())?;
+    // Never rebuilt under another shard count than the deployment's (it migrates the
+    // store too).
+    shard_count::check(ledger, &store)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut lost = false;
     for (shard, done) in initialized.iter().enumerate() {
         if !done {
@@ -305,6 +348,8 @@ pub enum ServeError {
     Ledger(#[from] LedgerError),
     #[error("cannot start the settler thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    ShardCount(#[from] ShardCountError),
 }
 
 /// What the HTTP endpoints read.
@@ -496,6 +541,10 @@ pub async fn run_settler(
 ) -> Result<(), ServeError> {
     let hangups = listen_for_hangups();
     let store = store_from_config(&config)?;
+    // The shard count first (see `run`): a settler of another count would leave the
+    // outboxes of the shards past it unsettled.
+    let count_verified = shard_count_at_start(&ledger, &store).await?;
+    let (count_refused_tx, count_refused) = tokio::sync::oneshot::channel::<ShardCountError>();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopping = stop_rx.clone();
     let stopped = move || {
@@ -507,11 +556,24 @@ pub async fn run_settler(
     let tasks = Tasks::default();
     let settler = Settler::new(ledger.clone(), store.clone(), config.settler_settings());
     let status = settler.status();
-    let task = tasks.supervise(
-        "settler",
-        joined(tokio::spawn(settler.run(stopped()))),
-        stopping.clone(),
-    );
+    let settling = {
+        let (ledger, store) = (ledger.clone(), store.clone());
+        let (stop, stopped, refused_stop) = (stopped(), stopped(), stopped());
+        async move {
+            // Redis or the store did not answer at start: nothing is settled before the
+            // count is known to be the deployment's.
+            if !count_verified {
+                if let Err(err) = verify_shard_count(&ledger, &store, stop).await {
+                    let _ = count_refused_tx.send(err);
+                    // Ends with the process (not reported as a task that ended early).
+                    refused_stop.await;
+                    return;
+                }
+            }
+            settler.run(stopped).await
+        }
+    };
+    let task = tasks.supervise("settler", joined(tokio::spawn(settling)), stopping.clone());
     tokio::spawn(reload_on_sighup(None, config.clone(), hangups, stopped()));
     let dispatcher = spawn_dispatcher(&config, &store, stopped())
         .map(|d| tasks.supervise("webhooks", joined(d), stopping.clone()));
@@ -539,14 +601,27 @@ pub async fn run_settler(
         config.server.http_limits(),
         stopped(),
     );
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
+    let refused = Arc::new(std::sync::Mutex::new(None::<ShardCountError>));
+    tokio::spawn({
+        let refused = refused.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                Ok(err) = count_refused => {
+                    tracing::error!(error = %err, "another shard count than the deployment's: stopping");
+                    *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+                }
+            }
+            let _ = stop_tx.send(true);
+        }
     });
     let http = drained(http, stopped()).await;
     let mut tasks = vec![task, watcher];
     tasks.extend(dispatcher);
     join_until(tokio::time::Instant::now() + SHUTDOWN_GRACE, tasks).await;
+    if let Some(err) = refused.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(err.into());
+    }
     if let Some(http) = http {
         http?;
     }
@@ -598,9 +673,16 @@ pub async fn run(
     if let Err(err) = store.migrate().await {
         tracing::warn!(error = %err, "store not migrated yet (the settler retries)");
     }
+    // The shard count before anything is marked or served: another count than the
+    // deployment's is refused here, or (Redis or the store unreachable now) once they
+    // answer, by the initializer below, which then stops the process.
+    let count_verified = shard_count_at_start(&ledger, &store).await?;
+    let (count_refused_tx, count_refused) = tokio::sync::oneshot::channel::<ShardCountError>();
     // First look before serving (a fresh deployment is ready at once), then keep looking:
     // Redis may come up later, or lose its data while we run.
-    initialize_new_shards(&ledger, &store).await;
+    if count_verified {
+        initialize_new_shards(&ledger, &store).await;
+    }
     if config.server.restore {
         // Its own Redis connections: a restore's pipelines (thousands of commands) must
         // not queue the checks behind them on the shared ones.
@@ -613,6 +695,12 @@ pub async fn run(
         let stop = stopped();
         tokio::spawn(async move {
             let mut stop = std::pin::pin!(stop);
+            if !count_verified {
+                if let Err(err) = verify_shard_count(&ledger, &store, &mut stop).await {
+                    let _ = count_refused_tx.send(err);
+                    return;
+                }
+            }
             loop {
                 tokio::select! {
                     _ = &mut stop => return,
@@ -751,10 +839,19 @@ pub async fn run(
     let replayer = tokio::spawn(replay_spool(gateway.clone(), stopped()));
     let settle_retrier = tokio::spawn(settle_retrier.run(stopped()));
 
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
+    let refused = Arc::new(std::sync::Mutex::new(None::<ShardCountError>));
+    tokio::spawn({
+        let refused = refused.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => tracing::info!("shutting down"),
+                Ok(err) = count_refused => {
+                    tracing::error!(error = %err, "another shard count than the deployment's: stopping");
+                    *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+                }
+            }
+            let _ = stop_tx.send(true);
+        }
     });
 
     let servers = drained(async { tokio::join!(grpc, http) }, stopped()).await;
@@ -770,6 +867,9 @@ pub async fn run(
     tasks.extend(settler_task);
     tasks.extend(dispatcher);
     join_until(deadline, tasks).await;
+    if let Some(err) = refused.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(err.into());
+    }
     if let Some((grpc, http)) = servers {
         grpc?;
         http?;

@@ -610,7 +610,8 @@ async fn query_text(url: &str, sql: &'static str) -> Vec<String> {
 /// as a negated `delivered_at_ms`). Version 6 adds the column, moves the round starts into
 /// it and indexes events by shard, in PostgreSQL and SQLite; the later versions follow
 /// (7: the events' `actor` column, which the events read back carry; 8: the events'
-/// `redis_epoch`, 0 for an event written without the markers a settler read).
+/// `redis_epoch`, 0 for an event written without the markers a settler read; 9: API keys'
+/// makers; 10: the persisted shard count).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
     let redis = common::RedisServer::start();
@@ -698,7 +699,7 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
                 "SELECT CAST(MAX(version) AS TEXT) FROM tollgate_schema_migrations"
             )
             .await,
-            vec!["9".to_owned()],
+            vec!["10".to_owned()],
             "{kind}"
         );
         // The shard index, which restore's reads use.

@@ -4,7 +4,9 @@
 //! finds its keys without a lookup.
 
 /// Virtual shards unless configured otherwise. Fixed for the life of a deployment:
-/// changing it moves accounts to other shards.
+/// changing it moves accounts to other shards, so the count is persisted (each shard's
+/// [`shard_count_key`], and the store) and a process configured otherwise refuses to start
+/// (`settle::shard_count`).
 pub const SHARDS_DEFAULT: u16 = 16;
 /// Upper bound on the shard count (the settler reads one stream per shard).
 pub const SHARDS_MAX: u16 = 1024;
@@ -31,6 +33,19 @@ fn id_number(text: &str) -> bool {
         && text.len() <= 16
         && text.bytes().all(|b| b.is_ascii_digit())
         && text.parse::<u64>().is_ok_and(|n| n <= ID_NUMBER_MAX)
+}
+
+/// The epoch marker of any shard number, in range of this deployment or not (the shard
+/// count check looks past the configured count).
+pub fn epoch_key_of(shard: u16) -> String {
+    format!("{{tg:{shard}}}:epoch")
+}
+
+/// The shard count the shard belongs to, "<count>": written with its epoch marker in the
+/// same atomic step (`Ledger::mark_new_shard`, `Ledger::initialize_shard`, restore), and by
+/// the first start that persists the count of a deployment made before it was persisted.
+pub fn shard_count_key(shard: u16) -> String {
+    format!("{{tg:{shard}}}:shards")
 }
 
 /// Precomputed per-shard key names.
@@ -76,6 +91,11 @@ impl ShardMap {
     /// The shard's epoch marker (see lua/lib.lua `initialized`).
     pub fn epoch_key(&self, shard: u16) -> String {
         format!("{}:epoch", self.tag(shard))
+    }
+
+    /// The shard's persisted shard count ([`shard_count_key`]).
+    pub fn count_key(&self, shard: u16) -> String {
+        format!("{}:shards", self.tag(shard))
     }
 
     /// The span (ms) that numbers the shard's idempotency buckets, "<span>" or "<span>

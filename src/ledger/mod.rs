@@ -1038,19 +1038,78 @@ impl Ledger {
         Ok(found == 1)
     }
 
-    /// Marks a shard initialized (SET NX of its epoch marker). Only for a shard whose
-    /// state is known to be complete: a fresh deployment, or after a restore.
+    /// Marks a shard initialized (SET NX of its epoch marker), with the shard count it
+    /// belongs to in the same atomic step. Only for a shard whose state is known to be
+    /// complete: a fresh deployment, or after a restore. Refused (nothing written) when
+    /// the shard already belongs to another count.
     pub async fn initialize_shard(&self, shard: u16, epoch: &str) -> Result<(), LedgerError> {
-        let _: Option<String> = self
+        const INITIALIZE: &str = "local c = redis.call('GET', KEYS[2]) \
+            if c and c ~= ARGV[2] then return c end \
+            redis.call('SET', KEYS[1], ARGV[1], 'NX') redis.call('SET', KEYS[2], ARGV[2]) \
+            return ''";
+        let found: String = self
             .redis
             .query(
-                redis::cmd("SET")
+                redis::cmd("EVAL")
+                    .arg(INITIALIZE)
+                    .arg(2)
                     .arg(self.shards.epoch_key(shard))
+                    .arg(self.shards.count_key(shard))
                     .arg(epoch)
-                    .arg("NX"),
+                    .arg(self.shards.count()),
             )
             .await?;
+        if !found.is_empty() {
+            return Err(self.count_mismatch(shard, &found));
+        }
         Ok(())
+    }
+
+    fn count_mismatch(&self, shard: u16, found: &str) -> LedgerError {
+        LedgerError::Internal(format!(
+            "ledger.shards is {}, but shard {shard} belongs to a deployment of {found} shards \
+             (its {} key): not marked",
+            self.shards.count(),
+            self.shards.count_key(shard)
+        ))
+    }
+
+    /// Per shard number from 0 to [`keys::SHARDS_MAX`] - 1, in range of the configured
+    /// count or not: whether it has an epoch marker, and the shard count persisted in it
+    /// (`{tg:S}:shards`). What the shard count check reads.
+    pub async fn shard_count_marks(&self) -> Result<Vec<(bool, Option<String>)>, LedgerError> {
+        let mut markers = redis::pipe();
+        let mut counts = redis::pipe();
+        for shard in 0..keys::SHARDS_MAX {
+            markers.cmd("EXISTS").arg(keys::epoch_key_of(shard));
+            counts.cmd("GET").arg(keys::shard_count_key(shard));
+        }
+        let markers: Vec<i64> = self.redis.pipeline(&markers).await?;
+        let counts: Vec<Option<String>> = self.redis.pipeline(&counts).await?;
+        Ok(markers
+            .into_iter()
+            .zip(counts)
+            .map(|(e, c)| (e == 1, c))
+            .collect())
+    }
+
+    /// Writes the configured shard count into every shard that has none yet (SET NX), and
+    /// answers what each shard of the configured count holds afterwards: a process
+    /// configured with another count that wrote first shows up here.
+    pub async fn persist_shard_count(&self) -> Result<Vec<Option<String>>, LedgerError> {
+        let count = self.shards.count();
+        let mut pipe = redis::pipe();
+        for shard in 0..count {
+            pipe.cmd("SET")
+                .arg(self.shards.count_key(shard))
+                .arg(count)
+                .arg("NX")
+                .ignore();
+        }
+        for shard in 0..count {
+            pipe.cmd("GET").arg(self.shards.count_key(shard));
+        }
+        self.redis.pipeline(&pipe).await
     }
 
     /// The first step of marking a new shard ([`Ledger::mark_new_shard`]): leaves a
@@ -1086,23 +1145,38 @@ impl Ledger {
         epoch: &str,
         token: &str,
     ) -> Result<bool, LedgerError> {
+        // The shard count goes in with the marker: a shard that belongs to another
+        // count (KEYS[3]) is never marked.
         const MARK: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end \
+            local c = redis.call('GET', KEYS[3]) \
+            if c and c ~= ARGV[3] then return c end \
             redis.call('DEL', KEYS[1]) \
-            if redis.call('SET', KEYS[2], ARGV[2], 'NX') then return 1 end \
+            if redis.call('SET', KEYS[2], ARGV[2], 'NX') then \
+              redis.call('SET', KEYS[3], ARGV[3]) return 1 end \
             return 0";
-        let marked: i64 = self
+        let marked: redis::Value = self
             .redis
             .query(
                 redis::cmd("EVAL")
                     .arg(MARK)
-                    .arg(2)
+                    .arg(3)
                     .arg(self.new_shard_claim_key(shard))
                     .arg(self.shards.epoch_key(shard))
+                    .arg(self.shards.count_key(shard))
                     .arg(token)
-                    .arg(epoch),
+                    .arg(epoch)
+                    .arg(self.shards.count()),
             )
             .await?;
-        Ok(marked == 1)
+        match marked {
+            redis::Value::Int(n) => Ok(n == 1),
+            redis::Value::BulkString(found) => {
+                Err(self.count_mismatch(shard, &String::from_utf8_lossy(&found)))
+            }
+            other => Err(LedgerError::Internal(format!(
+                "unexpected answer marking shard {shard}: {other:?}"
+            ))),
+        }
     }
 
     fn new_shard_claim_key(&self, shard: u16) -> String {

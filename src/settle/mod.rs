@@ -8,11 +8,13 @@
 //! - `restore`: rebuilds Redis's live state from the store after Redis lost its data
 //! - `webhook_store`: usage-webhook state and deliveries in the same store (schema v2)
 //! - `dead_letters`: the outbox entries the settler set aside: list, replay, drop
+//! - `shard_count`: the persisted shard count, and the check that refuses another one
 
 pub mod dead_letters;
 pub mod reconcile;
 pub mod restore;
 pub mod settler;
+pub mod shard_count;
 pub mod store;
 pub mod webhook_store;
 

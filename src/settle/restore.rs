@@ -212,8 +212,10 @@ const YIELD_EVERY_EVENTS: usize = 1024;
 /// (`SET NX`) and the restoring marker deleted only while that marker is still this
 /// restore's. A restore that lost its lease, and whose shard another restore has taken
 /// over (deleted and marked as its own), cannot mark it serving half-written.
+/// The shard count the shard belongs to (KEYS[3] = ARGV[3]) is written in the same step.
 const FINISH_SHARD_LUA: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end \
-    redis.call('SET', KEYS[2], ARGV[2], 'NX') redis.call('DEL', KEYS[1]) return 1";
+    redis.call('SET', KEYS[2], ARGV[2], 'NX') redis.call('SET', KEYS[3], ARGV[3]) \
+    redis.call('DEL', KEYS[1]) return 1";
 
 /// A shard's "a restore is writing it" marker: set (to the lease's token) before the
 /// restore's first write into the shard, deleted once its epoch marker is written. Found
@@ -2052,11 +2054,13 @@ async fn restore_under(
             .query(
                 redis::cmd("EVAL")
                     .arg(FINISH_SHARD_LUA)
-                    .arg(2)
+                    .arg(3)
                     .arg(restoring_key(ledger, shard))
                     .arg(ledger.shards().epoch_key(shard))
+                    .arg(ledger.shards().count_key(shard))
                     .arg(&lease.token)
-                    .arg(&epoch),
+                    .arg(&epoch)
+                    .arg(count),
             )
             .await?;
         if finished != 1 {

@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("schema_v7.sql")),
     (8, include_str!("schema_v8.sql")),
     (9, include_str!("schema_v9.sql")),
+    (10, include_str!("schema_v10.sql")),
 ];
 
 /// Columns a migration adds where they are missing, before its SQL runs: (version,
@@ -1127,6 +1128,42 @@ macro_rules! store_impl {
                 Ok(found.is_some())
             }
 
+            /// The deployment's persisted shard count (schema_v10.sql), if one was written.
+            pub async fn shard_count(&self) -> Result<Option<i64>, StoreError> {
+                Ok(
+                    sqlx::query_scalar("SELECT shards FROM tollgate_shard_count WHERE id = 1")
+                        .fetch_optional(&self.pool)
+                        .await?,
+                )
+            }
+
+            /// Writes the shard count unless one is there already; answers the one that
+            /// is there afterwards (another process's, written first, when they differ).
+            pub async fn persist_shard_count(&self, count: u16) -> Result<i64, StoreError> {
+                sqlx::query(
+                    "INSERT INTO tollgate_shard_count (id, shards, written_at_ms) \
+                     VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(i64::from(count))
+                .bind(crate::ledger::wall_clock_ms())
+                .execute(&self.pool)
+                .await?;
+                Ok(
+                    sqlx::query_scalar("SELECT shards FROM tollgate_shard_count WHERE id = 1")
+                        .fetch_one(&self.pool)
+                        .await?,
+                )
+            }
+
+            /// The highest shard number any settled event carries (None: no events).
+            pub async fn highest_event_shard(&self) -> Result<Option<i64>, StoreError> {
+                Ok(
+                    sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(shard) FROM tollgate_events")
+                        .fetch_one(&self.pool)
+                        .await?,
+                )
+            }
+
             pub async fn count_events(&self) -> Result<i64, StoreError> {
                 Ok(sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tollgate_events")
                     .fetch_one(&self.pool)
@@ -1885,6 +1922,18 @@ impl Store {
 
     pub async fn shard_has_events(&self, shard: u16) -> Result<bool, StoreError> {
         dispatch!(self, s => s.shard_has_events(shard).await)
+    }
+
+    pub async fn shard_count(&self) -> Result<Option<i64>, StoreError> {
+        dispatch!(self, s => s.shard_count().await)
+    }
+
+    pub async fn persist_shard_count(&self, count: u16) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.persist_shard_count(count).await)
+    }
+
+    pub async fn highest_event_shard(&self) -> Result<Option<i64>, StoreError> {
+        dispatch!(self, s => s.highest_event_shard().await)
     }
 
     pub async fn open_hold_ids(
