@@ -1,13 +1,27 @@
 //! `tollgate reconcile`: proves the durable ledger and Redis agree.
 //!
-//! After draining the outboxes, for every wallet (in Redis or in the store):
+//! After draining the outboxes:
+//! 0. Per shard, the store's newest settled event (of the shard's wallets, from their
+//!    running summaries) is compared with the shard outbox's last entry id, read after it:
+//!    an outbox behind it lost settled events (Redis came back from an older RDB or AOF,
+//!    or a lagging replica took over). That is a drift of its own, and the shard's wallets
+//!    and allocations are then compared with every settled event (below), so the events
+//!    Redis lost show wallet by wallet.
+//!
+//! Then for every wallet (in Redis or in the store):
 //! 1. Redis's totals and open holds are read atomically with the shard outbox's last entry
 //!    id; the store's are re-derived from the wallet's events up to that entry (so a live
-//!    system can be reconciled: later events are not counted on either side).
+//!    system can be reconciled: later events are not counted on either side), or in a
+//!    shard whose outbox is behind, up to the store's newest settled event.
 //! 2. The store's running summary is compared with the totals re-derived from all its
 //!    events (the summary is updated incrementally, so this checks the store itself).
+//! 3. Conservation, on Redis's totals and on the store's re-derived ones (one comparison
+//!    each): granted + adjusted + refunded − used − expired = available + held. The store's
+//!    available and held are the last event's figures, which Redis wrote: a Redis figure
+//!    changed behind tollgate's back agrees with the store once any event follows, and
+//!    only this shows it.
 //!
-//! 3. Org members' allocations (allocated, and used net of returned holds and refunds):
+//! 4. Org members' allocations (allocated, and used net of returned holds and refunds):
 //!    each org wallet's allocation record is read atomically with the shard outbox's last
 //!    entry id (the same snapshot script), and compared with the allocations re-derived
 //!    from the wallet's events up to that entry, as for totals.
@@ -41,12 +55,32 @@ pub struct LostHold {
 pub struct Drift {
     pub account_id: String,
     pub wallet: String,
-    /// "redis" (Redis vs ledger events), "summary" (running summary vs events) or
-    /// "allocation" (an org member's allocation; account_id is "<org>:<member>").
+    /// "redis" (Redis vs ledger events), "summary" (running summary vs events),
+    /// "conservation" (field "redis" or "store": whose totals; expected is granted +
+    /// adjusted + refunded − used − expired, found available + held) or "allocation" (an
+    /// org member's allocation; account_id is "<org>:<member>"). A shard whose outbox is
+    /// behind the store is check "redis", field [`OUTBOX_BEHIND`], account_id the shard's
+    /// hash tag, wallet "-", and expected and found the ms of the store's newest settled
+    /// position and of the outbox's last entry id (0: none); both in full in
+    /// [`Report::outboxes_behind`].
     pub check: &'static str,
     pub field: &'static str,
     pub expected: i64,
     pub found: i64,
+}
+
+/// The field of a shard's drift whose outbox is behind the store.
+pub const OUTBOX_BEHIND: &str = "outbox_last_id";
+
+/// A shard whose outbox's last entry id is before the newest event the store settled of
+/// its wallets: Redis lost settled events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxBehind {
+    pub shard: u16,
+    /// The stream position of the newest settled event of the shard's wallets.
+    pub settled: (i64, i64),
+    /// The outbox's last entry id (None: the outbox has none).
+    pub redis: Option<(i64, i64)>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +90,12 @@ pub struct Report {
     pub drifts: Vec<Drift>,
     /// The holds behind an `open_holds` drift.
     pub lost_holds: Vec<LostHold>,
+    /// The positions behind an [`OUTBOX_BEHIND`] drift.
+    pub outboxes_behind: Vec<OutboxBehind>,
+}
+
+fn stream_id((ms, seq): (i64, i64)) -> String {
+    format!("{ms}-{seq}")
 }
 
 impl Report {
@@ -68,12 +108,12 @@ impl Report {
         );
         if !self.drifts.is_empty() {
             out.push_str(&format!(
-                "{:<24} {:<12} {:<8} {:<10} {:>16} {:>16}\n",
+                "{:<24} {:<12} {:<12} {:<14} {:>16} {:>16}\n",
                 "account", "wallet", "check", "field", "expected", "found"
             ));
             for d in &self.drifts {
                 out.push_str(&format!(
-                    "{:<24} {:<12} {:<8} {:<10} {:>16} {:>16}\n",
+                    "{:<24} {:<12} {:<12} {:<14} {:>16} {:>16}\n",
                     d.account_id, d.wallet, d.check, d.field, d.expected, d.found
                 ));
             }
@@ -86,6 +126,20 @@ impl Report {
                 out.push_str(&format!(
                     "{:<24} {:<12} {}\n",
                     h.account_id, h.wallet, h.hold_id
+                ));
+            }
+        }
+        if !self.outboxes_behind.is_empty() {
+            out.push_str(
+                "outboxes behind the store (Redis lost settled events; the shard's wallets are \
+                 compared with every settled event):\n",
+            );
+            for b in &self.outboxes_behind {
+                out.push_str(&format!(
+                    "shard {:<5} store settled through {}, outbox last entry {}\n",
+                    b.shard,
+                    stream_id(b.settled),
+                    b.redis.map_or_else(|| "none".to_owned(), stream_id)
                 ));
             }
         }
@@ -127,6 +181,100 @@ fn compare(
     }
 }
 
+/// A conservation drift unless what came in less what went out is what is left:
+/// granted + adjusted + refunded − used − expired = available + held (`side`: whose
+/// totals, "redis" or "store").
+fn conservation(
+    drifts: &mut Vec<Drift>,
+    account_id: &str,
+    wallet: &str,
+    side: &'static str,
+    t: &Totals,
+) {
+    let net = t.granted + t.adjusted + t.refunded - t.used - t.expired;
+    let left = t.available + t.held;
+    if net != left {
+        drifts.push(Drift {
+            account_id: account_id.to_owned(),
+            wallet: wallet.to_owned(),
+            check: "conservation",
+            field: side,
+            expected: net,
+            found: left,
+        });
+    }
+}
+
+/// A shard outbox's last entry id (`XINFO STREAM`'s `last-generated-id`, as snapshot.lua
+/// reads it: an outbox trimmed empty still has one); "" when there is no outbox.
+const OUTBOX_LAST_ID_LUA: &str = "if redis.call('EXISTS', KEYS[1]) == 0 then return '' end \
+    local info = redis.call('XINFO', 'STREAM', KEYS[1]) \
+    for j = 1, #info, 2 do \
+      if info[j] == 'last-generated-id' then return info[j + 1] end \
+    end return ''";
+
+async fn outbox_last_id(ledger: &Ledger, shard: u16) -> Result<Option<(i64, i64)>, LedgerError> {
+    let id: String = ledger
+        .redis()
+        .query(
+            redis::cmd("EVAL")
+                .arg(OUTBOX_LAST_ID_LUA)
+                .arg(1)
+                .arg(ledger.shards().outbox(shard)),
+        )
+        .await?;
+    Ok(parse_stream_id(&id).filter(|&p| p > (0, 0)))
+}
+
+/// Per shard: the newest settled position of its wallets' events (`settled`, read from the
+/// store first) against its outbox's last entry id (read after: it is at or past every
+/// event the store settled from this Redis). An outbox behind it is a drift, and its
+/// shard's comparisons reach that position: the returned floors, by shard.
+async fn outboxes_behind(
+    ledger: &Ledger,
+    settled: &BTreeMap<u16, (i64, i64)>,
+    report: &mut Report,
+) -> Result<BTreeMap<u16, (i64, i64)>, SettleError> {
+    let mut floors = BTreeMap::new();
+    for (&shard, &newest) in settled {
+        let redis = outbox_last_id(ledger, shard).await?;
+        if redis.is_some_and(|r| r >= newest) {
+            continue;
+        }
+        report.drifts.push(Drift {
+            account_id: ledger.shards().tag(shard).to_owned(),
+            wallet: "-".to_owned(),
+            check: "redis",
+            field: OUTBOX_BEHIND,
+            expected: newest.0,
+            found: redis.map_or(0, |r| r.0),
+        });
+        report.outboxes_behind.push(OutboxBehind {
+            shard,
+            settled: newest,
+            redis,
+        });
+        floors.insert(shard, newest);
+    }
+    Ok(floors)
+}
+
+/// Where the store's side of a comparison stops: at the snapshot's outbox entry (None:
+/// the outbox never had one, every settled event counts), or, in a shard whose outbox is
+/// behind the store (`floors`), not before the store's newest settled event, so the
+/// events Redis lost count.
+fn cut_off(
+    floors: &BTreeMap<u16, (i64, i64)>,
+    shard: u16,
+    last_entry_id: Option<&str>,
+) -> Option<(i64, i64)> {
+    let upto = last_entry_id.and_then(parse_stream_id);
+    match floors.get(&shard) {
+        Some(&floor) => Some(upto.map_or(floor, |upto| upto.max(floor))),
+        None => upto,
+    }
+}
+
 /// Drains the outbox, then compares every wallet.
 /// `settings` are the deployment's settler settings (group, claim idle time); reconcile
 /// drains under its own consumer name.
@@ -146,9 +294,17 @@ pub async fn reconcile(
         .await
         .map_err(|_| SettleError::DrainTimeout(drain_timeout))??;
 
-    let mut wallets: BTreeSet<(String, String)> = store
-        .wallets()
-        .await?
+    let summaries = store.wallets().await?;
+    // Read before the outboxes' positions (`outboxes_behind`).
+    let mut settled: BTreeMap<u16, (i64, i64)> = BTreeMap::new();
+    for s in &summaries {
+        let newest = settled
+            .entry(ledger.shards().of_account(&s.account_id))
+            .or_default();
+        *newest = (*newest).max(s.last_position);
+    }
+    settled.retain(|_, newest| *newest > (0, 0));
+    let mut wallets: BTreeSet<(String, String)> = summaries
         .into_iter()
         .map(|s| (s.account_id, s.wallet))
         .collect();
@@ -158,6 +314,7 @@ pub async fn reconcile(
         wallets: wallets.len(),
         ..Default::default()
     };
+    let floors = outboxes_behind(&ledger, &settled, &mut report).await?;
     for (account_id, wallet) in &wallets {
         let shard = ledger.shards().of_account(account_id);
         let stream = ledger.shards().outbox(shard);
@@ -181,7 +338,7 @@ pub async fn reconcile(
             available: balance.available,
             held: balance.held,
         };
-        let upto = last_id.as_deref().and_then(parse_stream_id);
+        let upto = cut_off(&floors, shard, last_id.as_deref());
         let upto_snapshot = store.derive(account_id, wallet, upto).await?;
         compare(
             &mut report.drifts,
@@ -191,6 +348,11 @@ pub async fn reconcile(
             &upto_snapshot.totals,
             &redis_totals,
         );
+        // The store's side up to a position every event before which is settled: all of
+        // them counted (a batch that commits ahead of an earlier one would not break it).
+        for (side, totals) in [("redis", &redis_totals), ("store", &upto_snapshot.totals)] {
+            conservation(&mut report.drifts, account_id, wallet, side, totals);
+        }
         // Held credits agree even when a hold's record is gone from Redis (its credits
         // stay held there, lib.lua `expire_hold`): the count of open holds does not.
         if upto_snapshot.open_holds != snapshot.open_holds {
@@ -251,6 +413,7 @@ pub async fn reconcile(
         &mut settler,
         &group,
         drain_timeout,
+        &floors,
         &mut report,
     )
     .await?;
@@ -376,8 +539,18 @@ struct RedisAllocation {
 }
 
 impl RedisAllocation {
-    fn upto(&self) -> Option<(i64, i64)> {
-        self.last_entry_id.as_deref().and_then(parse_stream_id)
+    /// Where the store's side stops (`cut_off`).
+    fn upto(
+        &self,
+        ledger: &Ledger,
+        floors: &BTreeMap<u16, (i64, i64)>,
+        org: &str,
+    ) -> Option<(i64, i64)> {
+        cut_off(
+            floors,
+            ledger.shards().of_account(org),
+            self.last_entry_id.as_deref(),
+        )
     }
 }
 
@@ -485,13 +658,16 @@ async fn settle_through(
 /// its shard outbox's last entry id (one script), the settler is made to settle through
 /// it, and the store side counts the wallet's events up to it only, so member charges
 /// that keep flowing are on neither side. An org wallet that differs (or that the store
-/// has and the SCAN did not find: made meanwhile) is looked at once more on its own.
+/// has and the SCAN did not find: made meanwhile) is looked at once more on its own. In a
+/// shard whose outbox is behind the store (`floors`), the store's side reaches its newest
+/// settled event.
 async fn compare_allocations(
     ledger: &Ledger,
     store: &Store,
     settler: &mut Settler,
     group: &str,
     drain_timeout: Duration,
+    floors: &BTreeMap<u16, (i64, i64)>,
     report: &mut Report,
 ) -> Result<(), SettleError> {
     let mut found = BTreeMap::new();
@@ -504,7 +680,10 @@ async fn compare_allocations(
         .map(|((org, _), s)| (org.as_str(), s.last_entry_id.as_deref()))
         .collect();
     settle_through(ledger, settler, group, drain_timeout, &positions).await?;
-    let upto = found.iter().map(|(k, s)| (k.clone(), s.upto())).collect();
+    let upto = found
+        .iter()
+        .map(|(k, s)| (k.clone(), s.upto(ledger, floors, &k.0)))
+        .collect();
     let expected = store_allocations(ledger, store, &upto).await?;
 
     let none = Members::new();
@@ -524,8 +703,8 @@ async fn compare_allocations(
             &[(org.as_str(), again.last_entry_id.as_deref())],
         )
         .await?;
-        let store_members =
-            store_wallet_allocations(ledger, store, org, wallet, again.upto()).await?;
+        let upto = again.upto(ledger, floors, org);
+        let store_members = store_wallet_allocations(ledger, store, org, wallet, upto).await?;
         report.drifts.extend(allocation_drifts(
             org,
             wallet,

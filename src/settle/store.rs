@@ -162,6 +162,8 @@ pub struct WalletSummary {
     pub wallet: String,
     pub totals: Totals,
     pub events: i64,
+    /// The stream position (ms, seq) of the wallet's newest settled event.
+    pub last_position: (i64, i64),
 }
 
 /// A wallet as re-derived from its events, with its running summary from the same snapshot.
@@ -893,8 +895,8 @@ macro_rules! store_impl {
             pub async fn wallets(&self) -> Result<Vec<WalletSummary>, StoreError> {
                 let rows = sqlx::query(
                     "SELECT account_id, wallet, granted, used, expired, refunded, adjusted, \
-                     available, held, events FROM tollgate_wallets \
-                     ORDER BY account_id, wallet",
+                     available, held, events, last_stream_ms, last_stream_seq \
+                     FROM tollgate_wallets ORDER BY account_id, wallet",
                 )
                 .fetch_all(&self.pool)
                 .await?;
@@ -913,6 +915,10 @@ macro_rules! store_impl {
                                 held: r.try_get("held")?,
                             },
                             events: r.try_get("events")?,
+                            last_position: (
+                                r.try_get("last_stream_ms")?,
+                                r.try_get("last_stream_seq")?,
+                            ),
                         })
                     })
                     .collect::<Result<Vec<_>, sqlx::Error>>()
