@@ -1031,11 +1031,17 @@ async fn history_pages_through_ten_thousand_events() {
     assert_eq!(seen.len(), 10_000);
     let ids: BTreeSet<&str> = seen.iter().map(|t| t.event_id.as_str()).collect();
     assert_eq!(ids.len(), 10_000, "repeats across pages");
+    // Newest first: by time, then stream position as numbers (not the id as text).
+    let position = |t: &pb::Transaction| {
+        let n: Vec<i64> = t
+            .event_id
+            .split('-')
+            .map(|n| n.parse().expect("event id"))
+            .collect();
+        (t.created_at_ms, n[1], n[2], n[0])
+    };
     for pair in seen.windows(2) {
-        assert!(
-            (pair[0].created_at_ms, &pair[0].event_id) > (pair[1].created_at_ms, &pair[1].event_id),
-            "not newest first"
-        );
+        assert!(position(&pair[0]) > position(&pair[1]), "not newest first");
     }
     let grant_tx = seen.last().expect("oldest");
     assert_eq!(
@@ -3064,5 +3070,298 @@ async fn a_store_unreachable_from_start_up_counts_store_errors() {
             child.stderr()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Events one script writes share a millisecond of the stream and a created_at_ms (a
+/// balance call expiring 12 lots). History lists them newest first by stream position as
+/// numbers, in both stores and across pages: the event id compared as text put `…-9` above
+/// `…-11`, so the first row (whose balance_after a portal shows as the balance) was not
+/// the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_newest_first_within_one_millisecond() {
+    use tollgate::settle::store::HistoryQuery;
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    for i in 0..12 {
+        let mut grant = common::purchase("acme", 10 + i, &format!("g{i}"));
+        grant.expires_at_ms = START_MS + 1_000;
+        ledger.grant(&grant).await.expect("grant");
+    }
+    now.fetch_add(2_000, Ordering::SeqCst);
+    let balance = ledger.balance("acme", "default").await.expect("balance");
+    assert_eq!(balance[0].available, 0, "one call expired every lot");
+    // Which sequence numbers Redis gives depends on the real ms the scripts ran in: number
+    // each created_at_ms's events from 0 in stream order, as one script's in a fresh ms
+    // are (0..=11 for each group of 12: past 9, the text order differs).
+    let mut next_seq: HashMap<i64, u32> = HashMap::new();
+    let events: Vec<LedgerEvent> = common::outbox_events(&ledger)
+        .await
+        .into_iter()
+        .map(|mut e| {
+            let shard = e.shard();
+            let seq = next_seq.entry(e.created_at_ms).or_default();
+            e.stream_id = format!("{}-{seq}", e.created_at_ms);
+            e.event_id = format!("{shard}-{}", e.stream_id);
+            *seq += 1;
+            e
+        })
+        .collect();
+    assert_eq!(events.len(), 24);
+    assert!(next_seq.values().all(|n| *n == 12), "{next_seq:?}");
+    let newest_first: Vec<&str> = events.iter().rev().map(|e| e.event_id.as_str()).collect();
+
+    let pg = common::PgDatabase::create().await;
+    for url in [common::temp_sqlite_url(), pg.url.clone()] {
+        let store = store(&url).await;
+        assert_eq!(store.append(&events).await.expect("append"), 24);
+        let mut query = HistoryQuery {
+            account_id: "acme".into(),
+            page_size: 5,
+            ..Default::default()
+        };
+        let mut listed = Vec::new();
+        loop {
+            let page = store.history(&query).await.expect("history");
+            listed.extend(page.events);
+            match page.next {
+                Some(after) => query.after = Some(after),
+                None => break,
+            }
+            assert!(listed.len() <= 24, "{} pages never end", store.kind());
+        }
+        let ids: Vec<&str> = listed.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids, newest_first, "{} history order", store.kind());
+        assert_eq!(
+            listed[0].available_after,
+            balance[0].available,
+            "{}: the first row is the balance",
+            store.kind()
+        );
+    }
+}
+
+/// A refund of a charge whose lot has expired since gives back only what is still live:
+/// the rest expires at once, carried in the event's `x` alone. The history's Transaction
+/// shows it as `expired` (the refund's lots sum to amount - expired, which is what its
+/// balance_after rose by), so the history adds up to the balance. And a capture of 0,
+/// which charged nothing and gave the whole hold back, is a "release" in user terms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_shows_a_refunds_expired_part_and_a_capture_of_nothing_as_a_release() {
+    use tollgate::api::metering::transaction;
+    use tollgate::ledger::{EndHold, Refund};
+    use tollgate::settle::store::HistoryQuery;
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    common::add_observer_group(&ledger).await;
+    // Lot A burns first and expires in 10 s; lot B never expires.
+    let mut a = common::purchase("acme", 100, "gA");
+    a.priority = 10;
+    a.expires_at_ms = START_MS + 10_000;
+    ledger.grant(&a).await.expect("grant A");
+    ledger
+        .grant(&common::purchase("acme", 100, "gB"))
+        .await
+        .expect("grant B");
+    let debit = ledger
+        .debit(&Debit {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 150,
+            idempotency_key: "d".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("debit: 100 from A, 50 from B");
+    now.fetch_add(11_000, Ordering::SeqCst);
+    // Back from the last drawn: B's 50 (live), then 70 of A's (expired).
+    let refund = ledger
+        .refund(&Refund {
+            charge_id: debit.event_id.clone(),
+            amount: 120,
+            idempotency_key: "r".into(),
+            metadata: Metadata::new(),
+        })
+        .await
+        .expect("refund");
+    let hold = ledger
+        .authorize(&Authorize {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 30,
+            ttl_ms: 60_000,
+            on_expiry: OnExpiry::Release,
+            idempotency_key: "h".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+        })
+        .await
+        .expect("hold");
+    let capture = ledger
+        .end_hold(&EndHold::capture(hold.hold_id.clone(), Some(0), "c".into()))
+        .await
+        .expect("capture of 0");
+    let available = ledger.balance("acme", "default").await.expect("balance")[0].available;
+    assert_eq!(available, 200 - 150 + (120 - 70));
+
+    let pg = common::PgDatabase::create().await;
+    for (url, group) in [
+        (common::temp_sqlite_url(), "to-sqlite"),
+        (pg.url.clone(), "to-postgres"),
+    ] {
+        let store = store(&url).await;
+        settler(&ledger, &store, group, "a")
+            .drain(DEADLINE)
+            .await
+            .expect("drain");
+        let page = store
+            .history(&HistoryQuery {
+                account_id: "acme".into(),
+                page_size: 50,
+                ..Default::default()
+            })
+            .await
+            .expect("history");
+        let txs: Vec<pb::Transaction> = page.events.into_iter().map(transaction).collect();
+        let kind = store.kind();
+        assert_eq!(txs[0].balance_after, available, "{kind}");
+        let at = |id: &str| {
+            txs.iter()
+                .position(|t| t.event_id == id)
+                .unwrap_or_else(|| panic!("{kind}: {id} listed"))
+        };
+        let r = at(&refund.event_id);
+        let tx = &txs[r];
+        assert_eq!(
+            (tx.kind.as_str(), tx.amount, tx.expired),
+            ("refund", 120, 70),
+            "{kind}"
+        );
+        assert_eq!(tx.lots.iter().map(|l| l.amount).sum::<i64>(), 50, "{kind}");
+        // The row before it in time is the next one in the list.
+        assert_eq!(
+            tx.balance_after - txs[r + 1].balance_after,
+            tx.amount - tx.expired,
+            "{kind}"
+        );
+        assert!(txs
+            .iter()
+            .all(|t| t.event_id == refund.event_id || t.expired == 0));
+        let c = &txs[at(&capture.event_id)];
+        assert_eq!(
+            (c.ledger_kind.as_str(), c.amount, c.kind.as_str()),
+            ("capture", 0, "release"),
+            "{kind}"
+        );
+    }
+}
+
+/// A Redis rolled back with its clock behind the lost incarnation's can hand a new event
+/// the id of a settled one. The store's dedupe took it as already written: its charge was
+/// missing from the durable ledger without a trace. Now the settler compares what the
+/// store holds under the id, and a different event goes to the dead letters ("event id
+/// reused by a different event", counted), while the rest of its batch settles and a
+/// redelivery of the same event is still simply already written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_reusing_a_settled_events_id_is_set_aside_not_dropped() {
+    let pg = common::PgDatabase::create().await;
+    for url in [common::temp_sqlite_url(), pg.url.clone()] {
+        let redis = common::RedisServer::start();
+        let (clock, _now) = Clock::manual(START_MS);
+        let ledger = common::ledger(&redis, clock);
+        ledger
+            .grant(&common::purchase("acme", 100, "g"))
+            .await
+            .expect("grant");
+        let debit = ledger
+            .debit(&Debit {
+                account_id: "acme".into(),
+                wallet: "default".into(),
+                amount: 7,
+                idempotency_key: "d".into(),
+                operation: "op".into(),
+                metadata: Metadata::new(),
+                member_id: String::new(),
+            })
+            .await
+            .expect("debit");
+        let events = common::outbox_events(&ledger).await;
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].event_id, debit.event_id);
+        let store = store(&url).await;
+        let kind = store.kind();
+        // What the lost incarnation settled under the debit's id: a debit of 30.
+        let mut lost = events[1].clone();
+        lost.amount = 30;
+        lost.available_after = 70;
+        lost.lots[0].amount = 30;
+        lost.idempotency_key = "lost".into();
+        assert_eq!(
+            store
+                .append(std::slice::from_ref(&lost))
+                .await
+                .expect("lost"),
+            1
+        );
+
+        settler(&ledger, &store, "tollgate-settler", "a")
+            .drain(DEADLINE)
+            .await
+            .expect("drain");
+
+        assert_eq!(
+            store.event(&events[0].event_id).await.expect("event"),
+            Some(events[0].clone()),
+            "{kind}: the rest of the batch settles"
+        );
+        assert_eq!(
+            store.event(&debit.event_id).await.expect("event"),
+            Some(lost.clone()),
+            "{kind}"
+        );
+        let letters = tollgate::settle::dead_letters::list(&ledger)
+            .await
+            .expect("dead letters");
+        assert_eq!(letters.len(), 1, "{kind}: {letters:?}");
+        assert_eq!(letters[0].entry_id, events[1].stream_id, "{kind}");
+        assert!(
+            letters[0]
+                .error
+                .contains("event id reused by a different event: the store holds debit of 30"),
+            "{kind}: {}",
+            letters[0].error
+        );
+        assert_eq!(
+            common::pending(&ledger, "tollgate-settler", None).await,
+            Some(0),
+            "{kind}: acknowledged"
+        );
+        // A redelivery (the same events again) is already written, not a reuse.
+        let again = store
+            .append_batch(&[events[0].clone(), lost.clone()], None, None)
+            .await
+            .expect("again");
+        assert!(
+            again.new_events.is_empty() && again.reused.is_empty(),
+            "{kind}: {again:?}"
+        );
+        let reused = store
+            .append_batch(&events, None, None)
+            .await
+            .expect("reused");
+        assert_eq!(
+            reused
+                .reused
+                .iter()
+                .map(|r| r.event_id.as_str())
+                .collect::<Vec<_>>(),
+            [debit.event_id.as_str()],
+            "{kind}"
+        );
     }
 }

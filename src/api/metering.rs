@@ -53,14 +53,17 @@ pub fn parse_history_token(token: &str) -> Option<(i64, String)> {
     Some((at.parse().ok()?, id.to_owned()))
 }
 
-/// The event in user terms.
+/// The event in user terms. A hold's end that charged nothing (a capture of 0, a release,
+/// an expiry by the release policy) is a "release": the whole hold went back.
 pub fn user_kind(e: &LedgerEvent) -> &'static str {
     match e.kind {
         EventKind::Grant => "add",
         EventKind::Adjust if e.amount > 0 => "add",
-        EventKind::Adjust | EventKind::Debit | EventKind::Capture => "consume",
-        EventKind::ExpireHold if e.lots.iter().any(|p| p.amount > 0) => "consume",
-        EventKind::ExpireHold | EventKind::Release => "release",
+        EventKind::Adjust | EventKind::Debit => "consume",
+        EventKind::Capture | EventKind::ExpireHold if e.lots.iter().any(|p| p.amount > 0) => {
+            "consume"
+        }
+        EventKind::Capture | EventKind::ExpireHold | EventKind::Release => "release",
         EventKind::Hold => "hold",
         EventKind::Refund => "refund",
         EventKind::ExpireLot => "expire",
@@ -72,8 +75,14 @@ pub fn user_kind(e: &LedgerEvent) -> &'static str {
 
 pub fn transaction(e: LedgerEvent) -> pb::Transaction {
     let kind = user_kind(&e).to_owned();
+    // A refund's credits whose lot had expired expire at once: in the event's `x` only.
+    let expired = match e.kind {
+        EventKind::Refund => e.deltas().expired,
+        _ => 0,
+    };
     pb::Transaction {
         kind,
+        expired,
         ledger_kind: e.kind.as_str().to_owned(),
         metadata: serde_json::from_str(&e.metadata).unwrap_or_default(),
         lots: e

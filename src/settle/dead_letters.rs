@@ -1,5 +1,7 @@
 //! Dead letters: outbox entries the settler could not read, or whose event the store
-//! refused (a NUL byte, a value out of range, a constraint: settler.rs `commit`), set aside
+//! refused (a NUL byte, a value out of range, a constraint: settler.rs `commit`) or holds
+//! a different event's id ("event id reused by a different event": a Redis rolled back
+//! with its clock behind; `replay` refuses those, the id being taken), set aside
 //! in `<outbox>:dead` (settler.rs `set_aside`) as the fields `id` (the outbox entry's id),
 //! `error` (why: "refused by the store: …" for the second kind), then the entry's own
 //! fields. A refused one reads fine: `replay` writes it as it is once the store takes it,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use metrics::{Counter, Gauge};
 use redis::Value;
 
-use super::store::{Store, StoreError, STORE_ERROR_KINDS};
+use super::store::{ReusedId, Store, StoreError, STORE_ERROR_KINDS};
 use crate::ledger::event::{parse_stream_id, EventKind, LedgerEvent};
 use crate::ledger::{Ledger, LedgerError};
 use crate::telemetry::metrics as m;
@@ -253,7 +253,8 @@ pub struct Settler {
 struct Committed {
     /// Ids of the events the shards' fences refused (not written, not acknowledged).
     fenced: Vec<String>,
-    /// Ids of the events the store refused, moved to the dead letters (acknowledged).
+    /// Ids of the events the store refused, or whose id it holds for another event, moved
+    /// to the dead letters (acknowledged).
     set_aside: Vec<String>,
 }
 
@@ -266,6 +267,7 @@ impl Settler {
                 .increment(0);
         }
         metrics::counter!(m::SETTLE_FENCED_EVENTS_TOTAL).increment(0);
+        metrics::counter!(m::SETTLE_REUSED_EVENT_IDS_TOTAL).increment(0);
         Self {
             ledger,
             store,
@@ -495,7 +497,8 @@ impl Settler {
 
     /// Writes the batch. Returns the ids of the events the store's shard fences refused
     /// (read from a Redis that lost its data, whose shard a restore has rebuilt since
-    /// without them) and of those the store refused and that were set aside.
+    /// without them) and of those the store refused, or whose id it already holds for a
+    /// different event (`Appended::reused`), and that were set aside.
     ///
     /// The whole batch first. A part the store refuses for its data
     /// ([`StoreError::Refused`]: the same rows fail the same way every time) is split in
@@ -509,7 +512,21 @@ impl Settler {
         let mut parts: Vec<&[LedgerEvent]> = vec![&batch.events];
         while let Some(part) = parts.pop() {
             match self.write(part, &batch.epochs).await {
-                Ok(fenced) => done.fenced.extend(fenced),
+                Ok((fenced, reused)) => {
+                    done.fenced.extend(fenced);
+                    for r in reused {
+                        let Some(e) = part.iter().find(|e| e.event_id == r.event_id) else {
+                            continue;
+                        };
+                        let why = format!(
+                            "event id reused by a different event: the store holds {} under it",
+                            r.held
+                        );
+                        set_aside_event(&self.ledger, &self.settings.group, e, why, Cause::Reused)
+                            .await?;
+                        done.set_aside.push(r.event_id);
+                    }
+                }
                 Err(_) if part.len() > 1 => {
                     let (first, second) = part.split_at(part.len() / 2);
                     parts.push(second);
@@ -517,7 +534,9 @@ impl Settler {
                 }
                 Err(err) => {
                     for e in part {
-                        set_aside_refused(&self.ledger, &self.settings.group, e, &err).await?;
+                        let why = format!("refused by the store: {err}");
+                        set_aside_event(&self.ledger, &self.settings.group, e, why, Cause::Refused)
+                            .await?;
                         done.set_aside.push(e.event_id.clone());
                     }
                     self.set_aside_in_a_row
@@ -529,14 +548,15 @@ impl Settler {
     }
 
     /// Writes a part of a batch, retrying store errors with capped backoff until it
-    /// succeeds; returns the fenced event ids. Only a refusal of the data
+    /// succeeds; returns the fenced event ids, and the events whose id the store holds for
+    /// a different event (not written). Only a refusal of the data
     /// ([`StoreError::Refused`]) is returned, and only while fewer than
     /// [`SET_ASIDE_WITHOUT_A_WRITE_MAX`] refused events were set aside in a row.
     async fn write(
         &self,
         events: &[LedgerEvent],
         epochs: &[Option<i64>],
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<(Vec<String>, Vec<ReusedId>), StoreError> {
         let mut backoff = self.settings.backoff_min;
         loop {
             let started = Instant::now();
@@ -577,7 +597,11 @@ impl Settler {
                         s.store_error = None;
                         s.settled_total += new;
                     });
-                    return Ok(appended.fenced);
+                    if !appended.reused.is_empty() {
+                        metrics::counter!(m::SETTLE_REUSED_EVENT_IDS_TOTAL)
+                            .increment(appended.reused.len() as u64);
+                    }
+                    return Ok((appended.fenced, appended.reused));
                 }
                 Err(err) => {
                     metrics::counter!(m::STORE_ERRORS_TOTAL, "kind" => err.kind()).increment(1);
@@ -946,25 +970,37 @@ fn parse_epochs(reply: Value) -> Vec<Option<i64>> {
 }
 
 /// An outbox entry the settler cannot read: a corrupt field, or the format of a newer
-/// tollgate (a rollback after an upgrade); or one the store refused
-/// ([`set_aside_refused`]).
+/// tollgate (a rollback after an upgrade); or one that read fine and the store did not take
+/// ([`set_aside_event`]).
 struct Unreadable {
     shard: u16,
     id: String,
     fields: Vec<Vec<u8>>,
     why: String,
-    /// Read fine, refused by the store.
-    refused: bool,
+    cause: Cause,
 }
 
-/// Sets aside an event the store refused on its own (see `Settler::commit`): its outbox
-/// entry, read again as Redis holds it (still there: it is pending, so not trimmed), goes
-/// to the dead letters like an unreadable one, with the store's error as its `error`.
-async fn set_aside_refused(
+/// Why an entry is set aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// It does not read.
+    Unreadable,
+    /// The store refused its data.
+    Refused,
+    /// The store holds a different event under its id (`Appended::reused`).
+    Reused,
+}
+
+/// Sets aside an event that read fine but the store did not take (see `Settler::commit`):
+/// refused for its data, or its id already held for a different event. Its outbox entry,
+/// read again as Redis holds it (still there: it is pending, so not trimmed), goes to the
+/// dead letters like an unreadable one, with `why` as its `error`.
+async fn set_aside_event(
     ledger: &Ledger,
     group: &str,
     event: &LedgerEvent,
-    err: &StoreError,
+    why: String,
+    cause: Cause,
 ) -> Result<(), SettleError> {
     let outbox = ledger.shards().outbox(event.shard());
     let reply: Value = ledger
@@ -999,8 +1035,8 @@ async fn set_aside_refused(
         shard: event.shard(),
         id: event.stream_id.clone(),
         fields,
-        why: format!("refused by the store: {err}"),
-        refused: true,
+        why,
+        cause,
     };
     set_aside(ledger, group, std::slice::from_ref(&unreadable)).await
 }
@@ -1047,20 +1083,27 @@ async fn set_aside(
     for u in unreadable {
         metrics::counter!(m::SETTLE_DEAD_LETTERS_TOTAL, "shard" => u.shard.to_string())
             .increment(1);
-        if u.refused {
-            tracing::error!(
+        match u.cause {
+            Cause::Refused => tracing::error!(
                 shard = u.shard,
                 entry = %u.id,
                 error = %u.why,
                 "an event the store refuses was moved to the dead-letter stream; the rest settles"
-            );
-        } else {
-            tracing::error!(
+            ),
+            Cause::Reused => tracing::error!(
+                shard = u.shard,
+                entry = %u.id,
+                error = %u.why,
+                "an event whose id the store holds for a different event was moved to the \
+                 dead-letter stream (a Redis rolled back with its clock behind reused a \
+                 settled id); the rest settles"
+            ),
+            Cause::Unreadable => tracing::error!(
                 shard = u.shard,
                 entry = %u.id,
                 error = %u.why,
                 "an outbox entry the settler cannot read was moved to the dead-letter stream"
-            );
+            ),
         }
     }
     Ok(())
@@ -1103,7 +1146,7 @@ fn parse_entries(
                     id,
                     fields: kv.iter().map(raw_bytes).collect(),
                     why: err.to_string(),
-                    refused: false,
+                    cause: Cause::Unreadable,
                 }),
                 // Not an entry id: nothing to acknowledge it by (Redis never sends this).
                 None => tracing::error!(shard, "an outbox entry without an id was skipped"),

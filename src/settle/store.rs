@@ -2,10 +2,11 @@
 //! implementation written once (`store_impl!`) over both sqlx drivers, since the SQL is the
 //! same text for both (`$n` placeholders, `ON CONFLICT`, `RETURNING`, row values).
 //!
-//! Events are keyed by event id, so a redelivered event is a no-op; a per-wallet running
+//! Events are keyed by event id, so a redelivered event is a no-op (a different event under
+//! a settled id is reported, `Appended::reused`, not taken as written); a per-wallet running
 //! summary is updated in the same transaction, from the newly inserted events only.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -203,7 +204,8 @@ pub struct WalletPosition {
     pub stream_seq: i64,
 }
 
-/// A history query: one account, newest first.
+/// A history query: one account, newest first: by created_at_ms, then by stream position
+/// (ms, seq, as numbers), then shard.
 #[derive(Debug, Clone, Default)]
 pub struct HistoryQuery {
     pub account_id: String,
@@ -214,7 +216,7 @@ pub struct HistoryQuery {
     /// Exclusive upper bound on created_at_ms.
     pub to_ms: Option<i64>,
     pub page_size: u32,
-    /// Continue after this (created_at_ms, event_id).
+    /// Continue after this (created_at_ms, event_id): the event id gives the position.
     pub after: Option<(i64, String)>,
 }
 
@@ -307,6 +309,18 @@ pub struct Appended {
     /// Ids of the batch's events refused by their shard's fence: read from a Redis
     /// incarnation older than the one a restore rebuilt (schema_v5.sql). Not written.
     pub fenced: Vec<String>,
+    /// The batch's events whose id the store already holds for a different event (not
+    /// written; see `reused_ids`).
+    pub reused: Vec<ReusedId>,
+}
+
+/// An event whose id the store already holds for another event: a Redis rolled back with
+/// its clock behind the lost incarnation's handed a settled event's id to a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReusedId {
+    pub event_id: String,
+    /// What the store holds under the id ("debit of 7").
+    pub held: String,
 }
 
 /// Per shard (by index), the epoch marker of the Redis a batch's events of that shard were
@@ -397,6 +411,13 @@ fn read_epoch(epochs: Option<&ShardEpochs>, e: &LedgerEvent) -> i64 {
     epochs
         .and_then(|epochs| epochs.get(usize::from(e.shard())).copied().flatten())
         .unwrap_or(0)
+}
+
+/// Where an event id `<shard>-<ms>-<seq>` sits in the history order after its
+/// created_at_ms: (shard, stream ms, stream seq).
+fn history_position(event_id: &str) -> Option<(i64, i64, i64)> {
+    let mut parts = event_id.splitn(3, '-').map(|n| n.parse::<i64>().ok());
+    Some((parts.next()??, parts.next()??, parts.next()??))
 }
 
 fn lots_text(lots: &[LotPiece]) -> String {
@@ -575,6 +596,13 @@ macro_rules! store_impl {
                 }
                 let inserted =
                     $store::insert_events(&mut tx, &sorted, epochs, settled_at).await?;
+                // Only when some id was already there (a redelivery, or an id reused): the
+                // common batch makes no extra round trip.
+                let reused = if inserted.len() < sorted.len() {
+                    self.reused_ids(&mut tx, &sorted, &inserted).await?
+                } else {
+                    Vec::new()
+                };
                 let new_events: Vec<&LedgerEvent> = sorted
                     .iter()
                     .copied()
@@ -637,7 +665,76 @@ macro_rules! store_impl {
                     holds_open,
                     deliveries,
                     fenced,
+                    reused,
                 })
+            }
+
+            /// Of `events`, those not `inserted` (their id was there) whose stored event is
+            /// another one: a different kind, account, wallet, amount, time or lots. A
+            /// redelivered event (a settler died before its `XACK`, a claimed batch) is the
+            /// same, and counts as already written. A different one is an id reused by a
+            /// Redis that came back from an older state with its clock behind the lost
+            /// incarnation's (docs/ARCHITECTURE.md, "Redis loss decisions"): skipped
+            /// as already written, its charge would be missing from the durable ledger
+            /// without a trace.
+            async fn reused_ids(
+                &self,
+                tx: &mut sqlx::Transaction<'_, $db>,
+                events: &[&LedgerEvent],
+                inserted: &HashSet<String>,
+            ) -> Result<Vec<ReusedId>, StoreError> {
+                let held: Vec<&LedgerEvent> = events
+                    .iter()
+                    .copied()
+                    .filter(|e| !inserted.contains(&e.event_id))
+                    .collect();
+                let mut reused = Vec::new();
+                for chunk in held.chunks(INSERT_ROWS_MAX) {
+                    let mut select = QueryBuilder::<$db>::new(
+                        "SELECT event_id, kind, account_id, wallet, amount, created_at_ms, lots \
+                         FROM tollgate_events WHERE event_id IN (",
+                    );
+                    let mut list = select.separated(", ");
+                    for e in chunk {
+                        list.push_bind(e.event_id.clone());
+                    }
+                    select.push(")");
+                    let rows: Vec<(String, String, String, String, i64, i64, String)> =
+                        select.build_query_as().fetch_all(&mut **tx).await?;
+                    let stored: HashMap<&str, _> = rows
+                        .iter()
+                        .map(|(id, kind, account, wallet, amount, at, lots)| {
+                            (id.as_str(), (kind, account, wallet, *amount, *at, lots))
+                        })
+                        .collect();
+                    for e in chunk {
+                        let Some((kind, account, wallet, amount, at, lots)) =
+                            stored.get(e.event_id.as_str())
+                        else {
+                            continue;
+                        };
+                        // Lots by id and amount: the burn score is not in every event.
+                        let same_lots = LotPiece::parse_list(lots).is_some_and(|stored| {
+                            stored.len() == e.lots.len()
+                                && stored.iter().zip(&e.lots).all(|(a, b)| {
+                                    a.lot_id == b.lot_id && a.amount == b.amount
+                                })
+                        });
+                        let same = kind.as_str() == e.kind.as_str()
+                            && **account == e.account_id
+                            && **wallet == e.wallet
+                            && *amount == e.amount
+                            && *at == e.created_at_ms
+                            && same_lots;
+                        if !same {
+                            reused.push(ReusedId {
+                                event_id: e.event_id.clone(),
+                                held: format!("{kind} of {amount}"),
+                            });
+                        }
+                    }
+                }
+                Ok(reused)
             }
 
             /// The fences (above 0) of `shards`, locked against a restore raising them
@@ -839,16 +936,28 @@ macro_rules! store_impl {
                     qb.push(" AND created_at_ms < ").push_bind(to);
                 }
                 if let Some((at, id)) = &q.after {
+                    let (shard, ms, seq) = history_position(id).ok_or_else(|| {
+                        StoreError::Query(format!("a history page starts after {id:?}, not an event id"))
+                    })?;
                     qb.push(" AND (created_at_ms < ")
                         .push_bind(*at)
                         .push(" OR (created_at_ms = ")
                         .push_bind(*at)
-                        .push(" AND event_id < ")
-                        .push_bind(id.clone())
-                        .push("))");
+                        .push(" AND (stream_ms, stream_seq, shard) < (")
+                        .push_bind(ms)
+                        .push(", ")
+                        .push_bind(seq)
+                        .push(", ")
+                        .push_bind(shard)
+                        .push(")))");
                 }
-                qb.push(" ORDER BY created_at_ms DESC, event_id DESC LIMIT ")
-                    .push_bind(i64::from(page_size) + 1);
+                // Ties on created_at_ms in stream order, numerically: the event id is text,
+                // and `…-9` sorted above `…-11` (events one script wrote share a ms).
+                qb.push(
+                    " ORDER BY created_at_ms DESC, stream_ms DESC, stream_seq DESC, shard DESC \
+                     LIMIT ",
+                )
+                .push_bind(i64::from(page_size) + 1);
                 let rows = qb.build().fetch_all(&self.pool).await?;
                 let mut events = rows
                     .iter()

@@ -64,6 +64,9 @@ pub const SETTLE_DEAD_LETTERS_TOTAL: &str = "tollgate_settle_dead_letters_total"
 /// Events read from a Redis that lost its data, refused by the store because a restore
 /// rebuilt their shard since (schema_v5.sql, the shard fences).
 pub const SETTLE_FENCED_EVENTS_TOTAL: &str = "tollgate_settle_fenced_events_total";
+/// Events whose id the store already holds for a different event (an id a rolled-back
+/// Redis reused), moved to the dead-letter stream instead of taken as already written.
+pub const SETTLE_REUSED_EVENT_IDS_TOTAL: &str = "tollgate_settle_reused_event_ids_total";
 /// Entries in a shard's outbox stream (settled entries are trimmed), by `shard`.
 pub const OUTBOX_LENGTH: &str = "tollgate_outbox_length";
 /// Age of the oldest unsettled event of a shard, by `shard`.
@@ -292,6 +295,10 @@ fn describe() {
         "Events read from a Redis that lost its data, not settled because a restore rebuilt their shard without them."
     );
     describe_counter!(
+        SETTLE_REUSED_EVENT_IDS_TOTAL,
+        "Events whose id the store already holds for a different event (reused by a rolled-back Redis), moved to <outbox>:dead instead of skipped."
+    );
+    describe_counter!(
         SETTLER_ROUND_ERRORS_TOTAL,
         "Failed settler rounds, by kind."
     );
@@ -419,6 +426,7 @@ mod tests {
             SETTLER_ROUND_ERRORS_TOTAL,
             SETTLE_DEAD_LETTERS_TOTAL,
             SETTLE_FENCED_EVENTS_TOTAL,
+            SETTLE_REUSED_EVENT_IDS_TOTAL,
             OUTBOX_LENGTH,
             OUTBOX_OLDEST_AGE_SECONDS,
             SETTLER_MEASURED_AGE_SECONDS,
