@@ -971,15 +971,13 @@ fn replayed_or(replayed: bool, done: String) -> String {
     }
 }
 
-/// The org-wide keys a member's removal or demotion revoked, as a clause ("" for none).
+/// The keys a member's removal or demotion revoked (the keys they made; on a removal
+/// the keys bound to them too), as a clause ("" for none).
 fn keys_revoked(key_ids: &[String]) -> String {
     if key_ids.is_empty() {
         String::new()
     } else {
-        format!(
-            "; revoked the org-wide keys they made: {}",
-            key_ids.join(", ")
-        )
+        format!("; revoked keys: {}", key_ids.join(", "))
     }
 }
 

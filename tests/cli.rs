@@ -682,7 +682,7 @@ async fn org_create_and_remove_member_with_an_idempotency_key_replay() {
     let out = run(&["org", "remove-member", "acme", "carol", "--actor", "olivia"]);
     assert!(
         out.trim_end()
-            .ends_with(&format!("; revoked the org-wide keys they made: {key_id}")),
+            .ends_with(&format!("; revoked keys: {key_id}")),
         "{out}"
     );
 

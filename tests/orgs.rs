@@ -284,7 +284,7 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
         .expect("refund");
     assert_eq!(view(&server, "alice", "").await.allocations[0].remaining, 5);
 
-    // Bob leaves the org: his key still authenticates but charges nothing (403).
+    // Bob leaves the org: his key goes with him (revoked by the removal, 403).
     let mut admin = server.admin().await;
     admin
         .remove_member(pb::RemoveMemberRequest {
@@ -297,7 +297,7 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
         .expect("remove bob");
     let r = send_envelope(&server, &bob).await;
     assert_eq!(r.status, 403, "{r:?}");
-    assert_eq!(r.json()["error"], "not_a_member");
+    assert_eq!(r.json()["error"], "revoked_api_key");
 }
 
 /// An org key made with an idempotency key: a retry answers the same key; once its actor
@@ -3058,16 +3058,16 @@ async fn acme_keys(server: &common::TestServer) -> Vec<pb::ApiKey> {
 }
 
 /// The reviewer's sequence: bob, an admin held to an allocation of 10, makes an org-wide
-/// key (bounded only by the org balance); removed from the org, bob's key must not spend
-/// the org's credits. RemoveMember revokes the org-wide keys the member made, and a
-/// demotion to plain member does the same (dave); an owner's org-wide key and a key bob
-/// made for alice (bounded by her allocation) stay. The key records name their maker,
-/// ListApiKeys shows it, and the store keeps both the maker and the revocation, so a
-/// restore brings neither the keys back to life nor loses the maker — even when a
-/// revocation never reached the store (restore revokes a live org-wide key whose maker is
-/// no longer an owner or admin in the restored org).
+/// key (bounded only by the org balance) and one bound to alice; removed from the org,
+/// bob's keys must not spend the org's credits — neither the org-wide one nor the one
+/// spending alice's allocation. RemoveMember revokes every key the member made, whatever
+/// member it is bound to, and a demotion to plain member does the same (dave); an owner's
+/// keys stay. The key records name their maker, ListApiKeys shows it, and the store keeps
+/// both the maker and the revocation, so a restore brings neither the keys back to life
+/// nor loses the maker — even when a revocation never reached the store (restore revokes
+/// a live key whose maker is no longer an owner or admin in the restored org).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after_a_restore() {
+async fn a_removed_or_demoted_admins_keys_are_revoked_and_stay_so_after_a_restore() {
     let mut redis = common::RedisServer::start();
     let pg = common::PgDatabase::create().await;
     let config = |redis: &common::RedisServer| {
@@ -3094,8 +3094,17 @@ async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after
     let bob_wide = org_key(&server, "bob", "").await;
     let bob_for_alice = org_key(&server, "bob", "alice").await;
     let dave_wide = org_key(&server, "dave", "").await;
+    let dave_for_alice = org_key(&server, "dave", "alice").await;
     let olivia_wide = org_key(&server, "olivia", "").await;
-    for key in [&bob_wide, &bob_for_alice, &dave_wide, &olivia_wide] {
+    let olivia_for_alice = org_key(&server, "olivia", "alice").await;
+    for key in [
+        &bob_wide,
+        &bob_for_alice,
+        &dave_wide,
+        &dave_for_alice,
+        &olivia_wide,
+        &olivia_for_alice,
+    ] {
         let r = send_envelope(&server, &key.api_key).await;
         assert_eq!(r.status, 200, "{r:?}");
     }
@@ -3112,9 +3121,13 @@ async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after
         .await
         .expect("remove bob")
         .into_inner();
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
     assert_eq!(
         removed.revoked_key_ids,
-        std::slice::from_ref(&bob_wide.key_id)
+        sorted(vec![bob_wide.key_id.clone(), bob_for_alice.key_id.clone()])
     );
     let demoted = admin
         .add_member(pb::AddMemberRequest {
@@ -3129,20 +3142,26 @@ async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after
         .into_inner();
     assert_eq!(
         demoted.revoked_key_ids,
-        std::slice::from_ref(&dave_wide.key_id)
+        sorted(vec![
+            dave_wide.key_id.clone(),
+            dave_for_alice.key_id.clone()
+        ])
     );
     let refused = |r: common::gateways::HttpResponse| {
         assert_eq!(r.status, 403, "{r:?}");
         assert_eq!(r.json()["error"], "revoked_api_key", "{r:?}");
     };
-    // The org balance is out of reach of both (bob's key would have spent 500 of it).
-    refused(send_envelope(&server, &bob_wide.api_key).await);
-    refused(send_envelope(&server, &dave_wide.api_key).await);
+    // The org balance is out of reach of both (bob's key would have spent 500 of it), and
+    // so is alice's allocation (bob's key for her would have spent it all).
+    let made_by_them = [&bob_wide, &bob_for_alice, &dave_wide, &dave_for_alice];
+    for key in made_by_them {
+        refused(send_envelope(&server, &key.api_key).await);
+    }
     assert_eq!(
         send_envelope(&server, &olivia_wide.api_key).await.status,
         200
     );
-    let r = send_envelope(&server, &bob_for_alice.api_key).await;
+    let r = send_envelope(&server, &olivia_for_alice.api_key).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("x-tollgate-member"), Some("alice"));
     // A retry of the removal (its answer lost) answers the same, keys included.
@@ -3161,7 +3180,7 @@ async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after
         .filter(|k| k.revoked_at_ms > 0)
         .map(|k| k.key_id.as_str())
         .collect();
-    let mut expected = vec![bob_wide.key_id.as_str(), dave_wide.key_id.as_str()];
+    let mut expected: Vec<&str> = made_by_them.iter().map(|k| k.key_id.as_str()).collect();
     expected.sort();
     assert_eq!(revoked, expected, "{before:?}");
     // Every key names its maker.
@@ -3169,7 +3188,9 @@ async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after
         (&bob_wide, "bob"),
         (&bob_for_alice, "bob"),
         (&dave_wide, "dave"),
+        (&dave_for_alice, "dave"),
         (&olivia_wide, "olivia"),
+        (&olivia_for_alice, "olivia"),
     ] {
         let listed = before
             .iter()
@@ -3178,8 +3199,8 @@ async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after
         assert_eq!(listed.created_by, maker, "{listed:?}");
     }
 
-    // The store has the revocations. One of them is taken out again (a save that never
-    // landed): the restore must not bring dave's key back to life.
+    // The store has the revocations. Two of them are taken out again (saves that never
+    // landed): the restore must not bring dave's keys back to life.
     let store = tollgate::settle::Store::connect_lazy(&pg.url, 1).expect("store");
     let stored = store.api_keys().await.expect("keys");
     for id in &expected {
@@ -3187,17 +3208,24 @@ async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after
         assert!(k.revoked_at_ms > 0, "{k:?}");
         assert!(!k.digest.is_empty() && !k.name.is_empty(), "{k:?}");
     }
-    let k = stored
-        .iter()
-        .find(|k| k.key_id == bob_wide.key_id)
-        .expect("stored");
-    assert_eq!(k.created_by, "bob", "{k:?}");
+    for (key, maker, member) in [(&bob_wide, "bob", ""), (&bob_for_alice, "bob", "alice")] {
+        let k = stored
+            .iter()
+            .find(|k| k.key_id == key.key_id)
+            .expect("stored");
+        assert_eq!(
+            (k.created_by.as_str(), k.member_id.as_str()),
+            (maker, member)
+        );
+    }
     let pool = sqlx::PgPool::connect(&pg.url).await.expect("postgres");
-    sqlx::query("UPDATE tollgate_api_keys SET revoked_at_ms = 0 WHERE key_id = $1")
-        .bind(&dave_wide.key_id)
-        .execute(&pool)
-        .await
-        .expect("update");
+    for key in [&dave_wide, &dave_for_alice] {
+        sqlx::query("UPDATE tollgate_api_keys SET revoked_at_ms = 0 WHERE key_id = $1")
+            .bind(&key.key_id)
+            .execute(&pool)
+            .await
+            .expect("update");
+    }
     pool.close().await;
 
     let clean = tokio::task::spawn_blocking(reconcile_job(redis.url(), pg.url.clone()))
@@ -3210,25 +3238,30 @@ async fn a_removed_or_demoted_admins_org_wide_keys_are_revoked_and_stay_so_after
     assert!(restored.status.success(), "{restored:?}");
     let server = common::TestServer::start(config(&redis), Clock::Redis).await;
     assert_eq!(acme_keys(&server).await, before, "the keys as they were");
-    refused(send_envelope(&server, &bob_wide.api_key).await);
-    refused(send_envelope(&server, &dave_wide.api_key).await);
+    for key in made_by_them {
+        refused(send_envelope(&server, &key.api_key).await);
+    }
     assert_eq!(
         send_envelope(&server, &olivia_wide.api_key).await.status,
         200
     );
     assert_eq!(
-        send_envelope(&server, &bob_for_alice.api_key).await.status,
+        send_envelope(&server, &olivia_for_alice.api_key)
+            .await
+            .status,
         200
     );
     let stored = store.api_keys().await.expect("keys");
-    let dave = stored
-        .iter()
-        .find(|k| k.key_id == dave_wide.key_id)
-        .expect("stored");
-    assert!(
-        dave.revoked_at_ms > 0,
-        "the restore saved the revocation: {dave:?}"
-    );
+    for key in [&dave_wide, &dave_for_alice] {
+        let dave = stored
+            .iter()
+            .find(|k| k.key_id == key.key_id)
+            .expect("stored");
+        assert!(
+            dave.revoked_at_ms > 0,
+            "the restore saved the revocation: {dave:?}"
+        );
+    }
     server.stop().await;
 }
 
@@ -3393,4 +3426,144 @@ async fn get_balance_by_a_revoked_key_id_is_refused() {
         .await
         .expect_err("an unknown key");
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+}
+
+/// A removed member's own keys (bound to them) are revoked by the removal: refused on a
+/// priced route before too (`not_a_member`), they still authenticated on a zero-priced
+/// one, telling the upstream the caller was a member who no longer is one, and came back
+/// to life when the member was added again. Now the gateway refuses them as revoked on
+/// every route, the store keeps the revocation (a restore keeps them revoked, even when
+/// the save never landed), and a re-added member gets new keys, not the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_members_own_keys_are_revoked_on_every_route_and_stay_so() {
+    let mut redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    // envelope.send without a signature method costs its base: 0 here.
+    let book = common::gateways::replace(
+        &common::gateways::example("pricebook-esign.toml"),
+        "base = 1\n",
+        "base = 0\n",
+    );
+    let config = |redis: &common::RedisServer| {
+        let mut config = common::gateways::esign_config_from(&redis.url(), &book);
+        config.store.url = pg.url.clone();
+        config.settler.enabled = true;
+        config
+    };
+    let server = common::TestServer::start(config(&redis), Clock::Redis).await;
+    acme_with_admins(&server).await;
+    let free = |server: &common::TestServer, key: String| {
+        let addr = server.http_addr;
+        async move {
+            http(
+                addr,
+                "GET",
+                "/v1/forward-auth",
+                &[
+                    ("x-forwarded-method", "POST"),
+                    ("x-forwarded-uri", "/v1/envelopes"),
+                    ("x-forwarded-host", "api.example.com"),
+                    ("x-api-key", &key),
+                ],
+                "",
+            )
+            .await
+        }
+    };
+    let alice_own = org_key(&server, "olivia", "alice").await;
+    let bob_for_alice = org_key(&server, "bob", "alice").await;
+    let olivia_for_bob = org_key(&server, "olivia", "bob").await;
+    for key in [&alice_own, &bob_for_alice] {
+        let r = free(&server, key.api_key.clone()).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-tollgate-member"), Some("alice"), "{r:?}");
+        let r = send_envelope(&server, &key.api_key).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    let mut admin = server.admin().await;
+    let removed = admin
+        .remove_member(pb::RemoveMemberRequest {
+            org_id: "acme".into(),
+            member_id: "alice".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "alice-leaves".into(),
+        })
+        .await
+        .expect("remove alice")
+        .into_inner();
+    let mut alices = vec![alice_own.key_id.clone(), bob_for_alice.key_id.clone()];
+    alices.sort();
+    assert_eq!(removed.revoked_key_ids, alices);
+    let refused = |r: common::gateways::HttpResponse| {
+        assert_eq!(r.status, 403, "{r:?}");
+        assert_eq!(r.json()["error"], "revoked_api_key", "{r:?}");
+    };
+    for key in [&alice_own, &bob_for_alice] {
+        refused(free(&server, key.api_key.clone()).await);
+        refused(send_envelope(&server, &key.api_key).await);
+    }
+    // Another member's key, made by the same owner, is untouched.
+    let r = free(&server, olivia_for_bob.api_key.clone()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-tollgate-member"), Some("bob"), "{r:?}");
+
+    // Re-added, alice does not get her old keys back.
+    admin
+        .add_member(pb::AddMemberRequest {
+            org_id: "acme".into(),
+            member_id: "alice".into(),
+            role: "member".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "alice-back".into(),
+        })
+        .await
+        .expect("re-add alice");
+    for key in [&alice_own, &bob_for_alice] {
+        refused(free(&server, key.api_key.clone()).await);
+    }
+    let alice_new = org_key(&server, "olivia", "alice").await;
+    assert_eq!(free(&server, alice_new.api_key.clone()).await.status, 200);
+
+    // The store has the revocations; one is taken out again (a save that never landed):
+    // the restore revokes it again, and leaves the key made since the re-add live.
+    let store = tollgate::settle::Store::connect_lazy(&pg.url, 1).expect("store");
+    let stored = store.api_keys().await.expect("keys");
+    for id in &alices {
+        let k = stored.iter().find(|k| &k.key_id == id).expect("stored");
+        assert!(k.revoked_at_ms > 0, "{k:?}");
+        assert_eq!(k.member_id, "alice", "{k:?}");
+    }
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("postgres");
+    sqlx::query("UPDATE tollgate_api_keys SET revoked_at_ms = 0 WHERE key_id = $1")
+        .bind(&alice_own.key_id)
+        .execute(&pool)
+        .await
+        .expect("update");
+    pool.close().await;
+    let before = acme_keys(&server).await;
+    let clean = tokio::task::spawn_blocking(reconcile_job(redis.url(), pg.url.clone()))
+        .await
+        .expect("join");
+    assert!(clean.status.success(), "{clean:?}");
+    server.stop().await;
+    redis.restart();
+    let restored = tool(&["restore", "--redis-url", &redis.url(), "--store", &pg.url]);
+    assert!(restored.status.success(), "{restored:?}");
+    let server = common::TestServer::start(config(&redis), Clock::Redis).await;
+    assert_eq!(acme_keys(&server).await, before, "the keys as they were");
+    for key in [&alice_own, &bob_for_alice] {
+        refused(free(&server, key.api_key.clone()).await);
+    }
+    assert_eq!(free(&server, alice_new.api_key.clone()).await.status, 200);
+    let stored = store.api_keys().await.expect("keys");
+    let k = stored
+        .iter()
+        .find(|k| k.key_id == alice_own.key_id)
+        .expect("stored");
+    assert!(
+        k.revoked_at_ms > 0,
+        "the restore saved the revocation: {k:?}"
+    );
+    server.stop().await;
 }

@@ -60,17 +60,17 @@ impl AdminService {
         })
     }
 
-    /// The org-wide keys a member's removal or demotion revoked (`lua/org.lua`, in the
-    /// same call): dropped from this process's identity cache at once and saved in the
-    /// durable ledger, as RevokeApiKey does with one key, so a restore after a Redis loss
-    /// does not bring them back. A save the store refuses is UNAVAILABLE: the change is
-    /// made in Redis, and a retry with the same idempotency key replays it, keys included,
-    /// and saves them again. Answers their ids. (Should no retry come, `tollgate restore`
-    /// still revokes a live org-wide key whose maker no longer manages the org.)
+    /// The keys a member's removal or demotion revoked (`lua/org.lua`, in the same call:
+    /// every key the member made, and on a removal every key bound to them): dropped from
+    /// this process's identity cache at once and saved in the durable ledger, as
+    /// RevokeApiKey does with one key, so a restore after a Redis loss does not bring them
+    /// back. A save the store refuses is UNAVAILABLE: the change is made in Redis, and a
+    /// retry with the same idempotency key replays it, keys included, and saves them
+    /// again. Answers their ids. (Should no retry come, `tollgate restore` still revokes a
+    /// live key whose maker no longer manages the org, or whose member left it.)
     async fn save_revoked_org_keys(
         &self,
         org_id: &str,
-        member_id: &str,
         event: &OrgEvent,
     ) -> Result<Vec<String>, Status> {
         if event.revoked_keys.is_empty() {
@@ -95,18 +95,19 @@ impl AdminService {
                 account_id: org_id.to_owned(),
                 member_id: String::new(),
                 digest: key.digest_hex.clone(),
-                // The key's own record (saved when it was made) has these.
+                // The key's own record (saved when it was made) has these; the member
+                // the key is bound to and its maker too (either may be the member who
+                // left: the answer does not say which).
                 name: String::new(),
                 created_at_ms: 0,
                 revoked_at_ms: key.revoked_at_ms,
-                created_by: member_id.to_owned(),
+                created_by: String::new(),
             };
             store.save_api_key(&record).await.map_err(|err| {
                 tracing::warn!(error = %err, "revoked org key not saved in the durable ledger");
                 Status::unavailable(
-                    "the change is made and the org-wide keys the member made are revoked in \
-                     Redis, but not yet in the durable ledger: retry the call with the same \
-                     idempotency key",
+                    "the change is made and the member's keys are revoked in Redis, but not \
+                     yet in the durable ledger: retry the call with the same idempotency key",
                 )
             })?;
         }
@@ -578,9 +579,7 @@ impl Admin for AdminService {
             )
             .await
             .map_err(to_status)?;
-        let revoked_key_ids = self
-            .save_revoked_org_keys(&r.org_id, &r.member_id, &event)
-            .await?;
+        let revoked_key_ids = self.save_revoked_org_keys(&r.org_id, &event).await?;
         Ok(Response::new(pb::MemberChange {
             org_id: r.org_id,
             member_id: r.member_id,
@@ -601,9 +600,7 @@ impl Admin for AdminService {
             .remove_member(&r.org_id, &r.actor_id, &r.member_id, &r.idempotency_key)
             .await
             .map_err(to_status)?;
-        let revoked_key_ids = self
-            .save_revoked_org_keys(&r.org_id, &r.member_id, &event)
-            .await?;
+        let revoked_key_ids = self.save_revoked_org_keys(&r.org_id, &event).await?;
         Ok(Response::new(pb::MemberChange {
             org_id: r.org_id,
             member_id: r.member_id,

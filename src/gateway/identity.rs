@@ -721,8 +721,9 @@ impl KeyStore {
     }
 
     /// Drops keys revoked elsewhere than [`KeyStore::revoke`] (a member's removal or
-    /// demotion revokes the org-wide keys they made, in lua/org.lua) from this process's
-    /// cache at once, as `revoke` does; other processes forget them within the cache TTL.
+    /// demotion revokes the keys they made, a removal those bound to them too, in
+    /// lua/org.lua) from this process's cache at once, as `revoke` does; other processes
+    /// forget them within the cache TTL.
     pub fn forget_revoked<'d>(&self, digests_hex: impl IntoIterator<Item = &'d str>) {
         self.revocations.fetch_add(1, Ordering::SeqCst);
         for digest in digests_hex {

@@ -138,15 +138,17 @@ pub enum AllocationChange {
 pub struct OrgEvent {
     pub event_id: String,
     pub replayed: bool,
-    /// The org-wide keys a member's removal or demotion to plain member revoked (the
-    /// member made them); empty for every other operation. A replay names them again,
-    /// except one whose record `tollgate restore` re-derived (the event does not list them).
+    /// The keys a member's removal or demotion to plain member revoked (every live key the
+    /// member made; on a removal, every live key bound to the member too); empty for every
+    /// other operation. A replay names them again, except one whose record `tollgate
+    /// restore` re-derived (the event does not list them).
     pub revoked_keys: Vec<RevokedOrgKey>,
 }
 
-/// An org-wide key revoked because its maker left the org or became a plain member
-/// (lua/org.lua): what the Admin API needs to save the revocation in the durable ledger
-/// and drop the key from its identity cache, as RevokeApiKey does.
+/// An org key revoked because its maker left the org or became a plain member, or the
+/// member it is bound to left (lua/org.lua): what the Admin API needs to save the
+/// revocation in the durable ledger and drop the key from its identity cache, as
+/// RevokeApiKey does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevokedOrgKey {
     pub key_id: String,
@@ -305,7 +307,7 @@ impl Ledger {
 
     /// Adds a member (or changes a member's role); `actor_id` must be an owner or admin,
     /// and an owner to touch owners. An owner or admin made a plain member loses the
-    /// org-wide keys they made (`revoked_keys`: revoked in Redis, in the same call).
+    /// keys they made (`revoked_keys`: revoked in Redis, in the same call).
     pub async fn add_member(
         &self,
         org_id: &str,
@@ -340,8 +342,8 @@ impl Ledger {
         member_change(&answer)
     }
 
-    /// Removes a member: their allocations and member budgets go, and the org-wide keys
-    /// they made are revoked (`revoked_keys`), in the same call.
+    /// Removes a member: their allocations and member budgets go, and the keys they made
+    /// and the keys bound to them are revoked (`revoked_keys`), in the same call.
     pub async fn remove_member(
         &self,
         org_id: &str,
@@ -534,7 +536,7 @@ fn org_event(answer: &Answer) -> Result<OrgEvent, LedgerError> {
 }
 
 /// An add or remove answer: "OK|event_id|role", then "|revoked_ms|key_id:digest|…" when
-/// the change revoked org-wide keys the member made.
+/// the change revoked keys (the member's, or made by them).
 fn member_change(answer: &Answer) -> Result<OrgEvent, LedgerError> {
     let mut f = ok_fields(answer)?;
     let event_id = f.text()?.to_owned();

@@ -11,8 +11,8 @@
 //! pointer), each kept as long as lib.lua keeps it; not those of charges a void undid
 //! (lua/void.lua forgot them, so a retry of the request is charged again). Then the shard's epoch marker is
 //! written and it serves again. API keys (hashes) come from the store's key table, which
-//! the Admin API writes; a live org-wide key whose maker no longer manages the restored
-//! org is revoked (`revoked_by_role_loss`), in the store too.
+//! the Admin API writes; a live org key whose maker no longer manages the restored org, or
+//! whose member left it, is revoked (`revoked_by_role_loss`), in the store too.
 //!
 //! Not restored (stated in the report): refusals (never in the ledger, so a replayed
 //! refused request is evaluated again), idempotency records of captures, releases,
@@ -271,8 +271,8 @@ pub struct ShardReport {
     pub charges: usize,
     pub idempotency_records: usize,
     pub orgs: usize,
-    /// Org-wide keys revoked because their maker no longer manages the org, whose
-    /// revocation the store lacked (`revoked_by_role_loss`).
+    /// Org keys revoked because their maker no longer manages the org or their member
+    /// left it, whose revocation the store lacked (`revoked_by_role_loss`).
     pub api_keys_revoked: usize,
     /// The shard already served (its epoch marker was there): left as it is.
     pub skipped: bool,
@@ -539,8 +539,11 @@ struct OrgState {
     /// org → (created ms, member → role).
     members: BTreeMap<String, (i64, BTreeMap<String, String>)>,
     /// (org, member) → when an owner or admin last left the org or became a plain member:
-    /// when lua/org.lua revoked the org-wide keys they made (`revoked_by_role_loss`).
+    /// when lua/org.lua revoked the keys they made (`revoked_by_role_loss`).
     lost_key_right_ms: BTreeMap<(String, String), i64>,
+    /// (org, member) → when the member last left the org: when lua/org.lua revoked the
+    /// keys bound to them (`revoked_by_role_loss`).
+    left_ms: BTreeMap<(String, String), i64>,
     /// (org, wallet, member) → (allocated: None without an `allocate` event (an owner or
     /// admin spending unbounded), used).
     allocations: BTreeMap<(String, String, String), (Option<i64>, i64)>,
@@ -911,6 +914,9 @@ impl Replay<'_> {
                     .is_some_and(|role| role == "owner" || role == "admin");
                 if e.extra == "removed" {
                     org.1.remove(&e.member);
+                    self.orgs
+                        .left_ms
+                        .insert((e.account_id.clone(), e.member.clone()), e.created_at_ms);
                 } else {
                     org.1.insert(e.member.clone(), e.extra.clone());
                 }
@@ -2077,15 +2083,19 @@ async fn restore_under(
     Ok(report)
 }
 
-/// Revokes, among a shard's keys from the store, each live org-wide key (no member) whose
-/// maker is no owner or admin of the restored org, or was made before its maker last left
-/// the org or became a plain member (and was made an owner or admin again since):
-/// lua/org.lua revoked it then, and the Admin API saves that revocation in the store after
-/// the call; a save that never landed must not bring the key back to life with the
-/// restore. The revocation time is that of the event that took the maker's role (the
-/// script's; key creation times and event times are both Redis server time), or now when
-/// the events show none. Keys made before keys named their maker (`created_by` "") and
-/// orgs without events in the store are left as they are. Answers the keys it revoked.
+/// Revokes, among a shard's keys from the store, each live org key that lua/org.lua
+/// revoked (or would have) and whose revocation the store lacks (the Admin API saves it
+/// after the call; a save that never landed must not bring the key back to life with the
+/// restore): a key whose maker (`created_by`, whatever member the key is bound to) is no
+/// owner or admin of the restored org, or was made before its maker last left the org or
+/// became a plain member (and was made an owner or admin again since); and a key bound to
+/// a member (`member_id`) who is no member of the restored org, or was made before that
+/// member last left it (and was added again since). The revocation time is that of the
+/// event that took the role or the membership (the earlier of the two when both apply;
+/// the script's; key creation times and event times are both Redis server time), or now
+/// when the events show none. Keys made before keys named their maker (`created_by` "")
+/// are judged by their member alone, and orgs without events in the store are left as
+/// they are. Answers the keys it revoked.
 fn revoked_by_role_loss<'k>(
     keys: &'k mut [ApiKeyRecord],
     orgs: &OrgState,
@@ -2093,21 +2103,45 @@ fn revoked_by_role_loss<'k>(
 ) -> Vec<&'k ApiKeyRecord> {
     let mut revoked = Vec::new();
     for key in keys.iter_mut() {
-        if key.revoked_at_ms > 0 || !key.member_id.is_empty() || key.created_by.is_empty() {
+        if key.revoked_at_ms > 0 {
             continue;
         }
         let Some((_, members)) = orgs.members.get(&key.account_id) else {
             continue;
         };
-        let manages = members
-            .get(&key.created_by)
-            .is_some_and(|role| role == "owner" || role == "admin");
-        let lost_ms = orgs
-            .lost_key_right_ms
-            .get(&(key.account_id.clone(), key.created_by.clone()))
-            .copied();
-        if !manages || lost_ms.is_some_and(|lost| key.created_at_ms <= lost) {
-            key.revoked_at_ms = lost_ms.unwrap_or(now);
+        // When the key lost its footing: Some(None) = by now, with no event to date it.
+        let mut lost: Option<Option<i64>> = None;
+        let mut take = |at: Option<i64>| {
+            lost = Some(match (lost.flatten(), at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            });
+        };
+        if !key.created_by.is_empty() {
+            let manages = members
+                .get(&key.created_by)
+                .is_some_and(|role| role == "owner" || role == "admin");
+            let lost_ms = orgs
+                .lost_key_right_ms
+                .get(&(key.account_id.clone(), key.created_by.clone()))
+                .copied();
+            if !manages || lost_ms.is_some_and(|lost| key.created_at_ms <= lost) {
+                take(lost_ms);
+            }
+        }
+        if !key.member_id.is_empty() {
+            let left_ms = orgs
+                .left_ms
+                .get(&(key.account_id.clone(), key.member_id.clone()))
+                .copied();
+            if !members.contains_key(&key.member_id)
+                || left_ms.is_some_and(|left| key.created_at_ms <= left)
+            {
+                take(left_ms);
+            }
+        }
+        if let Some(at) = lost {
+            key.revoked_at_ms = at.unwrap_or(now);
             revoked.push(&*key);
         }
     }
@@ -2167,7 +2201,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn org_wide_keys_of_makers_who_lost_the_role_are_revoked() {
+    fn keys_of_makers_who_lost_the_role_or_members_who_left_are_revoked() {
         let key =
             |id: &str, account: &str, member: &str, by: &str, created, revoked| ApiKeyRecord {
                 key_id: id.into(),
@@ -2180,7 +2214,13 @@ mod tests {
                 created_by: by.into(),
             };
         let mut orgs = OrgState::default();
-        let roles = [("olivia", "owner"), ("bob", "member"), ("erin", "admin")];
+        let roles = [
+            ("olivia", "owner"),
+            ("bob", "member"),
+            ("erin", "admin"),
+            ("alice", "member"),
+            ("gina", "member"),
+        ];
         orgs.members.insert(
             "acme".into(),
             (
@@ -2196,15 +2236,29 @@ mod tests {
             orgs.lost_key_right_ms
                 .insert(("acme".into(), member.into()), at);
         }
+        // Frank left at 45; gina left at 42 and was added again since; erin left at 40.
+        for (member, at) in [("frank", 45), ("gina", 42), ("erin", 40)] {
+            orgs.left_ms.insert(("acme".into(), member.into()), at);
+        }
         let mut keys = vec![
             key("bob-wide", "acme", "", "bob", 10, 0),
             key("bob-for-alice", "acme", "alice", "bob", 10, 0),
+            key("bob-for-frank", "acme", "frank", "bob", 10, 0),
             key("erin-before", "acme", "", "erin", 20, 0),
             key("erin-after", "acme", "", "erin", 60, 0),
+            key("erin-for-alice-after", "acme", "alice", "erin", 60, 0),
             key("olivia-wide", "acme", "", "olivia", 10, 0),
+            key("olivia-for-alice", "acme", "alice", "olivia", 10, 0),
+            key("olivia-for-erin", "acme", "erin", "olivia", 10, 0),
+            key("olivia-for-frank", "acme", "frank", "olivia", 10, 0),
+            key("olivia-for-gina-before", "acme", "gina", "olivia", 20, 0),
+            key("olivia-for-gina-after", "acme", "gina", "olivia", 60, 0),
+            key("olivia-for-hank", "acme", "hank", "olivia", 10, 0),
             key("dave-revoked", "acme", "", "dave", 10, 35),
             key("mallory-never", "acme", "", "mallory", 10, 0),
             key("legacy", "acme", "", "", 10, 0),
+            key("legacy-for-frank", "acme", "frank", "", 10, 0),
+            key("legacy-for-alice", "acme", "alice", "", 10, 0),
             key("elsewhere", "globex", "", "bob", 10, 0),
         ];
         let revoked: Vec<(String, i64)> = revoked_by_role_loss(&mut keys, &orgs, 999)
@@ -2214,20 +2268,31 @@ mod tests {
         assert_eq!(
             revoked,
             [
-                ("bob-wide".to_owned(), 50),
-                ("erin-before".to_owned(), 40),
-                ("mallory-never".to_owned(), 999),
+                ("bob-wide", 50),
+                ("bob-for-alice", 50),
+                ("bob-for-frank", 45),
+                ("erin-before", 40),
+                ("olivia-for-erin", 40),
+                ("olivia-for-frank", 45),
+                ("olivia-for-gina-before", 42),
+                ("olivia-for-hank", 999),
+                ("mallory-never", 999),
+                ("legacy-for-frank", 45),
             ]
+            .map(|(id, at)| (id.to_owned(), at))
         );
         // The revoked ones changed in place (they are written to Redis so); the rest kept.
         let revoked_at = |id: &str| keys.iter().find(|k| k.key_id == id).unwrap().revoked_at_ms;
         assert_eq!(revoked_at("bob-wide"), 50);
         assert_eq!(revoked_at("dave-revoked"), 35);
         for kept in [
-            "bob-for-alice",
             "erin-after",
+            "erin-for-alice-after",
             "olivia-wide",
+            "olivia-for-alice",
+            "olivia-for-gina-after",
             "legacy",
+            "legacy-for-alice",
             "elsewhere",
         ] {
             assert_eq!(revoked_at(kept), 0, "{kept}");

@@ -10,9 +10,9 @@
 -- Answers "OK|created_ms", "REPLAY|key_id|created_ms|key digest" (the key an earlier call
 -- with this idempotency key made), "KEY_LIMIT|max", "EXISTS" or "BAD_FIELD|field|why".
 -- The record holds: a account, s digest, n name, c created ms, r revoked ms (once),
--- mb member (org keys bound to a member), by the owner or admin who made an org key (a
--- member-less one is revoked when they leave the org or become a plain member:
--- lua/org.lua). The idempotency record
+-- mb member (org keys bound to a member), by the owner or admin who made an org key (every
+-- key they made is revoked when they leave the org or become a plain member, and a key
+-- bound to a member when that member leaves: lua/org.lua). The idempotency record
 -- "{tg:S}:ki:<id>" = "<request digest>|<key id>|<created ms>", for the window.
 -- A shard without its epoch marker (Redis lost its data, until `tollgate restore`) is
 -- refused first (TG_NOT_INITIALIZED, as the ledger scripts): its org records are gone too,

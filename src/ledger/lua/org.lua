@@ -6,8 +6,8 @@
 -- ms, 20 most wallets per account.
 -- Answers "OK|event_id|a|b" (create: created_ms; add: role; allocate: allocated|used;
 -- budget: limit; add and remove: the role, then "|revoked_ms|key_id:digest|..." when the
--- change revoked the org-wide keys the member made, see below), "ORG_EXISTS" or
--- "BAD_FIELD|field|why" (nothing changed or recorded),
+-- change revoked keys the member made or, on a removal, keys bound to them, see below),
+-- "ORG_EXISTS" or "BAD_FIELD|field|why" (nothing changed or recorded),
 -- "NOT_FOUND|budget" (budget with limit 0 and no budget to remove: recorded under the
 -- key, nothing changed),
 -- or "WALLET_LIMIT|max" (allocate, budget: a new wallet past the per-account cap;
@@ -44,24 +44,28 @@ local function require_admin()
   return nil, r
 end
 
--- A member who leaves, or loses the right to make org-wide keys (an owner or admin made a
--- plain member), takes the org-wide keys they made with them: a key without a member (`mb`)
--- charges the org balance with no allocation or member budget, so a removed admin's key
--- would go on spending it all. Each live one (`by` = the member, no `mb`, no `r`) is
--- revoked as key_revoke.lua does, in this same call; the answer's suffix names them
--- ("|revoked_ms|key_id:digest|..."; '' when none) so the Admin API saves each revocation
--- in the durable ledger and drops it from its identity cache, as RevokeApiKey does. Keys
--- bound to a member act for that member (their allocation bounds them) and stay; keys
--- made before keys named their maker have no `by` and stay too (docs/ARCHITECTURE.md,
--- "Organizations"). Bounded by the account's key index (gateway.keys_per_account_max).
-local function revoke_org_wide_keys_made_by(maker)
+-- A member who leaves, or loses the right to make org keys (an owner or admin made a plain
+-- member), takes the keys they made with them, whatever member a key is bound to: a key
+-- without a member (`mb`) charges the org balance with no allocation or member budget, and
+-- a key bound to another member spends that member's allocation, so a removed admin's key
+-- would go on spending either way. A member who leaves takes the keys bound to them too
+-- (`left`): refused on every charge, they would still authenticate on a zero-priced route
+-- as a member who is no longer one, and would come back to life with a re-add. Each live
+-- one (`by` = the member, or on a removal `mb` = the member; no `r`) is revoked as
+-- key_revoke.lua does, in this same call. The answer's suffix names them ("|revoked_ms|key_id:digest|..."; '' when none) so
+-- the Admin API saves each revocation in the durable ledger and drops it from its
+-- identity cache, as RevokeApiKey does. Keys made before keys named their maker have no
+-- `by`: a demotion leaves them, a removal takes those bound to the member
+-- (docs/ARCHITECTURE.md, "Organizations"). Bounded by the account's key index
+-- (gateway.keys_per_account_max).
+local function revoke_keys_of(maker, left)
   local ids = redis.call('HKEYS', TAG .. ':ks:' .. org)
   table.sort(ids)
   local revoked = ''
   for i = 1, #ids do
     local key = TAG .. ':k:' .. ids[i]
     local k = redis.call('HMGET', key, 'by', 'mb', 'r', 's')
-    if k[1] == maker and not k[2] and not k[3] then
+    if not k[3] and (k[1] == maker or (left and k[2] == maker)) then
       redis.call('HSET', key, 'r', itos(NOW))
       revoked = revoked .. '|' .. ids[i] .. ':' .. (k[4] or '')
     end
@@ -140,7 +144,7 @@ elseif op == 'add' or op == 'remove' then
   local eid = emit(NO_WALLET, 'member', 0, '', role, '', '', idem, op, '')
   local revoked = ''
   if op == 'remove' or (role == 'member' and (current == 'owner' or current == 'admin')) then
-    revoked = revoke_org_wide_keys_made_by(member)
+    revoked = revoke_keys_of(member, op == 'remove')
   end
   if op == 'remove' then
     -- A member who leaves leaves no allocation or budget behind: in each org wallet (the
