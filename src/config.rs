@@ -258,7 +258,8 @@ pub struct GatewayConfig {
     pub identity_cache_ttl_ms: u64,
     /// API keys remembered per process.
     pub identity_cache_entries_max: usize,
-    /// CreateApiKey past it: KEY_LIMIT.
+    /// Live (unrevoked) keys per account, an org's members' together: CreateApiKey past
+    /// it is KEY_LIMIT. ListApiKeys lists at most as many revoked keys besides.
     pub keys_per_account_max: u32,
     /// File where debit charges allowed by `fail_open` while Redis is unavailable wait to
     /// be applied (relative to the working directory); empty = not recorded (such

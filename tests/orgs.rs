@@ -3565,5 +3565,203 @@ async fn a_removed_members_own_keys_are_revoked_on_every_route_and_stay_so() {
         k.revoked_at_ms > 0,
         "the restore saved the revocation: {k:?}"
     );
+    // The restore put each id in the live or the revoked index, as the scripts keep them
+    // (the keys-per-account cap counts the live one).
+    let tag = server
+        .ledger
+        .shards()
+        .tag(server.ledger.shards().of_account("acme"))
+        .to_owned();
+    let mut con = redis.client().get_connection().expect("redis");
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
+    let live: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{tag}:ks:acme"))
+        .query(&mut con)
+        .expect("live index");
+    assert_eq!(
+        sorted(live),
+        sorted(vec![
+            olivia_for_bob.key_id.clone(),
+            alice_new.key_id.clone()
+        ])
+    );
+    let revoked: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{tag}:kr:acme"))
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .expect("revoked index");
+    assert_eq!(sorted(revoked), alices);
+    server.stop().await;
+}
+
+/// The keys-per-account cap counts live keys: a revoked key's id leaves the live index
+/// for the revoked one, so creating and revoking keys never locks an account (or an org,
+/// whose members share its cap) out of making keys. ListApiKeys still shows the revoked
+/// keys, the most recent ones up to the cap. Keys revoked before the revoked index existed
+/// (their ids still in the live index) are moved out by a create that finds the index at
+/// the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_cap_counts_live_keys_only() {
+    const CAP: usize = 3;
+    let redis = common::RedisServer::start();
+    let mut config = esign_config(&redis.url());
+    config.gateway.keys_per_account_max = CAP as u32;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let personal = |name: String| pb::CreateApiKeyRequest {
+        account_id: "initech".into(),
+        name,
+        ..Default::default()
+    };
+    let mut live = Vec::new();
+    for i in 0..CAP {
+        live.push(
+            admin
+                .create_api_key(personal(format!("live-{i}")))
+                .await
+                .expect("under the cap")
+                .into_inner(),
+        );
+    }
+    let over = admin
+        .create_api_key(personal("over".into()))
+        .await
+        .expect_err("at the cap");
+    assert_eq!(reason(&over), "KEY_LIMIT", "{over:?}");
+    // Many more rounds of create + revoke than the cap: each finds a free place.
+    let slot = live.pop().expect("a key");
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: slot.key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    let mut revoked = vec![slot.key_id];
+    for i in 0..(3 * CAP) {
+        let key = admin
+            .create_api_key(personal(format!("round-{i}")))
+            .await
+            .unwrap_or_else(|s| panic!("round {i}: {s:?}"))
+            .into_inner();
+        admin
+            .revoke_api_key(pb::RevokeApiKeyRequest {
+                key_id: key.key_id.clone(),
+            })
+            .await
+            .expect("revoke");
+        revoked.push(key.key_id);
+    }
+    // The live keys and the CAP most recently revoked ones are listed.
+    let list = || async {
+        server
+            .admin()
+            .await
+            .list_api_keys(pb::ListApiKeysRequest {
+                account_id: "initech".into(),
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .keys
+    };
+    let keys = list().await;
+    let mut listed_live: Vec<&str> = keys
+        .iter()
+        .filter(|k| k.revoked_at_ms == 0)
+        .map(|k| k.key_id.as_str())
+        .collect();
+    listed_live.sort();
+    let mut expected_live: Vec<&str> = live.iter().map(|k| k.key_id.as_str()).collect();
+    expected_live.sort();
+    assert_eq!(listed_live, expected_live, "{keys:?}");
+    let mut listed_revoked: Vec<&str> = keys
+        .iter()
+        .filter(|k| k.revoked_at_ms > 0)
+        .map(|k| k.key_id.as_str())
+        .collect();
+    listed_revoked.sort();
+    assert_eq!(listed_revoked.len(), CAP, "{keys:?}");
+    for id in &listed_revoked {
+        assert!(revoked.contains(&id.to_string()), "{id} {keys:?}");
+    }
+    // Still one free place.
+    let fresh = admin
+        .create_api_key(personal("fresh".into()))
+        .await
+        .expect("a free place")
+        .into_inner();
+    admin
+        .create_api_key(personal("over".into()))
+        .await
+        .expect_err("at the cap again");
+
+    // A key revoked before the revoked index existed: its id back in the live index.
+    let shard = server.ledger.shards().of_account("initech");
+    let tag = server.ledger.shards().tag(shard).to_owned();
+    {
+        let mut con = redis.client().get_connection().expect("redis");
+        let _: () = redis::cmd("HSET")
+            .arg(format!("{tag}:ks:initech"))
+            .arg(&fresh.key_id)
+            .arg(fresh.created_at_ms)
+            .query(&mut con)
+            .expect("hset");
+        let _: () = redis::cmd("HSET")
+            .arg(format!("{tag}:k:{}", fresh.key_id))
+            .arg("r")
+            .arg(fresh.created_at_ms + 1)
+            .query(&mut con)
+            .expect("hset");
+    }
+    let made = admin
+        .create_api_key(personal("after the old revocation".into()))
+        .await
+        .expect("the old revoked key does not count")
+        .into_inner();
+    let keys = list().await;
+    let listed = |id: &str| keys.iter().find(|k| k.key_id == id).cloned();
+    assert!(listed(&made.key_id).is_some_and(|k| k.revoked_at_ms == 0));
+    assert!(
+        listed(&fresh.key_id).is_some_and(|k| k.revoked_at_ms == fresh.created_at_ms + 1),
+        "{keys:?}"
+    );
+
+    // An org's members share its cap; a member's removal frees the places of their keys.
+    common::org_with_members(&server, "globex", "olivia", 100, &[("alice", "member")]).await;
+    let org_key = |member: &str| pb::CreateApiKeyRequest {
+        org_id: "globex".into(),
+        member_id: member.into(),
+        actor_id: "olivia".into(),
+        name: format!("for {member}"),
+        ..Default::default()
+    };
+    for _ in 0..CAP {
+        admin
+            .create_api_key(org_key("alice"))
+            .await
+            .expect("under the cap");
+    }
+    let over = admin
+        .create_api_key(org_key("olivia"))
+        .await
+        .expect_err("at the cap");
+    assert_eq!(reason(&over), "KEY_LIMIT", "{over:?}");
+    admin
+        .remove_member(pb::RemoveMemberRequest {
+            org_id: "globex".into(),
+            member_id: "alice".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "alice-leaves".into(),
+        })
+        .await
+        .expect("remove alice");
+    admin
+        .create_api_key(org_key("olivia"))
+        .await
+        .expect("alice's places are free");
     server.stop().await;
 }

@@ -2210,6 +2210,7 @@ async fn api_keys_of_a_lost_shard_are_refused_until_the_restore() {
     for pattern in [
         format!("{tag}:k:*"),
         format!("{tag}:ks:*"),
+        format!("{tag}:kr:*"),
         format!("{tag}:ki:*"),
     ] {
         let found: Vec<String> = redis::cmd("KEYS")

@@ -401,8 +401,15 @@ impl KeyStore {
         format!("{}:k:{key_id}", self.shards.tag(shard))
     }
 
+    /// The account's live keys (key id → created ms): the keys-per-account cap counts them.
     fn account_keys(&self, shard: u16, account_id: &str) -> String {
         format!("{}:ks:{account_id}", self.shards.tag(shard))
+    }
+
+    /// The account's revoked keys (key id scored by revocation ms): key_revoke.lua and
+    /// lua/org.lua move a key's id here from [`KeyStore::account_keys`].
+    fn revoked_account_keys(&self, shard: u16, account_id: &str) -> String {
+        format!("{}:kr:{account_id}", self.shards.tag(shard))
     }
 
     /// The account's organization record (lua/org.lua): present iff the account is an org.
@@ -745,8 +752,10 @@ impl KeyStore {
         self.cache.remove(&digest);
     }
 
-    /// The account's keys (without secrets), oldest first. NotInitialized when the
-    /// account's shard has no epoch marker (not an empty list).
+    /// The account's keys (without secrets), oldest first: every live key and the most
+    /// recently revoked ones, up to `gateway.keys_per_account_max` of them
+    /// (lua/key_list.lua). NotInitialized when the account's shard has no epoch marker
+    /// (not an empty list).
     pub async fn list(&self, account_id: &str) -> Result<Vec<KeyInfo>, LedgerError> {
         let mut v = Violations::default();
         v.account_id("account_id", account_id);
@@ -755,7 +764,9 @@ impl KeyStore {
         let mut inv = self.scripts.list.prepare_invoke();
         inv.key(self.account_keys(shard, account_id))
             .key(self.shards.epoch_key(shard))
-            .arg(self.shards.tag(shard));
+            .key(self.revoked_account_keys(shard, account_id))
+            .arg(self.shards.tag(shard))
+            .arg(&self.keys_per_account_max);
         let rows: Vec<String> = self.redis.call(&inv).await?;
         let mut keys = rows
             .iter()

@@ -62,7 +62,7 @@ pub enum Refusal {
     WalletLimit { max: i64 },
     #[error("wallet holds the most open holds allowed ({max})")]
     HoldLimit { max: i64 },
-    #[error("account holds the most API keys allowed ({max})")]
+    #[error("account holds the most live API keys allowed ({max}): revoke one to make another")]
     KeyLimit { max: i64 },
     #[error(
         "the member's allocation does not cover it: {required} required, {remaining} remaining"

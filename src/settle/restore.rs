@@ -2148,6 +2148,16 @@ fn revoked_by_role_loss<'k>(
     revoked
 }
 
+/// Puts a key's id in its account's index as the gateway's scripts keep them: the live
+/// index "{tg:S}:ks:<acct>" (id → created ms, what the keys-per-account cap counts) while
+/// the record has no `r`, else the revoked one "{tg:S}:kr:<acct>" (scored by revocation
+/// ms). By the record just written rather than the store's row alone: on a shard left
+/// alone, a key revoked in Redis whose revocation the store lacks stays revoked (`r` is
+/// never cleared). KEYS record, live index, revoked index; ARGV key id, created ms.
+const INDEX_KEY_LUA: &str = "local r = redis.call('HGET', KEYS[1], 'r') \
+    if r then redis.call('HDEL', KEYS[2], ARGV[1]) redis.call('ZADD', KEYS[3], r, ARGV[1]) \
+    else redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end return 0";
+
 /// API keys, from the durable ledger's key table (hashes only), as the gateway's
 /// key_create / key_revoke scripts keep them.
 async fn write_api_keys(ledger: &Ledger, keys: Vec<ApiKeyRecord>) -> Result<usize, RestoreError> {
@@ -2179,8 +2189,12 @@ async fn write_api_keys(ledger: &Ledger, keys: Vec<ApiKeyRecord>) -> Result<usiz
             record.arg("by").arg(&key.created_by);
         }
         pipe.add_command(record).ignore();
-        pipe.cmd("HSET")
+        pipe.cmd("EVAL")
+            .arg(INDEX_KEY_LUA)
+            .arg(3)
+            .arg(format!("{tag}:k:{}", key.key_id))
             .arg(format!("{tag}:ks:{}", key.account_id))
+            .arg(format!("{tag}:kr:{}", key.account_id))
             .arg(&key.key_id)
             .arg(key.created_at_ms)
             .ignore();

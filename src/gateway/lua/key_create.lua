@@ -1,7 +1,7 @@
 -- key_create: store a new API key's record. KEYS[1] the key record "{tg:S}:k:<key_id>",
--- KEYS[2] the account's key index "{tg:S}:ks:<account>", KEYS[3] the account's org record
--- "{tg:S}:org:<account>" (same hash tag; it exists iff the account is an organization),
--- KEYS[4] the shard's epoch marker "{tg:S}:epoch" (same hash tag).
+-- KEYS[2] the account's index of live keys "{tg:S}:ks:<account>", KEYS[3] the account's
+-- org record "{tg:S}:org:<account>" (same hash tag; it exists iff the account is an
+-- organization), KEYS[4] the shard's epoch marker "{tg:S}:epoch" (same hash tag).
 -- ARGV 1 account, 2 SHA-256 of the whole key (hex), 3 name, 4 most keys per account,
 -- 5 key id, 6 member the key acts for ("" = none), 7 actor (an org workspace key's owner or
 -- admin; "" = a personal key), 8 idempotency record id ("" = none: 30 hex of
@@ -64,8 +64,24 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 'EXISTS'
 end
-if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then
-  return 'KEY_LIMIT|' .. ARGV[4]
+-- The cap counts live keys: the index holds them (key_revoke.lua and lua/org.lua move a
+-- revoked key's id to "{tg:S}:kr:<account>"). Keys revoked before that index existed are
+-- still in it: an index at the cap moves those it holds there first (bounded by the index,
+-- itself held to the cap; only an account at the cap pays for it).
+local max = tonumber(ARGV[4])
+if redis.call('HLEN', KEYS[2]) >= max then
+  local tag = string.match(KEYS[1], '^{[^}]*}')
+  local ids = redis.call('HKEYS', KEYS[2])
+  for i = 1, #ids do
+    local revoked = redis.call('HGET', tag .. ':k:' .. ids[i], 'r')
+    if revoked then
+      redis.call('HDEL', KEYS[2], ids[i])
+      redis.call('ZADD', tag .. ':kr:' .. ARGV[1], revoked, ids[i])
+    end
+  end
+  if redis.call('HLEN', KEYS[2]) >= max then
+    return 'KEY_LIMIT|' .. ARGV[4]
+  end
 end
 local t = redis.call('TIME')
 local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))

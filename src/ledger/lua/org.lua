@@ -52,14 +52,17 @@ end
 -- (`left`): refused on every charge, they would still authenticate on a zero-priced route
 -- as a member who is no longer one, and would come back to life with a re-add. Each live
 -- one (`by` = the member, or on a removal `mb` = the member; no `r`) is revoked as
--- key_revoke.lua does, in this same call. The answer's suffix names them ("|revoked_ms|key_id:digest|..."; '' when none) so
+-- key_revoke.lua does, in this same call: `r` set, its id moved from the live index
+-- "{tg:S}:ks:<org>" to the revoked one "{tg:S}:kr:<org>" (a sorted set by revocation
+-- ms). The answer's suffix names them ("|revoked_ms|key_id:digest|..."; '' when none) so
 -- the Admin API saves each revocation in the durable ledger and drops it from its
 -- identity cache, as RevokeApiKey does. Keys made before keys named their maker have no
 -- `by`: a demotion leaves them, a removal takes those bound to the member
--- (docs/ARCHITECTURE.md, "Organizations"). Bounded by the account's key index
+-- (docs/ARCHITECTURE.md, "Organizations"). Bounded by the account's live key index
 -- (gateway.keys_per_account_max).
 local function revoke_keys_of(maker, left)
-  local ids = redis.call('HKEYS', TAG .. ':ks:' .. org)
+  local index = TAG .. ':ks:' .. org
+  local ids = redis.call('HKEYS', index)
   table.sort(ids)
   local revoked = ''
   for i = 1, #ids do
@@ -67,6 +70,8 @@ local function revoke_keys_of(maker, left)
     local k = redis.call('HMGET', key, 'by', 'mb', 'r', 's')
     if not k[3] and (k[1] == maker or (left and k[2] == maker)) then
       redis.call('HSET', key, 'r', itos(NOW))
+      redis.call('HDEL', index, ids[i])
+      redis.call('ZADD', TAG .. ':kr:' .. org, NOW, ids[i])
       revoked = revoked .. '|' .. ids[i] .. ':' .. (k[4] or '')
     end
   end
@@ -83,10 +88,12 @@ if op == 'create' then
   else
     -- A live personal key would charge the org wallet with no member checks (a check
     -- resolves a member-less key to its account): refused until they are revoked. Before
-    -- the account is an org, every key in its index "{tg:S}:ks:<org>"
-    -- (gateway/lua/key_create.lua) is personal. Bounded by the keys-per-account cap
-    -- (gateway.keys_per_account_max), stopping at the first live key. Not recorded, so a
-    -- retry with the same idempotency key after the revocation makes the org.
+    -- the account is an org, every key in its live index "{tg:S}:ks:<org>"
+    -- (gateway/lua/key_create.lua) is personal (revoked ones are in ":kr:", but keys
+    -- revoked before that index existed are still here: `r` is checked). Bounded by the
+    -- keys-per-account cap (gateway.keys_per_account_max), stopping at the first live
+    -- key. Not recorded, so a retry with the same idempotency key after the revocation
+    -- makes the org.
     local ids = redis.call('HKEYS', TAG .. ':ks:' .. org)
     for i = 1, #ids do
       local k = redis.call('HMGET', TAG .. ':k:' .. ids[i], 'a', 'r')
