@@ -2,7 +2,8 @@
 //! the check deadline, fail_open ones allow with `x-tollgate-degraded: 1`; when Redis
 //! returns, checks succeed again without restarting tollgate, and the charges fail_open
 //! allowed are applied from the spool, each once. Envoy's access-log entries that meet
-//! the outage settle their holds when Redis returns, not by `on_expiry`.
+//! the outage settle their holds when Redis returns, not by `on_expiry`. A key the
+//! sidecar last found revoked or unknown stays refused through the outage.
 
 mod common;
 
@@ -19,6 +20,7 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse as C
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use tollgate::api::pb;
 use tollgate::config::{Config, Overrides};
+use tollgate::gateway::identity::KeyStore;
 use tollgate::ledger::Clock;
 
 /// The tests of this file share one metrics recorder and both make fail_open charges:
@@ -39,11 +41,17 @@ operation = "strict"
 [[pricebook.routes]]
 path = "/lenient"
 operation = "lenient"
+[[pricebook.routes]]
+path = "/peek"
+operation = "peek"
 [pricebook.operations.strict]
 base = 1
 fail_policy = "fail_closed"
 [pricebook.operations.lenient]
 base = 1
+fail_policy = "fail_open"
+[pricebook.operations.peek]
+base = 0
 fail_policy = "fail_open"
 "#;
 
@@ -572,6 +580,94 @@ async fn a_spooled_charge_of_a_key_revoked_before_the_call_is_dropped() {
     assert_eq!(balance(&server, "gone").await, gone_before);
     // written, charged (late's), duplicate, refused (gone's).
     assert_eq!(since(spool_counters(&server).await), [2.0, 1.0, 0.0, 1.0]);
+    server.stop().await;
+}
+
+/// A key this sidecar last found revoked or unknown is refused as such while Redis is
+/// hung, however old that answer (an expired identity-cache entry), on fail_open routes
+/// too: a charge (the keyed debit script's miss), a free check (the identity lookup),
+/// and a key revoked through this sidecar (cached as revoked, not forgotten). README: a
+/// revoked key stops working within `identity_cache_ttl_ms`, an unknown key never
+/// becomes valid. A key last found active is still let through degraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_last_known_revoked_or_unknown_stay_refused_while_redis_is_hung() {
+    const HITS: &str = "tollgate_identity_cache_hits_total";
+    const MISSES: &str = "tollgate_identity_cache_misses_total";
+    const TTL: Duration = Duration::from_secs(2);
+    let _serial = SERIAL.lock().await;
+    let redis = common::RedisServer::start();
+    let mut config = config(&redis.url());
+    config.gateway.identity_cache_ttl_ms = TTL.as_millis() as u64;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let good = seed(&server, "good", 100).await;
+    let gone = seed(&server, "gone", 100).await;
+    let local = seed(&server, "local", 100).await;
+    // A made-up secret for a key id that exists: an unknown key.
+    let made_up = format!("{}{}", &good[..good.len() - 64], "0".repeat(64));
+    // Another sidecar revokes gone's key, this one local's.
+    let elsewhere = KeyStore::new(
+        server.ledger.redis().clone(),
+        server.ledger.shards().clone(),
+        TTL,
+        100,
+        10,
+    );
+    elsewhere.load_scripts().await.expect("key scripts");
+    elsewhere
+        .revoke(&key_id(&server, "gone").await)
+        .await
+        .expect("revoke");
+    revoke(&server, &key_id(&server, "local").await).await;
+    // This sidecar learns the others from Redis, each checked until its cache answers for
+    // it (a key enters on its second miss, the third when the doorkeeper's clearing falls
+    // between).
+    for (key, status) in [(&good, 200), (&gone, 403), (&made_up, 401)] {
+        common::eventually(HANG_GUARD, "the key cached", || async {
+            let hits = counter(&server, HITS).await;
+            let (r, _) = check(&server, "/lenient", key).await;
+            assert_eq!(r.status, status, "{r:?}");
+            assert_eq!(r.header("x-tollgate-degraded"), None, "{r:?}");
+            (counter(&server, HITS).await > hits).then_some(())
+        })
+        .await;
+    }
+    let refused = [
+        ("gone", &gone, 403, "revoked_api_key"),
+        ("local", &local, 403, "revoked_api_key"),
+        ("made_up", &made_up, 401, "unknown_api_key"),
+    ];
+
+    // Hung Redis (SIGSTOP); every answer the cache holds expires.
+    redis.pause();
+    tokio::time::sleep(2 * TTL).await;
+    let misses = counter(&server, MISSES).await;
+    let mut checks = 0.0;
+    for path in ["/lenient", "/peek", "/strict"] {
+        for (name, key, status, error) in refused {
+            let (r, _) = check(&server, path, key).await;
+            checks += 1.0;
+            assert_eq!(r.status, status, "{name} on {path}: {r:?}");
+            assert_eq!(r.json()["error"], error, "{name} on {path}");
+        }
+    }
+    // Only what the key last was decides: an active one follows the fail policy.
+    assert_degraded(&server, &good, None).await;
+    let (r, _) = check(&server, "/strict", &good).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    checks += 2.0;
+    assert_eq!(
+        counter(&server, MISSES).await - misses,
+        checks,
+        "every check of the outage asked Redis (no fresh cache entry answered it)"
+    );
+
+    redis.resume();
+    wait_allowed(&server, "/strict", &good).await;
+    for (name, key, status, error) in refused {
+        let (r, _) = check(&server, "/lenient", key).await;
+        assert_eq!(r.status, status, "{name} after the outage: {r:?}");
+        assert_eq!(r.json()["error"], error, "{name} after the outage");
+    }
     server.stop().await;
 }
 

@@ -61,8 +61,8 @@ impl AdminService {
     }
 
     /// The keys a member's removal or demotion revoked (`lua/org.lua`, in the same call:
-    /// every key the member made, and on a removal every key bound to them): dropped from
-    /// this process's identity cache at once and saved in the durable ledger, as
+    /// every key the member made, and on a removal every key bound to them): cached as
+    /// revoked in this process's identity cache at once and saved in the durable ledger, as
     /// RevokeApiKey does with one key, so a restore after a Redis loss does not bring them
     /// back. A save the store refuses is UNAVAILABLE: the change is made in Redis, and a
     /// retry with the same idempotency key replays it, keys included, and saves them

@@ -8,9 +8,12 @@
 //!
 //! Lookups are cached in process, bounded in entries and in time: a revoked key keeps
 //! working on other sidecars for at most `gateway.identity_cache_ttl_ms` (the sidecar that
-//! revokes it forgets it at once). A key enters the cache on its second miss within a TTL
-//! ([`Doorkeeper`]), so keys used less often than that (a million keys used evenly) do not
-//! churn the cache; a key that is not well-formed never enters it.
+//! revokes it caches it as revoked at once). A key enters the cache on its second miss
+//! within a TTL ([`Doorkeeper`]), so keys used less often than that (a million keys used
+//! evenly) do not churn the cache; a key that is not well-formed never enters it. An
+//! expired answer stays in the cache until it is replaced or evicted: while Redis is
+//! unavailable, a key it last said was revoked or unknown is still refused
+//! ([`KeyMiss::refused`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -223,9 +226,11 @@ pub struct KeyMiss<'k> {
     pub key_id: &'k str,
     pub shard: u16,
     digest: [u8; 32],
-    /// The cache holds an expired answer for the key: the new one replaces it whatever the
-    /// doorkeeper says (the fail-open spool reads answers however old).
-    stale: bool,
+    /// The expired answer the cache holds for the key: the new one replaces it whatever
+    /// the doorkeeper says (the fail-open spool reads answers however old), and while
+    /// Redis is unavailable a revoked or unknown one still refuses the key
+    /// ([`KeyMiss::refused`]).
+    stale: Option<Known>,
     /// This process's revocations before the lookup ([`KeyStore::learn`]).
     revocations: u64,
 }
@@ -242,6 +247,19 @@ impl KeyMiss<'_> {
             account_id,
             member_id,
         }))
+    }
+
+    /// The answer for the key while Redis is unavailable: refused as revoked or unknown
+    /// when that is what the cache's expired entry for it says (a revocation is for good,
+    /// and an unknown key could only become known by a creation that chose its random id
+    /// and secret), so a fail_open route does not let it through; `None` (the fail policy
+    /// decides) for a key last known active or not cached at all.
+    pub fn refused(&self) -> Option<IdentityError> {
+        match self.stale {
+            Some(Known::Revoked) => Some(IdentityError::Revoked),
+            Some(Known::Unknown) => Some(IdentityError::Unknown),
+            Some(Known::Active(_)) | None => None,
+        }
     }
 }
 
@@ -342,7 +360,7 @@ pub struct KeyStore {
     cache: quick_cache::sync::Cache<[u8; 32], Cached>,
     doorkeeper: Doorkeeper,
     /// Keys this process revoked: an answer read from Redis before a revocation must not
-    /// enter the cache after the revocation dropped the key from it.
+    /// replace the revoked entry the revocation left in the cache.
     revocations: AtomicU64,
     cache_ttl: Duration,
     keys_per_account_max: String,
@@ -425,9 +443,17 @@ impl KeyStore {
         }
     }
 
-    /// Asks Redis about a key the cache missed, and remembers the answer.
+    /// Asks Redis about a key the cache missed, and remembers the answer. While Redis is
+    /// unavailable, a key the cache last knew as revoked or unknown is refused as such
+    /// ([`KeyMiss::refused`]).
     pub async fn identify_miss(&self, miss: &KeyMiss<'_>) -> Result<Arc<Identity>, IdentityError> {
-        let known = self.lookup(miss).await?;
+        let known = match self.lookup(miss).await {
+            Ok(known) => known,
+            Err(IdentityError::Unavailable(why)) => {
+                return Err(miss.refused().unwrap_or(IdentityError::Unavailable(why)))
+            }
+            Err(err) => return Err(err),
+        };
         self.learn(miss, || known.clone());
         answer(known)
     }
@@ -443,29 +469,26 @@ impl KeyStore {
             return Presented::Known(Err(IdentityError::Unknown));
         };
         let digest = key_digest(key);
-        let cached = self.cache.get(&digest);
-        if let Some(cached) = &cached {
-            if cached.at.elapsed() < self.cache_ttl {
+        // The cache hands out a copy: its answer is moved out of it, hit or miss (an
+        // `Arc` at most, never an allocation).
+        let stale = match self.cache.get(&digest) {
+            Some(Cached { known, at }) if at.elapsed() < self.cache_ttl => {
                 metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_HITS_TOTAL)
                     .increment(1);
-                return Presented::Known(answer(cached.known.clone()));
+                return Presented::Known(answer(known));
             }
-        }
+            expired => expired.map(|cached| cached.known),
+        };
         metrics::counter!(crate::telemetry::metrics::IDENTITY_CACHE_MISSES_TOTAL).increment(1);
         Presented::Miss(KeyMiss {
             key_id,
             shard,
             digest,
-            stale: cached.is_some(),
+            stale,
             revocations: self.revocations.load(Ordering::SeqCst),
         })
     }
 
-    /// Who a key allowed while Redis was unavailable pays, for the fail-open spool: the
-    /// key's id, shard and digest, for the ledger to resolve when the charge is replayed.
-    /// Not the identity the cache holds: that may be older than a revocation another
-    /// sidecar made, and the replay drops the charge of a key revoked before the call.
-    /// `None` for a key known not to be active or not well-formed. Counts no cache lookup.
     /// The key id, its shard and the key's SHA-256 (hex), as a charge by key sends them
     /// (a void of such a charge: gateway::void); None for a key of no shard.
     pub fn key_parts(&self, key: &str) -> Option<(String, u16, String)> {
@@ -473,6 +496,13 @@ impl KeyStore {
         Some((key_id.to_owned(), shard, hex(&key_digest(key))))
     }
 
+    /// Who a key allowed while Redis was unavailable pays, for the fail-open spool: the
+    /// key's id, shard and digest, for the ledger to resolve when the charge is replayed.
+    /// Not the identity the cache holds: that may be older than a revocation another
+    /// sidecar made, and the replay drops the charge of a key revoked before the call.
+    /// `None` for a key known not to be active or not well-formed (the gateway refuses a
+    /// key last known revoked or unknown during an outage, so it is only a check raced
+    /// by a revocation that gets here with one). Counts no cache lookup.
     pub fn payer(&self, key: &str) -> Option<Payer> {
         let digest = key_digest(key);
         if let Some(Known::Revoked | Known::Unknown) = self.cache.get(&digest).map(|c| c.known) {
@@ -488,11 +518,14 @@ impl KeyStore {
     /// Remembers what Redis said about a missed key (`known`, made only if it is kept):
     /// when the cache holds an older answer for it, or the doorkeeper saw it miss before.
     /// Not if this process revoked a key since the lookup began: the answer may predate
-    /// the revocation. (Inserted, then checked: a revocation whose removal ran before the
-    /// insertion counted itself before removing.)
+    /// the revocation, and must not replace the revoked entry the revocation left. Checked
+    /// before inserting and again after: an answer inserted across a revocation is removed
+    /// unless it says revoked (should that revocation's entry have been overwritten by it,
+    /// the key is only asked about again).
     pub fn learn(&self, miss: &KeyMiss<'_>, known: impl FnOnce() -> Known) {
         let now = Instant::now();
-        if miss.stale || self.doorkeeper.mark(&miss.digest, now) {
+        let revoked_since = || self.revocations.load(Ordering::SeqCst) != miss.revocations;
+        if (miss.stale.is_some() || self.doorkeeper.mark(&miss.digest, now)) && !revoked_since() {
             self.cache.insert(
                 miss.digest,
                 Cached {
@@ -500,8 +533,9 @@ impl KeyStore {
                     at: now,
                 },
             );
-            if self.revocations.load(Ordering::SeqCst) != miss.revocations {
-                self.cache.remove(&miss.digest);
+            if revoked_since() {
+                self.cache
+                    .remove_if(&miss.digest, |c| !matches!(c.known, Known::Revoked));
             }
         }
     }
@@ -693,9 +727,10 @@ impl KeyStore {
         Ok((key_id, api_key, record, index, digest))
     }
 
-    /// Revokes a key for good; this process forgets it at once, others within the cache
-    /// TTL. NotInitialized when the key's shard has no epoch marker (not NotFound: the key
-    /// comes back with `tollgate restore`).
+    /// Revokes a key for good; this process caches it as revoked at once (refused even
+    /// while Redis is unavailable), others learn it within the cache TTL. NotInitialized
+    /// when the key's shard has no epoch marker (not NotFound: the key comes back with
+    /// `tollgate restore`).
     pub async fn revoke(&self, key_id: &str) -> Result<RevokedKey, LedgerError> {
         let shard = shard_of_key_id(key_id, &self.shards).ok_or_else(|| {
             LedgerError::InvalidArgument(vec![FieldViolation::new(
@@ -712,7 +747,7 @@ impl KeyStore {
             ["NOT_FOUND"] => Err(LedgerError::NotFound("api key")),
             ["OK", account, revoked_at, already, digest] => {
                 self.revocations.fetch_add(1, Ordering::SeqCst);
-                self.forget(digest);
+                self.remember_revoked(digest);
                 Ok(RevokedKey {
                     key_id: key_id.to_owned(),
                     account_id: (*account).to_owned(),
@@ -727,18 +762,22 @@ impl KeyStore {
         }
     }
 
-    /// Drops keys revoked elsewhere than [`KeyStore::revoke`] (a member's removal or
+    /// Caches keys revoked elsewhere than [`KeyStore::revoke`] (a member's removal or
     /// demotion revokes the keys they made, a removal those bound to them too, in
-    /// lua/org.lua) from this process's cache at once, as `revoke` does; other processes
-    /// forget them within the cache TTL.
+    /// lua/org.lua) as revoked in this process at once, as `revoke` does; other processes
+    /// learn it within the cache TTL.
     pub fn forget_revoked<'d>(&self, digests_hex: impl IntoIterator<Item = &'d str>) {
         self.revocations.fetch_add(1, Ordering::SeqCst);
         for digest in digests_hex {
-            self.forget(digest);
+            self.remember_revoked(digest);
         }
     }
 
-    fn forget(&self, digest_hex: &str) {
+    /// Replaces whatever the cache holds for a key this process just revoked with a
+    /// revoked entry (not a removal: an expired entry still refuses the key while Redis
+    /// is unavailable, [`KeyMiss::refused`]). Like any entry it takes a slot of the
+    /// bounded cache until it is evicted.
+    fn remember_revoked(&self, digest_hex: &str) {
         let mut digest = [0u8; 32];
         if digest_hex.len() != 64 {
             return;
@@ -749,7 +788,13 @@ impl KeyStore {
                 Err(_) => return,
             }
         }
-        self.cache.remove(&digest);
+        self.cache.insert(
+            digest,
+            Cached {
+                known: Known::Revoked,
+                at: Instant::now(),
+            },
+        );
     }
 
     /// The account's keys (without secrets), oldest first: every live key and the most

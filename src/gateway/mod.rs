@@ -764,6 +764,13 @@ impl Gateway {
                     .learn(miss, || miss.active(account_id.clone(), String::new()));
                 (Some(account_id), String::new(), result)
             }
+            // Redis unavailable: a key the cache last knew as revoked or unknown stays
+            // refused, whatever the fail policy (KeyMiss::refused).
+            Err(LedgerError::Unavailable(why)) => match miss.refused() {
+                Some(IdentityError::Revoked) => return Decision::Deny(Denial::RevokedKey),
+                Some(_) => return Decision::Deny(Denial::UnknownKey),
+                None => (None, String::new(), Err(LedgerError::Unavailable(why))),
+            },
             Err(err) => (None, String::new(), Err(err)),
         };
         charged(op, account_id, &member_id, result)
