@@ -496,6 +496,17 @@ impl KeyStore {
         Some((key_id.to_owned(), shard, hex(&key_digest(key))))
     }
 
+    /// What the cache last said about a key, however old, when that refuses it (revoked
+    /// or unknown; [`KeyMiss::refused`]): the answer of a check that ran out of time
+    /// waiting for Redis. Counts no cache lookup.
+    pub fn refused(&self, key: &str) -> Option<IdentityError> {
+        match self.cache.peek(&key_digest(key))?.known {
+            Known::Revoked => Some(IdentityError::Revoked),
+            Known::Unknown => Some(IdentityError::Unknown),
+            Known::Active(_) => None,
+        }
+    }
+
     /// Who a key allowed while Redis was unavailable pays, for the fail-open spool: the
     /// key's id, shard and digest, for the ledger to resolve when the charge is replayed.
     /// Not the identity the cache holds: that may be older than a revocation another

@@ -474,9 +474,16 @@ impl Gateway {
         let decision = match tokio::time::timeout(self.check_timeout, charge).await {
             Ok(decision) => decision,
             // The charge is dropped where it was: `sent` says whether a call was on its way.
-            Err(_) => unavailable(op, None, None),
+            // A key the cache last knew as revoked or unknown stays refused (KeyMiss::refused).
+            Err(_) => match self.keys.refused(key) {
+                Some(IdentityError::Revoked) => Decision::Deny(Denial::RevokedKey),
+                Some(_) => Decision::Deny(Denial::UnknownKey),
+                None => unavailable(op, None, None),
+            },
         };
-        if matches!(decision, Decision::Deny(Denial::Unavailable)) {
+        // Any denial (unavailable, or a key the cache last knew as refused) with a call
+        // past its deadline: that call may still run.
+        if matches!(decision, Decision::Deny(_)) {
             self.void_late_charge(key, cmd, &sent);
         }
         if let (Decision::Allow(a), Some(idempotency_key)) = (&decision, spooled_key) {
@@ -487,8 +494,8 @@ impl Gateway {
         decision
     }
 
-    /// A fail_closed check denied `unavailable` whose charge passed its deadline after it
-    /// may have been sent: that charge may still run, so a void undoes it if it does
+    /// A check denied (a fail_closed `unavailable`, or a key the cache last knew as
+    /// refused) whose charge passed its deadline after it may have been sent: that charge may still run, so a void undoes it if it does
     /// (`void`). Started before the denial is answered. fail_open debits are never voided
     /// (they were allowed; the spool replays them under the same key).
     fn void_late_charge(&self, key: &str, cmd: ChargeCmd, sent: &Sent) {
