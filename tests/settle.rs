@@ -3019,6 +3019,19 @@ async fn a_database_not_created_utf8_is_refused() {
     );
 }
 
+/// Eight stores (as separate processes would have: a pool each) migrating a fresh
+/// database at once: each at the first try.
+async fn all_migrate_at_once(url: &str) {
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let store = Store::connect_lazy(url, 2).expect("store url");
+        starts.spawn(async move { store.migrate().await });
+    }
+    while let Some(migrated) = starts.join_next().await {
+        migrated.expect("task").expect("migrated at the first try");
+    }
+}
+
 /// Several processes starting at once on a fresh database all migrate it at the first
 /// try: the migrations table is created under the migration lock (it used to be created
 /// before it, and concurrent `CREATE TABLE IF NOT EXISTS` failed on PostgreSQL's catalog
@@ -3027,14 +3040,18 @@ async fn a_database_not_created_utf8_is_refused() {
 async fn concurrent_first_migrations_all_succeed() {
     for _ in 0..4 {
         let pg = common::PgDatabase::create().await;
-        let mut starts = tokio::task::JoinSet::new();
-        for _ in 0..8 {
-            let store = Store::connect_lazy(&pg.url, 2).expect("store url");
-            starts.spawn(async move { store.migrate().await });
-        }
-        while let Some(migrated) = starts.join_next().await {
-            migrated.expect("task").expect("migrated at the first try");
-        }
+        all_migrate_at_once(&pg.url).await;
+    }
+}
+
+/// The same on a fresh SQLite file: a migration's transaction takes the write lock when
+/// it begins (`BEGIN IMMEDIATE`). A deferred one read first, and its write then failed at
+/// once ("database is locked", code 5 or 517, not retried by the busy timeout) when
+/// another process was migrating meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_migrations_all_succeed_sqlite() {
+    for _ in 0..4 {
+        all_migrate_at_once(&common::temp_sqlite_url()).await;
     }
 }
 

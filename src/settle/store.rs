@@ -476,10 +476,21 @@ pub trait LedgerStore {
 
 /// Writes the store's methods once for a sqlx driver.
 macro_rules! store_impl {
-    ($store:ident, $db:ty, $kind:literal, $migration_lock:expr, $snapshot:expr, $has_column:expr) => {
+    ($store:ident, $db:ty, $kind:literal, $migration_begin:expr, $migration_lock:expr, $snapshot:expr, $has_column:expr) => {
         impl $store {
             pub fn kind(&self) -> &'static str {
                 $kind
+            }
+
+            /// A migration's transaction, begun with `$migration_begin` where it is not
+            /// the driver's plain `BEGIN`.
+            async fn begin_migration(
+                &self,
+            ) -> Result<sqlx::Transaction<'static, $db>, StoreError> {
+                Ok(match $migration_begin {
+                    Some(begin) => self.pool.begin_with(begin).await?,
+                    None => self.pool.begin().await?,
+                })
             }
 
             pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -487,7 +498,7 @@ macro_rules! store_impl {
                 // Under the migration lock: concurrent first starts would otherwise race
                 // on creating the table (PostgreSQL's `IF NOT EXISTS` is no lock: the
                 // loser fails on the catalog's unique index, pg_type_typname_nsp_index).
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_migration().await?;
                 if let Some(lock) = $migration_lock {
                     sqlx::raw_sql(lock).execute(&mut *tx).await?;
                 }
@@ -499,7 +510,7 @@ macro_rules! store_impl {
                 .await?;
                 tx.commit().await?;
                 for (version, sql) in MIGRATIONS {
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.begin_migration().await?;
                     if let Some(lock) = $migration_lock {
                         sqlx::raw_sql(lock).execute(&mut *tx).await?;
                     }
@@ -1707,11 +1718,16 @@ impl SqliteStore {
 }
 
 // PostgreSQL serializes concurrent migrations with an advisory lock; SQLite's write lock
-// already does.
+// does, taken at BEGIN IMMEDIATE: a deferred transaction reads (is the table there, is the
+// version applied) before it writes, and in WAL mode its write fails at once, unretried by
+// the busy timeout ("database is locked": SQLITE_BUSY, code 5, while another connection
+// writes, SQLITE_BUSY_SNAPSHOT, 517, once it has committed since the read) when several
+// processes start on a fresh file.
 store_impl!(
     PgStore,
     sqlx::Postgres,
     "postgres",
+    None::<&'static str>,
     Some("SELECT pg_advisory_xact_lock(7157680)"),
     // Reads in one transaction see one snapshot only at this level in PostgreSQL (a
     // SQLite read transaction in WAL mode always does).
@@ -1725,6 +1741,7 @@ store_impl!(
     SqliteStore,
     sqlx::Sqlite,
     "sqlite",
+    Some("BEGIN IMMEDIATE"),
     None::<&'static str>,
     None::<&'static str>,
     "SELECT COUNT(*) FROM pragma_table_info($1) WHERE name = $2"
