@@ -949,3 +949,82 @@ async fn an_older_grant_settled_late_does_not_replace_the_last_grant() {
     .expect("the wallet");
     assert_eq!(last_grant, 1_000);
 }
+
+/// Settles every event of the ledger's outbox (those already settled are no-ops), as a
+/// settler with these webhook rules (None: webhooks off) would.
+async fn settle_outbox(
+    ledger: &tollgate::ledger::Ledger,
+    store: &tollgate::settle::Store,
+    rules: Option<&tollgate::webhooks::rules::Rules>,
+) {
+    store
+        .append_batch(&common::outbox_events(ledger).await, None, rules)
+        .await
+        .expect("settle");
+}
+
+/// A lot tracked for `lot.expiring`, then used while lot tracking is off (webhooks off,
+/// as a settler without `[webhooks]` in a rolling deploy, then webhooks on without
+/// `lot.expiring`): its credits left stay current, so once it is delivered again the lot
+/// is announced with what it has left, not with what it had when tracking stopped. A lot
+/// granted while tracking is off is not tracked (nor made a row for).
+async fn a_tracked_lot_stays_current_while_lot_tracking_is_off(store_url: &str) {
+    use tollgate::webhooks::rules::WebhookType;
+
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = tollgate::settle::Store::connect_lazy(store_url, 2).expect("store");
+    store.migrate().await.expect("migrate");
+    let tracking = low_below_20();
+    let mut not_tracking = low_below_20();
+    not_tracking.subscribed[WebhookType::LotExpiring as usize] = false;
+    assert!(!not_tracking.tracks_lots());
+    let now = tollgate::ledger::wall_clock_ms();
+    let expiring = |amount: i64, key: &str| tollgate::ledger::Grant {
+        expires_at_ms: now + 1_800_000,
+        ..common::purchase("acme", amount, key)
+    };
+
+    let tracked = ledger.grant(&expiring(1_000, "g1")).await.expect("grant");
+    settle_outbox(&ledger, &store, Some(&tracking)).await;
+    ledger
+        .debit(&ledger_debit("acme", 400, "d1"))
+        .await
+        .expect("debit");
+    settle_outbox(&ledger, &store, None).await;
+    ledger
+        .debit(&ledger_debit("acme", 300, "d2"))
+        .await
+        .expect("debit");
+    settle_outbox(&ledger, &store, Some(&not_tracking)).await;
+    let untracked = ledger.grant(&expiring(50, "g2")).await.expect("grant");
+    settle_outbox(&ledger, &store, None).await;
+    // lot.expiring delivered again.
+    settle_outbox(&ledger, &store, Some(&tracking)).await;
+
+    let lots = store
+        .expiring_lots(now, now + 3_600_000, 10)
+        .await
+        .expect("expiring lots");
+    let found: Vec<(&str, i64)> = lots
+        .iter()
+        .map(|l| (l.lot_id.as_str(), l.remaining))
+        .collect();
+    assert_eq!(
+        found,
+        [(tracked.lot_id.as_str(), 300)],
+        "the tracked lot with what it has left ({} was granted while untracked)",
+        untracked.lot_id
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracked_lot_stays_current_while_lot_tracking_is_off_postgres() {
+    let pg = common::PgDatabase::create().await;
+    a_tracked_lot_stays_current_while_lot_tracking_is_off(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracked_lot_stays_current_while_lot_tracking_is_off_sqlite() {
+    a_tracked_lot_stays_current_while_lot_tracking_is_off(&common::temp_sqlite_url()).await;
+}

@@ -649,10 +649,11 @@ macro_rules! store_impl {
                         }
                     }
                     deliveries = self.insert_deliveries(&mut tx, &made).await?;
-                    if rules.tracks_lots() {
-                        self.track_lots(&mut tx, &new_events).await?;
-                    }
                 }
+                // While lot.expiring is not delivered (or webhooks are off), the lots
+                // tracked before are kept current, and no new one is tracked.
+                let tracks_lots = rules.is_some_and(Rules::tracks_lots);
+                self.track_lots(&mut tx, &new_events, !tracks_lots).await?;
                 let rows: Vec<_> = wallets.into_iter().collect();
                 $store::upsert_wallets(&mut tx, &rows).await?;
                 let delta = holds_delta(new_events.iter().copied());

@@ -306,18 +306,39 @@ macro_rules! webhook_store_impl {
                 Ok(created)
             }
 
-            /// Keeps the credits left in expiring lots current (for lot.expiring).
+            /// Keeps the credits left in expiring lots current (for lot.expiring): every
+            /// expiring lot the events touch gets its row (`only_tracked` false, while
+            /// lot.expiring is delivered), or only the lots that already have one
+            /// (`only_tracked`, while it is not: no row is made, so the table does not
+            /// grow where nothing reads it, but a lot tracked before keeps its credits
+            /// left right, instead of announcing stale ones once it is turned back on).
+            /// One statement per 1,000 lots, none when no event touches an expiring lot.
+            ///
+            /// The rows are written in (account, wallet, lot) order either way, so two
+            /// settlers touching the same lots lock them in the same order.
             pub(crate) async fn track_lots(
                 &self,
                 tx: &mut sqlx::Transaction<'_, $db>,
                 events: &[&LedgerEvent],
+                only_tracked: bool,
             ) -> Result<(), StoreError> {
                 let changes: Vec<_> = lot_changes(events).into_iter().collect();
                 for chunk in changes.chunks(INSERT_ROWS_MAX) {
-                    let mut qb = QueryBuilder::<$db>::new(
-                        "INSERT INTO tollgate_lots (account_id, wallet, lot_id, expires_at_ms, \
-                         remaining, expiring_notified) ",
-                    );
+                    let mut qb = if only_tracked {
+                        // The same upsert, from the rows that already exist: an INSERT
+                        // (not an UPDATE over a join, whose lock order is the plan's) that
+                        // meets its conflict on every row it keeps. SQLite needs the WHERE
+                        // to parse an upsert from a SELECT.
+                        QueryBuilder::<$db>::new(
+                            "WITH changes (account_id, wallet, lot_id, expires_at_ms, \
+                             remaining, expiring_notified) AS (",
+                        )
+                    } else {
+                        QueryBuilder::<$db>::new(
+                            "INSERT INTO tollgate_lots (account_id, wallet, lot_id, \
+                             expires_at_ms, remaining, expiring_notified) ",
+                        )
+                    };
                     qb.push_values(chunk.iter(), |mut b, ((account, wallet, lot), (expires, delta))| {
                         b.push_bind(account.clone())
                             .push_bind(wallet.clone())
@@ -326,6 +347,17 @@ macro_rules! webhook_store_impl {
                             .push_bind(*delta)
                             .push_bind(0i64);
                     });
+                    if only_tracked {
+                        qb.push(
+                            ") INSERT INTO tollgate_lots (account_id, wallet, lot_id, \
+                             expires_at_ms, remaining, expiring_notified) \
+                             SELECT account_id, wallet, lot_id, expires_at_ms, remaining, \
+                             expiring_notified FROM changes WHERE EXISTS (SELECT 1 FROM \
+                             tollgate_lots t WHERE t.account_id = changes.account_id \
+                             AND t.wallet = changes.wallet AND t.lot_id = changes.lot_id) \
+                             ORDER BY account_id, wallet, lot_id",
+                        );
+                    }
                     qb.push(
                         " ON CONFLICT (account_id, wallet, lot_id) DO UPDATE SET \
                          remaining = tollgate_lots.remaining + excluded.remaining, \
