@@ -1028,3 +1028,80 @@ async fn a_tracked_lot_stays_current_while_lot_tracking_is_off_postgres() {
 async fn a_tracked_lot_stays_current_while_lot_tracking_is_off_sqlite() {
     a_tracked_lot_stays_current_while_lot_tracking_is_off(&common::temp_sqlite_url()).await;
 }
+
+/// A wallet alerted (`balance.low` below 500), topped up while webhooks are off, then
+/// falling below 500 again once they are on: alerted again (the top-up re-armed it). A
+/// wallet that only spent while they were off stays alerted: not told twice.
+async fn a_top_up_while_webhooks_are_off_re_arms_the_alerts(store_url: &str) {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = tollgate::settle::Store::connect_lazy(store_url, 2).expect("store");
+    store.migrate().await.expect("migrate");
+    let rules = tollgate::webhooks::rules::Rules::every_type_below(500);
+    let low_alerts = || async {
+        let page = store
+            .list_deliveries(&tollgate::settle::webhook_store::DeliveryQuery {
+                event_type: Some("balance.low".into()),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("deliveries");
+        page.deliveries
+            .iter()
+            .map(|d| {
+                let payload: serde_json::Value = serde_json::from_str(&d.payload).expect("payload");
+                payload["data"]["available"].as_i64().expect("available")
+            })
+            .collect::<Vec<i64>>()
+    };
+
+    ledger
+        .grant(&common::purchase("acme", 1_000, "g1"))
+        .await
+        .expect("grant");
+    ledger
+        .debit(&ledger_debit("acme", 600, "d1"))
+        .await
+        .expect("debit");
+    settle_outbox(&ledger, &store, Some(&rules)).await;
+    assert_eq!(low_alerts().await, [400]);
+
+    // Webhooks off: topped up to 1,400.
+    ledger
+        .grant(&common::purchase("acme", 1_000, "g2"))
+        .await
+        .expect("grant");
+    settle_outbox(&ledger, &store, None).await;
+    // On again: down to 400.
+    ledger
+        .debit(&ledger_debit("acme", 1_000, "d2"))
+        .await
+        .expect("debit");
+    settle_outbox(&ledger, &store, Some(&rules)).await;
+    assert_eq!(low_alerts().await, [400, 400], "newest first: told again");
+
+    // Spent while off, then on: still alerted, not told a third time.
+    ledger
+        .debit(&ledger_debit("acme", 100, "d3"))
+        .await
+        .expect("debit");
+    settle_outbox(&ledger, &store, None).await;
+    ledger
+        .debit(&ledger_debit("acme", 100, "d4"))
+        .await
+        .expect("debit");
+    settle_outbox(&ledger, &store, Some(&rules)).await;
+    assert_eq!(low_alerts().await, [400, 400]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_while_webhooks_are_off_re_arms_the_alerts_postgres() {
+    let pg = common::PgDatabase::create().await;
+    a_top_up_while_webhooks_are_off_re_arms_the_alerts(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_while_webhooks_are_off_re_arms_the_alerts_sqlite() {
+    a_top_up_while_webhooks_are_off_re_arms_the_alerts(&common::temp_sqlite_url()).await;
+}

@@ -273,6 +273,8 @@ struct WalletBatch {
     /// Amount of the batch's newest grant (0: none).
     last_grant: i64,
     last_grant_at: (i64, i64),
+    /// Whether any of the batch's events added credits (what re-arms an alert).
+    credits_added: bool,
     /// Alert state after the batch, when webhooks are on.
     alerts: Option<WalletState>,
 }
@@ -288,10 +290,18 @@ impl WalletBatch {
             .map_or(self.last_grant, |a| a.last_grant)
     }
 
-    /// Alert flags as stored: -1 leaves the stored value alone.
+    /// Alert flags as stored: -1 leaves the stored value alone. Not evaluated (webhooks
+    /// off for this settler: no thresholds to judge by), a batch that added credits
+    /// re-arms both alerts, as the rules would have if those credits brought the balance
+    /// back; left alone, a wallet alerted before and topped up while webhooks were off
+    /// stayed "alerted" and its next crossing was never told. Re-arming without knowing
+    /// the threshold can tell a crossing twice (credits added that did not bring the
+    /// balance back above it): a duplicate rather than a missed alert. A batch that only
+    /// took credits keeps the flags, as the rules would.
     fn alert_flags(&self) -> (i64, i64) {
         match &self.alerts {
             Some(a) => (i64::from(a.low_alerted), i64::from(a.exhausted_alerted)),
+            None if self.credits_added => (0, 0),
             None => (-1, -1),
         }
     }
@@ -355,6 +365,7 @@ fn aggregate<'a>(
             w.available = e.available_after;
             w.held = e.held_after;
         }
+        w.credits_added |= rules::adds_credits(e);
         if e.kind == EventKind::Grant && position >= w.last_grant_at {
             w.last_grant_at = position;
             w.last_grant = e.amount;

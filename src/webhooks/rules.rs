@@ -176,6 +176,13 @@ fn delivery(e: &LedgerEvent, t: WebhookType, ordinal: i64, data: serde_json::Val
     }
 }
 
+/// Whether an event adds credits (grant, refund, positive adjustment): what re-arms the
+/// balance alerts.
+pub fn adds_credits(e: &LedgerEvent) -> bool {
+    matches!(e.kind, EventKind::Grant | EventKind::Refund)
+        || (e.kind == EventKind::Adjust && e.amount > 0)
+}
+
 /// The deliveries one wallet's newly settled events make, and the wallet's state after
 /// them. `events` are this wallet's, in stream order. Events older than the stored state
 /// (settled late, after a newer one) make only the deliveries that do not depend on the
@@ -247,9 +254,7 @@ pub fn derive(
             state.available
         };
         let threshold_credits = threshold.credits(state.last_grant);
-        let credits_added = matches!(e.kind, EventKind::Grant | EventKind::Refund)
-            || (e.kind == EventKind::Adjust && e.amount > 0);
-        if credits_added {
+        if adds_credits(e) {
             if after >= threshold_credits {
                 state.low_alerted = false;
             }
