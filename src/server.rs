@@ -87,10 +87,21 @@ pub async fn shard_count_at_start(ledger: &Ledger, store: &Store) -> Result<bool
     match shard_count::check(ledger, store).await {
         Ok(()) => Ok(true),
         Err(err) if err.is_transient() => {
+            count_store_error(&err);
             tracing::warn!(error = %err, "shard count not checked yet: no shard is marked new until it is; checking again");
             Ok(false)
         }
         Err(err) => Err(err),
+    }
+}
+
+/// A store error of the shard count check counts in `tollgate_store_errors_total`, as
+/// the settler's own do: a `settle` whose store is unreachable from start-up waits on
+/// the check, and `TollgateStoreErrors` still sees it.
+fn count_store_error(err: &ShardCountError) {
+    if let ShardCountError::Store(err) = err {
+        metrics::counter!(telemetry::metrics::STORE_ERRORS_TOTAL, "kind" => err.kind())
+            .increment(1);
     }
 }
 
@@ -110,6 +121,7 @@ pub async fn verify_shard_count(
         match shard_count::check(ledger, store).await {
             Ok(()) => return Ok(()),
             Err(err) if err.is_transient() => {
+                count_store_error(&err);
                 tracing::debug!(error = %err, "shard count not checked yet");
             }
             Err(err) => return Err(err),

@@ -123,6 +123,11 @@ async fn another_count_is_refused(config: Config, redis: &common::RedisServer) {
             assert_names_counts(&refused, shards, "16");
         }
     }
+    // Redis alone refuses another count while the store is unreachable.
+    let mut store_down = with_shards(&config, 32);
+    store_down.store.url = "postgres://tollgate@127.0.0.1:1/tollgate".into();
+    let refused = serve_refused(store_down).await;
+    assert_names_counts(&refused, 32, "16");
     // Nothing was marked for another count: no shard past 15 has a marker or a count.
     for shard in [16, 28, 31] {
         assert_eq!(

@@ -49,28 +49,20 @@ pub enum ShardCountError {
         persisted: String,
         found: String,
     },
-    /// Redis or the store did not answer: nothing is known yet.
-    #[error("cannot check ledger.shards against the deployment's shard count: {0}")]
-    Unavailable(String),
+    /// Redis did not answer: nothing is known yet.
+    #[error("cannot check ledger.shards against the deployment's shard count: Redis: {0}")]
+    Redis(#[from] LedgerError),
+    /// The store did not answer (or failed): Redis showed nothing against the count, the
+    /// store is not known yet.
+    #[error("cannot check ledger.shards against the deployment's shard count: the store: {0}")]
+    Store(#[from] StoreError),
 }
 
 impl ShardCountError {
-    /// Whether asking again later may succeed (Redis or the store unreachable), rather
-    /// than a count that differs.
+    /// Whether asking again later may succeed (Redis or the store failed), rather than a
+    /// count that differs.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
-    }
-}
-
-impl From<LedgerError> for ShardCountError {
-    fn from(err: LedgerError) -> Self {
-        Self::Unavailable(format!("Redis: {err}"))
-    }
-}
-
-impl From<StoreError> for ShardCountError {
-    fn from(err: StoreError) -> Self {
-        Self::Unavailable(format!("the store: {err}"))
+        matches!(self, Self::Redis(_) | Self::Store(_))
     }
 }
 
@@ -84,6 +76,23 @@ pub async fn check(ledger: &Ledger, store: &Store) -> Result<(), ShardCountError
         persisted,
         place,
     };
+    // Redis first: what it holds refuses another count even while the store is down.
+    let marks = ledger.shard_count_marks().await?;
+    if let Some(found) = marks
+        .iter()
+        .filter_map(|(_, c)| c.as_deref())
+        .find(|c| *c != configured.to_string())
+    {
+        return Err(mismatch(found.to_owned(), "Redis"));
+    }
+    let highest_marker = marks.iter().rposition(|(marked, _)| *marked);
+    if let Some(highest) = highest_marker.filter(|h| *h >= usize::from(configured)) {
+        return Err(ShardCountError::Contradicted {
+            configured,
+            persisted: format!("at least {}", highest + 1),
+            found: format!("Redis has the epoch marker of shard {highest}"),
+        });
+    }
     store.migrate().await?;
     let persisted = store.shard_count().await?;
     if let Some(persisted) = persisted.filter(|p| *p != i64::from(configured)) {
@@ -98,37 +107,19 @@ pub async fn check(ledger: &Ledger, store: &Store) -> Result<(), ShardCountError
             });
         }
     }
-    let marks = ledger.shard_count_marks().await?;
-    if let Some(found) = marks
-        .iter()
-        .filter_map(|(_, c)| c.as_deref())
-        .find(|c| *c != configured.to_string())
-    {
-        return Err(mismatch(found.to_owned(), "Redis"));
-    }
-    let highest_marker = marks.iter().rposition(|(marked, _)| *marked);
-    if let Some(highest) = highest_marker {
-        if highest >= usize::from(configured) {
-            return Err(ShardCountError::Contradicted {
-                configured,
-                persisted: format!("at least {}", highest + 1),
-                found: format!("Redis has the epoch marker of shard {highest}"),
-            });
-        }
-        // Before the count was persisted (no shard holds it): every shard of a deployment
-        // has its marker, so markers that stop short of the configured count say the
-        // count grew.
-        let legacy = persisted.is_none() && marks.iter().all(|(_, c)| c.is_none());
-        if legacy && highest + 1 < usize::from(configured) {
-            return Err(ShardCountError::Contradicted {
-                configured,
-                persisted: format!("probably {}", highest + 1),
-                found: format!(
-                    "Redis has epoch markers only up to shard {highest}, and no persisted \
-                     shard count (every shard of a deployment has its marker)"
-                ),
-            });
-        }
+    // Before the count was persisted (neither the store nor any shard holds it): every
+    // shard of a deployment has its marker, so markers that stop short of the configured
+    // count say the count grew.
+    let legacy = persisted.is_none() && marks.iter().all(|(_, c)| c.is_none());
+    if let Some(highest) = highest_marker.filter(|h| legacy && h + 1 < usize::from(configured)) {
+        return Err(ShardCountError::Contradicted {
+            configured,
+            persisted: format!("probably {}", highest + 1),
+            found: format!(
+                "Redis has epoch markers only up to shard {highest}, and no persisted \
+                 shard count (every shard of a deployment has its marker)"
+            ),
+        });
     }
     // Nothing contradicts it: persist it, then read back what won (a process with
     // another count starting at the same moment shows up here, and one of the two, at
