@@ -47,6 +47,13 @@ use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::A
 /// and the background tasks together ([`drained`]). At most twice this from the signal to
 /// the exit: the chart's `terminationGracePeriodSeconds` (30) leaves room.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long `serve` waits for the store at start-up before serving anyway: for its
+/// schema and the first new-shard check together, and (`--restore`) for the restore's
+/// look for lost shards. A store that hangs (a migration lock held, a stalled server)
+/// used to keep the process from serving until it answered: checks and charges, which
+/// never need it, went unanswered, `/healthz` too. The settler, the new-shard check
+/// (every [`INITIALIZE_RETRY`]) and the background restore carry on from there.
+pub const STORE_STARTUP_WAIT: Duration = Duration::from_secs(5);
 /// How often the health watcher re-runs the readiness checks: gRPC health, the
 /// `tollgate_ready` gauge and `/readyz` follow its rounds.
 pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -195,9 +202,34 @@ pub async fn initialize_new_shards(ledger: &Ledger, store: &Store) -> bool {
 /// `serve --restore`: rebuilds the shards Redis lost (no epoch marker, events in the store)
 /// before serving; see [`restore_lost_shards`]. A failed look is the caller's to log: `serve`
 /// serves anyway, and its background restore looks again.
+///
+/// The look (the store's schema and which lost shards have events there) waits for the
+/// store at most [`STORE_STARTUP_WAIT`], then gives up (an error; the look itself goes
+/// on, and ends when the store answers): a store that hangs used to keep `serve
+/// --restore` from serving until it answered. A restore that has started runs to its
+/// end, which may take minutes on a large ledger.
 pub async fn restore_if_lost(config: &Config, ledger: &Arc<Ledger>) -> Result<(), String> {
     let store = store_from_config(config).map_err(|e| e.to_string())?;
-    restore_lost_shards(ledger, store).await.map(|_| ())
+    // A task of its own, which the wait does not cut short (its migration is not rolled
+    // back): it ends when the store answers.
+    let look = tokio::spawn({
+        let ledger = ledger.clone();
+        let store = store.clone();
+        async move { lost_shards(&ledger, &store).await }
+    });
+    let lost = tokio::time::timeout(STORE_STARTUP_WAIT, look)
+        .await
+        .map_err(|_| {
+            format!(
+                "the store did not answer within {} s",
+                STORE_STARTUP_WAIT.as_secs()
+            )
+        })?
+        .map_err(|e| format!("the look for lost shards failed: {e}"))??;
+    if lost {
+        restore_lost(ledger, store).await?;
+    }
+    Ok(())
 }
 
 /// What [`restore_lost_shards`] found and did.
@@ -254,12 +286,20 @@ pub async fn restore_lost_shards(
     ledger: &Arc<Ledger>,
     store: Arc<Store>,
 ) -> Result<LostShards, String> {
+    if !lost_shards(ledger, &store).await? {
+        return Ok(LostShards::NoneLost);
+    }
+    restore_lost(ledger, store).await
+}
+
+/// Whether a shard lost its data: it has no epoch marker and the store has its events.
+async fn lost_shards(ledger: &Ledger, store: &Store) -> Result<bool, String> {
     let initialized = ledger
         .initialized_shards()
         .await
         .map_err(|e| e.to_string())?;
     if initialized.iter().all(|i| *i) {
-        return Ok(LostShards::NoneLost);
+        return Ok(false);
     }
     // Never rebuilt under another shard count than the deployment's (it migrates the
     // store too).
@@ -275,9 +315,11 @@ pub async fn restore_lost_shards(
                 .map_err(|e| e.to_string())?;
         }
     }
-    if !lost {
-        return Ok(LostShards::NoneLost);
-    }
+    Ok(lost)
+}
+
+/// The restore of [`restore_lost_shards`], once [`lost_shards`] found some.
+async fn restore_lost(ledger: &Arc<Ledger>, store: Arc<Store>) -> Result<LostShards, String> {
     tracing::warn!("Redis lost shards whose events are in the store: restoring them");
     let restored =
         crate::settle::restore::restore(ledger.clone(), store, RestoreMode::Lost, |s, count| {
@@ -681,19 +723,69 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    // Both bounded together by STORE_STARTUP_WAIT: a store that hangs (a lock, a stalled
+    // server) must not keep the hot path, which never needs it, from serving. Each runs
+    // as a task of its own, which goes on past the wait: a migration cut short would be
+    // rolled back, its work (an index over every event) started again by the settler.
+    let store_wait = tokio::time::Instant::now() + STORE_STARTUP_WAIT;
     // The Admin API writes API keys to the store: have its schema ready when it answers.
-    if let Err(err) = store.migrate().await {
-        tracing::warn!(error = %err, "store not migrated yet (the settler retries)");
+    let migration = tokio::spawn({
+        let store = store.clone();
+        async move { store.migrate().await }
+    });
+    match tokio::time::timeout_at(store_wait, migration).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(err))) => {
+            tracing::warn!(error = %err, "store not migrated yet (the settler retries)");
+        }
+        Ok(Err(err)) => tracing::error!(error = %err, "the store's migration task failed"),
+        Err(_) => tracing::warn!(
+            wait_ms = STORE_STARTUP_WAIT.as_millis() as u64,
+            "the store has not answered its migration yet: serving meanwhile (the migration \
+             goes on, and the settler's)"
+        ),
     }
     // The shard count before anything is marked or served: another count than the
-    // deployment's is refused here, or (Redis or the store unreachable now) once they
-    // answer, by the initializer below, which then stops the process.
-    let count_verified = shard_count_at_start(&ledger, &store).await?;
+    // deployment's is refused here, or (Redis or the store unreachable now, or not
+    // answering within the same wait) once they answer, by the initializer below, which
+    // then stops the process.
+    let count_check = tokio::spawn({
+        let ledger = ledger.clone();
+        let store = store.clone();
+        async move { shard_count_at_start(&ledger, &store).await }
+    });
+    let count_verified = match tokio::time::timeout_at(store_wait, count_check).await {
+        Ok(Ok(verified)) => verified?,
+        Ok(Err(err)) => {
+            tracing::error!(error = %err, "the shard count check's task failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                "the shard count has not been checked yet (the store has not answered): \
+                 serving meanwhile, no shard marked new until it is (asked every second)"
+            );
+            false
+        }
+    };
     let (count_refused_tx, count_refused) = tokio::sync::oneshot::channel::<ShardCountError>();
     // First look before serving (a fresh deployment is ready at once), then keep looking:
     // Redis may come up later, or lose its data while we run.
     if count_verified {
-        initialize_new_shards(&ledger, &store).await;
+        let first_look = tokio::spawn({
+            let ledger = ledger.clone();
+            let store = store.clone();
+            async move { initialize_new_shards(&ledger, &store).await }
+        });
+        if tokio::time::timeout_at(store_wait, first_look)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the store has not answered the new-shard check yet: serving meanwhile, not ready \
+                 until a shard Redis does not have is initialized (looked at every second)"
+            );
+        }
     }
     if config.server.restore {
         // Its own Redis connections: a restore's pipelines (thousands of commands) must
@@ -746,6 +838,7 @@ pub async fn run(
     )
     // Envoy's stream stays open as long as Envoy runs: it ends on shutdown instead.
     .stopping(stopping.clone());
+    let access_log_tasks = access_log.tasks();
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
@@ -875,7 +968,17 @@ pub async fn run(
     }
     // The retrier ends within its own grace (access_log::retry::RETRY_SHUTDOWN_GRACE),
     // well before this deadline.
-    let mut tasks = vec![sweeper, replayer, initializer, watcher, settle_retrier];
+    // A stream's task whose connection went away may still be settling the entries it
+    // received (access_log.rs): the process does not exit under it.
+    let access_logs = tokio::spawn(access_log_tasks.ended());
+    let mut tasks = vec![
+        sweeper,
+        replayer,
+        initializer,
+        watcher,
+        settle_retrier,
+        access_logs,
+    ];
     tasks.extend(settler_task);
     tasks.extend(dispatcher);
     join_until(deadline, tasks).await;

@@ -23,7 +23,10 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, 
 use envoy_types::pb::google::protobuf::UInt32Value;
 use tonic::transport::Channel;
 
-use common::gateways::{balance, esign_config, esign_replay_config, http, seed, wait_balance};
+use common::gateways::{
+    access_log_entry, access_log_message, balance, esign_config, esign_replay_config, http,
+    ocr_hold, seed, wait_balance,
+};
 use tollgate::api::pb;
 use tollgate::config::{Config, ConfigErrors, Overrides};
 use tollgate::gateway::identity::{IdentityError, KeyBinding, KeyStore, Presented};
@@ -1209,6 +1212,72 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
         .await
         .expect("stream");
     wait_balance(&server, "acme", (142, 0, 65)).await;
+}
+
+/// Envoy flushes its access log in messages of many entries. When it goes away (a
+/// restart: its connection cut) while tollgate is still settling one, every entry of
+/// that message is settled all the same. hyper drops the stream's handler with the
+/// connection, and the handler used to settle in its own future: the rest of the message
+/// was abandoned, those holds left to their on_expiry (`release` here: answered 200,
+/// they were free).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_entries_received_before_envoy_goes_away_are_all_settled() {
+    // Enough that settling them takes far longer than noticing the first and cutting.
+    const HOLDS: i64 = 300;
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let credits = 1_000_000;
+    let key = seed(&server, "acme", credits).await;
+    let channel = server.channel().await;
+    let mut holds = Vec::new();
+    for i in 0..HOLDS {
+        holds.push(ocr_hold(channel.clone(), &key, &format!("ocr-{i}")).await);
+    }
+    // ocr.pages holds 50; answered 200 with 1 page it captures 2 and releases the rest.
+    assert_eq!(
+        balance(&server, "acme").await,
+        (credits - 50 * HOLDS, 50 * HOLDS, 0)
+    );
+
+    // "Envoy": one flush of every entry, on a connection of its own through a proxy, the
+    // stream left open.
+    let proxy = common::proxy::FaultProxy::start(server.grpc_addr).await;
+    let envoy = Channel::from_shared(format!("http://{}", proxy.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let (send, receive) = tokio::sync::mpsc::channel(1);
+    send.send(access_log_message(
+        holds
+            .iter()
+            .map(|h| access_log_entry(h, 200, "1"))
+            .collect(),
+    ))
+    .await
+    .expect("queue the flush");
+    let stream = tokio::spawn(async move {
+        AccessLogServiceClient::new(envoy)
+            .stream_access_logs(tokio_stream::wrappers::ReceiverStream::new(receive))
+            .await
+    });
+    // Envoy goes away once tollgate has the message and is settling it (a hold settled).
+    let deadline = Instant::now() + common::gateways::REQUEST_TIMEOUT;
+    while balance(&server, "acme").await.1 == 50 * HOLDS {
+        assert!(
+            Instant::now() < deadline,
+            "no entry of the flush was ever settled"
+        );
+        tokio::task::yield_now().await;
+    }
+    proxy.cut();
+    let open_at_the_cut = balance(&server, "acme").await.1 / 50;
+    eprintln!("{open_at_the_cut} of {HOLDS} holds still open when the connection was cut");
+    drop(send);
+    stream.abort();
+
+    wait_balance(&server, "acme", (credits - 2 * HOLDS, 0, 2 * HOLDS)).await;
+    server.stop().await;
 }
 
 /// A settlement request (path, headers, body) and the fields its 400 must name.

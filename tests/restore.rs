@@ -1163,8 +1163,10 @@ async fn restores_never_write_over_a_shard_that_serves() {
 }
 
 /// A SIGHUP before `serve --restore` serves (here while its restore waits for the store's
-/// migration lock, which the test holds) is logged and ignored; its default action would
-/// end the process. Once the lock is free the restore runs and the server serves.
+/// migration lock, which the test holds: for up to `STORE_STARTUP_WAIT`, 5 s, and the
+/// SIGHUP is sent as soon as the wait is seen) is logged and ignored; its default action
+/// would end the process. Once the lock is free the background restore runs, and the
+/// server (serving by then) turns ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_during_serve_restore_is_ignored() {
     let (redis, pg, ledger, _store) = settled_then_lost("hup", 700).await;
@@ -1282,6 +1284,65 @@ async fn a_sighup_during_serve_restore_is_ignored() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(available(&ledger, "hup").await, Ok(700));
+}
+
+/// `serve --restore` whose store hangs (another process holds the schema's migration
+/// lock) serves after a bounded wait instead of waiting for the store: `/healthz`
+/// answers, and the lost shard refuses charges meanwhile (not ready). Once the store
+/// answers, the background restore rebuilds the shard. Its look before serving used to
+/// wait for the store for as long as it hung, the process serving nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_restore_whose_store_hangs_serves_and_restores_once_it_answers() {
+    let (redis, pg, ledger, _store) = settled_then_lost("hang", 300).await;
+    // The migration lock (src/settle/store.rs), held until the end of this transaction.
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("pg");
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(7157680)")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+
+    let redis_url = redis.url();
+    let mut server = common::spawn_listening(
+        2,
+        DEADLINE,
+        |ports| {
+            let mut cmd = common::tollgate();
+            cmd.arg("serve")
+                .arg("--restore")
+                .arg(format!("--redis-url={redis_url}"))
+                .arg(format!("--store={}", pg.url))
+                .arg(format!("--grpc-addr=127.0.0.1:{}", ports[0]))
+                .arg(format!("--http-addr=127.0.0.1:{}", ports[1]))
+                .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+                .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+                .stdout(std::process::Stdio::null());
+            cmd
+        },
+        // Each probe bounded: a server that does not serve yet answers nothing.
+        |ports| async move {
+            let http_addr = ([127, 0, 0, 1], ports[1]).into();
+            tokio::time::timeout(Duration::from_secs(5), http_status(http_addr, "/healthz"))
+                .await
+                .is_ok_and(|(code, _)| code == 200)
+        },
+    )
+    .await;
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], server.ports[1]).into();
+    // The lock is still held: nothing was restored, and the lost shard does not serve.
+    assert_ne!(available(&ledger, "hang").await, Ok(300));
+    assert_eq!(http_status(http_addr, "/readyz").await.0, 503);
+
+    lock.rollback().await.expect("unlock");
+    common::eventually(DEADLINE, "the lost shard restored", || async {
+        (available(&ledger, "hang").await == Ok(300)).then_some(())
+    })
+    .await;
+    common::eventually(DEADLINE, "ready once restored", || async {
+        (http_status(http_addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    server.assert_running("after the restore");
 }
 
 /// `serve --restore` started while Redis is down (a pod rescheduled during a Redis

@@ -1780,6 +1780,72 @@ async fn an_api_key_made_while_the_store_is_down_is_answered_and_saved_later() {
     server.stop().await;
 }
 
+/// An API key made while the store hangs (its table locked: the save waits, without an
+/// error) is answered with its secret within a bound far under the caller's deadline,
+/// and saved once the store answers. The handler used to wait for the save: past the
+/// caller's deadline the answer, the secret's only copy, was lost, and a retry replays
+/// without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_made_while_the_store_hangs_is_answered_and_saved_later() {
+    use sqlx::{Connection, Executor};
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let mut config = common::test_config(&redis.url());
+    config.store.url = pg.url.clone();
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let store = store(&pg.url).await;
+
+    // Every write to the keys table waits on this lock (reads do not), held until the
+    // answer is in.
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+    let mut lock = locker.begin().await.expect("begin");
+    lock.execute("LOCK TABLE tollgate_api_keys IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    // Generous, and far past the server's wait for the save (KEY_SAVE_WAIT).
+    let caller_deadline = Duration::from_secs(20);
+    assert!(caller_deadline > 5 * tollgate::api::admin::KEY_SAVE_WAIT);
+    let mut request = tonic::Request::new(pb::CreateApiKeyRequest {
+        account_id: "acme".into(),
+        name: "ci".into(),
+        idempotency_key: "k-1".into(),
+        ..Default::default()
+    });
+    request.set_timeout(caller_deadline);
+    let made = server
+        .admin()
+        .await
+        .create_api_key(request)
+        .await
+        .expect("answered within the caller's deadline, though the store hangs")
+        .into_inner();
+    assert!(!made.api_key.is_empty(), "the secret is in the answer");
+    assert!(!made.replayed);
+    assert!(
+        !store
+            .api_keys()
+            .await
+            .expect("keys")
+            .iter()
+            .any(|k| k.key_id == made.key_id),
+        "saved through the lock?"
+    );
+
+    lock.rollback().await.expect("unlock");
+    common::eventually(DEADLINE, "the key saved in the store", || {
+        let store = store.clone();
+        let key_id = made.key_id.clone();
+        async move {
+            let keys = store.api_keys().await.expect("keys");
+            keys.iter()
+                .any(|k| k.key_id == key_id && k.account_id == "acme")
+                .then_some(())
+        }
+    })
+    .await;
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
     let redis = common::RedisServer::start();
@@ -2092,6 +2158,64 @@ async fn a_settler_stuck_on_a_store_query_that_never_returns_is_reported() {
 
 /// `tollgate settle` over `redis_url` and `store_url`, its HTTP port picked free (again
 /// if another process took it first), accepting connections.
+/// `serve` whose store hangs at start-up (another process holds the schema's migration
+/// lock) serves all the same, after a bounded wait: `/healthz` answers, and checks and
+/// charges, which never need the store, are taken. It used to wait for the migration
+/// before serving, for as long as the store hung. Once the store answers, the new shards
+/// are initialized in the background and the pod turns ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_whose_store_hangs_at_start_up_serves() {
+    use sqlx::{Connection, Executor};
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    // The migration lock (src/settle/store.rs), held until the end of this transaction.
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+    let mut lock = locker.begin().await.expect("begin");
+    lock.execute("SELECT pg_advisory_xact_lock(7157680)")
+        .await
+        .expect("lock");
+
+    let redis_url = redis.url();
+    let child = common::spawn_listening(
+        2,
+        DEADLINE,
+        |ports| {
+            let mut cmd = common::tollgate();
+            cmd.arg("serve")
+                .arg(format!("--redis-url={redis_url}"))
+                .arg(format!("--store={}", pg.url))
+                .arg(format!("--grpc-addr=127.0.0.1:{}", ports[0]))
+                .arg(format!("--http-addr=127.0.0.1:{}", ports[1]))
+                .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+                .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+                .env(
+                    "TOLLGATE_GATEWAY__SPOOL_PATH",
+                    common::temp_path("spool").display().to_string(),
+                )
+                .stdout(std::process::Stdio::null());
+            cmd
+        },
+        // Each probe bounded: a server that does not serve yet takes the connection (the
+        // port is bound) and answers nothing.
+        |ports| async move {
+            let addr = ([127, 0, 0, 1], ports[1]).into();
+            tokio::time::timeout(Duration::from_secs(5), common::http_get(addr, "/healthz"))
+                .await
+                .is_ok_and(|(code, _)| code == 200)
+        },
+    )
+    .await;
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], child.ports[1]).into();
+    // The lock was held all along: the server serves unmigrated.
+    lock.rollback().await.expect("unlock");
+    common::eventually(DEADLINE, "ready once the store answers", || async {
+        let (code, _) = common::http_get(http_addr, "/readyz").await;
+        (code == 200).then_some(())
+    })
+    .await;
+    drop(child);
+}
+
 async fn settle_command(redis_url: &str, store_url: &str) -> common::Listening {
     common::spawn_listening(
         1,

@@ -277,3 +277,109 @@ async fn settlements_waiting_for_a_retry_do_not_hold_up_shutdown() {
     );
     let _ = std::fs::remove_file(&log);
 }
+
+/// Envoy stopping with the pod: its connection goes away while tollgate is still settling
+/// the flush it sent last, and SIGTERM comes at once. The stream's task (whose handler
+/// hyper dropped with the connection) settles every entry of that flush before the
+/// process exits: the shutdown waits for it as for the other tasks. Exiting under it
+/// left the rest of the flush to `on_expiry` (`release` here: calls answered 200, free).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_whose_envoy_went_away_is_settled_before_the_process_exits() {
+    // Enough that settling them takes far longer than noticing the first and stopping.
+    const HOLDS: i64 = 500;
+    let redis = common::RedisServer::start();
+    let log = common::temp_path("log");
+    let pricebook = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join("pricebook-esign.toml");
+    let config = format!("--config={}", pricebook.display());
+    let mut server = serve_with(&redis.url(), &log, &[&config]).await;
+    let grpc = server.ports[0];
+
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        channel(grpc).await,
+        common::auth(Some(common::ADMIN_TOKEN)),
+    );
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 1_000_000,
+            idempotency_key: "g1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "acme".into(),
+            name: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .into_inner()
+        .api_key;
+    let checks = channel(grpc).await;
+    let mut holds = Vec::new();
+    for i in 0..HOLDS {
+        holds.push(common::gateways::ocr_hold(checks.clone(), &key, &format!("ocr-{i}")).await);
+    }
+    drop(checks);
+    // Read from Redis directly (the process is gone by the end): what is held.
+    let ledger = tollgate::server::ledger_from_config(
+        &common::test_config(&redis.url()),
+        tollgate::ledger::Clock::Redis,
+    )
+    .expect("ledger");
+    let held = || async {
+        let wallets = ledger.balance("acme", "default").await.expect("balance");
+        wallets.first().map_or(0, |w| w.held)
+    };
+    assert_eq!(held().await, 50 * HOLDS);
+
+    // "Envoy": one flush of every entry (answered 200, 1 page: 2 captured, 48 released),
+    // on a connection of its own through a proxy, the stream left open.
+    let proxy = common::proxy::FaultProxy::start(([127, 0, 0, 1], grpc).into()).await;
+    let envoy = Channel::from_shared(format!("http://{}", proxy.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let (send, receive) = tokio::sync::mpsc::channel(1);
+    send.send(common::gateways::access_log_message(
+        holds
+            .iter()
+            .map(|h| common::gateways::access_log_entry(h, 200, "1"))
+            .collect(),
+    ))
+    .await
+    .expect("queue the flush");
+    let stream = tokio::spawn(async move {
+        AccessLogServiceClient::new(envoy)
+            .stream_access_logs(tokio_stream::wrappers::ReceiverStream::new(receive))
+            .await
+    });
+    // Once tollgate is settling the flush (a hold settled), Envoy goes away and the pod
+    // stops.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held().await == 50 * HOLDS {
+        assert!(
+            Instant::now() < deadline,
+            "no entry of the flush was ever settled"
+        );
+        tokio::task::yield_now().await;
+    }
+    proxy.cut();
+    let signalled = Instant::now();
+    server.signal("-TERM");
+    let open_at_the_signal = held().await / 50;
+    drop(send);
+    stream.abort();
+    let logs = ended_within(&mut server, &log, signalled, 2 * SHUTDOWN_GRACE).await;
+    assert_eq!(
+        held().await,
+        0,
+        "{open_at_the_signal} of {HOLDS} holds were open at SIGTERM; logs:\n{logs}"
+    );
+    let _ = std::fs::remove_file(&log);
+}

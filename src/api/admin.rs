@@ -22,6 +22,10 @@ use crate::webhooks::{Rules, Threshold, WebhookType};
 /// Background attempts at saving a key the store refused (about ten minutes with the
 /// capped backoff).
 const KEY_SAVE_RETRIES: u32 = 25;
+/// How long CreateApiKey waits for the store to keep a new key before answering anyway
+/// (the save goes on in the background): far under any caller's deadline, so that a
+/// store that hangs does not cost the caller the key's secret.
+pub const KEY_SAVE_WAIT: Duration = Duration::from_secs(2);
 
 /// Deliveries per page unless asked otherwise.
 pub const DELIVERIES_PAGE_DEFAULT: u32 = 100;
@@ -46,7 +50,7 @@ impl AdminService {
     /// Keeps an API key (a hash only) in the durable ledger, so `tollgate restore` can
     /// rebuild it after Redis lost its data.
     async fn save_key(&self, key: ApiKeyRecord) -> Result<(), Status> {
-        // (CreateApiKey answers anyway and saves later: `save_key_later`.)
+        // (CreateApiKey answers anyway and saves in the background: `save_new_key`.)
         let revoked = key.revoked_at_ms > 0;
         self.store()?.save_api_key(&key).await.map_err(|err| {
             tracing::warn!(error = %err, "api key not saved in the durable ledger");
@@ -118,30 +122,54 @@ impl AdminService {
             .collect())
     }
 
-    /// Retries saving a key the store refused, with capped backoff, for about ten
-    /// minutes; until it lands, a restore after a Redis loss would not bring it back.
-    fn save_key_later(&self, key: ApiKeyRecord) {
+    /// Saves a key CreateApiKey made (or replayed) in the durable ledger, waiting at most
+    /// [`KEY_SAVE_WAIT`]: the key is live in Redis and its secret is in the answer only (a
+    /// retry replays without it), so the answer must not wait on a store that hangs. The
+    /// save runs in a task of its own, which a caller's deadline cannot cut short, and
+    /// which retries a refused save, with capped backoff, for about ten minutes; until it
+    /// lands, a restore after a Redis loss would not bring the key back. Without a store
+    /// there is nothing to save.
+    async fn save_new_key(&self, key: ApiKeyRecord) {
         let Some(store) = self.store.clone() else {
             return;
         };
+        let (first, first_answer) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
+            let mut saved = store.save_api_key(&key).await;
+            let _ = first.send(saved.is_ok());
             let mut wait = Duration::from_millis(500);
             for _ in 0..KEY_SAVE_RETRIES {
-                tokio::time::sleep(wait).await;
-                match store.save_api_key(&key).await {
-                    Ok(()) => {
-                        tracing::info!("api key saved in the durable ledger on a retry");
-                        return;
+                match saved {
+                    Ok(()) => return,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "api key not saved in the durable ledger yet: retrying");
                     }
-                    Err(err) => tracing::warn!(error = %err, "api key still not saved"),
                 }
+                tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(30));
+                saved = store.save_api_key(&key).await;
+                if saved.is_ok() {
+                    tracing::info!("api key saved in the durable ledger on a retry");
+                }
             }
-            tracing::error!(
-                "api key never saved in the durable ledger: a restore after a Redis loss \
-                 would not bring it back (revoke it and make another)"
-            );
+            if let Err(err) = saved {
+                tracing::error!(
+                    error = %err,
+                    "api key never saved in the durable ledger: a restore after a Redis loss \
+                     would not bring it back (revoke it and make another)"
+                );
+            }
         });
+        if tokio::time::timeout(KEY_SAVE_WAIT, first_answer)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                wait_ms = KEY_SAVE_WAIT.as_millis() as u64,
+                "the durable ledger did not take a new api key in time: answering with it, \
+                 and saving it in the background"
+            );
+        }
     }
 
     /// Serves the webhook RPCs from this store, with the configured webhook rules (None
@@ -352,11 +380,9 @@ impl Admin for AdminService {
             member_id: binding.member_id.clone(),
             created_by: binding.actor_id.clone(),
         };
-        if self.save_key(record.clone()).await.is_err() {
-            // The key is live in Redis and its secret is in this answer only (a retry
-            // replays without it): answer, and keep saving it in the background.
-            self.save_key_later(record);
-        }
+        // The key is live in Redis and its secret is in this answer only (a retry replays
+        // without it): answer, the save going on in the background if need be.
+        self.save_new_key(record).await;
         Ok(Response::new(pb::CreateApiKeyResponse {
             key_id: out.key_id,
             api_key: out.api_key,

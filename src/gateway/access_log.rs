@@ -43,6 +43,14 @@
 //! (GOAWAY) does not end a stream already open: on shutdown ([`AccessLog::stopping`]) the
 //! handler settles the entries it has received and ends the stream itself, with OK, so
 //! Envoy opens its next one to another tollgate and this one's drain is not held up.
+//!
+//! Each stream is read and settled by a task of its own, which the handler waits for:
+//! when Envoy resets the stream or its connection is lost (a restart), hyper drops the
+//! handler, and a handler that settled in its own future was dropped mid-message, the
+//! rest of a flush (hundreds of entries) left to `on_expiry` (a 2xx call free with
+//! `release`, a failed one charged with `capture`). The task settles every entry it
+//! received, then meets the stream's end and ends; shutdown waits for such tasks too
+//! ([`StreamTasks`], within the server's grace).
 
 pub mod retry;
 
@@ -64,6 +72,7 @@ use crate::api::auth::TokenCheck;
 use crate::telemetry::metrics as m;
 use retry::{Answer, Retries};
 
+#[derive(Clone)]
 pub struct AccessLog {
     gateway: Arc<Gateway>,
     service_tokens: TokenCheck,
@@ -75,6 +84,21 @@ pub struct AccessLog {
     /// Where settlements that met a transient ledger error go (its `Retrier` runs as a
     /// task of the server).
     retries: Retries,
+    /// Each stream's task holds a receiver of this while it runs: [`StreamTasks::ended`].
+    tasks: Arc<tokio::sync::watch::Sender<()>>,
+}
+
+/// The streams' tasks (see the module docs), for the server's shutdown to wait for: a
+/// task whose handler hyper dropped (its connection gone) still settles what it received,
+/// and the process must not exit under it.
+#[derive(Clone)]
+pub struct StreamTasks(Arc<tokio::sync::watch::Sender<()>>);
+
+impl StreamTasks {
+    /// Completes once no stream's task runs (at once when none does).
+    pub async fn ended(self) {
+        self.0.closed().await;
+    }
 }
 
 impl AccessLog {
@@ -94,7 +118,13 @@ impl AccessLog {
             local_only,
             stopping: None,
             retries,
+            tasks: Arc::new(tokio::sync::watch::Sender::new(())),
         }
+    }
+
+    /// The streams' tasks, for the server's shutdown to wait for.
+    pub fn tasks(&self) -> StreamTasks {
+        StreamTasks(self.tasks.clone())
     }
 
     /// Ends every open stream (with OK) once `stopping` turns true: see the module docs.
@@ -390,7 +420,35 @@ impl AccessLogService for AccessLog {
                 "the access log needs the gateway shared secret or the service token",
             ));
         }
-        let mut stream = request.into_inner();
+        // The reading and settling run in a task of their own: hyper drops this handler's
+        // future when Envoy resets the stream or its connection is lost, and with it a
+        // loop that was still settling a message (hundreds of entries in one flush):
+        // the rest of its holds then ended by on_expiry. The task outlives the handler:
+        // it settles what it received, then sees the stream's end (an error: it broke
+        // off) and ends. The server's shutdown waits for it ([`StreamTasks`]).
+        let me = self.clone();
+        let running = self.tasks.subscribe();
+        let stream = request.into_inner();
+        let task = tokio::spawn(async move {
+            let answer = me.read_and_settle(stream).await;
+            drop(running);
+            answer
+        });
+        match task.await {
+            Ok(answer) => answer,
+            Err(err) => {
+                tracing::error!(error = %err, "an access-log stream's task failed");
+                Err(Status::internal("the access-log stream's task failed"))
+            }
+        }
+    }
+}
+
+impl AccessLog {
+    async fn read_and_settle(
+        &self,
+        mut stream: Streaming<StreamAccessLogsMessage>,
+    ) -> Result<Response<StreamAccessLogsResponse>, Status> {
         let mut stopping = self.stopping.clone();
         loop {
             // What has arrived first: the stream ends only when nothing is waiting.
