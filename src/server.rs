@@ -303,7 +303,7 @@ async fn lost_shards(ledger: &Ledger, store: &Store) -> Result<bool, String> {
     }
     // Never rebuilt under another shard count than the deployment's (it migrates the
     // store too).
-    shard_count::check(ledger, &store)
+    shard_count::check(ledger, store)
         .await
         .map_err(|e| e.to_string())?;
     let mut lost = false;
