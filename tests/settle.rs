@@ -50,6 +50,14 @@ async fn store(url: &str) -> Arc<Store> {
     store
 }
 
+/// A store in `pg` and one in a new SQLite file, named for the messages.
+async fn to_both_stores(pg: &common::PgDatabase) -> [(&'static str, Arc<Store>); 2] {
+    [
+        ("to-postgres", store(&pg.url).await),
+        ("to-sqlite", store(&common::temp_sqlite_url()).await),
+    ]
+}
+
 fn pg_target() -> std::net::SocketAddr {
     let url = common::pg_admin_url();
     let host_port = url
@@ -1515,10 +1523,7 @@ async fn reconcile_reports_a_redis_that_came_back_behind_the_store() {
     // settles all of them.
     common::add_observer_group(&ledger).await;
     let pg = common::PgDatabase::create().await;
-    let stores = [
-        ("to-postgres", store(&pg.url).await),
-        ("to-sqlite", store(&common::temp_sqlite_url()).await),
-    ];
+    let stores = to_both_stores(&pg).await;
     ledger
         .grant(&common::purchase("alice", 100, "g1"))
         .await
@@ -1674,10 +1679,7 @@ async fn reconcile_reports_a_wallet_that_does_not_conserve_credits() {
     // Nothing is trimmed before both stores have settled it.
     common::add_observer_group(&ledger).await;
     let pg = common::PgDatabase::create().await;
-    let stores = [
-        ("to-postgres", store(&pg.url).await),
-        ("to-sqlite", store(&common::temp_sqlite_url()).await),
-    ];
+    let stores = to_both_stores(&pg).await;
     ledger
         .grant(&common::purchase("acme", 100, "g"))
         .await

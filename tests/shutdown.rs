@@ -209,19 +209,18 @@ async fn ended_within(
     logs
 }
 
-/// An access-log settlement that met a Redis refusing writes waits for a retry when
-/// SIGTERM comes: the retries go on for `RETRY_SHUTDOWN_GRACE` at most (Redis still
-/// refuses), then the settlement is dropped with a WARN (its hold follows `on_expiry`),
-/// and the process exits before the grace of its task joins runs out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settlements_waiting_for_a_retry_do_not_hold_up_shutdown() {
-    let redis = common::RedisServer::start();
-    let log = common::temp_path("log");
+/// `serve` with the esign price book, account `acme` granted `credits`, and an API key of
+/// it: the server and the key.
+async fn esign_server_with_key(
+    redis: &common::RedisServer,
+    log: &std::path::Path,
+    credits: i64,
+) -> (common::Listening, String) {
     let pricebook = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("examples")
         .join("pricebook-esign.toml");
     let config = format!("--config={}", pricebook.display());
-    let mut server = serve_with(&redis.url(), &log, &[&config]).await;
+    let server = serve_with(&redis.url(), log, &[&config]).await;
     let grpc = server.ports[0];
 
     let mut admin = pb::admin_client::AdminClient::with_interceptor(
@@ -231,7 +230,7 @@ async fn settlements_waiting_for_a_retry_do_not_hold_up_shutdown() {
     admin
         .grant(pb::GrantRequest {
             account_id: "acme".into(),
-            amount: 100,
+            amount: credits,
             idempotency_key: "g1".into(),
             ..Default::default()
         })
@@ -247,6 +246,19 @@ async fn settlements_waiting_for_a_retry_do_not_hold_up_shutdown() {
         .expect("key")
         .into_inner()
         .api_key;
+    (server, key)
+}
+
+/// An access-log settlement that met a Redis refusing writes waits for a retry when
+/// SIGTERM comes: the retries go on for `RETRY_SHUTDOWN_GRACE` at most (Redis still
+/// refuses), then the settlement is dropped with a WARN (its hold follows `on_expiry`),
+/// and the process exits before the grace of its task joins runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_waiting_for_a_retry_do_not_hold_up_shutdown() {
+    let redis = common::RedisServer::start();
+    let log = common::temp_path("log");
+    let (mut server, key) = esign_server_with_key(&redis, &log, 100).await;
+    let grpc = server.ports[0];
     let hold = common::gateways::ocr_hold(channel(grpc).await, &key, "ocr-1").await;
 
     // READONLY to every write, until the end.
@@ -289,36 +301,8 @@ async fn a_flush_whose_envoy_went_away_is_settled_before_the_process_exits() {
     const HOLDS: i64 = 500;
     let redis = common::RedisServer::start();
     let log = common::temp_path("log");
-    let pricebook = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples")
-        .join("pricebook-esign.toml");
-    let config = format!("--config={}", pricebook.display());
-    let mut server = serve_with(&redis.url(), &log, &[&config]).await;
+    let (mut server, key) = esign_server_with_key(&redis, &log, 1_000_000).await;
     let grpc = server.ports[0];
-
-    let mut admin = pb::admin_client::AdminClient::with_interceptor(
-        channel(grpc).await,
-        common::auth(Some(common::ADMIN_TOKEN)),
-    );
-    admin
-        .grant(pb::GrantRequest {
-            account_id: "acme".into(),
-            amount: 1_000_000,
-            idempotency_key: "g1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("grant");
-    let key = admin
-        .create_api_key(pb::CreateApiKeyRequest {
-            account_id: "acme".into(),
-            name: "test".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("key")
-        .into_inner()
-        .api_key;
     let checks = channel(grpc).await;
     let mut holds = Vec::new();
     for i in 0..HOLDS {

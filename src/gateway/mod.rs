@@ -1050,23 +1050,30 @@ pub fn check_idempotency_key(operation: &str, request_id: Option<&str>) -> Strin
         }
         _ => {
             // Unique without a syscall per check (every check without request_id_replay
-            // takes this path): 64 random bits drawn once per process, then a counter.
-            static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let process = *PROCESS.get_or_init(|| {
-                let mut random = [0u8; 8];
-                match getrandom::fill(&mut random) {
-                    Ok(()) => u64::from_le_bytes(random),
-                    Err(_) => std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_nanos() as u64)
-                        .unwrap_or_default(),
-                }
-            });
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // takes this path).
+            let (process, n) = unique_in_process();
             format!("gw:{operation}:~{process:016x}{n:x}")
         }
     }
+}
+
+/// A pair no other call of this process (nor, but by a 2^-64 chance, of another) gets:
+/// 64 random bits drawn once per process, and a counter.
+fn unique_in_process() -> (u64, u64) {
+    static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let process = *PROCESS.get_or_init(|| {
+        let mut random = [0u8; 8];
+        match getrandom::fill(&mut random) {
+            Ok(()) => u64::from_le_bytes(random),
+            Err(_) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or_default(),
+        }
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (process, n)
 }
 
 #[cfg(test)]

@@ -287,19 +287,7 @@ fn log(target: &VoidTarget, end: VoidEnd, result: &Result<VoidOutcome, LedgerErr
 
 /// A void's own idempotency key: new for every void (its retries share it).
 fn void_key() -> String {
-    static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let process = *PROCESS.get_or_init(|| {
-        let mut random = [0u8; 8];
-        match getrandom::fill(&mut random) {
-            Ok(()) => u64::from_le_bytes(random),
-            Err(_) => std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or_default(),
-        }
-    });
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (process, n) = super::unique_in_process();
     format!("gw:void:{process:016x}{n:x}")
 }
 
