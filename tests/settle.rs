@@ -3170,17 +3170,6 @@ async fn concurrent_first_migrations_all_succeed() {
     }
 }
 
-/// The same on a fresh SQLite file: a migration's transaction takes the write lock when
-/// it begins (`BEGIN IMMEDIATE`). A deferred one read first, and its write then failed at
-/// once ("database is locked", code 5 or 517, not retried by the busy timeout) when
-/// another process was migrating meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_first_migrations_all_succeed_sqlite() {
-    for _ in 0..4 {
-        all_migrate_at_once(&common::temp_sqlite_url()).await;
-    }
-}
-
 /// A settler whose store is unreachable from start-up fails to migrate, round after
 /// round: that is counted in `tollgate_store_errors_total` (what `TollgateStoreErrors`
 /// watches), not only in the round errors; and every kind the counter can carry is
