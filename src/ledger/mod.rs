@@ -219,6 +219,35 @@ pub enum ChargeRef<'a> {
     Hold(&'a Authorize),
 }
 
+impl<'a> ChargeRef<'a> {
+    /// Validated as it was sent: by key (no account, no member) or by account.
+    fn validate(self, by_key: bool) -> Result<(), Vec<FieldViolation>> {
+        match (self, by_key) {
+            (Self::Debit(c), true) => c.validate_charge(),
+            (Self::Debit(c), false) => c.validate(),
+            (Self::Hold(c), true) => c.validate_charge(),
+            (Self::Hold(c), false) => c.validate(),
+        }
+    }
+
+    /// Account, member and idempotency key, as sent.
+    fn identity(self) -> (&'a str, &'a str, &'a str) {
+        let (account, member, key) = match self {
+            Self::Debit(c) => (&c.account_id, &c.member_id, &c.idempotency_key),
+            Self::Hold(c) => (&c.account_id, &c.member_id, &c.idempotency_key),
+        };
+        (account, member, key)
+    }
+
+    /// The digest its idempotency record holds.
+    fn digest(self) -> String {
+        match self {
+            Self::Debit(c) => debit_digest(c, &encode_metadata(&c.metadata)),
+            Self::Hold(c) => authorize_digest(c, &encode_metadata(&c.metadata)),
+        }
+    }
+}
+
 /// What a void did ([`Ledger::void`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Voided {
@@ -810,38 +839,11 @@ impl Ledger {
         void_key: &str,
         metadata: &Metadata,
     ) -> Result<VoidOutcome, LedgerError> {
-        let (account_id, member_id, idempotency_key, digest_hex) = match charge {
-            ChargeRef::Debit(c) => {
-                if key.is_some() {
-                    c.validate_charge()
-                } else {
-                    c.validate()
-                }
-                .map_err(LedgerError::InvalidArgument)?;
-                let metadata = encode_metadata(&c.metadata);
-                (
-                    &c.account_id,
-                    &c.member_id,
-                    &c.idempotency_key,
-                    debit_digest(c, &metadata),
-                )
-            }
-            ChargeRef::Hold(c) => {
-                if key.is_some() {
-                    c.validate_charge()
-                } else {
-                    c.validate()
-                }
-                .map_err(LedgerError::InvalidArgument)?;
-                let metadata = encode_metadata(&c.metadata);
-                (
-                    &c.account_id,
-                    &c.member_id,
-                    &c.idempotency_key,
-                    authorize_digest(c, &metadata),
-                )
-            }
-        };
+        charge
+            .validate(key.is_some())
+            .map_err(LedgerError::InvalidArgument)?;
+        let (account_id, member_id, idempotency_key) = charge.identity();
+        let digest_hex = charge.digest();
         let mut v = command::Violations::default();
         v.idempotency_key("void_key", void_key);
         v.metadata("metadata", metadata);
