@@ -3170,6 +3170,17 @@ async fn concurrent_first_migrations_all_succeed() {
     }
 }
 
+/// The same on a fresh SQLite file: each process takes the write lock once, at `BEGIN
+/// IMMEDIATE`, for the whole migration. (Deferred transactions failed at once on the
+/// upgrade from read to write; then a write lock taken for every version starved some
+/// processes past the busy timeout under load: "database is locked".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_migrations_all_succeed_sqlite() {
+    for _ in 0..4 {
+        all_migrate_at_once(&common::temp_sqlite_url()).await;
+    }
+}
+
 /// A settler whose store is unreachable from start-up fails to migrate, round after
 /// round: that is counted in `tollgate_store_errors_total` (what `TollgateStoreErrors`
 /// watches), not only in the round errors; and every kind the counter can carry is

@@ -506,9 +506,12 @@ macro_rules! store_impl {
 
             pub async fn migrate(&self) -> Result<(), StoreError> {
                 self.check_database().await?;
-                // Under the migration lock: concurrent first starts would otherwise race
-                // on creating the table (PostgreSQL's `IF NOT EXISTS` is no lock: the
-                // loser fails on the catalog's unique index, pg_type_typname_nsp_index).
+                // One transaction under the migration lock, taken once: concurrent first
+                // starts would otherwise race on creating the table (PostgreSQL's `IF NOT
+                // EXISTS` is no lock: the loser fails on the catalog's unique index,
+                // pg_type_typname_nsp_index); and on SQLite, a write lock taken once per
+                // version by each of several processes starved some of them past the busy
+                // timeout ("database is locked"). All versions commit together.
                 let mut tx = self.begin_migration().await?;
                 if let Some(lock) = $migration_lock {
                     sqlx::raw_sql(lock).execute(&mut *tx).await?;
@@ -519,12 +522,8 @@ macro_rules! store_impl {
                 )
                 .execute(&mut *tx)
                 .await?;
-                tx.commit().await?;
+                let mut applied_now = Vec::new();
                 for (version, sql) in MIGRATIONS {
-                    let mut tx = self.begin_migration().await?;
-                    if let Some(lock) = $migration_lock {
-                        sqlx::raw_sql(lock).execute(&mut *tx).await?;
-                    }
                     let applied: Option<i64> = sqlx::query_scalar(
                         "SELECT version FROM tollgate_schema_migrations WHERE version = $1",
                     )
@@ -559,7 +558,10 @@ macro_rules! store_impl {
                     .bind(crate::ledger::wall_clock_ms())
                     .execute(&mut *tx)
                     .await?;
-                    tx.commit().await?;
+                    applied_now.push(*version);
+                }
+                tx.commit().await?;
+                for version in applied_now {
                     tracing::info!(store = self.kind(), version, "applied schema migration");
                 }
                 Ok(())
