@@ -200,6 +200,27 @@ pub struct AuthConfig {
     pub admin_token: String,
     /// Bearer token of the Metering service.
     pub service_token: String,
+    /// A second admin token accepted while a rotation rolls out (the one being replaced);
+    /// empty = none. Only with `admin_token`.
+    pub admin_token_previous: String,
+    /// A second service token accepted while a rotation rolls out; empty = none. Only
+    /// with `service_token`.
+    pub service_token_previous: String,
+}
+
+impl AuthConfig {
+    /// The tokens Admin takes: the admin token, and the previous one during a rotation.
+    pub fn admin_tokens(&self) -> [String; 2] {
+        [self.admin_token.clone(), self.admin_token_previous.clone()]
+    }
+
+    /// The service tokens Metering takes (it takes the admin tokens too).
+    pub fn service_tokens(&self) -> [String; 2] {
+        [
+            self.service_token.clone(),
+            self.service_token_previous.clone(),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -249,6 +270,9 @@ pub struct GatewayConfig {
     /// Optional shared secret the gateway must send (Envoy: gRPC initial metadata;
     /// forward-auth: a request header) in `shared_secret_header`; empty = not required.
     pub shared_secret: String,
+    /// A second shared secret accepted while a rotation rolls out (the one being
+    /// replaced); empty = none. Only with `shared_secret`.
+    pub shared_secret_previous: String,
     pub shared_secret_header: String,
     /// Deadline of one whole check (identity lookup + ledger call); past it the
     /// operation's fail policy applies. Keep it under Envoy's ext_authz timeout (200 ms).
@@ -281,6 +305,7 @@ impl Default for GatewayConfig {
         Self {
             api_key_headers: vec!["authorization".into(), "x-api-key".into()],
             shared_secret: String::new(),
+            shared_secret_previous: String::new(),
             shared_secret_header: gateway::DEFAULT_SHARED_SECRET_HEADER.into(),
             check_timeout_ms: gateway::DEFAULT_CHECK_TIMEOUT.as_millis() as u64,
             identity_cache_ttl_ms: identity::DEFAULT_IDENTITY_CACHE_TTL.as_millis() as u64,
@@ -623,9 +648,12 @@ impl Config {
         // ASCII and spaces, and a presented token is trimmed (auth::bearer), so one that
         // ends in a newline (a Kubernetes Secret made with --from-file) would refuse every
         // call with "invalid token".
+        let a = &self.auth;
         for (path, token) in [
-            ("auth.admin_token", &self.auth.admin_token),
-            ("auth.service_token", &self.auth.service_token),
+            ("auth.admin_token", &a.admin_token),
+            ("auth.service_token", &a.service_token),
+            ("auth.admin_token_previous", &a.admin_token_previous),
+            ("auth.service_token_previous", &a.service_token_previous),
         ] {
             if !token.bytes().all(|b| (b' '..=b'~').contains(&b)) || token.trim() != token {
                 bad(
@@ -635,13 +663,45 @@ impl Config {
                 );
             }
         }
-        // The admin token passes Metering too; a service token equal to it would pass
-        // Admin, which refuses service tokens.
-        if !self.auth.admin_token.is_empty() && self.auth.admin_token == self.auth.service_token {
-            bad(
+        for (path, previous, current_path, current) in [
+            (
+                "auth.admin_token_previous",
+                &a.admin_token_previous,
+                "auth.admin_token",
+                &a.admin_token,
+            ),
+            (
+                "auth.service_token_previous",
+                &a.service_token_previous,
                 "auth.service_token",
-                "must differ from auth.admin_token (a service token must not pass Admin)".into(),
-            );
+                &a.service_token,
+            ),
+        ] {
+            if current.is_empty() && !previous.is_empty() {
+                bad(
+                    path,
+                    format!(
+                        "is set without {current_path} (the previous token is only accepted \
+                         next to the current one, during a rotation)"
+                    ),
+                );
+            }
+        }
+        // The admin tokens pass Metering too; a service token equal to one would pass
+        // Admin, which refuses service tokens.
+        let admin = a.admin_tokens();
+        for (path, token) in [
+            ("auth.service_token", &a.service_token),
+            ("auth.service_token_previous", &a.service_token_previous),
+        ] {
+            if !token.is_empty() && admin.contains(token) {
+                bad(
+                    path,
+                    "must differ from auth.admin_token and auth.admin_token_previous (a \
+                     service token must not pass Admin)"
+                        .into(),
+                );
+            }
         }
         let l = &self.ledger;
         // Beyond this, a time in ms no longer fits Redis's Lua integer formatting: a
@@ -770,10 +830,20 @@ impl Config {
                 ),
             );
         }
-        if !g.shared_secret.bytes().all(|b| b.is_ascii_graphic()) {
+        for (path, secret) in [
+            ("gateway.shared_secret", &g.shared_secret),
+            ("gateway.shared_secret_previous", &g.shared_secret_previous),
+        ] {
+            if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+                bad(path, "may hold only printable ASCII without spaces".into());
+            }
+        }
+        if g.shared_secret.is_empty() && !g.shared_secret_previous.is_empty() {
             bad(
-                "gateway.shared_secret",
-                "may hold only printable ASCII without spaces".into(),
+                "gateway.shared_secret_previous",
+                "is set without gateway.shared_secret (the previous secret is only \
+                 accepted next to the current one, during a rotation)"
+                    .into(),
             );
         }
         if !(1..=CHECK_TIMEOUT_MS_MAX).contains(&g.check_timeout_ms) {
@@ -1644,15 +1714,19 @@ mod tests {
             "redis.url",
             "auth.admin_token",
             "auth.service_token",
+            "auth.admin_token_previous",
+            "auth.service_token_previous",
             "store.url",
             "settler.consumer",
             "gateway.shared_secret",
+            "gateway.shared_secret_previous",
             "gateway.shared_secret_header",
             "gateway.spool_path",
             "log.level",
             "log.format",
             "webhooks.url",
             "webhooks.secret",
+            "webhooks.secret_previous",
         ];
         let others = [
             "server.worker_threads",
@@ -1715,6 +1789,83 @@ mod tests {
         // Inner spaces reach the server as sent (bearer() trims only the ends).
         assert!(paths("[auth]\nadmin_token = \"a b\"\nservice_token = \"c\"\n").is_empty());
         assert!(paths("").is_empty());
+    }
+
+    #[test]
+    fn previous_secrets_are_checked_as_the_current_ones_and_need_them() {
+        let paths = |text: &str| -> Vec<String> {
+            load(text).map_or_else(
+                |e| e.0.into_iter().map(|e| e.path).collect(),
+                |_| Vec::new(),
+            )
+        };
+        let auth = "[auth]\nadmin_token = \"a\"\nservice_token = \"s\"\n";
+        assert!(paths(&format!(
+            "{auth}admin_token_previous = \"a0\"\nservice_token_previous = \"s0\"\n"
+        ))
+        .is_empty());
+        for (extra, path) in [
+            (
+                "admin_token_previous = \"a0\\n\"",
+                "auth.admin_token_previous",
+            ),
+            (
+                "service_token_previous = \" s0\"",
+                "auth.service_token_previous",
+            ),
+            // A service token, current or previous, equal to an admin token would pass
+            // Admin.
+            (
+                "service_token_previous = \"a\"",
+                "auth.service_token_previous",
+            ),
+            ("admin_token_previous = \"s\"", "auth.service_token"),
+        ] {
+            assert_eq!(paths(&format!("{auth}{extra}\n")), [path], "{extra}");
+        }
+        // A previous value alone is no rotation: refused, naming it.
+        for (text, path) in [
+            (
+                "[auth]\nadmin_token_previous = \"a0\"\n",
+                "auth.admin_token_previous",
+            ),
+            (
+                "[auth]\nservice_token_previous = \"s0\"\n",
+                "auth.service_token_previous",
+            ),
+            (
+                "[gateway]\nshared_secret_previous = \"g0\"\n",
+                "gateway.shared_secret_previous",
+            ),
+            (
+                "[webhooks]\nsecret_previous = \"w0\"\n",
+                "webhooks.secret_previous",
+            ),
+        ] {
+            assert_eq!(paths(text), [path], "{text}");
+        }
+        assert_eq!(
+            paths("[gateway]\nshared_secret = \"g\"\nshared_secret_previous = \"g 0\"\n"),
+            ["gateway.shared_secret_previous"]
+        );
+        assert_eq!(
+            paths(
+                "[webhooks]\nurl = \"http://127.0.0.1:1/h\"\nsecret = \"w\"\n\
+                 secret_previous = \"w0\\n\"\n"
+            ),
+            ["webhooks.secret_previous"]
+        );
+        // From the environment, as the other settings.
+        let c = load_env(
+            auth,
+            &[
+                ("TOLLGATE_AUTH__ADMIN_TOKEN_PREVIOUS", "a0"),
+                ("TOLLGATE_AUTH__SERVICE_TOKEN_PREVIOUS", "s0"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.auth.admin_tokens(), ["a".to_owned(), "a0".to_owned()]);
+        assert_eq!(c.auth.service_tokens(), ["s".to_owned(), "s0".to_owned()]);
     }
 
     #[test]

@@ -816,14 +816,19 @@ pub async fn run(
         })
     };
 
-    let admin_check = TokenCheck::new([config.auth.admin_token.clone()]).refusing(
-        [config.auth.service_token.clone()],
+    // Each with the previous token too, while a rotation rolls out (empty ones are
+    // dropped: they never pass).
+    let admin_check = TokenCheck::new(config.auth.admin_tokens()).refusing(
+        config.auth.service_tokens(),
         "the service token may not call Admin: it needs the admin token",
     );
-    let service_check = TokenCheck::new([
-        config.auth.service_token.clone(),
-        config.auth.admin_token.clone(),
-    ]);
+    let service_check = TokenCheck::new(
+        config
+            .auth
+            .service_tokens()
+            .into_iter()
+            .chain(config.auth.admin_tokens()),
+    );
     let service_check_http = service_check.clone();
     // Settlements from the access log that met a transient ledger error are retried by
     // a task of their own, off the streams (gateway::access_log::retry).

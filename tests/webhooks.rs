@@ -1105,3 +1105,45 @@ async fn a_top_up_while_webhooks_are_off_re_arms_the_alerts_postgres() {
 async fn a_top_up_while_webhooks_are_off_re_arms_the_alerts_sqlite() {
     a_top_up_while_webhooks_are_off_re_arms_the_alerts(&common::temp_sqlite_url()).await;
 }
+
+/// While the webhook key rotates (`webhooks.secret_previous` set), every delivery carries
+/// a signature by each key, `v1=<current>,v1=<previous>`: a receiver that still has the
+/// previous key and one that has the new key both verify it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotating_key_signs_with_both() {
+    const PREVIOUS: &str = "whsec-old-0913";
+    let redis = common::RedisServer::start();
+    let receiver = Receiver::start().await;
+    let mut config = config(&redis, &common::temp_sqlite_url(), &receiver);
+    config.webhooks.secret_previous = PREVIOUS.into();
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let mut admin = server.admin().await;
+    admin.grant(grant("carol", 100, "g1")).await.expect("grant");
+    settled_deliveries(&server, "carol", 1).await;
+    let received = receiver.received();
+    assert!(!received.is_empty());
+    for r in &received {
+        let signatures: Vec<&str> = r.signature.split(',').collect();
+        assert_eq!(
+            signatures,
+            [
+                expected_signature(SECRET, &r.timestamp, &r.body),
+                expected_signature(PREVIOUS, &r.timestamp, &r.body),
+            ],
+            "{}",
+            r.delivery_id
+        );
+        for key in [SECRET, PREVIOUS] {
+            assert!(
+                tollgate::webhooks::signature::verify(
+                    key.as_bytes(),
+                    &r.timestamp,
+                    r.body.as_bytes(),
+                    &r.signature
+                ),
+                "{key}"
+            );
+        }
+    }
+    server.stop().await;
+}

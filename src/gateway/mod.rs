@@ -213,6 +213,8 @@ pub struct Gateway {
     pricebook: ArcSwap<PriceBook>,
     api_key_headers: Vec<String>,
     shared_secret: String,
+    /// Accepted too while a rotation rolls out; empty = none.
+    shared_secret_previous: String,
     shared_secret_header: String,
     check_timeout: Duration,
     /// Where fail_open charges wait for Redis; `None` when `gateway.spool_path` is empty.
@@ -356,6 +358,7 @@ impl Gateway {
             pricebook: ArcSwap::from_pointee(config.pricebook.clone()),
             api_key_headers: g.api_key_headers.clone(),
             shared_secret: g.shared_secret.clone(),
+            shared_secret_previous: g.shared_secret_previous.clone(),
             shared_secret_header: g.shared_secret_header.clone(),
             check_timeout: Duration::from_millis(g.check_timeout_ms),
             spool,
@@ -384,17 +387,22 @@ impl Gateway {
         &self.shared_secret_header
     }
 
-    /// Whether the gateway presented the configured shared secret (always, when none is
-    /// configured).
     /// Whether `gateway.shared_secret` is set.
     pub fn has_shared_secret(&self) -> bool {
         !self.shared_secret.is_empty()
     }
 
+    /// Whether the gateway presented the configured shared secret, or the previous one
+    /// during a rotation (always, when none is configured).
     pub fn trusts(&self, presented: Option<&str>) -> bool {
         self.shared_secret.is_empty()
             || presented.is_some_and(|p| {
-                constant_time_eq(p.trim().as_bytes(), self.shared_secret.as_bytes())
+                let p = p.trim().as_bytes();
+                // Both compared, whichever matches: no timing tells which one is in use.
+                let current = constant_time_eq(p, self.shared_secret.as_bytes());
+                let previous = !self.shared_secret_previous.is_empty()
+                    && constant_time_eq(p, self.shared_secret_previous.as_bytes());
+                current | previous
             })
     }
 

@@ -44,12 +44,19 @@ pub struct WebhookClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: http::Uri,
     secret: Vec<u8>,
+    /// Empty: none.
+    secret_previous: Vec<u8>,
     timeout: Duration,
 }
 
 impl WebhookClient {
     /// `url` was validated with the config.
-    pub fn new(url: &str, secret: &str, timeout: Duration) -> Result<Self, AttemptError> {
+    pub fn new(
+        url: &str,
+        secret: &str,
+        secret_previous: &str,
+        timeout: Duration,
+    ) -> Result<Self, AttemptError> {
         let url = url
             .parse::<http::Uri>()
             .map_err(|e| AttemptError::Transport(format!("bad url: {e}")))?;
@@ -65,6 +72,7 @@ impl WebhookClient {
             client,
             url,
             secret: secret.as_bytes().to_vec(),
+            secret_previous: secret_previous.as_bytes().to_vec(),
             timeout,
         })
     }
@@ -81,7 +89,15 @@ impl WebhookClient {
             .map(|d| d.as_secs())
             .unwrap_or_default()
             .to_string();
-        let signature = signature::sign(&self.secret, &timestamp, body.as_bytes());
+        let mut signature = signature::sign(&self.secret, &timestamp, body.as_bytes());
+        if !self.secret_previous.is_empty() {
+            signature.push(',');
+            signature.push_str(&signature::sign(
+                &self.secret_previous,
+                &timestamp,
+                body.as_bytes(),
+            ));
+        }
         let request = http::Request::post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header(USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")))
@@ -155,6 +171,7 @@ mod tests {
         let client = WebhookClient::new(
             &format!("http://{addr}/hook"),
             "secret",
+            "",
             Duration::from_millis(1_500),
         )
         .expect("client");

@@ -96,7 +96,12 @@ impl Dispatcher {
         settings: DispatchSettings,
         rules: Arc<Rules>,
     ) -> Result<Self, AttemptError> {
-        let client = WebhookClient::new(&settings.url, &settings.secret, settings.timeout)?;
+        let client = WebhookClient::new(
+            &settings.url,
+            &settings.secret,
+            &settings.secret_previous,
+            settings.timeout,
+        )?;
         Ok(Self {
             store,
             client: Arc::new(client),

@@ -62,6 +62,9 @@ pub struct WebhookConfig {
     /// HMAC-SHA256 key of the `x-tollgate-signature` header (required with `url`; set it
     /// from a secret: `TOLLGATE_WEBHOOKS__SECRET`).
     pub secret: String,
+    /// A second key while a rotation rolls out (the one being replaced): each delivery
+    /// then carries a signature by each, `v1=<current>,v1=<previous>`; empty = none.
+    pub secret_previous: String,
     /// Event types to deliver; empty = all.
     pub events: Vec<String>,
     /// `balance.low` when available credits fall below this many (0 = no absolute bound).
@@ -94,6 +97,14 @@ impl std::fmt::Debug for WebhookConfig {
             // Neither: a webhook URL may carry a token too.
             .field("url", &if self.url.is_empty() { "" } else { "***" })
             .field("secret", &if self.secret.is_empty() { "" } else { "***" })
+            .field(
+                "secret_previous",
+                &if self.secret_previous.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
             .field("events", &self.events)
             .field("low_balance", &self.low_balance)
             .field("low_balance_percent", &self.low_balance_percent)
@@ -114,6 +125,7 @@ impl Default for WebhookConfig {
         Self {
             url: String::new(),
             secret: String::new(),
+            secret_previous: String::new(),
             events: Vec::new(),
             low_balance: 0,
             low_balance_percent: 0,
@@ -135,6 +147,8 @@ impl Default for WebhookConfig {
 pub struct DispatchSettings {
     pub url: String,
     pub secret: String,
+    /// Signs too, while a rotation rolls out; empty = none.
+    pub secret_previous: String,
     pub timeout: Duration,
     pub attempts_max: u32,
     pub backoff_min: Duration,
@@ -197,6 +211,7 @@ impl WebhookConfig {
         self.enabled().then(|| DispatchSettings {
             url: self.url.clone(),
             secret: self.secret.clone(),
+            secret_previous: self.secret_previous.clone(),
             timeout: Duration::from_millis(self.timeout_ms),
             attempts_max: self.attempts_max,
             backoff_min: Duration::from_millis(self.backoff_min_ms),
@@ -239,15 +254,29 @@ impl WebhookConfig {
                     "webhooks.secret".into(),
                     "must be set when webhooks.url is (TOLLGATE_WEBHOOKS__SECRET)".into(),
                 );
-            } else if self.secret.trim() != self.secret {
-                // A Kubernetes Secret made with --from-file keeps the file's newline: the
-                // HMAC key would then differ from the secret the receiver was given, and
-                // every delivery would fail its signature check until it gave up.
-                bad(
-                    "webhooks.secret".into(),
-                    "must not begin or end with whitespace (a trailing newline?)".into(),
-                );
             }
+            // A Kubernetes Secret made with --from-file keeps the file's newline: the
+            // HMAC key would then differ from the secret the receiver was given, and
+            // every delivery would fail its signature check until it gave up.
+            for (path, secret) in [
+                ("webhooks.secret", &self.secret),
+                ("webhooks.secret_previous", &self.secret_previous),
+            ] {
+                if secret.trim() != secret.as_str() {
+                    bad(
+                        path.into(),
+                        "must not begin or end with whitespace (a trailing newline?)".into(),
+                    );
+                }
+            }
+        }
+        if self.secret.is_empty() && !self.secret_previous.is_empty() {
+            bad(
+                "webhooks.secret_previous".into(),
+                "is set without webhooks.secret (the previous key only signs next to the \
+                 current one, during a rotation)"
+                    .into(),
+            );
         }
         for name in &self.events {
             if WebhookType::parse(name).is_none() {

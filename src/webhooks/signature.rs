@@ -35,15 +35,18 @@ pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
     )
 }
 
-/// Checks a signature header value in constant time.
+/// Checks a signature header value in constant time: whether one of its comma-separated
+/// signatures (two while the sender rotates its key) is by `secret`.
 pub fn verify(secret: &[u8], timestamp: &str, body: &[u8], signature: &str) -> bool {
-    let Some(hex_part) = signature.strip_prefix(SCHEME) else {
-        return false;
-    };
-    let Ok(expected) = hex::decode(hex_part) else {
-        return false;
-    };
-    mac(secret, timestamp, body).verify_slice(&expected).is_ok()
+    signature.split(',').any(|one| {
+        let Some(hex_part) = one.trim().strip_prefix(SCHEME) else {
+            return false;
+        };
+        let Ok(expected) = hex::decode(hex_part) else {
+            return false;
+        };
+        mac(secret, timestamp, body).verify_slice(&expected).is_ok()
+    })
 }
 
 #[cfg(test)]
@@ -58,6 +61,11 @@ mod tests {
         assert!(verify(b"secret", "1700000000", b"{\"a\":1}", &sig));
         assert!(!verify(b"other", "1700000000", b"{\"a\":1}", &sig));
         assert!(!verify(b"secret", "1700000001", b"{\"a\":1}", &sig));
+        // Two while the sender rotates its key: either key verifies, a third does not.
+        let both = format!("{sig},{}", sign(b"previous", "1700000000", b"{\"a\":1}"));
+        assert!(verify(b"secret", "1700000000", b"{\"a\":1}", &both));
+        assert!(verify(b"previous", "1700000000", b"{\"a\":1}", &both));
+        assert!(!verify(b"other", "1700000000", b"{\"a\":1}", &both));
         assert!(!verify(b"secret", "1700000000", b"{\"a\":2}", &sig));
         assert!(!verify(b"secret", "1700000000", b"{\"a\":1}", "zz"));
     }

@@ -66,7 +66,7 @@ tollgate's integer settings refuse. Nested maps and lists become inline TOML.
 {{- define "tollgate.toml" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- /* These come from the Secret: given in values they would render into the ConfigMap. */}}
-{{- range $pair := list (list "auth" "admin_token") (list "auth" "service_token") (list "redis" "url") (list "store" "url") (list "webhooks" "secret") (list "gateway" "shared_secret") }}
+{{- range $pair := list (list "auth" "admin_token") (list "auth" "service_token") (list "redis" "url") (list "store" "url") (list "webhooks" "secret") (list "gateway" "shared_secret") (list "auth" "admin_token_previous") (list "auth" "service_token_previous") (list "webhooks" "secret_previous") (list "gateway" "shared_secret_previous") }}
 {{- $table := get $config (index $pair 0) }}
 {{- if and (kindIs "map" $table) (hasKey $table (index $pair 1)) }}
 {{- fail (printf "config.%s.%s is a secret: put it in the Secret %s (existingSecret.keys), not in values, which render into a ConfigMap" (index $pair 0) (index $pair 1) $.Values.existingSecret.name) }}
@@ -111,11 +111,29 @@ tollgate's integer settings refuse. Nested maps and lists become inline TOML.
     secretKeyRef:
       name: {{ .Values.existingSecret.name }}
       key: {{ .Values.existingSecret.keys.storeUrl }}
+- name: TOLLGATE_AUTH__ADMIN_TOKEN_PREVIOUS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.adminTokenPrevious }}
+      optional: true
+- name: TOLLGATE_AUTH__SERVICE_TOKEN_PREVIOUS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.serviceTokenPrevious }}
+      optional: true
 - name: TOLLGATE_WEBHOOKS__SECRET
   valueFrom:
     secretKeyRef:
       name: {{ .Values.existingSecret.name }}
       key: {{ .Values.existingSecret.keys.webhookSecret }}
+      optional: true
+- name: TOLLGATE_WEBHOOKS__SECRET_PREVIOUS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.webhookSecretPrevious }}
       optional: true
 {{- /* Not in sidecar mode: the pod's own Envoy sends no shared secret, so a Secret holding
 the key would refuse every check. */}}
@@ -125,6 +143,12 @@ the key would refuse every check. */}}
     secretKeyRef:
       name: {{ .Values.existingSecret.name }}
       key: {{ .Values.existingSecret.keys.gatewaySharedSecret }}
+      optional: true
+- name: TOLLGATE_GATEWAY__SHARED_SECRET_PREVIOUS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.existingSecret.name }}
+      key: {{ .Values.existingSecret.keys.gatewaySharedSecretPrevious }}
       optional: true
 {{- end }}
 {{- /* Sidecar: only Envoy, in the same pod, talks gRPC to tollgate. */}}
