@@ -753,6 +753,9 @@ fn sequential_runs_match_the_model() {
         ..ProptestConfig::default()
     });
     let strategy = prop::collection::vec(op_strategy(), 200..300);
+    // Dead wallets that left a full wallet set for a new one (lib.lua
+    // `wallet_set_refuses`): the model predicts which, GetBalance lists what is left.
+    let retired = AtomicUsize::new(0);
     runner
         .run(&strategy, |ops| {
             runtime.block_on(async {
@@ -772,10 +775,21 @@ fn sequential_runs_match_the_model() {
                 for op in &ops {
                     run.step(op).await?;
                 }
+                retired.fetch_add(run.model.wallets_retired, Ordering::Relaxed);
                 run.check_final_state().await
             })
         })
         .expect("model and ledger agree");
+    let retired = retired.into_inner();
+    println!("dead wallets retired from a full wallet set: {retired}");
+    if runner_cases_default(6) {
+        assert!(retired > 0, "no run retired a dead wallet");
+    }
+}
+
+/// Whether this run has at least `default` cases (coverage is only asserted then).
+fn runner_cases_default(default: u32) -> bool {
+    cases(default) >= default
 }
 
 /// How a concurrent step sends its request.

@@ -1551,6 +1551,173 @@ async fn lot_wallet_and_hold_limits_are_enforced() {
         .expect("room for a hold");
 }
 
+/// The wallet names of an account's GetBalance, in order.
+async fn wallet_names(env: &Env, account_id: &str) -> Vec<String> {
+    env.get_balance(account_id, "")
+        .await
+        .expect("balance")
+        .wallets
+        .into_iter()
+        .map(|w| w.wallet)
+        .collect()
+}
+
+/// The wallet cap counts live wallets: an account using per-period wallet names is not
+/// locked out once its old periods' credits have expired. At the cap, the dead wallets
+/// (no lot, nothing held or due, no budget or allocation) leave the wallet set; their
+/// totals stay readable by name, and a dead wallet used again rejoins and counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_wallets_leave_a_full_wallet_set() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start(clock, |c| {
+        c.ledger.wallets_per_account_max = 2;
+        c.ledger.sweep_interval_ms = NO_SWEEP_MS;
+    })
+    .await;
+    let acct = "acct-periods";
+    let in_wallet = |w: &str, key: &str| pb::GrantRequest {
+        wallet: w.into(),
+        expires_at_ms: T0 + 300,
+        ..grant_req(acct, 10, key)
+    };
+    env.grant(in_wallet("2026-10", "g10"))
+        .await
+        .expect("october");
+    env.grant(in_wallet("2026-11", "g11"))
+        .await
+        .expect("november");
+    now.store(T0 + 1_000, SeqCst);
+    common::sweep_all(env.ledger()).await;
+    for name in ["2026-10", "2026-11"] {
+        assert_eq!(
+            env.balance(acct, name).await,
+            wallet(name, [0, 0, 10, 0, 10, 0, 0])
+        );
+    }
+    let dec = env
+        .grant(pb::GrantRequest {
+            expires_at_ms: 0,
+            ..in_wallet("2026-12", "g12")
+        })
+        .await
+        .expect("a new period's wallet: the old ones are dead");
+    assert_eq!(dec.available, 10);
+    assert_eq!(wallet_names(&env, acct).await, ["2026-12"]);
+    // Their totals stay, read by name.
+    assert_eq!(
+        env.balance(acct, "2026-10").await,
+        wallet("2026-10", [0, 0, 10, 0, 10, 0, 0])
+    );
+    // Used again, a dead wallet rejoins with its totals, and counts.
+    env.grant(pb::GrantRequest {
+        expires_at_ms: 0,
+        ..in_wallet("2026-10", "g10b")
+    })
+    .await
+    .expect("october again, within the cap");
+    assert_eq!(
+        env.balance(acct, "2026-10").await,
+        wallet("2026-10", [10, 0, 20, 0, 10, 0, 0])
+    );
+    assert_eq!(wallet_names(&env, acct).await, ["2026-10", "2026-12"]);
+    let err = env
+        .grant(pb::GrantRequest {
+            expires_at_ms: 0,
+            ..in_wallet("2027-01", "g01")
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&err, "WALLET_LIMIT", &[("max", "2")]);
+    let err = env
+        .adjust(pb::AdjustRequest {
+            wallet: "2027-01".into(),
+            ..adjust_req(acct, 1, "a01")
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&err, "WALLET_LIMIT", &[("max", "2")]);
+
+    // No sweep needed: at the cap, what is due in the set's wallets ends first.
+    let other = "acct-unswept";
+    let in_other = |w: &str, key: &str| pb::GrantRequest {
+        account_id: other.into(),
+        expires_at_ms: T0 + 2_000,
+        ..in_wallet(w, key)
+    };
+    env.grant(in_other("p1", "o1")).await.expect("p1");
+    env.grant(in_other("p2", "o2")).await.expect("p2");
+    now.store(T0 + 3_000, SeqCst);
+    env.grant(pb::GrantRequest {
+        expires_at_ms: 0,
+        ..in_other("p3", "o3")
+    })
+    .await
+    .expect("p1 and p2 expired unswept: dead");
+    assert_eq!(wallet_names(&env, other).await, ["p3"]);
+    assert_eq!(
+        env.balance(other, "p1").await,
+        wallet("p1", [0, 0, 10, 0, 10, 0, 0])
+    );
+}
+
+/// A wallet with a lot left (however small) or an open hold (even one holding every
+/// credit of its lot, left with 0) is live: it stays in the set and a new wallet past the
+/// cap is refused. A refund of a dead wallet's charge brings it back into the set, past
+/// the cap (a refund is never refused for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wallet_with_a_lot_or_a_hold_stays_in_a_full_wallet_set() {
+    let env = Env::start(Clock::Redis, |c| {
+        c.ledger.wallets_per_account_max = 2;
+    })
+    .await;
+    let acct = "acct-live";
+    let in_wallet = |w: &str, amount: i64, key: &str| pb::GrantRequest {
+        wallet: w.into(),
+        ..grant_req(acct, amount, key)
+    };
+    env.grant(in_wallet("a", 10, "ga")).await.expect("a");
+    let hold = env
+        .authorize(pb::AuthorizeRequest {
+            wallet: "a".into(),
+            ..hold_req(acct, 10, 600_000, "ha")
+        })
+        .await
+        .expect("hold all of a");
+    assert_eq!((hold.available, hold.held), (0, 10));
+    env.grant(in_wallet("b", 10, "gb")).await.expect("b");
+    env.debit(pb::DebitRequest {
+        wallet: "b".into(),
+        ..debit_req(acct, 9, "db")
+    })
+    .await
+    .expect("b keeps 1");
+    let before = env.snapshot(acct).await;
+    let err = env.grant(in_wallet("c", 10, "gc")).await.unwrap_err();
+    assert_refused(&err, "WALLET_LIMIT", &[("max", "2")]);
+    assert_eq!(env.snapshot(acct).await, before, "nothing left the set");
+
+    // The hold captured whole: a is dead (its lot gone), and leaves for c.
+    let captured = env
+        .capture(capture_req(&hold.hold_id, None, "ca"))
+        .await
+        .expect("capture");
+    env.grant(in_wallet("c", 10, "gc2")).await.expect("c");
+    assert_eq!(wallet_names(&env, acct).await, ["b", "c"]);
+    assert_eq!(
+        env.balance(acct, "a").await,
+        wallet("a", [0, 0, 10, 10, 0, 0, 0])
+    );
+
+    // A refund gives a's credits back in a lot: a is live again, back in the set.
+    env.refund(refund_req(&captured.charge_id, 4, "fa"))
+        .await
+        .expect("refund into a dead wallet");
+    assert_eq!(wallet_names(&env, acct).await, ["a", "b", "c"]);
+    let err = env.grant(in_wallet("d", 10, "gd")).await.unwrap_err();
+    assert_refused(&err, "WALLET_LIMIT", &[("max", "2")]);
+    assert_eq!(wallet_names(&env, acct).await, ["a", "b", "c"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_refuses_charges_and_changes_nothing() {
     let env = Env::start(Clock::Redis, |c| c.ledger.outbox_events_max = 3).await;

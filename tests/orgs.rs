@@ -3765,3 +3765,124 @@ async fn the_key_cap_counts_live_keys_only() {
         .expect("alice's places are free");
     server.stop().await;
 }
+
+/// The wallet cap counts live org wallets: an allocation or a member budget keeps a wallet
+/// without credits in the set, and a wallet whose allocation left with its member (only
+/// what the member used stays) is dead, leaves the full set for a new wallet, and comes
+/// back within the cap, not past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocations_and_budgets_keep_an_org_wallet_in_a_full_wallet_set() {
+    use tollgate::ledger::org::{AllocationChange, BudgetPeriod, SetBudget};
+    use tollgate::ledger::{LedgerError, Refusal};
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.ledger.wallets_per_account_max = 2;
+    let (clock, _) = Clock::manual(1_800_000_000_000);
+    let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
+    common::initialize_blocking(&ledger, &redis.url());
+    ledger.create_org("acme", "olivia", "c").await.expect("org");
+    ledger
+        .grant(&common::purchase("acme", 1_000, "g"))
+        .await
+        .expect("grant");
+    ledger
+        .add_member("acme", "olivia", "carol", "member", "m")
+        .await
+        .expect("member");
+    let allocate = |wallet: &'static str, amount: i64, key: &'static str| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .allocate(
+                    "acme",
+                    "olivia",
+                    "carol",
+                    wallet,
+                    AllocationChange::Set(amount),
+                    key,
+                )
+                .await
+        }
+    };
+    let budget = |wallet: &'static str, limit: i64, key: &'static str| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .set_budget(&SetBudget {
+                    account_id: "acme".into(),
+                    member_id: "carol".into(),
+                    wallet: wallet.into(),
+                    limit,
+                    period: BudgetPeriod::Day,
+                    utc_offset_minutes: 0,
+                    idempotency_key: key.into(),
+                })
+                .await
+        }
+    };
+    let names = || {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .balance("acme", "")
+                .await
+                .expect("balance")
+                .into_iter()
+                .map(|w| w.wallet)
+                .collect::<Vec<_>>()
+        }
+    };
+    let refused = |r: Result<_, LedgerError>, what: &str| match r {
+        Err(LedgerError::Refused(Refusal::WalletLimit { max: 2 })) => {}
+        other => panic!("{what}: {other:?}"),
+    };
+    allocate("esign", 70, "a1").await.expect("esign");
+    ledger
+        .grant(&tollgate::ledger::Grant {
+            wallet: "esign".into(),
+            ..common::purchase("acme", 50, "g-esign")
+        })
+        .await
+        .expect("esign credits");
+    ledger
+        .debit(&tollgate::ledger::Debit {
+            wallet: "esign".into(),
+            ..carol_debit(50, "d-esign")
+        })
+        .await
+        .expect("carol spends esign");
+    // esign has no credits left, but carol's allocation of it.
+    refused(
+        allocate("third", 5, "a2").await,
+        "an allocated wallet is live",
+    );
+    assert_eq!(names().await, ["default", "esign"]);
+
+    // Carol leaves: her allocation goes, what she used stays. esign is dead.
+    ledger
+        .remove_member("acme", "olivia", "carol", "leave")
+        .await
+        .expect("carol leaves");
+    ledger
+        .add_member("acme", "olivia", "carol", "member", "back")
+        .await
+        .expect("carol is back");
+    budget("mb", 80, "b1")
+        .await
+        .expect("a member budget on a new wallet");
+    assert_eq!(names().await, ["default", "mb"]);
+    // esign comes back within the cap, not past it: mb has carol's budget.
+    refused(
+        allocate("esign", 10, "a3").await,
+        "a wallet budgeted for a member is live",
+    );
+    let esign = ledger.balance("acme", "esign").await.expect("by name");
+    assert_eq!(
+        (esign[0].granted, esign[0].used, esign[0].available),
+        (50, 50, 0)
+    );
+    budget("mb", 0, "b2").await.expect("budget removed");
+    let back = allocate("esign", 10, "a4").await.expect("mb is dead now");
+    assert_eq!((back.allocated, back.used), (10, 50));
+    assert_eq!(names().await, ["default", "esign"]);
+}

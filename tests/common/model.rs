@@ -382,8 +382,11 @@ type IdemKey = (String, String);
 
 pub struct Model {
     pub wallets: BTreeMap<(String, String), ModelWallet>,
-    /// Wallets per account with a grant or a positive adjustment (the account's wallet set).
+    /// Wallets per account with a grant, a positive adjustment or a refund back into lots
+    /// (the account's wallet set), less the dead ones that left it at the cap.
     pub wallet_sets: BTreeMap<String, Vec<String>>,
+    /// How many dead wallets left a wallet set at the cap (coverage).
+    pub wallets_retired: usize,
     pub holds: HashMap<String, ModelHold>,
     pub charges: HashMap<String, ModelCharge>,
     /// (account, key) -> (parameters, first real answer).
@@ -396,6 +399,7 @@ impl Model {
         Self {
             wallets: BTreeMap::new(),
             wallet_sets: BTreeMap::new(),
+            wallets_retired: 0,
             holds: HashMap::new(),
             charges: HashMap::new(),
             idempotency: HashMap::new(),
@@ -527,10 +531,39 @@ impl Model {
             .is_some_and(|s| s.iter().any(|w| w == wallet))
     }
 
-    fn wallet_set_full(&self, account: &str, wallet: &str) -> bool {
-        !self.in_wallet_set(account, wallet)
-            && self.wallet_sets.get(account).map_or(0, Vec::len)
-                >= self.limits.wallets_per_account_max
+    /// Whether a wallet outside the account's set is refused for the cap. At the cap,
+    /// every wallet of the set has what is due in it ended, and the dead ones (no lot
+    /// record, no open hold) leave the set first (lib.lua `wallet_set_refuses`); their
+    /// totals stay, and they rejoin when used again.
+    fn wallet_set_full(&mut self, now: i64, account: &str, wallet: &str) -> bool {
+        let max = self.limits.wallets_per_account_max;
+        if self.in_wallet_set(account, wallet)
+            || self.wallet_sets.get(account).map_or(0, Vec::len) < max
+        {
+            return false;
+        }
+        let mut names = self.wallet_sets.get(account).cloned().unwrap_or_default();
+        names.sort();
+        for name in &names {
+            self.settle_due(now, account, name);
+        }
+        let dead: Vec<String> = names
+            .into_iter()
+            .filter(|name| {
+                let open = self.holds.values().any(|h| {
+                    h.account == account && h.wallet == *name && h.state == HoldState::Active
+                });
+                let w = self.wallets.get(&(account.to_owned(), name.clone()));
+                !open && w.is_none_or(|w| w.lots.is_empty() && w.held == 0)
+            })
+            .collect();
+        if !dead.is_empty() {
+            self.wallets_retired += dead.len();
+            if let Some(set) = self.wallet_sets.get_mut(account) {
+                set.retain(|name| !dead.contains(name));
+            }
+        }
+        self.wallet_sets.get(account).map_or(0, Vec::len) >= max
     }
 
     fn add_to_wallet_set(&mut self, account: &str, wallet: &str) {
@@ -579,7 +612,7 @@ impl Model {
             Some(Refusal::LotLimit {
                 max: self.limits.lots_per_wallet_max as i64,
             })
-        } else if self.wallet_set_full(account, wallet) {
+        } else if self.wallet_set_full(now, account, wallet) {
             Some(Refusal::WalletLimit {
                 max: self.limits.wallets_per_account_max as i64,
             })
@@ -637,7 +670,7 @@ impl Model {
                 Some(Refusal::LotLimit {
                     max: self.limits.lots_per_wallet_max as i64,
                 })
-            } else if self.wallet_set_full(account, wallet) {
+            } else if self.wallet_set_full(now, account, wallet) {
                 Some(Refusal::WalletLimit {
                     max: self.limits.wallets_per_account_max as i64,
                 })
@@ -932,6 +965,10 @@ impl Model {
                 }),
                 remember: true,
             };
+        }
+        if !groups.is_empty() {
+            // Credits back in lots: the wallet is live, back in its set past the cap.
+            self.add_to_wallet_set(&charge.account, &charge.wallet);
         }
         let w = self.wallet(&charge.account, &charge.wallet);
         for (score, a) in groups {

@@ -627,17 +627,6 @@ local function budgets_give_back(refs, amount)
   end
 end
 
--- The account's wallet names: a small hash (listpack-encoded; a Redis 7.0 set of
--- strings would be a hashtable, twice the memory).
-local function wallet_set_refuses(acct, wallet, max)
-  local key = TAG .. ':ws:' .. acct
-  return redis.call('HEXISTS', key, wallet) == 0 and redis.call('HLEN', key) >= tonumber(max)
-end
-
-local function join_wallet_set(acct, wallet)
-  redis.call('HSET', TAG .. ':ws:' .. acct, wallet, 1)
-end
-
 -- Lower the wallet's next due time (lot expiry or hold deadline) to t if t is sooner.
 local function schedule(W, t)
   if not W.d or t < W.d then
@@ -1027,6 +1016,118 @@ local function decide(W, refusal)
   return answer
 end
 
+-- The account's wallet set "{tg:S}:ws:<acct>": its wallet names, a small hash
+-- (listpack-encoded; a Redis 7.0 set of strings would be a hashtable, twice the memory).
+-- GetBalance and the view list its wallets, an org member's removal walks it, and the
+-- per-account cap (ledger.wallets_per_account_max) counts it. A wallet joins it when a
+-- grant, a positive adjustment, an allocation or a budget uses it, or a refund gives
+-- credits back to it as lots; it leaves it only when it is dead and room is needed
+-- (wallet_set_refuses): the cap counts live wallets (docs/ARCHITECTURE.md, "Wallet cap").
+local function join_wallet_set(acct, wallet)
+  redis.call('HSET', TAG .. ':ws:' .. acct, wallet, 1)
+end
+
+-- Whether the allocation record "{tg:S}:al:<org>:<wallet>" holds an allocation of any
+-- member (a field "<member>"; member ids hold no ':'), not only what members used
+-- ("<member>:u", kept after a removal, see org.lua). Bounded by the org's members.
+local function has_allocation(akey)
+  local fields = redis.call('HKEYS', akey)
+  for j = 1, #fields do
+    if string.sub(fields[j], -2) ~= ':u' then
+      return true
+    end
+  end
+  return false
+end
+
+-- Member budget keys EXISTS checks at once.
+local EXISTS_BATCH = 128
+
+-- Whether wallet `wallet` of `acct` is dead, once what is due in it has ended (settle_due,
+-- as a balance read does): no credits available or held, no lot record (live, or expired
+-- and still held: ":b:", ":xh:"), no open hold (":hw:"), so nothing due, no budget of
+-- the account on it ("bg", ":bg:<acct>:<wallet>"); and for an org (`members`: its member
+-- ids, nil outside an org) no allocation of any member (has_allocation) and no member
+-- budget (":bg:<org>:<wallet>:<member>"). A dead wallet has nothing the ledger must find
+-- through the wallet set: a refund of one of its charges brings it back (refund_charge),
+-- an org member's removal has no allocation or budget of theirs to take from it, and a
+-- charge of it is refused for want of credits whether it is listed or not. Its hash and
+-- totals stay: a balance read by name shows them, and the wallet rejoins when used again.
+local function wallet_dead(acct, wallet, members)
+  local W = open_wallet(acct, wallet)
+  settle_due(W)
+  -- Not W.d: an ended hold leaves its deadline there until it passes (end_hold does not
+  -- reschedule); the indexes say what is due.
+  if W.r ~= 0 or W.h ~= 0 or W.bg then
+    return false
+  end
+  if redis.call('ZCARD', W.b) > 0 or redis.call('ZCARD', W.hw) > 0
+    or redis.call('ZCARD', expired_held_key(W)) > 0 then
+    return false
+  end
+  local bkey = TAG .. ':bg:' .. W.member
+  if redis.call('EXISTS', bkey) == 1 then
+    return false
+  end
+  if members then
+    if has_allocation(alloc_key(acct, wallet)) then
+      return false
+    end
+    for j = 1, #members, EXISTS_BATCH do
+      local keys = {}
+      for k = j, math.min(#members, j + EXISTS_BATCH - 1) do
+        keys[#keys + 1] = bkey .. ':' .. members[k]
+      end
+      if redis.call('EXISTS', unpack(keys)) > 0 then
+        return false
+      end
+    end
+  end
+  return true
+end
+
+-- Whether a wallet that is not in acct's wallet set is refused for the cap `max`. At the
+-- cap, the dead wallets of the set (wallet_dead) leave it first, so names once used
+-- (per-period wallets, say) do not count for good. Only when the set is full: each of
+-- its wallets is settled and looked at, O(set) and the set holds at most the cap (more
+-- only after a refund brought a wallet back past it, a lowered cap, or a restore, which
+-- rebuilds every wallet the account used). The ending of what is due in those wallets
+-- emits its events under no member or actor.
+local function wallet_set_refuses(acct, wallet, max)
+  local key = TAG .. ':ws:' .. acct
+  if redis.call('HEXISTS', key, wallet) == 1 then
+    return false
+  end
+  max = tonumber(max)
+  local n = redis.call('HLEN', key)
+  if n < max then
+    return false
+  end
+  local members
+  local org = redis.call('HKEYS', org_key(acct))
+  if #org > 0 then
+    members = {}
+    for j = 1, #org do
+      local m = string.match(org[j], '^m:(.+)$')
+      if m then
+        members[#members + 1] = m
+      end
+    end
+  end
+  local member, actor = MEMBER, ACTOR
+  MEMBER, ACTOR = '', ''
+  local names = redis.call('HKEYS', key)
+  table.sort(names)
+  for j = 1, #names do
+    if wallet_dead(acct, names[j], members) then
+      redis.call('HDEL', key, names[j])
+      n = n - 1
+    end
+  end
+  MEMBER, ACTOR = member, actor
+  return n >= max
+end
+
 -- The charge record of a charge id (its event id; "Charge records" above), as refund.lua
 -- and void.lua read it: C.c = { account, wallet, amount, refunded, lots, member } (C.c[1]
 -- nil: no such record), and where it lives: the packed field of its bucket, or a hash
@@ -1113,6 +1214,11 @@ local function refund_charge(C, amount, lots_max, idem, op, meta)
     return answer, true
   end
   local created = {}
+  if #scores > 0 then
+    -- Credits back in lots make the wallet live: back in the set (past the cap, which
+    -- never refuses a refund), should it have left it dead (wallet_set_refuses).
+    join_wallet_set(c[1], c[2])
+  end
   for g = 1, #scores do
     local score = tonumber(scores[g])
     local _, piece = add_lot(W, amounts[g], 'refund', math.floor(score / PRIO_UNIT), lot_expiry(score), 'refund of ' .. C.id)

@@ -215,8 +215,11 @@ elseif op == 'allocate_set' or op == 'allocate_add' then
   -- An allocated wallet is one of the org's wallets, as a budgeted one is: within the
   -- per-account cap, and in the wallet set that GetBalance (view.lua, balance.lua) walks.
   -- A wallet allocated before allocations joined the set is let in past the cap, so that
-  -- its allocations can still be changed and cleared.
-  if redis.call('EXISTS', akey) == 0 and wallet_set_refuses(org, wallet, ARGV[20]) then
+  -- its allocations can still be changed and cleared. Only a wallet with an allocation:
+  -- one whose record keeps only what members used (a removal takes their allocations) may
+  -- have left the set dead (lib.lua wallet_set_refuses), and comes back within the cap.
+  if redis.call('HEXISTS', TAG .. ':ws:' .. org, wallet) == 0 and not has_allocation(akey)
+    and wallet_set_refuses(org, wallet, ARGV[20]) then
     answer = 'WALLET_LIMIT|' .. ARGV[20]
     remember(ikey, digest, answer)
     return { 0, answer }
