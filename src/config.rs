@@ -285,6 +285,10 @@ pub struct GatewayConfig {
     /// Live (unrevoked) keys per account, an org's members' together: CreateApiKey past
     /// it is KEY_LIMIT. ListApiKeys lists at most as many revoked keys besides.
     pub keys_per_account_max: u32,
+    /// How long a revoked key's record is kept in Redis after its revocation: then the
+    /// account's next key creation or revocation drops it, and the key answers as unknown
+    /// (401) instead of revoked (403). At least [`Config::revoked_key_retention_floor`].
+    pub revoked_key_retention_secs: u64,
     /// File where debit charges allowed by `fail_open` while Redis is unavailable wait to
     /// be applied (relative to the working directory); empty = not recorded (such
     /// requests are then free).
@@ -311,6 +315,7 @@ impl Default for GatewayConfig {
             identity_cache_ttl_ms: identity::DEFAULT_IDENTITY_CACHE_TTL.as_millis() as u64,
             identity_cache_entries_max: identity::DEFAULT_IDENTITY_CACHE_ENTRIES_MAX,
             keys_per_account_max: identity::DEFAULT_KEYS_PER_ACCOUNT_MAX,
+            revoked_key_retention_secs: identity::DEFAULT_REVOKED_KEY_RETENTION.as_secs(),
             spool_path: DEFAULT_SPOOL_PATH.into(),
             request_id_replay: false,
             allow_encoded_slashes: false,
@@ -870,6 +875,21 @@ impl Config {
                 format!("must be in 1..={KEYS_PER_ACCOUNT_MAX}"),
             );
         }
+        let (floor_ms, horizon) = self.revoked_key_retention_floor();
+        if g.revoked_key_retention_secs > RETENTION_SECS_MAX {
+            bad(
+                "gateway.revoked_key_retention_secs",
+                format!("must be at most {RETENTION_SECS_MAX} (10 years)"),
+            );
+        } else if u128::from(g.revoked_key_retention_secs) * 1000 < u128::from(floor_ms) {
+            bad(
+                "gateway.revoked_key_retention_secs",
+                format!(
+                    "must be at least {} (seconds; the longest horizon that still reads a revoked key's record: {horizon})",
+                    floor_ms.div_ceil(1000)
+                ),
+            );
+        }
         if !["text", "json"].contains(&self.log.format.as_str()) {
             bad("log.format", "must be text or json".into());
         }
@@ -922,6 +942,42 @@ impl Config {
         })
     }
 
+    /// The shortest `gateway.revoked_key_retention_secs` (ms), and what sets it: the
+    /// longest time after a key's revocation that something may still look its record up
+    /// and act on what it says.
+    /// - `ledger.idempotency_window_secs`: a repeated CreateApiKey answers the key it made
+    ///   from its record (its digest, which the Admin API saves in the durable ledger).
+    /// - The gateway's void retries ([`gateway::void::VOID_RETRY_WINDOW`]): a void of a
+    ///   charge made by key finds the charge's account from the key's record; without it
+    ///   a denied request would stay charged.
+    /// - `gateway.identity_cache_ttl_ms`: other sidecars let a revoked key through for up
+    ///   to this long, and charges made then are looked up by key.
+    ///
+    /// The access log's retries settle holds by hold id and never read a key. The fail-open
+    /// spool has no horizon (a charge waits for Redis as long as the outage lasts): a
+    /// charge spooled before the key's revocation and replayed after the retention finds
+    /// no key and is dropped (docs/ARCHITECTURE.md, "Revoked keys").
+    pub fn revoked_key_retention_floor(&self) -> (u64, &'static str) {
+        let void_ms = u64::try_from(gateway::void::VOID_RETRY_WINDOW.as_millis()).unwrap_or(0);
+        [
+            (
+                self.ledger.idempotency_window_secs.saturating_mul(1000),
+                "ledger.idempotency_window_secs (a repeated CreateApiKey reads the key's record)",
+            ),
+            (
+                void_ms,
+                "the gateway's void retry window (a void of a charge by key reads the key's record)",
+            ),
+            (
+                self.gateway.identity_cache_ttl_ms,
+                "gateway.identity_cache_ttl_ms (other sidecars still let the key through this long)",
+            ),
+        ]
+        .into_iter()
+        .max_by_key(|(ms, _)| *ms)
+        .unwrap_or((void_ms, ""))
+    }
+
     pub fn ledger_settings(&self) -> LedgerSettings {
         let l = &self.ledger;
         LedgerSettings {
@@ -933,6 +989,7 @@ impl Config {
             wallets_per_account_max: l.wallets_per_account_max,
             holds_per_wallet_max: l.holds_per_wallet_max,
             outbox_events_max: l.outbox_events_max,
+            revoked_key_retention: Duration::from_secs(self.gateway.revoked_key_retention_secs),
         }
     }
 }
@@ -1884,10 +1941,82 @@ mod tests {
                 "{path}: {errors:?}"
             );
         }
+        // A revoked key's record outlives the idempotency window (see below).
         let ten_years = format!(
-            "[ledger]\nidempotency_window_secs = {RETENTION_SECS_MAX}\nhold_retention_secs = {RETENTION_SECS_MAX}\ncharge_retention_secs = {RETENTION_SECS_MAX}\n"
+            "[ledger]\nidempotency_window_secs = {RETENTION_SECS_MAX}\nhold_retention_secs = {RETENTION_SECS_MAX}\ncharge_retention_secs = {RETENTION_SECS_MAX}\n[gateway]\nrevoked_key_retention_secs = {RETENTION_SECS_MAX}\n"
         );
         load(&ten_years).unwrap_or_else(|e| panic!("{e:?}"));
+        let errors = load(&format!(
+            "[gateway]\nrevoked_key_retention_secs = {}\n",
+            RETENTION_SECS_MAX + 1
+        ))
+        .unwrap_err()
+        .0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "gateway.revoked_key_retention_secs");
+        assert!(errors[0].message.contains("at most"), "{errors:?}");
+    }
+
+    /// A revoked key's record is dropped `gateway.revoked_key_retention_secs` after its
+    /// revocation: a retention shorter than a horizon that still reads the record (the
+    /// idempotency window, the void retries, the identity cache TTL) is refused by name,
+    /// the horizon named too; from the file or from its TOLLGATE_ variable.
+    #[test]
+    fn a_revoked_key_retention_shorter_than_a_horizon_that_reads_the_key_is_refused() {
+        let c = load("").unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c.gateway.revoked_key_retention_secs, 30 * 86_400);
+        assert_eq!(
+            c.ledger_settings().revoked_key_retention,
+            Duration::from_secs(30 * 86_400)
+        );
+        let refused = |text: &str, vars: &[(&str, &str)]| -> Vec<ConfigError> {
+            load_env(text, vars).map_or_else(|e| e.0, |_| Vec::new())
+        };
+        let named = |errors: &[ConfigError], horizon: &str, floor: &str| {
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0].path, "gateway.revoked_key_retention_secs");
+            assert!(
+                errors[0].message.contains(horizon)
+                    && errors[0].message.contains(&format!("at least {floor} ")),
+                "{errors:?}"
+            );
+        };
+        // Shorter than the idempotency window (24 h by default).
+        let errors = refused("[gateway]\nrevoked_key_retention_secs = 86399\n", &[]);
+        named(&errors, "ledger.idempotency_window_secs", "86400");
+        let errors = refused(
+            "",
+            &[("TOLLGATE_GATEWAY__REVOKED_KEY_RETENTION_SECS", "3600")],
+        );
+        named(&errors, "ledger.idempotency_window_secs", "86400");
+        // A longer window raises the floor; a shorter one leaves the void retries and the
+        // identity cache TTL.
+        let errors = refused(
+            "[ledger]\nidempotency_window_secs = 7776000\nhold_retention_secs = 7776000\n",
+            &[],
+        );
+        named(&errors, "ledger.idempotency_window_secs", "7776000");
+        let errors = refused(
+            "[ledger]\nidempotency_window_secs = 60\n[gateway]\nrevoked_key_retention_secs = 59\n",
+            &[],
+        );
+        named(&errors, "void retry window", "60");
+        let errors = refused(
+            "[ledger]\nidempotency_window_secs = 60\n[gateway]\nidentity_cache_ttl_ms = 3600000\nrevoked_key_retention_secs = 3599\n",
+            &[],
+        );
+        named(&errors, "gateway.identity_cache_ttl_ms", "3600");
+        // At the floor it is taken.
+        let c = load_env(
+            "[ledger]\nidempotency_window_secs = 60\n",
+            &[("TOLLGATE_GATEWAY__REVOKED_KEY_RETENTION_SECS", "60")],
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c.gateway.revoked_key_retention_secs, 60);
+        assert_eq!(
+            c.ledger_settings().revoked_key_retention,
+            Duration::from_secs(60)
+        );
     }
 
     #[test]

@@ -3885,4 +3885,229 @@ async fn allocations_and_budgets_keep_an_org_wallet_in_a_full_wallet_set() {
     let back = allocate("esign", 10, "a4").await.expect("mb is dead now");
     assert_eq!((back.allocated, back.used), (10, 50));
     assert_eq!(names().await, ["default", "esign"]);
+
+/// Revoked keys are dropped from Redis `gateway.revoked_key_retention_secs` after their
+/// revocation, by the account's next key creation or revocation (a RevokeApiKey, a
+/// member's removal, a CreateApiKey), at most 32 per call: their records and their
+/// entries in the account's revoked index go, while keys revoked within the retention
+/// stay and still answer revoked. A dropped key answers as unknown. Times come from the
+/// ledger's manual clock, which the key scripts follow as lua/org.lua does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_revoked_longer_ago_than_the_retention_are_dropped_by_the_accounts_next_key_change() {
+    const RETENTION_MS: i64 = 2 * DAY_MS;
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let mut config = esign_config(&redis.url());
+    config.gateway.revoked_key_retention_secs = (RETENTION_MS / 1000) as u64;
+    // Every check asks Redis: the sidecar that revoked a key caches it as revoked.
+    config.gateway.identity_cache_ttl_ms = 1;
+    let server = common::TestServer::start(config, clock).await;
+    let mut admin = server.admin().await;
+    let mut con = redis.client().get_connection().expect("redis");
+    let shards = server.ledger.shards().clone();
+    let tag = |account: &str| shards.tag(shards.of_account(account)).to_owned();
+    // (whether the key's record exists, its score in its account's revoked index).
+    let mut stored = |account: &str, key_id: &str| -> (bool, Option<i64>) {
+        let tag = tag(account);
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(format!("{tag}:k:{key_id}"))
+            .query(&mut con)
+            .expect("exists");
+        let score: Option<i64> = redis::cmd("ZSCORE")
+            .arg(format!("{tag}:kr:{account}"))
+            .arg(key_id)
+            .query(&mut con)
+            .expect("zscore");
+        (exists, score)
+    };
+    let personal = |name: &str| pb::CreateApiKeyRequest {
+        account_id: "carol".into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let revoke = |key_id: &str| pb::RevokeApiKeyRequest {
+        key_id: key_id.into(),
+    };
+    let by_key_id = |key_id: &str| pb::GetBalanceRequest {
+        key_id: key_id.into(),
+        ..Default::default()
+    };
+    let mut metering = server.metering().await;
+
+    // carol revokes 40 keys at START_MS, one more a day later; 2 stay live.
+    let mut old = Vec::new();
+    for i in 0..40 {
+        let k = admin
+            .create_api_key(personal(&format!("old {i}")))
+            .await
+            .expect("create")
+            .into_inner();
+        admin
+            .revoke_api_key(revoke(&k.key_id))
+            .await
+            .expect("revoke");
+        old.push(k);
+    }
+    now.store(START_MS + DAY_MS, std::sync::atomic::Ordering::SeqCst);
+    let day_one = admin
+        .create_api_key(personal("day one"))
+        .await
+        .expect("create")
+        .into_inner();
+    let revoked = admin
+        .revoke_api_key(revoke(&day_one.key_id))
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!(
+        revoked.revoked_at_ms,
+        START_MS + DAY_MS,
+        "the ledger's clock"
+    );
+    let mut live = Vec::new();
+    for name in ["live a", "live b"] {
+        let k = admin.create_api_key(personal(name)).await.expect("create");
+        live.push(k.into_inner());
+    }
+    for k in &old {
+        assert_eq!(stored("carol", &k.key_id), (true, Some(START_MS)), "{k:?}");
+    }
+
+    // Past the retention of the first 40, nothing drops them until carol's keys change.
+    now.store(
+        START_MS + RETENTION_MS + 1,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    assert!(stored("carol", &old[0].key_id).0);
+    let third = admin
+        .create_api_key(personal("third"))
+        .await
+        .expect("create")
+        .into_inner();
+    let kept = admin
+        .revoke_api_key(revoke(&third.key_id))
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!(kept.revoked_at_ms, START_MS + RETENTION_MS + 1);
+    // The creation dropped 32 of the 40, oldest (by revocation, then id) first; the
+    // revocation the other 8.
+    for k in &old {
+        assert_eq!(stored("carol", &k.key_id), (false, None), "{k:?}");
+    }
+    for k in [&day_one, &third] {
+        assert!(stored("carol", &k.key_id).0, "{k:?}");
+    }
+    // A dropped key answers as unknown; one revoked within the retention still as revoked.
+    let gone = metering
+        .get_balance(by_key_id(&old[0].key_id))
+        .await
+        .expect_err("dropped");
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
+    for k in [&day_one, &third] {
+        let refused = metering
+            .get_balance(by_key_id(&k.key_id))
+            .await
+            .expect_err("revoked");
+        assert_eq!(reason(&refused), "KEY_REVOKED", "{refused:?}");
+    }
+    let r = send_envelope(&server, &old[1].api_key).await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (401, Some("unknown_api_key"))
+    );
+    let r = send_envelope(&server, &day_one.api_key).await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (403, Some("revoked_api_key"))
+    );
+    // A repeat of a dropped key's revocation finds no key.
+    let again = admin
+        .revoke_api_key(revoke(&old[2].key_id))
+        .await
+        .expect_err("dropped");
+    assert_eq!(again.code(), tonic::Code::NotFound, "{again:?}");
+    let mut listed: Vec<(String, i64)> = admin
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: "carol".into(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| (k.key_id, k.revoked_at_ms))
+        .collect();
+    listed.sort();
+    let mut expected = vec![
+        (day_one.key_id.clone(), START_MS + DAY_MS),
+        (third.key_id.clone(), START_MS + RETENTION_MS + 1),
+        (live[0].key_id.clone(), 0),
+        (live[1].key_id.clone(), 0),
+    ];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    // An org: a member's removal (lua/org.lua) revokes the keys they made and drops those
+    // revoked longer ago than the retention, whoever revoked them; a creation too.
+    common::org_with_members(
+        &server,
+        "acme",
+        "olivia",
+        1_000,
+        &[("bob", "admin"), ("dave", "admin")],
+    )
+    .await;
+    let remove = |member: &str| pb::RemoveMemberRequest {
+        org_id: "acme".into(),
+        member_id: member.into(),
+        actor_id: "olivia".into(),
+        idempotency_key: format!("{member}-leaves"),
+    };
+    let (bob, dave, olivia) = (
+        org_key(&server, "bob", "").await,
+        org_key(&server, "dave", "").await,
+        org_key(&server, "olivia", "").await,
+    );
+    let t0 = START_MS + 10 * DAY_MS;
+    now.store(t0, std::sync::atomic::Ordering::SeqCst);
+    admin
+        .remove_member(remove("dave"))
+        .await
+        .expect("remove dave");
+    assert_eq!(stored("acme", &dave.key_id), (true, Some(t0)));
+    now.store(t0 + DAY_MS, std::sync::atomic::Ordering::SeqCst);
+    admin
+        .revoke_api_key(revoke(&olivia.key_id))
+        .await
+        .expect("revoke");
+    now.store(t0 + RETENTION_MS + 1, std::sync::atomic::Ordering::SeqCst);
+    let removed = admin
+        .remove_member(remove("bob"))
+        .await
+        .expect("remove bob")
+        .into_inner();
+    assert_eq!(removed.revoked_key_ids, std::slice::from_ref(&bob.key_id));
+    assert_eq!(stored("acme", &dave.key_id), (false, None));
+    assert_eq!(stored("acme", &olivia.key_id), (true, Some(t0 + DAY_MS)));
+    assert_eq!(
+        stored("acme", &bob.key_id),
+        (true, Some(t0 + RETENTION_MS + 1))
+    );
+    now.store(
+        t0 + DAY_MS + RETENTION_MS + 1,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let made = org_key(&server, "olivia", "").await;
+    assert_eq!(stored("acme", &olivia.key_id), (false, None));
+    assert_eq!(
+        stored("acme", &bob.key_id),
+        (true, Some(t0 + RETENTION_MS + 1))
+    );
+    assert_eq!(stored("acme", &made.key_id), (true, None));
+    let refused = metering
+        .get_balance(by_key_id(&bob.key_id))
+        .await
+        .expect_err("revoked");
+    assert_eq!(reason(&refused), "KEY_REVOKED", "{refused:?}");
 }

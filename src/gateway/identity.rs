@@ -35,6 +35,11 @@ pub const DEFAULT_IDENTITY_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Keys remembered per process.
 pub const DEFAULT_IDENTITY_CACHE_ENTRIES_MAX: usize = 100_000;
 pub const DEFAULT_KEYS_PER_ACCOUNT_MAX: u32 = 100;
+/// How long a revoked key's record is kept after its revocation
+/// (`gateway.revoked_key_retention_secs`): then the account's next key creation or
+/// revocation drops it (lua/key_prune.lua), and the key answers as unknown instead of
+/// revoked.
+pub const DEFAULT_REVOKED_KEY_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 pub const KEY_NAME_LEN_MAX: usize = 64;
 const KEY_ID_RANDOM_HEX_LEN: usize = 16;
 const SECRET_HEX_LEN: usize = 64;
@@ -165,7 +170,9 @@ fn random_hex(bytes: usize) -> Result<String, LedgerError> {
 /// The account and member a key id is bound to, read straight from Redis (GetBalance by
 /// key id). NotInitialized when the key's shard has no epoch marker (Redis lost its data:
 /// the key may well exist in the durable ledger), not NotFound. A revoked key is refused
-/// (`KeyRevoked`, with when), as the gateway refuses it: it answers for no one any more.
+/// (`KeyRevoked`, with when), as the gateway refuses it: it answers for no one any more;
+/// NotFound once its record is dropped, `gateway.revoked_key_retention_secs` after the
+/// revocation (lua/key_prune.lua).
 pub async fn key_binding(
     ledger: &crate::ledger::Ledger,
     key_id: &str,
@@ -352,6 +359,18 @@ struct KeyScripts {
     list: Script,
 }
 
+/// The scripts that create and revoke keys drop the account's long-revoked keys
+/// (lua/key_prune.lua, prepended to each).
+macro_rules! pruning_script {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("lua/key_prune.lua"),
+            "\n",
+            include_str!($file)
+        ))
+    };
+}
+
 /// API keys in Redis, with the in-process identity cache.
 pub struct KeyStore {
     redis: RedisPool,
@@ -366,6 +385,10 @@ pub struct KeyStore {
     keys_per_account_max: String,
     /// How long a key creation's idempotency record lives (ms, as a script argument).
     idempotency_window_ms: String,
+    /// How long a revoked key's record is kept (ms, as a script argument).
+    revoked_key_retention_ms: String,
+    /// The ledger's clock: key records are stamped with the time its scripts take.
+    clock: crate::ledger::Clock,
 }
 
 impl KeyStore {
@@ -380,8 +403,8 @@ impl KeyStore {
             redis,
             shards,
             scripts: KeyScripts {
-                create: Script::new(include_str!("lua/key_create.lua")),
-                revoke: Script::new(include_str!("lua/key_revoke.lua")),
+                create: pruning_script!("lua/key_create.lua"),
+                revoke: pruning_script!("lua/key_revoke.lua"),
                 list: Script::new(include_str!("lua/key_list.lua")),
             },
             cache: {
@@ -399,7 +422,23 @@ impl KeyStore {
             idempotency_window_ms: crate::ledger::DEFAULT_IDEMPOTENCY_WINDOW
                 .as_millis()
                 .to_string(),
+            revoked_key_retention_ms: DEFAULT_REVOKED_KEY_RETENTION.as_millis().to_string(),
+            clock: crate::ledger::Clock::Redis,
         }
+    }
+
+    /// How long a revoked key's record is kept: the account's next creation or revocation
+    /// of a key drops those revoked longer ago (lua/key_prune.lua).
+    pub fn with_revoked_key_retention(mut self, retention: Duration) -> Self {
+        self.revoked_key_retention_ms = retention.as_millis().max(1).to_string();
+        self
+    }
+
+    /// The clock the key scripts take the time from: the ledger's (tests drive a manual
+    /// one), so a revocation's time and the pruning's cut-off agree with lua/org.lua's.
+    pub fn with_clock(mut self, clock: crate::ledger::Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// How long a retry of a key creation (same idempotency key) finds the first one.
@@ -662,7 +701,9 @@ impl KeyStore {
             .arg(&binding.actor_id)
             .arg(&record_id)
             .arg(&request)
-            .arg(&self.idempotency_window_ms);
+            .arg(&self.idempotency_window_ms)
+            .arg(self.clock.override_ms())
+            .arg(&self.revoked_key_retention_ms);
         let answer: String = self.redis.call(&inv).await?;
         created(key_id, api_key, digest, &answer)
     }
@@ -694,7 +735,9 @@ impl KeyStore {
                 .arg("")
                 .arg("")
                 .arg("")
-                .arg("0");
+                .arg("0")
+                .arg(self.clock.override_ms())
+                .arg(&self.revoked_key_retention_ms);
             invocations.push(inv);
             made.push((key_id, api_key, digest));
         }
@@ -751,7 +794,9 @@ impl KeyStore {
         })?;
         let mut inv = self.scripts.revoke.prepare_invoke();
         inv.key(self.record_key(shard, key_id))
-            .key(self.shards.epoch_key(shard));
+            .key(self.shards.epoch_key(shard))
+            .arg(self.clock.override_ms())
+            .arg(&self.revoked_key_retention_ms);
         let answer: String = self.redis.call(&inv).await?;
         let parts: Vec<&str> = answer.splitn(5, '|').collect();
         match parts.as_slice() {

@@ -333,7 +333,9 @@ impl Gateway {
                 g.identity_cache_entries_max,
                 g.keys_per_account_max,
             )
-            .with_idempotency_window(ledger.settings().idempotency_window),
+            .with_idempotency_window(ledger.settings().idempotency_window)
+            .with_revoked_key_retention(ledger.settings().revoked_key_retention)
+            .with_clock(ledger.clock().clone()),
         );
         register_operation_series(&config.pricebook);
         let spool = if g.spool_path.is_empty() {

@@ -62,6 +62,10 @@ pub struct LedgerSettings {
     /// Unsettled events per shard outbox before Debit and Authorize answer OUTBOX_FULL;
     /// 0 = no bound.
     pub outbox_events_max: u64,
+    /// How long a revoked API key's record is kept (`gateway.revoked_key_retention_secs`):
+    /// a member's removal or demotion (lua/org.lua) drops the org's keys revoked longer
+    /// ago, as the gateway's key scripts do (gateway/lua/key_prune.lua).
+    pub revoked_key_retention: Duration,
 }
 
 impl Default for LedgerSettings {
@@ -75,6 +79,7 @@ impl Default for LedgerSettings {
             wallets_per_account_max: DEFAULT_WALLETS_PER_ACCOUNT_MAX,
             holds_per_wallet_max: DEFAULT_HOLDS_PER_WALLET_MAX,
             outbox_events_max: 0,
+            revoked_key_retention: crate::gateway::identity::DEFAULT_REVOKED_KEY_RETENTION,
         }
     }
 }
@@ -94,7 +99,8 @@ impl Clock {
         (Self::Manual(now.clone()), now)
     }
 
-    fn override_ms(&self) -> i64 {
+    /// The time a script is told to take as now, in ms; 0 = Redis `TIME`.
+    pub fn override_ms(&self) -> i64 {
         match self {
             Self::Redis => 0,
             Self::Manual(now) => now.load(Ordering::SeqCst),
@@ -134,8 +140,14 @@ struct Scripts {
 /// without answering that way).
 macro_rules! ledger_scripts {
     ($(($name:ident, $mutates:expr, $writes:expr)),* $(,)?) => {{
+        // lib.lua, then what the gateway's key scripts share with it: the pruning of
+        // revoked API keys (lua/org.lua revokes keys too).
         let library = Library::new(
-            include_str!("lua/lib.lua"),
+            concat!(
+                include_str!("lua/lib.lua"),
+                "\n",
+                include_str!("../gateway/lua/key_prune.lua")
+            ),
             &[$(ScriptSource {
                 name: stringify!($name),
                 body: include_str!(concat!("lua/", stringify!($name), ".lua")),
@@ -524,6 +536,7 @@ pub struct Ledger {
     lots_max: String,
     wallets_max: String,
     holds_max: String,
+    revoked_key_retention_ms: String,
 }
 
 impl Ledger {
@@ -539,6 +552,7 @@ impl Ledger {
             lots_max: settings.lots_per_wallet_max.to_string(),
             wallets_max: settings.wallets_per_account_max.to_string(),
             holds_max: settings.holds_per_wallet_max.to_string(),
+            revoked_key_retention_ms: ms(settings.revoked_key_retention),
             settings,
             redis,
             clock,
@@ -547,6 +561,12 @@ impl Ledger {
 
     pub fn settings(&self) -> &LedgerSettings {
         &self.settings
+    }
+
+    /// Where the ledger's scripts take the time from (the gateway's key scripts take it
+    /// from the same clock).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub fn shards(&self) -> &ShardMap {

@@ -269,7 +269,8 @@ impl Ledger {
             .arg(c.period)
             .arg(&window)
             .arg(&offset)
-            .arg(&self.wallets_max);
+            .arg(&self.wallets_max)
+            .arg(&self.revoked_key_retention_ms);
         self.redis.answer(&inv).await
     }
 

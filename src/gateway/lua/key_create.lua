@@ -6,7 +6,9 @@
 -- 5 key id, 6 member the key acts for ("" = none), 7 actor (an org workspace key's owner or
 -- admin; "" = a personal key), 8 idempotency record id ("" = none: 30 hex of
 -- SHA-256("<account>:<idempotency key>")), 9 digest of the request's parameters,
--- 10 idempotency window (ms).
+-- 10 idempotency window (ms), 11 the time override in ms (0 = Redis TIME; key_prune.lua
+-- key_script_now), 12 how long revoked keys are kept (ms): a creation drops the account's
+-- keys revoked longer ago than that (key_prune.lua).
 -- Answers "OK|created_ms", "REPLAY|key_id|created_ms|key digest" (the key an earlier call
 -- with this idempotency key made), "KEY_LIMIT|max", "EXISTS" or "BAD_FIELD|field|why".
 -- The record holds: a account, s digest, n name, c created ms, r revoked ms (once),
@@ -83,8 +85,8 @@ if redis.call('HLEN', KEYS[2]) >= max then
     return 'KEY_LIMIT|' .. ARGV[4]
   end
 end
-local t = redis.call('TIME')
-local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local now_ms = key_script_now(ARGV[11])
+local now = string.format('%d', now_ms)
 redis.call('HSET', KEYS[1], 'a', ARGV[1], 's', ARGV[2], 'n', ARGV[3], 'c', now)
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'mb', ARGV[6])
@@ -96,4 +98,5 @@ redis.call('HSET', KEYS[2], ARGV[5], now)
 if ikey then
   redis.call('SET', ikey, ARGV[9] .. '|' .. ARGV[5] .. '|' .. now, 'PX', ARGV[10])
 end
+prune_revoked_keys(string.match(KEYS[1], '^{[^}]*}'), ARGV[1], now_ms, ARGV[12])
 return 'OK|' .. now

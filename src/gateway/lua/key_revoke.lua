@@ -5,6 +5,9 @@
 -- one "{tg:S}:kr:<account>" (a sorted set by revocation ms; same hash tag, named from the
 -- record's account): the keys-per-account cap counts live keys only (key_create.lua). A
 -- repeat moves a key revoked before that index existed too.
+-- ARGV 1 the time override in ms (0 = Redis TIME; key_prune.lua key_script_now), 2 how
+-- long revoked keys are kept (ms): the account's keys revoked longer ago than that are
+-- dropped in this call (key_prune.lua), a repeat's included.
 -- Answers "NOT_FOUND" or "OK|account|revoked_ms|already(0/1)|digest" (the digest lets
 -- the revoking process drop the key from its identity cache at once).
 if redis.call('EXISTS', KEYS[2]) == 0 then
@@ -20,12 +23,15 @@ local function move(revoked, always)
     redis.call('ZADD', tag .. ':kr:' .. v[1], revoked, key_id)
   end
 end
+local now_ms = key_script_now(ARGV[1])
 if v[3] then
   move(v[3], false)
+  prune_revoked_keys(tag, v[1], now_ms, ARGV[2])
   return 'OK|' .. v[1] .. '|' .. v[3] .. '|1|' .. v[2]
 end
-local t = redis.call('TIME')
-local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+-- The revocation time is the record's `r` and the key's score in the revoked index.
+local now = string.format('%d', now_ms)
 redis.call('HSET', KEYS[1], 'r', now)
 move(now, true)
+prune_revoked_keys(tag, v[1], now_ms, ARGV[2])
 return 'OK|' .. v[1] .. '|' .. now .. '|0|' .. v[2]

@@ -3,7 +3,8 @@
 -- account), 10 idempotency key, 11 digest, 12 actor (owner or admin acting; "" for create
 -- and budget), 13 member, 14 role, 15 wallet, 16 amount (allocation, delta or budget
 -- limit; 0 removes a budget), 17 budget period (d | m | w), 18 window ms, 19 UTC offset
--- ms, 20 most wallets per account.
+-- ms, 20 most wallets per account, 21 how long revoked API keys are kept (ms; see
+-- revoke_keys_of).
 -- Answers "OK|event_id|a|b" (create: created_ms; add: role; allocate: allocated|used;
 -- budget: limit; add and remove: the role, then "|revoked_ms|key_id:digest|..." when the
 -- change revoked keys the member made or, on a removal, keys bound to them, see below),
@@ -59,7 +60,9 @@ end
 -- identity cache, as RevokeApiKey does. Keys made before keys named their maker have no
 -- `by`: a demotion leaves them, a removal takes those bound to the member
 -- (docs/ARCHITECTURE.md, "Organizations"). Bounded by the account's live key index
--- (gateway.keys_per_account_max).
+-- (gateway.keys_per_account_max). As a revocation by RevokeApiKey does, the call then
+-- drops the org's keys revoked longer ago than the retention (ARGV 21;
+-- gateway/lua/key_prune.lua, appended to the library), at most a few of them.
 local function revoke_keys_of(maker, left)
   local index = TAG .. ':ks:' .. org
   local ids = redis.call('HKEYS', index)
@@ -75,6 +78,7 @@ local function revoke_keys_of(maker, left)
       revoked = revoked .. '|' .. ids[i] .. ':' .. (k[4] or '')
     end
   end
+  prune_revoked_keys(TAG, org, NOW, ARGV[21])
   if revoked == '' then
     return ''
   end
