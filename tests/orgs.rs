@@ -3885,6 +3885,7 @@ async fn allocations_and_budgets_keep_an_org_wallet_in_a_full_wallet_set() {
     let back = allocate("esign", 10, "a4").await.expect("mb is dead now");
     assert_eq!((back.allocated, back.used), (10, 50));
     assert_eq!(names().await, ["default", "esign"]);
+}
 
 /// Revoked keys are dropped from Redis `gateway.revoked_key_retention_secs` after their
 /// revocation, by the account's next key creation or revocation (a RevokeApiKey, a
