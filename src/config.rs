@@ -302,6 +302,11 @@ pub struct GatewayConfig {
     /// as such and matched literally). Off by default: an upstream that decodes them
     /// would serve another path than the one priced (`gateway::pricing::normal_path`).
     pub allow_encoded_slashes: bool,
+    /// A request whose `x-http-method-override`, `x-http-method` or `x-method-override`
+    /// names another method than its own: "refuse" (400 `bad_header`, the default: tollgate
+    /// prices the request's own method, and an upstream that honours the header would run
+    /// another) or "ignore" (for an API that honours none of them).
+    pub method_override: gateway::MethodOverride,
 }
 
 impl Default for GatewayConfig {
@@ -319,6 +324,7 @@ impl Default for GatewayConfig {
             spool_path: DEFAULT_SPOOL_PATH.into(),
             request_id_replay: false,
             allow_encoded_slashes: false,
+            method_override: gateway::MethodOverride::Refuse,
         }
     }
 }
@@ -1626,6 +1632,23 @@ mod tests {
         assert!(!c.settler.enabled);
         assert!(c.server.restore);
         assert_eq!(c.gateway.api_key_headers, ["x-api-key"]);
+    }
+
+    #[test]
+    fn method_override_is_refuse_unless_set_to_ignore() {
+        use crate::gateway::MethodOverride;
+        assert_eq!(
+            load("").unwrap().gateway.method_override,
+            MethodOverride::Refuse
+        );
+        let c = load("[gateway]\nmethod_override = \"ignore\"\n").unwrap();
+        assert_eq!(c.gateway.method_override, MethodOverride::Ignore);
+        let c = load_env("", &[("TOLLGATE_GATEWAY__METHOD_OVERRIDE", "ignore")]).unwrap();
+        assert_eq!(c.gateway.method_override, MethodOverride::Ignore);
+        let errors = load_env("", &[("TOLLGATE_GATEWAY__METHOD_OVERRIDE", "allow")])
+            .expect_err("not a choice")
+            .to_string();
+        assert!(errors.contains("gateway.method_override"), "{errors}");
     }
 
     #[test]

@@ -10,7 +10,10 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::{Call, Decision, Denial, Gateway, HEADER_REQUEST_ID, UPSTREAM_HEADERS};
+use super::{
+    Call, Decision, Denial, Gateway, MethodOverride, HEADER_REQUEST_ID, METHOD_OVERRIDE_HEADERS,
+    UPSTREAM_HEADERS,
+};
 use crate::api::status::denial_response;
 
 /// google.rpc codes of the CheckResponse status (Envoy only tells OK from not OK).
@@ -76,11 +79,30 @@ impl Authorization for ExtAuthz {
         Ok(Response::new(match decision {
             Decision::Allow(allowed) => {
                 let upstream = allowed.upstream_headers();
+                // Other spellings of tollgate's upstream headers and of the headers the
+                // price book reads (units, variants): the upstream must read only what
+                // was priced. The book's list is made when it is loaded, not here. So are
+                // those of the method-override headers when they are refused (the check
+                // read the real names only).
+                let book = self.gateway.pricebook_now();
+                let overrides: &[&str] = match self.gateway.method_override() {
+                    MethodOverride::Refuse => &METHOD_OVERRIDE_HEADERS,
+                    MethodOverride::Ignore => &[],
+                };
                 let headers_to_remove = UPSTREAM_HEADERS
                     .iter()
                     .filter(|h| !upstream.iter().any(|(set, _)| set == *h))
                     .map(|h| (*h).to_owned())
-                    .chain(headers.keys().filter(|n| is_alias(n)).cloned())
+                    .chain(
+                        headers
+                            .keys()
+                            .filter(|n| {
+                                is_alias(n, &UPSTREAM_HEADERS)
+                                    || is_alias(n, book.request_headers())
+                                    || is_alias(n, overrides)
+                            })
+                            .cloned(),
+                    )
                     .collect();
                 CheckResponse {
                     status: Some(rpc::Status {
@@ -107,22 +129,24 @@ impl Authorization for ExtAuthz {
     }
 }
 
-/// Whether a request header's name is another spelling of one of tollgate's upstream
-/// headers (`x_tollgate_account`, `x.tollgate.hold-id`, …): a backend that maps header
-/// names to variables (CGI, WSGI, PHP: every character but letters and digits becomes
-/// `_`) reads it as the real one, so a client could forge an account or a hold with it.
+/// Whether a request header's name is another spelling of one of `guarded` (tollgate's
+/// upstream headers, the headers the price book reads): `x_tollgate_account`,
+/// `x.tollgate.hold-id`, `x_signers`… A backend that maps header names to variables (CGI,
+/// WSGI, PHP: every character but letters and digits becomes `_`) reads it as the real
+/// one, so a client could forge an account or a hold, or ask for more than was priced.
 /// Envoy forwards such names by default (`headers_with_underscores_action: ALLOW`, and no
 /// setting at all for dots), so the Check answer removes them with the client's own
 /// values of the real names. Names come lowercased from Envoy.
-fn is_alias(name: &str) -> bool {
-    UPSTREAM_HEADERS.iter().any(|real| {
+fn is_alias(name: &str, guarded: &[impl AsRef<str>]) -> bool {
+    guarded.iter().any(|real| {
+        let real = real.as_ref();
         name.len() == real.len()
-            && name != *real
+            && name != real
             && name.bytes().zip(real.bytes()).all(|(n, r)| {
-                if r == b'-' {
-                    !n.is_ascii_alphanumeric()
-                } else {
+                if r.is_ascii_alphanumeric() {
                     n.eq_ignore_ascii_case(&r)
+                } else {
+                    !n.is_ascii_alphanumeric()
                 }
             })
     })
@@ -170,7 +194,7 @@ fn denied(denial: &Denial) -> CheckResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::is_alias;
+    use super::{is_alias, UPSTREAM_HEADERS};
 
     #[test]
     fn other_spellings_of_tollgate_headers_are_aliases() {
@@ -180,7 +204,7 @@ mod tests {
             "x.tollgate.charge.id",
             "x-tollgate~operation",
         ] {
-            assert!(is_alias(alias), "{alias}");
+            assert!(is_alias(alias, &UPSTREAM_HEADERS), "{alias}");
         }
         for name in [
             "x-tollgate-account",
@@ -190,7 +214,29 @@ mod tests {
             "x-tollgateaaccount",
             "authorization",
         ] {
-            assert!(!is_alias(name), "{name}");
+            assert!(!is_alias(name, &UPSTREAM_HEADERS), "{name}");
+        }
+    }
+
+    /// The price book's own headers are guarded too, whichever way they are spelled.
+    #[test]
+    fn other_spellings_of_priced_headers_are_aliases() {
+        let priced = ["x-signature-method".to_owned(), "x_pages".to_owned()];
+        for alias in [
+            "x.signature.method",
+            "x_signature_method",
+            "x-pages",
+            "x.pages",
+        ] {
+            assert!(is_alias(alias, &priced), "{alias}");
+        }
+        for name in [
+            "x-signature-method",
+            "x_pages",
+            "x-signers",
+            "x-signature-methods",
+        ] {
+            assert!(!is_alias(name, &priced), "{name}");
         }
     }
 }

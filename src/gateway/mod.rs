@@ -74,6 +74,47 @@ pub const UPSTREAM_HEADERS: [&str; 7] = [
 ];
 pub const HEADER_REQUEST_ID: &str = "x-request-id";
 
+/// Headers by which frameworks (Rails, Laravel, Symfony, Express's method-override,
+/// ASP.NET, Spring's filter) let a request run as another method than its own. tollgate
+/// prices the request's own method, so a `GET` (free) naming `POST` (paid) would run the
+/// paid work for free: [`MethodOverride::Refuse`] refuses it.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// `gateway.method_override`: what a request gets whose [`METHOD_OVERRIDE_HEADERS`] name
+/// another method than its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodOverride {
+    /// Refused with 400 `bad_header` naming the header (one naming the request's own
+    /// method is fine).
+    #[default]
+    Refuse,
+    /// Not looked at: for an API that honours none of these headers.
+    Ignore,
+}
+
+/// The denial of a request whose method-override header names another method than its
+/// own ([`METHOD_OVERRIDE_HEADERS`]), if any. Three header look-ups; nothing is allocated
+/// unless it denies.
+pub fn overridden_method<'a>(
+    method: &str,
+    headers: &(dyn Fn(&str) -> Option<&'a str> + Sync),
+) -> Option<Denial> {
+    METHOD_OVERRIDE_HEADERS.iter().find_map(|&name| {
+        let value = headers(name)?;
+        (!value.trim().eq_ignore_ascii_case(method)).then(|| Denial::BadHeader {
+            header: name.to_owned(),
+            message: "names another method than the request's: tollgate priced the \
+                      request's own method (gateway.method_override)"
+                .to_owned(),
+        })
+    })
+}
+
 /// The request a gateway asks about.
 pub struct Call<'a> {
     pub method: &'a str,
@@ -223,6 +264,8 @@ pub struct Gateway {
     request_id_replay: bool,
     /// `gateway.allow_encoded_slashes`: `%2F` and `%5C` in a path are kept, not refused.
     encoded_slashes: bool,
+    /// `gateway.method_override`.
+    method_override: MethodOverride,
     metrics: CheckMetrics,
     /// Voids of fail_closed charges answered `unavailable` that may still run (`void`).
     voids: Voids,
@@ -366,9 +409,14 @@ impl Gateway {
             spool,
             request_id_replay: g.request_id_replay,
             encoded_slashes: g.allow_encoded_slashes,
+            method_override: g.method_override,
             metrics: CheckMetrics::new(),
             voids: Voids::new(),
         }
+    }
+
+    pub fn method_override(&self) -> MethodOverride {
+        self.method_override
     }
 
     pub fn keys(&self) -> &Arc<KeyStore> {
@@ -377,6 +425,12 @@ impl Gateway {
 
     pub fn pricebook(&self) -> Arc<PriceBook> {
         self.pricebook.load_full()
+    }
+
+    /// The current price book without taking a reference count (`ArcSwap::load`): for
+    /// the hot path, held only briefly and never across an `.await`.
+    pub fn pricebook_now(&self) -> arc_swap::Guard<Arc<PriceBook>> {
+        self.pricebook.load()
     }
 
     /// Swaps in a new price book; checks in flight finish with the one they started with.
@@ -432,7 +486,15 @@ impl Gateway {
         let (operation, decision) = match pricing::normal_path(call.path, self.encoded_slashes) {
             Ok(path) => {
                 let routed = book.route(call.host, call.method, &path);
-                (routed.name(), self.decide(call, routed).await)
+                let overridden = match self.method_override {
+                    MethodOverride::Refuse => overridden_method(call.method, call.headers),
+                    MethodOverride::Ignore => None,
+                };
+                let decision = match overridden {
+                    Some(denial) => Decision::Deny(denial),
+                    None => self.decide(call, routed).await,
+                };
+                (routed.name(), decision)
             }
             // Refused before routing: no route priced it.
             Err(pricing::BadPath(message)) => ("deny", Decision::Deny(Denial::BadPath { message })),
@@ -1089,6 +1151,28 @@ fn unique_in_process() -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_method_override_naming_another_method_is_refused() {
+        let denied = |method: &str, pairs: &[(&'static str, &'static str)]| {
+            let pairs = pairs.to_vec();
+            let lookup = move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+            overridden_method(method, &lookup)
+        };
+        for header in METHOD_OVERRIDE_HEADERS {
+            let Some(Denial::BadHeader { header: named, .. }) = denied("GET", &[(header, "POST")])
+            else {
+                panic!("{header}: not refused")
+            };
+            assert_eq!(named, header);
+            // The request's own method, in any case: nothing is overridden.
+            assert_eq!(denied("POST", &[(header, " post ")]), None, "{header}");
+        }
+        // Repeated headers come joined by commas: not one method.
+        assert!(denied("GET", &[("x-http-method", "GET,POST")]).is_some());
+        assert_eq!(denied("GET", &[("x-forwarded-method", "POST")]), None);
+        assert_eq!(denied("DELETE", &[]), None);
+    }
 
     #[test]
     fn a_replayed_charge_is_dropped_only_when_the_ledger_refuses_it() {

@@ -56,6 +56,9 @@ pub struct PriceBook {
     operations: Vec<Operation>,
     by_name: HashMap<String, usize>,
     default: Target,
+    /// [`PriceBook::request_headers`], made once per book (at load and at every reload):
+    /// Envoy's Check answer reads it on every allowed request.
+    request_headers: Vec<String>,
 }
 
 impl Default for PriceBook {
@@ -66,6 +69,7 @@ impl Default for PriceBook {
             operations: Vec::new(),
             by_name: HashMap::new(),
             default: Target::Deny,
+            request_headers: Vec::new(),
         }
     }
 }
@@ -566,6 +570,15 @@ impl PriceBook {
         }
     }
 
+    /// Every request header a price reads: the units and variant headers of every
+    /// operation (lowercase, sorted, each once). A gateway that forwards other spellings of
+    /// them (`x_signers`, `x.signature.method`: Envoy does) must drop those, or a backend
+    /// that maps header names to variables (CGI, WSGI, PHP) reads a value tollgate never
+    /// priced.
+    pub fn request_headers(&self) -> &[String] {
+        &self.request_headers
+    }
+
     pub fn operation(&self, name: &str) -> Option<&Operation> {
         self.by_name.get(name).map(|&i| &self.operations[i])
     }
@@ -694,13 +707,37 @@ impl PriceBook {
         if errors.len() > before {
             return Self::default();
         }
+        let request_headers = request_headers(&operations);
         Self {
             routes,
             operations,
             by_name,
             default,
+            request_headers,
         }
     }
+}
+
+/// The request headers `operations` price by ([`PriceBook::request_headers`]).
+fn request_headers(operations: &[Operation]) -> Vec<String> {
+    let mut out = Vec::new();
+    for op in operations {
+        if let Some(units) = &op.units {
+            out.push(units.header.clone());
+        }
+        if let Some(variants) = &op.variants {
+            out.push(variants.header.clone());
+            out.extend(
+                variants
+                    .values
+                    .values()
+                    .filter_map(|v| v.units.as_ref().map(|u| u.header.clone())),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 fn strip_port(host: &str) -> &str {
@@ -1254,6 +1291,33 @@ mod tests {
         // The pages alone do it.
         assert_eq!(blame(&[("x-pages", "4")]), "x-pages");
         assert_eq!(op.price(&headers(&[("x-pages", "3")])), Ok(max));
+    }
+
+    /// The headers a price reads, listed once per book (Envoy's Check answer removes
+    /// their aliases): units, variant and per-variant units headers, each once.
+    #[test]
+    fn the_book_lists_every_header_a_price_reads() {
+        let b = book(
+            r#"
+            [pricebook]
+            [pricebook.operations.send]
+            base = 1
+            per_unit = 1
+            units_header = "X-Pages"
+            variant_header = "x-sig"
+            [pricebook.operations.send.variants]
+            qes = { flat = 2 }
+            aes = { per_unit = 1, units_header = "x-signers" }
+            [pricebook.operations.ocr]
+            base = 1
+            per_unit = 1
+            units_header = "x-pages"
+            [pricebook.operations.flat]
+            base = 1
+            "#,
+        );
+        assert_eq!(b.request_headers(), ["x-pages", "x-sig", "x-signers"]);
+        assert!(PriceBook::default().request_headers().is_empty());
     }
 
     #[test]

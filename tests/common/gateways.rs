@@ -735,7 +735,7 @@ pub fn assert_no_forged_alias(seen: &Seen) {
 
 /// Takes a hold through Envoy's Check on `channel` (a tollgate's gRPC port): `POST
 /// /v1/documents/d/ocr` with `key`, which examples/pricebook-esign.toml prices as
-/// `ocr.pages` (hold 50 for 60 s, `on_expiry = "release"`; 2 per page on 2xx, released
+/// `ocr.pages` (hold 50 for 60 s, `on_expiry = "capture"`; 2 per page on 2xx, released
 /// otherwise). Returns the answer's dynamic metadata, which Envoy copies into the
 /// request's access-log entry.
 pub async fn ocr_hold(channel: tonic::transport::Channel, key: &str, request_id: &str) -> Struct {
