@@ -370,6 +370,9 @@ pub struct SettlerConfig {
     pub linger_ms: u64,
     /// /readyz fails when the oldest unsettled event is older than this.
     pub ready_lag_max_ms: u64,
+    /// Other settlers' consumers that have not read for this long and have nothing
+    /// pending are removed from the group (those a crash or a kill left behind).
+    pub consumer_idle_max_ms: u64,
 }
 
 impl Default for SettlerConfig {
@@ -386,6 +389,7 @@ impl Default for SettlerConfig {
             trim_interval_ms: d.trim_interval.as_millis() as u64,
             linger_ms: d.linger.as_millis() as u64,
             ready_lag_max_ms: DEFAULT_READY_LAG_MAX_MS,
+            consumer_idle_max_ms: d.consumer_idle_max.as_millis() as u64,
         }
     }
 }
@@ -795,6 +799,7 @@ impl Config {
             ("settler.backoff_min_ms", st.backoff_min_ms),
             ("settler.trim_interval_ms", st.trim_interval_ms),
             ("settler.ready_lag_max_ms", st.ready_lag_max_ms),
+            ("settler.consumer_idle_max_ms", st.consumer_idle_max_ms),
         ] {
             if value == 0 {
                 bad(path, "must be positive".into());
@@ -925,6 +930,7 @@ impl Config {
             trim_interval: Duration::from_millis(st.trim_interval_ms),
             linger: Duration::from_millis(st.linger_ms),
             webhooks: self.webhooks.rules(),
+            consumer_idle_max: Duration::from_millis(st.consumer_idle_max_ms),
         }
     }
 
@@ -2095,5 +2101,23 @@ mod tests {
         assert_eq!(errors[0].path, "settler.trim_interval_ms");
         load("[settler]\ntrim_interval_ms = 30000\nready_lag_max_ms = 60000\n")
             .unwrap_or_else(|e| panic!("{e:?}"));
+    }
+
+    #[test]
+    fn the_consumer_idle_bound_is_a_day_and_must_be_positive() {
+        let config = load("").unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            config.settler_settings().consumer_idle_max,
+            Duration::from_secs(24 * 3600)
+        );
+        let errors = load("[settler]\nconsumer_idle_max_ms = 0\n").unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "settler.consumer_idle_max_ms");
+        let config =
+            load("[settler]\nconsumer_idle_max_ms = 60000\n").unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            config.settler_settings().consumer_idle_max,
+            Duration::from_secs(60)
+        );
     }
 }

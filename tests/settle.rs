@@ -3508,3 +3508,300 @@ async fn an_event_reusing_a_settled_events_id_is_set_aside_not_dropped() {
         );
     }
 }
+
+/// Every shard's consumers of `group`: (name, pending) per shard.
+async fn consumers(ledger: &Ledger, group: &str) -> Vec<Vec<(String, i64)>> {
+    let mut out = Vec::new();
+    for shard in 0..ledger.shards().count() {
+        let reply: redis::Value = ledger
+            .redis()
+            .query(
+                redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(ledger.shards().outbox(shard))
+                    .arg(group),
+            )
+            .await
+            .expect("xinfo consumers");
+        let redis::Value::Array(list) = reply else {
+            panic!("xinfo consumers reply {reply:?}");
+        };
+        let mut here = Vec::new();
+        for c in list {
+            let fields: Vec<redis::Value> = match c {
+                redis::Value::Array(f) => f,
+                redis::Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+                other => panic!("consumer {other:?}"),
+            };
+            let (mut name, mut pending) = (String::new(), -1);
+            for pair in fields.chunks_exact(2) {
+                match &pair[0] {
+                    redis::Value::BulkString(k) if k == b"name" => {
+                        if let redis::Value::BulkString(n) = &pair[1] {
+                            name = String::from_utf8_lossy(n).into_owned();
+                        }
+                    }
+                    redis::Value::BulkString(k) if k == b"pending" => {
+                        if let redis::Value::Int(n) = pair[1] {
+                            pending = n;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            here.push((name, pending));
+        }
+        out.push(here);
+    }
+    out
+}
+
+/// Whether `name` is a consumer of `group` on any shard.
+async fn has_consumer(ledger: &Ledger, group: &str, name: &str) -> bool {
+    consumers(ledger, group)
+        .await
+        .iter()
+        .flatten()
+        .any(|(n, _)| n == name)
+}
+
+/// Reads up to `count` new entries per shard as `consumer`, never acknowledged (a settler
+/// that read a batch and went away). Returns how many it took.
+async fn read_as(ledger: &Ledger, group: &str, consumer: &str, count: usize) -> usize {
+    let mut taken = 0;
+    for shard in 0..ledger.shards().count() {
+        let reply: redis::Value = ledger
+            .redis()
+            .query(
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(group)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("STREAMS")
+                    .arg(ledger.shards().outbox(shard))
+                    .arg(">"),
+            )
+            .await
+            .expect("read");
+        if let redis::Value::Array(mut streams) = reply {
+            if let Some(redis::Value::Array(mut pair)) = streams.pop() {
+                if let Some(redis::Value::Array(entries)) = pair.pop() {
+                    taken += entries.len();
+                }
+            }
+        }
+    }
+    taken
+}
+
+/// A consumer in `group` on every shard that never read anything.
+async fn create_consumer(ledger: &Ledger, group: &str, consumer: &str) {
+    for shard in 0..ledger.shards().count() {
+        let _: redis::Value = ledger
+            .redis()
+            .query(
+                redis::cmd("XGROUP")
+                    .arg("CREATECONSUMER")
+                    .arg(ledger.shards().outbox(shard))
+                    .arg(group)
+                    .arg(consumer),
+            )
+            .await
+            .expect("xgroup createconsumer");
+    }
+}
+
+/// Every `<host>-<pid>` process used to leave its consumer in every shard's group for
+/// good (~150 bytes of Redis each, and a longer XINFO CONSUMERS with every pod).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlers_that_stop_cleanly_leave_no_consumer_behind() {
+    const GROUP: &str = "tollgate-settler";
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    common::add_observer_group(&ledger).await;
+    let store = store(&common::temp_sqlite_url()).await;
+    common::workload::every_kind(&ledger, &now, 1, "early").await;
+
+    // Three settlers, one after another and side by side, with charges flowing, and one
+    // that stays.
+    let (live_stop, live_stopped) = tokio::sync::watch::channel(false);
+    let live = run_until(settler(&ledger, &store, GROUP, "live"), &live_stopped);
+    for (i, name) in ["one", "two", "three"].into_iter().enumerate() {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let run = run_until(settler(&ledger, &store, GROUP, name), &stopped);
+        common::workload::every_kind(&ledger, &now, 1, &format!("during-{i}")).await;
+        let deadline = Instant::now() + DEADLINE;
+        while !has_consumer(&ledger, GROUP, name).await {
+            assert!(Instant::now() < deadline, "{name} never read");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop.send(true);
+        run.await.expect("settler task");
+        let left = consumers(&ledger, GROUP).await;
+        assert!(
+            left.iter().flatten().all(|(n, _)| n == "live"),
+            "{name} stopped; consumers left: {left:?}"
+        );
+    }
+    let outbox = common::outbox_events(&ledger).await;
+    let deadline = Instant::now() + DEADLINE;
+    while (store.count_events().await.expect("count") as usize) < outbox.len() {
+        assert!(Instant::now() < deadline, "not settled in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = live_stop.send(true);
+    live.await.expect("live settler task");
+    let left = consumers(&ledger, GROUP).await;
+    assert!(
+        left.iter().all(|c| c.is_empty()),
+        "every settler stopped; consumers left: {left:?}"
+    );
+    assert_eq!(common::pending(&ledger, GROUP, None).await, Some(0));
+    assert_store_matches_outbox(&store, &outbox).await;
+
+    // A settler stopped with a batch read and not yet written settles it, then goes.
+    common::workload::every_kind(&ledger, &now, 1, "late").await;
+    let outbox = common::outbox_events(&ledger).await;
+    let taken = read_as(&ledger, GROUP, "four", 1000).await;
+    assert!(taken > 0, "four read nothing");
+    settler(&ledger, &store, GROUP, "four").leave(true).await;
+    assert!(!has_consumer(&ledger, GROUP, "four").await, "four stayed");
+    assert_eq!(common::pending(&ledger, GROUP, None).await, Some(0));
+    assert_store_matches_outbox(&store, &outbox).await;
+}
+
+/// XGROUP DELCONSUMER throws away a consumer's pending entries, which would then be
+/// trimmed unsettled: neither a settler leaving nor the prune removes a consumer that has
+/// any; once another settler claimed and settled them, the prune removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_with_pending_entries_is_never_removed() {
+    const GROUP: &str = "tollgate-settler";
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    let store = store(&common::temp_sqlite_url()).await;
+    common::workload::every_kind(&ledger, &now, 2, "w").await;
+    let outbox = common::outbox_events(&ledger).await;
+    let holder = settler(&ledger, &store, GROUP, "holder");
+    holder.ensure_groups().await.expect("groups");
+    let taken = read_as(&ledger, GROUP, "holder", 2).await;
+    assert!(taken > 0, "holder read nothing");
+    // A consumer that never read: the prune's proof of a pass over every shard.
+    create_consumer(&ledger, GROUP, "empty").await;
+
+    // Its own leaving (without settling: a store that was failing) keeps it.
+    let mut holder = holder;
+    holder.leave(false).await;
+    assert_eq!(
+        common::pending(&ledger, GROUP, Some("holder")).await,
+        Some(taken as i64)
+    );
+    assert!(has_consumer(&ledger, GROUP, "holder").await);
+
+    // A settler pruning consumers idle for 1 ms, that claims nothing in this test.
+    let pruning = |name: &str, claim_idle: Duration| {
+        Settler::new(
+            ledger.clone(),
+            store.clone(),
+            SettlerSettings {
+                group: GROUP.into(),
+                consumer: name.into(),
+                consumer_idle_max: Duration::from_millis(1),
+                trim_interval: Duration::from_millis(50),
+                claim_idle,
+                ..fast()
+            },
+        )
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let run = run_until(pruning("pruner", Duration::from_secs(3600)), &stopped);
+    let deadline = Instant::now() + DEADLINE;
+    while has_consumer(&ledger, GROUP, "empty").await {
+        assert!(
+            Instant::now() < deadline,
+            "the empty consumer was never pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A few more passes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop.send(true);
+    run.await.expect("pruner task");
+    assert_eq!(
+        common::pending(&ledger, GROUP, Some("holder")).await,
+        Some(taken as i64),
+        "the holder's pending entries were thrown away"
+    );
+    assert!(
+        has_consumer(&ledger, GROUP, "holder").await,
+        "holder removed"
+    );
+
+    // Another settler claims its batch and settles it; then the holder is empty and idle,
+    // and is pruned.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let run = run_until(pruning("claimer", Duration::from_millis(300)), &stopped);
+    let deadline = Instant::now() + DEADLINE;
+    while (store.count_events().await.expect("count") as usize) < outbox.len()
+        || has_consumer(&ledger, GROUP, "holder").await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not settled, or the holder not pruned once empty: {:?}",
+            consumers(&ledger, GROUP).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(true);
+    run.await.expect("claimer task");
+    assert_store_matches_outbox(&store, &outbox).await;
+    assert_eq!(common::pending(&ledger, GROUP, None).await, Some(0));
+}
+
+/// A settler that crashed (or was killed) leaves its consumer; once it has not read for
+/// `consumer_idle_max` and has nothing pending, a running settler removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_empty_consumer_is_pruned() {
+    const GROUP: &str = "tollgate-settler";
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    let store = store(&common::temp_sqlite_url()).await;
+    common::workload::every_kind(&ledger, &now, 1, "w").await;
+    let first = settler(&ledger, &store, GROUP, "live");
+    first.ensure_groups().await.expect("groups");
+    create_consumer(&ledger, GROUP, "crashed-1").await;
+    create_consumer(&ledger, GROUP, "crashed-2").await;
+    let live = Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            group: GROUP.into(),
+            consumer: "live".into(),
+            consumer_idle_max: Duration::from_millis(200),
+            ..fast()
+        },
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let run = run_until(live, &stopped);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = consumers(&ledger, GROUP).await;
+        let names: BTreeSet<&str> = left.iter().flatten().map(|(n, _)| n.as_str()).collect();
+        if !names.contains("crashed-1") && !names.contains("crashed-2") {
+            // The running settler's own consumer is not pruned while it reads.
+            assert!(names.contains("live"), "{left:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle consumers not pruned: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(true);
+    run.await.expect("settler task");
+}

@@ -132,6 +132,7 @@ struct Scripts {
     snapshot: LedgerScript,
     org: LedgerScript,
     view: LedgerScript,
+    consumers: LedgerScript,
 }
 
 /// `ledger_scripts!(("debit", mutates, writes), ...)`: each lua/<name>.lua registered as a
@@ -180,6 +181,7 @@ impl Scripts {
             (snapshot, false, false),
             (org, true, true),
             (view, false, false),
+            (consumers, false, false),
         )
     }
 }
@@ -1212,6 +1214,39 @@ impl Ledger {
             self.initialize_shard(shard, &epoch).await?;
         }
         Ok(())
+    }
+
+    /// Removes a settler's consumer from `group` on `shard`'s outbox when it has nothing
+    /// pending (consumers.lua: the check and `XGROUP DELCONSUMER` in one call, so no entry
+    /// pending in it is ever thrown away). Returns whether it was removed.
+    pub async fn remove_consumer(
+        &self,
+        shard: u16,
+        group: &str,
+        consumer: &str,
+    ) -> Result<bool, LedgerError> {
+        let mut inv = self.invocation(&self.scripts.consumers, shard);
+        inv.arg(group).arg(consumer).arg("");
+        let removed: i64 = self.redis.call_script(&inv).await?;
+        Ok(removed > 0)
+    }
+
+    /// Removes every consumer of `group` on `shard`'s outbox but `keep` that has nothing
+    /// pending and has not read for at least `idle_min` (consumers.lua, as
+    /// [`Ledger::remove_consumer`]). Returns how many were removed.
+    pub async fn prune_consumers(
+        &self,
+        shard: u16,
+        group: &str,
+        keep: &str,
+        idle_min: std::time::Duration,
+    ) -> Result<u64, LedgerError> {
+        let mut inv = self.invocation(&self.scripts.consumers, shard);
+        inv.arg(group)
+            .arg(keep)
+            .arg(idle_min.as_millis().max(1) as u64);
+        let removed: i64 = self.redis.call_script(&inv).await?;
+        Ok(removed.max(0) as u64)
     }
 
     /// A wallet's stored totals and the shard outbox's last entry id, read atomically and

@@ -417,6 +417,8 @@ pub async fn reconcile(
         &mut report,
     )
     .await?;
+    // Its drains left nothing pending: its consumer goes (a new name every run).
+    settler.leave(false).await;
     Ok(report)
 }
 
@@ -804,6 +806,8 @@ pub async fn end_lost_hold(
             break;
         }
     }
+    // Its drains left nothing pending: its consumer goes (a new name every run).
+    settler.leave(false).await;
     let Some(snapshot) = snapshot else {
         return refused(format!(
             "the outbox of shard {shard} did not settle through a snapshot after \

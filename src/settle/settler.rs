@@ -36,6 +36,18 @@ pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How often acknowledged entries are trimmed and the lag is measured.
 pub const DEFAULT_TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// A consumer that has not read for this long and has nothing pending is removed from the
+/// group by the other settlers' prune (see `SettlerSettings::consumer_idle_max`).
+pub const DEFAULT_CONSUMER_IDLE_MAX: Duration = Duration::from_secs(24 * 3600);
+/// The prune of idle consumers runs at most this often (and at least every half of
+/// `consumer_idle_max`, and never more often than the trim).
+const PRUNE_INTERVAL_MAX: Duration = Duration::from_secs(600);
+/// On a clean stop, how long the settler goes on settling what is pending in its own
+/// consumer (the batch in hand, the read-ahead batch) before it leaves it to be claimed.
+/// Inside the shutdown grace of `serve` and `settle` (server.rs, `SHUTDOWN_GRACE`).
+pub const LEAVE_SETTLE_GRACE: Duration = Duration::from_secs(4);
+/// Then how long it tries to remove its consumer from every shard's group.
+pub const LEAVE_REMOVE_GRACE: Duration = Duration::from_secs(2);
 /// Rounds of XAUTOCLAIM paging per shard per claim pass.
 const CLAIM_PAGES_MAX: usize = 16;
 /// Events the store refused that are set aside one after another without any write the
@@ -61,6 +73,11 @@ pub struct SettlerSettings {
     /// Usage-webhook rules: deliveries are derived from each batch's new events in the
     /// batch's transaction. None = webhooks off.
     pub webhooks: Option<Arc<Rules>>,
+    /// Consumers of the group (other than this one) that have not read for this long and
+    /// have nothing pending are removed from every shard's group: settlers that stopped
+    /// without removing their own (a crash, a kill, a stop with entries pending that
+    /// others claimed since). A consumer with pending entries is never removed.
+    pub consumer_idle_max: Duration,
 }
 
 impl Default for SettlerSettings {
@@ -76,6 +93,7 @@ impl Default for SettlerSettings {
             trim_interval: DEFAULT_TRIM_INTERVAL,
             linger: DEFAULT_LINGER,
             webhooks: None,
+            consumer_idle_max: DEFAULT_CONSUMER_IDLE_MAX,
         }
     }
 }
@@ -145,7 +163,10 @@ impl CreditMetrics {
     }
 }
 
-/// `<host>-<pid>`: unique per process, readable in XINFO CONSUMERS.
+/// `<host>-<pid>`: unique per process, readable in XINFO CONSUMERS. A new name per process
+/// (per pod in Kubernetes): the settler removes its consumer when it stops cleanly
+/// ([`Settler::leave`]), and the others prune the ones left behind
+/// ([`SettlerSettings::consumer_idle_max`]).
 pub fn default_consumer() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
@@ -242,6 +263,7 @@ pub struct Settler {
     pipelined: bool,
     last_claim: Option<Instant>,
     last_trim: Option<Instant>,
+    last_prune: Option<Instant>,
     credits: CreditMetrics,
     /// Refused events set aside since the store last took a write (see
     /// [`SET_ASIDE_WITHOUT_A_WRITE_MAX`]).
@@ -282,6 +304,7 @@ impl Settler {
             pipelined: true,
             last_claim: None,
             last_trim: None,
+            last_prune: None,
             credits: CreditMetrics::new(),
             set_aside_in_a_row: AtomicUsize::new(0),
         }
@@ -335,7 +358,8 @@ impl Settler {
         Ok(())
     }
 
-    /// Runs until `shutdown` resolves. Redis errors are retried like store errors.
+    /// Runs until `shutdown` resolves, then leaves ([`Settler::leave`]). Redis errors are
+    /// retried like store errors.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut backoff = self.settings.backoff_min;
@@ -353,7 +377,7 @@ impl Settler {
                 self.round().await
             };
             let wait = tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => break,
                 result = step => match result {
                     Ok(0) => {
                         backoff = self.settings.backoff_min;
@@ -393,10 +417,124 @@ impl Settler {
             };
             if !wait.is_zero() {
                 tokio::select! {
-                    _ = &mut shutdown => return,
+                    _ = &mut shutdown => break,
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
+        }
+        // A round cut short by the stop left its batch pending in this consumer (so did
+        // the read-ahead): settled here, unless the store was failing (`ready` is then
+        // false, and the batch is left to a claim).
+        self.leave(ready).await;
+    }
+
+    /// A clean stop: settles what is pending in this consumer (when `settle`), for at most
+    /// [`LEAVE_SETTLE_GRACE`], then removes the consumer from every shard's group where it
+    /// has nothing pending, for at most [`LEAVE_REMOVE_GRACE`]. Without it every process
+    /// (a new `<host>-<pid>` name each time) left a consumer in every shard's group for
+    /// good. Where entries are still pending the consumer stays: removing it would throw
+    /// them away (consumers.lua checks and removes in one call); other settlers claim them
+    /// after `claim_idle`, and the prune removes the consumer once it is empty and idle.
+    pub async fn leave(&mut self, settle: bool) {
+        self.ahead = None;
+        if settle {
+            match tokio::time::timeout(LEAVE_SETTLE_GRACE, self.settle_own_pending()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "could not settle this settler's pending entries on stop; other settlers claim them")
+                }
+                Err(_) => tracing::warn!(
+                    grace_ms = LEAVE_SETTLE_GRACE.as_millis() as u64,
+                    "this settler's pending entries were not settled within the stop grace; other settlers claim them"
+                ),
+            }
+        }
+        let removing = async {
+            let mut kept = 0;
+            for shard in 0..self.ledger.shards().count() {
+                if !self
+                    .ledger
+                    .remove_consumer(shard, &self.settings.group, &self.settings.consumer)
+                    .await?
+                {
+                    kept += 1;
+                }
+            }
+            Ok::<_, LedgerError>(kept)
+        };
+        match tokio::time::timeout(LEAVE_REMOVE_GRACE, removing).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "could not remove this settler's consumer from the group; the other settlers' prune will")
+            }
+            Err(_) => tracing::warn!(
+                "removing this settler's consumer from the group timed out; the other settlers' prune will"
+            ),
+        }
+    }
+
+    /// Reads this consumer's own pending entries on every shard and settles them (no new
+    /// entries, no claims), until none is left or only entries the shards' fences refused.
+    async fn settle_own_pending(&mut self) -> Result<(), SettleError> {
+        // Every shard, anew: a round the stop cut short during its read-ahead left
+        // `recovering` taken (empty).
+        self.recovering = vec![true; usize::from(self.ledger.shards().count())];
+        while self.recovering.iter().any(|r| *r) {
+            let mut batch =
+                read_batch(&self.ledger, &self.settings, &mut self.recovering, false).await?;
+            if batch.events.is_empty() {
+                continue;
+            }
+            let Committed { fenced, set_aside } = self.commit(&batch).await?;
+            if !fenced.is_empty() {
+                // Left pending, as in `round`: the consumer stays with them.
+                return Ok(());
+            }
+            let set_aside: HashSet<&str> = set_aside.iter().map(String::as_str).collect();
+            batch
+                .events
+                .retain(|e| !set_aside.contains(e.event_id.as_str()));
+            self.ack(&batch.events).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the group's consumers idle longer than `consumer_idle_max` with nothing
+    /// pending, on every shard (see [`SettlerSettings::consumer_idle_max`]). Not fatal to
+    /// the round: the next prune tries again.
+    async fn prune_consumers(&mut self) {
+        let interval = (self.settings.consumer_idle_max / 2)
+            .min(PRUNE_INTERVAL_MAX)
+            .max(self.settings.trim_interval);
+        if self.last_prune.is_some_and(|t| t.elapsed() < interval) {
+            return;
+        }
+        self.last_prune = Some(Instant::now());
+        let mut removed = 0;
+        for shard in 0..self.ledger.shards().count() {
+            match self
+                .ledger
+                .prune_consumers(
+                    shard,
+                    &self.settings.group,
+                    &self.settings.consumer,
+                    self.settings.consumer_idle_max,
+                )
+                .await
+            {
+                Ok(n) => removed += n,
+                Err(err) => {
+                    tracing::debug!(error = %err, shard, "could not prune idle consumers");
+                    return;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                idle_max_ms = self.settings.consumer_idle_max.as_millis() as u64,
+                "removed idle settler consumers with nothing pending from the group"
+            );
         }
     }
 
@@ -444,7 +582,7 @@ impl Settler {
                     };
                     let (committed, next) = tokio::join!(self.commit(&batch), async {
                         tokio::time::sleep(linger).await;
-                        read_batch(&self.ledger, &self.settings, &mut recovering).await
+                        read_batch(&self.ledger, &self.settings, &mut recovering, true).await
                     });
                     self.recovering = recovering;
                     // A failed read-ahead is only retried: the batch in hand is written.
@@ -491,6 +629,7 @@ impl Settler {
                 Err(err) => tracing::debug!(error = %err, "could not read the open-holds count"),
             }
             self.last_trim = Some(Instant::now());
+            self.prune_consumers().await;
         }
         Ok(settled)
     }
@@ -636,7 +775,7 @@ impl Settler {
     }
 
     async fn read(&mut self) -> Result<Batch, SettleError> {
-        read_batch(&self.ledger, &self.settings, &mut self.recovering).await
+        read_batch(&self.ledger, &self.settings, &mut self.recovering, true).await
     }
 
     /// Takes over entries other consumers left pending longer than the claim idle time.
@@ -826,18 +965,23 @@ fn text(v: &Value) -> Option<String> {
 }
 
 /// Reads up to a batch per shard: new entries, or this consumer's own pending entries on
-/// the shards still `recovering` (which stop recovering once those are all read).
+/// the shards still `recovering` (which stop recovering once those are all read). Without
+/// `new_entries`, only the shards still `recovering` are read.
 async fn read_batch(
     ledger: &Ledger,
     settings: &SettlerSettings,
     recovering: &mut [bool],
+    new_entries: bool,
 ) -> Result<Batch, SettleError> {
     let shards = ledger.shards();
     let mut pipe = redis::pipe();
     // The shards' epoch markers first, on the same connection: the entries below come from
     // the Redis that answered these.
     epoch_markers_cmd(ledger, &mut pipe);
-    for shard in 0..shards.count() {
+    let read: Vec<u16> = (0..shards.count())
+        .filter(|shard| new_entries || recovering[usize::from(*shard)])
+        .collect();
+    for &shard in &read {
         let from = if recovering[usize::from(shard)] {
             "0"
         } else {
@@ -867,8 +1011,7 @@ async fn read_batch(
     let epochs = replies.next().map(parse_epochs).unwrap_or_default();
     let mut batch = Vec::new();
     let mut unreadable = Vec::new();
-    for (shard, reply) in replies.enumerate() {
-        let shard = shard as u16;
+    for (&shard, reply) in read.iter().zip(replies) {
         // One stream was read: RESP2 answers `[[name, entries]]`, RESP3 (a url with
         // `protocol=resp3`) a map `{name: entries}`; nil when there was nothing.
         let entries = match reply {
