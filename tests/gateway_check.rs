@@ -569,6 +569,96 @@ async fn api_keys_are_hashed_bound_to_one_account_and_validated() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
 }
 
+/// RevokeApiKey moves the key's id out of its account's live key index
+/// (`{tg:S}:ks:<account>`, a hash of key id to created ms, which the keys-per-account cap
+/// counts) into the revoked one (`{tg:S}:kr:<account>`, scored by revocation ms); a repeat
+/// leaves it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_leaves_the_live_key_index_for_the_revoked_one() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let created = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "acme".into(),
+            name: "production".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    let mut con = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let records: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*:k:{}", created.key_id))
+        .query_async(&mut con)
+        .await
+        .expect("keys");
+    let [record] = &records[..] else {
+        panic!("one key record: {records:?}");
+    };
+    let tag = &record[..=record.find('}').expect("hash tag")];
+    let (live, revoked) = (format!("{tag}:ks:acme"), format!("{tag}:kr:acme"));
+    // Whether the live index lists the key, and its score in the revoked one.
+    async fn indexed(
+        con: &mut redis::aio::MultiplexedConnection,
+        live: &str,
+        revoked: &str,
+        key_id: &str,
+    ) -> (bool, Option<i64>) {
+        let is_live: bool = redis::cmd("HEXISTS")
+            .arg(live)
+            .arg(key_id)
+            .query_async(con)
+            .await
+            .expect("hexists");
+        let revoked_at: Option<i64> = redis::cmd("ZSCORE")
+            .arg(revoked)
+            .arg(key_id)
+            .query_async(con)
+            .await
+            .expect("zscore");
+        (is_live, revoked_at)
+    }
+    let key_id = created.key_id.clone();
+    assert_eq!(
+        indexed(&mut con, &live, &revoked, &key_id).await,
+        (true, None),
+        "a new key is live"
+    );
+
+    let out = admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: created.key_id.clone(),
+        })
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert!(!out.already_revoked);
+    assert_eq!(
+        indexed(&mut con, &live, &revoked, &key_id).await,
+        (false, Some(out.revoked_at_ms)),
+        "revoked: out of {live}, into {revoked}"
+    );
+
+    let again = admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: created.key_id.clone(),
+        })
+        .await
+        .expect("revoke again")
+        .into_inner();
+    assert!(again.already_revoked);
+    assert_eq!(
+        indexed(&mut con, &live, &revoked, &key_id).await,
+        (false, Some(out.revoked_at_ms))
+    );
+    server.stop().await;
+}
+
 /// CreateApiKey with an idempotency key: a retry makes no second key; it answers the first
 /// one (`replayed`, without its secret). The same idempotency key with another name, or a
 /// bad one, is INVALID_ARGUMENT naming the field, and makes nothing.

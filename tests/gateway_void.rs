@@ -16,7 +16,9 @@ use common::gateways::{http, seed, HttpResponse};
 use common::RedisServer;
 use tollgate::config::{Config, Overrides};
 use tollgate::ledger::event::{EventKind, LedgerEvent};
-use tollgate::ledger::{Authorize, ChargeRef, Clock, Debit, KeyRef, Metadata, OnExpiry, Voided};
+use tollgate::ledger::{
+    Authorize, ChargeRef, Clock, Debit, KeyRef, Metadata, OnExpiry, Refund, Voided,
+};
 
 /// How long Redis holds writes: well past the call and check deadlines below.
 const PAUSE_MS: u64 = 1_500;
@@ -431,4 +433,48 @@ async fn a_void_refunds_once_and_only_its_own_charge() {
         .await
         .expect("void");
     assert_eq!(out.voided, Voided::Nothing("unknown_key".into()));
+}
+
+/// A void of a debit an admin already refunded in full does nothing (lua/void.lua: nothing
+/// left to refund is `Nothing("refunded")`): no refund event of 0 credits, and the
+/// request's idempotency record stays, so its retry replays rather than being charged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_of_a_fully_refunded_debit_does_nothing() {
+    let redis = RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    ledger
+        .grant(&common::purchase("void-refunded", 50, "g1"))
+        .await
+        .expect("grant");
+    let req = debit("void-refunded", "req-1", 5);
+    let charged = ledger.debit(&req).await.expect("debit");
+    ledger
+        .refund(&Refund {
+            charge_id: charged.event_id.clone(),
+            amount: 5,
+            idempotency_key: "rf-1".into(),
+            metadata: Metadata::new(),
+        })
+        .await
+        .expect("refund");
+    let before = common::outbox_events(&ledger).await.len();
+
+    let out = ledger
+        .void(ChargeRef::Debit(&req), None, "void-1", &void_metadata())
+        .await
+        .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("refunded".into()));
+    let events = common::outbox_events(&ledger).await;
+    assert_eq!(events.len(), before, "no event: {:?}", events.last());
+    let b = &ledger
+        .balance("void-refunded", "default")
+        .await
+        .expect("balance")[0];
+    assert_eq!((b.available, b.used, b.refunded), (50, 5, 5));
+    let again = ledger.debit(&req).await.expect("retry");
+    assert!(
+        again.replayed,
+        "the retry replays the refunded charge: {again:?}"
+    );
+    assert_eq!(again.event_id, charged.event_id);
 }

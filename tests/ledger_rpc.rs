@@ -2697,6 +2697,36 @@ async fn a_lot_expires_lazily_on_the_next_touch() {
     assert_eq!(env.outbox_len().await, len);
 }
 
+/// A lot is expired from its `expires_at_ms` on, not only after it (lib.lua `settle_due`
+/// runs when the wallet's next due time is at most now: `W.d > NOW` skips it): a charge at
+/// exactly that ms draws nothing from it and sees only the lot that never expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lot_is_expired_at_its_exact_expiry_ms() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "acct-lot-edge";
+    env.grant(pb::GrantRequest {
+        expires_at_ms: T0 + 10_000,
+        ..grant_req(acct, 100, "g1")
+    })
+    .await
+    .expect("grant expiring");
+    env.grant(grant_req(acct, 50, "g2"))
+        .await
+        .expect("grant never");
+    now.store(T0 + 10_000, SeqCst);
+    let err = env.debit(debit_req(acct, 60, "d1")).await.unwrap_err();
+    assert_refused(
+        &err,
+        "INSUFFICIENT_CREDITS",
+        &[("required", "60"), ("available", "50")],
+    );
+    let events = env.events(acct).await;
+    let e = events.last().expect("event");
+    assert_eq!(e.kind, EventKind::ExpireLot, "{events:#?}");
+    assert_eq!((e.amount, e.created_at_ms), (100, T0 + 10_000));
+}
+
 /// An overdue hold whose record is gone (deleted by hand) does not make its wallet fail:
 /// its id leaves the deadline index and its credits stay held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2880,6 +2910,33 @@ async fn overdue_holds_end_lazily_by_their_policy() {
     assert_eq!((f.refunded, f.available, f.expired), (10, 10, 0));
 }
 
+/// A hold is over at exactly its deadline (lib.lua `end_overdue_holds` takes the holds
+/// whose deadline is at most now): a charge at that ms sees its credits back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_is_over_at_its_exact_deadline() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "acct-hold-edge";
+    env.grant(grant_req(acct, 100, "g")).await.expect("grant");
+    env.authorize(pb::AuthorizeRequest {
+        on_expiry: "release".into(),
+        ..hold_req(acct, 40, 5_000, "h")
+    })
+    .await
+    .expect("hold");
+    now.store(T0 + 5_000, SeqCst);
+    let d = env
+        .debit(debit_req(acct, 100, "d"))
+        .await
+        .expect("the hold ended at its deadline: all 100 are available");
+    assert_eq!((d.available, d.held), (0, 0));
+    let kinds: Vec<EventKind> = env.events(acct).await.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds[kinds.len() - 2..],
+        [EventKind::ExpireHold, EventKind::Debit]
+    );
+}
+
 /// A wallet with more overdue holds than one call ends (lib.lua `DUE_HOLDS_MAX`, 256): a
 /// capture of one the call did not reach still finds it ended by its policy, never
 /// captured past its deadline.
@@ -2997,6 +3054,23 @@ async fn charges_and_balances_see_every_overdue_hold_past_one_batch_ended() {
     );
 }
 
+/// ListLots, like GetBalance, ends every overdue hold first, past one call's batch (lots.lua
+/// loops on `settle_more`): the lot they held holds nothing any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_lots_sees_every_overdue_hold_past_one_batch_ended() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "backlog-lots";
+    env.grant(grant_req(acct, 1_000, "g1"))
+        .await
+        .expect("grant");
+    overdue_release_holds(&env, acct, 300).await;
+    now.store(T0 + 10_000, SeqCst);
+    let lots = env.lots(acct, "default").await;
+    assert_eq!(lots.len(), 1, "{lots:?}");
+    assert_eq!((lots[0].remaining, lots[0].held), (1_000, 0), "{lots:?}");
+}
+
 /// Past the most overdue holds one call ends (lib.lua `DUE_HOLDS_CALL_MAX`, 512), a
 /// charge they would refuse is not decided: UNAVAILABLE with EXPIRY_BACKLOG, nothing
 /// recorded, the holds it reached ended; the retry, with the rest ended, is decided.
@@ -3106,6 +3180,47 @@ async fn the_sweeper_ends_due_lots_and_holds_of_idle_wallets() {
         len,
         "already settled by the sweeper"
     );
+}
+
+/// The sweeper ends a lot and a hold due exactly now, as a touch would (sweep.lua visits
+/// a wallet whose next due time is at most now: `W.d <= NOW`). The clock stands still at
+/// that ms, so no later round can make up for a miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_ends_what_is_due_at_this_exact_ms() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start(clock, |c| c.ledger.sweep_interval_ms = 50).await;
+    env.grant(pb::GrantRequest {
+        expires_at_ms: T0 + 5_000,
+        ..grant_req("edge-lot", 100, "g1")
+    })
+    .await
+    .expect("grant");
+    env.grant(grant_req("edge-hold", 100, "g1"))
+        .await
+        .expect("grant");
+    env.authorize(hold_req("edge-hold", 60, 5_000, "h1"))
+        .await
+        .expect("hold");
+    now.store(T0 + 5_000, SeqCst);
+    // Only the outbox is read: GetBalance would touch the wallets.
+    let deadline = Instant::now() + POLL_DEADLINE;
+    loop {
+        let events = outbox_events(env.ledger()).await;
+        let lot_done = events
+            .iter()
+            .any(|e| e.account_id == "edge-lot" && e.kind == EventKind::ExpireLot);
+        let hold_done = events
+            .iter()
+            .any(|e| e.account_id == "edge-hold" && e.kind == EventKind::ExpireHold);
+        if lot_done && hold_done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sweeper did not end the lot and hold due this ms: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// One sweep call ends at most its work bound (lots expired plus holds ended, over every
@@ -3499,6 +3614,28 @@ async fn refunds_follow_the_expiry_of_the_charged_lot() {
     assert_eq!(refunds[2].lots, vec![piece(4, 30, 60, 0)]);
     assert_eq!(refunds[2].extra, "10");
     assert_eq!(refunds[2].charge_id, c2.charge_id);
+}
+
+/// A refund into a lot whose expiry is exactly now expires at once (lib.lua
+/// `refund_charge`: `exp <= NOW`), as a grant expiring now is refused as in the past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_into_a_lot_expiring_this_ms_expires_at_once() {
+    let (clock, now) = Clock::manual(T0);
+    let env = Env::start_lazy(clock).await;
+    let acct = "acct-refund-edge";
+    env.grant(pb::GrantRequest {
+        expires_at_ms: T0 + 10_000,
+        ..grant_req(acct, 100, "g1")
+    })
+    .await
+    .expect("grant expiring");
+    let d = env.debit(debit_req(acct, 30, "d1")).await.expect("debit");
+    now.store(T0 + 10_000, SeqCst);
+    let r = env
+        .refund(refund_req(&d.charge_id, 30, "r1"))
+        .await
+        .expect("refund");
+    assert_eq!((r.expired, r.available), (30, 0), "{r:?}");
 }
 
 /// A refund whose credits all go to expired lots leaves the balance where it is, so the

@@ -365,6 +365,40 @@ async fn counters_after_a_scripted_workload() {
         );
     }
 
+    // A hold that ends by expiry lowers the open-holds gauge as a capture or a release does
+    // (the store's count, src/settle/store.rs `holds_delta`): bob's 1-ms hold is overdue at
+    // once and GetBalance ends it; h3 stays the one open hold.
+    metering
+        .authorize(pb::AuthorizeRequest {
+            on_expiry: "release".into(),
+            ttl_ms: 1,
+            ..authorize("bob", 2, "h4")
+        })
+        .await
+        .expect("short hold");
+    common::eventually(DEADLINE, "the short hold expired", || async {
+        let held = metering
+            .clone()
+            .get_balance(pb::GetBalanceRequest {
+                account_id: "bob".into(),
+                wallet: "default".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("balance")
+            .into_inner()
+            .wallets[0]
+            .held;
+        (held == 5).then_some(())
+    })
+    .await;
+    let text = common::eventually(DEADLINE, "the hold and its expiry settled", || async {
+        let text = scrape(&server).await;
+        (prom::value(&text, "tollgate_settled_events_total", &[]) == 19.0).then_some(text)
+    })
+    .await;
+    assert_eq!(prom::value(&text, "tollgate_holds_active", &[]), 1.0);
+
     // Gateway checks through forward-auth: one allowed (charged 1+10), one without a key.
     let key = admin
         .create_api_key(pb::CreateApiKeyRequest {
