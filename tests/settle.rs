@@ -1917,7 +1917,10 @@ async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
         let degraded = json["degraded"]
             .as_array()
             .is_some_and(|d| d.iter().any(|v| v == "outbox_lag"));
-        if degraded && lag > 0.3 {
+        // The settler's writes fail meanwhile (counted once one was tried: the outage
+        // lasts until then, however slow the machine).
+        let failed = metric(&metrics, "tollgate_store_errors_total") >= 1.0;
+        if degraded && lag > 0.3 && failed {
             assert_eq!(
                 (code, &json["ready"]),
                 (200, &serde_json::json!(true)),
@@ -1927,7 +1930,7 @@ async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
         }
         assert!(
             Instant::now() < deadline,
-            "readiness never reported the lag: {body}"
+            "readiness never reported the lag, or no store error was counted: {body}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
