@@ -3109,44 +3109,54 @@ async fn a_charge_that_overdue_holds_past_the_calls_bound_decide_is_retried_not_
     assert_eq!(b, wallet("default", [0, 0, 600, 600, 0, 0, 0]));
 }
 
+/// Grants `<name>-lot` 100 credits expiring at T0 + 5 s and holds 60 of `<name>-hold`'s
+/// 100 for 5 s, sets the clock to `at_ms` and waits until the sweeper has ended both
+/// (only the outbox is read: GetBalance would touch the wallets). Returns the outbox and
+/// the hold's id.
+async fn swept_at(
+    env: &Env,
+    now: &std::sync::atomic::AtomicI64,
+    name: &str,
+    at_ms: i64,
+) -> (Vec<LedgerEvent>, String) {
+    let (lot, hold) = (format!("{name}-lot"), format!("{name}-hold"));
+    env.grant(pb::GrantRequest {
+        expires_at_ms: T0 + 5_000,
+        ..grant_req(&lot, 100, "g1")
+    })
+    .await
+    .expect("grant");
+    env.grant(grant_req(&hold, 100, "g1")).await.expect("grant");
+    let h = env
+        .authorize(hold_req(&hold, 60, 5_000, "h1"))
+        .await
+        .expect("hold");
+    now.store(at_ms, SeqCst);
+    let deadline = Instant::now() + POLL_DEADLINE;
+    loop {
+        let events = outbox_events(env.ledger()).await;
+        let lot_done = events
+            .iter()
+            .any(|e| e.account_id == lot && e.kind == EventKind::ExpireLot);
+        let hold_done = events
+            .iter()
+            .any(|e| e.account_id == hold && e.kind == EventKind::ExpireHold);
+        if lot_done && hold_done {
+            return (events, h.hold_id);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sweeper did not end the lot and hold due at {at_ms}: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_ends_due_lots_and_holds_of_idle_wallets() {
     let (clock, now) = Clock::manual(T0);
     let env = Env::start(clock, |c| c.ledger.sweep_interval_ms = 50).await;
-    env.grant(pb::GrantRequest {
-        expires_at_ms: T0 + 5_000,
-        ..grant_req("idle-lot", 100, "g1")
-    })
-    .await
-    .expect("grant");
-    env.grant(grant_req("idle-hold", 100, "g1"))
-        .await
-        .expect("grant");
-    let h = env
-        .authorize(hold_req("idle-hold", 60, 5_000, "h1"))
-        .await
-        .expect("hold");
-
-    now.store(T0 + 10_000, SeqCst);
-    // Only the outbox is read: GetBalance would touch the wallets.
-    let deadline = Instant::now() + POLL_DEADLINE;
-    let events = loop {
-        let events = outbox_events(env.ledger()).await;
-        let lot_done = events
-            .iter()
-            .any(|e| e.account_id == "idle-lot" && e.kind == EventKind::ExpireLot);
-        let hold_done = events
-            .iter()
-            .any(|e| e.account_id == "idle-hold" && e.kind == EventKind::ExpireHold);
-        if lot_done && hold_done {
-            break events;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sweeper did not end the due lot and hold: {events:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (events, hold_id) = swept_at(&env, &now, "idle", T0 + 10_000).await;
     let expired: Vec<&LedgerEvent> = events
         .iter()
         .filter(|e| e.kind == EventKind::ExpireLot)
@@ -3161,7 +3171,7 @@ async fn the_sweeper_ends_due_lots_and_holds_of_idle_wallets() {
         .filter(|e| e.kind == EventKind::ExpireHold)
         .collect();
     assert_eq!(ended.len(), 1, "{events:#?}");
-    assert_eq!(ended[0].hold_id, h.hold_id);
+    assert_eq!(ended[0].hold_id, hold_id);
     assert_eq!(ended[0].amount, 60);
     assert_eq!((ended[0].available_after, ended[0].held_after), (100, 0));
     assert_eq!(ended[0].created_at_ms, T0 + 10_000);
@@ -3189,38 +3199,7 @@ async fn the_sweeper_ends_due_lots_and_holds_of_idle_wallets() {
 async fn the_sweeper_ends_what_is_due_at_this_exact_ms() {
     let (clock, now) = Clock::manual(T0);
     let env = Env::start(clock, |c| c.ledger.sweep_interval_ms = 50).await;
-    env.grant(pb::GrantRequest {
-        expires_at_ms: T0 + 5_000,
-        ..grant_req("edge-lot", 100, "g1")
-    })
-    .await
-    .expect("grant");
-    env.grant(grant_req("edge-hold", 100, "g1"))
-        .await
-        .expect("grant");
-    env.authorize(hold_req("edge-hold", 60, 5_000, "h1"))
-        .await
-        .expect("hold");
-    now.store(T0 + 5_000, SeqCst);
-    // Only the outbox is read: GetBalance would touch the wallets.
-    let deadline = Instant::now() + POLL_DEADLINE;
-    loop {
-        let events = outbox_events(env.ledger()).await;
-        let lot_done = events
-            .iter()
-            .any(|e| e.account_id == "edge-lot" && e.kind == EventKind::ExpireLot);
-        let hold_done = events
-            .iter()
-            .any(|e| e.account_id == "edge-hold" && e.kind == EventKind::ExpireHold);
-        if lot_done && hold_done {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sweeper did not end the lot and hold due this ms: {events:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    swept_at(&env, &now, "edge", T0 + 5_000).await;
 }
 
 /// One sweep call ends at most its work bound (lots expired plus holds ended, over every

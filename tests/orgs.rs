@@ -2278,13 +2278,12 @@ async fn a_window_budget_refuses_a_utc_offset_and_keeps_its_spend() {
         .expect("a day budget at UTC+1");
 }
 
-/// An allocation on a new org wallet counts against the per-account wallet cap and joins
-/// the org's wallet set, as a budget does: past the cap it is refused WALLET_LIMIT, and
-/// within it GetBalance shows the wallet and the member's allocation of it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_allocation_on_a_new_wallet_is_within_the_wallet_cap_and_shown() {
-    use tollgate::ledger::org::AllocationChange;
-    use tollgate::ledger::{LedgerError, Refusal};
+/// Org "acme" (owner olivia, member carol) with 1,000 credits in its first wallet, on a
+/// ledger whose wallet cap is 2, at a fixed time.
+async fn capped_org() -> (
+    common::RedisServer,
+    std::sync::Arc<tollgate::ledger::Ledger>,
+) {
     let redis = common::RedisServer::start();
     let mut config = common::test_config(&redis.url());
     config.ledger.wallets_per_account_max = 2;
@@ -2300,6 +2299,17 @@ async fn an_allocation_on_a_new_wallet_is_within_the_wallet_cap_and_shown() {
         .add_member("acme", "olivia", "carol", "member", "m")
         .await
         .expect("member");
+    (redis, ledger)
+}
+
+/// An allocation on a new org wallet counts against the per-account wallet cap and joins
+/// the org's wallet set, as a budget does: past the cap it is refused WALLET_LIMIT, and
+/// within it GetBalance shows the wallet and the member's allocation of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_on_a_new_wallet_is_within_the_wallet_cap_and_shown() {
+    use tollgate::ledger::org::AllocationChange;
+    use tollgate::ledger::{LedgerError, Refusal};
+    let (_redis, ledger) = capped_org().await;
     let allocate = |wallet: &'static str, change: AllocationChange, key: &'static str| {
         let ledger = ledger.clone();
         async move {
@@ -3774,21 +3784,7 @@ async fn the_key_cap_counts_live_keys_only() {
 async fn allocations_and_budgets_keep_an_org_wallet_in_a_full_wallet_set() {
     use tollgate::ledger::org::{AllocationChange, BudgetPeriod, SetBudget};
     use tollgate::ledger::{LedgerError, Refusal};
-    let redis = common::RedisServer::start();
-    let mut config = common::test_config(&redis.url());
-    config.ledger.wallets_per_account_max = 2;
-    let (clock, _) = Clock::manual(1_800_000_000_000);
-    let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
-    common::initialize_blocking(&ledger, &redis.url());
-    ledger.create_org("acme", "olivia", "c").await.expect("org");
-    ledger
-        .grant(&common::purchase("acme", 1_000, "g"))
-        .await
-        .expect("grant");
-    ledger
-        .add_member("acme", "olivia", "carol", "member", "m")
-        .await
-        .expect("member");
+    let (_redis, ledger) = capped_org().await;
     let allocate = |wallet: &'static str, amount: i64, key: &'static str| {
         let ledger = ledger.clone();
         async move {
