@@ -449,21 +449,17 @@ impl Settler {
                 ),
             }
         }
+        // Where it is kept (entries pending), nothing more to do here.
         let removing = async {
-            let mut kept = 0;
             for shard in 0..self.ledger.shards().count() {
-                if !self
-                    .ledger
+                self.ledger
                     .remove_consumer(shard, &self.settings.group, &self.settings.consumer)
-                    .await?
-                {
-                    kept += 1;
-                }
+                    .await?;
             }
-            Ok::<_, LedgerError>(kept)
+            Ok::<_, LedgerError>(())
         };
         match tokio::time::timeout(LEAVE_REMOVE_GRACE, removing).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "could not remove this settler's consumer from the group; the other settlers' prune will")
             }
