@@ -136,6 +136,98 @@ pub fn url_for_logs(url: &str) -> String {
     format!("{scheme}://{rest}")
 }
 
+/// A secret as `Debug` shows it: whether it is set, never its value.
+pub fn redacted(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        "***"
+    }
+}
+
+// The sections holding secrets (tokens, shared secrets, URLs that may carry a password)
+// print them redacted: a `{:?}` of the config in a log line or a panic message must not
+// leak one.
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &url_for_logs(&self.url))
+            .field("connections", &self.connections)
+            .field("call_timeout_ms", &self.call_timeout_ms)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout_ms", &self.wait_timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("admin_token", &redacted(&self.admin_token))
+            .field("service_token", &redacted(&self.service_token))
+            .field(
+                "admin_token_previous",
+                &redacted(&self.admin_token_previous),
+            )
+            .field(
+                "service_token_previous",
+                &redacted(&self.service_token_previous),
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &url_for_logs(&self.url))
+            .field("connections", &self.connections)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("api_key_headers", &self.api_key_headers)
+            .field("shared_secret", &redacted(&self.shared_secret))
+            .field(
+                "shared_secret_previous",
+                &redacted(&self.shared_secret_previous),
+            )
+            .field("shared_secret_header", &self.shared_secret_header)
+            .field("check_timeout_ms", &self.check_timeout_ms)
+            .field("identity_cache_ttl_ms", &self.identity_cache_ttl_ms)
+            .field(
+                "identity_cache_entries_max",
+                &self.identity_cache_entries_max,
+            )
+            .field("keys_per_account_max", &self.keys_per_account_max)
+            .field(
+                "revoked_key_retention_secs",
+                &self.revoked_key_retention_secs,
+            )
+            .field("spool_path", &self.spool_path)
+            .field("request_id_replay", &self.request_id_replay)
+            .field("allow_encoded_slashes", &self.allow_encoded_slashes)
+            .field("method_override", &self.method_override)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = |u: &Option<String>| u.as_deref().map(url_for_logs);
+        f.debug_struct("Overrides")
+            .field("redis_url", &url(&self.redis_url))
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .field("store_url", &url(&self.store_url))
+            .finish()
+    }
+}
+
 /// Half of the CPUs this process may use, at least one.
 pub fn default_worker_threads() -> usize {
     std::thread::available_parallelism()
@@ -159,7 +251,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port/db`.
@@ -193,7 +285,7 @@ impl Default for RedisConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Bearer token of the Admin service (and accepted by Metering).
@@ -261,7 +353,7 @@ impl Default for LedgerConfig {
 }
 
 /// The gateway front doors: Envoy ext_authz, forward-auth, access-log settlement.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Request headers an API key is read from, first present wins; `authorization`
@@ -329,7 +421,7 @@ impl Default for GatewayConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// `postgres://…` or `sqlite://PATH`.
@@ -431,7 +523,7 @@ impl std::fmt::Display for ConfigError {
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 /// Settings given on the command line, applied last.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Clone, Default, PartialEq)]
 pub struct Overrides {
     pub redis_url: Option<String>,
     pub grpc_addr: Option<String>,
@@ -1434,6 +1526,52 @@ mod tests {
         assert_eq!(c.wait_replicas(), None);
         assert_eq!(c.auth.admin_token, "a");
         assert_eq!(c.redis.url, "redis://flag:2");
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let text = r#"
+            [redis]
+            url = "redis://:redispass@r:6379/0"
+            [store]
+            url = "postgres://u:storepass@db/x?sslpassword=sslpass"
+            [auth]
+            admin_token = "admintok"
+            admin_token_previous = "oldadmintok"
+            service_token = "servicetok"
+            service_token_previous = "oldservicetok"
+            [gateway]
+            shared_secret = "gwsecret"
+            shared_secret_previous = "oldgwsecret"
+            [webhooks]
+            url = "https://hooks.example/x?token=hooktok"
+            secret = "hooksecret"
+            secret_previous = "oldhooksecret"
+        "#;
+        let flags = Overrides {
+            store_url: Some("postgres://u:flagpass@db/x".into()),
+            ..Default::default()
+        };
+        let c = Config::from_toml(text, Vec::new(), &flags).unwrap();
+        assert_eq!(c.gateway.shared_secret, "gwsecret");
+        let shown = format!("{c:?} {:?}", c.overrides);
+        for secret in [
+            "redispass",
+            "storepass",
+            "sslpass",
+            "admintok",
+            "servicetok",
+            "gwsecret",
+            "hooktok",
+            "hooksecret",
+            "flagpass",
+        ] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        // What is not secret still shows, and a set secret shows as set.
+        assert!(shown.contains("redis://r:6379/0"), "{shown}");
+        assert!(shown.contains("shared_secret: \"***\""), "{shown}");
+        assert!(shown.contains("admin_token_previous: \"***\""), "{shown}");
     }
 
     #[test]

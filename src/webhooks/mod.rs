@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config::{redacted, ConfigError};
 pub use rules::{Rules, Threshold, WebhookType};
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -95,16 +95,9 @@ impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookConfig")
             // Neither: a webhook URL may carry a token too.
-            .field("url", &if self.url.is_empty() { "" } else { "***" })
-            .field("secret", &if self.secret.is_empty() { "" } else { "***" })
-            .field(
-                "secret_previous",
-                &if self.secret_previous.is_empty() {
-                    ""
-                } else {
-                    "***"
-                },
-            )
+            .field("url", &redacted(&self.url))
+            .field("secret", &redacted(&self.secret))
+            .field("secret_previous", &redacted(&self.secret_previous))
             .field("events", &self.events)
             .field("low_balance", &self.low_balance)
             .field("low_balance_percent", &self.low_balance_percent)
