@@ -2472,3 +2472,145 @@ async fn a_restore_does_not_bring_back_the_record_of_a_voided_charge() {
     );
     assert_eq!(available(&ledger, "voided").await, Ok(1000 - 30 - 30 - 50));
 }
+
+/// What the Admin and Metering APIs say of `account`'s keys: GetBalance by each key id
+/// (the account, or the refusal's code and reason) and ListApiKeys (id, revoked ms).
+async fn key_answers(
+    server: &common::TestServer,
+    account: &str,
+    key_ids: &[&str],
+) -> (Vec<String>, Vec<(String, i64)>) {
+    let mut metering = server.metering().await;
+    let mut admin = server.admin().await;
+    let mut answers = Vec::new();
+    for key_id in key_ids {
+        let answer = metering
+            .get_balance(pb::GetBalanceRequest {
+                key_id: (*key_id).into(),
+                ..Default::default()
+            })
+            .await;
+        answers.push(match answer {
+            Ok(b) => format!("{key_id}: {}", b.into_inner().account_id),
+            Err(s) => format!(
+                "{key_id}: {:?} {}",
+                s.code(),
+                s.get_details_error_info()
+                    .map(|i| i.reason)
+                    .unwrap_or_default()
+            ),
+        });
+    }
+    let mut listed: Vec<(String, i64)> = admin
+        .list_api_keys(pb::ListApiKeysRequest {
+            account_id: account.into(),
+        })
+        .await
+        .expect("list keys")
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| (k.key_id, k.revoked_at_ms))
+        .collect();
+    listed.sort();
+    (answers, listed)
+}
+
+/// Live Redis drops a key revoked longer ago than `gateway.revoked_key_retention_secs`
+/// (gateway/lua/key_prune.lua, at the account's next key change): it answers as unknown
+/// and is no longer listed. The store keeps it; a restore leaves it out as of its own
+/// clock, instead of bringing it back revoked (403 where it was 401), listed and taking
+/// memory again. A key revoked within the retention comes back revoked, a live one live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_leaves_out_keys_revoked_longer_ago_than_the_retention() {
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    const DAY_MS: i64 = 86_400_000;
+    let redis = common::RedisServer::start();
+    // The ledger's clock starts 10 days back: the first key is revoked then.
+    let (clock, now) = Clock::manual(tollgate::ledger::wall_clock_ms() - 10 * DAY_MS);
+    let mut config = common::test_config(&redis.url());
+    config.gateway.revoked_key_retention_secs = 2 * 86_400;
+    let store_url = config.store.url.clone();
+    let server = common::TestServer::start(config, clock).await;
+    let store = Arc::new(Store::connect_lazy(&store_url, 2).expect("store"));
+    let mut admin = server.admin().await;
+    server
+        .ledger
+        .grant(&common::purchase("carol", 100, "g"))
+        .await
+        .expect("grant");
+    let personal = |name: &str| pb::CreateApiKeyRequest {
+        account_id: "carol".into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let rotated = admin
+        .create_api_key(personal("rotated"))
+        .await
+        .expect("create")
+        .into_inner();
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: rotated.key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    // Now: the next key change drops the one revoked 10 days ago.
+    now.store(tollgate::ledger::wall_clock_ms(), Ordering::SeqCst);
+    let live = admin
+        .create_api_key(personal("live"))
+        .await
+        .expect("create")
+        .into_inner();
+    let recent = admin
+        .create_api_key(personal("recent"))
+        .await
+        .expect("create")
+        .into_inner();
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: recent.key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    let ids = [
+        rotated.key_id.as_str(),
+        live.key_id.as_str(),
+        recent.key_id.as_str(),
+    ];
+    let before = key_answers(&server, "carol", &ids).await;
+    assert_eq!(
+        before.0,
+        [
+            format!("{}: NotFound ", rotated.key_id),
+            format!("{}: carol", live.key_id),
+            format!("{}: FailedPrecondition KEY_REVOKED", recent.key_id),
+        ],
+        "live Redis dropped the key revoked past the retention"
+    );
+    assert_eq!(before.1.len(), 2, "{before:?}");
+    // The store has all three (CreateApiKey saves in the background), both revocations.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let stored = store.api_keys().await.expect("stored keys");
+        if stored.iter().filter(|k| k.revoked_at_ms > 0).count() == 2 && stored.len() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "keys not saved: {stored:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    settle_then_lose_redis(&redis, &server.ledger, &store, "carol").await;
+    let report = restore(
+        server.ledger.clone(),
+        store.clone(),
+        RestoreMode::Lost,
+        |_, _| {},
+    )
+    .await
+    .expect("restore");
+    assert_eq!(key_answers(&server, "carol", &ids).await, before);
+    assert_eq!((report.api_keys, report.api_keys_dropped), (2, 1));
+    server.stop().await;
+}

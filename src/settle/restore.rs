@@ -292,6 +292,9 @@ impl ShardReport {
 pub struct RestoreReport {
     pub shards: Vec<ShardReport>,
     pub api_keys: usize,
+    /// Keys the store has that were revoked longer ago than
+    /// `gateway.revoked_key_retention_secs`: not written (live Redis drops them).
+    pub api_keys_dropped: usize,
     pub elapsed: Duration,
 }
 
@@ -311,6 +314,14 @@ impl RestoreReport {
         } else {
             String::new()
         };
+        let keys_dropped = if self.api_keys_dropped > 0 {
+            format!(
+                " ({} revoked longer ago than gateway.revoked_key_retention_secs left out)",
+                self.api_keys_dropped
+            )
+        } else {
+            String::new()
+        };
         let left_alone = if skipped > 0 {
             format!("left {skipped} shards alone (they already served)\n")
         } else {
@@ -318,7 +329,7 @@ impl RestoreReport {
         };
         format!(
             "{left_alone}restored {} shards: {wallets} wallets from {events} ledger events, {holds} open holds, \
-             {records} idempotency records, {} API keys{keys_revoked} in {:.1} s\n\
+             {records} idempotency records, {} API keys{keys_revoked}{keys_dropped} in {:.1} s\n\
              not restored: refusals (a replayed refused request is evaluated again); idempotency \
              records of captures, releases, negative adjustments and of org operations whose \
              events do not name their actor (settled before events carried it) (retried, they \
@@ -2054,7 +2065,9 @@ async fn restore_under(
             store.save_api_key(key).await?;
             shard_report.api_keys_revoked += 1;
         }
-        report.api_keys += write_api_keys(ledger, keys).await?;
+        let (written, dropped) = write_api_keys(ledger, keys, now).await?;
+        report.api_keys += written;
+        report.api_keys_dropped += dropped;
         let finished: i64 = ledger
             .redis()
             .query(
@@ -2077,7 +2090,9 @@ async fn restore_under(
     }
     // The shards left alone get the keys the store knows too (fields set again).
     for (_, keys) in api_keys {
-        report.api_keys += write_api_keys(ledger, keys).await?;
+        let (written, dropped) = write_api_keys(ledger, keys, now).await?;
+        report.api_keys += written;
+        report.api_keys_dropped += dropped;
     }
     report.elapsed = started.elapsed();
     Ok(report)
@@ -2159,11 +2174,29 @@ const INDEX_KEY_LUA: &str = "local r = redis.call('HGET', KEYS[1], 'r') \
     else redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end return 0";
 
 /// API keys, from the durable ledger's key table (hashes only), as the gateway's
-/// key_create / key_revoke scripts keep them.
-async fn write_api_keys(ledger: &Ledger, keys: Vec<ApiKeyRecord>) -> Result<usize, RestoreError> {
+/// key_create / key_revoke scripts keep them, but for keys revoked at or before `now` −
+/// `gateway.revoked_key_retention_secs`: live Redis drops those (gateway/lua/key_prune.lua,
+/// same cut-off), so written back they would answer revoked (403) instead of unknown
+/// (401), be listed again and take memory again. Answers (keys written, keys left out).
+async fn write_api_keys(
+    ledger: &Ledger,
+    keys: Vec<ApiKeyRecord>,
+    now: i64,
+) -> Result<(usize, usize), RestoreError> {
+    let retention_ms =
+        i64::try_from(ledger.settings().revoked_key_retention.as_millis()).unwrap_or(i64::MAX);
     let mut pipe = redis::pipe();
     let mut restored = 0;
+    let mut dropped = 0;
     for key in keys {
+        // As key_prune.lua: a retention that is not positive drops nothing.
+        if retention_ms > 0
+            && key.revoked_at_ms > 0
+            && key.revoked_at_ms <= now.saturating_sub(retention_ms)
+        {
+            dropped += 1;
+            continue;
+        }
         let Some(shard) = shard_of_key_id(&key.key_id, ledger.shards()) else {
             continue;
         };
@@ -2207,7 +2240,7 @@ async fn write_api_keys(ledger: &Ledger, keys: Vec<ApiKeyRecord>) -> Result<usiz
     if restored % RECORDS_PER_PIPELINE != 0 {
         let _: () = ledger.redis().pipeline(&pipe).await?;
     }
-    Ok(restored)
+    Ok((restored, dropped))
 }
 
 #[cfg(test)]
