@@ -2614,3 +2614,227 @@ async fn a_restore_leaves_out_keys_revoked_longer_ago_than_the_retention() {
     assert_eq!((report.api_keys, report.api_keys_dropped), (2, 1));
     server.stop().await;
 }
+
+/// GetBalance of `account`: every listed wallet (the account-wide listing, the wallet
+/// set), then each of `by_name` read by name.
+async fn wallet_answers(
+    server: &common::TestServer,
+    account: &str,
+    by_name: &[&str],
+) -> (Vec<pb::WalletBalance>, Vec<pb::WalletBalance>) {
+    let metering = server.metering().await;
+    let read = |wallet: &str| {
+        let request = pb::GetBalanceRequest {
+            account_id: account.into(),
+            wallet: wallet.into(),
+            ..Default::default()
+        };
+        let mut metering = metering.clone();
+        async move {
+            metering
+                .get_balance(request)
+                .await
+                .expect("balance")
+                .into_inner()
+                .wallets
+        }
+    };
+    let mut listed = read("").await;
+    listed.sort_by(|a, b| a.wallet.cmp(&b.wallet));
+    let mut named = Vec::new();
+    for wallet in by_name {
+        named.extend(read(wallet).await);
+    }
+    (listed, named)
+}
+
+/// The wallet cap counts live wallets (docs/ARCHITECTURE.md, "Wallet cap"): a grant to a
+/// new wallet at the cap drops the dead ones from the account's wallet set. A restore
+/// gives back every wallet's totals, readable by name, and the same cap: the next new
+/// wallet is refused as before. It does not know which wallets live Redis dropped, so it
+/// lists a dead one again until a new wallet at the cap drops it again (as documented).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_gives_back_the_wallet_set_with_dead_wallets_not_counted() {
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.ledger.wallets_per_account_max = 2;
+    let store_url = config.store.url.clone();
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let store = Arc::new(Store::connect_lazy(&store_url, 2).expect("store"));
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    let grant = |wallet: &str| pb::GrantRequest {
+        account_id: "periods".into(),
+        wallet: wallet.into(),
+        amount: 10,
+        idempotency_key: format!("g-{wallet}"),
+        ..Default::default()
+    };
+    // "2026-10" is spent out (dead); "2026-12" takes its place at the cap of 2.
+    admin.grant(grant("2026-10")).await.expect("grant");
+    metering
+        .debit(pb::DebitRequest {
+            account_id: "periods".into(),
+            wallet: "2026-10".into(),
+            amount: 10,
+            idempotency_key: "spent".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("debit");
+    admin.grant(grant("2026-11")).await.expect("grant");
+    admin.grant(grant("2026-12")).await.expect("room made");
+    let names = ["2026-10", "2026-11", "2026-12"];
+    let before = wallet_answers(&server, "periods", &names).await;
+    assert_eq!(
+        before
+            .0
+            .iter()
+            .map(|w| w.wallet.as_str())
+            .collect::<Vec<_>>(),
+        ["2026-11", "2026-12"]
+    );
+    assert_eq!(before.1.len(), 3, "{before:?}");
+    let at_cap = |status: tonic::Status| {
+        status
+            .get_details_error_info()
+            .map(|i| i.reason)
+            .unwrap_or_default()
+    };
+    let refused = admin.grant(grant("2027-01")).await.expect_err("at the cap");
+    assert_eq!(at_cap(refused), "WALLET_LIMIT");
+
+    settle_then_lose_redis(&redis, &server.ledger, &store, "periods").await;
+    restore(
+        server.ledger.clone(),
+        store.clone(),
+        RestoreMode::Lost,
+        |_, _| {},
+    )
+    .await
+    .expect("restore");
+    let after = wallet_answers(&server, "periods", &names).await;
+    assert_eq!(after.1, before.1, "wallets read by name");
+    // Listed again (the restore does not know it was dropped), but not counted: the next
+    // new wallet at the cap drops it and is refused as before.
+    assert_eq!(
+        after
+            .0
+            .iter()
+            .map(|w| w.wallet.as_str())
+            .collect::<Vec<_>>(),
+        names
+    );
+    let refused = admin.grant(grant("2027-01")).await.expect_err("at the cap");
+    assert_eq!(at_cap(refused), "WALLET_LIMIT");
+    assert_eq!(wallet_answers(&server, "periods", &names).await, before);
+    server.stop().await;
+}
+
+/// The settler's consumer group goes with the lost Redis: the running settler makes it
+/// again (from the first entry) once its reads fail, before or after the restore, and
+/// only its own consumer is in it: a consumer of a settler gone before the loss (never
+/// pruned) does not come back. Charges made after the restore are settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restore_the_running_settler_settles_with_no_stale_consumer() {
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    let store_url = config.store.url.clone();
+    config.settler.enabled = true;
+    config.settler.idle_wait_ms = 10;
+    let group = "tollgate-settler";
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let store = Arc::new(Store::connect_lazy(&store_url, 2).expect("store"));
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "settled".into(),
+            amount: 100,
+            idempotency_key: "g".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    wait_settled(&store, &server.ledger).await;
+    let shard = server.ledger.shards().of_account("settled");
+    let outbox = server.ledger.shards().outbox(shard).to_owned();
+    let mut con = redis.client().get_connection().expect("redis");
+    let consumers = |con: &mut redis::Connection| -> Option<Vec<String>> {
+        let info: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&outbox)
+            .arg(group)
+            .query(con);
+        info.ok().map(|rows| {
+            let mut names: Vec<String> = rows
+                .iter()
+                .filter_map(|row| match row.get("name") {
+                    Some(redis::Value::BulkString(b)) => {
+                        Some(String::from_utf8_lossy(b).into_owned())
+                    }
+                    _ => None,
+                })
+                .collect();
+            names.sort();
+            names
+        })
+    };
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(&outbox)
+        .arg(group)
+        .arg("gone-pod")
+        .query(&mut con)
+        .expect("a consumer of a settler gone");
+    let live = consumers(&mut con).expect("consumers");
+    assert!(live.contains(&"gone-pod".to_owned()), "{live:?}");
+
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    // The running settler makes its group again on the lost shard's outbox.
+    let deadline = Instant::now() + DEADLINE;
+    while consumers(&mut con).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the settler never made its group again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    restore(
+        server.ledger.clone(),
+        store.clone(),
+        RestoreMode::Lost,
+        |_, _| {},
+    )
+    .await
+    .expect("restore");
+    let debit = metering
+        .debit(pb::DebitRequest {
+            account_id: "settled".into(),
+            amount: 1,
+            idempotency_key: "after".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("debit after the restore")
+        .into_inner();
+    while store.event(&debit.event_id).await.expect("event").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "a charge after the restore was never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = consumers(&mut con).expect("consumers");
+    assert!(!after.contains(&"gone-pod".to_owned()), "{after:?}");
+    assert_eq!(
+        after.len(),
+        1,
+        "only the running settler's consumer: {after:?}"
+    );
+    server.stop().await;
+}
