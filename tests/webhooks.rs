@@ -1147,3 +1147,60 @@ async fn a_rotating_key_signs_with_both() {
     }
     server.stop().await;
 }
+
+/// Webhook state (what alerts fired, lot.expiring marks) lives in the store, with the
+/// deliveries, not in Redis: a restore after Redis lost its data sends nothing again. A
+/// debit after the restore that stays under the threshold is not a second `balance.low`;
+/// the settle of that debit is where one would be made (in the same transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_sends_no_webhook_again() {
+    use std::sync::Arc;
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    let redis = common::RedisServer::start();
+    let receiver = Receiver::start().await;
+    let store_url = common::temp_sqlite_url();
+    let server =
+        common::TestServer::start(config(&redis, &store_url, &receiver), Clock::Redis).await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    admin.grant(grant("alice", 100, "g1")).await.expect("grant");
+    metering
+        .debit(debit("alice", 85, "d1"))
+        .await
+        .expect("debit");
+    let before = settled_deliveries(&server, "alice", 2).await;
+    assert_eq!(
+        types_of(&receiver.received(), "alice"),
+        ["grant.created", "balance.low"]
+    );
+
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    let store = Arc::new(tollgate::settle::Store::connect_lazy(&store_url, 2).expect("store"));
+    restore(
+        server.ledger.clone(),
+        store.clone(),
+        RestoreMode::Lost,
+        |_, _| {},
+    )
+    .await
+    .expect("restore");
+    let after = metering
+        .debit(debit("alice", 5, "d2"))
+        .await
+        .expect("debit after the restore")
+        .into_inner();
+    common::eventually(
+        DEADLINE,
+        "the debit after the restore to settle",
+        || async { store.event(&after.event_id).await.ok().flatten() },
+    )
+    .await;
+    assert_eq!(deliveries(&server, "alice").await, Some(before));
+    assert_eq!(
+        types_of(&receiver.received(), "alice"),
+        ["grant.created", "balance.low"]
+    );
+    server.stop().await;
+}
