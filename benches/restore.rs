@@ -5,6 +5,10 @@
 //! 100,000), each with two lots (one expiring) and a debit, then times `tollgate restore`'s
 //! library call into an empty redis-server of its own, and checks a sample of balances.
 //! Under `cargo test` it runs a 500-account smoke version.
+//!
+//! With RESTORE_BENCH_HISTORY=<n> it times instead one account's long history: a grant of
+//! n credits and n debits of 1, their times 1 ms apart and older than every retention
+//! (no charge or idempotency record is written back), so the figure is the replay's.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -73,6 +77,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let history: Option<usize> = std::env::var("RESTORE_BENCH_HISTORY")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    if let Some(history) = history {
+        runtime.block_on(one_account(history));
+        return;
+    }
     runtime.block_on(async {
         let redis = common::RedisServer::start();
         let config = common::test_config(&redis.url());
@@ -161,4 +172,84 @@ fn main() {
         let _ = std::fs::create_dir_all("target");
         let _ = std::fs::write("target/bench-restore.json", result.to_string());
     });
+}
+
+/// One account, a grant of `history` credits then `history` debits of 1: see the header.
+async fn one_account(history: usize) {
+    let redis = common::RedisServer::start();
+    let config = common::test_config(&redis.url());
+    let ledger = tollgate::server::ledger_from_config(&config, Clock::Redis).expect("ledger");
+    let pg = common::PgDatabase::create().await;
+    let store = Arc::new(Store::connect_lazy(&pg.url, 4).expect("store"));
+    store.migrate().await.expect("migrate");
+    let account = "long-history";
+    let shard = ledger.shards().of_account(account);
+    let total = i64::try_from(history).expect("history");
+    // 60 days back: past the charge retention and the idempotency window.
+    let start_ms = tollgate::ledger::wall_clock_ms() - 60 * 86_400_000;
+    let at = |mut e: LedgerEvent, n: i64| {
+        e.created_at_ms = start_ms + n;
+        e.stream_id = format!("{}-0", start_ms + n);
+        e.event_id = format!("{shard}-{}", e.stream_id);
+        e
+    };
+    let started = Instant::now();
+    let mut batch = Vec::with_capacity(6000);
+    batch.push(at(
+        event(
+            shard,
+            0,
+            EventKind::Grant,
+            account,
+            total,
+            total,
+            vec![piece("00000001", total, NEVER_SCORE)],
+            "purchase|pack",
+        ),
+        0,
+    ));
+    for n in 1..=total {
+        batch.push(at(
+            event(
+                shard,
+                0,
+                EventKind::Debit,
+                account,
+                1,
+                total - n,
+                vec![piece("00000001", 1, NEVER_SCORE)],
+                "",
+            ),
+            n,
+        ));
+        if batch.len() >= 6000 {
+            store.append(&batch).await.expect("append");
+            batch.clear();
+        }
+    }
+    store.append(&batch).await.expect("append");
+    let filled = started.elapsed();
+
+    let started = Instant::now();
+    let report = tollgate::settle::restore::restore(
+        ledger.clone(),
+        store.clone(),
+        RestoreMode::Lost,
+        |_, _| {},
+    )
+    .await
+    .expect("restore");
+    let restore_secs = started.elapsed().as_secs_f64();
+    let events: usize = report.shards.iter().map(|s| s.events).sum();
+    assert_eq!(events, history + 1);
+    let b = ledger.balance(account, "default").await.expect("balance");
+    assert_eq!((b[0].available, b[0].used, b[0].granted), (0, total, total));
+    let result = serde_json::json!({
+        "accounts": 1,
+        "ledger_events": history + 1,
+        "store_fill_seconds": (filled.as_secs_f64() * 10.0).round() / 10.0,
+        "restore_seconds": (restore_secs * 100.0).round() / 100.0,
+        "replayed_events_per_second": (events as f64 / restore_secs).round(),
+    });
+    println!("{}", serde_json::to_string_pretty(&result).expect("json"));
 }
