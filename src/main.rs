@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             match load_config(args.config.as_deref(), &serve_overrides(&args)) {
                 Ok(config) => run_on(config.server.runtime_workers(), async move {
-                    serve(args, config).await.map_err(Exit::message)
+                    serve(args, config).await.map_err(Exit::stopped)
                 }),
                 Err(message) => Exit::message(message).0,
             }
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         Command::Settle(args) => {
             match load_config(args.config.as_deref(), &settle_overrides(&args)) {
                 Ok(config) => run_on(config.server.runtime_workers(), async move {
-                    settle(config).await.map_err(Exit::message)
+                    settle(config).await.map_err(Exit::stopped)
                 }),
                 Err(message) => Exit::message(message).0,
             }
@@ -106,6 +106,14 @@ impl Exit {
         eprintln!("tollgate: {message}");
         Self(ExitCode::FAILURE)
     }
+
+    /// `serve` or `settle` stopping on an error: logged as well (ERROR `stopped`), since a
+    /// log pipeline reads the log (stdout; JSON lines) and would otherwise not learn why
+    /// the process ended.
+    fn stopped(message: String) -> Self {
+        tracing::error!(error = %message, "stopped");
+        Self::message(message)
+    }
 }
 
 /// Loads the config: `--config`, else ./tollgate.toml when present; env; flags.
@@ -168,7 +176,14 @@ async fn settle(config: Config) -> Result<(), String> {
     let http = tokio::net::TcpListener::bind(&config.server.http_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.http_addr))?;
-    tracing::info!(http = %config.server.http_addr, store = %url_for_logs(&config.store.url), "settling");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        http = %config.server.http_addr,
+        redis = %url_for_logs(&config.redis.url),
+        store = %url_for_logs(&config.store.url),
+        shards = config.ledger.shards,
+        "settling"
+    );
     server::run_settler(config, ledger, http, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
@@ -498,7 +513,17 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
     let http = tokio::net::TcpListener::bind(&config.server.http_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.http_addr))?;
-    tracing::info!(grpc = %config.server.grpc_addr, http = %config.server.http_addr, "serving");
+    // What an operator checks first in an incident: which build, where it listens, which
+    // Redis and store (without credentials) and how many shards.
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        grpc = %config.server.grpc_addr,
+        http = %config.server.http_addr,
+        redis = %url_for_logs(&config.redis.url),
+        store = %url_for_logs(&config.store.url),
+        shards = config.ledger.shards,
+        "serving"
+    );
     if let Some(task) = early_hangups {
         task.abort();
     }

@@ -1512,12 +1512,16 @@ async fn watch_health(
     let ready_gauge = metrics::gauge!(telemetry::metrics::READY);
     let redis_up_gauge = metrics::gauge!(telemetry::metrics::REDIS_UP);
     let mut last: Option<bool> = None;
+    let mut failing = FailingChecks::default();
     tokio::pin!(stopped);
     loop {
         let checks = ledger_checks(&state).await;
         redis_up_gauge.set(if checks.redis_up { 1.0 } else { 0.0 });
         state.last_checks.store(checks.clone());
-        let ready = readiness(&state, checks).ready;
+        let readiness = readiness(&state, checks);
+        failing.log_changes(&readiness, std::time::Instant::now());
+        telemetry::throttle::log_suppressed();
+        let ready = readiness.ready;
         if last != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving
@@ -1545,6 +1549,57 @@ async fn watch_health(
         }
     }
     ready_gauge.set(0.0);
+}
+
+/// The readiness checks failing as of the health watcher's last round, with since when.
+/// Each check that starts failing is logged once at WARN (what it says, and whether it
+/// fails readiness or only degrades it), and once at INFO when it passes again (how long
+/// it failed): an outage of Redis or the store is two lines, however many requests fail
+/// in between (their own lines are throttled, [`telemetry::throttle`]).
+#[derive(Default)]
+struct FailingChecks(std::collections::HashMap<&'static str, std::time::Instant>);
+
+impl FailingChecks {
+    fn log_changes(&mut self, r: &Readiness, now: std::time::Instant) {
+        for (names, effect) in [(&r.failed, "failed"), (&r.degraded, "degraded")] {
+            for &check in names {
+                if self.0.contains_key(check) {
+                    continue;
+                }
+                self.0.insert(check, now);
+                let detail = check_detail(&r.checks, check);
+                tracing::warn!(
+                    check,
+                    effect,
+                    ready = r.ready,
+                    detail = %detail,
+                    "health check failing"
+                );
+            }
+        }
+        self.0.retain(|&check, since| {
+            let still = r.failed.contains(&check) || r.degraded.contains(&check);
+            if !still {
+                let failed_for_ms = now.saturating_duration_since(*since).as_millis() as u64;
+                tracing::info!(check, failed_for_ms, "health check passes again");
+            }
+            still
+        });
+    }
+}
+
+/// What `/readyz` says about a failing check (the lag check's numbers are under `outbox`).
+fn check_detail(checks: &serde_json::Map<String, serde_json::Value>, check: &str) -> String {
+    let key = if check == "outbox_lag" {
+        "outbox"
+    } else {
+        check
+    };
+    match checks.get(key) {
+        Some(serde_json::Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    }
 }
 
 async fn metrics_text(State(state): State<HttpState>) -> (StatusCode, String) {

@@ -54,6 +54,16 @@ struct Running {
 
 impl Running {
     async fn start(name: &str, config_text: &str, redis: &common::RedisServer) -> Self {
+        Self::start_with_env(name, config_text, redis, &[]).await
+    }
+
+    /// As [`start`](Self::start), with more (or other) environment settings.
+    async fn start_with_env(
+        name: &str,
+        config_text: &str,
+        redis: &common::RedisServer,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("tollgate-logs-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let config = dir.join("config.toml");
@@ -76,6 +86,7 @@ impl Running {
                     .env("TOLLGATE_LOG__FORMAT", "json")
                     .env("TOLLGATE_LOG__LEVEL", "info")
                     .env_remove("RUST_LOG")
+                    .envs(env.iter().copied())
                     .stdout(Stdio::from(std::fs::File::create(&out_path).expect("out")));
                 cmd
             },
@@ -523,4 +534,314 @@ async fn an_access_log_stream_that_breaks_off_is_its_end_not_a_failure() {
         "the broken stream was logged as a failure:\n{stdout}"
     );
     assert!(!output.contains(ACCOUNT), "the account id was logged");
+}
+
+/// A priced route whose operation is refused while Redis is away (`fail_closed`).
+const PRICED: &str = r#"
+[pricebook]
+default = "deny"
+
+[[pricebook.routes]]
+method = "POST"
+path = "/v1/charged"
+operation = "charged"
+
+[pricebook.operations.charged]
+mode = "debit"
+base = 1
+fail_policy = "fail_closed"
+"#;
+
+/// Requests of a flood: as many as a busy gateway sends in well under a second.
+const FLOOD: usize = 200;
+/// Requests of a flood in flight at once.
+const FLOOD_CONCURRENCY: usize = 20;
+
+/// The lines whose message is `message`.
+fn with_message<'a>(lines: &'a [serde_json::Value], message: &str) -> Vec<&'a serde_json::Value> {
+    lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == message)
+        .collect()
+}
+
+/// Waits (generously) until the health watcher logged `message` about `check`.
+async fn wait_for_check_line(running: &Running, message: &'static str, check: &'static str) {
+    let out_path = running.out_path.clone();
+    common::eventually(
+        Duration::from_secs(60),
+        &format!("a {message:?} line about {check}"),
+        || {
+            let out_path = out_path.clone();
+            async move {
+                let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+                stdout
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .any(|l| l["fields"]["message"] == message && l["fields"]["check"] == check)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// Sends `count` forward-auth checks of POST /v1/charged with `api_key`,
+/// [`FLOOD_CONCURRENCY`] at a time; their statuses.
+async fn forward_auth_flood(addr: std::net::SocketAddr, api_key: &str, count: usize) -> Vec<u16> {
+    let mut statuses = Vec::with_capacity(count);
+    let mut sent = 0;
+    while sent < count {
+        let mut batch = tokio::task::JoinSet::new();
+        for i in sent..count.min(sent + FLOOD_CONCURRENCY) {
+            let request = format!(
+                "GET /v1/forward-auth HTTP/1.1\r\nHost: x\r\nx-request-id: req-flood-{i}\r\n\
+                 x-original-method: POST\r\nx-original-uri: /v1/charged\r\n\
+                 x-api-key: {api_key}\r\nConnection: close\r\n\r\n"
+            );
+            batch.spawn(async move { raw_http(addr, &request).await });
+        }
+        sent = count.min(sent + FLOOD_CONCURRENCY);
+        while let Some(status) = batch.join_next().await {
+            statuses.push(status.expect("a flood request's task"));
+        }
+    }
+    statuses
+}
+
+/// The most lines one throttled call site may write over `elapsed`: its budget for each
+/// window the time spans, plus one for a window begun before.
+fn throttled_lines_max(elapsed: Duration) -> usize {
+    use tollgate::telemetry::throttle::{LINES_PER_SITE_MAX, THROTTLE_INTERVAL};
+    let windows = elapsed.as_secs_f64() / THROTTLE_INTERVAL.as_secs_f64();
+    LINES_PER_SITE_MAX as usize * (windows.ceil() as usize + 1)
+}
+
+/// The failed requests the request log told of: its lines, and the counts of those it
+/// left out.
+fn request_failures_told(lines: &[serde_json::Value]) -> u64 {
+    lines
+        .iter()
+        .map(|l| {
+            let fields = &l["fields"];
+            let suppressed = fields["suppressed"].as_u64().unwrap_or(0);
+            if fields["message"] == "request failed" {
+                1 + suppressed
+            } else if fields["message"] == "log lines left out"
+                && fields["site"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("request_log"))
+            {
+                suppressed
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+/// Redis killed under a flood of checks and API calls, then restarted: the outage is one
+/// WARN line when the health watcher sees it (what failed, that the pod stays ready) and
+/// one INFO line when Redis answers again, and the per-request lines (`request failed`,
+/// `charge: redis unavailable`, …) stay within their sites' budgets, the ones left out
+/// counted as `suppressed`. Every line is JSON; the startup line says the version, the
+/// addresses, the Redis and the store without credentials and the shard count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_logged_once_each_way_and_its_failed_requests_are_throttled() {
+    let mut redis = common::RedisServer::start();
+    let mut running = Running::start("outage", PRICED, &redis).await;
+    let mut admin = running.admin();
+    admin.grant(grant(1_000, "g1")).await.expect("grant");
+    let api_key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: ACCOUNT.into(),
+            name: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create key")
+        .into_inner()
+        .api_key;
+
+    redis.kill();
+    let flood_started = std::time::Instant::now();
+    let statuses = forward_auth_flood(running.http_addr, &api_key, FLOOD).await;
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    let mut debits = tokio::task::JoinSet::new();
+    for i in 0..FLOOD {
+        let mut metering = running.metering();
+        debits.spawn(async move {
+            metering
+                .debit(pb::DebitRequest {
+                    account_id: ACCOUNT.into(),
+                    amount: 1,
+                    idempotency_key: format!("d{i}"),
+                    ..Default::default()
+                })
+                .await
+        });
+        if debits.len() >= FLOOD_CONCURRENCY {
+            let answer = debits.join_next().await.expect("a debit").expect("task");
+            assert_eq!(
+                answer.expect_err("redis is down").code(),
+                tonic::Code::Unavailable
+            );
+        }
+    }
+    while let Some(answer) = debits.join_next().await {
+        let answer = answer.expect("task");
+        assert_eq!(
+            answer.expect_err("redis is down").code(),
+            tonic::Code::Unavailable
+        );
+    }
+    let flood_took = flood_started.elapsed();
+    wait_for_check_line(&running, "health check failing", "redis").await;
+    redis.restart();
+    wait_for_check_line(&running, "health check passes again", "redis").await;
+    // Every failed request is accounted for: its own line, or a count on a later line of
+    // its site (the next one, or `log lines left out` once its window is over).
+    let out_path = running.out_path.clone();
+    common::eventually(
+        Duration::from_secs(60),
+        "every failed request logged or counted",
+        || {
+            let out_path = out_path.clone();
+            async move {
+                let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+                let lines: Vec<serde_json::Value> = stdout
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                (request_failures_told(&lines) == 2 * FLOOD as u64).then_some(())
+            }
+        },
+    )
+    .await;
+
+    let (stdout, output) = running.stop();
+    // Every line is a JSON object with the same top-level fields.
+    let lines = json_lines(&stdout);
+    for line in &lines {
+        for field in ["timestamp", "level", "target"] {
+            assert!(line[field].is_string(), "no {field}: {line}");
+        }
+        assert!(line["fields"]["message"].is_string(), "no message: {line}");
+    }
+    let serving = with_message(&lines, "serving");
+    assert_eq!(serving.len(), 1, "{stdout}");
+    let fields = &serving[0]["fields"];
+    assert_eq!(fields["version"], env!("CARGO_PKG_VERSION"), "{fields}");
+    assert_eq!(fields["grpc"], running.grpc_addr.to_string(), "{fields}");
+    assert_eq!(fields["http"], running.http_addr.to_string(), "{fields}");
+    assert_eq!(fields["redis"], redis.url(), "{fields}");
+    assert!(
+        fields["store"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("sqlite://")),
+        "{fields}"
+    );
+    assert_eq!(fields["shards"], 16, "{fields}");
+
+    // The outage: one line as it starts, one as it ends.
+    let about_redis = |message: &str| -> Vec<&serde_json::Value> {
+        with_message(&lines, message)
+            .into_iter()
+            .filter(|l| l["fields"]["check"] == "redis")
+            .collect()
+    };
+    let failing = about_redis("health check failing");
+    assert_eq!(failing.len(), 1, "{stdout}");
+    assert_eq!(failing[0]["level"], "WARN", "{stdout}");
+    assert_eq!(failing[0]["fields"]["effect"], "degraded", "{stdout}");
+    assert_eq!(failing[0]["fields"]["ready"], true, "{stdout}");
+    assert!(
+        failing[0]["fields"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("unavailable")),
+        "{stdout}"
+    );
+    let again = about_redis("health check passes again");
+    assert_eq!(again.len(), 1, "{stdout}");
+    assert_eq!(again[0]["level"], "INFO", "{stdout}");
+    assert!(again[0]["fields"]["failed_for_ms"].is_u64(), "{stdout}");
+
+    // The per-request lines: within budget, the rest counted.
+    let max = throttled_lines_max(flood_took);
+    assert!(
+        max < FLOOD,
+        "the flood took too long to tell ({flood_took:?})"
+    );
+    for message in [
+        "charge: redis unavailable",
+        "identity lookup: redis unavailable",
+        "redis unavailable",
+    ] {
+        let found = with_message(&lines, message);
+        assert!(
+            found.len() <= max,
+            "{} {message:?} lines (at most {max})",
+            found.len()
+        );
+    }
+    let failed = with_message(&lines, "request failed");
+    let (grpc, http): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) = failed
+        .into_iter()
+        .partition(|l| l["fields"]["protocol"] == "grpc");
+    for (protocol, found) in [("grpc", &grpc), ("http", &http)] {
+        assert!(!found.is_empty(), "no {protocol} request failed line");
+        assert!(
+            found.len() <= max,
+            "{} {protocol} request failed lines (at most {max})",
+            found.len()
+        );
+    }
+    for secret in [
+        ACCOUNT,
+        api_key.as_str(),
+        common::ADMIN_TOKEN,
+        common::SERVICE_TOKEN,
+    ] {
+        assert!(
+            !output.contains(secret),
+            "{secret} appears in the logs:\n{output}"
+        );
+    }
+}
+
+/// `serve` stopping on an error (here its gRPC port taken) says why in its log, as an
+/// ERROR JSON line, not only as plain text on stderr where a pipeline reading the JSON
+/// log does not look.
+#[test]
+fn a_fatal_error_is_logged_not_only_printed() {
+    let redis = common::RedisServer::start();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("addr");
+    let output = common::output_within(
+        common::tollgate()
+            .arg("serve")
+            .arg(format!("--grpc-addr={taken_addr}"))
+            .arg(format!("--http-addr=127.0.0.1:{}", common::free_port()))
+            .env("TOLLGATE_REDIS_URL", redis.url())
+            .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+            .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+            .env("TOLLGATE_STORE__URL", common::temp_sqlite_url())
+            .env("TOLLGATE_LOG__FORMAT", "json")
+            .env("TOLLGATE_LOG__LEVEL", "info")
+            .env_remove("RUST_LOG"),
+        Duration::from_secs(60),
+    );
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines = json_lines(&stdout);
+    let stopped = with_message(&lines, "stopped");
+    assert_eq!(stopped.len(), 1, "{stdout}");
+    assert_eq!(stopped[0]["level"], "ERROR", "{stdout}");
+    assert!(
+        stopped[0]["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&taken_addr.to_string())),
+        "{stdout}"
+    );
+    drop(taken);
 }

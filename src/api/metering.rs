@@ -109,7 +109,7 @@ pub fn transaction(e: LedgerEvent) -> pb::Transaction {
 }
 
 fn store_status(err: StoreError) -> Status {
-    tracing::warn!(error = %err, "store unavailable for history");
+    crate::log_throttled!(WARN, error = %err, "store unavailable for history");
     match err {
         StoreError::Corrupt(_) => Status::internal("ledger store error"),
         _ => Status::unavailable("ledger store unavailable"),

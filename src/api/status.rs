@@ -67,11 +67,11 @@ pub fn to_status(err: LedgerError) -> Status {
             )
         }
         LedgerError::Unavailable(why) => {
-            tracing::warn!(error = %why, "redis unavailable");
+            crate::log_throttled!(WARN, error = %why, "redis unavailable");
             Status::unavailable("ledger unavailable")
         }
         LedgerError::Internal(why) => {
-            tracing::error!(error = %why, "internal ledger error");
+            crate::log_throttled!(ERROR, error = %why, "internal ledger error");
             Status::internal("internal ledger error")
         }
     }
@@ -125,7 +125,8 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
         LedgerError::InvalidArgument(violations) => {
             // The price book and the identity made these fields: a configuration the
             // ledger refuses (e.g. an account id a key was made for before a rule change).
-            tracing::error!(
+            crate::log_throttled!(
+                ERROR,
                 error = %LedgerError::InvalidArgument(violations),
                 operation,
                 "the ledger refused a gateway charge"
@@ -133,7 +134,7 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
             Denial::Internal
         }
         other => {
-            tracing::error!(error = %other, operation, "gateway charge failed");
+            crate::log_throttled!(ERROR, error = %other, operation, "gateway charge failed");
             Denial::Internal
         }
     }
@@ -262,11 +263,11 @@ pub fn http_error(err: LedgerError) -> (u16, serde_json::Value) {
         LedgerError::ExpiryBacklog => (503, json!({ "error": "expiry_backlog" })),
         LedgerError::NotInitialized => (503, json!({ "error": "ledger_not_initialized" })),
         LedgerError::Unavailable(why) => {
-            tracing::warn!(error = %why, "redis unavailable");
+            crate::log_throttled!(WARN, error = %why, "redis unavailable");
             (503, json!({ "error": "unavailable" }))
         }
         LedgerError::Internal(why) => {
-            tracing::error!(error = %why, "internal ledger error");
+            crate::log_throttled!(ERROR, error = %why, "internal ledger error");
             (500, json!({ "error": "internal" }))
         }
     }
@@ -275,7 +276,7 @@ pub fn http_error(err: LedgerError) -> (u16, serde_json::Value) {
 /// Durable-store errors (history, webhook deliveries) as statuses.
 pub fn store_to_status(err: crate::settle::StoreError) -> Status {
     use crate::settle::StoreError;
-    tracing::warn!(error = %err, "store error");
+    crate::log_throttled!(WARN, error = %err, "store error");
     match err {
         StoreError::Corrupt(_) => Status::internal("ledger store error"),
         _ => Status::unavailable("ledger store unavailable"),

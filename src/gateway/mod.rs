@@ -771,11 +771,11 @@ impl Gateway {
             Err(IdentityError::Revoked) => return Decision::Deny(Denial::RevokedKey),
             Err(IdentityError::NotInitialized) => return Decision::Deny(Denial::NotInitialized),
             Err(IdentityError::Unavailable(why)) => {
-                tracing::warn!(error = %why, "identity lookup: redis unavailable");
+                crate::log_throttled!(WARN, error = %why, "identity lookup: redis unavailable");
                 return unavailable(op, None, None);
             }
             Err(IdentityError::Internal(why)) => {
-                tracing::error!(error = %why, "identity lookup failed");
+                crate::log_throttled!(ERROR, error = %why, "identity lookup failed");
                 return Decision::Deny(Denial::Internal);
             }
         };
@@ -1066,13 +1066,13 @@ fn charged(
             degraded: false,
         }),
         Err(LedgerError::Unavailable(why)) => {
-            tracing::warn!(error = %why, operation = %op.name, "charge: redis unavailable");
+            crate::log_throttled!(WARN, error = %why, operation = %op.name, "charge: redis unavailable");
             unavailable(op, account_id, member(member_id))
         }
         // Redis lost its data and awaits a restore: a Redis that answers, with balances
         // that are not real. Refused whatever the fail policy (docs/DESIGN.md, failure policy).
         Err(LedgerError::NotInitialized) => {
-            tracing::warn!(operation = %op.name, "charge: ledger not initialized (run tollgate restore)");
+            crate::log_throttled!(WARN, operation = %op.name, "charge: ledger not initialized (run tollgate restore)");
             Decision::Deny(Denial::NotInitialized)
         }
         Err(err) => Decision::Deny(status::gateway_denial(err, &op.name)),

@@ -1,6 +1,7 @@
 //! Telemetry: logs (tracing: text or JSON, level from config unless RUST_LOG is set;
 //! account ids, keys and tokens are never logged), metrics (`metrics`: every name in one
-//! place, Prometheus exposition) and the failed-request log layer (`request_log`).
+//! place, Prometheus exposition), the failed-request log layer (`request_log`) and the
+//! per-site budget of lines a failure repeats for every request (`throttle`).
 
 use tracing_subscriber::EnvFilter;
 
@@ -24,3 +25,4 @@ pub fn init_logs(config: &LogConfig) {
 
 pub mod metrics;
 pub mod request_log;
+pub mod throttle;

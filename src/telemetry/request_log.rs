@@ -194,7 +194,8 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
             )
             .increment(1);
             if is_server_fault(status.code()) {
-                tracing::warn!(
+                crate::log_throttled!(
+                    WARN,
                     request_id,
                     protocol = "grpc",
                     path,
@@ -204,7 +205,8 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
                     "request failed"
                 );
             } else {
-                tracing::info!(
+                crate::log_throttled!(
+                    INFO,
                     request_id,
                     protocol = "grpc",
                     path,
@@ -219,7 +221,8 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
             let method = method.as_str();
             let detail = detail.as_deref();
             if *status >= 500 {
-                tracing::warn!(
+                crate::log_throttled!(
+                    WARN,
                     request_id,
                     protocol = "http",
                     method,
@@ -230,7 +233,8 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
                     "request failed"
                 );
             } else {
-                tracing::info!(
+                crate::log_throttled!(
+                    INFO,
                     request_id,
                     protocol = "http",
                     method,
