@@ -845,3 +845,139 @@ fn a_fatal_error_is_logged_not_only_printed() {
     );
     drop(taken);
 }
+
+/// The store (PostgreSQL) unreachable while charges are settled, then back: one WARN line
+/// when the settler's failed write shows in readiness (`store`, degraded), one INFO line
+/// when it writes again; the password in the store URL appears nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_is_logged_once_each_way_without_the_password() {
+    const PASSWORD: &str = "pw-secret-5521";
+    let redis = common::RedisServer::start();
+    let db = common::PgDatabase::create().await;
+    let name = db
+        .url
+        .rsplit('/')
+        .next()
+        .expect("a database name")
+        .to_owned();
+    let proxy = common::proxy::FaultProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    // The test server trusts local connections: the password only has to stay unlogged.
+    let store_url = format!("postgres://postgres:{PASSWORD}@{}/{name}", proxy.addr);
+    let mut running = Running::start_with_env(
+        "store",
+        "",
+        &redis,
+        &[("TOLLGATE_STORE__URL", store_url.as_str())],
+    )
+    .await;
+    let mut admin = running.admin();
+    admin.grant(grant(5, "g1")).await.expect("grant");
+
+    proxy.cut();
+    admin
+        .grant(grant(5, "g2"))
+        .await
+        .expect("a grant needs no store");
+    wait_for_check_line(&running, "health check failing", "store").await;
+    proxy.restore();
+    wait_for_check_line(&running, "health check passes again", "store").await;
+
+    let (stdout, output) = running.stop();
+    let lines = json_lines(&stdout);
+    let about_store = |message: &str| -> Vec<&serde_json::Value> {
+        with_message(&lines, message)
+            .into_iter()
+            .filter(|l| l["fields"]["check"] == "store")
+            .collect()
+    };
+    let failing = about_store("health check failing");
+    assert_eq!(failing.len(), 1, "{stdout}");
+    assert_eq!(failing[0]["level"], "WARN", "{stdout}");
+    assert_eq!(failing[0]["fields"]["effect"], "degraded", "{stdout}");
+    assert_eq!(
+        about_store("health check passes again").len(),
+        1,
+        "{stdout}"
+    );
+    let serving = with_message(&lines, "serving");
+    assert_eq!(
+        serving[0]["fields"]["store"],
+        format!("postgres://{}/{name}", proxy.addr),
+        "{stdout}"
+    );
+    for secret in [PASSWORD, ACCOUNT, common::ADMIN_TOKEN] {
+        assert!(
+            !output.contains(secret),
+            "{secret} appears in the logs:\n{output}"
+        );
+    }
+}
+
+/// A flood of bad credentials: forward-auth checks with an unknown API key are answers
+/// (401), not logged at all (the denial metrics count them); gRPC calls with a wrong token
+/// are a client's mistake, at INFO, within the request log's budget, each one counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_credentials_is_not_a_flood_of_lines() {
+    const BAD_KEY: &str = "tg_bad-key-4471";
+    let redis = common::RedisServer::start();
+    let mut running = Running::start("badkeys", PRICED, &redis).await;
+    let flood_started = std::time::Instant::now();
+    let statuses = forward_auth_flood(running.http_addr, BAD_KEY, FLOOD).await;
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    let mut intruder = pb::admin_client::AdminClient::with_interceptor(
+        running.channel.clone(),
+        common::auth(Some(WRONG_TOKEN)),
+    );
+    for i in 0..FLOOD {
+        let denied = intruder
+            .grant(grant(1, &format!("g{i}")))
+            .await
+            .expect_err("bad token");
+        assert_eq!(denied.code(), tonic::Code::Unauthenticated);
+    }
+    let flood_took = flood_started.elapsed();
+    let out_path = running.out_path.clone();
+    common::eventually(
+        Duration::from_secs(60),
+        "every failed request logged or counted",
+        || {
+            let out_path = out_path.clone();
+            async move {
+                let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+                let lines: Vec<serde_json::Value> = stdout
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                (request_failures_told(&lines) == FLOOD as u64).then_some(())
+            }
+        },
+    )
+    .await;
+    let (stdout, output) = running.stop();
+    let lines = json_lines(&stdout);
+    let failed = with_message(&lines, "request failed");
+    let max = throttled_lines_max(flood_took);
+    assert!(
+        max < FLOOD,
+        "the flood took too long to tell ({flood_took:?})"
+    );
+    assert!(
+        failed.len() <= max,
+        "{} lines (at most {max})",
+        failed.len()
+    );
+    for line in &failed {
+        assert_eq!(line["level"], "INFO", "{line}");
+        assert_eq!(line["fields"]["code"], "UNAUTHENTICATED", "{line}");
+    }
+    assert!(
+        !output.contains("req-flood-"),
+        "a forward-auth denial was logged"
+    );
+    for secret in [BAD_KEY, WRONG_TOKEN, common::ADMIN_TOKEN] {
+        assert!(
+            !output.contains(secret),
+            "{secret} appears in the logs:\n{output}"
+        );
+    }
+}
