@@ -619,7 +619,8 @@ async fn query_text(url: &str, sql: &'static str) -> Vec<String> {
 /// it and indexes events by shard, in PostgreSQL and SQLite; the later versions follow
 /// (7: the events' `actor` column, which the events read back carry; 8: the events'
 /// `redis_epoch`, 0 for an event written without the markers a settler read; 9: API keys'
-/// makers; 10: the persisted shard count).
+/// makers; 10: the persisted shard count; 11: the history index in the page's order and
+/// the partial index of hold events).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
     let redis = common::RedisServer::start();
@@ -707,8 +708,42 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
                 "SELECT CAST(MAX(version) AS TEXT) FROM tollgate_schema_migrations"
             )
             .await,
-            vec!["10".to_owned()],
+            vec!["11".to_owned()],
             "{kind}"
+        );
+        // The history index in the page's order, in place of version 1's.
+        let history_index = query_text(
+            &url,
+            if kind == "postgres" {
+                "SELECT indexdef FROM pg_indexes WHERE indexname IN \
+                 ('tollgate_events_newest', 'tollgate_events_history')"
+            } else {
+                "SELECT sql FROM sqlite_master WHERE name IN \
+                 ('tollgate_events_newest', 'tollgate_events_history')"
+            },
+        )
+        .await;
+        assert!(
+            history_index.len() == 1
+                && history_index[0].contains("tollgate_events_newest")
+                && history_index[0].contains("stream_seq DESC"),
+            "{kind} {history_index:?}"
+        );
+        // The partial index of hold events, which reconcile's hold lookups use.
+        let holds_index = query_text(
+            &url,
+            if kind == "postgres" {
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'tollgate_events_holds'"
+            } else {
+                "SELECT sql FROM sqlite_master WHERE name = 'tollgate_events_holds'"
+            },
+        )
+        .await;
+        assert!(
+            holds_index.len() == 1
+                && holds_index[0].contains("(account_id, wallet, hold_id)")
+                && holds_index[0].contains("kind = 'hold'"),
+            "{kind} {holds_index:?}"
         );
         // The shard index, which restore's reads use.
         let index = query_text(
