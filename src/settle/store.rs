@@ -2231,9 +2231,18 @@ mod tests {
         let dir = std::env::temp_dir().join("tollgate-tests");
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join(format!("plans-{}.db", std::process::id()));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        /// Removes the database and its WAL files, whether the test passes or not.
+        struct Files(std::path::PathBuf);
+        impl Drop for Files {
+            fn drop(&mut self) {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+                }
+            }
         }
+        let _files = Files(path.clone());
+        // A leftover of an earlier process of this pid goes first.
+        drop(Files(path.clone()));
         let store = Store::connect_lazy(&format!("sqlite://{}", path.display()), 1).expect("store");
         store.migrate().await.expect("migrate");
         let Store::Sqlite(lite) = &store else {
@@ -2299,9 +2308,6 @@ mod tests {
             "{plan:?}"
         );
         lite.pool.close().await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
     }
 
     #[test]
