@@ -47,6 +47,9 @@ pub const IDENTITY_CACHE_ENTRIES_MAX: usize = 10_000_000;
 pub const KEYS_PER_ACCOUNT_MAX: u32 = 10_000;
 pub const HTTP_CONNECTIONS_MAX: usize = 65_536;
 pub const GRPC_CONNECTIONS_MAX: usize = 65_536;
+/// Largest `server.shutdown_delay_ms`: endpoint removal takes seconds, and the chart's
+/// `terminationGracePeriodSeconds` must cover the delay and the drain after it.
+pub const SHUTDOWN_DELAY_MS_MAX: u64 = 60_000;
 pub const HTTP_HEADER_BYTES_MAX: usize = 1024 * 1024;
 /// Twice Envoy's largest `max_request_headers_kb` (8 MiB).
 pub const GRPC_CHECK_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -103,6 +106,12 @@ pub struct ServerConfig {
     /// gRPC connections open at once; past it, a new connection waits (in the listen
     /// backlog) until one closes.
     pub grpc_connections_max: usize,
+    /// How long `serve` goes on serving after SIGTERM, not ready (`/readyz` 503, gRPC
+    /// health NOT_SERVING), before it closes its listeners and drains: Kubernetes takes
+    /// a terminating pod out of its Service and its gateways' endpoints while it is
+    /// signalled, not before, and connections opened in between were refused. 0 (the
+    /// default) drains at once; a second signal ends the delay.
+    pub shutdown_delay_ms: u64,
 }
 
 impl ServerConfig {
@@ -247,6 +256,7 @@ impl Default for ServerConfig {
             http_header_bytes_max: transport::DEFAULT_HTTP_HEADER_BYTES_MAX,
             grpc_check_message_bytes_max: transport::DEFAULT_GRPC_CHECK_MESSAGE_BYTES_MAX,
             grpc_connections_max: transport::DEFAULT_GRPC_CONNECTIONS_MAX,
+            shutdown_delay_ms: 0,
         }
     }
 }
@@ -689,6 +699,12 @@ impl Config {
             bad(
                 "server.grpc_connections_max",
                 format!("must be in 1..={GRPC_CONNECTIONS_MAX}"),
+            );
+        }
+        if self.server.shutdown_delay_ms > SHUTDOWN_DELAY_MS_MAX {
+            bad(
+                "server.shutdown_delay_ms",
+                format!("must be in 0..={SHUTDOWN_DELAY_MS_MAX}"),
             );
         }
         if !(transport::HTTP_HEADER_BYTES_MIN..=HTTP_HEADER_BYTES_MAX)
@@ -1636,7 +1652,8 @@ mod tests {
         assert_eq!(c.server.grpc_connections_max, 8);
         let errors = load(
             "[server]\nhttp_connections_max = 0\nhttp_header_bytes_max = 4096\n\
-             grpc_check_message_bytes_max = 100000000\ngrpc_connections_max = 0\n",
+             grpc_check_message_bytes_max = 100000000\ngrpc_connections_max = 0\n\
+             shutdown_delay_ms = 60001\n",
         )
         .unwrap_err()
         .0;
@@ -1646,6 +1663,7 @@ mod tests {
             [
                 "server.http_connections_max",
                 "server.grpc_connections_max",
+                "server.shutdown_delay_ms",
                 "server.http_header_bytes_max",
                 "server.grpc_check_message_bytes_max"
             ],

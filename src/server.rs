@@ -418,6 +418,9 @@ struct HttpState {
     serving: bool,
     /// The readiness checks that ask Redis, as the health watcher last ran them.
     last_checks: LastChecks,
+    /// True from the stop signal on: readiness fails (`shutdown`) while `serve` goes on
+    /// serving for `server.shutdown_delay_ms`, then drains.
+    shutting_down: watch::Receiver<bool>,
 }
 
 /// What readiness and `/metrics` read about settlement in this process.
@@ -642,6 +645,8 @@ pub async fn run_settler(
         metrics: telemetry::metrics::install(),
         serving: false,
         last_checks: LastChecks::default(),
+        // No delay here: nothing but probes and scrapes reaches a settler's port.
+        shutting_down: watch::channel(false).1,
     };
     // `tollgate_ready` is what the chart's not-ready alert and dashboard read, for
     // settler pods as for serving ones.
@@ -723,6 +728,8 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    // Set at the stop signal, `server.shutdown_delay_ms` before `stop_tx`.
+    let (shutting_down_tx, shutting_down_rx) = watch::channel(false);
     // Both bounded together by STORE_STARTUP_WAIT: a store that hangs (a lock, a stalled
     // server) must not keep the hot path, which never needs it, from serving. Each runs
     // as a task of its own, which goes on past the wait: a migration cut short would be
@@ -928,8 +935,16 @@ pub async fn run(
         metrics: metrics_handle,
         serving: true,
         last_checks: LastChecks::default(),
+        shutting_down: shutting_down_rx.clone(),
     };
-    let watcher = tokio::spawn(watch_health(state.clone(), Some(health), stopped()));
+    // Reports NOT_SERVING from the signal on, through the shutdown delay.
+    let shutting_down = {
+        let mut rx = shutting_down_rx;
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let watcher = tokio::spawn(watch_health(state.clone(), Some(health), shutting_down));
     let http = http_router(state)
         .merge(forward_auth::router(gateway.clone(), service_check_http))
         .fallback(no_route)
@@ -950,16 +965,36 @@ pub async fn run(
     let settle_retrier = tokio::spawn(settle_retrier.run(stopped()));
 
     let refused = Arc::new(std::sync::Mutex::new(None::<ShardCountError>));
+    let shutdown_delay = Duration::from_millis(config.server.shutdown_delay_ms);
     tokio::spawn({
         let refused = refused.clone();
         async move {
             tokio::select! {
-                _ = shutdown => tracing::info!("shutting down"),
+                _ = shutdown => {
+                    if shutdown_delay.is_zero() {
+                        tracing::info!("shutting down");
+                    } else {
+                        let again = another_stop_signal();
+                        let _ = shutting_down_tx.send(true);
+                        tracing::info!(
+                            delay_ms = shutdown_delay.as_millis() as u64,
+                            "shutting down: not ready, serving on for server.shutdown_delay_ms \
+                             while load balancers take this pod out, then draining"
+                        );
+                        tokio::select! {
+                            () = tokio::time::sleep(shutdown_delay) => {}
+                            () = again => {
+                                tracing::info!("a second stop signal: draining now");
+                            }
+                        }
+                    }
+                }
                 Ok(err) = count_refused => {
                     tracing::error!(error = %err, "another shard count than the deployment's: stopping");
                     *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
                 }
             }
+            let _ = shutting_down_tx.send(true);
             let _ = stop_tx.send(true);
         }
     });
@@ -1074,6 +1109,31 @@ async fn replay_spool(gateway: Arc<Gateway>, stopped: impl Future<Output = ()>) 
                 false
             }
         };
+    }
+}
+
+/// A SIGTERM or SIGINT after the one that began the shutdown: it ends the shutdown delay.
+/// Listened for from this call on, which comes before readiness turns: a signal sent
+/// once `/readyz` says `shutdown` is seen. Never completes where signals cannot be
+/// listened for.
+fn another_stop_signal() -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    let listening = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        if let (Ok(mut term), Ok(mut int)) = listening {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+            }
+        }
+        std::future::pending::<()>().await
     }
 }
 
@@ -1367,6 +1427,14 @@ fn readiness(state: &HttpState, ledger: LedgerChecks) -> Readiness {
         crate::ledger::wall_clock_ms(),
         &mut readiness,
     );
+    if *state.shutting_down.borrow() {
+        // Before the listeners close (`server.shutdown_delay_ms`): load balancers that
+        // probe take the pod out while it still answers.
+        readiness.failed.push("shutdown");
+        readiness
+            .checks
+            .insert("shutdown".into(), "shutting down: draining".into());
+    }
     readiness.ready = readiness.failed.is_empty();
     readiness
 }

@@ -29,11 +29,16 @@ use tollgate::server::SHUTDOWN_GRACE;
 /// `tollgate serve` on free (gRPC, HTTP) ports, answering on both, its logs (stdout) in
 /// `log`; killed on drop.
 async fn serve(redis_url: &str, log: &std::path::Path) -> common::Listening {
-    serve_with(redis_url, log, &[]).await
+    serve_with(redis_url, log, &[], &[]).await
 }
 
-/// [`serve`] with these extra arguments.
-async fn serve_with(redis_url: &str, log: &std::path::Path, args: &[&str]) -> common::Listening {
+/// [`serve`] with these extra arguments and environment variables.
+async fn serve_with(
+    redis_url: &str,
+    log: &std::path::Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> common::Listening {
     common::spawn_listening(
         2,
         common::START_TIMEOUT,
@@ -53,6 +58,7 @@ async fn serve_with(redis_url: &str, log: &std::path::Path, args: &[&str]) -> co
                     common::temp_path("spool").display().to_string(),
                 )
                 .env("RUST_LOG", "info")
+                .envs(envs.iter().copied())
                 .stdout(std::fs::File::create(log).expect("log file"));
             cmd
         },
@@ -179,6 +185,97 @@ async fn sigterm_ends_open_streams_and_the_process_within_the_grace() {
     let _ = std::fs::remove_file(&log);
 }
 
+/// With `server.shutdown_delay_ms`, SIGTERM first turns the pod not ready while it goes
+/// on serving: Kubernetes takes a terminating pod out of its endpoints while it signals
+/// it, not before, and gateways and kube-proxy still sent it new connections, which a
+/// listener closed at the signal refused (a check Envoy could not make, a forward-auth
+/// nginx could not ask: the client's request failed). During the delay a new connection
+/// is answered, `/readyz` says `shutdown` (503) and gRPC health NOT_SERVING, and a call
+/// still goes through; a second SIGTERM ends the delay (the operator who will not wait),
+/// and the process drains and exits 0 as without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_delay_keeps_serving_not_ready_until_a_second_signal() {
+    let redis = common::RedisServer::start();
+    let log = common::temp_path("log");
+    // The largest delay: the test ends it with a second signal, long before it is up.
+    let delay = tollgate::config::SHUTDOWN_DELAY_MS_MAX;
+    let delay_ms = delay.to_string();
+    let mut server = serve_with(
+        &redis.url(),
+        &log,
+        &[],
+        &[("TOLLGATE_SERVER__SHUTDOWN_DELAY_MS", &delay_ms)],
+    )
+    .await;
+    let (grpc, http) = (server.ports[0], server.ports[1]);
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http).into();
+
+    let signalled = Instant::now();
+    server.signal("-TERM");
+    // Each probe on a new connection: the listener still takes them.
+    let deadline = signalled + Duration::from_secs(30);
+    let body = loop {
+        let (code, body) = common::http_get(http_addr, "/readyz").await;
+        if code == 503 {
+            break body;
+        }
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still ready {:?} after SIGTERM: {body}",
+            signalled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let readyz: serde_json::Value = serde_json::from_str(&body).expect("/readyz is JSON");
+    assert_eq!(readyz["failed"], serde_json::json!(["shutdown"]), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = HealthClient::new(channel(grpc).await)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gRPC health still {status} while /readyz says shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A call on a new connection is still answered (what a gateway sends meanwhile).
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        channel(grpc).await,
+        common::auth(Some(common::ADMIN_TOKEN)),
+    );
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 5,
+            idempotency_key: "during-the-delay".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a grant during the shutdown delay");
+    server.assert_running("during the shutdown delay");
+
+    let again = Instant::now();
+    server.signal("-TERM");
+    let logs = ended_within(&mut server, &log, again, SHUTDOWN_GRACE).await;
+    assert!(
+        signalled.elapsed() < Duration::from_millis(delay),
+        "the second signal did not end the delay ({:?})",
+        signalled.elapsed()
+    );
+    assert!(logs.contains("a second stop signal"), "{logs}");
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Waits (generously) for the process to end after SIGTERM at `signalled`, within
 /// `grace` plus a margin for a busy machine; returns its logs, having checked it exited 0.
 async fn ended_within(
@@ -220,7 +317,7 @@ async fn esign_server_with_key(
         .join("examples")
         .join("pricebook-esign.toml");
     let config = format!("--config={}", pricebook.display());
-    let server = serve_with(&redis.url(), log, &[&config]).await;
+    let server = serve_with(&redis.url(), log, &[&config], &[]).await;
     let grpc = server.ports[0];
 
     let mut admin = pb::admin_client::AdminClient::with_interceptor(
