@@ -480,8 +480,24 @@ def check_variant(checks, docs, label, values, binary, files):
         and tg.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz",
         f"{label}: liveness /healthz, readiness /readyz",
     )
+    checks.expect(tg.get("startupProbe", {}).get("httpGet", {}).get("path") == "/healthz",
+                  f"{label}: a startup probe holds liveness off while `serve --restore` restores")
     checks.expect(bool(tg.get("resources", {}).get("requests")), f"{label}: resources")
     sidecar = values.get("mode") == "sidecar"
+    # Rolling deploys (docs/OPERATIONS.md): tollgate serves on not ready after SIGTERM,
+    # the grace period covers that delay and the 20 s drain, and the sidecar Envoy (it
+    # exits at once on SIGTERM) sleeps in preStop for less than the delay.
+    delay_ms = values.get("config", {}).get("server", {}).get("shutdown_delay_ms", 0)
+    grace = server[0]["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    checks.expect(delay_ms > 0 and grace * 1000 >= delay_ms + 20_000,
+                  f"{label}: a shutdown delay, and a grace period that covers it and the drain",
+                  f"delay {delay_ms} ms, grace {grace} s")
+    if sidecar:
+        sleep = (pod.get("envoy", {}).get("lifecycle", {}).get("preStop", {})
+                 .get("exec", {}).get("command", []))
+        checks.expect(len(sleep) == 2 and sleep[0] == "sleep" and 0 < int(sleep[1]) * 1000 < delay_ms,
+                      f"{label}: Envoy sleeps in preStop, shorter than tollgate's shutdown delay",
+                      json.dumps(sleep))
     envoy_maps = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-envoy")]
     checks.expect(("envoy" in pod) == sidecar and bool(envoy_maps) == sidecar,
                   f"{label}: Envoy container {'present' if sidecar else 'absent'}")
@@ -640,6 +656,19 @@ def check_chart(checks, binary, exposed):
             alerts.update(check_prometheus_rule(checks, docs, label, exposed))
             check_variant(checks, docs, label, merged, binary, files)
     check_alert_docs(checks, alerts)
+    # A grace period shorter than the shutdown delay and the drain, or a sidecar Envoy
+    # that outlives tollgate's delay, is refused.
+    for what, values, message in [
+        ("a grace period short of the shutdown delay and the drain is refused",
+         {"terminationGracePeriodSeconds": 25}, "must cover config.server.shutdown_delay_ms"),
+        ("a sidecar Envoy sleeping as long as tollgate's shutdown delay is refused",
+         {"mode": "sidecar", "envoy": {"preStopSleepSeconds": 6}}, "must be shorter than"),
+    ]:
+        try:
+            chart.render(values, name="tg", namespace="billing", is_install=True)
+            checks.fail(what, "it rendered")
+        except Exception as e:
+            checks.expect(message in str(e), what, str(e))
     # A secret given in values is refused, not rendered into the ConfigMap.
     for section, key in [("auth", "admin_token"), ("store", "url"), ("webhooks", "secret"),
                          ("gateway", "shared_secret")]:
