@@ -430,13 +430,23 @@ async fn restore(args: RestoreArgs) -> Result<(), String> {
 
 async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
     let early_hangups = ignore_hangups_until_serving();
+    // From the first line: a SIGTERM or Ctrl-C while starting (a dev Redis, `--restore`,
+    // which can take minutes) used to end the process where it stood, by the signal's
+    // default action, leaving the dev redis-server running.
+    let stop = StopSignal::listen();
     // Kept alive until serve returns; dropping it stops the child redis-server.
     let mut _dev_redis = None;
     // The dev ledger file of the private redis-server: removed on a clean exit.
     let mut dev_store = None;
     if args.dev {
         if args.redis_url.is_none() {
-            let redis = DevRedis::start().await?;
+            let redis = tokio::select! {
+                redis = DevRedis::start() => redis?,
+                () = stop.received() => {
+                    stopped_before_serving(None);
+                    return Ok(());
+                }
+            };
             config.redis.url = redis.url.clone();
             _dev_redis = Some(redis);
         }
@@ -500,7 +510,16 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
         // until it ended. It serves instead, and the background restore (`server.restore`,
         // every few seconds) restores once Redis is back; a lost shard refuses charges
         // meanwhile (LEDGER_NOT_INITIALIZED), so nothing is served from it unrestored.
-        if let Err(err) = server::restore_if_lost(&config, &ledger).await {
+        let restored = tokio::select! {
+            restored = server::restore_if_lost(&config, &ledger) => restored,
+            // As a crash would: a restore cut short leaves its lease to expire (30 s)
+            // and its shard marked, rebuilt by the next restore (docs/ARCHITECTURE.md).
+            () = stop.received() => {
+                stopped_before_serving(dev_store.as_deref());
+                return Ok(());
+            }
+        };
+        if let Err(err) = restored {
             tracing::warn!(
                 error = %err,
                 "could not look for shards Redis lost before serving; serving, and trying again in the background"
@@ -527,7 +546,8 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
     if let Some(task) = early_hangups {
         task.abort();
     }
-    server::run(config, ledger, grpc, http, shutdown_signal())
+    // A signal that came meanwhile stops it as soon as it serves.
+    server::run(config, ledger, grpc, http, stop.received())
         .await
         .map_err(|e| e.to_string())?;
     // The private redis-server stops with this process, and its ledger is worth nothing
@@ -569,26 +589,71 @@ fn ignore_hangups_until_serving() -> Option<tokio::task::JoinHandle<()>> {
     None
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// A stop signal came while `serve` started: it ends there, its dev ledger file (if any)
+/// removed as on a clean exit.
+fn stopped_before_serving(dev_store: Option<&std::path::Path>) {
+    tracing::info!("a stop signal before serving: stopping");
+    if let Some(path) = dev_store {
+        remove_sqlite_files(path);
+    }
+}
+
+/// SIGTERM or Ctrl-C, listened for from [`StopSignal::listen`] on, for every waiter
+/// that asks after it.
+#[derive(Clone)]
+struct StopSignal(tokio::sync::watch::Receiver<bool>);
+
+impl StopSignal {
+    fn listen() -> Self {
+        let signal = shutdown_signal();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            signal.await;
+            let _ = tx.send(true);
+        });
+        Self(rx)
+    }
+
+    /// Completes once the signal has come (at once if it came already).
+    fn received(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+}
+
+/// SIGTERM or Ctrl-C. The handlers are installed by this call, not when the future is
+/// first polled: until then the signals keep their default action (ending the process).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
+    let listening = {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        match listening {
+            (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
-                    _ = ctrl_c => {},
+                    _ = int.recv() => {},
                     _ = term.recv() => {},
                 }
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
+            (Ok(mut term), Err(_)) => {
+                term.recv().await;
+            }
+            (Err(_), _) => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -803,11 +803,14 @@ pub async fn run(
     let initializer = {
         let ledger = ledger.clone();
         let store = store.clone();
-        let stop = stopped();
+        // One each: the verification returns on shutdown having completed its own, and
+        // the loop polled that completed future again (a panic, "`async fn` resumed after
+        // completion", on every shutdown of a pod whose store had not answered yet).
+        let (verify_stop, stop) = (stopped(), stopped());
         tokio::spawn(async move {
             let mut stop = std::pin::pin!(stop);
             if !count_verified {
-                if let Err(err) = verify_shard_count(&ledger, &store, &mut stop).await {
+                if let Err(err) = verify_shard_count(&ledger, &store, verify_stop).await {
                     let _ = count_refused_tx.send(err);
                     return;
                 }

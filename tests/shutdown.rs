@@ -276,6 +276,147 @@ async fn a_shutdown_delay_keeps_serving_not_ready_until_a_second_signal() {
     let _ = std::fs::remove_file(&log);
 }
 
+/// A "PostgreSQL" that takes connections and never answers: its URL, and the task that
+/// holds them (abort it to let them go).
+async fn silent_store() -> (String, tokio::task::JoinHandle<()>) {
+    let store = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "postgres://postgres@{}/tollgate",
+        store.local_addr().expect("addr")
+    );
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = store.accept().await {
+            open.push(conn);
+        }
+    });
+    (url, held)
+}
+
+/// SIGTERM to a `serve` whose store has not answered since it started (the shard count
+/// still unverified) ends it cleanly. The shard-count task's verification returned on
+/// shutdown having completed the stop future it was lent, and the task then polled it
+/// again: a panic (`async fn` resumed after completion) on every such shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_store_unreachable_since_start_up_stops_without_a_panic() {
+    let redis = common::RedisServer::start();
+    let log = common::temp_path("log");
+    let (store_url, held) = silent_store().await;
+    let redis_url = redis.url();
+    // Serves after the start-up wait for the store (5 s), not ready (no shard can be
+    // initialized before the store answers): waited for on /healthz.
+    let mut server = common::spawn_listening(
+        2,
+        common::START_TIMEOUT,
+        |ports| {
+            let mut cmd = common::tollgate();
+            cmd.arg("serve")
+                .arg(format!("--redis-url={redis_url}"))
+                .arg(format!("--grpc-addr=127.0.0.1:{}", ports[0]))
+                .arg(format!("--http-addr=127.0.0.1:{}", ports[1]))
+                .arg(format!("--store={store_url}"))
+                .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+                .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+                .env(
+                    "TOLLGATE_GATEWAY__SPOOL_PATH",
+                    common::temp_path("spool").display().to_string(),
+                )
+                .env("RUST_LOG", "info")
+                .stdout(std::fs::File::create(&log).expect("log file"));
+            cmd
+        },
+        // Each probe bounded: until it serves, the bound port takes the connection and
+        // answers nothing.
+        |ports| async move {
+            let addr = ([127, 0, 0, 1], ports[1]).into();
+            tokio::time::timeout(Duration::from_secs(5), common::http_get(addr, "/healthz"))
+                .await
+                .is_ok_and(|(code, _)| code == 200)
+        },
+    )
+    .await;
+    let signalled = Instant::now();
+    server.signal("-TERM");
+    ended_within(&mut server, &log, signalled, SHUTDOWN_GRACE).await;
+    let stderr = server.stderr();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    held.abort();
+    let _ = std::fs::remove_file(&log);
+}
+
+/// SIGTERM while `serve` starts (here `--restore` looking at a store that does not
+/// answer, then the start-up wait for it: 10 s before it serves) ends it cleanly, exit 0,
+/// without serving. The signal handlers used to be installed only once the server ran,
+/// so a signal during the start ended the process by the signal's default action, where
+/// it stood (a `--dev` redis-server was left running, a restore cut anywhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_stops_cleanly_before_serving() {
+    let redis = common::RedisServer::start();
+    let log = common::temp_path("log");
+    let (store_url, held) = silent_store().await;
+    let mut cmd = common::tollgate();
+    cmd.arg("serve")
+        .arg("--restore")
+        .arg(format!("--redis-url={}", redis.url()))
+        .arg(format!("--grpc-addr=127.0.0.1:{}", common::free_port()))
+        .arg(format!("--http-addr=127.0.0.1:{}", common::free_port()))
+        .arg(format!("--store={store_url}"))
+        .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+        .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+        .env(
+            "TOLLGATE_GATEWAY__SPOOL_PATH",
+            common::temp_path("spool").display().to_string(),
+        )
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(&log).expect("log file"));
+    let mut child = common::KillOnDrop(cmd.spawn().expect("spawn tollgate serve"));
+    let pid = child.0.id();
+
+    // Signalled once it handles SIGTERM (its caught-signals mask says so), not before: a
+    // signal sent earlier ends any process by its default action.
+    let caught = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
+    };
+    common::eventually(
+        Duration::from_secs(30),
+        "tollgate handles SIGTERM",
+        || async { caught(pid).then_some(()) },
+    )
+    .await;
+    let signalled = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = signalled + SHUTDOWN_GRACE + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tollgate serve still running {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let logs = common::read_lossy(&log);
+    assert!(status.success(), "exit {status}; logs:\n{logs}");
+    // Stopped where it was, in the restore's look: it never served.
+    assert!(logs.contains("a stop signal before serving"), "{logs}");
+    assert!(!logs.contains("price book loaded"), "{logs}");
+    held.abort();
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Waits (generously) for the process to end after SIGTERM at `signalled`, within
 /// `grace` plus a margin for a busy machine; returns its logs, having checked it exited 0.
 async fn ended_within(
