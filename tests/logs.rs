@@ -915,13 +915,13 @@ async fn a_store_outage_is_logged_once_each_way_without_the_password() {
 
 /// A flood of bad credentials: forward-auth checks with an unknown API key are answers
 /// (401), not logged at all (the denial metrics count them); gRPC calls with a wrong token
-/// are a client's mistake, at INFO, within the request log's budget, each one counted.
+/// are a client's mistake, one INFO line each (not throttled: the request's trail), and
+/// no credential reaches the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_bad_credentials_is_not_a_flood_of_lines() {
+async fn bad_api_keys_log_nothing_and_bad_tokens_a_client_line_each() {
     const BAD_KEY: &str = "tg_bad-key-4471";
     let redis = common::RedisServer::start();
     let mut running = Running::start("badkeys", PRICED, &redis).await;
-    let flood_started = std::time::Instant::now();
     let statuses = forward_auth_flood(running.http_addr, BAD_KEY, FLOOD).await;
     assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
     let mut intruder = pb::admin_client::AdminClient::with_interceptor(
@@ -935,7 +935,6 @@ async fn a_flood_of_bad_credentials_is_not_a_flood_of_lines() {
             .expect_err("bad token");
         assert_eq!(denied.code(), tonic::Code::Unauthenticated);
     }
-    let flood_took = flood_started.elapsed();
     let out_path = running.out_path.clone();
     common::eventually(
         Duration::from_secs(60),
@@ -955,20 +954,14 @@ async fn a_flood_of_bad_credentials_is_not_a_flood_of_lines() {
     .await;
     let (stdout, output) = running.stop();
     let lines = json_lines(&stdout);
+    // A client's failed request keeps its own line (its request id is the trail support
+    // follows): only server faults are throttled.
     let failed = with_message(&lines, "request failed");
-    let max = throttled_lines_max(flood_took);
-    assert!(
-        max < FLOOD,
-        "the flood took too long to tell ({flood_took:?})"
-    );
-    assert!(
-        failed.len() <= max,
-        "{} lines (at most {max})",
-        failed.len()
-    );
+    assert_eq!(failed.len(), FLOOD, "one line per failed request");
     for line in &failed {
         assert_eq!(line["level"], "INFO", "{line}");
         assert_eq!(line["fields"]["code"], "UNAUTHENTICATED", "{line}");
+        assert!(line["fields"].get("suppressed").is_none(), "{line}");
     }
     assert!(
         !output.contains("req-flood-"),

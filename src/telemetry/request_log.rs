@@ -193,6 +193,10 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
                 "code" => code
             )
             .increment(1);
+            // A server fault repeats for every request while a dependency is down (the
+            // health watcher logs the outage itself): throttled per site. A client's
+            // failed request keeps its line, the trail support follows by request id
+            // (a client's own flood is that client's traffic, like an access log's).
             if is_server_fault(status.code()) {
                 crate::log_throttled!(
                     WARN,
@@ -205,8 +209,7 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
                     "request failed"
                 );
             } else {
-                crate::log_throttled!(
-                    INFO,
+                tracing::info!(
                     request_id,
                     protocol = "grpc",
                     path,
@@ -233,8 +236,7 @@ fn log_failure(failure: &Failure, request_id: &str, method: &Method, path: &str,
                     "request failed"
                 );
             } else {
-                crate::log_throttled!(
-                    INFO,
+                tracing::info!(
                     request_id,
                     protocol = "http",
                     method,
