@@ -135,14 +135,32 @@ impl ServerConfig {
 /// A Redis or store URL as logs and dev output may show it: scheme, host, port and path,
 /// without user, password or query (where `?password=` may be). The query goes first (an
 /// `@` is legal in it); then everything up to the last `@`, so a password holding an
-/// unescaped `/` or `@` is not shown either.
+/// unescaped `/` or `@` is not shown either. A password holding an unescaped `?` or `#`
+/// would leave part of itself where the host goes (`redis://:pa?ss@h` cut to `:pa`): what
+/// is left is shown only if it reads as a host and port, else `(hidden)`.
 pub fn url_for_logs(url: &str) -> String {
     let url = url.split(['?', '#']).next().unwrap_or_default();
     let Some((scheme, rest)) = url.split_once("://") else {
         return "(not a URL)".into();
     };
     let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    format!("{scheme}://{rest}")
+    let authority = rest.split('/').next().unwrap_or_default();
+    // `[…]` is an IPv6 address, colons and all.
+    let (host, port) = match authority.strip_prefix('[').and_then(|a| a.split_once(']')) {
+        Some((address, port)) => (address, port.strip_prefix(':').unwrap_or("0")),
+        None => authority.rsplit_once(':').unwrap_or((authority, "0")),
+    };
+    let host_like = host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b))
+        && (authority.starts_with('[') || !host.contains(':'))
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit());
+    if host_like {
+        format!("{scheme}://{rest}")
+    } else {
+        format!("{scheme}://(hidden)")
+    }
 }
 
 /// A secret as `Debug` shows it: whether it is set, never its value.
@@ -1461,6 +1479,15 @@ mod tests {
             ("postgres://u:pa/ss@db/x", "postgres://db/x"),
             ("postgres://db/x?password=p@ss", "postgres://db/x"),
             ("sqlite://tollgate.db", "sqlite://tollgate.db"),
+            (
+                "sqlite:///var/lib/tollgate/l.db",
+                "sqlite:///var/lib/tollgate/l.db",
+            ),
+            ("redis://[::1]:6379", "redis://[::1]:6379"),
+            // An unescaped `?` or `#` in the password: what is left is no host.
+            ("redis://:pa?ss@cache:6379", "redis://(hidden)"),
+            ("redis://user:se#cret@cache", "redis://(hidden)"),
+            ("postgres://u:p/a?ss@db/x", "postgres://(hidden)"),
             ("nonsense pw", "(not a URL)"),
         ] {
             assert_eq!(url_for_logs(url), shown, "{url}");

@@ -1076,6 +1076,9 @@ async fn join_until(deadline: tokio::time::Instant, tasks: Vec<tokio::task::Join
     if tokio::time::timeout_at(deadline, all).await.is_err() {
         tracing::warn!("background tasks still running after the shutdown grace: leaving them");
     }
+    // The health watcher, which reports what throttled sites left out, has stopped: what
+    // they left out since (an outage during the shutdown delay) is reported now.
+    telemetry::throttle::log_all_suppressed();
 }
 
 /// How often the fail-open spool is looked at (two `stat`s when it is empty).

@@ -19,6 +19,9 @@ CREATE INDEX IF NOT EXISTS tollgate_events_newest
 -- table: a partial index of them is small.
 CREATE INDEX IF NOT EXISTS tollgate_events_holds
     ON tollgate_events (account_id, wallet, hold_id) WHERE kind = 'hold';
--- The old history index goes last: dropping it locks the table against reads as well
--- (PostgreSQL) until the migration commits, so not for the length of the builds above.
-DROP INDEX IF EXISTS tollgate_events_history;
+-- The old history index, now unused, is dropped on SQLite only (store.rs
+-- MIGRATION_EXTRAS). On PostgreSQL a DROP INDEX in this transaction would wait for an
+-- ACCESS EXCLUSIVE lock behind any long reader of the table (a pg_dump), while the
+-- builds' SHARE lock above went on holding every settler write, and every new reader
+-- queued behind it: settlement stopped for the length of the dump. The operator drops it
+-- there with DROP INDEX CONCURRENTLY, which blocks neither (docs/OPERATIONS.md).

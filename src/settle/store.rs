@@ -44,6 +44,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("schema_v11.sql")),
 ];
 
+/// Statements of a migration for one kind of store only (version, `kind()`, SQL), run
+/// after the version's shared SQL, in its transaction.
+const MIGRATION_EXTRAS: &[(i64, &str, &str)] = &[
+    // Version 11's old history index: a PostgreSQL drop would take an ACCESS EXCLUSIVE
+    // lock behind long readers (schema_v11.sql); SQLite's planner would prefer it to the
+    // new one, and its write lock is the migration's anyway.
+    (11, "sqlite", "DROP INDEX IF EXISTS tollgate_events_history"),
+];
+
 /// Columns a migration adds where they are missing, before its SQL runs: (version,
 /// table, column, definition). schema_v5.sql gained `round_start_attempts` after a build
 /// had shipped it without, so a database that build migrated is at version 5 without the
@@ -556,6 +565,12 @@ macro_rules! store_impl {
                         }
                     }
                     sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+                    for (_, _, extra) in MIGRATION_EXTRAS
+                        .iter()
+                        .filter(|m| m.0 == *version && m.1 == $kind)
+                    {
+                        sqlx::raw_sql(*extra).execute(&mut *tx).await?;
+                    }
                     sqlx::query(
                         "INSERT INTO tollgate_schema_migrations (version, applied_at_ms) \
                          VALUES ($1, $2)",

@@ -86,12 +86,13 @@ impl Throttle {
         Some((suppressed > 0).then_some(suppressed))
     }
 
-    /// The count left out, taken, once the window it was left out in is over.
-    fn take_suppressed_at(&self, now: Instant) -> u64 {
+    /// The count left out, taken, once the window it was left out in is over (or at
+    /// once with `now` None).
+    fn take_suppressed_at(&self, now: Option<Instant>) -> u64 {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let window_over = state
-            .window_started
-            .is_some_and(|started| now.saturating_duration_since(started) >= THROTTLE_INTERVAL);
+        let window_over = state.window_started.is_some_and(|started| {
+            now.is_none_or(|now| now.saturating_duration_since(started) >= THROTTLE_INTERVAL)
+        });
         if window_over {
             std::mem::take(&mut state.suppressed)
         } else {
@@ -104,7 +105,16 @@ impl Throttle {
 /// later line of its own reported (`log lines left out`, at the site's level). The health
 /// watcher calls it every round.
 pub fn log_suppressed() {
-    let now = Instant::now();
+    log_suppressed_at(Some(Instant::now()));
+}
+
+/// Logs every count left out, windows over or not: at the end of a process, once nothing
+/// calls [`log_suppressed`] any more.
+pub fn log_all_suppressed() {
+    log_suppressed_at(None);
+}
+
+fn log_suppressed_at(now: Option<Instant>) {
     let sites = SITES.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for throttle in sites {
         let suppressed = throttle.take_suppressed_at(now);
@@ -167,9 +177,16 @@ mod tests {
         for _ in 0..LINES_PER_SITE_MAX + 3 {
             throttle.admit_at(next);
         }
-        assert_eq!(throttle.take_suppressed_at(next), 0);
+        assert_eq!(throttle.take_suppressed_at(Some(next)), 0);
         let after = next + THROTTLE_INTERVAL;
-        assert_eq!(throttle.take_suppressed_at(after), 5);
-        assert_eq!(throttle.take_suppressed_at(after), 0);
+        assert_eq!(throttle.take_suppressed_at(Some(after)), 5);
+        assert_eq!(throttle.take_suppressed_at(Some(after)), 0);
+        // At the end, whatever the window: taken at once.
+        for _ in 0..LINES_PER_SITE_MAX + 2 {
+            throttle.admit_at(after);
+        }
+        assert_eq!(throttle.take_suppressed_at(Some(after)), 0);
+        assert_eq!(throttle.take_suppressed_at(None), 2);
+        assert_eq!(throttle.take_suppressed_at(None), 0);
     }
 }
