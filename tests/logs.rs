@@ -307,21 +307,7 @@ async fn one_line_per_failed_request_with_its_id_and_no_secrets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_auth_5xx_answers_are_logged_also_in_nginx_mode() {
     let mut redis = common::RedisServer::start();
-    let config = r#"
-[pricebook]
-default = "deny"
-
-[[pricebook.routes]]
-method = "POST"
-path = "/v1/charged"
-operation = "charged"
-
-[pricebook.operations.charged]
-mode = "debit"
-base = 1
-fail_policy = "fail_closed"
-"#;
-    let mut running = Running::start("nginx5xx", config, &redis).await;
+    let mut running = Running::start("nginx5xx", PRICED, &redis).await;
     let mut admin = running.admin();
     admin.grant(grant(10, "g1")).await.expect("grant");
     let api_key = admin
