@@ -972,6 +972,11 @@ pub async fn run(
     tokio::spawn({
         let refused = refused.clone();
         async move {
+            let mut count_refused = std::pin::pin!(count_refused);
+            let refuse = |err: ShardCountError| {
+                tracing::error!(error = %err, "another shard count than the deployment's: stopping");
+                *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+            };
             tokio::select! {
                 _ = shutdown => {
                     if shutdown_delay.is_zero() {
@@ -989,13 +994,12 @@ pub async fn run(
                             () = again => {
                                 tracing::info!("a second stop signal: draining now");
                             }
+                            // Still an error exit, not a clean one, when it comes meanwhile.
+                            Ok(err) = &mut count_refused => refuse(err),
                         }
                     }
                 }
-                Ok(err) = count_refused => {
-                    tracing::error!(error = %err, "another shard count than the deployment's: stopping");
-                    *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
-                }
+                Ok(err) = &mut count_refused => refuse(err),
             }
             let _ = shutting_down_tx.send(true);
             let _ = stop_tx.send(true);
