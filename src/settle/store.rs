@@ -2271,15 +2271,19 @@ mod tests {
         assert_eq!(page.events.len(), 100);
         assert_eq!(page.events[0].event_id, "0-10999-0");
 
-        let plan: Vec<String> = SqliteStore::history_query("EXPLAIN QUERY PLAN ", &half_way(), 100)
-            .expect("query")
-            .build()
-            .fetch_all(&lite.pool)
-            .await
-            .expect("explain")
-            .iter()
-            .map(|r| r.get::<String, _>("detail"))
-            .collect();
+        // SQLite's plan of a history page: one line per step.
+        let plan_of = |q: HistoryQuery| async move {
+            SqliteStore::history_query("EXPLAIN QUERY PLAN ", &q, 100)
+                .expect("query")
+                .build()
+                .fetch_all(&lite.pool)
+                .await
+                .expect("explain")
+                .iter()
+                .map(|r| r.get::<String, _>("detail"))
+                .collect::<Vec<String>>()
+        };
+        let plan = plan_of(half_way()).await;
         assert!(
             plan.iter().any(|l| l.contains("tollgate_events_newest")
                 && l.contains("account_id=? AND created_at_ms<?"))
@@ -2291,15 +2295,7 @@ mod tests {
             after: None,
             ..half_way()
         };
-        let plan: Vec<String> = SqliteStore::history_query("EXPLAIN QUERY PLAN ", &first, 100)
-            .expect("query")
-            .build()
-            .fetch_all(&lite.pool)
-            .await
-            .expect("explain")
-            .iter()
-            .map(|r| r.get::<String, _>("detail"))
-            .collect();
+        let plan = plan_of(first).await;
         assert!(
             plan.iter().any(|l| l.contains("tollgate_events_newest"))
                 && !plan.iter().any(|l| l.contains("TEMP B-TREE")),
