@@ -230,6 +230,159 @@ async fn sighup_reloads_the_price_book_without_dropping_requests() {
     drop(server);
 }
 
+/// A hold is settled by the terms of the price book it was placed under, not by the
+/// book in force when Envoy's access log reaches tollgate: a reload between the Check
+/// and the access-log entry used to price the upstream's units at the new book's
+/// `capture_per_unit` (here 10 instead of 2: a price never in force while the request
+/// ran), and a renamed units header would have captured the whole hold. Holds placed
+/// under each book are settled while the other book is in force, across reloads both
+/// ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_is_settled_by_the_book_it_was_placed_under() {
+    use tollgate::api::pb;
+    let redis = common::RedisServer::start();
+    let dir = TempDir::new("reload-hold");
+    let config = dir.0.join("tollgate.toml");
+    let log = dir.0.join("serve.log");
+    let cheap = example("pricebook-esign.toml");
+    // Book B: holds 60 (so a hold's metadata says which book placed it) and captures 10
+    // a page.
+    let dear = replace(
+        &replace(
+            &cheap,
+            "mode = \"hold\"\nbase = 50\n",
+            "mode = \"hold\"\nbase = 60\n",
+        ),
+        "capture_per_unit = 2\n",
+        "capture_per_unit = 10\n",
+    );
+    std::fs::write(&config, &cheap).expect("write config");
+    let (server, grpc, _) = serve(&config, &redis.url(), &log).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        channel.clone(),
+        common::auth(Some(common::ADMIN_TOKEN)),
+    );
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 1_000_000,
+            idempotency_key: "g".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "acme".into(),
+            name: "reload".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .into_inner()
+        .api_key;
+    let held = |m: &envoy_types::pb::google::protobuf::Struct| match m
+        .fields
+        .get("tollgate_held")
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => {
+            s.parse::<i64>().expect("held")
+        }
+        other => panic!("no tollgate_held: {other:?}"),
+    };
+    // Holds made until one shows the wanted book is in force (those before it were
+    // placed under the other book), then `more` under it.
+    let mut n = 0;
+    let mut holds = Vec::new();
+    let mut hold_under = |base: i64, more: usize| {
+        let channel = channel.clone();
+        let key = key.clone();
+        let mut made = Vec::new();
+        let start = n;
+        n += 1000;
+        async move {
+            let deadline = Instant::now() + common::START_TIMEOUT;
+            let mut i = start;
+            let mut left = more;
+            while left > 0 {
+                i += 1;
+                let m = common::gateways::ocr_hold(channel.clone(), &key, &format!("r{i}")).await;
+                let h = held(&m);
+                if h == base {
+                    left -= 1;
+                } else {
+                    assert!(Instant::now() < deadline, "never reloaded (held {h})");
+                }
+                made.push((h, m));
+            }
+            made
+        }
+    };
+    holds.extend(hold_under(50, 4).await);
+    let mut logs = envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient::with_interceptor(
+        channel.clone(),
+        common::auth(Some(common::SERVICE_TOKEN)),
+    );
+    let metering = pb::metering_client::MeteringClient::with_interceptor(
+        channel.clone(),
+        common::auth(Some(common::SERVICE_TOKEN)),
+    );
+    let mut want_used = 0;
+    for (round, (book, base)) in [(&dear, 60), (&cheap, 50), (&dear, 60), (&cheap, 50)]
+        .into_iter()
+        .enumerate()
+    {
+        std::fs::write(&config, book).expect("rewrite config");
+        server.0.signal("-HUP");
+        let placed = hold_under(base, 3).await;
+        // Settle every hold made before this reload, now that the other book is in
+        // force: 4 pages each, at the rate of the book that placed the hold.
+        let entries: Vec<_> = holds
+            .drain(..)
+            .map(|(h, m)| {
+                want_used += if h == 50 { 4 * 2 } else { 4 * 10 };
+                common::gateways::access_log_entry(&m, 200, "4")
+            })
+            .collect();
+        logs.stream_access_logs(tokio_stream::iter(vec![
+            common::gateways::access_log_message(entries),
+        ]))
+        .await
+        .expect("access log");
+        holds = placed;
+        // Settled: what is held is this round's holds, no more.
+        let open: i64 = holds.iter().map(|(h, _)| h).sum();
+        let used = common::eventually(common::START_TIMEOUT, "the holds settled", || {
+            let mut metering = metering.clone();
+            async move {
+                let b = metering
+                    .get_balance(pb::GetBalanceRequest {
+                        account_id: "acme".into(),
+                        wallet: "default".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                let w = b.wallets.first()?;
+                (w.held == open).then_some(w.total_used)
+            }
+        })
+        .await;
+        assert_eq!(
+            used, want_used,
+            "round {round}: each hold captured at the rate of the book that placed it"
+        );
+    }
+    drop(server);
+}
+
 /// A SIGHUP to a server without a config file (settings from the environment) is
 /// logged and ignored: it must not end the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,6 +154,9 @@ impl AccessLog {
 pub struct HoldToSettle<'a> {
     pub hold_id: &'a str,
     pub operation: Option<&'a str>,
+    /// The settlement terms of the book that placed the hold (absent from a hold an older
+    /// tollgate placed: the current book's then settle it).
+    pub capture_terms: Option<&'a str>,
     pub held: Option<i64>,
     /// The HTTP status Envoy logged; 0 when Envoy answered without one (e.g. the client
     /// went away).
@@ -344,6 +347,9 @@ pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 const META_HOLD_ID: &str = "tollgate_hold_id";
 const META_OPERATION: &str = "tollgate_operation";
 const META_HELD: &str = "tollgate_held";
+/// The hold's settlement terms from the price book that placed it
+/// (`HoldPolicy::capture_terms`): a reload before the entry arrives does not change them.
+const META_CAPTURE: &str = "tollgate_capture";
 /// The gRPC status of an answer: a trailer, or a header of a trailers-only answer.
 pub const GRPC_STATUS: &str = "grpc-status";
 
@@ -360,6 +366,9 @@ pub fn hold_metadata(allowed: &Allowed) -> Option<Struct> {
     ]);
     if let Some(op) = &allowed.operation {
         fields.insert(META_OPERATION.to_owned(), text(op.clone()));
+    }
+    if let Some(terms) = &allowed.capture_terms {
+        fields.insert(META_CAPTURE.to_owned(), text(terms.clone()));
     }
     Some(Struct { fields })
 }
@@ -385,6 +394,7 @@ pub fn hold_to_settle(entry: &HttpAccessLogEntry) -> Option<HoldToSettle<'_>> {
     Some(HoldToSettle {
         hold_id,
         operation: text(META_OPERATION),
+        capture_terms: text(META_CAPTURE),
         held: text(META_HELD).and_then(|c| c.parse().ok()),
         http_status: response
             .and_then(|r| r.response_code.as_ref())
@@ -519,9 +529,13 @@ fn broke_off(status: &Status) -> bool {
 impl AccessLog {
     async fn settle(&self, hold: &HoldToSettle<'_>) {
         let units = |name: &str| hold.units(name).map(str::to_owned);
-        let by_status = self
-            .gateway
-            .settlement(hold.operation, hold.held, hold.status(), &units);
+        let by_status = self.gateway.settlement(
+            hold.operation,
+            hold.capture_terms,
+            hold.held,
+            hold.status(),
+            &units,
+        );
         let settlement = match hold.delivery.settle(by_status) {
             Ok(settlement) => settlement,
             Err(reason) => {
@@ -626,6 +640,24 @@ mod tests {
         assert_eq!(hold.grpc_status, None);
         assert_eq!(hold.status(), 200);
         assert_eq!(hold.operation, None);
+        // A hold placed by a tollgate from before the terms were carried.
+        assert_eq!(hold.capture_terms, None);
+        let allowed = Allowed {
+            capture_terms: Some("2;200-299;x-tollgate-units".into()),
+            ..allowed
+        };
+        entry
+            .common_properties
+            .as_mut()
+            .and_then(|c| c.metadata.as_mut())
+            .expect("metadata")
+            .filter_metadata
+            .insert(
+                EXT_AUTHZ_NAMESPACE.to_owned(),
+                hold_metadata(&allowed).expect("metadata"),
+            );
+        let hold = hold_to_settle(&entry).expect("a hold");
+        assert_eq!(hold.capture_terms, Some("2;200-299;x-tollgate-units"));
     }
 
     /// A log entry of a request that took a hold of 50, answered with this HTTP status,

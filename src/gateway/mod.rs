@@ -143,6 +143,10 @@ pub struct Allowed {
     /// Debited, or held (hold mode).
     pub charged: i64,
     pub hold_id: Option<String>,
+    /// A hold's settlement terms from the price book that placed it
+    /// ([`pricing::HoldPolicy::capture_terms`]): the access log settles the hold by them,
+    /// whatever book is in force by then.
+    pub capture_terms: Option<String>,
     /// A debit's charge id (its event id; a replayed check's is the first one's).
     pub charge_id: Option<String>,
     /// What the caller may still spend after the charge (`x-credits-remaining`): the
@@ -884,18 +888,27 @@ impl Gateway {
     }
 
     /// What the upstream's answer (Envoy's access log) makes of a hold: capture on a
-    /// configured status with the units the upstream reported, release otherwise.
-    /// `operation` picks the policy from the current price book (an operation removed since
-    /// falls back to capture-all on 2xx); `held` caps the capture. Whether the logged
+    /// configured status with the units the upstream reported, release otherwise, by the
+    /// `capture_terms` of the book that placed the hold (the Check's dynamic metadata).
+    /// Without them (a hold placed by an older tollgate) `operation` picks the policy from
+    /// the current price book (an operation removed since falls back to capture-all on
+    /// 2xx); `held` caps the capture. Whether the logged
     /// status is the API's answer at all is the access log's to judge first
     /// (`access_log::Delivery`).
     pub fn settlement(
         &self,
         operation: Option<&str>,
+        capture_terms: Option<&str>,
         held: Option<i64>,
         status: u32,
         units: &dyn Fn(&str) -> Option<String>,
     ) -> Settlement {
+        // The terms the hold was placed under, when its Check gave them: a reload since
+        // must not settle it by a rate that was not in force then.
+        if let Some(policy) = capture_terms.and_then(HoldPolicy::from_capture_terms) {
+            return policy.settle(status, units(&policy.capture_units_header).as_deref(), held);
+        }
+        // A hold placed by a tollgate from before the terms were carried: the current book.
         let book = self.pricebook.load_full();
         match operation.and_then(|name| book.operation(name)?.hold()) {
             Some(policy) => {
@@ -1060,6 +1073,11 @@ fn charged(
             member_id: member(member_id),
             operation: Some(op.name.clone()),
             charged: took.amount,
+            capture_terms: took
+                .hold_id
+                .as_ref()
+                .and(op.hold())
+                .map(HoldPolicy::capture_terms),
             hold_id: took.hold_id,
             charge_id: took.charge_id,
             remaining: Some(took.remaining),
@@ -1300,6 +1318,7 @@ mod tests {
             operation: Some("ocr.pages".into()),
             charged: 50,
             hold_id: Some("h3-9".into()),
+            capture_terms: Some("2;200-299;x-tollgate-units".into()),
             charge_id: None,
             remaining: Some(40),
             degraded: false,

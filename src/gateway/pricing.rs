@@ -315,6 +315,59 @@ impl HoldPolicy {
         }
     }
 
+    /// The terms a hold is settled by — `capture_per_unit;capture_statuses;units header`,
+    /// e.g. `2;200-299,404-404;x-tollgate-units` — carried from the Check that placed the
+    /// hold to its access-log entry (Envoy's dynamic metadata), so that a price book
+    /// reloaded in between does not settle it by a rate or statuses that were not in
+    /// force when it was placed ([`HoldPolicy::from_capture_terms`]).
+    pub fn capture_terms(&self) -> String {
+        let mut out = self.capture_per_unit.to_string();
+        out.push(';');
+        for (i, r) in self.capture_statuses.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&format!("{}-{}", r.first, r.last));
+        }
+        out.push(';');
+        out.push_str(&self.capture_units_header);
+        out
+    }
+
+    /// Reads [`HoldPolicy::capture_terms`] back (for settling only: its TTL and
+    /// `on_expiry` are not in them); `None` for anything a price book could not have
+    /// said, which the caller settles by the current book instead.
+    pub fn from_capture_terms(text: &str) -> Option<Self> {
+        let mut parts = text.splitn(3, ';');
+        let per_unit: i64 = parts.next()?.parse().ok()?;
+        let statuses = parts.next()?;
+        let header = parts.next()?;
+        if !(1..=CREDITS_MAX).contains(&per_unit)
+            || header.is_empty()
+            || !header.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+            })
+        {
+            return None;
+        }
+        let mut capture_statuses = Vec::new();
+        for range in statuses.split(',') {
+            let (first, last) = range.split_once('-')?;
+            let (first, last): (u32, u32) = (first.parse().ok()?, last.parse().ok()?);
+            if !(100..=599).contains(&first) || !(first..=599).contains(&last) {
+                return None;
+            }
+            capture_statuses.push(StatusRange { first, last });
+        }
+        Some(Self {
+            ttl_ms: 1,
+            on_expiry: OnExpiry::Release,
+            capture_per_unit: per_unit,
+            capture_units_header: header.to_owned(),
+            capture_statuses,
+        })
+    }
+
     /// What settles a hold of an operation the price book no longer has: capture all on
     /// 2xx, release otherwise.
     pub fn fallback() -> Self {
@@ -1390,6 +1443,51 @@ mod tests {
         );
         assert_eq!(hold.settle(502, Some("3"), Some(50)), Settlement::Release);
         assert_eq!(hold.settle(404, None, Some(50)), Settlement::Release);
+    }
+
+    /// A hold's settlement terms travel in Envoy's dynamic metadata as text and settle as
+    /// the policy they came from; text no price book could have made is not taken.
+    #[test]
+    fn capture_terms_read_back_as_the_policy_that_wrote_them() {
+        let policy = HoldPolicy {
+            ttl_ms: 60_000,
+            on_expiry: OnExpiry::Capture,
+            capture_per_unit: 7,
+            capture_units_header: "x-pages.v2".into(),
+            capture_statuses: vec![
+                StatusRange::parse("2xx").expect("2xx"),
+                StatusRange::parse("404").expect("404"),
+            ],
+        };
+        let terms = policy.capture_terms();
+        assert_eq!(terms, "7;200-299,404-404;x-pages.v2");
+        let back = HoldPolicy::from_capture_terms(&terms).expect("terms");
+        assert_eq!(back.capture_per_unit, 7);
+        assert_eq!(back.capture_units_header, "x-pages.v2");
+        assert_eq!(back.capture_statuses, policy.capture_statuses);
+        for (status, units) in [(200, Some("3")), (404, None), (500, Some("3"))] {
+            assert_eq!(
+                back.settle(status, units, Some(50)),
+                policy.settle(status, units, Some(50))
+            );
+        }
+        for bad in [
+            "",
+            "7",
+            "7;200-299",
+            "0;200-299;x-units",
+            "-1;200-299;x-units",
+            "9007199254740992;200-299;x-units",
+            "7;;x-units",
+            "7;200;x-units",
+            "7;299-200;x-units",
+            "7;600-600;x-units",
+            "7;200-299;",
+            "7;200-299;X-Units",
+            "7;200-299;x units",
+        ] {
+            assert_eq!(HoldPolicy::from_capture_terms(bad), None, "{bad:?}");
+        }
     }
 
     /// One normal form for every reading of a path, or a refusal naming why; a path already
