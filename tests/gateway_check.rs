@@ -849,6 +849,69 @@ async fn a_revoked_key_stops_working_on_other_sidecars_within_the_cache_ttl() {
     assert_eq!(r.status, 200, "within B's cache TTL: {r:?}");
 }
 
+/// Checks flowing on the sidecar that revokes the key, through the revocation, round
+/// after round: every check that starts after RevokeApiKey answered is refused
+/// `revoked_api_key` (this sidecar's bound is "at once", however the checks' own lookups
+/// interleave with it), and the ledger charged exactly the checks that were allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_racing_a_revocation_on_its_sidecar_are_refused_from_its_answer_on() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    for round in 0..6 {
+        let account = format!("racer{round}");
+        let key = seed(&server, &account, 1_000_000).await;
+        let revoked = Arc::new(AtomicBool::new(false));
+        let mut checkers = Vec::new();
+        for _ in 0..3 {
+            let mut c = Checker::new(&server).await;
+            let key = key.clone();
+            let revoked = revoked.clone();
+            checkers.push(tokio::spawn(async move {
+                let mut allowed = 0i64;
+                loop {
+                    let after_revocation = revoked.load(Ordering::SeqCst);
+                    let r = c
+                        .check("POST", "/v1/envelopes", &[("x-api-key", key.as_str())])
+                        .await;
+                    if r.status == 200 {
+                        assert!(!after_revocation, "allowed after the revocation: {r:?}");
+                        allowed += 1;
+                    } else {
+                        assert_eq!(r.body["error"], "revoked_api_key", "{r:?}");
+                        if after_revocation {
+                            return allowed;
+                        }
+                    }
+                }
+            }));
+        }
+        // Let the checks warm the cache (a key is cached on its second miss), then revoke.
+        tokio::time::sleep(Duration::from_millis(20 * (round + 1))).await;
+        let key_id = key.split('_').nth(1).expect("key id").to_owned();
+        server
+            .admin()
+            .await
+            .revoke_api_key(pb::RevokeApiKeyRequest { key_id })
+            .await
+            .expect("revoke");
+        revoked.store(true, Ordering::SeqCst);
+        let mut allowed = 0;
+        for checker in checkers {
+            allowed += tokio::time::timeout(common::START_TIMEOUT, checker)
+                .await
+                .expect("checks refused after the revocation")
+                .expect("checker");
+        }
+        let (_, _, used) = balance(&server, &account).await;
+        assert_eq!(
+            used, allowed,
+            "round {round}: charged exactly the allowed checks"
+        );
+    }
+}
+
 /// An expired answer in the identity cache is replaced by the next one from Redis even
 /// when the doorkeeper would not let the key in (it forgot the key's first miss): the
 /// fail-open spool reads cached answers however old, and spools no charge for a key the

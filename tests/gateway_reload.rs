@@ -383,6 +383,118 @@ async fn a_hold_is_settled_by_the_book_it_was_placed_under() {
     drop(server);
 }
 
+/// Debits while the price book is reloaded over and over: every allowed check is charged
+/// exactly once, at a price one of the books had (1 or 5), and the ledger's total is the
+/// sum of what the checks said they charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debits_under_reloads_are_charged_once_at_a_price_in_force() {
+    use tollgate::api::pb;
+    let redis = common::RedisServer::start();
+    let dir = TempDir::new("reload-debits");
+    let config = dir.0.join("tollgate.toml");
+    let log = dir.0.join("serve.log");
+    let one = example("pricebook-esign.toml");
+    let five = replace(
+        &one,
+        "mode = \"debit\"\nbase = 1\n",
+        "mode = \"debit\"\nbase = 5\n",
+    );
+    std::fs::write(&config, &one).expect("write config");
+    let (server, grpc, http_port) = serve(&config, &redis.url(), &log).await;
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        channel.clone(),
+        common::auth(Some(common::ADMIN_TOKEN)),
+    );
+    admin
+        .grant(pb::GrantRequest {
+            account_id: "acme".into(),
+            amount: 1_000_000,
+            idempotency_key: "g".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("grant");
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "acme".into(),
+            name: "reload".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .into_inner()
+        .api_key;
+    let stop = Arc::new(AtomicBool::new(false));
+    let loaders: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let mut charged = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let headers = [
+                        ("x-forwarded-method", "POST"),
+                        ("x-forwarded-uri", "/v1/envelopes"),
+                        ("x-api-key", key.as_str()),
+                    ];
+                    let r = http(http_addr, "GET", "/v1/forward-auth", &headers, "").await;
+                    assert_eq!(r.status, 200, "{r:?}");
+                    charged.push(charge(&r).expect("charged").parse::<i64>().expect("n"));
+                }
+                charged
+            })
+        })
+        .collect();
+    // Each reload is logged as done before the next.
+    let reloads = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("price book reloaded")
+            .count()
+    };
+    for book in [&five, &one, &five, &one] {
+        let before = reloads();
+        std::fs::write(&config, book).expect("rewrite config");
+        server.0.signal("-HUP");
+        common::eventually(common::START_TIMEOUT, "the reload is done", || async {
+            (reloads() > before).then_some(())
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for loader in loaders {
+        all.extend(loader.await.expect("loader"));
+    }
+    assert!(all.iter().all(|c| *c == 1 || *c == 5), "{all:?}");
+    assert!(all.contains(&5), "no check ran under the second book");
+    let sum: i64 = all.iter().sum();
+    let metering = pb::metering_client::MeteringClient::with_interceptor(
+        channel.clone(),
+        common::auth(Some(common::SERVICE_TOKEN)),
+    );
+    let used = metering
+        .clone()
+        .get_balance(pb::GetBalanceRequest {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("balance")
+        .into_inner()
+        .wallets[0]
+        .total_used;
+    assert_eq!(used, sum, "each allowed check charged exactly once");
+    drop(server);
+}
+
 /// A SIGHUP to a server without a config file (settings from the environment) is
 /// logged and ignored: it must not end the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
