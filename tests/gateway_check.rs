@@ -1345,8 +1345,9 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
     assert_eq!(refund.refunded, 7);
     assert_eq!(balance(&server, "acme").await, (192, 0, 15));
 
-    // A hold whose operation the price book no longer has (renamed by a reload while it
-    // was open): 2xx captures everything held, whatever units the upstream reported.
+    // A hold placed by an older tollgate (no capture terms in its metadata) whose
+    // operation the price book no longer has (renamed by a reload while it was open): 2xx
+    // captures everything held, whatever units the upstream reported.
     let (h4, _) = hold(&ocr_check(&mut c, &key, "ocr-4").await);
     let renamed = tollgate::gateway::access_log::hold_metadata(&tollgate::gateway::Allowed {
         hold_id: Some(h4),
