@@ -22,6 +22,7 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::google::protobuf::UInt32Value;
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 
 use common::gateways::{
     access_log_entry, access_log_message, balance, esign_config, esign_replay_config, http,
@@ -660,8 +661,9 @@ async fn a_revoked_key_leaves_the_live_key_index_for_the_revoked_one() {
 }
 
 /// CreateApiKey with an idempotency key: a retry makes no second key; it answers the first
-/// one (`replayed`, without its secret). The same idempotency key with another name, or a
-/// bad one, is INVALID_ARGUMENT naming the field, and makes nothing.
+/// one (`replayed`, without its secret). The same idempotency key with another name is
+/// FAILED_PRECONDITION IDEMPOTENCY_KEY_REUSED (as for every other mutation), a bad one
+/// INVALID_ARGUMENT naming the field; neither makes anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_key_creation_makes_one_key() {
     let redis = common::RedisServer::start();
@@ -706,14 +708,25 @@ async fn a_retried_key_creation_makes_one_key() {
         }
     };
     assert_eq!(listed(&mut admin).await, 1);
-    for (request, field) in [
-        (create("other", "create-1"), "idempotency_key"),
-        (create("ci", "has space"), "idempotency_key"),
-    ] {
-        let status = admin.create_api_key(request).await.expect_err("refused");
-        assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().contains(field), "{status:?}");
-    }
+    // The same idempotency key with another name is the refusal every mutation gives
+    // (it was INVALID_ARGUMENT here only, so a client's one handler for a reused key
+    // missed it); a malformed key is a bad field.
+    let reused = admin
+        .create_api_key(create("other", "create-1"))
+        .await
+        .expect_err("refused");
+    assert_eq!(reused.code(), tonic::Code::FailedPrecondition, "{reused:?}");
+    let info = reused.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("IDEMPOTENCY_KEY_REUSED", "tollgate.dev")
+    );
+    let bad = admin
+        .create_api_key(create("ci", "has space"))
+        .await
+        .expect_err("refused");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("idempotency_key"), "{bad:?}");
     assert_eq!(listed(&mut admin).await, 1);
     // Another idempotency key, or none, makes another key.
     for key in ["create-2", ""] {

@@ -930,6 +930,11 @@ fn created(
             digest_hex: parts.next().unwrap_or_default().to_owned(),
             replayed: true,
         }),
+        // The same idempotency key with other parameters: the refusal every other
+        // mutation gives (FAILED_PRECONDITION, IDEMPOTENCY_KEY_REUSED), not a bad field.
+        (Some("IDEMPOTENCY_KEY_REUSED"), None) => {
+            Err(LedgerError::Refused(Refusal::IdempotencyKeyReused))
+        }
         (Some("KEY_LIMIT"), Some(max)) => Err(LedgerError::Refused(Refusal::KeyLimit {
             max: max.parse().unwrap_or_default(),
         })),

@@ -10,7 +10,9 @@
 -- key_script_now), 12 how long revoked keys are kept (ms): a creation drops the account's
 -- keys revoked longer ago than that (key_prune.lua).
 -- Answers "OK|created_ms", "REPLAY|key_id|created_ms|key digest" (the key an earlier call
--- with this idempotency key made), "KEY_LIMIT|max", "EXISTS" or "BAD_FIELD|field|why".
+-- with this idempotency key made), "IDEMPOTENCY_KEY_REUSED" (that key with other
+-- parameters, as every ledger script answers it), "KEY_LIMIT|max", "EXISTS" or
+-- "BAD_FIELD|field|why".
 -- The record holds: a account, s digest, n name, c created ms, r revoked ms (once),
 -- mb member (org keys bound to a member), by the owner or admin who made an org key (every
 -- key they made is revoked when they leave the org or become a plain member, and a key
@@ -57,7 +59,7 @@ if ARGV[8] ~= '' then
   if prior then
     local digest, key_id, created = string.match(prior, '^([^|]*)|([^|]*)|(.*)$')
     if digest ~= ARGV[9] then
-      return 'BAD_FIELD|idempotency_key|was used with other parameters'
+      return 'IDEMPOTENCY_KEY_REUSED'
     end
     local key_digest = redis.call('HGET', tag .. ':k:' .. key_id, 's') or ''
     return 'REPLAY|' .. key_id .. '|' .. created .. '|' .. key_digest
