@@ -899,6 +899,147 @@ async fn list_lots_pages_without_gaps_or_repeats() {
     assert!(page.next_page_token.is_empty());
 }
 
+/// A ListLots page token is a place in the listing (just after the page's last lot), not
+/// an offset: a lot used up before it, or a grant that burns first, between two pages,
+/// made the next page skip a lot (the one the offset now passed over) or repeat one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_lots_pages_neither_skip_nor_repeat_when_lots_come_and_go_between_pages() {
+    let env = Env::start(Clock::Redis, |_| {}).await;
+    let acct = "acct-moving";
+    // Lot n (amount n) at priority 10n: burn order 1, 2, ..., 6.
+    for n in 1..=6 {
+        env.grant(pb::GrantRequest {
+            priority: Some(10 * n as i32),
+            ..grant_req(acct, n, &format!("g{n}"))
+        })
+        .await
+        .expect("grant");
+    }
+    let ids = |lots: &[pb::Lot]| lots.iter().map(|l| l.lot_id.clone()).collect::<Vec<_>>();
+    let first = env.list_lots(lots_req(acct, 2, "")).await.expect("page 1");
+    assert_eq!(ids(&first.lots), [lot_id(1), lot_id(2)]);
+    // Lot 1 is used up (dropped from Redis): an offset of 2 now pointed at lot 4.
+    env.debit(debit_req(acct, 1, "use-1")).await.expect("debit");
+    let second = env
+        .list_lots(lots_req(acct, 2, &first.next_page_token))
+        .await
+        .expect("page 2");
+    assert_eq!(ids(&second.lots), [lot_id(3), lot_id(4)], "a lot skipped");
+    // A lot that burns before all of them: an offset of 4 now pointed at lot 4 again.
+    env.grant(pb::GrantRequest {
+        priority: Some(0),
+        ..grant_req(acct, 7, "g7")
+    })
+    .await
+    .expect("grant first");
+    let third = env
+        .list_lots(lots_req(acct, 2, &second.next_page_token))
+        .await
+        .expect("page 3");
+    assert_eq!(ids(&third.lots), [lot_id(5), lot_id(6)], "a lot repeated");
+    assert!(third.next_page_token.is_empty(), "{third:?}");
+
+    // A token whose lot is itself gone since (used up) still continues after its place.
+    let page = env.list_lots(lots_req(acct, 2, "")).await.expect("page");
+    assert_eq!(ids(&page.lots), [lot_id(7), lot_id(2)]);
+    env.debit(debit_req(acct, 9, "use-7-2"))
+        .await
+        .expect("debit");
+    let next = env
+        .list_lots(lots_req(acct, 2, &page.next_page_token))
+        .await
+        .expect("after a lot used up");
+    assert_eq!(ids(&next.lots), [lot_id(3), lot_id(4)]);
+}
+
+/// A page token passed with another request than the one it came from (another account
+/// or wallet; for history and deliveries other filters too) is INVALID_ARGUMENT naming
+/// `page_token`: it was taken as a place in a listing it was never in (an offset, or a
+/// time and event id), and answered a page of the other account silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_token_of_another_query_is_refused_naming_it() {
+    // With a settler: the store's schema is there for the history page that is answered.
+    let env = Env::start(Clock::Redis, |c| c.settler.enabled = true).await;
+    for acct in ["acct-a", "acct-b"] {
+        for n in 1..=3 {
+            env.grant(grant_req(acct, n, &format!("g{n}")))
+                .await
+                .expect("grant");
+        }
+    }
+    let page = env
+        .list_lots(lots_req("acct-a", 1, ""))
+        .await
+        .expect("page");
+    let token = page.next_page_token;
+    assert!(!token.is_empty());
+    let foreign = |status: &Status| {
+        assert_invalid(status, &["page_token"]);
+        let details = status.get_details_bad_request().expect("BadRequest");
+        assert!(
+            details.field_violations[0].description.contains("another"),
+            "{status:?}"
+        );
+    };
+    foreign(
+        &env.list_lots(lots_req("acct-b", 1, &token))
+            .await
+            .unwrap_err(),
+    );
+    let other_wallet = pb::ListLotsRequest {
+        wallet: "other".into(),
+        ..lots_req("acct-a", 1, &token)
+    };
+    foreign(&env.list_lots(other_wallet).await.unwrap_err());
+    // The same listing: "" and "default" are one wallet; the page size may change.
+    let same = pb::ListLotsRequest {
+        wallet: "default".into(),
+        ..lots_req("acct-a", 5, &token)
+    };
+    assert_eq!(env.list_lots(same).await.expect("same").lots.len(), 2);
+
+    // History: a token of acct-a's first page (made as the server makes them).
+    use tollgate::api::metering::{history_binding, history_token};
+    let history = |account: &str, kinds: Vec<String>, token: String| {
+        let mut m = env.m.clone();
+        let req = pb::ListTransactionsRequest {
+            account_id: account.into(),
+            kinds,
+            page_token: token,
+            ..Default::default()
+        };
+        async move { m.list_transactions(req).await.map(Response::into_inner) }
+    };
+    let token = history_token(T0, "0-1-0", &history_binding("acct-a", "", &[], 0, 0));
+    foreign(&history("acct-b", vec![], token.clone()).await.unwrap_err());
+    foreign(
+        &history("acct-a", vec!["debit".into()], token.clone())
+            .await
+            .unwrap_err(),
+    );
+    history("acct-a", vec![], token).await.expect("same query");
+
+    // Webhook deliveries: refused before the store is asked.
+    use tollgate::api::admin::{delivery_binding, delivery_token};
+    let cursor = tollgate::settle::webhook_store::DeliveryCursor {
+        position: (T0, 0, 0),
+        delivery_id: "dlv_0123456789abcdef01234567".into(),
+    };
+    let token = delivery_token(&cursor, &delivery_binding("acct-a", "failed", ""));
+    let err = env
+        .a
+        .clone()
+        .list_webhook_deliveries(pb::ListWebhookDeliveriesRequest {
+            account_id: "acct-a".into(),
+            status: "pending".into(),
+            page_token: token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    foreign(&err);
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Refusals
 // ---------------------------------------------------------------------------------------

@@ -261,30 +261,46 @@ fn delivery(d: Delivery) -> pb::WebhookDelivery {
     }
 }
 
-/// Delivery page tokens: hex of "<ms>/<seq>/<ordinal>/<delivery id>" (opaque to clients).
-pub fn delivery_token(c: &DeliveryCursor) -> String {
+/// What a deliveries page token is bound to: the filters of the listing it continues
+/// (not the page size), so a token passed with other filters is refused, not read as a
+/// place in a listing it was never in.
+pub fn delivery_binding(account_id: &str, status: &str, event_type: &str) -> String {
+    crate::ledger::command::digest(&["deliveries", account_id, status, event_type])
+}
+
+/// Delivery page tokens: hex of "<ms>/<seq>/<ordinal>/<delivery id>/<binding>" (opaque to
+/// clients; [`delivery_binding`]).
+pub fn delivery_token(c: &DeliveryCursor, binding: &str) -> String {
     hex::encode(format!(
-        "{}/{}/{}/{}",
+        "{}/{}/{}/{}/{binding}",
         c.position.0, c.position.1, c.position.2, c.delivery_id
     ))
 }
 
-pub fn parse_delivery_token(token: &str) -> Option<DeliveryCursor> {
+/// A deliveries page token's place and binding (`None`: a token of a tollgate from before
+/// bindings, still taken during a rolling upgrade).
+pub fn parse_delivery_token(token: &str) -> Option<(DeliveryCursor, Option<String>)> {
     if token.len() > 256 {
         return None;
     }
     let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
-    let mut parts = text.splitn(4, '/');
+    let mut parts = text.splitn(5, '/');
     let mut int = || parts.next()?.parse::<i64>().ok();
     let position = (int()?, int()?, int()?);
     let delivery_id = parts.next()?;
     if !crate::webhooks::rules::is_delivery_id(delivery_id) {
         return None;
     }
-    Some(DeliveryCursor {
+    let binding = match parts.next() {
+        Some(b) if b.len() == 16 && b.bytes().all(|c| c.is_ascii_hexdigit()) => Some(b.to_owned()),
+        Some(_) => return None,
+        None => None,
+    };
+    let cursor = DeliveryCursor {
         position,
         delivery_id: delivery_id.to_owned(),
-    })
+    };
+    Some((cursor, binding))
 }
 
 fn invalid(violations: Violations) -> Result<(), Status> {
@@ -458,14 +474,25 @@ impl Admin for AdminService {
         if !(0..=DELIVERIES_PAGE_MAX as i32).contains(&r.page_size) {
             v.add("page_size", format!("must be in 0..={DELIVERIES_PAGE_MAX}"));
         }
+        let binding = delivery_binding(&r.account_id, &r.status, &r.event_type);
         let after = if r.page_token.is_empty() {
             None
         } else {
-            let after = parse_delivery_token(&r.page_token);
-            if after.is_none() {
-                v.add("page_token", "is not a token this API returned");
+            match parse_delivery_token(&r.page_token) {
+                Some((_, Some(bound))) if bound != binding => {
+                    v.add(
+                        "page_token",
+                        "was returned for another query (account_id, status and event_type \
+                         must be those of the first page)",
+                    );
+                    None
+                }
+                Some((after, _)) => Some(after),
+                None => {
+                    v.add("page_token", "is not a token this API returned");
+                    None
+                }
             }
-            after
         };
         invalid(v)?;
         let query = DeliveryQuery {
@@ -485,7 +512,11 @@ impl Admin for AdminService {
             .await
             .map_err(store_to_status)?;
         Ok(Response::new(pb::ListWebhookDeliveriesResponse {
-            next_page_token: page.next.as_ref().map(delivery_token).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .as_ref()
+                .map(|c| delivery_token(c, &binding))
+                .unwrap_or_default(),
             deliveries: page.deliveries.into_iter().map(delivery).collect(),
         }))
     }
@@ -748,7 +779,21 @@ mod tests {
             position: (1_700_000_000_000, 3, 1),
             delivery_id: "dlv_0123456789abcdef01234567".into(),
         };
-        assert_eq!(parse_delivery_token(&delivery_token(&c)), Some(c));
+        let binding = delivery_binding("acct", "failed", "");
+        assert_ne!(binding, delivery_binding("acct", "", "failed"));
+        assert_eq!(
+            parse_delivery_token(&delivery_token(&c, &binding)),
+            Some((c.clone(), Some(binding)))
+        );
+        // An older tollgate's token, without a binding.
+        assert_eq!(
+            parse_delivery_token(&hex::encode(format!("1700000000000/3/1/{}", c.delivery_id))),
+            Some((c.clone(), None))
+        );
+        assert_eq!(
+            parse_delivery_token(&hex::encode(format!("1/3/1/{}/zz", c.delivery_id))),
+            None
+        );
         // Only a delivery id's shape is taken: a NUL byte reached the store.
         for id in [
             "dlv_0123",

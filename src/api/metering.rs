@@ -6,9 +6,10 @@ use tonic::{Request, Response, Status};
 
 use super::pb::{self, metering_server::Metering};
 use super::status::to_status;
+use crate::ledger::command::CREDITS_MAX;
 use crate::ledger::event::{EventKind, LedgerEvent};
 use crate::ledger::{
-    Authorize, Debit, EndHold, FieldViolation, Ledger, LedgerError, OnExpiry, Refund,
+    Authorize, Debit, EndHold, FieldViolation, Ledger, LedgerError, LotCursor, OnExpiry, Refund,
     LOTS_PAGE_DEFAULT as LOTS_PAGE_DEFAULT_U32, LOTS_PAGE_MAX,
 };
 use crate::settle::store::{HistoryQuery, HISTORY_PAGE_MAX};
@@ -28,29 +29,47 @@ impl MeteringService {
 /// History page size unless asked otherwise.
 pub const HISTORY_PAGE_DEFAULT: u32 = 100;
 
-/// History page tokens: hex of "<created_at_ms>/<event_id>" (opaque to clients).
-pub fn history_token(created_at_ms: i64, event_id: &str) -> String {
-    format!("{created_at_ms}/{event_id}")
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// What a history page token is bound to: the query it continues (account, wallet,
+/// kinds as a set, time window; not the page size), so a token passed with another one
+/// is refused, not read as a place in a listing it was never in.
+pub fn history_binding(
+    account_id: &str,
+    wallet: &str,
+    kinds: &[EventKind],
+    from_ms: i64,
+    to_ms: i64,
+) -> String {
+    let mut names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    let (kinds, from, to) = (names.join(","), from_ms.to_string(), to_ms.to_string());
+    crate::ledger::command::digest(&["history", account_id, wallet, &kinds, &from, &to])
 }
 
-pub fn parse_history_token(token: &str) -> Option<(i64, String)> {
+/// History page tokens: hex of "<created_at_ms>/<event_id>/<binding>" (opaque to clients;
+/// [`history_binding`]).
+pub fn history_token(created_at_ms: i64, event_id: &str, binding: &str) -> String {
+    hex::encode(format!("{created_at_ms}/{event_id}/{binding}"))
+}
+
+/// A history page token's place and binding (`None`: a token of a tollgate from before
+/// bindings, "<created_at_ms>/<event_id>", still taken during a rolling upgrade).
+pub fn parse_history_token(token: &str) -> Option<(i64, String, Option<String>)> {
     if !token.len().is_multiple_of(2) || token.len() > 256 {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
-        .collect();
-    let text = String::from_utf8(bytes?).ok()?;
-    let (at, id) = text.split_once('/')?;
+    let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
+    let mut parts = text.splitn(3, '/');
+    let (at, id, binding) = (parts.next()?, parts.next()?, parts.next());
     // Only an event id goes to the store: a forged token's NUL byte was a store error.
     if !crate::ledger::keys::ShardMap::is_event_id(id) {
         return None;
     }
-    Some((at.parse().ok()?, id.to_owned()))
+    let binding = match binding {
+        Some(b) if b.len() == 16 && b.bytes().all(|c| c.is_ascii_hexdigit()) => Some(b.to_owned()),
+        Some(_) => return None,
+        None => None,
+    };
+    Some((at.parse().ok()?, id.to_owned(), binding))
 }
 
 /// The event in user terms. A hold's end that charged nothing (a capture of 0, a release,
@@ -129,16 +148,88 @@ fn kinds_description() -> String {
     format!("each must be one of {}", names.join(", "))
 }
 
-/// Page tokens are opaque to clients: "p" and the offset in hex.
-pub fn page_token(offset: u32) -> String {
-    format!("p{offset:x}")
+/// Where a ListLots page starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LotsFrom {
+    /// An offset in listing order: the first page (0), or a token of a tollgate from before
+    /// the keyset tokens (`p` and the offset in hex; still taken during a rolling upgrade).
+    Offset(u32),
+    /// Just after a lot ([`LotCursor`]).
+    After(LotCursor),
 }
 
-pub fn parse_page_token(token: &str) -> Option<u32> {
+/// What a lots page token is bound to: the account and wallet (as read: empty is
+/// "default") of the listing it continues, so a token passed with another account or
+/// wallet is refused, not read as a place in a listing it was never in.
+fn lots_binding(account_id: &str, wallet: &str) -> String {
+    let wallet = crate::ledger::command::wallet_str_or_default(wallet);
+    crate::ledger::command::digest(&["lots", account_id, wallet])
+}
+
+/// Lots page tokens, opaque to clients: "c" and the hex of
+/// "<l|x>/<score>/<lot id>/<binding>" (the cursor just after the page's last lot).
+pub fn lots_token(account_id: &str, wallet: &str, cursor: &LotCursor) -> String {
+    let index = if cursor.expired { "x" } else { "l" };
+    let text = format!(
+        "{index}/{}/{}/{}",
+        cursor.score,
+        cursor.lot_id,
+        lots_binding(account_id, wallet)
+    );
+    format!("c{}", hex::encode(text))
+}
+
+/// Why a lots page token is refused (`page_token`'s description).
+pub const FOREIGN_TOKEN: &str = "was returned for another account or wallet";
+pub const UNKNOWN_TOKEN: &str = "is not a token this API returned";
+/// Why a history page token is refused: the query's other fields changed.
+pub const HISTORY_FOREIGN_TOKEN: &str =
+    "was returned for another query (account_id, wallet, kinds, from_ms and to_ms must be those of the first page)";
+
+/// A lots page token as [`lots_token`] (or an older tollgate) wrote it, for this account
+/// and wallet; else what is wrong with it.
+pub fn parse_lots_token(
+    token: &str,
+    account_id: &str,
+    wallet: &str,
+) -> Result<LotsFrom, &'static str> {
     if token.is_empty() {
-        return Some(0);
+        return Ok(LotsFrom::Offset(0));
     }
-    u32::from_str_radix(token.strip_prefix('p')?, 16).ok()
+    if let Some(offset) = token.strip_prefix('p') {
+        return u32::from_str_radix(offset, 16)
+            .map(LotsFrom::Offset)
+            .map_err(|_| UNKNOWN_TOKEN);
+    }
+    let parse = || -> Option<(LotCursor, String)> {
+        let text = token.strip_prefix('c').filter(|t| t.len() <= 256)?;
+        let text = String::from_utf8(hex::decode(text).ok()?).ok()?;
+        let mut parts = text.split('/');
+        let expired = match parts.next()? {
+            "l" => false,
+            "x" => true,
+            _ => return None,
+        };
+        let score: i64 = parts.next()?.parse().ok()?;
+        let lot_id = parts.next()?;
+        let binding = parts.next()?;
+        let lot_id_shaped =
+            (1..=20).contains(&lot_id.len()) && lot_id.bytes().all(|b| b.is_ascii_digit());
+        if parts.next().is_some() || !lot_id_shaped || !(0..=CREDITS_MAX).contains(&score) {
+            return None;
+        }
+        let cursor = LotCursor {
+            expired,
+            score,
+            lot_id: lot_id.to_owned(),
+        };
+        Some((cursor, binding.to_owned()))
+    };
+    let (cursor, binding) = parse().ok_or(UNKNOWN_TOKEN)?;
+    if binding != lots_binding(account_id, wallet) {
+        return Err(FOREIGN_TOKEN);
+    }
+    Ok(LotsFrom::After(cursor))
 }
 
 #[tonic::async_trait]
@@ -415,27 +506,37 @@ impl Metering for MeteringService {
         let mut v = crate::ledger::command::Violations::default();
         v.account_id("account_id", &r.account_id);
         v.wallet("wallet", &r.wallet);
-        let offset = parse_page_token(&r.page_token);
-        if offset.is_none() {
-            v.add("page_token", "is not a token this API returned");
-        }
+        let from = parse_lots_token(&r.page_token, &r.account_id, &r.wallet)
+            .map_err(|why| v.add("page_token", why))
+            .unwrap_or(LotsFrom::Offset(0));
         if !(0..=LOTS_PAGE_MAX as i32).contains(&r.page_size) {
             v.add("page_size", format!("must be in 0..={LOTS_PAGE_MAX}"));
         }
         v.finish()
             .map_err(|e| to_status(LedgerError::InvalidArgument(e)))?;
-        let offset = offset.unwrap_or_default();
         let page_size = match r.page_size {
             0 => LOTS_PAGE_DEFAULT_U32,
             n => n as u32,
         };
-        let page = self
-            .ledger
-            .lots(&r.account_id, &r.wallet, offset, page_size)
-            .await
-            .map_err(to_status)?;
+        let page = match &from {
+            LotsFrom::Offset(offset) => {
+                self.ledger
+                    .lots(&r.account_id, &r.wallet, *offset, page_size)
+                    .await
+            }
+            LotsFrom::After(cursor) => {
+                self.ledger
+                    .lots_after(&r.account_id, &r.wallet, cursor, page_size)
+                    .await
+            }
+        }
+        .map_err(to_status)?;
         Ok(Response::new(pb::ListLotsResponse {
-            next_page_token: page.next_offset.map(page_token).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .as_ref()
+                .map(|c| lots_token(&r.account_id, &r.wallet, c))
+                .unwrap_or_default(),
             lots: page
                 .lots
                 .into_iter()
@@ -497,13 +598,18 @@ impl Metering for MeteringService {
         if !(0..=HISTORY_PAGE_MAX as i32).contains(&r.page_size) {
             v.add("page_size", format!("must be in 0..={HISTORY_PAGE_MAX}"));
         }
+        let binding = history_binding(&r.account_id, &r.wallet, &kinds, r.from_ms, r.to_ms);
         let after = if r.page_token.is_empty() {
             None
         } else {
             match parse_history_token(&r.page_token) {
-                Some(a) => Some(a),
+                Some((_, _, Some(bound))) if bound != binding => {
+                    v.add("page_token", HISTORY_FOREIGN_TOKEN);
+                    None
+                }
+                Some((at, id, _)) => Some((at, id)),
                 None => {
-                    v.add("page_token", "is not a token this API returned");
+                    v.add("page_token", UNKNOWN_TOKEN);
                     None
                 }
             }
@@ -527,7 +633,7 @@ impl Metering for MeteringService {
         Ok(Response::new(pb::ListTransactionsResponse {
             next_page_token: page
                 .next
-                .map(|(at, id)| history_token(at, &id))
+                .map(|(at, id)| history_token(at, &id, &binding))
                 .unwrap_or_default(),
             transactions: page.events.into_iter().map(transaction).collect(),
         }))
@@ -565,22 +671,63 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip() {
-        for offset in [0, 1, 100, u32::MAX] {
-            assert_eq!(parse_page_token(&page_token(offset)), Some(offset));
+        let cursor = LotCursor {
+            expired: true,
+            score: 1_800_000_000_000,
+            lot_id: "00000017".into(),
+        };
+        let token = lots_token("acct", "", &cursor);
+        let parsed = |token: &str, wallet: &str| parse_lots_token(token, "acct", wallet);
+        // The empty wallet is "default": the same listing.
+        for wallet in ["", "default"] {
+            assert_eq!(parsed(&token, wallet), Ok(LotsFrom::After(cursor.clone())));
         }
-        assert_eq!(parse_page_token(""), Some(0));
-        assert_eq!(parse_page_token("zz"), None);
-        assert_eq!(parse_page_token("p"), None);
-        let t = history_token(1_700_000_000_000, "3-17-0");
+        assert_eq!(parsed(&token, "other"), Err(FOREIGN_TOKEN));
+        assert_eq!(parse_lots_token(&token, "acct2", ""), Err(FOREIGN_TOKEN));
+        // An older tollgate's offsets are still taken.
+        assert_eq!(parsed("p1f", ""), Ok(LotsFrom::Offset(31)));
+        assert_eq!(parsed("", ""), Ok(LotsFrom::Offset(0)));
+        for bad in ["zz", "p", "c", "czz"] {
+            assert_eq!(parsed(bad, ""), Err(UNKNOWN_TOKEN), "{bad:?}");
+        }
+        for text in [
+            "l/1/0001",
+            "l/-1/0001/b",
+            "q/1/0001/b",
+            "l/1/x1/b",
+            "l/1/1/b/c",
+        ] {
+            let forged = format!("c{}", hex::encode(text));
+            assert_eq!(parsed(&forged, ""), Err(UNKNOWN_TOKEN), "{text:?}");
+        }
+        let binding = history_binding("acct", "", &[EventKind::Debit, EventKind::Grant], 0, 0);
+        // The kinds are a set.
+        assert_eq!(
+            binding,
+            history_binding("acct", "", &[EventKind::Grant, EventKind::Debit], 0, 0)
+        );
+        assert_ne!(binding, history_binding("acct", "", &[], 0, 0));
+        assert_ne!(binding, history_binding("acct2", "", &[], 0, 0));
+        let t = history_token(1_700_000_000_000, "3-17-0", &binding);
         assert_eq!(
             parse_history_token(&t),
-            Some((1_700_000_000_000, "3-17-0".into()))
+            Some((1_700_000_000_000, "3-17-0".into(), Some(binding.clone())))
+        );
+        // An older tollgate's token, without a binding.
+        assert_eq!(
+            parse_history_token(&hex::encode("5/3-17-0")),
+            Some((5, "3-17-0".into(), None))
         );
         assert_eq!(parse_history_token("zz"), None);
         assert_eq!(parse_history_token("abc"), None);
+        assert_eq!(parse_history_token(&hex::encode("5/3-17-0/xyz")), None);
         // Only an event id's shape is taken: a NUL byte reached the store.
         for id in ["3-17-0\0", "3-17", "x-17-0", "3-17-0-1", ""] {
-            assert_eq!(parse_history_token(&history_token(1, id)), None, "{id:?}");
+            assert_eq!(
+                parse_history_token(&history_token(1, id, &binding)),
+                None,
+                "{id:?}"
+            );
         }
     }
 }

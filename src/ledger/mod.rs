@@ -491,6 +491,22 @@ pub struct LotsPage {
     pub lots: Vec<Lot>,
     /// Offset of the next page, if there is one.
     pub next_offset: Option<u32>,
+    /// Where the next page starts, if there is one: just after this page's last lot
+    /// ([`Ledger::lots_after`]).
+    pub next: Option<LotCursor>,
+}
+
+/// A place in a wallet's lot listing: just after one lot, by its index (the burn index,
+/// or the expired-held one after it) and its score there (lots.lua). Unlike an offset it
+/// does not move when lots before it are added or dropped (a grant of a higher priority,
+/// a lot used up), so paging neither repeats nor skips a lot for that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LotCursor {
+    /// In the expired-held index (listed after every live lot).
+    pub expired: bool,
+    /// The lot's score in its index: the burn score, or the expiry for an expired lot.
+    pub score: i64,
+    pub lot_id: String,
 }
 
 /// A wallet as [`Ledger::snapshot`] reads it, in one atomic script.
@@ -1017,11 +1033,36 @@ impl Ledger {
         reply::balances(&rows)
     }
 
+    /// One page of a wallet's lots from `offset` in listing order.
     pub async fn lots(
         &self,
         account_id: &str,
         wallet: &str,
         offset: u32,
+        page_size: u32,
+    ) -> Result<LotsPage, LedgerError> {
+        self.lots_page(account_id, wallet, offset, None, page_size)
+            .await
+    }
+
+    /// One page of a wallet's lots just after `cursor` (a page's `next`).
+    pub async fn lots_after(
+        &self,
+        account_id: &str,
+        wallet: &str,
+        cursor: &LotCursor,
+        page_size: u32,
+    ) -> Result<LotsPage, LedgerError> {
+        self.lots_page(account_id, wallet, 0, Some(cursor), page_size)
+            .await
+    }
+
+    async fn lots_page(
+        &self,
+        account_id: &str,
+        wallet: &str,
+        offset: u32,
+        cursor: Option<&LotCursor>,
         page_size: u32,
     ) -> Result<LotsPage, LedgerError> {
         let mut v = command::Violations::default();
@@ -1039,8 +1080,15 @@ impl Ledger {
         let shard = self.shards.of_account(account_id);
         let mut inv = self.invocation(&self.scripts.lots, shard);
         inv.arg(account_id).arg(wallet).arg(offset).arg(page_size);
+        match cursor {
+            Some(c) => inv
+                .arg(if c.expired { "x" } else { "l" })
+                .arg(c.score)
+                .arg(&c.lot_id),
+            None => inv.arg("").arg(0).arg(""),
+        };
         let rows: Vec<String> = self.redis.call_script(&inv).await?;
-        reply::lots(wallet, offset, &rows)
+        reply::lots(wallet, &rows)
     }
 
     /// Per shard: whether its epoch marker exists (the ledger holds real state).

@@ -4,8 +4,8 @@
 use super::error::BudgetScope;
 use super::redis_pool::Answer;
 use super::{
-    DebitOutcome, EndHoldOutcome, GrantOutcome, HoldEnd, HoldOutcome, LedgerError, Lot, LotsPage,
-    RefundOutcome, Refusal, VoidOutcome, Voided, WalletBalance,
+    DebitOutcome, EndHoldOutcome, GrantOutcome, HoldEnd, HoldOutcome, LedgerError, Lot, LotCursor,
+    LotsPage, RefundOutcome, Refusal, VoidOutcome, Voided, WalletBalance,
 };
 use crate::ledger::command::FieldViolation;
 
@@ -270,21 +270,41 @@ pub(super) fn balances(rows: &[String]) -> Result<Vec<WalletBalance>, LedgerErro
         .collect()
 }
 
-pub(super) fn lots(wallet: &str, offset: u32, rows: &[String]) -> Result<LotsPage, LedgerError> {
-    let Some((total, rows)) = rows.split_first() else {
-        return Err(LedgerError::Internal("empty lots reply".into()));
+pub(super) fn lots(wallet: &str, rows: &[String]) -> Result<LotsPage, LedgerError> {
+    let [total, start, rows @ ..] = rows else {
+        return Err(LedgerError::Internal("short lots reply".into()));
     };
-    let total = int(total)?;
-    if !rows.len().is_multiple_of(6) {
+    let (total, start) = (int(total)?, int(start)?);
+    if !rows.len().is_multiple_of(8) {
         return Err(LedgerError::Internal("lots reply of odd length".into()));
     }
+    let mut last = None;
     let lots = rows
-        .chunks_exact(6)
-        .map(|row| lot(wallet, row))
+        .chunks_exact(8)
+        .map(|row| {
+            last = Some((&row[6], &row[7], &row[0]));
+            lot(wallet, &row[..6])
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let end = i64::from(offset) + lots.len() as i64;
-    let next_offset = (end < total && !lots.is_empty()).then_some(end as u32);
-    Ok(LotsPage { lots, next_offset })
+    let end = start + lots.len() as i64;
+    let more = end < total && !lots.is_empty();
+    let next = match (more, last) {
+        (true, Some((index, score, lot_id))) => Some(LotCursor {
+            expired: match index.as_str() {
+                "l" => false,
+                "x" => true,
+                _ => return Err(LedgerError::Internal("lots reply with no index".into())),
+            },
+            score: int(score)?,
+            lot_id: lot_id.clone(),
+        }),
+        _ => None,
+    };
+    Ok(LotsPage {
+        lots,
+        next_offset: next.as_ref().and_then(|_| u32::try_from(end).ok()),
+        next,
+    })
 }
 
 /// One lot from `id, remaining, held, meta, updated_at_ms, expired`, where meta is
