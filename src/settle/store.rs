@@ -42,6 +42,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (9, include_str!("schema_v9.sql")),
     (10, include_str!("schema_v10.sql")),
     (11, include_str!("schema_v11.sql")),
+    (12, include_str!("schema_v12.sql")),
 ];
 
 /// Statements of a migration for one kind of store only (version, `kind()`, SQL), run
@@ -235,6 +236,11 @@ pub struct HistoryPage {
     pub events: Vec<LedgerEvent>,
     pub next: Option<(i64, String)>,
 }
+
+/// The history's page order. Ties on created_at_ms in stream order, numerically: the
+/// event id is text, and `…-9` sorted above `…-11` (events one script wrote share a ms).
+const HISTORY_ORDER: &str =
+    "ORDER BY created_at_ms DESC, stream_ms DESC, stream_seq DESC, shard DESC";
 
 const EVENT_COLUMNS: &str = "event_id, shard, stream_ms, stream_seq, kind, account_id, wallet, \
     amount, available_after, held_after, lots, extra, hold_id, charge_id, idempotency_key, \
@@ -978,26 +984,58 @@ macro_rules! store_impl {
             }
 
             /// The query of a history page (`page_size` + 1 rows), after `prefix` (the
-            /// tests' EXPLAIN).
+            /// tests' EXPLAIN). A `kinds` filter of one kind reads the kind's index
+            /// (schema_v12.sql) in page order; of several, one branch per kind, each at
+            /// most a page off that index, merged in page order: `kind IN (…)` could not
+            /// read any index in page order, and read every event of those kinds or of
+            /// the account.
             fn history_query(
                 prefix: &str,
                 q: &HistoryQuery,
                 page_size: u32,
             ) -> Result<QueryBuilder<$db>, StoreError> {
-                let mut qb = QueryBuilder::<$db>::new(format!(
-                    "{prefix}SELECT {EVENT_COLUMNS} FROM tollgate_events WHERE account_id = "
+                let mut kinds: Vec<&'static str> = q.kinds.iter().map(|k| k.as_str()).collect();
+                kinds.sort_unstable();
+                kinds.dedup();
+                // Every kind is no filter (and no branch per kind).
+                if kinds.len() == EventKind::ALL.len() {
+                    kinds.clear();
+                }
+                let limit = i64::from(page_size) + 1;
+                let mut qb = QueryBuilder::<$db>::new(prefix);
+                if kinds.len() < 2 {
+                    Self::history_branch(&mut qb, q, kinds.first().copied(), limit)?;
+                    return Ok(qb);
+                }
+                qb.push(format!("SELECT {EVENT_COLUMNS} FROM ("));
+                for (n, kind) in kinds.iter().enumerate() {
+                    if n > 0 {
+                        qb.push(format!(" UNION ALL SELECT {EVENT_COLUMNS} FROM ("));
+                    }
+                    Self::history_branch(&mut qb, q, Some(kind), limit)?;
+                    qb.push(format!(") AS k{n}"));
+                }
+                qb.push(format!(" {HISTORY_ORDER} LIMIT ")).push_bind(limit);
+                Ok(qb)
+            }
+
+            /// One account's events of `q` (of one kind, if given) after its cursor, in
+            /// page order, `limit` of them.
+            fn history_branch(
+                qb: &mut QueryBuilder<$db>,
+                q: &HistoryQuery,
+                kind: Option<&'static str>,
+                limit: i64,
+            ) -> Result<(), StoreError> {
+                qb.push(format!(
+                    "SELECT {EVENT_COLUMNS} FROM tollgate_events WHERE account_id = "
                 ));
                 qb.push_bind(q.account_id.clone());
+                if let Some(kind) = kind {
+                    qb.push(" AND kind = ").push_bind(kind);
+                }
                 if let Some(wallet) = &q.wallet {
                     qb.push(" AND wallet = ").push_bind(wallet.clone());
-                }
-                if !q.kinds.is_empty() {
-                    qb.push(" AND kind IN (");
-                    let mut kinds = qb.separated(", ");
-                    for kind in &q.kinds {
-                        kinds.push_bind(kind.as_str());
-                    }
-                    qb.push(")");
                 }
                 if let Some(from) = q.from_ms {
                     qb.push(" AND created_at_ms >= ").push_bind(from);
@@ -1028,14 +1066,8 @@ macro_rules! store_impl {
                         .push_bind(shard)
                         .push(")))");
                 }
-                // Ties on created_at_ms in stream order, numerically: the event id is text,
-                // and `…-9` sorted above `…-11` (events one script wrote share a ms).
-                qb.push(
-                    " ORDER BY created_at_ms DESC, stream_ms DESC, stream_seq DESC, shard DESC \
-                     LIMIT ",
-                )
-                .push_bind(i64::from(page_size) + 1);
-                Ok(qb)
+                qb.push(format!(" {HISTORY_ORDER} LIMIT ")).push_bind(limit);
+                Ok(())
             }
 
             pub async fn event(&self, event_id: &str) -> Result<Option<LedgerEvent>, StoreError> {
@@ -2141,7 +2173,8 @@ mod tests {
     use super::*;
 
     /// 20,000 events, the same text for both databases: the odd ones (one created_at_ms
-    /// each, every fifth a hold) are account "heavy"'s, the rest spread over 1,000 others.
+    /// each, every fifth a hold, every thousandth a refund) are account "heavy"'s, the
+    /// rest spread over 1,000 others.
     const PLAN_EVENTS: &str = "WITH RECURSIVE s(i) AS \
         (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 20000) \
         INSERT INTO tollgate_events (event_id, shard, stream_ms, stream_seq, kind, account_id, \
@@ -2149,7 +2182,7 @@ mod tests {
         idempotency_key, operation, metadata, created_at_ms, d_granted, d_used, d_expired, \
         d_refunded, d_adjusted, settled_at_ms) \
         SELECT '0-' || (1000 + i) || '-0', 0, 1000 + i, 0, \
-        CASE WHEN i % 10 = 1 THEN 'hold' ELSE 'debit' END, \
+        CASE WHEN i % 10 = 1 THEN 'hold' WHEN i % 2000 = 3 THEN 'refund' ELSE 'debit' END, \
         CASE WHEN i % 2 = 1 THEN 'heavy' ELSE 'a' || (i % 1000) END, 'default', 1, 0, 0, \
         '', '', CASE WHEN i % 10 = 1 THEN 'h' || i ELSE '' END, '', '', '', '', 1000 + i, \
         0, 1, 0, 0, 0, 0 FROM s";
@@ -2162,6 +2195,113 @@ mod tests {
             page_size: 100,
             after: Some((11_001, "0-11001-0".into())),
             ..Default::default()
+        }
+    }
+
+    /// Pages of "heavy"'s refunds (ten among its 10,000 events): the first, one after a
+    /// cursor, and the first of refunds and lot expiries (none), the branch per kind.
+    fn rare_kinds() -> [HistoryQuery; 3] {
+        let first = HistoryQuery {
+            account_id: "heavy".into(),
+            kinds: vec![EventKind::Refund],
+            page_size: 100,
+            ..Default::default()
+        };
+        [
+            first.clone(),
+            HistoryQuery {
+                after: Some((11_003, "0-11003-0".into())),
+                ..first.clone()
+            },
+            HistoryQuery {
+                kinds: vec![EventKind::ExpireLot, EventKind::Refund],
+                ..first
+            },
+        ]
+    }
+
+    /// 120 events of account "ties", the same text for both databases: seven to a
+    /// created_at_ms, in stream positions and shards (10 to 12) out of that order, four kinds in
+    /// turn (`tie` gives the same in Rust).
+    const TIE_EVENTS: &str = "WITH RECURSIVE s(i) AS \
+        (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 120) \
+        INSERT INTO tollgate_events (event_id, shard, stream_ms, stream_seq, kind, account_id, \
+        wallet, amount, available_after, held_after, lots, extra, hold_id, charge_id, \
+        idempotency_key, operation, metadata, created_at_ms, d_granted, d_used, d_expired, \
+        d_refunded, d_adjusted, settled_at_ms) \
+        SELECT (10 + i % 3) || '-' || (1000 + (i * 7) % 5) || '-' || ((i * 11) % 13), 10 + i % 3, \
+        1000 + (i * 7) % 5, (i * 11) % 13, \
+        CASE i % 4 WHEN 0 THEN 'hold' WHEN 1 THEN 'refund' WHEN 2 THEN 'debit' \
+        ELSE 'grant' END, 'ties', 'default', 1, 0, 0, '', '', '', '', '', '', '', \
+        5000 + i / 7, 0, 1, 0, 0, 0, 0 FROM s";
+
+    /// The event `i` of TIE_EVENTS: (kind, created_at_ms, stream ms, stream seq, shard).
+    fn tie(i: i64) -> (&'static str, i64, i64, i64, i64) {
+        let kind = ["hold", "refund", "debit", "grant"][(i % 4) as usize];
+        (
+            kind,
+            5000 + i / 7,
+            1000 + (i * 7) % 5,
+            (i * 11) % 13,
+            10 + i % 3,
+        )
+    }
+
+    /// Pages through "ties" with a `kinds` filter (and without), and finds the events of
+    /// those kinds in history order, each once, page after page.
+    async fn kind_pages_follow_the_history_order(store: &Store) {
+        let ids = |kinds: &[&str]| {
+            let mut all: Vec<_> = (1..=120)
+                .map(tie)
+                .filter(|t| kinds.is_empty() || kinds.contains(&t.0))
+                .collect();
+            all.sort_by_key(|t| std::cmp::Reverse((t.1, t.2, t.3, t.4)));
+            all.iter()
+                .map(|t| format!("{}-{}-{}", t.4, t.2, t.3))
+                .collect::<Vec<_>>()
+        };
+        let cases: [(&[EventKind], &[&str], u32); 5] = [
+            (&[EventKind::Refund], &["refund"], 2),
+            (
+                &[EventKind::Refund, EventKind::Hold],
+                &["refund", "hold"],
+                4,
+            ),
+            (
+                &[
+                    EventKind::Grant,
+                    EventKind::Hold,
+                    EventKind::Refund,
+                    EventKind::Grant,
+                ],
+                &["grant", "hold", "refund"],
+                7,
+            ),
+            (&EventKind::ALL, &[], 9),
+            (&[], &[], 11),
+        ];
+        for (kinds, names, page_size) in cases {
+            let mut q = HistoryQuery {
+                account_id: "ties".into(),
+                kinds: kinds.to_vec(),
+                page_size,
+                ..Default::default()
+            };
+            let mut seen = Vec::new();
+            let mut pages = 0;
+            loop {
+                let page = store.history(&q).await.expect("history");
+                pages += 1;
+                assert!(page.events.len() <= page_size as usize);
+                seen.extend(page.events.iter().map(|e| e.event_id.clone()));
+                match page.next {
+                    Some(next) => q.after = Some(next),
+                    None => break,
+                }
+            }
+            let want = ids(names);
+            assert!(pages > 2, "{names:?}: {pages} pages");
+            assert_eq!(seen, want, "{names:?} by {page_size}");
         }
     }
 
@@ -2237,6 +2377,54 @@ mod tests {
             .await
             .expect("hold event");
         assert_eq!(hold.map(|e| e.event_id).as_deref(), Some("0-11001-0"));
+
+        // A `kinds` filter of a kind the account has few of reads those events only.
+        for q in rare_kinds() {
+            let page = store.history(&q).await.expect("history");
+            let after = q.after.as_ref().map_or(i64::MAX, |a| a.0);
+            assert_eq!(
+                page.events.len(),
+                (3..20_000)
+                    .step_by(2000)
+                    .filter(|i| 1000 + i < after)
+                    .count()
+            );
+            let plan: Vec<String> = PgStore::history_query("EXPLAIN ANALYZE ", &q, 100)
+                .expect("query")
+                .build()
+                .fetch_all(&pg.pool)
+                .await
+                .expect("explain")
+                .iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect();
+            let dropped: i64 = plan
+                .iter()
+                .filter_map(|line| line.split("Rows Removed by Filter: ").nth(1))
+                .filter_map(|n| n.trim().parse::<i64>().ok())
+                .sum();
+            // The most rows a step gave: the rare kind's, not the account's.
+            let most = plan
+                .iter()
+                .filter_map(|line| line.split("(actual ").nth(1)?.split(" rows=").nth(1))
+                .filter_map(|n| n.split(' ').next()?.parse::<i64>().ok())
+                .max()
+                .unwrap_or(0);
+            assert!(
+                plan.iter().any(|l| l.contains("tollgate_events_kind"))
+                    && !plan
+                        .iter()
+                        .any(|l| l.contains("tollgate_events_newest") || l.contains("Seq Scan"))
+                    && dropped <= 1
+                    && most <= 10,
+                "{q:?}: {plan:#?}"
+            );
+        }
+        sqlx::raw_sql(TIE_EVENTS)
+            .execute(&pg.pool)
+            .await
+            .expect("ties");
+        kind_pages_follow_the_history_order(&store).await;
         pg.pool.close().await;
     }
 
@@ -2318,6 +2506,38 @@ mod tests {
             plan.iter().any(|l| l.contains("tollgate_events_holds")),
             "{plan:?}"
         );
+
+        // A `kinds` filter of a kind the account has few of reads those events only.
+        for q in rare_kinds() {
+            let page = store.history(&q).await.expect("history");
+            let after = q.after.as_ref().map_or(i64::MAX, |a| a.0);
+            assert_eq!(
+                page.events.len(),
+                (3..20_000)
+                    .step_by(2000)
+                    .filter(|i| 1000 + i < after)
+                    .count()
+            );
+            let plan = plan_of(q.clone()).await;
+            let reads: Vec<&String> = plan
+                .iter()
+                .filter(|l| l.contains("tollgate_events"))
+                .collect();
+            // Several kinds: a co-routine per kind, whose page SQLite sorts again to
+            // merge them (at most a page each).
+            assert!(
+                !reads.is_empty()
+                    && reads.iter().all(|l| l.contains("tollgate_events_kind")
+                        && l.contains("account_id=? AND kind=?"))
+                    && (q.kinds.len() > 1 || !plan.iter().any(|l| l.contains("TEMP B-TREE"))),
+                "{q:?}: {plan:?}"
+            );
+        }
+        sqlx::raw_sql(TIE_EVENTS)
+            .execute(&lite.pool)
+            .await
+            .expect("ties");
+        kind_pages_follow_the_history_order(&store).await;
         lite.pool.close().await;
     }
 
