@@ -2654,7 +2654,7 @@ async fn wallet_answers(
 /// wallet is refused as before. It does not know which wallets live Redis dropped, so it
 /// lists a dead one again until a new wallet at the cap drops it again (as documented).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restore_gives_back_the_wallet_set_with_dead_wallets_not_counted() {
+async fn a_restore_gives_back_the_wallet_set_with_dead_wallets_dropped() {
     use tollgate::settle::restore::{restore, RestoreMode};
 
     let redis = common::RedisServer::start();
@@ -2715,21 +2715,113 @@ async fn a_restore_gives_back_the_wallet_set_with_dead_wallets_not_counted() {
     )
     .await
     .expect("restore");
-    let after = wallet_answers(&server, "periods", &names).await;
-    assert_eq!(after.1, before.1, "wallets read by name");
-    // Listed again (the restore does not know it was dropped), but not counted: the next
-    // new wallet at the cap drops it and is refused as before.
+    // Not listed again: the restore drops it where the grant of "2026-12" did.
+    assert_eq!(wallet_answers(&server, "periods", &names).await, before);
+    let refused = admin.grant(grant("2027-01")).await.expect_err("at the cap");
+    assert_eq!(at_cap(refused), "WALLET_LIMIT");
+    assert_eq!(wallet_answers(&server, "periods", &names).await, before);
+    server.stop().await;
+}
+
+/// A GetBalance without a wallet lists after a restore what it listed before the loss: a
+/// wallet emptied by spending and one by expiry that a grant at the cap dropped from the
+/// set stay unlisted, a live one and the new one are listed, and each still reads by name
+/// with its lots as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_lists_the_wallets_the_lost_redis_listed() {
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    let account = "listed";
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.ledger.wallets_per_account_max = 3;
+    let store_url = config.store.url.clone();
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let store = Arc::new(Store::connect_lazy(&store_url, 2).expect("store"));
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    let grant = |wallet: &str, expires_at_ms: i64| pb::GrantRequest {
+        account_id: account.into(),
+        wallet: wallet.into(),
+        amount: 10,
+        expires_at_ms,
+        idempotency_key: format!("g-{wallet}"),
+        ..Default::default()
+    };
+    admin.grant(grant("spent", 0)).await.expect("grant");
+    metering
+        .debit(pb::DebitRequest {
+            account_id: account.into(),
+            wallet: "spent".into(),
+            amount: 10,
+            idempotency_key: "spend-all".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("debit");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    admin
+        .grant(grant("expired", now_ms + 1_000))
+        .await
+        .expect("grant");
+    admin.grant(grant("live", 0)).await.expect("grant");
+    // The expiring lot ends (a read by name ends what is due).
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (_, named) = wallet_answers(&server, account, &["expired"]).await;
+        if named.iter().all(|w| w.available == 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{named:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // At the cap of 3: the grant of "new" drops the two dead wallets.
+    admin.grant(grant("new", 0)).await.expect("room made");
+    let names = ["expired", "live", "new", "spent"];
+    /// Each wallet's lots, by name.
+    async fn lots(server: &common::TestServer, account: &str, names: &[&str]) -> Vec<Vec<pb::Lot>> {
+        let mut metering = server.metering().await;
+        let mut all = Vec::new();
+        for wallet in names {
+            let page = metering
+                .list_lots(pb::ListLotsRequest {
+                    account_id: account.into(),
+                    wallet: (*wallet).into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("lots")
+                .into_inner();
+            all.push(page.lots);
+        }
+        all
+    }
+    let before = wallet_answers(&server, account, &names).await;
     assert_eq!(
-        after
+        before
             .0
             .iter()
             .map(|w| w.wallet.as_str())
             .collect::<Vec<_>>(),
-        names
+        ["live", "new"]
     );
-    let refused = admin.grant(grant("2027-01")).await.expect_err("at the cap");
-    assert_eq!(at_cap(refused), "WALLET_LIMIT");
-    assert_eq!(wallet_answers(&server, "periods", &names).await, before);
+    assert_eq!(before.1.len(), 4, "{before:?}");
+    let lots_before = lots(&server, account, &names).await;
+
+    settle_then_lose_redis(&redis, &server.ledger, &store, account).await;
+    restore(
+        server.ledger.clone(),
+        store.clone(),
+        RestoreMode::Lost,
+        |_, _| {},
+    )
+    .await
+    .expect("restore");
+    assert_eq!(wallet_answers(&server, account, &names).await, before);
+    assert_eq!(lots(&server, account, &names).await, lots_before);
     server.stop().await;
 }
 

@@ -416,6 +416,98 @@ struct Wallet {
     /// The account has a budget on this wallet (the wallet's "bg" flag).
     budget: bool,
     events: usize,
+    /// Its open holds (the wallet's `:hw:`).
+    open_holds: usize,
+    /// It had an allocation or a budget (of the account or a member): never taken for
+    /// dead by [`wallet_sets`], which does not follow those past their events.
+    org_bound: bool,
+    /// After its events, in stream order, those that join the set or change whether it
+    /// is dead: what the wallet set made of it then.
+    marks: Vec<SetMark>,
+}
+
+/// How an event left its wallet with respect to the account's wallet set (lib.lua
+/// `join_wallet_set`, `wallet_set_refuses`, `wallet_dead`).
+#[derive(Debug, Clone, Copy)]
+struct SetMark {
+    position: (i64, i64),
+    join: Join,
+    /// Dead once the event was written: nothing available or held, no lot, no open hold,
+    /// no allocation or budget (lib.lua `wallet_dead`).
+    dead: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// The event does not join the set.
+    No,
+    /// It joins it, and a wallet outside a full set first dropped the set's dead wallets
+    /// (a grant, a positive adjustment, a budget, a first allocation).
+    AtCap,
+    /// It joins it past the cap (a refund's lots, an allocation of a wallet that had one).
+    PastCap,
+}
+
+impl Wallet {
+    /// What [`SetMark`] event `e` (just replayed) leaves; `was_bound`: whether the wallet
+    /// had an allocation or a budget before it.
+    fn mark(&mut self, e: &LedgerEvent, was_bound: bool) {
+        let join = match e.kind {
+            EventKind::Grant | EventKind::Budget => Join::AtCap,
+            EventKind::Adjust if e.amount > 0 => Join::AtCap,
+            EventKind::Allocate if was_bound => Join::PastCap,
+            EventKind::Allocate => Join::AtCap,
+            EventKind::Refund if !e.lots.is_empty() => Join::PastCap,
+            _ => Join::No,
+        };
+        let dead = self.available == 0
+            && self.held == 0
+            && self.lots.is_empty()
+            && self.open_holds == 0
+            && !self.org_bound;
+        // Kept only where something changes: a mark per event would cost a restore of
+        // tens of millions of events memory for nothing.
+        if join != Join::No || self.marks.last().is_none_or(|m| m.dead != dead) {
+            self.marks.push(SetMark {
+                position: e.stream_position(),
+                join,
+                dead,
+            });
+        }
+    }
+}
+
+/// Which wallets of one account are in its wallet set once all their events are
+/// replayed, as the live Redis left it: a wallet joins when an event of [`Join`] names
+/// it, and when one names a wallet outside a set holding `cap` or more, the wallets of
+/// the set that were dead then left it first (lib.lua `wallet_set_refuses`; the lot
+/// expiries and hold ends it made on the way are events before it, so already replayed).
+/// `wallets`: one account's, each with its marks; sets their `joined`.
+fn wallet_sets(wallets: &mut [Wallet], cap: u32) {
+    let mut marks: Vec<(SetMark, usize)> = wallets
+        .iter()
+        .enumerate()
+        .flat_map(|(n, w)| w.marks.iter().map(move |m| (*m, n)))
+        .collect();
+    marks.sort_by_key(|(m, _)| m.position);
+    let mut in_set = vec![false; wallets.len()];
+    let mut dead = vec![false; wallets.len()];
+    for (m, n) in marks {
+        if m.join != Join::No && !in_set[n] {
+            let size = in_set.iter().filter(|i| **i).count();
+            if m.join == Join::AtCap && size >= cap as usize {
+                for (i, d) in in_set.iter_mut().zip(&dead) {
+                    *i &= !*d;
+                }
+            }
+            in_set[n] = true;
+        }
+        dead[n] = m.dead;
+    }
+    for (w, i) in wallets.iter_mut().zip(in_set) {
+        w.joined = i;
+        w.marks = Vec::new();
+    }
 }
 
 pub(crate) fn pieces_text(pieces: &[LotPiece]) -> String {
@@ -998,6 +1090,7 @@ impl Replay<'_> {
             EventKind::Member | EventKind::Allocate | EventKind::Budget
         ) {
             self.wallet.events += 1;
+            self.wallet.org_bound |= e.kind != EventKind::Member;
             return self.apply_org(e);
         }
         // A member's charges and what comes back of them move their allocation; charges
@@ -1112,6 +1205,7 @@ impl Replay<'_> {
             EventKind::Hold => {
                 self.take(e, true)?;
                 self.wallet.held += e.amount;
+                self.wallet.open_holds += 1;
                 let (policy, deadline) =
                     hold_terms(e).ok_or_else(|| Self::fail(e, "hold without deadline"))?;
                 self.holds.insert(
@@ -1191,6 +1285,7 @@ impl Replay<'_> {
                 }
                 self.orgs.give_back(&e.hold_id, amount - charged);
                 self.wallet.held -= amount;
+                self.wallet.open_holds = self.wallet.open_holds.saturating_sub(1);
                 self.wallet.used += charged;
                 if charged > 0 {
                     self.charges.insert(
@@ -1819,7 +1914,9 @@ async fn restore_under(
                     records: &mut records,
                     orgs: &mut orgs,
                 };
+                let was_bound = replay.wallet.org_bound;
                 replay.apply(e)?;
+                replay.wallet.mark(e, was_bound);
                 current = Some(replay.wallet);
                 shard_report.events += 1;
                 // A restore in a serving process (`server.restore`) shares its runtime
@@ -1837,6 +1934,12 @@ async fn restore_under(
         }
         // Membership events have no wallet.
         wallets.retain(|w| !w.wallet.is_empty());
+        // Each account's wallet set as the live Redis left it (the events come by
+        // account, then wallet: an account's wallets are together).
+        let cap = settings.wallets_per_account_max;
+        for account in wallets.chunk_by_mut(|a, b| a.account_id == b.account_id) {
+            wallet_sets(account, cap);
+        }
         for w in &mut wallets {
             let own = (w.account_id.clone(), w.wallet.clone(), String::new());
             w.budget = orgs.budgets.contains_key(&own);
@@ -2246,6 +2349,73 @@ async fn write_api_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wallet set a restore rebuilds: dead wallets leave it only when a wallet outside
+    /// a full set joins, and a refund's lots bring a wallet back past the cap.
+    #[test]
+    fn dead_wallets_leave_the_set_only_for_room() {
+        let wallet = |name: &str, marks: &[(i64, Join, bool)]| Wallet {
+            account_id: "a".into(),
+            wallet: name.into(),
+            marks: marks
+                .iter()
+                .map(|&(ms, join, dead)| SetMark {
+                    position: (ms, 0),
+                    join,
+                    dead,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let listed = |cap: u32, mut wallets: Vec<Wallet>| {
+            wallet_sets(&mut wallets, cap);
+            wallets
+                .iter()
+                .filter(|w| w.joined)
+                .map(|w| w.wallet.clone())
+                .collect::<Vec<_>>()
+        };
+        // Cap 2: "a" dies at 2; "b" joins at 3 (set not full: "a" stays), "c" at 4 (full:
+        // "a" leaves); a refund brings "a" back at 5 past the cap; "d" at 6 drops nothing
+        // (none dead) and is in, as its grant was.
+        let wallets = || {
+            vec![
+                wallet(
+                    "a",
+                    &[
+                        (1, Join::AtCap, false),
+                        (2, Join::No, true),
+                        (5, Join::PastCap, false),
+                    ],
+                ),
+                wallet("b", &[(3, Join::AtCap, false)]),
+                wallet("c", &[(4, Join::AtCap, false)]),
+                wallet("d", &[(6, Join::AtCap, false)]),
+            ]
+        };
+        assert_eq!(listed(2, wallets()), ["a", "b", "c", "d"]);
+        assert_eq!(listed(3, wallets()), ["a", "b", "c", "d"]);
+        let mut no_refund = wallets();
+        no_refund[0].marks.pop();
+        assert_eq!(listed(2, no_refund), ["b", "c", "d"]);
+        // The set fills up later with a cap of 3: "d" drops "a".
+        let mut no_refund = wallets();
+        no_refund[0].marks.pop();
+        assert_eq!(listed(3, no_refund), ["b", "c", "d"]);
+        // A dropped wallet granted again is back, and drops the one dead then.
+        let wallets = vec![
+            wallet(
+                "a",
+                &[
+                    (1, Join::AtCap, false),
+                    (2, Join::No, true),
+                    (5, Join::AtCap, false),
+                ],
+            ),
+            wallet("b", &[(3, Join::AtCap, false), (4, Join::No, true)]),
+        ];
+        assert_eq!(listed(1, wallets), ["a"]);
+    }
 
     #[test]
     fn keys_of_makers_who_lost_the_role_or_members_who_left_are_revoked() {
