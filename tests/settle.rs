@@ -620,7 +620,7 @@ async fn query_text(url: &str, sql: &'static str) -> Vec<String> {
 /// (7: the events' `actor` column, which the events read back carry; 8: the events'
 /// `redis_epoch`, 0 for an event written without the markers a settler read; 9: API keys'
 /// makers; 10: the persisted shard count; 11: the history index in the page's order and
-/// the partial index of hold events).
+/// the partial index of hold events; 12: the history index of one kind).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
     let redis = common::RedisServer::start();
@@ -708,8 +708,24 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
                 "SELECT CAST(MAX(version) AS TEXT) FROM tollgate_schema_migrations"
             )
             .await,
-            vec!["11".to_owned()],
+            vec!["12".to_owned()],
             "{kind}"
+        );
+        // The history of one kind of an account, in the page's order (a `kinds` filter).
+        let kind_index = query_text(
+            &url,
+            if kind == "postgres" {
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'tollgate_events_kind'"
+            } else {
+                "SELECT sql FROM sqlite_master WHERE name = 'tollgate_events_kind'"
+            },
+        )
+        .await;
+        assert!(
+            kind_index.len() == 1
+                && kind_index[0].contains("(account_id, kind, created_at_ms DESC")
+                && kind_index[0].contains("shard DESC"),
+            "{kind} {kind_index:?}"
         );
         // The history index in the page's order, in place of version 1's.
         let history_index = query_text(
