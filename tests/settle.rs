@@ -456,11 +456,11 @@ async fn a_batch_retried_after_a_failed_transaction_records_its_marker() {
                 "DROP TRIGGER tollgate_test_fail;",
             )
         };
-        run_sql(&url, fail.to_owned()).await;
+        common::run_sql(&url, fail.to_owned()).await;
         let failed = store.append_batch(&outbox, Some(&ahead), None).await;
         assert!(failed.is_err(), "{kind}: the batch was written: {failed:?}");
         assert_eq!(shard_epochs(&url).await, vec![], "{kind}");
-        run_sql(&url, unfail.to_owned()).await;
+        common::run_sql(&url, unfail.to_owned()).await;
 
         let appended = store
             .append_batch(&outbox, Some(&ahead), None)
@@ -573,30 +573,6 @@ async fn a_settler_over_resp3_settles_every_event() {
     assert_store_matches_outbox(&store, &outbox).await;
 }
 
-/// Runs SQL on a test database (PostgreSQL or SQLite, by url) outside the store.
-async fn run_sql(url: &str, sql: String) {
-    if url.starts_with("postgres") {
-        let pool = sqlx::PgPool::connect(url).await.expect("pg");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&pool)
-            .await
-            .expect("pg sql");
-        pool.close().await;
-    } else {
-        let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
-            .expect("sqlite url")
-            .create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(options)
-            .await
-            .expect("sqlite");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&pool)
-            .await
-            .expect("sqlite sql");
-        pool.close().await;
-    }
-}
-
 /// The text of every row of a query's first column, on a test database.
 async fn query_text(url: &str, sql: &'static str) -> Vec<String> {
     if url.starts_with("postgres") {
@@ -620,7 +596,8 @@ async fn query_text(url: &str, sql: &'static str) -> Vec<String> {
 /// (7: the events' `actor` column, which the events read back carry; 8: the events'
 /// `redis_epoch`, 0 for an event written without the markers a settler read; 9: API keys'
 /// makers; 10: the persisted shard count; 11: the history index in the page's order and
-/// the partial index of hold events; 12: the history index of one kind).
+/// the partial index of hold events; 12: the history index of one kind; 13: the webhook
+/// queues' heads marked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
     let redis = common::RedisServer::start();
@@ -660,7 +637,7 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
              ('failed-again', 'old', 'default', 'balance.low', 1, 0, 1, '{}', 'failed', 6, 5, 0, '', 500, 1, -3), \
              ('delivered', 'old', 'default', 'balance.low', 1, 0, 2, '{}', 'delivered', 2, 5, 0, '', 200, 1, 1234);\n",
         );
-        run_sql(&url, old).await;
+        common::run_sql(&url, old).await;
 
         let store = store(&url).await;
         let kind = store.kind();
@@ -708,7 +685,7 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
                 "SELECT CAST(MAX(version) AS TEXT) FROM tollgate_schema_migrations"
             )
             .await,
-            vec!["12".to_owned()],
+            vec!["13".to_owned()],
             "{kind}"
         );
         // The history of one kind of an account, in the page's order (a `kinds` filter).
@@ -3077,7 +3054,7 @@ async fn a_store_refusing_every_row_sets_aside_only_a_few_events() {
     let total = readable_outbox_events(&ledger).await.len();
     assert!(total > SET_ASIDE_WITHOUT_A_WRITE_MAX + 5, "{total}");
     let pg_store = store(&pg.url).await;
-    run_sql(
+    common::run_sql(
         &pg.url,
         "ALTER TABLE tollgate_events ADD CONSTRAINT refuse_all CHECK (event_id = '')".into(),
     )
@@ -3108,7 +3085,7 @@ async fn a_store_refusing_every_row_sets_aside_only_a_few_events() {
     );
     assert_eq!(pg_store.count_events().await.expect("count"), 0);
 
-    run_sql(
+    common::run_sql(
         &pg.url,
         "ALTER TABLE tollgate_events DROP CONSTRAINT refuse_all".into(),
     )
@@ -3130,12 +3107,12 @@ async fn latin1_database() -> common::PgDatabase {
     let pg = common::PgDatabase::create().await;
     let name = pg.url.rsplit('/').next().expect("database name").to_owned();
     // Made again under its own name: dropped with `pg` all the same.
-    run_sql(
+    common::run_sql(
         &common::pg_admin_url(),
         format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
     )
     .await;
-    run_sql(
+    common::run_sql(
         &common::pg_admin_url(),
         format!(
             "CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 \

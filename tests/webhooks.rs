@@ -1204,3 +1204,328 @@ async fn a_restore_sends_no_webhook_again() {
     );
     server.stop().await;
 }
+
+/// A database at schema version 11 (as the builds before the queue heads left it),
+/// holding these deliveries: `(id, account, position_ms, ordinal, status, attempts,
+/// next_attempt_at_ms)`.
+async fn deliveries_at_v11(url: &str, rows: &[(&str, &str, i64, i64, &str, i64, i64)]) {
+    let mut sql = String::from(
+        "CREATE TABLE tollgate_schema_migrations \
+         (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL);\n",
+    );
+    for version in [
+        include_str!("../src/settle/schema_v1.sql"),
+        include_str!("../src/settle/schema_v2.sql"),
+        include_str!("../src/settle/schema_v3.sql"),
+        include_str!("../src/settle/schema_v4.sql"),
+        include_str!("../src/settle/schema_v5.sql"),
+        include_str!("../src/settle/schema_v6.sql"),
+        include_str!("../src/settle/schema_v7.sql"),
+        include_str!("../src/settle/schema_v8.sql"),
+        include_str!("../src/settle/schema_v9.sql"),
+        include_str!("../src/settle/schema_v10.sql"),
+        include_str!("../src/settle/schema_v11.sql"),
+    ] {
+        sql.push_str(version);
+        sql.push('\n');
+    }
+    sql.push_str("INSERT INTO tollgate_schema_migrations (version, applied_at_ms) VALUES ");
+    let versions: Vec<String> = (1..=11).map(|v| format!("({v}, 1)")).collect();
+    sql.push_str(&versions.join(", "));
+    sql.push_str(
+        ";\nINSERT INTO tollgate_webhook_deliveries (delivery_id, account_id, wallet, \
+         event_type, position_ms, position_seq, ordinal, payload, status, attempts, \
+         next_attempt_at_ms, lease_until_ms, last_error, last_status_code, created_at_ms, \
+         delivered_at_ms) VALUES ",
+    );
+    let values: Vec<String> = rows
+        .iter()
+        .map(|(id, account, ms, ordinal, status, attempts, next)| {
+            format!(
+                "('{id}', '{account}', 'default', 'grant.created', {ms}, 0, {ordinal}, '{{}}', \
+                 '{status}', {attempts}, {next}, 0, '', 0, 1, 0)"
+            )
+        })
+        .collect();
+    sql.push_str(&values.join(", "));
+    sql.push_str(";\n");
+    common::run_sql(url, sql).await;
+}
+
+/// What a dispatcher does, without the HTTP: reads the due heads at `now`, leases each
+/// and records it delivered, round after round until none is due. Returns the ids in the
+/// order they were delivered.
+async fn deliver_due(store: &tollgate::settle::Store, now: i64) -> Vec<String> {
+    use tollgate::settle::webhook_store::AttemptOutcome;
+    let mut sent = Vec::new();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let due = store.due_deliveries(now, 10).await.expect("due");
+        if due.is_empty() {
+            return sent;
+        }
+        assert!(std::time::Instant::now() < deadline, "still due: {due:?}");
+        for d in due {
+            let lease = now + 10_000;
+            assert!(store
+                .lease_delivery(&d.delivery_id, d.attempts, now, lease)
+                .await
+                .expect("lease"));
+            let delivered = AttemptOutcome::Delivered { status_code: 204 };
+            assert!(store
+                .finish_attempt(&d.delivery_id, lease, now, &delivered)
+                .await
+                .expect("finish"));
+            sent.push(d.delivery_id);
+        }
+    }
+}
+
+fn ids(deliveries: &[tollgate::settle::webhook_store::Delivery]) -> Vec<&str> {
+    deliveries.iter().map(|d| d.delivery_id.as_str()).collect()
+}
+
+/// Deliveries an older build wrote (no head marks) are in order once migrated: each
+/// account's oldest pending delivery heads its queue (the next one between two of equal
+/// position goes by id), a head retried later still holds its queue until it ends, an
+/// older delivery put back by RetryWebhookDelivery heads the queue again (a lease of the
+/// head read before that is refused), and each delivery ended hands the head on.
+async fn queue_heads_hold_across_the_migration(url: &str) {
+    use tollgate::settle::webhook_store::AttemptOutcome;
+    const LATER: i64 = 9_000_000_000_000;
+    deliveries_at_v11(
+        url,
+        &[
+            ("a-0", "a", 1, 0, "delivered", 1, 5),
+            // Tried three times, its next attempt far off: "a" waits for it.
+            ("a-1", "a", 2, 0, "pending", 3, LATER),
+            ("a-2", "a", 3, 0, "pending", 0, 5),
+            ("a-3", "a", 3, 1, "pending", 0, 5),
+            ("b-old", "b", 1, 0, "failed", 6, 5),
+            // Two of one position: by id.
+            ("b-y", "b", 5, 0, "pending", 0, 5),
+            ("b-x", "b", 5, 0, "pending", 0, 5),
+            ("b-z", "b", 6, 0, "pending", 0, 5),
+            ("c-1", "c", 1, 0, "delivered", 1, 5),
+        ],
+    )
+    .await;
+    let store = tollgate::settle::Store::connect_lazy(url, 2).expect("store");
+    store.migrate().await.expect("migrate");
+    let kind = store.kind();
+    let now = tollgate::ledger::wall_clock_ms();
+
+    let due = store.due_deliveries(now, 10).await.expect("due");
+    assert_eq!(ids(&due), ["b-x"], "{kind}");
+    assert!(store.retry_delivery("b-old", now).await.expect("retry"));
+    assert!(
+        !store
+            .lease_delivery("b-x", 0, now, now + 10_000)
+            .await
+            .expect("lease"),
+        "{kind}: b-x no longer heads its queue"
+    );
+    assert_eq!(
+        deliver_due(&store, now).await,
+        ["b-old", "b-x", "b-y", "b-z"],
+        "{kind}"
+    );
+    // "a" still waits for its head; once that is given up, the rest go in order.
+    let later = store.due_deliveries(LATER, 10).await.expect("due");
+    assert_eq!(ids(&later), ["a-1"], "{kind}");
+    assert!(store
+        .lease_delivery("a-1", 3, LATER, LATER + 10_000)
+        .await
+        .expect("lease"));
+    let give_up = AttemptOutcome::Failed {
+        status_code: 500,
+        error: "HTTP 500".into(),
+        next_attempt_at_ms: LATER + 60_000,
+        give_up: true,
+    };
+    assert!(store
+        .finish_attempt("a-1", LATER + 10_000, LATER, &give_up)
+        .await
+        .expect("finish"));
+    assert_eq!(deliver_due(&store, now).await, ["a-2", "a-3"], "{kind}");
+    assert_eq!(store.pending_deliveries().await.expect("pending"), 0);
+
+    // An older pod still running after the migration (a rolling upgrade) inserts into
+    // "c"'s empty queue and "a"'s without marking a head, and ends a head without
+    // handing it on ("d"): the repair marks what the dispatcher would otherwise never try.
+    common::run_sql(
+        url,
+        "INSERT INTO tollgate_webhook_deliveries (delivery_id, account_id, wallet, \
+         event_type, position_ms, position_seq, ordinal, payload, status, attempts, \
+         next_attempt_at_ms, lease_until_ms, last_error, last_status_code, created_at_ms, \
+         delivered_at_ms) VALUES \
+         ('c-2', 'c', 'default', 'grant.created', 7, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0), \
+         ('a-4', 'a', 'default', 'grant.created', 7, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0), \
+         ('d-1', 'd', 'default', 'grant.created', 7, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0), \
+         ('d-2', 'd', 'default', 'grant.created', 8, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0); \
+         UPDATE tollgate_webhook_deliveries SET is_head = 1 WHERE delivery_id = 'd-1'; \
+         UPDATE tollgate_webhook_deliveries SET status = 'delivered' WHERE delivery_id = 'd-1';"
+            .to_owned(),
+    )
+    .await;
+    assert!(store.due_deliveries(now, 10).await.expect("due").is_empty());
+    assert_eq!(store.repair_heads().await.expect("repair"), 3, "{kind}");
+    assert_eq!(store.repair_heads().await.expect("repair"), 0, "{kind}");
+    let mut sent = deliver_due(&store, now).await;
+    sent.sort();
+    assert_eq!(sent, ["a-4", "c-2", "d-2"], "{kind}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_heads_hold_across_the_migration_postgres() {
+    let pg = common::PgDatabase::create().await;
+    queue_heads_hold_across_the_migration(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_heads_hold_across_the_migration_sqlite() {
+    queue_heads_hold_across_the_migration(&common::temp_sqlite_url()).await;
+}
+
+/// Three dispatchers work the queues while a settler keeps adding deliveries to them
+/// (grants, a `grant.created` each), some attempts failing once: every account's
+/// deliveries are attempted one at a time and in order, and every one is delivered — no
+/// queue is left without a head when a delivery is added to it just as its last one
+/// ends (each would see the other's row as it was without the queue lock).
+async fn queues_stay_in_order_under_concurrent_dispatchers(store_url: &str) {
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+    use tollgate::settle::webhook_store::AttemptOutcome;
+
+    const ACCOUNTS: usize = 12;
+    const GRANTS: usize = 10;
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    for g in 0..GRANTS {
+        for a in 0..ACCOUNTS {
+            ledger
+                .grant(&common::purchase(
+                    &format!("acct{a}"),
+                    100,
+                    &format!("g{g}"),
+                ))
+                .await
+                .expect("grant");
+        }
+    }
+    let events = common::outbox_events(&ledger).await;
+    let store = Arc::new(tollgate::settle::Store::connect_lazy(store_url, 8).expect("store"));
+    store.migrate().await.expect("migrate");
+    let kind = store.kind();
+
+    let settled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Who holds a lease of each account's deliveries, and the order they were taken in.
+    let in_flight = Arc::new(Mutex::new(BTreeSet::new()));
+    let taken = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let (store, settled, in_flight, taken) = (
+            store.clone(),
+            settled.clone(),
+            in_flight.clone(),
+            taken.clone(),
+        );
+        tasks.spawn(async move {
+            let deadline = std::time::Instant::now() + DEADLINE;
+            loop {
+                let now = tollgate::ledger::wall_clock_ms();
+                let due = store.due_deliveries(now, 4).await.expect("due");
+                if due.is_empty() {
+                    if settled.load(std::sync::atomic::Ordering::SeqCst)
+                        && store.pending_deliveries().await.expect("pending") == 0
+                    {
+                        return;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "deliveries pending and none due: a queue without a head"
+                    );
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                for d in due {
+                    let now = tollgate::ledger::wall_clock_ms();
+                    let lease = now + 60_000;
+                    if !store
+                        .lease_delivery(&d.delivery_id, d.attempts, now, lease)
+                        .await
+                        .expect("lease")
+                    {
+                        continue;
+                    }
+                    assert!(
+                        in_flight.lock().expect("lock").insert(d.account_id.clone()),
+                        "two deliveries of one account in flight: {d:?}"
+                    );
+                    taken.lock().expect("lock").push((
+                        d.account_id.clone(),
+                        d.position,
+                        d.delivery_id.clone(),
+                    ));
+                    // A delivery of every third grant fails once, retried at once.
+                    let fails = d.attempts == 0 && d.position.0 % 3 == 0;
+                    let outcome = if fails {
+                        AttemptOutcome::Failed {
+                            status_code: 503,
+                            error: "HTTP 503".into(),
+                            next_attempt_at_ms: now,
+                            give_up: false,
+                        }
+                    } else {
+                        AttemptOutcome::Delivered { status_code: 204 }
+                    };
+                    in_flight.lock().expect("lock").remove(&d.account_id);
+                    assert!(store
+                        .finish_attempt(&d.delivery_id, lease, now, &outcome)
+                        .await
+                        .expect("finish"));
+                }
+            }
+        });
+    }
+    // The settler: small batches, in stream order, as the dispatchers go.
+    for batch in events.chunks(3) {
+        store
+            .append_batch(batch, None, Some(&low_below_20()))
+            .await
+            .expect("settle");
+        tokio::task::yield_now().await;
+    }
+    settled.store(true, std::sync::atomic::Ordering::SeqCst);
+    while let Some(joined) = tasks.join_next().await {
+        joined.expect("dispatcher");
+    }
+
+    let taken = taken.lock().expect("lock").clone();
+    let mut per_account: BTreeMap<String, Vec<((i64, i64, i64), String)>> = BTreeMap::new();
+    for (account, position, id) in taken {
+        let list = per_account.entry(account).or_default();
+        // A failed attempt's retry takes the same delivery again, next.
+        if list.last().map(|(_, last)| last) != Some(&id) {
+            list.push((position, id));
+        }
+    }
+    assert_eq!(per_account.len(), ACCOUNTS, "{kind}");
+    for (account, list) in per_account {
+        let mut sorted = list.clone();
+        sorted.sort();
+        assert_eq!(list, sorted, "{kind}: {account}'s deliveries out of order");
+        assert_eq!(list.len(), GRANTS, "{kind}: {account}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queues_stay_in_order_under_concurrent_dispatchers_postgres() {
+    let pg = common::PgDatabase::create().await;
+    queues_stay_in_order_under_concurrent_dispatchers(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queues_stay_in_order_under_concurrent_dispatchers_sqlite() {
+    queues_stay_in_order_under_concurrent_dispatchers(&common::temp_sqlite_url()).await;
+}

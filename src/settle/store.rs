@@ -43,6 +43,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (10, include_str!("schema_v10.sql")),
     (11, include_str!("schema_v11.sql")),
     (12, include_str!("schema_v12.sql")),
+    (13, include_str!("schema_v13.sql")),
 ];
 
 /// Statements of a migration for one kind of store only (version, `kind()`, SQL), run
@@ -2538,6 +2539,150 @@ mod tests {
             .await
             .expect("ties");
         kind_pages_follow_the_history_order(&store).await;
+        lite.pool.close().await;
+    }
+
+    /// A delivery backlog as a receiver down for long leaves it (the same text for both
+    /// databases): 20,000 deliveries of 200 accounts, each account's older half ended,
+    /// the rest pending. Each account's oldest pending delivery heads its queue, tried a
+    /// dozen times, its next attempt far off for nine accounts in ten (due for every
+    /// tenth); the 49 behind each head were never tried, so are due since they were made.
+    const PLAN_DELIVERIES: &str = "WITH RECURSIVE s(i) AS \
+        (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < 19999) \
+        INSERT INTO tollgate_webhook_deliveries (delivery_id, account_id, wallet, event_type, \
+        position_ms, position_seq, ordinal, payload, status, attempts, next_attempt_at_ms, \
+        lease_until_ms, last_error, last_status_code, created_at_ms, delivered_at_ms, \
+        is_head) \
+        SELECT 'dlv_' || i, 'a' || (i % 200), 'default', 'balance.low', 1000 + i, 0, 0, '{}', \
+        CASE WHEN i / 200 < 50 THEN 'delivered' ELSE 'pending' END, \
+        CASE WHEN i / 200 < 50 THEN 1 WHEN i / 200 = 50 THEN 12 ELSE 0 END, \
+        CASE WHEN i / 200 = 50 AND i % 10 <> 0 THEN 9000000000000 ELSE 1000 + i END, \
+        0, '', 0, 1000 + i, 0, CASE WHEN i / 200 = 50 THEN 1 ELSE 0 END FROM s";
+
+    /// When a round asks for due heads.
+    const PLAN_NOW_MS: i64 = 1_000_000;
+    /// The first 8 due heads (of the 20: the accounts `a0`, `a10`, …), oldest first.
+    const PLAN_DUE_HEADS: [&str; 8] = [
+        "dlv_10000",
+        "dlv_10010",
+        "dlv_10020",
+        "dlv_10030",
+        "dlv_10040",
+        "dlv_10050",
+        "dlv_10060",
+        "dlv_10070",
+    ];
+
+    /// A dispatcher round reads the due heads off the heads index, in its order, and
+    /// does not read the 9,800 pending deliveries waiting behind them (the anti-join it
+    /// replaced read every one).
+    #[tokio::test]
+    async fn due_deliveries_read_only_the_heads_in_postgres() {
+        let admin = std::env::var("TOLLGATE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let db = crate::dev::ScratchDatabase::create(
+            &admin,
+            &format!("tollgate_plans_heads_{}", std::process::id()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL must run (scripts/test starts it): {e}"));
+        let store = Store::connect_lazy(&db.url, 1).expect("store");
+        store.migrate().await.expect("migrate");
+        let Store::Postgres(pg) = &store else {
+            panic!("a postgres url opens a PostgreSQL store");
+        };
+        sqlx::raw_sql(PLAN_DELIVERIES)
+            .execute(&pg.pool)
+            .await
+            .expect("deliveries");
+        sqlx::raw_sql("ANALYZE tollgate_webhook_deliveries")
+            .execute(&pg.pool)
+            .await
+            .expect("analyze");
+        let due = store.due_deliveries(PLAN_NOW_MS, 8).await.expect("due");
+        let ids: Vec<&str> = due.iter().map(|d| d.delivery_id.as_str()).collect();
+        assert_eq!(ids, PLAN_DUE_HEADS);
+
+        let explain = format!(
+            "EXPLAIN ANALYZE {}",
+            crate::settle::webhook_store::due_query()
+        );
+        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
+            .bind(PLAN_NOW_MS)
+            .bind(8i64)
+            .fetch_all(&pg.pool)
+            .await
+            .expect("explain")
+            .iter()
+            .map(|r| r.get::<String, _>(0))
+            .collect();
+        let dropped: i64 = plan
+            .iter()
+            .filter_map(|line| line.split("Rows Removed by Filter: ").nth(1))
+            .filter_map(|n| n.trim().parse::<i64>().ok())
+            .sum();
+        assert!(
+            plan.iter()
+                .any(|l| l.contains("tollgate_webhook_deliveries_due_heads"))
+                && !plan
+                    .iter()
+                    .any(|l| l.contains("Sort") || l.contains("Seq Scan"))
+                && dropped == 0,
+            "{plan:#?}"
+        );
+        pg.pool.close().await;
+    }
+
+    /// As above, in SQLite (its plan names the index and the range searched).
+    #[tokio::test]
+    async fn due_deliveries_read_only_the_heads_in_sqlite() {
+        let dir = std::env::temp_dir().join("tollgate-tests");
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(format!("plans-heads-{}.db", std::process::id()));
+        /// Removes the database and its WAL files, whether the test passes or not.
+        struct Files(std::path::PathBuf);
+        impl Drop for Files {
+            fn drop(&mut self) {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+                }
+            }
+        }
+        let _files = Files(path.clone());
+        drop(Files(path.clone()));
+        let store = Store::connect_lazy(&format!("sqlite://{}", path.display()), 1).expect("store");
+        store.migrate().await.expect("migrate");
+        let Store::Sqlite(lite) = &store else {
+            panic!("a sqlite url opens a SQLite store");
+        };
+        sqlx::raw_sql(PLAN_DELIVERIES)
+            .execute(&lite.pool)
+            .await
+            .expect("deliveries");
+        let due = store.due_deliveries(PLAN_NOW_MS, 8).await.expect("due");
+        let ids: Vec<&str> = due.iter().map(|d| d.delivery_id.as_str()).collect();
+        assert_eq!(ids, PLAN_DUE_HEADS);
+        let explain = format!(
+            "EXPLAIN QUERY PLAN {}",
+            crate::settle::webhook_store::due_query()
+        );
+        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
+            .bind(PLAN_NOW_MS)
+            .bind(8i64)
+            .fetch_all(&lite.pool)
+            .await
+            .expect("explain")
+            .iter()
+            .map(|r| r.get::<String, _>("detail"))
+            .collect();
+        assert!(
+            plan.iter()
+                .any(|l| l.contains("tollgate_webhook_deliveries_due_heads")
+                    && l.contains("next_attempt_at_ms<?"))
+                && !plan.iter().any(|l| l.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
+        assert_eq!(plan.len(), 1, "one index range, nothing else: {plan:?}");
         lite.pool.close().await;
     }
 

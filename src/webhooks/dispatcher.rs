@@ -33,6 +33,9 @@ pub const EXPIRING_LOTS_PER_ROUND_MAX: u32 = 500;
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
 /// Tracked lots are forgotten this long after they expired.
 pub const LOT_RETENTION_AFTER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+/// How often queues a build before schema v13 left without a head mark are looked for
+/// (and at start): a read of every pending delivery (`Store::repair_heads`).
+pub const HEAD_REPAIR_INTERVAL: Duration = Duration::from_secs(600);
 /// Ended deliveries deleted per housekeeping round (every few seconds): bounded work.
 pub const DELIVERIES_PRUNED_PER_ROUND_MAX: i64 = 1000;
 
@@ -88,6 +91,7 @@ pub struct Dispatcher {
     rules: Arc<Rules>,
     metrics: Arc<DispatchMetrics>,
     last_housekeeping: Option<Instant>,
+    last_head_repair: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -109,6 +113,7 @@ impl Dispatcher {
             rules,
             metrics: Arc::new(DispatchMetrics::new()),
             last_housekeeping: None,
+            last_head_repair: None,
         })
     }
 
@@ -167,6 +172,19 @@ impl Dispatcher {
                     .await?;
             }
             self.last_housekeeping = Some(Instant::now());
+        }
+        if self
+            .last_head_repair
+            .is_none_or(|t| t.elapsed() >= HEAD_REPAIR_INTERVAL)
+        {
+            let repaired = self.store.repair_heads().await?;
+            if repaired > 0 {
+                tracing::warn!(
+                    queues = repaired,
+                    "webhook queues without a head marked (an older build, before schema v13, changed them)"
+                );
+            }
+            self.last_head_repair = Some(Instant::now());
         }
         let heads = self
             .store

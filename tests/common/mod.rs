@@ -1162,3 +1162,27 @@ impl Drop for Monitor {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
+
+/// Runs SQL on a test database (PostgreSQL or SQLite, by url) outside the store.
+pub async fn run_sql(url: &str, sql: String) {
+    if url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(url).await.expect("pg");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .expect("pg sql");
+        pool.close().await;
+    } else {
+        let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
+            .expect("sqlite url")
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options)
+            .await
+            .expect("sqlite");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .expect("sqlite sql");
+        pool.close().await;
+    }
+}
