@@ -1502,7 +1502,9 @@ async fn queues_stay_in_order_under_concurrent_dispatchers(store_url: &str) {
     }
 
     let taken = taken.lock().expect("lock").clone();
-    let mut per_account: BTreeMap<String, Vec<((i64, i64, i64), String)>> = BTreeMap::new();
+    /// A delivery taken: its position in the account's queue and its id.
+    type Taken = ((i64, i64, i64), String);
+    let mut per_account: BTreeMap<String, Vec<Taken>> = BTreeMap::new();
     for (account, position, id) in taken {
         let list = per_account.entry(account).or_default();
         // A failed attempt's retry takes the same delivery again, next.
