@@ -34,6 +34,9 @@ psql -q $U -At -c "SELECT COUNT(*) FROM tollgate_webhook_deliveries WHERE is_hea
 echo "== new query"
 for i in 1 2 3 4; do psql -q $U -c "EXPLAIN ANALYZE $NEW" | grep -E "Execution Time"; done
 psql -q $U -c "EXPLAIN ANALYZE $NEW"
+echo "== repair_heads' search (every pending delivery, nothing to repair)"
+REPAIR="SELECT DISTINCT account_id FROM tollgate_webhook_deliveries d WHERE d.status = 'pending' AND NOT EXISTS (SELECT 1 FROM tollgate_webhook_deliveries h WHERE h.account_id = d.account_id AND h.is_head = 1 AND h.status = 'pending') UNION SELECT account_id FROM tollgate_webhook_deliveries WHERE is_head = 1 AND status <> 'pending'"
+for i in 1 2 3; do psql -q $U -c "EXPLAIN ANALYZE $REPAIR" | grep -E "Execution Time"; done
 echo "== mark_heads for one account after its head ended (two statements)"
 psql -q $U -v ON_ERROR_STOP=1 <<SQL
 \timing on
