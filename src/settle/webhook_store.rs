@@ -1045,3 +1045,97 @@ impl Store {
         dispatch!(self, s => s.repair_heads().await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A settler's batch adds a delivery to an account's queue while a dispatcher ends
+    /// the queue's only delivery: the dispatcher's transaction waits for the batch's
+    /// queue lock, then sees its delivery and hands it the head. Without the lock each
+    /// saw the other's row as it was, and the new delivery was left without a head
+    /// (never tried).
+    #[tokio::test]
+    async fn a_delivery_added_while_the_head_ends_gets_the_head_in_postgres() {
+        let admin = std::env::var("TOLLGATE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let db = crate::dev::ScratchDatabase::create(
+            &admin,
+            &format!("tollgate_queue_lock_{}", std::process::id()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL must run (scripts/test starts it): {e}"));
+        let store = std::sync::Arc::new(Store::connect_lazy(&db.url, 4).expect("store"));
+        store.migrate().await.expect("migrate");
+        let Store::Postgres(pg) = &*store else {
+            panic!("a postgres url opens a PostgreSQL store");
+        };
+        let insert = |id: &str, ms: i64, head: i64, lease: i64| {
+            format!(
+                "INSERT INTO tollgate_webhook_deliveries (delivery_id, account_id, wallet, \
+                 event_type, position_ms, position_seq, ordinal, payload, status, attempts, \
+                 next_attempt_at_ms, lease_until_ms, last_error, last_status_code, \
+                 created_at_ms, delivered_at_ms, is_head) VALUES ('{id}', 'acme', 'default', \
+                 'grant.created', {ms}, 0, 0, '{{}}', 'pending', 0, 1, {lease}, '', 0, 1, 0, \
+                 {head})"
+            )
+        };
+        // The head, leased by a dispatcher until 5000.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(insert("dlv_h", 1, 1, 5000)))
+            .execute(&pg.pool)
+            .await
+            .expect("head");
+        // The batch: locks the queue, adds a delivery, marks heads; not committed yet.
+        let mut batch = pg.pool.begin().await.expect("begin");
+        PgStore::lock_queues(&mut batch, &BTreeSet::from(["acme"]))
+            .await
+            .expect("lock");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(insert("dlv_n", 2, 0, 0)))
+            .execute(&mut *batch)
+            .await
+            .expect("insert");
+        PgStore::mark_heads(&mut batch, &["acme"])
+            .await
+            .expect("mark");
+        // The dispatcher ends the head meanwhile.
+        let finishing = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .finish_attempt(
+                        "dlv_h",
+                        5000,
+                        10,
+                        &AttemptOutcome::Delivered { status_code: 204 },
+                    )
+                    .await
+            })
+        };
+        // Until it is done, or waits for the queue lock.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database \
+                 WHERE datname = current_database())",
+            )
+            .fetch_one(&pg.pool)
+            .await
+            .expect("locks");
+            if waiting > 0 || finishing.is_finished() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "finish neither done nor waiting"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        batch.commit().await.expect("commit");
+        assert!(finishing.await.expect("task").expect("finish"));
+        let due = store.due_deliveries(100, 10).await.expect("due");
+        let ids: Vec<&str> = due.iter().map(|d| d.delivery_id.as_str()).collect();
+        assert_eq!(ids, ["dlv_n"]);
+        pg.pool.close().await;
+    }
+}
