@@ -670,15 +670,13 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
             (0, 1234),
             "{kind} {delivered:?}"
         );
-        assert!(store
+        let retried = store
             .retry_delivery("failed-again", START_MS)
             .await
-            .expect("retry"));
-        assert_eq!(
-            delivery("failed-again").await.round_start_attempts,
-            6,
-            "{kind}"
-        );
+            .expect("retry")
+            .expect("a failed delivery is retried");
+        assert_eq!(retried, delivery("failed-again").await, "{kind}");
+        assert_eq!(retried.round_start_attempts, 6, "{kind}");
         assert_eq!(
             query_text(
                 &url,

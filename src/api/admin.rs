@@ -536,22 +536,25 @@ impl Admin for AdminService {
         invalid(v)?;
         let store = self.store()?;
         let now = crate::ledger::wall_clock_ms();
-        let retried = store
+        // The delivery as the retry left it: read back afterwards, a dispatcher's attempt
+        // could come in between.
+        if let Some(retried) = store
             .retry_delivery(&r.delivery_id, now)
             .await
-            .map_err(store_to_status)?;
+            .map_err(store_to_status)?
+        {
+            return Ok(Response::new(delivery(retried)));
+        }
         match store
             .delivery(&r.delivery_id)
             .await
             .map_err(store_to_status)?
         {
             None => Err(Status::not_found("webhook delivery not found")),
-            Some(d) if !retried && d.status != STATUS_PENDING => {
-                Err(Status::failed_precondition(format!(
-                    "the delivery is {}: only failed deliveries are retried",
-                    d.status
-                )))
-            }
+            Some(d) if d.status != STATUS_PENDING => Err(Status::failed_precondition(format!(
+                "the delivery is {}: only failed deliveries are retried",
+                d.status
+            ))),
             Some(d) => Ok(Response::new(delivery(d))),
         }
     }

@@ -763,14 +763,16 @@ macro_rules! webhook_store_impl {
             /// Puts a given-up delivery back in its queue for a new round of attempts
             /// (`attempts` keeps counting; the round starts at its current value,
             /// `round_start_attempts`). False if it is not "failed". It heads its queue
-            /// again if it is the oldest pending delivery there.
+            /// again if it is the oldest pending delivery there. The delivery as the retry
+            /// left it (read in its transaction, before a dispatcher can attempt it), or
+            /// `None` if it was not "failed".
             pub async fn retry_delivery(
                 &self,
                 delivery_id: &str,
                 now_ms: i64,
-            ) -> Result<bool, StoreError> {
+            ) -> Result<Option<Delivery>, StoreError> {
                 let Some(account) = self.delivery_account(delivery_id).await? else {
-                    return Ok(false);
+                    return Ok(None);
                 };
                 let mut tx = self.pool.begin().await?;
                 Self::lock_queues(&mut tx, &BTreeSet::from([account.as_str()])).await?;
@@ -784,11 +786,19 @@ macro_rules! webhook_store_impl {
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() != 1 {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 Self::mark_heads(&mut tx, &[account.as_str()]).await?;
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM tollgate_webhook_deliveries \
+                     WHERE delivery_id = $1"
+                )))
+                .bind(delivery_id.to_owned())
+                .fetch_one(&mut *tx)
+                .await?;
+                let retried = delivery_from_row(&row)?;
                 tx.commit().await?;
-                Ok(true)
+                Ok(Some(retried))
             }
 
             /// Lots with credits left that expire in (now, until], not yet announced.
@@ -1008,7 +1018,11 @@ impl Store {
         dispatch!(self, s => s.delivery(delivery_id).await)
     }
 
-    pub async fn retry_delivery(&self, delivery_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+    pub async fn retry_delivery(
+        &self,
+        delivery_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Delivery>, StoreError> {
         dispatch!(self, s => s.retry_delivery(delivery_id, now_ms).await)
     }
 
