@@ -1355,8 +1355,10 @@ async fn queue_heads_hold_across_the_migration(url: &str) {
     assert_eq!(store.pending_deliveries().await.expect("pending"), 0);
 
     // An older pod still running after the migration (a rolling upgrade) inserts into
-    // "c"'s empty queue and "a"'s without marking a head, and ends a head without
-    // handing it on ("d"): the repair marks what the dispatcher would otherwise never try.
+    // "c"'s empty queue and "a"'s without marking a head, ends a head without handing it
+    // on ("d"), and puts an older delivery back (RetryWebhookDelivery) behind a marked
+    // head ("e"): the repair marks what the dispatcher would otherwise never try, or try
+    // out of order.
     common::run_sql(
         url,
         "INSERT INTO tollgate_webhook_deliveries (delivery_id, account_id, wallet, \
@@ -1366,18 +1368,27 @@ async fn queue_heads_hold_across_the_migration(url: &str) {
          ('c-2', 'c', 'default', 'grant.created', 7, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0), \
          ('a-4', 'a', 'default', 'grant.created', 7, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0), \
          ('d-1', 'd', 'default', 'grant.created', 7, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0), \
-         ('d-2', 'd', 'default', 'grant.created', 8, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0); \
-         UPDATE tollgate_webhook_deliveries SET is_head = 1 WHERE delivery_id = 'd-1'; \
+         ('d-2', 'd', 'default', 'grant.created', 8, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0), \
+         ('e-1', 'e', 'default', 'grant.created', 7, 0, 0, '{}', 'pending', 6, 5, 0, '', 0, 1, 0), \
+         ('e-2', 'e', 'default', 'grant.created', 8, 0, 0, '{}', 'pending', 0, 5, 0, '', 0, 1, 0); \
+         UPDATE tollgate_webhook_deliveries SET is_head = 1 WHERE delivery_id IN ('d-1', 'e-2'); \
          UPDATE tollgate_webhook_deliveries SET status = 'delivered' WHERE delivery_id = 'd-1';"
             .to_owned(),
     )
     .await;
-    assert!(store.due_deliveries(now, 10).await.expect("due").is_empty());
-    assert_eq!(store.repair_heads().await.expect("repair"), 3, "{kind}");
+    assert_eq!(
+        ids(&store.due_deliveries(now, 10).await.expect("due")),
+        ["e-2"],
+        "{kind}: only the wrong head is due before the repair"
+    );
+    assert_eq!(store.repair_heads().await.expect("repair"), 4, "{kind}");
     assert_eq!(store.repair_heads().await.expect("repair"), 0, "{kind}");
-    let mut sent = deliver_due(&store, now).await;
+    let sent = deliver_due(&store, now).await;
+    let at = |id: &str| sent.iter().position(|s| s == id);
+    assert!(at("e-1") < at("e-2"), "{kind}: {sent:?}");
+    let mut sent = sent.clone();
     sent.sort();
-    assert_eq!(sent, ["a-4", "c-2", "d-2"], "{kind}");
+    assert_eq!(sent, ["a-4", "c-2", "d-2", "e-1", "e-2"], "{kind}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -905,8 +905,21 @@ impl Gateway {
     ) -> Settlement {
         // The terms the hold was placed under, when its Check gave them: a reload since
         // must not settle it by a rate that was not in force then.
-        if let Some(policy) = capture_terms.and_then(HoldPolicy::from_capture_terms) {
-            return policy.settle(status, units(&policy.capture_units_header).as_deref(), held);
+        if let Some(terms) = capture_terms {
+            match HoldPolicy::from_capture_terms(terms) {
+                Some(policy) => {
+                    return policy.settle(
+                        status,
+                        units(&policy.capture_units_header).as_deref(),
+                        held,
+                    )
+                }
+                // Not what a Check of ours writes: settled by the current book instead.
+                None => crate::log_throttled!(
+                    WARN,
+                    "access log: a hold's capture terms unreadable; settled by the current price book"
+                ),
+            }
         }
         // A hold placed by a tollgate from before the terms were carried: the current book.
         let book = self.pricebook.load_full();

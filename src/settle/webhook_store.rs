@@ -896,10 +896,11 @@ macro_rules! webhook_store_impl {
             /// does not keep the marks: during a rolling upgrade an older pod can insert
             /// into an empty queue, or end a head without handing it on, and that queue
             /// would not be tried again): accounts with pending deliveries and no pending
-            /// head, or a head that has ended. Each is locked and marked as
-            /// `mark_heads` does. Reads every pending delivery once (28–35 ms at
-            /// 200,000 on PostgreSQL): the dispatcher runs it when it starts and every
-            /// `HEAD_REPAIR_INTERVAL`. Returns how many queues it marked.
+            /// head, a head that has ended, or a pending delivery older than the marked
+            /// head (an older pod's RetryWebhookDelivery put it back unmarked). Each is
+            /// locked and marked as `mark_heads` does. Reads every pending delivery
+            /// (28–35 ms at 200,000 on PostgreSQL): the dispatcher runs it when it starts
+            /// and every `HEAD_REPAIR_INTERVAL`. Returns how many queues it marked.
             pub async fn repair_heads(&self) -> Result<u64, StoreError> {
                 let found: Vec<String> = sqlx::query_scalar(
                     "SELECT DISTINCT account_id FROM tollgate_webhook_deliveries d \
@@ -907,7 +908,13 @@ macro_rules! webhook_store_impl {
                        FROM tollgate_webhook_deliveries h WHERE h.account_id = d.account_id \
                        AND h.is_head = 1 AND h.status = 'pending') \
                      UNION SELECT account_id FROM tollgate_webhook_deliveries \
-                     WHERE is_head = 1 AND status <> 'pending'",
+                     WHERE is_head = 1 AND status <> 'pending' \
+                     UNION SELECT d.account_id FROM tollgate_webhook_deliveries d \
+                     JOIN tollgate_webhook_deliveries h ON h.account_id = d.account_id \
+                       AND h.is_head = 1 AND h.status = 'pending' \
+                     WHERE d.status = 'pending' AND d.is_head = 0 \
+                       AND (d.position_ms, d.position_seq, d.ordinal, d.delivery_id) \
+                         < (h.position_ms, h.position_seq, h.ordinal, h.delivery_id)",
                 )
                 .fetch_all(&self.pool)
                 .await?;

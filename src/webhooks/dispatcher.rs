@@ -35,7 +35,7 @@ pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
 pub const LOT_RETENTION_AFTER_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// How often queues a build before schema v13 left without a head mark are looked for
 /// (and at start): a read of every pending delivery (`Store::repair_heads`).
-pub const HEAD_REPAIR_INTERVAL: Duration = Duration::from_secs(600);
+pub const HEAD_REPAIR_INTERVAL: Duration = Duration::from_secs(60);
 /// Ended deliveries deleted per housekeeping round (every few seconds): bounded work.
 pub const DELIVERIES_PRUNED_PER_ROUND_MAX: i64 = 1000;
 
@@ -177,12 +177,18 @@ impl Dispatcher {
             .last_head_repair
             .is_none_or(|t| t.elapsed() >= HEAD_REPAIR_INTERVAL)
         {
-            let repaired = self.store.repair_heads().await?;
-            if repaired > 0 {
-                tracing::warn!(
+            // A failed repair (a statement timeout over a big backlog) must not stop the
+            // round: the queues it would mark wait for the next one.
+            match self.store.repair_heads().await {
+                Ok(0) => {}
+                Ok(repaired) => tracing::warn!(
                     queues = repaired,
-                    "webhook queues without a head marked (an older build, before schema v13, changed them)"
-                );
+                    "webhook queues without their head marked, marked (an older build, before schema v13, changed them)"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "webhook queue head repair failed; retried in a minute"
+                ),
             }
             self.last_head_repair = Some(Instant::now());
         }

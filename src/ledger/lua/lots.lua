@@ -63,7 +63,7 @@ local function list(page, index)
       out[#out + 1] = v[4] or '0'
       out[#out + 1] = expired and (v[5] or '0') or ''
       out[#out + 1] = index
-      out[#out + 1] = page[j + 1]
+      out[#out + 1] = itos(tonumber(page[j + 1]))
     end
   end
 end
