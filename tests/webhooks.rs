@@ -1482,6 +1482,9 @@ async fn queues_stay_in_order_under_concurrent_dispatchers(store_url: &str) {
                         d.position,
                         d.delivery_id.clone(),
                     ));
+                    // The POST: while it runs, another dispatcher taking a delivery of the
+                    // same account would find the account in flight.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                     // A delivery of every third grant fails once, retried at once.
                     let fails = d.attempts == 0 && d.position.0 % 3 == 0;
                     let outcome = if fails {
