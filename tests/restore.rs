@@ -2729,8 +2729,6 @@ async fn a_restore_gives_back_the_wallet_set_with_dead_wallets_dropped() {
 /// with its lots as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_lists_the_wallets_the_lost_redis_listed() {
-    use tollgate::settle::restore::{restore, RestoreMode};
-
     let account = "listed";
     let redis = common::RedisServer::start();
     let mut config = common::test_config(&redis.url());
@@ -2811,7 +2809,22 @@ async fn a_restore_lists_the_wallets_the_lost_redis_listed() {
     assert_eq!(before.1.len(), 4, "{before:?}");
     let lots_before = lots(&server, account, &names).await;
 
-    settle_then_lose_redis(&redis, &server.ledger, &store, account).await;
+    lose_redis_then_restore(&redis, &server, &store, account).await;
+    assert_eq!(wallet_answers(&server, account, &names).await, before);
+    assert_eq!(lots(&server, account, &names).await, lots_before);
+    server.stop().await;
+}
+
+/// Settles everything, loses Redis's data, and restores it from the store.
+async fn lose_redis_then_restore(
+    redis: &common::RedisServer,
+    server: &common::TestServer,
+    store: &Arc<Store>,
+    account: &str,
+) {
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    settle_then_lose_redis(redis, &server.ledger, store, account).await;
     restore(
         server.ledger.clone(),
         store.clone(),
@@ -2820,8 +2833,103 @@ async fn a_restore_lists_the_wallets_the_lost_redis_listed() {
     )
     .await
     .expect("restore");
-    assert_eq!(wallet_answers(&server, account, &names).await, before);
-    assert_eq!(lots(&server, account, &names).await, lots_before);
+}
+
+/// A wallet counts as dead by what it has now, as lib.lua `wallet_dead` looks: one whose
+/// budget was removed, and one whose allocation went with its member, then each emptied,
+/// are dropped by a new wallet at the cap, and a restore does not list them again. An
+/// allocation of the dropped wallet comes back within the cap (it has none left), so it
+/// drops the set's dead wallets as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_drops_a_wallet_whose_allocation_or_budget_was_removed_as_live_redis_did() {
+    let org = "unbound";
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.ledger.wallets_per_account_max = 3;
+    let store_url = config.store.url.clone();
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let store = Arc::new(Store::connect_lazy(&store_url, 2).expect("store"));
+    // The org's credits are in its default wallet: one live wallet of the set.
+    common::org_with_members(
+        &server,
+        org,
+        "olga",
+        10,
+        &[("max", "member"), ("mia", "member")],
+    )
+    .await;
+    let mut admin = server.admin().await;
+    let mut metering = server.metering().await;
+    let grant = |wallet: &str| pb::GrantRequest {
+        account_id: org.into(),
+        wallet: wallet.into(),
+        amount: 10,
+        idempotency_key: format!("g-{wallet}"),
+        ..Default::default()
+    };
+    let spend_all = |wallet: &str| pb::DebitRequest {
+        account_id: org.into(),
+        wallet: wallet.into(),
+        amount: 10,
+        idempotency_key: format!("spend-{wallet}"),
+        ..Default::default()
+    };
+    admin.grant(grant("budgeted")).await.expect("grant");
+    for (limit, key) in [(100, "budget"), (0, "no-budget")] {
+        admin
+            .set_budget(pb::SetBudgetRequest {
+                account_id: org.into(),
+                wallet: "budgeted".into(),
+                limit,
+                period: "day".into(),
+                idempotency_key: key.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("budget");
+    }
+    metering.debit(spend_all("budgeted")).await.expect("debit");
+    admin.grant(grant("allocated")).await.expect("grant");
+    let allocate = |member: &str| pb::SetAllocationRequest {
+        org_id: org.into(),
+        member_id: member.into(),
+        wallet: "allocated".into(),
+        amount: 5,
+        actor_id: "olga".into(),
+        idempotency_key: format!("alloc-{member}"),
+    };
+    admin
+        .set_allocation(allocate("max"))
+        .await
+        .expect("allocate");
+    // Max's allocation goes with him.
+    admin
+        .remove_member(pb::RemoveMemberRequest {
+            org_id: org.into(),
+            member_id: "max".into(),
+            actor_id: "olga".into(),
+            idempotency_key: "max-leaves".into(),
+        })
+        .await
+        .expect("remove max");
+    metering.debit(spend_all("allocated")).await.expect("debit");
+    // At the cap of 3: the grant of "new" drops the two dead wallets.
+    admin.grant(grant("new")).await.expect("room made");
+    // At the cap again with "spent" dead: Mia's allocation drops it.
+    admin.grant(grant("spent")).await.expect("grant");
+    metering.debit(spend_all("spent")).await.expect("debit");
+    admin
+        .set_allocation(allocate("mia"))
+        .await
+        .expect("room made");
+    let names = ["allocated", "budgeted", "new", "spent"];
+    let before = wallet_answers(&server, org, &names).await;
+    let listed: Vec<&str> = before.0.iter().map(|w| w.wallet.as_str()).collect();
+    assert_eq!(listed, ["allocated", "default", "new"], "{before:?}");
+    assert_eq!(before.1.len(), 4, "{before:?}");
+
+    lose_redis_then_restore(&redis, &server, &store, org).await;
+    assert_eq!(wallet_answers(&server, org, &names).await, before);
     server.stop().await;
 }
 

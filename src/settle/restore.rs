@@ -418,8 +418,12 @@ struct Wallet {
     events: usize,
     /// Its open holds (the wallet's `:hw:`).
     open_holds: usize,
-    /// It had an allocation or a budget (of the account or a member): never taken for
-    /// dead by [`wallet_sets`], which does not follow those past their events.
+    /// It has an allocation of a member (lib.lua `has_allocation`: a member's allocated
+    /// field, not only what they used) after the events replayed so far.
+    allocated: bool,
+    /// It has an allocation or a budget (of the account or of a member) after the events
+    /// replayed so far: not dead (lib.lua `wallet_dead`). Set and removed only by this
+    /// wallet's own events (a member's removal emits one per allocation and budget).
     org_bound: bool,
     /// After its events, in stream order, those that join the set or change whether it
     /// is dead: what the wallet set made of it then.
@@ -449,13 +453,21 @@ enum Join {
 }
 
 impl Wallet {
-    /// What [`SetMark`] event `e` (just replayed) leaves; `was_bound`: whether the wallet
-    /// had an allocation or a budget before it.
-    fn mark(&mut self, e: &LedgerEvent, was_bound: bool) {
+    /// What [`SetMark`] event `e` (just replayed) leaves; `was_allocated`: whether the
+    /// wallet had an allocation of a member before it (lua/org.lua lets such a wallet in
+    /// past the cap).
+    fn mark(&mut self, e: &LedgerEvent, was_allocated: bool) {
         let join = match e.kind {
+            // A member's removal takes their allocations and budgets from the wallets of
+            // the set (lua/org.lua): it joins nothing.
+            EventKind::Allocate | EventKind::Budget
+                if e.operation == super::reconcile::ALLOCATION_REMOVED =>
+            {
+                Join::No
+            }
             EventKind::Grant | EventKind::Budget => Join::AtCap,
             EventKind::Adjust if e.amount > 0 => Join::AtCap,
-            EventKind::Allocate if was_bound => Join::PastCap,
+            EventKind::Allocate if was_allocated => Join::PastCap,
             EventKind::Allocate => Join::AtCap,
             EventKind::Refund if !e.lots.is_empty() => Join::PastCap,
             _ => Join::No,
@@ -678,6 +690,29 @@ struct RunningSpend {
 }
 
 impl OrgState {
+    /// Whether wallet `wallet` of `account` has an allocation of a member now, and whether
+    /// it has that or a budget of the account or a member (lib.lua `has_allocation`,
+    /// `wallet_dead`). A removed member's allocations and budgets went with their events;
+    /// an orphan budget of a member removed by an older tollgate counts whether or not the
+    /// member is in the org, where lib.lua looks at members' only (docs/ARCHITECTURE.md,
+    /// "Wallet cap").
+    fn binds(&self, account: &str, wallet: &str) -> (bool, bool) {
+        let from = (account.to_owned(), wallet.to_owned(), String::new());
+        let of_wallet = |k: &&BudgetKey| k.0 == account && k.1 == wallet;
+        let allocated = self
+            .allocations
+            .range(from.clone()..)
+            .take_while(|(k, _)| of_wallet(k))
+            .any(|(_, (allocated, _))| allocated.is_some());
+        let budget = self
+            .budgets
+            .range(from..)
+            .take_while(|(k, _)| of_wallet(k))
+            .next()
+            .is_some();
+        (allocated, allocated || budget)
+    }
+
     /// What is left of the allocation of the member charging in `e`, once `e` is counted
     /// (None: the member has no allocation, e.g. an owner spending unbounded).
     fn allocation_left(&self, e: &LedgerEvent) -> Option<i64> {
@@ -1090,8 +1125,12 @@ impl Replay<'_> {
             EventKind::Member | EventKind::Allocate | EventKind::Budget
         ) {
             self.wallet.events += 1;
-            self.wallet.org_bound |= e.kind != EventKind::Member;
-            return self.apply_org(e);
+            self.apply_org(e)?;
+            if e.kind != EventKind::Member {
+                (self.wallet.allocated, self.wallet.org_bound) =
+                    self.orgs.binds(&e.account_id, &e.wallet);
+            }
+            return Ok(());
         }
         // A member's charges and what comes back of them move their allocation; charges
         // count in the budgets of their period.
@@ -1914,9 +1953,9 @@ async fn restore_under(
                     records: &mut records,
                     orgs: &mut orgs,
                 };
-                let was_bound = replay.wallet.org_bound;
+                let was_allocated = replay.wallet.allocated;
                 replay.apply(e)?;
-                replay.wallet.mark(e, was_bound);
+                replay.wallet.mark(e, was_allocated);
                 current = Some(replay.wallet);
                 shard_report.events += 1;
                 // A restore in a serving process (`server.restore`) shares its runtime
