@@ -605,3 +605,70 @@ async fn a_flush_whose_envoy_went_away_is_settled_before_the_process_exits() {
     );
     let _ = std::fs::remove_file(&log);
 }
+
+/// Another shard count than the deployment's, found while the shutdown delay still serves
+/// (the count unverified at the start: the store had not answered), ends the process with
+/// its error, as outside the delay: it was dropped, and the process served on to the end
+/// of the delay and exited cleanly. Here the store never answers and Redis is found to
+/// hold another count once the delay has begun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_count_refusal_during_the_shutdown_delay_ends_serve_with_its_error() {
+    let redis = common::RedisServer::start();
+    let (store_url, held) = silent_store().await;
+    let mut config = common::test_config(&redis.url());
+    config.store.url = store_url;
+    // The largest delay: the refusal must end it, long before it is up.
+    config.server.shutdown_delay_ms = tollgate::config::SHUTDOWN_DELAY_MS_MAX;
+    let other_count = (config.ledger.shards + 1).to_string();
+    let ledger = tollgate::server::ledger_from_config(&config, tollgate::ledger::Clock::Redis)
+        .expect("ledger");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http_addr = http.local_addr().expect("addr");
+    let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(tollgate::server::run(config, ledger, grpc, http, async {
+        let _ = signalled.await;
+    }));
+    // Serving (after the start-up wait for the store), the shard count unverified.
+    common::eventually(Duration::from_secs(60), "serving", || async {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            common::http_get(http_addr, "/healthz"),
+        )
+        .await;
+        answer.is_ok_and(|(code, _)| code == 200).then_some(())
+    })
+    .await;
+    let _ = signal.send(());
+    common::eventually(Duration::from_secs(30), "in the shutdown delay", || async {
+        let (code, body) = common::http_get(http_addr, "/readyz").await;
+        let readyz: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let failed = readyz["failed"].as_array()?;
+        (code == 503 && failed.contains(&serde_json::json!("shutdown"))).then_some(())
+    })
+    .await;
+    let mut con = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let () = redis::cmd("SET")
+        .arg("{tg:0}:shards")
+        .arg(&other_count)
+        .query_async(&mut con)
+        .await
+        .expect("SET");
+    let ended = tokio::time::timeout(Duration::from_secs(120), serve)
+        .await
+        .expect("serve still runs")
+        .expect("serve's task");
+    let err = ended
+        .expect_err("a clean exit: the refusal was dropped")
+        .to_string();
+    assert!(err.contains(&other_count), "{err}");
+    held.abort();
+}
