@@ -2651,8 +2651,8 @@ async fn wallet_answers(
 /// The wallet cap counts live wallets (docs/ARCHITECTURE.md, "Wallet cap"): a grant to a
 /// new wallet at the cap drops the dead ones from the account's wallet set. A restore
 /// gives back every wallet's totals, readable by name, and the same cap: the next new
-/// wallet is refused as before. It does not know which wallets live Redis dropped, so it
-/// lists a dead one again until a new wallet at the cap drops it again (as documented).
+/// wallet is refused as before. It replays the drops (restore.rs `wallet_sets`), so the
+/// dead wallet the live Redis dropped is not listed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_gives_back_the_wallet_set_with_dead_wallets_dropped() {
     use tollgate::settle::restore::{restore, RestoreMode};
