@@ -2169,6 +2169,53 @@ impl Store {
     }
 }
 
+/// Scratch stores for the tests that read query plans (here and in webhook_store.rs): each
+/// migrated, and gone with its guard whether the test passes or not.
+#[cfg(test)]
+pub(crate) mod scratch {
+    use super::Store;
+
+    /// A fresh PostgreSQL database named `name` and this process's id.
+    pub(crate) async fn postgres(
+        name: &str,
+        connections: u32,
+    ) -> (crate::dev::ScratchDatabase, Store) {
+        let admin = std::env::var("TOLLGATE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let db =
+            crate::dev::ScratchDatabase::create(&admin, &format!("{name}_{}", std::process::id()))
+                .await
+                .unwrap_or_else(|e| panic!("PostgreSQL must run (scripts/test starts it): {e}"));
+        let store = Store::connect_lazy(&db.url, connections).expect("store");
+        store.migrate().await.expect("migrate");
+        (db, store)
+    }
+
+    /// Removes a SQLite database and its WAL files.
+    pub(crate) struct SqliteFiles(std::path::PathBuf);
+
+    impl Drop for SqliteFiles {
+        fn drop(&mut self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+            }
+        }
+    }
+
+    /// A fresh SQLite file named `name` and this process's id (a leftover of an earlier
+    /// process of this pid goes first).
+    pub(crate) async fn sqlite(name: &str) -> (SqliteFiles, Store) {
+        let dir = std::env::temp_dir().join("tollgate-tests");
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(format!("{name}-{}.db", std::process::id()));
+        drop(SqliteFiles(path.clone()));
+        let files = SqliteFiles(path.clone());
+        let store = Store::connect_lazy(&format!("sqlite://{}", path.display()), 1).expect("store");
+        store.migrate().await.expect("migrate");
+        (files, store)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2311,16 +2358,7 @@ mod tests {
     /// found by its own index, not by reading the wallet's events (or the whole table).
     #[tokio::test]
     async fn history_pages_and_hold_lookups_read_what_they_return_in_postgres() {
-        let admin = std::env::var("TOLLGATE_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let db = crate::dev::ScratchDatabase::create(
-            &admin,
-            &format!("tollgate_plans_{}", std::process::id()),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL must run (scripts/test starts it): {e}"));
-        let store = Store::connect_lazy(&db.url, 1).expect("store");
-        store.migrate().await.expect("migrate");
+        let (_db, store) = scratch::postgres("tollgate_plans", 1).await;
         let Store::Postgres(pg) = &store else {
             panic!("a postgres url opens a PostgreSQL store");
         };
@@ -2432,23 +2470,7 @@ mod tests {
     /// As above, in SQLite (its plan names the index and the range searched).
     #[tokio::test]
     async fn history_pages_and_hold_lookups_read_what_they_return_in_sqlite() {
-        let dir = std::env::temp_dir().join("tollgate-tests");
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join(format!("plans-{}.db", std::process::id()));
-        /// Removes the database and its WAL files, whether the test passes or not.
-        struct Files(std::path::PathBuf);
-        impl Drop for Files {
-            fn drop(&mut self) {
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-                }
-            }
-        }
-        let _files = Files(path.clone());
-        // A leftover of an earlier process of this pid goes first.
-        drop(Files(path.clone()));
-        let store = Store::connect_lazy(&format!("sqlite://{}", path.display()), 1).expect("store");
-        store.migrate().await.expect("migrate");
+        let (_files, store) = scratch::sqlite("plans").await;
         let Store::Sqlite(lite) = &store else {
             panic!("a sqlite url opens a SQLite store");
         };
@@ -2578,16 +2600,7 @@ mod tests {
     /// replaced read every one).
     #[tokio::test]
     async fn due_deliveries_read_only_the_heads_in_postgres() {
-        let admin = std::env::var("TOLLGATE_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let db = crate::dev::ScratchDatabase::create(
-            &admin,
-            &format!("tollgate_plans_heads_{}", std::process::id()),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL must run (scripts/test starts it): {e}"));
-        let store = Store::connect_lazy(&db.url, 1).expect("store");
-        store.migrate().await.expect("migrate");
+        let (_db, store) = scratch::postgres("tollgate_plans_heads", 1).await;
         let Store::Postgres(pg) = &store else {
             panic!("a postgres url opens a PostgreSQL store");
         };
@@ -2636,22 +2649,7 @@ mod tests {
     /// As above, in SQLite (its plan names the index and the range searched).
     #[tokio::test]
     async fn due_deliveries_read_only_the_heads_in_sqlite() {
-        let dir = std::env::temp_dir().join("tollgate-tests");
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join(format!("plans-heads-{}.db", std::process::id()));
-        /// Removes the database and its WAL files, whether the test passes or not.
-        struct Files(std::path::PathBuf);
-        impl Drop for Files {
-            fn drop(&mut self) {
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-                }
-            }
-        }
-        let _files = Files(path.clone());
-        drop(Files(path.clone()));
-        let store = Store::connect_lazy(&format!("sqlite://{}", path.display()), 1).expect("store");
-        store.migrate().await.expect("migrate");
+        let (_files, store) = scratch::sqlite("plans-heads").await;
         let Store::Sqlite(lite) = &store else {
             panic!("a sqlite url opens a SQLite store");
         };

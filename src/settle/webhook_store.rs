@@ -1078,16 +1078,8 @@ mod tests {
     /// (never tried).
     #[tokio::test]
     async fn a_delivery_added_while_the_head_ends_gets_the_head_in_postgres() {
-        let admin = std::env::var("TOLLGATE_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let db = crate::dev::ScratchDatabase::create(
-            &admin,
-            &format!("tollgate_queue_lock_{}", std::process::id()),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL must run (scripts/test starts it): {e}"));
-        let store = std::sync::Arc::new(Store::connect_lazy(&db.url, 4).expect("store"));
-        store.migrate().await.expect("migrate");
+        let (_db, store) = crate::settle::store::scratch::postgres("tollgate_queue_lock", 4).await;
+        let store = std::sync::Arc::new(store);
         let Store::Postgres(pg) = &*store else {
             panic!("a postgres url opens a PostgreSQL store");
         };
