@@ -230,34 +230,10 @@ async fn sighup_reloads_the_price_book_without_dropping_requests() {
     drop(server);
 }
 
-/// A hold is settled by the terms of the price book it was placed under, not by the
-/// book in force when Envoy's access log reaches tollgate: a reload between the Check
-/// and the access-log entry used to price the upstream's units at the new book's
-/// `capture_per_unit` (here 10 instead of 2: a price never in force while the request
-/// ran), and a renamed units header would have captured the whole hold. Holds placed
-/// under each book are settled while the other book is in force, across reloads both
-/// ways.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hold_is_settled_by_the_book_it_was_placed_under() {
+/// A channel to the server's gRPC port, and an API key of account "acme" granted
+/// 1,000,000 credits.
+async fn acme_with_credits(grpc: u16) -> (tonic::transport::Channel, String) {
     use tollgate::api::pb;
-    let redis = common::RedisServer::start();
-    let dir = TempDir::new("reload-hold");
-    let config = dir.0.join("tollgate.toml");
-    let log = dir.0.join("serve.log");
-    let cheap = example("pricebook-esign.toml");
-    // Book B: holds 60 (so a hold's metadata says which book placed it) and captures 10
-    // a page.
-    let dear = replace(
-        &replace(
-            &cheap,
-            "mode = \"hold\"\nbase = 50\n",
-            "mode = \"hold\"\nbase = 60\n",
-        ),
-        "capture_per_unit = 2\n",
-        "capture_per_unit = 10\n",
-    );
-    std::fs::write(&config, &cheap).expect("write config");
-    let (server, grpc, _) = serve(&config, &redis.url(), &log).await;
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
         .expect("uri")
         .connect()
@@ -286,6 +262,38 @@ async fn a_hold_is_settled_by_the_book_it_was_placed_under() {
         .expect("key")
         .into_inner()
         .api_key;
+    (channel, key)
+}
+
+/// A hold is settled by the terms of the price book it was placed under, not by the
+/// book in force when Envoy's access log reaches tollgate: a reload between the Check
+/// and the access-log entry used to price the upstream's units at the new book's
+/// `capture_per_unit` (here 10 instead of 2: a price never in force while the request
+/// ran), and a renamed units header would have captured the whole hold. Holds placed
+/// under each book are settled while the other book is in force, across reloads both
+/// ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_is_settled_by_the_book_it_was_placed_under() {
+    use tollgate::api::pb;
+    let redis = common::RedisServer::start();
+    let dir = TempDir::new("reload-hold");
+    let config = dir.0.join("tollgate.toml");
+    let log = dir.0.join("serve.log");
+    let cheap = example("pricebook-esign.toml");
+    // Book B: holds 60 (so a hold's metadata says which book placed it) and captures 10
+    // a page.
+    let dear = replace(
+        &replace(
+            &cheap,
+            "mode = \"hold\"\nbase = 50\n",
+            "mode = \"hold\"\nbase = 60\n",
+        ),
+        "capture_per_unit = 2\n",
+        "capture_per_unit = 10\n",
+    );
+    std::fs::write(&config, &cheap).expect("write config");
+    let (server, grpc, _) = serve(&config, &redis.url(), &log).await;
+    let (channel, key) = acme_with_credits(grpc).await;
     let held = |m: &envoy_types::pb::google::protobuf::Struct| match m
         .fields
         .get("tollgate_held")
@@ -402,34 +410,7 @@ async fn debits_under_reloads_are_charged_once_at_a_price_in_force() {
     std::fs::write(&config, &one).expect("write config");
     let (server, grpc, http_port) = serve(&config, &redis.url(), &log).await;
     let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut admin = pb::admin_client::AdminClient::with_interceptor(
-        channel.clone(),
-        common::auth(Some(common::ADMIN_TOKEN)),
-    );
-    admin
-        .grant(pb::GrantRequest {
-            account_id: "acme".into(),
-            amount: 1_000_000,
-            idempotency_key: "g".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("grant");
-    let key = admin
-        .create_api_key(pb::CreateApiKeyRequest {
-            account_id: "acme".into(),
-            name: "reload".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("key")
-        .into_inner()
-        .api_key;
+    let (channel, key) = acme_with_credits(grpc).await;
     let stop = Arc::new(AtomicBool::new(false));
     let loaders: Vec<_> = (0..3)
         .map(|_| {
