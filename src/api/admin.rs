@@ -291,11 +291,7 @@ pub fn parse_delivery_token(token: &str) -> Option<(DeliveryCursor, Option<Strin
     if !crate::webhooks::rules::is_delivery_id(delivery_id) {
         return None;
     }
-    let binding = match parts.next() {
-        Some(b) if b.len() == 16 && b.bytes().all(|c| c.is_ascii_hexdigit()) => Some(b.to_owned()),
-        Some(_) => return None,
-        None => None,
-    };
+    let binding = super::metering::token_binding(parts.next())?;
     let cursor = DeliveryCursor {
         position,
         delivery_id: delivery_id.to_owned(),
@@ -489,7 +485,7 @@ impl Admin for AdminService {
                 }
                 Some((after, _)) => Some(after),
                 None => {
-                    v.add("page_token", "is not a token this API returned");
+                    v.add("page_token", super::metering::UNKNOWN_TOKEN);
                     None
                 }
             }

@@ -64,12 +64,20 @@ pub fn parse_history_token(token: &str) -> Option<(i64, String, Option<String>)>
     if !crate::ledger::keys::ShardMap::is_event_id(id) {
         return None;
     }
-    let binding = match binding {
-        Some(b) if b.len() == 16 && b.bytes().all(|c| c.is_ascii_hexdigit()) => Some(b.to_owned()),
-        Some(_) => return None,
-        None => None,
-    };
+    let binding = token_binding(binding)?;
     Some((at.parse().ok()?, id.to_owned(), binding))
+}
+
+/// A page token's binding part (a digest, 16 hex digits): `Some(None)` when the token has
+/// none (an older tollgate's, still taken), `None` when it is not one.
+pub fn token_binding(part: Option<&str>) -> Option<Option<String>> {
+    match part {
+        Some(b) if b.len() == 16 && b.bytes().all(|c| c.is_ascii_hexdigit()) => {
+            Some(Some(b.to_owned()))
+        }
+        Some(_) => None,
+        None => Some(None),
+    }
 }
 
 /// The event in user terms. A hold's end that charged nothing (a capture of 0, a release,
