@@ -283,3 +283,36 @@ async fn events_of_a_shard_past_the_count_are_refused() {
     assert_names_counts(&refused, 8, "events of shard 12");
     assert_eq!(store.shard_count().await.expect("count"), None);
 }
+
+/// A Redis in cluster mode (a node of a Redis Cluster, here one with no slots yet) is
+/// refused by `serve`, `settle` and `reconcile` with an error naming it, and nothing is
+/// written to it. Without the check `serve` would start and keep asking (every key
+/// command answers `CLUSTERDOWN`, or `MOVED` on a cluster with slots).
+#[tokio::test]
+async fn a_redis_in_cluster_mode_is_refused() {
+    let nodes = common::temp_path("conf");
+    let nodes = nodes.to_str().expect("utf-8 temp path");
+    let redis = common::RedisServer::start_with(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        nodes,
+    ]);
+    let config = common::test_config(&redis.url());
+    let refused = serve_refused(config.clone()).await;
+    assert!(refused.contains("cluster mode"), "serve: {refused}");
+    let refused = settle_refused(config.clone()).await;
+    assert!(refused.contains("cluster mode"), "settle: {refused}");
+    let refused = tool_refused("reconcile", &config, config.ledger.shards);
+    assert!(refused.contains("cluster mode"), "reconcile: {refused}");
+    let mut con = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: i64 = redis::cmd("DBSIZE")
+        .query_async(&mut con)
+        .await
+        .expect("DBSIZE");
+    assert_eq!(keys, 0, "nothing was written to the cluster node");
+}

@@ -1146,6 +1146,16 @@ impl Ledger {
         ))
     }
 
+    /// Whether the Redis at `redis.url` runs in cluster mode (`INFO cluster` says
+    /// `cluster_enabled:1`). Tollgate speaks to one Redis primary over one multiplexed
+    /// connection; its keys and scripts are slot-safe (every key of a call carries its
+    /// shard's hash tag), but the client does not follow `MOVED`, so a cluster would
+    /// refuse most shards' calls. The shard count check refuses such a Redis at start.
+    pub async fn redis_cluster_enabled(&self) -> Result<bool, LedgerError> {
+        let info: String = self.redis.query(redis::cmd("INFO").arg("cluster")).await?;
+        Ok(info.lines().any(|line| line.trim() == "cluster_enabled:1"))
+    }
+
     /// Per shard number from 0 to [`keys::SHARDS_MAX`] - 1, in range of the configured
     /// count or not: whether it has an epoch marker, and the shard count persisted in it
     /// (`{tg:S}:shards`). What the shard count check reads.

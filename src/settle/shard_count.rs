@@ -20,6 +20,9 @@
 //! shard). Not detected: a grown count whose Redis lost its data (no markers left) while
 //! the store holds events only of shards under the old count; a count changed while Redis
 //! lost its highest shards' markers reads as grown (refused, on the safe side).
+//!
+//! The same check refuses a Redis in cluster mode ([`ShardCountError::RedisCluster`]):
+//! this process reads every shard's keys through one connection to one node.
 
 use crate::ledger::{Ledger, LedgerError};
 use crate::settle::{Store, StoreError};
@@ -49,6 +52,15 @@ pub enum ShardCountError {
         persisted: String,
         found: String,
     },
+    /// The Redis at `redis.url` runs in cluster mode, which this version does not speak
+    /// (`Ledger::redis_cluster_enabled`): refused before anything is read or written.
+    #[error(
+        "the Redis at redis.url runs in cluster mode (INFO cluster: cluster_enabled:1): \
+         tollgate speaks to one Redis primary (with replicas and failover, docs/OPERATIONS.md) \
+         and does not support Redis Cluster; point redis.url at a primary that is not a \
+         cluster node"
+    )]
+    RedisCluster,
     /// Redis did not answer: nothing is known yet.
     #[error("cannot check ledger.shards against the deployment's shard count: Redis: {0}")]
     Redis(#[from] LedgerError),
@@ -76,6 +88,11 @@ pub async fn check(ledger: &Ledger, store: &Store) -> Result<(), ShardCountError
         persisted,
         place,
     };
+    // A cluster node would answer each shard's keys from another node (MOVED): what
+    // this process read of them would not be the deployment's.
+    if ledger.redis_cluster_enabled().await? {
+        return Err(ShardCountError::RedisCluster);
+    }
     // Redis first: what it holds refuses another count even while the store is down.
     let marks = ledger.shard_count_marks().await?;
     if let Some(found) = marks
