@@ -316,3 +316,32 @@ async fn a_redis_in_cluster_mode_is_refused() {
         .expect("DBSIZE");
     assert_eq!(keys, 0, "nothing was written to the cluster node");
 }
+
+/// A Redis user whose ACL denies `INFO` is not refused for it: whether Redis runs in
+/// cluster mode is then not known, and tollgate starts and charges as before.
+#[tokio::test]
+async fn a_user_denied_info_still_starts() {
+    let redis = common::RedisServer::start();
+    let mut con = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-info")
+        .query_async(&mut con)
+        .await
+        .expect("ACL SETUSER");
+    let denied: redis::RedisResult<String> = redis::cmd("INFO").query_async(&mut con).await;
+    assert!(denied.is_err(), "INFO is denied: {denied:?}");
+    let config = common::test_config(&redis.url());
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    server
+        .ledger
+        .grant(&common::purchase("acct-1", 1_000, "g1"))
+        .await
+        .expect("grant");
+    server.stop().await;
+}

@@ -90,8 +90,14 @@ pub async fn check(ledger: &Ledger, store: &Store) -> Result<(), ShardCountError
     };
     // A cluster node would answer each shard's keys from another node (MOVED): what
     // this process read of them would not be the deployment's.
-    if ledger.redis_cluster_enabled().await? {
-        return Err(ShardCountError::RedisCluster);
+    match ledger.redis_cluster_enabled().await {
+        Ok(true) => return Err(ShardCountError::RedisCluster),
+        Ok(false) => {}
+        Err(err @ LedgerError::Unavailable(_)) => return Err(err.into()),
+        // A user whose ACL denies INFO: not known, and not a reason to refuse.
+        Err(err) => {
+            tracing::warn!(error = %err, "could not ask Redis whether it runs in cluster mode")
+        }
     }
     // Redis first: what it holds refuses another count even while the store is down.
     let marks = ledger.shard_count_marks().await?;
