@@ -405,7 +405,7 @@ async fn every_denial_reason_and_replay_by_request_id() {
         (401, Some("unknown_api_key"))
     );
 
-    // Insufficient credits: 402 with the numbers and the operation.
+    // Insufficient credits: 402 with the numbers, the operation and its wallet.
     let d = c
         .check(
             "POST",
@@ -418,7 +418,7 @@ async fn every_denial_reason_and_replay_by_request_id() {
         d.body,
         serde_json::json!({
             "error": "insufficient_credits", "required": 50, "available": 28,
-            "operation": "ocr.pages"
+            "operation": "ocr.pages", "wallet": "default"
         })
     );
     assert_eq!(d.header("content-type"), Some("application/json"));

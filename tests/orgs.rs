@@ -154,6 +154,10 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
     assert_eq!(body["limit"], "allocation");
     assert_eq!(body["required"], ENVELOPE);
     assert_eq!(body["remaining"], 500 - sent * ENVELOPE);
+    assert_eq!(
+        body["wallet"], "default",
+        "the 402 names the wallet to top up"
+    );
 
     // Bob still spends: his allocation is his own.
     let r = send_envelope(&server, &bob).await;
@@ -185,6 +189,7 @@ async fn signsecure_members_spend_the_org_wallet_within_their_allocations() {
     assert_eq!(body["error"], "budget_exceeded");
     assert_eq!(body["budget"], "member");
     assert_eq!(body["limit"], 15);
+    assert_eq!(body["wallet"], "default");
     assert_eq!(
         body["spent"], ENVELOPE,
         "the budget counts from when it was set"

@@ -77,9 +77,10 @@ pub fn to_status(err: LedgerError) -> Status {
     }
 }
 
-/// A ledger error met while charging a gateway check, as a gateway denial. (Redis
-/// unavailability is decided by the operation's fail policy before this.)
-pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
+/// A ledger error met while charging a gateway check of `operation`, which charges
+/// `wallet`, as a gateway denial. (Redis unavailability is decided by the operation's fail
+/// policy before this.)
+pub fn gateway_denial(err: LedgerError, operation: &str, wallet: &str) -> Denial {
     match err {
         LedgerError::Refused(Refusal::InsufficientCredits {
             required,
@@ -88,6 +89,7 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
             required,
             available,
             operation: operation.to_owned(),
+            wallet: wallet.to_owned(),
         },
         LedgerError::Refused(Refusal::AllocationExceeded {
             required,
@@ -96,6 +98,7 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
             required,
             remaining,
             operation: operation.to_owned(),
+            wallet: wallet.to_owned(),
         },
         LedgerError::Refused(Refusal::BudgetExceeded {
             budget,
@@ -108,6 +111,7 @@ pub fn gateway_denial(err: LedgerError, operation: &str) -> Denial {
             spent,
             resets_at_ms,
             operation: operation.to_owned(),
+            wallet: wallet.to_owned(),
         },
         LedgerError::Refused(Refusal::IdempotencyKeyReused) => Denial::RequestIdReused,
         LedgerError::Refused(Refusal::KeyRevoked { .. }) => Denial::RevokedKey,
@@ -171,6 +175,7 @@ pub fn denial_response(denial: &Denial) -> DenialResponse {
             required,
             available,
             operation,
+            wallet,
         } => (
             402,
             "insufficient_credits",
@@ -178,12 +183,14 @@ pub fn denial_response(denial: &Denial) -> DenialResponse {
                 ("required", json!(required)),
                 ("available", json!(available)),
                 ("operation", json!(operation)),
+                ("wallet", json!(wallet)),
             ],
         ),
         Denial::AllocationExceeded {
             required,
             remaining,
             operation,
+            wallet,
         } => (
             402,
             "allocation_exceeded",
@@ -192,6 +199,7 @@ pub fn denial_response(denial: &Denial) -> DenialResponse {
                 ("required", json!(required)),
                 ("remaining", json!(remaining)),
                 ("operation", json!(operation)),
+                ("wallet", json!(wallet)),
             ],
         ),
         Denial::BudgetExceeded {
@@ -200,6 +208,7 @@ pub fn denial_response(denial: &Denial) -> DenialResponse {
             spent,
             resets_at_ms,
             operation,
+            wallet,
         } => (
             429,
             "budget_exceeded",
@@ -209,6 +218,7 @@ pub fn denial_response(denial: &Denial) -> DenialResponse {
                 ("spent", json!(spent)),
                 ("resets_at_ms", json!(resets_at_ms)),
                 ("operation", json!(operation)),
+                ("wallet", json!(wallet)),
             ],
         ),
         Denial::NotAMember => (403, "not_a_member", vec![]),
@@ -293,11 +303,35 @@ mod tests {
             required: 46,
             available: 3,
             operation: "envelope.send".into(),
+            wallet: "esign".into(),
         });
         assert_eq!(d.status, 402);
         assert_eq!(
             d.body,
-            r#"{"error":"insufficient_credits","required":46,"available":3,"operation":"envelope.send"}"#
+            r#"{"error":"insufficient_credits","required":46,"available":3,"operation":"envelope.send","wallet":"esign"}"#
+        );
+        let allocation = denial_response(&Denial::AllocationExceeded {
+            required: 46,
+            remaining: 10,
+            operation: "envelope.send".into(),
+            wallet: "esign".into(),
+        });
+        assert_eq!(
+            allocation.body,
+            r#"{"error":"allocation_exceeded","limit":"allocation","required":46,"remaining":10,"operation":"envelope.send","wallet":"esign"}"#
+        );
+        let budget = denial_response(&Denial::BudgetExceeded {
+            budget: "member",
+            limit: 100,
+            spent: 90,
+            resets_at_ms: 1_764_000_000_000,
+            operation: "envelope.send".into(),
+            wallet: "esign".into(),
+        });
+        assert_eq!((budget.status, budget.reason), (429, "budget_exceeded"));
+        assert_eq!(
+            budget.body,
+            r#"{"error":"budget_exceeded","budget":"member","limit":100,"spent":90,"resets_at_ms":1764000000000,"operation":"envelope.send","wallet":"esign"}"#
         );
         let bad = denial_response(&Denial::BadHeader {
             header: "x-signers".into(),

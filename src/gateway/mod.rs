@@ -217,16 +217,20 @@ pub enum Denial {
     },
     /// No route matched and the default is deny, or the route denies.
     NoRoute,
+    /// The wallet cannot pay (402). `wallet` names it: an API with a wallet per service
+    /// tells its client which one to top up.
     InsufficientCredits {
         required: i64,
         available: i64,
         operation: String,
+        wallet: String,
     },
     /// The org member's allocation does not cover the charge (402).
     AllocationExceeded {
         required: i64,
         remaining: i64,
         operation: String,
+        wallet: String,
     },
     /// A budget would be crossed (429 until it resets).
     BudgetExceeded {
@@ -235,6 +239,7 @@ pub enum Denial {
         spent: i64,
         resets_at_ms: i64,
         operation: String,
+        wallet: String,
     },
     /// The org key's member is no longer a member of the org (403).
     NotAMember,
@@ -1106,7 +1111,7 @@ fn charged(
             crate::log_throttled!(WARN, operation = %op.name, "charge: ledger not initialized (run tollgate restore)");
             Decision::Deny(Denial::NotInitialized)
         }
-        Err(err) => Decision::Deny(status::gateway_denial(err, &op.name)),
+        Err(err) => Decision::Deny(status::gateway_denial(err, &op.name, &op.wallet)),
     }
 }
 
