@@ -257,8 +257,9 @@ pub enum AdminCommand {
         /// 0..=100, lower burns first.
         #[arg(long, allow_negative_numbers = true)]
         priority: Option<i32>,
-        /// Expiry, ms since the epoch (default: never).
-        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        /// Expiry: a UTC time (`2026-12-31T23:59:59Z`) or ms since the epoch (default:
+        /// never).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = expiry)]
         expires_at: i64,
         #[arg(long, default_value = "")]
         description: String,
@@ -325,8 +326,9 @@ pub enum AdminCommand {
         /// A positive adjustment's lot: 0..=100, lower burns first.
         #[arg(long, allow_negative_numbers = true)]
         priority: Option<i32>,
-        /// A positive adjustment's lot: expiry, ms since the epoch (default: never).
-        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        /// A positive adjustment's lot: expiry, a UTC time (`2026-12-31T23:59:59Z`) or ms
+        /// since the epoch (default: never).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = expiry)]
         expires_at: i64,
         /// Why (kept on the ledger event).
         #[arg(long, default_value = "")]
@@ -531,9 +533,108 @@ pub fn utc_time(ms: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}{fraction}Z")
 }
 
+/// `--expires-at`: ms since the epoch as they are (the server judges the range, naming
+/// the flag), or a UTC time as [`utc_time`] prints it, `2026-12-31T23:59:59Z` (ms
+/// optional: `.250`), so an operator need not compute ms by hand.
+fn expiry(text: &str) -> Result<i64, String> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    utc_ms(text).ok_or_else(|| {
+        "expected a UTC time such as 2026-12-31T23:59:59Z, or ms since the epoch".to_owned()
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.mmm]Z` to ms since the epoch; None for anything else (another
+/// offset, a date that does not exist).
+fn utc_ms(text: &str) -> Option<i64> {
+    let text = text.strip_suffix('Z').or_else(|| text.strip_suffix('z'))?;
+    let (seconds, milli) = match text.split_once('.') {
+        Some((seconds, milli)) if milli.len() == 3 => (seconds, milli),
+        Some(_) => return None,
+        None => (text, "000"),
+    };
+    let bytes = seconds.as_bytes();
+    if bytes.len() != 19
+        || [bytes[4], bytes[7], bytes[13], bytes[16]] != [b'-', b'-', b':', b':']
+        || !matches!(bytes[10], b'T' | b't')
+    {
+        return None;
+    }
+    let digits = |text: &str| -> Option<i64> {
+        if text.bytes().all(|b| b.is_ascii_digit()) {
+            text.parse().ok()
+        } else {
+            None
+        }
+    };
+    let number = |range: std::ops::Range<usize>| digits(seconds.get(range)?);
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    let milli = digits(milli)?;
+    if !(1..=12).contains(&month) || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if !(1..=month_days).contains(&day) {
+        return None;
+    }
+    // H. Hinnant's days_from_civil (utc_time's inverse).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1_000 + milli)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::utc_time;
+    use super::{expiry, utc_ms, utc_time};
+
+    #[test]
+    fn expiry_takes_ms_or_the_utc_times_utc_time_prints() {
+        assert_eq!(expiry("0"), Ok(0));
+        assert_eq!(
+            expiry("-5"),
+            Ok(-5),
+            "the server refuses it, naming the flag"
+        );
+        assert_eq!(expiry("1798761599000"), Ok(1_798_761_599_000));
+        assert_eq!(expiry("2026-12-31T23:59:59Z"), Ok(1_798_761_599_000));
+        for ms in [
+            0,
+            951_782_400_000,
+            1_796_601_600_123,
+            4_107_542_400_000,
+            253_402_300_799_999,
+        ] {
+            assert_eq!(utc_ms(&utc_time(ms)), Some(ms), "{}", utc_time(ms));
+        }
+        for bad in [
+            "",
+            "tomorrow",
+            "2026-12-31",
+            "2026-12-31T23:59:59",
+            "2026-12-31T23:59:59+01:00",
+            "2026-12-31 23:59:59Z",
+            "2026-02-29T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-12-31T24:00:00Z",
+            "2026-12-31T23:59:59.5Z",
+            "+026-12-31T23:59:59Z",
+        ] {
+            assert!(expiry(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn times_are_shown_as_utc_dates() {

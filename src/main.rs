@@ -916,7 +916,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                     .into_inner();
                 if std::mem::take(&mut header) {
                     println!(
-                        "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>15}  description",
+                        "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>20}  description",
                         "lot",
                         "kind",
                         "prio",
@@ -924,7 +924,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                         "used",
                         "remaining",
                         "held",
-                        "expires_at_ms"
+                        "expires_at (UTC)"
                     );
                 }
                 for l in out.lots {
@@ -935,7 +935,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                         String::new()
                     };
                     println!(
-                        "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>15}  {}{expired}",
+                        "{:<10} {:<11} {:>4} {:>10} {:>10} {:>10} {:>8} {:>20}  {}{expired}",
                         l.lot_id,
                         l.kind,
                         l.priority,
@@ -946,7 +946,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
                         if l.expires_at_ms == 0 {
                             "never".to_owned()
                         } else {
-                            l.expires_at_ms.to_string()
+                            tollgate::cli::utc_time(l.expires_at_ms)
                         },
                         l.description
                     );

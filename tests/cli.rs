@@ -1050,6 +1050,61 @@ async fn a_bad_expires_at_is_named_as_the_flag() {
     assert_eq!(wallet(&server, "alice").await, (0, 0, 0), "nothing granted");
 }
 
+/// `--expires-at` takes a UTC time as well as ms (a credit record's expiry is a date, not
+/// a number of ms an operator computes), `lots` shows expiries so, and a time that is not
+/// one is refused by the command, naming the flag, granting nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expires_at_takes_a_utc_time_and_lots_show_one() {
+    let redis = common::RedisServer::start();
+    let server = test_server(&redis).await;
+    admin_ok(
+        &server,
+        &[
+            "grant",
+            "alice",
+            "10",
+            "--expires-at",
+            "2099-12-31T23:59:59Z",
+        ],
+    );
+    admin_ok(
+        &server,
+        &["adjust", "alice", "5", "--expires-at=4102444799000"],
+    );
+    let lots = server
+        .ledger
+        .lots("alice", "default", 0, 10)
+        .await
+        .expect("lots");
+    let expiries: Vec<i64> = lots.lots.iter().map(|l| l.expires_at_ms).collect();
+    assert_eq!(expiries, [4_102_444_799_000, 4_102_444_799_000]);
+    let listed = admin_ok(&server, &["lots", "alice"]);
+    assert_eq!(
+        listed.matches("2099-12-31T23:59:59Z").count(),
+        2,
+        "{listed}"
+    );
+    let out = admin_with_token(
+        &server,
+        &[
+            "grant",
+            "alice",
+            "10",
+            "--expires-at",
+            "2099-02-30T00:00:00Z",
+        ],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("--expires-at"), "{said}");
+    assert!(said.contains("UTC time"), "{said}");
+    assert_eq!(
+        wallet(&server, "alice").await,
+        (15, 0, 5),
+        "nothing more granted"
+    );
+}
+
 /// `serve --help` (and `settle --help`) show the listen addresses used when neither the
 /// flag, the config file nor the environment gives one.
 #[test]
