@@ -45,6 +45,9 @@ pub const CHECK_TIMEOUT_MS_MAX: u64 = 10_000;
 pub const IDENTITY_CACHE_TTL_MS_MAX: u64 = 3_600_000;
 pub const IDENTITY_CACHE_ENTRIES_MAX: usize = 10_000_000;
 pub const KEYS_PER_ACCOUNT_MAX: u32 = 10_000;
+/// The most `ledger.members_per_org_max` may be: every ListMembers page reads the whole
+/// org record (HGETALL), so this bounds one page's Redis cost (about 1 ms at 10,000).
+pub const MEMBERS_PER_ORG_MAX: u32 = 10_000;
 pub const HTTP_CONNECTIONS_MAX: usize = 65_536;
 pub const GRPC_CONNECTIONS_MAX: usize = 65_536;
 /// Largest `server.shutdown_delay_ms`: endpoint removal takes seconds, and the chart's
@@ -357,6 +360,9 @@ pub struct LedgerConfig {
     pub lots_per_wallet_max: u32,
     pub wallets_per_account_max: u32,
     pub holds_per_wallet_max: u32,
+    /// Members per organization: AddMember of a new member past it is MEMBER_LIMIT (a
+    /// role change or a removal is never refused by it). At most [`MEMBERS_PER_ORG_MAX`].
+    pub members_per_org_max: u32,
     /// Unsettled events per shard before Debit and Authorize answer OUTBOX_FULL (0 = no bound).
     pub outbox_events_max: u64,
     /// How often the sweeper expires lots and holds of idle wallets.
@@ -374,6 +380,7 @@ impl Default for LedgerConfig {
             lots_per_wallet_max: d.lots_per_wallet_max,
             wallets_per_account_max: d.wallets_per_account_max,
             holds_per_wallet_max: d.holds_per_wallet_max,
+            members_per_org_max: d.members_per_org_max,
             outbox_events_max: d.outbox_events_max,
             sweep_interval_ms: ledger::sweeper::DEFAULT_SWEEP_INTERVAL.as_millis() as u64,
         }
@@ -1006,6 +1013,12 @@ impl Config {
                 format!("must be in 1..={IDENTITY_CACHE_ENTRIES_MAX}"),
             );
         }
+        if !(1..=MEMBERS_PER_ORG_MAX).contains(&l.members_per_org_max) {
+            bad(
+                "ledger.members_per_org_max",
+                format!("must be in 1..={MEMBERS_PER_ORG_MAX}"),
+            );
+        }
         if !(1..=KEYS_PER_ACCOUNT_MAX).contains(&g.keys_per_account_max) {
             bad(
                 "gateway.keys_per_account_max",
@@ -1126,6 +1139,7 @@ impl Config {
             lots_per_wallet_max: l.lots_per_wallet_max,
             wallets_per_account_max: l.wallets_per_account_max,
             holds_per_wallet_max: l.holds_per_wallet_max,
+            members_per_org_max: l.members_per_org_max,
             outbox_events_max: l.outbox_events_max,
             revoked_key_retention: Duration::from_secs(self.gateway.revoked_key_retention_secs),
         }
@@ -1535,6 +1549,25 @@ mod tests {
         }
         let unknown = errors.iter().find(|e| e.path == "redis.timeout").unwrap();
         assert!(unknown.message.contains("unknown field"), "{unknown:?}");
+    }
+
+    #[test]
+    fn the_member_cap_is_bounded() {
+        for (value, ok) in [(0, false), (1, true), (10_000, true), (10_001, false)] {
+            let text = format!("[ledger]\nmembers_per_org_max = {value}\n");
+            match Config::from_toml(&text, Vec::new(), &Overrides::default()) {
+                Ok(config) => {
+                    assert!(ok, "{value} taken");
+                    assert_eq!(config.ledger_settings().members_per_org_max, value);
+                }
+                Err(ConfigErrors(errors)) => {
+                    assert!(!ok, "{value} refused: {errors:?}");
+                    assert_eq!(errors.len(), 1, "{errors:?}");
+                    assert_eq!(errors[0].path, "ledger.members_per_org_max");
+                    assert!(errors[0].message.contains("1..=10000"), "{errors:?}");
+                }
+            }
+        }
     }
 
     #[test]

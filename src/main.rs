@@ -1156,21 +1156,31 @@ where
             println!("{}", replayed_or(out.replayed, done));
         }
         OrgCommand::Members { org } => {
-            let out = client
-                .list_members(pb::ListMembersRequest {
-                    org_id: org.clone(),
-                })
-                .await
-                .map_err(|s| {
-                    if s.code() == tonic::Code::NotFound {
-                        format!("NotFound: {org} is not an organization (<ORG>)")
-                    } else {
-                        status_naming(ORG_FIELDS)(s)
-                    }
-                })?
-                .into_inner();
-            for m in out.members {
-                println!("{:<32} {}", m.member_id, m.role);
+            // Every page, in member id order.
+            let mut token = String::new();
+            loop {
+                let out = client
+                    .list_members(pb::ListMembersRequest {
+                        org_id: org.clone(),
+                        page_size: 0,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(|s| {
+                        if s.code() == tonic::Code::NotFound {
+                            format!("NotFound: {org} is not an organization (<ORG>)")
+                        } else {
+                            status_naming(ORG_FIELDS)(s)
+                        }
+                    })?
+                    .into_inner();
+                for m in out.members {
+                    println!("{:<32} {}", m.member_id, m.role);
+                }
+                if out.next_page_token.is_empty() {
+                    break;
+                }
+                token = out.next_page_token;
             }
         }
         OrgCommand::Allocate {

@@ -487,6 +487,36 @@ async fn org_commands() {
     assert!(!said.contains("actor_id:"), "{refused:?}");
 }
 
+/// `org members` follows ListMembers' pages: an org of more members than one page
+/// (100 by default) is listed whole, in member id order, each member once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_members_lists_every_page() {
+    let redis = common::RedisServer::start();
+    let server = test_server(&redis).await;
+    server
+        .ledger
+        .create_org("big", "owner", "create")
+        .await
+        .expect("create");
+    let mut expected = vec!["owner".to_owned()];
+    for i in 0..150 {
+        let member = format!("m{i:03}");
+        server
+            .ledger
+            .add_member("big", "owner", &member, "member", &format!("add-{member}"))
+            .await
+            .expect("add");
+        expected.push(member);
+    }
+    expected.sort();
+    let listed: Vec<String> = admin_ok(&server, &["org", "members", "big"])
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(listed, expected);
+    server.stop().await;
+}
+
 /// A member's allocation of an org's default wallet, read from the ledger.
 async fn allocated(server: &common::TestServer, org: &str, member: &str) -> i64 {
     server
@@ -627,7 +657,12 @@ async fn org_create_and_remove_member_with_an_idempotency_key_replay() {
     run(&["org", "add-member", "acme", "alice", "--actor", "olivia"]);
     let again = run(&remove);
     assert!(again.starts_with("replayed"), "{again}");
-    let members = server.ledger.members("acme").await.expect("members");
+    let members = server
+        .ledger
+        .members_page("acme", "", 100)
+        .await
+        .expect("members")
+        .members;
     assert!(
         members.iter().any(|(m, _)| m == "alice"),
         "still a member: {members:?}"

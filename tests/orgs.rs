@@ -1180,6 +1180,7 @@ async fn bad_input_names_the_field_and_changes_nothing() {
     let members = admin
         .list_members(pb::ListMembersRequest {
             org_id: "acme".into(),
+            ..Default::default()
         })
         .await
         .expect("members")
@@ -1333,6 +1334,7 @@ async fn a_personal_key_never_charges_an_org_wallet() {
     let members = admin
         .list_members(pb::ListMembersRequest {
             org_id: "initech".into(),
+            ..Default::default()
         })
         .await
         .expect_err("no org made");
@@ -2150,15 +2152,18 @@ async fn list_members_after_redis_lost_its_data_is_not_initialized() {
     let redis = common::RedisServer::start();
     let ledger = carol_org(&redis).await;
     assert_eq!(
-        ledger.members("acme").await.expect("members"),
-        [
-            ("carol".to_owned(), Role::Member),
-            ("olivia".to_owned(), Role::Owner)
-        ]
+        ledger.members_page("acme", "", 10).await.expect("members"),
+        tollgate::ledger::org::MembersPage {
+            members: vec![
+                ("carol".to_owned(), Role::Member),
+                ("olivia".to_owned(), Role::Owner)
+            ],
+            next_after: None,
+        }
     );
     assert!(
         matches!(
-            ledger.members("nobody").await,
+            ledger.members_page("nobody", "", 10).await,
             Err(LedgerError::NotFound("organization"))
         ),
         "an account that is no org"
@@ -2169,7 +2174,7 @@ async fn list_members_after_redis_lost_its_data_is_not_initialized() {
         .await
         .expect("Redis loses its data");
     for org in ["acme", "nobody"] {
-        match ledger.members(org).await {
+        match ledger.members_page(org, "", 10).await {
             Err(LedgerError::NotInitialized) => {}
             other => panic!("{org}: {other:?}"),
         }
@@ -4112,4 +4117,202 @@ async fn keys_revoked_longer_ago_than_the_retention_are_dropped_by_the_accounts_
         .await
         .expect_err("revoked");
     assert_eq!(reason(&refused), "KEY_REVOKED", "{refused:?}");
+}
+
+/// Every page of ListMembers, following the tokens: (member id, role) pairs in order, and
+/// the size of each page.
+async fn all_member_pages(
+    server: &common::TestServer,
+    org: &str,
+    page_size: i32,
+) -> (Vec<(String, String)>, Vec<usize>) {
+    let mut admin = server.admin().await;
+    let (mut members, mut sizes) = (Vec::new(), Vec::new());
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_members(pb::ListMembersRequest {
+                org_id: org.into(),
+                page_size,
+                page_token: token,
+            })
+            .await
+            .expect("members page")
+            .into_inner();
+        sizes.push(page.members.len());
+        members.extend(page.members.into_iter().map(|m| (m.member_id, m.role)));
+        if page.next_page_token.is_empty() {
+            return (members, sizes);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// An org has at most `ledger.members_per_org_max` members: AddMember of a new member at
+/// the cap is refused MEMBER_LIMIT naming the cap, and changes nothing (no event, the
+/// same members; a retry with the same key gets the same answer). A role change at the
+/// cap is no new member and goes through; a removal makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_member_past_the_cap_is_refused_naming_it_and_changes_nothing() {
+    let redis = common::RedisServer::start();
+    let mut config = common::test_config(&redis.url());
+    config.ledger.members_per_org_max = 3;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    common::org_with_members(
+        &server,
+        "acme",
+        "olivia",
+        1_000,
+        &[("alice", "member"), ("bob", "member")],
+    )
+    .await;
+    let mut admin = server.admin().await;
+    let add = |member: &str, role: &str, key: &str| pb::AddMemberRequest {
+        org_id: "acme".into(),
+        member_id: member.into(),
+        role: role.into(),
+        actor_id: "olivia".into(),
+        idempotency_key: key.into(),
+    };
+    let outbox = common::outbox_len(&server.ledger).await;
+    let before = all_member_pages(&server, "acme", 0).await.0;
+    assert_eq!(before.len(), 3);
+    for attempt in ["first", "retry with the same key"] {
+        let refused = admin
+            .add_member(add("carol", "member", "add-carol"))
+            .await
+            .expect_err(attempt);
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        let info = refused.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "MEMBER_LIMIT", "{attempt}");
+        assert_eq!(info.metadata.get("max").map(String::as_str), Some("3"));
+        assert_eq!(
+            common::outbox_len(&server.ledger).await,
+            outbox,
+            "{attempt}"
+        );
+        assert_eq!(all_member_pages(&server, "acme", 0).await.0, before);
+    }
+    // Not a new member: a role change at the cap is made.
+    let promoted = admin
+        .add_member(add("alice", "admin", "promote-alice"))
+        .await
+        .expect("a role change at the cap")
+        .into_inner();
+    assert_eq!(promoted.role, "admin");
+    // A removal makes room for one.
+    admin
+        .remove_member(pb::RemoveMemberRequest {
+            org_id: "acme".into(),
+            member_id: "bob".into(),
+            actor_id: "olivia".into(),
+            idempotency_key: "remove-bob".into(),
+        })
+        .await
+        .expect("remove bob");
+    admin
+        .add_member(add("carol", "member", "add-carol-again"))
+        .await
+        .expect("room made");
+    let names = |members: Vec<(String, String)>| -> Vec<String> {
+        members.into_iter().map(|(id, _)| id).collect()
+    };
+    assert_eq!(
+        names(all_member_pages(&server, "acme", 0).await.0),
+        ["alice", "carol", "olivia"]
+    );
+    server.stop().await;
+}
+
+/// ListMembers pages by member id: the pages, each at most `page_size`, concatenate to
+/// every member in id order; a member removed between two pages shifts no other; a token
+/// is bound to its org (another org's is INVALID_ARGUMENT naming page_token, as is a
+/// token this API never returned), and a page size out of range names page_size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_pages_concatenate_to_every_member_and_tokens_are_bound_to_their_org() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(common::test_config(&redis.url()), Clock::Redis).await;
+    let ids = [
+        "zoe",
+        "m-07",
+        "alice",
+        "Bob",
+        "carol",
+        "m-10",
+        "dave@x.io",
+        "erin",
+        "m-01",
+    ];
+    let members: Vec<(&str, &str)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, if i % 3 == 0 { "admin" } else { "member" }))
+        .collect();
+    common::org_with_members(&server, "acme", "olivia", 1_000, &members).await;
+    common::org_with_members(&server, "globex", "gina", 1_000, &[("hank", "member")]).await;
+    let mut expected: Vec<(String, String)> = members
+        .iter()
+        .map(|(id, role)| (id.to_string(), role.to_string()))
+        .chain(std::iter::once(("olivia".into(), "owner".into())))
+        .collect();
+    expected.sort();
+    let (listed, sizes) = all_member_pages(&server, "acme", 4).await;
+    assert_eq!(listed, expected);
+    assert_eq!(sizes, [4, 4, 2]);
+    // One page holds them all with the default size.
+    assert_eq!(
+        all_member_pages(&server, "acme", 0).await,
+        (expected.clone(), vec![10])
+    );
+
+    let mut admin = server.admin().await;
+    let page = |org: &str, page_size: i32, page_token: &str| pb::ListMembersRequest {
+        org_id: org.into(),
+        page_size,
+        page_token: page_token.into(),
+    };
+    let first = admin
+        .list_members(page("acme", 3, ""))
+        .await
+        .expect("first page")
+        .into_inner();
+    assert_eq!(first.members.len(), 3);
+    // The last member listed leaves: the next page starts after it all the same.
+    let last = first.members[2].member_id.clone();
+    admin
+        .remove_member(pb::RemoveMemberRequest {
+            org_id: "acme".into(),
+            member_id: last.clone(),
+            actor_id: "olivia".into(),
+            idempotency_key: "remove".into(),
+        })
+        .await
+        .expect("remove");
+    let second = admin
+        .list_members(page("acme", 3, &first.next_page_token))
+        .await
+        .expect("second page")
+        .into_inner();
+    let second: Vec<String> = second.members.into_iter().map(|m| m.member_id).collect();
+    let want: Vec<String> = expected[3..6].iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(second, want, "after {last}");
+
+    for (request, field) in [
+        (page("globex", 3, &first.next_page_token), "page_token"),
+        (page("acme", 3, "not-a-token"), "page_token"),
+        (page("acme", 1001, ""), "page_size"),
+        (page("acme", -1, ""), "page_size"),
+    ] {
+        let refused = admin
+            .list_members(request.clone())
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{request:?}");
+        assert_eq!(bad_fields(&refused), [field], "{request:?}");
+    }
+    server.stop().await;
 }

@@ -3038,3 +3038,77 @@ async fn after_a_restore_the_running_settler_settles_with_no_stale_consumer() {
     );
     server.stop().await;
 }
+
+/// A restore rebuilds an org with every member its history has, whatever the member cap
+/// is now: the cap (`ledger.members_per_org_max`) refuses new members in AddMember only,
+/// never a restore. With the cap lowered below the org's size, the restored org keeps
+/// all its members, role changes and removals go through, and a new member is refused
+/// MEMBER_LIMIT until removals bring the org below the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_keeps_every_member_past_a_lowered_member_cap() {
+    use tollgate::ledger::{LedgerError, Refusal};
+
+    let org = "crowd";
+    let redis = common::RedisServer::start();
+    let config = common::test_config(&redis.url());
+    let store_url = config.store.url.clone();
+    let server = common::TestServer::start(config.clone(), Clock::Redis).await;
+    let store = Arc::new(Store::connect_lazy(&store_url, 2).expect("store"));
+    common::org_with_members(
+        &server,
+        org,
+        "olga",
+        10,
+        &[("max", "member"), ("mia", "admin"), ("moe", "member")],
+    )
+    .await;
+    let before = server
+        .ledger
+        .members_page(org, "", 100)
+        .await
+        .expect("members");
+    assert_eq!(before.members.len(), 4);
+    lose_redis_then_restore(&redis, &server, &store, org).await;
+
+    // A sidecar whose cap is now 2.
+    let mut lowered = config;
+    lowered.ledger.members_per_org_max = 2;
+    let ledger = tollgate::server::ledger_from_config(&lowered, Clock::Redis).expect("ledger");
+    assert_eq!(
+        ledger.members_page(org, "", 100).await.expect("members"),
+        before
+    );
+    let at_cap = |result: Result<tollgate::ledger::org::OrgEvent, LedgerError>| match result {
+        Err(LedgerError::Refused(Refusal::MemberLimit { max: 2 })) => {}
+        other => panic!("not MEMBER_LIMIT: {other:?}"),
+    };
+    at_cap(
+        ledger
+            .add_member(org, "olga", "nina", "member", "add-nina")
+            .await,
+    );
+    ledger
+        .add_member(org, "olga", "max", "admin", "promote-max")
+        .await
+        .expect("a role change past the cap");
+    ledger
+        .remove_member(org, "olga", "moe", "remove-moe")
+        .await
+        .expect("a removal past the cap");
+    at_cap(
+        ledger
+            .add_member(org, "olga", "nina", "member", "add-nina-2")
+            .await,
+    );
+    let after = ledger.members_page(org, "", 100).await.expect("members");
+    let roles: Vec<(&str, &str)> = after
+        .members
+        .iter()
+        .map(|(id, role)| (id.as_str(), role.as_str()))
+        .collect();
+    assert_eq!(
+        roles,
+        [("max", "admin"), ("mia", "admin"), ("olga", "owner")]
+    );
+    server.stop().await;
+}

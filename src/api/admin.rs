@@ -9,7 +9,9 @@ use super::pb::{self, admin_server::Admin};
 use super::status::{store_to_status, to_status};
 use crate::gateway::identity::{KeyBinding, KeyStore};
 use crate::ledger::command::{wallet_or_default, Violations, CREDITS_MAX};
-use crate::ledger::org::{AllocationChange, BudgetPeriod, OrgEvent, SetBudget};
+use crate::ledger::org::{
+    AllocationChange, BudgetPeriod, OrgEvent, SetBudget, MEMBERS_PAGE_DEFAULT, MEMBERS_PAGE_MAX,
+};
 use crate::ledger::{AdjustInput, GrantInput, Ledger, LedgerError};
 use crate::settle::store::ApiKeyRecord;
 use crate::settle::webhook_store::{
@@ -297,6 +299,51 @@ pub fn parse_delivery_token(token: &str) -> Option<(DeliveryCursor, Option<Strin
         delivery_id: delivery_id.to_owned(),
     };
     Some((cursor, binding))
+}
+
+/// What a members page token is bound to: the org of the listing it continues, so a
+/// token passed with another org is refused, not read as a place in a listing it was
+/// never in.
+fn members_binding(org_id: &str) -> String {
+    crate::ledger::command::digest(&["members", org_id])
+}
+
+/// Members page tokens, opaque to clients: "m" and the hex of "<member id>/<binding>"
+/// (the page starts after that member; member ids hold no '/').
+pub fn members_token(org_id: &str, after: &str) -> String {
+    format!(
+        "m{}",
+        hex::encode(format!("{after}/{}", members_binding(org_id)))
+    )
+}
+
+/// Why a members page token is refused (`page_token`'s description): another org's.
+pub const MEMBERS_FOREIGN_TOKEN: &str = "was returned for another org_id";
+
+/// The member id a page starts after, from a token [`members_token`] wrote for this org
+/// (empty token: the first page); else what is wrong with the token.
+pub fn parse_members_token(token: &str, org_id: &str) -> Result<String, &'static str> {
+    use super::metering::UNKNOWN_TOKEN;
+    if token.is_empty() {
+        return Ok(String::new());
+    }
+    let parse = || -> Option<(String, String)> {
+        let text = token.strip_prefix('m').filter(|t| t.len() <= 512)?;
+        let text = String::from_utf8(hex::decode(text).ok()?).ok()?;
+        let (after, binding) = text.split_once('/')?;
+        let mut v = Violations::default();
+        v.account_id("page_token", after);
+        v.finish().ok()?;
+        Some((
+            after.to_owned(),
+            super::metering::token_binding(Some(binding))??,
+        ))
+    };
+    let (after, binding) = parse().ok_or(UNKNOWN_TOKEN)?;
+    if binding != members_binding(org_id) {
+        return Err(MEMBERS_FOREIGN_TOKEN);
+    }
+    Ok(after)
 }
 
 fn invalid(violations: Violations) -> Result<(), Status> {
@@ -672,9 +719,31 @@ impl Admin for AdminService {
         request: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
         let r = request.into_inner();
-        let members = self.ledger.members(&r.org_id).await.map_err(to_status)?;
+        let mut v = Violations::default();
+        v.account_id("org_id", &r.org_id);
+        let after = parse_members_token(&r.page_token, &r.org_id)
+            .map_err(|why| v.add("page_token", why))
+            .unwrap_or_default();
+        if !(0..=MEMBERS_PAGE_MAX as i32).contains(&r.page_size) {
+            v.add("page_size", format!("must be in 0..={MEMBERS_PAGE_MAX}"));
+        }
+        invalid(v)?;
+        let page_size = match r.page_size {
+            0 => MEMBERS_PAGE_DEFAULT,
+            n => n as u32,
+        };
+        let page = self
+            .ledger
+            .members_page(&r.org_id, &after, page_size)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::ListMembersResponse {
-            members: members
+            next_page_token: page
+                .next_after
+                .map(|after| members_token(&r.org_id, &after))
+                .unwrap_or_default(),
+            members: page
+                .members
                 .into_iter()
                 .map(|(member_id, role)| pb::OrgMember {
                     member_id,
@@ -771,6 +840,50 @@ impl Admin for AdminService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_tokens_round_trip_bound_to_their_org() {
+        use crate::api::metering::UNKNOWN_TOKEN;
+        let token = members_token("acme", "bob@example.com");
+        assert_eq!(
+            parse_members_token(&token, "acme"),
+            Ok("bob@example.com".to_owned())
+        );
+        assert_eq!(parse_members_token("", "acme"), Ok(String::new()));
+        assert_eq!(
+            parse_members_token(&token, "globex"),
+            Err(MEMBERS_FOREIGN_TOKEN)
+        );
+        // Another listing's token, and forged ones, are no members token.
+        let lots = crate::api::metering::lots_token(
+            "acme",
+            "",
+            &crate::ledger::LotCursor {
+                expired: false,
+                score: 1,
+                lot_id: "1".into(),
+            },
+        );
+        let binding = members_binding("acme");
+        let forged = |text: &str| format!("m{}", hex::encode(text));
+        for bad in [
+            lots,
+            "m".into(),
+            "mzz".into(),
+            token.replacen('m', "c", 1),
+            forged("bob"),
+            forged(&format!("/{binding}")),
+            forged(&format!("b/b/{binding}")),
+            forged(&format!("bob\0/{binding}")),
+            forged("bob/xyz"),
+        ] {
+            assert_eq!(
+                parse_members_token(&bad, "acme"),
+                Err(UNKNOWN_TOKEN),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn delivery_tokens_round_trip() {

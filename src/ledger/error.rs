@@ -64,6 +64,8 @@ pub enum Refusal {
     HoldLimit { max: i64 },
     #[error("account holds the most live API keys allowed ({max}): revoke one to make another")]
     KeyLimit { max: i64 },
+    #[error("organization has the most members allowed ({max}): remove one to add another")]
+    MemberLimit { max: i64 },
     #[error(
         "the member's allocation does not cover it: {required} required, {remaining} remaining"
     )]
@@ -118,6 +120,7 @@ impl Refusal {
             Self::WalletLimit { .. } => "WALLET_LIMIT",
             Self::HoldLimit { .. } => "HOLD_LIMIT",
             Self::KeyLimit { .. } => "KEY_LIMIT",
+            Self::MemberLimit { .. } => "MEMBER_LIMIT",
             Self::AllocationExceeded { .. } => "ALLOCATION_EXCEEDED",
             Self::BudgetExceeded { .. } => "BUDGET_EXCEEDED",
             Self::OrgExists => "ORG_EXISTS",
@@ -145,7 +148,8 @@ impl Refusal {
             Self::LotLimit { max }
             | Self::WalletLimit { max }
             | Self::HoldLimit { max }
-            | Self::KeyLimit { max } => {
+            | Self::KeyLimit { max }
+            | Self::MemberLimit { max } => {
                 vec![("max", max.to_string())]
             }
             Self::AllocationExceeded {

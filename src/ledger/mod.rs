@@ -45,6 +45,10 @@ pub const DEFAULT_CHARGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600
 pub const DEFAULT_LOTS_PER_WALLET_MAX: u32 = 1000;
 pub const DEFAULT_WALLETS_PER_ACCOUNT_MAX: u32 = 64;
 pub const DEFAULT_HOLDS_PER_WALLET_MAX: u32 = 10_000;
+/// Members per organization: AddMember of a new member past it is MEMBER_LIMIT. It bounds
+/// what reads the whole org record (ListMembers' pages, the last-owner check, a full
+/// wallet set's member walk).
+pub const DEFAULT_MEMBERS_PER_ORG_MAX: u32 = 1000;
 /// Lots per ListLots page unless asked otherwise, and the most a page may hold.
 pub const LOTS_PAGE_DEFAULT: u32 = 100;
 pub const LOTS_PAGE_MAX: u32 = 1000;
@@ -59,6 +63,7 @@ pub struct LedgerSettings {
     pub lots_per_wallet_max: u32,
     pub wallets_per_account_max: u32,
     pub holds_per_wallet_max: u32,
+    pub members_per_org_max: u32,
     /// Unsettled events per shard outbox before Debit and Authorize answer OUTBOX_FULL;
     /// 0 = no bound.
     pub outbox_events_max: u64,
@@ -78,6 +83,7 @@ impl Default for LedgerSettings {
             lots_per_wallet_max: DEFAULT_LOTS_PER_WALLET_MAX,
             wallets_per_account_max: DEFAULT_WALLETS_PER_ACCOUNT_MAX,
             holds_per_wallet_max: DEFAULT_HOLDS_PER_WALLET_MAX,
+            members_per_org_max: DEFAULT_MEMBERS_PER_ORG_MAX,
             outbox_events_max: 0,
             revoked_key_retention: crate::gateway::identity::DEFAULT_REVOKED_KEY_RETENTION,
         }
@@ -554,6 +560,7 @@ pub struct Ledger {
     lots_max: String,
     wallets_max: String,
     holds_max: String,
+    members_max: String,
     revoked_key_retention_ms: String,
 }
 
@@ -570,6 +577,7 @@ impl Ledger {
             lots_max: settings.lots_per_wallet_max.to_string(),
             wallets_max: settings.wallets_per_account_max.to_string(),
             holds_max: settings.holds_per_wallet_max.to_string(),
+            members_max: settings.members_per_org_max.to_string(),
             revoked_key_retention_ms: ms(settings.revoked_key_retention),
             settings,
             redis,

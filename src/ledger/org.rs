@@ -270,7 +270,8 @@ impl Ledger {
             .arg(&window)
             .arg(&offset)
             .arg(&self.wallets_max)
-            .arg(&self.revoked_key_retention_ms);
+            .arg(&self.revoked_key_retention_ms)
+            .arg(&self.members_max);
         self.redis.answer(&inv).await
     }
 
@@ -371,10 +372,21 @@ impl Ledger {
         member_change(&answer)
     }
 
-    /// Members and roles, sorted by member id. NotFound for an account that is no org;
-    /// NotInitialized when the shard has no epoch marker (a Redis that lost its data: the
-    /// org may well exist in the durable ledger), as every script-based read answers.
-    pub async fn members(&self, org_id: &str) -> Result<Vec<(String, Role)>, LedgerError> {
+    /// One page of members and roles, sorted by member id (bytes): the first `page_size`
+    /// members whose id sorts after `after` (all when `after` is empty), and the id to
+    /// pass as `after` for the next page when there is one. NotFound for an account that
+    /// is no org; NotInitialized when the shard has no epoch marker (a Redis that lost its
+    /// data: the org may well exist in the durable ledger), as every script-based read
+    /// answers. Keyset paging: a member added or removed between pages does not shift
+    /// the others. Each page reads the whole org record (a hash has no order to read a
+    /// range of): bounded by `ledger.members_per_org_max`, while the answer is bounded by
+    /// the page (docs/ARCHITECTURE.md, "Organizations").
+    pub async fn members_page(
+        &self,
+        org_id: &str,
+        after: &str,
+        page_size: u32,
+    ) -> Result<MembersPage, LedgerError> {
         let mut v = Violations::default();
         v.account_id("org_id", org_id);
         v.finish().map_err(LedgerError::InvalidArgument)?;
@@ -396,14 +408,10 @@ impl Ledger {
         if fields.is_empty() {
             return Err(LedgerError::NotFound("organization"));
         }
-        let mut out: Vec<(String, Role)> = fields
-            .into_iter()
-            .filter_map(|(field, role)| {
-                Some((field.strip_prefix("m:")?.to_owned(), Role::parse(&role)?))
-            })
-            .collect();
-        out.sort();
-        Ok(out)
+        let members = fields.into_iter().filter_map(|(field, role)| {
+            Some((field.strip_prefix("m:")?.to_owned(), Role::parse(&role)?))
+        });
+        Ok(members_page_of(members, after, page_size))
     }
 
     /// Sets or changes a member's allocation of an org wallet; `actor_id` must be an owner
@@ -538,6 +546,39 @@ fn org_event(answer: &Answer) -> Result<OrgEvent, LedgerError> {
 
 /// An add or remove answer: "OK|event_id|role", then "|revoked_ms|key_id:digest|…" when
 /// the change revoked keys (the member's, or made by them).
+/// Members per ListMembers page unless asked otherwise, and the most a page may hold.
+pub const MEMBERS_PAGE_DEFAULT: u32 = 100;
+pub const MEMBERS_PAGE_MAX: u32 = 1000;
+
+/// A page of an org's members ([`Ledger::members_page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembersPage {
+    /// Sorted by member id.
+    pub members: Vec<(String, Role)>,
+    /// The last member id of this page when more follow: the next page starts after it.
+    pub next_after: Option<String>,
+}
+
+/// The page of `members` (any order) after `after` (empty: from the first), at most
+/// `page_size` of them (at least 1).
+fn members_page_of(
+    members: impl Iterator<Item = (String, Role)>,
+    after: &str,
+    page_size: u32,
+) -> MembersPage {
+    let mut rest: Vec<(String, Role)> = members
+        .filter(|(id, _)| after.is_empty() || id.as_str() > after)
+        .collect();
+    rest.sort_unstable();
+    let page_size = page_size.max(1) as usize;
+    let next_after = (rest.len() > page_size).then(|| rest[page_size - 1].0.clone());
+    rest.truncate(page_size);
+    MembersPage {
+        members: rest,
+        next_after,
+    }
+}
+
 fn member_change(answer: &Answer) -> Result<OrgEvent, LedgerError> {
     let mut f = ok_fields(answer)?;
     let event_id = f.text()?.to_owned();
@@ -611,6 +652,32 @@ fn parse_view(rows: &[String]) -> Result<AccountView, LedgerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_pages_follow_the_id_order_and_concatenate() {
+        let all: Vec<(String, Role)> = ["olivia", "bob", "alice", "zed", "carol"]
+            .iter()
+            .map(|id| (id.to_string(), Role::Member))
+            .collect();
+        let mut pages = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = members_page_of(all.clone().into_iter(), &after, 2);
+            assert!(page.members.len() <= 2);
+            pages.extend(page.members.into_iter().map(|(id, _)| id));
+            match page.next_after {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        assert_eq!(pages, ["alice", "bob", "carol", "olivia", "zed"]);
+        // A full last page names no next one; an `after` past every id is an empty page.
+        let last = members_page_of(all.clone().into_iter(), "bob", 3);
+        assert_eq!(last.members.len(), 3);
+        assert_eq!(last.next_after, None);
+        let none = members_page_of(all.into_iter(), "zz", 10);
+        assert_eq!((none.members.len(), none.next_after), (0, None));
+    }
 
     #[test]
     fn member_changes_name_the_keys_they_revoked() {

@@ -854,7 +854,7 @@ fn error_kind(err: &redis::RedisError) -> ErrorKind {
 
 /// Answer codes other than OK that mutation scripts give (refusals and typed errors); a
 /// code outside this list counts as "other".
-pub const ANSWER_CODES: [&str; 14] = [
+pub const ANSWER_CODES: [&str; 15] = [
     "INSUFFICIENT_CREDITS",
     "HOLD_ENDED",
     "DEMO_ALREADY_GRANTED",
@@ -863,6 +863,7 @@ pub const ANSWER_CODES: [&str; 14] = [
     "LOT_LIMIT",
     "WALLET_LIMIT",
     "HOLD_LIMIT",
+    "MEMBER_LIMIT",
     "OUTBOX_FULL",
     "EXPIRY_BACKLOG",
     "NOT_FOUND",

@@ -100,6 +100,7 @@ pub(super) fn ok_fields(answer: &Answer) -> Result<Fields<'_>, LedgerError> {
         "LOT_LIMIT" => Refusal::LotLimit { max: f.int()? },
         "WALLET_LIMIT" => Refusal::WalletLimit { max: f.int()? },
         "HOLD_LIMIT" => Refusal::HoldLimit { max: f.int()? },
+        "MEMBER_LIMIT" => Refusal::MemberLimit { max: f.int()? },
         "ALLOCATION_EXCEEDED" => Refusal::AllocationExceeded {
             required: f.int()?,
             remaining: f.int()?,

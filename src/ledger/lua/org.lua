@@ -4,15 +4,16 @@
 -- and budget), 13 member, 14 role, 15 wallet, 16 amount (allocation, delta or budget
 -- limit; 0 removes a budget), 17 budget period (d | m | w), 18 window ms, 19 UTC offset
 -- ms, 20 most wallets per account, 21 how long revoked API keys are kept (ms; see
--- revoke_keys_of).
+-- revoke_keys_of), 22 most members per organization (add; see below).
 -- Answers "OK|event_id|a|b" (create: created_ms; add: role; allocate: allocated|used;
 -- budget: limit; add and remove: the role, then "|revoked_ms|key_id:digest|..." when the
 -- change revoked keys the member made or, on a removal, keys bound to them, see below),
 -- "ORG_EXISTS" or "BAD_FIELD|field|why" (nothing changed or recorded),
 -- "NOT_FOUND|budget" (budget with limit 0 and no budget to remove: recorded under the
 -- key, nothing changed),
--- or "WALLET_LIMIT|max" (allocate, budget: a new wallet past the per-account cap;
--- recorded, nothing changed).
+-- "WALLET_LIMIT|max" (allocate, budget: a new wallet past the per-account cap;
+-- recorded, nothing changed), or "MEMBER_LIMIT|max" (add: a new member when the org
+-- already has the most members allowed; recorded, nothing changed).
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
@@ -134,6 +135,18 @@ elseif op == 'add' or op == 'remove' then
     end
     if current == 'owner' and role ~= 'owner' and last_owner() then
       return bad('role', 'the last owner of the organization cannot be demoted')
+    end
+    -- The member cap (ledger.members_per_org_max) bounds what reads the whole org record:
+    -- ListMembers' pages, last_owner, wallet_set_refuses. Only a new member counts: a
+    -- role change never grows the record. The record holds `c` and one `m:` field per
+    -- member, so HLEN - 1 members (O(1)). An org above the cap (a lowered cap, a restore
+    -- of a longer history) keeps its members: it only takes no new one until removals
+    -- bring it below. Recorded like WALLET_LIMIT: a retry with the same key gets the same
+    -- answer.
+    if not current and redis.call('HLEN', okey) - 1 >= tonumber(ARGV[22]) then
+      answer = 'MEMBER_LIMIT|' .. ARGV[22]
+      remember(ikey, digest, answer)
+      return { 0, answer }
     end
     redis.call('HSET', okey, 'm:' .. member, role)
   else
