@@ -224,6 +224,7 @@ async fn lag_under_load(
                         operation: "envelope.send".into(),
                         metadata: Metadata::new(),
                         member_id: String::new(),
+                        price_inputs: None,
                     };
                     ledger.debit(&debit).await.expect("debit");
                     sent += 1;

@@ -1013,6 +1013,7 @@ async fn adjust_and_refund_commands() {
             operation: "envelope.send".into(),
             metadata: tollgate::ledger::Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("debit");

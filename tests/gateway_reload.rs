@@ -476,6 +476,134 @@ async fn debits_under_reloads_are_charged_once_at_a_price_in_force() {
     drop(server);
 }
 
+/// With `gateway.request_id_replay`, a request retried with its request id after a reload
+/// that changed its price replays its first answer: charged once, at the first price, the
+/// same charge or hold. Its idempotency record used to hold a digest of the amount, so the
+/// retry was refused 409 `request_id_reused` although the client did nothing wrong. The
+/// same request id with other units or another variant is still another request (409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_retried_after_a_reload_that_changed_its_price_replays_its_first_answer() {
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct};
+    use tollgate::api::pb;
+    let redis = common::RedisServer::start();
+    let dir = TempDir::new("reload-replay");
+    let config = dir.0.join("tollgate.toml");
+    let log = dir.0.join("serve.log");
+    let cheap = replace(
+        &example("pricebook-esign.toml"),
+        "[gateway]\n",
+        "[gateway]\nrequest_id_replay = true\n",
+    );
+    // Dearer: an envelope 2 and 20 per Aadhaar signer; OCR holds 60.
+    let dear = replace(
+        &replace(
+            &replace(
+                &cheap,
+                "mode = \"debit\"\nbase = 1\n",
+                "mode = \"debit\"\nbase = 2\n",
+            ),
+            "aadhaar = { per_unit = 15,",
+            "aadhaar = { per_unit = 20,",
+        ),
+        "mode = \"hold\"\nbase = 50\n",
+        "mode = \"hold\"\nbase = 60\n",
+    );
+    std::fs::write(&config, &cheap).expect("write config");
+    let (server, grpc, http_port) = serve(&config, &redis.url(), &log).await;
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
+    let (channel, key) = acme_with_credits(grpc).await;
+    let envelope = |request_id: &'static str, signers: &'static str, method: &'static str| {
+        let key = key.clone();
+        async move {
+            let headers = [
+                ("x-forwarded-method", "POST"),
+                ("x-forwarded-uri", "/v1/envelopes"),
+                ("x-api-key", key.as_str()),
+                ("x-request-id", request_id),
+                ("x-signature-method", method),
+                ("x-signers", signers),
+            ];
+            http(http_addr, "GET", "/v1/forward-auth", &headers, "").await
+        }
+    };
+    let text = |m: &Struct, field: &str| match m.fields.get(field).and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(s)) => s.clone(),
+        other => panic!("no {field}: {other:?}"),
+    };
+
+    let first = envelope("env-1", "3", "aadhaar").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(charge(&first), Some("46"), "1 + 15 x 3");
+    let charge_id = first.header("x-tollgate-charge-id").expect("charge id");
+    let hold = common::gateways::ocr_hold(channel.clone(), &key, "ocr-1").await;
+    assert_eq!(text(&hold, "tollgate_held"), "50");
+
+    let reloads = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("price book reloaded")
+            .count()
+    };
+    let before = reloads();
+    std::fs::write(&config, &dear).expect("rewrite config");
+    server.0.signal("-HUP");
+    common::eventually(common::START_TIMEOUT, "the reload is done", || async {
+        (reloads() > before).then_some(())
+    })
+    .await;
+    let fresh = envelope("env-2", "3", "aadhaar").await;
+    assert_eq!(
+        charge(&fresh),
+        Some("62"),
+        "the dear book is in force: {fresh:?}"
+    );
+
+    // The retries: the first answers, charged once.
+    let retried = envelope("env-1", "3", "aadhaar").await;
+    assert_eq!(retried.status, 200, "{retried:?}");
+    assert_eq!(charge(&retried), Some("46"), "the first price");
+    assert_eq!(retried.header("x-tollgate-charge-id"), Some(charge_id));
+    // The same units spelled otherwise are the same request.
+    let spelled = envelope("env-1", "03", "AADHAAR").await;
+    assert_eq!(spelled.header("x-tollgate-charge-id"), Some(charge_id));
+    let hold_again = common::gateways::ocr_hold(channel.clone(), &key, "ocr-1").await;
+    assert_eq!(text(&hold_again, "tollgate_held"), "50");
+    assert_eq!(
+        text(&hold_again, "tollgate_hold_id"),
+        text(&hold, "tollgate_hold_id")
+    );
+
+    // The same request id for another request: refused, nothing charged.
+    for (signers, method) in [("4", "aadhaar"), ("3", "dsc")] {
+        let other = envelope("env-1", signers, method).await;
+        assert_eq!(other.status, 409, "{signers} {method}: {other:?}");
+        assert_eq!(other.json()["error"], "request_id_reused");
+    }
+
+    let metering = pb::metering_client::MeteringClient::with_interceptor(
+        channel.clone(),
+        common::auth(Some(common::SERVICE_TOKEN)),
+    );
+    let wallet = metering
+        .clone()
+        .get_balance(pb::GetBalanceRequest {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("balance")
+        .into_inner()
+        .wallets[0]
+        .clone();
+    assert_eq!(
+        (wallet.total_used, wallet.held),
+        (46 + 62, 50),
+        "each request charged once, at the price it was first charged"
+    );
+    drop(server);
+}
+
 /// A SIGHUP to a server without a config file (settings from the environment) is
 /// logged and ignored: it must not end the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,8 +46,13 @@ fail_policy = "fail_closed"
 "#;
 
 fn config(redis_url: &str, request_id_replay: bool) -> Config {
+    config_from(PRICEBOOK, redis_url, request_id_replay)
+}
+
+/// [`config`] with another price book.
+fn config_from(pricebook: &str, redis_url: &str, request_id_replay: bool) -> Config {
     let mut config =
-        Config::from_toml(PRICEBOOK, Vec::new(), &Overrides::default()).expect("config");
+        Config::from_toml(pricebook, Vec::new(), &Overrides::default()).expect("config");
     let test = common::test_config(redis_url);
     config.redis = test.redis;
     config.auth = test.auth;
@@ -280,6 +285,120 @@ async fn a_voided_request_retried_with_its_request_id_is_charged_again() {
     server.stop().await;
 }
 
+/// A request charged by a sidecar under one price book and retried, with its request id,
+/// through a sidecar whose book prices it otherwise (a deploy of a new book): the retry's
+/// late charge replays the first one's record, so its void finds that charge and refunds
+/// it, and the next retry is charged afresh at the new price. The record's digest used to
+/// cover the amount: the void found another request's record and left the charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_retry_priced_by_another_book_voids_the_first_charge() {
+    let redis = RedisServer::start();
+    let old = common::TestServer::start(config(&redis.url(), true), Clock::Redis).await;
+    let dearer = PRICEBOOK.replace("base = 3\n", "base = 5\n");
+    assert_ne!(dearer, PRICEBOOK);
+    let new =
+        common::TestServer::start(config_from(&dearer, &redis.url(), true), Clock::Redis).await;
+    let key = seed(&old, "void-repriced", 100).await;
+    let first = check(&old, "/strict", &key, Some("req-repriced")).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(wallet(&old, "void-repriced").await, (97, 0));
+
+    // The new sidecar has served a request of its own (at its price).
+    let other = check(&new, "/strict", &key, Some("req-other")).await;
+    assert_eq!(other.header("x-tollgate-charged"), Some("5"), "{other:?}");
+    assert_eq!(wallet(&old, "void-repriced").await, (92, 0));
+
+    pause_writes(&redis);
+    let denied = check(&new, "/strict", &key, Some("req-repriced")).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+    wait_void(&new, "void-repriced", EventKind::Refund, (95, 0)).await;
+    let refunds: Vec<_> = events_of(&new, "void-repriced")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Refund && e.operation == "void")
+        .collect();
+    assert_eq!(refunds.len(), 1, "{refunds:#?}");
+    assert_eq!(
+        (refunds[0].charge_id.as_str(), refunds[0].amount),
+        (first.header("x-tollgate-charge-id").expect("charge id"), 3),
+        "the first charge, at its price, refunded"
+    );
+
+    let retried = check(&new, "/strict", &key, Some("req-repriced")).await;
+    assert_eq!(retried.status, 200, "{retried:?}");
+    assert_eq!(retried.header("x-tollgate-charged"), Some("5"));
+    assert_eq!(wallet(&new, "void-repriced").await, (90, 0));
+    // Back on the old book's sidecar: the same request, charged once.
+    let again = check(&old, "/strict", &key, Some("req-repriced")).await;
+    assert_eq!(
+        again.header("x-tollgate-charge-id"),
+        retried.header("x-tollgate-charge-id")
+    );
+    assert_eq!(wallet(&old, "void-repriced").await, (90, 0));
+    new.stop().await;
+    old.stop().await;
+}
+
+/// A rolling upgrade: a request an older tollgate charged (its idempotency record holds
+/// the digest of the amount) and retried through this one replays that charge rather
+/// than being refused; retried late, the older charge is voided. Priced otherwise as
+/// well (a new book in the same deploy) it is refused 409: never charged twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_across_an_upgrade_finds_the_charge_an_older_sidecar_made() {
+    let redis = RedisServer::start();
+    let server = common::TestServer::start(config(&redis.url(), true), Clock::Redis).await;
+    let key = seed(&server, "void-upgrade", 100).await;
+    // What the older sidecar's check sent: the amount its book gave, no price inputs.
+    let older = |request_id: &str| Debit {
+        account_id: "void-upgrade".into(),
+        wallet: "default".into(),
+        amount: 3,
+        idempotency_key: format!("gw:strict:{request_id}"),
+        operation: "strict".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+        price_inputs: None,
+    };
+    let charged = server
+        .ledger
+        .debit(&older("req-up-1"))
+        .await
+        .expect("debit");
+    let retried = check(&server, "/strict", &key, Some("req-up-1")).await;
+    assert_eq!(retried.status, 200, "{retried:?}");
+    assert_eq!(
+        retried.header("x-tollgate-charge-id"),
+        Some(charged.event_id.as_str())
+    );
+    assert_eq!(wallet(&server, "void-upgrade").await, (97, 0));
+    let dearer = PRICEBOOK.replace("base = 3\n", "base = 5\n");
+    let repriced =
+        common::TestServer::start(config_from(&dearer, &redis.url(), true), Clock::Redis).await;
+    let refused = check(&repriced, "/strict", &key, Some("req-up-1")).await;
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert_eq!(wallet(&server, "void-upgrade").await, (97, 0));
+    repriced.stop().await;
+
+    let charged = server
+        .ledger
+        .debit(&older("req-up-2"))
+        .await
+        .expect("debit");
+    assert_eq!(wallet(&server, "void-upgrade").await, (94, 0));
+    pause_writes(&redis);
+    let denied = check(&server, "/strict", &key, Some("req-up-2")).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+    wait_void(&server, "void-upgrade", EventKind::Refund, (97, 0)).await;
+    let voided = events_of(&server, "void-upgrade")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Refund && e.operation == "void")
+        .map(|e| e.charge_id)
+        .collect::<Vec<_>>();
+    assert_eq!(voided, [charged.event_id]);
+    server.stop().await;
+}
+
 fn debit(account: &str, key: &str, amount: i64) -> Debit {
     Debit {
         account_id: account.into(),
@@ -289,6 +408,7 @@ fn debit(account: &str, key: &str, amount: i64) -> Debit {
         operation: "strict".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     }
 }
 
@@ -397,6 +517,7 @@ async fn a_void_refunds_once_and_only_its_own_charge() {
         operation: "held".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     };
     let held = ledger.authorize(&hold).await.expect("hold");
     let out = ledger

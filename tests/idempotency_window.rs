@@ -35,6 +35,7 @@ fn debit(account: &str, amount: i64, key: &str) -> Debit {
         operation: "op".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     }
 }
 
@@ -49,6 +50,7 @@ fn hold(account: &str, amount: i64, key: &str) -> Authorize {
         operation: "op".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     }
 }
 

@@ -521,6 +521,7 @@ impl Run {
                     operation: "op.debit".into(),
                     metadata: Metadata::new(),
                     member_id: String::new(),
+                    price_inputs: None,
                 };
                 self.mutate(Sent::Debit(cmd), op).await
             }
@@ -545,6 +546,7 @@ impl Run {
                     operation: "op.hold".into(),
                     metadata: Metadata::new(),
                     member_id: String::new(),
+                    price_inputs: None,
                 };
                 self.mutate(Sent::Authorize(cmd), op).await
             }
@@ -1303,6 +1305,7 @@ async fn concurrent_task(
                 operation: String::new(),
                 metadata: Metadata::new(),
                 member_id: String::new(),
+                price_inputs: None,
             }),
             Op::Authorize {
                 account,
@@ -1324,6 +1327,7 @@ async fn concurrent_task(
                 operation: String::new(),
                 metadata: Metadata::new(),
                 member_id: String::new(),
+                price_inputs: None,
             }),
             Op::Capture { hold, .. } | Op::Release { hold } => {
                 // Any task's hold: ends race with other tasks' ends and with expiry.

@@ -105,6 +105,7 @@ async fn memory_per_account_and_per_idempotency_record() {
                     operation: "envelope.send".into(),
                     metadata: Metadata::new(),
                     member_id: String::new(),
+                    price_inputs: None,
                 };
                 ledger.debit(&debit).await.expect("debit");
             }

@@ -811,6 +811,7 @@ fn debit_cmd(member: &str, amount: i64, key: String) -> Debit {
         operation: "op.debit".into(),
         metadata: Metadata::new(),
         member_id: member.into(),
+        price_inputs: None,
     }
 }
 
@@ -830,6 +831,7 @@ fn authorize_cmd(member: &str, amount: i64, short: Option<(i64, bool)>, key: Str
         operation: "op.hold".into(),
         metadata: Metadata::new(),
         member_id: member.into(),
+        price_inputs: None,
     }
 }
 

@@ -1579,6 +1579,7 @@ async fn org_events_settle_reconcile_and_restore() {
         operation: "envelope.send".into(),
         metadata: tollgate::ledger::Metadata::new(),
         member_id: "carol".into(),
+        price_inputs: None,
     };
     let carol_hold = tollgate::ledger::command::Authorize {
         account_id: "acme".into(),
@@ -1590,6 +1591,7 @@ async fn org_events_settle_reconcile_and_restore() {
         operation: "envelope.send".into(),
         metadata: tollgate::ledger::Metadata::new(),
         member_id: "carol".into(),
+        price_inputs: None,
     };
     let debited = server
         .ledger
@@ -1621,6 +1623,7 @@ async fn org_events_settle_reconcile_and_restore() {
         operation: "envelope.send".into(),
         metadata: tollgate::ledger::Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     };
     let dave_hold = tollgate::ledger::command::Authorize {
         account_id: "dave".into(),
@@ -1883,6 +1886,7 @@ async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: "carol".into(),
+            price_inputs: None,
         })
         .await
         .expect("hold");
@@ -1898,6 +1902,7 @@ async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: "carol".into(),
+            price_inputs: None,
         })
         .await
         .expect("the released hold's 60 are carol's again");
@@ -1983,6 +1988,7 @@ async fn a_released_hold_gives_nothing_back_to_a_budget_set_again() {
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         };
         ledger
             .set_budget(&budget(1_000, "b1"))
@@ -2012,6 +2018,7 @@ async fn a_released_hold_gives_nothing_back_to_a_budget_set_again() {
                 operation: "op".into(),
                 metadata: Metadata::new(),
                 member_id: String::new(),
+                price_inputs: None,
             })
             .await
             .expect("hold");
@@ -2082,6 +2089,7 @@ fn carol_debit(amount: i64, key: &str) -> tollgate::ledger::Debit {
         operation: "op".into(),
         metadata: tollgate::ledger::Metadata::new(),
         member_id: "carol".into(),
+        price_inputs: None,
     }
 }
 
@@ -2096,6 +2104,7 @@ fn carol_hold(amount: i64, key: &str) -> tollgate::ledger::command::Authorize {
         operation: "op".into(),
         metadata: tollgate::ledger::Metadata::new(),
         member_id: "carol".into(),
+        price_inputs: None,
     }
 }
 

@@ -986,6 +986,7 @@ async fn restores_never_write_over_a_shard_that_serves() {
             operation: "op".into(),
             metadata: Default::default(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("debit");
@@ -1580,6 +1581,7 @@ async fn a_batch_read_from_the_lost_redis_cannot_land_after_the_restore() {
         operation: "op".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     };
     let settings = |consumer: &str| SettlerSettings {
         consumer: consumer.into(),
@@ -1736,6 +1738,7 @@ async fn a_restore_fences_a_shard_marked_by_a_sidecar_whose_clock_is_ahead() {
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("debit");
@@ -1812,6 +1815,7 @@ async fn a_restore_never_hands_out_a_lost_hold_id_again() {
         operation: "op".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     };
     let seq = |hold_id: &str| -> i64 {
         hold_id
@@ -1924,6 +1928,7 @@ async fn a_rolled_back_redis_never_hands_out_a_lost_hold_id_again() {
         operation: "op".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     };
     for account in [alice, bob.as_str()] {
         before
@@ -2057,6 +2062,7 @@ async fn a_restore_keeps_records_as_long_as_live_redis_does() {
         operation: "op".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     };
     ledger
         .grant(&common::purchase("lives", 1000, "g"))
@@ -2074,6 +2080,7 @@ async fn a_restore_keeps_records_as_long_as_live_redis_does() {
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("hold");
@@ -2353,6 +2360,7 @@ async fn a_restore_lists_an_expired_lot_that_holds_still_hold_as_before() {
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("debit");
@@ -2369,6 +2377,7 @@ async fn a_restore_lists_an_expired_lot_that_holds_still_hold_as_before() {
                 operation: "op".into(),
                 metadata: Metadata::new(),
                 member_id: String::new(),
+                price_inputs: None,
             })
             .await
             .expect("hold");
@@ -2421,6 +2430,7 @@ async fn a_restore_does_not_bring_back_the_record_of_a_voided_charge() {
         operation: "op".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     };
     let hold = Authorize {
         account_id: "voided".into(),
@@ -2432,6 +2442,7 @@ async fn a_restore_does_not_bring_back_the_record_of_a_voided_charge() {
         operation: "op".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     };
     restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
         .await

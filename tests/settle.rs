@@ -236,6 +236,7 @@ async fn a_first_fence_raise_waits_for_a_batch_in_flight() {
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("debit");
@@ -349,6 +350,7 @@ async fn four_events(ledger: &Ledger, now: &std::sync::atomic::AtomicI64) -> Vec
                 operation: "op".into(),
                 metadata: Metadata::new(),
                 member_id: String::new(),
+                price_inputs: None,
             })
             .await
             .expect("debit");
@@ -1025,6 +1027,7 @@ async fn history_pages_through_ten_thousand_events() {
                         operation: "op".into(),
                         metadata: Metadata::new(),
                         member_id: String::new(),
+                        price_inputs: None,
                     };
                     ledger.debit(&debit).await.expect("debit");
                 }
@@ -1270,6 +1273,7 @@ async fn reconcile_reports_a_hold_redis_lost() {
         operation: "ocr.pages".into(),
         metadata: Metadata::new(),
         member_id: String::new(),
+        price_inputs: None,
     };
     let lost = ledger.authorize(&authorize("h1")).await.expect("hold 1");
     ledger.authorize(&authorize("h2")).await.expect("hold 2");
@@ -1297,6 +1301,7 @@ async fn reconcile_reports_a_hold_redis_lost() {
             operation: "ocr.pages".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("the wallet still works");
@@ -1387,6 +1392,7 @@ async fn end_lost_hold_refuses_a_hold_redis_ended() {
             operation: "ocr.pages".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("hold");
@@ -1403,6 +1409,7 @@ async fn end_lost_hold_refuses_a_hold_redis_ended() {
             operation: "ocr.pages".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("debit");
@@ -1896,6 +1903,7 @@ async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
                     operation: "op".into(),
                     metadata: Metadata::new(),
                     member_id: String::new(),
+                    price_inputs: None,
                 };
                 ledger.debit(&debit).await.expect("charges keep working");
                 acked.fetch_add(1, Ordering::SeqCst);
@@ -2401,6 +2409,7 @@ async fn reconcile_works_on_a_live_system() {
                     operation: "op".into(),
                     metadata: Metadata::new(),
                     member_id: String::new(),
+                    price_inputs: None,
                 };
                 ledger.debit(&debit).await.expect("debit");
                 charged.fetch_add(1, Ordering::SeqCst);
@@ -2460,6 +2469,7 @@ fn member_debit(member: &str, idempotency_key: String) -> Debit {
         operation: "op".into(),
         metadata: Metadata::new(),
         member_id: member.into(),
+        price_inputs: None,
     }
 }
 
@@ -2542,6 +2552,7 @@ async fn reconcile_finds_no_allocation_drift_on_a_live_org_but_finds_a_real_one(
                             operation: "op".into(),
                             metadata: Metadata::new(),
                             member_id: "bob".into(),
+                            price_inputs: None,
                         })
                         .await
                         .expect("bob's hold");
@@ -2709,6 +2720,7 @@ async fn a_dead_letter_replayed_with_its_amount_corrected_closes_the_drift() {
             operation: "op".into(),
             metadata: Metadata::default(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("debit");
@@ -3330,6 +3342,7 @@ async fn history_shows_a_refunds_expired_part_and_a_capture_of_nothing_as_a_rele
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("debit: 100 from A, 50 from B");
@@ -3355,6 +3368,7 @@ async fn history_shows_a_refunds_expired_part_and_a_capture_of_nothing_as_a_rele
             operation: "op".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         })
         .await
         .expect("hold");
@@ -3443,6 +3457,7 @@ async fn an_event_reusing_a_settled_events_id_is_set_aside_not_dropped() {
                 operation: "op".into(),
                 metadata: Metadata::new(),
                 member_id: String::new(),
+                price_inputs: None,
             })
             .await
             .expect("debit");

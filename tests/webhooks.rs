@@ -56,6 +56,7 @@ fn ledger_debit(account: &str, amount: i64, key: &str) -> tollgate::ledger::Debi
         operation: "op".into(),
         metadata: Default::default(),
         member_id: String::new(),
+        price_inputs: None,
     }
 }
 

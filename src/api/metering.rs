@@ -255,6 +255,7 @@ impl Metering for MeteringService {
             operation: r.operation,
             metadata: super::metadata(r.metadata),
             member_id: r.member_id,
+            price_inputs: None,
         }
         .normalized();
         let out = self.ledger.debit(&cmd).await.map_err(to_status)?;
@@ -285,6 +286,7 @@ impl Metering for MeteringService {
             operation: r.operation,
             metadata: super::metadata(r.metadata),
             member_id: r.member_id,
+            price_inputs: None,
         }
         .normalized();
         // Every bad field at once, the policy (parsed here) included.

@@ -445,6 +445,7 @@ impl Client {
                     operation: BENCH_OPERATION.into(),
                     metadata: Metadata::new(),
                     member_id: String::new(),
+                    price_inputs: None,
                 };
                 let inv = ledger.debit_invocation(&cmd);
                 let value: redis::Value = ledger

@@ -524,8 +524,8 @@ impl Gateway {
         let Some(key) = self.api_key(call.headers) else {
             return Decision::Deny(Denial::MissingKey);
         };
-        let amount = match op.price(call.headers) {
-            Ok(amount) => amount,
+        let quote = match op.quote(call.headers) {
+            Ok(quote) => quote,
             Err(bad) => {
                 return Decision::Deny(Denial::BadHeader {
                     header: bad.header,
@@ -533,6 +533,7 @@ impl Gateway {
                 })
             }
         };
+        let amount = quote.amount;
         // Made once: a charge allowed degraded is spooled under the key it was tried with,
         // so one that reached Redis before its answer was lost is not taken twice.
         let idempotency_key = if amount > 0 {
@@ -549,7 +550,11 @@ impl Gateway {
             && op.fail_policy == FailPolicy::FailOpen
             && matches!(op.mode, Mode::Debit))
         .then(|| idempotency_key.clone());
-        let mut cmd = ChargeCmd::new(op, amount, String::new(), String::new(), idempotency_key);
+        // Identified by what the request asked for, not by the price the book in force
+        // gives it: a retry after a reload that changed the price replays the first answer.
+        let price_inputs = quote.inputs;
+        let spooled_inputs = spooled_key.as_ref().map(|_| price_inputs.clone());
+        let mut cmd = ChargeCmd::new(op, amount, idempotency_key, price_inputs);
         let sent = Sent::default();
         let charge = self.charge(op, amount, key, &mut cmd, &sent);
         let decision = match tokio::time::timeout(self.check_timeout, charge).await {
@@ -567,9 +572,11 @@ impl Gateway {
         if matches!(decision, Decision::Deny(_)) {
             self.void_late_charge(key, cmd, &sent);
         }
-        if let (Decision::Allow(a), Some(idempotency_key)) = (&decision, spooled_key) {
+        if let (Decision::Allow(a), Some(idempotency_key), Some(price_inputs)) =
+            (&decision, spooled_key, spooled_inputs)
+        {
             if a.degraded {
-                self.spool_charge(op, amount, key, idempotency_key);
+                self.spool_charge(op, amount, key, idempotency_key, price_inputs);
             }
         }
         decision
@@ -603,7 +610,14 @@ impl Gateway {
     /// Records a charge allowed without Redis (fail_open), to be applied when Redis
     /// returns. Hold operations are not recorded: what their upstream finally costs is
     /// only known from a capture, and no hold exists to capture (docs/ARCHITECTURE.md).
-    fn spool_charge(&self, op: &Operation, amount: i64, key: &str, idempotency_key: String) {
+    fn spool_charge(
+        &self,
+        op: &Operation,
+        amount: i64,
+        key: &str,
+        idempotency_key: String,
+        price_inputs: String,
+    ) {
         let Some(spool) = &self.spool else { return };
         let Some(payer) = self.keys.payer(key) else {
             return;
@@ -614,6 +628,7 @@ impl Gateway {
             amount,
             operation: op.name.clone(),
             idempotency_key,
+            price_inputs: Some(price_inputs),
             at_ms: crate::ledger::wall_clock_ms(),
         });
     }
@@ -675,8 +690,9 @@ impl Gateway {
         Ok((done, more && done > 0))
     }
 
-    /// Sends one spooled charge: the same debit, under the same idempotency key, as the
-    /// check that allowed it.
+    /// Sends one spooled charge: the same debit, under the same idempotency key and with
+    /// the same request digest, as the check that allowed it (a line spooled before price
+    /// inputs were carried has none: the check that spooled it digested the amount).
     pub async fn replay_charge(&self, charge: &SpooledCharge) -> Replayed {
         let mut debit = Debit {
             account_id: String::new(),
@@ -686,6 +702,7 @@ impl Gateway {
             operation: charge.operation.clone(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: charge.price_inputs.clone(),
         };
         let result = match &charge.payer {
             Payer::Account {
@@ -1003,26 +1020,22 @@ enum ChargeCmd {
 }
 
 impl ChargeCmd {
-    /// `account_id` and `member_id` empty: the API key decides them (a call by key).
-    fn new(
-        op: &Operation,
-        amount: i64,
-        account_id: String,
-        member_id: String,
-        idempotency_key: String,
-    ) -> Self {
+    /// Without an account or member: the API key decides them (a call by key, or
+    /// [`ChargeCmd::set_identity`]). `price_inputs`: [`pricing::Quote::inputs`].
+    fn new(op: &Operation, amount: i64, idempotency_key: String, price_inputs: String) -> Self {
         match &op.mode {
             Mode::Debit => ChargeCmd::Debit(Debit {
-                account_id,
+                account_id: String::new(),
                 wallet: op.wallet.clone(),
                 amount,
                 idempotency_key,
                 operation: op.name.clone(),
                 metadata: Metadata::new(),
-                member_id,
+                member_id: String::new(),
+                price_inputs: Some(price_inputs),
             }),
             Mode::Hold(hold) => ChargeCmd::Hold(Authorize {
-                account_id,
+                account_id: String::new(),
                 wallet: op.wallet.clone(),
                 amount,
                 ttl_ms: hold.ttl_ms,
@@ -1030,7 +1043,8 @@ impl ChargeCmd {
                 idempotency_key,
                 operation: op.name.clone(),
                 metadata: Metadata::new(),
-                member_id,
+                member_id: String::new(),
+                price_inputs: Some(price_inputs),
             }),
         }
     }

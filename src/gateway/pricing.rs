@@ -400,12 +400,22 @@ fn parse_units(text: &str, max: u64) -> Result<u64, String> {
 }
 
 impl Units {
-    fn cost<'h>(&self, headers: &dyn Fn(&str) -> Option<&'h str>) -> Result<i64, BadHeader> {
+    /// The cost of the units the request declares (its header's, or the default), and
+    /// the declared count noted in `inputs` when the header is there.
+    fn cost<'h>(
+        &self,
+        headers: &dyn Fn(&str) -> Option<&'h str>,
+        inputs: &mut PriceInputs,
+    ) -> Result<i64, BadHeader> {
         let units = match headers(&self.header) {
-            Some(text) => parse_units(text, self.max).map_err(|message| BadHeader {
-                header: self.header.clone(),
-                message,
-            })?,
+            Some(text) => {
+                let units = parse_units(text, self.max).map_err(|message| BadHeader {
+                    header: self.header.clone(),
+                    message,
+                })?;
+                inputs.note(&self.header, &units.to_string());
+                units
+            }
             None => self.default,
         };
         // units <= UNITS_MAX_LIMIT and per_unit <= CREDITS_MAX: the product fits an i128.
@@ -420,19 +430,51 @@ impl Units {
     }
 }
 
+/// A request's price, and what the request said that the price was computed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quote {
+    pub amount: i64,
+    /// The priced headers the request carried, normalized: `<header>=<length>:<value>;`
+    /// each (the unit count in decimal, the variant as the book names it), in the order
+    /// the price reads them; empty when it carried none. What the caller asked for,
+    /// whatever a book prices it at: a check's request digest covers it instead of the
+    /// amount ([`crate::ledger::Debit::price_inputs`]), so a retry priced by a book
+    /// reloaded since is the same request, and one with other units or another variant
+    /// is not. A header the book reads no longer (or newly) changes it.
+    pub inputs: String,
+}
+
+/// [`Quote::inputs`] as it is built.
+struct PriceInputs(String);
+
+impl PriceInputs {
+    /// Header names hold no `=`, and the value's length makes the end of each entry
+    /// unambiguous whatever a variant's name holds.
+    fn note(&mut self, header: &str, value: &str) {
+        use std::fmt::Write;
+        let _infallible = write!(self.0, "{header}={}:{value};", value.len());
+    }
+}
+
 impl Operation {
     /// The price of a request: base + per-unit cost + variant surcharge. `headers` looks a
     /// lowercase header name up.
     pub fn price<'h>(&self, headers: &dyn Fn(&str) -> Option<&'h str>) -> Result<i64, BadHeader> {
+        self.quote(headers).map(|quote| quote.amount)
+    }
+
+    /// [`Operation::price`], with what the request said that it was computed from.
+    pub fn quote<'h>(&self, headers: &dyn Fn(&str) -> Option<&'h str>) -> Result<Quote, BadHeader> {
         // Each part is at most CREDITS_MAX, so every partial sum fits an i64; a sum past
         // the limit names the header whose part took it there.
         let exceeds = |header: &str| BadHeader {
             header: header.to_owned(),
             message: format!("makes the price exceed {CREDITS_MAX} credits"),
         };
+        let mut inputs = PriceInputs(String::new());
         let mut total = self.base;
         if let Some(units) = &self.units {
-            total += units.cost(headers)?;
+            total += units.cost(headers, &mut inputs)?;
             if total > CREDITS_MAX {
                 return Err(exceeds(&units.header));
             }
@@ -451,12 +493,13 @@ impl Operation {
                             ),
                         });
                     };
+                    inputs.note(&variants.header, &value);
                     total += variant.flat;
                     if total > CREDITS_MAX {
                         return Err(exceeds(&variants.header));
                     }
                     if let Some(units) = &variant.units {
-                        total += units.cost(headers)?;
+                        total += units.cost(headers, &mut inputs)?;
                         if total > CREDITS_MAX {
                             return Err(exceeds(&units.header));
                         }
@@ -471,7 +514,10 @@ impl Operation {
                 None => {}
             }
         }
-        Ok(total)
+        Ok(Quote {
+            amount: total,
+            inputs: inputs.0,
+        })
     }
 
     pub fn hold(&self) -> Option<&HoldPolicy> {
@@ -1395,6 +1441,43 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("variants.ses"), "{text}");
+    }
+
+    /// A quote's inputs are what the request asked for: the same under a book that
+    /// prices it otherwise, different for other units or another variant, and normal
+    /// (case, spaces, leading zeros) as the price reads them.
+    #[test]
+    fn a_quote_names_what_the_request_asked_for_whatever_its_price() {
+        let cheap = book(ESIGN);
+        let dear = book(&ESIGN.replace(
+            "aadhaar = { per_unit = 15,",
+            "aadhaar = { flat = 5, per_unit = 20,",
+        ));
+        let quote = |b: &PriceBook, h: &[(&str, &str)]| match b.route("h", "POST", "/v1/envelopes")
+        {
+            Routed::Operation(op) => op.quote(&headers(h)).expect("priced"),
+            other => panic!("{other:?}"),
+        };
+        let aadhaar = [("x-signature-method", "aadhaar"), ("x-signers", "3")];
+        let (a, b) = (quote(&cheap, &aadhaar), quote(&dear, &aadhaar));
+        assert_eq!((a.amount, b.amount), (1 + 15 * 3, 1 + 5 + 20 * 3));
+        assert_eq!(a.inputs, b.inputs);
+        assert_eq!(a.inputs, "x-signature-method=7:aadhaar;x-signers=1:3;");
+        let spelled = [("x-signature-method", " AADHAAR"), ("x-signers", "03")];
+        assert_eq!(quote(&cheap, &spelled).inputs, a.inputs);
+        // Other units, another variant, no variant: other requests.
+        let four = [("x-signature-method", "aadhaar"), ("x-signers", "4")];
+        let dsc = [("x-signature-method", "dsc"), ("x-signers", "3")];
+        let plain = [("x-signers", "3")];
+        for other in [&four[..], &dsc, &plain] {
+            assert_ne!(quote(&cheap, other).inputs, a.inputs, "{other:?}");
+        }
+        // Units the request did not declare are not its inputs, whatever the default.
+        assert_eq!(
+            quote(&cheap, &[("x-signature-method", "aadhaar")]).inputs,
+            "x-signature-method=7:aadhaar;"
+        );
+        assert_eq!(quote(&cheap, &[]).inputs, "");
     }
 
     #[test]

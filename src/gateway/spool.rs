@@ -73,6 +73,12 @@ pub struct SpooledCharge {
     pub amount: i64,
     pub operation: String,
     pub idempotency_key: String,
+    /// What the check priced the charge from ([`crate::ledger::Debit::price_inputs`]):
+    /// the replay's request digest must be the check's, which may have reached Redis
+    /// before its answer was lost. Absent from lines spooled before it was carried (those
+    /// checks digested the amount).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_inputs: Option<String>,
     /// When the check was allowed (server time).
     pub at_ms: i64,
 }
@@ -435,6 +441,7 @@ mod tests {
             operation: "op".into(),
             idempotency_key: format!("gw:op:{n}"),
             at_ms: 1_700_000_000_000 + n,
+            price_inputs: None,
         }
     }
 
@@ -557,6 +564,24 @@ mod tests {
         flush(&spool);
         assert_eq!(drain(&spool, 10), vec![charge(0), charge(1), charge(2)]);
         assert!(spool.take(10).expect("empty").is_none());
+    }
+
+    /// A charge's price inputs come back from its line; a line an older tollgate wrote
+    /// has none (its check digested the amount, and so does the replay).
+    #[test]
+    fn price_inputs_come_back_and_older_lines_have_none() {
+        let mut priced = charge(2);
+        priced.price_inputs = Some("x-pages=1:3;".into());
+        let line = serde_json::to_string(&priced).expect("line");
+        assert_eq!(
+            serde_json::from_str::<SpooledCharge>(&line).ok(),
+            Some(priced)
+        );
+        let mut older = serde_json::to_value(charge(2)).expect("value");
+        assert!(older.get("price_inputs").is_none(), "{older}");
+        older["at_ms"] = 1_700_000_000_002_i64.into();
+        let older: SpooledCharge = serde_json::from_value(older).expect("an older line");
+        assert_eq!(older, charge(2));
     }
 
     #[test]

@@ -273,6 +273,12 @@ pub struct Debit {
     /// Org workspace: `account_id` is the organization and this member's allocation and
     /// budget bound the charge. Empty: a personal charge.
     pub member_id: String,
+    /// What a price book priced the charge from, when `amount` is the book's answer rather
+    /// than the caller's own (a gateway check: [`crate::gateway::pricing::Quote`]). Its
+    /// request digest then covers these instead of the amount, so a retry priced by a book
+    /// reloaded since is the same request and replays its first answer. None: the caller
+    /// named the amount (the API), and the digest covers it.
+    pub price_inputs: Option<String>,
 }
 
 impl Debit {
@@ -318,6 +324,9 @@ pub struct Authorize {
     pub metadata: Metadata,
     /// As [`Debit::member_id`].
     pub member_id: String,
+    /// As [`Debit::price_inputs`]; the digest then leaves out the TTL and the expiry
+    /// policy too (the book's, not the caller's).
+    pub price_inputs: Option<String>,
 }
 
 impl Authorize {
@@ -569,6 +578,7 @@ mod tests {
             operation: "envelope.send".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         }
     }
 
@@ -582,6 +592,7 @@ mod tests {
             operation: "op with space".into(),
             metadata: Metadata::new(),
             member_id: String::new(),
+            price_inputs: None,
         };
         let fields: Vec<String> = bad
             .validate()

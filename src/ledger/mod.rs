@@ -194,10 +194,11 @@ impl Scripts {
 
 /// The request digest of a debit (its idempotency record's): the member joins it only when
 /// there is one, so records of personal charges written before organizations existed keep
-/// matching.
+/// matching. A debit a price book priced ([`Debit::price_inputs`]) is identified by what
+/// it was priced from, not by the amount: see [`priced_digest`].
 fn debit_digest(cmd: &Debit, metadata: &str) -> String {
     let amount = cmd.amount.to_string();
-    if cmd.member_id.is_empty() {
+    let by_amount = if cmd.member_id.is_empty() {
         digest(&["debit", &cmd.wallet, &amount, &cmd.operation, metadata])
     } else {
         digest(&[
@@ -208,10 +209,20 @@ fn debit_digest(cmd: &Debit, metadata: &str) -> String {
             metadata,
             &cmd.member_id,
         ])
+    };
+    match &cmd.price_inputs {
+        None => by_amount,
+        Some(inputs) => priced_digest(
+            "debit",
+            [&cmd.wallet, &cmd.operation, metadata, &cmd.member_id],
+            inputs,
+            by_amount,
+        ),
     }
 }
 
-/// The request digest of a hold, as [`debit_digest`].
+/// The request digest of a hold, as [`debit_digest`]: a priced hold's leaves out its TTL
+/// and expiry policy as well, which the book decides.
 fn authorize_digest(cmd: &Authorize, metadata: &str) -> String {
     let amount = cmd.amount.to_string();
     let ttl = cmd.ttl_ms.to_string();
@@ -225,11 +236,36 @@ fn authorize_digest(cmd: &Authorize, metadata: &str) -> String {
         metadata,
         &cmd.member_id,
     ];
-    digest(if cmd.member_id.is_empty() {
+    let by_amount = digest(if cmd.member_id.is_empty() {
         &parts[..7]
     } else {
         &parts
-    })
+    });
+    match &cmd.price_inputs {
+        None => by_amount,
+        Some(inputs) => priced_digest(
+            "authorize",
+            [&cmd.wallet, &cmd.operation, metadata, &cmd.member_id],
+            inputs,
+            by_amount,
+        ),
+    }
+}
+
+/// The digest argument of a charge a price book priced (a gateway check): the digest of
+/// what the caller asked for — `[wallet, operation, metadata, member]` and the price
+/// inputs — then, 16 more hex digits, `by_amount`, the form tollgate wrote for such a
+/// charge before it had price inputs. The scripts record the first and find a record
+/// holding either (lib.lua `recall`), so a retry across an upgrade replays the charge an
+/// older sidecar made rather than being refused (its price unchanged; a reload that
+/// changed it as well makes it a 409, never a second charge). A new-form record is
+/// another request to an older sidecar: a 409 during a rolling upgrade, never a second
+/// charge either.
+fn priced_digest(kind: &str, request: [&str; 4], inputs: &str, by_amount: String) -> String {
+    let [wallet, operation, metadata, member] = request;
+    let mut out = digest(&[kind, "priced", wallet, operation, metadata, member, inputs]);
+    out.push_str(&by_amount);
+    out
 }
 
 /// A charge a void undoes ([`Ledger::void`]): the debit or hold exactly as it was sent.
@@ -1420,5 +1456,74 @@ impl Ledger {
             ended,
             more: more == 1,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn debit(amount: i64, inputs: Option<&str>) -> Debit {
+        Debit {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount,
+            idempotency_key: "gw:send:r1".into(),
+            operation: "send".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+            price_inputs: inputs.map(str::to_owned),
+        }
+    }
+
+    fn hold(amount: i64, ttl_ms: i64, inputs: Option<&str>) -> Authorize {
+        Authorize {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount,
+            ttl_ms,
+            on_expiry: OnExpiry::Capture,
+            idempotency_key: "gw:ocr:r1".into(),
+            operation: "ocr".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+            price_inputs: inputs.map(str::to_owned),
+        }
+    }
+
+    /// A priced charge's digest is what the request asked for, then the amount form an
+    /// older tollgate recorded for it; an unpriced one's is the amount form alone.
+    #[test]
+    fn a_priced_charge_is_digested_by_its_inputs_then_by_its_amount() {
+        let d = |c: &Debit| debit_digest(c, "");
+        let priced = d(&debit(3, Some("x-pages=1:3;")));
+        assert_eq!(priced.len(), 32);
+        assert_eq!(&priced[16..], d(&debit(3, None)), "then the amount form");
+        // Another price, the same request: the same first digest.
+        let repriced = d(&debit(5, Some("x-pages=1:3;")));
+        assert_eq!(priced[..16], repriced[..16]);
+        assert_ne!(priced[16..], repriced[16..]);
+        // Other inputs, another member, another wallet: another request.
+        assert_ne!(priced[..16], d(&debit(3, Some("x-pages=1:4;")))[..16]);
+        let mut member = debit(3, Some("x-pages=1:3;"));
+        member.member_id = "ann".into();
+        assert_ne!(priced[..16], d(&member)[..16]);
+        let mut wallet = debit(3, Some("x-pages=1:3;"));
+        wallet.wallet = "other".into();
+        assert_ne!(priced[..16], d(&wallet)[..16]);
+        assert_eq!(d(&debit(3, None)).len(), 16);
+
+        // A hold: the TTL and the expiry policy are the book's too.
+        let a = |c: &Authorize| authorize_digest(c, "");
+        let placed = a(&hold(50, 60_000, Some("")));
+        let mut reloaded = hold(60, 30_000, Some(""));
+        reloaded.on_expiry = OnExpiry::Release;
+        assert_eq!(placed[..16], a(&reloaded)[..16]);
+        assert_eq!(&placed[16..], a(&hold(50, 60_000, None)));
+        // A debit and a hold of the same inputs are not the same request.
+        assert_ne!(
+            d(&debit(50, Some("")))[..16],
+            a(&hold(50, 60_000, Some("")))[..16]
+        );
     }
 }

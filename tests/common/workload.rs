@@ -52,6 +52,7 @@ pub async fn every_kind(ledger: &Ledger, now: &AtomicI64, rounds: usize, tag: &s
                     operation: "envelope.send".into(),
                     metadata: [("doc".to_owned(), format!("{round}"))].into(),
                     member_id: String::new(),
+                    price_inputs: None,
                 })
                 .await
                 .expect("debit");
@@ -76,6 +77,7 @@ pub async fn every_kind(ledger: &Ledger, now: &AtomicI64, rounds: usize, tag: &s
                 operation: "ocr.pages".into(),
                 metadata: Metadata::new(),
                 member_id: String::new(),
+                price_inputs: None,
             };
             let h1 = ledger
                 .authorize(&hold(50, OnExpiry::Release, "h1"))

@@ -1,4 +1,4 @@
--- authorize: place a hold. ARGV 8 account, 9 wallet, 10 idempotency key, 11 digest,
+-- authorize: place a hold. ARGV 8 account, 9 wallet, 10 idempotency key, 11 digest (lib.lua recall),
 -- 12 amount, 13 ttl_ms, 14 on_expiry ("c" capture | "r" release), 15 operation,
 -- 16 metadata, 17 most open holds per wallet, 18 org member ("" = none; see debit.lua).
 -- Answers "OK|event_id|hold_id|amount|expires_at_ms|available|held[|spendable]" (spendable

@@ -1,4 +1,4 @@
--- debit: charge now. ARGV 8 account, 9 wallet, 10 idempotency key, 11 digest,
+-- debit: charge now. ARGV 8 account, 9 wallet, 10 idempotency key, 11 digest (lib.lua recall),
 -- 12 amount, 13 operation, 14 metadata, 15 org member ("" = none; then ARGV 8 is the org).
 -- Answers "OK|event_id|amount|available|held[|spendable]" (spendable: what the caller may
 -- still spend, when an allocation or a budget bounds it more than the balance may),

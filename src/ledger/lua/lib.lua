@@ -250,12 +250,13 @@ local function idem_key(acct, key)
 end
 
 -- recall's answer from bucket b and the IDEM_BUCKETS_LOOKED_AT - 1 before it (of one
--- numbering), or nil.
-local function recall_in(field, digest, b)
+-- numbering), or nil. `also`: a second digest a record of the same request may hold, or ''.
+local function recall_in(field, digest, also, b)
   for age = 0, IDEM_BUCKETS_LOOKED_AT - 1 do
     local v = redis.call('HGET', TAG .. ':i:' .. itos(b - age), field)
     if v then
-      if string.sub(v, 1, 16) ~= digest then
+      local held = string.sub(v, 1, 16)
+      if held ~= digest and held ~= also then
         return { 0, 'IDEMPOTENCY_KEY_REUSED' }
       end
       return { 1, string.sub(v, 17) }
@@ -264,22 +265,31 @@ local function recall_in(field, digest, b)
   return nil
 end
 
+-- The record of `field`: { 1, answer } when it holds this request's digest, { 0,
+-- 'IDEMPOTENCY_KEY_REUSED' } when another's, nil when there is none. `digest` is 16 hex
+-- digits, or 32: the request's digest, then another form of it a record may hold (a
+-- gateway charge's record written before it was digested by its price inputs; Rust
+-- `priced_digest`). remember() records the first 16.
 local function recall(field, digest)
+  local also = string.sub(digest, 17, 32)
+  digest = string.sub(digest, 1, 16)
   idem_numbering()
   local now = real_now()
-  local found = recall_in(field, digest, math.floor(now / IDEM_SPAN_MS))
+  local found = recall_in(field, digest, also, math.floor(now / IDEM_SPAN_MS))
   if not found and IDEM_PREV_SPAN and now < IDEM_PREV_UNTIL then
-    found = recall_in(field, digest, math.floor(now / IDEM_PREV_SPAN))
+    found = recall_in(field, digest, also, math.floor(now / IDEM_PREV_SPAN))
   end
   return found
 end
 
+-- Records `answer` under `field` with the request's digest (the first 16 hex digits of
+-- `digest`: see recall).
 local function remember(field, digest, answer)
   idem_numbering()
   local b = idem_bucket()
   local bucket = TAG .. ':i:' .. itos(b)
   local expires = itos((b + IDEM_BUCKETS_LOOKED_AT + 1) * IDEM_SPAN_MS)
-  redis.call('HSET', bucket, field, digest .. answer)
+  redis.call('HSET', bucket, field, string.sub(digest, 1, 16) .. answer)
   redis.call('PEXPIREAT', bucket, expires, 'NX')
   if IDEM_PREV_SPAN then
     -- Bucket numbers of the two numberings can meet (spans close to each other): a

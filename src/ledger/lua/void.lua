@@ -1,10 +1,11 @@
 -- void: undo a gateway charge whose answer was lost (a check answered `unavailable` after
 -- its deadline while the charge may still run late; docs/ARCHITECTURE.md "Voids").
 -- ARGV 8 account ("" = by API key), 9 the charge's idempotency key, 10 the charge's
--- request digest (the debit's or the hold's, exactly as it was sent), 11 the void's own
--- idempotency key, 12 its digest, 13 metadata of the void's event, 14 most lots per
--- wallet; by API key 15 the key id, 16 the presented key's SHA-256 (the key's account,
--- whether the key was revoked or bound to a member since: the charge was its account's).
+-- request digest (the debit's or the hold's, exactly as it was sent; either form of a
+-- priced one, as lib.lua recall reads it), 11 the void's own idempotency key, 12 its
+-- digest, 13 metadata of the void's event, 14 most lots per wallet; by API key 15 the
+-- key id, 16 the presented key's SHA-256 (the key's account, whether the key was revoked
+-- or bound to a member since: the charge was its account's).
 -- Finds the charge's idempotency record (lib.lua recall) and:
 --   a debit ("OK|event_id|...") -> refunds what is left of it (lib.lua refund_charge; a
 --     refund event of operation "void") and forgets the record, so a retry of the request
