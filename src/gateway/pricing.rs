@@ -38,7 +38,8 @@ pub const DEFAULT_UNITS: u64 = 1;
 pub const DEFAULT_UNITS_MAX: u64 = 10_000;
 /// Upper bound of any `units_max`: keeps `per_unit × units` far from overflow.
 pub const UNITS_MAX_LIMIT: u64 = 1_000_000_000;
-/// Routes in one price book: matching is a linear scan, first match wins.
+/// Routes in one price book (first match wins; matching walks a [`RouteIndex`], so this
+/// bounds the memory and the load time, not the cost of a request).
 pub const ROUTES_MAX: usize = 10_000;
 pub const OPERATIONS_MAX: usize = 10_000;
 pub const VARIANTS_MAX: usize = 64;
@@ -53,6 +54,8 @@ const TARGET_FREE: &str = "free";
 #[derive(Debug, Clone, PartialEq)]
 pub struct PriceBook {
     routes: Vec<Route>,
+    /// `routes` by host and path segments: what [`PriceBook::route`] walks.
+    index: RouteIndex,
     operations: Vec<Operation>,
     by_name: HashMap<String, usize>,
     default: Target,
@@ -66,6 +69,7 @@ impl Default for PriceBook {
     fn default() -> Self {
         Self {
             routes: Vec::new(),
+            index: RouteIndex::default(),
             operations: Vec::new(),
             by_name: HashMap::new(),
             default: Target::Deny,
@@ -114,6 +118,58 @@ struct Route {
     /// would make free what a later route charges) nor a gRPC method (no gRPC server
     /// serves `/pkg.Service/Method/`).
     fold_slash: bool,
+}
+
+impl Route {
+    fn matches_method(&self, method: &str) -> bool {
+        self.method.as_deref().is_none_or(|m| {
+            // Most servers answer HEAD by running the GET handler (and dropping the body):
+            // the work of a GET, priced as one.
+            m.eq_ignore_ascii_case(method)
+                || (m.eq_ignore_ascii_case("GET") && method.eq_ignore_ascii_case("HEAD"))
+        })
+    }
+
+    /// Whether every request whose method this route's `later` matches, this one matches.
+    fn covers_methods_of(&self, later: &Route) -> bool {
+        match (&self.method, &later.method) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(m), Some(l)) => m == l || (m == "GET" && l == "HEAD"),
+        }
+    }
+
+    /// Paths that, matched by an earlier route, show that it matches every path this
+    /// one does: its own path with [`ANY_SEGMENT`] for each `{param}` (with and without
+    /// a trailing `/` when it folds one), or its prefix followed by [`ANY_SEGMENT`] (and
+    /// the prefix without its `/` when it folds one). An earlier route's literal segment
+    /// never matches `ANY_SEGMENT`, and only a prefix that ends before it does.
+    fn witnesses(&self) -> Vec<String> {
+        let written = match &self.path {
+            PathPattern::Exact(p) => p.clone(),
+            PathPattern::Segments(segments) => segments
+                .iter()
+                .map(|s| s.as_deref().unwrap_or(ANY_SEGMENT))
+                .collect::<Vec<_>>()
+                .join("/"),
+            PathPattern::Prefix(p) => {
+                let mut out = vec![format!("{p}{ANY_SEGMENT}")];
+                if self.fold_slash && p.len() > 1 {
+                    out.extend(p.strip_suffix('/').map(str::to_owned));
+                }
+                return out;
+            }
+        };
+        if !self.fold_slash {
+            return vec![written];
+        }
+        let bare = without_trailing_slash(&written);
+        if bare == "/" {
+            // `//` is no request path (normal_path refuses it).
+            return vec![bare.to_owned()];
+        }
+        vec![bare.to_owned(), format!("{bare}/")]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -170,6 +226,193 @@ fn without_trailing_slash(path: &str) -> &str {
     match path.strip_suffix('/') {
         Some(rest) if !rest.is_empty() => rest,
         _ => path,
+    }
+}
+
+/// Most `/`-separated segments in a route's path: bounds the depth of [`RouteIndex`] and
+/// so of a match's walk down it (a recursion, one frame a segment).
+pub const ROUTE_SEGMENTS_MAX: usize = 64;
+
+/// Stands for a `{param}` segment in the paths a route is checked for shadowing by
+/// ([`shadowing`]): not ASCII, so no route (in normal form) has it literally.
+const ANY_SEGMENT: &str = "\u{fffd}";
+
+/// The routes by host and path segments, so that routing a request walks its path down a
+/// tree instead of trying every route: its cost depends on the path and on how many
+/// routes share its segments, not on the size of the book.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct RouteIndex {
+    /// Routes without a `host`.
+    any_host: Node,
+    /// Routes with a `host` (lowercase, without port or final dot), by it.
+    by_host: HashMap<String, Node>,
+}
+
+/// Where a request path has matched the segments that lead here.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Node {
+    literal: HashMap<String, Node>,
+    /// The next segment is a `{param}`: any non-empty one.
+    param: Option<Box<Node>>,
+    /// Exact and `{param}` routes whose path ends here, matched as written.
+    ends: Vec<usize>,
+    /// Those matched with one trailing `/` folded ([`PathPattern::matches`]).
+    ends_folded: Vec<usize>,
+    /// Prefix routes whose prefix's last (maybe partial) segment follows here, by that
+    /// segment; `prefix_lens` lists the lengths of those segments, each once, so that a
+    /// request's segment is looked up once per length (a book-bound count, not per route).
+    prefixes: HashMap<String, Vec<PrefixEntry>>,
+    prefix_lens: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PrefixEntry {
+    route: usize,
+    /// The prefix ends in `/` and folds it: it also matches the path that ends here.
+    matches_without_slash: bool,
+}
+
+/// A request path's segment counts, for [`Node::walk`].
+struct PathEnds {
+    /// Segments of the path as it is.
+    all: usize,
+    /// Segments of the path without one trailing `/` (what folding routes match).
+    folded: usize,
+}
+
+impl RouteIndex {
+    fn insert(&mut self, index: usize, route: &Route) {
+        let mut node = match &route.host {
+            Some(host) => self.by_host.entry(host.clone()).or_default(),
+            None => &mut self.any_host,
+        };
+        let literal_path;
+        let segments: Vec<Option<&str>> = match &route.path {
+            PathPattern::Exact(p) => {
+                literal_path = if route.fold_slash {
+                    without_trailing_slash(p)
+                } else {
+                    p.as_str()
+                };
+                literal_path.split('/').map(Some).collect()
+            }
+            PathPattern::Segments(segments) => {
+                let segments = match segments.split_last() {
+                    Some((Some(last), rest))
+                        if route.fold_slash && last.is_empty() && !rest.is_empty() =>
+                    {
+                        rest
+                    }
+                    _ => segments.as_slice(),
+                };
+                segments.iter().map(Option::as_deref).collect()
+            }
+            PathPattern::Prefix(p) => {
+                let (head, last) = p.rsplit_once('/').unwrap_or(("", p.as_str()));
+                for segment in head.split('/') {
+                    node = node.literal.entry(segment.to_owned()).or_default();
+                }
+                if !node.prefix_lens.contains(&last.len()) {
+                    node.prefix_lens.push(last.len());
+                    node.prefix_lens.sort_unstable();
+                }
+                node.prefixes
+                    .entry(last.to_owned())
+                    .or_default()
+                    .push(PrefixEntry {
+                        route: index,
+                        matches_without_slash: route.fold_slash && p.len() > 1 && last.is_empty(),
+                    });
+                return;
+            }
+        };
+        for segment in segments {
+            node = match segment {
+                Some(literal) => node.literal.entry(literal.to_owned()).or_default(),
+                None => node.param.get_or_insert_with(Box::default),
+            };
+        }
+        if route.fold_slash {
+            node.ends_folded.push(index);
+        } else {
+            node.ends.push(index);
+        }
+    }
+
+    /// Calls `found` with every route whose host and path match (not its method: the
+    /// caller's to judge); returns the nodes visited.
+    fn matches(&self, host: &str, path: &str, found: &mut dyn FnMut(usize)) -> usize {
+        let all = path.bytes().filter(|b| *b == b'/').count() + 1;
+        let ends = PathEnds {
+            all,
+            folded: if without_trailing_slash(path).len() < path.len() {
+                all - 1
+            } else {
+                all
+            },
+        };
+        let mut visited = 0;
+        self.any_host
+            .walk(0, path.split('/'), &ends, found, &mut visited);
+        if !host.is_empty() && !self.by_host.is_empty() {
+            let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(host.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(host)
+            };
+            if let Some(node) = self.by_host.get(host.as_ref()) {
+                node.walk(0, path.split('/'), &ends, found, &mut visited);
+            }
+        }
+        visited
+    }
+}
+
+impl Node {
+    /// Matches the rest of a path from here (`depth` segments taken), depth first. Every
+    /// node is reached by one sequence of segments, so no node is visited twice, and the
+    /// recursion is as deep as the longest route ([`ROUTE_SEGMENTS_MAX`]).
+    fn walk(
+        &self,
+        depth: usize,
+        mut rest: std::str::Split<'_, char>,
+        ends: &PathEnds,
+        found: &mut dyn FnMut(usize),
+        visited: &mut usize,
+    ) {
+        *visited += 1;
+        if depth == ends.all {
+            self.ends.iter().for_each(|&i| found(i));
+            if let Some(entries) = self.prefixes.get("") {
+                entries
+                    .iter()
+                    .filter(|e| e.matches_without_slash)
+                    .for_each(|e| found(e.route));
+            }
+        }
+        if depth == ends.folded {
+            self.ends_folded.iter().for_each(|&i| found(i));
+        }
+        let Some(segment) = rest.next() else {
+            return;
+        };
+        for &len in &self.prefix_lens {
+            if len > segment.len() {
+                break;
+            }
+            let Some(start) = segment.get(..len) else {
+                continue;
+            };
+            if let Some(entries) = self.prefixes.get(start) {
+                entries.iter().for_each(|e| found(e.route));
+            }
+        }
+        if let Some(child) = self.literal.get(segment) {
+            child.walk(depth + 1, rest.clone(), ends, found, visited);
+        }
+        if let Some(child) = self.param.as_deref().filter(|_| !segment.is_empty()) {
+            child.walk(depth + 1, rest, ends, found, visited);
+        }
     }
 }
 
@@ -642,26 +885,36 @@ impl PriceBook {
     /// The first route matching the request; the default when none does. `path` may carry
     /// a query string (ignored).
     pub fn route(&self, host: &str, method: &str, path: &str) -> Routed<'_> {
+        self.route_visiting(host, method, path).0
+    }
+
+    /// [`PriceBook::route`], and how many index nodes it visited (what a request costs,
+    /// counted by the tests).
+    fn route_visiting(&self, host: &str, method: &str, path: &str) -> (Routed<'_>, usize) {
         let path = path.split(['?', '#']).next().unwrap_or(path);
         // `api.example.com.` is the same host (a client could pick that form to miss a
         // host route).
         let host = strip_port(host).trim_end_matches('.');
-        let target = self
-            .routes
-            .iter()
-            .find(|r| {
-                r.method.as_deref().is_none_or(|m| {
-                    // Most servers answer HEAD by running the GET handler (and dropping
-                    // the body): the work of a GET, priced as one.
-                    m.eq_ignore_ascii_case(method)
-                        || (m.eq_ignore_ascii_case("GET") && method.eq_ignore_ascii_case("HEAD"))
-                }) && r
-                    .host
-                    .as_deref()
-                    .is_none_or(|h| h.eq_ignore_ascii_case(host))
-                    && r.path.matches(path, r.fold_slash)
-            })
-            .map_or(self.default, |r| r.target);
+        let (first, visited) = self.first_route(host, method, path);
+        (
+            self.routed(first.map_or(self.default, |i| self.routes[i].target)),
+            visited,
+        )
+    }
+
+    /// The index of the first route matching a request (its `host` without port or final
+    /// dot, its `path` without query), and the index nodes visited to find it.
+    fn first_route(&self, host: &str, method: &str, path: &str) -> (Option<usize>, usize) {
+        let mut first: Option<usize> = None;
+        let visited = self.index.matches(host, path, &mut |i| {
+            if first.is_none_or(|f| i < f) && self.routes[i].matches_method(method) {
+                first = Some(i);
+            }
+        });
+        (first, visited)
+    }
+
+    fn routed(&self, target: Target) -> Routed<'_> {
         match target {
             Target::Deny => Routed::Deny,
             Target::Free => Routed::Free,
@@ -770,6 +1023,8 @@ impl PriceBook {
             );
         }
         let mut routes = Vec::new();
+        // `pricebook.routes[i]` of each of `routes`.
+        let mut route_paths = Vec::new();
         for (i, value) in raw.routes.iter().enumerate() {
             let path = format!("pricebook.routes[{i}]");
             let mut local = Vec::new();
@@ -801,7 +1056,24 @@ impl PriceBook {
                     fold_slash: route.fold_slash && target != Target::Free,
                     ..route
                 });
+                route_paths.push(path);
             }
+        }
+        // Indexed in order; a route that an earlier one shadows (it matches every
+        // request the later one does, so the later one never matches: a duplicate, or a
+        // price the operator believes in and no request pays) is refused.
+        let mut index = RouteIndex::default();
+        for (i, route) in routes.iter().enumerate() {
+            if let Some(earlier) = shadowing(&index, &routes, route) {
+                bad(
+                    route_paths[i].clone(),
+                    format!(
+                        "never matches: {} (first match wins) matches every request it does",
+                        route_paths[earlier]
+                    ),
+                );
+            }
+            index.insert(i, route);
         }
         if errors.len() > before {
             return Self::default();
@@ -809,12 +1081,37 @@ impl PriceBook {
         let request_headers = request_headers(&operations);
         Self {
             routes,
+            index,
             operations,
             by_name,
             default,
             request_headers,
         }
     }
+}
+
+/// The first of the routes in `index` (those before `route`) that matches every request
+/// `route` does: one that matches each of its [`Route::witnesses`] (found by walking the
+/// index with the first, checked with [`PathPattern::matches`]), on the same host or any,
+/// for its methods. Only a prefix matches the unbounded paths of a prefix.
+fn shadowing(index: &RouteIndex, routes: &[Route], route: &Route) -> Option<usize> {
+    let witnesses = route.witnesses();
+    let (first, others) = witnesses.split_first()?;
+    let mut found = None;
+    index.matches(route.host.as_deref().unwrap_or(""), first, &mut |i| {
+        let earlier = &routes[i];
+        let covers = found.is_none_or(|f| i < f)
+            && earlier.covers_methods_of(route)
+            && (matches!(earlier.path, PathPattern::Prefix(_))
+                || !matches!(route.path, PathPattern::Prefix(_)))
+            && others
+                .iter()
+                .all(|w| earlier.path.matches(w, earlier.fold_slash));
+        if covers {
+            found = Some(i);
+        }
+    });
+    found
 }
 
 /// The request headers `operations` price by ([`PriceBook::request_headers`]).
@@ -926,6 +1223,18 @@ fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) 
             "needs exactly one of path, path_prefix, grpc_method".into(),
         );
         return None;
+    }
+    for (field, given) in [("path", &r.path), ("path_prefix", &r.path_prefix)] {
+        if given
+            .as_ref()
+            .is_some_and(|p| p.split('/').count() > ROUTE_SEGMENTS_MAX)
+        {
+            bad(
+                format!("{path}.{field}"),
+                format!("has more than {ROUTE_SEGMENTS_MAX} segments"),
+            );
+            return None;
+        }
     }
     let grpc = r.path.is_none() && r.path_prefix.is_none();
     let pattern = if let Some(p) = r.path {
@@ -2055,6 +2364,321 @@ mod tests {
         assert!(matches!(
             b.route("other.example.com", "GET", "/x"),
             Routed::Deny
+        ));
+    }
+
+    /// What [`PriceBook::first_route`] did before the index: every route tried in order.
+    fn first_route_by_scan(
+        book: &PriceBook,
+        host: &str,
+        method: &str,
+        path: &str,
+    ) -> Option<usize> {
+        book.routes.iter().position(|r| {
+            r.matches_method(method)
+                && r.host
+                    .as_deref()
+                    .is_none_or(|h| h.eq_ignore_ascii_case(host))
+                && r.path.matches(path, r.fold_slash)
+        })
+    }
+
+    /// A book of `routes` as given, indexed in order (no shadowing refused).
+    fn indexed(routes: Vec<Route>) -> PriceBook {
+        let mut index = RouteIndex::default();
+        for (i, route) in routes.iter().enumerate() {
+            index.insert(i, route);
+        }
+        PriceBook {
+            routes,
+            index,
+            ..PriceBook::default()
+        }
+    }
+
+    fn route_strategy() -> impl proptest::strategy::Strategy<Value = Route> {
+        use proptest::prelude::*;
+        let segment = prop::sample::select(vec!["v1", "a", "ab", "", "{id}"]);
+        (
+            prop::sample::select(vec![None, Some("GET"), Some("HEAD"), Some("POST")]),
+            prop::sample::select(vec![None, Some("a.com"), Some("b.com")]),
+            0..3u8,
+            prop::collection::vec(segment, 0..4),
+            prop::sample::select(vec!["", "a", "v", "ab"]),
+            any::<bool>(),
+        )
+            .prop_map(|(method, host, kind, segments, partial, fold_slash)| {
+                let literal = |s: &&'static str| -> &'static str {
+                    if *s == "{id}" {
+                        "x"
+                    } else {
+                        s
+                    }
+                };
+                let path = match kind {
+                    0 => PathPattern::Exact(format!(
+                        "/{}",
+                        segments.iter().map(literal).collect::<Vec<_>>().join("/")
+                    )),
+                    // As the config makes them: with a parameter.
+                    1 if segments.contains(&"{id}") => PathPattern::Segments(
+                        std::iter::once(Some(String::new()))
+                            .chain(
+                                segments
+                                    .iter()
+                                    .map(|s| (*s != "{id}").then(|| (*s).to_owned())),
+                            )
+                            .collect(),
+                    ),
+                    _ => {
+                        let mut p: String = segments
+                            .iter()
+                            .map(|s| format!("/{}", literal(s)))
+                            .collect();
+                        p.push('/');
+                        p.push_str(partial);
+                        PathPattern::Prefix(p)
+                    }
+                };
+                Route {
+                    method: method.map(str::to_owned),
+                    host: host.map(str::to_owned),
+                    path,
+                    target: Target::Deny,
+                    fold_slash,
+                }
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(3_000))]
+        /// The index finds the route a scan of every route in order finds: the first match.
+        #[test]
+        fn the_index_routes_as_a_scan_of_every_route_in_order(
+            routes in proptest::collection::vec(route_strategy(), 0..12),
+            host in proptest::sample::select(vec!["a.com", "A.com", "b.com", "c.com", ""]),
+            method in proptest::sample::select(vec!["GET", "HEAD", "POST", "get", "PUT"]),
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec!["/", "/", "v1", "a", "ab", "abc", "x", "v"]),
+                0..9,
+            ),
+        ) {
+            let book = indexed(routes);
+            let path: String = pieces.concat();
+            proptest::prop_assert_eq!(
+                book.first_route(host, method, &path).0,
+                first_route_by_scan(&book, host, method, &path),
+                "{} {} {:?} in {:#?}", method, host, path, book.routes
+            );
+        }
+
+        /// A route refused as shadowed never matches a request (that reaches routing)
+        /// that an earlier route does not match too.
+        #[test]
+        fn a_shadowed_route_matches_nothing_the_earlier_one_does_not(
+            routes in proptest::collection::vec(route_strategy(), 2..8),
+            requests in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["a.com", "b.com", ""]),
+                    proptest::sample::select(vec!["GET", "HEAD", "POST", "PUT"]),
+                    proptest::collection::vec(
+                        proptest::sample::select(vec!["/", "/", "v1", "a", "ab", "abc", "x", "v"]),
+                        0..9,
+                    ),
+                ),
+                50,
+            ),
+        ) {
+            let book = indexed(routes);
+            let mut earlier = RouteIndex::default();
+            for (i, route) in book.routes.iter().enumerate() {
+                if let Some(by) = shadowing(&earlier, &book.routes, route) {
+                    for (host, method, pieces) in &requests {
+                        let path: String = pieces.concat();
+                        // Only what reaches routing (`//` does not).
+                        if normal_path(&path, false).is_err() {
+                            continue;
+                        }
+                        let matches = |r: &Route| r.matches_method(method)
+                            && r.host.as_deref().is_none_or(|h| h == *host)
+                            && r.path.matches(&path, r.fold_slash);
+                        proptest::prop_assert!(
+                            by < i && (!matches(route) || matches(&book.routes[by])),
+                            "{:?} shadowed by {:?}, yet {} {} {:?}",
+                            route, book.routes[by], method, host, path
+                        );
+                    }
+                }
+                earlier.insert(i, route);
+            }
+        }
+    }
+
+    /// Routing costs a walk down the request's path, not a scan of the book: 5,000
+    /// operations, each with its route, and a request for the last one (or for none)
+    /// visits a handful of index nodes.
+    #[test]
+    fn routing_visits_a_few_nodes_whatever_the_number_of_routes() {
+        let operations = 5_000;
+        let mut text = String::from("[pricebook]\ndefault = \"deny\"\n");
+        for i in 0..operations {
+            text.push_str(&format!(
+                "[[pricebook.routes]]\nmethod = \"POST\"\npath = \"/v1/things{i}/{{id}}/run\"\noperation = \"op{i}\"\n"
+            ));
+        }
+        text.push_str("[[pricebook.routes]]\npath_prefix = \"/v2/\"\noperation = \"op0\"\n");
+        for i in 0..operations {
+            text.push_str(&format!("[pricebook.operations.op{i}]\nbase = {}\n", i + 1));
+        }
+        let b = book(&text);
+        assert_eq!(b.routes_len(), operations + 1);
+        for (method, path, routed) in [
+            ("POST", "/v1/things4999/7/run", "op4999"),
+            ("POST", "/v1/things0/7/run", "op0"),
+            ("POST", "/v1/things4999/7/walk", "deny"),
+            ("GET", "/v1/things4999/7/run", "deny"),
+            ("GET", "/v2/anything/at/all", "op0"),
+            ("GET", "/nothing", "deny"),
+        ] {
+            let (got, visited) = b.route_visiting("api.example.com", method, path);
+            assert_eq!(got.name(), routed, "{method} {path}");
+            assert!(visited <= 6, "{method} {path}: {visited} nodes visited");
+        }
+    }
+
+    /// A route that an earlier one matches every request of never matches: refused,
+    /// naming both, whatever it charges (a duplicate, a catch-all before it, the same
+    /// path with a trailing slash, a HEAD route after its GET route).
+    #[test]
+    fn a_route_an_earlier_route_shadows_is_refused() {
+        let refused = |routes: &str| {
+            let text = format!(
+                "[pricebook]\n{routes}\n[pricebook.operations.read]\nbase = 1\n[pricebook.operations.write]\nbase = 2\n"
+            );
+            match PriceBook::from_config_text(&text) {
+                Ok(_) => None,
+                Err(e) => Some(
+                    e.0.iter()
+                        .map(|e| format!("{}: {}", e.path, e.message))
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        };
+        let route = |fields: &str| format!("[[pricebook.routes]]\n{fields}\n");
+        for (earlier, later) in [
+            (
+                "path = \"/v1/docs\"\noperation = \"read\"",
+                "path = \"/v1/docs\"\noperation = \"write\"",
+            ),
+            (
+                "path = \"/v1/docs\"\noperation = \"read\"",
+                "path = \"/v1/docs/\"\noperation = \"write\"",
+            ),
+            (
+                "path_prefix = \"/v1/\"\noperation = \"free\"",
+                "path = \"/v1/docs/{id}\"\noperation = \"write\"",
+            ),
+            (
+                "path_prefix = \"/v1/\"\noperation = \"free\"",
+                "path_prefix = \"/v1/docs/\"\noperation = \"write\"",
+            ),
+            (
+                "path_prefix = \"/v1/do\"\noperation = \"read\"",
+                "path = \"/v1/docs\"\noperation = \"write\"",
+            ),
+            (
+                "path = \"/v1/docs/{id}\"\noperation = \"read\"",
+                "path = \"/v1/docs/7\"\noperation = \"write\"",
+            ),
+            (
+                "path = \"/v1/{a}/{b}\"\noperation = \"read\"",
+                "method = \"POST\"\npath = \"/v1/docs/{id}\"\noperation = \"write\"",
+            ),
+            (
+                "method = \"GET\"\npath = \"/v1/docs\"\noperation = \"read\"",
+                "method = \"HEAD\"\npath = \"/v1/docs\"\noperation = \"free\"",
+            ),
+            (
+                "path = \"/v1/docs\"\noperation = \"read\"",
+                "host = \"api.example.com\"\npath = \"/v1/docs\"\noperation = \"write\"",
+            ),
+            // The prefix folds its slash: it matches `/v1/docs` and `/v1/docs/`.
+            (
+                "path_prefix = \"/v1/docs/\"\noperation = \"read\"",
+                "path = \"/v1/docs\"\noperation = \"write\"",
+            ),
+            (
+                "host = \"API.example.com\"\npath_prefix = \"/\"\noperation = \"read\"",
+                "host = \"api.example.com.\"\ngrpc_method = \"a.B/C\"\noperation = \"write\"",
+            ),
+        ] {
+            let errors = refused(&format!("{}{}", route(earlier), route(later)));
+            assert_eq!(
+                errors,
+                Some(vec!["pricebook.routes[1]: never matches: pricebook.routes[0] (first match wins) matches every request it does".to_owned()]),
+                "{earlier} / {later}"
+            );
+        }
+        // Overlapping but each matching requests the other does not: both kept.
+        for (earlier, later) in [
+            (
+                "path = \"/v1/docs/7\"\noperation = \"read\"",
+                "path = \"/v1/docs/{id}\"\noperation = \"write\"",
+            ),
+            (
+                "path = \"/v1/docs/{id}\"\noperation = \"read\"",
+                "path_prefix = \"/v1/docs/\"\noperation = \"write\"",
+            ),
+            (
+                "path = \"/v1/docs\"\noperation = \"free\"",
+                "path = \"/v1/docs/\"\noperation = \"write\"",
+            ),
+            (
+                "path_prefix = \"/v1/docs/\"\noperation = \"free\"",
+                "path_prefix = \"/v1/docs\"\noperation = \"write\"",
+            ),
+            (
+                "method = \"HEAD\"\npath = \"/v1/docs\"\noperation = \"free\"",
+                "method = \"GET\"\npath = \"/v1/docs\"\noperation = \"read\"",
+            ),
+            (
+                "method = \"POST\"\npath = \"/v1/docs\"\noperation = \"read\"",
+                "path = \"/v1/docs\"\noperation = \"write\"",
+            ),
+            (
+                "host = \"a.example.com\"\npath = \"/v1/docs\"\noperation = \"read\"",
+                "path = \"/v1/docs\"\noperation = \"write\"",
+            ),
+            (
+                "path = \"/v1/{id}\"\noperation = \"read\"",
+                "path = \"/v1/{id}/x\"\noperation = \"write\"",
+            ),
+            (
+                "grpc_method = \"a.B/C\"\noperation = \"read\"",
+                "path = \"/a.B/C\"\noperation = \"write\"",
+            ),
+        ] {
+            assert_eq!(
+                refused(&format!("{}{}", route(earlier), route(later))),
+                None,
+                "{earlier} / {later}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_route_path_of_too_many_segments_is_refused() {
+        let deep = "/a".repeat(ROUTE_SEGMENTS_MAX);
+        for field in ["path", "path_prefix"] {
+            let err = PriceBook::from_config_text(&format!(
+                "[pricebook]\n[[pricebook.routes]]\n{field} = \"{deep}\"\noperation = \"free\"\n"
+            ))
+            .expect_err(field);
+            assert_eq!(err.0[0].path, format!("pricebook.routes[0].{field}"));
+        }
+        let fits = "/a".repeat(ROUTE_SEGMENTS_MAX - 1);
+        book(&format!(
+            "[pricebook]\n[[pricebook.routes]]\npath = \"{fits}\"\noperation = \"free\"\n"
         ));
     }
 }
