@@ -1423,6 +1423,13 @@ fn compile_units(
     })
 }
 
+/// The most `units` can add to a price: `per_unit × units_max` (0 without units).
+fn most_units_cost(units: &Option<Units>) -> i128 {
+    units
+        .as_ref()
+        .map_or(0, |u| i128::from(u.per_unit) * i128::from(u.max))
+}
+
 fn compile_operation(
     name: &str,
     op: RawOperation,
@@ -1458,6 +1465,23 @@ fn compile_operation(
         path,
         &mut note,
     );
+    // The dearest request is priced here, not first met by a client: a book whose base,
+    // units and variants can add up past the limit is refused, naming the field that
+    // takes it there (the price is checked again per request, `Operation::price`).
+    let valid = |n: i64, units: &Option<Units>| {
+        (0..=CREDITS_MAX).contains(&n)
+            && units
+                .as_ref()
+                .is_none_or(|u| u.per_unit <= CREDITS_MAX && u.max <= UNITS_MAX_LIMIT)
+    };
+    let base_most = i128::from(op.base) + most_units_cost(&units);
+    let base_valid = valid(op.base, &units);
+    if base_valid && base_most > i128::from(CREDITS_MAX) {
+        note(
+            format!("{path}.units_max"),
+            format!("base + per_unit × units_max is {base_most}, past the {CREDITS_MAX}-credit limit: such a request would be refused"),
+        );
+    }
     let variants = match op.variant_header {
         Some(header) => {
             let header = header_name(
@@ -1493,13 +1517,6 @@ fn compile_operation(
                     note(e.path, e.message);
                 }
                 credits_field(rv.flat, format!("{vpath}.flat"), &mut note);
-                let in_range = |n: i64| (0..=CREDITS_MAX).contains(&n);
-                if in_range(rv.flat) && in_range(op.base) && rv.flat + op.base > CREDITS_MAX {
-                    note(
-                        format!("{vpath}.flat"),
-                        format!("base + flat must be at most {CREDITS_MAX}: every request with this variant would be refused"),
-                    );
-                }
                 let units = compile_units(
                     rv.per_unit,
                     rv.units_header,
@@ -1508,6 +1525,21 @@ fn compile_operation(
                     &vpath,
                     &mut note,
                 );
+                let most = base_most + i128::from(rv.flat) + most_units_cost(&units);
+                let checked =
+                    base_valid && valid(rv.flat, &units) && base_most <= i128::from(CREDITS_MAX);
+                if checked && i128::from(op.base) + i128::from(rv.flat) > i128::from(CREDITS_MAX) {
+                    note(
+                        format!("{vpath}.flat"),
+                        format!("base + flat must be at most {CREDITS_MAX}: every request with this variant would be refused"),
+                    );
+                } else if checked && most > i128::from(CREDITS_MAX) {
+                    let field = if units.is_some() { "units_max" } else { "flat" };
+                    note(
+                        format!("{vpath}.{field}"),
+                        format!("base + per_unit × units_max + this variant's flat + per_unit × units_max is {most}, past the {CREDITS_MAX}-credit limit: such a request would be refused"),
+                    );
+                }
                 values.insert(
                     value.clone(),
                     Variant {
@@ -1668,28 +1700,46 @@ mod tests {
         }
     }
 
+    /// A book whose dearest request passes the limit is refused when it loads (below);
+    /// the price is still checked per request, where a sum past the limit names the
+    /// header whose part took it there. The operation is built here as the book would
+    /// have made it before that check.
     #[test]
     fn a_price_past_the_limit_names_the_header_that_took_it_there() {
         let max = CREDITS_MAX;
-        let b = book(&format!(
-            r#"
-            [pricebook]
-            default = "send"
-            [pricebook.operations.send]
-            base = {base}
-            per_unit = 1
-            units_header = "x-pages"
-            units_max = 1000
-            variant_header = "x-sig"
-            [pricebook.operations.send.variants]
-            qes = {{ flat = 2 }}
-            aes = {{ flat = 0, per_unit = {half}, units_header = "x-signers", units_max = 10 }}
-            "#,
-            base = max - 3,
-            half = max / 2,
-        ));
-        let Routed::Operation(op) = b.route("h", "POST", "/x") else {
-            panic!("not priced")
+        let units = |per_unit, header: &str, max| Units {
+            per_unit,
+            header: header.into(),
+            default: 0,
+            max,
+        };
+        let op = Operation {
+            name: "send".into(),
+            wallet: DEFAULT_WALLET.into(),
+            mode: Mode::Debit,
+            base: max - 3,
+            units: Some(units(1, "x-pages", 1000)),
+            variants: Some(Variants {
+                header: "x-sig".into(),
+                required: false,
+                values: BTreeMap::from([
+                    (
+                        "qes".to_owned(),
+                        Variant {
+                            flat: 2,
+                            units: None,
+                        },
+                    ),
+                    (
+                        "aes".to_owned(),
+                        Variant {
+                            flat: 0,
+                            units: Some(units(max / 2, "x-signers", 10)),
+                        },
+                    ),
+                ]),
+            }),
+            fail_policy: FailPolicy::FailClosed,
         };
         let blame = |h: &[(&str, &str)]| op.price(&headers(h)).expect_err("past the limit").header;
         // The pages fit; the variant's flat surcharge takes the sum past the limit.
@@ -1699,6 +1749,55 @@ mod tests {
         // The pages alone do it.
         assert_eq!(blame(&[("x-pages", "4")]), "x-pages");
         assert_eq!(op.price(&headers(&[("x-pages", "3")])), Ok(max));
+    }
+
+    /// base + per_unit × units_max + the dearest variant (flat + per_unit × units_max)
+    /// past 2^53−1 is a price-book error naming the field that takes it there, not a 400
+    /// for the client who first sends that many units.
+    #[test]
+    fn a_book_whose_dearest_request_passes_the_limit_is_refused() {
+        let max = CREDITS_MAX;
+        let refused = |op: &str| {
+            let err = PriceBook::from_config_text(&format!(
+                "[pricebook]\ndefault = \"send\"\n[pricebook.operations.send]\n{op}\n"
+            ))
+            .expect_err(op);
+            err.0.iter().map(|e| e.path.clone()).collect::<Vec<_>>()
+        };
+        let send = "pricebook.operations.send";
+        assert_eq!(
+            refused(&format!(
+                "base = {}\nper_unit = 1\nunits_max = 1000",
+                max - 999
+            )),
+            [format!("{send}.units_max")]
+        );
+        assert_eq!(
+            refused(&format!(
+                "base = {}\nper_unit = 1\nunits_max = 1000\nvariant_header = \"x-sig\"\n\
+                 [pricebook.operations.send.variants]\nqes = {{ flat = 1 }}\nses = {{ flat = 0 }}\n\
+                 aes = {{ per_unit = 1, units_header = \"x-signers\", units_max = 2 }}",
+                max - 1000
+            )),
+            [
+                format!("{send}.variants.aes.units_max"),
+                format!("{send}.variants.qes.flat"),
+            ]
+        );
+        // At the limit exactly: the dearest request costs CREDITS_MAX.
+        let b = book(&format!(
+            "[pricebook]\ndefault = \"send\"\n[pricebook.operations.send]\nbase = {}\n\
+             per_unit = 1\nunits_max = 1000\nvariant_header = \"x-sig\"\n\
+             [pricebook.operations.send.variants]\nqes = {{ flat = 1 }}",
+            max - 1001
+        ));
+        let Routed::Operation(op) = b.route("h", "POST", "/x") else {
+            panic!("not priced")
+        };
+        assert_eq!(
+            op.price(&headers(&[("x-tollgate-units", "1000"), ("x-sig", "qes")])),
+            Ok(max)
+        );
     }
 
     /// The headers a price reads, listed once per book (Envoy's Check answer removes
