@@ -1510,6 +1510,12 @@ fn compile_operation(
                         vpath.clone(),
                         "variant values are lowercase and non-empty".into(),
                     );
+                } else if value.trim() != value {
+                    // A request's value is trimmed before it is looked up.
+                    note(
+                        vpath.clone(),
+                        "has spaces around it: a request's value is trimmed, so it would never match".into(),
+                    );
                 }
                 let mut errs = Vec::new();
                 let rv: RawVariant = table_fields(raw, &vpath, &mut errs);
@@ -1698,6 +1704,24 @@ mod tests {
             Routed::Operation(op) => op.price(&headers(h)).expect("priced"),
             other => panic!("{path}: {other:?}"),
         }
+    }
+
+    /// A variant no request could pick (a request's value is trimmed) is refused.
+    #[test]
+    fn a_variant_value_with_spaces_around_it_is_refused() {
+        let err = PriceBook::from_config_text(
+            "[pricebook]\n[pricebook.operations.send]\nbase = 1\nvariant_header = \"x-sig\"\n\
+             [pricebook.operations.send.variants]\n\"qes \" = { flat = 1 }\n\" aes\" = { flat = 1 }\nses = { flat = 1 }\n",
+        )
+        .expect_err("refused");
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "pricebook.operations.send.variants.\" aes\"",
+                "pricebook.operations.send.variants.\"qes \""
+            ]
+        );
     }
 
     /// A book whose dearest request passes the limit is refused when it loads (below);
