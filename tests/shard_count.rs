@@ -284,10 +284,10 @@ async fn events_of_a_shard_past_the_count_are_refused() {
     assert_eq!(store.shard_count().await.expect("count"), None);
 }
 
-/// A Redis in cluster mode (a node of a Redis Cluster, here one with no slots yet) is
+/// A Redis Cluster node that does not serve every slot (here one with no slots yet) is
 /// refused by `serve`, `settle` and `reconcile` with an error naming it, and nothing is
 /// written to it. Without the check `serve` would start and keep asking (every key
-/// command answers `CLUSTERDOWN`, or `MOVED` on a cluster with slots).
+/// command answers `CLUSTERDOWN`, or `MOVED` on a cluster of several primaries).
 #[tokio::test]
 async fn a_redis_in_cluster_mode_is_refused() {
     let nodes = common::temp_path("conf");
@@ -300,11 +300,14 @@ async fn a_redis_in_cluster_mode_is_refused() {
     ]);
     let config = common::test_config(&redis.url());
     let refused = serve_refused(config.clone()).await;
-    assert!(refused.contains("cluster mode"), "serve: {refused}");
+    assert!(refused.contains("Redis Cluster node"), "serve: {refused}");
     let refused = settle_refused(config.clone()).await;
-    assert!(refused.contains("cluster mode"), "settle: {refused}");
+    assert!(refused.contains("Redis Cluster node"), "settle: {refused}");
     let refused = tool_refused("reconcile", &config, config.ledger.shards);
-    assert!(refused.contains("cluster mode"), "reconcile: {refused}");
+    assert!(
+        refused.contains("Redis Cluster node"),
+        "reconcile: {refused}"
+    );
     let mut con = redis
         .client()
         .get_multiplexed_async_connection()
@@ -343,5 +346,61 @@ async fn a_user_denied_info_still_starts() {
         .grant(&common::purchase("acct-1", 1_000, "g1"))
         .await
         .expect("grant");
+    server.stop().await;
+}
+
+/// A cluster-mode Redis of one shard (one primary serving all 16384 slots, as a managed
+/// Redis in cluster mode with a single shard is) is not refused: every call reaches the
+/// node that serves its slot, and tollgate starts and charges on it.
+#[tokio::test]
+async fn a_cluster_mode_redis_of_one_shard_starts() {
+    let nodes = common::temp_path("conf");
+    let nodes = nodes.to_str().expect("utf-8 temp path");
+    let redis = common::RedisServer::start_with(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        nodes,
+    ]);
+    let mut con = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::cmd("CLUSTER")
+        .arg("ADDSLOTSRANGE")
+        .arg(0)
+        .arg(16383)
+        .query_async(&mut con)
+        .await
+        .expect("CLUSTER ADDSLOTSRANGE");
+    let deadline = std::time::Instant::now() + REFUSAL_TIMEOUT;
+    loop {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut con)
+            .await
+            .expect("CLUSTER INFO");
+        if info.lines().any(|line| line.trim() == "cluster_state:ok") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the one-node cluster never came up: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let config = common::test_config(&redis.url());
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    server
+        .ledger
+        .grant(&common::purchase("acct-1", 1_000, "g1"))
+        .await
+        .expect("grant");
+    server
+        .ledger
+        .grant(&common::purchase("acct-2", 500, "g2"))
+        .await
+        .expect("grant to a second account");
     server.stop().await;
 }

@@ -1190,14 +1190,38 @@ impl Ledger {
         ))
     }
 
-    /// Whether the Redis at `redis.url` runs in cluster mode (`INFO cluster` says
-    /// `cluster_enabled:1`). Tollgate speaks to one Redis primary over one multiplexed
-    /// connection; its keys and scripts are slot-safe (every key of a call carries its
-    /// shard's hash tag), but the client does not follow `MOVED`, so a cluster would
-    /// refuse most shards' calls. The shard count check refuses such a Redis at start.
-    pub async fn redis_cluster_enabled(&self) -> Result<bool, LedgerError> {
+    /// Whether the Redis at `redis.url` is a Redis Cluster node this process cannot run
+    /// on: cluster mode (`INFO cluster` says `cluster_enabled:1`) unless this node is the
+    /// one primary serving all 16384 slots (`CLUSTER INFO`, `CLUSTER NODES`), as a managed
+    /// Redis in cluster mode with a single shard is. Tollgate speaks to one Redis over one
+    /// multiplexed connection; its keys and scripts are slot-safe (every key of a call
+    /// carries its shard's hash tag), but the client does not follow `MOVED`, so a cluster
+    /// of several primaries would refuse most shards' calls. The shard count check
+    /// refuses such a Redis at start.
+    pub async fn redis_cluster_unsupported(&self) -> Result<bool, LedgerError> {
         let info: String = self.redis.query(redis::cmd("INFO").arg("cluster")).await?;
-        Ok(info.lines().any(|line| line.trim() == "cluster_enabled:1"))
+        if !info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+            return Ok(false);
+        }
+        let cluster: String = self.redis.query(redis::cmd("CLUSTER").arg("INFO")).await?;
+        let field = |name: &str| {
+            cluster
+                .lines()
+                .find_map(|line| line.trim().strip_prefix(name)?.strip_prefix(':'))
+        };
+        if field("cluster_size") != Some("1") || field("cluster_slots_assigned") != Some("16384") {
+            return Ok(true);
+        }
+        // One primary serves every slot: is it this node?
+        let nodes: String = self.redis.query(redis::cmd("CLUSTER").arg("NODES")).await?;
+        let serves_slots = nodes.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2).is_some_and(|flags| {
+                let flags: Vec<&str> = flags.split(',').collect();
+                flags.contains(&"myself") && flags.contains(&"master")
+            }) && fields.len() > 8
+        });
+        Ok(!serves_slots)
     }
 
     /// Per shard number from 0 to [`keys::SHARDS_MAX`] - 1, in range of the configured

@@ -544,8 +544,6 @@ fn org_event(answer: &Answer) -> Result<OrgEvent, LedgerError> {
     })
 }
 
-/// An add or remove answer: "OK|event_id|role", then "|revoked_ms|key_id:digest|…" when
-/// the change revoked keys (the member's, or made by them).
 /// Members per ListMembers page unless asked otherwise, and the most a page may hold.
 pub const MEMBERS_PAGE_DEFAULT: u32 = 100;
 pub const MEMBERS_PAGE_MAX: u32 = 1000;
@@ -579,6 +577,8 @@ fn members_page_of(
     }
 }
 
+/// An add or remove answer: "OK|event_id|role", then "|revoked_ms|key_id:digest|…" when
+/// the change revoked keys (the member's, or made by them).
 fn member_change(answer: &Answer) -> Result<OrgEvent, LedgerError> {
     let mut f = ok_fields(answer)?;
     let event_id = f.text()?.to_owned();

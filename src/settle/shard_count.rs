@@ -21,8 +21,9 @@
 //! the store holds events only of shards under the old count; a count changed while Redis
 //! lost its highest shards' markers reads as grown (refused, on the safe side).
 //!
-//! The same check refuses a Redis in cluster mode ([`ShardCountError::RedisCluster`]):
-//! this process reads every shard's keys through one connection to one node.
+//! The same check refuses a Redis Cluster node that does not serve every slot
+//! ([`ShardCountError::RedisCluster`]): this process reads every shard's keys through one
+//! connection to one node.
 
 use crate::ledger::{Ledger, LedgerError};
 use crate::settle::{Store, StoreError};
@@ -52,13 +53,15 @@ pub enum ShardCountError {
         persisted: String,
         found: String,
     },
-    /// The Redis at `redis.url` runs in cluster mode, which this version does not speak
-    /// (`Ledger::redis_cluster_enabled`): refused before anything is read or written.
+    /// The Redis at `redis.url` is a node of a Redis Cluster of several primaries (or
+    /// one that does not serve every slot), which this version does not speak
+    /// (`Ledger::redis_cluster_unsupported`): refused before anything is read or written.
     #[error(
-        "the Redis at redis.url runs in cluster mode (INFO cluster: cluster_enabled:1): \
-         tollgate speaks to one Redis primary (with replicas and failover, docs/OPERATIONS.md) \
-         and does not support Redis Cluster; point redis.url at a primary that is not a \
-         cluster node"
+        "the Redis at redis.url is a Redis Cluster node that does not serve every slot \
+         (INFO cluster: cluster_enabled:1): tollgate speaks to one Redis primary (with \
+         replicas and failover, docs/OPERATIONS.md; a cluster-mode Redis of one shard is \
+         fine) and does not support Redis Cluster with several primaries; point redis.url \
+         at a primary that serves every slot"
     )]
     RedisCluster,
     /// Redis did not answer: nothing is known yet.
@@ -90,7 +93,7 @@ pub async fn check(ledger: &Ledger, store: &Store) -> Result<(), ShardCountError
     };
     // A cluster node would answer each shard's keys from another node (MOVED): what
     // this process read of them would not be the deployment's.
-    match ledger.redis_cluster_enabled().await {
+    match ledger.redis_cluster_unsupported().await {
         Ok(true) => return Err(ShardCountError::RedisCluster),
         Ok(false) => {}
         Err(err @ LedgerError::Unavailable(_)) => return Err(err.into()),
