@@ -1,7 +1,7 @@
 //! Envoy ext_authz v3 (`envoy.service.auth.v3.Authorization/Check`): decode the
 //! CheckRequest, decide with [`Gateway::check`], encode the CheckResponse.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use envoy_types::ext_authz::v3::pb::{
     Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
@@ -10,6 +10,7 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
+use super::aliases::HeaderAliases;
 use super::{
     Call, Decision, Denial, Gateway, MethodOverride, HEADER_REQUEST_ID, METHOD_OVERRIDE_HEADERS,
     UPSTREAM_HEADERS,
@@ -85,10 +86,11 @@ impl Authorization for ExtAuthz {
                 // those of the method-override headers when they are refused (the check
                 // read the real names only).
                 let book = self.gateway.pricebook_now();
-                let overrides: &[&str] = match self.gateway.method_override() {
-                    MethodOverride::Refuse => &METHOD_OVERRIDE_HEADERS,
-                    MethodOverride::Ignore => &[],
+                let overrides = match self.gateway.method_override() {
+                    MethodOverride::Refuse => Some(&*OVERRIDE_ALIASES),
+                    MethodOverride::Ignore => None,
                 };
+                let priced = book.request_header_aliases();
                 let headers_to_remove = UPSTREAM_HEADERS
                     .iter()
                     .filter(|h| !upstream.iter().any(|(set, _)| set == *h))
@@ -97,9 +99,9 @@ impl Authorization for ExtAuthz {
                         headers
                             .keys()
                             .filter(|n| {
-                                is_alias(n, &UPSTREAM_HEADERS)
-                                    || is_alias(n, book.request_headers())
-                                    || is_alias(n, overrides)
+                                UPSTREAM_ALIASES.is_alias(n)
+                                    || priced.is_alias(n)
+                                    || overrides.is_some_and(|o| o.is_alias(n))
                             })
                             .cloned(),
                     )
@@ -129,28 +131,15 @@ impl Authorization for ExtAuthz {
     }
 }
 
-/// Whether a request header's name is another spelling of one of `guarded` (tollgate's
-/// upstream headers, the headers the price book reads): `x_tollgate_account`,
-/// `x.tollgate.hold-id`, `x_signers`… A backend that maps header names to variables (CGI,
-/// WSGI, PHP: every character but letters and digits becomes `_`) reads it as the real
-/// one, so a client could forge an account or a hold, or ask for more than was priced.
-/// Envoy forwards such names by default (`headers_with_underscores_action: ALLOW`, and no
-/// setting at all for dots), so the Check answer removes them with the client's own
-/// values of the real names. Names come lowercased from Envoy.
-fn is_alias(name: &str, guarded: &[impl AsRef<str>]) -> bool {
-    guarded.iter().any(|real| {
-        let real = real.as_ref();
-        name.len() == real.len()
-            && name != real
-            && name.bytes().zip(real.bytes()).all(|(n, r)| {
-                if r.is_ascii_alphanumeric() {
-                    n.eq_ignore_ascii_case(&r)
-                } else {
-                    !n.is_ascii_alphanumeric()
-                }
-            })
-    })
-}
+/// Other spellings of tollgate's upstream headers and of the method-override headers
+/// (see [`HeaderAliases::is_alias`]). Envoy forwards such names by default
+/// (`headers_with_underscores_action: ALLOW`, and no setting at all for dots), so the
+/// Check answer removes them with the client's own values of the real names. Names come
+/// lowercased from Envoy.
+static UPSTREAM_ALIASES: LazyLock<HeaderAliases> =
+    LazyLock::new(|| HeaderAliases::new(UPSTREAM_HEADERS));
+static OVERRIDE_ALIASES: LazyLock<HeaderAliases> =
+    LazyLock::new(|| HeaderAliases::new(METHOD_OVERRIDE_HEADERS));
 
 fn overwrite((key, value): (&str, String)) -> HeaderValueOption {
     HeaderValueOption {
@@ -194,7 +183,7 @@ fn denied(denial: &Denial) -> CheckResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_alias, UPSTREAM_HEADERS};
+    use super::{HeaderAliases, UPSTREAM_ALIASES};
 
     #[test]
     fn other_spellings_of_tollgate_headers_are_aliases() {
@@ -204,7 +193,7 @@ mod tests {
             "x.tollgate.charge.id",
             "x-tollgate~operation",
         ] {
-            assert!(is_alias(alias, &UPSTREAM_HEADERS), "{alias}");
+            assert!(UPSTREAM_ALIASES.is_alias(alias), "{alias}");
         }
         for name in [
             "x-tollgate-account",
@@ -214,21 +203,21 @@ mod tests {
             "x-tollgateaaccount",
             "authorization",
         ] {
-            assert!(!is_alias(name, &UPSTREAM_HEADERS), "{name}");
+            assert!(!UPSTREAM_ALIASES.is_alias(name), "{name}");
         }
     }
 
     /// The price book's own headers are guarded too, whichever way they are spelled.
     #[test]
     fn other_spellings_of_priced_headers_are_aliases() {
-        let priced = ["x-signature-method".to_owned(), "x_pages".to_owned()];
+        let priced = HeaderAliases::new(["x-signature-method", "x_pages"]);
         for alias in [
             "x.signature.method",
             "x_signature_method",
             "x-pages",
             "x.pages",
         ] {
-            assert!(is_alias(alias, &priced), "{alias}");
+            assert!(priced.is_alias(alias), "{alias}");
         }
         for name in [
             "x-signature-method",
@@ -236,7 +225,7 @@ mod tests {
             "x-signers",
             "x-signature-methods",
         ] {
-            assert!(!is_alias(name, &priced), "{name}");
+            assert!(!priced.is_alias(name), "{name}");
         }
     }
 }

@@ -16,6 +16,7 @@
 //! how a [`Denial`] looks on the wire is decided in `api::status` only.
 
 pub mod access_log;
+pub mod aliases;
 pub mod ext_authz;
 pub mod forward_auth;
 pub mod identity;

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
+use super::aliases::HeaderAliases;
 use crate::config::{table_fields, toml_key, ConfigError, ConfigErrors};
 use crate::ledger::command::{
     Violations, CREDITS_MAX, DEFAULT_WALLET, HOLD_TTL_MS_MAX, OPERATION_LEN_MAX,
@@ -43,6 +44,10 @@ pub const UNITS_MAX_LIMIT: u64 = 1_000_000_000;
 pub const ROUTES_MAX: usize = 10_000;
 pub const OPERATIONS_MAX: usize = 10_000;
 pub const VARIANTS_MAX: usize = 64;
+/// Longest variant value, in bytes: a book's, and a request's (trimmed) before it is
+/// looked up. A longer request value is a 400 that names the header without repeating
+/// the value, so a client cannot make tollgate echo a header of any size.
+pub const VARIANT_VALUE_LEN_MAX: usize = 128;
 /// Longest header value tollgate parses as a number of units.
 const UNITS_DIGITS_MAX: usize = 18;
 
@@ -62,6 +67,8 @@ pub struct PriceBook {
     /// [`PriceBook::request_headers`], made once per book (at load and at every reload):
     /// Envoy's Check answer reads it on every allowed request.
     request_headers: Vec<String>,
+    /// [`PriceBook::request_header_aliases`], made with `request_headers`.
+    request_header_aliases: HeaderAliases,
 }
 
 impl Default for PriceBook {
@@ -74,6 +81,7 @@ impl Default for PriceBook {
             by_name: HashMap::new(),
             default: Target::Deny,
             request_headers: Vec::new(),
+            request_header_aliases: HeaderAliases::default(),
         }
     }
 }
@@ -725,7 +733,14 @@ impl Operation {
         if let Some(variants) = &self.variants {
             match headers(&variants.header) {
                 Some(value) => {
-                    let value = value.trim().to_ascii_lowercase();
+                    let value = value.trim();
+                    if value.len() > VARIANT_VALUE_LEN_MAX {
+                        return Err(BadHeader {
+                            header: variants.header.clone(),
+                            message: format!("is longer than {VARIANT_VALUE_LEN_MAX} bytes"),
+                        });
+                    }
+                    let value = value.to_ascii_lowercase();
                     let Some(variant) = variants.values.get(&value) else {
                         let known: Vec<&str> = variants.values.keys().map(String::as_str).collect();
                         return Err(BadHeader {
@@ -931,6 +946,12 @@ impl PriceBook {
         &self.request_headers
     }
 
+    /// [`PriceBook::request_headers`] indexed for [`HeaderAliases::is_alias`]: one look-up
+    /// of a request header's name, however many headers the book prices.
+    pub fn request_header_aliases(&self) -> &HeaderAliases {
+        &self.request_header_aliases
+    }
+
     pub fn operation(&self, name: &str) -> Option<&Operation> {
         self.by_name.get(name).map(|&i| &self.operations[i])
     }
@@ -1079,6 +1100,7 @@ impl PriceBook {
             return Self::default();
         }
         let request_headers = request_headers(&operations);
+        let request_header_aliases = HeaderAliases::new(&request_headers);
         Self {
             routes,
             index,
@@ -1086,6 +1108,7 @@ impl PriceBook {
             by_name,
             default,
             request_headers,
+            request_header_aliases,
         }
     }
 }
@@ -1510,6 +1533,11 @@ fn compile_operation(
                         vpath.clone(),
                         "variant values are lowercase and non-empty".into(),
                     );
+                } else if value.len() > VARIANT_VALUE_LEN_MAX {
+                    note(
+                        vpath.clone(),
+                        format!("is longer than {VARIANT_VALUE_LEN_MAX} bytes: a request's value that long is refused"),
+                    );
                 } else if value.trim() != value {
                     // A request's value is trimmed before it is looked up.
                     note(
@@ -1704,6 +1732,57 @@ mod tests {
             Routed::Operation(op) => op.price(&headers(h)).expect("priced"),
             other => panic!("{path}: {other:?}"),
         }
+    }
+
+    /// A request's variant value is echoed in an unknown-value error only up to
+    /// [`VARIANT_VALUE_LEN_MAX`] bytes (trimmed); a longer one is refused naming the header
+    /// alone, so a client cannot make tollgate repeat a header of any size.
+    #[test]
+    fn a_variant_value_past_the_limit_is_refused_without_being_echoed() {
+        let b = book(ESIGN);
+        let Routed::Operation(op) = b.route("h", "POST", "/v1/envelopes") else {
+            panic!("routed");
+        };
+        let at_limit = "q".repeat(VARIANT_VALUE_LEN_MAX);
+        let padded = format!("  {at_limit}  ");
+        let err = op
+            .price(&headers(&[("x-signature-method", &padded)]))
+            .expect_err("unknown");
+        assert_eq!(err.header, "x-signature-method");
+        assert!(
+            err.message
+                .starts_with(&format!("unknown value {at_limit:?}")),
+            "{}",
+            err.message
+        );
+        let past = "Q".repeat(VARIANT_VALUE_LEN_MAX + 1);
+        let err = op
+            .price(&headers(&[("x-signature-method", &past)]))
+            .expect_err("too long");
+        assert_eq!(err.header, "x-signature-method");
+        assert_eq!(
+            err.message,
+            format!("is longer than {VARIANT_VALUE_LEN_MAX} bytes")
+        );
+        // A book's variant that long could never be picked: refused at load.
+        let long = "v".repeat(VARIANT_VALUE_LEN_MAX + 1);
+        let err = PriceBook::from_config_text(&format!(
+            "[pricebook]\n[pricebook.operations.send]\nbase = 1\nvariant_header = \"x-sig\"\n\
+             [pricebook.operations.send.variants]\n{long} = {{ flat = 1 }}\nses = {{ flat = 1 }}\n",
+        ))
+        .expect_err("refused");
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [format!("pricebook.operations.send.variants.{long}")],
+            "{err}"
+        );
+        let at_limit_book = format!(
+            "[pricebook]\n[pricebook.operations.send]\nbase = 1\nvariant_header = \"x-sig\"\n\
+             [pricebook.operations.send.variants]\n{} = {{ flat = 1 }}\n",
+            "v".repeat(VARIANT_VALUE_LEN_MAX)
+        );
+        book(&at_limit_book);
     }
 
     /// A variant no request could pick (a request's value is trimmed) is refused.
