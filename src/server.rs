@@ -712,14 +712,6 @@ pub async fn run(
         reloadable_on_sighup = config.source.is_some(),
         "price book loaded"
     );
-    let loaded = match ledger.load_scripts().await {
-        Ok(()) => gateway.keys().load_scripts().await,
-        Err(err) => Err(err),
-    };
-    if let Err(err) = loaded {
-        // Not fatal: tollgate reports not-ready and loads the library when a call misses it.
-        tracing::warn!(error = %err, "could not load scripts into redis yet");
-    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopping = stop_rx.clone();
     let stopped = move || {
@@ -794,6 +786,27 @@ pub async fn run(
             );
         }
     }
+    // In the background, not before serving: FUNCTION LOAD and SCRIPT LOAD are writes,
+    // which a Redis pausing writes (`CLIENT PAUSE WRITE`, as a failover does) holds for
+    // up to ten call deadlines each, while checks would wait unanswered in the listeners'
+    // backlog past `gateway.check_timeout_ms`. Nothing needs them first: a call that
+    // misses a script loads it, and readiness loads a missing library. After the
+    // start-up reads above: a held load holds the reads behind it on its connection.
+    tokio::spawn({
+        let ledger = ledger.clone();
+        let keys = gateway.keys().clone();
+        async move {
+            let loaded = match ledger.load_scripts().await {
+                Ok(()) => keys.load_scripts().await,
+                Err(err) => Err(err),
+            };
+            if let Err(err) = loaded {
+                // Not fatal: tollgate reports not-ready and loads the library when a call
+                // misses it.
+                tracing::warn!(error = %err, "could not load scripts into redis yet");
+            }
+        }
+    });
     if config.server.restore {
         // Its own Redis connections: a restore's pipelines (thousands of commands) must
         // not queue the checks behind them on the shared ones.

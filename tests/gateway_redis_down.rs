@@ -799,3 +799,53 @@ async fn access_log_settlements_that_meet_a_redis_outage_are_retried_when_it_ret
     }
     server.stop().await;
 }
+
+/// A sidecar started while Redis holds writes (`CLIENT PAUSE WRITE`, as in a failover)
+/// answers its checks by the fail policy at the check deadline: the scripts it loads at
+/// start-up (FUNCTION LOAD, SCRIPT LOAD: writes, each given ten call deadlines) do not
+/// keep it from serving until Redis takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_started_while_redis_holds_writes_answers_at_the_check_deadline() {
+    const PAUSE: Duration = Duration::from_secs(30);
+    let _serial = SERIAL.lock().await;
+    let redis = common::RedisServer::start();
+    // Seeded by another server, so the sidecar under test has served nothing yet.
+    let seeder = common::TestServer::start(config(&redis.url()), Clock::Redis).await;
+    let key = seed(&seeder, "acme", 100).await;
+    seeder.stop().await;
+    let mut admin = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(PAUSE.as_millis() as u64)
+        .arg("WRITE")
+        .query(&mut admin)
+        .expect("CLIENT PAUSE");
+    let paused = Instant::now();
+    let mut config = config(&redis.url());
+    // The longest call deadline (config.rs: REDIS_CALL_TIMEOUT_MS_MAX): a script load
+    // at start-up may then wait past the pause.
+    config.redis.call_timeout_ms = 10_000;
+    config.gateway.check_timeout_ms = 1_000;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    for (path, status, degraded) in [("/strict", 503, None), ("/lenient", 200, Some("1"))] {
+        let (r, took) = check(&server, path, &key).await;
+        println!("{path} with Redis holding writes: {} in {took:?}", r.status);
+        assert_eq!(
+            (r.status, r.header("x-tollgate-degraded")),
+            (status, degraded),
+            "{path}: {r:?}"
+        );
+    }
+    // Well before the pause ends: the answers came from the check deadline.
+    assert!(
+        paused.elapsed() < PAUSE / 2,
+        "answered {:?} after Redis began holding writes",
+        paused.elapsed()
+    );
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut admin)
+        .expect("CLIENT UNPAUSE");
+    wait_allowed(&server, "/strict", &key).await;
+    server.stop().await;
+}
