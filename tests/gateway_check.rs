@@ -25,8 +25,8 @@ use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 use common::gateways::{
-    access_log_entry, access_log_message, balance, esign_config, esign_replay_config, http,
-    ocr_hold, seed, wait_balance,
+    access_log_entry, access_log_message, balance, esign_config, esign_config_from,
+    esign_replay_config, example, http, ocr_hold, replace, seed, wait_balance,
 };
 use tollgate::api::pb;
 use tollgate::config::{Config, ConfigErrors, Overrides};
@@ -1379,6 +1379,154 @@ async fn holds_are_settled_by_the_access_log_and_over_http() {
         .await
         .expect("stream");
     wait_balance(&server, "acme", (142, 0, 65)).await;
+}
+
+/// The hold id a Check answer placed (or replayed), and its dynamic metadata.
+fn ocr_hold_of(answer: &Answer) -> (String, envoy_types::pb::google::protobuf::Struct) {
+    assert_eq!(answer.status, 200, "{answer:?}");
+    (
+        answer
+            .header("x-tollgate-hold-id")
+            .expect("hold id")
+            .to_owned(),
+        answer.metadata.clone().expect("hold metadata"),
+    )
+}
+
+/// With `gateway.request_id_replay`, a request retried (same request id) after its hold
+/// was released (the upstream failed; the access log, or the upstream over HTTP, released
+/// it) is charged afresh: a new hold. It used to replay "allowed, hold h1", and the
+/// retry's settlement met an ended hold: the work it did was free. Retried while the hold
+/// is open, or after it was captured, it is the same hold, charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_retried_after_its_hold_was_released_is_charged_afresh() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_replay_config(&redis.url()), Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "acme", 200).await;
+    let mut logs = AccessLogServiceClient::new(server.channel().await);
+
+    // Through the access log: attempt 1 answered 502, its hold is released.
+    let (h1, m1) = ocr_hold_of(&ocr_check(&mut c, &key, "retry-1").await);
+    assert_eq!(ocr_hold_of(&ocr_check(&mut c, &key, "retry-1").await).0, h1);
+    logs.stream_access_logs(tokio_stream_once(access_log_message(vec![
+        access_log_entry(&m1, 502, "4"),
+    ])))
+    .await
+    .expect("stream");
+    wait_balance(&server, "acme", (200, 0, 0)).await;
+    // The retry: a hold of its own, not h1.
+    let (h2, m2) = ocr_hold_of(&ocr_check(&mut c, &key, "retry-1").await);
+    assert_ne!(h2, h1, "the retry was handed the released hold");
+    assert_eq!(balance(&server, "acme").await, (150, 50, 0));
+    // It answered 200 with 4 pages: 8 captured.
+    logs.stream_access_logs(tokio_stream_once(access_log_message(vec![
+        access_log_entry(&m2, 200, "4"),
+    ])))
+    .await
+    .expect("stream");
+    wait_balance(&server, "acme", (192, 0, 8)).await;
+    // Retried once more after that capture: replayed, nothing more taken.
+    assert_eq!(ocr_hold_of(&ocr_check(&mut c, &key, "retry-1").await).0, h2);
+    assert_eq!(balance(&server, "acme").await, (192, 0, 8));
+
+    // Over HTTP: the upstream releases; the retry is a new hold, which it captures.
+    let auth = format!("Bearer {}", common::SERVICE_TOKEN);
+    let (h3, _) = ocr_hold_of(&ocr_check(&mut c, &key, "retry-2").await);
+    let r = http(
+        server.http_addr,
+        "POST",
+        &format!("/v1/holds/{h3}/release"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(balance(&server, "acme").await, (192, 0, 8));
+    let (h4, _) = ocr_hold_of(&ocr_check(&mut c, &key, "retry-2").await);
+    assert_ne!(h4, h3, "the retry was handed the released hold");
+    assert_eq!(balance(&server, "acme").await, (142, 50, 8));
+    let r = http(
+        server.http_addr,
+        "POST",
+        &format!("/v1/holds/{h4}/capture"),
+        &[("authorization", &auth)],
+        r#"{"amount": 6}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(balance(&server, "acme").await, (186, 0, 14));
+
+    // The release itself forgets the check's record: a retry after the ended hold's own
+    // record is gone (past ledger.hold_retention_secs, which a hold that expired keeps to,
+    // while the check's record lives up to 1.5 idempotency windows) is charged afresh too.
+    let (h5, m5) = ocr_hold_of(&ocr_check(&mut c, &key, "retry-3").await);
+    logs.stream_access_logs(tokio_stream_once(access_log_message(vec![
+        access_log_entry(&m5, 503, "4"),
+    ])))
+    .await
+    .expect("stream");
+    wait_balance(&server, "acme", (186, 0, 14)).await;
+    let shards = server.ledger.shards();
+    let record = format!(
+        "{}:h:{h5}",
+        shards.tag(shards.of_hold_id(&h5).expect("a hold id"))
+    );
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("DEL").arg(&record).query(&mut con).expect("del");
+    let (h6, _) = ocr_hold_of(&ocr_check(&mut c, &key, "retry-3").await);
+    assert_ne!(h6, h5, "the retry was handed the released hold");
+    assert_eq!(balance(&server, "acme").await, (136, 50, 14));
+}
+
+/// As above for a hold that nobody settled and that expired by `on_expiry = "release"`:
+/// a retry after its deadline is a new hold (whether the hold was ended before the retry
+/// or by it), not the expired one that settles nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_retried_after_its_hold_expired_uncharged_is_charged_afresh() {
+    let redis = common::RedisServer::start();
+    let book = replace(
+        &replace(
+            &example("pricebook-esign.toml"),
+            "hold_ttl_ms = 60000",
+            "hold_ttl_ms = 300",
+        ),
+        "on_expiry = \"capture\"",
+        "on_expiry = \"release\"",
+    );
+    let mut config = esign_config_from(&redis.url(), &book);
+    config.gateway.request_id_replay = true;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "acme", 200).await;
+    let (h1, _) = ocr_hold_of(&ocr_check(&mut c, &key, "late-1").await);
+    // Wait (by Redis's clock, the ledger's) until the hold is past its deadline.
+    let shards = server.ledger.shards();
+    let record = format!(
+        "{}:h:{h1}",
+        shards.tag(shards.of_hold_id(&h1).expect("a hold id"))
+    );
+    let mut con = redis.client().get_connection().expect("redis");
+    let deadline: i64 = redis::cmd("HGET")
+        .arg(&record)
+        .arg("d")
+        .query(&mut con)
+        .expect("hold deadline");
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, us): (i64, i64) = redis::cmd("TIME").query(&mut con).expect("time");
+        if s * 1000 + us / 1000 > deadline {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "Redis's clock never passed {deadline}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (h2, _) = ocr_hold_of(&ocr_check(&mut c, &key, "late-1").await);
+    assert_ne!(h2, h1, "the retry was handed the expired hold");
+    assert_eq!(balance(&server, "acme").await, (150, 50, 0));
 }
 
 /// Envoy flushes its access log in messages of many entries. When it goes away (a

@@ -6,6 +6,9 @@
 -- debit.lua for allocations, budgets, members and EXPIRY_BACKLOG. A hold counts in the allocation and the
 -- budgets at once; what it does not charge goes back when it ends.
 -- By API key as debit.lua: ARGV 8 and 18 are "", ARGV 19 the key id, 20 the key's SHA-256.
+-- A priced hold (a gateway check) keeps its idempotency record's field as 'ik': when the
+-- hold ends having charged nothing the record is forgotten (lib.lua end_hold), and a
+-- retry (same request id) places a new hold instead of replaying the ended one.
 if not initialized() then
   return { 0, 'LEDGER_NOT_INITIALIZED' }
 end
@@ -14,7 +17,34 @@ if refused then
   return refused
 end
 local ikey = idem_key(acct, ARGV[10])
+-- A priced hold (a gateway check's; its digest has both forms, lib.lua recall) is
+-- charged afresh when retried after its hold ended without charging anything.
+local priced = #ARGV[11] > 16
 local prior = recall(ikey, ARGV[11])
+if prior and priced and prior[1] == 1 then
+  local hold_id = string.match(prior[2], '^OK|[^|]+|([^|]+)|')
+  local hkey = hold_id and TAG .. ':h:' .. hold_id
+  local h = hkey and redis.call('HMGET', hkey, 'a', 'w', 's', 'd', 'q') or {}
+  if h[1] == acct then
+    if h[3] == 'a' and tonumber(h[4]) and tonumber(h[4]) <= NOW then
+      -- Past its deadline, not ended yet: it ends by its own policy first (as in
+      -- end_hold.lua), so a retry is not handed a hold that settles nothing.
+      local HW = open_wallet(h[1], h[2])
+      settle_due(HW)
+      if redis.call('HGET', hkey, 's') == 'a' then
+        expire_hold(HW, hold_id)
+        reschedule(HW)
+      end
+      h[3], h[5] = unpack(redis.call('HMGET', hkey, 's', 'q'))
+    end
+    if h[3] ~= 'a' and tonumber(h[5]) == 0 then
+      -- Ended without a charge (lib.lua end_hold forgot the record already unless the
+      -- hold predates its 'ik': placed by an older tollgate, or restored).
+      forget_hold_record(ikey, hold_id)
+      prior = recall(ikey, ARGV[11])
+    end
+  end
+end
 if prior then
   if keyed then
     prior[3] = acct
@@ -65,6 +95,10 @@ if not answer then
   local deadline = NOW + tonumber(ARGV[13])
   redis.call('HSET', TAG .. ':h:' .. hold_id, 'a', acct, 'w', ARGV[9], 'n', amount, 'l', lots,
     'd', deadline, 'e', ARGV[14], 's', 'a', 'o', ARGV[15])
+  if priced then
+    -- Its check's idempotency record (lib.lua end_hold forgets it if it ends uncharged).
+    redis.call('HSET', TAG .. ':h:' .. hold_id, 'ik', ikey)
+  end
   local refs = budgets and budgets_spend(budgets, amount) or ''
   if member ~= '' or refs ~= '' then
     redis.call('HSET', TAG .. ':h:' .. hold_id, 'mb', member, 'bg', refs)

@@ -315,6 +315,34 @@ local function idem_dead_bucket()
   return TAG .. ':i:' .. itos(idem_bucket() - IDEM_BUCKETS_LOOKED_AT)
 end
 
+-- Deletes the idempotency record of `field` that recall would find, only when it is the
+-- placing answer of hold `hold_id` ("OK|event_id|hold_id|..."): a gateway check's hold
+-- (its 'ik') that ended without charging anything, so a retry of the request with the same
+-- request id is charged afresh rather than handed the ended hold (docs/ARCHITECTURE.md
+-- "charged afresh"). A record of anything else (a later charge of the key) is left.
+local function forget_hold_record(field, hold_id)
+  idem_numbering()
+  local now = real_now()
+  local spans = { IDEM_SPAN_MS }
+  if IDEM_PREV_SPAN and now < IDEM_PREV_UNTIL then
+    spans[2] = IDEM_PREV_SPAN
+  end
+  for _, span in ipairs(spans) do
+    local b = math.floor(now / span)
+    for age = 0, IDEM_BUCKETS_LOOKED_AT - 1 do
+      local bucket = TAG .. ':i:' .. itos(b - age)
+      local v = redis.call('HGET', bucket, field)
+      if v then
+        -- The record recall finds (the newest): the only one that can answer a retry.
+        if string.match(string.sub(v, 17), '^OK|[^|]+|([^|]+)|') == hold_id then
+          redis.call('HDEL', bucket, field)
+        end
+        return
+      end
+    end
+  end
+end
+
 local function lot_expiry(score)
   local e = score % PRIO_UNIT
   if e == NEVER then
@@ -855,7 +883,7 @@ local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, 
   end
   local lapsed_total = amount - capture - back_live
   -- What the hold did not charge goes back to the member's allocation and the budgets.
-  local org = redis.call('HMGET', hkey, 'mb', 'bg')
+  local org = redis.call('HMGET', hkey, 'mb', 'bg', 'ik')
   MEMBER = org[1] or ''
   alloc_use(W.acct, W.wallet, MEMBER, capture - amount)
   budgets_give_back(org[2], amount - capture)
@@ -873,6 +901,11 @@ local function end_hold(W, hold_id, hkey, amount, pieces, capture, kind, state, 
   -- that follow take the lapsed ones out again, so replaying events in order is exact.
   W.r = W.r + amount - capture
   redis.call('HSET', hkey, 's', state, 'q', capture)
+  if capture == 0 and org[3] then
+    -- A gateway check's hold that charged nothing (released, expired by `release`, or
+    -- captured at 0): a retry of its request is charged afresh, not handed this hold.
+    forget_hold_record(org[3], hold_id)
+  end
   -- A capture's or release's own answer is found through this record (its idempotency
   -- record is keyed by the hold's account): it lives as long as that answer can be
   -- replayed (1.5 windows), even with a shorter retention.
