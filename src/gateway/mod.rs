@@ -11,6 +11,10 @@
 //!   the stream)
 //! - `spool`: fail_open charges kept on disk while Redis is unavailable, applied when it
 //!   returns
+//! - `void`: undoing a fail_closed check's charge that Redis ran after the check's
+//!   deadline
+//! - `aliases`: the index of guarded header names a request header may alias (the Check
+//!   answer removes them)
 //!
 //! This module holds the decision flow shared by every front door ([`Gateway::check`]);
 //! how a [`Denial`] looks on the wire is decided in `api::status` only.

@@ -315,30 +315,41 @@ local function idem_dead_bucket()
   return TAG .. ':i:' .. itos(idem_bucket() - IDEM_BUCKETS_LOOKED_AT)
 end
 
--- Deletes the idempotency record of `field` that recall would find, only when it is the
--- placing answer of hold `hold_id` ("OK|event_id|hold_id|..."): a gateway check's hold
--- (its 'ik') that ended without charging anything, so a retry of the request with the same
--- request id is charged afresh rather than handed the ended hold (docs/ARCHITECTURE.md
--- "charged afresh"). A record of anything else (a later charge of the key) is left.
-local function forget_hold_record(field, hold_id)
+-- The buckets recall reads, in its order: the current numbering's bucket and the
+-- IDEM_BUCKETS_LOOKED_AT - 1 before it, then, after a window change and while it lasts,
+-- the previous numbering's. Not for the hot path (it builds a table): recall reads them
+-- itself.
+local function idem_buckets()
   idem_numbering()
   local now = real_now()
   local spans = { IDEM_SPAN_MS }
   if IDEM_PREV_SPAN and now < IDEM_PREV_UNTIL then
     spans[2] = IDEM_PREV_SPAN
   end
+  local buckets = {}
   for _, span in ipairs(spans) do
     local b = math.floor(now / span)
     for age = 0, IDEM_BUCKETS_LOOKED_AT - 1 do
-      local bucket = TAG .. ':i:' .. itos(b - age)
-      local v = redis.call('HGET', bucket, field)
-      if v then
-        -- The record recall finds (the newest): the only one that can answer a retry.
-        if string.match(string.sub(v, 17), '^OK|[^|]+|([^|]+)|') == hold_id then
-          redis.call('HDEL', bucket, field)
-        end
-        return
+      buckets[#buckets + 1] = TAG .. ':i:' .. itos(b - age)
+    end
+  end
+  return buckets
+end
+
+-- Deletes the idempotency record of `field` that recall would find, only when it is the
+-- placing answer of hold `hold_id` ("OK|event_id|hold_id|..."): a gateway check's hold
+-- (its 'ik') that ended without charging anything, so a retry of the request with the same
+-- request id is charged afresh rather than handed the ended hold (docs/ARCHITECTURE.md
+-- "charged afresh"). A record of anything else (a later charge of the key) is left.
+local function forget_hold_record(field, hold_id)
+  for _, bucket in ipairs(idem_buckets()) do
+    local v = redis.call('HGET', bucket, field)
+    if v then
+      -- The record recall finds (the newest): the only one that can answer a retry.
+      if string.match(string.sub(v, 17), '^OK|[^|]+|([^|]+)|') == hold_id then
+        redis.call('HDEL', bucket, field)
       end
+      return
     end
   end
 end
@@ -1288,17 +1299,8 @@ end
 -- Deletes the idempotency record of `field` wherever recall would find it (the buckets it
 -- reads, of both numberings): a later request with the key runs afresh (void.lua).
 local function forget(field)
-  idem_numbering()
-  local now = real_now()
-  local spans = { IDEM_SPAN_MS }
-  if IDEM_PREV_SPAN and now < IDEM_PREV_UNTIL then
-    spans[2] = IDEM_PREV_SPAN
-  end
-  for _, span in ipairs(spans) do
-    local b = math.floor(now / span)
-    for age = 0, IDEM_BUCKETS_LOOKED_AT - 1 do
-      redis.call('HDEL', TAG .. ':i:' .. itos(b - age), field)
-    end
+  for _, bucket in ipairs(idem_buckets()) do
+    redis.call('HDEL', bucket, field)
   end
 end
 
