@@ -284,20 +284,20 @@ async fn events_of_a_shard_past_the_count_are_refused() {
     assert_eq!(store.shard_count().await.expect("count"), None);
 }
 
+/// A redis-server in cluster mode, serving no slot yet (its node file a temp file).
+fn cluster_node() -> common::RedisServer {
+    let nodes = common::temp_path("conf");
+    let nodes = nodes.to_str().expect("utf-8 temp path");
+    common::RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-config-file", nodes])
+}
+
 /// A Redis Cluster node that does not serve every slot (here one with no slots yet) is
 /// refused by `serve`, `settle` and `reconcile` with an error naming it, and nothing is
 /// written to it. Without the check `serve` would start and keep asking (every key
 /// command answers `CLUSTERDOWN`, or `MOVED` on a cluster of several primaries).
 #[tokio::test]
 async fn a_redis_in_cluster_mode_is_refused() {
-    let nodes = common::temp_path("conf");
-    let nodes = nodes.to_str().expect("utf-8 temp path");
-    let redis = common::RedisServer::start_with(&[
-        "--cluster-enabled",
-        "yes",
-        "--cluster-config-file",
-        nodes,
-    ]);
+    let redis = cluster_node();
     let config = common::test_config(&redis.url());
     let refused = serve_refused(config.clone()).await;
     assert!(refused.contains("Redis Cluster node"), "serve: {refused}");
@@ -354,14 +354,7 @@ async fn a_user_denied_info_still_starts() {
 /// node that serves its slot, and tollgate starts and charges on it.
 #[tokio::test]
 async fn a_cluster_mode_redis_of_one_shard_starts() {
-    let nodes = common::temp_path("conf");
-    let nodes = nodes.to_str().expect("utf-8 temp path");
-    let redis = common::RedisServer::start_with(&[
-        "--cluster-enabled",
-        "yes",
-        "--cluster-config-file",
-        nodes,
-    ]);
+    let redis = cluster_node();
     let mut con = redis
         .client()
         .get_multiplexed_async_connection()
