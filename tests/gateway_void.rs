@@ -247,6 +247,56 @@ async fn a_late_hold_is_released() {
     server.stop().await;
 }
 
+/// A hold-mode operation that is `fail_open`: a check past its deadline is allowed
+/// (degraded), with no hold id for anyone to settle.
+const FAIL_OPEN_HOLD: &str = r#"
+[pricebook]
+default = "deny"
+[[pricebook.routes]]
+path = "/open-held"
+operation = "open_held"
+[pricebook.operations.open_held]
+mode = "hold"
+base = 9
+hold_ttl_ms = 600000
+on_expiry = "capture"
+fail_policy = "fail_open"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_hold_of_a_check_allowed_by_fail_open_is_released() {
+    let redis = RedisServer::start();
+    let config = config_from(FAIL_OPEN_HOLD, &redis.url(), false);
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let key = seed(&server, "void-open-held", 100).await;
+    pause_writes(&redis);
+    let allowed = check(&server, "/open-held", &key, None).await;
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    assert_eq!(
+        allowed.header("x-tollgate-degraded"),
+        Some("1"),
+        "{allowed:?}"
+    );
+    assert_eq!(allowed.header("x-tollgate-hold-id"), None, "{allowed:?}");
+
+    // The request went on free: the hold Redis placed once it woke is released, not left
+    // to be captured whole at its deadline.
+    wait_void(&server, "void-open-held", EventKind::Release, (100, 0)).await;
+    let events = events_of(&server, "void-open-held").await;
+    let hold = events
+        .iter()
+        .find(|e| e.kind == EventKind::Hold)
+        .expect("the late hold is in the ledger");
+    let release = events
+        .iter()
+        .find(|e| e.kind == EventKind::Release)
+        .expect("the hold was released");
+    assert_eq!(hold.amount, 9);
+    assert_eq!(release.hold_id, hold.hold_id);
+    assert_eq!(release.amount, 9);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_voided_request_retried_with_its_request_id_is_charged_again() {
     let redis = RedisServer::start();

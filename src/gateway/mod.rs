@@ -573,8 +573,13 @@ impl Gateway {
             },
         };
         // Any denial (unavailable, or a key the cache last knew as refused) with a call
-        // past its deadline: that call may still run.
-        if matches!(decision, Decision::Deny(_)) {
+        // past its deadline: that call may still run. So may a hold allowed by fail_open:
+        // the request went on without a hold id, so nothing would ever settle the hold a
+        // late call places (at its deadline `on_expiry = "capture"` would charge its whole
+        // ceiling for a request fail_open let through free).
+        let degraded_hold = matches!(op.mode, Mode::Hold(_))
+            && matches!(&decision, Decision::Allow(a) if a.degraded);
+        if matches!(decision, Decision::Deny(_)) || degraded_hold {
             self.void_late_charge(key, cmd, &sent);
         }
         if let (Decision::Allow(a), Some(idempotency_key), Some(price_inputs)) =
@@ -588,8 +593,9 @@ impl Gateway {
     }
 
     /// A check denied (a fail_closed `unavailable`, or a key the cache last knew as
-    /// refused) whose charge passed its deadline after it may have been sent: that charge may still run, so a void undoes it if it does
-    /// (`void`). Started before the denial is answered. fail_open debits are never voided
+    /// refused), or a hold allowed by fail_open, whose charge passed its deadline after it
+    /// may have been sent: that charge may still run, so a void undoes it if it does
+    /// (`void`). Started before the answer goes out. fail_open debits are never voided
     /// (they were allowed; the spool replays them under the same key).
     fn void_late_charge(&self, key: &str, cmd: ChargeCmd, sent: &Sent) {
         let key = match sent.take() {
