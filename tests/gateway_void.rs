@@ -230,8 +230,15 @@ async fn a_late_hold_is_released() {
 
     // Nothing held: the hold (on_expiry capture) would otherwise be charged in full at its
     // deadline.
-    wait_void(&server, "void-held", EventKind::Release, (100, 0)).await;
-    let events = events_of(&server, "void-held").await;
+    assert_hold_voided(&server, "void-held", 7).await;
+    server.stop().await;
+}
+
+/// Waits for the void of the account's late hold of `amount`, then expects the hold and
+/// its release (of operation `void`) in the ledger and the wallet whole.
+async fn assert_hold_voided(server: &common::TestServer, account: &str, amount: i64) {
+    wait_void(server, account, EventKind::Release, (100, 0)).await;
+    let events = events_of(server, account).await;
     let hold = events
         .iter()
         .find(|e| e.kind == EventKind::Hold)
@@ -240,11 +247,10 @@ async fn a_late_hold_is_released() {
         .iter()
         .find(|e| e.kind == EventKind::Release)
         .expect("the hold was released");
-    assert_eq!(hold.amount, 7);
+    assert_eq!(hold.amount, amount);
     assert_eq!(release.hold_id, hold.hold_id);
-    assert_eq!(release.amount, 7);
+    assert_eq!(release.amount, amount);
     assert!(release.metadata.contains("void"), "{:?}", release.metadata);
-    server.stop().await;
 }
 
 /// A hold-mode operation that is `fail_open`: a check past its deadline is allowed
@@ -281,19 +287,7 @@ async fn a_late_hold_of_a_check_allowed_by_fail_open_is_released() {
 
     // The request went on free: the hold Redis placed once it woke is released, not left
     // to be captured whole at its deadline.
-    wait_void(&server, "void-open-held", EventKind::Release, (100, 0)).await;
-    let events = events_of(&server, "void-open-held").await;
-    let hold = events
-        .iter()
-        .find(|e| e.kind == EventKind::Hold)
-        .expect("the late hold is in the ledger");
-    let release = events
-        .iter()
-        .find(|e| e.kind == EventKind::Release)
-        .expect("the hold was released");
-    assert_eq!(hold.amount, 9);
-    assert_eq!(release.hold_id, hold.hold_id);
-    assert_eq!(release.amount, 9);
+    assert_hold_voided(&server, "void-open-held", 9).await;
     server.stop().await;
 }
 
