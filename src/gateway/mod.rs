@@ -403,6 +403,8 @@ impl Gateway {
                     // At 0 from the start, so alerts on their increase see the first one.
                     metrics::counter!(crate::telemetry::metrics::SPOOL_WRITTEN_TOTAL).increment(0);
                     metrics::counter!(crate::telemetry::metrics::SPOOL_DROPPED_TOTAL).increment(0);
+                    metrics::counter!(crate::telemetry::metrics::SPOOL_POSITION_UNSAVED_TOTAL)
+                        .increment(0);
                     Some(Arc::new(spool))
                 }
                 Err(err) => {
@@ -674,7 +676,9 @@ impl Gateway {
         };
         let mut done = 0;
         let mut applied = 0;
-        let mut requeued = false;
+        // The first charge spooled again, and the writer's failures before it was.
+        let mut requeued = None;
+        let failures = spool.requeue_failures();
         for charge in &chunk.charges {
             let replayed = self.replay_charge(charge).await;
             match replayed {
@@ -682,7 +686,9 @@ impl Gateway {
                 // Spooled again behind the others; a full queue ends the round instead
                 // (its line is then still ahead of the saved position).
                 Replayed::Later if !spool.requeue(charge.clone()) => break,
-                Replayed::Later => requeued = true,
+                Replayed::Later => {
+                    requeued.get_or_insert(applied);
+                }
                 _ => done += 1,
             }
             metrics::counter!(m::SPOOL_REPLAYED_TOTAL, "result" => replayed.label()).increment(1);
@@ -690,9 +696,17 @@ impl Gateway {
         }
         let more = applied == chunk.charges.len() && !chunk.charges.is_empty();
         tokio::task::spawn_blocking(move || {
-            // A charge spooled again is on disk before its old line is passed over.
-            if requeued && !spool.flush(Duration::from_secs(10)) {
-                return Err(std::io::Error::other("spool writer did not flush"));
+            // A charge spooled again is on disk before its old line is passed over. Its
+            // flush's answer is not enough: a failed write is told to the first flush
+            // after it, which may be another's (shutdown's).
+            if let Some(first) = requeued {
+                if !spool.flush(Duration::from_secs(10)) || spool.requeue_failures() != failures {
+                    // What came before it is done; it and what follows are sent again.
+                    spool.commit(&chunk, first)?;
+                    return Err(std::io::Error::other(
+                        "a charge spooled again was not written: its line is kept",
+                    ));
+                }
             }
             spool.commit(&chunk, applied)
         })

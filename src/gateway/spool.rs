@@ -11,14 +11,17 @@
 //! a new file, and the gateway sends each charge to the ledger with its original
 //! idempotency key: a charge that reached Redis before the outage was noticed, or that
 //! was replayed before a crash, is not taken twice. The moved-aside file is read forward
-//! in bounded chunks; how far it was applied is saved beside it ([`Spool::commit`]), so
-//! what is left when Redis fails again is tried on the next round, also after a restart.
+//! in bounded chunks; how far it was applied is kept in memory and saved beside it
+//! ([`Spool::commit`]), so what is left when Redis fails again is tried on the next round,
+//! also after a restart. A position the disk cannot take (full, failing) does not stop the
+//! replay: the one in memory goes on, and only a restart goes back to the last one saved
+//! (its charges are resent under their idempotency keys: replays while those are kept).
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,6 +92,12 @@ pub struct Spool {
     replay_path: PathBuf,
     /// How far the replay file has been applied (bytes), while it is not all applied.
     pos_path: PathBuf,
+    /// The position this process last committed in the replay file: what [`Spool::take`]
+    /// goes on from, before `pos_path` (which a save the disk refused leaves behind).
+    /// `None` until the first commit in a replay file.
+    position: Mutex<Option<u64>>,
+    /// Writes of requeued charges that failed, ever ([`Spool::requeue_failures`]).
+    requeue_failures: Arc<AtomicU64>,
     queue: Sender<Msg>,
     /// Charges sent to the writer and not written yet (the queue's bound; an unbounded
     /// channel costs nothing while empty, a bounded one allocates every slot up front).
@@ -128,10 +137,12 @@ impl Spool {
         let (queue, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let file_lock = Arc::new(Mutex::new(()));
+        let requeue_failures = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             path: path.clone(),
             file_lock: file_lock.clone(),
             queued: queued.clone(),
+            requeue_failures: requeue_failures.clone(),
         };
         std::thread::Builder::new()
             .name("tollgate-spool".into())
@@ -139,6 +150,8 @@ impl Spool {
         Ok(Self {
             replay_path: with(".replay"),
             pos_path: with(".replay.pos"),
+            position: Mutex::new(None),
+            requeue_failures,
             path,
             queue,
             queued,
@@ -180,6 +193,15 @@ impl Spool {
         true
     }
 
+    /// How many writes of [requeued](Spool::requeue) charges have failed since the spool
+    /// was opened. A flush's answer covers the writes since the flush before it, whoever
+    /// sent that one (shutdown's flush may take the failure of a batch it shares with a
+    /// requeued charge): the replay compares this count from before it requeued to after
+    /// its flush instead.
+    pub fn requeue_failures(&self) -> u64 {
+        self.requeue_failures.load(Ordering::SeqCst)
+    }
+
     /// Waits (blocking, up to `timeout`) until every charge recorded before is written;
     /// false if the writer did not answer in time or a write since the last flush failed.
     pub fn flush(&self, timeout: Duration) -> bool {
@@ -200,6 +222,7 @@ impl Spool {
                 .map_err(|_| io::Error::other("spool writer panicked"))?;
             // A position left by a crash belongs to a replay file that is gone.
             remove_if_there(&self.pos_path)?;
+            *self.position()? = None;
             match fs::rename(&self.path, &self.replay_path) {
                 Ok(()) => sync_dir(&self.path)?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -211,10 +234,14 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let start = match fs::read_to_string(&self.pos_path) {
-            Ok(text) => text.trim().parse().unwrap_or(0),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(e),
+        let committed = *self.position()?;
+        let start = match committed {
+            Some(pos) => pos,
+            None => match fs::read_to_string(&self.pos_path) {
+                Ok(text) => text.trim().parse().unwrap_or(0),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(e),
+            },
         };
         file.seek(SeekFrom::Start(start))?;
         let mut reader = BufReader::new(file);
@@ -250,10 +277,15 @@ impl Spool {
     }
 
     /// Records that the first `applied` charges of `chunk` are done (all of them: the
-    /// whole chunk). The replay file is only read forward: its position is saved beside
-    /// it (temp file, `fsync`, rename), and at its end both are removed.
+    /// whole chunk). The replay file is only read forward: its position is kept in memory
+    /// (what the next [`take`](Spool::take) goes on from) and saved beside it (temp file,
+    /// `fsync`, rename); at its end both are removed. A save that fails (a full disk, an
+    /// I/O error) is logged and counted (`tollgate_spool_position_unsaved_total`), not
+    /// returned: the replay goes on from memory and frees the space at the end; after a
+    /// restart it resumes from the last position saved, resending what was applied since.
     pub fn commit(&self, chunk: &Chunk, applied: usize) -> io::Result<()> {
         let pos = chunk.starts.get(applied).copied().unwrap_or(chunk.end);
+        *self.position()? = Some(pos);
         // Counted once: when passed over for good.
         let bad = chunk.bad.iter().filter(|&&at| at < pos).count();
         if bad > 0 {
@@ -262,19 +294,47 @@ impl Spool {
         }
         if pos >= fs::metadata(&self.replay_path)?.len() {
             remove_if_there(&self.replay_path)?;
+            *self.position()? = None;
             return remove_if_there(&self.pos_path);
         }
         if pos == chunk.start {
             return Ok(());
         }
+        if let Err(err) = self.save_position(pos) {
+            crate::log_throttled!(
+                WARN,
+                error = %err,
+                path = %self.pos_path.display(),
+                "spool: cannot save the replay position; the replay goes on from memory (a restart resumes from the last one saved)"
+            );
+            metrics::counter!(m::SPOOL_POSITION_UNSAVED_TOTAL).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Writes `pos` to `pos_path`: temp file, `fsync`, rename. A temp file left by a
+    /// failure is removed (its blocks are what a full disk lacks).
+    fn save_position(&self, pos: u64) -> io::Result<()> {
         let mut tmp = self.pos_path.clone().into_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        let mut file = File::create(&tmp)?;
-        file.write_all(pos.to_string().as_bytes())?;
-        file.sync_data()?;
-        fs::rename(&tmp, &self.pos_path)?;
+        let saved = File::create(&tmp)
+            .and_then(|mut file| {
+                file.write_all(pos.to_string().as_bytes())?;
+                file.sync_data()
+            })
+            .and_then(|()| fs::rename(&tmp, &self.pos_path));
+        if saved.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        saved?;
         sync_dir(&self.pos_path)
+    }
+
+    fn position(&self) -> io::Result<std::sync::MutexGuard<'_, Option<u64>>> {
+        self.position
+            .lock()
+            .map_err(|_| io::Error::other("spool position lock poisoned"))
     }
 }
 
@@ -320,6 +380,9 @@ struct Writer {
     path: PathBuf,
     file_lock: Arc<Mutex<()>>,
     queued: Arc<AtomicUsize>,
+    /// Counts the failed writes of batches with requeued charges in them, before any
+    /// flush of that batch is answered.
+    requeue_failures: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -362,7 +425,8 @@ impl Writer {
 
     /// Appends `batch`, of which `new` are written for the first time: only those are
     /// counted, as written or as lost. A requeued charge whose write fails is not lost:
-    /// the replay, told by its flush, does not pass over its line in the replay file.
+    /// the replay, told by [`Spool::requeue_failures`], does not pass over its line in the
+    /// replay file.
     fn write(&self, batch: &[SpooledCharge], new: usize) -> bool {
         match self.append(batch) {
             Ok(()) => {
@@ -378,6 +442,9 @@ impl Writer {
                     "spool: cannot write fail_open charges; the new ones are lost"
                 );
                 metrics::counter!(m::SPOOL_DROPPED_TOTAL).increment(new as u64);
+                if batch.len() > new {
+                    self.requeue_failures.fetch_add(1, Ordering::SeqCst);
+                }
                 false
             }
         }
@@ -453,6 +520,7 @@ mod tests {
             path,
             file_lock: Arc::new(Mutex::new(())),
             queued: Arc::new(AtomicUsize::new(1)),
+            requeue_failures: Arc::new(AtomicU64::new(0)),
         };
         let (tx, rx) = mpsc::channel();
         let (first_tx, first) = mpsc::channel();
@@ -582,6 +650,80 @@ mod tests {
         older["at_ms"] = 1_700_000_000_002_i64.into();
         let older: SpooledCharge = serde_json::from_value(older).expect("an older line");
         assert_eq!(older, charge(2));
+    }
+
+    /// A full disk (or an I/O error) refuses the saved position: the replay still goes
+    /// on from the one in memory to the end (which frees the space), instead of sending
+    /// the same chunk again every round. Only a restart goes back to the last one saved.
+    #[test]
+    fn a_position_the_disk_refuses_is_kept_in_memory_and_the_replay_reaches_the_end() {
+        let path = temp_path("unsaved");
+        let spool = Spool::open(&path).expect("open");
+        for n in 0..10 {
+            spool.record(charge(n));
+        }
+        flush(&spool);
+        let chunk = spool.take(2).expect("take").expect("some");
+        assert_eq!(chunk.charges, vec![charge(0), charge(1)]);
+        spool.commit(&chunk, 2).expect("commit, saved");
+        // The position can no longer be saved: its temp file's name is a directory's.
+        let mut tmp = spool.pos_path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        fs::create_dir(&tmp).expect("block the temp file");
+        let chunk = spool.take(3).expect("take").expect("some");
+        assert_eq!(chunk.charges, (2..5).map(charge).collect::<Vec<_>>());
+        spool
+            .commit(&chunk, 3)
+            .expect("an unsaved position does not stop the replay");
+        let next = spool.take(3).expect("take").expect("some");
+        assert_eq!(
+            next.charges,
+            (5..8).map(charge).collect::<Vec<_>>(),
+            "the replay went back to the saved position"
+        );
+        spool.commit(&next, 3).expect("commit");
+        // A restart resumes from the last position saved: what was applied since is sent
+        // again (a duplicate, under its idempotency key, within its window).
+        drop(spool);
+        let spool = Spool::open(&path).expect("reopen");
+        assert_eq!(drain(&spool, 3), (2..10).map(charge).collect::<Vec<_>>());
+        assert!(
+            !spool.replay_path.exists(),
+            "the replay file frees its space"
+        );
+        assert!(!spool.pos_path.exists());
+        assert!(spool.take(10).expect("empty").is_none());
+        fs::remove_dir(&tmp).expect("unblock");
+    }
+
+    /// A requeued charge whose write failed in a batch with another's flush (shutdown's)
+    /// is told to that flush, and the replay's own flush, in a later batch, hears of no
+    /// failure: the count of failed requeued writes still has it.
+    #[test]
+    fn a_requeued_charge_whose_write_failed_is_counted_for_a_later_flush() {
+        let path = temp_path("requeue-failed");
+        let spool = Spool::open(&path).expect("open");
+        // Every append fails: the spool's path is a directory.
+        fs::create_dir(&path).expect("block the spool file");
+        let before = spool.requeue_failures();
+        // A new charge's failure is not the replay's: not counted there.
+        spool.record(charge(0));
+        assert!(!spool.flush(Duration::from_secs(30)));
+        assert_eq!(spool.requeue_failures(), before);
+        assert!(spool.requeue(charge(1)));
+        // Shutdown's flush, answered before the replay's is sent, takes the failure.
+        assert!(!spool.flush(Duration::from_secs(30)));
+        assert!(
+            spool.flush(Duration::from_secs(30)),
+            "flushes answer per batch"
+        );
+        assert_eq!(
+            spool.requeue_failures(),
+            before + 1,
+            "the replay's flush would pass over a charge in neither file"
+        );
+        fs::remove_dir(&path).expect("unblock");
     }
 
     #[test]

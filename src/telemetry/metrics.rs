@@ -127,6 +127,9 @@ pub const SPOOL_DROPPED_TOTAL: &str = "tollgate_spool_dropped_total";
 /// (gateway) Spooled charges sent to the ledger once Redis returned, by `result`
 /// (charged, duplicate, refused, later).
 pub const SPOOL_REPLAYED_TOTAL: &str = "tollgate_spool_replayed_total";
+/// (gateway) Replay positions the disk did not take (full, failing): the replay goes on
+/// from the position in memory; a restart would resume from the last one saved.
+pub const SPOOL_POSITION_UNSAVED_TOTAL: &str = "tollgate_spool_position_unsaved_total";
 /// (gateway) Envoy access-log entries that left their hold open, by `reason`: Envoy ended
 /// the request after the API may have received it (its response flag: DC, UT, UC, …), so
 /// its status is not the API's answer (gateway::access_log::LEFT_OPEN_REASONS).
@@ -142,7 +145,7 @@ pub const ACCESS_LOG_RETRIES_TOTAL: &str = "tollgate_access_log_retries_total";
 pub const GATEWAY_VOIDS_TOTAL: &str = "tollgate_gateway_voids_total";
 
 /// The gateway's metric names (recorded on the gateway branch; see README).
-pub const GATEWAY_METRICS: [&str; 13] = [
+pub const GATEWAY_METRICS: [&str; 14] = [
     CHECKS_TOTAL,
     CHECK_SECONDS,
     GATEWAY_DENIALS_TOTAL,
@@ -153,6 +156,7 @@ pub const GATEWAY_METRICS: [&str; 13] = [
     SPOOL_WRITTEN_TOTAL,
     SPOOL_DROPPED_TOTAL,
     SPOOL_REPLAYED_TOTAL,
+    SPOOL_POSITION_UNSAVED_TOTAL,
     ACCESS_LOG_HOLDS_LEFT_OPEN_TOTAL,
     ACCESS_LOG_RETRIES_TOTAL,
     GATEWAY_VOIDS_TOTAL,
