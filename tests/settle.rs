@@ -830,8 +830,13 @@ async fn readable_outbox_events(ledger: &Ledger) -> Vec<LedgerEvent> {
     all
 }
 
-/// Adds an outbox entry: an event of this format with its amount `n` and version `ver`.
+/// Adds an outbox entry: a debit of this format with its amount `n` and version `ver`.
 async fn plant_entry(ledger: &Ledger, shard: u16, n: &str, ver: &str) -> String {
+    plant_entry_of(ledger, shard, "debit", n, ver).await
+}
+
+/// [`plant_entry`] of another kind.
+async fn plant_entry_of(ledger: &Ledger, shard: u16, kind: &str, n: &str, ver: &str) -> String {
     ledger
         .redis()
         .query(
@@ -839,8 +844,8 @@ async fn plant_entry(ledger: &Ledger, shard: u16, n: &str, ver: &str) -> String 
                 .arg(ledger.shards().outbox(shard))
                 .arg("*")
                 .arg(&[
-                    "k", "debit", "n", n, "v", "0", "h", "0", "l", "", "t", "1", "a", "acct-x",
-                    "w", "default", "ver", ver,
+                    "k", kind, "n", n, "v", "0", "h", "0", "l", "", "t", "1", "a", "acct-x", "w",
+                    "default", "ver", ver,
                 ]),
         )
         .await
@@ -929,18 +934,30 @@ async fn an_unreadable_outbox_entry_is_set_aside_and_everything_else_settles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_of_a_newer_format_is_left_for_a_newer_settler() {
+    left_for_a_newer_settler("debit", "99", "ver").await;
+}
+
+/// Kinds were added within format version 1 (`member`, `allocate`, `budget`): a settler
+/// that does not know one leaves it for a newer settler, as a newer version's entry; it
+/// used to set it aside as corrupt, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_of_a_kind_this_version_does_not_know_is_left_for_a_newer_settler() {
+    left_for_a_newer_settler("transfer", "1", "kind \"transfer\" unknown").await;
+}
+
+/// Plants an entry of `kind` and `ver` among readable ones: the settler's read fails
+/// (naming `why`), and the entry is neither set aside nor acknowledged.
+async fn left_for_a_newer_settler(kind: &str, ver: &str, why: &str) {
     let redis = common::RedisServer::start();
     let (clock, now) = Clock::manual(START_MS);
     let ledger = common::ledger(&redis, clock);
     common::workload::every_kind(&ledger, &now, 1, "w").await;
-    let newer = plant_entry(&ledger, 0, "5", "99").await;
+    let newer = plant_entry_of(&ledger, 0, kind, "5", ver).await;
     let sqlite_store = store(&common::temp_sqlite_url()).await;
     let mut settler = settler(&ledger, &sqlite_store, "tollgate-settler", "a");
     let refused = settler.drain(Duration::from_secs(5)).await;
     assert!(
-        refused
-            .as_ref()
-            .is_err_and(|e| e.to_string().contains("ver")),
+        refused.as_ref().is_err_and(|e| e.to_string().contains(why)),
         "{refused:?}"
     );
     // Not set aside, not acknowledged: still in the outbox for a settler that reads it.
@@ -3535,6 +3552,97 @@ async fn an_event_reusing_a_settled_events_id_is_set_aside_not_dropped() {
             "{kind}"
         );
     }
+}
+
+/// A round whose commit fails after the store took part of its batch (here: setting an
+/// event aside, the dead-letter stream unwritable) leaves the batch pending in its consumer.
+/// The next round reads it again from its own pending entries; it used to read only new
+/// entries, so the batch waited for a claim (`claim_idle`, here an hour) behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_commit_failed_is_read_again_by_the_next_round() {
+    let redis = common::RedisServer::start();
+    let (clock, _now) = Clock::manual(START_MS);
+    let ledger = common::ledger(&redis, clock);
+    ledger
+        .grant(&common::purchase("acme", 100, "g"))
+        .await
+        .expect("grant");
+    let debit = ledger
+        .debit(&Debit {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 7,
+            idempotency_key: "d".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+            price_inputs: None,
+        })
+        .await
+        .expect("debit");
+    let events = common::outbox_events(&ledger).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].event_id, debit.event_id);
+    let store = store(&common::temp_sqlite_url()).await;
+    // The debit's id is taken in the store by another event: the settler sets it aside.
+    let mut other = events[1].clone();
+    other.amount = 30;
+    other.available_after = 70;
+    other.lots[0].amount = 30;
+    assert_eq!(store.append(&[other]).await.expect("other"), 1);
+    // ... into a dead-letter stream that cannot be written (a key of another type).
+    let dead = format!("{}:dead", ledger.shards().outbox(events[1].shard()));
+    let _: () = ledger
+        .redis()
+        .query(redis::cmd("SET").arg(&dead).arg("not a stream"))
+        .await
+        .expect("set");
+    let mut settler = Settler::new(
+        ledger.clone(),
+        store.clone(),
+        SettlerSettings {
+            group: "tollgate-settler".into(),
+            consumer: "a".into(),
+            claim_idle: Duration::from_secs(3600),
+            ..fast()
+        },
+    );
+    settler.ensure_groups().await.expect("groups");
+    let mut failed = false;
+    for _ in 0..10 {
+        if settler.round().await.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the set-aside failed the round");
+    assert_eq!(
+        common::pending(&ledger, "tollgate-settler", Some("a")).await,
+        Some(2)
+    );
+
+    let _: () = ledger
+        .redis()
+        .query(redis::cmd("DEL").arg(&dead))
+        .await
+        .expect("del");
+    for _ in 0..3 {
+        settler.round().await.expect("round");
+    }
+    assert_eq!(
+        common::pending(&ledger, "tollgate-settler", None).await,
+        Some(0),
+        "the batch was read again and acknowledged"
+    );
+    let letters = tollgate::settle::dead_letters::list(&ledger)
+        .await
+        .expect("dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].entry_id, events[1].stream_id);
+    assert_eq!(
+        store.event(&events[0].event_id).await.expect("event"),
+        Some(events[0].clone())
+    );
 }
 
 /// Every shard's consumers of `group`: (name, pending) per shard.

@@ -7,7 +7,8 @@
 //! (absent = none), `ac` the owner or admin who made an org operation (AddMember,
 //! RemoveMember, SetAllocation, AddAllocation; absent = none, and in events written
 //! before it was added). New fields join within a format version: a reader skips those it
-//! does not know.
+//! does not know. A kind it does not know is a newer writer's, not corruption
+//! ([`LedgerEvent::written_by_newer_version`]): the settler leaves it for a newer settler.
 //!
 //! `l` and `x` by kind:
 //!
@@ -257,11 +258,16 @@ impl LedgerEvent {
         };
         Ok(Self {
             event_id: format!("{shard}-{stream_id}"),
-            kind: f
-                .kind
-                .as_deref()
-                .and_then(EventKind::parse)
-                .ok_or_else(|| malformed("k"))?,
+            kind: match f.kind.as_deref() {
+                Some(name) if is_unknown_kind_name(name) => {
+                    return Err(LedgerError::Internal(format!(
+                        "outbox entry {stream_id}: kind {name:?} unknown to this version (a newer tollgate wrote it?)"
+                    )))
+                }
+                kind => kind
+                    .and_then(EventKind::parse)
+                    .ok_or_else(|| malformed("k"))?,
+            },
             amount: int(&f.amount, "n")?,
             available_after: int(&f.available_after, "v")?,
             held_after: int(&f.held_after, "h")?,
@@ -310,8 +316,11 @@ impl LedgerEvent {
         EntryFields::default().slot(name.as_bytes()).is_some()
     }
 
-    /// Whether an entry's fields (`[field, value, ...]`) carry a format version above
-    /// [`EVENT_VERSION`]: a newer tollgate wrote it, and a newer settler can read it.
+    /// Whether an entry's fields (`[field, value, ...]`) were written by a newer tollgate,
+    /// which a newer settler can read: a format version above [`EVENT_VERSION`], or a kind
+    /// this version does not know whose name has the shape of one (`[a-z_]`, at most 32
+    /// bytes). Kinds were added within version 1 (`member`, `allocate`, `budget`): an
+    /// older settler took one for a corrupt entry and set it aside for good.
     pub fn written_by_newer_version(fields: &[Value]) -> bool {
         fn text(v: &Value) -> Option<&str> {
             match v {
@@ -320,11 +329,12 @@ impl LedgerEvent {
                 _ => None,
             }
         }
-        fields.chunks_exact(2).any(|pair| {
-            text(&pair[0]) == Some("ver")
-                && text(&pair[1])
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .is_some_and(|v| v > EVENT_VERSION)
+        fields.chunks_exact(2).any(|pair| match text(&pair[0]) {
+            Some("ver") => text(&pair[1])
+                .and_then(|v| v.parse::<u32>().ok())
+                .is_some_and(|v| v > EVENT_VERSION),
+            Some("k") => text(&pair[1]).is_some_and(is_unknown_kind_name),
+            _ => false,
         })
     }
 
@@ -358,6 +368,15 @@ impl LedgerEvent {
         }
         Self::from_fields(shard, text(id)?, fields)
     }
+}
+
+/// A kind name this version does not know, with the shape of one: a newer tollgate's
+/// kind, not a corrupt field ([`LedgerEvent::written_by_newer_version`]).
+fn is_unknown_kind_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        && EventKind::parse(name).is_none()
 }
 
 fn reply_shape() -> LedgerError {

@@ -565,26 +565,37 @@ impl Settler {
         }
         let mut settled = batch.events.len();
         if !batch.events.is_empty() {
-            let Committed { fenced, set_aside } =
-                if !self.pipelined || self.recovering.iter().any(|r| *r) {
-                    self.commit(&batch).await?
+            let committed = if !self.pipelined || self.recovering.iter().any(|r| *r) {
+                self.commit(&batch).await
+            } else {
+                let mut recovering = std::mem::take(&mut self.recovering);
+                // Less than one shard's worth: no backlog, so let the next batch grow.
+                let linger = if settled < self.settings.batch_events_max {
+                    self.settings.linger
                 } else {
-                    let mut recovering = std::mem::take(&mut self.recovering);
-                    // Less than one shard's worth: no backlog, so let the next batch grow.
-                    let linger = if settled < self.settings.batch_events_max {
-                        self.settings.linger
-                    } else {
-                        Duration::ZERO
-                    };
-                    let (committed, next) = tokio::join!(self.commit(&batch), async {
-                        tokio::time::sleep(linger).await;
-                        read_batch(&self.ledger, &self.settings, &mut recovering, true).await
-                    });
-                    self.recovering = recovering;
-                    // A failed read-ahead is only retried: the batch in hand is written.
-                    self.ahead = next.ok();
-                    committed?
+                    Duration::ZERO
                 };
+                let (committed, next) = tokio::join!(self.commit(&batch), async {
+                    tokio::time::sleep(linger).await;
+                    read_batch(&self.ledger, &self.settings, &mut recovering, true).await
+                });
+                self.recovering = recovering;
+                // A failed read-ahead is only retried: the batch in hand is written.
+                self.ahead = next.ok();
+                committed
+            };
+            let Committed { fenced, set_aside } = match committed {
+                Ok(committed) => committed,
+                Err(err) => {
+                    // Part of the batch may be committed, none of it is acknowledged: it is
+                    // pending in this consumer, as is the batch read ahead. Both are read
+                    // again, in order, from own pending entries (not left to a claim, at
+                    // least `claim_idle` later, behind newer batches).
+                    self.ahead = None;
+                    self.recovering.fill(true);
+                    return Err(err);
+                }
+            };
             if !fenced.is_empty() {
                 // Not acknowledged: if they are in this Redis after all (its epoch marker
                 // was read before a restore finished), reading own pending entries again
