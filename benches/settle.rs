@@ -225,6 +225,7 @@ async fn lag_under_load(
                         metadata: Metadata::new(),
                         member_id: String::new(),
                         price_inputs: None,
+                        attempt_mark: None,
                     };
                     ledger.debit(&debit).await.expect("debit");
                     sent += 1;

@@ -1014,6 +1014,7 @@ async fn adjust_and_refund_commands() {
             metadata: tollgate::ledger::Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("debit");

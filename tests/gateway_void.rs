@@ -17,7 +17,7 @@ use common::RedisServer;
 use tollgate::config::{Config, Overrides};
 use tollgate::ledger::event::{EventKind, LedgerEvent};
 use tollgate::ledger::{
-    Authorize, ChargeRef, Clock, Debit, KeyRef, Metadata, OnExpiry, Refund, Voided,
+    AttemptMark, Authorize, ChargeRef, Clock, Debit, KeyRef, Metadata, OnExpiry, Refund, Voided,
 };
 
 /// How long Redis holds writes: well past the call and check deadlines below.
@@ -330,12 +330,14 @@ async fn a_voided_request_retried_with_its_request_id_is_charged_again() {
 }
 
 /// A request charged by a sidecar under one price book and retried, with its request id,
-/// through a sidecar whose book prices it otherwise (a deploy of a new book): the retry's
-/// late charge replays the first one's record, so its void finds that charge and refunds
-/// it, and the next retry is charged afresh at the new price. The record's digest used to
-/// cover the amount: the void found another request's record and left the charge.
+/// through a sidecar whose book prices it otherwise (a deploy of a new book), the retry
+/// late: the retry's charge replays the first one's record (the same request: its digest
+/// covers what was asked, not the price), and its void finds that record, made by the
+/// first attempt, which was answered: it leaves it (`other_attempt`, not `other_request`,
+/// which a digest of the amount would have given). The request stays charged once, at the
+/// first price, from either sidecar.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_retry_priced_by_another_book_voids_the_first_charge() {
+async fn a_late_retry_priced_by_another_book_leaves_the_first_charge() {
     let redis = RedisServer::start();
     let old = common::TestServer::start(config(&redis.url(), true), Clock::Redis).await;
     let dearer = PRICEBOOK.replace("base = 3\n", "base = 5\n");
@@ -345,6 +347,7 @@ async fn a_late_retry_priced_by_another_book_voids_the_first_charge() {
     let key = seed(&old, "void-repriced", 100).await;
     let first = check(&old, "/strict", &key, Some("req-repriced")).await;
     assert_eq!(first.status, 200, "{first:?}");
+    let charge_id = first.header("x-tollgate-charge-id").expect("charge id");
     assert_eq!(wallet(&old, "void-repriced").await, (97, 0));
 
     // The new sidecar has served a request of its own (at its price).
@@ -355,32 +358,130 @@ async fn a_late_retry_priced_by_another_book_voids_the_first_charge() {
     pause_writes(&redis);
     let denied = check(&new, "/strict", &key, Some("req-repriced")).await;
     assert_eq!(denied.status, 503, "{denied:?}");
-    wait_void(&new, "void-repriced", EventKind::Refund, (95, 0)).await;
-    let refunds: Vec<_> = events_of(&new, "void-repriced")
-        .await
-        .into_iter()
-        .filter(|e| e.kind == EventKind::Refund && e.operation == "void")
-        .collect();
-    assert_eq!(refunds.len(), 1, "{refunds:#?}");
     assert_eq!(
-        (refunds[0].charge_id.as_str(), refunds[0].amount),
-        (first.header("x-tollgate-charge-id").expect("charge id"), 3),
-        "the first charge, at its price, refunded"
+        wait_void_answers(&redis, 1).await,
+        ["OK|NONE|other_attempt"]
     );
+    assert_eq!(wallet(&new, "void-repriced").await, (92, 0));
+    assert_no_void_refund(&new, "void-repriced").await;
 
     let retried = check(&new, "/strict", &key, Some("req-repriced")).await;
     assert_eq!(retried.status, 200, "{retried:?}");
-    assert_eq!(retried.header("x-tollgate-charged"), Some("5"));
-    assert_eq!(wallet(&new, "void-repriced").await, (90, 0));
-    // Back on the old book's sidecar: the same request, charged once.
+    assert_eq!(retried.header("x-tollgate-charge-id"), Some(charge_id));
+    assert_eq!(retried.header("x-tollgate-charged"), Some("3"));
     let again = check(&old, "/strict", &key, Some("req-repriced")).await;
-    assert_eq!(
-        again.header("x-tollgate-charge-id"),
-        retried.header("x-tollgate-charge-id")
-    );
-    assert_eq!(wallet(&old, "void-repriced").await, (90, 0));
+    assert_eq!(again.header("x-tollgate-charge-id"), Some(charge_id));
+    assert_eq!(wallet(&old, "void-repriced").await, (92, 0));
     new.stop().await;
     old.stop().await;
+}
+
+/// The answers recorded by the voids that ran on `redis` (each records its own, under
+/// its own key), once there are `count` of them: a void's answer is the only trace of one
+/// that changed nothing. Reads, which `CLIENT PAUSE … WRITE` does not hold.
+async fn wait_void_answers(redis: &RedisServer, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + VOID_DEADLINE;
+    let mut con = redis.client().get_connection().expect("redis connection");
+    loop {
+        let buckets: Vec<String> = redis::cmd("KEYS")
+            .arg("{tg:*}:i:*")
+            .query(&mut con)
+            .expect("KEYS");
+        let mut answers = Vec::new();
+        for bucket in buckets.iter().filter(|b| !b.ends_with(":span")) {
+            let values: Vec<String> = redis::cmd("HVALS")
+                .arg(bucket)
+                .query(&mut con)
+                .expect("HVALS");
+            // A void's record: 16 hex digits of its digest, then its answer.
+            answers.extend(values.into_iter().filter_map(|v| {
+                let answer = v.get(16..)?;
+                ["OK|NONE|", "OK|VOIDED_DEBIT|", "OK|RELEASED_HOLD|"]
+                    .iter()
+                    .any(|p| answer.starts_with(p))
+                    .then(|| answer.to_owned())
+            }));
+        }
+        if answers.len() >= count {
+            answers.sort();
+            return answers;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {count} voids ran: {answers:?}",
+            answers.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// No void refunded or released anything of the account's.
+async fn assert_no_void_refund(server: &common::TestServer, account: &str) {
+    let events = events_of(server, account).await;
+    assert!(
+        !events.iter().any(|e| e.metadata.contains("void")),
+        "{events:#?}"
+    );
+}
+
+/// The bug a per-attempt mark fixes: a request answered (charged, the upstream served it)
+/// and retried with its request id, the retry's charge late (held past the deadlines): the
+/// retry is answered `unavailable` and voided, but its charge only replayed the first
+/// attempt's record, charging nothing. Its void finds that record holding another
+/// attempt's mark and leaves the charge: the served request stays charged once. A hold
+/// the same way stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_retry_of_an_answered_request_leaves_its_charge() {
+    let redis = RedisServer::start();
+    let server = common::TestServer::start(config(&redis.url(), true), Clock::Redis).await;
+    let key = seed(&server, "void-served", 100).await;
+    let first = check(&server, "/strict", &key, Some("req-served")).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    let charge_id = first
+        .header("x-tollgate-charge-id")
+        .expect("a charge id")
+        .to_owned();
+    assert_eq!(wallet(&server, "void-served").await, (97, 0));
+
+    pause_writes(&redis);
+    let denied = check(&server, "/strict", &key, Some("req-served")).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+    assert_eq!(
+        wait_void_answers(&redis, 1).await,
+        ["OK|NONE|other_attempt"]
+    );
+    assert_eq!(wallet(&server, "void-served").await, (97, 0));
+    assert_no_void_refund(&server, "void-served").await;
+    let debits = events_of(&server, "void-served")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Debit)
+        .map(|e| e.event_id)
+        .collect::<Vec<_>>();
+    assert_eq!(debits, std::slice::from_ref(&charge_id), "one charge");
+    // A further retry replays the one charge.
+    let again = check(&server, "/strict", &key, Some("req-served")).await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(
+        again.header("x-tollgate-charge-id"),
+        Some(charge_id.as_str())
+    );
+    assert_eq!(wallet(&server, "void-served").await, (97, 0));
+
+    // A hold placed by an answered check, its retry late: the hold stays open.
+    let held = check(&server, "/held", &key, Some("req-served-hold")).await;
+    assert_eq!(held.status, 200, "{held:?}");
+    assert_eq!(wallet(&server, "void-served").await, (90, 7));
+    pause_writes(&redis);
+    let denied = check(&server, "/held", &key, Some("req-served-hold")).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+    assert_eq!(
+        wait_void_answers(&redis, 2).await,
+        ["OK|NONE|other_attempt", "OK|NONE|other_attempt"]
+    );
+    assert_eq!(wallet(&server, "void-served").await, (90, 7));
+    assert_no_void_refund(&server, "void-served").await;
+    server.stop().await;
 }
 
 /// A rolling upgrade: a request an older tollgate charged (its idempotency record holds
@@ -402,6 +503,7 @@ async fn a_retry_across_an_upgrade_finds_the_charge_an_older_sidecar_made() {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     let charged = server
         .ledger
@@ -453,6 +555,7 @@ fn debit(account: &str, key: &str, amount: i64) -> Debit {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     }
 }
 
@@ -562,6 +665,7 @@ async fn a_void_refunds_once_and_only_its_own_charge() {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     let held = ledger.authorize(&hold).await.expect("hold");
     let out = ledger
@@ -642,4 +746,142 @@ async fn a_void_of_a_fully_refunded_debit_does_nothing() {
         "the retry replays the refunded charge: {again:?}"
     );
     assert_eq!(again.event_id, charged.event_id);
+}
+
+/// A priced debit as a gateway check sends it, with this attempt's mark.
+fn marked(account: &str, key: &str, mark: Option<&str>) -> Debit {
+    Debit {
+        price_inputs: Some("units=1".into()),
+        attempt_mark: mark.map(|m| AttemptMark::parse(m).expect("a mark")),
+        ..debit(account, key, 5)
+    }
+}
+
+/// lua/void.lua and lib.lua by themselves: a charge's idempotency record keeps the mark of
+/// the attempt that made it (a replay by another attempt neither changes it nor shows it in
+/// the answer); a void with another attempt's mark changes nothing (`other_attempt`), the
+/// void of the attempt that made it undoes it, and a record without a mark (an older
+/// tollgate's) is voided as before, whatever the void's mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_undoes_only_the_charge_its_own_attempt_made() {
+    let redis = RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    ledger
+        .grant(&common::purchase("void-mark", 50, "g1"))
+        .await
+        .expect("grant");
+    let meta = void_metadata();
+
+    let first = marked("void-mark", "gw:strict:req-1", Some("aaaaaaaa"));
+    let retry = marked("void-mark", "gw:strict:req-1", Some("bbbbbbbb"));
+    let charged = ledger.debit(&first).await.expect("debit");
+    let replayed = ledger.debit(&retry).await.expect("replay");
+    assert!(replayed.replayed);
+    assert_eq!(
+        (
+            replayed.event_id.as_str(),
+            replayed.amount,
+            replayed.available,
+            replayed.held
+        ),
+        (charged.event_id.as_str(), 5, 45, 0),
+        "the replay answers the stored answer, without the mark"
+    );
+    // The record: the digest (upper case: an older tollgate's recall takes it for
+    // another request's), the first attempt's mark, the answer.
+    let mut con = redis.client().get_connection().expect("redis connection");
+    let buckets: Vec<String> = redis::cmd("KEYS")
+        .arg("{tg:*}:i:*")
+        .query(&mut con)
+        .expect("KEYS");
+    let values: Vec<String> = buckets
+        .iter()
+        .filter(|b| !b.ends_with(":span"))
+        .flat_map(|b| {
+            redis::cmd("HVALS")
+                .arg(b)
+                .query::<Vec<String>>(&mut con)
+                .expect("HVALS")
+        })
+        .filter(|v| v.contains(&charged.event_id))
+        .collect();
+    assert_eq!(values.len(), 1, "{values:?}");
+    let (digest, rest) = values[0].split_at(16);
+    assert!(
+        digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)),
+        "{digest}"
+    );
+    assert!(rest.starts_with("aaaaaaaaOK|"), "{rest}");
+
+    let out = ledger
+        .void(ChargeRef::Debit(&retry), None, "void-b", &meta)
+        .await
+        .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("other_attempt".into()));
+    let out = ledger
+        .void(ChargeRef::Debit(&first), None, "void-a", &meta)
+        .await
+        .expect("void");
+    assert!(
+        matches!(&out.voided, Voided::Debit { charge_id, refunded: 5, .. } if *charge_id == charged.event_id),
+        "{out:?}"
+    );
+
+    // A record an older tollgate made (no mark): voided by a marked attempt, as before.
+    let older = marked("void-mark", "gw:strict:req-2", None);
+    let charged = ledger.debit(&older).await.expect("debit");
+    let later = marked("void-mark", "gw:strict:req-2", Some("cccccccc"));
+    assert!(ledger.debit(&later).await.expect("replay").replayed);
+    let out = ledger
+        .void(ChargeRef::Debit(&later), None, "void-c", &meta)
+        .await
+        .expect("void");
+    assert!(
+        matches!(&out.voided, Voided::Debit { charge_id, .. } if *charge_id == charged.event_id),
+        "{out:?}"
+    );
+
+    // A hold: another attempt's void leaves it open; its own releases it.
+    let hold = |mark: &str| Authorize {
+        account_id: "void-mark".into(),
+        wallet: "default".into(),
+        amount: 10,
+        ttl_ms: 60_000,
+        on_expiry: OnExpiry::Capture,
+        idempotency_key: "gw:held:req-3".into(),
+        operation: "held".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+        price_inputs: Some("units=1".into()),
+        attempt_mark: AttemptMark::parse(mark),
+    };
+    let held = ledger.authorize(&hold("dddddddd")).await.expect("hold");
+    let again = ledger.authorize(&hold("eeeeeeee")).await.expect("replay");
+    assert!(again.replayed);
+    assert_eq!(again.hold_id, held.hold_id);
+    let out = ledger
+        .void(ChargeRef::Hold(&hold("eeeeeeee")), None, "void-e", &meta)
+        .await
+        .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("other_attempt".into()));
+    let out = ledger
+        .void(ChargeRef::Hold(&hold("dddddddd")), None, "void-d", &meta)
+        .await
+        .expect("void");
+    assert!(
+        matches!(&out.voided, Voided::Hold { hold_id, released: 10, .. } if *hold_id == held.hold_id),
+        "{out:?}"
+    );
+    let b = &ledger.balance("void-mark", "default").await.expect("b")[0];
+    assert_eq!((b.available, b.held), (50, 0));
+    assert!(b.is_conserved(), "{b:?}");
+
+    // A mark is for a priced charge only.
+    let unpriced = Debit {
+        attempt_mark: AttemptMark::parse("ffffffff"),
+        ..debit("void-mark", "req-4", 5)
+    };
+    assert!(ledger.debit(&unpriced).await.is_err());
 }

@@ -36,6 +36,7 @@ fn debit(account: &str, amount: i64, key: &str) -> Debit {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     }
 }
 
@@ -51,6 +52,7 @@ fn hold(account: &str, amount: i64, key: &str) -> Authorize {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     }
 }
 

@@ -522,6 +522,7 @@ impl Run {
                     metadata: Metadata::new(),
                     member_id: String::new(),
                     price_inputs: None,
+                    attempt_mark: None,
                 };
                 self.mutate(Sent::Debit(cmd), op).await
             }
@@ -547,6 +548,7 @@ impl Run {
                     metadata: Metadata::new(),
                     member_id: String::new(),
                     price_inputs: None,
+                    attempt_mark: None,
                 };
                 self.mutate(Sent::Authorize(cmd), op).await
             }
@@ -1306,6 +1308,7 @@ async fn concurrent_task(
                 metadata: Metadata::new(),
                 member_id: String::new(),
                 price_inputs: None,
+                attempt_mark: None,
             }),
             Op::Authorize {
                 account,
@@ -1328,6 +1331,7 @@ async fn concurrent_task(
                 metadata: Metadata::new(),
                 member_id: String::new(),
                 price_inputs: None,
+                attempt_mark: None,
             }),
             Op::Capture { hold, .. } | Op::Release { hold } => {
                 // Any task's hold: ends race with other tasks' ends and with expiry.

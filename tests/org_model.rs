@@ -812,6 +812,7 @@ fn debit_cmd(member: &str, amount: i64, key: String) -> Debit {
         metadata: Metadata::new(),
         member_id: member.into(),
         price_inputs: None,
+        attempt_mark: None,
     }
 }
 
@@ -832,6 +833,7 @@ fn authorize_cmd(member: &str, amount: i64, short: Option<(i64, bool)>, key: Str
         metadata: Metadata::new(),
         member_id: member.into(),
         price_inputs: None,
+        attempt_mark: None,
     }
 }
 

@@ -1580,6 +1580,7 @@ async fn org_events_settle_reconcile_and_restore() {
         metadata: tollgate::ledger::Metadata::new(),
         member_id: "carol".into(),
         price_inputs: None,
+        attempt_mark: None,
     };
     let carol_hold = tollgate::ledger::command::Authorize {
         account_id: "acme".into(),
@@ -1592,6 +1593,7 @@ async fn org_events_settle_reconcile_and_restore() {
         metadata: tollgate::ledger::Metadata::new(),
         member_id: "carol".into(),
         price_inputs: None,
+        attempt_mark: None,
     };
     let debited = server
         .ledger
@@ -1624,6 +1626,7 @@ async fn org_events_settle_reconcile_and_restore() {
         metadata: tollgate::ledger::Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     let dave_hold = tollgate::ledger::command::Authorize {
         account_id: "dave".into(),
@@ -1887,6 +1890,7 @@ async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
             metadata: Metadata::new(),
             member_id: "carol".into(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("hold");
@@ -1903,6 +1907,7 @@ async fn a_members_charge_sees_the_allocation_an_overdue_hold_gave_back() {
             metadata: Metadata::new(),
             member_id: "carol".into(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("the released hold's 60 are carol's again");
@@ -1989,6 +1994,7 @@ async fn a_released_hold_gives_nothing_back_to_a_budget_set_again() {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         };
         ledger
             .set_budget(&budget(1_000, "b1"))
@@ -2019,6 +2025,7 @@ async fn a_released_hold_gives_nothing_back_to_a_budget_set_again() {
                 metadata: Metadata::new(),
                 member_id: String::new(),
                 price_inputs: None,
+                attempt_mark: None,
             })
             .await
             .expect("hold");
@@ -2090,6 +2097,7 @@ fn carol_debit(amount: i64, key: &str) -> tollgate::ledger::Debit {
         metadata: tollgate::ledger::Metadata::new(),
         member_id: "carol".into(),
         price_inputs: None,
+        attempt_mark: None,
     }
 }
 
@@ -2105,6 +2113,7 @@ fn carol_hold(amount: i64, key: &str) -> tollgate::ledger::command::Authorize {
         metadata: tollgate::ledger::Metadata::new(),
         member_id: "carol".into(),
         price_inputs: None,
+        attempt_mark: None,
     }
 }
 

@@ -987,6 +987,7 @@ async fn restores_never_write_over_a_shard_that_serves() {
             metadata: Default::default(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("debit");
@@ -1582,6 +1583,7 @@ async fn a_batch_read_from_the_lost_redis_cannot_land_after_the_restore() {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     let settings = |consumer: &str| SettlerSettings {
         consumer: consumer.into(),
@@ -1739,6 +1741,7 @@ async fn a_restore_fences_a_shard_marked_by_a_sidecar_whose_clock_is_ahead() {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("debit");
@@ -1816,6 +1819,7 @@ async fn a_restore_never_hands_out_a_lost_hold_id_again() {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     let seq = |hold_id: &str| -> i64 {
         hold_id
@@ -1929,6 +1933,7 @@ async fn a_rolled_back_redis_never_hands_out_a_lost_hold_id_again() {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     for account in [alice, bob.as_str()] {
         before
@@ -2063,6 +2068,7 @@ async fn a_restore_keeps_records_as_long_as_live_redis_does() {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     ledger
         .grant(&common::purchase("lives", 1000, "g"))
@@ -2081,6 +2087,7 @@ async fn a_restore_keeps_records_as_long_as_live_redis_does() {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("hold");
@@ -2361,6 +2368,7 @@ async fn a_restore_lists_an_expired_lot_that_holds_still_hold_as_before() {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("debit");
@@ -2378,6 +2386,7 @@ async fn a_restore_lists_an_expired_lot_that_holds_still_hold_as_before() {
                 metadata: Metadata::new(),
                 member_id: String::new(),
                 price_inputs: None,
+                attempt_mark: None,
             })
             .await
             .expect("hold");
@@ -2431,6 +2440,7 @@ async fn a_restore_does_not_bring_back_the_record_of_a_voided_charge() {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     let hold = Authorize {
         account_id: "voided".into(),
@@ -2443,6 +2453,7 @@ async fn a_restore_does_not_bring_back_the_record_of_a_voided_charge() {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
         .await

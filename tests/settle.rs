@@ -237,6 +237,7 @@ async fn a_first_fence_raise_waits_for_a_batch_in_flight() {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("debit");
@@ -351,6 +352,7 @@ async fn four_events(ledger: &Ledger, now: &std::sync::atomic::AtomicI64) -> Vec
                 metadata: Metadata::new(),
                 member_id: String::new(),
                 price_inputs: None,
+                attempt_mark: None,
             })
             .await
             .expect("debit");
@@ -1045,6 +1047,7 @@ async fn history_pages_through_ten_thousand_events() {
                         metadata: Metadata::new(),
                         member_id: String::new(),
                         price_inputs: None,
+                        attempt_mark: None,
                     };
                     ledger.debit(&debit).await.expect("debit");
                 }
@@ -1291,6 +1294,7 @@ async fn reconcile_reports_a_hold_redis_lost() {
         metadata: Metadata::new(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     };
     let lost = ledger.authorize(&authorize("h1")).await.expect("hold 1");
     ledger.authorize(&authorize("h2")).await.expect("hold 2");
@@ -1319,6 +1323,7 @@ async fn reconcile_reports_a_hold_redis_lost() {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("the wallet still works");
@@ -1410,6 +1415,7 @@ async fn end_lost_hold_refuses_a_hold_redis_ended() {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("hold");
@@ -1427,6 +1433,7 @@ async fn end_lost_hold_refuses_a_hold_redis_ended() {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("debit");
@@ -1921,6 +1928,7 @@ async fn database_outage_keeps_charges_flowing_and_the_ledger_catches_up() {
                     metadata: Metadata::new(),
                     member_id: String::new(),
                     price_inputs: None,
+                    attempt_mark: None,
                 };
                 ledger.debit(&debit).await.expect("charges keep working");
                 acked.fetch_add(1, Ordering::SeqCst);
@@ -2427,6 +2435,7 @@ async fn reconcile_works_on_a_live_system() {
                     metadata: Metadata::new(),
                     member_id: String::new(),
                     price_inputs: None,
+                    attempt_mark: None,
                 };
                 ledger.debit(&debit).await.expect("debit");
                 charged.fetch_add(1, Ordering::SeqCst);
@@ -2487,6 +2496,7 @@ fn member_debit(member: &str, idempotency_key: String) -> Debit {
         metadata: Metadata::new(),
         member_id: member.into(),
         price_inputs: None,
+        attempt_mark: None,
     }
 }
 
@@ -2570,6 +2580,7 @@ async fn reconcile_finds_no_allocation_drift_on_a_live_org_but_finds_a_real_one(
                             metadata: Metadata::new(),
                             member_id: "bob".into(),
                             price_inputs: None,
+                            attempt_mark: None,
                         })
                         .await
                         .expect("bob's hold");
@@ -2738,6 +2749,7 @@ async fn a_dead_letter_replayed_with_its_amount_corrected_closes_the_drift() {
             metadata: Metadata::default(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("debit");
@@ -3360,6 +3372,7 @@ async fn history_shows_a_refunds_expired_part_and_a_capture_of_nothing_as_a_rele
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("debit: 100 from A, 50 from B");
@@ -3386,6 +3399,7 @@ async fn history_shows_a_refunds_expired_part_and_a_capture_of_nothing_as_a_rele
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("hold");
@@ -3475,6 +3489,7 @@ async fn an_event_reusing_a_settled_events_id_is_set_aside_not_dropped() {
                 metadata: Metadata::new(),
                 member_id: String::new(),
                 price_inputs: None,
+                attempt_mark: None,
             })
             .await
             .expect("debit");

@@ -57,6 +57,7 @@ fn ledger_debit(account: &str, amount: i64, key: &str) -> tollgate::ledger::Debi
         metadata: Default::default(),
         member_id: String::new(),
         price_inputs: None,
+        attempt_mark: None,
     }
 }
 

@@ -256,6 +256,7 @@ impl Metering for MeteringService {
             metadata: super::metadata(r.metadata),
             member_id: r.member_id,
             price_inputs: None,
+            attempt_mark: None,
         }
         .normalized();
         let out = self.ledger.debit(&cmd).await.map_err(to_status)?;
@@ -287,6 +288,7 @@ impl Metering for MeteringService {
             metadata: super::metadata(r.metadata),
             member_id: r.member_id,
             price_inputs: None,
+            attempt_mark: None,
         }
         .normalized();
         // Every bad field at once, the policy (parsed here) included.

@@ -446,6 +446,7 @@ impl Client {
                     metadata: Metadata::new(),
                     member_id: String::new(),
                     price_inputs: None,
+                    attempt_mark: None,
                 };
                 let inv = ledger.debit_invocation(&cmd);
                 let value: redis::Value = ledger

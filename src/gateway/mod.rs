@@ -551,6 +551,9 @@ impl Gateway {
         } else {
             String::new()
         };
+        // As check_idempotency_key: a present, non-empty request id keys the charge.
+        let keyed_by_request_id =
+            self.request_id_replay && call.request_id.is_some_and(|id| !id.is_empty());
         // Only a charge that could be spooled keeps a copy of its key.
         let spooled_key = (self.spool.is_some()
             && amount > 0
@@ -561,7 +564,12 @@ impl Gateway {
         // gives it: a retry after a reload that changed the price replays the first answer.
         let price_inputs = quote.inputs;
         let spooled_inputs = spooled_key.as_ref().map(|_| price_inputs.clone());
-        let mut cmd = ChargeCmd::new(op, amount, idempotency_key, price_inputs);
+        // A charge keyed by the client's request id may be replayed by a later attempt of
+        // the request: this attempt's mark tells a void which attempt made it (ledger
+        // `Debit::attempt_mark`). A check without one has a key of its own.
+        let attempt_mark =
+            (amount > 0 && keyed_by_request_id).then(crate::ledger::AttemptMark::random);
+        let mut cmd = ChargeCmd::new(op, amount, idempotency_key, price_inputs, attempt_mark);
         let sent = Sent::default();
         let charge = self.charge(op, amount, key, &mut cmd, &sent);
         let decision = match tokio::time::timeout(self.check_timeout, charge).await {
@@ -728,6 +736,8 @@ impl Gateway {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: charge.price_inputs.clone(),
+            // A spooled charge is never voided (fail_open).
+            attempt_mark: None,
         };
         let result = match &charge.payer {
             Payer::Account {
@@ -1046,8 +1056,15 @@ enum ChargeCmd {
 
 impl ChargeCmd {
     /// Without an account or member: the API key decides them (a call by key, or
-    /// [`ChargeCmd::set_identity`]). `price_inputs`: [`pricing::Quote::inputs`].
-    fn new(op: &Operation, amount: i64, idempotency_key: String, price_inputs: String) -> Self {
+    /// [`ChargeCmd::set_identity`]). `price_inputs`: [`pricing::Quote::inputs`];
+    /// `attempt_mark`: this attempt's, when the key is the client's request id.
+    fn new(
+        op: &Operation,
+        amount: i64,
+        idempotency_key: String,
+        price_inputs: String,
+        attempt_mark: Option<crate::ledger::AttemptMark>,
+    ) -> Self {
         match &op.mode {
             Mode::Debit => ChargeCmd::Debit(Debit {
                 account_id: String::new(),
@@ -1058,6 +1075,7 @@ impl ChargeCmd {
                 metadata: Metadata::new(),
                 member_id: String::new(),
                 price_inputs: Some(price_inputs),
+                attempt_mark,
             }),
             Mode::Hold(hold) => ChargeCmd::Hold(Authorize {
                 account_id: String::new(),
@@ -1070,6 +1088,7 @@ impl ChargeCmd {
                 metadata: Metadata::new(),
                 member_id: String::new(),
                 price_inputs: Some(price_inputs),
+                attempt_mark,
             }),
         }
     }

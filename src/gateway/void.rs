@@ -9,7 +9,9 @@
 //! (lua/void.lua, [`Ledger::void`]) in a task of its own: it refunds the debit in full
 //! (a refund event of operation `void`) or releases the hold, and forgets the charge's
 //! idempotency record, so a retry of the request (`gateway.request_id_replay`) is charged
-//! again; when the charge never ran (or was refused) it changes nothing.
+//! again; when the charge never ran (or was refused) it changes nothing, nor when the
+//! record it finds holds another attempt's mark (`ledger::AttemptMark`: a check keyed by
+//! the client's request id whose charge only replayed an earlier attempt's, which stands).
 //!
 //! Ordering: Redis runs the commands of one connection in order, so on the default single
 //! multiplexed connection (`redis.connections = 1`) a void sent after the charge runs after

@@ -41,6 +41,47 @@ impl FieldViolation {
     }
 }
 
+/// The mark of one attempt of a gateway charge ([`Debit::attempt_mark`]): 8 letters a-z,
+/// random, new for every attempt. Not a secret (it tells apart two attempts of one
+/// request), but it goes in no log either. Letters, so that lib.lua tells a marked
+/// idempotency record from an unmarked one (an answer starts with an upper-case code).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptMark([u8; AttemptMark::LEN]);
+
+impl AttemptMark {
+    pub const LEN: usize = 8;
+
+    /// A new random mark (26^8, ~2^37 of them). Without the system's randomness, one from
+    /// the clock and a process counter: two attempts of a request still get two marks.
+    pub fn random() -> Self {
+        let mut random = [0u8; Self::LEN];
+        if getrandom::fill(&mut random).is_err() {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or_default();
+            random = (nanos ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes();
+        }
+        Self(random.map(|b| b'a' + b % 26))
+    }
+
+    /// A mark from its text: exactly 8 letters a-z.
+    pub fn parse(text: &str) -> Option<Self> {
+        let bytes: [u8; Self::LEN] = text.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(u8::is_ascii_lowercase)
+            .then_some(Self(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Letters a-z only (random, parse): always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
 /// Collects violations so a request reports all its bad fields together.
 #[derive(Debug, Default)]
 pub struct Violations(Vec<FieldViolation>);
@@ -89,6 +130,13 @@ impl Violations {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
         }) {
             self.add(field, "may hold only lowercase letters, digits and _ - .");
+        }
+    }
+
+    /// A mark only on a priced charge (its digest argument carries it after both forms).
+    pub fn attempt_mark(&mut self, mark: &Option<AttemptMark>, price_inputs: &Option<String>) {
+        if mark.is_some() && price_inputs.is_none() {
+            self.add("attempt_mark", "only for a charge with price inputs");
         }
     }
 
@@ -279,6 +327,12 @@ pub struct Debit {
     /// reloaded since is the same request and replays its first answer. None: the caller
     /// named the amount (the API), and the digest covers it.
     pub price_inputs: Option<String>,
+    /// This attempt's mark ([`AttemptMark`]), for a priced charge that a later attempt of
+    /// the same request may replay (a gateway check keyed by the client's request id): the
+    /// idempotency record the charge makes keeps it, and a void of an attempt whose mark
+    /// differs leaves that charge alone (lua/void.lua). Needs `price_inputs`. None: no
+    /// mark (the API's charges, which are never voided).
+    pub attempt_mark: Option<AttemptMark>,
 }
 
 impl Debit {
@@ -304,6 +358,7 @@ impl Debit {
         v.idempotency_key("idempotency_key", &self.idempotency_key);
         v.operation("operation", &self.operation);
         v.metadata("metadata", &self.metadata);
+        v.attempt_mark(&self.attempt_mark, &self.price_inputs);
     }
 
     pub fn normalized(mut self) -> Self {
@@ -327,6 +382,8 @@ pub struct Authorize {
     /// As [`Debit::price_inputs`]; the digest then leaves out the TTL and the expiry
     /// policy too (the book's, not the caller's).
     pub price_inputs: Option<String>,
+    /// As [`Debit::attempt_mark`].
+    pub attempt_mark: Option<AttemptMark>,
 }
 
 impl Authorize {
@@ -355,6 +412,7 @@ impl Authorize {
         v.idempotency_key("idempotency_key", &self.idempotency_key);
         v.operation("operation", &self.operation);
         v.metadata("metadata", &self.metadata);
+        v.attempt_mark(&self.attempt_mark, &self.price_inputs);
     }
 
     pub fn normalized(mut self) -> Self {
@@ -579,6 +637,7 @@ mod tests {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         }
     }
 
@@ -593,6 +652,7 @@ mod tests {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         };
         let fields: Vec<String> = bad
             .validate()

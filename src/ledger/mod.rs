@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use command::{
-    Adjust, AdjustInput, Authorize, Debit, EndHold, FieldViolation, Grant, GrantInput, LotKind,
-    Metadata, OnExpiry, Refund,
+    Adjust, AdjustInput, AttemptMark, Authorize, Debit, EndHold, FieldViolation, Grant, GrantInput,
+    LotKind, Metadata, OnExpiry, Refund,
 };
 pub use error::{BudgetScope, HoldEnd, LedgerError, Refusal};
 use library::{Library, ScriptSource};
@@ -217,6 +217,7 @@ fn debit_digest(cmd: &Debit, metadata: &str) -> String {
             [&cmd.wallet, &cmd.operation, metadata, &cmd.member_id],
             inputs,
             by_amount,
+            cmd.attempt_mark.as_ref(),
         ),
     }
 }
@@ -248,6 +249,7 @@ fn authorize_digest(cmd: &Authorize, metadata: &str) -> String {
             [&cmd.wallet, &cmd.operation, metadata, &cmd.member_id],
             inputs,
             by_amount,
+            cmd.attempt_mark.as_ref(),
         ),
     }
 }
@@ -255,16 +257,26 @@ fn authorize_digest(cmd: &Authorize, metadata: &str) -> String {
 /// The digest argument of a charge a price book priced (a gateway check): the digest of
 /// what the caller asked for — `[wallet, operation, metadata, member]` and the price
 /// inputs — then, 16 more hex digits, `by_amount`, the form tollgate wrote for such a
-/// charge before it had price inputs. The scripts record the first and find a record
-/// holding either (lib.lua `recall`), so a retry across an upgrade replays the charge an
-/// older sidecar made rather than being refused (its price unchanged; a reload that
-/// changed it as well makes it a 409, never a second charge). A new-form record is
-/// another request to an older sidecar: a 409 during a rolling upgrade, never a second
-/// charge either.
-fn priced_digest(kind: &str, request: [&str; 4], inputs: &str, by_amount: String) -> String {
+/// charge before it had price inputs, and then the attempt's mark when it has one
+/// ([`Debit::attempt_mark`]: 8 letters). The scripts record the first (and the mark) and
+/// find a record holding either (lib.lua `recall`), so a retry across an upgrade replays
+/// the charge an older sidecar made rather than being refused (its price unchanged; a
+/// reload that changed it as well makes it a 409, never a second charge). A new-form
+/// record (or a marked one) is another request to an older sidecar: a 409 during a
+/// rolling upgrade, never a second charge either.
+fn priced_digest(
+    kind: &str,
+    request: [&str; 4],
+    inputs: &str,
+    by_amount: String,
+    mark: Option<&AttemptMark>,
+) -> String {
     let [wallet, operation, metadata, member] = request;
     let mut out = digest(&[kind, "priced", wallet, operation, metadata, member, inputs]);
     out.push_str(&by_amount);
+    if let Some(mark) = mark {
+        out.push_str(mark.as_str());
+    }
     out
 }
 
@@ -1497,6 +1509,7 @@ mod tests {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: inputs.map(str::to_owned),
+            attempt_mark: None,
         }
     }
 
@@ -1512,6 +1525,7 @@ mod tests {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: inputs.map(str::to_owned),
+            attempt_mark: None,
         }
     }
 
@@ -1549,5 +1563,29 @@ mod tests {
             d(&debit(50, Some("")))[..16],
             a(&hold(50, 60_000, Some("")))[..16]
         );
+    }
+
+    /// An attempt's mark follows both digest forms; the digests themselves do not change.
+    #[test]
+    fn a_marked_charge_sends_its_mark_after_both_digests() {
+        let mut marked = debit(3, Some("x-pages=1:3;"));
+        marked.attempt_mark = AttemptMark::parse("abcdefgh");
+        let digest = debit_digest(&marked, "");
+        assert_eq!(digest.len(), 40);
+        assert_eq!(
+            digest[..32],
+            debit_digest(&debit(3, Some("x-pages=1:3;")), "")
+        );
+        assert_eq!(&digest[32..], "abcdefgh");
+        let mut hold = hold(50, 60_000, Some(""));
+        hold.attempt_mark = AttemptMark::parse("zzzzzzzz");
+        assert!(authorize_digest(&hold, "").ends_with("zzzzzzzz"));
+        // Marks: 8 letters a-z, a new one each time (but by a 26^-8 chance).
+        let (a, b) = (AttemptMark::random(), AttemptMark::random());
+        assert_ne!(a, b);
+        assert_eq!(AttemptMark::parse(a.as_str()), Some(a));
+        for bad in ["abcdefg", "abcdefghi", "ABCDEFGH", "abcdefg1", "abcdefg|"] {
+            assert_eq!(AttemptMark::parse(bad), None, "{bad}");
+        }
     }
 }

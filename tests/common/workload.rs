@@ -53,6 +53,7 @@ pub async fn every_kind(ledger: &Ledger, now: &AtomicI64, rounds: usize, tag: &s
                     metadata: [("doc".to_owned(), format!("{round}"))].into(),
                     member_id: String::new(),
                     price_inputs: None,
+                    attempt_mark: None,
                 })
                 .await
                 .expect("debit");
@@ -78,6 +79,7 @@ pub async fn every_kind(ledger: &Ledger, now: &AtomicI64, rounds: usize, tag: &s
                 metadata: Metadata::new(),
                 member_id: String::new(),
                 price_inputs: None,
+                attempt_mark: None,
             };
             let h1 = ledger
                 .authorize(&hold(50, OnExpiry::Release, "h1"))

@@ -138,7 +138,10 @@ end
 -- Idempotency records (docs/ARCHITECTURE.md, "Idempotency records"): fields of one hash
 -- per shard and time bucket, "{tg:S}:i:<bucket>", a bucket spanning half the window.
 -- Field: 30 hex digits (120 bits) of SHA-1("<account>:<key>") (account ids hold no ':');
--- value: 16 hex digits of the request digest, then the answer. A record is looked for in
+-- value: 16 hex digits of the request digest, then the answer. A gateway charge keyed by
+-- a client's request id also records its attempt's mark (8 letters a-z, after the digest,
+-- which it then holds in upper case; an answer starts with an upper-case code): see
+-- recall and remember. A record is looked for in
 -- the current bucket and the two before it, so it lives at least the window and less than
 -- 1.5 windows. A hash field costs far less than a key with its own expiry (~130 B instead
 -- of ~210 B per record); the sweeper unlinks dead buckets, and each bucket carries an
@@ -249,47 +252,81 @@ local function idem_key(acct, key)
   return string.sub(redis.sha1hex(acct .. ':' .. key), 1, 30)
 end
 
+-- Where a record's answer starts, and its attempt mark (nil: none). A marked record
+-- (lib.lua remember) has a letter a-z after its digest; an answer starts with an
+-- upper-case code ("OK|...", "INSUFFICIENT_CREDITS|..."), so an unmarked one never does.
+local function record_answer_at(v)
+  local c = string.byte(v, 17)
+  if c and c >= 97 and c <= 122 then
+    return 25, string.sub(v, 17, 24)
+  end
+  return 17, nil
+end
+
 -- recall's answer from bucket b and the IDEM_BUCKETS_LOOKED_AT - 1 before it (of one
--- numbering), or nil. `also`: a second digest a record of the same request may hold, or ''.
+-- numbering), or nil; then the record's attempt mark, if any. `also`: a second digest a
+-- record of the same request may hold, or ''.
 local function recall_in(field, digest, also, b)
   for age = 0, IDEM_BUCKETS_LOOKED_AT - 1 do
     local v = redis.call('HGET', TAG .. ':i:' .. itos(b - age), field)
     if v then
+      local at, mark = record_answer_at(v)
       local held = string.sub(v, 1, 16)
+      if mark then
+        -- A marked record holds its digest in upper case (see remember).
+        held = string.lower(held)
+      end
       if held ~= digest and held ~= also then
         return { 0, 'IDEMPOTENCY_KEY_REUSED' }
       end
-      return { 1, string.sub(v, 17) }
+      return { 1, string.sub(v, at) }, mark
     end
   end
   return nil
 end
 
 -- The record of `field`: { 1, answer } when it holds this request's digest, { 0,
--- 'IDEMPOTENCY_KEY_REUSED' } when another's, nil when there is none. `digest` is 16 hex
--- digits, or 32: the request's digest, then another form of it a record may hold (a
--- gateway charge's record written before it was digested by its price inputs; Rust
--- `priced_digest`). remember() records the first 16.
+-- 'IDEMPOTENCY_KEY_REUSED' } when another's, nil when there is none; then, for a record
+-- of this request, the attempt mark it holds (nil: none). `digest` is 16 hex digits, or
+-- 32: the request's digest, then another form of it a record may hold (a gateway
+-- charge's record written before it was digested by its price inputs; Rust
+-- `priced_digest`), and then, for a gateway charge keyed by a client's request id, its
+-- attempt's mark (8 letters a-z). remember() records the first 16 and the mark.
 local function recall(field, digest)
   local also = string.sub(digest, 17, 32)
   digest = string.sub(digest, 1, 16)
   idem_numbering()
   local now = real_now()
-  local found = recall_in(field, digest, also, math.floor(now / IDEM_SPAN_MS))
+  local found, mark = recall_in(field, digest, also, math.floor(now / IDEM_SPAN_MS))
   if not found and IDEM_PREV_SPAN and now < IDEM_PREV_UNTIL then
-    found = recall_in(field, digest, also, math.floor(now / IDEM_PREV_SPAN))
+    found, mark = recall_in(field, digest, also, math.floor(now / IDEM_PREV_SPAN))
   end
-  return found
+  if found and found[1] == 0 then
+    mark = nil
+  end
+  return found, mark
 end
 
 -- Records `answer` under `field` with the request's digest (the first 16 hex digits of
--- `digest`: see recall).
+-- `digest`: see recall) and its attempt mark when `digest` carries one (digits 33 to 40):
+-- "<DIGEST><mark><answer>", the digest in upper case. A replay finds the record and never
+-- writes it again, so the mark stays the attempt's that made the charge (lua/void.lua
+-- compares it). The upper case makes an older tollgate, whose recall compares the digest
+-- as it is, see another request's record (IDEMPOTENCY_KEY_REUSED) rather than hand the
+-- mark out as part of the answer (docs/ARCHITECTURE.md "Voids").
 local function remember(field, digest, answer)
   idem_numbering()
   local b = idem_bucket()
   local bucket = TAG .. ':i:' .. itos(b)
   local expires = itos((b + IDEM_BUCKETS_LOOKED_AT + 1) * IDEM_SPAN_MS)
-  redis.call('HSET', bucket, field, string.sub(digest, 1, 16) .. answer)
+  local mark = string.sub(digest, 33, 40)
+  local value
+  if string.match(mark, '^%l%l%l%l%l%l%l%l$') then
+    value = string.upper(string.sub(digest, 1, 16)) .. mark .. answer
+  else
+    value = string.sub(digest, 1, 16) .. answer
+  end
+  redis.call('HSET', bucket, field, value)
   redis.call('PEXPIREAT', bucket, expires, 'NX')
   if IDEM_PREV_SPAN then
     -- Bucket numbers of the two numberings can meet (spans close to each other): a
@@ -346,7 +383,7 @@ local function forget_hold_record(field, hold_id)
     local v = redis.call('HGET', bucket, field)
     if v then
       -- The record recall finds (the newest): the only one that can answer a retry.
-      if string.match(string.sub(v, 17), '^OK|[^|]+|([^|]+)|') == hold_id then
+      if string.match(string.sub(v, (record_answer_at(v))), '^OK|[^|]+|([^|]+)|') == hold_id then
         redis.call('HDEL', bucket, field)
       end
       return

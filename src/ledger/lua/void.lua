@@ -2,7 +2,7 @@
 -- its deadline while the charge may still run late; docs/ARCHITECTURE.md "Voids").
 -- ARGV 8 account ("" = by API key), 9 the charge's idempotency key, 10 the charge's
 -- request digest (the debit's or the hold's, exactly as it was sent; either form of a
--- priced one, as lib.lua recall reads it), 11 the void's own idempotency key, 12 its
+-- priced one and its attempt mark, as lib.lua recall reads them), 11 the void's own idempotency key, 12 its
 -- digest, 13 metadata of the void's event, 14 most lots per wallet; by API key 15 the
 -- key id, 16 the presented key's SHA-256 (the key's account, whether the key was revoked
 -- or bound to a member since: the charge was its account's).
@@ -12,6 +12,9 @@
 --     is charged afresh: "OK|VOIDED_DEBIT|refund_event_id|charge_id|refunded|available";
 --   a hold ("OK|event_id|hold_id|...") still open -> releases it and forgets the record:
 --     "OK|RELEASED_HOLD|hold_id|release_event_id|released";
+--   a record another attempt of the request made (it holds an attempt mark, and not this
+--     charge's: the charge this void undoes only replayed it) -> "OK|NONE|other_attempt";
+--     a record without a mark (made by an older tollgate) is taken for this attempt's;
 --   anything else changes nothing: "OK|NONE|why" (why: no_charge, other_request, refused,
 --     hold_ended, charge_gone, refunded, unknown_key).
 -- Recorded under the void's own key, so a retried void replays its answer and never
@@ -35,13 +38,18 @@ if prior then
   return prior
 end
 local ckey = idem_key(acct, ARGV[9])
-local charge = recall(ckey, ARGV[10])
+local charge, held_mark = recall(ckey, ARGV[10])
+local own_mark = string.sub(ARGV[10], 33, 40)
 local answer
 if not charge then
   answer = 'OK|NONE|no_charge'
 elseif charge[1] == 0 then
   -- The key's record is another request's (IDEMPOTENCY_KEY_REUSED): not this charge.
   answer = 'OK|NONE|other_request'
+elseif held_mark and held_mark ~= own_mark then
+  -- Made by another attempt of the request (one that was answered, say): this void's
+  -- charge found it and replayed it, charging nothing. It stays.
+  answer = 'OK|NONE|other_attempt'
 else
   local eid, third = string.match(charge[2], '^OK|([^|]+)|([^|]+)|')
   if not eid then
