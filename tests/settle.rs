@@ -3592,6 +3592,7 @@ async fn a_batch_whose_commit_failed_is_read_again_by_the_next_round() {
             metadata: Metadata::new(),
             member_id: String::new(),
             price_inputs: None,
+            attempt_mark: None,
         })
         .await
         .expect("debit");
