@@ -559,6 +559,85 @@ fn debit(account: &str, key: &str, amount: i64) -> Debit {
     }
 }
 
+/// A void undoes a debit: the budgets it was counted in get it back (a refund, a
+/// correction, does not), so the retry the void lets through is not refused
+/// `BUDGET_EXCEEDED` for a charge that no longer stands. A budget set again since the
+/// debit gets nothing back (it never counted the debit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voided_debit_is_given_back_to_its_budgets() {
+    use tollgate::ledger::org::{BudgetPeriod, SetBudget};
+    let redis = RedisServer::start();
+    // Redis's clock: the debit's time is its event id's (the ledger's clock in production).
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let meta = void_metadata();
+    // A calendar day whose midnight is about twelve hours away, whatever the time now.
+    let now_minutes = (tollgate::ledger::wall_clock_ms() / 60_000 % (24 * 60)) as i32;
+    let noon_offset = (12 * 60 - now_minutes).clamp(-14 * 60, 14 * 60);
+    for (acct, period, offset) in [
+        ("void-day", BudgetPeriod::Day, noon_offset),
+        ("void-window", BudgetPeriod::Window(3_600_000), 0),
+    ] {
+        ledger
+            .grant(&common::purchase(acct, 100, "g"))
+            .await
+            .expect("grant");
+        let budget = |limit: i64, key: &str| SetBudget {
+            account_id: acct.into(),
+            member_id: String::new(),
+            wallet: "default".into(),
+            limit,
+            period,
+            utc_offset_minutes: offset,
+            idempotency_key: key.into(),
+        };
+        let spent = || async {
+            let view = ledger.view(acct, "", "default").await.expect("view");
+            view.budgets.first().map(|b| b.spent)
+        };
+        ledger.set_budget(&budget(10, "b1")).await.expect("budget");
+        let first = debit(acct, "req-1", 6);
+        ledger.debit(&first).await.expect("debit");
+        assert_eq!(spent().await, Some(6), "{acct}");
+        let out = ledger
+            .void(ChargeRef::Debit(&first), None, "void-1", &meta)
+            .await
+            .expect("void");
+        assert!(
+            matches!(out.voided, Voided::Debit { .. }),
+            "{acct}: {out:?}"
+        );
+        assert_eq!(spent().await, Some(0), "{acct}: the void gave it back");
+        // The retry is charged afresh, within the budget.
+        let retried = ledger
+            .debit(&first)
+            .await
+            .expect("the retry fits the budget");
+        assert!(!retried.replayed, "{acct}");
+        assert_eq!(spent().await, Some(6), "{acct}");
+
+        // Set again after the charge: a new budget, which never counted it.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        ledger.set_budget(&budget(0, "b2")).await.expect("removed");
+        ledger
+            .set_budget(&budget(10, "b3"))
+            .await
+            .expect("set again");
+        ledger.debit(&debit(acct, "req-2", 3)).await.expect("debit");
+        assert_eq!(spent().await, Some(3), "{acct}");
+        ledger
+            .void(ChargeRef::Debit(&first), None, "void-2", &meta)
+            .await
+            .expect("void");
+        assert_eq!(
+            spent().await,
+            Some(3),
+            "{acct}: nothing back to a budget set since"
+        );
+        let b = &ledger.balance(acct, "default").await.expect("balance")[0];
+        assert_eq!(b.available, 97, "{acct}");
+    }
+}
+
 fn void_metadata() -> Metadata {
     [("tollgate".to_owned(), "void".to_owned())].into()
 }

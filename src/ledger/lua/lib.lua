@@ -567,9 +567,9 @@ local function civil_from_days(z)
   return y, m
 end
 
--- Start and end (ms) of the calendar period holding NOW.
-local function period_bounds(p, z)
-  local days = math.floor((NOW + z) / DAY_MS)
+-- Start and end (ms) of the calendar period holding time t (ms).
+local function period_bounds(p, z, t)
+  local days = math.floor((t + z) / DAY_MS)
   if p == 'd' then
     return days * DAY_MS - z, (days + 1) * DAY_MS - z
   end
@@ -589,9 +589,10 @@ local function budget_state(key, name)
   end
   -- c: the budget's creation stamp (lua/org.lua), so a hold gives back only to the budget
   -- it was counted in, not to one removed and set again since.
-  local B = { key = key, name = name, limit = tonumber(v[1]), p = v[2], c = v[7] or '' }
+  local B = { key = key, name = name, limit = tonumber(v[1]), p = v[2], c = v[7] or '', z = tonumber(v[4]) or 0 }
   if B.p == 'w' then
     local g = math.max(1, math.ceil((tonumber(v[3]) or 1) / BUDGET_BUCKETS))
+    B.g = g
     local cur = math.floor(NOW / g)
     B.pid = cur
     B.spent = 0
@@ -614,7 +615,7 @@ local function budget_state(key, name)
     end
     B.resets = oldest and (oldest + BUDGET_BUCKETS + 1) * g or NOW
   else
-    local s, e = period_bounds(B.p, tonumber(v[4]) or 0)
+    local s, e = period_bounds(B.p, B.z, NOW)
     B.pid = s
     B.spent = tonumber(v[6]) == s and (tonumber(v[5]) or 0) or 0
     B.resets = e
@@ -711,6 +712,34 @@ local function budgets_give_back(refs, amount)
       redis.call('HSET', key, 's', math.max(0, (tonumber(v[3]) or 0) - amount))
     end
   end
+end
+
+-- Gives `amount` of a debit (event id `eid`, of W's wallet, by `member`) back to the
+-- budgets it was counted in: a void undoes the charge (a refund does not; ARCHITECTURE
+-- "Organizations"). A debit keeps no budget references (a hold does: `bg`), so they are
+-- found again: each budget of W and the member now, in the period (or rolling-window
+-- bucket) that held the debit's time, if the budget existed then — its creation stamp
+-- (next_seq, never below the real time in microseconds when it was set) not after that
+-- time; a budget set again since has a later stamp and gets nothing (budgets_give_back
+-- gives only to a period still current).
+local function budgets_undo_debit(W, member, eid, amount)
+  local ms = tonumber(string.match(eid, '^%d+%-(%d+)%-%d+$') or '')
+  if not ms then
+    return
+  end
+  local refs = {}
+  for _, B in ipairs(budgets_for(W, member)) do
+    if B.c == '' or tonumber(B.c) < (ms + 1) * 1000 then
+      local pid
+      if B.p == 'w' then
+        pid = math.floor(ms / B.g)
+      else
+        pid = period_bounds(B.p, B.z, ms)
+      end
+      refs[#refs + 1] = B.key .. '|' .. itos(pid) .. '|' .. B.c
+    end
+  end
+  budgets_give_back(table.concat(refs, ','), amount)
 end
 
 -- Lower the wallet's next due time (lot expiry or hold deadline) to t if t is sooner.

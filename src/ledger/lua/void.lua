@@ -8,7 +8,8 @@
 -- or bound to a member since: the charge was its account's).
 -- Finds the charge's idempotency record (lib.lua recall) and:
 --   a debit ("OK|event_id|...") -> refunds what is left of it (lib.lua refund_charge; a
---     refund event of operation "void") and forgets the record, so a retry of the request
+--     refund event of operation "void"), gives it back to the budgets it was counted in
+--     (lib.lua budgets_undo_debit) and forgets the record, so a retry of the request
 --     is charged afresh: "OK|VOIDED_DEBIT|refund_event_id|charge_id|refunded|available";
 --   a hold ("OK|event_id|hold_id|...") still open -> releases it and forgets the record:
 --     "OK|RELEASED_HOLD|hold_id|release_event_id|released";
@@ -92,6 +93,9 @@ else
         if not record or not rid then
           return { 0, refunded }
         end
+        -- Undone, not corrected: the budgets it was counted in get it back too (a retry
+        -- is charged afresh and counted again).
+        budgets_undo_debit(open_wallet(C.c[1], C.c[2]), C.c[6] or '', eid, left)
         forget(ckey)
         local available = string.match(rest, '^([^|]+)')
         answer = 'OK|VOIDED_DEBIT|' .. rid .. '|' .. eid .. '|' .. itos(left) .. '|' .. available
