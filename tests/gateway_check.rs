@@ -30,7 +30,7 @@ use common::gateways::{
 };
 use tollgate::api::pb;
 use tollgate::config::{Config, ConfigErrors, Overrides};
-use tollgate::gateway::identity::{IdentityError, KeyBinding, KeyStore, Presented};
+use tollgate::gateway::identity::{IdentityError, KeyBinding, KeyStore, Known, Presented};
 use tollgate::ledger::Clock;
 
 /// What a CheckResponse says, flattened.
@@ -1065,6 +1065,54 @@ async fn an_answer_from_before_a_revocation_is_not_cached_after_it() {
     assert!(matches!(
         sidecar.identify(&key.api_key).await,
         Err(IdentityError::Revoked)
+    ));
+}
+
+/// Two lookups of a key that another sidecar revokes between them answer out of order:
+/// the older "valid" must not replace the newer "revoked" (a revocation is for good). It
+/// did, for a whole TTL, and once expired let the key through a fail_open route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_valid_answer_does_not_replace_a_newer_revoked_one() {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let store = || {
+        KeyStore::new(
+            ledger.redis().clone(),
+            ledger.shards().clone(),
+            Duration::from_secs(3_600),
+            100,
+            10,
+        )
+    };
+    let (sidecar, other) = (store(), store());
+    other.load_scripts().await.expect("key scripts");
+    let key = other
+        .create("acme", "k", &KeyBinding::default(), "")
+        .await
+        .expect("key");
+    // A first miss: the doorkeeper lets the key in from the next answer on.
+    sidecar.identify(&key.api_key).await.expect("valid key");
+    let (Presented::Miss(first), Presented::Miss(second)) = (
+        sidecar.presented(&key.api_key),
+        sidecar.presented(&key.api_key),
+    ) else {
+        panic!("not cached after one miss");
+    };
+    // The first lookup read "valid"; the other sidecar revokes the key; the second lookup
+    // reads "revoked" and answers first.
+    other.revoke(&key.key_id).await.expect("revoke");
+    sidecar.learn(&second, || Known::Revoked);
+    sidecar.learn(&first, || first.active("acme".into(), String::new()));
+    assert!(
+        matches!(
+            sidecar.presented(&key.api_key),
+            Presented::Known(Err(IdentityError::Revoked))
+        ),
+        "an older valid answer replaced the revoked one"
+    );
+    assert!(matches!(
+        sidecar.refused(&key.api_key),
+        Some(IdentityError::Revoked)
     ));
 }
 

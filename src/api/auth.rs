@@ -13,6 +13,23 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether a presented secret is the configured one, in time independent of where they
+/// first differ and of the configured secret's length: their SHA-256 digests (always 32
+/// bytes) are compared, not the secrets ([`constant_time_eq`] alone answers at once when
+/// the lengths differ, which told the configured token's length).
+pub fn secret_eq(presented: &[u8], configured: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    constant_time_eq(&Sha256::digest(presented), &Sha256::digest(configured))
+}
+
+/// Whether `presented` is any of `configured`, every one compared (no timing tells which
+/// one matched).
+fn any_secret_eq(presented: &str, configured: &[String]) -> bool {
+    configured.iter().fold(false, |found, t| {
+        found | secret_eq(presented.as_bytes(), t.as_bytes())
+    })
+}
+
 /// The token after `Bearer ` in an authorization value.
 pub fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
@@ -56,17 +73,9 @@ impl TokenCheck {
                 "missing authorization: Bearer <token>",
             ));
         };
-        if self
-            .tokens
-            .iter()
-            .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
-        {
+        if any_secret_eq(token, &self.tokens) {
             Ok(())
-        } else if self
-            .others
-            .iter()
-            .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
-        {
+        } else if any_secret_eq(token, &self.others) {
             Err(Status::permission_denied(self.others_message))
         } else {
             Err(Status::unauthenticated("invalid token"))
@@ -102,6 +111,17 @@ mod tests {
         assert!(check.check(Some("Bearer ")).is_err());
         assert!(check.check(Some("secret")).is_err());
         assert!(check.check(None).is_err());
+    }
+
+    #[test]
+    fn secrets_compare_by_digest_whatever_their_lengths() {
+        assert!(secret_eq(b"s3cret-token", b"s3cret-token"));
+        for other in [&b"s3cret-toke"[..], b"s3cret-token!", b"S3cret-token", b""] {
+            assert!(!secret_eq(other, b"s3cret-token"), "{other:?}");
+        }
+        let tokens = ["current".to_owned(), "previous".to_owned()];
+        assert!(any_secret_eq("current", &tokens) && any_secret_eq("previous", &tokens));
+        assert!(!any_secret_eq("neither", &tokens));
     }
 
     #[test]

@@ -571,18 +571,39 @@ impl KeyStore {
     /// the revocation, and must not replace the revoked entry the revocation left. Checked
     /// before inserting and again after: an answer inserted across a revocation is removed
     /// unless it says revoked (should that revocation's entry have been overwritten by it,
-    /// the key is only asked about again).
+    /// the key is only asked about again). And never over a revoked entry, whoever revoked
+    /// the key (a revocation is for good): two lookups of a key another sidecar revoked
+    /// meanwhile may answer out of order, and the older "valid" replaced the newer
+    /// "revoked" for a whole TTL (then, expired, it let the key through fail_open).
     pub fn learn(&self, miss: &KeyMiss<'_>, known: impl FnOnce() -> Known) {
         let now = Instant::now();
         let revoked_since = || self.revocations.load(Ordering::SeqCst) != miss.revocations;
         if (miss.stale.is_some() || self.doorkeeper.mark(&miss.digest, now)) && !revoked_since() {
-            self.cache.insert(
-                miss.digest,
-                Cached {
-                    known: known(),
-                    at: now,
-                },
-            );
+            let mut fresh = Some(Cached {
+                known: known(),
+                at: now,
+            });
+            // Under the cache shard's lock, so no other answer lands between the look and
+            // the write. Retained when the key had an entry (updated in place, or kept
+            // revoked); no loader holds a placeholder in this cache, so Vacant is the only
+            // other answer.
+            let entry = self
+                .cache
+                .entry(&miss.digest, Some(Duration::ZERO), |_, cached| {
+                    let keep = matches!(cached.known, Known::Revoked)
+                        && !matches!(fresh.as_ref().map(|f| &f.known), Some(Known::Revoked));
+                    if !keep {
+                        if let Some(fresh) = fresh.take() {
+                            *cached = fresh;
+                        }
+                    }
+                    quick_cache::sync::EntryAction::Retain(())
+                });
+            if let quick_cache::sync::EntryResult::Vacant(guard) = entry {
+                if let Some(fresh) = fresh.take() {
+                    let _ = guard.insert(fresh);
+                }
+            }
             if revoked_since() {
                 self.cache
                     .remove_if(&miss.digest, |c| !matches!(c.known, Known::Revoked));
