@@ -3462,6 +3462,51 @@ async fn history_shows_a_refunds_expired_part_and_a_capture_of_nothing_as_a_rele
     }
 }
 
+/// A ledger on `redis` (a manual clock) where "acme" was granted 100 and debited 7: the
+/// debit, and the two outbox events.
+async fn granted_and_debited(
+    redis: &common::RedisServer,
+) -> (
+    Arc<Ledger>,
+    tollgate::ledger::DebitOutcome,
+    Vec<LedgerEvent>,
+) {
+    let (clock, _now) = Clock::manual(START_MS);
+    let ledger = common::ledger(redis, clock);
+    ledger
+        .grant(&common::purchase("acme", 100, "g"))
+        .await
+        .expect("grant");
+    let debit = ledger
+        .debit(&Debit {
+            account_id: "acme".into(),
+            wallet: "default".into(),
+            amount: 7,
+            idempotency_key: "d".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+            price_inputs: None,
+            attempt_mark: None,
+        })
+        .await
+        .expect("debit");
+    let events = common::outbox_events(&ledger).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].event_id, debit.event_id);
+    (ledger, debit, events)
+}
+
+/// Another event under `debit`'s id: a debit of 30 (from 100) with another key.
+fn another_debit_under_the_id_of(debit: &LedgerEvent) -> LedgerEvent {
+    let mut other = debit.clone();
+    other.amount = 30;
+    other.available_after = 70;
+    other.lots[0].amount = 30;
+    other.idempotency_key = "lost".into();
+    other
+}
+
 /// A Redis rolled back with its clock behind the lost incarnation's can hand a new event
 /// the id of a settled one. The store's dedupe took it as already written: its charge was
 /// missing from the durable ledger without a trace. Now the settler compares what the
@@ -3473,37 +3518,11 @@ async fn an_event_reusing_a_settled_events_id_is_set_aside_not_dropped() {
     let pg = common::PgDatabase::create().await;
     for url in [common::temp_sqlite_url(), pg.url.clone()] {
         let redis = common::RedisServer::start();
-        let (clock, _now) = Clock::manual(START_MS);
-        let ledger = common::ledger(&redis, clock);
-        ledger
-            .grant(&common::purchase("acme", 100, "g"))
-            .await
-            .expect("grant");
-        let debit = ledger
-            .debit(&Debit {
-                account_id: "acme".into(),
-                wallet: "default".into(),
-                amount: 7,
-                idempotency_key: "d".into(),
-                operation: "op".into(),
-                metadata: Metadata::new(),
-                member_id: String::new(),
-                price_inputs: None,
-                attempt_mark: None,
-            })
-            .await
-            .expect("debit");
-        let events = common::outbox_events(&ledger).await;
-        assert_eq!(events.len(), 2);
-        assert_eq!(events[1].event_id, debit.event_id);
+        let (ledger, debit, events) = granted_and_debited(&redis).await;
         let store = store(&url).await;
         let kind = store.kind();
         // What the lost incarnation settled under the debit's id: a debit of 30.
-        let mut lost = events[1].clone();
-        lost.amount = 30;
-        lost.available_after = 70;
-        lost.lots[0].amount = 30;
-        lost.idempotency_key = "lost".into();
+        let lost = another_debit_under_the_id_of(&events[1]);
         assert_eq!(
             store
                 .append(std::slice::from_ref(&lost))
@@ -3576,35 +3595,10 @@ async fn an_event_reusing_a_settled_events_id_is_set_aside_not_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_commit_failed_is_read_again_by_the_next_round() {
     let redis = common::RedisServer::start();
-    let (clock, _now) = Clock::manual(START_MS);
-    let ledger = common::ledger(&redis, clock);
-    ledger
-        .grant(&common::purchase("acme", 100, "g"))
-        .await
-        .expect("grant");
-    let debit = ledger
-        .debit(&Debit {
-            account_id: "acme".into(),
-            wallet: "default".into(),
-            amount: 7,
-            idempotency_key: "d".into(),
-            operation: "op".into(),
-            metadata: Metadata::new(),
-            member_id: String::new(),
-            price_inputs: None,
-            attempt_mark: None,
-        })
-        .await
-        .expect("debit");
-    let events = common::outbox_events(&ledger).await;
-    assert_eq!(events.len(), 2);
-    assert_eq!(events[1].event_id, debit.event_id);
+    let (ledger, _debit, events) = granted_and_debited(&redis).await;
     let store = store(&common::temp_sqlite_url()).await;
     // The debit's id is taken in the store by another event: the settler sets it aside.
-    let mut other = events[1].clone();
-    other.amount = 30;
-    other.available_after = 70;
-    other.lots[0].amount = 30;
+    let other = another_debit_under_the_id_of(&events[1]);
     assert_eq!(store.append(&[other]).await.expect("other"), 1);
     // ... into a dead-letter stream that cannot be written (a key of another type).
     let dead = format!("{}:dead", ledger.shards().outbox(events[1].shard()));
