@@ -1551,3 +1551,249 @@ async fn queues_stay_in_order_under_concurrent_dispatchers_postgres() {
 async fn queues_stay_in_order_under_concurrent_dispatchers_sqlite() {
     queues_stay_in_order_under_concurrent_dispatchers(&common::temp_sqlite_url()).await;
 }
+
+/// A store (at `store_url`) holding the `grant.created` deliveries of `grants` (account,
+/// number of grants), settled from a real ledger; its Redis, kept alive by the caller.
+async fn granted_deliveries(
+    store_url: &str,
+    grants: &[(&str, usize)],
+) -> (common::RedisServer, std::sync::Arc<tollgate::settle::Store>) {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    for (account, count) in grants {
+        for g in 0..*count {
+            ledger
+                .grant(&common::purchase(account, 100, &format!("g{g}")))
+                .await
+                .expect("grant");
+        }
+    }
+    let store = tollgate::settle::Store::connect_lazy(store_url, 4).expect("store");
+    store.migrate().await.expect("migrate");
+    let events = common::outbox_events(&ledger).await;
+    store
+        .append_batch(&events, None, Some(&low_below_20()))
+        .await
+        .expect("settle");
+    (redis, std::sync::Arc::new(store))
+}
+
+/// A dispatcher POSTing to `receiver`, whose attempts time out after `timeout`; stopped
+/// when the sender is dropped or sent to.
+fn start_dispatcher(
+    store: &std::sync::Arc<tollgate::settle::Store>,
+    receiver: &Receiver,
+    timeout: Duration,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let settings = tollgate::webhooks::DispatchSettings {
+        url: receiver.url(),
+        secret: SECRET.into(),
+        secret_previous: String::new(),
+        timeout,
+        attempts_max: 30,
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        poll_interval: Duration::from_millis(50),
+        concurrency: 4,
+        delivery_retention: None,
+    };
+    let dispatcher = tollgate::webhooks::dispatcher::Dispatcher::new(
+        store.clone(),
+        settings,
+        std::sync::Arc::new(low_below_20()),
+    )
+    .expect("dispatcher");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(dispatcher.run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+/// Ids the receiver accepted of the account's deliveries, in the order received.
+fn accepted_ids(receiver: &Receiver, account: &str) -> Vec<String> {
+    receiver
+        .accepted()
+        .iter()
+        .filter(|r| r.json()["account_id"] == account)
+        .map(|r| r.delivery_id.clone())
+        .collect()
+}
+
+/// A receiver hanging on one account's delivery holds one of the dispatcher's slots, not
+/// the others: another account's deliveries all go out while that attempt still hangs
+/// (the dispatcher used to wait for every attempt of a batch before reading the next
+/// heads, so each later delivery waited for the hanging one's deadline). The hanging
+/// account's next delivery waits behind it, and goes once it is answered.
+async fn a_receiver_hanging_on_one_account_holds_up_only_that_account(store_url: &str) {
+    const FAST: usize = 6;
+    let (_redis, store) = granted_deliveries(store_url, &[("slow", 2), ("fast", FAST)]).await;
+    let receiver = Receiver::start().await;
+    receiver.hold_account("slow");
+    // Longer than this test waits: the held attempt does not time out meanwhile.
+    let (stop, task) = start_dispatcher(&store, &receiver, Duration::from_secs(600));
+
+    common::eventually(DEADLINE, "fast's deliveries while slow's hangs", || async {
+        (accepted_ids(&receiver, "fast").len() == FAST).then_some(())
+    })
+    .await;
+    let slow: Vec<_> = receiver
+        .received()
+        .into_iter()
+        .filter(|r| r.json()["account_id"] == "slow")
+        .collect();
+    assert_eq!(
+        slow.len(),
+        1,
+        "slow's second delivery waits behind its first"
+    );
+    assert_eq!(
+        receiver.held_now(),
+        1,
+        "slow's first attempt still in flight"
+    );
+
+    receiver.release();
+    let slow_ids = common::eventually(DEADLINE, "slow's deliveries once answered", || async {
+        let ids = accepted_ids(&receiver, "slow");
+        (ids.len() == 2).then_some(ids)
+    })
+    .await;
+    assert_eq!(slow_ids[0], slow[0].delivery_id);
+    for (account, ids) in [
+        ("fast", accepted_ids(&receiver, "fast")),
+        ("slow", slow_ids),
+    ] {
+        let listed = store
+            .list_deliveries(&tollgate::settle::webhook_store::DeliveryQuery {
+                account_id: Some(account.into()),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        let mut in_order: Vec<_> = listed.deliveries.iter().collect();
+        in_order.sort_by_key(|d| d.position);
+        let expected: Vec<_> = in_order.iter().map(|d| d.delivery_id.clone()).collect();
+        assert_eq!(ids, expected, "{account}: each once, in order");
+        assert!(
+            in_order
+                .iter()
+                .all(|d| d.status == "delivered" && d.attempts == 1),
+            "{account}: {in_order:?}"
+        );
+    }
+    let _ = stop.send(());
+    task.await.expect("dispatcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_hanging_on_one_account_holds_up_only_that_account_postgres() {
+    let pg = common::PgDatabase::create().await;
+    a_receiver_hanging_on_one_account_holds_up_only_that_account(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_hanging_on_one_account_holds_up_only_that_account_sqlite() {
+    a_receiver_hanging_on_one_account_holds_up_only_that_account(&common::temp_sqlite_url()).await;
+}
+
+/// Housekeeping that keeps failing (here the lot tracking table is gone, so announcing
+/// expiring lots and pruning lots fail every time) is logged and does not stop the
+/// deliveries: it used to end every round before any head was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_housekeeping_does_not_stop_deliveries() {
+    use sqlx::Connection;
+
+    let store_url = common::temp_sqlite_url();
+    let (_redis, store) = granted_deliveries(&store_url, &[("acme", 3)]).await;
+    let mut db = sqlx::SqliteConnection::connect(&store_url)
+        .await
+        .expect("connect");
+    sqlx::query("DROP TABLE tollgate_lots")
+        .execute(&mut db)
+        .await
+        .expect("drop");
+    let receiver = Receiver::start().await;
+    let (stop, task) = start_dispatcher(&store, &receiver, Duration::from_secs(30));
+    common::eventually(DEADLINE, "acme's deliveries", || async {
+        (accepted_ids(&receiver, "acme").len() == 3).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    task.await.expect("dispatcher");
+}
+
+/// A store error leasing one head does not cancel the attempts already started: they
+/// finish and are recorded (the dispatcher used to return at once, dropping its started
+/// attempts mid-POST: never recorded, sent again once their leases expired). Here a
+/// trigger refuses every lease of one account's delivery, counting each refusal in a
+/// sequence (not rolled back with the statement); the other account's attempt is held
+/// at the receiver until a refusal came after it started, then answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lease_does_not_cancel_attempts_in_flight_postgres() {
+    let pg = common::PgDatabase::create().await;
+    let (_redis, store) = granted_deliveries(&pg.url, &[("first", 1), ("broken", 1)]).await;
+    let pool = sqlx::PgPool::connect(&pg.url).await.expect("connect");
+    for statement in [
+        // `first`'s head is read before `broken`'s: both due.
+        "UPDATE tollgate_webhook_deliveries SET next_attempt_at_ms = \
+         CASE account_id WHEN 'first' THEN 1 ELSE 2 END",
+        "CREATE SEQUENCE test_refused_leases",
+        "CREATE FUNCTION test_refuse_lease() RETURNS trigger AS $$ BEGIN \
+         IF NEW.account_id = 'broken' AND NEW.lease_until_ms <> OLD.lease_until_ms THEN \
+         PERFORM nextval('test_refused_leases'); RAISE EXCEPTION 'lease refused by the test'; \
+         END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER test_refuse_lease BEFORE UPDATE ON tollgate_webhook_deliveries \
+         FOR EACH ROW EXECUTE FUNCTION test_refuse_lease()",
+    ] {
+        sqlx::query(statement)
+            .execute(&pool)
+            .await
+            .expect(statement);
+    }
+    let refused = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM test_refused_leases",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("refusals")
+    };
+    let receiver = Receiver::start().await;
+    receiver.hold_account("first");
+    // Longer than this test waits: the lease of `first`'s delivery does not expire.
+    let (stop, task) = start_dispatcher(&store, &receiver, Duration::from_secs(600));
+    common::eventually(DEADLINE, "first's attempt to arrive", || async {
+        (receiver.held_now() == 1).then_some(())
+    })
+    .await;
+    let before = refused().await;
+    common::eventually(DEADLINE, "a lease refused after it", || async {
+        (refused().await > before).then_some(())
+    })
+    .await;
+    receiver.release();
+    let delivery = common::eventually(DEADLINE, "first's attempt recorded", || async {
+        let listed = store
+            .list_deliveries(&tollgate::settle::webhook_store::DeliveryQuery {
+                account_id: Some("first".into()),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        listed
+            .deliveries
+            .into_iter()
+            .find(|d| d.status == "delivered")
+    })
+    .await;
+    assert_eq!(delivery.attempts, 1);
+    assert_eq!(accepted_ids(&receiver, "first"), [delivery.delivery_id]);
+    let _ = stop.send(());
+    task.await.expect("dispatcher");
+}

@@ -1,9 +1,11 @@
 //! The dispatcher: POSTs recorded deliveries, at least once and in order per account.
 //!
-//! Each round it takes the due head of every account's queue (the oldest pending delivery;
+//! It keeps up to `concurrency` attempts in flight, one account each: whenever a slot
+//! frees it reads the due heads of the accounts' queues (the oldest pending delivery;
 //! later ones wait behind it, so one account's webhooks never overtake each other), leases
-//! it with a compare-and-set in the store (several dispatchers can run at once; a lease
+//! each with a compare-and-set in the store (several dispatchers can run at once; a lease
 //! that outlives a crashed dispatcher simply expires), POSTs it, and records the attempt.
+//! A receiver slow on one account holds one slot, not the others.
 //! Failures are retried with capped exponential backoff and jitter until
 //! `attempts_max`, then the delivery is marked "failed" and the account's queue moves on
 //! (Admin RetryWebhookDelivery puts it back for a new round: up to `attempts_max` more
@@ -11,12 +13,13 @@
 //! expiring lots (`lot.expiring`).
 
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 
 use super::client::{AttemptError, WebhookClient};
 use super::rules::{expiring_delivery, Rules, WebhookType};
@@ -27,7 +30,7 @@ use crate::telemetry::metrics as m;
 
 /// A lease outlives an attempt's deadline by this much.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
-/// Expiring lots announced per round.
+/// Expiring lots announced per pass (a full pass is followed by another at once).
 pub const EXPIRING_LOTS_PER_ROUND_MAX: u32 = 500;
 /// How often the backlog gauge is measured and old tracked lots are pruned.
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
@@ -90,6 +93,9 @@ pub struct Dispatcher {
     settings: DispatchSettings,
     rules: Arc<Rules>,
     metrics: Arc<DispatchMetrics>,
+    last_announce: Option<Instant>,
+    /// The last announcement found a full batch: announce again at once.
+    announce_more: bool,
     last_housekeeping: Option<Instant>,
     last_head_repair: Option<Instant>,
 }
@@ -112,6 +118,8 @@ impl Dispatcher {
             settings,
             rules,
             metrics: Arc::new(DispatchMetrics::new()),
+            last_announce: None,
+            announce_more: false,
             last_housekeeping: None,
             last_head_repair: None,
         })
@@ -119,86 +127,77 @@ impl Dispatcher {
 
     /// Runs until `shutdown` resolves; an attempt in flight is abandoned (its lease
     /// expires and it is sent again: at least once).
+    ///
+    /// A steady pool of up to `concurrency` attempts, one account each: whenever one ends
+    /// (its slot frees, and its account's next delivery may be due), the due heads are read
+    /// again and the free slots filled, skipping accounts already in flight. A receiver
+    /// hanging on one account's delivery holds one slot until the attempt's deadline, not
+    /// every other account.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut pool = Pool::default();
         let mut backoff = self.settings.poll_interval;
         loop {
-            let wait = tokio::select! {
+            let (wait, failed) = tokio::select! {
                 _ = &mut shutdown => return,
-                result = self.round() => match result {
-                    Ok(made) => {
+                result = self.fill(&mut pool) => match result {
+                    Ok(more) => {
                         backoff = self.settings.poll_interval;
-                        if made == 0 { self.settings.poll_interval } else { Duration::ZERO }
+                        (if more { Duration::ZERO } else { self.settings.poll_interval }, false)
                     }
                     Err(err) => {
-                        tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "webhook dispatch round failed");
+                        tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "webhook dispatch failed");
                         let wait = backoff;
                         backoff = next_round_backoff(backoff, self.settings.poll_interval);
-                        wait
+                        (wait, true)
                     }
                 }
             };
-            if !wait.is_zero() {
+            // Wait for a slot to free (not while the store is failing: its backoff stands),
+            // for `wait` to pass (not while every slot is taken), or for shutdown.
+            let full = pool.len() >= self.settings.concurrency;
+            if full || !wait.is_zero() {
                 tokio::select! {
                     _ = &mut shutdown => return,
-                    _ = tokio::time::sleep(wait) => {}
+                    Some(joined) = pool.tasks.join_next_with_id(), if !failed && !pool.is_empty() => {
+                        pool.finished(joined);
+                    }
+                    _ = tokio::time::sleep(wait), if failed || !full => {}
                 }
             }
+            pool.reap();
         }
     }
 
-    /// One round: announce expiring lots, attempt every due head (up to `concurrency`
-    /// accounts at once). Returns attempts made.
-    pub async fn round(&mut self) -> Result<usize, StoreError> {
+    /// Announces expiring lots and does the housekeeping when they are due (failures
+    /// logged: they do not stop deliveries), then starts attempts of due heads in the free
+    /// slots of `pool`. True when more heads may be due right now (as many were read as
+    /// asked for, and some started). A store error leasing a head stops the leasing; the
+    /// attempts already started stay in the pool.
+    async fn fill(&mut self, pool: &mut Pool) -> Result<bool, StoreError> {
         let now = crate::ledger::wall_clock_ms();
-        if self.rules.tracks_lots() {
-            self.announce_expiring(now).await?;
+        self.housekeeping(now).await;
+        let free = self.settings.concurrency.saturating_sub(pool.len());
+        if free == 0 {
+            return Ok(false);
         }
-        if self
-            .last_housekeeping
-            .is_none_or(|t| t.elapsed() >= HOUSEKEEPING_INTERVAL)
-        {
-            self.metrics
-                .pending
-                .set(self.store.pending_deliveries().await? as f64);
-            if self.rules.tracks_lots() {
-                let before = now - LOT_RETENTION_AFTER_EXPIRY.as_millis() as i64;
-                self.store.prune_lots(before).await?;
-            }
-            if let Some(retention) = self.settings.delivery_retention {
-                let before = now - retention.as_millis() as i64;
-                self.store
-                    .prune_deliveries(before, DELIVERIES_PRUNED_PER_ROUND_MAX)
-                    .await?;
-            }
-            self.last_housekeeping = Some(Instant::now());
-        }
-        if self
-            .last_head_repair
-            .is_none_or(|t| t.elapsed() >= HEAD_REPAIR_INTERVAL)
-        {
-            // A failed repair (a statement timeout over a big backlog) must not stop the
-            // round: the queues it would mark wait for the next one.
-            match self.store.repair_heads().await {
-                Ok(0) => {}
-                Ok(repaired) => tracing::warn!(
-                    queues = repaired,
-                    "webhook queues without their head marked, marked (an older build, before schema v13, changed them)"
-                ),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "webhook queue head repair failed; retried in a minute"
-                ),
-            }
-            self.last_head_repair = Some(Instant::now());
-        }
+        // Read as many as the pool holds: a head of an account in flight (a lease that
+        // expired while its attempt still runs, a stalled process) is skipped.
+        let limit = self.settings.concurrency;
         let heads = self
             .store
-            .due_deliveries(now, self.settings.concurrency as u32)
+            .due_deliveries(now, u32::try_from(limit).unwrap_or(u32::MAX))
             .await?;
-        let mut attempts = JoinSet::new();
+        let read = heads.len();
+        let mut started = 0;
         for delivery in heads {
-            // The lease runs from now, just before the POST: the round's earlier store work
+            if started == free {
+                break;
+            }
+            if pool.holds(&delivery.account_id) {
+                continue;
+            }
+            // The lease runs from now, just before the POST: the earlier store work
             // (announcements, housekeeping, other leases) must not eat its margin, or a
             // second dispatcher could send the delivery while this one still is.
             let now = crate::ledger::wall_clock_ms();
@@ -212,7 +211,8 @@ impl Dispatcher {
                 // its backoff decides the next attempt).
                 continue;
             }
-            attempts.spawn(attempt(
+            let account_id = delivery.account_id.clone();
+            let task = pool.tasks.spawn(attempt(
                 self.store.clone(),
                 self.client.clone(),
                 self.settings.clone(),
@@ -220,31 +220,88 @@ impl Dispatcher {
                 delivery,
                 lease_until,
             ));
+            pool.accounts.insert(task.id(), account_id);
+            started += 1;
         }
-        let mut made = 0;
-        let mut first_error = None;
-        while let Some(joined) = attempts.join_next().await {
-            made += 1;
-            match joined {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
-                    first_error.get_or_insert(err);
+        Ok((started > 0 && read == limit) || self.announce_more)
+    }
+
+    /// Expiring lots (every poll interval, or at once while a full batch was found) and
+    /// the housekeeping (every `HOUSEKEEPING_INTERVAL`, the head repair every
+    /// `HEAD_REPAIR_INTERVAL`). A failure is logged (throttled) and retried at the next
+    /// interval: it must not stop the deliveries.
+    async fn housekeeping(&mut self, now: i64) {
+        if self.rules.tracks_lots()
+            && (self.announce_more
+                || self
+                    .last_announce
+                    .is_none_or(|t| t.elapsed() >= self.settings.poll_interval))
+        {
+            self.last_announce = Some(Instant::now());
+            match self.announce_expiring(now).await {
+                Ok(more) => self.announce_more = more,
+                Err(e) => {
+                    self.announce_more = false;
+                    crate::log_throttled!(WARN, error = %e, "expiring lots not announced; retried next poll");
                 }
-                Err(err) => tracing::error!(error = %err, "webhook attempt task failed"),
             }
         }
-        match first_error {
-            Some(err) => Err(err),
-            None => Ok(made),
+        if self
+            .last_housekeeping
+            .is_none_or(|t| t.elapsed() >= HOUSEKEEPING_INTERVAL)
+        {
+            self.last_housekeeping = Some(Instant::now());
+            match self.store.pending_deliveries().await {
+                Ok(pending) => self.metrics.pending.set(pending as f64),
+                Err(e) => crate::log_throttled!(WARN, error = %e, "webhook backlog not measured"),
+            }
+            if self.rules.tracks_lots() {
+                let before = now - LOT_RETENTION_AFTER_EXPIRY.as_millis() as i64;
+                if let Err(e) = self.store.prune_lots(before).await {
+                    crate::log_throttled!(WARN, error = %e, "expired lots not pruned");
+                }
+            }
+            if let Some(retention) = self.settings.delivery_retention {
+                let before = now - retention.as_millis() as i64;
+                if let Err(e) = self
+                    .store
+                    .prune_deliveries(before, DELIVERIES_PRUNED_PER_ROUND_MAX)
+                    .await
+                {
+                    crate::log_throttled!(WARN, error = %e, "ended webhook deliveries not pruned");
+                }
+            }
+        }
+        if self
+            .last_head_repair
+            .is_none_or(|t| t.elapsed() >= HEAD_REPAIR_INTERVAL)
+        {
+            // A failed repair (a statement timeout over a big backlog) must not stop the
+            // deliveries: the queues it would mark wait for the next one.
+            match self.store.repair_heads().await {
+                Ok(0) => {}
+                Ok(repaired) => tracing::warn!(
+                    queues = repaired,
+                    "webhook queues without their head marked, marked (an older build, before schema v13, changed them)"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "webhook queue head repair failed; retried in a minute"
+                ),
+            }
+            self.last_head_repair = Some(Instant::now());
         }
     }
 
-    async fn announce_expiring(&self, now: i64) -> Result<(), StoreError> {
+    /// Announces up to `EXPIRING_LOTS_PER_ROUND_MAX` expiring lots; true when that many
+    /// were found (more may wait).
+    async fn announce_expiring(&self, now: i64) -> Result<bool, StoreError> {
         let until = now + self.rules.lot_expiring_lead.as_millis() as i64;
         let lots = self
             .store
             .expiring_lots(now, until, EXPIRING_LOTS_PER_ROUND_MAX)
             .await?;
+        let full = lots.len() >= EXPIRING_LOTS_PER_ROUND_MAX as usize;
         let mut announced = 0u64;
         for lot in lots {
             let delivery = expiring_delivery(
@@ -262,7 +319,54 @@ impl Dispatcher {
         if announced > 0 {
             self.metrics.created[WebhookType::LotExpiring as usize].increment(announced);
         }
-        Ok(())
+        Ok(full)
+    }
+}
+
+/// The attempts in flight, and the account of each (one attempt per account at a time).
+#[derive(Default)]
+struct Pool {
+    tasks: JoinSet<Result<(), StoreError>>,
+    accounts: HashMap<tokio::task::Id, String>,
+}
+
+impl Pool {
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    fn holds(&self, account_id: &str) -> bool {
+        self.accounts.values().any(|a| a == account_id)
+    }
+
+    /// Collects the attempts that have ended, without waiting.
+    fn reap(&mut self) {
+        while let Some(joined) = self.tasks.try_join_next_with_id() {
+            self.finished(joined);
+        }
+    }
+
+    /// An attempt ended: its slot and its account are free.
+    fn finished(&mut self, joined: Result<(tokio::task::Id, Result<(), StoreError>), JoinError>) {
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(err) => err.id(),
+        };
+        self.accounts.remove(&id);
+        match joined {
+            Ok((_, Ok(()))) => {}
+            // Not recorded: the lease expires and the delivery is sent again.
+            Ok((_, Err(err))) => crate::log_throttled!(
+                WARN,
+                error = %err,
+                "webhook attempt not recorded (store failed); sent again once its lease expires"
+            ),
+            Err(err) => tracing::error!(error = %err, "webhook attempt task failed"),
+        }
     }
 }
 
@@ -346,13 +450,13 @@ pub fn backoff(min: Duration, max: Duration, failed: u32) -> Duration {
     base.mul_f64(0.5 + (random % 1000) as f64 / 2000.0)
 }
 
-/// The longest the dispatcher waits after a round its store failed: store outages are
+/// The longest the dispatcher waits after a pass its store failed: store outages are
 /// retried like the settler's (`settler::DEFAULT_BACKOFF_MAX`), not on the deliveries' own
 /// retry schedule (`webhooks.backoff_max_ms`, an hour by default), which would leave
 /// webhooks silent that long after the store is back.
 pub const STORE_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// The wait after the next failed round, from this one's.
+/// The wait after the next failed pass, from this one's.
 fn next_round_backoff(backoff: Duration, poll_interval: Duration) -> Duration {
     (backoff * 2).min(STORE_BACKOFF_MAX.max(poll_interval))
 }

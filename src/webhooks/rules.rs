@@ -136,7 +136,7 @@ pub struct NewDelivery {
 }
 
 /// A stable id: the same source always gives the same id, so a receiver can deduplicate
-/// retries by it.
+/// retries by it (the body's signed `id`; the `x-tollgate-delivery` header is a copy).
 pub fn delivery_id(source: &str) -> String {
     let digest = Sha256::digest(source.as_bytes());
     format!("dlv_{}", hex::encode(&digest[..12]))
