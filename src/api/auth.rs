@@ -13,21 +13,38 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Whether a presented secret is the configured one, in time independent of where they
-/// first differ and of the configured secret's length: their SHA-256 digests (always 32
-/// bytes) are compared, not the secrets ([`constant_time_eq`] alone answers at once when
-/// the lengths differ, which told the configured token's length).
-pub fn secret_eq(presented: &[u8], configured: &[u8]) -> bool {
+/// A configured secret (a token, the gateway's shared secret), kept as its SHA-256 digest:
+/// a presented value is compared by its digest (always 32 bytes), in time independent of
+/// where they first differ and of the configured secret's length ([`constant_time_eq`]
+/// alone answers at once when the lengths differ, which told the token's length). The
+/// configured side is hashed once, at start.
+#[derive(Clone)]
+pub struct Secret([u8; 32]);
+
+impl Secret {
+    pub fn new(configured: &str) -> Self {
+        Self(secret_digest(configured.as_bytes()))
+    }
+
+    /// Whether a presented value whose [`secret_digest`] is `presented` is this secret.
+    pub fn matches(&self, presented: &[u8; 32]) -> bool {
+        constant_time_eq(presented, &self.0)
+    }
+}
+
+/// The digest a presented value is compared by ([`Secret::matches`]).
+pub fn secret_digest(value: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    constant_time_eq(&Sha256::digest(presented), &Sha256::digest(configured))
+    Sha256::digest(value).into()
 }
 
 /// Whether `presented` is any of `configured`, every one compared (no timing tells which
 /// one matched).
-fn any_secret_eq(presented: &str, configured: &[String]) -> bool {
-    configured.iter().fold(false, |found, t| {
-        found | secret_eq(presented.as_bytes(), t.as_bytes())
-    })
+fn any_secret_eq(presented: &str, configured: &[Secret]) -> bool {
+    let presented = secret_digest(presented.as_bytes());
+    configured
+        .iter()
+        .fold(false, |found, t| found | t.matches(&presented))
 }
 
 /// The token after `Bearer ` in an authorization value.
@@ -39,9 +56,9 @@ pub fn bearer(value: &str) -> Option<&str> {
 /// A tonic interceptor accepting any of its tokens.
 #[derive(Clone)]
 pub struct TokenCheck {
-    tokens: Arc<[String]>,
+    tokens: Arc<[Secret]>,
     /// Tokens of another service: known, but not enough here ([`TokenCheck::refusing`]).
-    others: Arc<[String]>,
+    others: Arc<[Secret]>,
     others_message: &'static str,
 }
 
@@ -83,8 +100,12 @@ impl TokenCheck {
     }
 }
 
-fn nonempty(tokens: impl IntoIterator<Item = String>) -> Arc<[String]> {
-    tokens.into_iter().filter(|t| !t.is_empty()).collect()
+fn nonempty(tokens: impl IntoIterator<Item = String>) -> Arc<[Secret]> {
+    tokens
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .map(|t| Secret::new(&t))
+        .collect()
 }
 
 impl tonic::service::Interceptor for TokenCheck {
@@ -115,11 +136,12 @@ mod tests {
 
     #[test]
     fn secrets_compare_by_digest_whatever_their_lengths() {
-        assert!(secret_eq(b"s3cret-token", b"s3cret-token"));
+        let secret = Secret::new("s3cret-token");
+        assert!(secret.matches(&secret_digest(b"s3cret-token")));
         for other in [&b"s3cret-toke"[..], b"s3cret-token!", b"S3cret-token", b""] {
-            assert!(!secret_eq(other, b"s3cret-token"), "{other:?}");
+            assert!(!secret.matches(&secret_digest(other)), "{other:?}");
         }
-        let tokens = ["current".to_owned(), "previous".to_owned()];
+        let tokens = [Secret::new("current"), Secret::new("previous")];
         assert!(any_secret_eq("current", &tokens) && any_secret_eq("previous", &tokens));
         assert!(!any_secret_eq("neither", &tokens));
     }

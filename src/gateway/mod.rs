@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::api::auth::{bearer, secret_eq};
+use crate::api::auth::{bearer, secret_digest, Secret};
 use crate::api::status;
 use crate::config::Config;
 use crate::ledger::command::IDEMPOTENCY_KEY_LEN_MAX;
@@ -267,9 +267,10 @@ pub struct Gateway {
     keys: Arc<KeyStore>,
     pricebook: ArcSwap<PriceBook>,
     api_key_headers: Vec<String>,
-    shared_secret: String,
-    /// Accepted too while a rotation rolls out; empty = none.
-    shared_secret_previous: String,
+    /// `gateway.shared_secret`; `None` when empty (every gateway is trusted).
+    shared_secret: Option<Secret>,
+    /// Accepted too while a rotation rolls out.
+    shared_secret_previous: Option<Secret>,
     shared_secret_header: String,
     check_timeout: Duration,
     /// Where fail_open charges wait for Redis; `None` when `gateway.spool_path` is empty.
@@ -418,8 +419,9 @@ impl Gateway {
             keys,
             pricebook: ArcSwap::from_pointee(config.pricebook.clone()),
             api_key_headers: g.api_key_headers.clone(),
-            shared_secret: g.shared_secret.clone(),
-            shared_secret_previous: g.shared_secret_previous.clone(),
+            shared_secret: (!g.shared_secret.is_empty()).then(|| Secret::new(&g.shared_secret)),
+            shared_secret_previous: (!g.shared_secret_previous.is_empty())
+                .then(|| Secret::new(&g.shared_secret_previous)),
             shared_secret_header: g.shared_secret_header.clone(),
             check_timeout: Duration::from_millis(g.check_timeout_ms),
             spool,
@@ -461,21 +463,24 @@ impl Gateway {
 
     /// Whether `gateway.shared_secret` is set.
     pub fn has_shared_secret(&self) -> bool {
-        !self.shared_secret.is_empty()
+        self.shared_secret.is_some()
     }
 
     /// Whether the gateway presented the configured shared secret, or the previous one
     /// during a rotation (always, when none is configured).
     pub fn trusts(&self, presented: Option<&str>) -> bool {
-        self.shared_secret.is_empty()
-            || presented.is_some_and(|p| {
-                let p = p.trim().as_bytes();
-                // Both compared, whichever matches: no timing tells which one is in use.
-                let current = secret_eq(p, self.shared_secret.as_bytes());
-                let previous = !self.shared_secret_previous.is_empty()
-                    & secret_eq(p, self.shared_secret_previous.as_bytes());
-                current | previous
-            })
+        let Some(current) = &self.shared_secret else {
+            return true;
+        };
+        presented.is_some_and(|p| {
+            let p = secret_digest(p.trim().as_bytes());
+            // Both compared, whichever matches: no timing tells which one is in use.
+            current.matches(&p)
+                | self
+                    .shared_secret_previous
+                    .as_ref()
+                    .is_some_and(|previous| previous.matches(&p))
+        })
     }
 
     /// The API key of a request: the first configured header that carries one.
