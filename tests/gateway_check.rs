@@ -30,8 +30,10 @@ use common::gateways::{
 };
 use tollgate::api::pb;
 use tollgate::config::{Config, ConfigErrors, Overrides};
-use tollgate::gateway::identity::{IdentityError, KeyBinding, KeyStore, Known, Presented};
-use tollgate::ledger::Clock;
+use tollgate::gateway::identity::{
+    CreatedKey, IdentityError, KeyBinding, KeyStore, Known, Presented,
+};
+use tollgate::ledger::{Clock, Ledger};
 
 /// What a CheckResponse says, flattened.
 #[derive(Debug)]
@@ -925,6 +927,17 @@ async fn checks_racing_a_revocation_on_its_sidecar_are_refused_from_its_answer_o
     }
 }
 
+/// A key store on `ledger`'s Redis, as a sidecar's, whose answers live `ttl`.
+fn key_store(ledger: &Ledger, ttl: Duration) -> KeyStore {
+    KeyStore::new(
+        ledger.redis().clone(),
+        ledger.shards().clone(),
+        ttl,
+        100,
+        10,
+    )
+}
+
 /// An expired answer in the identity cache is replaced by the next one from Redis even
 /// when the doorkeeper would not let the key in (it forgot the key's first miss): the
 /// fail-open spool reads cached answers however old, and spools no charge for a key the
@@ -933,17 +946,8 @@ async fn checks_racing_a_revocation_on_its_sidecar_are_refused_from_its_answer_o
 async fn a_stale_cached_identity_is_replaced_by_the_next_answer() {
     let redis = common::RedisServer::start();
     let ledger = common::ledger(&redis, Clock::Redis);
-    let store = |ttl_ms| {
-        KeyStore::new(
-            ledger.redis().clone(),
-            ledger.shards().clone(),
-            Duration::from_millis(ttl_ms),
-            100,
-            10,
-        )
-    };
-    let sidecar = store(300);
-    let admin = store(300);
+    let sidecar = key_store(&ledger, Duration::from_millis(300));
+    let admin = key_store(&ledger, Duration::from_millis(300));
     admin.load_scripts().await.expect("key scripts");
     let key = admin
         .create("acme", "k", &KeyBinding::default(), "")
@@ -983,13 +987,7 @@ async fn a_stale_cached_identity_is_replaced_by_the_next_answer() {
 async fn a_key_of_a_lost_shard_is_not_taken_for_an_unknown_one() {
     let redis = common::RedisServer::start();
     let ledger = common::ledger(&redis, Clock::Redis);
-    let sidecar = KeyStore::new(
-        ledger.redis().clone(),
-        ledger.shards().clone(),
-        Duration::from_secs(3_600),
-        100,
-        10,
-    );
+    let sidecar = key_store(&ledger, Duration::from_secs(3_600));
     sidecar.load_scripts().await.expect("key scripts");
     let key = sidecar
         .create("acme", "k", &KeyBinding::default(), "")
@@ -1029,26 +1027,26 @@ async fn a_key_of_a_lost_shard_is_not_taken_for_an_unknown_one() {
     assert_eq!(identity.account_id, "acme");
 }
 
+/// A key of "acme" made by `maker`, which `sidecar` looked up once: the doorkeeper lets it
+/// into `sidecar`'s cache from the next answer on.
+async fn a_key_missed_once(maker: &KeyStore, sidecar: &KeyStore) -> CreatedKey {
+    maker.load_scripts().await.expect("key scripts");
+    let key = maker
+        .create("acme", "k", &KeyBinding::default(), "")
+        .await
+        .expect("key");
+    sidecar.identify(&key.api_key).await.expect("valid key");
+    key
+}
+
 /// A lookup that read a key from Redis before this sidecar revoked it answers after the
 /// revocation: its "valid" must not replace the revoked entry the revocation left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_from_before_a_revocation_is_not_cached_after_it() {
     let redis = common::RedisServer::start();
     let ledger = common::ledger(&redis, Clock::Redis);
-    let sidecar = KeyStore::new(
-        ledger.redis().clone(),
-        ledger.shards().clone(),
-        Duration::from_secs(3_600),
-        100,
-        10,
-    );
-    sidecar.load_scripts().await.expect("key scripts");
-    let key = sidecar
-        .create("acme", "k", &KeyBinding::default(), "")
-        .await
-        .expect("key");
-    // A first miss: the doorkeeper lets the key in from the next answer on.
-    sidecar.identify(&key.api_key).await.expect("valid key");
+    let sidecar = key_store(&ledger, Duration::from_secs(3_600));
+    let key = a_key_missed_once(&sidecar, &sidecar).await;
     let Presented::Miss(miss) = sidecar.presented(&key.api_key) else {
         panic!("not cached after one miss");
     };
@@ -1075,23 +1073,9 @@ async fn an_answer_from_before_a_revocation_is_not_cached_after_it() {
 async fn an_older_valid_answer_does_not_replace_a_newer_revoked_one() {
     let redis = common::RedisServer::start();
     let ledger = common::ledger(&redis, Clock::Redis);
-    let store = || {
-        KeyStore::new(
-            ledger.redis().clone(),
-            ledger.shards().clone(),
-            Duration::from_secs(3_600),
-            100,
-            10,
-        )
-    };
+    let store = || key_store(&ledger, Duration::from_secs(3_600));
     let (sidecar, other) = (store(), store());
-    other.load_scripts().await.expect("key scripts");
-    let key = other
-        .create("acme", "k", &KeyBinding::default(), "")
-        .await
-        .expect("key");
-    // A first miss: the doorkeeper lets the key in from the next answer on.
-    sidecar.identify(&key.api_key).await.expect("valid key");
+    let key = a_key_missed_once(&other, &sidecar).await;
     let (Presented::Miss(first), Presented::Miss(second)) = (
         sidecar.presented(&key.api_key),
         sidecar.presented(&key.api_key),
