@@ -2495,6 +2495,107 @@ async fn a_restore_does_not_bring_back_the_record_of_a_voided_charge() {
     assert_eq!(available(&ledger, "voided").await, Ok(1000 - 30 - 30 - 50));
 }
 
+/// A void gives a debit back to its budgets, in live Redis and in a restore: the restored
+/// spend leaves out a voided debit (counted once, by its retry), and a void after the
+/// restore gives back to the restored budget, whose creation stamp is the restore's own
+/// ("r<ms>"; lib.lua `budgets_undo_debit` once failed on it after the refund was written,
+/// so the retry replayed the refunded charge's "allowed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_counts_a_voided_debit_once_and_a_later_void_gives_back_to_its_budget() {
+    use tollgate::ledger::org::{BudgetPeriod, SetBudget};
+    use tollgate::ledger::{ChargeRef, Debit, Metadata, Voided};
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    let (redis, _pg, ledger, store) = settled_then_lost("vb-day", 100).await;
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    // A calendar day whose midnight is about twelve hours away, whatever the time now.
+    let now_minutes = (tollgate::ledger::wall_clock_ms() / 60_000 % (24 * 60)) as i32;
+    let noon_offset = (12 * 60 - now_minutes).clamp(-14 * 60, 14 * 60);
+    let accounts = [
+        ("vb-day", BudgetPeriod::Day, noon_offset),
+        ("vb-window", BudgetPeriod::Window(3_600_000), 0),
+    ];
+    ledger
+        .grant(&common::purchase("vb-window", 100, "g-vb-window"))
+        .await
+        .expect("grant");
+    let debit = |account: &str, key: &str, amount: i64| Debit {
+        account_id: account.into(),
+        wallet: "default".into(),
+        amount,
+        idempotency_key: key.into(),
+        operation: "op".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+        price_inputs: None,
+        attempt_mark: None,
+    };
+    let meta: Metadata = [("tollgate".to_owned(), "void".to_owned())].into();
+    let spent = |account: &'static str| {
+        let ledger = ledger.clone();
+        async move {
+            let view = ledger.view(account, "", "default").await.expect("view");
+            view.budgets.first().map(|b| b.spent)
+        }
+    };
+    for (account, period, offset) in accounts {
+        ledger
+            .set_budget(&SetBudget {
+                account_id: account.into(),
+                member_id: String::new(),
+                wallet: "default".into(),
+                limit: 10,
+                period,
+                utc_offset_minutes: offset,
+                idempotency_key: "b1".into(),
+            })
+            .await
+            .expect("budget");
+        let first = debit(account, "req-1", 6);
+        ledger.debit(&first).await.expect("debit");
+        let out = ledger
+            .void(ChargeRef::Debit(&first), None, "void-1", &meta)
+            .await
+            .expect("void");
+        assert!(matches!(out.voided, Voided::Debit { .. }), "{out:?}");
+        let retried = ledger.debit(&first).await.expect("retry");
+        assert!(!retried.replayed, "{account}: {retried:?}");
+        assert_eq!(spent(account).await, Some(6), "{account}");
+    }
+
+    settle_then_lose_redis(&redis, &ledger, &store, "vb-2").await;
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    for (account, _, _) in accounts {
+        assert_eq!(
+            spent(account).await,
+            Some(6),
+            "{account}: the voided debit counted in the restored spend"
+        );
+        let second = debit(account, "req-2", 3);
+        ledger.debit(&second).await.expect("debit");
+        assert_eq!(spent(account).await, Some(9), "{account}");
+        let out = ledger
+            .void(ChargeRef::Debit(&second), None, "void-2", &meta)
+            .await
+            .expect("a void on a restored budget");
+        assert!(
+            matches!(out.voided, Voided::Debit { .. }),
+            "{account}: {out:?}"
+        );
+        assert_eq!(spent(account).await, Some(6), "{account}: given back");
+        let retried = ledger.debit(&second).await.expect("retry");
+        assert!(
+            !retried.replayed,
+            "{account}: the voided charge's answer replayed: {retried:?}"
+        );
+        assert_eq!(available(&ledger, account).await, Ok(100 - 6 - 3));
+    }
+}
+
 /// What the Admin and Metering APIs say of `account`'s keys: GetBalance by each key id
 /// (the account, or the refusal's code and reason) and ListApiKeys (id, revoked ms).
 async fn key_answers(

@@ -668,6 +668,8 @@ struct OrgState {
     spends: Vec<Spend>,
     /// Hold id → its entry in `spends`.
     hold_spends: HashMap<String, usize>,
+    /// Debit event id → its entry in `spends` (a void gives it back: [`Self::undo_debit`]).
+    debit_spends: HashMap<String, usize>,
     /// Each budget's spend as lib.lua's `budget_state` reads it at this point of the replay
     /// (stream order), for the answers' spendable figure (lua/debit.lua).
     running: HashMap<BudgetKey, RunningSpend>,
@@ -749,10 +751,18 @@ impl OrgState {
             headroom = Some(headroom.map_or(left, |h| h.min(left)));
             counted.push((key, b.since_ms, period));
         }
+        if counted.is_empty() {
+            // No budget counts it, and none set later will (lua/org.lua starts a new
+            // budget from nothing): nothing to keep.
+            return headroom;
+        }
         if e.kind == EventKind::Hold {
             self.hold_spends
                 .insert(e.hold_id.clone(), self.spends.len());
             self.hold_budgets.insert(e.hold_id.clone(), counted);
+        } else {
+            self.debit_spends
+                .insert(e.event_id.clone(), self.spends.len());
         }
         self.spends.push(Spend {
             account_id: e.account_id.clone(),
@@ -781,6 +791,45 @@ impl OrgState {
             if amount <= 0 || b.since_ms != since_ms || run.since_ms != since_ms {
                 continue;
             }
+            if b.period == "w" {
+                if let Some(n) = run.buckets.get_mut(&period).filter(|n| **n > 0) {
+                    *n -= amount.min(*n);
+                }
+            } else if run.period == period {
+                run.spent = (run.spent - amount).max(0);
+            }
+        }
+    }
+
+    /// A void refunded `amount` of debit `event_id`: it is given back as lib.lua
+    /// `budgets_undo_debit` does, to each budget of the debit's wallet and member that was
+    /// counting at the debit's time, in the period (or window bucket) holding that time.
+    fn undo_debit(&mut self, event_id: &str, amount: i64) {
+        let Some(i) = self.debit_spends.remove(event_id) else {
+            return;
+        };
+        let spend = &mut self.spends[i];
+        spend.returned += amount;
+        let (at_ms, account, wallet, member) = (
+            spend.at_ms,
+            spend.account_id.clone(),
+            spend.wallet.clone(),
+            spend.member.clone(),
+        );
+        let scopes: &[&str] = if member.is_empty() {
+            &[""]
+        } else {
+            &["", &member]
+        };
+        for scope in scopes {
+            let key = (account.clone(), wallet.clone(), (*scope).to_owned());
+            let (Some(b), Some(run)) = (self.budgets.get(&key), self.running.get_mut(&key)) else {
+                continue;
+            };
+            if amount <= 0 || b.since_ms > at_ms || run.since_ms != b.since_ms {
+                continue;
+            }
+            let period = b.period_of(at_ms);
             if b.period == "w" {
                 if let Some(n) = run.buckets.get_mut(&period).filter(|n| **n > 0) {
                     *n -= amount.min(*n);
@@ -1371,8 +1420,10 @@ impl Replay<'_> {
                 self.record(e, &["refund", &e.charge_id, &amount, &e.metadata], answer);
                 if e.operation == "void" {
                     // A void's refund (lua/void.lua; a Refund request has no operation): it
-                    // forgot the debit's idempotency record, so a retry is charged again.
+                    // forgot the debit's idempotency record, so a retry is charged again,
+                    // and gave the debit back to its budgets.
                     self.forget_record_of(&e.account_id, &e.charge_id);
+                    self.orgs.undo_debit(&e.charge_id, e.amount);
                 }
             }
         }

@@ -721,7 +721,8 @@ end
 -- bucket) that held the debit's time, if the budget existed then — its creation stamp
 -- (next_seq, never below the real time in microseconds when it was set) not after that
 -- time; a budget set again since has a later stamp and gets nothing (budgets_give_back
--- gives only to a period still current).
+-- gives only to a period still current). A restored budget's stamp is "r<ms it began
+-- counting>" (settle/restore.rs `BudgetDef::stamp`).
 local function budgets_undo_debit(W, member, eid, amount)
   local ms = tonumber(string.match(eid, '^%d+%-(%d+)%-%d+$') or '')
   if not ms then
@@ -729,7 +730,12 @@ local function budgets_undo_debit(W, member, eid, amount)
   end
   local refs = {}
   for _, B in ipairs(budgets_for(W, member)) do
-    if B.c == '' or tonumber(B.c) < (ms + 1) * 1000 then
+    local made = tonumber(B.c)
+    if not made then
+      made = tonumber(string.match(B.c, '^r(%d+)$') or '')
+      made = made and made * 1000
+    end
+    if B.c == '' or (made and made < (ms + 1) * 1000) then
       local pid
       if B.p == 'w' then
         pid = math.floor(ms / B.g)
