@@ -17,7 +17,8 @@ use common::RedisServer;
 use tollgate::config::{Config, Overrides};
 use tollgate::ledger::event::{EventKind, LedgerEvent};
 use tollgate::ledger::{
-    AttemptMark, Authorize, ChargeRef, Clock, Debit, KeyRef, Metadata, OnExpiry, Refund, Voided,
+    AttemptMark, Authorize, ChargeRef, Clock, Debit, KeyRef, LedgerError, Metadata, OnExpiry,
+    Refund, Voided,
 };
 
 /// How long Redis holds writes: well past the call and check deadlines below.
@@ -642,9 +643,19 @@ fn void_metadata() -> Metadata {
     [("tollgate".to_owned(), "void".to_owned())].into()
 }
 
+/// A gateway charge keyed by a client request id, priced, of attempt `mark`.
+fn attempt(account: &str, key: &str, amount: i64, mark: &str) -> Debit {
+    Debit {
+        price_inputs: Some(String::new()),
+        attempt_mark: AttemptMark::parse(mark),
+        ..debit(account, key, amount)
+    }
+}
+
 /// lua/void.lua by itself: a void refunds a debit once however often it runs, answers
 /// the same to a retry under its own key, changes nothing when there is no charge (or
-/// another request's), and lets the request be charged again.
+/// another request's) but fences off that attempt's charge should it still come, and
+/// lets the request be charged again by another attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_void_refunds_once_and_only_its_own_charge() {
     let redis = RedisServer::start();
@@ -655,15 +666,51 @@ async fn a_void_refunds_once_and_only_its_own_charge() {
         .expect("grant");
     let meta = void_metadata();
 
-    // No charge ran under the key: nothing to undo.
-    let none = debit("void-lua", "req-1", 5);
+    // No charge ran under the key: nothing to undo. The charge, when it comes after all
+    // (sent on another connection than the void), charges nothing.
+    let late = attempt("void-lua", "req-1", 5, "aaaaaaaa");
     let out = ledger
-        .void(ChargeRef::Debit(&none), None, "void-0", &meta)
+        .void(ChargeRef::Debit(&late), None, "void-0", &meta)
         .await
         .expect("void");
     assert_eq!(out.voided, Voided::Nothing("no_charge".into()));
+    let fenced = ledger.debit(&late).await;
+    assert!(
+        matches!(fenced, Err(LedgerError::Unavailable(_))),
+        "the voided attempt's late charge: {fenced:?}"
+    );
 
+    // So does a hold.
+    let late_hold = Authorize {
+        account_id: "void-lua".into(),
+        wallet: "default".into(),
+        amount: 10,
+        ttl_ms: 60_000,
+        on_expiry: OnExpiry::Capture,
+        idempotency_key: "req-late-hold".into(),
+        operation: "held".into(),
+        metadata: Metadata::new(),
+        member_id: String::new(),
+        price_inputs: Some(String::new()),
+        attempt_mark: AttemptMark::parse("aaaaaaaa"),
+    };
+    let out = ledger
+        .void(ChargeRef::Hold(&late_hold), None, "void-late-hold", &meta)
+        .await
+        .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("no_charge".into()));
+    let fenced = ledger.authorize(&late_hold).await;
+    assert!(
+        matches!(fenced, Err(LedgerError::Unavailable(_))),
+        "the voided attempt's late hold: {fenced:?}"
+    );
+    let b = &ledger.balance("void-lua", "default").await.expect("b")[0];
+    assert_eq!((b.available, b.held), (50, 0));
+
+    // Another attempt of the request is charged.
+    let none = attempt("void-lua", "req-1", 5, "bbbbbbbb");
     let charged = ledger.debit(&none).await.expect("debit");
+    assert!(!charged.replayed);
     assert_eq!(charged.available, 45);
     // Another request under the same key (another amount): not this void's charge.
     let other = debit("void-lua", "req-1", 6);
@@ -716,8 +763,12 @@ async fn a_void_refunds_once_and_only_its_own_charge() {
         .count();
     assert_eq!(refunds, 1, "refunded once");
 
-    // The request runs afresh: charged, not replayed from the voided record.
-    let retried = ledger.debit(&none).await.expect("debit");
+    // The request runs afresh (another attempt): charged, not replayed from the voided
+    // record, nor fenced off by the later void that found nothing.
+    let retried = ledger
+        .debit(&attempt("void-lua", "req-1", 5, "cccccccc"))
+        .await
+        .expect("debit");
     assert!(!retried.replayed);
     assert_ne!(retried.event_id, charged.event_id);
     assert_eq!(retried.available, 45);

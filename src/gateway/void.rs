@@ -13,9 +13,10 @@
 //! record it finds holds another attempt's mark (`ledger::AttemptMark`: a check keyed by
 //! the client's request id whose charge only replayed an earlier attempt's, which stands).
 //!
-//! Ordering: Redis runs the commands of one connection in order, so on the default single
-//! multiplexed connection (`redis.connections = 1`) a void sent after the charge runs after
-//! it, however late the charge is. Each void has its own idempotency key: a retried
+//! Ordering: the void may run before the late charge (another connection of the pool, or
+//! one the watchdog replaced). A void that finds no charge leaves a fence under the
+//! charge's key (lib.lua `VOID_FENCE`), so the charge, when it comes, charges nothing
+//! (`LedgerError::Unavailable`); another attempt of the request is charged. Each void has its own idempotency key: a retried
 //! attempt replays the first attempt's answer and never touches a later charge of the same
 //! request. A failed attempt is retried with backoff ([`VOID_BACKOFF_MIN`] doubling to
 //! [`VOID_BACKOFF_MAX`]) for at most [`VOID_RETRY_WINDOW`]; at most [`VOIDS_IN_FLIGHT_MAX`]

@@ -125,6 +125,13 @@ pub(super) fn ok_fields(answer: &Answer) -> Result<Fields<'_>, LedgerError> {
         }
         "OUTBOX_FULL" => return Err(LedgerError::OutboxFull),
         "EXPIRY_BACKLOG" => return Err(LedgerError::ExpiryBacklog),
+        // A gateway charge that came after the void of its check (lib.lua
+        // recall_charge): nothing charged; its check was answered unavailable already.
+        "VOIDED" => {
+            return Err(LedgerError::Unavailable(
+                "the check was answered unavailable and its charge voided".into(),
+            ))
+        }
         "LEDGER_NOT_INITIALIZED" => return Err(LedgerError::NotInitialized),
         "NOT_FOUND" => {
             return Err(LedgerError::NotFound(match f.text()? {
@@ -397,6 +404,10 @@ mod tests {
         assert!(matches!(
             debit(&answer("OUTBOX_FULL")),
             Err(LedgerError::OutboxFull)
+        ));
+        assert!(matches!(
+            debit(&answer("VOIDED")),
+            Err(LedgerError::Unavailable(_))
         ));
         assert!(matches!(
             debit(&answer("EXPIRY_BACKLOG")),

@@ -335,6 +335,26 @@ local function remember(field, digest, answer)
   end
 end
 
+-- What a void records under the key of a charge it found no record of (lua/void.lua):
+-- the charge may still be on its way (sent on another connection, or on one that was
+-- replaced), and must charge nothing when it comes.
+local VOID_FENCE = 'VOIDED'
+
+-- recall for a charge (debit.lua, authorize.lua): a void's fence refuses the attempt it
+-- was made for ({ 0, 'VOIDED' }: nothing charged, nothing recorded; the same mark, or
+-- none on both) and is no record for any other attempt (a retry of the request, with its
+-- own mark, is charged as if there were none).
+local function recall_charge(field, digest)
+  local found, mark = recall(field, digest)
+  if found and found[2] == VOID_FENCE then
+    if (mark or '') == string.sub(digest, 33, 40) then
+      return { 0, VOID_FENCE }
+    end
+    return nil
+  end
+  return found, mark
+end
+
 -- The longest a record made now can still be found (in real time, as its bucket ages).
 -- Records are always made in the numbering of the caller's own window.
 local function idem_life_ms()

@@ -16,7 +16,9 @@
 --   a record another attempt of the request made (it holds an attempt mark, and not this
 --     charge's: the charge this void undoes only replayed it) -> "OK|NONE|other_attempt";
 --     a record without a mark (made by an older tollgate) is taken for this attempt's;
---   anything else changes nothing: "OK|NONE|why" (why: no_charge, other_request, refused,
+--   no record (or a fence) -> records a fence under the charge's key (lib.lua
+--     VOID_FENCE): the charge, should it still come, charges nothing: "OK|NONE|no_charge";
+--   anything else changes nothing: "OK|NONE|why" (why: other_request, refused,
 --     hold_ended, charge_gone, refunded, unknown_key).
 -- Recorded under the void's own key, so a retried void replays its answer and never
 -- touches a later charge of the same request. "LOT_LIMIT|max", "BALANCE_LIMIT" and
@@ -42,7 +44,11 @@ local ckey = idem_key(acct, ARGV[9])
 local charge, held_mark = recall(ckey, ARGV[10])
 local own_mark = string.sub(ARGV[10], 33, 40)
 local answer
-if not charge then
+if not charge or charge[2] == VOID_FENCE then
+  -- No charge of the key ran (or only a void's fence is there): the charge may still be
+  -- on its way. Fence it off: when it comes it charges nothing (lib.lua recall_charge);
+  -- a retry of the request, with a mark of its own, is charged.
+  remember(ckey, ARGV[10], VOID_FENCE)
   answer = 'OK|NONE|no_charge'
 elseif charge[1] == 0 then
   -- The key's record is another request's (IDEMPOTENCY_KEY_REUSED): not this charge.
