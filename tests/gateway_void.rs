@@ -652,6 +652,93 @@ fn attempt(account: &str, key: &str, amount: i64, mark: &str) -> Debit {
     }
 }
 
+/// Every order in which Redis may run two attempts of one request and the voids of the
+/// timed-out ones (the void, the late charge and the retry may each go out on another
+/// connection). Attempt 1 timed out (void 1); attempt 2 either was answered, so the
+/// request was served and must stay charged exactly once, or timed out too (void 2): then
+/// it is charged at most once (0 unless attempt 2 replayed attempt 1's charge before
+/// void 1 ran: that attempt could have been served by it, so it stands).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_served_once_is_charged_once_in_every_order_of_charges_and_voids() {
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        Charge(usize),
+        Void(usize),
+    }
+    fn orders(steps: &[Step]) -> Vec<Vec<Step>> {
+        if steps.len() <= 1 {
+            return vec![steps.to_vec()];
+        }
+        let mut all = Vec::new();
+        for i in 0..steps.len() {
+            let mut rest = steps.to_vec();
+            let first = rest.remove(i);
+            for mut tail in orders(&rest) {
+                tail.insert(0, first);
+                all.push(tail);
+            }
+        }
+        all
+    }
+
+    let redis = RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let meta = void_metadata();
+    let served = [Step::Charge(0), Step::Void(0), Step::Charge(1)];
+    let neither = [
+        Step::Charge(0),
+        Step::Void(0),
+        Step::Charge(1),
+        Step::Void(1),
+    ];
+    let mut case = 0;
+    for (steps, second_served) in [(&served[..], true), (&neither[..], false)] {
+        for order in orders(steps) {
+            case += 1;
+            let account = format!("orders-{case}");
+            ledger
+                .grant(&common::purchase(&account, 50, "g"))
+                .await
+                .expect("grant");
+            let attempts = [
+                attempt(&account, "req", 5, "aaaaaaaa"),
+                attempt(&account, "req", 5, "bbbbbbbb"),
+            ];
+            for step in &order {
+                match *step {
+                    Step::Charge(i) => {
+                        // The late attempt's answer goes nowhere: its check answered 503.
+                        let _ = ledger.debit(&attempts[i]).await;
+                    }
+                    Step::Void(i) => {
+                        ledger
+                            .void(
+                                ChargeRef::Debit(&attempts[i]),
+                                None,
+                                &format!("void-{i}"),
+                                &meta,
+                            )
+                            .await
+                            .expect("void");
+                    }
+                }
+            }
+            let b = &ledger.balance(&account, "default").await.expect("b")[0];
+            assert!(b.is_conserved(), "{order:?}: {b:?}");
+            let charged = b.used - b.refunded;
+            if second_served {
+                assert_eq!(charged, 5, "served once, charged {charged}: {order:?}");
+            } else {
+                assert!(
+                    charged == 0 || charged == 5,
+                    "served never, charged {charged}: {order:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(case, 6 + 24);
+}
+
 /// lua/void.lua by itself: a void refunds a debit once however often it runs, answers
 /// the same to a retry under its own key, changes nothing when there is no charge (or
 /// another request's) but fences off that attempt's charge should it still come, and
@@ -888,10 +975,11 @@ fn marked(account: &str, key: &str, mark: Option<&str>) -> Debit {
 }
 
 /// lua/void.lua and lib.lua by themselves: a charge's idempotency record keeps the mark of
-/// the attempt that made it (a replay by another attempt neither changes it nor shows it in
-/// the answer); a void with another attempt's mark changes nothing (`other_attempt`), the
-/// void of the attempt that made it undoes it, and a record without a mark (an older
-/// tollgate's) is voided as before, whatever the void's mark.
+/// the attempt that made it (a replay by another attempt flags it, and never shows it in
+/// the answer); a void with another attempt's mark changes nothing (`other_attempt`), nor
+/// does the void of the attempt that made it once another attempt replayed it; before
+/// that, that void undoes it; a record without a mark (an older tollgate's) is voided as
+/// before, whatever the void's mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_void_undoes_only_the_charge_its_own_attempt_made() {
     let redis = RedisServer::start();
@@ -943,19 +1031,30 @@ async fn a_void_undoes_only_the_charge_its_own_attempt_made() {
             .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)),
         "{digest}"
     );
-    assert!(rest.starts_with("aaaaaaaaOK|"), "{rest}");
+    // The mark's last letter upper-cased: another attempt replayed it.
+    assert!(rest.starts_with("aaaaaaaAOK|"), "{rest}");
 
     let out = ledger
         .void(ChargeRef::Debit(&retry), None, "void-b", &meta)
         .await
         .expect("void");
     assert_eq!(out.voided, Voided::Nothing("other_attempt".into()));
+    // The retry that replayed it may have been served by it: the first attempt's void
+    // leaves it too.
     let out = ledger
         .void(ChargeRef::Debit(&first), None, "void-a", &meta)
         .await
         .expect("void");
+    assert_eq!(out.voided, Voided::Nothing("other_attempt".into()));
+    // Before any other attempt replayed it, the void of the attempt that made it undoes it.
+    let alone = marked("void-mark", "gw:strict:req-5", Some("gggggggg"));
+    let alone_charged = ledger.debit(&alone).await.expect("debit");
+    let out = ledger
+        .void(ChargeRef::Debit(&alone), None, "void-g", &meta)
+        .await
+        .expect("void");
     assert!(
-        matches!(&out.voided, Voided::Debit { charge_id, refunded: 5, .. } if *charge_id == charged.event_id),
+        matches!(&out.voided, Voided::Debit { charge_id, refunded: 5, .. } if *charge_id == alone_charged.event_id),
         "{out:?}"
     );
 
@@ -988,9 +1087,6 @@ async fn a_void_undoes_only_the_charge_its_own_attempt_made() {
         attempt_mark: AttemptMark::parse(mark),
     };
     let held = ledger.authorize(&hold("dddddddd")).await.expect("hold");
-    let again = ledger.authorize(&hold("eeeeeeee")).await.expect("replay");
-    assert!(again.replayed);
-    assert_eq!(again.hold_id, held.hold_id);
     let out = ledger
         .void(ChargeRef::Hold(&hold("eeeeeeee")), None, "void-e", &meta)
         .await
@@ -1005,7 +1101,7 @@ async fn a_void_undoes_only_the_charge_its_own_attempt_made() {
         "{out:?}"
     );
     let b = &ledger.balance("void-mark", "default").await.expect("b")[0];
-    assert_eq!((b.available, b.held), (50, 0));
+    assert_eq!((b.available, b.held), (45, 0), "req-1's charge stands");
     assert!(b.is_conserved(), "{b:?}");
 
     // A mark is for a priced charge only.

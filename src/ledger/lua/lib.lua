@@ -268,7 +268,8 @@ end
 -- record of the same request may hold, or ''.
 local function recall_in(field, digest, also, b)
   for age = 0, IDEM_BUCKETS_LOOKED_AT - 1 do
-    local v = redis.call('HGET', TAG .. ':i:' .. itos(b - age), field)
+    local bucket = TAG .. ':i:' .. itos(b - age)
+    local v = redis.call('HGET', bucket, field)
     if v then
       local at, mark = record_answer_at(v)
       local held = string.sub(v, 1, 16)
@@ -279,7 +280,7 @@ local function recall_in(field, digest, also, b)
       if held ~= digest and held ~= also then
         return { 0, 'IDEMPOTENCY_KEY_REUSED' }
       end
-      return { 1, string.sub(v, at) }, mark
+      return { 1, string.sub(v, at) }, mark, bucket
     end
   end
   return nil
@@ -297,21 +298,21 @@ local function recall(field, digest)
   digest = string.sub(digest, 1, 16)
   idem_numbering()
   local now = real_now()
-  local found, mark = recall_in(field, digest, also, math.floor(now / IDEM_SPAN_MS))
+  local found, mark, bucket = recall_in(field, digest, also, math.floor(now / IDEM_SPAN_MS))
   if not found and IDEM_PREV_SPAN and now < IDEM_PREV_UNTIL then
-    found, mark = recall_in(field, digest, also, math.floor(now / IDEM_PREV_SPAN))
+    found, mark, bucket = recall_in(field, digest, also, math.floor(now / IDEM_PREV_SPAN))
   end
   if found and found[1] == 0 then
     mark = nil
   end
-  return found, mark
+  return found, mark, bucket
 end
 
 -- Records `answer` under `field` with the request's digest (the first 16 hex digits of
 -- `digest`: see recall) and its attempt mark when `digest` carries one (digits 33 to 40):
--- "<DIGEST><mark><answer>", the digest in upper case. A replay finds the record and never
--- writes it again, so the mark stays the attempt's that made the charge (lua/void.lua
--- compares it). The upper case makes an older tollgate, whose recall compares the digest
+-- "<DIGEST><mark><answer>", the digest in upper case. A replay never writes the record
+-- again, so the mark stays the attempt's that made the charge (lua/void.lua compares it),
+-- but for recall_charge's flag (another attempt replayed it). The upper case makes an older tollgate, whose recall compares the digest
 -- as it is, see another request's record (IDEMPOTENCY_KEY_REUSED) rather than hand the
 -- mark out as part of the answer (docs/ARCHITECTURE.md "Voids").
 local function remember(field, digest, answer)
@@ -343,16 +344,27 @@ local VOID_FENCE = 'VOIDED'
 -- recall for a charge (debit.lua, authorize.lua): a void's fence refuses the attempt it
 -- was made for ({ 0, 'VOIDED' }: nothing charged, nothing recorded; the same mark, or
 -- none on both) and is no record for any other attempt (a retry of the request, with its
--- own mark, is charged as if there were none).
+-- own mark, is charged as if there were none). A marked record that another attempt
+-- replays gets its mark's last letter upper-cased, once: that attempt may be served by
+-- the charge, so the void of the attempt that made it must leave it (lua/void.lua sees
+-- another attempt's mark).
 local function recall_charge(field, digest)
-  local found, mark = recall(field, digest)
-  if found and found[2] == VOID_FENCE then
-    if (mark or '') == string.sub(digest, 33, 40) then
+  local found, mark, bucket = recall(field, digest)
+  if not found then
+    return nil
+  end
+  local own = string.sub(digest, 33, 40)
+  if found[2] == VOID_FENCE then
+    if (mark or '') == own then
       return { 0, VOID_FENCE }
     end
     return nil
   end
-  return found, mark
+  if mark and mark ~= own and string.byte(mark, 8) >= 97 then
+    local v = redis.call('HGET', bucket, field)
+    redis.call('HSET', bucket, field, string.sub(v, 1, 23) .. string.upper(string.sub(v, 24, 24)) .. string.sub(v, 25))
+  end
+  return found
 end
 
 -- The longest a record made now can still be found (in real time, as its bucket ages).
