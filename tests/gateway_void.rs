@@ -220,6 +220,51 @@ async fn a_late_debit_cut_off_by_the_check_deadline_is_voided() {
     server.stop().await;
 }
 
+/// The check's future is dropped before it decides, here by tonic at the caller's
+/// `grpc-timeout` (as Envoy's ext_authz timeout sends it; Envoy also cancels a Check whose
+/// client went away): the charge it had sent is voided all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_debit_of_a_check_dropped_by_its_caller_is_voided() {
+    use envoy_types::pb::envoy::service::auth::v3::{
+        attribute_context::{HttpRequest, Request},
+        authorization_client::AuthorizationClient,
+        AttributeContext, CheckRequest,
+    };
+    let redis = RedisServer::start();
+    let mut config = config(&redis.url(), false);
+    // Neither the call's nor the check's own deadline passes within the pause: only the
+    // caller gives up. One connection: the void runs after the charge.
+    config.redis.call_timeout_ms = 20_000;
+    config.gateway.check_timeout_ms = 20_000;
+    config.redis.connections = 1;
+    let server = common::TestServer::start(config, Clock::Redis).await;
+    let key = seed(&server, "void-dropped", 100).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let mut request = tonic::Request::new(CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "POST".into(),
+                    path: "/strict".into(),
+                    host: "api.example.com".into(),
+                    headers: [("x-api-key".to_owned(), key.clone())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    });
+    request.set_timeout(Duration::from_millis(200));
+    pause_writes(&redis);
+    let answer = client.check(request).await;
+    assert!(answer.is_err(), "the caller's deadline: {answer:?}");
+
+    wait_void(&server, "void-dropped", EventKind::Refund, (100, 0)).await;
+    assert_debit_voided(&server, "void-dropped", 3).await;
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_hold_is_released() {
     let redis = RedisServer::start();

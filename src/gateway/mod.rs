@@ -574,9 +574,14 @@ impl Gateway {
         // `Debit::attempt_mark`). A check without one has a key of its own.
         let attempt_mark =
             (amount > 0 && keyed_by_request_id).then(crate::ledger::AttemptMark::random);
-        let mut cmd = ChargeCmd::new(op, amount, idempotency_key, price_inputs, attempt_mark);
-        let sent = Sent::default();
-        let charge = self.charge(op, amount, key, &mut cmd, &sent);
+        let mut pending = PendingCharge {
+            gateway: self,
+            key,
+            cmd: ChargeCmd::new(op, amount, idempotency_key, price_inputs, attempt_mark),
+            sent: Sent::default(),
+            decided: false,
+        };
+        let charge = self.charge(op, amount, key, &mut pending.cmd, &pending.sent);
         let decision = match tokio::time::timeout(self.check_timeout, charge).await {
             Ok(decision) => decision,
             // The charge is dropped where it was: `sent` says whether a call was on its way.
@@ -587,6 +592,7 @@ impl Gateway {
                 None => unavailable(op, None, None),
             },
         };
+        pending.decided = true;
         // Any denial (unavailable, or a key the cache last knew as refused) with a call
         // past its deadline: that call may still run. So may a hold allowed by fail_open:
         // the request went on without a hold id, so nothing would ever settle the hold a
@@ -595,7 +601,7 @@ impl Gateway {
         let degraded_hold = matches!(op.mode, Mode::Hold(_))
             && matches!(&decision, Decision::Allow(a) if a.degraded);
         if matches!(decision, Decision::Deny(_)) || degraded_hold {
-            self.void_late_charge(key, cmd, &sent);
+            self.void_late_charge(key, &pending.cmd, &pending.sent);
         }
         if let (Decision::Allow(a), Some(idempotency_key), Some(price_inputs)) =
             (&decision, spooled_key, spooled_inputs)
@@ -612,7 +618,7 @@ impl Gateway {
     /// may have been sent: that charge may still run, so a void undoes it if it does
     /// (`void`). Started before the answer goes out. fail_open debits are never voided
     /// (they were allowed; the spool replays them under the same key).
-    fn void_late_charge(&self, key: &str, cmd: ChargeCmd, sent: &Sent) {
+    fn void_late_charge(&self, key: &str, cmd: &ChargeCmd, sent: &Sent) {
         let key = match sent.take() {
             Sent::NOTHING => return,
             Sent::BY_KEY => match self.keys.key_parts(key) {
@@ -626,8 +632,8 @@ impl Gateway {
             _ => None,
         };
         let charge = match cmd {
-            ChargeCmd::Debit(c) => VoidCharge::Debit(c),
-            ChargeCmd::Hold(c) => VoidCharge::Hold(c),
+            ChargeCmd::Debit(c) => VoidCharge::Debit(c.clone()),
+            ChargeCmd::Hold(c) => VoidCharge::Hold(c.clone()),
         };
         self.voids
             .spawn(self.ledger.clone(), VoidTarget { charge, key });
@@ -1050,6 +1056,29 @@ impl Sent {
 
     fn take(&self) -> u8 {
         self.0.swap(Self::NOTHING, Ordering::Relaxed)
+    }
+}
+
+/// A check's charge while the check decides. The check's future may be dropped before
+/// it decides: Envoy cancels a Check whose client went away, tonic drops a handler past
+/// the caller's `grpc-timeout`, hyper one whose connection closed. Dropped with a call in
+/// flight ([`Sent`]), the charge is voided as a check that timed out voids it: Redis may
+/// still run the call, and no answer allowed the request.
+struct PendingCharge<'a> {
+    gateway: &'a Gateway,
+    key: &'a str,
+    cmd: ChargeCmd,
+    sent: Sent,
+    /// The check decided: from here on it voids what it must itself.
+    decided: bool,
+}
+
+impl Drop for PendingCharge<'_> {
+    fn drop(&mut self) {
+        if !self.decided {
+            self.gateway
+                .void_late_charge(self.key, &self.cmd, &self.sent);
+        }
     }
 }
 

@@ -59,7 +59,7 @@ pub enum VoidEnd {
     Failed,
     /// Redis did not take the void within [`VOID_RETRY_WINDOW`].
     GaveUp,
-    /// Not started: [`VOIDS_IN_FLIGHT_MAX`] were running.
+    /// Not started: [`VOIDS_IN_FLIGHT_MAX`] were running, or the runtime was gone.
     Dropped,
 }
 
@@ -177,8 +177,18 @@ impl Voids {
             );
             return;
         };
+        // A check's future dropped outside the runtime (it is shutting down) has no
+        // runtime to void on.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            count(&counters, VoidEnd::Dropped);
+            tracing::warn!(
+                operation = %target.operation(),
+                "the runtime is gone: a charge that may run late is not voided"
+            );
+            return;
+        };
         let void_key = void_key();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let _permit = permit;
             let end = run(&ledger, &target, &void_key).await;
             count(&counters, end);
