@@ -2154,6 +2154,71 @@ async fn a_restore_keeps_records_as_long_as_live_redis_does() {
     );
 }
 
+/// A charge older than `ledger.charge_retention_secs` is not restored (the replay does
+/// not keep it either), yet refunds made while live Redis still had its record (a bucket
+/// lives to the end of its hour past the retention) replay after a restore, each with what
+/// the charge had refunded by then; and the restore does not fail on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_replays_refunds_of_a_charge_older_than_the_retention() {
+    use tollgate::ledger::{Debit, LedgerError, Metadata, Refund};
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    let now = tollgate::ledger::wall_clock_ms();
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let mut config = common::test_config(&redis.url());
+    config.ledger.charge_retention_secs = 60;
+    // The debit's event time is two hours back: past the retention when restored.
+    let (clock, at) = Clock::manual(now - 7_200_000);
+    let ledger = tollgate::server::ledger_from_config(&config, clock).expect("ledger");
+    common::initialize_blocking(&ledger, &redis.url());
+    let store = Arc::new(Store::connect_lazy(&pg.url, 2).expect("store"));
+    store.migrate().await.expect("migrate");
+    ledger
+        .grant(&common::purchase("old-charge", 1000, "g"))
+        .await
+        .expect("grant");
+    let charge = ledger
+        .debit(&Debit {
+            account_id: "old-charge".into(),
+            wallet: "default".into(),
+            amount: 30,
+            idempotency_key: "d".into(),
+            operation: "op".into(),
+            metadata: Metadata::new(),
+            member_id: String::new(),
+            price_inputs: None,
+            attempt_mark: None,
+        })
+        .await
+        .expect("debit");
+    at.store(now, std::sync::atomic::Ordering::SeqCst);
+    let refund = |amount, key: &str| Refund {
+        charge_id: charge.event_id.clone(),
+        amount,
+        idempotency_key: key.into(),
+        metadata: Metadata::new(),
+    };
+    let first = ledger.refund(&refund(10, "r1")).await.expect("refund");
+    let second = ledger.refund(&refund(5, "r2")).await.expect("refund");
+    assert_eq!((first.refunded_total, second.refunded_total), (10, 15));
+
+    settle_then_lose_redis(&redis, &ledger, &store, "old-charge").await;
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    for (amount, key, done) in [(10, "r1", &first), (5, "r2", &second)] {
+        let again = ledger.refund(&refund(amount, key)).await.expect("retried");
+        assert!(again.replayed, "{again:?}");
+        assert_eq!(again.event_id, done.event_id);
+        assert_eq!(again.refunded_total, done.refunded_total);
+    }
+    assert_eq!(available(&ledger, "old-charge").await, Ok(1000 - 30 + 15));
+    // The charge itself was not written back, as live Redis drops it.
+    let late = ledger.refund(&refund(5, "r3")).await;
+    assert!(matches!(late, Err(LedgerError::NotFound(_))), "{late:?}");
+}
+
 /// Waits until the ledger's connections reach the restarted redis-server.
 async fn reconnected(ledger: &tollgate::ledger::Ledger) {
     let deadline = Instant::now() + DEADLINE;

@@ -428,6 +428,12 @@ struct Wallet {
     /// After its events, in stream order, those that join the set or change whether it
     /// is dead: what the wallet set made of it then.
     marks: Vec<SetMark>,
+    /// Charges of this wallet older than the charge retention (not kept in the shard's
+    /// charges, not written back) that a refund other than a void's refunded, and how much
+    /// of each: a later refund's answer counts what the charge had refunded. A refund is
+    /// made in its charge's wallet (lib.lua `refund_charge`), so this lives while the
+    /// wallet replays; a void refunds all that is left (no refund can follow it).
+    old_refunds: HashMap<String, i64>,
 }
 
 /// How an event left its wallet with respect to the account's wallet set (lib.lua
@@ -453,6 +459,12 @@ enum Join {
 }
 
 impl Wallet {
+    /// The wallet once its last event is replayed: what only its replay needed goes.
+    fn replayed(mut self) -> Self {
+        self.old_refunds = HashMap::new();
+        self
+    }
+
     /// What [`SetMark`] event `e` (just replayed) leaves; `was_allocated`: whether the
     /// wallet had an allocation of a member before it (lua/org.lua lets such a wallet in
     /// past the cap).
@@ -553,13 +565,74 @@ const REMEMBER_LUA: &str = "local f = string.sub(redis.sha1hex(ARGV[1]), 1, 30) 
 /// Buckets a lookup reads (lib.lua IDEM_BUCKETS_LOOKED_AT).
 const IDEM_BUCKETS_LOOKED_AT: i64 = 3;
 
+/// What a restore writes back, as of its start (`now`): the rules live Redis drops its
+/// records by. The replay applies them as it goes, not only when it writes, so what it
+/// holds in memory is what live Redis would hold (plus open holds and the shard's wallets),
+/// not the shard's whole history.
+#[derive(Debug, Clone, Copy)]
+struct Keep {
+    now: i64,
+    /// Idempotency bucket span: half the window (lib.lua IDEM_SPAN_MS).
+    span: i64,
+    hold_retention_ms: i64,
+    /// The longest a record can be found (lib.lua `idem_life_ms`).
+    idem_life_ms: i64,
+    charge_retention_ms: i64,
+}
+
+impl Keep {
+    fn new(settings: &crate::ledger::LedgerSettings, now: i64) -> Self {
+        let window_ms = settings.idempotency_window.as_millis() as i64;
+        // Idempotency buckets span half the window (lib.lua IDEM_SPAN_MS); a record is
+        // found for IDEM_BUCKETS_LOOKED_AT spans at most (lib.lua idem_life_ms).
+        let span = (window_ms / 2).max(1);
+        Self {
+            now,
+            span,
+            hold_retention_ms: settings.hold_retention.as_millis() as i64,
+            idem_life_ms: IDEM_BUCKETS_LOOKED_AT * span,
+            charge_retention_ms: settings.charge_retention.as_millis() as i64,
+        }
+    }
+
+    /// Whether a lookup in live Redis would still find a record made at `at_ms` (its
+    /// bucket, the current one or the two before it: up to 1.5 windows old).
+    fn record(&self, at_ms: i64) -> bool {
+        at_ms / self.span > self.now / self.span - IDEM_BUCKETS_LOOKED_AT
+    }
+
+    /// How long an ended hold's record has left (<= 0: live Redis dropped it). As lib.lua
+    /// `end_hold`: an answer a capture or release gave is found through its hold, so the
+    /// record lives as long as that answer can be replayed.
+    fn ended_hold_ttl(&self, h: &Hold) -> i64 {
+        let keep_ms = if h.ended_by_request {
+            self.hold_retention_ms.max(self.idem_life_ms)
+        } else {
+            self.hold_retention_ms
+        };
+        h.ended_at_ms + keep_ms - self.now
+    }
+
+    /// How long a charge made at `at_ms` has left (<= 0: not written back).
+    fn charge_ttl(&self, at_ms: i64) -> i64 {
+        at_ms + self.charge_retention_ms - self.now
+    }
+}
+
 struct Replay<'a> {
     wallet: Wallet,
+    /// Open holds, and ended ones within their retention ([`Keep::ended_hold_ttl`]).
     holds: &'a mut HashMap<String, Hold>,
+    /// Charges within the charge retention ([`Keep::charge_ttl`]).
     charges: &'a mut HashMap<String, Charge>,
-    /// The shard's records so far (a void's event drops its charge's: `forget_record_of`).
+    /// The shard's records so far that live Redis still finds ([`Keep::record`]; a void's
+    /// event drops its charge's: `forget_record_of`).
     records: &'a mut Vec<Record>,
     orgs: &'a mut OrgState,
+    /// The highest hold sequence number of the shard's holds so far (ended ones dropped
+    /// included): the restored `{tg:S}:seq` goes past it.
+    hold_seq: &'a mut i64,
+    keep: Keep,
 }
 
 /// A budget's definition, from its latest `budget` event.
@@ -779,7 +852,8 @@ impl OrgState {
     /// counted in: those that have counted since before it (the same budget, whose
     /// current period is the only one restored).
     fn give_back(&mut self, hold_id: &str, amount: i64) {
-        if let Some(&i) = self.hold_spends.get(hold_id) {
+        // A hold ends once: its entries go (an ended hold gives back nothing more).
+        if let Some(i) = self.hold_spends.remove(hold_id) {
             self.spends[i].returned += amount;
         }
         // And to the running spend, as lib.lua `budgets_give_back`: only to the same budget
@@ -989,7 +1063,9 @@ impl Replay<'_> {
     }
 
     fn record(&mut self, e: &LedgerEvent, parts: &[&str], answer: String) {
-        if e.idempotency_key.is_empty() {
+        // A record live Redis no longer finds is not written back: not kept either (a void
+        // that would forget it finds nothing, as the write would have left it out).
+        if e.idempotency_key.is_empty() || !self.keep.record(e.created_at_ms) {
             return;
         }
         self.records.push(Record {
@@ -1259,18 +1335,7 @@ impl Replay<'_> {
             EventKind::Debit => {
                 self.take(e, false)?;
                 self.wallet.used += e.amount;
-                self.charges.insert(
-                    e.event_id.clone(),
-                    Charge {
-                        account_id: e.account_id.clone(),
-                        wallet: e.wallet.clone(),
-                        member: e.member.clone(),
-                        amount: e.amount,
-                        refunded: 0,
-                        lots: pieces_text(&e.lots),
-                        at_ms: e.created_at_ms,
-                    },
-                );
+                self.keep_charge(e, e.amount);
                 let answer = format!(
                     "OK|{}|{}|{}|{}",
                     e.event_id, e.amount, e.available_after, e.held_after
@@ -1296,6 +1361,13 @@ impl Replay<'_> {
                 self.wallet.open_holds += 1;
                 let (policy, deadline) =
                     hold_terms(e).ok_or_else(|| Self::fail(e, "hold without deadline"))?;
+                if let Some(seq) = e
+                    .hold_id
+                    .rsplit_once('-')
+                    .and_then(|(_, s)| s.parse::<i64>().ok())
+                {
+                    *self.hold_seq = (*self.hold_seq).max(seq);
+                }
                 self.holds.insert(
                     e.hold_id.clone(),
                     Hold {
@@ -1366,6 +1438,10 @@ impl Replay<'_> {
                 hold.ended_by_request =
                     e.kind != EventKind::ExpireHold && !e.idempotency_key.is_empty();
                 let amount = hold.amount;
+                if self.keep.ended_hold_ttl(hold) <= 0 {
+                    // Ended longer ago than live Redis keeps its record: not written back.
+                    self.holds.remove(&e.hold_id);
+                }
                 if e.kind == EventKind::Release && e.idempotency_key.is_empty() {
                     // A void's release (lua/void.lua; every Release request has a key): it
                     // forgot the hold's idempotency record, so a retry holds again.
@@ -1376,18 +1452,7 @@ impl Replay<'_> {
                 self.wallet.open_holds = self.wallet.open_holds.saturating_sub(1);
                 self.wallet.used += charged;
                 if charged > 0 {
-                    self.charges.insert(
-                        e.event_id.clone(),
-                        Charge {
-                            account_id: e.account_id.clone(),
-                            wallet: e.wallet.clone(),
-                            member: e.member.clone(),
-                            amount: charged,
-                            refunded: 0,
-                            lots: pieces_text(&e.lots),
-                            at_ms: e.created_at_ms,
-                        },
-                    );
+                    self.keep_charge(e, charged);
                 }
             }
             EventKind::ExpireLot => {
@@ -1410,7 +1475,25 @@ impl Replay<'_> {
                         c.refunded += e.amount;
                         c.refunded
                     }
-                    None => return Err(Self::fail(e, "refund of an unknown charge")),
+                    // A charge older than the charge retention (`keep_charge` did not keep
+                    // it): what its refunds so far came to, this one counted. (A refund
+                    // names a charge live Redis had, refund.lua; one the store lacks the
+                    // charge of is taken for such a charge too: the pair assertion still
+                    // checks the balance.)
+                    None if e.operation == "void" => {
+                        // It refunds all that is left: nothing can follow (void.lua).
+                        let before = self.wallet.old_refunds.remove(&e.charge_id);
+                        before.unwrap_or(0) + e.amount
+                    }
+                    None => {
+                        let done = self
+                            .wallet
+                            .old_refunds
+                            .entry(e.charge_id.clone())
+                            .or_default();
+                        *done += e.amount;
+                        *done
+                    }
                 };
                 let answer = format!(
                     "OK|{}|{}|{total}|{}|{expired}",
@@ -1428,6 +1511,27 @@ impl Replay<'_> {
             }
         }
         self.check_pair(e)
+    }
+
+    /// Keeps charge `e` (a debit, or a capture or an expiry that charged `amount`) for the
+    /// write and for its refunds, unless it is older than the charge retention: then it is
+    /// not written back, and its refunds count on the wallet (`Wallet::old_refunds`).
+    fn keep_charge(&mut self, e: &LedgerEvent, amount: i64) {
+        if self.keep.charge_ttl(e.created_at_ms) <= 0 {
+            return;
+        }
+        self.charges.insert(
+            e.event_id.clone(),
+            Charge {
+                account_id: e.account_id.clone(),
+                wallet: e.wallet.clone(),
+                member: e.member.clone(),
+                amount,
+                refunded: 0,
+                lots: pieces_text(&e.lots),
+                at_ms: e.created_at_ms,
+            },
+        );
     }
 
     /// Drops the idempotency record of `account`'s charge whose answer names `charge`
@@ -1914,14 +2018,11 @@ async fn restore_under(
     }
     let settings = ledger.settings().clone();
     let now = crate::ledger::wall_clock_ms();
-    let window_ms = settings.idempotency_window.as_millis() as i64;
-    let hold_retention_ms = settings.hold_retention.as_millis() as i64;
-    let charge_retention_ms = settings.charge_retention.as_millis() as i64;
-    // Idempotency buckets span half the window (lib.lua IDEM_SPAN_MS); a record is found
-    // for IDEM_BUCKETS_LOOKED_AT spans at most (lib.lua idem_life_ms). Each restored shard
-    // stores this span as its numbering (below), whatever the one it had before the loss.
-    let span = (window_ms / 2).max(1);
-    let idem_life_ms = IDEM_BUCKETS_LOOKED_AT * span;
+    let keep = Keep::new(&settings, now);
+    // Each restored shard stores this span as its numbering (below), whatever the one it
+    // had before the loss.
+    let span = keep.span;
+    let charge_retention_ms = keep.charge_retention_ms;
     let mut report = RestoreReport::default();
     let count = ledger.shards().count();
     // API keys by shard: each shard gets its own before it serves again.
@@ -1965,6 +2066,7 @@ async fn restore_under(
         let mut charges: HashMap<String, Charge> = HashMap::new();
         let mut records = Vec::new();
         let mut orgs = OrgState::default();
+        let mut hold_seq = 0i64;
         let mut wallets: Vec<Wallet> = Vec::new();
         let mut after: Option<WalletPosition> = None;
         let mut current: Option<Wallet> = None;
@@ -1989,7 +2091,7 @@ async fn restore_under(
                     .is_some_and(|w| w.account_id == e.account_id && w.wallet == e.wallet);
                 if !same {
                     if let Some(done) = current.take() {
-                        wallets.push(done);
+                        wallets.push(done.replayed());
                     }
                     current = Some(Wallet {
                         account_id: e.account_id.clone(),
@@ -2003,6 +2105,8 @@ async fn restore_under(
                     charges: &mut charges,
                     records: &mut records,
                     orgs: &mut orgs,
+                    hold_seq: &mut hold_seq,
+                    keep,
                 };
                 let was_allocated = replay.wallet.allocated;
                 replay.apply(e)?;
@@ -2020,7 +2124,7 @@ async fn restore_under(
             }
         }
         if let Some(done) = current.take() {
-            wallets.push(done);
+            wallets.push(done.replayed());
         }
         // Membership events have no wallet.
         wallets.retain(|w| !w.wallet.is_empty());
@@ -2073,7 +2177,6 @@ async fn restore_under(
         }
         let mut pipe = redis::pipe();
         let mut queued = 0usize;
-        let mut hold_seq = 0i64;
         // Sends the pipeline every so often, so a big shard never builds one huge request.
         async fn flush(
             ledger: &Ledger,
@@ -2090,18 +2193,10 @@ async fn restore_under(
             }
             Ok(())
         }
+        // What the replay kept: open holds, ended ones and charges within their retention,
+        // the records live Redis still finds (the checks below are the ones it applied).
         for (id, h) in &holds {
-            if let Some(seq) = id.rsplit_once('-').and_then(|(_, s)| s.parse::<i64>().ok()) {
-                hold_seq = hold_seq.max(seq);
-            }
-            // As lib.lua `end_hold`: an answer a capture or release gave is found through
-            // its hold, so the record lives as long as that answer can be replayed.
-            let keep_ms = if h.ended_by_request {
-                hold_retention_ms.max(idem_life_ms)
-            } else {
-                hold_retention_ms
-            };
-            let ttl = h.ended_at_ms + keep_ms - now;
+            let ttl = keep.ended_hold_ttl(h);
             if h.state != 'a' && ttl <= 0 {
                 continue;
             }
@@ -2146,8 +2241,7 @@ async fn restore_under(
             }
         }
         for (id, c) in &charges {
-            let ttl = c.at_ms + charge_retention_ms - now;
-            if ttl <= 0 {
+            if keep.charge_ttl(c.at_ms) <= 0 {
                 continue;
             }
             let Some((bucket, expires_at_ms)) = charge_bucket(&tag, id, charge_retention_ms) else {
@@ -2175,15 +2269,14 @@ async fn restore_under(
                 flush(ledger, lease, shard, &mut pipe, &mut queued).await?;
             }
         }
-        let current = now / span;
         for r in &records {
             // Every record a lookup in live Redis would still find (the current bucket
             // and the two before it: up to 1.5 windows old), not only those within the
             // guaranteed window.
-            let bucket = r.at_ms / span;
-            if bucket <= current - IDEM_BUCKETS_LOOKED_AT {
+            if !keep.record(r.at_ms) {
                 continue;
             }
+            let bucket = r.at_ms / span;
             pipe.cmd("EVAL")
                 .arg(REMEMBER_LUA)
                 .arg(1)
@@ -2604,6 +2697,158 @@ mod tests {
         ] {
             assert_eq!(revoked_at(kept), 0, "{kept}");
         }
+    }
+
+    /// A long history replayed through the replay's state: what it keeps stays what live
+    /// Redis would keep (open holds, and holds, charges and records within their retention),
+    /// however many debits, holds, captures, expiries and voids came before.
+    #[test]
+    fn the_replay_keeps_what_live_redis_keeps_not_the_whole_history() {
+        const DAY_MS: i64 = 86_400_000;
+        let now = 100 * DAY_MS;
+        let keep = Keep::new(&crate::ledger::LedgerSettings::default(), now);
+        let score = LotPiece::NEVER;
+        let piece = |lot: &str, amount| LotPiece {
+            lot_id: lot.into(),
+            amount,
+            score: Some(score),
+        };
+        let mut seq = 0i64;
+        let (mut available, mut held) = (0i64, 0i64);
+        // An event of wallet "w" at `at_ms`, with the balance it leaves.
+        let mut event =
+            |kind, at_ms: i64, amount, moved: (i64, i64), fill: &dyn Fn(&mut LedgerEvent)| {
+                seq += 1;
+                available += moved.0;
+                held += moved.1;
+                let mut e = LedgerEvent {
+                    event_id: format!("0-{at_ms}-{seq}"),
+                    stream_id: format!("{at_ms}-{seq}"),
+                    kind,
+                    account_id: "acct".into(),
+                    wallet: "w".into(),
+                    amount,
+                    available_after: available,
+                    held_after: held,
+                    lots: Vec::new(),
+                    extra: String::new(),
+                    hold_id: String::new(),
+                    charge_id: String::new(),
+                    idempotency_key: format!("k{seq}"),
+                    operation: String::new(),
+                    metadata: String::new(),
+                    created_at_ms: at_ms,
+                    version: 1,
+                    member: String::new(),
+                    actor: String::new(),
+                };
+                fill(&mut e);
+                e
+            };
+        let mut history = vec![
+            event(EventKind::Grant, DAY_MS, 1_000_000, (1_000_000, 0), &|e| {
+                e.lots = vec![piece("1", 1_000_000)];
+                e.extra = "purchase|".into();
+            }),
+            // A daily budget on the wallet: holds count in it.
+            event(EventKind::Budget, DAY_MS, 1_000_000_000, (0, 0), &|e| {
+                e.operation = "budget".into();
+                e.extra = "d|0|0".into();
+            }),
+        ];
+        // Days of charges, all older than every retention; then one of each now.
+        let rounds = 2_000;
+        for n in 0..=rounds {
+            let at = if n == rounds {
+                now - 1_000
+            } else {
+                2 * DAY_MS + n * 60_000
+            };
+            let debit = event(EventKind::Debit, at, 3, (-3, 0), &|e| {
+                e.lots = vec![piece("1", 3)];
+            });
+            let debit_id = debit.event_id.clone();
+            history.push(debit);
+            let hold_id = format!("h0-{}", 1_000 + n);
+            for (captured, kind) in [(1, EventKind::Capture), (0, EventKind::ExpireHold)] {
+                let hold_id = format!("{hold_id}{captured}");
+                history.push(event(EventKind::Hold, at, 2, (-2, 2), &|e| {
+                    e.lots = vec![piece("1", 2)];
+                    e.hold_id = hold_id.clone();
+                    e.extra = format!("r{}", at + 30_000);
+                }));
+                if n < rounds {
+                    history.push(event(
+                        kind,
+                        at + 30_000,
+                        captured,
+                        (2 - captured, -2),
+                        &|e| {
+                            e.lots = if captured > 0 {
+                                vec![piece("1", captured)]
+                            } else {
+                                Vec::new()
+                            };
+                            e.extra = format!("1:{}:{score}", 2 - captured);
+                            e.hold_id = hold_id.clone();
+                            e.idempotency_key = String::new();
+                        },
+                    ));
+                }
+            }
+            if n < rounds {
+                // A void refunds the debit (into a lot of its own, spent again at once).
+                let lot = (10_000 + n).to_string();
+                history.push(event(EventKind::Refund, at + 40_000, 3, (3, 0), &|e| {
+                    e.lots = vec![piece(&lot, 3)];
+                    e.extra = "0".into();
+                    e.charge_id = debit_id.clone();
+                    e.operation = "void".into();
+                    e.idempotency_key = String::new();
+                }));
+                history.push(event(EventKind::Adjust, at + 41_000, -3, (-3, 0), &|e| {
+                    e.lots = vec![piece(&lot, 3)];
+                    e.idempotency_key = String::new();
+                }));
+            }
+        }
+        let (mut holds, mut charges, mut records) = (HashMap::new(), HashMap::new(), Vec::new());
+        let (mut orgs, mut hold_seq) = (OrgState::default(), 0);
+        let mut wallet = Wallet {
+            account_id: "acct".into(),
+            wallet: "w".into(),
+            ..Default::default()
+        };
+        let mut most = 0;
+        for e in &history {
+            let mut replay = Replay {
+                wallet,
+                holds: &mut holds,
+                charges: &mut charges,
+                records: &mut records,
+                orgs: &mut orgs,
+                hold_seq: &mut hold_seq,
+                keep,
+            };
+            replay.apply(e).expect("replays");
+            wallet = replay.wallet;
+            let kept = holds.len()
+                + charges.len()
+                + records.len()
+                + orgs.hold_spends.len()
+                + orgs.hold_budgets.len()
+                + wallet.old_refunds.len();
+            most = most.max(kept);
+        }
+        // The last round's debit, and its two holds left open: what live Redis holds.
+        assert_eq!(holds.len(), 2, "holds");
+        assert_eq!(charges.len(), 1, "charges");
+        assert_eq!(records.len(), 3, "idempotency records");
+        assert_eq!(orgs.hold_spends.len(), 2, "holds' spends");
+        assert_eq!(orgs.hold_budgets.len(), 2, "holds' budgets");
+        assert!(most <= 12, "the replay kept {most} entries at one point");
+        // The hold ids the shard handed out, dropped ones included.
+        assert_eq!(hold_seq, (1_000 + rounds) * 10 + 1);
     }
 
     #[test]
