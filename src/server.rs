@@ -599,8 +599,28 @@ pub async fn run_settler(
     let hangups = listen_for_hangups();
     let store = store_from_config(&config)?;
     // The shard count first (see `run`): a settler of another count would leave the
-    // outboxes of the shards past it unsettled.
-    let count_verified = shard_count_at_start(&ledger, &store).await?;
+    // outboxes of the shards past it unsettled. Bounded as in `run`: a store that hangs
+    // (another process holds the migration lock) must not keep /healthz from answering
+    // (the liveness probe would kill the pod in a loop); unchecked by then, the settler
+    // waits for it before settling.
+    let count_check = tokio::spawn({
+        let (ledger, store) = (ledger.clone(), store.clone());
+        async move { shard_count_at_start(&ledger, &store).await }
+    });
+    let count_verified = match tokio::time::timeout(STORE_STARTUP_WAIT, count_check).await {
+        Ok(Ok(verified)) => verified?,
+        Ok(Err(err)) => {
+            tracing::error!(error = %err, "the shard count check's task failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                "the shard count has not been checked yet (the store has not answered): \
+                 nothing is settled until it is (asked every second)"
+            );
+            false
+        }
+    };
     let (count_refused_tx, count_refused) = tokio::sync::oneshot::channel::<ShardCountError>();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopping = stop_rx.clone();

@@ -2264,6 +2264,53 @@ async fn serve_whose_store_hangs_at_start_up_serves() {
     drop(child);
 }
 
+/// `tollgate settle` whose store hangs at start-up (another process holds the schema's
+/// migration lock) answers `/healthz` after a bounded wait, as `serve` does: it used to
+/// wait on the shard count check for as long as the lock was held, serving nothing, so
+/// the liveness probe killed it in a loop. Once the store answers it settles and turns
+/// ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_whose_store_hangs_at_start_up_answers_health_checks() {
+    use sqlx::{Connection, Executor};
+    let redis = common::RedisServer::start();
+    // A ledger whose shards serve (`serve` marks them; `settle` never does).
+    let _ledger = common::ledger(&redis, Clock::Redis);
+    let pg = common::PgDatabase::create().await;
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
+    let mut lock = locker.begin().await.expect("begin");
+    lock.execute("SELECT pg_advisory_xact_lock(7157680)")
+        .await
+        .expect("lock");
+
+    let redis_url = redis.url();
+    let child = common::spawn_listening(
+        1,
+        DEADLINE,
+        |ports| {
+            let mut cmd = common::tollgate();
+            cmd.args(["settle", "--redis-url", &redis_url, "--store", &pg.url])
+                .arg(format!("--http-addr=127.0.0.1:{}", ports[0]))
+                .stdout(std::process::Stdio::null());
+            cmd
+        },
+        |ports| async move {
+            let addr = ([127, 0, 0, 1], ports[0]).into();
+            tokio::time::timeout(Duration::from_secs(5), common::http_get(addr, "/healthz"))
+                .await
+                .is_ok_and(|(code, _)| code == 200)
+        },
+    )
+    .await;
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], child.ports[0]).into();
+    lock.rollback().await.expect("unlock");
+    common::eventually(DEADLINE, "ready once the store answers", || async {
+        let (code, _) = common::http_get(http_addr, "/readyz").await;
+        (code == 200).then_some(())
+    })
+    .await;
+    drop(child);
+}
+
 async fn settle_command(redis_url: &str, store_url: &str) -> common::Listening {
     common::spawn_listening(
         1,
