@@ -1627,7 +1627,6 @@ async fn the_entries_received_before_envoy_goes_away_are_all_settled() {
     server.stop().await;
 }
 
-/// A settlement request (path, headers, body) and the fields its 400 must name.
 /// A Check whose message does not decode (a path that is not UTF-8) is INVALID_ARGUMENT
 /// naming the field by its path: tonic answered INTERNAL, logged as a server fault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1673,6 +1672,7 @@ async fn a_check_that_does_not_decode_is_an_invalid_argument() {
     assert_eq!(fields, ["attributes.request.http.path"], "{status:?}");
 }
 
+/// A settlement request (path, headers, body) and the fields its 400 must name.
 type SettleCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str, &'a [&'a str]);
 
 /// The HTTP hold settlement names every bad field (the header as `idempotency-key`)
@@ -1712,7 +1712,7 @@ async fn the_http_hold_settlement_names_the_bad_field_and_changes_nothing() {
     let seventeen = format!("/v1/holds/h0-{}/release", "1".repeat(17));
     let long_key = "k".repeat(129);
     let release = format!("/v1/holds/{hold}/release");
-    let cases: [SettleCase; 14] = [
+    let cases: [SettleCase; 16] = [
         // No idempotency-key header: the bad hold id is named, not the derived key.
         (&long_digits, vec![], "", &["hold_id"]),
         (&seventeen, vec![], "", &["hold_id"]),
@@ -1754,6 +1754,20 @@ async fn the_http_hold_settlement_names_the_bad_field_and_changes_nothing() {
             vec![("idempotency-key", "clé-2")],
             r#"{"amount": "seven"}"#,
             &["amount", "hold_id", "idempotency-key"],
+        ),
+        // An amount out of range is named with the other fields, not left to the ledger
+        // (which named it only once the header was fixed).
+        (
+            &capture,
+            vec![("idempotency-key", "clé-3")],
+            r#"{"amount": -1}"#,
+            &["amount", "idempotency-key"],
+        ),
+        (
+            &capture,
+            vec![("idempotency-key", "a b")],
+            r#"{"amount": 9007199254740992}"#,
+            &["amount", "idempotency-key"],
         ),
         // The body holds `amount` alone, once: a misspelled field was ignored (so the
         // capture took the whole hold) and a repeated one taken at its last value.

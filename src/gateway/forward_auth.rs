@@ -27,7 +27,7 @@ use axum::Router;
 use super::{Call, Decision, Gateway, HEADER_REQUEST_ID};
 use crate::api::auth::TokenCheck;
 use crate::api::status::{denial_response, http_error};
-use crate::ledger::command::{FieldViolation, Violations};
+use crate::ledger::command::{FieldViolation, Violations, CREDITS_MAX};
 use crate::ledger::{EndHold, LedgerError};
 use crate::telemetry::request_log::{FailureDetail, RealStatus};
 
@@ -452,6 +452,8 @@ async fn settle_hold(
 /// used to be ignored, so the capture took the whole hold, and a repeated `amount` was
 /// taken at its last value; both charge what the client did not mean, so both are refused.
 /// An unknown field is named as sent when it is a short printable name, else as `body`.
+/// The amount's range (`0..=CREDITS_MAX`, as the ledger's) is checked here, with the other
+/// fields: left to the ledger, a bad amount was named only after the bad header was fixed.
 fn settle_amount(body: &[u8], v: &mut Violations) -> Option<i64> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return None;
@@ -481,7 +483,8 @@ fn settle_amount(body: &[u8], v: &mut Violations) -> Option<i64> {
         match value {
             serde_json::Value::Null => {}
             value => match value.as_i64() {
-                Some(n) => amount = Some(n),
+                Some(n) if (0..=CREDITS_MAX).contains(&n) => amount = Some(n),
+                Some(_) => v.add("amount", format!("must be in 0..={CREDITS_MAX}")),
                 None => v.add("amount", "must be an integer"),
             },
         }
