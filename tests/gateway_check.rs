@@ -1672,6 +1672,39 @@ async fn a_check_that_does_not_decode_is_an_invalid_argument() {
     assert_eq!(fields, ["attributes.request.http.path"], "{status:?}");
 }
 
+/// A Check without `attributes.request.http` (no attributes, no request, no http) is
+/// INVALID_ARGUMENT with a BadRequest naming that field, as every INVALID_ARGUMENT: it
+/// was a plain status naming the field only in its message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_without_its_http_request_names_the_field() {
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_config(&redis.url()), Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let events = events_len(&server).await;
+    let no_http = AttributeContext {
+        request: Some(Request::default()),
+        ..Default::default()
+    };
+    for attributes in [None, Some(AttributeContext::default()), Some(no_http)] {
+        let status = c
+            .client
+            .check(CheckRequest {
+                attributes: attributes.clone(),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let fields: Vec<String> = tonic_types::StatusExt::get_details_bad_request(&status)
+            .unwrap_or_else(|| panic!("BadRequest in {status:?} ({attributes:?})"))
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["attributes.request.http"], "{status:?}");
+    }
+    assert_eq!(events_len(&server).await, events, "no ledger event");
+}
+
 /// A settlement request (path, headers, body) and the fields its 400 must name.
 type SettleCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str, &'a [&'a str]);
 

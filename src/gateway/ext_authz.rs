@@ -15,7 +15,9 @@ use super::{
     Call, Decision, Denial, Gateway, MethodOverride, HEADER_REQUEST_ID, METHOD_OVERRIDE_HEADERS,
     UPSTREAM_HEADERS,
 };
-use crate::api::status::denial_response;
+use crate::api::status::{denial_response, to_status};
+use crate::ledger::command::FieldViolation;
+use crate::ledger::LedgerError;
 
 /// google.rpc codes of the CheckResponse status (Envoy only tells OK from not OK).
 const RPC_OK: i32 = 0;
@@ -54,9 +56,11 @@ impl Authorization for ExtAuthz {
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
         else {
-            return Err(Status::invalid_argument(
-                "attributes.request.http is required",
-            ));
+            // A BadRequest naming the field, as every INVALID_ARGUMENT (a plain status
+            // named it only in its message).
+            return Err(to_status(LedgerError::InvalidArgument(vec![
+                FieldViolation::new("attributes.request.http", "is required"),
+            ])));
         };
         let headers = &http.headers;
         let lookup = |name: &str| headers.get(name).map(String::as_str);
