@@ -1400,12 +1400,17 @@ pub fn env_vars() -> Result<Vec<(String, String)>, ConfigErrors> {
 
 /// Applies the `TOLLGATE_` variables of `env` to `table`; answers (`section.key`,
 /// variable) for each one applied, and an error for each variable that misspells a
-/// setting's.
+/// setting's, and for each that sets a setting another variable already set.
+///
+/// Two variables of one setting (`TOLLGATE_REDIS_URL` and `TOLLGATE_REDIS__URL`, or
+/// `TOLLGATE_REDIS__URL` and `TOLLGATE_redis__url`) are refused, whatever their values,
+/// naming both and neither value (a value may be a token): the one later in the process
+/// environment used to win without a word.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> (Vec<(String, String)>, Vec<ConfigError>) {
-    let mut applied = Vec::new();
+    let mut applied: Vec<(String, String)> = Vec::new();
     let mut misspelled = Vec::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix("TOLLGATE_") else {
@@ -1447,6 +1452,19 @@ fn apply_env(
                 }
             },
         };
+        let path = format!("{section}.{key}");
+        if let Some((_, first)) = applied.iter().find(|(p, _)| *p == path) {
+            let message = if *first == name {
+                format!("sets {path} twice in the environment: set it once")
+            } else {
+                format!("sets {path}, as {first} does: set only one of them")
+            };
+            misspelled.push(ConfigError {
+                path: name,
+                message,
+            });
+            continue;
+        }
         // A string setting takes the value as written, as clap reads the same variables
         // (TOLLGATE_ADMIN_TOKEN=0x5eed is that token, not 24301). Any other reads it as a
         // TOML number, boolean or array; anything else stays a string, for the type error.
@@ -1464,7 +1482,7 @@ fn apply_env(
                 .unwrap_or(toml::Value::String(raw))
         };
         set_value(table, &section, &key, value);
-        applied.push((format!("{section}.{key}"), name));
+        applied.push((path, name));
     }
     (applied, misspelled)
 }
@@ -1812,14 +1830,14 @@ mod tests {
             "{ a = 1 }",
             "1979-05-27",
         ] {
-            // The service token must differ from the admin token.
+            // The service token must differ from the admin token. Both spellings: the
+            // shortcut and the section's (one variable a setting).
             let service = format!("s{token}");
             let c = load_env(
                 "",
                 &[
                     ("TOLLGATE_ADMIN_TOKEN", token),
-                    ("TOLLGATE_SERVICE_TOKEN", &service),
-                    ("TOLLGATE_AUTH__ADMIN_TOKEN", token),
+                    ("TOLLGATE_AUTH__SERVICE_TOKEN", &service),
                     ("TOLLGATE_WEBHOOKS__URL", "https://hooks.example.com/usage"),
                     ("TOLLGATE_WEBHOOKS__SECRET", token),
                     ("TOLLGATE_SETTLER__CONSUMER", token),
@@ -2306,6 +2324,89 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(c.redis.url, "redis://127.0.0.1:6390");
+    }
+
+    #[test]
+    fn two_variables_of_one_setting_are_refused_naming_both_not_the_values() {
+        let url = "redis://:sekr1t-one@cache:6379";
+        let other_url = "redis://:sekr1t-two@cache:6379";
+        for (first, second, path, one, two) in [
+            (
+                "TOLLGATE_REDIS_URL",
+                "TOLLGATE_REDIS__URL",
+                "redis.url",
+                url,
+                other_url,
+            ),
+            (
+                "TOLLGATE_REDIS__URL",
+                "TOLLGATE_REDIS_URL",
+                "redis.url",
+                url,
+                other_url,
+            ),
+            // Equal values too: which one was meant is not for tollgate to guess.
+            (
+                "TOLLGATE_REDIS_URL",
+                "TOLLGATE_REDIS__URL",
+                "redis.url",
+                url,
+                url,
+            ),
+            (
+                "TOLLGATE_ADMIN_TOKEN",
+                "TOLLGATE_AUTH__ADMIN_TOKEN",
+                "auth.admin_token",
+                "sekr1t-one",
+                "sekr1t-two",
+            ),
+            (
+                "TOLLGATE_SERVICE_TOKEN",
+                "TOLLGATE_AUTH__SERVICE_TOKEN",
+                "auth.service_token",
+                "sekr1t-one",
+                "sekr1t-one",
+            ),
+            (
+                "TOLLGATE_LEDGER__SHARDS",
+                "TOLLGATE_ledger__shards",
+                "ledger.shards",
+                "32",
+                "16",
+            ),
+        ] {
+            let errors = load_env("", &[(first, one), (second, two)]).unwrap_err();
+            let text = errors.to_string();
+            assert_eq!(errors.0.len(), 1, "{text}");
+            let e = &errors.0[0];
+            assert_eq!(e.path, second, "{text}");
+            assert!(
+                e.message.contains(first) && e.message.contains(path),
+                "{text}"
+            );
+            assert!(!text.contains("sekr1t"), "a value is printed: {text}");
+        }
+        let errors = load_env(
+            "",
+            &[
+                ("TOLLGATE_LEDGER__SHARDS", "32"),
+                ("TOLLGATE_LEDGER__SHARDS", "16"),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert!(errors.0[0].message.contains("twice"), "{errors}");
+        // One variable a setting still loads.
+        let c = load_env(
+            "",
+            &[
+                ("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6390"),
+                ("TOLLGATE_LEDGER__SHARDS", "32"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c.redis.url, "redis://127.0.0.1:6390");
+        assert_eq!(c.ledger.shards, 32);
     }
 
     #[test]
