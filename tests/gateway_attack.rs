@@ -241,3 +241,65 @@ async fn the_example_gateways_keep_the_api_key_from_the_api() {
     }
     assert_eq!(balance(&server, "acme").await, (994, 0, 6));
 }
+
+/// examples/pricebook-esign.toml under a free default, with a cheaper prefix over the
+/// documents: a client capitalises the path. Express (by default) and ASP.NET Core route
+/// ignoring case, so `POST /V1/Envelopes` runs the envelope handler and
+/// `/v1/documents/d-1/OCR` the OCR one; tollgate matched literal segments as written, so
+/// the first passed free and the second paid the prefix's 1 instead of the OCR hold's 50.
+/// Through Envoy (ext_authz) and nginx (forward-auth), both are priced as their route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capitalised_path_is_priced_as_its_route() {
+    let redis = common::RedisServer::start();
+    let book = replace(
+        &replace(
+            &example("pricebook-esign.toml"),
+            "default = \"deny\"",
+            "default = \"free\"",
+        ),
+        "[[pricebook.routes]]\nmethod = \"GET\"\npath_prefix = \"/v1/\"",
+        "[[pricebook.routes]]\npath_prefix = \"/v1/documents/\"\noperation = \"envelope.send\"\n\n\
+         [[pricebook.routes]]\nmethod = \"GET\"\npath_prefix = \"/v1/\"",
+    );
+    let server =
+        common::TestServer::start(esign_config_from(&redis.url(), &book), Clock::Redis).await;
+    let upstream = Upstream::start().await;
+    let key = seed(&server, "acme", 1000).await;
+    let gateways = [
+        start_envoy(server.grpc_addr, upstream.addr).await,
+        start_nginx(server.http_addr, upstream.addr).await,
+    ];
+    for gateway in &gateways {
+        for (path, operation) in [
+            ("/V1/Envelopes", "envelope.send"),
+            ("/v1/ENVELOPES/", "envelope.send"),
+            ("/v1/documents/d-1/OCR", "ocr.pages"),
+            ("/V1/Documents/d-1/Ocr", "ocr.pages"),
+        ] {
+            let tag = format!("{}-{path}", gateway.name);
+            let r = http(
+                gateway.addr,
+                "POST",
+                path,
+                &[("x-api-key", &key), ("x-test-tag", &tag)],
+                "{}",
+            )
+            .await;
+            assert_eq!(r.status, 200, "{tag}: {r:?}\n{}", gateway.log());
+            let seen = upstream.seen_tagged(&tag);
+            assert_eq!(seen.len(), 1, "{tag}");
+            assert_eq!(
+                seen[0]
+                    .headers
+                    .get("x-tollgate-operation")
+                    .map(String::as_str),
+                Some(operation),
+                "{tag}: {:?}",
+                seen[0].headers
+            );
+        }
+        // Without a key: a priced route, so 401, not a free pass.
+        let r = http(gateway.addr, "POST", "/V1/Envelopes", &[], "{}").await;
+        assert_eq!(r.status, 401, "{}: {r:?}", gateway.name);
+    }
+}

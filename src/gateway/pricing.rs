@@ -126,6 +126,16 @@ struct Route {
     /// would make free what a later route charges) nor a gRPC method (no gRPC server
     /// serves `/pkg.Service/Method/`).
     fold_slash: bool,
+    /// Whether a literal segment matches whatever the ASCII case of the request's (the
+    /// pattern kept lowercase, the request path lowercased when it holds a capital): for
+    /// routes that charge or deny, as Express (by default) and ASP.NET Core route, so a
+    /// capital is no way around the price. A free route matches as written: widened, it
+    /// would make free what a later route charges on an upstream that tells the two apart.
+    fold_case: bool,
+    /// A route matched as written whose pattern holds an ASCII capital: the index (its
+    /// literals lowercase) finds it for every spelling, so a match is checked against the
+    /// path as sent.
+    written_upper: bool,
 }
 
 impl Route {
@@ -136,6 +146,28 @@ impl Route {
             m.eq_ignore_ascii_case(method)
                 || (m.eq_ignore_ascii_case("GET") && method.eq_ignore_ascii_case("HEAD"))
         })
+    }
+
+    /// This route, matching literal segments whatever their ASCII case ([`Route::fold_case`]).
+    fn folding_case(self) -> Self {
+        Self {
+            path: self.path.to_ascii_lowercase(),
+            fold_case: true,
+            written_upper: false,
+            ..self
+        }
+    }
+
+    /// Whether the route's path matches `path` (a request's, as sent): with its slash and
+    /// case folding. Allocates when it folds case and `path` holds a capital: for loading
+    /// a book, not for routing ([`PriceBook::first_route`] lowercases a path once).
+    fn matches_path(&self, path: &str) -> bool {
+        if self.fold_case && path.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.path
+                .matches(&path.to_ascii_lowercase(), self.fold_slash)
+        } else {
+            self.path.matches(path, self.fold_slash)
+        }
     }
 
     /// Whether every request whose method this route's `later` matches, this one matches.
@@ -152,6 +184,12 @@ impl Route {
     /// a trailing `/` when it folds one), or its prefix followed by [`ANY_SEGMENT`] (and
     /// the prefix without its `/` when it folds one). An earlier route's literal segment
     /// never matches `ANY_SEGMENT`, and only a prefix that ends before it does.
+    ///
+    /// Taken before the route folds case ([`Route::folding_case`]): they are the requests
+    /// spelled as the book writes the route. A route that folds case behind a free one
+    /// matched as written also matches other spellings, which the free one does not; but
+    /// a charged `/v1/docs/{id}` after a free `/v1/` prefix is still a price no request
+    /// written so pays, and refused.
     fn witnesses(&self) -> Vec<String> {
         let written = match &self.path {
             PathPattern::Exact(p) => p.clone(),
@@ -189,6 +227,40 @@ enum PathPattern {
 }
 
 impl PathPattern {
+    fn to_ascii_lowercase(&self) -> Self {
+        match self {
+            Self::Exact(p) => Self::Exact(p.to_ascii_lowercase()),
+            Self::Prefix(p) => Self::Prefix(p.to_ascii_lowercase()),
+            Self::Segments(segments) => Self::Segments(
+                segments
+                    .iter()
+                    .map(|s| s.as_ref().map(|s| s.to_ascii_lowercase()))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn has_ascii_uppercase(&self) -> bool {
+        let upper = |s: &str| s.bytes().any(|b| b.is_ascii_uppercase());
+        match self {
+            Self::Exact(p) | Self::Prefix(p) => upper(p),
+            Self::Segments(segments) => segments.iter().flatten().any(|s| upper(s)),
+        }
+    }
+
+    /// The pattern as the book wrote it, a `{param}` as `{}`: what two routes that
+    /// differ only in case are told apart by ([`PriceBook::from_toml`]).
+    fn text(&self) -> String {
+        match self {
+            Self::Exact(p) | Self::Prefix(p) => p.clone(),
+            Self::Segments(segments) => segments
+                .iter()
+                .map(|s| s.as_deref().unwrap_or("{}"))
+                .collect::<Vec<_>>()
+                .join("/"),
+        }
+    }
+
     /// With `fold_slash`, one trailing `/` is no part of an exact path or a pattern (of
     /// the route's or the request's), and a prefix ending in `/` also matches the path
     /// without it: most frameworks serve `/v1/envelopes/` as `/v1/envelopes` (Express by
@@ -247,7 +319,9 @@ const ANY_SEGMENT: &str = "\u{fffd}";
 
 /// The routes by host and path segments, so that routing a request walks its path down a
 /// tree instead of trying every route: its cost depends on the path and on how many
-/// routes share its segments, not on the size of the book.
+/// routes share its segments, not on the size of the book. Its literals are lowercase, and
+/// so is every path walked down it: a route matched as written ([`Route::written_upper`])
+/// is checked against the path as sent.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct RouteIndex {
     /// Routes without a `host`.
@@ -318,14 +392,17 @@ impl RouteIndex {
             PathPattern::Prefix(p) => {
                 let (head, last) = p.rsplit_once('/').unwrap_or(("", p.as_str()));
                 for segment in head.split('/') {
-                    node = node.literal.entry(segment.to_owned()).or_default();
+                    node = node
+                        .literal
+                        .entry(segment.to_ascii_lowercase())
+                        .or_default();
                 }
                 if !node.prefix_lens.contains(&last.len()) {
                     node.prefix_lens.push(last.len());
                     node.prefix_lens.sort_unstable();
                 }
                 node.prefixes
-                    .entry(last.to_owned())
+                    .entry(last.to_ascii_lowercase())
                     .or_default()
                     .push(PrefixEntry {
                         route: index,
@@ -336,7 +413,10 @@ impl RouteIndex {
         };
         for segment in segments {
             node = match segment {
-                Some(literal) => node.literal.entry(literal.to_owned()).or_default(),
+                Some(literal) => node
+                    .literal
+                    .entry(literal.to_ascii_lowercase())
+                    .or_default(),
                 None => node.param.get_or_insert_with(Box::default),
             };
         }
@@ -347,8 +427,9 @@ impl RouteIndex {
         }
     }
 
-    /// Calls `found` with every route whose host and path match (not its method: the
-    /// caller's to judge); returns the nodes visited.
+    /// Calls `found` with every route whose host and path match (not its method, nor the
+    /// case of a route matched as written: the caller's to judge); returns the nodes
+    /// visited. `path` is lowercase (ASCII).
     fn matches(&self, host: &str, path: &str, found: &mut dyn FnMut(usize)) -> usize {
         let all = path.bytes().filter(|b| *b == b'/').count() + 1;
         let ends = PathEnds {
@@ -919,10 +1000,25 @@ impl PriceBook {
 
     /// The index of the first route matching a request (its `host` without port or final
     /// dot, its `path` without query), and the index nodes visited to find it.
+    ///
+    /// The index is walked with the path lowercased (copied only when it holds a capital);
+    /// a route matched as written is then checked against the path as sent, when either
+    /// holds a capital ([`Route::fold_case`]).
     fn first_route(&self, host: &str, method: &str, path: &str) -> (Option<usize>, usize) {
+        let (lower, capitals) = if path.bytes().any(|b| b.is_ascii_uppercase()) {
+            (Cow::Owned(path.to_ascii_lowercase()), true)
+        } else {
+            (Cow::Borrowed(path), false)
+        };
         let mut first: Option<usize> = None;
-        let visited = self.index.matches(host, path, &mut |i| {
-            if first.is_none_or(|f| i < f) && self.routes[i].matches_method(method) {
+        let visited = self.index.matches(host, &lower, &mut |i| {
+            let route = &self.routes[i];
+            if first.is_none_or(|f| i < f)
+                && route.matches_method(method)
+                && (route.fold_case
+                    || !(capitals || route.written_upper)
+                    || route.path.matches(path, route.fold_slash))
+            {
                 first = Some(i);
             }
         });
@@ -1046,6 +1142,14 @@ impl PriceBook {
         let mut routes = Vec::new();
         // `pricebook.routes[i]` of each of `routes`.
         let mut route_paths = Vec::new();
+        // Routes refused as differing from an earlier one only in case (not told again
+        // that it shadows them).
+        let mut case_refused = Vec::new();
+        // The [`Route::witnesses`] of each of `routes`, as written.
+        let mut witnesses = Vec::new();
+        // By host, kind (prefix or not) and lowercase path: the first route written so,
+        // its path field and its path as written.
+        let mut by_folded_path: HashMap<FoldedPath, (usize, &str, String)> = HashMap::new();
         for (i, value) in raw.routes.iter().enumerate() {
             let path = format!("pricebook.routes[{i}]");
             let mut local = Vec::new();
@@ -1070,14 +1174,60 @@ impl PriceBook {
                     None
                 }
             };
+            let field = if r.path.is_some() {
+                "path"
+            } else if r.path_prefix.is_some() {
+                "path_prefix"
+            } else {
+                "grpc_method"
+            };
             if let Some(route) = compile_route(r, &path, &mut bad) {
+                // Two routes whose paths differ only in case: on an upstream that routes
+                // ignoring case (Express, ASP.NET Core) they are one resource, priced two
+                // ways by the case a client picks; on one that does not, a book that
+                // tells them apart by case alone is too easily misread. Write them alike.
+                let written = route.path.text();
+                let key = (
+                    route.host.clone(),
+                    matches!(route.path, PathPattern::Prefix(_)),
+                    written.to_ascii_lowercase(),
+                );
+                let mut refused = false;
+                match by_folded_path.get(&key) {
+                    Some((earlier, earlier_field, earlier_written))
+                        if *earlier_written != written =>
+                    {
+                        bad(
+                            format!("{path}.{field}"),
+                            format!(
+                                "{written:?} differs from {}.{earlier_field} ({earlier_written:?}) \
+                                 only in letter case: a route that charges or denies matches a \
+                                 path whatever its ASCII case (a free one as written); write the \
+                                 two alike",
+                                route_paths[*earlier]
+                            ),
+                        );
+                        refused = true;
+                    }
+                    Some(_) => {}
+                    None => {
+                        by_folded_path.insert(key, (routes.len(), field, written));
+                    }
+                }
                 let target = t.unwrap_or(Target::Deny);
-                routes.push(Route {
+                let route = Route {
                     target,
                     fold_slash: route.fold_slash && target != Target::Free,
                     ..route
+                };
+                witnesses.push(route.witnesses());
+                routes.push(if target == Target::Free {
+                    route
+                } else {
+                    route.folding_case()
                 });
                 route_paths.push(path);
+                case_refused.push(refused);
             }
         }
         // Indexed in order; a route that an earlier one shadows (it matches every
@@ -1085,7 +1235,8 @@ impl PriceBook {
         // price the operator believes in and no request pays) is refused.
         let mut index = RouteIndex::default();
         for (i, route) in routes.iter().enumerate() {
-            if let Some(earlier) = shadowing(&index, &routes, route) {
+            let shadowed = shadowing(&index, &routes, route, &witnesses[i]);
+            if let Some(earlier) = shadowed.filter(|_| !case_refused[i]) {
                 bad(
                     route_paths[i].clone(),
                     format!(
@@ -1113,23 +1264,32 @@ impl PriceBook {
     }
 }
 
+/// A route's host, kind (a prefix or not) and path in lowercase: two routes alike in these
+/// but not in their paths as written differ only in case.
+type FoldedPath = (Option<String>, bool, String);
+
 /// The first of the routes in `index` (those before `route`) that matches every request
-/// `route` does: one that matches each of its [`Route::witnesses`] (found by walking the
-/// index with the first, checked with [`PathPattern::matches`]), on the same host or any,
+/// `route` does, spelled as written: one that matches each of its `witnesses` (its
+/// [`Route::witnesses`] before it folds case; found by walking the
+/// index with the first, checked with [`Route::matches_path`]), on the same host or any,
 /// for its methods. Only a prefix matches the unbounded paths of a prefix.
-fn shadowing(index: &RouteIndex, routes: &[Route], route: &Route) -> Option<usize> {
-    let witnesses = route.witnesses();
-    let (first, others) = witnesses.split_first()?;
+fn shadowing(
+    index: &RouteIndex,
+    routes: &[Route],
+    route: &Route,
+    witnesses: &[String],
+) -> Option<usize> {
+    // The index finds routes matched as written for any spelling: each witness, the
+    // first included, is checked with the earlier route's own matching.
+    let first = witnesses.first()?.to_ascii_lowercase();
     let mut found = None;
-    index.matches(route.host.as_deref().unwrap_or(""), first, &mut |i| {
+    index.matches(route.host.as_deref().unwrap_or(""), &first, &mut |i| {
         let earlier = &routes[i];
         let covers = found.is_none_or(|f| i < f)
             && earlier.covers_methods_of(route)
             && (matches!(earlier.path, PathPattern::Prefix(_))
                 || !matches!(route.path, PathPattern::Prefix(_)))
-            && others
-                .iter()
-                .all(|w| earlier.path.matches(w, earlier.fold_slash));
+            && witnesses.iter().all(|w| earlier.matches_path(w));
         if covers {
             found = Some(i);
         }
@@ -1338,6 +1498,8 @@ fn compile_route(r: RawRoute, path: &str, bad: &mut impl FnMut(String, String)) 
         method,
         host,
         fold_slash: !grpc,
+        fold_case: false,
+        written_upper: pattern.has_ascii_uppercase(),
         path: pattern,
         target: Target::Deny,
     })
@@ -2404,6 +2566,135 @@ mod tests {
         }
     }
 
+    /// A route that charges or denies matches literal segments whatever their ASCII case
+    /// (Express and ASP.NET Core route so): under a free default `POST /V1/Envelopes` was
+    /// free, and `/d1/OCR` went to a cheaper prefix. A free route matches as written.
+    #[test]
+    fn a_capital_is_no_way_around_a_charged_or_denied_route() {
+        let b = book(
+            r#"
+            [pricebook]
+            default = "free"
+            [[pricebook.routes]]
+            method = "POST"
+            path = "/v1/envelopes"
+            operation = "send"
+            [[pricebook.routes]]
+            method = "POST"
+            path = "/v1/documents/{id}/ocr"
+            operation = "ocr"
+            [[pricebook.routes]]
+            path_prefix = "/v1/documents/"
+            operation = "read"
+            [[pricebook.routes]]
+            path = "/v1/Admin"
+            operation = "deny"
+            [[pricebook.routes]]
+            method = "GET"
+            path_prefix = "/v1/public/"
+            operation = "free"
+            [[pricebook.routes]]
+            grpc_method = "grpc.health.v1.Health/Check"
+            operation = "free"
+            [[pricebook.routes]]
+            grpc_method = "shop.v1.Orders/Place"
+            operation = "send"
+            [[pricebook.routes]]
+            path_prefix = "/"
+            operation = "read"
+            [pricebook.operations.send]
+            base = 10
+            [pricebook.operations.ocr]
+            mode = "hold"
+            base = 50
+            hold_ttl_ms = 60000
+            [pricebook.operations.read]
+            base = 1
+            "#,
+        );
+        let name = |method: &str, path: &str| b.route("h", method, path).name().to_owned();
+        for (method, path, routed) in [
+            ("POST", "/v1/envelopes", "send"),
+            ("POST", "/V1/Envelopes", "send"),
+            ("POST", "/v1/ENVELOPES/", "send"),
+            ("POST", "/v1/documents/d1/ocr", "ocr"),
+            ("POST", "/v1/documents/d1/OCR", "ocr"),
+            ("POST", "/v1/Documents/D1/Ocr?x=Y", "ocr"),
+            ("GET", "/v1/DOCUMENTS/d1", "read"),
+            ("GET", "/v1/admin", "deny"),
+            ("GET", "/V1/ADMIN/", "deny"),
+            ("POST", "/shop.v1.orders/place", "send"),
+            // Free routes as written: another spelling goes on to what follows.
+            ("GET", "/v1/public/x", "free"),
+            ("GET", "/v1/Public/x", "read"),
+            ("POST", "/grpc.health.v1.Health/Check", "free"),
+            ("POST", "/grpc.health.v1.health/check", "read"),
+        ] {
+            assert_eq!(name(method, path), routed, "{method} {path}");
+        }
+    }
+
+    /// Two routes whose paths differ only in case are refused, the later one's path field
+    /// named: whatever the upstream, one of them is misread.
+    #[test]
+    fn routes_that_differ_only_in_case_are_refused() {
+        let refused = |earlier: &str, later: &str| {
+            let text = format!(
+                "[pricebook]\n[[pricebook.routes]]\n{earlier}\n[[pricebook.routes]]\n{later}\n\
+                 [pricebook.operations.read]\nbase = 1\n"
+            );
+            PriceBook::from_config_text(&text).err().map(|e| {
+                e.0.iter()
+                    .map(|e| format!("{}: {}", e.path, e.message))
+                    .collect::<Vec<_>>()
+            })
+        };
+        for (earlier, later, field) in [
+            (
+                "path = \"/v1/envelopes\"\noperation = \"read\"",
+                "method = \"GET\"\npath = \"/v1/Envelopes\"\noperation = \"free\"",
+                "path",
+            ),
+            (
+                "path = \"/v1/Docs/{id}\"\noperation = \"free\"",
+                "path = \"/v1/docs/{ID}\"\noperation = \"read\"",
+                "path",
+            ),
+            (
+                "path_prefix = \"/V1/\"\noperation = \"read\"",
+                "path_prefix = \"/v1/\"\noperation = \"read\"",
+                "path_prefix",
+            ),
+            (
+                "path = \"/a.B/C\"\noperation = \"read\"",
+                "grpc_method = \"a.b/c\"\noperation = \"read\"",
+                "grpc_method",
+            ),
+        ] {
+            let errors = refused(earlier, later).unwrap_or_default();
+            assert_eq!(errors.len(), 1, "{earlier} / {later}: {errors:?}");
+            assert!(
+                errors[0].starts_with(&format!("pricebook.routes[1].{field}: "))
+                    && errors[0].contains("differs from pricebook.routes[0].")
+                    && errors[0].contains("only in letter case"),
+                "{errors:?}"
+            );
+        }
+        // The same path, or another host: not the case's doing.
+        for (earlier, later) in [
+            (
+                "method = \"GET\"\npath = \"/v1/Docs\"\noperation = \"free\"",
+                "method = \"POST\"\npath = \"/v1/Docs\"\noperation = \"read\"",
+            ),
+            (
+                "host = \"a.com\"\npath = \"/v1/Docs\"\noperation = \"read\"",
+                "host = \"b.com\"\npath = \"/v1/docs\"\noperation = \"read\"",
+            ),
+        ] {
+            assert_eq!(refused(earlier, later), None, "{earlier} / {later}");
+        }
+    }
+
     /// A HEAD route before the GET route prices HEAD apart; after it, it never matches.
     #[test]
     fn a_head_route_before_the_get_route_prices_head_apart() {
@@ -2581,7 +2872,7 @@ mod tests {
                 && r.host
                     .as_deref()
                     .is_none_or(|h| h.eq_ignore_ascii_case(host))
-                && r.path.matches(path, r.fold_slash)
+                && r.matches_path(path)
         })
     }
 
@@ -2598,58 +2889,78 @@ mod tests {
         }
     }
 
-    fn route_strategy() -> impl proptest::strategy::Strategy<Value = Route> {
+    /// A route as written, and whether it folds case (charges or denies).
+    fn route_strategy() -> impl proptest::strategy::Strategy<Value = (Route, bool)> {
         use proptest::prelude::*;
-        let segment = prop::sample::select(vec!["v1", "a", "ab", "", "{id}"]);
+        let segment = prop::sample::select(vec!["v1", "a", "ab", "", "{id}", "V1", "A", "aB"]);
         (
             prop::sample::select(vec![None, Some("GET"), Some("HEAD"), Some("POST")]),
             prop::sample::select(vec![None, Some("a.com"), Some("b.com")]),
             0..3u8,
             prop::collection::vec(segment, 0..4),
-            prop::sample::select(vec!["", "a", "v", "ab"]),
-            any::<bool>(),
+            prop::sample::select(vec!["", "a", "v", "ab", "A"]),
+            (any::<bool>(), any::<bool>()),
         )
-            .prop_map(|(method, host, kind, segments, partial, fold_slash)| {
-                let literal = |s: &&'static str| -> &'static str {
-                    if *s == "{id}" {
-                        "x"
-                    } else {
-                        s
-                    }
-                };
-                let path = match kind {
-                    0 => PathPattern::Exact(format!(
-                        "/{}",
-                        segments.iter().map(literal).collect::<Vec<_>>().join("/")
-                    )),
-                    // As the config makes them: with a parameter.
-                    1 if segments.contains(&"{id}") => PathPattern::Segments(
-                        std::iter::once(Some(String::new()))
-                            .chain(
-                                segments
-                                    .iter()
-                                    .map(|s| (*s != "{id}").then(|| (*s).to_owned())),
-                            )
-                            .collect(),
-                    ),
-                    _ => {
-                        let mut p: String = segments
-                            .iter()
-                            .map(|s| format!("/{}", literal(s)))
-                            .collect();
-                        p.push('/');
-                        p.push_str(partial);
-                        PathPattern::Prefix(p)
-                    }
-                };
-                Route {
-                    method: method.map(str::to_owned),
-                    host: host.map(str::to_owned),
-                    path,
-                    target: Target::Deny,
-                    fold_slash,
+            .prop_map(
+                |(method, host, kind, segments, partial, (fold_slash, fold_case))| {
+                    let literal = |s: &&'static str| -> &'static str {
+                        if *s == "{id}" {
+                            "x"
+                        } else {
+                            s
+                        }
+                    };
+                    let path = match kind {
+                        0 => PathPattern::Exact(format!(
+                            "/{}",
+                            segments.iter().map(literal).collect::<Vec<_>>().join("/")
+                        )),
+                        // As the config makes them: with a parameter.
+                        1 if segments.contains(&"{id}") => PathPattern::Segments(
+                            std::iter::once(Some(String::new()))
+                                .chain(
+                                    segments
+                                        .iter()
+                                        .map(|s| (*s != "{id}").then(|| (*s).to_owned())),
+                                )
+                                .collect(),
+                        ),
+                        _ => {
+                            let mut p: String = segments
+                                .iter()
+                                .map(|s| format!("/{}", literal(s)))
+                                .collect();
+                            p.push('/');
+                            p.push_str(partial);
+                            PathPattern::Prefix(p)
+                        }
+                    };
+                    let route = Route {
+                        method: method.map(str::to_owned),
+                        host: host.map(str::to_owned),
+                        written_upper: path.has_ascii_uppercase(),
+                        path,
+                        target: Target::Deny,
+                        fold_slash,
+                        fold_case: false,
+                    };
+                    (route, fold_case)
+                },
+            )
+    }
+
+    /// The routes as the config makes them of the written ones.
+    fn configured(written: &[(Route, bool)]) -> Vec<Route> {
+        written
+            .iter()
+            .map(|(route, fold_case)| {
+                if *fold_case {
+                    route.clone().folding_case()
+                } else {
+                    route.clone()
                 }
             })
+            .collect()
     }
 
     proptest::proptest! {
@@ -2661,11 +2972,13 @@ mod tests {
             host in proptest::sample::select(vec!["a.com", "A.com", "b.com", "c.com", ""]),
             method in proptest::sample::select(vec!["GET", "HEAD", "POST", "get", "PUT"]),
             pieces in proptest::collection::vec(
-                proptest::sample::select(vec!["/", "/", "v1", "a", "ab", "abc", "x", "v"]),
+                proptest::sample::select(
+                    vec!["/", "/", "v1", "a", "ab", "abc", "x", "v", "V1", "A", "Ab", "aB"],
+                ),
                 0..9,
             ),
         ) {
-            let book = indexed(routes);
+            let book = indexed(configured(&routes));
             let path: String = pieces.concat();
             proptest::prop_assert_eq!(
                 book.first_route(host, method, &path).0,
@@ -2675,7 +2988,7 @@ mod tests {
         }
 
         /// A route refused as shadowed never matches a request (that reaches routing)
-        /// that an earlier route does not match too.
+        /// spelled as the route is written that an earlier route does not match too.
         #[test]
         fn a_shadowed_route_matches_nothing_the_earlier_one_does_not(
             routes in proptest::collection::vec(route_strategy(), 2..8),
@@ -2684,17 +2997,20 @@ mod tests {
                     proptest::sample::select(vec!["a.com", "b.com", ""]),
                     proptest::sample::select(vec!["GET", "HEAD", "POST", "PUT"]),
                     proptest::collection::vec(
-                        proptest::sample::select(vec!["/", "/", "v1", "a", "ab", "abc", "x", "v"]),
+                        proptest::sample::select(
+                            vec!["/", "/", "v1", "a", "ab", "abc", "x", "v", "V1", "A", "aB"],
+                        ),
                         0..9,
                     ),
                 ),
                 50,
             ),
         ) {
-            let book = indexed(routes);
+            let book = indexed(configured(&routes));
             let mut earlier = RouteIndex::default();
             for (i, route) in book.routes.iter().enumerate() {
-                if let Some(by) = shadowing(&earlier, &book.routes, route) {
+                let written = &routes[i].0;
+                if let Some(by) = shadowing(&earlier, &book.routes, route, &written.witnesses()) {
                     for (host, method, pieces) in &requests {
                         let path: String = pieces.concat();
                         // Only what reaches routing (`//` does not).
@@ -2703,9 +3019,12 @@ mod tests {
                         }
                         let matches = |r: &Route| r.matches_method(method)
                             && r.host.as_deref().is_none_or(|h| h == *host)
-                            && r.path.matches(&path, r.fold_slash);
+                            && r.matches_path(&path);
+                        let as_written = written.path.matches(&path, written.fold_slash);
                         proptest::prop_assert!(
-                            by < i && (!matches(route) || matches(&book.routes[by])),
+                            by < i
+                                && (!(matches(route) && as_written)
+                                    || matches(&book.routes[by])),
                             "{:?} shadowed by {:?}, yet {} {} {:?}",
                             route, book.routes[by], method, host, path
                         );
@@ -2813,6 +3132,17 @@ mod tests {
                 "host = \"API.example.com\"\npath_prefix = \"/\"\noperation = \"read\"",
                 "host = \"api.example.com.\"\ngrpc_method = \"a.B/C\"\noperation = \"write\"",
             ),
+            // Case: a charged prefix matches every spelling. A charged route behind a free
+            // one matched as written is judged as written: it would charge other spellings
+            // only.
+            (
+                "path_prefix = \"/V1/\"\noperation = \"read\"",
+                "path = \"/v1/docs\"\noperation = \"write\"",
+            ),
+            (
+                "path_prefix = \"/v1/\"\noperation = \"free\"",
+                "path = \"/v1/Docs\"\noperation = \"write\"",
+            ),
         ] {
             let errors = refused(&format!("{}{}", route(earlier), route(later)));
             assert_eq!(
@@ -2858,6 +3188,11 @@ mod tests {
             (
                 "grpc_method = \"a.B/C\"\noperation = \"read\"",
                 "path = \"/a.B/C\"\noperation = \"write\"",
+            ),
+            // A free route matches as written: the charged one takes what it is written as.
+            (
+                "path_prefix = \"/V1/\"\noperation = \"free\"",
+                "path = \"/v1/docs\"\noperation = \"write\"",
             ),
         ] {
             assert_eq!(
