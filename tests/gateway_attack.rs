@@ -303,3 +303,60 @@ async fn a_capitalised_path_is_priced_as_its_route() {
         assert_eq!(r.status, 401, "{}: {r:?}", gateway.name);
     }
 }
+
+/// Symfony and Laravel (by default) run a POST carrying `_method` in its query string as
+/// that method: priced as the POST it is sent as (here free: no POST route for one
+/// document), `POST /v1/documents/d-1?_method=DELETE` would run the API's DELETE. Refused
+/// like a method-override header, 400 `bad_header` naming `_method`, through Envoy and
+/// nginx, whatever the spelling of the name; one naming the request's own method passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_override_in_the_query_string_is_refused() {
+    let redis = common::RedisServer::start();
+    let book = replace(
+        &example("pricebook-esign.toml"),
+        "default = \"deny\"",
+        "default = \"free\"",
+    );
+    let server =
+        common::TestServer::start(esign_config_from(&redis.url(), &book), Clock::Redis).await;
+    let upstream = Upstream::start().await;
+    let gateways = [
+        start_envoy(server.grpc_addr, upstream.addr).await,
+        start_nginx(server.http_addr, upstream.addr).await,
+    ];
+    for gateway in &gateways {
+        for query in [
+            "_method=DELETE",
+            "x=1&_METHOD=delete",
+            "%5Fmethod=DELETE",
+            "_method=DEL%45TE",
+            "_method=POST&_method=PUT",
+        ] {
+            let tag = format!("{}-{query}", gateway.name);
+            let r = http(
+                gateway.addr,
+                "POST",
+                &format!("/v1/documents/d-1?{query}"),
+                &[("x-test-tag", &tag)],
+                "",
+            )
+            .await;
+            assert_eq!(r.status, 400, "{tag}: {r:?}\n{}", gateway.log());
+            let body = r.json();
+            assert_eq!(body["error"], "bad_header", "{tag}: {body}");
+            assert_eq!(body["header"], "_method", "{tag}: {body}");
+            assert!(upstream.seen_tagged(&tag).is_empty(), "{tag}");
+        }
+        let tag = format!("{}-same", gateway.name);
+        let r = http(
+            gateway.addr,
+            "POST",
+            "/v1/documents/d-1?_method=post&method=DELETE",
+            &[("x-test-tag", &tag)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{tag}: {r:?}");
+        assert_eq!(upstream.seen_tagged(&tag).len(), 1, "{tag}");
+    }
+}

@@ -89,33 +89,105 @@ pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
     "x-method-override",
 ];
 
-/// `gateway.method_override`: what a request gets whose [`METHOD_OVERRIDE_HEADERS`] name
-/// another method than its own.
+/// The query parameter by which Symfony and Laravel (by default, for a POST) and Express's
+/// method-override (`methodOverride('_method')`) run a request as another method. Read
+/// as PHP reads a name: percent-decoded, `+` a space, leading spaces dropped, and `.`,
+/// a space or `[` taken for `_` (so `?.method=` and `?%5Fmethod=` are `_method` too);
+/// ignoring ASCII case. A `_method` in a form body is not seen: tollgate gets no body.
+pub const METHOD_OVERRIDE_QUERY: &str = "_method";
+
+/// `gateway.method_override`: what a request gets whose [`METHOD_OVERRIDE_HEADERS`] or
+/// [`METHOD_OVERRIDE_QUERY`] name another method than its own.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MethodOverride {
-    /// Refused with 400 `bad_header` naming the header (one naming the request's own
-    /// method is fine).
+    /// Refused with 400 `bad_header` naming the header, or `_method` (one naming the
+    /// request's own method is fine).
     #[default]
     Refuse,
-    /// Not looked at: for an API that honours none of these headers.
+    /// Not looked at: for an API that honours none of these headers nor `_method`.
     Ignore,
 }
 
-/// The denial of a request whose method-override header names another method than its
-/// own ([`METHOD_OVERRIDE_HEADERS`]), if any. Three header look-ups; nothing is allocated
-/// unless it denies.
+/// The denial of a request whose method-override header ([`METHOD_OVERRIDE_HEADERS`]) or
+/// `_method` query parameter ([`METHOD_OVERRIDE_QUERY`], in `path`'s query string) names
+/// another method than its own, if any. Three header look-ups and a scan of the query's
+/// names; nothing is allocated unless a name is `_method`.
 pub fn overridden_method<'a>(
     method: &str,
+    path: &str,
     headers: &(dyn Fn(&str) -> Option<&'a str> + Sync),
 ) -> Option<Denial> {
-    METHOD_OVERRIDE_HEADERS.iter().find_map(|&name| {
-        let value = headers(name)?;
-        (!value.trim().eq_ignore_ascii_case(method)).then(|| Denial::BadHeader {
-            header: name.to_owned(),
-            message: "names another method than the request's: tollgate priced the \
-                      request's own method (gateway.method_override)"
-                .to_owned(),
+    let denial = |name: &str, what: &str| Denial::BadHeader {
+        header: name.to_owned(),
+        message: format!(
+            "{what} another method than the request's: tollgate priced the request's own \
+             method (gateway.method_override)"
+        ),
+    };
+    METHOD_OVERRIDE_HEADERS
+        .iter()
+        .find_map(|&name| {
+            let value = headers(name)?;
+            (!value.trim().eq_ignore_ascii_case(method)).then(|| denial(name, "names"))
+        })
+        .or_else(|| {
+            query_overrides_method(method, path).then(|| {
+                denial(
+                    METHOD_OVERRIDE_QUERY,
+                    "the query parameter (in any spelling of its name) names",
+                )
+            })
+        })
+}
+
+/// Whether `path`'s query string holds a [`METHOD_OVERRIDE_QUERY`] (any occurrence: PHP
+/// takes the last, Express the first) whose value is not `method`. A value is compared
+/// decoded and trimmed, ignoring ASCII case; one without `=` is empty, so refused too.
+fn query_overrides_method(method: &str, path: &str) -> bool {
+    let Some((_, query)) = path.split_once('?') else {
+        return false;
+    };
+    query.split('&').any(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let php_name = query_decoded(name)
+            .skip_while(|b| *b == b' ')
+            .map(|b| match b {
+                b'.' | b' ' | b'[' => b'_',
+                b => b.to_ascii_lowercase(),
+            });
+        if !php_name.eq(METHOD_OVERRIDE_QUERY.bytes()) {
+            return false;
+        }
+        let value: Vec<u8> = query_decoded(value).collect();
+        !value.trim_ascii().eq_ignore_ascii_case(method.as_bytes())
+    })
+}
+
+/// The bytes of a query string's name or value as PHP and Node's `querystring` read them:
+/// `+` is a space, `%XX` the byte; a malformed escape is kept as written.
+fn query_decoded(text: &str) -> impl Iterator<Item = u8> + '_ {
+    let bytes = text.as_bytes();
+    let hex = |at: usize| {
+        bytes
+            .get(at)
+            .and_then(|b| char::from(*b).to_digit(16))
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let byte = *bytes.get(at)?;
+        at += 1;
+        Some(match byte {
+            b'+' => b' ',
+            b'%' => match (hex(at), hex(at + 1)) {
+                (Some(high), Some(low)) => {
+                    at += 2;
+                    high * 16 + low
+                }
+                _ => b'%',
+            },
+            other => other,
         })
     })
 }
@@ -508,7 +580,9 @@ impl Gateway {
             Ok(path) => {
                 let routed = book.route(call.host, call.method, &path);
                 let overridden = match self.method_override {
-                    MethodOverride::Refuse => overridden_method(call.method, call.headers),
+                    MethodOverride::Refuse => {
+                        overridden_method(call.method, call.path, call.headers)
+                    }
                     MethodOverride::Ignore => None,
                 };
                 let decision = match overridden {
@@ -1285,7 +1359,7 @@ mod tests {
         let denied = |method: &str, pairs: &[(&'static str, &'static str)]| {
             let pairs = pairs.to_vec();
             let lookup = move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-            overridden_method(method, &lookup)
+            overridden_method(method, "/v1/items/7?x=1", &lookup)
         };
         for header in METHOD_OVERRIDE_HEADERS {
             let Some(Denial::BadHeader { header: named, .. }) = denied("GET", &[(header, "POST")])
@@ -1300,6 +1374,56 @@ mod tests {
         assert!(denied("GET", &[("x-http-method", "GET,POST")]).is_some());
         assert_eq!(denied("GET", &[("x-forwarded-method", "POST")]), None);
         assert_eq!(denied("DELETE", &[]), None);
+    }
+
+    /// Symfony and Laravel run a POST carrying `?_method=DELETE` as a DELETE (Express's
+    /// method-override too, so configured): refused like the headers, naming `_method`,
+    /// whatever spelling of the name PHP reads as `_method`.
+    #[test]
+    fn a_method_override_in_the_query_string_is_refused() {
+        let none = |_: &str| None;
+        let denied = |method: &str, path: &str| overridden_method(method, path, &none);
+        for path in [
+            "/v1/items/7?_method=DELETE",
+            "/v1/items/7?a=1&_method=delete&b=2",
+            "/v1/items/7?_METHOD=PUT",
+            "/v1/items/7?%5Fmethod=DELETE",
+            "/v1/items/7?%5fMethod=DELETE",
+            "/v1/items/7?.method=DELETE",
+            "/v1/items/7?+_method=DELETE",
+            "/v1/items/7?[method=DELETE",
+            "/v1/items/7?_method=DEL%45TE",
+            "/v1/items/7?_method=DELETE+",
+            "/v1/items/7?_method=POST&_method=DELETE",
+            "/v1/items/7?_method",
+            "/v1/items/7?_method=",
+        ] {
+            let Some(Denial::BadHeader { header, message }) = denied("POST", path) else {
+                panic!("{path}: not refused")
+            };
+            assert_eq!(header, METHOD_OVERRIDE_QUERY, "{path}");
+            assert!(message.contains("gateway.method_override"), "{message}");
+        }
+        for path in [
+            "/v1/items/7",
+            "/v1/items/7?",
+            "/v1/items/7?_method=post",
+            "/v1/items/7?_method=%20POST",
+            "/v1/items/7?method=DELETE&x_method=DELETE&_methods=DELETE",
+            "/v1/items/7?_method[]=DELETE",
+            // PHP drops a name's leading spaces: this is `method`.
+            "/v1/items/7?%20method=DELETE",
+            "/v1/items/7?q=_method=DELETE",
+            "/v1/_method=DELETE",
+        ] {
+            assert_eq!(denied("POST", path), None, "{path}");
+        }
+        // A header is named first when both are sent.
+        let header = |name: &str| (name == "x-http-method").then_some("PUT");
+        assert!(matches!(
+            overridden_method("POST", "/x?_method=DELETE", &header),
+            Some(Denial::BadHeader { header, .. }) if header == "x-http-method"
+        ));
     }
 
     #[test]
