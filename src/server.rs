@@ -102,6 +102,36 @@ pub async fn shard_count_at_start(ledger: &Ledger, store: &Store) -> Result<bool
     }
 }
 
+/// [`shard_count_at_start`] in a task of its own, waited for until `deadline`: a store
+/// that hangs (another process holds the migration lock) must not keep the process from
+/// answering health checks. Not checked by then (`Ok(false)`): logged, with what the
+/// process does `meanwhile` until it is; the check goes on in its task.
+async fn shard_count_until(
+    ledger: &Arc<Ledger>,
+    store: &Arc<Store>,
+    deadline: tokio::time::Instant,
+    meanwhile: &str,
+) -> Result<bool, ShardCountError> {
+    let count_check = tokio::spawn({
+        let (ledger, store) = (ledger.clone(), store.clone());
+        async move { shard_count_at_start(&ledger, &store).await }
+    });
+    match tokio::time::timeout_at(deadline, count_check).await {
+        Ok(Ok(verified)) => verified,
+        Ok(Err(err)) => {
+            tracing::error!(error = %err, "the shard count check's task failed");
+            Ok(false)
+        }
+        Err(_) => {
+            tracing::warn!(
+                "the shard count has not been checked yet (the store has not answered): \
+                 {meanwhile} until it is (asked every second)"
+            );
+            Ok(false)
+        }
+    }
+}
+
 /// A store error of the shard count check counts in `tollgate_store_errors_total`, as
 /// the settler's own do: a `settle` whose store is unreachable from start-up waits on
 /// the check, and `TollgateStoreErrors` still sees it.
@@ -603,24 +633,8 @@ pub async fn run_settler(
     // (another process holds the migration lock) must not keep /healthz from answering
     // (the liveness probe would kill the pod in a loop); unchecked by then, the settler
     // waits for it before settling.
-    let count_check = tokio::spawn({
-        let (ledger, store) = (ledger.clone(), store.clone());
-        async move { shard_count_at_start(&ledger, &store).await }
-    });
-    let count_verified = match tokio::time::timeout(STORE_STARTUP_WAIT, count_check).await {
-        Ok(Ok(verified)) => verified?,
-        Ok(Err(err)) => {
-            tracing::error!(error = %err, "the shard count check's task failed");
-            false
-        }
-        Err(_) => {
-            tracing::warn!(
-                "the shard count has not been checked yet (the store has not answered): \
-                 nothing is settled until it is (asked every second)"
-            );
-            false
-        }
-    };
+    let deadline = tokio::time::Instant::now() + STORE_STARTUP_WAIT;
+    let count_verified = shard_count_until(&ledger, &store, deadline, "nothing is settled").await?;
     let (count_refused_tx, count_refused) = tokio::sync::oneshot::channel::<ShardCountError>();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopping = stop_rx.clone();
@@ -768,25 +782,13 @@ pub async fn run(
     // deployment's is refused here, or (Redis or the store unreachable now, or not
     // answering within the same wait) once they answer, by the initializer below, which
     // then stops the process.
-    let count_check = tokio::spawn({
-        let ledger = ledger.clone();
-        let store = store.clone();
-        async move { shard_count_at_start(&ledger, &store).await }
-    });
-    let count_verified = match tokio::time::timeout_at(store_wait, count_check).await {
-        Ok(Ok(verified)) => verified?,
-        Ok(Err(err)) => {
-            tracing::error!(error = %err, "the shard count check's task failed");
-            false
-        }
-        Err(_) => {
-            tracing::warn!(
-                "the shard count has not been checked yet (the store has not answered): \
-                 serving meanwhile, no shard marked new until it is (asked every second)"
-            );
-            false
-        }
-    };
+    let count_verified = shard_count_until(
+        &ledger,
+        &store,
+        store_wait,
+        "serving meanwhile, no shard marked new",
+    )
+    .await?;
     let (count_refused_tx, count_refused) = tokio::sync::oneshot::channel::<ShardCountError>();
     // First look before serving (a fresh deployment is ready at once), then keep looking:
     // Redis may come up later, or lose its data while we run.

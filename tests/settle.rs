@@ -2204,57 +2204,37 @@ async fn a_settler_stuck_on_a_store_query_that_never_returns_is_reported() {
     server.stop().await;
 }
 
-/// `tollgate settle` over `redis_url` and `store_url`, its HTTP port picked free (again
-/// if another process took it first), accepting connections.
-/// `serve` whose store hangs at start-up (another process holds the schema's migration
-/// lock) serves all the same, after a bounded wait: `/healthz` answers, and checks and
-/// charges, which never need the store, are taken. It used to wait for the migration
-/// before serving, for as long as the store hung. Once the store answers, the new shards
-/// are initialized in the background and the pod turns ready.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_whose_store_hangs_at_start_up_serves() {
+/// Starts `command` (given its free ports; `http` the index of its HTTP port) while
+/// another process holds the store's migration lock (src/settle/store.rs): it must answer
+/// `/healthz` all the same, after a bounded wait, and turn ready once the lock is gone.
+async fn answers_while_its_store_hangs(
+    pg: &common::PgDatabase,
+    ports: usize,
+    http: usize,
+    command: impl Fn(&[u16]) -> std::process::Command,
+) {
     use sqlx::{Connection, Executor};
-    let redis = common::RedisServer::start();
-    let pg = common::PgDatabase::create().await;
-    // The migration lock (src/settle/store.rs), held until the end of this transaction.
     let mut locker = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
     let mut lock = locker.begin().await.expect("begin");
     lock.execute("SELECT pg_advisory_xact_lock(7157680)")
         .await
         .expect("lock");
-
-    let redis_url = redis.url();
     let child = common::spawn_listening(
-        2,
+        ports,
         DEADLINE,
-        |ports| {
-            let mut cmd = common::tollgate();
-            cmd.arg("serve")
-                .arg(format!("--redis-url={redis_url}"))
-                .arg(format!("--store={}", pg.url))
-                .arg(format!("--grpc-addr=127.0.0.1:{}", ports[0]))
-                .arg(format!("--http-addr=127.0.0.1:{}", ports[1]))
-                .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
-                .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
-                .env(
-                    "TOLLGATE_GATEWAY__SPOOL_PATH",
-                    common::temp_path("spool").display().to_string(),
-                )
-                .stdout(std::process::Stdio::null());
-            cmd
-        },
+        command,
         // Each probe bounded: a server that does not serve yet takes the connection (the
         // port is bound) and answers nothing.
         |ports| async move {
-            let addr = ([127, 0, 0, 1], ports[1]).into();
+            let addr = ([127, 0, 0, 1], ports[http]).into();
             tokio::time::timeout(Duration::from_secs(5), common::http_get(addr, "/healthz"))
                 .await
                 .is_ok_and(|(code, _)| code == 200)
         },
     )
     .await;
-    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], child.ports[1]).into();
-    // The lock was held all along: the server serves unmigrated.
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], child.ports[http]).into();
+    // The lock was held all along: the process answers unmigrated.
     lock.rollback().await.expect("unlock");
     common::eventually(DEADLINE, "ready once the store answers", || async {
         let (code, _) = common::http_get(http_addr, "/readyz").await;
@@ -2264,53 +2244,58 @@ async fn serve_whose_store_hangs_at_start_up_serves() {
     drop(child);
 }
 
-/// `tollgate settle` whose store hangs at start-up (another process holds the schema's
-/// migration lock) answers `/healthz` after a bounded wait, as `serve` does: it used to
-/// wait on the shard count check for as long as the lock was held, serving nothing, so
-/// the liveness probe killed it in a loop. Once the store answers it settles and turns
+/// `serve` whose store hangs at start-up serves all the same, after a bounded wait:
+/// `/healthz` answers, and checks and charges, which never need the store, are taken. It
+/// used to wait for the migration before serving, for as long as the store hung. Once the
+/// store answers, the new shards are initialized in the background and the pod turns
 /// ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_whose_store_hangs_at_start_up_serves() {
+    let redis = common::RedisServer::start();
+    let pg = common::PgDatabase::create().await;
+    let redis_url = redis.url();
+    answers_while_its_store_hangs(&pg, 2, 1, |ports| {
+        let mut cmd = common::tollgate();
+        cmd.arg("serve")
+            .arg(format!("--redis-url={redis_url}"))
+            .arg(format!("--store={}", pg.url))
+            .arg(format!("--grpc-addr=127.0.0.1:{}", ports[0]))
+            .arg(format!("--http-addr=127.0.0.1:{}", ports[1]))
+            .env("TOLLGATE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+            .env("TOLLGATE_SERVICE_TOKEN", common::SERVICE_TOKEN)
+            .env(
+                "TOLLGATE_GATEWAY__SPOOL_PATH",
+                common::temp_path("spool").display().to_string(),
+            )
+            .stdout(std::process::Stdio::null());
+        cmd
+    })
+    .await;
+}
+
+/// `tollgate settle` whose store hangs at start-up answers `/healthz` after a bounded
+/// wait, as `serve` does: it used to wait on the shard count check for as long as the
+/// lock was held, serving nothing, so the liveness probe killed it in a loop. Once the
+/// store answers it settles and turns ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_whose_store_hangs_at_start_up_answers_health_checks() {
-    use sqlx::{Connection, Executor};
     let redis = common::RedisServer::start();
     // A ledger whose shards serve (`serve` marks them; `settle` never does).
     let _ledger = common::ledger(&redis, Clock::Redis);
     let pg = common::PgDatabase::create().await;
-    let mut locker = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
-    let mut lock = locker.begin().await.expect("begin");
-    lock.execute("SELECT pg_advisory_xact_lock(7157680)")
-        .await
-        .expect("lock");
-
     let redis_url = redis.url();
-    let child = common::spawn_listening(
-        1,
-        DEADLINE,
-        |ports| {
-            let mut cmd = common::tollgate();
-            cmd.args(["settle", "--redis-url", &redis_url, "--store", &pg.url])
-                .arg(format!("--http-addr=127.0.0.1:{}", ports[0]))
-                .stdout(std::process::Stdio::null());
-            cmd
-        },
-        |ports| async move {
-            let addr = ([127, 0, 0, 1], ports[0]).into();
-            tokio::time::timeout(Duration::from_secs(5), common::http_get(addr, "/healthz"))
-                .await
-                .is_ok_and(|(code, _)| code == 200)
-        },
-    )
-    .await;
-    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], child.ports[0]).into();
-    lock.rollback().await.expect("unlock");
-    common::eventually(DEADLINE, "ready once the store answers", || async {
-        let (code, _) = common::http_get(http_addr, "/readyz").await;
-        (code == 200).then_some(())
+    answers_while_its_store_hangs(&pg, 1, 0, |ports| {
+        let mut cmd = common::tollgate();
+        cmd.args(["settle", "--redis-url", &redis_url, "--store", &pg.url])
+            .arg(format!("--http-addr=127.0.0.1:{}", ports[0]))
+            .stdout(std::process::Stdio::null());
+        cmd
     })
     .await;
-    drop(child);
 }
 
+/// `tollgate settle` over `redis_url` and `store_url`, its HTTP port picked free (again
+/// if another process took it first), accepting connections.
 async fn settle_command(redis_url: &str, store_url: &str) -> common::Listening {
     common::spawn_listening(
         1,
