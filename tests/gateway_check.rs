@@ -1511,6 +1511,70 @@ async fn a_request_retried_after_its_hold_was_released_is_charged_afresh() {
     assert_eq!(balance(&server, "acme").await, (136, 50, 14));
 }
 
+/// Only a request's final access-log entry settles its hold. Envoy also logs a request
+/// before it ends (`access_log_flush_interval`: `DownstreamPeriodic`; a router
+/// `upstream_log`: `UpstreamEnd`, one per attempt), each entry carrying the Check answer's
+/// metadata; the first such entry used to settle the hold by figures that were not the
+/// call's last word, and the final one then met `HOLD_ENDED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_final_access_log_entry_settles_a_hold() {
+    use envoy_types::pb::envoy::data::accesslog::v3::AccessLogType;
+    let redis = common::RedisServer::start();
+    let server = common::TestServer::start(esign_replay_config(&redis.url()), Clock::Redis).await;
+    let mut c = Checker::new(&server).await;
+    let key = seed(&server, "acme", 200).await;
+    let mut logs = AccessLogServiceClient::new(server.channel().await);
+    let typed = |mut entry: HttpAccessLogEntry, t: AccessLogType| {
+        if let Some(common) = entry.common_properties.as_mut() {
+            common.access_log_type = t as i32;
+        }
+        entry
+    };
+
+    // A long call flushed twice on its way (1 page, then 2 so far), then ended with 4
+    // pages: 8 captured, not 2.
+    let (_, m1) = ocr_hold_of(&ocr_check(&mut c, &key, "final-1").await);
+    logs.stream_access_logs(tokio_stream_once(access_log_message(vec![
+        typed(
+            access_log_entry(&m1, 200, "1"),
+            AccessLogType::DownstreamPeriodic,
+        ),
+        typed(access_log_entry(&m1, 200, "2"), AccessLogType::UpstreamEnd),
+        typed(
+            access_log_entry(&m1, 200, "4"),
+            AccessLogType::DownstreamEnd,
+        ),
+    ])))
+    .await
+    .expect("stream");
+    wait_balance(&server, "acme", (192, 0, 8)).await;
+
+    // A streaming gRPC call: its periodic entry is a 200 with no trailers yet; it ends
+    // with grpc-status 13, which releases the hold. An older Envoy sends no type: its
+    // final entry settles as before.
+    let (_, m2) = ocr_hold_of(&ocr_check(&mut c, &key, "final-2").await);
+    let mut failed = typed(access_log_entry(&m2, 200, "4"), AccessLogType::NotSet);
+    if let Some(response) = failed.response.as_mut() {
+        response
+            .response_trailers
+            .insert("grpc-status".into(), "13".into());
+    }
+    logs.stream_access_logs(tokio_stream_once(access_log_message(vec![
+        typed(
+            access_log_entry(&m2, 200, "4"),
+            AccessLogType::DownstreamPeriodic,
+        ),
+        typed(
+            access_log_entry(&m2, 101, "4"),
+            AccessLogType::DownstreamTunnelSuccessfullyEstablished,
+        ),
+        failed,
+    ])))
+    .await
+    .expect("stream");
+    wait_balance(&server, "acme", (192, 0, 8)).await;
+}
+
 /// As above for a hold that nobody settled and that expired by `on_expiry = "release"`:
 /// a retry after its deadline is a new hold (whether the hold was ended before the retry
 /// or by it), not the expired one that settles nothing.

@@ -34,6 +34,10 @@
 //! in `tollgate_access_log_holds_left_open_total{reason}`; an entry whose flags show the
 //! API never got the request (no upstream connection, no route, …) releases it.
 //!
+//! Only a request's final entry settles (`access_log_type` `DownstreamEnd`, or none from
+//! an older Envoy): the periodic, tunnel and upstream entries Envoy may also send carry
+//! the same metadata before the call has ended ([`is_final`]).
+//!
 //! The stream is lossy by design (Envoy drops entries it cannot send); a hold whose entry
 //! is lost follows its `on_expiry` policy at its deadline. An entry whose settlement meets
 //! a transient ledger error (Redis unavailable, a shard awaiting restore) is not lost: it
@@ -57,7 +61,9 @@ pub mod retry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::data::accesslog::v3::{HttpAccessLogEntry, ResponseFlags};
+use envoy_types::pb::envoy::data::accesslog::v3::{
+    AccessLogCommon, AccessLogType, HttpAccessLogEntry, ResponseFlags,
+};
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogService;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
 use envoy_types::pb::envoy::service::accesslog::v3::{
@@ -373,12 +379,35 @@ pub fn hold_metadata(allowed: &Allowed) -> Option<Struct> {
     Some(Struct { fields })
 }
 
+/// Whether an entry is the request's final one, which alone settles: `DownstreamEnd`, or
+/// `NotSet` from an Envoy older than `access_log_type` unless it marked the entry
+/// intermediate. Envoy also logs a request before it ends, each entry carrying the Check
+/// answer's metadata: `access_log_flush_interval` (`DownstreamPeriodic`), a WebSocket's
+/// 101 with `flush_log_on_tunnel_successfully_established`
+/// (`DownstreamTunnelSuccessfullyEstablished`), the logger used as a router `upstream_log`
+/// (`UpstreamPoolReady` / `UpstreamPeriodic` / `UpstreamEnd`, one per attempt). Such an
+/// entry settled the hold by a status and units that were not the call's last word (a
+/// streaming call's first periodic 200 captured the whole hold; its final grpc-status 13
+/// then met `HOLD_ENDED`). A type newer than the vendored protos is not final either.
+pub fn is_final(common: &AccessLogCommon) -> bool {
+    match AccessLogType::try_from(common.access_log_type) {
+        Ok(AccessLogType::DownstreamEnd) => true,
+        // The deprecated flag is what Envoys before `access_log_type` set on a periodic
+        // flush; newer ones set both.
+        #[allow(deprecated)]
+        Ok(AccessLogType::NotSet) => !common.intermediate_log_entry,
+        _ => false,
+    }
+}
+
 /// The hold a log entry settles, if the request took one (by the Check answer's dynamic
-/// metadata; module docs).
+/// metadata; module docs) and the entry is its final one ([`is_final`]).
 pub fn hold_to_settle(entry: &HttpAccessLogEntry) -> Option<HoldToSettle<'_>> {
-    let fields = &entry
-        .common_properties
-        .as_ref()?
+    let common = entry.common_properties.as_ref()?;
+    if !is_final(common) {
+        return None;
+    }
+    let fields = &common
         .metadata
         .as_ref()?
         .filter_metadata
@@ -595,7 +624,7 @@ mod tests {
     use super::*;
     use crate::gateway::pricing::{HoldPolicy, Settlement};
     use envoy_types::pb::envoy::data::accesslog::v3::{
-        AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
+        HttpRequestProperties, HttpResponseProperties,
     };
 
     #[test]
@@ -658,6 +687,43 @@ mod tests {
             );
         let hold = hold_to_settle(&entry).expect("a hold");
         assert_eq!(hold.capture_terms, Some("2;200-299;x-tollgate-units"));
+    }
+
+    #[test]
+    fn only_a_requests_final_entry_settles_its_hold() {
+        let typed = |t: AccessLogType| {
+            let mut entry = held_entry(Some(200), &[], &[]);
+            if let Some(c) = entry.common_properties.as_mut() {
+                c.access_log_type = t as i32;
+            }
+            entry
+        };
+        assert!(hold_to_settle(&typed(AccessLogType::DownstreamEnd)).is_some());
+        // An Envoy older than access_log_type.
+        assert!(hold_to_settle(&typed(AccessLogType::NotSet)).is_some());
+        for t in [
+            AccessLogType::DownstreamStart,
+            AccessLogType::DownstreamPeriodic,
+            AccessLogType::DownstreamTunnelSuccessfullyEstablished,
+            AccessLogType::UpstreamPoolReady,
+            AccessLogType::UpstreamPeriodic,
+            AccessLogType::UpstreamEnd,
+        ] {
+            assert_eq!(hold_to_settle(&typed(t)), None, "{t:?}");
+        }
+        // Such an older Envoy's periodic flush.
+        let mut entry = typed(AccessLogType::NotSet);
+        #[allow(deprecated)]
+        if let Some(c) = entry.common_properties.as_mut() {
+            c.intermediate_log_entry = true;
+        }
+        assert_eq!(hold_to_settle(&entry), None);
+        // A type newer than the vendored protos.
+        let mut entry = typed(AccessLogType::NotSet);
+        if let Some(c) = entry.common_properties.as_mut() {
+            c.access_log_type = 99;
+        }
+        assert_eq!(hold_to_settle(&entry), None);
     }
 
     /// A log entry of a request that took a hold of 50, answered with this HTTP status,
