@@ -1379,7 +1379,31 @@ async fn ledger_checks(state: &HttpState) -> LedgerChecks {
     let mut degraded = Vec::new();
     let redis_up = match state.ledger.initialized_shards().await {
         Ok(shards) => {
-            checks.insert("redis".into(), "ok".into());
+            // Reads alone pass on a Redis that refuses every write (OOM, READONLY,
+            // MISCONF, NOREPLICAS): every charge fails there, as when it is unreachable.
+            let writes = match state.ledger.take_write().await {
+                Ok(()) => None,
+                Err(err @ LedgerError::Unavailable(_)) => Some(err),
+                // Another refusal (an ACL without SET on the key, say) says nothing
+                // about the ledger's own calls: not held against readiness.
+                Err(err) => {
+                    tracing::debug!(error = %err, "the health watcher's write was refused");
+                    None
+                }
+            };
+            match &writes {
+                None => {
+                    checks.insert("redis".into(), "ok".into());
+                }
+                Some(err) => {
+                    checks.insert("redis".into(), format!("refuses writes: {err}").into());
+                    if state.serving {
+                        degraded.push("redis");
+                    } else {
+                        failed.push("redis");
+                    }
+                }
+            }
             let missing = shards.iter().filter(|ok| !**ok).count();
             if missing == 0 {
                 checks.insert("ledger".into(), "ok".into());
@@ -1390,7 +1414,7 @@ async fn ledger_checks(state: &HttpState) -> LedgerChecks {
                 );
                 failed.push("ledger");
             }
-            true
+            writes.is_none()
         }
         Err(err @ LedgerError::Unavailable(_)) => {
             checks.insert("redis".into(), err.to_string().into());

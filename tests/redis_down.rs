@@ -49,11 +49,16 @@ async fn wait_readyz(server: &common::TestServer, want: u16, redis_degraded: boo
 
 /// `/readyz`'s status and body, over a connection of its own.
 async fn readyz(server: &common::TestServer) -> (u16, String) {
+    get(server, "/readyz").await
+}
+
+/// A GET's status and body, over a connection of its own.
+async fn get(server: &common::TestServer, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(server.http_addr)
         .await
         .expect("http");
-    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .expect("write");
     let mut text = String::new();
@@ -157,6 +162,51 @@ async fn a_hung_redis_is_given_up_on_at_the_call_deadline() {
         "d1 and d2 each charged once"
     );
     server.stop().await;
+}
+
+/// A Redis that answers reads but refuses writes (here at `maxmemory` with `noeviction`:
+/// OOM; a demoted primary's READONLY, MISCONF and NOREPLICAS alike) fails every charge:
+/// /readyz lists `redis` as degraded (the pod stays ready) and `tollgate_redis_up` is 0,
+/// as when it is unreachable. It used to look healthy: the checks only read. Once Redis
+/// takes writes again, both recover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_writes_is_degraded_then_recovers() {
+    let redis = common::RedisServer::start();
+    let (server, _admin, mut metering) = alice_with_10(&redis, Duration::from_secs(1)).await;
+    wait_readyz(&server, 200, false).await;
+    let redis_up = |text: &str| common::prom::value(text, "tollgate_redis_up", &[]);
+    assert_eq!(redis_up(&get(&server, "/metrics").await.1), 1.0);
+
+    let mut con = redis.client().get_connection().expect("redis");
+    let config = |con: &mut redis::Connection, name: &str, value: &str| {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(con)
+            .expect("CONFIG SET");
+    };
+    config(&mut con, "maxmemory-policy", "noeviction");
+    config(&mut con, "maxmemory", "1");
+    let status = tokio::time::timeout(HANG_GUARD, metering.debit(debit("d1")))
+        .await
+        .expect("the call must not hang")
+        .expect_err("redis refuses writes");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    wait_readyz(&server, 200, true).await;
+    let (_, body) = readyz(&server).await;
+    assert!(body.contains("refuses writes"), "{body}");
+    assert_eq!(redis_up(&get(&server, "/metrics").await.1), 0.0);
+
+    config(&mut con, "maxmemory", "0");
+    wait_readyz(&server, 200, false).await;
+    assert_eq!(redis_up(&get(&server, "/metrics").await.1), 1.0);
+    let out = metering
+        .debit(debit("d2"))
+        .await
+        .expect("debit")
+        .into_inner();
+    assert_eq!(out.available, 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1157,6 +1157,26 @@ impl Ledger {
         Ok(found.into_iter().map(|n| n == 1).collect())
     }
 
+    /// Whether Redis takes a write: one `SET` of a short-lived key in the ledger's own
+    /// namespace (`{tg:0}:health`, 10 s), for the health watcher. A Redis at `maxmemory`
+    /// with `noeviction` (OOM), a primary demoted to a replica (READONLY), one that stopped
+    /// writes after a failed save (MISCONF) or lacks its `min-replicas` (NOREPLICAS) still
+    /// answers every read, while every charge fails: those refusals are
+    /// `LedgerError::Unavailable`. One Redis holds every shard, so one key tells.
+    pub async fn take_write(&self) -> Result<(), LedgerError> {
+        let () = self
+            .redis
+            .query(
+                redis::cmd("SET")
+                    .arg(format!("{}:health", self.shards.tag(0)))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(10_000),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Whether one shard has its epoch marker.
     pub async fn shard_initialized(&self, shard: u16) -> Result<bool, LedgerError> {
         let found: i64 = self

@@ -97,8 +97,9 @@ pub const GRPC_FAILED_REQUESTS_TOTAL: &str = "tollgate_grpc_failed_requests_tota
 /// `/readyz` answers 200. A serving process stays ready while Redis is unreachable (it
 /// lists it as degraded), so [`REDIS_UP`] is what says Redis is gone.
 pub const READY: &str = "tollgate_ready";
-/// Whether Redis answered the health watcher's last round (every 2 s), 1 or 0: a Redis
-/// outage leaves a serving pod ready, and is alerted on from this.
+/// Whether Redis answered the health watcher's last round (every 2 s) and took its write
+/// (a Redis refusing writes fails every charge), 1 or 0: a Redis outage leaves a serving
+/// pod ready, and is alerted on from this.
 pub const REDIS_UP: &str = "tollgate_redis_up";
 
 // --- gateway (recorded by the gateway module) ---
