@@ -20,7 +20,7 @@ local ikey = idem_key(acct, ARGV[10])
 -- A priced hold (a gateway check's; its digest has both forms, lib.lua recall) is
 -- charged afresh when retried after its hold ended without charging anything.
 local priced = #ARGV[11] > 16
-local prior = recall_charge(ikey, ARGV[11])
+local prior = recall_charge(acct, ARGV[10], ikey, ARGV[11])
 if prior and priced and prior[1] == 1 then
   local hold_id = string.match(prior[2], '^OK|[^|]+|([^|]+)|')
   local hkey = hold_id and TAG .. ':h:' .. hold_id
@@ -41,7 +41,7 @@ if prior and priced and prior[1] == 1 then
       -- Ended without a charge (lib.lua end_hold forgot the record already unless the
       -- hold predates its 'ik': placed by an older tollgate, or restored).
       forget_hold_record(ikey, hold_id)
-      prior = recall_charge(ikey, ARGV[11])
+      prior = recall_charge(acct, ARGV[10], ikey, ARGV[11])
     end
   end
 end

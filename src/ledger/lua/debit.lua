@@ -18,7 +18,7 @@ if refused then
   return refused
 end
 local ikey = idem_key(acct, ARGV[10])
-local prior = recall_charge(ikey, ARGV[11])
+local prior = recall_charge(acct, ARGV[10], ikey, ARGV[11])
 if prior then
   if keyed then
     prior[3] = acct

@@ -341,21 +341,38 @@ end
 -- replaced), and must charge nothing when it comes.
 local VOID_FENCE = 'VOIDED'
 
--- recall for a charge (debit.lua, authorize.lua): a void's fence refuses the attempt it
--- was made for ({ 0, 'VOIDED' }: nothing charged, nothing recorded; the same mark, or
--- none on both) and is no record for any other attempt (a retry of the request, with its
--- own mark, is charged as if there were none). A marked record that another attempt
--- replays gets its mark's last letter upper-cased, once: that attempt may be served by
--- the charge, so the void of the attempt that made it must leave it (lua/void.lua sees
--- another attempt's mark).
-local function recall_charge(field, digest)
+-- Where a void fences off one attempt of a charge (lua/void.lua): a field of its own
+-- per marked attempt ("\n" never is in a key: printable ASCII without spaces), so that
+-- neither another attempt's record nor its void's forget() removes it; an unmarked
+-- charge's key is its own already (a check without a client request id).
+local function fence_field(acct, key, mark)
+  if mark == '' then
+    return idem_key(acct, key)
+  end
+  return idem_key(acct, key .. '\n' .. mark)
+end
+
+-- recall for a charge (debit.lua, authorize.lua; `field` is idem_key(acct, key)): an
+-- attempt a void fenced off (fence_field) charges and records nothing ({ 0, 'VOIDED' });
+-- any other attempt (a retry of the request, with its own mark) is not concerned by it.
+-- A marked record that another attempt replays gets its mark's last letter upper-cased,
+-- once: that attempt may be served by the charge, so the void of the attempt that made
+-- it must leave it (lua/void.lua sees another attempt's mark).
+local function recall_charge(acct, key, field, digest)
+  local own = string.sub(digest, 33, 40)
+  if own ~= '' then
+    local fenced = recall(fence_field(acct, key, own), digest)
+    if fenced and fenced[2] == VOID_FENCE then
+      return { 0, VOID_FENCE }
+    end
+  end
   local found, mark, bucket = recall(field, digest)
   if not found then
     return nil
   end
-  local own = string.sub(digest, 33, 40)
   if found[2] == VOID_FENCE then
-    if (mark or '') == own then
+    -- An unmarked attempt's fence is under its key.
+    if own == '' and not mark then
       return { 0, VOID_FENCE }
     end
     return nil

@@ -16,8 +16,9 @@
 --   a record another attempt of the request made (it holds an attempt mark, and not this
 --     charge's: the charge this void undoes only replayed it) -> "OK|NONE|other_attempt";
 --     a record without a mark (made by an older tollgate) is taken for this attempt's;
---   no record (or a fence) -> records a fence under the charge's key (lib.lua
---     VOID_FENCE): the charge, should it still come, charges nothing: "OK|NONE|no_charge";
+--   no record (or a fence) -> records a fence for this attempt (lib.lua fence_field,
+--     VOID_FENCE): its charge, should it still come, charges nothing: "OK|NONE|no_charge"
+--     (a marked attempt is fenced off for other_request and other_attempt too);
 --   anything else changes nothing: "OK|NONE|why" (why: other_request, refused,
 --     hold_ended, charge_gone, refunded, unknown_key).
 -- Recorded under the void's own key, so a retried void replays its answer and never
@@ -44,18 +45,27 @@ local ckey = idem_key(acct, ARGV[9])
 local charge, held_mark = recall(ckey, ARGV[10])
 local own_mark = string.sub(ARGV[10], 33, 40)
 local answer
+-- This attempt's charge, should it still come (it may run after the void: another
+-- connection), charges nothing (lib.lua fence_field, recall_charge); another attempt of
+-- the request, with a mark of its own, is charged.
+local function fence()
+  remember(fence_field(acct, ARGV[9], own_mark), ARGV[10], VOID_FENCE)
+end
 if not charge or charge[2] == VOID_FENCE then
-  -- No charge of the key ran (or only a void's fence is there): the charge may still be
-  -- on its way. Fence it off: when it comes it charges nothing (lib.lua recall_charge);
-  -- a retry of the request, with a mark of its own, is charged.
-  remember(ckey, ARGV[10], VOID_FENCE)
+  fence()
   answer = 'OK|NONE|no_charge'
 elseif charge[1] == 0 then
   -- The key's record is another request's (IDEMPOTENCY_KEY_REUSED): not this charge.
+  if own_mark ~= '' then
+    fence()
+  end
   answer = 'OK|NONE|other_request'
 elseif held_mark and held_mark ~= own_mark then
-  -- Made by another attempt of the request (one that was answered, say): this void's
-  -- charge found it and replayed it, charging nothing. It stays.
+  -- Made (or replayed) by another attempt of the request, one that may have been
+  -- answered: it stays. This attempt's charge has not run, or only replayed it.
+  if own_mark ~= '' then
+    fence()
+  end
   answer = 'OK|NONE|other_attempt'
 else
   local eid, third = string.match(charge[2], '^OK|([^|]+)|([^|]+)|')
