@@ -8,6 +8,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The bench's server child's Redis call and check deadlines, as generous as every test
+/// server's (tests/common): a busy CI machine must not turn into errors here.
+const GENEROUS_DEADLINES: [&str; 4] = [
+    "--server-set",
+    "redis.call_timeout_ms=2000",
+    "--server-set",
+    "gateway.check_timeout_ms=5000",
+];
+
 /// Runs `tollgate bench`; answers its JSON result, its standard output and its process id.
 fn bench(redis: &common::RedisServer, scenario: &str, extra: &[&str]) -> (Value, String, u32) {
     bench_with_env(redis, scenario, extra, &[])
@@ -34,10 +43,7 @@ fn bench_with_env(
             .args(["bench", scenario, "--redis-url", &redis.url()])
             .args(["--duration-secs", "2", "--warmup-secs", "0"])
             .args(["--concurrency", "4", "--accounts", "50"])
-            // The child's Redis call and check deadlines as generous as every test server's
-            // (tests/common): a busy CI machine must not turn into errors here.
-            .args(["--server-set", "redis.call_timeout_ms=2000"])
-            .args(["--server-set", "gateway.check_timeout_ms=5000"])
+            .args(GENEROUS_DEADLINES)
             .arg("--json")
             .arg(&json_path)
             .arg("--plot")
@@ -417,6 +423,7 @@ fn bench_on_its_own(name: &str, args: &[&str]) -> (Value, String) {
             .args(args)
             .args(["--duration-secs", "2", "--warmup-secs", "0"])
             .args(["--rounds", "2", "--concurrency", "4", "--accounts", "50"])
+            .args(GENEROUS_DEADLINES)
             .arg("--json")
             .arg(&json_path),
         common::COMMAND_TIMEOUT,

@@ -162,6 +162,36 @@ async fn load(server_grpc: std::net::SocketAddr, stop: Arc<AtomicBool>, task: us
     loaded
 }
 
+/// Waits (generously) until the store holds what the restore test checks after the loss:
+/// a refund of the load, and a hold the load leaves open (`t{task}-h{n}`, n % 3 == 2). A
+/// fixed sleep was not enough on a busy machine, where the load or the settler can lag.
+async fn load_settled_in_store(url: &str) {
+    use sqlx::Connection;
+    let mut con = sqlx::PgConnection::connect(url).await.expect("store");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (refunds, open_holds) = sqlx::query_as::<_, (i64, i64)>(
+            "SELECT \
+               (SELECT count(*) FROM tollgate_events \
+                  WHERE kind = 'refund' AND idempotency_key LIKE 't%'), \
+               (SELECT count(*) FROM tollgate_events \
+                  WHERE kind = 'hold' AND idempotency_key ~ '^t[0-9]+-h[0-9]+$' \
+                  AND split_part(idempotency_key, '-h', 2)::bigint % 3 = 2)",
+        )
+        .fetch_one(&mut con)
+        .await
+        .expect("count the load's settled events");
+        if refunds > 0 && open_holds > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the load's refunds ({refunds}) and open holds ({open_holds}) never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_settled(store: &Store, ledger: &tollgate::ledger::Ledger) {
     let deadline = Instant::now() + DEADLINE;
     loop {
@@ -231,7 +261,7 @@ async fn redis_loses_its_data_then_restore_rebuilds_it() {
     let tasks: Vec<_> = (0..4)
         .map(|t| tokio::spawn(load(server.grpc_addr, stop.clone(), t)))
         .collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    load_settled_in_store(&pg.url).await;
 
     // Redis loses everything (restart without persistence) under load.
     redis.restart();
