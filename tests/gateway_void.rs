@@ -21,8 +21,9 @@ use tollgate::ledger::{
     Refund, Voided,
 };
 
-/// How long Redis holds writes: well past the call and check deadlines below.
-const PAUSE_MS: u64 = 1_500;
+/// The longest Redis holds writes: far past the call and check deadlines below (the pause
+/// ends as soon as the paused check has answered).
+const PAUSE_MS: u64 = 120_000;
 /// Generous for a busy 2-core machine: a void runs once the pause ends.
 const VOID_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -86,8 +87,11 @@ async fn check(
     http(server.http_addr, "GET", "/v1/forward-auth", &headers, "").await
 }
 
-/// Holds every write (FCALL included) on the test's Redis for `PAUSE_MS`.
-fn pause_writes(redis: &RedisServer) {
+/// Runs `f` while every write (FCALL included) on the test's Redis is held, then lets the
+/// writes go: what `f` sent runs late, after its deadlines. The pause lasts until `f` has
+/// its answer however slow the machine (`CLIENT UNPAUSE`); `PAUSE_MS` only bounds it if the
+/// test fails first.
+async fn with_writes_paused<F: std::future::Future>(redis: &RedisServer, f: F) -> F::Output {
     let mut con = redis.client().get_connection().expect("redis connection");
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
@@ -95,6 +99,12 @@ fn pause_writes(redis: &RedisServer) {
         .arg("WRITE")
         .query(&mut con)
         .expect("CLIENT PAUSE");
+    let answer = f.await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut con)
+        .expect("CLIENT UNPAUSE");
+    answer
 }
 
 /// (available, held) of the account's default wallet.
@@ -173,8 +183,7 @@ async fn a_late_debit_of_a_cached_identity_is_voided() {
     }
     assert_eq!(wallet(&server, "void-cached").await, (94, 0));
 
-    pause_writes(&redis);
-    let denied = check(&server, "/strict", &key, None).await;
+    let denied = with_writes_paused(&redis, check(&server, "/strict", &key, None)).await;
     assert_eq!(denied.status, 503, "{denied:?}");
 
     wait_void(&server, "void-cached", EventKind::Refund, (94, 0)).await;
@@ -192,8 +201,7 @@ async fn a_late_debit_by_api_key_is_voided() {
     let key = seed(&server, "void-keyed", 100).await;
     // No check before: the identity cache misses, and the debit script resolves the key
     // (charge_by_key).
-    pause_writes(&redis);
-    let denied = check(&server, "/strict", &key, None).await;
+    let denied = with_writes_paused(&redis, check(&server, "/strict", &key, None)).await;
     assert_eq!(denied.status, 503, "{denied:?}");
 
     wait_void(&server, "void-keyed", EventKind::Refund, (100, 0)).await;
@@ -211,8 +219,7 @@ async fn a_late_debit_cut_off_by_the_check_deadline_is_voided() {
     config.gateway.check_timeout_ms = 500;
     let server = common::TestServer::start(config, Clock::Redis).await;
     let key = seed(&server, "void-cut", 100).await;
-    pause_writes(&redis);
-    let denied = check(&server, "/strict", &key, None).await;
+    let denied = with_writes_paused(&redis, check(&server, "/strict", &key, None)).await;
     assert_eq!(denied.status, 503, "{denied:?}");
 
     wait_void(&server, "void-cut", EventKind::Refund, (100, 0)).await;
@@ -256,8 +263,7 @@ async fn a_late_debit_of_a_check_dropped_by_its_caller_is_voided() {
         }),
     });
     request.set_timeout(Duration::from_millis(200));
-    pause_writes(&redis);
-    let answer = client.check(request).await;
+    let answer = with_writes_paused(&redis, client.check(request)).await;
     assert!(answer.is_err(), "the caller's deadline: {answer:?}");
 
     wait_void(&server, "void-dropped", EventKind::Refund, (100, 0)).await;
@@ -270,8 +276,7 @@ async fn a_late_hold_is_released() {
     let redis = RedisServer::start();
     let server = common::TestServer::start(config(&redis.url(), false), Clock::Redis).await;
     let key = seed(&server, "void-held", 100).await;
-    pause_writes(&redis);
-    let denied = check(&server, "/held", &key, None).await;
+    let denied = with_writes_paused(&redis, check(&server, "/held", &key, None)).await;
     assert_eq!(denied.status, 503, "{denied:?}");
 
     // Nothing held: the hold (on_expiry capture) would otherwise be charged in full at its
@@ -321,8 +326,7 @@ async fn a_late_hold_of_a_check_allowed_by_fail_open_is_released() {
     let config = config_from(FAIL_OPEN_HOLD, &redis.url(), false);
     let server = common::TestServer::start(config, Clock::Redis).await;
     let key = seed(&server, "void-open-held", 100).await;
-    pause_writes(&redis);
-    let allowed = check(&server, "/open-held", &key, None).await;
+    let allowed = with_writes_paused(&redis, check(&server, "/open-held", &key, None)).await;
     assert_eq!(allowed.status, 200, "{allowed:?}");
     assert_eq!(
         allowed.header("x-tollgate-degraded"),
@@ -344,8 +348,8 @@ async fn a_voided_request_retried_with_its_request_id_is_charged_again() {
     let key = seed(&server, "void-retry", 100).await;
     assert_eq!(check(&server, "/strict", &key, None).await.status, 200);
 
-    pause_writes(&redis);
-    let denied = check(&server, "/strict", &key, Some("req-void-1")).await;
+    let denied =
+        with_writes_paused(&redis, check(&server, "/strict", &key, Some("req-void-1"))).await;
     assert_eq!(denied.status, 503, "{denied:?}");
     wait_void(&server, "void-retry", EventKind::Refund, (97, 0)).await;
     assert_debit_voided(&server, "void-retry", 3).await;
@@ -401,8 +405,8 @@ async fn a_late_retry_priced_by_another_book_leaves_the_first_charge() {
     assert_eq!(other.header("x-tollgate-charged"), Some("5"), "{other:?}");
     assert_eq!(wallet(&old, "void-repriced").await, (92, 0));
 
-    pause_writes(&redis);
-    let denied = check(&new, "/strict", &key, Some("req-repriced")).await;
+    let denied =
+        with_writes_paused(&redis, check(&new, "/strict", &key, Some("req-repriced"))).await;
     assert_eq!(denied.status, 503, "{denied:?}");
     assert_eq!(
         wait_void_answers(&redis, 1).await,
@@ -489,8 +493,8 @@ async fn a_late_retry_of_an_answered_request_leaves_its_charge() {
         .to_owned();
     assert_eq!(wallet(&server, "void-served").await, (97, 0));
 
-    pause_writes(&redis);
-    let denied = check(&server, "/strict", &key, Some("req-served")).await;
+    let denied =
+        with_writes_paused(&redis, check(&server, "/strict", &key, Some("req-served"))).await;
     assert_eq!(denied.status, 503, "{denied:?}");
     assert_eq!(
         wait_void_answers(&redis, 1).await,
@@ -518,8 +522,11 @@ async fn a_late_retry_of_an_answered_request_leaves_its_charge() {
     let held = check(&server, "/held", &key, Some("req-served-hold")).await;
     assert_eq!(held.status, 200, "{held:?}");
     assert_eq!(wallet(&server, "void-served").await, (90, 7));
-    pause_writes(&redis);
-    let denied = check(&server, "/held", &key, Some("req-served-hold")).await;
+    let denied = with_writes_paused(
+        &redis,
+        check(&server, "/held", &key, Some("req-served-hold")),
+    )
+    .await;
     assert_eq!(denied.status, 503, "{denied:?}");
     assert_eq!(
         wait_void_answers(&redis, 2).await,
@@ -577,8 +584,8 @@ async fn a_retry_across_an_upgrade_finds_the_charge_an_older_sidecar_made() {
         .await
         .expect("debit");
     assert_eq!(wallet(&server, "void-upgrade").await, (94, 0));
-    pause_writes(&redis);
-    let denied = check(&server, "/strict", &key, Some("req-up-2")).await;
+    let denied =
+        with_writes_paused(&redis, check(&server, "/strict", &key, Some("req-up-2"))).await;
     assert_eq!(denied.status, 503, "{denied:?}");
     wait_void(&server, "void-upgrade", EventKind::Refund, (97, 0)).await;
     let voided = events_of(&server, "void-upgrade")

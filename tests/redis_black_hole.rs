@@ -142,7 +142,8 @@ async fn a_connection_that_stopped_answering_is_replaced() {
     let (server, mut metering) = alice_with_10(&proxy).await;
     debit_until_ok(&mut metering, "d1").await;
     assert_eq!(available(&mut metering).await, 9);
-    assert_eq!(server.ledger.redis().connections_replaced(), 0);
+    // A stall of the test machine itself could already have had a connection replaced.
+    let replaced_before = server.ledger.redis().connections_replaced();
 
     proxy.black_hole();
     let accepted = proxy.accepted();
@@ -158,7 +159,7 @@ async fn a_connection_that_stopped_answering_is_replaced() {
         "recovered after {took:?}; {} new connection(s) through the proxy",
         proxy.accepted() - accepted
     );
-    assert!(server.ledger.redis().connections_replaced() >= 1);
+    assert!(server.ledger.redis().connections_replaced() > replaced_before);
     assert!(proxy.accepted() > accepted, "no new connection was made");
     // A retry of d2 replays; a new debit is charged once (each retried, under its key, if
     // a stall outlasts the short deadline).

@@ -56,7 +56,7 @@ async fn writes_wait_for_the_replica() {
     let mut config = common::test_config(&primary.url());
     config.redis.wait_replicas = 1;
     // Long enough that the paused replica below is waited for, not timed out.
-    config.redis.wait_timeout_ms = 4_000;
+    config.redis.wait_timeout_ms = 10_000;
     // No sweeps: they are writes too, and would take the WAITs this test looks at.
     config.ledger.sweep_interval_ms = 3_600_000;
     let server = common::TestServer::start(config, Clock::Redis).await;
