@@ -412,9 +412,13 @@ async fn debits_under_reloads_are_charged_once_at_a_price_in_force() {
     let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], http_port).into();
     let (channel, key) = acme_with_credits(grpc).await;
     let stop = Arc::new(AtomicBool::new(false));
+    // Checks charged 5 so far: each book is kept until one was (a busy machine may not
+    // run a check between two reloads otherwise).
+    let fives = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let loaders: Vec<_> = (0..3)
         .map(|_| {
             let stop = stop.clone();
+            let fives = fives.clone();
             let key = key.clone();
             tokio::spawn(async move {
                 let mut charged = Vec::new();
@@ -426,7 +430,11 @@ async fn debits_under_reloads_are_charged_once_at_a_price_in_force() {
                     ];
                     let r = http(http_addr, "GET", "/v1/forward-auth", &headers, "").await;
                     assert_eq!(r.status, 200, "{r:?}");
-                    charged.push(charge(&r).expect("charged").parse::<i64>().expect("n"));
+                    let n = charge(&r).expect("charged").parse::<i64>().expect("n");
+                    if n == 5 {
+                        fives.fetch_add(1, Ordering::SeqCst);
+                    }
+                    charged.push(n);
                 }
                 charged
             })
@@ -441,12 +449,21 @@ async fn debits_under_reloads_are_charged_once_at_a_price_in_force() {
     };
     for book in [&five, &one, &five, &one] {
         let before = reloads();
+        let fives_before = fives.load(Ordering::SeqCst);
         std::fs::write(&config, book).expect("rewrite config");
         server.0.signal("-HUP");
         common::eventually(common::START_TIMEOUT, "the reload is done", || async {
             (reloads() > before).then_some(())
         })
         .await;
+        if book == &five {
+            common::eventually(
+                common::START_TIMEOUT,
+                "a check at the new price",
+                || async { (fives.load(Ordering::SeqCst) > fives_before).then_some(()) },
+            )
+            .await;
+        }
     }
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();

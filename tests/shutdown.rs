@@ -27,12 +27,7 @@ use tollgate::gateway::access_log::retry::RETRY_SHUTDOWN_GRACE;
 use tollgate::server::SHUTDOWN_GRACE;
 
 /// `tollgate serve` on free (gRPC, HTTP) ports, answering on both, its logs (stdout) in
-/// `log`; killed on drop.
-async fn serve(redis_url: &str, log: &std::path::Path) -> common::Listening {
-    serve_with(redis_url, log, &[], &[]).await
-}
-
-/// [`serve`] with these extra arguments and environment variables.
+/// `log`, with these extra arguments and environment variables; killed on drop.
 async fn serve_with(
     redis_url: &str,
     log: &std::path::Path,
@@ -85,11 +80,13 @@ async fn channel(port: u16) -> Channel {
 async fn sigterm_ends_open_streams_and_the_process_within_the_grace() {
     let redis = common::RedisServer::start();
     let log = common::temp_path("log");
-    let mut server = serve(&redis.url(), &log).await;
+    let (mut server, key) = esign_server_with_key(&redis, &log, 100).await;
     let grpc = server.ports[0];
+    let hold = common::gateways::ocr_hold(channel(grpc).await, &key, "ocr-open").await;
 
-    // Envoy's access-log stream: one message (its identifier, as Envoy sends first), then
-    // kept open, as Envoy keeps it for as long as it runs.
+    // Envoy's access-log stream: one message (its identifier, as Envoy sends first, and
+    // the entry of the OCR request: its settlement shows the server read it), then kept
+    // open, as Envoy keeps it for as long as it runs.
     let (logs_tx, logs_rx) = tokio::sync::mpsc::channel::<StreamAccessLogsMessage>(4);
     logs_tx
         .send(StreamAccessLogsMessage {
@@ -98,7 +95,7 @@ async fn sigterm_ends_open_streams_and_the_process_within_the_grace() {
                 log_name: "tollgate-test".into(),
             }),
             log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
-                log_entry: Vec::new(),
+                log_entry: vec![common::gateways::access_log_entry(&hold, 200, "3")],
             })),
         })
         .await
@@ -124,8 +121,29 @@ async fn sigterm_ends_open_streams_and_the_process_within_the_grace() {
         .expect("the watch answers")
         .expect("a status");
     assert!(first.is_some(), "the watch sends the current status");
-    // The server has the access-log stream open (and its first message read).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The server has the access-log stream open and its first message read: the hold is
+    // captured (3 pages at 2).
+    let metering = pb::metering_client::MeteringClient::with_interceptor(
+        channel(grpc).await,
+        common::auth(Some(common::SERVICE_TOKEN)),
+    );
+    common::eventually(Duration::from_secs(60), "the first entry settled", || {
+        let mut metering = metering.clone();
+        async move {
+            let balance = metering
+                .get_balance(pb::GetBalanceRequest {
+                    account_id: "acme".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let wallet = balance.wallets.first()?;
+            (wallet.held == 0 && wallet.total_used == 6).then_some(())
+        }
+    })
+    .await;
+    drop(metering);
     assert!(!access_log.is_finished(), "the stream is open");
     server.assert_running("before SIGTERM");
 
