@@ -466,9 +466,39 @@ struct Settlement {
     tasks: Tasks,
 }
 
-/// The background tasks readiness depends on (the settler, the webhook dispatcher),
-/// which run until shutdown: each one that ended before it (a panic, an early return) is
-/// named here with how it ended, and fails readiness from then on.
+/// The background tasks besides the settler and the webhook dispatcher that run until
+/// shutdown (the ones a process runs: `settle` runs only the reloader), with what stops
+/// happening while one is gone. One that ended early degrades readiness.
+const BACKGROUND_TASKS: [(&str, &str); 6] = [
+    (
+        "sweeper",
+        "holds past their deadline and lots past their expiry end only when their wallet is \
+         next used",
+    ),
+    (
+        "spool_replayer",
+        "fail_open charges spooled to disk are not applied",
+    ),
+    (
+        "access_log_retrier",
+        "access-log settlements that met a ledger error are not retried (their holds follow \
+         on_expiry)",
+    ),
+    (
+        "shard_initializer",
+        "a shard Redis lost or never had is not looked at again",
+    ),
+    (
+        "restorer",
+        "shards Redis lost are not restored by this process",
+    ),
+    ("reloader", "SIGHUP does not reload the price book"),
+];
+
+/// The background tasks readiness depends on, which run until shutdown: each one that
+/// ended before it (a panic, an early return) is named here with how it ended, and
+/// degrades or fails readiness from then on (the settler and the dispatcher fail
+/// `settle`'s; [`BACKGROUND_TASKS`] only degrade).
 #[derive(Clone, Default)]
 struct Tasks(Arc<std::sync::Mutex<Vec<(&'static str, String)>>>);
 
@@ -517,6 +547,16 @@ impl Tasks {
                 .unwrap_or_else(|e| e.into_inner())
                 .push((name, how));
         })
+    }
+
+    /// Spawns `task` and supervises it ([`Tasks::supervise`]).
+    fn spawn(
+        &self,
+        name: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+        stopping: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        self.supervise(name, joined(tokio::spawn(task)), stopping)
     }
 }
 
@@ -665,7 +705,11 @@ pub async fn run_settler(
         }
     };
     let task = tasks.supervise("settler", joined(tokio::spawn(settling)), stopping.clone());
-    tokio::spawn(reload_on_sighup(None, config.clone(), hangups, stopped()));
+    tasks.spawn(
+        "reloader",
+        reload_on_sighup(None, config.clone(), hangups, stopped()),
+        stopping.clone(),
+    );
     let dispatcher = spawn_dispatcher(&config, &store, stopped())
         .map(|d| tasks.supervise("webhooks", joined(d), stopping.clone()));
     let state = HttpState {
@@ -829,11 +873,17 @@ pub async fn run(
             }
         }
     });
+    // The background tasks readiness reports when one ends before shutdown.
+    let tasks = Tasks::default();
     if config.server.restore {
         // Its own Redis connections: a restore's pipelines (thousands of commands) must
         // not queue the checks behind them on the shared ones.
         let restorer = ledger_from_config(&config, Clock::Redis)?;
-        tokio::spawn(keep_restoring(restorer, store.clone(), stopped()));
+        tasks.spawn(
+            "restorer",
+            keep_restoring(restorer, store.clone(), stopped()),
+            stopping.clone(),
+        );
     }
     let initializer = {
         let ledger = ledger.clone();
@@ -842,11 +892,13 @@ pub async fn run(
         // the loop polled that completed future again (a panic, "`async fn` resumed after
         // completion", on every shutdown of a pod whose store had not answered yet).
         let (verify_stop, stop) = (stopped(), stopped());
-        tokio::spawn(async move {
+        let initializing = async move {
             let mut stop = std::pin::pin!(stop);
             if !count_verified {
                 if let Err(err) = verify_shard_count(&ledger, &store, verify_stop).await {
                     let _ = count_refused_tx.send(err);
+                    // The process stops for it: not reported as a task that ended early.
+                    stop.await;
                     return;
                 }
             }
@@ -858,7 +910,8 @@ pub async fn run(
                     }
                 }
             }
-        })
+        };
+        tasks.spawn("shard_initializer", initializing, stopping.clone())
     };
 
     // Each with the previous token too, while a rotation rolls out (empty ones are
@@ -944,7 +997,6 @@ pub async fn run(
             stopped(),
         );
 
-    let tasks = Tasks::default();
     let settler = spawn_settler(&config, stopped())?;
     let settler_status = settler.as_ref().map(|s| s.status.clone());
     let settler_task = settler.map(|s| {
@@ -968,7 +1020,7 @@ pub async fn run(
             settler: settler_status,
             webhooks: dispatcher.is_some(),
             ready_lag_max_ms: config.settler.ready_lag_max_ms,
-            tasks,
+            tasks: tasks.clone(),
         },
         metrics: metrics_handle,
         serving: true,
@@ -990,17 +1042,28 @@ pub async fn run(
         .layer(RequestLogLayer::http());
     let http = transport::serve_http(http_listener, http, config.server.http_limits(), stopped());
 
-    tokio::spawn(reload_on_sighup(
-        Some(gateway.clone()),
-        config.clone(),
-        hangups,
-        stopped(),
-    ));
+    tasks.spawn(
+        "reloader",
+        reload_on_sighup(Some(gateway.clone()), config.clone(), hangups, stopped()),
+        stopping.clone(),
+    );
 
     let sweep_interval = Duration::from_millis(config.ledger.sweep_interval_ms);
-    let sweeper = tokio::spawn(sweeper::run(ledger.clone(), sweep_interval, stopped()));
-    let replayer = tokio::spawn(replay_spool(gateway.clone(), stopped()));
-    let settle_retrier = tokio::spawn(settle_retrier.run(stopped()));
+    let sweeper = tasks.spawn(
+        "sweeper",
+        sweeper::run(ledger.clone(), sweep_interval, stopped()),
+        stopping.clone(),
+    );
+    let replayer = tasks.spawn(
+        "spool_replayer",
+        replay_spool(gateway.clone(), stopped()),
+        stopping.clone(),
+    );
+    let settle_retrier = tasks.spawn(
+        "access_log_retrier",
+        settle_retrier.run(stopped()),
+        stopping.clone(),
+    );
 
     let refused = Arc::new(std::sync::Mutex::new(None::<ShardCountError>));
     let shutdown_delay = Duration::from_millis(config.server.shutdown_delay_ms);
@@ -1220,6 +1283,8 @@ async fn reload_on_sighup(
             Ok(s) => s,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot listen for SIGHUP: no price book reloads");
+                // Not a task that ended early (supervised): it ends with the process.
+                stopped.await;
                 return;
             }
         };
@@ -1236,6 +1301,8 @@ async fn reload_on_sighup(
                 _ = &mut stopped => return,
                 got = hangups.recv() => {
                     if got.is_none() {
+                        tracing::warn!("the SIGHUP stream ended: no price book reloads");
+                        (&mut stopped).await;
                         return;
                     }
                     let (Some(gateway), Some(path)) = (&gateway, &config.source) else {
@@ -1589,6 +1656,17 @@ impl Settlement {
                 r.checks.insert("webhooks".into(), "ok".into());
             }
         }
+        // The other tasks: each degrades either process (none is what it is for).
+        for (name, stops) in BACKGROUND_TASKS {
+            if let Some(how) = self.tasks.ended(name) {
+                r.checks.insert(
+                    name.into(),
+                    format!("the {name} task stopped ({how}): {stops} until the process restarts")
+                        .into(),
+                );
+                r.degraded.push(name);
+            }
+        }
     }
 
     /// Sets the settlement gauges that are ages from the settler's recorded times, as of
@@ -1883,5 +1961,35 @@ mod tests {
             .await
             .expect("supervisor");
         assert!(readiness_of(&s, false, 1_000_001).ready);
+    }
+
+    #[tokio::test]
+    async fn another_background_task_that_ends_early_degrades_either_process() {
+        let s = settlement(1_000_000, None);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        s.tasks
+            .spawn("sweeper", async { panic!("swept away") }, stop_rx.clone())
+            .await
+            .expect("supervisor");
+        // Not what `settle` is for either: degraded in both, never failed.
+        for serving in [true, false] {
+            let r = readiness_of(&s, serving, 1_000_001);
+            assert!(r.ready && r.failed.is_empty(), "{:?}", r.checks);
+            assert_eq!(r.degraded, ["sweeper"], "{:?}", r.checks);
+            let check = r.checks["sweeper"].as_str().unwrap_or_default();
+            assert!(
+                check.contains("panicked: swept away") && check.contains("past their deadline"),
+                "{check}"
+            );
+        }
+        // One that returns early is reported as well.
+        s.tasks
+            .spawn("spool_replayer", async {}, stop_rx)
+            .await
+            .expect("supervisor");
+        assert_eq!(
+            readiness_of(&s, true, 1_000_001).degraded,
+            ["sweeper", "spool_replayer"]
+        );
     }
 }

@@ -516,6 +516,27 @@ async fn counters_after_a_scripted_workload() {
             );
         }
     }
+    // Every background task of `serve` is supervised: its series is there, at 0 (no task
+    // ended before shutdown). The restorer runs only with `server.restore`, off here.
+    for task in [
+        "settler",
+        "webhooks",
+        "sweeper",
+        "spool_replayer",
+        "access_log_retrier",
+        "shard_initializer",
+        "reloader",
+    ] {
+        let ended: Vec<f64> = prom::parse(&text)
+            .into_iter()
+            .filter(|s| {
+                s.name == "tollgate_background_task_ended"
+                    && s.labels.get("task").map(String::as_str) == Some(task)
+            })
+            .map(|s| s.value)
+            .collect();
+        assert_eq!(ended, [0.0], "{task}: {text}");
+    }
 
     // A sample for scripts/check-chart.py (dashboard queries must name real metrics), in the
     // target directory: $CARGO_TARGET_DIR (relative to the package root when relative), as

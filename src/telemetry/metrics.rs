@@ -74,7 +74,8 @@ pub const OUTBOX_OLDEST_AGE_SECONDS: &str = "tollgate_outbox_oldest_unsettled_ag
 /// How long ago this process's settler last measured the outboxes (it does every
 /// `settler.trim_interval_ms`; a stuck settler stops).
 pub const SETTLER_MEASURED_AGE_SECONDS: &str = "tollgate_settler_last_measurement_age_seconds";
-/// 1 once a background task of this process (`task`: settler, webhooks) ended before
+/// 1 once a background task of this process (`task`: settler, webhooks, sweeper,
+/// spool_replayer, access_log_retrier, shard_initializer, restorer, reloader) ended before
 /// shutdown (a panic, an early return), else 0; until the process restarts.
 pub const BACKGROUND_TASK_ENDED: &str = "tollgate_background_task_ended";
 
@@ -320,7 +321,7 @@ fn describe() {
     );
     describe_gauge!(
         BACKGROUND_TASK_ENDED,
-        "1 once a background task (settler, webhooks) ended before shutdown, until the process restarts."
+        "1 once a background task (settler, webhooks, sweeper, ...) ended before shutdown, until the process restarts."
     );
     describe_counter!(
         WEBHOOK_EVENTS_TOTAL,
