@@ -2594,11 +2594,13 @@ async fn a_restore_does_not_bring_back_the_record_of_a_voided_charge() {
 /// spend leaves out a voided debit (counted once, by its retry), and a void after the
 /// restore gives back to the restored budget, whose creation stamp is the restore's own
 /// ("r<ms>"; lib.lua `budgets_undo_debit` once failed on it after the refund was written,
-/// so the retry replayed the refunded charge's "allowed").
+/// so the retry replayed the refunded charge's "allowed"). A part of the debit refunded
+/// before its void is given back to the budget too (the void gave back only what was
+/// left, live and in the restore, so the budget kept counting an undone charge).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_counts_a_voided_debit_once_and_a_later_void_gives_back_to_its_budget() {
     use tollgate::ledger::org::{BudgetPeriod, SetBudget};
-    use tollgate::ledger::{ChargeRef, Debit, Metadata, Voided};
+    use tollgate::ledger::{ChargeRef, Debit, Metadata, Refund, Voided};
     use tollgate::settle::restore::{restore, RestoreMode};
 
     let (redis, _pg, ledger, store) = settled_then_lost("vb-day", 100).await;
@@ -2649,12 +2651,31 @@ async fn a_restore_counts_a_voided_debit_once_and_a_later_void_gives_back_to_its
             .await
             .expect("budget");
         let first = debit(account, "req-1", 6);
-        ledger.debit(&first).await.expect("debit");
+        let charged = ledger.debit(&first).await.expect("debit");
+        ledger
+            .refund(&Refund {
+                charge_id: charged.event_id.clone(),
+                amount: 2,
+                idempotency_key: "part".into(),
+                metadata: Metadata::new(),
+            })
+            .await
+            .expect("refund");
+        assert_eq!(
+            spent(account).await,
+            Some(6),
+            "{account}: a refund gives none back"
+        );
         let out = ledger
             .void(ChargeRef::Debit(&first), None, "void-1", &meta)
             .await
             .expect("void");
         assert!(matches!(out.voided, Voided::Debit { .. }), "{out:?}");
+        assert_eq!(
+            spent(account).await,
+            Some(0),
+            "{account}: all of it given back"
+        );
         let retried = ledger.debit(&first).await.expect("retry");
         assert!(!retried.replayed, "{account}: {retried:?}");
         assert_eq!(spent(account).await, Some(6), "{account}");
@@ -2689,6 +2710,67 @@ async fn a_restore_counts_a_voided_debit_once_and_a_later_void_gives_back_to_its
         );
         assert_eq!(available(&ledger, account).await, Ok(100 - 6 - 3));
     }
+}
+
+/// A negative adjustment retried after a restore replays its first answer: its record is
+/// rebuilt from its event (a negative adjustment has no priority or expiry, so the event
+/// holds every part of the request). It used to be left out, and the retry took the
+/// credits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_negative_adjustment_retried_after_a_restore_is_not_taken_twice() {
+    use tollgate::ledger::Adjust;
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    let (redis, _pg, ledger, store) = settled_then_lost("adjusted", 1000).await;
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    let chargeback = |key: &str, description: &str| Adjust {
+        account_id: "adjusted".into(),
+        wallet: "default".into(),
+        amount: -100,
+        priority: tollgate::ledger::command::PRIORITY_DEFAULT,
+        expires_at_ms: 0,
+        description: description.into(),
+        idempotency_key: key.into(),
+        metadata: [("case".to_owned(), "42".to_owned())].into(),
+    };
+    let first = ledger
+        .adjust(&chargeback("corr-7", "chargeback"))
+        .await
+        .expect("adjust");
+    assert_eq!(available(&ledger, "adjusted").await, Ok(900));
+
+    settle_then_lose_redis(&redis, &ledger, &store, "adjusted-2").await;
+    restore(ledger.clone(), store.clone(), RestoreMode::Lost, |_, _| {})
+        .await
+        .expect("restore");
+    assert_eq!(available(&ledger, "adjusted").await, Ok(900));
+    let again = ledger
+        .adjust(&chargeback("corr-7", "chargeback"))
+        .await
+        .expect("the retry");
+    assert!(again.replayed, "taken again: {again:?}");
+    assert_eq!(
+        (again.event_id.as_str(), again.available),
+        (first.event_id.as_str(), first.available)
+    );
+    assert_eq!(available(&ledger, "adjusted").await, Ok(900));
+    // The same key with another request is refused, as before the loss.
+    let other = ledger
+        .adjust(&chargeback("corr-7", "another reason"))
+        .await
+        .expect_err("another request under the key");
+    assert!(
+        matches!(
+            other,
+            tollgate::ledger::LedgerError::Refused(
+                tollgate::ledger::error::Refusal::IdempotencyKeyReused
+            )
+        ),
+        "{other:?}"
+    );
+    assert_eq!(available(&ledger, "adjusted").await, Ok(900));
 }
 
 /// What the Admin and Metering APIs say of `account`'s keys: GetBalance by each key id

@@ -15,8 +15,8 @@
 //! whose member left it, is revoked (`revoked_by_role_loss`), in the store too.
 //!
 //! Not restored (stated in the report): refusals (never in the ledger, so a replayed
-//! refused request is evaluated again), idempotency records of captures, releases,
-//! negative adjustments (their request parameters are not all in the events) and of org
+//! refused request is evaluated again), idempotency records of captures and releases
+//! (their request parameters are not all in the events) and of org
 //! operations by an owner or admin whose events do not name that actor (settled before
 //! events carried it: the actor is part of the request digest), and events that never
 //! reached the store (the persistence level's loss window).
@@ -331,7 +331,7 @@ impl RestoreReport {
             "{left_alone}restored {} shards: {wallets} wallets from {events} ledger events, {holds} open holds, \
              {records} idempotency records, {} API keys{keys_revoked}{keys_dropped} in {:.1} s\n\
              not restored: refusals (a replayed refused request is evaluated again); idempotency \
-             records of captures, releases, negative adjustments and of org operations whose \
+             records of captures, releases and of org operations whose \
              events do not name their actor (settled before events carried it) (retried, they \
              are evaluated again); events that never reached \
              the store (the persistence level's loss window, see docs/OPERATIONS.md)\n",
@@ -875,14 +875,16 @@ impl OrgState {
         }
     }
 
-    /// A void refunded `amount` of debit `event_id`: it is given back as lib.lua
-    /// `budgets_undo_debit` does, to each budget of the debit's wallet and member that was
-    /// counting at the debit's time, in the period (or window bucket) holding that time.
-    fn undo_debit(&mut self, event_id: &str, amount: i64) {
+    /// A void undid debit `event_id`: all it counted is given back as lib.lua
+    /// `budgets_undo_debit` does (a part refunded before included), to each budget of the
+    /// debit's wallet and member that was counting at the debit's time, in the period (or
+    /// window bucket) holding that time.
+    fn undo_debit(&mut self, event_id: &str) {
         let Some(i) = self.debit_spends.remove(event_id) else {
             return;
         };
         let spend = &mut self.spends[i];
+        let amount = spend.amount;
         spend.returned += amount;
         let (at_ms, account, wallet, member) = (
             spend.at_ms,
@@ -1331,6 +1333,25 @@ impl Replay<'_> {
             EventKind::Adjust => {
                 self.take(e, false)?;
                 self.wallet.adjusted += e.amount;
+                // A negative adjustment has no priority or expiry (Admin refuses them): the
+                // request's digest is the defaults', its answer has no lot (adjust.lua).
+                // One an older build took with other ones is refused when retried
+                // (IDEMPOTENCY_KEY_REUSED), never taken twice.
+                let amount = e.amount.to_string();
+                let priority = crate::ledger::command::PRIORITY_DEFAULT.to_string();
+                self.record(
+                    e,
+                    &[
+                        "adjust",
+                        &e.wallet,
+                        &amount,
+                        &priority,
+                        "0",
+                        description,
+                        &e.metadata,
+                    ],
+                    format!("OK|{}||{}", e.event_id, e.available_after),
+                );
             }
             EventKind::Debit => {
                 self.take(e, false)?;
@@ -1506,7 +1527,7 @@ impl Replay<'_> {
                     // forgot the debit's idempotency record, so a retry is charged again,
                     // and gave the debit back to its budgets.
                     self.forget_record_of(&e.account_id, &e.charge_id);
-                    self.orgs.undo_debit(&e.charge_id, e.amount);
+                    self.orgs.undo_debit(&e.charge_id);
                 }
             }
         }

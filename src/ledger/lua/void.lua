@@ -110,8 +110,9 @@ else
           return { 0, refunded }
         end
         -- Undone, not corrected: the budgets it was counted in get it back too (a retry
-        -- is charged afresh and counted again).
-        budgets_undo_debit(open_wallet(C.c[1], C.c[2]), C.c[6] or '', eid, left)
+        -- is charged afresh and counted again), all the debit counted, a part refunded
+        -- before included (a refund gives no budget back: the charge stood then).
+        budgets_undo_debit(open_wallet(C.c[1], C.c[2]), C.c[6] or '', eid, tonumber(C.c[3]))
         forget(ckey)
         local available = string.match(rest, '^([^|]+)')
         answer = 'OK|VOIDED_DEBIT|' .. rid .. '|' .. eid .. '|' .. itos(left) .. '|' .. available
