@@ -952,6 +952,95 @@ async fn an_older_grant_settled_late_does_not_replace_the_last_grant() {
     assert_eq!(last_grant, 1_000);
 }
 
+/// One delivery of an account in flight at a time, across dispatchers: an older event
+/// settled late takes the queue's head from the delivery another dispatcher is sending
+/// (leased), and its own delivery waits for that attempt to end instead of going out
+/// beside it (the lease only looked at its own row).
+async fn an_older_delivery_waits_for_the_one_in_flight(store_url: &str) {
+    use tollgate::settle::webhook_store::AttemptOutcome;
+
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    for key in ["g1", "g2"] {
+        ledger
+            .grant(&common::purchase("acme", 100, key))
+            .await
+            .expect("grant");
+    }
+    let events = common::outbox_events(&ledger).await;
+    let [g1, g2] = events.as_slice() else {
+        panic!("two events: {events:?}");
+    };
+    let rules = tollgate::webhooks::WebhookConfig {
+        url: "http://127.0.0.1:9/hook".into(),
+        secret: "s".into(),
+        ..Default::default()
+    }
+    .rules()
+    .expect("rules");
+    let store = tollgate::settle::Store::connect_lazy(store_url, 2).expect("store");
+    store.migrate().await.expect("migrate");
+    store
+        .append_batch(std::slice::from_ref(g2), None, Some(&rules))
+        .await
+        .expect("the newer grant");
+    let now = tollgate::ledger::wall_clock_ms();
+    let due = store.due_deliveries(now, 10).await.expect("due");
+    let [newer] = due.as_slice() else {
+        panic!("one delivery: {due:?}");
+    };
+    let lease = now + 60_000;
+    assert!(store
+        .lease_delivery(&newer.delivery_id, newer.attempts, now, lease)
+        .await
+        .expect("lease"));
+
+    store
+        .append_batch(std::slice::from_ref(g1), None, Some(&rules))
+        .await
+        .expect("the older grant, settled late");
+    let now = tollgate::ledger::wall_clock_ms();
+    let due = store.due_deliveries(now, 10).await.expect("due");
+    let older = due
+        .iter()
+        .find(|d| d.delivery_id != newer.delivery_id)
+        .expect("the older delivery heads the queue");
+    assert!(
+        !store
+            .lease_delivery(&older.delivery_id, older.attempts, now, now + 60_000)
+            .await
+            .expect("lease"),
+        "two of acme's deliveries in flight at once"
+    );
+
+    // The attempt in flight ends: the older one goes.
+    assert!(store
+        .finish_attempt(
+            &newer.delivery_id,
+            lease,
+            now,
+            &AttemptOutcome::Delivered { status_code: 204 }
+        )
+        .await
+        .expect("finish"));
+    let now = tollgate::ledger::wall_clock_ms();
+    assert!(store
+        .lease_delivery(&older.delivery_id, older.attempts, now, now + 60_000)
+        .await
+        .expect("lease"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_delivery_waits_for_the_one_in_flight_postgres() {
+    let pg = common::PgDatabase::create().await;
+    an_older_delivery_waits_for_the_one_in_flight(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_delivery_waits_for_the_one_in_flight_sqlite() {
+    an_older_delivery_waits_for_the_one_in_flight(&common::temp_sqlite_url()).await;
+}
+
 /// Settles every event of the ledger's outbox (those already settled are no-ops), as a
 /// settler with these webhook rules (None: webhooks off) would.
 async fn settle_outbox(

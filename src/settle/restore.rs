@@ -2412,7 +2412,9 @@ async fn restore_under(
 /// owner or admin of the restored org, or was made before its maker last left the org or
 /// became a plain member (and was made an owner or admin again since); and a key bound to
 /// a member (`member_id`) who is no member of the restored org, or was made before that
-/// member last left it (and was added again since). The revocation time is that of the
+/// member last left it (and was added again since); and a personal key (no maker, no
+/// member) made before the account became an org, which org.lua's create requires revoked
+/// (revoked at the org's creation, at the latest). The revocation time is that of the
 /// event that took the role or the membership (the earlier of the two when both apply;
 /// the script's; key creation times and event times are both Redis server time), or now
 /// when the events show none. Keys made before keys named their maker (`created_by` "")
@@ -2428,7 +2430,7 @@ fn revoked_by_role_loss<'k>(
         if key.revoked_at_ms > 0 {
             continue;
         }
-        let Some((_, members)) = orgs.members.get(&key.account_id) else {
+        let Some((org_created_ms, members)) = orgs.members.get(&key.account_id) else {
             continue;
         };
         // When the key lost its footing: Some(None) = by now, with no event to date it.
@@ -2439,6 +2441,15 @@ fn revoked_by_role_loss<'k>(
                 (a, b) => a.or(b),
             });
         };
+        // A personal key from before the account became an org: org.lua's create found it
+        // revoked in Redis, but that revocation never reached the store (a save that failed
+        // and was not retried). Live again, it would spend the org's wallets as no member.
+        if key.created_by.is_empty()
+            && key.member_id.is_empty()
+            && key.created_at_ms < *org_created_ms
+        {
+            take(Some(*org_created_ms));
+        }
         if !key.created_by.is_empty() {
             let manages = members
                 .get(&key.created_by)
@@ -2681,6 +2692,8 @@ mod tests {
             key("legacy-for-frank", "acme", "frank", "", 10, 0),
             key("legacy-for-alice", "acme", "alice", "", 10, 0),
             key("elsewhere", "globex", "", "bob", 10, 0),
+            // Personal, from before acme became an org (at 1): its revocation was lost.
+            key("personal-before-org", "acme", "", "", 0, 0),
         ];
         let revoked: Vec<(String, i64)> = revoked_by_role_loss(&mut keys, &orgs, 999)
             .into_iter()
@@ -2699,6 +2712,7 @@ mod tests {
                 ("olivia-for-hank", 999),
                 ("mallory-never", 999),
                 ("legacy-for-frank", 45),
+                ("personal-before-org", 1),
             ]
             .map(|(id, at)| (id.to_owned(), at))
         );

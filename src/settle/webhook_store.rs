@@ -596,7 +596,8 @@ macro_rules! webhook_store_impl {
             /// attempts (compare-and-set: false if another dispatcher holds it, it is no
             /// longer pending, it is not due yet, an attempt was made since it was read,
             /// or it no longer heads its queue: an older delivery was inserted or put
-            /// back since, and goes first). The last two keep a dispatcher leasing from a list read earlier
+            /// back since, and goes first; or another delivery of its account holds a
+            /// live lease: one in flight per account, across dispatchers). The last two keep a dispatcher leasing from a list read earlier
             /// in its round from skipping the retry backoff: another dispatcher may have
             /// leased it, failed and released it with `next_attempt_at_ms` in the future
             /// meanwhile, and only those two columns tell.
@@ -607,10 +608,17 @@ macro_rules! webhook_store_impl {
                 now_ms: i64,
                 until_ms: i64,
             ) -> Result<bool, StoreError> {
+                // Nor while another delivery of the account is in flight (a live lease):
+                // an older event settled late takes the queue's head from the one a
+                // dispatcher is sending, and its delivery waits for that attempt to end.
                 let done = sqlx::query(
                     "UPDATE tollgate_webhook_deliveries SET lease_until_ms = $1 \
                      WHERE delivery_id = $2 AND status = 'pending' AND lease_until_ms <= $3 \
-                     AND next_attempt_at_ms <= $3 AND attempts = $4 AND is_head = 1",
+                     AND next_attempt_at_ms <= $3 AND attempts = $4 AND is_head = 1 \
+                     AND NOT EXISTS (SELECT 1 FROM tollgate_webhook_deliveries AS other \
+                       WHERE other.account_id = tollgate_webhook_deliveries.account_id \
+                       AND other.status = 'pending' AND other.lease_until_ms > $3 \
+                       AND other.delivery_id <> $2)",
                 )
                 .bind(until_ms)
                 .bind(delivery_id.to_owned())
