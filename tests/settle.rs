@@ -687,7 +687,7 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
                 "SELECT CAST(MAX(version) AS TEXT) FROM tollgate_schema_migrations"
             )
             .await,
-            vec!["13".to_owned()],
+            vec!["14".to_owned()],
             "{kind}"
         );
         // The history of one kind of an account, in the page's order (a `kinds` filter).

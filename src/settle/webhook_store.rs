@@ -611,13 +611,16 @@ macro_rules! webhook_store_impl {
                 // Nor while another delivery of the account is in flight (a live lease):
                 // an older event settled late takes the queue's head from the one a
                 // dispatcher is sending, and its delivery waits for that attempt to end.
+                // The literal `lease_until_ms > 0` lets both databases read the partial
+                // index of leased deliveries (schema_v14.sql), not the account's backlog.
                 let done = sqlx::query(
                     "UPDATE tollgate_webhook_deliveries SET lease_until_ms = $1 \
                      WHERE delivery_id = $2 AND status = 'pending' AND lease_until_ms <= $3 \
                      AND next_attempt_at_ms <= $3 AND attempts = $4 AND is_head = 1 \
                      AND NOT EXISTS (SELECT 1 FROM tollgate_webhook_deliveries AS other \
                        WHERE other.account_id = tollgate_webhook_deliveries.account_id \
-                       AND other.status = 'pending' AND other.lease_until_ms > $3 \
+                       AND other.status = 'pending' AND other.lease_until_ms > 0 \
+                       AND other.lease_until_ms > $3 \
                        AND other.delivery_id <> $2)",
                 )
                 .bind(until_ms)
