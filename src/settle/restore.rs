@@ -2444,6 +2444,9 @@ fn revoked_by_role_loss<'k>(
         // A personal key from before the account became an org: org.lua's create found it
         // revoked in Redis, but that revocation never reached the store (a save that failed
         // and was not retried). Live again, it would spend the org's wallets as no member.
+        // An org made before the create required it (2026-12-05) may have kept such a key
+        // live in Redis all along: the restore revokes that one too, on purpose (counted
+        // among the revoked keys of the report).
         if key.created_by.is_empty()
             && key.member_id.is_empty()
             && key.created_at_ms < *org_created_ms
