@@ -22,6 +22,9 @@ pub const DEFAULT_STORE_URL: &str = "sqlite://tollgate.db";
 pub const DEFAULT_POOL_CONNECTIONS: u32 = 4;
 /// How long a query waits for a pooled connection before failing (and being retried).
 pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long [`Store::migrate`] tries again a SQLite migration that found the file locked.
+pub const SQLITE_MIGRATION_BUSY_WAIT: Duration = Duration::from_secs(60);
 /// Rows per SQLite INSERT statement: 28 parameters a row stays under its limit of 32,766
 /// (PostgreSQL binds one array per column instead).
 pub const INSERT_ROWS_MAX: usize = 1000;
@@ -2064,8 +2067,30 @@ impl Store {
         dispatch!(self, s => s.kind())
     }
 
+    /// Brings the schema up to date. On SQLite, a migration that found the file locked
+    /// past the busy timeout (several processes starting at once on a loaded machine
+    /// each wait for the others' whole migrations) is tried again, for up to
+    /// [`SQLITE_MIGRATION_BUSY_WAIT`]: it changed nothing (one transaction), and starting
+    /// is what it holds up.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.migrate().await)
+        match self {
+            Self::Postgres(s) => s.migrate().await,
+            Self::Sqlite(s) => {
+                let deadline = tokio::time::Instant::now() + SQLITE_MIGRATION_BUSY_WAIT;
+                loop {
+                    match s.migrate().await {
+                        Err(StoreError::Query(why))
+                            if why.contains("database is locked")
+                                && tokio::time::Instant::now() < deadline =>
+                        {
+                            tracing::info!("the SQLite store is locked by another process's migration: trying again");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        done => return done,
+                    }
+                }
+            }
+        }
     }
 
     pub async fn append(&self, events: &[LedgerEvent]) -> Result<u64, StoreError> {
