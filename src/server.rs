@@ -704,7 +704,7 @@ pub async fn run_settler(
             settler.run(stopped).await
         }
     };
-    let task = tasks.supervise("settler", joined(tokio::spawn(settling)), stopping.clone());
+    let task = tasks.spawn("settler", settling, stopping.clone());
     tasks.spawn(
         "reloader",
         reload_on_sighup(None, config.clone(), hangups, stopped()),

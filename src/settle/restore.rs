@@ -1302,19 +1302,34 @@ impl Replay<'_> {
                     answer,
                 );
             }
-            EventKind::Adjust if e.amount > 0 => {
-                self.create_lots(e, "adjustment", description)?;
+            EventKind::Adjust => {
+                // A positive adjustment makes a lot (its priority and expiry are the
+                // request's); a negative one takes credits and has neither (Admin refuses
+                // them: the request's digest is the defaults', its answer has no lot, as
+                // adjust.lua's). One an older build took with other ones is refused when
+                // retried (IDEMPOTENCY_KEY_REUSED), never taken twice.
+                let (lot_id, priority, expires) = if e.amount > 0 {
+                    self.create_lots(e, "adjustment", description)?;
+                    self.wallet.joined = true;
+                    let piece = e
+                        .lots
+                        .first()
+                        .ok_or_else(|| Self::fail(e, "adjust without lot"))?;
+                    (
+                        piece.lot_id.as_str(),
+                        piece.priority().unwrap_or_default().to_string(),
+                        piece.expires_at_ms().unwrap_or_default().to_string(),
+                    )
+                } else {
+                    self.take(e, false)?;
+                    (
+                        "",
+                        crate::ledger::command::PRIORITY_DEFAULT.to_string(),
+                        "0".to_owned(),
+                    )
+                };
                 self.wallet.adjusted += e.amount;
-                self.wallet.joined = true;
-                let piece = e
-                    .lots
-                    .first()
-                    .ok_or_else(|| Self::fail(e, "adjust without lot"))?;
-                let (priority, expires) = (
-                    piece.priority().unwrap_or_default().to_string(),
-                    piece.expires_at_ms().unwrap_or_default().to_string(),
-                );
-                let answer = format!("OK|{}|{}|{}", e.event_id, piece.lot_id, e.available_after);
+                let answer = format!("OK|{}|{lot_id}|{}", e.event_id, e.available_after);
                 let amount = e.amount.to_string();
                 self.record(
                     e,
@@ -1328,29 +1343,6 @@ impl Replay<'_> {
                         &e.metadata,
                     ],
                     answer,
-                );
-            }
-            EventKind::Adjust => {
-                self.take(e, false)?;
-                self.wallet.adjusted += e.amount;
-                // A negative adjustment has no priority or expiry (Admin refuses them): the
-                // request's digest is the defaults', its answer has no lot (adjust.lua).
-                // One an older build took with other ones is refused when retried
-                // (IDEMPOTENCY_KEY_REUSED), never taken twice.
-                let amount = e.amount.to_string();
-                let priority = crate::ledger::command::PRIORITY_DEFAULT.to_string();
-                self.record(
-                    e,
-                    &[
-                        "adjust",
-                        &e.wallet,
-                        &amount,
-                        &priority,
-                        "0",
-                        description,
-                        &e.metadata,
-                    ],
-                    format!("OK|{}||{}", e.event_id, e.available_after),
                 );
             }
             EventKind::Debit => {
