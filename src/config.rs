@@ -31,6 +31,10 @@ pub const DEFAULT_SPOOL_PATH: &str = "tollgate-spool.jsonl";
 pub const IDEMPOTENCY_WINDOW_SECS_MIN: u64 = 60;
 /// The longest idempotency window, hold and charge retention (10 years).
 pub const RETENTION_SECS_MAX: u64 = 10 * 365 * 86_400;
+/// The longest interval or idle time in ms (30 days): Redis reads `XAUTOCLAIM`'s idle time
+/// as a signed 64-bit number, and a wait meant as "never" is a misconfiguration, not a
+/// reason for every settler round to fail.
+pub const INTERVAL_MS_MAX: u64 = 30 * 86_400_000;
 pub const REDIS_CONNECTIONS_MAX: usize = 64;
 pub const WORKER_THREADS_MAX: usize = 256;
 pub const SETTLER_LINGER_MS_MAX: u64 = 10_000;
@@ -878,7 +882,6 @@ impl Config {
         for (path, value) in [
             ("ledger.hold_retention_secs", l.hold_retention_secs),
             ("ledger.charge_retention_secs", l.charge_retention_secs),
-            ("ledger.sweep_interval_ms", l.sweep_interval_ms),
             (
                 "ledger.lots_per_wallet_max",
                 u64::from(l.lots_per_wallet_max),
@@ -895,6 +898,12 @@ impl Config {
             if value == 0 {
                 bad(path, "must be positive".into());
             }
+        }
+        if !(1..=INTERVAL_MS_MAX).contains(&l.sweep_interval_ms) {
+            bad(
+                "ledger.sweep_interval_ms",
+                format!("must be in 1..={INTERVAL_MS_MAX} (30 days)"),
+            );
         }
         // A replayed capture or release within the idempotency window must find its hold
         // to find its answer (the answer is recorded under the hold's account).
@@ -932,10 +941,11 @@ impl Config {
             ("settler.backoff_min_ms", st.backoff_min_ms),
             ("settler.trim_interval_ms", st.trim_interval_ms),
             ("settler.ready_lag_max_ms", st.ready_lag_max_ms),
+            ("settler.backoff_max_ms", st.backoff_max_ms),
             ("settler.consumer_idle_max_ms", st.consumer_idle_max_ms),
         ] {
-            if value == 0 {
-                bad(path, "must be positive".into());
+            if !(1..=INTERVAL_MS_MAX).contains(&value) {
+                bad(path, format!("must be in 1..={INTERVAL_MS_MAX} (30 days)"));
             }
         }
         if st.backoff_max_ms < st.backoff_min_ms {
@@ -1588,6 +1598,35 @@ mod tests {
         }
     }
 
+    /// An interval or idle time meant as "never" (u64::MAX) is refused where it is read,
+    /// not at the first settler round (Redis refuses `XAUTOCLAIM`'s idle time past i64).
+    #[test]
+    fn intervals_are_bounded() {
+        for path in [
+            "ledger.sweep_interval_ms",
+            "settler.idle_wait_ms",
+            "settler.claim_idle_ms",
+            "settler.backoff_max_ms",
+            "settler.ready_lag_max_ms",
+            "settler.consumer_idle_max_ms",
+        ] {
+            let (section, key) = path.split_once('.').unwrap();
+            for (value, ok) in [
+                (0, false),
+                (INTERVAL_MS_MAX, true),
+                (INTERVAL_MS_MAX + 1, false),
+                (i64::MAX as u64, false),
+            ] {
+                let text = format!("[{section}]\n{key} = {value}\n");
+                let errors = match load(&text) {
+                    Ok(_) => Vec::new(),
+                    Err(ConfigErrors(errors)) => errors,
+                };
+                let named = errors.iter().any(|e| e.path == path);
+                assert_eq!(!named, ok, "{path} = {value}: {errors:?}");
+            }
+        }
+    }
     #[test]
     fn holds_are_kept_at_least_the_idempotency_window() {
         let text = "[ledger]\nidempotency_window_secs = 7200\nhold_retention_secs = 3600\n";

@@ -728,7 +728,10 @@ pub async fn run_settler(
     };
     // `tollgate_ready` is what the chart's not-ready alert and dashboard read, for
     // settler pods as for serving ones.
-    let watcher = tokio::spawn(watch_health(state.clone(), None, stopped()));
+    let watcher = tokio::spawn(not_serving_after_a_panic(
+        tokio::spawn(watch_health(state.clone(), None, stopped())),
+        None,
+    ));
     let http = transport::serve_http(
         http_listener,
         http_router(state)
@@ -1034,7 +1037,14 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let watcher = tokio::spawn(watch_health(state.clone(), Some(health), shutting_down));
+    let watcher = tokio::spawn(not_serving_after_a_panic(
+        tokio::spawn(watch_health(
+            state.clone(),
+            Some(health.clone()),
+            shutting_down,
+        )),
+        Some(health),
+    ));
     let http = http_router(state)
         .merge(forward_auth::router(gateway.clone(), service_check_http))
         .fallback(no_route)
@@ -1756,14 +1766,37 @@ async fn watch_health(
             _ = tokio::time::sleep(HEALTH_CHECK_INTERVAL) => {}
         }
     }
-    if let Some(health) = &health {
+    report_not_serving(health.as_ref()).await;
+}
+
+/// gRPC health NOT_SERVING for every service, and `tollgate_ready` 0.
+async fn report_not_serving(health: Option<&HealthReporter>) {
+    if let Some(health) = health {
         for service in HEALTH_SERVICES {
             health
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
     }
-    ready_gauge.set(0.0);
+    metrics::gauge!(telemetry::metrics::READY).set(0.0);
+}
+
+/// Waits for the health watcher; should it panic, reports NOT_SERVING as its own end does.
+/// `/readyz` stops vouching for checks the watcher has not renewed
+/// ([`READINESS_STALE_AFTER`]), but only the watcher moves gRPC health and
+/// `tollgate_ready`: a panic left them at SERVING and 1 while `/readyz` answered 503.
+async fn not_serving_after_a_panic(
+    watcher: tokio::task::JoinHandle<()>,
+    health: Option<HealthReporter>,
+) {
+    if let Err(how) = joined(watcher).await {
+        tracing::error!(
+            how = %how,
+            "the health watcher ended: gRPC health and tollgate_ready report not ready \
+             until the process is restarted"
+        );
+        report_not_serving(health.as_ref()).await;
+    }
 }
 
 /// The readiness checks failing as of the health watcher's last round, with since when.
@@ -1836,6 +1869,42 @@ async fn metrics_text(State(state): State<HttpState>) -> (StatusCode, String) {
 mod tests {
     use super::*;
     use crate::settle::settler::OutboxMeasure;
+
+    /// The health watcher's panic turns gRPC health NOT_SERVING (it stayed SERVING).
+    #[tokio::test]
+    async fn a_panicked_health_watcher_leaves_grpc_health_not_serving() {
+        use tonic_health::pb::health_server::Health;
+        let (reporter, _server) = tonic_health::server::health_reporter();
+        for service in HEALTH_SERVICES {
+            reporter
+                .set_service_status(service, ServingStatus::Serving)
+                .await;
+        }
+        let status = |service: &'static str| {
+            let health =
+                tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+            async move {
+                let request = tonic_health::pb::HealthCheckRequest {
+                    service: service.to_owned(),
+                };
+                health
+                    .check(tonic::Request::new(request))
+                    .await
+                    .expect("a registered service")
+                    .into_inner()
+                    .status
+            }
+        };
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        // A watcher that ends at shutdown, as it should: left as it was.
+        not_serving_after_a_panic(tokio::spawn(async {}), Some(reporter.clone())).await;
+        assert_eq!(status(HEALTH_SERVICES[0]).await, serving);
+        let watcher = tokio::spawn(async { panic!("a bug in the watcher") });
+        not_serving_after_a_panic(watcher, Some(reporter.clone())).await;
+        for service in HEALTH_SERVICES {
+            assert_ne!(status(service).await, serving, "{service}");
+        }
+    }
 
     fn readiness_of(settlement: &Settlement, serving: bool, now_ms: i64) -> Readiness {
         let mut r = Readiness {

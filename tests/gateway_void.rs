@@ -209,6 +209,27 @@ async fn a_late_debit_by_api_key_is_voided() {
     server.stop().await;
 }
 
+/// The connection breaks after Redis ran the charge and before its answer came back (a
+/// reset, a killed client connection, a failover): the charge ran, and the check is denied
+/// 503 all the same. The gateway voids it as it voids a charge past its deadline; it used
+/// to void only those, taking a broken connection for a call that never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_whose_answer_a_broken_connection_lost_is_voided() {
+    let redis = RedisServer::start();
+    let proxy = common::proxy::AnswerDropProxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let server = common::TestServer::start(config(&proxy.redis_url(), false), Clock::Redis).await;
+    let key = seed(&server, "void-lost", 100).await;
+    // The debit function's name ends the FCALL's second argument: `tg_<hash>_debit`.
+    proxy.arm(b"_debit\r\n");
+    let denied = check(&server, "/strict", &key, None).await;
+    assert_eq!(denied.status, 503, "{denied:?}");
+    assert_eq!(proxy.fired(), 1, "the debit's connection was closed");
+
+    wait_void(&server, "void-lost", EventKind::Refund, (100, 0)).await;
+    assert_debit_voided(&server, "void-lost", 3).await;
+    server.stop().await;
+}
+
 /// The whole check's deadline (`gateway.check_timeout_ms`) passes first: the charge's
 /// future is dropped mid-call, and what it had sent is voided all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3632,6 +3632,66 @@ async fn an_event_reusing_a_settled_events_id_is_set_aside_not_dropped() {
     }
 }
 
+/// A reused id's event can match the settled one in amount and balances (the same debit
+/// retried against a rolled-back Redis) and differ only in its time or lots. The settler
+/// sets it aside; `dead-letters replay` then refuses it (the id is taken) and leaves it.
+/// It used to compare amounts and balances only, take it for an earlier replay's write,
+/// and delete the letter: the only copy of the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_leaves_a_reused_ids_letter_of_the_same_amount() {
+    let redis = common::RedisServer::start();
+    let (ledger, debit, events) = granted_and_debited(&redis).await;
+    let store = store(&common::temp_sqlite_url()).await;
+    let mut lost = events[1].clone();
+    lost.created_at_ms -= 60_000;
+    lost.idempotency_key = "lost".into();
+    assert_eq!(
+        store
+            .append(std::slice::from_ref(&lost))
+            .await
+            .expect("lost"),
+        1
+    );
+    settler(&ledger, &store, "tollgate-settler", "a")
+        .drain(DEADLINE)
+        .await
+        .expect("drain");
+    let letters = tollgate::settle::dead_letters::list(&ledger)
+        .await
+        .expect("dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    let replayed = tollgate::settle::dead_letters::replay(
+        &ledger,
+        &store,
+        None,
+        letter.shard,
+        &letter.dead_id,
+        &[],
+        false,
+    )
+    .await;
+    assert!(
+        matches!(
+            replayed,
+            Err(tollgate::settle::dead_letters::DeadLetterError::Conflict(ref id, _)) if *id == debit.event_id
+        ),
+        "{replayed:?}"
+    );
+    assert_eq!(
+        tollgate::settle::dead_letters::list(&ledger)
+            .await
+            .expect("dead letters"),
+        letters,
+        "the letter stays"
+    );
+    assert_eq!(
+        store.event(&debit.event_id).await.expect("event"),
+        Some(lost),
+        "the settled event stays"
+    );
+}
+
 /// A round whose commit fails after the store took part of its batch (here: setting an
 /// event aside, the dead-letter stream unwritable) leaves the batch pending in its consumer.
 /// The next round reads it again from its own pending entries; it used to read only new

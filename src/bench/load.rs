@@ -765,16 +765,17 @@ async fn drive(
         distribution: plan.distribution,
     });
     let stop = Arc::new(AtomicBool::new(false));
+    // The requests due before the end (a run of --duration-secs), or --requests.
+    let scheduled = plan.rate.map(|rate| {
+        plan.requests
+            .unwrap_or_else(|| (plan.duration.as_secs_f64() * rate).ceil() as u64)
+    });
     let pacer = match (&permits, plan.rate) {
         (Some(permits), Some(rate)) => Some(spawn_pacer(
             permits.clone(),
             rate,
             start,
-            // The requests due before the end (a run of --duration-secs), or --requests.
-            Some(
-                plan.requests
-                    .unwrap_or_else(|| (plan.duration.as_secs_f64() * rate).ceil() as u64),
-            ),
+            scheduled,
             stop.clone(),
         )),
         _ => None,
@@ -840,6 +841,12 @@ async fn drive(
     // permit stop.
     let released = pacer.map(|pacer| pacer.join().unwrap_or_default());
     let stopped = Instant::now();
+    // The schedule, not the pacer, says what was due by now: a pacer kept off its core
+    // at the end stops without releasing the last requests, the latest of the run.
+    let released = released.map(|released| match plan.rate {
+        Some(rate) => released.max(due_by(stopped.duration_since(start), rate, scheduled)),
+        None => released,
+    });
     if let Some(permits) = &permits {
         permits.close();
     }
@@ -938,10 +945,7 @@ fn spawn_pacer(
                 std::thread::sleep((next - now).min(PACER_SLEEP_MAX));
                 continue;
             }
-            let mut due = (now.duration_since(start).as_secs_f64() * rate) as u64 + 1;
-            if let Some(n) = requests {
-                due = due.min(n);
-            }
+            let due = due_by(now.duration_since(start), rate, requests);
             // Bounded by the semaphore's limit; a backlog this large means the server
             // stopped answering, and the phase ends on time anyway.
             let add = (due - released).min(Semaphore::MAX_PERMITS as u64 / 2) as usize;
@@ -950,6 +954,13 @@ fn spawn_pacer(
         }
         released
     })
+}
+
+/// How many requests of an open loop at `rate` are due `elapsed` after its start (request
+/// `n` at `n / rate`), at most `requests`.
+fn due_by(elapsed: Duration, rate: f64, requests: Option<u64>) -> u64 {
+    let due = (elapsed.as_secs_f64() * rate) as u64 + 1;
+    requests.map_or(due, |n| due.min(n))
 }
 
 /// A `Vm...:` line of /proc/<pid>/status, in bytes.
@@ -981,6 +992,17 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Request n is due at n / rate: at the start the first one, then one per period, never
+    /// more than the run has.
+    #[test]
+    fn the_schedule_counts_what_is_due() {
+        let ms = Duration::from_millis;
+        assert_eq!(due_by(ms(0), 1000.0, None), 1);
+        assert_eq!(due_by(ms(999), 1000.0, None), 1000);
+        assert_eq!(due_by(ms(1000), 1000.0, None), 1001);
+        assert_eq!(due_by(ms(2500), 1000.0, Some(2000)), 2000);
+    }
 
     #[test]
     fn this_process_has_used_some_cpu() {

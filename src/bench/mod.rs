@@ -38,6 +38,9 @@ pub const SEED_BATCH_ACCOUNTS: usize = 1_000;
 pub const SEED_PIPELINES_IN_FLIGHT: usize = 4;
 pub const ACCOUNTS_MAX: u32 = 1_000_000;
 pub const CONCURRENCY_MAX: usize = 4_096;
+/// The longest measured phase or warm-up (a day): a run is minutes; past this an
+/// `Instant` sum could overflow, after the seeding.
+pub const PHASE_SECS_MAX: u64 = 86_400;
 /// Deadline of one bench request: a request slower than this counts as an error.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Hot-key distribution: this share of requests goes to the hottest 1% of accounts.
@@ -165,8 +168,9 @@ pub struct BenchArgs {
     /// request's intended send time, so a stall is not hidden (no coordinated omission).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Also drive the ledger's debit script straight against Redis (FCALL) with the same
-    /// concurrency, first, and report tollgate ÷ raw.
+    /// Also drive the ledger's debit function straight against Redis (FCALL) with the same
+    /// concurrency, in slices alternating with the scenario's (--rounds), and report
+    /// tollgate ÷ raw.
     #[arg(long)]
     pub baseline: bool,
     /// With --baseline: the measured time is split into this many alternating slices of
@@ -292,6 +296,16 @@ impl BenchArgs {
         }
         if self.duration_secs == 0 && self.requests.is_none() {
             bad.push("--duration-secs must be at least 1".into());
+        }
+        if self.duration_secs > PHASE_SECS_MAX {
+            bad.push(format!(
+                "--duration-secs must be at most {PHASE_SECS_MAX} (a day)"
+            ));
+        }
+        if self.warmup_secs > PHASE_SECS_MAX {
+            bad.push(format!(
+                "--warmup-secs must be at most {PHASE_SECS_MAX} (a day)"
+            ));
         }
         if self.requests == Some(0) {
             bad.push("--requests must be at least 1".into());
@@ -633,6 +647,18 @@ mod tests {
             .expect(flag);
         }
         validated(&["debit"]).expect("no target flags");
+    }
+
+    /// A phase too long for an `Instant` sum is refused up front, not after the seeding.
+    #[test]
+    fn phases_are_bounded() {
+        for flag in ["--duration-secs", "--warmup-secs"] {
+            validated(&["check", flag, "86400"]).expect(flag);
+            for value in ["86401", &u64::MAX.to_string()] {
+                let err = validated(&["check", flag, value]).expect_err(flag);
+                assert!(err.contains(flag), "{err}");
+            }
+        }
     }
 
     #[test]

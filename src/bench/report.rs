@@ -536,6 +536,17 @@ impl Report {
             baseline,
             versus,
         }
+        .marked_untrusted()
+    }
+
+    /// `untrusted` in the JSON: why the figures are not to be trusted ([`Report::check`]),
+    /// or null.
+    fn marked_untrusted(mut self) -> Self {
+        self.json["untrusted"] = match self.check() {
+            Ok(()) => Value::Null,
+            Err(why) => json!(why),
+        };
+        self
     }
 
     pub fn render(&self) -> String {
@@ -565,6 +576,9 @@ impl Report {
                 base.render(&mut out);
             }
             versus.main.render(&mut out);
+        }
+        if let Err(why) = self.check() {
+            let _ = writeln!(out, "NOT TO BE TRUSTED, the comparisons below: {why}");
         }
         if self.open_loop {
             self.render_open_loop_comparisons(&mut out);
@@ -998,6 +1012,8 @@ mod tests {
         );
         report.check().expect("1% of errors");
         assert_eq!(report.json["ratio"], 0.99);
+        assert!(report.json["untrusted"].is_null());
+        assert!(!report.render().contains("NOT TO BE TRUSTED"));
         let report = Report::new(
             &a,
             phase("debit", 1000, 0, 500),
@@ -1006,6 +1022,14 @@ mod tests {
             None,
         );
         let err = report.check().expect_err("2% of errors");
+        assert_eq!(report.json["untrusted"], err.as_str());
+        assert!(
+            report
+                .render()
+                .contains("NOT TO BE TRUSTED, the comparisons below"),
+            "{}",
+            report.render()
+        );
         assert!(
             err.contains("baseline (raw FCALL debit): 20 of 1000 requests failed (2.0%")
                 && err.contains("timeout 20")

@@ -240,6 +240,10 @@ pub struct KeyMiss<'k> {
     stale: Option<Known>,
     /// This process's revocations before the lookup ([`KeyStore::learn`]).
     revocations: u64,
+    /// When the lookup began: an answer's age counts from here, not from its arrival, so
+    /// a slow call does not stretch how long a key another sidecar revoked still works
+    /// (at most `gateway.identity_cache_ttl_ms` after Redis read it as active).
+    asked: Instant,
 }
 
 impl KeyMiss<'_> {
@@ -525,6 +529,7 @@ impl KeyStore {
             digest,
             stale,
             revocations: self.revocations.load(Ordering::SeqCst),
+            asked: Instant::now(),
         })
     }
 
@@ -581,7 +586,7 @@ impl KeyStore {
         if (miss.stale.is_some() || self.doorkeeper.mark(&miss.digest, now)) && !revoked_since() {
             let mut fresh = Some(Cached {
                 known: known(),
-                at: now,
+                at: miss.asked,
             });
             // Under the cache shard's lock, so no other answer lands between the look and
             // the write. Retained when the key had an entry (updated in place, or kept
@@ -1019,6 +1024,38 @@ mod tests {
         let printed = format!("{key:?}");
         assert!(printed.contains("k7-0123456789abcdef"), "{printed}");
         assert!(!printed.contains(&"ab".repeat(32)), "{printed}");
+    }
+
+    /// A cached answer is as old as its lookup: an answer that took longer than the TTL
+    /// to come back is not trusted at all. It used to be timed from its arrival, so a
+    /// slow call stretched how long a key revoked meanwhile on another sidecar kept
+    /// working, by up to `gateway.check_timeout_ms`.
+    #[tokio::test]
+    async fn a_cached_answer_is_timed_from_its_lookup() {
+        let ttl = Duration::from_secs(10);
+        let redis = RedisPool::new("redis://127.0.0.1:1", 1, Duration::from_millis(100))
+            .expect("a lazy pool");
+        let keys = KeyStore::new(redis, ShardMap::new(1), ttl, 100, 10);
+        let key = format!("tg_k0-0123456789abcdef_{}", "ab".repeat(32));
+        let learn = |asked_ago: Duration| {
+            let Presented::Miss(mut miss) = keys.presented(&key) else {
+                panic!("a hit before the key was learnt");
+            };
+            miss.asked = Instant::now()
+                .checked_sub(asked_ago)
+                .expect("the clock has run longer than the TTL");
+            keys.learn(&miss, || miss.active("acct".into(), String::new()));
+        };
+        let hit = || matches!(keys.presented(&key), Presented::Known(Ok(_)));
+        // The doorkeeper lets the key in on its second miss.
+        learn(Duration::ZERO);
+        assert!(!hit());
+        // Asked a TTL ago, answered now: already expired.
+        learn(ttl + Duration::from_secs(1));
+        assert!(!hit(), "an answer older than the TTL was trusted");
+        // Asked just now: trusted.
+        learn(Duration::ZERO);
+        assert!(hit());
     }
 
     #[test]

@@ -689,8 +689,8 @@ impl Gateway {
 
     /// A check denied (a fail_closed `unavailable`, or a key the cache last knew as
     /// refused), or a hold allowed by fail_open, whose charge passed its deadline after it
-    /// may have been sent: that charge may still run, so a void undoes it if it does
-    /// (`void`). Started before the answer goes out. fail_open debits are never voided
+    /// may have been sent, or lost its connection before the answer: that charge may
+    /// still run, or may have run, so a void undoes it if it does (`void`). Started before the answer goes out. fail_open debits are never voided
     /// (they were allowed; the spool replays them under the same key).
     fn void_late_charge(&self, key: &str, cmd: &ChargeCmd, sent: &Sent) {
         let key = match sent.take() {
@@ -1121,9 +1121,10 @@ impl Sent {
     }
 
     /// The call answered, or failed without running (a refused connection, an error
-    /// answer): nothing of it is left to run. A call that passed its deadline may still.
+    /// answer): nothing of it is left to run. A call that passed its deadline may still,
+    /// and one whose connection broke may have run ([`LedgerError::may_have_run`]).
     fn answered<T>(&self, result: &Result<T, LedgerError>) {
-        if !matches!(result, Err(err) if err.is_deadline()) {
+        if !matches!(result, Err(err) if err.may_have_run()) {
             self.0.store(Self::NOTHING, Ordering::Relaxed);
         }
     }

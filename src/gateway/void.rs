@@ -4,7 +4,9 @@
 //! A check whose charge passes its deadline (`redis.call_timeout_ms`, or the whole
 //! check's `gateway.check_timeout_ms`) is denied (503 `unavailable`), but its FCALL may
 //! already be on the wire: when Redis runs it late, the caller would be charged for a
-//! request that was denied (or hold credits nobody captures). So the check hands the
+//! request that was denied (or hold credits nobody captures). So may one whose connection
+//! broke before the answer came (`LedgerError::may_have_run`: a reset, a killed client
+//! connection, a failover after Redis ran the call). So the check hands the
 //! charge, exactly as it was sent, to [`Voids::spawn`], which runs the ledger's void
 //! (lua/void.lua, [`Ledger::void`]) in a task of its own: it refunds the debit in full
 //! (a refund event of operation `void`) or releases the hold, and forgets the charge's

@@ -217,11 +217,25 @@ const UNAVAILABLE_CODES: [&str; 9] = [
     "NOREPLICAS",
 ];
 
+/// How an [`LedgerError::Unavailable`] from a broken connection begins (an I/O error, a
+/// connection dropped or timed out after it was made): a call may have been sent on it and
+/// run, and only its answer was lost.
+pub const CONNECTION_LOST: &str = "connection lost before an answer";
+
 impl LedgerError {
     /// A script call that passed its deadline (`redis.call_timeout_ms`): it may have been
     /// sent, and Redis may still run it. Not a refused connection, where nothing was sent.
     pub fn is_deadline(&self) -> bool {
         matches!(self, Self::Unavailable(why) if why.starts_with(super::redis_pool::DEADLINE_PASSED))
+    }
+
+    /// A call that may have run without its answer reaching us: one past its deadline
+    /// ([`LedgerError::is_deadline`]), or one whose connection broke ([`CONNECTION_LOST`]:
+    /// Redis may have run it before the reset, the killed connection or the failover).
+    /// Not a refused connection or an error answer: those ran nothing.
+    pub fn may_have_run(&self) -> bool {
+        self.is_deadline()
+            || matches!(self, Self::Unavailable(why) if why.starts_with(CONNECTION_LOST))
     }
 }
 
@@ -230,12 +244,14 @@ impl From<redis::RedisError> for LedgerError {
         if err.code() == Some("TG_NOT_INITIALIZED") {
             return Self::NotInitialized;
         }
-        if err
+        if err.code().is_none()
+            && !err.is_connection_refusal()
+            && (err.is_io_error() || err.is_timeout() || err.is_connection_dropped())
+        {
+            Self::Unavailable(format!("{CONNECTION_LOST}: {err}"))
+        } else if err
             .code()
             .is_some_and(|code| UNAVAILABLE_CODES.contains(&code))
-            || err.is_io_error()
-            || err.is_timeout()
-            || err.is_connection_dropped()
             || err.is_connection_refusal()
             || err.is_unrecoverable_error()
         {

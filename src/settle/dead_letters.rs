@@ -193,14 +193,24 @@ pub async fn replay(
     Ok(Replayed { event, written })
 }
 
-/// Whether two events with one id change the same wallet in the same way.
+/// Whether two events with one id are the same event: what the settler compares before
+/// calling an id reused (store.rs `reused_ids`: kind, account, wallet, amount, time, lots
+/// by id and amount), and the balances after it. A reused id's event of the same amount
+/// and balances (a retried debit of a rolled-back Redis) is another event all the same:
+/// taking it for one already written would drop the only copy of the letter.
 fn same_effect(a: &LedgerEvent, b: &LedgerEvent) -> bool {
     a.kind == b.kind
         && a.account_id == b.account_id
         && a.wallet == b.wallet
         && a.amount == b.amount
+        && a.created_at_ms == b.created_at_ms
         && a.available_after == b.available_after
         && a.held_after == b.held_after
+        && a.lots.len() == b.lots.len()
+        && a.lots
+            .iter()
+            .zip(&b.lots)
+            .all(|(x, y)| x.lot_id == y.lot_id && x.amount == y.amount)
 }
 
 /// Deletes one dead letter without replaying it (a malformed one too).

@@ -145,3 +145,137 @@ impl Drop for BlackHoleProxy {
         }
     }
 }
+
+/// A TCP proxy that loses one answer, as a connection that breaks after Redis ran a call
+/// and before its answer came back (a reset, a killed client connection, a failover).
+/// [`AnswerDropProxy::arm`] names bytes of a request; once a client has sent a request
+/// holding them, that client's connection is closed at the next bytes the server sends it,
+/// which are not forwarded. The server's side stays open and is read to its end, so the
+/// server runs what it was sent. Fires once per arming; everything is aborted on drop.
+pub struct AnswerDropProxy {
+    pub addr: SocketAddr,
+    armed: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    fired: Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl AnswerDropProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let armed = Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
+        let fired = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks = Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let accept = tokio::spawn({
+            let (armed, fired, tasks) = (armed.clone(), fired.clone(), tasks.clone());
+            async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let task = tokio::spawn(forward_until_an_answer_is_lost(
+                        client,
+                        target,
+                        armed.clone(),
+                        fired.clone(),
+                    ));
+                    tasks.lock().unwrap().push(task.abort_handle());
+                }
+            }
+        });
+        Self {
+            addr,
+            armed,
+            fired,
+            tasks,
+            accept,
+        }
+    }
+
+    /// The proxy's address as a Redis URL.
+    pub fn redis_url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// The next request holding `pattern` (within one read) loses its connection, and
+    /// the answers it was waiting for.
+    pub fn arm(&self, pattern: &[u8]) {
+        *self.armed.lock().unwrap() = Some(pattern.to_vec());
+    }
+
+    /// Client connections closed so far for an armed request.
+    pub fn fired(&self) -> usize {
+        self.fired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn forward_until_an_answer_is_lost(
+    client: TcpStream,
+    target: SocketAddr,
+    armed: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    fired: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut upstream) = TcpStream::connect(target).await else {
+        return;
+    };
+    let mut client = Some(client);
+    let mut doomed = false;
+    let mut from_client = vec![0u8; 64 * 1024];
+    let mut from_server = vec![0u8; 64 * 1024];
+    loop {
+        let (mut server_read, mut server_write) = upstream.split();
+        let Some(open) = client.as_mut() else {
+            // The client is gone: drain the server's answers until it closes.
+            match server_read.read(&mut from_server).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        };
+        let (mut client_read, mut client_write) = open.split();
+        tokio::select! {
+            read = client_read.read(&mut from_client) => {
+                let n = match read {
+                    Ok(0) | Err(_) => {
+                        client = None;
+                        continue;
+                    }
+                    Ok(n) => n,
+                };
+                if server_write.write_all(&from_client[..n]).await.is_err() {
+                    return;
+                }
+                let mut armed = armed.lock().unwrap();
+                let hit = armed.as_ref().is_some_and(|pattern| {
+                    from_client[..n].windows(pattern.len()).any(|w| w == &pattern[..])
+                });
+                if hit {
+                    *armed = None;
+                    doomed = true;
+                }
+            }
+            read = server_read.read(&mut from_server) => {
+                let n = match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if doomed {
+                    client = None;
+                    fired.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                } else if client_write.write_all(&from_server[..n]).await.is_err() {
+                    client = None;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AnswerDropProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
