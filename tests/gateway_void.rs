@@ -669,6 +669,8 @@ async fn a_voided_debit_is_given_back_to_its_budgets() {
             view.budgets.first().map(|b| b.spent)
         };
         ledger.set_budget(&budget(10, "b1")).await.expect("budget");
+        // A budget made in the debit's own millisecond gets nothing back (below).
+        tokio::time::sleep(Duration::from_millis(5)).await;
         let first = debit(acct, "req-1", 6);
         ledger.debit(&first).await.expect("debit");
         assert_eq!(spent().await, Some(6), "{acct}");
@@ -709,6 +711,41 @@ async fn a_voided_debit_is_given_back_to_its_budgets() {
         );
         let b = &ledger.balance(acct, "default").await.expect("balance")[0];
         assert_eq!(b.available, 97, "{acct}");
+
+        // A budget set again in the debit's own millisecond, after it (its stamp is that
+        // millisecond × 1000 and a little): it never counted the debit, and a void gave
+        // the debit back to it all the same, letting the member spend past its limit.
+        let late_cmd = debit(acct, "req-3", 4);
+        let late = ledger.debit(&late_cmd).await.expect("debit");
+        ledger.set_budget(&budget(0, "b4")).await.expect("removed");
+        ledger
+            .set_budget(&budget(10, "b5"))
+            .await
+            .expect("set again");
+        ledger.debit(&debit(acct, "req-4", 5)).await.expect("debit");
+        let debit_ms: i64 = late
+            .event_id
+            .split('-')
+            .nth(1)
+            .and_then(|ms| ms.parse().ok())
+            .expect("event id <shard>-<ms>-<seq>");
+        let shard = ledger.shards().of_account(acct);
+        let mut con = redis.client().get_connection().expect("redis");
+        let _: () = redis::cmd("HSET")
+            .arg(format!("{}:bg:{acct}:default", ledger.shards().tag(shard)))
+            .arg("c")
+            .arg(debit_ms * 1000 + 5)
+            .query(&mut con)
+            .expect("the stamp of a budget made in the debit's millisecond");
+        ledger
+            .void(ChargeRef::Debit(&late_cmd), None, "void-3", &meta)
+            .await
+            .expect("void");
+        assert_eq!(
+            spent().await,
+            Some(5),
+            "{acct}: nothing back to a budget made in the debit's millisecond"
+        );
     }
 }
 

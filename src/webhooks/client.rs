@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::signature::{self, HEADER_DELIVERY, HEADER_EVENT, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 
@@ -67,6 +67,10 @@ impl WebhookClient {
             .build();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // Without a timer the pool only drops an expired connection when it next
+            // hands one out: a burst's keep-alive sockets stayed open until the receiver
+            // closed them.
+            .pool_timer(TokioTimer::new())
             .build(https);
         Ok(Self {
             client,

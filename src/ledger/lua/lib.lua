@@ -768,8 +768,8 @@ end
 -- "Organizations"). A debit keeps no budget references (a hold does: `bg`), so they are
 -- found again: each budget of W and the member now, in the period (or rolling-window
 -- bucket) that held the debit's time, if the budget existed then — its creation stamp
--- (next_seq, never below the real time in microseconds when it was set) not after that
--- time; a budget set again since has a later stamp and gets nothing (budgets_give_back
+-- (next_seq, never below the real time in ms × 1000 when it was set) before that
+-- millisecond; a budget set again since has a later stamp and gets nothing (budgets_give_back
 -- gives only to a period still current). A restored budget's stamp is "r<ms it began
 -- counting>" (settle/restore.rs `BudgetDef::stamp`).
 local function budgets_undo_debit(W, member, eid, amount)
@@ -784,7 +784,11 @@ local function budgets_undo_debit(W, member, eid, amount)
       made = tonumber(string.match(B.c, '^r(%d+)$') or '')
       made = made and made * 1000
     end
-    if B.c == '' or (made and made < (ms + 1) * 1000) then
+    -- Made before the debit's millisecond: a stamp is at least its own millisecond
+    -- times 1000, so one made in the debit's millisecond (before or after it: the stamp
+    -- cannot tell) gets nothing back. Under-giving (the void's credits stay counted until
+    -- the period ends) rather than giving back to a budget that never counted the debit.
+    if B.c == '' or (made and made < ms * 1000) then
       local pid
       if B.p == 'w' then
         pid = math.floor(ms / B.g)
