@@ -877,8 +877,8 @@ impl OrgState {
 
     /// A void undid debit `event_id`: all it counted is given back as lib.lua
     /// `budgets_undo_debit` does (a part refunded before included), to each budget of the
-    /// debit's wallet and member that was counting at the debit's time, in the period (or
-    /// window bucket) holding that time.
+    /// debit's wallet and member that was counting before the debit's millisecond, in the
+    /// period (or window bucket) holding that time.
     fn undo_debit(&mut self, event_id: &str) {
         let Some(i) = self.debit_spends.remove(event_id) else {
             return;
@@ -902,7 +902,9 @@ impl OrgState {
             let (Some(b), Some(run)) = (self.budgets.get(&key), self.running.get_mut(&key)) else {
                 continue;
             };
-            if amount <= 0 || b.since_ms > at_ms || run.since_ms != b.since_ms {
+            // Made in the debit's millisecond or later: nothing, as lib.lua gives (its
+            // stamps cannot order a budget and a debit within one millisecond).
+            if amount <= 0 || b.since_ms >= at_ms || run.since_ms != b.since_ms {
                 continue;
             }
             let period = b.period_of(at_ms);
