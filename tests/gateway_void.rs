@@ -107,6 +107,33 @@ async fn with_writes_paused<F: std::future::Future>(redis: &RedisServer, f: F) -
     answer
 }
 
+/// Waits until a client of the paused Redis has a call queued behind the one it is paused
+/// on (bytes in its query buffer: `CLIENT LIST` `qbuf`).
+async fn wait_for_a_second_queued_call(redis: &RedisServer) {
+    let mut con = redis.client().get_connection().expect("redis connection");
+    let deadline = Instant::now() + VOID_DEADLINE;
+    loop {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut con)
+            .expect("CLIENT LIST");
+        let queued = clients.lines().any(|line| {
+            line.split(' ')
+                .find_map(|field| field.strip_prefix("qbuf="))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        });
+        if queued {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no call queued behind the paused one: {clients}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// (available, held) of the account's default wallet.
 async fn wallet(server: &common::TestServer, account: &str) -> (i64, i64) {
     let wallets = server
@@ -284,7 +311,16 @@ async fn a_late_debit_of_a_check_dropped_by_its_caller_is_voided() {
         }),
     });
     request.set_timeout(Duration::from_millis(200));
-    let answer = with_writes_paused(&redis, client.check(request)).await;
+    // The writes stay paused until the void's call is queued behind the charge: the
+    // server drops the check at its own reading of the deadline, which on a busy machine
+    // may come after the caller's; unpaused before it, the charge answers the check,
+    // which then stands (as it should: it decided).
+    let answer = with_writes_paused(&redis, async {
+        let answer = client.check(request).await;
+        wait_for_a_second_queued_call(&redis).await;
+        answer
+    })
+    .await;
     assert!(answer.is_err(), "the caller's deadline: {answer:?}");
 
     wait_void(&server, "void-dropped", EventKind::Refund, (100, 0)).await;

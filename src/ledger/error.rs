@@ -217,9 +217,9 @@ const UNAVAILABLE_CODES: [&str; 9] = [
     "NOREPLICAS",
 ];
 
-/// How an [`LedgerError::Unavailable`] from a broken connection begins (an I/O error, a
-/// connection dropped or timed out after it was made): a call may have been sent on it and
-/// run, and only its answer was lost.
+/// How an [`LedgerError::Unavailable`] from a broken connection begins (reset, aborted, or
+/// closed under a call): a call may have been sent on it and run, and only its answer was
+/// lost.
 pub const CONNECTION_LOST: &str = "connection lost before an answer";
 
 impl LedgerError {
@@ -244,14 +244,18 @@ impl From<redis::RedisError> for LedgerError {
         if err.code() == Some("TG_NOT_INITIALIZED") {
             return Self::NotInitialized;
         }
-        if err.code().is_none()
-            && !err.is_connection_refusal()
-            && (err.is_io_error() || err.is_timeout() || err.is_connection_dropped())
-        {
+        // A connection that broke under a call (reset, aborted, closed: redis-rs fails
+        // the calls in flight with a broken pipe). Not one that could not be made
+        // (refused, timed out, no route, no name): calls on it were never sent, and a
+        // void for each would only fill the void queue during an outage.
+        if err.code().is_none() && err.is_connection_dropped() && !err.is_connection_refusal() {
             Self::Unavailable(format!("{CONNECTION_LOST}: {err}"))
         } else if err
             .code()
             .is_some_and(|code| UNAVAILABLE_CODES.contains(&code))
+            || err.is_io_error()
+            || err.is_timeout()
+            || err.is_connection_dropped()
             || err.is_connection_refusal()
             || err.is_unrecoverable_error()
         {
@@ -259,5 +263,40 @@ impl From<redis::RedisError> for LedgerError {
         } else {
             Self::Internal(err.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a connection that broke under a call leaves it in doubt: not one that could
+    /// not be made, and not an error answer. Every one of them is Unavailable.
+    #[test]
+    fn a_call_may_have_run_only_when_its_connection_broke_under_it() {
+        use std::io::{Error, ErrorKind};
+        for (kind, in_doubt) in [
+            (ErrorKind::BrokenPipe, true),
+            (ErrorKind::ConnectionReset, true),
+            (ErrorKind::ConnectionAborted, true),
+            (ErrorKind::UnexpectedEof, true),
+            (ErrorKind::ConnectionRefused, false),
+            (ErrorKind::TimedOut, false),
+            (ErrorKind::HostUnreachable, false),
+            (ErrorKind::Other, false),
+        ] {
+            let err = LedgerError::from(redis::RedisError::from(Error::from(kind)));
+            assert!(
+                matches!(err, LedgerError::Unavailable(_)),
+                "{kind:?}: {err:?}"
+            );
+            assert_eq!(err.may_have_run(), in_doubt, "{kind:?}: {err:?}");
+        }
+        let readonly = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "READONLY",
+        ));
+        let err = LedgerError::from(readonly);
+        assert!(!err.may_have_run(), "{err:?}");
     }
 }
