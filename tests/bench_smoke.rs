@@ -245,12 +245,33 @@ fn hold_bench_writes_a_result() {
     assert_measured_for(&json, 2.0);
 }
 
+/// Run twice against the same Redis (--redis-url): each run makes an API key per account
+/// and revokes its keys at the end, so no account keeps a live key (runs used to pile
+/// them up until the seeding failed `KeyLimit`).
 #[test]
 fn forward_auth_bench_writes_a_result() {
     let redis = common::RedisServer::start();
-    let (json, _, _) = bench(&redis, "forward-auth", &[]);
-    assert_result(&json, "forward-auth");
-    assert_measured_for(&json, 2.0);
+    for _ in 0..2 {
+        let (json, stdout, _) = bench(&redis, "forward-auth", &[]);
+        assert_result(&json, "forward-auth");
+        assert_measured_for(&json, 2.0);
+        assert!(stdout.contains("revoked the run's 50 API keys"), "{stdout}");
+    }
+    let mut con = redis.client().get_connection().expect("redis");
+    let live: Vec<String> = redis::cmd("KEYS")
+        .arg("*:ks:bench-*")
+        .query(&mut con)
+        .expect("KEYS");
+    assert!(live.is_empty(), "live key indexes left: {live:?}");
+    let revoked: Vec<String> = redis::cmd("KEYS")
+        .arg("*:kr:bench-*")
+        .query(&mut con)
+        .expect("KEYS");
+    assert_eq!(
+        revoked.len(),
+        50,
+        "each account's revoked keys: {revoked:?}"
+    );
 }
 
 /// Open loop with --baseline: both sides are sent at one rate, so there is no throughput

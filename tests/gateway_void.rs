@@ -785,6 +785,57 @@ async fn a_voided_debit_is_given_back_to_its_budgets() {
     }
 }
 
+/// After a restore the shard's sequence runs ~16 minutes ahead of the clock (past the
+/// lost Redis's hold ids), and budget stamps come from it: a budget set then had a stamp
+/// "after" every debit of those minutes, and a void of such a debit gave it nothing back,
+/// so the retry the void lets through was counted twice. The budget now keeps the
+/// millisecond it was made when its stamp is ahead of the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_gives_back_to_a_budget_set_while_the_sequence_ran_ahead() {
+    use tollgate::ledger::org::{BudgetPeriod, SetBudget};
+    let redis = RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let acct = "void-ahead";
+    ledger
+        .grant(&common::purchase(acct, 100, "g"))
+        .await
+        .expect("grant");
+    // What `tollgate restore` leaves: the sequence 10^9 past the clock (in µs).
+    let shard = ledger.shards().of_account(acct);
+    let ahead = tollgate::ledger::wall_clock_ms() * 1000 + 1_000_000_000;
+    let mut con = redis.client().get_connection().expect("redis");
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}:seq", ledger.shards().tag(shard)))
+        .arg(ahead)
+        .query(&mut con)
+        .expect("SET seq");
+    ledger
+        .set_budget(&SetBudget {
+            account_id: acct.into(),
+            member_id: String::new(),
+            wallet: "default".into(),
+            limit: 10,
+            period: BudgetPeriod::Window(3_600_000),
+            utc_offset_minutes: 0,
+            idempotency_key: "b1".into(),
+        })
+        .await
+        .expect("budget");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let first = debit(acct, "req-1", 6);
+    ledger.debit(&first).await.expect("debit");
+    let spent = || async {
+        let view = ledger.view(acct, "", "default").await.expect("view");
+        view.budgets.first().map(|b| b.spent)
+    };
+    assert_eq!(spent().await, Some(6));
+    ledger
+        .void(ChargeRef::Debit(&first), None, "void-1", &void_metadata())
+        .await
+        .expect("void");
+    assert_eq!(spent().await, Some(0), "the void gave it back");
+}
+
 fn void_metadata() -> Metadata {
     [("tollgate".to_owned(), "void".to_owned())].into()
 }

@@ -44,6 +44,9 @@ const PACER_SLEEP_MAX: Duration = Duration::from_millis(1);
 pub struct Accounts {
     pub ids: Vec<String>,
     pub bearer: Vec<String>,
+    /// The ids of the keys in `bearer`, to revoke after a run against a Redis that
+    /// outlives it ([`revoke_keys`]).
+    pub key_ids: Vec<String>,
 }
 
 pub fn account_id(i: u32) -> String {
@@ -67,9 +70,10 @@ pub async fn seed(
     );
     let mut tasks = tokio::task::JoinSet::new();
     let mut bearer = vec![String::new(); if with_keys { ids.len() } else { 0 }];
+    let mut key_ids = vec![String::new(); bearer.len()];
     for (n, chunk) in ids.chunks(SEED_BATCH_ACCOUNTS).enumerate() {
         while tasks.len() >= SEED_PIPELINES_IN_FLIGHT {
-            collect_seed(&mut tasks, &mut bearer, &bar).await?;
+            collect_seed(&mut tasks, &mut bearer, &mut key_ids, &bar).await?;
         }
         let ledger = ledger.clone();
         let keys = keys.clone();
@@ -104,14 +108,14 @@ pub async fn seed(
                     .await
                     .map_err(|e| format!("seeding API keys: {e}"))?
                     .into_iter()
-                    .map(|k| format!("Bearer {}", k.api_key))
+                    .map(|k| (format!("Bearer {}", k.api_key), k.key_id))
                     .collect();
             }
             Ok::<_, String>((n * SEED_BATCH_ACCOUNTS, chunk.len(), made))
         });
     }
     while !tasks.is_empty() {
-        collect_seed(&mut tasks, &mut bearer, &bar).await?;
+        collect_seed(&mut tasks, &mut bearer, &mut key_ids, &bar).await?;
     }
     bar.finish_and_clear();
     println!(
@@ -119,14 +123,49 @@ pub async fn seed(
         if with_keys { " with API keys" } else { "" },
         started.elapsed().as_secs_f64()
     );
-    Ok(Arc::new(Accounts { ids, bearer }))
+    Ok(Arc::new(Accounts {
+        ids,
+        bearer,
+        key_ids,
+    }))
 }
 
-type SeedResult = Result<(usize, usize, Vec<String>), String>;
+/// Revokes the keys a run made (at most [`SEED_PIPELINES_IN_FLIGHT`] batches at once): a
+/// key's secret is not stored, so no later run can use them, and against a Redis that
+/// outlives the run they would pile up until the accounts reached their key cap.
+/// Returns how many were revoked; the first error ends it.
+pub async fn revoke_keys(keys: &Arc<KeyStore>, accounts: &Accounts) -> Result<usize, String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut revoked = 0;
+    for chunk in accounts.key_ids.chunks(SEED_BATCH_ACCOUNTS) {
+        while tasks.len() >= SEED_PIPELINES_IN_FLIGHT {
+            if let Some(done) = tasks.join_next().await {
+                revoked += done.map_err(|e| e.to_string())??;
+            }
+        }
+        let keys = keys.clone();
+        let chunk = chunk.to_vec();
+        tasks.spawn(async move {
+            for key_id in chunk.iter().filter(|id| !id.is_empty()) {
+                keys.revoke(key_id)
+                    .await
+                    .map_err(|e| format!("revoking the bench's API keys: {e}"))?;
+            }
+            Ok::<_, String>(chunk.len())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        revoked += done.map_err(|e| e.to_string())??;
+    }
+    Ok(revoked)
+}
+
+type SeedResult = Result<(usize, usize, Vec<(String, String)>), String>;
 
 async fn collect_seed(
     tasks: &mut tokio::task::JoinSet<SeedResult>,
     bearer: &mut [String],
+    key_ids: &mut [String],
     bar: &ProgressBar,
 ) -> Result<(), String> {
     let Some(joined) = tasks.join_next().await else {
@@ -134,8 +173,9 @@ async fn collect_seed(
     };
     let (start, len, made) = joined.map_err(|e| e.to_string())??;
     bar.inc(len as u64 * if made.is_empty() { 1 } else { 2 });
-    for (i, value) in made.into_iter().enumerate() {
+    for (i, (value, key_id)) in made.into_iter().enumerate() {
         bearer[start + i] = value;
+        key_ids[start + i] = key_id;
     }
     Ok(())
 }

@@ -476,6 +476,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         report.write_svg(path)?;
         println!("latency plot written to {}", path.display());
     }
+    for s in std::iter::once(&stack).chain(versus.as_ref()) {
+        s.revoke_keys().await;
+    }
     drop(versus);
     drop(stack);
     // After the result is written: a side with too many errors fails the run.
@@ -489,6 +492,10 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
 struct Stack {
     accounts_seeded: u32,
     ledger: Arc<Ledger>,
+    keys: Arc<KeyStore>,
+    /// A Redis of the caller's (--redis-url): it outlives the run, and so would the keys
+    /// the run made.
+    redis_outlives_run: bool,
     accounts: Arc<load::Accounts>,
     target: load::Target,
     probe: load::Probe,
@@ -598,6 +605,8 @@ impl Stack {
         Ok(Self {
             accounts_seeded,
             ledger,
+            keys,
+            redis_outlives_run: args.redis_url.is_some(),
             accounts,
             target,
             probe,
@@ -606,6 +615,20 @@ impl Stack {
             _settle_db: settle_db,
             _redis: redis_child,
         })
+    }
+}
+
+impl Stack {
+    /// Revokes the run's API keys in a Redis that outlives the run (a private one goes
+    /// with them). A failure is reported, not fatal: the figures are written already.
+    async fn revoke_keys(&self) {
+        if !self.redis_outlives_run || self.accounts.key_ids.is_empty() {
+            return;
+        }
+        match load::revoke_keys(&self.keys, &self.accounts).await {
+            Ok(n) => println!("revoked the run's {n} API keys"),
+            Err(e) => eprintln!("warning: {e} (they stay, revoked by nobody)"),
+        }
     }
 }
 

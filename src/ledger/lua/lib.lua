@@ -632,13 +632,17 @@ end
 
 -- The budget's state now, or nil when there is none.
 local function budget_state(key, name)
-  local v = redis.call('HMGET', key, 'l', 'p', 'ws', 'z', 's', 'ps', 'c')
+  local v = redis.call('HMGET', key, 'l', 'p', 'ws', 'z', 's', 'ps', 'c', 'cm')
   if not v[1] then
     return nil
   end
   -- c: the budget's creation stamp (lua/org.lua), so a hold gives back only to the budget
   -- it was counted in, not to one removed and set again since.
-  local B = { key = key, name = name, limit = tonumber(v[1]), p = v[2], c = v[7] or '', z = tonumber(v[4]) or 0 }
+  -- cm: the ms it was made, kept only when its stamp ran ahead of the clock (org.lua).
+  local B = {
+    key = key, name = name, limit = tonumber(v[1]), p = v[2], c = v[7] or '',
+    cm = tonumber(v[8]), z = tonumber(v[4]) or 0,
+  }
   if B.p == 'w' then
     local g = math.max(1, math.ceil((tonumber(v[3]) or 1) / BUDGET_BUCKETS))
     B.g = g
@@ -771,7 +775,8 @@ end
 -- (next_seq, never below the real time in ms × 1000 when it was set) before that
 -- millisecond; a budget set again since has a later stamp and gets nothing (budgets_give_back
 -- gives only to a period still current). A restored budget's stamp is "r<ms it began
--- counting>" (settle/restore.rs `BudgetDef::stamp`).
+-- counting>" (settle/restore.rs `BudgetDef::stamp`); one made while the sequence ran
+-- ahead of the clock (after a restore) is dated by its `cm`.
 local function budgets_undo_debit(W, member, eid, amount)
   local ms = tonumber(string.match(eid, '^%d+%-(%d+)%-%d+$') or '')
   if not ms then
@@ -779,7 +784,7 @@ local function budgets_undo_debit(W, member, eid, amount)
   end
   local refs = {}
   for _, B in ipairs(budgets_for(W, member)) do
-    local made = tonumber(B.c)
+    local made = B.cm and B.cm * 1000 or tonumber(B.c)
     if not made then
       made = tonumber(string.match(B.c, '^r(%d+)$') or '')
       made = made and made * 1000

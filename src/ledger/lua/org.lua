@@ -292,7 +292,15 @@ elseif op == 'budget' then
     redis.call('HSET', bkey, 'l', amount, 'p', ARGV[17], 'ws', ARGV[18], 'z', ARGV[19])
     if fresh then
       -- A new budget: holds counted in an earlier one give nothing back to it.
-      redis.call('HSET', bkey, 'c', itos(next_seq()))
+      local stamp = next_seq()
+      redis.call('HSET', bkey, 'c', itos(stamp))
+      -- After a restore the sequence runs up to ~16 minutes ahead of the clock (past the
+      -- lost Redis's hold ids): such a stamp says nothing of when the budget was made,
+      -- and a void would take every debit for older than the budget. Its ms is kept.
+      local made_ms = real_now()
+      if stamp >= (made_ms + 1) * 1000 then
+        redis.call('HSET', bkey, 'cm', itos(made_ms))
+      end
     end
     if member == '' then
       redis.call('HSET', W.w, 'bg', 1)
