@@ -3541,6 +3541,26 @@ async fn granted_and_debited(
     (ledger, debit, events)
 }
 
+/// The store holds `lost` (what a lost Redis incarnation settled under an id the outbox
+/// now reuses); then a settler drains the outbox.
+async fn settle_after_a_lost_incarnation(
+    ledger: &Arc<Ledger>,
+    store: &Arc<Store>,
+    lost: &LedgerEvent,
+) {
+    assert_eq!(
+        store
+            .append(std::slice::from_ref(lost))
+            .await
+            .expect("lost"),
+        1
+    );
+    settler(ledger, store, "tollgate-settler", "a")
+        .drain(DEADLINE)
+        .await
+        .expect("drain");
+}
+
 /// Another event under `debit`'s id: a debit of 30 (from 100) with another key.
 fn another_debit_under_the_id_of(debit: &LedgerEvent) -> LedgerEvent {
     let mut other = debit.clone();
@@ -3567,18 +3587,7 @@ async fn an_event_reusing_a_settled_events_id_is_set_aside_not_dropped() {
         let kind = store.kind();
         // What the lost incarnation settled under the debit's id: a debit of 30.
         let lost = another_debit_under_the_id_of(&events[1]);
-        assert_eq!(
-            store
-                .append(std::slice::from_ref(&lost))
-                .await
-                .expect("lost"),
-            1
-        );
-
-        settler(&ledger, &store, "tollgate-settler", "a")
-            .drain(DEADLINE)
-            .await
-            .expect("drain");
+        settle_after_a_lost_incarnation(&ledger, &store, &lost).await;
 
         assert_eq!(
             store.event(&events[0].event_id).await.expect("event"),
@@ -3645,17 +3654,7 @@ async fn a_replay_leaves_a_reused_ids_letter_of_the_same_amount() {
     let mut lost = events[1].clone();
     lost.created_at_ms -= 60_000;
     lost.idempotency_key = "lost".into();
-    assert_eq!(
-        store
-            .append(std::slice::from_ref(&lost))
-            .await
-            .expect("lost"),
-        1
-    );
-    settler(&ledger, &store, "tollgate-settler", "a")
-        .drain(DEADLINE)
-        .await
-        .expect("drain");
+    settle_after_a_lost_incarnation(&ledger, &store, &lost).await;
     let letters = tollgate::settle::dead_letters::list(&ledger)
         .await
         .expect("dead letters");

@@ -113,6 +113,15 @@ impl LotPiece {
     pub const PRIORITY_UNIT: i64 = 1 << 42;
     pub const NEVER: i64 = (1 << 42) - 1;
 
+    /// Whether two events drew the same credits: the same lots, by id and amount, in
+    /// order (the burn score is not in every event, so it is left out).
+    pub fn same_draws(a: &[Self], b: &[Self]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.lot_id == y.lot_id && x.amount == y.amount)
+    }
+
     pub fn parse_list(text: &str) -> Option<Vec<Self>> {
         if text.is_empty() {
             return Some(Vec::new());

@@ -15,7 +15,7 @@ use redis::Value;
 
 use super::restore::dead_letters_key;
 use super::store::{Store, StoreError};
-use crate::ledger::event::LedgerEvent;
+use crate::ledger::event::{LedgerEvent, LotPiece};
 use crate::ledger::{Ledger, LedgerError};
 use crate::webhooks::rules::Rules;
 
@@ -206,11 +206,7 @@ fn same_effect(a: &LedgerEvent, b: &LedgerEvent) -> bool {
         && a.created_at_ms == b.created_at_ms
         && a.available_after == b.available_after
         && a.held_after == b.held_after
-        && a.lots.len() == b.lots.len()
-        && a.lots
-            .iter()
-            .zip(&b.lots)
-            .all(|(x, y)| x.lot_id == y.lot_id && x.amount == y.amount)
+        && LotPiece::same_draws(&a.lots, &b.lots)
 }
 
 /// Deletes one dead letter without replaying it (a malformed one too).

@@ -770,13 +770,8 @@ macro_rules! store_impl {
                         else {
                             continue;
                         };
-                        // Lots by id and amount: the burn score is not in every event.
-                        let same_lots = LotPiece::parse_list(lots).is_some_and(|stored| {
-                            stored.len() == e.lots.len()
-                                && stored.iter().zip(&e.lots).all(|(a, b)| {
-                                    a.lot_id == b.lot_id && a.amount == b.amount
-                                })
-                        });
+                        let same_lots = LotPiece::parse_list(lots)
+                            .is_some_and(|stored| LotPiece::same_draws(&stored, &e.lots));
                         let same = kind.as_str() == e.kind.as_str()
                             && **account == e.account_id
                             && **wallet == e.wallet

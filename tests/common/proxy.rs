@@ -72,52 +72,42 @@ pub struct BlackHoleProxy {
     /// accepted under.
     generation: watch::Sender<u64>,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
-    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: tokio::task::JoinHandle<()>,
+    _connections: Acceptor,
 }
 
 impl BlackHoleProxy {
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("addr");
         let (generation, generation_rx) = watch::channel(0u64);
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let tasks = Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
-        let accept = tokio::spawn({
+        let connections = Acceptor::start({
             let accepted = accepted.clone();
-            let tasks = tasks.clone();
-            async move {
-                loop {
-                    let Ok((mut client, _)) = listener.accept().await else {
+            move |client: TcpStream| {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut rx = generation_rx.clone();
+                let mine = *rx.borrow_and_update();
+                async move {
+                    let mut client = client;
+                    let Ok(mut upstream) = TcpStream::connect(target).await else {
                         return;
                     };
-                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let mut rx = generation_rx.clone();
-                    let mine = *rx.borrow_and_update();
-                    let task = tokio::spawn(async move {
-                        let Ok(mut upstream) = TcpStream::connect(target).await else {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                             return;
-                        };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                                return;
-                            }
-                            _ = rx.wait_for(|g| *g != mine) => {}
                         }
-                        // Black-holed: hold both sockets open, read nothing, until aborted.
-                        std::future::pending::<()>().await;
-                        drop((client, upstream));
-                    });
-                    tasks.lock().unwrap().push(task.abort_handle());
+                        _ = rx.wait_for(|g| *g != mine) => {}
+                    }
+                    // Black-holed: hold both sockets open, read nothing, until aborted.
+                    std::future::pending::<()>().await;
+                    drop((client, upstream));
                 }
             }
-        });
+        })
+        .await;
         Self {
-            addr,
+            addr: connections.addr,
             generation,
             accepted,
-            tasks,
-            accept,
+            _connections: connections,
         }
     }
 
@@ -137,15 +127,6 @@ impl BlackHoleProxy {
     }
 }
 
-impl Drop for BlackHoleProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for task in self.tasks.lock().unwrap().drain(..) {
-            task.abort();
-        }
-    }
-}
-
 /// A TCP proxy that loses one answer, as a connection that breaks after Redis ran a call
 /// and before its answer came back (a reset, a killed client connection, a failover).
 /// [`AnswerDropProxy::arm`] names bytes of a request; once a client has sent a request
@@ -156,40 +137,25 @@ pub struct AnswerDropProxy {
     pub addr: SocketAddr,
     armed: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     fired: Arc<std::sync::atomic::AtomicUsize>,
-    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: tokio::task::JoinHandle<()>,
+    _connections: Acceptor,
 }
 
 impl AnswerDropProxy {
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("addr");
         let armed = Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
         let fired = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let tasks = Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
-        let accept = tokio::spawn({
-            let (armed, fired, tasks) = (armed.clone(), fired.clone(), tasks.clone());
-            async move {
-                loop {
-                    let Ok((client, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let task = tokio::spawn(forward_until_an_answer_is_lost(
-                        client,
-                        target,
-                        armed.clone(),
-                        fired.clone(),
-                    ));
-                    tasks.lock().unwrap().push(task.abort_handle());
-                }
+        let connections = Acceptor::start({
+            let (armed, fired) = (armed.clone(), fired.clone());
+            move |client| {
+                forward_until_an_answer_is_lost(client, target, armed.clone(), fired.clone())
             }
-        });
+        })
+        .await;
         Self {
-            addr,
+            addr: connections.addr,
             armed,
             fired,
-            tasks,
-            accept,
+            _connections: connections,
         }
     }
 
@@ -271,7 +237,41 @@ async fn forward_until_an_answer_is_lost(
     }
 }
 
-impl Drop for AnswerDropProxy {
+/// A listener on a free loopback port that hands each connection to a task of its own;
+/// the accepting task and every connection's are aborted on drop.
+struct Acceptor {
+    addr: SocketAddr,
+    accept: tokio::task::JoinHandle<()>,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Acceptor {
+    async fn start<F, Fut>(mut serve: F) -> Self
+    where
+        F: FnMut(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let tasks = Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let accept = tokio::spawn({
+            let tasks = tasks.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let task = tokio::spawn(serve(client));
+                    tasks.lock().unwrap().push(task.abort_handle());
+                }
+            }
+        });
+        Self {
+            addr,
+            accept,
+            tasks,
+        }
+    }
+}
+
+impl Drop for Acceptor {
     fn drop(&mut self) {
         self.accept.abort();
         for task in self.tasks.lock().unwrap().drain(..) {
