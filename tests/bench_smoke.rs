@@ -274,6 +274,35 @@ fn forward_auth_bench_writes_a_result() {
     );
 }
 
+/// A run that fails after seeding (here: its plot cannot be written) still revokes the
+/// keys it made in a Redis of the caller's.
+#[test]
+fn a_bench_failing_after_seeding_revokes_its_keys() {
+    let redis = common::RedisServer::start();
+    let nowhere = common::temp_path("no-such-dir").join("latency.svg");
+    let output = common::output_within(
+        common::tollgate()
+            .args(["bench", "forward-auth", "--redis-url", &redis.url()])
+            .args(["--duration-secs", "1", "--warmup-secs", "0"])
+            .args(["--concurrency", "2", "--accounts", "20"])
+            .args(GENEROUS_DEADLINES)
+            .arg("--plot")
+            .arg(&nowhere),
+        common::COMMAND_TIMEOUT,
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    assert!(stdout.contains("revoked the run's 20 API keys"), "{stdout}");
+    let mut con = redis.client().get_connection().expect("redis");
+    let live: Vec<String> = redis::cmd("KEYS")
+        .arg("*:ks:bench-*")
+        .query(&mut con)
+        .expect("KEYS");
+    assert!(live.is_empty(), "live key indexes left: {live:?}");
+}
+
 /// Open loop with --baseline: both sides are sent at one rate, so there is no throughput
 /// ratio (null); their latencies are compared instead.
 #[test]

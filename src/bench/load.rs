@@ -71,51 +71,76 @@ pub async fn seed(
     let mut tasks = tokio::task::JoinSet::new();
     let mut bearer = vec![String::new(); if with_keys { ids.len() } else { 0 }];
     let mut key_ids = vec![String::new(); bearer.len()];
-    for (n, chunk) in ids.chunks(SEED_BATCH_ACCOUNTS).enumerate() {
-        while tasks.len() >= SEED_PIPELINES_IN_FLIGHT {
+    let seeded: Result<(), String> = async {
+        for (n, chunk) in ids.chunks(SEED_BATCH_ACCOUNTS).enumerate() {
+            while tasks.len() >= SEED_PIPELINES_IN_FLIGHT {
+                collect_seed(&mut tasks, &mut bearer, &mut key_ids, &bar).await?;
+            }
+            let ledger = ledger.clone();
+            let keys = keys.clone();
+            let chunk: Vec<String> = chunk.to_vec();
+            tasks.spawn(async move {
+                let grants: Vec<Grant> = chunk
+                    .iter()
+                    .map(|id| Grant {
+                        account_id: id.clone(),
+                        wallet: "default".into(),
+                        amount: SEED_CREDITS,
+                        kind: LotKind::Purchase,
+                        priority: crate::ledger::command::PRIORITY_DEFAULT,
+                        expires_at_ms: 0,
+                        description: String::new(),
+                        idempotency_key: "bench-seed".into(),
+                        metadata: Metadata::new(),
+                    })
+                    .collect();
+                for result in ledger
+                    .grant_batch(&grants)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    result.map_err(|e| format!("seeding a grant: {e}"))?;
+                }
+                let mut made = Vec::new();
+                if with_keys {
+                    let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                    made = keys
+                        .create_batch(&refs, "bench")
+                        .await
+                        .map_err(|e| format!("seeding API keys: {e}"))?
+                        .into_iter()
+                        .map(|k| (format!("Bearer {}", k.api_key), k.key_id))
+                        .collect();
+                }
+                Ok::<_, String>((n * SEED_BATCH_ACCOUNTS, chunk.len(), made))
+            });
+        }
+        while !tasks.is_empty() {
             collect_seed(&mut tasks, &mut bearer, &mut key_ids, &bar).await?;
         }
-        let ledger = ledger.clone();
-        let keys = keys.clone();
-        let chunk: Vec<String> = chunk.to_vec();
-        tasks.spawn(async move {
-            let grants: Vec<Grant> = chunk
-                .iter()
-                .map(|id| Grant {
-                    account_id: id.clone(),
-                    wallet: "default".into(),
-                    amount: SEED_CREDITS,
-                    kind: LotKind::Purchase,
-                    priority: crate::ledger::command::PRIORITY_DEFAULT,
-                    expires_at_ms: 0,
-                    description: String::new(),
-                    idempotency_key: "bench-seed".into(),
-                    metadata: Metadata::new(),
-                })
-                .collect();
-            for result in ledger
-                .grant_batch(&grants)
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                result.map_err(|e| format!("seeding a grant: {e}"))?;
-            }
-            let mut made = Vec::new();
-            if with_keys {
-                let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-                made = keys
-                    .create_batch(&refs, "bench")
-                    .await
-                    .map_err(|e| format!("seeding API keys: {e}"))?
-                    .into_iter()
-                    .map(|k| (format!("Bearer {}", k.api_key), k.key_id))
-                    .collect();
-            }
-            Ok::<_, String>((n * SEED_BATCH_ACCOUNTS, chunk.len(), made))
-        });
+        Ok(())
     }
-    while !tasks.is_empty() {
-        collect_seed(&mut tasks, &mut bearer, &mut key_ids, &bar).await?;
+    .await;
+    if let Err(e) = seeded {
+        bar.abandon();
+        // The keys made before the failure would outlive a run against a Redis of the
+        // caller's: the batches still in flight finish, and every key made is revoked.
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(Ok((start, _, made))) = joined {
+                for (i, (_, key_id)) in made.into_iter().enumerate() {
+                    key_ids[start + i] = key_id;
+                }
+            }
+        }
+        let made = Accounts {
+            ids: Vec::new(),
+            bearer: Vec::new(),
+            key_ids,
+        };
+        if let Err(revoking) = revoke_keys(keys, &made).await {
+            eprintln!("warning: {revoking} (the keys seeded before the failure stay)");
+        }
+        return Err(e);
     }
     bar.finish_and_clear();
     println!(

@@ -412,11 +412,36 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     }
     let stack = Stack::start(&args, args.accounts).await?;
     let versus = match args.versus_accounts {
-        Some(n) => Some(Stack::start(&args, n).await?),
+        Some(n) => match Stack::start(&args, n).await {
+            Ok(other) => Some(other),
+            Err(e) => {
+                stack.revoke_keys().await;
+                return Err(e);
+            }
+        },
         None => None,
     };
-    let plan = load::Plan::from_args(&args);
-    let stacks: Vec<&Stack> = std::iter::once(&stack).chain(versus.as_ref()).collect();
+    // The keys are revoked whether the run measured or failed on the way.
+    let measured = measure(&args, &stack, versus.as_ref()).await;
+    for s in std::iter::once(&stack).chain(versus.as_ref()) {
+        s.revoke_keys().await;
+    }
+    drop(versus);
+    drop(stack);
+    let report = measured?;
+    // After the result is written: a side with too many errors fails the run.
+    report.check()?;
+    Ok(report)
+}
+
+/// Measures the sides of a run's stacks and writes the report (printout, JSON, plot).
+async fn measure(
+    args: &BenchArgs,
+    stack: &Stack,
+    versus: Option<&Stack>,
+) -> Result<Report, String> {
+    let plan = load::Plan::from_args(args);
+    let stacks: Vec<&Stack> = std::iter::once(stack).chain(versus).collect();
     let mut sides = Vec::new();
     for s in &stacks {
         let of = if versus.is_some() {
@@ -427,7 +452,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         if args.baseline {
             sides.push(load::Side {
                 label: format!("baseline (raw FCALL debit){of}"),
-                clients: load::raw_clients(&s.ledger, &args),
+                clients: load::raw_clients(&s.ledger, args),
                 accounts: s.accounts.clone(),
                 ledger: &s.ledger,
                 probe: load::Probe::default(),
@@ -435,7 +460,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         }
         sides.push(load::Side {
             label: format!("{}{of}", args.scenario.name()),
-            clients: load::scenario_clients(args.scenario, &s.target, &args).await?,
+            clients: load::scenario_clients(args.scenario, &s.target, args).await?,
             accounts: s.accounts.clone(),
             ledger: &s.ledger,
             probe: s.probe.clone(),
@@ -453,7 +478,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         Ok((phases.next().ok_or("a phase is missing")?, base))
     };
     let (main, baseline) = next_pair()?;
-    let versus_report = match &versus {
+    let versus_report = match versus {
         Some(other) => {
             let (main, baseline) = next_pair()?;
             Some(report::Versus {
@@ -466,7 +491,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         None => None,
     };
 
-    let report = Report::new(&args, main, baseline, versus_report, stack.server_pid);
+    let report = Report::new(args, main, baseline, versus_report, stack.server_pid);
     print!("{}", report.render());
     if let Some(path) = &args.json {
         report.write_json(path)?;
@@ -476,13 +501,6 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         report.write_svg(path)?;
         println!("latency plot written to {}", path.display());
     }
-    for s in std::iter::once(&stack).chain(versus.as_ref()) {
-        s.revoke_keys().await;
-    }
-    drop(versus);
-    drop(stack);
-    // After the result is written: a side with too many errors fails the run.
-    report.check()?;
     Ok(report)
 }
 
