@@ -239,6 +239,13 @@ impl LedgerError {
     }
 }
 
+/// A connection that broke with a call on it (reset, aborted, closed: redis-rs fails the
+/// calls in flight with a broken pipe or an early EOF), not an error answer or a
+/// connection that could not be made (refused, timed out, no route, no name).
+pub(crate) fn broke_under_a_call(err: &redis::RedisError) -> bool {
+    err.code().is_none() && err.is_connection_dropped() && !err.is_connection_refusal()
+}
+
 impl From<redis::RedisError> for LedgerError {
     fn from(err: redis::RedisError) -> Self {
         if err.code() == Some("TG_NOT_INITIALIZED") {
@@ -248,7 +255,7 @@ impl From<redis::RedisError> for LedgerError {
         // the calls in flight with a broken pipe). Not one that could not be made
         // (refused, timed out, no route, no name): calls on it were never sent, and a
         // void for each would only fill the void queue during an outage.
-        if err.code().is_none() && err.is_connection_dropped() && !err.is_connection_refusal() {
+        if broke_under_a_call(&err) {
             Self::Unavailable(format!("{CONNECTION_LOST}: {err}"))
         } else if err
             .code()

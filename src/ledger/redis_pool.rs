@@ -32,6 +32,7 @@ use redis::{
 };
 use tokio::time::error::Elapsed;
 
+use super::error::broke_under_a_call;
 use super::library::Library;
 use super::LedgerError;
 use crate::telemetry::metrics as m;
@@ -197,7 +198,38 @@ struct Slot {
     probed_ms: AtomicU64,
     /// A probe is running.
     probing: AtomicBool,
+    /// Whether the connection worked when last heard of: its last call got an answer (an
+    /// error answer too), not a broken connection. Starts true.
+    live: AtomicBool,
 }
+
+/// The slot a call was sent on, and whether its connection worked then ([`Slot::live`]).
+#[derive(Debug, Clone, Copy)]
+struct Taken {
+    slot: usize,
+    live: bool,
+}
+
+impl Taken {
+    /// The call's error as a [`LedgerError`]. A connection that broke under a call may
+    /// have run it ([`CONNECTION_LOST`](super::error::CONNECTION_LOST)), but only if it was working when the call was
+    /// sent: on one already broken (its last call broke it), the call waited for a
+    /// reconnect, and a reconnect that fails fails the same way (a broken pipe or an
+    /// early EOF at the handshake, as from a proxy that accepts and closes while Redis is
+    /// down), having sent nothing. Calling those in doubt made every check of an outage
+    /// start a void and filled the void queue.
+    fn error(self, err: redis::RedisError) -> LedgerError {
+        if !self.live && broke_under_a_call(&err) {
+            LedgerError::Unavailable(format!("{RECONNECT_FAILED}: {err}"))
+        } else {
+            LedgerError::from(err)
+        }
+    }
+}
+
+/// How an [`LedgerError::Unavailable`] of a call sent on a connection known to be broken
+/// begins (see [`Taken::error`]).
+pub const RECONNECT_FAILED: &str = "no working connection to Redis";
 
 /// The pool's connections and what a replacement is made from.
 struct Connections {
@@ -280,6 +312,7 @@ impl Connections {
                     self.answered(i);
                 } else if fresh_ok {
                     slot.con.store(Arc::new(fresh));
+                    slot.live.store(true, Ordering::Relaxed);
                     slot.timeouts.store(0, Ordering::Relaxed);
                     slot.silent_since_ms.store(0, Ordering::Relaxed);
                     self.replaced.increment(1);
@@ -405,6 +438,7 @@ impl RedisPool {
                     silent_since_ms: AtomicU64::new(0),
                     probed_ms: AtomicU64::new(0),
                     probing: AtomicBool::new(false),
+                    live: AtomicBool::new(true),
                 })
             })
             .collect::<Result<Vec<_>, redis::RedisError>>()?;
@@ -450,17 +484,33 @@ impl RedisPool {
     }
 
     /// The next connection round-robin, and its slot (for [`RedisPool::watch`]).
-    fn connection(&self) -> (usize, ConnectionManager) {
+    fn connection(&self) -> (Taken, ConnectionManager) {
         let slots = &self.connections.slots;
         let i = self.next.fetch_add(1, Ordering::Relaxed) % slots.len();
-        (i, (**slots[i].con.load()).clone())
+        (self.taken(i), (**slots[i].con.load()).clone())
     }
 
-    /// Tells the watchdog how a call bounded by a deadline on slot `i` ended.
-    fn watch<T>(&self, i: usize, result: &Result<T, Elapsed>) {
+    fn taken(&self, i: usize) -> Taken {
+        Taken {
+            slot: i,
+            live: self.connections.slots[i].live.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Tells the watchdog how a call bounded by a deadline ended, and the slot whether
+    /// its connection works ([`Slot::live`]).
+    fn watch<T>(&self, taken: Taken, result: &Result<redis::RedisResult<T>, Elapsed>) {
         match result {
-            Ok(_) => self.connections.answered(i),
-            Err(_) => self.connections.timed_out(i),
+            Ok(answer) => {
+                self.connections.answered(taken.slot);
+                let live = !matches!(answer, Err(err) if broke_under_a_call(err));
+                let slot = &self.connections.slots[taken.slot];
+                // Read first: the hot path only reads the shared line.
+                if slot.live.load(Ordering::Relaxed) != live {
+                    slot.live.store(live, Ordering::Relaxed);
+                }
+            }
+            Err(_) => self.connections.timed_out(taken.slot),
         }
     }
 
@@ -473,7 +523,7 @@ impl RedisPool {
         let result = tokio::time::timeout(self.call_timeout, inv.invoke_async(&mut con)).await;
         self.watch(slot, &result);
         match result {
-            Ok(result) => result.map_err(LedgerError::from),
+            Ok(result) => result.map_err(|e| slot.error(e)),
             Err(_) => Err(LedgerError::Unavailable(format!(
                 "{DEADLINE_PASSED} {} ms",
                 self.call_timeout.as_millis()
@@ -521,7 +571,7 @@ impl RedisPool {
         let started = Instant::now();
         let result = tokio::time::timeout(self.call_timeout, run).await;
         self.watch(slot, &result);
-        finish(call, self.call_timeout, started, result)
+        finish(call, slot, self.call_timeout, started, result)
     }
 
     /// A ledger write followed by `WAIT n timeout`, pipelined on the same connection (one
@@ -567,7 +617,7 @@ impl RedisPool {
         let deadline = self.call_timeout + wait.timeout;
         let result = tokio::time::timeout(deadline, run).await;
         self.watch(slot, &result);
-        finish(call, deadline, started, result)
+        finish(call, slot, deadline, started, result)
     }
 
     /// Runs a mutation script, which answers `{replayed, "CODE|field|..."}`.
@@ -595,7 +645,7 @@ impl RedisPool {
             tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<bool>>(&mut con)).await;
         self.watch(slot, &result);
         match result {
-            Ok(result) => result.map_err(LedgerError::from),
+            Ok(result) => result.map_err(|e| slot.error(e)),
             Err(_) => Err(LedgerError::Unavailable("SCRIPT EXISTS timed out".into())),
         }
     }
@@ -610,7 +660,7 @@ impl RedisPool {
             tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<Value>>(&mut con)).await;
         self.watch(slot, &result);
         match result {
-            Ok(result) => Ok(!result.map_err(LedgerError::from)?.is_empty()),
+            Ok(result) => Ok(!result.map_err(|e| slot.error(e))?.is_empty()),
             Err(_) => Err(LedgerError::Unavailable("FUNCTION LIST timed out".into())),
         }
     }
@@ -628,7 +678,7 @@ impl RedisPool {
             tokio::time::timeout(self.call_timeout, cmd.query_async::<Vec<Value>>(&mut con)).await;
         self.watch(slot, &result);
         let list = match result {
-            Ok(result) => result.map_err(LedgerError::from)?,
+            Ok(result) => result.map_err(|e| slot.error(e))?,
             Err(_) => return Err(LedgerError::Unavailable("FUNCTION LIST timed out".into())),
         };
         let text = |v: &Value| match v {
@@ -672,7 +722,7 @@ impl RedisPool {
             {
                 Ok(false)
             }
-            Ok(Err(err)) => Err(err.into()),
+            Ok(Err(err)) => Err(slot.error(err)),
             Err(_) => Err(LedgerError::Unavailable("FUNCTION DELETE timed out".into())),
         }
     }
@@ -690,9 +740,10 @@ impl RedisPool {
         for (i, slot) in self.connections.slots.iter().enumerate() {
             let mut con = (**slot.con.load()).clone();
             for script in scripts {
+                let taken = self.taken(i);
                 let result =
                     tokio::time::timeout(self.call_timeout * 10, script.load_async(&mut con)).await;
-                self.watch(i, &result);
+                self.watch(taken, &result);
                 result.map_err(|_| LedgerError::Unavailable("SCRIPT LOAD timed out".into()))??;
             }
         }
@@ -707,7 +758,7 @@ impl RedisPool {
         let result = tokio::time::timeout(self.call_timeout, ping).await;
         self.watch(slot, &result);
         match result {
-            Ok(result) => result.map(|_| ()).map_err(LedgerError::from),
+            Ok(result) => result.map(|_| ()).map_err(|e| slot.error(e)),
             Err(_) => Err(LedgerError::Unavailable("PING timed out".into())),
         }
     }
@@ -718,7 +769,7 @@ impl RedisPool {
         let result = tokio::time::timeout(self.call_timeout, cmd.query_async::<T>(&mut con)).await;
         self.watch(slot, &result);
         match result {
-            Ok(result) => result.map_err(LedgerError::from),
+            Ok(result) => result.map_err(|e| slot.error(e)),
             Err(_) => Err(LedgerError::Unavailable(format!(
                 "no answer within {} ms",
                 self.call_timeout.as_millis()
@@ -735,7 +786,7 @@ impl RedisPool {
         let result = tokio::time::timeout(self.call_timeout, pipe.query_async::<T>(&mut con)).await;
         self.watch(slot, &result);
         match result {
-            Ok(result) => result.map_err(LedgerError::from),
+            Ok(result) => result.map_err(|e| slot.error(e)),
             Err(_) => Err(LedgerError::Unavailable(format!(
                 "no answer within {} ms",
                 self.call_timeout.as_millis()
@@ -750,7 +801,7 @@ impl RedisPool {
             tokio::time::timeout(self.call_timeout * 10, cmd.query_async::<T>(&mut con)).await;
         self.watch(slot, &result);
         match result {
-            Ok(result) => result.map_err(LedgerError::from),
+            Ok(result) => result.map_err(|e| slot.error(e)),
             Err(_) => Err(LedgerError::Unavailable("command timed out".into())),
         }
     }
@@ -767,7 +818,7 @@ impl RedisPool {
             tokio::time::timeout(self.call_timeout * 10, pipe.query_async::<T>(&mut con)).await;
         self.watch(slot, &result);
         match result {
-            Ok(result) => result.map_err(LedgerError::from),
+            Ok(result) => result.map_err(|e| slot.error(e)),
             Err(_) => Err(LedgerError::Unavailable("pipeline timed out".into())),
         }
     }
@@ -789,6 +840,7 @@ pub enum ErrorKind {
 /// Records a script call's metrics and maps its outcome.
 fn finish<T>(
     call: &ScriptCall<'_>,
+    slot: Taken,
     deadline: Duration,
     started: Instant,
     result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
@@ -802,7 +854,7 @@ fn finish<T>(
             if let Some(metrics) = call.metrics {
                 metrics.error(error_kind(&err));
             }
-            Err(LedgerError::from(err))
+            Err(slot.error(err))
         }
         Err(_) => {
             if let Some(metrics) = call.metrics {
@@ -1148,5 +1200,37 @@ mod tests {
             wait.backoff_until_ms.store(1, Ordering::Relaxed);
             assert!(!wait.backing_off());
         }
+    }
+
+    /// A Redis behind a proxy that accepts and closes (Redis down behind an Envoy or
+    /// HAProxy): the call that finds the connection broken may have run on it, but the
+    /// calls after it wait for reconnects that fail the same way, having sent nothing.
+    #[tokio::test]
+    async fn calls_on_a_connection_known_broken_are_not_in_doubt() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let closer = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let pool =
+            RedisPool::new(&format!("redis://{addr}"), 1, Duration::from_secs(5)).expect("pool");
+        let mut in_doubt = Vec::new();
+        for _ in 0..4 {
+            let err = pool
+                .call_cmd::<String>(&redis::cmd("PING"))
+                .await
+                .expect_err("nothing answers");
+            assert!(matches!(err, LedgerError::Unavailable(_)), "{err:?}");
+            in_doubt.push(err.may_have_run());
+            if !err.may_have_run() {
+                assert!(err.to_string().contains(RECONNECT_FAILED), "{err}");
+            }
+        }
+        assert_eq!(in_doubt, [true, false, false, false]);
+        closer.abort();
     }
 }
