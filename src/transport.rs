@@ -96,22 +96,29 @@ type Acquiring =
 /// refused. Every connection is bounded on its own (streams, message sizes, the unary
 /// deadline); this bounds how many there are. Dropped with the server: the listening
 /// socket closes with it.
-pub struct LimitedIncoming {
-    inner: TcpIncoming,
+///
+/// An accept error that is not about one connection (the process out of file
+/// descriptors) pauses accepting for [`ACCEPT_ERROR_PAUSE`], as on the HTTP port: tonic
+/// polls again at once after any error, and the loop spun a core.
+pub struct LimitedIncoming<S = TcpIncoming> {
+    inner: S,
     permits: Arc<Semaphore>,
     /// The permit the next accepted connection takes.
     permit: Option<OwnedSemaphorePermit>,
     /// Waiting for a permit (all taken).
     acquiring: Option<Acquiring>,
+    /// Accepting again when this ends.
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl LimitedIncoming {
-    pub fn new(inner: TcpIncoming, connections_max: usize) -> Self {
+impl<S> LimitedIncoming<S> {
+    pub fn new(inner: S, connections_max: usize) -> Self {
         Self {
             inner,
             permits: Arc::new(Semaphore::new(connections_max)),
             permit: None,
             acquiring: None,
+            pause: None,
         }
     }
 
@@ -133,19 +140,35 @@ impl LimitedIncoming {
     }
 }
 
-impl futures_core::Stream for LimitedIncoming {
-    type Item = std::io::Result<Permitted<tokio::net::TcpStream>>;
+impl<S, IO> futures_core::Stream for LimitedIncoming<S>
+where
+    S: futures_core::Stream<Item = std::io::Result<IO>> + Unpin,
+{
+    type Item = std::io::Result<Permitted<IO>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        ready!(this.poll_permit(cx));
-        let accepted = ready!(Pin::new(&mut this.inner).poll_next(cx));
-        Poll::Ready(accepted.map(|accepted| {
-            accepted.map(|io| Permitted {
-                io,
-                _permit: this.permit.take(),
-            })
-        }))
+        loop {
+            if let Some(pause) = this.pause.as_mut() {
+                ready!(pause.as_mut().poll(cx));
+                this.pause = None;
+            }
+            ready!(this.poll_permit(cx));
+            match ready!(Pin::new(&mut this.inner).poll_next(cx)) {
+                Some(Err(err)) if !is_connection_error(&err) => {
+                    tracing::error!(error = %err, "cannot accept gRPC connections");
+                    this.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_ERROR_PAUSE)));
+                }
+                accepted => {
+                    return Poll::Ready(accepted.map(|accepted| {
+                        accepted.map(|io| Permitted {
+                            io,
+                            _permit: this.permit.take(),
+                        })
+                    }))
+                }
+            }
+        }
     }
 }
 
@@ -509,6 +532,42 @@ fn is_connection_error(err: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Out of file descriptors, the gRPC accept loop pauses instead of asking again at
+    /// once: here every accept fails with EMFILE, and within 300 ms the stream asks its
+    /// listener once (it spun: tonic polls again after any error).
+    #[tokio::test]
+    async fn the_grpc_accept_loop_pauses_after_an_error_not_about_one_connection() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let asked = Arc::new(AtomicUsize::new(0));
+        /// Every accept fails with EMFILE; counts the asks.
+        struct OutOfFds(Arc<AtomicUsize>);
+        impl futures_core::Stream for OutOfFds {
+            type Item = std::io::Result<()>;
+            fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+                self.0.fetch_add(1, Ordering::Relaxed);
+                Poll::Ready(Some(Err(std::io::Error::from_raw_os_error(24))))
+            }
+        }
+        let failing = OutOfFds(asked.clone());
+        let mut incoming = LimitedIncoming::new(failing, 4);
+        let next = tokio_stream::StreamExt::next(&mut incoming);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), next)
+                .await
+                .is_err(),
+            "nothing to accept"
+        );
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+
+        // An error about one connection is handed on, and the next accept tried at once.
+        let reset = tokio_stream::iter([Err::<(), _>(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        ))]);
+        let mut incoming = LimitedIncoming::new(reset, 4);
+        let first = tokio_stream::StreamExt::next(&mut incoming).await;
+        assert!(matches!(first, Some(Err(_))));
+    }
 
     /// The field a decode failure names, by its path; `None` for no field.
     fn decode_field(message: &str) -> (tonic::Code, Option<String>) {
