@@ -731,6 +731,7 @@ pub async fn run_settler(
     let watcher = tokio::spawn(not_serving_after_a_panic(
         tokio::spawn(watch_health(state.clone(), None, stopped())),
         None,
+        state.last_checks.clone(),
     ));
     let http = transport::serve_http(
         http_listener,
@@ -945,7 +946,7 @@ pub async fn run(
     // Envoy's stream stays open as long as Envoy runs: it ends on shutdown instead.
     .stopping(stopping.clone());
     let access_log_tasks = access_log.tasks();
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = not_serving_health_reporter().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -1044,6 +1045,7 @@ pub async fn run(
             shutting_down,
         )),
         Some(health),
+        state.last_checks.clone(),
     ));
     let http = http_router(state)
         .merge(forward_auth::router(gateway.clone(), service_check_http))
@@ -1389,24 +1391,69 @@ struct LedgerChecks {
 /// costs Redis nothing (it used to cost an `EXISTS` per shard and a `FUNCTION LIST`, for
 /// anyone who asked, as often as they asked).
 #[derive(Clone)]
-struct LastChecks(Arc<watch::Sender<Option<LedgerChecks>>>);
+struct LastChecks {
+    latest: Arc<watch::Sender<Option<LedgerChecks>>>,
+    /// When the watcher's round in progress began (None between rounds).
+    round_started: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// The watcher ended before shutdown (a panic: [`not_serving_after_a_panic`]).
+    watcher_ended: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Default for LastChecks {
     fn default() -> Self {
-        Self(Arc::new(watch::Sender::new(None)))
+        Self {
+            latest: Arc::new(watch::Sender::new(None)),
+            round_started: Arc::default(),
+            watcher_ended: Arc::default(),
+        }
     }
 }
 
 impl LastChecks {
+    fn round_starts(&self) {
+        if let Ok(mut started) = self.round_started.lock() {
+            *started = Some(tokio::time::Instant::now());
+        }
+    }
+
     fn store(&self, checks: LedgerChecks) {
-        self.0.send_replace(Some(checks));
+        self.latest.send_replace(Some(checks));
+        if let Ok(mut started) = self.round_started.lock() {
+            *started = None;
+        }
+    }
+
+    fn watcher_ended(&self) {
+        self.watcher_ended
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The latest checks; until the watcher's first round is done (at start-up), waits
-    /// for it. Checks older than [`READINESS_STALE_AFTER`], or none by then, are a failed
-    /// `readiness` check.
-    async fn latest(&self) -> LedgerChecks {
-        let mut latest = self.0.subscribe();
+    /// for it. A watcher that ended, checks older than [`READINESS_STALE_AFTER`] with no
+    /// round running, or none by then, are a failed `readiness` check. Checks that old
+    /// with a round running are a Redis that has not answered the round for that long
+    /// (each of its calls may wait ten call deadlines): `redis` then fails, or for
+    /// `serving` only degrades, as when Redis is unreachable, instead of failing every
+    /// pod on it at once as a stopped watcher.
+    async fn latest(&self, serving: bool) -> LedgerChecks {
+        if self
+            .watcher_ended
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let mut checks = serde_json::Map::new();
+            checks.insert(
+                "readiness".into(),
+                "the health watcher has stopped (a bug: see the log)".into(),
+            );
+            return LedgerChecks {
+                at: tokio::time::Instant::now(),
+                redis_up: false,
+                failed: vec!["readiness"],
+                degraded: Vec::new(),
+                checks,
+            };
+        }
+        let mut latest = self.latest.subscribe();
         let found = tokio::time::timeout(READINESS_STALE_AFTER, latest.wait_for(Option::is_some))
             .await
             .ok()
@@ -1423,7 +1470,31 @@ impl LastChecks {
             };
         };
         let age = checks.at.elapsed();
-        if age > READINESS_STALE_AFTER {
+        let running = self
+            .round_started
+            .lock()
+            .ok()
+            .and_then(|started| *started)
+            .filter(|started| *started >= checks.at);
+        if let (true, Some(started)) = (age > READINESS_STALE_AFTER, running) {
+            checks.redis_up = false;
+            checks.checks.insert(
+                "redis".into(),
+                format!(
+                    "no answer for {} ms: the health checks wait on Redis",
+                    started.elapsed().as_millis()
+                )
+                .into(),
+            );
+            let list = if serving {
+                &mut checks.degraded
+            } else {
+                &mut checks.failed
+            };
+            if !list.contains(&"redis") {
+                list.push("redis");
+            }
+        } else if age > READINESS_STALE_AFTER {
             checks.failed.push("readiness");
             checks.checks.insert(
                 "readiness".into(),
@@ -1538,6 +1609,26 @@ async fn ledger_checks(state: &HttpState) -> LedgerChecks {
                 Err(err) => {
                     checks.insert("scripts".into(), err.to_string().into());
                     failed.push("scripts");
+                }
+            }
+            match state.ledger.lua_numbers_intact().await {
+                Ok(true) => {
+                    checks.insert("lua_numbers".into(), "ok".into());
+                }
+                Ok(false) => {
+                    checks.insert(
+                        "lua_numbers".into(),
+                        "this Redis hands whole numbers from scripts to commands in exponent \
+                         form (100000000 as 1e+08: Redis 7.2.0 to 7.2.4, redis/redis#13113); \
+                         balances and events would be corrupted: upgrade Redis (7.2.5 or later)"
+                            .into(),
+                    );
+                    failed.push("lua_numbers");
+                }
+                // Not known (an ACL without EVAL, Redis gone since): nothing held against
+                // readiness for it.
+                Err(err) => {
+                    checks.insert("lua_numbers".into(), format!("unknown: {err}").into());
                 }
             }
         }
@@ -1708,7 +1799,7 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<serde_json:
         failed,
         degraded,
         checks,
-    } = readiness(&state, state.last_checks.latest().await);
+    } = readiness(&state, state.last_checks.latest(state.serving).await);
     let code = if ready {
         StatusCode::OK
     } else {
@@ -1740,6 +1831,7 @@ async fn watch_health(
     let mut failing = FailingChecks::default();
     tokio::pin!(stopped);
     loop {
+        state.last_checks.round_starts();
         let checks = ledger_checks(&state).await;
         redis_up_gauge.set(if checks.redis_up { 1.0 } else { 0.0 });
         state.last_checks.store(checks.clone());
@@ -1769,6 +1861,22 @@ async fn watch_health(
     report_not_serving(health.as_ref()).await;
 }
 
+/// The gRPC health service, every service NOT_SERVING until the health watcher's first
+/// round says otherwise (tonic-health starts the server-wide `""` at SERVING: a pod
+/// whose Redis lost its data or does not answer looked ready for that whole round).
+async fn not_serving_health_reporter() -> (
+    HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (health, service) = tonic_health::server::health_reporter();
+    for name in HEALTH_SERVICES {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    (health, service)
+}
+
 /// gRPC health NOT_SERVING for every service, and `tollgate_ready` 0.
 async fn report_not_serving(health: Option<&HealthReporter>) {
     if let Some(health) = health {
@@ -1788,8 +1896,10 @@ async fn report_not_serving(health: Option<&HealthReporter>) {
 async fn not_serving_after_a_panic(
     watcher: tokio::task::JoinHandle<()>,
     health: Option<HealthReporter>,
+    last_checks: LastChecks,
 ) {
     if let Err(how) = joined(watcher).await {
+        last_checks.watcher_ended();
         tracing::error!(
             how = %how,
             "the health watcher ended: gRPC health and tollgate_ready report not ready \
@@ -1870,6 +1980,70 @@ mod tests {
     use super::*;
     use crate::settle::settler::OutboxMeasure;
 
+    /// Before the watcher's first round, gRPC health says NOT_SERVING, the server-wide
+    /// `""` included (tonic-health starts it at SERVING).
+    #[tokio::test]
+    async fn grpc_health_starts_not_serving() {
+        use tonic_health::pb::health_server::Health;
+        let (reporter, _server) = not_serving_health_reporter().await;
+        let health = tonic_health::server::HealthService::from_health_reporter(reporter);
+        for service in HEALTH_SERVICES {
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            };
+            let status = health
+                .check(tonic::Request::new(request))
+                .await
+                .expect("a registered service")
+                .into_inner()
+                .status;
+            assert_eq!(
+                status,
+                tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
+                "{service:?}"
+            );
+        }
+    }
+
+    /// Checks past [`READINESS_STALE_AFTER`] while a round still waits on Redis (each of
+    /// its calls may wait ten call deadlines) are a Redis not answering: a serving pod is
+    /// degraded, a settler fails `redis`; neither fails as a stopped watcher. With no
+    /// round running they are a stopped watcher.
+    #[tokio::test]
+    async fn a_long_round_is_redis_not_answering_not_a_stopped_watcher() {
+        let ago = |d: Duration| tokio::time::Instant::now().checked_sub(d).expect("uptime");
+        let last = LastChecks::default();
+        let mut ok = serde_json::Map::new();
+        ok.insert("redis".into(), "ok".into());
+        let stale = LedgerChecks {
+            at: ago(READINESS_STALE_AFTER + HEALTH_CHECK_INTERVAL),
+            redis_up: true,
+            failed: Vec::new(),
+            degraded: Vec::new(),
+            checks: ok,
+        };
+        last.store(stale.clone());
+        // A round began after those checks and has not ended.
+        *last.round_started.lock().expect("lock") = Some(ago(READINESS_STALE_AFTER));
+        let serving = last.latest(true).await;
+        assert!(serving.failed.is_empty(), "{:?}", serving.failed);
+        assert_eq!(serving.degraded, ["redis"]);
+        assert!(!serving.redis_up);
+        let settling = last.latest(false).await;
+        assert_eq!(settling.failed, ["redis"]);
+        assert!(
+            settling.checks["redis"]
+                .as_str()
+                .is_some_and(|why| why.starts_with("no answer for 10")),
+            "{:?}",
+            settling.checks
+        );
+
+        // No round running: a stopped watcher.
+        last.store(stale);
+        assert_eq!(last.latest(true).await.failed, ["readiness"]);
+    }
+
     /// The health watcher's panic turns gRPC health NOT_SERVING (it stayed SERVING).
     #[tokio::test]
     async fn a_panicked_health_watcher_leaves_grpc_health_not_serving() {
@@ -1897,10 +2071,17 @@ mod tests {
         };
         let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
         // A watcher that ends at shutdown, as it should: left as it was.
-        not_serving_after_a_panic(tokio::spawn(async {}), Some(reporter.clone())).await;
+        not_serving_after_a_panic(
+            tokio::spawn(async {}),
+            Some(reporter.clone()),
+            LastChecks::default(),
+        )
+        .await;
         assert_eq!(status(HEALTH_SERVICES[0]).await, serving);
         let watcher = tokio::spawn(async { panic!("a bug in the watcher") });
-        not_serving_after_a_panic(watcher, Some(reporter.clone())).await;
+        let last_checks = LastChecks::default();
+        not_serving_after_a_panic(watcher, Some(reporter.clone()), last_checks.clone()).await;
+        assert_eq!(last_checks.latest(true).await.failed, ["readiness"]);
         for service in HEALTH_SERVICES {
             assert_ne!(status(service).await, serving, "{service}");
         }

@@ -197,6 +197,7 @@ async fn readyz_follows_redis_and_reloads_scripts() {
     let (code, body) = ready().await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["checks"]["scripts"], "ok", "{body}");
+    assert_eq!(body["checks"]["lua_numbers"], "ok", "{body}");
     wait_health(&server, ServingStatus::Serving).await;
 
     // Scripts and functions flushed: readiness (the health watcher's checks, which

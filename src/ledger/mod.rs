@@ -1177,6 +1177,21 @@ impl Ledger {
         Ok(())
     }
 
+    /// Whether this Redis hands the whole numbers of a script to the commands it calls
+    /// intact. The ledger's scripts pass credits, balances and times to HINCRBY, HSET and
+    /// XADD as Lua numbers; Redis 7.2.0 to 7.2.4 wrote those with 8 or more trailing zeros
+    /// in exponent form (100000000 as `1e+08`; redis/redis#13113, fixed in 7.2.5): a
+    /// grant of 10^9 left a lot HINCRBY could not touch, every later draw on the wallet
+    /// failed, and an event whose balance landed on a multiple of 10^8 could not be
+    /// settled. One ECHO from a script tells, whatever the version string says (a fork
+    /// may report another one).
+    pub async fn lua_numbers_intact(&self) -> Result<bool, LedgerError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(LUA_NUMBERS_PROBE).arg(0);
+        let echoed: String = self.redis.call_cmd(&cmd).await?;
+        Ok(lua_numbers_intact(&echoed))
+    }
+
     /// Whether one shard has its epoch marker.
     pub async fn shard_initialized(&self, shard: u16) -> Result<bool, LedgerError> {
         let found: i64 = self
@@ -1515,9 +1530,26 @@ impl Ledger {
     }
 }
 
+/// A script that hands a whole number to a command and answers what the command got
+/// ([`Ledger::lua_numbers_intact`]).
+const LUA_NUMBERS_PROBE: &str = "return redis.call('ECHO', 100000000)";
+
+/// Whether [`LUA_NUMBERS_PROBE`]'s answer is the number as written.
+fn lua_numbers_intact(echoed: &str) -> bool {
+    echoed == "100000000"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Redis 7.2.0–7.2.4's answer (redis/redis#13113) fails the probe.
+    #[test]
+    fn numbers_in_exponent_form_are_not_intact() {
+        assert!(lua_numbers_intact("100000000"));
+        assert!(!lua_numbers_intact("1e+08"));
+        assert!(!lua_numbers_intact("1.0e8"));
+    }
 
     fn debit(amount: i64, inputs: Option<&str>) -> Debit {
         Debit {
