@@ -2917,6 +2917,116 @@ async fn a_restore_leaves_out_keys_revoked_longer_ago_than_the_retention() {
     server.stop().await;
 }
 
+/// A restore writes the store's keys into the shards it leaves alone too (a shard a
+/// serving process marked new after Redis lost its data lost its keys with it), but not a
+/// key that shard's Redis dropped: revoked past the retention and pruned at the account's
+/// next key change, its revocation missing from the store (a save that failed) brought
+/// it back live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_does_not_bring_back_a_key_a_serving_shard_dropped() {
+    use tollgate::settle::restore::{restore, RestoreMode};
+
+    const DAY_MS: i64 = 86_400_000;
+    let redis = common::RedisServer::start();
+    let (clock, now) = Clock::manual(tollgate::ledger::wall_clock_ms() - 10 * DAY_MS);
+    let mut config = common::test_config(&redis.url());
+    config.gateway.revoked_key_retention_secs = 2 * 86_400;
+    let store_url = config.store.url.clone();
+    let server = common::TestServer::start(config, clock).await;
+    let store = Arc::new(Store::connect_lazy(&store_url, 2).expect("store"));
+    let shards = server.ledger.shards().clone();
+    let mut admin = server.admin().await;
+    // dave's shard is lost below; carol's serves throughout.
+    let dave = (0..)
+        .map(account)
+        .find(|a| shards.of_account(a) != shards.of_account("carol"))
+        .expect("an account in another shard");
+    for (who, key) in [("carol", "g"), (dave.as_str(), "g")] {
+        server
+            .ledger
+            .grant(&common::purchase(who, 100, key))
+            .await
+            .expect("grant");
+    }
+    let personal = |name: &str| pb::CreateApiKeyRequest {
+        account_id: "carol".into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let rotated = admin
+        .create_api_key(personal("rotated"))
+        .await
+        .expect("create")
+        .into_inner();
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: rotated.key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    // Now: the next key change drops the key revoked 10 days ago.
+    now.store(tollgate::ledger::wall_clock_ms(), Ordering::SeqCst);
+    let live = admin
+        .create_api_key(personal("live"))
+        .await
+        .expect("create")
+        .into_inner();
+    let ids = [rotated.key_id.as_str(), live.key_id.as_str()];
+    let before = key_answers(&server, "carol", &ids).await;
+    assert_eq!(
+        before.0,
+        [
+            format!("{}: NotFound ", rotated.key_id),
+            format!("{}: carol", live.key_id),
+        ]
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while store.api_keys().await.expect("stored keys").len() < 2 {
+        assert!(Instant::now() < deadline, "keys not saved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The revocation's save was lost: the store has the key live.
+    let pool = sqlx::SqlitePool::connect(&store_url).await.expect("sqlite");
+    sqlx::query("UPDATE tollgate_api_keys SET revoked_at_ms = 0 WHERE key_id = $1")
+        .bind(&rotated.key_id)
+        .execute(&pool)
+        .await
+        .expect("update");
+    pool.close().await;
+
+    // dave's shard loses its data (settled first); carol's is left alone.
+    tollgate::settle::settler::Settler::new(
+        server.ledger.clone(),
+        store.clone(),
+        tollgate::settle::settler::SettlerSettings {
+            consumer: "gone-test".into(),
+            ..Default::default()
+        },
+    )
+    .drain(DEADLINE)
+    .await
+    .expect("settled");
+    let mut con = redis.client().get_connection().expect("redis");
+    let lost: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", shards.tag(shards.of_account(&dave))))
+        .query(&mut con)
+        .expect("keys");
+    assert!(!lost.is_empty());
+    let _: () = redis::cmd("DEL").arg(&lost).query(&mut con).expect("del");
+
+    let report = restore(
+        server.ledger.clone(),
+        store.clone(),
+        RestoreMode::Lost,
+        |_, _| {},
+    )
+    .await
+    .expect("restore");
+    assert_eq!(report.api_keys_gone_from_serving, 1, "{}", report.render());
+    assert_eq!(key_answers(&server, "carol", &ids).await, before);
+    server.stop().await;
+}
+
 /// GetBalance of `account`: every listed wallet (the account-wide listing, the wallet
 /// set), then each of `by_name` read by name.
 async fn wallet_answers(

@@ -295,6 +295,10 @@ pub struct RestoreReport {
     /// Keys the store has that were revoked longer ago than
     /// `gateway.revoked_key_retention_secs`: not written (live Redis drops them).
     pub api_keys_dropped: usize,
+    /// Keys of shards left alone that their Redis no longer has while their account still
+    /// has keys there: that Redis dropped them (a revocation past the retention, which
+    /// the store may lack); not written back.
+    pub api_keys_gone_from_serving: usize,
     pub elapsed: Duration,
 }
 
@@ -321,6 +325,14 @@ impl RestoreReport {
             )
         } else {
             String::new()
+        };
+        let keys_dropped = if self.api_keys_gone_from_serving > 0 {
+            format!(
+                "{keys_dropped} ({} that shards left alone no longer had left out)",
+                self.api_keys_gone_from_serving
+            )
+        } else {
+            keys_dropped
         };
         let left_alone = if skipped > 0 {
             format!("left {skipped} shards alone (they already served)\n")
@@ -2366,9 +2378,9 @@ async fn restore_under(
             store.save_api_key(key).await?;
             shard_report.api_keys_revoked += 1;
         }
-        let (written, dropped) = write_api_keys(ledger, keys, now).await?;
-        report.api_keys += written;
-        report.api_keys_dropped += dropped;
+        let written = write_api_keys(ledger, keys, now, Lost).await?;
+        report.api_keys += written.restored;
+        report.api_keys_dropped += written.dropped;
         let finished: i64 = ledger
             .redis()
             .query(
@@ -2389,11 +2401,14 @@ async fn restore_under(
         progress(&shard_report, count);
         report.shards.push(shard_report);
     }
-    // The shards left alone get the keys the store knows too (fields set again).
+    // The shards left alone get the keys the store knows too (fields set again): a shard
+    // marked new by a serving process after Redis lost its data (it had no events in the
+    // store) lost its keys with it. But not a key its Redis dropped ([`ServingShard`]).
     for (_, keys) in api_keys {
-        let (written, dropped) = write_api_keys(ledger, keys, now).await?;
-        report.api_keys += written;
-        report.api_keys_dropped += dropped;
+        let written = write_api_keys(ledger, keys, now, ServingShard).await?;
+        report.api_keys += written.restored;
+        report.api_keys_dropped += written.dropped;
+        report.api_keys_gone_from_serving += written.gone;
     }
     report.elapsed = started.elapsed();
     Ok(report)
@@ -2484,9 +2499,48 @@ fn revoked_by_role_loss<'k>(
 /// ms). By the record just written rather than the store's row alone: on a shard left
 /// alone, a key revoked in Redis whose revocation the store lacks stays revoked (`r` is
 /// never cleared). KEYS record, live index, revoked index; ARGV key id, created ms.
-const INDEX_KEY_LUA: &str = "local r = redis.call('HGET', KEYS[1], 'r') \
-    if r then redis.call('HDEL', KEYS[2], ARGV[1]) redis.call('ZADD', KEYS[3], r, ARGV[1]) \
-    else redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end return 0";
+macro_rules! index_key_lua {
+    () => {
+        "local r = redis.call('HGET', KEYS[1], 'r') \
+         if r then redis.call('HDEL', KEYS[2], ARGV[1]) redis.call('ZADD', KEYS[3], r, ARGV[1]) \
+         else redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end "
+    };
+}
+const INDEX_KEY_LUA: &str = concat!(index_key_lua!(), "return 0");
+
+/// On a shard left alone: writes a key's record (ARGV from the third on: field, value, …)
+/// and indexes it ([`INDEX_KEY_LUA`]), unless the record is gone while the account still
+/// has an index here. That Redis kept its keys and dropped this one (key_prune.lua drops
+/// a key revoked longer ago than the retention, at the account's next key change); the
+/// store may lack the revocation (a RevokeApiKey or an org role change whose save
+/// failed), and written back the key would be live again. Answers 1 when written.
+const WRITE_KEY_ON_SERVING_SHARD_LUA: &str = concat!(
+    "if redis.call('EXISTS', KEYS[1]) == 0 and (redis.call('EXISTS', KEYS[2]) == 1 \
+     or redis.call('EXISTS', KEYS[3]) == 1) then return 0 end \
+     redis.call('HSET', KEYS[1], unpack(ARGV, 3)) ",
+    index_key_lua!(),
+    "return 1"
+);
+
+/// Where [`write_api_keys`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeysInto {
+    /// A shard the restore rebuilt: every key.
+    Lost,
+    /// A shard left alone (it served): not the keys its Redis dropped.
+    ServingShard,
+}
+use KeysInto::{Lost, ServingShard};
+
+/// What [`write_api_keys`] did.
+#[derive(Debug, Default)]
+struct KeysWritten {
+    restored: usize,
+    /// Revoked longer ago than the retention.
+    dropped: usize,
+    /// Gone from a serving shard's Redis (see [`WRITE_KEY_ON_SERVING_SHARD_LUA`]).
+    gone: usize,
+}
 
 /// API keys, from the durable ledger's key table (hashes only), as the gateway's
 /// key_create / key_revoke scripts keep them, but for keys revoked at or before `now` −
@@ -2497,65 +2551,109 @@ async fn write_api_keys(
     ledger: &Ledger,
     keys: Vec<ApiKeyRecord>,
     now: i64,
-) -> Result<(usize, usize), RestoreError> {
+    into: KeysInto,
+) -> Result<KeysWritten, RestoreError> {
     let retention_ms =
         i64::try_from(ledger.settings().revoked_key_retention.as_millis()).unwrap_or(i64::MAX);
+    let mut written = KeysWritten::default();
     let mut pipe = redis::pipe();
-    let mut restored = 0;
-    let mut dropped = 0;
+    let mut queued = 0;
     for key in keys {
         // As key_prune.lua: a retention that is not positive drops nothing.
         if retention_ms > 0
             && key.revoked_at_ms > 0
             && key.revoked_at_ms <= now.saturating_sub(retention_ms)
         {
-            dropped += 1;
+            written.dropped += 1;
             continue;
         }
         let Some(shard) = shard_of_key_id(&key.key_id, ledger.shards()) else {
             continue;
         };
         let tag = ledger.shards().tag(shard);
-        let mut record = redis::cmd("HSET");
-        record
-            .arg(format!("{tag}:k:{}", key.key_id))
-            .arg("a")
-            .arg(&key.account_id)
-            .arg("s")
-            .arg(&key.digest)
-            .arg("n")
-            .arg(&key.name)
-            .arg("c")
-            .arg(key.created_at_ms);
+        let mut fields: Vec<(&str, String)> = vec![
+            ("a", key.account_id.clone()),
+            ("s", key.digest.clone()),
+            ("n", key.name.clone()),
+            ("c", key.created_at_ms.to_string()),
+        ];
         if key.revoked_at_ms > 0 {
-            record.arg("r").arg(key.revoked_at_ms);
+            fields.push(("r", key.revoked_at_ms.to_string()));
         }
         if !key.member_id.is_empty() {
-            record.arg("mb").arg(&key.member_id);
+            fields.push(("mb", key.member_id.clone()));
         }
         if !key.created_by.is_empty() {
-            record.arg("by").arg(&key.created_by);
+            fields.push(("by", key.created_by.clone()));
         }
-        pipe.add_command(record).ignore();
-        pipe.cmd("EVAL")
-            .arg(INDEX_KEY_LUA)
-            .arg(3)
-            .arg(format!("{tag}:k:{}", key.key_id))
-            .arg(format!("{tag}:ks:{}", key.account_id))
-            .arg(format!("{tag}:kr:{}", key.account_id))
-            .arg(&key.key_id)
-            .arg(key.created_at_ms)
-            .ignore();
-        restored += 1;
-        if restored % RECORDS_PER_PIPELINE == 0 {
-            let _: () = ledger.redis().pipeline(&pipe).await?;
+        let record = format!("{tag}:k:{}", key.key_id);
+        let live = format!("{tag}:ks:{}", key.account_id);
+        let revoked = format!("{tag}:kr:{}", key.account_id);
+        match into {
+            Lost => {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&record);
+                for (field, value) in &fields {
+                    hset.arg(*field).arg(value);
+                }
+                pipe.add_command(hset).ignore();
+                pipe.cmd("EVAL")
+                    .arg(INDEX_KEY_LUA)
+                    .arg(3)
+                    .arg(&record)
+                    .arg(&live)
+                    .arg(&revoked)
+                    .arg(&key.key_id)
+                    .arg(key.created_at_ms)
+                    .ignore();
+            }
+            ServingShard => {
+                let cmd = pipe
+                    .cmd("EVAL")
+                    .arg(WRITE_KEY_ON_SERVING_SHARD_LUA)
+                    .arg(3)
+                    .arg(&record)
+                    .arg(&live)
+                    .arg(&revoked)
+                    .arg(&key.key_id)
+                    .arg(key.created_at_ms);
+                for (field, value) in &fields {
+                    cmd.arg(*field).arg(value);
+                }
+            }
+        }
+        queued += 1;
+        if queued % RECORDS_PER_PIPELINE == 0 {
+            flush_keys(ledger, &pipe, into, &mut written).await?;
             pipe = redis::pipe();
         }
     }
-    if restored % RECORDS_PER_PIPELINE != 0 {
-        let _: () = ledger.redis().pipeline(&pipe).await?;
+    if queued % RECORDS_PER_PIPELINE != 0 {
+        flush_keys(ledger, &pipe, into, &mut written).await?;
     }
-    Ok((restored, dropped))
+    Ok(written)
+}
+
+/// Runs a pipeline of [`write_api_keys`] and counts what it wrote.
+async fn flush_keys(
+    ledger: &Ledger,
+    pipe: &redis::Pipeline,
+    into: KeysInto,
+    written: &mut KeysWritten,
+) -> Result<(), RestoreError> {
+    match into {
+        Lost => {
+            let () = ledger.redis().pipeline(pipe).await?;
+            written.restored += pipe.len() / 2;
+        }
+        ServingShard => {
+            let answers: Vec<i64> = ledger.redis().pipeline(pipe).await?;
+            let restored = answers.iter().filter(|a| **a == 1).count();
+            written.restored += restored;
+            written.gone += answers.len() - restored;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
