@@ -687,7 +687,7 @@ async fn a_database_an_older_build_left_at_v5_migrates_to_v6() {
                 "SELECT CAST(MAX(version) AS TEXT) FROM tollgate_schema_migrations"
             )
             .await,
-            vec!["14".to_owned()],
+            vec!["15".to_owned()],
             "{kind}"
         );
         // The history of one kind of an account, in the page's order (a `kinds` filter).
@@ -932,6 +932,47 @@ async fn an_unreadable_outbox_entry_is_set_aside_and_everything_else_settles() {
         0,
         "the outboxes are trimmed past the unreadable entries"
     );
+}
+
+/// A set-aside entry is copied to the dead letters and acknowledged in one call: a
+/// connection lost after the copy and before the acknowledgement reached Redis left the
+/// entry pending, and the next round set it aside again (two letters for one entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_is_set_aside_once_when_its_acknowledgement_was_lost() {
+    let redis = common::RedisServer::start();
+    let ledger = common::ledger(&redis, Clock::Redis);
+    let bad = plant_unreadable(&ledger, 0).await;
+    let proxy = common::proxy::AnswerDropProxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let through_proxy = tollgate::server::ledger_from_config(
+        &common::test_config(&proxy.redis_url()),
+        Clock::Redis,
+    )
+    .expect("ledger");
+    let sqlite_store = store(&common::temp_sqlite_url()).await;
+    let mut settler = settler(&through_proxy, &sqlite_store, "tollgate-settler", "a");
+    settler.ensure_groups().await.expect("groups");
+    // The only acknowledgement a round sends is the set-aside's.
+    proxy.arm_request(b"XACK");
+    let deadline = Instant::now() + DEADLINE;
+    while common::pending(&ledger, "tollgate-settler", None).await != Some(0) || proxy.fired() == 0
+    {
+        assert!(Instant::now() < deadline, "not set aside");
+        let _ = settler.round().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(proxy.fired(), 1);
+    let dead: Vec<(String, HashMap<String, String>)> = ledger
+        .redis()
+        .query(
+            redis::cmd("XRANGE")
+                .arg(format!("{}:dead", ledger.shards().outbox(0)))
+                .arg("-")
+                .arg("+"),
+        )
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].1.get("id"), Some(&bad));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1191,6 +1191,18 @@ async fn set_aside_event(
     set_aside(ledger, group, std::slice::from_ref(&unreadable)).await
 }
 
+/// Sets one outbox entry aside: copies it to its shard's dead-letter stream, then
+/// acknowledges it, in one script. KEYS outbox, dead-letter stream; ARGV group, entry id,
+/// then the letter's fields and values. The copy is never trimmed: a dead letter is the
+/// only copy of an event Redis applied and the store never took (`tollgate dead-letters
+/// drop` removes one by hand). A refused copy (Redis out of memory, a key of another
+/// type) raises before the acknowledgement: an acknowledged entry must be somewhere.
+/// Both in one call: a copy whose acknowledgement never came (a crash, a connection lost
+/// between two calls) was set aside again by the next round, two letters for one entry,
+/// the second replayed without the first's corrections a conflict for good.
+const SET_ASIDE_LUA: &str = "redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3)) \
+    return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])";
+
 /// Moves unreadable entries out of the way: each is copied to its outbox's dead-letter
 /// stream (`<outbox>:dead`, with its id and why) and acknowledged, so one bad entry
 /// neither stops its batch, nor every later round, nor the trimming of its outbox
@@ -1206,30 +1218,28 @@ async fn set_aside(
         return Ok(());
     }
     let shards = ledger.shards();
-    // Copied first, acknowledged only once every copy is in: a refused XADD (Redis out of
-    // memory) must not leave an acknowledged entry that is nowhere else.
+    // Each entry copied and acknowledged in one script ([`SET_ASIDE_LUA`]).
     let mut pipe = redis::pipe();
-    let mut acks = redis::pipe();
     for u in unreadable {
         let outbox = shards.outbox(u.shard);
-        let add = pipe
-            .cmd("XADD")
+        let set_aside = pipe
+            .cmd("EVAL")
+            .arg(SET_ASIDE_LUA)
+            .arg(2)
+            .arg(outbox)
             .arg(super::restore::dead_letters_key(outbox))
-            // Never trimmed: a dead letter is the only copy of an event Redis applied and
-            // the store never took. `tollgate dead-letters drop` removes one by hand.
-            .arg("*")
+            .arg(group)
+            .arg(&u.id)
             .arg("id")
             .arg(&u.id)
             .arg("error")
             .arg(&u.why);
         for field in &u.fields {
-            add.arg(field.as_slice());
+            set_aside.arg(field.as_slice());
         }
-        add.ignore();
-        acks.cmd("XACK").arg(outbox).arg(group).arg(&u.id).ignore();
+        set_aside.ignore();
     }
     let _: () = ledger.redis().pipeline(&pipe).await?;
-    let _: () = ledger.redis().pipeline(&acks).await?;
     for u in unreadable {
         metrics::counter!(m::SETTLE_DEAD_LETTERS_TOTAL, "shard" => u.shard.to_string())
             .increment(1);

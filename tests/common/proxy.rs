@@ -135,14 +135,14 @@ impl BlackHoleProxy {
 /// server runs what it was sent. Fires once per arming; everything is aborted on drop.
 pub struct AnswerDropProxy {
     pub addr: SocketAddr,
-    armed: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    armed: Arc<std::sync::Mutex<Option<Armed>>>,
     fired: Arc<std::sync::atomic::AtomicUsize>,
     _connections: Acceptor,
 }
 
 impl AnswerDropProxy {
     pub async fn start(target: SocketAddr) -> Self {
-        let armed = Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
+        let armed = Arc::new(std::sync::Mutex::new(None::<Armed>));
         let fired = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let connections = Acceptor::start({
             let (armed, fired) = (armed.clone(), fired.clone());
@@ -167,7 +167,19 @@ impl AnswerDropProxy {
     /// The next request holding `pattern` (within one read) loses its connection, and
     /// the answers it was waiting for.
     pub fn arm(&self, pattern: &[u8]) {
-        *self.armed.lock().unwrap() = Some(pattern.to_vec());
+        *self.armed.lock().unwrap() = Some(Armed {
+            pattern: pattern.to_vec(),
+            lose_request: false,
+        });
+    }
+
+    /// The next request holding `pattern` (within one read) is not forwarded: its
+    /// connection is closed at once, as one lost before the request reached Redis.
+    pub fn arm_request(&self, pattern: &[u8]) {
+        *self.armed.lock().unwrap() = Some(Armed {
+            pattern: pattern.to_vec(),
+            lose_request: true,
+        });
     }
 
     /// Client connections closed so far for an armed request.
@@ -176,10 +188,17 @@ impl AnswerDropProxy {
     }
 }
 
+/// What an [`AnswerDropProxy`] is armed for.
+struct Armed {
+    pattern: Vec<u8>,
+    /// Lose the request itself (else the answers to it).
+    lose_request: bool,
+}
+
 async fn forward_until_an_answer_is_lost(
     client: TcpStream,
     target: SocketAddr,
-    armed: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    armed: Arc<std::sync::Mutex<Option<Armed>>>,
     fired: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -209,15 +228,22 @@ async fn forward_until_an_answer_is_lost(
                     }
                     Ok(n) => n,
                 };
+                let hit = {
+                    let mut armed = armed.lock().unwrap();
+                    let hit = armed.as_ref().is_some_and(|a| {
+                        from_client[..n].windows(a.pattern.len()).any(|w| w == &a.pattern[..])
+                    });
+                    if hit { armed.take().map(|a| a.lose_request) } else { None }
+                };
+                if hit == Some(true) {
+                    client = None;
+                    fired.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
                 if server_write.write_all(&from_client[..n]).await.is_err() {
                     return;
                 }
-                let mut armed = armed.lock().unwrap();
-                let hit = armed.as_ref().is_some_and(|pattern| {
-                    from_client[..n].windows(pattern.len()).any(|w| w == &pattern[..])
-                });
-                if hit {
-                    *armed = None;
+                if hit == Some(false) {
                     doomed = true;
                 }
             }
