@@ -901,15 +901,11 @@ async fn ended_deliveries_are_pruned_pending_ones_kept_sqlite() {
 /// The wallet's last grant (what `low_balance_percent` is a percent of) is the newest
 /// grant, also when a batch mixes an older grant (a claimed batch of a dead settler) with
 /// events newer than what the store has: the batch as a whole is newer, its grant is not.
+/// With webhooks off too (no rules to pass over it), on both stores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_grant_settled_late_does_not_replace_the_last_grant() {
-    use sqlx::Connection;
-
     let redis = common::RedisServer::start();
     let ledger = common::ledger(&redis, Clock::Redis);
-    let pg = common::PgDatabase::create().await;
-    let store = tollgate::settle::Store::connect_lazy(&pg.url, 2).expect("store");
-    store.migrate().await.expect("migrate");
     ledger
         .grant(&common::purchase("acme", 100, "g1"))
         .await
@@ -934,22 +930,49 @@ async fn an_older_grant_settled_late_does_not_replace_the_last_grant() {
     }
     .rules()
     .expect("rules");
-    store
-        .append_batch(std::slice::from_ref(g2), None, Some(&rules))
-        .await
-        .expect("the newer grant");
-    store
-        .append_batch(&[g1.clone(), d1.clone()], None, Some(&rules))
-        .await
-        .expect("the older grant with a newer debit");
-    let mut con = sqlx::PgConnection::connect(&pg.url).await.expect("connect");
-    let last_grant: i64 = sqlx::query_scalar(
-        "SELECT last_grant FROM tollgate_wallets WHERE account_id = 'acme' AND wallet = 'default'",
-    )
-    .fetch_one(&mut con)
-    .await
-    .expect("the wallet");
-    assert_eq!(last_grant, 1_000);
+    let pg = common::PgDatabase::create().await;
+    let pg_off = common::PgDatabase::create().await;
+    for (url, rules) in [
+        (pg.url.clone(), Some(&*rules)),
+        (pg_off.url.clone(), None),
+        (common::temp_sqlite_url(), Some(&*rules)),
+        (common::temp_sqlite_url(), None),
+    ] {
+        let store = tollgate::settle::Store::connect_lazy(&url, 2).expect("store");
+        store.migrate().await.expect("migrate");
+        store
+            .append_batch(std::slice::from_ref(g2), None, rules)
+            .await
+            .expect("the newer grant");
+        store
+            .append_batch(&[g1.clone(), d1.clone()], None, rules)
+            .await
+            .expect("the older grant with a newer debit");
+        let last_grant = query_i64(
+            &url,
+            "SELECT last_grant FROM tollgate_wallets WHERE account_id = 'acme' AND wallet = 'default'",
+        )
+        .await;
+        assert_eq!(last_grant, 1_000, "{url} webhooks on: {}", rules.is_some());
+    }
+}
+
+/// One number a query answers, from either kind of store.
+async fn query_i64(url: &str, sql: &'static str) -> i64 {
+    use sqlx::Connection;
+    if url.starts_with("sqlite:") {
+        let mut con = sqlx::SqliteConnection::connect(url).await.expect("sqlite");
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut con)
+            .await
+            .expect("query")
+    } else {
+        let mut con = sqlx::PgConnection::connect(url).await.expect("postgres");
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut con)
+            .await
+            .expect("query")
+    }
 }
 
 /// One delivery of an account in flight at a time, across dispatchers: an older event

@@ -48,6 +48,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("schema_v12.sql")),
     (13, include_str!("schema_v13.sql")),
     (14, include_str!("schema_v14.sql")),
+    (15, include_str!("schema_v15.sql")),
 ];
 
 /// Statements of a migration for one kind of store only (version, `kind()`, SQL), run
@@ -276,9 +277,17 @@ const SUMMARY_UPSERT_TAIL: &str = " ON CONFLICT (account_id, wallet) DO UPDATE S
         (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
         THEN excluded.last_stream_seq ELSE tollgate_wallets.last_stream_seq END, \
     last_grant = CASE WHEN excluded.last_grant > 0 AND \
-        (excluded.last_stream_ms, excluded.last_stream_seq) > \
-        (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
+        (excluded.last_grant_ms, excluded.last_grant_seq) > \
+        (tollgate_wallets.last_grant_ms, tollgate_wallets.last_grant_seq) \
         THEN excluded.last_grant ELSE tollgate_wallets.last_grant END, \
+    last_grant_ms = CASE WHEN excluded.last_grant > 0 AND \
+        (excluded.last_grant_ms, excluded.last_grant_seq) > \
+        (tollgate_wallets.last_grant_ms, tollgate_wallets.last_grant_seq) \
+        THEN excluded.last_grant_ms ELSE tollgate_wallets.last_grant_ms END, \
+    last_grant_seq = CASE WHEN excluded.last_grant > 0 AND \
+        (excluded.last_grant_ms, excluded.last_grant_seq) > \
+        (tollgate_wallets.last_grant_ms, tollgate_wallets.last_grant_seq) \
+        THEN excluded.last_grant_seq ELSE tollgate_wallets.last_grant_seq END, \
     low_alerted = CASE WHEN excluded.low_alerted >= 0 AND \
         (excluded.last_stream_ms, excluded.last_stream_seq) > \
         (tollgate_wallets.last_stream_ms, tollgate_wallets.last_stream_seq) \
@@ -296,7 +305,9 @@ struct WalletBatch {
     last: (i64, i64),
     available: i64,
     held: i64,
-    /// Amount of the batch's newest grant (0: none).
+    /// Amount of the batch's newest grant (0: none), and where it is in the outbox: the
+    /// store keeps it only when newer than the grant it has (schema_v15.sql), not when
+    /// the batch as a whole is newer (a claimed older batch mixed with newer events).
     last_grant: i64,
     last_grant_at: (i64, i64),
     /// Whether any of the batch's events added credits (what re-arms an alert).
@@ -306,16 +317,6 @@ struct WalletBatch {
 }
 
 impl WalletBatch {
-    /// The last grant to store. With webhooks on, the rules' (they start from the stored
-    /// one and pass over events older than the wallet's newest settled one): the batch's
-    /// own newest grant may be such an event (a claimed older batch mixed with newer
-    /// ones), and it would replace a newer grant, since the batch as a whole is newer.
-    fn grant_to_store(&self) -> i64 {
-        self.alerts
-            .as_ref()
-            .map_or(self.last_grant, |a| a.last_grant)
-    }
-
     /// Alert flags as stored: -1 leaves the stored value alone. Not evaluated (webhooks
     /// off for this settler: no thresholds to judge by), a batch that added credits
     /// re-arms both alerts, as the rules would have if those credits brought the balance
@@ -1626,7 +1627,7 @@ impl PgStore {
         let n = rows.len();
         let mut account = Vec::with_capacity(n);
         let mut wallet = Vec::with_capacity(n);
-        let mut cols: [Vec<i64>; 13] = std::array::from_fn(|_| Vec::with_capacity(n));
+        let mut cols: [Vec<i64>; 15] = std::array::from_fn(|_| Vec::with_capacity(n));
         for ((a, w), b) in rows {
             let (low, exhausted) = b.alert_flags();
             account.push(*a);
@@ -1642,7 +1643,9 @@ impl PgStore {
                 b.last.0,
                 b.last.1,
                 b.events,
-                b.grant_to_store(),
+                b.last_grant,
+                b.last_grant_at.0,
+                b.last_grant_at.1,
                 low,
                 exhausted,
             ];
@@ -1653,11 +1656,11 @@ impl PgStore {
         let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO tollgate_wallets (account_id, wallet, granted, used, expired, \
              refunded, adjusted, available, held, last_stream_ms, last_stream_seq, events, \
-             last_grant, low_alerted, exhausted_alerted) \
+             last_grant, last_grant_ms, last_grant_seq, low_alerted, exhausted_alerted) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], \
              $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], \
              $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], \
-             $15::bigint[]){SUMMARY_UPSERT_TAIL}"
+             $15::bigint[], $16::bigint[], $17::bigint[]){SUMMARY_UPSERT_TAIL}"
         )))
         .bind(account)
         .bind(wallet);
@@ -1776,7 +1779,8 @@ impl SqliteStore {
             let mut qb = QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO tollgate_wallets (account_id, wallet, granted, used, \
                  expired, refunded, adjusted, available, held, last_stream_ms, \
-                 last_stream_seq, events, last_grant, low_alerted, exhausted_alerted) ",
+                 last_stream_seq, events, last_grant, last_grant_ms, last_grant_seq, \
+                 low_alerted, exhausted_alerted) ",
             );
             qb.push_values(chunk.iter(), |mut b, ((account, wallet), w)| {
                 let (low, exhausted) = w.alert_flags();
@@ -1792,7 +1796,9 @@ impl SqliteStore {
                     .push_bind(w.last.0)
                     .push_bind(w.last.1)
                     .push_bind(w.events)
-                    .push_bind(w.grant_to_store())
+                    .push_bind(w.last_grant)
+                    .push_bind(w.last_grant_at.0)
+                    .push_bind(w.last_grant_at.1)
                     .push_bind(low)
                     .push_bind(exhausted);
             });
