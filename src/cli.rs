@@ -147,8 +147,8 @@ pub struct RestoreArgs {
 pub struct ReconcileArgs {
     #[command(flatten)]
     pub target: ToolTarget,
-    /// How long to wait for the outbox to drain.
-    #[arg(long, default_value_t = 120)]
+    /// How long to wait for the outbox to drain (1..=86400).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub drain_timeout_secs: u64,
 }
 
@@ -172,8 +172,8 @@ pub struct EndLostHoldArgs {
     pub hold_id: String,
     #[command(flatten)]
     pub target: ToolTarget,
-    /// How long to wait for the outbox to drain.
-    #[arg(long, default_value_t = 120)]
+    /// How long to wait for the outbox to drain (1..=86400).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub drain_timeout_secs: u64,
 }
 
@@ -230,8 +230,8 @@ pub struct SettleArgs {
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
-    /// gRPC address of the server: http://HOST:PORT or https://HOST:PORT; a bare
-    /// HOST:PORT (as `serve` prints its gRPC address) means http://HOST:PORT.
+    /// gRPC address of the server: http://HOST:PORT; a bare HOST:PORT (as `serve`
+    /// prints its gRPC address) means http://HOST:PORT. No TLS (https:// is refused).
     #[arg(long, default_value_t = format!("http://{DEFAULT_GRPC_ADDR}"), env = "TOLLGATE_SERVER")]
     pub server: String,
     /// Admin token (default: the token `serve --dev` prints).
@@ -651,5 +651,19 @@ mod tests {
         }
         assert_eq!(utc_time(253_402_300_800_000), "253402300800000 ms");
         assert_eq!(utc_time(i64::MIN), format!("{} ms", i64::MIN));
+    }
+
+    /// A drain timeout past a day (or 0) is refused at parsing: `u64::MAX` ("wait
+    /// forever") overflowed an Instant and panicked; 0 always failed.
+    #[test]
+    fn drain_timeouts_are_bounded() {
+        use clap::Parser;
+        let parse = |secs: &str| {
+            super::Cli::try_parse_from(["tollgate", "reconcile", "--drain-timeout-secs", secs])
+                .map(|_| ())
+        };
+        assert!(parse("600").is_ok());
+        assert!(parse("0").is_err());
+        assert!(parse("18446744073709551615").is_err());
     }
 }

@@ -759,6 +759,17 @@ impl Config {
         }
         if redis::parse_redis_url(&self.redis.url).is_none() {
             bad("redis.url", redis_url_problem(&self.redis.url));
+        } else if self.redis.url.split_once("://").is_some_and(|(scheme, _)| {
+            ["rediss", "valkeys"].contains(&scheme.to_ascii_lowercase().as_str())
+        }) {
+            // It parses, and then every connection failed at start-up ("the feature is
+            // not enabled"): the redis client is built without TLS.
+            bad(
+                "redis.url",
+                "TLS (rediss://) is not supported by this build: reach Redis over a private \
+                 network, or through a TLS-terminating sidecar (stunnel, Envoy), with redis://"
+                    .into(),
+            );
         }
         if self.redis.connections > REDIS_CONNECTIONS_MAX {
             bad(
@@ -1172,7 +1183,7 @@ fn redis_url_problem(url: &str) -> String {
     match url.split_once("://") {
         None => "is not a url (redis://[user:password@]host:port[/db])".into(),
         Some((scheme, _)) if !SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) => {
-            "is not a redis:// url (its scheme must be redis, rediss or unix)".into()
+            "is not a redis:// url (its scheme must be redis or unix)".into()
         }
         Some(_) => "does not parse as a url: check the host and port (reserved characters \
                     in the password must be percent-encoded)"
@@ -1505,6 +1516,19 @@ mod tests {
         Config::from_toml(text, Vec::new(), &Overrides::default())
     }
 
+    /// A TLS Redis URL parses, but this build has no TLS: refused naming the field (every
+    /// connection failed at start-up, after `check-config` had said ok).
+    #[test]
+    fn a_tls_redis_url_is_refused() {
+        for url in ["rediss://cache:6380", "valkeys://cache:6380"] {
+            let err = load(&format!("[redis]\nurl = \"{url}\"\n"))
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("redis.url") && err.contains("TLS"), "{err}");
+        }
+        assert!(load("[redis]\nurl = \"redis://cache:6379\"\n").is_ok());
+    }
+
     #[test]
     fn urls_are_logged_without_credentials() {
         for (url, shown) in [
@@ -1722,6 +1746,11 @@ mod tests {
         assert_eq!(c.redis_connections(), 8);
         let c = load("[server]\nworker_threads = 12\n[redis]\nwait_replicas = 1\n").unwrap();
         assert_eq!(c.redis_connections(), 12);
+        // Never past what may be set.
+        assert_eq!(
+            ledger::redis_pool::auto_connections(200, 0),
+            REDIS_CONNECTIONS_MAX
+        );
         // Set: as set.
         let c = load("[redis]\nconnections = 3\nwait_replicas = 1\n").unwrap();
         assert_eq!(c.redis_connections(), 3);

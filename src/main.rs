@@ -450,9 +450,19 @@ async fn serve(args: ServeArgs, mut config: Config) -> Result<(), String> {
             config.redis.url = redis.url.clone();
             _dev_redis = Some(redis);
         }
-        if args.store.is_none() && config.store.url == tollgate::settle::store::DEFAULT_STORE_URL {
+        let configured = config.store.url != tollgate::settle::store::DEFAULT_STORE_URL;
+        if args.store.is_none() && (_dev_redis.is_some() || !configured) {
             // The dev redis-server starts empty each time: pair it with a fresh ledger file
-            // (a store holding events would mark the empty Redis as having lost its data).
+            // (a store holding events would mark the empty Redis as having lost its data),
+            // also over a store a config or the environment names: a real one, migrated
+            // by a dev process, restored into its throwaway Redis (`server.restore`),
+            // its shards' fences raised under the real settlers. `--store` says otherwise.
+            if configured {
+                eprintln!(
+                    "serve --dev: the configured store is not used with the private Redis \
+                     (a fresh SQLite file is); give --store to use one"
+                );
+            }
             let path = std::env::temp_dir().join(format!("tollgate-dev-{}.db", std::process::id()));
             if _dev_redis.is_some() {
                 // A file left by an earlier process of the same id (ids repeat, e.g. in
@@ -663,7 +673,7 @@ async fn admin(args: AdminArgs) -> Result<(), String> {
         .parse()
         .map_err(|_| "the token is not a valid header value".to_owned())?;
     // Bounded: a back-office command must not hang on a server that does not answer.
-    let server = server_url(&args.server);
+    let server = server_url(&args.server)?;
     let channel = Channel::from_shared(server.clone())
         .map_err(|e| format!("bad --server {}: {e}", args.server))?
         .connect_timeout(std::time::Duration::from_secs(10))
@@ -1287,11 +1297,21 @@ where
 
 /// `--server` as a URL: a bare HOST:PORT (as `serve` prints its gRPC address, and as
 /// `server.grpc_addr` is written) is taken as http://HOST:PORT.
-fn server_url(server: &str) -> String {
-    if server.contains("://") {
-        server.to_owned()
-    } else {
-        format!("http://{server}")
+/// The `--server` as a URL: a bare HOST:PORT means http://. https:// is refused: the
+/// gRPC client is built without TLS, and given one it spoke plain HTTP/2 to the port,
+/// sending the admin token in clear while the operator believed it encrypted.
+fn server_url(server: &str) -> Result<String, String> {
+    match server.split_once("://") {
+        None => Ok(format!("http://{server}")),
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") => Ok(server.to_owned()),
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => Err(format!(
+            "--server {server}: TLS is not supported by this build (the admin token would \
+             go in clear); reach the gRPC port over a private network or a port-forward \
+             (kubectl port-forward), with http://"
+        )),
+        Some(_) => Err(format!(
+            "--server {server}: must be http://HOST:PORT or HOST:PORT"
+        )),
     }
 }
 
@@ -1378,7 +1398,19 @@ fn fresh_key() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::status;
+    use super::{server_url, status};
+
+    /// https:// is refused (no TLS in this build); a bare HOST:PORT means http://.
+    #[test]
+    fn admin_server_urls() {
+        assert_eq!(
+            server_url("10.0.0.1:50051").as_deref(),
+            Ok("http://10.0.0.1:50051")
+        );
+        assert_eq!(server_url("http://h:1").as_deref(), Ok("http://h:1"));
+        assert!(server_url("https://h:1").is_err_and(|e| e.contains("TLS")));
+        assert!(server_url("ftp://h:1").is_err());
+    }
 
     #[test]
     fn unavailable_says_whether_the_server_or_its_redis_did_not_answer() {

@@ -70,6 +70,15 @@ fn admin(grpc_port: u16, args: &[&str]) -> Output {
 /// parallel): the server then exits, and starts again on other ports. Its stderr goes to a
 /// file, shown if it never answers. `tmpdir` is its temp directory (`TMPDIR`).
 fn serve_dev_and_grant(grant: &[&str], tmpdir: &std::path::Path) -> (Serve, u16, Output) {
+    serve_dev_with_env_and_grant(grant, tmpdir, &[])
+}
+
+/// [`serve_dev_and_grant`] with these variables in the server's environment.
+fn serve_dev_with_env_and_grant(
+    grant: &[&str],
+    tmpdir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Serve, u16, Output) {
     let deadline = Instant::now() + common::START_TIMEOUT;
     let mut exits = Vec::new();
     loop {
@@ -80,6 +89,7 @@ fn serve_dev_and_grant(grant: &[&str], tmpdir: &std::path::Path) -> (Serve, u16,
             child: common::tollgate()
                 .args(["serve", "--dev"])
                 .env("TMPDIR", tmpdir)
+                .envs(env.iter().copied())
                 .arg(format!("--grpc-addr=127.0.0.1:{grpc_port}"))
                 .arg(format!("--http-addr=127.0.0.1:{http_port}"))
                 .stdout(Stdio::null())
@@ -109,6 +119,26 @@ fn serve_dev_and_grant(grant: &[&str], tmpdir: &std::path::Path) -> (Serve, u16,
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// `serve --dev` with its private Redis pairs it with a fresh ledger file, also when a
+/// config or the environment names a store: it used to migrate that store (and, with
+/// `server.restore`, restore it into the throwaway Redis, raising its shards' fences).
+#[test]
+fn dev_server_leaves_a_configured_store_alone() {
+    let tmpdir = common::temp_path("tmp");
+    std::fs::create_dir_all(&tmpdir).expect("temp dir");
+    let configured = tmpdir.join("configured.db");
+    let url = format!("sqlite://{}", configured.display());
+    let (mut serve, _, grant) = serve_dev_with_env_and_grant(
+        &["grant", "alice", "100"],
+        &tmpdir,
+        &[("TOLLGATE_STORE__URL", url.as_str())],
+    );
+    assert!(grant.status.success(), "{grant:?}");
+    assert!(serve.stop().is_some(), "serve --dev did not stop");
+    assert!(!configured.exists(), "the configured store was opened");
+    let _ = std::fs::remove_dir_all(&tmpdir);
 }
 
 #[test]

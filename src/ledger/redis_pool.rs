@@ -50,14 +50,16 @@ pub const WAIT_CONNECTIONS_MIN: usize = 8;
 
 /// `redis.connections = 0` (the default): one per runtime thread (each thread's
 /// concurrent calls pipelined on its own), and at least [`WAIT_CONNECTIONS_MIN`] when
-/// writes wait for replicas.
+/// writes wait for replicas; at most what `redis.connections` may be set to (a process
+/// without a CPU limit sizes its runtime by the node's cores).
 pub fn auto_connections(runtime_threads: usize, wait_replicas: u32) -> usize {
     let per_thread = runtime_threads.max(DEFAULT_CONNECTIONS);
-    if wait_replicas > 0 {
+    let wanted = if wait_replicas > 0 {
         per_thread.max(WAIT_CONNECTIONS_MIN)
     } else {
         per_thread
-    }
+    };
+    wanted.min(crate::config::REDIS_CONNECTIONS_MAX)
 }
 /// How the error of a script call that passed its deadline begins: the call may have
 /// been sent, and may still run ([`LedgerError::is_deadline`]).
