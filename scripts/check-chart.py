@@ -548,6 +548,32 @@ def check_variant(checks, docs, label, values, binary, files):
             f.write(envoy_maps[0]["data"]["envoy.yaml"])
         envoy_validate(checks, path, f"({label}: the sidecar's Envoy config)")
         envoy_references(checks, path, f"({label})", values["ports"]["grpc"])
+        # The API key headers tollgate reads are removed on the way to the API, whichever
+        # the values configure (a fixed list let a custom header's keys reach the API).
+        import yaml
+
+        envoy_config = yaml.safe_load(envoy_maps[0]["data"]["envoy.yaml"])
+        removed = [
+            route.get("request_headers_to_remove")
+            for route in walk_dicts(envoy_config)
+            if "request_headers_to_remove" in route
+        ]
+        wanted = ((values.get("config") or {}).get("gateway") or {}).get(
+            "api_key_headers", ["authorization", "x-api-key"])
+        checks.expect(removed == [wanted],
+                      f"{label}: the sidecar's Envoy removes the API key headers {wanted}",
+                      f"request_headers_to_remove: {removed}")
+
+
+def walk_dicts(node):
+    """Every mapping in a parsed YAML document, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from walk_dicts(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk_dicts(v)
 
 
 def check_config(checks, text, label, binary, values, files):
