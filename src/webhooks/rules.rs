@@ -262,8 +262,15 @@ pub fn derive(
                 state.exhausted_alerted = false;
             }
         }
+        // A type not subscribed leaves its flag down: a wallet that crossed while
+        // `webhooks.events` left it out is told at its next debit once it is added (its
+        // flag used to be set all the same, and the crossing never told).
         if after < before {
-            if threshold_credits > 0 && after < threshold_credits && !state.low_alerted {
+            if threshold_credits > 0
+                && after < threshold_credits
+                && !state.low_alerted
+                && rules.subscribed(WebhookType::BalanceLow)
+            {
                 state.low_alerted = true;
                 emit(
                     WebhookType::BalanceLow,
@@ -276,7 +283,10 @@ pub fn derive(
                     &mut out,
                 );
             }
-            if after == 0 && !state.exhausted_alerted {
+            if after == 0
+                && !state.exhausted_alerted
+                && rules.subscribed(WebhookType::BalanceExhausted)
+            {
                 state.exhausted_alerted = true;
                 emit(
                     WebhookType::BalanceExhausted,
@@ -461,6 +471,33 @@ mod tests {
         assert_ne!(out[1].delivery_id, out2[1].delivery_id);
         let again = derive(&rules, t, &WalletState::default(), &refs_of(&events[..3])).0;
         assert_eq!(out[1].delivery_id, again[1].delivery_id);
+    }
+
+    /// A crossing while its type is not subscribed (`webhooks.events` leaves it out) does
+    /// not mark the wallet alerted: once the type is added, the next debit below the
+    /// threshold tells it (it was marked, and never told until a top-up and a new
+    /// crossing).
+    #[test]
+    fn a_crossing_of_a_type_left_out_is_told_once_it_is_subscribed() {
+        let mut only_exhausted = rules();
+        only_exhausted.subscribed[WebhookType::BalanceLow as usize] = false;
+        let t = only_exhausted.threshold("default", None);
+        let events = [
+            event(1, EventKind::Grant, 100, 100),
+            event(2, EventKind::Debit, 90, 10),
+        ];
+        let (out, state) = derive(
+            &only_exhausted,
+            t,
+            &WalletState::default(),
+            &refs_of(&events),
+        );
+        assert_eq!(types(&out), ["grant.created"]);
+        assert!(!state.low_alerted);
+        let later = [event(3, EventKind::Debit, 5, 5)];
+        let (out, state) = derive(&rules(), t, &state, &refs_of(&later));
+        assert_eq!(types(&out), ["balance.low"]);
+        assert!(state.low_alerted);
     }
 
     /// Several settlers: a new wallet's newer batch (the debit) settles before its first
