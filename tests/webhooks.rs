@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::receiver::{expected_signature, Receiver};
@@ -717,6 +718,57 @@ async fn one_low_balance_delivery(
         panic!("one balance.low delivery: {due:?}");
     };
     (redis, store, delivery.clone(), now)
+}
+
+/// A dispatcher told to stop waits for its attempt in flight (the receiver answers
+/// within the wait) and records it delivered: it used to abandon it at once, so every
+/// rolling deploy sent the deliveries in flight again after their leases expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_dispatcher_records_the_attempt_in_flight() {
+    use tollgate::webhooks::dispatcher::Dispatcher;
+
+    let url = common::temp_sqlite_url();
+    let (_redis, store, delivery, _) = one_low_balance_delivery(&url).await;
+    let receiver = Receiver::start().await;
+    receiver.hold_account("acme");
+    let settings = tollgate::webhooks::DispatchSettings {
+        url: receiver.url(),
+        secret: "s".into(),
+        secret_previous: String::new(),
+        timeout: Duration::from_secs(5),
+        attempts_max: 3,
+        backoff_min: Duration::from_secs(60),
+        backoff_max: Duration::from_secs(60),
+        poll_interval: Duration::from_millis(20),
+        concurrency: 4,
+        delivery_retention: None,
+    };
+    let store = Arc::new(store);
+    let dispatcher =
+        Dispatcher::new(store.clone(), settings, Arc::new(low_below_20())).expect("dispatcher");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(dispatcher.run(async {
+        let _ = stopped.await;
+    }));
+    common::eventually(DEADLINE, "the POST to be held", || async {
+        (receiver.held_now() == 1).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!running.is_finished(), "it waits for the attempt in flight");
+    receiver.release();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the dispatcher stops once its attempt is recorded")
+        .expect("no panic");
+    let recorded = store
+        .delivery(&delivery.delivery_id)
+        .await
+        .expect("store")
+        .expect("the delivery");
+    assert_eq!(recorded.status, "delivered", "{recorded:?}");
+    assert_eq!(recorded.attempts, 1);
 }
 
 /// A dispatcher whose attempt outlived its lease (a stalled process) finishes after

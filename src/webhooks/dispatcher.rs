@@ -100,6 +100,10 @@ pub struct Dispatcher {
     last_head_repair: Option<Instant>,
 }
 
+/// How long a dispatcher waits at shutdown for its attempts in flight: within the
+/// process's shutdown grace for its background tasks (`server::SHUTDOWN_GRACE`, 10 s).
+pub const ATTEMPTS_SHUTDOWN_WAIT: Duration = Duration::from_secs(8);
+
 impl Dispatcher {
     pub fn new(
         store: Arc<Store>,
@@ -125,7 +129,11 @@ impl Dispatcher {
         })
     }
 
-    /// Runs until `shutdown` resolves; an attempt in flight is abandoned (its lease
+    /// Runs until `shutdown` resolves; then starts no attempt and waits for those in
+    /// flight, at most [`ATTEMPTS_SHUTDOWN_WAIT`]: a POST whose receiver answered is
+    /// recorded as delivered. They were abandoned at once, so every rolling deploy sent
+    /// the deliveries in flight again once their leases expired (their accounts' queues
+    /// waiting meanwhile). One still running after the wait is abandoned (its lease
     /// expires and it is sent again: at least once).
     ///
     /// A steady pool of up to `concurrency` attempts, one account each: whenever one ends
@@ -139,7 +147,7 @@ impl Dispatcher {
         let mut backoff = self.settings.poll_interval;
         loop {
             let (wait, failed) = tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => return pool.wind_down().await,
                 result = self.fill(&mut pool) => match result {
                     Ok(more) => {
                         backoff = self.settings.poll_interval;
@@ -158,7 +166,7 @@ impl Dispatcher {
             let full = pool.len() >= self.settings.concurrency;
             if full || !wait.is_zero() {
                 tokio::select! {
-                    _ = &mut shutdown => return,
+                    _ = &mut shutdown => return pool.wind_down().await,
                     Some(joined) = pool.tasks.join_next_with_id(), if !failed && !pool.is_empty() => {
                         pool.finished(joined);
                     }
@@ -341,6 +349,26 @@ impl Pool {
 
     fn holds(&self, account_id: &str) -> bool {
         self.accounts.values().any(|a| a == account_id)
+    }
+
+    /// At shutdown: waits for the attempts in flight, at most [`ATTEMPTS_SHUTDOWN_WAIT`];
+    /// those still running are abandoned (aborted with the pool).
+    async fn wind_down(mut self) {
+        let all = async {
+            while let Some(joined) = self.tasks.join_next_with_id().await {
+                self.finished(joined);
+            }
+        };
+        if tokio::time::timeout(ATTEMPTS_SHUTDOWN_WAIT, all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.len(),
+                "webhook attempts still in flight at shutdown: abandoned (sent again once \
+                 their leases expire)"
+            );
+        }
     }
 
     /// Collects the attempts that have ended, without waiting.
