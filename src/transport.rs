@@ -535,7 +535,7 @@ mod tests {
 
     /// Out of file descriptors, the gRPC accept loop pauses instead of asking again at
     /// once: here every accept fails with EMFILE, and within 300 ms the stream asks its
-    /// listener once (it spun: tonic polls again after any error).
+    /// listener once (it handed every error on, and tonic asked again at once: a spin).
     #[tokio::test]
     async fn the_grpc_accept_loop_pauses_after_an_error_not_about_one_connection() {
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -558,7 +558,8 @@ mod tests {
                 .is_err(),
             "nothing to accept"
         );
-        assert_eq!(asked.load(Ordering::Relaxed), 1);
+        // Once (twice or so should the test stall past the pause); spinning, thousands.
+        assert!(asked.load(Ordering::Relaxed) < 10, "{asked:?}");
 
         // An error about one connection is handed on, and the next accept tried at once.
         let reset = tokio_stream::iter([Err::<(), _>(std::io::Error::from(

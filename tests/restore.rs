@@ -2918,28 +2918,31 @@ async fn a_restore_leaves_out_keys_revoked_longer_ago_than_the_retention() {
 }
 
 /// A restore writes the store's keys into the shards it leaves alone too (a shard a
-/// serving process marked new after Redis lost its data lost its keys with it), but not a
-/// key that shard's Redis dropped: revoked past the retention and pruned at the account's
-/// next key change, its revocation missing from the store (a save that failed) brought
-/// it back live.
+/// serving process marked new after Redis lost its data lost its keys with it): a key made
+/// before the shard's epoch marker comes back. But not a key that shard's Redis itself
+/// dropped: made after the marker, revoked past the retention and pruned at the account's
+/// next key change, its revocation missing from the store (a save that failed), it came
+/// back live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_does_not_bring_back_a_key_a_serving_shard_dropped() {
     use tollgate::settle::restore::{restore, RestoreMode};
 
     const DAY_MS: i64 = 86_400_000;
     let redis = common::RedisServer::start();
-    let (clock, now) = Clock::manual(tollgate::ledger::wall_clock_ms() - 10 * DAY_MS);
+    let real_now = tollgate::ledger::wall_clock_ms();
+    let (clock, now) = Clock::manual(real_now - 12 * DAY_MS);
     let mut config = common::test_config(&redis.url());
     config.gateway.revoked_key_retention_secs = 2 * 86_400;
     let store_url = config.store.url.clone();
     let server = common::TestServer::start(config, clock).await;
     let store = Arc::new(Store::connect_lazy(&store_url, 2).expect("store"));
     let shards = server.ledger.shards().clone();
+    let carol_shard = shards.of_account("carol");
     let mut admin = server.admin().await;
     // dave's shard is lost below; carol's serves throughout.
     let dave = (0..)
         .map(account)
-        .find(|a| shards.of_account(a) != shards.of_account("carol"))
+        .find(|a| shards.of_account(a) != carol_shard)
         .expect("an account in another shard");
     for (who, key) in [("carol", "g"), (dave.as_str(), "g")] {
         server
@@ -2953,6 +2956,15 @@ async fn a_restore_does_not_bring_back_a_key_a_serving_shard_dropped() {
         name: name.into(),
         ..Default::default()
     };
+    // 12 days ago: a key made in an earlier Redis, lost with it.
+    let lost = admin
+        .create_api_key(personal("lost"))
+        .await
+        .expect("create")
+        .into_inner();
+    // 10 days ago, in the Redis that serves carol's shard since 11 days ago: a key
+    // revoked then.
+    now.store(real_now - 10 * DAY_MS, Ordering::SeqCst);
     let rotated = admin
         .create_api_key(personal("rotated"))
         .await
@@ -2971,17 +2983,38 @@ async fn a_restore_does_not_bring_back_a_key_a_serving_shard_dropped() {
         .await
         .expect("create")
         .into_inner();
-    let ids = [rotated.key_id.as_str(), live.key_id.as_str()];
+    let mut con = redis.client().get_connection().expect("redis");
+    let tag = shards.tag(carol_shard).to_owned();
+    let _: () = redis::cmd("SET")
+        .arg(shards.epoch_key(carol_shard))
+        .arg(real_now - 11 * DAY_MS)
+        .query(&mut con)
+        .expect("epoch");
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{tag}:k:{}", lost.key_id))
+        .query(&mut con)
+        .expect("del");
+    let _: () = redis::cmd("HDEL")
+        .arg(format!("{tag}:ks:carol"))
+        .arg(&lost.key_id)
+        .query(&mut con)
+        .expect("hdel");
+    let ids = [
+        lost.key_id.as_str(),
+        rotated.key_id.as_str(),
+        live.key_id.as_str(),
+    ];
     let before = key_answers(&server, "carol", &ids).await;
     assert_eq!(
         before.0,
         [
+            format!("{}: NotFound ", lost.key_id),
             format!("{}: NotFound ", rotated.key_id),
             format!("{}: carol", live.key_id),
         ]
     );
     let deadline = Instant::now() + DEADLINE;
-    while store.api_keys().await.expect("stored keys").len() < 2 {
+    while store.api_keys().await.expect("stored keys").len() < 3 {
         assert!(Instant::now() < deadline, "keys not saved");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -3006,13 +3039,12 @@ async fn a_restore_does_not_bring_back_a_key_a_serving_shard_dropped() {
     .drain(DEADLINE)
     .await
     .expect("settled");
-    let mut con = redis.client().get_connection().expect("redis");
-    let lost: Vec<String> = redis::cmd("KEYS")
+    let gone: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}*", shards.tag(shards.of_account(&dave))))
         .query(&mut con)
         .expect("keys");
-    assert!(!lost.is_empty());
-    let _: () = redis::cmd("DEL").arg(&lost).query(&mut con).expect("del");
+    assert!(!gone.is_empty());
+    let _: () = redis::cmd("DEL").arg(&gone).query(&mut con).expect("del");
 
     let report = restore(
         server.ledger.clone(),
@@ -3023,7 +3055,15 @@ async fn a_restore_does_not_bring_back_a_key_a_serving_shard_dropped() {
     .await
     .expect("restore");
     assert_eq!(report.api_keys_gone_from_serving, 1, "{}", report.render());
-    assert_eq!(key_answers(&server, "carol", &ids).await, before);
+    let after = key_answers(&server, "carol", &ids).await;
+    assert_eq!(
+        after.0,
+        [
+            format!("{}: carol", lost.key_id),
+            format!("{}: NotFound ", rotated.key_id),
+            format!("{}: carol", live.key_id),
+        ]
+    );
     server.stop().await;
 }
 

@@ -201,7 +201,8 @@ struct Slot {
     /// A probe is running.
     probing: AtomicBool,
     /// Whether the connection worked when last heard of: its last call got an answer (an
-    /// error answer too), not a broken connection. Starts true.
+    /// error answer too), not a broken connection. Starts false: a ledger call on a slot
+    /// not known to work PINGs first ([`RedisPool::verified`]).
     live: AtomicBool,
 }
 
@@ -214,12 +215,13 @@ struct Taken {
 
 impl Taken {
     /// The call's error as a [`LedgerError`]. A connection that broke under a call may
-    /// have run it ([`CONNECTION_LOST`](super::error::CONNECTION_LOST)), but only if it was working when the call was
-    /// sent: on one already broken (its last call broke it), the call waited for a
-    /// reconnect, and a reconnect that fails fails the same way (a broken pipe or an
-    /// early EOF at the handshake, as from a proxy that accepts and closes while Redis is
-    /// down), having sent nothing. Calling those in doubt made every check of an outage
-    /// start a void and filled the void queue.
+    /// have run it ([`CONNECTION_LOST`](super::error::CONNECTION_LOST)), but only if it
+    /// was working when the call was sent: on one not known to work (its last call broke
+    /// it), the call waited for a reconnect, and a reconnect that fails fails the same way
+    /// (a broken pipe or an early EOF at the handshake, as from a proxy that accepts and
+    /// closes while Redis is down), having sent nothing. Calling those in doubt made every
+    /// check of an outage start a void and filled the void queue. Ledger calls are never
+    /// sent on such a connection: they PING first ([`RedisPool::verified`]).
     fn error(self, err: redis::RedisError) -> LedgerError {
         if !self.live && broke_under_a_call(&err) {
             LedgerError::Unavailable(format!("{RECONNECT_FAILED}: {err}"))
@@ -440,7 +442,7 @@ impl RedisPool {
                     silent_since_ms: AtomicU64::new(0),
                     probed_ms: AtomicU64::new(0),
                     probing: AtomicBool::new(false),
-                    live: AtomicBool::new(true),
+                    live: AtomicBool::new(false),
                 })
             })
             .collect::<Result<Vec<_>, redis::RedisError>>()?;
@@ -497,6 +499,27 @@ impl RedisPool {
             slot: i,
             live: self.connections.slots[i].live.load(Ordering::Relaxed),
         }
+    }
+
+    /// Before a ledger call (a charge a broken connection leaves in doubt) on a slot not
+    /// known to work ([`Slot::live`]: new, or its last call broke its connection): a PING
+    /// on the connection it will be sent on. Failing, nothing was sent ([`Taken::error`]
+    /// says so); answered, the connection works, and a call it loses is in doubt. The
+    /// flag alone would take a call written on a fresh reconnection that breaks before
+    /// its first answer for one never sent.
+    async fn verified(
+        &self,
+        taken: &mut Taken,
+        con: &mut ConnectionManager,
+    ) -> redis::RedisResult<()> {
+        if !taken.live {
+            redis::cmd("PING").query_async::<()>(con).await?;
+            self.connections.slots[taken.slot]
+                .live
+                .store(true, Ordering::Relaxed);
+            taken.live = true;
+        }
+        Ok(())
     }
 
     /// Tells the watchdog how a call bounded by a deadline ended, and the slot whether
@@ -560,8 +583,9 @@ impl RedisPool {
         &self,
         call: &ScriptCall<'_>,
     ) -> Result<T, LedgerError> {
-        let (slot, mut con) = self.connection();
+        let (mut slot, mut con) = self.connection();
         let run = async {
+            self.verified(&mut slot, &mut con).await?;
             match call.cmd.query_async::<T>(&mut con).await {
                 Err(err) if is_missing_function(&err) => {
                     load(call.library, &mut con).await?;
@@ -586,12 +610,13 @@ impl RedisPool {
         call: &ScriptCall<'_>,
         wait: &WaitState,
     ) -> Result<T, LedgerError> {
-        let (slot, mut con) = self.connection();
+        let (mut slot, mut con) = self.connection();
         let mut pipe = redis::pipe();
         pipe.ignore_errors()
             .add_command(call.cmd.clone())
             .add_command(wait.cmd.clone());
         let run = async {
+            self.verified(&mut slot, &mut con).await?;
             let mut reloaded = false;
             loop {
                 let values: Vec<Value> = pipe.query_async(&mut con).await?;
@@ -1205,8 +1230,8 @@ mod tests {
     }
 
     /// A Redis behind a proxy that accepts and closes (Redis down behind an Envoy or
-    /// HAProxy): the call that finds the connection broken may have run on it, but the
-    /// calls after it wait for reconnects that fail the same way, having sent nothing.
+    /// HAProxy): a connection never known to work, and then one whose last call broke it,
+    /// leave no call in doubt: they wait for reconnects that fail, having sent nothing.
     #[tokio::test]
     async fn calls_on_a_connection_known_broken_are_not_in_doubt() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1232,7 +1257,64 @@ mod tests {
                 assert!(err.to_string().contains(RECONNECT_FAILED), "{err}");
             }
         }
-        assert_eq!(in_doubt, [true, false, false, false]);
+        assert_eq!(in_doubt, [false; 4]);
         closer.abort();
+    }
+
+    /// A fake Redis: answers the client's handshake (`CLIENT SETINFO`) and PINGs, and
+    /// closes the connection at an FCALL (or, `close_at_once`, as soon as it is accepted).
+    async fn fake_redis(
+        close_at_once: bool,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                if close_at_once {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        if n == 0 || text.contains("FCALL") {
+                            return;
+                        }
+                        let mut answer = "+OK\r\n".repeat(text.matches("SETINFO").count());
+                        answer += &"+PONG\r\n".repeat(text.matches("PING").count());
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    /// A ledger call is sent only on a connection that answered (a PING first when its
+    /// slot is not known to work): behind a proxy that accepts and closes, no call is in
+    /// doubt, the first one included; on a connection that answered the PING and broke
+    /// under the call, it is.
+    #[tokio::test]
+    async fn a_ledger_call_is_in_doubt_only_on_a_connection_that_answered() {
+        let library = Library::new("tg_test", &[]);
+        for (close_at_once, expected) in [(true, [false; 3]), (false, [true; 3])] {
+            let (addr, server) = fake_redis(close_at_once).await;
+            let pool = RedisPool::new(&format!("redis://{addr}"), 1, Duration::from_secs(5))
+                .expect("pool");
+            let mut in_doubt = Vec::new();
+            for _ in 0..3 {
+                let call = ScriptCall::new(&library, "tg_test_f", &["k"]);
+                let err = pool.call_script::<i64>(&call).await.expect_err("no answer");
+                assert!(matches!(err, LedgerError::Unavailable(_)), "{err:?}");
+                in_doubt.push(err.may_have_run());
+            }
+            assert_eq!(in_doubt, expected, "closing at once: {close_at_once}");
+            server.abort();
+        }
     }
 }

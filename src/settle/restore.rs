@@ -295,9 +295,9 @@ pub struct RestoreReport {
     /// Keys the store has that were revoked longer ago than
     /// `gateway.revoked_key_retention_secs`: not written (live Redis drops them).
     pub api_keys_dropped: usize,
-    /// Keys of shards left alone that their Redis no longer has while their account still
-    /// has keys there: that Redis dropped them (a revocation past the retention, which
-    /// the store may lack); not written back.
+    /// Keys of shards left alone that their Redis no longer has although they were made
+    /// after its epoch marker: that Redis dropped them (a revocation past the retention,
+    /// which the store may lack); not written back.
     pub api_keys_gone_from_serving: usize,
     pub elapsed: Duration,
 }
@@ -2403,7 +2403,8 @@ async fn restore_under(
     }
     // The shards left alone get the keys the store knows too (fields set again): a shard
     // marked new by a serving process after Redis lost its data (it had no events in the
-    // store) lost its keys with it. But not a key its Redis dropped ([`ServingShard`]).
+    // store) lost its keys with it. But not a key its Redis dropped
+    // ([`WRITE_KEY_ON_SERVING_SHARD_LUA`]).
     for (_, keys) in api_keys {
         let written = write_api_keys(ledger, keys, now, ServingShard).await?;
         report.api_keys += written.restored;
@@ -2509,14 +2510,19 @@ macro_rules! index_key_lua {
 const INDEX_KEY_LUA: &str = concat!(index_key_lua!(), "return 0");
 
 /// On a shard left alone: writes a key's record (ARGV from the third on: field, value, …)
-/// and indexes it ([`INDEX_KEY_LUA`]), unless the record is gone while the account still
-/// has an index here. That Redis kept its keys and dropped this one (key_prune.lua drops
-/// a key revoked longer ago than the retention, at the account's next key change); the
-/// store may lack the revocation (a RevokeApiKey or an org role change whose save
-/// failed), and written back the key would be live again. Answers 1 when written.
+/// and indexes it ([`INDEX_KEY_LUA`]), unless the record is gone although the key was made
+/// after the shard's epoch marker (KEYS[4]: the ms it was written). Such a key was made
+/// in this Redis, which then dropped it (key_prune.lua drops a key revoked longer ago than
+/// the retention, at the account's next key change); the store may lack the revocation (a
+/// RevokeApiKey or an org role change whose save failed), and written back the key would
+/// be live again. A key made before the marker was lost with an earlier Redis (a shard a
+/// serving process marked new after Redis lost its data): written back. Answers 1 when
+/// written.
 const WRITE_KEY_ON_SERVING_SHARD_LUA: &str = concat!(
-    "if redis.call('EXISTS', KEYS[1]) == 0 and (redis.call('EXISTS', KEYS[2]) == 1 \
-     or redis.call('EXISTS', KEYS[3]) == 1) then return 0 end \
+    "if redis.call('EXISTS', KEYS[1]) == 0 then \
+       local epoch = tonumber(redis.call('GET', KEYS[4]) or '') \
+       if epoch and tonumber(ARGV[2]) >= epoch then return 0 end \
+     end \
      redis.call('HSET', KEYS[1], unpack(ARGV, 3)) ",
     index_key_lua!(),
     "return 1"
@@ -2611,10 +2617,11 @@ async fn write_api_keys(
                 let cmd = pipe
                     .cmd("EVAL")
                     .arg(WRITE_KEY_ON_SERVING_SHARD_LUA)
-                    .arg(3)
+                    .arg(4)
                     .arg(&record)
                     .arg(&live)
                     .arg(&revoked)
+                    .arg(ledger.shards().epoch_key(shard))
                     .arg(&key.key_id)
                     .arg(key.created_at_ms);
                 for (field, value) in &fields {
