@@ -1532,7 +1532,9 @@ impl Ledger {
 
 /// A script that hands a whole number to a command and answers what the command got
 /// ([`Ledger::lua_numbers_intact`]).
-const LUA_NUMBERS_PROBE: &str = "return redis.call('ECHO', 100000000)";
+/// `no-writes`: it runs while Redis pauses writes (`CLIENT PAUSE WRITE`, a failover) and
+/// on a replica; a script without flags waits out a pause like a write.
+const LUA_NUMBERS_PROBE: &str = "#!lua flags=no-writes\nreturn redis.call('ECHO', 100000000)";
 
 /// Whether [`LUA_NUMBERS_PROBE`]'s answer is the number as written.
 fn lua_numbers_intact(echoed: &str) -> bool {
