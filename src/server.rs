@@ -1387,6 +1387,21 @@ struct LedgerChecks {
     checks: serde_json::Map<String, serde_json::Value>,
 }
 
+impl LedgerChecks {
+    /// No checks to answer from: `readiness` failed, saying `why`.
+    fn readiness_failed(why: &str) -> Self {
+        let mut checks = serde_json::Map::new();
+        checks.insert("readiness".into(), why.into());
+        Self {
+            at: tokio::time::Instant::now(),
+            redis_up: false,
+            failed: vec!["readiness"],
+            degraded: Vec::new(),
+            checks,
+        }
+    }
+}
+
 /// The health watcher's latest [`LedgerChecks`], which `/readyz` answers from: a probe
 /// costs Redis nothing (it used to cost an `EXISTS` per shard and a `FUNCTION LIST`, for
 /// anyone who asked, as often as they asked).
@@ -1440,18 +1455,9 @@ impl LastChecks {
             .watcher_ended
             .load(std::sync::atomic::Ordering::Relaxed)
         {
-            let mut checks = serde_json::Map::new();
-            checks.insert(
-                "readiness".into(),
-                "the health watcher has stopped (a bug: see the log)".into(),
+            return LedgerChecks::readiness_failed(
+                "the health watcher has stopped (a bug: see the log)",
             );
-            return LedgerChecks {
-                at: tokio::time::Instant::now(),
-                redis_up: false,
-                failed: vec!["readiness"],
-                degraded: Vec::new(),
-                checks,
-            };
         }
         let mut latest = self.latest.subscribe();
         let found = tokio::time::timeout(READINESS_STALE_AFTER, latest.wait_for(Option::is_some))
@@ -1459,15 +1465,7 @@ impl LastChecks {
             .ok()
             .and_then(|found| found.ok().and_then(|checks| checks.clone()));
         let Some(mut checks) = found else {
-            let mut checks = serde_json::Map::new();
-            checks.insert("readiness".into(), "not checked yet".into());
-            return LedgerChecks {
-                at: tokio::time::Instant::now(),
-                redis_up: false,
-                failed: vec!["readiness"],
-                degraded: Vec::new(),
-                checks,
-            };
+            return LedgerChecks::readiness_failed("not checked yet");
         };
         let age = checks.at.elapsed();
         let running = self

@@ -2818,6 +2818,31 @@ async fn key_answers(
     (answers, listed)
 }
 
+/// A personal API key of carol's named `name`.
+async fn carol_key(
+    admin: &mut pb::admin_client::AdminClient<common::AuthChannel>,
+    name: &str,
+) -> pb::CreateApiKeyResponse {
+    admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            account_id: "carol".into(),
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+}
+
+async fn revoke_key(admin: &mut pb::admin_client::AdminClient<common::AuthChannel>, key_id: &str) {
+    admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: key_id.into(),
+        })
+        .await
+        .expect("revoke");
+}
+
 /// Live Redis drops a key revoked longer ago than `gateway.revoked_key_retention_secs`
 /// (gateway/lua/key_prune.lua, at the account's next key change): it answers as unknown
 /// and is no longer listed. The store keeps it; a restore leaves it out as of its own
@@ -2842,40 +2867,13 @@ async fn a_restore_leaves_out_keys_revoked_longer_ago_than_the_retention() {
         .grant(&common::purchase("carol", 100, "g"))
         .await
         .expect("grant");
-    let personal = |name: &str| pb::CreateApiKeyRequest {
-        account_id: "carol".into(),
-        name: name.into(),
-        ..Default::default()
-    };
-    let rotated = admin
-        .create_api_key(personal("rotated"))
-        .await
-        .expect("create")
-        .into_inner();
-    admin
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            key_id: rotated.key_id.clone(),
-        })
-        .await
-        .expect("revoke");
+    let rotated = carol_key(&mut admin, "rotated").await;
+    revoke_key(&mut admin, &rotated.key_id).await;
     // Now: the next key change drops the one revoked 10 days ago.
     now.store(tollgate::ledger::wall_clock_ms(), Ordering::SeqCst);
-    let live = admin
-        .create_api_key(personal("live"))
-        .await
-        .expect("create")
-        .into_inner();
-    let recent = admin
-        .create_api_key(personal("recent"))
-        .await
-        .expect("create")
-        .into_inner();
-    admin
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            key_id: recent.key_id.clone(),
-        })
-        .await
-        .expect("revoke");
+    let live = carol_key(&mut admin, "live").await;
+    let recent = carol_key(&mut admin, "recent").await;
+    revoke_key(&mut admin, &recent.key_id).await;
     let ids = [
         rotated.key_id.as_str(),
         live.key_id.as_str(),
@@ -2951,38 +2949,16 @@ async fn a_restore_does_not_bring_back_a_key_a_serving_shard_dropped() {
             .await
             .expect("grant");
     }
-    let personal = |name: &str| pb::CreateApiKeyRequest {
-        account_id: "carol".into(),
-        name: name.into(),
-        ..Default::default()
-    };
     // 12 days ago: a key made in an earlier Redis, lost with it.
-    let lost = admin
-        .create_api_key(personal("lost"))
-        .await
-        .expect("create")
-        .into_inner();
+    let lost = carol_key(&mut admin, "lost").await;
     // 10 days ago, in the Redis that serves carol's shard since 11 days ago: a key
     // revoked then.
     now.store(real_now - 10 * DAY_MS, Ordering::SeqCst);
-    let rotated = admin
-        .create_api_key(personal("rotated"))
-        .await
-        .expect("create")
-        .into_inner();
-    admin
-        .revoke_api_key(pb::RevokeApiKeyRequest {
-            key_id: rotated.key_id.clone(),
-        })
-        .await
-        .expect("revoke");
+    let rotated = carol_key(&mut admin, "rotated").await;
+    revoke_key(&mut admin, &rotated.key_id).await;
     // Now: the next key change drops the key revoked 10 days ago.
     now.store(tollgate::ledger::wall_clock_ms(), Ordering::SeqCst);
-    let live = admin
-        .create_api_key(personal("live"))
-        .await
-        .expect("create")
-        .into_inner();
+    let live = carol_key(&mut admin, "live").await;
     let mut con = redis.client().get_connection().expect("redis");
     let tag = shards.tag(carol_shard).to_owned();
     let _: () = redis::cmd("SET")
