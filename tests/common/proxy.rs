@@ -235,9 +235,11 @@ async fn forward_until_an_answer_is_lost(
                     });
                     if hit { armed.take().map(|a| a.lose_request) } else { None }
                 };
+                // Counted before the client's socket closes: a test that sees the call
+                // fail must find it counted.
                 if hit == Some(true) {
-                    client = None;
                     fired.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    client = None;
                     continue;
                 }
                 if server_write.write_all(&from_client[..n]).await.is_err() {
@@ -253,8 +255,8 @@ async fn forward_until_an_answer_is_lost(
                     Ok(n) => n,
                 };
                 if doomed {
-                    client = None;
                     fired.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    client = None;
                 } else if client_write.write_all(&from_server[..n]).await.is_err() {
                     client = None;
                 }
