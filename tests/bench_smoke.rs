@@ -257,21 +257,23 @@ fn forward_auth_bench_writes_a_result() {
         assert_measured_for(&json, 2.0);
         assert!(stdout.contains("revoked the run's 50 API keys"), "{stdout}");
     }
-    let mut con = redis.client().get_connection().expect("redis");
-    let live: Vec<String> = redis::cmd("KEYS")
-        .arg("*:ks:bench-*")
-        .query(&mut con)
-        .expect("KEYS");
+    let live = bench_keys(&redis, "ks");
     assert!(live.is_empty(), "live key indexes left: {live:?}");
-    let revoked: Vec<String> = redis::cmd("KEYS")
-        .arg("*:kr:bench-*")
-        .query(&mut con)
-        .expect("KEYS");
+    let revoked = bench_keys(&redis, "kr");
     assert_eq!(
         revoked.len(),
         50,
         "each account's revoked keys: {revoked:?}"
     );
+}
+
+/// The bench accounts' API key indexes of one kind in `redis`: `ks` live, `kr` revoked.
+fn bench_keys(redis: &common::RedisServer, index: &str) -> Vec<String> {
+    let mut con = redis.client().get_connection().expect("redis");
+    redis::cmd("KEYS")
+        .arg(format!("*:{index}:bench-*"))
+        .query(&mut con)
+        .expect("KEYS")
 }
 
 /// A run that fails after seeding (here: its plot cannot be written) still revokes the
@@ -295,11 +297,7 @@ fn a_bench_failing_after_seeding_revokes_its_keys() {
     assert!(!output.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("no-such-dir"), "{stderr}");
     assert!(stdout.contains("revoked the run's 20 API keys"), "{stdout}");
-    let mut con = redis.client().get_connection().expect("redis");
-    let live: Vec<String> = redis::cmd("KEYS")
-        .arg("*:ks:bench-*")
-        .query(&mut con)
-        .expect("KEYS");
+    let live = bench_keys(&redis, "ks");
     assert!(live.is_empty(), "live key indexes left: {live:?}");
 }
 
